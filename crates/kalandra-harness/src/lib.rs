@@ -1,0 +1,2 @@
+//! Deterministic simulation harness for Kalandra (not yet built; see README status).
+#![forbid(unsafe_code)]

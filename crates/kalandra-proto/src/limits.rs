@@ -1,0 +1,63 @@
+//! Every size and count the wire protocol bounds, in one place.
+//!
+//! The server may configure *lower* limits than these; it may never accept
+//! more. Relations between limits are checked at compile time below.
+
+/// Size of the fixed frame header in bytes.
+pub const HEADER_BYTES: usize = 128;
+
+/// Largest payload any frame may carry (8 MiB).
+///
+/// Sized for MLS handshake traffic in large rooms: FACTS.md measured an add
+/// commit for 10,000 members at 821 KB and its ratchet tree at 1.8 MB; a
+/// GroupInfo with the tree, or a commit with its Welcome, must fit.
+pub const PAYLOAD_BYTES_MAX: u32 = 8 * 1024 * 1024;
+
+/// Largest payload of an application message (sender-key ciphertext), 256 KiB.
+/// Larger content (attachments) travels out of band.
+pub const APPLICATION_PAYLOAD_BYTES_MAX: u32 = 256 * 1024;
+
+/// Largest payload of an ephemeral message (typing, presence), 4 KiB.
+pub const EPHEMERAL_PAYLOAD_BYTES_MAX: u32 = 4 * 1024;
+
+/// Largest payload of a session control frame (hello, auth, ping, error,
+/// goodbye, acknowledgement, subscribe), 16 KiB.
+pub const CONTROL_PAYLOAD_BYTES_MAX: u32 = 16 * 1024;
+
+/// Largest encoded frame (header plus payload).
+pub const FRAME_BYTES_MAX: usize = HEADER_BYTES + PAYLOAD_BYTES_MAX as usize;
+
+/// Most key packages one upload may carry.
+pub const KEY_PACKAGES_PER_UPLOAD_MAX: usize = 256;
+
+/// Most key packages one claim may ask for (one per device of one user).
+pub const KEY_PACKAGES_PER_CLAIM_MAX: u32 = 64;
+
+/// Most frames one sync request may ask for.
+pub const SYNC_FRAMES_PER_REQUEST_MAX: u32 = 4096;
+
+/// Most Welcome recipients one commit may name.
+pub const WELCOME_RECIPIENTS_MAX: usize = 10_000;
+
+/// Longest human-readable text (error messages, reasons, client names), bytes.
+pub const TEXT_BYTES_MAX: usize = 1024;
+
+/// Most protocol versions a client may offer in `Hello`.
+pub const VERSIONS_OFFERED_MAX: usize = 16;
+
+/// Length of an authentication challenge nonce in bytes.
+pub const AUTH_NONCE_BYTES: usize = 32;
+
+/// Length of an Ed25519 public key in bytes.
+pub const PUBLIC_KEY_BYTES: usize = 32;
+
+/// Length of an Ed25519 signature in bytes.
+pub const SIGNATURE_BYTES: usize = 64;
+
+const _: () = assert!(HEADER_BYTES == 128);
+const _: () = assert!(APPLICATION_PAYLOAD_BYTES_MAX <= PAYLOAD_BYTES_MAX);
+const _: () = assert!(EPHEMERAL_PAYLOAD_BYTES_MAX <= APPLICATION_PAYLOAD_BYTES_MAX);
+const _: () = assert!(CONTROL_PAYLOAD_BYTES_MAX <= PAYLOAD_BYTES_MAX);
+const _: () = assert!(CONTROL_PAYLOAD_BYTES_MAX as usize > 4 * TEXT_BYTES_MAX);
+// A maximal frame must be addressable by the 32-bit length field.
+const _: () = assert!((FRAME_BYTES_MAX as u64) < u32::MAX as u64);

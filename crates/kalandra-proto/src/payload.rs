@@ -1,0 +1,824 @@
+//! CBOR payloads: one type per opcode.
+//!
+//! Payloads are CBOR maps with text keys (the field names below); byte
+//! strings are CBOR byte strings (major type 2), never arrays of integers.
+//! Optional fields are omitted when absent. Receivers ignore map keys they do
+//! not know, so a later minor revision can add optional fields. Every payload
+//! is checked against the limits in [`crate::limits`] after decoding.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{
+    AUTH_NONCE_BYTES, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX, PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX, VERSIONS_OFFERED_MAX,
+    WELCOME_RECIPIENTS_MAX,
+};
+use crate::opcode::Opcode;
+
+/// Why a payload could not be decoded or is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// The bytes are not a CBOR encoding of the opcode's payload type.
+    #[error("malformed {opcode:?} payload: {detail}")]
+    Malformed {
+        /// Opcode whose payload was expected.
+        opcode: Opcode,
+        /// What the CBOR decoder reported.
+        detail: String,
+    },
+    /// Bytes follow the payload's CBOR item.
+    #[error("{trailing_bytes} trailing bytes after {opcode:?} payload")]
+    TrailingBytes {
+        /// Opcode of the payload.
+        opcode: Opcode,
+        /// Bytes left over.
+        trailing_bytes: usize,
+    },
+    /// A text or byte field is longer than its limit.
+    #[error("field {field} is {len_bytes} bytes, limit {max_bytes}")]
+    FieldTooLong {
+        /// Field name.
+        field: &'static str,
+        /// Length found.
+        len_bytes: usize,
+        /// Limit.
+        max_bytes: usize,
+    },
+    /// A list has more items than its limit.
+    #[error("field {field} has {count} items, limit {max}")]
+    TooManyItems {
+        /// Field name.
+        field: &'static str,
+        /// Items found.
+        count: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A field holds a value outside its domain.
+    #[error("field {field}: {detail}")]
+    InvalidValue {
+        /// Field name.
+        field: &'static str,
+        /// What is wrong.
+        detail: &'static str,
+    },
+    /// The payload type does not belong to the frame's opcode.
+    #[error("payload for {expected:?} given to a {found:?} frame")]
+    OpcodeMismatch {
+        /// Opcode the payload type belongs to.
+        expected: Opcode,
+        /// Opcode of the frame.
+        found: Opcode,
+    },
+}
+
+/// A payload type bound to one opcode.
+pub trait Payload: Serialize + DeserializeOwned + Sized {
+    /// The opcode whose frames carry this payload.
+    const OPCODE: Opcode;
+
+    /// Checks limits and value domains that CBOR's types cannot express.
+    fn validate(&self) -> Result<(), PayloadError> {
+        Ok(())
+    }
+
+    /// Decodes and validates a payload from exactly `bytes`.
+    fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
+        let mut reader = bytes;
+        let value: Self = ciborium::de::from_reader(&mut reader)
+            .map_err(|error| PayloadError::Malformed { opcode: Self::OPCODE, detail: error.to_string() })?;
+        if !reader.is_empty() {
+            return Err(PayloadError::TrailingBytes { opcode: Self::OPCODE, trailing_bytes: reader.len() });
+        }
+        value.validate()?;
+        Ok(value)
+    }
+
+    /// Appends the CBOR encoding to `out`.
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        // Serializing these plain structs into a Vec cannot fail.
+        ciborium::ser::into_writer(self, out).expect("CBOR encoding into a Vec is infallible");
+    }
+
+    /// The CBOR encoding.
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        Bytes::from(out)
+    }
+}
+
+/// Strict byte-string decoding: a CBOR byte string (major type 2) only.
+/// `serde_bytes` and `bytes` would also accept an array of integers, which the
+/// specification forbids.
+mod strict_bytes {
+    use std::marker::PhantomData;
+
+    use bytes::Bytes;
+    use serde::de::{Deserializer, Error, Visitor};
+
+    /// A type a CBOR byte string decodes into.
+    pub trait FromByteString: Sized {
+        fn from_vec<E: Error>(bytes: Vec<u8>) -> Result<Self, E>;
+        fn from_slice<E: Error>(bytes: &[u8]) -> Result<Self, E> {
+            Self::from_vec(bytes.to_vec())
+        }
+    }
+    impl FromByteString for Vec<u8> {
+        fn from_vec<E: Error>(bytes: Vec<u8>) -> Result<Self, E> {
+            Ok(bytes)
+        }
+    }
+    impl FromByteString for Bytes {
+        fn from_vec<E: Error>(bytes: Vec<u8>) -> Result<Self, E> {
+            Ok(Bytes::from(bytes))
+        }
+        fn from_slice<E: Error>(bytes: &[u8]) -> Result<Self, E> {
+            Ok(Bytes::copy_from_slice(bytes))
+        }
+    }
+    impl<const N: usize> FromByteString for [u8; N] {
+        fn from_vec<E: Error>(bytes: Vec<u8>) -> Result<Self, E> {
+            Self::from_slice(&bytes)
+        }
+        fn from_slice<E: Error>(bytes: &[u8]) -> Result<Self, E> {
+            <[u8; N]>::try_from(bytes)
+                .map_err(|_| E::invalid_length(bytes.len(), &"a byte string of fixed length"))
+        }
+    }
+
+    struct ByteStringVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: FromByteString> Visitor<'de> for ByteStringVisitor<T> {
+        type Value = T;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a CBOR byte string")
+        }
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<T, E> {
+            T::from_slice(bytes)
+        }
+        fn visit_byte_buf<E: Error>(self, bytes: Vec<u8>) -> Result<T, E> {
+            T::from_vec(bytes)
+        }
+    }
+
+    struct OptionVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: FromByteString> Visitor<'de> for OptionVisitor<T> {
+        type Value = Option<T>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a CBOR byte string or null")
+        }
+        fn visit_none<E: Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<T>, D::Error> {
+            required(deserializer).map(Some)
+        }
+    }
+
+    /// Decodes a byte string.
+    pub fn required<'de, D: Deserializer<'de>, T: FromByteString>(deserializer: D) -> Result<T, D::Error> {
+        deserializer.deserialize_bytes(ByteStringVisitor(PhantomData))
+    }
+
+    /// Decodes an optional byte string (null or absent is `None`).
+    pub fn option<'de, D: Deserializer<'de>, T: FromByteString>(
+        deserializer: D,
+    ) -> Result<Option<T>, D::Error> {
+        deserializer.deserialize_option(OptionVisitor(PhantomData))
+    }
+}
+
+/// A byte string inside a list (CBOR major type 2, decoded strictly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteString(
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+    pub  Vec<u8>,
+);
+
+impl std::ops::Deref for ByteString {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for ByteString {
+    fn from(bytes: Vec<u8>) -> Self {
+        ByteString(bytes)
+    }
+}
+
+fn check_text(field: &'static str, text: &str) -> Result<(), PayloadError> {
+    if text.len() > TEXT_BYTES_MAX {
+        return Err(PayloadError::FieldTooLong { field, len_bytes: text.len(), max_bytes: TEXT_BYTES_MAX });
+    }
+    Ok(())
+}
+
+fn check_count(field: &'static str, count: usize, max: usize) -> Result<(), PayloadError> {
+    if count > max {
+        return Err(PayloadError::TooManyItems { field, count, max });
+    }
+    Ok(())
+}
+
+fn check_nonempty(field: &'static str, bytes: &[u8]) -> Result<(), PayloadError> {
+    if bytes.is_empty() {
+        return Err(PayloadError::InvalidValue { field, detail: "must not be empty" });
+    }
+    Ok(())
+}
+
+macro_rules! payload {
+    ($(#[$doc:meta])* $name:ident => $opcode:ident { $($body:tt)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name { $($body)* }
+    };
+}
+
+payload!(
+    /// `Hello` (0x0001): the client's first frame.
+    Hello => Hello {
+        /// Protocol versions the client speaks, most preferred first.
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub versions: Vec<u8>,
+        /// The client's Ed25519 identity key.
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub identity_key: [u8; PUBLIC_KEY_BYTES],
+        /// Free-form client software name, for logs.
+        pub client_name: String,
+    }
+);
+impl Payload for Hello {
+    const OPCODE: Opcode = Opcode::Hello;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("versions", self.versions.len(), VERSIONS_OFFERED_MAX)?;
+        if self.versions.is_empty() {
+            return Err(PayloadError::InvalidValue { field: "versions", detail: "must offer a version" });
+        }
+        check_text("client_name", &self.client_name)
+    }
+}
+
+payload!(
+    /// `AuthChallenge` (0x0002): the server's nonce for the client to sign.
+    AuthChallenge => AuthChallenge {
+        /// Random nonce.
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub nonce: [u8; AUTH_NONCE_BYTES],
+        /// The protocol version the server selected.
+        pub version: u8,
+        /// Server clock, ms since the Unix epoch.
+        pub server_time_ms: u64,
+    }
+);
+impl Payload for AuthChallenge {
+    const OPCODE: Opcode = Opcode::AuthChallenge;
+}
+
+payload!(
+    /// `AuthResponse` (0x0003): Ed25519 signature by the identity key over
+    /// [`crate::sign::AUTH_CONTEXT`] `|| nonce || identity_key`.
+    AuthResponse => AuthResponse {
+        /// The signature.
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub signature: [u8; SIGNATURE_BYTES],
+    }
+);
+impl Payload for AuthResponse {
+    const OPCODE: Opcode = Opcode::AuthResponse;
+}
+
+payload!(
+    /// `AuthOk` (0x0004): the connection is bound to the identity.
+    AuthOk => AuthOk {
+        /// The sender id every frame on this connection must carry.
+        pub sender_id: u64,
+        /// Server clock, ms since the Unix epoch.
+        pub server_time_ms: u64,
+    }
+);
+impl Payload for AuthOk {
+    const OPCODE: Opcode = Opcode::AuthOk;
+}
+
+payload!(
+    /// `Error` (0x0005): a request failed. `request_id` in the header names it.
+    Error => Error {
+        /// Stable numeric code, see [`crate::ErrorCode`].
+        pub code: u16,
+        /// Human-readable detail; not for program logic.
+        pub message: String,
+        /// For `WrongEpoch`: the room's current epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub current_epoch: Option<u64>,
+        /// For `WrongEpoch` and resync: the relevant log index.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub log_index: Option<u64>,
+        /// For rate limits: when to retry.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub retry_after_ms: Option<u64>,
+    }
+);
+impl Payload for Error {
+    const OPCODE: Opcode = Opcode::Error;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("message", &self.message)
+    }
+}
+
+payload!(
+    /// `Ping` (0x0006).
+    Ping => Ping {
+        /// Echoed in the `Pong`.
+        pub nonce: u64,
+    }
+);
+impl Payload for Ping {
+    const OPCODE: Opcode = Opcode::Ping;
+}
+
+payload!(
+    /// `Pong` (0x0007).
+    Pong => Pong {
+        /// The ping's nonce.
+        pub nonce: u64,
+    }
+);
+impl Payload for Pong {
+    const OPCODE: Opcode = Opcode::Pong;
+}
+
+payload!(
+    /// `Goodbye` (0x0008): orderly close.
+    Goodbye => Goodbye {
+        /// An [`crate::ErrorCode`] value, or 0 for a normal close.
+        pub code: u16,
+        /// Human-readable reason.
+        pub reason: String,
+    }
+);
+impl Payload for Goodbye {
+    const OPCODE: Opcode = Opcode::Goodbye;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("reason", &self.reason)
+    }
+}
+
+payload!(
+    /// `Subscribe` (0x0100): stream the header's room from `from_log_index`, then live.
+    Subscribe => Subscribe {
+        /// First log index wanted.
+        pub from_log_index: u64,
+    }
+);
+impl Payload for Subscribe {
+    const OPCODE: Opcode = Opcode::Subscribe;
+}
+
+payload!(
+    /// `Unsubscribe` (0x0101): an empty map.
+    Unsubscribe => Unsubscribe {}
+);
+impl Payload for Unsubscribe {
+    const OPCODE: Opcode = Opcode::Unsubscribe;
+}
+
+payload!(
+    /// `Sync` (0x0102): send up to `count_max` frames from `from_log_index` once.
+    Sync => Sync {
+        /// First log index wanted.
+        pub from_log_index: u64,
+        /// Most frames wanted (at most [`SYNC_FRAMES_PER_REQUEST_MAX`]).
+        pub count_max: u32,
+    }
+);
+impl Payload for Sync {
+    const OPCODE: Opcode = Opcode::Sync;
+    fn validate(&self) -> Result<(), PayloadError> {
+        if self.count_max == 0 || self.count_max > SYNC_FRAMES_PER_REQUEST_MAX {
+            return Err(PayloadError::InvalidValue {
+                field: "count_max",
+                detail: "must be 1..=SYNC_FRAMES_PER_REQUEST_MAX",
+            });
+        }
+        Ok(())
+    }
+}
+
+payload!(
+    /// `SyncDone` (0x0103): history up to `next_log_index` (exclusive) was sent.
+    SyncDone => SyncDone {
+        /// The next index the client will receive.
+        pub next_log_index: u64,
+        /// Whether live frames follow (subscribe) or not (sync).
+        pub live: bool,
+    }
+);
+impl Payload for SyncDone {
+    const OPCODE: Opcode = Opcode::SyncDone;
+}
+
+payload!(
+    /// `CreateRoom` (0x0104): the creator's epoch-0 group state.
+    CreateRoom => CreateRoom {
+        /// MLS `GroupInfo` (MLSMessage encoding).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub group_info: Vec<u8>,
+        /// MLS ratchet tree (TLS encoding).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub ratchet_tree: Vec<u8>,
+    }
+);
+impl Payload for CreateRoom {
+    const OPCODE: Opcode = Opcode::CreateRoom;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("group_info", &self.group_info)?;
+        check_nonempty("ratchet_tree", &self.ratchet_tree)
+    }
+}
+
+payload!(
+    /// `Commit` (0x0110): an MLS commit as a PublicMessage.
+    Commit => Commit {
+        /// The commit (MLSMessage encoding, wire format PublicMessage).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub commit: Vec<u8>,
+        /// A Welcome for members the commit adds (MLSMessage encoding).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub welcome: Option<Vec<u8>>,
+        /// Sender ids of the Welcome's recipients.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub welcome_recipients: Vec<u64>,
+        /// The GroupInfo of the epoch the commit creates (MLSMessage encoding).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub group_info: Option<Vec<u8>>,
+    }
+);
+impl Payload for Commit {
+    const OPCODE: Opcode = Opcode::Commit;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("commit", &self.commit)?;
+        check_count("welcome_recipients", self.welcome_recipients.len(), WELCOME_RECIPIENTS_MAX)?;
+        if self.welcome.is_some() == self.welcome_recipients.is_empty() {
+            return Err(PayloadError::InvalidValue {
+                field: "welcome_recipients",
+                detail: "present exactly when a welcome is",
+            });
+        }
+        Ok(())
+    }
+}
+
+payload!(
+    /// `Proposal` (0x0111): an MLS proposal as a PublicMessage, committed later by reference.
+    Proposal => Proposal {
+        /// The proposal (MLSMessage encoding).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub proposal: Vec<u8>,
+    }
+);
+impl Payload for Proposal {
+    const OPCODE: Opcode = Opcode::Proposal;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("proposal", &self.proposal)
+    }
+}
+
+payload!(
+    /// `Application` (0x0112): a message encrypted under the sender's key chain.
+    Application => Application {
+        /// Position in the sender's chain for this epoch.
+        pub generation: u32,
+        /// XChaCha20-Poly1305 ciphertext with tag.
+        #[serde(deserialize_with = "strict_bytes::required")]
+        pub ciphertext: Bytes,
+    }
+);
+impl Payload for Application {
+    const OPCODE: Opcode = Opcode::Application;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("ciphertext", &self.ciphertext)
+    }
+}
+
+payload!(
+    /// `ExternalJoin` (0x0113): an external commit by a joiner.
+    ExternalJoin => ExternalJoin {
+        /// The external commit (MLSMessage encoding, PublicMessage).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub commit: Vec<u8>,
+        /// The GroupInfo of the epoch the commit creates.
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub group_info: Option<Vec<u8>>,
+    }
+);
+impl Payload for ExternalJoin {
+    const OPCODE: Opcode = Opcode::ExternalJoin;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("commit", &self.commit)
+    }
+}
+
+payload!(
+    /// `Welcome` (0x0114): a Welcome routed to its recipient.
+    Welcome => Welcome {
+        /// The Welcome (MLSMessage encoding).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub welcome: Vec<u8>,
+        /// The room's ratchet tree at the Welcome's epoch (TLS encoding).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub ratchet_tree: Option<Vec<u8>>,
+    }
+);
+impl Payload for Welcome {
+    const OPCODE: Opcode = Opcode::Welcome;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("welcome", &self.welcome)
+    }
+}
+
+payload!(
+    /// `Ack` (0x0120): the request in the header's `request_id` succeeded.
+    Ack => Ack {
+        /// Log index assigned to the frame (for sequenced frames).
+        pub log_index: u64,
+        /// The room's epoch after the frame.
+        pub epoch: u64,
+        /// Server time of sequencing, ms since the Unix epoch.
+        pub server_time_ms: u64,
+    }
+);
+impl Payload for Ack {
+    const OPCODE: Opcode = Opcode::Ack;
+}
+
+payload!(
+    /// `KeyPackageUpload` (0x0200).
+    KeyPackageUpload => KeyPackageUpload {
+        /// Key packages (MLSMessage encoding), each handed out once.
+        pub key_packages: Vec<ByteString>,
+        /// A last-resort key package, handed out when none is left.
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub last_resort: Option<Vec<u8>>,
+    }
+);
+impl Payload for KeyPackageUpload {
+    const OPCODE: Opcode = Opcode::KeyPackageUpload;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("key_packages", self.key_packages.len(), KEY_PACKAGES_PER_UPLOAD_MAX)?;
+        if self.key_packages.is_empty() && self.last_resort.is_none() {
+            return Err(PayloadError::InvalidValue { field: "key_packages", detail: "nothing to upload" });
+        }
+        self.key_packages.iter().try_for_each(|package| check_nonempty("key_packages", package))
+    }
+}
+
+payload!(
+    /// `KeyPackageStatus` (0x0201): the caller's key-package stock.
+    KeyPackageStatus => KeyPackageStatus {
+        /// Ordinary key packages left.
+        pub available: u32,
+        /// Whether a last-resort package is stored.
+        pub last_resort: bool,
+    }
+);
+impl Payload for KeyPackageStatus {
+    const OPCODE: Opcode = Opcode::KeyPackageStatus;
+}
+
+payload!(
+    /// `KeyPackageClaim` (0x0202): claim one key package for each listed identity.
+    KeyPackageClaim => KeyPackageClaim {
+        /// Sender ids whose key packages are wanted.
+        pub sender_ids: Vec<u64>,
+    }
+);
+impl Payload for KeyPackageClaim {
+    const OPCODE: Opcode = Opcode::KeyPackageClaim;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("sender_ids", self.sender_ids.len(), KEY_PACKAGES_PER_CLAIM_MAX as usize)?;
+        if self.sender_ids.is_empty() {
+            return Err(PayloadError::InvalidValue { field: "sender_ids", detail: "must not be empty" });
+        }
+        Ok(())
+    }
+}
+
+/// One entry of [`KeyPackageClaimed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedKeyPackage {
+    /// Whose package this is.
+    pub sender_id: u64,
+    /// The package, or absent if the identity has none (not even last-resort).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "strict_bytes::option"
+    )]
+    pub key_package: Option<Vec<u8>>,
+}
+
+payload!(
+    /// `KeyPackageClaimed` (0x0203): the answer to a claim, in request order.
+    KeyPackageClaimed => KeyPackageClaimed {
+        /// One entry per requested sender id.
+        pub key_packages: Vec<ClaimedKeyPackage>,
+    }
+);
+impl Payload for KeyPackageClaimed {
+    const OPCODE: Opcode = Opcode::KeyPackageClaimed;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("key_packages", self.key_packages.len(), KEY_PACKAGES_PER_CLAIM_MAX as usize)
+    }
+}
+
+payload!(
+    /// `GroupInfoRequest` (0x0204): an empty map; the room is in the header.
+    GroupInfoRequest => GroupInfoRequest {}
+);
+impl Payload for GroupInfoRequest {
+    const OPCODE: Opcode = Opcode::GroupInfoRequest;
+}
+
+payload!(
+    /// `GroupInfo` (0x0205): a room's current GroupInfo and ratchet tree.
+    GroupInfo => GroupInfo {
+        /// Epoch of the GroupInfo.
+        pub epoch: u64,
+        /// MLS `GroupInfo` (MLSMessage encoding).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub group_info: Vec<u8>,
+        /// MLS ratchet tree (TLS encoding).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub ratchet_tree: Vec<u8>,
+    }
+);
+impl Payload for GroupInfo {
+    const OPCODE: Opcode = Opcode::GroupInfo;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_nonempty("group_info", &self.group_info)?;
+        check_nonempty("ratchet_tree", &self.ratchet_tree)
+    }
+}
+
+payload!(
+    /// `Kick` (0x0300): remove a member of the header's room.
+    Kick => Kick {
+        /// Sender id of the member to remove.
+        pub target: u64,
+        /// Reason, recorded in the audit log.
+        pub reason: String,
+    }
+);
+impl Payload for Kick {
+    const OPCODE: Opcode = Opcode::Kick;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("reason", &self.reason)
+    }
+}
+
+payload!(
+    /// `Ban` (0x0301): remove a member and refuse their return.
+    Ban => Ban {
+        /// Sender id of the member to ban.
+        pub target: u64,
+        /// Reason, recorded in the audit log.
+        pub reason: String,
+        /// Ban length; absent for a permanent ban.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub duration_ms: Option<u64>,
+    }
+);
+impl Payload for Ban {
+    const OPCODE: Opcode = Opcode::Ban;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("reason", &self.reason)
+    }
+}
+
+payload!(
+    /// `Redact` (0x0302): destroy the content of a stored frame.
+    Redact => Redact {
+        /// Log index of the frame to redact.
+        pub log_index: u64,
+        /// Reason, recorded in the audit log.
+        pub reason: String,
+    }
+);
+impl Payload for Redact {
+    const OPCODE: Opcode = Opcode::Redact;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("reason", &self.reason)
+    }
+}
+
+payload!(
+    /// `Typing` (0x0400, ephemeral).
+    Typing => Typing {
+        /// Whether the sender is typing.
+        pub active: bool,
+    }
+);
+impl Payload for Typing {
+    const OPCODE: Opcode = Opcode::Typing;
+}
+
+/// Highest defined [`Presence::status`] value.
+pub const PRESENCE_STATUS_MAX: u8 = 3;
+
+payload!(
+    /// `Presence` (0x0401, ephemeral).
+    Presence => Presence {
+        /// 0 offline, 1 online, 2 away, 3 busy.
+        pub status: u8,
+    }
+);
+impl Payload for Presence {
+    const OPCODE: Opcode = Opcode::Presence;
+    fn validate(&self) -> Result<(), PayloadError> {
+        if self.status > PRESENCE_STATUS_MAX {
+            return Err(PayloadError::InvalidValue { field: "status", detail: "unknown presence status" });
+        }
+        Ok(())
+    }
+}
+
+macro_rules! any_payload {
+    ($($name:ident),* $(,)?) => {
+        /// Any payload, tagged by its opcode. Serializes as the bare payload (for tooling).
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+        #[serde(untagged)]
+        pub enum AnyPayload {
+            $(
+                #[doc = concat!("A `", stringify!($name), "` payload.")]
+                $name($name),
+            )*
+        }
+
+        impl AnyPayload {
+            /// Decodes and validates the payload of an `opcode` frame.
+            pub fn decode(opcode: Opcode, bytes: &[u8]) -> Result<AnyPayload, PayloadError> {
+                match opcode {
+                    $( Opcode::$name => <$name as Payload>::decode(bytes).map(AnyPayload::$name), )*
+                }
+            }
+
+            /// The payload's opcode.
+            pub fn opcode(&self) -> Opcode {
+                match self {
+                    $( AnyPayload::$name(_) => Opcode::$name, )*
+                }
+            }
+
+            /// The CBOR encoding.
+            pub fn encode(&self) -> Bytes {
+                match self {
+                    $( AnyPayload::$name(payload) => payload.encode(), )*
+                }
+            }
+        }
+    };
+}
+
+any_payload!(
+    Hello,
+    AuthChallenge,
+    AuthResponse,
+    AuthOk,
+    Error,
+    Ping,
+    Pong,
+    Goodbye,
+    Subscribe,
+    Unsubscribe,
+    Sync,
+    SyncDone,
+    CreateRoom,
+    Commit,
+    Proposal,
+    Application,
+    ExternalJoin,
+    Welcome,
+    Ack,
+    KeyPackageUpload,
+    KeyPackageStatus,
+    KeyPackageClaim,
+    KeyPackageClaimed,
+    GroupInfoRequest,
+    GroupInfo,
+    Kick,
+    Ban,
+    Redact,
+    Typing,
+    Presence,
+);

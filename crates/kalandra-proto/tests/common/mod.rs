@@ -1,0 +1,124 @@
+//! Proptest strategies shared by the integration tests.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use kalandra_proto::limits::TEXT_BYTES_MAX;
+use kalandra_proto::payload::*;
+use kalandra_proto::{AnyPayload, FrameHeaderBuf, Opcode, RoomId, SenderId};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+pub fn text() -> impl Strategy<Value = String> {
+    proptest::string::string_regex(".{0,40}").unwrap().prop_filter("fits", |t| t.len() <= TEXT_BYTES_MAX)
+}
+
+pub fn blob() -> impl Strategy<Value = Vec<u8>> {
+    vec(any::<u8>(), 1..300)
+}
+
+pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
+    let session = prop_oneof![
+        (vec(any::<u8>(), 1..16), any::<[u8; 32]>(), text()).prop_map(
+            |(versions, identity_key, client_name)| {
+                AnyPayload::Hello(Hello { versions, identity_key, client_name })
+            }
+        ),
+        (any::<[u8; 32]>(), any::<u8>(), any::<u64>()).prop_map(|(nonce, version, server_time_ms)| {
+            AnyPayload::AuthChallenge(AuthChallenge { nonce, version, server_time_ms })
+        }),
+        proptest::array::uniform::<_, 64>(any::<u8>())
+            .prop_map(|signature| AnyPayload::AuthResponse(AuthResponse { signature })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(sender_id, server_time_ms)| AnyPayload::AuthOk(AuthOk { sender_id, server_time_ms })),
+        (any::<u16>(), text(), any::<Option<u64>>(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(
+            |(code, message, current_epoch, log_index, retry_after_ms)| {
+                AnyPayload::Error(Error { code, message, current_epoch, log_index, retry_after_ms })
+            }
+        ),
+        any::<u64>().prop_map(|nonce| AnyPayload::Ping(Ping { nonce })),
+        any::<u64>().prop_map(|nonce| AnyPayload::Pong(Pong { nonce })),
+        (any::<u16>(), text()).prop_map(|(code, reason)| AnyPayload::Goodbye(Goodbye { code, reason })),
+    ];
+    let rooms = prop_oneof![
+        any::<u64>().prop_map(|from_log_index| AnyPayload::Subscribe(Subscribe { from_log_index })),
+        Just(AnyPayload::Unsubscribe(Unsubscribe {})),
+        (any::<u64>(), 1u32..=4096)
+            .prop_map(|(from_log_index, count_max)| AnyPayload::Sync(Sync { from_log_index, count_max })),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(next_log_index, live)| AnyPayload::SyncDone(SyncDone { next_log_index, live })),
+        (blob(), blob()).prop_map(|(group_info, ratchet_tree)| AnyPayload::CreateRoom(CreateRoom {
+            group_info,
+            ratchet_tree
+        })),
+        (blob(), proptest::option::of((blob(), vec(any::<u64>(), 1..8))), proptest::option::of(blob()))
+            .prop_map(|(commit, welcome, group_info)| {
+                let (welcome, welcome_recipients) = match welcome {
+                    Some((welcome, recipients)) => (Some(welcome), recipients),
+                    None => (None, Vec::new()),
+                };
+                AnyPayload::Commit(Commit { commit, welcome, welcome_recipients, group_info })
+            }),
+        blob().prop_map(|proposal| AnyPayload::Proposal(Proposal { proposal })),
+        (any::<u32>(), blob()).prop_map(|(generation, ciphertext)| {
+            AnyPayload::Application(Application { generation, ciphertext: Bytes::from(ciphertext) })
+        }),
+        (blob(), proptest::option::of(blob()))
+            .prop_map(|(commit, group_info)| AnyPayload::ExternalJoin(ExternalJoin { commit, group_info })),
+        (blob(), proptest::option::of(blob()))
+            .prop_map(|(welcome, ratchet_tree)| AnyPayload::Welcome(Welcome { welcome, ratchet_tree })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(log_index, epoch, server_time_ms)| {
+            AnyPayload::Ack(Ack { log_index, epoch, server_time_ms })
+        }),
+    ];
+    let directory = prop_oneof![
+        (vec(blob(), 1..5), proptest::option::of(blob())).prop_map(|(packages, last_resort)| {
+            AnyPayload::KeyPackageUpload(KeyPackageUpload {
+                key_packages: packages.into_iter().map(ByteString::from).collect(),
+                last_resort,
+            })
+        }),
+        (any::<u32>(), any::<bool>()).prop_map(|(available, last_resort)| AnyPayload::KeyPackageStatus(
+            KeyPackageStatus { available, last_resort }
+        )),
+        vec(any::<u64>(), 1..64)
+            .prop_map(|sender_ids| AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids })),
+        vec((any::<u64>(), proptest::option::of(blob())), 0..8).prop_map(|entries| {
+            AnyPayload::KeyPackageClaimed(KeyPackageClaimed {
+                key_packages: entries
+                    .into_iter()
+                    .map(|(sender_id, key_package)| ClaimedKeyPackage { sender_id, key_package })
+                    .collect(),
+            })
+        }),
+        Just(AnyPayload::GroupInfoRequest(GroupInfoRequest {})),
+        (any::<u64>(), blob(), blob()).prop_map(|(epoch, group_info, ratchet_tree)| {
+            AnyPayload::GroupInfo(GroupInfo { epoch, group_info, ratchet_tree })
+        }),
+    ];
+    let moderation = prop_oneof![
+        (any::<u64>(), text()).prop_map(|(target, reason)| AnyPayload::Kick(Kick { target, reason })),
+        (any::<u64>(), text(), any::<Option<u64>>())
+            .prop_map(|(target, reason, duration_ms)| AnyPayload::Ban(Ban { target, reason, duration_ms })),
+        (any::<u64>(), text())
+            .prop_map(|(log_index, reason)| AnyPayload::Redact(Redact { log_index, reason })),
+        any::<bool>().prop_map(|active| AnyPayload::Typing(Typing { active })),
+        (0u8..=PRESENCE_STATUS_MAX).prop_map(|status| AnyPayload::Presence(Presence { status })),
+    ];
+    prop_oneof![session, rooms, directory, moderation]
+}
+
+pub fn arb_header(opcode: Opcode) -> impl Strategy<Value = FrameHeaderBuf> {
+    (any::<u32>(), any::<[u8; 16]>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>())
+        .prop_map(move |(request_id, room, sender, log_index, epoch, timestamp, countersigned)| {
+            let mut header = FrameHeaderBuf::new(opcode);
+            header
+                .set_request_id(request_id)
+                .set_room_id(RoomId(room))
+                .set_sender_id(SenderId(sender))
+                .set_log_index(log_index)
+                .set_epoch(epoch)
+                .set_server_timestamp_ms(timestamp)
+                .set_signature_flags(false, countersigned);
+            header
+        })
+}
