@@ -534,6 +534,7 @@ pub mod seeds {
             AnyPayload::AuthOk(AuthOk {
                 sender_id: 0x0102_0304_0506_0708,
                 server_time_ms: 1_700_000_000_123,
+                server_key: [4; 32],
             }),
             AnyPayload::Error(Error {
                 code: 3,

@@ -1,1 +1,8 @@
-//! Placeholder until the crate lands.
+//! Kalandra client library.
+//!
+//! - [`mls`]: MLS (RFC 9420) through OpenMLS — seeded provider, device
+//!   identity, key packages, room groups.
+#![forbid(unsafe_code)]
+
+pub mod connection;
+pub mod mls;

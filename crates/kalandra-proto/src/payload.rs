@@ -304,6 +304,10 @@ payload!(
         pub sender_id: u64,
         /// Server clock, ms since the Unix epoch.
         pub server_time_ms: u64,
+        /// The server's Ed25519 signing key: rooms list it in their MLS
+        /// `external_senders` so the server can issue proposals (removals).
+        #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+        pub server_key: [u8; PUBLIC_KEY_BYTES],
     }
 );
 impl Payload for AuthOk {

@@ -21,7 +21,8 @@ fn rows(spec: &str, heading: &str) -> Vec<Vec<String>> {
 #[test]
 fn opcode_table_matches_the_code() {
     let spec = spec();
-    let table: Vec<_> = rows(&spec, "## 3. Opcodes").into_iter().filter(|row| row[0].starts_with("0x")).collect();
+    let table: Vec<_> =
+        rows(&spec, "## 3. Opcodes").into_iter().filter(|row| row[0].starts_with("0x")).collect();
     assert_eq!(table.len(), Opcode::ALL.len(), "one row per opcode");
     for (row, opcode) in table.iter().zip(Opcode::ALL) {
         assert_eq!(row[0], format!("0x{:04X}", opcode.to_u16()));

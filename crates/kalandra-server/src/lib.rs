@@ -1,1 +1,18 @@
-//! Placeholder until the crate lands.
+//! Kalandra server: the per-room sequencer and the shells that drive it
+//! (storage, transport, admin HTTP, metrics).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod connection;
+pub mod directory;
+pub mod metrics;
+pub mod mls_state;
+pub mod node;
+pub mod rate_limit;
+pub mod room_group;
+pub mod sequencer;
+pub mod server_key;
+pub mod session;
+pub mod store;
+pub mod tls;

@@ -28,8 +28,11 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
         }),
         proptest::array::uniform::<_, 64>(any::<u8>())
             .prop_map(|signature| AnyPayload::AuthResponse(AuthResponse { signature })),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(sender_id, server_time_ms)| AnyPayload::AuthOk(AuthOk { sender_id, server_time_ms })),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+            |(sender_id, server_time_ms, server_key)| {
+                AnyPayload::AuthOk(AuthOk { sender_id, server_time_ms, server_key })
+            }
+        ),
         (any::<u16>(), text(), any::<Option<u64>>(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(
             |(code, message, current_epoch, log_index, retry_after_ms)| {
                 AnyPayload::Error(Error { code, message, current_epoch, log_index, retry_after_ms })

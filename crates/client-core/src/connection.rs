@@ -1,0 +1,363 @@
+//! A QUIC connection to a Kalandra server: TLS 1.3 with a pinned server
+//! certificate (or normal root verification), the Ed25519 challenge-response,
+//! then frames in both directions on one bidirectional stream.
+//!
+//! This is a thin driver: framing is [`kalandra_proto::FrameDecoder`],
+//! authentication is [`kalandra_proto::sign::sign_auth_challenge`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use kalandra_proto::payload::{AuthChallenge, AuthOk, AuthResponse, Hello};
+use kalandra_proto::sign::sign_auth_challenge;
+use kalandra_proto::{
+    DecodeError, Frame, FrameDecoder, FrameHeaderBuf, Opcode, Payload, SenderId, PROTOCOL_VERSION,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::DigitallySignedStruct;
+use sha2::{Digest, Sha256};
+
+/// ALPN protocol id of Kalandra over QUIC.
+pub const ALPN: &[u8] = b"kalandra/1";
+/// Frames received but not yet asked for that a connection keeps.
+pub const RECEIVED_FRAMES_BUFFERED_MAX: usize = 65_536;
+/// Bytes read from the stream at a time.
+pub const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// Why connecting or talking to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    /// The server could not be reached.
+    #[error("cannot reach the server: {0}")]
+    Unreachable(String),
+    /// The connection was lost.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// The server closed the stream.
+    #[error("the server closed the connection")]
+    Closed,
+    /// The server sent bytes that are not frames.
+    #[error("server sent an invalid frame: {0}")]
+    Protocol(#[from] DecodeError),
+    /// The server answered the handshake with something unexpected.
+    #[error("unexpected {0:?} during authentication")]
+    UnexpectedFrame(Opcode),
+    /// The server refused us with an `Error` frame.
+    #[error("server error {code}: {message}")]
+    Refused {
+        /// The error code.
+        code: u16,
+        /// Its message.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("timed out")]
+    TimedOut,
+    /// Too many frames arrived that nobody asked for.
+    #[error("too many unread frames")]
+    Overflow,
+}
+
+/// Accepts exactly the server certificate whose DER encoding hashes (SHA-256) to the pin.
+#[derive(Debug)]
+struct PinnedCertificate {
+    fingerprint_sha256: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fingerprint: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if fingerprint == self.fingerprint_sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A QUIC client configuration that trusts exactly the certificate with this
+/// SHA-256 fingerprint (what the server prints on first start).
+pub fn client_config_pinned(fingerprint_sha256: [u8; 32]) -> Result<quinn::ClientConfig, ConnectionError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCertificate { fingerprint_sha256, provider: Arc::clone(&provider) };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ConnectionError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ConnectionError::Tls(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// Parses a fingerprint written as 64 hex digits (colons allowed).
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let digits: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// An authenticated connection to a server.
+pub struct Connection {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    received: VecDeque<Frame>,
+    sender_id: SenderId,
+    server_key: [u8; 32],
+    next_request_id: u32,
+    timeout: Duration,
+}
+
+impl Connection {
+    /// Connects to `address`, authenticates with `identity`, and returns the connection.
+    pub async fn connect(
+        address: SocketAddr,
+        server_name: &str,
+        config: quinn::ClientConfig,
+        identity: &SigningKey,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectionError> {
+        let bind: SocketAddr =
+            if address.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard address");
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(address, server_name)
+            .map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
+        let connection = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| ConnectionError::Unreachable(format!("no answer from {address} in {timeout:?}")))?
+            .map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| ConnectionError::Lost(e.to_string()))?;
+        let mut this = Connection {
+            endpoint,
+            connection,
+            send,
+            recv,
+            decoder: FrameDecoder::new(),
+            received: VecDeque::new(),
+            sender_id: SenderId::from_identity_key(identity.verifying_key().as_bytes()),
+            server_key: [0; 32],
+            next_request_id: 1,
+            timeout,
+        };
+        this.authenticate(identity).await?;
+        Ok(this)
+    }
+
+    async fn authenticate(&mut self, identity: &SigningKey) -> Result<(), ConnectionError> {
+        let hello = Hello {
+            versions: vec![PROTOCOL_VERSION],
+            identity_key: identity.verifying_key().to_bytes(),
+            client_name: concat!("kalandra-client-core/", env!("CARGO_PKG_VERSION")).to_string(),
+        };
+        self.send_payload(FrameHeaderBuf::new(Opcode::Hello), &hello).await?;
+        let challenge: AuthChallenge = self.expect_reply(Opcode::AuthChallenge).await?;
+        let response = AuthResponse { signature: sign_auth_challenge(identity, &challenge.nonce) };
+        self.send_payload(FrameHeaderBuf::new(Opcode::AuthResponse), &response).await?;
+        let ok: AuthOk = self.expect_reply(Opcode::AuthOk).await?;
+        if ok.sender_id != self.sender_id.0 {
+            return Err(ConnectionError::UnexpectedFrame(Opcode::AuthOk));
+        }
+        self.server_key = ok.server_key;
+        Ok(())
+    }
+
+    async fn expect_reply<P: Payload>(&mut self, opcode: Opcode) -> Result<P, ConnectionError> {
+        let frame = self.recv().await?;
+        if frame.opcode() == Opcode::Error {
+            return Err(refused(&frame));
+        }
+        if frame.opcode() != opcode {
+            return Err(ConnectionError::UnexpectedFrame(frame.opcode()));
+        }
+        frame.decode_payload().map_err(|_| ConnectionError::UnexpectedFrame(opcode))
+    }
+
+    async fn send_payload<P: Payload>(
+        &mut self,
+        header: FrameHeaderBuf,
+        payload: &P,
+    ) -> Result<(), ConnectionError> {
+        let frame = Frame::with_payload(header, payload).map_err(|e| ConnectionError::Tls(e.to_string()))?;
+        self.send(&frame).await
+    }
+
+    /// This connection's sender id (bound by the server).
+    pub fn sender_id(&self) -> SenderId {
+        self.sender_id
+    }
+
+    /// The server's Ed25519 signing key (list it in a new room's external senders).
+    pub fn server_key(&self) -> [u8; 32] {
+        self.server_key
+    }
+
+    /// A fresh request id.
+    pub fn next_request_id(&mut self) -> u32 {
+        let id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnectionError> {
+        self.send_bytes(&frame.to_bytes()).await
+    }
+
+    /// Sends raw bytes (for tests of the server's handling of bad input).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
+        self.send.write_all(bytes).await.map_err(|e| ConnectionError::Lost(e.to_string()))
+    }
+
+    /// The next frame from the server, waiting up to the connection's timeout.
+    pub async fn recv(&mut self) -> Result<Frame, ConnectionError> {
+        if let Some(frame) = self.received.pop_front() {
+            return Ok(frame);
+        }
+        tokio::time::timeout(self.timeout, self.read_frame()).await.map_err(|_| ConnectionError::TimedOut)?
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, ConnectionError> {
+        let mut bounded_reads = 0u64;
+        loop {
+            bounded_reads += 1;
+            debug_assert!(bounded_reads < u64::MAX);
+            let chunk = self
+                .recv
+                .read_chunk(READ_CHUNK_BYTES_MAX, true)
+                .await
+                .map_err(|e| ConnectionError::Lost(e.to_string()))?
+                .ok_or(ConnectionError::Closed)?;
+            let mut input = &chunk.bytes[..];
+            while !input.is_empty() {
+                if let Some(frame) = self.decoder.decode(&mut input)? {
+                    if self.received.len() >= RECEIVED_FRAMES_BUFFERED_MAX {
+                        return Err(ConnectionError::Overflow);
+                    }
+                    self.received.push_back(frame);
+                }
+            }
+            if let Some(frame) = self.received.pop_front() {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// Sends `frame` and waits for the reply with the same request id
+    /// (see [`Connection::wait_reply`]).
+    pub async fn request(&mut self, frame: &Frame) -> Result<Frame, ConnectionError> {
+        self.send(frame).await?;
+        self.wait_reply(frame.header().request_id()).await
+    }
+
+    /// Waits for the reply to `request_id` (`Ack`, `Error` or a directory
+    /// answer); frames that arrive meanwhile stay queued for
+    /// [`Connection::recv`], in order.
+    pub async fn wait_reply(&mut self, request_id: u32) -> Result<Frame, ConnectionError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut skipped = VecDeque::new();
+        let result = loop {
+            if let Some(position) = self.received.iter().position(|f| is_reply(f, request_id)) {
+                break Ok(self.received.remove(position).expect("position is valid"));
+            }
+            skipped.extend(self.received.drain(..));
+            match tokio::time::timeout_at(deadline, self.read_frame()).await {
+                Err(_) => break Err(ConnectionError::TimedOut),
+                Ok(Err(error)) => break Err(error),
+                Ok(Ok(frame)) if is_reply(&frame, request_id) => break Ok(frame),
+                Ok(Ok(frame)) => skipped.push_back(frame),
+            }
+            if skipped.len() > RECEIVED_FRAMES_BUFFERED_MAX {
+                break Err(ConnectionError::Overflow);
+            }
+        };
+        skipped.extend(self.received.drain(..));
+        self.received = skipped;
+        result
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.send.finish();
+        self.connection.close(quinn::VarInt::from_u32(0), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn is_reply(frame: &Frame, request_id: u32) -> bool {
+    frame.header().request_id() == request_id
+        && matches!(
+            frame.opcode(),
+            Opcode::Ack
+                | Opcode::Error
+                | Opcode::KeyPackageStatus
+                | Opcode::KeyPackageClaimed
+                | Opcode::GroupInfo
+                | Opcode::Pong
+                | Opcode::SyncDone
+        )
+}
+
+/// The `Error` frame's code and message as an error.
+pub fn refused(frame: &Frame) -> ConnectionError {
+    match frame.decode_payload::<kalandra_proto::payload::Error>() {
+        Ok(error) => ConnectionError::Refused { code: error.code, message: error.message },
+        Err(_) => ConnectionError::UnexpectedFrame(frame.opcode()),
+    }
+}

@@ -1,0 +1,92 @@
+//! In-memory sequencing throughput of the pure room sequencer: submit,
+//! then mark durable in batches and collect acknowledgements and fan-out.
+//! No MLS work is involved (application messages only), no storage, no I/O.
+//!
+//! Run with `cargo bench -p kalandra-server --bench sequencer`.
+#![allow(missing_docs)]
+
+use std::collections::HashSet;
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kalandra_proto::payload::{Application, CreateRoom};
+use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
+use kalandra_server::sequencer::{CommitSummary, GroupError, GroupState, ProposalRef, RoomSequencer};
+
+/// Membership only: application messages never reach MLS validation.
+struct MembersOnly(HashSet<SenderId>);
+
+impl GroupState for MembersOnly {
+    fn epoch(&self) -> u64 {
+        0
+    }
+    fn is_member(&self, sender: SenderId) -> bool {
+        self.0.contains(&sender)
+    }
+    fn members(&self) -> Vec<SenderId> {
+        self.0.iter().copied().collect()
+    }
+    fn apply_commit(
+        &mut self,
+        _: &[u8],
+        _: SenderId,
+        _: &[ProposalRef],
+    ) -> Result<CommitSummary, GroupError> {
+        Err(GroupError::Invalid("benchmark group takes no commits".into()))
+    }
+    fn apply_proposal(&mut self, _: &[u8]) -> Result<ProposalRef, GroupError> {
+        Err(GroupError::Invalid("benchmark group takes no proposals".into()))
+    }
+    fn ratchet_tree(&self) -> Bytes {
+        Bytes::new()
+    }
+}
+
+const ROOM: RoomId = RoomId([3; 16]);
+const BATCH_FRAMES: u64 = 1024;
+
+fn bench(c: &mut Criterion) {
+    let senders: Vec<SenderId> = (1..=100).map(SenderId).collect();
+    let mut create = FrameHeaderBuf::new(Opcode::CreateRoom);
+    create.set_room_id(ROOM).set_sender_id(senders[0]);
+    let create =
+        Frame::with_payload(create, &CreateRoom { group_info: vec![1], ratchet_tree: vec![1] }).unwrap();
+    let (mut room, _) =
+        RoomSequencer::create(ROOM, MembersOnly(senders.iter().copied().collect()), senders[0], create, 0)
+            .unwrap();
+    let mut effects = Vec::with_capacity(4 * usize::try_from(BATCH_FRAMES).unwrap());
+    room.durable(0, &mut effects);
+
+    let frames: Vec<Frame> = senders
+        .iter()
+        .map(|sender| {
+            let mut header = FrameHeaderBuf::new(Opcode::Application);
+            header.set_room_id(ROOM).set_sender_id(*sender).set_request_id(7);
+            let payload = Application { generation: 1, ciphertext: Bytes::from(vec![0x5A; 1024]) };
+            Frame::with_payload(header, &payload).unwrap()
+        })
+        .collect();
+
+    let mut group = c.benchmark_group("sequencer");
+    group.throughput(Throughput::Elements(BATCH_FRAMES));
+    let mut now_ms = 1u64;
+    group.bench_function("application_1KiB_submit_and_durable_batch_1024", |b| {
+        b.iter(|| {
+            for i in 0..BATCH_FRAMES {
+                let index = usize::try_from(i).unwrap() % frames.len();
+                let frame = frames[index].clone();
+                let sequenced = room.submit(senders[index], frame, now_ms).expect("accepted");
+                black_box(sequenced.log_index);
+            }
+            now_ms += 1;
+            effects.clear();
+            room.durable(room.next_log_index() - 1, &mut effects);
+            black_box(effects.len())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(sequencer, bench);
+criterion_main!(sequencer);

@@ -1,0 +1,186 @@
+//! The admin HTTP surface: liveness, readiness and Prometheus metrics.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /healthz` | 200 `ok` while the process runs |
+//! | `GET /readyz` | 200 `ready` while the readiness flag is set, else 503 `not ready` |
+//! | `GET /metrics` | 200, the metrics in the Prometheus text format |
+//!
+//! It has no authentication: bind it to loopback or a private network.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
+
+/// Liveness path.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness path.
+pub const READYZ_PATH: &str = "/readyz";
+/// Metrics path.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// What the admin endpoints read: the metrics and the readiness flag.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+impl AdminState {
+    /// State over `metrics` and a shared readiness flag, which the server sets
+    /// once storage is recovered and the QUIC listener is up, and clears when
+    /// it starts draining.
+    pub fn new(metrics: Metrics, ready: Arc<AtomicBool>) -> AdminState {
+        AdminState { metrics, ready }
+    }
+
+    /// Sets or clears the readiness flag.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Whether the server is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// The admin routes over `state`.
+pub fn admin_router(state: AdminState) -> Router {
+    Router::new()
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
+        .route(METRICS_PATH, get(metrics))
+        .with_state(state)
+}
+
+/// Serves the admin routes on `listener` until `shutdown` completes, then
+/// lets requests in flight finish.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, admin_router(state)).with_graceful_shutdown(shutdown).await
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE)], text).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "cannot render metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics").into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    const RESPONSE_BYTES_MAX: u64 = 1024 * 1024;
+
+    struct HttpResponse {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl HttpResponse {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_str())
+        }
+    }
+
+    /// One HTTP/1.1 request with `Connection: close`; the body is assumed not chunked.
+    async fn request(address: SocketAddr, method: &str, path: &str) -> HttpResponse {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+            let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut raw = Vec::new();
+            stream.take(RESPONSE_BYTES_MAX).read_to_end(&mut raw).await.expect("read");
+            raw
+        };
+        let raw = tokio::time::timeout(TIMEOUT, exchange).await.expect("response in time");
+        let text = String::from_utf8(raw).expect("utf-8 response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().expect("status line");
+        let mut parts = status_line.split(' ');
+        assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+        let status = parts.next().expect("status").parse().expect("numeric status");
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+            .collect();
+        HttpResponse { status, headers, body: body.to_owned() }
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_and_shutdown_stops_the_server() {
+        let metrics = Metrics::new().expect("metrics");
+        let ready = Arc::new(AtomicBool::new(false));
+        let state = AdminState::new(metrics.clone(), Arc::clone(&ready));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_admin(listener, state.clone(), async move {
+            let _ = stopped.await;
+        }));
+
+        let health = request(address, "GET", HEALTHZ_PATH).await;
+        assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+
+        let not_ready = request(address, "GET", READYZ_PATH).await;
+        assert_eq!((not_ready.status, not_ready.body.as_str()), (503, "not ready"));
+        ready.store(true, Ordering::Release);
+        let now_ready = request(address, "GET", READYZ_PATH).await;
+        assert_eq!((now_ready.status, now_ready.body.as_str()), (200, "ready"));
+        state.set_ready(false);
+        assert_eq!(request(address, "GET", READYZ_PATH).await.status, 503);
+
+        metrics.ack();
+        metrics.rejected(kalandra_proto::ErrorCode::Banned);
+        let scrape = request(address, "GET", METRICS_PATH).await;
+        assert_eq!(scrape.status, 200);
+        assert_eq!(scrape.header("content-type"), Some(PROMETHEUS_TEXT_CONTENT_TYPE));
+        assert!(scrape.body.contains("kalandra_acks_total 1\n"), "{}", scrape.body);
+        assert!(scrape.body.contains("kalandra_rejections_total{code=\"Banned\"} 1\n"), "{}", scrape.body);
+
+        assert_eq!(request(address, "GET", "/nowhere").await.status, 404);
+        assert_eq!(request(address, "POST", HEALTHZ_PATH).await.status, 405);
+
+        stop.send(()).expect("server still running");
+        let finished = tokio::time::timeout(TIMEOUT, server).await.expect("stops in time");
+        finished.expect("task").expect("serve result");
+        assert!(tokio::net::TcpStream::connect(address).await.is_err(), "listener closed");
+    }
+}

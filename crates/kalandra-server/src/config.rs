@@ -1,0 +1,588 @@
+//! Server configuration: defaults, the TOML file, environment variables and
+//! command-line flags.
+//!
+//! Precedence, highest first: command-line flag, environment variable,
+//! configuration file, default. Every default is a named constant below; the
+//! documented example file (`deploy/kalandra.example.toml`,
+//! [`example_toml`]) spells them all out. Relative paths are relative to the
+//! working directory of the process.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use kalandra_proto::limits::{CONTROL_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use serde::Deserialize;
+use tracing_subscriber::EnvFilter;
+
+/// Default data directory (database and self-signed TLS identity).
+pub const DATA_DIR_DEFAULT: &str = "./kalandra-data";
+/// Default QUIC port.
+pub const LISTEN_PORT_DEFAULT: u16 = 4433;
+/// Default QUIC address: loopback only.
+pub const LISTEN_DEFAULT: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, LISTEN_PORT_DEFAULT));
+/// Default admin HTTP port.
+pub const ADMIN_LISTEN_PORT_DEFAULT: u16 = 9090;
+/// Default admin HTTP address: loopback only (the admin surface has no authentication).
+pub const ADMIN_LISTEN_DEFAULT: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, ADMIN_LISTEN_PORT_DEFAULT));
+/// Default log format.
+pub const LOG_FORMAT_DEFAULT: LogFormat = LogFormat::Text;
+/// Default log filter (`tracing-subscriber` `EnvFilter` syntax).
+pub const LOG_FILTER_DEFAULT: &str = "info";
+
+/// Default sustained frames per second one connection may send.
+pub const FRAMES_PER_SECOND_PER_CONNECTION_DEFAULT: u32 = 200;
+/// Default burst of frames one connection may send above its rate.
+pub const FRAMES_BURST_PER_CONNECTION_DEFAULT: u32 = 400;
+/// Default sustained frames per second one user may send over all connections.
+pub const FRAMES_PER_SECOND_PER_USER_DEFAULT: u32 = 500;
+/// Default burst of frames one user may send above its rate.
+pub const FRAMES_BURST_PER_USER_DEFAULT: u32 = 1_000;
+/// Default number of rooms one user may be a member of.
+pub const ROOMS_PER_USER_MAX_DEFAULT: u32 = 1_000;
+/// Default number of connections one IP address may hold open.
+pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: u32 = 64;
+/// Default largest payload accepted: the protocol's own limit.
+pub const PAYLOAD_BYTES_MAX_DEFAULT: u32 = PAYLOAD_BYTES_MAX;
+/// Default number of frames queued towards one connection.
+pub const SEND_QUEUE_FRAMES_MAX_DEFAULT: usize = 1_024;
+/// Default time a client has to authenticate after connecting.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default QUIC idle timeout.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default time connections get to close on shutdown.
+pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
+/// Smallest accepted idle timeout: clients send keep-alives every
+/// [`crate::tls::CLIENT_KEEP_ALIVE_INTERVAL_MS`], and at least two must fit.
+pub const IDLE_TIMEOUT_MS_MIN: u64 = 2 * crate::tls::CLIENT_KEEP_ALIVE_INTERVAL_MS;
+/// Largest accepted idle timeout (one hour).
+pub const IDLE_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// Largest accepted handshake or drain timeout (ten minutes).
+pub const TIMEOUT_MS_MAX: u64 = 600_000;
+/// Largest accepted send queue, frames: queues are memory, and a reader that
+/// far behind should resynchronise instead.
+pub const SEND_QUEUE_FRAMES_MAX_LIMIT: usize = 65_536;
+
+const _: () = assert!(PAYLOAD_BYTES_MAX_DEFAULT <= PAYLOAD_BYTES_MAX);
+const _: () = assert!(PAYLOAD_BYTES_MAX_DEFAULT >= CONTROL_PAYLOAD_BYTES_MAX);
+// One busy connection is limited by its own bucket before its user's.
+const _: () = assert!(FRAMES_PER_SECOND_PER_USER_DEFAULT >= FRAMES_PER_SECOND_PER_CONNECTION_DEFAULT);
+const _: () = assert!(FRAMES_BURST_PER_USER_DEFAULT >= FRAMES_BURST_PER_CONNECTION_DEFAULT);
+// A burst covers at least one second at the sustained rate.
+const _: () = assert!(FRAMES_BURST_PER_CONNECTION_DEFAULT >= FRAMES_PER_SECOND_PER_CONNECTION_DEFAULT);
+const _: () = assert!(FRAMES_BURST_PER_USER_DEFAULT >= FRAMES_PER_SECOND_PER_USER_DEFAULT);
+const _: () = assert!(IDLE_TIMEOUT_MS_MIN <= IDLE_TIMEOUT_MS_DEFAULT);
+const _: () = assert!(IDLE_TIMEOUT_MS_DEFAULT <= IDLE_TIMEOUT_MS_MAX);
+const _: () = assert!(HANDSHAKE_TIMEOUT_MS_DEFAULT <= IDLE_TIMEOUT_MS_DEFAULT);
+const _: () = assert!(DRAIN_TIMEOUT_MS_DEFAULT <= TIMEOUT_MS_MAX);
+const _: () = assert!(SEND_QUEUE_FRAMES_MAX_DEFAULT <= SEND_QUEUE_FRAMES_MAX_LIMIT);
+
+/// How log lines are written (to standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags; each can also come from an environment variable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Parser)]
+#[command(
+    name = "kalandra-server",
+    version,
+    about = "Kalandra server: a server-sequenced MLS group-messaging backend."
+)]
+pub struct CliArgs {
+    /// Configuration file (TOML); without it, defaults apply.
+    #[arg(long, env = "KALANDRA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, self-signed TLS identity).
+    #[arg(long, env = "KALANDRA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// QUIC listen address.
+    #[arg(long, env = "KALANDRA_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Admin HTTP listen address (health, readiness, metrics).
+    #[arg(long, env = "KALANDRA_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "KALANDRA_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `kalandra_server=debug,info`.
+    #[arg(long, env = "KALANDRA_LOG", value_name = "FILTER")]
+    pub log_filter: Option<String>,
+}
+
+/// The server's configuration (the TOML file's top level).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Data directory; default [`DATA_DIR_DEFAULT`].
+    pub data_dir: PathBuf,
+    /// QUIC listen address; default [`LISTEN_DEFAULT`].
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address; default [`ADMIN_LISTEN_DEFAULT`].
+    pub admin_listen: SocketAddr,
+    /// PEM certificate chain; with [`Self::tls_key_path`] or neither. Default:
+    /// none, and a self-signed certificate in `<data_dir>/tls/` is used.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key for [`Self::tls_cert_path`]; default none.
+    pub tls_key_path: Option<PathBuf>,
+    /// Log format; default [`LOG_FORMAT_DEFAULT`].
+    pub log_format: LogFormat,
+    /// Log filter; default [`LOG_FILTER_DEFAULT`].
+    pub log_filter: String,
+    /// The `[limits]` table.
+    pub limits: Limits,
+}
+
+/// Limits on what clients may do (the `[limits]` table). All must be above 0.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Sustained frames per second per connection; default [`FRAMES_PER_SECOND_PER_CONNECTION_DEFAULT`].
+    pub frames_per_second_per_connection: u32,
+    /// Burst per connection; default [`FRAMES_BURST_PER_CONNECTION_DEFAULT`].
+    pub frames_burst_per_connection: u32,
+    /// Sustained frames per second per user; default [`FRAMES_PER_SECOND_PER_USER_DEFAULT`].
+    pub frames_per_second_per_user: u32,
+    /// Burst per user; default [`FRAMES_BURST_PER_USER_DEFAULT`].
+    pub frames_burst_per_user: u32,
+    /// Rooms per user; default [`ROOMS_PER_USER_MAX_DEFAULT`].
+    pub rooms_per_user_max: u32,
+    /// Open connections per IP address; default [`CONNECTIONS_PER_ADDRESS_MAX_DEFAULT`].
+    pub connections_per_address_max: u32,
+    /// Largest payload accepted, at most the protocol's
+    /// [`PAYLOAD_BYTES_MAX`] and at least [`CONTROL_PAYLOAD_BYTES_MAX`];
+    /// default [`PAYLOAD_BYTES_MAX_DEFAULT`].
+    pub payload_bytes_max: u32,
+    /// Frames queued towards one connection, at most
+    /// [`SEND_QUEUE_FRAMES_MAX_LIMIT`]; default [`SEND_QUEUE_FRAMES_MAX_DEFAULT`].
+    pub send_queue_frames_max: usize,
+    /// Time to authenticate after connecting; default [`HANDSHAKE_TIMEOUT_MS_DEFAULT`].
+    pub handshake_timeout_ms: u64,
+    /// QUIC idle timeout, between [`IDLE_TIMEOUT_MS_MIN`] and
+    /// [`IDLE_TIMEOUT_MS_MAX`]; default [`IDLE_TIMEOUT_MS_DEFAULT`].
+    pub idle_timeout_ms: u64,
+    /// Time connections get to close on shutdown; default [`DRAIN_TIMEOUT_MS_DEFAULT`].
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            data_dir: PathBuf::from(DATA_DIR_DEFAULT),
+            listen: LISTEN_DEFAULT,
+            admin_listen: ADMIN_LISTEN_DEFAULT,
+            tls_cert_path: None,
+            tls_key_path: None,
+            log_format: LOG_FORMAT_DEFAULT,
+            log_filter: LOG_FILTER_DEFAULT.to_owned(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            frames_per_second_per_connection: FRAMES_PER_SECOND_PER_CONNECTION_DEFAULT,
+            frames_burst_per_connection: FRAMES_BURST_PER_CONNECTION_DEFAULT,
+            frames_per_second_per_user: FRAMES_PER_SECOND_PER_USER_DEFAULT,
+            frames_burst_per_user: FRAMES_BURST_PER_USER_DEFAULT,
+            rooms_per_user_max: ROOMS_PER_USER_MAX_DEFAULT,
+            connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX_DEFAULT,
+            payload_bytes_max: PAYLOAD_BYTES_MAX_DEFAULT,
+            send_queue_frames_max: SEND_QUEUE_FRAMES_MAX_DEFAULT,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
+            drain_timeout_ms: DRAIN_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+/// The configuration could not be loaded, or logging could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML or does not match the schema
+    /// (unknown key, wrong type).
+    #[error("config file {}: {source}", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The key, e.g. `limits.payload_bytes_max`.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The log subscriber could not be installed (for example, one already is).
+    #[error("cannot start logging: {reason}")]
+    Logging {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ServerConfig {
+    /// The configuration from `cli`: its file (if any), environment variables
+    /// and flags over the defaults, validated.
+    pub fn load(cli: &CliArgs) -> Result<ServerConfig, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => ServerConfig::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        config.apply_cli(cli);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a configuration file, without validating the values.
+    pub fn from_file(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        ServerConfig::from_toml_str(&text, path)
+    }
+
+    /// Parses TOML `text` (read from `path`, used in errors), without validating the values.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<ServerConfig, ConfigError> {
+        toml::from_str(text)
+            .map_err(|source| ConfigError::Syntax { path: path.to_owned(), source: Box::new(source) })
+    }
+
+    /// Overrides file values and defaults with the flags and environment
+    /// variables present in `cli`.
+    pub fn apply_cli(&mut self, cli: &CliArgs) {
+        if let Some(data_dir) = &cli.data_dir {
+            self.data_dir.clone_from(data_dir);
+        }
+        if let Some(listen) = cli.listen {
+            self.listen = listen;
+        }
+        if let Some(admin_listen) = cli.admin_listen {
+            self.admin_listen = admin_listen;
+        }
+        if let Some(log_format) = cli.log_format {
+            self.log_format = log_format;
+        }
+        if let Some(log_filter) = &cli.log_filter {
+            self.log_filter.clone_from(log_filter);
+        }
+    }
+
+    /// Checks every value and the relations between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".to_owned()));
+        }
+        match (&self.tls_cert_path, &self.tls_key_path) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key_path",
+                    "tls_cert_path is set, so tls_key_path must be set too".to_owned(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert_path",
+                    "tls_key_path is set, so tls_cert_path must be set too".to_owned(),
+                ))
+            }
+            _ => {}
+        }
+        if let Err(error) = EnvFilter::try_new(&self.log_filter) {
+            return Err(invalid("log_filter", error.to_string()));
+        }
+        self.limits.validate()
+    }
+}
+
+impl Limits {
+    /// Checks every limit.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("limits.frames_per_second_per_connection", u64::from(self.frames_per_second_per_connection)),
+            ("limits.frames_burst_per_connection", u64::from(self.frames_burst_per_connection)),
+            ("limits.frames_per_second_per_user", u64::from(self.frames_per_second_per_user)),
+            ("limits.frames_burst_per_user", u64::from(self.frames_burst_per_user)),
+            ("limits.rooms_per_user_max", u64::from(self.rooms_per_user_max)),
+            ("limits.connections_per_address_max", u64::from(self.connections_per_address_max)),
+            ("limits.payload_bytes_max", u64::from(self.payload_bytes_max)),
+            ("limits.send_queue_frames_max", u64::try_from(self.send_queue_frames_max).unwrap_or(u64::MAX)),
+            ("limits.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("limits.idle_timeout_ms", self.idle_timeout_ms),
+            ("limits.drain_timeout_ms", self.drain_timeout_ms),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than 0".to_owned()));
+            }
+        }
+        if !(CONTROL_PAYLOAD_BYTES_MAX..=PAYLOAD_BYTES_MAX).contains(&self.payload_bytes_max) {
+            return Err(invalid(
+                "limits.payload_bytes_max",
+                format!(
+                    "{} is outside {CONTROL_PAYLOAD_BYTES_MAX}..={PAYLOAD_BYTES_MAX} (the protocol's control-frame and overall payload limits)",
+                    self.payload_bytes_max
+                ),
+            ));
+        }
+        if self.send_queue_frames_max > SEND_QUEUE_FRAMES_MAX_LIMIT {
+            return Err(invalid(
+                "limits.send_queue_frames_max",
+                format!("{} is above {SEND_QUEUE_FRAMES_MAX_LIMIT}", self.send_queue_frames_max),
+            ));
+        }
+        if !(IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX).contains(&self.idle_timeout_ms) {
+            return Err(invalid(
+                "limits.idle_timeout_ms",
+                format!("{} is outside {IDLE_TIMEOUT_MS_MIN}..={IDLE_TIMEOUT_MS_MAX}", self.idle_timeout_ms),
+            ));
+        }
+        for (field, value) in [
+            ("limits.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("limits.drain_timeout_ms", self.drain_timeout_ms),
+        ] {
+            if value > TIMEOUT_MS_MAX {
+                return Err(invalid(field, format!("{value} is above {TIMEOUT_MS_MAX}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { field, reason }
+}
+
+/// The documented example configuration (`deploy/kalandra.example.toml`);
+/// it parses to the defaults.
+pub fn example_toml() -> &'static str {
+    include_str!("../../../deploy/kalandra.example.toml")
+}
+
+/// Installs the global log subscriber: `format` lines on standard error,
+/// filtered by `filter` (`EnvFilter` syntax). Fails if one is installed already.
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), ConfigError> {
+    let filter = EnvFilter::try_new(filter).map_err(|error| invalid("log_filter", error.to_string()))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|error| ConfigError::Logging { reason: error.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("kalandra.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    fn invalid_field(result: Result<ServerConfig, ConfigError>) -> &'static str {
+        match result {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid value, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn example_parses_to_the_defaults() {
+        let parsed = ServerConfig::from_toml_str(example_toml(), Path::new("kalandra.example.toml"))
+            .expect("example parses");
+        assert_eq!(parsed, ServerConfig::default());
+        parsed.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn example_mentions_every_key() {
+        let limits = [
+            "frames_per_second_per_connection",
+            "frames_burst_per_connection",
+            "frames_per_second_per_user",
+            "frames_burst_per_user",
+            "rooms_per_user_max",
+            "connections_per_address_max",
+            "payload_bytes_max",
+            "send_queue_frames_max",
+            "handshake_timeout_ms",
+            "idle_timeout_ms",
+            "drain_timeout_ms",
+        ];
+        let top = [
+            "data_dir",
+            "listen",
+            "admin_listen",
+            "tls_cert_path",
+            "tls_key_path",
+            "log_format",
+            "log_filter",
+            "[limits]",
+        ];
+        for key in top.iter().chain(limits.iter()) {
+            assert!(example_toml().contains(key), "{key} is not in the example");
+        }
+    }
+
+    #[test]
+    fn no_file_means_defaults() {
+        let config = ServerConfig::load(&CliArgs::default()).expect("defaults");
+        assert_eq!(config, ServerConfig::default());
+        assert_eq!(config.listen.to_string(), "127.0.0.1:4433");
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
+        assert!(config.admin_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_cli_overrides_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_config(
+            &dir,
+            r#"
+data_dir = "/var/lib/kalandra"
+listen = "0.0.0.0:5555"
+log_format = "json"
+[limits]
+rooms_per_user_max = 7
+"#,
+        );
+        let cli = CliArgs { config: Some(path.clone()), ..CliArgs::default() };
+        let from_file = ServerConfig::load(&cli).expect("file");
+        assert_eq!(from_file.data_dir, PathBuf::from("/var/lib/kalandra"));
+        assert_eq!(from_file.listen.to_string(), "0.0.0.0:5555");
+        assert_eq!(from_file.log_format, LogFormat::Json);
+        assert_eq!(from_file.limits.rooms_per_user_max, 7);
+        assert_eq!(from_file.admin_listen, ADMIN_LISTEN_DEFAULT);
+        assert_eq!(from_file.limits.idle_timeout_ms, IDLE_TIMEOUT_MS_DEFAULT);
+
+        let cli = CliArgs {
+            config: Some(path),
+            data_dir: Some(PathBuf::from("/tmp/elsewhere")),
+            listen: Some("127.0.0.1:6000".parse().expect("address")),
+            admin_listen: Some("127.0.0.1:6001".parse().expect("address")),
+            log_format: Some(LogFormat::Text),
+            log_filter: Some("debug".to_owned()),
+        };
+        let overridden = ServerConfig::load(&cli).expect("flags");
+        assert_eq!(overridden.data_dir, PathBuf::from("/tmp/elsewhere"));
+        assert_eq!(overridden.listen.to_string(), "127.0.0.1:6000");
+        assert_eq!(overridden.admin_listen.to_string(), "127.0.0.1:6001");
+        assert_eq!(overridden.log_format, LogFormat::Text);
+        assert_eq!(overridden.log_filter, "debug");
+        assert_eq!(overridden.limits.rooms_per_user_max, 7);
+    }
+
+    #[test]
+    fn unreadable_file_is_a_read_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cli = CliArgs { config: Some(dir.path().join("missing.toml")), ..CliArgs::default() };
+        match ServerConfig::load(&cli) {
+            Err(error @ ConfigError::Read { .. }) => {
+                assert!(error.to_string().contains("missing.toml"), "{error}");
+            }
+            other => panic!("expected a read error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for text in [
+            "listen = ",
+            "lisen = \"127.0.0.1:1\"",
+            "[limits]\nrooms_per_user = 3",
+            "listen = \"not an address\"",
+            "log_format = \"xml\"",
+            "[limits]\nidle_timeout_ms = -1",
+        ] {
+            let path = write_config(&dir, text);
+            let cli = CliArgs { config: Some(path), ..CliArgs::default() };
+            match ServerConfig::load(&cli) {
+                Err(error @ ConfigError::Syntax { .. }) => {
+                    assert!(error.to_string().contains("kalandra.toml"), "{error}");
+                }
+                other => panic!("{text:?}: expected a syntax error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases = [
+            ("[limits]\nframes_per_second_per_connection = 0", "limits.frames_per_second_per_connection"),
+            ("[limits]\nframes_burst_per_user = 0", "limits.frames_burst_per_user"),
+            ("[limits]\nrooms_per_user_max = 0", "limits.rooms_per_user_max"),
+            ("[limits]\nconnections_per_address_max = 0", "limits.connections_per_address_max"),
+            ("[limits]\nsend_queue_frames_max = 0", "limits.send_queue_frames_max"),
+            ("[limits]\nsend_queue_frames_max = 1000000", "limits.send_queue_frames_max"),
+            ("[limits]\ndrain_timeout_ms = 0", "limits.drain_timeout_ms"),
+            ("[limits]\nhandshake_timeout_ms = 600001", "limits.handshake_timeout_ms"),
+            ("[limits]\nidle_timeout_ms = 10", "limits.idle_timeout_ms"),
+            ("[limits]\nidle_timeout_ms = 3600001", "limits.idle_timeout_ms"),
+            ("[limits]\npayload_bytes_max = 8388609", "limits.payload_bytes_max"),
+            ("[limits]\npayload_bytes_max = 100", "limits.payload_bytes_max"),
+            ("tls_cert_path = \"cert.pem\"", "tls_key_path"),
+            ("tls_key_path = \"key.pem\"", "tls_cert_path"),
+            ("log_filter = \"info,[[\"", "log_filter"),
+            ("data_dir = \"\"", "data_dir"),
+        ];
+        for (text, field) in cases {
+            let parsed = ServerConfig::from_toml_str(text, Path::new("test.toml")).expect(text);
+            let result = parsed.validate().map(|()| parsed);
+            assert_eq!(invalid_field(result), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn limits_at_their_bounds_are_valid() {
+        let text = format!(
+            "tls_cert_path = \"c.pem\"\ntls_key_path = \"k.pem\"\n[limits]\npayload_bytes_max = {PAYLOAD_BYTES_MAX}\nidle_timeout_ms = {IDLE_TIMEOUT_MS_MIN}\nsend_queue_frames_max = {SEND_QUEUE_FRAMES_MAX_LIMIT}\n"
+        );
+        let parsed = ServerConfig::from_toml_str(&text, Path::new("test.toml")).expect("parses");
+        parsed.validate().expect("valid");
+        assert_eq!(parsed.tls_cert_path, Some(PathBuf::from("c.pem")));
+    }
+
+    #[test]
+    fn cli_parses_flags() {
+        use clap::Parser as _;
+        let cli = CliArgs::try_parse_from([
+            "kalandra-server",
+            "--config",
+            "/etc/kalandra.toml",
+            "--listen",
+            "[::1]:4433",
+            "--log-format",
+            "json",
+        ])
+        .expect("flags parse");
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/kalandra.toml")));
+        assert_eq!(cli.listen, Some("[::1]:4433".parse().expect("address")));
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        assert!(CliArgs::try_parse_from(["kalandra-server", "--listen", "nowhere"]).is_err());
+        assert!(CliArgs::try_parse_from(["kalandra-server", "--log-format", "xml"]).is_err());
+    }
+}

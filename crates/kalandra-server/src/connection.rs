@@ -1,0 +1,482 @@
+//! The QUIC driver: accepts connections, runs each one's [`Session`], and
+//! hands requests to the room core ([`Node`]) and the directory.
+//!
+//! One bidirectional stream per connection carries frames both ways. The
+//! reader decodes frames with [`FrameDecoder`]; a writer task drains the
+//! connection's bounded [`Outbox`]. Nothing here decides protocol questions:
+//! the session, the sequencer and the directory do.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
+use tokio::sync::watch;
+
+use crate::directory;
+use crate::node::{error_frame, server_frame, Command, Node, Outbox, Outgoing};
+use crate::rate_limit::{KeyedLimiter, TokenBucket};
+use crate::session::{Route, Session, Step};
+use crate::store::Store;
+
+/// Limits applied per connection, per user and per address.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Sustained frames per second one connection may send.
+    pub frames_per_second_per_connection: u32,
+    /// Burst above that rate.
+    pub frames_burst_per_connection: u32,
+    /// Sustained frames per second one user (identity) may send over all connections.
+    pub frames_per_second_per_user: u32,
+    /// Burst above that rate.
+    pub frames_burst_per_user: u32,
+    /// Rooms a user may create or join by external commit while a member of this many.
+    pub rooms_per_user_max: u32,
+    /// Connections one IP address may hold open.
+    pub connections_per_address_max: u32,
+    /// Frames queued towards one connection before it is told to resync.
+    pub send_queue_frames_max: usize,
+    /// Largest payload accepted (at most the protocol's limit).
+    pub payload_bytes_max: u32,
+    /// Time a client has to authenticate.
+    pub handshake_timeout_ms: u64,
+}
+
+/// Most users whose rate buckets are tracked at once.
+pub const USER_RATE_BUCKETS_MAX: usize = 1_000_000;
+/// Bytes read from a stream at a time.
+pub const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// Shared state of the listener.
+pub struct Listener {
+    node: Node,
+    store: Arc<dyn Store>,
+    limits: ConnectionLimits,
+    clock: crate::node::Clock,
+    next_connection_id: AtomicU64,
+    per_address: Mutex<HashMap<IpAddr, u32>>,
+    per_user: Mutex<KeyedLimiter<SenderId>>,
+    metrics: crate::metrics::Metrics,
+    server_key: [u8; 32],
+}
+
+impl Listener {
+    /// A listener feeding `node`.
+    pub fn new(
+        node: Node,
+        store: Arc<dyn Store>,
+        limits: ConnectionLimits,
+        clock: crate::node::Clock,
+        metrics: crate::metrics::Metrics,
+        server_key: [u8; 32],
+    ) -> Arc<Listener> {
+        let per_user = KeyedLimiter::new(
+            f64::from(limits.frames_per_second_per_user),
+            f64::from(limits.frames_burst_per_user),
+            USER_RATE_BUCKETS_MAX,
+        );
+        Arc::new(Listener {
+            node,
+            store,
+            limits,
+            clock,
+            next_connection_id: AtomicU64::new(1),
+            per_address: Mutex::new(HashMap::new()),
+            per_user: Mutex::new(per_user),
+            metrics,
+            server_key,
+        })
+    }
+
+    /// Accepts connections on `endpoint` until `stop` turns true.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stopped(&mut stop) => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let listener = Arc::clone(&self);
+                    let stop = stop.clone();
+                    tasks.spawn(async move { listener.connection(incoming, stop).await });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, stop: watch::Receiver<bool>) {
+        let address = incoming.remote_address().ip();
+        let admitted = {
+            let mut per_address = self.per_address.lock().expect("per-address lock");
+            let count = per_address.entry(address).or_insert(0);
+            if *count >= self.limits.connections_per_address_max {
+                false
+            } else {
+                *count += 1;
+                true
+            }
+        };
+        let connection = match incoming.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::debug!(%address, %error, "handshake failed");
+                if admitted {
+                    self.release_address(address);
+                }
+                return;
+            }
+        };
+        if !admitted {
+            self.metrics.rejected(ErrorCode::TooManyConnections);
+            refuse(&connection, ErrorCode::TooManyConnections, "too many connections from this address")
+                .await;
+            return;
+        }
+        self.metrics.connection_opened();
+        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let outbox = self.run_connection(id, &connection, stop).await;
+        if let Some(outbox) = outbox {
+            self.node.connection_closed(&outbox).await;
+        }
+        self.metrics.connection_closed();
+        self.release_address(address);
+    }
+
+    fn release_address(&self, address: IpAddr) {
+        let mut per_address = self.per_address.lock().expect("per-address lock");
+        if let Some(count) = per_address.get_mut(&address) {
+            *count -= 1;
+            if *count == 0 {
+                per_address.remove(&address);
+            }
+        }
+    }
+
+    /// Runs one connection; returns its outbox if it authenticated.
+    async fn run_connection(
+        &self,
+        id: u64,
+        connection: &quinn::Connection,
+        mut stop: watch::Receiver<bool>,
+    ) -> Option<Arc<Outbox>> {
+        let handshake = Duration::from_millis(self.limits.handshake_timeout_ms);
+        let (send, mut recv) = match tokio::time::timeout(handshake, connection.accept_bi()).await {
+            Ok(Ok(streams)) => streams,
+            _ => return None,
+        };
+        let mut state = ConnectionState {
+            id,
+            session: Session::new(rand::random(), self.server_key),
+            send: Some(send),
+            outbox: None,
+            writer: None,
+            bucket: TokenBucket::new(
+                f64::from(self.limits.frames_per_second_per_connection),
+                f64::from(self.limits.frames_burst_per_connection),
+            ),
+        };
+        let mut decoder = FrameDecoder::with_payload_bytes_max(self.limits.payload_bytes_max);
+        let deadline = tokio::time::Instant::now() + handshake;
+        let mut frames = Vec::new();
+        'read: loop {
+            let chunk = tokio::select! {
+                _ = stopped(&mut stop) => {
+                    let goodbye = error_frame(RoomId::default(), 0, ErrorCode::ShuttingDown, "server shutting down");
+                    state.write(goodbye).await;
+                    break 'read;
+                }
+                _ = tokio::time::sleep_until(deadline), if state.outbox.is_none() => {
+                    let error = error_frame(RoomId::default(), 0, ErrorCode::NotAuthenticated, "authentication timed out");
+                    state.write(error).await;
+                    break 'read;
+                }
+                chunk = recv.read_chunk(READ_CHUNK_BYTES_MAX, true) => chunk,
+            };
+            let chunk = match chunk {
+                Ok(Some(chunk)) => chunk.bytes,
+                _ => break 'read,
+            };
+            let mut input = &chunk[..];
+            let mut decode_error = None;
+            while !input.is_empty() {
+                match decoder.decode(&mut input) {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => break,
+                    Err(error) => {
+                        decode_error = Some(error);
+                        break;
+                    }
+                }
+            }
+            // Frames decoded before a bad one are handled: nothing accepted is lost.
+            let open = self.handle_frames(&mut state, &mut frames).await;
+            if let Some(error) = decode_error {
+                self.metrics.rejected(error.error_code());
+                state.write(error_frame(RoomId::default(), 0, error.error_code(), &error.to_string())).await;
+                break 'read;
+            }
+            if !open {
+                break 'read;
+            }
+        }
+        match (&state.outbox, state.writer) {
+            (Some(outbox), Some(writer)) => {
+                outbox.close();
+                let _ = tokio::time::timeout(WRITER_DRAIN_TIMEOUT, writer).await;
+            }
+            _ => {
+                if let Some(mut send) = state.send {
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(WRITER_DRAIN_TIMEOUT, send.stopped()).await;
+                }
+            }
+        }
+        connection.close(quinn::VarInt::from_u32(0), b"closed");
+        state.outbox
+    }
+
+    /// Handles decoded frames in order; `false` when the connection must close.
+    async fn handle_frames(&self, state: &mut ConnectionState, frames: &mut Vec<Frame>) -> bool {
+        for frame in frames.drain(..) {
+            let now_ms = (self.clock)();
+            self.metrics.frame_in(frame.opcode());
+            match state.session.on_frame(frame, now_ms) {
+                Step::Ignore => {}
+                Step::Reply(reply) => state.write(reply).await,
+                Step::Authenticated { sender, reply } => {
+                    state.write(reply).await;
+                    let (outbox, receiver) = Outbox::new(state.id, sender, self.limits.send_queue_frames_max);
+                    let send = state.send.take().expect("the stream is ours until authentication");
+                    state.writer = Some(tokio::spawn(write_loop(send, receiver, self.metrics.clone())));
+                    self.node.connection_authenticated(&outbox).await;
+                    state.outbox = Some(outbox);
+                }
+                Step::Route(sender, route) => {
+                    let Some(outbox) = state.outbox.clone() else { return false };
+                    if let Err(retry_after_ms) = self.admit(sender, &mut state.bucket, now_ms) {
+                        self.metrics.rejected(ErrorCode::RateLimited);
+                        let error = kalandra_proto::payload::Error {
+                            code: ErrorCode::RateLimited.to_u16(),
+                            message: "rate limit exceeded".into(),
+                            current_epoch: None,
+                            log_index: None,
+                            retry_after_ms: Some(retry_after_ms),
+                        };
+                        let request_id = route_request_id(&route);
+                        let _ = outbox.send(server_frame(RoomId::default(), request_id, &error)).await;
+                        continue;
+                    }
+                    self.route(&outbox, route).await;
+                }
+                Step::Close(error) => {
+                    if let Ok(frame) = Frame::decode(&error) {
+                        if let Ok(payload) = frame.decode_payload::<kalandra_proto::payload::Error>() {
+                            if let Some(code) = ErrorCode::from_u16(payload.code) {
+                                self.metrics.rejected(code);
+                            }
+                        }
+                    }
+                    state.write(error).await;
+                    return false;
+                }
+                Step::Goodbye => return false,
+            }
+        }
+        true
+    }
+
+    fn admit(&self, sender: SenderId, connection_bucket: &mut TokenBucket, now_ms: u64) -> Result<(), u64> {
+        connection_bucket.try_take(now_ms, 1.0).map_err(|retry| retry.0)?;
+        self.per_user.lock().expect("per-user lock").try_take(sender, now_ms, 1.0).map_err(|retry| retry.0)
+    }
+
+    async fn route(&self, outbox: &Arc<Outbox>, route: Route) {
+        match route {
+            Route::Sequence(frame) => {
+                let room_id = frame.header().room_id();
+                if matches!(frame.opcode(), Opcode::CreateRoom | Opcode::ExternalJoin)
+                    && self.node.rooms_of(outbox.sender()) >= self.limits.rooms_per_user_max
+                {
+                    self.metrics.rejected(ErrorCode::TooManyRooms);
+                    let request_id = frame.header().request_id();
+                    let _ = outbox
+                        .send(error_frame(room_id, request_id, ErrorCode::TooManyRooms, "too many rooms"))
+                        .await;
+                    return;
+                }
+                self.node.send(room_id, Command::Submit { outbox: Arc::clone(outbox), frame }).await;
+            }
+            Route::Ephemeral(frame) => {
+                let room_id = frame.header().room_id();
+                self.node.send(room_id, Command::Ephemeral { outbox: Arc::clone(outbox), frame }).await;
+            }
+            Route::Subscribe { room_id, from_log_index, request_id } => {
+                let command = Command::Subscribe {
+                    outbox: Arc::clone(outbox),
+                    room_id,
+                    from_log_index,
+                    request_id,
+                    live: true,
+                    count_max: 0,
+                };
+                self.node.send(room_id, command).await;
+            }
+            Route::Sync { room_id, from_log_index, count_max, request_id } => {
+                let command = Command::Subscribe {
+                    outbox: Arc::clone(outbox),
+                    room_id,
+                    from_log_index,
+                    request_id,
+                    live: false,
+                    count_max: u64::from(count_max),
+                };
+                self.node.send(room_id, command).await;
+            }
+            Route::Unsubscribe { room_id } => {
+                self.node
+                    .send(room_id, Command::Unsubscribe { connection: outbox.connection(), room_id })
+                    .await;
+            }
+            Route::GroupInfo { room_id, request_id } => {
+                self.node
+                    .send(room_id, Command::GroupInfo { outbox: Arc::clone(outbox), room_id, request_id })
+                    .await;
+            }
+            Route::KeyPackageUpload { request_id, upload } => {
+                let (store, sender) = (Arc::clone(&self.store), outbox.sender());
+                let result =
+                    tokio::task::spawn_blocking(move || directory::upload(store.as_ref(), sender, &upload))
+                        .await;
+                let reply = match result {
+                    Ok(Ok(status)) => server_frame(RoomId::default(), request_id, &status),
+                    Ok(Err(error)) => {
+                        self.metrics.rejected(error.error_code());
+                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
+                    }
+                    Err(_) => error_frame(
+                        RoomId::default(),
+                        request_id,
+                        ErrorCode::Internal,
+                        "directory task failed",
+                    ),
+                };
+                let _ = outbox.send(reply).await;
+            }
+            Route::KeyPackageClaim { request_id, claim } => {
+                let store = Arc::clone(&self.store);
+                let result =
+                    tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
+                let reply = match result {
+                    Ok(Ok(claimed)) => server_frame(RoomId::default(), request_id, &claimed),
+                    Ok(Err(error)) => {
+                        self.metrics.rejected(error.error_code());
+                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
+                    }
+                    Err(_) => error_frame(
+                        RoomId::default(),
+                        request_id,
+                        ErrorCode::Internal,
+                        "directory task failed",
+                    ),
+                };
+                let _ = outbox.send(reply).await;
+            }
+            Route::Moderation(frame) => {
+                // No roles exist in this version, so no one holds the moderator role.
+                self.metrics.rejected(ErrorCode::Forbidden);
+                let header = frame.header();
+                let reply = error_frame(
+                    header.room_id(),
+                    header.request_id(),
+                    ErrorCode::Forbidden,
+                    "moderator role required",
+                );
+                let _ = outbox.send(reply).await;
+            }
+        }
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Time the writer gets to flush a closing connection.
+const WRITER_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One connection's state in the driver.
+struct ConnectionState {
+    id: u64,
+    session: Session,
+    /// The send stream until authentication; then the writer task owns it.
+    send: Option<quinn::SendStream>,
+    outbox: Option<Arc<Outbox>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    bucket: TokenBucket,
+}
+
+impl ConnectionState {
+    /// Writes a control frame: directly before authentication, as a notice
+    /// (ahead of queued frames) after.
+    async fn write(&mut self, frame: Bytes) {
+        if let Some(outbox) = &self.outbox {
+            outbox.notice(frame);
+        } else if let Some(send) = &mut self.send {
+            let _ = send.write_all(&frame).await;
+        }
+    }
+}
+
+fn route_request_id(route: &Route) -> u32 {
+    match route {
+        Route::Sequence(frame) | Route::Ephemeral(frame) | Route::Moderation(frame) => {
+            frame.header().request_id()
+        }
+        Route::Subscribe { request_id, .. }
+        | Route::Sync { request_id, .. }
+        | Route::GroupInfo { request_id, .. }
+        | Route::KeyPackageUpload { request_id, .. }
+        | Route::KeyPackageClaim { request_id, .. } => *request_id,
+        Route::Unsubscribe { .. } => 0,
+    }
+}
+
+async fn refuse(connection: &quinn::Connection, code: ErrorCode, message: &str) {
+    if let Ok(Ok((mut send, _recv))) =
+        tokio::time::timeout(Duration::from_secs(2), connection.accept_bi()).await
+    {
+        let _ = send.write_all(&error_frame(RoomId::default(), 0, code, message)).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
+    connection.close(quinn::VarInt::from_u32(u32::from(code.to_u16())), message.as_bytes());
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut receiver: crate::node::OutboxReceiver,
+    metrics: crate::metrics::Metrics,
+) {
+    while let Outgoing::Frame(frame) = receiver.next().await {
+        if send.write_all(&frame).await.is_err() {
+            break;
+        }
+        metrics.frame_out();
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}

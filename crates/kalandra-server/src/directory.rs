@@ -1,0 +1,153 @@
+//! The key-package directory: upload (validated, bound to the uploader)
+//! and claim (each package once; a last-resort package may be reused).
+//!
+//! These functions are blocking (storage and signature checks); drivers call
+//! them from a blocking thread.
+
+use bytes::Bytes;
+use kalandra_proto::payload::{
+    ClaimedKeyPackage, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload,
+};
+use kalandra_proto::{ErrorCode, SenderId};
+use openmls::prelude::{BasicCredential, KeyPackage, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
+use openmls_rust_crypto::RustCrypto;
+use tls_codec::Deserialize as _;
+
+use crate::store::{self, KeyPackageError, Store};
+
+/// Why a directory request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// A key package does not parse or verify (peer misbehaviour).
+    #[error("key package {index}: {detail}")]
+    InvalidKeyPackage {
+        /// Position in the upload (the last-resort package is last).
+        index: usize,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A key package belongs to another identity than the uploader's.
+    #[error("key package {index} belongs to another identity")]
+    NotOwnKeyPackage {
+        /// Position in the upload.
+        index: usize,
+    },
+    /// The last-resort slot holds a package without the last-resort extension, or the reverse.
+    #[error("key package {index}: last-resort marking does not match its slot")]
+    LastResortMismatch {
+        /// Position in the upload.
+        index: usize,
+    },
+    /// Storage refused or failed.
+    #[error(transparent)]
+    Store(#[from] KeyPackageError),
+}
+
+impl DirectoryError {
+    /// The wire error code.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            DirectoryError::InvalidKeyPackage { .. }
+            | DirectoryError::NotOwnKeyPackage { .. }
+            | DirectoryError::LastResortMismatch { .. } => ErrorCode::InvalidKeyPackage,
+            DirectoryError::Store(error) => match error.kind() {
+                store::ErrorKind::CallerMisuse => ErrorCode::QuotaExceeded,
+                store::ErrorKind::Storage => ErrorCode::StorageUnavailable,
+                store::ErrorKind::Internal => ErrorCode::Internal,
+            },
+        }
+    }
+}
+
+/// A verified key package: its reference, owner and last-resort marking.
+struct Inspected {
+    key_package_ref: Vec<u8>,
+    owner: SenderId,
+    last_resort: bool,
+}
+
+fn inspect(index: usize, bytes: &[u8]) -> Result<Inspected, DirectoryError> {
+    let invalid = |detail: String| DirectoryError::InvalidKeyPackage { index, detail };
+    let message =
+        MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| invalid(format!("not an MLSMessage: {e}")))?;
+    let MlsMessageBodyIn::KeyPackage(key_package) = message.extract() else {
+        return Err(invalid("MLSMessage is not a key package".into()));
+    };
+    let crypto = RustCrypto::default();
+    let key_package: KeyPackage = key_package
+        .validate(&crypto, ProtocolVersion::Mls10)
+        .map_err(|e| invalid(format!("does not verify: {e}")))?;
+    let key_package_ref = key_package.hash_ref(&crypto).map_err(|e| invalid(format!("reference: {e}")))?;
+    let leaf = key_package.leaf_node();
+    let credential = BasicCredential::try_from(leaf.credential().clone())
+        .map_err(|e| invalid(format!("credential: {e}")))?;
+    let signature_key = leaf.signature_key().as_slice();
+    let identity: [u8; 32] =
+        signature_key.try_into().map_err(|_| invalid("signature key is not Ed25519".into()))?;
+    if credential.identity() != signature_key {
+        return Err(invalid("credential identity is not the signature key".into()));
+    }
+    Ok(Inspected {
+        key_package_ref: key_package_ref.as_slice().to_vec(),
+        owner: SenderId::from_identity_key(&identity),
+        last_resort: key_package.last_resort(),
+    })
+}
+
+/// Verifies and stores `uploader`'s key packages; returns the new stock.
+pub fn upload(
+    store: &dyn Store,
+    uploader: SenderId,
+    upload: &KeyPackageUpload,
+) -> Result<KeyPackageStatus, DirectoryError> {
+    let mut packages = Vec::with_capacity(upload.key_packages.len());
+    for (index, bytes) in upload.key_packages.iter().enumerate() {
+        let inspected = inspect(index, bytes)?;
+        if inspected.owner != uploader {
+            return Err(DirectoryError::NotOwnKeyPackage { index });
+        }
+        if inspected.last_resort {
+            return Err(DirectoryError::LastResortMismatch { index });
+        }
+        packages.push(store::KeyPackageUpload {
+            key_package_ref: inspected.key_package_ref,
+            key_package: Bytes::copy_from_slice(bytes),
+        });
+    }
+    let last_resort = match &upload.last_resort {
+        Some(bytes) => {
+            let index = upload.key_packages.len();
+            let inspected = inspect(index, bytes)?;
+            if inspected.owner != uploader {
+                return Err(DirectoryError::NotOwnKeyPackage { index });
+            }
+            if !inspected.last_resort {
+                return Err(DirectoryError::LastResortMismatch { index });
+            }
+            Some(Bytes::copy_from_slice(bytes))
+        }
+        None => None,
+    };
+    store.put_key_packages(uploader.0, &packages, last_resort)?;
+    status(store, uploader)
+}
+
+/// The stock of `owner`'s key packages.
+pub fn status(store: &dyn Store, owner: SenderId) -> Result<KeyPackageStatus, DirectoryError> {
+    let count = store.count_key_packages(owner.0)?;
+    Ok(KeyPackageStatus {
+        available: u32::try_from(count.ordinary).unwrap_or(u32::MAX),
+        last_resort: count.has_last_resort,
+    })
+}
+
+/// Claims one key package for each requested identity, in request order.
+pub fn claim(store: &dyn Store, claim: &KeyPackageClaim) -> Result<KeyPackageClaimed, DirectoryError> {
+    let mut key_packages = Vec::with_capacity(claim.sender_ids.len());
+    for &sender_id in &claim.sender_ids {
+        let claimed = store.claim_key_package(sender_id)?;
+        key_packages
+            .push(ClaimedKeyPackage { sender_id, key_package: claimed.map(|c| c.key_package.to_vec()) });
+    }
+    Ok(KeyPackageClaimed { key_packages })
+}

@@ -1,0 +1,192 @@
+//! `kalandra-server`: the server binary.
+//!
+//! Zero configuration: `kalandra-server` stores everything in
+//! `./kalandra-data` (an embedded redb database and a self-signed TLS
+//! certificate created on first run, whose fingerprint it prints) and
+//! listens for QUIC on 127.0.0.1:4433 and for admin HTTP on 127.0.0.1:9090.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kalandra_server::admin::{serve_admin, AdminState};
+use kalandra_server::config::{init_logging, CliArgs, ServerConfig};
+use kalandra_server::connection::{ConnectionLimits, Listener};
+use kalandra_server::metrics::Metrics;
+use kalandra_server::node::{Clock, Node};
+use kalandra_server::room_group::MlsRoomGroup;
+use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
+use kalandra_server::store::{RedbStore, Store};
+use kalandra_server::tls::{load_or_create_server_identity, quinn_server_config};
+
+/// Name of the database file inside the data directory.
+const DATABASE_FILE_NAME: &str = "kalandra.redb";
+/// How often the process checks the room core's health.
+const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    let cli = CliArgs::parse();
+    let config = match ServerConfig::load(&cli) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("kalandra-server: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = init_logging(config.log_format, &config.log_filter) {
+        eprintln!("kalandra-server: {error}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kalandra-server: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("kalandra-server: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn wall_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
+}
+
+async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let database = config.data_dir.join(DATABASE_FILE_NAME);
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&database).with_context(|| format!("opening database {}", database.display()))?,
+    );
+    let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default())
+        .context("starting the storage writer")?;
+
+    let identity = load_or_create_server_identity(
+        &config.data_dir,
+        config.tls_cert_path.as_deref(),
+        config.tls_key_path.as_deref(),
+    )
+    .context("loading the TLS certificate")?;
+    let fingerprint = identity.fingerprint_sha256_hex();
+    if identity.was_created() {
+        println!("created a self-signed certificate in {}", config.data_dir.join("tls").display());
+    }
+    println!("certificate fingerprint (sha256): {fingerprint}");
+    tracing::info!(%fingerprint, "TLS certificate loaded");
+
+    let (server_key, key_created) =
+        kalandra_server::server_key::load_or_create(&config.data_dir, rand::random())
+            .context("loading the server signing key")?;
+    let server_public_key = server_key.verifying_key().to_bytes();
+    if key_created {
+        println!("created the server signing key in {}", config.data_dir.display());
+    }
+    println!("server signing key: {}", hex::encode(server_public_key));
+
+    let metrics = Metrics::new().context("setting up metrics")?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin HTTP on {}", config.admin_listen))?;
+    let admin_address = admin_listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let admin_state = AdminState::new(metrics.clone(), Arc::clone(&ready));
+    let admin_stop = {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin = tokio::spawn(serve_admin(admin_listener, admin_state, admin_stop));
+
+    let started = std::time::Instant::now();
+    let shard_count = std::thread::available_parallelism().map_or(1, usize::from);
+    let node =
+        Node::start::<MlsRoomGroup>(Arc::clone(&store), group_commit.clone(), shard_count, wall_clock())
+            .await
+            .context("recovering rooms from storage")?;
+    tracing::info!(
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "rooms recovered"
+    );
+
+    let server_config =
+        quinn_server_config(&identity, config.limits.idle_timeout_ms).context("QUIC configuration")?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .with_context(|| format!("binding QUIC on {}", config.listen))?;
+    let quic_address = endpoint.local_addr()?;
+    let limits = ConnectionLimits {
+        frames_per_second_per_connection: config.limits.frames_per_second_per_connection,
+        frames_burst_per_connection: config.limits.frames_burst_per_connection,
+        frames_per_second_per_user: config.limits.frames_per_second_per_user,
+        frames_burst_per_user: config.limits.frames_burst_per_user,
+        rooms_per_user_max: config.limits.rooms_per_user_max,
+        connections_per_address_max: config.limits.connections_per_address_max,
+        send_queue_frames_max: config.limits.send_queue_frames_max,
+        payload_bytes_max: config.limits.payload_bytes_max,
+        handshake_timeout_ms: config.limits.handshake_timeout_ms,
+    };
+    let listener = Listener::new(
+        node.clone(),
+        Arc::clone(&store),
+        limits,
+        wall_clock(),
+        metrics.clone(),
+        server_public_key,
+    );
+    let serving = tokio::spawn(Arc::clone(&listener).serve(endpoint, stopped.clone()));
+    ready.store(true, Ordering::Release);
+    println!("listening on quic://{quic_address} (admin http://{admin_address})");
+    tracing::info!(%quic_address, %admin_address, data_dir = %config.data_dir.display(), "ready");
+
+    let failed = wait_for_stop(&node).await;
+    ready.store(false, Ordering::Release);
+    tracing::info!(failed, "draining");
+    let _ = stop.send(true);
+    let drain = Duration::from_millis(config.limits.drain_timeout_ms);
+    if tokio::time::timeout(drain, serving).await.is_err() {
+        tracing::warn!("connections did not close within the drain timeout");
+    }
+    node.shutdown().await;
+    group_commit.shutdown().await.context("flushing storage")?;
+    let _ = tokio::time::timeout(drain, admin).await;
+    if failed || node.health().has_failed() {
+        tracing::error!("stopped after a storage failure; restart to recover from durable state");
+        return Ok(ExitCode::FAILURE);
+    }
+    tracing::info!("stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM or SIGINT (`false`) or a storage failure (`true`).
+async fn wait_for_stop(node: &Node) -> bool {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM");
+            return false;
+        }
+    };
+    let mut poll = tokio::time::interval(HEALTH_POLL_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return false,
+            _ = tokio::signal::ctrl_c() => return false,
+            _ = poll.tick() => if node.health().has_failed() { return true },
+        }
+    }
+}

@@ -1,0 +1,1124 @@
+//! The server's room core: shards of room sequencers driven by tokio tasks.
+//!
+//! Rooms are spread over [`Node::shards`] by room id. Each shard is one task
+//! that owns its rooms' [`RoomSequencer`]s outright (no locks): it takes
+//! commands from connections, sequences frames, hands them to the group
+//! commit writer in batches, and, when a batch is durable, executes the
+//! sequencer's effects — acknowledgements, fan-out to subscribers, Welcome
+//! routing. Tickets complete in submission order (one writer thread), so a
+//! shard waits only on the oldest.
+//!
+//! Storage failure is not retried in-process: every in-flight frame is
+//! rejected, the node reports itself failed, and the process exits so that
+//! recovery from durable state (snapshot plus log replay) happens on restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use kalandra_proto::payload::{self, CreateRoom};
+use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::sequencer::{Effect, PersistentGroup, RoomSequencer, SubmitError};
+use crate::store::group_commit::{AppendTicket, GroupCommit};
+use crate::store::{GroupInfoRecord, LogEntry, RoomMetadata, Store};
+
+/// Identifies one client connection for the life of the process.
+pub type ConnectionId = u64;
+
+/// Every bound of the room core, in one place.
+pub mod limits {
+    /// Commands a shard's inbox holds before senders wait.
+    pub const SHARD_INBOX_COMMANDS_MAX: usize = 8192;
+    /// Commands a shard handles before it flushes a batch to storage.
+    pub const SHARD_COMMANDS_PER_BATCH_MAX: usize = 1024;
+    /// Durable frames a room keeps in memory to hand subscribers over from
+    /// history to live without a gap.
+    pub const RECENT_FRAMES_PER_ROOM_MAX: usize = 1024;
+    /// Connections subscribed to one room.
+    pub const SUBSCRIBERS_PER_ROOM_MAX: usize = 100_000;
+    /// Control notices (resync, close) queued for one connection.
+    pub const NOTICES_PER_CONNECTION_MAX: usize = 64;
+    /// Frames read from storage per history read.
+    pub const HISTORY_READ_FRAMES_MAX: usize = 256;
+    /// Commits after which a room's MLS state is snapshotted.
+    pub const COMMITS_PER_SNAPSHOT: u32 = 16;
+    /// Tickets (storage batches) a shard waits on at once.
+    pub const TICKETS_IN_FLIGHT_MAX: usize = 64;
+
+    const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
+    const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);
+    const _: () = assert!(
+        HISTORY_READ_FRAMES_MAX <= crate::store::limits::READ_RANGE_ENTRIES_MAX,
+        "one history read is one store read"
+    );
+}
+
+use limits::*;
+
+/// The outbound side of one connection, shared by shards and the writer task.
+///
+/// Frames go through a bounded queue; a reader that falls behind is dropped
+/// from live fan-out and told to resync (a notice), never buffered without
+/// bound.
+pub struct Outbox {
+    connection: ConnectionId,
+    sender: SenderId,
+    frames: mpsc::Sender<Bytes>,
+    notices: Mutex<VecDeque<Bytes>>,
+    wake: Notify,
+    closing: AtomicBool,
+}
+
+/// The receiving half of an [`Outbox`], owned by the connection's writer.
+pub struct OutboxReceiver {
+    frames: mpsc::Receiver<Bytes>,
+    outbox: Arc<Outbox>,
+}
+
+impl Outbox {
+    /// A new outbox for `connection` (authenticated as `sender`) holding at most `frames_max` frames.
+    pub fn new(
+        connection: ConnectionId,
+        sender: SenderId,
+        frames_max: usize,
+    ) -> (Arc<Outbox>, OutboxReceiver) {
+        let (frames, receiver) = mpsc::channel(frames_max.max(1));
+        let outbox = Arc::new(Outbox {
+            connection,
+            sender,
+            frames,
+            notices: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            closing: AtomicBool::new(false),
+        });
+        (Arc::clone(&outbox), OutboxReceiver { frames: receiver, outbox })
+    }
+    /// The connection's id.
+    pub fn connection(&self) -> ConnectionId {
+        self.connection
+    }
+    /// The authenticated identity.
+    pub fn sender(&self) -> SenderId {
+        self.sender
+    }
+    /// Queues a frame if there is room; `false` if the reader is too far behind.
+    pub fn try_send(&self, frame: Bytes) -> bool {
+        self.frames.try_send(frame).is_ok()
+    }
+    /// Queues a frame, waiting for room (history reads apply backpressure this way).
+    pub async fn send(&self, frame: Bytes) -> bool {
+        self.frames.send(frame).await.is_ok()
+    }
+    /// Queues a control notice that jumps the frame queue. If too many are
+    /// queued the connection is closed instead.
+    pub fn notice(&self, frame: Bytes) {
+        let mut notices = self.notices.lock().expect("notices lock");
+        if notices.len() >= NOTICES_PER_CONNECTION_MAX {
+            self.closing.store(true, Ordering::Release);
+        } else {
+            notices.push_back(frame);
+        }
+        drop(notices);
+        self.wake.notify_one();
+    }
+    /// Asks the writer to close the connection after the queued notices.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+    /// Whether the connection is being closed.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
+
+/// What the writer should do next.
+pub enum Outgoing {
+    /// Write this frame.
+    Frame(Bytes),
+    /// Close the connection.
+    Close,
+}
+
+impl OutboxReceiver {
+    /// The next thing to write: notices first, then frames. `Close` once
+    /// the outbox is closing and its notices are written, or when every
+    /// sender is gone.
+    pub async fn next(&mut self) -> Outgoing {
+        loop {
+            if let Some(notice) = self.outbox.notices.lock().expect("notices lock").pop_front() {
+                return Outgoing::Frame(notice);
+            }
+            if self.outbox.is_closing() {
+                return Outgoing::Close;
+            }
+            tokio::select! {
+                biased;
+                _ = self.outbox.wake.notified() => {}
+                frame = self.frames.recv() => match frame {
+                    Some(frame) => return Outgoing::Frame(frame),
+                    None => return Outgoing::Close,
+                },
+            }
+        }
+    }
+}
+
+/// Builds an unsigned server frame carrying `payload`.
+pub fn server_frame<P: Payload>(room_id: RoomId, request_id: u32, payload: &P) -> Bytes {
+    let mut header = FrameHeaderBuf::new(P::OPCODE);
+    header.set_room_id(room_id).set_request_id(request_id);
+    Frame::with_payload(header, payload).expect("server payloads fit their opcode").to_bytes()
+}
+
+/// Builds an `Error` frame.
+pub fn error_frame(room_id: RoomId, request_id: u32, code: ErrorCode, message: &str) -> Bytes {
+    error_frame_with(room_id, request_id, code, message, None, None, None)
+}
+
+fn error_frame_with(
+    room_id: RoomId,
+    request_id: u32,
+    code: ErrorCode,
+    message: &str,
+    current_epoch: Option<u64>,
+    log_index: Option<u64>,
+    retry_after_ms: Option<u64>,
+) -> Bytes {
+    let message: String = message.chars().take(kalandra_proto::limits::TEXT_BYTES_MAX / 4).collect();
+    server_frame(
+        room_id,
+        request_id,
+        &payload::Error { code: code.to_u16(), message, current_epoch, log_index, retry_after_ms },
+    )
+}
+
+fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
+    let (current_epoch, log_index) = match error {
+        SubmitError::WrongEpoch { current_epoch, log_index, .. } => (Some(*current_epoch), Some(*log_index)),
+        _ => (None, None),
+    };
+    let retry_after_ms = match error {
+        SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => {
+            Some(crate::sequencer::IN_FLIGHT_RETRY_AFTER_MS)
+        }
+        _ => None,
+    };
+    error_frame_with(
+        room_id,
+        request_id,
+        error.error_code(),
+        &error.to_string(),
+        current_epoch,
+        log_index,
+        retry_after_ms,
+    )
+}
+
+/// A request to a room shard.
+pub enum Command {
+    /// Sequence a frame (create room, commit, proposal, application, external join).
+    Submit {
+        /// The submitting connection.
+        outbox: Arc<Outbox>,
+        /// The frame; its sender id was checked against the connection.
+        frame: Frame,
+    },
+    /// Fan an ephemeral frame out to the room's live subscribers.
+    Ephemeral {
+        /// The submitting connection.
+        outbox: Arc<Outbox>,
+        /// The frame.
+        frame: Frame,
+    },
+    /// Stream history from an index, then live frames (`live`), or a bounded range once.
+    Subscribe {
+        /// The subscribing connection.
+        outbox: Arc<Outbox>,
+        /// The room.
+        room_id: RoomId,
+        /// First index wanted.
+        from_log_index: u64,
+        /// The request's id.
+        request_id: u32,
+        /// Live subscription (`Subscribe`) or one-shot range (`Sync`).
+        live: bool,
+        /// For a one-shot range: most frames.
+        count_max: u64,
+    },
+    /// Stop streaming a room.
+    Unsubscribe {
+        /// The connection.
+        connection: ConnectionId,
+        /// The room.
+        room_id: RoomId,
+    },
+    /// Answer with the room's current GroupInfo and ratchet tree.
+    GroupInfo {
+        /// The asking connection.
+        outbox: Arc<Outbox>,
+        /// The room.
+        room_id: RoomId,
+        /// The request's id.
+        request_id: u32,
+    },
+    /// The connection is gone: drop its subscriptions.
+    ConnectionClosed {
+        /// The connection.
+        connection: ConnectionId,
+    },
+    /// A history reader reached `next_log_index`; switch to live or read more.
+    CaughtUp {
+        /// The room.
+        room_id: RoomId,
+        /// The connection.
+        connection: ConnectionId,
+        /// First index not yet sent.
+        next_log_index: u64,
+    },
+    /// Stop: flush, wait for storage, reply.
+    Shutdown {
+        /// Replies once everything accepted is durable and acknowledged.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Reports from the room core to the process.
+#[derive(Debug, Default)]
+pub struct NodeHealth {
+    failed: AtomicBool,
+    frames_sequenced: AtomicU64,
+    frames_acknowledged: AtomicU64,
+    storage_failures: AtomicU64,
+}
+
+impl NodeHealth {
+    /// Whether storage failed: the process must exit and recover on restart.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+    /// Frames sequenced since start.
+    pub fn frames_sequenced(&self) -> u64 {
+        self.frames_sequenced.load(Ordering::Relaxed)
+    }
+    /// Frames acknowledged since start.
+    pub fn frames_acknowledged(&self) -> u64 {
+        self.frames_acknowledged.load(Ordering::Relaxed)
+    }
+}
+
+/// How many rooms each user is a member of.
+type Memberships = Arc<Mutex<HashMap<SenderId, u32>>>;
+
+fn count_memberships(memberships: &Memberships, added: &[SenderId], removed: &[SenderId]) {
+    let mut memberships = memberships.lock().expect("memberships lock");
+    for sender in added {
+        *memberships.entry(*sender).or_insert(0) += 1;
+    }
+    for sender in removed {
+        if let Some(count) = memberships.get_mut(sender) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                memberships.remove(sender);
+            }
+        }
+    }
+}
+
+/// Source of the current time for the room core (ms since the Unix epoch).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Handle to the room core.
+#[derive(Clone)]
+pub struct Node {
+    shards: Arc<Vec<mpsc::Sender<Command>>>,
+    memberships: Memberships,
+    online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
+    store: Arc<dyn Store>,
+    health: Arc<NodeHealth>,
+}
+
+/// Why the room core could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// Storage could not be read.
+    #[error("reading storage: {0}")]
+    Storage(String),
+    /// The stored log does not replay: corruption or a bug.
+    #[error("room {room_id}: {detail}")]
+    Corrupt {
+        /// The room.
+        room_id: RoomId,
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl Node {
+    /// Recovers every room from `store` and starts `shard_count` shards.
+    pub async fn start<G: PersistentGroup>(
+        store: Arc<dyn Store>,
+        group_commit: GroupCommit,
+        shard_count: usize,
+        clock: Clock,
+    ) -> Result<Node, RecoveryError> {
+        let shard_count = shard_count.max(1);
+        let recovering = Arc::clone(&store);
+        let rooms = tokio::task::spawn_blocking(move || recover_rooms::<G>(recovering.as_ref()))
+            .await
+            .map_err(|error| RecoveryError::Storage(error.to_string()))??;
+        let mut per_shard: Vec<HashMap<RoomId, Room<G>>> = (0..shard_count).map(|_| HashMap::new()).collect();
+        for room in rooms {
+            per_shard[shard_of(room.sequencer.room_id(), shard_count)].insert(room.sequencer.room_id(), room);
+        }
+        let health = Arc::new(NodeHealth::default());
+        let online = Arc::new(Mutex::new(HashMap::new()));
+        let memberships: Memberships = Arc::new(Mutex::new(HashMap::new()));
+        for room in per_shard.iter().flat_map(HashMap::values) {
+            count_memberships(&memberships, &room.sequencer.group().members(), &[]);
+        }
+        let mut shards = Vec::with_capacity(shard_count);
+        for rooms in per_shard {
+            let (sender, receiver) = mpsc::channel(SHARD_INBOX_COMMANDS_MAX);
+            let shard = Shard {
+                rooms,
+                store: Arc::clone(&store),
+                group_commit: group_commit.clone(),
+                inbox: sender.clone(),
+                pending_entries: Vec::new(),
+                pending_rooms: Vec::new(),
+                tickets: VecDeque::new(),
+                health: Arc::clone(&health),
+                online: Arc::clone(&online),
+                memberships: Arc::clone(&memberships),
+                clock: Arc::clone(&clock),
+                effects: Vec::new(),
+            };
+            tokio::spawn(shard.run(receiver));
+            shards.push(sender);
+        }
+        Ok(Node { shards: Arc::new(shards), memberships, online, store, health })
+    }
+
+    /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
+    pub async fn send(&self, room_id: RoomId, command: Command) -> bool {
+        self.shards[shard_of(room_id, self.shards.len())].send(command).await.is_ok()
+    }
+
+    /// Tells every shard a connection closed.
+    pub async fn connection_closed(&self, outbox: &Arc<Outbox>) {
+        {
+            let mut online = self.online.lock().expect("online lock");
+            if let Some(list) = online.get_mut(&outbox.sender()) {
+                list.retain(|other| other.connection() != outbox.connection());
+                if list.is_empty() {
+                    online.remove(&outbox.sender());
+                }
+            }
+        }
+        for shard in self.shards.iter() {
+            let _ = shard.send(Command::ConnectionClosed { connection: outbox.connection() }).await;
+        }
+    }
+
+    /// Registers an authenticated connection for Welcome delivery and sends
+    /// it the Welcomes waiting for it.
+    pub async fn connection_authenticated(&self, outbox: &Arc<Outbox>) {
+        self.online.lock().expect("online lock").entry(outbox.sender()).or_default().push(Arc::clone(outbox));
+        deliver_pending_welcomes(Arc::clone(&self.store), Arc::clone(outbox)).await;
+    }
+
+    /// How many rooms `sender` is a member of.
+    pub fn rooms_of(&self, sender: SenderId) -> u32 {
+        self.memberships.lock().expect("memberships lock").get(&sender).copied().unwrap_or(0)
+    }
+
+    /// The node's health counters.
+    pub fn health(&self) -> &Arc<NodeHealth> {
+        &self.health
+    }
+
+    /// Stops every shard after flushing what was accepted.
+    pub async fn shutdown(&self) {
+        for shard in self.shards.iter() {
+            let (done, wait) = oneshot::channel();
+            if shard.send(Command::Shutdown { done }).await.is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&room_id.0[..8]);
+    usize::try_from(u64::from_be_bytes(prefix) % shard_count as u64).expect("shard index fits usize")
+}
+
+async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
+    let recipient = outbox.sender().0;
+    let reader = Arc::clone(&store);
+    let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || reader.pending_welcomes(recipient)).await
+    else {
+        tracing::warn!(recipient, "could not read pending welcomes");
+        return;
+    };
+    let Some(last) = pending.last().map(|welcome| welcome.welcome_id) else { return };
+    for welcome in pending {
+        if !outbox.send(welcome.welcome).await {
+            return;
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || store.delete_welcomes_through(recipient, last)).await;
+}
+
+/// One connection subscribed to a room.
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    /// First index this subscriber has not been sent.
+    next_log_index: u64,
+    /// Receiving live fan-out (history is complete).
+    live: bool,
+}
+
+struct Room<G: PersistentGroup> {
+    sequencer: RoomSequencer<G>,
+    creator: SenderId,
+    created_at_ms: u64,
+    /// Connections waiting for acknowledgement, aligned with the sequencer's in-flight frames.
+    waiting: VecDeque<(u64, Option<Arc<Outbox>>)>,
+    subscribers: Vec<Subscriber>,
+    /// The most recent durable frames: (log index, encoded frame).
+    recent: VecDeque<(u64, Bytes)>,
+    commits_since_snapshot: u32,
+}
+
+impl<G: PersistentGroup> Room<G> {
+    fn new(sequencer: RoomSequencer<G>, creator: SenderId, created_at_ms: u64) -> Room<G> {
+        Room {
+            sequencer,
+            creator,
+            created_at_ms,
+            waiting: VecDeque::new(),
+            subscribers: Vec::new(),
+            recent: VecDeque::new(),
+            commits_since_snapshot: 0,
+        }
+    }
+    /// First index not yet durable.
+    fn durable_next(&self) -> u64 {
+        self.sequencer.durable_through().map_or(0, |through| through + 1)
+    }
+}
+
+/// Rebuilds every stored room: MLS state from its snapshot (or its
+/// `CreateRoom` frame), then replay of every later entry.
+fn recover_rooms<G: PersistentGroup>(store: &dyn Store) -> Result<Vec<Room<G>>, RecoveryError> {
+    let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
+    let mut rooms = Vec::new();
+    let mut after = None;
+    loop {
+        let heads =
+            store.room_heads(after, crate::store::limits::ROOM_HEADS_PAGE_MAX).map_err(|e| storage(&e))?;
+        let Some(last) = heads.last() else { break };
+        after = Some(last.room_id);
+        for head in heads {
+            rooms.push(recover_room::<G>(store, head.room_id, head.next_log_index)?);
+        }
+    }
+    Ok(rooms)
+}
+
+fn recover_room<G: PersistentGroup>(
+    store: &dyn Store,
+    room_id: RoomId,
+    next_log_index: u64,
+) -> Result<Room<G>, RecoveryError> {
+    let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
+    let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
+    let first = store.read_range(room_id, 0, 1).map_err(|e| storage(&e))?;
+    let create_entry = first.first().ok_or_else(|| corrupt("log has no entry 0".into()))?;
+    let create_frame = Frame::decode(&create_entry.frame).map_err(|e| corrupt(format!("entry 0: {e}")))?;
+    let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
+    let creator = create_frame.header().sender_id();
+    let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
+    let created_at_ms =
+        metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
+    let (group, through) = match metadata
+        .filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty())
+    {
+        Some(metadata) => {
+            let group = G::restore(&metadata.mls_snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+            (group, metadata.mls_snapshot_log_index - 1)
+        }
+        None => {
+            let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
+                .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
+            (group, 0)
+        }
+    };
+    let mut sequencer =
+        RoomSequencer::recover(room_id, group, through, create_frame.header().server_timestamp_ms());
+    let mut room_recent = VecDeque::new();
+    let mut from = through + 1;
+    let mut reads = 0u64;
+    while from < next_log_index {
+        reads += 1;
+        assert!(reads <= next_log_index, "replay makes progress on every read");
+        let entries = store.read_range(room_id, from, HISTORY_READ_FRAMES_MAX).map_err(|e| storage(&e))?;
+        if entries.is_empty() {
+            return Err(corrupt(format!("log ends at {from}, head says {next_log_index}")));
+        }
+        for entry in entries {
+            let frame = Frame::decode(&entry.frame)
+                .map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
+            sequencer.replay(&frame).map_err(|e| corrupt(e.to_string()))?;
+            if room_recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
+                room_recent.pop_front();
+            }
+            room_recent.push_back((entry.log_index, entry.frame));
+            from = entry.log_index + 1;
+        }
+    }
+    assert_eq!(sequencer.next_log_index(), next_log_index, "replay reached the stored head");
+    let mut room = Room::new(sequencer, creator, created_at_ms);
+    room.recent = room_recent;
+    Ok(room)
+}
+
+struct Shard<G: PersistentGroup> {
+    rooms: HashMap<RoomId, Room<G>>,
+    store: Arc<dyn Store>,
+    group_commit: GroupCommit,
+    inbox: mpsc::Sender<Command>,
+    pending_entries: Vec<LogEntry>,
+    /// Highest index per room in `pending_entries`.
+    pending_rooms: Vec<(RoomId, u64)>,
+    tickets: VecDeque<(AppendTicket, Vec<(RoomId, u64)>)>,
+    health: Arc<NodeHealth>,
+    online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
+    memberships: Memberships,
+    clock: Clock,
+    effects: Vec<Effect>,
+}
+
+impl<G: PersistentGroup> Shard<G> {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            if shutdown.is_some() && self.tickets.is_empty() && self.pending_entries.is_empty() {
+                break;
+            }
+            let accepting = shutdown.is_none() && self.tickets.len() < TICKETS_IN_FLIGHT_MAX;
+            tokio::select! {
+                biased;
+                result = async { (&mut self.tickets.front_mut().expect("guarded").0).await }, if !self.tickets.is_empty() => {
+                    let (_, rooms) = self.tickets.pop_front().expect("guarded");
+                    self.persisted(rooms, result.map_err(|error| error.to_string()));
+                }
+                command = inbox.recv(), if accepting => {
+                    let Some(command) = command else { break };
+                    self.handle(command, &mut shutdown);
+                    for _ in 0..SHARD_COMMANDS_PER_BATCH_MAX {
+                        match inbox.try_recv() {
+                            Ok(command) => self.handle(command, &mut shutdown),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            self.flush().await;
+        }
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    fn handle(&mut self, command: Command, shutdown: &mut Option<oneshot::Sender<()>>) {
+        match command {
+            Command::Submit { outbox, frame } => self.submit(outbox, frame),
+            Command::Ephemeral { outbox, frame } => self.ephemeral(&outbox, frame),
+            Command::Subscribe { outbox, room_id, from_log_index, request_id, live, count_max } => {
+                self.subscribe(outbox, room_id, from_log_index, request_id, live, count_max)
+            }
+            Command::Unsubscribe { connection, room_id } => {
+                if let Some(room) = self.rooms.get_mut(&room_id) {
+                    room.subscribers.retain(|s| s.outbox.connection() != connection);
+                }
+            }
+            Command::GroupInfo { outbox, room_id, request_id } => {
+                self.group_info(&outbox, room_id, request_id)
+            }
+            Command::ConnectionClosed { connection } => {
+                for room in self.rooms.values_mut() {
+                    room.subscribers.retain(|s| s.outbox.connection() != connection);
+                    for (_, waiting) in room.waiting.iter_mut() {
+                        if waiting.as_ref().is_some_and(|o| o.connection() == connection) {
+                            *waiting = None;
+                        }
+                    }
+                }
+            }
+            Command::CaughtUp { room_id, connection, next_log_index } => {
+                self.caught_up(room_id, connection, next_log_index)
+            }
+            Command::Shutdown { done } => *shutdown = Some(done),
+        }
+    }
+
+    fn reply(outbox: &Outbox, frame: Bytes) {
+        if !outbox.try_send(frame) {
+            // The reader is not reading its own replies: close it rather than lose an answer silently.
+            outbox.notice(error_frame(RoomId::default(), 0, ErrorCode::ResyncRequired, "send queue full"));
+            outbox.close();
+        }
+    }
+
+    fn submit(&mut self, outbox: Arc<Outbox>, frame: Frame) {
+        let room_id = frame.header().room_id();
+        let request_id = frame.header().request_id();
+        let now_ms = (self.clock)();
+        let result = if frame.opcode() == Opcode::CreateRoom {
+            self.create_room(&outbox, frame, now_ms)
+        } else {
+            match self.rooms.get_mut(&room_id) {
+                None => {
+                    Self::reply(
+                        &outbox,
+                        error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"),
+                    );
+                    return;
+                }
+                Some(room) => room.sequencer.submit(outbox.sender(), frame, now_ms),
+            }
+        };
+        match result {
+            Ok(sequenced) => {
+                let room = self.rooms.get_mut(&room_id).expect("room exists after sequencing");
+                room.waiting.push_back((sequenced.log_index, Some(Arc::clone(&outbox))));
+                self.health.frames_sequenced.fetch_add(1, Ordering::Relaxed);
+                self.pending_entries.push(LogEntry {
+                    room_id,
+                    log_index: sequenced.log_index,
+                    frame: sequenced.frame.to_bytes(),
+                });
+                match self.pending_rooms.iter_mut().find(|(room, _)| *room == room_id) {
+                    Some((_, through)) => *through = sequenced.log_index,
+                    None => self.pending_rooms.push((room_id, sequenced.log_index)),
+                }
+            }
+            Err(error) => Self::reply(&outbox, rejection_frame(room_id, request_id, &error)),
+        }
+    }
+
+    fn create_room(
+        &mut self,
+        outbox: &Arc<Outbox>,
+        frame: Frame,
+        now_ms: u64,
+    ) -> Result<crate::sequencer::Sequenced, SubmitError> {
+        let room_id = frame.header().room_id();
+        if self.rooms.contains_key(&room_id) {
+            return Err(SubmitError::RoomExists);
+        }
+        let create: CreateRoom = frame.decode_payload()?;
+        let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
+            .map_err(SubmitError::InvalidCommit)?;
+        let (sequencer, sequenced) = RoomSequencer::create(room_id, group, outbox.sender(), frame, now_ms)?;
+        self.rooms.insert(room_id, Room::new(sequencer, outbox.sender(), now_ms));
+        count_memberships(&self.memberships, &[outbox.sender()], &[]);
+        Ok(sequenced)
+    }
+
+    fn ephemeral(&mut self, outbox: &Arc<Outbox>, frame: Frame) {
+        let room_id = frame.header().room_id();
+        let request_id = frame.header().request_id();
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            Self::reply(outbox, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
+            return;
+        };
+        if !room.sequencer.is_member(outbox.sender()) {
+            Self::reply(outbox, error_frame(room_id, request_id, ErrorCode::NotMember, "not a member"));
+            return;
+        }
+        let bytes = frame.to_bytes();
+        for subscriber in room.subscribers.iter().filter(|s| s.live) {
+            if subscriber.outbox.connection() != outbox.connection() {
+                // Ephemeral frames may be dropped for a slow reader; they are never owed.
+                let _ = subscriber.outbox.try_send(bytes.clone());
+            }
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        outbox: Arc<Outbox>,
+        room_id: RoomId,
+        from_log_index: u64,
+        request_id: u32,
+        live: bool,
+        count_max: u64,
+    ) {
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            Self::reply(&outbox, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
+            return;
+        };
+        if !room.sequencer.is_member(outbox.sender()) {
+            Self::reply(&outbox, error_frame(room_id, request_id, ErrorCode::NotMember, "not a member"));
+            return;
+        }
+        let durable_next = room.durable_next();
+        if from_log_index > durable_next {
+            let message = format!("log index {from_log_index} is beyond the room's head {durable_next}");
+            Self::reply(&outbox, error_frame(room_id, request_id, ErrorCode::UnknownLogIndex, &message));
+            return;
+        }
+        if live {
+            if room.subscribers.len() >= SUBSCRIBERS_PER_ROOM_MAX {
+                Self::reply(
+                    &outbox,
+                    error_frame(room_id, request_id, ErrorCode::RateLimited, "room has too many subscribers"),
+                );
+                return;
+            }
+            room.subscribers.retain(|s| s.outbox.connection() != outbox.connection());
+            room.subscribers.push(Subscriber {
+                outbox: Arc::clone(&outbox),
+                next_log_index: from_log_index,
+                live: false,
+            });
+            self.caught_up(room_id, outbox.connection(), from_log_index);
+        } else {
+            let through = durable_next.min(from_log_index.saturating_add(count_max));
+            let reader = HistoryReader { store: Arc::clone(&self.store), room_id, outbox, request_id };
+            tokio::spawn(reader.send_range(from_log_index, through, None));
+        }
+    }
+
+    /// A subscriber has been sent everything below `next_log_index`: hand it
+    /// over to live fan-out if the rest is in memory, else read more history.
+    fn caught_up(&mut self, room_id: RoomId, connection: ConnectionId, next_log_index: u64) {
+        let Some(room) = self.rooms.get_mut(&room_id) else { return };
+        let durable_next = room.durable_next();
+        let oldest_recent = room.recent.front().map_or(durable_next, |(index, _)| *index);
+        let Some(subscriber) = room.subscribers.iter_mut().find(|s| s.outbox.connection() == connection)
+        else {
+            return;
+        };
+        if next_log_index >= oldest_recent {
+            let mut delivered = true;
+            for (index, bytes) in room.recent.iter().filter(|(index, _)| *index >= next_log_index) {
+                if !subscriber.outbox.try_send(bytes.clone()) {
+                    delivered = false;
+                    subscriber.next_log_index = *index;
+                    break;
+                }
+            }
+            if delivered {
+                subscriber.next_log_index = durable_next;
+                subscriber.live = true;
+                let done =
+                    server_frame(room_id, 0, &payload::SyncDone { next_log_index: durable_next, live: true });
+                Self::reply(&subscriber.outbox, done);
+            } else {
+                lagged(room_id, subscriber);
+                room.subscribers.retain(|s| s.outbox.connection() != connection);
+            }
+        } else {
+            let reader = HistoryReader {
+                store: Arc::clone(&self.store),
+                room_id,
+                outbox: Arc::clone(&subscriber.outbox),
+                request_id: 0,
+            };
+            tokio::spawn(reader.send_range(next_log_index, durable_next, Some(self.inbox.clone())));
+        }
+    }
+
+    fn group_info(&mut self, outbox: &Arc<Outbox>, room_id: RoomId, request_id: u32) {
+        let Some(room) = self.rooms.get(&room_id) else {
+            Self::reply(outbox, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
+            return;
+        };
+        match room.sequencer.group_info() {
+            Some((epoch, group_info)) if *epoch == room.sequencer.epoch() => {
+                let payload = payload::GroupInfo {
+                    epoch: *epoch,
+                    group_info: group_info.to_vec(),
+                    ratchet_tree: room.sequencer.group().ratchet_tree().to_vec(),
+                };
+                Self::reply(outbox, server_frame(room_id, request_id, &payload));
+            }
+            _ => Self::reply(
+                outbox,
+                error_frame(
+                    room_id,
+                    request_id,
+                    ErrorCode::InvalidGroupInfo,
+                    "no GroupInfo published for the current epoch",
+                ),
+            ),
+        }
+    }
+
+    /// Hands the accumulated entries to the group-commit writer as one request.
+    async fn flush(&mut self) {
+        if self.pending_entries.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.pending_entries);
+        let rooms = std::mem::take(&mut self.pending_rooms);
+        match self.group_commit.submit(entries).await {
+            Ok(ticket) => self.tickets.push_back((ticket, rooms)),
+            Err(error) => self.persisted(rooms, Err(error.to_string())),
+        }
+    }
+
+    fn persisted(&mut self, rooms: Vec<(RoomId, u64)>, result: Result<(), String>) {
+        let mut effects = std::mem::take(&mut self.effects);
+        for (room_id, through) in rooms {
+            let Some(room) = self.rooms.get_mut(&room_id) else { continue };
+            effects.clear();
+            match &result {
+                Ok(()) if !room.sequencer.is_recovering() => room.sequencer.durable(through, &mut effects),
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::error!(%room_id, %error, "storage failed; the node stops and recovers on restart");
+                    self.health.failed.store(true, Ordering::Release);
+                    self.health.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    room.sequencer.storage_failed(&mut effects);
+                }
+            }
+            apply_effects(
+                room_id,
+                room,
+                &mut effects,
+                &self.health,
+                &self.online,
+                &self.store,
+                &self.memberships,
+            );
+            if result.is_ok() {
+                maybe_snapshot(room_id, room, &self.store);
+            }
+        }
+        self.effects = effects;
+    }
+}
+
+fn lagged(room_id: RoomId, subscriber: &Subscriber) {
+    let message = "reader fell behind; resubscribe from log_index";
+    let notice = error_frame_with(
+        room_id,
+        0,
+        ErrorCode::ResyncRequired,
+        message,
+        None,
+        Some(subscriber.next_log_index),
+        None,
+    );
+    subscriber.outbox.notice(notice);
+}
+
+fn apply_effects<G: PersistentGroup>(
+    room_id: RoomId,
+    room: &mut Room<G>,
+    effects: &mut Vec<Effect>,
+    health: &NodeHealth,
+    online: &Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>,
+    store: &Arc<dyn Store>,
+    memberships: &Memberships,
+) {
+    // The sequencer acknowledges a frame right before fanning it out; the
+    // submitting connection gets the acknowledgement instead of an echo.
+    let mut acknowledged: Option<(u64, ConnectionId)> = None;
+    for effect in effects.drain(..) {
+        match effect {
+            Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
+                let waiting = pop_waiting(room, log_index);
+                acknowledged = waiting.as_ref().map(|outbox| (log_index, outbox.connection()));
+                if let Some(outbox) = waiting {
+                    let ack =
+                        server_frame(room_id, request_id, &payload::Ack { log_index, epoch, server_time_ms });
+                    Shard::<G>::reply(&outbox, ack);
+                }
+                health.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            Effect::FanOut { frame, .. } => {
+                let log_index = frame.header().log_index();
+                if frame.opcode() == Opcode::Commit || frame.opcode() == Opcode::ExternalJoin {
+                    room.commits_since_snapshot += 1;
+                }
+                let bytes = frame.to_bytes();
+                let submitter =
+                    acknowledged.filter(|(acked, _)| *acked == log_index).map(|(_, connection)| connection);
+                if room.recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
+                    room.recent.pop_front();
+                }
+                room.recent.push_back((log_index, bytes.clone()));
+                let mut lagging = Vec::new();
+                for subscriber in room.subscribers.iter_mut().filter(|s| s.live) {
+                    if Some(subscriber.outbox.connection()) == submitter {
+                        subscriber.next_log_index = log_index + 1;
+                        continue;
+                    }
+                    debug_assert_eq!(
+                        subscriber.next_log_index, log_index,
+                        "live subscribers see every index"
+                    );
+                    if subscriber.outbox.try_send(bytes.clone()) {
+                        subscriber.next_log_index = log_index + 1;
+                    } else {
+                        lagged(room_id, subscriber);
+                        lagging.push(subscriber.outbox.connection());
+                    }
+                }
+                if !lagging.is_empty() {
+                    room.subscribers.retain(|s| !lagging.contains(&s.outbox.connection()));
+                }
+            }
+            Effect::Reject { request_id, error, .. } => {
+                let waiting = room.waiting.pop_front().and_then(|(_, outbox)| outbox);
+                if let Some(outbox) = waiting {
+                    Shard::<G>::reply(&outbox, rejection_frame(room_id, request_id, &error));
+                }
+            }
+            Effect::MembershipChanged { added, removed } => {
+                count_memberships(memberships, &added, &removed);
+                room.subscribers.retain(|s| !removed.contains(&s.outbox.sender()));
+            }
+            Effect::DeliverWelcome { recipients, welcome, ratchet_tree, .. } => {
+                let payload = payload::Welcome {
+                    welcome: welcome.to_vec(),
+                    ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
+                };
+                let frame = server_frame(room_id, 0, &payload);
+                let online: Vec<Arc<Outbox>> = {
+                    let online = online.lock().expect("online lock");
+                    recipients.iter().filter_map(|r| online.get(r)).flatten().cloned().collect()
+                };
+                let store = Arc::clone(store);
+                tokio::spawn(async move {
+                    for recipient in recipients {
+                        let (writer, bytes) = (Arc::clone(&store), frame.clone());
+                        let stored =
+                            tokio::task::spawn_blocking(move || writer.put_welcome(recipient.0, bytes)).await;
+                        if !matches!(stored, Ok(Ok(_))) {
+                            tracing::warn!(recipient = recipient.0, "could not store a welcome");
+                        }
+                    }
+                    for outbox in online {
+                        deliver_pending_welcomes(Arc::clone(&store), outbox).await;
+                    }
+                });
+            }
+            Effect::GroupInfoUpdated { epoch, group_info } => {
+                let store = Arc::clone(store);
+                tokio::task::spawn_blocking(move || {
+                    if let Err(error) = store.put_group_info(room_id, &GroupInfoRecord { epoch, group_info })
+                    {
+                        tracing::warn!(%room_id, %error, "could not cache GroupInfo");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Removes and returns the connection waiting on `log_index`.
+fn pop_waiting<G: PersistentGroup>(room: &mut Room<G>, log_index: u64) -> Option<Arc<Outbox>> {
+    let (index, outbox) = room.waiting.pop_front()?;
+    assert_eq!(index, log_index, "acknowledgements follow log order");
+    outbox
+}
+
+fn maybe_snapshot<G: PersistentGroup>(room_id: RoomId, room: &mut Room<G>, store: &Arc<dyn Store>) {
+    if room.commits_since_snapshot < COMMITS_PER_SNAPSHOT || room.sequencer.in_flight() > 0 {
+        return;
+    }
+    room.commits_since_snapshot = 0;
+    let snapshot = match room.sequencer.group().snapshot() {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            tracing::warn!(%room_id, %error, "could not snapshot MLS state");
+            return;
+        }
+    };
+    let metadata = RoomMetadata {
+        creator_user_id: room.creator.0,
+        created_at_ms: room.created_at_ms,
+        mls_snapshot: snapshot,
+        mls_snapshot_log_index: room.sequencer.next_log_index(),
+    };
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || {
+        if let Err(error) = store.put_room_metadata(room_id, &metadata) {
+            tracing::warn!(%room_id, %error, "could not store MLS snapshot");
+        }
+    });
+}
+
+/// Streams stored frames of one room to one connection.
+struct HistoryReader {
+    store: Arc<dyn Store>,
+    room_id: RoomId,
+    outbox: Arc<Outbox>,
+    request_id: u32,
+}
+
+impl HistoryReader {
+    /// Sends `[from, through)`; then reports to the shard (live subscription)
+    /// or sends `SyncDone` (one-shot range).
+    async fn send_range(self, from: u64, through: u64, shard: Option<mpsc::Sender<Command>>) {
+        let mut next = from;
+        while next < through {
+            let (store, room_id) = (Arc::clone(&self.store), self.room_id);
+            let count = usize::try_from(through - next).unwrap_or(usize::MAX).min(HISTORY_READ_FRAMES_MAX);
+            let read = tokio::task::spawn_blocking(move || store.read_range(room_id, next, count)).await;
+            let entries = match read {
+                Ok(Ok(entries)) if !entries.is_empty() => entries,
+                _ => {
+                    self.outbox.notice(error_frame(
+                        self.room_id,
+                        self.request_id,
+                        ErrorCode::StorageUnavailable,
+                        "history read failed",
+                    ));
+                    return;
+                }
+            };
+            for entry in entries {
+                assert_eq!(entry.log_index, next, "history is dense");
+                if !self.outbox.send(entry.frame).await {
+                    return;
+                }
+                next += 1;
+                if next >= through {
+                    break;
+                }
+            }
+        }
+        match shard {
+            Some(shard) => {
+                let _ = shard
+                    .send(Command::CaughtUp {
+                        room_id: self.room_id,
+                        connection: self.outbox.connection(),
+                        next_log_index: next,
+                    })
+                    .await;
+            }
+            None => {
+                let done = server_frame(
+                    self.room_id,
+                    self.request_id,
+                    &payload::SyncDone { next_log_index: next, live: false },
+                );
+                let _ = self.outbox.send(done).await;
+            }
+        }
+    }
+}

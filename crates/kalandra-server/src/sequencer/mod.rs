@@ -1,0 +1,662 @@
+//! The per-room sequencer: pure, sans-IO.
+//!
+//! One [`RoomSequencer`] per room gives every accepted frame the next log
+//! index and a server timestamp, tracks the MLS epoch, and decides what is
+//! accepted. It performs no I/O and reads no clock: the driver passes `now`,
+//! persists what [`RoomSequencer::submit`] returns, and only once that is
+//! durable calls [`RoomSequencer::durable`], which yields the
+//! acknowledgements and the fan-out. If persisting fails the driver calls
+//! [`RoomSequencer::storage_failed`]: every in-flight frame is rejected and
+//! the room must be rebuilt from storage.
+//!
+//! MLS validation is behind the [`GroupState`] trait; the server's
+//! implementation is OpenMLS's `PublicGroup` (`crate::mls_state`).
+
+mod group;
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use kalandra_proto::payload::{Commit, ExternalJoin, Proposal};
+use kalandra_proto::{ErrorCode, Frame, Opcode, PayloadError, RoomId, SenderId};
+
+pub use group::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
+
+/// Sender id the server uses for frames it originates (server-issued proposals).
+pub const SERVER_SENDER_ID: SenderId = SenderId(0);
+
+/// Most frames of one room sequenced but not yet durable.
+///
+/// Bounds the memory a room holds while its batch is being written; a
+/// submission beyond it is refused with `RateLimited` (retry shortly).
+pub const IN_FLIGHT_FRAMES_PER_ROOM_MAX: usize = 4096;
+
+/// Most server-issued proposals pending in one room at once.
+pub const SERVER_PROPOSALS_PENDING_MAX: usize = 256;
+
+/// Delay suggested to a sender refused because the room is at its in-flight limit.
+pub const IN_FLIGHT_RETRY_AFTER_MS: u64 = 10;
+
+/// Why a submitted frame was not sequenced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Peer misbehaviour: the header's sender id is not the authenticated identity's.
+    #[error("frame sender {claimed} is not the connection's identity {authenticated}")]
+    SenderMismatch {
+        /// The header's sender id.
+        claimed: SenderId,
+        /// The connection's identity.
+        authenticated: SenderId,
+    },
+    /// Peer misbehaviour: this opcode is not something a room sequences.
+    #[error("opcode {0:?} is not sequenced")]
+    NotSequenced(Opcode),
+    /// Peer misbehaviour: the payload does not decode.
+    #[error("malformed payload: {0}")]
+    MalformedPayload(#[from] PayloadError),
+    /// The sender is not a member of the room.
+    #[error("sender {0} is not a member of the room")]
+    NotMember(SenderId),
+    /// The frame is for another epoch.
+    #[error("frame for epoch {frame_epoch}, room is at epoch {current_epoch} since log index {log_index}")]
+    WrongEpoch {
+        /// Epoch in the frame.
+        frame_epoch: u64,
+        /// The room's epoch.
+        current_epoch: u64,
+        /// Log index of the frame that began the current epoch.
+        log_index: u64,
+    },
+    /// The MLS commit was refused.
+    #[error("invalid commit: {0}")]
+    InvalidCommit(GroupError),
+    /// The MLS proposal was refused.
+    #[error("invalid proposal: {0}")]
+    InvalidProposal(GroupError),
+    /// Server-issued proposals are pending: messages wait until a commit covers them.
+    #[error("{pending} server-issued proposals must be committed first")]
+    PendingProposals {
+        /// Proposals pending.
+        pending: usize,
+    },
+    /// Limit: too many frames of this room are waiting for storage.
+    #[error("room has {in_flight} frames waiting for storage")]
+    Overloaded {
+        /// Frames in flight.
+        in_flight: usize,
+    },
+    /// Limit: too many server proposals pending.
+    #[error("too many server proposals pending")]
+    TooManyServerProposals,
+    /// Storage failed; the frame was not made durable.
+    #[error("storage failed; the frame was not stored")]
+    StorageFailed,
+    /// A room with this id exists.
+    #[error("a room with this id exists")]
+    RoomExists,
+    /// Internal: the room's state is being rebuilt after a storage failure.
+    #[error("room is recovering from a storage failure")]
+    Recovering,
+}
+
+impl SubmitError {
+    /// The wire error code for this rejection.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            SubmitError::SenderMismatch { .. } => ErrorCode::SenderMismatch,
+            SubmitError::NotSequenced(_) => ErrorCode::UnexpectedFrame,
+            SubmitError::MalformedPayload(_) => ErrorCode::MalformedPayload,
+            SubmitError::NotMember(_) => ErrorCode::NotMember,
+            SubmitError::WrongEpoch { .. } => ErrorCode::WrongEpoch,
+            SubmitError::InvalidCommit(GroupError::UncoveredProposals { .. }) => ErrorCode::PendingProposals,
+            SubmitError::InvalidCommit(GroupError::WrongEpoch { .. }) => ErrorCode::WrongEpoch,
+            SubmitError::InvalidCommit(_) => ErrorCode::InvalidCommit,
+            SubmitError::InvalidProposal(_) => ErrorCode::InvalidProposal,
+            SubmitError::PendingProposals { .. } => ErrorCode::PendingProposals,
+            SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => ErrorCode::RateLimited,
+            SubmitError::StorageFailed => ErrorCode::StorageUnavailable,
+            SubmitError::RoomExists => ErrorCode::RoomExists,
+            SubmitError::Recovering => ErrorCode::StorageUnavailable,
+        }
+    }
+}
+
+/// Why a stored log could not be replayed: the store holds something the
+/// sequencer would never have accepted (corruption or a bug).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// The stored frame's index is not the next one.
+    #[error("stored frame has log index {found}, expected {expected}")]
+    NotDense {
+        /// Expected index.
+        expected: u64,
+        /// Index found.
+        found: u64,
+    },
+    /// A stored commit or proposal does not apply to the rebuilt state.
+    #[error("stored frame at {log_index} does not apply: {error}")]
+    DoesNotApply {
+        /// Index of the frame.
+        log_index: u64,
+        /// Why.
+        error: GroupError,
+    },
+    /// A stored payload does not decode.
+    #[error("stored frame at {log_index} has a malformed payload: {error}")]
+    Malformed {
+        /// Index of the frame.
+        log_index: u64,
+        /// Why.
+        error: PayloadError,
+    },
+}
+
+/// A frame the sequencer accepted: persist it, then call [`RoomSequencer::durable`].
+#[derive(Debug, Clone)]
+pub struct Sequenced {
+    /// The index assigned.
+    pub log_index: u64,
+    /// The frame with log index and server timestamp stamped in.
+    pub frame: Frame,
+}
+
+/// What the driver must do once frames are durable (or have failed).
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Tell the sender its frame is durable at `log_index`.
+    Acknowledge {
+        /// The sender.
+        sender: SenderId,
+        /// The sender's request id.
+        request_id: u32,
+        /// Assigned index.
+        log_index: u64,
+        /// The room's epoch after the frame.
+        epoch: u64,
+        /// Server timestamp stamped into the frame.
+        server_time_ms: u64,
+    },
+    /// Send the frame to every subscribed member except `sender`, who gets
+    /// the acknowledgement instead of an echo.
+    FanOut {
+        /// The original sender.
+        sender: SenderId,
+        /// The sequenced frame.
+        frame: Frame,
+    },
+    /// Hold a Welcome for each recipient until it connects.
+    DeliverWelcome {
+        /// Recipients' sender ids.
+        recipients: Vec<SenderId>,
+        /// The Welcome (MLSMessage encoding).
+        welcome: Bytes,
+        /// Ratchet tree of the epoch the Welcome joins.
+        ratchet_tree: Bytes,
+        /// Log index of the commit that made the Welcome.
+        log_index: u64,
+    },
+    /// The room's membership changed: update who may read.
+    MembershipChanged {
+        /// Members added.
+        added: Vec<SenderId>,
+        /// Members removed.
+        removed: Vec<SenderId>,
+    },
+    /// A new GroupInfo for external joins is current.
+    GroupInfoUpdated {
+        /// Its epoch.
+        epoch: u64,
+        /// The GroupInfo (MLSMessage encoding).
+        group_info: Bytes,
+    },
+    /// The frame was not made durable: tell the sender.
+    Reject {
+        /// The sender.
+        sender: SenderId,
+        /// The sender's request id.
+        request_id: u32,
+        /// Why.
+        error: SubmitError,
+    },
+}
+
+/// What a commit in flight still has to do once durable.
+#[derive(Debug, Clone)]
+struct CommitFollowUp {
+    summary: CommitSummary,
+    welcome: Option<(Bytes, Vec<SenderId>)>,
+    ratchet_tree: Bytes,
+    group_info: Option<Bytes>,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    log_index: u64,
+    sender: SenderId,
+    request_id: u32,
+    epoch_after: u64,
+    frame: Frame,
+    commit: Option<Box<CommitFollowUp>>,
+}
+
+/// The sequencer of one room.
+pub struct RoomSequencer<G: GroupState> {
+    room_id: RoomId,
+    group: G,
+    next_log_index: u64,
+    epoch_started_at_log_index: u64,
+    last_timestamp_ms: u64,
+    server_proposals_pending: Vec<ProposalRef>,
+    in_flight: VecDeque<InFlight>,
+    durable_through: Option<u64>,
+    recovering: bool,
+    group_info: Option<(u64, Bytes)>,
+}
+
+impl<G: GroupState> RoomSequencer<G> {
+    /// A new room whose epoch-0 state is `group`, created by `creator` with
+    /// the `CreateRoom` frame `frame`, which becomes log index 0.
+    pub fn create(
+        room_id: RoomId,
+        group: G,
+        creator: SenderId,
+        mut frame: Frame,
+        now_ms: u64,
+    ) -> Result<(RoomSequencer<G>, Sequenced), SubmitError> {
+        check_sender(&frame, creator)?;
+        if frame.opcode() != Opcode::CreateRoom {
+            return Err(SubmitError::NotSequenced(frame.opcode()));
+        }
+        if !group.is_member(creator) {
+            return Err(SubmitError::NotMember(creator));
+        }
+        let mut room = RoomSequencer {
+            room_id,
+            next_log_index: 0,
+            epoch_started_at_log_index: 0,
+            last_timestamp_ms: 0,
+            server_proposals_pending: Vec::new(),
+            in_flight: VecDeque::new(),
+            durable_through: None,
+            recovering: false,
+            group_info: None,
+            group,
+        };
+        let epoch = room.group.epoch();
+        let sequenced = room.stamp(&mut frame, now_ms);
+        room.in_flight.push_back(InFlight {
+            log_index: sequenced,
+            sender: creator,
+            request_id: frame.header().request_id(),
+            epoch_after: epoch,
+            frame: frame.clone(),
+            commit: None,
+        });
+        Ok((room, Sequenced { log_index: sequenced, frame }))
+    }
+
+    /// A room rebuilt from storage: `group` is its MLS state after the
+    /// stored frame `through_log_index` (from a snapshot or the `CreateRoom`
+    /// frame); call [`RoomSequencer::replay`] with every later stored frame.
+    pub fn recover(
+        room_id: RoomId,
+        group: G,
+        through_log_index: u64,
+        last_timestamp_ms: u64,
+    ) -> RoomSequencer<G> {
+        RoomSequencer {
+            room_id,
+            next_log_index: through_log_index + 1,
+            epoch_started_at_log_index: through_log_index,
+            last_timestamp_ms,
+            server_proposals_pending: Vec::new(),
+            in_flight: VecDeque::new(),
+            durable_through: Some(through_log_index),
+            recovering: false,
+            group_info: None,
+            group,
+        }
+    }
+
+    /// Applies one stored, durable frame during recovery.
+    pub fn replay(&mut self, frame: &Frame) -> Result<(), ReplayError> {
+        let header = frame.header();
+        let log_index = header.log_index();
+        if log_index != self.next_log_index {
+            return Err(ReplayError::NotDense { expected: self.next_log_index, found: log_index });
+        }
+        let malformed = |error| ReplayError::Malformed { log_index, error };
+        let does_not_apply = |error| ReplayError::DoesNotApply { log_index, error };
+        match frame.opcode() {
+            Opcode::Commit => {
+                let payload: Commit = frame.decode_payload().map_err(malformed)?;
+                let summary = self
+                    .group
+                    .apply_commit(&payload.commit, header.sender_id(), &self.server_proposals_pending)
+                    .map_err(does_not_apply)?;
+                self.begin_epoch(log_index);
+                if let Some(group_info) = payload.group_info {
+                    self.group_info = Some((summary.epoch, Bytes::from(group_info)));
+                }
+            }
+            Opcode::ExternalJoin => {
+                let payload: ExternalJoin = frame.decode_payload().map_err(malformed)?;
+                let summary = self
+                    .group
+                    .apply_commit(&payload.commit, header.sender_id(), &[])
+                    .map_err(does_not_apply)?;
+                self.begin_epoch(log_index);
+                if let Some(group_info) = payload.group_info {
+                    self.group_info = Some((summary.epoch, Bytes::from(group_info)));
+                }
+            }
+            Opcode::Proposal => {
+                let payload: Proposal = frame.decode_payload().map_err(malformed)?;
+                let reference = self.group.apply_proposal(&payload.proposal).map_err(does_not_apply)?;
+                if header.sender_id() == SERVER_SENDER_ID {
+                    self.server_proposals_pending.push(reference);
+                }
+            }
+            _ => {}
+        }
+        self.next_log_index = log_index + 1;
+        self.last_timestamp_ms = self.last_timestamp_ms.max(header.server_timestamp_ms());
+        self.durable_through = Some(log_index);
+        Ok(())
+    }
+
+    /// The room's id.
+    pub fn room_id(&self) -> RoomId {
+        self.room_id
+    }
+    /// The room's MLS state.
+    pub fn group(&self) -> &G {
+        &self.group
+    }
+    /// The current MLS epoch.
+    pub fn epoch(&self) -> u64 {
+        self.group.epoch()
+    }
+    /// The index the next accepted frame will get.
+    pub fn next_log_index(&self) -> u64 {
+        self.next_log_index
+    }
+    /// The highest index known durable.
+    pub fn durable_through(&self) -> Option<u64> {
+        self.durable_through
+    }
+    /// Frames accepted but not yet durable.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+    /// Server-issued proposals the next commit must cover.
+    pub fn server_proposals_pending(&self) -> &[ProposalRef] {
+        &self.server_proposals_pending
+    }
+    /// The latest GroupInfo published by a committer, with its epoch.
+    pub fn group_info(&self) -> Option<&(u64, Bytes)> {
+        self.group_info.as_ref()
+    }
+    /// Whether the sender may read and post.
+    pub fn is_member(&self, sender: SenderId) -> bool {
+        self.group.is_member(sender)
+    }
+
+    /// Decides on a frame from the authenticated `sender`.
+    ///
+    /// On success the frame is stamped and returned for persisting; the
+    /// room's state already reflects it. Nothing may be acknowledged or
+    /// fanned out until [`RoomSequencer::durable`] says so.
+    pub fn submit(
+        &mut self,
+        sender: SenderId,
+        mut frame: Frame,
+        now_ms: u64,
+    ) -> Result<Sequenced, SubmitError> {
+        if self.recovering {
+            return Err(SubmitError::Recovering);
+        }
+        check_sender(&frame, sender)?;
+        if self.in_flight.len() >= IN_FLIGHT_FRAMES_PER_ROOM_MAX {
+            return Err(SubmitError::Overloaded { in_flight: self.in_flight.len() });
+        }
+        let request_id = frame.header().request_id();
+        let mut commit_follow_up = None;
+        match frame.opcode() {
+            Opcode::Application => {
+                self.check_member(sender)?;
+                self.check_epoch(&frame)?;
+                if !self.server_proposals_pending.is_empty() {
+                    return Err(SubmitError::PendingProposals {
+                        pending: self.server_proposals_pending.len(),
+                    });
+                }
+            }
+            Opcode::Proposal => {
+                self.check_member(sender)?;
+                self.check_epoch(&frame)?;
+                let payload: Proposal = frame.decode_payload()?;
+                self.group.apply_proposal(&payload.proposal).map_err(SubmitError::InvalidProposal)?;
+            }
+            Opcode::Commit => {
+                self.check_member(sender)?;
+                self.check_epoch(&frame)?;
+                let payload: Commit = frame.decode_payload()?;
+                let summary = self
+                    .group
+                    .apply_commit(&payload.commit, sender, &self.server_proposals_pending)
+                    .map_err(SubmitError::InvalidCommit)?;
+                let welcome = payload.welcome.map(|welcome| {
+                    let recipients = payload.welcome_recipients.iter().copied().map(SenderId).collect();
+                    (Bytes::from(welcome), recipients)
+                });
+                commit_follow_up = Some(self.after_commit(summary, welcome, payload.group_info));
+            }
+            Opcode::ExternalJoin => {
+                self.check_epoch(&frame)?;
+                if !self.server_proposals_pending.is_empty() {
+                    return Err(SubmitError::PendingProposals {
+                        pending: self.server_proposals_pending.len(),
+                    });
+                }
+                let payload: ExternalJoin = frame.decode_payload()?;
+                let summary = self
+                    .group
+                    .apply_commit(&payload.commit, sender, &[])
+                    .map_err(SubmitError::InvalidCommit)?;
+                commit_follow_up = Some(self.after_commit(summary, None, payload.group_info));
+            }
+            other => return Err(SubmitError::NotSequenced(other)),
+        }
+        let log_index = self.stamp(&mut frame, now_ms);
+        if commit_follow_up.is_some() {
+            self.begin_epoch(log_index);
+        }
+        self.in_flight.push_back(InFlight {
+            log_index,
+            sender,
+            request_id,
+            epoch_after: self.group.epoch(),
+            frame: frame.clone(),
+            commit: commit_follow_up,
+        });
+        Ok(Sequenced { log_index, frame })
+    }
+
+    /// Sequences a proposal the server issues as the group's external sender
+    /// (a moderator's Remove). The next commit must cover it. `frame` is a
+    /// `Proposal` frame with sender id [`SERVER_SENDER_ID`], signed by the server.
+    pub fn submit_server_proposal(
+        &mut self,
+        mut frame: Frame,
+        now_ms: u64,
+    ) -> Result<Sequenced, SubmitError> {
+        if self.recovering {
+            return Err(SubmitError::Recovering);
+        }
+        check_sender(&frame, SERVER_SENDER_ID)?;
+        if frame.opcode() != Opcode::Proposal {
+            return Err(SubmitError::NotSequenced(frame.opcode()));
+        }
+        if self.server_proposals_pending.len() >= SERVER_PROPOSALS_PENDING_MAX {
+            return Err(SubmitError::TooManyServerProposals);
+        }
+        if self.in_flight.len() >= IN_FLIGHT_FRAMES_PER_ROOM_MAX {
+            return Err(SubmitError::Overloaded { in_flight: self.in_flight.len() });
+        }
+        let payload: Proposal = frame.decode_payload()?;
+        let reference = self.group.apply_proposal(&payload.proposal).map_err(SubmitError::InvalidProposal)?;
+        self.server_proposals_pending.push(reference);
+        let log_index = self.stamp(&mut frame, now_ms);
+        self.in_flight.push_back(InFlight {
+            log_index,
+            sender: SERVER_SENDER_ID,
+            request_id: frame.header().request_id(),
+            epoch_after: self.group.epoch(),
+            frame: frame.clone(),
+            commit: None,
+        });
+        Ok(Sequenced { log_index, frame })
+    }
+
+    /// Everything through `through_log_index` is durable: returns (into
+    /// `effects`) the acknowledgements, fan-out and follow-ups, in log order.
+    pub fn durable(&mut self, through_log_index: u64, effects: &mut Vec<Effect>) {
+        assert!(!self.recovering, "durable() on a room that is recovering");
+        assert!(
+            through_log_index < self.next_log_index,
+            "durable through {through_log_index} but only {} assigned",
+            self.next_log_index
+        );
+        if let Some(previous) = self.durable_through {
+            assert!(
+                through_log_index >= previous,
+                "durability went backwards: {previous} -> {through_log_index}"
+            );
+        }
+        self.durable_through = Some(through_log_index);
+        while self.in_flight.front().is_some_and(|entry| entry.log_index <= through_log_index) {
+            let entry = self.in_flight.pop_front().expect("front exists");
+            if let Some(next) = self.in_flight.front() {
+                assert_eq!(next.log_index, entry.log_index + 1, "in-flight indices are dense");
+            }
+            let server_time_ms = entry.frame.header().server_timestamp_ms();
+            if entry.sender != SERVER_SENDER_ID {
+                effects.push(Effect::Acknowledge {
+                    sender: entry.sender,
+                    request_id: entry.request_id,
+                    log_index: entry.log_index,
+                    epoch: entry.epoch_after,
+                    server_time_ms,
+                });
+            }
+            effects.push(Effect::FanOut { sender: entry.sender, frame: entry.frame });
+            if let Some(commit) = entry.commit {
+                let CommitFollowUp { summary, welcome, ratchet_tree, group_info } = *commit;
+                if !summary.added.is_empty() || !summary.removed.is_empty() {
+                    effects
+                        .push(Effect::MembershipChanged { added: summary.added, removed: summary.removed });
+                }
+                if let Some((welcome, recipients)) = welcome {
+                    effects.push(Effect::DeliverWelcome {
+                        recipients,
+                        welcome,
+                        ratchet_tree,
+                        log_index: entry.log_index,
+                    });
+                }
+                if let Some(group_info) = group_info {
+                    effects.push(Effect::GroupInfoUpdated { epoch: summary.epoch, group_info });
+                }
+            }
+        }
+    }
+
+    /// Persisting failed: every in-flight frame is rejected (into `effects`)
+    /// and the room refuses frames until the driver rebuilds it from storage.
+    pub fn storage_failed(&mut self, effects: &mut Vec<Effect>) {
+        self.recovering = true;
+        for entry in self.in_flight.drain(..) {
+            if entry.sender != SERVER_SENDER_ID {
+                effects.push(Effect::Reject {
+                    sender: entry.sender,
+                    request_id: entry.request_id,
+                    error: SubmitError::StorageFailed,
+                });
+            }
+        }
+    }
+
+    /// Whether the room must be rebuilt from storage before use.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering
+    }
+
+    fn check_member(&self, sender: SenderId) -> Result<(), SubmitError> {
+        if self.group.is_member(sender) {
+            Ok(())
+        } else {
+            Err(SubmitError::NotMember(sender))
+        }
+    }
+
+    fn check_epoch(&self, frame: &Frame) -> Result<(), SubmitError> {
+        let frame_epoch = frame.header().epoch();
+        let current_epoch = self.group.epoch();
+        if frame_epoch != current_epoch {
+            return Err(SubmitError::WrongEpoch {
+                frame_epoch,
+                current_epoch,
+                log_index: self.epoch_started_at_log_index,
+            });
+        }
+        Ok(())
+    }
+
+    fn after_commit(
+        &mut self,
+        summary: CommitSummary,
+        welcome: Option<(Bytes, Vec<SenderId>)>,
+        group_info: Option<Vec<u8>>,
+    ) -> Box<CommitFollowUp> {
+        let group_info = group_info.map(Bytes::from);
+        if let Some(group_info) = &group_info {
+            self.group_info = Some((summary.epoch, group_info.clone()));
+        }
+        let ratchet_tree = if welcome.is_some() { self.group.ratchet_tree() } else { Bytes::new() };
+        Box::new(CommitFollowUp { summary, welcome, ratchet_tree, group_info })
+    }
+
+    fn begin_epoch(&mut self, log_index: u64) {
+        self.epoch_started_at_log_index = log_index;
+        self.server_proposals_pending.clear();
+    }
+
+    /// Assigns the next index and a timestamp that never goes backwards.
+    fn stamp(&mut self, frame: &mut Frame, now_ms: u64) -> u64 {
+        let log_index = self.next_log_index;
+        let timestamp_ms = now_ms.max(self.last_timestamp_ms);
+        frame.header_mut().set_log_index(log_index).set_server_timestamp_ms(timestamp_ms);
+        self.last_timestamp_ms = timestamp_ms;
+        self.next_log_index = log_index.checked_add(1).expect("log index space exhausted");
+        if let Some(last) = self.in_flight.back() {
+            assert_eq!(last.log_index + 1, log_index, "log index is dense");
+        } else if let Some(durable) = self.durable_through {
+            assert_eq!(durable + 1, log_index, "log index continues from the durable head");
+        } else {
+            assert_eq!(log_index, 0, "a room's first frame has index 0");
+        }
+        log_index
+    }
+}
+
+fn check_sender(frame: &Frame, authenticated: SenderId) -> Result<(), SubmitError> {
+    let claimed = frame.header().sender_id();
+    if claimed != authenticated {
+        return Err(SubmitError::SenderMismatch { claimed, authenticated });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,269 @@
+//! [`Store`] in memory, for tests: same semantics as
+//! [`RedbStore`](super::RedbStore), nothing survives the process.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use super::limits::{KEY_PACKAGES_PER_USER_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX};
+use super::{
+    check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
+    validate_batch, validate_group_info, validate_key_package_upload, validate_room_metadata,
+    validate_welcome, AppendError, ClaimedKeyPackage, GroupInfoError, GroupInfoRecord, InvariantViolation,
+    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
+    RoomHead, RoomId, RoomMetadata, RoomMetadataError, Store, UserId, WelcomeError, WelcomeId,
+    KEY_PACKAGE_KEY_BYTES,
+};
+
+#[derive(Default)]
+struct State {
+    log: BTreeMap<(RoomId, LogIndex), Bytes>,
+    heads: BTreeMap<RoomId, LogIndex>,
+    key_packages: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], Bytes>,
+    last_resort: BTreeMap<UserId, Bytes>,
+    group_info: BTreeMap<RoomId, GroupInfoRecord>,
+    welcomes: BTreeMap<(UserId, WelcomeId), Bytes>,
+    welcome_id_next: WelcomeId,
+    room_metadata: BTreeMap<RoomId, RoomMetadata>,
+}
+
+/// In-memory store behind one mutex.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Locks the state. A poisoned lock means a panic interrupted an update,
+    /// so the state may be inconsistent: reported as an invariant violation.
+    fn lock(&self) -> Result<MutexGuard<'_, State>, InvariantViolation> {
+        self.state.lock().map_err(|_| InvariantViolation("memory store lock poisoned by a panic".to_owned()))
+    }
+}
+
+impl State {
+    fn head(&self, room_id: RoomId) -> LogIndex {
+        self.heads.get(&room_id).copied().unwrap_or(0)
+    }
+
+    fn key_package_count(&self, user_id: UserId) -> usize {
+        let (low, high) = key_package_key_bounds(user_id);
+        self.key_packages.range(low..=high).count()
+    }
+}
+
+impl Store for MemoryStore {
+    fn append_batch(&self, entries: &[LogEntry]) -> Result<(), AppendError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.lock()?;
+        let next_by_room = validate_batch(entries, |room_id| Ok::<_, AppendError>(state.head(room_id)))?;
+        for entry in entries {
+            state.log.insert((entry.room_id, entry.log_index), entry.frame.clone());
+        }
+        state.heads.extend(next_by_room);
+        Ok(())
+    }
+
+    fn read_range(
+        &self,
+        room_id: RoomId,
+        from_log_index: LogIndex,
+        count_max: usize,
+    ) -> Result<Vec<LogEntry>, ReadError> {
+        let count_cap = read_count_cap(count_max);
+        let state = self.lock()?;
+        let mut entries = Vec::new();
+        let mut bytes_total = 0usize;
+        let range = state.log.range((room_id, from_log_index)..=(room_id, LogIndex::MAX)).take(count_cap);
+        for ((_, log_index), frame) in range {
+            if !read_bytes_allow(entries.len(), bytes_total, frame.len()) {
+                break;
+            }
+            bytes_total = bytes_total.saturating_add(frame.len());
+            entries.push(LogEntry { room_id, log_index: *log_index, frame: frame.clone() });
+        }
+        check_read_dense(room_id, from_log_index, &entries)?;
+        Ok(entries)
+    }
+
+    fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError> {
+        Ok(self.lock()?.head(room_id))
+    }
+
+    fn room_heads(&self, after: Option<RoomId>, count_max: usize) -> Result<Vec<RoomHead>, ReadError> {
+        let count_cap = count_max.min(ROOM_HEADS_PAGE_MAX);
+        let state = self.lock()?;
+        let lower = match after {
+            Some(room_id) => Bound::Excluded(room_id),
+            None => Bound::Unbounded,
+        };
+        Ok(state
+            .heads
+            .range((lower, Bound::Unbounded))
+            .take(count_cap)
+            .map(|(room_id, next_log_index)| RoomHead { room_id: *room_id, next_log_index: *next_log_index })
+            .collect())
+    }
+
+    fn put_key_packages(
+        &self,
+        user_id: UserId,
+        packages: &[KeyPackageUpload],
+        last_resort: Option<Bytes>,
+    ) -> Result<(), KeyPackageError> {
+        validate_key_package_upload(user_id, packages, last_resort.as_ref())?;
+        let mut state = self.lock()?;
+        let stored = state.key_package_count(user_id);
+        let keys: Vec<_> =
+            packages.iter().map(|package| key_package_key(user_id, &package.key_package_ref)).collect();
+        let added = keys.iter().filter(|key| !state.key_packages.contains_key(*key)).count();
+        if stored + added > KEY_PACKAGES_PER_USER_MAX {
+            return Err(KeyPackageError::TooMany { user_id, stored, added, max: KEY_PACKAGES_PER_USER_MAX });
+        }
+        for (key, package) in keys.into_iter().zip(packages) {
+            state.key_packages.insert(key, package.key_package.clone());
+        }
+        if let Some(last_resort) = last_resort {
+            state.last_resort.insert(user_id, last_resort);
+        }
+        Ok(())
+    }
+
+    fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
+        let mut state = self.lock()?;
+        let (low, high) = key_package_key_bounds(user_id);
+        let first = state.key_packages.range(low..=high).next().map(|(key, _)| *key);
+        if let Some(key) = first {
+            let key_package = state
+                .key_packages
+                .remove(&key)
+                .ok_or_else(|| InvariantViolation("key package vanished while claimed".to_owned()))?;
+            return Ok(Some(ClaimedKeyPackage { key_package, is_last_resort: false }));
+        }
+        Ok(state
+            .last_resort
+            .get(&user_id)
+            .map(|key_package| ClaimedKeyPackage { key_package: key_package.clone(), is_last_resort: true }))
+    }
+
+    fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {
+        let state = self.lock()?;
+        Ok(KeyPackageCount {
+            ordinary: state.key_package_count(user_id) as u64,
+            has_last_resort: state.last_resort.contains_key(&user_id),
+        })
+    }
+
+    fn put_group_info(&self, room_id: RoomId, record: &GroupInfoRecord) -> Result<(), GroupInfoError> {
+        validate_group_info(record)?;
+        self.lock()?.group_info.insert(room_id, record.clone());
+        Ok(())
+    }
+
+    fn group_info(&self, room_id: RoomId) -> Result<Option<GroupInfoRecord>, GroupInfoError> {
+        Ok(self.lock()?.group_info.get(&room_id).cloned())
+    }
+
+    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
+        validate_welcome(&welcome)?;
+        let mut state = self.lock()?;
+        let pending = state
+            .welcomes
+            .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
+            .take(WELCOMES_PER_RECIPIENT_MAX)
+            .count();
+        if pending >= WELCOMES_PER_RECIPIENT_MAX {
+            return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
+        }
+        let welcome_id = state.welcome_id_next;
+        state.welcome_id_next = welcome_id
+            .checked_add(1)
+            .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+        state.welcomes.insert((recipient_user_id, welcome_id), welcome);
+        Ok(welcome_id)
+    }
+
+    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
+        let state = self.lock()?;
+        Ok(state
+            .welcomes
+            .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
+            .take(WELCOMES_PER_RECIPIENT_MAX)
+            .map(|((_, welcome_id), welcome)| PendingWelcome {
+                welcome_id: *welcome_id,
+                welcome: welcome.clone(),
+            })
+            .collect())
+    }
+
+    fn delete_welcomes_through(
+        &self,
+        recipient_user_id: UserId,
+        through_welcome_id: WelcomeId,
+    ) -> Result<usize, WelcomeError> {
+        let mut state = self.lock()?;
+        let keys: Vec<(UserId, WelcomeId)> = state
+            .welcomes
+            .range((recipient_user_id, 0)..=(recipient_user_id, through_welcome_id))
+            .take(WELCOMES_PER_RECIPIENT_MAX)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &keys {
+            state.welcomes.remove(key);
+        }
+        Ok(keys.len())
+    }
+
+    fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError> {
+        let mut state = self.lock()?;
+        validate_room_metadata(room_id, metadata, state.head(room_id))?;
+        state.room_metadata.insert(room_id, metadata.clone());
+        Ok(())
+    }
+
+    fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
+        Ok(self.lock()?.room_metadata.get(&room_id).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::suite::{entry, room};
+    use crate::store::ErrorKind;
+
+    #[test]
+    fn a_poisoned_lock_is_an_internal_error() {
+        let store = std::sync::Arc::new(MemoryStore::new());
+        store.append_batch(&[entry(room(1), 0)]).unwrap();
+        let poisoner = std::sync::Arc::clone(&store);
+        let joined = std::thread::spawn(move || {
+            let _guard = poisoner.state.lock().unwrap();
+            panic!("poisoning the store on purpose");
+        })
+        .join();
+        assert!(joined.is_err());
+        let error = store.append_batch(&[entry(room(1), 1)]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Internal);
+        assert_eq!(store.read_range(room(1), 0, 1).unwrap_err().kind(), ErrorKind::Internal);
+        assert_eq!(store.claim_key_package(1).unwrap_err().kind(), ErrorKind::Internal);
+        assert_eq!(store.put_welcome(1, Bytes::new()).unwrap_err().kind(), ErrorKind::Internal);
+        assert_eq!(store.group_info(room(1)).unwrap_err().kind(), ErrorKind::Internal);
+        assert_eq!(store.room_metadata(room(1)).unwrap_err().kind(), ErrorKind::Internal);
+    }
+}

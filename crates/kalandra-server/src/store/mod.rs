@@ -1,0 +1,768 @@
+//! Durable storage for the server: room logs, the key-package directory,
+//! GroupInfo, pending Welcomes and room metadata.
+//!
+//! The [`Store`] trait is synchronous (redb is); the async
+//! [`group_commit::GroupCommit`] driver batches appends from many tasks into
+//! one durable transaction and acknowledges each request only once its batch
+//! is durable. Two implementations share one semantics and one test suite:
+//! [`RedbStore`] (embedded, the default) and [`MemoryStore`] (tests).
+//!
+//! Invariants the store enforces itself, in release builds too:
+//! - a room's log is dense: an append batch must continue each room exactly
+//!   from its stored head, with strictly increasing, gap-free indices; a batch
+//!   that breaks this is refused as a whole and nothing is written;
+//! - a range read returns dense indices starting at the requested index;
+//! - every stored object and every per-user collection is bounded by a named
+//!   constant in [`limits`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub mod group_commit;
+pub mod memory;
+pub mod redb;
+
+#[cfg(test)]
+mod suite;
+
+pub use self::group_commit::{
+    AppendTicket, GroupCommit, GroupCommitConfig, GroupCommitError, GroupCommitStatsSnapshot, SubmitError,
+};
+pub use self::memory::MemoryStore;
+pub use self::redb::{OpenError, RedbOptions, RedbStore};
+
+/// Every size, count and queue bound of the storage layer, in one place.
+pub mod limits {
+    /// Largest encoded frame a log entry may hold: any valid frame.
+    pub const LOG_ENTRY_BYTES_MAX: usize = kalandra_proto::limits::FRAME_BYTES_MAX;
+    /// Most entries one [`read_range`](super::Store::read_range) returns.
+    pub const READ_RANGE_ENTRIES_MAX: usize = 1024;
+    /// Byte budget of one range read: entries are returned while the total
+    /// stays within it, and the first entry is always returned.
+    pub const READ_RANGE_BYTES_MAX: usize = 2 * LOG_ENTRY_BYTES_MAX;
+    /// Most room heads one [`room_heads`](super::Store::room_heads) page returns.
+    pub const ROOM_HEADS_PAGE_MAX: usize = 10_000;
+
+    /// Most ordinary (single-use) key packages stored for one user.
+    pub const KEY_PACKAGES_PER_USER_MAX: usize = 256;
+    /// Largest key package (ordinary or last resort).
+    pub const KEY_PACKAGE_BYTES_MAX: usize = 64 * 1024;
+    /// Longest key-package reference (an MLS `KeyPackageRef` is a hash output,
+    /// at most 64 bytes for the registered cipher suites).
+    pub const KEY_PACKAGE_REF_BYTES_MAX: usize = 64;
+
+    /// Largest GroupInfo (it may carry the ratchet tree: about 1.8 MB at
+    /// 10,000 members).
+    pub const GROUP_INFO_BYTES_MAX: usize = 8 * 1024 * 1024;
+    /// Most Welcomes pending for one recipient.
+    pub const WELCOMES_PER_RECIPIENT_MAX: usize = 128;
+    /// Largest Welcome.
+    pub const WELCOME_BYTES_MAX: usize = 8 * 1024 * 1024;
+    /// Largest MLS public-state snapshot kept in a room's metadata.
+    pub const MLS_SNAPSHOT_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+    /// Requests the group-commit queue holds before submitters wait.
+    pub const GROUP_COMMIT_QUEUE_REQUESTS_MAX: usize = 16_384;
+    /// Frame bytes the group-commit queue holds (queued and being written)
+    /// before submitters wait.
+    pub const GROUP_COMMIT_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+    /// Most entries written in one group-commit transaction.
+    pub const GROUP_COMMIT_BATCH_ENTRIES_MAX: usize = 8192;
+    /// Most frame bytes written in one group-commit transaction.
+    pub const GROUP_COMMIT_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+    /// redb page-cache size used by [`RedbStore::open`](super::RedbStore::open).
+    pub const REDB_CACHE_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
+
+    /// Largest value redb stores (its limit is just under 4 GiB).
+    const REDB_VALUE_BYTES_MAX: usize = 3 * 1024 * 1024 * 1024;
+
+    const _: () = {
+        assert!(LOG_ENTRY_BYTES_MAX > 0);
+        // A maximal entry fits in one batch, one read and the queue.
+        assert!(GROUP_COMMIT_BATCH_BYTES_MAX >= LOG_ENTRY_BYTES_MAX);
+        assert!(READ_RANGE_BYTES_MAX >= LOG_ENTRY_BYTES_MAX);
+        assert!(GROUP_COMMIT_QUEUE_BYTES_MAX >= GROUP_COMMIT_BATCH_BYTES_MAX);
+        // A full batch of one-entry requests can wait while another is written.
+        assert!(GROUP_COMMIT_QUEUE_REQUESTS_MAX >= GROUP_COMMIT_BATCH_ENTRIES_MAX);
+        // Queue bytes are counted with semaphore permits (u32).
+        assert!(GROUP_COMMIT_QUEUE_BYTES_MAX <= u32::MAX as usize);
+        assert!(GROUP_COMMIT_BATCH_ENTRIES_MAX > 0 && READ_RANGE_ENTRIES_MAX > 0);
+        // The reference length is stored in one byte of the key.
+        assert!(KEY_PACKAGE_REF_BYTES_MAX < u8::MAX as usize);
+        assert!(KEY_PACKAGES_PER_USER_MAX > 0 && WELCOMES_PER_RECIPIENT_MAX > 0);
+        // Everything stored as one redb value fits in one.
+        assert!(LOG_ENTRY_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+        assert!(GROUP_INFO_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+        assert!(WELCOME_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+        assert!(MLS_SNAPSHOT_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+        assert!(KEY_PACKAGE_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+    };
+}
+
+use limits::*;
+
+/// A room's 16-byte identifier: the wire protocol's own type, so frames and
+/// storage share one.
+pub use kalandra_proto::RoomId;
+
+/// Position of an entry in its room's log; the first entry has index 0.
+pub type LogIndex = u64;
+
+/// A user's numeric identifier, as carried in the frame header's sender field.
+pub type UserId = u64;
+
+/// Identifier of a pending Welcome, unique in the store and increasing in
+/// the order Welcomes were stored; never reused.
+pub type WelcomeId = u64;
+
+/// One sequenced frame of a room's log. Storage treats the frame as opaque.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The room the entry belongs to.
+    pub room_id: RoomId,
+    /// The entry's position in the room's log.
+    pub log_index: LogIndex,
+    /// The full encoded frame (header and payload).
+    pub frame: Bytes,
+}
+
+/// A room and the index its next log entry will get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomHead {
+    /// The room.
+    pub room_id: RoomId,
+    /// Number of entries in the room's log, i.e. the next index to append.
+    pub next_log_index: LogIndex,
+}
+
+/// An ordinary (single-use) key package to store in a user's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPackageUpload {
+    /// The package's MLS `KeyPackageRef` (1 to
+    /// [`KEY_PACKAGE_REF_BYTES_MAX`] bytes). Uploading a reference that is
+    /// already stored replaces that package.
+    pub key_package_ref: Vec<u8>,
+    /// The encoded key package, opaque to storage.
+    pub key_package: Bytes,
+}
+
+/// A key package handed out by [`Store::claim_key_package`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimedKeyPackage {
+    /// The encoded key package.
+    pub key_package: Bytes,
+    /// True when the user had no ordinary package left and this is the
+    /// reusable last-resort package.
+    pub is_last_resort: bool,
+}
+
+/// How many key packages a user has in the directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KeyPackageCount {
+    /// Ordinary packages not yet claimed.
+    pub ordinary: u64,
+    /// Whether a last-resort package is stored.
+    pub has_last_resort: bool,
+}
+
+/// A room's current GroupInfo and the epoch it describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfoRecord {
+    /// MLS epoch of the GroupInfo.
+    pub epoch: u64,
+    /// The encoded GroupInfo, opaque to storage.
+    pub group_info: Bytes,
+}
+
+/// A Welcome waiting for its recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingWelcome {
+    /// Identifier to acknowledge delivery with
+    /// [`Store::delete_welcomes_through`].
+    pub welcome_id: WelcomeId,
+    /// The encoded Welcome, opaque to storage.
+    pub welcome: Bytes,
+}
+
+/// Small per-room record kept beside the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomMetadata {
+    /// User who created the room.
+    pub creator_user_id: UserId,
+    /// Creation time, milliseconds since the Unix epoch (server clock).
+    pub created_at_ms: u64,
+    /// The server's MLS public group state, opaque to storage.
+    pub mls_snapshot: Bytes,
+    /// Log position the snapshot was taken at: it reflects exactly the
+    /// entries with indices below this one. It may not exceed the room's
+    /// stored next log index, so a snapshot never runs ahead of the log.
+    pub mls_snapshot_log_index: LogIndex,
+}
+
+/// Which side is at fault for an error: the caller, the storage medium, or
+/// this code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request broke a documented precondition (a caller bug or a
+    /// client exceeding a limit); nothing was written.
+    CallerMisuse,
+    /// The storage medium failed (I/O, corruption, database closed).
+    Storage,
+    /// An internal invariant does not hold: a bug in the storage layer.
+    Internal,
+}
+
+/// The storage medium failed. For a failed durable commit the outcome is
+/// unknown (redb applies a transaction atomically, but a failed commit may
+/// still have become durable): nothing must be acknowledged, and state must
+/// be reloaded from storage after reopening it.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("storage failure in {operation}: {cause}")]
+pub struct StorageFailure {
+    /// The store operation that failed.
+    pub operation: &'static str,
+    /// The underlying error.
+    pub cause: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl StorageFailure {
+    /// Wraps an underlying error raised during `operation`.
+    pub fn new(operation: &'static str, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { operation, cause: Arc::new(cause) }
+    }
+}
+
+/// An internal invariant of the storage layer does not hold (a bug, or data
+/// altered behind the store's back).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("storage invariant violated: {0}")]
+pub struct InvariantViolation(pub String);
+
+/// Error of [`Store::append_batch`].
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum AppendError {
+    /// An entry does not continue its room's log densely: indices must start
+    /// at the stored head and increase by one. Nothing was written.
+    #[error("room {room_id}: log index {found_log_index} where {expected_log_index} was expected")]
+    IndexNotDense {
+        /// The room.
+        room_id: RoomId,
+        /// The index the entry should have had.
+        expected_log_index: LogIndex,
+        /// The index it had.
+        found_log_index: LogIndex,
+    },
+    /// The room's log is full (its index space is exhausted). Nothing was
+    /// written.
+    #[error("room {room_id}: log index space exhausted")]
+    IndexOverflow {
+        /// The room.
+        room_id: RoomId,
+    },
+    /// An entry's frame exceeds [`LOG_ENTRY_BYTES_MAX`]. Nothing was written.
+    #[error("room {room_id} index {log_index}: frame of {frame_bytes} bytes exceeds {frame_bytes_max}")]
+    EntryTooLarge {
+        /// The room.
+        room_id: RoomId,
+        /// The entry's index.
+        log_index: LogIndex,
+        /// The frame's size.
+        frame_bytes: usize,
+        /// The limit.
+        frame_bytes_max: usize,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold.
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl AppendError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::IndexNotDense { .. } | Self::IndexOverflow { .. } | Self::EntryTooLarge { .. } => {
+                ErrorKind::CallerMisuse
+            }
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The room whose entries caused a caller-misuse error, if any. The rest
+    /// of the batch was valid as far as checked.
+    pub fn offending_room(&self) -> Option<RoomId> {
+        match self {
+            Self::IndexNotDense { room_id, .. }
+            | Self::IndexOverflow { room_id }
+            | Self::EntryTooLarge { room_id, .. } => Some(*room_id),
+            Self::Storage(_) | Self::Internal(_) => None,
+        }
+    }
+}
+
+/// Error of the read operations ([`Store::read_range`],
+/// [`Store::next_log_index`], [`Store::room_heads`]).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold (for example a gap in a log).
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl ReadError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Error of the key-package directory operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum KeyPackageError {
+    /// Storing the upload would leave the user with more than
+    /// [`KEY_PACKAGES_PER_USER_MAX`] ordinary packages. Nothing was written.
+    #[error("user {user_id}: {stored} stored + {added} new key packages exceed {max}")]
+    TooMany {
+        /// The user.
+        user_id: UserId,
+        /// Ordinary packages already stored (0 when the upload alone exceeds
+        /// the limit and the store was not consulted).
+        stored: usize,
+        /// Packages in the upload that are not stored yet.
+        added: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A key package exceeds [`KEY_PACKAGE_BYTES_MAX`]. Nothing was written.
+    #[error("key package of {bytes} bytes exceeds {bytes_max}")]
+    PackageTooLarge {
+        /// The package's size.
+        bytes: usize,
+        /// The limit.
+        bytes_max: usize,
+    },
+    /// A reference is empty or longer than [`KEY_PACKAGE_REF_BYTES_MAX`].
+    /// Nothing was written.
+    #[error("key package reference of {bytes} bytes (must be 1 to {bytes_max})")]
+    RefLength {
+        /// The reference's size.
+        bytes: usize,
+        /// The limit.
+        bytes_max: usize,
+    },
+    /// The same reference appears twice in one upload. Nothing was written.
+    #[error("key package reference repeated within one upload")]
+    DuplicateRef,
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold.
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl KeyPackageError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::TooMany { .. }
+            | Self::PackageTooLarge { .. }
+            | Self::RefLength { .. }
+            | Self::DuplicateRef => ErrorKind::CallerMisuse,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Error of the GroupInfo operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum GroupInfoError {
+    /// The GroupInfo exceeds [`GROUP_INFO_BYTES_MAX`]. Nothing was written.
+    #[error("GroupInfo of {bytes} bytes exceeds {bytes_max}")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        bytes_max: usize,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold.
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl GroupInfoError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::TooLarge { .. } => ErrorKind::CallerMisuse,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Error of the pending-Welcome operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum WelcomeError {
+    /// The recipient already has [`WELCOMES_PER_RECIPIENT_MAX`] pending
+    /// Welcomes. Nothing was written.
+    #[error("user {recipient_user_id} already has {max} pending Welcomes")]
+    TooMany {
+        /// The recipient.
+        recipient_user_id: UserId,
+        /// The limit.
+        max: usize,
+    },
+    /// The Welcome exceeds [`WELCOME_BYTES_MAX`]. Nothing was written.
+    #[error("Welcome of {bytes} bytes exceeds {bytes_max}")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        bytes_max: usize,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold.
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl WelcomeError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::TooMany { .. } | Self::TooLarge { .. } => ErrorKind::CallerMisuse,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Error of the room-metadata operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RoomMetadataError {
+    /// The MLS snapshot exceeds [`MLS_SNAPSHOT_BYTES_MAX`]. Nothing was
+    /// written.
+    #[error("MLS snapshot of {bytes} bytes exceeds {bytes_max}")]
+    SnapshotTooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        bytes_max: usize,
+    },
+    /// The snapshot claims to reflect log entries that are not stored yet.
+    /// Nothing was written.
+    #[error("room {room_id}: snapshot at log index {snapshot_log_index} is ahead of the log (next index {next_log_index})")]
+    SnapshotAheadOfLog {
+        /// The room.
+        room_id: RoomId,
+        /// The snapshot's log index.
+        snapshot_log_index: LogIndex,
+        /// The room's stored next log index.
+        next_log_index: LogIndex,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold.
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl RoomMetadataError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::SnapshotTooLarge { .. } | Self::SnapshotAheadOfLog { .. } => ErrorKind::CallerMisuse,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The server's durable state. All writes are durable when the call returns
+/// `Ok`; a call that returns a caller-misuse error wrote nothing.
+///
+/// Calls block (on disk I/O and on the single writer lock); call them from a
+/// dedicated thread or `spawn_blocking`, or append through
+/// [`GroupCommit`].
+pub trait Store: Send + Sync + 'static {
+    /// Appends `entries` (from any number of rooms) in one durable
+    /// transaction. For each room, the entries' indices must continue the
+    /// stored log densely (first = stored next index, then +1 each, in slice
+    /// order); otherwise nothing is written. An empty slice is a no-op.
+    fn append_batch(&self, entries: &[LogEntry]) -> Result<(), AppendError>;
+
+    /// Reads up to `count_max` entries of `room_id`'s log starting at
+    /// `from_log_index`, capped at [`READ_RANGE_ENTRIES_MAX`] entries and
+    /// [`READ_RANGE_BYTES_MAX`] bytes (at least one entry is returned if any
+    /// exists). Returns fewer (possibly none) at the end of the log.
+    fn read_range(
+        &self,
+        room_id: RoomId,
+        from_log_index: LogIndex,
+        count_max: usize,
+    ) -> Result<Vec<LogEntry>, ReadError>;
+
+    /// The index the room's next entry will get (0 for an unknown room).
+    fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError>;
+
+    /// Rooms that have a log, in room-id order, starting after `after` (from
+    /// the first room when `None`), at most `count_max` capped at
+    /// [`ROOM_HEADS_PAGE_MAX`]. Page through all rooms on startup by passing
+    /// the last room returned until a page comes back empty.
+    fn room_heads(&self, after: Option<RoomId>, count_max: usize) -> Result<Vec<RoomHead>, ReadError>;
+
+    /// Adds ordinary key packages to `user_id`'s directory and, when
+    /// `last_resort` is `Some`, replaces the user's last-resort package; one
+    /// durable transaction. A reference already stored is replaced.
+    fn put_key_packages(
+        &self,
+        user_id: UserId,
+        packages: &[KeyPackageUpload],
+        last_resort: Option<Bytes>,
+    ) -> Result<(), KeyPackageError>;
+
+    /// Hands out one of `user_id`'s ordinary key packages, deleting it in the
+    /// same durable transaction so it is never handed out twice; when none is
+    /// left, returns the last-resort package (which stays stored); `None`
+    /// when the user has neither.
+    fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError>;
+
+    /// How many packages `user_id` has.
+    fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError>;
+
+    /// Stores (replacing any previous one) the room's current GroupInfo. The
+    /// epoch is not required to increase: rolling a voided commit back
+    /// restores an earlier GroupInfo.
+    fn put_group_info(&self, room_id: RoomId, record: &GroupInfoRecord) -> Result<(), GroupInfoError>;
+
+    /// The room's current GroupInfo, if any.
+    fn group_info(&self, room_id: RoomId) -> Result<Option<GroupInfoRecord>, GroupInfoError>;
+
+    /// Queues a Welcome for `recipient_user_id`, durably, and returns its id.
+    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError>;
+
+    /// The Welcomes pending for `recipient_user_id`, oldest first (at most
+    /// [`WELCOMES_PER_RECIPIENT_MAX`]). Nothing is removed: after the
+    /// recipient has them, call [`Store::delete_welcomes_through`]. A crash
+    /// between the two redelivers them (at-least-once), never loses one;
+    /// clients ignore a Welcome for a group they already joined.
+    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError>;
+
+    /// Removes `recipient_user_id`'s pending Welcomes with ids up to and
+    /// including `through_welcome_id` (delivered ones); Welcomes stored
+    /// after the listing have larger ids and stay. Returns how many were
+    /// removed.
+    fn delete_welcomes_through(
+        &self,
+        recipient_user_id: UserId,
+        through_welcome_id: WelcomeId,
+    ) -> Result<usize, WelcomeError>;
+
+    /// Stores (replacing any previous one) the room's metadata. Refused when
+    /// the snapshot's log index is beyond the room's stored log.
+    fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError>;
+
+    /// The room's metadata, if any.
+    fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError>;
+}
+
+/// Checks a batch against the stored heads before anything is written and
+/// returns each touched room's new next index. `stored_head` is asked once
+/// per room.
+pub(crate) fn validate_batch<E>(
+    entries: &[LogEntry],
+    mut stored_head: impl FnMut(RoomId) -> Result<LogIndex, E>,
+) -> Result<HashMap<RoomId, LogIndex>, AppendError>
+where
+    AppendError: From<E>,
+{
+    let mut next_by_room: HashMap<RoomId, LogIndex> = HashMap::new();
+    for entry in entries {
+        if entry.frame.len() > LOG_ENTRY_BYTES_MAX {
+            return Err(AppendError::EntryTooLarge {
+                room_id: entry.room_id,
+                log_index: entry.log_index,
+                frame_bytes: entry.frame.len(),
+                frame_bytes_max: LOG_ENTRY_BYTES_MAX,
+            });
+        }
+        let expected = match next_by_room.get(&entry.room_id) {
+            Some(next) => *next,
+            None => stored_head(entry.room_id)?,
+        };
+        if entry.log_index != expected {
+            return Err(AppendError::IndexNotDense {
+                room_id: entry.room_id,
+                expected_log_index: expected,
+                found_log_index: entry.log_index,
+            });
+        }
+        let next = expected.checked_add(1).ok_or(AppendError::IndexOverflow { room_id: entry.room_id })?;
+        next_by_room.insert(entry.room_id, next);
+    }
+    Ok(next_by_room)
+}
+
+/// Checks that a range read returned dense indices from `from_log_index`.
+pub(crate) fn check_read_dense(
+    room_id: RoomId,
+    from_log_index: LogIndex,
+    entries: &[LogEntry],
+) -> Result<(), InvariantViolation> {
+    let mut expected = from_log_index;
+    for entry in entries {
+        if entry.room_id != room_id || entry.log_index != expected {
+            return Err(InvariantViolation(format!(
+                "read of room {room_id} from {from_log_index}: got room {} index {} where index {expected} was expected",
+                entry.room_id, entry.log_index
+            )));
+        }
+        expected = expected.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// The number of entries a range read may return for `count_max`.
+pub(crate) fn read_count_cap(count_max: usize) -> usize {
+    count_max.min(READ_RANGE_ENTRIES_MAX)
+}
+
+/// Whether a range read that has gathered `bytes_so_far` (in `entries_so_far`
+/// entries) may add an entry of `entry_bytes`.
+pub(crate) fn read_bytes_allow(entries_so_far: usize, bytes_so_far: usize, entry_bytes: usize) -> bool {
+    entries_so_far == 0 || bytes_so_far.saturating_add(entry_bytes) <= READ_RANGE_BYTES_MAX
+}
+
+/// Validates a key-package upload (sizes, reference lengths, duplicates).
+pub(crate) fn validate_key_package_upload(
+    user_id: UserId,
+    packages: &[KeyPackageUpload],
+    last_resort: Option<&Bytes>,
+) -> Result<(), KeyPackageError> {
+    if packages.len() > KEY_PACKAGES_PER_USER_MAX {
+        // Checked again against the stored count; this bounds the work below.
+        return Err(KeyPackageError::TooMany {
+            user_id,
+            stored: 0,
+            added: packages.len(),
+            max: KEY_PACKAGES_PER_USER_MAX,
+        });
+    }
+    for package in packages {
+        let ref_bytes = package.key_package_ref.len();
+        if ref_bytes == 0 || ref_bytes > KEY_PACKAGE_REF_BYTES_MAX {
+            return Err(KeyPackageError::RefLength {
+                bytes: ref_bytes,
+                bytes_max: KEY_PACKAGE_REF_BYTES_MAX,
+            });
+        }
+        if package.key_package.len() > KEY_PACKAGE_BYTES_MAX {
+            return Err(KeyPackageError::PackageTooLarge {
+                bytes: package.key_package.len(),
+                bytes_max: KEY_PACKAGE_BYTES_MAX,
+            });
+        }
+    }
+    if let Some(last_resort) = last_resort {
+        if last_resort.len() > KEY_PACKAGE_BYTES_MAX {
+            return Err(KeyPackageError::PackageTooLarge {
+                bytes: last_resort.len(),
+                bytes_max: KEY_PACKAGE_BYTES_MAX,
+            });
+        }
+    }
+    let mut refs: Vec<&[u8]> = packages.iter().map(|p| p.key_package_ref.as_slice()).collect();
+    refs.sort_unstable();
+    if refs.windows(2).any(|pair| pair[0] == pair[1]) {
+        return Err(KeyPackageError::DuplicateRef);
+    }
+    Ok(())
+}
+
+/// Length of an encoded key-package key: user id, reference length, and the
+/// reference zero-padded to [`KEY_PACKAGE_REF_BYTES_MAX`].
+pub(crate) const KEY_PACKAGE_KEY_BYTES: usize = 8 + 1 + KEY_PACKAGE_REF_BYTES_MAX;
+
+/// Encodes a key-package key. Keys of one user are contiguous and ordered by
+/// (reference length, reference); both stores hand packages out in this
+/// order. The reference must already be validated.
+pub(crate) fn key_package_key(user_id: UserId, key_package_ref: &[u8]) -> [u8; KEY_PACKAGE_KEY_BYTES] {
+    let mut key = [0u8; KEY_PACKAGE_KEY_BYTES];
+    key[..8].copy_from_slice(&user_id.to_be_bytes());
+    // Validated to be at most KEY_PACKAGE_REF_BYTES_MAX (< 255).
+    key[8] = u8::try_from(key_package_ref.len()).unwrap_or(u8::MAX);
+    key[9..9 + key_package_ref.len()].copy_from_slice(key_package_ref);
+    key
+}
+
+/// The lowest and highest possible key-package keys of a user.
+pub(crate) fn key_package_key_bounds(
+    user_id: UserId,
+) -> ([u8; KEY_PACKAGE_KEY_BYTES], [u8; KEY_PACKAGE_KEY_BYTES]) {
+    let mut low = [0u8; KEY_PACKAGE_KEY_BYTES];
+    low[..8].copy_from_slice(&user_id.to_be_bytes());
+    let mut high = [0xffu8; KEY_PACKAGE_KEY_BYTES];
+    high[..8].copy_from_slice(&user_id.to_be_bytes());
+    (low, high)
+}
+
+/// Checks the size of a Welcome.
+pub(crate) fn validate_welcome(welcome: &Bytes) -> Result<(), WelcomeError> {
+    if welcome.len() > WELCOME_BYTES_MAX {
+        return Err(WelcomeError::TooLarge { bytes: welcome.len(), bytes_max: WELCOME_BYTES_MAX });
+    }
+    Ok(())
+}
+
+/// Checks the size of a GroupInfo.
+pub(crate) fn validate_group_info(record: &GroupInfoRecord) -> Result<(), GroupInfoError> {
+    if record.group_info.len() > GROUP_INFO_BYTES_MAX {
+        return Err(GroupInfoError::TooLarge {
+            bytes: record.group_info.len(),
+            bytes_max: GROUP_INFO_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks room metadata against the room's stored next log index.
+pub(crate) fn validate_room_metadata(
+    room_id: RoomId,
+    metadata: &RoomMetadata,
+    next_log_index: LogIndex,
+) -> Result<(), RoomMetadataError> {
+    if metadata.mls_snapshot.len() > MLS_SNAPSHOT_BYTES_MAX {
+        return Err(RoomMetadataError::SnapshotTooLarge {
+            bytes: metadata.mls_snapshot.len(),
+            bytes_max: MLS_SNAPSHOT_BYTES_MAX,
+        });
+    }
+    if metadata.mls_snapshot_log_index > next_log_index {
+        return Err(RoomMetadataError::SnapshotAheadOfLog {
+            room_id,
+            snapshot_log_index: metadata.mls_snapshot_log_index,
+            next_log_index,
+        });
+    }
+    Ok(())
+}

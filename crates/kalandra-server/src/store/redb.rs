@@ -1,0 +1,721 @@
+//! [`Store`] on an embedded redb database (the default).
+//!
+//! Tables, all with fixed-size keys encoded so that byte order is the
+//! iteration order:
+//! - `log_v1`: room id (16) ‖ log index (8, big-endian) → frame bytes;
+//! - `room_heads_v1`: room id → next log index;
+//! - `key_packages_v1`: user id (8, BE) ‖ reference length (1) ‖ reference
+//!   zero-padded to 64 → key package;
+//! - `last_resort_key_packages_v1`: user id → key package;
+//! - `group_info_v1`: room id → (epoch, GroupInfo);
+//! - `welcomes_v1`: recipient user id (8, BE) ‖ welcome id (8, BE) → Welcome;
+//! - `room_metadata_v1`: room id → (creator, created at, snapshot log index,
+//!   snapshot);
+//! - `meta_v1`: name → u64 (schema version, next welcome id).
+//!
+//! Every write transaction commits with [`Durability::Immediate`].
+
+use std::ops::Bound;
+use std::path::Path;
+
+use ::redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use bytes::Bytes;
+
+use super::limits::{
+    KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
+};
+use super::{
+    check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
+    validate_batch, validate_group_info, validate_key_package_upload, validate_room_metadata,
+    validate_welcome, AppendError, ClaimedKeyPackage, GroupInfoError, GroupInfoRecord, InvariantViolation,
+    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
+    RoomHead, RoomId, RoomMetadata, RoomMetadataError, StorageFailure, Store, UserId, WelcomeError,
+    WelcomeId, KEY_PACKAGE_KEY_BYTES,
+};
+
+type LogKey = [u8; 24];
+type WelcomeKey = [u8; 16];
+type KeyPackageKey = [u8; KEY_PACKAGE_KEY_BYTES];
+
+const LOG: TableDefinition<&LogKey, &[u8]> = TableDefinition::new("log_v1");
+const ROOM_HEADS: TableDefinition<&[u8; 16], u64> = TableDefinition::new("room_heads_v1");
+const KEY_PACKAGES: TableDefinition<&KeyPackageKey, &[u8]> = TableDefinition::new("key_packages_v1");
+const LAST_RESORT: TableDefinition<u64, &[u8]> = TableDefinition::new("last_resort_key_packages_v1");
+const GROUP_INFO: TableDefinition<&[u8; 16], (u64, &[u8])> = TableDefinition::new("group_info_v1");
+const WELCOMES: TableDefinition<&WelcomeKey, &[u8]> = TableDefinition::new("welcomes_v1");
+const ROOM_METADATA: TableDefinition<&[u8; 16], (u64, u64, u64, &[u8])> =
+    TableDefinition::new("room_metadata_v1");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
+
+/// `meta_v1` key of the schema version.
+const META_SCHEMA_VERSION: &str = "schema_version";
+/// `meta_v1` key of the next welcome id.
+const META_WELCOME_ID_NEXT: &str = "welcome_id_next";
+/// Version of the table layout above.
+const SCHEMA_VERSION: u64 = 1;
+
+fn log_key(room_id: RoomId, log_index: LogIndex) -> LogKey {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&room_id.0);
+    key[16..].copy_from_slice(&log_index.to_be_bytes());
+    key
+}
+
+fn log_key_index(key: &LogKey) -> LogIndex {
+    let mut index = [0u8; 8];
+    index.copy_from_slice(&key[16..]);
+    LogIndex::from_be_bytes(index)
+}
+
+fn welcome_key(recipient_user_id: UserId, welcome_id: WelcomeId) -> WelcomeKey {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&recipient_user_id.to_be_bytes());
+    key[8..].copy_from_slice(&welcome_id.to_be_bytes());
+    key
+}
+
+fn welcome_key_id(key: &WelcomeKey) -> WelcomeId {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&key[8..]);
+    WelcomeId::from_be_bytes(id)
+}
+
+/// Maps any redb error into a [`StorageFailure`] tagged with the operation.
+fn failed<E: Into<::redb::Error>>(operation: &'static str) -> impl FnOnce(E) -> StorageFailure {
+    move |error| StorageFailure::new(operation, error.into())
+}
+
+/// Error opening a [`RedbStore`].
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// redb could not open or create the database, or create its tables.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// The file holds a different table layout version.
+    #[error("database schema version {found}, this build reads {expected}")]
+    SchemaVersion {
+        /// Version in the file.
+        found: u64,
+        /// Version this build reads and writes.
+        expected: u64,
+    },
+}
+
+/// Tunables of [`RedbStore::open_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedbOptions {
+    /// redb page-cache size in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self { cache_bytes: REDB_CACHE_BYTES_DEFAULT }
+    }
+}
+
+/// The embedded redb store. One process at a time may open a file (redb's
+/// exclusive-writer mode); within the process, calls may come from any
+/// thread, and write transactions are serialised by redb.
+///
+/// After a [`StorageFailure`] from a commit, redb refuses further write
+/// transactions and the outcome of the failed one is unknown: drop the
+/// store, reopen it (redb repairs the file) and reload state from it.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Opens the database at `path`, creating it (and its tables) if absent,
+    /// with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_with(path, RedbOptions::default())
+    }
+
+    /// Opens the database at `path`, creating it (and its tables) if absent.
+    pub fn open_with(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self, OpenError> {
+        let db =
+            Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(failed("open"))?;
+        let store = Self { db };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    /// Creates missing tables and checks (or records) the schema version.
+    fn init_schema(&self) -> Result<(), OpenError> {
+        let txn = self.begin_write("open")?;
+        {
+            txn.open_table(LOG).map_err(failed("open"))?;
+            txn.open_table(ROOM_HEADS).map_err(failed("open"))?;
+            txn.open_table(KEY_PACKAGES).map_err(failed("open"))?;
+            txn.open_table(LAST_RESORT).map_err(failed("open"))?;
+            txn.open_table(GROUP_INFO).map_err(failed("open"))?;
+            txn.open_table(WELCOMES).map_err(failed("open"))?;
+            txn.open_table(ROOM_METADATA).map_err(failed("open"))?;
+            let mut meta = txn.open_table(META).map_err(failed("open"))?;
+            let found = meta.get(META_SCHEMA_VERSION).map_err(failed("open"))?.map(|guard| guard.value());
+            match found {
+                Some(found) if found != SCHEMA_VERSION => {
+                    return Err(OpenError::SchemaVersion { found, expected: SCHEMA_VERSION });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION).map_err(failed("open"))?;
+                }
+            }
+        }
+        txn.commit().map_err(failed("open"))?;
+        Ok(())
+    }
+
+    /// Compacts the database file, releasing free space. Needs exclusive
+    /// access (no transaction in progress); returns whether anything was
+    /// compacted.
+    pub fn compact(&mut self) -> Result<bool, StorageFailure> {
+        self.db.compact().map_err(failed("compact"))
+    }
+
+    fn begin_write(&self, operation: &'static str) -> Result<WriteTransaction, StorageFailure> {
+        let mut txn = self.db.begin_write().map_err(failed(operation))?;
+        txn.set_durability(Durability::Immediate).map_err(failed(operation))?;
+        Ok(txn)
+    }
+
+    fn begin_read(&self, operation: &'static str) -> Result<ReadTransaction, StorageFailure> {
+        self.db.begin_read().map_err(failed(operation))
+    }
+}
+
+/// Ends a write transaction that must not be committed, reporting an abort
+/// failure as a storage failure (the original error takes precedence).
+fn abort(txn: WriteTransaction, operation: &'static str) -> Result<(), StorageFailure> {
+    txn.abort().map_err(failed(operation))
+}
+
+impl Store for RedbStore {
+    fn append_batch(&self, entries: &[LogEntry]) -> Result<(), AppendError> {
+        const OP: &str = "append_batch";
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<(), AppendError> {
+            let mut heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            let next_by_room = validate_batch(entries, |room_id| {
+                heads.get(&room_id.0).map(|head| head.map_or(0, |guard| guard.value())).map_err(failed(OP))
+            })?;
+            let mut log = txn.open_table(LOG).map_err(failed(OP))?;
+            for entry in entries {
+                log.insert(&log_key(entry.room_id, entry.log_index), entry.frame.as_ref())
+                    .map_err(failed(OP))?;
+            }
+            for (room_id, next) in &next_by_room {
+                heads.insert(&room_id.0, *next).map_err(failed(OP))?;
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(())
+            }
+            Err(error) => {
+                // Nothing of the batch may remain; the original error wins.
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn read_range(
+        &self,
+        room_id: RoomId,
+        from_log_index: LogIndex,
+        count_max: usize,
+    ) -> Result<Vec<LogEntry>, ReadError> {
+        const OP: &str = "read_range";
+        let count_cap = read_count_cap(count_max);
+        let mut entries = Vec::new();
+        if count_cap == 0 {
+            return Ok(entries);
+        }
+        let txn = self.begin_read(OP)?;
+        let log = txn.open_table(LOG).map_err(failed(OP))?;
+        let low = log_key(room_id, from_log_index);
+        let high = log_key(room_id, LogIndex::MAX);
+        let mut bytes_total = 0usize;
+        for item in log.range::<&LogKey>(&low..=&high).map_err(failed(OP))?.take(count_cap) {
+            let (key, value) = item.map_err(failed(OP))?;
+            let frame = value.value();
+            if !read_bytes_allow(entries.len(), bytes_total, frame.len()) {
+                break;
+            }
+            bytes_total = bytes_total.saturating_add(frame.len());
+            entries.push(LogEntry {
+                room_id,
+                log_index: log_key_index(key.value()),
+                frame: Bytes::copy_from_slice(frame),
+            });
+        }
+        check_read_dense(room_id, from_log_index, &entries)?;
+        Ok(entries)
+    }
+
+    fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError> {
+        const OP: &str = "next_log_index";
+        let txn = self.begin_read(OP)?;
+        let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+        let next = heads.get(&room_id.0).map_err(failed(OP))?;
+        Ok(next.map_or(0, |guard| guard.value()))
+    }
+
+    fn room_heads(&self, after: Option<RoomId>, count_max: usize) -> Result<Vec<RoomHead>, ReadError> {
+        const OP: &str = "room_heads";
+        let count_cap = count_max.min(ROOM_HEADS_PAGE_MAX);
+        let mut out = Vec::new();
+        if count_cap == 0 {
+            return Ok(out);
+        }
+        let txn = self.begin_read(OP)?;
+        let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+        let after_key = after.map(|room| room.0);
+        let lower: Bound<&[u8; 16]> = match &after_key {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        let range = heads.range::<&[u8; 16]>((lower, Bound::Unbounded)).map_err(failed(OP))?;
+        for item in range.take(count_cap) {
+            let (key, value) = item.map_err(failed(OP))?;
+            out.push(RoomHead { room_id: RoomId(*key.value()), next_log_index: value.value() });
+        }
+        Ok(out)
+    }
+
+    fn put_key_packages(
+        &self,
+        user_id: UserId,
+        packages: &[KeyPackageUpload],
+        last_resort: Option<Bytes>,
+    ) -> Result<(), KeyPackageError> {
+        const OP: &str = "put_key_packages";
+        validate_key_package_upload(user_id, packages, last_resort.as_ref())?;
+        if packages.is_empty() && last_resort.is_none() {
+            return Ok(());
+        }
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<(), KeyPackageError> {
+            let mut table = txn.open_table(KEY_PACKAGES).map_err(failed(OP))?;
+            let (low, high) = key_package_key_bounds(user_id);
+            let mut stored = 0usize;
+            for item in table.range::<&KeyPackageKey>(&low..=&high).map_err(failed(OP))? {
+                item.map_err(failed(OP))?;
+                stored += 1;
+                if stored > KEY_PACKAGES_PER_USER_MAX {
+                    return Err(InvariantViolation(format!(
+                        "user {user_id} has more than {KEY_PACKAGES_PER_USER_MAX} key packages stored"
+                    ))
+                    .into());
+                }
+            }
+            let keys: Vec<KeyPackageKey> =
+                packages.iter().map(|package| key_package_key(user_id, &package.key_package_ref)).collect();
+            let mut added = 0usize;
+            for key in &keys {
+                if table.get(key).map_err(failed(OP))?.is_none() {
+                    added += 1;
+                }
+            }
+            if stored + added > KEY_PACKAGES_PER_USER_MAX {
+                return Err(KeyPackageError::TooMany {
+                    user_id,
+                    stored,
+                    added,
+                    max: KEY_PACKAGES_PER_USER_MAX,
+                });
+            }
+            for (key, package) in keys.iter().zip(packages) {
+                table.insert(key, package.key_package.as_ref()).map_err(failed(OP))?;
+            }
+            if let Some(last_resort) = &last_resort {
+                let mut table = txn.open_table(LAST_RESORT).map_err(failed(OP))?;
+                table.insert(user_id, last_resort.as_ref()).map_err(failed(OP))?;
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => txn.commit().map_err(failed(OP)).map_err(Into::into),
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
+        const OP: &str = "claim_key_package";
+        let txn = self.begin_write(OP)?;
+        let claimed = (|| -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
+            let mut table = txn.open_table(KEY_PACKAGES).map_err(failed(OP))?;
+            let (low, high) = key_package_key_bounds(user_id);
+            let first = match table.range::<&KeyPackageKey>(&low..=&high).map_err(failed(OP))?.next() {
+                Some(item) => {
+                    let (key, value) = item.map_err(failed(OP))?;
+                    Some((*key.value(), Bytes::copy_from_slice(value.value())))
+                }
+                None => None,
+            };
+            if let Some((key, key_package)) = first {
+                table.remove(&key).map_err(failed(OP))?;
+                return Ok(Some(ClaimedKeyPackage { key_package, is_last_resort: false }));
+            }
+            let last_resort = txn.open_table(LAST_RESORT).map_err(failed(OP))?;
+            let found = last_resort.get(user_id).map_err(failed(OP))?;
+            Ok(found.map(|guard| ClaimedKeyPackage {
+                key_package: Bytes::copy_from_slice(guard.value()),
+                is_last_resort: true,
+            }))
+        })();
+        match claimed {
+            // An ordinary package is deleted durably before it is handed out.
+            Ok(Some(claimed)) if !claimed.is_last_resort => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(Some(claimed))
+            }
+            // Nothing changed: no commit (and no sync) needed.
+            Ok(other) => {
+                abort(txn, OP)?;
+                Ok(other)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {
+        const OP: &str = "count_key_packages";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(KEY_PACKAGES).map_err(failed(OP))?;
+        let (low, high) = key_package_key_bounds(user_id);
+        let mut ordinary = 0u64;
+        for item in table.range::<&KeyPackageKey>(&low..=&high).map_err(failed(OP))? {
+            item.map_err(failed(OP))?;
+            ordinary += 1;
+            if ordinary > KEY_PACKAGES_PER_USER_MAX as u64 {
+                return Err(InvariantViolation(format!(
+                    "user {user_id} has more than {KEY_PACKAGES_PER_USER_MAX} key packages stored"
+                ))
+                .into());
+            }
+        }
+        let last_resort = txn.open_table(LAST_RESORT).map_err(failed(OP))?;
+        let has_last_resort = last_resort.get(user_id).map_err(failed(OP))?.is_some();
+        Ok(KeyPackageCount { ordinary, has_last_resort })
+    }
+
+    fn put_group_info(&self, room_id: RoomId, record: &GroupInfoRecord) -> Result<(), GroupInfoError> {
+        const OP: &str = "put_group_info";
+        validate_group_info(record)?;
+        let txn = self.begin_write(OP)?;
+        {
+            let mut table = txn.open_table(GROUP_INFO).map_err(failed(OP))?;
+            table.insert(&room_id.0, (record.epoch, record.group_info.as_ref())).map_err(failed(OP))?;
+        }
+        txn.commit().map_err(failed(OP))?;
+        Ok(())
+    }
+
+    fn group_info(&self, room_id: RoomId) -> Result<Option<GroupInfoRecord>, GroupInfoError> {
+        const OP: &str = "group_info";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(GROUP_INFO).map_err(failed(OP))?;
+        let found = table.get(&room_id.0).map_err(failed(OP))?;
+        Ok(found.map(|guard| {
+            let (epoch, group_info) = guard.value();
+            GroupInfoRecord { epoch, group_info: Bytes::copy_from_slice(group_info) }
+        }))
+    }
+
+    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
+        const OP: &str = "put_welcome";
+        validate_welcome(&welcome)?;
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<WelcomeId, WelcomeError> {
+            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
+            let low = welcome_key(recipient_user_id, 0);
+            let high = welcome_key(recipient_user_id, WelcomeId::MAX);
+            let pending = table
+                .range::<&WelcomeKey>(&low..=&high)
+                .map_err(failed(OP))?
+                .take(WELCOMES_PER_RECIPIENT_MAX)
+                .count();
+            if pending >= WELCOMES_PER_RECIPIENT_MAX {
+                return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
+            }
+            let mut meta = txn.open_table(META).map_err(failed(OP))?;
+            let welcome_id =
+                meta.get(META_WELCOME_ID_NEXT).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            let welcome_id_next = welcome_id
+                .checked_add(1)
+                .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+            meta.insert(META_WELCOME_ID_NEXT, welcome_id_next).map_err(failed(OP))?;
+            table
+                .insert(&welcome_key(recipient_user_id, welcome_id), welcome.as_ref())
+                .map_err(failed(OP))?;
+            Ok(welcome_id)
+        })();
+        match outcome {
+            Ok(welcome_id) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(welcome_id)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
+        const OP: &str = "pending_welcomes";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(WELCOMES).map_err(failed(OP))?;
+        let low = welcome_key(recipient_user_id, 0);
+        let high = welcome_key(recipient_user_id, WelcomeId::MAX);
+        let mut out = Vec::new();
+        for item in
+            table.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))?.take(WELCOMES_PER_RECIPIENT_MAX)
+        {
+            let (key, value) = item.map_err(failed(OP))?;
+            out.push(PendingWelcome {
+                welcome_id: welcome_key_id(key.value()),
+                welcome: Bytes::copy_from_slice(value.value()),
+            });
+        }
+        Ok(out)
+    }
+
+    fn delete_welcomes_through(
+        &self,
+        recipient_user_id: UserId,
+        through_welcome_id: WelcomeId,
+    ) -> Result<usize, WelcomeError> {
+        const OP: &str = "delete_welcomes_through";
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<usize, WelcomeError> {
+            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
+            let low = welcome_key(recipient_user_id, 0);
+            let high = welcome_key(recipient_user_id, through_welcome_id);
+            let mut keys = Vec::new();
+            for item in
+                table.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))?.take(WELCOMES_PER_RECIPIENT_MAX)
+            {
+                let (key, _) = item.map_err(failed(OP))?;
+                keys.push(*key.value());
+            }
+            for key in &keys {
+                table.remove(key).map_err(failed(OP))?;
+            }
+            Ok(keys.len())
+        })();
+        match outcome {
+            Ok(0) => {
+                abort(txn, OP)?;
+                Ok(0)
+            }
+            Ok(removed) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(removed)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError> {
+        const OP: &str = "put_room_metadata";
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<(), RoomMetadataError> {
+            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            let next_log_index = heads.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            validate_room_metadata(room_id, metadata, next_log_index)?;
+            let mut table = txn.open_table(ROOM_METADATA).map_err(failed(OP))?;
+            table
+                .insert(
+                    &room_id.0,
+                    (
+                        metadata.creator_user_id,
+                        metadata.created_at_ms,
+                        metadata.mls_snapshot_log_index,
+                        metadata.mls_snapshot.as_ref(),
+                    ),
+                )
+                .map_err(failed(OP))?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(())
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
+        const OP: &str = "room_metadata";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(ROOM_METADATA).map_err(failed(OP))?;
+        let found = table.get(&room_id.0).map_err(failed(OP))?;
+        Ok(found.map(|guard| {
+            let (creator_user_id, created_at_ms, mls_snapshot_log_index, mls_snapshot) = guard.value();
+            RoomMetadata {
+                creator_user_id,
+                created_at_ms,
+                mls_snapshot: Bytes::copy_from_slice(mls_snapshot),
+                mls_snapshot_log_index,
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::suite::{entry, room};
+    use crate::store::ErrorKind;
+
+    fn temp_path() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("store.redb");
+        (dir, path)
+    }
+
+    #[test]
+    fn everything_survives_reopening() {
+        let (_dir, path) = temp_path();
+        let a = room(1);
+        let metadata = RoomMetadata {
+            creator_user_id: 1,
+            created_at_ms: 2,
+            mls_snapshot: Bytes::from_static(b"snap"),
+            mls_snapshot_log_index: 2,
+        };
+        let group_info = GroupInfoRecord { epoch: 3, group_info: Bytes::from_static(b"gi") };
+        let welcome_id;
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store.append_batch(&[entry(a, 0), entry(a, 1)]).unwrap();
+            store
+                .put_key_packages(
+                    4,
+                    &[KeyPackageUpload {
+                        key_package_ref: b"r".to_vec(),
+                        key_package: Bytes::from_static(b"kp"),
+                    }],
+                    Some(Bytes::from_static(b"lr")),
+                )
+                .unwrap();
+            store.put_group_info(a, &group_info).unwrap();
+            welcome_id = store.put_welcome(5, Bytes::from_static(b"w")).unwrap();
+            store.put_room_metadata(a, &metadata).unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.read_range(a, 0, 10).unwrap(), vec![entry(a, 0), entry(a, 1)]);
+        assert_eq!(store.room_heads(None, 10).unwrap(), vec![RoomHead { room_id: a, next_log_index: 2 }]);
+        assert_eq!(
+            store.count_key_packages(4).unwrap(),
+            KeyPackageCount { ordinary: 1, has_last_resort: true }
+        );
+        assert_eq!(store.group_info(a).unwrap(), Some(group_info));
+        assert_eq!(
+            store.pending_welcomes(5).unwrap(),
+            vec![PendingWelcome { welcome_id, welcome: Bytes::from_static(b"w") }]
+        );
+        assert_eq!(store.room_metadata(a).unwrap(), Some(metadata));
+        // Welcome ids keep increasing across restarts.
+        assert!(store.put_welcome(5, Bytes::from_static(b"w2")).unwrap() > welcome_id);
+        // A claim is durable: the package is gone after reopening.
+        assert!(!store.claim_key_package(4).unwrap().unwrap().is_last_resort);
+        drop(store);
+        let mut store = RedbStore::open(&path).unwrap();
+        assert!(store.claim_key_package(4).unwrap().unwrap().is_last_resort);
+        store.compact().unwrap();
+        assert_eq!(store.next_log_index(a).unwrap(), 2);
+    }
+
+    #[test]
+    fn refuses_another_schema_version() {
+        let (_dir, path) = temp_path();
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(META_SCHEMA_VERSION, SCHEMA_VERSION + 1).unwrap();
+            txn.commit().unwrap();
+        }
+        match RedbStore::open(&path) {
+            Err(OpenError::SchemaVersion { found, expected }) => {
+                assert_eq!((found, expected), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_a_file_that_is_not_a_database() {
+        let (_dir, path) = temp_path();
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        assert!(matches!(RedbStore::open(&path), Err(OpenError::Storage(_))));
+    }
+
+    #[test]
+    fn refuses_a_second_writer_on_the_same_file() {
+        let (_dir, path) = temp_path();
+        let _first = RedbStore::open(&path).unwrap();
+        let error = RedbStore::open(&path).unwrap_err();
+        assert!(matches!(error, OpenError::Storage(_)), "{error}");
+    }
+
+    /// A gap made behind the store's back is reported by the read-side
+    /// check, not returned as a short log.
+    #[test]
+    fn read_reports_a_gap_as_an_invariant_violation() {
+        let (_dir, path) = temp_path();
+        let a = room(1);
+        let store = RedbStore::open(&path).unwrap();
+        store.append_batch(&[entry(a, 0), entry(a, 1), entry(a, 2)]).unwrap();
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(LOG).unwrap().remove(&log_key(a, 1)).unwrap();
+            txn.commit().unwrap();
+        }
+        assert_eq!(store.read_range(a, 0, 1).unwrap(), vec![entry(a, 0)]);
+        let error = store.read_range(a, 0, 10).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Internal);
+        assert!(matches!(error, ReadError::Internal(_)));
+    }
+
+    #[test]
+    fn log_keys_order_by_room_then_index() {
+        let a = room(1);
+        assert!(log_key(a, 255) < log_key(a, 256));
+        assert!(log_key(a, u64::MAX) < log_key(room(2), 0));
+        assert_eq!(log_key_index(&log_key(a, 0x0102_0304_0506_0708)), 0x0102_0304_0506_0708);
+        assert!(welcome_key(1, u64::MAX) < welcome_key(2, 0));
+        assert_eq!(welcome_key_id(&welcome_key(9, 77)), 77);
+    }
+}

@@ -1,0 +1,613 @@
+//! One test suite for every [`Store`] implementation: each function takes a
+//! fresh store and is run for [`MemoryStore`] and [`RedbStore`] by the
+//! `store_suite!` macro below.
+
+use std::collections::{BTreeSet, HashMap};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::limits::*;
+use super::*;
+
+pub(crate) fn room(n: u8) -> RoomId {
+    let mut id = [0u8; 16];
+    id[0] = n;
+    id[15] = n.wrapping_mul(7);
+    RoomId(id)
+}
+
+pub(crate) fn frame(room_id: RoomId, log_index: LogIndex, bytes: usize) -> Bytes {
+    let mut out = Vec::with_capacity(bytes);
+    let seed = u64::from(room_id.0[0]) * 31 + log_index;
+    out.extend((0..bytes as u64).map(|i| ((seed + i) % 251).to_le_bytes()[0]));
+    Bytes::from(out)
+}
+
+pub(crate) fn entry(room_id: RoomId, log_index: LogIndex) -> LogEntry {
+    LogEntry { room_id, log_index, frame: frame(room_id, log_index, 40) }
+}
+
+fn entries(room_id: RoomId, indices: std::ops::Range<LogIndex>) -> Vec<LogEntry> {
+    indices.map(|i| entry(room_id, i)).collect()
+}
+
+fn kp(reference: &[u8], body: &str) -> KeyPackageUpload {
+    KeyPackageUpload { key_package_ref: reference.to_vec(), key_package: Bytes::from(body.to_owned()) }
+}
+
+fn snapshot(log_index: LogIndex) -> RoomMetadata {
+    RoomMetadata {
+        creator_user_id: 42,
+        created_at_ms: 1_700_000_000_000,
+        mls_snapshot: Bytes::from_static(b"public group state"),
+        mls_snapshot_log_index: log_index,
+    }
+}
+
+pub(crate) fn empty_store<S: Store>(store: &S) {
+    assert_eq!(store.next_log_index(room(1)).unwrap(), 0);
+    assert!(store.read_range(room(1), 0, 10).unwrap().is_empty());
+    assert!(store.room_heads(None, 10).unwrap().is_empty());
+    assert_eq!(store.count_key_packages(1).unwrap(), KeyPackageCount::default());
+    assert!(store.claim_key_package(1).unwrap().is_none());
+    assert!(store.group_info(room(1)).unwrap().is_none());
+    assert!(store.pending_welcomes(1).unwrap().is_empty());
+    assert!(store.room_metadata(room(1)).unwrap().is_none());
+    store.append_batch(&[]).unwrap();
+    assert!(store.room_heads(None, 10).unwrap().is_empty());
+}
+
+pub(crate) fn append_and_read<S: Store>(store: &S) {
+    let a = room(1);
+    store.append_batch(&entries(a, 0..5)).unwrap();
+    store.append_batch(&entries(a, 5..8)).unwrap();
+    assert_eq!(store.next_log_index(a).unwrap(), 8);
+    assert_eq!(store.read_range(a, 0, 100).unwrap(), entries(a, 0..8));
+    assert_eq!(store.read_range(a, 3, 2).unwrap(), entries(a, 3..5));
+    assert_eq!(store.read_range(a, 7, 10).unwrap(), entries(a, 7..8));
+    assert!(store.read_range(a, 8, 10).unwrap().is_empty());
+    assert!(store.read_range(a, u64::MAX, 10).unwrap().is_empty());
+    assert!(store.read_range(a, 0, 0).unwrap().is_empty());
+    // A room with a prefix-sharing id is not mixed in.
+    let mut near = a;
+    near.0[15] ^= 1;
+    assert!(store.read_range(near, 0, 10).unwrap().is_empty());
+    assert_eq!(store.next_log_index(near).unwrap(), 0);
+}
+
+pub(crate) fn append_many_rooms_in_one_batch<S: Store>(store: &S) {
+    let (a, b, c) = (room(1), room(2), room(3));
+    store.append_batch(&entries(b, 0..2)).unwrap();
+    let batch = vec![entry(a, 0), entry(b, 2), entry(a, 1), entry(c, 0), entry(b, 3), entry(a, 2)];
+    store.append_batch(&batch).unwrap();
+    assert_eq!(store.read_range(a, 0, 10).unwrap(), entries(a, 0..3));
+    assert_eq!(store.read_range(b, 0, 10).unwrap(), entries(b, 0..4));
+    assert_eq!(store.read_range(c, 0, 10).unwrap(), entries(c, 0..1));
+    let heads = store.room_heads(None, 10).unwrap();
+    assert_eq!(
+        heads,
+        vec![
+            RoomHead { room_id: a, next_log_index: 3 },
+            RoomHead { room_id: b, next_log_index: 4 },
+            RoomHead { room_id: c, next_log_index: 1 },
+        ]
+    );
+}
+
+/// Every refused batch leaves every room (also the valid ones in it) as it
+/// was.
+pub(crate) fn append_refuses_non_dense<S: Store>(store: &S) {
+    let (a, b) = (room(1), room(2));
+    store.append_batch(&entries(a, 0..3)).unwrap();
+    let check_unchanged = |store: &S| {
+        assert_eq!(store.read_range(a, 0, 10).unwrap(), entries(a, 0..3));
+        assert_eq!(store.next_log_index(a).unwrap(), 3);
+        assert_eq!(store.next_log_index(b).unwrap(), 0);
+        assert!(store.read_range(b, 0, 10).unwrap().is_empty());
+    };
+    let cases: Vec<(Vec<LogEntry>, RoomId, LogIndex, LogIndex)> = vec![
+        // Gap at the start.
+        (vec![entry(b, 0), entry(a, 4)], a, 3, 4),
+        // Rewrite of a stored index.
+        (vec![entry(b, 0), entry(a, 2)], a, 3, 2),
+        // Repeated index.
+        (vec![entry(a, 3), entry(a, 3)], a, 4, 3),
+        // Gap in the middle.
+        (vec![entry(a, 3), entry(a, 4), entry(a, 6)], a, 5, 6),
+        // Decreasing.
+        (vec![entry(a, 3), entry(a, 4), entry(b, 0), entry(a, 3)], a, 5, 3),
+        // New room not starting at 0, after a valid room.
+        (vec![entry(a, 3), entry(b, 1)], b, 0, 1),
+    ];
+    for (batch, bad_room, expected, found) in cases {
+        let error = store.append_batch(&batch).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+        assert_eq!(error.offending_room(), Some(bad_room));
+        match error {
+            AppendError::IndexNotDense { room_id, expected_log_index, found_log_index } => {
+                assert_eq!((room_id, expected_log_index, found_log_index), (bad_room, expected, found));
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        check_unchanged(store);
+    }
+    // The store is still usable afterwards.
+    store.append_batch(&[entry(b, 0), entry(a, 3)]).unwrap();
+    assert_eq!(store.next_log_index(a).unwrap(), 4);
+}
+
+pub(crate) fn append_refuses_oversized_entry<S: Store>(store: &S) {
+    let a = room(1);
+    let b = room(2);
+    let big = LogEntry { room_id: a, log_index: 0, frame: frame(a, 0, LOG_ENTRY_BYTES_MAX + 1) };
+    let error = store.append_batch(&[entry(b, 0), big]).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(matches!(
+        error,
+        AppendError::EntryTooLarge { room_id, log_index: 0, frame_bytes, frame_bytes_max }
+            if room_id == a && frame_bytes == LOG_ENTRY_BYTES_MAX + 1 && frame_bytes_max == LOG_ENTRY_BYTES_MAX
+    ));
+    assert_eq!(store.next_log_index(b).unwrap(), 0);
+    // Exactly the limit is accepted and read back whole.
+    let max = LogEntry { room_id: a, log_index: 0, frame: frame(a, 0, LOG_ENTRY_BYTES_MAX) };
+    store.append_batch(std::slice::from_ref(&max)).unwrap();
+    assert_eq!(store.read_range(a, 0, 1).unwrap(), vec![max]);
+}
+
+pub(crate) fn read_range_caps<S: Store>(store: &S) {
+    let a = room(1);
+    let total = READ_RANGE_ENTRIES_MAX as u64 + 10;
+    store.append_batch(&entries(a, 0..total)).unwrap();
+    let read = store.read_range(a, 0, usize::MAX).unwrap();
+    assert_eq!(read.len(), READ_RANGE_ENTRIES_MAX);
+    assert_eq!(read, entries(a, 0..READ_RANGE_ENTRIES_MAX as u64));
+    let rest = store.read_range(a, READ_RANGE_ENTRIES_MAX as u64, usize::MAX).unwrap();
+    assert_eq!(rest, entries(a, READ_RANGE_ENTRIES_MAX as u64..total));
+
+    // Byte cap: entries of a quarter of the byte budget, five stored.
+    let b = room(2);
+    let quarter = READ_RANGE_BYTES_MAX / 4;
+    let big: Vec<LogEntry> =
+        (0..5).map(|i| LogEntry { room_id: b, log_index: i, frame: frame(b, i, quarter) }).collect();
+    store.append_batch(&big).unwrap();
+    let read = store.read_range(b, 0, 100).unwrap();
+    assert_eq!(read, big[..4].to_vec());
+    // A single entry larger than what is left of the budget still comes back.
+    let c = room(3);
+    let huge: Vec<LogEntry> = (0..3)
+        .map(|i| LogEntry { room_id: c, log_index: i, frame: frame(c, i, LOG_ENTRY_BYTES_MAX) })
+        .collect();
+    store.append_batch(&huge).unwrap();
+    assert_eq!(READ_RANGE_BYTES_MAX / LOG_ENTRY_BYTES_MAX, 2, "the test assumes two maximal entries fit");
+    assert_eq!(store.read_range(c, 0, 100).unwrap(), huge[..2].to_vec());
+    assert_eq!(store.read_range(c, 2, 100).unwrap(), huge[2..].to_vec());
+}
+
+pub(crate) fn room_heads_paging<S: Store>(store: &S) {
+    for n in [5u8, 1, 4, 2, 3] {
+        store.append_batch(&entries(room(n), 0..u64::from(n))).unwrap();
+    }
+    let all = store.room_heads(None, usize::MAX).unwrap();
+    let expected: Vec<RoomHead> =
+        (1..=5u8).map(|n| RoomHead { room_id: room(n), next_log_index: u64::from(n) }).collect();
+    assert_eq!(all, expected);
+    assert!(store.room_heads(None, 0).unwrap().is_empty());
+    let mut paged = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let page = store.room_heads(after, 2).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = page.last().map(|head| head.room_id);
+        paged.extend(page);
+    }
+    assert_eq!(paged, expected);
+    assert!(store.room_heads(Some(room(5)), 10).unwrap().is_empty());
+}
+
+pub(crate) fn key_packages_claimed_once<S: Store>(store: &S) {
+    let user = 7u64;
+    let uploads = vec![kp(b"ref-a", "A"), kp(b"ref-bb", "B"), kp(&[0xff; 64], "C")];
+    store.put_key_packages(user, &uploads, Some(Bytes::from_static(b"LR"))).unwrap();
+    assert_eq!(
+        store.count_key_packages(user).unwrap(),
+        KeyPackageCount { ordinary: 3, has_last_resort: true }
+    );
+    // Neighbouring users (including the extreme ids) are separate.
+    store.put_key_packages(user + 1, &[kp(b"ref-a", "other")], None).unwrap();
+    store.put_key_packages(u64::MAX, &[kp(b"x", "max")], None).unwrap();
+    store.put_key_packages(0, &[kp(b"x", "zero")], None).unwrap();
+
+    let mut claimed = BTreeSet::new();
+    for _ in 0..3 {
+        let got = store.claim_key_package(user).unwrap().expect("an ordinary package is left");
+        assert!(!got.is_last_resort);
+        assert!(claimed.insert(got.key_package), "a package was handed out twice");
+    }
+    let expected: BTreeSet<Bytes> = uploads.iter().map(|u| u.key_package.clone()).collect();
+    assert_eq!(claimed, expected);
+    assert_eq!(
+        store.count_key_packages(user).unwrap(),
+        KeyPackageCount { ordinary: 0, has_last_resort: true }
+    );
+    // The last resort is reusable.
+    for _ in 0..2 {
+        let got = store.claim_key_package(user).unwrap().unwrap();
+        assert_eq!(got, ClaimedKeyPackage { key_package: Bytes::from_static(b"LR"), is_last_resort: true });
+    }
+    assert_eq!(
+        store.count_key_packages(user).unwrap(),
+        KeyPackageCount { ordinary: 0, has_last_resort: true }
+    );
+    // Others untouched.
+    assert_eq!(store.count_key_packages(user + 1).unwrap().ordinary, 1);
+    assert_eq!(store.claim_key_package(u64::MAX).unwrap().unwrap().key_package, Bytes::from_static(b"max"));
+    assert_eq!(store.claim_key_package(0).unwrap().unwrap().key_package, Bytes::from_static(b"zero"));
+    assert!(store.claim_key_package(u64::MAX).unwrap().is_none());
+    // A user without a last resort runs dry.
+    assert_eq!(store.claim_key_package(user + 1).unwrap().unwrap().key_package, Bytes::from_static(b"other"));
+    assert!(store.claim_key_package(user + 1).unwrap().is_none());
+}
+
+pub(crate) fn key_packages_replace_and_last_resort<S: Store>(store: &S) {
+    let user = 3u64;
+    store.put_key_packages(user, &[kp(b"r1", "old"), kp(b"r2", "two")], None).unwrap();
+    // Same reference replaces the package, does not add one.
+    store.put_key_packages(user, &[kp(b"r1", "new")], None).unwrap();
+    assert_eq!(
+        store.count_key_packages(user).unwrap(),
+        KeyPackageCount { ordinary: 2, has_last_resort: false }
+    );
+    // Nothing to do.
+    store.put_key_packages(user, &[], None).unwrap();
+    // Last resort alone, then replaced.
+    store.put_key_packages(user, &[], Some(Bytes::from_static(b"lr1"))).unwrap();
+    store.put_key_packages(user, &[], Some(Bytes::from_static(b"lr2"))).unwrap();
+    let mut got = BTreeSet::new();
+    got.insert(store.claim_key_package(user).unwrap().unwrap().key_package);
+    got.insert(store.claim_key_package(user).unwrap().unwrap().key_package);
+    assert_eq!(got, [Bytes::from_static(b"new"), Bytes::from_static(b"two")].into_iter().collect());
+    let last = store.claim_key_package(user).unwrap().unwrap();
+    assert_eq!(last, ClaimedKeyPackage { key_package: Bytes::from_static(b"lr2"), is_last_resort: true });
+}
+
+pub(crate) fn key_packages_refused<S: Store>(store: &S) {
+    let user = 9u64;
+    let fill: Vec<KeyPackageUpload> =
+        (0..KEY_PACKAGES_PER_USER_MAX).map(|i| kp(&(i as u64).to_be_bytes(), "p")).collect();
+    store.put_key_packages(user, &fill[..KEY_PACKAGES_PER_USER_MAX - 1], None).unwrap();
+    // One over the limit: refused whole, the last resort in it included.
+    let error = store
+        .put_key_packages(user, &[kp(b"new-1", "x"), kp(b"new-2", "y")], Some(Bytes::from_static(b"lr")))
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(matches!(
+        error,
+        KeyPackageError::TooMany { user_id: 9, stored, added: 2, max }
+            if stored == KEY_PACKAGES_PER_USER_MAX - 1 && max == KEY_PACKAGES_PER_USER_MAX
+    ));
+    let count = store.count_key_packages(user).unwrap();
+    assert_eq!(
+        count,
+        KeyPackageCount { ordinary: KEY_PACKAGES_PER_USER_MAX as u64 - 1, has_last_resort: false }
+    );
+    // Replacing stored ones plus one new fits exactly.
+    store.put_key_packages(user, &fill, None).unwrap();
+    assert_eq!(store.count_key_packages(user).unwrap().ordinary, KEY_PACKAGES_PER_USER_MAX as u64);
+    // An upload that alone exceeds the limit.
+    let mut over = fill.clone();
+    over.push(kp(b"one-more", "z"));
+    let error = store.put_key_packages(user + 1, &over, None).unwrap_err();
+    assert!(matches!(error, KeyPackageError::TooMany { user_id: 10, .. }));
+    assert_eq!(store.count_key_packages(user + 1).unwrap(), KeyPackageCount::default());
+
+    let other = 20u64;
+    let too_big = Bytes::from(vec![0u8; KEY_PACKAGE_BYTES_MAX + 1]);
+    let error = store
+        .put_key_packages(
+            other,
+            &[
+                kp(b"ok", "fine"),
+                KeyPackageUpload { key_package_ref: b"big".to_vec(), key_package: too_big.clone() },
+            ],
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(error, KeyPackageError::PackageTooLarge { bytes, bytes_max }
+        if bytes == KEY_PACKAGE_BYTES_MAX + 1 && bytes_max == KEY_PACKAGE_BYTES_MAX));
+    let error = store.put_key_packages(other, &[kp(b"ok", "fine")], Some(too_big)).unwrap_err();
+    assert!(matches!(error, KeyPackageError::PackageTooLarge { .. }));
+    let error = store.put_key_packages(other, &[kp(b"", "empty ref")], None).unwrap_err();
+    assert!(matches!(error, KeyPackageError::RefLength { bytes: 0, .. }));
+    let error =
+        store.put_key_packages(other, &[kp(&[1; KEY_PACKAGE_REF_BYTES_MAX + 1], "long")], None).unwrap_err();
+    assert!(matches!(error, KeyPackageError::RefLength { bytes, bytes_max }
+        if bytes == KEY_PACKAGE_REF_BYTES_MAX + 1 && bytes_max == KEY_PACKAGE_REF_BYTES_MAX));
+    let error = store.put_key_packages(other, &[kp(b"same", "1"), kp(b"same", "2")], None).unwrap_err();
+    assert!(matches!(error, KeyPackageError::DuplicateRef));
+    for error in [
+        KeyPackageError::DuplicateRef,
+        KeyPackageError::RefLength { bytes: 0, bytes_max: 1 },
+        KeyPackageError::PackageTooLarge { bytes: 2, bytes_max: 1 },
+    ] {
+        assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    }
+    assert_eq!(store.count_key_packages(other).unwrap(), KeyPackageCount::default());
+    assert!(store.claim_key_package(other).unwrap().is_none());
+}
+
+pub(crate) fn group_info_put_get<S: Store>(store: &S) {
+    let a = room(1);
+    let v5 = GroupInfoRecord { epoch: 5, group_info: Bytes::from_static(b"gi-5") };
+    store.put_group_info(a, &v5).unwrap();
+    assert_eq!(store.group_info(a).unwrap(), Some(v5));
+    assert!(store.group_info(room(2)).unwrap().is_none());
+    // Replacement, also to an earlier epoch (rollback of a voided commit).
+    let v4 = GroupInfoRecord { epoch: 4, group_info: Bytes::from_static(b"gi-4") };
+    store.put_group_info(a, &v4).unwrap();
+    assert_eq!(store.group_info(a).unwrap(), Some(v4.clone()));
+    let big = GroupInfoRecord { epoch: 6, group_info: Bytes::from(vec![0u8; GROUP_INFO_BYTES_MAX + 1]) };
+    let error = store.put_group_info(a, &big).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(matches!(error, GroupInfoError::TooLarge { bytes, bytes_max }
+        if bytes == GROUP_INFO_BYTES_MAX + 1 && bytes_max == GROUP_INFO_BYTES_MAX));
+    assert_eq!(store.group_info(a).unwrap(), Some(v4));
+}
+
+pub(crate) fn welcomes_two_step<S: Store>(store: &S) {
+    let (alice, bob) = (5u64, 6u64);
+    let w1 = store.put_welcome(alice, Bytes::from_static(b"w1")).unwrap();
+    let wb = store.put_welcome(bob, Bytes::from_static(b"wb")).unwrap();
+    let w2 = store.put_welcome(alice, Bytes::from_static(b"w2")).unwrap();
+    assert!(w1 < wb && wb < w2, "ids increase in storing order");
+    let pending = store.pending_welcomes(alice).unwrap();
+    assert_eq!(
+        pending,
+        vec![
+            PendingWelcome { welcome_id: w1, welcome: Bytes::from_static(b"w1") },
+            PendingWelcome { welcome_id: w2, welcome: Bytes::from_static(b"w2") },
+        ]
+    );
+    // Listing does not remove.
+    assert_eq!(store.pending_welcomes(alice).unwrap().len(), 2);
+    // A Welcome stored after the listing survives the acknowledgement.
+    let w3 = store.put_welcome(alice, Bytes::from_static(b"w3")).unwrap();
+    assert_eq!(store.delete_welcomes_through(alice, pending[1].welcome_id).unwrap(), 2);
+    assert_eq!(
+        store.pending_welcomes(alice).unwrap(),
+        vec![PendingWelcome { welcome_id: w3, welcome: Bytes::from_static(b"w3") }]
+    );
+    assert_eq!(store.delete_welcomes_through(alice, w2).unwrap(), 0);
+    assert_eq!(store.delete_welcomes_through(alice, w3).unwrap(), 1);
+    assert!(store.pending_welcomes(alice).unwrap().is_empty());
+    // Ids are never reused, even once a recipient's queue is empty.
+    let w4 = store.put_welcome(alice, Bytes::from_static(b"w4")).unwrap();
+    assert!(w4 > w3);
+    assert_eq!(
+        store.delete_welcomes_through(alice, w3).unwrap(),
+        0,
+        "an old acknowledgement removes nothing new"
+    );
+    // Bob untouched throughout.
+    assert_eq!(
+        store.pending_welcomes(bob).unwrap(),
+        vec![PendingWelcome { welcome_id: wb, welcome: Bytes::from_static(b"wb") }]
+    );
+}
+
+pub(crate) fn welcomes_refused<S: Store>(store: &S) {
+    let carol = 11u64;
+    for i in 0..WELCOMES_PER_RECIPIENT_MAX {
+        store.put_welcome(carol, Bytes::from(format!("w{i}"))).unwrap();
+    }
+    let error = store.put_welcome(carol, Bytes::from_static(b"one too many")).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(
+        matches!(error, WelcomeError::TooMany { recipient_user_id: 11, max } if max == WELCOMES_PER_RECIPIENT_MAX)
+    );
+    let pending = store.pending_welcomes(carol).unwrap();
+    assert_eq!(pending.len(), WELCOMES_PER_RECIPIENT_MAX);
+    assert_eq!(pending.last().unwrap().welcome, Bytes::from(format!("w{}", WELCOMES_PER_RECIPIENT_MAX - 1)));
+    // Others are not affected by carol's full queue.
+    store.put_welcome(carol + 1, Bytes::from_static(b"ok")).unwrap();
+    let error = store.put_welcome(carol + 1, Bytes::from(vec![0u8; WELCOME_BYTES_MAX + 1])).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(matches!(error, WelcomeError::TooLarge { bytes, bytes_max }
+        if bytes == WELCOME_BYTES_MAX + 1 && bytes_max == WELCOME_BYTES_MAX));
+    assert_eq!(store.pending_welcomes(carol + 1).unwrap().len(), 1);
+    // After delivery, there is room again.
+    let last = pending.last().unwrap().welcome_id;
+    assert_eq!(store.delete_welcomes_through(carol, last).unwrap(), WELCOMES_PER_RECIPIENT_MAX);
+    store.put_welcome(carol, Bytes::from_static(b"again")).unwrap();
+}
+
+pub(crate) fn room_metadata_put_get<S: Store>(store: &S) {
+    let a = room(1);
+    // A new room: snapshot at index 0.
+    store.put_room_metadata(a, &snapshot(0)).unwrap();
+    assert_eq!(store.room_metadata(a).unwrap(), Some(snapshot(0)));
+    let error = store.put_room_metadata(a, &snapshot(1)).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(
+        matches!(error, RoomMetadataError::SnapshotAheadOfLog { room_id, snapshot_log_index: 1, next_log_index: 0 }
+        if room_id == a)
+    );
+    store.append_batch(&entries(a, 0..3)).unwrap();
+    store.put_room_metadata(a, &snapshot(3)).unwrap();
+    assert_eq!(store.room_metadata(a).unwrap(), Some(snapshot(3)));
+    assert!(matches!(
+        store.put_room_metadata(a, &snapshot(4)).unwrap_err(),
+        RoomMetadataError::SnapshotAheadOfLog { snapshot_log_index: 4, next_log_index: 3, .. }
+    ));
+    let mut big = snapshot(2);
+    big.mls_snapshot = Bytes::from(vec![0u8; MLS_SNAPSHOT_BYTES_MAX + 1]);
+    let error = store.put_room_metadata(a, &big).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert!(matches!(error, RoomMetadataError::SnapshotTooLarge { bytes, bytes_max }
+        if bytes == MLS_SNAPSHOT_BYTES_MAX + 1 && bytes_max == MLS_SNAPSHOT_BYTES_MAX));
+    assert_eq!(store.room_metadata(a).unwrap(), Some(snapshot(3)));
+    assert!(store.room_metadata(room(2)).unwrap().is_none());
+}
+
+/// Random interleaving of valid and invalid batches over several rooms,
+/// checked against a model after every step. The seed is fixed.
+pub(crate) fn randomized_interleaving<S: Store>(store: &S) {
+    const ROOMS: u8 = 6;
+    const STEPS: usize = 300;
+    let mut rng = StdRng::seed_from_u64(0x6b61_6c61_6e64_7261);
+    let mut model: HashMap<RoomId, Vec<Bytes>> = HashMap::new();
+    let mut refused = 0usize;
+    for step in 0..STEPS {
+        let mut batch = Vec::new();
+        let mut next: HashMap<RoomId, u64> = HashMap::new();
+        for _ in 0..rng.gen_range(1..12) {
+            let room_id = room(rng.gen_range(1..=ROOMS));
+            let index =
+                next.entry(room_id).or_insert_with(|| model.get(&room_id).map_or(0, |log| log.len() as u64));
+            let bytes = rng.gen_range(0..300);
+            batch.push(LogEntry { room_id, log_index: *index, frame: frame(room_id, *index, bytes) });
+            *index += 1;
+        }
+        // One batch in five gets one index corrupted.
+        let corrupt = rng.gen_bool(0.2);
+        if corrupt {
+            let victim = rng.gen_range(0..batch.len());
+            let delta = rng.gen_range(1..3u64);
+            let entry = &mut batch[victim];
+            entry.log_index = if entry.log_index >= delta && rng.gen_bool(0.5) {
+                entry.log_index - delta
+            } else {
+                entry.log_index + delta
+            };
+        }
+        match store.append_batch(&batch) {
+            Ok(()) => {
+                assert!(!corrupt, "step {step}: corrupted batch accepted");
+                for entry in &batch {
+                    model.entry(entry.room_id).or_default().push(entry.frame.clone());
+                }
+            }
+            Err(error) => {
+                assert!(corrupt, "step {step}: valid batch refused: {error}");
+                assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+                refused += 1;
+            }
+        }
+        // Check a random read of a random room, and every head.
+        let room_id = room(rng.gen_range(1..=ROOMS));
+        let log = model.get(&room_id).cloned().unwrap_or_default();
+        let from = rng.gen_range(0..=log.len());
+        let count = rng.gen_range(0..20);
+        let read = store.read_range(room_id, from as u64, count).unwrap();
+        let expected: Vec<LogEntry> = log[from..]
+            .iter()
+            .take(count)
+            .enumerate()
+            .map(|(i, frame)| LogEntry { room_id, log_index: (from + i) as u64, frame: frame.clone() })
+            .collect();
+        assert_eq!(read, expected, "step {step}");
+        for n in 1..=ROOMS {
+            let len = model.get(&room(n)).map_or(0, Vec::len) as u64;
+            assert_eq!(store.next_log_index(room(n)).unwrap(), len, "step {step}");
+        }
+    }
+    assert!(refused > 20, "the corruption branch ran ({refused} refused)");
+    for (room_id, log) in &model {
+        let read = store.read_range(*room_id, 0, usize::MAX).unwrap();
+        assert_eq!(read.len(), log.len());
+        assert!(read.iter().zip(log).all(|(entry, frame)| entry.frame == *frame));
+    }
+    let heads = store.room_heads(None, usize::MAX).unwrap();
+    assert_eq!(heads.len(), model.values().filter(|log| !log.is_empty()).count());
+}
+
+macro_rules! store_suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+
+            macro_rules! case {
+                ($name:ident) => {
+                    #[test]
+                    fn $name() {
+                        let (store, _guard) = $make;
+                        super::$name(&store);
+                    }
+                };
+            }
+
+            case!(empty_store);
+            case!(append_and_read);
+            case!(append_many_rooms_in_one_batch);
+            case!(append_refuses_non_dense);
+            case!(append_refuses_oversized_entry);
+            case!(read_range_caps);
+            case!(room_heads_paging);
+            case!(key_packages_claimed_once);
+            case!(key_packages_replace_and_last_resort);
+            case!(key_packages_refused);
+            case!(group_info_put_get);
+            case!(welcomes_two_step);
+            case!(welcomes_refused);
+            case!(room_metadata_put_get);
+            case!(randomized_interleaving);
+        }
+    };
+}
+
+store_suite!(memory_store, (MemoryStore::new(), ()));
+store_suite!(redb_store, {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = RedbStore::open(dir.path().join("store.redb")).expect("open redb");
+    (store, dir)
+});
+
+#[test]
+fn validate_batch_reports_index_overflow() {
+    let a = room(1);
+    let batch = [LogEntry { room_id: a, log_index: u64::MAX, frame: Bytes::new() }];
+    let error = validate_batch(&batch, |_| Ok::<_, AppendError>(u64::MAX)).unwrap_err();
+    assert!(matches!(error, AppendError::IndexOverflow { room_id } if room_id == a));
+    assert_eq!(error.kind(), ErrorKind::CallerMisuse);
+    assert_eq!(error.offending_room(), Some(a));
+    // The one before the last index is fine.
+    let batch = [LogEntry { room_id: a, log_index: u64::MAX - 1, frame: Bytes::new() }];
+    let next = validate_batch(&batch, |_| Ok::<_, AppendError>(u64::MAX - 1)).unwrap();
+    assert_eq!(next.get(&a), Some(&u64::MAX));
+}
+
+#[test]
+fn check_read_dense_reports_gaps_and_strangers() {
+    let a = room(1);
+    assert!(check_read_dense(a, 3, &[entry(a, 3), entry(a, 4)]).is_ok());
+    assert!(check_read_dense(a, 3, &[]).is_ok());
+    assert!(check_read_dense(a, 3, &[entry(a, 4)]).is_err());
+    assert!(check_read_dense(a, 3, &[entry(a, 3), entry(a, 5)]).is_err());
+    assert!(check_read_dense(a, 0, &[entry(room(2), 0)]).is_err());
+    let error: ReadError = check_read_dense(a, 0, &[entry(a, 1)]).unwrap_err().into();
+    assert_eq!(error.kind(), ErrorKind::Internal);
+}
+
+#[test]
+fn error_kinds_of_storage_and_internal_failures() {
+    let storage = StorageFailure::new("test", std::io::Error::other("disk on fire"));
+    assert!(storage.to_string().contains("disk on fire"));
+    let internal = InvariantViolation("broken".to_owned());
+    assert_eq!(AppendError::from(storage.clone()).kind(), ErrorKind::Storage);
+    assert_eq!(AppendError::from(storage.clone()).offending_room(), None);
+    assert_eq!(AppendError::from(internal.clone()).kind(), ErrorKind::Internal);
+    assert_eq!(ReadError::from(storage.clone()).kind(), ErrorKind::Storage);
+    assert_eq!(KeyPackageError::from(storage.clone()).kind(), ErrorKind::Storage);
+    assert_eq!(KeyPackageError::from(internal.clone()).kind(), ErrorKind::Internal);
+    assert_eq!(GroupInfoError::from(storage.clone()).kind(), ErrorKind::Storage);
+    assert_eq!(GroupInfoError::from(internal.clone()).kind(), ErrorKind::Internal);
+    assert_eq!(WelcomeError::from(storage.clone()).kind(), ErrorKind::Storage);
+    assert_eq!(WelcomeError::from(internal.clone()).kind(), ErrorKind::Internal);
+    assert_eq!(RoomMetadataError::from(storage).kind(), ErrorKind::Storage);
+    assert_eq!(RoomMetadataError::from(internal).kind(), ErrorKind::Internal);
+}

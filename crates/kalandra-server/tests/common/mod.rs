@@ -1,0 +1,325 @@
+//! An in-process server on loopback and MLS-speaking test clients.
+#![allow(dead_code, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use client_core::connection::{client_config_pinned, parse_fingerprint, Connection, ConnectionError};
+use client_core::mls::{
+    generate_key_packages, generate_last_resort_key_package, Identity, MlsProvider, RoomGroup,
+};
+use ed25519_dalek::SigningKey;
+use kalandra_proto::payload::{
+    Ack, Application, Commit, CreateRoom, Error, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus,
+    KeyPackageUpload, Subscribe, SyncDone, Welcome,
+};
+use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
+use kalandra_server::connection::{ConnectionLimits, Listener};
+use kalandra_server::metrics::Metrics;
+use kalandra_server::node::{Clock, Node};
+use kalandra_server::room_group::MlsRoomGroup;
+use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
+use kalandra_server::store::{RedbStore, Store};
+use kalandra_server::tls::{load_or_create_server_identity, quinn_server_config};
+use tokio::sync::watch;
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn now_ms() -> u64 {
+    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+pub fn default_limits() -> ConnectionLimits {
+    ConnectionLimits {
+        frames_per_second_per_connection: 10_000,
+        frames_burst_per_connection: 10_000,
+        frames_per_second_per_user: 10_000,
+        frames_burst_per_user: 10_000,
+        rooms_per_user_max: 100,
+        connections_per_address_max: 64,
+        send_queue_frames_max: 4096,
+        payload_bytes_max: kalandra_proto::limits::PAYLOAD_BYTES_MAX,
+        handshake_timeout_ms: 5_000,
+    }
+}
+
+pub struct TestServer {
+    pub address: SocketAddr,
+    pub fingerprint: [u8; 32],
+    pub node: Node,
+    pub data_dir: Option<tempfile::TempDir>,
+    stop: watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<()>,
+    group_commit: GroupCommit,
+}
+
+impl TestServer {
+    pub async fn start(limits: ConnectionLimits) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = TestServer::start_in(dir.path(), limits).await;
+        server.data_dir = Some(dir);
+        server
+    }
+
+    pub async fn start_in(path: &std::path::Path, limits: ConnectionLimits) -> TestServer {
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(path.join("kalandra.redb")).unwrap());
+        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
+        let identity = load_or_create_server_identity(path, None, None).unwrap();
+        let fingerprint = parse_fingerprint(&identity.fingerprint_sha256_hex()).unwrap();
+        let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
+        let clock: Clock = Arc::new(now_ms);
+        let node =
+            Node::start::<MlsRoomGroup>(Arc::clone(&store), group_commit.clone(), 2, Arc::clone(&clock))
+                .await
+                .unwrap();
+        let endpoint = quinn::Endpoint::server(
+            quinn_server_config(&identity, 30_000).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let address = endpoint.local_addr().unwrap();
+        let listener = Listener::new(
+            node.clone(),
+            store,
+            limits,
+            clock,
+            Metrics::new().unwrap(),
+            server_key.verifying_key().to_bytes(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let serving = tokio::spawn(listener.serve(endpoint, stopped));
+        TestServer { address, fingerprint, node, data_dir: None, stop, serving, group_commit }
+    }
+
+    pub async fn connect(&self, key: &SigningKey) -> Result<Connection, ConnectionError> {
+        Connection::connect(
+            self.address,
+            "localhost",
+            client_config_pinned(self.fingerprint).unwrap(),
+            key,
+            TIMEOUT,
+        )
+        .await
+    }
+
+    pub async fn stop(self) -> Option<tempfile::TempDir> {
+        let _ = self.stop.send(true);
+        let _ = self.serving.await;
+        self.node.shutdown().await;
+        self.group_commit.shutdown().await.unwrap();
+        self.data_dir
+    }
+}
+
+pub fn header(opcode: Opcode, room: RoomId, sender: SenderId, epoch: u64, request_id: u32) -> FrameHeaderBuf {
+    let mut header = FrameHeaderBuf::new(opcode);
+    header.set_room_id(room).set_sender_id(sender).set_epoch(epoch).set_request_id(request_id);
+    header
+}
+
+/// A device: identity, MLS state, connection.
+pub struct TestClient {
+    pub name: &'static str,
+    pub identity: Identity,
+    pub key: SigningKey,
+    pub provider: MlsProvider,
+    pub connection: Option<Connection>,
+    pub group: Option<RoomGroup>,
+    pub room: RoomId,
+}
+
+impl TestClient {
+    pub async fn connect(server: &TestServer, name: &'static str, seed: u8) -> TestClient {
+        let provider = MlsProvider::from_seed([seed; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let key = SigningKey::from_bytes(&identity.secret_bytes());
+        let connection = server.connect(&key).await.unwrap();
+        TestClient {
+            name,
+            identity,
+            key,
+            provider,
+            connection: Some(connection),
+            group: None,
+            room: RoomId::default(),
+        }
+    }
+
+    pub async fn reconnect(&mut self, server: &TestServer) {
+        self.connection = Some(server.connect(&self.key).await.unwrap());
+    }
+
+    pub async fn disconnect(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            connection.close().await;
+        }
+    }
+
+    pub fn conn(&mut self) -> &mut Connection {
+        self.connection.as_mut().expect("connected")
+    }
+
+    /// Sends a frame and waits for its reply.
+    pub async fn send_and_wait(&mut self, frame: &Frame) -> Frame {
+        self.conn().request(frame).await.unwrap()
+    }
+
+    pub fn sender(&self) -> SenderId {
+        SenderId::from_identity_key(self.key.verifying_key().as_bytes())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.group.as_ref().map_or(0, RoomGroup::epoch)
+    }
+
+    pub fn frame<P: Payload>(&mut self, payload: &P) -> Frame {
+        let request_id = self.conn().next_request_id();
+        let mut frame = Frame::with_payload(
+            header(P::OPCODE, self.room, self.sender(), self.epoch(), request_id),
+            payload,
+        )
+        .unwrap();
+        frame.sign(&self.key);
+        frame
+    }
+
+    pub async fn request<P: Payload>(&mut self, payload: &P) -> Frame {
+        let frame = self.frame(payload);
+        self.conn().request(&frame).await.unwrap()
+    }
+
+    pub async fn upload_key_packages(&mut self, count: usize) -> KeyPackageStatus {
+        let packages = generate_key_packages(&self.provider, &self.identity, count, now_ms() / 1000).unwrap();
+        let last_resort =
+            generate_last_resort_key_package(&self.provider, &self.identity, now_ms() / 1000).unwrap();
+        let upload = KeyPackageUpload {
+            key_packages: packages.into_iter().map(|p| p.message.into()).collect(),
+            last_resort: Some(last_resort.message),
+        };
+        let reply = self.request(&upload).await;
+        decode_ok(&reply)
+    }
+
+    pub async fn create_room(&mut self, room: RoomId) -> Ack {
+        self.room = room;
+        let server_key = self.conn().server_key();
+        let (group, created) =
+            RoomGroup::create(&self.provider, &self.identity, room.0, &server_key, now_ms() / 1000).unwrap();
+        self.group = Some(group);
+        let reply = self
+            .request(&CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree })
+            .await;
+        decode_ok(&reply)
+    }
+
+    pub async fn claim(&mut self, members: &[SenderId]) -> Vec<Vec<u8>> {
+        let reply =
+            self.request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect() }).await;
+        let claimed: KeyPackageClaimed = decode_ok(&reply);
+        claimed.key_packages.into_iter().map(|entry| entry.key_package.expect("a key package")).collect()
+    }
+
+    /// Adds members by claiming their key packages; returns the server's answer.
+    pub async fn add(&mut self, members: &[SenderId]) -> Frame {
+        let key_packages = self.claim(members).await;
+        let refs: Vec<&[u8]> = key_packages.iter().map(Vec::as_slice).collect();
+        let output = self.group.as_mut().unwrap().add_members(&self.provider, &self.identity, &refs).unwrap();
+        let commit = Commit {
+            commit: output.commit,
+            welcome: output.welcome,
+            welcome_recipients: members.iter().map(|s| s.0).collect(),
+            group_info: Some(output.group_info),
+        };
+        let reply = self.request(&commit).await;
+        self.settle_commit(&reply);
+        reply
+    }
+
+    /// Confirms or discards our pending commit according to the server's answer.
+    pub fn settle_commit(&mut self, reply: &Frame) {
+        let group = self.group.as_mut().unwrap();
+        if reply.opcode() == Opcode::Ack {
+            group.confirm_pending_commit(&self.provider).unwrap();
+        } else {
+            group.discard_pending_commit(&self.provider).unwrap();
+        }
+    }
+
+    pub async fn self_update(&mut self) -> Frame {
+        let output = self.group.as_mut().unwrap().self_update(&self.provider, &self.identity).unwrap();
+        let commit = Commit {
+            commit: output.commit,
+            welcome: None,
+            welcome_recipients: vec![],
+            group_info: Some(output.group_info),
+        };
+        let reply = self.request(&commit).await;
+        self.settle_commit(&reply);
+        reply
+    }
+
+    /// Waits for a Welcome and joins.
+    pub async fn join_from_welcome(&mut self, room: RoomId) {
+        let frame = self.next_of(Opcode::Welcome).await;
+        let welcome: Welcome = frame.decode_payload().unwrap();
+        let group =
+            RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref())
+                .unwrap();
+        assert_eq!(group.room_id(), room.0);
+        self.group = Some(group);
+        self.room = room;
+    }
+
+    pub async fn subscribe(&mut self, from_log_index: u64) -> Frame {
+        let frame = self.frame(&Subscribe { from_log_index });
+        self.conn().send(&frame).await.unwrap();
+        frame
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> Frame {
+        // Application content is opaque to the server; these tests do not need
+        // sender-key encryption, only its framing.
+        let payload = Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()) };
+        self.request(&payload).await
+    }
+
+    /// The next frame with `opcode`, skipping others.
+    pub async fn next_of(&mut self, opcode: Opcode) -> Frame {
+        for _ in 0..10_000 {
+            let name = self.name;
+            let frame =
+                self.conn().recv().await.unwrap_or_else(|e| panic!("{name}: waiting for {opcode:?}: {e}"));
+            if frame.opcode() == opcode {
+                return frame;
+            }
+        }
+        panic!("{}: no {opcode:?} in 10,000 frames", self.name);
+    }
+
+    /// Applies a sequenced handshake frame from the room's log to our MLS state.
+    pub fn apply(&mut self, frame: &Frame) {
+        if frame.opcode() == Opcode::Commit {
+            let commit: Commit = frame.decode_payload().unwrap();
+            self.group.as_mut().unwrap().process_handshake(&self.provider, &commit.commit).unwrap();
+        }
+    }
+}
+
+pub fn decode_ok<P: Payload>(frame: &Frame) -> P {
+    if frame.opcode() == Opcode::Error {
+        let error: Error = frame.decode_payload().unwrap();
+        panic!("server refused: {} {}", error.code, error.message);
+    }
+    frame.decode_payload().unwrap_or_else(|e| panic!("{:?}: {e}", frame.opcode()))
+}
+
+pub fn error_code(frame: &Frame) -> u16 {
+    assert_eq!(frame.opcode(), Opcode::Error, "expected an Error frame, got {:?}", frame.opcode());
+    frame.decode_payload::<Error>().unwrap().code
+}
+
+pub fn sync_done(frame: &Frame) -> SyncDone {
+    decode_ok(frame)
+}
