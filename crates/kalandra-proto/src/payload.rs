@@ -182,9 +182,11 @@ mod strict_bytes {
         }
     }
 
-    /// Decodes a byte string.
+    /// Decodes a byte string. `deserialize_byte_buf`, not `deserialize_bytes`:
+    /// ciborium's `deserialize_bytes` only accepts byte strings that fit its
+    /// 4 KiB scratch buffer.
     pub fn required<'de, D: Deserializer<'de>, T: FromByteString>(deserializer: D) -> Result<T, D::Error> {
-        deserializer.deserialize_bytes(ByteStringVisitor(PhantomData))
+        deserializer.deserialize_byte_buf(ByteStringVisitor(PhantomData))
     }
 
     /// Decodes an optional byte string (null or absent is `None`).

@@ -346,3 +346,18 @@ fn auth_challenge_signature() {
     let other = SigningKey::from_bytes(&[7; 32]).verifying_key();
     assert_eq!(verify_auth_response(&other, &nonce, &signature), Err(SignatureError::Invalid));
 }
+
+#[test]
+fn large_byte_strings_decode() {
+    for len in [4095usize, 4096, 4097, 65_536, 200_000] {
+        let payload = Application { generation: 1, ciphertext: Bytes::from(vec![7u8; len]) };
+        assert_eq!(Application::decode(&payload.encode()).unwrap(), payload, "{len}");
+        let commit = Commit {
+            commit: vec![1u8; len],
+            welcome: Some(vec![2u8; len]),
+            welcome_recipients: vec![1],
+            group_info: None,
+        };
+        assert_eq!(Commit::decode(&commit.encode()).unwrap(), commit, "{len}");
+    }
+}

@@ -115,10 +115,15 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
 
     let started = std::time::Instant::now();
     let shard_count = std::thread::available_parallelism().map_or(1, usize::from);
-    let node =
-        Node::start::<MlsRoomGroup>(Arc::clone(&store), group_commit.clone(), shard_count, wall_clock())
-            .await
-            .context("recovering rooms from storage")?;
+    let node = Node::start::<MlsRoomGroup>(
+        Arc::clone(&store),
+        group_commit.clone(),
+        shard_count,
+        wall_clock(),
+        metrics.clone(),
+    )
+    .await
+    .context("recovering rooms from storage")?;
     tracing::info!(
         elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "rooms recovered"

@@ -21,6 +21,7 @@ use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::metrics::Metrics;
 use crate::sequencer::{Effect, PersistentGroup, RoomSequencer, SubmitError};
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{GroupInfoRecord, LogEntry, RoomMetadata, Store};
@@ -104,6 +105,10 @@ impl Outbox {
     pub fn sender(&self) -> SenderId {
         self.sender
     }
+    /// Frames the queue can take right now.
+    pub fn free_capacity(&self) -> usize {
+        self.frames.capacity()
+    }
     /// Queues a frame if there is room; `false` if the reader is too far behind.
     pub fn try_send(&self, frame: Bytes) -> bool {
         self.frames.try_send(frame).is_ok()
@@ -112,8 +117,9 @@ impl Outbox {
     pub async fn send(&self, frame: Bytes) -> bool {
         self.frames.send(frame).await.is_ok()
     }
-    /// Queues a control notice that jumps the frame queue. If too many are
-    /// queued the connection is closed instead.
+    /// Queues a control notice, written once the frames queued before it
+    /// are (or at once if the connection is closing). If too many are queued
+    /// the connection is closed instead.
     pub fn notice(&self, frame: Bytes) {
         let mut notices = self.notices.lock().expect("notices lock");
         if notices.len() >= NOTICES_PER_CONNECTION_MAX {
@@ -144,19 +150,25 @@ pub enum Outgoing {
 }
 
 impl OutboxReceiver {
-    /// The next thing to write: notices first, then frames. `Close` once
-    /// the outbox is closing and its notices are written, or when every
-    /// sender is gone.
+    /// The next thing to write. Queued frames go first, so a notice (such as
+    /// a resync request naming the first index not delivered) arrives after
+    /// the frames it refers to; once the outbox is closing, only its notices
+    /// are written, then `Close`.
     pub async fn next(&mut self) -> Outgoing {
         loop {
-            if let Some(notice) = self.outbox.notices.lock().expect("notices lock").pop_front() {
+            if self.outbox.is_closing() {
+                return match self.pop_notice() {
+                    Some(notice) => Outgoing::Frame(notice),
+                    None => Outgoing::Close,
+                };
+            }
+            if let Ok(frame) = self.frames.try_recv() {
+                return Outgoing::Frame(frame);
+            }
+            if let Some(notice) = self.pop_notice() {
                 return Outgoing::Frame(notice);
             }
-            if self.outbox.is_closing() {
-                return Outgoing::Close;
-            }
             tokio::select! {
-                biased;
                 _ = self.outbox.wake.notified() => {}
                 frame = self.frames.recv() => match frame {
                     Some(frame) => return Outgoing::Frame(frame),
@@ -164,6 +176,10 @@ impl OutboxReceiver {
                 },
             }
         }
+    }
+
+    fn pop_notice(&self) -> Option<Bytes> {
+        self.outbox.notices.lock().expect("notices lock").pop_front()
     }
 }
 
@@ -364,6 +380,7 @@ impl Node {
         group_commit: GroupCommit,
         shard_count: usize,
         clock: Clock,
+        metrics: Metrics,
     ) -> Result<Node, RecoveryError> {
         let shard_count = shard_count.max(1);
         let recovering = Arc::clone(&store);
@@ -396,6 +413,7 @@ impl Node {
                 memberships: Arc::clone(&memberships),
                 clock: Arc::clone(&clock),
                 effects: Vec::new(),
+                metrics: metrics.clone(),
             };
             tokio::spawn(shard.run(receiver));
             shards.push(sender);
@@ -560,8 +578,17 @@ fn recover_room<G: PersistentGroup>(
             (group, 0)
         }
     };
-    let mut sequencer =
-        RoomSequencer::recover(room_id, group, through, create_frame.header().server_timestamp_ms());
+    let group_info = match store.group_info(room_id).map_err(|e| storage(&e))? {
+        Some(record) => (record.epoch, record.group_info),
+        None => (0, Bytes::from(create.group_info)),
+    };
+    let mut sequencer = RoomSequencer::recover(
+        room_id,
+        group,
+        through,
+        create_frame.header().server_timestamp_ms(),
+        group_info,
+    );
     let mut room_recent = VecDeque::new();
     let mut from = through + 1;
     let mut reads = 0u64;
@@ -597,12 +624,14 @@ struct Shard<G: PersistentGroup> {
     pending_entries: Vec<LogEntry>,
     /// Highest index per room in `pending_entries`.
     pending_rooms: Vec<(RoomId, u64)>,
-    tickets: VecDeque<(AppendTicket, Vec<(RoomId, u64)>)>,
+    /// Storage requests in flight: ticket, rooms with their highest index, entries, submit time.
+    tickets: VecDeque<(AppendTicket, Vec<(RoomId, u64)>, usize, std::time::Instant)>,
     health: Arc<NodeHealth>,
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     memberships: Memberships,
     clock: Clock,
     effects: Vec<Effect>,
+    metrics: Metrics,
 }
 
 impl<G: PersistentGroup> Shard<G> {
@@ -616,7 +645,8 @@ impl<G: PersistentGroup> Shard<G> {
             tokio::select! {
                 biased;
                 result = async { (&mut self.tickets.front_mut().expect("guarded").0).await }, if !self.tickets.is_empty() => {
-                    let (_, rooms) = self.tickets.pop_front().expect("guarded");
+                    let (_, rooms, entries, submitted) = self.tickets.pop_front().expect("guarded");
+                    self.metrics.storage_batch(entries, submitted.elapsed().as_secs_f64());
                     self.persisted(rooms, result.map_err(|error| error.to_string()));
                 }
                 command = inbox.recv(), if accepting => {
@@ -669,11 +699,12 @@ impl<G: PersistentGroup> Shard<G> {
         }
     }
 
+    /// Sends a reply (acknowledgement, error, sync marker). Replies are never
+    /// dropped: with the frame queue full they wait as notices, written after
+    /// the queued frames; if those overflow too, the connection is closed.
     fn reply(outbox: &Outbox, frame: Bytes) {
-        if !outbox.try_send(frame) {
-            // The reader is not reading its own replies: close it rather than lose an answer silently.
-            outbox.notice(error_frame(RoomId::default(), 0, ErrorCode::ResyncRequired, "send queue full"));
-            outbox.close();
+        if !outbox.try_send(frame.clone()) {
+            outbox.notice(frame);
         }
     }
 
@@ -710,8 +741,17 @@ impl<G: PersistentGroup> Shard<G> {
                     None => self.pending_rooms.push((room_id, sequenced.log_index)),
                 }
             }
-            Err(error) => Self::reply(&outbox, rejection_frame(room_id, request_id, &error)),
+            Err(error) => {
+                self.metrics.rejected(error.error_code());
+                Self::reply(&outbox, rejection_frame(room_id, request_id, &error));
+            }
         }
+    }
+
+    /// Answers a request with an `Error` frame and counts the rejection.
+    fn refuse(&self, outbox: &Outbox, room_id: RoomId, request_id: u32, code: ErrorCode, message: &str) {
+        self.metrics.rejected(code);
+        Self::reply(outbox, error_frame(room_id, request_id, code, message));
     }
 
     fn create_room(
@@ -737,11 +777,11 @@ impl<G: PersistentGroup> Shard<G> {
         let room_id = frame.header().room_id();
         let request_id = frame.header().request_id();
         let Some(room) = self.rooms.get_mut(&room_id) else {
-            Self::reply(outbox, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
+            self.refuse(outbox, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
         if !room.sequencer.is_member(outbox.sender()) {
-            Self::reply(outbox, error_frame(room_id, request_id, ErrorCode::NotMember, "not a member"));
+            self.refuse(outbox, room_id, request_id, ErrorCode::NotMember, "not a member");
             return;
         }
         let bytes = frame.to_bytes();
@@ -763,17 +803,17 @@ impl<G: PersistentGroup> Shard<G> {
         count_max: u64,
     ) {
         let Some(room) = self.rooms.get_mut(&room_id) else {
-            Self::reply(&outbox, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
+            self.refuse(&outbox, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
         if !room.sequencer.is_member(outbox.sender()) {
-            Self::reply(&outbox, error_frame(room_id, request_id, ErrorCode::NotMember, "not a member"));
+            self.refuse(&outbox, room_id, request_id, ErrorCode::NotMember, "not a member");
             return;
         }
         let durable_next = room.durable_next();
         if from_log_index > durable_next {
             let message = format!("log index {from_log_index} is beyond the room's head {durable_next}");
-            Self::reply(&outbox, error_frame(room_id, request_id, ErrorCode::UnknownLogIndex, &message));
+            self.refuse(&outbox, room_id, request_id, ErrorCode::UnknownLogIndex, &message);
             return;
         }
         if live {
@@ -799,7 +839,8 @@ impl<G: PersistentGroup> Shard<G> {
     }
 
     /// A subscriber has been sent everything below `next_log_index`: hand it
-    /// over to live fan-out if the rest is in memory, else read more history.
+    /// over to live fan-out if the rest is in memory and fits its queue now,
+    /// else send more history (with backpressure) and come back here.
     fn caught_up(&mut self, room_id: RoomId, connection: ConnectionId, next_log_index: u64) {
         let Some(room) = self.rooms.get_mut(&room_id) else { return };
         let durable_next = room.durable_next();
@@ -808,7 +849,9 @@ impl<G: PersistentGroup> Shard<G> {
         else {
             return;
         };
-        if next_log_index >= oldest_recent {
+        let backlog = durable_next.saturating_sub(next_log_index);
+        let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.outbox.free_capacity());
+        if next_log_index >= oldest_recent && fits {
             let mut delivered = true;
             for (index, bytes) in room.recent.iter().filter(|(index, _)| *index >= next_log_index) {
                 if !subscriber.outbox.try_send(bytes.clone()) {
@@ -840,7 +883,7 @@ impl<G: PersistentGroup> Shard<G> {
 
     fn group_info(&mut self, outbox: &Arc<Outbox>, room_id: RoomId, request_id: u32) {
         let Some(room) = self.rooms.get(&room_id) else {
-            Self::reply(outbox, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
+            self.refuse(outbox, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
         match room.sequencer.group_info() {
@@ -852,14 +895,12 @@ impl<G: PersistentGroup> Shard<G> {
                 };
                 Self::reply(outbox, server_frame(room_id, request_id, &payload));
             }
-            _ => Self::reply(
+            _ => self.refuse(
                 outbox,
-                error_frame(
-                    room_id,
-                    request_id,
-                    ErrorCode::InvalidGroupInfo,
-                    "no GroupInfo published for the current epoch",
-                ),
+                room_id,
+                request_id,
+                ErrorCode::InvalidGroupInfo,
+                "no GroupInfo published for the current epoch",
             ),
         }
     }
@@ -871,8 +912,9 @@ impl<G: PersistentGroup> Shard<G> {
         }
         let entries = std::mem::take(&mut self.pending_entries);
         let rooms = std::mem::take(&mut self.pending_rooms);
+        let (count, submitted) = (entries.len(), std::time::Instant::now());
         match self.group_commit.submit(entries).await {
-            Ok(ticket) => self.tickets.push_back((ticket, rooms)),
+            Ok(ticket) => self.tickets.push_back((ticket, rooms, count, submitted)),
             Err(error) => self.persisted(rooms, Err(error.to_string())),
         }
     }
@@ -900,6 +942,7 @@ impl<G: PersistentGroup> Shard<G> {
                 &self.online,
                 &self.store,
                 &self.memberships,
+                &self.metrics,
             );
             if result.is_ok() {
                 maybe_snapshot(room_id, room, &self.store);
@@ -931,6 +974,7 @@ fn apply_effects<G: PersistentGroup>(
     online: &Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>,
     store: &Arc<dyn Store>,
     memberships: &Memberships,
+    metrics: &Metrics,
 ) {
     // The sequencer acknowledges a frame right before fanning it out; the
     // submitting connection gets the acknowledgement instead of an echo.
@@ -946,6 +990,7 @@ fn apply_effects<G: PersistentGroup>(
                     Shard::<G>::reply(&outbox, ack);
                 }
                 health.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
+                metrics.ack();
             }
             Effect::FanOut { frame, .. } => {
                 let log_index = frame.header().log_index();
@@ -981,6 +1026,7 @@ fn apply_effects<G: PersistentGroup>(
                 }
             }
             Effect::Reject { request_id, error, .. } => {
+                metrics.rejected(error.error_code());
                 let waiting = room.waiting.pop_front().and_then(|(_, outbox)| outbox);
                 if let Some(outbox) = waiting {
                     Shard::<G>::reply(&outbox, rejection_frame(room_id, request_id, &error));

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use kalandra_proto::payload::{Ack, Application, Commit};
 use kalandra_proto::{ErrorCode, Opcode, RoomId};
+use kalandra_server::connection::ConnectionLimits;
 
 const ROOM: RoomId = RoomId(*b"room-for-testing");
 
@@ -209,5 +210,69 @@ async fn an_offline_member_catches_up_without_gaps_or_duplicates() {
     let frame = carol.next_of(Opcode::Application).await;
     assert_eq!(frame.header().log_index(), live);
     assert_eq!(live, sent.last().unwrap() + 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_is_told_to_resync_and_loses_nothing() {
+    let limits = ConnectionLimits { send_queue_frames_max: 4, ..default_limits() };
+    let server = TestServer::start(limits).await;
+    let (mut alice, mut bob, _carol) = three_member_room(&server).await;
+
+    // Bob stops reading while Alice sends far more than his queue and the
+    // QUIC stream window hold.
+    let big = "x".repeat(100 * 1024);
+    let mut sent = Vec::new();
+    for _ in 0..80 {
+        sent.push(decode_ok::<Ack>(&alice.send_text(&big).await).log_index);
+    }
+
+    // Bob reads: live frames, then a resync notice naming where to resume.
+    let mut received = Vec::new();
+    let resume_from = loop {
+        let frame = bob.conn().recv().await.unwrap();
+        match frame.opcode() {
+            Opcode::Application => received.push(frame.header().log_index()),
+            Opcode::Error => {
+                let error: kalandra_proto::payload::Error = frame.decode_payload().unwrap();
+                assert_eq!(error.code, ErrorCode::ResyncRequired.to_u16());
+                break error.log_index.expect("resync names a log index");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(received, sent[..received.len()].to_vec(), "what arrived before the notice is in order");
+    assert_eq!(resume_from, sent[0] + received.len() as u64, "resume exactly after the last frame received");
+
+    bob.subscribe(resume_from).await;
+    loop {
+        let frame = bob.conn().recv().await.unwrap();
+        match frame.opcode() {
+            Opcode::Application => received.push(frame.header().log_index()),
+            Opcode::SyncDone => break,
+            Opcode::Error => {
+                panic!("unexpected error {:?}", frame.decode_payload::<kalandra_proto::payload::Error>())
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(received, sent, "after resubscribing nothing is missing or repeated");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_frames_reach_members_and_are_never_stored() {
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+    let typing = alice.frame(&kalandra_proto::payload::Typing { active: true });
+    alice.conn().send(&typing).await.unwrap();
+    for member in [&mut bob, &mut carol] {
+        let frame = member.next_of(Opcode::Typing).await;
+        assert_eq!(frame.header().sender_id(), alice.sender());
+        assert_eq!(frame.header().log_index(), 0, "ephemeral frames get no log index");
+    }
+    // The next stored frame still gets the next index.
+    let ack: Ack = decode_ok(&alice.send_text("after typing").await);
+    assert_eq!(ack.log_index, 2);
     server.stop().await;
 }

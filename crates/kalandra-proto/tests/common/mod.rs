@@ -12,8 +12,13 @@ pub fn text() -> impl Strategy<Value = String> {
     proptest::string::string_regex(".{0,40}").unwrap().prop_filter("fits", |t| t.len() <= TEXT_BYTES_MAX)
 }
 
+/// Byte strings of any size class: short ones, and some longer than
+/// ciborium's 4 KiB scratch buffer.
 pub fn blob() -> impl Strategy<Value = Vec<u8>> {
-    vec(any::<u8>(), 1..300)
+    prop_oneof![
+        8 => vec(any::<u8>(), 1..300),
+        1 => (4000usize..9000).prop_map(|len| vec![0xA7; len]),
+    ]
 }
 
 pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {

@@ -17,7 +17,7 @@ mod group;
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use kalandra_proto::payload::{Commit, ExternalJoin, Proposal};
+use kalandra_proto::payload::{Commit, CreateRoom, ExternalJoin, Proposal};
 use kalandra_proto::{ErrorCode, Frame, Opcode, PayloadError, RoomId, SenderId};
 
 pub use group::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
@@ -270,6 +270,7 @@ impl<G: GroupState> RoomSequencer<G> {
         if !group.is_member(creator) {
             return Err(SubmitError::NotMember(creator));
         }
+        let create: CreateRoom = frame.decode_payload()?;
         let mut room = RoomSequencer {
             room_id,
             next_log_index: 0,
@@ -279,7 +280,7 @@ impl<G: GroupState> RoomSequencer<G> {
             in_flight: VecDeque::new(),
             durable_through: None,
             recovering: false,
-            group_info: None,
+            group_info: Some((group.epoch(), Bytes::from(create.group_info))),
             group,
         };
         let epoch = room.group.epoch();
@@ -298,11 +299,13 @@ impl<G: GroupState> RoomSequencer<G> {
     /// A room rebuilt from storage: `group` is its MLS state after the
     /// stored frame `through_log_index` (from a snapshot or the `CreateRoom`
     /// frame); call [`RoomSequencer::replay`] with every later stored frame.
+    /// `group_info` is the latest GroupInfo known at that point (with its epoch).
     pub fn recover(
         room_id: RoomId,
         group: G,
         through_log_index: u64,
         last_timestamp_ms: u64,
+        group_info: (u64, Bytes),
     ) -> RoomSequencer<G> {
         RoomSequencer {
             room_id,
@@ -313,7 +316,7 @@ impl<G: GroupState> RoomSequencer<G> {
             in_flight: VecDeque::new(),
             durable_through: Some(through_log_index),
             recovering: false,
-            group_info: None,
+            group_info: Some(group_info),
             group,
         }
     }

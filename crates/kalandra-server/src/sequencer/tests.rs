@@ -387,7 +387,13 @@ fn replaying_the_log_rebuilds_the_same_state() {
     ];
     room.durable(room.next_log_index() - 1, &mut Vec::new());
 
-    let mut rebuilt = RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), 0, 1_000);
+    let mut rebuilt = RoomSequencer::recover(
+        ROOM,
+        TestGroup::with_members(&[1, 2]),
+        0,
+        1_000,
+        (0, Bytes::from_static(b"gi")),
+    );
     for frame in &log {
         rebuilt.replay(frame).unwrap();
     }
@@ -403,7 +409,8 @@ fn replaying_the_log_rebuilds_the_same_state() {
     assert!(next.frame.header().server_timestamp_ms() >= 14);
 
     // A gap in the stored log is detected.
-    let mut gapped = RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), 0, 0);
+    let mut gapped =
+        RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), 0, 0, (0, Bytes::from_static(b"gi")));
     assert_eq!(gapped.replay(&log[1]).unwrap_err(), ReplayError::NotDense { expected: 1, found: 2 });
 }
 

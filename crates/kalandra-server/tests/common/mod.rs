@@ -49,6 +49,7 @@ pub struct TestServer {
     pub address: SocketAddr,
     pub fingerprint: [u8; 32],
     pub node: Node,
+    pub metrics: Metrics,
     pub data_dir: Option<tempfile::TempDir>,
     stop: watch::Sender<bool>,
     serving: tokio::task::JoinHandle<()>,
@@ -70,10 +71,16 @@ impl TestServer {
         let fingerprint = parse_fingerprint(&identity.fingerprint_sha256_hex()).unwrap();
         let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
         let clock: Clock = Arc::new(now_ms);
-        let node =
-            Node::start::<MlsRoomGroup>(Arc::clone(&store), group_commit.clone(), 2, Arc::clone(&clock))
-                .await
-                .unwrap();
+        let metrics = Metrics::new().unwrap();
+        let node = Node::start::<MlsRoomGroup>(
+            Arc::clone(&store),
+            group_commit.clone(),
+            2,
+            Arc::clone(&clock),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
         let endpoint = quinn::Endpoint::server(
             quinn_server_config(&identity, 30_000).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -85,12 +92,12 @@ impl TestServer {
             store,
             limits,
             clock,
-            Metrics::new().unwrap(),
+            metrics.clone(),
             server_key.verifying_key().to_bytes(),
         );
         let (stop, stopped) = watch::channel(false);
         let serving = tokio::spawn(listener.serve(endpoint, stopped));
-        TestServer { address, fingerprint, node, data_dir: None, stop, serving, group_commit }
+        TestServer { address, fingerprint, node, metrics, data_dir: None, stop, serving, group_commit }
     }
 
     pub async fn connect(&self, key: &SigningKey) -> Result<Connection, ConnectionError> {
