@@ -616,6 +616,15 @@ fn recover_room<G: PersistentGroup>(
     Ok(room)
 }
 
+/// One storage request in flight.
+struct PendingBatch {
+    ticket: AppendTicket,
+    /// Rooms in the batch with their highest index.
+    rooms: Vec<(RoomId, u64)>,
+    entries: usize,
+    submitted: std::time::Instant,
+}
+
 struct Shard<G: PersistentGroup> {
     rooms: HashMap<RoomId, Room<G>>,
     store: Arc<dyn Store>,
@@ -624,8 +633,8 @@ struct Shard<G: PersistentGroup> {
     pending_entries: Vec<LogEntry>,
     /// Highest index per room in `pending_entries`.
     pending_rooms: Vec<(RoomId, u64)>,
-    /// Storage requests in flight: ticket, rooms with their highest index, entries, submit time.
-    tickets: VecDeque<(AppendTicket, Vec<(RoomId, u64)>, usize, std::time::Instant)>,
+    /// Storage requests in flight, oldest first.
+    tickets: VecDeque<PendingBatch>,
     health: Arc<NodeHealth>,
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     memberships: Memberships,
@@ -644,10 +653,10 @@ impl<G: PersistentGroup> Shard<G> {
             let accepting = shutdown.is_none() && self.tickets.len() < TICKETS_IN_FLIGHT_MAX;
             tokio::select! {
                 biased;
-                result = async { (&mut self.tickets.front_mut().expect("guarded").0).await }, if !self.tickets.is_empty() => {
-                    let (_, rooms, entries, submitted) = self.tickets.pop_front().expect("guarded");
-                    self.metrics.storage_batch(entries, submitted.elapsed().as_secs_f64());
-                    self.persisted(rooms, result.map_err(|error| error.to_string()));
+                result = async { (&mut self.tickets.front_mut().expect("guarded").ticket).await }, if !self.tickets.is_empty() => {
+                    let batch = self.tickets.pop_front().expect("guarded");
+                    self.metrics.storage_batch(batch.entries, batch.submitted.elapsed().as_secs_f64());
+                    self.persisted(batch.rooms, result.map_err(|error| error.to_string()));
                 }
                 command = inbox.recv(), if accepting => {
                     let Some(command) = command else { break };
@@ -914,7 +923,7 @@ impl<G: PersistentGroup> Shard<G> {
         let rooms = std::mem::take(&mut self.pending_rooms);
         let (count, submitted) = (entries.len(), std::time::Instant::now());
         match self.group_commit.submit(entries).await {
-            Ok(ticket) => self.tickets.push_back((ticket, rooms, count, submitted)),
+            Ok(ticket) => self.tickets.push_back(PendingBatch { ticket, rooms, entries: count, submitted }),
             Err(error) => self.persisted(rooms, Err(error.to_string())),
         }
     }
@@ -934,16 +943,14 @@ impl<G: PersistentGroup> Shard<G> {
                     room.sequencer.storage_failed(&mut effects);
                 }
             }
-            apply_effects(
-                room_id,
-                room,
-                &mut effects,
-                &self.health,
-                &self.online,
-                &self.store,
-                &self.memberships,
-                &self.metrics,
-            );
+            let context = EffectContext {
+                health: &self.health,
+                online: &self.online,
+                store: &self.store,
+                memberships: &self.memberships,
+                metrics: &self.metrics,
+            };
+            apply_effects(room_id, room, &mut effects, &context);
             if result.is_ok() {
                 maybe_snapshot(room_id, room, &self.store);
             }
@@ -966,15 +973,20 @@ fn lagged(room_id: RoomId, subscriber: &Subscriber) {
     subscriber.outbox.notice(notice);
 }
 
+/// What executing effects touches besides the room.
+struct EffectContext<'a> {
+    health: &'a NodeHealth,
+    online: &'a Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>,
+    store: &'a Arc<dyn Store>,
+    memberships: &'a Memberships,
+    metrics: &'a Metrics,
+}
+
 fn apply_effects<G: PersistentGroup>(
     room_id: RoomId,
     room: &mut Room<G>,
     effects: &mut Vec<Effect>,
-    health: &NodeHealth,
-    online: &Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>,
-    store: &Arc<dyn Store>,
-    memberships: &Memberships,
-    metrics: &Metrics,
+    context: &EffectContext<'_>,
 ) {
     // The sequencer acknowledges a frame right before fanning it out; the
     // submitting connection gets the acknowledgement instead of an echo.
@@ -989,8 +1001,8 @@ fn apply_effects<G: PersistentGroup>(
                         server_frame(room_id, request_id, &payload::Ack { log_index, epoch, server_time_ms });
                     Shard::<G>::reply(&outbox, ack);
                 }
-                health.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
-                metrics.ack();
+                context.health.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
+                context.metrics.ack();
             }
             Effect::FanOut { frame, .. } => {
                 let log_index = frame.header().log_index();
@@ -1026,14 +1038,14 @@ fn apply_effects<G: PersistentGroup>(
                 }
             }
             Effect::Reject { request_id, error, .. } => {
-                metrics.rejected(error.error_code());
+                context.metrics.rejected(error.error_code());
                 let waiting = room.waiting.pop_front().and_then(|(_, outbox)| outbox);
                 if let Some(outbox) = waiting {
                     Shard::<G>::reply(&outbox, rejection_frame(room_id, request_id, &error));
                 }
             }
             Effect::MembershipChanged { added, removed } => {
-                count_memberships(memberships, &added, &removed);
+                count_memberships(context.memberships, &added, &removed);
                 room.subscribers.retain(|s| !removed.contains(&s.outbox.sender()));
             }
             Effect::DeliverWelcome { recipients, welcome, ratchet_tree, .. } => {
@@ -1043,10 +1055,10 @@ fn apply_effects<G: PersistentGroup>(
                 };
                 let frame = server_frame(room_id, 0, &payload);
                 let online: Vec<Arc<Outbox>> = {
-                    let online = online.lock().expect("online lock");
+                    let online = context.online.lock().expect("online lock");
                     recipients.iter().filter_map(|r| online.get(r)).flatten().cloned().collect()
                 };
-                let store = Arc::clone(store);
+                let store = Arc::clone(context.store);
                 tokio::spawn(async move {
                     for recipient in recipients {
                         let (writer, bytes) = (Arc::clone(&store), frame.clone());
@@ -1062,7 +1074,7 @@ fn apply_effects<G: PersistentGroup>(
                 });
             }
             Effect::GroupInfoUpdated { epoch, group_info } => {
-                let store = Arc::clone(store);
+                let store = Arc::clone(context.store);
                 tokio::task::spawn_blocking(move || {
                     if let Err(error) = store.put_group_info(room_id, &GroupInfoRecord { epoch, group_info })
                     {
