@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::metrics::Metrics;
 use crate::sequencer::{Effect, PersistentGroup, RoomSequencer, SubmitError};
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::{GroupInfoRecord, LogEntry, RoomMetadata, Store};
+use crate::store::{LogEntry, RoomMetadata, Store};
 
 /// Identifies one client connection for the life of the process.
 pub type ConnectionId = u64;
@@ -414,6 +414,7 @@ impl Node {
                 clock: Arc::clone(&clock),
                 effects: Vec::new(),
                 metrics: metrics.clone(),
+                background: tokio::task::JoinSet::new(),
             };
             tokio::spawn(shard.run(receiver));
             shards.push(sender);
@@ -565,23 +566,20 @@ fn recover_room<G: PersistentGroup>(
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
-    let (group, through) = match metadata
-        .filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty())
-    {
-        Some(metadata) => {
-            let group = G::restore(&metadata.mls_snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?;
-            (group, metadata.mls_snapshot_log_index - 1)
-        }
-        None => {
-            let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
-                .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
-            (group, 0)
-        }
-    };
-    let group_info = match store.group_info(room_id).map_err(|e| storage(&e))? {
-        Some(record) => (record.epoch, record.group_info),
-        None => (0, Bytes::from(create.group_info)),
-    };
+    let (group, through, group_info) =
+        match metadata.filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty()) {
+            Some(metadata) => {
+                let (group, group_info) = decode_snapshot(&metadata.mls_snapshot)
+                    .ok_or_else(|| corrupt("malformed snapshot".into()))?;
+                let group = G::restore(group).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+                (group, metadata.mls_snapshot_log_index - 1, group_info)
+            }
+            None => {
+                let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
+                    .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
+                (group, 0, (0, Bytes::from(create.group_info)))
+            }
+        };
     let mut sequencer = RoomSequencer::recover(
         room_id,
         group,
@@ -641,6 +639,9 @@ struct Shard<G: PersistentGroup> {
     clock: Clock,
     effects: Vec<Effect>,
     metrics: Metrics,
+    /// Store writes and Welcome deliveries running in the background;
+    /// shutdown waits for them.
+    background: tokio::task::JoinSet<()>,
 }
 
 impl<G: PersistentGroup> Shard<G> {
@@ -670,7 +671,9 @@ impl<G: PersistentGroup> Shard<G> {
                 }
             }
             self.flush().await;
+            while self.background.try_join_next().is_some() {}
         }
+        while self.background.join_next().await.is_some() {}
         if let Some(done) = shutdown {
             let _ = done.send(());
         }
@@ -943,16 +946,17 @@ impl<G: PersistentGroup> Shard<G> {
                     room.sequencer.storage_failed(&mut effects);
                 }
             }
-            let context = EffectContext {
+            let mut context = EffectContext {
                 health: &self.health,
                 online: &self.online,
                 store: &self.store,
                 memberships: &self.memberships,
                 metrics: &self.metrics,
+                background: &mut self.background,
             };
-            apply_effects(room_id, room, &mut effects, &context);
+            apply_effects(room_id, room, &mut effects, &mut context);
             if result.is_ok() {
-                maybe_snapshot(room_id, room, &self.store);
+                maybe_snapshot(room_id, room, &self.store, &mut self.background);
             }
         }
         self.effects = effects;
@@ -980,13 +984,14 @@ struct EffectContext<'a> {
     store: &'a Arc<dyn Store>,
     memberships: &'a Memberships,
     metrics: &'a Metrics,
+    background: &'a mut tokio::task::JoinSet<()>,
 }
 
 fn apply_effects<G: PersistentGroup>(
     room_id: RoomId,
     room: &mut Room<G>,
     effects: &mut Vec<Effect>,
-    context: &EffectContext<'_>,
+    context: &mut EffectContext<'_>,
 ) {
     // The sequencer acknowledges a frame right before fanning it out; the
     // submitting connection gets the acknowledgement instead of an echo.
@@ -1059,7 +1064,7 @@ fn apply_effects<G: PersistentGroup>(
                     recipients.iter().filter_map(|r| online.get(r)).flatten().cloned().collect()
                 };
                 let store = Arc::clone(context.store);
-                tokio::spawn(async move {
+                context.background.spawn(async move {
                     for recipient in recipients {
                         let (writer, bytes) = (Arc::clone(&store), frame.clone());
                         let stored =
@@ -1070,15 +1075,6 @@ fn apply_effects<G: PersistentGroup>(
                     }
                     for outbox in online {
                         deliver_pending_welcomes(Arc::clone(&store), outbox).await;
-                    }
-                });
-            }
-            Effect::GroupInfoUpdated { epoch, group_info } => {
-                let store = Arc::clone(context.store);
-                tokio::task::spawn_blocking(move || {
-                    if let Err(error) = store.put_group_info(room_id, &GroupInfoRecord { epoch, group_info })
-                    {
-                        tracing::warn!(%room_id, %error, "could not cache GroupInfo");
                     }
                 });
             }
@@ -1093,30 +1089,59 @@ fn pop_waiting<G: PersistentGroup>(room: &mut Room<G>, log_index: u64) -> Option
     outbox
 }
 
-fn maybe_snapshot<G: PersistentGroup>(room_id: RoomId, room: &mut Room<G>, store: &Arc<dyn Store>) {
+fn maybe_snapshot<G: PersistentGroup>(
+    room_id: RoomId,
+    room: &mut Room<G>,
+    store: &Arc<dyn Store>,
+    background: &mut tokio::task::JoinSet<()>,
+) {
     if room.commits_since_snapshot < COMMITS_PER_SNAPSHOT || room.sequencer.in_flight() > 0 {
         return;
     }
     room.commits_since_snapshot = 0;
-    let snapshot = match room.sequencer.group().snapshot() {
+    let group = match room.sequencer.group().snapshot() {
         Ok(snapshot) => snapshot,
         Err(error) => {
             tracing::warn!(%room_id, %error, "could not snapshot MLS state");
             return;
         }
     };
+    let group_info = room.sequencer.group_info().cloned().unwrap_or_default();
     let metadata = RoomMetadata {
         creator_user_id: room.creator.0,
         created_at_ms: room.created_at_ms,
-        mls_snapshot: snapshot,
+        mls_snapshot: encode_snapshot(&group, &group_info),
         mls_snapshot_log_index: room.sequencer.next_log_index(),
     };
     let store = Arc::clone(store);
-    tokio::task::spawn_blocking(move || {
+    background.spawn_blocking(move || {
         if let Err(error) = store.put_room_metadata(room_id, &metadata) {
             tracing::warn!(%room_id, %error, "could not store MLS snapshot");
         }
     });
+}
+
+/// A room snapshot: the group state and the GroupInfo current with it.
+/// Layout: `group_len: u32 BE | group | group_info_epoch: u64 BE | group_info`.
+fn encode_snapshot(group: &[u8], group_info: &(u64, Bytes)) -> Bytes {
+    let mut out = Vec::with_capacity(4 + group.len() + 8 + group_info.1.len());
+    out.extend_from_slice(&u32::try_from(group.len()).expect("snapshots are far below 4 GiB").to_be_bytes());
+    out.extend_from_slice(group);
+    out.extend_from_slice(&group_info.0.to_be_bytes());
+    out.extend_from_slice(&group_info.1);
+    Bytes::from(out)
+}
+
+/// The parts of [`encode_snapshot`]'s output, or `None` if it is malformed.
+fn decode_snapshot(snapshot: &[u8]) -> Option<(&[u8], (u64, Bytes))> {
+    let (len, rest) = snapshot.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let (group, rest) = rest.split_at(len);
+    let (epoch, group_info) = rest.split_first_chunk::<8>()?;
+    Some((group, (u64::from_be_bytes(*epoch), Bytes::copy_from_slice(group_info))))
 }
 
 /// Streams stored frames of one room to one connection.

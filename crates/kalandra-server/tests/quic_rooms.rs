@@ -276,3 +276,71 @@ async fn ephemeral_frames_reach_members_and_are_never_stored() {
     assert_eq!(ack.log_index, 2);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_and_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), default_limits()).await;
+    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+    // Enough commits that a snapshot is taken and more are replayed after it.
+    let commits = kalandra_server::node::limits::COMMITS_PER_SNAPSHOT + 5;
+    for round in 0..commits {
+        let (committer, others) = if round % 2 == 0 {
+            (&mut alice, [&mut bob, &mut carol])
+        } else {
+            (&mut bob, [&mut alice, &mut carol])
+        };
+        decode_ok::<Ack>(&committer.self_update().await);
+        for other in others {
+            let commit = other.next_of(Opcode::Commit).await;
+            other.apply(&commit);
+        }
+    }
+    assert_converged(&[&alice, &bob, &carol]);
+    let epoch_before = alice.epoch();
+    server.stop().await;
+    {
+        use kalandra_server::store::Store as _;
+        let store = kalandra_server::store::RedbStore::open(dir.path().join("kalandra.redb")).unwrap();
+        let metadata = store.room_metadata(ROOM).unwrap().expect("a snapshot was stored");
+        assert!(metadata.mls_snapshot_log_index > 2, "the snapshot is past the first commits");
+        assert!(
+            metadata.mls_snapshot_log_index < store.next_log_index(ROOM).unwrap(),
+            "and commits follow it"
+        );
+    }
+
+    let server = TestServer::start_in(dir.path(), default_limits()).await;
+    for client in [&mut alice, &mut bob, &mut carol] {
+        client.reconnect(&server).await;
+    }
+    // The GroupInfo for external joins is the current epoch's.
+    let reply = carol.request(&kalandra_proto::payload::GroupInfoRequest {}).await;
+    let group_info: kalandra_proto::payload::GroupInfo = decode_ok(&reply);
+    assert_eq!(group_info.epoch, epoch_before);
+    // A commit only validates against the same epoch and tree: the server's
+    // rebuilt PublicGroup accepts Carol's update, and everyone follows it.
+    let ack: Ack = decode_ok(&carol.self_update().await);
+    assert_eq!(ack.epoch, epoch_before + 1);
+    for other in [&mut alice, &mut bob] {
+        other.subscribe(ack.log_index).await;
+        let commit = other.next_of(Opcode::Commit).await;
+        assert_eq!(commit.header().log_index(), ack.log_index);
+        other.apply(&commit);
+    }
+    assert_converged(&[&alice, &bob, &carol]);
+    // A stale commit (for the old epoch) is refused by the rebuilt state.
+    let stale = alice.group.as_mut().unwrap().self_update(&alice.provider, &alice.identity).unwrap();
+    let mut frame = alice.frame(&Commit {
+        commit: stale.commit,
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: None,
+    });
+    frame.header_mut().set_epoch(epoch_before);
+    frame.sign(&alice.key);
+    let reply = alice.send_and_wait(&frame).await;
+    assert_eq!(error_code(&reply), ErrorCode::WrongEpoch.to_u16());
+    alice.group.as_mut().unwrap().discard_pending_commit(&alice.provider).unwrap();
+    server.stop().await;
+}

@@ -202,13 +202,6 @@ pub enum Effect {
         /// Members removed.
         removed: Vec<SenderId>,
     },
-    /// A new GroupInfo for external joins is current.
-    GroupInfoUpdated {
-        /// Its epoch.
-        epoch: u64,
-        /// The GroupInfo (MLSMessage encoding).
-        group_info: Bytes,
-    },
     /// The frame was not made durable: tell the sender.
     Reject {
         /// The sender.
@@ -226,7 +219,6 @@ struct CommitFollowUp {
     summary: CommitSummary,
     welcome: Option<(Bytes, Vec<SenderId>)>,
     ratchet_tree: Bytes,
-    group_info: Option<Bytes>,
 }
 
 #[derive(Debug, Clone)]
@@ -555,7 +547,7 @@ impl<G: GroupState> RoomSequencer<G> {
             }
             effects.push(Effect::FanOut { sender: entry.sender, frame: entry.frame });
             if let Some(commit) = entry.commit {
-                let CommitFollowUp { summary, welcome, ratchet_tree, group_info } = *commit;
+                let CommitFollowUp { summary, welcome, ratchet_tree } = *commit;
                 if !summary.added.is_empty() || !summary.removed.is_empty() {
                     effects
                         .push(Effect::MembershipChanged { added: summary.added, removed: summary.removed });
@@ -567,9 +559,6 @@ impl<G: GroupState> RoomSequencer<G> {
                         ratchet_tree,
                         log_index: entry.log_index,
                     });
-                }
-                if let Some(group_info) = group_info {
-                    effects.push(Effect::GroupInfoUpdated { epoch: summary.epoch, group_info });
                 }
             }
         }
@@ -622,12 +611,11 @@ impl<G: GroupState> RoomSequencer<G> {
         welcome: Option<(Bytes, Vec<SenderId>)>,
         group_info: Option<Vec<u8>>,
     ) -> Box<CommitFollowUp> {
-        let group_info = group_info.map(Bytes::from);
-        if let Some(group_info) = &group_info {
-            self.group_info = Some((summary.epoch, group_info.clone()));
+        if let Some(group_info) = group_info {
+            self.group_info = Some((summary.epoch, Bytes::from(group_info)));
         }
         let ratchet_tree = if welcome.is_some() { self.group.ratchet_tree() } else { Bytes::new() };
-        Box::new(CommitFollowUp { summary, welcome, ratchet_tree, group_info })
+        Box::new(CommitFollowUp { summary, welcome, ratchet_tree })
     }
 
     fn begin_epoch(&mut self, log_index: u64) {
