@@ -3,11 +3,13 @@
 //! then frames in both directions on one bidirectional stream.
 //!
 //! This is a thin driver: framing is [`kalandra_proto::FrameDecoder`],
-//! authentication is [`kalandra_proto::sign::sign_auth_challenge`].
+//! authentication is [`kalandra_proto::sign::sign_auth_challenge`], TLS
+//! configuration is [`crate::tls`].
+
+pub use crate::tls::{client_config_pinned, parse_fingerprint};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -16,13 +18,7 @@ use kalandra_proto::sign::sign_auth_challenge;
 use kalandra_proto::{
     DecodeError, Frame, FrameDecoder, FrameHeaderBuf, Opcode, Payload, SenderId, PROTOCOL_VERSION,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::DigitallySignedStruct;
-use sha2::{Digest, Sha256};
 
-/// ALPN protocol id of Kalandra over QUIC.
-pub const ALPN: &[u8] = b"kalandra/1";
 /// Frames received but not yet asked for that a connection keeps.
 pub const RECEIVED_FRAMES_BUFFERED_MAX: usize = 65_536;
 /// Bytes read from the stream at a time.
@@ -63,89 +59,6 @@ pub enum ConnectionError {
     /// Too many frames arrived that nobody asked for.
     #[error("too many unread frames")]
     Overflow,
-}
-
-/// Accepts exactly the server certificate whose DER encoding hashes (SHA-256) to the pin.
-#[derive(Debug)]
-struct PinnedCertificate {
-    fingerprint_sha256: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let fingerprint: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if fingerprint == self.fingerprint_sha256 {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A QUIC client configuration that trusts exactly the certificate with this
-/// SHA-256 fingerprint (what the server prints on first start).
-pub fn client_config_pinned(fingerprint_sha256: [u8; 32]) -> Result<quinn::ClientConfig, ConnectionError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = PinnedCertificate { fingerprint_sha256, provider: Arc::clone(&provider) };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ConnectionError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ConnectionError::Tls(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
-}
-
-/// Parses a fingerprint written as 64 hex digits (colons allowed).
-pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
-    let digits: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
-    if digits.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let text = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// An authenticated connection to a server.

@@ -6,3 +6,4 @@
 
 pub mod connection;
 pub mod mls;
+pub mod tls;

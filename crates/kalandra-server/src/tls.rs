@@ -10,11 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest as _, Sha256};
 
 /// ALPN protocol id of Kalandra over QUIC.
@@ -350,103 +348,6 @@ pub fn quinn_server_config(
     Ok(config)
 }
 
-/// Client transport: keep-alives, and no streams opened by the server.
-fn client_transport() -> Arc<quinn::TransportConfig> {
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .keep_alive_interval(Some(Duration::from_millis(CLIENT_KEEP_ALIVE_INTERVAL_MS)))
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    Arc::new(transport)
-}
-
-fn quinn_client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(client_transport());
-    Ok(config)
-}
-
-/// A client configuration that accepts exactly the server certificate whose
-/// DER encoding has SHA-256 `fingerprint_sha256` (the server prints it),
-/// whatever its names, issuer or validity. The TLS 1.3 handshake signature is
-/// still verified against that certificate's key.
-pub fn quinn_client_config_pinned(fingerprint_sha256: [u8; 32]) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = provider();
-    let verifier = PinnedServerCertVerifier {
-        fingerprint_sha256,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    quinn_client_config(tls)
-}
-
-/// A client configuration that verifies the server's certificate chain and
-/// name against the root certificates in the PEM file `ca_pem_path`.
-pub fn quinn_client_config_with_roots(ca_pem_path: &Path) -> Result<quinn::ClientConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in read_cert_chain(ca_pem_path)? {
-        roots.add(certificate)?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    quinn_client_config(tls)
-}
-
-/// Accepts exactly one certificate, identified by the SHA-256 of its DER.
-#[derive(Debug)]
-struct PinnedServerCertVerifier {
-    fingerprint_sha256: [u8; 32],
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedServerCertVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint_sha256(end_entity) == self.fingerprint_sha256 {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered.
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,7 +505,8 @@ mod tests {
         let address = server.local_addr().expect("address");
         let timeout = Duration::from_secs(10);
 
-        let right = quinn_client_config_pinned(identity.fingerprint_sha256()).expect("client config");
+        let right =
+            client_core::tls::client_config_pinned(identity.fingerprint_sha256()).expect("client config");
         // The pin ignores the name: any server name is accepted for the pinned certificate.
         let reply = tokio::time::timeout(timeout, echo(right, address, "not-in-the-certificate"))
             .await
@@ -614,7 +516,7 @@ mod tests {
 
         let mut wrong_pin = identity.fingerprint_sha256();
         wrong_pin[0] ^= 1;
-        let wrong = quinn_client_config_pinned(wrong_pin).expect("client config");
+        let wrong = client_core::tls::client_config_pinned(wrong_pin).expect("client config");
         let result = tokio::time::timeout(timeout, echo(wrong, address, "localhost")).await.expect("in time");
         let error = result.expect_err("a wrong pin must not connect");
         assert!(error.contains("certificate") || error.contains("Certificate"), "{error}");
@@ -633,7 +535,7 @@ mod tests {
         let ca = dir.path().join(TLS_DIR_NAME).join(CERT_FILE_NAME);
 
         for name in ["localhost", "127.0.0.1"] {
-            let config = quinn_client_config_with_roots(&ca).expect("client config");
+            let config = client_core::tls::client_config_with_roots(&ca).expect("client config");
             let reply = tokio::time::timeout(timeout, echo(config, address, name))
                 .await
                 .expect("in time")
@@ -641,7 +543,7 @@ mod tests {
             assert_eq!(reply, ECHO_BYTES);
         }
 
-        let config = quinn_client_config_with_roots(&ca).expect("client config");
+        let config = client_core::tls::client_config_with_roots(&ca).expect("client config");
         let wrong_name =
             tokio::time::timeout(timeout, echo(config, address, "example.org")).await.expect("in time");
         assert!(wrong_name.is_err(), "a name outside the certificate must not connect");
@@ -649,7 +551,7 @@ mod tests {
         let other_dir = tempfile::tempdir().expect("tempdir");
         load_or_create_server_identity(other_dir.path(), None, None).expect("other identity");
         let other_ca = other_dir.path().join(TLS_DIR_NAME).join(CERT_FILE_NAME);
-        let config = quinn_client_config_with_roots(&other_ca).expect("client config");
+        let config = client_core::tls::client_config_with_roots(&other_ca).expect("client config");
         let wrong_root =
             tokio::time::timeout(timeout, echo(config, address, "localhost")).await.expect("in time");
         assert!(wrong_root.is_err(), "an unrelated root must not connect");

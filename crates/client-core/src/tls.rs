@@ -1,0 +1,176 @@
+//! Client-side TLS for QUIC: trust the server by certificate fingerprint
+//! (what a zero-configuration server prints on first start) or by a root
+//! certificate file, TLS 1.3 only, ALPN `kalandra/1`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+
+/// ALPN protocol id of Kalandra over QUIC.
+pub const ALPN: &[u8] = b"kalandra/1";
+/// How often an idle client connection sends a QUIC keep-alive.
+pub const KEEP_ALIVE_INTERVAL_MS: u64 = 5_000;
+
+/// Why a client TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    /// The root certificate file could not be read or parsed.
+    #[error("root certificates {path}: {detail}")]
+    Roots {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// rustls or quinn refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// SHA-256 of a certificate's DER encoding.
+pub fn fingerprint_sha256(certificate: &CertificateDer<'_>) -> [u8; 32] {
+    Sha256::digest(certificate.as_ref()).into()
+}
+
+/// Parses a fingerprint written as 64 hex digits (colons allowed).
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let digits: Vec<u8> = text.trim().bytes().filter(|b| *b != b':').collect();
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn quic_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, ClientTlsError> {
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientTlsError::Config(e.to_string()))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_INTERVAL_MS)))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A configuration that accepts exactly the server certificate whose DER
+/// encoding has SHA-256 `fingerprint_sha256`, whatever its names, issuer or
+/// validity. The TLS 1.3 handshake signature is still verified with that
+/// certificate's key.
+pub fn client_config_pinned(fingerprint_sha256: [u8; 32]) -> Result<quinn::ClientConfig, ClientTlsError> {
+    let provider = provider();
+    let verifier = PinnedServerCertVerifier {
+        fingerprint_sha256,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientTlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    quic_config(tls)
+}
+
+/// A configuration that verifies the server's chain and name against the
+/// root certificates in the PEM file `ca_pem_path`.
+pub fn client_config_with_roots(ca_pem_path: &Path) -> Result<quinn::ClientConfig, ClientTlsError> {
+    let roots_error =
+        |detail: String| ClientTlsError::Roots { path: ca_pem_path.display().to_string(), detail };
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca_pem_path).map_err(|e| roots_error(e.to_string()))? {
+        let certificate = certificate.map_err(|e| roots_error(e.to_string()))?;
+        roots.add(certificate).map_err(|e| roots_error(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(roots_error("no certificate in the file".into()));
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientTlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    quic_config(tls)
+}
+
+/// Accepts exactly one certificate, identified by the SHA-256 of its DER.
+#[derive(Debug)]
+struct PinnedServerCertVerifier {
+    fingerprint_sha256: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedServerCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint_sha256(end_entity) == self.fingerprint_sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered.
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let hex = "f59309b388cc6a81ff8c3a97c56e439b29be0e83a98b374e94295c62940d3f48";
+        let parsed = parse_fingerprint(hex).unwrap();
+        assert_eq!(parsed[0], 0xf5);
+        assert_eq!(parsed[31], 0x48);
+        let with_colons: String =
+            hex.as_bytes().chunks(2).map(|p| std::str::from_utf8(p).unwrap()).collect::<Vec<_>>().join(":");
+        assert_eq!(parse_fingerprint(&with_colons), Some(parsed));
+        assert_eq!(parse_fingerprint(&hex[..62]), None);
+        assert_eq!(parse_fingerprint(&hex.replace('f', "g")), None);
+    }
+}
