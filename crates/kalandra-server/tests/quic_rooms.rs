@@ -344,3 +344,58 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
     alice.group.as_mut().unwrap().discard_pending_commit(&alice.provider).unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_waits_for_an_offline_recipient_and_external_joins_use_the_published_group_info() {
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+
+    // Dave uploads key packages and goes offline; Alice adds him.
+    let mut dave = TestClient::connect(&server, "dave", 4).await;
+    dave.upload_key_packages(2).await;
+    dave.disconnect().await;
+    let dave_id = dave.sender();
+    let ack: Ack = decode_ok(&alice.add(&[dave_id]).await);
+    for other in [&mut bob, &mut carol] {
+        let commit = other.next_of(Opcode::Commit).await;
+        other.apply(&commit);
+    }
+    // On connecting, Dave gets the Welcome that waited for him.
+    dave.reconnect(&server).await;
+    dave.join_from_welcome(ROOM).await;
+    assert_eq!(dave.epoch(), ack.epoch);
+    assert_converged(&[&alice, &bob, &carol, &dave]);
+
+    // Erin joins without a Welcome: GroupInfo from the server, external commit.
+    let mut erin = TestClient::connect(&server, "erin", 5).await;
+    erin.room = ROOM;
+    let reply = erin.request(&kalandra_proto::payload::GroupInfoRequest {}).await;
+    let info: kalandra_proto::payload::GroupInfo = decode_ok(&reply);
+    assert_eq!(info.epoch, ack.epoch);
+    let (group, output) = client_core::mls::RoomGroup::join_by_external_commit(
+        &erin.provider,
+        &erin.identity,
+        &info.group_info,
+        Some(&info.ratchet_tree),
+    )
+    .unwrap();
+    erin.group = Some(group);
+    let mut frame = erin.frame(&kalandra_proto::payload::ExternalJoin {
+        commit: output.commit,
+        group_info: Some(output.group_info),
+    });
+    frame.header_mut().set_epoch(info.epoch);
+    frame.sign(&erin.key);
+    let joined: Ack = decode_ok(&erin.send_and_wait(&frame).await);
+    assert_eq!(joined.epoch, info.epoch + 1);
+    for member in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        member.subscribe(joined.log_index).await;
+        let commit = member.next_of(Opcode::ExternalJoin).await;
+        let external: kalandra_proto::payload::ExternalJoin = commit.decode_payload().unwrap();
+        member.group.as_mut().unwrap().process_handshake(&member.provider, &external.commit).unwrap();
+    }
+    assert_converged(&[&alice, &bob, &carol, &dave, &erin]);
+    // Erin is a member for the server too: she can post.
+    decode_ok::<Ack>(&erin.send_text("hello from erin").await);
+    server.stop().await;
+}
