@@ -43,6 +43,8 @@ pub struct ConnectionLimits {
     pub payload_bytes_max: u32,
     /// Time a client has to authenticate.
     pub handshake_timeout_ms: u64,
+    /// Time open connections get to receive their last acknowledgements when the server stops.
+    pub drain_timeout_ms: u64,
 }
 
 /// Most users whose rate buckets are tracked at once.
@@ -91,12 +93,14 @@ impl Listener {
         })
     }
 
-    /// Accepts connections on `endpoint` until `stop` turns true.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+    /// Accepts connections on `endpoint` until the phase is
+    /// [`ShutdownPhase::Draining`]; then waits for every connection to close
+    /// (they do once the phase is [`ShutdownPhase::Drained`]).
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<ShutdownPhase>) {
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
-                _ = stopped(&mut stop) => break,
+                _ = reached(&mut stop, ShutdownPhase::Draining) => break,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let listener = Arc::clone(&self);
@@ -106,11 +110,11 @@ impl Listener {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
         while tasks.join_next().await.is_some() {}
+        endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
     }
 
-    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, stop: watch::Receiver<bool>) {
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, stop: watch::Receiver<ShutdownPhase>) {
         let address = incoming.remote_address().ip();
         let admitted = {
             let mut per_address = self.per_address.lock().expect("per-address lock");
@@ -163,7 +167,7 @@ impl Listener {
         &self,
         id: u64,
         connection: &quinn::Connection,
-        mut stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<ShutdownPhase>,
     ) -> Option<Arc<Outbox>> {
         let handshake = Duration::from_millis(self.limits.handshake_timeout_ms);
         let (send, mut recv) = match tokio::time::timeout(handshake, connection.accept_bi()).await {
@@ -184,11 +188,11 @@ impl Listener {
         let mut decoder = FrameDecoder::with_payload_bytes_max(self.limits.payload_bytes_max);
         let deadline = tokio::time::Instant::now() + handshake;
         let mut frames = Vec::new();
+        let mut draining = false;
         'read: loop {
             let chunk = tokio::select! {
-                _ = stopped(&mut stop) => {
-                    let goodbye = error_frame(RoomId::default(), 0, ErrorCode::ShuttingDown, "server shutting down");
-                    state.write(goodbye).await;
+                _ = reached(&mut stop, ShutdownPhase::Draining) => {
+                    draining = true;
                     break 'read;
                 }
                 _ = tokio::time::sleep_until(deadline), if state.outbox.is_none() => {
@@ -224,6 +228,14 @@ impl Listener {
             if !open {
                 break 'read;
             }
+        }
+        if draining {
+            // Read nothing more; once the room core has made everything
+            // accepted durable (and queued its acknowledgements), say goodbye.
+            let drain = Duration::from_millis(self.limits.drain_timeout_ms);
+            let _ = tokio::time::timeout(drain, reached(&mut stop, ShutdownPhase::Drained)).await;
+            let goodbye = error_frame(RoomId::default(), 0, ErrorCode::ShuttingDown, "server shutting down");
+            state.write(goodbye).await;
         }
         match (&state.outbox, state.writer) {
             (Some(outbox), Some(writer)) => {
@@ -403,10 +415,21 @@ impl Listener {
     }
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+/// Where a graceful shutdown is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ShutdownPhase {
+    /// Serving.
+    Running,
+    /// No new connections, no new frames read; the room core is flushing.
+    Draining,
+    /// Everything accepted is durable and acknowledged: connections say goodbye and close.
+    Drained,
+}
+
+/// Resolves once the phase is at least `phase` (or the sender is gone).
+pub async fn reached(stop: &mut watch::Receiver<ShutdownPhase>, phase: ShutdownPhase) {
     loop {
-        if *stop.borrow_and_update() {
+        if *stop.borrow_and_update() >= phase {
             return;
         }
         if stop.changed().await.is_err() {

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use kalandra_server::admin::{serve_admin, AdminState};
 use kalandra_server::config::{init_logging, CliArgs, ServerConfig};
-use kalandra_server::connection::{ConnectionLimits, Listener};
+use kalandra_server::connection::{reached, ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
 use kalandra_server::node::{Clock, Node};
 use kalandra_server::room_group::MlsRoomGroup;
@@ -103,13 +103,11 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding admin HTTP on {}", config.admin_listen))?;
     let admin_address = admin_listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::watch::channel(ShutdownPhase::Running);
     let admin_state = AdminState::new(metrics.clone(), Arc::clone(&ready));
     let admin_stop = {
         let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        }
+        async move { reached(&mut stopped, ShutdownPhase::Drained).await }
     };
     let admin = tokio::spawn(serve_admin(admin_listener, admin_state, admin_stop));
 
@@ -144,6 +142,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         send_queue_frames_max: config.limits.send_queue_frames_max,
         payload_bytes_max: config.limits.payload_bytes_max,
         handshake_timeout_ms: config.limits.handshake_timeout_ms,
+        drain_timeout_ms: config.limits.drain_timeout_ms,
     };
     let listener = Listener::new(
         node.clone(),
@@ -161,12 +160,15 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
     let failed = wait_for_stop(&node).await;
     ready.store(false, Ordering::Release);
     tracing::info!(failed, "draining");
-    let _ = stop.send(true);
+    // Stop accepting and reading; make everything accepted durable and
+    // queue its acknowledgements; then let connections say goodbye.
+    let _ = stop.send(ShutdownPhase::Draining);
+    node.shutdown().await;
+    let _ = stop.send(ShutdownPhase::Drained);
     let drain = Duration::from_millis(config.limits.drain_timeout_ms);
     if tokio::time::timeout(drain, serving).await.is_err() {
         tracing::warn!("connections did not close within the drain timeout");
     }
-    node.shutdown().await;
     group_commit.shutdown().await.context("flushing storage")?;
     let _ = tokio::time::timeout(drain, admin).await;
     if failed || node.health().has_failed() {

@@ -152,11 +152,15 @@ pub enum Outgoing {
 impl OutboxReceiver {
     /// The next thing to write. Queued frames go first, so a notice (such as
     /// a resync request naming the first index not delivered) arrives after
-    /// the frames it refers to; once the outbox is closing, only its notices
-    /// are written, then `Close`.
+    /// the frames it refers to; once the outbox is closing, the queued frames
+    /// and notices are written, then `Close`.
     pub async fn next(&mut self) -> Outgoing {
         loop {
             if self.outbox.is_closing() {
+                // Flush what is queued (bounded), then the notices, then close.
+                if let Ok(frame) = self.frames.try_recv() {
+                    return Outgoing::Frame(frame);
+                }
                 return match self.pop_notice() {
                     Some(notice) => Outgoing::Frame(notice),
                     None => Outgoing::Close,

@@ -16,7 +16,7 @@ use kalandra_proto::payload::{
     KeyPackageUpload, Subscribe, SyncDone, Welcome,
 };
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
-use kalandra_server::connection::{ConnectionLimits, Listener};
+use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
 use kalandra_server::node::{Clock, Node};
 use kalandra_server::room_group::MlsRoomGroup;
@@ -42,6 +42,7 @@ pub fn default_limits() -> ConnectionLimits {
         send_queue_frames_max: 4096,
         payload_bytes_max: kalandra_proto::limits::PAYLOAD_BYTES_MAX,
         handshake_timeout_ms: 5_000,
+        drain_timeout_ms: 5_000,
     }
 }
 
@@ -51,7 +52,7 @@ pub struct TestServer {
     pub node: Node,
     pub metrics: Metrics,
     pub data_dir: Option<tempfile::TempDir>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<ShutdownPhase>,
     serving: tokio::task::JoinHandle<()>,
     group_commit: GroupCommit,
 }
@@ -95,7 +96,7 @@ impl TestServer {
             metrics.clone(),
             server_key.verifying_key().to_bytes(),
         );
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(ShutdownPhase::Running);
         let serving = tokio::spawn(listener.serve(endpoint, stopped));
         TestServer { address, fingerprint, node, metrics, data_dir: None, stop, serving, group_commit }
     }
@@ -112,9 +113,10 @@ impl TestServer {
     }
 
     pub async fn stop(self) -> Option<tempfile::TempDir> {
-        let _ = self.stop.send(true);
-        let _ = self.serving.await;
+        let _ = self.stop.send(ShutdownPhase::Draining);
         self.node.shutdown().await;
+        let _ = self.stop.send(ShutdownPhase::Drained);
+        let _ = self.serving.await;
         self.group_commit.shutdown().await.unwrap();
         self.data_dir
     }
