@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
+use kalandra_proto::{ErrorCode, Frame, FrameDecoder, RoomId, SenderId};
 use tokio::sync::watch;
 
 use crate::directory;
@@ -196,6 +196,7 @@ impl Listener {
                     break 'read;
                 }
                 _ = tokio::time::sleep_until(deadline), if state.outbox.is_none() => {
+                    self.metrics.rejected(ErrorCode::NotAuthenticated);
                     let error = error_frame(RoomId::default(), 0, ErrorCode::NotAuthenticated, "authentication timed out");
                     state.write(error).await;
                     break 'read;
@@ -204,7 +205,21 @@ impl Listener {
             };
             let chunk = match chunk {
                 Ok(Some(chunk)) => chunk.bytes,
-                _ => break 'read,
+                Ok(None) => {
+                    // The peer finished its stream; a partial frame is a truncated one.
+                    if !decoder.is_idle() {
+                        self.metrics.rejected(ErrorCode::MalformedHeader);
+                        let error = error_frame(
+                            RoomId::default(),
+                            0,
+                            ErrorCode::MalformedHeader,
+                            "stream ends inside a frame",
+                        );
+                        state.write(error).await;
+                    }
+                    break 'read;
+                }
+                Err(_) => break 'read,
             };
             let mut input = &chunk[..];
             let mut decode_error = None;
@@ -258,6 +273,21 @@ impl Listener {
         for frame in frames.drain(..) {
             let now_ms = (self.clock)();
             self.metrics.frame_in(frame.opcode());
+            if let (Some(outbox), Some(sender)) = (state.outbox.clone(), state.session.sender()) {
+                if let Err(retry_after_ms) = self.admit(sender, &mut state.bucket, now_ms) {
+                    self.metrics.rejected(ErrorCode::RateLimited);
+                    let error = kalandra_proto::payload::Error {
+                        code: ErrorCode::RateLimited.to_u16(),
+                        message: "rate limit exceeded".into(),
+                        current_epoch: None,
+                        log_index: None,
+                        retry_after_ms: Some(retry_after_ms),
+                    };
+                    let header = frame.header();
+                    let _ = outbox.send(server_frame(header.room_id(), header.request_id(), &error)).await;
+                    continue;
+                }
+            }
             match state.session.on_frame(frame, now_ms) {
                 Step::Ignore => {}
                 Step::Reply(reply) => state.write(reply).await,
@@ -269,21 +299,8 @@ impl Listener {
                     self.node.connection_authenticated(&outbox).await;
                     state.outbox = Some(outbox);
                 }
-                Step::Route(sender, route) => {
+                Step::Route(_, route) => {
                     let Some(outbox) = state.outbox.clone() else { return false };
-                    if let Err(retry_after_ms) = self.admit(sender, &mut state.bucket, now_ms) {
-                        self.metrics.rejected(ErrorCode::RateLimited);
-                        let error = kalandra_proto::payload::Error {
-                            code: ErrorCode::RateLimited.to_u16(),
-                            message: "rate limit exceeded".into(),
-                            current_epoch: None,
-                            log_index: None,
-                            retry_after_ms: Some(retry_after_ms),
-                        };
-                        let request_id = route_request_id(&route);
-                        let _ = outbox.send(server_frame(RoomId::default(), request_id, &error)).await;
-                        continue;
-                    }
                     self.route(&outbox, route).await;
                 }
                 Step::Close(error) => {
@@ -312,16 +329,6 @@ impl Listener {
         match route {
             Route::Sequence(frame) => {
                 let room_id = frame.header().room_id();
-                if matches!(frame.opcode(), Opcode::CreateRoom | Opcode::ExternalJoin)
-                    && self.node.rooms_of(outbox.sender()) >= self.limits.rooms_per_user_max
-                {
-                    self.metrics.rejected(ErrorCode::TooManyRooms);
-                    let request_id = frame.header().request_id();
-                    let _ = outbox
-                        .send(error_frame(room_id, request_id, ErrorCode::TooManyRooms, "too many rooms"))
-                        .await;
-                    return;
-                }
                 self.node.send(room_id, Command::Submit { outbox: Arc::clone(outbox), frame }).await;
             }
             Route::Ephemeral(frame) => {
@@ -461,20 +468,6 @@ impl ConnectionState {
         } else if let Some(send) = &mut self.send {
             let _ = send.write_all(&frame).await;
         }
-    }
-}
-
-fn route_request_id(route: &Route) -> u32 {
-    match route {
-        Route::Sequence(frame) | Route::Ephemeral(frame) | Route::Moderation(frame) => {
-            frame.header().request_id()
-        }
-        Route::Subscribe { request_id, .. }
-        | Route::Sync { request_id, .. }
-        | Route::GroupInfo { request_id, .. }
-        | Route::KeyPackageUpload { request_id, .. }
-        | Route::KeyPackageClaim { request_id, .. } => *request_id,
-        Route::Unsubscribe { .. } => 0,
     }
 }
 

@@ -50,8 +50,9 @@ impl DirectoryError {
             DirectoryError::InvalidKeyPackage { .. }
             | DirectoryError::NotOwnKeyPackage { .. }
             | DirectoryError::LastResortMismatch { .. } => ErrorCode::InvalidKeyPackage,
+            DirectoryError::Store(KeyPackageError::TooMany { .. }) => ErrorCode::QuotaExceeded,
             DirectoryError::Store(error) => match error.kind() {
-                store::ErrorKind::CallerMisuse => ErrorCode::QuotaExceeded,
+                store::ErrorKind::CallerMisuse => ErrorCode::InvalidKeyPackage,
                 store::ErrorKind::Storage => ErrorCode::StorageUnavailable,
                 store::ErrorKind::Internal => ErrorCode::Internal,
             },

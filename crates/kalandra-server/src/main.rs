@@ -16,7 +16,7 @@ use kalandra_server::admin::{serve_admin, AdminState};
 use kalandra_server::config::{init_logging, CliArgs, ServerConfig};
 use kalandra_server::connection::{reached, ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
-use kalandra_server::node::{Clock, Node};
+use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::room_group::MlsRoomGroup;
 use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
 use kalandra_server::store::{RedbStore, Store};
@@ -119,6 +119,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         shard_count,
         wall_clock(),
         metrics.clone(),
+        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max },
     )
     .await
     .context("recovering rooms from storage")?;

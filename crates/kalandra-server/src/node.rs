@@ -306,6 +306,14 @@ pub enum Command {
     },
 }
 
+/// Limits the room core enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeLimits {
+    /// A user who is a member of this many rooms may not create or join
+    /// (by external commit) another.
+    pub rooms_per_user_max: u32,
+}
+
 /// Reports from the room core to the process.
 #[derive(Debug, Default)]
 pub struct NodeHealth {
@@ -385,6 +393,7 @@ impl Node {
         shard_count: usize,
         clock: Clock,
         metrics: Metrics,
+        limits: NodeLimits,
     ) -> Result<Node, RecoveryError> {
         let shard_count = shard_count.max(1);
         let recovering = Arc::clone(&store);
@@ -415,6 +424,7 @@ impl Node {
                 health: Arc::clone(&health),
                 online: Arc::clone(&online),
                 memberships: Arc::clone(&memberships),
+                rooms_per_user_max: limits.rooms_per_user_max,
                 clock: Arc::clone(&clock),
                 effects: Vec::new(),
                 metrics: metrics.clone(),
@@ -640,6 +650,7 @@ struct Shard<G: PersistentGroup> {
     health: Arc<NodeHealth>,
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     memberships: Memberships,
+    rooms_per_user_max: u32,
     clock: Clock,
     effects: Vec<Effect>,
     metrics: Metrics,
@@ -728,20 +739,35 @@ impl<G: PersistentGroup> Shard<G> {
         let room_id = frame.header().room_id();
         let request_id = frame.header().request_id();
         let now_ms = (self.clock)();
+        let validates_mls =
+            matches!(frame.opcode(), Opcode::CreateRoom | Opcode::Commit | Opcode::ExternalJoin);
+        let started = validates_mls.then(std::time::Instant::now);
         let result = if frame.opcode() == Opcode::CreateRoom {
             self.create_room(&outbox, frame, now_ms)
         } else {
             match self.rooms.get_mut(&room_id) {
                 None => {
-                    Self::reply(
-                        &outbox,
-                        error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"),
-                    );
+                    self.refuse(&outbox, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
                     return;
                 }
-                Some(room) => room.sequencer.submit(outbox.sender(), frame, now_ms),
+                Some(room) => {
+                    let rooms =
+                        self.memberships.lock().expect("memberships lock").get(&outbox.sender()).copied();
+                    match rooms {
+                        // An external join while at the limit (joins in flight are not yet counted).
+                        Some(rooms)
+                            if frame.opcode() == Opcode::ExternalJoin && rooms >= self.rooms_per_user_max =>
+                        {
+                            Err(SubmitError::TooManyRooms { rooms })
+                        }
+                        _ => room.sequencer.submit(outbox.sender(), frame, now_ms),
+                    }
+                }
             }
         };
+        if let Some(started) = started {
+            self.metrics.commit_validated(started.elapsed().as_secs_f64());
+        }
         match result {
             Ok(sequenced) => {
                 let room = self.rooms.get_mut(&room_id).expect("room exists after sequencing");
@@ -782,10 +808,18 @@ impl<G: PersistentGroup> Shard<G> {
         }
         let create: CreateRoom = frame.decode_payload()?;
         let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
-            .map_err(SubmitError::InvalidCommit)?;
+            .map_err(SubmitError::InvalidGroupInfo)?;
+        // Check and count the creator's membership in one step, so that
+        // creates pipelined on several shards cannot pass the limit together.
+        let mut memberships = self.memberships.lock().expect("memberships lock");
+        let rooms = memberships.get(&outbox.sender()).copied().unwrap_or(0);
+        if rooms >= self.rooms_per_user_max {
+            return Err(SubmitError::TooManyRooms { rooms });
+        }
         let (sequencer, sequenced) = RoomSequencer::create(room_id, group, outbox.sender(), frame, now_ms)?;
+        *memberships.entry(outbox.sender()).or_insert(0) += 1;
+        drop(memberships);
         self.rooms.insert(room_id, Room::new(sequencer, outbox.sender(), now_ms));
-        count_memberships(&self.memberships, &[outbox.sender()], &[]);
         Ok(sequenced)
     }
 

@@ -10,7 +10,7 @@ use ed25519_dalek::VerifyingKey;
 use kalandra_proto::limits::{AUTH_NONCE_BYTES, PUBLIC_KEY_BYTES};
 use kalandra_proto::payload::{self, AnyPayload};
 use kalandra_proto::sign::{parse_identity_key, verify_auth_response};
-use kalandra_proto::{ErrorCode, Flags, Frame, OpcodeClass, RoomId, SenderId, PROTOCOL_VERSION};
+use kalandra_proto::{ErrorCode, Flags, Frame, Opcode, OpcodeClass, RoomId, SenderId, PROTOCOL_VERSION};
 
 use crate::node::{error_frame, server_frame};
 
@@ -19,7 +19,7 @@ use crate::node::{error_frame, server_frame};
 enum State {
     AwaitHello,
     AwaitResponse { identity: VerifyingKey },
-    Authenticated { sender: SenderId },
+    Authenticated { sender: SenderId, identity: VerifyingKey },
     Closed,
 }
 
@@ -124,7 +124,7 @@ impl Session {
     /// The authenticated identity, once there is one.
     pub fn sender(&self) -> Option<SenderId> {
         match self.state {
-            State::Authenticated { sender } => Some(sender),
+            State::Authenticated { sender, .. } => Some(sender),
             _ => None,
         }
     }
@@ -148,7 +148,7 @@ impl Session {
                 match verify_auth_response(&identity, &self.nonce, &response.signature) {
                     Ok(()) => {
                         let sender = SenderId::from_identity_key(identity.as_bytes());
-                        self.state = State::Authenticated { sender };
+                        self.state = State::Authenticated { sender, identity };
                         let reply = server_frame(
                             RoomId::default(),
                             request_id,
@@ -171,9 +171,9 @@ impl Session {
             (State::AwaitHello | State::AwaitResponse { .. }, _) => {
                 close(room_id, request_id, ErrorCode::NotAuthenticated, "authenticate first")
             }
-            (State::Authenticated { sender }, payload) => {
-                let sender = *sender;
-                self.authenticated(sender, frame, payload)
+            (State::Authenticated { sender, identity }, payload) => {
+                let (sender, identity) = (*sender, *identity);
+                self.authenticated(sender, &identity, frame, payload)
             }
         };
         if matches!(step, Step::Close(_) | Step::Goodbye) {
@@ -207,7 +207,13 @@ impl Session {
         ))
     }
 
-    fn authenticated(&mut self, sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
+    fn authenticated(
+        &mut self,
+        sender: SenderId,
+        identity: &VerifyingKey,
+        frame: Frame,
+        payload: AnyPayload,
+    ) -> Step {
         let header = frame.header();
         let (room_id, request_id) = (header.room_id(), header.request_id());
         if header.sender_id() != sender {
@@ -219,15 +225,20 @@ impl Session {
             );
         }
         let class = frame.opcode().class();
-        if matches!(class, OpcodeClass::Sequenced | OpcodeClass::Moderation)
-            && !header.flags().contains(Flags::SIGNED)
-        {
-            return close(
-                room_id,
-                request_id,
-                ErrorCode::BadSignature,
-                "sequenced and moderation frames must be signed",
-            );
+        if matches!(class, OpcodeClass::Sequenced | OpcodeClass::Moderation) {
+            if !header.flags().contains(Flags::SIGNED) {
+                return close(
+                    room_id,
+                    request_id,
+                    ErrorCode::BadSignature,
+                    "sequenced and moderation frames must be signed",
+                );
+            }
+            // Application frames are verified by the members who decrypt them
+            // (see docs/wire-protocol.md §4); every other signed frame here.
+            if frame.opcode() != Opcode::Application && frame.verify(identity).is_err() {
+                return close(room_id, request_id, ErrorCode::BadSignature, "signature does not verify");
+            }
         }
         let route = match payload {
             AnyPayload::Ping(ping) => {
@@ -279,7 +290,7 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use kalandra_proto::payload::{Application, AuthResponse, Hello, Ping};
     use kalandra_proto::sign::sign_auth_challenge;
-    use kalandra_proto::{FrameHeaderBuf, Opcode, Payload};
+    use kalandra_proto::{FrameHeaderBuf, Payload};
 
     use super::*;
 

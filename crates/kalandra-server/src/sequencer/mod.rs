@@ -94,6 +94,15 @@ pub enum SubmitError {
     /// A room with this id exists.
     #[error("a room with this id exists")]
     RoomExists,
+    /// The room's initial GroupInfo or ratchet tree is invalid.
+    #[error("invalid GroupInfo or ratchet tree: {0}")]
+    InvalidGroupInfo(GroupError),
+    /// Limit: the user is a member of too many rooms to create or join another.
+    #[error("member of {rooms} rooms, the limit")]
+    TooManyRooms {
+        /// Rooms the user is a member of.
+        rooms: u32,
+    },
     /// Internal: the room's state is being rebuilt after a storage failure.
     #[error("room is recovering from a storage failure")]
     Recovering,
@@ -116,6 +125,8 @@ impl SubmitError {
             SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => ErrorCode::RateLimited,
             SubmitError::StorageFailed => ErrorCode::StorageUnavailable,
             SubmitError::RoomExists => ErrorCode::RoomExists,
+            SubmitError::InvalidGroupInfo(_) => ErrorCode::InvalidGroupInfo,
+            SubmitError::TooManyRooms { .. } => ErrorCode::TooManyRooms,
             SubmitError::Recovering => ErrorCode::StorageUnavailable,
         }
     }
@@ -440,7 +451,7 @@ impl<G: GroupState> RoomSequencer<G> {
                 let summary = self
                     .group
                     .apply_commit(&payload.commit, sender, &self.server_proposals_pending)
-                    .map_err(SubmitError::InvalidCommit)?;
+                    .map_err(|error| self.commit_error(error))?;
                 let welcome = payload.welcome.map(|welcome| {
                     let recipients = payload.welcome_recipients.iter().copied().map(SenderId).collect();
                     (Bytes::from(welcome), recipients)
@@ -458,7 +469,7 @@ impl<G: GroupState> RoomSequencer<G> {
                 let summary = self
                     .group
                     .apply_commit(&payload.commit, sender, &[])
-                    .map_err(SubmitError::InvalidCommit)?;
+                    .map_err(|error| self.commit_error(error))?;
                 commit_follow_up = Some(self.after_commit(summary, None, payload.group_info));
             }
             other => return Err(SubmitError::NotSequenced(other)),
@@ -603,6 +614,18 @@ impl<G: GroupState> RoomSequencer<G> {
             });
         }
         Ok(())
+    }
+
+    /// A refused commit; an MLS epoch mismatch reports where the room is.
+    fn commit_error(&self, error: GroupError) -> SubmitError {
+        match error {
+            GroupError::WrongEpoch { message_epoch, group_epoch } => SubmitError::WrongEpoch {
+                frame_epoch: message_epoch,
+                current_epoch: group_epoch,
+                log_index: self.epoch_started_at_log_index,
+            },
+            other => SubmitError::InvalidCommit(other),
+        }
     }
 
     fn after_commit(

@@ -18,7 +18,7 @@ use kalandra_proto::payload::{
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
-use kalandra_server::node::{Clock, Node};
+use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::room_group::MlsRoomGroup;
 use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
 use kalandra_server::store::{RedbStore, Store};
@@ -79,6 +79,7 @@ impl TestServer {
             2,
             Arc::clone(&clock),
             metrics.clone(),
+            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max },
         )
         .await
         .unwrap();
