@@ -22,30 +22,9 @@ use crate::rate_limit::{KeyedLimiter, TokenBucket};
 use crate::session::{Route, Session, Step};
 use crate::store::Store;
 
-/// Limits applied per connection, per user and per address.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    /// Sustained frames per second one connection may send.
-    pub frames_per_second_per_connection: u32,
-    /// Burst above that rate.
-    pub frames_burst_per_connection: u32,
-    /// Sustained frames per second one user (identity) may send over all connections.
-    pub frames_per_second_per_user: u32,
-    /// Burst above that rate.
-    pub frames_burst_per_user: u32,
-    /// Rooms a user may create or join by external commit while a member of this many.
-    pub rooms_per_user_max: u32,
-    /// Connections one IP address may hold open.
-    pub connections_per_address_max: u32,
-    /// Frames queued towards one connection before it is told to resync.
-    pub send_queue_frames_max: usize,
-    /// Largest payload accepted (at most the protocol's limit).
-    pub payload_bytes_max: u32,
-    /// Time a client has to authenticate.
-    pub handshake_timeout_ms: u64,
-    /// Time open connections get to receive their last acknowledgements when the server stops.
-    pub drain_timeout_ms: u64,
-}
+/// Limits applied per connection, per user and per address: the
+/// operator's `[limits]` configuration.
+pub use crate::config::Limits as ConnectionLimits;
 
 /// Most users whose rate buckets are tracked at once.
 pub const USER_RATE_BUCKETS_MAX: usize = 1_000_000;
@@ -320,6 +299,25 @@ impl Listener {
         true
     }
 
+    /// The answer to a directory request run on a blocking thread.
+    fn directory_reply<P: kalandra_proto::Payload>(
+        &self,
+        request_id: u32,
+        result: Result<Result<P, directory::DirectoryError>, tokio::task::JoinError>,
+    ) -> Bytes {
+        match result {
+            Ok(Ok(answer)) => server_frame(RoomId::default(), request_id, &answer),
+            Ok(Err(error)) => {
+                self.metrics.rejected(error.error_code());
+                error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
+            }
+            Err(_) => {
+                self.metrics.rejected(ErrorCode::Internal);
+                error_frame(RoomId::default(), request_id, ErrorCode::Internal, "directory task failed")
+            }
+        }
+    }
+
     fn admit(&self, sender: SenderId, connection_bucket: &mut TokenBucket, now_ms: u64) -> Result<(), u64> {
         connection_bucket.try_take(now_ms, 1.0).map_err(|retry| retry.0)?;
         self.per_user.lock().expect("per-user lock").try_take(sender, now_ms, 1.0).map_err(|retry| retry.0)
@@ -372,39 +370,13 @@ impl Listener {
                 let result =
                     tokio::task::spawn_blocking(move || directory::upload(store.as_ref(), sender, &upload))
                         .await;
-                let reply = match result {
-                    Ok(Ok(status)) => server_frame(RoomId::default(), request_id, &status),
-                    Ok(Err(error)) => {
-                        self.metrics.rejected(error.error_code());
-                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
-                    }
-                    Err(_) => error_frame(
-                        RoomId::default(),
-                        request_id,
-                        ErrorCode::Internal,
-                        "directory task failed",
-                    ),
-                };
-                let _ = outbox.send(reply).await;
+                let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
             Route::KeyPackageClaim { request_id, claim } => {
                 let store = Arc::clone(&self.store);
                 let result =
                     tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
-                let reply = match result {
-                    Ok(Ok(claimed)) => server_frame(RoomId::default(), request_id, &claimed),
-                    Ok(Err(error)) => {
-                        self.metrics.rejected(error.error_code());
-                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
-                    }
-                    Err(_) => error_frame(
-                        RoomId::default(),
-                        request_id,
-                        ErrorCode::Internal,
-                        "directory task failed",
-                    ),
-                };
-                let _ = outbox.send(reply).await;
+                let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
             Route::Moderation(frame) => {
                 // No roles exist in this version, so no one holds the moderator role.

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use kalandra_server::admin::{serve_admin, AdminState};
 use kalandra_server::config::{init_logging, CliArgs, ServerConfig};
-use kalandra_server::connection::{reached, ConnectionLimits, Listener, ShutdownPhase};
+use kalandra_server::connection::{reached, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
 use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::room_group::MlsRoomGroup;
@@ -133,22 +133,10 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let quic_address = endpoint.local_addr()?;
-    let limits = ConnectionLimits {
-        frames_per_second_per_connection: config.limits.frames_per_second_per_connection,
-        frames_burst_per_connection: config.limits.frames_burst_per_connection,
-        frames_per_second_per_user: config.limits.frames_per_second_per_user,
-        frames_burst_per_user: config.limits.frames_burst_per_user,
-        rooms_per_user_max: config.limits.rooms_per_user_max,
-        connections_per_address_max: config.limits.connections_per_address_max,
-        send_queue_frames_max: config.limits.send_queue_frames_max,
-        payload_bytes_max: config.limits.payload_bytes_max,
-        handshake_timeout_ms: config.limits.handshake_timeout_ms,
-        drain_timeout_ms: config.limits.drain_timeout_ms,
-    };
     let listener = Listener::new(
         node.clone(),
         Arc::clone(&store),
-        limits,
+        config.limits.clone(),
         wall_clock(),
         metrics.clone(),
         server_public_key,

@@ -38,11 +38,9 @@ pub fn default_limits() -> ConnectionLimits {
         frames_per_second_per_user: 10_000,
         frames_burst_per_user: 10_000,
         rooms_per_user_max: 100,
-        connections_per_address_max: 64,
-        send_queue_frames_max: 4096,
-        payload_bytes_max: kalandra_proto::limits::PAYLOAD_BYTES_MAX,
         handshake_timeout_ms: 5_000,
         drain_timeout_ms: 5_000,
+        ..ConnectionLimits::default()
     }
 }
 
