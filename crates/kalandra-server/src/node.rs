@@ -672,7 +672,7 @@ impl<G: PersistentGroup> Shard<G> {
                 result = async { (&mut self.tickets.front_mut().expect("guarded").ticket).await }, if !self.tickets.is_empty() => {
                     let batch = self.tickets.pop_front().expect("guarded");
                     self.metrics.storage_batch(batch.entries, batch.submitted.elapsed().as_secs_f64());
-                    self.persisted(batch.rooms, result.map_err(|error| error.to_string()));
+                    self.persisted(batch.rooms, result.map_err(|error| error.to_string())).await;
                 }
                 command = inbox.recv(), if accepting => {
                     let Some(command) = command else { break };
@@ -965,11 +965,11 @@ impl<G: PersistentGroup> Shard<G> {
         let (count, submitted) = (entries.len(), std::time::Instant::now());
         match self.group_commit.submit(entries).await {
             Ok(ticket) => self.tickets.push_back(PendingBatch { ticket, rooms, entries: count, submitted }),
-            Err(error) => self.persisted(rooms, Err(error.to_string())),
+            Err(error) => self.persisted(rooms, Err(error.to_string())).await,
         }
     }
 
-    fn persisted(&mut self, rooms: Vec<(RoomId, u64)>, result: Result<(), String>) {
+    async fn persisted(&mut self, rooms: Vec<(RoomId, u64)>, result: Result<(), String>) {
         let mut effects = std::mem::take(&mut self.effects);
         for (room_id, through) in rooms {
             let Some(room) = self.rooms.get_mut(&room_id) else { continue };
@@ -982,6 +982,18 @@ impl<G: PersistentGroup> Shard<G> {
                     self.health.failed.store(true, Ordering::Release);
                     self.health.storage_failures.fetch_add(1, Ordering::Relaxed);
                     room.sequencer.storage_failed(&mut effects);
+                }
+            }
+            // A commit's Welcomes are stored before its acknowledgement goes
+            // out, so an acknowledged add never loses its Welcome in a crash.
+            for effect in &effects {
+                if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, .. } = effect {
+                    let frame = welcome_frame(room_id, welcome, ratchet_tree);
+                    if let Err(error) = store_welcomes(Arc::clone(&self.store), recipients, frame).await {
+                        tracing::error!(%room_id, %error, "storage failed storing Welcomes; the node stops and recovers on restart");
+                        self.health.failed.store(true, Ordering::Release);
+                        self.health.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             let mut context = EffectContext {
@@ -1091,26 +1103,14 @@ fn apply_effects<G: PersistentGroup>(
                 count_memberships(context.memberships, &added, &removed);
                 room.subscribers.retain(|s| !removed.contains(&s.outbox.sender()));
             }
-            Effect::DeliverWelcome { recipients, welcome, ratchet_tree, .. } => {
-                let payload = payload::Welcome {
-                    welcome: welcome.to_vec(),
-                    ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
-                };
-                let frame = server_frame(room_id, 0, &payload);
+            Effect::DeliverWelcome { recipients, .. } => {
+                // Stored already (see `persisted`); hand them to recipients online now.
                 let online: Vec<Arc<Outbox>> = {
                     let online = context.online.lock().expect("online lock");
                     recipients.iter().filter_map(|r| online.get(r)).flatten().cloned().collect()
                 };
                 let store = Arc::clone(context.store);
                 context.background.spawn(async move {
-                    for recipient in recipients {
-                        let (writer, bytes) = (Arc::clone(&store), frame.clone());
-                        let stored =
-                            tokio::task::spawn_blocking(move || writer.put_welcome(recipient.0, bytes)).await;
-                        if !matches!(stored, Ok(Ok(_))) {
-                            tracing::warn!(recipient = recipient.0, "could not store a welcome");
-                        }
-                    }
                     for outbox in online {
                         deliver_pending_welcomes(Arc::clone(&store), outbox).await;
                     }
@@ -1118,6 +1118,41 @@ fn apply_effects<G: PersistentGroup>(
             }
         }
     }
+}
+
+fn welcome_frame(room_id: RoomId, welcome: &Bytes, ratchet_tree: &Bytes) -> Bytes {
+    let payload = payload::Welcome {
+        welcome: welcome.to_vec(),
+        ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
+    };
+    server_frame(room_id, 0, &payload)
+}
+
+/// Stores a Welcome for every recipient in one durable transaction. A
+/// recipient whose queue is full (a flooded mailbox) does not cost the
+/// others theirs: they are then stored one by one, and the full one skipped.
+async fn store_welcomes(store: Arc<dyn Store>, recipients: &[SenderId], frame: Bytes) -> Result<(), String> {
+    let ids: Vec<u64> = recipients.iter().map(|r| r.0).collect();
+    let result = tokio::task::spawn_blocking(move || match store.put_welcomes(&ids, frame.clone()) {
+        Err(crate::store::WelcomeError::TooMany { .. }) => {
+            for id in ids {
+                match store.put_welcome(id, frame.clone()) {
+                    Ok(_) => {}
+                    Err(crate::store::WelcomeError::TooMany { .. }) => {
+                        tracing::warn!(
+                            recipient = id,
+                            "Welcome queue full; the Welcome is dropped for this recipient"
+                        );
+                    }
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+            Ok(())
+        }
+        other => other.map(|_| ()).map_err(|error| error.to_string()),
+    })
+    .await;
+    result.map_err(|error| error.to_string())?
 }
 
 /// Removes and returns the connection waiting on `log_index`.

@@ -663,6 +663,13 @@ mod tests {
         fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
             self.inner.put_welcome(recipient_user_id, welcome)
         }
+        fn put_welcomes(
+            &self,
+            recipients: &[UserId],
+            welcome: Bytes,
+        ) -> Result<Vec<WelcomeId>, WelcomeError> {
+            self.inner.put_welcomes(recipients, welcome)
+        }
         fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
             self.inner.pending_welcomes(recipient_user_id)
         }

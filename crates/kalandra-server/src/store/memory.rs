@@ -198,6 +198,36 @@ impl Store for MemoryStore {
         Ok(welcome_id)
     }
 
+    fn put_welcomes(
+        &self,
+        recipient_user_ids: &[UserId],
+        welcome: Bytes,
+    ) -> Result<Vec<WelcomeId>, WelcomeError> {
+        validate_welcome(&welcome)?;
+        let mut state = self.lock()?;
+        for &recipient_user_id in recipient_user_ids {
+            let pending = state
+                .welcomes
+                .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
+                .take(WELCOMES_PER_RECIPIENT_MAX)
+                .count();
+            let repeated = recipient_user_ids.iter().filter(|r| **r == recipient_user_id).count();
+            if pending + repeated > WELCOMES_PER_RECIPIENT_MAX {
+                return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
+            }
+        }
+        let mut ids = Vec::with_capacity(recipient_user_ids.len());
+        for &recipient_user_id in recipient_user_ids {
+            let welcome_id = state.welcome_id_next;
+            state.welcome_id_next = welcome_id
+                .checked_add(1)
+                .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+            state.welcomes.insert((recipient_user_id, welcome_id), welcome.clone());
+            ids.push(welcome_id);
+        }
+        Ok(ids)
+    }
+
     fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
         let state = self.lock()?;
         Ok(state

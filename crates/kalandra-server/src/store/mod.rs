@@ -561,6 +561,15 @@ pub trait Store: Send + Sync + 'static {
     /// Queues a Welcome for `recipient_user_id`, durably, and returns its id.
     fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError>;
 
+    /// Queues one Welcome for each of `recipient_user_ids` in one durable
+    /// transaction, all or nothing (a recipient whose queue is full refuses
+    /// the whole call with `TooMany`); returns the ids in recipient order.
+    fn put_welcomes(
+        &self,
+        recipient_user_ids: &[UserId],
+        welcome: Bytes,
+    ) -> Result<Vec<WelcomeId>, WelcomeError>;
+
     /// The Welcomes pending for `recipient_user_id`, oldest first (at most
     /// [`WELCOMES_PER_RECIPIENT_MAX`]). Nothing is removed: after the
     /// recipient has them, call [`Store::delete_welcomes_through`]. A crash

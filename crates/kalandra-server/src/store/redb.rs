@@ -485,6 +485,57 @@ impl Store for RedbStore {
         }
     }
 
+    fn put_welcomes(
+        &self,
+        recipient_user_ids: &[UserId],
+        welcome: Bytes,
+    ) -> Result<Vec<WelcomeId>, WelcomeError> {
+        const OP: &str = "put_welcomes";
+        validate_welcome(&welcome)?;
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<Vec<WelcomeId>, WelcomeError> {
+            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
+            for &recipient_user_id in recipient_user_ids {
+                let low = welcome_key(recipient_user_id, 0);
+                let high = welcome_key(recipient_user_id, WelcomeId::MAX);
+                let pending = table
+                    .range::<&WelcomeKey>(&low..=&high)
+                    .map_err(failed(OP))?
+                    .take(WELCOMES_PER_RECIPIENT_MAX)
+                    .count();
+                let repeated = recipient_user_ids.iter().filter(|r| **r == recipient_user_id).count();
+                if pending + repeated > WELCOMES_PER_RECIPIENT_MAX {
+                    return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(failed(OP))?;
+            let mut welcome_id =
+                meta.get(META_WELCOME_ID_NEXT).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            let mut ids = Vec::with_capacity(recipient_user_ids.len());
+            for &recipient_user_id in recipient_user_ids {
+                table
+                    .insert(&welcome_key(recipient_user_id, welcome_id), welcome.as_ref())
+                    .map_err(failed(OP))?;
+                ids.push(welcome_id);
+                welcome_id = welcome_id
+                    .checked_add(1)
+                    .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+            }
+            meta.insert(META_WELCOME_ID_NEXT, welcome_id).map_err(failed(OP))?;
+            Ok(ids)
+        })();
+        match outcome {
+            Ok(ids) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(ids)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
     fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
         const OP: &str = "pending_welcomes";
         let txn = self.begin_read(OP)?;

@@ -399,6 +399,26 @@ pub(crate) fn welcomes_two_step<S: Store>(store: &S) {
     );
 }
 
+pub(crate) fn welcomes_for_many_recipients_all_or_nothing<S: Store>(store: &S) {
+    let (alice, bob, carol) = (11, 12, 13);
+    let ids = store.put_welcomes(&[alice, bob], Bytes::from_static(b"w")).unwrap();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] < ids[1], "ids increase in recipient order");
+    assert_eq!(store.pending_welcomes(alice).unwrap().len(), 1);
+    assert_eq!(store.pending_welcomes(bob).unwrap()[0].welcome_id, ids[1]);
+    // Fill Carol's queue; a call that includes her stores nothing for anyone.
+    for _ in 0..WELCOMES_PER_RECIPIENT_MAX {
+        store.put_welcome(carol, Bytes::from_static(b"c")).unwrap();
+    }
+    let error = store.put_welcomes(&[alice, carol], Bytes::from_static(b"x")).unwrap_err();
+    assert!(matches!(error, WelcomeError::TooMany { recipient_user_id, .. } if recipient_user_id == carol));
+    assert_eq!(store.pending_welcomes(alice).unwrap().len(), 1, "nothing stored for alice either");
+    // Ids stay unique across both calls.
+    let later = store.put_welcome(bob, Bytes::from_static(b"later")).unwrap();
+    assert!(later > ids[1]);
+    assert!(store.put_welcomes(&[], Bytes::from_static(b"none")).unwrap().is_empty());
+}
+
 pub(crate) fn welcomes_refused<S: Store>(store: &S) {
     let carol = 11u64;
     for i in 0..WELCOMES_PER_RECIPIENT_MAX {
@@ -554,6 +574,7 @@ macro_rules! store_suite {
             case!(group_info_put_get);
             case!(welcomes_two_step);
             case!(welcomes_refused);
+            case!(welcomes_for_many_recipients_all_or_nothing);
             case!(room_metadata_put_get);
             case!(randomized_interleaving);
         }
