@@ -294,8 +294,8 @@ pub enum Command {
     CaughtUp {
         /// The room.
         room_id: RoomId,
-        /// The connection.
-        connection: ConnectionId,
+        /// The subscription caught up.
+        subscription: u64,
         /// First index not yet sent.
         next_log_index: u64,
     },
@@ -425,6 +425,7 @@ impl Node {
                 online: Arc::clone(&online),
                 memberships: Arc::clone(&memberships),
                 rooms_per_user_max: limits.rooms_per_user_max,
+                next_subscription: 0,
                 clock: Arc::clone(&clock),
                 effects: Vec::new(),
                 metrics: metrics.clone(),
@@ -515,6 +516,22 @@ struct Subscriber {
     next_log_index: u64,
     /// Receiving live fan-out (history is complete).
     live: bool,
+    /// Identifies this subscription, so that a history reader of an earlier
+    /// subscription of the same connection cannot report for this one.
+    subscription: u64,
+    /// Set when the subscription ends: its history reader stops sending.
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Removes the subscribers `remove` picks and stops their history readers.
+fn drop_subscribers(subscribers: &mut Vec<Subscriber>, mut remove: impl FnMut(&Subscriber) -> bool) {
+    subscribers.retain(|subscriber| {
+        let removed = remove(subscriber);
+        if removed {
+            subscriber.cancelled.store(true, Ordering::Release);
+        }
+        !removed
+    });
 }
 
 struct Room<G: PersistentGroup> {
@@ -651,6 +668,8 @@ struct Shard<G: PersistentGroup> {
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     memberships: Memberships,
     rooms_per_user_max: u32,
+    /// Last subscription id handed out.
+    next_subscription: u64,
     clock: Clock,
     effects: Vec<Effect>,
     metrics: Metrics,
@@ -703,7 +722,7 @@ impl<G: PersistentGroup> Shard<G> {
             }
             Command::Unsubscribe { connection, room_id } => {
                 if let Some(room) = self.rooms.get_mut(&room_id) {
-                    room.subscribers.retain(|s| s.outbox.connection() != connection);
+                    drop_subscribers(&mut room.subscribers, |s| s.outbox.connection() == connection);
                 }
             }
             Command::GroupInfo { outbox, room_id, request_id } => {
@@ -711,7 +730,7 @@ impl<G: PersistentGroup> Shard<G> {
             }
             Command::ConnectionClosed { connection } => {
                 for room in self.rooms.values_mut() {
-                    room.subscribers.retain(|s| s.outbox.connection() != connection);
+                    drop_subscribers(&mut room.subscribers, |s| s.outbox.connection() == connection);
                     for (_, waiting) in room.waiting.iter_mut() {
                         if waiting.as_ref().is_some_and(|o| o.connection() == connection) {
                             *waiting = None;
@@ -719,8 +738,8 @@ impl<G: PersistentGroup> Shard<G> {
                     }
                 }
             }
-            Command::CaughtUp { room_id, connection, next_log_index } => {
-                self.caught_up(room_id, connection, next_log_index)
+            Command::CaughtUp { room_id, subscription, next_log_index } => {
+                self.caught_up(room_id, subscription, next_log_index)
             }
             Command::Shutdown { done } => *shutdown = Some(done),
         }
@@ -868,22 +887,34 @@ impl<G: PersistentGroup> Shard<G> {
         }
         if live {
             if room.subscribers.len() >= SUBSCRIBERS_PER_ROOM_MAX {
+                self.metrics.rejected(ErrorCode::RateLimited);
                 Self::reply(
                     &outbox,
                     error_frame(room_id, request_id, ErrorCode::RateLimited, "room has too many subscribers"),
                 );
                 return;
             }
-            room.subscribers.retain(|s| s.outbox.connection() != outbox.connection());
+            drop_subscribers(&mut room.subscribers, |s| s.outbox.connection() == outbox.connection());
+            self.next_subscription += 1;
+            let subscription = self.next_subscription;
             room.subscribers.push(Subscriber {
                 outbox: Arc::clone(&outbox),
                 next_log_index: from_log_index,
                 live: false,
+                subscription,
+                cancelled: Arc::new(AtomicBool::new(false)),
             });
-            self.caught_up(room_id, outbox.connection(), from_log_index);
+            self.caught_up(room_id, subscription, from_log_index);
         } else {
             let through = durable_next.min(from_log_index.saturating_add(count_max));
-            let reader = HistoryReader { store: Arc::clone(&self.store), room_id, outbox, request_id };
+            let reader = HistoryReader {
+                store: Arc::clone(&self.store),
+                room_id,
+                outbox,
+                request_id,
+                subscription: 0,
+                cancelled: Arc::new(AtomicBool::new(false)),
+            };
             tokio::spawn(reader.send_range(from_log_index, through, None));
         }
     }
@@ -891,12 +922,11 @@ impl<G: PersistentGroup> Shard<G> {
     /// A subscriber has been sent everything below `next_log_index`: hand it
     /// over to live fan-out if the rest is in memory and fits its queue now,
     /// else send more history (with backpressure) and come back here.
-    fn caught_up(&mut self, room_id: RoomId, connection: ConnectionId, next_log_index: u64) {
+    fn caught_up(&mut self, room_id: RoomId, subscription: u64, next_log_index: u64) {
         let Some(room) = self.rooms.get_mut(&room_id) else { return };
         let durable_next = room.durable_next();
         let oldest_recent = room.recent.front().map_or(durable_next, |(index, _)| *index);
-        let Some(subscriber) = room.subscribers.iter_mut().find(|s| s.outbox.connection() == connection)
-        else {
+        let Some(subscriber) = room.subscribers.iter_mut().find(|s| s.subscription == subscription) else {
             return;
         };
         let backlog = durable_next.saturating_sub(next_log_index);
@@ -918,7 +948,7 @@ impl<G: PersistentGroup> Shard<G> {
                 Self::reply(&subscriber.outbox, done);
             } else {
                 lagged(room_id, subscriber);
-                room.subscribers.retain(|s| s.outbox.connection() != connection);
+                drop_subscribers(&mut room.subscribers, |s| s.subscription == subscription);
             }
         } else {
             let reader = HistoryReader {
@@ -926,6 +956,8 @@ impl<G: PersistentGroup> Shard<G> {
                 room_id,
                 outbox: Arc::clone(&subscriber.outbox),
                 request_id: 0,
+                subscription,
+                cancelled: Arc::clone(&subscriber.cancelled),
             };
             tokio::spawn(reader.send_range(next_log_index, durable_next, Some(self.inbox.clone())));
         }
@@ -1089,7 +1121,7 @@ fn apply_effects<G: PersistentGroup>(
                     }
                 }
                 if !lagging.is_empty() {
-                    room.subscribers.retain(|s| !lagging.contains(&s.outbox.connection()));
+                    drop_subscribers(&mut room.subscribers, |s| lagging.contains(&s.outbox.connection()));
                 }
             }
             Effect::Reject { request_id, error, .. } => {
@@ -1101,7 +1133,7 @@ fn apply_effects<G: PersistentGroup>(
             }
             Effect::MembershipChanged { added, removed } => {
                 count_memberships(context.memberships, &added, &removed);
-                room.subscribers.retain(|s| !removed.contains(&s.outbox.sender()));
+                drop_subscribers(&mut room.subscribers, |s| removed.contains(&s.outbox.sender()));
             }
             Effect::DeliverWelcome { recipients, .. } => {
                 // Stored already (see `persisted`); hand them to recipients online now.
@@ -1223,6 +1255,10 @@ struct HistoryReader {
     room_id: RoomId,
     outbox: Arc<Outbox>,
     request_id: u32,
+    /// The live subscription being caught up (0 for a one-shot range).
+    subscription: u64,
+    /// Stop sending once set (the subscription ended or was replaced).
+    cancelled: Arc<AtomicBool>,
 }
 
 impl HistoryReader {
@@ -1248,7 +1284,7 @@ impl HistoryReader {
             };
             for entry in entries {
                 assert_eq!(entry.log_index, next, "history is dense");
-                if !self.outbox.send(entry.frame).await {
+                if self.cancelled.load(Ordering::Acquire) || !self.outbox.send(entry.frame).await {
                     return;
                 }
                 next += 1;
@@ -1262,7 +1298,7 @@ impl HistoryReader {
                 let _ = shard
                     .send(Command::CaughtUp {
                         room_id: self.room_id,
-                        connection: self.outbox.connection(),
+                        subscription: self.subscription,
                         next_log_index: next,
                     })
                     .await;
