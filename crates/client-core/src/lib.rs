@@ -6,4 +6,6 @@
 
 pub mod connection;
 pub mod mls;
+pub mod sender_keys;
+pub mod state;
 pub mod tls;
