@@ -13,7 +13,7 @@
 //! recovery from durable state (snapshot plus log replay) happens on restart.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -318,23 +318,12 @@ pub struct NodeLimits {
 #[derive(Debug, Default)]
 pub struct NodeHealth {
     failed: AtomicBool,
-    frames_sequenced: AtomicU64,
-    frames_acknowledged: AtomicU64,
-    storage_failures: AtomicU64,
 }
 
 impl NodeHealth {
     /// Whether storage failed: the process must exit and recover on restart.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
-    }
-    /// Frames sequenced since start.
-    pub fn frames_sequenced(&self) -> u64 {
-        self.frames_sequenced.load(Ordering::Relaxed)
-    }
-    /// Frames acknowledged since start.
-    pub fn frames_acknowledged(&self) -> u64 {
-        self.frames_acknowledged.load(Ordering::Relaxed)
     }
 }
 
@@ -363,7 +352,6 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 #[derive(Clone)]
 pub struct Node {
     shards: Arc<Vec<mpsc::Sender<Command>>>,
-    memberships: Memberships,
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     store: Arc<dyn Store>,
     health: Arc<NodeHealth>,
@@ -434,7 +422,7 @@ impl Node {
             tokio::spawn(shard.run(receiver));
             shards.push(sender);
         }
-        Ok(Node { shards: Arc::new(shards), memberships, online, store, health })
+        Ok(Node { shards: Arc::new(shards), online, store, health })
     }
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
@@ -463,11 +451,6 @@ impl Node {
     pub async fn connection_authenticated(&self, outbox: &Arc<Outbox>) {
         self.online.lock().expect("online lock").entry(outbox.sender()).or_default().push(Arc::clone(outbox));
         deliver_pending_welcomes(Arc::clone(&self.store), Arc::clone(outbox)).await;
-    }
-
-    /// How many rooms `sender` is a member of.
-    pub fn rooms_of(&self, sender: SenderId) -> u32 {
-        self.memberships.lock().expect("memberships lock").get(&sender).copied().unwrap_or(0)
     }
 
     /// The node's health counters.
@@ -791,7 +774,6 @@ impl<G: PersistentGroup> Shard<G> {
             Ok(sequenced) => {
                 let room = self.rooms.get_mut(&room_id).expect("room exists after sequencing");
                 room.waiting.push_back((sequenced.log_index, Some(Arc::clone(&outbox))));
-                self.health.frames_sequenced.fetch_add(1, Ordering::Relaxed);
                 self.pending_entries.push(LogEntry {
                     room_id,
                     log_index: sequenced.log_index,
@@ -1012,7 +994,6 @@ impl<G: PersistentGroup> Shard<G> {
                 Err(error) => {
                     tracing::error!(%room_id, %error, "storage failed; the node stops and recovers on restart");
                     self.health.failed.store(true, Ordering::Release);
-                    self.health.storage_failures.fetch_add(1, Ordering::Relaxed);
                     room.sequencer.storage_failed(&mut effects);
                 }
             }
@@ -1024,12 +1005,10 @@ impl<G: PersistentGroup> Shard<G> {
                     if let Err(error) = store_welcomes(Arc::clone(&self.store), recipients, frame).await {
                         tracing::error!(%room_id, %error, "storage failed storing Welcomes; the node stops and recovers on restart");
                         self.health.failed.store(true, Ordering::Release);
-                        self.health.storage_failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             let mut context = EffectContext {
-                health: &self.health,
                 online: &self.online,
                 store: &self.store,
                 memberships: &self.memberships,
@@ -1061,7 +1040,6 @@ fn lagged(room_id: RoomId, subscriber: &Subscriber) {
 
 /// What executing effects touches besides the room.
 struct EffectContext<'a> {
-    health: &'a NodeHealth,
     online: &'a Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>,
     store: &'a Arc<dyn Store>,
     memberships: &'a Memberships,
@@ -1088,7 +1066,6 @@ fn apply_effects<G: PersistentGroup>(
                         server_frame(room_id, request_id, &payload::Ack { log_index, epoch, server_time_ms });
                     Shard::<G>::reply(&outbox, ack);
                 }
-                context.health.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
                 context.metrics.ack();
             }
             Effect::FanOut { frame, .. } => {
