@@ -517,12 +517,22 @@ fn drop_subscribers(subscribers: &mut Vec<Subscriber>, mut remove: impl FnMut(&S
     });
 }
 
+/// One frame between sequencing and durability.
+struct Waiting {
+    log_index: u64,
+    /// `None` once the connection closed.
+    outbox: Option<Arc<Outbox>>,
+    encoded: Bytes,
+}
+
 struct Room<G: PersistentGroup> {
     sequencer: RoomSequencer<G>,
     creator: SenderId,
     created_at_ms: u64,
-    /// Connections waiting for acknowledgement, aligned with the sequencer's in-flight frames.
-    waiting: VecDeque<(u64, Option<Arc<Outbox>>)>,
+    /// Frames waiting for durability, aligned with the sequencer's in-flight
+    /// frames: index, the connection to acknowledge, and the frame encoded
+    /// once (for storage, and again for fan-out).
+    waiting: VecDeque<Waiting>,
     subscribers: Vec<Subscriber>,
     /// The most recent durable frames: (log index, encoded frame).
     recent: VecDeque<(u64, Bytes)>,
@@ -714,9 +724,9 @@ impl<G: PersistentGroup> Shard<G> {
             Command::ConnectionClosed { connection } => {
                 for room in self.rooms.values_mut() {
                     drop_subscribers(&mut room.subscribers, |s| s.outbox.connection() == connection);
-                    for (_, waiting) in room.waiting.iter_mut() {
-                        if waiting.as_ref().is_some_and(|o| o.connection() == connection) {
-                            *waiting = None;
+                    for waiting in room.waiting.iter_mut() {
+                        if waiting.outbox.as_ref().is_some_and(|o| o.connection() == connection) {
+                            waiting.outbox = None;
                         }
                     }
                 }
@@ -773,11 +783,16 @@ impl<G: PersistentGroup> Shard<G> {
         match result {
             Ok(sequenced) => {
                 let room = self.rooms.get_mut(&room_id).expect("room exists after sequencing");
-                room.waiting.push_back((sequenced.log_index, Some(Arc::clone(&outbox))));
+                let encoded = sequenced.frame.to_bytes();
+                room.waiting.push_back(Waiting {
+                    log_index: sequenced.log_index,
+                    outbox: Some(Arc::clone(&outbox)),
+                    encoded: encoded.clone(),
+                });
                 self.pending_entries.push(LogEntry {
                     room_id,
                     log_index: sequenced.log_index,
-                    frame: sequenced.frame.to_bytes(),
+                    frame: encoded,
                 });
                 match self.pending_rooms.iter_mut().find(|(room, _)| *room == room_id) {
                     Some((_, through)) => *through = sequenced.log_index,
@@ -1054,14 +1069,16 @@ fn apply_effects<G: PersistentGroup>(
     context: &mut EffectContext<'_>,
 ) {
     // The sequencer acknowledges a frame right before fanning it out; the
-    // submitting connection gets the acknowledgement instead of an echo.
-    let mut acknowledged: Option<(u64, ConnectionId)> = None;
+    // submitting connection gets the acknowledgement instead of an echo, and
+    // the fan-out reuses the encoding made for storage.
+    let mut acknowledged: Option<(u64, Option<ConnectionId>, Bytes)> = None;
     for effect in effects.drain(..) {
         match effect {
             Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
                 let waiting = pop_waiting(room, log_index);
-                acknowledged = waiting.as_ref().map(|outbox| (log_index, outbox.connection()));
-                if let Some(outbox) = waiting {
+                let outbox = waiting.outbox;
+                acknowledged = Some((log_index, outbox.as_ref().map(|o| o.connection()), waiting.encoded));
+                if let Some(outbox) = outbox {
                     let ack =
                         server_frame(room_id, request_id, &payload::Ack { log_index, epoch, server_time_ms });
                     Shard::<G>::reply(&outbox, ack);
@@ -1073,9 +1090,10 @@ fn apply_effects<G: PersistentGroup>(
                 if frame.opcode() == Opcode::Commit || frame.opcode() == Opcode::ExternalJoin {
                     room.commits_since_snapshot += 1;
                 }
-                let bytes = frame.to_bytes();
-                let submitter =
-                    acknowledged.filter(|(acked, _)| *acked == log_index).map(|(_, connection)| connection);
+                let (submitter, bytes) = match acknowledged.take() {
+                    Some((acked, connection, encoded)) if acked == log_index => (connection, encoded),
+                    _ => (None, frame.to_bytes()),
+                };
                 if room.recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
                     room.recent.pop_front();
                 }
@@ -1103,7 +1121,7 @@ fn apply_effects<G: PersistentGroup>(
             }
             Effect::Reject { request_id, error, .. } => {
                 context.metrics.rejected(error.error_code());
-                let waiting = room.waiting.pop_front().and_then(|(_, outbox)| outbox);
+                let waiting = room.waiting.pop_front().and_then(|waiting| waiting.outbox);
                 if let Some(outbox) = waiting {
                     Shard::<G>::reply(&outbox, rejection_frame(room_id, request_id, &error));
                 }
@@ -1164,11 +1182,11 @@ async fn store_welcomes(store: Arc<dyn Store>, recipients: &[SenderId], frame: B
     result.map_err(|error| error.to_string())?
 }
 
-/// Removes and returns the connection waiting on `log_index`.
-fn pop_waiting<G: PersistentGroup>(room: &mut Room<G>, log_index: u64) -> Option<Arc<Outbox>> {
-    let (index, outbox) = room.waiting.pop_front()?;
-    assert_eq!(index, log_index, "acknowledgements follow log order");
-    outbox
+/// Removes and returns the frame waiting on `log_index`.
+fn pop_waiting<G: PersistentGroup>(room: &mut Room<G>, log_index: u64) -> Waiting {
+    let waiting = room.waiting.pop_front().expect("every acknowledged frame was waiting");
+    assert_eq!(waiting.log_index, log_index, "acknowledgements follow log order");
+    waiting
 }
 
 fn maybe_snapshot<G: PersistentGroup>(
