@@ -22,7 +22,7 @@ use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, 
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::metrics::Metrics;
-use crate::sequencer::{Effect, PersistentGroup, RoomSequencer, SubmitError};
+use crate::sequencer::{Effect, PersistentGroup, RecoveryPoint, RoomSequencer, SubmitError};
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{LogEntry, RoomMetadata, Store};
 
@@ -590,27 +590,28 @@ fn recover_room<G: PersistentGroup>(
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
-    let (group, through, group_info) =
+    let (group, through, group_info, epoch_started_at_log_index) =
         match metadata.filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty()) {
             Some(metadata) => {
-                let (group, group_info) = decode_snapshot(&metadata.mls_snapshot)
+                let snapshot = RoomSnapshot::decode(&metadata.mls_snapshot)
                     .ok_or_else(|| corrupt("malformed snapshot".into()))?;
-                let group = G::restore(group).map_err(|e| corrupt(format!("snapshot: {e}")))?;
-                (group, metadata.mls_snapshot_log_index - 1, group_info)
+                let group = G::restore(snapshot.group).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+                let through = metadata.mls_snapshot_log_index - 1;
+                (group, through, snapshot.group_info, snapshot.epoch_started_at_log_index)
             }
             None => {
                 let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
                     .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
-                (group, 0, (0, Bytes::from(create.group_info)))
+                (group, 0, (0, Bytes::from(create.group_info)), 0)
             }
         };
-    let mut sequencer = RoomSequencer::recover(
-        room_id,
-        group,
-        through,
-        create_frame.header().server_timestamp_ms(),
+    let point = RecoveryPoint {
+        through_log_index: through,
+        last_timestamp_ms: create_frame.header().server_timestamp_ms(),
         group_info,
-    );
+        epoch_started_at_log_index,
+    };
+    let mut sequencer = RoomSequencer::recover(room_id, group, point);
     let mut room_recent = VecDeque::new();
     let mut from = through + 1;
     let mut reads = 0u64;
@@ -1210,7 +1211,12 @@ fn maybe_snapshot<G: PersistentGroup>(
     let metadata = RoomMetadata {
         creator_user_id: room.creator.0,
         created_at_ms: room.created_at_ms,
-        mls_snapshot: encode_snapshot(&group, &group_info),
+        mls_snapshot: RoomSnapshot {
+            group: &group,
+            epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
+            group_info,
+        }
+        .encode(),
         mls_snapshot_log_index: room.sequencer.next_log_index(),
     };
     let store = Arc::clone(store);
@@ -1221,27 +1227,45 @@ fn maybe_snapshot<G: PersistentGroup>(
     });
 }
 
-/// A room snapshot: the group state and the GroupInfo current with it.
-/// Layout: `group_len: u32 BE | group | group_info_epoch: u64 BE | group_info`.
-fn encode_snapshot(group: &[u8], group_info: &(u64, Bytes)) -> Bytes {
-    let mut out = Vec::with_capacity(4 + group.len() + 8 + group_info.1.len());
-    out.extend_from_slice(&u32::try_from(group.len()).expect("snapshots are far below 4 GiB").to_be_bytes());
-    out.extend_from_slice(group);
-    out.extend_from_slice(&group_info.0.to_be_bytes());
-    out.extend_from_slice(&group_info.1);
-    Bytes::from(out)
+/// What a room snapshot holds besides the log: the MLS group state, the
+/// GroupInfo current with it, and where the current epoch began.
+/// Layout: `group_len: u32 BE | group | epoch_started_at_log_index: u64 BE |
+/// group_info_epoch: u64 BE | group_info`.
+struct RoomSnapshot<'a> {
+    group: &'a [u8],
+    epoch_started_at_log_index: u64,
+    group_info: (u64, Bytes),
 }
 
-/// The parts of [`encode_snapshot`]'s output, or `None` if it is malformed.
-fn decode_snapshot(snapshot: &[u8]) -> Option<(&[u8], (u64, Bytes))> {
-    let (len, rest) = snapshot.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
-    if rest.len() < len {
-        return None;
+impl<'a> RoomSnapshot<'a> {
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(4 + self.group.len() + 16 + self.group_info.1.len());
+        out.extend_from_slice(
+            &u32::try_from(self.group.len()).expect("snapshots are far below 4 GiB").to_be_bytes(),
+        );
+        out.extend_from_slice(self.group);
+        out.extend_from_slice(&self.epoch_started_at_log_index.to_be_bytes());
+        out.extend_from_slice(&self.group_info.0.to_be_bytes());
+        out.extend_from_slice(&self.group_info.1);
+        Bytes::from(out)
     }
-    let (group, rest) = rest.split_at(len);
-    let (epoch, group_info) = rest.split_first_chunk::<8>()?;
-    Some((group, (u64::from_be_bytes(*epoch), Bytes::copy_from_slice(group_info))))
+
+    /// The parts of an encoded snapshot, or `None` if it is malformed.
+    fn decode(snapshot: &'a [u8]) -> Option<RoomSnapshot<'a>> {
+        let (len, rest) = snapshot.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        let (group, rest) = rest.split_at(len);
+        let (epoch_started, rest) = rest.split_first_chunk::<8>()?;
+        let (epoch, group_info) = rest.split_first_chunk::<8>()?;
+        Some(RoomSnapshot {
+            group,
+            epoch_started_at_log_index: u64::from_be_bytes(*epoch_started),
+            group_info: (u64::from_be_bytes(*epoch), Bytes::copy_from_slice(group_info)),
+        })
+    }
 }
 
 /// Streams stored frames of one room to one connection.

@@ -282,38 +282,57 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_in(dir.path(), default_limits()).await;
     let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
-    // Enough commits that a snapshot is taken and more are replayed after it.
-    let commits = kalandra_server::node::limits::COMMITS_PER_SNAPSHOT + 5;
+    // With the add, exactly the snapshot interval of commits: the last one
+    // triggers a snapshot, and only messages follow it in the log (the
+    // crash-recovery test covers commits replayed after a snapshot).
+    let commits = kalandra_server::node::limits::COMMITS_PER_SNAPSHOT - 1;
+    let mut last_commit_index = 0;
     for round in 0..commits {
         let (committer, others) = if round % 2 == 0 {
             (&mut alice, [&mut bob, &mut carol])
         } else {
             (&mut bob, [&mut alice, &mut carol])
         };
-        decode_ok::<Ack>(&committer.self_update().await);
+        last_commit_index = decode_ok::<Ack>(&committer.self_update().await).log_index;
         for other in others {
             let commit = other.next_of(Opcode::Commit).await;
             other.apply(&commit);
         }
     }
     assert_converged(&[&alice, &bob, &carol]);
+    for i in 0..3 {
+        decode_ok::<Ack>(&alice.send_text(&format!("after the snapshot {i}")).await);
+    }
     let epoch_before = alice.epoch();
     server.stop().await;
     {
         use kalandra_server::store::Store as _;
         let store = kalandra_server::store::RedbStore::open(dir.path().join("kalandra.redb")).unwrap();
         let metadata = store.room_metadata(ROOM).unwrap().expect("a snapshot was stored");
-        assert!(metadata.mls_snapshot_log_index > 2, "the snapshot is past the first commits");
-        assert!(
-            metadata.mls_snapshot_log_index < store.next_log_index(ROOM).unwrap(),
-            "and commits follow it"
+        assert_eq!(
+            metadata.mls_snapshot_log_index,
+            last_commit_index + 1,
+            "snapshot right after the last commit"
         );
+        assert_eq!(store.next_log_index(ROOM).unwrap(), last_commit_index + 4, "three messages follow it");
     }
 
     let server = TestServer::start_in(dir.path(), default_limits()).await;
     for client in [&mut alice, &mut bob, &mut carol] {
         client.reconnect(&server).await;
     }
+    // A frame for an old epoch learns where the current epoch began, from
+    // the snapshot.
+    let mut stale = alice.frame(&kalandra_proto::payload::Application {
+        generation: 0,
+        ciphertext: bytes::Bytes::from_static(b"stale"),
+    });
+    stale.header_mut().set_epoch(epoch_before - 1);
+    stale.sign(&alice.key);
+    let reply = alice.send_and_wait(&stale).await;
+    let error: kalandra_proto::payload::Error = reply.decode_payload().unwrap();
+    assert_eq!(error.code, ErrorCode::WrongEpoch.to_u16());
+    assert_eq!((error.current_epoch, error.log_index), (Some(epoch_before), Some(last_commit_index)));
     // The GroupInfo for external joins is the current epoch's.
     let reply = carol.request(&kalandra_proto::payload::GroupInfoRequest {}).await;
     let group_info: kalandra_proto::payload::GroupInfo = decode_ok(&reply);

@@ -162,6 +162,19 @@ pub enum ReplayError {
     },
 }
 
+/// Where a rebuilt room starts: what its snapshot (or `CreateRoom` frame) says.
+#[derive(Debug, Clone)]
+pub struct RecoveryPoint {
+    /// The last stored frame the group state reflects.
+    pub through_log_index: u64,
+    /// The latest server timestamp at that point.
+    pub last_timestamp_ms: u64,
+    /// The GroupInfo current at that point, with its epoch.
+    pub group_info: (u64, Bytes),
+    /// Log index of the frame that began the epoch current at that point.
+    pub epoch_started_at_log_index: u64,
+}
+
 /// A frame the sequencer accepted: persist it, then call [`RoomSequencer::durable`].
 #[derive(Debug, Clone)]
 pub struct Sequenced {
@@ -300,28 +313,27 @@ impl<G: GroupState> RoomSequencer<G> {
     }
 
     /// A room rebuilt from storage: `group` is its MLS state after the
-    /// stored frame `through_log_index` (from a snapshot or the `CreateRoom`
-    /// frame); call [`RoomSequencer::replay`] with every later stored frame.
-    /// `group_info` is the latest GroupInfo known at that point (with its epoch).
-    pub fn recover(
-        room_id: RoomId,
-        group: G,
-        through_log_index: u64,
-        last_timestamp_ms: u64,
-        group_info: (u64, Bytes),
-    ) -> RoomSequencer<G> {
+    /// stored frame `point.through_log_index` (from a snapshot or the
+    /// `CreateRoom` frame); call [`RoomSequencer::replay`] with every later
+    /// stored frame.
+    pub fn recover(room_id: RoomId, group: G, point: RecoveryPoint) -> RoomSequencer<G> {
         RoomSequencer {
             room_id,
-            next_log_index: through_log_index + 1,
-            epoch_started_at_log_index: through_log_index,
-            last_timestamp_ms,
+            next_log_index: point.through_log_index + 1,
+            epoch_started_at_log_index: point.epoch_started_at_log_index,
+            last_timestamp_ms: point.last_timestamp_ms,
             server_proposals_pending: Vec::new(),
             in_flight: VecDeque::new(),
-            durable_through: Some(through_log_index),
+            durable_through: Some(point.through_log_index),
             recovering: false,
-            group_info: Some(group_info),
+            group_info: Some(point.group_info),
             group,
         }
+    }
+
+    /// Log index of the frame that began the current epoch.
+    pub fn epoch_started_at_log_index(&self) -> u64 {
+        self.epoch_started_at_log_index
     }
 
     /// Applies one stored, durable frame during recovery.

@@ -126,6 +126,15 @@ fn create_frame() -> Frame {
     Frame::with_payload(header(Opcode::CreateRoom, ALICE, 0, 1), &payload).unwrap()
 }
 
+fn recovery_point(last_timestamp_ms: u64) -> RecoveryPoint {
+    RecoveryPoint {
+        through_log_index: 0,
+        last_timestamp_ms,
+        group_info: (0, Bytes::from_static(b"gi")),
+        epoch_started_at_log_index: 0,
+    }
+}
+
 fn new_room(members: &[u64]) -> RoomSequencer<TestGroup> {
     let (mut room, sequenced) =
         RoomSequencer::create(ROOM, TestGroup::with_members(members), ALICE, create_frame(), 1_000).unwrap();
@@ -388,13 +397,7 @@ fn replaying_the_log_rebuilds_the_same_state() {
     ];
     room.durable(room.next_log_index() - 1, &mut Vec::new());
 
-    let mut rebuilt = RoomSequencer::recover(
-        ROOM,
-        TestGroup::with_members(&[1, 2]),
-        0,
-        1_000,
-        (0, Bytes::from_static(b"gi")),
-    );
+    let mut rebuilt = RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), recovery_point(1_000));
     for frame in &log {
         rebuilt.replay(frame).unwrap();
     }
@@ -405,13 +408,13 @@ fn replaying_the_log_rebuilds_the_same_state() {
     assert_eq!(rebuilt.group().members, room.group().members);
     assert_eq!(rebuilt.group().proposals, room.group().proposals);
     // And it continues where the original would.
+    assert_eq!(rebuilt.epoch_started_at_log_index(), room.epoch_started_at_log_index());
     let next = rebuilt.submit(BOB, commit(BOB, 1, true, &[], 5), 20).unwrap();
     assert_eq!(next.log_index, room.next_log_index());
     assert!(next.frame.header().server_timestamp_ms() >= 14);
 
     // A gap in the stored log is detected.
-    let mut gapped =
-        RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), 0, 0, (0, Bytes::from_static(b"gi")));
+    let mut gapped = RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), recovery_point(0));
     assert_eq!(gapped.replay(&log[1]).unwrap_err(), ReplayError::NotDense { expected: 1, found: 2 });
 }
 
