@@ -14,15 +14,14 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use client_core::connection::{client_config_pinned, parse_fingerprint, Connection, ConnectionError};
+use client_core::connection::{client_config_pinned, Connection, ConnectionError};
 use client_core::mls::{
     generate_key_packages, generate_last_resort_key_package, Identity, MlsProvider, RoomGroup,
 };
-use common::{decode_ok, default_limits, header, now_ms, TestClient};
+use common::{decode_ok, default_limits, header, now_ms, TestClient, TestServer};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{
     Ack, Application, AuthChallenge, AuthResponse, Ban, ByteString, Commit, CreateRoom,
@@ -34,14 +33,7 @@ use kalandra_proto::sign::sign_auth_challenge;
 use kalandra_proto::{
     ErrorCode, Frame, FrameDecoder, FrameHeaderBuf, Opcode, OpcodeClass, Payload, RoomId, SenderId,
 };
-use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
-use kalandra_server::metrics::Metrics;
-use kalandra_server::node::{Clock, Node, NodeLimits};
-use kalandra_server::room_group::MlsRoomGroup;
-use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
-use kalandra_server::store::{RedbStore, Store};
-use kalandra_server::tls::{load_or_create_server_identity, quinn_server_config};
-use tokio::sync::watch;
+use kalandra_server::connection::ConnectionLimits;
 
 const ROOM: RoomId = RoomId(*b"rejections-room!");
 const OTHER_ROOM: RoomId = RoomId(*b"second-room-id!!");
@@ -58,71 +50,27 @@ const CAROL: u8 = 3;
 // ---------------------------------------------------------------------------
 // An in-process server whose metrics the tests can read.
 
+/// The shared in-process server, plus the server key rooms list.
 struct Server {
+    inner: TestServer,
+    server_key: [u8; 32],
     address: SocketAddr,
     fingerprint: [u8; 32],
-    server_key: [u8; 32],
-    metrics: Metrics,
-    node: Node,
-    stop: watch::Sender<ShutdownPhase>,
-    serving: tokio::task::JoinHandle<()>,
-    group_commit: GroupCommit,
-    _data_dir: tempfile::TempDir,
 }
 
 impl Server {
     async fn start(limits: ConnectionLimits) -> Server {
-        let data_dir = tempfile::tempdir().unwrap();
-        let path = data_dir.path();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(path.join("kalandra.redb")).unwrap());
-        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
-        let identity = load_or_create_server_identity(path, None, None).unwrap();
-        let fingerprint = parse_fingerprint(&identity.fingerprint_sha256_hex()).unwrap();
-        let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
-        let server_key = server_key.verifying_key().to_bytes();
-        let clock: Clock = Arc::new(now_ms);
-        let metrics = Metrics::new().unwrap();
-        let node = Node::start::<MlsRoomGroup>(
-            Arc::clone(&store),
-            group_commit.clone(),
-            2,
-            Arc::clone(&clock),
-            metrics.clone(),
-            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max },
-        )
-        .await
-        .unwrap();
-        let endpoint = quinn::Endpoint::server(
-            quinn_server_config(&identity, 30_000).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let address = endpoint.local_addr().unwrap();
-        let listener = Listener::new(node.clone(), store, limits, clock, metrics.clone(), server_key);
-        let (stop, stopped) = watch::channel(ShutdownPhase::Running);
-        let serving = tokio::spawn(listener.serve(endpoint, stopped));
-        Server {
-            address,
-            fingerprint,
-            server_key,
-            metrics,
-            node,
-            stop,
-            serving,
-            group_commit,
-            _data_dir: data_dir,
-        }
+        let inner = TestServer::start(limits).await;
+        let data_dir = inner.data_dir.as_ref().expect("a temporary data directory").path();
+        // The key the server created on start; the seed is not used again.
+        let (server_key, created) = kalandra_server::server_key::load_or_create(data_dir, [0; 32]).unwrap();
+        assert!(!created);
+        let (address, fingerprint) = (inner.address, inner.fingerprint);
+        Server { inner, server_key: server_key.verifying_key().to_bytes(), address, fingerprint }
     }
 
     async fn connect(&self, key: &SigningKey) -> Result<Connection, ConnectionError> {
-        Connection::connect(
-            self.address,
-            "localhost",
-            client_config_pinned(self.fingerprint).unwrap(),
-            key,
-            CLIENT_TIMEOUT,
-        )
-        .await
+        self.inner.connect(key).await
     }
 
     /// A device whose identity derives from `seed`, connected and authenticated.
@@ -151,7 +99,7 @@ impl Server {
 
     /// `kalandra_rejections_total` by `code` label.
     fn rejections(&self) -> (BTreeMap<String, f64>, String) {
-        let text = self.metrics.render().unwrap();
+        let text = self.inner.metrics.render().unwrap();
         let counts = text
             .lines()
             .filter_map(|line| {
@@ -175,11 +123,7 @@ impl Server {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(ShutdownPhase::Draining);
-        self.node.shutdown().await;
-        let _ = self.stop.send(ShutdownPhase::Drained);
-        let _ = self.serving.await;
-        self.group_commit.shutdown().await.unwrap();
+        self.inner.stop().await;
     }
 }
 
