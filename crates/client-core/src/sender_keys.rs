@@ -682,7 +682,8 @@ pub fn seal_application(
     let sealed = state.encrypt(sender_id, plaintext)?;
     let mut header = FrameHeaderBuf::new(Opcode::Application);
     header.set_room_id(state.room_id()).set_sender_id(sender_id).set_epoch(state.epoch());
-    let payload = Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext) };
+    let payload =
+        Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext), push: None };
     let mut frame = Frame::with_payload(header, &payload)?;
     frame.sign(signing_key);
     Ok(frame)

@@ -438,9 +438,11 @@ fn changed_routing_fields_fail_even_when_re_signed_by_the_sender() {
     let payload: Application = frame.decode_payload().expect("payload");
     let mut header = frame.header().to_buf();
     header.set_signature_flags(false, false);
-    let mut shifted =
-        Frame::with_payload(header, &Application { generation: 1, ciphertext: payload.ciphertext.clone() })
-            .expect("frame");
+    let mut shifted = Frame::with_payload(
+        header,
+        &Application { generation: 1, ciphertext: payload.ciphertext.clone(), push: None },
+    )
+    .expect("frame");
     shifted.sign(&signing_key(ALICE));
     let mut bob = member(BOB);
     assert_eq!(
@@ -458,7 +460,8 @@ fn a_member_cannot_pass_off_a_frame_as_another_members() {
     let sealed = forger.encrypt(sender_id(BOB), b"from bob, really").expect("encrypt");
     let mut header = FrameHeaderBuf::new(Opcode::Application);
     header.set_room_id(ROOM).set_sender_id(sender_id(BOB)).set_epoch(EPOCH);
-    let payload = Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext) };
+    let payload =
+        Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext), push: None };
     let mut forged = Frame::with_payload(header, &payload).expect("frame");
     forged.sign(&signing_key(ALICE));
 

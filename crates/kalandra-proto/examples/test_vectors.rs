@@ -84,11 +84,21 @@ fn main() {
             AnyPayload::Application(Application {
                 generation: 5,
                 ciphertext: Bytes::from_static(&[0xC1; 40]),
+                push: None,
             }),
             true,
         ),
         ("key_package_claim", AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![1, 2] }), true),
         ("typing", AnyPayload::Typing(Typing { active: true }), true),
+        (
+            "application_with_push",
+            AnyPayload::Application(Application {
+                generation: 6,
+                ciphertext: Bytes::from_static(&[0xC2; 40]),
+                push: Some(Bytes::from_static(&[0xD1; 81])),
+            }),
+            true,
+        ),
     ];
 
     let mut valid = Vec::new();

@@ -27,6 +27,11 @@ pub const CONTROL_PAYLOAD_BYTES_MAX: u32 = 16 * 1024;
 /// Largest encoded frame (header plus payload).
 pub const FRAME_BYTES_MAX: usize = HEADER_BYTES + PAYLOAD_BYTES_MAX as usize;
 
+/// Largest push-notification payload an `Application` frame may carry
+/// (a sealed push: 65 bytes of framing plus at most 2,048 of plaintext;
+/// it must fit an APNs payload once base64-encoded).
+pub const PUSH_PAYLOAD_BYTES_MAX: usize = 2113;
+
 /// Most key packages one upload may carry.
 pub const KEY_PACKAGES_PER_UPLOAD_MAX: usize = 256;
 
@@ -58,6 +63,7 @@ const _: () = assert!(HEADER_BYTES == 128);
 const _: () = assert!(APPLICATION_PAYLOAD_BYTES_MAX <= PAYLOAD_BYTES_MAX);
 const _: () = assert!(EPHEMERAL_PAYLOAD_BYTES_MAX <= APPLICATION_PAYLOAD_BYTES_MAX);
 const _: () = assert!(CONTROL_PAYLOAD_BYTES_MAX <= PAYLOAD_BYTES_MAX);
+const _: () = assert!(PUSH_PAYLOAD_BYTES_MAX < APPLICATION_PAYLOAD_BYTES_MAX as usize / 16);
 const _: () = assert!(CONTROL_PAYLOAD_BYTES_MAX as usize > 4 * TEXT_BYTES_MAX);
 // A maximal frame must be addressable by the 32-bit length field.
 const _: () = assert!((FRAME_BYTES_MAX as u64) < u32::MAX as u64);

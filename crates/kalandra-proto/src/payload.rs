@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{
     AUTH_NONCE_BYTES, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX, PUBLIC_KEY_BYTES,
-    SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX, VERSIONS_OFFERED_MAX,
-    WELCOME_RECIPIENTS_MAX,
+    PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
+    VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
 };
 use crate::opcode::Opcode;
 
@@ -507,12 +507,27 @@ payload!(
         /// XChaCha20-Poly1305 ciphertext with tag.
         #[serde(deserialize_with = "strict_bytes::required")]
         pub ciphertext: Bytes,
+        /// A push notification sealed with the room's push key (PCEK), which
+        /// the server forwards to members who are not connected.
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "strict_bytes::option")]
+        pub push: Option<Bytes>,
     }
 );
 impl Payload for Application {
     const OPCODE: Opcode = Opcode::Application;
     fn validate(&self) -> Result<(), PayloadError> {
-        check_nonempty("ciphertext", &self.ciphertext)
+        check_nonempty("ciphertext", &self.ciphertext)?;
+        if let Some(push) = &self.push {
+            check_nonempty("push", push)?;
+            if push.len() > PUSH_PAYLOAD_BYTES_MAX {
+                return Err(PayloadError::FieldTooLong {
+                    field: "push",
+                    len_bytes: push.len(),
+                    max_bytes: PUSH_PAYLOAD_BYTES_MAX,
+                });
+            }
+        }
+        Ok(())
     }
 }
 

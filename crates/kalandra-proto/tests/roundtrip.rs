@@ -114,12 +114,18 @@ fn payload_tampering_breaks_the_signature() {
     let key = SigningKey::from_bytes(&[4; 32]);
     let mut header = kalandra_proto::FrameHeaderBuf::new(Opcode::Application);
     header.set_epoch(1);
-    let payload =
-        kalandra_proto::payload::Application { generation: 1, ciphertext: Bytes::from_static(b"abc") };
+    let payload = kalandra_proto::payload::Application {
+        generation: 1,
+        ciphertext: Bytes::from_static(b"abc"),
+        push: None,
+    };
     let mut frame = Frame::with_payload(header, &payload).unwrap();
     frame.sign(&key);
-    let other =
-        kalandra_proto::payload::Application { generation: 1, ciphertext: Bytes::from_static(b"abd") };
+    let other = kalandra_proto::payload::Application {
+        generation: 1,
+        ciphertext: Bytes::from_static(b"abd"),
+        push: None,
+    };
     let swapped = Frame::new(frame.header().to_buf(), kalandra_proto::Payload::encode(&other)).unwrap();
     assert_eq!(swapped.verify(&key.verifying_key()), Err(kalandra_proto::SignatureError::Invalid));
     assert!(frame.verify(&key.verifying_key()).is_ok());

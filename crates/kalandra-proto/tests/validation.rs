@@ -202,7 +202,7 @@ fn payload_malformed_cbor() {
     as_array[len - 3] = 0x42;
     assert_eq!(
         Application::decode(&as_array).unwrap(),
-        Application { generation: 1, ciphertext: Bytes::from_static(&[1, 2]) }
+        Application { generation: 1, ciphertext: Bytes::from_static(&[1, 2]), push: None }
     );
     // A fixed-size byte string of the wrong length.
     let mut short_signature = vec![0xA1, 0x69];
@@ -238,6 +238,26 @@ fn payload_field_too_long() {
             len_bytes: TEXT_BYTES_MAX + 1,
             max_bytes: TEXT_BYTES_MAX
         }
+    );
+}
+
+#[test]
+fn push_payload_too_long() {
+    let max = kalandra_proto::limits::PUSH_PAYLOAD_BYTES_MAX;
+    let at_max = Application {
+        generation: 0,
+        ciphertext: Bytes::from_static(b"c"),
+        push: Some(Bytes::from(vec![1u8; max])),
+    };
+    assert_eq!(Application::decode(&at_max.encode()).unwrap(), at_max);
+    let over = Application {
+        generation: 0,
+        ciphertext: Bytes::from_static(b"c"),
+        push: Some(Bytes::from(vec![1u8; max + 1])),
+    };
+    assert_eq!(
+        Application::decode(&over.encode()).unwrap_err(),
+        PayloadError::FieldTooLong { field: "push", len_bytes: max + 1, max_bytes: max }
     );
 }
 
@@ -294,7 +314,10 @@ fn payload_invalid_values() {
             }),
             "commit",
         ),
-        (AnyPayload::Application(Application { generation: 0, ciphertext: Bytes::new() }), "ciphertext"),
+        (
+            AnyPayload::Application(Application { generation: 0, ciphertext: Bytes::new(), push: None }),
+            "ciphertext",
+        ),
         (
             AnyPayload::KeyPackageUpload(KeyPackageUpload { key_packages: vec![], last_resort: None }),
             "key_packages",
@@ -350,7 +373,7 @@ fn auth_challenge_signature() {
 #[test]
 fn large_byte_strings_decode() {
     for len in [4095usize, 4096, 4097, 65_536, 200_000] {
-        let payload = Application { generation: 1, ciphertext: Bytes::from(vec![7u8; len]) };
+        let payload = Application { generation: 1, ciphertext: Bytes::from(vec![7u8; len]), push: None };
         assert_eq!(Application::decode(&payload.encode()).unwrap(), payload, "{len}");
         let commit = Commit {
             commit: vec![1u8; len],

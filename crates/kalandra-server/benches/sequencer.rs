@@ -63,7 +63,8 @@ fn bench(c: &mut Criterion) {
         .map(|sender| {
             let mut header = FrameHeaderBuf::new(Opcode::Application);
             header.set_room_id(ROOM).set_sender_id(*sender).set_request_id(7);
-            let payload = Application { generation: 1, ciphertext: Bytes::from(vec![0x5A; 1024]) };
+            let payload =
+                Application { generation: 1, ciphertext: Bytes::from(vec![0x5A; 1024]), push: None };
             Frame::with_payload(header, &payload).unwrap()
         })
         .collect();

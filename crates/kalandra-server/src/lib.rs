@@ -9,6 +9,7 @@ pub mod directory;
 pub mod metrics;
 pub mod mls_state;
 pub mod node;
+pub mod push;
 pub mod rate_limit;
 pub mod room_group;
 pub mod sequencer;

@@ -119,7 +119,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         shard_count,
         wall_clock(),
         metrics.clone(),
-        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max },
+        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max, push: None },
     )
     .await
     .context("recovering rooms from storage")?;

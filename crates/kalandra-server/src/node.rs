@@ -22,6 +22,7 @@ use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, 
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::metrics::Metrics;
+use crate::push::{PushNotification, PushQueue};
 use crate::sequencer::{Effect, PersistentGroup, RecoveryPoint, RoomSequencer, SubmitError};
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{LogEntry, RoomMetadata, Store};
@@ -306,12 +307,15 @@ pub enum Command {
     },
 }
 
-/// Limits the room core enforces.
-#[derive(Debug, Clone, Copy)]
+/// Limits and options of the room core.
+#[derive(Clone)]
 pub struct NodeLimits {
     /// A user who is a member of this many rooms may not create or join
     /// (by external commit) another.
     pub rooms_per_user_max: u32,
+    /// Where push payloads for members who are not connected go; `None`
+    /// forwards none.
+    pub push: Option<PushQueue>,
 }
 
 /// Reports from the room core to the process.
@@ -413,6 +417,7 @@ impl Node {
                 online: Arc::clone(&online),
                 memberships: Arc::clone(&memberships),
                 rooms_per_user_max: limits.rooms_per_user_max,
+                push: limits.push.clone(),
                 next_subscription: 0,
                 clock: Arc::clone(&clock),
                 effects: Vec::new(),
@@ -662,6 +667,7 @@ struct Shard<G: PersistentGroup> {
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     memberships: Memberships,
     rooms_per_user_max: u32,
+    push: Option<PushQueue>,
     /// Last subscription id handed out.
     next_subscription: u64,
     clock: Clock,
@@ -1030,6 +1036,7 @@ impl<G: PersistentGroup> Shard<G> {
                 memberships: &self.memberships,
                 metrics: &self.metrics,
                 background: &mut self.background,
+                push: self.push.as_ref(),
             };
             apply_effects(room_id, room, &mut effects, &mut context);
             if result.is_ok() {
@@ -1061,6 +1068,7 @@ struct EffectContext<'a> {
     memberships: &'a Memberships,
     metrics: &'a Metrics,
     background: &'a mut tokio::task::JoinSet<()>,
+    push: Option<&'a PushQueue>,
 }
 
 fn apply_effects<G: PersistentGroup>(
@@ -1090,6 +1098,9 @@ fn apply_effects<G: PersistentGroup>(
                 let log_index = frame.header().log_index();
                 if frame.opcode() == Opcode::Commit || frame.opcode() == Opcode::ExternalJoin {
                     room.commits_since_snapshot += 1;
+                }
+                if let Some(push) = context.push {
+                    offer_pushes(push, room_id, room, &frame, context.online);
                 }
                 let (submitter, bytes) = match acknowledged.take() {
                     Some((acked, connection, encoded)) if acked == log_index => (connection, encoded),
@@ -1144,6 +1155,45 @@ fn apply_effects<G: PersistentGroup>(
                     }
                 });
             }
+        }
+    }
+}
+
+/// Offers the frame's push payload, if it has one, for every member without
+/// an authenticated connection (the sender excepted).
+fn offer_pushes<G: PersistentGroup>(
+    push: &PushQueue,
+    room_id: RoomId,
+    room: &Room<G>,
+    frame: &Frame,
+    online: &Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>,
+) {
+    if frame.opcode() != Opcode::Application {
+        return;
+    }
+    let Ok(payload::Application { push: Some(payload), .. }) = frame.decode_payload::<payload::Application>()
+    else {
+        return;
+    };
+    let sender = frame.header().sender_id();
+    let offline: Vec<SenderId> = {
+        let online = online.lock().expect("online lock");
+        room.sequencer
+            .group()
+            .members()
+            .into_iter()
+            .filter(|m| *m != sender && !online.contains_key(m))
+            .collect()
+    };
+    for recipient in offline {
+        let notification = PushNotification {
+            recipient,
+            room_id,
+            log_index: frame.header().log_index(),
+            payload: payload.clone(),
+        };
+        if !push.offer(notification) {
+            tracing::warn!(%room_id, recipient = recipient.0, "push queue full; notification dropped");
         }
     }
 }

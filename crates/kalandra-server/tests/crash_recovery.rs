@@ -425,7 +425,8 @@ impl Member {
     }
 
     async fn send_text(&mut self, text: &str) -> Ack {
-        let payload = Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()) };
+        let payload =
+            Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()), push: None };
         decode_ok(&self.request(&payload).await)
     }
 
@@ -557,7 +558,7 @@ async fn run_load(client: LoadClient, acks: Arc<AtomicU64>, killed: Arc<AtomicBo
         while !stopping && in_flight.len() < PIPELINE_DEPTH {
             let seq = report.attempted;
             let request_id = connection.next_request_id();
-            let payload = Application { generation: 0, ciphertext: message(name, seq) };
+            let payload = Application { generation: 0, ciphertext: message(name, seq), push: None };
             let mut frame =
                 Frame::with_payload(header(Opcode::Application, ROOM, sender, epoch, request_id), &payload)
                     .expect("a valid frame");
@@ -813,7 +814,8 @@ async fn sigterm_drains_and_exits_zero() {
     // More messages in flight, then SIGTERM without waiting for their answers.
     let mut in_flight = HashMap::new();
     for seq in ACKED_FIRST..ACKED_FIRST + PIPELINED {
-        let frame = alice.frame(&Application { generation: 0, ciphertext: message("alice", seq) });
+        let frame =
+            alice.frame(&Application { generation: 0, ciphertext: message("alice", seq), push: None });
         in_flight.insert(frame.header().request_id(), seq);
         alice.conn().send(&frame).await.expect("send");
     }

@@ -326,6 +326,7 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
     let mut stale = alice.frame(&kalandra_proto::payload::Application {
         generation: 0,
         ciphertext: bytes::Bytes::from_static(b"stale"),
+        push: None,
     });
     stale.header_mut().set_epoch(epoch_before - 1);
     stale.sign(&alice.key);
@@ -416,5 +417,50 @@ async fn a_welcome_waits_for_an_offline_recipient_and_external_joins_use_the_pub
     assert_converged(&[&alice, &bob, &carol, &dave, &erin]);
     // Erin is a member for the server too: she can post.
     decode_ok::<Ack>(&erin.send_text("hello from erin").await);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_who_are_not_connected_get_the_push_payload_and_decrypt_it_with_their_key_cache() {
+    use client_core::push::{decrypt_push, export_notification_keys, seal_push, NotificationKey};
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, bob, mut carol) = three_member_room(&server).await;
+    // Carol keeps the room's push key in her cache, then goes offline.
+    let carol_key = NotificationKey::from_group(&carol.provider, carol.group.as_ref().unwrap()).unwrap();
+    let cache = export_notification_keys(&[carol_key]).unwrap();
+    carol.disconnect().await;
+
+    let alice_key = NotificationKey::from_group(&alice.provider, alice.group.as_ref().unwrap()).unwrap();
+    let sealed = seal_push(&alice_key, b"Alice: lunch?", &[7; 24]).unwrap();
+    let with_push = Application {
+        generation: 0,
+        ciphertext: bytes::Bytes::from_static(b"the message itself"),
+        push: Some(bytes::Bytes::from(sealed.clone())),
+    };
+    let ack: Ack = decode_ok(&alice.request(&with_push).await);
+    // A message without a push payload produces no notification.
+    decode_ok::<Ack>(&alice.send_text("no push for this one").await);
+
+    let mut delivered = Vec::new();
+    for _ in 0..100 {
+        delivered.extend(server.push_sink.take());
+        if !delivered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    delivered.extend(server.push_sink.take());
+    // Exactly Carol: Bob is connected, Alice sent it.
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    let notification = &delivered[0];
+    assert_eq!(notification.recipient, carol.sender());
+    assert_ne!(notification.recipient, bob.sender());
+    assert_eq!((notification.room_id, notification.log_index), (ROOM, ack.log_index));
+    assert_eq!(notification.payload.to_vec(), sealed, "forwarded byte for byte");
+    // What a Notification Service Extension does: the cache and the payload, nothing else.
+    let message = decrypt_push(cache.as_bytes(), &notification.payload).unwrap();
+    assert_eq!(message.plaintext, b"Alice: lunch?");
+    assert_eq!((message.room_id, message.epoch), (ROOM, alice.epoch()));
     server.stop().await;
 }

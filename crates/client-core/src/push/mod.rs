@@ -202,6 +202,8 @@ pub const PUSH_PLAINTEXT_BYTES_MAX: usize = 2048;
 pub const PUSH_PAYLOAD_BYTES_MIN: usize = PUSH_HEADER_BYTES + PUSH_TAG_BYTES;
 /// Longest payload.
 pub const PUSH_PAYLOAD_BYTES_MAX: usize = PUSH_PAYLOAD_BYTES_MIN + PUSH_PLAINTEXT_BYTES_MAX;
+// The wire protocol carries exactly these payloads in `Application.push`.
+const _: () = assert!(PUSH_PAYLOAD_BYTES_MAX == kalandra_proto::limits::PUSH_PAYLOAD_BYTES_MAX);
 /// Largest APNs notification payload (and FCM data message).
 pub const APNS_PAYLOAD_BYTES_MAX: usize = 4096;
 /// Part of an APNs payload kept for the JSON around the base64 push

@@ -67,9 +67,15 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
                 AnyPayload::Commit(Commit { commit, welcome, welcome_recipients, group_info })
             }),
         blob().prop_map(|proposal| AnyPayload::Proposal(Proposal { proposal })),
-        (any::<u32>(), blob()).prop_map(|(generation, ciphertext)| {
-            AnyPayload::Application(Application { generation, ciphertext: Bytes::from(ciphertext) })
-        }),
+        (any::<u32>(), blob(), proptest::option::of(vec(any::<u8>(), 1..2113))).prop_map(
+            |(generation, ciphertext, push)| {
+                AnyPayload::Application(Application {
+                    generation,
+                    ciphertext: Bytes::from(ciphertext),
+                    push: push.map(Bytes::from),
+                })
+            }
+        ),
         (blob(), proptest::option::of(blob()))
             .prop_map(|(commit, group_info)| AnyPayload::ExternalJoin(ExternalJoin { commit, group_info })),
         (blob(), proptest::option::of(blob()))

@@ -19,6 +19,7 @@ use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
 use kalandra_server::node::{Clock, Node, NodeLimits};
+use kalandra_server::push::{MemoryPushSink, PushQueue};
 use kalandra_server::room_group::MlsRoomGroup;
 use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
 use kalandra_server::store::{RedbStore, Store};
@@ -49,6 +50,8 @@ pub struct TestServer {
     pub fingerprint: [u8; 32],
     pub node: Node,
     pub metrics: Metrics,
+    /// Push notifications the server forwarded.
+    pub push_sink: Arc<MemoryPushSink>,
     pub data_dir: Option<tempfile::TempDir>,
     stop: watch::Sender<ShutdownPhase>,
     serving: tokio::task::JoinHandle<()>,
@@ -71,13 +74,15 @@ impl TestServer {
         let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
         let clock: Clock = Arc::new(now_ms);
         let metrics = Metrics::new().unwrap();
+        let push_sink = Arc::new(MemoryPushSink::default());
+        let push = PushQueue::start(Arc::clone(&push_sink) as Arc<dyn kalandra_server::push::PushSink>);
         let node = Node::start::<MlsRoomGroup>(
             Arc::clone(&store),
             group_commit.clone(),
             2,
             Arc::clone(&clock),
             metrics.clone(),
-            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max },
+            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max, push: Some(push) },
         )
         .await
         .unwrap();
@@ -97,7 +102,17 @@ impl TestServer {
         );
         let (stop, stopped) = watch::channel(ShutdownPhase::Running);
         let serving = tokio::spawn(listener.serve(endpoint, stopped));
-        TestServer { address, fingerprint, node, metrics, data_dir: None, stop, serving, group_commit }
+        TestServer {
+            address,
+            fingerprint,
+            node,
+            metrics,
+            push_sink,
+            data_dir: None,
+            stop,
+            serving,
+            group_commit,
+        }
     }
 
     pub async fn connect(&self, key: &SigningKey) -> Result<Connection, ConnectionError> {
@@ -289,7 +304,8 @@ impl TestClient {
     pub async fn send_text(&mut self, text: &str) -> Frame {
         // Application content is opaque to the server; these tests do not need
         // sender-key encryption, only its framing.
-        let payload = Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()) };
+        let payload =
+            Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()), push: None };
         self.request(&payload).await
     }
 
