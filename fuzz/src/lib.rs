@@ -558,7 +558,11 @@ pub mod seeds {
                 group_info: Some(bytes(8, 0x20)),
             }),
             AnyPayload::Proposal(Proposal { proposal: bytes(10, 0x33) }),
-            AnyPayload::Application(Application { generation: 7, ciphertext: Bytes::from(bytes(40, 0xa0)) }),
+            AnyPayload::Application(Application {
+                generation: 7,
+                ciphertext: Bytes::from(bytes(40, 0xa0)),
+                push: None,
+            }),
             AnyPayload::ExternalJoin(ExternalJoin { commit: bytes(20, 0x05), group_info: None }),
             AnyPayload::Welcome(Welcome { welcome: bytes(16, 0x60), ratchet_tree: Some(bytes(8, 0x70)) }),
             AnyPayload::Ack(Ack { log_index: 12, epoch: 3, server_time_ms: 1_700_000_000_456 }),
