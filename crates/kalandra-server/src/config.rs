@@ -115,6 +115,9 @@ pub struct CliArgs {
     /// Log filter, e.g. `info` or `kalandra_server=debug,info`.
     #[arg(long, env = "KALANDRA_LOG", value_name = "FILTER")]
     pub log_filter: Option<String>,
+    /// `http://` URL of the push gateway (see `push_webhook_url`).
+    #[arg(long, env = "KALANDRA_PUSH_WEBHOOK_URL", value_name = "URL")]
+    pub push_webhook_url: Option<String>,
 }
 
 /// The server's configuration (the TOML file's top level).
@@ -136,6 +139,10 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Log filter; default [`LOG_FILTER_DEFAULT`].
     pub log_filter: String,
+    /// `http://` URL of a push gateway that receives a JSON POST for each
+    /// push notification of a member who is not connected; default none
+    /// (push payloads are not forwarded).
+    pub push_webhook_url: Option<String>,
     /// The `[limits]` table.
     pub limits: Limits,
 }
@@ -182,6 +189,7 @@ impl Default for ServerConfig {
             tls_key_path: None,
             log_format: LOG_FORMAT_DEFAULT,
             log_filter: LOG_FILTER_DEFAULT.to_owned(),
+            push_webhook_url: None,
             limits: Limits::default(),
         }
     }
@@ -286,6 +294,9 @@ impl ServerConfig {
         }
         if let Some(log_filter) = &cli.log_filter {
             self.log_filter.clone_from(log_filter);
+        }
+        if let Some(url) = &cli.push_webhook_url {
+            self.push_webhook_url = Some(url.clone());
         }
     }
 
@@ -485,8 +496,10 @@ rooms_per_user_max = 7
             admin_listen: Some("127.0.0.1:6001".parse().expect("address")),
             log_format: Some(LogFormat::Text),
             log_filter: Some("debug".to_owned()),
+            push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
         };
         let overridden = ServerConfig::load(&cli).expect("flags");
+        assert_eq!(overridden.push_webhook_url.as_deref(), Some("http://127.0.0.1:6002/push"));
         assert_eq!(overridden.data_dir, PathBuf::from("/tmp/elsewhere"));
         assert_eq!(overridden.listen.to_string(), "127.0.0.1:6000");
         assert_eq!(overridden.admin_listen.to_string(), "127.0.0.1:6001");

@@ -111,6 +111,14 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
     };
     let admin = tokio::spawn(serve_admin(admin_listener, admin_state, admin_stop));
 
+    let push = match &config.push_webhook_url {
+        Some(url) => {
+            let sink = kalandra_server::push::WebhookSink::new(url).context("push webhook")?;
+            tracing::info!(%url, "forwarding push payloads to the webhook");
+            Some(kalandra_server::push::PushQueue::start(Arc::new(sink)))
+        }
+        None => None,
+    };
     let started = std::time::Instant::now();
     let shard_count = std::thread::available_parallelism().map_or(1, usize::from);
     let node = Node::start::<MlsRoomGroup>(
@@ -119,7 +127,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         shard_count,
         wall_clock(),
         metrics.clone(),
-        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max, push: None },
+        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max, push },
     )
     .await
     .context("recovering rooms from storage")?;
