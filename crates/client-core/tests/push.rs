@@ -3,11 +3,9 @@
 //! binding of room and epoch, the previous-epoch window, exact errors for
 //! malformed caches and payloads, and agreement between real MLS groups.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
+mod common;
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
-use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use client_core::push::{
     cache_bytes, decrypt_push, export_notification_keys, seal_push, CacheDefect, CacheWriteError,
     KeyCacheView, NotificationKey, NotificationKeys, PushError, PushFormat, PushMessage, SealPushError,
@@ -15,10 +13,7 @@ use client_core::push::{
     PCEK_BYTES, PUSH_EXPORTER_LABEL, PUSH_HEADER_BYTES, PUSH_PAYLOAD_BYTES_MAX, PUSH_PAYLOAD_BYTES_MIN,
     PUSH_PLAINTEXT_BYTES_MAX,
 };
-use ed25519_dalek::SigningKey;
 use kalandra_proto::RoomId;
-use openmls::prelude::SignatureScheme;
-use openmls_basic_credential::SignatureKeyPair;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -641,41 +636,11 @@ proptest! {
 
 // --- Real MLS groups ---
 
-fn now_unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
-}
-
-fn server_key() -> Vec<u8> {
-    let signing = SigningKey::from_bytes(&[42u8; 32]);
-    let pair = SignatureKeyPair::from_raw(
-        SignatureScheme::ED25519,
-        signing.to_bytes().to_vec(),
-        signing.verifying_key().to_bytes().to_vec(),
-    );
-    pair.public().to_vec()
-}
-
 #[test]
 fn two_real_groups_derive_the_same_notification_keys() {
-    let now = now_unix_secs();
-    let alice_provider = MlsProvider::from_seed([3; 32]);
-    let alice_identity = Identity::generate(&alice_provider).expect("identity");
-    let bob_provider = MlsProvider::from_seed([4; 32]);
-    let bob_identity = Identity::generate(&bob_provider).expect("identity");
     let room_id = *b"push-mls-room-01";
-
-    let (mut alice_group, _) =
-        RoomGroup::create(&alice_provider, &alice_identity, room_id, &server_key(), now).expect("create");
-    let key_package =
-        generate_key_packages(&bob_provider, &bob_identity, 1, now).expect("key package").remove(0).message;
-    let commit = alice_group.add_members(&alice_provider, &alice_identity, &[&key_package]).expect("add");
-    alice_group.confirm_pending_commit(&alice_provider).expect("confirm");
-    let mut bob_group = RoomGroup::join_from_welcome(
-        &bob_provider,
-        commit.welcome.as_ref().expect("welcome"),
-        Some(&commit.ratchet_tree),
-    )
-    .expect("join");
+    let ((alice_provider, alice_identity, mut alice_group), (bob_provider, _, mut bob_group)) =
+        common::two_members(3, 4, room_id);
 
     // Both export the same PCEK with the documented label and context.
     let alice_pcek = alice_group

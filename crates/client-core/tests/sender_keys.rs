@@ -2,10 +2,8 @@
 //! field, replay and reordering rules, the skipped-key bounds, signatures,
 //! and agreement between real MLS groups.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
+mod common;
 use bytes::Bytes;
-use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use client_core::sender_keys::{
     associated_data, open_application, seal_application, verify_sender, DecryptError, EncryptError,
     OpenError, SealError, Sealed, SenderError, SenderKeyState, GENERATION_JUMP_MAX, PLAINTEXT_BYTES_MAX,
@@ -14,8 +12,6 @@ use client_core::sender_keys::{
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{Application, Typing};
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, RoomId, SenderId, SignatureError};
-use openmls::prelude::SignatureScheme;
-use openmls_basic_credential::SignatureKeyPair;
 use proptest::prelude::*;
 
 const ROOM: RoomId = RoomId(*b"sender-keys-room");
@@ -549,41 +545,11 @@ proptest! {
 
 // --- Real MLS groups ---
 
-fn now_unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
-}
-
-fn server_key() -> Vec<u8> {
-    let signing = SigningKey::from_bytes(&[42u8; 32]);
-    let pair = SignatureKeyPair::from_raw(
-        SignatureScheme::ED25519,
-        signing.to_bytes().to_vec(),
-        signing.verifying_key().to_bytes().to_vec(),
-    );
-    pair.public().to_vec()
-}
-
 #[test]
 fn two_real_groups_derive_the_same_sender_keys() {
-    let now = now_unix_secs();
-    let alice_provider = MlsProvider::from_seed([1; 32]);
-    let alice_identity = Identity::generate(&alice_provider).expect("identity");
-    let bob_provider = MlsProvider::from_seed([2; 32]);
-    let bob_identity = Identity::generate(&bob_provider).expect("identity");
     let room = *b"real-mls-room-01";
-
-    let (mut alice_group, _) =
-        RoomGroup::create(&alice_provider, &alice_identity, room, &server_key(), now).expect("create");
-    let key_package =
-        generate_key_packages(&bob_provider, &bob_identity, 1, now).expect("key package").remove(0).message;
-    let commit = alice_group.add_members(&alice_provider, &alice_identity, &[&key_package]).expect("add");
-    alice_group.confirm_pending_commit(&alice_provider).expect("confirm");
-    let mut bob_group = RoomGroup::join_from_welcome(
-        &bob_provider,
-        commit.welcome.as_ref().expect("welcome"),
-        Some(&commit.ratchet_tree),
-    )
-    .expect("join");
+    let ((alice_provider, alice_identity, mut alice_group), (bob_provider, bob_identity, mut bob_group)) =
+        common::two_members(1, 2, room);
 
     let mut alice = SenderKeyState::from_group(&alice_provider, &alice_group).expect("alice keys");
     let mut bob = SenderKeyState::from_group(&bob_provider, &bob_group).expect("bob keys");
