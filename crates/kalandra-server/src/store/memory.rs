@@ -180,22 +180,8 @@ impl Store for MemoryStore {
     }
 
     fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
-        validate_welcome(&welcome)?;
-        let mut state = self.lock()?;
-        let pending = state
-            .welcomes
-            .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
-            .take(WELCOMES_PER_RECIPIENT_MAX)
-            .count();
-        if pending >= WELCOMES_PER_RECIPIENT_MAX {
-            return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
-        }
-        let welcome_id = state.welcome_id_next;
-        state.welcome_id_next = welcome_id
-            .checked_add(1)
-            .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
-        state.welcomes.insert((recipient_user_id, welcome_id), welcome);
-        Ok(welcome_id)
+        let ids = self.put_welcomes(&[recipient_user_id], welcome)?;
+        Ok(ids[0])
     }
 
     fn put_welcomes(

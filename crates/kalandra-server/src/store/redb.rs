@@ -446,43 +446,8 @@ impl Store for RedbStore {
     }
 
     fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
-        const OP: &str = "put_welcome";
-        validate_welcome(&welcome)?;
-        let txn = self.begin_write(OP)?;
-        let outcome = (|| -> Result<WelcomeId, WelcomeError> {
-            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
-            let low = welcome_key(recipient_user_id, 0);
-            let high = welcome_key(recipient_user_id, WelcomeId::MAX);
-            let pending = table
-                .range::<&WelcomeKey>(&low..=&high)
-                .map_err(failed(OP))?
-                .take(WELCOMES_PER_RECIPIENT_MAX)
-                .count();
-            if pending >= WELCOMES_PER_RECIPIENT_MAX {
-                return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
-            }
-            let mut meta = txn.open_table(META).map_err(failed(OP))?;
-            let welcome_id =
-                meta.get(META_WELCOME_ID_NEXT).map_err(failed(OP))?.map_or(0, |guard| guard.value());
-            let welcome_id_next = welcome_id
-                .checked_add(1)
-                .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
-            meta.insert(META_WELCOME_ID_NEXT, welcome_id_next).map_err(failed(OP))?;
-            table
-                .insert(&welcome_key(recipient_user_id, welcome_id), welcome.as_ref())
-                .map_err(failed(OP))?;
-            Ok(welcome_id)
-        })();
-        match outcome {
-            Ok(welcome_id) => {
-                txn.commit().map_err(failed(OP))?;
-                Ok(welcome_id)
-            }
-            Err(error) => {
-                let _ = abort(txn, OP);
-                Err(error)
-            }
-        }
+        let ids = self.put_welcomes(&[recipient_user_id], welcome)?;
+        Ok(ids[0])
     }
 
     fn put_welcomes(
