@@ -138,6 +138,9 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// The user is not a member of the room.
+    #[error("{0} is not a member of the room")]
+    UnknownMember(SenderId),
     /// A user to invite has no key package on the server.
     #[error("{0} has no key package on the server (they must connect once first)")]
     NoKeyPackage(SenderId),
@@ -290,6 +293,8 @@ pub struct RoomSummary {
 enum Intent {
     Create,
     Invite(Vec<u64>),
+    Remove(Vec<u64>),
+    Update,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -310,6 +315,10 @@ struct RoomRecord {
     pending: Option<PendingCommitRecord>,
     sender_keys: Option<Vec<u8>>,
     removed: bool,
+    /// A commit of ours that another commit beat while we were away: redone
+    /// on the next connection.
+    #[serde(default)]
+    redo: Option<Intent>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -740,8 +749,8 @@ impl Client {
                     }
                 };
                 if applied.own_commit_discarded {
-                    // Another commit won the epoch: our intent is redone by the caller.
-                    entry.record.pending = None;
+                    // Another commit won the epoch: our intent is redone in the new one.
+                    entry.record.redo = entry.record.pending.take().map(|pending| pending.intent);
                 }
                 if applied.self_removed {
                     entry.record.removed = true;
@@ -853,6 +862,13 @@ impl Client {
             let sync = Sync { from_log_index: from, count_max: SYNC_FRAMES_PER_REQUEST };
             let frame = self.frame(room_id, epoch, &sync)?;
             let reply = self.request(&frame).await?;
+            if reply.opcode() == Opcode::Error
+                && ClientError::refused(&reply).code() == Some(ErrorCode::NotMember.to_u16())
+            {
+                // Removed while away: the server no longer lets us read the room.
+                self.mark_removed(room_id)?;
+                return Err(ClientError::NotMember(room_id));
+            }
             let done: SyncDone = expect(&reply)?;
             messages.extend(self.drain_buffered()?);
             self.checkpoint()?;
@@ -873,6 +889,21 @@ impl Client {
         })
     }
 
+    /// The room is no longer ours: its keys go, its history stays.
+    fn mark_removed(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        if let Some(entry) = self.rooms.get_mut(&room_id) {
+            entry.record.removed = true;
+            entry.record.pending = None;
+            entry.record.redo = None;
+            entry.sender_keys = None;
+            if let Some(group) = entry.group.take() {
+                group.delete(&self.provider)?;
+            }
+        }
+        self.checkpoint()?;
+        Ok(())
+    }
+
     fn epoch_of(&self, room_id: RoomId) -> u64 {
         self.rooms.get(&room_id).and_then(|e| e.group.as_ref()).map_or(0, RoomGroup::epoch)
     }
@@ -891,13 +922,28 @@ impl Client {
         if !entry.record.confirmed {
             return self.confirm_creation(room_id).await;
         }
-        self.sync(room_id).await?;
+        match self.sync(room_id).await {
+            Err(ClientError::NotMember(_)) => return Ok(()),
+            other => other?,
+        };
         let pending = self.rooms.get(&room_id).and_then(|e| e.record.pending.clone());
         if let Some(pending) = pending {
             let frame = self.fresh_request(&pending.frame, "pending commit")?;
-            self.settle_commit(room_id, &frame, pending.intent).await?;
+            if !self.settle_commit(room_id, &frame).await? {
+                self.redo_later(room_id, pending.intent);
+            }
+        }
+        let redo = self.rooms.get_mut(&room_id).and_then(|entry| entry.record.redo.take());
+        if let Some(intent) = redo {
+            self.commit_intent(room_id, intent).await?;
         }
         Ok(())
+    }
+
+    fn redo_later(&mut self, room_id: RoomId, intent: Intent) {
+        if let Some(entry) = self.rooms.get_mut(&room_id) {
+            entry.record.redo = Some(intent);
+        }
     }
 
     async fn confirm_creation(&mut self, room_id: RoomId) -> Result<(), ClientError> {
@@ -945,6 +991,7 @@ impl Client {
             }),
             sender_keys: None,
             removed: false,
+            redo: None,
         };
         self.rooms.insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys) });
         self.checkpoint()?;
@@ -956,49 +1003,110 @@ impl Client {
     /// each, commits, and sends them the Welcome. Rebases and retries when
     /// another commit wins the epoch. Returns the room's new epoch.
     pub async fn invite(&mut self, room_id: RoomId, members: &[SenderId]) -> Result<u64, ClientError> {
+        self.commit_intent(room_id, Intent::Invite(members.iter().map(|s| s.0).collect())).await
+    }
+
+    /// Removes `members` (by sender id) from the room with a commit; they
+    /// cannot read what follows. Returns the room's new epoch.
+    pub async fn remove(&mut self, room_id: RoomId, members: &[SenderId]) -> Result<u64, ClientError> {
+        self.commit_intent(room_id, Intent::Remove(members.iter().map(|s| s.0).collect())).await
+    }
+
+    /// Commits a fresh leaf key and path for this device (post-compromise
+    /// security). Returns the room's new epoch.
+    pub async fn self_update(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
+        self.commit_intent(room_id, Intent::Update).await
+    }
+
+    /// Proposes this device's removal; the next commit by another member
+    /// removes it. Returns the proposal's log index.
+    pub async fn leave(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
+        self.member_group(room_id)?;
+        self.sync(room_id).await?;
+        let entry = member_entry(&mut self.rooms, room_id)?;
+        let group = entry.group.as_mut().expect("member_entry checked");
+        let epoch = group.epoch();
+        let output = group.leave(&self.provider, &self.identity)?;
+        self.checkpoint()?;
+        let frame = self.frame(room_id, epoch, &payload::Proposal { proposal: output.proposal })?;
+        let reply = self.request(&frame).await?;
+        let ack: Ack = expect(&reply)?;
+        self.sync(room_id).await?;
+        Ok(ack.log_index)
+    }
+
+    /// Makes, sends and settles a commit for `intent`, catching up and
+    /// trying again (at most [`COMMIT_ATTEMPTS_MAX`] times) when another
+    /// commit wins the epoch.
+    async fn commit_intent(&mut self, room_id: RoomId, intent: Intent) -> Result<u64, ClientError> {
         self.member_group(room_id)?;
         self.sync(room_id).await?;
         for _ in 0..COMMIT_ATTEMPTS_MAX {
-            let claim = KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect() };
             let epoch = self.epoch_of(room_id);
-            let frame = self.frame(room_id, epoch, &claim)?;
-            let reply = self.request(&frame).await?;
-            let claimed: KeyPackageClaimed = expect(&reply)?;
-            let mut packages = Vec::with_capacity(claimed.key_packages.len());
-            for (member, claimed) in members.iter().zip(claimed.key_packages) {
-                packages.push(claimed.key_package.ok_or(ClientError::NoKeyPackage(*member))?);
-            }
-            let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
+            let packages = match &intent {
+                Intent::Invite(members) => self.claim_key_packages(room_id, epoch, members).await?,
+                _ => Vec::new(),
+            };
             let entry = member_entry(&mut self.rooms, room_id)?;
             let group = entry.group.as_mut().expect("member_entry checked");
-            let output = group.add_members(&self.provider, &self.identity, &refs)?;
+            let (output, recipients) = match &intent {
+                Intent::Invite(members) => {
+                    let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
+                    (group.add_members(&self.provider, &self.identity, &refs)?, members.clone())
+                }
+                Intent::Remove(members) => {
+                    let mut leaves = Vec::with_capacity(members.len());
+                    for member in members {
+                        let (leaf, _) = member_of(group, SenderId(*member))
+                            .ok_or(ClientError::UnknownMember(SenderId(*member)))?;
+                        leaves.push(leaf);
+                    }
+                    (group.remove_members(&self.provider, &self.identity, &leaves)?, Vec::new())
+                }
+                Intent::Update => (group.self_update(&self.provider, &self.identity)?, Vec::new()),
+                Intent::Create => return Err(ClientError::Protocol("room creation is not a commit".into())),
+            };
             let commit = Commit {
                 commit: output.commit,
                 welcome: output.welcome,
-                welcome_recipients: members.iter().map(|s| s.0).collect(),
+                welcome_recipients: recipients,
                 group_info: Some(output.group_info),
             };
             let frame = self.frame(room_id, epoch, &commit)?;
-            let intent = Intent::Invite(members.iter().map(|s| s.0).collect());
             self.rooms.get_mut(&room_id).expect("member").record.pending =
                 Some(PendingCommitRecord { frame: frame.to_bytes().to_vec(), epoch, intent: intent.clone() });
             self.checkpoint()?;
-            if self.settle_commit(room_id, &frame, intent).await? {
+            if self.settle_commit(room_id, &frame).await? {
                 return Ok(self.epoch_of(room_id));
             }
         }
-        Err(ClientError::RetriesExhausted { what: "invite", attempts: COMMIT_ATTEMPTS_MAX })
+        Err(ClientError::RetriesExhausted { what: "commit", attempts: COMMIT_ATTEMPTS_MAX })
+    }
+
+    async fn claim_key_packages(
+        &mut self,
+        room_id: RoomId,
+        epoch: u64,
+        members: &[u64],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let claim = KeyPackageClaim { sender_ids: members.to_vec() };
+        let frame = self.frame(room_id, epoch, &claim)?;
+        let reply = self.request(&frame).await?;
+        let claimed: KeyPackageClaimed = expect(&reply)?;
+        if claimed.key_packages.len() != members.len() {
+            return Err(ClientError::Protocol("claim answered with the wrong number of key packages".into()));
+        }
+        let mut packages = Vec::with_capacity(members.len());
+        for (member, claimed) in members.iter().zip(claimed.key_packages) {
+            packages.push(claimed.key_package.ok_or(ClientError::NoKeyPackage(SenderId(*member)))?);
+        }
+        Ok(packages)
     }
 
     /// Sends a pending commit and settles it: `true` if it landed, `false`
     /// if another commit won (the pending commit is discarded and the
     /// caller redoes its intent).
-    async fn settle_commit(
-        &mut self,
-        room_id: RoomId,
-        frame: &Frame,
-        _intent: Intent,
-    ) -> Result<bool, ClientError> {
+    async fn settle_commit(&mut self, room_id: RoomId, frame: &Frame) -> Result<bool, ClientError> {
         let reply = self.request(frame).await?;
         match reply.opcode() {
             Opcode::Ack => {
@@ -1075,6 +1183,7 @@ impl Client {
             pending: None,
             sender_keys: None,
             removed: false,
+            redo: None,
         };
         self.rooms.insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys) });
         self.welcomes.remove(&room_id);
@@ -1111,6 +1220,7 @@ impl Client {
                         pending: None,
                         sender_keys: None,
                         removed: false,
+                        redo: None,
                     };
                     self.rooms.insert(
                         room_id,

@@ -78,6 +78,27 @@ enum Command {
         #[arg(required = true)]
         members: Vec<String>,
     },
+    /// Remove users from a room by sender id (a commit: they cannot read what follows).
+    Remove {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// Sender ids of the members to remove.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Leave a room (proposes this device's removal; the next commit by another member applies it).
+    Leave {
+        /// The room.
+        #[arg(long)]
+        room: String,
+    },
+    /// Rotate this device's keys in a room (a self-update commit).
+    Update {
+        /// The room.
+        #[arg(long)]
+        room: String,
+    },
     /// Join a room you were invited to (or, with --external, any room by external commit).
     Join {
         /// The room.
@@ -163,6 +184,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             ClientError::UnknownRoom(_)
             | ClientError::NotMember(_)
             | ClientError::NoWelcome { .. }
+            | ClientError::UnknownMember(_)
             | ClientError::NotInitialised { .. },
         ) => 5,
         _ => 1,
@@ -349,6 +371,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let members = members.iter().map(|m| parse_sender(m)).collect::<anyhow::Result<Vec<_>>>()?;
             let mut client = open_connected(&cli).await?;
             let result = client.invite(room, &members).await;
+            client.disconnect().await;
+            writeln!(out, "epoch {}", result?)?;
+        }
+        Command::Remove { room, members } => {
+            let room = parse_room(room)?;
+            let members = members.iter().map(|m| parse_sender(m)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.remove(room, &members).await;
+            client.disconnect().await;
+            writeln!(out, "epoch {}", result?)?;
+        }
+        Command::Leave { room } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.leave(room).await;
+            client.disconnect().await;
+            writeln!(out, "leave proposed at {}", result?)?;
+        }
+        Command::Update { room } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.self_update(room).await;
             client.disconnect().await;
             writeln!(out, "epoch {}", result?)?;
         }

@@ -124,3 +124,40 @@ async fn concurrent_invites_rebase_and_a_restarted_member_keeps_its_room() {
     assert_eq!(texts(&bob, room).last().unwrap(), &(index, b"still here".to_vec()));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_reads_nothing_after_its_removal_and_a_leave_is_applied_by_the_next_commit() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut alice = device(dirs[0].path(), 1, &server).await;
+    let mut bob = device(dirs[1].path(), 2, &server).await;
+    let mut carol = device(dirs[2].path(), 3, &server).await;
+    let room = alice.create_room().await.unwrap();
+    alice.invite(room, &[bob.sender_id(), carol.sender_id()]).await.unwrap();
+    bob.join(room, Duration::from_secs(10)).await.unwrap();
+    carol.join(room, Duration::from_secs(10)).await.unwrap();
+    alice.send(room, b"for everyone").await.unwrap();
+    bob.sync(room).await.unwrap();
+    bob.disconnect().await;
+
+    assert_eq!(alice.remove(room, &[bob.sender_id()]).await.unwrap(), 2);
+    alice.send(room, b"after bob left").await.unwrap();
+    // Bob comes back with all of his old state and reads the log.
+    bob.connect().await.unwrap();
+    assert!(matches!(bob.sync(room).await, Err(ClientError::NotMember(_))));
+    let bob_texts: Vec<Vec<u8>> = texts(&bob, room).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(bob_texts, vec![b"for everyone".to_vec()]);
+    assert!(matches!(bob.send(room, b"still here?").await, Err(ClientError::NotMember(_))));
+    assert!(bob.rooms().is_empty());
+
+    // Carol leaves: a proposal; Alice's next commit (a key update) applies it.
+    carol.leave(room).await.unwrap();
+    assert_eq!(alice.self_update(room).await.unwrap(), 3);
+    assert_eq!(alice.rooms()[0].members, vec![alice.sender_id()]);
+    assert!(matches!(carol.sync(room).await, Err(ClientError::NotMember(_))));
+    assert!(carol.rooms().is_empty(), "Carol's device knows it is out");
+    let error = alice.remove(room, &[carol.sender_id()]).await.unwrap_err();
+    assert!(matches!(error, ClientError::UnknownMember(_)), "{error:?}");
+    server.stop().await;
+}
