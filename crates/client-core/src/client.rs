@@ -55,6 +55,7 @@ use crate::mls::{
 use crate::sender_keys::{
     open_application, seal_application, SealError, SenderKeyState, SenderKeyStateDecodeError,
 };
+use crate::state::{Action, ClientState, Event, Resume};
 use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
 /// File name of the store inside a client's data directory.
@@ -169,6 +170,9 @@ pub enum ClientError {
         /// Its length.
         len_bytes: usize,
     },
+    /// A bug in this library: its state machine refused a transition.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The server sent something that breaks the protocol.
     #[error("server misbehaved: {0}")]
     Protocol(String),
@@ -337,6 +341,29 @@ struct RoomEntry {
     record: RoomRecord,
     group: Option<RoomGroup>,
     sender_keys: Option<SenderKeyState>,
+    /// The room's state machine ([`crate::state`]): every change of
+    /// membership, epoch and pending commit goes through it, and an event it
+    /// calls illegal is reported as [`ClientError::Internal`].
+    state: ClientState,
+}
+
+/// Moves a room's state machine.
+fn step(state: &mut ClientState, event: Event) -> Result<Vec<Action>, ClientError> {
+    let (next, actions) = state.apply(event).map_err(|illegal| ClientError::Internal(illegal.to_string()))?;
+    *state = next;
+    Ok(actions)
+}
+
+/// The state a room is in when the device starts (not connected).
+fn initial_state(record: &RoomRecord, group: Option<&RoomGroup>) -> ClientState {
+    let resume = match (group, &record.pending) {
+        (None, _) => Resume::Join,
+        (Some(group), Some(pending)) if pending.intent != Intent::Create => {
+            Resume::PendingCommit { target_epoch: group.epoch() + 1 }
+        }
+        (Some(group), _) => Resume::Synchronized { epoch: group.epoch() },
+    };
+    ClientState::Disconnected { resume }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -464,7 +491,8 @@ impl Client {
                     };
                     let sender_keys =
                         record.sender_keys.as_deref().map(SenderKeyState::from_bytes).transpose()?;
-                    client.rooms.insert(room_id, RoomEntry { record, group, sender_keys });
+                    let state = initial_state(&record, group.as_ref());
+                    client.rooms.insert(room_id, RoomEntry { record, group, sender_keys, state });
                 }
                 Namespace::Outbox => {
                     let entry: OutboxRecord = decode(&record.value, "outbox")?;
@@ -569,6 +597,13 @@ impl Client {
         )
         .await?;
         self.connection = Some(connection);
+        for entry in self.rooms.values_mut() {
+            if entry.state.is_connected() {
+                // The previous connection died without a word.
+                step(&mut entry.state, Event::ConnectionLost)?;
+            }
+            step(&mut entry.state, Event::Connected)?;
+        }
         self.refill_key_packages().await?;
         self.drain_buffered()?;
         self.checkpoint()?;
@@ -584,6 +619,11 @@ impl Client {
     pub async fn disconnect(&mut self) {
         if let Some(connection) = self.connection.take() {
             connection.close().await;
+        }
+        for entry in self.rooms.values_mut() {
+            if entry.state.is_connected() {
+                let _ = step(&mut entry.state, Event::ConnectionLost);
+            }
         }
     }
 
@@ -736,24 +776,39 @@ impl Client {
                     // Before we joined, or our own commit merged already.
                     return Ok(None);
                 }
-                let applied = if own && entry.record.pending.as_ref().is_some_and(|p| p.epoch == frame_epoch)
-                {
+                let ours = own && entry.record.pending.as_ref().is_some_and(|p| p.epoch == frame_epoch);
+                let applied = if ours {
                     entry.record.pending = None;
-                    group.confirm_pending_commit(&self.provider)?
+                    let applied = group.confirm_pending_commit(&self.provider)?;
+                    step(&mut entry.state, Event::CommitAcked { epoch: applied.epoch })?;
+                    applied
                 } else {
-                    match group.process_handshake(&self.provider, &commit_bytes)? {
+                    let applied = match group.process_handshake(&self.provider, &commit_bytes)? {
                         HandshakeOutcome::CommitApplied(applied) => applied,
                         HandshakeOutcome::ProposalStored { .. } => {
                             return Err(ClientError::Protocol("a Commit frame held a proposal".into()))
                         }
+                    };
+                    let event = if applied.self_removed {
+                        Event::Removed
+                    } else {
+                        Event::CommitFromOthers { epoch: applied.epoch }
+                    };
+                    let actions = step(&mut entry.state, event)?;
+                    if actions.contains(&Action::ReapplyIntent) != applied.own_commit_discarded {
+                        return Err(ClientError::Internal(
+                            "the state machine and the MLS group disagree about our pending commit".into(),
+                        ));
                     }
+                    if actions.contains(&Action::ReapplyIntent) {
+                        // Another commit won the epoch: our intent is redone in the new one.
+                        entry.record.redo = entry.record.pending.take().map(|pending| pending.intent);
+                    }
+                    applied
                 };
-                if applied.own_commit_discarded {
-                    // Another commit won the epoch: our intent is redone in the new one.
-                    entry.record.redo = entry.record.pending.take().map(|pending| pending.intent);
-                }
                 if applied.self_removed {
                     entry.record.removed = true;
+                    entry.record.pending = None;
                     entry.sender_keys = None;
                     entry.record.sender_keys = None;
                 } else {
@@ -892,6 +947,9 @@ impl Client {
     /// The room is no longer ours: its keys go, its history stays.
     fn mark_removed(&mut self, room_id: RoomId) -> Result<(), ClientError> {
         if let Some(entry) = self.rooms.get_mut(&room_id) {
+            if entry.state.is_connected() && entry.state.member_epoch().is_some() {
+                step(&mut entry.state, Event::Removed)?;
+            }
             entry.record.removed = true;
             entry.record.pending = None;
             entry.record.redo = None;
@@ -993,7 +1051,10 @@ impl Client {
             removed: false,
             redo: None,
         };
-        self.rooms.insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys) });
+        // Creation is not a commit: the creator is a member at epoch 0 at once.
+        let state = ClientState::Synchronized { epoch: 0 };
+        self.rooms
+            .insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state });
         self.checkpoint()?;
         self.confirm_creation(room_id).await?;
         Ok(room_id)
@@ -1073,8 +1134,10 @@ impl Client {
                 group_info: Some(output.group_info),
             };
             let frame = self.frame(room_id, epoch, &commit)?;
-            self.rooms.get_mut(&room_id).expect("member").record.pending =
+            let entry = self.rooms.get_mut(&room_id).expect("member");
+            entry.record.pending =
                 Some(PendingCommitRecord { frame: frame.to_bytes().to_vec(), epoch, intent: intent.clone() });
+            step(&mut entry.state, Event::CommitSent { target_epoch: epoch + 1 })?;
             self.checkpoint()?;
             if self.settle_commit(room_id, &frame).await? {
                 return Ok(self.epoch_of(room_id));
@@ -1121,7 +1184,17 @@ impl Client {
             }
             Opcode::Error => {
                 let error = ClientError::refused(&reply);
+                let details = reply.decode_payload::<payload::Error>().ok();
                 let entry = self.rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
+                let event = match details {
+                    Some(payload::Error { code, current_epoch: Some(current_epoch), log_index, .. })
+                        if code == ErrorCode::WrongEpoch.to_u16() =>
+                    {
+                        Event::WrongEpoch { current_epoch, log_index: log_index.unwrap_or(0) }
+                    }
+                    _ => Event::CommitRefused,
+                };
+                step(&mut entry.state, event)?;
                 if let Some(group) = entry.group.as_mut() {
                     if group.has_pending_commit() {
                         group.discard_pending_commit(&self.provider)?;
@@ -1185,7 +1258,10 @@ impl Client {
             removed: false,
             redo: None,
         };
-        self.rooms.insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys) });
+        let mut state = ClientState::PendingWelcome;
+        step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
+        self.rooms
+            .insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state });
         self.welcomes.remove(&room_id);
         self.pending_batch.delete(Namespace::Welcome, &room_id.0);
         self.checkpoint()?;
@@ -1206,12 +1282,15 @@ impl Client {
                 &info.group_info,
                 Some(&info.ratchet_tree),
             )?;
+            let mut state = ClientState::PendingWelcome;
+            step(&mut state, Event::JoinedByExternalCommit { epoch: group.epoch() })?;
             let join = ExternalJoin { commit: output.commit, group_info: Some(output.group_info) };
             let frame = self.frame(room_id, info.epoch, &join)?;
             let reply = self.request(&frame).await?;
             match reply.opcode() {
                 Opcode::Ack => {
                     let ack: Ack = expect(&reply)?;
+                    step(&mut state, Event::CommitAcked { epoch: ack.epoch })?;
                     let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
                     let record = RoomRecord {
                         room_id: room_id.0,
@@ -1224,15 +1303,27 @@ impl Client {
                     };
                     self.rooms.insert(
                         room_id,
-                        RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys) },
+                        RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state },
                     );
                     self.checkpoint()?;
                     return Ok(ack.epoch);
                 }
                 _ => {
                     let error = ClientError::refused(&reply);
-                    group.delete(&self.provider)?;
-                    if error.code() != Some(ErrorCode::WrongEpoch.to_u16()) {
+                    let wrong_epoch = reply
+                        .decode_payload::<payload::Error>()
+                        .ok()
+                        .filter(|e| e.code == ErrorCode::WrongEpoch.to_u16())
+                        .map(|e| (e.current_epoch.unwrap_or(info.epoch + 1), e.log_index.unwrap_or(0)));
+                    let event = match wrong_epoch {
+                        Some((current_epoch, log_index)) => Event::WrongEpoch { current_epoch, log_index },
+                        None => Event::CommitRefused,
+                    };
+                    let actions = step(&mut state, event)?;
+                    if actions.contains(&Action::DeleteGroup) {
+                        group.delete(&self.provider)?;
+                    }
+                    if !actions.contains(&Action::ReapplyIntent) {
                         return Err(error);
                     }
                 }

@@ -161,3 +161,21 @@ async fn a_removed_member_reads_nothing_after_its_removal_and_a_leave_is_applied
     assert!(matches!(error, ClientError::UnknownMember(_)), "{error:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_joins_by_external_commit_and_reads_what_follows() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let (alice_dir, erin_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut alice = device(alice_dir.path(), 1, &server).await;
+    let mut erin = device(erin_dir.path(), 5, &server).await;
+    let room = alice.create_room().await.unwrap();
+    alice.send(room, b"before erin").await.unwrap();
+    assert_eq!(erin.join_external(room).await.unwrap(), 1);
+    let index = alice.send(room, b"welcome erin").await.unwrap();
+    erin.sync(room).await.unwrap();
+    assert_eq!(texts(&erin, room), vec![(index, b"welcome erin".to_vec())]);
+    alice.sync(room).await.unwrap();
+    assert_eq!(alice.rooms()[0].members.len(), 2);
+    server.stop().await;
+}
