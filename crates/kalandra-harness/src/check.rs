@@ -68,7 +68,7 @@ pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String>
                 }
             }
         }
-        if let Some((last, _)) = record.delivered.last() {
+        if let Some(last) = record.last_applied {
             if last + 1 != log.len() as u64 {
                 failures.push(format!("client {index}: applied through {last}, log holds {}", log.len()));
             }
@@ -101,7 +101,7 @@ pub fn describe_progress(server: &ServerShared, clients: &[Rc<ClientShared>]) ->
             "client {} epoch {:?} applied {:?} live {} work {}",
             client.index,
             record.epoch_and_tree.as_ref().map(|(e, _)| *e),
-            record.delivered.last().map(|(i, _)| *i),
+            record.last_applied,
             record.live,
             record.work_left
         ));

@@ -119,6 +119,8 @@ pub struct ClientRecord {
     pub work_left: usize,
     /// Times the client started.
     pub boots: u32,
+    /// The last log index applied (for a joiner, at first the commit that added it).
+    pub last_applied: Option<u64>,
 }
 
 /// State of one client host that outlives its crashes.
@@ -289,6 +291,7 @@ impl Client {
             + usize::try_from(self.intents).unwrap_or(usize::MAX)
             + usize::from(persisted.pending_commit.is_some());
         record.live = self.live;
+        record.last_applied = persisted.last_applied;
     }
 
     fn violation(&self, text: impl Into<String>) {
@@ -360,7 +363,10 @@ impl Client {
         let mut last_heard = now_ms();
         let mut last_ping = now_ms();
         loop {
+            // Biased: tokio's own branch choice is random unless built with
+            // `tokio_unstable`, which would make runs of one seed differ.
             tokio::select! {
+                biased;
                 frame = reader.next() => match frame {
                     Ok(frame) => {
                         last_heard = now_ms();
@@ -766,9 +772,9 @@ impl Client {
         }
         self.in_flight = None;
         match (request, code) {
-            (Request::Application { .. }, Some(ErrorCode::WrongEpoch)) => {
+            (Request::Application { frame, .. }, Some(ErrorCode::WrongEpoch)) => {
                 let current = error.current_epoch.unwrap_or(0);
-                let ours = self.group.as_ref().map_or(0, RoomGroup::epoch);
+                let ours = frame.header().epoch();
                 if current <= ours {
                     self.violation(format!(
                         "client {}: server says epoch {current} for a message at our epoch {ours}",

@@ -42,13 +42,29 @@ use crate::net::{spawn_writer, FrameReader, Loss, SERVER_PORT};
 pub const IDLE_TIMEOUT_MS: u64 = 5_000;
 /// Frames read from the disk per history page.
 pub const HISTORY_PAGE_FRAMES: usize = 256;
-/// Server clock at simulated time zero (ms since the Unix epoch).
-pub const CLOCK_BASE_MS: u64 = 1_767_225_600_000;
+/// The simulated clock is anchored to the wall clock rounded down to this
+/// period. OpenMLS checks leaf-node lifetimes (84 days from creation)
+/// against the operating system's clock, also inside the server's
+/// `PublicGroup`, so simulated time cannot be a fixed date; within one
+/// period every run of a seed produces the same bytes.
+pub const CLOCK_PERIOD_MS: u64 = 28 * 24 * 3600 * 1000;
 
-/// The current server time in the simulation.
+/// Server clock at simulated time zero (ms since the Unix epoch).
+pub fn clock_base_ms() -> u64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    wall / CLOCK_PERIOD_MS * CLOCK_PERIOD_MS
+}
+
+thread_local! {
+    static CLOCK_BASE: u64 = clock_base_ms();
+}
+
+/// The current time in the simulation (ms since the Unix epoch).
 pub fn now_ms() -> u64 {
     let elapsed = turmoil::sim_elapsed().unwrap_or_default();
-    CLOCK_BASE_MS + u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX / 2)
+    CLOCK_BASE.with(|base| *base) + u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
 /// What the harness needs from a server-side group besides [`PersistentGroup`].

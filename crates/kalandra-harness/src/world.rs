@@ -210,7 +210,7 @@ impl World<'_> {
             let record = client.record.borrow();
             record.live
                 && record.work_left == 0
-                && record.delivered.last().map(|(index, _)| index + 1) == Some(view.next_log_index)
+                && record.last_applied.map(|index| index + 1) == Some(view.next_log_index)
                 && record.epoch_and_tree.as_ref() == Some(&(view.epoch, view.tree_hash.clone()))
         })
     }
