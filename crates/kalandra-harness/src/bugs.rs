@@ -56,7 +56,12 @@ impl<G: GroupState> GroupState for StaleEpochGroup<G> {
     fn members(&self) -> Vec<SenderId> {
         self.inner.members()
     }
-    fn apply_commit(&mut self, commit: &[u8], committer: SenderId, must_cover: &[ProposalRef]) -> Result<CommitSummary, GroupError> {
+    fn apply_commit(
+        &mut self,
+        commit: &[u8],
+        committer: SenderId,
+        must_cover: &[ProposalRef],
+    ) -> Result<CommitSummary, GroupError> {
         if self.stale {
             self.stale = false;
             return Ok(CommitSummary { epoch: self.inner.epoch(), added: Vec::new(), removed: Vec::new() });
@@ -78,7 +83,11 @@ impl<G: GroupState> GroupState for StaleEpochGroup<G> {
 
 impl<G: PersistentGroup> PersistentGroup for StaleEpochGroup<G> {
     fn from_create_room(group_info: &[u8], ratchet_tree: &[u8]) -> Result<Self, GroupError> {
-        Ok(StaleEpochGroup { inner: G::from_create_room(group_info, ratchet_tree)?, stale: false, commits_seen: 0 })
+        Ok(StaleEpochGroup {
+            inner: G::from_create_room(group_info, ratchet_tree)?,
+            stale: false,
+            commits_seen: 0,
+        })
     }
     fn snapshot(&self) -> Result<Bytes, GroupError> {
         self.inner.snapshot()

@@ -23,10 +23,16 @@ use crate::server::ServerShared;
 /// The checkers' findings; empty when the run is correct.
 pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String> {
     let mut failures = Vec::new();
-    let log: Vec<[u8; 32]> = server.disk.log(ROOM).iter().map(|entry| Sha256::digest(&entry.frame).into()).collect();
+    let log: Vec<[u8; 32]> =
+        server.disk.log(ROOM).iter().map(|entry| Sha256::digest(&entry.frame).into()).collect();
     let stats = *server.stats.borrow();
     if stats.sequenced == 0 || stats.acknowledged == 0 || log.is_empty() {
-        failures.push(format!("nothing ran: {} sequenced, {} acknowledged, log of {}", stats.sequenced, stats.acknowledged, log.len()));
+        failures.push(format!(
+            "nothing ran: {} sequenced, {} acknowledged, log of {}",
+            stats.sequenced,
+            stats.acknowledged,
+            log.len()
+        ));
     }
     let views = server.rooms.borrow();
     let view = views.get(&ROOM);
@@ -50,11 +56,16 @@ pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String>
             match log.get(usize::try_from(*log_index).unwrap_or(usize::MAX)) {
                 Some(stored) if stored == frame_digest => {}
                 Some(_) => {
-                    failures.push(format!("client {index}: delivered a frame at {log_index} that the log holds differently"));
+                    failures.push(format!(
+                        "client {index}: delivered a frame at {log_index} that the log holds differently"
+                    ));
                     break;
                 }
                 None => {
-                    failures.push(format!("client {index}: delivered index {log_index} beyond the durable log ({})", log.len()));
+                    failures.push(format!(
+                        "client {index}: delivered index {log_index} beyond the durable log ({})",
+                        log.len()
+                    ));
                     break;
                 }
             }
@@ -63,7 +74,9 @@ pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String>
             match log.get(usize::try_from(*log_index).unwrap_or(usize::MAX)) {
                 Some(stored) if stored == frame_digest => {}
                 _ => {
-                    failures.push(format!("client {index}: acknowledged frame at {log_index} lost from the durable log"));
+                    failures.push(format!(
+                        "client {index}: acknowledged frame at {log_index} lost from the durable log"
+                    ));
                     break;
                 }
             }
@@ -93,7 +106,10 @@ pub fn describe_progress(server: &ServerShared, clients: &[Rc<ClientShared>]) ->
     let views = server.rooms.borrow();
     let mut parts = vec![format!(
         "server {}",
-        views.get(&ROOM).map_or("without the room".to_owned(), |v| format!("epoch {} head {}", v.epoch, v.next_log_index))
+        views.get(&ROOM).map_or("without the room".to_owned(), |v| format!(
+            "epoch {} head {}",
+            v.epoch, v.next_log_index
+        ))
     )];
     for client in clients {
         let record = client.record.borrow();

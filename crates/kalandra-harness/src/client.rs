@@ -318,7 +318,11 @@ impl Client {
     fn frame<P: Payload>(&mut self, payload: &P, epoch: u64) -> (u32, Frame) {
         self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
         let mut header = FrameHeaderBuf::new(P::OPCODE);
-        header.set_room_id(ROOM).set_sender_id(self.sender).set_epoch(epoch).set_request_id(self.next_request_id);
+        header
+            .set_room_id(ROOM)
+            .set_sender_id(self.sender)
+            .set_epoch(epoch)
+            .set_request_id(self.next_request_id);
         let mut frame = Frame::with_payload(header, payload).expect("client payloads fit");
         frame.sign(&self.key);
         (self.next_request_id, frame)
@@ -345,11 +349,12 @@ impl Client {
 
     /// One connection, until it fails.
     async fn session(&mut self) -> String {
-        let stream = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), net::connect()).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return format!("connect: {error}"),
-            Err(_) => return "connect timed out".into(),
-        };
+        let stream =
+            match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), net::connect()).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return format!("connect: {error}"),
+                Err(_) => return "connect timed out".into(),
+            };
         let (read, write) = stream.into_split();
         let writer_seed = self.rng.gen();
         self.tx = Some(spawn_writer(write, Rc::clone(&self.shared.loss), writer_seed));
@@ -403,7 +408,9 @@ impl Client {
         let (_, frame) = self.frame(&hello, 0);
         self.send_frame(&frame);
         let challenge = match tokio::time::timeout(step, reader.next()).await {
-            Ok(Ok(frame)) => frame.decode_payload::<payload::AuthChallenge>().map_err(|e| format!("challenge: {e}"))?,
+            Ok(Ok(frame)) => {
+                frame.decode_payload::<payload::AuthChallenge>().map_err(|e| format!("challenge: {e}"))?
+            }
             Ok(Err(error)) => return Err(format!("handshake: {error}")),
             Err(_) => return Err("handshake timed out".into()),
         };
@@ -456,15 +463,17 @@ impl Client {
 
     fn create_room(&mut self) {
         let Some(server_key) = self.server_key else { return };
-        let (group, created) = match RoomGroup::create(&self.provider, &self.identity, ROOM.0, &server_key, now_ms() / 1000) {
-            Ok(created) => created,
-            Err(error) => {
-                self.violation(format!("create room: {error}"));
-                return;
-            }
-        };
+        let (group, created) =
+            match RoomGroup::create(&self.provider, &self.identity, ROOM.0, &server_key, now_ms() / 1000) {
+                Ok(created) => created,
+                Err(error) => {
+                    self.violation(format!("create room: {error}"));
+                    return;
+                }
+            };
         self.group = Some(group);
-        let payload = payload::CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree };
+        let payload =
+            payload::CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree };
         let (id, frame) = self.frame(&payload, 0);
         self.in_flight = Some((id, Request::Create(frame.clone())));
         self.send_frame(&frame);
@@ -472,7 +481,8 @@ impl Client {
 
     fn upload_key_packages(&mut self) {
         let now = now_ms() / 1000;
-        let packages = match generate_key_packages(&self.provider, &self.identity, KEY_PACKAGES_UPLOADED, now) {
+        let packages = match generate_key_packages(&self.provider, &self.identity, KEY_PACKAGES_UPLOADED, now)
+        {
             Ok(packages) => packages,
             Err(error) => {
                 self.violation(format!("key packages: {error}"));
@@ -506,7 +516,8 @@ impl Client {
                 let pending = self.shared.persisted.borrow().pending_commit.clone();
                 if let Some((bytes, _)) = pending {
                     if let Ok(frame) = Frame::decode(&bytes) {
-                        self.in_flight = Some((frame.header().request_id(), Request::Commit { superseded: false }));
+                        self.in_flight =
+                            Some((frame.header().request_id(), Request::Commit { superseded: false }));
                         self.send_frame(&frame);
                     }
                 }
@@ -535,7 +546,10 @@ impl Client {
                             self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
                             frame.header_mut().set_request_id(self.next_request_id);
                             frame.sign(&self.key);
-                            self.in_flight = Some((self.next_request_id, Request::Application { message: number, frame: frame.clone() }));
+                            self.in_flight = Some((
+                                self.next_request_id,
+                                Request::Application { message: number, frame: frame.clone() },
+                            ));
                             self.send_frame(&frame);
                         }
                         Err(error) => self.violation(format!("seal: {error}")),
@@ -570,7 +584,12 @@ impl Client {
                 return;
             }
         };
-        let commit = payload::Commit { commit: output.commit, welcome: None, welcome_recipients: vec![], group_info: Some(output.group_info) };
+        let commit = payload::Commit {
+            commit: output.commit,
+            welcome: None,
+            welcome_recipients: vec![],
+            group_info: Some(output.group_info),
+        };
         self.send_commit(&commit, epoch, output.new_epoch);
     }
 
@@ -689,9 +708,11 @@ impl Client {
                 self.on_claimed(request_id, claimed);
                 Ok(())
             }
-            AnyPayload::Application(_) | AnyPayload::Commit(_) | AnyPayload::CreateRoom(_) | AnyPayload::Proposal(_) | AnyPayload::ExternalJoin(_) => {
-                self.apply_log_frame(&frame)
-            }
+            AnyPayload::Application(_)
+            | AnyPayload::Commit(_)
+            | AnyPayload::CreateRoom(_)
+            | AnyPayload::Proposal(_)
+            | AnyPayload::ExternalJoin(_) => self.apply_log_frame(&frame),
             _ => Ok(()),
         };
         self.persist();
@@ -704,7 +725,10 @@ impl Client {
             return Ok(());
         };
         if id != request_id {
-            self.violation(format!("client {}: acknowledgement for request {request_id}, {id} in flight", self.shared.index));
+            self.violation(format!(
+                "client {}: acknowledgement for request {request_id}, {id} in flight",
+                self.shared.index
+            ));
             return Ok(());
         }
         if ack.log_index != self.next_index() && !matches!(request, Request::Create(_)) {
@@ -761,13 +785,19 @@ impl Client {
             return match code {
                 Some(ErrorCode::ResyncRequired) => Err("resync".into()),
                 _ => {
-                    self.violation(format!("client {}: unsolicited error {:?}: {}", self.shared.index, code, error.message));
+                    self.violation(format!(
+                        "client {}: unsolicited error {:?}: {}",
+                        self.shared.index, code, error.message
+                    ));
                     Ok(())
                 }
             };
         };
         if id != request_id {
-            self.violation(format!("client {}: error {:?} for request {request_id}: {}", self.shared.index, code, error.message));
+            self.violation(format!(
+                "client {}: error {:?} for request {request_id}: {}",
+                self.shared.index, code, error.message
+            ));
             return Ok(());
         }
         self.in_flight = None;
@@ -813,7 +843,8 @@ impl Client {
         if self.group.is_some() {
             return;
         }
-        match RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref()) {
+        match RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref())
+        {
             Ok(group) => {
                 let epoch = group.epoch();
                 self.group = Some(group);
@@ -831,7 +862,8 @@ impl Client {
             return;
         }
         self.in_flight = None;
-        let packages: Option<Vec<Vec<u8>>> = claimed.key_packages.into_iter().map(|entry| entry.key_package).collect();
+        let packages: Option<Vec<Vec<u8>>> =
+            claimed.key_packages.into_iter().map(|entry| entry.key_package).collect();
         let Some(packages) = packages else { return };
         let others: Vec<u64> = self.shared.others.borrow().iter().map(|s| s.0).collect();
         let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
@@ -855,11 +887,17 @@ impl Client {
         let log_index = frame.header().log_index();
         let expected = self.next_index();
         if log_index < expected {
-            self.violation(format!("client {}: log index {log_index} delivered again (next is {expected})", self.shared.index));
+            self.violation(format!(
+                "client {}: log index {log_index} delivered again (next is {expected})",
+                self.shared.index
+            ));
             return Ok(());
         }
         if log_index > expected {
-            self.violation(format!("client {}: log index {log_index} delivered, {expected} missing", self.shared.index));
+            self.violation(format!(
+                "client {}: log index {log_index} delivered, {expected} missing",
+                self.shared.index
+            ));
             return Err("gap".into());
         }
         let frame_digest = digest(&frame.to_bytes());
@@ -868,9 +906,11 @@ impl Client {
             Opcode::Application => {
                 if own {
                     // Ours, sequenced though its acknowledgement never came.
-                    let ciphertext = frame.decode_payload::<payload::Application>().map(|p| p.ciphertext).ok();
+                    let ciphertext =
+                        frame.decode_payload::<payload::Application>().map(|p| p.ciphertext).ok();
                     if let Some((_, Request::Application { frame: sent, message })) = &self.in_flight {
-                        let sent_ct = sent.decode_payload::<payload::Application>().map(|p| p.ciphertext).ok();
+                        let sent_ct =
+                            sent.decode_payload::<payload::Application>().map(|p| p.ciphertext).ok();
                         if sent_ct == ciphertext {
                             let message = *message;
                             self.in_flight = None;
@@ -883,7 +923,10 @@ impl Client {
                     return Ok(());
                 }
                 let Some(&(leaf, identity_key)) = self.leaves.get(&frame.header().sender_id()) else {
-                    self.violation(format!("client {}: message at {log_index} from a non-member", self.shared.index));
+                    self.violation(format!(
+                        "client {}: message at {log_index} from a non-member",
+                        self.shared.index
+                    ));
                     self.record_delivered(log_index, frame_digest, false);
                     return Ok(());
                 };
@@ -893,7 +936,10 @@ impl Client {
                         let text = String::from_utf8_lossy(&plaintext).into_owned();
                         self.shared.record.borrow_mut().plaintexts.push(text);
                     }
-                    Err(error) => self.violation(format!("client {}: open message at {log_index}: {error}", self.shared.index)),
+                    Err(error) => self.violation(format!(
+                        "client {}: open message at {log_index}: {error}",
+                        self.shared.index
+                    )),
                 }
                 self.record_delivered(log_index, frame_digest, false);
             }
@@ -907,7 +953,10 @@ impl Client {
                         .and_then(|f| f.decode_payload::<payload::Commit>().ok())
                         .is_some_and(|p| p.commit == commit.commit);
                     if !ours {
-                        self.violation(format!("client {}: own commit at {log_index} is not the pending one", self.shared.index));
+                        self.violation(format!(
+                            "client {}: own commit at {log_index} is not the pending one",
+                            self.shared.index
+                        ));
                         self.record_delivered(log_index, frame_digest, false);
                         return Ok(());
                     }
@@ -933,18 +982,27 @@ impl Client {
                         self.apply_actions(actions);
                     }
                     Ok(other) => {
-                        self.violation(format!("client {}: commit at {log_index} processed as {other:?}", self.shared.index));
+                        self.violation(format!(
+                            "client {}: commit at {log_index} processed as {other:?}",
+                            self.shared.index
+                        ));
                         self.record_delivered(log_index, frame_digest, false);
                     }
                     Err(error) => {
-                        self.violation(format!("client {}: sequenced commit at {log_index} does not apply: {error}", self.shared.index));
+                        self.violation(format!(
+                            "client {}: sequenced commit at {log_index} does not apply: {error}",
+                            self.shared.index
+                        ));
                         self.record_delivered(log_index, frame_digest, false);
                     }
                 }
             }
             other => {
                 if !(other == Opcode::CreateRoom && own) {
-                    self.violation(format!("client {}: unexpected {other:?} in the log at {log_index}", self.shared.index));
+                    self.violation(format!(
+                        "client {}: unexpected {other:?} in the log at {log_index}",
+                        self.shared.index
+                    ));
                 }
                 self.record_delivered(log_index, frame_digest, false);
             }

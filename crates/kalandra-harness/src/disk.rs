@@ -17,11 +17,11 @@ use bytes::Bytes;
 use kalandra_server::store::{
     AppendError, ClaimedKeyPackage, GroupInfoError, GroupInfoRecord, KeyPackageCount, KeyPackageError,
     KeyPackageUpload, LogEntry, LogIndex, MemoryStore, PendingWelcome, ReadError, RoomHead, RoomId,
-    RoomMetadata, RoomMetadataError, Store, StorageFailure, UserId, WelcomeError, WelcomeId,
+    RoomMetadata, RoomMetadataError, StorageFailure, Store, UserId, WelcomeError, WelcomeId,
 };
 use rand::{Rng, SeedableRng};
-use sha2::Digest as _;
 use rand_chacha::ChaCha8Rng;
+use sha2::Digest as _;
 
 /// Why a simulated disk operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +120,12 @@ impl SimDisk {
 
     /// Every room with a log.
     pub fn rooms(&self) -> Vec<RoomId> {
-        self.store().room_heads(None, usize::MAX).expect("memory store reads").iter().map(|h| h.room_id).collect()
+        self.store()
+            .room_heads(None, usize::MAX)
+            .expect("memory store reads")
+            .iter()
+            .map(|h| h.room_id)
+            .collect()
     }
 
     /// Removes the last durable entry of every room's log. Only the injected
@@ -194,7 +199,11 @@ impl SimDisk {
     }
 
     /// Runs a write under the fault model.
-    fn write<T, E: From<StorageFailure>>(&self, operation: &'static str, write: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    fn write<T, E: From<StorageFailure>>(
+        &self,
+        operation: &'static str,
+        write: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
         match self.draw() {
             Draw::Write => write(),
             Draw::Io => Err(StorageFailure::new(operation, DiskFault::Io).into()),
@@ -227,7 +236,12 @@ impl Store for SimDisk {
         Ok(())
     }
 
-    fn read_range(&self, room_id: RoomId, from_log_index: LogIndex, count_max: usize) -> Result<Vec<LogEntry>, ReadError> {
+    fn read_range(
+        &self,
+        room_id: RoomId,
+        from_log_index: LogIndex,
+        count_max: usize,
+    ) -> Result<Vec<LogEntry>, ReadError> {
         self.store().read_range(room_id, from_log_index, count_max)
     }
 
@@ -239,7 +253,12 @@ impl Store for SimDisk {
         self.store().room_heads(after, count_max)
     }
 
-    fn put_key_packages(&self, user_id: UserId, packages: &[KeyPackageUpload], last_resort: Option<Bytes>) -> Result<(), KeyPackageError> {
+    fn put_key_packages(
+        &self,
+        user_id: UserId,
+        packages: &[KeyPackageUpload],
+        last_resort: Option<Bytes>,
+    ) -> Result<(), KeyPackageError> {
         self.note_user(user_id);
         self.write("put_key_packages", || self.store().put_key_packages(user_id, packages, last_resort))
     }
@@ -265,7 +284,11 @@ impl Store for SimDisk {
         self.write("put_welcome", || self.store().put_welcome(recipient_user_id, welcome))
     }
 
-    fn put_welcomes(&self, recipient_user_ids: &[UserId], welcome: Bytes) -> Result<Vec<WelcomeId>, WelcomeError> {
+    fn put_welcomes(
+        &self,
+        recipient_user_ids: &[UserId],
+        welcome: Bytes,
+    ) -> Result<Vec<WelcomeId>, WelcomeError> {
         for user in recipient_user_ids {
             self.note_user(*user);
         }
@@ -276,8 +299,14 @@ impl Store for SimDisk {
         self.store().pending_welcomes(recipient_user_id)
     }
 
-    fn delete_welcomes_through(&self, recipient_user_id: UserId, through_welcome_id: WelcomeId) -> Result<usize, WelcomeError> {
-        self.write("delete_welcomes_through", || self.store().delete_welcomes_through(recipient_user_id, through_welcome_id))
+    fn delete_welcomes_through(
+        &self,
+        recipient_user_id: UserId,
+        through_welcome_id: WelcomeId,
+    ) -> Result<usize, WelcomeError> {
+        self.write("delete_welcomes_through", || {
+            self.store().delete_welcomes_through(recipient_user_id, through_welcome_id)
+        })
     }
 
     fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError> {

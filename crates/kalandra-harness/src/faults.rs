@@ -77,7 +77,8 @@ impl FaultPlan {
         let disk_latency_ms = rng.gen_range(1..=config.disk_latency_max_ms.max(1));
         let mut changes = Vec::new();
         if config.crashes {
-            let server_crashes = rng.gen_range(config.server_crashes_min..=SERVER_CRASHES_MAX.max(config.server_crashes_min));
+            let server_crashes =
+                rng.gen_range(config.server_crashes_min..=SERVER_CRASHES_MAX.max(config.server_crashes_min));
             for _ in 0..server_crashes {
                 let at = rng.gen_range(0..phase);
                 let down = rng.gen_range(50..=DOWN_MS_MAX);
@@ -105,7 +106,10 @@ impl FaultPlan {
             for _ in 0..rng.gen_range(0..=DISK_FAULT_WINDOWS_MAX) {
                 let at = rng.gen_range(0..phase);
                 let length = rng.gen_range(100..=2_000);
-                let faults = DiskFaults { io_error_rate: rng.gen_range(0.0..0.05), failed_sync_rate: rng.gen_range(0.0..0.05) };
+                let faults = DiskFaults {
+                    io_error_rate: rng.gen_range(0.0..0.05),
+                    failed_sync_rate: rng.gen_range(0.0..0.05),
+                };
                 changes.push((at, Change::DiskFaults(faults)));
                 changes.push((at + length, Change::DiskFaults(DiskFaults::default())));
             }

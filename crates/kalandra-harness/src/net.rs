@@ -93,7 +93,11 @@ pub struct Loss {
 /// Spawns the writer of a connection: frames sent to the returned queue are
 /// written in order, each after the retransmissions its losses cost.
 /// Dropping every sender closes the stream.
-pub fn spawn_writer(mut half: OwnedWriteHalf, loss: std::rc::Rc<std::cell::Cell<Loss>>, seed: u64) -> mpsc::Sender<Bytes> {
+pub fn spawn_writer(
+    mut half: OwnedWriteHalf,
+    loss: std::rc::Rc<std::cell::Cell<Loss>>,
+    seed: u64,
+) -> mpsc::Sender<Bytes> {
     let (sender, mut receiver) = mpsc::channel::<Bytes>(OUTGOING_FRAMES_MAX);
     tokio::task::spawn_local(async move {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

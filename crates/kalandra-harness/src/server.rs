@@ -28,7 +28,7 @@ use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 use kalandra_server::directory;
 use kalandra_server::node::{error_frame, recover_room_state, rejection_frame, server_frame, welcome_frame};
 use kalandra_server::room_group::MlsRoomGroup;
-use kalandra_server::sequencer::{Effect, GroupState, PersistentGroup, RoomSequencer, SubmitError};
+use kalandra_server::sequencer::{Effect, PersistentGroup, RoomSequencer, SubmitError};
 use kalandra_server::session::{Route, Session, Step};
 use kalandra_server::store::{LogEntry, Store};
 use rand::{RngCore, SeedableRng};
@@ -206,7 +206,11 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
             Ok(recovered) => {
                 rooms.insert(
                     room_id,
-                    SimRoom { sequencer: recovered.sequencer, waiting: VecDeque::new(), subscribers: BTreeMap::new() },
+                    SimRoom {
+                        sequencer: recovered.sequencer,
+                        waiting: VecDeque::new(),
+                        subscribers: BTreeMap::new(),
+                    },
                 );
             }
             Err(error) => {
@@ -302,7 +306,13 @@ async fn flusher<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, flush: Rc<Notify>) 
                 let entries = std::mem::take(&mut core.batch);
                 let rooms = std::mem::take(&mut core.batch_rooms);
                 let shared = &core.shared;
-                (entries, rooms, shared.disk_latency_ms.get(), shared.bugs.ack_before_durable, Arc::clone(&shared.disk))
+                (
+                    entries,
+                    rooms,
+                    shared.disk_latency_ms.get(),
+                    shared.bugs.ack_before_durable,
+                    Arc::clone(&shared.disk),
+                )
             };
             if early_ack {
                 // Injected bug: acknowledge first, write later.
@@ -380,26 +390,30 @@ impl<G: ServerGroup> Core<G> {
             Route::KeyPackageUpload { request_id, upload } => {
                 let reply = match directory::upload(self.shared.disk.as_ref(), sender, &upload) {
                     Ok(status) => server_frame(RoomId::default(), request_id, &status),
-                    Err(error) => error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string()),
+                    Err(error) => {
+                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
+                    }
                 };
                 self.send(conn, reply);
             }
             Route::KeyPackageClaim { request_id, claim } => {
                 let reply = match directory::claim(self.shared.disk.as_ref(), &claim) {
                     Ok(claimed) => server_frame(RoomId::default(), request_id, &claimed),
-                    Err(error) => error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string()),
+                    Err(error) => {
+                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
+                    }
                 };
                 self.send(conn, reply);
             }
-            Route::Sync { room_id, request_id, .. }
-            | Route::GroupInfo { room_id, request_id } => {
+            Route::Sync { room_id, request_id, .. } | Route::GroupInfo { room_id, request_id } => {
                 let message = "not offered by this server";
                 self.send(conn, error_frame(room_id, request_id, ErrorCode::UnexpectedFrame, message));
             }
             Route::Ephemeral(frame) | Route::Moderation(frame) => {
                 let header = frame.header();
                 let message = "not offered by this server";
-                let reply = error_frame(header.room_id(), header.request_id(), ErrorCode::UnexpectedFrame, message);
+                let reply =
+                    error_frame(header.room_id(), header.request_id(), ErrorCode::UnexpectedFrame, message);
                 self.send(conn, reply);
             }
         }
@@ -410,16 +424,18 @@ impl<G: ServerGroup> Core<G> {
         let request_id = frame.header().request_id();
         let now = now_ms();
         let result = if frame.opcode() == Opcode::CreateRoom {
-            if self.rooms.contains_key(&room_id) {
-                Err(SubmitError::RoomExists)
-            } else {
-                create_room::<G>(room_id, sender, frame, now).map(|(sequencer, sequenced)| {
-                    self.rooms.insert(
-                        room_id,
-                        SimRoom { sequencer, waiting: VecDeque::new(), subscribers: BTreeMap::new() },
-                    );
-                    sequenced
-                })
+            match self.rooms.entry(room_id) {
+                std::collections::btree_map::Entry::Occupied(_) => Err(SubmitError::RoomExists),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    create_room::<G>(room_id, sender, frame, now).map(|(sequencer, sequenced)| {
+                        slot.insert(SimRoom {
+                            sequencer,
+                            waiting: VecDeque::new(),
+                            subscribers: BTreeMap::new(),
+                        });
+                        sequenced
+                    })
+                }
             }
         } else {
             match self.rooms.get_mut(&room_id) {
@@ -434,7 +450,11 @@ impl<G: ServerGroup> Core<G> {
             Ok(sequenced) => {
                 let room = self.rooms.get_mut(&room_id).expect("sequenced into an existing room");
                 room.waiting.push_back((sequenced.log_index, Some(conn)));
-                self.batch.push(LogEntry { room_id, log_index: sequenced.log_index, frame: sequenced.frame.to_bytes() });
+                self.batch.push(LogEntry {
+                    room_id,
+                    log_index: sequenced.log_index,
+                    frame: sequenced.frame.to_bytes(),
+                });
                 match self.batch_rooms.iter_mut().find(|(room, _)| *room == room_id) {
                     Some((_, through)) => *through = sequenced.log_index,
                     None => self.batch_rooms.push((room_id, sequenced.log_index)),
@@ -476,7 +496,10 @@ impl<G: ServerGroup> Core<G> {
                 self.send(conn, entry.frame);
             }
         }
-        self.send(conn, server_frame(room_id, 0, &payload::SyncDone { next_log_index: durable_next, live: true }));
+        self.send(
+            conn,
+            server_frame(room_id, 0, &payload::SyncDone { next_log_index: durable_next, live: true }),
+        );
         if self.conns.contains_key(&conn) {
             if let Some(room) = self.rooms.get_mut(&room_id) {
                 room.subscribers.insert(conn, durable_next);
@@ -504,7 +527,9 @@ impl<G: ServerGroup> Core<G> {
             {
                 let Some(room) = self.rooms.get_mut(&room_id) else { continue };
                 match &result {
-                    Ok(()) if !room.sequencer.is_recovering() => room.sequencer.durable(through, &mut effects),
+                    Ok(()) if !room.sequencer.is_recovering() => {
+                        room.sequencer.durable(through, &mut effects)
+                    }
                     Ok(()) => {}
                     Err(_) => room.sequencer.storage_failed(&mut effects),
                 }
@@ -534,11 +559,16 @@ impl<G: ServerGroup> Core<G> {
             match effect {
                 Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
                     let room = self.rooms.get_mut(&room_id).expect("room");
-                    let (waiting_index, conn) = room.waiting.pop_front().expect("every acknowledged frame waits");
+                    let (waiting_index, conn) =
+                        room.waiting.pop_front().expect("every acknowledged frame waits");
                     assert_eq!(waiting_index, log_index, "acknowledgements follow log order");
                     submitter = Some((log_index, conn));
                     if let Some(conn) = conn {
-                        let ack = server_frame(room_id, request_id, &payload::Ack { log_index, epoch, server_time_ms });
+                        let ack = server_frame(
+                            room_id,
+                            request_id,
+                            &payload::Ack { log_index, epoch, server_time_ms },
+                        );
                         self.shared.stats.borrow_mut().acknowledged += 1;
                         self.send(conn, ack);
                     }
@@ -604,9 +634,7 @@ fn create_room<G: ServerGroup>(
     now: u64,
 ) -> Result<(RoomSequencer<G>, kalandra_server::sequencer::Sequenced), SubmitError> {
     let create: CreateRoom = frame.decode_payload()?;
-    let group = G::from_create_room(&create.group_info, &create.ratchet_tree).map_err(SubmitError::InvalidGroupInfo)?;
+    let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
+        .map_err(SubmitError::InvalidGroupInfo)?;
     RoomSequencer::create(room_id, group, sender, frame, now)
 }
-
-#[allow(dead_code)]
-fn _assert_group_state<G: GroupState>() {}

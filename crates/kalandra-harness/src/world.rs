@@ -245,13 +245,17 @@ pub fn run(config: &SimConfig) -> Outcome {
     {
         let shared = Rc::clone(&server);
         if config.bugs.double_commit {
-            world.sim.host("server", move || server::run::<StaleEpochGroup<MlsRoomGroup>>(Rc::clone(&shared)));
+            world
+                .sim
+                .host("server", move || server::run::<StaleEpochGroup<MlsRoomGroup>>(Rc::clone(&shared)));
         } else {
             world.sim.host("server", move || server::run::<MlsRoomGroup>(Rc::clone(&shared)));
         }
     }
     for index in 0..config.clients.max(1) {
-        let seed = u64::from_be_bytes(crate::derive_seed(config.seed, b"client", index as u64)[..8].try_into().expect("8 bytes"));
+        let seed = u64::from_be_bytes(
+            crate::derive_seed(config.seed, b"client", index as u64)[..8].try_into().expect("8 bytes"),
+        );
         let shared = Rc::new(ClientShared::new(index, seed, Rc::clone(&transcript)));
         shared.work_rate.set(config.work_rate);
         shared.update_share.set(config.update_share);

@@ -1416,3 +1416,23 @@ impl HistoryReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A joiner learns from the Welcome's header where the epoch it joins
+    /// begins; without it, it cannot know which index to subscribe from.
+    #[test]
+    fn welcome_frames_carry_the_log_index_of_their_commit() {
+        let room_id = RoomId([3; 16]);
+        let bytes = welcome_frame(room_id, &Bytes::from_static(b"welcome"), &Bytes::from_static(b"tree"), 7);
+        let frame = Frame::decode(&bytes).unwrap();
+        assert_eq!(frame.opcode(), Opcode::Welcome);
+        assert_eq!(frame.header().room_id(), room_id);
+        assert_eq!(frame.header().log_index(), 7);
+        let payload: payload::Welcome = frame.decode_payload().unwrap();
+        assert_eq!(payload.welcome, b"welcome");
+        assert_eq!(payload.ratchet_tree.as_deref(), Some(&b"tree"[..]));
+    }
+}

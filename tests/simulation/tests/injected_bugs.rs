@@ -31,7 +31,9 @@ fn acknowledging_before_durability_loses_acknowledged_frames() {
     let caught = failures_with(Bugs { ack_before_durable: true, ..Bugs::default() }, crashing);
     assert!(caught.len() >= 2, "{caught:#?}");
     assert!(
-        caught.iter().flat_map(|(_, f)| f).any(|f| f.contains("beyond the durable log") || f.contains("lost from the durable log") || f.contains("holds differently")),
+        caught.iter().flat_map(|(_, f)| f).any(|f| f.contains("beyond the durable log")
+            || f.contains("lost from the durable log")
+            || f.contains("holds differently")),
         "{caught:#?}"
     );
 }

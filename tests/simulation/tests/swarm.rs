@@ -23,7 +23,10 @@ fn fixed_seeds_pass_every_checker_under_faults() {
         // and read, and the room moved through epochs.
         let stats = &outcome.stats;
         assert!(stats.sequenced > 3 && stats.acknowledged > 3, "seed {seed}: {stats:?}");
-        assert!(stats.fanned_out > 0 && stats.delivered > 0 && stats.plaintexts > 0, "seed {seed}: {stats:?}");
+        assert!(
+            stats.fanned_out > 0 && stats.delivered > 0 && stats.plaintexts > 0,
+            "seed {seed}: {stats:?}"
+        );
         assert!(stats.epoch >= 1 && stats.log_len >= 2, "seed {seed}: {stats:?}");
         assert!(stats.converged_after_heal_ms.is_some(), "seed {seed}: {stats:?}");
         server_restarts += stats.server_boots - 1;
@@ -31,7 +34,10 @@ fn fixed_seeds_pass_every_checker_under_faults() {
         partitions += stats.partitions;
     }
     // The faults happened.
-    assert!(server_restarts > 0 && client_restarts > 0 && partitions > 0, "{server_restarts} {client_restarts} {partitions}");
+    assert!(
+        server_restarts > 0 && client_restarts > 0 && partitions > 0,
+        "{server_restarts} {client_restarts} {partitions}"
+    );
 }
 
 #[test]
