@@ -112,10 +112,17 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut sequenced = 0u64;
+    let (mut server_restarts, mut client_restarts, mut partitions, mut storage_failures, mut disk_faults) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let run_started = Instant::now();
         let outcome = run(&args.config(seed));
         sequenced += outcome.stats.sequenced;
+        server_restarts += u64::from(outcome.stats.server_boots.saturating_sub(1));
+        client_restarts += u64::from(outcome.stats.client_boots).saturating_sub(args.clients as u64);
+        partitions += outcome.stats.partitions;
+        storage_failures += outcome.stats.storage_failures;
+        disk_faults += outcome.stats.disk_faults;
         if args.verbose || args.seed.is_some() {
             println!(
                 "seed {seed}: {} in {:.2?} (transcript {}), {:?}",
@@ -142,6 +149,10 @@ fn main() -> ExitCode {
         seeds.len(),
         elapsed,
         elapsed.as_secs_f64() * 1000.0 / seeds.len().max(1) as f64
+    );
+    println!(
+        "faults: {server_restarts} server restarts, {client_restarts} client restarts, {partitions} partitions, \
+         {disk_faults} disk faults ({storage_failures} storage failures)"
     );
     println!("{passed} passed, {failed} failed");
     if failed == 0 {

@@ -519,7 +519,6 @@ impl<G: ServerGroup> Core<G> {
     fn persisted(&mut self, rooms: &[(RoomId, u64)], result: Result<(), String>) {
         if result.is_err() {
             self.shared.failed.set(true);
-            self.shared.stats.borrow_mut().storage_failures += 1;
         }
         let mut effects = Vec::new();
         for &(room_id, through) in rooms {
@@ -541,7 +540,6 @@ impl<G: ServerGroup> Core<G> {
                     let ids: Vec<u64> = recipients.iter().map(|r| r.0).collect();
                     if self.shared.disk.put_welcomes(&ids, frame).is_err() {
                         self.shared.failed.set(true);
-                        self.shared.stats.borrow_mut().storage_failures += 1;
                     }
                 }
             }
