@@ -217,7 +217,9 @@ fn error_frame_with(
     )
 }
 
-fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
+/// Builds the `Error` frame that refuses a submission (with the room's
+/// epoch and index for `WrongEpoch`, a retry delay for overload).
+pub fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
     let (current_epoch, log_index) = match error {
         SubmitError::WrongEpoch { current_epoch, log_index, .. } => (Some(*current_epoch), Some(*log_index)),
         _ => (None, None),
@@ -585,6 +587,33 @@ fn recover_room<G: PersistentGroup>(
     room_id: RoomId,
     next_log_index: u64,
 ) -> Result<Room<G>, RecoveryError> {
+    let recovered = recover_room_state::<G>(store, room_id, next_log_index)?;
+    let mut room = Room::new(recovered.sequencer, recovered.creator, recovered.created_at_ms);
+    room.recent = recovered.recent;
+    Ok(room)
+}
+
+/// A room rebuilt from storage by [`recover_room_state`].
+pub struct RecoveredRoom<G: PersistentGroup> {
+    /// The sequencer, at the stored head.
+    pub sequencer: RoomSequencer<G>,
+    /// Who created the room.
+    pub creator: SenderId,
+    /// When (server clock, ms).
+    pub created_at_ms: u64,
+    /// The most recent stored frames (at most [`RECENT_FRAMES_PER_ROOM_MAX`]):
+    /// (log index, encoded frame).
+    pub recent: VecDeque<(u64, Bytes)>,
+}
+
+/// Rebuilds one stored room whose log holds `next_log_index` entries: MLS
+/// state from its snapshot (or its `CreateRoom` frame), then replay of every
+/// later entry through [`RoomSequencer::replay`]. Blocks on storage.
+pub fn recover_room_state<G: PersistentGroup>(
+    store: &dyn Store,
+    room_id: RoomId,
+    next_log_index: u64,
+) -> Result<RecoveredRoom<G>, RecoveryError> {
     let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
     let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
     let first = store.read_range(room_id, 0, 1).map_err(|e| storage(&e))?;
@@ -639,9 +668,7 @@ fn recover_room<G: PersistentGroup>(
         }
     }
     assert_eq!(sequencer.next_log_index(), next_log_index, "replay reached the stored head");
-    let mut room = Room::new(sequencer, creator, created_at_ms);
-    room.recent = room_recent;
-    Ok(room)
+    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent })
 }
 
 /// One storage request in flight.
@@ -1023,7 +1050,7 @@ impl<G: PersistentGroup> Shard<G> {
             // out, so an acknowledged add never loses its Welcome in a crash.
             for effect in &effects {
                 if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, log_index } = effect {
-                    let frame = welcome_frame(room_id, *log_index, welcome, ratchet_tree);
+                    let frame = welcome_frame(room_id, welcome, ratchet_tree, *log_index);
                     if let Err(error) = store_welcomes(Arc::clone(&self.store), recipients, frame).await {
                         tracing::error!(%room_id, %error, "storage failed storing Welcomes; the node stops and recovers on restart");
                         self.health.failed.store(true, Ordering::Release);
@@ -1198,16 +1225,18 @@ fn offer_pushes<G: PersistentGroup>(
     }
 }
 
-/// The `Welcome` frame for a recipient. Its header's log index is that of
-/// the commit that made it: the joiner reads the room's log after it.
-fn welcome_frame(room_id: RoomId, commit_log_index: u64, welcome: &Bytes, ratchet_tree: &Bytes) -> Bytes {
+/// Builds the `Welcome` frame stored for, and sent to, a commit's
+/// recipients. Its header carries the log index of the commit that made
+/// it, so that the joiner subscribes from the next index: nothing before
+/// it belongs to the epoch it joins, and nothing after it is skipped.
+pub fn welcome_frame(room_id: RoomId, welcome: &Bytes, ratchet_tree: &Bytes, log_index: u64) -> Bytes {
     let payload = payload::Welcome {
         welcome: welcome.to_vec(),
         ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
     };
-    let mut header = FrameHeaderBuf::new(Opcode::Welcome);
-    header.set_room_id(room_id).set_log_index(commit_log_index);
-    Frame::with_payload(header, &payload).expect("a Welcome fits its opcode").to_bytes()
+    let mut header = FrameHeaderBuf::new(payload::Welcome::OPCODE);
+    header.set_room_id(room_id).set_log_index(log_index);
+    Frame::with_payload(header, &payload).expect("server payloads fit their opcode").to_bytes()
 }
 
 /// Stores a Welcome for every recipient in one durable transaction. A
@@ -1385,5 +1414,25 @@ impl HistoryReader {
                 let _ = self.outbox.send(done).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A joiner learns from the Welcome's header where the epoch it joins
+    /// begins; without it, it cannot know which index to subscribe from.
+    #[test]
+    fn welcome_frames_carry_the_log_index_of_their_commit() {
+        let room_id = RoomId([3; 16]);
+        let bytes = welcome_frame(room_id, &Bytes::from_static(b"welcome"), &Bytes::from_static(b"tree"), 7);
+        let frame = Frame::decode(&bytes).unwrap();
+        assert_eq!(frame.opcode(), Opcode::Welcome);
+        assert_eq!(frame.header().room_id(), room_id);
+        assert_eq!(frame.header().log_index(), 7);
+        let payload: payload::Welcome = frame.decode_payload().unwrap();
+        assert_eq!(payload.welcome, b"welcome");
+        assert_eq!(payload.ratchet_tree.as_deref(), Some(&b"tree"[..]));
     }
 }
