@@ -265,7 +265,7 @@ impl RedbStore {
             Err(error) => return Err(failed_io(OP)(error).into()),
         }
         let rows = {
-            let fresh = Database::builder().create(&fresh_path).map_err(failed(OP))?;
+            let mut fresh = Database::builder().create(&fresh_path).map_err(failed(OP))?;
             let read = source.begin_read(OP)?;
             let mut write = fresh.begin_write().map_err(failed(OP))?;
             write.set_durability(Durability::Immediate).map_err(failed(OP))?;
@@ -281,6 +281,10 @@ impl RedbStore {
             rows += copy_table(&read, &write, ROOM_METADATA)?;
             rows += copy_table(&read, &write, META)?;
             write.commit().map_err(failed(OP))?;
+            drop(read);
+            // A new file is allocated generously; shrink it. Every page it
+            // ever held is live data, so moving pages leaves nothing behind.
+            fresh.compact().map_err(failed(OP))?;
             rows
         };
         drop(source);
