@@ -257,3 +257,50 @@ async fn retention_erases_expired_messages_for_good() {
     }
     assert!(!found_in(dir.path(), &young_key.0).is_empty(), "the scan finds a live key");
 }
+
+/// `kalandra-server --compact` rewrites the database of a stopped server
+/// and exits; the log reads back the same, erased entries included.
+#[test]
+fn the_compact_flag_rewrites_the_database_and_exits() {
+    use kalandra_server::store::{LogEntry, Redaction, ErasureCause};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DATABASE);
+    let frame = |i: u8| bytes::Bytes::from(vec![i; 300]);
+    let erased_key = {
+        let store = RedbStore::open(&path).unwrap();
+        let entries: Vec<LogEntry> =
+            (0..3u8).map(|i| LogEntry { room_id: ROOM, log_index: u64::from(i), frame: frame(i) }).collect();
+        store.append_batch(&entries).unwrap();
+        let key = key_of(&store, 1);
+        let redaction = Redaction { erased_at_ms: 5, cause: ErasureCause::Retention };
+        store.redact(ROOM, &[1], &redaction).unwrap();
+        key
+    };
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kalandra-server"))
+        .arg("--compact")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("KALANDRA_CONFIG")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("compacted"));
+    assert!(found_in(dir.path(), &erased_key.0).is_empty());
+    let store = RedbStore::open(&path).unwrap();
+    let entries = store.read_range(ROOM, 0, 10).unwrap();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0].frame(), Some(&frame(0)));
+    assert!(entries[1].frame().is_none());
+    assert_eq!(entries[2].frame(), Some(&frame(2)));
+    drop(store);
+    // A running server holds the database: compaction refuses, changing nothing.
+    let _open = RedbStore::open(&path).unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_kalandra-server"))
+        .arg("--compact")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("KALANDRA_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
