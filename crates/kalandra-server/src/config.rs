@@ -502,6 +502,7 @@ rooms_per_user_max = 7
             log_format: Some(LogFormat::Text),
             log_filter: Some("debug".to_owned()),
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
+            compact: false,
         };
         let overridden = ServerConfig::load(&cli).expect("flags");
         assert_eq!(overridden.push_webhook_url.as_deref(), Some("http://127.0.0.1:6002/push"));

@@ -32,7 +32,7 @@ use crate::node::{Command, Node};
 use crate::store::retention::{erasable_opcode, expired};
 use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
 use crate::store::{
-    EntryContent, Erasure, ErasureCause, ReadError, Redaction, RedactOutcome, RetentionError, RoomRetention,
+    EntryContent, Erasure, ErasureCause, ReadError, RedactOutcome, Redaction, RetentionError, RoomRetention,
     StoredEntry,
 };
 
@@ -263,7 +263,11 @@ impl Node {
     /// Sets (`Some`, milliseconds) or removes (`None`) the room's retention
     /// period. Entries older than the period are erased by later retention
     /// passes.
-    pub async fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
+    pub async fn set_retention(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+    ) -> Result<(), RetentionError> {
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || store.set_retention(room_id, retention_ms))
             .await

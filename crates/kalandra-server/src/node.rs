@@ -1360,7 +1360,9 @@ impl<'a> RoomSnapshot<'a> {
 fn history_bytes(room_id: RoomId, entry: StoredEntry) -> Bytes {
     match entry.content {
         EntryContent::Frame(frame) => frame,
-        EntryContent::Erased(erasure) => crate::erasure::erased_placeholder(room_id, entry.log_index, &erasure),
+        EntryContent::Erased(erasure) => {
+            crate::erasure::erased_placeholder(room_id, entry.log_index, &erasure)
+        }
     }
 }
 

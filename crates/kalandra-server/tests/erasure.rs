@@ -55,7 +55,8 @@ fn found_in(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
 }
 
 async fn send_marker(client: &mut TestClient, marker: &[u8; 64]) -> u64 {
-    let payload = Application { generation: 0, ciphertext: bytes::Bytes::copy_from_slice(marker), push: None };
+    let payload =
+        Application { generation: 0, ciphertext: bytes::Bytes::copy_from_slice(marker), push: None };
     let reply = client.request(&payload).await;
     decode_ok::<Ack>(&reply).log_index
 }
@@ -262,7 +263,7 @@ async fn retention_erases_expired_messages_for_good() {
 /// and exits; the log reads back the same, erased entries included.
 #[test]
 fn the_compact_flag_rewrites_the_database_and_exits() {
-    use kalandra_server::store::{LogEntry, Redaction, ErasureCause};
+    use kalandra_server::store::{ErasureCause, LogEntry, Redaction};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(DATABASE);
     let frame = |i: u8| bytes::Bytes::from(vec![i; 300]);

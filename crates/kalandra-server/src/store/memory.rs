@@ -139,8 +139,9 @@ impl Store for MemoryStore {
             }
             bytes_total = bytes_total.saturating_add(content_bytes);
             let log_index = *log_index;
-            let corrupt =
-                |error: sealing::OpenError| InvariantViolation(format!("room {room_id} index {log_index}: {error}"));
+            let corrupt = |error: sealing::OpenError| {
+                InvariantViolation(format!("room {room_id} index {log_index}: {error}"))
+            };
             let content = match sealing::decode(record).map_err(corrupt)? {
                 Record::Erased(erasure) => EntryContent::Erased(erasure),
                 Record::Sealed { routing, sealed } => {
@@ -185,7 +186,9 @@ impl Store for MemoryStore {
                     Some(sealing::erased_record(routing, redaction))
                 }
                 Err(error) => {
-                    return Err(InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into())
+                    return Err(
+                        InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into()
+                    )
                 }
             };
             tombstones.push(tombstone);
@@ -259,7 +262,11 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    fn advance_retention(&self, room_id: RoomId, swept_next_log_index: LogIndex) -> Result<(), RetentionError> {
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError> {
         let mut state = self.lock()?;
         let head = state.head(room_id);
         let Some((retention_ms, stored)) = state.retention.get(&room_id).copied() else { return Ok(()) };

@@ -192,7 +192,9 @@ impl StoredEntry {
 /// A stored entry equals an appended one when it holds the same frame.
 impl PartialEq<LogEntry> for StoredEntry {
     fn eq(&self, other: &LogEntry) -> bool {
-        self.room_id == other.room_id && self.log_index == other.log_index && self.frame() == Some(&other.frame)
+        self.room_id == other.room_id
+            && self.log_index == other.log_index
+            && self.frame() == Some(&other.frame)
     }
 }
 
@@ -741,12 +743,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Rooms with a retention period, in room-id order after `after`, at
     /// most `count_max` capped at [`RETENTION_ROOMS_PAGE_MAX`].
-    fn retention_rooms(&self, after: Option<RoomId>, count_max: usize)
-        -> Result<Vec<RoomRetention>, RetentionError>;
+    fn retention_rooms(
+        &self,
+        after: Option<RoomId>,
+        count_max: usize,
+    ) -> Result<Vec<RoomRetention>, RetentionError>;
 
     /// Records that the room's entries below `swept_next_log_index` have
     /// been swept. The position never moves backwards or past the head.
-    fn advance_retention(&self, room_id: RoomId, swept_next_log_index: LogIndex) -> Result<(), RetentionError>;
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError>;
 
     /// The index the room's next entry will get (0 for an unknown room).
     fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError>;

@@ -48,7 +48,8 @@ use super::{
     AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation,
     KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
     RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
-    RoomRetention, StorageFailure, Store, StoredEntry, UserId, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    RoomRetention, StorageFailure, Store, StoredEntry, UserId, WelcomeError, WelcomeId,
+    KEY_PACKAGE_KEY_BYTES,
 };
 
 type LogKey = [u8; 24];
@@ -349,9 +350,8 @@ fn open_record(
     record: &[u8],
 ) -> Result<EntryContent, ReadError> {
     const OP: &str = "read_range";
-    let corrupt = |error: sealing::OpenError| {
-        InvariantViolation(format!("room {room_id} index {log_index}: {error}"))
-    };
+    let corrupt =
+        |error: sealing::OpenError| InvariantViolation(format!("room {room_id} index {log_index}: {error}"));
     match sealing::decode(record).map_err(corrupt)? {
         Record::Erased(erasure) => Ok(EntryContent::Erased(erasure)),
         Record::Sealed { routing, sealed } => {
@@ -511,7 +511,9 @@ impl Store for RedbStore {
                     let record = record.value();
                     match sealing::decode(record) {
                         Ok(Record::Erased(_)) => None,
-                        Ok(Record::Sealed { routing, .. }) => Some(sealing::erased_record(routing, redaction)),
+                        Ok(Record::Sealed { routing, .. }) => {
+                            Some(sealing::erased_record(routing, redaction))
+                        }
                         Err(error) => {
                             return Err(InvariantViolation(format!(
                                 "room {room_id} index {log_index}: {error}"
@@ -575,8 +577,7 @@ impl Store for RedbStore {
             let mut table = txn.open_table(RETENTION).map_err(failed(OP))?;
             match retention_ms {
                 Some(retention_ms) => {
-                    let swept =
-                        table.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value().1);
+                    let swept = table.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value().1);
                     table.insert(&room_id.0, (retention_ms, swept)).map_err(failed(OP))?;
                 }
                 None => {
@@ -631,7 +632,11 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn advance_retention(&self, room_id: RoomId, swept_next_log_index: LogIndex) -> Result<(), RetentionError> {
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError> {
         const OP: &str = "advance_retention";
         let txn = self.begin_write(OP)?;
         let outcome = (|| -> Result<bool, RetentionError> {

@@ -234,7 +234,11 @@ pub fn seal_with(
     record.extend_from_slice(content);
     let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
     let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(nonce), &aad(room_id, log_index, routing), &mut record[body..])
+        .encrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            &aad(room_id, log_index, routing),
+            &mut record[body..],
+        )
         // Only fails for messages beyond 256 GiB; entries are bounded far below.
         .expect("log entries are far below the AEAD's message limit");
     record.extend_from_slice(&tag);
@@ -344,7 +348,12 @@ mod tests {
         (0..bytes).map(|i| u8::try_from(i % 251).unwrap()).collect()
     }
 
-    fn open_record(key: &DataKey, room_id: RoomId, log_index: LogIndex, record: &[u8]) -> Result<Bytes, OpenError> {
+    fn open_record(
+        key: &DataKey,
+        room_id: RoomId,
+        log_index: LogIndex,
+        record: &[u8],
+    ) -> Result<Bytes, OpenError> {
         match decode(record)? {
             Record::Sealed { routing, sealed } => open(key, room_id, log_index, routing, sealed),
             Record::Erased(_) => panic!("not sealed"),
@@ -422,7 +431,8 @@ mod tests {
         assert!(matches!(decode(&[TAG_SEALED, 65]), Err(OpenError::Malformed(_))));
         assert!(matches!(decode(&[TAG_SEALED, 0, 1, 2]), Err(OpenError::Malformed(_))));
         assert!(matches!(decode(&[9, 0]), Err(OpenError::Malformed(_))));
-        let mut erased = erased_record(&frame(10), &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention });
+        let mut erased =
+            erased_record(&frame(10), &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention });
         erased[2 + 10 + 8] = 77;
         assert!(matches!(decode(&erased), Err(OpenError::Malformed(_))));
     }

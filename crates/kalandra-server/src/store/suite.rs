@@ -581,7 +581,7 @@ pub(crate) fn redact_erases_content_and_keeps_the_index<S: Store>(store: &S) {
     }
     assert_eq!(store.data_key(a, 2).unwrap(), None, "the key is destroyed");
     for i in [0, 1, 3, 4] {
-        assert_eq!(store.data_key(a, i).unwrap().as_ref(), Some(&keys_before[i as usize]));
+        assert_eq!(store.data_key(a, i).unwrap().as_ref(), Some(&keys_before[usize::try_from(i).unwrap()]));
     }
     // Idempotent: a second erasure changes nothing, also not the record.
     assert_eq!(store.redact(a, &[2], &redaction(8)).unwrap(), vec![RedactOutcome::AlreadyErased]);
@@ -717,7 +717,11 @@ fn validate_batch_reports_index_overflow() {
 }
 
 fn stored(entry: LogEntry) -> StoredEntry {
-    StoredEntry { room_id: entry.room_id, log_index: entry.log_index, content: EntryContent::Frame(entry.frame) }
+    StoredEntry {
+        room_id: entry.room_id,
+        log_index: entry.log_index,
+        content: EntryContent::Frame(entry.frame),
+    }
 }
 
 #[test]
