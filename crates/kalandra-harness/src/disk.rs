@@ -15,9 +15,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use kalandra_server::store::{
-    AppendError, ClaimedKeyPackage, GroupInfoError, GroupInfoRecord, KeyPackageCount, KeyPackageError,
-    KeyPackageUpload, LogEntry, LogIndex, MemoryStore, PendingWelcome, ReadError, RoomHead, RoomId,
-    RoomMetadata, RoomMetadataError, StorageFailure, Store, UserId, WelcomeError, WelcomeId,
+    AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, KeyPackageCount,
+    KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, PendingWelcome, ReadError,
+    RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
+    RoomRetention, StorageFailure, Store, StoredEntry, UserId, WelcomeError, WelcomeId,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -223,7 +224,13 @@ fn read_log(store: &MemoryStore, room_id: RoomId) -> Vec<LogEntry> {
         let page = store.read_range(room_id, from, usize::MAX).expect("memory store reads");
         let Some(last) = page.last() else { break };
         from = last.log_index + 1;
-        entries.extend(page);
+        entries.extend(page.into_iter().map(|entry| match entry.content {
+            EntryContent::Frame(frame) => {
+                LogEntry { room_id: entry.room_id, log_index: entry.log_index, frame }
+            }
+            // The simulated clients never redact and the world sets no retention.
+            EntryContent::Erased(_) => panic!("an entry of room {room_id} was erased in the simulation"),
+        }));
     }
     entries
 }
@@ -241,8 +248,45 @@ impl Store for SimDisk {
         room_id: RoomId,
         from_log_index: LogIndex,
         count_max: usize,
-    ) -> Result<Vec<LogEntry>, ReadError> {
+    ) -> Result<Vec<StoredEntry>, ReadError> {
         self.store().read_range(room_id, from_log_index, count_max)
+    }
+
+    fn redact(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        self.write("redact", || self.store().redact(room_id, log_indices, redaction))
+    }
+
+    fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
+        self.store().data_key(room_id, log_index)
+    }
+
+    fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
+        self.write("set_retention", || self.store().set_retention(room_id, retention_ms))
+    }
+
+    fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
+        self.store().retention(room_id)
+    }
+
+    fn retention_rooms(
+        &self,
+        after: Option<RoomId>,
+        count_max: usize,
+    ) -> Result<Vec<RoomRetention>, RetentionError> {
+        self.store().retention_rooms(after, count_max)
+    }
+
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError> {
+        self.write("advance_retention", || self.store().advance_retention(room_id, swept_next_log_index))
     }
 
     fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError> {

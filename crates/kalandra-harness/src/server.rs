@@ -493,7 +493,7 @@ impl<G: ServerGroup> Core<G> {
             };
             for entry in page {
                 next = entry.log_index + 1;
-                self.send(conn, entry.frame);
+                self.send(conn, kalandra_server::node::history_bytes(room_id, entry));
             }
         }
         self.send(

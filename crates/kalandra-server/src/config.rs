@@ -118,6 +118,11 @@ pub struct CliArgs {
     /// `http://` URL of the push gateway (see `push_webhook_url`).
     #[arg(long, env = "KALANDRA_PUSH_WEBHOOK_URL", value_name = "URL")]
     pub push_webhook_url: Option<String>,
+    /// Rewrite the database into a fresh file that holds only live data
+    /// (dropping what erased entries left in freed pages), then exit. The
+    /// server must not be running on the same data directory.
+    #[arg(long)]
+    pub compact: bool,
 }
 
 /// The server's configuration (the TOML file's top level).
@@ -497,6 +502,7 @@ rooms_per_user_max = 7
             log_format: Some(LogFormat::Text),
             log_filter: Some("debug".to_owned()),
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
+            compact: false,
         };
         let overridden = ServerConfig::load(&cli).expect("flags");
         assert_eq!(overridden.push_webhook_url.as_deref(), Some("http://127.0.0.1:6002/push"));

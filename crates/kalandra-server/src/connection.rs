@@ -378,6 +378,10 @@ impl Listener {
                     tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
+            Route::Moderation(frame) if frame.opcode() == kalandra_proto::Opcode::Redact => {
+                let reply = self.redact_own(outbox.sender(), &frame).await;
+                let _ = outbox.send(reply).await;
+            }
             Route::Moderation(frame) => {
                 // No roles exist in this version, so no one holds the moderator role.
                 self.metrics.rejected(ErrorCode::Forbidden);
@@ -389,6 +393,38 @@ impl Listener {
                     "moderator role required",
                 );
                 let _ = outbox.send(reply).await;
+            }
+        }
+    }
+}
+
+impl Listener {
+    /// Answers a client's `Redact`: the sender of a frame may erase it
+    /// (moderators go through [`Node::redact`] with their own authority).
+    /// The reply is an `Ack` naming the erased index, or an `Error`.
+    async fn redact_own(&self, sender: SenderId, frame: &Frame) -> Bytes {
+        let header = frame.header();
+        let (room_id, request_id) = (header.room_id(), header.request_id());
+        let redact: kalandra_proto::payload::Redact = match frame.decode_payload() {
+            Ok(redact) => redact,
+            Err(error) => {
+                self.metrics.rejected(ErrorCode::MalformedPayload);
+                return error_frame(room_id, request_id, ErrorCode::MalformedPayload, &error.to_string());
+            }
+        };
+        let authority = crate::erasure::RedactAuthority::Sender;
+        match self.node.redact(room_id, redact.log_index, sender, authority).await {
+            Ok(report) => {
+                let ack = kalandra_proto::payload::Ack {
+                    log_index: report.log_index,
+                    epoch: report.epoch,
+                    server_time_ms: report.erased_at_ms,
+                };
+                server_frame(room_id, request_id, &ack)
+            }
+            Err(error) => {
+                self.metrics.rejected(error.error_code());
+                error_frame(room_id, request_id, error.error_code(), &error.to_string())
             }
         }
     }

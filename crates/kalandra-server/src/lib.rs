@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod directory;
+pub mod erasure;
 pub mod metrics;
 pub mod mls_state;
 pub mod node;

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::push::{PushNotification, PushQueue};
 use crate::sequencer::{Effect, PersistentGroup, RecoveryPoint, RoomSequencer, SubmitError};
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::{LogEntry, RoomMetadata, Store};
+use crate::store::{EntryContent, LogEntry, RoomMetadata, Store, StoredEntry};
 
 /// Identifies one client connection for the life of the process.
 pub type ConnectionId = u64;
@@ -302,6 +302,17 @@ pub enum Command {
         /// First index not yet sent.
         next_log_index: u64,
     },
+    /// Entries of the room are being erased: replace them in the in-memory
+    /// recent frames by their placeholders before the store destroys them,
+    /// so no subscriber catching up from memory gets the content.
+    Erased {
+        /// The room.
+        room_id: RoomId,
+        /// The entries being erased.
+        log_indices: Vec<u64>,
+        /// Replies once the recent frames no longer hold them.
+        done: oneshot::Sender<()>,
+    },
     /// Stop: flush, wait for storage, reply.
     Shutdown {
         /// Replies once everything accepted is durable and acknowledged.
@@ -359,8 +370,9 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub struct Node {
     shards: Arc<Vec<mpsc::Sender<Command>>>,
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
-    store: Arc<dyn Store>,
-    health: Arc<NodeHealth>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) health: Arc<NodeHealth>,
+    pub(crate) clock: Clock,
 }
 
 /// Why the room core could not start.
@@ -429,7 +441,7 @@ impl Node {
             tokio::spawn(shard.run(receiver));
             shards.push(sender);
         }
-        Ok(Node { shards: Arc::new(shards), online, store, health })
+        Ok(Node { shards: Arc::new(shards), online, store, health, clock })
     }
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
@@ -458,6 +470,12 @@ impl Node {
     pub async fn connection_authenticated(&self, outbox: &Arc<Outbox>) {
         self.online.lock().expect("online lock").entry(outbox.sender()).or_default().push(Arc::clone(outbox));
         deliver_pending_welcomes(Arc::clone(&self.store), Arc::clone(outbox)).await;
+    }
+
+    /// Marks the node failed after a storage failure outside the shards: the
+    /// process exits and recovers on restart.
+    pub(crate) fn storage_failed(&self) {
+        self.health.failed.store(true, Ordering::Release);
     }
 
     /// The node's health counters.
@@ -618,7 +636,8 @@ pub fn recover_room_state<G: PersistentGroup>(
     let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
     let first = store.read_range(room_id, 0, 1).map_err(|e| storage(&e))?;
     let create_entry = first.first().ok_or_else(|| corrupt("log has no entry 0".into()))?;
-    let create_frame = Frame::decode(&create_entry.frame).map_err(|e| corrupt(format!("entry 0: {e}")))?;
+    let create_bytes = create_entry.frame().ok_or_else(|| corrupt("entry 0 was erased".into()))?;
+    let create_frame = Frame::decode(create_bytes).map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let creator = create_frame.header().sender_id();
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
@@ -657,13 +676,25 @@ pub fn recover_room_state<G: PersistentGroup>(
             return Err(corrupt(format!("log ends at {from}, head says {next_log_index}")));
         }
         for entry in entries {
-            let frame = Frame::decode(&entry.frame)
-                .map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
+            // An erased entry replays as its placeholder: only application
+            // frames are ever erased, and replay needs nothing of them but
+            // their index and timestamp.
+            let bytes = match &entry.content {
+                EntryContent::Erased(erasure) if crate::erasure::erasable(erasure.opcode()) => {
+                    crate::erasure::erased_placeholder(room_id, entry.log_index, erasure)
+                }
+                EntryContent::Erased(_) => {
+                    return Err(corrupt(format!("entry {}: a handshake frame was erased", entry.log_index)));
+                }
+                EntryContent::Frame(frame) => frame.clone(),
+            };
+            let frame =
+                Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
             sequencer.replay(&frame).map_err(|e| corrupt(e.to_string()))?;
             if room_recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
                 room_recent.pop_front();
             }
-            room_recent.push_back((entry.log_index, entry.frame));
+            room_recent.push_back((entry.log_index, bytes));
             from = entry.log_index + 1;
         }
     }
@@ -767,6 +798,12 @@ impl<G: PersistentGroup> Shard<G> {
             }
             Command::CaughtUp { room_id, subscription, next_log_index } => {
                 self.caught_up(room_id, subscription, next_log_index)
+            }
+            Command::Erased { room_id, log_indices, done } => {
+                if let Some(room) = self.rooms.get_mut(&room_id) {
+                    hide_erased(room_id, &mut room.recent, &log_indices);
+                }
+                let _ = done.send(());
             }
             Command::Shutdown { done } => *shutdown = Some(done),
         }
@@ -1351,6 +1388,25 @@ impl<'a> RoomSnapshot<'a> {
     }
 }
 
+/// What history sends for a stored entry: its frame, or for an erased
+/// entry a typed placeholder at its index.
+pub fn history_bytes(room_id: RoomId, entry: StoredEntry) -> Bytes {
+    match entry.content {
+        EntryContent::Frame(frame) => frame,
+        EntryContent::Erased(erasure) => {
+            crate::erasure::erased_placeholder(room_id, entry.log_index, &erasure)
+        }
+    }
+}
+
+/// Replaces the recent frames at `log_indices` by their erasure
+/// placeholders.
+fn hide_erased(room_id: RoomId, recent: &mut VecDeque<(u64, Bytes)>, log_indices: &[u64]) {
+    for (index, bytes) in recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
+        *bytes = crate::erasure::placeholder_for_frame(room_id, *index, bytes);
+    }
+}
+
 /// Streams stored frames of one room to one connection.
 struct HistoryReader {
     store: Arc<dyn Store>,
@@ -1386,7 +1442,8 @@ impl HistoryReader {
             };
             for entry in entries {
                 assert_eq!(entry.log_index, next, "history is dense");
-                if self.cancelled.load(Ordering::Acquire) || !self.outbox.send(entry.frame).await {
+                let bytes = history_bytes(self.room_id, entry);
+                if self.cancelled.load(Ordering::Acquire) || !self.outbox.send(bytes).await {
                     return;
                 }
                 next += 1;

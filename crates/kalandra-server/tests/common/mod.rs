@@ -53,6 +53,8 @@ pub struct TestServer {
     /// Push notifications the server forwarded.
     pub push_sink: Arc<MemoryPushSink>,
     pub data_dir: Option<tempfile::TempDir>,
+    /// The server's store (for checks the protocol cannot make).
+    pub store: Arc<dyn Store>,
     stop: watch::Sender<ShutdownPhase>,
     serving: tokio::task::JoinHandle<()>,
     group_commit: GroupCommit,
@@ -94,7 +96,7 @@ impl TestServer {
         let address = endpoint.local_addr().unwrap();
         let listener = Listener::new(
             node.clone(),
-            store,
+            Arc::clone(&store),
             limits,
             clock,
             metrics.clone(),
@@ -109,6 +111,7 @@ impl TestServer {
             metrics,
             push_sink,
             data_dir: None,
+            store,
             stop,
             serving,
             group_commit,
