@@ -277,13 +277,20 @@ pub async fn build_room(clients: &Arc<Clients>, plan: &RoomPlan) -> Result<Built
     // The other members and their key packages, made on blocking threads.
     let others = plan.members.saturating_sub(1);
     let made = make_members(nonce, scenario, room_number, others).await?;
-    let (mut members, key_packages): (Vec<Member>, Vec<Vec<u8>>) = made.into_iter().unzip();
+    let (members, key_packages): (Vec<Member>, Vec<Vec<u8>>) = made.into_iter().unzip();
+    // Members connect before they are added, so that their Welcome reaches
+    // them live (as for a member who is online when invited).
+    let mut members: Vec<(Member, Option<Connection>)> = if plan.connect_members {
+        connect_all(clients, members).await?.into_iter().map(|(m, c)| (m, Some(c))).collect()
+    } else {
+        members.into_iter().map(|m| (m, None)).collect()
+    };
 
     let mut add_commit_ack = Duration::ZERO;
     let mut add_commit_bytes = 0;
     let mut next_log_index = 1;
     if !members.is_empty() {
-        let recipients: Vec<u64> = members.iter().map(|m| m.sender.0).collect();
+        let recipients: Vec<u64> = members.iter().map(|(m, _)| m.sender.0).collect();
         let (creator_back, output) = tokio::task::spawn_blocking(move || {
             let refs: Vec<&[u8]> = key_packages.iter().map(Vec::as_slice).collect();
             let group = creator.group.as_mut().expect("the creator has the group");
@@ -317,19 +324,12 @@ pub async fn build_room(clients: &Arc<Clients>, plan: &RoomPlan) -> Result<Built
             .map_err(|e| BenchError::client("confirm commit", e))?;
     }
 
-    let mut connections: Vec<Option<Connection>> = Vec::with_capacity(plan.members);
     if plan.connect_members {
         subscribe(&mut connection, plan.room_id, next_log_index, &creator, false).await?;
-        connections.push(Some(connection));
-        let joined = connect_all(clients, plan.room_id, next_log_index, members, plan.joiners).await?;
-        let (joined_members, joined_connections): (Vec<Member>, Vec<Option<Connection>>) =
-            joined.into_iter().unzip();
-        members = joined_members;
-        connections.extend(joined_connections);
-    } else {
-        connections.push(Some(connection));
-        connections.extend(members.iter().map(|_| None));
+        members = subscribe_all(plan.room_id, next_log_index, members, plan.joiners).await?;
     }
+    let (mut members, mut connections): (Vec<Member>, Vec<Option<Connection>>) = members.into_iter().unzip();
+    connections.insert(0, Some(connection));
     members.insert(0, creator);
     Ok(BuiltRoom {
         room_id: plan.room_id,
@@ -416,13 +416,22 @@ async fn subscribe(
     Err(BenchError::Unexpected { request: "subscribe", detail: "no SyncDone in 1,000 frames".into() })
 }
 
-/// Connects every member (at most [`CONNECT_CONCURRENCY_MAX`] at once),
-/// subscribes it, and joins the first `joiners` to the group. Keeps the order.
+/// Connects every member (at most [`CONNECT_CONCURRENCY_MAX`] at once). Keeps the order.
 pub async fn connect_all(
     clients: &Arc<Clients>,
+    members: Vec<Member>,
+) -> Result<Vec<(Member, Connection)>, BenchError> {
+    let keys: Vec<SigningKey> = members.iter().map(|m| m.key.clone()).collect();
+    let connections = connect_keys(clients, keys).await?;
+    Ok(members.into_iter().zip(connections).collect())
+}
+
+/// Subscribes every connected member (at most [`CONNECT_CONCURRENCY_MAX`]
+/// at once) and joins the first `joiners` to the group. Keeps the order.
+async fn subscribe_all(
     room_id: RoomId,
     from_log_index: u64,
-    members: Vec<Member>,
+    members: Vec<(Member, Option<Connection>)>,
     joiners: usize,
 ) -> Result<Vec<(Member, Option<Connection>)>, BenchError> {
     let total = members.len();
@@ -431,10 +440,9 @@ pub async fn connect_all(
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         while tasks.len() < CONNECT_CONCURRENCY_MAX {
-            let Some((index, mut member)) = pending.next() else { break };
-            let clients = Arc::clone(clients);
+            let Some((index, (mut member, connection))) = pending.next() else { break };
             tasks.spawn(async move {
-                let mut connection = clients.connect(&member.key).await?;
+                let mut connection = connection.expect("subscribing members are connected");
                 let group =
                     subscribe(&mut connection, room_id, from_log_index, &member, index < joiners).await?;
                 if group.is_some() {
@@ -444,10 +452,10 @@ pub async fn connect_all(
             });
         }
         let Some(done) = tasks.join_next().await else { break };
-        let (index, member, connection) = done.map_err(|e| BenchError::client("connect task", e))??;
+        let (index, member, connection) = done.map_err(|e| BenchError::client("subscribe task", e))??;
         results[index] = Some((member, Some(connection)));
     }
-    Ok(results.into_iter().map(|r| r.expect("every member was connected")).collect())
+    Ok(results.into_iter().map(|r| r.expect("every member was subscribed")).collect())
 }
 
 /// Connections for members without MLS state (idle-connection runs).
