@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use client_core::connection::Connection;
-use kalandra_proto::payload::Error as ErrorPayload;
+use kalandra_proto::payload::{Ack, Error as ErrorPayload};
 use kalandra_proto::{ErrorCode, Opcode};
 
 use super::{check_range, nanos_since, receive_loop, wait_until, Common, CpuWindow, Deliveries};
@@ -163,13 +163,20 @@ pub async fn run(
     }
     let mut acks = Latencies::new();
     let mut refused = 0u64;
-    let mut keep = Vec::new();
     while let Some(result) = senders.join_next().await {
         let (latencies, sender_refused, connection) =
             result.map_err(|e| BenchError::client("sender task", e))??;
         acks.merge(&latencies);
         refused += sender_refused;
-        keep.push(connection);
+        // A sender keeps receiving the other senders' last frames.
+        receivers.spawn(receive_loop(
+            connection,
+            Arc::clone(&stop),
+            Arc::clone(&deliveries),
+            started,
+            None,
+            record.clone(),
+        ));
     }
     let send_seconds = load_started.elapsed().as_secs_f64();
     progress.finish().await;
@@ -183,7 +190,6 @@ pub async fn run(
     while let Some(result) = receivers.join_next().await {
         result.map_err(|e| BenchError::client("receiver task", e))??;
     }
-    drop(keep);
 
     let mut to_all = Latencies::new();
     let mut incomplete = 0u64;
@@ -277,7 +283,9 @@ async fn paced_sender(
                     let offset = (request_id - LOAD_REQUEST_ID_FIRST) as usize;
                     let sent = sent_ns.get(offset).copied().unwrap_or(0);
                     acks.record_us(nanos_since(started).saturating_sub(sent) / 1_000);
-                    if let Some(slot) = timeline.slot(header.log_index()) {
+                    // The acknowledged index is in the Ack's payload, not its header.
+                    let log_index = current.decode_payload::<Ack>().map_or(u64::MAX, |ack| ack.log_index);
+                    if let Some(slot) = timeline.slot(log_index) {
                         timeline.sent_ns[slot].store(sent, Ordering::Relaxed);
                     }
                     done += 1;

@@ -95,7 +95,10 @@ pub async fn pipelined_sender(
                         outcome.latencies.record(at.elapsed());
                     }
                     if keep_indices {
-                        outcome.acked_indices.push((header.log_index(), request_id - LOAD_REQUEST_ID_FIRST));
+                        let log_index = current
+                            .decode_payload::<kalandra_proto::payload::Ack>()
+                            .map_or(u64::MAX, |ack| ack.log_index);
+                        outcome.acked_indices.push((log_index, request_id - LOAD_REQUEST_ID_FIRST));
                     }
                     outcome.acked += 1;
                     in_flight -= 1;
