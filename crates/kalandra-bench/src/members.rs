@@ -523,6 +523,9 @@ pub fn seal_frames(
     Ok(frames)
 }
 
+/// One sender's sealed frames, filled in by whichever worker sealed them.
+type SealSlot = std::sync::Mutex<Option<Result<Vec<Bytes>, BenchError>>>;
+
 /// Seals frames for many senders on every core: `jobs[i]` is (member,
 /// room, count); returns the frames per job and the seconds it took.
 pub fn seal_all(
@@ -532,8 +535,7 @@ pub fn seal_all(
     let started = Instant::now();
     let workers = std::thread::available_parallelism().map_or(1, usize::from).max(1);
     let next = AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<Vec<Bytes>, BenchError>>>> =
-        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<SealSlot> = jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| loop {
