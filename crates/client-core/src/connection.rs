@@ -86,11 +86,25 @@ impl Connection {
     ) -> Result<Connection, ConnectionError> {
         let bind: SocketAddr =
             if address.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard address");
-        let mut endpoint =
+        let endpoint =
             quinn::Endpoint::client(bind).map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
-        endpoint.set_default_client_config(config);
+        Connection::connect_on(endpoint, address, server_name, config, identity, timeout).await
+    }
+
+    /// Like [`Connection::connect`], over an existing client `endpoint`
+    /// (one UDP socket can carry many connections, as in a load generator).
+    /// [`Connection::close`] waits for the whole endpoint to go idle, so
+    /// connections sharing an endpoint are better dropped.
+    pub async fn connect_on(
+        endpoint: quinn::Endpoint,
+        address: SocketAddr,
+        server_name: &str,
+        config: quinn::ClientConfig,
+        identity: &SigningKey,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectionError> {
         let connecting = endpoint
-            .connect(address, server_name)
+            .connect_with(config, address, server_name)
             .map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
         let connection = tokio::time::timeout(timeout, connecting)
             .await
@@ -184,6 +198,13 @@ impl Connection {
             return Ok(frame);
         }
         tokio::time::timeout(self.timeout, self.read_frame()).await.map_err(|_| ConnectionError::TimedOut)?
+    }
+
+    /// The next frame already received and buffered, without waiting for
+    /// the network (frames arrive in chunks; [`Connection::recv`] buffers
+    /// the rest of a chunk).
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        self.received.pop_front()
     }
 
     async fn read_frame(&mut self) -> Result<Frame, ConnectionError> {
