@@ -16,6 +16,7 @@ use kalandra_server::admin::{serve_admin, AdminState};
 use kalandra_server::config::{init_logging, CliArgs, ServerConfig};
 use kalandra_server::connection::{reached, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
+use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::room_group::MlsRoomGroup;
 use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
@@ -127,7 +128,11 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         shard_count,
         wall_clock(),
         metrics.clone(),
-        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max, push },
+        NodeLimits {
+            rooms_per_user_max: config.limits.rooms_per_user_max,
+            push,
+            server_signer: Arc::new(ServerSigner::new(server_key.clone())),
+        },
     )
     .await
     .context("recovering rooms from storage")?;

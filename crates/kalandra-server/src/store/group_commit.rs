@@ -690,6 +690,29 @@ mod tests {
         fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
             self.inner.room_metadata(room_id)
         }
+        fn record_moderation(
+            &self,
+            change: &crate::store::ModerationChange,
+            event: &crate::audit::AuditEvent,
+        ) -> Result<crate::audit::AuditRecord, crate::store::ModerationStoreError> {
+            self.inner.record_moderation(change, event)
+        }
+        fn room_moderation(
+            &self,
+            room_id: RoomId,
+        ) -> Result<crate::store::RoomModeration, crate::store::ModerationStoreError> {
+            self.inner.room_moderation(room_id)
+        }
+        fn audit_records(
+            &self,
+            from_seq: u64,
+            count_max: usize,
+        ) -> Result<Vec<(u64, Bytes)>, crate::store::ModerationStoreError> {
+            self.inner.audit_records(from_seq, count_max)
+        }
+        fn audit_head(&self) -> Result<Option<crate::audit::AuditHead>, crate::store::ModerationStoreError> {
+            self.inner.audit_head()
+        }
     }
 
     async fn assert_pending(ticket: &mut AppendTicket) {

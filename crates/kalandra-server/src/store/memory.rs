@@ -16,6 +16,10 @@ use super::{
     RoomHead, RoomId, RoomMetadata, RoomMetadataError, Store, UserId, WelcomeError, WelcomeId,
     KEY_PACKAGE_KEY_BYTES,
 };
+use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
+use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
+use crate::moderation::{Role, ROLES_PER_ROOM_MAX};
+use crate::sequencer::BANS_PER_ROOM_MAX;
 
 #[derive(Default)]
 struct State {
@@ -27,6 +31,10 @@ struct State {
     welcomes: BTreeMap<(UserId, WelcomeId), Bytes>,
     welcome_id_next: WelcomeId,
     room_metadata: BTreeMap<RoomId, RoomMetadata>,
+    roles: BTreeMap<[u8; 24], Role>,
+    bans: BTreeMap<[u8; 24], StoredBan>,
+    audit: BTreeMap<u64, Bytes>,
+    audit_head: Option<AuditHead>,
 }
 
 /// In-memory store behind one mutex.
@@ -254,6 +262,83 @@ impl Store for MemoryStore {
 
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
         Ok(self.lock()?.room_metadata.get(&room_id).cloned())
+    }
+
+    fn record_moderation(
+        &self,
+        change: &ModerationChange,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, ModerationStoreError> {
+        let mut state = self.lock()?;
+        match change {
+            ModerationChange::None => {}
+            ModerationChange::SetRole { room_id, user_id, role } => {
+                let key = moderation_key(*room_id, *user_id);
+                match role {
+                    Some(role) => {
+                        let (low, high) = (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
+                        if !state.roles.contains_key(&key)
+                            && state.roles.range(low..=high).count() >= ROLES_PER_ROOM_MAX
+                        {
+                            return Err(ModerationStoreError::TooMany { room_id: *room_id, what: "roles" });
+                        }
+                        state.roles.insert(key, *role);
+                    }
+                    None => {
+                        state.roles.remove(&key);
+                    }
+                }
+            }
+            ModerationChange::SetBan { room_id, user_id, ban } => {
+                let key = moderation_key(*room_id, *user_id);
+                match ban {
+                    Some(ban) => {
+                        let (low, high) = (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
+                        if !state.bans.contains_key(&key)
+                            && state.bans.range(low..=high).count() >= BANS_PER_ROOM_MAX
+                        {
+                            return Err(ModerationStoreError::TooMany { room_id: *room_id, what: "bans" });
+                        }
+                        state.bans.insert(key, *ban);
+                    }
+                    None => {
+                        state.bans.remove(&key);
+                    }
+                }
+            }
+        }
+        let (record, encoded, head) = seal_audit(state.audit_head, event)?;
+        state.audit.insert(head.seq, Bytes::from(encoded));
+        state.audit_head = Some(head);
+        Ok(record)
+    }
+
+    fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError> {
+        let state = self.lock()?;
+        let (low, high) = (moderation_key(room_id, 0), moderation_key(room_id, u64::MAX));
+        let user = |key: &[u8; 24]| u64::from_be_bytes(key[16..].try_into().expect("8 bytes"));
+        Ok(RoomModeration {
+            roles: state.roles.range(low..=high).map(|(key, role)| (user(key), *role)).collect(),
+            bans: state.bans.range(low..=high).map(|(key, ban)| (user(key), *ban)).collect(),
+        })
+    }
+
+    fn audit_records(
+        &self,
+        from_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ModerationStoreError> {
+        let state = self.lock()?;
+        Ok(state
+            .audit
+            .range(from_seq..)
+            .take(count_max.min(AUDIT_PAGE_RECORDS_MAX))
+            .map(|(seq, bytes)| (*seq, bytes.clone()))
+            .collect())
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError> {
+        Ok(self.lock()?.audit_head)
     }
 }
 

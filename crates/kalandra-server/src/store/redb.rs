@@ -11,7 +11,11 @@
 //! - `welcomes_v1`: recipient user id (8, BE) ‖ welcome id (8, BE) → Welcome;
 //! - `room_metadata_v1`: room id → (creator, created at, snapshot log index,
 //!   snapshot);
-//! - `meta_v1`: name → u64 (schema version, next welcome id).
+//! - `meta_v1`: name → u64 (schema version, next welcome id);
+//! - `roles_v1`: room id ‖ user id (8, BE) → role code;
+//! - `bans_v1`: room id ‖ user id (8, BE) → ban end (ms; `u64::MAX`: none);
+//! - `audit_v1`: sequence number → audit record (its exact hashed bytes);
+//! - `audit_head_v1`: `"head"` → (sequence number, hash) of the last record.
 //!
 //! Every write transaction commits with [`Durability::Immediate`].
 
@@ -34,6 +38,20 @@ use super::{
     RoomHead, RoomId, RoomMetadata, RoomMetadataError, StorageFailure, Store, UserId, WelcomeError,
     WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
+use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
+use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
+use crate::moderation::{Role, ROLES_PER_ROOM_MAX};
+use crate::sequencer::BANS_PER_ROOM_MAX;
+
+/// Name of the audit log's table (integration tests open it to check tamper detection).
+pub const AUDIT_TABLE_NAME: &str = "audit_v1";
+const ROLES: TableDefinition<&[u8; 24], u8> = TableDefinition::new("roles_v1");
+const BANS: TableDefinition<&[u8; 24], u64> = TableDefinition::new("bans_v1");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new(AUDIT_TABLE_NAME);
+const AUDIT_HEAD: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("audit_head_v1");
+const AUDIT_HEAD_KEY: &str = "head";
+/// Stored ban end for a ban without end.
+const BAN_FOREVER: u64 = u64::MAX;
 
 type LogKey = [u8; 24];
 type WelcomeKey = [u8; 16];
@@ -160,6 +178,10 @@ impl RedbStore {
             txn.open_table(GROUP_INFO).map_err(failed("open"))?;
             txn.open_table(WELCOMES).map_err(failed("open"))?;
             txn.open_table(ROOM_METADATA).map_err(failed("open"))?;
+            txn.open_table(ROLES).map_err(failed("open"))?;
+            txn.open_table(BANS).map_err(failed("open"))?;
+            txn.open_table(AUDIT).map_err(failed("open"))?;
+            txn.open_table(AUDIT_HEAD).map_err(failed("open"))?;
             let mut meta = txn.open_table(META).map_err(failed("open"))?;
             let found = meta.get(META_SCHEMA_VERSION).map_err(failed("open"))?.map(|guard| guard.value());
             match found {
@@ -192,6 +214,16 @@ impl RedbStore {
     fn begin_read(&self, operation: &'static str) -> Result<ReadTransaction, StorageFailure> {
         self.db.begin_read().map_err(failed(operation))
     }
+}
+
+fn read_head(stored: Option<(u64, Vec<u8>)>) -> Result<Option<AuditHead>, InvariantViolation> {
+    stored
+        .map(|(seq, hash)| {
+            let hash =
+                hash.try_into().map_err(|_| InvariantViolation("audit head hash is not 32 bytes".into()))?;
+            Ok(AuditHead { seq, hash })
+        })
+        .transpose()
 }
 
 /// Ends a write transaction that must not be committed, reporting an abort
@@ -606,6 +638,133 @@ impl Store for RedbStore {
                 mls_snapshot_log_index,
             }
         }))
+    }
+
+    fn record_moderation(
+        &self,
+        change: &ModerationChange,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, ModerationStoreError> {
+        const OP: &str = "record_moderation";
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<AuditRecord, ModerationStoreError> {
+            match change {
+                ModerationChange::None => {}
+                ModerationChange::SetRole { room_id, user_id, role } => {
+                    let mut table = txn.open_table(ROLES).map_err(failed(OP))?;
+                    let key = moderation_key(*room_id, *user_id);
+                    match role {
+                        Some(role) => {
+                            let exists = table.get(&key).map_err(failed(OP))?.is_some();
+                            let (low, high) =
+                                (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
+                            let count = table.range::<&[u8; 24]>(&low..=&high).map_err(failed(OP))?.count();
+                            if !exists && count >= ROLES_PER_ROOM_MAX {
+                                return Err(ModerationStoreError::TooMany {
+                                    room_id: *room_id,
+                                    what: "roles",
+                                });
+                            }
+                            table.insert(&key, role.code()).map_err(failed(OP))?;
+                        }
+                        None => {
+                            table.remove(&key).map_err(failed(OP))?;
+                        }
+                    }
+                }
+                ModerationChange::SetBan { room_id, user_id, ban } => {
+                    let mut table = txn.open_table(BANS).map_err(failed(OP))?;
+                    let key = moderation_key(*room_id, *user_id);
+                    match ban {
+                        Some(ban) => {
+                            let exists = table.get(&key).map_err(failed(OP))?.is_some();
+                            let (low, high) =
+                                (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
+                            let count = table.range::<&[u8; 24]>(&low..=&high).map_err(failed(OP))?.count();
+                            if !exists && count >= BANS_PER_ROOM_MAX {
+                                return Err(ModerationStoreError::TooMany {
+                                    room_id: *room_id,
+                                    what: "bans",
+                                });
+                            }
+                            table.insert(&key, ban.until_ms.unwrap_or(BAN_FOREVER)).map_err(failed(OP))?;
+                        }
+                        None => {
+                            table.remove(&key).map_err(failed(OP))?;
+                        }
+                    }
+                }
+            }
+            let mut heads = txn.open_table(AUDIT_HEAD).map_err(failed(OP))?;
+            let head = read_head(heads.get(AUDIT_HEAD_KEY).map_err(failed(OP))?.map(|guard| {
+                let (seq, hash) = guard.value();
+                (seq, hash.to_vec())
+            }))?;
+            let (record, encoded, head) = seal_audit(head, event)?;
+            let mut audit = txn.open_table(AUDIT).map_err(failed(OP))?;
+            audit.insert(head.seq, encoded.as_slice()).map_err(failed(OP))?;
+            heads.insert(AUDIT_HEAD_KEY, (head.seq, head.hash.as_slice())).map_err(failed(OP))?;
+            Ok(record)
+        })();
+        match outcome {
+            Ok(record) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(record)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError> {
+        const OP: &str = "room_moderation";
+        let txn = self.begin_read(OP)?;
+        let (low, high) = (moderation_key(room_id, 0), moderation_key(room_id, u64::MAX));
+        let user = |key: &[u8; 24]| u64::from_be_bytes(key[16..].try_into().expect("8 bytes"));
+        let mut moderation = RoomModeration::default();
+        let roles = txn.open_table(ROLES).map_err(failed(OP))?;
+        for item in roles.range::<&[u8; 24]>(&low..=&high).map_err(failed(OP))? {
+            let (key, code) = item.map_err(failed(OP))?;
+            let role = Role::from_code(code.value())
+                .ok_or_else(|| InvariantViolation(format!("unknown role code {}", code.value())))?;
+            moderation.roles.push((user(key.value()), role));
+        }
+        let bans = txn.open_table(BANS).map_err(failed(OP))?;
+        for item in bans.range::<&[u8; 24]>(&low..=&high).map_err(failed(OP))? {
+            let (key, until) = item.map_err(failed(OP))?;
+            let until_ms = Some(until.value()).filter(|until| *until != BAN_FOREVER);
+            moderation.bans.push((user(key.value()), StoredBan { until_ms }));
+        }
+        Ok(moderation)
+    }
+
+    fn audit_records(
+        &self,
+        from_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ModerationStoreError> {
+        const OP: &str = "audit_records";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(AUDIT).map_err(failed(OP))?;
+        let mut records = Vec::new();
+        for item in table.range(from_seq..).map_err(failed(OP))?.take(count_max.min(AUDIT_PAGE_RECORDS_MAX)) {
+            let (seq, bytes) = item.map_err(failed(OP))?;
+            records.push((seq.value(), Bytes::copy_from_slice(bytes.value())));
+        }
+        Ok(records)
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError> {
+        const OP: &str = "audit_head";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(AUDIT_HEAD).map_err(failed(OP))?;
+        let head = table.get(AUDIT_HEAD_KEY).map_err(failed(OP))?.map(|guard| {
+            let (seq, hash) = guard.value();
+            (seq, hash.to_vec())
+        });
+        Ok(read_head(head)?)
     }
 }
 

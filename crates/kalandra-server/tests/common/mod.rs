@@ -18,6 +18,7 @@ use kalandra_proto::payload::{
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
+use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::push::{MemoryPushSink, PushQueue};
 use kalandra_server::room_group::MlsRoomGroup;
@@ -82,7 +83,11 @@ impl TestServer {
             2,
             Arc::clone(&clock),
             metrics.clone(),
-            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max, push: Some(push) },
+            NodeLimits {
+                rooms_per_user_max: limits.rooms_per_user_max,
+                push: Some(push),
+                server_signer: Arc::new(ServerSigner::new(server_key.clone())),
+            },
         )
         .await
         .unwrap();
