@@ -12,6 +12,7 @@
 
 pub mod connection;
 pub mod mls;
+pub mod moderation;
 pub mod push;
 pub mod sender_keys;
 pub mod state;

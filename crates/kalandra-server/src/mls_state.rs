@@ -847,6 +847,20 @@ impl RoomGroupState {
             .collect())
     }
 
+    /// Members whose removal the server proposed and no commit covered yet.
+    pub fn pending_server_removals(&self) -> Result<Vec<MemberRef>, MlsValidationError> {
+        let queued =
+            self.group.queued_proposals(&self.storage).map_err(|e| MlsValidationError::Internal(boxed(e)))?;
+        Ok(queued
+            .into_iter()
+            .filter(|(_, proposal)| matches!(proposal.sender(), Sender::External(_)))
+            .filter_map(|(_, proposal)| match proposal.proposal() {
+                Proposal::Remove(remove) => self.member_at(remove.removed().u32()),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn queued(&self) -> Result<Vec<(Vec<u8>, bool)>, MlsValidationError> {
         let queued =
             self.group.queued_proposals(&self.storage).map_err(|e| MlsValidationError::Internal(boxed(e)))?;

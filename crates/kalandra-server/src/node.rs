@@ -396,6 +396,8 @@ pub struct Node {
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     store: Arc<dyn Store>,
     health: Arc<NodeHealth>,
+    /// The moderation writer; it ends once every shard has stopped.
+    writer_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// Why the room core could not start.
@@ -439,7 +441,8 @@ impl Node {
         for room in per_shard.iter().flat_map(HashMap::values) {
             count_memberships(&memberships, &room.sequencer.group().members(), &[]);
         }
-        let moderation_writer = moderation::start_writer(Arc::clone(&store), Arc::clone(&health));
+        let (moderation_writer, writer_task) =
+            moderation::start_writer(Arc::clone(&store), Arc::clone(&health));
         let mut shards = Vec::with_capacity(shard_count);
         for rooms in per_shard {
             let watched = rooms
@@ -475,7 +478,9 @@ impl Node {
             tokio::spawn(shard.run(receiver));
             shards.push(sender);
         }
-        Ok(Node { shards: Arc::new(shards), online, store, health })
+        drop(moderation_writer);
+        let writer_task = Arc::new(Mutex::new(Some(writer_task)));
+        Ok(Node { shards: Arc::new(shards), online, store, health, writer_task })
     }
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
@@ -559,6 +564,12 @@ impl Node {
                 let _ = wait.await;
             }
         }
+        // The shards hold the writer's only senders: once they are gone it
+        // has written every queued act and ends.
+        let writer = self.writer_task.lock().expect("writer lock").take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
     }
 }
 
@@ -635,8 +646,6 @@ struct Room<G: PersistentGroup> {
     snapshot_due: bool,
     /// Who holds which role.
     roles: RoomRoles,
-    /// Members whose removal the server proposed and no commit covered yet.
-    removals_pending: HashSet<SenderId>,
     /// Kicks and bans waiting for their Remove proposal to be durable.
     acts_awaiting_proposal: VecDeque<moderation::ActAwaitingProposal>,
 }
@@ -653,7 +662,6 @@ impl<G: PersistentGroup> Room<G> {
             commits_since_snapshot: 0,
             snapshot_due: false,
             roles: RoomRoles::new(creator, []),
-            removals_pending: HashSet::new(),
             acts_awaiting_proposal: VecDeque::new(),
         }
     }
@@ -1276,7 +1284,6 @@ fn apply_effects<G: PersistentGroup>(
             }
             Effect::MembershipChanged { added, removed } => {
                 count_memberships(context.memberships, &added, &removed);
-                room.removals_pending.retain(|member| !removed.contains(member));
                 drop_subscribers(&mut room.subscribers, |s| removed.contains(&s.outbox.sender()));
             }
             Effect::DeliverWelcome { recipients, .. } => {

@@ -190,6 +190,13 @@ impl PersistentGroup for MlsRoomGroup {
             .map_err(|error| GroupError::Internal(describe(&error)))
     }
 
+    fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError> {
+        self.state
+            .pending_server_removals()
+            .map(|members| members.iter().filter_map(|m| sender_of(&m.identity)).collect())
+            .map_err(group_error)
+    }
+
     fn remove_proposal(&self, member: SenderId, signer: &ServerSigner) -> Result<Vec<u8>, GroupError> {
         let leaf_index = self
             .state

@@ -157,9 +157,12 @@ pub(super) struct ModerationWrite {
 
 /// Starts the task that writes moderation changes and their audit records
 /// in the order they were decided.
-pub(super) fn start_writer(store: Arc<dyn Store>, health: Arc<NodeHealth>) -> mpsc::Sender<ModerationWrite> {
+pub(super) fn start_writer(
+    store: Arc<dyn Store>,
+    health: Arc<NodeHealth>,
+) -> (mpsc::Sender<ModerationWrite>, tokio::task::JoinHandle<()>) {
     let (sender, mut receiver) = mpsc::channel::<ModerationWrite>(MODERATION_WRITES_QUEUED_MAX);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(write) = receiver.recv().await {
             let store = Arc::clone(&store);
             let ModerationWrite { change, event, done } = write;
@@ -179,7 +182,7 @@ pub(super) fn start_writer(store: Arc<dyn Store>, health: Arc<NodeHealth>) -> mp
             }
         }
     });
-    sender
+    (sender, task)
 }
 
 /// An act waiting for its Remove proposal to become durable.
@@ -298,6 +301,13 @@ impl<G: PersistentGroup> Shard<G> {
                 Ok(Decision::AfterProposal(ModerationChange::None, log_index))
             }
             Act::Ban { until_ms } => {
+                let removal_pending = room
+                    .sequencer
+                    .group()
+                    .pending_server_removals()
+                    .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
+                    .contains(&target);
+                let removal_needed = room.sequencer.is_member(target) && !removal_pending;
                 let previous = room.sequencer.ban_of(target);
                 room.sequencer.ban(target, *until_ms).map_err(ModerationFailure::Sequencer)?;
                 let change = ModerationChange::SetBan {
@@ -306,8 +316,6 @@ impl<G: PersistentGroup> Shard<G> {
                     ban: Some(StoredBan { until_ms: *until_ms }),
                 };
                 self.watched.insert(room_id);
-                let removal_needed =
-                    room.sequencer.is_member(target) && !room.removals_pending.contains(&target);
                 if !removal_needed {
                     return Ok(Decision::Write(change));
                 }
@@ -354,16 +362,17 @@ impl<G: PersistentGroup> Shard<G> {
         now_ms: u64,
     ) -> Result<u64, ModerationFailure> {
         let room = self.rooms.get_mut(&room_id).ok_or(ModerationFailure::UnknownRoom)?;
-        if room.sequencer.server_proposals_pending().is_empty() {
-            room.removals_pending.clear();
-        }
-        if room.removals_pending.contains(&target) {
+        let pending = room
+            .sequencer
+            .group()
+            .pending_server_removals()
+            .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?;
+        if pending.contains(&target) {
             return Err(ModerationFailure::RemovalPending(target));
         }
         let frame = remove_proposal_frame(room_id, room, target, &self.server_signer)?;
         let sequenced =
             room.sequencer.submit_server_proposal(frame, now_ms).map_err(ModerationFailure::Sequencer)?;
-        room.removals_pending.insert(target);
         self.watched.insert(room_id);
         let encoded = sequenced.frame.to_bytes();
         self.pending_entries.push(LogEntry { room_id, log_index: sequenced.log_index, frame: encoded });
@@ -422,8 +431,9 @@ impl<G: PersistentGroup> Shard<G> {
                     Some(overdue.first_log_index),
                     None,
                 );
+                let removed = room.sequencer.group().pending_server_removals().unwrap_or_default();
                 for subscriber in room.subscribers.iter().filter(|s| s.live) {
-                    if !room.removals_pending.contains(&subscriber.outbox.sender()) {
+                    if !removed.contains(&subscriber.outbox.sender()) {
                         subscriber.outbox.notice(notice.clone());
                     }
                 }

@@ -100,4 +100,6 @@ pub trait PersistentGroup: GroupState + Sized + Send + 'static {
         member: SenderId,
         signer: &crate::mls_state::ServerSigner,
     ) -> Result<Vec<u8>, GroupError>;
+    /// Members whose removal the server proposed and no commit covered yet.
+    fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError>;
 }

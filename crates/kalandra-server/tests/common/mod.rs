@@ -54,6 +54,8 @@ pub struct TestServer {
     /// Push notifications the server forwarded.
     pub push_sink: Arc<MemoryPushSink>,
     pub data_dir: Option<tempfile::TempDir>,
+    /// Added to the wall clock the server reads: tests move server time forward.
+    pub clock_offset_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: watch::Sender<ShutdownPhase>,
     serving: tokio::task::JoinHandle<()>,
     group_commit: GroupCommit,
@@ -73,7 +75,9 @@ impl TestServer {
         let identity = load_or_create_server_identity(path, None, None).unwrap();
         let fingerprint = parse_fingerprint(&identity.fingerprint_sha256_hex()).unwrap();
         let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
-        let clock: Clock = Arc::new(now_ms);
+        let clock_offset_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let offset = Arc::clone(&clock_offset_ms);
+        let clock: Clock = Arc::new(move || now_ms() + offset.load(std::sync::atomic::Ordering::Relaxed));
         let metrics = Metrics::new().unwrap();
         let push_sink = Arc::new(MemoryPushSink::default());
         let push = PushQueue::start(Arc::clone(&push_sink) as Arc<dyn kalandra_server::push::PushSink>);
@@ -114,6 +118,7 @@ impl TestServer {
             metrics,
             push_sink,
             data_dir: None,
+            clock_offset_ms,
             stop,
             serving,
             group_commit,
@@ -129,6 +134,11 @@ impl TestServer {
             TIMEOUT,
         )
         .await
+    }
+
+    /// Moves the server's clock forward.
+    pub fn advance_clock(&self, by_ms: u64) {
+        self.clock_offset_ms.fetch_add(by_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub async fn stop(self) -> Option<tempfile::TempDir> {
