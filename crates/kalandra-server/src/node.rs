@@ -398,6 +398,7 @@ pub struct Node {
     health: Arc<NodeHealth>,
     /// The moderation writer; it ends once every shard has stopped.
     writer_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    clock: Clock,
 }
 
 /// Why the room core could not start.
@@ -480,7 +481,7 @@ impl Node {
         }
         drop(moderation_writer);
         let writer_task = Arc::new(Mutex::new(Some(writer_task)));
-        Ok(Node { shards: Arc::new(shards), online, store, health, writer_task })
+        Ok(Node { shards: Arc::new(shards), online, store, health, writer_task, clock })
     }
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
@@ -514,6 +515,11 @@ impl Node {
     /// The node's health counters.
     pub fn health(&self) -> &Arc<NodeHealth> {
         &self.health
+    }
+
+    /// The room core's current time, ms since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
     }
 
     /// The node's store (the admin API reads the audit log from it).

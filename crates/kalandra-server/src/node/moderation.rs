@@ -131,6 +131,8 @@ pub struct RoomInfo {
     pub server_proposals_pending: usize,
     /// Log index and time of the first of them.
     pub pending_since: Option<(u64, u64)>,
+    /// Members whose removal those proposals ask for.
+    pub removals_pending: Vec<SenderId>,
 }
 
 /// A room in a listing.
@@ -479,6 +481,7 @@ impl<G: PersistentGroup> Shard<G> {
             bans: room.sequencer.bans(),
             server_proposals_pending: pending.refs.len(),
             pending_since: pending.since,
+            removals_pending: room.sequencer.group().pending_server_removals().unwrap_or_default(),
         })
     }
 
