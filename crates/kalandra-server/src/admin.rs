@@ -220,6 +220,13 @@ mod tests {
         assert!(scrape.body.contains("kalandra_rejections_total{code=\"Banned\"} 1\n"), "{}", scrape.body);
 
         assert_eq!(request(address, "GET", "/nowhere").await.status, 404);
+        // Before the rooms are recovered the API is not ready; the document is served.
+        let early = request(address, "GET", "/v1/rooms").await;
+        assert_eq!(early.status, 503);
+        assert!(early.body.contains("\"not_ready\""), "{}", early.body);
+        let document = request(address, "GET", "/openapi.json").await;
+        assert_eq!(document.status, 200);
+        assert!(document.body.contains("\"openapi\""));
         assert_eq!(request(address, "POST", HEALTHZ_PATH).await.status, 405);
 
         stop.send(()).expect("server still running");

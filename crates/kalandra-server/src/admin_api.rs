@@ -225,7 +225,7 @@ fn parse_room(text: &str) -> Result<RoomId, ApiError> {
 }
 
 fn parse_user(text: &str) -> Result<SenderId, ApiError> {
-    if text.len() != 16 {
+    if text.len() != 16 || !text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
         return Err(ApiError::malformed("a user id is 16 hex digits"));
     }
     u64::from_str_radix(text, 16).map(SenderId).map_err(|_| ApiError::malformed("a user id is 16 hex digits"))
@@ -770,4 +770,49 @@ async fn audit_verify(State(state): State<AdminState>, headers: HeaderMap) -> Re
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_moderation_failure_has_a_status_and_a_stable_code() {
+        let cases = [
+            (ModerationFailure::UnknownRoom, 404, "unknown_room"),
+            (ModerationFailure::NotMember(SenderId(1)), 404, "unknown_member"),
+            (ModerationFailure::RemovalPending(SenderId(1)), 409, "removal_pending"),
+            (ModerationFailure::NotBanned(SenderId(1)), 409, "not_banned"),
+            (ModerationFailure::Refused(ModerationError::RoleHeld), 409, "role_held"),
+            (ModerationFailure::Refused(ModerationError::RoleNotHeld), 409, "role_not_held"),
+            (ModerationFailure::Refused(ModerationError::AdminRoleFixed), 409, "admin_role_fixed"),
+            (ModerationFailure::Refused(ModerationError::TooManyRoles), 409, "limit_reached"),
+            (ModerationFailure::Sequencer(SubmitError::TooManyBans), 409, "limit_reached"),
+            (ModerationFailure::Sequencer(SubmitError::TooManyServerProposals), 409, "limit_reached"),
+            (ModerationFailure::Refused(ModerationError::Forbidden("no")), 403, "insufficient_scope"),
+            (ModerationFailure::Busy, 429, "busy"),
+            (ModerationFailure::Sequencer(SubmitError::Overloaded { in_flight: 1 }), 429, "busy"),
+            (ModerationFailure::Stopped, 503, "shutting_down"),
+            (ModerationFailure::Storage("disk".into()), 503, "storage_unavailable"),
+            (ModerationFailure::Sequencer(SubmitError::Recovering), 503, "storage_unavailable"),
+        ];
+        let documented: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        let codes = documented["components"]["schemas"]["Error"]["properties"]["code"]["enum"].clone();
+        for (failure, status, code) in cases {
+            let error = ApiError::from(failure.clone());
+            assert_eq!((error.status.as_u16(), error.code), (status, code), "{failure:?}");
+            assert!(codes.as_array().unwrap().iter().any(|c| c == code), "{code} is documented");
+        }
+    }
+
+    #[test]
+    fn ids_and_roles_parse_strictly() {
+        assert_eq!(parse_room(&"ab".repeat(16)).unwrap(), RoomId([0xab; 16]));
+        assert!(parse_room("ab").is_err() && parse_room(&"zz".repeat(16)).is_err());
+        assert_eq!(parse_user("00000000000000ff").unwrap(), SenderId(255));
+        assert!(parse_user("ff").is_err() && parse_user("+000000000000000").is_err());
+        assert_eq!(parse_role("moderator").unwrap(), Role::Moderator);
+        assert!(parse_role("Moderator").is_err());
+        assert!(same(&[1; 32], &[1; 32]) && !same(&[1; 32], &[2; 32]));
+    }
 }

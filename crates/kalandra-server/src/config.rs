@@ -624,8 +624,13 @@ rooms_per_user_max = 7
             log_format: Some(LogFormat::Text),
             log_filter: Some("debug".to_owned()),
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
+            admin_token: Some("flag-operator-token-01".to_owned()),
+            admin_read_token: Some("flag-read-only-token-01".to_owned()),
+            command: None,
         };
         let overridden = ServerConfig::load(&cli).expect("flags");
+        assert_eq!(overridden.admin_token, Some(Secret("flag-operator-token-01".to_owned())));
+        assert_eq!(overridden.admin_read_token, Some(Secret("flag-read-only-token-01".to_owned())));
         assert_eq!(overridden.push_webhook_url.as_deref(), Some("http://127.0.0.1:6002/push"));
         assert_eq!(overridden.data_dir, PathBuf::from("/tmp/elsewhere"));
         assert_eq!(overridden.listen.to_string(), "127.0.0.1:6000");
@@ -724,6 +729,23 @@ rooms_per_user_max = 7
         assert_eq!(cli.log_format, Some(LogFormat::Json));
         assert!(CliArgs::try_parse_from(["kalandra-server", "--listen", "nowhere"]).is_err());
         assert!(CliArgs::try_parse_from(["kalandra-server", "--log-format", "xml"]).is_err());
+        let audit = CliArgs::try_parse_from([
+            "kalandra-server",
+            "--data-dir",
+            "/d",
+            "audit",
+            "verify",
+            "--file",
+            "x.json",
+        ])
+        .expect("audit command parses");
+        assert_eq!(
+            audit.command,
+            Some(ServerCommand::Audit {
+                action: AuditCommand::Verify { file: Some(PathBuf::from("x.json")) }
+            })
+        );
+        assert!(CliArgs::try_parse_from(["kalandra-server", "audit", "rewrite"]).is_err());
     }
 
     #[test]
