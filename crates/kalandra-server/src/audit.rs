@@ -355,7 +355,7 @@ mod tests {
     fn event(i: u64) -> AuditEvent {
         AuditEvent {
             time_ms: 1_000 + i,
-            actor_kind: if i % 2 == 0 { ActorKind::Operator } else { ActorKind::Member },
+            actor_kind: if i.is_multiple_of(2) { ActorKind::Operator } else { ActorKind::Member },
             actor_id: (i % 2 == 1).then_some(i),
             action: AuditAction::Kick,
             room: Some("00".repeat(16)),

@@ -25,7 +25,8 @@ pub const LISTEN_DEFAULT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, LISTEN_PORT_DEFAULT));
 /// Default admin HTTP port.
 pub const ADMIN_LISTEN_PORT_DEFAULT: u16 = 9090;
-/// Default admin HTTP address: loopback only (the admin surface has no authentication).
+/// Default admin HTTP address: loopback only (health and metrics have no
+/// authentication, and the admin API's token travels in plain HTTP).
 pub const ADMIN_LISTEN_DEFAULT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, ADMIN_LISTEN_PORT_DEFAULT));
 /// Default log format.
@@ -108,7 +109,7 @@ pub struct CliArgs {
     /// QUIC listen address.
     #[arg(long, env = "KALANDRA_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Admin HTTP listen address (health, readiness, metrics).
+    /// Admin HTTP listen address (health, readiness, metrics, admin API).
     #[arg(long, env = "KALANDRA_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
     /// Log format.
