@@ -212,6 +212,11 @@ impl Connection {
         }
     }
 
+    /// Takes the frames received and not yet read, in order, without waiting.
+    pub fn take_buffered(&mut self) -> Vec<Frame> {
+        self.received.drain(..).collect()
+    }
+
     /// Sends `frame` and waits for the reply with the same request id
     /// (see [`Connection::wait_reply`]).
     pub async fn request(&mut self, frame: &Frame) -> Result<Frame, ConnectionError> {

@@ -7,13 +7,19 @@
 //! - [`push`]: push-notification keys (PCEK), the key cache a Notification
 //!   Service Extension reads, and `decrypt_push`, which needs no MLS state.
 //! - [`state`]: the client's connection and membership state machine (pure).
+//! - [`store`]: the device's embedded store (redb), encrypted at rest under
+//!   a key the application supplies.
+//! - [`client`]: a device — identity, rooms, outbox, history — persisted in
+//!   the store and driven over one connection (what apps and the CLI use).
 //! - [`connection`], [`tls`]: the QUIC driver and its client TLS.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod connection;
 pub mod mls;
 pub mod moderation;
 pub mod push;
 pub mod sender_keys;
 pub mod state;
+pub mod store;
 pub mod tls;

@@ -656,6 +656,187 @@ impl SenderKeyState {
     }
 }
 
+/// Format version of [`SenderKeyState::to_bytes`].
+pub const SENDER_KEY_STATE_FORMAT_VERSION: u8 = 1;
+/// Most member leaves a serialized state may list (the MLS tree's bound).
+pub const SERIALIZED_MEMBERS_MAX: usize = 1 << 20;
+
+/// Why a serialized [`SenderKeyState`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SenderKeyStateDecodeError {
+    /// The bytes end early.
+    #[error("sender-key state truncated")]
+    Truncated,
+    /// Bytes follow the state.
+    #[error("{extra_bytes} bytes after the sender-key state")]
+    TrailingBytes {
+        /// How many.
+        extra_bytes: usize,
+    },
+    /// Written by another format version.
+    #[error("unknown sender-key state format {version}")]
+    UnknownVersion {
+        /// The version found.
+        version: u8,
+    },
+    /// A count or position breaks a bound the live state keeps.
+    #[error("invalid sender-key state: {detail}")]
+    Invalid {
+        /// Which rule.
+        detail: &'static str,
+    },
+}
+
+/// A collection's length as the `u32` the format stores; every collection
+/// of the state is bounded far below `u32::MAX`.
+fn count_u32(len: usize) -> u32 {
+    u32::try_from(len).expect("state collections are bounded below u32::MAX")
+}
+
+struct StateReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> StateReader<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], SenderKeyStateDecodeError> {
+        if self.bytes.len() < len {
+            return Err(SenderKeyStateDecodeError::Truncated);
+        }
+        let (head, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SenderKeyStateDecodeError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+    fn u32(&mut self) -> Result<u32, SenderKeyStateDecodeError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, SenderKeyStateDecodeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn count(&mut self, max: usize) -> Result<usize, SenderKeyStateDecodeError> {
+        let count = self.u32()? as usize;
+        if count > max {
+            return Err(SenderKeyStateDecodeError::Invalid { detail: "count above its bound" });
+        }
+        Ok(count)
+    }
+}
+
+impl SenderKeyState {
+    /// The whole state as bytes, for an encrypted client store: chains and
+    /// the skipped keys not yet used, so a restarted client neither reuses a
+    /// sending generation nor accepts a replay. The bytes are secret.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            96 + self.members.len() * 4 + self.receiving.len() * 52 + self.skipped.len() * 72,
+        );
+        out.push(SENDER_KEY_STATE_FORMAT_VERSION);
+        out.extend_from_slice(&self.room_id.0);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.own_leaf.to_be_bytes());
+        out.extend_from_slice(&self.root.0);
+        out.extend_from_slice(&count_u32(self.members.len()).to_be_bytes());
+        for leaf in &self.members {
+            out.extend_from_slice(&leaf.to_be_bytes());
+        }
+        out.extend_from_slice(&self.sending.key.0);
+        out.extend_from_slice(&self.sending.next.to_be_bytes());
+        out.extend_from_slice(&count_u32(self.receiving.len()).to_be_bytes());
+        for (leaf, receiving) in &self.receiving {
+            out.extend_from_slice(&leaf.to_be_bytes());
+            out.extend_from_slice(&receiving.chain.key.0);
+            out.extend_from_slice(&receiving.chain.next.to_be_bytes());
+            out.extend_from_slice(&receiving.oldest_kept.to_be_bytes());
+        }
+        out.extend_from_slice(&count_u32(self.skipped.len()).to_be_bytes());
+        for ((leaf, generation), stored) in &self.skipped {
+            out.extend_from_slice(&leaf.to_be_bytes());
+            out.extend_from_slice(&generation.to_be_bytes());
+            out.extend_from_slice(&stored.order.to_be_bytes());
+            out.extend_from_slice(&stored.key.key.0);
+            out.extend_from_slice(&stored.key.nonce.0);
+        }
+        out.extend_from_slice(&self.next_order.to_be_bytes());
+        out
+    }
+
+    /// Reads a state written by [`Self::to_bytes`], checking every bound the
+    /// live state keeps.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SenderKeyStateDecodeError> {
+        let mut reader = StateReader { bytes };
+        let version = reader.array::<1>()?[0];
+        if version != SENDER_KEY_STATE_FORMAT_VERSION {
+            return Err(SenderKeyStateDecodeError::UnknownVersion { version });
+        }
+        let room_id = RoomId(reader.array()?);
+        let epoch = reader.u64()?;
+        let own_leaf = reader.u32()?;
+        let root = Secret(reader.array()?);
+        let member_count = reader.count(SERIALIZED_MEMBERS_MAX)?;
+        let mut members = BTreeSet::new();
+        for _ in 0..member_count {
+            members.insert(reader.u32()?);
+        }
+        let sending = Chain { key: Secret(reader.array()?), next: reader.u64()? };
+        if sending.next > u64::from(u32::MAX) + 1 {
+            return Err(SenderKeyStateDecodeError::Invalid { detail: "sending generation past the chain" });
+        }
+        let receiving_count = reader.count(member_count)?;
+        let mut receiving = BTreeMap::new();
+        for _ in 0..receiving_count {
+            let leaf = reader.u32()?;
+            let chain = Chain { key: Secret(reader.array()?), next: reader.u64()? };
+            let oldest_kept = reader.u32()?;
+            if !members.contains(&leaf) || chain.next > u64::from(u32::MAX) + 1 {
+                return Err(SenderKeyStateDecodeError::Invalid { detail: "receiving chain" });
+            }
+            receiving.insert(leaf, ReceivingChain { chain, oldest_kept, stored: 0 });
+        }
+        let skipped_count = reader.count(SKIPPED_KEYS_PER_EPOCH_MAX)?;
+        let mut skipped = BTreeMap::new();
+        let mut skipped_order = BTreeMap::new();
+        for _ in 0..skipped_count {
+            let leaf = reader.u32()?;
+            let generation = reader.u32()?;
+            let order = reader.u64()?;
+            let key = MessageKey { key: Secret(reader.array()?), nonce: Secret(reader.array()?) };
+            let Some(chain) = receiving.get_mut(&leaf) else {
+                return Err(SenderKeyStateDecodeError::Invalid { detail: "skipped key of no chain" });
+            };
+            if u64::from(generation) >= chain.chain.next || chain.stored >= SKIPPED_KEYS_PER_SENDER_MAX {
+                return Err(SenderKeyStateDecodeError::Invalid { detail: "skipped key" });
+            }
+            chain.stored += 1;
+            if skipped.insert((leaf, generation), StoredKey { order, key }).is_some()
+                || skipped_order.insert(order, (leaf, generation)).is_some()
+            {
+                return Err(SenderKeyStateDecodeError::Invalid { detail: "duplicate skipped key" });
+            }
+        }
+        let next_order = reader.u64()?;
+        if skipped_order.last_key_value().is_some_and(|(&order, _)| order >= next_order) {
+            return Err(SenderKeyStateDecodeError::Invalid { detail: "skipped key order" });
+        }
+        if !reader.bytes.is_empty() {
+            return Err(SenderKeyStateDecodeError::TrailingBytes { extra_bytes: reader.bytes.len() });
+        }
+        Ok(SenderKeyState {
+            room_id,
+            epoch,
+            own_leaf,
+            root,
+            members,
+            sending,
+            receiving,
+            skipped,
+            skipped_order,
+            next_order,
+        })
+    }
+}
+
 /// Checks that `frame` is from the member whose identity key (its MLS
 /// credential identity) is `member_identity_key`: its `sender_id` is that
 /// key's, and its signature verifies under the key.
@@ -774,6 +955,58 @@ mod tests {
         assert_eq!(message_key.key.0.as_slice(), &okm[0..32]);
         assert_eq!(message_key.nonce.0.as_slice(), &okm[32..56]);
         assert_eq!(next.0.as_slice(), &okm[56..88]);
+    }
+
+    #[test]
+    fn a_restored_state_continues_both_chains_and_keeps_replay_protection() {
+        let mut alice = SenderKeyState::new(ROOM, 3, &SECRET, 0, [0, 1]);
+        let mut bob = SenderKeyState::new(ROOM, 3, &SECRET, 1, [0, 1]);
+        let sealed: Vec<Sealed> =
+            (0..4).map(|i| alice.encrypt(SenderId(10), format!("m{i}").as_bytes()).unwrap()).collect();
+        // Bob reads 0 and 3 (1 and 2 stay as skipped keys), then restarts.
+        bob.decrypt(0, SenderId(10), 0, &sealed[0].ciphertext).unwrap();
+        bob.decrypt(0, SenderId(10), 3, &sealed[3].ciphertext).unwrap();
+        let bytes = bob.to_bytes();
+        let mut restored = SenderKeyState::from_bytes(&bytes).unwrap();
+        assert_eq!(restored.to_bytes(), bytes);
+        assert_eq!(restored.stored_skipped_keys(), 2);
+        assert_eq!(restored.decrypt(0, SenderId(10), 2, &sealed[2].ciphertext).unwrap(), b"m2");
+        for used in [0, 2, 3] {
+            let error = restored.decrypt(0, SenderId(10), used, &sealed[used as usize].ciphertext);
+            assert!(matches!(error, Err(DecryptError::Replay { .. })), "{used}: {error:?}");
+        }
+        // Alice restarts and never reuses a generation.
+        let mut alice = SenderKeyState::from_bytes(&alice.to_bytes()).unwrap();
+        assert_eq!(alice.encrypt(SenderId(10), b"m4").unwrap().generation, 4);
+    }
+
+    #[test]
+    fn damaged_serialized_states_are_refused_with_a_reason() {
+        let mut bob = SenderKeyState::new(ROOM, 3, &SECRET, 1, [0, 1]);
+        let mut alice = SenderKeyState::new(ROOM, 3, &SECRET, 0, [0, 1]);
+        let _ = alice.encrypt(SenderId(10), b"0").unwrap();
+        let sealed = alice.encrypt(SenderId(10), b"1").unwrap();
+        bob.decrypt(0, SenderId(10), 1, &sealed.ciphertext).unwrap();
+        let bytes = bob.to_bytes();
+        for len in 0..bytes.len() {
+            assert_eq!(
+                SenderKeyState::from_bytes(&bytes[..len]).unwrap_err(),
+                SenderKeyStateDecodeError::Truncated,
+                "{len}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            SenderKeyState::from_bytes(&longer).unwrap_err(),
+            SenderKeyStateDecodeError::TrailingBytes { extra_bytes: 1 }
+        );
+        let mut other_version = bytes.clone();
+        other_version[0] = 9;
+        assert_eq!(
+            SenderKeyState::from_bytes(&other_version).unwrap_err(),
+            SenderKeyStateDecodeError::UnknownVersion { version: 9 }
+        );
     }
 
     #[test]

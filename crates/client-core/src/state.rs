@@ -34,10 +34,12 @@
 //! | PendingCommit t (member) | CommitAcked t | Synchronized t | MergePendingCommit, EnterEpoch t |
 //! | PendingCommit t (member) | WrongEpoch c > t-1 | Synchronized t-1 | DiscardPendingCommit, SyncFrom, ReapplyIntent |
 //! | PendingCommit t (member) | CommitFromOthers t | Synchronized t | EnterEpoch t, ReapplyIntent |
+//! | PendingCommit t (member) | CommitRefused | Synchronized t-1 | DiscardPendingCommit |
 //! | PendingCommit t (member) | Removed | PendingWelcome | DeleteGroup |
 //! | PendingCommit t (member) | ConnectionLost | Disconnected(PendingCommit t) | — |
 //! | PendingCommit t (join) | CommitAcked t | Synchronized t | EnterEpoch t, Subscribe |
 //! | PendingCommit t (join) | WrongEpoch c > t-1 | PendingWelcome | DeleteGroup, ReapplyIntent |
+//! | PendingCommit t (join) | CommitRefused | PendingWelcome | DeleteGroup |
 //! | PendingCommit t (join) | ConnectionLost | Disconnected(Join) | DeleteGroup, ReapplyIntent |
 //!
 //! Every other pair is illegal. A member's pending commit survives a lost
@@ -135,6 +137,10 @@ pub enum Event {
         /// Log index of the frame that started `current_epoch`.
         log_index: u64,
     },
+    /// The server refused our pending commit (or external join) for good,
+    /// for another reason than the epoch (invalid, forbidden): it will
+    /// never be sequenced.
+    CommitRefused,
     /// Another member's commit from the log was applied: the room is at `epoch`.
     CommitFromOthers {
         /// The epoch after the commit.
@@ -306,7 +312,9 @@ impl ClientState {
                 ClientState::PendingCommit { target_epoch: epoch, kind: CommitKind::ExternalJoin },
                 vec![],
             )),
-            Event::CommitAcked { .. } | Event::WrongEpoch { .. } => Err(Violation::NoCommitPending),
+            Event::CommitAcked { .. } | Event::WrongEpoch { .. } | Event::CommitRefused => {
+                Err(Violation::NoCommitPending)
+            }
             Event::CommitSent { .. } | Event::CommitFromOthers { .. } | Event::Removed => {
                 Err(Violation::NotMember)
             }
@@ -330,7 +338,9 @@ impl ClientState {
                 }
                 Ok((ClientState::PendingCommit { target_epoch, kind: CommitKind::Member }, vec![]))
             }
-            Event::CommitAcked { .. } | Event::WrongEpoch { .. } => Err(Violation::NoCommitPending),
+            Event::CommitAcked { .. } | Event::WrongEpoch { .. } | Event::CommitRefused => {
+                Err(Violation::NoCommitPending)
+            }
             Event::CommitFromOthers { epoch: found } => {
                 let expected = next_epoch()?;
                 if found != expected {
@@ -373,6 +383,9 @@ impl ClientState {
                     ClientState::Synchronized { epoch },
                     vec![Action::DiscardPendingCommit, Action::SyncFrom { log_index }, Action::ReapplyIntent],
                 ))
+            }
+            Event::CommitRefused => {
+                Ok((ClientState::Synchronized { epoch }, vec![Action::DiscardPendingCommit]))
             }
             Event::CommitFromOthers { epoch: found } => {
                 if found != target_epoch {
@@ -417,6 +430,7 @@ impl ClientState {
                 }
                 Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup, Action::ReapplyIntent]))
             }
+            Event::CommitRefused => Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup])),
             Event::CommitFromOthers { .. } | Event::Removed => Err(Violation::NotMember),
         }
     }
@@ -439,7 +453,7 @@ mod tests {
 
     const STATES: [ClientState; 7] = [D_JOIN, D_SYNC, D_COMMIT, WELCOME, SYNC, COMMIT, JOIN];
 
-    const EVENTS: [Event; 17] = [
+    const EVENTS: [Event; 18] = [
         Event::Connected,
         Event::ConnectionLost,
         Event::WelcomeReceived { epoch: 6 },
@@ -457,6 +471,7 @@ mod tests {
         Event::CommitFromOthers { epoch: 7 },
         Event::CommitFromOthers { epoch: 5 },
         Event::Removed,
+        Event::CommitRefused,
     ];
 
     type Expected = Result<(ClientState, &'static [Action]), Violation>;
@@ -478,13 +493,13 @@ mod tests {
     /// The expected outcome of every state (rows, as in `STATES`) and event
     /// (columns, as in `EVENTS`).
     #[rustfmt::skip]
-    const TABLE: [[Expected; 17]; 7] = [
+    const TABLE: [[Expected; 18]; 7] = [
         // D_JOIN
-        [Ok((WELCOME, &[])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
+        [Ok((WELCOME, &[])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // D_SYNC
-        [Ok((SYNC, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
+        [Ok((SYNC, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // D_COMMIT
-        [Ok((COMMIT, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
+        [Ok((COMMIT, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // WELCOME
         [
             AC,
@@ -498,6 +513,7 @@ mod tests {
             NP, NP, NP,
             NM, NM, NM,
             NM,
+            NP,
         ],
         // SYNC (epoch 5)
         [
@@ -512,6 +528,7 @@ mod tests {
             unexpected(6, 7),
             unexpected(6, 5),
             Ok((WELCOME, &[Action::DeleteGroup])),
+            NP,
         ],
         // COMMIT (member, target 6)
         [
@@ -537,6 +554,7 @@ mod tests {
             unexpected(6, 7),
             unexpected(6, 5),
             Ok((WELCOME, &[Action::DeleteGroup])),
+            Ok((SYNC, &[Action::DiscardPendingCommit])),
         ],
         // JOIN (external, target 6)
         [
@@ -551,6 +569,7 @@ mod tests {
             not_ahead(5, 4),
             NM, NM, NM,
             NM,
+            Ok((WELCOME, &[Action::DeleteGroup])),
         ],
     ];
 
@@ -575,7 +594,7 @@ mod tests {
             }
         }
         // One per row of the transition table in the module documentation.
-        assert_eq!(legal, 18);
+        assert_eq!(legal, 20);
     }
 
     #[test]
@@ -603,6 +622,7 @@ mod tests {
                 | Event::CommitAcked { .. }
                 | Event::WrongEpoch { .. }
                 | Event::CommitFromOthers { .. }
+                | Event::CommitRefused
                 | Event::Removed => {}
             }
         }
@@ -688,6 +708,7 @@ mod tests {
                 .prop_map(|(current_epoch, log_index)| Event::WrongEpoch { current_epoch, log_index }),
             epoch.prop_map(|epoch| Event::CommitFromOthers { epoch }),
             Just(Event::Removed),
+            Just(Event::CommitRefused),
         ]
     }
 

@@ -39,6 +39,18 @@ pub fn fingerprint_sha256(certificate: &CertificateDer<'_>) -> [u8; 32] {
     Sha256::digest(certificate.as_ref()).into()
 }
 
+/// SHA-256 fingerprint of the first certificate in the PEM file at `path`
+/// (e.g. the server's `tls/cert.pem`).
+pub fn fingerprint_of_pem_file(path: &Path) -> Result<[u8; 32], ClientTlsError> {
+    let roots_error = |detail: String| ClientTlsError::Roots { path: path.display().to_string(), detail };
+    let first = CertificateDer::pem_file_iter(path)
+        .map_err(|e| roots_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| roots_error("no certificate in the file".into()))?
+        .map_err(|e| roots_error(e.to_string()))?;
+    Ok(fingerprint_sha256(&first))
+}
+
 /// Parses a fingerprint written as 64 hex digits (colons allowed).
 pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
     let digits: Vec<u8> = text.trim().bytes().filter(|b| *b != b':').collect();

@@ -1165,8 +1165,8 @@ impl<G: PersistentGroup> Shard<G> {
             // A commit's Welcomes are stored before its acknowledgement goes
             // out, so an acknowledged add never loses its Welcome in a crash.
             for effect in &effects {
-                if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, .. } = effect {
-                    let frame = welcome_frame(room_id, welcome, ratchet_tree);
+                if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, log_index } = effect {
+                    let frame = welcome_frame(room_id, *log_index, welcome, ratchet_tree);
                     if let Err(error) = store_welcomes(Arc::clone(&self.store), recipients, frame).await {
                         tracing::error!(%room_id, %error, "storage failed storing Welcomes; the node stops and recovers on restart");
                         self.health.failed.store(true, Ordering::Release);
@@ -1348,12 +1348,16 @@ fn offer_pushes<G: PersistentGroup>(
     }
 }
 
-fn welcome_frame(room_id: RoomId, welcome: &Bytes, ratchet_tree: &Bytes) -> Bytes {
+/// The `Welcome` frame for a recipient. Its header's log index is that of
+/// the commit that made it: the joiner reads the room's log after it.
+fn welcome_frame(room_id: RoomId, commit_log_index: u64, welcome: &Bytes, ratchet_tree: &Bytes) -> Bytes {
     let payload = payload::Welcome {
         welcome: welcome.to_vec(),
         ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
     };
-    server_frame(room_id, 0, &payload)
+    let mut header = FrameHeaderBuf::new(Opcode::Welcome);
+    header.set_room_id(room_id).set_log_index(commit_log_index);
+    Frame::with_payload(header, &payload).expect("a Welcome fits its opcode").to_bytes()
 }
 
 /// Stores a Welcome for every recipient in one durable transaction. A

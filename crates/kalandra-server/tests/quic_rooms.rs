@@ -28,8 +28,9 @@ async fn three_member_room(server: &TestServer) -> (TestClient, TestClient, Test
     let reply = alice.add(&[bob_id, carol_id]).await;
     let ack: Ack = decode_ok(&reply);
     assert_eq!((ack.log_index, ack.epoch), (1, 1));
-    bob.join_from_welcome(ROOM).await;
-    carol.join_from_welcome(ROOM).await;
+    // A Welcome names the log index of the commit that made it.
+    assert_eq!(bob.join_from_welcome(ROOM).await, ack.log_index);
+    assert_eq!(carol.join_from_welcome(ROOM).await, ack.log_index);
     for member in [&mut bob, &mut carol] {
         member.subscribe(2).await;
         assert_eq!(sync_done(&member.next_of(Opcode::SyncDone).await).next_log_index, 2);

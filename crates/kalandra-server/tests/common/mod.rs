@@ -313,8 +313,9 @@ impl TestClient {
         reply
     }
 
-    /// Waits for a Welcome and joins.
-    pub async fn join_from_welcome(&mut self, room: RoomId) {
+    /// Waits for a Welcome and joins; returns the log index the Welcome's
+    /// header carries (that of the commit that made it).
+    pub async fn join_from_welcome(&mut self, room: RoomId) -> u64 {
         let frame = self.next_of(Opcode::Welcome).await;
         let welcome: Welcome = frame.decode_payload().unwrap();
         let group =
@@ -323,6 +324,7 @@ impl TestClient {
         assert_eq!(group.room_id(), room.0);
         self.group = Some(group);
         self.room = room;
+        frame.header().log_index()
     }
 
     pub async fn subscribe(&mut self, from_log_index: u64) -> Frame {

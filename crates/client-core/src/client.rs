@@ -1,0 +1,1582 @@
+//! A device: identity, rooms, outbox and history, persisted in an encrypted
+//! [`ClientStore`] and driven over one [`Connection`].
+//!
+//! This is the layer apps and the `kalandra` CLI use. It is a driver: the
+//! decisions are made by the pure parts ([`crate::mls::RoomGroup`],
+//! [`crate::sender_keys`], [`crate::state`]); this module adds the
+//! connection, the store and the clock.
+//!
+//! # Crash safety
+//!
+//! The MLS state, each room's next log index, its sender-key state, the
+//! outbox and the history are written together in one store transaction (a
+//! *checkpoint*) after each step, so a restarted client resumes from a
+//! consistent point:
+//!
+//! - frames after the checkpoint are read again from the server and applied
+//!   again (nothing before it is applied twice: the log index is the cursor);
+//! - a message is sealed and put in the outbox, with the sending chain
+//!   advanced, in one checkpoint *before* it is sent, so a generation is
+//!   never reused. After a restart the outbox entry is resolved by the log:
+//!   if the room's log holds our frame of that epoch and generation, it was
+//!   sequenced (recorded, not resent); otherwise it is sent again, resealed
+//!   if the epoch moved on. Receivers refuse a replayed generation, so even
+//!   a frame sequenced twice shows once;
+//! - a commit is kept pending in the MLS state with its frame, and settled
+//!   by the log the same way (our commit in the log: merged; another
+//!   commit for that epoch: discarded and the intent redone; neither: sent
+//!   again).
+//!
+//! Failed sends are retried with exponential backoff ([`backoff_ms`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use kalandra_proto::payload::{
+    self, Ack, Application, Commit, CreateRoom, ExternalJoin, GroupInfo, GroupInfoRequest, KeyPackageClaim,
+    KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync, SyncDone, Welcome,
+};
+use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
+use openmls_memory_storage::MemoryStorage;
+use openmls_traits::OpenMlsProvider as _;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::connection::{client_config_pinned, Connection, ConnectionError};
+use crate::mls::{
+    generate_key_packages, generate_last_resort_key_package, CommitError, CreateRoomError, ExportError,
+    HandshakeOutcome, Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError,
+    ProcessError, RoomGroup, SeededCrypto, StorageError,
+};
+use crate::sender_keys::{
+    open_application, seal_application, SealError, SenderKeyState, SenderKeyStateDecodeError,
+};
+use crate::state::{Action, ClientState, Event, Resume};
+use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
+
+/// File name of the store inside a client's data directory.
+pub const STORE_FILE_NAME: &str = "client.redb";
+/// Key packages kept on the server: refilled to this many when low.
+pub const KEY_PACKAGES_TARGET: u32 = 32;
+/// Refill when fewer than this many are left.
+pub const KEY_PACKAGES_LOW_WATERMARK: u32 = 8;
+/// Messages waiting in the outbox at most.
+pub const OUTBOX_ENTRIES_MAX: usize = 1024;
+/// Attempts of one commit (invite) before giving up on repeated `WrongEpoch`.
+pub const COMMIT_ATTEMPTS_MAX: u32 = 8;
+/// Attempts of one send within one call before leaving it to the outbox.
+pub const SEND_ATTEMPTS_MAX: u32 = 8;
+/// First retry delay of the outbox.
+pub const BACKOFF_INITIAL_MS: u64 = 250;
+/// Longest retry delay of the outbox.
+pub const BACKOFF_MAX_MS: u64 = 30_000;
+/// Frames asked for per `Sync` request.
+pub const SYNC_FRAMES_PER_REQUEST: u32 = 1024;
+/// `Sync` rounds of one catch-up (bounds the loop: 4 M frames).
+pub const CATCH_UP_ROUNDS_MAX: usize = 4096;
+/// Longest message body.
+pub const MESSAGE_BYTES_MAX: usize = 60 * 1024;
+/// Frames read while waiting for one Welcome, at most.
+pub const WELCOME_WAIT_FRAMES_MAX: usize = 100_000;
+
+const _: () = assert!(KEY_PACKAGES_LOW_WATERMARK < KEY_PACKAGES_TARGET);
+const _: () = assert!(BACKOFF_INITIAL_MS < BACKOFF_MAX_MS);
+const _: () = assert!(SYNC_FRAMES_PER_REQUEST <= kalandra_proto::limits::SYNC_FRAMES_PER_REQUEST_MAX);
+
+/// Delay before retry number `attempts` (1-based) of a failed send:
+/// `BACKOFF_INITIAL_MS · 2^(attempts-1)`, at most [`BACKOFF_MAX_MS`].
+pub fn backoff_ms(attempts: u32) -> u64 {
+    let shift = attempts.saturating_sub(1).min(30);
+    BACKOFF_INITIAL_MS.saturating_mul(1u64 << shift).min(BACKOFF_MAX_MS)
+}
+
+/// Where the server is and how to recognise it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerTarget {
+    /// UDP address of its QUIC listener.
+    pub address: SocketAddr,
+    /// TLS server name.
+    pub server_name: String,
+    /// SHA-256 of its certificate (pinned).
+    pub fingerprint: [u8; 32],
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// There is no client in the directory.
+    #[error("no client in {path}: run `init` first")]
+    NotInitialised {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// `init` on a directory that has a client.
+    #[error("a client already exists in {path}")]
+    AlreadyInitialised {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The operation needs a connection.
+    #[error("not connected to a server")]
+    NotConnected,
+    /// The room is not known to this device.
+    #[error("room {0} is unknown to this device")]
+    UnknownRoom(RoomId),
+    /// This device is not (or no longer) a member of the room.
+    #[error("not a member of room {0}")]
+    NotMember(RoomId),
+    /// The server refused the request.
+    #[error("the server refused: {name} ({code}): {message}")]
+    Refused {
+        /// The error code.
+        code: u16,
+        /// Its name.
+        name: &'static str,
+        /// The server's message.
+        message: String,
+    },
+    /// The user is not a member of the room.
+    #[error("{0} is not a member of the room")]
+    UnknownMember(SenderId),
+    /// A user to invite has no key package on the server.
+    #[error("{0} has no key package on the server (they must connect once first)")]
+    NoKeyPackage(SenderId),
+    /// No Welcome for the room arrived in time.
+    #[error("no invitation to room {room} arrived within {waited_ms} ms")]
+    NoWelcome {
+        /// The room.
+        room: RoomId,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// Repeated refusals (the room kept moving): the intent stays undone.
+    #[error("{what}: gave up after {attempts} attempts")]
+    RetriesExhausted {
+        /// What was attempted.
+        what: &'static str,
+        /// How often.
+        attempts: u32,
+    },
+    /// The outbox is full.
+    #[error("the outbox holds {OUTBOX_ENTRIES_MAX} messages already")]
+    OutboxFull,
+    /// The message is too long.
+    #[error("message of {len_bytes} bytes exceeds {MESSAGE_BYTES_MAX}")]
+    MessageTooLarge {
+        /// Its length.
+        len_bytes: usize,
+    },
+    /// A bug in this library: its state machine refused a transition.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The server sent something that breaks the protocol.
+    #[error("server misbehaved: {0}")]
+    Protocol(String),
+    /// The connection failed.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record does not parse.
+    #[error("stored state damaged: {0}")]
+    Corrupt(String),
+    /// Identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Key packages.
+    #[error(transparent)]
+    KeyPackage(#[from] KeyPackageError),
+    /// Creating a room.
+    #[error(transparent)]
+    CreateRoom(#[from] CreateRoomError),
+    /// Making a commit.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// Settling a commit.
+    #[error(transparent)]
+    PendingCommit(#[from] PendingCommitError),
+    /// Joining.
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    /// Processing a handshake message from the log.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// Exporting epoch secrets.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// MLS storage.
+    #[error(transparent)]
+    MlsStorage(#[from] StorageError),
+    /// Encrypting a message.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// Stored sender keys.
+    #[error(transparent)]
+    SenderKeys(#[from] SenderKeyStateDecodeError),
+}
+
+impl ClientError {
+    fn refused(frame: &Frame) -> ClientError {
+        match frame.decode_payload::<payload::Error>() {
+            Ok(error) => ClientError::Refused {
+                code: error.code,
+                name: ErrorCode::from_u16(error.code).map_or("Unknown", ErrorCode::name),
+                message: error.message,
+            },
+            Err(error) => ClientError::Protocol(format!("undecodable Error frame: {error}")),
+        }
+    }
+
+    /// Whether the failure is the connection's (the operation can be retried
+    /// once connected again), not the request's.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ClientError::NotConnected | ClientError::Connection(_))
+    }
+
+    /// The server's error code, if the server refused.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// What a history entry holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageBody {
+    /// A message, decrypted.
+    Text(Vec<u8>),
+    /// A commit changed the room's members.
+    Membership {
+        /// The epoch after the commit.
+        epoch: u64,
+        /// Who joined.
+        added: Vec<u64>,
+        /// Who left or was removed.
+        removed: Vec<u64>,
+    },
+    /// A message this device cannot read (sent before it joined, or damaged).
+    Unreadable(String),
+}
+
+/// One entry of a room's history on this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The room.
+    pub room_id: [u8; 16],
+    /// Its log index.
+    pub log_index: u64,
+    /// Who sent it.
+    pub sender: u64,
+    /// When the server sequenced it, ms since the Unix epoch.
+    pub server_time_ms: u64,
+    /// Its content.
+    pub body: MessageBody,
+}
+
+/// A room as this device sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    /// The room.
+    pub room_id: RoomId,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its members' sender ids.
+    pub members: Vec<SenderId>,
+    /// The next log index this device will read.
+    pub next_log_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Intent {
+    Create,
+    Invite(Vec<u64>),
+    Remove(Vec<u64>),
+    Update,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingCommitRecord {
+    /// The signed frame as sent.
+    frame: Vec<u8>,
+    /// The epoch the commit was made in.
+    epoch: u64,
+    intent: Intent,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RoomRecord {
+    room_id: [u8; 16],
+    next_log_index: u64,
+    /// Whether the server acknowledged the room's creation.
+    confirmed: bool,
+    pending: Option<PendingCommitRecord>,
+    sender_keys: Option<Vec<u8>>,
+    removed: bool,
+    /// A commit of ours that another commit beat while we were away: redone
+    /// on the next connection.
+    #[serde(default)]
+    redo: Option<Intent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxRecord {
+    id: u64,
+    room_id: [u8; 16],
+    plaintext: Vec<u8>,
+    epoch: u64,
+    generation: u32,
+    frame: Vec<u8>,
+    attempts: u32,
+    next_attempt_ms: u64,
+}
+
+struct RoomEntry {
+    record: RoomRecord,
+    group: Option<RoomGroup>,
+    sender_keys: Option<SenderKeyState>,
+    /// The room's state machine ([`crate::state`]): every change of
+    /// membership, epoch and pending commit goes through it, and an event it
+    /// calls illegal is reported as [`ClientError::Internal`].
+    state: ClientState,
+}
+
+/// Moves a room's state machine.
+fn step(state: &mut ClientState, event: Event) -> Result<Vec<Action>, ClientError> {
+    let (next, actions) = state.apply(event).map_err(|illegal| ClientError::Internal(illegal.to_string()))?;
+    *state = next;
+    Ok(actions)
+}
+
+/// The state a room is in when the device starts (not connected).
+fn initial_state(record: &RoomRecord, group: Option<&RoomGroup>) -> ClientState {
+    let resume = match (group, &record.pending) {
+        (None, _) => Resume::Join,
+        (Some(group), Some(pending)) if pending.intent != Intent::Create => {
+            Resume::PendingCommit { target_epoch: group.epoch() + 1 }
+        }
+        (Some(group), _) => Resume::Synchronized { epoch: group.epoch() },
+    };
+    ClientState::Disconnected { resume }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("writing CBOR to a Vec cannot fail");
+    out
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, ClientError> {
+    ciborium::from_reader(bytes).map_err(|error| ClientError::Corrupt(format!("{what}: {error}")))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A device with its store, rooms and (when connected) its connection.
+pub struct Client {
+    directory: PathBuf,
+    store: ClientStore,
+    provider: MlsProvider,
+    identity: Identity,
+    signing_key: SigningKey,
+    rooms: BTreeMap<RoomId, RoomEntry>,
+    outbox: BTreeMap<u64, OutboxRecord>,
+    welcomes: BTreeMap<RoomId, Frame>,
+    persisted_mls: HashMap<Vec<u8>, Vec<u8>>,
+    pending_batch: WriteBatch,
+    connection: Option<Connection>,
+    server: Option<ServerTarget>,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("directory", &self.directory)
+            .field("sender_id", &self.sender_id())
+            .field("rooms", &self.rooms.len())
+            .field("outbox", &self.outbox.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Creates a new device in `directory` (an identity and an empty store
+    /// encrypted under `key`).
+    pub fn init(directory: &Path, key: &StoreKey) -> Result<Client, ClientError> {
+        let path = directory.join(STORE_FILE_NAME);
+        if path.exists() {
+            return Err(ClientError::AlreadyInitialised { path: directory.to_owned() });
+        }
+        std::fs::create_dir_all(directory)
+            .map_err(|e| StoreError::Io { operation: "create directory", detail: e.to_string() })?;
+        let store = ClientStore::open(&path, key)?;
+        let provider = MlsProvider::from_os_entropy();
+        let identity = Identity::generate(&provider)?;
+        let mut batch = WriteBatch::new();
+        batch.put(Namespace::Identity, b"identity", identity.secret_bytes().to_vec());
+        store.write(&batch)?;
+        Self::assemble(directory, store, provider, identity, Vec::new())
+    }
+
+    /// Opens the device in `directory` with `key`.
+    pub fn open(directory: &Path, key: &StoreKey) -> Result<Client, ClientError> {
+        let path = directory.join(STORE_FILE_NAME);
+        if !path.exists() {
+            return Err(ClientError::NotInitialised { path: directory.to_owned() });
+        }
+        let store = ClientStore::open(&path, key)?;
+        let records = store.load_records()?;
+        let mut mls = HashMap::new();
+        let mut identity = None;
+        let mut rest = Vec::new();
+        for record in records {
+            match record.namespace {
+                Namespace::Mls => {
+                    mls.insert(record.name, record.value);
+                }
+                Namespace::Identity => identity = Some(Identity::from_secret_bytes(&record.value)?),
+                _ => rest.push(record),
+            }
+        }
+        let identity = identity.ok_or_else(|| ClientError::Corrupt("no identity in the store".into()))?;
+        let storage = MemoryStorage { values: RwLock::new(mls) };
+        let provider = MlsProvider::with_storage(SeededCrypto::from_os_entropy(), storage);
+        Self::assemble(directory, store, provider, identity, rest)
+    }
+
+    fn assemble(
+        directory: &Path,
+        store: ClientStore,
+        provider: MlsProvider,
+        identity: Identity,
+        records: Vec<crate::store::Record>,
+    ) -> Result<Client, ClientError> {
+        let signing_key = SigningKey::from_bytes(&identity.secret_bytes());
+        let persisted_mls = provider.storage().values.read().expect("storage lock").clone();
+        let mut client = Client {
+            directory: directory.to_owned(),
+            store,
+            provider,
+            identity,
+            signing_key,
+            rooms: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            welcomes: BTreeMap::new(),
+            persisted_mls,
+            pending_batch: WriteBatch::new(),
+            connection: None,
+            server: None,
+            request_timeout: Duration::from_secs(10),
+        };
+        for record in records {
+            match record.namespace {
+                Namespace::Room => {
+                    let record: RoomRecord = decode(&record.value, "room")?;
+                    let room_id = RoomId(record.room_id);
+                    let group = if record.removed {
+                        None
+                    } else {
+                        RoomGroup::load(&client.provider, record.room_id)?
+                    };
+                    let sender_keys =
+                        record.sender_keys.as_deref().map(SenderKeyState::from_bytes).transpose()?;
+                    let state = initial_state(&record, group.as_ref());
+                    client.rooms.insert(room_id, RoomEntry { record, group, sender_keys, state });
+                }
+                Namespace::Outbox => {
+                    let entry: OutboxRecord = decode(&record.value, "outbox")?;
+                    client.outbox.insert(entry.id, entry);
+                }
+                Namespace::Welcome => {
+                    let frame = Frame::decode(&bytes::Bytes::from(record.value))
+                        .map_err(|e| ClientError::Corrupt(format!("stored Welcome: {e}")))?;
+                    client.welcomes.insert(frame.header().room_id(), frame);
+                }
+                Namespace::Config => {
+                    if record.name == b"server" {
+                        client.server = Some(decode(&record.value, "server")?);
+                    }
+                }
+                Namespace::Mls | Namespace::Identity => {}
+            }
+        }
+        Ok(client)
+    }
+
+    /// This device's sender id (what others invite).
+    pub fn sender_id(&self) -> SenderId {
+        SenderId::from_identity_key(self.signing_key.verifying_key().as_bytes())
+    }
+
+    /// The directory the device lives in.
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// The server remembered from the last [`Client::set_server`].
+    pub fn server(&self) -> Option<&ServerTarget> {
+        self.server.as_ref()
+    }
+
+    /// Remembers the server to use.
+    pub fn set_server(&mut self, server: ServerTarget) -> Result<(), ClientError> {
+        let mut batch = WriteBatch::new();
+        batch.put(Namespace::Config, b"server", encode(&server));
+        self.store.write(&batch)?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// How long a request waits for its answer.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// Messages waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// The rooms this device is a member of.
+    pub fn rooms(&self) -> Vec<RoomSummary> {
+        self.rooms
+            .iter()
+            .filter_map(|(room_id, entry)| {
+                let group = entry.group.as_ref()?;
+                Some(RoomSummary {
+                    room_id: *room_id,
+                    epoch: group.epoch(),
+                    members: group.members().iter().filter_map(|m| sender_of(&m.identity)).collect(),
+                    next_log_index: entry.record.next_log_index,
+                })
+            })
+            .collect()
+    }
+
+    /// The room's history on this device, from `from_log_index`, at most `count_max` entries.
+    pub fn history(
+        &self,
+        room_id: RoomId,
+        from_log_index: u64,
+        count_max: usize,
+    ) -> Result<Vec<Message>, ClientError> {
+        if !self.rooms.contains_key(&room_id) {
+            return Err(ClientError::UnknownRoom(room_id));
+        }
+        self.store
+            .messages(room_id, from_log_index, count_max)?
+            .into_iter()
+            .map(|(_, bytes)| decode(&bytes, "message"))
+            .collect()
+    }
+
+    /// Connects to the remembered server, authenticates, keeps key packages
+    /// stocked, stores any Welcome that waits, settles pending commits and
+    /// sends what waits in the outbox.
+    pub async fn connect(&mut self) -> Result<(), ClientError> {
+        let server = self.server.clone().ok_or(ClientError::NotConnected)?;
+        let config = client_config_pinned(server.fingerprint)
+            .map_err(|e| ClientError::Connection(ConnectionError::Tls(e.to_string())))?;
+        let connection = Connection::connect(
+            server.address,
+            &server.server_name,
+            config,
+            &self.signing_key,
+            self.request_timeout,
+        )
+        .await?;
+        self.connection = Some(connection);
+        for entry in self.rooms.values_mut() {
+            if entry.state.is_connected() {
+                // The previous connection died without a word.
+                step(&mut entry.state, Event::ConnectionLost)?;
+            }
+            step(&mut entry.state, Event::Connected)?;
+        }
+        self.refill_key_packages().await?;
+        self.drain_buffered()?;
+        self.checkpoint()?;
+        let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
+        for room_id in rooms {
+            self.resume_room(room_id).await?;
+        }
+        self.flush_outbox().await?;
+        Ok(())
+    }
+
+    /// Closes the connection politely.
+    pub async fn disconnect(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            connection.close().await;
+        }
+        for entry in self.rooms.values_mut() {
+            if entry.state.is_connected() {
+                let _ = step(&mut entry.state, Event::ConnectionLost);
+            }
+        }
+    }
+
+    fn connection(&mut self) -> Result<&mut Connection, ClientError> {
+        self.connection.as_mut().ok_or(ClientError::NotConnected)
+    }
+
+    fn frame<P: Payload>(&mut self, room_id: RoomId, epoch: u64, payload: &P) -> Result<Frame, ClientError> {
+        let request_id = self.connection()?.next_request_id();
+        let mut header = FrameHeaderBuf::new(P::OPCODE);
+        header
+            .set_room_id(room_id)
+            .set_sender_id(self.sender_id())
+            .set_epoch(epoch)
+            .set_request_id(request_id);
+        let mut frame = Frame::with_payload(header, payload)
+            .map_err(|e| ClientError::Protocol(format!("building {:?}: {e}", P::OPCODE)))?;
+        frame.sign(&self.signing_key);
+        Ok(frame)
+    }
+
+    /// A stored frame, to send again under a fresh request id (signed anew:
+    /// the signature covers the request id).
+    fn fresh_request(&mut self, stored: &[u8], what: &str) -> Result<Frame, ClientError> {
+        let mut frame = Frame::decode(&bytes::Bytes::copy_from_slice(stored))
+            .map_err(|e| ClientError::Corrupt(format!("{what}: {e}")))?;
+        let request_id = self.connection()?.next_request_id();
+        frame.header_mut().set_request_id(request_id);
+        frame.sign(&self.signing_key);
+        Ok(frame)
+    }
+
+    /// Sends `frame` and waits for its answer.
+    async fn request(&mut self, frame: &Frame) -> Result<Frame, ClientError> {
+        let reply = self.connection()?.request(frame).await?;
+        Ok(reply)
+    }
+
+    async fn refill_key_packages(&mut self) -> Result<(), ClientError> {
+        let now_s = now_ms() / 1000;
+        let one = generate_key_packages(&self.provider, &self.identity, 1, now_s)?;
+        let last_resort = if self.persisted_last_resort() {
+            None
+        } else {
+            Some(generate_last_resort_key_package(&self.provider, &self.identity, now_s)?.message)
+        };
+        let upload = KeyPackageUpload {
+            key_packages: one.into_iter().map(|p| p.message.into()).collect(),
+            last_resort,
+        };
+        let status = self.upload(upload).await?;
+        self.pending_batch.put(Namespace::Config, b"last_resort", vec![1]);
+        if status.available < KEY_PACKAGES_LOW_WATERMARK {
+            let count = KEY_PACKAGES_TARGET - status.available;
+            let packages = generate_key_packages(&self.provider, &self.identity, count as usize, now_s)?;
+            let upload = KeyPackageUpload {
+                key_packages: packages.into_iter().map(|p| p.message.into()).collect(),
+                last_resort: None,
+            };
+            self.upload(upload).await?;
+        }
+        Ok(())
+    }
+
+    fn persisted_last_resort(&self) -> bool {
+        self.store
+            .load_records()
+            .map(|records| {
+                records.iter().any(|r| r.namespace == Namespace::Config && r.name == b"last_resort")
+            })
+            .unwrap_or(false)
+    }
+
+    async fn upload(&mut self, upload: KeyPackageUpload) -> Result<KeyPackageStatus, ClientError> {
+        // Key package private keys must be on disk before the server can hand them out.
+        self.checkpoint()?;
+        let frame = self.frame(RoomId::default(), 0, &upload)?;
+        let reply = self.request(&frame).await?;
+        expect::<KeyPackageStatus>(&reply)
+    }
+
+    /// Stores Welcomes that arrived and applies other buffered frames.
+    fn drain_buffered(&mut self) -> Result<Vec<Message>, ClientError> {
+        let mut messages = Vec::new();
+        let frames = match self.connection.as_mut() {
+            Some(connection) => connection.take_buffered(),
+            None => return Ok(messages),
+        };
+        for frame in frames {
+            messages.extend(self.handle_incoming(frame)?);
+        }
+        Ok(messages)
+    }
+
+    /// Handles one frame from the server that is not a reply.
+    fn handle_incoming(&mut self, frame: Frame) -> Result<Option<Message>, ClientError> {
+        match frame.opcode() {
+            Opcode::Welcome => {
+                let room_id = frame.header().room_id();
+                self.pending_batch.put(Namespace::Welcome, &room_id.0, frame.to_bytes().to_vec());
+                self.welcomes.insert(room_id, frame);
+                // A Welcome the server delivered is deleted there: store it at once.
+                self.checkpoint()?;
+                Ok(None)
+            }
+            Opcode::CreateRoom
+            | Opcode::Commit
+            | Opcode::Proposal
+            | Opcode::Application
+            | Opcode::ExternalJoin => self.apply_log_frame(&frame),
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies a sequenced frame of a room's log at the room's cursor.
+    fn apply_log_frame(&mut self, frame: &Frame) -> Result<Option<Message>, ClientError> {
+        let header = frame.header();
+        let room_id = header.room_id();
+        let log_index = header.log_index();
+        let own = header.sender_id() == self.sender_id();
+        let Some(entry) = self.rooms.get_mut(&room_id) else { return Ok(None) };
+        if log_index < entry.record.next_log_index {
+            return Ok(None);
+        }
+        if log_index > entry.record.next_log_index {
+            return Err(ClientError::Protocol(format!(
+                "room {room_id}: log index {log_index} after {} (a gap)",
+                entry.record.next_log_index
+            )));
+        }
+        entry.record.next_log_index = log_index + 1;
+        let Some(group) = entry.group.as_mut() else { return Ok(None) };
+        let frame_epoch = header.epoch();
+        let server_time_ms = header.server_timestamp_ms();
+        let message = |body| Message {
+            room_id: room_id.0,
+            log_index,
+            sender: header.sender_id().0,
+            server_time_ms,
+            body,
+        };
+        let result = match frame.opcode() {
+            Opcode::Commit | Opcode::ExternalJoin => {
+                let commit_bytes = match frame.opcode() {
+                    Opcode::Commit => frame.decode_payload::<Commit>().map(|c| c.commit),
+                    _ => frame.decode_payload::<ExternalJoin>().map(|c| c.commit),
+                }
+                .map_err(|e| ClientError::Protocol(format!("sequenced commit payload: {e}")))?;
+                if frame_epoch < group.epoch() {
+                    // Before we joined, or our own commit merged already.
+                    return Ok(None);
+                }
+                let ours = own && entry.record.pending.as_ref().is_some_and(|p| p.epoch == frame_epoch);
+                let applied = if ours {
+                    entry.record.pending = None;
+                    let applied = group.confirm_pending_commit(&self.provider)?;
+                    step(&mut entry.state, Event::CommitAcked { epoch: applied.epoch })?;
+                    applied
+                } else {
+                    let applied = match group.process_handshake(&self.provider, &commit_bytes)? {
+                        HandshakeOutcome::CommitApplied(applied) => applied,
+                        HandshakeOutcome::ProposalStored { .. } => {
+                            return Err(ClientError::Protocol("a Commit frame held a proposal".into()))
+                        }
+                    };
+                    let event = if applied.self_removed {
+                        Event::Removed
+                    } else {
+                        Event::CommitFromOthers { epoch: applied.epoch }
+                    };
+                    let actions = step(&mut entry.state, event)?;
+                    if actions.contains(&Action::ReapplyIntent) != applied.own_commit_discarded {
+                        return Err(ClientError::Internal(
+                            "the state machine and the MLS group disagree about our pending commit".into(),
+                        ));
+                    }
+                    if actions.contains(&Action::ReapplyIntent) {
+                        // Another commit won the epoch: our intent is redone in the new one.
+                        entry.record.redo = entry.record.pending.take().map(|pending| pending.intent);
+                    }
+                    applied
+                };
+                if applied.self_removed {
+                    entry.record.removed = true;
+                    entry.record.pending = None;
+                    entry.sender_keys = None;
+                    entry.record.sender_keys = None;
+                } else {
+                    entry.sender_keys = Some(SenderKeyState::from_group(&self.provider, group)?);
+                }
+                Some(message(MessageBody::Membership {
+                    epoch: applied.epoch,
+                    added: applied.added.iter().filter_map(|m| sender_of(&m.identity)).map(|s| s.0).collect(),
+                    removed: applied
+                        .removed
+                        .iter()
+                        .filter_map(|m| sender_of(&m.identity))
+                        .map(|s| s.0)
+                        .collect(),
+                }))
+            }
+            Opcode::Proposal => {
+                if frame_epoch == group.epoch() {
+                    let proposal = frame
+                        .decode_payload::<payload::Proposal>()
+                        .map_err(|e| ClientError::Protocol(format!("sequenced proposal payload: {e}")))?;
+                    group.process_handshake(&self.provider, &proposal.proposal)?;
+                }
+                None
+            }
+            Opcode::Application => {
+                if own {
+                    let generation = frame.decode_payload::<Application>().map(|a| a.generation).ok();
+                    let sent = self
+                        .outbox
+                        .values()
+                        .find(|o| {
+                            o.room_id == room_id.0
+                                && o.epoch == frame_epoch
+                                && Some(o.generation) == generation
+                        })
+                        .map(|o| o.id);
+                    match sent {
+                        Some(id) => {
+                            let entry = self.outbox.remove(&id).expect("found above");
+                            self.pending_batch.delete(Namespace::Outbox, &id.to_be_bytes());
+                            Some(message(MessageBody::Text(entry.plaintext)))
+                        }
+                        // Recorded when it was acknowledged.
+                        None => None,
+                    }
+                } else {
+                    let body = match (&mut entry.sender_keys, member_of(group, header.sender_id())) {
+                        (Some(keys), Some((leaf, identity_key))) if keys.epoch() == frame_epoch => {
+                            match open_application(keys, frame, leaf, &identity_key) {
+                                Ok(plaintext) => MessageBody::Text(plaintext),
+                                Err(error) => MessageBody::Unreadable(error.to_string()),
+                            }
+                        }
+                        (_, None) => MessageBody::Unreadable("sender is not a member".into()),
+                        _ => MessageBody::Unreadable(format!(
+                            "sent in epoch {frame_epoch}, before this device joined"
+                        )),
+                    };
+                    Some(message(body))
+                }
+            }
+            _ => None,
+        };
+        if let Some(message) = &result {
+            self.pending_batch.message(room_id, log_index, encode(message));
+        }
+        Ok(result)
+    }
+
+    /// Writes everything changed since the last checkpoint in one transaction.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let mut batch = std::mem::take(&mut self.pending_batch);
+        let current = self.provider.storage().values.read().expect("storage lock").clone();
+        for (name, value) in &current {
+            if self.persisted_mls.get(name) != Some(value) {
+                batch.put(Namespace::Mls, name, value.clone());
+            }
+        }
+        for name in self.persisted_mls.keys() {
+            if !current.contains_key(name) {
+                batch.delete(Namespace::Mls, name);
+            }
+        }
+        for (room_id, entry) in &mut self.rooms {
+            entry.record.sender_keys = entry.sender_keys.as_ref().map(SenderKeyState::to_bytes);
+            batch.put(Namespace::Room, &room_id.0, encode(&entry.record));
+        }
+        if let Err(error) = self.store.write(&batch) {
+            // Nothing was written: keep the changes for the next attempt.
+            self.pending_batch = batch;
+            return Err(error);
+        }
+        self.persisted_mls = current;
+        Ok(())
+    }
+
+    /// Catches `room_id` up with the server's log (and settles a pending
+    /// commit of ours that the log decides). Returns the new entries.
+    pub async fn sync(&mut self, room_id: RoomId) -> Result<Vec<Message>, ClientError> {
+        let mut messages = Vec::new();
+        for _ in 0..CATCH_UP_ROUNDS_MAX {
+            let from =
+                self.rooms.get(&room_id).ok_or(ClientError::UnknownRoom(room_id))?.record.next_log_index;
+            let epoch = self.epoch_of(room_id);
+            let sync = Sync { from_log_index: from, count_max: SYNC_FRAMES_PER_REQUEST };
+            let frame = self.frame(room_id, epoch, &sync)?;
+            let reply = self.request(&frame).await?;
+            if reply.opcode() == Opcode::Error
+                && ClientError::refused(&reply).code() == Some(ErrorCode::NotMember.to_u16())
+            {
+                // Removed while away: the server no longer lets us read the room.
+                self.mark_removed(room_id)?;
+                return Err(ClientError::NotMember(room_id));
+            }
+            let done: SyncDone = expect(&reply)?;
+            messages.extend(self.drain_buffered()?);
+            self.checkpoint()?;
+            let next = self.rooms.get(&room_id).map_or(from, |entry| entry.record.next_log_index);
+            if next < done.next_log_index {
+                return Err(ClientError::Protocol(format!(
+                    "room {room_id}: sync ended at {} but frames stop at {next}",
+                    done.next_log_index
+                )));
+            }
+            if done.next_log_index.saturating_sub(from) < u64::from(SYNC_FRAMES_PER_REQUEST) {
+                return Ok(messages);
+            }
+        }
+        Err(ClientError::RetriesExhausted {
+            what: "catching up",
+            attempts: u32::try_from(CATCH_UP_ROUNDS_MAX).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// The room is no longer ours: its keys go, its history stays.
+    fn mark_removed(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        if let Some(entry) = self.rooms.get_mut(&room_id) {
+            if entry.state.is_connected() && entry.state.member_epoch().is_some() {
+                step(&mut entry.state, Event::Removed)?;
+            }
+            entry.record.removed = true;
+            entry.record.pending = None;
+            entry.record.redo = None;
+            entry.sender_keys = None;
+            if let Some(group) = entry.group.take() {
+                group.delete(&self.provider)?;
+            }
+        }
+        self.checkpoint()?;
+        Ok(())
+    }
+
+    fn epoch_of(&self, room_id: RoomId) -> u64 {
+        self.rooms.get(&room_id).and_then(|e| e.group.as_ref()).map_or(0, RoomGroup::epoch)
+    }
+
+    fn member_group(&mut self, room_id: RoomId) -> Result<&mut RoomEntry, ClientError> {
+        member_entry(&mut self.rooms, room_id)
+    }
+
+    /// After reconnecting: confirm a created room, read what was missed,
+    /// and settle or resend a pending commit.
+    async fn resume_room(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        let Some(entry) = self.rooms.get(&room_id) else { return Ok(()) };
+        if entry.record.removed {
+            return Ok(());
+        }
+        if !entry.record.confirmed {
+            return self.confirm_creation(room_id).await;
+        }
+        match self.sync(room_id).await {
+            Err(ClientError::NotMember(_)) => return Ok(()),
+            other => other?,
+        };
+        let pending = self.rooms.get(&room_id).and_then(|e| e.record.pending.clone());
+        if let Some(pending) = pending {
+            let frame = self.fresh_request(&pending.frame, "pending commit")?;
+            if !self.settle_commit(room_id, &frame).await? {
+                self.redo_later(room_id, pending.intent);
+            }
+        }
+        let redo = self.rooms.get_mut(&room_id).and_then(|entry| entry.record.redo.take());
+        if let Some(intent) = redo {
+            self.commit_intent(room_id, intent).await?;
+        }
+        Ok(())
+    }
+
+    fn redo_later(&mut self, room_id: RoomId, intent: Intent) {
+        if let Some(entry) = self.rooms.get_mut(&room_id) {
+            entry.record.redo = Some(intent);
+        }
+    }
+
+    async fn confirm_creation(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        let pending = self.rooms.get(&room_id).and_then(|e| e.record.pending.clone());
+        let Some(pending) = pending else { return Ok(()) };
+        let frame = self.fresh_request(&pending.frame, "pending room creation")?;
+        let reply = self.request(&frame).await?;
+        let entry = self.rooms.get_mut(&room_id).expect("checked by the caller");
+        match reply.opcode() {
+            Opcode::Ack => {}
+            Opcode::Error if ClientError::refused(&reply).code() == Some(ErrorCode::RoomExists.to_u16()) => {
+                // Sent before a crash and sequenced then: the log decides below.
+            }
+            _ => return Err(ClientError::refused(&reply)),
+        }
+        entry.record.confirmed = true;
+        entry.record.pending = None;
+        entry.record.next_log_index = entry.record.next_log_index.max(1);
+        self.checkpoint()?;
+        Ok(())
+    }
+
+    /// Creates a room with a random id; this device is its first member.
+    pub async fn create_room(&mut self) -> Result<RoomId, ClientError> {
+        let server_key = self.connection()?.server_key();
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let room_id = RoomId(id);
+        let (group, created) =
+            RoomGroup::create(&self.provider, &self.identity, id, &server_key, now_ms() / 1000)?;
+        let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
+        let frame = self.frame(
+            room_id,
+            0,
+            &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree },
+        )?;
+        let record = RoomRecord {
+            room_id: id,
+            next_log_index: 0,
+            confirmed: false,
+            pending: Some(PendingCommitRecord {
+                frame: frame.to_bytes().to_vec(),
+                epoch: 0,
+                intent: Intent::Create,
+            }),
+            sender_keys: None,
+            removed: false,
+            redo: None,
+        };
+        // Creation is not a commit: the creator is a member at epoch 0 at once.
+        let state = ClientState::Synchronized { epoch: 0 };
+        self.rooms
+            .insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state });
+        self.checkpoint()?;
+        self.confirm_creation(room_id).await?;
+        Ok(room_id)
+    }
+
+    /// Adds `members` (by sender id) to the room: claims a key package for
+    /// each, commits, and sends them the Welcome. Rebases and retries when
+    /// another commit wins the epoch. Returns the room's new epoch.
+    pub async fn invite(&mut self, room_id: RoomId, members: &[SenderId]) -> Result<u64, ClientError> {
+        self.commit_intent(room_id, Intent::Invite(members.iter().map(|s| s.0).collect())).await
+    }
+
+    /// Removes `members` (by sender id) from the room with a commit; they
+    /// cannot read what follows. Returns the room's new epoch.
+    pub async fn remove(&mut self, room_id: RoomId, members: &[SenderId]) -> Result<u64, ClientError> {
+        self.commit_intent(room_id, Intent::Remove(members.iter().map(|s| s.0).collect())).await
+    }
+
+    /// Commits a fresh leaf key and path for this device (post-compromise
+    /// security). Returns the room's new epoch.
+    pub async fn self_update(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
+        self.commit_intent(room_id, Intent::Update).await
+    }
+
+    /// Proposes this device's removal; the next commit by another member
+    /// removes it. Returns the proposal's log index.
+    pub async fn leave(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
+        self.member_group(room_id)?;
+        self.sync(room_id).await?;
+        let entry = member_entry(&mut self.rooms, room_id)?;
+        let group = entry.group.as_mut().expect("member_entry checked");
+        let epoch = group.epoch();
+        let output = group.leave(&self.provider, &self.identity)?;
+        self.checkpoint()?;
+        let frame = self.frame(room_id, epoch, &payload::Proposal { proposal: output.proposal })?;
+        let reply = self.request(&frame).await?;
+        let ack: Ack = expect(&reply)?;
+        self.sync(room_id).await?;
+        Ok(ack.log_index)
+    }
+
+    /// Makes, sends and settles a commit for `intent`, catching up and
+    /// trying again (at most [`COMMIT_ATTEMPTS_MAX`] times) when another
+    /// commit wins the epoch.
+    async fn commit_intent(&mut self, room_id: RoomId, intent: Intent) -> Result<u64, ClientError> {
+        self.member_group(room_id)?;
+        self.sync(room_id).await?;
+        for _ in 0..COMMIT_ATTEMPTS_MAX {
+            let epoch = self.epoch_of(room_id);
+            let packages = match &intent {
+                Intent::Invite(members) => self.claim_key_packages(room_id, epoch, members).await?,
+                _ => Vec::new(),
+            };
+            let entry = member_entry(&mut self.rooms, room_id)?;
+            let group = entry.group.as_mut().expect("member_entry checked");
+            let (output, recipients) = match &intent {
+                Intent::Invite(members) => {
+                    let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
+                    (group.add_members(&self.provider, &self.identity, &refs)?, members.clone())
+                }
+                Intent::Remove(members) => {
+                    let mut leaves = Vec::with_capacity(members.len());
+                    for member in members {
+                        let (leaf, _) = member_of(group, SenderId(*member))
+                            .ok_or(ClientError::UnknownMember(SenderId(*member)))?;
+                        leaves.push(leaf);
+                    }
+                    (group.remove_members(&self.provider, &self.identity, &leaves)?, Vec::new())
+                }
+                Intent::Update => (group.self_update(&self.provider, &self.identity)?, Vec::new()),
+                Intent::Create => return Err(ClientError::Protocol("room creation is not a commit".into())),
+            };
+            let commit = Commit {
+                commit: output.commit,
+                welcome: output.welcome,
+                welcome_recipients: recipients,
+                group_info: Some(output.group_info),
+            };
+            let frame = self.frame(room_id, epoch, &commit)?;
+            let entry = self.rooms.get_mut(&room_id).expect("member");
+            entry.record.pending =
+                Some(PendingCommitRecord { frame: frame.to_bytes().to_vec(), epoch, intent: intent.clone() });
+            step(&mut entry.state, Event::CommitSent { target_epoch: epoch + 1 })?;
+            self.checkpoint()?;
+            if self.settle_commit(room_id, &frame).await? {
+                return Ok(self.epoch_of(room_id));
+            }
+        }
+        Err(ClientError::RetriesExhausted { what: "commit", attempts: COMMIT_ATTEMPTS_MAX })
+    }
+
+    async fn claim_key_packages(
+        &mut self,
+        room_id: RoomId,
+        epoch: u64,
+        members: &[u64],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let claim = KeyPackageClaim { sender_ids: members.to_vec() };
+        let frame = self.frame(room_id, epoch, &claim)?;
+        let reply = self.request(&frame).await?;
+        let claimed: KeyPackageClaimed = expect(&reply)?;
+        if claimed.key_packages.len() != members.len() {
+            return Err(ClientError::Protocol("claim answered with the wrong number of key packages".into()));
+        }
+        let mut packages = Vec::with_capacity(members.len());
+        for (member, claimed) in members.iter().zip(claimed.key_packages) {
+            packages.push(claimed.key_package.ok_or(ClientError::NoKeyPackage(SenderId(*member)))?);
+        }
+        Ok(packages)
+    }
+
+    /// Sends a pending commit and settles it: `true` if it landed, `false`
+    /// if another commit won (the pending commit is discarded and the
+    /// caller redoes its intent).
+    async fn settle_commit(&mut self, room_id: RoomId, frame: &Frame) -> Result<bool, ClientError> {
+        let reply = self.request(frame).await?;
+        match reply.opcode() {
+            Opcode::Ack => {
+                let _: Ack = expect(&reply)?;
+                // The log reaches our commit and merges it (with everything before it).
+                self.sync(room_id).await?;
+                let still_pending = self.rooms.get(&room_id).is_some_and(|e| e.record.pending.is_some());
+                if still_pending {
+                    return Err(ClientError::Protocol("acknowledged commit missing from the log".into()));
+                }
+                Ok(true)
+            }
+            Opcode::Error => {
+                let error = ClientError::refused(&reply);
+                let details = reply.decode_payload::<payload::Error>().ok();
+                let entry = self.rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
+                let event = match details {
+                    Some(payload::Error { code, current_epoch: Some(current_epoch), log_index, .. })
+                        if code == ErrorCode::WrongEpoch.to_u16() =>
+                    {
+                        Event::WrongEpoch { current_epoch, log_index: log_index.unwrap_or(0) }
+                    }
+                    _ => Event::CommitRefused,
+                };
+                step(&mut entry.state, event)?;
+                if let Some(group) = entry.group.as_mut() {
+                    if group.has_pending_commit() {
+                        group.discard_pending_commit(&self.provider)?;
+                    }
+                }
+                entry.record.pending = None;
+                self.checkpoint()?;
+                if error.code() == Some(ErrorCode::WrongEpoch.to_u16()) {
+                    self.sync(room_id).await?;
+                    return Ok(false);
+                }
+                Err(error)
+            }
+            other => Err(ClientError::Protocol(format!("{other:?} answering a commit"))),
+        }
+    }
+
+    /// Joins `room_id` with the Welcome someone sent (waiting up to
+    /// `wait` for it). Returns the epoch joined.
+    pub async fn join(&mut self, room_id: RoomId, wait: Duration) -> Result<u64, ClientError> {
+        if self.rooms.get(&room_id).is_some_and(|e| e.group.is_some() && !e.record.removed) {
+            return Ok(self.epoch_of(room_id));
+        }
+        self.drain_buffered()?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut frames_read = 0usize;
+        while !self.welcomes.contains_key(&room_id) {
+            if frames_read >= WELCOME_WAIT_FRAMES_MAX {
+                break;
+            }
+            let connection = self.connection()?;
+            match tokio::time::timeout_at(deadline, connection.recv()).await {
+                Ok(Ok(frame)) => {
+                    frames_read += 1;
+                    self.handle_incoming(frame)?;
+                }
+                Ok(Err(ConnectionError::TimedOut)) | Err(_) => break,
+                Ok(Err(error)) => return Err(error.into()),
+            }
+        }
+        let Some(frame) = self.welcomes.get(&room_id).cloned() else {
+            return Err(ClientError::NoWelcome {
+                room: room_id,
+                waited_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            });
+        };
+        let welcome: Welcome =
+            frame.decode_payload().map_err(|e| ClientError::Protocol(format!("Welcome payload: {e}")))?;
+        let group =
+            RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref())?;
+        if group.room_id() != room_id.0 {
+            return Err(ClientError::Protocol("a Welcome for another room was routed to this one".into()));
+        }
+        let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
+        let record = RoomRecord {
+            room_id: room_id.0,
+            next_log_index: frame.header().log_index() + 1,
+            confirmed: true,
+            pending: None,
+            sender_keys: None,
+            removed: false,
+            redo: None,
+        };
+        let mut state = ClientState::PendingWelcome;
+        step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
+        self.rooms
+            .insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state });
+        self.welcomes.remove(&room_id);
+        self.pending_batch.delete(Namespace::Welcome, &room_id.0);
+        self.checkpoint()?;
+        self.sync(room_id).await?;
+        Ok(self.epoch_of(room_id))
+    }
+
+    /// Joins `room_id` by external commit from its published GroupInfo
+    /// (no invitation needed). Retries when another commit wins the epoch.
+    pub async fn join_external(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
+        for _ in 0..COMMIT_ATTEMPTS_MAX {
+            let request = self.frame(room_id, 0, &GroupInfoRequest {})?;
+            let reply = self.request(&request).await?;
+            let info: GroupInfo = expect(&reply)?;
+            let (group, output) = RoomGroup::join_by_external_commit(
+                &self.provider,
+                &self.identity,
+                &info.group_info,
+                Some(&info.ratchet_tree),
+            )?;
+            let mut state = ClientState::PendingWelcome;
+            step(&mut state, Event::JoinedByExternalCommit { epoch: group.epoch() })?;
+            let join = ExternalJoin { commit: output.commit, group_info: Some(output.group_info) };
+            let frame = self.frame(room_id, info.epoch, &join)?;
+            let reply = self.request(&frame).await?;
+            match reply.opcode() {
+                Opcode::Ack => {
+                    let ack: Ack = expect(&reply)?;
+                    step(&mut state, Event::CommitAcked { epoch: ack.epoch })?;
+                    let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
+                    let record = RoomRecord {
+                        room_id: room_id.0,
+                        next_log_index: ack.log_index + 1,
+                        confirmed: true,
+                        pending: None,
+                        sender_keys: None,
+                        removed: false,
+                        redo: None,
+                    };
+                    self.rooms.insert(
+                        room_id,
+                        RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state },
+                    );
+                    self.checkpoint()?;
+                    return Ok(ack.epoch);
+                }
+                _ => {
+                    let error = ClientError::refused(&reply);
+                    let wrong_epoch = reply
+                        .decode_payload::<payload::Error>()
+                        .ok()
+                        .filter(|e| e.code == ErrorCode::WrongEpoch.to_u16())
+                        .map(|e| (e.current_epoch.unwrap_or(info.epoch + 1), e.log_index.unwrap_or(0)));
+                    let event = match wrong_epoch {
+                        Some((current_epoch, log_index)) => Event::WrongEpoch { current_epoch, log_index },
+                        None => Event::CommitRefused,
+                    };
+                    let actions = step(&mut state, event)?;
+                    if actions.contains(&Action::DeleteGroup) {
+                        group.delete(&self.provider)?;
+                    }
+                    if !actions.contains(&Action::ReapplyIntent) {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        Err(ClientError::RetriesExhausted { what: "external join", attempts: COMMIT_ATTEMPTS_MAX })
+    }
+
+    /// Encrypts `text` for the room and sends it; returns its log index.
+    /// The message is in the outbox (on disk) before it is sent; if the
+    /// connection fails it stays there and is sent by the next
+    /// [`Client::connect`] or [`Client::flush_outbox`].
+    pub async fn send(&mut self, room_id: RoomId, text: &[u8]) -> Result<u64, ClientError> {
+        if text.len() > MESSAGE_BYTES_MAX {
+            return Err(ClientError::MessageTooLarge { len_bytes: text.len() });
+        }
+        if self.outbox.len() >= OUTBOX_ENTRIES_MAX {
+            return Err(ClientError::OutboxFull);
+        }
+        self.member_group(room_id)?;
+        // Without a connection the message still goes to the outbox (sealed
+        // in the epoch we know; resealed at delivery if the room moved on).
+        let synced = self.sync(room_id).await;
+        if let Err(error) = &synced {
+            if !error.is_transient() {
+                return Err(synced.unwrap_err());
+            }
+        }
+        let id = self.outbox.last_key_value().map_or(1, |(id, _)| id + 1);
+        let entry = self.seal_entry(room_id, id, text.to_vec(), 0)?;
+        self.outbox.insert(id, entry);
+        self.checkpoint()?;
+        synced?;
+        self.deliver(id).await
+    }
+
+    fn seal_entry(
+        &mut self,
+        room_id: RoomId,
+        id: u64,
+        plaintext: Vec<u8>,
+        attempts: u32,
+    ) -> Result<OutboxRecord, ClientError> {
+        let entry = member_entry(&mut self.rooms, room_id)?;
+        let keys = entry.sender_keys.as_mut().ok_or(ClientError::NotMember(room_id))?;
+        let frame = seal_application(keys, &plaintext, &self.signing_key)?;
+        let generation = frame.decode_payload::<Application>().map(|a| a.generation).unwrap_or(0);
+        let record = OutboxRecord {
+            id,
+            room_id: room_id.0,
+            plaintext,
+            epoch: keys.epoch(),
+            generation,
+            frame: frame.to_bytes().to_vec(),
+            attempts,
+            next_attempt_ms: 0,
+        };
+        self.pending_batch.put(Namespace::Outbox, &id.to_be_bytes(), encode(&record));
+        Ok(record)
+    }
+
+    /// Sends outbox entry `id` until it is sequenced, refused for good, or
+    /// the connection fails (then it stays in the outbox with its backoff).
+    async fn deliver(&mut self, id: u64) -> Result<u64, ClientError> {
+        for _ in 0..SEND_ATTEMPTS_MAX {
+            let Some(entry) = self.outbox.get(&id).cloned() else {
+                return Err(ClientError::Protocol("outbox entry vanished".into()));
+            };
+            let room_id = RoomId(entry.room_id);
+            let frame = self.fresh_request(&entry.frame, "outbox entry")?;
+            let reply = match self.request(&frame).await {
+                Ok(reply) => reply,
+                Err(error) => {
+                    self.note_failed_attempt(id)?;
+                    return Err(error);
+                }
+            };
+            match reply.opcode() {
+                Opcode::Ack => {
+                    let ack: Ack = expect(&reply)?;
+                    self.outbox.remove(&id);
+                    self.pending_batch.delete(Namespace::Outbox, &id.to_be_bytes());
+                    let message = Message {
+                        room_id: entry.room_id,
+                        log_index: ack.log_index,
+                        sender: self.sender_id().0,
+                        server_time_ms: ack.server_time_ms,
+                        body: MessageBody::Text(entry.plaintext),
+                    };
+                    self.pending_batch.message(room_id, ack.log_index, encode(&message));
+                    self.checkpoint()?;
+                    return Ok(ack.log_index);
+                }
+                _ => {
+                    let error = ClientError::refused(&reply);
+                    let retry_after =
+                        reply.decode_payload::<payload::Error>().ok().and_then(|e| e.retry_after_ms);
+                    match error.code().and_then(ErrorCode::from_u16) {
+                        Some(ErrorCode::WrongEpoch) | Some(ErrorCode::PendingProposals) => {
+                            // The room moved on: read what changed, then reseal in the new epoch.
+                            self.sync(room_id).await?;
+                            let resealed =
+                                self.seal_entry(room_id, id, entry.plaintext, entry.attempts + 1)?;
+                            self.outbox.insert(id, resealed);
+                            self.checkpoint()?;
+                        }
+                        Some(ErrorCode::RateLimited) => {
+                            let attempts = self.note_failed_attempt(id)?;
+                            let delay =
+                                retry_after.unwrap_or_else(|| backoff_ms(attempts)).min(BACKOFF_MAX_MS);
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        _ => {
+                            // Refused for good: the message cannot be sent.
+                            self.outbox.remove(&id);
+                            self.pending_batch.delete(Namespace::Outbox, &id.to_be_bytes());
+                            self.checkpoint()?;
+                            return Err(error);
+                        }
+                    }
+                }
+            }
+        }
+        Err(ClientError::RetriesExhausted { what: "send", attempts: SEND_ATTEMPTS_MAX })
+    }
+
+    fn note_failed_attempt(&mut self, id: u64) -> Result<u32, ClientError> {
+        let Some(entry) = self.outbox.get_mut(&id) else { return Ok(0) };
+        entry.attempts += 1;
+        entry.next_attempt_ms = now_ms() + backoff_ms(entry.attempts);
+        let encoded = encode(entry);
+        let attempts = entry.attempts;
+        self.pending_batch.put(Namespace::Outbox, &id.to_be_bytes(), encoded);
+        self.checkpoint()?;
+        Ok(attempts)
+    }
+
+    /// Sends every outbox entry whose retry time has come (entries the log
+    /// shows as sequenced were resolved by the catch-up before). Returns how
+    /// many were sent.
+    pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
+        let now = now_ms();
+        let due: Vec<u64> = self.outbox.values().filter(|e| e.next_attempt_ms <= now).map(|e| e.id).collect();
+        let mut sent = 0;
+        for id in due {
+            let Some(entry) = self.outbox.get(&id) else { continue };
+            let room_id = RoomId(entry.room_id);
+            self.sync(room_id).await?;
+            if !self.outbox.contains_key(&id) {
+                continue;
+            }
+            if self.outbox.get(&id).is_some_and(|e| e.epoch != self.epoch_of(room_id)) {
+                let entry = self.outbox.get(&id).cloned().expect("present");
+                let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.attempts)?;
+                self.outbox.insert(id, resealed);
+                self.checkpoint()?;
+            }
+            self.deliver(id).await?;
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// Subscribes to `room_id` from the first entry not yet read; then
+    /// [`Client::next_message`] yields entries as they are sequenced.
+    pub async fn subscribe(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        self.member_group(room_id)?;
+        let from = self.rooms[&room_id].record.next_log_index;
+        let epoch = self.epoch_of(room_id);
+        let frame = self.frame(room_id, epoch, &Subscribe { from_log_index: from })?;
+        self.connection()?.send(&frame).await?;
+        Ok(())
+    }
+
+    /// The next new history entry of any subscribed room, waiting up to `wait`.
+    pub async fn next_message(&mut self, wait: Duration) -> Result<Option<Message>, ClientError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let connection = self.connection()?;
+            let frame = match tokio::time::timeout_at(deadline, connection.recv()).await {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(ConnectionError::TimedOut)) | Err(_) => return Ok(None),
+                Ok(Err(error)) => return Err(error.into()),
+            };
+            if frame.opcode() == Opcode::Error {
+                return Err(ClientError::refused(&frame));
+            }
+            let message = self.handle_incoming(frame)?;
+            self.checkpoint()?;
+            if message.is_some() {
+                return Ok(message);
+            }
+        }
+    }
+}
+
+fn expect<P: Payload>(frame: &Frame) -> Result<P, ClientError> {
+    if frame.opcode() == Opcode::Error {
+        return Err(ClientError::refused(frame));
+    }
+    if frame.opcode() != P::OPCODE {
+        return Err(ClientError::Protocol(format!("expected {:?}, got {:?}", P::OPCODE, frame.opcode())));
+    }
+    frame.decode_payload().map_err(|e| ClientError::Protocol(format!("{:?} payload: {e}", P::OPCODE)))
+}
+
+fn member_entry(
+    rooms: &mut BTreeMap<RoomId, RoomEntry>,
+    room_id: RoomId,
+) -> Result<&mut RoomEntry, ClientError> {
+    let entry = rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
+    if entry.group.is_none() || entry.record.removed {
+        return Err(ClientError::NotMember(room_id));
+    }
+    Ok(entry)
+}
+
+fn sender_of(identity: &[u8]) -> Option<SenderId> {
+    let key: [u8; 32] = identity.try_into().ok()?;
+    Some(SenderId::from_identity_key(&key))
+}
+
+fn member_of(group: &RoomGroup, sender: SenderId) -> Option<(u32, [u8; 32])> {
+    group.members().into_iter().find_map(|member| {
+        let key: [u8; 32] = member.identity.as_slice().try_into().ok()?;
+        (SenderId::from_identity_key(&key) == sender).then_some((member.leaf_index, key))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_initial_delay_up_to_the_cap() {
+        assert_eq!(backoff_ms(0), BACKOFF_INITIAL_MS);
+        assert_eq!(backoff_ms(1), BACKOFF_INITIAL_MS);
+        assert_eq!(backoff_ms(2), 2 * BACKOFF_INITIAL_MS);
+        assert_eq!(backoff_ms(5), 16 * BACKOFF_INITIAL_MS);
+        assert_eq!(backoff_ms(8), BACKOFF_MAX_MS.min(128 * BACKOFF_INITIAL_MS));
+        assert_eq!(backoff_ms(u32::MAX), BACKOFF_MAX_MS);
+    }
+
+    #[test]
+    fn init_then_open_keeps_the_identity_and_refuses_a_second_init_and_a_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = StoreKey::from_bytes([9u8; 32]);
+        let sender = Client::init(dir.path(), &key).unwrap().sender_id();
+        assert!(matches!(Client::init(dir.path(), &key), Err(ClientError::AlreadyInitialised { .. })));
+        assert_eq!(Client::open(dir.path(), &key).unwrap().sender_id(), sender);
+        let wrong = Client::open(dir.path(), &StoreKey::from_bytes([8u8; 32])).unwrap_err();
+        assert!(matches!(wrong, ClientError::Store(StoreError::WrongKey)), "{wrong:?}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(Client::open(empty.path(), &key), Err(ClientError::NotInitialised { .. })));
+    }
+}

@@ -1,0 +1,458 @@
+//! `kalandra`: a Kalandra client on the command line.
+//!
+//! Each invocation opens the device in `--dir` (an encrypted client-core
+//! store), connects to the server it was initialised with, does one thing
+//! and exits; `tail` stays connected and prints messages as they are
+//! sequenced. Exit codes: 0 success, 1 other failure, 2 usage, 3 server
+//! unreachable or connection lost, 4 refused by the server, 5 not found
+//! here (unknown room, no invitation, not initialised).
+
+mod admin;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use client_core::client::{Client, ClientError, Message, MessageBody, ServerTarget};
+use client_core::connection::{parse_fingerprint, ConnectionError};
+use client_core::store::{StoreKey, STORE_KEY_BYTES};
+use client_core::tls::fingerprint_of_pem_file;
+use kalandra_proto::{RoomId, SenderId};
+
+/// File holding the store key when `KALANDRA_STORE_KEY` is not set.
+const KEY_FILE_NAME: &str = "store.key";
+/// Default wait for an invitation.
+const JOIN_WAIT_MS_DEFAULT: u64 = 10_000;
+/// Default number of history entries shown.
+const HISTORY_LIMIT_DEFAULT: usize = 100;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kalandra",
+    version,
+    about = "Kalandra client: end-to-end encrypted rooms over a Kalandra server"
+)]
+struct Cli {
+    /// The device's directory (identity, encrypted store).
+    #[arg(long, global = true, env = "KALANDRA_CLIENT_DIR", default_value = "kalandra-client")]
+    dir: PathBuf,
+    /// Seconds to wait for each answer from the server.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Operator commands over the server's admin API (rooms, roles, kick, ban, audit).
+    Admin(admin::AdminArgs),
+    /// Create this device: an identity and an encrypted store, and remember the server.
+    Init {
+        /// The server's QUIC address.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        server: SocketAddr,
+        /// The server certificate's SHA-256 fingerprint (the server prints it at start).
+        #[arg(long, conflicts_with = "server_cert")]
+        fingerprint: Option<String>,
+        /// The server's certificate file instead (e.g. kalandra-data/tls/cert.pem).
+        #[arg(long)]
+        server_cert: Option<PathBuf>,
+        /// TLS server name.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+    /// Print this device's sender id (others invite you with it).
+    Whoami,
+    /// Rooms.
+    Room {
+        #[command(subcommand)]
+        command: RoomCommand,
+    },
+    /// Add users to a room by sender id.
+    Invite {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// Sender ids (16 hex digits each) of the users to add.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Remove users from a room by sender id (a commit: they cannot read what follows).
+    Remove {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// Sender ids of the members to remove.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Leave a room (proposes this device's removal; the next commit by another member applies it).
+    Leave {
+        /// The room.
+        #[arg(long)]
+        room: String,
+    },
+    /// Rotate this device's keys in a room (a self-update commit).
+    Update {
+        /// The room.
+        #[arg(long)]
+        room: String,
+    },
+    /// Join a room you were invited to (or, with --external, any room by external commit).
+    Join {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// How long to wait for the invitation.
+        #[arg(long, default_value_t = JOIN_WAIT_MS_DEFAULT)]
+        wait_ms: u64,
+        /// Join from the room's published GroupInfo instead of an invitation.
+        #[arg(long)]
+        external: bool,
+    },
+    /// Send a message (`-` reads it from standard input).
+    Send {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The message.
+        text: String,
+    },
+    /// Print messages as they arrive.
+    Tail {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// Stop after this many milliseconds (default: run until interrupted).
+        #[arg(long)]
+        for_ms: Option<u64>,
+        /// Stop after this many entries.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Print a room's history on this device (after catching up with the server).
+    History {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// Most entries shown (the latest).
+        #[arg(long, default_value_t = HISTORY_LIMIT_DEFAULT)]
+        limit: usize,
+        /// Do not contact the server.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoomCommand {
+    /// Create a room; prints its id.
+    Create,
+    /// List the rooms this device is in.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kalandra: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kalandra: {error:#}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if let Some(error) = error.downcast_ref::<admin::AdminError>() {
+        return error.exit_code();
+    }
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Connection(
+            ConnectionError::Unreachable(_)
+            | ConnectionError::Lost(_)
+            | ConnectionError::Closed
+            | ConnectionError::TimedOut,
+        )) => 3,
+        Some(ClientError::Refused { .. } | ClientError::NoKeyPackage(_)) => 4,
+        Some(
+            ClientError::UnknownRoom(_)
+            | ClientError::NotMember(_)
+            | ClientError::NoWelcome { .. }
+            | ClientError::UnknownMember(_)
+            | ClientError::NotInitialised { .. },
+        ) => 5,
+        _ => 1,
+    }
+}
+
+/// The store key: `KALANDRA_STORE_KEY` (64 hex digits) if set, else the
+/// key file in the device directory (created by `init`, mode 0600).
+fn store_key(dir: &Path, create: bool) -> anyhow::Result<StoreKey> {
+    if let Ok(hex_key) = std::env::var("KALANDRA_STORE_KEY") {
+        let bytes = hex::decode(hex_key.trim()).context("KALANDRA_STORE_KEY is not hex")?;
+        let bytes: [u8; STORE_KEY_BYTES] = bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("KALANDRA_STORE_KEY must be {STORE_KEY_BYTES} bytes"))?;
+        return Ok(StoreKey::from_bytes(bytes));
+    }
+    let path = dir.join(KEY_FILE_NAME);
+    if create && !path.exists() {
+        let key = StoreKey::generate();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_private(&path, hex::encode(key.as_bytes()).as_bytes())?;
+        return Ok(key);
+    }
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClientError::NotInitialised { path: dir.to_owned() }.into())
+        }
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    let bytes = hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))?;
+    let bytes: [u8; STORE_KEY_BYTES] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{} must hold {STORE_KEY_BYTES} bytes", path.display()))?;
+    Ok(StoreKey::from_bytes(bytes))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("creating {}", path.display()))
+}
+
+fn parse_room(text: &str) -> anyhow::Result<RoomId> {
+    let bytes = hex::decode(text.trim()).with_context(|| format!("room id {text:?} is not hex"))?;
+    let bytes: [u8; 16] =
+        bytes.try_into().map_err(|_| anyhow::anyhow!("room id {text:?} must be 32 hex digits"))?;
+    Ok(RoomId(bytes))
+}
+
+fn parse_sender(text: &str) -> anyhow::Result<SenderId> {
+    let value = u64::from_str_radix(text.trim(), 16)
+        .with_context(|| format!("sender id {text:?} must be 16 hex digits"))?;
+    Ok(SenderId(value))
+}
+
+fn print_message(out: &mut impl std::io::Write, message: &Message) -> std::io::Result<()> {
+    let sender = SenderId(message.sender);
+    match &message.body {
+        MessageBody::Text(text) => {
+            writeln!(out, "{}\t{sender}\t{}", message.log_index, String::from_utf8_lossy(text))
+        }
+        MessageBody::Membership { epoch, added, removed } => {
+            let list =
+                |ids: &[u64]| ids.iter().map(|id| SenderId(*id).to_string()).collect::<Vec<_>>().join(",");
+            writeln!(
+                out,
+                "{}\t{sender}\t* epoch {epoch}: added [{}] removed [{}]",
+                message.log_index,
+                list(added),
+                list(removed)
+            )
+        }
+        MessageBody::Unreadable(reason) => {
+            writeln!(out, "{}\t{sender}\t* unreadable: {reason}", message.log_index)
+        }
+    }
+}
+
+/// Opens the device and connects. Callers close the connection politely on
+/// every path: a connection dropped without a close looks alive to the
+/// server until its idle timeout.
+async fn open_connected(cli: &Cli) -> anyhow::Result<Client> {
+    let key = store_key(&cli.dir, false)?;
+    let mut client = Client::open(&cli.dir, &key)?;
+    client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
+    if let Err(error) = client.connect().await {
+        client.disconnect().await;
+        return Err(error.into());
+    }
+    Ok(client)
+}
+
+async fn tail(
+    client: &mut Client,
+    out: &mut impl std::io::Write,
+    room: RoomId,
+    for_ms: Option<u64>,
+    count: Option<usize>,
+) -> anyhow::Result<()> {
+    for message in client.sync(room).await? {
+        print_message(out, &message)?;
+    }
+    out.flush()?;
+    client.subscribe(room).await?;
+    let deadline = for_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let mut printed = 0usize;
+    while count.is_none_or(|count| printed < count) {
+        let wait = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(tokio::time::Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        if wait.is_zero() {
+            break;
+        }
+        if let Some(message) = client.next_message(wait).await? {
+            print_message(out, &message)?;
+            out.flush()?;
+            printed += 1;
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match &cli.command {
+        Command::Admin(args) => admin::run(args, Duration::from_secs(cli.timeout_secs)).await?,
+        Command::Init { server, fingerprint, server_cert, server_name } => {
+            let fingerprint = match (fingerprint, server_cert) {
+                (Some(text), _) => parse_fingerprint(text)
+                    .ok_or_else(|| anyhow::anyhow!("--fingerprint must be 64 hex digits"))?,
+                (None, Some(path)) => fingerprint_of_pem_file(path)?,
+                (None, None) => anyhow::bail!("give --fingerprint or --server-cert to pin the server"),
+            };
+            let key = store_key(&cli.dir, true)?;
+            let mut client = Client::init(&cli.dir, &key)?;
+            client.set_server(ServerTarget {
+                address: *server,
+                server_name: server_name.clone(),
+                fingerprint,
+            })?;
+            client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
+            writeln!(out, "{}", client.sender_id())?;
+            out.flush()?;
+            // Publish key packages so that others can invite this device at once.
+            let connected = client.connect().await;
+            client.disconnect().await;
+            connected.context(
+                "the device was created, but its key packages are not published yet \
+                 (any later command that reaches the server publishes them)",
+            )?;
+        }
+        Command::Whoami => {
+            let key = store_key(&cli.dir, false)?;
+            writeln!(out, "{}", Client::open(&cli.dir, &key)?.sender_id())?;
+        }
+        Command::Room { command: RoomCommand::Create } => {
+            let mut client = open_connected(&cli).await?;
+            let result = client.create_room().await;
+            client.disconnect().await;
+            writeln!(out, "{}", result?)?;
+        }
+        Command::Room { command: RoomCommand::List } => {
+            let key = store_key(&cli.dir, false)?;
+            for room in Client::open(&cli.dir, &key)?.rooms() {
+                writeln!(out, "{}\tepoch {}\t{} members", room.room_id, room.epoch, room.members.len())?;
+            }
+        }
+        Command::Invite { room, members } => {
+            let room = parse_room(room)?;
+            let members = members.iter().map(|m| parse_sender(m)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.invite(room, &members).await;
+            client.disconnect().await;
+            writeln!(out, "epoch {}", result?)?;
+        }
+        Command::Remove { room, members } => {
+            let room = parse_room(room)?;
+            let members = members.iter().map(|m| parse_sender(m)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.remove(room, &members).await;
+            client.disconnect().await;
+            writeln!(out, "epoch {}", result?)?;
+        }
+        Command::Leave { room } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.leave(room).await;
+            client.disconnect().await;
+            writeln!(out, "leave proposed at {}", result?)?;
+        }
+        Command::Update { room } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.self_update(room).await;
+            client.disconnect().await;
+            writeln!(out, "epoch {}", result?)?;
+        }
+        Command::Join { room, wait_ms, external } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = if *external {
+                client.join_external(room).await
+            } else {
+                client.join(room, Duration::from_millis(*wait_ms)).await
+            };
+            client.disconnect().await;
+            writeln!(out, "joined {room} at epoch {}", result?)?;
+        }
+        Command::Send { room, text } => {
+            let room = parse_room(room)?;
+            let text = if text == "-" {
+                let mut buffer = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut buffer)?;
+                buffer
+            } else {
+                text.clone()
+            };
+            let mut client = open_connected(&cli).await?;
+            let result = client.send(room, text.as_bytes()).await;
+            client.disconnect().await;
+            writeln!(out, "{}", result?)?;
+        }
+        Command::Tail { room, for_ms, count } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = tail(&mut client, &mut out, room, *for_ms, *count).await;
+            client.disconnect().await;
+            result?;
+        }
+        Command::History { room, limit, offline } => {
+            let room = parse_room(room)?;
+            let client = if *offline {
+                let key = store_key(&cli.dir, false)?;
+                Client::open(&cli.dir, &key)?
+            } else {
+                let mut client = open_connected(&cli).await?;
+                let result = client.sync(room).await;
+                client.disconnect().await;
+                result?;
+                client
+            };
+            let all = client.history(room, 0, client_core::store::MESSAGES_PER_READ_MAX)?;
+            for message in &all[all.len().saturating_sub(*limit)..] {
+                print_message(&mut out, message)?;
+            }
+        }
+    }
+    Ok(())
+}
