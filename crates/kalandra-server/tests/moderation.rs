@@ -467,3 +467,23 @@ async fn roles_bans_and_a_pending_removal_survive_a_restart() {
     assert_eq!(audit.len(), 3);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moderator_being_removed_or_removed_moderates_no_more() {
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+    let (bob_id, carol_id) = (bob.sender(), carol.sender());
+    decode_ok::<Ack>(&alice.request(&SetRole { target: bob_id.0, role: "moderator".into(), granted: true }).await);
+    // The admin removes the moderator; while that is pending he cannot strike back.
+    decode_ok::<Ack>(&alice.request(&Kick { target: bob_id.0, reason: "rogue".into() }).await);
+    let reply = bob.request(&Kick { target: carol_id.0, reason: String::new() }).await;
+    assert_eq!(code(&reply), ErrorCode::Forbidden);
+    let proposal = carol.next_of(Opcode::Proposal).await;
+    decode_ok::<Ack>(&answer_server_proposal(&mut carol, &proposal).await.unwrap());
+    // Removed, he still holds the role on the server but cannot use it.
+    let reply = bob.request(&Ban { target: carol_id.0, reason: String::new(), duration_ms: None }).await;
+    assert_eq!(code(&reply), ErrorCode::Forbidden);
+    let info = server.node.room_info(ROOM).await.unwrap();
+    assert!(!info.members.contains(&bob_id) && info.members.contains(&carol_id));
+    server.stop().await;
+}

@@ -187,13 +187,15 @@ pub(super) fn start_writer(
     (sender, task)
 }
 
-/// An act waiting for its Remove proposal to become durable.
+/// An act waiting for its Remove proposal to become durable, with the
+/// writer slot reserved for its audit record.
 pub(super) struct ActAwaitingProposal {
     log_index: u64,
     change: ModerationChange,
     event: AuditEvent,
     epoch: u64,
     reply: ModerationReply,
+    slot: mpsc::OwnedPermit<ModerationWrite>,
 }
 
 fn audit_event(request: &ModerationRequest, now_ms: u64) -> AuditEvent {
@@ -245,14 +247,23 @@ fn remove_proposal_frame<G: PersistentGroup>(
 
 impl<G: PersistentGroup> Shard<G> {
     /// Decides a moderation act; replies once it is durable (or refused).
+    ///
+    /// A slot in the writer's queue is reserved before anything changes, so
+    /// that an act that is decided always gets its audit record written.
     pub(super) fn moderate(&mut self, request: ModerationRequest, reply: ModerationReply) {
         let now_ms = (self.clock)();
+        let Ok(slot) = self.moderation_writer.clone().try_reserve_owned() else {
+            tracing::warn!("moderation writer queue full");
+            self.metrics.rejected(ErrorCode::RateLimited);
+            let _ = reply.send(Err(ModerationFailure::Busy));
+            return;
+        };
         let result = self.decide(&request, now_ms);
         match result {
             Ok(Decision::Write(change)) => {
                 let epoch = self.rooms.get(&request.room_id).map_or(0, |room| room.sequencer.epoch());
                 let event = audit_event(&request, now_ms);
-                self.write(ModerationWrite { change, event, done: Some((reply, None, epoch)) });
+                slot.send(ModerationWrite { change, event, done: Some((reply, None, epoch)) });
             }
             Ok(Decision::AfterProposal(change, log_index)) => {
                 let room = self.rooms.get_mut(&request.room_id).expect("decided on an existing room");
@@ -265,6 +276,7 @@ impl<G: PersistentGroup> Shard<G> {
                     event,
                     epoch,
                     reply,
+                    slot,
                 });
             }
             Err(failure) => {
@@ -274,25 +286,23 @@ impl<G: PersistentGroup> Shard<G> {
         }
     }
 
-    fn write(&mut self, write: ModerationWrite) {
-        if let Err(error) = self.moderation_writer.try_send(write) {
-            let write = match error {
-                mpsc::error::TrySendError::Full(write) => {
-                    tracing::warn!("moderation writer queue full");
-                    write
-                }
-                mpsc::error::TrySendError::Closed(write) => write,
-            };
-            if let Some((reply, _, _)) = write.done {
-                let _ = reply.send(Err(ModerationFailure::Busy));
-            }
-        }
-    }
-
     fn decide(&mut self, request: &ModerationRequest, now_ms: u64) -> Result<Decision, ModerationFailure> {
         let room_id = request.room_id;
         let target = request.target;
         let room = self.rooms.get_mut(&room_id).ok_or(ModerationFailure::UnknownRoom)?;
+        if let Actor::Member(member) = request.actor {
+            // Only current members moderate: not a removed or banned
+            // moderator, nor one whose removal is pending.
+            let leaving = room
+                .sequencer
+                .group()
+                .pending_server_removals()
+                .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
+                .contains(&member);
+            if !room.sequencer.is_member(member) || leaving || room.sequencer.is_banned(member, now_ms) {
+                return Err(ModerationError::Forbidden("only current members of the room moderate it").into());
+            }
+        }
         room.roles.authorize(request.actor, target, &request.act)?;
         match &request.act {
             Act::Kick => {
@@ -394,8 +404,8 @@ impl<G: PersistentGroup> Shard<G> {
             ready.push(room.acts_awaiting_proposal.pop_front().expect("front exists"));
         }
         for act in ready {
-            let ActAwaitingProposal { log_index, change, event, epoch, reply } = act;
-            self.write(ModerationWrite { change, event, done: Some((reply, Some(log_index), epoch)) });
+            let ActAwaitingProposal { log_index, change, event, epoch, reply, slot } = act;
+            slot.send(ModerationWrite { change, event, done: Some((reply, Some(log_index), epoch)) });
         }
     }
 
@@ -457,7 +467,11 @@ impl<G: PersistentGroup> Shard<G> {
                     log_index: None,
                 };
                 let change = ModerationChange::SetBan { room_id, user_id: user.0, ban: None };
-                self.write(ModerationWrite { change, event, done: None });
+                // With the queue full the ended ban stays stored; it is no
+                // longer enforced, and the next start expires it again.
+                if self.moderation_writer.try_send(ModerationWrite { change, event, done: None }).is_err() {
+                    tracing::warn!(%room_id, user = user.0, "moderation writer queue full; ban end not recorded");
+                }
             }
             if !keep {
                 self.watched.remove(&room_id);
