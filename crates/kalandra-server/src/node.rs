@@ -1453,6 +1453,8 @@ struct RoomSnapshot<'a> {
 }
 
 const ROOM_SNAPSHOT_MAGIC: &[u8; 4] = b"KRS2";
+// The snapshot counts pending server proposals in a u16.
+const _: () = assert!(crate::sequencer::SERVER_PROPOSALS_PENDING_MAX <= u16::MAX as usize);
 
 impl<'a> RoomSnapshot<'a> {
     fn encode(&self) -> Bytes {

@@ -24,6 +24,11 @@ pub const MODERATION_TICK_MS: u64 = 1_000;
 /// Most rooms one [`Node::list_rooms`](super::Node::list_rooms) call returns.
 pub const ROOMS_LIST_MAX: usize = 1_000;
 
+// A moderation act needs one writer slot; a full queue is refused, never waited on.
+const _: () = assert!(MODERATION_WRITES_QUEUED_MAX > 0);
+// Re-announcing is checked on the tick, so the bound must span several ticks.
+const _: () = assert!(crate::sequencer::SERVER_PROPOSAL_REANNOUNCE_MS >= 10 * MODERATION_TICK_MS);
+
 /// A moderation act asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModerationRequest {
