@@ -473,7 +473,9 @@ async fn a_moderator_being_removed_or_removed_moderates_no_more() {
     let server = TestServer::start(default_limits()).await;
     let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
     let (bob_id, carol_id) = (bob.sender(), carol.sender());
-    decode_ok::<Ack>(&alice.request(&SetRole { target: bob_id.0, role: "moderator".into(), granted: true }).await);
+    decode_ok::<Ack>(
+        &alice.request(&SetRole { target: bob_id.0, role: "moderator".into(), granted: true }).await,
+    );
     // The admin removes the moderator; while that is pending he cannot strike back.
     decode_ok::<Ack>(&alice.request(&Kick { target: bob_id.0, reason: "rogue".into() }).await);
     let reply = bob.request(&Kick { target: carol_id.0, reason: String::new() }).await;
