@@ -128,6 +128,11 @@ pub struct CliArgs {
     /// Read-only token of the admin API.
     #[arg(long, env = "KALANDRA_ADMIN_READ_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub admin_read_token: Option<String>,
+    /// Rewrite the database into a fresh file that holds only live data
+    /// (dropping what erased entries left in freed pages), then exit. The
+    /// server must not be running on the same data directory.
+    #[arg(long)]
+    pub compact: bool,
     /// An offline task instead of serving.
     #[command(subcommand)]
     pub command: Option<ServerCommand>,
@@ -627,6 +632,7 @@ rooms_per_user_max = 7
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
             admin_token: Some("flag-operator-token-01".to_owned()),
             admin_read_token: Some("flag-read-only-token-01".to_owned()),
+            compact: false,
             command: None,
         };
         let overridden = ServerConfig::load(&cli).expect("flags");

@@ -379,6 +379,10 @@ impl Listener {
                     tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
+            Route::Moderation(frame) if frame.opcode() == Opcode::Redact => {
+                let reply = self.redact(outbox.sender(), &frame).await;
+                let _ = outbox.send(reply).await;
+            }
             Route::Moderation(frame) => {
                 let header = frame.header();
                 let (room_id, request_id) = (header.room_id(), header.request_id());
@@ -442,8 +446,40 @@ fn moderation_request(
             let act = if set.granted { Act::Grant(role) } else { Act::Revoke(role) };
             Ok(request(set.target, act, String::new()))
         }
-        // Redaction destroys stored content; this server version does not offer it.
-        _ => Err((ErrorCode::Forbidden, "redaction is not available on this server".to_owned())),
+        // `Redact` is answered by `Listener::redact`, before this is called.
+        other => Err((ErrorCode::Internal, format!("opcode {other:?} is not a moderation act"))),
+    }
+}
+
+impl Listener {
+    /// Answers a client's `Redact`: the sender of a frame may erase it, and
+    /// a current member holding the room's admin or moderator role may erase
+    /// any erasable frame of the room ([`Node::member_redact`]). The reply
+    /// is an `Ack` naming the erased index, or an `Error`.
+    async fn redact(&self, sender: SenderId, frame: &Frame) -> Bytes {
+        let header = frame.header();
+        let (room_id, request_id) = (header.room_id(), header.request_id());
+        let redact: kalandra_proto::payload::Redact = match frame.decode_payload() {
+            Ok(redact) => redact,
+            Err(error) => {
+                self.metrics.rejected(ErrorCode::MalformedPayload);
+                return error_frame(room_id, request_id, ErrorCode::MalformedPayload, &error.to_string());
+            }
+        };
+        match self.node.member_redact(room_id, redact.log_index, sender).await {
+            Ok(report) => {
+                let ack = kalandra_proto::payload::Ack {
+                    log_index: report.log_index,
+                    epoch: report.epoch,
+                    server_time_ms: report.erased_at_ms,
+                };
+                server_frame(room_id, request_id, &ack)
+            }
+            Err(error) => {
+                self.metrics.rejected(error.error_code());
+                error_frame(room_id, request_id, error.error_code(), &error.to_string())
+            }
+        }
     }
 }
 

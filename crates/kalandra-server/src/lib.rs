@@ -8,6 +8,7 @@ pub mod audit;
 pub mod config;
 pub mod connection;
 pub mod directory;
+pub mod erasure;
 pub mod metrics;
 pub mod mls_state;
 pub mod moderation;

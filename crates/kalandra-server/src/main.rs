@@ -55,6 +55,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cli.compact {
+        return compact(&config);
+    }
     match runtime.block_on(run(config)) {
         Ok(code) => code,
         Err(error) => {
@@ -109,6 +112,27 @@ fn report_verification(result: Result<audit::AuditVerified, audit::AuditVerifyEr
         }
         Err(error) => {
             println!("audit log broken: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--compact`: rewrites the database (see `RedbStore::compact_file`).
+fn compact(config: &ServerConfig) -> ExitCode {
+    let database = config.data_dir.join(DATABASE_FILE_NAME);
+    match RedbStore::compact_file(&database) {
+        Ok(report) => {
+            println!(
+                "compacted {}: {} rows, {} -> {} bytes",
+                database.display(),
+                report.rows,
+                report.bytes_before,
+                report.bytes_after
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kalandra-server: compacting {}: {error}", database.display());
             ExitCode::FAILURE
         }
     }
@@ -224,6 +248,10 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         server_public_key,
     );
     let serving = tokio::spawn(Arc::clone(&listener).serve(endpoint, stopped.clone()));
+    let retention = tokio::spawn(kalandra_server::erasure::retention_loop(
+        node.clone(),
+        kalandra_server::erasure::limits::RETENTION_INTERVAL_MS_DEFAULT,
+    ));
     ready.store(true, Ordering::Release);
     println!("listening on quic://{quic_address} (admin http://{admin_address})");
     tracing::info!(%quic_address, %admin_address, data_dir = %config.data_dir.display(), "ready");
@@ -234,6 +262,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
     // Stop accepting and reading; make everything accepted durable and
     // queue its acknowledgements; then let connections say goodbye.
     let _ = stop.send(ShutdownPhase::Draining);
+    retention.abort();
     node.shutdown().await;
     let _ = stop.send(ShutdownPhase::Drained);
     let drain = Duration::from_millis(config.limits.drain_timeout_ms);

@@ -36,7 +36,7 @@ use crate::sequencer::{
     SERVER_SENDER_ID,
 };
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::{LogEntry, RoomMetadata, Store};
+use crate::store::{EntryContent, LogEntry, RoomMetadata, Store, StoredEntry};
 
 /// Identifies one client connection for the life of the process.
 pub type ConnectionId = u64;
@@ -228,7 +228,9 @@ fn error_frame_with(
     )
 }
 
-fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
+/// Builds the `Error` frame that refuses a submission (with the room's
+/// epoch and index for `WrongEpoch`, a retry delay for overload).
+pub fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
     let (current_epoch, log_index) = match error {
         SubmitError::WrongEpoch { current_epoch, log_index, .. } => (Some(*current_epoch), Some(*log_index)),
         _ => (None, None),
@@ -334,6 +336,27 @@ pub enum Command {
         /// The answer.
         reply: oneshot::Sender<Vec<RoomSummary>>,
     },
+    /// Whether `member` moderates the room now: a current member (not
+    /// banned, no removal pending) holding the admin or moderator role.
+    ModeratesRoom {
+        /// The room.
+        room_id: RoomId,
+        /// The member asking.
+        member: SenderId,
+        /// The answer (`None`: no such room).
+        reply: oneshot::Sender<Option<bool>>,
+    },
+    /// Entries of the room are being erased: replace them in the in-memory
+    /// recent frames by their placeholders before the store destroys them,
+    /// so no subscriber catching up from memory gets the content.
+    Erased {
+        /// The room.
+        room_id: RoomId,
+        /// The entries being erased.
+        log_indices: Vec<u64>,
+        /// Replies once the recent frames no longer hold them.
+        done: oneshot::Sender<()>,
+    },
     /// Stop: flush, wait for storage, reply.
     Shutdown {
         /// Replies once everything accepted is durable and acknowledged.
@@ -394,11 +417,11 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub struct Node {
     shards: Arc<Vec<mpsc::Sender<Command>>>,
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
-    store: Arc<dyn Store>,
-    health: Arc<NodeHealth>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) health: Arc<NodeHealth>,
     /// The moderation writer; it ends once every shard has stopped.
     writer_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
-    clock: Clock,
+    pub(crate) clock: Clock,
 }
 
 /// Why the room core could not start.
@@ -510,6 +533,12 @@ impl Node {
     pub async fn connection_authenticated(&self, outbox: &Arc<Outbox>) {
         self.online.lock().expect("online lock").entry(outbox.sender()).or_default().push(Arc::clone(outbox));
         deliver_pending_welcomes(Arc::clone(&self.store), Arc::clone(outbox)).await;
+    }
+
+    /// Marks the node failed after a storage failure outside the shards: the
+    /// process exits and recovers on restart.
+    pub(crate) fn storage_failed(&self) {
+        self.health.failed.store(true, Ordering::Release);
     }
 
     /// The node's health counters.
@@ -700,11 +729,42 @@ fn recover_room<G: PersistentGroup>(
     room_id: RoomId,
     next_log_index: u64,
 ) -> Result<Room<G>, RecoveryError> {
+    let recovered = recover_room_state::<G>(store, room_id, next_log_index)?;
+    let mut room = Room::new(recovered.sequencer, recovered.creator, recovered.created_at_ms);
+    room.recent = recovered.recent;
+    room.roles = recovered.roles;
+    Ok(room)
+}
+
+/// A room rebuilt from storage by [`recover_room_state`].
+pub struct RecoveredRoom<G: PersistentGroup> {
+    /// The sequencer, at the stored head.
+    pub sequencer: RoomSequencer<G>,
+    /// Who created the room.
+    pub creator: SenderId,
+    /// When (server clock, ms).
+    pub created_at_ms: u64,
+    /// The most recent stored frames (at most [`RECENT_FRAMES_PER_ROOM_MAX`]):
+    /// (log index, encoded frame).
+    pub recent: VecDeque<(u64, Bytes)>,
+    /// Who holds a role in the room (the creator is its admin).
+    pub roles: RoomRoles,
+}
+
+/// Rebuilds one stored room whose log holds `next_log_index` entries: MLS
+/// state from its snapshot (or its `CreateRoom` frame), then replay of every
+/// later entry through [`RoomSequencer::replay`]. Blocks on storage.
+pub fn recover_room_state<G: PersistentGroup>(
+    store: &dyn Store,
+    room_id: RoomId,
+    next_log_index: u64,
+) -> Result<RecoveredRoom<G>, RecoveryError> {
     let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
     let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
     let first = store.read_range(room_id, 0, 1).map_err(|e| storage(&e))?;
     let create_entry = first.first().ok_or_else(|| corrupt("log has no entry 0".into()))?;
-    let create_frame = Frame::decode(&create_entry.frame).map_err(|e| corrupt(format!("entry 0: {e}")))?;
+    let create_bytes = create_entry.frame().ok_or_else(|| corrupt("entry 0 was erased".into()))?;
+    let create_frame = Frame::decode(create_bytes).map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let creator = create_frame.header().sender_id();
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
@@ -754,22 +814,31 @@ fn recover_room<G: PersistentGroup>(
             return Err(corrupt(format!("log ends at {from}, head says {next_log_index}")));
         }
         for entry in entries {
-            let frame = Frame::decode(&entry.frame)
-                .map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
+            // An erased entry replays as its placeholder: only application
+            // frames are ever erased, and replay needs nothing of them but
+            // their index and timestamp.
+            let bytes = match &entry.content {
+                EntryContent::Erased(erasure) if crate::erasure::erasable(erasure.opcode()) => {
+                    crate::erasure::erased_placeholder(room_id, entry.log_index, erasure)
+                }
+                EntryContent::Erased(_) => {
+                    return Err(corrupt(format!("entry {}: a handshake frame was erased", entry.log_index)));
+                }
+                EntryContent::Frame(frame) => frame.clone(),
+            };
+            let frame =
+                Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
             sequencer.replay(&frame).map_err(|e| corrupt(e.to_string()))?;
             if room_recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
                 room_recent.pop_front();
             }
-            room_recent.push_back((entry.log_index, entry.frame));
+            room_recent.push_back((entry.log_index, bytes));
             from = entry.log_index + 1;
         }
     }
     assert_eq!(sequencer.next_log_index(), next_log_index, "replay reached the stored head");
-    let mut room = Room::new(sequencer, creator, created_at_ms);
-    room.recent = room_recent;
-    room.roles =
-        RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
-    Ok(room)
+    let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
+    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
 }
 
 /// One storage request in flight.
@@ -878,11 +947,20 @@ impl<G: PersistentGroup> Shard<G> {
                 self.caught_up(room_id, subscription, next_log_index)
             }
             Command::Moderate { request, reply } => self.moderate(request, reply),
+            Command::ModeratesRoom { room_id, member, reply } => {
+                let _ = reply.send(self.moderates_room(room_id, member));
+            }
             Command::RoomInfo { room_id, reply } => {
                 let _ = reply.send(self.room_info(room_id));
             }
             Command::ListRooms { after, count_max, reply } => {
                 let _ = reply.send(self.list_rooms(after, count_max));
+            }
+            Command::Erased { room_id, log_indices, done } => {
+                if let Some(room) = self.rooms.get_mut(&room_id) {
+                    hide_erased(room_id, &mut room.recent, &log_indices);
+                }
+                let _ = done.send(());
             }
             Command::Shutdown { done } => *shutdown = Some(done),
         }
@@ -1166,7 +1244,7 @@ impl<G: PersistentGroup> Shard<G> {
             // out, so an acknowledged add never loses its Welcome in a crash.
             for effect in &effects {
                 if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, log_index } = effect {
-                    let frame = welcome_frame(room_id, *log_index, welcome, ratchet_tree);
+                    let frame = welcome_frame(room_id, welcome, ratchet_tree, *log_index);
                     if let Err(error) = store_welcomes(Arc::clone(&self.store), recipients, frame).await {
                         tracing::error!(%room_id, %error, "storage failed storing Welcomes; the node stops and recovers on restart");
                         self.health.failed.store(true, Ordering::Release);
@@ -1348,16 +1426,18 @@ fn offer_pushes<G: PersistentGroup>(
     }
 }
 
-/// The `Welcome` frame for a recipient. Its header's log index is that of
-/// the commit that made it: the joiner reads the room's log after it.
-fn welcome_frame(room_id: RoomId, commit_log_index: u64, welcome: &Bytes, ratchet_tree: &Bytes) -> Bytes {
+/// Builds the `Welcome` frame stored for, and sent to, a commit's
+/// recipients. Its header carries the log index of the commit that made
+/// it, so that the joiner subscribes from the next index: nothing before
+/// it belongs to the epoch it joins, and nothing after it is skipped.
+pub fn welcome_frame(room_id: RoomId, welcome: &Bytes, ratchet_tree: &Bytes, log_index: u64) -> Bytes {
     let payload = payload::Welcome {
         welcome: welcome.to_vec(),
         ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
     };
-    let mut header = FrameHeaderBuf::new(Opcode::Welcome);
-    header.set_room_id(room_id).set_log_index(commit_log_index);
-    Frame::with_payload(header, &payload).expect("a Welcome fits its opcode").to_bytes()
+    let mut header = FrameHeaderBuf::new(payload::Welcome::OPCODE);
+    header.set_room_id(room_id).set_log_index(log_index);
+    Frame::with_payload(header, &payload).expect("server payloads fit their opcode").to_bytes()
 }
 
 /// Stores a Welcome for every recipient in one durable transaction. A
@@ -1531,6 +1611,25 @@ impl<'a> RoomSnapshot<'a> {
     }
 }
 
+/// What history sends for a stored entry: its frame, or for an erased
+/// entry a typed placeholder at its index.
+pub fn history_bytes(room_id: RoomId, entry: StoredEntry) -> Bytes {
+    match entry.content {
+        EntryContent::Frame(frame) => frame,
+        EntryContent::Erased(erasure) => {
+            crate::erasure::erased_placeholder(room_id, entry.log_index, &erasure)
+        }
+    }
+}
+
+/// Replaces the recent frames at `log_indices` by their erasure
+/// placeholders.
+fn hide_erased(room_id: RoomId, recent: &mut VecDeque<(u64, Bytes)>, log_indices: &[u64]) {
+    for (index, bytes) in recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
+        *bytes = crate::erasure::placeholder_for_frame(room_id, *index, bytes);
+    }
+}
+
 /// Streams stored frames of one room to one connection.
 struct HistoryReader {
     store: Arc<dyn Store>,
@@ -1566,7 +1665,8 @@ impl HistoryReader {
             };
             for entry in entries {
                 assert_eq!(entry.log_index, next, "history is dense");
-                if self.cancelled.load(Ordering::Acquire) || !self.outbox.send(entry.frame).await {
+                let bytes = history_bytes(self.room_id, entry);
+                if self.cancelled.load(Ordering::Acquire) || !self.outbox.send(bytes).await {
                     return;
                 }
                 next += 1;
@@ -1641,5 +1741,20 @@ mod tests {
         assert_eq!(decoded.epoch_started_at_log_index, 4);
         assert_eq!(decoded.group_info, (2, Bytes::from_static(b"info")));
         assert_eq!(decoded.server_proposals, PendingServerProposals::default());
+    }
+
+    /// A joiner learns from the Welcome's header where the epoch it joins
+    /// begins; without it, it cannot know which index to subscribe from.
+    #[test]
+    fn welcome_frames_carry_the_log_index_of_their_commit() {
+        let room_id = RoomId([3; 16]);
+        let bytes = welcome_frame(room_id, &Bytes::from_static(b"welcome"), &Bytes::from_static(b"tree"), 7);
+        let frame = Frame::decode(&bytes).unwrap();
+        assert_eq!(frame.opcode(), Opcode::Welcome);
+        assert_eq!(frame.header().room_id(), room_id);
+        assert_eq!(frame.header().log_index(), 7);
+        let payload: payload::Welcome = frame.decode_payload().unwrap();
+        assert_eq!(payload.welcome, b"welcome");
+        assert_eq!(payload.ratchet_tree.as_deref(), Some(&b"tree"[..]));
     }
 }

@@ -1184,7 +1184,8 @@ async fn moderation_is_forbidden_without_roles() {
     refused_own(&mut bob, &kick, ErrorCode::Forbidden).await;
     let ban = Ban { target, reason: "testing".into(), duration_ms: Some(60_000) };
     refused_own(&mut bob, &ban, ErrorCode::Forbidden).await;
-    // Redaction is not offered, whatever the role.
+    // Handshake frames (the commit at 1, the CreateRoom at 0) are never
+    // erased, whatever the role.
     let redact = Redact { log_index: 1, reason: "testing".into() };
     refused_own(&mut alice, &redact, ErrorCode::Forbidden).await;
     refused_own(&mut bob, &Redact { log_index: 0, reason: String::new() }, ErrorCode::Forbidden).await;

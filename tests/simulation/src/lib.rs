@@ -1,2 +1,4 @@
-//! Simulation scenarios run in the default test run (not yet built; see README status).
+//! Simulation tests of Kalandra: the fixed seeds, the determinism checks
+//! and the injected-bug tests live in `tests/`; the simulation itself is the
+//! `kalandra-harness` crate.
 #![forbid(unsafe_code)]

@@ -291,20 +291,20 @@ impl<G: PersistentGroup> Shard<G> {
         }
     }
 
+    /// Whether `member` moderates `room_id` now: a current member holding
+    /// the admin or moderator role (`None`: no such room).
+    pub(super) fn moderates_room(&self, room_id: RoomId, member: SenderId) -> Option<bool> {
+        let room = self.rooms.get(&room_id)?;
+        let holds_role = matches!(room.roles.role_of(member), Some(Role::Admin | Role::Moderator));
+        Some(holds_role && current_member(room, member, (self.clock)()).unwrap_or(false))
+    }
+
     fn decide(&mut self, request: &ModerationRequest, now_ms: u64) -> Result<Decision, ModerationFailure> {
         let room_id = request.room_id;
         let target = request.target;
         let room = self.rooms.get_mut(&room_id).ok_or(ModerationFailure::UnknownRoom)?;
         if let Actor::Member(member) = request.actor {
-            // Only current members moderate: not a removed or banned
-            // moderator, nor one whose removal is pending.
-            let leaving = room
-                .sequencer
-                .group()
-                .pending_server_removals()
-                .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
-                .contains(&member);
-            if !room.sequencer.is_member(member) || leaving || room.sequencer.is_banned(member, now_ms) {
+            if !current_member(room, member, now_ms)? {
                 return Err(ModerationError::Forbidden("only current members of the room moderate it").into());
             }
         }
@@ -521,6 +521,22 @@ impl<G: PersistentGroup> Shard<G> {
         rooms.truncate(count_max.min(ROOMS_LIST_MAX));
         rooms
     }
+}
+
+/// Only current members moderate: not a removed or banned moderator, nor
+/// one whose removal is pending.
+fn current_member<G: PersistentGroup>(
+    room: &Room<G>,
+    member: SenderId,
+    now_ms: u64,
+) -> Result<bool, ModerationFailure> {
+    let leaving = room
+        .sequencer
+        .group()
+        .pending_server_removals()
+        .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
+        .contains(&member);
+    Ok(room.sequencer.is_member(member) && !leaving && !room.sequencer.is_banned(member, now_ms))
 }
 
 /// What a decided act still needs.

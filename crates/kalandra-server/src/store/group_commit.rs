@@ -604,7 +604,7 @@ mod tests {
             assert_eq!(total, entries);
         }
 
-        fn stored(&self, room_id: RoomId) -> Vec<LogEntry> {
+        fn stored(&self, room_id: RoomId) -> Vec<StoredEntry> {
             self.store.inner.read_range(room_id, 0, usize::MAX).unwrap()
         }
     }
@@ -631,7 +631,7 @@ mod tests {
             room_id: RoomId,
             from: LogIndex,
             count_max: usize,
-        ) -> Result<Vec<LogEntry>, ReadError> {
+        ) -> Result<Vec<StoredEntry>, ReadError> {
             self.inner.read_range(room_id, from, count_max)
         }
         fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError> {
@@ -712,6 +712,33 @@ mod tests {
         }
         fn audit_head(&self) -> Result<Option<crate::audit::AuditHead>, crate::store::ModerationStoreError> {
             self.inner.audit_head()
+        }
+        fn redact(
+            &self,
+            room_id: RoomId,
+            log_indices: &[LogIndex],
+            redaction: &Redaction,
+        ) -> Result<Vec<RedactOutcome>, RedactError> {
+            self.inner.redact(room_id, log_indices, redaction)
+        }
+        fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
+            self.inner.data_key(room_id, log_index)
+        }
+        fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
+            self.inner.set_retention(room_id, retention_ms)
+        }
+        fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
+            self.inner.retention(room_id)
+        }
+        fn retention_rooms(
+            &self,
+            after: Option<RoomId>,
+            count_max: usize,
+        ) -> Result<Vec<RoomRetention>, RetentionError> {
+            self.inner.retention_rooms(after, count_max)
+        }
+        fn advance_retention(&self, room_id: RoomId, swept_next: LogIndex) -> Result<(), RetentionError> {
+            self.inner.advance_retention(room_id, swept_next)
         }
     }
 

@@ -1,29 +1,41 @@
 //! [`Store`] in memory, for tests: same semantics as
-//! [`RedbStore`](super::RedbStore), nothing survives the process.
+//! [`RedbStore`](super::RedbStore) (entries are sealed the same way, keys
+//! kept in a map of their own), nothing survives the process.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 
-use super::limits::{KEY_PACKAGES_PER_USER_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX};
+use super::limits::{
+    KEY_PACKAGES_PER_USER_MAX, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
+};
+use super::sealing::{self, DataKey, Record};
 use super::{
     check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
-    validate_batch, validate_group_info, validate_key_package_upload, validate_room_metadata,
-    validate_welcome, AppendError, ClaimedKeyPackage, GroupInfoError, GroupInfoRecord, InvariantViolation,
+    validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
+    validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
+    AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation,
     KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
-    RoomHead, RoomId, RoomMetadata, RoomMetadataError, Store, UserId, WelcomeError, WelcomeId,
-    KEY_PACKAGE_KEY_BYTES,
+    RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
+    RoomRetention, Store, StoredEntry, UserId, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
 use crate::moderation::{Role, ROLES_PER_ROOM_MAX};
 use crate::sequencer::BANS_PER_ROOM_MAX;
 
-#[derive(Default)]
 struct State {
+    /// Sealed records and tombstones.
     log: BTreeMap<(RoomId, LogIndex), Bytes>,
+    /// Data keys of the sealed records.
+    keys: BTreeMap<(RoomId, LogIndex), DataKey>,
+    /// Retention period and sweep position per room.
+    retention: BTreeMap<RoomId, (u64, LogIndex)>,
+    rng: ChaCha20Rng,
     heads: BTreeMap<RoomId, LogIndex>,
     key_packages: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], Bytes>,
     last_resort: BTreeMap<UserId, Bytes>,
@@ -38,9 +50,14 @@ struct State {
 }
 
 /// In-memory store behind one mutex.
-#[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -50,9 +67,36 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store drawing data keys from a generator seeded by the
+    /// operating system.
     pub fn new() -> Self {
-        Self::default()
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        Self::with_key_seed(seed)
+    }
+
+    /// An empty store drawing data keys from a generator seeded with
+    /// `seed` (deterministic, for simulations).
+    pub fn with_key_seed(seed: [u8; 32]) -> Self {
+        Self {
+            state: Mutex::new(State {
+                log: BTreeMap::new(),
+                keys: BTreeMap::new(),
+                retention: BTreeMap::new(),
+                rng: ChaCha20Rng::from_seed(seed),
+                heads: BTreeMap::new(),
+                key_packages: BTreeMap::new(),
+                last_resort: BTreeMap::new(),
+                group_info: BTreeMap::new(),
+                welcomes: BTreeMap::new(),
+                welcome_id_next: 0,
+                room_metadata: BTreeMap::new(),
+                roles: BTreeMap::new(),
+                bans: BTreeMap::new(),
+                audit: BTreeMap::new(),
+                audit_head: None,
+            }),
+        }
     }
 
     /// Locks the state. A poisoned lock means a panic interrupted an update,
@@ -81,7 +125,9 @@ impl Store for MemoryStore {
         let mut state = self.lock()?;
         let next_by_room = validate_batch(entries, |room_id| Ok::<_, AppendError>(state.head(room_id)))?;
         for entry in entries {
-            state.log.insert((entry.room_id, entry.log_index), entry.frame.clone());
+            let (key, record) = sealing::seal(&mut state.rng, entry.room_id, entry.log_index, &entry.frame);
+            state.log.insert((entry.room_id, entry.log_index), Bytes::from(record));
+            state.keys.insert((entry.room_id, entry.log_index), key);
         }
         state.heads.extend(next_by_room);
         Ok(())
@@ -92,21 +138,153 @@ impl Store for MemoryStore {
         room_id: RoomId,
         from_log_index: LogIndex,
         count_max: usize,
-    ) -> Result<Vec<LogEntry>, ReadError> {
+    ) -> Result<Vec<StoredEntry>, ReadError> {
         let count_cap = read_count_cap(count_max);
         let state = self.lock()?;
         let mut entries = Vec::new();
         let mut bytes_total = 0usize;
         let range = state.log.range((room_id, from_log_index)..=(room_id, LogIndex::MAX)).take(count_cap);
-        for ((_, log_index), frame) in range {
-            if !read_bytes_allow(entries.len(), bytes_total, frame.len()) {
+        for ((_, log_index), record) in range {
+            let content_bytes = sealing::content_len(record);
+            if !read_bytes_allow(entries.len(), bytes_total, content_bytes) {
                 break;
             }
-            bytes_total = bytes_total.saturating_add(frame.len());
-            entries.push(LogEntry { room_id, log_index: *log_index, frame: frame.clone() });
+            bytes_total = bytes_total.saturating_add(content_bytes);
+            let log_index = *log_index;
+            let corrupt = |error: sealing::OpenError| {
+                InvariantViolation(format!("room {room_id} index {log_index}: {error}"))
+            };
+            let content = match sealing::decode(record).map_err(corrupt)? {
+                Record::Erased(erasure) => EntryContent::Erased(erasure),
+                Record::Sealed { routing, sealed } => {
+                    let key = state
+                        .keys
+                        .get(&(room_id, log_index))
+                        .ok_or_else(|| corrupt(sealing::OpenError::KeyMissing))?;
+                    EntryContent::Frame(
+                        sealing::open(key, room_id, log_index, routing, sealed).map_err(corrupt)?,
+                    )
+                }
+            };
+            entries.push(StoredEntry { room_id, log_index, content });
         }
         check_read_dense(room_id, from_log_index, &entries)?;
         Ok(entries)
+    }
+
+    fn redact(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        let mut state = self.lock()?;
+        validate_redaction(room_id, log_indices, state.head(room_id))?;
+        // Check everything before changing anything: all or nothing.
+        let mut tombstones: Vec<Option<Vec<u8>>> = Vec::with_capacity(log_indices.len());
+        for &log_index in log_indices {
+            let record = state.log.get(&(room_id, log_index)).ok_or_else(|| {
+                InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
+            })?;
+            let tombstone = match sealing::decode(record) {
+                Ok(Record::Erased(_)) => None,
+                Ok(Record::Sealed { routing, .. }) => {
+                    if !state.keys.contains_key(&(room_id, log_index)) {
+                        return Err(InvariantViolation(format!(
+                            "room {room_id} index {log_index}: sealed record without its data key"
+                        ))
+                        .into());
+                    }
+                    Some(sealing::erased_record(routing, redaction))
+                }
+                Err(error) => {
+                    return Err(
+                        InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into()
+                    )
+                }
+            };
+            tombstones.push(tombstone);
+        }
+        let mut outcomes = Vec::with_capacity(log_indices.len());
+        for (&log_index, tombstone) in log_indices.iter().zip(tombstones) {
+            // An index repeated in one call is erased by its first occurrence.
+            match tombstone {
+                Some(tombstone) if state.keys.remove(&(room_id, log_index)).is_some() => {
+                    state.log.insert((room_id, log_index), Bytes::from(tombstone));
+                    outcomes.push(RedactOutcome::Erased);
+                }
+                _ => outcomes.push(RedactOutcome::AlreadyErased),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
+        Ok(self.lock()?.keys.get(&(room_id, log_index)).cloned())
+    }
+
+    fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
+        if let Some(retention_ms) = retention_ms {
+            validate_retention_period(retention_ms)?;
+        }
+        let mut state = self.lock()?;
+        if !state.heads.contains_key(&room_id) {
+            return Err(RetentionError::UnknownRoom { room_id });
+        }
+        match retention_ms {
+            Some(retention_ms) => {
+                let swept = state.retention.get(&room_id).map_or(0, |(_, swept)| *swept);
+                state.retention.insert(room_id, (retention_ms, swept));
+            }
+            None => {
+                state.retention.remove(&room_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
+        Ok(self.lock()?.retention.get(&room_id).map(|(retention_ms, swept_next_log_index)| RoomRetention {
+            room_id,
+            retention_ms: *retention_ms,
+            swept_next_log_index: *swept_next_log_index,
+        }))
+    }
+
+    fn retention_rooms(
+        &self,
+        after: Option<RoomId>,
+        count_max: usize,
+    ) -> Result<Vec<RoomRetention>, RetentionError> {
+        let count_cap = count_max.min(RETENTION_ROOMS_PAGE_MAX);
+        let state = self.lock()?;
+        let lower = match after {
+            Some(room_id) => Bound::Excluded(room_id),
+            None => Bound::Unbounded,
+        };
+        Ok(state
+            .retention
+            .range((lower, Bound::Unbounded))
+            .take(count_cap)
+            .map(|(room_id, (retention_ms, swept_next_log_index))| RoomRetention {
+                room_id: *room_id,
+                retention_ms: *retention_ms,
+                swept_next_log_index: *swept_next_log_index,
+            })
+            .collect())
+    }
+
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError> {
+        let mut state = self.lock()?;
+        let head = state.head(room_id);
+        let Some((retention_ms, stored)) = state.retention.get(&room_id).copied() else { return Ok(()) };
+        validate_sweep_position(room_id, swept_next_log_index, stored, head)?;
+        state.retention.insert(room_id, (retention_ms, swept_next_log_index));
+        Ok(())
     }
 
     fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError> {

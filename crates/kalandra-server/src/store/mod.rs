@@ -13,7 +13,11 @@
 //!   that breaks this is refused as a whole and nothing is written;
 //! - a range read returns dense indices starting at the requested index;
 //! - every stored object and every per-user collection is bounded by a named
-//!   constant in [`limits`].
+//!   constant in [`limits`];
+//! - log entries are encrypted at rest, each under its own data key kept
+//!   apart from the ciphertext ([`sealing`]); erasing an entry (redaction,
+//!   retention) destroys its key and replaces its record by a tombstone, and
+//!   never removes its index: the log stays dense.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +30,8 @@ use crate::moderation::Role;
 pub mod group_commit;
 pub mod memory;
 pub mod redb;
+pub mod retention;
+pub mod sealing;
 
 #[cfg(test)]
 mod suite;
@@ -34,7 +40,8 @@ pub use self::group_commit::{
     AppendTicket, GroupCommit, GroupCommitConfig, GroupCommitError, GroupCommitStatsSnapshot, SubmitError,
 };
 pub use self::memory::MemoryStore;
-pub use self::redb::{OpenError, RedbOptions, RedbStore};
+pub use self::redb::{CompactError, CompactReport, OpenError, RedbOptions, RedbStore};
+pub use self::sealing::{DataKey, Erasure, ErasureCause, Redaction};
 
 /// Every size, count and queue bound of the storage layer, in one place.
 pub mod limits {
@@ -76,6 +83,14 @@ pub mod limits {
     /// Most frame bytes written in one group-commit transaction.
     pub const GROUP_COMMIT_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
+    /// Most log indices one [`redact`](super::Store::redact) call erases.
+    pub const REDACT_ENTRIES_PER_CALL_MAX: usize = 1024;
+    /// Shortest retention period a room may have, milliseconds.
+    pub const RETENTION_MS_MIN: u64 = 1_000;
+    /// Most rooms one [`retention_rooms`](super::Store::retention_rooms)
+    /// page returns.
+    pub const RETENTION_ROOMS_PAGE_MAX: usize = 10_000;
+
     /// redb page-cache size used by [`RedbStore::open`](super::RedbStore::open).
     pub const REDB_CACHE_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 
@@ -102,6 +117,9 @@ pub mod limits {
         assert!(WELCOME_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(MLS_SNAPSHOT_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(KEY_PACKAGE_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+        assert!(REDACT_ENTRIES_PER_CALL_MAX > 0 && RETENTION_ROOMS_PAGE_MAX > 0);
+        // A sealed entry (tag, prefix length, nonce, tag) still fits one value.
+        assert!(LOG_ENTRY_BYTES_MAX + 64 <= REDB_VALUE_BYTES_MAX);
     };
 }
 
@@ -121,7 +139,10 @@ pub type UserId = u64;
 /// the order Welcomes were stored; never reused.
 pub type WelcomeId = u64;
 
-/// One sequenced frame of a room's log. Storage treats the frame as opaque.
+/// One sequenced frame of a room's log, as appended. Storage treats the
+/// frame as opaque, except that its first
+/// [`ROUTING_PREFIX_BYTES`](sealing::ROUTING_PREFIX_BYTES) bytes (the
+/// header's routing fields) stay in clear at rest and survive an erasure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogEntry {
     /// The room the entry belongs to.
@@ -130,6 +151,76 @@ pub struct LogEntry {
     pub log_index: LogIndex,
     /// The full encoded frame (header and payload).
     pub frame: Bytes,
+}
+
+/// A log entry as read back: its frame, or what is left after its content
+/// was erased.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The room the entry belongs to.
+    pub room_id: RoomId,
+    /// The entry's position in the room's log.
+    pub log_index: LogIndex,
+    /// The frame, or the erasure record.
+    pub content: EntryContent,
+}
+
+/// The content of a [`StoredEntry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryContent {
+    /// The full frame, as appended.
+    Frame(Bytes),
+    /// The content was destroyed (redaction or retention); the index stays.
+    Erased(Erasure),
+}
+
+impl StoredEntry {
+    /// The frame, unless the entry was erased.
+    pub fn frame(&self) -> Option<&Bytes> {
+        match &self.content {
+            EntryContent::Frame(frame) => Some(frame),
+            EntryContent::Erased(_) => None,
+        }
+    }
+
+    /// The clear routing prefix of the frame (present in both kinds).
+    pub fn routing(&self) -> &[u8] {
+        match &self.content {
+            EntryContent::Frame(frame) => &frame[..frame.len().min(sealing::ROUTING_PREFIX_BYTES)],
+            EntryContent::Erased(erasure) => &erasure.routing,
+        }
+    }
+}
+
+/// A stored entry equals an appended one when it holds the same frame.
+impl PartialEq<LogEntry> for StoredEntry {
+    fn eq(&self, other: &LogEntry) -> bool {
+        self.room_id == other.room_id
+            && self.log_index == other.log_index
+            && self.frame() == Some(&other.frame)
+    }
+}
+
+/// Outcome of erasing one entry with [`Store::redact`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedactOutcome {
+    /// The entry's key was destroyed and its record replaced by a tombstone.
+    Erased,
+    /// The entry had been erased before; nothing changed (erasure is
+    /// idempotent).
+    AlreadyErased,
+}
+
+/// A room's retention setting and how far its sweep has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomRetention {
+    /// The room.
+    pub room_id: RoomId,
+    /// Entries older than this (by server timestamp) are erased.
+    pub retention_ms: u64,
+    /// Entries below this index have been swept (erased or kept for good:
+    /// see [`retention`]); the next sweep starts here.
+    pub swept_next_log_index: LogIndex,
 }
 
 /// A room and the index its next log entry will get.
@@ -325,6 +416,105 @@ impl ReadError {
     /// Who is at fault.
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Error of [`Store::redact`]. On any error nothing was erased.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RedactError {
+    /// The room has no log.
+    #[error("room {room_id} does not exist")]
+    UnknownRoom {
+        /// The room.
+        room_id: RoomId,
+    },
+    /// The index is not in the room's log (yet).
+    #[error("room {room_id}: log index {log_index} is beyond the head {next_log_index}")]
+    IndexOutOfRange {
+        /// The room.
+        room_id: RoomId,
+        /// The index asked for.
+        log_index: LogIndex,
+        /// The room's next log index.
+        next_log_index: LogIndex,
+    },
+    /// More indices than [`REDACT_ENTRIES_PER_CALL_MAX`] in one call.
+    #[error("{count} entries in one redaction exceed {max}")]
+    TooMany {
+        /// Indices in the call.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold (a sealed record without its key,
+    /// a record that does not decode).
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl RedactError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownRoom { .. } | Self::IndexOutOfRange { .. } | Self::TooMany { .. } => {
+                ErrorKind::CallerMisuse
+            }
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Error of the retention operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RetentionError {
+    /// The room has no log.
+    #[error("room {room_id} does not exist")]
+    UnknownRoom {
+        /// The room.
+        room_id: RoomId,
+    },
+    /// The period is shorter than [`RETENTION_MS_MIN`].
+    #[error("retention of {retention_ms} ms is below the minimum {retention_ms_min} ms")]
+    PeriodTooShort {
+        /// The period asked for.
+        retention_ms: u64,
+        /// The limit.
+        retention_ms_min: u64,
+    },
+    /// The sweep position is beyond the room's log or moves backwards.
+    #[error("room {room_id}: sweep position {swept_next_log_index} is invalid (stored {stored}, head {next_log_index})")]
+    SweepPosition {
+        /// The room.
+        room_id: RoomId,
+        /// The position asked for.
+        swept_next_log_index: LogIndex,
+        /// The stored position.
+        stored: LogIndex,
+        /// The room's next log index.
+        next_log_index: LogIndex,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold.
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl RetentionError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownRoom { .. } | Self::PeriodTooShort { .. } | Self::SweepPosition { .. } => {
+                ErrorKind::CallerMisuse
+            }
             Self::Storage(_) => ErrorKind::Storage,
             Self::Internal(_) => ErrorKind::Internal,
         }
@@ -617,13 +807,58 @@ pub trait Store: Send + Sync + 'static {
     /// Reads up to `count_max` entries of `room_id`'s log starting at
     /// `from_log_index`, capped at [`READ_RANGE_ENTRIES_MAX`] entries and
     /// [`READ_RANGE_BYTES_MAX`] bytes (at least one entry is returned if any
-    /// exists). Returns fewer (possibly none) at the end of the log.
+    /// exists). Returns fewer (possibly none) at the end of the log. An
+    /// erased entry is returned as [`EntryContent::Erased`], in its place.
     fn read_range(
         &self,
         room_id: RoomId,
         from_log_index: LogIndex,
         count_max: usize,
-    ) -> Result<Vec<LogEntry>, ReadError>;
+    ) -> Result<Vec<StoredEntry>, ReadError>;
+
+    /// Erases the content of `room_id`'s entries at `log_indices` in one
+    /// durable transaction: destroys each entry's data key and replaces its
+    /// sealed record by a tombstone holding the clear routing prefix and
+    /// `redaction`. Returns one outcome per index, in order. Refused as a
+    /// whole (nothing erased) for an unknown room, an index beyond the head
+    /// or more than [`REDACT_ENTRIES_PER_CALL_MAX`] indices. Which entries
+    /// may be erased is the caller's policy: the store erases any.
+    ///
+    /// The freed pages may still hold the key until the file is compacted
+    /// ([`RedbStore::compact_file`]).
+    fn redact(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+    ) -> Result<Vec<RedactOutcome>, RedactError>;
+
+    /// The data key of an entry, `None` once erased (or if absent). Meant
+    /// for verifying erasure (tests, audits); the server never needs it.
+    fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError>;
+
+    /// Sets (`Some`) or removes (`None`) the room's retention period. The
+    /// sweep position is kept when a period is replaced.
+    fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError>;
+
+    /// The room's retention setting, if it has one.
+    fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError>;
+
+    /// Rooms with a retention period, in room-id order after `after`, at
+    /// most `count_max` capped at [`RETENTION_ROOMS_PAGE_MAX`].
+    fn retention_rooms(
+        &self,
+        after: Option<RoomId>,
+        count_max: usize,
+    ) -> Result<Vec<RoomRetention>, RetentionError>;
+
+    /// Records that the room's entries below `swept_next_log_index` have
+    /// been swept. The position never moves backwards or past the head.
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError>;
 
     /// The index the room's next entry will get (0 for an unknown room).
     fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError>;
@@ -761,7 +996,7 @@ where
 pub(crate) fn check_read_dense(
     room_id: RoomId,
     from_log_index: LogIndex,
-    entries: &[LogEntry],
+    entries: &[StoredEntry],
 ) -> Result<(), InvariantViolation> {
     let mut expected = from_log_index;
     for entry in entries {
@@ -785,6 +1020,46 @@ pub(crate) fn read_count_cap(count_max: usize) -> usize {
 /// entries) may add an entry of `entry_bytes`.
 pub(crate) fn read_bytes_allow(entries_so_far: usize, bytes_so_far: usize, entry_bytes: usize) -> bool {
     entries_so_far == 0 || bytes_so_far.saturating_add(entry_bytes) <= READ_RANGE_BYTES_MAX
+}
+
+/// Checks a redaction request against the room's head before anything is
+/// written.
+pub(crate) fn validate_redaction(
+    room_id: RoomId,
+    log_indices: &[LogIndex],
+    next_log_index: LogIndex,
+) -> Result<(), RedactError> {
+    if log_indices.len() > REDACT_ENTRIES_PER_CALL_MAX {
+        return Err(RedactError::TooMany { count: log_indices.len(), max: REDACT_ENTRIES_PER_CALL_MAX });
+    }
+    if next_log_index == 0 {
+        return Err(RedactError::UnknownRoom { room_id });
+    }
+    if let Some(&log_index) = log_indices.iter().find(|&&index| index >= next_log_index) {
+        return Err(RedactError::IndexOutOfRange { room_id, log_index, next_log_index });
+    }
+    Ok(())
+}
+
+/// Checks a retention period.
+pub(crate) fn validate_retention_period(retention_ms: u64) -> Result<(), RetentionError> {
+    if retention_ms < RETENTION_MS_MIN {
+        return Err(RetentionError::PeriodTooShort { retention_ms, retention_ms_min: RETENTION_MS_MIN });
+    }
+    Ok(())
+}
+
+/// Checks a new sweep position against the stored one and the head.
+pub(crate) fn validate_sweep_position(
+    room_id: RoomId,
+    swept_next_log_index: LogIndex,
+    stored: LogIndex,
+    next_log_index: LogIndex,
+) -> Result<(), RetentionError> {
+    if swept_next_log_index < stored || swept_next_log_index > next_log_index {
+        return Err(RetentionError::SweepPosition { room_id, swept_next_log_index, stored, next_log_index });
+    }
+    Ok(())
 }
 
 /// Validates a key-package upload (sizes, reference lengths, duplicates).

@@ -2,7 +2,11 @@
 //!
 //! Tables, all with fixed-size keys encoded so that byte order is the
 //! iteration order:
-//! - `log_v1`: room id (16) ‖ log index (8, big-endian) → frame bytes;
+//! - `log_v2`: room id (16) ‖ log index (8, big-endian) → sealed record or
+//!   erasure tombstone (layouts in [`sealing`](super::sealing));
+//! - `log_keys_v1`: same key → the entry's 32-byte data key, deleted when the
+//!   entry is erased. Keys never share a table (or a page) with ciphertext;
+//! - `retention_v1`: room id → (retention period in ms, sweep position);
 //! - `room_heads_v1`: room id → next log index;
 //! - `key_packages_v1`: user id (8, BE) ‖ reference length (1) ‖ reference
 //!   zero-padded to 64 → key package;
@@ -18,25 +22,38 @@
 //! - `audit_head_v1`: `"head"` → (sequence number, hash) of the last record.
 //!
 //! Every write transaction commits with [`Durability::Immediate`].
+//!
+//! redb never overwrites a committed page: it writes a new one and frees
+//! the old, which keeps its bytes until reused. An erased entry's key can
+//! therefore linger in a free page; [`RedbStore::compact_file`] rewrites
+//! the database into a fresh file that holds live data only.
 
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use ::redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, Key, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, Value,
+    WriteTransaction,
 };
 use bytes::Bytes;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 
 use super::limits::{
-    KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
+    KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX,
+    WELCOMES_PER_RECIPIENT_MAX,
 };
+use super::sealing::{self, DataKey, Record, DATA_KEY_BYTES};
 use super::{
     check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
-    validate_batch, validate_group_info, validate_key_package_upload, validate_room_metadata,
-    validate_welcome, AppendError, ClaimedKeyPackage, GroupInfoError, GroupInfoRecord, InvariantViolation,
+    validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
+    validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
+    AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation,
     KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
-    RoomHead, RoomId, RoomMetadata, RoomMetadataError, StorageFailure, Store, UserId, WelcomeError,
-    WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
+    RoomRetention, StorageFailure, Store, StoredEntry, UserId, WelcomeError, WelcomeId,
+    KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
@@ -57,7 +74,9 @@ type LogKey = [u8; 24];
 type WelcomeKey = [u8; 16];
 type KeyPackageKey = [u8; KEY_PACKAGE_KEY_BYTES];
 
-const LOG: TableDefinition<&LogKey, &[u8]> = TableDefinition::new("log_v1");
+const LOG: TableDefinition<&LogKey, &[u8]> = TableDefinition::new("log_v2");
+const LOG_KEYS: TableDefinition<&LogKey, &[u8; DATA_KEY_BYTES]> = TableDefinition::new("log_keys_v1");
+const RETENTION: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("retention_v1");
 const ROOM_HEADS: TableDefinition<&[u8; 16], u64> = TableDefinition::new("room_heads_v1");
 const KEY_PACKAGES: TableDefinition<&KeyPackageKey, &[u8]> = TableDefinition::new("key_packages_v1");
 const LAST_RESORT: TableDefinition<u64, &[u8]> = TableDefinition::new("last_resort_key_packages_v1");
@@ -71,8 +90,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
 const META_SCHEMA_VERSION: &str = "schema_version";
 /// `meta_v1` key of the next welcome id.
 const META_WELCOME_ID_NEXT: &str = "welcome_id_next";
-/// Version of the table layout above.
-const SCHEMA_VERSION: u64 = 1;
+/// Version of the table layout above (2: log entries sealed at rest).
+const SCHEMA_VERSION: u64 = 2;
 
 fn log_key(room_id: RoomId, log_index: LogIndex) -> LogKey {
     let mut key = [0u8; 24];
@@ -122,16 +141,52 @@ pub enum OpenError {
 }
 
 /// Tunables of [`RedbStore::open_with`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RedbOptions {
     /// redb page-cache size in bytes.
     pub cache_bytes: usize,
+    /// Seed of the generator that draws data keys and nonces; `None` seeds
+    /// it from the operating system (the only right choice outside tests).
+    pub key_seed: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for RedbOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbOptions")
+            .field("cache_bytes", &self.cache_bytes)
+            .field("key_seed", &self.key_seed.map(|_| ".."))
+            .finish()
+    }
 }
 
 impl Default for RedbOptions {
     fn default() -> Self {
-        Self { cache_bytes: REDB_CACHE_BYTES_DEFAULT }
+        Self { cache_bytes: REDB_CACHE_BYTES_DEFAULT, key_seed: None }
     }
+}
+
+/// What [`RedbStore::compact_file`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactReport {
+    /// File size before, bytes.
+    pub bytes_before: u64,
+    /// File size after, bytes.
+    pub bytes_after: u64,
+    /// Rows copied into the new file.
+    pub rows: u64,
+}
+
+/// Error of [`RedbStore::compact_file`]. The original file is replaced only
+/// once the new one is complete and durable; on error it is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// The database could not be opened (missing, locked by a running
+    /// server, another schema version).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Reading, writing or replacing the file failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
 }
 
 /// The embedded redb store. One process at a time may open a file (redb's
@@ -143,6 +198,8 @@ impl Default for RedbOptions {
 /// store, reopen it (redb repairs the file) and reload state from it.
 pub struct RedbStore {
     db: Database,
+    /// Draws data keys and nonces. Only appends use it.
+    keys: Mutex<ChaCha20Rng>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -162,7 +219,11 @@ impl RedbStore {
     pub fn open_with(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self, OpenError> {
         let db =
             Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(failed("open"))?;
-        let store = Self { db };
+        let rng = match options.key_seed {
+            Some(seed) => ChaCha20Rng::from_seed(seed),
+            None => ChaCha20Rng::from_rng(rand::rngs::OsRng).map_err(failed_rng)?,
+        };
+        let store = Self { db, keys: Mutex::new(rng) };
         store.init_schema()?;
         Ok(store)
     }
@@ -172,6 +233,8 @@ impl RedbStore {
         let txn = self.begin_write("open")?;
         {
             txn.open_table(LOG).map_err(failed("open"))?;
+            txn.open_table(LOG_KEYS).map_err(failed("open"))?;
+            txn.open_table(RETENTION).map_err(failed("open"))?;
             txn.open_table(ROOM_HEADS).map_err(failed("open"))?;
             txn.open_table(KEY_PACKAGES).map_err(failed("open"))?;
             txn.open_table(LAST_RESORT).map_err(failed("open"))?;
@@ -198,11 +261,66 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Compacts the database file, releasing free space. Needs exclusive
-    /// access (no transaction in progress); returns whether anything was
-    /// compacted.
+    /// Compacts the database file in place with redb's compaction,
+    /// releasing free space. Needs exclusive access (no transaction in
+    /// progress); returns whether anything was compacted. redb moves pages
+    /// but does not clear the free ones left behind: to remove erased keys
+    /// from the file, use [`RedbStore::compact_file`].
     pub fn compact(&mut self) -> Result<bool, StorageFailure> {
         self.db.compact().map_err(failed("compact"))
+    }
+
+    /// Rewrites the database at `path` into a fresh file holding only live
+    /// rows, then replaces the original with it (rename, then directory
+    /// sync). Pages freed by erasures, with whatever they held, are not
+    /// carried over. The database must not be open (a running server holds
+    /// it): stop the server, or run `kalandra-server --compact`.
+    pub fn compact_file(path: impl AsRef<Path>) -> Result<CompactReport, CompactError> {
+        const OP: &str = "compact_file";
+        let path = path.as_ref();
+        let bytes_before = std::fs::metadata(path).map_err(failed_io(OP))?.len();
+        let source = RedbStore::open(path)?;
+        let fresh_path = sibling(path, "compacting");
+        // A leftover of an interrupted compaction is incomplete: start over.
+        match std::fs::remove_file(&fresh_path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(failed_io(OP)(error).into()),
+        }
+        let rows = {
+            let mut fresh = Database::builder().create(&fresh_path).map_err(failed(OP))?;
+            let read = source.begin_read(OP)?;
+            let mut write = fresh.begin_write().map_err(failed(OP))?;
+            write.set_durability(Durability::Immediate).map_err(failed(OP))?;
+            let mut rows = 0u64;
+            rows += copy_table(&read, &write, LOG)?;
+            rows += copy_table(&read, &write, LOG_KEYS)?;
+            rows += copy_table(&read, &write, RETENTION)?;
+            rows += copy_table(&read, &write, ROOM_HEADS)?;
+            rows += copy_table(&read, &write, KEY_PACKAGES)?;
+            rows += copy_table(&read, &write, LAST_RESORT)?;
+            rows += copy_table(&read, &write, GROUP_INFO)?;
+            rows += copy_table(&read, &write, WELCOMES)?;
+            rows += copy_table(&read, &write, ROOM_METADATA)?;
+            rows += copy_table(&read, &write, META)?;
+            rows += copy_table(&read, &write, ROLES)?;
+            rows += copy_table(&read, &write, BANS)?;
+            rows += copy_table(&read, &write, AUDIT)?;
+            rows += copy_table(&read, &write, AUDIT_HEAD)?;
+            write.commit().map_err(failed(OP))?;
+            drop(read);
+            // A new file is allocated generously; shrink it. Every page it
+            // ever held is live data, so moving pages leaves nothing behind.
+            fresh.compact().map_err(failed(OP))?;
+            rows
+        };
+        drop(source);
+        std::fs::rename(&fresh_path, path).map_err(failed_io(OP))?;
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(failed_io(OP))?;
+        }
+        let bytes_after = std::fs::metadata(path).map_err(failed_io(OP))?.len();
+        Ok(CompactReport { bytes_before, bytes_after, rows })
     }
 
     fn begin_write(&self, operation: &'static str) -> Result<WriteTransaction, StorageFailure> {
@@ -226,6 +344,64 @@ fn read_head(stored: Option<(u64, Vec<u8>)>) -> Result<Option<AuditHead>, Invari
         .transpose()
 }
 
+/// `path` with `.suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().map(std::ffi::OsString::from).unwrap_or_default();
+    name.push(".");
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn failed_io(operation: &'static str) -> impl FnOnce(std::io::Error) -> StorageFailure {
+    move |error| StorageFailure::new(operation, error)
+}
+
+fn failed_rng(error: rand::Error) -> OpenError {
+    OpenError::Storage(StorageFailure::new("open", std::io::Error::other(error.to_string())))
+}
+
+/// Copies every row of `table` from `read` to `write`; returns the count.
+fn copy_table<K: Key + 'static, V: Value + 'static>(
+    read: &ReadTransaction,
+    write: &WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, StorageFailure> {
+    const OP: &str = "compact_file";
+    let from = read.open_table(table).map_err(failed(OP))?;
+    let mut to = write.open_table(table).map_err(failed(OP))?;
+    let mut rows = 0u64;
+    for item in from.iter().map_err(failed(OP))? {
+        let (key, value) = item.map_err(failed(OP))?;
+        to.insert(key.value(), value.value()).map_err(failed(OP))?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+/// Opens one stored record with its key from `keys`.
+fn open_record(
+    keys: &impl ReadableTable<&'static LogKey, &'static [u8; DATA_KEY_BYTES]>,
+    room_id: RoomId,
+    log_index: LogIndex,
+    record: &[u8],
+) -> Result<EntryContent, ReadError> {
+    const OP: &str = "read_range";
+    let corrupt =
+        |error: sealing::OpenError| InvariantViolation(format!("room {room_id} index {log_index}: {error}"));
+    match sealing::decode(record).map_err(corrupt)? {
+        Record::Erased(erasure) => Ok(EntryContent::Erased(erasure)),
+        Record::Sealed { routing, sealed } => {
+            let key = keys
+                .get(&log_key(room_id, log_index))
+                .map_err(failed(OP))?
+                .map(|guard| DataKey(*guard.value()))
+                .ok_or_else(|| corrupt(sealing::OpenError::KeyMissing))?;
+            let frame = sealing::open(&key, room_id, log_index, routing, sealed).map_err(corrupt)?;
+            Ok(EntryContent::Frame(frame))
+        }
+    }
+}
+
 /// Ends a write transaction that must not be committed, reporting an abort
 /// failure as a storage failure (the original error takes precedence).
 fn abort(txn: WriteTransaction, operation: &'static str) -> Result<(), StorageFailure> {
@@ -238,16 +414,32 @@ impl Store for RedbStore {
         if entries.is_empty() {
             return Ok(());
         }
+        let sealed: Vec<(DataKey, Vec<u8>)> = {
+            let mut rng = self
+                .keys
+                .lock()
+                .map_err(|_| InvariantViolation("key generator lock poisoned by a panic".to_owned()))?;
+            entries
+                .iter()
+                .map(|entry| sealing::seal(&mut *rng, entry.room_id, entry.log_index, &entry.frame))
+                .collect()
+        };
         let txn = self.begin_write(OP)?;
         let outcome = (|| -> Result<(), AppendError> {
             let mut heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
             let next_by_room = validate_batch(entries, |room_id| {
                 heads.get(&room_id.0).map(|head| head.map_or(0, |guard| guard.value())).map_err(failed(OP))
             })?;
-            let mut log = txn.open_table(LOG).map_err(failed(OP))?;
-            for entry in entries {
-                log.insert(&log_key(entry.room_id, entry.log_index), entry.frame.as_ref())
-                    .map_err(failed(OP))?;
+            {
+                let mut log = txn.open_table(LOG).map_err(failed(OP))?;
+                for (entry, (_, record)) in entries.iter().zip(&sealed) {
+                    log.insert(&log_key(entry.room_id, entry.log_index), record.as_slice())
+                        .map_err(failed(OP))?;
+                }
+            }
+            let mut keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
+            for (entry, (key, _)) in entries.iter().zip(&sealed) {
+                keys.insert(&log_key(entry.room_id, entry.log_index), &key.0).map_err(failed(OP))?;
             }
             for (room_id, next) in &next_by_room {
                 heads.insert(&room_id.0, *next).map_err(failed(OP))?;
@@ -272,7 +464,7 @@ impl Store for RedbStore {
         room_id: RoomId,
         from_log_index: LogIndex,
         count_max: usize,
-    ) -> Result<Vec<LogEntry>, ReadError> {
+    ) -> Result<Vec<StoredEntry>, ReadError> {
         const OP: &str = "read_range";
         let count_cap = read_count_cap(count_max);
         let mut entries = Vec::new();
@@ -281,21 +473,21 @@ impl Store for RedbStore {
         }
         let txn = self.begin_read(OP)?;
         let log = txn.open_table(LOG).map_err(failed(OP))?;
+        let keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
         let low = log_key(room_id, from_log_index);
         let high = log_key(room_id, LogIndex::MAX);
         let mut bytes_total = 0usize;
         for item in log.range::<&LogKey>(&low..=&high).map_err(failed(OP))?.take(count_cap) {
             let (key, value) = item.map_err(failed(OP))?;
-            let frame = value.value();
-            if !read_bytes_allow(entries.len(), bytes_total, frame.len()) {
+            let record = value.value();
+            let content_bytes = sealing::content_len(record);
+            if !read_bytes_allow(entries.len(), bytes_total, content_bytes) {
                 break;
             }
-            bytes_total = bytes_total.saturating_add(frame.len());
-            entries.push(LogEntry {
-                room_id,
-                log_index: log_key_index(key.value()),
-                frame: Bytes::copy_from_slice(frame),
-            });
+            bytes_total = bytes_total.saturating_add(content_bytes);
+            let log_index = log_key_index(key.value());
+            let content = open_record(&keys, room_id, log_index, record)?;
+            entries.push(StoredEntry { room_id, log_index, content });
         }
         check_read_dense(room_id, from_log_index, &entries)?;
         Ok(entries)
@@ -329,6 +521,182 @@ impl Store for RedbStore {
             out.push(RoomHead { room_id: RoomId(*key.value()), next_log_index: value.value() });
         }
         Ok(out)
+    }
+
+    fn redact(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        const OP: &str = "redact";
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<Vec<RedactOutcome>, RedactError> {
+            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            let next_log_index = heads.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            validate_redaction(room_id, log_indices, next_log_index)?;
+            let mut log = txn.open_table(LOG).map_err(failed(OP))?;
+            let mut keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
+            let mut outcomes = Vec::with_capacity(log_indices.len());
+            for &log_index in log_indices {
+                let key = log_key(room_id, log_index);
+                let tombstone = {
+                    let record = log.get(&key).map_err(failed(OP))?.ok_or_else(|| {
+                        InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
+                    })?;
+                    let record = record.value();
+                    match sealing::decode(record) {
+                        Ok(Record::Erased(_)) => None,
+                        Ok(Record::Sealed { routing, .. }) => {
+                            Some(sealing::erased_record(routing, redaction))
+                        }
+                        Err(error) => {
+                            return Err(InvariantViolation(format!(
+                                "room {room_id} index {log_index}: {error}"
+                            ))
+                            .into())
+                        }
+                    }
+                };
+                match tombstone {
+                    None => outcomes.push(RedactOutcome::AlreadyErased),
+                    Some(tombstone) => {
+                        let removed = keys.remove(&key).map_err(failed(OP))?.is_some();
+                        if !removed {
+                            return Err(InvariantViolation(format!(
+                                "room {room_id} index {log_index}: sealed record without its data key"
+                            ))
+                            .into());
+                        }
+                        log.insert(&key, tombstone.as_slice()).map_err(failed(OP))?;
+                        outcomes.push(RedactOutcome::Erased);
+                    }
+                }
+            }
+            Ok(outcomes)
+        })();
+        match outcome {
+            Ok(outcomes) if outcomes.contains(&RedactOutcome::Erased) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(outcomes)
+            }
+            Ok(outcomes) => {
+                abort(txn, OP)?;
+                Ok(outcomes)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
+        const OP: &str = "data_key";
+        let txn = self.begin_read(OP)?;
+        let keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
+        let found = keys.get(&log_key(room_id, log_index)).map_err(failed(OP))?;
+        Ok(found.map(|guard| DataKey(*guard.value())))
+    }
+
+    fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
+        const OP: &str = "set_retention";
+        if let Some(retention_ms) = retention_ms {
+            validate_retention_period(retention_ms)?;
+        }
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<(), RetentionError> {
+            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            if heads.get(&room_id.0).map_err(failed(OP))?.is_none() {
+                return Err(RetentionError::UnknownRoom { room_id });
+            }
+            let mut table = txn.open_table(RETENTION).map_err(failed(OP))?;
+            match retention_ms {
+                Some(retention_ms) => {
+                    let swept = table.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value().1);
+                    table.insert(&room_id.0, (retention_ms, swept)).map_err(failed(OP))?;
+                }
+                None => {
+                    table.remove(&room_id.0).map_err(failed(OP))?;
+                }
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => txn.commit().map_err(failed(OP)).map_err(Into::into),
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
+        const OP: &str = "retention";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(RETENTION).map_err(failed(OP))?;
+        let found = table.get(&room_id.0).map_err(failed(OP))?;
+        Ok(found.map(|guard| {
+            let (retention_ms, swept_next_log_index) = guard.value();
+            RoomRetention { room_id, retention_ms, swept_next_log_index }
+        }))
+    }
+
+    fn retention_rooms(
+        &self,
+        after: Option<RoomId>,
+        count_max: usize,
+    ) -> Result<Vec<RoomRetention>, RetentionError> {
+        const OP: &str = "retention_rooms";
+        let count_cap = count_max.min(RETENTION_ROOMS_PAGE_MAX);
+        let mut out = Vec::new();
+        if count_cap == 0 {
+            return Ok(out);
+        }
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(RETENTION).map_err(failed(OP))?;
+        let after_key = after.map(|room| room.0);
+        let lower: Bound<&[u8; 16]> = match &after_key {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        for item in table.range::<&[u8; 16]>((lower, Bound::Unbounded)).map_err(failed(OP))?.take(count_cap) {
+            let (key, value) = item.map_err(failed(OP))?;
+            let (retention_ms, swept_next_log_index) = value.value();
+            out.push(RoomRetention { room_id: RoomId(*key.value()), retention_ms, swept_next_log_index });
+        }
+        Ok(out)
+    }
+
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError> {
+        const OP: &str = "advance_retention";
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<bool, RetentionError> {
+            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            let next_log_index = heads.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            let mut table = txn.open_table(RETENTION).map_err(failed(OP))?;
+            let stored = table.get(&room_id.0).map_err(failed(OP))?.map(|guard| guard.value());
+            // A room whose retention was removed meanwhile has nothing to advance.
+            let Some((retention_ms, stored)) = stored else { return Ok(false) };
+            validate_sweep_position(room_id, swept_next_log_index, stored, next_log_index)?;
+            if swept_next_log_index == stored {
+                return Ok(false);
+            }
+            table.insert(&room_id.0, (retention_ms, swept_next_log_index)).map_err(failed(OP))?;
+            Ok(true)
+        })();
+        match outcome {
+            Ok(true) => txn.commit().map_err(failed(OP)).map_err(Into::into),
+            Ok(false) => abort(txn, OP).map_err(Into::into),
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
     }
 
     fn put_key_packages(

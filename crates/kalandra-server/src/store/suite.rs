@@ -29,6 +29,16 @@ pub(crate) fn entry(room_id: RoomId, log_index: LogIndex) -> LogEntry {
     LogEntry { room_id, log_index, frame: frame(room_id, log_index, 40) }
 }
 
+/// An entry longer than the clear routing prefix, so that most of it is
+/// sealed.
+pub(crate) fn long_entry(room_id: RoomId, log_index: LogIndex) -> LogEntry {
+    LogEntry { room_id, log_index, frame: frame(room_id, log_index, 200) }
+}
+
+fn long_entries(room_id: RoomId, indices: std::ops::Range<LogIndex>) -> Vec<LogEntry> {
+    indices.map(|i| long_entry(room_id, i)).collect()
+}
+
 fn entries(room_id: RoomId, indices: std::ops::Range<LogIndex>) -> Vec<LogEntry> {
     indices.map(|i| entry(room_id, i)).collect()
 }
@@ -539,10 +549,111 @@ pub(crate) fn randomized_interleaving<S: Store>(store: &S) {
     for (room_id, log) in &model {
         let read = store.read_range(*room_id, 0, usize::MAX).unwrap();
         assert_eq!(read.len(), log.len());
-        assert!(read.iter().zip(log).all(|(entry, frame)| entry.frame == *frame));
+        assert!(read.iter().zip(log).all(|(entry, frame)| entry.frame() == Some(frame)));
     }
     let heads = store.room_heads(None, usize::MAX).unwrap();
     assert_eq!(heads.len(), model.values().filter(|log| !log.is_empty()).count());
+}
+
+fn redaction(erased_at_ms: u64) -> Redaction {
+    Redaction { erased_at_ms, cause: ErasureCause::Sender { actor: 42 } }
+}
+
+pub(crate) fn redact_erases_content_and_keeps_the_index<S: Store>(store: &S) {
+    let (a, b) = (room(1), room(2));
+    store.append_batch(&long_entries(a, 0..5)).unwrap();
+    store.append_batch(&long_entries(b, 0..2)).unwrap();
+    let keys_before: Vec<_> = (0..5).map(|i| store.data_key(a, i).unwrap().expect("a live key")).collect();
+    assert_eq!(store.redact(a, &[2], &redaction(7)).unwrap(), vec![RedactOutcome::Erased]);
+    let read = store.read_range(a, 0, 10).unwrap();
+    assert_eq!(read.len(), 5, "the index stays");
+    for (i, stored) in read.iter().enumerate() {
+        assert_eq!(stored.log_index, i as u64);
+        if i == 2 {
+            let EntryContent::Erased(erasure) = &stored.content else { panic!("index 2 not erased") };
+            let original = long_entry(a, 2).frame;
+            assert_eq!(erasure.routing.as_ref(), &original[..sealing::ROUTING_PREFIX_BYTES]);
+            assert_eq!(erasure.redaction, redaction(7));
+            assert_eq!(stored.frame(), None);
+        } else {
+            assert_eq!(*stored, long_entry(a, i as u64));
+        }
+    }
+    assert_eq!(store.data_key(a, 2).unwrap(), None, "the key is destroyed");
+    for i in [0, 1, 3, 4] {
+        assert_eq!(store.data_key(a, i).unwrap().as_ref(), Some(&keys_before[usize::try_from(i).unwrap()]));
+    }
+    // Idempotent: a second erasure changes nothing, also not the record.
+    assert_eq!(store.redact(a, &[2], &redaction(8)).unwrap(), vec![RedactOutcome::AlreadyErased]);
+    assert_eq!(store.read_range(a, 2, 1).unwrap(), read[2..3].to_vec());
+    // One index twice in one call: erased once.
+    assert_eq!(
+        store.redact(a, &[3, 3], &redaction(9)).unwrap(),
+        vec![RedactOutcome::Erased, RedactOutcome::AlreadyErased]
+    );
+    // The log goes on densely; the other room is untouched.
+    assert_eq!(store.next_log_index(a).unwrap(), 5);
+    store.append_batch(&long_entries(a, 5..6)).unwrap();
+    assert_eq!(store.read_range(a, 4, 10).unwrap(), long_entries(a, 4..6));
+    assert_eq!(store.read_range(b, 0, 10).unwrap(), long_entries(b, 0..2));
+    // Keys are distinct per entry.
+    let mut distinct = keys_before.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5);
+}
+
+pub(crate) fn redact_refuses_without_erasing_anything<S: Store>(store: &S) {
+    let a = room(1);
+    let missing = store.redact(a, &[0], &redaction(1)).unwrap_err();
+    assert!(matches!(missing, RedactError::UnknownRoom { room_id } if room_id == a), "{missing}");
+    assert_eq!(missing.kind(), ErrorKind::CallerMisuse);
+    store.append_batch(&long_entries(a, 0..3)).unwrap();
+    let beyond = store.redact(a, &[1, 3], &redaction(1)).unwrap_err();
+    assert!(
+        matches!(beyond, RedactError::IndexOutOfRange { log_index: 3, next_log_index: 3, .. }),
+        "{beyond}"
+    );
+    let too_many = vec![0; REDACT_ENTRIES_PER_CALL_MAX + 1];
+    assert!(matches!(store.redact(a, &too_many, &redaction(1)), Err(RedactError::TooMany { .. })));
+    // Index 1 of the refused call is intact.
+    assert_eq!(store.read_range(a, 0, 10).unwrap(), long_entries(a, 0..3));
+    assert!(store.data_key(a, 1).unwrap().is_some());
+    assert_eq!(store.redact(a, &[], &redaction(1)).unwrap(), vec![]);
+}
+
+pub(crate) fn retention_settings<S: Store>(store: &S) {
+    let (a, b) = (room(1), room(2));
+    assert!(matches!(store.set_retention(a, Some(60_000)), Err(RetentionError::UnknownRoom { .. })));
+    store.append_batch(&long_entries(a, 0..4)).unwrap();
+    store.append_batch(&long_entries(b, 0..1)).unwrap();
+    let short = store.set_retention(a, Some(RETENTION_MS_MIN - 1)).unwrap_err();
+    assert!(matches!(short, RetentionError::PeriodTooShort { .. }));
+    assert_eq!(short.kind(), ErrorKind::CallerMisuse);
+    assert_eq!(store.retention(a).unwrap(), None);
+    store.set_retention(a, Some(60_000)).unwrap();
+    store.set_retention(b, Some(RETENTION_MS_MIN)).unwrap();
+    let expected_a = RoomRetention { room_id: a, retention_ms: 60_000, swept_next_log_index: 0 };
+    assert_eq!(store.retention(a).unwrap(), Some(expected_a));
+    store.advance_retention(a, 3).unwrap();
+    // Replacing the period keeps the sweep position.
+    store.set_retention(a, Some(90_000)).unwrap();
+    let expected_a = RoomRetention { room_id: a, retention_ms: 90_000, swept_next_log_index: 3 };
+    assert_eq!(store.retention(a).unwrap(), Some(expected_a));
+    for bad in [2, 5] {
+        let error = store.advance_retention(a, bad).unwrap_err();
+        assert!(matches!(error, RetentionError::SweepPosition { .. }), "{error}");
+    }
+    store.advance_retention(a, 4).unwrap();
+    let all = store.retention_rooms(None, 10).unwrap();
+    assert_eq!(all.iter().map(|r| r.room_id).collect::<Vec<_>>(), vec![a, b]);
+    assert_eq!(store.retention_rooms(Some(a), 10).unwrap().len(), 1);
+    assert_eq!(store.retention_rooms(None, 1).unwrap().len(), 1);
+    assert!(store.retention_rooms(None, 0).unwrap().is_empty());
+    store.set_retention(a, None).unwrap();
+    assert_eq!(store.retention(a).unwrap(), None);
+    // Advancing a room without retention is a no-op, not an error.
+    store.advance_retention(a, 4).unwrap();
+    assert_eq!(store.retention_rooms(None, 10).unwrap().len(), 1);
 }
 
 macro_rules! store_suite {
@@ -578,6 +689,9 @@ macro_rules! store_suite {
             case!(room_metadata_put_get);
             case!(randomized_interleaving);
             case!(moderation_state_and_audit_chain);
+            case!(redact_erases_content_and_keeps_the_index);
+            case!(redact_refuses_without_erasing_anything);
+            case!(retention_settings);
         }
     };
 }
@@ -662,9 +776,18 @@ fn validate_batch_reports_index_overflow() {
     assert_eq!(next.get(&a), Some(&u64::MAX));
 }
 
+fn stored(entry: LogEntry) -> StoredEntry {
+    StoredEntry {
+        room_id: entry.room_id,
+        log_index: entry.log_index,
+        content: EntryContent::Frame(entry.frame),
+    }
+}
+
 #[test]
 fn check_read_dense_reports_gaps_and_strangers() {
     let a = room(1);
+    let entry = |room_id, log_index| stored(entry(room_id, log_index));
     assert!(check_read_dense(a, 3, &[entry(a, 3), entry(a, 4)]).is_ok());
     assert!(check_read_dense(a, 3, &[]).is_ok());
     assert!(check_read_dense(a, 3, &[entry(a, 4)]).is_err());

@@ -56,6 +56,8 @@ pub struct TestServer {
     pub data_dir: Option<tempfile::TempDir>,
     /// Added to the wall clock the server reads: tests move server time forward.
     pub clock_offset_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The server's store (for checks the protocol cannot make).
+    pub store: Arc<dyn Store>,
     stop: watch::Sender<ShutdownPhase>,
     serving: tokio::task::JoinHandle<()>,
     group_commit: GroupCommit,
@@ -103,7 +105,7 @@ impl TestServer {
         let address = endpoint.local_addr().unwrap();
         let listener = Listener::new(
             node.clone(),
-            store,
+            Arc::clone(&store),
             limits,
             clock,
             metrics.clone(),
@@ -119,6 +121,7 @@ impl TestServer {
             push_sink,
             data_dir: None,
             clock_offset_ms,
+            store,
             stop,
             serving,
             group_commit,

@@ -1,0 +1,112 @@
+//! Known bugs the harness can inject, to show that its checkers catch them.
+//! None of them lives in production code: two are switches of the
+//! simulation's server shell ([`crate::server::ShellBugs`]), one wraps the
+//! pluggable [`GroupState`].
+
+use bytes::Bytes;
+use kalandra_proto::SenderId;
+use kalandra_server::mls_state::ServerSigner;
+use kalandra_server::sequencer::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
+
+use crate::server::ServerGroup;
+
+/// Which bugs to inject.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// The server acknowledges (and fans out) a batch before it is durable.
+    pub ack_before_durable: bool,
+    /// The server accepts a second commit for an epoch (its epoch check
+    /// compares against the epoch before the last commit).
+    pub double_commit: bool,
+    /// The server loses the last frame of each room when it restarts.
+    pub drop_frame_on_restart: bool,
+}
+
+impl Bugs {
+    /// Whether any bug is injected.
+    pub fn any(&self) -> bool {
+        self.ack_before_durable || self.double_commit || self.drop_frame_on_restart
+    }
+}
+
+/// A group state whose epoch check goes stale after a commit: until the
+/// next commit is submitted it reports the epoch before the last commit, and
+/// it accepts that next commit (made for the stale epoch) without applying
+/// it. The sequencer therefore sequences two commits for one epoch.
+/// Armed only after `armed_after` commits, so the room can be set up.
+pub struct StaleEpochGroup<G> {
+    inner: G,
+    stale: bool,
+    commits_seen: u64,
+}
+
+/// Commits a [`StaleEpochGroup`] lets through correctly before the bug shows.
+pub const STALE_EPOCH_ARMED_AFTER_COMMITS: u64 = 1;
+
+impl<G: GroupState> GroupState for StaleEpochGroup<G> {
+    fn epoch(&self) -> u64 {
+        if self.stale {
+            self.inner.epoch().saturating_sub(1)
+        } else {
+            self.inner.epoch()
+        }
+    }
+    fn is_member(&self, sender: SenderId) -> bool {
+        self.inner.is_member(sender)
+    }
+    fn members(&self) -> Vec<SenderId> {
+        self.inner.members()
+    }
+    fn apply_commit(
+        &mut self,
+        commit: &[u8],
+        committer: SenderId,
+        must_cover: &[ProposalRef],
+        barred: &dyn Fn(SenderId) -> bool,
+    ) -> Result<CommitSummary, GroupError> {
+        if self.stale {
+            self.stale = false;
+            return Ok(CommitSummary { epoch: self.inner.epoch(), added: Vec::new(), removed: Vec::new() });
+        }
+        let summary = self.inner.apply_commit(commit, committer, must_cover, barred)?;
+        self.commits_seen += 1;
+        if self.commits_seen > STALE_EPOCH_ARMED_AFTER_COMMITS {
+            self.stale = true;
+        }
+        Ok(summary)
+    }
+    fn apply_proposal(&mut self, proposal: &[u8]) -> Result<ProposalRef, GroupError> {
+        self.inner.apply_proposal(proposal)
+    }
+    fn ratchet_tree(&self) -> Bytes {
+        self.inner.ratchet_tree()
+    }
+}
+
+impl<G: PersistentGroup> PersistentGroup for StaleEpochGroup<G> {
+    fn from_create_room(group_info: &[u8], ratchet_tree: &[u8]) -> Result<Self, GroupError> {
+        Ok(StaleEpochGroup {
+            inner: G::from_create_room(group_info, ratchet_tree)?,
+            stale: false,
+            commits_seen: 0,
+        })
+    }
+    fn snapshot(&self) -> Result<Bytes, GroupError> {
+        self.inner.snapshot()
+    }
+    fn restore(snapshot: &[u8]) -> Result<Self, GroupError> {
+        Ok(StaleEpochGroup { inner: G::restore(snapshot)?, stale: false, commits_seen: 0 })
+    }
+    fn remove_proposal(&self, member: SenderId, signer: &ServerSigner) -> Result<Vec<u8>, GroupError> {
+        self.inner.remove_proposal(member, signer)
+    }
+    fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError> {
+        self.inner.pending_server_removals()
+    }
+}
+
+impl<G: ServerGroup> ServerGroup for StaleEpochGroup<G> {
+    fn tree_hash(&self) -> Vec<u8> {
+        self.inner.tree_hash()
+    }
+}

@@ -1,0 +1,389 @@
+//! The simulated disk: the server's real [`Store`] semantics
+//! ([`MemoryStore`], which shares the store test suite with `RedbStore`)
+//! behind a fault injector.
+//!
+//! Model: a store call is durable when it returns `Ok` (the `Store`
+//! contract). Time spent writing and syncing is spent by the server shell
+//! *before* it calls the store, so a crash during that time loses the whole
+//! unsynced batch, exactly as a crash before `fsync` returns would. A call
+//! may fail instead: an I/O error (nothing written) or a failed sync whose
+//! outcome is unknown (the write became durable or not, drawn from the
+//! seed). The disk outlives server crashes; only what was made durable is
+//! on it.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use kalandra_server::audit::{AuditEvent, AuditHead, AuditRecord};
+use kalandra_server::store::{
+    AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, KeyPackageCount,
+    KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
+    ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError,
+    RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration, RoomRetention, StorageFailure, Store,
+    StoredEntry, UserId, WelcomeError, WelcomeId,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::Digest as _;
+
+/// Why a simulated disk operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskFault {
+    /// The write was refused before reaching the medium.
+    #[error("simulated I/O error")]
+    Io,
+    /// `fsync` failed: the write may or may not be durable.
+    #[error("simulated failed sync")]
+    FailedSync,
+}
+
+/// Fault switches of the disk, changed by the harness as the run goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DiskFaults {
+    /// Probability that a write fails with an I/O error.
+    pub io_error_rate: f64,
+    /// Probability that a write's sync fails (outcome unknown).
+    pub failed_sync_rate: f64,
+}
+
+/// Counters of what the disk did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Log entries made durable.
+    pub entries_appended: u64,
+    /// Writes that failed with an I/O error.
+    pub io_errors: u64,
+    /// Syncs that failed.
+    pub failed_syncs: u64,
+    /// Failed syncs whose write nevertheless became durable.
+    pub failed_syncs_durable: u64,
+}
+
+struct Injector {
+    rng: ChaCha8Rng,
+    faults: DiskFaults,
+    stats: DiskStats,
+}
+
+/// A server's disk in the simulation.
+pub struct SimDisk {
+    durable: std::sync::RwLock<std::sync::Arc<MemoryStore>>,
+    injector: Mutex<Injector>,
+    /// Users the disk has stored something for (to copy the store when the
+    /// injected "drop a frame on restart" bug rewrites it).
+    users: Mutex<std::collections::BTreeSet<UserId>>,
+}
+
+impl std::fmt::Debug for SimDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimDisk").finish_non_exhaustive()
+    }
+}
+
+/// What a fault draw decided for one write.
+enum Draw {
+    Write,
+    Io,
+    SyncFailedDurable,
+    SyncFailedLost,
+}
+
+impl SimDisk {
+    /// An empty disk whose faults are drawn from `seed`.
+    pub fn new(seed: u64) -> SimDisk {
+        SimDisk {
+            durable: std::sync::RwLock::new(std::sync::Arc::new(MemoryStore::new())),
+            users: Mutex::new(std::collections::BTreeSet::new()),
+            injector: Mutex::new(Injector {
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                faults: DiskFaults::default(),
+                stats: DiskStats::default(),
+            }),
+        }
+    }
+
+    /// Sets the fault rates from now on.
+    pub fn set_faults(&self, faults: DiskFaults) {
+        self.lock().faults = faults;
+    }
+
+    /// What the disk did so far.
+    pub fn stats(&self) -> DiskStats {
+        self.lock().stats
+    }
+
+    fn store(&self) -> std::sync::Arc<MemoryStore> {
+        std::sync::Arc::clone(&self.durable.read().expect("disk lock"))
+    }
+
+    /// Every durable entry of a room's log, in order.
+    pub fn log(&self, room_id: RoomId) -> Vec<LogEntry> {
+        read_log(&self.store(), room_id)
+    }
+
+    /// Every room with a log.
+    pub fn rooms(&self) -> Vec<RoomId> {
+        self.store()
+            .room_heads(None, usize::MAX)
+            .expect("memory store reads")
+            .iter()
+            .map(|h| h.room_id)
+            .collect()
+    }
+
+    /// Removes the last durable entry of every room's log. Only the injected
+    /// "drop a frame on restart" bug calls this. Returns how many were removed.
+    pub fn drop_last_entries(&self) -> usize {
+        let old = self.store();
+        let fresh = MemoryStore::new();
+        let mut dropped = 0;
+        for room_id in self.rooms() {
+            let mut log = read_log(&old, room_id);
+            if log.len() > 1 {
+                log.pop();
+                dropped += 1;
+            }
+            fresh.append_batch(&log).expect("a dense log appends");
+            if let Some(record) = old.group_info(room_id).expect("memory store reads") {
+                fresh.put_group_info(room_id, &record).expect("memory store writes");
+            }
+            if let Some(metadata) = old.room_metadata(room_id).expect("memory store reads") {
+                if metadata.mls_snapshot_log_index <= log.len() as u64 {
+                    fresh.put_room_metadata(room_id, &metadata).expect("memory store writes");
+                }
+            }
+        }
+        let users: Vec<UserId> = self.users.lock().expect("users lock").iter().copied().collect();
+        for user in users {
+            for welcome in old.pending_welcomes(user).expect("memory store reads") {
+                fresh.put_welcome(user, welcome.welcome).expect("memory store writes");
+            }
+            let mut packages = Vec::new();
+            let mut last_resort = None;
+            while let Some(claimed) = old.claim_key_package(user).expect("memory store claims") {
+                if claimed.is_last_resort {
+                    last_resort = Some(claimed.key_package);
+                    break;
+                }
+                let key_package_ref = sha2::Sha256::digest(&claimed.key_package)[..32].to_vec();
+                packages.push(KeyPackageUpload { key_package_ref, key_package: claimed.key_package });
+            }
+            fresh.put_key_packages(user, &packages, last_resort).expect("memory store writes");
+        }
+        *self.durable.write().expect("disk lock") = std::sync::Arc::new(fresh);
+        dropped
+    }
+
+    fn note_user(&self, user: UserId) {
+        self.users.lock().expect("users lock").insert(user);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Injector> {
+        self.injector.lock().expect("disk injector lock")
+    }
+
+    fn draw(&self) -> Draw {
+        let mut injector = self.lock();
+        let faults = injector.faults;
+        let roll: f64 = injector.rng.gen();
+        if roll < faults.io_error_rate {
+            injector.stats.io_errors += 1;
+            return Draw::Io;
+        }
+        if roll < faults.io_error_rate + faults.failed_sync_rate {
+            injector.stats.failed_syncs += 1;
+            if injector.rng.gen_bool(0.5) {
+                injector.stats.failed_syncs_durable += 1;
+                return Draw::SyncFailedDurable;
+            }
+            return Draw::SyncFailedLost;
+        }
+        Draw::Write
+    }
+
+    /// Runs a write under the fault model.
+    fn write<T, E: From<StorageFailure>>(
+        &self,
+        operation: &'static str,
+        write: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        match self.draw() {
+            Draw::Write => write(),
+            Draw::Io => Err(StorageFailure::new(operation, DiskFault::Io).into()),
+            Draw::SyncFailedDurable => {
+                write()?;
+                Err(StorageFailure::new(operation, DiskFault::FailedSync).into())
+            }
+            Draw::SyncFailedLost => Err(StorageFailure::new(operation, DiskFault::FailedSync).into()),
+        }
+    }
+}
+
+fn read_log(store: &MemoryStore, room_id: RoomId) -> Vec<LogEntry> {
+    let mut entries = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = store.read_range(room_id, from, usize::MAX).expect("memory store reads");
+        let Some(last) = page.last() else { break };
+        from = last.log_index + 1;
+        entries.extend(page.into_iter().map(|entry| match entry.content {
+            EntryContent::Frame(frame) => {
+                LogEntry { room_id: entry.room_id, log_index: entry.log_index, frame }
+            }
+            // The simulated clients never redact and the world sets no retention.
+            EntryContent::Erased(_) => panic!("an entry of room {room_id} was erased in the simulation"),
+        }));
+    }
+    entries
+}
+
+impl Store for SimDisk {
+    fn append_batch(&self, entries: &[LogEntry]) -> Result<(), AppendError> {
+        let count = entries.len() as u64;
+        self.write("append_batch", || self.store().append_batch(entries))?;
+        self.lock().stats.entries_appended += count;
+        Ok(())
+    }
+
+    fn read_range(
+        &self,
+        room_id: RoomId,
+        from_log_index: LogIndex,
+        count_max: usize,
+    ) -> Result<Vec<StoredEntry>, ReadError> {
+        self.store().read_range(room_id, from_log_index, count_max)
+    }
+
+    fn redact(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        self.write("redact", || self.store().redact(room_id, log_indices, redaction))
+    }
+
+    fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
+        self.store().data_key(room_id, log_index)
+    }
+
+    fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
+        self.write("set_retention", || self.store().set_retention(room_id, retention_ms))
+    }
+
+    fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
+        self.store().retention(room_id)
+    }
+
+    fn retention_rooms(
+        &self,
+        after: Option<RoomId>,
+        count_max: usize,
+    ) -> Result<Vec<RoomRetention>, RetentionError> {
+        self.store().retention_rooms(after, count_max)
+    }
+
+    fn advance_retention(
+        &self,
+        room_id: RoomId,
+        swept_next_log_index: LogIndex,
+    ) -> Result<(), RetentionError> {
+        self.write("advance_retention", || self.store().advance_retention(room_id, swept_next_log_index))
+    }
+
+    fn next_log_index(&self, room_id: RoomId) -> Result<LogIndex, ReadError> {
+        self.store().next_log_index(room_id)
+    }
+
+    fn room_heads(&self, after: Option<RoomId>, count_max: usize) -> Result<Vec<RoomHead>, ReadError> {
+        self.store().room_heads(after, count_max)
+    }
+
+    fn put_key_packages(
+        &self,
+        user_id: UserId,
+        packages: &[KeyPackageUpload],
+        last_resort: Option<Bytes>,
+    ) -> Result<(), KeyPackageError> {
+        self.note_user(user_id);
+        self.write("put_key_packages", || self.store().put_key_packages(user_id, packages, last_resort))
+    }
+
+    fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
+        self.write("claim_key_package", || self.store().claim_key_package(user_id))
+    }
+
+    fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {
+        self.store().count_key_packages(user_id)
+    }
+
+    fn put_group_info(&self, room_id: RoomId, record: &GroupInfoRecord) -> Result<(), GroupInfoError> {
+        self.write("put_group_info", || self.store().put_group_info(room_id, record))
+    }
+
+    fn group_info(&self, room_id: RoomId) -> Result<Option<GroupInfoRecord>, GroupInfoError> {
+        self.store().group_info(room_id)
+    }
+
+    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
+        self.note_user(recipient_user_id);
+        self.write("put_welcome", || self.store().put_welcome(recipient_user_id, welcome))
+    }
+
+    fn put_welcomes(
+        &self,
+        recipient_user_ids: &[UserId],
+        welcome: Bytes,
+    ) -> Result<Vec<WelcomeId>, WelcomeError> {
+        for user in recipient_user_ids {
+            self.note_user(*user);
+        }
+        self.write("put_welcomes", || self.store().put_welcomes(recipient_user_ids, welcome))
+    }
+
+    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
+        self.store().pending_welcomes(recipient_user_id)
+    }
+
+    fn delete_welcomes_through(
+        &self,
+        recipient_user_id: UserId,
+        through_welcome_id: WelcomeId,
+    ) -> Result<usize, WelcomeError> {
+        self.write("delete_welcomes_through", || {
+            self.store().delete_welcomes_through(recipient_user_id, through_welcome_id)
+        })
+    }
+
+    fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError> {
+        self.write("put_room_metadata", || self.store().put_room_metadata(room_id, metadata))
+    }
+
+    fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
+        self.store().room_metadata(room_id)
+    }
+
+    fn record_moderation(
+        &self,
+        change: &ModerationChange,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, ModerationStoreError> {
+        self.write("record_moderation", || self.store().record_moderation(change, event))
+    }
+
+    fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError> {
+        self.store().room_moderation(room_id)
+    }
+
+    fn audit_records(
+        &self,
+        from_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ModerationStoreError> {
+        self.store().audit_records(from_seq, count_max)
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError> {
+        self.store().audit_head()
+    }
+}

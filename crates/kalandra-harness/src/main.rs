@@ -1,0 +1,163 @@
+//! Runs a swarm of simulation seeds, or replays one.
+//!
+//! `kalandra-harness --seeds 1000` runs seeds 0..1000; `--seed N` replays
+//! one. A failing seed prints the command that replays it exactly.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use kalandra_harness::{run, Bugs, SimConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "Deterministic simulation of Kalandra under network and disk faults")]
+struct Args {
+    /// Run this many seeds, starting at --first-seed.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// First seed of the swarm.
+    #[arg(long, default_value_t = 0)]
+    first_seed: u64,
+    /// Replay exactly this seed (overrides --seeds).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Clients in the room.
+    #[arg(long, default_value_t = 3)]
+    clients: usize,
+    /// Highest per-host loss probability drawn.
+    #[arg(long, default_value_t = 0.5)]
+    loss_max: f64,
+    /// Highest one-way latency drawn (ms).
+    #[arg(long, default_value_t = 50)]
+    latency_max_ms: u64,
+    /// Length of the fault phase (simulated ms).
+    #[arg(long, default_value_t = 6_000)]
+    fault_phase_ms: u64,
+    /// Bound on convergence after healing (simulated ms).
+    #[arg(long, default_value_t = 30_000)]
+    heal_bound_ms: u64,
+    /// No crashes.
+    #[arg(long)]
+    no_crashes: bool,
+    /// No partitions.
+    #[arg(long)]
+    no_partitions: bool,
+    /// No disk faults.
+    #[arg(long)]
+    no_disk_faults: bool,
+    /// Inject: acknowledge before the write is durable.
+    #[arg(long)]
+    bug_ack_before_durable: bool,
+    /// Inject: accept two commits for one epoch.
+    #[arg(long)]
+    bug_double_commit: bool,
+    /// Inject: drop a frame on restart.
+    #[arg(long)]
+    bug_drop_frame_on_restart: bool,
+    /// Print every run's counters.
+    #[arg(long)]
+    verbose: bool,
+}
+
+impl Args {
+    fn config(&self, seed: u64) -> SimConfig {
+        SimConfig {
+            seed,
+            clients: self.clients,
+            loss_max: self.loss_max,
+            latency_max_ms: self.latency_max_ms,
+            fault_phase_ms: self.fault_phase_ms,
+            heal_bound_ms: self.heal_bound_ms,
+            crashes: !self.no_crashes,
+            partitions: !self.no_partitions,
+            disk_faults: !self.no_disk_faults,
+            bugs: Bugs {
+                ack_before_durable: self.bug_ack_before_durable,
+                double_commit: self.bug_double_commit,
+                drop_frame_on_restart: self.bug_drop_frame_on_restart,
+            },
+            ..SimConfig::default()
+        }
+    }
+
+    /// The command line that replays `seed` with these options.
+    fn replay_command(&self, seed: u64) -> String {
+        let mut command = format!(
+            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {}",
+            self.clients, self.loss_max, self.latency_max_ms, self.fault_phase_ms, self.heal_bound_ms
+        );
+        for (set, flag) in [
+            (self.no_crashes, "--no-crashes"),
+            (self.no_partitions, "--no-partitions"),
+            (self.no_disk_faults, "--no-disk-faults"),
+            (self.bug_ack_before_durable, "--bug-ack-before-durable"),
+            (self.bug_double_commit, "--bug-double-commit"),
+            (self.bug_drop_frame_on_restart, "--bug-drop-frame-on-restart"),
+        ] {
+            if set {
+                command.push(' ');
+                command.push_str(flag);
+            }
+        }
+        command
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seeds: Vec<u64> = match args.seed {
+        Some(seed) => vec![seed],
+        None => (args.first_seed..args.first_seed + args.seeds).collect(),
+    };
+    let started = Instant::now();
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut sequenced = 0u64;
+    let (mut server_restarts, mut client_restarts, mut partitions, mut storage_failures, mut disk_faults) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    for &seed in &seeds {
+        let run_started = Instant::now();
+        let outcome = run(&args.config(seed));
+        sequenced += outcome.stats.sequenced;
+        server_restarts += u64::from(outcome.stats.server_boots.saturating_sub(1));
+        client_restarts += u64::from(outcome.stats.client_boots).saturating_sub(args.clients as u64);
+        partitions += outcome.stats.partitions;
+        storage_failures += outcome.stats.storage_failures;
+        disk_faults += outcome.stats.disk_faults;
+        if args.verbose || args.seed.is_some() {
+            println!(
+                "seed {seed}: {} in {:.2?} (transcript {}), {:?}",
+                if outcome.passed() { "passed" } else { "FAILED" },
+                run_started.elapsed(),
+                hex::encode(&outcome.transcript[..8]),
+                outcome.stats
+            );
+        }
+        if outcome.passed() {
+            passed += 1;
+        } else {
+            failed += 1;
+            println!("seed {seed} FAILED:");
+            for failure in outcome.failures.iter().take(10) {
+                println!("  {failure}");
+            }
+            println!("  replay: {}", args.replay_command(seed));
+        }
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{} seeds in {:.1?} ({:.1} ms per seed), {sequenced} frames sequenced",
+        seeds.len(),
+        elapsed,
+        elapsed.as_secs_f64() * 1000.0 / seeds.len().max(1) as f64
+    );
+    println!(
+        "faults: {server_restarts} server restarts, {client_restarts} client restarts, {partitions} partitions, \
+         {disk_faults} disk faults ({storage_failures} storage failures)"
+    );
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

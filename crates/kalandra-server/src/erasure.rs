@@ -1,0 +1,461 @@
+//! Cryptographic erasure through the room core: redaction of one entry by
+//! its sender or a moderator, and the periodic retention sweep.
+//!
+//! Policy (the store itself erases whatever it is asked to):
+//! - only application frames are erasable. Handshake frames (`CreateRoom`,
+//!   `Commit`, `Proposal`, `ExternalJoin`) hold no application content and
+//!   are replayed on restart to rebuild the room's MLS public state;
+//! - [`RedactAuthority::Sender`] may erase only frames whose header names
+//!   the actor as sender; [`RedactAuthority::Moderator`] may erase any
+//!   erasable frame of the room. This module does not check roles: a caller
+//!   passing `Moderator` has checked that the actor holds the role;
+//! - erasure is idempotent: erasing an erased entry reports
+//!   [`RedactOutcome::AlreadyErased`];
+//! - the log index stays: history carries a placeholder in its place (an
+//!   `Error` frame with code `Redacted`, see [`erased_placeholder`]).
+//!
+//! Order of an erasure: the shard first replaces the entry in its in-memory
+//! recent frames (so no subscriber catching up from memory gets it), then
+//! the store destroys the data key and replaces the record by a tombstone
+//! in one durable transaction. A history read that fetched the entry before
+//! that transaction may still deliver it; frames already delivered to
+//! clients are beyond the server's reach.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kalandra_proto::header::offset;
+use kalandra_proto::{payload, ErrorCode, Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
+use tokio::sync::oneshot;
+
+use crate::node::{Command, Node};
+use crate::store::retention::{erasable_opcode, expired};
+use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
+use crate::store::{
+    EntryContent, Erasure, ErasureCause, ReadError, RedactOutcome, Redaction, RetentionError, RoomRetention,
+    StoredEntry,
+};
+
+/// Every bound of erasure in the room core, in one place.
+pub mod limits {
+    /// Log entries one retention pass reads at most (over all rooms).
+    pub const RETENTION_PASS_ENTRIES_MAX: usize = 4096;
+    /// Rooms one retention pass visits at most.
+    pub const RETENTION_PASS_ROOMS_MAX: usize = 1024;
+    /// Entries read from one room per store read during a sweep.
+    pub const RETENTION_READ_ENTRIES_MAX: usize = 256;
+    /// Interval between retention passes of [`retention_loop`](super::retention_loop), ms.
+    pub const RETENTION_INTERVAL_MS_DEFAULT: u64 = 60_000;
+
+    const _: () = assert!(RETENTION_READ_ENTRIES_MAX <= crate::store::limits::READ_RANGE_ENTRIES_MAX);
+    const _: () = assert!(RETENTION_READ_ENTRIES_MAX <= crate::store::limits::REDACT_ENTRIES_PER_CALL_MAX);
+    const _: () = assert!(RETENTION_PASS_ROOMS_MAX <= crate::store::limits::RETENTION_ROOMS_PAGE_MAX);
+    const _: () = assert!(RETENTION_PASS_ENTRIES_MAX >= RETENTION_READ_ENTRIES_MAX);
+}
+
+use limits::*;
+
+/// On whose authority an entry is redacted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedactAuthority {
+    /// The actor claims to be the frame's sender: checked against the
+    /// frame's header.
+    Sender,
+    /// The actor is a moderator of the room: the caller has checked the
+    /// role; any erasable frame of the room may be redacted.
+    Moderator,
+}
+
+/// A redaction that took effect (or had taken effect before).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedactReport {
+    /// The erased entry.
+    pub log_index: u64,
+    /// The entry's MLS epoch.
+    pub epoch: u64,
+    /// When the content was erased (now, or the earlier erasure's time).
+    pub erased_at_ms: u64,
+    /// Whether this call erased it.
+    pub outcome: RedactOutcome,
+}
+
+/// Why a redaction was refused or failed. Nothing was erased.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RedactError {
+    /// The room does not exist.
+    #[error("room {room_id} does not exist")]
+    UnknownRoom {
+        /// The room.
+        room_id: RoomId,
+    },
+    /// The index is not a durable entry of the room (yet).
+    #[error("log index {log_index} is beyond the room's durable head {next_log_index}")]
+    UnknownLogIndex {
+        /// The index asked for.
+        log_index: u64,
+        /// The room's next durable index.
+        next_log_index: u64,
+    },
+    /// A sender may redact only their own frames.
+    #[error("log index {log_index} was not sent by the requester")]
+    NotSender {
+        /// The index asked for.
+        log_index: u64,
+    },
+    /// The entry is a handshake frame, which is never erased.
+    #[error("log index {log_index} holds a frame that is never erased (opcode {opcode:#06x})")]
+    NotErasable {
+        /// The index asked for.
+        log_index: u64,
+        /// The frame's opcode value.
+        opcode: u16,
+    },
+    /// Storage failed; the node stops and recovers on restart.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// A bug or corrupt data.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RedactError {
+    /// The wire error code for the requester.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::UnknownRoom { .. } => ErrorCode::UnknownRoom,
+            Self::UnknownLogIndex { .. } => ErrorCode::UnknownLogIndex,
+            Self::NotSender { .. } | Self::NotErasable { .. } => ErrorCode::Forbidden,
+            Self::Storage(_) => ErrorCode::StorageUnavailable,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What one retention pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPassReport {
+    /// Rooms with a retention period visited.
+    pub rooms_visited: u64,
+    /// Entries read.
+    pub entries_read: u64,
+    /// Entries erased.
+    pub entries_erased: u64,
+}
+
+/// A retention pass stopped: storage failed or data is corrupt.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("retention pass in room {room_id:?}: {detail}")]
+pub struct RetentionPassError {
+    /// The room being swept, if any.
+    pub room_id: Option<RoomId>,
+    /// What failed.
+    pub detail: String,
+}
+
+/// Whether the erasure policy allows erasing a frame of this opcode value.
+pub fn erasable(opcode: Option<u16>) -> bool {
+    erasable_opcode(opcode)
+}
+
+/// The placeholder history carries at an erased index: an unsigned `Error`
+/// frame with code `Redacted` whose header keeps the erased frame's room,
+/// sender, log index, epoch and server timestamp, and whose payload names
+/// the index.
+pub fn erased_placeholder(room_id: RoomId, log_index: u64, erasure: &Erasure) -> Bytes {
+    placeholder(room_id, log_index, &erasure.routing)
+}
+
+/// The placeholder for a frame about to be erased (see
+/// [`erased_placeholder`]).
+pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Bytes) -> Bytes {
+    placeholder(room_id, log_index, &frame[..frame.len().min(ROUTING_PREFIX_BYTES)])
+}
+
+fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8]) -> Bytes {
+    let mut header = FrameHeaderBuf::new(Opcode::Error);
+    header
+        .set_room_id(room_id)
+        .set_log_index(log_index)
+        .set_sender_id(SenderId(routing_u64(routing, offset::SENDER_ID).unwrap_or(0)))
+        .set_epoch(routing_u64(routing, offset::EPOCH).unwrap_or(0))
+        .set_server_timestamp_ms(routing_u64(routing, offset::SERVER_TIMESTAMP).unwrap_or(0));
+    let error = payload::Error {
+        code: ErrorCode::Redacted.to_u16(),
+        message: "content erased".to_owned(),
+        current_epoch: None,
+        log_index: Some(log_index),
+        retry_after_ms: None,
+    };
+    Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
+}
+
+fn read_failed(error: &ReadError) -> RedactError {
+    match error {
+        ReadError::Storage(failure) => RedactError::Storage(failure.to_string()),
+        ReadError::Internal(violation) => RedactError::Internal(violation.to_string()),
+    }
+}
+
+impl Node {
+    /// Erases the content of `room_id`'s entry `log_index` on `actor`'s
+    /// `authority` (see the module documentation for the policy): the data
+    /// key is destroyed and the record replaced by a tombstone, durably,
+    /// before this returns `Ok`. Idempotent.
+    pub async fn redact(
+        &self,
+        room_id: RoomId,
+        log_index: u64,
+        actor: SenderId,
+        authority: RedactAuthority,
+    ) -> Result<RedactReport, RedactError> {
+        let store = Arc::clone(&self.store);
+        let read = tokio::task::spawn_blocking(move || -> Result<(Option<StoredEntry>, u64), ReadError> {
+            let entry = store.read_range(room_id, log_index, 1)?.into_iter().next();
+            let next_log_index = store.next_log_index(room_id)?;
+            Ok((entry, next_log_index))
+        })
+        .await
+        .map_err(|error| RedactError::Internal(error.to_string()))?;
+        let (entry, next_log_index) = read.map_err(|error| {
+            if matches!(error, ReadError::Storage(_)) {
+                self.storage_failed();
+            }
+            read_failed(&error)
+        })?;
+        let Some(entry) = entry.filter(|entry| entry.log_index == log_index) else {
+            return Err(if next_log_index == 0 {
+                RedactError::UnknownRoom { room_id }
+            } else {
+                RedactError::UnknownLogIndex { log_index, next_log_index }
+            });
+        };
+        let routing = entry.routing();
+        let epoch = routing_u64(routing, offset::EPOCH).unwrap_or(0);
+        if let EntryContent::Erased(erasure) = &entry.content {
+            return Ok(RedactReport {
+                log_index,
+                epoch,
+                erased_at_ms: erasure.redaction.erased_at_ms,
+                outcome: RedactOutcome::AlreadyErased,
+            });
+        }
+        let opcode = kalandra_proto::header::offset::OPCODE;
+        let opcode = crate::store::sealing::routing_u16(routing, opcode);
+        if !erasable(opcode) {
+            return Err(RedactError::NotErasable { log_index, opcode: opcode.unwrap_or(0) });
+        }
+        let cause = match authority {
+            RedactAuthority::Sender => {
+                if routing_u64(routing, offset::SENDER_ID) != Some(actor.0) {
+                    return Err(RedactError::NotSender { log_index });
+                }
+                ErasureCause::Sender { actor: actor.0 }
+            }
+            // A moderator erasing their own frame does so as its sender.
+            RedactAuthority::Moderator if routing_u64(routing, offset::SENDER_ID) == Some(actor.0) => {
+                ErasureCause::Sender { actor: actor.0 }
+            }
+            RedactAuthority::Moderator => ErasureCause::Moderator { actor: actor.0 },
+        };
+        self.hide_in_shard(room_id, vec![log_index]).await?;
+        let redaction = Redaction { erased_at_ms: (self.clock)(), cause };
+        let outcomes = self.erase_in_store(room_id, vec![log_index], redaction).await?;
+        let outcome = outcomes.first().copied().ok_or_else(|| RedactError::Internal("no outcome".into()))?;
+        Ok(RedactReport { log_index, epoch, erased_at_ms: redaction.erased_at_ms, outcome })
+    }
+
+    /// A member's `Redact` over the wire: on the authority of a moderator
+    /// when `member` currently holds the room's admin or moderator role
+    /// (checked by the room's shard), otherwise as the frame's sender.
+    pub async fn member_redact(
+        &self,
+        room_id: RoomId,
+        log_index: u64,
+        member: SenderId,
+    ) -> Result<RedactReport, RedactError> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send(room_id, Command::ModeratesRoom { room_id, member, reply }).await {
+            return Err(RedactError::Internal("the room core has stopped".into()));
+        }
+        let moderates =
+            answer.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))?;
+        let authority = match moderates {
+            None => return Err(RedactError::UnknownRoom { room_id }),
+            Some(true) => RedactAuthority::Moderator,
+            Some(false) => RedactAuthority::Sender,
+        };
+        self.redact(room_id, log_index, member, authority).await
+    }
+
+    /// Sets (`Some`, milliseconds) or removes (`None`) the room's retention
+    /// period. Entries older than the period are erased by later retention
+    /// passes.
+    pub async fn set_retention(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+    ) -> Result<(), RetentionError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.set_retention(room_id, retention_ms))
+            .await
+            .map_err(|error| RetentionError::Internal(crate::store::InvariantViolation(error.to_string())))?
+    }
+
+    /// The room's retention setting, if any.
+    pub async fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.retention(room_id))
+            .await
+            .map_err(|error| RetentionError::Internal(crate::store::InvariantViolation(error.to_string())))?
+    }
+
+    /// Tells the room's shard to drop the entries from its recent frames.
+    async fn hide_in_shard(&self, room_id: RoomId, log_indices: Vec<u64>) -> Result<(), RedactError> {
+        let (done, hidden) = oneshot::channel();
+        if !self.send(room_id, Command::Erased { room_id, log_indices, done }).await {
+            return Err(RedactError::Internal("the room core has stopped".into()));
+        }
+        hidden.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))
+    }
+
+    async fn erase_in_store(
+        &self,
+        room_id: RoomId,
+        log_indices: Vec<u64>,
+        redaction: Redaction,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        let store = Arc::clone(&self.store);
+        let result = tokio::task::spawn_blocking(move || store.redact(room_id, &log_indices, &redaction))
+            .await
+            .map_err(|error| RedactError::Internal(error.to_string()))?;
+        result.map_err(|error| match error {
+            crate::store::RedactError::UnknownRoom { room_id } => RedactError::UnknownRoom { room_id },
+            crate::store::RedactError::IndexOutOfRange { log_index, next_log_index, .. } => {
+                RedactError::UnknownLogIndex { log_index, next_log_index }
+            }
+            crate::store::RedactError::Storage(failure) => {
+                tracing::error!(%room_id, %failure, "storage failed erasing entries; the node stops and recovers on restart");
+                self.storage_failed();
+                RedactError::Storage(failure.to_string())
+            }
+            other => RedactError::Internal(other.to_string()),
+        })
+    }
+}
+
+/// Position of the retention sweep across passes, so that one pass's
+/// budget is spread over all rooms in turn.
+#[derive(Debug, Default)]
+pub struct RetentionSweeper {
+    /// The last room visited; the next pass starts after it.
+    after: Option<RoomId>,
+}
+
+impl RetentionSweeper {
+    /// A sweeper starting at the first room.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One bounded pass at `now_ms`: visits rooms with a retention period
+    /// (after where the last pass stopped, wrapping around), reads at most
+    /// `entries_max` entries (capped at [`RETENTION_PASS_ENTRIES_MAX`]) and
+    /// erases the expired application frames among them.
+    pub async fn pass(
+        &mut self,
+        node: &Node,
+        now_ms: u64,
+        entries_max: usize,
+    ) -> Result<RetentionPassReport, RetentionPassError> {
+        let mut budget = entries_max.min(RETENTION_PASS_ENTRIES_MAX);
+        let mut report = RetentionPassReport::default();
+        let store = Arc::clone(&node.store);
+        let after = self.after;
+        let rooms = tokio::task::spawn_blocking(move || -> Result<Vec<RoomRetention>, RetentionError> {
+            let mut rooms = store.retention_rooms(after, RETENTION_PASS_ROOMS_MAX)?;
+            if rooms.len() < RETENTION_PASS_ROOMS_MAX && after.is_some() {
+                // Wrap around to the rooms before the start.
+                let wrapped = store.retention_rooms(None, RETENTION_PASS_ROOMS_MAX - rooms.len())?;
+                rooms.extend(wrapped.into_iter().take_while(|room| Some(room.room_id) <= after));
+            }
+            Ok(rooms)
+        })
+        .await
+        .map_err(|error| RetentionPassError { room_id: None, detail: error.to_string() })?
+        .map_err(|error| RetentionPassError { room_id: None, detail: error.to_string() })?;
+        for room in rooms {
+            if budget == 0 {
+                break;
+            }
+            self.after = Some(room.room_id);
+            report.rooms_visited += 1;
+            let (read, erased) = sweep_room(node, room, now_ms, budget.min(RETENTION_READ_ENTRIES_MAX))
+                .await
+                .map_err(|detail| RetentionPassError { room_id: Some(room.room_id), detail })?;
+            budget = budget.saturating_sub(read.max(1));
+            report.entries_read += read as u64;
+            report.entries_erased += erased as u64;
+        }
+        Ok(report)
+    }
+}
+
+/// Sweeps one room once: returns entries read and erased.
+async fn sweep_room(
+    node: &Node,
+    room: RoomRetention,
+    now_ms: u64,
+    entries_max: usize,
+) -> Result<(usize, usize), String> {
+    let store = Arc::clone(&node.store);
+    let from = room.swept_next_log_index;
+    let read = tokio::task::spawn_blocking(move || store.read_range(room.room_id, from, entries_max))
+        .await
+        .map_err(|error| error.to_string())?;
+    let entries = read.map_err(|error| {
+        if matches!(error, ReadError::Storage(_)) {
+            node.storage_failed();
+        }
+        error.to_string()
+    })?;
+    let plan = expired(now_ms, room.retention_ms, &entries);
+    let erased = plan.erase.len();
+    if !plan.erase.is_empty() {
+        node.hide_in_shard(room.room_id, plan.erase.clone()).await.map_err(|error| error.to_string())?;
+        let redaction = Redaction { erased_at_ms: now_ms, cause: ErasureCause::Retention };
+        node.erase_in_store(room.room_id, plan.erase, redaction).await.map_err(|error| error.to_string())?;
+    }
+    if let Some(swept_next) = plan.swept_next_log_index {
+        let store = Arc::clone(&node.store);
+        tokio::task::spawn_blocking(move || store.advance_retention(room.room_id, swept_next))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
+    }
+    Ok((entries.len(), erased))
+}
+
+/// Runs a retention pass every `interval_ms` (at least one second) with
+/// the wall clock `node` was started with, until the task is dropped. A
+/// failed pass is logged and retried at the next interval.
+pub async fn retention_loop(node: Node, interval_ms: u64) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(interval_ms.max(1_000)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeper = RetentionSweeper::new();
+    loop {
+        interval.tick().await;
+        let now_ms = (node.clock)();
+        match sweeper.pass(&node, now_ms, RETENTION_PASS_ENTRIES_MAX).await {
+            Ok(report) if report.entries_erased > 0 => {
+                tracing::info!(
+                    rooms = report.rooms_visited,
+                    read = report.entries_read,
+                    erased = report.entries_erased,
+                    "retention pass erased expired entries"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "retention pass failed"),
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! Encryption at rest of log entries (pure: randomness comes in as an
+//! argument).
+//!
+//! Every log entry is sealed under its own random 256-bit data key with
+//! XChaCha20-Poly1305 and a random 192-bit nonce. The store keeps the data
+//! key in a table of its own; the sealed record holds no key material.
+//! Destroying the key (redaction, retention) leaves ciphertext that cannot
+//! be read; the record itself is replaced by a [`Erasure`] tombstone.
+//!
+//! What stays in clear: the first [`ROUTING_PREFIX_BYTES`] bytes of the
+//! frame, i.e. the header's routing fields (magic, version, flags, opcode,
+//! payload length, request id, room, sender, log index, epoch, server
+//! timestamp). Recovery replays a log from them and history keeps a typed
+//! placeholder for an erased index. The header's signature and the payload
+//! are sealed (the signature would otherwise let anyone confirm a guess of
+//! the erased content).
+//!
+//! Record layout (value of a log-table row):
+//! - sealed: `0x01 | prefix_len: u8 | prefix | nonce (24) | ciphertext | tag (16)`;
+//! - erased: `0x02 | prefix_len: u8 | prefix | erased_at_ms: u64 BE |
+//!   cause: u8 | actor: u64 BE`.
+//!
+//! The associated data binds a sealed record to its position: room id,
+//! log index (big-endian) and the clear prefix, so a record moved to
+//! another row, or a prefix altered, fails authentication.
+
+use bytes::Bytes;
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use kalandra_proto::header::offset;
+use rand::{CryptoRng, RngCore};
+
+use super::{LogIndex, RoomId, UserId};
+
+/// Bytes of a frame kept in clear: the header up to (not including) its
+/// signature.
+pub const ROUTING_PREFIX_BYTES: usize = offset::SIGNATURE;
+/// Length of a data key.
+pub const DATA_KEY_BYTES: usize = 32;
+/// Length of an XChaCha20 nonce.
+pub const NONCE_BYTES: usize = 24;
+/// Length of a Poly1305 tag.
+pub const TAG_BYTES: usize = 16;
+
+const TAG_SEALED: u8 = 0x01;
+const TAG_ERASED: u8 = 0x02;
+/// Length of the erasure details after the prefix: time, cause, actor.
+const ERASURE_BYTES: usize = 8 + 1 + 8;
+
+const _: () = assert!(ROUTING_PREFIX_BYTES <= u8::MAX as usize, "the prefix length is one byte");
+const _: () = assert!(offset::SERVER_TIMESTAMP + 8 <= ROUTING_PREFIX_BYTES);
+const _: () = assert!(offset::OPCODE + 2 <= ROUTING_PREFIX_BYTES);
+const _: () = assert!(offset::SENDER_ID + 8 <= ROUTING_PREFIX_BYTES);
+
+/// A log entry's data key. Kept only in the store's key table.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DataKey(pub [u8; DATA_KEY_BYTES]);
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+impl DataKey {
+    /// A fresh random key.
+    pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> DataKey {
+        let mut key = [0u8; DATA_KEY_BYTES];
+        rng.fill_bytes(&mut key);
+        DataKey(key)
+    }
+}
+
+/// Why an entry's content was destroyed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErasureCause {
+    /// The frame's own sender redacted it.
+    Sender {
+        /// The sender.
+        actor: UserId,
+    },
+    /// A moderator of the room redacted it.
+    Moderator {
+        /// The moderator.
+        actor: UserId,
+    },
+    /// The room's retention period passed.
+    Retention,
+}
+
+impl ErasureCause {
+    fn encode(self) -> (u8, u64) {
+        match self {
+            ErasureCause::Sender { actor } => (1, actor),
+            ErasureCause::Moderator { actor } => (2, actor),
+            ErasureCause::Retention => (3, 0),
+        }
+    }
+
+    fn decode(code: u8, actor: u64) -> Option<ErasureCause> {
+        match code {
+            1 => Some(ErasureCause::Sender { actor }),
+            2 => Some(ErasureCause::Moderator { actor }),
+            3 => Some(ErasureCause::Retention),
+            _ => None,
+        }
+    }
+}
+
+/// A request to erase entries: when and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redaction {
+    /// Server time of the erasure, milliseconds since the Unix epoch.
+    pub erased_at_ms: u64,
+    /// Who or what erased it.
+    pub cause: ErasureCause,
+}
+
+/// What is left of an erased entry: its clear routing prefix and the
+/// erasure's details. Its content and data key are gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Erasure {
+    /// The frame's first bytes (at most [`ROUTING_PREFIX_BYTES`]): the
+    /// header's routing fields.
+    pub routing: Bytes,
+    /// When and why the content was destroyed.
+    pub redaction: Redaction,
+}
+
+impl Erasure {
+    /// The frame's opcode value, if the prefix holds it.
+    pub fn opcode(&self) -> Option<u16> {
+        routing_u16(&self.routing, offset::OPCODE)
+    }
+    /// The frame's sender id, if the prefix holds it.
+    pub fn sender_id(&self) -> Option<u64> {
+        routing_u64(&self.routing, offset::SENDER_ID)
+    }
+    /// The frame's MLS epoch, if the prefix holds it.
+    pub fn epoch(&self) -> Option<u64> {
+        routing_u64(&self.routing, offset::EPOCH)
+    }
+    /// The frame's server timestamp, if the prefix holds it.
+    pub fn server_timestamp_ms(&self) -> Option<u64> {
+        routing_u64(&self.routing, offset::SERVER_TIMESTAMP)
+    }
+}
+
+/// Reads a big-endian `u16` at `at` of a routing prefix.
+pub fn routing_u16(routing: &[u8], at: usize) -> Option<u16> {
+    routing.get(at..at + 2).map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]))
+}
+
+/// Reads a big-endian `u64` at `at` of a routing prefix.
+pub fn routing_u64(routing: &[u8], at: usize) -> Option<u64> {
+    let bytes: [u8; 8] = routing.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+/// A stored record does not decode or authenticate: corruption, or data
+/// altered behind the store's back (never the result of an erasure).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The record's layout is not one this build writes.
+    #[error("malformed log record: {0}")]
+    Malformed(&'static str),
+    /// The ciphertext does not authenticate under the stored key.
+    #[error("log record does not authenticate under its data key")]
+    Unauthentic,
+    /// The record is sealed but its data key is missing.
+    #[error("sealed log record without its data key")]
+    KeyMissing,
+}
+
+/// A decoded stored record.
+#[derive(Debug)]
+pub enum Record<'a> {
+    /// Content present, sealed.
+    Sealed {
+        /// The clear routing prefix.
+        routing: &'a [u8],
+        /// Nonce, ciphertext and tag.
+        sealed: &'a [u8],
+    },
+    /// Content destroyed.
+    Erased(Erasure),
+}
+
+fn aad(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + 8 + routing.len());
+    aad.extend_from_slice(&room_id.0);
+    aad.extend_from_slice(&log_index.to_be_bytes());
+    aad.extend_from_slice(routing);
+    aad
+}
+
+fn prefix_len(frame: &[u8]) -> u8 {
+    // At most ROUTING_PREFIX_BYTES (const-asserted to fit a byte).
+    u8::try_from(frame.len().min(ROUTING_PREFIX_BYTES)).unwrap_or(u8::MAX)
+}
+
+/// Seals `frame` for position (`room_id`, `log_index`) under a fresh key
+/// and nonce drawn from `rng`; returns the key and the record.
+pub fn seal(
+    rng: &mut (impl RngCore + CryptoRng),
+    room_id: RoomId,
+    log_index: LogIndex,
+    frame: &[u8],
+) -> (DataKey, Vec<u8>) {
+    let key = DataKey::generate(rng);
+    let mut nonce = [0u8; NONCE_BYTES];
+    rng.fill_bytes(&mut nonce);
+    let record = seal_with(&key, &nonce, room_id, log_index, frame);
+    (key, record)
+}
+
+/// Seals `frame` with the given key and nonce (deterministic; [`seal`]
+/// draws both at random).
+pub fn seal_with(
+    key: &DataKey,
+    nonce: &[u8; NONCE_BYTES],
+    room_id: RoomId,
+    log_index: LogIndex,
+    frame: &[u8],
+) -> Vec<u8> {
+    let prefix = usize::from(prefix_len(frame));
+    let (routing, content) = frame.split_at(prefix);
+    let mut record = Vec::with_capacity(2 + prefix + NONCE_BYTES + content.len() + TAG_BYTES);
+    record.push(TAG_SEALED);
+    record.push(prefix_len(frame));
+    record.extend_from_slice(routing);
+    record.extend_from_slice(nonce);
+    let body = record.len();
+    record.extend_from_slice(content);
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
+    let tag = cipher
+        .encrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            &aad(room_id, log_index, routing),
+            &mut record[body..],
+        )
+        // Only fails for messages beyond 256 GiB; entries are bounded far below.
+        .expect("log entries are far below the AEAD's message limit");
+    record.extend_from_slice(&tag);
+    record
+}
+
+/// The tombstone record of an erased entry.
+pub fn erased_record(routing: &[u8], redaction: &Redaction) -> Vec<u8> {
+    let prefix = &routing[..routing.len().min(ROUTING_PREFIX_BYTES)];
+    let mut record = Vec::with_capacity(2 + prefix.len() + ERASURE_BYTES);
+    record.push(TAG_ERASED);
+    record.push(prefix_len(prefix));
+    record.extend_from_slice(prefix);
+    let (cause, actor) = redaction.cause.encode();
+    record.extend_from_slice(&redaction.erased_at_ms.to_be_bytes());
+    record.push(cause);
+    record.extend_from_slice(&actor.to_be_bytes());
+    record
+}
+
+/// The size a record's content counts for in read budgets: the appended
+/// frame's length for a sealed record, the prefix's for a tombstone.
+pub fn content_len(record: &[u8]) -> usize {
+    match record.first() {
+        Some(&TAG_ERASED) => record.len().saturating_sub(2 + ERASURE_BYTES),
+        _ => record.len().saturating_sub(2 + NONCE_BYTES + TAG_BYTES),
+    }
+}
+
+/// Decodes a stored record without opening it.
+pub fn decode(record: &[u8]) -> Result<Record<'_>, OpenError> {
+    let (&tag, rest) = record.split_first().ok_or(OpenError::Malformed("empty record"))?;
+    let (&prefix, rest) = rest.split_first().ok_or(OpenError::Malformed("no prefix length"))?;
+    let prefix = usize::from(prefix);
+    if prefix > ROUTING_PREFIX_BYTES || rest.len() < prefix {
+        return Err(OpenError::Malformed("prefix length"));
+    }
+    let (routing, rest) = rest.split_at(prefix);
+    match tag {
+        TAG_SEALED => {
+            if rest.len() < NONCE_BYTES + TAG_BYTES {
+                return Err(OpenError::Malformed("sealed record too short"));
+            }
+            Ok(Record::Sealed { routing, sealed: rest })
+        }
+        TAG_ERASED => {
+            if rest.len() != ERASURE_BYTES {
+                return Err(OpenError::Malformed("erasure record length"));
+            }
+            let erased_at_ms = routing_u64(rest, 0).ok_or(OpenError::Malformed("erasure time"))?;
+            let actor = routing_u64(rest, 9).ok_or(OpenError::Malformed("erasure actor"))?;
+            let cause = ErasureCause::decode(rest[8], actor).ok_or(OpenError::Malformed("erasure cause"))?;
+            Ok(Record::Erased(Erasure {
+                routing: Bytes::copy_from_slice(routing),
+                redaction: Redaction { erased_at_ms, cause },
+            }))
+        }
+        _ => Err(OpenError::Malformed("unknown record tag")),
+    }
+}
+
+/// Opens a sealed record's parts with its key: the frame as appended.
+pub fn open(
+    key: &DataKey,
+    room_id: RoomId,
+    log_index: LogIndex,
+    routing: &[u8],
+    sealed: &[u8],
+) -> Result<Bytes, OpenError> {
+    let (nonce, rest) = sealed.split_at(NONCE_BYTES);
+    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_BYTES);
+    let mut frame = Vec::with_capacity(routing.len() + ciphertext.len());
+    frame.extend_from_slice(routing);
+    frame.extend_from_slice(ciphertext);
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            &aad(room_id, log_index, routing),
+            &mut frame[routing.len()..],
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| OpenError::Unauthentic)?;
+    Ok(Bytes::from(frame))
+}
+
+/// The clear routing prefix of a stored record of either kind.
+pub fn routing_of(record: &[u8]) -> Result<&[u8], OpenError> {
+    match decode(record)? {
+        Record::Sealed { routing, .. } => Ok(routing),
+        Record::Erased(_) => {
+            // Same position in both layouts.
+            let prefix = usize::from(record[1]);
+            Ok(&record[2..2 + prefix])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+
+    fn frame(bytes: usize) -> Vec<u8> {
+        (0..bytes).map(|i| u8::try_from(i % 251).unwrap()).collect()
+    }
+
+    fn open_record(
+        key: &DataKey,
+        room_id: RoomId,
+        log_index: LogIndex,
+        record: &[u8],
+    ) -> Result<Bytes, OpenError> {
+        match decode(record)? {
+            Record::Sealed { routing, sealed } => open(key, room_id, log_index, routing, sealed),
+            Record::Erased(_) => panic!("not sealed"),
+        }
+    }
+
+    #[test]
+    fn seal_and_open_round_trip_for_every_length_around_the_prefix() {
+        let mut rng = ChaCha20Rng::from_seed([7; 32]);
+        let room = RoomId([3; 16]);
+        for len in [0, 1, 63, 64, 65, 128, 1000] {
+            let plain = frame(len);
+            let (key, record) = seal(&mut rng, room, 9, &plain);
+            assert_eq!(open_record(&key, room, 9, &record).unwrap().as_ref(), plain.as_slice());
+            // Everything after the prefix is unreadable in the record.
+            if len > ROUTING_PREFIX_BYTES + 8 {
+                let content = &plain[ROUTING_PREFIX_BYTES..];
+                assert!(!record.windows(8).any(|w| w == &content[..8]));
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_does_not_open_elsewhere_or_altered_or_under_another_key() {
+        let mut rng = ChaCha20Rng::from_seed([8; 32]);
+        let room = RoomId([3; 16]);
+        let (key, record) = seal(&mut rng, room, 9, &frame(200));
+        assert_eq!(open_record(&key, room, 10, &record), Err(OpenError::Unauthentic));
+        assert_eq!(open_record(&key, RoomId([4; 16]), 9, &record), Err(OpenError::Unauthentic));
+        let other = DataKey::generate(&mut rng);
+        assert_eq!(open_record(&other, room, 9, &record), Err(OpenError::Unauthentic));
+        for at in [2, 40, 2 + ROUTING_PREFIX_BYTES + 3, record.len() - 1] {
+            let mut altered = record.clone();
+            altered[at] ^= 1;
+            assert_eq!(open_record(&key, room, 9, &altered), Err(OpenError::Unauthentic), "byte {at}");
+        }
+    }
+
+    #[test]
+    fn fresh_keys_and_nonces_for_every_entry() {
+        let mut rng = ChaCha20Rng::from_seed([9; 32]);
+        let room = RoomId([3; 16]);
+        let (key_a, record_a) = seal(&mut rng, room, 1, &frame(100));
+        let (key_b, record_b) = seal(&mut rng, room, 1, &frame(100));
+        assert_ne!(key_a, key_b);
+        assert_ne!(record_a, record_b);
+    }
+
+    #[test]
+    fn erasure_records_round_trip_and_keep_only_the_prefix() {
+        let plain = frame(300);
+        for cause in [
+            ErasureCause::Sender { actor: 5 },
+            ErasureCause::Moderator { actor: u64::MAX },
+            ErasureCause::Retention,
+        ] {
+            let redaction = Redaction { erased_at_ms: 1234, cause };
+            let record = erased_record(&plain, &redaction);
+            assert_eq!(record.len(), 2 + ROUTING_PREFIX_BYTES + ERASURE_BYTES);
+            match decode(&record).unwrap() {
+                Record::Erased(erasure) => {
+                    assert_eq!(erasure.routing.as_ref(), &plain[..ROUTING_PREFIX_BYTES]);
+                    assert_eq!(erasure.redaction, redaction);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(routing_of(&record).unwrap(), &plain[..ROUTING_PREFIX_BYTES]);
+        }
+    }
+
+    #[test]
+    fn malformed_records_are_typed_errors() {
+        assert!(matches!(decode(&[]), Err(OpenError::Malformed(_))));
+        assert!(matches!(decode(&[TAG_SEALED]), Err(OpenError::Malformed(_))));
+        assert!(matches!(decode(&[TAG_SEALED, 65]), Err(OpenError::Malformed(_))));
+        assert!(matches!(decode(&[TAG_SEALED, 0, 1, 2]), Err(OpenError::Malformed(_))));
+        assert!(matches!(decode(&[9, 0]), Err(OpenError::Malformed(_))));
+        let mut erased =
+            erased_record(&frame(10), &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention });
+        erased[2 + 10 + 8] = 77;
+        assert!(matches!(decode(&erased), Err(OpenError::Malformed(_))));
+    }
+}
