@@ -263,6 +263,27 @@ impl Store for SimDisk {
         self.write("redact", || self.store().redact(room_id, log_indices, redaction))
     }
 
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        self.write("redact_audited", || self.store().redact_audited(room_id, log_indices, redaction, event))
+    }
+
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError> {
+        self.write("set_retention_audited", || {
+            self.store().set_retention_audited(room_id, retention_ms, event)
+        })
+    }
+
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
         self.store().data_key(room_id, log_index)
     }

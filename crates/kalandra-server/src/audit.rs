@@ -57,6 +57,13 @@ pub enum AuditAction {
     GrantRole,
     /// A role was revoked.
     RevokeRole,
+    /// A log entry's content was erased (`room` and `log_index` name it,
+    /// `target` its sender).
+    Redact,
+    /// A room's retention period was set or changed (`retention_ms`).
+    SetRetention,
+    /// A room's retention period was removed.
+    ClearRetention,
 }
 
 /// What an act is about, before it is sealed into the chain.
@@ -80,8 +87,11 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// When a ban ends (ms since the Unix epoch); absent for a permanent ban.
     pub until_ms: Option<u64>,
-    /// Log index of the frame the act sequenced (a kick's Remove proposal).
+    /// Log index of the frame the act sequenced (a kick's Remove proposal)
+    /// or erased (a redaction).
     pub log_index: Option<u64>,
+    /// A room's retention period, ms (for [`AuditAction::SetRetention`]).
+    pub retention_ms: Option<u64>,
 }
 
 /// One record of the chain, exactly as hashed.
@@ -110,8 +120,12 @@ pub struct AuditRecord {
     pub reason: Option<String>,
     /// When a ban ends.
     pub until_ms: Option<u64>,
-    /// Log index of the frame the act sequenced.
+    /// Log index of the frame the act sequenced or erased.
     pub log_index: Option<u64>,
+    /// A room's retention period, ms. Absent from the encoding when `None`,
+    /// so records written before the field existed hash as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<u64>,
 }
 
 /// The chain's end: the last record's sequence number and hash.
@@ -155,6 +169,7 @@ impl AuditRecord {
             reason: event.reason.as_ref().map(|reason| truncate(reason, AUDIT_TEXT_BYTES_MAX)),
             until_ms: event.until_ms,
             log_index: event.log_index,
+            retention_ms: event.retention_ms,
         }
     }
 
@@ -364,7 +379,25 @@ mod tests {
             reason: Some(format!("reason {i}")),
             until_ms: None,
             log_index: Some(i),
+            retention_ms: None,
         }
+    }
+
+    /// Records written before `retention_ms` existed keep their encoding
+    /// (and so their hash); a record with it round-trips.
+    #[test]
+    fn retention_ms_is_encoded_only_when_present() {
+        let old = AuditRecord::seal(&event(1), 1, &GENESIS_HASH);
+        let encoded = old.encode().unwrap();
+        assert!(!encoded.windows(12).any(|window| window == b"retention_ms"));
+        assert_eq!(AuditRecord::decode(&encoded).unwrap(), old);
+        let mut set = event(2);
+        set.action = AuditAction::SetRetention;
+        set.retention_ms = Some(86_400_000);
+        let record = AuditRecord::seal(&set, 2, &old.hash().unwrap());
+        let decoded = AuditRecord::decode(&record.encode().unwrap()).unwrap();
+        assert_eq!(decoded.retention_ms, Some(86_400_000));
+        assert_eq!(decoded, record);
     }
 
     fn chain(count: u64) -> (Vec<AuditRecord>, Option<AuditHead>) {

@@ -466,7 +466,7 @@ impl Listener {
                 return error_frame(room_id, request_id, ErrorCode::MalformedPayload, &error.to_string());
             }
         };
-        match self.node.member_redact(room_id, redact.log_index, sender).await {
+        match self.node.member_redact(room_id, redact.log_index, sender, &redact.reason).await {
             Ok(report) => {
                 let ack = kalandra_proto::payload::Ack {
                     log_index: report.log_index,

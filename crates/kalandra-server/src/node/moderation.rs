@@ -226,6 +226,7 @@ fn audit_event(request: &ModerationRequest, now_ms: u64) -> AuditEvent {
         reason: (!request.reason.is_empty()).then(|| request.reason.clone()),
         until_ms,
         log_index: None,
+        retention_ms: None,
     }
 }
 
@@ -470,6 +471,7 @@ impl<G: PersistentGroup> Shard<G> {
                     reason: None,
                     until_ms: None,
                     log_index: None,
+                    retention_ms: None,
                 };
                 let change = ModerationChange::SetBan { room_id, user_id: user.0, ban: None };
                 // With the queue full the ended ban stays stored; it is no

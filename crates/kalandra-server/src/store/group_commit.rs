@@ -721,6 +721,23 @@ mod tests {
         ) -> Result<Vec<RedactOutcome>, RedactError> {
             self.inner.redact(room_id, log_indices, redaction)
         }
+        fn redact_audited(
+            &self,
+            room_id: RoomId,
+            log_indices: &[LogIndex],
+            redaction: &Redaction,
+            event: &crate::audit::AuditEvent,
+        ) -> Result<(Vec<RedactOutcome>, Option<crate::audit::AuditRecord>), RedactError> {
+            self.inner.redact_audited(room_id, log_indices, redaction, event)
+        }
+        fn set_retention_audited(
+            &self,
+            room_id: RoomId,
+            retention_ms: Option<u64>,
+            event: &crate::audit::AuditEvent,
+        ) -> Result<crate::audit::AuditRecord, RetentionError> {
+            self.inner.set_retention_audited(room_id, retention_ms, event)
+        }
         fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
             self.inner.data_key(room_id, log_index)
         }

@@ -99,6 +99,99 @@ impl MemoryStore {
         }
     }
 
+    /// [`Store::redact`], appending `event` to the audit log when
+    /// something was erased; all or nothing.
+    fn redact_in(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: Option<&AuditEvent>,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        let mut state = self.lock()?;
+        validate_redaction(room_id, log_indices, state.head(room_id))?;
+        // Sealed before anything changes, so that a record that cannot be
+        // sealed leaves everything as it was.
+        let sealed = event.map(|event| seal_audit(state.audit_head, event)).transpose()?;
+        // Check everything before changing anything: all or nothing.
+        let mut tombstones: Vec<Option<Vec<u8>>> = Vec::with_capacity(log_indices.len());
+        for &log_index in log_indices {
+            let record = state.log.get(&(room_id, log_index)).ok_or_else(|| {
+                InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
+            })?;
+            let tombstone = match sealing::decode(record) {
+                Ok(Record::Erased(_)) => None,
+                Ok(Record::Sealed { routing, .. }) => {
+                    if !state.keys.contains_key(&(room_id, log_index)) {
+                        return Err(InvariantViolation(format!(
+                            "room {room_id} index {log_index}: sealed record without its data key"
+                        ))
+                        .into());
+                    }
+                    Some(sealing::erased_record(routing, redaction))
+                }
+                Err(error) => {
+                    return Err(
+                        InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into()
+                    )
+                }
+            };
+            tombstones.push(tombstone);
+        }
+        let mut outcomes = Vec::with_capacity(log_indices.len());
+        for (&log_index, tombstone) in log_indices.iter().zip(tombstones) {
+            // An index repeated in one call is erased by its first occurrence.
+            match tombstone {
+                Some(tombstone) if state.keys.remove(&(room_id, log_index)).is_some() => {
+                    state.log.insert((room_id, log_index), Bytes::from(tombstone));
+                    outcomes.push(RedactOutcome::Erased);
+                }
+                _ => outcomes.push(RedactOutcome::AlreadyErased),
+            }
+        }
+        let record = match sealed {
+            Some((record, encoded, head)) if outcomes.contains(&RedactOutcome::Erased) => {
+                state.audit.insert(head.seq, Bytes::from(encoded));
+                state.audit_head = Some(head);
+                Some(record)
+            }
+            _ => None,
+        };
+        Ok((outcomes, record))
+    }
+
+    /// [`Store::set_retention`], appending `event` (if any) to the audit
+    /// log; all or nothing.
+    fn set_retention_in(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: Option<&AuditEvent>,
+    ) -> Result<Option<AuditRecord>, RetentionError> {
+        if let Some(retention_ms) = retention_ms {
+            validate_retention_period(retention_ms)?;
+        }
+        let mut state = self.lock()?;
+        if !state.heads.contains_key(&room_id) {
+            return Err(RetentionError::UnknownRoom { room_id });
+        }
+        let sealed = event.map(|event| seal_audit(state.audit_head, event)).transpose()?;
+        match retention_ms {
+            Some(retention_ms) => {
+                let swept = state.retention.get(&room_id).map_or(0, |(_, swept)| *swept);
+                state.retention.insert(room_id, (retention_ms, swept));
+            }
+            None => {
+                state.retention.remove(&room_id);
+            }
+        }
+        Ok(sealed.map(|(record, encoded, head)| {
+            state.audit.insert(head.seq, Bytes::from(encoded));
+            state.audit_head = Some(head);
+            record
+        }))
+    }
+
     /// Locks the state. A poisoned lock means a panic interrupted an update,
     /// so the state may be inconsistent: reported as an invariant violation.
     fn lock(&self) -> Result<MutexGuard<'_, State>, InvariantViolation> {
@@ -178,45 +271,17 @@ impl Store for MemoryStore {
         log_indices: &[LogIndex],
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError> {
-        let mut state = self.lock()?;
-        validate_redaction(room_id, log_indices, state.head(room_id))?;
-        // Check everything before changing anything: all or nothing.
-        let mut tombstones: Vec<Option<Vec<u8>>> = Vec::with_capacity(log_indices.len());
-        for &log_index in log_indices {
-            let record = state.log.get(&(room_id, log_index)).ok_or_else(|| {
-                InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
-            })?;
-            let tombstone = match sealing::decode(record) {
-                Ok(Record::Erased(_)) => None,
-                Ok(Record::Sealed { routing, .. }) => {
-                    if !state.keys.contains_key(&(room_id, log_index)) {
-                        return Err(InvariantViolation(format!(
-                            "room {room_id} index {log_index}: sealed record without its data key"
-                        ))
-                        .into());
-                    }
-                    Some(sealing::erased_record(routing, redaction))
-                }
-                Err(error) => {
-                    return Err(
-                        InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into()
-                    )
-                }
-            };
-            tombstones.push(tombstone);
-        }
-        let mut outcomes = Vec::with_capacity(log_indices.len());
-        for (&log_index, tombstone) in log_indices.iter().zip(tombstones) {
-            // An index repeated in one call is erased by its first occurrence.
-            match tombstone {
-                Some(tombstone) if state.keys.remove(&(room_id, log_index)).is_some() => {
-                    state.log.insert((room_id, log_index), Bytes::from(tombstone));
-                    outcomes.push(RedactOutcome::Erased);
-                }
-                _ => outcomes.push(RedactOutcome::AlreadyErased),
-            }
-        }
-        Ok(outcomes)
+        self.redact_in(room_id, log_indices, redaction, None).map(|(outcomes, _)| outcomes)
+    }
+
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        self.redact_in(room_id, log_indices, redaction, Some(event))
     }
 
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
@@ -224,23 +289,17 @@ impl Store for MemoryStore {
     }
 
     fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
-        if let Some(retention_ms) = retention_ms {
-            validate_retention_period(retention_ms)?;
-        }
-        let mut state = self.lock()?;
-        if !state.heads.contains_key(&room_id) {
-            return Err(RetentionError::UnknownRoom { room_id });
-        }
-        match retention_ms {
-            Some(retention_ms) => {
-                let swept = state.retention.get(&room_id).map_or(0, |(_, swept)| *swept);
-                state.retention.insert(room_id, (retention_ms, swept));
-            }
-            None => {
-                state.retention.remove(&room_id);
-            }
-        }
-        Ok(())
+        self.set_retention_in(room_id, retention_ms, None).map(|_| ())
+    }
+
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError> {
+        let record = self.set_retention_in(room_id, retention_ms, Some(event))?;
+        record.ok_or_else(|| InvariantViolation("no audit record for a retention change".into()).into())
     }
 
     fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {

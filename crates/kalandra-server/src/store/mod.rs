@@ -833,6 +833,18 @@ pub trait Store: Send + Sync + 'static {
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError>;
 
+    /// [`Store::redact`] with an audit record: when this call erases at
+    /// least one entry, `event` is appended to the audit log, chained to the
+    /// current head, in the same durable transaction, and returned. A call
+    /// that erases nothing (every entry already erased) appends nothing.
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError>;
+
     /// The data key of an entry, `None` once erased (or if absent). Meant
     /// for verifying erasure (tests, audits); the server never needs it.
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError>;
@@ -840,6 +852,16 @@ pub trait Store: Send + Sync + 'static {
     /// Sets (`Some`) or removes (`None`) the room's retention period. The
     /// sweep position is kept when a period is replaced.
     fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError>;
+
+    /// [`Store::set_retention`] with an audit record: `event` is appended
+    /// to the audit log in the same durable transaction and returned. A
+    /// refused change appends nothing.
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError>;
 
     /// The room's retention setting, if it has one.
     fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError>;

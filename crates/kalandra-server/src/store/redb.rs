@@ -323,6 +323,125 @@ impl RedbStore {
         Ok(CompactReport { bytes_before, bytes_after, rows })
     }
 
+    /// [`Store::redact`], appending `event` to the audit log in the same
+    /// transaction when something was erased.
+    fn redact_in(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: Option<&AuditEvent>,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        const OP: &str = "redact";
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            let next_log_index = heads.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            validate_redaction(room_id, log_indices, next_log_index)?;
+            let mut log = txn.open_table(LOG).map_err(failed(OP))?;
+            let mut keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
+            let mut outcomes = Vec::with_capacity(log_indices.len());
+            for &log_index in log_indices {
+                let key = log_key(room_id, log_index);
+                let tombstone = {
+                    let record = log.get(&key).map_err(failed(OP))?.ok_or_else(|| {
+                        InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
+                    })?;
+                    let record = record.value();
+                    match sealing::decode(record) {
+                        Ok(Record::Erased(_)) => None,
+                        Ok(Record::Sealed { routing, .. }) => {
+                            Some(sealing::erased_record(routing, redaction))
+                        }
+                        Err(error) => {
+                            return Err(InvariantViolation(format!(
+                                "room {room_id} index {log_index}: {error}"
+                            ))
+                            .into())
+                        }
+                    }
+                };
+                match tombstone {
+                    None => outcomes.push(RedactOutcome::AlreadyErased),
+                    Some(tombstone) => {
+                        let removed = keys.remove(&key).map_err(failed(OP))?.is_some();
+                        if !removed {
+                            return Err(InvariantViolation(format!(
+                                "room {room_id} index {log_index}: sealed record without its data key"
+                            ))
+                            .into());
+                        }
+                        log.insert(&key, tombstone.as_slice()).map_err(failed(OP))?;
+                        outcomes.push(RedactOutcome::Erased);
+                    }
+                }
+            }
+            let record = match event {
+                Some(event) if outcomes.contains(&RedactOutcome::Erased) => {
+                    Some(append_audit::<RedactError>(&txn, event, OP)?)
+                }
+                _ => None,
+            };
+            Ok((outcomes, record))
+        })();
+        match outcome {
+            Ok((outcomes, record)) if outcomes.contains(&RedactOutcome::Erased) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok((outcomes, record))
+            }
+            Ok((outcomes, record)) => {
+                abort(txn, OP)?;
+                Ok((outcomes, record))
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
+    /// [`Store::set_retention`], appending `event` (if any) to the audit
+    /// log in the same transaction.
+    fn set_retention_in(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: Option<&AuditEvent>,
+    ) -> Result<Option<AuditRecord>, RetentionError> {
+        const OP: &str = "set_retention";
+        if let Some(retention_ms) = retention_ms {
+            validate_retention_period(retention_ms)?;
+        }
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<Option<AuditRecord>, RetentionError> {
+            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
+            if heads.get(&room_id.0).map_err(failed(OP))?.is_none() {
+                return Err(RetentionError::UnknownRoom { room_id });
+            }
+            let mut table = txn.open_table(RETENTION).map_err(failed(OP))?;
+            match retention_ms {
+                Some(retention_ms) => {
+                    let swept = table.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value().1);
+                    table.insert(&room_id.0, (retention_ms, swept)).map_err(failed(OP))?;
+                }
+                None => {
+                    table.remove(&room_id.0).map_err(failed(OP))?;
+                }
+            }
+            event.map(|event| append_audit(&txn, event, OP)).transpose()
+        })();
+        match outcome {
+            Ok(record) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(record)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
     fn begin_write(&self, operation: &'static str) -> Result<WriteTransaction, StorageFailure> {
         let mut txn = self.db.begin_write().map_err(failed(operation))?;
         txn.set_durability(Durability::Immediate).map_err(failed(operation))?;
@@ -332,6 +451,24 @@ impl RedbStore {
     fn begin_read(&self, operation: &'static str) -> Result<ReadTransaction, StorageFailure> {
         self.db.begin_read().map_err(failed(operation))
     }
+}
+
+/// Appends `event` to the audit log inside `txn`, chained to the head.
+fn append_audit<E: From<StorageFailure> + From<InvariantViolation>>(
+    txn: &WriteTransaction,
+    event: &AuditEvent,
+    operation: &'static str,
+) -> Result<AuditRecord, E> {
+    let mut heads = txn.open_table(AUDIT_HEAD).map_err(failed(operation))?;
+    let head = read_head(heads.get(AUDIT_HEAD_KEY).map_err(failed(operation))?.map(|guard| {
+        let (seq, hash) = guard.value();
+        (seq, hash.to_vec())
+    }))?;
+    let (record, encoded, head) = seal_audit(head, event)?;
+    let mut audit = txn.open_table(AUDIT).map_err(failed(operation))?;
+    audit.insert(head.seq, encoded.as_slice()).map_err(failed(operation))?;
+    heads.insert(AUDIT_HEAD_KEY, (head.seq, head.hash.as_slice())).map_err(failed(operation))?;
+    Ok(record)
 }
 
 fn read_head(stored: Option<(u64, Vec<u8>)>) -> Result<Option<AuditHead>, InvariantViolation> {
@@ -529,66 +666,17 @@ impl Store for RedbStore {
         log_indices: &[LogIndex],
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError> {
-        const OP: &str = "redact";
-        let txn = self.begin_write(OP)?;
-        let outcome = (|| -> Result<Vec<RedactOutcome>, RedactError> {
-            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
-            let next_log_index = heads.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
-            validate_redaction(room_id, log_indices, next_log_index)?;
-            let mut log = txn.open_table(LOG).map_err(failed(OP))?;
-            let mut keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
-            let mut outcomes = Vec::with_capacity(log_indices.len());
-            for &log_index in log_indices {
-                let key = log_key(room_id, log_index);
-                let tombstone = {
-                    let record = log.get(&key).map_err(failed(OP))?.ok_or_else(|| {
-                        InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
-                    })?;
-                    let record = record.value();
-                    match sealing::decode(record) {
-                        Ok(Record::Erased(_)) => None,
-                        Ok(Record::Sealed { routing, .. }) => {
-                            Some(sealing::erased_record(routing, redaction))
-                        }
-                        Err(error) => {
-                            return Err(InvariantViolation(format!(
-                                "room {room_id} index {log_index}: {error}"
-                            ))
-                            .into())
-                        }
-                    }
-                };
-                match tombstone {
-                    None => outcomes.push(RedactOutcome::AlreadyErased),
-                    Some(tombstone) => {
-                        let removed = keys.remove(&key).map_err(failed(OP))?.is_some();
-                        if !removed {
-                            return Err(InvariantViolation(format!(
-                                "room {room_id} index {log_index}: sealed record without its data key"
-                            ))
-                            .into());
-                        }
-                        log.insert(&key, tombstone.as_slice()).map_err(failed(OP))?;
-                        outcomes.push(RedactOutcome::Erased);
-                    }
-                }
-            }
-            Ok(outcomes)
-        })();
-        match outcome {
-            Ok(outcomes) if outcomes.contains(&RedactOutcome::Erased) => {
-                txn.commit().map_err(failed(OP))?;
-                Ok(outcomes)
-            }
-            Ok(outcomes) => {
-                abort(txn, OP)?;
-                Ok(outcomes)
-            }
-            Err(error) => {
-                let _ = abort(txn, OP);
-                Err(error)
-            }
-        }
+        self.redact_in(room_id, log_indices, redaction, None).map(|(outcomes, _)| outcomes)
+    }
+
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        self.redact_in(room_id, log_indices, redaction, Some(event))
     }
 
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
@@ -600,35 +688,17 @@ impl Store for RedbStore {
     }
 
     fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
-        const OP: &str = "set_retention";
-        if let Some(retention_ms) = retention_ms {
-            validate_retention_period(retention_ms)?;
-        }
-        let txn = self.begin_write(OP)?;
-        let outcome = (|| -> Result<(), RetentionError> {
-            let heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
-            if heads.get(&room_id.0).map_err(failed(OP))?.is_none() {
-                return Err(RetentionError::UnknownRoom { room_id });
-            }
-            let mut table = txn.open_table(RETENTION).map_err(failed(OP))?;
-            match retention_ms {
-                Some(retention_ms) => {
-                    let swept = table.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value().1);
-                    table.insert(&room_id.0, (retention_ms, swept)).map_err(failed(OP))?;
-                }
-                None => {
-                    table.remove(&room_id.0).map_err(failed(OP))?;
-                }
-            }
-            Ok(())
-        })();
-        match outcome {
-            Ok(()) => txn.commit().map_err(failed(OP)).map_err(Into::into),
-            Err(error) => {
-                let _ = abort(txn, OP);
-                Err(error)
-            }
-        }
+        self.set_retention_in(room_id, retention_ms, None).map(|_| ())
+    }
+
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError> {
+        let record = self.set_retention_in(room_id, retention_ms, Some(event))?;
+        record.ok_or_else(|| InvariantViolation("no audit record for a retention change".into()).into())
     }
 
     fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
@@ -1063,16 +1133,7 @@ impl Store for RedbStore {
                     }
                 }
             }
-            let mut heads = txn.open_table(AUDIT_HEAD).map_err(failed(OP))?;
-            let head = read_head(heads.get(AUDIT_HEAD_KEY).map_err(failed(OP))?.map(|guard| {
-                let (seq, hash) = guard.value();
-                (seq, hash.to_vec())
-            }))?;
-            let (record, encoded, head) = seal_audit(head, event)?;
-            let mut audit = txn.open_table(AUDIT).map_err(failed(OP))?;
-            audit.insert(head.seq, encoded.as_slice()).map_err(failed(OP))?;
-            heads.insert(AUDIT_HEAD_KEY, (head.seq, head.hash.as_slice())).map_err(failed(OP))?;
-            Ok(record)
+            append_audit(&txn, event, OP)
         })();
         match outcome {
             Ok(record) => {

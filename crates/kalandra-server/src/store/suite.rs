@@ -692,6 +692,7 @@ macro_rules! store_suite {
             case!(redact_erases_content_and_keeps_the_index);
             case!(redact_refuses_without_erasing_anything);
             case!(retention_settings);
+            case!(audited_redaction_and_retention_extend_the_chain);
         }
     };
 }
@@ -710,6 +711,7 @@ pub(crate) fn moderation_state_and_audit_chain<S: Store>(store: &S) {
         reason: None,
         until_ms: None,
         log_index: None,
+        retention_ms: None,
     };
     assert_eq!(store.audit_head().unwrap(), None);
     assert_eq!(store.room_moderation(room(1)).unwrap(), RoomModeration::default());
@@ -753,6 +755,71 @@ pub(crate) fn moderation_state_and_audit_chain<S: Store>(store: &S) {
     assert_eq!(audit::verify(&decoded, head).unwrap().records, 7);
     assert_eq!(store.audit_records(5, 1).unwrap().len(), 1);
     assert!(store.audit_records(7, 10).unwrap().is_empty());
+}
+
+pub(crate) fn audited_redaction_and_retention_extend_the_chain<S: Store>(store: &S) {
+    use crate::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
+    let event = |action, log_index, retention_ms| AuditEvent {
+        time_ms: 9,
+        actor_kind: ActorKind::Operator,
+        actor_id: None,
+        action,
+        room: Some(room(1).to_string()),
+        target: None,
+        role: None,
+        reason: None,
+        until_ms: None,
+        log_index,
+        retention_ms,
+    };
+    let (a, b) = (room(1), room(2));
+    let redact = event(AuditAction::Redact, Some(1), None);
+    // Refused calls append nothing.
+    assert!(matches!(
+        store.redact_audited(a, &[1], &redaction(3), &redact),
+        Err(RedactError::UnknownRoom { .. })
+    ));
+    let set = event(AuditAction::SetRetention, None, Some(60_000));
+    assert!(matches!(
+        store.set_retention_audited(a, Some(60_000), &set),
+        Err(RetentionError::UnknownRoom { .. })
+    ));
+    store.append_batch(&long_entries(a, 0..3)).unwrap();
+    store.append_batch(&long_entries(b, 0..1)).unwrap();
+    assert!(matches!(
+        store.redact_audited(a, &[3], &redaction(3), &redact),
+        Err(RedactError::IndexOutOfRange { .. })
+    ));
+    let short = event(AuditAction::SetRetention, None, Some(RETENTION_MS_MIN - 1));
+    assert!(store.set_retention_audited(a, Some(RETENTION_MS_MIN - 1), &short).is_err());
+    assert_eq!(store.audit_head().unwrap(), None, "nothing was audited");
+
+    let (outcomes, first) = store.redact_audited(a, &[1], &redaction(3), &redact).unwrap();
+    assert_eq!(outcomes, vec![RedactOutcome::Erased]);
+    let first = first.expect("an erasure is audited");
+    assert_eq!((first.seq, first.action, first.log_index), (0, AuditAction::Redact, Some(1)));
+    assert!(store.data_key(a, 1).unwrap().is_none());
+    // Erasing it again erases nothing and audits nothing.
+    let (outcomes, again) = store.redact_audited(a, &[1], &redaction(4), &redact).unwrap();
+    assert_eq!((outcomes, again), (vec![RedactOutcome::AlreadyErased], None));
+    let record = store.set_retention_audited(a, Some(60_000), &set).unwrap();
+    assert_eq!((record.seq, record.retention_ms), (1, Some(60_000)));
+    assert_eq!(store.retention(a).unwrap().map(|r| r.retention_ms), Some(60_000));
+    let clear = event(AuditAction::ClearRetention, None, None);
+    assert_eq!(store.set_retention_audited(a, None, &clear).unwrap().seq, 2);
+    assert_eq!(store.retention(a).unwrap(), None);
+    // A moderation act continues the same chain.
+    let kick = event(AuditAction::Kick, None, None);
+    assert_eq!(store.record_moderation(&ModerationChange::None, &kick).unwrap().seq, 3);
+
+    let records: Vec<AuditRecord> = store
+        .audit_records(0, 10)
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| AuditRecord::decode(bytes).unwrap())
+        .collect();
+    assert_eq!(records[0], first);
+    assert_eq!(audit::verify(&records, store.audit_head().unwrap()).unwrap().records, 4);
 }
 
 store_suite!(memory_store, (MemoryStore::new(), ()));
