@@ -1,6 +1,6 @@
 //! The operator's admin API (HTTP, JSON) on the admin listener: rooms,
-//! members, roles, kick, ban, unban, and the audit log's export and
-//! verification. Described by an OpenAPI 3 document at `/openapi.json`
+//! members, roles, kick, ban, unban, redaction of a log entry, a room's
+//! retention period, and the audit log's export and verification. Described by an OpenAPI 3 document at `/openapi.json`
 //! (`docs/openapi.json`), which lists exactly the routes of [`ROUTES`].
 //!
 //! Every request under `/v1/` carries `Authorization: Bearer <token>`. The
@@ -10,11 +10,11 @@
 //!
 //! | status | code | when |
 //! |---|---|---|
-//! | 400 | `malformed_request` | a bad id, body, query, role name or reason |
+//! | 400 | `malformed_request` | a bad id, body, query, role name, reason or retention period |
 //! | 401 | `unauthorized` | no token, or not a configured token |
 //! | 403 | `insufficient_scope` | the read-only token asked for a change |
-//! | 404 | `unknown_room`, `unknown_member` | no such room; a kick of a non-member |
-//! | 409 | `removal_pending`, `not_banned`, `role_held`, `role_not_held`, `admin_role_fixed`, `limit_reached` | the room's state does not allow the act |
+//! | 404 | `unknown_room`, `unknown_member`, `unknown_log_index` | no such room; a kick of a non-member; an index beyond the room's log |
+//! | 409 | `removal_pending`, `not_banned`, `role_held`, `role_not_held`, `admin_role_fixed`, `limit_reached`, `not_erasable` | the room's state does not allow the act; a handshake frame, which is never erased |
 //! | 429 | `busy` | too many moderation acts in progress |
 //! | 503 | `not_ready`, `storage_unavailable`, `shutting_down` | the server cannot act now |
 
@@ -32,10 +32,11 @@ use sha2::{Digest, Sha256};
 
 use crate::admin::AdminState;
 use crate::audit::{self, AuditExport, AuditRecord, AuditVerifier, ExportedHead, AUDIT_PAGE_RECORDS_MAX};
+use crate::erasure::{RedactAuthority, RedactError};
 use crate::moderation::{Act, Actor, ModerationError, Role};
 use crate::node::{ModerationFailure, ModerationRequest, Node, RoomInfo, ROOMS_LIST_MAX};
 use crate::sequencer::SubmitError;
-use crate::store::Store;
+use crate::store::{RedactOutcome, RetentionError, Store};
 
 /// Largest request body the admin API reads.
 pub const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
@@ -68,6 +69,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/rooms/{room_id}/kick"),
     ("POST", "/v1/rooms/{room_id}/bans"),
     ("DELETE", "/v1/rooms/{room_id}/bans/{user_id}"),
+    ("POST", "/v1/rooms/{room_id}/redact"),
+    ("GET", "/v1/rooms/{room_id}/retention"),
+    ("PUT", "/v1/rooms/{room_id}/retention"),
+    ("DELETE", "/v1/rooms/{room_id}/retention"),
     ("GET", "/v1/audit/export"),
     ("GET", "/v1/audit/verify"),
 ];
@@ -209,6 +214,37 @@ impl From<ModerationFailure> for ApiError {
     }
 }
 
+impl From<RedactError> for ApiError {
+    fn from(error: RedactError) -> ApiError {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            RedactError::UnknownRoom { .. } => (StatusCode::NOT_FOUND, "unknown_room"),
+            RedactError::UnknownLogIndex { .. } => (StatusCode::NOT_FOUND, "unknown_log_index"),
+            RedactError::NotErasable { .. } => (StatusCode::CONFLICT, "not_erasable"),
+            // The operator's authority covers every sender: not reached.
+            RedactError::NotSender { .. } => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            RedactError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            RedactError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<RetentionError> for ApiError {
+    fn from(error: RetentionError) -> ApiError {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            RetentionError::UnknownRoom { .. } => (StatusCode::NOT_FOUND, "unknown_room"),
+            RetentionError::PeriodTooShort { .. } => (StatusCode::BAD_REQUEST, "malformed_request"),
+            RetentionError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            RetentionError::SweepPosition { .. } | RetentionError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
 fn json<T: Serialize>(value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
@@ -293,6 +329,7 @@ pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
     let filter = match method {
         "GET" => MethodFilter::GET,
         "POST" => MethodFilter::POST,
+        "PUT" => MethodFilter::PUT,
         "DELETE" => MethodFilter::DELETE,
         _ => return None,
     };
@@ -306,6 +343,10 @@ pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         ("POST", "/v1/rooms/{room_id}/kick") => on(filter, kick),
         ("POST", "/v1/rooms/{room_id}/bans") => on(filter, ban),
         ("DELETE", "/v1/rooms/{room_id}/bans/{user_id}") => on(filter, unban),
+        ("POST", "/v1/rooms/{room_id}/redact") => on(filter, redact),
+        ("GET", "/v1/rooms/{room_id}/retention") => on(filter, show_retention),
+        ("PUT", "/v1/rooms/{room_id}/retention") => on(filter, set_retention),
+        ("DELETE", "/v1/rooms/{room_id}/retention") => on(filter, clear_retention),
         ("GET", "/v1/audit/export") => on(filter, audit_export),
         ("GET", "/v1/audit/verify") => on(filter, audit_verify),
         _ => return None,
@@ -653,6 +694,154 @@ async fn unban(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Body of `POST /v1/rooms/{room_id}/redact`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactBody {
+    /// The entry's log index.
+    pub log_index: u64,
+    /// Why, for the audit log.
+    pub reason: Option<String>,
+}
+
+/// The answer to `POST /v1/rooms/{room_id}/redact`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedactDone {
+    /// The erased entry.
+    pub log_index: u64,
+    /// The entry's MLS epoch.
+    pub epoch: u64,
+    /// When its content was erased (now, or the earlier erasure's time).
+    pub erased_at_ms: u64,
+    /// `erased` (by this request) or `already_erased` (nothing done).
+    pub outcome: String,
+    /// The audit record of the erasure (absent when already erased).
+    pub audit: Option<AuditRecord>,
+}
+
+async fn redact(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        let api = api(&state)?;
+        api.authorize(&headers, Scope::Operator)?;
+        let room_id = parse_room(&room)?;
+        let body: RedactBody = parse_body(&headers, &body)?;
+        let reason = parse_reason(body.reason)?;
+        let authority = RedactAuthority::Operator;
+        let report =
+            api.node.redact_with_reason(room_id, body.log_index, SenderId(0), authority, &reason).await?;
+        let outcome = match report.outcome {
+            RedactOutcome::Erased => "erased",
+            RedactOutcome::AlreadyErased => "already_erased",
+        };
+        Ok::<_, ApiError>(json(&RedactDone {
+            log_index: report.log_index,
+            epoch: report.epoch,
+            erased_at_ms: report.erased_at_ms,
+            outcome: outcome.to_owned(),
+            audit: report.audit,
+        }))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/rooms/{room_id}/retention`, and the answer to changing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionView {
+    /// The room.
+    pub room_id: String,
+    /// Entries older than this (ms) are erased; absent: kept until redacted.
+    pub retention_ms: Option<u64>,
+    /// Entries below this index have been swept (absent without a period).
+    pub swept_next_log_index: Option<u64>,
+    /// The audit record of the change (only in the answer to a change).
+    pub audit: Option<AuditRecord>,
+}
+
+/// Body of `PUT /v1/rooms/{room_id}/retention`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionBody {
+    /// The period, ms (at least the server's minimum).
+    pub retention_ms: u64,
+}
+
+/// The room's retention view, after checking the room exists.
+async fn retention_of(api: &AdminApi, room_id: RoomId) -> Result<RetentionView, ApiError> {
+    if api.node.room_info(room_id).await.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_room", format!("no room {room_id}")));
+    }
+    let retention = api.node.retention(room_id).await?;
+    Ok(RetentionView {
+        room_id: room_id.to_string(),
+        retention_ms: retention.map(|r| r.retention_ms),
+        swept_next_log_index: retention.map(|r| r.swept_next_log_index),
+        audit: None,
+    })
+}
+
+async fn show_retention(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Response {
+    let result = async {
+        let api = api(&state)?;
+        api.authorize(&headers, Scope::Read)?;
+        let view = retention_of(api, parse_room(&room)?).await?;
+        Ok::<_, ApiError>(json(&view))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn change_retention(
+    api: &AdminApi,
+    room_id: RoomId,
+    retention_ms: Option<u64>,
+) -> Result<Response, ApiError> {
+    let record = api.node.set_retention(room_id, retention_ms).await?;
+    let mut view = retention_of(api, room_id).await?;
+    view.audit = Some(record);
+    Ok(json(&view))
+}
+
+async fn set_retention(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        let api = api(&state)?;
+        api.authorize(&headers, Scope::Operator)?;
+        let room_id = parse_room(&room)?;
+        let body: RetentionBody = parse_body(&headers, &body)?;
+        change_retention(api, room_id, Some(body.retention_ms)).await
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn clear_retention(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Response {
+    let result = async {
+        let api = api(&state)?;
+        api.authorize(&headers, Scope::Operator)?;
+        change_retention(api, parse_room(&room)?, None).await
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
 /// Reads the whole audit log (at most [`AUDIT_EXPORT_RECORDS_MAX`] records
 /// from `from`) with its head.
 pub fn export_audit(store: &dyn Store, from: u64, limit: usize) -> Result<AuditExport, String> {
@@ -801,6 +990,40 @@ mod tests {
         for (failure, status, code) in cases {
             let error = ApiError::from(failure.clone());
             assert_eq!((error.status.as_u16(), error.code), (status, code), "{failure:?}");
+            assert!(codes.as_array().unwrap().iter().any(|c| c == code), "{code} is documented");
+        }
+    }
+
+    #[test]
+    fn every_erasure_failure_has_a_status_and_a_stable_code() {
+        let room_id = RoomId([1; 16]);
+        let violation = crate::store::InvariantViolation("bug".into());
+        let failure = crate::store::StorageFailure::new("redact", std::io::Error::other("disk"));
+        let redactions = [
+            (RedactError::UnknownRoom { room_id }, 404, "unknown_room"),
+            (RedactError::UnknownLogIndex { log_index: 9, next_log_index: 3 }, 404, "unknown_log_index"),
+            (RedactError::NotErasable { log_index: 0, opcode: 0x0100 }, 409, "not_erasable"),
+            (RedactError::Storage("disk".into()), 503, "storage_unavailable"),
+            (RedactError::Internal("bug".into()), 500, "internal"),
+        ];
+        let retentions = [
+            (RetentionError::UnknownRoom { room_id }, 404, "unknown_room"),
+            (
+                RetentionError::PeriodTooShort { retention_ms: 1, retention_ms_min: 2 },
+                400,
+                "malformed_request",
+            ),
+            (RetentionError::Storage(failure), 503, "storage_unavailable"),
+            (RetentionError::Internal(violation), 500, "internal"),
+        ];
+        let documented: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        let codes = documented["components"]["schemas"]["Error"]["properties"]["code"]["enum"].clone();
+        let answers = redactions
+            .into_iter()
+            .map(|(error, status, code)| (ApiError::from(error), status, code))
+            .chain(retentions.into_iter().map(|(error, status, code)| (ApiError::from(error), status, code)));
+        for (error, status, code) in answers {
+            assert_eq!((error.status.as_u16(), error.code), (status, code), "{error:?}");
             assert!(codes.as_array().unwrap().iter().any(|c| c == code), "{code} is documented");
         }
     }

@@ -489,3 +489,82 @@ async fn a_moderator_being_removed_or_removed_moderates_no_more() {
     assert!(!info.members.contains(&bob_id) && info.members.contains(&carol_id));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderators_redact_any_message_and_members_only_their_own() {
+    use kalandra_server::audit::{self, ActorKind, AuditAction, AuditRecord};
+    use kalandra_server::store::{EntryContent, ErasureCause};
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+    let (alice_id, bob_id, carol_id) = (alice.sender(), bob.sender(), carol.sender());
+    let bobs: Ack = decode_ok(&bob.send_text("bob's message").await);
+    let carols: Ack = decode_ok(&carol.send_text("carol's message").await);
+    let alices: Ack = decode_ok(&alice.send_text("alice's message").await);
+    let redact = |log_index| Redact { log_index, reason: "cleanup".into() };
+    let store = server.node.store();
+
+    // A plain member may not redact someone else's message: nothing is erased.
+    assert_eq!(code(&carol.request(&redact(bobs.log_index)).await), ErrorCode::Forbidden);
+    assert!(store.data_key(ROOM, bobs.log_index).unwrap().is_some(), "still readable");
+    // Her own, she may.
+    let own: Ack = decode_ok(&carol.request(&redact(carols.log_index)).await);
+    assert_eq!(own.log_index, carols.log_index);
+    // The admin (the room's creator) redacts Bob's message.
+    let erased: Ack = decode_ok(&alice.request(&redact(bobs.log_index)).await);
+    assert_eq!(erased.log_index, bobs.log_index);
+    // A moderator redacts the admin's; handshake frames stay whatever the role.
+    decode_ok::<Ack>(
+        &alice.request(&SetRole { target: bob_id.0, role: "moderator".into(), granted: true }).await,
+    );
+    decode_ok::<Ack>(&bob.request(&redact(alices.log_index)).await);
+    assert_eq!(code(&bob.request(&redact(1)).await), ErrorCode::Forbidden, "the add commit");
+    assert_eq!(code(&bob.request(&redact(999)).await), ErrorCode::UnknownLogIndex);
+    let mut elsewhere = bob.frame(&redact(2));
+    elsewhere.header_mut().set_room_id(RoomId([9; 16]));
+    elsewhere.sign(&bob.key);
+    assert_eq!(code(&bob.send_and_wait(&elsewhere).await), ErrorCode::UnknownRoom);
+    // Revoked, Bob is a plain member again.
+    decode_ok::<Ack>(
+        &alice.request(&SetRole { target: bob_id.0, role: "moderator".into(), granted: false }).await,
+    );
+    let later: Ack = decode_ok(&carol.send_text("another one").await);
+    assert_eq!(code(&bob.request(&redact(later.log_index)).await), ErrorCode::Forbidden);
+    assert!(store.data_key(ROOM, later.log_index).unwrap().is_some());
+
+    // The tombstones name who erased what.
+    let cause = |log_index| match &store.read_range(ROOM, log_index, 1).unwrap()[0].content {
+        EntryContent::Erased(erasure) => erasure.redaction.cause,
+        EntryContent::Frame(_) => panic!("index {log_index} was not erased"),
+    };
+    assert_eq!(cause(carols.log_index), ErasureCause::Sender { actor: carol_id.0 });
+    assert_eq!(cause(bobs.log_index), ErasureCause::Moderator { actor: alice_id.0 });
+    assert_eq!(cause(alices.log_index), ErasureCause::Moderator { actor: bob_id.0 });
+
+    // Every redaction is in the audit log with its actor, target and index;
+    // refusals are not.
+    let records: Vec<AuditRecord> = store
+        .audit_records(0, 100)
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| AuditRecord::decode(bytes).unwrap())
+        .collect();
+    let summary: Vec<_> =
+        records.iter().map(|r| (r.action, r.actor_kind, r.actor_id, r.target, r.log_index)).collect();
+    let member = ActorKind::Member;
+    assert_eq!(
+        summary,
+        [
+            (AuditAction::Redact, member, Some(carol_id.0), Some(carol_id.0), Some(carols.log_index)),
+            (AuditAction::Redact, member, Some(alice_id.0), Some(bob_id.0), Some(bobs.log_index)),
+            (AuditAction::GrantRole, member, Some(alice_id.0), Some(bob_id.0), None),
+            (AuditAction::Redact, member, Some(bob_id.0), Some(alice_id.0), Some(alices.log_index)),
+            (AuditAction::RevokeRole, member, Some(alice_id.0), Some(bob_id.0), None),
+        ]
+    );
+    assert_eq!(records[0].reason.as_deref(), Some("cleanup"));
+    assert_eq!(records[1].room.as_deref(), Some(ROOM.to_string().as_str()));
+    assert!(records[1].time_ms > 0);
+    let head = store.audit_head().unwrap();
+    assert_eq!(audit::verify(&records, head).unwrap().records, 5);
+    server.stop().await;
+}
