@@ -103,11 +103,45 @@ enum AdminCommand {
         /// The user.
         user: String,
     },
+    /// Erase the content of a log entry (its data key is destroyed; the
+    /// index stays, history carries a placeholder).
+    Redact {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The entry's log index.
+        log_index: u64,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// A room's retention period: application frames older than it are
+    /// erased by the server's retention passes.
+    Retention {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RetentionCommand {
+    /// Show the period and the sweep position.
+    Get,
+    /// Set or change the period.
+    Set {
+        /// The period in ms.
+        retention_ms: u64,
+    },
+    /// Remove the period: entries are kept until redacted.
+    Clear,
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,6 +317,22 @@ pub async fn run(args: &AdminArgs, timeout: Duration) -> anyhow::Result<()> {
             body(serde_json::json!({ "user_id": user, "reason": reason, "duration_ms": duration_ms })),
         ),
         AdminCommand::Unban { room, user } => ("DELETE", format!("/v1/rooms/{room}/bans/{user}"), None),
+        AdminCommand::Redact { room, log_index, reason } => (
+            "POST",
+            format!("/v1/rooms/{room}/redact"),
+            body(serde_json::json!({ "log_index": log_index, "reason": reason })),
+        ),
+        AdminCommand::Retention { room, command: RetentionCommand::Get } => {
+            ("GET", format!("/v1/rooms/{room}/retention"), None)
+        }
+        AdminCommand::Retention { room, command: RetentionCommand::Set { retention_ms } } => (
+            "PUT",
+            format!("/v1/rooms/{room}/retention"),
+            body(serde_json::json!({ "retention_ms": retention_ms })),
+        ),
+        AdminCommand::Retention { room, command: RetentionCommand::Clear } => {
+            ("DELETE", format!("/v1/rooms/{room}/retention"), None)
+        }
         AdminCommand::Audit { command: AuditCommand::Export } => ("GET", "/v1/audit/export".to_owned(), None),
         AdminCommand::Audit { command: AuditCommand::Verify } => ("GET", "/v1/audit/verify".to_owned(), None),
     };

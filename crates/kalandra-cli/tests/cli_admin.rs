@@ -1,7 +1,7 @@
 //! `kalandra admin …` against a real server and its admin API: the operator
 //! lists rooms and members, grants and revokes a role, kicks and bans a
-//! member, and exports and verifies the audit log; refusals exit with the
-//! documented codes.
+//! member, redacts an entry and sets a room's retention, and exports and
+//! verifies the audit log; refusals exit with the documented codes.
 
 mod common;
 
@@ -95,6 +95,45 @@ async fn the_operator_moderates_with_kalandra_admin() {
     assert_eq!(bob_entry["role"], "moderator");
     admin_ok(address, &token_file, &["revoke", "--room", &room, &bob_id]).await;
 
+    // Bob's message is redacted.
+    ok(bob.path(), &["send", "--room", &room, "regrettable"]).await;
+    let shown = admin_ok(address, &token_file, &["rooms", "--room", &room]).await;
+    let index = (shown["next_log_index"].as_u64().unwrap() - 1).to_string();
+    let redacted =
+        admin_ok(address, &token_file, &["redact", "--room", &room, &index, "--reason", "reported"]).await;
+    assert_eq!(
+        (redacted["outcome"].as_str(), redacted["audit"]["action"].as_str()),
+        (Some("erased"), Some("redact"))
+    );
+    let again = admin_ok(address, &token_file, &["redact", "--room", &room, &index]).await;
+    assert_eq!(again["outcome"], "already_erased");
+    let room_id = kalandra_proto::RoomId(hex::decode(&room).unwrap().try_into().unwrap());
+    let erased_index: u64 = index.parse().unwrap();
+    assert!(server.node().store().data_key(room_id, erased_index).unwrap().is_none(), "the key is gone");
+    // The CreateRoom frame is never erased: exit 4; an index beyond the log: exit 5.
+    let handshake = admin(address, &token_file, &["redact", "--room", &room, "0"]).await;
+    assert_eq!(handshake.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&handshake.stderr).contains("not_erasable"));
+    let beyond = admin(address, &token_file, &["redact", "--room", &room, "9999"]).await;
+    assert_eq!(beyond.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&beyond.stderr).contains("unknown_log_index"));
+
+    // Retention: set, read, refused below the minimum, cleared.
+    let set = admin_ok(address, &token_file, &["retention", "--room", &room, "set", "86400000"]).await;
+    assert_eq!(set["audit"]["action"], "set_retention");
+    let shown = admin_ok(address, &token_file, &["retention", "--room", &room, "get"]).await;
+    assert_eq!(shown["retention_ms"].as_u64(), Some(86_400_000));
+    let short = admin(address, &token_file, &["retention", "--room", &room, "set", "1"]).await;
+    assert_eq!(short.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("malformed_request"));
+    let elsewhere = admin(address, &token_file, &["retention", "--room", &"07".repeat(16), "get"]).await;
+    assert_eq!(elsewhere.status.code(), Some(5));
+    let cleared = admin_ok(address, &token_file, &["retention", "--room", &room, "clear"]).await;
+    assert_eq!(
+        (cleared["retention_ms"].clone(), cleared["audit"]["action"].clone()),
+        (serde_json::Value::Null, "clear_retention".into())
+    );
+
     let kicked =
         admin_ok(address, &token_file, &["kick", "--room", &room, &carol_id, "--reason", "spam"]).await;
     assert!(kicked["log_index"].as_u64().is_some());
@@ -123,8 +162,11 @@ async fn the_operator_moderates_with_kalandra_admin() {
     let export = admin_ok(address, &token_file, &["audit", "export"]).await;
     let actions: Vec<&str> =
         export["records"].as_array().unwrap().iter().map(|r| r["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["grant_role", "revoke_role", "kick", "ban", "unban"]);
+    assert_eq!(
+        actions,
+        ["grant_role", "revoke_role", "redact", "set_retention", "clear_retention", "kick", "ban", "unban"]
+    );
     let verified = admin_ok(address, &token_file, &["audit", "verify"]).await;
-    assert_eq!((verified["valid"].as_bool(), verified["records"].as_u64()), (Some(true), Some(5)));
+    assert_eq!((verified["valid"].as_bool(), verified["records"].as_u64()), (Some(true), Some(8)));
     server.stop().await;
 }

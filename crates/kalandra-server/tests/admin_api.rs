@@ -459,3 +459,157 @@ async fn edited_removed_and_reordered_audit_records_are_detected() {
     reordered.records.swap(0, 1);
     assert_eq!(check(&reordered), (false, 1));
 }
+
+async fn put(admin: SocketAddr, path: &str, body: &str) -> HttpAnswer {
+    http(admin, "PUT", path, Some(TOKEN), Some((JSON, body))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_redacts_entries_and_sets_retention_through_the_api() {
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, mut bob) = two_member_room(&server).await;
+    let admin = server.start_admin(TOKEN, Some(READ_TOKEN)).await;
+    let room = ROOM.to_string();
+    let sent: Ack = decode_ok(&bob.send_text("something to take back").await);
+    let redact_path = format!("/v1/rooms/{room}/redact");
+
+    let body = format!(r#"{{"log_index":{},"reason":"reported"}}"#, sent.log_index);
+    let done = ok(&post(admin, &redact_path, &body).await);
+    assert_eq!(
+        (done["log_index"].as_u64(), done["outcome"].as_str()),
+        (Some(sent.log_index), Some("erased"))
+    );
+    assert_eq!(done["audit"]["action"], "redact");
+    assert_eq!(done["audit"]["actor_kind"], "operator");
+    assert_eq!(done["audit"]["room"], room.as_str());
+    assert_eq!(done["audit"]["log_index"].as_u64(), Some(sent.log_index));
+    assert_eq!(done["audit"]["target"].as_u64(), Some(bob.sender().0));
+    assert_eq!(done["audit"]["reason"], "reported");
+    assert!(server.store.data_key(ROOM, sent.log_index).unwrap().is_none(), "the data key is gone");
+    // History carries the placeholder at the index.
+    let history = alice.subscribe(sent.log_index).await;
+    let mut placeholder = history;
+    while placeholder.header().log_index() != sent.log_index || placeholder.opcode() != Opcode::Error {
+        placeholder = alice.next_of(Opcode::Error).await;
+    }
+    assert_eq!(error_code(&placeholder), ErrorCode::Redacted.to_u16());
+    // Again: idempotent, nothing done, nothing recorded.
+    let again = ok(&post(admin, &redact_path, &body).await);
+    assert_eq!(again["outcome"], "already_erased");
+    assert_eq!(again["erased_at_ms"], done["erased_at_ms"]);
+    assert_eq!(again["audit"], serde_json::Value::Null);
+
+    // Retention: none, set, changed, read with the read-only token, cleared.
+    let retention_path = format!("/v1/rooms/{room}/retention");
+    let none = ok(&get(admin, &retention_path).await);
+    assert_eq!(
+        (none["retention_ms"].clone(), none["audit"].clone()),
+        (serde_json::Value::Null, serde_json::Value::Null)
+    );
+    let set = ok(&put(admin, &retention_path, r#"{"retention_ms":86400000}"#).await);
+    assert_eq!(set["retention_ms"].as_u64(), Some(86_400_000));
+    assert_eq!(set["swept_next_log_index"].as_u64(), Some(0));
+    assert_eq!(set["audit"]["action"], "set_retention");
+    assert_eq!(set["audit"]["retention_ms"].as_u64(), Some(86_400_000));
+    ok(&put(admin, &retention_path, r#"{"retention_ms":3600000}"#).await);
+    let shown = ok(&http(admin, "GET", &retention_path, Some(READ_TOKEN), None).await);
+    assert_eq!(shown["retention_ms"].as_u64(), Some(3_600_000));
+    assert_eq!(server.node.retention(ROOM).await.unwrap().map(|r| r.retention_ms), Some(3_600_000));
+    let cleared = ok(&delete(admin, &retention_path).await);
+    assert_eq!(cleared["retention_ms"], serde_json::Value::Null);
+    assert_eq!(cleared["audit"]["action"], "clear_retention");
+    assert_eq!(server.node.retention(ROOM).await.unwrap(), None);
+
+    // Each change is in the chained audit log, in order.
+    let export: AuditExport = serde_json::from_str(&get(admin, "/v1/audit/export").await.body).unwrap();
+    let actions: Vec<String> = export
+        .records
+        .iter()
+        .map(|r| serde_json::to_value(r.action).unwrap().as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, ["redact", "set_retention", "set_retention", "clear_retention"]);
+    assert_eq!(export.records[2].retention_ms, Some(3_600_000));
+    assert_eq!(audit::verify_export(&export).unwrap().records, 4);
+    let verified = ok(&get(admin, "/v1/audit/verify").await);
+    assert_eq!((verified["valid"].as_bool(), verified["records"].as_u64()), (Some(true), Some(4)));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redaction_and_retention_errors_answer_their_status_and_code() {
+    let server = TestServer::start(default_limits()).await;
+    let (_alice, mut bob) = two_member_room(&server).await;
+    let admin = server.start_admin(TOKEN, Some(READ_TOKEN)).await;
+    let room = ROOM.to_string();
+    let sent: Ack = decode_ok(&bob.send_text("stays").await);
+    let redact_path = format!("/v1/rooms/{room}/redact");
+    let retention_path = format!("/v1/rooms/{room}/retention");
+    let redact_body = format!(r#"{{"log_index":{}}}"#, sent.log_index);
+    let day = r#"{"retention_ms":86400000}"#;
+
+    // 401: no token or a wrong one.
+    refused(&http(admin, "POST", &redact_path, None, Some((JSON, &redact_body))).await, 401, "unauthorized");
+    refused(&http(admin, "GET", &retention_path, None, None).await, 401, "unauthorized");
+    refused(
+        &http(admin, "PUT", &retention_path, Some("wrong-token-0000000000"), Some((JSON, day))).await,
+        401,
+        "unauthorized",
+    );
+    // 403: the read-only token reads the retention but changes nothing.
+    ok(&http(admin, "GET", &retention_path, Some(READ_TOKEN), None).await);
+    for (method, path, body) in [
+        ("POST", &redact_path, Some(redact_body.as_str())),
+        ("PUT", &retention_path, Some(day)),
+        ("DELETE", &retention_path, None),
+    ] {
+        let answer = http(admin, method, path, Some(READ_TOKEN), body.map(|b| (JSON, b))).await;
+        refused(&answer, 403, "insufficient_scope");
+    }
+    // 400: ids, bodies, reasons and periods.
+    refused(&post(admin, "/v1/rooms/not-hex/redact", &redact_body).await, 400, "malformed_request");
+    refused(&get(admin, "/v1/rooms/00ff/retention").await, 400, "malformed_request");
+    refused(&post(admin, &redact_path, "{}").await, 400, "malformed_request");
+    refused(&post(admin, &redact_path, r#"{"log_index":-1}"#).await, 400, "malformed_request");
+    refused(&post(admin, &redact_path, r#"{"log_index":2,"extra":1}"#).await, 400, "malformed_request");
+    refused(
+        &http(admin, "POST", &redact_path, Some(TOKEN), Some(("text/plain", &redact_body))).await,
+        400,
+        "malformed_request",
+    );
+    let long = "x".repeat(kalandra_proto::limits::TEXT_BYTES_MAX + 1);
+    refused(
+        &post(admin, &redact_path, &format!(r#"{{"log_index":2,"reason":"{long}"}}"#)).await,
+        400,
+        "malformed_request",
+    );
+    refused(&put(admin, &retention_path, r#"{"retention_ms":"a day"}"#).await, 400, "malformed_request");
+    refused(&put(admin, &retention_path, r#"{"retention_ms":1}"#).await, 400, "malformed_request");
+    refused(&http(admin, "PUT", &retention_path, Some(TOKEN), None).await, 400, "malformed_request");
+    // 404: unknown rooms and indices.
+    let nowhere = RoomId([7; 16]).to_string();
+    refused(&post(admin, &format!("/v1/rooms/{nowhere}/redact"), &redact_body).await, 404, "unknown_room");
+    for (method, body) in [("GET", None), ("PUT", Some(day)), ("DELETE", None)] {
+        let answer = http(
+            admin,
+            method,
+            &format!("/v1/rooms/{nowhere}/retention"),
+            Some(TOKEN),
+            body.map(|b| (JSON, b)),
+        )
+        .await;
+        refused(&answer, 404, "unknown_room");
+    }
+    refused(&post(admin, &redact_path, r#"{"log_index":99}"#).await, 404, "unknown_log_index");
+    // 409: handshake frames (the CreateRoom at 0, the commit at 1) are never erased.
+    for index in [0, 1] {
+        let answer = post(admin, &redact_path, &format!(r#"{{"log_index":{index}}}"#)).await;
+        refused(&answer, 409, "not_erasable");
+    }
+
+    // Refusals erase nothing and record nothing.
+    assert!(server.store.data_key(ROOM, sent.log_index).unwrap().is_some());
+    assert_eq!(server.node.retention(ROOM).await.unwrap(), None);
+    let verified = ok(&get(admin, "/v1/audit/verify").await);
+    assert_eq!(verified["records"].as_u64(), Some(0));
+    server.stop().await;
+}
