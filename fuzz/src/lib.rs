@@ -587,6 +587,8 @@ pub mod seeds {
             AnyPayload::Kick(Kick { target: 9, reason: "spam".into() }),
             AnyPayload::Ban(Ban { target: 9, reason: "spam".into(), duration_ms: Some(60_000) }),
             AnyPayload::Redact(Redact { log_index: 77, reason: "oops".into() }),
+            AnyPayload::Unban(Unban { target: 9, reason: "appeal".into() }),
+            AnyPayload::SetRole(SetRole { target: 9, role: "moderator".into(), granted: true }),
             AnyPayload::Typing(Typing { active: true }),
             AnyPayload::Presence(Presence { status: 2 }),
         ];

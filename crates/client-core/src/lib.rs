@@ -17,6 +17,7 @@
 pub mod client;
 pub mod connection;
 pub mod mls;
+pub mod moderation;
 pub mod push;
 pub mod sender_keys;
 pub mod state;

@@ -7,6 +7,8 @@
 //! unreachable or connection lost, 4 refused by the server, 5 not found
 //! here (unknown room, no invitation, not initialised).
 
+mod admin;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +49,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Operator commands over the server's admin API (rooms, roles, kick, ban, audit).
+    Admin(admin::AdminArgs),
     /// Create this device: an identity and an encrypted store, and remember the server.
     Init {
         /// The server's QUIC address.
@@ -172,6 +176,9 @@ fn main() -> ExitCode {
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
+    if let Some(error) = error.downcast_ref::<admin::AdminError>() {
+        return error.exit_code();
+    }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connection(
             ConnectionError::Unreachable(_)
@@ -325,6 +332,7 @@ async fn tail(
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match &cli.command {
+        Command::Admin(args) => admin::run(args, Duration::from_secs(cli.timeout_secs)).await?,
         Command::Init { server, fingerprint, server_cert, server_name } => {
             let fingerprint = match (fingerprint, server_cert) {
                 (Some(text), _) => parse_fingerprint(text)

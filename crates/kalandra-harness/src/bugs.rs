@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use kalandra_proto::SenderId;
+use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::sequencer::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
 
 use crate::server::ServerGroup;
@@ -61,12 +62,13 @@ impl<G: GroupState> GroupState for StaleEpochGroup<G> {
         commit: &[u8],
         committer: SenderId,
         must_cover: &[ProposalRef],
+        barred: &dyn Fn(SenderId) -> bool,
     ) -> Result<CommitSummary, GroupError> {
         if self.stale {
             self.stale = false;
             return Ok(CommitSummary { epoch: self.inner.epoch(), added: Vec::new(), removed: Vec::new() });
         }
-        let summary = self.inner.apply_commit(commit, committer, must_cover)?;
+        let summary = self.inner.apply_commit(commit, committer, must_cover, barred)?;
         self.commits_seen += 1;
         if self.commits_seen > STALE_EPOCH_ARMED_AFTER_COMMITS {
             self.stale = true;
@@ -94,6 +96,12 @@ impl<G: PersistentGroup> PersistentGroup for StaleEpochGroup<G> {
     }
     fn restore(snapshot: &[u8]) -> Result<Self, GroupError> {
         Ok(StaleEpochGroup { inner: G::restore(snapshot)?, stale: false, commits_seen: 0 })
+    }
+    fn remove_proposal(&self, member: SenderId, signer: &ServerSigner) -> Result<Vec<u8>, GroupError> {
+        self.inner.remove_proposal(member, signer)
+    }
+    fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError> {
+        self.inner.pending_server_removals()
     }
 }
 

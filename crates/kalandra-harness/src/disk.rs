@@ -14,11 +14,13 @@
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use kalandra_server::audit::{AuditEvent, AuditHead, AuditRecord};
 use kalandra_server::store::{
     AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, KeyPackageCount,
-    KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, PendingWelcome, ReadError,
-    RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
-    RoomRetention, StorageFailure, Store, StoredEntry, UserId, WelcomeError, WelcomeId,
+    KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
+    ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError,
+    RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration, RoomRetention, StorageFailure, Store,
+    StoredEntry, UserId, WelcomeError, WelcomeId,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -261,6 +263,27 @@ impl Store for SimDisk {
         self.write("redact", || self.store().redact(room_id, log_indices, redaction))
     }
 
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        self.write("redact_audited", || self.store().redact_audited(room_id, log_indices, redaction, event))
+    }
+
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError> {
+        self.write("set_retention_audited", || {
+            self.store().set_retention_audited(room_id, retention_ms, event)
+        })
+    }
+
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
         self.store().data_key(room_id, log_index)
     }
@@ -359,5 +382,29 @@ impl Store for SimDisk {
 
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
         self.store().room_metadata(room_id)
+    }
+
+    fn record_moderation(
+        &self,
+        change: &ModerationChange,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, ModerationStoreError> {
+        self.write("record_moderation", || self.store().record_moderation(change, event))
+    }
+
+    fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError> {
+        self.store().room_moderation(room_id)
+    }
+
+    fn audit_records(
+        &self,
+        from_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ModerationStoreError> {
+        self.store().audit_records(from_seq, count_max)
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError> {
+        self.store().audit_head()
     }
 }

@@ -142,6 +142,10 @@ opcodes! {
     Ban = 0x0301, Moderation, CONTROL_PAYLOAD_BYTES_MAX;
     /// Sender or moderator → server: destroy a stored frame's content.
     Redact = 0x0302, Moderation, CONTROL_PAYLOAD_BYTES_MAX;
+    /// Moderator → server: lift a ban.
+    Unban = 0x0303, Moderation, CONTROL_PAYLOAD_BYTES_MAX;
+    /// Room admin → server: grant or revoke a member's role.
+    SetRole = 0x0304, Moderation, CONTROL_PAYLOAD_BYTES_MAX;
 
     // 0x0400..0x04FF: ephemeral, never stored.
     /// Ephemeral: typing indicator.

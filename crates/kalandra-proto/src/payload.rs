@@ -744,6 +744,40 @@ impl Payload for Redact {
 }
 
 payload!(
+    /// `Unban` (0x0303): lift a user's ban from the header's room.
+    Unban => Unban {
+        /// Sender id of the banned user.
+        pub target: u64,
+        /// Reason, recorded in the audit log.
+        pub reason: String,
+    }
+);
+impl Payload for Unban {
+    const OPCODE: Opcode = Opcode::Unban;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("reason", &self.reason)
+    }
+}
+
+payload!(
+    /// `SetRole` (0x0304): grant or revoke a role in the header's room.
+    SetRole => SetRole {
+        /// Sender id of the user.
+        pub target: u64,
+        /// The role's name (`"moderator"`).
+        pub role: String,
+        /// Grant (`true`) or revoke (`false`).
+        pub granted: bool,
+    }
+);
+impl Payload for SetRole {
+    const OPCODE: Opcode = Opcode::SetRole;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_text("role", &self.role)
+    }
+}
+
+payload!(
     /// `Typing` (0x0400, ephemeral).
     Typing => Typing {
         /// Whether the sender is typing.
@@ -840,6 +874,8 @@ any_payload!(
     Kick,
     Ban,
     Redact,
+    Unban,
+    SetRole,
     Typing,
     Presence,
 );

@@ -32,6 +32,7 @@ impl GroupState for MembersOnly {
         _: &[u8],
         _: SenderId,
         _: &[ProposalRef],
+        _: &dyn Fn(SenderId) -> bool,
     ) -> Result<CommitSummary, GroupError> {
         Err(GroupError::Invalid("benchmark group takes no commits".into()))
     }

@@ -6,17 +6,24 @@
 //! | `GET /readyz` | 200 `ready` while the readiness flag is set, else 503 `not ready` |
 //! | `GET /metrics` | 200, the metrics in the Prometheus text format |
 //!
-//! It has no authentication: bind it to loopback or a private network.
+//! | `GET /openapi.json` | 200, the OpenAPI 3 document of every route |
+//! | `/v1/…` | the operator's admin API ([`crate::admin_api`]), bearer-token authenticated |
+//!
+//! Health, readiness, metrics and the OpenAPI document have no
+//! authentication: bind the listener to loopback or a private network.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::Router;
+
+use crate::admin_api::{self, AdminApi, ADMIN_BODY_BYTES_MAX, ROUTES};
 
 use crate::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
 
@@ -32,6 +39,7 @@ pub const METRICS_PATH: &str = "/metrics";
 pub struct AdminState {
     metrics: Metrics,
     ready: Arc<AtomicBool>,
+    api: Arc<std::sync::OnceLock<AdminApi>>,
 }
 
 impl AdminState {
@@ -39,7 +47,19 @@ impl AdminState {
     /// once storage is recovered and the QUIC listener is up, and clears when
     /// it starts draining.
     pub fn new(metrics: Metrics, ready: Arc<AtomicBool>) -> AdminState {
-        AdminState { metrics, ready }
+        AdminState { metrics, ready, api: Arc::new(std::sync::OnceLock::new()) }
+    }
+
+    /// Serves the admin API too, from now on (before, `/v1/` answers 503
+    /// `not_ready`: the server starts the listener before it has recovered
+    /// its rooms). A second call changes nothing.
+    pub fn set_api(&self, api: AdminApi) {
+        let _ = self.api.set(api);
+    }
+
+    /// The admin API, if served.
+    pub fn api(&self) -> Option<&AdminApi> {
+        self.api.get()
     }
 
     /// Sets or clears the readiness flag.
@@ -54,12 +74,36 @@ impl AdminState {
 }
 
 /// The admin routes over `state`.
+///
+/// Built from [`ROUTES`]: every route there is served, and no other.
 pub fn admin_router(state: AdminState) -> Router {
-    Router::new()
-        .route(HEALTHZ_PATH, get(healthz))
-        .route(READYZ_PATH, get(readyz))
-        .route(METRICS_PATH, get(metrics))
-        .with_state(state)
+    let mut router = Router::new();
+    let mut paths: Vec<&str> = ROUTES.iter().map(|(_, path)| *path).collect();
+    paths.dedup();
+    for path in paths {
+        let mut method_router: Option<MethodRouter<AdminState>> = None;
+        for (method, _) in ROUTES.iter().filter(|(_, route)| *route == path) {
+            let handler = match (*method, path) {
+                ("GET", HEALTHZ_PATH) => get(healthz),
+                ("GET", READYZ_PATH) => get(readyz),
+                ("GET", METRICS_PATH) => get(metrics),
+                _ => admin_api::handler(method, path).expect("every route in ROUTES has a handler"),
+            };
+            method_router = Some(match method_router {
+                Some(existing) => existing.merge(handler),
+                None => handler,
+            });
+        }
+        if let Some(method_router) = method_router {
+            router = router.route(path, method_router);
+        }
+    }
+    router.fallback(not_found).layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX)).with_state(state)
+}
+
+async fn not_found() -> Response {
+    let body = r#"{"code":"not_found","message":"no such route"}"#;
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes, then
@@ -176,6 +220,13 @@ mod tests {
         assert!(scrape.body.contains("kalandra_rejections_total{code=\"Banned\"} 1\n"), "{}", scrape.body);
 
         assert_eq!(request(address, "GET", "/nowhere").await.status, 404);
+        // Before the rooms are recovered the API is not ready; the document is served.
+        let early = request(address, "GET", "/v1/rooms").await;
+        assert_eq!(early.status, 503);
+        assert!(early.body.contains("\"not_ready\""), "{}", early.body);
+        let document = request(address, "GET", "/openapi.json").await;
+        assert_eq!(document.status, 200);
+        assert!(document.body.contains("\"openapi\""));
         assert_eq!(request(address, "POST", HEALTHZ_PATH).await.status, 405);
 
         stop.send(()).expect("server still running");

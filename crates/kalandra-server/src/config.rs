@@ -11,6 +11,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use kalandra_proto::limits::{CONTROL_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX};
+
+use crate::admin_api::{ADMIN_TOKEN_CHARS_MAX, ADMIN_TOKEN_CHARS_MIN};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
@@ -23,7 +25,8 @@ pub const LISTEN_DEFAULT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, LISTEN_PORT_DEFAULT));
 /// Default admin HTTP port.
 pub const ADMIN_LISTEN_PORT_DEFAULT: u16 = 9090;
-/// Default admin HTTP address: loopback only (the admin surface has no authentication).
+/// Default admin HTTP address: loopback only (health and metrics have no
+/// authentication, and the admin API's token travels in plain HTTP).
 pub const ADMIN_LISTEN_DEFAULT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, ADMIN_LISTEN_PORT_DEFAULT));
 /// Default log format.
@@ -106,7 +109,7 @@ pub struct CliArgs {
     /// QUIC listen address.
     #[arg(long, env = "KALANDRA_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Admin HTTP listen address (health, readiness, metrics).
+    /// Admin HTTP listen address (health, readiness, metrics, admin API).
     #[arg(long, env = "KALANDRA_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
     /// Log format.
@@ -118,11 +121,58 @@ pub struct CliArgs {
     /// `http://` URL of the push gateway (see `push_webhook_url`).
     #[arg(long, env = "KALANDRA_PUSH_WEBHOOK_URL", value_name = "URL")]
     pub push_webhook_url: Option<String>,
+    /// Operator token of the admin API (prefer the environment variable to
+    /// the flag: flags are visible to other local users).
+    #[arg(long, env = "KALANDRA_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Read-only token of the admin API.
+    #[arg(long, env = "KALANDRA_ADMIN_READ_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_read_token: Option<String>,
     /// Rewrite the database into a fresh file that holds only live data
     /// (dropping what erased entries left in freed pages), then exit. The
     /// server must not be running on the same data directory.
     #[arg(long)]
     pub compact: bool,
+    /// An offline task instead of serving.
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
+}
+
+/// Offline tasks on a stopped server's data directory or on an export.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum ServerCommand {
+    /// The audit log.
+    Audit {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: AuditCommand,
+    },
+}
+
+/// What to do with the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain: of an export (`--file`), or of the data
+    /// directory's database (the server must be stopped). Exits 0 if
+    /// intact, 1 if broken.
+    Verify {
+        /// An export written by `audit export` or `GET /v1/audit/export`.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Write the audit log with its head as JSON to standard output.
+    Export,
+}
+
+/// A secret that never appears in `Debug` output.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// The server's configuration (the TOML file's top level).
@@ -148,6 +198,12 @@ pub struct ServerConfig {
     /// push notification of a member who is not connected; default none
     /// (push payloads are not forwarded).
     pub push_webhook_url: Option<String>,
+    /// Operator token of the admin API (everything); default none: a random
+    /// token is created in `<data_dir>/admin-token` (mode 0600) on first
+    /// run and read from there afterwards.
+    pub admin_token: Option<Secret>,
+    /// Read-only token of the admin API (rooms, members, audit); default none.
+    pub admin_read_token: Option<Secret>,
     /// The `[limits]` table.
     pub limits: Limits,
 }
@@ -195,6 +251,8 @@ impl Default for ServerConfig {
             log_format: LOG_FORMAT_DEFAULT,
             log_filter: LOG_FILTER_DEFAULT.to_owned(),
             push_webhook_url: None,
+            admin_token: None,
+            admin_read_token: None,
             limits: Limits::default(),
         }
     }
@@ -303,6 +361,12 @@ impl ServerConfig {
         if let Some(url) = &cli.push_webhook_url {
             self.push_webhook_url = Some(url.clone());
         }
+        if let Some(token) = &cli.admin_token {
+            self.admin_token = Some(Secret(token.clone()));
+        }
+        if let Some(token) = &cli.admin_read_token {
+            self.admin_read_token = Some(Secret(token.clone()));
+        }
     }
 
     /// Checks every value and the relations between them.
@@ -327,6 +391,16 @@ impl ServerConfig {
         }
         if let Err(error) = EnvFilter::try_new(&self.log_filter) {
             return Err(invalid("log_filter", error.to_string()));
+        }
+        for (field, token) in
+            [("admin_token", &self.admin_token), ("admin_read_token", &self.admin_read_token)]
+        {
+            if let Some(Secret(token)) = token {
+                validate_token(token).map_err(|reason| invalid(field, reason))?;
+            }
+        }
+        if self.admin_token.is_some() && self.admin_token == self.admin_read_token {
+            return Err(invalid("admin_read_token", "must differ from admin_token".to_owned()));
         }
         self.limits.validate()
     }
@@ -383,6 +457,58 @@ impl Limits {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks an admin API token: [`ADMIN_TOKEN_CHARS_MIN`] to
+/// [`ADMIN_TOKEN_CHARS_MAX`] visible ASCII characters.
+pub fn validate_token(token: &str) -> Result<(), String> {
+    if !(ADMIN_TOKEN_CHARS_MIN..=ADMIN_TOKEN_CHARS_MAX).contains(&token.len()) {
+        return Err(format!("must be {ADMIN_TOKEN_CHARS_MIN} to {ADMIN_TOKEN_CHARS_MAX} characters"));
+    }
+    if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err("must be visible ASCII characters without spaces".to_owned());
+    }
+    Ok(())
+}
+
+/// File name of the generated operator token inside the data directory.
+pub const ADMIN_TOKEN_FILE_NAME: &str = "admin-token";
+
+/// The operator token: `configured`, or the one in
+/// `<data_dir>/admin-token`, created there (mode 0600) from `random` when
+/// absent. Returns the token and the file it came from, if any.
+pub fn load_or_create_admin_token(
+    data_dir: &Path,
+    configured: Option<&Secret>,
+    random: [u8; 32],
+) -> Result<(Secret, Option<PathBuf>), ConfigError> {
+    if let Some(token) = configured {
+        return Ok((token.clone(), None));
+    }
+    let path = data_dir.join(ADMIN_TOKEN_FILE_NAME);
+    let read = |source| ConfigError::Read { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            validate_token(&token).map_err(|reason| invalid("admin-token file", reason))?;
+            Ok((Secret(token), Some(path)))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let token = hex::encode(random);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(read)?;
+            file.write_all(format!("{token}\n").as_bytes()).map_err(read)?;
+            file.sync_all().map_err(read)?;
+            Ok((Secret(token), Some(path)))
+        }
+        Err(error) => Err(read(error)),
     }
 }
 
@@ -456,6 +582,8 @@ mod tests {
             "tls_key_path",
             "log_format",
             "log_filter",
+            "admin_token",
+            "admin_read_token",
             "[limits]",
         ];
         for key in top.iter().chain(limits.iter()) {
@@ -502,9 +630,14 @@ rooms_per_user_max = 7
             log_format: Some(LogFormat::Text),
             log_filter: Some("debug".to_owned()),
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
+            admin_token: Some("flag-operator-token-01".to_owned()),
+            admin_read_token: Some("flag-read-only-token-01".to_owned()),
             compact: false,
+            command: None,
         };
         let overridden = ServerConfig::load(&cli).expect("flags");
+        assert_eq!(overridden.admin_token, Some(Secret("flag-operator-token-01".to_owned())));
+        assert_eq!(overridden.admin_read_token, Some(Secret("flag-read-only-token-01".to_owned())));
         assert_eq!(overridden.push_webhook_url.as_deref(), Some("http://127.0.0.1:6002/push"));
         assert_eq!(overridden.data_dir, PathBuf::from("/tmp/elsewhere"));
         assert_eq!(overridden.listen.to_string(), "127.0.0.1:6000");
@@ -603,5 +736,55 @@ rooms_per_user_max = 7
         assert_eq!(cli.log_format, Some(LogFormat::Json));
         assert!(CliArgs::try_parse_from(["kalandra-server", "--listen", "nowhere"]).is_err());
         assert!(CliArgs::try_parse_from(["kalandra-server", "--log-format", "xml"]).is_err());
+        let audit = CliArgs::try_parse_from([
+            "kalandra-server",
+            "--data-dir",
+            "/d",
+            "audit",
+            "verify",
+            "--file",
+            "x.json",
+        ])
+        .expect("audit command parses");
+        assert_eq!(
+            audit.command,
+            Some(ServerCommand::Audit {
+                action: AuditCommand::Verify { file: Some(PathBuf::from("x.json")) }
+            })
+        );
+        assert!(CliArgs::try_parse_from(["kalandra-server", "audit", "rewrite"]).is_err());
+    }
+
+    #[test]
+    fn tokens_are_checked_and_never_printed() {
+        let mut config =
+            ServerConfig { admin_token: Some(Secret("short".into())), ..ServerConfig::default() };
+        assert_eq!(invalid_field(config.validate().map(|_| config.clone())), "admin_token");
+        config.admin_token = Some(Secret("a token with spaces inside".into()));
+        assert_eq!(invalid_field(config.validate().map(|_| config.clone())), "admin_token");
+        config.admin_token = Some(Secret("0123456789abcdef0123".into()));
+        config.validate().unwrap();
+        config.admin_read_token = config.admin_token.clone();
+        assert_eq!(invalid_field(config.validate().map(|_| config.clone())), "admin_read_token");
+        assert!(!format!("{config:?}").contains("0123456789abcdef"), "Debug hides tokens");
+    }
+
+    #[test]
+    fn the_admin_token_is_generated_once_with_owner_only_permissions() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (token, path) = load_or_create_admin_token(dir.path(), None, [7; 32]).unwrap();
+        let path = path.expect("a generated token lives in a file");
+        assert_eq!(token.0, hex::encode([7; 32]));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let (again, _) = load_or_create_admin_token(dir.path(), None, [9; 32]).unwrap();
+        assert_eq!(again, token, "the file is reused, not regenerated");
+        let configured = Secret("configured-token-0001".into());
+        assert_eq!(
+            load_or_create_admin_token(dir.path(), Some(&configured), [9; 32]).unwrap(),
+            (configured, None)
+        );
+        std::fs::write(&path, "bad\n").unwrap();
+        assert!(load_or_create_admin_token(dir.path(), None, [9; 32]).is_err());
     }
 }

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kalandra_proto::{ErrorCode, Frame, FrameDecoder, RoomId, SenderId};
+use kalandra_proto::{payload, ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
 use crate::directory;
-use crate::node::{error_frame, server_frame, Command, Node, Outbox, Outgoing};
+use crate::moderation::{Act, Actor, Role};
+use crate::node::{error_frame, server_frame, Command, ModerationRequest, Node, Outbox, Outgoing};
 use crate::rate_limit::{KeyedLimiter, TokenBucket};
 use crate::session::{Route, Session, Step};
 use crate::store::Store;
@@ -378,31 +379,84 @@ impl Listener {
                     tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
-            Route::Moderation(frame) if frame.opcode() == kalandra_proto::Opcode::Redact => {
-                let reply = self.redact_own(outbox.sender(), &frame).await;
+            Route::Moderation(frame) if frame.opcode() == Opcode::Redact => {
+                let reply = self.redact(outbox.sender(), &frame).await;
                 let _ = outbox.send(reply).await;
             }
             Route::Moderation(frame) => {
-                // No roles exist in this version, so no one holds the moderator role.
-                self.metrics.rejected(ErrorCode::Forbidden);
                 let header = frame.header();
-                let reply = error_frame(
-                    header.room_id(),
-                    header.request_id(),
-                    ErrorCode::Forbidden,
-                    "moderator role required",
-                );
+                let (room_id, request_id) = (header.room_id(), header.request_id());
+                let reply = match moderation_request(&frame, outbox.sender(), (self.clock)()) {
+                    Err((code, message)) => {
+                        self.metrics.rejected(code);
+                        error_frame(room_id, request_id, code, &message)
+                    }
+                    Ok(request) => match self.node.moderate(request).await {
+                        Ok(done) => {
+                            let log_index = done.log_index.unwrap_or(u64::MAX);
+                            let ack =
+                                payload::Ack { log_index, epoch: done.epoch, server_time_ms: done.time_ms };
+                            server_frame(room_id, request_id, &ack)
+                        }
+                        Err(failure) => {
+                            error_frame(room_id, request_id, failure.error_code(), &failure.to_string())
+                        }
+                    },
+                };
                 let _ = outbox.send(reply).await;
             }
         }
     }
 }
 
+/// The moderation act a `Kick`, `Ban`, `Unban` or `SetRole` frame from
+/// `sender` asks for, or the error to answer with.
+fn moderation_request(
+    frame: &kalandra_proto::Frame,
+    sender: SenderId,
+    now_ms: u64,
+) -> Result<ModerationRequest, (ErrorCode, String)> {
+    let malformed = |error: kalandra_proto::PayloadError| (ErrorCode::MalformedPayload, error.to_string());
+    let room_id = frame.header().room_id();
+    let request = |target: u64, act: Act, reason: String| ModerationRequest {
+        room_id,
+        actor: Actor::Member(sender),
+        target: SenderId(target),
+        act,
+        reason,
+    };
+    match frame.opcode() {
+        Opcode::Kick => {
+            let kick: payload::Kick = frame.decode_payload().map_err(malformed)?;
+            Ok(request(kick.target, Act::Kick, kick.reason))
+        }
+        Opcode::Ban => {
+            let ban: payload::Ban = frame.decode_payload().map_err(malformed)?;
+            let until_ms = ban.duration_ms.map(|duration_ms| now_ms.saturating_add(duration_ms));
+            Ok(request(ban.target, Act::Ban { until_ms }, ban.reason))
+        }
+        Opcode::Unban => {
+            let unban: payload::Unban = frame.decode_payload().map_err(malformed)?;
+            Ok(request(unban.target, Act::Unban, unban.reason))
+        }
+        Opcode::SetRole => {
+            let set: payload::SetRole = frame.decode_payload().map_err(malformed)?;
+            let role = Role::parse(&set.role)
+                .ok_or_else(|| (ErrorCode::Forbidden, format!("unknown role {:?}", set.role)))?;
+            let act = if set.granted { Act::Grant(role) } else { Act::Revoke(role) };
+            Ok(request(set.target, act, String::new()))
+        }
+        // `Redact` is answered by `Listener::redact`, before this is called.
+        other => Err((ErrorCode::Internal, format!("opcode {other:?} is not a moderation act"))),
+    }
+}
+
 impl Listener {
-    /// Answers a client's `Redact`: the sender of a frame may erase it
-    /// (moderators go through [`Node::redact`] with their own authority).
-    /// The reply is an `Ack` naming the erased index, or an `Error`.
-    async fn redact_own(&self, sender: SenderId, frame: &Frame) -> Bytes {
+    /// Answers a client's `Redact`: the sender of a frame may erase it, and
+    /// a current member holding the room's admin or moderator role may erase
+    /// any erasable frame of the room ([`Node::member_redact`]). The reply
+    /// is an `Ack` naming the erased index, or an `Error`.
+    async fn redact(&self, sender: SenderId, frame: &Frame) -> Bytes {
         let header = frame.header();
         let (room_id, request_id) = (header.room_id(), header.request_id());
         let redact: kalandra_proto::payload::Redact = match frame.decode_payload() {
@@ -412,8 +466,7 @@ impl Listener {
                 return error_frame(room_id, request_id, ErrorCode::MalformedPayload, &error.to_string());
             }
         };
-        let authority = crate::erasure::RedactAuthority::Sender;
-        match self.node.redact(room_id, redact.log_index, sender, authority).await {
+        match self.node.member_redact(room_id, redact.log_index, sender, &redact.reason).await {
             Ok(report) => {
                 let ack = kalandra_proto::payload::Ack {
                     log_index: report.log_index,

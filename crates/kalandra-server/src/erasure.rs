@@ -7,8 +7,16 @@
 //!   are replayed on restart to rebuild the room's MLS public state;
 //! - [`RedactAuthority::Sender`] may erase only frames whose header names
 //!   the actor as sender; [`RedactAuthority::Moderator`] may erase any
-//!   erasable frame of the room. This module does not check roles: a caller
-//!   passing `Moderator` has checked that the actor holds the role;
+//!   erasable frame of the room, [`RedactAuthority::Operator`] (the admin
+//!   API) any erasable frame. This module does not check roles: a caller
+//!   passing `Moderator` has checked that the actor holds the role
+//!   ([`Node::member_redact`] asks the room's shard);
+//! - every redaction that erases something is recorded in the audit log
+//!   (actor, room, index, the frame's sender, time, reason) in the same
+//!   durable transaction as the erasure, and so is every retention change
+//!   ([`Node::set_retention`]). Entries a retention pass erases are not
+//!   recorded one by one: the room's recorded retention period accounts
+//!   for them;
 //! - erasure is idempotent: erasing an erased entry reports
 //!   [`RedactOutcome::AlreadyErased`];
 //! - the log index stays: history carries a placeholder in its place (an
@@ -28,6 +36,7 @@ use kalandra_proto::header::offset;
 use kalandra_proto::{payload, ErrorCode, Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
 use tokio::sync::oneshot;
 
+use crate::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::node::{Command, Node};
 use crate::store::retention::{erasable_opcode, expired};
 use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
@@ -64,10 +73,13 @@ pub enum RedactAuthority {
     /// The actor is a moderator of the room: the caller has checked the
     /// role; any erasable frame of the room may be redacted.
     Moderator,
+    /// The operator, through the admin API: any erasable frame of any
+    /// room (the actor id is not used).
+    Operator,
 }
 
 /// A redaction that took effect (or had taken effect before).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedactReport {
     /// The erased entry.
     pub log_index: u64,
@@ -77,6 +89,9 @@ pub struct RedactReport {
     pub erased_at_ms: u64,
     /// Whether this call erased it.
     pub outcome: RedactOutcome,
+    /// The audit record of this erasure (`None` when it had been erased
+    /// before: nothing was done, nothing is recorded).
+    pub audit: Option<AuditRecord>,
 }
 
 /// Why a redaction was refused or failed. Nothing was erased.
@@ -208,6 +223,20 @@ impl Node {
         actor: SenderId,
         authority: RedactAuthority,
     ) -> Result<RedactReport, RedactError> {
+        self.redact_with_reason(room_id, log_index, actor, authority, "").await
+    }
+
+    /// [`Node::redact`] with the reason given, kept in the audit record.
+    /// Every erasure it makes is recorded in the audit log, in the same
+    /// durable transaction as the erasure.
+    pub async fn redact_with_reason(
+        &self,
+        room_id: RoomId,
+        log_index: u64,
+        actor: SenderId,
+        authority: RedactAuthority,
+        reason: &str,
+    ) -> Result<RedactReport, RedactError> {
         let store = Arc::clone(&self.store);
         let read = tokio::task::spawn_blocking(move || -> Result<(Option<StoredEntry>, u64), ReadError> {
             let entry = store.read_range(room_id, log_index, 1)?.into_iter().next();
@@ -237,6 +266,7 @@ impl Node {
                 epoch,
                 erased_at_ms: erasure.redaction.erased_at_ms,
                 outcome: RedactOutcome::AlreadyErased,
+                audit: None,
             });
         }
         let opcode = kalandra_proto::header::offset::OPCODE;
@@ -251,27 +281,102 @@ impl Node {
                 }
                 ErasureCause::Sender { actor: actor.0 }
             }
+            // A moderator erasing their own frame does so as its sender.
+            RedactAuthority::Moderator if routing_u64(routing, offset::SENDER_ID) == Some(actor.0) => {
+                ErasureCause::Sender { actor: actor.0 }
+            }
             RedactAuthority::Moderator => ErasureCause::Moderator { actor: actor.0 },
+            RedactAuthority::Operator => ErasureCause::Operator,
         };
         self.hide_in_shard(room_id, vec![log_index]).await?;
         let redaction = Redaction { erased_at_ms: (self.clock)(), cause };
-        let outcomes = self.erase_in_store(room_id, vec![log_index], redaction).await?;
+        let (actor_kind, actor_id) = match authority {
+            RedactAuthority::Operator => (ActorKind::Operator, None),
+            RedactAuthority::Sender | RedactAuthority::Moderator => (ActorKind::Member, Some(actor.0)),
+        };
+        let event = AuditEvent {
+            time_ms: redaction.erased_at_ms,
+            actor_kind,
+            actor_id,
+            action: AuditAction::Redact,
+            room: Some(room_id.to_string()),
+            target: routing_u64(routing, offset::SENDER_ID),
+            role: None,
+            reason: (!reason.is_empty()).then(|| reason.to_owned()),
+            until_ms: None,
+            log_index: Some(log_index),
+            retention_ms: None,
+        };
+        let (outcomes, audit) = self.erase_in_store(room_id, vec![log_index], redaction, Some(event)).await?;
         let outcome = outcomes.first().copied().ok_or_else(|| RedactError::Internal("no outcome".into()))?;
-        Ok(RedactReport { log_index, epoch, erased_at_ms: redaction.erased_at_ms, outcome })
+        Ok(RedactReport { log_index, epoch, erased_at_ms: redaction.erased_at_ms, outcome, audit })
+    }
+
+    /// A member's `Redact` over the wire: on the authority of a moderator
+    /// when `member` currently holds the room's admin or moderator role
+    /// (checked by the room's shard), otherwise as the frame's sender.
+    pub async fn member_redact(
+        &self,
+        room_id: RoomId,
+        log_index: u64,
+        member: SenderId,
+        reason: &str,
+    ) -> Result<RedactReport, RedactError> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send(room_id, Command::ModeratesRoom { room_id, member, reply }).await {
+            return Err(RedactError::Internal("the room core has stopped".into()));
+        }
+        let moderates =
+            answer.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))?;
+        let authority = match moderates {
+            None => return Err(RedactError::UnknownRoom { room_id }),
+            Some(true) => RedactAuthority::Moderator,
+            Some(false) => RedactAuthority::Sender,
+        };
+        self.redact_with_reason(room_id, log_index, member, authority, reason).await
     }
 
     /// Sets (`Some`, milliseconds) or removes (`None`) the room's retention
     /// period. Entries older than the period are erased by later retention
     /// passes.
+    ///
+    /// Only the operator sets retention: the change is recorded in the audit
+    /// log as the operator's, in the same durable transaction, and its
+    /// record returned.
     pub async fn set_retention(
         &self,
         room_id: RoomId,
         retention_ms: Option<u64>,
-    ) -> Result<(), RetentionError> {
+    ) -> Result<AuditRecord, RetentionError> {
+        let event = AuditEvent {
+            time_ms: (self.clock)(),
+            actor_kind: ActorKind::Operator,
+            actor_id: None,
+            action: if retention_ms.is_some() {
+                AuditAction::SetRetention
+            } else {
+                AuditAction::ClearRetention
+            },
+            room: Some(room_id.to_string()),
+            target: None,
+            role: None,
+            reason: None,
+            until_ms: None,
+            log_index: None,
+            retention_ms,
+        };
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.set_retention(room_id, retention_ms))
-            .await
-            .map_err(|error| RetentionError::Internal(crate::store::InvariantViolation(error.to_string())))?
+        let result =
+            tokio::task::spawn_blocking(move || store.set_retention_audited(room_id, retention_ms, &event))
+                .await
+                .map_err(|error| {
+                    RetentionError::Internal(crate::store::InvariantViolation(error.to_string()))
+                })?;
+        if let Err(RetentionError::Storage(failure)) = &result {
+            tracing::error!(%room_id, %failure, "storage failed changing retention; the node stops and recovers on restart");
+            self.storage_failed();
+        }
+        result
     }
 
     /// The room's retention setting, if any.
@@ -291,16 +396,22 @@ impl Node {
         hidden.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))
     }
 
+    /// Erases the entries, with `event` in the audit log if given (and
+    /// something was erased), in one durable transaction.
     async fn erase_in_store(
         &self,
         room_id: RoomId,
         log_indices: Vec<u64>,
         redaction: Redaction,
-    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        event: Option<AuditEvent>,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
         let store = Arc::clone(&self.store);
-        let result = tokio::task::spawn_blocking(move || store.redact(room_id, &log_indices, &redaction))
-            .await
-            .map_err(|error| RedactError::Internal(error.to_string()))?;
+        let result = tokio::task::spawn_blocking(move || match &event {
+            Some(event) => store.redact_audited(room_id, &log_indices, &redaction, event),
+            None => store.redact(room_id, &log_indices, &redaction).map(|outcomes| (outcomes, None)),
+        })
+        .await
+        .map_err(|error| RedactError::Internal(error.to_string()))?;
         result.map_err(|error| match error {
             crate::store::RedactError::UnknownRoom { room_id } => RedactError::UnknownRoom { room_id },
             crate::store::RedactError::IndexOutOfRange { log_index, next_log_index, .. } => {
@@ -396,7 +507,9 @@ async fn sweep_room(
     if !plan.erase.is_empty() {
         node.hide_in_shard(room.room_id, plan.erase.clone()).await.map_err(|error| error.to_string())?;
         let redaction = Redaction { erased_at_ms: now_ms, cause: ErasureCause::Retention };
-        node.erase_in_store(room.room_id, plan.erase, redaction).await.map_err(|error| error.to_string())?;
+        node.erase_in_store(room.room_id, plan.erase, redaction, None)
+            .await
+            .map_err(|error| error.to_string())?;
     }
     if let Some(swept_next) = plan.swept_next_log_index {
         let store = Arc::clone(&node.store);

@@ -3,12 +3,15 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_api;
+pub mod audit;
 pub mod config;
 pub mod connection;
 pub mod directory;
 pub mod erasure;
 pub mod metrics;
 pub mod mls_state;
+pub mod moderation;
 pub mod node;
 pub mod push;
 pub mod rate_limit;

@@ -13,9 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::Parser as _;
 use kalandra_server::admin::{serve_admin, AdminState};
-use kalandra_server::config::{init_logging, CliArgs, ServerConfig};
+use kalandra_server::admin_api::{export_audit, verify_store, AdminApi, AUDIT_EXPORT_RECORDS_MAX};
+use kalandra_server::audit::{self, AuditExport};
+use kalandra_server::config::{
+    init_logging, load_or_create_admin_token, AuditCommand, CliArgs, ServerCommand, ServerConfig,
+};
 use kalandra_server::connection::{reached, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
+use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::room_group::MlsRoomGroup;
 use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
@@ -36,6 +41,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(ServerCommand::Audit { action }) = &cli.command {
+        return audit_command(&config, action);
+    }
     if let Err(error) = init_logging(config.log_format, &config.log_filter) {
         eprintln!("kalandra-server: {error}");
         return ExitCode::from(2);
@@ -55,6 +63,55 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("kalandra-server: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kalandra-server audit verify|export`: offline, on an export or on the
+/// stopped server's database.
+fn audit_command(config: &ServerConfig, action: &AuditCommand) -> ExitCode {
+    let open = || {
+        let database = config.data_dir.join(DATABASE_FILE_NAME);
+        RedbStore::open(&database).with_context(|| format!("opening database {}", database.display()))
+    };
+    let result: anyhow::Result<ExitCode> = (|| match action {
+        AuditCommand::Verify { file: Some(file) } => {
+            let text =
+                std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let export: AuditExport =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+            Ok(report_verification(audit::verify_export(&export)))
+        }
+        AuditCommand::Verify { file: None } => {
+            let store = open()?;
+            let verified = verify_store(&store).map_err(anyhow::Error::msg)?;
+            Ok(report_verification(verified))
+        }
+        AuditCommand::Export => {
+            let store = open()?;
+            let export = export_audit(&store, 0, AUDIT_EXPORT_RECORDS_MAX).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&export)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    })();
+    result.unwrap_or_else(|error| {
+        eprintln!("kalandra-server: {error:#}");
+        ExitCode::from(2)
+    })
+}
+
+fn report_verification(result: Result<audit::AuditVerified, audit::AuditVerifyError>) -> ExitCode {
+    match result {
+        Ok(verified) => {
+            let head = verified
+                .head
+                .map_or_else(|| "none".to_owned(), |head| format!("{} {}", head.seq, hex::encode(head.hash)));
+            println!("audit log intact: {} records, head {head}", verified.records);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            println!("audit log broken: {error}");
             ExitCode::FAILURE
         }
     }
@@ -121,6 +178,13 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
     }
     println!("server signing key: {}", hex::encode(server_public_key));
 
+    let (admin_token, admin_token_file) =
+        load_or_create_admin_token(&config.data_dir, config.admin_token.as_ref(), rand::random())
+            .context("loading the admin API token")?;
+    if let Some(path) = &admin_token_file {
+        println!("admin API token in {}", path.display());
+    }
+
     let metrics = Metrics::new().context("setting up metrics")?;
     let ready = Arc::new(AtomicBool::new(false));
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -133,7 +197,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         let mut stopped = stopped.clone();
         async move { reached(&mut stopped, ShutdownPhase::Drained).await }
     };
-    let admin = tokio::spawn(serve_admin(admin_listener, admin_state, admin_stop));
+    let admin = tokio::spawn(serve_admin(admin_listener, admin_state.clone(), admin_stop));
 
     let push = match &config.push_webhook_url {
         Some(url) => {
@@ -151,7 +215,11 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         shard_count,
         wall_clock(),
         metrics.clone(),
-        NodeLimits { rooms_per_user_max: config.limits.rooms_per_user_max, push },
+        NodeLimits {
+            rooms_per_user_max: config.limits.rooms_per_user_max,
+            push,
+            server_signer: Arc::new(ServerSigner::new(server_key.clone())),
+        },
     )
     .await
     .context("recovering rooms from storage")?;
@@ -159,6 +227,12 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "rooms recovered"
     );
+    let api = AdminApi::new(
+        node.clone(),
+        &admin_token.0,
+        config.admin_read_token.as_ref().map(|token| token.0.as_str()),
+    );
+    admin_state.set_api(api);
 
     let server_config =
         quinn_server_config(&identity, config.limits.idle_timeout_ms).context("QUIC configuration")?;

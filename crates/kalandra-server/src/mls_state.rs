@@ -299,6 +299,11 @@ impl ServerSigner {
         Self { signing_key }
     }
 
+    /// The wrapped key (it also signs the frames that carry the proposals).
+    pub fn signing_key(&self) -> &ed25519_dalek::SigningKey {
+        &self.signing_key
+    }
+
     /// The public key rooms list as their external sender.
     pub fn public_key(&self) -> [u8; 32] {
         self.signing_key.verifying_key().to_bytes()
@@ -361,6 +366,11 @@ impl StagedRoomCommit {
     /// Members the commit removes (leaves of the current epoch).
     pub fn removed(&self) -> &[MemberRef] {
         &self.removed
+    }
+
+    /// Credential identities of the members the commit adds.
+    pub fn added_identities(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.added_keys.iter().map(|(_, identity)| identity.as_slice())
     }
 
     /// For an external commit, the joiner's credential identity (empty otherwise).
@@ -778,13 +788,26 @@ impl RoomGroupState {
         signer: &ServerSigner,
         leaf_index: u32,
     ) -> Result<IssuedProposal, IssueProposalError> {
+        let message = self.remove_proposal_message(signer, leaf_index)?;
+        let summary = self.add_proposal(&message).map_err(|e| IssueProposalError::Internal(boxed(e)))?;
+        Ok(IssuedProposal { message, proposal_ref: summary.proposal_ref })
+    }
+
+    /// A server Remove proposal for the member at `leaf_index`, signed by
+    /// `signer` for the current epoch, without adding it to the pending set
+    /// (the sequencer adds it when it sequences the proposal).
+    pub fn remove_proposal_message(
+        &self,
+        signer: &ServerSigner,
+        leaf_index: u32,
+    ) -> Result<Vec<u8>, IssueProposalError> {
         let sender_index = self
             .external_sender_index(&signer.public_key())
             .ok_or(IssueProposalError::NotAnExternalSender)?;
         if self.group.leaf(LeafNodeIndex::new(leaf_index)).is_none() {
             return Err(IssueProposalError::UnknownMember(leaf_index));
         }
-        let message = ExternalProposal::new_remove::<OpenMlsRustCrypto>(
+        ExternalProposal::new_remove::<OpenMlsRustCrypto>(
             LeafNodeIndex::new(leaf_index),
             self.group.group_id().clone(),
             GroupEpoch::from(self.epoch()),
@@ -793,9 +816,7 @@ impl RoomGroupState {
         )
         .map_err(|e| IssueProposalError::Internal(boxed(e)))?
         .tls_serialize_detached()
-        .map_err(|e| IssueProposalError::Internal(boxed(e)))?;
-        let summary = self.add_proposal(&message).map_err(|e| IssueProposalError::Internal(boxed(e)))?;
-        Ok(IssuedProposal { message, proposal_ref: summary.proposal_ref })
+        .map_err(|e| IssueProposalError::Internal(boxed(e)))
     }
 
     /// Position of `signature_key` among the room's external senders.
@@ -823,6 +844,20 @@ impl RoomGroupState {
             .into_iter()
             .filter(|(_, external)| *external)
             .map(|(proposal_ref, _)| proposal_ref)
+            .collect())
+    }
+
+    /// Members whose removal the server proposed and no commit covered yet.
+    pub fn pending_server_removals(&self) -> Result<Vec<MemberRef>, MlsValidationError> {
+        let queued =
+            self.group.queued_proposals(&self.storage).map_err(|e| MlsValidationError::Internal(boxed(e)))?;
+        Ok(queued
+            .into_iter()
+            .filter(|(_, proposal)| matches!(proposal.sender(), Sender::External(_)))
+            .filter_map(|(_, proposal)| match proposal.proposal() {
+                Proposal::Remove(remove) => self.member_at(remove.removed().u32()),
+                _ => None,
+            })
             .collect())
     }
 

@@ -12,7 +12,9 @@
 //! rejected, the node reports itself failed, and the process exits so that
 //! recovery from durable state (snapshot plus log replay) happens on restart.
 
-use std::collections::{HashMap, VecDeque};
+mod moderation;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -21,9 +23,18 @@ use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+pub use self::moderation::{
+    ModerationDone, ModerationFailure, ModerationReply, ModerationRequest, RoomInfo, RoomSummary,
+    MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
+};
 use crate::metrics::Metrics;
+use crate::mls_state::ServerSigner;
+use crate::moderation::RoomRoles;
 use crate::push::{PushNotification, PushQueue};
-use crate::sequencer::{Effect, PersistentGroup, RecoveryPoint, RoomSequencer, SubmitError};
+use crate::sequencer::{
+    Effect, PendingServerProposals, PersistentGroup, ProposalRef, RecoveryPoint, RoomSequencer, SubmitError,
+    SERVER_SENDER_ID,
+};
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{EntryContent, LogEntry, RoomMetadata, Store, StoredEntry};
 
@@ -302,6 +313,39 @@ pub enum Command {
         /// First index not yet sent.
         next_log_index: u64,
     },
+    /// A moderation act (kick, ban, unban, role change).
+    Moderate {
+        /// The act.
+        request: ModerationRequest,
+        /// Where the outcome goes, once durable.
+        reply: ModerationReply,
+    },
+    /// Describe a room.
+    RoomInfo {
+        /// The room.
+        room_id: RoomId,
+        /// The answer (`None`: no such room).
+        reply: oneshot::Sender<Option<RoomInfo>>,
+    },
+    /// List this shard's rooms with an id above `after`, in id order.
+    ListRooms {
+        /// Exclusive lower bound.
+        after: Option<RoomId>,
+        /// Most rooms.
+        count_max: usize,
+        /// The answer.
+        reply: oneshot::Sender<Vec<RoomSummary>>,
+    },
+    /// Whether `member` moderates the room now: a current member (not
+    /// banned, no removal pending) holding the admin or moderator role.
+    ModeratesRoom {
+        /// The room.
+        room_id: RoomId,
+        /// The member asking.
+        member: SenderId,
+        /// The answer (`None`: no such room).
+        reply: oneshot::Sender<Option<bool>>,
+    },
     /// Entries of the room are being erased: replace them in the in-memory
     /// recent frames by their placeholders before the store destroys them,
     /// so no subscriber catching up from memory gets the content.
@@ -329,6 +373,9 @@ pub struct NodeLimits {
     /// Where push payloads for members who are not connected go; `None`
     /// forwards none.
     pub push: Option<PushQueue>,
+    /// The server's key, listed in every room's `external_senders`: it
+    /// signs the Remove proposals of kicks and bans.
+    pub server_signer: Arc<ServerSigner>,
 }
 
 /// Reports from the room core to the process.
@@ -372,6 +419,8 @@ pub struct Node {
     online: Arc<Mutex<HashMap<SenderId, Vec<Arc<Outbox>>>>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) health: Arc<NodeHealth>,
+    /// The moderation writer; it ends once every shard has stopped.
+    writer_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     pub(crate) clock: Clock,
 }
 
@@ -416,8 +465,17 @@ impl Node {
         for room in per_shard.iter().flat_map(HashMap::values) {
             count_memberships(&memberships, &room.sequencer.group().members(), &[]);
         }
+        let (moderation_writer, writer_task) =
+            moderation::start_writer(Arc::clone(&store), Arc::clone(&health));
         let mut shards = Vec::with_capacity(shard_count);
         for rooms in per_shard {
+            let watched = rooms
+                .iter()
+                .filter(|(_, room)| {
+                    !room.sequencer.server_proposals_pending().is_empty() || room.sequencer.has_timed_bans()
+                })
+                .map(|(room_id, _)| *room_id)
+                .collect();
             let (sender, receiver) = mpsc::channel(SHARD_INBOX_COMMANDS_MAX);
             let shard = Shard {
                 rooms,
@@ -432,6 +490,9 @@ impl Node {
                 memberships: Arc::clone(&memberships),
                 rooms_per_user_max: limits.rooms_per_user_max,
                 push: limits.push.clone(),
+                server_signer: Arc::clone(&limits.server_signer),
+                moderation_writer: moderation_writer.clone(),
+                watched,
                 next_subscription: 0,
                 clock: Arc::clone(&clock),
                 effects: Vec::new(),
@@ -441,7 +502,9 @@ impl Node {
             tokio::spawn(shard.run(receiver));
             shards.push(sender);
         }
-        Ok(Node { shards: Arc::new(shards), online, store, health, clock })
+        drop(moderation_writer);
+        let writer_task = Arc::new(Mutex::new(Some(writer_task)));
+        Ok(Node { shards: Arc::new(shards), online, store, health, writer_task, clock })
     }
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
@@ -483,6 +546,51 @@ impl Node {
         &self.health
     }
 
+    /// The room core's current time, ms since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// The node's store (the admin API reads the audit log from it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Performs a moderation act; returns once it is durable and audited.
+    pub async fn moderate(&self, request: ModerationRequest) -> Result<ModerationDone, ModerationFailure> {
+        let (reply, answer) = oneshot::channel();
+        let room_id = request.room_id;
+        if !self.send(room_id, Command::Moderate { request, reply }).await {
+            return Err(ModerationFailure::Stopped);
+        }
+        answer.await.unwrap_or(Err(ModerationFailure::Stopped))
+    }
+
+    /// Describes a room (`None`: no such room, or the node stopped).
+    pub async fn room_info(&self, room_id: RoomId) -> Option<RoomInfo> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send(room_id, Command::RoomInfo { room_id, reply }).await {
+            return None;
+        }
+        answer.await.ok().flatten()
+    }
+
+    /// Rooms with an id above `after`, in id order, at most `count_max`
+    /// (and at most [`ROOMS_LIST_MAX`]).
+    pub async fn list_rooms(&self, after: Option<RoomId>, count_max: usize) -> Vec<RoomSummary> {
+        let count_max = count_max.min(ROOMS_LIST_MAX);
+        let mut rooms = Vec::new();
+        for shard in self.shards.iter() {
+            let (reply, answer) = oneshot::channel();
+            if shard.send(Command::ListRooms { after, count_max, reply }).await.is_ok() {
+                rooms.extend(answer.await.unwrap_or_default());
+            }
+        }
+        rooms.sort_by_key(|room| room.room_id.0);
+        rooms.truncate(count_max);
+        rooms
+    }
+
     /// Stops every shard after flushing what was accepted.
     pub async fn shutdown(&self) {
         for shard in self.shards.iter() {
@@ -490,6 +598,12 @@ impl Node {
             if shard.send(Command::Shutdown { done }).await.is_ok() {
                 let _ = wait.await;
             }
+        }
+        // The shards hold the writer's only senders: once they are gone it
+        // has written every queued act and ends.
+        let writer = self.writer_task.lock().expect("writer lock").take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
         }
     }
 }
@@ -562,6 +676,13 @@ struct Room<G: PersistentGroup> {
     /// The most recent durable frames: (log index, encoded frame).
     recent: VecDeque<(u64, Bytes)>,
     commits_since_snapshot: u32,
+    /// A server proposal became durable: snapshot soon, so that a restart
+    /// finds the pending proposal in the snapshot too.
+    snapshot_due: bool,
+    /// Who holds which role.
+    roles: RoomRoles,
+    /// Kicks and bans waiting for their Remove proposal to be durable.
+    acts_awaiting_proposal: VecDeque<moderation::ActAwaitingProposal>,
 }
 
 impl<G: PersistentGroup> Room<G> {
@@ -574,6 +695,9 @@ impl<G: PersistentGroup> Room<G> {
             subscribers: Vec::new(),
             recent: VecDeque::new(),
             commits_since_snapshot: 0,
+            snapshot_due: false,
+            roles: RoomRoles::new(creator, []),
+            acts_awaiting_proposal: VecDeque::new(),
         }
     }
     /// First index not yet durable.
@@ -608,6 +732,7 @@ fn recover_room<G: PersistentGroup>(
     let recovered = recover_room_state::<G>(store, room_id, next_log_index)?;
     let mut room = Room::new(recovered.sequencer, recovered.creator, recovered.created_at_ms);
     room.recent = recovered.recent;
+    room.roles = recovered.roles;
     Ok(room)
 }
 
@@ -622,6 +747,8 @@ pub struct RecoveredRoom<G: PersistentGroup> {
     /// The most recent stored frames (at most [`RECENT_FRAMES_PER_ROOM_MAX`]):
     /// (log index, encoded frame).
     pub recent: VecDeque<(u64, Bytes)>,
+    /// Who holds a role in the room (the creator is its admin).
+    pub roles: RoomRoles,
 }
 
 /// Rebuilds one stored room whose log holds `next_log_index` entries: MLS
@@ -643,19 +770,25 @@ pub fn recover_room_state<G: PersistentGroup>(
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
-    let (group, through, group_info, epoch_started_at_log_index) =
+    let (group, through, group_info, epoch_started_at_log_index, server_proposals) =
         match metadata.filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty()) {
             Some(metadata) => {
                 let snapshot = RoomSnapshot::decode(&metadata.mls_snapshot)
                     .ok_or_else(|| corrupt("malformed snapshot".into()))?;
                 let group = G::restore(snapshot.group).map_err(|e| corrupt(format!("snapshot: {e}")))?;
                 let through = metadata.mls_snapshot_log_index - 1;
-                (group, through, snapshot.group_info, snapshot.epoch_started_at_log_index)
+                (
+                    group,
+                    through,
+                    snapshot.group_info,
+                    snapshot.epoch_started_at_log_index,
+                    snapshot.server_proposals,
+                )
             }
             None => {
                 let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
                     .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
-                (group, 0, (0, Bytes::from(create.group_info)), 0)
+                (group, 0, (0, Bytes::from(create.group_info)), 0, PendingServerProposals::default())
             }
         };
     let point = RecoveryPoint {
@@ -663,8 +796,13 @@ pub fn recover_room_state<G: PersistentGroup>(
         last_timestamp_ms: create_frame.header().server_timestamp_ms(),
         group_info,
         epoch_started_at_log_index,
+        server_proposals,
     };
     let mut sequencer = RoomSequencer::recover(room_id, group, point);
+    let moderation = store.room_moderation(room_id).map_err(|e| storage(&e))?;
+    for (user, ban) in &moderation.bans {
+        sequencer.ban(SenderId(*user), ban.until_ms).map_err(|e| corrupt(format!("bans: {e}")))?;
+    }
     let mut room_recent = VecDeque::new();
     let mut from = through + 1;
     let mut reads = 0u64;
@@ -699,7 +837,8 @@ pub fn recover_room_state<G: PersistentGroup>(
         }
     }
     assert_eq!(sequencer.next_log_index(), next_log_index, "replay reached the stored head");
-    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent })
+    let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
+    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
 }
 
 /// One storage request in flight.
@@ -726,6 +865,11 @@ struct Shard<G: PersistentGroup> {
     memberships: Memberships,
     rooms_per_user_max: u32,
     push: Option<PushQueue>,
+    server_signer: Arc<ServerSigner>,
+    /// Moderation writes, in decision order.
+    moderation_writer: mpsc::Sender<moderation::ModerationWrite>,
+    /// Rooms with pending server proposals or timed bans.
+    watched: HashSet<RoomId>,
     /// Last subscription id handed out.
     next_subscription: u64,
     clock: Clock,
@@ -739,6 +883,8 @@ struct Shard<G: PersistentGroup> {
 impl<G: PersistentGroup> Shard<G> {
     async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(MODERATION_TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if shutdown.is_some() && self.tickets.is_empty() && self.pending_entries.is_empty() {
                 break;
@@ -751,6 +897,7 @@ impl<G: PersistentGroup> Shard<G> {
                     self.metrics.storage_batch(batch.entries, batch.submitted.elapsed().as_secs_f64());
                     self.persisted(batch.rooms, result.map_err(|error| error.to_string())).await;
                 }
+                _ = tick.tick(), if shutdown.is_none() && !self.watched.is_empty() => self.moderation_tick(),
                 command = inbox.recv(), if accepting => {
                     let Some(command) = command else { break };
                     self.handle(command, &mut shutdown);
@@ -798,6 +945,16 @@ impl<G: PersistentGroup> Shard<G> {
             }
             Command::CaughtUp { room_id, subscription, next_log_index } => {
                 self.caught_up(room_id, subscription, next_log_index)
+            }
+            Command::Moderate { request, reply } => self.moderate(request, reply),
+            Command::ModeratesRoom { room_id, member, reply } => {
+                let _ = reply.send(self.moderates_room(room_id, member));
+            }
+            Command::RoomInfo { room_id, reply } => {
+                let _ = reply.send(self.room_info(room_id));
+            }
+            Command::ListRooms { after, count_max, reply } => {
+                let _ = reply.send(self.list_rooms(after, count_max));
             }
             Command::Erased { room_id, log_indices, done } => {
                 if let Some(room) = self.rooms.get_mut(&room_id) {
@@ -1103,8 +1260,12 @@ impl<G: PersistentGroup> Shard<G> {
                 push: self.push.as_ref(),
             };
             apply_effects(room_id, room, &mut effects, &mut context);
-            if result.is_ok() {
-                maybe_snapshot(room_id, room, &self.store, &mut self.background);
+            match &result {
+                Ok(()) => {
+                    maybe_snapshot(room_id, room, &self.store, &mut self.background);
+                    self.proposals_durable(room_id, through);
+                }
+                Err(error) => self.proposals_failed(room_id, error),
             }
         }
         self.effects = effects;
@@ -1162,6 +1323,9 @@ fn apply_effects<G: PersistentGroup>(
                 let log_index = frame.header().log_index();
                 if frame.opcode() == Opcode::Commit || frame.opcode() == Opcode::ExternalJoin {
                     room.commits_since_snapshot += 1;
+                }
+                if frame.header().sender_id() == SERVER_SENDER_ID {
+                    room.snapshot_due = true;
                 }
                 if let Some(push) = context.push {
                     offer_pushes(push, room_id, room, &frame, context.online);
@@ -1316,10 +1480,12 @@ fn maybe_snapshot<G: PersistentGroup>(
     store: &Arc<dyn Store>,
     background: &mut tokio::task::JoinSet<()>,
 ) {
-    if room.commits_since_snapshot < COMMITS_PER_SNAPSHOT || room.sequencer.in_flight() > 0 {
+    let due = room.commits_since_snapshot >= COMMITS_PER_SNAPSHOT || room.snapshot_due;
+    if !due || room.sequencer.in_flight() > 0 {
         return;
     }
     room.commits_since_snapshot = 0;
+    room.snapshot_due = false;
     let group = match room.sequencer.group().snapshot() {
         Ok(snapshot) => snapshot,
         Err(error) => {
@@ -1335,6 +1501,7 @@ fn maybe_snapshot<G: PersistentGroup>(
             group: &group,
             epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
             group_info,
+            server_proposals: room.sequencer.pending_server_proposals(),
         }
         .encode(),
         mls_snapshot_log_index: room.sequencer.next_log_index(),
@@ -1348,23 +1515,54 @@ fn maybe_snapshot<G: PersistentGroup>(
 }
 
 /// What a room snapshot holds besides the log: the MLS group state, the
-/// GroupInfo current with it, and where the current epoch began.
-/// Layout: `group_len: u32 BE | group | epoch_started_at_log_index: u64 BE |
-/// group_info_epoch: u64 BE | group_info`.
+/// GroupInfo current with it, where the current epoch began, and the
+/// server-issued proposals pending at that point.
+///
+/// Layout: `"KRS2" | group_len: u32 BE | group | epoch_started_at_log_index:
+/// u64 BE | pending_count: u16 BE | (ref_len: u8 | ref) * pending_count |
+/// pending_since_log_index: u64 BE | pending_since_ms: u64 BE |
+/// group_info_epoch: u64 BE | group_info`. Snapshots written before
+/// pending proposals were kept lack the magic and the pending part (and
+/// hold none).
+#[derive(Debug, PartialEq, Eq)]
 struct RoomSnapshot<'a> {
     group: &'a [u8],
     epoch_started_at_log_index: u64,
     group_info: (u64, Bytes),
+    server_proposals: PendingServerProposals,
 }
+
+const ROOM_SNAPSHOT_MAGIC: &[u8; 4] = b"KRS2";
+// The snapshot counts pending server proposals in a u16.
+const _: () = assert!(crate::sequencer::SERVER_PROPOSALS_PENDING_MAX <= u16::MAX as usize);
 
 impl<'a> RoomSnapshot<'a> {
     fn encode(&self) -> Bytes {
-        let mut out = Vec::with_capacity(4 + self.group.len() + 16 + self.group_info.1.len());
+        let refs = &self.server_proposals.refs;
+        let mut out = Vec::with_capacity(
+            4 + 4
+                + self.group.len()
+                + 8
+                + 2
+                + refs.iter().map(|r| 1 + r.0.len()).sum::<usize>()
+                + 32
+                + self.group_info.1.len(),
+        );
+        out.extend_from_slice(ROOM_SNAPSHOT_MAGIC);
         out.extend_from_slice(
             &u32::try_from(self.group.len()).expect("snapshots are far below 4 GiB").to_be_bytes(),
         );
         out.extend_from_slice(self.group);
         out.extend_from_slice(&self.epoch_started_at_log_index.to_be_bytes());
+        let count = u16::try_from(refs.len()).expect("server proposals pending are bounded below 65,536");
+        out.extend_from_slice(&count.to_be_bytes());
+        for reference in refs {
+            out.push(u8::try_from(reference.0.len()).expect("a proposal reference is a hash"));
+            out.extend_from_slice(&reference.0);
+        }
+        let (since_log_index, since_ms) = self.server_proposals.since.unwrap_or((u64::MAX, u64::MAX));
+        out.extend_from_slice(&since_log_index.to_be_bytes());
+        out.extend_from_slice(&since_ms.to_be_bytes());
         out.extend_from_slice(&self.group_info.0.to_be_bytes());
         out.extend_from_slice(&self.group_info.1);
         Bytes::from(out)
@@ -1372,18 +1570,43 @@ impl<'a> RoomSnapshot<'a> {
 
     /// The parts of an encoded snapshot, or `None` if it is malformed.
     fn decode(snapshot: &'a [u8]) -> Option<RoomSnapshot<'a>> {
+        let (current, snapshot) = match snapshot.strip_prefix(ROOM_SNAPSHOT_MAGIC) {
+            Some(rest) => (true, rest),
+            None => (false, snapshot),
+        };
         let (len, rest) = snapshot.split_first_chunk::<4>()?;
         let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
         if rest.len() < len {
             return None;
         }
         let (group, rest) = rest.split_at(len);
-        let (epoch_started, rest) = rest.split_first_chunk::<8>()?;
+        let (epoch_started, mut rest) = rest.split_first_chunk::<8>()?;
+        let mut server_proposals = PendingServerProposals::default();
+        if current {
+            let (count, mut pending) = rest.split_first_chunk::<2>()?;
+            for _ in 0..u16::from_be_bytes(*count) {
+                let (len, tail) = pending.split_first()?;
+                if tail.len() < usize::from(*len) {
+                    return None;
+                }
+                let (reference, tail) = tail.split_at(usize::from(*len));
+                server_proposals.refs.push(ProposalRef(reference.to_vec()));
+                pending = tail;
+            }
+            let (since_log_index, tail) = pending.split_first_chunk::<8>()?;
+            let (since_ms, tail) = tail.split_first_chunk::<8>()?;
+            if !server_proposals.refs.is_empty() {
+                server_proposals.since =
+                    Some((u64::from_be_bytes(*since_log_index), u64::from_be_bytes(*since_ms)));
+            }
+            rest = tail;
+        }
         let (epoch, group_info) = rest.split_first_chunk::<8>()?;
         Some(RoomSnapshot {
             group,
             epoch_started_at_log_index: u64::from_be_bytes(*epoch_started),
             group_info: (u64::from_be_bytes(*epoch), Bytes::copy_from_slice(group_info)),
+            server_proposals,
         })
     }
 }
@@ -1477,6 +1700,48 @@ impl HistoryReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_snapshots_carry_pending_server_proposals() {
+        let snapshot = RoomSnapshot {
+            group: b"group state",
+            epoch_started_at_log_index: 7,
+            group_info: (3, Bytes::from_static(b"group info")),
+            server_proposals: PendingServerProposals {
+                refs: vec![ProposalRef(vec![1; 32]), ProposalRef(vec![2; 32])],
+                since: Some((9, 1_234)),
+            },
+        };
+        let encoded = snapshot.encode();
+        assert_eq!(RoomSnapshot::decode(&encoded), Some(snapshot));
+        let none = RoomSnapshot {
+            group: b"g",
+            epoch_started_at_log_index: 0,
+            group_info: (0, Bytes::new()),
+            server_proposals: PendingServerProposals::default(),
+        };
+        assert_eq!(RoomSnapshot::decode(&none.encode()), Some(none));
+        for cut in [5, 20, encoded.len() - 20] {
+            let truncated = &encoded[..cut];
+            assert!(RoomSnapshot::decode(truncated).is_none_or(|decoded| decoded.group_info.1.len() < 10));
+        }
+    }
+
+    #[test]
+    fn snapshots_without_pending_proposals_still_decode() {
+        // The layout before pending proposals were kept.
+        let mut legacy = Vec::new();
+        legacy.extend_from_slice(&5u32.to_be_bytes());
+        legacy.extend_from_slice(b"group");
+        legacy.extend_from_slice(&4u64.to_be_bytes());
+        legacy.extend_from_slice(&2u64.to_be_bytes());
+        legacy.extend_from_slice(b"info");
+        let decoded = RoomSnapshot::decode(&legacy).unwrap();
+        assert_eq!(decoded.group, b"group");
+        assert_eq!(decoded.epoch_started_at_log_index, 4);
+        assert_eq!(decoded.group_info, (2, Bytes::from_static(b"info")));
+        assert_eq!(decoded.server_proposals, PendingServerProposals::default());
+    }
 
     /// A joiner learns from the Welcome's header where the epoch it joins
     /// begins; without it, it cannot know which index to subscribe from.

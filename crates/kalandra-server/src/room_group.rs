@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use kalandra_proto::SenderId;
 
-use crate::mls_state::{MemberRef, MlsValidationError, RoomGroupState};
+use crate::mls_state::{MemberRef, MlsValidationError, RoomGroupState, ServerSigner};
 use crate::sequencer::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
 
 /// A room's public MLS state with a sender-id index.
@@ -112,6 +112,7 @@ impl GroupState for MlsRoomGroup {
         commit: &[u8],
         committer: SenderId,
         must_cover: &[ProposalRef],
+        barred: &dyn Fn(SenderId) -> bool,
     ) -> Result<CommitSummary, GroupError> {
         let staged = self.state.stage_commit(commit).map_err(group_error)?;
         let signer = match staged.committer() {
@@ -120,6 +121,12 @@ impl GroupState for MlsRoomGroup {
         };
         if signer != Some(committer) {
             return Err(GroupError::CommitterMismatch);
+        }
+        if staged.is_external() && barred(committer) {
+            return Err(GroupError::Banned { member: committer });
+        }
+        if let Some(member) = staged.added_identities().filter_map(sender_of).find(|member| barred(*member)) {
+            return Err(GroupError::Banned { member });
         }
         let required: Vec<&[u8]> = must_cover.iter().map(|r| r.0.as_slice()).collect();
         if !staged.covers_all(&required) {
@@ -181,5 +188,26 @@ impl PersistentGroup for MlsRoomGroup {
         RoomGroupState::restore(snapshot)
             .map(MlsRoomGroup::from_state)
             .map_err(|error| GroupError::Internal(describe(&error)))
+    }
+
+    fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError> {
+        self.state
+            .pending_server_removals()
+            .map(|members| members.iter().filter_map(|m| sender_of(&m.identity)).collect())
+            .map_err(group_error)
+    }
+
+    fn remove_proposal(&self, member: SenderId, signer: &ServerSigner) -> Result<Vec<u8>, GroupError> {
+        let leaf_index = self
+            .state
+            .members()
+            .into_iter()
+            .find(|m| sender_of(&m.identity) == Some(member))
+            .map(|m| m.leaf_index)
+            .ok_or_else(|| GroupError::Invalid(format!("{member} is not a member")))?;
+        self.state.remove_proposal_message(signer, leaf_index).map_err(|error| match error {
+            crate::mls_state::IssueProposalError::Internal(_) => GroupError::Internal(describe(&error)),
+            other => GroupError::Invalid(describe(&other)),
+        })
     }
 }

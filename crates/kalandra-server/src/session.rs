@@ -265,7 +265,11 @@ impl Session {
             | AnyPayload::Application(_)
             | AnyPayload::ExternalJoin(_) => Route::Sequence(frame),
             AnyPayload::Typing(_) | AnyPayload::Presence(_) => Route::Ephemeral(frame),
-            AnyPayload::Kick(_) | AnyPayload::Ban(_) | AnyPayload::Redact(_) => Route::Moderation(frame),
+            AnyPayload::Kick(_)
+            | AnyPayload::Ban(_)
+            | AnyPayload::Redact(_)
+            | AnyPayload::Unban(_)
+            | AnyPayload::SetRole(_) => Route::Moderation(frame),
             AnyPayload::Hello(_) | AnyPayload::AuthResponse(_) => {
                 return close(room_id, request_id, ErrorCode::UnexpectedFrame, "already authenticated");
             }

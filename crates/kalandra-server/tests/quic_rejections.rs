@@ -1177,12 +1177,15 @@ async fn moderation_is_forbidden_without_roles() {
     let server = Server::start(default_limits()).await;
     let (mut alice, mut bob) = two_member_room(&server).await;
     let before = room_log(&server, &alice.key, ROOM).await;
-    let target = bob.sender().0;
+    // Bob holds no role; Alice, the creator, is the room's admin.
+    let target = alice.sender().0;
 
     let kick = Kick { target, reason: "testing".into() };
-    refused_own(&mut alice, &kick, ErrorCode::Forbidden).await;
+    refused_own(&mut bob, &kick, ErrorCode::Forbidden).await;
     let ban = Ban { target, reason: "testing".into(), duration_ms: Some(60_000) };
-    refused_own(&mut alice, &ban, ErrorCode::Forbidden).await;
+    refused_own(&mut bob, &ban, ErrorCode::Forbidden).await;
+    // Handshake frames (the commit at 1, the CreateRoom at 0) are never
+    // erased, whatever the role.
     let redact = Redact { log_index: 1, reason: "testing".into() };
     refused_own(&mut alice, &redact, ErrorCode::Forbidden).await;
     refused_own(&mut bob, &Redact { log_index: 0, reason: String::new() }, ErrorCode::Forbidden).await;

@@ -46,7 +46,11 @@ impl Server {
             2,
             Arc::clone(&clock),
             metrics.clone(),
-            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max, push: None },
+            NodeLimits {
+                rooms_per_user_max: limits.rooms_per_user_max,
+                push: None,
+                server_signer: Arc::new(kalandra_server::mls_state::ServerSigner::new(server_key.clone())),
+            },
         )
         .await
         .unwrap();
@@ -69,6 +73,11 @@ impl Server {
             serving,
             group_commit,
         }
+    }
+
+    /// The room core (the admin API acts on it).
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     pub async fn stop(self) {

@@ -115,6 +115,9 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
             .prop_map(|(target, reason, duration_ms)| AnyPayload::Ban(Ban { target, reason, duration_ms })),
         (any::<u64>(), text())
             .prop_map(|(log_index, reason)| AnyPayload::Redact(Redact { log_index, reason })),
+        (any::<u64>(), text()).prop_map(|(target, reason)| AnyPayload::Unban(Unban { target, reason })),
+        (any::<u64>(), text(), any::<bool>())
+            .prop_map(|(target, role, granted)| AnyPayload::SetRole(SetRole { target, role, granted })),
         any::<bool>().prop_map(|active| AnyPayload::Typing(Typing { active })),
         (0u8..=PRESENCE_STATUS_MAX).prop_map(|status| AnyPayload::Presence(Presence { status })),
     ];

@@ -35,6 +35,12 @@ pub enum GroupError {
     /// The commit was made by someone other than the authenticated sender.
     #[error("commit is signed by another member than the sender")]
     CommitterMismatch,
+    /// The commit adds a member who is banned from the room.
+    #[error("commit adds banned user {member}")]
+    Banned {
+        /// The banned user's sender id.
+        member: SenderId,
+    },
     /// The commit leaves server-issued proposals uncovered.
     #[error("commit leaves {missing} server-issued proposals uncovered")]
     UncoveredProposals {
@@ -58,13 +64,15 @@ pub trait GroupState {
     /// Every member's sender id.
     fn members(&self) -> Vec<SenderId>;
     /// Validates and merges a commit (MLSMessage bytes, PublicMessage) made
-    /// by `committer`, which must cover every proposal in `must_cover`.
-    /// External commits (a joiner's) go through here too.
+    /// by `committer`, which must cover every proposal in `must_cover` and
+    /// must not add (or, as an external commit, be made by) anyone for whom
+    /// `barred` is true. External commits (a joiner's) go through here too.
     fn apply_commit(
         &mut self,
         commit: &[u8],
         committer: SenderId,
         must_cover: &[ProposalRef],
+        barred: &dyn Fn(SenderId) -> bool,
     ) -> Result<CommitSummary, GroupError>;
     /// Validates and stores a proposal (MLSMessage bytes, PublicMessage) for
     /// a later commit to reference; returns its reference.
@@ -83,4 +91,15 @@ pub trait PersistentGroup: GroupState + Sized + Send + 'static {
     fn snapshot(&self) -> Result<Bytes, GroupError>;
     /// The state a snapshot describes.
     fn restore(snapshot: &[u8]) -> Result<Self, GroupError>;
+    /// A Remove proposal for `member`, issued and signed by the server as
+    /// the room's external sender, for the current epoch. The state is not
+    /// changed: sequence it with
+    /// [`RoomSequencer::submit_server_proposal`](super::RoomSequencer::submit_server_proposal).
+    fn remove_proposal(
+        &self,
+        member: SenderId,
+        signer: &crate::mls_state::ServerSigner,
+    ) -> Result<Vec<u8>, GroupError>;
+    /// Members whose removal the server proposed and no commit covered yet.
+    fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError>;
 }

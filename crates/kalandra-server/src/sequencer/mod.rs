@@ -14,7 +14,7 @@
 
 mod group;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use kalandra_proto::payload::{Commit, CreateRoom, ExternalJoin, Proposal};
@@ -33,6 +33,15 @@ pub const IN_FLIGHT_FRAMES_PER_ROOM_MAX: usize = 4096;
 
 /// Most server-issued proposals pending in one room at once.
 pub const SERVER_PROPOSALS_PENDING_MAX: usize = 256;
+
+/// How long server-issued proposals may stay uncovered before the room's
+/// members are reminded to commit them, and then again at this interval.
+/// The room stays closed to application messages all along (see
+/// `docs/MODERATION.md`).
+pub const SERVER_PROPOSAL_REANNOUNCE_MS: u64 = 30_000;
+
+/// Most users banned from one room at once.
+pub const BANS_PER_ROOM_MAX: usize = 10_000;
 
 /// Delay suggested to a sender refused because the room is at its in-flight limit.
 pub const IN_FLIGHT_RETRY_AFTER_MS: u64 = 10;
@@ -85,9 +94,15 @@ pub enum SubmitError {
         /// Frames in flight.
         in_flight: usize,
     },
+    /// The user is banned from the room (an external join by a banned user).
+    #[error("user {0} is banned from the room")]
+    Banned(SenderId),
     /// Limit: too many server proposals pending.
     #[error("too many server proposals pending")]
     TooManyServerProposals,
+    /// Limit: too many users banned from the room.
+    #[error("too many users banned from the room")]
+    TooManyBans,
     /// Storage failed; the frame was not made durable.
     #[error("storage failed; the frame was not stored")]
     StorageFailed,
@@ -119,10 +134,14 @@ impl SubmitError {
             SubmitError::WrongEpoch { .. } => ErrorCode::WrongEpoch,
             SubmitError::InvalidCommit(GroupError::UncoveredProposals { .. }) => ErrorCode::PendingProposals,
             SubmitError::InvalidCommit(GroupError::WrongEpoch { .. }) => ErrorCode::WrongEpoch,
+            SubmitError::InvalidCommit(GroupError::Banned { .. }) | SubmitError::Banned(_) => {
+                ErrorCode::Banned
+            }
             SubmitError::InvalidCommit(_) => ErrorCode::InvalidCommit,
             SubmitError::InvalidProposal(_) => ErrorCode::InvalidProposal,
             SubmitError::PendingProposals { .. } => ErrorCode::PendingProposals,
             SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => ErrorCode::RateLimited,
+            SubmitError::TooManyBans => ErrorCode::QuotaExceeded,
             SubmitError::StorageFailed => ErrorCode::StorageUnavailable,
             SubmitError::RoomExists => ErrorCode::RoomExists,
             SubmitError::InvalidGroupInfo(_) => ErrorCode::InvalidGroupInfo,
@@ -173,6 +192,30 @@ pub struct RecoveryPoint {
     pub group_info: (u64, Bytes),
     /// Log index of the frame that began the epoch current at that point.
     pub epoch_started_at_log_index: u64,
+    /// Server-issued proposals pending at that point (the next commit must
+    /// cover them), with where and when the first of them was sequenced.
+    pub server_proposals: PendingServerProposals,
+}
+
+/// Server-issued proposals that the next commit must cover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingServerProposals {
+    /// Their references, in log order.
+    pub refs: Vec<ProposalRef>,
+    /// Log index and server time of the first one (`None` when none is pending).
+    pub since: Option<(u64, u64)>,
+}
+
+/// Server-issued proposals have waited too long for a covering commit:
+/// remind the room's members (see [`RoomSequencer::commit_overdue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitOverdue {
+    /// Proposals pending.
+    pub pending: usize,
+    /// Log index of the first pending proposal.
+    pub first_log_index: u64,
+    /// How long the first one has been pending.
+    pub pending_for_ms: u64,
 }
 
 /// A frame the sequencer accepted: persist it, then call [`RoomSequencer::durable`].
@@ -263,6 +306,12 @@ pub struct RoomSequencer<G: GroupState> {
     epoch_started_at_log_index: u64,
     last_timestamp_ms: u64,
     server_proposals_pending: Vec<ProposalRef>,
+    /// Log index and server time of the first pending server proposal.
+    server_proposals_since: Option<(u64, u64)>,
+    /// When to remind members of uncovered server proposals next.
+    reannounce_at_ms: u64,
+    /// Banned users and when their ban ends (`None`: never).
+    bans: HashMap<SenderId, Option<u64>>,
     in_flight: VecDeque<InFlight>,
     durable_through: Option<u64>,
     recovering: bool,
@@ -293,6 +342,9 @@ impl<G: GroupState> RoomSequencer<G> {
             epoch_started_at_log_index: 0,
             last_timestamp_ms: 0,
             server_proposals_pending: Vec::new(),
+            server_proposals_since: None,
+            reannounce_at_ms: 0,
+            bans: HashMap::new(),
             in_flight: VecDeque::new(),
             durable_through: None,
             recovering: false,
@@ -322,7 +374,13 @@ impl<G: GroupState> RoomSequencer<G> {
             next_log_index: point.through_log_index + 1,
             epoch_started_at_log_index: point.epoch_started_at_log_index,
             last_timestamp_ms: point.last_timestamp_ms,
-            server_proposals_pending: Vec::new(),
+            reannounce_at_ms: point
+                .server_proposals
+                .since
+                .map_or(0, |(_, at_ms)| at_ms.saturating_add(SERVER_PROPOSAL_REANNOUNCE_MS)),
+            server_proposals_pending: point.server_proposals.refs,
+            server_proposals_since: point.server_proposals.since,
+            bans: HashMap::new(),
             in_flight: VecDeque::new(),
             durable_through: Some(point.through_log_index),
             recovering: false,
@@ -350,7 +408,12 @@ impl<G: GroupState> RoomSequencer<G> {
                 let payload: Commit = frame.decode_payload().map_err(malformed)?;
                 let summary = self
                     .group
-                    .apply_commit(&payload.commit, header.sender_id(), &self.server_proposals_pending)
+                    .apply_commit(
+                        &payload.commit,
+                        header.sender_id(),
+                        &self.server_proposals_pending,
+                        &|_| false,
+                    )
                     .map_err(does_not_apply)?;
                 self.begin_epoch(log_index);
                 if let Some(group_info) = payload.group_info {
@@ -361,7 +424,7 @@ impl<G: GroupState> RoomSequencer<G> {
                 let payload: ExternalJoin = frame.decode_payload().map_err(malformed)?;
                 let summary = self
                     .group
-                    .apply_commit(&payload.commit, header.sender_id(), &[])
+                    .apply_commit(&payload.commit, header.sender_id(), &[], &|_| false)
                     .map_err(does_not_apply)?;
                 self.begin_epoch(log_index);
                 if let Some(group_info) = payload.group_info {
@@ -372,7 +435,7 @@ impl<G: GroupState> RoomSequencer<G> {
                 let payload: Proposal = frame.decode_payload().map_err(malformed)?;
                 let reference = self.group.apply_proposal(&payload.proposal).map_err(does_not_apply)?;
                 if header.sender_id() == SERVER_SENDER_ID {
-                    self.server_proposals_pending.push(reference);
+                    self.note_server_proposal(reference, log_index, header.server_timestamp_ms());
                 }
             }
             _ => {}
@@ -410,6 +473,78 @@ impl<G: GroupState> RoomSequencer<G> {
     /// Server-issued proposals the next commit must cover.
     pub fn server_proposals_pending(&self) -> &[ProposalRef] {
         &self.server_proposals_pending
+    }
+    /// The pending server proposals with where and when the first was
+    /// sequenced (what a snapshot keeps).
+    pub fn pending_server_proposals(&self) -> PendingServerProposals {
+        PendingServerProposals {
+            refs: self.server_proposals_pending.clone(),
+            since: self.server_proposals_since,
+        }
+    }
+
+    /// Bans `user` until `until_ms` (`None`: until lifted). A banned user
+    /// cannot be added by a commit nor join by external commit.
+    pub fn ban(&mut self, user: SenderId, until_ms: Option<u64>) -> Result<(), SubmitError> {
+        if self.bans.len() >= BANS_PER_ROOM_MAX && !self.bans.contains_key(&user) {
+            return Err(SubmitError::TooManyBans);
+        }
+        self.bans.insert(user, until_ms);
+        Ok(())
+    }
+    /// `user`'s ban, if banned: `Some(until_ms)`.
+    pub fn ban_of(&self, user: SenderId) -> Option<Option<u64>> {
+        self.bans.get(&user).copied()
+    }
+    /// Every ban (user, end), by user id.
+    pub fn bans(&self) -> Vec<(SenderId, Option<u64>)> {
+        let mut bans: Vec<(SenderId, Option<u64>)> =
+            self.bans.iter().map(|(u, until)| (*u, *until)).collect();
+        bans.sort_by_key(|(user, _)| user.0);
+        bans
+    }
+    /// Whether a ban with an end is in force (it will need expiring).
+    pub fn has_timed_bans(&self) -> bool {
+        self.bans.values().any(Option::is_some)
+    }
+    /// Lifts `user`'s ban; whether there was one.
+    pub fn unban(&mut self, user: SenderId) -> bool {
+        self.bans.remove(&user).is_some()
+    }
+    /// Whether `user` is banned at `now_ms`.
+    pub fn is_banned(&self, user: SenderId, now_ms: u64) -> bool {
+        banned(&self.bans, user, now_ms)
+    }
+    /// Forgets bans that ended before `now_ms`; returns the users whose ban ended.
+    pub fn expire_bans(&mut self, now_ms: u64) -> Vec<SenderId> {
+        let ended: Vec<SenderId> = self
+            .bans
+            .iter()
+            .filter(|(_, until)| until.is_some_and(|until| until <= now_ms))
+            .map(|(user, _)| *user)
+            .collect();
+        for user in &ended {
+            self.bans.remove(user);
+        }
+        ended
+    }
+
+    /// Whether server-issued proposals have been pending for
+    /// [`SERVER_PROPOSAL_REANNOUNCE_MS`] (or that long since the last
+    /// reminder) at `now_ms`. Nothing is relaxed: the room stays closed to
+    /// application messages until a covering commit; the driver reminds
+    /// the members to commit.
+    pub fn commit_overdue(&mut self, now_ms: u64) -> Option<CommitOverdue> {
+        let (first_log_index, since_ms) = self.server_proposals_since?;
+        if self.server_proposals_pending.is_empty() || now_ms < self.reannounce_at_ms {
+            return None;
+        }
+        self.reannounce_at_ms = now_ms.saturating_add(SERVER_PROPOSAL_REANNOUNCE_MS);
+        Some(CommitOverdue {
+            pending: self.server_proposals_pending.len(),
+            first_log_index,
+            pending_for_ms: now_ms.saturating_sub(since_ms),
+        })
     }
     /// The latest GroupInfo published by a committer, with its epoch.
     pub fn group_info(&self) -> Option<&(u64, Bytes)> {
@@ -460,9 +595,12 @@ impl<G: GroupState> RoomSequencer<G> {
                 self.check_member(sender)?;
                 self.check_epoch(&frame)?;
                 let payload: Commit = frame.decode_payload()?;
+                let bans = &self.bans;
                 let summary = self
                     .group
-                    .apply_commit(&payload.commit, sender, &self.server_proposals_pending)
+                    .apply_commit(&payload.commit, sender, &self.server_proposals_pending, &|user| {
+                        banned(bans, user, now_ms)
+                    })
                     .map_err(|error| self.commit_error(error))?;
                 let welcome = payload.welcome.map(|welcome| {
                     let recipients = payload.welcome_recipients.iter().copied().map(SenderId).collect();
@@ -471,6 +609,9 @@ impl<G: GroupState> RoomSequencer<G> {
                 commit_follow_up = Some(self.after_commit(summary, welcome, payload.group_info));
             }
             Opcode::ExternalJoin => {
+                if self.is_banned(sender, now_ms) {
+                    return Err(SubmitError::Banned(sender));
+                }
                 self.check_epoch(&frame)?;
                 if !self.server_proposals_pending.is_empty() {
                     return Err(SubmitError::PendingProposals {
@@ -478,9 +619,10 @@ impl<G: GroupState> RoomSequencer<G> {
                     });
                 }
                 let payload: ExternalJoin = frame.decode_payload()?;
+                let bans = &self.bans;
                 let summary = self
                     .group
-                    .apply_commit(&payload.commit, sender, &[])
+                    .apply_commit(&payload.commit, sender, &[], &|user| banned(bans, user, now_ms))
                     .map_err(|error| self.commit_error(error))?;
                 commit_follow_up = Some(self.after_commit(summary, None, payload.group_info));
             }
@@ -524,8 +666,8 @@ impl<G: GroupState> RoomSequencer<G> {
         }
         let payload: Proposal = frame.decode_payload()?;
         let reference = self.group.apply_proposal(&payload.proposal).map_err(SubmitError::InvalidProposal)?;
-        self.server_proposals_pending.push(reference);
         let log_index = self.stamp(&mut frame, now_ms);
+        self.note_server_proposal(reference, log_index, frame.header().server_timestamp_ms());
         self.in_flight.push_back(InFlight {
             log_index,
             sender: SERVER_SENDER_ID,
@@ -656,6 +798,19 @@ impl<G: GroupState> RoomSequencer<G> {
     fn begin_epoch(&mut self, log_index: u64) {
         self.epoch_started_at_log_index = log_index;
         self.server_proposals_pending.clear();
+        self.server_proposals_since = None;
+    }
+
+    fn note_server_proposal(&mut self, reference: ProposalRef, log_index: u64, at_ms: u64) {
+        if self.server_proposals_pending.is_empty() {
+            self.server_proposals_since = Some((log_index, at_ms));
+            self.reannounce_at_ms = at_ms.saturating_add(SERVER_PROPOSAL_REANNOUNCE_MS);
+        }
+        self.server_proposals_pending.push(reference);
+        assert!(
+            self.server_proposals_pending.len() <= SERVER_PROPOSALS_PENDING_MAX,
+            "server proposals pending are bounded"
+        );
     }
 
     /// Assigns the next index and a timestamp that never goes backwards.
@@ -674,6 +829,10 @@ impl<G: GroupState> RoomSequencer<G> {
         }
         log_index
     }
+}
+
+fn banned(bans: &HashMap<SenderId, Option<u64>>, user: SenderId, now_ms: u64) -> bool {
+    bans.get(&user).is_some_and(|until| until.is_none_or(|until| now_ms < until))
 }
 
 fn check_sender(frame: &Frame, authenticated: SenderId) -> Result<(), SubmitError> {

@@ -45,6 +45,7 @@ impl GroupState for TestGroup {
         commit: &[u8],
         _committer: SenderId,
         must_cover: &[ProposalRef],
+        barred: &dyn Fn(SenderId) -> bool,
     ) -> Result<CommitSummary, GroupError> {
         if commit.len() < 10 || commit[0] != b'C' || !(commit.len() - 10).is_multiple_of(8) {
             return Err(GroupError::Invalid("not a test commit".into()));
@@ -58,6 +59,9 @@ impl GroupState for TestGroup {
         }
         let added: Vec<SenderId> =
             commit[10..].chunks(8).map(|id| SenderId(u64::from_be_bytes(id.try_into().unwrap()))).collect();
+        if let Some(member) = added.iter().copied().find(|member| barred(*member)) {
+            return Err(GroupError::Banned { member });
+        }
         self.members.extend(added.iter().copied());
         self.epoch += 1;
         self.proposals.clear();
@@ -133,6 +137,7 @@ fn recovery_point(last_timestamp_ms: u64) -> RecoveryPoint {
         last_timestamp_ms,
         group_info: (0, Bytes::from_static(b"gi")),
         epoch_started_at_log_index: 0,
+        server_proposals: PendingServerProposals::default(),
     }
 }
 
@@ -434,4 +439,103 @@ fn payload_helper_round_trips() {
     let decoded: Commit = frame.decode_payload().unwrap();
     assert_eq!(decoded.welcome_recipients, vec![5]);
     assert_eq!(Commit::decode(frame.payload()).unwrap(), decoded);
+}
+
+#[test]
+fn a_ban_refuses_adding_the_user_and_their_external_join_until_lifted_or_expired() {
+    let mut room = new_room(&[1, 2]);
+    room.ban(SenderId(77), None).unwrap();
+    room.ban(SenderId(78), Some(1_000)).unwrap();
+    let error = room.submit(ALICE, commit(ALICE, 0, true, &[77], 1), 10).unwrap_err();
+    assert_eq!(error, SubmitError::InvalidCommit(GroupError::Banned { member: SenderId(77) }));
+    assert_eq!(error.error_code(), ErrorCode::Banned);
+    let join = |joiner: u64, epoch: u64| {
+        Frame::with_payload(
+            header(Opcode::ExternalJoin, SenderId(joiner), epoch, 3),
+            &ExternalJoin { commit: test_commit(epoch, false, &[joiner]), group_info: None },
+        )
+        .unwrap()
+    };
+    let error = room.submit(SenderId(77), join(77, 0), 11).unwrap_err();
+    assert_eq!((error.clone(), error.error_code()), (SubmitError::Banned(SenderId(77)), ErrorCode::Banned));
+    assert_eq!(room.submit(SenderId(78), join(78, 0), 999).unwrap_err(), SubmitError::Banned(SenderId(78)));
+    assert_eq!((room.epoch(), room.next_log_index()), (0, 1), "nothing was sequenced");
+
+    // The timed ban has ended at its end time; the permanent one holds until lifted.
+    assert!(!room.is_banned(SenderId(78), 1_000));
+    room.submit(SenderId(78), join(78, 0), 1_000).unwrap();
+    assert_eq!(room.expire_bans(1_000), vec![SenderId(78)]);
+    assert!(room.is_banned(SenderId(77), u64::MAX));
+    assert!(room.unban(SenderId(77)));
+    assert!(!room.unban(SenderId(77)), "nothing left to lift");
+    room.submit(ALICE, commit(ALICE, 1, true, &[77], 4), 1_001).unwrap();
+    assert!(room.is_member(SenderId(77)));
+}
+
+#[test]
+fn bans_per_room_are_bounded() {
+    let mut room = new_room(&[1]);
+    for user in 0..BANS_PER_ROOM_MAX as u64 {
+        room.ban(SenderId(1_000 + user), None).unwrap();
+    }
+    assert_eq!(room.ban(SenderId(5), None).unwrap_err(), SubmitError::TooManyBans);
+    room.ban(SenderId(1_000), Some(7)).unwrap();
+}
+
+/// A server time after every test room's creation.
+const T0: u64 = 10_000;
+
+#[test]
+fn uncovered_server_proposals_are_reannounced_at_the_bound_and_stay_enforced() {
+    let mut room = new_room(&[1, 2, 3]);
+    assert_eq!(room.commit_overdue(u64::MAX), None, "nothing pending");
+    room.submit_server_proposal(proposal(SERVER_SENDER_ID, 0, 9), T0).unwrap();
+    room.submit_server_proposal(proposal(SERVER_SENDER_ID, 0, 8), T0 + 50).unwrap();
+    assert_eq!(room.commit_overdue(T0 + SERVER_PROPOSAL_REANNOUNCE_MS - 1), None);
+    let overdue = room.commit_overdue(T0 + SERVER_PROPOSAL_REANNOUNCE_MS).unwrap();
+    assert_eq!(
+        overdue,
+        CommitOverdue { pending: 2, first_log_index: 1, pending_for_ms: SERVER_PROPOSAL_REANNOUNCE_MS }
+    );
+    // Once per interval, and the room stays closed meanwhile.
+    assert_eq!(room.commit_overdue(T0 + SERVER_PROPOSAL_REANNOUNCE_MS + 1), None);
+    assert!(room.commit_overdue(T0 + 2 * SERVER_PROPOSAL_REANNOUNCE_MS).is_some());
+    let late = T0 + 10 * SERVER_PROPOSAL_REANNOUNCE_MS;
+    assert_eq!(
+        room.submit(BOB, application(BOB, 0, 1), late).unwrap_err(),
+        SubmitError::PendingProposals { pending: 2 }
+    );
+    room.submit(BOB, commit(BOB, 0, true, &[], 2), late).unwrap();
+    assert_eq!(room.commit_overdue(u64::MAX), None, "covered");
+}
+
+#[test]
+fn a_recovery_point_carries_pending_server_proposals() {
+    let mut room = new_room(&[1, 2]);
+    room.submit_server_proposal(proposal(SERVER_SENDER_ID, 0, 9), T0).unwrap();
+    room.durable(room.next_log_index() - 1, &mut Vec::new());
+    let pending = room.pending_server_proposals();
+    assert_eq!(pending.since, Some((1, T0)));
+
+    let mut group = TestGroup::with_members(&[1, 2]);
+    group.proposals.push(ProposalRef(vec![9]));
+    let point = RecoveryPoint {
+        through_log_index: 1,
+        last_timestamp_ms: T0,
+        group_info: (0, Bytes::from_static(b"gi")),
+        epoch_started_at_log_index: 0,
+        server_proposals: pending.clone(),
+    };
+    let mut rebuilt = RoomSequencer::recover(ROOM, group, point);
+    assert_eq!(rebuilt.pending_server_proposals(), pending);
+    assert_eq!(
+        rebuilt.submit(BOB, application(BOB, 0, 1), T0 + 10).unwrap_err(),
+        SubmitError::PendingProposals { pending: 1 }
+    );
+    assert!(rebuilt.commit_overdue(T0 + SERVER_PROPOSAL_REANNOUNCE_MS).is_some());
+    assert!(matches!(
+        rebuilt.submit(BOB, commit(BOB, 0, false, &[], 2), T0 + 10),
+        Err(SubmitError::InvalidCommit(GroupError::UncoveredProposals { missing: 1 }))
+    ));
+    rebuilt.submit(BOB, commit(BOB, 0, true, &[], 3), T0 + 11).unwrap();
 }

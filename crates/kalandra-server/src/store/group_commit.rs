@@ -690,6 +690,29 @@ mod tests {
         fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
             self.inner.room_metadata(room_id)
         }
+        fn record_moderation(
+            &self,
+            change: &crate::store::ModerationChange,
+            event: &crate::audit::AuditEvent,
+        ) -> Result<crate::audit::AuditRecord, crate::store::ModerationStoreError> {
+            self.inner.record_moderation(change, event)
+        }
+        fn room_moderation(
+            &self,
+            room_id: RoomId,
+        ) -> Result<crate::store::RoomModeration, crate::store::ModerationStoreError> {
+            self.inner.room_moderation(room_id)
+        }
+        fn audit_records(
+            &self,
+            from_seq: u64,
+            count_max: usize,
+        ) -> Result<Vec<(u64, Bytes)>, crate::store::ModerationStoreError> {
+            self.inner.audit_records(from_seq, count_max)
+        }
+        fn audit_head(&self) -> Result<Option<crate::audit::AuditHead>, crate::store::ModerationStoreError> {
+            self.inner.audit_head()
+        }
         fn redact(
             &self,
             room_id: RoomId,
@@ -697,6 +720,23 @@ mod tests {
             redaction: &Redaction,
         ) -> Result<Vec<RedactOutcome>, RedactError> {
             self.inner.redact(room_id, log_indices, redaction)
+        }
+        fn redact_audited(
+            &self,
+            room_id: RoomId,
+            log_indices: &[LogIndex],
+            redaction: &Redaction,
+            event: &crate::audit::AuditEvent,
+        ) -> Result<(Vec<RedactOutcome>, Option<crate::audit::AuditRecord>), RedactError> {
+            self.inner.redact_audited(room_id, log_indices, redaction, event)
+        }
+        fn set_retention_audited(
+            &self,
+            room_id: RoomId,
+            retention_ms: Option<u64>,
+            event: &crate::audit::AuditEvent,
+        ) -> Result<crate::audit::AuditRecord, RetentionError> {
+            self.inner.set_retention_audited(room_id, retention_ms, event)
         }
         fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
             self.inner.data_key(room_id, log_index)

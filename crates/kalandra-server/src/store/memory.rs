@@ -23,6 +23,10 @@ use super::{
     RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
     RoomRetention, Store, StoredEntry, UserId, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
+use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
+use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
+use crate::moderation::{Role, ROLES_PER_ROOM_MAX};
+use crate::sequencer::BANS_PER_ROOM_MAX;
 
 struct State {
     /// Sealed records and tombstones.
@@ -39,6 +43,10 @@ struct State {
     welcomes: BTreeMap<(UserId, WelcomeId), Bytes>,
     welcome_id_next: WelcomeId,
     room_metadata: BTreeMap<RoomId, RoomMetadata>,
+    roles: BTreeMap<[u8; 24], Role>,
+    bans: BTreeMap<[u8; 24], StoredBan>,
+    audit: BTreeMap<u64, Bytes>,
+    audit_head: Option<AuditHead>,
 }
 
 /// In-memory store behind one mutex.
@@ -83,8 +91,105 @@ impl MemoryStore {
                 welcomes: BTreeMap::new(),
                 welcome_id_next: 0,
                 room_metadata: BTreeMap::new(),
+                roles: BTreeMap::new(),
+                bans: BTreeMap::new(),
+                audit: BTreeMap::new(),
+                audit_head: None,
             }),
         }
+    }
+
+    /// [`Store::redact`], appending `event` to the audit log when
+    /// something was erased; all or nothing.
+    fn redact_in(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: Option<&AuditEvent>,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        let mut state = self.lock()?;
+        validate_redaction(room_id, log_indices, state.head(room_id))?;
+        // Sealed before anything changes, so that a record that cannot be
+        // sealed leaves everything as it was.
+        let sealed = event.map(|event| seal_audit(state.audit_head, event)).transpose()?;
+        // Check everything before changing anything: all or nothing.
+        let mut tombstones: Vec<Option<Vec<u8>>> = Vec::with_capacity(log_indices.len());
+        for &log_index in log_indices {
+            let record = state.log.get(&(room_id, log_index)).ok_or_else(|| {
+                InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
+            })?;
+            let tombstone = match sealing::decode(record) {
+                Ok(Record::Erased(_)) => None,
+                Ok(Record::Sealed { routing, .. }) => {
+                    if !state.keys.contains_key(&(room_id, log_index)) {
+                        return Err(InvariantViolation(format!(
+                            "room {room_id} index {log_index}: sealed record without its data key"
+                        ))
+                        .into());
+                    }
+                    Some(sealing::erased_record(routing, redaction))
+                }
+                Err(error) => {
+                    return Err(
+                        InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into()
+                    )
+                }
+            };
+            tombstones.push(tombstone);
+        }
+        let mut outcomes = Vec::with_capacity(log_indices.len());
+        for (&log_index, tombstone) in log_indices.iter().zip(tombstones) {
+            // An index repeated in one call is erased by its first occurrence.
+            match tombstone {
+                Some(tombstone) if state.keys.remove(&(room_id, log_index)).is_some() => {
+                    state.log.insert((room_id, log_index), Bytes::from(tombstone));
+                    outcomes.push(RedactOutcome::Erased);
+                }
+                _ => outcomes.push(RedactOutcome::AlreadyErased),
+            }
+        }
+        let record = match sealed {
+            Some((record, encoded, head)) if outcomes.contains(&RedactOutcome::Erased) => {
+                state.audit.insert(head.seq, Bytes::from(encoded));
+                state.audit_head = Some(head);
+                Some(record)
+            }
+            _ => None,
+        };
+        Ok((outcomes, record))
+    }
+
+    /// [`Store::set_retention`], appending `event` (if any) to the audit
+    /// log; all or nothing.
+    fn set_retention_in(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: Option<&AuditEvent>,
+    ) -> Result<Option<AuditRecord>, RetentionError> {
+        if let Some(retention_ms) = retention_ms {
+            validate_retention_period(retention_ms)?;
+        }
+        let mut state = self.lock()?;
+        if !state.heads.contains_key(&room_id) {
+            return Err(RetentionError::UnknownRoom { room_id });
+        }
+        let sealed = event.map(|event| seal_audit(state.audit_head, event)).transpose()?;
+        match retention_ms {
+            Some(retention_ms) => {
+                let swept = state.retention.get(&room_id).map_or(0, |(_, swept)| *swept);
+                state.retention.insert(room_id, (retention_ms, swept));
+            }
+            None => {
+                state.retention.remove(&room_id);
+            }
+        }
+        Ok(sealed.map(|(record, encoded, head)| {
+            state.audit.insert(head.seq, Bytes::from(encoded));
+            state.audit_head = Some(head);
+            record
+        }))
     }
 
     /// Locks the state. A poisoned lock means a panic interrupted an update,
@@ -166,45 +271,17 @@ impl Store for MemoryStore {
         log_indices: &[LogIndex],
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError> {
-        let mut state = self.lock()?;
-        validate_redaction(room_id, log_indices, state.head(room_id))?;
-        // Check everything before changing anything: all or nothing.
-        let mut tombstones: Vec<Option<Vec<u8>>> = Vec::with_capacity(log_indices.len());
-        for &log_index in log_indices {
-            let record = state.log.get(&(room_id, log_index)).ok_or_else(|| {
-                InvariantViolation(format!("room {room_id}: no record at {log_index} below the head"))
-            })?;
-            let tombstone = match sealing::decode(record) {
-                Ok(Record::Erased(_)) => None,
-                Ok(Record::Sealed { routing, .. }) => {
-                    if !state.keys.contains_key(&(room_id, log_index)) {
-                        return Err(InvariantViolation(format!(
-                            "room {room_id} index {log_index}: sealed record without its data key"
-                        ))
-                        .into());
-                    }
-                    Some(sealing::erased_record(routing, redaction))
-                }
-                Err(error) => {
-                    return Err(
-                        InvariantViolation(format!("room {room_id} index {log_index}: {error}")).into()
-                    )
-                }
-            };
-            tombstones.push(tombstone);
-        }
-        let mut outcomes = Vec::with_capacity(log_indices.len());
-        for (&log_index, tombstone) in log_indices.iter().zip(tombstones) {
-            // An index repeated in one call is erased by its first occurrence.
-            match tombstone {
-                Some(tombstone) if state.keys.remove(&(room_id, log_index)).is_some() => {
-                    state.log.insert((room_id, log_index), Bytes::from(tombstone));
-                    outcomes.push(RedactOutcome::Erased);
-                }
-                _ => outcomes.push(RedactOutcome::AlreadyErased),
-            }
-        }
-        Ok(outcomes)
+        self.redact_in(room_id, log_indices, redaction, None).map(|(outcomes, _)| outcomes)
+    }
+
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
+        self.redact_in(room_id, log_indices, redaction, Some(event))
     }
 
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {
@@ -212,23 +289,17 @@ impl Store for MemoryStore {
     }
 
     fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
-        if let Some(retention_ms) = retention_ms {
-            validate_retention_period(retention_ms)?;
-        }
-        let mut state = self.lock()?;
-        if !state.heads.contains_key(&room_id) {
-            return Err(RetentionError::UnknownRoom { room_id });
-        }
-        match retention_ms {
-            Some(retention_ms) => {
-                let swept = state.retention.get(&room_id).map_or(0, |(_, swept)| *swept);
-                state.retention.insert(room_id, (retention_ms, swept));
-            }
-            None => {
-                state.retention.remove(&room_id);
-            }
-        }
-        Ok(())
+        self.set_retention_in(room_id, retention_ms, None).map(|_| ())
+    }
+
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError> {
+        let record = self.set_retention_in(room_id, retention_ms, Some(event))?;
+        record.ok_or_else(|| InvariantViolation("no audit record for a retention change".into()).into())
     }
 
     fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError> {
@@ -428,6 +499,83 @@ impl Store for MemoryStore {
 
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
         Ok(self.lock()?.room_metadata.get(&room_id).cloned())
+    }
+
+    fn record_moderation(
+        &self,
+        change: &ModerationChange,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, ModerationStoreError> {
+        let mut state = self.lock()?;
+        match change {
+            ModerationChange::None => {}
+            ModerationChange::SetRole { room_id, user_id, role } => {
+                let key = moderation_key(*room_id, *user_id);
+                match role {
+                    Some(role) => {
+                        let (low, high) = (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
+                        if !state.roles.contains_key(&key)
+                            && state.roles.range(low..=high).count() >= ROLES_PER_ROOM_MAX
+                        {
+                            return Err(ModerationStoreError::TooMany { room_id: *room_id, what: "roles" });
+                        }
+                        state.roles.insert(key, *role);
+                    }
+                    None => {
+                        state.roles.remove(&key);
+                    }
+                }
+            }
+            ModerationChange::SetBan { room_id, user_id, ban } => {
+                let key = moderation_key(*room_id, *user_id);
+                match ban {
+                    Some(ban) => {
+                        let (low, high) = (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
+                        if !state.bans.contains_key(&key)
+                            && state.bans.range(low..=high).count() >= BANS_PER_ROOM_MAX
+                        {
+                            return Err(ModerationStoreError::TooMany { room_id: *room_id, what: "bans" });
+                        }
+                        state.bans.insert(key, *ban);
+                    }
+                    None => {
+                        state.bans.remove(&key);
+                    }
+                }
+            }
+        }
+        let (record, encoded, head) = seal_audit(state.audit_head, event)?;
+        state.audit.insert(head.seq, Bytes::from(encoded));
+        state.audit_head = Some(head);
+        Ok(record)
+    }
+
+    fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError> {
+        let state = self.lock()?;
+        let (low, high) = (moderation_key(room_id, 0), moderation_key(room_id, u64::MAX));
+        let user = |key: &[u8; 24]| u64::from_be_bytes(key[16..].try_into().expect("8 bytes"));
+        Ok(RoomModeration {
+            roles: state.roles.range(low..=high).map(|(key, role)| (user(key), *role)).collect(),
+            bans: state.bans.range(low..=high).map(|(key, ban)| (user(key), *ban)).collect(),
+        })
+    }
+
+    fn audit_records(
+        &self,
+        from_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ModerationStoreError> {
+        let state = self.lock()?;
+        Ok(state
+            .audit
+            .range(from_seq..)
+            .take(count_max.min(AUDIT_PAGE_RECORDS_MAX))
+            .map(|(seq, bytes)| (*seq, bytes.clone()))
+            .collect())
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError> {
+        Ok(self.lock()?.audit_head)
     }
 }
 

@@ -24,6 +24,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::audit::{AuditEvent, AuditHead, AuditRecord, GENESIS_HASH};
+use crate::moderation::Role;
+
 pub mod group_commit;
 pub mod memory;
 pub mod redb;
@@ -688,6 +691,106 @@ impl RoomMetadataError {
     }
 }
 
+/// A change to a room's moderation state, stored in the same transaction
+/// as its audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModerationChange {
+    /// No state changes (a kick): only the audit record is appended.
+    None,
+    /// `user` holds `role` in the room from now on (`None`: no role).
+    SetRole {
+        /// The room.
+        room_id: RoomId,
+        /// The user.
+        user_id: UserId,
+        /// The role, or `None` to revoke.
+        role: Option<Role>,
+    },
+    /// `user` is banned from the room (`Some`) or no longer (`None`).
+    SetBan {
+        /// The room.
+        room_id: RoomId,
+        /// The user.
+        user_id: UserId,
+        /// The ban, or `None` to lift it.
+        ban: Option<StoredBan>,
+    },
+}
+
+/// A stored ban.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredBan {
+    /// When it ends, ms since the Unix epoch; `None`: until lifted.
+    pub until_ms: Option<u64>,
+}
+
+/// A room's stored roles and bans.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomModeration {
+    /// Users with a granted role, by user id.
+    pub roles: Vec<(UserId, Role)>,
+    /// Banned users, by user id.
+    pub bans: Vec<(UserId, StoredBan)>,
+}
+
+/// Error of the moderation and audit operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ModerationStoreError {
+    /// Limit: the room has [`ROLES_PER_ROOM_MAX`](crate::moderation::ROLES_PER_ROOM_MAX)
+    /// roles or [`BANS_PER_ROOM_MAX`](crate::sequencer::BANS_PER_ROOM_MAX)
+    /// bans. Nothing was written.
+    #[error("room {room_id}: too many {what}")]
+    TooMany {
+        /// The room.
+        room_id: RoomId,
+        /// "roles" or "bans".
+        what: &'static str,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold (an undecodable stored record).
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl ModerationStoreError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::TooMany { .. } => ErrorKind::CallerMisuse,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Seals `event` after `head` (the chain's current end): the record and its hash.
+pub(crate) fn seal_audit(
+    head: Option<AuditHead>,
+    event: &AuditEvent,
+) -> Result<(AuditRecord, Vec<u8>, AuditHead), InvariantViolation> {
+    let (seq, prev_hash) = match head {
+        Some(head) => (
+            head.seq.checked_add(1).ok_or_else(|| InvariantViolation("audit sequence exhausted".into()))?,
+            head.hash,
+        ),
+        None => (0, GENESIS_HASH),
+    };
+    let record = AuditRecord::seal(event, seq, &prev_hash);
+    let encoded = record.encode().map_err(|error| InvariantViolation(error.to_string()))?;
+    let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&encoded).into();
+    Ok((record, encoded, AuditHead { seq, hash }))
+}
+
+/// Key of a (room, user) moderation entry: room id, then user id big-endian.
+pub(crate) fn moderation_key(room_id: RoomId, user_id: UserId) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&room_id.0);
+    key[16..].copy_from_slice(&user_id.to_be_bytes());
+    key
+}
+
 /// The server's durable state. All writes are durable when the call returns
 /// `Ok`; a call that returns a caller-misuse error wrote nothing.
 ///
@@ -730,6 +833,18 @@ pub trait Store: Send + Sync + 'static {
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError>;
 
+    /// [`Store::redact`] with an audit record: when this call erases at
+    /// least one entry, `event` is appended to the audit log, chained to the
+    /// current head, in the same durable transaction, and returned. A call
+    /// that erases nothing (every entry already erased) appends nothing.
+    fn redact_audited(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        event: &AuditEvent,
+    ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError>;
+
     /// The data key of an entry, `None` once erased (or if absent). Meant
     /// for verifying erasure (tests, audits); the server never needs it.
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError>;
@@ -737,6 +852,16 @@ pub trait Store: Send + Sync + 'static {
     /// Sets (`Some`) or removes (`None`) the room's retention period. The
     /// sweep position is kept when a period is replaced.
     fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError>;
+
+    /// [`Store::set_retention`] with an audit record: `event` is appended
+    /// to the audit log in the same durable transaction and returned. A
+    /// refused change appends nothing.
+    fn set_retention_audited(
+        &self,
+        room_id: RoomId,
+        retention_ms: Option<u64>,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, RetentionError>;
 
     /// The room's retention setting, if it has one.
     fn retention(&self, room_id: RoomId) -> Result<Option<RoomRetention>, RetentionError>;
@@ -828,6 +953,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// The room's metadata, if any.
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError>;
+
+    /// Applies `change` and appends `event` to the audit log, chained to the
+    /// current head, in one durable transaction; returns the sealed record.
+    fn record_moderation(
+        &self,
+        change: &ModerationChange,
+        event: &AuditEvent,
+    ) -> Result<AuditRecord, ModerationStoreError>;
+
+    /// The room's granted roles and bans.
+    fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError>;
+
+    /// Stored audit records (their exact bytes) from key `from_seq`, at most
+    /// `count_max` (capped at [`AUDIT_PAGE_RECORDS_MAX`](crate::audit::AUDIT_PAGE_RECORDS_MAX)), in key order.
+    fn audit_records(
+        &self,
+        from_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ModerationStoreError>;
+
+    /// The audit log's head: the last record's sequence number and hash.
+    fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError>;
 }
 
 /// Checks a batch against the stored heads before anything is written and

@@ -86,6 +86,8 @@ pub enum ErasureCause {
     },
     /// The room's retention period passed.
     Retention,
+    /// The operator erased it through the admin API.
+    Operator,
 }
 
 impl ErasureCause {
@@ -94,6 +96,7 @@ impl ErasureCause {
             ErasureCause::Sender { actor } => (1, actor),
             ErasureCause::Moderator { actor } => (2, actor),
             ErasureCause::Retention => (3, 0),
+            ErasureCause::Operator => (4, 0),
         }
     }
 
@@ -102,6 +105,7 @@ impl ErasureCause {
             1 => Some(ErasureCause::Sender { actor }),
             2 => Some(ErasureCause::Moderator { actor }),
             3 => Some(ErasureCause::Retention),
+            4 => Some(ErasureCause::Operator),
             _ => None,
         }
     }
@@ -409,6 +413,7 @@ mod tests {
             ErasureCause::Sender { actor: 5 },
             ErasureCause::Moderator { actor: u64::MAX },
             ErasureCause::Retention,
+            ErasureCause::Operator,
         ] {
             let redaction = Redaction { erased_at_ms: 1234, cause };
             let record = erased_record(&plain, &redaction);

@@ -688,11 +688,138 @@ macro_rules! store_suite {
             case!(welcomes_for_many_recipients_all_or_nothing);
             case!(room_metadata_put_get);
             case!(randomized_interleaving);
+            case!(moderation_state_and_audit_chain);
             case!(redact_erases_content_and_keeps_the_index);
             case!(redact_refuses_without_erasing_anything);
             case!(retention_settings);
+            case!(audited_redaction_and_retention_extend_the_chain);
         }
     };
+}
+
+pub(crate) fn moderation_state_and_audit_chain<S: Store>(store: &S) {
+    use crate::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
+    use crate::moderation::Role;
+    let event = |action, target| AuditEvent {
+        time_ms: 5,
+        actor_kind: ActorKind::Operator,
+        actor_id: None,
+        action,
+        room: Some(room(1).to_string()),
+        target: Some(target),
+        role: None,
+        reason: None,
+        until_ms: None,
+        log_index: None,
+        retention_ms: None,
+    };
+    assert_eq!(store.audit_head().unwrap(), None);
+    assert_eq!(store.room_moderation(room(1)).unwrap(), RoomModeration::default());
+    let grant = ModerationChange::SetRole { room_id: room(1), user_id: 7, role: Some(Role::Moderator) };
+    let first = store.record_moderation(&grant, &event(AuditAction::GrantRole, 7)).unwrap();
+    assert_eq!(first.seq, 0);
+    let ban = ModerationChange::SetBan {
+        room_id: room(1),
+        user_id: 9,
+        ban: Some(StoredBan { until_ms: Some(99) }),
+    };
+    store.record_moderation(&ban, &event(AuditAction::Ban, 9)).unwrap();
+    let forever =
+        ModerationChange::SetBan { room_id: room(1), user_id: 8, ban: Some(StoredBan { until_ms: None }) };
+    store.record_moderation(&forever, &event(AuditAction::Ban, 8)).unwrap();
+    let other_room = ModerationChange::SetRole { room_id: room(2), user_id: 7, role: Some(Role::Moderator) };
+    store.record_moderation(&other_room, &event(AuditAction::GrantRole, 7)).unwrap();
+    let kick = store.record_moderation(&ModerationChange::None, &event(AuditAction::Kick, 9)).unwrap();
+    assert_eq!(kick.seq, 4);
+
+    let state = store.room_moderation(room(1)).unwrap();
+    assert_eq!(state.roles, vec![(7, Role::Moderator)]);
+    assert_eq!(state.bans, vec![(8, StoredBan { until_ms: None }), (9, StoredBan { until_ms: Some(99) })]);
+    let lift = ModerationChange::SetBan { room_id: room(1), user_id: 9, ban: None };
+    store.record_moderation(&lift, &event(AuditAction::Unban, 9)).unwrap();
+    let revoke = ModerationChange::SetRole { room_id: room(1), user_id: 7, role: None };
+    store.record_moderation(&revoke, &event(AuditAction::RevokeRole, 7)).unwrap();
+    let state = store.room_moderation(room(1)).unwrap();
+    assert!(state.roles.is_empty());
+    assert_eq!(state.bans, vec![(8, StoredBan { until_ms: None })]);
+    assert_eq!(store.room_moderation(room(2)).unwrap().roles, vec![(7, Role::Moderator)]);
+
+    // The stored records form a chain that ends at the head.
+    let records = store.audit_records(0, 100).unwrap();
+    assert_eq!(records.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (0..7).collect::<Vec<_>>());
+    let decoded: Vec<AuditRecord> =
+        records.iter().map(|(_, bytes)| AuditRecord::decode(bytes).unwrap()).collect();
+    assert_eq!(decoded[0], first);
+    let head = store.audit_head().unwrap();
+    assert_eq!(head.map(|h| h.seq), Some(6));
+    assert_eq!(audit::verify(&decoded, head).unwrap().records, 7);
+    assert_eq!(store.audit_records(5, 1).unwrap().len(), 1);
+    assert!(store.audit_records(7, 10).unwrap().is_empty());
+}
+
+pub(crate) fn audited_redaction_and_retention_extend_the_chain<S: Store>(store: &S) {
+    use crate::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
+    let event = |action, log_index, retention_ms| AuditEvent {
+        time_ms: 9,
+        actor_kind: ActorKind::Operator,
+        actor_id: None,
+        action,
+        room: Some(room(1).to_string()),
+        target: None,
+        role: None,
+        reason: None,
+        until_ms: None,
+        log_index,
+        retention_ms,
+    };
+    let (a, b) = (room(1), room(2));
+    let redact = event(AuditAction::Redact, Some(1), None);
+    // Refused calls append nothing.
+    assert!(matches!(
+        store.redact_audited(a, &[1], &redaction(3), &redact),
+        Err(RedactError::UnknownRoom { .. })
+    ));
+    let set = event(AuditAction::SetRetention, None, Some(60_000));
+    assert!(matches!(
+        store.set_retention_audited(a, Some(60_000), &set),
+        Err(RetentionError::UnknownRoom { .. })
+    ));
+    store.append_batch(&long_entries(a, 0..3)).unwrap();
+    store.append_batch(&long_entries(b, 0..1)).unwrap();
+    assert!(matches!(
+        store.redact_audited(a, &[3], &redaction(3), &redact),
+        Err(RedactError::IndexOutOfRange { .. })
+    ));
+    let short = event(AuditAction::SetRetention, None, Some(RETENTION_MS_MIN - 1));
+    assert!(store.set_retention_audited(a, Some(RETENTION_MS_MIN - 1), &short).is_err());
+    assert_eq!(store.audit_head().unwrap(), None, "nothing was audited");
+
+    let (outcomes, first) = store.redact_audited(a, &[1], &redaction(3), &redact).unwrap();
+    assert_eq!(outcomes, vec![RedactOutcome::Erased]);
+    let first = first.expect("an erasure is audited");
+    assert_eq!((first.seq, first.action, first.log_index), (0, AuditAction::Redact, Some(1)));
+    assert!(store.data_key(a, 1).unwrap().is_none());
+    // Erasing it again erases nothing and audits nothing.
+    let (outcomes, again) = store.redact_audited(a, &[1], &redaction(4), &redact).unwrap();
+    assert_eq!((outcomes, again), (vec![RedactOutcome::AlreadyErased], None));
+    let record = store.set_retention_audited(a, Some(60_000), &set).unwrap();
+    assert_eq!((record.seq, record.retention_ms), (1, Some(60_000)));
+    assert_eq!(store.retention(a).unwrap().map(|r| r.retention_ms), Some(60_000));
+    let clear = event(AuditAction::ClearRetention, None, None);
+    assert_eq!(store.set_retention_audited(a, None, &clear).unwrap().seq, 2);
+    assert_eq!(store.retention(a).unwrap(), None);
+    // A moderation act continues the same chain.
+    let kick = event(AuditAction::Kick, None, None);
+    assert_eq!(store.record_moderation(&ModerationChange::None, &kick).unwrap().seq, 3);
+
+    let records: Vec<AuditRecord> = store
+        .audit_records(0, 10)
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| AuditRecord::decode(bytes).unwrap())
+        .collect();
+    assert_eq!(records[0], first);
+    assert_eq!(audit::verify(&records, store.audit_head().unwrap()).unwrap().records, 4);
 }
 
 store_suite!(memory_store, (MemoryStore::new(), ()));

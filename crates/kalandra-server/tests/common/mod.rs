@@ -18,6 +18,7 @@ use kalandra_proto::payload::{
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
+use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::node::{Clock, Node, NodeLimits};
 use kalandra_server::push::{MemoryPushSink, PushQueue};
 use kalandra_server::room_group::MlsRoomGroup;
@@ -53,6 +54,8 @@ pub struct TestServer {
     /// Push notifications the server forwarded.
     pub push_sink: Arc<MemoryPushSink>,
     pub data_dir: Option<tempfile::TempDir>,
+    /// Added to the wall clock the server reads: tests move server time forward.
+    pub clock_offset_ms: Arc<std::sync::atomic::AtomicU64>,
     /// The server's store (for checks the protocol cannot make).
     pub store: Arc<dyn Store>,
     stop: watch::Sender<ShutdownPhase>,
@@ -74,7 +77,9 @@ impl TestServer {
         let identity = load_or_create_server_identity(path, None, None).unwrap();
         let fingerprint = parse_fingerprint(&identity.fingerprint_sha256_hex()).unwrap();
         let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
-        let clock: Clock = Arc::new(now_ms);
+        let clock_offset_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let offset = Arc::clone(&clock_offset_ms);
+        let clock: Clock = Arc::new(move || now_ms() + offset.load(std::sync::atomic::Ordering::Relaxed));
         let metrics = Metrics::new().unwrap();
         let push_sink = Arc::new(MemoryPushSink::default());
         let push = PushQueue::start(Arc::clone(&push_sink) as Arc<dyn kalandra_server::push::PushSink>);
@@ -84,7 +89,11 @@ impl TestServer {
             2,
             Arc::clone(&clock),
             metrics.clone(),
-            NodeLimits { rooms_per_user_max: limits.rooms_per_user_max, push: Some(push) },
+            NodeLimits {
+                rooms_per_user_max: limits.rooms_per_user_max,
+                push: Some(push),
+                server_signer: Arc::new(ServerSigner::new(server_key.clone())),
+            },
         )
         .await
         .unwrap();
@@ -111,6 +120,7 @@ impl TestServer {
             metrics,
             push_sink,
             data_dir: None,
+            clock_offset_ms,
             store,
             stop,
             serving,
@@ -127,6 +137,26 @@ impl TestServer {
             TIMEOUT,
         )
         .await
+    }
+
+    /// Serves the admin listener (with the admin API) on a loopback port.
+    pub async fn start_admin(&self, operator_token: &str, read_token: Option<&str>) -> SocketAddr {
+        use kalandra_server::admin::{serve_admin, AdminState};
+        use kalandra_server::admin_api::AdminApi;
+        let state = AdminState::new(self.metrics.clone(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
+        state.set_api(AdminApi::new(self.node.clone(), operator_token, read_token));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut stopped = self.stop.subscribe();
+        tokio::spawn(serve_admin(listener, state, async move {
+            kalandra_server::connection::reached(&mut stopped, ShutdownPhase::Drained).await
+        }));
+        address
+    }
+
+    /// Moves the server's clock forward.
+    pub fn advance_clock(&self, by_ms: u64) {
+        self.clock_offset_ms.fetch_add(by_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub async fn stop(self) -> Option<tempfile::TempDir> {
@@ -351,4 +381,70 @@ pub fn error_code(frame: &Frame) -> u16 {
 
 pub fn sync_done(frame: &Frame) -> SyncDone {
     decode_ok(frame)
+}
+
+/// An HTTP answer: status and body.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    /// The error code of a JSON error answer.
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_else(|| panic!("no code in {}", self.body)).to_owned()
+    }
+}
+
+/// One HTTP/1.1 request on loopback with `Connection: close`.
+pub async fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<(&str, &str)>,
+) -> HttpAnswer {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(token) = token {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        let (content_type, content) = body.unwrap_or(("", ""));
+        if body.is_some() {
+            request.push_str(&format!("Content-Type: {content_type}\r\n"));
+        }
+        request.push_str(&format!("Content-Length: {}\r\n\r\n{content}", content.len()));
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.take(16 * 1024 * 1024).read_to_end(&mut raw).await.unwrap();
+        raw
+    };
+    let raw = tokio::time::timeout(TIMEOUT, exchange).await.expect("answer in time");
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpAnswer { status, body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
 }
