@@ -263,6 +263,9 @@ pub enum MessageBody {
     },
     /// A message this device cannot read (sent before it joined, or damaged).
     Unreadable(String),
+    /// The message was erased on the server (redaction or retention) before
+    /// this device read it.
+    Redacted,
 }
 
 /// One entry of a room's history on this device.
@@ -299,6 +302,9 @@ enum Intent {
     Invite(Vec<u64>),
     Remove(Vec<u64>),
     Update,
+    /// Commit the proposals pending in the room (a removal the server
+    /// proposed for a moderator, a member's leave).
+    CoverProposals,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -323,6 +329,9 @@ struct RoomRecord {
     /// on the next connection.
     #[serde(default)]
     redo: Option<Intent>,
+    /// A proposal we can commit is pending (not our own removal): commit it.
+    #[serde(default)]
+    cover_proposals: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -734,6 +743,7 @@ impl Client {
             | Opcode::Proposal
             | Opcode::Application
             | Opcode::ExternalJoin => self.apply_log_frame(&frame),
+            Opcode::Error if is_erased_placeholder(&frame) => self.apply_log_frame(&frame),
             _ => Ok(None),
         }
     }
@@ -806,6 +816,8 @@ impl Client {
                     }
                     applied
                 };
+                // A commit covers every pending proposal.
+                entry.record.cover_proposals = false;
                 if applied.self_removed {
                     entry.record.removed = true;
                     entry.record.pending = None;
@@ -830,10 +842,18 @@ impl Client {
                     let proposal = frame
                         .decode_payload::<payload::Proposal>()
                         .map_err(|e| ClientError::Protocol(format!("sequenced proposal payload: {e}")))?;
-                    group.process_handshake(&self.provider, &proposal.proposal)?;
+                    let outcome = group.process_handshake(&self.provider, &proposal.proposal)?;
+                    if let HandshakeOutcome::ProposalStored { removes, .. } = outcome {
+                        // Nobody commits their own removal; every other member may.
+                        if removes != Some(group.own_leaf_index()) {
+                            entry.record.cover_proposals = true;
+                        }
+                    }
                 }
                 None
             }
+            // An erased entry: the log index stays, the content is gone.
+            Opcode::Error => Some(message(MessageBody::Redacted)),
             Opcode::Application => {
                 if own {
                     let generation = frame.decode_payload::<Application>().map(|a| a.generation).ok();
@@ -995,6 +1015,18 @@ impl Client {
         if let Some(intent) = redo {
             self.commit_intent(room_id, intent).await?;
         }
+        self.cover_pending_proposals(room_id).await
+    }
+
+    /// Commits the room's pending proposals if one of them waits for us (a
+    /// removal the server proposed: the room takes no message until it is
+    /// committed). Every online member does this; the first commit wins and
+    /// the others find nothing left to cover.
+    async fn cover_pending_proposals(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        let waiting = self.rooms.get(&room_id).is_some_and(|e| e.record.cover_proposals && !e.record.removed);
+        if waiting {
+            self.commit_intent(room_id, Intent::CoverProposals).await?;
+        }
         Ok(())
     }
 
@@ -1050,6 +1082,7 @@ impl Client {
             sender_keys: None,
             removed: false,
             redo: None,
+            cover_proposals: false,
         };
         // Creation is not a commit: the creator is a member at epoch 0 at once.
         let state = ClientState::Synchronized { epoch: 0 };
@@ -1096,6 +1129,75 @@ impl Client {
         Ok(ack.log_index)
     }
 
+    /// Sends a moderation request (an admin's or moderator's act) for the
+    /// room and returns the log index it was sequenced at, if it was (a kick
+    /// becomes a server-issued Remove proposal in the log; acts that
+    /// sequence nothing answer `u64::MAX`).
+    async fn moderate<P: Payload>(&mut self, room_id: RoomId, request: &P) -> Result<u64, ClientError> {
+        let epoch = self.epoch_of(room_id);
+        let frame = self.frame(room_id, epoch, request)?;
+        let reply = self.request(&frame).await?;
+        let ack: Ack = expect(&reply)?;
+        Ok(ack.log_index)
+    }
+
+    /// Removes `member` from the room as a moderator: the server proposes the
+    /// removal and the room takes no message until a member commits it
+    /// (online members do so at once). Returns the proposal's log index.
+    pub async fn kick(
+        &mut self,
+        room_id: RoomId,
+        member: SenderId,
+        reason: &str,
+    ) -> Result<u64, ClientError> {
+        self.member_group(room_id)?;
+        self.moderate(room_id, &payload::Kick { target: member.0, reason: reason.to_owned() }).await
+    }
+
+    /// Removes `user` and refuses their return (for `duration_ms`, or for
+    /// good). Returns the log index of the removal proposal, or `u64::MAX`
+    /// if the user was not a member.
+    pub async fn ban(
+        &mut self,
+        room_id: RoomId,
+        user: SenderId,
+        reason: &str,
+        duration_ms: Option<u64>,
+    ) -> Result<u64, ClientError> {
+        self.member_group(room_id)?;
+        let ban = payload::Ban { target: user.0, reason: reason.to_owned(), duration_ms };
+        self.moderate(room_id, &ban).await
+    }
+
+    /// Lifts a ban.
+    pub async fn unban(&mut self, room_id: RoomId, user: SenderId, reason: &str) -> Result<(), ClientError> {
+        self.member_group(room_id)?;
+        self.moderate(room_id, &payload::Unban { target: user.0, reason: reason.to_owned() })
+            .await
+            .map(|_| ())
+    }
+
+    /// Grants or revokes a room role (the room's admin does this).
+    pub async fn set_role(
+        &mut self,
+        room_id: RoomId,
+        user: SenderId,
+        role: &str,
+        granted: bool,
+    ) -> Result<(), ClientError> {
+        self.member_group(room_id)?;
+        let request = payload::SetRole { target: user.0, role: role.to_owned(), granted };
+        self.moderate(room_id, &request).await.map(|_| ())
+    }
+
+    /// Erases the content of entry `log_index` on the server (our own
+    /// message, or anyone's for a moderator). Copies other devices already
+    /// read stay on those devices.
+    pub async fn redact(&mut self, room_id: RoomId, log_index: u64, reason: &str) -> Result<(), ClientError> {
+        self.member_group(room_id)?;
+        self.moderate(room_id, &payload::Redact { log_index, reason: reason.to_owned() }).await.map(|_| ())
+    }
+
     /// Makes, sends and settles a commit for `intent`, catching up and
     /// trying again (at most [`COMMIT_ATTEMPTS_MAX`] times) when another
     /// commit wins the epoch.
@@ -1125,6 +1227,13 @@ impl Client {
                     (group.remove_members(&self.provider, &self.identity, &leaves)?, Vec::new())
                 }
                 Intent::Update => (group.self_update(&self.provider, &self.identity)?, Vec::new()),
+                Intent::CoverProposals => {
+                    if !entry.record.cover_proposals {
+                        // Another member's commit covered them meanwhile.
+                        return Ok(group.epoch());
+                    }
+                    (group.commit_pending_proposals(&self.provider, &self.identity)?, Vec::new())
+                }
                 Intent::Create => return Err(ClientError::Protocol("room creation is not a commit".into())),
             };
             let commit = Commit {
@@ -1257,6 +1366,7 @@ impl Client {
             sender_keys: None,
             removed: false,
             redo: None,
+            cover_proposals: false,
         };
         let mut state = ClientState::PendingWelcome;
         step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
@@ -1300,6 +1410,7 @@ impl Client {
                         sender_keys: None,
                         removed: false,
                         redo: None,
+                        cover_proposals: false,
                     };
                     self.rooms.insert(
                         room_id,
@@ -1346,7 +1457,10 @@ impl Client {
         self.member_group(room_id)?;
         // Without a connection the message still goes to the outbox (sealed
         // in the epoch we know; resealed at delivery if the room moved on).
-        let synced = self.sync(room_id).await;
+        let mut synced = self.sync(room_id).await;
+        if synced.is_ok() {
+            synced = self.cover_pending_proposals(room_id).await.map(|()| Vec::new());
+        }
         if let Err(error) = &synced {
             if !error.is_transient() {
                 return Err(synced.unwrap_err());
@@ -1423,8 +1537,10 @@ impl Client {
                         reply.decode_payload::<payload::Error>().ok().and_then(|e| e.retry_after_ms);
                     match error.code().and_then(ErrorCode::from_u16) {
                         Some(ErrorCode::WrongEpoch) | Some(ErrorCode::PendingProposals) => {
-                            // The room moved on: read what changed, then reseal in the new epoch.
+                            // The room moved on (or waits for a commit covering a
+                            // removal): catch up, commit what waits, reseal.
                             self.sync(room_id).await?;
+                            self.cover_pending_proposals(room_id).await?;
                             let resealed =
                                 self.seal_entry(room_id, id, entry.plaintext, entry.attempts + 1)?;
                             self.outbox.insert(id, resealed);
@@ -1508,11 +1624,20 @@ impl Client {
                 Ok(Err(ConnectionError::TimedOut)) | Err(_) => return Ok(None),
                 Ok(Err(error)) => return Err(error.into()),
             };
-            if frame.opcode() == Opcode::Error {
-                return Err(ClientError::refused(&frame));
+            let room_id = frame.header().room_id();
+            if frame.opcode() == Opcode::Error && !is_erased_placeholder(&frame) {
+                let error = ClientError::refused(&frame);
+                if error.code() == Some(ErrorCode::PendingProposals.to_u16()) {
+                    // The server's reminder that a removal waits for a commit.
+                    self.sync(room_id).await?;
+                    self.cover_pending_proposals(room_id).await?;
+                    continue;
+                }
+                return Err(error);
             }
             let message = self.handle_incoming(frame)?;
             self.checkpoint()?;
+            self.cover_pending_proposals(room_id).await?;
             if message.is_some() {
                 return Ok(message);
             }
@@ -1528,6 +1653,14 @@ fn expect<P: Payload>(frame: &Frame) -> Result<P, ClientError> {
         return Err(ClientError::Protocol(format!("expected {:?}, got {:?}", P::OPCODE, frame.opcode())));
     }
     frame.decode_payload().map_err(|e| ClientError::Protocol(format!("{:?} payload: {e}", P::OPCODE)))
+}
+
+/// The history placeholder of an erased entry: an unsolicited `Error`
+/// `Redacted` frame carrying the entry's log index.
+fn is_erased_placeholder(frame: &Frame) -> bool {
+    frame.opcode() == Opcode::Error
+        && frame.header().request_id() == 0
+        && frame.decode_payload::<payload::Error>().is_ok_and(|e| e.code == ErrorCode::Redacted.to_u16())
 }
 
 fn member_entry(

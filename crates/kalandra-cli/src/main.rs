@@ -103,6 +103,65 @@ enum Command {
         #[arg(long)]
         room: String,
     },
+    /// As the room's admin or a moderator: remove a member (the server
+    /// proposes the removal; the members' next commit applies it).
+    Kick {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The member's sender id.
+        member: String,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// As the room's admin or a moderator: remove a user and refuse their return.
+    Ban {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The user's sender id.
+        user: String,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// For how long (default: for good).
+        #[arg(long)]
+        duration_ms: Option<u64>,
+    },
+    /// As the room's admin or a moderator: lift a ban.
+    Unban {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The user's sender id.
+        user: String,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// As the room's admin: grant or revoke the moderator role.
+    Moderator {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The user's sender id.
+        user: String,
+        /// Revoke instead of grant.
+        #[arg(long)]
+        revoke: bool,
+    },
+    /// Erase a message's content on the server (yours, or anyone's as a moderator).
+    Redact {
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The message's log index.
+        log_index: u64,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Join a room you were invited to (or, with --external, any room by external commit).
     Join {
         /// The room.
@@ -281,6 +340,7 @@ fn print_message(out: &mut impl std::io::Write, message: &Message) -> std::io::R
         MessageBody::Unreadable(reason) => {
             writeln!(out, "{}\t{sender}\t* unreadable: {reason}", message.log_index)
         }
+        MessageBody::Redacted => writeln!(out, "{}\t{sender}\t* redacted", message.log_index),
     }
 }
 
@@ -403,6 +463,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let result = client.self_update(room).await;
             client.disconnect().await;
             writeln!(out, "epoch {}", result?)?;
+        }
+        Command::Kick { room, member, reason } => {
+            let (room, member) = (parse_room(room)?, parse_sender(member)?);
+            let mut client = open_connected(&cli).await?;
+            let result = client.kick(room, member, reason).await;
+            client.disconnect().await;
+            writeln!(out, "removal proposed at {}", result?)?;
+        }
+        Command::Ban { room, user, reason, duration_ms } => {
+            let (room, user) = (parse_room(room)?, parse_sender(user)?);
+            let mut client = open_connected(&cli).await?;
+            let result = client.ban(room, user, reason, *duration_ms).await;
+            client.disconnect().await;
+            match result? {
+                u64::MAX => writeln!(out, "banned")?,
+                index => writeln!(out, "banned; removal proposed at {index}")?,
+            }
+        }
+        Command::Unban { room, user, reason } => {
+            let (room, user) = (parse_room(room)?, parse_sender(user)?);
+            let mut client = open_connected(&cli).await?;
+            let result = client.unban(room, user, reason).await;
+            client.disconnect().await;
+            result?;
+            writeln!(out, "unbanned")?;
+        }
+        Command::Moderator { room, user, revoke } => {
+            let (room, user) = (parse_room(room)?, parse_sender(user)?);
+            let mut client = open_connected(&cli).await?;
+            let result = client.set_role(room, user, "moderator", !*revoke).await;
+            client.disconnect().await;
+            result?;
+            writeln!(out, "{}", if *revoke { "revoked" } else { "granted" })?;
+        }
+        Command::Redact { room, log_index, reason } => {
+            let room = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.redact(room, *log_index, reason).await;
+            client.disconnect().await;
+            result?;
+            writeln!(out, "redacted {log_index}")?;
         }
         Command::Join { room, wait_ms, external } => {
             let room = parse_room(room)?;
