@@ -732,6 +732,10 @@ impl Client {
         match frame.opcode() {
             Opcode::Welcome => {
                 let room_id = frame.header().room_id();
+                if self.rooms.get(&room_id).is_some_and(|e| e.group.is_some() && !e.record.removed) {
+                    // Delivered again until the server sees us read the room.
+                    return Ok(None);
+                }
                 self.pending_batch.put(Namespace::Welcome, &room_id.0, frame.to_bytes().to_vec());
                 self.welcomes.insert(room_id, frame);
                 // A Welcome the server delivered is deleted there: store it at once.

@@ -179,3 +179,27 @@ async fn a_device_joins_by_external_commit_and_reads_what_follows() {
     assert_eq!(alice.rooms()[0].members.len(), 2);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_survives_a_device_that_dies_before_reading_it() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let (alice_dir, bob_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut alice = device(alice_dir.path(), 1, &server).await;
+    let bob = device(bob_dir.path(), 2, &server).await;
+    let room = alice.create_room().await.unwrap();
+    // Bob is online: the server hands the Welcome to his connection at once.
+    alice.invite(room, &[bob.sender_id()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(bob); // dies without reading it
+    let mut bob = Client::open(bob_dir.path(), &key(2)).unwrap();
+    bob.connect().await.unwrap();
+    assert_eq!(bob.join(room, Duration::from_secs(5)).await.unwrap(), 1);
+    // Once Bob has read the room, the Welcome is gone from the server: a
+    // later connection is not handed it again.
+    bob.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending = server.pending_welcomes(bob.sender_id());
+    assert_eq!(pending, 0, "the used Welcome was deleted");
+    server.stop().await;
+}

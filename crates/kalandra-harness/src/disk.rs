@@ -366,6 +366,14 @@ impl Store for SimDisk {
         self.store().pending_welcomes(recipient_user_id)
     }
 
+    fn delete_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        welcome_ids: &[WelcomeId],
+    ) -> Result<usize, WelcomeError> {
+        self.write("delete_welcomes", || self.store().delete_welcomes(recipient_user_id, welcome_ids))
+    }
+
     fn delete_welcomes_through(
         &self,
         recipient_user_id: UserId,

@@ -36,7 +36,7 @@ use crate::sequencer::{
     SERVER_SENDER_ID,
 };
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::{EntryContent, LogEntry, RoomMetadata, Store, StoredEntry};
+use crate::store::{EntryContent, LogEntry, RoomMetadata, Store, StoredEntry, WelcomeId};
 
 /// Identifies one client connection for the life of the process.
 pub type ConnectionId = u64;
@@ -83,6 +83,9 @@ pub struct Outbox {
     notices: Mutex<VecDeque<Bytes>>,
     wake: Notify,
     closing: AtomicBool,
+    /// Pending Welcomes were handed to this connection: the first time the
+    /// recipient reads a room, its Welcomes for that room are deleted.
+    welcomes_delivered: AtomicBool,
 }
 
 /// The receiving half of an [`Outbox`], owned by the connection's writer.
@@ -106,6 +109,7 @@ impl Outbox {
             notices: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
+            welcomes_delivered: AtomicBool::new(false),
         });
         (Arc::clone(&outbox), OutboxReceiver { frames: receiver, outbox })
     }
@@ -509,6 +513,11 @@ impl Node {
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
     pub async fn send(&self, room_id: RoomId, command: Command) -> bool {
+        if let Command::Subscribe { outbox, .. } = &command {
+            if outbox.welcomes_delivered.load(Ordering::Acquire) {
+                forget_used_welcomes(Arc::clone(&self.store), outbox.sender(), room_id);
+            }
+        }
         self.shards[shard_of(room_id, self.shards.len())].send(command).await.is_ok()
     }
 
@@ -614,21 +623,47 @@ fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
     usize::try_from(u64::from_be_bytes(prefix) % shard_count as u64).expect("shard index fits usize")
 }
 
+/// Hands the recipient's pending Welcomes to its connection. They stay
+/// stored: a connection can die before the client keeps them (it looks alive
+/// to the server until its idle timeout), so a Welcome is deleted only once
+/// its recipient reads the room it joins (see [`forget_used_welcomes`]) and
+/// is delivered again on every authentication until then. Clients ignore a
+/// Welcome for a room they are in.
 async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
     let recipient = outbox.sender().0;
-    let reader = Arc::clone(&store);
-    let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || reader.pending_welcomes(recipient)).await
-    else {
+    let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || store.pending_welcomes(recipient)).await else {
         tracing::warn!(recipient, "could not read pending welcomes");
         return;
     };
-    let Some(last) = pending.last().map(|welcome| welcome.welcome_id) else { return };
+    if pending.is_empty() {
+        return;
+    }
+    outbox.welcomes_delivered.store(true, Ordering::Release);
     for welcome in pending {
         if !outbox.send(welcome.welcome).await {
             return;
         }
     }
-    let _ = tokio::task::spawn_blocking(move || store.delete_welcomes_through(recipient, last)).await;
+}
+
+/// The recipient reads `room_id` (subscribe or sync): it has used its
+/// Welcome for the room, which can go.
+fn forget_used_welcomes(store: Arc<dyn Store>, recipient: SenderId, room_id: RoomId) {
+    tokio::task::spawn_blocking(move || {
+        let Ok(pending) = store.pending_welcomes(recipient.0) else { return };
+        let used: Vec<WelcomeId> = pending
+            .iter()
+            .filter(|welcome| {
+                Frame::decode(&welcome.welcome).is_ok_and(|frame| frame.header().room_id() == room_id)
+            })
+            .map(|welcome| welcome.welcome_id)
+            .collect();
+        if !used.is_empty() {
+            if let Err(error) = store.delete_welcomes(recipient.0, &used) {
+                tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
+            }
+        }
+    });
 }
 
 /// One connection subscribed to a room.

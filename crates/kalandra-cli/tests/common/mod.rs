@@ -25,6 +25,7 @@ pub struct Server {
     pub address: SocketAddr,
     pub fingerprint_hex: String,
     pub data_dir: PathBuf,
+    store: Arc<dyn Store>,
     node: Node,
     stop: watch::Sender<ShutdownPhase>,
     serving: tokio::task::JoinHandle<()>,
@@ -60,14 +61,21 @@ impl Server {
         )
         .unwrap();
         let address = endpoint.local_addr().unwrap();
-        let listener =
-            Listener::new(node.clone(), store, limits, clock, metrics, server_key.verifying_key().to_bytes());
+        let listener = Listener::new(
+            node.clone(),
+            Arc::clone(&store),
+            limits,
+            clock,
+            metrics,
+            server_key.verifying_key().to_bytes(),
+        );
         let (stop, stopped) = watch::channel(ShutdownPhase::Running);
         let serving = tokio::spawn(listener.serve(endpoint, stopped));
         Server {
             address,
             fingerprint_hex: identity.fingerprint_sha256_hex(),
             data_dir: data_dir.to_owned(),
+            store,
             node,
             stop,
             serving,
@@ -78,6 +86,11 @@ impl Server {
     /// The room core (the admin API acts on it).
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// How many Welcomes wait for `recipient` in the server's store.
+    pub fn pending_welcomes(&self, recipient: kalandra_proto::SenderId) -> usize {
+        self.store.pending_welcomes(recipient.0).unwrap().len()
     }
 
     pub async fn stop(self) {

@@ -673,6 +673,13 @@ mod tests {
         fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
             self.inner.pending_welcomes(recipient_user_id)
         }
+        fn delete_welcomes(
+            &self,
+            recipient_user_id: UserId,
+            ids: &[WelcomeId],
+        ) -> Result<usize, WelcomeError> {
+            self.inner.delete_welcomes(recipient_user_id, ids)
+        }
         fn delete_welcomes_through(
             &self,
             recipient_user_id: UserId,

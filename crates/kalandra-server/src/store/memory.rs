@@ -472,6 +472,20 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn delete_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        welcome_ids: &[WelcomeId],
+    ) -> Result<usize, WelcomeError> {
+        let mut state = self.lock()?;
+        let removed = welcome_ids
+            .iter()
+            .take(WELCOMES_PER_RECIPIENT_MAX)
+            .filter(|&&welcome_id| state.welcomes.remove(&(recipient_user_id, welcome_id)).is_some())
+            .count();
+        Ok(removed)
+    }
+
     fn delete_welcomes_through(
         &self,
         recipient_user_id: UserId,

@@ -937,6 +937,15 @@ pub trait Store: Send + Sync + 'static {
     /// clients ignore a Welcome for a group they already joined.
     fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError>;
 
+    /// Removes the listed pending Welcomes of `recipient_user_id` (those the
+    /// recipient has shown it used); ids that are not pending are skipped.
+    /// Returns how many were removed.
+    fn delete_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        welcome_ids: &[WelcomeId],
+    ) -> Result<usize, WelcomeError>;
+
     /// Removes `recipient_user_id`'s pending Welcomes with ids up to and
     /// including `through_welcome_id` (delivered ones); Welcomes stored
     /// after the listing have larger ids and stay. Returns how many were

@@ -990,6 +990,38 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn delete_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        welcome_ids: &[WelcomeId],
+    ) -> Result<usize, WelcomeError> {
+        const OP: &str = "delete_welcomes";
+        if welcome_ids.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.begin_write(OP)?;
+        let outcome = (|| -> Result<usize, WelcomeError> {
+            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
+            let mut removed = 0;
+            for &welcome_id in welcome_ids.iter().take(WELCOMES_PER_RECIPIENT_MAX) {
+                if table.remove(&welcome_key(recipient_user_id, welcome_id)).map_err(failed(OP))?.is_some() {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })();
+        match outcome {
+            Ok(removed) => {
+                txn.commit().map_err(failed(OP))?;
+                Ok(removed)
+            }
+            Err(error) => {
+                let _ = abort(txn, OP);
+                Err(error)
+            }
+        }
+    }
+
     fn delete_welcomes_through(
         &self,
         recipient_user_id: UserId,

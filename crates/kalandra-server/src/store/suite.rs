@@ -402,6 +402,15 @@ pub(crate) fn welcomes_two_step<S: Store>(store: &S) {
         0,
         "an old acknowledgement removes nothing new"
     );
+    // Deleting by id removes exactly the listed pending ones.
+    let w5 = store.put_welcome(alice, Bytes::from_static(b"w5")).unwrap();
+    assert_eq!(store.delete_welcomes(alice, &[w4, w3, w4 + 1_000]).unwrap(), 1);
+    assert_eq!(
+        store.pending_welcomes(alice).unwrap(),
+        vec![PendingWelcome { welcome_id: w5, welcome: Bytes::from_static(b"w5") }]
+    );
+    assert_eq!(store.delete_welcomes(alice, &[w5]).unwrap(), 1);
+    assert_eq!(store.delete_welcomes(alice, &[]).unwrap(), 0);
     // Bob untouched throughout.
     assert_eq!(
         store.pending_welcomes(bob).unwrap(),
