@@ -32,6 +32,23 @@ pub const SELF_SIGNED_COMMON_NAME: &str = "kalandra server (self-signed)";
 pub const BIDI_STREAMS_PER_CONNECTION_MAX: u32 = 4;
 /// Interval at which clients send QUIC keep-alives.
 pub const CLIENT_KEEP_ALIVE_INTERVAL_MS: u64 = 5_000;
+/// Bytes a client may send on one stream ahead of the server reading them
+/// (QUIC stream flow control). A sender pipelining a full window of
+/// messages (4,096 frames of a few hundred bytes) is not throttled by it; a
+/// larger frame (a commit, up to the protocol's payload limit) streams
+/// through it. It bounds what one connection can make the server buffer.
+pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 1024 * 1024;
+/// Bytes a client may send on all its streams ahead of the server reading
+/// them: the protocol uses one stream at a time.
+pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 2 * STREAM_RECEIVE_WINDOW_BYTES;
+/// Bytes written towards one client and not yet acknowledged by it, at
+/// most: with the connection's outbox (`limits.send_queue_frames_max`
+/// frames) this bounds the memory a slow reader holds. One megabyte keeps a
+/// loopback or LAN link busy (quinn's default, ten, is sized for bulk
+/// transfers over long paths).
+pub const SEND_WINDOW_BYTES: u64 = 1024 * 1024;
+
+const _: () = assert!(CONNECTION_RECEIVE_WINDOW_BYTES >= STREAM_RECEIVE_WINDOW_BYTES);
 
 /// The self-signed identity or the TLS configuration could not be loaded or built.
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +337,9 @@ fn warn_if_key_is_readable_by_others(key_path: &Path) {
 
 /// The quinn server configuration for `identity`: TLS 1.3 only, ALPN
 /// [`ALPN`], no 0-RTT, at most [`BIDI_STREAMS_PER_CONNECTION_MAX`]
-/// bidirectional and no unidirectional streams per connection, and the given
+/// bidirectional and no unidirectional streams per connection, no QUIC
+/// datagrams, flow-control windows sized for a messaging server
+/// ([`STREAM_RECEIVE_WINDOW_BYTES`], [`SEND_WINDOW_BYTES`]), and the given
 /// idle timeout (clients keep connections alive).
 pub fn quinn_server_config(
     identity: &ServerTlsIdentity,
@@ -342,7 +361,13 @@ pub fn quinn_server_config(
         .max_idle_timeout(Some(idle_timeout))
         .keep_alive_interval(None)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(BIDI_STREAMS_PER_CONNECTION_MAX))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
+        .send_window(SEND_WINDOW_BYTES)
+        // The protocol does not use QUIC datagrams: none are accepted or buffered.
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0);
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     Ok(config)
