@@ -47,6 +47,14 @@ pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 2 * STREAM_RECEIVE_WINDOW_BYTES
 /// loopback or LAN link busy (quinn's default, ten, is sized for bulk
 /// transfers over long paths).
 pub const SEND_WINDOW_BYTES: u64 = 1024 * 1024;
+/// Receive buffer asked for the server's UDP socket. Every connection's
+/// packets arrive on that one socket: with the kernel's default (about
+/// 200 KB) a burst of acknowledgements from a large room overflowed it and
+/// the dropped packets cost loss-recovery timeouts. The kernel caps it at
+/// `net.core.rmem_max`.
+pub const UDP_RECEIVE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Send buffer asked for the server's UDP socket (capped at `net.core.wmem_max`).
+pub const UDP_SEND_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 const _: () = assert!(CONNECTION_RECEIVE_WINDOW_BYTES >= STREAM_RECEIVE_WINDOW_BYTES);
 
@@ -371,6 +379,22 @@ pub fn quinn_server_config(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// A QUIC server endpoint on `address` whose UDP socket asks for
+/// [`UDP_RECEIVE_BUFFER_BYTES`] and [`UDP_SEND_BUFFER_BYTES`] of kernel
+/// buffers (the kernel may grant less; a refusal is logged, not fatal).
+pub fn quinn_server_endpoint(config: quinn::ServerConfig, address: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if let Err(error) = state.set_recv_buffer_size((&socket).into(), UDP_RECEIVE_BUFFER_BYTES) {
+        tracing::warn!(%error, "could not enlarge the UDP receive buffer");
+    }
+    if let Err(error) = state.set_send_buffer_size((&socket).into(), UDP_SEND_BUFFER_BYTES) {
+        tracing::warn!(%error, "could not enlarge the UDP send buffer");
+    }
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
 }
 
 #[cfg(test)]
