@@ -17,7 +17,9 @@ use kalandra_proto::payload::{
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use sha2::{Digest, Sha256};
 
-use crate::limits::{CLIENT_ENDPOINTS_MAX, CLIENT_UDP_BUFFER_BYTES, CONNECT_CONCURRENCY_MAX, REQUEST_TIMEOUT_MS};
+use crate::limits::{
+    CLIENT_ENDPOINTS_MAX, CLIENT_UDP_BUFFER_BYTES, CONNECT_CONCURRENCY_MAX, REQUEST_TIMEOUT_MS,
+};
 use crate::server::ServerTarget;
 use crate::BenchError;
 

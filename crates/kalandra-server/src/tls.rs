@@ -384,7 +384,10 @@ pub fn quinn_server_config(
 /// A QUIC server endpoint on `address` whose UDP socket asks for
 /// [`UDP_RECEIVE_BUFFER_BYTES`] and [`UDP_SEND_BUFFER_BYTES`] of kernel
 /// buffers (the kernel may grant less; a refusal is logged, not fatal).
-pub fn quinn_server_endpoint(config: quinn::ServerConfig, address: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+pub fn quinn_server_endpoint(
+    config: quinn::ServerConfig,
+    address: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(address)?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     if let Err(error) = state.set_recv_buffer_size((&socket).into(), UDP_RECEIVE_BUFFER_BYTES) {

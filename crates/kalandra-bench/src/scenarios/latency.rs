@@ -221,7 +221,11 @@ pub async fn run(
         let delivery_seconds = last_delivery_ns.saturating_sub(load_started_ns) as f64 / 1e9;
         report.figure("deliveries", delivered as f64, "deliveries");
         report.figure("deliveries_expected", (total as u64 * expected) as f64, "deliveries");
-        report.figure("deliveries_per_second", delivered as f64 / delivery_seconds.max(send_seconds), "deliveries/s");
+        report.figure(
+            "deliveries_per_second",
+            delivered as f64 / delivery_seconds.max(send_seconds),
+            "deliveries/s",
+        );
         report.figure("frames_not_received_by_all", incomplete as f64, "frames");
         report.figure("refused_frames", refused as f64, "frames");
         report.figure("resync_notices", deliveries.resyncs.load(Ordering::Relaxed) as f64, "notices");
