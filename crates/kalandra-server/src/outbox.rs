@@ -28,9 +28,12 @@ pub mod limits {
     /// fan-out and history stop at the rest, so a member that lags behind
     /// the room's traffic still gets its acknowledgements.
     pub const REPLY_RESERVE_DIVISOR: usize = 4;
-    /// Frames a writer keeps room for between batches; a larger batch
-    /// buffer is released once written, so an idle connection holds none.
-    pub const WRITER_BATCH_RETAINED_FRAMES_MAX: usize = 64;
+    /// Frames a batch buffer keeps room for once written; a larger one is
+    /// released. The writer and the queue trade their buffers at each
+    /// batch, so a connection that has gone idle keeps at most two buffers
+    /// of this many frames (512 bytes each), and one that never received
+    /// anything keeps none.
+    pub const WRITER_BATCH_RETAINED_FRAMES_MAX: usize = 16;
 
     const _: () = assert!(REPLY_RESERVE_DIVISOR >= 2, "fan-out keeps at least half of the queue");
 }
@@ -255,7 +258,7 @@ impl Drop for OutboxReceiver {
 
 /// Releases a written batch's buffer if it grew beyond
 /// [`WRITER_BATCH_RETAINED_FRAMES_MAX`] frames, so an idle connection keeps
-/// no large buffer.
+/// no large buffer (a burst costs a few allocations, not one per frame).
 pub fn recycle_batch(batch: &mut VecDeque<Bytes>) {
     batch.clear();
     if batch.capacity() > WRITER_BATCH_RETAINED_FRAMES_MAX {
