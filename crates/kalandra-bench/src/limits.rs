@@ -2,6 +2,9 @@
 
 /// Client QUIC endpoints (UDP sockets) that connections are spread over.
 pub const CLIENT_ENDPOINTS_MAX: usize = 64;
+/// Kernel receive and send buffer asked for each client UDP socket (capped
+/// by the kernel at `net.core.rmem_max` / `wmem_max`).
+pub const CLIENT_UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// Connections being set up at once.
 pub const CONNECT_CONCURRENCY_MAX: usize = 64;
 /// Members of one room the generator builds (the protocol's Welcome limit).

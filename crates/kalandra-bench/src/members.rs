@@ -17,7 +17,9 @@ use kalandra_proto::payload::{
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use sha2::{Digest, Sha256};
 
-use crate::limits::{CLIENT_ENDPOINTS_MAX, CONNECT_CONCURRENCY_MAX, REQUEST_TIMEOUT_MS};
+use crate::limits::{
+    CLIENT_ENDPOINTS_MAX, CLIENT_UDP_BUFFER_BYTES, CONNECT_CONCURRENCY_MAX, REQUEST_TIMEOUT_MS,
+};
 use crate::server::ServerTarget;
 use crate::BenchError;
 
@@ -85,7 +87,7 @@ impl Clients {
             SocketAddr::from(([0, 0, 0, 0], 0))
         };
         let endpoints = (0..endpoints.clamp(1, CLIENT_ENDPOINTS_MAX))
-            .map(|_| quinn::Endpoint::client(bind))
+            .map(|_| client_endpoint(bind))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BenchError::Io { what: "binding a client UDP socket", detail: e.to_string() })?;
         Ok(Clients { endpoints, next: AtomicUsize::new(0), config, target, connect_timeout })
@@ -560,4 +562,18 @@ pub fn seal_all(
         .map(|slot| slot.into_inner().expect("result lock").expect("every job ran"))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((frames, started.elapsed().as_secs_f64()))
+}
+
+/// A client endpoint on `bind` whose UDP socket asks for
+/// [`CLIENT_UDP_BUFFER_BYTES`] of kernel buffers: thousands of connections
+/// share each socket, and the kernel's default receive buffer (about
+/// 200 KB) overflowed under fan-out, so the run measured loss recovery.
+fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // The kernel caps the sizes at net.core.rmem_max / wmem_max; less is fine.
+    let _ = state.set_recv_buffer_size((&socket).into(), CLIENT_UDP_BUFFER_BYTES);
+    let _ = state.set_send_buffer_size((&socket).into(), CLIENT_UDP_BUFFER_BYTES);
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
 }

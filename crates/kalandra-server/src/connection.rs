@@ -214,7 +214,9 @@ impl Listener {
                 }
             }
             // Frames decoded before a bad one are handled: nothing accepted is lost.
-            let open = self.handle_frames(&mut state, &mut frames).await;
+            // Boxed: the handling of a request is a large future, and keeping
+            // it inline would make every idle connection's task that large.
+            let open = Box::pin(self.handle_frames(&mut state, &mut frames)).await;
             if let Some(error) = decode_error {
                 self.metrics.rejected(error.error_code());
                 state.write(error_frame(RoomId::default(), 0, error.error_code(), &error.to_string())).await;
@@ -543,17 +545,27 @@ async fn refuse(connection: &quinn::Connection, code: ErrorCode, message: &str) 
     connection.close(quinn::VarInt::from_u32(u32::from(code.to_u16())), message.as_bytes());
 }
 
+/// Drains the outbox: every wake-up takes all that is queued and writes it
+/// with one stream write (the frames are shared, not copied), so a burst of
+/// deliveries costs one wake-up and as few packets as the bytes need.
 async fn write_loop(
     mut send: quinn::SendStream,
     mut receiver: crate::node::OutboxReceiver,
     metrics: crate::metrics::Metrics,
 ) {
-    while let Outgoing::Frame(frame) = receiver.next().await {
-        if send.write_all(&frame).await.is_err() {
+    let mut batch = std::collections::VecDeque::new();
+    loop {
+        let next = receiver.next_batch(&mut batch).await;
+        let count = batch.len() as u64;
+        if send.write_all_chunks(batch.make_contiguous()).await.is_err() {
             break;
         }
-        metrics.frame_out();
+        metrics.frames_out(count);
+        crate::outbox::recycle_batch(&mut batch);
+        if next == Outgoing::Close {
+            break;
+        }
     }
     let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    let _ = tokio::time::timeout(WRITER_DRAIN_TIMEOUT, send.stopped()).await;
 }

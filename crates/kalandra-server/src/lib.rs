@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mls_state;
 pub mod moderation;
 pub mod node;
+pub mod outbox;
 pub mod push;
 pub mod rate_limit;
 pub mod room_group;

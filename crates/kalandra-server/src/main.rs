@@ -236,7 +236,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
 
     let server_config =
         quinn_server_config(&identity, config.limits.idle_timeout_ms).context("QUIC configuration")?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+    let endpoint = kalandra_server::tls::quinn_server_endpoint(server_config, config.listen)
         .with_context(|| format!("binding QUIC on {}", config.listen))?;
     let quic_address = endpoint.local_addr()?;
     let listener = Listener::new(

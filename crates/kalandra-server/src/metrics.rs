@@ -149,7 +149,14 @@ impl Metrics {
 
     /// A frame was written to a connection.
     pub fn frame_out(&self) {
-        self.inner.frames_out.add(1, &[]);
+        self.frames_out(1);
+    }
+
+    /// `count` frames were written to a connection in one write.
+    pub fn frames_out(&self, count: u64) {
+        if count > 0 {
+            self.inner.frames_out.add(count, &[]);
+        }
     }
 
     /// An acknowledgement was sent.

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 pub use self::moderation::{
     ModerationDone, ModerationFailure, ModerationReply, ModerationRequest, RoomInfo, RoomSummary,
@@ -52,8 +52,6 @@ pub mod limits {
     pub const RECENT_FRAMES_PER_ROOM_MAX: usize = 1024;
     /// Connections subscribed to one room.
     pub const SUBSCRIBERS_PER_ROOM_MAX: usize = 100_000;
-    /// Control notices (resync, close) queued for one connection.
-    pub const NOTICES_PER_CONNECTION_MAX: usize = 64;
     /// Frames read from storage per history read.
     pub const HISTORY_READ_FRAMES_MAX: usize = 256;
     /// Commits after which a room's MLS state is snapshotted.
@@ -71,137 +69,7 @@ pub mod limits {
 
 use limits::*;
 
-/// The outbound side of one connection, shared by shards and the writer task.
-///
-/// Frames go through a bounded queue; a reader that falls behind is dropped
-/// from live fan-out and told to resync (a notice), never buffered without
-/// bound.
-pub struct Outbox {
-    connection: ConnectionId,
-    sender: SenderId,
-    frames: mpsc::Sender<Bytes>,
-    notices: Mutex<VecDeque<Bytes>>,
-    wake: Notify,
-    closing: AtomicBool,
-    /// Pending Welcomes were handed to this connection: the first time the
-    /// recipient reads a room, its Welcomes for that room are deleted.
-    welcomes_delivered: AtomicBool,
-}
-
-/// The receiving half of an [`Outbox`], owned by the connection's writer.
-pub struct OutboxReceiver {
-    frames: mpsc::Receiver<Bytes>,
-    outbox: Arc<Outbox>,
-}
-
-impl Outbox {
-    /// A new outbox for `connection` (authenticated as `sender`) holding at most `frames_max` frames.
-    pub fn new(
-        connection: ConnectionId,
-        sender: SenderId,
-        frames_max: usize,
-    ) -> (Arc<Outbox>, OutboxReceiver) {
-        let (frames, receiver) = mpsc::channel(frames_max.max(1));
-        let outbox = Arc::new(Outbox {
-            connection,
-            sender,
-            frames,
-            notices: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
-            closing: AtomicBool::new(false),
-            welcomes_delivered: AtomicBool::new(false),
-        });
-        (Arc::clone(&outbox), OutboxReceiver { frames: receiver, outbox })
-    }
-    /// The connection's id.
-    pub fn connection(&self) -> ConnectionId {
-        self.connection
-    }
-    /// The authenticated identity.
-    pub fn sender(&self) -> SenderId {
-        self.sender
-    }
-    /// Frames the queue can take right now.
-    pub fn free_capacity(&self) -> usize {
-        self.frames.capacity()
-    }
-    /// Queues a frame if there is room; `false` if the reader is too far behind.
-    pub fn try_send(&self, frame: Bytes) -> bool {
-        self.frames.try_send(frame).is_ok()
-    }
-    /// Queues a frame, waiting for room (history reads apply backpressure this way).
-    pub async fn send(&self, frame: Bytes) -> bool {
-        self.frames.send(frame).await.is_ok()
-    }
-    /// Queues a control notice, written once the frames queued before it
-    /// are (or at once if the connection is closing). If too many are queued
-    /// the connection is closed instead.
-    pub fn notice(&self, frame: Bytes) {
-        let mut notices = self.notices.lock().expect("notices lock");
-        if notices.len() >= NOTICES_PER_CONNECTION_MAX {
-            self.closing.store(true, Ordering::Release);
-        } else {
-            notices.push_back(frame);
-        }
-        drop(notices);
-        self.wake.notify_one();
-    }
-    /// Asks the writer to close the connection after the queued notices.
-    pub fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        self.wake.notify_one();
-    }
-    /// Whether the connection is being closed.
-    pub fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
-    }
-}
-
-/// What the writer should do next.
-pub enum Outgoing {
-    /// Write this frame.
-    Frame(Bytes),
-    /// Close the connection.
-    Close,
-}
-
-impl OutboxReceiver {
-    /// The next thing to write. Queued frames go first, so a notice (such as
-    /// a resync request naming the first index not delivered) arrives after
-    /// the frames it refers to; once the outbox is closing, the queued frames
-    /// and notices are written, then `Close`.
-    pub async fn next(&mut self) -> Outgoing {
-        loop {
-            if self.outbox.is_closing() {
-                // Flush what is queued (bounded), then the notices, then close.
-                if let Ok(frame) = self.frames.try_recv() {
-                    return Outgoing::Frame(frame);
-                }
-                return match self.pop_notice() {
-                    Some(notice) => Outgoing::Frame(notice),
-                    None => Outgoing::Close,
-                };
-            }
-            if let Ok(frame) = self.frames.try_recv() {
-                return Outgoing::Frame(frame);
-            }
-            if let Some(notice) = self.pop_notice() {
-                return Outgoing::Frame(notice);
-            }
-            tokio::select! {
-                _ = self.outbox.wake.notified() => {}
-                frame = self.frames.recv() => match frame {
-                    Some(frame) => return Outgoing::Frame(frame),
-                    None => return Outgoing::Close,
-                },
-            }
-        }
-    }
-
-    fn pop_notice(&self) -> Option<Bytes> {
-        self.outbox.notices.lock().expect("notices lock").pop_front()
-    }
-}
+pub use crate::outbox::{Outbox, OutboxReceiver, Outgoing};
 
 /// Builds an unsigned server frame carrying `payload`.
 pub fn server_frame<P: Payload>(room_id: RoomId, request_id: u32, payload: &P) -> Bytes {
@@ -1005,7 +873,7 @@ impl<G: PersistentGroup> Shard<G> {
     /// dropped: with the frame queue full they wait as notices, written after
     /// the queued frames; if those overflow too, the connection is closed.
     fn reply(outbox: &Outbox, frame: Bytes) {
-        if !outbox.try_send(frame.clone()) {
+        if !outbox.try_reply(frame.clone()) {
             outbox.notice(frame);
         }
     }

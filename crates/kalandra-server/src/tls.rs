@@ -32,6 +32,31 @@ pub const SELF_SIGNED_COMMON_NAME: &str = "kalandra server (self-signed)";
 pub const BIDI_STREAMS_PER_CONNECTION_MAX: u32 = 4;
 /// Interval at which clients send QUIC keep-alives.
 pub const CLIENT_KEEP_ALIVE_INTERVAL_MS: u64 = 5_000;
+/// Bytes a client may send on one stream ahead of the server reading them
+/// (QUIC stream flow control). A sender pipelining a full window of
+/// messages (4,096 frames of a few hundred bytes) is not throttled by it; a
+/// larger frame (a commit, up to the protocol's payload limit) streams
+/// through it. It bounds what one connection can make the server buffer.
+pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 1024 * 1024;
+/// Bytes a client may send on all its streams ahead of the server reading
+/// them: the protocol uses one stream at a time.
+pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 2 * STREAM_RECEIVE_WINDOW_BYTES;
+/// Bytes written towards one client and not yet acknowledged by it, at
+/// most: with the connection's outbox (`limits.send_queue_frames_max`
+/// frames) this bounds the memory a slow reader holds. One megabyte keeps a
+/// loopback or LAN link busy (quinn's default, ten, is sized for bulk
+/// transfers over long paths).
+pub const SEND_WINDOW_BYTES: u64 = 1024 * 1024;
+/// Receive buffer asked for the server's UDP socket. Every connection's
+/// packets arrive on that one socket: with the kernel's default (about
+/// 200 KB) a burst of acknowledgements from a large room overflowed it and
+/// the dropped packets cost loss-recovery timeouts. The kernel caps it at
+/// `net.core.rmem_max`.
+pub const UDP_RECEIVE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Send buffer asked for the server's UDP socket (capped at `net.core.wmem_max`).
+pub const UDP_SEND_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+const _: () = assert!(CONNECTION_RECEIVE_WINDOW_BYTES >= STREAM_RECEIVE_WINDOW_BYTES);
 
 /// The self-signed identity or the TLS configuration could not be loaded or built.
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +345,9 @@ fn warn_if_key_is_readable_by_others(key_path: &Path) {
 
 /// The quinn server configuration for `identity`: TLS 1.3 only, ALPN
 /// [`ALPN`], no 0-RTT, at most [`BIDI_STREAMS_PER_CONNECTION_MAX`]
-/// bidirectional and no unidirectional streams per connection, and the given
+/// bidirectional and no unidirectional streams per connection, no QUIC
+/// datagrams, flow-control windows sized for a messaging server
+/// ([`STREAM_RECEIVE_WINDOW_BYTES`], [`SEND_WINDOW_BYTES`]), and the given
 /// idle timeout (clients keep connections alive).
 pub fn quinn_server_config(
     identity: &ServerTlsIdentity,
@@ -342,10 +369,35 @@ pub fn quinn_server_config(
         .max_idle_timeout(Some(idle_timeout))
         .keep_alive_interval(None)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(BIDI_STREAMS_PER_CONNECTION_MAX))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
+        .send_window(SEND_WINDOW_BYTES)
+        // The protocol does not use QUIC datagrams: none are accepted or buffered.
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0);
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// A QUIC server endpoint on `address` whose UDP socket asks for
+/// [`UDP_RECEIVE_BUFFER_BYTES`] and [`UDP_SEND_BUFFER_BYTES`] of kernel
+/// buffers (the kernel may grant less; a refusal is logged, not fatal).
+pub fn quinn_server_endpoint(
+    config: quinn::ServerConfig,
+    address: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if let Err(error) = state.set_recv_buffer_size((&socket).into(), UDP_RECEIVE_BUFFER_BYTES) {
+        tracing::warn!(%error, "could not enlarge the UDP receive buffer");
+    }
+    if let Err(error) = state.set_send_buffer_size((&socket).into(), UDP_SEND_BUFFER_BYTES) {
+        tracing::warn!(%error, "could not enlarge the UDP send buffer");
+    }
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
 }
 
 #[cfg(test)]

@@ -193,9 +193,13 @@ pub async fn run(
 
     let mut to_all = Latencies::new();
     let mut incomplete = 0u64;
+    // Deliveries that happened, over the time from the first send to the last delivery.
+    let (mut delivered, mut last_delivery_ns) = (0u64, 0u64);
     for slot in 0..total {
         let sent = timeline.sent_ns[slot].load(Ordering::Relaxed);
         let count = timeline.received[slot].load(Ordering::Relaxed);
+        delivered += count;
+        last_delivery_ns = last_delivery_ns.max(timeline.last_received_ns[slot].load(Ordering::Relaxed));
         if sent == u64::MAX || count < expected {
             incomplete += 1;
             continue;
@@ -213,9 +217,13 @@ pub async fn run(
         report.figure("send_to_all_max_ms", to_all.max_ms(), "ms");
         report.figure("ack_latency_p50_ms", acks.quantile_ms(0.50), "ms");
         report.figure("ack_latency_p99_ms", acks.quantile_ms(0.99), "ms");
+        let load_started_ns = u64::try_from(load_started.duration_since(started).as_nanos()).unwrap_or(0);
+        let delivery_seconds = last_delivery_ns.saturating_sub(load_started_ns) as f64 / 1e9;
+        report.figure("deliveries", delivered as f64, "deliveries");
+        report.figure("deliveries_expected", (total as u64 * expected) as f64, "deliveries");
         report.figure(
             "deliveries_per_second",
-            (total as u64 * expected) as f64 / send_seconds,
+            delivered as f64 / delivery_seconds.max(send_seconds),
             "deliveries/s",
         );
         report.figure("frames_not_received_by_all", incomplete as f64, "frames");
