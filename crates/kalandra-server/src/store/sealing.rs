@@ -71,6 +71,97 @@ impl DataKey {
     }
 }
 
+/// Length of one slot of a key run: a presence byte and a data key.
+pub const KEY_SLOT_BYTES: usize = 1 + DATA_KEY_BYTES;
+/// Most slots in one key run. Bounds what a redaction rewrites: erasing one
+/// entry rewrites its run's row, at most this many slots.
+pub const KEY_RUN_SLOTS_MAX: usize = 64;
+
+const SLOT_PRESENT: u8 = 0x01;
+const SLOT_ERASED: u8 = 0x00;
+
+/// The data keys of a run of consecutive log entries of one room appended
+/// in one transaction, stored as one key-table row: slot `i` belongs to the
+/// run's first index plus `i`. A slot is `0x01 ‖ key` while the entry's
+/// content exists and `0x00 ‖ 32 zero bytes` once it is erased, so erasing
+/// one entry destroys exactly its own key and leaves its neighbours'.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KeyRun(Vec<u8>);
+
+impl std::fmt::Debug for KeyRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyRun({} slots)", self.slots())
+    }
+}
+
+impl KeyRun {
+    /// An empty run with room for `slots` keys.
+    pub fn with_capacity(slots: usize) -> KeyRun {
+        KeyRun(Vec::with_capacity(slots.min(KEY_RUN_SLOTS_MAX) * KEY_SLOT_BYTES))
+    }
+
+    /// A stored row, checked for layout.
+    pub fn from_stored(row: &[u8]) -> Result<KeyRun, OpenError> {
+        if row.is_empty() || row.len() % KEY_SLOT_BYTES != 0 || row.len() / KEY_SLOT_BYTES > KEY_RUN_SLOTS_MAX {
+            return Err(OpenError::Malformed("key run length"));
+        }
+        if row.chunks_exact(KEY_SLOT_BYTES).any(|slot| slot[0] != SLOT_PRESENT && slot[0] != SLOT_ERASED) {
+            return Err(OpenError::Malformed("key slot flag"));
+        }
+        Ok(KeyRun(row.to_vec()))
+    }
+
+    /// The row's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Number of slots (present or erased).
+    pub fn slots(&self) -> usize {
+        self.0.len() / KEY_SLOT_BYTES
+    }
+
+    /// Whether another key fits ([`KEY_RUN_SLOTS_MAX`]).
+    pub fn is_full(&self) -> bool {
+        self.slots() >= KEY_RUN_SLOTS_MAX
+    }
+
+    /// Appends the key of the run's next entry.
+    pub fn push(&mut self, key: &DataKey) {
+        assert!(!self.is_full(), "key run beyond {KEY_RUN_SLOTS_MAX} slots");
+        self.0.push(SLOT_PRESENT);
+        self.0.extend_from_slice(&key.0);
+    }
+
+    /// The key in slot `slot`: `None` if erased or beyond the run.
+    pub fn key(&self, slot: usize) -> Option<DataKey> {
+        let bytes = self.0.get(slot * KEY_SLOT_BYTES..(slot + 1) * KEY_SLOT_BYTES)?;
+        if bytes[0] != SLOT_PRESENT {
+            return None;
+        }
+        let mut key = [0u8; DATA_KEY_BYTES];
+        key.copy_from_slice(&bytes[1..]);
+        Some(DataKey(key))
+    }
+
+    /// Erases slot `slot`'s key (flag and key bytes zeroed); returns whether
+    /// a key was there.
+    pub fn erase(&mut self, slot: usize) -> bool {
+        match self.0.get_mut(slot * KEY_SLOT_BYTES..(slot + 1) * KEY_SLOT_BYTES) {
+            Some(bytes) if bytes[0] == SLOT_PRESENT => {
+                bytes.fill(0);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every slot is erased (the row can go).
+    pub fn all_erased(&self) -> bool {
+        self.0.chunks_exact(KEY_SLOT_BYTES).all(|slot| slot[0] == SLOT_ERASED)
+    }
+}
+
 /// Why an entry's content was destroyed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErasureCause {
@@ -190,12 +281,28 @@ pub enum Record<'a> {
     Erased(Erasure),
 }
 
-fn aad(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(16 + 8 + routing.len());
-    aad.extend_from_slice(&room_id.0);
-    aad.extend_from_slice(&log_index.to_be_bytes());
-    aad.extend_from_slice(routing);
-    aad
+/// Length of the associated data before the routing prefix.
+const AAD_POSITION_BYTES: usize = 16 + 8;
+
+/// Associated data of a record, built on the stack.
+struct Aad {
+    bytes: [u8; AAD_POSITION_BYTES + ROUTING_PREFIX_BYTES],
+    len: usize,
+}
+
+impl Aad {
+    fn new(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> Aad {
+        let routing = &routing[..routing.len().min(ROUTING_PREFIX_BYTES)];
+        let mut bytes = [0u8; AAD_POSITION_BYTES + ROUTING_PREFIX_BYTES];
+        bytes[..16].copy_from_slice(&room_id.0);
+        bytes[16..AAD_POSITION_BYTES].copy_from_slice(&log_index.to_be_bytes());
+        bytes[AAD_POSITION_BYTES..AAD_POSITION_BYTES + routing.len()].copy_from_slice(routing);
+        Aad { bytes, len: AAD_POSITION_BYTES + routing.len() }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 fn prefix_len(frame: &[u8]) -> u8 {
@@ -211,11 +318,25 @@ pub fn seal(
     log_index: LogIndex,
     frame: &[u8],
 ) -> (DataKey, Vec<u8>) {
+    let mut record = Vec::new();
+    let key = seal_into(rng, room_id, log_index, frame, &mut record);
+    (key, record)
+}
+
+/// [`seal`] into a caller's buffer (cleared first), so that a batch reuses
+/// one allocation; returns the key.
+pub fn seal_into(
+    rng: &mut (impl RngCore + CryptoRng),
+    room_id: RoomId,
+    log_index: LogIndex,
+    frame: &[u8],
+    record: &mut Vec<u8>,
+) -> DataKey {
     let key = DataKey::generate(rng);
     let mut nonce = [0u8; NONCE_BYTES];
     rng.fill_bytes(&mut nonce);
-    let record = seal_with(&key, &nonce, room_id, log_index, frame);
-    (key, record)
+    seal_with_into(&key, &nonce, room_id, log_index, frame, record);
+    key
 }
 
 /// Seals `frame` with the given key and nonce (deterministic; [`seal`]
@@ -227,9 +348,23 @@ pub fn seal_with(
     log_index: LogIndex,
     frame: &[u8],
 ) -> Vec<u8> {
+    let mut record = Vec::new();
+    seal_with_into(key, nonce, room_id, log_index, frame, &mut record);
+    record
+}
+
+fn seal_with_into(
+    key: &DataKey,
+    nonce: &[u8; NONCE_BYTES],
+    room_id: RoomId,
+    log_index: LogIndex,
+    frame: &[u8],
+    record: &mut Vec<u8>,
+) {
     let prefix = usize::from(prefix_len(frame));
     let (routing, content) = frame.split_at(prefix);
-    let mut record = Vec::with_capacity(2 + prefix + NONCE_BYTES + content.len() + TAG_BYTES);
+    record.clear();
+    record.reserve(2 + prefix + NONCE_BYTES + content.len() + TAG_BYTES);
     record.push(TAG_SEALED);
     record.push(prefix_len(frame));
     record.extend_from_slice(routing);
@@ -240,13 +375,12 @@ pub fn seal_with(
     let tag = cipher
         .encrypt_in_place_detached(
             XNonce::from_slice(nonce),
-            &aad(room_id, log_index, routing),
+            Aad::new(room_id, log_index, routing).as_slice(),
             &mut record[body..],
         )
         // Only fails for messages beyond 256 GiB; entries are bounded far below.
         .expect("log entries are far below the AEAD's message limit");
     record.extend_from_slice(&tag);
-    record
 }
 
 /// The tombstone record of an erased entry.
@@ -321,7 +455,7 @@ pub fn open(
     cipher
         .decrypt_in_place_detached(
             XNonce::from_slice(nonce),
-            &aad(room_id, log_index, routing),
+            Aad::new(room_id, log_index, routing).as_slice(),
             &mut frame[routing.len()..],
             Tag::from_slice(tag),
         )
@@ -427,6 +561,49 @@ mod tests {
             }
             assert_eq!(routing_of(&record).unwrap(), &plain[..ROUTING_PREFIX_BYTES]);
         }
+    }
+
+    #[test]
+    fn erasing_one_slot_of_a_key_run_destroys_that_key_alone() {
+        let mut rng = ChaCha20Rng::from_seed([10; 32]);
+        let keys: Vec<DataKey> = (0..5).map(|_| DataKey::generate(&mut rng)).collect();
+        let mut run = KeyRun::with_capacity(keys.len());
+        for key in &keys {
+            run.push(key);
+        }
+        let mut run = KeyRun::from_stored(run.as_bytes()).unwrap();
+        assert_eq!(run.slots(), 5);
+        assert!(run.erase(2));
+        assert!(!run.erase(2), "an erased slot is not erased twice");
+        assert!(!run.erase(5), "beyond the run");
+        for (slot, key) in keys.iter().enumerate() {
+            let expected = (slot != 2).then(|| key.clone());
+            assert_eq!(run.key(slot), expected, "slot {slot}");
+        }
+        assert!(!run.as_bytes().windows(DATA_KEY_BYTES).any(|w| w == keys[2].0));
+        assert!(run.as_bytes().windows(DATA_KEY_BYTES).any(|w| w == keys[3].0));
+        assert!(!run.all_erased());
+        for slot in [0, 1, 3, 4] {
+            assert!(run.erase(slot));
+        }
+        assert!(run.all_erased());
+        assert!(run.as_bytes().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn key_runs_are_bounded_and_malformed_rows_are_typed_errors() {
+        let mut run = KeyRun::default();
+        for _ in 0..KEY_RUN_SLOTS_MAX {
+            assert!(!run.is_full());
+            run.push(&DataKey([1; DATA_KEY_BYTES]));
+        }
+        assert!(run.is_full());
+        let mut longer = run.as_bytes().to_vec();
+        longer.extend_from_slice(&[SLOT_PRESENT; KEY_SLOT_BYTES]);
+        assert!(matches!(KeyRun::from_stored(&longer), Err(OpenError::Malformed(_))));
+        assert!(matches!(KeyRun::from_stored(&[]), Err(OpenError::Malformed(_))));
+        assert!(matches!(KeyRun::from_stored(&[SLOT_PRESENT; 32]), Err(OpenError::Malformed(_))));
+        assert!(matches!(KeyRun::from_stored(&[7; KEY_SLOT_BYTES]), Err(OpenError::Malformed(_))));
     }
 
     #[test]
