@@ -1460,6 +1460,64 @@ mod tests {
         assert!(matches!(error, ReadError::Internal(_)));
     }
 
+    fn key_rows(store: &RedbStore) -> Vec<(RoomId, LogIndex, usize)> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(LOG_KEYS).unwrap();
+        let rows = table.iter().unwrap().map(|item| {
+            let (key, row) = item.unwrap();
+            let mut room_id = [0u8; 16];
+            room_id.copy_from_slice(&key.value()[..16]);
+            (RoomId(room_id), log_key_index(key.value()), KeyRun::from_stored(row.value()).unwrap().slots())
+        });
+        rows.collect()
+    }
+
+    /// A batch's keys go in one row per room (split at the run limit);
+    /// erasing entries zeroes their slots alone, and a run whose every slot
+    /// is erased loses its row.
+    #[test]
+    fn keys_are_stored_in_runs_per_room_and_erased_one_by_one() {
+        use crate::store::sealing::KEY_RUN_SLOTS_MAX;
+        use crate::store::ErasureCause;
+        let (_dir, path) = temp_path();
+        let (a, b) = (room(1), room(2));
+        let store = RedbStore::open(&path).unwrap();
+        let long = KEY_RUN_SLOTS_MAX as u64 + 6;
+        let mut batch = Vec::new();
+        for i in 0..long {
+            batch.push(entry(a, i));
+            if i < 3 {
+                batch.push(entry(b, i));
+            }
+        }
+        store.append_batch(&batch).unwrap();
+        store.append_batch(&[entry(b, 3)]).unwrap();
+        assert_eq!(
+            key_rows(&store),
+            vec![(a, 0, KEY_RUN_SLOTS_MAX), (a, KEY_RUN_SLOTS_MAX as u64, 6), (b, 0, 3), (b, 3, 1)]
+        );
+        let all_a: Vec<LogEntry> = (0..long).map(|i| entry(a, i)).collect();
+        assert_eq!(store.read_range(a, 0, usize::MAX).unwrap(), all_a);
+        let keys: Vec<DataKey> = (0..long).map(|i| store.data_key(a, i).unwrap().unwrap()).collect();
+        let redaction = Redaction { erased_at_ms: 5, cause: ErasureCause::Operator };
+        let edge = KEY_RUN_SLOTS_MAX as u64;
+        store.redact(a, &[edge - 1, edge], &redaction).unwrap();
+        for i in 0..long {
+            let expected = (i != edge - 1 && i != edge).then(|| keys[usize::try_from(i).unwrap()].clone());
+            assert_eq!(store.data_key(a, i).unwrap(), expected, "index {i}");
+        }
+        let read = store.read_range(a, 0, usize::MAX).unwrap();
+        for (i, stored) in read.iter().enumerate() {
+            let erased = i as u64 == edge - 1 || i as u64 == edge;
+            assert_eq!(stored.frame().is_none(), erased, "index {i}");
+        }
+        // Erasing the rest of the short run removes its row.
+        store.redact(a, &(edge + 1..long).collect::<Vec<_>>(), &redaction).unwrap();
+        assert_eq!(key_rows(&store), vec![(a, 0, KEY_RUN_SLOTS_MAX), (b, 0, 3), (b, 3, 1)]);
+        assert_eq!(store.data_key(a, long - 1).unwrap(), None);
+        assert_eq!(store.read_range(b, 0, 10).unwrap(), (0..4).map(|i| entry(b, i)).collect::<Vec<_>>());
+    }
+
     #[test]
     fn log_keys_order_by_room_then_index() {
         let a = room(1);
