@@ -2,7 +2,9 @@
 //! argument).
 //!
 //! Every log entry is sealed under its own random 256-bit data key with
-//! XChaCha20-Poly1305 and a random 192-bit nonce. The store keeps the data
+//! ChaCha20-Poly1305 (RFC 8439, ring's implementation) and a random 96-bit
+//! nonce. A key seals exactly one record, so nonces cannot repeat under a
+//! key whatever their length. The store keeps the data
 //! key in a table of its own; the sealed record holds no key material.
 //! Destroying the key (redaction, retention) leaves ciphertext that cannot
 //! be read; the record itself is replaced by a [`Erasure`] tombstone.
@@ -16,7 +18,7 @@
 //! the erased content).
 //!
 //! Record layout (value of a log-table row):
-//! - sealed: `0x01 | prefix_len: u8 | prefix | nonce (24) | ciphertext | tag (16)`;
+//! - sealed: `0x01 | prefix_len: u8 | prefix | nonce (12) | ciphertext | tag (16)`;
 //! - erased: `0x02 | prefix_len: u8 | prefix | erased_at_ms: u64 BE |
 //!   cause: u8 | actor: u64 BE`.
 //!
@@ -25,8 +27,7 @@
 //! another row, or a prefix altered, fails authentication.
 
 use bytes::Bytes;
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use kalandra_proto::header::offset;
 use rand::{CryptoRng, RngCore};
 
@@ -37,8 +38,8 @@ use super::{LogIndex, RoomId, UserId};
 pub const ROUTING_PREFIX_BYTES: usize = offset::SIGNATURE;
 /// Length of a data key.
 pub const DATA_KEY_BYTES: usize = 32;
-/// Length of an XChaCha20 nonce.
-pub const NONCE_BYTES: usize = 24;
+/// Length of a ChaCha20-Poly1305 nonce.
+pub const NONCE_BYTES: usize = 12;
 /// Length of a Poly1305 tag.
 pub const TAG_BYTES: usize = 16;
 
@@ -48,6 +49,7 @@ const TAG_ERASED: u8 = 0x02;
 const ERASURE_BYTES: usize = 8 + 1 + 8;
 
 const _: () = assert!(ROUTING_PREFIX_BYTES <= u8::MAX as usize, "the prefix length is one byte");
+const _: () = assert!(NONCE_BYTES == ring::aead::NONCE_LEN && TAG_BYTES == ring::aead::MAX_TAG_LEN);
 const _: () = assert!(offset::SERVER_TIMESTAMP + 8 <= ROUTING_PREFIX_BYTES);
 const _: () = assert!(offset::OPCODE + 2 <= ROUTING_PREFIX_BYTES);
 const _: () = assert!(offset::SENDER_ID + 8 <= ROUTING_PREFIX_BYTES);
@@ -285,19 +287,19 @@ pub enum Record<'a> {
 const AAD_POSITION_BYTES: usize = 16 + 8;
 
 /// Associated data of a record, built on the stack.
-struct Aad {
+struct AssociatedData {
     bytes: [u8; AAD_POSITION_BYTES + ROUTING_PREFIX_BYTES],
     len: usize,
 }
 
-impl Aad {
-    fn new(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> Aad {
+impl AssociatedData {
+    fn new(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> AssociatedData {
         let routing = &routing[..routing.len().min(ROUTING_PREFIX_BYTES)];
         let mut bytes = [0u8; AAD_POSITION_BYTES + ROUTING_PREFIX_BYTES];
         bytes[..16].copy_from_slice(&room_id.0);
         bytes[16..AAD_POSITION_BYTES].copy_from_slice(&log_index.to_be_bytes());
         bytes[AAD_POSITION_BYTES..AAD_POSITION_BYTES + routing.len()].copy_from_slice(routing);
-        Aad { bytes, len: AAD_POSITION_BYTES + routing.len() }
+        AssociatedData { bytes, len: AAD_POSITION_BYTES + routing.len() }
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -371,16 +373,16 @@ fn seal_with_into(
     record.extend_from_slice(nonce);
     let body = record.len();
     record.extend_from_slice(content);
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
-    let tag = cipher
-        .encrypt_in_place_detached(
-            XNonce::from_slice(nonce),
-            Aad::new(room_id, log_index, routing).as_slice(),
+    let aad = AssociatedData::new(room_id, log_index, routing);
+    let tag = cipher(key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(aad.as_slice()),
             &mut record[body..],
         )
         // Only fails for messages beyond 256 GiB; entries are bounded far below.
         .expect("log entries are far below the AEAD's message limit");
-    record.extend_from_slice(&tag);
+    record.extend_from_slice(tag.as_ref());
 }
 
 /// The tombstone record of an erased entry.
@@ -446,21 +448,25 @@ pub fn open(
     routing: &[u8],
     sealed: &[u8],
 ) -> Result<Bytes, OpenError> {
-    let (nonce, rest) = sealed.split_at(NONCE_BYTES);
-    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_BYTES);
-    let mut frame = Vec::with_capacity(routing.len() + ciphertext.len());
+    let (nonce, ciphertext_and_tag) = sealed.split_at(NONCE_BYTES);
+    let nonce: [u8; NONCE_BYTES] = nonce.try_into().map_err(|_| OpenError::Malformed("nonce"))?;
+    let mut frame = Vec::with_capacity(routing.len() + ciphertext_and_tag.len());
     frame.extend_from_slice(routing);
-    frame.extend_from_slice(ciphertext);
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
-    cipher
-        .decrypt_in_place_detached(
-            XNonce::from_slice(nonce),
-            Aad::new(room_id, log_index, routing).as_slice(),
-            &mut frame[routing.len()..],
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| OpenError::Unauthentic)?;
+    frame.extend_from_slice(ciphertext_and_tag);
+    let aad = AssociatedData::new(room_id, log_index, routing);
+    let plain_len = cipher(key)
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_slice()), &mut frame[routing.len()..])
+        .map_err(|_| OpenError::Unauthentic)?
+        .len();
+    frame.truncate(routing.len() + plain_len);
     Ok(Bytes::from(frame))
+}
+
+/// The AEAD keyed with `key`.
+fn cipher(key: &DataKey) -> LessSafeKey {
+    // A 32-byte key is the only length ChaCha20-Poly1305 takes, and the
+    // type guarantees it.
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key.0).expect("a 32-byte ChaCha20-Poly1305 key"))
 }
 
 /// The clear routing prefix of a stored record of either kind.
