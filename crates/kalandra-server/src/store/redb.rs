@@ -622,8 +622,13 @@ impl Store for RedbStore {
                 let mut log = txn.open_table(LOG).map_err(failed(OP))?;
                 let mut record = Vec::new();
                 for entry in entries {
-                    let key =
-                        sealing::seal_into(&mut *rng, entry.room_id, entry.log_index, &entry.frame, &mut record);
+                    let key = sealing::seal_into(
+                        &mut *rng,
+                        entry.room_id,
+                        entry.log_index,
+                        &entry.frame,
+                        &mut record,
+                    );
                     log.insert(&log_key(entry.room_id, entry.log_index), record.as_slice())
                         .map_err(failed(OP))?;
                     let extends = open_run.get(&entry.room_id).copied().filter(|&at| {

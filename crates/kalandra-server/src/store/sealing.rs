@@ -27,9 +27,9 @@
 //! another row, or a prefix altered, fails authentication.
 
 use bytes::Bytes;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use kalandra_proto::header::offset;
 use rand::{CryptoRng, RngCore};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use super::{LogIndex, RoomId, UserId};
 
@@ -104,7 +104,8 @@ impl KeyRun {
 
     /// A stored row, checked for layout.
     pub fn from_stored(row: &[u8]) -> Result<KeyRun, OpenError> {
-        if row.is_empty() || row.len() % KEY_SLOT_BYTES != 0 || row.len() / KEY_SLOT_BYTES > KEY_RUN_SLOTS_MAX {
+        if row.is_empty() || row.len() % KEY_SLOT_BYTES != 0 || row.len() / KEY_SLOT_BYTES > KEY_RUN_SLOTS_MAX
+        {
             return Err(OpenError::Malformed("key run length"));
         }
         if row.chunks_exact(KEY_SLOT_BYTES).any(|slot| slot[0] != SLOT_PRESENT && slot[0] != SLOT_ERASED) {
@@ -455,7 +456,11 @@ pub fn open(
     frame.extend_from_slice(ciphertext_and_tag);
     let aad = AssociatedData::new(room_id, log_index, routing);
     let plain_len = cipher(key)
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_slice()), &mut frame[routing.len()..])
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad.as_slice()),
+            &mut frame[routing.len()..],
+        )
         .map_err(|_| OpenError::Unauthentic)?
         .len();
     frame.truncate(routing.len() + plain_len);
