@@ -104,7 +104,9 @@ impl KeyRun {
 
     /// A stored row, checked for layout.
     pub fn from_stored(row: &[u8]) -> Result<KeyRun, OpenError> {
-        if row.is_empty() || row.len() % KEY_SLOT_BYTES != 0 || row.len() / KEY_SLOT_BYTES > KEY_RUN_SLOTS_MAX
+        if row.is_empty()
+            || !row.len().is_multiple_of(KEY_SLOT_BYTES)
+            || row.len() / KEY_SLOT_BYTES > KEY_RUN_SLOTS_MAX
         {
             return Err(OpenError::Malformed("key run length"));
         }
