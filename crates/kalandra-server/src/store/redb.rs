@@ -4,8 +4,14 @@
 //! iteration order:
 //! - `log_v2`: room id (16) ‖ log index (8, big-endian) → sealed record or
 //!   erasure tombstone (layouts in [`sealing`](super::sealing));
-//! - `log_keys_v1`: same key → the entry's 32-byte data key, deleted when the
-//!   entry is erased. Keys never share a table (or a page) with ciphertext;
+//! - `log_keys_v2`: room id ‖ first log index of a run of consecutive
+//!   entries of that room appended in one transaction → the run's data keys
+//!   ([`KeyRun`]: one 33-byte slot per entry, at most
+//!   [`KEY_RUN_SLOTS_MAX`](sealing::KEY_RUN_SLOTS_MAX)). Erasing an entry
+//!   rewrites its run with that one slot zeroed; the row goes once every
+//!   slot is. One row per room per batch instead of one per entry keeps the
+//!   key table's B-tree work per transaction proportional to the rooms
+//!   touched. Keys never share a table (or a page) with ciphertext;
 //! - `retention_v1`: room id → (retention period in ms, sweep position);
 //! - `room_heads_v1`: room id → next log index;
 //! - `key_packages_v1`: user id (8, BE) ‖ reference length (1) ‖ reference
@@ -28,6 +34,7 @@
 //! therefore linger in a free page; [`RedbStore::compact_file`] rewrites
 //! the database into a fresh file that holds live data only.
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -44,7 +51,7 @@ use super::limits::{
     KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX,
     WELCOMES_PER_RECIPIENT_MAX,
 };
-use super::sealing::{self, DataKey, Record, DATA_KEY_BYTES};
+use super::sealing::{self, DataKey, KeyRun, Record};
 use super::{
     check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
     validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
@@ -75,7 +82,7 @@ type WelcomeKey = [u8; 16];
 type KeyPackageKey = [u8; KEY_PACKAGE_KEY_BYTES];
 
 const LOG: TableDefinition<&LogKey, &[u8]> = TableDefinition::new("log_v2");
-const LOG_KEYS: TableDefinition<&LogKey, &[u8; DATA_KEY_BYTES]> = TableDefinition::new("log_keys_v1");
+const LOG_KEYS: TableDefinition<&LogKey, &[u8]> = TableDefinition::new("log_keys_v2");
 const RETENTION: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("retention_v1");
 const ROOM_HEADS: TableDefinition<&[u8; 16], u64> = TableDefinition::new("room_heads_v1");
 const KEY_PACKAGES: TableDefinition<&KeyPackageKey, &[u8]> = TableDefinition::new("key_packages_v1");
@@ -90,8 +97,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
 const META_SCHEMA_VERSION: &str = "schema_version";
 /// `meta_v1` key of the next welcome id.
 const META_WELCOME_ID_NEXT: &str = "welcome_id_next";
-/// Version of the table layout above (2: log entries sealed at rest).
-const SCHEMA_VERSION: u64 = 2;
+/// Version of the table layout above (2: log entries sealed at rest; 3:
+/// data keys stored in runs).
+const SCHEMA_VERSION: u64 = 3;
 
 fn log_key(room_id: RoomId, log_index: LogIndex) -> LogKey {
     let mut key = [0u8; 24];
@@ -364,12 +372,20 @@ impl RedbStore {
                 match tombstone {
                     None => outcomes.push(RedactOutcome::AlreadyErased),
                     Some(tombstone) => {
-                        let removed = keys.remove(&key).map_err(failed(OP))?.is_some();
-                        if !removed {
-                            return Err(InvariantViolation(format!(
+                        let missing = || {
+                            InvariantViolation(format!(
                                 "room {room_id} index {log_index}: sealed record without its data key"
                             ))
-                            .into());
+                        };
+                        let (first, mut run) =
+                            key_run_at::<RedactError>(&keys, room_id, log_index, OP)?.ok_or_else(missing)?;
+                        if !run.erase(run_slot(first, log_index)) {
+                            return Err(missing().into());
+                        }
+                        if run.all_erased() {
+                            keys.remove(&log_key(room_id, first)).map_err(failed(OP))?;
+                        } else {
+                            keys.insert(&log_key(room_id, first), run.as_bytes()).map_err(failed(OP))?;
                         }
                         log.insert(&key, tombstone.as_slice()).map_err(failed(OP))?;
                         outcomes.push(RedactOutcome::Erased);
@@ -515,9 +531,40 @@ fn copy_table<K: Key + 'static, V: Value + 'static>(
     Ok(rows)
 }
 
-/// Opens one stored record with its key from `keys`.
+/// Slot of `log_index` in the key run starting at `first` (the caller
+/// checked that the run holds it).
+fn run_slot(first: LogIndex, log_index: LogIndex) -> usize {
+    usize::try_from(log_index - first).expect("a key run holds at most KEY_RUN_SLOTS_MAX slots")
+}
+
+/// The key run holding (`room_id`, `log_index`), with its first index: the
+/// last row of the room at or before `log_index`, if it reaches that far.
+fn key_run_at<E: From<StorageFailure> + From<InvariantViolation>>(
+    keys: &impl ReadableTable<&'static LogKey, &'static [u8]>,
+    room_id: RoomId,
+    log_index: LogIndex,
+    operation: &'static str,
+) -> Result<Option<(LogIndex, KeyRun)>, E> {
+    let (low, high) = (log_key(room_id, 0), log_key(room_id, log_index));
+    let mut range = keys.range::<&LogKey>(&low..=&high).map_err(failed(operation))?;
+    let Some(item) = range.next_back() else {
+        return Ok(None);
+    };
+    let (key, row) = item.map_err(failed(operation))?;
+    let first = log_key_index(key.value());
+    let run = KeyRun::from_stored(row.value())
+        .map_err(|error| InvariantViolation(format!("room {room_id} key run at {first}: {error}")))?;
+    if log_index - first >= run.slots() as u64 {
+        return Ok(None);
+    }
+    Ok(Some((first, run)))
+}
+
+/// Opens one stored record with its key from `keys`; `run` caches the last
+/// key run read (a range read walks runs in order).
 fn open_record(
-    keys: &impl ReadableTable<&'static LogKey, &'static [u8; DATA_KEY_BYTES]>,
+    keys: &impl ReadableTable<&'static LogKey, &'static [u8]>,
+    run: &mut Option<(LogIndex, KeyRun)>,
     room_id: RoomId,
     log_index: LogIndex,
     record: &[u8],
@@ -528,10 +575,15 @@ fn open_record(
     match sealing::decode(record).map_err(corrupt)? {
         Record::Erased(erasure) => Ok(EntryContent::Erased(erasure)),
         Record::Sealed { routing, sealed } => {
-            let key = keys
-                .get(&log_key(room_id, log_index))
-                .map_err(failed(OP))?
-                .map(|guard| DataKey(*guard.value()))
+            let holds = |(first, run): &(LogIndex, KeyRun)| {
+                log_index >= *first && log_index - *first < run.slots() as u64
+            };
+            if !run.as_ref().is_some_and(holds) {
+                *run = key_run_at::<ReadError>(keys, room_id, log_index, OP)?;
+            }
+            let key = run
+                .as_ref()
+                .and_then(|(first, run)| run.key(run_slot(*first, log_index)))
                 .ok_or_else(|| corrupt(sealing::OpenError::KeyMissing))?;
             let frame = sealing::open(&key, room_id, log_index, routing, sealed).map_err(corrupt)?;
             Ok(EntryContent::Frame(frame))
@@ -551,32 +603,57 @@ impl Store for RedbStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let sealed: Vec<(DataKey, Vec<u8>)> = {
-            let mut rng = self
-                .keys
-                .lock()
-                .map_err(|_| InvariantViolation("key generator lock poisoned by a panic".to_owned()))?;
-            entries
-                .iter()
-                .map(|entry| sealing::seal(&mut *rng, entry.room_id, entry.log_index, &entry.frame))
-                .collect()
-        };
         let txn = self.begin_write(OP)?;
         let outcome = (|| -> Result<(), AppendError> {
             let mut heads = txn.open_table(ROOM_HEADS).map_err(failed(OP))?;
             let next_by_room = validate_batch(entries, |room_id| {
                 heads.get(&room_id.0).map(|head| head.map_or(0, |guard| guard.value())).map_err(failed(OP))
             })?;
+            // Each room's entries in the batch are dense and ascending
+            // (validated above): their keys go in runs, one row per room
+            // (per KEY_RUN_SLOTS_MAX entries).
+            let mut runs: Vec<(RoomId, LogIndex, KeyRun)> = Vec::with_capacity(next_by_room.len());
+            let mut open_run: HashMap<RoomId, usize> = HashMap::with_capacity(next_by_room.len());
             {
+                let mut rng = self
+                    .keys
+                    .lock()
+                    .map_err(|_| InvariantViolation("key generator lock poisoned by a panic".to_owned()))?;
                 let mut log = txn.open_table(LOG).map_err(failed(OP))?;
-                for (entry, (_, record)) in entries.iter().zip(&sealed) {
+                let mut record = Vec::new();
+                for entry in entries {
+                    let key = sealing::seal_into(
+                        &mut *rng,
+                        entry.room_id,
+                        entry.log_index,
+                        &entry.frame,
+                        &mut record,
+                    );
                     log.insert(&log_key(entry.room_id, entry.log_index), record.as_slice())
                         .map_err(failed(OP))?;
+                    let extends = open_run.get(&entry.room_id).copied().filter(|&at| {
+                        let (_, first, run) = &runs[at];
+                        !run.is_full() && *first + run.slots() as u64 == entry.log_index
+                    });
+                    match extends {
+                        Some(at) => runs[at].2.push(&key),
+                        None => {
+                            let mut run = KeyRun::with_capacity(1);
+                            run.push(&key);
+                            open_run.insert(entry.room_id, runs.len());
+                            runs.push((entry.room_id, entry.log_index, run));
+                        }
+                    }
                 }
             }
             let mut keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
-            for (entry, (key, _)) in entries.iter().zip(&sealed) {
-                keys.insert(&log_key(entry.room_id, entry.log_index), &key.0).map_err(failed(OP))?;
+            for (room_id, first, run) in &runs {
+                if keys.insert(&log_key(*room_id, *first), run.as_bytes()).map_err(failed(OP))?.is_some() {
+                    return Err(InvariantViolation(format!(
+                        "room {room_id}: a key run already started at {first}"
+                    ))
+                    .into());
+                }
             }
             for (room_id, next) in &next_by_room {
                 heads.insert(&room_id.0, *next).map_err(failed(OP))?;
@@ -614,6 +691,7 @@ impl Store for RedbStore {
         let low = log_key(room_id, from_log_index);
         let high = log_key(room_id, LogIndex::MAX);
         let mut bytes_total = 0usize;
+        let mut run = None;
         for item in log.range::<&LogKey>(&low..=&high).map_err(failed(OP))?.take(count_cap) {
             let (key, value) = item.map_err(failed(OP))?;
             let record = value.value();
@@ -623,7 +701,7 @@ impl Store for RedbStore {
             }
             bytes_total = bytes_total.saturating_add(content_bytes);
             let log_index = log_key_index(key.value());
-            let content = open_record(&keys, room_id, log_index, record)?;
+            let content = open_record(&keys, &mut run, room_id, log_index, record)?;
             entries.push(StoredEntry { room_id, log_index, content });
         }
         check_read_dense(room_id, from_log_index, &entries)?;
@@ -683,8 +761,8 @@ impl Store for RedbStore {
         const OP: &str = "data_key";
         let txn = self.begin_read(OP)?;
         let keys = txn.open_table(LOG_KEYS).map_err(failed(OP))?;
-        let found = keys.get(&log_key(room_id, log_index)).map_err(failed(OP))?;
-        Ok(found.map(|guard| DataKey(*guard.value())))
+        let run = key_run_at::<ReadError>(&keys, room_id, log_index, OP)?;
+        Ok(run.and_then(|(first, run)| run.key(run_slot(first, log_index))))
     }
 
     fn set_retention(&self, room_id: RoomId, retention_ms: Option<u64>) -> Result<(), RetentionError> {
@@ -1385,6 +1463,64 @@ mod tests {
         let error = store.read_range(a, 0, 10).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Internal);
         assert!(matches!(error, ReadError::Internal(_)));
+    }
+
+    fn key_rows(store: &RedbStore) -> Vec<(RoomId, LogIndex, usize)> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(LOG_KEYS).unwrap();
+        let rows = table.iter().unwrap().map(|item| {
+            let (key, row) = item.unwrap();
+            let mut room_id = [0u8; 16];
+            room_id.copy_from_slice(&key.value()[..16]);
+            (RoomId(room_id), log_key_index(key.value()), KeyRun::from_stored(row.value()).unwrap().slots())
+        });
+        rows.collect()
+    }
+
+    /// A batch's keys go in one row per room (split at the run limit);
+    /// erasing entries zeroes their slots alone, and a run whose every slot
+    /// is erased loses its row.
+    #[test]
+    fn keys_are_stored_in_runs_per_room_and_erased_one_by_one() {
+        use crate::store::sealing::KEY_RUN_SLOTS_MAX;
+        use crate::store::ErasureCause;
+        let (_dir, path) = temp_path();
+        let (a, b) = (room(1), room(2));
+        let store = RedbStore::open(&path).unwrap();
+        let long = KEY_RUN_SLOTS_MAX as u64 + 6;
+        let mut batch = Vec::new();
+        for i in 0..long {
+            batch.push(entry(a, i));
+            if i < 3 {
+                batch.push(entry(b, i));
+            }
+        }
+        store.append_batch(&batch).unwrap();
+        store.append_batch(&[entry(b, 3)]).unwrap();
+        assert_eq!(
+            key_rows(&store),
+            vec![(a, 0, KEY_RUN_SLOTS_MAX), (a, KEY_RUN_SLOTS_MAX as u64, 6), (b, 0, 3), (b, 3, 1)]
+        );
+        let all_a: Vec<LogEntry> = (0..long).map(|i| entry(a, i)).collect();
+        assert_eq!(store.read_range(a, 0, usize::MAX).unwrap(), all_a);
+        let keys: Vec<DataKey> = (0..long).map(|i| store.data_key(a, i).unwrap().unwrap()).collect();
+        let redaction = Redaction { erased_at_ms: 5, cause: ErasureCause::Operator };
+        let edge = KEY_RUN_SLOTS_MAX as u64;
+        store.redact(a, &[edge - 1, edge], &redaction).unwrap();
+        for i in 0..long {
+            let expected = (i != edge - 1 && i != edge).then(|| keys[usize::try_from(i).unwrap()].clone());
+            assert_eq!(store.data_key(a, i).unwrap(), expected, "index {i}");
+        }
+        let read = store.read_range(a, 0, usize::MAX).unwrap();
+        for (i, stored) in read.iter().enumerate() {
+            let erased = i as u64 == edge - 1 || i as u64 == edge;
+            assert_eq!(stored.frame().is_none(), erased, "index {i}");
+        }
+        // Erasing the rest of the short run removes its row.
+        store.redact(a, &(edge + 1..long).collect::<Vec<_>>(), &redaction).unwrap();
+        assert_eq!(key_rows(&store), vec![(a, 0, KEY_RUN_SLOTS_MAX), (b, 0, 3), (b, 3, 1)]);
+        assert_eq!(store.data_key(a, long - 1).unwrap(), None);
+        assert_eq!(store.read_range(b, 0, 10).unwrap(), (0..4).map(|i| entry(b, i)).collect::<Vec<_>>());
     }
 
     #[test]

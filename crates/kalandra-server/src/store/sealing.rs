@@ -2,7 +2,9 @@
 //! argument).
 //!
 //! Every log entry is sealed under its own random 256-bit data key with
-//! XChaCha20-Poly1305 and a random 192-bit nonce. The store keeps the data
+//! ChaCha20-Poly1305 (RFC 8439, ring's implementation) and a random 96-bit
+//! nonce. A key seals exactly one record, so nonces cannot repeat under a
+//! key whatever their length. The store keeps the data
 //! key in a table of its own; the sealed record holds no key material.
 //! Destroying the key (redaction, retention) leaves ciphertext that cannot
 //! be read; the record itself is replaced by a [`Erasure`] tombstone.
@@ -16,7 +18,7 @@
 //! the erased content).
 //!
 //! Record layout (value of a log-table row):
-//! - sealed: `0x01 | prefix_len: u8 | prefix | nonce (24) | ciphertext | tag (16)`;
+//! - sealed: `0x01 | prefix_len: u8 | prefix | nonce (12) | ciphertext | tag (16)`;
 //! - erased: `0x02 | prefix_len: u8 | prefix | erased_at_ms: u64 BE |
 //!   cause: u8 | actor: u64 BE`.
 //!
@@ -25,10 +27,9 @@
 //! another row, or a prefix altered, fails authentication.
 
 use bytes::Bytes;
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
 use kalandra_proto::header::offset;
 use rand::{CryptoRng, RngCore};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use super::{LogIndex, RoomId, UserId};
 
@@ -37,8 +38,8 @@ use super::{LogIndex, RoomId, UserId};
 pub const ROUTING_PREFIX_BYTES: usize = offset::SIGNATURE;
 /// Length of a data key.
 pub const DATA_KEY_BYTES: usize = 32;
-/// Length of an XChaCha20 nonce.
-pub const NONCE_BYTES: usize = 24;
+/// Length of a ChaCha20-Poly1305 nonce.
+pub const NONCE_BYTES: usize = 12;
 /// Length of a Poly1305 tag.
 pub const TAG_BYTES: usize = 16;
 
@@ -48,6 +49,7 @@ const TAG_ERASED: u8 = 0x02;
 const ERASURE_BYTES: usize = 8 + 1 + 8;
 
 const _: () = assert!(ROUTING_PREFIX_BYTES <= u8::MAX as usize, "the prefix length is one byte");
+const _: () = assert!(NONCE_BYTES == ring::aead::NONCE_LEN && TAG_BYTES == ring::aead::MAX_TAG_LEN);
 const _: () = assert!(offset::SERVER_TIMESTAMP + 8 <= ROUTING_PREFIX_BYTES);
 const _: () = assert!(offset::OPCODE + 2 <= ROUTING_PREFIX_BYTES);
 const _: () = assert!(offset::SENDER_ID + 8 <= ROUTING_PREFIX_BYTES);
@@ -68,6 +70,100 @@ impl DataKey {
         let mut key = [0u8; DATA_KEY_BYTES];
         rng.fill_bytes(&mut key);
         DataKey(key)
+    }
+}
+
+/// Length of one slot of a key run: a presence byte and a data key.
+pub const KEY_SLOT_BYTES: usize = 1 + DATA_KEY_BYTES;
+/// Most slots in one key run. Bounds what a redaction rewrites: erasing one
+/// entry rewrites its run's row, at most this many slots.
+pub const KEY_RUN_SLOTS_MAX: usize = 64;
+
+const SLOT_PRESENT: u8 = 0x01;
+const SLOT_ERASED: u8 = 0x00;
+
+/// The data keys of a run of consecutive log entries of one room appended
+/// in one transaction, stored as one key-table row: slot `i` belongs to the
+/// run's first index plus `i`. A slot is `0x01 ‖ key` while the entry's
+/// content exists and `0x00 ‖ 32 zero bytes` once it is erased, so erasing
+/// one entry destroys exactly its own key and leaves its neighbours'.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KeyRun(Vec<u8>);
+
+impl std::fmt::Debug for KeyRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyRun({} slots)", self.slots())
+    }
+}
+
+impl KeyRun {
+    /// An empty run with room for `slots` keys.
+    pub fn with_capacity(slots: usize) -> KeyRun {
+        KeyRun(Vec::with_capacity(slots.min(KEY_RUN_SLOTS_MAX) * KEY_SLOT_BYTES))
+    }
+
+    /// A stored row, checked for layout.
+    pub fn from_stored(row: &[u8]) -> Result<KeyRun, OpenError> {
+        if row.is_empty()
+            || !row.len().is_multiple_of(KEY_SLOT_BYTES)
+            || row.len() / KEY_SLOT_BYTES > KEY_RUN_SLOTS_MAX
+        {
+            return Err(OpenError::Malformed("key run length"));
+        }
+        if row.chunks_exact(KEY_SLOT_BYTES).any(|slot| slot[0] != SLOT_PRESENT && slot[0] != SLOT_ERASED) {
+            return Err(OpenError::Malformed("key slot flag"));
+        }
+        Ok(KeyRun(row.to_vec()))
+    }
+
+    /// The row's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Number of slots (present or erased).
+    pub fn slots(&self) -> usize {
+        self.0.len() / KEY_SLOT_BYTES
+    }
+
+    /// Whether another key fits ([`KEY_RUN_SLOTS_MAX`]).
+    pub fn is_full(&self) -> bool {
+        self.slots() >= KEY_RUN_SLOTS_MAX
+    }
+
+    /// Appends the key of the run's next entry.
+    pub fn push(&mut self, key: &DataKey) {
+        assert!(!self.is_full(), "key run beyond {KEY_RUN_SLOTS_MAX} slots");
+        self.0.push(SLOT_PRESENT);
+        self.0.extend_from_slice(&key.0);
+    }
+
+    /// The key in slot `slot`: `None` if erased or beyond the run.
+    pub fn key(&self, slot: usize) -> Option<DataKey> {
+        let bytes = self.0.get(slot * KEY_SLOT_BYTES..(slot + 1) * KEY_SLOT_BYTES)?;
+        if bytes[0] != SLOT_PRESENT {
+            return None;
+        }
+        let mut key = [0u8; DATA_KEY_BYTES];
+        key.copy_from_slice(&bytes[1..]);
+        Some(DataKey(key))
+    }
+
+    /// Erases slot `slot`'s key (flag and key bytes zeroed); returns whether
+    /// a key was there.
+    pub fn erase(&mut self, slot: usize) -> bool {
+        match self.0.get_mut(slot * KEY_SLOT_BYTES..(slot + 1) * KEY_SLOT_BYTES) {
+            Some(bytes) if bytes[0] == SLOT_PRESENT => {
+                bytes.fill(0);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every slot is erased (the row can go).
+    pub fn all_erased(&self) -> bool {
+        self.0.chunks_exact(KEY_SLOT_BYTES).all(|slot| slot[0] == SLOT_ERASED)
     }
 }
 
@@ -190,12 +286,28 @@ pub enum Record<'a> {
     Erased(Erasure),
 }
 
-fn aad(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(16 + 8 + routing.len());
-    aad.extend_from_slice(&room_id.0);
-    aad.extend_from_slice(&log_index.to_be_bytes());
-    aad.extend_from_slice(routing);
-    aad
+/// Length of the associated data before the routing prefix.
+const AAD_POSITION_BYTES: usize = 16 + 8;
+
+/// Associated data of a record, built on the stack.
+struct AssociatedData {
+    bytes: [u8; AAD_POSITION_BYTES + ROUTING_PREFIX_BYTES],
+    len: usize,
+}
+
+impl AssociatedData {
+    fn new(room_id: RoomId, log_index: LogIndex, routing: &[u8]) -> AssociatedData {
+        let routing = &routing[..routing.len().min(ROUTING_PREFIX_BYTES)];
+        let mut bytes = [0u8; AAD_POSITION_BYTES + ROUTING_PREFIX_BYTES];
+        bytes[..16].copy_from_slice(&room_id.0);
+        bytes[16..AAD_POSITION_BYTES].copy_from_slice(&log_index.to_be_bytes());
+        bytes[AAD_POSITION_BYTES..AAD_POSITION_BYTES + routing.len()].copy_from_slice(routing);
+        AssociatedData { bytes, len: AAD_POSITION_BYTES + routing.len() }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 fn prefix_len(frame: &[u8]) -> u8 {
@@ -211,11 +323,25 @@ pub fn seal(
     log_index: LogIndex,
     frame: &[u8],
 ) -> (DataKey, Vec<u8>) {
+    let mut record = Vec::new();
+    let key = seal_into(rng, room_id, log_index, frame, &mut record);
+    (key, record)
+}
+
+/// [`seal`] into a caller's buffer (cleared first), so that a batch reuses
+/// one allocation; returns the key.
+pub fn seal_into(
+    rng: &mut (impl RngCore + CryptoRng),
+    room_id: RoomId,
+    log_index: LogIndex,
+    frame: &[u8],
+    record: &mut Vec<u8>,
+) -> DataKey {
     let key = DataKey::generate(rng);
     let mut nonce = [0u8; NONCE_BYTES];
     rng.fill_bytes(&mut nonce);
-    let record = seal_with(&key, &nonce, room_id, log_index, frame);
-    (key, record)
+    seal_with_into(&key, &nonce, room_id, log_index, frame, record);
+    key
 }
 
 /// Seals `frame` with the given key and nonce (deterministic; [`seal`]
@@ -227,26 +353,39 @@ pub fn seal_with(
     log_index: LogIndex,
     frame: &[u8],
 ) -> Vec<u8> {
+    let mut record = Vec::new();
+    seal_with_into(key, nonce, room_id, log_index, frame, &mut record);
+    record
+}
+
+fn seal_with_into(
+    key: &DataKey,
+    nonce: &[u8; NONCE_BYTES],
+    room_id: RoomId,
+    log_index: LogIndex,
+    frame: &[u8],
+    record: &mut Vec<u8>,
+) {
     let prefix = usize::from(prefix_len(frame));
     let (routing, content) = frame.split_at(prefix);
-    let mut record = Vec::with_capacity(2 + prefix + NONCE_BYTES + content.len() + TAG_BYTES);
+    record.clear();
+    record.reserve(2 + prefix + NONCE_BYTES + content.len() + TAG_BYTES);
     record.push(TAG_SEALED);
     record.push(prefix_len(frame));
     record.extend_from_slice(routing);
     record.extend_from_slice(nonce);
     let body = record.len();
     record.extend_from_slice(content);
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
-    let tag = cipher
-        .encrypt_in_place_detached(
-            XNonce::from_slice(nonce),
-            &aad(room_id, log_index, routing),
+    let aad = AssociatedData::new(room_id, log_index, routing);
+    let tag = cipher(key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(aad.as_slice()),
             &mut record[body..],
         )
         // Only fails for messages beyond 256 GiB; entries are bounded far below.
         .expect("log entries are far below the AEAD's message limit");
-    record.extend_from_slice(&tag);
-    record
+    record.extend_from_slice(tag.as_ref());
 }
 
 /// The tombstone record of an erased entry.
@@ -312,21 +451,29 @@ pub fn open(
     routing: &[u8],
     sealed: &[u8],
 ) -> Result<Bytes, OpenError> {
-    let (nonce, rest) = sealed.split_at(NONCE_BYTES);
-    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_BYTES);
-    let mut frame = Vec::with_capacity(routing.len() + ciphertext.len());
+    let (nonce, ciphertext_and_tag) = sealed.split_at(NONCE_BYTES);
+    let nonce: [u8; NONCE_BYTES] = nonce.try_into().map_err(|_| OpenError::Malformed("nonce"))?;
+    let mut frame = Vec::with_capacity(routing.len() + ciphertext_and_tag.len());
     frame.extend_from_slice(routing);
-    frame.extend_from_slice(ciphertext);
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
-    cipher
-        .decrypt_in_place_detached(
-            XNonce::from_slice(nonce),
-            &aad(room_id, log_index, routing),
+    frame.extend_from_slice(ciphertext_and_tag);
+    let aad = AssociatedData::new(room_id, log_index, routing);
+    let plain_len = cipher(key)
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad.as_slice()),
             &mut frame[routing.len()..],
-            Tag::from_slice(tag),
         )
-        .map_err(|_| OpenError::Unauthentic)?;
+        .map_err(|_| OpenError::Unauthentic)?
+        .len();
+    frame.truncate(routing.len() + plain_len);
     Ok(Bytes::from(frame))
+}
+
+/// The AEAD keyed with `key`.
+fn cipher(key: &DataKey) -> LessSafeKey {
+    // A 32-byte key is the only length ChaCha20-Poly1305 takes, and the
+    // type guarantees it.
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key.0).expect("a 32-byte ChaCha20-Poly1305 key"))
 }
 
 /// The clear routing prefix of a stored record of either kind.
@@ -427,6 +574,49 @@ mod tests {
             }
             assert_eq!(routing_of(&record).unwrap(), &plain[..ROUTING_PREFIX_BYTES]);
         }
+    }
+
+    #[test]
+    fn erasing_one_slot_of_a_key_run_destroys_that_key_alone() {
+        let mut rng = ChaCha20Rng::from_seed([10; 32]);
+        let keys: Vec<DataKey> = (0..5).map(|_| DataKey::generate(&mut rng)).collect();
+        let mut run = KeyRun::with_capacity(keys.len());
+        for key in &keys {
+            run.push(key);
+        }
+        let mut run = KeyRun::from_stored(run.as_bytes()).unwrap();
+        assert_eq!(run.slots(), 5);
+        assert!(run.erase(2));
+        assert!(!run.erase(2), "an erased slot is not erased twice");
+        assert!(!run.erase(5), "beyond the run");
+        for (slot, key) in keys.iter().enumerate() {
+            let expected = (slot != 2).then(|| key.clone());
+            assert_eq!(run.key(slot), expected, "slot {slot}");
+        }
+        assert!(!run.as_bytes().windows(DATA_KEY_BYTES).any(|w| w == keys[2].0));
+        assert!(run.as_bytes().windows(DATA_KEY_BYTES).any(|w| w == keys[3].0));
+        assert!(!run.all_erased());
+        for slot in [0, 1, 3, 4] {
+            assert!(run.erase(slot));
+        }
+        assert!(run.all_erased());
+        assert!(run.as_bytes().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn key_runs_are_bounded_and_malformed_rows_are_typed_errors() {
+        let mut run = KeyRun::default();
+        for _ in 0..KEY_RUN_SLOTS_MAX {
+            assert!(!run.is_full());
+            run.push(&DataKey([1; DATA_KEY_BYTES]));
+        }
+        assert!(run.is_full());
+        let mut longer = run.as_bytes().to_vec();
+        longer.extend_from_slice(&[SLOT_PRESENT; KEY_SLOT_BYTES]);
+        assert!(matches!(KeyRun::from_stored(&longer), Err(OpenError::Malformed(_))));
+        assert!(matches!(KeyRun::from_stored(&[]), Err(OpenError::Malformed(_))));
+        assert!(matches!(KeyRun::from_stored(&[SLOT_PRESENT; 32]), Err(OpenError::Malformed(_))));
+        assert!(matches!(KeyRun::from_stored(&[7; KEY_SLOT_BYTES]), Err(OpenError::Malformed(_))));
     }
 
     #[test]
