@@ -402,6 +402,10 @@ pub struct Client {
     outbox: BTreeMap<u64, OutboxRecord>,
     welcomes: BTreeMap<RoomId, Frame>,
     persisted_mls: HashMap<Vec<u8>, Vec<u8>>,
+    /// No MLS operation ran since the last checkpoint: the OpenMLS storage
+    /// equals `persisted_mls` and need not be compared (the common case of
+    /// reading and sending messages, which never touches MLS state).
+    mls_clean: bool,
     pending_batch: WriteBatch,
     connection: Option<Connection>,
     server: Option<ServerTarget>,
@@ -483,6 +487,7 @@ impl Client {
             outbox: BTreeMap::new(),
             welcomes: BTreeMap::new(),
             persisted_mls,
+            mls_clean: true,
             pending_batch: WriteBatch::new(),
             connection: None,
             server: None,
@@ -672,6 +677,7 @@ impl Client {
     }
 
     async fn refill_key_packages(&mut self) -> Result<(), ClientError> {
+        self.mls_clean = false;
         let now_s = now_ms() / 1000;
         let one = generate_key_packages(&self.provider, &self.identity, 1, now_s)?;
         let last_resort = if self.persisted_last_resort() {
@@ -708,6 +714,7 @@ impl Client {
 
     async fn upload(&mut self, upload: KeyPackageUpload) -> Result<KeyPackageStatus, ClientError> {
         // Key package private keys must be on disk before the server can hand them out.
+        self.mls_clean = false;
         self.checkpoint()?;
         let frame = self.frame(RoomId::default(), 0, &upload)?;
         let reply = self.request(&frame).await?;
@@ -754,6 +761,9 @@ impl Client {
 
     /// Applies a sequenced frame of a room's log at the room's cursor.
     fn apply_log_frame(&mut self, frame: &Frame) -> Result<Option<Message>, ClientError> {
+        if frame.opcode() != Opcode::Application {
+            self.mls_clean = false;
+        }
         let header = frame.header();
         let room_id = header.room_id();
         let log_index = header.log_index();
@@ -906,17 +916,22 @@ impl Client {
     /// Writes everything changed since the last checkpoint in one transaction.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
         let mut batch = std::mem::take(&mut self.pending_batch);
-        let current = self.provider.storage().values.read().expect("storage lock").clone();
-        for (name, value) in &current {
-            if self.persisted_mls.get(name) != Some(value) {
-                batch.put(Namespace::Mls, name, value.clone());
+        let current = if self.mls_clean {
+            None
+        } else {
+            let current = self.provider.storage().values.read().expect("storage lock").clone();
+            for (name, value) in &current {
+                if self.persisted_mls.get(name) != Some(value) {
+                    batch.put(Namespace::Mls, name, value.clone());
+                }
             }
-        }
-        for name in self.persisted_mls.keys() {
-            if !current.contains_key(name) {
-                batch.delete(Namespace::Mls, name);
+            for name in self.persisted_mls.keys() {
+                if !current.contains_key(name) {
+                    batch.delete(Namespace::Mls, name);
+                }
             }
-        }
+            Some(current)
+        };
         for (room_id, entry) in &mut self.rooms {
             entry.record.sender_keys = entry.sender_keys.as_ref().map(SenderKeyState::to_bytes);
             batch.put(Namespace::Room, &room_id.0, encode(&entry.record));
@@ -926,7 +941,10 @@ impl Client {
             self.pending_batch = batch;
             return Err(error);
         }
-        self.persisted_mls = current;
+        if let Some(current) = current {
+            self.persisted_mls = current;
+        }
+        self.mls_clean = true;
         Ok(())
     }
 
@@ -970,6 +988,7 @@ impl Client {
 
     /// The room is no longer ours: its keys go, its history stays.
     fn mark_removed(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        self.mls_clean = false;
         if let Some(entry) = self.rooms.get_mut(&room_id) {
             if entry.state.is_connected() && entry.state.member_epoch().is_some() {
                 step(&mut entry.state, Event::Removed)?;
@@ -1062,6 +1081,7 @@ impl Client {
 
     /// Creates a room with a random id; this device is its first member.
     pub async fn create_room(&mut self) -> Result<RoomId, ClientError> {
+        self.mls_clean = false;
         let server_key = self.connection()?.server_key();
         let mut id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut id);
@@ -1124,6 +1144,7 @@ impl Client {
         let entry = member_entry(&mut self.rooms, room_id)?;
         let group = entry.group.as_mut().expect("member_entry checked");
         let epoch = group.epoch();
+        self.mls_clean = false;
         let output = group.leave(&self.provider, &self.identity)?;
         self.checkpoint()?;
         let frame = self.frame(room_id, epoch, &payload::Proposal { proposal: output.proposal })?;
@@ -1209,6 +1230,7 @@ impl Client {
         self.member_group(room_id)?;
         self.sync(room_id).await?;
         for _ in 0..COMMIT_ATTEMPTS_MAX {
+            self.mls_clean = false;
             let epoch = self.epoch_of(room_id);
             let packages = match &intent {
                 Intent::Invite(members) => self.claim_key_packages(room_id, epoch, members).await?,
@@ -1283,6 +1305,7 @@ impl Client {
     /// if another commit won (the pending commit is discarded and the
     /// caller redoes its intent).
     async fn settle_commit(&mut self, room_id: RoomId, frame: &Frame) -> Result<bool, ClientError> {
+        self.mls_clean = false;
         let reply = self.request(frame).await?;
         match reply.opcode() {
             Opcode::Ack => {
@@ -1356,6 +1379,7 @@ impl Client {
         };
         let welcome: Welcome =
             frame.decode_payload().map_err(|e| ClientError::Protocol(format!("Welcome payload: {e}")))?;
+        self.mls_clean = false;
         let group =
             RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref())?;
         if group.room_id() != room_id.0 {
@@ -1387,6 +1411,7 @@ impl Client {
     /// (no invitation needed). Retries when another commit wins the epoch.
     pub async fn join_external(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
         for _ in 0..COMMIT_ATTEMPTS_MAX {
+            self.mls_clean = false;
             let request = self.frame(room_id, 0, &GroupInfoRequest {})?;
             let reply = self.request(&request).await?;
             let info: GroupInfo = expect(&reply)?;
