@@ -334,6 +334,22 @@ struct RoomRecord {
     cover_proposals: bool,
 }
 
+impl RoomRecord {
+    /// A room just joined (by Welcome or external commit), read from `next_log_index` on.
+    fn joined(room_id: RoomId, next_log_index: u64) -> Self {
+        RoomRecord {
+            room_id: room_id.0,
+            next_log_index,
+            confirmed: true,
+            pending: None,
+            sender_keys: None,
+            removed: false,
+            redo: None,
+            cover_proposals: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OutboxRecord {
     id: u64,
@@ -1386,16 +1402,7 @@ impl Client {
             return Err(ClientError::Protocol("a Welcome for another room was routed to this one".into()));
         }
         let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
-        let record = RoomRecord {
-            room_id: room_id.0,
-            next_log_index: frame.header().log_index() + 1,
-            confirmed: true,
-            pending: None,
-            sender_keys: None,
-            removed: false,
-            redo: None,
-            cover_proposals: false,
-        };
+        let record = RoomRecord::joined(room_id, frame.header().log_index() + 1);
         let mut state = ClientState::PendingWelcome;
         step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
         self.rooms
@@ -1431,16 +1438,7 @@ impl Client {
                     let ack: Ack = expect(&reply)?;
                     step(&mut state, Event::CommitAcked { epoch: ack.epoch })?;
                     let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
-                    let record = RoomRecord {
-                        room_id: room_id.0,
-                        next_log_index: ack.log_index + 1,
-                        confirmed: true,
-                        pending: None,
-                        sender_keys: None,
-                        removed: false,
-                        redo: None,
-                        cover_proposals: false,
-                    };
+                    let record = RoomRecord::joined(room_id, ack.log_index + 1);
                     self.rooms.insert(
                         room_id,
                         RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state },

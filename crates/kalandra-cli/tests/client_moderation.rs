@@ -6,24 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use client_core::client::{Client, ClientError, MessageBody, ServerTarget};
-use client_core::connection::parse_fingerprint;
-use client_core::store::StoreKey;
-use common::{kalandra, ok, Server};
+use client_core::client::{Client, ClientError, MessageBody};
+use common::{device, kalandra, ok, Server};
 use kalandra_proto::{ErrorCode, RoomId};
-
-async fn device(dir: &std::path::Path, byte: u8, server: &Server) -> Client {
-    let mut client = Client::init(dir, &StoreKey::from_bytes([byte; 32])).unwrap();
-    client
-        .set_server(ServerTarget {
-            address: server.address,
-            server_name: "localhost".into(),
-            fingerprint: parse_fingerprint(&server.fingerprint_hex).unwrap(),
-        })
-        .unwrap();
-    client.connect().await.unwrap();
-    client
-}
 
 fn bodies(client: &Client, room: RoomId) -> Vec<(u64, MessageBody)> {
     client.history(room, 0, 1000).unwrap().into_iter().map(|m| (m.log_index, m.body)).collect()

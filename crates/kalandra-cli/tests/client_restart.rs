@@ -5,29 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use client_core::client::{Client, ClientError, MessageBody, ServerTarget};
-use client_core::connection::parse_fingerprint;
-use client_core::store::StoreKey;
-use common::Server;
-
-fn target(server: &Server) -> ServerTarget {
-    ServerTarget {
-        address: server.address,
-        server_name: "localhost".into(),
-        fingerprint: parse_fingerprint(&server.fingerprint_hex).unwrap(),
-    }
-}
-
-fn key(byte: u8) -> StoreKey {
-    StoreKey::from_bytes([byte; 32])
-}
-
-async fn device(dir: &std::path::Path, byte: u8, server: &Server) -> Client {
-    let mut client = Client::init(dir, &key(byte)).unwrap();
-    client.set_server(target(server)).unwrap();
-    client.connect().await.unwrap();
-    client
-}
+use client_core::client::{Client, ClientError, MessageBody};
+use common::{device, key, Server};
 
 fn texts(client: &Client, room: kalandra_proto::RoomId) -> Vec<(u64, Vec<u8>)> {
     client
@@ -65,7 +44,7 @@ async fn a_message_sent_while_the_server_is_down_waits_in_the_outbox_across_a_cl
     let server = Server::start(server_dir.path()).await;
     let mut alice = Client::open(alice_dir.path(), &key(1)).unwrap();
     assert_eq!(alice.outbox_len(), 1, "the outbox survived the restart");
-    alice.set_server(target(&server)).unwrap();
+    alice.set_server(server.target()).unwrap();
     alice.connect().await.unwrap();
     assert_eq!(alice.outbox_len(), 0, "connecting sent it");
     // The restarted sending chain does not reuse a generation: Bob reads everything.
@@ -73,7 +52,7 @@ async fn a_message_sent_while_the_server_is_down_waits_in_the_outbox_across_a_cl
 
     drop(bob);
     let mut bob = Client::open(bob_dir.path(), &key(2)).unwrap();
-    bob.set_server(target(&server)).unwrap();
+    bob.set_server(server.target()).unwrap();
     bob.connect().await.unwrap();
     bob.sync(room).await.unwrap();
     let expected: Vec<&[u8]> = vec![b"before the outage", b"during the outage", b"after the restart"];

@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use client_core::client::{Client, ServerTarget};
+use client_core::connection::parse_fingerprint;
+use client_core::store::StoreKey;
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
 use kalandra_server::metrics::Metrics;
 use kalandra_server::node::{Clock, Node, NodeLimits};
@@ -130,4 +133,28 @@ pub async fn ok(dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+impl Server {
+    /// Where a device finds this server.
+    pub fn target(&self) -> ServerTarget {
+        ServerTarget {
+            address: self.address,
+            server_name: "localhost".into(),
+            fingerprint: parse_fingerprint(&self.fingerprint_hex).unwrap(),
+        }
+    }
+}
+
+/// The store key of test device `byte`.
+pub fn key(byte: u8) -> StoreKey {
+    StoreKey::from_bytes([byte; 32])
+}
+
+/// A new device in `dir`, connected to `server`.
+pub async fn device(dir: &Path, byte: u8, server: &Server) -> Client {
+    let mut client = Client::init(dir, &key(byte)).unwrap();
+    client.set_server(server.target()).unwrap();
+    client.connect().await.unwrap();
+    client
 }
