@@ -1203,11 +1203,9 @@ impl Store for RedbStore {
                     let key = moderation_key(*room_id, *user_id);
                     match role {
                         Some(role) => {
-                            let exists = table.get(&key).map_err(failed(OP))?.is_some();
-                            let (low, high) =
-                                (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
-                            let count = table.range::<&[u8; 24]>(&low..=&high).map_err(failed(OP))?.count();
-                            if !exists && count >= ROLES_PER_ROOM_MAX {
+                            if room_rows_full(&table, *room_id, &key, ROLES_PER_ROOM_MAX)
+                                .map_err(failed(OP))?
+                            {
                                 return Err(ModerationStoreError::TooMany {
                                     room_id: *room_id,
                                     what: "roles",
@@ -1225,11 +1223,9 @@ impl Store for RedbStore {
                     let key = moderation_key(*room_id, *user_id);
                     match ban {
                         Some(ban) => {
-                            let exists = table.get(&key).map_err(failed(OP))?.is_some();
-                            let (low, high) =
-                                (moderation_key(*room_id, 0), moderation_key(*room_id, u64::MAX));
-                            let count = table.range::<&[u8; 24]>(&low..=&high).map_err(failed(OP))?.count();
-                            if !exists && count >= BANS_PER_ROOM_MAX {
+                            if room_rows_full(&table, *room_id, &key, BANS_PER_ROOM_MAX)
+                                .map_err(failed(OP))?
+                            {
                                 return Err(ModerationStoreError::TooMany {
                                     room_id: *room_id,
                                     what: "bans",
@@ -1305,6 +1301,21 @@ impl Store for RedbStore {
         });
         Ok(read_head(head)?)
     }
+}
+
+/// Whether `key` is new to its room's rows in a per-room moderation table
+/// (roles, bans) that already holds `max` of them.
+fn room_rows_full<V: redb::Value + 'static>(
+    table: &impl ReadableTable<&'static [u8; 24], V>,
+    room_id: RoomId,
+    key: &[u8; 24],
+    max: usize,
+) -> Result<bool, redb::StorageError> {
+    if table.get(key)?.is_some() {
+        return Ok(false);
+    }
+    let (low, high) = (moderation_key(room_id, 0), moderation_key(room_id, u64::MAX));
+    Ok(table.range::<&[u8; 24]>(&low..=&high)?.take(max).count() >= max)
 }
 
 #[cfg(test)]
