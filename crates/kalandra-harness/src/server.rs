@@ -536,7 +536,9 @@ impl<G: ServerGroup> Core<G> {
             // A commit's Welcomes are stored before it is acknowledged.
             for effect in &effects {
                 if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, log_index } = effect {
-                    let frame = welcome_frame(room_id, welcome, ratchet_tree, *log_index);
+                    let Ok(frame) = welcome_frame(room_id, welcome, ratchet_tree, *log_index) else {
+                        continue;
+                    };
                     let ids: Vec<u64> = recipients.iter().map(|r| r.0).collect();
                     if self.shared.disk.put_welcomes(&ids, frame).is_err() {
                         self.shared.failed.set(true);

@@ -16,6 +16,7 @@ pub mod node;
 pub mod outbox;
 pub mod push;
 pub mod rate_limit;
+pub mod room;
 pub mod room_group;
 pub mod sequencer;
 pub mod server_key;

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::node::ConnectionId;
+use crate::room::ConnectionId;
 use kalandra_proto::SenderId;
 
 /// Every bound of an outbox, in one place.
@@ -263,6 +263,28 @@ pub fn recycle_batch(batch: &mut VecDeque<Bytes>) {
     batch.clear();
     if batch.capacity() > WRITER_BATCH_RETAINED_FRAMES_MAX {
         *batch = VecDeque::new();
+    }
+}
+
+/// The room core writes to a connection through its outbox.
+impl crate::room::Peer for std::sync::Arc<Outbox> {
+    fn connection(&self) -> ConnectionId {
+        Outbox::connection(self)
+    }
+    fn sender(&self) -> SenderId {
+        Outbox::sender(self)
+    }
+    fn try_send(&self, frame: Bytes) -> bool {
+        Outbox::try_send(self, frame)
+    }
+    fn try_reply(&self, frame: Bytes) -> bool {
+        Outbox::try_reply(self, frame)
+    }
+    fn notice(&self, frame: Bytes) {
+        Outbox::notice(self, frame)
+    }
+    fn free_capacity(&self) -> usize {
+        Outbox::free_capacity(self)
     }
 }
 

@@ -446,6 +446,15 @@ impl<G: GroupState> RoomSequencer<G> {
         Ok(())
     }
 
+    /// The Welcome of the in-flight commit at `log_index`, if it carries
+    /// one: its recipients, the Welcome and the ratchet tree it joins.
+    pub fn welcome_of(&self, log_index: u64) -> Option<(&[SenderId], &Bytes, &Bytes)> {
+        let entry = self.in_flight.iter().rev().find(|entry| entry.log_index == log_index)?;
+        let commit = entry.commit.as_ref()?;
+        let (welcome, recipients) = commit.welcome.as_ref()?;
+        Some((recipients.as_slice(), welcome, &commit.ratchet_tree))
+    }
+
     /// The room's id.
     pub fn room_id(&self) -> RoomId {
         self.room_id

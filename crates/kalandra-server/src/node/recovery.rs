@@ -1,0 +1,143 @@
+//! Recovery at start: every stored room rebuilt from its snapshot (or its
+//! `CreateRoom` frame) and the log after it. Blocks on storage.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use kalandra_proto::payload::CreateRoom;
+use kalandra_proto::{Frame, RoomId, SenderId};
+
+use crate::moderation::RoomRoles;
+use crate::room::limits::{HISTORY_READ_FRAMES_MAX, RECENT_FRAMES_PER_ROOM_MAX};
+use crate::room::{RecoveredRoom, RoomSnapshot};
+use crate::sequencer::{PendingServerProposals, PersistentGroup, RecoveryPoint, RoomSequencer};
+use crate::store::{EntryContent, Store};
+
+/// Why the room core could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// Storage could not be read.
+    #[error("reading storage: {0}")]
+    Storage(String),
+    /// The stored log does not replay: corruption or a bug.
+    #[error("room {room_id}: {detail}")]
+    Corrupt {
+        /// The room.
+        room_id: RoomId,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// Rebuilds every stored room: MLS state from its snapshot (or its
+/// `CreateRoom` frame), then replay of every later entry.
+pub(super) fn recover_rooms<G: PersistentGroup>(
+    store: &dyn Store,
+) -> Result<Vec<RecoveredRoom<G>>, RecoveryError> {
+    let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
+    let mut rooms = Vec::new();
+    let mut after = None;
+    loop {
+        let heads =
+            store.room_heads(after, crate::store::limits::ROOM_HEADS_PAGE_MAX).map_err(|e| storage(&e))?;
+        let Some(last) = heads.last() else { break };
+        after = Some(last.room_id);
+        for head in heads {
+            rooms.push(recover_room_state::<G>(store, head.room_id, head.next_log_index)?);
+        }
+    }
+    Ok(rooms)
+}
+
+/// Rebuilds one stored room whose log holds `next_log_index` entries: MLS
+/// state from its snapshot (or its `CreateRoom` frame), then replay of every
+/// later entry through [`RoomSequencer::replay`]. Blocks on storage.
+pub fn recover_room_state<G: PersistentGroup>(
+    store: &dyn Store,
+    room_id: RoomId,
+    next_log_index: u64,
+) -> Result<RecoveredRoom<G>, RecoveryError> {
+    let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
+    let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
+    let first = store.read_range(room_id, 0, 1).map_err(|e| storage(&e))?;
+    let create_entry = first.first().ok_or_else(|| corrupt("log has no entry 0".into()))?;
+    let create_bytes = create_entry.frame().ok_or_else(|| corrupt("entry 0 was erased".into()))?;
+    let create_frame = Frame::decode(create_bytes).map_err(|e| corrupt(format!("entry 0: {e}")))?;
+    let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
+    let creator = create_frame.header().sender_id();
+    let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
+    let created_at_ms =
+        metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
+    let (group, through, group_info, epoch_started_at_log_index, server_proposals) =
+        match metadata.filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty()) {
+            Some(metadata) => {
+                let snapshot = RoomSnapshot::decode(&metadata.mls_snapshot)
+                    .ok_or_else(|| corrupt("malformed snapshot".into()))?;
+                let group = G::restore(snapshot.group).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+                let through = metadata.mls_snapshot_log_index - 1;
+                (
+                    group,
+                    through,
+                    snapshot.group_info,
+                    snapshot.epoch_started_at_log_index,
+                    snapshot.server_proposals,
+                )
+            }
+            None => {
+                let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
+                    .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
+                (group, 0, (0, Bytes::from(create.group_info)), 0, PendingServerProposals::default())
+            }
+        };
+    let point = RecoveryPoint {
+        through_log_index: through,
+        last_timestamp_ms: create_frame.header().server_timestamp_ms(),
+        group_info,
+        epoch_started_at_log_index,
+        server_proposals,
+    };
+    let mut sequencer = RoomSequencer::recover(room_id, group, point);
+    let moderation = store.room_moderation(room_id).map_err(|e| storage(&e))?;
+    for (user, ban) in &moderation.bans {
+        sequencer.ban(SenderId(*user), ban.until_ms).map_err(|e| corrupt(format!("bans: {e}")))?;
+    }
+    let mut room_recent = VecDeque::new();
+    let mut from = through + 1;
+    let mut reads = 0u64;
+    while from < next_log_index {
+        reads += 1;
+        assert!(reads <= next_log_index, "replay makes progress on every read");
+        let entries = store.read_range(room_id, from, HISTORY_READ_FRAMES_MAX).map_err(|e| storage(&e))?;
+        if entries.is_empty() {
+            return Err(corrupt(format!("log ends at {from}, head says {next_log_index}")));
+        }
+        for entry in entries {
+            // An erased entry replays as its placeholder: only application
+            // frames are ever erased, and replay needs nothing of them but
+            // their index and timestamp.
+            let bytes = match &entry.content {
+                EntryContent::Erased(erasure) if crate::erasure::erasable(erasure.opcode()) => {
+                    crate::erasure::erased_placeholder(room_id, entry.log_index, erasure)
+                }
+                EntryContent::Erased(_) => {
+                    return Err(corrupt(format!("entry {}: a handshake frame was erased", entry.log_index)));
+                }
+                EntryContent::Frame(frame) => frame.clone(),
+            };
+            let frame =
+                Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
+            sequencer.replay(&frame).map_err(|e| corrupt(e.to_string()))?;
+            if room_recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
+                room_recent.pop_front();
+            }
+            room_recent.push_back((entry.log_index, bytes));
+            from = entry.log_index + 1;
+        }
+    }
+    if sequencer.next_log_index() != next_log_index {
+        let replayed = sequencer.next_log_index();
+        return Err(corrupt(format!("replay reached {replayed}, head says {next_log_index}")));
+    }
+    let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
+    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
+}

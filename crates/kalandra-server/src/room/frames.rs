@@ -1,0 +1,117 @@
+//! Frames the server builds itself: replies, errors, Welcomes.
+
+use bytes::Bytes;
+use kalandra_proto::payload;
+use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Payload, RoomId};
+
+use crate::sequencer::SubmitError;
+
+/// Builds an unsigned server frame carrying `payload`.
+pub fn server_frame<P: Payload>(room_id: RoomId, request_id: u32, payload: &P) -> Bytes {
+    let mut header = FrameHeaderBuf::new(P::OPCODE);
+    header.set_room_id(room_id).set_request_id(request_id);
+    Frame::with_payload(header, payload).expect("server payloads fit their opcode").to_bytes()
+}
+
+/// Builds an `Error` frame.
+pub fn error_frame(room_id: RoomId, request_id: u32, code: ErrorCode, message: &str) -> Bytes {
+    error_frame_with(room_id, request_id, code, message, None, None, None)
+}
+
+/// Builds an `Error` frame with the optional fields set.
+pub(crate) fn error_frame_with(
+    room_id: RoomId,
+    request_id: u32,
+    code: ErrorCode,
+    message: &str,
+    current_epoch: Option<u64>,
+    log_index: Option<u64>,
+    retry_after_ms: Option<u64>,
+) -> Bytes {
+    let message: String = message.chars().take(kalandra_proto::limits::TEXT_BYTES_MAX / 4).collect();
+    server_frame(
+        room_id,
+        request_id,
+        &payload::Error { code: code.to_u16(), message, current_epoch, log_index, retry_after_ms },
+    )
+}
+
+/// Builds the `Error` frame that refuses a submission (with the room's
+/// epoch and index for `WrongEpoch`, a retry delay for overload).
+pub fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
+    let (current_epoch, log_index) = match error {
+        SubmitError::WrongEpoch { current_epoch, log_index, .. } => (Some(*current_epoch), Some(*log_index)),
+        _ => (None, None),
+    };
+    let retry_after_ms = match error {
+        SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => {
+            Some(crate::sequencer::IN_FLIGHT_RETRY_AFTER_MS)
+        }
+        _ => None,
+    };
+    error_frame_with(
+        room_id,
+        request_id,
+        error.error_code(),
+        &error.to_string(),
+        current_epoch,
+        log_index,
+        retry_after_ms,
+    )
+}
+
+/// A Welcome and the tree it needs do not fit one `Welcome` frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the Welcome does not fit a Welcome frame: {0}")]
+pub struct WelcomeTooLarge(pub String);
+
+/// Builds the `Welcome` frame stored for, and sent to, a commit's
+/// recipients. Its header carries the log index of the commit that made
+/// it, so that the joiner subscribes from the next index: nothing before
+/// it belongs to the epoch it joins, and nothing after it is skipped.
+pub fn welcome_frame(
+    room_id: RoomId,
+    welcome: &Bytes,
+    ratchet_tree: &Bytes,
+    log_index: u64,
+) -> Result<Bytes, WelcomeTooLarge> {
+    let payload = payload::Welcome {
+        welcome: welcome.to_vec(),
+        ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
+    };
+    let mut header = FrameHeaderBuf::new(payload::Welcome::OPCODE);
+    header.set_room_id(room_id).set_log_index(log_index);
+    Frame::with_payload(header, &payload)
+        .map(|frame| frame.to_bytes())
+        .map_err(|error| WelcomeTooLarge(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kalandra_proto::Opcode;
+
+    /// A joiner learns from the Welcome's header where the epoch it joins
+    /// begins; without it, it cannot know which index to subscribe from.
+    #[test]
+    fn welcome_frames_carry_the_log_index_of_their_commit() {
+        let room_id = RoomId([3; 16]);
+        let bytes =
+            welcome_frame(room_id, &Bytes::from_static(b"welcome"), &Bytes::from_static(b"tree"), 7).unwrap();
+        let frame = Frame::decode(&bytes).unwrap();
+        assert_eq!(frame.opcode(), Opcode::Welcome);
+        assert_eq!(frame.header().room_id(), room_id);
+        assert_eq!(frame.header().log_index(), 7);
+        let payload: payload::Welcome = frame.decode_payload().unwrap();
+        assert_eq!(payload.welcome, b"welcome");
+        assert_eq!(payload.ratchet_tree.as_deref(), Some(&b"tree"[..]));
+    }
+
+    /// A Welcome too large for its frame is an error, not a panic.
+    #[test]
+    fn an_oversized_welcome_is_an_error() {
+        let room_id = RoomId([3; 16]);
+        let huge = Bytes::from(vec![0u8; Opcode::Welcome.payload_bytes_max() as usize]);
+        assert!(welcome_frame(room_id, &huge, &huge, 1).is_err());
+    }
+}

@@ -1,0 +1,47 @@
+//! The room core, pure: a [`Shard`] of rooms takes inputs with the current
+//! time and returns what to do as data. It never reads a clock, blocks,
+//! spawns, or touches a socket or a disk; the tokio node
+//! ([`crate::node`]) and the simulation (`kalandra-harness`) drive it.
+//! Nothing here imports tokio.
+
+mod frames;
+mod moderation;
+mod shard;
+mod snapshot;
+
+pub use self::frames::{error_frame, rejection_frame, server_frame, welcome_frame, WelcomeTooLarge};
+pub use self::moderation::{
+    Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
+    MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
+};
+pub use self::shard::{
+    AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
+    ShardCounters, WelcomeToStore,
+};
+pub(crate) use self::snapshot::RoomSnapshot;
+
+/// Every bound of the room core, in one place.
+pub mod limits {
+    /// Commands a shard's inbox holds before senders wait.
+    pub const SHARD_INBOX_COMMANDS_MAX: usize = 8192;
+    /// Commands a shard handles before it flushes a batch to storage.
+    pub const SHARD_COMMANDS_PER_BATCH_MAX: usize = 1024;
+    /// Durable frames a room keeps in memory to hand subscribers over from
+    /// history to live without a gap.
+    pub const RECENT_FRAMES_PER_ROOM_MAX: usize = 1024;
+    /// Connections subscribed to one room.
+    pub const SUBSCRIBERS_PER_ROOM_MAX: usize = 100_000;
+    /// Frames read from storage per history read.
+    pub const HISTORY_READ_FRAMES_MAX: usize = 256;
+    /// Commits after which a room's MLS state is snapshotted.
+    pub const COMMITS_PER_SNAPSHOT: u32 = 16;
+    /// Tickets (storage batches) a shard waits on at once.
+    pub const TICKETS_IN_FLIGHT_MAX: usize = 64;
+
+    const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
+    const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);
+    const _: () = assert!(
+        HISTORY_READ_FRAMES_MAX <= crate::store::limits::READ_RANGE_ENTRIES_MAX,
+        "one history read is one store read"
+    );
+}

@@ -1,0 +1,828 @@
+//! A shard of rooms, as a pure state machine.
+//!
+//! [`Shard`] owns its rooms' [`RoomSequencer`]s outright. Inputs come in
+//! through `handle_*` calls with the current time; what must happen outside
+//! — append a batch, read history, store a snapshot, forward pushes, write
+//! a moderation act — comes out as data: [`Shard::take_batch`] and
+//! [`Shard::poll_output`]. Replies and fan-out go straight into each
+//! connection's bounded queue through the [`Peer`] trait, so that a reader
+//! whose queue is full is dropped from fan-out at the exact index it missed.
+//!
+//! The shard never reads a clock, never blocks, never spawns and never
+//! touches a socket or a disk: the tokio node and the simulation drive the
+//! same code.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use kalandra_proto::payload::{self, CreateRoom};
+use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
+
+use super::frames::{error_frame, error_frame_with, rejection_frame, server_frame, welcome_frame};
+use super::limits::*;
+use super::moderation::{ActAwaitingProposal, ModerationWrite};
+use super::snapshot::RoomSnapshot;
+use crate::mls_state::ServerSigner;
+use crate::moderation::RoomRoles;
+use crate::sequencer::{Effect, PersistentGroup, RoomSequencer, Sequenced, SubmitError, SERVER_SENDER_ID};
+use crate::store::{LogEntry, RoomMetadata};
+
+/// Identifies one client connection for the life of the process.
+pub type ConnectionId = u64;
+
+/// A connection as the room core sees it: a bounded outbound queue that
+/// takes frames without waiting.
+pub trait Peer: Clone {
+    /// The connection's id.
+    fn connection(&self) -> ConnectionId;
+    /// The identity the connection authenticated as.
+    fn sender(&self) -> SenderId;
+    /// Queues a fan-out or history frame; `false` if the queue is full.
+    fn try_send(&self, frame: Bytes) -> bool;
+    /// Queues a reply in the part of the queue kept for replies; `false`
+    /// if even that is full.
+    fn try_reply(&self, frame: Bytes) -> bool;
+    /// Queues a control notice, written after the queued frames (too many
+    /// close the connection).
+    fn notice(&self, frame: Bytes);
+    /// Fan-out or history frames the queue takes right now.
+    fn free_capacity(&self) -> usize;
+}
+
+/// How many rooms each user is a member of, shared by the shards of a node
+/// so that the per-user room limit holds across them.
+pub type Memberships = Arc<Mutex<HashMap<SenderId, u32>>>;
+
+/// Adds and removes memberships from the count.
+pub(super) fn count_memberships(memberships: &Memberships, added: &[SenderId], removed: &[SenderId]) {
+    let mut memberships = memberships.lock().expect("memberships lock");
+    for sender in added {
+        *memberships.entry(*sender).or_insert(0) += 1;
+    }
+    for sender in removed {
+        if let Some(count) = memberships.get_mut(sender) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                memberships.remove(sender);
+            }
+        }
+    }
+}
+
+/// Options of a shard.
+#[derive(Clone)]
+pub struct ShardConfig {
+    /// A user who is a member of this many rooms may not create or join
+    /// (by external commit) another.
+    pub rooms_per_user_max: u32,
+    /// The server's key, listed in every room's `external_senders`: it
+    /// signs the Remove proposals of kicks and bans.
+    pub server_signer: Arc<ServerSigner>,
+}
+
+/// A room rebuilt from storage, ready for a shard.
+pub struct RecoveredRoom<G: PersistentGroup> {
+    /// The sequencer, at the stored head.
+    pub sequencer: RoomSequencer<G>,
+    /// Who created the room.
+    pub creator: SenderId,
+    /// When (server clock, ms).
+    pub created_at_ms: u64,
+    /// The most recent stored frames (at most [`RECENT_FRAMES_PER_ROOM_MAX`]):
+    /// (log index, encoded frame).
+    pub recent: VecDeque<(u64, Bytes)>,
+    /// Who holds a role in the room (the creator is its admin).
+    pub roles: RoomRoles,
+}
+
+/// Entries to make durable in one storage request, then report with
+/// [`Shard::handle_durable`].
+#[derive(Debug)]
+pub struct AppendBatch {
+    /// Identifies the batch; batches complete in the order they were taken.
+    pub id: u64,
+    /// The log entries, in log order per room.
+    pub entries: Vec<LogEntry>,
+    /// Welcomes of commits in the batch: store them once the entries are
+    /// durable and before reporting the batch, so that an acknowledged add
+    /// never loses its Welcome.
+    pub welcomes: Vec<WelcomeToStore>,
+}
+
+/// A commit's Welcome, for each of its recipients.
+#[derive(Debug, Clone)]
+pub struct WelcomeToStore {
+    /// The room.
+    pub room_id: RoomId,
+    /// Who it is for.
+    pub recipients: Vec<SenderId>,
+    /// The `Welcome` frame.
+    pub frame: Bytes,
+}
+
+/// Read stored frames `[from, through)` of a room and send them to `peer`,
+/// waiting for room in its queue; then report
+/// [`Shard::handle_caught_up`] (a live subscription) or send `SyncDone`
+/// (a one-shot range, `subscription == 0`).
+pub struct HistoryRead<P> {
+    /// The room.
+    pub room_id: RoomId,
+    /// Where the frames go.
+    pub peer: P,
+    /// First index to send.
+    pub from: u64,
+    /// First index not to send.
+    pub through: u64,
+    /// The request's id (for `SyncDone` and errors).
+    pub request_id: u32,
+    /// The live subscription being caught up, 0 for a one-shot range.
+    pub subscription: u64,
+    /// Set when the subscription ends: stop sending.
+    pub cancelled: Arc<AtomicBool>,
+}
+
+/// What the shard asks its driver to do, in order.
+pub enum Output<P> {
+    /// See [`HistoryRead`].
+    ReadHistory(HistoryRead<P>),
+    /// Hand these recipients' stored Welcomes to their connections.
+    DeliverWelcomes {
+        /// Recipients.
+        recipients: Vec<SenderId>,
+    },
+    /// Store the room's MLS snapshot (best effort).
+    Snapshot {
+        /// The room.
+        room_id: RoomId,
+        /// What to store.
+        metadata: RoomMetadata,
+    },
+    /// Forward a push payload to the members not connected.
+    Push {
+        /// The room.
+        room_id: RoomId,
+        /// The message's log index.
+        log_index: u64,
+        /// The sender, who gets no push.
+        sender: SenderId,
+        /// The room's members.
+        members: Vec<SenderId>,
+        /// The sealed push payload.
+        payload: Bytes,
+    },
+    /// Write a moderation change with its audit record, in this order.
+    RecordModeration(ModerationWrite),
+    /// A moderation act was refused or failed.
+    ModerationRefused {
+        /// The act's token (see [`Shard::handle_moderate`]).
+        token: u64,
+        /// Why.
+        failure: super::ModerationFailure,
+    },
+    /// Storage failed: the process must stop and recover on restart.
+    StorageFailed {
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// One connection subscribed to a room.
+pub(super) struct Subscriber<P> {
+    pub(super) peer: P,
+    /// First index this subscriber has not been sent.
+    next_log_index: u64,
+    /// Receiving live fan-out (history is complete).
+    pub(super) live: bool,
+    /// Identifies this subscription, so that a history reader of an earlier
+    /// subscription of the same connection cannot report for this one.
+    subscription: u64,
+    /// Set when the subscription ends: its history reader stops sending.
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Removes the subscribers `remove` picks and stops their history readers.
+fn drop_subscribers<P>(subscribers: &mut Vec<Subscriber<P>>, mut remove: impl FnMut(&Subscriber<P>) -> bool) {
+    subscribers.retain(|subscriber| {
+        let removed = remove(subscriber);
+        if removed {
+            subscriber.cancelled.store(true, Ordering::Release);
+        }
+        !removed
+    });
+}
+
+/// One frame between sequencing and durability.
+struct Waiting<P> {
+    log_index: u64,
+    /// `None` once the connection closed.
+    peer: Option<P>,
+    encoded: Bytes,
+}
+
+pub(super) struct Room<G: PersistentGroup, P> {
+    pub(super) sequencer: RoomSequencer<G>,
+    pub(super) creator: SenderId,
+    pub(super) created_at_ms: u64,
+    /// Frames waiting for durability, aligned with the sequencer's in-flight
+    /// frames: index, the connection to acknowledge, and the frame encoded
+    /// once (for storage, and again for fan-out).
+    waiting: VecDeque<Waiting<P>>,
+    pub(super) subscribers: Vec<Subscriber<P>>,
+    /// The most recent durable frames: (log index, encoded frame).
+    recent: VecDeque<(u64, Bytes)>,
+    commits_since_snapshot: u32,
+    /// A server proposal became durable: snapshot soon, so that a restart
+    /// finds the pending proposal in the snapshot too.
+    snapshot_due: bool,
+    /// Who holds which role.
+    pub(super) roles: RoomRoles,
+    /// Kicks and bans waiting for their Remove proposal to be durable.
+    pub(super) acts_awaiting_proposal: VecDeque<ActAwaitingProposal>,
+}
+
+impl<G: PersistentGroup, P> Room<G, P> {
+    fn new(sequencer: RoomSequencer<G>, creator: SenderId, created_at_ms: u64) -> Room<G, P> {
+        Room {
+            sequencer,
+            creator,
+            created_at_ms,
+            waiting: VecDeque::new(),
+            subscribers: Vec::new(),
+            recent: VecDeque::new(),
+            commits_since_snapshot: 0,
+            snapshot_due: false,
+            roles: RoomRoles::new(creator, []),
+            acts_awaiting_proposal: VecDeque::new(),
+        }
+    }
+
+    /// First index not yet durable.
+    fn durable_next(&self) -> u64 {
+        self.sequencer.durable_through().map_or(0, |through| through + 1)
+    }
+}
+
+/// Entries accumulated for the next batch.
+#[derive(Default)]
+struct PendingBatch {
+    entries: Vec<LogEntry>,
+    welcomes: Vec<WelcomeToStore>,
+    /// Highest index per room in `entries`.
+    rooms: Vec<(RoomId, u64)>,
+}
+
+/// Counts the driver turns into metrics.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    /// Frames acknowledged.
+    pub acks: u64,
+    /// Requests refused, by code.
+    pub rejections: Vec<ErrorCode>,
+}
+
+/// A shard of rooms. See the module documentation.
+pub struct Shard<G: PersistentGroup, P: Peer> {
+    pub(super) rooms: BTreeMap<RoomId, Room<G, P>>,
+    pub(super) config: ShardConfig,
+    memberships: Memberships,
+    pending: PendingBatch,
+    /// Batches taken and not yet reported durable, oldest first.
+    batches_in_flight: VecDeque<(u64, Vec<(RoomId, u64)>)>,
+    next_batch: u64,
+    /// Rooms with pending server proposals or timed bans.
+    pub(super) watched: BTreeSet<RoomId>,
+    /// Last subscription id handed out.
+    next_subscription: u64,
+    pub(super) outputs: VecDeque<Output<P>>,
+    effects: Vec<Effect>,
+    pub(super) counters: ShardCounters,
+}
+
+impl<G: PersistentGroup, P: Peer> Shard<G, P> {
+    /// A shard owning `rooms`, counting their members in `memberships`.
+    pub fn new(config: ShardConfig, memberships: Memberships, rooms: Vec<RecoveredRoom<G>>) -> Shard<G, P> {
+        let mut shard = Shard {
+            rooms: BTreeMap::new(),
+            config,
+            memberships,
+            pending: PendingBatch::default(),
+            batches_in_flight: VecDeque::new(),
+            next_batch: 0,
+            watched: BTreeSet::new(),
+            next_subscription: 0,
+            outputs: VecDeque::new(),
+            effects: Vec::new(),
+            counters: ShardCounters::default(),
+        };
+        for recovered in rooms {
+            let room_id = recovered.sequencer.room_id();
+            count_memberships(&shard.memberships, &recovered.sequencer.group().members(), &[]);
+            let mut room = Room::new(recovered.sequencer, recovered.creator, recovered.created_at_ms);
+            room.recent = recovered.recent;
+            room.roles = recovered.roles;
+            if !room.sequencer.server_proposals_pending().is_empty() || room.sequencer.has_timed_bans() {
+                shard.watched.insert(room_id);
+            }
+            shard.rooms.insert(room_id, room);
+        }
+        shard
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output<P>> {
+        self.outputs.pop_front()
+    }
+
+    /// The entries sequenced since the last call, as one storage request.
+    pub fn take_batch(&mut self) -> Option<AppendBatch> {
+        if self.pending.entries.is_empty() {
+            return None;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.next_batch += 1;
+        self.batches_in_flight.push_back((self.next_batch, pending.rooms));
+        Some(AppendBatch { id: self.next_batch, entries: pending.entries, welcomes: pending.welcomes })
+    }
+
+    /// Storage requests taken and not yet reported.
+    pub fn batches_in_flight(&self) -> usize {
+        self.batches_in_flight.len()
+    }
+
+    /// Whether anything accepted is not yet durable.
+    pub fn is_idle(&self) -> bool {
+        self.pending.entries.is_empty() && self.batches_in_flight.is_empty()
+    }
+
+    /// Whether periodic work is due ([`Shard::handle_tick`]).
+    pub fn wants_ticks(&self) -> bool {
+        !self.watched.is_empty()
+    }
+
+    /// Counts since the last call.
+    pub fn take_counters(&mut self) -> ShardCounters {
+        std::mem::take(&mut self.counters)
+    }
+
+    /// Sends a reply (acknowledgement, error, sync marker). Replies are never
+    /// dropped: with the frame queue full they wait as notices, written after
+    /// the queued frames; if those overflow too, the connection is closed.
+    fn reply(peer: &P, frame: Bytes) {
+        if !peer.try_reply(frame.clone()) {
+            peer.notice(frame);
+        }
+    }
+
+    /// Answers a request with an `Error` frame and counts the rejection.
+    fn refuse(&mut self, peer: &P, room_id: RoomId, request_id: u32, code: ErrorCode, message: &str) {
+        self.counters.rejections.push(code);
+        Self::reply(peer, error_frame(room_id, request_id, code, message));
+    }
+
+    /// A frame to sequence (create room, commit, proposal, application,
+    /// external join); its sender id was checked against the connection.
+    pub fn handle_submit(&mut self, peer: &P, frame: Frame, now_ms: u64) {
+        let room_id = frame.header().room_id();
+        let request_id = frame.header().request_id();
+        let result = if frame.opcode() == Opcode::CreateRoom {
+            self.create_room(peer, frame, now_ms)
+        } else {
+            let rooms = self.memberships.lock().expect("memberships lock").get(&peer.sender()).copied();
+            let Some(room) = self.rooms.get_mut(&room_id) else {
+                self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
+                return;
+            };
+            match rooms {
+                // An external join while at the limit (joins in flight are not yet counted).
+                Some(rooms)
+                    if frame.opcode() == Opcode::ExternalJoin && rooms >= self.config.rooms_per_user_max =>
+                {
+                    Err(SubmitError::TooManyRooms { rooms })
+                }
+                _ => room.sequencer.submit(peer.sender(), frame, now_ms),
+            }
+        };
+        match result {
+            Ok(sequenced) => self.sequenced(room_id, Some(peer.clone()), sequenced),
+            Err(error) => {
+                self.counters.rejections.push(error.error_code());
+                Self::reply(peer, rejection_frame(room_id, request_id, &error));
+            }
+        }
+    }
+
+    /// Queues a frame the room's sequencer accepted for the next batch;
+    /// `peer` is the connection to acknowledge, `None` for the server's own
+    /// proposals (never acknowledged).
+    pub(super) fn sequenced(&mut self, room_id: RoomId, peer: Option<P>, sequenced: Sequenced) {
+        let room = self.rooms.get_mut(&room_id).expect("room exists after sequencing");
+        let log_index = sequenced.log_index;
+        let encoded = sequenced.frame.to_bytes();
+        if let Some((recipients, welcome, ratchet_tree)) = room.sequencer.welcome_of(log_index) {
+            match welcome_frame(room_id, welcome, ratchet_tree, log_index) {
+                Ok(frame) => self.pending.welcomes.push(WelcomeToStore {
+                    room_id,
+                    recipients: recipients.to_vec(),
+                    frame,
+                }),
+                Err(error) => tracing::error!(%room_id, log_index, %error, "a sequenced Welcome was dropped"),
+            }
+        }
+        if peer.is_some() {
+            room.waiting.push_back(Waiting { log_index, peer, encoded: encoded.clone() });
+        }
+        self.pending.entries.push(LogEntry { room_id, log_index, frame: encoded });
+        match self.pending.rooms.iter_mut().find(|(room, _)| *room == room_id) {
+            Some((_, through)) => *through = log_index,
+            None => self.pending.rooms.push((room_id, log_index)),
+        }
+    }
+
+    fn create_room(&mut self, peer: &P, frame: Frame, now_ms: u64) -> Result<Sequenced, SubmitError> {
+        let room_id = frame.header().room_id();
+        if self.rooms.contains_key(&room_id) {
+            return Err(SubmitError::RoomExists);
+        }
+        let create: CreateRoom = frame.decode_payload()?;
+        let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
+            .map_err(SubmitError::InvalidGroupInfo)?;
+        // Check and count the creator's membership in one step, so that
+        // creates pipelined on several shards cannot pass the limit together.
+        let mut memberships = self.memberships.lock().expect("memberships lock");
+        let rooms = memberships.get(&peer.sender()).copied().unwrap_or(0);
+        if rooms >= self.config.rooms_per_user_max {
+            return Err(SubmitError::TooManyRooms { rooms });
+        }
+        let (sequencer, sequenced) = RoomSequencer::create(room_id, group, peer.sender(), frame, now_ms)?;
+        *memberships.entry(peer.sender()).or_insert(0) += 1;
+        drop(memberships);
+        self.rooms.insert(room_id, Room::new(sequencer, peer.sender(), now_ms));
+        Ok(sequenced)
+    }
+
+    /// An ephemeral frame: fan it out to the room's live subscribers now.
+    pub fn handle_ephemeral(&mut self, peer: &P, frame: Frame) {
+        let room_id = frame.header().room_id();
+        let request_id = frame.header().request_id();
+        let Some(room) = self.rooms.get(&room_id) else {
+            self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
+            return;
+        };
+        if !room.sequencer.is_member(peer.sender()) {
+            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, "not a member");
+            return;
+        }
+        let bytes = frame.to_bytes();
+        for subscriber in room.subscribers.iter().filter(|s| s.live) {
+            if subscriber.peer.connection() != peer.connection() {
+                // Ephemeral frames may be dropped for a slow reader; they are never owed.
+                let _ = subscriber.peer.try_send(bytes.clone());
+            }
+        }
+    }
+
+    /// Stream history from `from_log_index`, then live frames (`live`), or
+    /// a bounded range once (at most `count_max` frames).
+    pub fn handle_subscribe(
+        &mut self,
+        peer: &P,
+        room_id: RoomId,
+        from_log_index: u64,
+        request_id: u32,
+        live: bool,
+        count_max: u64,
+    ) {
+        let Some(room) = self.rooms.get(&room_id) else {
+            self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
+            return;
+        };
+        if !room.sequencer.is_member(peer.sender()) {
+            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, "not a member");
+            return;
+        }
+        let durable_next = room.durable_next();
+        if from_log_index > durable_next {
+            let message = format!("log index {from_log_index} is beyond the room's head {durable_next}");
+            self.refuse(peer, room_id, request_id, ErrorCode::UnknownLogIndex, &message);
+            return;
+        }
+        if !live {
+            let through = durable_next.min(from_log_index.saturating_add(count_max));
+            self.outputs.push_back(Output::ReadHistory(HistoryRead {
+                room_id,
+                peer: peer.clone(),
+                from: from_log_index,
+                through,
+                request_id,
+                subscription: 0,
+                cancelled: Arc::new(AtomicBool::new(false)),
+            }));
+            return;
+        }
+        if room.subscribers.len() >= SUBSCRIBERS_PER_ROOM_MAX {
+            self.refuse(peer, room_id, request_id, ErrorCode::RateLimited, "room has too many subscribers");
+            return;
+        }
+        self.next_subscription += 1;
+        let subscription = self.next_subscription;
+        let room = self.rooms.get_mut(&room_id).expect("looked up above");
+        drop_subscribers(&mut room.subscribers, |s| s.peer.connection() == peer.connection());
+        room.subscribers.push(Subscriber {
+            peer: peer.clone(),
+            next_log_index: from_log_index,
+            live: false,
+            subscription,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        });
+        self.handle_caught_up(room_id, subscription, from_log_index);
+    }
+
+    /// Stop streaming a room to a connection.
+    pub fn handle_unsubscribe(&mut self, connection: ConnectionId, room_id: RoomId) {
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            drop_subscribers(&mut room.subscribers, |s| s.peer.connection() == connection);
+        }
+    }
+
+    /// The connection is gone: drop its subscriptions and forget it as the
+    /// one to acknowledge.
+    pub fn handle_connection_closed(&mut self, connection: ConnectionId) {
+        for room in self.rooms.values_mut() {
+            drop_subscribers(&mut room.subscribers, |s| s.peer.connection() == connection);
+            for waiting in room.waiting.iter_mut() {
+                if waiting.peer.as_ref().is_some_and(|p| p.connection() == connection) {
+                    waiting.peer = None;
+                }
+            }
+        }
+    }
+
+    /// A subscriber has been sent everything below `next_log_index`: hand it
+    /// over to live fan-out if the rest is in memory and fits its queue now,
+    /// else read more history (with backpressure) and come back here.
+    pub fn handle_caught_up(&mut self, room_id: RoomId, subscription: u64, next_log_index: u64) {
+        let Some(room) = self.rooms.get_mut(&room_id) else { return };
+        let durable_next = room.durable_next();
+        let oldest_recent = room.recent.front().map_or(durable_next, |(index, _)| *index);
+        let Some(subscriber) = room.subscribers.iter_mut().find(|s| s.subscription == subscription) else {
+            return;
+        };
+        let backlog = durable_next.saturating_sub(next_log_index);
+        let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.peer.free_capacity());
+        if next_log_index < oldest_recent || !fits {
+            self.outputs.push_back(Output::ReadHistory(HistoryRead {
+                room_id,
+                peer: subscriber.peer.clone(),
+                from: next_log_index,
+                through: durable_next,
+                request_id: 0,
+                subscription,
+                cancelled: Arc::clone(&subscriber.cancelled),
+            }));
+            return;
+        }
+        let mut delivered = true;
+        for (index, bytes) in room.recent.iter().filter(|(index, _)| *index >= next_log_index) {
+            if !subscriber.peer.try_send(bytes.clone()) {
+                delivered = false;
+                subscriber.next_log_index = *index;
+                break;
+            }
+        }
+        if delivered {
+            subscriber.next_log_index = durable_next;
+            subscriber.live = true;
+            let done =
+                server_frame(room_id, 0, &payload::SyncDone { next_log_index: durable_next, live: true });
+            Self::reply(&subscriber.peer, done);
+        } else {
+            lagged(room_id, subscriber);
+            drop_subscribers(&mut room.subscribers, |s| s.subscription == subscription);
+        }
+    }
+
+    /// Answer with the room's current GroupInfo and ratchet tree.
+    pub fn handle_group_info(&mut self, peer: &P, room_id: RoomId, request_id: u32) {
+        let Some(room) = self.rooms.get(&room_id) else {
+            self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
+            return;
+        };
+        match room.sequencer.group_info() {
+            Some((epoch, group_info)) if *epoch == room.sequencer.epoch() => {
+                let payload = payload::GroupInfo {
+                    epoch: *epoch,
+                    group_info: group_info.to_vec(),
+                    ratchet_tree: room.sequencer.group().ratchet_tree().to_vec(),
+                };
+                Self::reply(peer, server_frame(room_id, request_id, &payload));
+            }
+            _ => self.refuse(
+                peer,
+                room_id,
+                request_id,
+                ErrorCode::InvalidGroupInfo,
+                "no GroupInfo published for the current epoch",
+            ),
+        }
+    }
+
+    /// Entries of the room are being erased: replace them in the recent
+    /// frames by their placeholders before the store destroys them, so no
+    /// subscriber catching up from memory gets the content.
+    pub fn handle_erased(&mut self, room_id: RoomId, log_indices: &[u64]) {
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            for (index, bytes) in room.recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
+                *bytes = crate::erasure::placeholder_for_frame(room_id, *index, bytes);
+            }
+        }
+    }
+
+    /// The batch `batch_id` (the oldest taken) is durable, or failed.
+    pub fn handle_durable(&mut self, batch_id: u64, result: Result<(), String>) {
+        let (oldest, rooms) = self.batches_in_flight.pop_front().expect("a batch was in flight");
+        assert_eq!(oldest, batch_id, "batches complete in the order they were taken");
+        if let Err(reason) = &result {
+            tracing::error!(%reason, "storage failed; the node stops and recovers on restart");
+            self.outputs.push_back(Output::StorageFailed { reason: reason.clone() });
+        }
+        let mut effects = std::mem::take(&mut self.effects);
+        for (room_id, through) in rooms {
+            let Some(room) = self.rooms.get_mut(&room_id) else { continue };
+            effects.clear();
+            match &result {
+                Ok(()) if !room.sequencer.is_recovering() => room.sequencer.durable(through, &mut effects),
+                Ok(()) => {}
+                Err(_) => room.sequencer.storage_failed(&mut effects),
+            }
+            self.apply_effects(room_id, &mut effects);
+            match &result {
+                Ok(()) => {
+                    self.maybe_snapshot(room_id);
+                    self.proposals_durable(room_id, through);
+                }
+                Err(reason) => self.proposals_failed(room_id, reason),
+            }
+        }
+        self.effects = effects;
+    }
+
+    fn apply_effects(&mut self, room_id: RoomId, effects: &mut Vec<Effect>) {
+        let room = self.rooms.get_mut(&room_id).expect("effects of an existing room");
+        // The sequencer acknowledges a frame right before fanning it out; the
+        // submitting connection gets the acknowledgement instead of an echo,
+        // and the fan-out reuses the encoding made for storage.
+        let mut acknowledged: Option<(u64, Option<ConnectionId>, Bytes)> = None;
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
+                    let waiting = pop_waiting(room, log_index);
+                    acknowledged =
+                        Some((log_index, waiting.peer.as_ref().map(P::connection), waiting.encoded));
+                    if let Some(peer) = waiting.peer {
+                        let ack = payload::Ack { log_index, epoch, server_time_ms };
+                        Self::reply(&peer, server_frame(room_id, request_id, &ack));
+                    }
+                    self.counters.acks += 1;
+                }
+                Effect::FanOut { frame, .. } => {
+                    let log_index = frame.header().log_index();
+                    let (submitter, bytes) = match acknowledged.take() {
+                        Some((acked, connection, encoded)) if acked == log_index => (connection, encoded),
+                        // The server's own proposals are not acknowledged.
+                        _ => (None, frame.to_bytes()),
+                    };
+                    fan_out(room_id, room, &frame, submitter, bytes, &mut self.outputs);
+                }
+                Effect::Reject { request_id, error, .. } => {
+                    self.counters.rejections.push(error.error_code());
+                    if let Some(peer) = room.waiting.pop_front().and_then(|waiting| waiting.peer) {
+                        Self::reply(&peer, rejection_frame(room_id, request_id, &error));
+                    }
+                }
+                Effect::MembershipChanged { added, removed } => {
+                    count_memberships(&self.memberships, &added, &removed);
+                    drop_subscribers(&mut room.subscribers, |s| removed.contains(&s.peer.sender()));
+                }
+                Effect::DeliverWelcome { recipients, .. } => {
+                    // Stored with the batch; hand them to recipients online now.
+                    self.outputs.push_back(Output::DeliverWelcomes { recipients });
+                }
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self, room_id: RoomId) {
+        let Some(room) = self.rooms.get_mut(&room_id) else { return };
+        let due = room.commits_since_snapshot >= COMMITS_PER_SNAPSHOT || room.snapshot_due;
+        if !due || room.sequencer.in_flight() > 0 {
+            return;
+        }
+        room.commits_since_snapshot = 0;
+        room.snapshot_due = false;
+        let group = match room.sequencer.group().snapshot() {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                tracing::warn!(%room_id, %error, "could not snapshot MLS state");
+                return;
+            }
+        };
+        let group_info = room.sequencer.group_info().cloned().unwrap_or_default();
+        let metadata = RoomMetadata {
+            creator_user_id: room.creator.0,
+            created_at_ms: room.created_at_ms,
+            mls_snapshot: RoomSnapshot {
+                group: &group,
+                epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
+                group_info,
+                server_proposals: room.sequencer.pending_server_proposals(),
+            }
+            .encode(),
+            mls_snapshot_log_index: room.sequencer.next_log_index(),
+        };
+        self.outputs.push_back(Output::Snapshot { room_id, metadata });
+    }
+}
+
+/// Sends a durable frame to the room's live subscribers (the submitter,
+/// acknowledged instead, excepted) and keeps it among the recent frames.
+fn fan_out<G: PersistentGroup, P: Peer>(
+    room_id: RoomId,
+    room: &mut Room<G, P>,
+    frame: &Frame,
+    submitter: Option<ConnectionId>,
+    bytes: Bytes,
+    outputs: &mut VecDeque<Output<P>>,
+) {
+    let log_index = frame.header().log_index();
+    if frame.opcode() == Opcode::Commit || frame.opcode() == Opcode::ExternalJoin {
+        room.commits_since_snapshot += 1;
+    }
+    if frame.header().sender_id() == SERVER_SENDER_ID {
+        room.snapshot_due = true;
+    }
+    offer_push(room_id, room, frame, outputs);
+    if room.recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
+        room.recent.pop_front();
+    }
+    room.recent.push_back((log_index, bytes.clone()));
+    let mut lagging = Vec::new();
+    for subscriber in room.subscribers.iter_mut().filter(|s| s.live) {
+        assert_eq!(subscriber.next_log_index, log_index, "live subscribers see every index");
+        if Some(subscriber.peer.connection()) == submitter || subscriber.peer.try_send(bytes.clone()) {
+            subscriber.next_log_index = log_index + 1;
+        } else {
+            lagged(room_id, subscriber);
+            lagging.push(subscriber.subscription);
+        }
+    }
+    if !lagging.is_empty() {
+        drop_subscribers(&mut room.subscribers, |s| lagging.contains(&s.subscription));
+    }
+}
+
+/// Asks for the frame's push payload, if it has one, to be forwarded.
+fn offer_push<G: PersistentGroup, P>(
+    room_id: RoomId,
+    room: &Room<G, P>,
+    frame: &Frame,
+    outputs: &mut VecDeque<Output<P>>,
+) {
+    if frame.opcode() != Opcode::Application {
+        return;
+    }
+    let Ok(payload::Application { push: Some(payload), .. }) = frame.decode_payload::<payload::Application>()
+    else {
+        return;
+    };
+    outputs.push_back(Output::Push {
+        room_id,
+        log_index: frame.header().log_index(),
+        sender: frame.header().sender_id(),
+        members: room.sequencer.group().members(),
+        payload,
+    });
+}
+
+/// Tells a subscriber it fell behind and where to resubscribe from.
+fn lagged<P: Peer>(room_id: RoomId, subscriber: &Subscriber<P>) {
+    let message = "reader fell behind; resubscribe from log_index";
+    let notice = error_frame_with(
+        room_id,
+        0,
+        ErrorCode::ResyncRequired,
+        message,
+        None,
+        Some(subscriber.next_log_index),
+        None,
+    );
+    subscriber.peer.notice(notice);
+}
+
+/// Removes and returns the frame waiting on `log_index`.
+fn pop_waiting<G: PersistentGroup, P>(room: &mut Room<G, P>, log_index: u64) -> Waiting<P> {
+    let waiting = room.waiting.pop_front().expect("every durable frame was waiting");
+    assert_eq!(waiting.log_index, log_index, "durability follows log order");
+    waiting
+}
