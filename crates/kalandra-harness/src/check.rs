@@ -1,5 +1,8 @@
 //! The checkers run after every simulation.
 //!
+//! - Nothing is released before it is durable: no acknowledgement,
+//!   fan-out or Welcome reaches a connection's queue for an index the disk
+//!   does not hold yet (checked as each frame is queued, not after the run).
 //! - Every room has one total order: each client's delivered entries are a
 //!   contiguous run of the server's durable log (same index, same bytes),
 //!   so all clients saw the same frames in the same order, each once.
@@ -32,6 +35,16 @@ pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String>
             stats.sequenced,
             stats.acknowledged,
             log.len()
+        ));
+    }
+    let early = server.early_releases.borrow();
+    if let Some(first) = early.first() {
+        failures.push(format!(
+            "released before durable: {} of index {} while the disk held {} entries ({} such releases)",
+            first.what,
+            first.log_index,
+            first.durable_next,
+            early.len()
         ));
     }
     let views = server.rooms.borrow();

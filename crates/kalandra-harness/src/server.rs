@@ -1,36 +1,43 @@
-//! The simulated server: a thin turmoil shell (TCP, the production codec,
-//! a simulated disk) around the server's pure cores — [`Session`] for each
-//! connection, one [`RoomSequencer`] per room over a real MLS
-//! [`GroupState`], the key-package [`directory`], and recovery through
-//! [`recover_room_state`]. Every decision is the cores'; the shell only
-//! moves bytes, waits for the disk and routes effects, in the order the
-//! production driver (`node.rs`) does: Welcomes stored before the commit is
-//! acknowledged, the sender acknowledged instead of echoed, fan-out only
-//! after durability.
+//! The simulated server: a thin turmoil shell around the server's real room
+//! core. Every decision is made by production code: [`Session`] for each
+//! connection, the pure [`Shard`] (sequencers over real MLS state, the
+//! history-to-live handover, Welcome routing, snapshots, moderation),
+//! the real [`Outbox`] of every connection, the history reader
+//! ([`send_history`]), Welcome storage ([`store_welcome`]), the key-package
+//! [`directory`] and recovery ([`recover_room_state`]), over a simulated
+//! disk. The shell only moves bytes, waits for the disk and carries out the
+//! shard's outputs, as the tokio node does.
 //!
-//! Differences from `node.rs`, all in I/O: one task owns every room (the
-//! simulation is single-threaded), history for a subscriber is read and
-//! sent in one step (so the hand-over to live fan-out needs no recent-frame
-//! window), MLS snapshots are not taken (recovery replays from the
-//! `CreateRoom` frame), and a storage failure marks the process failed so
-//! that the harness crashes and restarts it, as production exits and is
-//! restarted.
+//! Every frame the shard releases to a connection passes a probe that
+//! compares it with the disk: an acknowledgement, fan-out or Welcome of an
+//! index that is not durable yet is recorded as an [`EarlyRelease`].
+//!
+//! Differences from the tokio node, all in I/O: one task owns every room
+//! (one shard; the simulation is single-threaded), one storage batch is in
+//! flight at a time, and storage calls are made directly (the disk's latency
+//! is spent before each write) instead of on blocking threads.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kalandra_proto::payload::{self, CreateRoom};
+use kalandra_proto::payload;
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 use kalandra_server::directory;
-use kalandra_server::node::{error_frame, recover_room_state, rejection_frame, server_frame, welcome_frame};
+use kalandra_server::mls_state::ServerSigner;
+use kalandra_server::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
+use kalandra_server::outbox::{Outbox, OutboxReceiver, Outgoing};
+use kalandra_server::room::{
+    error_frame, moderation_reply, moderation_request, server_frame, AppendBatch, ConnectionId, HistoryRead,
+    ModerationDone, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig,
+};
 use kalandra_server::room_group::MlsRoomGroup;
-use kalandra_server::sequencer::{Effect, PersistentGroup, RoomSequencer, SubmitError};
-use kalandra_server::session::{Route, Session, Step};
-use kalandra_server::store::{LogEntry, Store};
+use kalandra_server::sequencer::PersistentGroup;
+use kalandra_server::session::{Session, Step};
+use kalandra_server::store::Store;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, Notify};
@@ -40,8 +47,8 @@ use crate::net::{spawn_writer, FrameReader, Loss, SERVER_PORT};
 
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT_MS: u64 = 5_000;
-/// Frames read from the disk per history page.
-pub const HISTORY_PAGE_FRAMES: usize = 256;
+/// Frames a connection's outbox holds (the production default).
+pub const OUTBOX_FRAMES_MAX: usize = 1024;
 /// The simulated clock is anchored to the wall clock rounded down to this
 /// period. OpenMLS checks leaf-node lifetimes (84 days from creation)
 /// against the operating system's clock, also inside the server's
@@ -106,6 +113,20 @@ pub struct ServerStats {
     pub connections: u64,
 }
 
+/// A frame handed to a connection before it was durable: what checker (a)
+/// looks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyRelease {
+    /// The room.
+    pub room_id: RoomId,
+    /// What was released (acknowledgement, fan-out, Welcome).
+    pub what: &'static str,
+    /// Its log index.
+    pub log_index: u64,
+    /// The room's durable head (first index not on the disk) at that moment.
+    pub durable_next: u64,
+}
+
 /// A room's state as the server last saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomView {
@@ -142,6 +163,8 @@ pub struct ServerShared {
     pub seed: u64,
     /// Injected bugs.
     pub bugs: ShellBugs,
+    /// Frames released before they were durable (should stay empty).
+    pub early_releases: RefCell<Vec<EarlyRelease>>,
 }
 
 impl ServerShared {
@@ -164,30 +187,98 @@ impl ServerShared {
             server_key,
             seed,
             bugs,
+            early_releases: RefCell::new(Vec::new()),
         }
     }
 }
 
-struct Conn {
-    sender: Option<SenderId>,
-    tx: mpsc::Sender<Bytes>,
+/// A connection as the shard sees it: its real outbox, behind the
+/// durability probe.
+#[derive(Clone)]
+pub struct SimPeer {
+    outbox: Arc<Outbox>,
+    shared: Rc<ServerShared>,
 }
 
-struct SimRoom<G: PersistentGroup> {
-    sequencer: RoomSequencer<G>,
-    /// Connections waiting for an acknowledgement, aligned with the
-    /// sequencer's in-flight frames.
-    waiting: VecDeque<(u64, Option<u64>)>,
-    /// Live subscribers: connection -> next index owed.
-    subscribers: BTreeMap<u64, u64>,
+impl SimPeer {
+    /// Records `frame` if it releases an index the disk does not hold yet.
+    fn probe(&self, frame: &Bytes) {
+        let Ok(frame) = Frame::decode(frame) else { return };
+        let header = frame.header();
+        let (what, log_index) = match frame.opcode() {
+            Opcode::Ack => match frame.decode_payload::<payload::Ack>() {
+                // A moderation act that sequenced nothing names no index.
+                Ok(ack) if ack.log_index != u64::MAX => ("acknowledgement", ack.log_index),
+                _ => return,
+            },
+            Opcode::Welcome => ("Welcome", header.log_index()),
+            Opcode::CreateRoom
+            | Opcode::Commit
+            | Opcode::Proposal
+            | Opcode::Application
+            | Opcode::ExternalJoin => ("fan-out", header.log_index()),
+            _ => return,
+        };
+        if what == "acknowledgement" {
+            self.shared.stats.borrow_mut().acknowledged += 1;
+        }
+        let room_id = header.room_id();
+        let durable_next = self.shared.disk.next_log_index(room_id).unwrap_or(0);
+        if log_index >= durable_next {
+            let release = EarlyRelease { room_id, what, log_index, durable_next };
+            self.shared.early_releases.borrow_mut().push(release);
+        }
+    }
+}
+
+impl Peer for SimPeer {
+    fn connection(&self) -> ConnectionId {
+        self.outbox.connection()
+    }
+    fn sender(&self) -> SenderId {
+        self.outbox.sender()
+    }
+    fn try_send(&self, frame: Bytes) -> bool {
+        self.probe(&frame);
+        let sent = self.outbox.try_send(frame);
+        if sent {
+            self.shared.stats.borrow_mut().fanned_out += 1;
+        }
+        sent
+    }
+    fn try_reply(&self, frame: Bytes) -> bool {
+        self.probe(&frame);
+        self.outbox.try_reply(frame)
+    }
+    fn notice(&self, frame: Bytes) {
+        self.probe(&frame);
+        self.outbox.notice(frame)
+    }
+    fn free_capacity(&self) -> usize {
+        self.outbox.free_capacity()
+    }
+}
+
+struct Conn {
+    /// The socket's writer, until the outbox takes it over at authentication.
+    tx: Option<mpsc::Sender<Bytes>>,
+    /// The authenticated connection.
+    peer: Option<SimPeer>,
+}
+
+/// A moderation act waiting for the shard's answer.
+struct PendingAct {
+    conn: u64,
+    room_id: RoomId,
+    request_id: u32,
 }
 
 struct Core<G: ServerGroup> {
     shared: Rc<ServerShared>,
-    rooms: BTreeMap<RoomId, SimRoom<G>>,
+    shard: Shard<G, SimPeer>,
     conns: BTreeMap<u64, Conn>,
-    batch: Vec<LogEntry>,
-    batch_rooms: Vec<(RoomId, u64)>,
+    acts: BTreeMap<u64, PendingAct>,
+    next_token: u64,
     flush: Rc<Notify>,
 }
 
@@ -199,37 +290,25 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
     if boot > 1 && shared.bugs.drop_frame_on_restart {
         shared.disk.drop_last_entries();
     }
-    let mut rooms = BTreeMap::new();
-    for room_id in shared.disk.rooms() {
-        let head = shared.disk.next_log_index(room_id)?;
-        match recover_room_state::<G>(shared.disk.as_ref(), room_id, head) {
-            Ok(recovered) => {
-                rooms.insert(
-                    room_id,
-                    SimRoom {
-                        sequencer: recovered.sequencer,
-                        waiting: VecDeque::new(),
-                        subscribers: BTreeMap::new(),
-                    },
-                );
-            }
-            Err(error) => {
-                *shared.recovery_error.borrow_mut() = Some(format!("room {room_id}: {error}"));
-                return Err(format!("recovery failed: room {room_id}: {error}").into());
-            }
-        }
-    }
+    let rooms = recover::<G>(&shared)?;
+    let signing_key =
+        ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(shared.seed, b"server-key", 0));
+    let config = ShardConfig {
+        rooms_per_user_max: kalandra_server::config::ROOMS_PER_USER_MAX_DEFAULT,
+        server_signer: Arc::new(ServerSigner::new(signing_key)),
+    };
     let flush = Rc::new(Notify::new());
     let core = Rc::new(RefCell::new(Core {
         shared: Rc::clone(&shared),
-        rooms,
+        shard: Shard::new(config, Arc::new(Mutex::new(HashMap::new())), rooms),
         conns: BTreeMap::new(),
-        batch: Vec::new(),
-        batch_rooms: Vec::new(),
+        acts: BTreeMap::new(),
+        next_token: 0,
         flush: Rc::clone(&flush),
     }));
     core.borrow().publish();
     tokio::task::spawn_local(flusher(Rc::clone(&core), flush));
+    tokio::task::spawn_local(ticker(Rc::clone(&core)));
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", SERVER_PORT)).await?;
     let mut rng = ChaCha8Rng::from_seed(crate::derive_seed(shared.seed, b"server-boot", u64::from(boot)));
     let mut next_conn = 0u64;
@@ -247,6 +326,24 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
     }
 }
 
+/// Every stored room, rebuilt by the production recovery.
+fn recover<G: ServerGroup>(
+    shared: &ServerShared,
+) -> Result<Vec<RecoveredRoom<G>>, Box<dyn std::error::Error>> {
+    let mut rooms = Vec::new();
+    for room_id in shared.disk.rooms() {
+        let head = shared.disk.next_log_index(room_id)?;
+        match recover_room_state::<G>(shared.disk.as_ref(), room_id, head) {
+            Ok(recovered) => rooms.push(recovered),
+            Err(error) => {
+                *shared.recovery_error.borrow_mut() = Some(format!("room {room_id}: {error}"));
+                return Err(format!("recovery failed: room {room_id}: {error}").into());
+            }
+        }
+    }
+    Ok(rooms)
+}
+
 async fn connection<G: ServerGroup>(
     core: Rc<RefCell<Core<G>>>,
     stream: turmoil::net::TcpStream,
@@ -257,7 +354,7 @@ async fn connection<G: ServerGroup>(
     let shared = Rc::clone(&core.borrow().shared);
     let (read, write) = stream.into_split();
     let tx = spawn_writer(write, Rc::clone(&shared.loss), writer_seed);
-    core.borrow_mut().conns.insert(conn, Conn { sender: None, tx });
+    core.borrow_mut().conns.insert(conn, Conn { tx: Some(tx), peer: None });
     let mut reader = FrameReader::new(read);
     let mut session = Session::new(nonce, shared.server_key);
     loop {
@@ -269,372 +366,315 @@ async fn connection<G: ServerGroup>(
             break;
         }
         let step = session.on_frame(frame, now_ms());
-        let mut core = core.borrow_mut();
-        match step {
-            Step::Reply(bytes) => core.send(conn, bytes),
-            Step::Authenticated { sender, reply } => {
-                core.send(conn, reply);
-                if let Some(entry) = core.conns.get_mut(&conn) {
-                    entry.sender = Some(sender);
+        let close = {
+            let mut core = core.borrow_mut();
+            match step {
+                Step::Reply(bytes) => core.reply(conn, bytes),
+                Step::Authenticated { sender, reply } => core.authenticated(conn, sender, reply),
+                Step::Route(sender, route) => core.route(conn, sender, route),
+                Step::Close(bytes) => {
+                    core.reply(conn, bytes);
+                    core.closed(conn);
                 }
-                core.deliver_pending_welcomes(conn, sender);
+                Step::Goodbye => core.closed(conn),
+                Step::Ignore => {}
             }
-            Step::Route(sender, route) => core.route(conn, sender, route),
-            Step::Close(bytes) => {
-                core.send(conn, bytes);
-                break;
-            }
-            Step::Goodbye => break,
-            Step::Ignore => {}
-        }
-        if !core.conns.contains_key(&conn) {
+            core.conns.get(&conn).is_none_or(|c| c.peer.as_ref().is_some_and(|p| p.outbox.is_closing()))
+        };
+        drive(&core);
+        if close {
             break;
         }
     }
     core.borrow_mut().closed(conn);
+    drive(&core);
+}
+
+/// Moves what the outbox queues to the socket's writer, as the QUIC
+/// writer does.
+async fn pump(mut receiver: OutboxReceiver, tx: mpsc::Sender<Bytes>) {
+    let mut batch = VecDeque::new();
+    loop {
+        let next = receiver.next_batch(&mut batch).await;
+        for frame in batch.drain(..) {
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+        if next == Outgoing::Close {
+            return;
+        }
+    }
 }
 
 async fn flusher<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, flush: Rc<Notify>) {
     loop {
         flush.notified().await;
         loop {
-            let (entries, rooms, latency_ms, early_ack, disk) = {
+            let (batch, latency_ms, early_ack, disk) = {
                 let mut core = core.borrow_mut();
-                if core.batch.is_empty() || core.shared.failed.get() {
+                if core.shared.failed.get() {
                     break;
                 }
-                let entries = std::mem::take(&mut core.batch);
-                let rooms = std::mem::take(&mut core.batch_rooms);
+                let Some(batch) = core.shard.take_batch() else { break };
                 let shared = &core.shared;
+                shared.stats.borrow_mut().sequenced += batch.entries.len() as u64;
                 (
-                    entries,
-                    rooms,
+                    batch,
                     shared.disk_latency_ms.get(),
                     shared.bugs.ack_before_durable,
                     Arc::clone(&shared.disk),
                 )
             };
             if early_ack {
-                // Injected bug: acknowledge first, write later.
-                core.borrow_mut().persisted(&rooms, Ok(()));
+                // Injected bug: report the batch durable first, write it later.
+                core.borrow_mut().shard.handle_durable(batch.id, Ok(()));
+                drive(&core);
                 tokio::time::sleep(Duration::from_millis(latency_ms)).await;
-                let result = disk.append_batch(&entries).map_err(|e| e.to_string());
-                if result.is_err() {
+                if write_batch(&disk, &batch).is_err() {
                     core.borrow_mut().storage_failed();
                 }
             } else {
                 // The write and its sync take this long; a crash meanwhile loses the batch.
                 tokio::time::sleep(Duration::from_millis(latency_ms)).await;
-                let result = disk.append_batch(&entries).map_err(|e| e.to_string());
-                core.borrow_mut().persisted(&rooms, result);
+                let result = write_batch(&disk, &batch);
+                core.borrow_mut().shard.handle_durable(batch.id, result);
             }
+            drive(&core);
         }
     }
 }
 
+/// Appends a batch, then stores its Welcomes, as the node does.
+fn write_batch(disk: &SimDisk, batch: &AppendBatch) -> Result<(), String> {
+    disk.append_batch(&batch.entries).map_err(|error| error.to_string())?;
+    batch.welcomes.iter().try_for_each(|welcome| store_welcome(disk, welcome))
+}
+
+/// The shard's periodic work (reminders of uncovered server proposals,
+/// ended bans).
+async fn ticker<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(kalandra_server::room::MODERATION_TICK_MS)).await;
+        {
+            let mut core = core.borrow_mut();
+            if core.shared.failed.get() || !core.shard.wants_ticks() {
+                continue;
+            }
+            core.shard.handle_tick(now_ms());
+        }
+        drive(&core);
+    }
+}
+
+/// Carries out the shard's outputs and starts the history readers it asks for.
+fn drive<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>) {
+    let reads = core.borrow_mut().carry_out();
+    for read in reads {
+        tokio::task::spawn_local(read_history(Rc::clone(core), read));
+    }
+}
+
+/// The production history reader over the simulated disk.
+async fn read_history<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, read: HistoryRead<SimPeer>) {
+    let disk = Arc::clone(&core.borrow().shared.disk);
+    let outbox = Arc::clone(&read.peer.outbox);
+    let room_id = read.room_id;
+    let reached = send_history(&read, &outbox, |from, count| {
+        let result = disk.read_range(room_id, from, count).map_err(|error| error.to_string());
+        async move { result }
+    })
+    .await;
+    if let Some(next_log_index) = reached {
+        core.borrow_mut().shard.handle_caught_up(room_id, read.subscription, next_log_index);
+        drive(&core);
+    }
+}
+
 impl<G: ServerGroup> Core<G> {
-    fn send(&mut self, conn: u64, bytes: Bytes) {
+    /// A reply to the connection: through its outbox once authenticated
+    /// (never dropped), straight to the socket's writer before.
+    fn reply(&mut self, conn: u64, bytes: Bytes) {
         let Some(entry) = self.conns.get(&conn) else { return };
-        if entry.tx.try_send(bytes).is_err() {
-            // A reader this far behind is dropped; it resubscribes.
+        if let Some(peer) = &entry.peer {
+            if !peer.try_reply(bytes.clone()) {
+                peer.notice(bytes);
+            }
+        } else if entry.tx.as_ref().is_none_or(|tx| tx.try_send(bytes).is_err()) {
             self.closed(conn);
+        }
+    }
+
+    fn authenticated(&mut self, conn: u64, sender: SenderId, reply: Bytes) {
+        let Some(entry) = self.conns.get_mut(&conn) else { return };
+        let Some(tx) = entry.tx.take() else { return };
+        if tx.try_send(reply).is_err() {
+            self.closed(conn);
+            return;
+        }
+        let (outbox, receiver) = Outbox::new(conn, sender, OUTBOX_FRAMES_MAX);
+        tokio::task::spawn_local(pump(receiver, tx));
+        entry.peer = Some(SimPeer { outbox, shared: Rc::clone(&self.shared) });
+        self.deliver_pending_welcomes(conn);
+    }
+
+    /// Hands the recipient's stored Welcomes to its connection; they stay
+    /// stored until it reads the room, as the node keeps them.
+    fn deliver_pending_welcomes(&mut self, conn: u64) {
+        let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
+        let Ok(pending) = self.shared.disk.pending_welcomes(peer.sender().0) else { return };
+        if pending.is_empty() {
+            return;
+        }
+        peer.outbox.mark_welcomes_delivered();
+        for welcome in pending {
+            if !peer.try_send(welcome.welcome) {
+                return;
+            }
         }
     }
 
     fn closed(&mut self, conn: u64) {
-        self.conns.remove(&conn);
-        for room in self.rooms.values_mut() {
-            room.subscribers.remove(&conn);
-            for waiting in room.waiting.iter_mut() {
-                if waiting.1 == Some(conn) {
-                    waiting.1 = None;
+        if let Some(Conn { peer: Some(peer), .. }) = self.conns.remove(&conn) {
+            peer.outbox.close();
+            self.shard.handle_connection_closed(conn);
+        }
+    }
+
+    fn route(&mut self, conn: u64, sender: SenderId, route: kalandra_server::session::Route) {
+        let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
+        match RoomRequest::from_route(route) {
+            Routed::Room(request) => {
+                if request.reads_room() && peer.outbox.welcomes_delivered() {
+                    forget_welcomes_for_room(self.shared.disk.as_ref(), sender, request.room_id());
                 }
+                self.shard.handle_request(&peer, request, now_ms());
+                self.flush.notify_one();
             }
-        }
-    }
-
-    fn publish(&self) {
-        let mut views = self.shared.rooms.borrow_mut();
-        for (room_id, room) in &self.rooms {
-            views.insert(
-                *room_id,
-                RoomView {
-                    epoch: room.sequencer.epoch(),
-                    tree_hash: room.sequencer.group().tree_hash(),
-                    next_log_index: room.sequencer.durable_through().map_or(0, |t| t + 1),
-                },
-            );
-        }
-    }
-
-    fn storage_failed(&mut self) {
-        self.shared.failed.set(true);
-        self.shared.stats.borrow_mut().storage_failures += 1;
-        let conns: Vec<u64> = self.conns.keys().copied().collect();
-        for conn in conns {
-            self.closed(conn);
-        }
-    }
-
-    fn route(&mut self, conn: u64, sender: SenderId, route: Route) {
-        match route {
-            Route::Sequence(frame) => self.submit(conn, sender, frame),
-            Route::Subscribe { room_id, from_log_index, request_id } => {
-                self.subscribe(conn, sender, room_id, from_log_index, request_id)
-            }
-            Route::Unsubscribe { room_id } => {
-                if let Some(room) = self.rooms.get_mut(&room_id) {
-                    room.subscribers.remove(&conn);
-                }
-            }
-            Route::KeyPackageUpload { request_id, upload } => {
+            Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload }) => {
                 let reply = match directory::upload(self.shared.disk.as_ref(), sender, &upload) {
                     Ok(status) => server_frame(RoomId::default(), request_id, &status),
                     Err(error) => {
                         error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
                     }
                 };
-                self.send(conn, reply);
+                self.reply(conn, reply);
             }
-            Route::KeyPackageClaim { request_id, claim } => {
+            Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim }) => {
                 let reply = match directory::claim(self.shared.disk.as_ref(), &claim) {
                     Ok(claimed) => server_frame(RoomId::default(), request_id, &claimed),
                     Err(error) => {
                         error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
                     }
                 };
-                self.send(conn, reply);
+                self.reply(conn, reply);
             }
-            Route::Sync { room_id, request_id, .. } | Route::GroupInfo { room_id, request_id } => {
-                let message = "not offered by this server";
-                self.send(conn, error_frame(room_id, request_id, ErrorCode::UnexpectedFrame, message));
-            }
-            Route::Ephemeral(frame) | Route::Moderation(frame) => {
-                let header = frame.header();
-                let message = "not offered by this server";
-                let reply =
-                    error_frame(header.room_id(), header.request_id(), ErrorCode::UnexpectedFrame, message);
-                self.send(conn, reply);
-            }
+            Routed::Other(OtherRoute::Moderation(frame)) => self.moderate(conn, sender, &frame),
         }
     }
 
-    fn submit(&mut self, conn: u64, sender: SenderId, frame: Frame) {
-        let room_id = frame.header().room_id();
-        let request_id = frame.header().request_id();
-        let now = now_ms();
-        let result = if frame.opcode() == Opcode::CreateRoom {
-            match self.rooms.entry(room_id) {
-                std::collections::btree_map::Entry::Occupied(_) => Err(SubmitError::RoomExists),
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    create_room::<G>(room_id, sender, frame, now).map(|(sequencer, sequenced)| {
-                        slot.insert(SimRoom {
-                            sequencer,
-                            waiting: VecDeque::new(),
-                            subscribers: BTreeMap::new(),
-                        });
-                        sequenced
-                    })
-                }
-            }
-        } else {
-            match self.rooms.get_mut(&room_id) {
-                Some(room) => room.sequencer.submit(sender, frame, now),
-                None => {
-                    self.send(conn, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
-                    return;
-                }
-            }
-        };
-        match result {
-            Ok(sequenced) => {
-                let room = self.rooms.get_mut(&room_id).expect("sequenced into an existing room");
-                room.waiting.push_back((sequenced.log_index, Some(conn)));
-                self.batch.push(LogEntry {
-                    room_id,
-                    log_index: sequenced.log_index,
-                    frame: sequenced.frame.to_bytes(),
-                });
-                match self.batch_rooms.iter_mut().find(|(room, _)| *room == room_id) {
-                    Some((_, through)) => *through = sequenced.log_index,
-                    None => self.batch_rooms.push((room_id, sequenced.log_index)),
-                }
-                self.shared.stats.borrow_mut().sequenced += 1;
+    fn moderate(&mut self, conn: u64, sender: SenderId, frame: &Frame) {
+        let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
+        if frame.opcode() == Opcode::Redact {
+            let message = "not offered by this server";
+            self.reply(conn, error_frame(room_id, request_id, ErrorCode::UnexpectedFrame, message));
+            return;
+        }
+        match moderation_request(frame, sender, now_ms()) {
+            Err((code, message)) => self.reply(conn, error_frame(room_id, request_id, code, &message)),
+            Ok(request) => {
+                self.next_token += 1;
+                self.acts.insert(self.next_token, PendingAct { conn, room_id, request_id });
+                self.shard.handle_moderate(request, self.next_token, now_ms());
                 self.flush.notify_one();
             }
-            Err(error) => {
-                self.shared.stats.borrow_mut().rejected += 1;
-                self.send(conn, rejection_frame(room_id, request_id, &error));
-            }
         }
     }
 
-    fn subscribe(&mut self, conn: u64, sender: SenderId, room_id: RoomId, from: u64, request_id: u32) {
-        let Some(room) = self.rooms.get(&room_id) else {
-            self.send(conn, error_frame(room_id, request_id, ErrorCode::UnknownRoom, "no such room"));
-            return;
-        };
-        if !room.sequencer.is_member(sender) {
-            self.send(conn, error_frame(room_id, request_id, ErrorCode::NotMember, "not a member"));
-            return;
-        }
-        let durable_next = room.sequencer.durable_through().map_or(0, |t| t + 1);
-        if from > durable_next {
-            let message = format!("log index {from} is beyond the room's head {durable_next}");
-            self.send(conn, error_frame(room_id, request_id, ErrorCode::UnknownLogIndex, &message));
-            return;
-        }
-        let mut next = from;
-        while next < durable_next {
-            let count = usize::try_from(durable_next - next).unwrap_or(usize::MAX).min(HISTORY_PAGE_FRAMES);
-            let page = match self.shared.disk.read_range(room_id, next, count) {
-                Ok(page) if !page.is_empty() => page,
-                _ => break,
-            };
-            for entry in page {
-                next = entry.log_index + 1;
-                self.send(conn, kalandra_server::node::history_bytes(room_id, entry));
-            }
-        }
-        self.send(
-            conn,
-            server_frame(room_id, 0, &payload::SyncDone { next_log_index: durable_next, live: true }),
-        );
-        if self.conns.contains_key(&conn) {
-            if let Some(room) = self.rooms.get_mut(&room_id) {
-                room.subscribers.insert(conn, durable_next);
-            }
-        }
-    }
-
-    fn deliver_pending_welcomes(&mut self, conn: u64, recipient: SenderId) {
-        let Ok(pending) = self.shared.disk.pending_welcomes(recipient.0) else { return };
-        let Some(last) = pending.last().map(|welcome| welcome.welcome_id) else { return };
-        for welcome in pending {
-            self.send(conn, welcome.welcome);
-        }
-        let _ = self.shared.disk.delete_welcomes_through(recipient.0, last);
-    }
-
-    fn persisted(&mut self, rooms: &[(RoomId, u64)], result: Result<(), String>) {
-        if result.is_err() {
-            self.shared.failed.set(true);
-        }
-        let mut effects = Vec::new();
-        for &(room_id, through) in rooms {
-            effects.clear();
-            {
-                let Some(room) = self.rooms.get_mut(&room_id) else { continue };
-                match &result {
-                    Ok(()) if !room.sequencer.is_recovering() => {
-                        room.sequencer.durable(through, &mut effects)
-                    }
-                    Ok(()) => {}
-                    Err(_) => room.sequencer.storage_failed(&mut effects),
-                }
-            }
-            // A commit's Welcomes are stored before it is acknowledged.
-            for effect in &effects {
-                if let Effect::DeliverWelcome { recipients, welcome, ratchet_tree, log_index } = effect {
-                    let Ok(frame) = welcome_frame(room_id, welcome, ratchet_tree, *log_index) else {
-                        continue;
-                    };
-                    let ids: Vec<u64> = recipients.iter().map(|r| r.0).collect();
-                    if self.shared.disk.put_welcomes(&ids, frame).is_err() {
-                        self.shared.failed.set(true);
-                    }
-                }
-            }
-            self.apply_effects(room_id, &mut effects);
-        }
-        self.publish();
-        if self.shared.failed.get() {
-            self.storage_failed();
-        }
-    }
-
-    fn apply_effects(&mut self, room_id: RoomId, effects: &mut Vec<Effect>) {
-        let mut submitter: Option<(u64, Option<u64>)> = None;
-        for effect in effects.drain(..) {
-            match effect {
-                Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
-                    let room = self.rooms.get_mut(&room_id).expect("room");
-                    let (waiting_index, conn) =
-                        room.waiting.pop_front().expect("every acknowledged frame waits");
-                    assert_eq!(waiting_index, log_index, "acknowledgements follow log order");
-                    submitter = Some((log_index, conn));
-                    if let Some(conn) = conn {
-                        let ack = server_frame(
-                            room_id,
-                            request_id,
-                            &payload::Ack { log_index, epoch, server_time_ms },
-                        );
-                        self.shared.stats.borrow_mut().acknowledged += 1;
-                        self.send(conn, ack);
-                    }
-                }
-                Effect::FanOut { frame, .. } => {
-                    let log_index = frame.header().log_index();
-                    let skip = match submitter.take() {
-                        Some((acked, conn)) if acked == log_index => conn,
-                        _ => None,
-                    };
-                    let bytes = frame.to_bytes();
-                    let room = self.rooms.get_mut(&room_id).expect("room");
-                    let targets: Vec<u64> = room.subscribers.keys().copied().collect();
-                    for conn in targets {
-                        let room = self.rooms.get_mut(&room_id).expect("room");
-                        let Some(next) = room.subscribers.get_mut(&conn) else { continue };
-                        assert_eq!(*next, log_index, "live subscribers see every index");
-                        *next = log_index + 1;
-                        if Some(conn) != skip {
-                            self.shared.stats.borrow_mut().fanned_out += 1;
-                            self.send(conn, bytes.clone());
-                        }
-                    }
-                }
-                Effect::Reject { request_id, error, .. } => {
-                    let room = self.rooms.get_mut(&room_id).expect("room");
-                    if let Some((_, Some(conn))) = room.waiting.pop_front() {
-                        self.send(conn, rejection_frame(room_id, request_id, &error));
-                    }
-                }
-                Effect::MembershipChanged { removed, .. } => {
-                    let gone: Vec<u64> = self
+    /// Carries out the shard's outputs; returns the history reads to start.
+    fn carry_out(&mut self) -> Vec<HistoryRead<SimPeer>> {
+        let mut reads = Vec::new();
+        while let Some(output) = self.shard.poll_output() {
+            match output {
+                Output::ReadHistory(read) => reads.push(read),
+                Output::DeliverWelcomes { recipients } => {
+                    let online: Vec<u64> = self
                         .conns
                         .iter()
-                        .filter(|(_, c)| c.sender.is_some_and(|s| removed.contains(&s)))
+                        .filter(|(_, c)| c.peer.as_ref().is_some_and(|p| recipients.contains(&p.sender())))
                         .map(|(id, _)| *id)
                         .collect();
-                    if let Some(room) = self.rooms.get_mut(&room_id) {
-                        for conn in gone {
-                            room.subscribers.remove(&conn);
-                        }
+                    for conn in online {
+                        self.deliver_pending_welcomes(conn);
                     }
                 }
-                Effect::DeliverWelcome { recipients, .. } => {
-                    let online: Vec<(u64, SenderId)> = self
-                        .conns
-                        .iter()
-                        .filter_map(|(id, c)| c.sender.filter(|s| recipients.contains(s)).map(|s| (*id, s)))
-                        .collect();
-                    for (conn, recipient) in online {
-                        self.deliver_pending_welcomes(conn, recipient);
+                Output::Snapshot { room_id, metadata } => {
+                    // Best effort, as in the node: a failed snapshot only means a longer replay.
+                    let _ = self.shared.disk.put_room_metadata(room_id, &metadata);
+                }
+                Output::Push { .. } => {}
+                Output::RecordModeration(write) => {
+                    let result = self.shared.disk.record_moderation(&write.change, &write.event);
+                    let failed = result.is_err();
+                    if let Some(completion) = write.completion {
+                        let outcome = result
+                            .map(|audit| ModerationDone {
+                                log_index: completion.log_index,
+                                epoch: completion.epoch,
+                                time_ms: audit.time_ms,
+                                audit,
+                            })
+                            .map_err(|error| {
+                                kalandra_server::room::ModerationFailure::Storage(error.to_string())
+                            });
+                        self.answer_act(completion.token, &outcome);
+                    }
+                    if failed {
+                        self.storage_failed();
                     }
                 }
+                Output::ModerationRefused { token, failure } => self.answer_act(token, &Err(failure)),
+                Output::StorageFailed { .. } => self.storage_failed(),
             }
         }
+        let counters = self.shard.take_counters();
+        self.shared.stats.borrow_mut().rejected += counters.rejections.len() as u64;
+        self.publish();
+        reads
     }
-}
 
-fn create_room<G: ServerGroup>(
-    room_id: RoomId,
-    sender: SenderId,
-    frame: Frame,
-    now: u64,
-) -> Result<(RoomSequencer<G>, kalandra_server::sequencer::Sequenced), SubmitError> {
-    let create: CreateRoom = frame.decode_payload()?;
-    let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
-        .map_err(SubmitError::InvalidGroupInfo)?;
-    RoomSequencer::create(room_id, group, sender, frame, now)
+    fn answer_act(
+        &mut self,
+        token: u64,
+        outcome: &Result<ModerationDone, kalandra_server::room::ModerationFailure>,
+    ) {
+        if let Some(act) = self.acts.remove(&token) {
+            self.reply(act.conn, moderation_reply(act.room_id, act.request_id, outcome));
+        }
+    }
+
+    fn publish(&self) {
+        let mut views = self.shared.rooms.borrow_mut();
+        for sequencer in self.shard.sequencers() {
+            views.insert(
+                sequencer.room_id(),
+                RoomView {
+                    epoch: sequencer.epoch(),
+                    tree_hash: sequencer.group().tree_hash(),
+                    next_log_index: sequencer.durable_through().map_or(0, |t| t + 1),
+                },
+            );
+        }
+    }
+
+    fn storage_failed(&mut self) {
+        if self.shared.failed.replace(true) {
+            return;
+        }
+        self.shared.stats.borrow_mut().storage_failures += 1;
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.closed(conn);
+        }
+    }
 }

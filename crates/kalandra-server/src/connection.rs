@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kalandra_proto::{payload, ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
+use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
 use crate::directory;
-use crate::moderation::{Act, Actor, Role};
-use crate::node::{error_frame, server_frame, Command, ModerationRequest, Node, Outbox, Outgoing};
+use crate::node::{error_frame, server_frame, Command, Node, Outbox, Outgoing};
 use crate::rate_limit::{KeyedLimiter, TokenBucket};
+use crate::room::{moderation_reply, moderation_request, OtherRoute, RoomRequest, Routed};
 use crate::session::{Route, Session, Step};
 use crate::store::Store;
 
@@ -327,65 +327,33 @@ impl Listener {
     }
 
     async fn route(&self, outbox: &Arc<Outbox>, route: Route) {
+        let route = match RoomRequest::from_route(route) {
+            Routed::Room(request) => {
+                let room_id = request.room_id();
+                self.node.send(room_id, Command::Room { outbox: Arc::clone(outbox), request }).await;
+                return;
+            }
+            Routed::Other(other) => other,
+        };
         match route {
-            Route::Sequence(frame) => {
-                let room_id = frame.header().room_id();
-                self.node.send(room_id, Command::Submit { outbox: Arc::clone(outbox), frame }).await;
-            }
-            Route::Ephemeral(frame) => {
-                let room_id = frame.header().room_id();
-                self.node.send(room_id, Command::Ephemeral { outbox: Arc::clone(outbox), frame }).await;
-            }
-            Route::Subscribe { room_id, from_log_index, request_id } => {
-                let command = Command::Subscribe {
-                    outbox: Arc::clone(outbox),
-                    room_id,
-                    from_log_index,
-                    request_id,
-                    live: true,
-                    count_max: 0,
-                };
-                self.node.send(room_id, command).await;
-            }
-            Route::Sync { room_id, from_log_index, count_max, request_id } => {
-                let command = Command::Subscribe {
-                    outbox: Arc::clone(outbox),
-                    room_id,
-                    from_log_index,
-                    request_id,
-                    live: false,
-                    count_max: u64::from(count_max),
-                };
-                self.node.send(room_id, command).await;
-            }
-            Route::Unsubscribe { room_id } => {
-                self.node
-                    .send(room_id, Command::Unsubscribe { connection: outbox.connection(), room_id })
-                    .await;
-            }
-            Route::GroupInfo { room_id, request_id } => {
-                self.node
-                    .send(room_id, Command::GroupInfo { outbox: Arc::clone(outbox), room_id, request_id })
-                    .await;
-            }
-            Route::KeyPackageUpload { request_id, upload } => {
+            OtherRoute::KeyPackageUpload { request_id, upload } => {
                 let (store, sender) = (Arc::clone(&self.store), outbox.sender());
                 let result =
                     tokio::task::spawn_blocking(move || directory::upload(store.as_ref(), sender, &upload))
                         .await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
-            Route::KeyPackageClaim { request_id, claim } => {
+            OtherRoute::KeyPackageClaim { request_id, claim } => {
                 let store = Arc::clone(&self.store);
                 let result =
                     tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
-            Route::Moderation(frame) if frame.opcode() == Opcode::Redact => {
+            OtherRoute::Moderation(frame) if frame.opcode() == Opcode::Redact => {
                 let reply = self.redact(outbox.sender(), &frame).await;
                 let _ = outbox.send(reply).await;
             }
-            Route::Moderation(frame) => {
+            OtherRoute::Moderation(frame) => {
                 let header = frame.header();
                 let (room_id, request_id) = (header.room_id(), header.request_id());
                 let reply = match moderation_request(&frame, outbox.sender(), (self.clock)()) {
@@ -393,63 +361,11 @@ impl Listener {
                         self.metrics.rejected(code);
                         error_frame(room_id, request_id, code, &message)
                     }
-                    Ok(request) => match self.node.moderate(request).await {
-                        Ok(done) => {
-                            let log_index = done.log_index.unwrap_or(u64::MAX);
-                            let ack =
-                                payload::Ack { log_index, epoch: done.epoch, server_time_ms: done.time_ms };
-                            server_frame(room_id, request_id, &ack)
-                        }
-                        Err(failure) => {
-                            error_frame(room_id, request_id, failure.error_code(), &failure.to_string())
-                        }
-                    },
+                    Ok(request) => moderation_reply(room_id, request_id, &self.node.moderate(request).await),
                 };
                 let _ = outbox.send(reply).await;
             }
         }
-    }
-}
-
-/// The moderation act a `Kick`, `Ban`, `Unban` or `SetRole` frame from
-/// `sender` asks for, or the error to answer with.
-fn moderation_request(
-    frame: &kalandra_proto::Frame,
-    sender: SenderId,
-    now_ms: u64,
-) -> Result<ModerationRequest, (ErrorCode, String)> {
-    let malformed = |error: kalandra_proto::PayloadError| (ErrorCode::MalformedPayload, error.to_string());
-    let room_id = frame.header().room_id();
-    let request = |target: u64, act: Act, reason: String| ModerationRequest {
-        room_id,
-        actor: Actor::Member(sender),
-        target: SenderId(target),
-        act,
-        reason,
-    };
-    match frame.opcode() {
-        Opcode::Kick => {
-            let kick: payload::Kick = frame.decode_payload().map_err(malformed)?;
-            Ok(request(kick.target, Act::Kick, kick.reason))
-        }
-        Opcode::Ban => {
-            let ban: payload::Ban = frame.decode_payload().map_err(malformed)?;
-            let until_ms = ban.duration_ms.map(|duration_ms| now_ms.saturating_add(duration_ms));
-            Ok(request(ban.target, Act::Ban { until_ms }, ban.reason))
-        }
-        Opcode::Unban => {
-            let unban: payload::Unban = frame.decode_payload().map_err(malformed)?;
-            Ok(request(unban.target, Act::Unban, unban.reason))
-        }
-        Opcode::SetRole => {
-            let set: payload::SetRole = frame.decode_payload().map_err(malformed)?;
-            let role = Role::parse(&set.role)
-                .ok_or_else(|| (ErrorCode::Forbidden, format!("unknown role {:?}", set.role)))?;
-            let act = if set.granted { Act::Grant(role) } else { Act::Revoke(role) };
-            Ok(request(set.target, act, String::new()))
-        }
-        // `Redact` is answered by `Listener::redact`, before this is called.
-        other => Err((ErrorCode::Internal, format!("opcode {other:?} is not a moderation act"))),
     }
 }
 

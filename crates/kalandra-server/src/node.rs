@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
+use kalandra_proto::{Frame, RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::history::{history_bytes, send_history};
@@ -41,57 +41,21 @@ pub use crate::room::{
     ModerationFailure, ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, MODERATION_TICK_MS,
     MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
-use crate::room::{AppendBatch, HistoryRead, Memberships, Output, Shard, ShardConfig, WelcomeToStore};
+use crate::room::{
+    AppendBatch, HistoryRead, Memberships, Output, RoomRequest, Shard, ShardConfig, WelcomeToStore,
+};
 use crate::sequencer::PersistentGroup;
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{Store, WelcomeId};
 
 /// A request to a room shard.
 pub enum Command {
-    /// Sequence a frame (create room, commit, proposal, application, external join).
-    Submit {
-        /// The submitting connection.
-        outbox: Arc<Outbox>,
-        /// The frame; its sender id was checked against the connection.
-        frame: Frame,
-    },
-    /// Fan an ephemeral frame out to the room's live subscribers.
-    Ephemeral {
-        /// The submitting connection.
-        outbox: Arc<Outbox>,
-        /// The frame.
-        frame: Frame,
-    },
-    /// Stream history from an index, then live frames (`live`), or a bounded range once.
-    Subscribe {
-        /// The subscribing connection.
-        outbox: Arc<Outbox>,
-        /// The room.
-        room_id: RoomId,
-        /// First index wanted.
-        from_log_index: u64,
-        /// The request's id.
-        request_id: u32,
-        /// Live subscription (`Subscribe`) or one-shot range (`Sync`).
-        live: bool,
-        /// For a one-shot range: most frames.
-        count_max: u64,
-    },
-    /// Stop streaming a room.
-    Unsubscribe {
-        /// The connection.
-        connection: ConnectionId,
-        /// The room.
-        room_id: RoomId,
-    },
-    /// Answer with the room's current GroupInfo and ratchet tree.
-    GroupInfo {
+    /// A connection's request to a room.
+    Room {
         /// The asking connection.
         outbox: Arc<Outbox>,
-        /// The room.
-        room_id: RoomId,
-        /// The request's id.
-        request_id: u32,
+        /// What it asks.
+        request: RoomRequest,
     },
     /// The connection is gone: drop its subscriptions.
     ConnectionClosed {
@@ -262,8 +226,8 @@ impl Node {
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
     pub async fn send(&self, room_id: RoomId, command: Command) -> bool {
-        if let Command::Subscribe { outbox, .. } = &command {
-            if outbox.welcomes_delivered.load(Ordering::Acquire) {
+        if let Command::Room { outbox, request } = &command {
+            if request.reads_room() && outbox.welcomes_delivered() {
                 forget_used_welcomes(Arc::clone(&self.store), outbox.sender(), room_id);
             }
         }
@@ -387,7 +351,7 @@ async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
     if pending.is_empty() {
         return;
     }
-    outbox.welcomes_delivered.store(true, Ordering::Release);
+    outbox.mark_welcomes_delivered();
     for welcome in pending {
         if !outbox.send(welcome.welcome).await {
             return;
@@ -398,21 +362,24 @@ async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
 /// The recipient reads `room_id` (subscribe or sync): it has used its
 /// Welcome for the room, which can go.
 fn forget_used_welcomes(store: Arc<dyn Store>, recipient: SenderId, room_id: RoomId) {
-    tokio::task::spawn_blocking(move || {
-        let Ok(pending) = store.pending_welcomes(recipient.0) else { return };
-        let used: Vec<WelcomeId> = pending
-            .iter()
-            .filter(|welcome| {
-                Frame::decode(&welcome.welcome).is_ok_and(|frame| frame.header().room_id() == room_id)
-            })
-            .map(|welcome| welcome.welcome_id)
-            .collect();
-        if !used.is_empty() {
-            if let Err(error) = store.delete_welcomes(recipient.0, &used) {
-                tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
-            }
+    tokio::task::spawn_blocking(move || forget_welcomes_for_room(store.as_ref(), recipient, room_id));
+}
+
+/// Deletes the recipient's stored Welcomes for `room_id` (blocks on storage).
+pub fn forget_welcomes_for_room(store: &dyn Store, recipient: SenderId, room_id: RoomId) {
+    let Ok(pending) = store.pending_welcomes(recipient.0) else { return };
+    let used: Vec<WelcomeId> = pending
+        .iter()
+        .filter(|welcome| {
+            Frame::decode(&welcome.welcome).is_ok_and(|frame| frame.header().room_id() == room_id)
+        })
+        .map(|welcome| welcome.welcome_id)
+        .collect();
+    if !used.is_empty() {
+        if let Err(error) = store.delete_welcomes(recipient.0, &used) {
+            tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
         }
-    });
+    }
 }
 
 /// Stores a commit's Welcome for every recipient in one durable
@@ -514,24 +481,12 @@ impl<G: PersistentGroup> ShardTask<G> {
     fn handle(&mut self, command: Command, shutdown: &mut Option<oneshot::Sender<()>>) {
         let now_ms = (self.clock)();
         match command {
-            Command::Submit { outbox, frame } => {
-                let validates_mls =
-                    matches!(frame.opcode(), Opcode::CreateRoom | Opcode::Commit | Opcode::ExternalJoin);
-                let started = validates_mls.then(std::time::Instant::now);
-                self.shard.handle_submit(&outbox, frame, now_ms);
+            Command::Room { outbox, request } => {
+                let started = request.validates_mls().then(std::time::Instant::now);
+                self.shard.handle_request(&outbox, request, now_ms);
                 if let Some(started) = started {
                     self.metrics.commit_validated(started.elapsed().as_secs_f64());
                 }
-            }
-            Command::Ephemeral { outbox, frame } => self.shard.handle_ephemeral(&outbox, frame),
-            Command::Subscribe { outbox, room_id, from_log_index, request_id, live, count_max } => {
-                self.shard.handle_subscribe(&outbox, room_id, from_log_index, request_id, live, count_max)
-            }
-            Command::Unsubscribe { connection, room_id } => {
-                self.shard.handle_unsubscribe(connection, room_id)
-            }
-            Command::GroupInfo { outbox, room_id, request_id } => {
-                self.shard.handle_group_info(&outbox, room_id, request_id)
             }
             Command::ConnectionClosed { connection } => self.shard.handle_connection_closed(connection),
             Command::CaughtUp { room_id, subscription, next_log_index } => {
@@ -620,7 +575,7 @@ impl<G: PersistentGroup> ShardTask<G> {
         let inbox = self.inbox.clone();
         tokio::spawn(async move {
             let room_id = read.room_id;
-            let reached = send_history(&read, |from, count| {
+            let reached = send_history(&read, &read.peer, |from, count| {
                 let store = Arc::clone(&store);
                 async move {
                     tokio::task::spawn_blocking(move || store.read_range(room_id, from, count))

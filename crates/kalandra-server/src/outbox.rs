@@ -58,7 +58,7 @@ pub struct Outbox {
     closing: AtomicBool,
     /// Pending Welcomes were handed to this connection: the first time the
     /// recipient reads a room, its Welcomes for that room are deleted.
-    pub(crate) welcomes_delivered: AtomicBool,
+    welcomes_delivered: AtomicBool,
 }
 
 /// The queued frames and notices of one connection.
@@ -183,6 +183,15 @@ impl Outbox {
     pub fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+    /// Pending Welcomes were handed to this connection.
+    pub fn mark_welcomes_delivered(&self) {
+        self.welcomes_delivered.store(true, Ordering::Release);
+    }
+    /// Whether pending Welcomes were handed to this connection: when the
+    /// recipient reads a room, its Welcomes for the room can go.
+    pub fn welcomes_delivered(&self) -> bool {
+        self.welcomes_delivered.load(Ordering::Acquire)
     }
     /// Whether the connection is being closed.
     pub fn is_closing(&self) -> bool {

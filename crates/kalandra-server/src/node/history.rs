@@ -4,14 +4,13 @@
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use kalandra_proto::{payload, ErrorCode, RoomId};
 
 use crate::outbox::Outbox;
 use crate::room::limits::HISTORY_READ_FRAMES_MAX;
-use crate::room::{error_frame, server_frame, HistoryRead};
+use crate::room::{error_frame, server_frame, HistoryRead, Peer};
 use crate::store::{EntryContent, StoredEntry};
 
 /// What history sends for a stored entry: its frame, or for an erased
@@ -25,14 +24,16 @@ pub fn history_bytes(room_id: RoomId, entry: StoredEntry) -> Bytes {
     }
 }
 
-/// Sends the range `read` asks for, reading it page by page with
+/// Sends the range `read` asks for into `outbox` (the outbox of
+/// `read.peer`), reading it page by page with
 /// `read_range(from, count)`. For a one-shot range it ends with `SyncDone`
 /// and returns `None`; for a live subscription it returns the first index
 /// not sent, for [`crate::room::Shard::handle_caught_up`]. `None` too when
 /// the subscription was cancelled, the connection went away, or a read
 /// failed (the connection is told).
-pub async fn send_history<F, Fut>(read: &HistoryRead<Arc<Outbox>>, mut read_range: F) -> Option<u64>
+pub async fn send_history<P, F, Fut>(read: &HistoryRead<P>, outbox: &Outbox, mut read_range: F) -> Option<u64>
 where
+    P: Peer,
     F: FnMut(u64, usize) -> Fut,
     Fut: Future<Output = Result<Vec<StoredEntry>, String>>,
 {
@@ -52,7 +53,7 @@ where
         for entry in entries {
             assert_eq!(entry.log_index, next, "history is dense");
             let bytes = history_bytes(read.room_id, entry);
-            if read.cancelled.load(Ordering::Acquire) || !read.peer.send(bytes).await {
+            if read.cancelled.load(Ordering::Acquire) || !outbox.send(bytes).await {
                 return None;
             }
             next += 1;
@@ -66,6 +67,6 @@ where
     }
     let done =
         server_frame(read.room_id, read.request_id, &payload::SyncDone { next_log_index: next, live: false });
-    let _ = read.peer.send(done).await;
+    let _ = outbox.send(done).await;
     None
 }

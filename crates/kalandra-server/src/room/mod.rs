@@ -6,14 +6,16 @@
 
 mod frames;
 mod moderation;
+mod request;
 mod shard;
 mod snapshot;
 
 pub use self::frames::{error_frame, rejection_frame, server_frame, welcome_frame, WelcomeTooLarge};
 pub use self::moderation::{
-    Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
-    MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
+    moderation_reply, moderation_request, Completion, ModerationDone, ModerationFailure, ModerationRequest,
+    ModerationWrite, RoomInfo, RoomSummary, MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
+pub use self::request::{OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
     ShardCounters, WelcomeToStore,

@@ -179,6 +179,67 @@ pub(super) struct ActAwaitingProposal {
     token: u64,
 }
 
+/// The moderation act a `Kick`, `Ban`, `Unban` or `SetRole` frame from
+/// `sender` asks for, or the error to answer with.
+pub fn moderation_request(
+    frame: &kalandra_proto::Frame,
+    sender: SenderId,
+    now_ms: u64,
+) -> Result<ModerationRequest, (ErrorCode, String)> {
+    let malformed = |error: kalandra_proto::PayloadError| (ErrorCode::MalformedPayload, error.to_string());
+    let room_id = frame.header().room_id();
+    let request = |target: u64, act: Act, reason: String| ModerationRequest {
+        room_id,
+        actor: Actor::Member(sender),
+        target: SenderId(target),
+        act,
+        reason,
+    };
+    match frame.opcode() {
+        Opcode::Kick => {
+            let kick: payload::Kick = frame.decode_payload().map_err(malformed)?;
+            Ok(request(kick.target, Act::Kick, kick.reason))
+        }
+        Opcode::Ban => {
+            let ban: payload::Ban = frame.decode_payload().map_err(malformed)?;
+            let until_ms = ban.duration_ms.map(|duration_ms| now_ms.saturating_add(duration_ms));
+            Ok(request(ban.target, Act::Ban { until_ms }, ban.reason))
+        }
+        Opcode::Unban => {
+            let unban: payload::Unban = frame.decode_payload().map_err(malformed)?;
+            Ok(request(unban.target, Act::Unban, unban.reason))
+        }
+        Opcode::SetRole => {
+            let set: payload::SetRole = frame.decode_payload().map_err(malformed)?;
+            let role = Role::parse(&set.role)
+                .ok_or_else(|| (ErrorCode::Forbidden, format!("unknown role {:?}", set.role)))?;
+            let act = if set.granted { Act::Grant(role) } else { Act::Revoke(role) };
+            Ok(request(set.target, act, String::new()))
+        }
+        // `Redact` is answered by `Listener::redact`, before this is called.
+        other => Err((ErrorCode::Internal, format!("opcode {other:?} is not a moderation act"))),
+    }
+}
+
+/// The reply to a moderation frame: an `Ack` naming the Remove proposal's
+/// index (`u64::MAX` when the act sequenced none), or an `Error`.
+pub fn moderation_reply(
+    room_id: RoomId,
+    request_id: u32,
+    outcome: &Result<ModerationDone, ModerationFailure>,
+) -> bytes::Bytes {
+    match outcome {
+        Ok(done) => {
+            let log_index = done.log_index.unwrap_or(u64::MAX);
+            let ack = payload::Ack { log_index, epoch: done.epoch, server_time_ms: done.time_ms };
+            super::frames::server_frame(room_id, request_id, &ack)
+        }
+        Err(failure) => {
+            super::frames::error_frame(room_id, request_id, failure.error_code(), &failure.to_string())
+        }
+    }
+}
+
 fn audit_event(request: &ModerationRequest, now_ms: u64) -> AuditEvent {
     let (actor_kind, actor_id) = match request.actor {
         Actor::Operator => (ActorKind::Operator, None),

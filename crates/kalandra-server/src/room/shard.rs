@@ -361,6 +361,11 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         !self.watched.is_empty()
     }
 
+    /// The rooms' sequencers, in room id order (for observers).
+    pub fn sequencers(&self) -> impl Iterator<Item = &RoomSequencer<G>> {
+        self.rooms.values().map(|room| &room.sequencer)
+    }
+
     /// Counts since the last call.
     pub fn take_counters(&mut self) -> ShardCounters {
         std::mem::take(&mut self.counters)

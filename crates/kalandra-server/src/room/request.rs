@@ -1,0 +1,148 @@
+//! What a connection asks of a room.
+
+use kalandra_proto::{payload, Frame, RoomId};
+
+use super::shard::{Peer, Shard};
+use crate::sequencer::PersistentGroup;
+use crate::session::Route;
+
+/// A request from an authenticated connection to the shard of its room.
+#[derive(Debug)]
+pub enum RoomRequest {
+    /// Sequence a frame (create room, commit, proposal, application,
+    /// external join); its sender id was checked against the connection.
+    Submit(Frame),
+    /// Fan an ephemeral frame out to the room's live subscribers.
+    Ephemeral(Frame),
+    /// Stream history from an index, then live frames.
+    Subscribe {
+        /// The room.
+        room_id: RoomId,
+        /// First index wanted.
+        from_log_index: u64,
+        /// The request's id.
+        request_id: u32,
+    },
+    /// A bounded range of the log, once.
+    Sync {
+        /// The room.
+        room_id: RoomId,
+        /// First index wanted.
+        from_log_index: u64,
+        /// Most frames.
+        count_max: u32,
+        /// The request's id.
+        request_id: u32,
+    },
+    /// Stop streaming the room.
+    Unsubscribe {
+        /// The room.
+        room_id: RoomId,
+    },
+    /// The room's current GroupInfo and ratchet tree.
+    GroupInfo {
+        /// The room.
+        room_id: RoomId,
+        /// The request's id.
+        request_id: u32,
+    },
+}
+
+/// A route that is not a room request: key packages and moderation acts.
+#[derive(Debug)]
+pub enum OtherRoute {
+    /// Store key packages for the sender.
+    KeyPackageUpload {
+        /// Request id.
+        request_id: u32,
+        /// The upload.
+        upload: payload::KeyPackageUpload,
+    },
+    /// Claim key packages of other identities.
+    KeyPackageClaim {
+        /// Request id.
+        request_id: u32,
+        /// The claim.
+        claim: payload::KeyPackageClaim,
+    },
+    /// A moderation request (kick, ban, unban, role change, redaction).
+    Moderation(Frame),
+}
+
+/// A session's route, split by who answers it.
+#[derive(Debug)]
+pub enum Routed {
+    /// The room's shard.
+    Room(RoomRequest),
+    /// The connection's driver (directory, moderation).
+    Other(OtherRoute),
+}
+
+impl RoomRequest {
+    /// The room request a session's route is, or what else it is.
+    pub fn from_route(route: Route) -> Routed {
+        Routed::Room(match route {
+            Route::Sequence(frame) => RoomRequest::Submit(frame),
+            Route::Ephemeral(frame) => RoomRequest::Ephemeral(frame),
+            Route::Subscribe { room_id, from_log_index, request_id } => {
+                RoomRequest::Subscribe { room_id, from_log_index, request_id }
+            }
+            Route::Sync { room_id, from_log_index, count_max, request_id } => {
+                RoomRequest::Sync { room_id, from_log_index, count_max, request_id }
+            }
+            Route::Unsubscribe { room_id } => RoomRequest::Unsubscribe { room_id },
+            Route::GroupInfo { room_id, request_id } => RoomRequest::GroupInfo { room_id, request_id },
+            Route::KeyPackageUpload { request_id, upload } => {
+                return Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload })
+            }
+            Route::KeyPackageClaim { request_id, claim } => {
+                return Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim })
+            }
+            Route::Moderation(frame) => return Routed::Other(OtherRoute::Moderation(frame)),
+        })
+    }
+
+    /// The room it is for (which shard owns it).
+    pub fn room_id(&self) -> RoomId {
+        match self {
+            RoomRequest::Submit(frame) | RoomRequest::Ephemeral(frame) => frame.header().room_id(),
+            RoomRequest::Subscribe { room_id, .. }
+            | RoomRequest::Sync { room_id, .. }
+            | RoomRequest::Unsubscribe { room_id }
+            | RoomRequest::GroupInfo { room_id, .. } => *room_id,
+        }
+    }
+
+    /// Whether the request reads the room (the recipient has used its
+    /// Welcome for it).
+    pub fn reads_room(&self) -> bool {
+        matches!(self, RoomRequest::Subscribe { .. } | RoomRequest::Sync { .. })
+    }
+
+    /// Whether handling it validates MLS state (a cost worth measuring).
+    pub fn validates_mls(&self) -> bool {
+        use kalandra_proto::Opcode;
+        matches!(self, RoomRequest::Submit(frame)
+            if matches!(frame.opcode(), Opcode::CreateRoom | Opcode::Commit | Opcode::ExternalJoin))
+    }
+}
+
+impl<G: PersistentGroup, P: Peer> Shard<G, P> {
+    /// Handles a request of `peer`.
+    pub fn handle_request(&mut self, peer: &P, request: RoomRequest, now_ms: u64) {
+        match request {
+            RoomRequest::Submit(frame) => self.handle_submit(peer, frame, now_ms),
+            RoomRequest::Ephemeral(frame) => self.handle_ephemeral(peer, frame),
+            RoomRequest::Subscribe { room_id, from_log_index, request_id } => {
+                self.handle_subscribe(peer, room_id, from_log_index, request_id, true, 0)
+            }
+            RoomRequest::Sync { room_id, from_log_index, count_max, request_id } => {
+                self.handle_subscribe(peer, room_id, from_log_index, request_id, false, u64::from(count_max))
+            }
+            RoomRequest::Unsubscribe { room_id } => self.handle_unsubscribe(peer.connection(), room_id),
+            RoomRequest::GroupInfo { room_id, request_id } => {
+                self.handle_group_info(peer, room_id, request_id)
+            }
+        }
+    }
+}
