@@ -1,7 +1,8 @@
 //! Known bugs the harness can inject, to show that its checkers catch them.
-//! None of them lives in production code: two are switches of the
-//! simulation's server shell ([`crate::server::ShellBugs`]), one wraps the
-//! pluggable [`GroupState`].
+//! Three are planted in the production room core itself (the server's
+//! `injected-bugs` switches, [`kalandra_server::bugs`]); one wraps the
+//! pluggable [`GroupState`]; two are switches of the simulation's shell
+//! ([`crate::server::ShellBugs`]).
 
 use bytes::Bytes;
 use kalandra_proto::SenderId;
@@ -20,12 +21,23 @@ pub struct Bugs {
     pub double_commit: bool,
     /// The server loses the last frame of each room when it restarts.
     pub drop_frame_on_restart: bool,
+    /// In the shard: one entry past each durable batch is released too.
+    pub release_one_past_durable: bool,
+    /// In the sequencer: timestamps follow the clock back after a restart.
+    pub stamp_without_clock_floor: bool,
+    /// In the shard: a resubscription panics the task that handles it.
+    pub panic_on_resubscribe: bool,
 }
 
 impl Bugs {
     /// Whether any bug is injected.
     pub fn any(&self) -> bool {
-        self.ack_before_durable || self.double_commit || self.drop_frame_on_restart
+        self.ack_before_durable
+            || self.double_commit
+            || self.drop_frame_on_restart
+            || self.release_one_past_durable
+            || self.stamp_without_clock_floor
+            || self.panic_on_resubscribe
     }
 }
 
@@ -108,5 +120,14 @@ impl<G: PersistentGroup> PersistentGroup for StaleEpochGroup<G> {
 impl<G: ServerGroup> ServerGroup for StaleEpochGroup<G> {
     fn tree_hash(&self) -> Vec<u8> {
         self.inner.tree_hash()
+    }
+}
+
+/// The switches to plant in the production room core for `bugs`.
+pub fn planted(bugs: &Bugs) -> kalandra_server::bugs::InjectedBugs {
+    kalandra_server::bugs::InjectedBugs {
+        release_one_past_durable: bugs.release_one_past_durable,
+        stamp_without_clock_floor: bugs.stamp_without_clock_floor,
+        panic_on_resubscribe: bugs.panic_on_resubscribe,
     }
 }

@@ -3,6 +3,7 @@
 //! - Nothing is released before it is durable: no acknowledgement,
 //!   fan-out or Welcome reaches a connection's queue for an index the disk
 //!   does not hold yet (checked as each frame is queued, not after the run).
+//! - Server timestamps never decrease within a room's log.
 //! - Every room has one total order: each client's delivered entries are a
 //!   contiguous run of the server's durable log (same index, same bytes),
 //!   so all clients saw the same frames in the same order, each once.
@@ -37,6 +38,7 @@ pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String>
             log.len()
         ));
     }
+    failures.extend(check_timestamps(server));
     let early = server.early_releases.borrow();
     if let Some(first) = early.first() {
         failures.push(format!(
@@ -136,4 +138,26 @@ pub fn describe_progress(server: &ServerShared, clients: &[Rc<ClientShared>]) ->
         ));
     }
     parts.join("; ")
+}
+
+/// Server timestamps never decrease within a room's log, across restarts
+/// and clock steps.
+fn check_timestamps(server: &ServerShared) -> Vec<String> {
+    let mut failures = Vec::new();
+    for room_id in server.disk.rooms() {
+        let mut last: Option<(u64, u64)> = None;
+        for entry in server.disk.log(room_id) {
+            let Ok(frame) = kalandra_proto::Frame::decode(&entry.frame) else { continue };
+            let stamped = frame.header().server_timestamp_ms();
+            if let Some((index, previous)) = last.filter(|(_, previous)| stamped < *previous) {
+                failures.push(format!(
+                    "room {room_id}: index {} stamped {stamped} ms, before index {index} ({previous} ms)",
+                    entry.log_index
+                ));
+                break;
+            }
+            last = Some((entry.log_index, stamped));
+        }
+    }
+    failures
 }

@@ -54,6 +54,15 @@ struct Args {
     /// Inject: drop a frame on restart.
     #[arg(long)]
     bug_drop_frame_on_restart: bool,
+    /// Inject in the shard: release one entry past each durable batch.
+    #[arg(long)]
+    bug_release_one_past_durable: bool,
+    /// Inject in the sequencer: stamp timestamps that follow the clock back.
+    #[arg(long)]
+    bug_stamp_without_clock_floor: bool,
+    /// Inject in the shard: panic on a resubscription.
+    #[arg(long)]
+    bug_panic_on_resubscribe: bool,
     /// Print every run's counters.
     #[arg(long)]
     verbose: bool,
@@ -75,6 +84,9 @@ impl Args {
                 ack_before_durable: self.bug_ack_before_durable,
                 double_commit: self.bug_double_commit,
                 drop_frame_on_restart: self.bug_drop_frame_on_restart,
+                release_one_past_durable: self.bug_release_one_past_durable,
+                stamp_without_clock_floor: self.bug_stamp_without_clock_floor,
+                panic_on_resubscribe: self.bug_panic_on_resubscribe,
             },
             ..SimConfig::default()
         }
@@ -93,6 +105,9 @@ impl Args {
             (self.bug_ack_before_durable, "--bug-ack-before-durable"),
             (self.bug_double_commit, "--bug-double-commit"),
             (self.bug_drop_frame_on_restart, "--bug-drop-frame-on-restart"),
+            (self.bug_release_one_past_durable, "--bug-release-one-past-durable"),
+            (self.bug_stamp_without_clock_floor, "--bug-stamp-without-clock-floor"),
+            (self.bug_panic_on_resubscribe, "--bug-panic-on-resubscribe"),
         ] {
             if set {
                 command.push(' ');

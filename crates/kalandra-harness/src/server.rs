@@ -86,6 +86,11 @@ impl ServerGroup for MlsRoomGroup {
     }
 }
 
+/// Most the server's clock steps back at a restart (a wall clock corrected
+/// by NTP, a VM restored): the room core must still never stamp a time
+/// earlier than one it stamped before.
+pub const CLOCK_STEP_BACK_MAX_MS: u64 = 5_000;
+
 /// Injected server bugs that live in the shell (see `bugs.rs` for the one
 /// that wraps the group state).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -165,6 +170,16 @@ pub struct ServerShared {
     pub bugs: ShellBugs,
     /// Frames released before they were durable (should stay empty).
     pub early_releases: RefCell<Vec<EarlyRelease>>,
+    /// How far this life's clock runs behind simulated time.
+    pub clock_behind_ms: Cell<u64>,
+}
+
+impl ServerShared {
+    /// The server's clock (ms since the Unix epoch): simulated time, behind
+    /// by the step drawn at this boot.
+    pub fn now_ms(&self) -> u64 {
+        now_ms().saturating_sub(self.clock_behind_ms.get())
+    }
 }
 
 impl ServerShared {
@@ -188,6 +203,7 @@ impl ServerShared {
             seed,
             bugs,
             early_releases: RefCell::new(Vec::new()),
+            clock_behind_ms: Cell::new(0),
         }
     }
 }
@@ -290,6 +306,13 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
     if boot > 1 && shared.bugs.drop_frame_on_restart {
         shared.disk.drop_last_entries();
     }
+    let mut clock_rng =
+        ChaCha8Rng::from_seed(crate::derive_seed(shared.seed, b"server-clock", u64::from(boot)));
+    if boot > 1 {
+        // Each restart may find the clock stepped back from where the last life left it.
+        let behind = shared.clock_behind_ms.get() + clock_rng.next_u64() % (CLOCK_STEP_BACK_MAX_MS + 1);
+        shared.clock_behind_ms.set(behind);
+    }
     let rooms = recover::<G>(&shared)?;
     let signing_key =
         ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(shared.seed, b"server-key", 0));
@@ -365,7 +388,7 @@ async fn connection<G: ServerGroup>(
         if shared.failed.get() {
             break;
         }
-        let step = session.on_frame(frame, now_ms());
+        let step = session.on_frame(frame, shared.now_ms());
         let close = {
             let mut core = core.borrow_mut();
             match step {
@@ -461,7 +484,8 @@ async fn ticker<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
             if core.shared.failed.get() || !core.shard.wants_ticks() {
                 continue;
             }
-            core.shard.handle_tick(now_ms());
+            let now_ms = core.shared.now_ms();
+            core.shard.handle_tick(now_ms);
         }
         drive(&core);
     }
@@ -548,7 +572,7 @@ impl<G: ServerGroup> Core<G> {
                 if request.reads_room() && peer.outbox.welcomes_delivered() {
                     forget_welcomes_for_room(self.shared.disk.as_ref(), sender, request.room_id());
                 }
-                self.shard.handle_request(&peer, request, now_ms());
+                self.shard.handle_request(&peer, request, self.shared.now_ms());
                 self.flush.notify_one();
             }
             Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload }) => {
@@ -580,12 +604,12 @@ impl<G: ServerGroup> Core<G> {
             self.reply(conn, error_frame(room_id, request_id, ErrorCode::UnexpectedFrame, message));
             return;
         }
-        match moderation_request(frame, sender, now_ms()) {
+        match moderation_request(frame, sender, self.shared.now_ms()) {
             Err((code, message)) => self.reply(conn, error_frame(room_id, request_id, code, &message)),
             Ok(request) => {
                 self.next_token += 1;
                 self.acts.insert(self.next_token, PendingAct { conn, room_id, request_id });
-                self.shard.handle_moderate(request, self.next_token, now_ms());
+                self.shard.handle_moderate(request, self.next_token, self.shared.now_ms());
                 self.flush.notify_one();
             }
         }

@@ -216,8 +216,29 @@ impl World<'_> {
     }
 }
 
+thread_local! {
+    /// Panics on this thread since the last run began: any task's panic
+    /// fails the seed, also one that tokio caught inside a spawned task.
+    static PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Records every panic of a thread that runs simulations (once per process).
+fn record_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.with(|panics| panics.borrow_mut().push(info.to_string()));
+            previous(info);
+        }));
+    });
+}
+
 /// Runs one seed.
 pub fn run(config: &SimConfig) -> Outcome {
+    record_panics();
+    PANICS.with(|panics| panics.borrow_mut().clear());
+    kalandra_server::bugs::plant(crate::bugs::planted(&config.bugs));
     let plan = FaultPlan::draw(config);
     let transcript = Rc::new(RefCell::new(Transcript::default()));
     let sim = turmoil::Builder::new()
@@ -334,6 +355,9 @@ pub fn run(config: &SimConfig) -> Outcome {
     }
 
     let mut failures = world.failures;
+    failures.extend(PANICS.with(|panics| {
+        panics.borrow().iter().take(3).map(|p| format!("a task panicked: {p}")).collect::<Vec<_>>()
+    }));
     failures.extend(check::check(&world.server, &world.clients));
     let mut stats = world.stats;
     {

@@ -5,6 +5,8 @@
 pub mod admin;
 pub mod admin_api;
 pub mod audit;
+#[cfg(feature = "injected-bugs")]
+pub mod bugs;
 pub mod config;
 pub mod connection;
 pub mod directory;

@@ -53,3 +53,39 @@ fn dropping_a_frame_on_restart_is_caught() {
     let caught = failures_with(Bugs { drop_frame_on_restart: true, ..Bugs::default() }, crashing);
     assert!(caught.len() >= 4, "{caught:#?}");
 }
+
+/// Checker (a) at a seam of the real shard: one entry past each durable
+/// batch released early is seen as it is queued, crash or not.
+#[test]
+fn releasing_one_entry_past_the_durable_point_is_caught() {
+    let caught = failures_with(Bugs { release_one_past_durable: true, ..Bugs::default() }, |seed| {
+        SimConfig { seed, ..SimConfig::default() }
+    });
+    assert!(caught.len() * 20 >= SEEDS.count(), "on at least 5% of seeds: {caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("released before durable"))),
+        "{caught:#?}"
+    );
+}
+
+/// Checker (c) at a seam of the real sequencer: with the clock stepped back
+/// at restarts, a sequencer that follows the clock stamps a time earlier
+/// than one it stamped before.
+#[test]
+fn timestamps_that_follow_the_clock_back_are_caught() {
+    let caught = failures_with(Bugs { stamp_without_clock_floor: true, ..Bugs::default() }, crashing);
+    assert!(caught.len() * 20 >= SEEDS.count(), "on at least 5% of seeds: {caught:#?}");
+    assert!(caught.iter().flat_map(|(_, f)| f).any(|f| f.contains("stamped")), "{caught:#?}");
+}
+
+/// Checker (d): a panic inside a task of the real shard, which tokio
+/// catches and nothing else would notice, fails the seed.
+#[test]
+fn a_panic_in_any_task_fails_the_seed() {
+    let caught = failures_with(Bugs { panic_on_resubscribe: true, ..Bugs::default() }, crashing);
+    assert!(caught.len() * 20 >= SEEDS.count(), "on at least 5% of seeds: {caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("a task panicked"))),
+        "{caught:#?}"
+    );
+}

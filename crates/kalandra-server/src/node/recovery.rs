@@ -91,7 +91,7 @@ pub fn recover_room_state<G: PersistentGroup>(
         };
     let point = RecoveryPoint {
         through_log_index: through,
-        last_timestamp_ms: create_frame.header().server_timestamp_ms(),
+        last_timestamp_ms: last_timestamp_ms(store, room_id, next_log_index)?,
         group_info,
         epoch_started_at_log_index,
         server_proposals,
@@ -140,4 +140,20 @@ pub fn recover_room_state<G: PersistentGroup>(
     }
     let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
     Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
+}
+
+/// The time stamped into the room's last stored entry: the sequencer never
+/// stamps an earlier one, even when the clock stepped back across the
+/// restart and no entry is replayed (a snapshot at the head).
+fn last_timestamp_ms(store: &dyn Store, room_id: RoomId, next_log_index: u64) -> Result<u64, RecoveryError> {
+    let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
+    let last = next_log_index.checked_sub(1).ok_or_else(|| corrupt("log is empty".into()))?;
+    let entries = store.read_range(room_id, last, 1).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    let entry = entries.first().ok_or_else(|| corrupt(format!("entry {last} is missing")))?;
+    let bytes = match &entry.content {
+        EntryContent::Frame(frame) => frame.clone(),
+        EntryContent::Erased(erasure) => crate::erasure::erased_placeholder(room_id, last, erasure),
+    };
+    let frame = Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {last}: {e}")))?;
+    Ok(frame.header().server_timestamp_ms())
 }

@@ -513,6 +513,11 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownLogIndex, &message);
             return;
         }
+        #[cfg(feature = "injected-bugs")]
+        assert!(
+            !(live && from_log_index > 0 && crate::bugs::planted().panic_on_resubscribe),
+            "injected bug: panic on resubscribe"
+        );
         if !live {
             let through = durable_next.min(from_log_index.saturating_add(count_max));
             self.outputs.push_back(Output::ReadHistory(HistoryRead {
@@ -656,6 +661,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         for (room_id, through) in rooms {
             let Some(room) = self.rooms.get_mut(&room_id) else { continue };
             effects.clear();
+            #[cfg(feature = "injected-bugs")]
+            let through = if crate::bugs::planted().release_one_past_durable {
+                through.saturating_add(1).min(room.sequencer.next_log_index().saturating_sub(1))
+            } else {
+                through
+            };
             match &result {
                 Ok(()) if !room.sequencer.is_recovering() => room.sequencer.durable(through, &mut effects),
                 Ok(()) => {}

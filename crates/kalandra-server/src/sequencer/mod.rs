@@ -826,6 +826,9 @@ impl<G: GroupState> RoomSequencer<G> {
     fn stamp(&mut self, frame: &mut Frame, now_ms: u64) -> u64 {
         let log_index = self.next_log_index;
         let timestamp_ms = now_ms.max(self.last_timestamp_ms);
+        #[cfg(feature = "injected-bugs")]
+        let timestamp_ms =
+            if crate::bugs::planted().stamp_without_clock_floor { now_ms } else { timestamp_ms };
         frame.header_mut().set_log_index(log_index).set_server_timestamp_ms(timestamp_ms);
         self.last_timestamp_ms = timestamp_ms;
         self.next_log_index = log_index.checked_add(1).expect("log index space exhausted");

@@ -1,0 +1,40 @@
+//! Known bugs planted at seams of the room core, compiled only with the
+//! `injected-bugs` feature, so that the simulation can show each of its
+//! checkers catching a bug of its kind in the code production runs.
+//!
+//! The switches are per thread (the simulation runs one world per thread)
+//! and all off unless a test turns them on.
+
+use std::cell::Cell;
+
+/// Which bugs are planted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InjectedBugs {
+    /// The shard treats one entry past each durable batch as durable too:
+    /// an acknowledgement or fan-out released one index early.
+    pub release_one_past_durable: bool,
+    /// The sequencer stamps the clock's time without keeping it at or
+    /// after the last time it stamped.
+    pub stamp_without_clock_floor: bool,
+    /// The shard panics when a connection subscribes from past the start
+    /// of a room's log (every reconnection does).
+    pub panic_on_resubscribe: bool,
+}
+
+thread_local! {
+    static BUGS: Cell<InjectedBugs> = const { Cell::new(InjectedBugs {
+        release_one_past_durable: false,
+        stamp_without_clock_floor: false,
+        panic_on_resubscribe: false,
+    }) };
+}
+
+/// Plants `bugs` for this thread.
+pub fn plant(bugs: InjectedBugs) {
+    BUGS.with(|cell| cell.set(bugs));
+}
+
+/// The bugs planted for this thread.
+pub fn planted() -> InjectedBugs {
+    BUGS.with(Cell::get)
+}
