@@ -31,17 +31,16 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use kalandra_proto::header::offset;
-use kalandra_proto::{payload, ErrorCode, Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
+use kalandra_proto::{ErrorCode, RoomId, SenderId};
 use tokio::sync::oneshot;
 
 use crate::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::node::{Command, Node};
 use crate::store::retention::{erasable_opcode, expired};
-use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
+use crate::store::sealing::routing_u64;
 use crate::store::{
-    EntryContent, Erasure, ErasureCause, ReadError, RedactOutcome, Redaction, RetentionError, RoomRetention,
+    EntryContent, ErasureCause, ReadError, RedactOutcome, Redaction, RetentionError, RoomRetention,
     StoredEntry,
 };
 
@@ -167,41 +166,11 @@ pub struct RetentionPassError {
     pub detail: String,
 }
 
+pub use crate::room::erased_placeholder;
+
 /// Whether the erasure policy allows erasing a frame of this opcode value.
 pub fn erasable(opcode: Option<u16>) -> bool {
     erasable_opcode(opcode)
-}
-
-/// The placeholder history carries at an erased index: an unsigned `Error`
-/// frame with code `Redacted` whose header keeps the erased frame's room,
-/// sender, log index, epoch and server timestamp, and whose payload names
-/// the index.
-pub fn erased_placeholder(room_id: RoomId, log_index: u64, erasure: &Erasure) -> Bytes {
-    placeholder(room_id, log_index, &erasure.routing)
-}
-
-/// The placeholder for a frame about to be erased (see
-/// [`erased_placeholder`]).
-pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Bytes) -> Bytes {
-    placeholder(room_id, log_index, &frame[..frame.len().min(ROUTING_PREFIX_BYTES)])
-}
-
-fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8]) -> Bytes {
-    let mut header = FrameHeaderBuf::new(Opcode::Error);
-    header
-        .set_room_id(room_id)
-        .set_log_index(log_index)
-        .set_sender_id(SenderId(routing_u64(routing, offset::SENDER_ID).unwrap_or(0)))
-        .set_epoch(routing_u64(routing, offset::EPOCH).unwrap_or(0))
-        .set_server_timestamp_ms(routing_u64(routing, offset::SERVER_TIMESTAMP).unwrap_or(0));
-    let error = payload::Error {
-        code: ErrorCode::Redacted.to_u16(),
-        message: "content erased".to_owned(),
-        current_epoch: None,
-        log_index: Some(log_index),
-        retry_after_ms: None,
-    };
-    Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
 }
 
 fn read_failed(error: &ReadError) -> RedactError {

@@ -12,7 +12,7 @@ use kalandra_proto::payload::{self, AnyPayload};
 use kalandra_proto::sign::{parse_identity_key, verify_auth_response};
 use kalandra_proto::{ErrorCode, Flags, Frame, Opcode, OpcodeClass, RoomId, SenderId, PROTOCOL_VERSION};
 
-use crate::node::{error_frame, server_frame};
+use crate::room::{error_frame, server_frame};
 
 /// Where an authenticated connection is.
 #[derive(Debug, Clone)]

@@ -18,9 +18,7 @@ use crate::store::{EntryContent, StoredEntry};
 pub fn history_bytes(room_id: RoomId, entry: StoredEntry) -> Bytes {
     match entry.content {
         EntryContent::Frame(frame) => frame,
-        EntryContent::Erased(erasure) => {
-            crate::erasure::erased_placeholder(room_id, entry.log_index, &erasure)
-        }
+        EntryContent::Erased(erasure) => crate::room::erased_placeholder(room_id, entry.log_index, &erasure),
     }
 }
 

@@ -117,7 +117,7 @@ pub fn recover_room_state<G: PersistentGroup>(
             // their index and timestamp.
             let bytes = match &entry.content {
                 EntryContent::Erased(erasure) if crate::erasure::erasable(erasure.opcode()) => {
-                    crate::erasure::erased_placeholder(room_id, entry.log_index, erasure)
+                    crate::room::erased_placeholder(room_id, entry.log_index, erasure)
                 }
                 EntryContent::Erased(_) => {
                     return Err(corrupt(format!("entry {}: a handshake frame was erased", entry.log_index)));
@@ -152,7 +152,7 @@ fn last_timestamp_ms(store: &dyn Store, room_id: RoomId, next_log_index: u64) ->
     let entry = entries.first().ok_or_else(|| corrupt(format!("entry {last} is missing")))?;
     let bytes = match &entry.content {
         EntryContent::Frame(frame) => frame.clone(),
-        EntryContent::Erased(erasure) => crate::erasure::erased_placeholder(room_id, last, erasure),
+        EntryContent::Erased(erasure) => crate::room::erased_placeholder(room_id, last, erasure),
     };
     let frame = Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {last}: {e}")))?;
     Ok(frame.header().server_timestamp_ms())

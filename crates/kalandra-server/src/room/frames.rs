@@ -1,10 +1,14 @@
-//! Frames the server builds itself: replies, errors, Welcomes.
+//! Frames the server builds itself: replies, errors, Welcomes, and the
+//! placeholders of erased entries.
 
 use bytes::Bytes;
+use kalandra_proto::header::offset;
 use kalandra_proto::payload;
-use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Payload, RoomId};
+use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 
 use crate::sequencer::SubmitError;
+use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
+use crate::store::Erasure;
 
 /// Builds an unsigned server frame carrying `payload`.
 pub fn server_frame<P: Payload>(room_id: RoomId, request_id: u32, payload: &P) -> Bytes {
@@ -86,10 +90,41 @@ pub fn welcome_frame(
         .map_err(|error| WelcomeTooLarge(error.to_string()))
 }
 
+/// The placeholder history carries at an erased index: an unsigned `Error`
+/// frame with code `Redacted` whose header keeps the erased frame's room,
+/// sender, log index, epoch and server timestamp, and whose payload names
+/// the index.
+pub fn erased_placeholder(room_id: RoomId, log_index: u64, erasure: &Erasure) -> Bytes {
+    placeholder(room_id, log_index, &erasure.routing)
+}
+
+/// The placeholder for a frame about to be erased (see
+/// [`erased_placeholder`]).
+pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Bytes) -> Bytes {
+    placeholder(room_id, log_index, &frame[..frame.len().min(ROUTING_PREFIX_BYTES)])
+}
+
+fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8]) -> Bytes {
+    let mut header = FrameHeaderBuf::new(Opcode::Error);
+    header
+        .set_room_id(room_id)
+        .set_log_index(log_index)
+        .set_sender_id(SenderId(routing_u64(routing, offset::SENDER_ID).unwrap_or(0)))
+        .set_epoch(routing_u64(routing, offset::EPOCH).unwrap_or(0))
+        .set_server_timestamp_ms(routing_u64(routing, offset::SERVER_TIMESTAMP).unwrap_or(0));
+    let error = payload::Error {
+        code: ErrorCode::Redacted.to_u16(),
+        message: "content erased".to_owned(),
+        current_epoch: None,
+        log_index: Some(log_index),
+        retry_after_ms: None,
+    };
+    Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kalandra_proto::Opcode;
 
     /// A joiner learns from the Welcome's header where the epoch it joins
     /// begins; without it, it cannot know which index to subscribe from.

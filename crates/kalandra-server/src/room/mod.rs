@@ -1,20 +1,24 @@
 //! The room core, pure: a [`Shard`] of rooms takes inputs with the current
 //! time and returns what to do as data. It never reads a clock, blocks,
 //! spawns, or touches a socket or a disk; the tokio node
-//! ([`crate::node`]) and the simulation (`kalandra-harness`) drive it.
+//! (`node`) and the simulation (`kalandra-harness`) drive it.
 //! Nothing here imports tokio.
 
+mod acts;
 mod frames;
 mod moderation;
 mod request;
 mod shard;
 mod snapshot;
 
-pub use self::frames::{error_frame, rejection_frame, server_frame, welcome_frame, WelcomeTooLarge};
-pub use self::moderation::{
-    moderation_reply, moderation_request, Completion, ModerationDone, ModerationFailure, ModerationRequest,
-    ModerationWrite, RoomInfo, RoomSummary, MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
+pub use self::acts::{
+    Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
+    MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
+pub use self::frames::{
+    erased_placeholder, error_frame, rejection_frame, server_frame, welcome_frame, WelcomeTooLarge,
+};
+pub use self::moderation::{moderation_reply, moderation_request};
 pub use self::request::{OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,

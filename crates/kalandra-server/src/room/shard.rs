@@ -20,9 +20,9 @@ use bytes::Bytes;
 use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 
+use super::acts::{ActAwaitingProposal, ModerationFailure, ModerationWrite};
 use super::frames::{error_frame, error_frame_with, rejection_frame, server_frame, welcome_frame};
 use super::limits::*;
-use super::moderation::{ActAwaitingProposal, ModerationWrite};
 use super::snapshot::RoomSnapshot;
 use crate::mls_state::ServerSigner;
 use crate::moderation::RoomRoles;
@@ -179,7 +179,7 @@ pub enum Output<P> {
         /// The act's token (see [`Shard::handle_moderate`]).
         token: u64,
         /// Why.
-        failure: super::ModerationFailure,
+        failure: ModerationFailure,
     },
     /// Storage failed: the process must stop and recover on restart.
     StorageFailed {
@@ -644,7 +644,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     pub fn handle_erased(&mut self, room_id: RoomId, log_indices: &[u64]) {
         if let Some(room) = self.rooms.get_mut(&room_id) {
             for (index, bytes) in room.recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
-                *bytes = crate::erasure::placeholder_for_frame(room_id, *index, bytes);
+                *bytes = super::frames::placeholder_for_frame(room_id, *index, bytes);
             }
         }
     }

@@ -1,0 +1,67 @@
+//! The pure room core stays pure: no module of it names a runtime, a
+//! clock, a socket or a driver module. (The simulation runs this code; a
+//! clock read or a spawn inside it would make runs diverge from production
+//! or from each other.)
+
+use std::path::Path;
+
+/// Words no pure module may contain outside comments.
+const FORBIDDEN: &[&str] = &[
+    "tokio",
+    "quinn",
+    "axum",
+    "redb",
+    "Instant::now",
+    "SystemTime",
+    "thread::spawn",
+    "crate::node",
+    "crate::connection",
+    "crate::outbox",
+    "crate::metrics",
+    "crate::push",
+    "crate::admin",
+    "crate::erasure",
+];
+
+/// The pure modules.
+const PURE: &[&str] = &["src/room", "src/sequencer", "src/session.rs", "src/moderation.rs", "src/audit.rs"];
+
+fn violations(path: &Path, found: &mut Vec<String>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).expect("readable source dir") {
+            violations(&entry.expect("dir entry").path(), found);
+        }
+        return;
+    }
+    let text = std::fs::read_to_string(path).expect("readable source");
+    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    for (number, line) in code.lines().enumerate() {
+        let line = line.split("//").next().unwrap_or_default();
+        for word in FORBIDDEN {
+            if line.contains(word) {
+                found.push(format!("{}:{}: {word}", path.display(), number + 1));
+            }
+        }
+    }
+}
+
+#[test]
+fn the_room_core_imports_no_runtime_clock_or_driver() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = Vec::new();
+    for module in PURE {
+        violations(&root.join(module), &mut found);
+    }
+    assert!(found.is_empty(), "pure modules reach outside: {found:#?}");
+}
+
+#[test]
+fn the_boundary_check_sees_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("leak.rs");
+    std::fs::write(&file, "fn f() { let _ = std::time::Instant::now(); }\n// tokio in a comment is fine\n")
+        .unwrap();
+    let mut found = Vec::new();
+    violations(&file, &mut found);
+    assert_eq!(found.len(), 1, "{found:?}");
+}
