@@ -1,6 +1,6 @@
-//! The simulated disk: the server's real [`Store`] semantics
-//! ([`MemoryStore`], which shares the store test suite with `RedbStore`)
-//! behind a fault injector.
+//! The simulated disk: a real [`Store`] behind a fault injector — the
+//! production [`RedbStore`] in a temporary directory on some seeds,
+//! [`MemoryStore`] (which shares the store test suite with it) on the rest.
 //!
 //! Model: a store call is durable when it returns `Ok` (the `Store`
 //! contract). Time spent writing and syncing is spent by the server shell
@@ -65,9 +65,20 @@ struct Injector {
     stats: DiskStats,
 }
 
+/// What a simulated disk keeps its data in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Medium {
+    /// The in-memory store.
+    Memory,
+    /// The production redb store, in a temporary directory.
+    Redb,
+}
+
 /// A server's disk in the simulation.
 pub struct SimDisk {
-    durable: std::sync::RwLock<std::sync::Arc<MemoryStore>>,
+    durable: std::sync::RwLock<std::sync::Arc<dyn Store>>,
+    /// The redb file's directory, removed with the disk.
+    _directory: Option<tempfile::TempDir>,
     injector: Mutex<Injector>,
     /// Users the disk has stored something for (to copy the store when the
     /// injected "drop a frame on restart" bug rewrites it).
@@ -89,10 +100,32 @@ enum Draw {
 }
 
 impl SimDisk {
-    /// An empty disk whose faults are drawn from `seed`.
+    /// An empty in-memory disk whose faults are drawn from `seed`.
     pub fn new(seed: u64) -> SimDisk {
+        SimDisk::with_store(seed, std::sync::Arc::new(MemoryStore::new()), None)
+    }
+
+    /// An empty disk on `medium`.
+    pub fn on(medium: Medium, seed: u64) -> std::io::Result<SimDisk> {
+        match medium {
+            Medium::Memory => Ok(SimDisk::new(seed)),
+            Medium::Redb => {
+                let directory = tempfile::tempdir()?;
+                let store = kalandra_server::store::RedbStore::open(directory.path().join("kalandra.redb"))
+                    .map_err(|error| std::io::Error::other(error.to_string()))?;
+                Ok(SimDisk::with_store(seed, std::sync::Arc::new(store), Some(directory)))
+            }
+        }
+    }
+
+    fn with_store(
+        seed: u64,
+        store: std::sync::Arc<dyn Store>,
+        directory: Option<tempfile::TempDir>,
+    ) -> SimDisk {
         SimDisk {
-            durable: std::sync::RwLock::new(std::sync::Arc::new(MemoryStore::new())),
+            durable: std::sync::RwLock::new(store),
+            _directory: directory,
             users: Mutex::new(std::collections::BTreeSet::new()),
             injector: Mutex::new(Injector {
                 rng: ChaCha8Rng::seed_from_u64(seed),
@@ -112,20 +145,20 @@ impl SimDisk {
         self.lock().stats
     }
 
-    fn store(&self) -> std::sync::Arc<MemoryStore> {
+    fn store(&self) -> std::sync::Arc<dyn Store> {
         std::sync::Arc::clone(&self.durable.read().expect("disk lock"))
     }
 
     /// Every durable entry of a room's log, in order.
     pub fn log(&self, room_id: RoomId) -> Vec<LogEntry> {
-        read_log(&self.store(), room_id)
+        read_log(self.store().as_ref(), room_id)
     }
 
     /// Every room with a log.
     pub fn rooms(&self) -> Vec<RoomId> {
         self.store()
             .room_heads(None, usize::MAX)
-            .expect("memory store reads")
+            .expect("the simulated disk reads")
             .iter()
             .map(|h| h.room_id)
             .collect()
@@ -138,7 +171,7 @@ impl SimDisk {
         let fresh = MemoryStore::new();
         let mut dropped = 0;
         for room_id in self.rooms() {
-            let mut log = read_log(&old, room_id);
+            let mut log = read_log(old.as_ref(), room_id);
             if log.len() > 1 {
                 log.pop();
                 dropped += 1;
@@ -219,11 +252,13 @@ impl SimDisk {
     }
 }
 
-fn read_log(store: &MemoryStore, room_id: RoomId) -> Vec<LogEntry> {
+fn read_log(store: &dyn Store, room_id: RoomId) -> Vec<LogEntry> {
     let mut entries = Vec::new();
     let mut from = 0;
     loop {
-        let page = store.read_range(room_id, from, usize::MAX).expect("memory store reads");
+        let page = store
+            .read_range(room_id, from, kalandra_server::store::limits::READ_RANGE_ENTRIES_MAX)
+            .expect("the simulated disk reads");
         let Some(last) = page.last() else { break };
         from = last.log_index + 1;
         entries.extend(page.into_iter().map(|entry| match entry.content {

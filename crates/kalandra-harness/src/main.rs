@@ -127,12 +127,14 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut sequenced = 0u64;
+    let mut on_redb = 0u64;
     let (mut server_restarts, mut client_restarts, mut partitions, mut storage_failures, mut disk_faults) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let run_started = Instant::now();
         let outcome = run(&args.config(seed));
         sequenced += outcome.stats.sequenced;
+        on_redb += u64::from(outcome.stats.on_redb);
         server_restarts += u64::from(outcome.stats.server_boots.saturating_sub(1));
         client_restarts += u64::from(outcome.stats.client_boots).saturating_sub(args.clients as u64);
         partitions += outcome.stats.partitions;
@@ -160,7 +162,7 @@ fn main() -> ExitCode {
     }
     let elapsed = started.elapsed();
     println!(
-        "{} seeds in {:.1?} ({:.1} ms per seed), {sequenced} frames sequenced",
+        "{} seeds in {:.1?} ({:.1} ms per seed), {sequenced} frames sequenced, {on_redb} seeds on redb",
         seeds.len(),
         elapsed,
         elapsed.as_secs_f64() * 1000.0 / seeds.len().max(1) as f64

@@ -42,7 +42,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, Notify};
 
-use crate::disk::SimDisk;
+use crate::disk::{Medium, SimDisk};
 use crate::net::{spawn_writer, FrameReader, Loss, SERVER_PORT};
 
 /// A connection that sends nothing for this long is closed.
@@ -148,6 +148,8 @@ pub struct RoomView {
 pub struct ServerShared {
     /// The disk.
     pub disk: Arc<SimDisk>,
+    /// What the disk keeps its data in.
+    pub medium: Medium,
     /// Loss on the server's outgoing streams.
     pub loss: Rc<Cell<Loss>>,
     /// Simulated time a durable write takes.
@@ -182,16 +184,28 @@ impl ServerShared {
     }
 }
 
+/// One seed in this many keeps the server's data in the production redb
+/// store (in a temporary directory) instead of the in-memory store.
+pub const REDB_EVERY_SEEDS: u64 = 8;
+
 impl ServerShared {
     /// A server whose disk and randomness come from `seed`.
     pub fn new(seed: u64, bugs: ShellBugs) -> ServerShared {
+        let medium = if seed.is_multiple_of(REDB_EVERY_SEEDS) { Medium::Redb } else { Medium::Memory };
         let server_key = ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(seed, b"server-key", 0))
             .verifying_key()
             .to_bytes();
         ServerShared {
-            disk: Arc::new(SimDisk::new(u64::from_le_bytes(
-                crate::derive_seed(seed, b"disk", 0)[..8].try_into().expect("8 bytes"),
-            ))),
+            disk: Arc::new(
+                SimDisk::on(
+                    medium,
+                    u64::from_le_bytes(
+                        crate::derive_seed(seed, b"disk", 0)[..8].try_into().expect("8 bytes"),
+                    ),
+                )
+                .expect("a temporary directory for the simulated disk"),
+            ),
+            medium,
             loss: Rc::new(Cell::new(Loss::default())),
             disk_latency_ms: Cell::new(2),
             failed: Cell::new(false),

@@ -110,6 +110,8 @@ pub struct RunStats {
     pub partitions: u64,
     /// Simulated time of the whole run.
     pub sim_ms: u64,
+    /// The server's data was in the production redb store.
+    pub on_redb: bool,
     /// Simulated time from healing to convergence.
     pub converged_after_heal_ms: Option<u64>,
 }
@@ -367,6 +369,7 @@ pub fn run(config: &SimConfig) -> Outcome {
         stats.fanned_out = server_stats.fanned_out;
         stats.storage_failures = server_stats.storage_failures;
         stats.server_boots = server.boots.get();
+        stats.on_redb = server.medium == crate::disk::Medium::Redb;
         let disk = server.disk.stats();
         stats.disk_faults = disk.io_errors + disk.failed_syncs;
         stats.log_len = server.disk.log(ROOM).len() as u64;
