@@ -37,6 +37,7 @@ use kalandra_server::room::{
 use kalandra_server::room_group::MlsRoomGroup;
 use kalandra_server::sequencer::PersistentGroup;
 use kalandra_server::session::{Session, Step};
+use kalandra_server::store::group_commit::write_parts;
 use kalandra_server::store::Store;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -482,9 +483,13 @@ async fn flusher<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, flush: Rc<Notify>) 
     }
 }
 
-/// Appends a batch, then stores its Welcomes, as the node does.
+/// Appends a batch with group commit's write step, then stores its
+/// Welcomes, as the node does.
 fn write_batch(disk: &SimDisk, batch: &AppendBatch) -> Result<(), String> {
-    disk.append_batch(&batch.entries).map_err(|error| error.to_string())?;
+    let report = write_parts(disk, vec![batch], |batch| &batch.entries);
+    for (_, outcome) in report.outcomes {
+        outcome.map_err(|error| error.to_string())?;
+    }
     batch.welcomes.iter().try_for_each(|welcome| store_welcome(disk, welcome))
 }
 

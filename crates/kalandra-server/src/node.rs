@@ -468,8 +468,8 @@ impl<G: PersistentGroup> ShardTask<G> {
                     }
                 }
             }
-            self.flush().await;
             self.carry_out();
+            self.flush().await;
             while self.background.try_join_next().is_some() {}
         }
         while self.background.join_next().await.is_some() {}
@@ -510,6 +510,19 @@ impl<G: PersistentGroup> ShardTask<G> {
                 let _ = done.send(());
             }
             Command::Shutdown { done } => *shutdown = Some(done),
+        }
+        // Counted before the next command: a connection that has its reply
+        // already sees the count.
+        self.record_counters();
+    }
+
+    fn record_counters(&mut self) {
+        let counters = self.shard.take_counters();
+        for _ in 0..counters.acks {
+            self.metrics.ack();
+        }
+        for code in counters.rejections {
+            self.metrics.rejected(code);
         }
     }
 
@@ -561,13 +574,7 @@ impl<G: PersistentGroup> ShardTask<G> {
                 Output::StorageFailed { .. } => self.health.fail(),
             }
         }
-        let counters = self.shard.take_counters();
-        for _ in 0..counters.acks {
-            self.metrics.ack();
-        }
-        for code in counters.rejections {
-            self.metrics.rejected(code);
-        }
+        self.record_counters();
     }
 
     fn read_history(&mut self, read: HistoryRead<Arc<Outbox>>) {

@@ -467,62 +467,88 @@ impl Writer {
         batch
     }
 
-    /// Writes `batch` as one transaction and completes its requests. A batch
-    /// refused for one room's entries is retried without that room's
-    /// requests; each retry removes at least one request.
-    fn write(&self, mut batch: Vec<Request>) {
-        let attempts_max = batch.len();
-        for _ in 0..attempts_max {
-            let started = Instant::now();
-            let entries: Vec<LogEntry> =
-                batch.iter().flat_map(|request| request.entries.iter().cloned()).collect();
-            let error = match self.store.append_batch(&entries) {
-                Ok(()) => {
-                    let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    self.stats.record_batch(entries.len() as u64, batch.len() as u64, latency_us);
-                    for request in batch {
-                        request.complete(Ok(()));
-                    }
-                    return;
-                }
-                Err(error) => error,
-            };
-            let Some(room_id) = error.offending_room() else {
-                tracing::error!(%error, requests = batch.len(), "durable append batch failed");
-                self.fail(batch, &error, true);
-                return;
-            };
-            let (refused, rest): (Vec<Request>, Vec<Request>) = batch
-                .into_iter()
-                .partition(|request| request.entries.iter().any(|entry| entry.room_id == room_id));
-            tracing::warn!(%error, refused = refused.len(), "append refused for one room");
-            if refused.is_empty() {
-                // The store blamed a room that is not in the batch.
-                self.fail(rest, &error, true);
-                return;
-            }
-            self.fail(refused, &error, false);
-            if rest.is_empty() {
-                return;
-            }
-            batch = rest;
+    /// Writes `batch` as one transaction (see [`write_parts`]) and
+    /// completes its requests.
+    fn write(&self, batch: Vec<Request>) {
+        let started = Instant::now();
+        let requests = batch.len() as u64;
+        let report = write_parts(self.store.as_ref(), batch, |request| &request.entries);
+        if report.entries_written > 0 {
+            let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let written = report.outcomes.iter().filter(|(_, outcome)| outcome.is_ok()).count() as u64;
+            self.stats.record_batch(report.entries_written as u64, written.min(requests), latency_us);
         }
-        // Unreachable in practice (each attempt removes a request), but the
-        // loop is bounded: whatever remains is failed, never acknowledged.
-        let error =
-            AppendError::Internal(super::InvariantViolation("group commit retries exhausted".to_owned()));
-        self.fail(batch, &error, true);
+        self.stats.batches_failed.fetch_add(report.transactions_failed, Ordering::Relaxed);
+        for (request, outcome) in report.outcomes {
+            if outcome.is_err() {
+                self.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            request.complete(outcome);
+        }
     }
+}
 
-    fn fail(&self, requests: Vec<Request>, error: &AppendError, batch_failed: bool) {
-        if batch_failed {
-            self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+/// What [`write_parts`] did with each part of a batch.
+#[derive(Debug)]
+pub struct WriteReport<R> {
+    /// Each part with its outcome.
+    pub outcomes: Vec<(R, Result<(), AppendError>)>,
+    /// Entries made durable.
+    pub entries_written: usize,
+    /// Transactions that failed as a whole (storage failure, not one room's entries).
+    pub transactions_failed: u64,
+}
+
+/// Group commit's write step: the entries of every part of a batch in one
+/// durable transaction. A transaction refused for one room's entries (a
+/// caller bug) is retried without that room's parts, so one faulty room
+/// does not fail the others; each retry removes at least one part. Runs on
+/// the writer thread, and in the simulation over its own store.
+pub fn write_parts<R>(
+    store: &dyn Store,
+    mut parts: Vec<R>,
+    entries_of: impl Fn(&R) -> &[LogEntry],
+) -> WriteReport<R> {
+    let mut report =
+        WriteReport { outcomes: Vec::with_capacity(parts.len()), entries_written: 0, transactions_failed: 0 };
+    let attempts_max = parts.len();
+    for _ in 0..attempts_max {
+        let entries: Vec<LogEntry> = parts.iter().flat_map(|part| entries_of(part).iter().cloned()).collect();
+        let error = match store.append_batch(&entries) {
+            Ok(()) => {
+                report.entries_written += entries.len();
+                report.outcomes.extend(parts.into_iter().map(|part| (part, Ok(()))));
+                return report;
+            }
+            Err(error) => error,
+        };
+        let Some(room_id) = error.offending_room() else {
+            tracing::error!(%error, parts = parts.len(), "durable append batch failed");
+            report.transactions_failed += 1;
+            report.outcomes.extend(parts.into_iter().map(|part| (part, Err(error.clone()))));
+            return report;
+        };
+        let (refused, rest): (Vec<R>, Vec<R>) =
+            parts.into_iter().partition(|part| entries_of(part).iter().any(|entry| entry.room_id == room_id));
+        tracing::warn!(%error, refused = refused.len(), "append refused for one room");
+        if refused.is_empty() {
+            // The store blamed a room that is not in the batch.
+            report.transactions_failed += 1;
+            report.outcomes.extend(rest.into_iter().map(|part| (part, Err(error.clone()))));
+            return report;
         }
-        self.stats.requests_failed.fetch_add(requests.len() as u64, Ordering::Relaxed);
-        for request in requests {
-            request.complete(Err(error.clone()));
+        report.outcomes.extend(refused.into_iter().map(|part| (part, Err(error.clone()))));
+        if rest.is_empty() {
+            return report;
         }
+        parts = rest;
     }
+    // Unreachable in practice (each attempt removes a part), but the loop
+    // is bounded: whatever remains is failed, never acknowledged.
+    let error = AppendError::Internal(super::InvariantViolation("group commit retries exhausted".to_owned()));
+    report.transactions_failed += 1;
+    report.outcomes.extend(parts.into_iter().map(|part| (part, Err(error.clone()))));
+    report
 }
 
 #[cfg(test)]
