@@ -427,14 +427,16 @@ impl<G: ServerGroup> Core<G> {
             match self.rooms.entry(room_id) {
                 std::collections::btree_map::Entry::Occupied(_) => Err(SubmitError::RoomExists),
                 std::collections::btree_map::Entry::Vacant(slot) => {
-                    create_room::<G>(room_id, sender, frame, now).map(|(sequencer, sequenced)| {
-                        slot.insert(SimRoom {
-                            sequencer,
-                            waiting: VecDeque::new(),
-                            subscribers: BTreeMap::new(),
-                        });
-                        sequenced
-                    })
+                    create_room::<G>(room_id, sender, frame, now, &self.shared.server_key).map(
+                        |(sequencer, sequenced)| {
+                            slot.insert(SimRoom {
+                                sequencer,
+                                waiting: VecDeque::new(),
+                                subscribers: BTreeMap::new(),
+                            });
+                            sequenced
+                        },
+                    )
                 }
             }
         } else {
@@ -630,9 +632,10 @@ fn create_room<G: ServerGroup>(
     sender: SenderId,
     frame: Frame,
     now: u64,
+    server_key: &[u8; 32],
 ) -> Result<(RoomSequencer<G>, kalandra_server::sequencer::Sequenced), SubmitError> {
     let create: CreateRoom = frame.decode_payload()?;
     let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
         .map_err(SubmitError::InvalidGroupInfo)?;
-    RoomSequencer::create(room_id, group, sender, frame, now)
+    RoomSequencer::create(room_id, group, sender, frame, now, server_key)
 }

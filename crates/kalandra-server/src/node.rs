@@ -670,6 +670,7 @@ pub fn recover_room_state<G: PersistentGroup>(
     let create_frame = Frame::decode(create_bytes).map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let creator = create_frame.header().sender_id();
+    let policy = crate::moderation::RoomPolicy::new(creator, create.join_rule());
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
@@ -700,6 +701,7 @@ pub fn recover_room_state<G: PersistentGroup>(
         group_info,
         epoch_started_at_log_index,
         server_proposals,
+        policy,
     };
     let mut sequencer = RoomSequencer::recover(room_id, group, point);
     let moderation = store.room_moderation(room_id).map_err(|e| storage(&e))?;
@@ -963,7 +965,9 @@ impl<G: PersistentGroup> Shard<G> {
         if rooms >= self.rooms_per_user_max {
             return Err(SubmitError::TooManyRooms { rooms });
         }
-        let (sequencer, sequenced) = RoomSequencer::create(room_id, group, outbox.sender(), frame, now_ms)?;
+        let server_key = self.server_signer.public_key();
+        let (sequencer, sequenced) =
+            RoomSequencer::create(room_id, group, outbox.sender(), frame, now_ms, &server_key)?;
         *memberships.entry(outbox.sender()).or_insert(0) += 1;
         drop(memberships);
         self.rooms.insert(room_id, Room::new(sequencer, outbox.sender(), now_ms));
@@ -1096,8 +1100,9 @@ impl<G: PersistentGroup> Shard<G> {
             self.refuse(outbox, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        match room.sequencer.group_info() {
-            Some((epoch, group_info)) if *epoch == room.sequencer.epoch() => {
+        match room.sequencer.group_info_for(outbox.sender(), (self.clock)()) {
+            Err(error) => self.refuse(outbox, room_id, request_id, error.error_code(), &error.to_string()),
+            Ok(Some((epoch, group_info))) => {
                 let payload = payload::GroupInfo {
                     epoch: *epoch,
                     group_info: group_info.to_vec(),
