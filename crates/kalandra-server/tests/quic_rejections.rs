@@ -513,6 +513,16 @@ async fn handshake_violations_are_refused_and_close_the_connection() {
     raw.send(&bad).await;
     raw.expect_refused_and_closed(ErrorCode::MalformedHeader, "bad magic in Hello").await;
 
+    // Before authentication nothing larger than a control frame is buffered:
+    // a header announcing a sequenced frame's size is refused at once.
+    let mut raw = Raw::connect(&server).await;
+    raw.send(&hello(alice.verifying_key().to_bytes(), vec![1])).await;
+    raw.challenge().await;
+    let payload = bytes::Bytes::from(vec![0; kalandra_proto::limits::CONTROL_PAYLOAD_BYTES_MAX as usize + 1]);
+    let big = Frame::new(FrameHeaderBuf::new(Opcode::Commit), payload).unwrap().to_bytes();
+    raw.send(&big[..kalandra_proto::limits::HEADER_BYTES]).await;
+    raw.expect_refused_and_closed(ErrorCode::PayloadTooLarge, "a large frame before authentication").await;
+
     // None of this stops a correct handshake.
     let mut conn = server.connect(&alice).await.expect("a correct handshake succeeds");
     assert_eq!(conn.sender_id(), alice_id);
@@ -524,6 +534,7 @@ async fn handshake_violations_are_refused_and_close_the_connection() {
         (ErrorCode::MalformedPayload, 1),
         (ErrorCode::AuthenticationFailed, 3),
         (ErrorCode::MalformedHeader, 1),
+        (ErrorCode::PayloadTooLarge, 1),
     ]);
     server.stop().await;
 }
