@@ -550,7 +550,11 @@ pub mod seeds {
             AnyPayload::Unsubscribe(Unsubscribe {}),
             AnyPayload::Sync(Sync { from_log_index: 10, count_max: 100 }),
             AnyPayload::SyncDone(SyncDone { next_log_index: 110, live: true }),
-            AnyPayload::CreateRoom(CreateRoom { group_info: bytes(24, 0x10), ratchet_tree: bytes(16, 0x40) }),
+            AnyPayload::CreateRoom(CreateRoom {
+                group_info: bytes(24, 0x10),
+                ratchet_tree: bytes(16, 0x40),
+                join_rule: None,
+            }),
             AnyPayload::Commit(Commit {
                 commit: bytes(20, 0x01),
                 welcome: Some(bytes(12, 0x80)),

@@ -37,8 +37,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{
-    self, Ack, Application, Commit, CreateRoom, ExternalJoin, GroupInfo, GroupInfoRequest, KeyPackageClaim,
-    KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync, SyncDone, Welcome,
+    self, Ack, Application, Commit, CreateRoom, ExternalJoin, GroupInfo, GroupInfoRequest, JoinRule,
+    KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync, SyncDone,
+    Welcome,
 };
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use openmls_memory_storage::MemoryStorage;
@@ -1095,8 +1096,14 @@ impl Client {
         Ok(())
     }
 
-    /// Creates a room with a random id; this device is its first member.
+    /// Creates an invite-only room with a random id; this device is its
+    /// first member and its admin.
     pub async fn create_room(&mut self) -> Result<RoomId, ClientError> {
+        self.create_room_with(JoinRule::InviteOnly).await
+    }
+
+    /// Creates a room with a random id and the join rule `join_rule`.
+    pub async fn create_room_with(&mut self, join_rule: JoinRule) -> Result<RoomId, ClientError> {
         self.mls_clean = false;
         let server_key = self.connection()?.server_key();
         let mut id = [0u8; 16];
@@ -1108,7 +1115,11 @@ impl Client {
         let frame = self.frame(
             room_id,
             0,
-            &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree },
+            &CreateRoom {
+                group_info: created.group_info,
+                ratchet_tree: created.ratchet_tree,
+                join_rule: Some(join_rule),
+            },
         )?;
         let record = RoomRecord {
             room_id: id,

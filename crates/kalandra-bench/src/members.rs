@@ -272,7 +272,7 @@ pub async fn build_room(clients: &Arc<Clients>, plan: &RoomPlan) -> Result<Built
     let frame = creator.frame(
         plan.room_id,
         request_id,
-        &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree },
+        &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree, join_rule: None },
     )?;
     request(&mut connection, &frame, "create room").await?;
 

@@ -21,6 +21,7 @@ use client_core::client::{Client, ClientError, Message, MessageBody, ServerTarge
 use client_core::connection::{parse_fingerprint, ConnectionError};
 use client_core::store::{StoreKey, STORE_KEY_BYTES};
 use client_core::tls::fingerprint_of_pem_file;
+use kalandra_proto::payload::JoinRule;
 use kalandra_proto::{RoomId, SenderId};
 
 /// File holding the store key when `KALANDRA_STORE_KEY` is not set.
@@ -210,8 +211,12 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum RoomCommand {
-    /// Create a room; prints its id.
-    Create,
+    /// Create a room (invite-only unless `--open`); prints its id.
+    Create {
+        /// Let any user who is not banned join by external commit.
+        #[arg(long)]
+        open: bool,
+    },
     /// List the rooms this device is in.
     List,
 }
@@ -422,9 +427,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let key = store_key(&cli.dir, false)?;
             writeln!(out, "{}", Client::open(&cli.dir, &key)?.sender_id())?;
         }
-        Command::Room { command: RoomCommand::Create } => {
+        Command::Room { command: RoomCommand::Create { open } } => {
             let mut client = open_connected(&cli).await?;
-            let result = client.create_room().await;
+            let join_rule = if *open { JoinRule::Open } else { JoinRule::InviteOnly };
+            let result = client.create_room_with(join_rule).await;
             client.disconnect().await;
             writeln!(out, "{}", result?)?;
         }

@@ -148,7 +148,7 @@ async fn a_device_joins_by_external_commit_and_reads_what_follows() {
     let (alice_dir, erin_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut alice = device(alice_dir.path(), 1, &server).await;
     let mut erin = device(erin_dir.path(), 5, &server).await;
-    let room = alice.create_room().await.unwrap();
+    let room = alice.create_room_with(kalandra_proto::payload::JoinRule::Open).await.unwrap();
     alice.send(room, b"before erin").await.unwrap();
     assert_eq!(erin.join_external(room).await.unwrap(), 1);
     let index = alice.send(room, b"welcome erin").await.unwrap();

@@ -7,7 +7,9 @@
 use bytes::Bytes;
 use kalandra_proto::SenderId;
 use kalandra_server::mls_state::ServerSigner;
-use kalandra_server::sequencer::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
+use kalandra_server::sequencer::{
+    CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef, RoomPolicy,
+};
 
 use crate::server::ServerGroup;
 
@@ -69,26 +71,36 @@ impl<G: GroupState> GroupState for StaleEpochGroup<G> {
     fn members(&self) -> Vec<SenderId> {
         self.inner.members()
     }
-    fn apply_commit(
-        &mut self,
-        commit: &[u8],
-        committer: SenderId,
-        must_cover: &[ProposalRef],
-        barred: &dyn Fn(SenderId) -> bool,
-    ) -> Result<CommitSummary, GroupError> {
+    fn apply_commit(&mut self, commit: &[u8], rules: &CommitRules<'_>) -> Result<CommitSummary, GroupError> {
         if self.stale {
             self.stale = false;
-            return Ok(CommitSummary { epoch: self.inner.epoch(), added: Vec::new(), removed: Vec::new() });
+            let ratchet_tree = Bytes::new();
+            return Ok(CommitSummary {
+                epoch: self.inner.epoch(),
+                added: Vec::new(),
+                removed: Vec::new(),
+                ratchet_tree,
+            });
         }
-        let summary = self.inner.apply_commit(commit, committer, must_cover, barred)?;
+        let summary = self.inner.apply_commit(commit, rules)?;
         self.commits_seen += 1;
         if self.commits_seen > STALE_EPOCH_ARMED_AFTER_COMMITS {
             self.stale = true;
         }
         Ok(summary)
     }
-    fn apply_proposal(&mut self, proposal: &[u8]) -> Result<ProposalRef, GroupError> {
-        self.inner.apply_proposal(proposal)
+    fn apply_proposal(
+        &mut self,
+        proposal: &[u8],
+        policy: Option<&RoomPolicy>,
+    ) -> Result<ProposalRef, GroupError> {
+        self.inner.apply_proposal(proposal, policy)
+    }
+    fn group_info_valid(&self, group_info: &[u8], signer: SenderId) -> bool {
+        self.inner.group_info_valid(group_info, signer)
+    }
+    fn only_external_sender_is(&self, server_key: &[u8; 32]) -> bool {
+        self.inner.only_external_sender_is(server_key)
     }
     fn ratchet_tree(&self) -> Bytes {
         self.inner.ratchet_tree()

@@ -472,8 +472,11 @@ impl Client {
                 }
             };
         self.group = Some(group);
-        let payload =
-            payload::CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree };
+        let payload = payload::CreateRoom {
+            group_info: created.group_info,
+            ratchet_tree: created.ratchet_tree,
+            join_rule: None,
+        };
         let (id, frame) = self.frame(&payload, 0);
         self.in_flight = Some((id, Request::Create(frame.clone())));
         self.send_frame(&frame);

@@ -124,6 +124,8 @@ error_codes! {
     ResyncRequired = 3003, Limit;
     /// Too many stored items (key packages, pending welcomes) for this user.
     QuotaExceeded = 3004, Limit;
+    /// A commit's Welcome with the room's ratchet tree would exceed the Welcome payload limit.
+    WelcomeTooLarge = 3005, Limit;
 
     /// An internal error.
     Internal = 5000, Server;

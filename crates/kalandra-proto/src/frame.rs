@@ -231,6 +231,13 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the payload limit for the frames whose header is still to come
+    /// (capped at the protocol's limit), for example once a connection
+    /// authenticates.
+    pub fn set_payload_bytes_max(&mut self, payload_bytes_max: u32) {
+        self.payload_bytes_max = payload_bytes_max.min(PAYLOAD_BYTES_MAX);
+    }
+
     /// Whether the decoder is between frames (no partial frame buffered).
     pub fn is_idle(&self) -> bool {
         matches!(self.state, DecodeState::Header { filled: 0 })

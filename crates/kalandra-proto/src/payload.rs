@@ -442,8 +442,32 @@ payload!(
         /// MLS ratchet tree (TLS encoding).
         #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
         pub ratchet_tree: Vec<u8>,
+        /// Who may join without an invitation (absent: [`JoinRule::InviteOnly`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub join_rule: Option<JoinRule>,
     }
 );
+
+/// A room's join rule: who may join by external commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinRule {
+    /// Only members add members (by commit and Welcome); the GroupInfo and
+    /// the ratchet tree are given to members only.
+    #[default]
+    InviteOnly,
+    /// Any authenticated user who is not banned may fetch the GroupInfo and
+    /// join by external commit.
+    Open,
+}
+
+impl CreateRoom {
+    /// The room's join rule (invite-only when absent).
+    pub fn join_rule(&self) -> JoinRule {
+        self.join_rule.unwrap_or_default()
+    }
+}
+
 impl Payload for CreateRoom {
     const OPCODE: Opcode = Opcode::CreateRoom;
     fn validate(&self) -> Result<(), PayloadError> {
@@ -546,6 +570,38 @@ impl Payload for ExternalJoin {
     const OPCODE: Opcode = Opcode::ExternalJoin;
     fn validate(&self) -> Result<(), PayloadError> {
         check_nonempty("commit", &self.commit)
+    }
+}
+
+/// Length of the CBOR head of a byte string of `len` bytes.
+const fn cbor_bytes_head_len(len: usize) -> usize {
+    if len < 24 {
+        1
+    } else if len < 0x100 {
+        2
+    } else if len < 0x1_0000 {
+        3
+    } else if len < 0x1_0000_0000 {
+        5
+    } else {
+        9
+    }
+}
+
+impl Welcome {
+    /// The encoded length of a `Welcome` payload with a `welcome` of
+    /// `welcome_bytes` and a ratchet tree of `ratchet_tree_bytes` (none when
+    /// 0), without building it: what a server checks before it accepts the
+    /// commit the Welcome belongs to.
+    pub const fn encoded_len(welcome_bytes: usize, ratchet_tree_bytes: usize) -> usize {
+        // A map head, then "welcome" and its bytes, then "ratchet_tree" and its bytes.
+        let welcome = 1 + 7 + cbor_bytes_head_len(welcome_bytes) + welcome_bytes;
+        let tree = if ratchet_tree_bytes == 0 {
+            0
+        } else {
+            1 + 12 + cbor_bytes_head_len(ratchet_tree_bytes) + ratchet_tree_bytes
+        };
+        1 + welcome + tree
     }
 }
 
@@ -879,3 +935,36 @@ any_payload!(
     Typing,
     Presence,
 );
+
+#[cfg(test)]
+mod welcome_len_tests {
+    use super::*;
+
+    #[test]
+    fn welcome_encoded_len_is_the_length_of_the_encoding() {
+        for welcome_bytes in [1usize, 23, 24, 255, 256, 65_535, 65_536, 300_000] {
+            for tree_bytes in [0usize, 1, 23, 24, 255, 256, 65_535, 65_536, 200_000] {
+                let payload = Welcome {
+                    welcome: vec![7; welcome_bytes],
+                    ratchet_tree: (tree_bytes > 0).then(|| vec![9; tree_bytes]),
+                };
+                assert_eq!(
+                    payload.encode().len(),
+                    Welcome::encoded_len(welcome_bytes, tree_bytes),
+                    "welcome {welcome_bytes} B, tree {tree_bytes} B"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_join_rule_is_invite_only_unless_a_room_says_open() {
+        let mut create = CreateRoom { group_info: vec![1], ratchet_tree: vec![2], join_rule: None };
+        assert_eq!(create.join_rule(), JoinRule::InviteOnly);
+        let bytes = create.encode();
+        assert_eq!(CreateRoom::decode(&bytes).unwrap(), create, "absent stays absent");
+        create.join_rule = Some(JoinRule::Open);
+        let decoded = CreateRoom::decode(&create.encode()).unwrap();
+        assert_eq!(decoded.join_rule(), JoinRule::Open);
+    }
+}

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kalandra_proto::payload::{Application, CreateRoom};
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
-use kalandra_server::sequencer::{CommitSummary, GroupError, GroupState, ProposalRef, RoomSequencer};
+use kalandra_server::sequencer::{
+    CommitRules, CommitSummary, GroupError, GroupState, ProposalRef, RoomPolicy, RoomSequencer,
+};
 
 /// Membership only: application messages never reach MLS validation.
 struct MembersOnly(HashSet<SenderId>);
@@ -27,17 +29,17 @@ impl GroupState for MembersOnly {
     fn members(&self) -> Vec<SenderId> {
         self.0.iter().copied().collect()
     }
-    fn apply_commit(
-        &mut self,
-        _: &[u8],
-        _: SenderId,
-        _: &[ProposalRef],
-        _: &dyn Fn(SenderId) -> bool,
-    ) -> Result<CommitSummary, GroupError> {
+    fn apply_commit(&mut self, _: &[u8], _: &CommitRules<'_>) -> Result<CommitSummary, GroupError> {
         Err(GroupError::Invalid("benchmark group takes no commits".into()))
     }
-    fn apply_proposal(&mut self, _: &[u8]) -> Result<ProposalRef, GroupError> {
+    fn apply_proposal(&mut self, _: &[u8], _: Option<&RoomPolicy>) -> Result<ProposalRef, GroupError> {
         Err(GroupError::Invalid("benchmark group takes no proposals".into()))
+    }
+    fn group_info_valid(&self, _: &[u8], _: SenderId) -> bool {
+        false
+    }
+    fn only_external_sender_is(&self, _: &[u8; 32]) -> bool {
+        true
     }
     fn ratchet_tree(&self) -> Bytes {
         Bytes::new()
@@ -51,11 +53,20 @@ fn bench(c: &mut Criterion) {
     let senders: Vec<SenderId> = (1..=100).map(SenderId).collect();
     let mut create = FrameHeaderBuf::new(Opcode::CreateRoom);
     create.set_room_id(ROOM).set_sender_id(senders[0]);
-    let create =
-        Frame::with_payload(create, &CreateRoom { group_info: vec![1], ratchet_tree: vec![1] }).unwrap();
-    let (mut room, _) =
-        RoomSequencer::create(ROOM, MembersOnly(senders.iter().copied().collect()), senders[0], create, 0)
-            .unwrap();
+    let create = Frame::with_payload(
+        create,
+        &CreateRoom { group_info: vec![1], ratchet_tree: vec![1], join_rule: None },
+    )
+    .unwrap();
+    let (mut room, _) = RoomSequencer::create(
+        ROOM,
+        MembersOnly(senders.iter().copied().collect()),
+        senders[0],
+        create,
+        0,
+        &[0; 32],
+    )
+    .unwrap();
     let mut effects = Vec::with_capacity(4 * usize::try_from(BATCH_FRAMES).unwrap());
     room.durable(0, &mut effects);
 

@@ -32,6 +32,15 @@ pub const USER_RATE_BUCKETS_MAX: usize = 1_000_000;
 /// Bytes read from a stream at a time.
 pub const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
+/// Largest payload read before the connection authenticates: the handshake
+/// is control frames only, so a stranger cannot make the server buffer a
+/// sequenced frame's 8 MiB before it knows who sends it.
+pub const PRE_AUTH_PAYLOAD_BYTES_MAX: u32 = kalandra_proto::limits::CONTROL_PAYLOAD_BYTES_MAX;
+const _: () = assert!(
+    PRE_AUTH_PAYLOAD_BYTES_MAX >= Opcode::Hello.payload_bytes_max()
+        && PRE_AUTH_PAYLOAD_BYTES_MAX >= Opcode::AuthResponse.payload_bytes_max()
+);
+
 /// Shared state of the listener.
 pub struct Listener {
     node: Node,
@@ -165,7 +174,8 @@ impl Listener {
                 f64::from(self.limits.frames_burst_per_connection),
             ),
         };
-        let mut decoder = FrameDecoder::with_payload_bytes_max(self.limits.payload_bytes_max);
+        // Before authentication only control frames are valid: nothing larger is buffered.
+        let mut decoder = FrameDecoder::with_payload_bytes_max(PRE_AUTH_PAYLOAD_BYTES_MAX);
         let deadline = tokio::time::Instant::now() + handshake;
         let mut frames = Vec::new();
         let mut draining = false;
@@ -202,28 +212,44 @@ impl Listener {
                 Err(_) => break 'read,
             };
             let mut input = &chunk[..];
-            let mut decode_error = None;
-            while !input.is_empty() {
-                match decoder.decode(&mut input) {
-                    Ok(Some(frame)) => frames.push(frame),
-                    Ok(None) => break,
-                    Err(error) => {
-                        decode_error = Some(error);
-                        break;
+            loop {
+                let mut decode_error = None;
+                while !input.is_empty() {
+                    match decoder.decode(&mut input) {
+                        // An AuthResponse is handled before the next header is
+                        // read, so that the full limit applies only once authenticated.
+                        Ok(Some(frame)) if frame.opcode() == Opcode::AuthResponse => {
+                            frames.push(frame);
+                            break;
+                        }
+                        Ok(Some(frame)) => frames.push(frame),
+                        Ok(None) => break,
+                        Err(error) => {
+                            decode_error = Some(error);
+                            break;
+                        }
                     }
                 }
-            }
-            // Frames decoded before a bad one are handled: nothing accepted is lost.
-            // Boxed: the handling of a request is a large future, and keeping
-            // it inline would make every idle connection's task that large.
-            let open = Box::pin(self.handle_frames(&mut state, &mut frames)).await;
-            if let Some(error) = decode_error {
-                self.metrics.rejected(error.error_code());
-                state.write(error_frame(RoomId::default(), 0, error.error_code(), &error.to_string())).await;
-                break 'read;
-            }
-            if !open {
-                break 'read;
+                // Frames decoded before a bad one are handled: nothing accepted is lost.
+                // Boxed: the handling of a request is a large future, and keeping
+                // it inline would make every idle connection's task that large.
+                let open = Box::pin(self.handle_frames(&mut state, &mut frames)).await;
+                if state.outbox.is_some() {
+                    decoder.set_payload_bytes_max(self.limits.payload_bytes_max);
+                }
+                if let Some(error) = decode_error {
+                    self.metrics.rejected(error.error_code());
+                    state
+                        .write(error_frame(RoomId::default(), 0, error.error_code(), &error.to_string()))
+                        .await;
+                    break 'read;
+                }
+                if !open {
+                    break 'read;
+                }
+                if input.is_empty() {
+                    break;
+                }
             }
         }
         if draining {

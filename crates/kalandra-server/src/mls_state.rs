@@ -85,6 +85,8 @@ pub enum ProposalSender {
     Member(u32),
     /// An entry of the room's external senders (the server), by index.
     External(u32),
+    /// The joiner of an external commit (its inline proposals).
+    NewMember,
 }
 
 /// What a proposal asks for.
@@ -102,8 +104,43 @@ pub enum ProposalKind {
     },
     /// The sender replaces its own leaf.
     Update,
-    /// Any other proposal type.
-    Other,
+    /// An external commit's `ExternalInit`.
+    ExternalInit,
+    /// A change of the group context's extensions (external senders among them).
+    GroupContextExtensions,
+    /// Any other proposal type (PreSharedKey, ReInit, custom, ...), by its type code.
+    Other(u16),
+}
+
+/// What a proposal asks for, without the credential checks.
+fn proposal_kind(proposal: &Proposal) -> ProposalKind {
+    match proposal {
+        Proposal::Add(add) => {
+            ProposalKind::Add { identity: identity_of(add.key_package().leaf_node().credential()) }
+        }
+        Proposal::Remove(remove) => ProposalKind::Remove { leaf_index: remove.removed().u32() },
+        Proposal::Update(_) => ProposalKind::Update,
+        Proposal::ExternalInit(_) => ProposalKind::ExternalInit,
+        Proposal::GroupContextExtensions(_) => ProposalKind::GroupContextExtensions,
+        other => ProposalKind::Other(u16::from(other.proposal_type())),
+    }
+}
+
+fn proposal_sender(sender: &Sender) -> Result<ProposalSender, MlsValidationError> {
+    match sender {
+        Sender::Member(leaf) => Ok(ProposalSender::Member(leaf.u32())),
+        Sender::External(index) => {
+            Ok(ProposalSender::External(sender_extension_index(index).map_err(MlsValidationError::Internal)?))
+        }
+        Sender::NewMemberCommit => Ok(ProposalSender::NewMember),
+        Sender::NewMemberProposal => Err(MlsValidationError::UnknownSender),
+    }
+}
+
+/// A checkpoint of a room's state, taken before a merge so that a check
+/// made on the merged state can undo it ([`RoomGroupState::rollback`]).
+pub struct Checkpoint {
+    values: HashMap<Vec<u8>, Vec<u8>>,
 }
 
 /// A proposal accepted into the pending set.
@@ -214,6 +251,9 @@ pub enum MlsValidationError {
         /// References of the uncovered proposals.
         missing: Vec<Vec<u8>>,
     },
+    /// The room's policy forbids the proposal for its sender.
+    #[error("forbidden by the room's policy: {0}")]
+    Forbidden(String),
     /// Library or storage failure: a bug, not the sender's fault.
     #[error("internal error")]
     Internal(#[source] BoxError),
@@ -335,9 +375,16 @@ pub struct StagedRoomCommit {
     added_keys: Vec<(Vec<u8>, Vec<u8>)>,
     covered_proposal_refs: Vec<Vec<u8>>,
     has_path: bool,
+    proposals: Vec<(ProposalSender, ProposalKind)>,
 }
 
 impl StagedRoomCommit {
+    /// Every proposal the commit applies (inline and by reference), with
+    /// who proposed it.
+    pub fn proposals(&self) -> &[(ProposalSender, ProposalKind)] {
+        &self.proposals
+    }
+
     /// The epoch the commit moves the room into.
     pub fn new_epoch(&self) -> u64 {
         self.base_epoch + 1
@@ -612,6 +659,10 @@ impl RoomGroupState {
             .map(|queued| queued.proposal_reference_ref().as_slice().to_vec())
             .collect();
         let has_path = staged.update_path_leaf_node().is_some();
+        let proposals = staged
+            .queued_proposals()
+            .map(|queued| Ok((proposal_sender(queued.sender())?, proposal_kind(queued.proposal()))))
+            .collect::<Result<Vec<_>, MlsValidationError>>()?;
         let mut changed: Vec<MemberRef> = staged
             .update_proposals()
             .filter_map(|update| match update.sender() {
@@ -632,6 +683,7 @@ impl RoomGroupState {
             added_keys,
             covered_proposal_refs,
             has_path,
+            proposals,
         })
     }
 
@@ -728,6 +780,16 @@ impl RoomGroupState {
     /// server) and adds it to the pending set, where the next commit can
     /// cover it.
     pub fn add_proposal(&mut self, message: &[u8]) -> Result<ProposalSummary, MlsValidationError> {
+        self.add_proposal_checked(message, &|_, _| Ok(()))
+    }
+
+    /// [`RoomGroupState::add_proposal`] with the caller's own `check` (room
+    /// policy) on the validated proposal before it joins the pending set.
+    pub fn add_proposal_checked(
+        &mut self,
+        message: &[u8],
+        check: &dyn Fn(&RoomGroupState, &ProposalSummary) -> Result<(), MlsValidationError>,
+    ) -> Result<ProposalSummary, MlsValidationError> {
         let framed = self.frame(message)?;
         if framed.content_type != ContentType::Proposal {
             return Err(MlsValidationError::NotAProposal);
@@ -739,44 +801,54 @@ impl RoomGroupState {
         let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
             return Err(MlsValidationError::NotAProposal);
         };
-        let sender = match queued.sender() {
-            Sender::Member(leaf) => ProposalSender::Member(leaf.u32()),
-            Sender::External(index) => {
-                ProposalSender::External(sender_extension_index(index).map_err(MlsValidationError::Internal)?)
-            }
-            Sender::NewMemberProposal | Sender::NewMemberCommit => {
-                return Err(MlsValidationError::UnknownSender)
-            }
+        let sender = match proposal_sender(queued.sender())? {
+            ProposalSender::NewMember => return Err(MlsValidationError::UnknownSender),
+            sender => sender,
         };
-        let kind = match queued.proposal() {
-            Proposal::Add(add) => {
-                let leaf = add.key_package().leaf_node();
-                if !credential_matches_key(leaf) {
-                    return Err(MlsValidationError::CredentialMismatch { leaf_index: u32::MAX });
-                }
-                ProposalKind::Add { identity: identity_of(leaf.credential()) }
-            }
-            Proposal::Remove(remove) => ProposalKind::Remove { leaf_index: remove.removed().u32() },
+        let leaf = match queued.proposal() {
+            Proposal::Add(add) => Some((add.key_package().leaf_node(), u32::MAX)),
             Proposal::Update(update) => {
-                if !credential_matches_key(update.leaf_node()) {
-                    let leaf_index = match sender {
-                        ProposalSender::Member(leaf) => leaf,
-                        ProposalSender::External(_) => u32::MAX,
-                    };
-                    return Err(MlsValidationError::CredentialMismatch { leaf_index });
-                }
-                ProposalKind::Update
+                let leaf_index = match sender {
+                    ProposalSender::Member(leaf) => leaf,
+                    _ => u32::MAX,
+                };
+                Some((update.leaf_node(), leaf_index))
             }
-            _ => ProposalKind::Other,
+            _ => None,
         };
+        if let Some((leaf, leaf_index)) = leaf {
+            if !credential_matches_key(leaf) {
+                return Err(MlsValidationError::CredentialMismatch { leaf_index });
+            }
+        }
+        let kind = proposal_kind(queued.proposal());
         let proposal_ref = queued.proposal_reference_ref().as_slice().to_vec();
         if self.pending_proposal_refs()?.contains(&proposal_ref) {
             return Err(MlsValidationError::DuplicateProposal);
         }
+        let summary = ProposalSummary { proposal_ref, sender, kind };
+        check(self, &summary)?;
         self.group
             .add_proposal(&self.storage, *queued)
             .map_err(|e| MlsValidationError::Internal(boxed(e)))?;
-        Ok(ProposalSummary { proposal_ref, sender, kind })
+        Ok(summary)
+    }
+
+    /// The state as it is now, to return to with [`RoomGroupState::rollback`].
+    pub fn checkpoint(&self) -> Result<Checkpoint, ExportStateError> {
+        let values = self.storage.values.read().map_err(|_| ExportStateError::LockPoisoned)?;
+        Ok(Checkpoint { values: values.clone() })
+    }
+
+    /// Returns to the state of `checkpoint` (taken from this room).
+    pub fn rollback(&mut self, checkpoint: Checkpoint) -> Result<(), RoomStateError> {
+        let group_id = self.group.group_id().clone();
+        let storage = MemoryStorage { values: std::sync::RwLock::new(checkpoint.values) };
+        let group = PublicGroup::load(&storage, &group_id)
+            .map_err(|e| RoomStateError::Internal(boxed(e)))?
+            .ok_or(RoomStateError::MalformedSnapshot("no group state for the group id"))?;
+        *self = Self::assemble(group, storage, RustCrypto::default());
+        Ok(())
     }
 
     /// Issues, validates and stores a server Remove proposal for the member
@@ -817,6 +889,11 @@ impl RoomGroupState {
         .map_err(|e| IssueProposalError::Internal(boxed(e)))?
         .tls_serialize_detached()
         .map_err(|e| IssueProposalError::Internal(boxed(e)))
+    }
+
+    /// How many external senders the room lists.
+    pub fn external_sender_count(&self) -> usize {
+        self.group.group_context().extensions().external_senders().map_or(0, |senders| senders.len())
     }
 
     /// Position of `signature_key` among the room's external senders.

@@ -10,8 +10,14 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use kalandra_proto::SenderId;
 
-use crate::mls_state::{MemberRef, MlsValidationError, RoomGroupState, ServerSigner};
-use crate::sequencer::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
+use crate::mls_state::{
+    MemberRef, MlsValidationError, ProposalKind, ProposalSender, ProposalSummary, RoomGroupState,
+    ServerSigner, StagedRoomCommit,
+};
+use crate::sequencer::{
+    CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
+    RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
+};
 
 /// A room's public MLS state with a sender-id index.
 pub struct MlsRoomGroup {
@@ -34,6 +40,7 @@ fn group_error(error: MlsValidationError) -> GroupError {
             GroupError::UncoveredProposals { missing: missing.len() }
         }
         MlsValidationError::Internal(error) => GroupError::Internal(error.to_string()),
+        MlsValidationError::Forbidden(reason) => GroupError::Invalid(format!("forbidden: {reason}")),
         other => GroupError::Invalid(describe(&other)),
     }
 }
@@ -55,7 +62,113 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The sender id of the member at `leaf`.
+fn sender_at(state: &RoomGroupState, leaf: u32) -> Result<SenderId, MlsValidationError> {
+    state.member_at(leaf).and_then(|m| sender_of(&m.identity)).ok_or(MlsValidationError::UnknownSender)
+}
+
+/// The room's policy on one proposal by `proposer`.
+fn check_proposal(
+    state: &RoomGroupState,
+    policy: &RoomPolicy,
+    proposer: Proposer,
+    kind: &ProposalKind,
+) -> Result<(), PolicyError> {
+    match kind {
+        ProposalKind::Add { .. } => policy.may_add(proposer),
+        ProposalKind::Remove { leaf_index } => {
+            let target = state.member_at(*leaf_index).and_then(|m| sender_of(&m.identity));
+            match target {
+                Some(target) => policy.may_remove(proposer, target),
+                // MLS refuses removing an empty leaf; nothing to decide here.
+                None => Ok(()),
+            }
+        }
+        ProposalKind::Update => Ok(()),
+        ProposalKind::ExternalInit => match proposer {
+            Proposer::Joiner(_) => Ok(()),
+            _ => Err(PolicyError::ProposalType("ExternalInit outside an external commit")),
+        },
+        ProposalKind::GroupContextExtensions => Err(PolicyError::ProposalType("GroupContextExtensions")),
+        ProposalKind::Other(_) => Err(PolicyError::ProposalType("other than Add, Remove, Update")),
+    }
+}
+
 impl MlsRoomGroup {
+    /// Everything decided before the merge: committer, bans, policy on
+    /// every proposal, coverage of server proposals, Welcome recipients.
+    fn check_staged(&self, staged: &StagedRoomCommit, rules: &CommitRules<'_>) -> Result<(), GroupError> {
+        let signer = match staged.committer() {
+            Some(member) => sender_of(&member.identity),
+            None => sender_of(staged.joiner_identity()),
+        };
+        if signer != Some(rules.committer) {
+            return Err(GroupError::CommitterMismatch);
+        }
+        let committer = rules.committer;
+        if staged.is_external() && (rules.barred)(committer) {
+            return Err(GroupError::Banned { member: committer });
+        }
+        let added: Vec<Option<SenderId>> = staged.added_identities().map(sender_of).collect();
+        if let Some(member) = added.iter().flatten().copied().find(|member| (rules.barred)(*member)) {
+            return Err(GroupError::Banned { member });
+        }
+        for (sender, kind) in staged.proposals().iter().filter(|_| rules.policy.is_some()) {
+            let proposer = match sender {
+                ProposalSender::External(_) => Proposer::Server,
+                ProposalSender::NewMember => Proposer::Joiner(committer),
+                ProposalSender::Member(leaf) => {
+                    Proposer::Member(sender_at(&self.state, *leaf).map_err(group_error)?)
+                }
+            };
+            if let Some(policy) = rules.policy {
+                check_proposal(&self.state, policy, proposer, kind)?;
+            }
+        }
+        let required: Vec<&[u8]> = rules.must_cover.iter().map(|r| r.0.as_slice()).collect();
+        if !staged.covers_all(&required) {
+            let missing =
+                required.iter().filter(|r| !staged.covered_proposal_refs().iter().any(|c| c == *r)).count();
+            return Err(GroupError::UncoveredProposals { missing });
+        }
+        if let Some((_, recipients)) = rules.welcome {
+            let mut expected: Vec<SenderId> = added.iter().flatten().copied().collect();
+            let mut named = recipients.to_vec();
+            expected.sort_by_key(|s| s.0);
+            named.sort_by_key(|s| s.0);
+            let unique = named.windows(2).all(|pair| pair[0] != pair[1]);
+            if expected.is_empty() || !unique || named != expected || expected.len() != added.len() {
+                return Err(GroupError::WelcomeRecipients { added: added.len() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything decided on the merged state; returns the new ratchet tree
+    /// when the commit carries a Welcome.
+    fn check_merged(
+        &self,
+        summary: &crate::mls_state::CommitSummary,
+        rules: &CommitRules<'_>,
+    ) -> Result<Bytes, GroupError> {
+        if let Some(group_info) = rules.group_info {
+            let signer = self
+                .state
+                .validate_group_info(group_info)
+                .map_err(|e| GroupError::InvalidGroupInfo(describe(&e)))?;
+            if signer != summary.committer.leaf_index {
+                return Err(GroupError::InvalidGroupInfo("GroupInfo is not signed by the committer".into()));
+            }
+        }
+        let Some((welcome_bytes, _)) = rules.welcome else { return Ok(Bytes::new()) };
+        let tree = self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?;
+        let bytes = kalandra_proto::payload::Welcome::encoded_len(welcome_bytes, tree.len());
+        if bytes > WELCOME_PAYLOAD_BYTES_MAX {
+            return Err(GroupError::WelcomeTooLarge { bytes, max_bytes: WELCOME_PAYLOAD_BYTES_MAX });
+        }
+        Ok(Bytes::from(tree))
+    }
+
     fn from_state(state: RoomGroupState) -> MlsRoomGroup {
         let mut group = MlsRoomGroup { state, members: HashMap::new() };
         group.reindex();
@@ -107,34 +220,25 @@ impl GroupState for MlsRoomGroup {
         self.members.keys().copied().collect()
     }
 
-    fn apply_commit(
-        &mut self,
-        commit: &[u8],
-        committer: SenderId,
-        must_cover: &[ProposalRef],
-        barred: &dyn Fn(SenderId) -> bool,
-    ) -> Result<CommitSummary, GroupError> {
+    fn apply_commit(&mut self, commit: &[u8], rules: &CommitRules<'_>) -> Result<CommitSummary, GroupError> {
         let staged = self.state.stage_commit(commit).map_err(group_error)?;
-        let signer = match staged.committer() {
-            Some(member) => sender_of(&member.identity),
-            None => sender_of(staged.joiner_identity()),
+        self.check_staged(&staged, rules)?;
+        // Checks on the merged state (the Welcome's size with the new tree,
+        // the new GroupInfo) undo the merge when they fail.
+        let checkpoint = match rules.welcome.is_some() || rules.group_info.is_some() {
+            true => Some(self.state.checkpoint().map_err(|e| GroupError::Internal(e.to_string()))?),
+            false => None,
         };
-        if signer != Some(committer) {
-            return Err(GroupError::CommitterMismatch);
-        }
-        if staged.is_external() && barred(committer) {
-            return Err(GroupError::Banned { member: committer });
-        }
-        if let Some(member) = staged.added_identities().filter_map(sender_of).find(|member| barred(*member)) {
-            return Err(GroupError::Banned { member });
-        }
-        let required: Vec<&[u8]> = must_cover.iter().map(|r| r.0.as_slice()).collect();
-        if !staged.covers_all(&required) {
-            let missing =
-                required.iter().filter(|r| !staged.covered_proposal_refs().iter().any(|c| c == *r)).count();
-            return Err(GroupError::UncoveredProposals { missing });
-        }
         let summary = self.state.merge_staged_commit(staged).map_err(group_error)?;
+        let ratchet_tree = match self.check_merged(&summary, rules) {
+            Ok(tree) => tree,
+            Err(error) => {
+                if let Some(checkpoint) = checkpoint {
+                    self.state.rollback(checkpoint).map_err(|e| GroupError::Internal(describe(&e)))?;
+                }
+                return Err(error);
+            }
+        };
         for member in &summary.removed {
             self.remove_member(member);
         }
@@ -160,12 +264,43 @@ impl GroupState for MlsRoomGroup {
             .filter_map(|m| sender_of(&m.identity))
             .filter(|sender| !self.members.contains_key(sender))
             .collect();
-        Ok(CommitSummary { epoch: summary.epoch, added, removed })
+        Ok(CommitSummary { epoch: summary.epoch, added, removed, ratchet_tree })
     }
 
-    fn apply_proposal(&mut self, proposal: &[u8]) -> Result<ProposalRef, GroupError> {
-        let summary = self.state.add_proposal(proposal).map_err(group_error)?;
-        Ok(ProposalRef(summary.proposal_ref))
+    fn apply_proposal(
+        &mut self,
+        proposal: &[u8],
+        policy: Option<&RoomPolicy>,
+    ) -> Result<ProposalRef, GroupError> {
+        let refused = std::cell::Cell::new(None);
+        let check = |state: &RoomGroupState, summary: &ProposalSummary| {
+            let Some(policy) = policy else { return Ok(()) };
+            let proposer = match summary.sender {
+                ProposalSender::External(_) => Proposer::Server,
+                ProposalSender::Member(leaf) => Proposer::Member(sender_at(state, leaf)?),
+                ProposalSender::NewMember => return Err(MlsValidationError::UnknownSender),
+            };
+            check_proposal(state, policy, proposer, &summary.kind).map_err(|error| {
+                let reason = error.to_string();
+                refused.set(Some(error));
+                MlsValidationError::Forbidden(reason)
+            })
+        };
+        let result = self.state.add_proposal_checked(proposal, &check);
+        if let Some(error) = refused.take() {
+            return Err(GroupError::Forbidden(error));
+        }
+        Ok(ProposalRef(result.map_err(group_error)?.proposal_ref))
+    }
+
+    fn group_info_valid(&self, group_info: &[u8], signer: SenderId) -> bool {
+        self.state
+            .validate_group_info(group_info)
+            .is_ok_and(|leaf| self.state.member_at(leaf).and_then(|m| sender_of(&m.identity)) == Some(signer))
+    }
+
+    fn only_external_sender_is(&self, server_key: &[u8; 32]) -> bool {
+        self.state.external_sender_count() == 1 && self.state.external_sender_index(server_key) == Some(0)
     }
 
     fn ratchet_tree(&self) -> Bytes {

@@ -335,7 +335,11 @@ impl Member {
             RoomGroup::create(&self.provider, &self.identity, ROOM.0, &server_key, now_secs())
                 .expect("create the MLS group");
         self.group = Some(group);
-        let create = CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree };
+        let create = CreateRoom {
+            group_info: created.group_info,
+            ratchet_tree: created.ratchet_tree,
+            join_rule: None,
+        };
         decode_ok(&self.request(&create).await)
     }
 

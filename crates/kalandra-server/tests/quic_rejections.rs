@@ -407,7 +407,7 @@ fn create_payload(seed: u8, room: RoomId, server_key: &[u8; 32]) -> CreateRoom {
     let provider = MlsProvider::from_seed([seed; 32]);
     let identity = Identity::generate(&provider).unwrap();
     let (_, created) = RoomGroup::create(&provider, &identity, room.0, server_key, now_ms() / 1000).unwrap();
-    CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree }
+    CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree, join_rule: None }
 }
 
 /// Alice creates `ROOM` and adds Bob: the log holds `CreateRoom` at 0 and
@@ -513,6 +513,16 @@ async fn handshake_violations_are_refused_and_close_the_connection() {
     raw.send(&bad).await;
     raw.expect_refused_and_closed(ErrorCode::MalformedHeader, "bad magic in Hello").await;
 
+    // Before authentication nothing larger than a control frame is buffered:
+    // a header announcing a sequenced frame's size is refused at once.
+    let mut raw = Raw::connect(&server).await;
+    raw.send(&hello(alice.verifying_key().to_bytes(), vec![1])).await;
+    raw.challenge().await;
+    let payload = bytes::Bytes::from(vec![0; kalandra_proto::limits::CONTROL_PAYLOAD_BYTES_MAX as usize + 1]);
+    let big = Frame::new(FrameHeaderBuf::new(Opcode::Commit), payload).unwrap().to_bytes();
+    raw.send(&big[..kalandra_proto::limits::HEADER_BYTES]).await;
+    raw.expect_refused_and_closed(ErrorCode::PayloadTooLarge, "a large frame before authentication").await;
+
     // None of this stops a correct handshake.
     let mut conn = server.connect(&alice).await.expect("a correct handshake succeeds");
     assert_eq!(conn.sender_id(), alice_id);
@@ -524,6 +534,7 @@ async fn handshake_violations_are_refused_and_close_the_connection() {
         (ErrorCode::MalformedPayload, 1),
         (ErrorCode::AuthenticationFailed, 3),
         (ErrorCode::MalformedHeader, 1),
+        (ErrorCode::PayloadTooLarge, 1),
     ]);
     server.stop().await;
 }
@@ -1068,10 +1079,11 @@ async fn invalid_commits_and_proposals_are_refused_without_effect() {
     let relabelled = signed(&mut bob, ROOM, 1, &commit);
     refused(&mut bob, &relabelled, ErrorCode::InvalidCommit).await;
 
-    // A garbage external join from an outsider.
+    // A garbage external join from an outsider: the room is invite-only,
+    // so it is refused before its commit is even read.
     let mut carol = server.client("carol", CAROL).await;
     let join = ExternalJoin { commit: b"not an MLS message".to_vec(), group_info: None };
-    refused_with(&mut carol, ROOM, 1, &join, ErrorCode::InvalidCommit).await;
+    refused_with(&mut carol, ROOM, 1, &join, ErrorCode::Forbidden).await;
 
     // Alice's own frame (her header, her signature) forwarded over Bob's
     // connection: a sender mismatch, which closes Bob's connection.
@@ -1090,9 +1102,10 @@ async fn invalid_commits_and_proposals_are_refused_without_effect() {
     let ack: Ack = decode_ok(&reply);
     assert_eq!((ack.log_index, ack.epoch), (2, 2));
     server.assert_rejections(&[
-        (ErrorCode::InvalidCommit, 3),
+        (ErrorCode::InvalidCommit, 2),
         (ErrorCode::InvalidProposal, 1),
         (ErrorCode::SenderMismatch, 1),
+        (ErrorCode::Forbidden, 1),
     ]);
     server.stop().await;
 }
@@ -1125,14 +1138,17 @@ async fn existing_rooms_foreign_groups_and_missing_group_info_are_refused() {
     let reply = alice.request(&bare).await;
     alice.settle_commit(&reply);
     assert_eq!(decode_ok::<Ack>(&reply).log_index, 1);
+    let request = signed(&mut alice, ROOM, 0, &GroupInfoRequest {});
+    refused(&mut alice, &request, ErrorCode::InvalidGroupInfo).await;
+    // A stranger gets nothing of an invite-only room.
     let request = signed(&mut carol, ROOM, 0, &GroupInfoRequest {});
-    refused(&mut carol, &request, ErrorCode::InvalidGroupInfo).await;
+    refused(&mut carol, &request, ErrorCode::Forbidden).await;
 
-    // Once a commit publishes one, it is served.
+    // Once a commit publishes one, it is served (to members).
     let ack: Ack = decode_ok(&alice.self_update().await);
     assert_eq!((ack.log_index, ack.epoch), (2, 2));
-    let request = signed(&mut carol, ROOM, 0, &GroupInfoRequest {});
-    let info: GroupInfo = decode_ok(&carol.conn().request(&request).await.unwrap());
+    let request = signed(&mut alice, ROOM, 0, &GroupInfoRequest {});
+    let info: GroupInfo = decode_ok(&alice.conn().request(&request).await.unwrap());
     assert_eq!(info.epoch, 2);
     assert!(!info.group_info.is_empty() && !info.ratchet_tree.is_empty());
 
@@ -1140,6 +1156,7 @@ async fn existing_rooms_foreign_groups_and_missing_group_info_are_refused() {
         (ErrorCode::RoomExists, 2),
         (ErrorCode::NotMember, 1),
         (ErrorCode::InvalidGroupInfo, 1),
+        (ErrorCode::Forbidden, 1),
     ]);
     server.stop().await;
 }
@@ -1155,10 +1172,17 @@ async fn create_room_with_an_invalid_group_info_or_tree_is_invalid_group_info() 
     let mut alice = server.client("alice", ALICE).await;
     let valid = create_payload(ALICE, ROOM, &server.server_key);
 
-    let bad_group_info =
-        CreateRoom { group_info: b"not a GroupInfo".to_vec(), ratchet_tree: valid.ratchet_tree.clone() };
+    let bad_group_info = CreateRoom {
+        group_info: b"not a GroupInfo".to_vec(),
+        ratchet_tree: valid.ratchet_tree.clone(),
+        join_rule: None,
+    };
     refused_with(&mut alice, ROOM, 0, &bad_group_info, ErrorCode::InvalidGroupInfo).await;
-    let bad_tree = CreateRoom { group_info: valid.group_info.clone(), ratchet_tree: b"not a tree".to_vec() };
+    let bad_tree = CreateRoom {
+        group_info: valid.group_info.clone(),
+        ratchet_tree: b"not a tree".to_vec(),
+        join_rule: None,
+    };
     refused_with(&mut alice, ROOM, 0, &bad_tree, ErrorCode::InvalidGroupInfo).await;
 
     let sync = signed(&mut alice, ROOM, 0, &Sync { from_log_index: 0, count_max: 1 });

@@ -5,21 +5,29 @@
 mod common;
 
 use common::*;
-use kalandra_proto::payload::{Ack, Application, Commit};
+use kalandra_proto::payload::{Ack, Application, Commit, JoinRule};
 use kalandra_proto::{ErrorCode, Opcode, RoomId};
 use kalandra_server::connection::ConnectionLimits;
 
 const ROOM: RoomId = RoomId(*b"room-for-testing");
 
-/// Alice creates the room and adds Bob and Carol; all three subscribed.
+/// Alice creates the (invite-only) room and adds Bob and Carol; all three subscribed.
 async fn three_member_room(server: &TestServer) -> (TestClient, TestClient, TestClient) {
+    three_member_room_with(server, None).await
+}
+
+/// [`three_member_room`] with the join rule `join_rule`.
+async fn three_member_room_with(
+    server: &TestServer,
+    join_rule: Option<JoinRule>,
+) -> (TestClient, TestClient, TestClient) {
     let mut alice = TestClient::connect(server, "alice", 1).await;
     let mut bob = TestClient::connect(server, "bob", 2).await;
     let mut carol = TestClient::connect(server, "carol", 3).await;
     assert_eq!(bob.upload_key_packages(3).await.available, 3);
     assert_eq!(carol.upload_key_packages(3).await.available, 3);
 
-    let created = alice.create_room(ROOM).await;
+    let created = alice.create_room_with(ROOM, join_rule).await;
     assert_eq!(created.log_index, 0);
     alice.subscribe(1).await;
     assert_eq!(sync_done(&alice.next_of(Opcode::SyncDone).await).next_log_index, 1);
@@ -369,7 +377,8 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_welcome_waits_for_an_offline_recipient_and_external_joins_use_the_published_group_info() {
     let server = TestServer::start(default_limits()).await;
-    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+    // External joins by users who were not invited: only where the room's join rule is open.
+    let (mut alice, mut bob, mut carol) = three_member_room_with(&server, Some(JoinRule::Open)).await;
 
     // Dave uploads key packages and goes offline; Alice adds him.
     let mut dave = TestClient::connect(&server, "dave", 4).await;

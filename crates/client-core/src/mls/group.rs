@@ -572,6 +572,8 @@ impl RoomGroup {
                         return Err(ProcessError::Unsupported)
                     }
                 };
+                super::policy::check_proposal(queued.proposal())
+                    .map_err(|e| ProcessError::Invalid(boxed(e)))?;
                 let removes = match queued.proposal() {
                     Proposal::Remove(remove) => Some(remove.removed().u32()),
                     _ => None,
@@ -593,6 +595,9 @@ impl RoomGroup {
                 let before = CommitBefore::of(self, &staged, external);
                 let joiner_key =
                     staged.update_path_leaf_node().map(|leaf| leaf.signature_key().as_slice().to_vec());
+                let external_joiner = if external { joiner_key.as_deref().or(Some(&[][..])) } else { None };
+                super::policy::check_commit(&self.group, &staged, external_joiner)
+                    .map_err(|e| ProcessError::Invalid(boxed(e)))?;
                 self.group
                     .merge_staged_commit(provider, *staged)
                     .map_err(|e| ProcessError::Internal(boxed(e)))?;

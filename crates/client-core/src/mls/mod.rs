@@ -15,6 +15,7 @@ mod error;
 mod group;
 mod identity;
 mod key_package;
+mod policy;
 mod provider;
 
 pub use error::{
@@ -27,6 +28,7 @@ pub use group::{
 };
 pub use identity::{Identity, IDENTITY_SECRET_LEN};
 pub use key_package::{generate_key_packages, generate_last_resort_key_package, GeneratedKeyPackage};
+pub use policy::PolicyViolation;
 pub use provider::{MlsProvider, RandError, SeededCrypto, SEED_LEN};
 
 use openmls::prelude::{Capabilities, Ciphersuite, CredentialType, ExtensionType, Lifetime, ProtocolVersion};

@@ -54,10 +54,12 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
             .prop_map(|(from_log_index, count_max)| AnyPayload::Sync(Sync { from_log_index, count_max })),
         (any::<u64>(), any::<bool>())
             .prop_map(|(next_log_index, live)| AnyPayload::SyncDone(SyncDone { next_log_index, live })),
-        (blob(), blob()).prop_map(|(group_info, ratchet_tree)| AnyPayload::CreateRoom(CreateRoom {
-            group_info,
-            ratchet_tree
-        })),
+        (blob(), blob(), proptest::option::of(prop_oneof![Just(JoinRule::InviteOnly), Just(JoinRule::Open)]))
+            .prop_map(|(group_info, ratchet_tree, join_rule)| AnyPayload::CreateRoom(CreateRoom {
+                group_info,
+                ratchet_tree,
+                join_rule
+            })),
         (blob(), proptest::option::of((blob(), vec(any::<u64>(), 1..8))), proptest::option::of(blob()))
             .prop_map(|(commit, welcome, group_info)| {
                 let (welcome, welcome_recipients) = match welcome {

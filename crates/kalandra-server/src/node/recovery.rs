@@ -65,6 +65,7 @@ pub fn recover_room_state<G: PersistentGroup>(
     let create_frame = Frame::decode(create_bytes).map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let creator = create_frame.header().sender_id();
+    let policy = crate::moderation::RoomPolicy::new(creator, create.join_rule());
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
@@ -95,6 +96,7 @@ pub fn recover_room_state<G: PersistentGroup>(
         group_info,
         epoch_started_at_log_index,
         server_proposals,
+        policy,
     };
     let mut sequencer = RoomSequencer::recover(room_id, group, point);
     let moderation = store.room_moderation(room_id).map_err(|e| storage(&e))?;

@@ -141,7 +141,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
             RoomRequest::Unsubscribe { room_id } => self.handle_unsubscribe(peer.connection(), room_id),
             RoomRequest::GroupInfo { room_id, request_id } => {
-                self.handle_group_info(peer, room_id, request_id)
+                self.handle_group_info(peer, room_id, request_id, now_ms)
             }
         }
     }

@@ -460,7 +460,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         if rooms >= self.config.rooms_per_user_max {
             return Err(SubmitError::TooManyRooms { rooms });
         }
-        let (sequencer, sequenced) = RoomSequencer::create(room_id, group, peer.sender(), frame, now_ms)?;
+        let server_key = self.config.server_signer.public_key();
+        let (sequencer, sequenced) =
+            RoomSequencer::create(room_id, group, peer.sender(), frame, now_ms, &server_key)?;
         *memberships.entry(peer.sender()).or_insert(0) += 1;
         drop(memberships);
         self.rooms.insert(room_id, Room::new(sequencer, peer.sender(), now_ms));
@@ -614,13 +616,17 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     }
 
     /// Answer with the room's current GroupInfo and ratchet tree.
-    pub fn handle_group_info(&mut self, peer: &P, room_id: RoomId, request_id: u32) {
+    pub fn handle_group_info(&mut self, peer: &P, room_id: RoomId, request_id: u32, now_ms: u64) {
         let Some(room) = self.rooms.get(&room_id) else {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        match room.sequencer.group_info() {
-            Some((epoch, group_info)) if *epoch == room.sequencer.epoch() => {
+        match room.sequencer.group_info_for(peer.sender(), now_ms) {
+            Err(error) => {
+                let (code, message) = (error.error_code(), error.to_string());
+                self.refuse(peer, room_id, request_id, code, &message)
+            }
+            Ok(Some((epoch, group_info))) => {
                 let payload = payload::GroupInfo {
                     epoch: *epoch,
                     group_info: group_info.to_vec(),

@@ -1,7 +1,9 @@
 //! What the sequencer needs from a room's MLS state.
 
 use bytes::Bytes;
-use kalandra_proto::SenderId;
+use kalandra_proto::{Opcode, SenderId};
+
+pub use crate::moderation::{PolicyError, Proposer, RoomPolicy};
 
 /// A reference to a proposal (the MLS `ProposalRef` bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -16,7 +18,49 @@ pub struct CommitSummary {
     pub added: Vec<SenderId>,
     /// Members the commit removed.
     pub removed: Vec<SenderId>,
+    /// The ratchet tree of the new epoch, when the commit carried a Welcome
+    /// (empty otherwise).
+    pub ratchet_tree: Bytes,
 }
+
+/// What a commit must satisfy besides the MLS rules.
+pub struct CommitRules<'a> {
+    /// The authenticated sender, who must be the committer.
+    pub committer: SenderId,
+    /// Proposals the commit must cover (server-issued ones).
+    pub must_cover: &'a [ProposalRef],
+    /// Users who may not be added (nor join by external commit).
+    pub barred: &'a dyn Fn(SenderId) -> bool,
+    /// The room's policy, checked on every proposal the commit applies
+    /// (`None` on replay: a stored commit was accepted under the rules of
+    /// its time and is not judged again).
+    pub policy: Option<&'a RoomPolicy>,
+    /// The Welcome the commit carries: its length and its recipients, who
+    /// must be exactly the members it adds, once each; the Welcome with the
+    /// new ratchet tree must fit [`WELCOME_PAYLOAD_BYTES_MAX`].
+    pub welcome: Option<(usize, &'a [SenderId])>,
+    /// The GroupInfo the commit publishes, which must be the new epoch's,
+    /// signed by the committer.
+    pub group_info: Option<&'a [u8]>,
+}
+
+impl CommitRules<'_> {
+    /// Rules for replaying a stored commit: it was accepted under the rules
+    /// of its time, so only what the state needs is checked again.
+    pub fn replay(committer: SenderId, must_cover: &[ProposalRef]) -> CommitRules<'_> {
+        CommitRules {
+            committer,
+            must_cover,
+            barred: &|_| false,
+            policy: None,
+            welcome: None,
+            group_info: None,
+        }
+    }
+}
+
+/// The largest `Welcome` payload (client Welcome plus the server's ratchet tree).
+pub const WELCOME_PAYLOAD_BYTES_MAX: usize = Opcode::Welcome.payload_bytes_max() as usize;
 
 /// Why the MLS state refused a commit or proposal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +85,26 @@ pub enum GroupError {
         /// The banned user's sender id.
         member: SenderId,
     },
+    /// The room's policy forbids a proposal of the commit (or the proposal).
+    #[error("forbidden: {0}")]
+    Forbidden(#[from] PolicyError),
+    /// The Welcome with the new ratchet tree would not fit a Welcome frame.
+    #[error("the Welcome with the ratchet tree would be {bytes} bytes, the limit is {max_bytes}")]
+    WelcomeTooLarge {
+        /// Encoded size of the Welcome payload.
+        bytes: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
+    /// The Welcome's recipients are not exactly the members the commit adds.
+    #[error("welcome_recipients must be exactly the {added} members the commit adds, once each")]
+    WelcomeRecipients {
+        /// How many members the commit adds.
+        added: usize,
+    },
+    /// The GroupInfo is not the new epoch's, signed by the committer.
+    #[error("invalid GroupInfo: {0}")]
+    InvalidGroupInfo(String),
     /// The commit leaves server-issued proposals uncovered.
     #[error("commit leaves {missing} server-issued proposals uncovered")]
     UncoveredProposals {
@@ -63,20 +127,22 @@ pub trait GroupState {
     fn is_member(&self, sender: SenderId) -> bool;
     /// Every member's sender id.
     fn members(&self) -> Vec<SenderId>;
-    /// Validates and merges a commit (MLSMessage bytes, PublicMessage) made
-    /// by `committer`, which must cover every proposal in `must_cover` and
-    /// must not add (or, as an external commit, be made by) anyone for whom
-    /// `barred` is true. External commits (a joiner's) go through here too.
-    fn apply_commit(
-        &mut self,
-        commit: &[u8],
-        committer: SenderId,
-        must_cover: &[ProposalRef],
-        barred: &dyn Fn(SenderId) -> bool,
-    ) -> Result<CommitSummary, GroupError>;
+    /// Validates and merges a commit (MLSMessage bytes, PublicMessage) under
+    /// `rules` (see [`CommitRules`]); on any refusal the state is as before.
+    /// External commits (a joiner's) go through here too.
+    fn apply_commit(&mut self, commit: &[u8], rules: &CommitRules<'_>) -> Result<CommitSummary, GroupError>;
     /// Validates and stores a proposal (MLSMessage bytes, PublicMessage) for
-    /// a later commit to reference; returns its reference.
-    fn apply_proposal(&mut self, proposal: &[u8]) -> Result<ProposalRef, GroupError>;
+    /// a later commit to reference, after checking it against `policy`
+    /// (`None` on replay); returns its reference.
+    fn apply_proposal(
+        &mut self,
+        proposal: &[u8],
+        policy: Option<&RoomPolicy>,
+    ) -> Result<ProposalRef, GroupError>;
+    /// Whether `group_info` is the current epoch's GroupInfo, signed by `signer`.
+    fn group_info_valid(&self, group_info: &[u8], signer: SenderId) -> bool;
+    /// Whether exactly `server_key` is the room's external sender.
+    fn only_external_sender_is(&self, server_key: &[u8; 32]) -> bool;
     /// The current ratchet tree (TLS encoding), for Welcome recipients and joiners.
     fn ratchet_tree(&self) -> Bytes;
 }

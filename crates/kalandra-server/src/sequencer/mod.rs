@@ -20,7 +20,10 @@ use bytes::Bytes;
 use kalandra_proto::payload::{Commit, CreateRoom, ExternalJoin, Proposal};
 use kalandra_proto::{ErrorCode, Frame, Opcode, PayloadError, RoomId, SenderId};
 
-pub use group::{CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef};
+pub use group::{
+    CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
+    RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
+};
 
 /// Sender id the server uses for frames it originates (server-issued proposals).
 pub const SERVER_SENDER_ID: SenderId = SenderId(0);
@@ -121,6 +124,14 @@ pub enum SubmitError {
     /// Internal: the room's state is being rebuilt after a storage failure.
     #[error("room is recovering from a storage failure")]
     Recovering,
+    /// The room's policy refuses the request (an external join to an
+    /// invite-only room, a GroupInfo read by a non-member).
+    #[error("forbidden: {0}")]
+    Forbidden(PolicyError),
+    /// The room must list exactly the server's key as its external sender
+    /// (so that kicks and bans work).
+    #[error("the room's external senders must be exactly the server's key")]
+    ExternalSenders,
 }
 
 impl SubmitError {
@@ -136,6 +147,13 @@ impl SubmitError {
             SubmitError::InvalidCommit(GroupError::WrongEpoch { .. }) => ErrorCode::WrongEpoch,
             SubmitError::InvalidCommit(GroupError::Banned { .. }) | SubmitError::Banned(_) => {
                 ErrorCode::Banned
+            }
+            SubmitError::InvalidCommit(GroupError::Forbidden(_))
+            | SubmitError::InvalidProposal(GroupError::Forbidden(_))
+            | SubmitError::Forbidden(_) => ErrorCode::Forbidden,
+            SubmitError::InvalidCommit(GroupError::WelcomeTooLarge { .. }) => ErrorCode::WelcomeTooLarge,
+            SubmitError::InvalidCommit(GroupError::InvalidGroupInfo(_)) | SubmitError::ExternalSenders => {
+                ErrorCode::InvalidGroupInfo
             }
             SubmitError::InvalidCommit(_) => ErrorCode::InvalidCommit,
             SubmitError::InvalidProposal(_) => ErrorCode::InvalidProposal,
@@ -195,6 +213,8 @@ pub struct RecoveryPoint {
     /// Server-issued proposals pending at that point (the next commit must
     /// cover them), with where and when the first of them was sequenced.
     pub server_proposals: PendingServerProposals,
+    /// The room's policy (from its `CreateRoom` frame).
+    pub policy: RoomPolicy,
 }
 
 /// Server-issued proposals that the next commit must cover.
@@ -316,17 +336,20 @@ pub struct RoomSequencer<G: GroupState> {
     durable_through: Option<u64>,
     recovering: bool,
     group_info: Option<(u64, Bytes)>,
+    policy: RoomPolicy,
 }
 
 impl<G: GroupState> RoomSequencer<G> {
     /// A new room whose epoch-0 state is `group`, created by `creator` with
-    /// the `CreateRoom` frame `frame`, which becomes log index 0.
+    /// the `CreateRoom` frame `frame`, which becomes log index 0. The room
+    /// must list exactly `server_key` as its external sender.
     pub fn create(
         room_id: RoomId,
         group: G,
         creator: SenderId,
         mut frame: Frame,
         now_ms: u64,
+        server_key: &[u8; 32],
     ) -> Result<(RoomSequencer<G>, Sequenced), SubmitError> {
         check_sender(&frame, creator)?;
         if frame.opcode() != Opcode::CreateRoom {
@@ -335,7 +358,11 @@ impl<G: GroupState> RoomSequencer<G> {
         if !group.is_member(creator) {
             return Err(SubmitError::NotMember(creator));
         }
+        if !group.only_external_sender_is(server_key) {
+            return Err(SubmitError::ExternalSenders);
+        }
         let create: CreateRoom = frame.decode_payload()?;
+        let policy = RoomPolicy::new(creator, create.join_rule());
         let mut room = RoomSequencer {
             room_id,
             next_log_index: 0,
@@ -349,6 +376,7 @@ impl<G: GroupState> RoomSequencer<G> {
             durable_through: None,
             recovering: false,
             group_info: Some((group.epoch(), Bytes::from(create.group_info))),
+            policy,
             group,
         };
         let epoch = room.group.epoch();
@@ -385,6 +413,7 @@ impl<G: GroupState> RoomSequencer<G> {
             durable_through: Some(point.through_log_index),
             recovering: false,
             group_info: Some(point.group_info),
+            policy: point.policy,
             group,
         }
     }
@@ -406,34 +435,21 @@ impl<G: GroupState> RoomSequencer<G> {
         match frame.opcode() {
             Opcode::Commit => {
                 let payload: Commit = frame.decode_payload().map_err(malformed)?;
-                let summary = self
-                    .group
-                    .apply_commit(
-                        &payload.commit,
-                        header.sender_id(),
-                        &self.server_proposals_pending,
-                        &|_| false,
-                    )
-                    .map_err(does_not_apply)?;
+                let rules = CommitRules::replay(header.sender_id(), &self.server_proposals_pending);
+                let summary = self.group.apply_commit(&payload.commit, &rules).map_err(does_not_apply)?;
                 self.begin_epoch(log_index);
-                if let Some(group_info) = payload.group_info {
-                    self.group_info = Some((summary.epoch, Bytes::from(group_info)));
-                }
+                self.replayed_group_info(summary.epoch, header.sender_id(), payload.group_info);
             }
             Opcode::ExternalJoin => {
                 let payload: ExternalJoin = frame.decode_payload().map_err(malformed)?;
-                let summary = self
-                    .group
-                    .apply_commit(&payload.commit, header.sender_id(), &[], &|_| false)
-                    .map_err(does_not_apply)?;
+                let rules = CommitRules::replay(header.sender_id(), &[]);
+                let summary = self.group.apply_commit(&payload.commit, &rules).map_err(does_not_apply)?;
                 self.begin_epoch(log_index);
-                if let Some(group_info) = payload.group_info {
-                    self.group_info = Some((summary.epoch, Bytes::from(group_info)));
-                }
+                self.replayed_group_info(summary.epoch, header.sender_id(), payload.group_info);
             }
             Opcode::Proposal => {
                 let payload: Proposal = frame.decode_payload().map_err(malformed)?;
-                let reference = self.group.apply_proposal(&payload.proposal).map_err(does_not_apply)?;
+                let reference = self.group.apply_proposal(&payload.proposal, None).map_err(does_not_apply)?;
                 if header.sender_id() == SERVER_SENDER_ID {
                     self.note_server_proposal(reference, log_index, header.server_timestamp_ms());
                 }
@@ -453,6 +469,38 @@ impl<G: GroupState> RoomSequencer<G> {
         let commit = entry.commit.as_ref()?;
         let (welcome, recipients) = commit.welcome.as_ref()?;
         Some((recipients.as_slice(), welcome, &commit.ratchet_tree))
+    }
+
+    /// A replayed commit's GroupInfo is kept only if it is the epoch's,
+    /// signed by the committer (logs written before this check may hold
+    /// others; they are then not served, and the next commit publishes one).
+    fn replayed_group_info(&mut self, epoch: u64, committer: SenderId, group_info: Option<Vec<u8>>) {
+        self.group_info = group_info
+            .filter(|group_info| self.group.group_info_valid(group_info, committer))
+            .map(|group_info| (epoch, Bytes::from(group_info)));
+    }
+
+    /// The room's policy.
+    pub fn policy(&self) -> &RoomPolicy {
+        &self.policy
+    }
+
+    /// The GroupInfo for `reader` to join or rejoin by external commit,
+    /// with its epoch, if one is published for the current epoch: members
+    /// and, in an open room, users who are not banned may read it.
+    pub fn group_info_for(
+        &self,
+        reader: SenderId,
+        now_ms: u64,
+    ) -> Result<Option<&(u64, Bytes)>, SubmitError> {
+        let banned = self.is_banned(reader, now_ms);
+        if !self.policy.may_read_group_info(self.group.is_member(reader), banned) {
+            if banned {
+                return Err(SubmitError::Banned(reader));
+            }
+            return Err(SubmitError::Forbidden(PolicyError::InviteOnly));
+        }
+        Ok(self.group_info.as_ref().filter(|(epoch, _)| *epoch == self.group.epoch()))
     }
 
     /// The room's id.
@@ -598,29 +646,39 @@ impl<G: GroupState> RoomSequencer<G> {
                 self.check_member(sender)?;
                 self.check_epoch(&frame)?;
                 let payload: Proposal = frame.decode_payload()?;
-                self.group.apply_proposal(&payload.proposal).map_err(SubmitError::InvalidProposal)?;
+                self.group
+                    .apply_proposal(&payload.proposal, Some(&self.policy))
+                    .map_err(SubmitError::InvalidProposal)?;
             }
             Opcode::Commit => {
                 self.check_member(sender)?;
                 self.check_epoch(&frame)?;
                 let payload: Commit = frame.decode_payload()?;
+                let recipients: Vec<SenderId> =
+                    payload.welcome_recipients.iter().copied().map(SenderId).collect();
                 let bans = &self.bans;
+                let rules = CommitRules {
+                    committer: sender,
+                    must_cover: &self.server_proposals_pending,
+                    barred: &|user| banned(bans, user, now_ms),
+                    policy: Some(&self.policy),
+                    welcome: payload.welcome.as_ref().map(|welcome| (welcome.len(), recipients.as_slice())),
+                    group_info: payload.group_info.as_deref(),
+                };
                 let summary = self
                     .group
-                    .apply_commit(&payload.commit, sender, &self.server_proposals_pending, &|user| {
-                        banned(bans, user, now_ms)
-                    })
+                    .apply_commit(&payload.commit, &rules)
                     .map_err(|error| self.commit_error(error))?;
-                let welcome = payload.welcome.map(|welcome| {
-                    let recipients = payload.welcome_recipients.iter().copied().map(SenderId).collect();
-                    (Bytes::from(welcome), recipients)
-                });
+                let welcome = payload.welcome.map(|welcome| (Bytes::from(welcome), recipients));
                 commit_follow_up = Some(self.after_commit(summary, welcome, payload.group_info));
             }
             Opcode::ExternalJoin => {
                 if self.is_banned(sender, now_ms) {
                     return Err(SubmitError::Banned(sender));
                 }
+                self.policy
+                    .may_join_externally(self.group.is_member(sender))
+                    .map_err(SubmitError::Forbidden)?;
                 self.check_epoch(&frame)?;
                 if !self.server_proposals_pending.is_empty() {
                     return Err(SubmitError::PendingProposals {
@@ -629,9 +687,17 @@ impl<G: GroupState> RoomSequencer<G> {
                 }
                 let payload: ExternalJoin = frame.decode_payload()?;
                 let bans = &self.bans;
+                let rules = CommitRules {
+                    committer: sender,
+                    must_cover: &[],
+                    barred: &|user| banned(bans, user, now_ms),
+                    policy: Some(&self.policy),
+                    welcome: None,
+                    group_info: payload.group_info.as_deref(),
+                };
                 let summary = self
                     .group
-                    .apply_commit(&payload.commit, sender, &[], &|user| banned(bans, user, now_ms))
+                    .apply_commit(&payload.commit, &rules)
                     .map_err(|error| self.commit_error(error))?;
                 commit_follow_up = Some(self.after_commit(summary, None, payload.group_info));
             }
@@ -674,7 +740,10 @@ impl<G: GroupState> RoomSequencer<G> {
             return Err(SubmitError::Overloaded { in_flight: self.in_flight.len() });
         }
         let payload: Proposal = frame.decode_payload()?;
-        let reference = self.group.apply_proposal(&payload.proposal).map_err(SubmitError::InvalidProposal)?;
+        let reference = self
+            .group
+            .apply_proposal(&payload.proposal, Some(&self.policy))
+            .map_err(SubmitError::InvalidProposal)?;
         let log_index = self.stamp(&mut frame, now_ms);
         self.note_server_proposal(reference, log_index, frame.header().server_timestamp_ms());
         self.in_flight.push_back(InFlight {
@@ -800,7 +869,7 @@ impl<G: GroupState> RoomSequencer<G> {
         if let Some(group_info) = group_info {
             self.group_info = Some((summary.epoch, Bytes::from(group_info)));
         }
-        let ratchet_tree = if welcome.is_some() { self.group.ratchet_tree() } else { Bytes::new() };
+        let ratchet_tree = summary.ratchet_tree.clone();
         Box::new(CommitFollowUp { summary, welcome, ratchet_tree })
     }
 

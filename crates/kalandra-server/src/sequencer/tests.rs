@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use kalandra_proto::payload::{Application, Commit, CreateRoom, ExternalJoin, Proposal};
+use kalandra_proto::payload::{Application, Commit, CreateRoom, ExternalJoin, JoinRule, Proposal};
 use kalandra_proto::{ErrorCode, FrameHeaderBuf, Payload};
 
 use super::*;
@@ -18,6 +18,7 @@ struct TestGroup {
     epoch: u64,
     members: HashSet<SenderId>,
     proposals: Vec<ProposalRef>,
+    external_sender_ok: bool,
 }
 
 impl TestGroup {
@@ -26,6 +27,7 @@ impl TestGroup {
             epoch: 0,
             members: members.iter().copied().map(SenderId).collect(),
             proposals: Vec::new(),
+            external_sender_ok: true,
         }
     }
 }
@@ -40,13 +42,8 @@ impl GroupState for TestGroup {
     fn members(&self) -> Vec<SenderId> {
         self.members.iter().copied().collect()
     }
-    fn apply_commit(
-        &mut self,
-        commit: &[u8],
-        _committer: SenderId,
-        must_cover: &[ProposalRef],
-        barred: &dyn Fn(SenderId) -> bool,
-    ) -> Result<CommitSummary, GroupError> {
+    fn apply_commit(&mut self, commit: &[u8], rules: &CommitRules<'_>) -> Result<CommitSummary, GroupError> {
+        let (must_cover, barred) = (rules.must_cover, rules.barred);
         if commit.len() < 10 || commit[0] != b'C' || !(commit.len() - 10).is_multiple_of(8) {
             return Err(GroupError::Invalid("not a test commit".into()));
         }
@@ -65,9 +62,10 @@ impl GroupState for TestGroup {
         self.members.extend(added.iter().copied());
         self.epoch += 1;
         self.proposals.clear();
-        Ok(CommitSummary { epoch: self.epoch, added, removed: Vec::new() })
+        let ratchet_tree = if rules.welcome.is_some() { Bytes::from_static(b"tree") } else { Bytes::new() };
+        Ok(CommitSummary { epoch: self.epoch, added, removed: Vec::new(), ratchet_tree })
     }
-    fn apply_proposal(&mut self, proposal: &[u8]) -> Result<ProposalRef, GroupError> {
+    fn apply_proposal(&mut self, proposal: &[u8], _: Option<&RoomPolicy>) -> Result<ProposalRef, GroupError> {
         match proposal {
             [b'P', id] => {
                 let reference = ProposalRef(vec![*id]);
@@ -76,6 +74,12 @@ impl GroupState for TestGroup {
             }
             _ => Err(GroupError::Invalid("not a test proposal".into())),
         }
+    }
+    fn group_info_valid(&self, group_info: &[u8], _signer: SenderId) -> bool {
+        group_info.starts_with(b"group-info-")
+    }
+    fn only_external_sender_is(&self, _server_key: &[u8; 32]) -> bool {
+        self.external_sender_ok
     }
     fn ratchet_tree(&self) -> Bytes {
         Bytes::from_static(b"tree")
@@ -126,8 +130,13 @@ fn proposal(sender: SenderId, epoch: u64, id: u8) -> Frame {
         .unwrap()
 }
 
+/// An open room: the tests below join it by external commit.
 fn create_frame() -> Frame {
-    let payload = CreateRoom { group_info: b"gi".to_vec(), ratchet_tree: b"tree".to_vec() };
+    create_frame_with(Some(JoinRule::Open))
+}
+
+fn create_frame_with(join_rule: Option<JoinRule>) -> Frame {
+    let payload = CreateRoom { group_info: b"gi".to_vec(), ratchet_tree: b"tree".to_vec(), join_rule };
     Frame::with_payload(header(Opcode::CreateRoom, ALICE, 0, 1), &payload).unwrap()
 }
 
@@ -138,12 +147,14 @@ fn recovery_point(last_timestamp_ms: u64) -> RecoveryPoint {
         group_info: (0, Bytes::from_static(b"gi")),
         epoch_started_at_log_index: 0,
         server_proposals: PendingServerProposals::default(),
+        policy: RoomPolicy::new(ALICE, JoinRule::Open),
     }
 }
 
 fn new_room(members: &[u64]) -> RoomSequencer<TestGroup> {
     let (mut room, sequenced) =
-        RoomSequencer::create(ROOM, TestGroup::with_members(members), ALICE, create_frame(), 1_000).unwrap();
+        RoomSequencer::create(ROOM, TestGroup::with_members(members), ALICE, create_frame(), 1_000, &[0; 32])
+            .unwrap();
     assert_eq!(sequenced.log_index, 0);
     let mut effects = Vec::new();
     room.durable(0, &mut effects);
@@ -426,9 +437,10 @@ fn replaying_the_log_rebuilds_the_same_state() {
 
 #[test]
 fn creating_a_room_requires_the_creator_to_be_a_member() {
-    let result = RoomSequencer::create(ROOM, TestGroup::with_members(&[2]), ALICE, create_frame(), 0);
+    let result =
+        RoomSequencer::create(ROOM, TestGroup::with_members(&[2]), ALICE, create_frame(), 0, &[0; 32]);
     assert_eq!(result.err(), Some(SubmitError::NotMember(ALICE)));
-    let result = RoomSequencer::create(ROOM, TestGroup::with_members(&[1]), BOB, create_frame(), 0);
+    let result = RoomSequencer::create(ROOM, TestGroup::with_members(&[1]), BOB, create_frame(), 0, &[0; 32]);
     assert!(matches!(result.err(), Some(SubmitError::SenderMismatch { .. })));
 }
 
@@ -525,6 +537,7 @@ fn a_recovery_point_carries_pending_server_proposals() {
         group_info: (0, Bytes::from_static(b"gi")),
         epoch_started_at_log_index: 0,
         server_proposals: pending.clone(),
+        policy: RoomPolicy::new(ALICE, JoinRule::Open),
     };
     let mut rebuilt = RoomSequencer::recover(ROOM, group, point);
     assert_eq!(rebuilt.pending_server_proposals(), pending);
@@ -538,4 +551,39 @@ fn a_recovery_point_carries_pending_server_proposals() {
         Err(SubmitError::InvalidCommit(GroupError::UncoveredProposals { missing: 1 }))
     ));
     rebuilt.submit(BOB, commit(BOB, 0, true, &[], 3), T0 + 11).unwrap();
+}
+
+#[test]
+fn an_invite_only_room_refuses_external_joins_and_its_group_info_to_strangers() {
+    let (mut room, _) = RoomSequencer::create(
+        ROOM,
+        TestGroup::with_members(&[1, 2]),
+        ALICE,
+        create_frame_with(None),
+        1_000,
+        &[0; 32],
+    )
+    .unwrap();
+    room.durable(0, &mut Vec::new());
+    let join = Frame::with_payload(
+        header(Opcode::ExternalJoin, SenderId(77), 0, 3),
+        &ExternalJoin { commit: test_commit(0, false, &[77]), group_info: None },
+    )
+    .unwrap();
+    let refused = room.submit(SenderId(77), join, 2_000).unwrap_err();
+    assert_eq!(refused, SubmitError::Forbidden(PolicyError::InviteOnly));
+    assert_eq!(refused.error_code(), ErrorCode::Forbidden);
+    assert_eq!(room.next_log_index(), 1, "nothing sequenced");
+    assert!(matches!(room.group_info_for(SenderId(77), 2_000), Err(SubmitError::Forbidden(_))));
+    assert!(room.group_info_for(BOB, 2_000).unwrap().is_some(), "members read it");
+    room.ban(BOB, None).unwrap();
+    assert_eq!(room.group_info_for(BOB, 2_000), Err(SubmitError::Banned(BOB)));
+}
+
+#[test]
+fn a_room_must_list_exactly_the_server_key_as_external_sender() {
+    let mut wrong = TestGroup::with_members(&[1]);
+    wrong.external_sender_ok = false;
+    let result = RoomSequencer::create(ROOM, wrong, ALICE, create_frame(), 0, &[0; 32]);
+    assert!(matches!(result, Err(SubmitError::ExternalSenders)));
 }

@@ -12,8 +12,8 @@ use client_core::mls::{
 };
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{
-    Ack, Application, Commit, CreateRoom, Error, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus,
-    KeyPackageUpload, Subscribe, SyncDone, Welcome,
+    Ack, Application, Commit, CreateRoom, Error, JoinRule, KeyPackageClaim, KeyPackageClaimed,
+    KeyPackageStatus, KeyPackageUpload, Subscribe, SyncDone, Welcome,
 };
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
@@ -259,13 +259,22 @@ impl TestClient {
     }
 
     pub async fn create_room(&mut self, room: RoomId) -> Ack {
+        self.create_room_with(room, None).await
+    }
+
+    /// Creates `room` with the join rule `join_rule` (absent: invite-only).
+    pub async fn create_room_with(&mut self, room: RoomId, join_rule: Option<JoinRule>) -> Ack {
         self.room = room;
         let server_key = self.conn().server_key();
         let (group, created) =
             RoomGroup::create(&self.provider, &self.identity, room.0, &server_key, now_ms() / 1000).unwrap();
         self.group = Some(group);
         let reply = self
-            .request(&CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree })
+            .request(&CreateRoom {
+                group_info: created.group_info,
+                ratchet_tree: created.ratchet_tree,
+                join_rule,
+            })
             .await;
         decode_ok(&reply)
     }

@@ -1,0 +1,109 @@
+//! The room-policy checks a member applies to a sequenced handshake before
+//! merging it, the same the server applies before sequencing it (see
+//! `docs/SECURITY.md`): a member does not rely on the server alone.
+//!
+//! Checked here, with no knowledge beyond the group: every leaf a commit or
+//! proposal introduces carries a BasicCredential whose identity is its
+//! Ed25519 signature key; an external commit removes at most the joiner's
+//! own earlier leaf; no proposal type Kalandra rooms refuse
+//! (`GroupContextExtensions`, `PreSharedKey`, `ReInit`, custom types).
+
+use openmls::group::{MlsGroup, StagedCommit};
+use openmls::prelude::{BasicCredential, LeafNode, Proposal};
+
+/// Why a member refuses a sequenced commit or proposal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyViolation {
+    /// A leaf's credential identity is not its signature key.
+    #[error("a leaf's credential identity is not its signature key")]
+    CredentialMismatch,
+    /// An external commit removes a leaf that is not the joiner's own.
+    #[error("an external commit removes another member's leaf")]
+    JoinerRemovesOther,
+    /// A proposal type Kalandra rooms do not allow.
+    #[error("proposal type not allowed in Kalandra rooms")]
+    ProposalType,
+}
+
+/// Kalandra's credential policy: a BasicCredential whose identity is the
+/// leaf's Ed25519 signature key.
+pub(crate) fn credential_matches_key(leaf: &LeafNode) -> bool {
+    BasicCredential::try_from(leaf.credential().clone())
+        .is_ok_and(|basic| basic.identity() == leaf.signature_key().as_slice())
+}
+
+/// The checks on one proposal's content.
+pub(crate) fn check_proposal(proposal: &Proposal) -> Result<(), PolicyViolation> {
+    match proposal {
+        Proposal::Add(add) if !credential_matches_key(add.key_package().leaf_node()) => {
+            Err(PolicyViolation::CredentialMismatch)
+        }
+        Proposal::Update(update) if !credential_matches_key(update.leaf_node()) => {
+            Err(PolicyViolation::CredentialMismatch)
+        }
+        Proposal::Add(_) | Proposal::Update(_) | Proposal::Remove(_) | Proposal::ExternalInit(_) => Ok(()),
+        _ => Err(PolicyViolation::ProposalType),
+    }
+}
+
+/// The checks on a staged commit, before it is merged into `group`;
+/// `joiner_key` is the signature key of an external commit's joiner.
+pub(crate) fn check_commit(
+    group: &MlsGroup,
+    staged: &StagedCommit,
+    joiner_key: Option<&[u8]>,
+) -> Result<(), PolicyViolation> {
+    if let Some(leaf) = staged.update_path_leaf_node() {
+        if !credential_matches_key(leaf) {
+            return Err(PolicyViolation::CredentialMismatch);
+        }
+    }
+    for queued in staged.queued_proposals() {
+        check_proposal(queued.proposal())?;
+    }
+    if let Some(joiner_key) = joiner_key {
+        for remove in staged.remove_proposals() {
+            let removed = group.member_at(remove.remove_proposal().removed());
+            // The credential identity is the signature key, so comparing keys
+            // compares identities.
+            if removed.is_none_or(|member| member.signature_key.as_slice() != joiner_key) {
+                return Err(PolicyViolation::JoinerRemovesOther);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use openmls::prelude::{CredentialWithKey, KeyPackage};
+
+    use super::*;
+    use crate::mls::{leaf_capabilities, Identity, MlsProvider, CIPHERSUITE};
+
+    /// Whether the leaf of a key package built with `credential_with_key` passes.
+    fn leaf_passes(
+        provider: &MlsProvider,
+        identity: &Identity,
+        credential_with_key: CredentialWithKey,
+    ) -> bool {
+        let bundle = KeyPackage::builder()
+            .leaf_node_capabilities(leaf_capabilities())
+            .build(CIPHERSUITE, provider, identity.signer(), credential_with_key)
+            .unwrap();
+        credential_matches_key(bundle.key_package().leaf_node())
+    }
+
+    #[test]
+    fn adds_whose_identity_is_not_their_key_and_foreign_proposal_types_are_refused() {
+        let provider = MlsProvider::from_seed([9; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        assert!(leaf_passes(&provider, &identity, identity.credential_with_key()));
+        let impostor = CredentialWithKey {
+            credential: BasicCredential::new(vec![1; 32]).into(),
+            signature_key: identity.credential_with_key().signature_key,
+        };
+        assert!(!leaf_passes(&provider, &identity, impostor), "identity is not the signature key");
+        assert_eq!(check_proposal(&Proposal::SelfRemove), Err(PolicyViolation::ProposalType));
+    }
+}

@@ -1,0 +1,289 @@
+//! Hostile participants over real QUIC: each attack is refused with a typed
+//! error before it is sequenced, and the room, and another room on the same
+//! shard, keep working. See `docs/SECURITY.md`.
+
+mod common;
+
+use common::*;
+use kalandra_proto::limits::PAYLOAD_BYTES_MAX;
+use kalandra_proto::payload::{
+    Ack, Commit, CreateRoom, Error as ErrorPayload, ExternalJoin, GroupInfo, GroupInfoRequest, JoinRule,
+    Proposal,
+};
+use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId};
+
+const ROOM: RoomId = RoomId(*b"room-for-testing");
+/// Shares the first eight bytes (which choose the shard) with [`ROOM`]:
+/// on the same shard whatever the shard count.
+const NEIGHBOUR: RoomId = RoomId(*b"room-for-neighbr");
+
+fn assert_refused(reply: &Frame, code: ErrorCode, what: &str) {
+    assert_eq!(reply.opcode(), Opcode::Error, "{what}: expected a refusal, got {reply:?}");
+    let error: ErrorPayload = reply.decode_payload().unwrap();
+    assert_eq!(error.code, code as u16, "{what}: {}", error.message);
+}
+
+/// Another room on the same shard, its creator subscribed.
+async fn neighbour(server: &TestServer) -> TestClient {
+    let mut dan = TestClient::connect(server, "dan", 40).await;
+    assert_eq!(dan.create_room(NEIGHBOUR).await.log_index, 0);
+    dan
+}
+
+/// The room and its shard still answer: a message in each room is acknowledged.
+async fn still_working(member: &mut TestClient, neighbour: &mut TestClient) {
+    decode_ok::<Ack>(&member.send_text("still here").await);
+    decode_ok::<Ack>(&neighbour.send_text("and here").await);
+}
+
+/// Alice creates `ROOM` and adds the others (who had uploaded key packages).
+async fn room_with(server: &TestServer, others: &mut [&mut TestClient]) -> TestClient {
+    let mut alice = TestClient::connect(server, "alice", 1).await;
+    assert_eq!(alice.create_room(ROOM).await.log_index, 0);
+    let ids: Vec<_> = others.iter().map(|o| o.sender()).collect();
+    decode_ok::<Ack>(&alice.add(&ids).await);
+    for other in others.iter_mut() {
+        other.join_from_welcome(ROOM).await;
+    }
+    alice
+}
+
+async fn client_with_key_packages(server: &TestServer, name: &'static str, seed: u8) -> TestClient {
+    let mut client = TestClient::connect(server, name, seed).await;
+    client.upload_key_packages(3).await;
+    client
+}
+
+/// F5: a Welcome that with the server's ratchet tree would exceed the
+/// Welcome payload limit used to pass, be made durable, and then panic the
+/// shard; now it is refused before it gets a log index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_that_would_not_fit_is_refused_before_sequencing_and_the_shard_keeps_working() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    // Members already in the tree make the tree larger than a commit that adds one more.
+    let mut members = Vec::new();
+    for (name, seed) in [("bob", 2), ("carol", 3), ("frank", 6), ("gina", 7)] {
+        members.push(client_with_key_packages(&server, name, seed).await);
+    }
+    let mut refs: Vec<&mut TestClient> = members.iter_mut().collect();
+    let mut alice = room_with(&server, &mut refs).await;
+    let mut hal = client_with_key_packages(&server, "hal", 8).await;
+
+    let key_packages = alice.claim(&[hal.sender()]).await;
+    let output = alice
+        .group
+        .as_mut()
+        .unwrap()
+        .add_members(&alice.provider, &alice.identity, &[&key_packages[0]])
+        .unwrap();
+    assert!(output.ratchet_tree.len() > output.commit.len() + 256, "the tree outgrows the commit");
+    // The largest Welcome the Commit frame itself can carry.
+    let filler = PAYLOAD_BYTES_MAX as usize - output.commit.len() - 128;
+    let oversize = Commit {
+        commit: output.commit.clone(),
+        welcome: Some(vec![0x5a; filler]),
+        welcome_recipients: vec![hal.sender().0],
+        group_info: None,
+    };
+    let reply = alice.request(&oversize).await;
+    assert_refused(&reply, ErrorCode::WelcomeTooLarge, "oversize Welcome");
+    still_working(&mut alice, &mut dan).await;
+
+    // The same commit with its real Welcome is still the next one: nothing was merged.
+    let fitting = Commit { welcome: output.welcome, group_info: Some(output.group_info), ..oversize };
+    let ack: Ack = decode_ok(&alice.request(&fitting).await);
+    alice.group.as_mut().unwrap().confirm_pending_commit(&alice.provider).unwrap();
+    assert_eq!(ack.epoch, 2);
+    assert_eq!(hal.join_from_welcome(ROOM).await, ack.log_index);
+    assert_eq!(hal.epoch(), 2);
+    still_working(&mut hal, &mut dan).await;
+    server.stop().await;
+}
+
+/// F1: the admin's leaf used to be removable by any member's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_cannot_remove_the_admin_or_each_other_but_may_leave() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut carol = client_with_key_packages(&server, "carol", 3).await;
+    let mut alice = room_with(&server, &mut [&mut bob, &mut carol]).await;
+    let leaf_of = |client: &TestClient| client.group.as_ref().unwrap().own_leaf_index();
+    let (alice_leaf, carol_leaf) = (leaf_of(&alice), leaf_of(&carol));
+
+    for (target, what) in [(alice_leaf, "Bob removes the admin"), (carol_leaf, "Bob removes Carol")] {
+        let output =
+            bob.group.as_mut().unwrap().remove_members(&bob.provider, &bob.identity, &[target]).unwrap();
+        let commit =
+            Commit { commit: output.commit, welcome: None, welcome_recipients: vec![], group_info: None };
+        let reply = bob.request(&commit).await;
+        bob.settle_commit(&reply);
+        assert_refused(&reply, ErrorCode::Forbidden, what);
+    }
+    still_working(&mut alice, &mut dan).await;
+
+    // Bob may always leave: his own Remove proposal, which Alice commits.
+    let left = bob.group.as_mut().unwrap().leave(&bob.provider, &bob.identity).unwrap();
+    decode_ok::<Ack>(&bob.request(&Proposal { proposal: left.proposal.clone() }).await);
+    alice.group.as_mut().unwrap().process_handshake(&alice.provider, &left.proposal).unwrap();
+    let output =
+        alice.group.as_mut().unwrap().commit_pending_proposals(&alice.provider, &alice.identity).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: Some(output.group_info),
+    };
+    let reply = alice.request(&commit).await;
+    alice.settle_commit(&reply);
+    assert_eq!(decode_ok::<Ack>(&reply).epoch, 2);
+    // And the admin removes whom she likes.
+    let output = alice
+        .group
+        .as_mut()
+        .unwrap()
+        .remove_members(&alice.provider, &alice.identity, &[carol_leaf])
+        .unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: Some(output.group_info),
+    };
+    let reply = alice.request(&commit).await;
+    alice.settle_commit(&reply);
+    assert_eq!(decode_ok::<Ack>(&reply).epoch, 3);
+    assert_eq!(alice.group.as_ref().unwrap().members().len(), 1);
+    still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}
+
+/// F4: `welcome_recipients` used to be taken as given (a store amplifier,
+/// and a way to flood another user's Welcome queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_recipients_must_be_exactly_the_members_the_commit_adds() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let carol = TestClient::connect(&server, "carol", 3).await;
+    let mut alice = TestClient::connect(&server, "alice", 1).await;
+    assert_eq!(alice.create_room(ROOM).await.log_index, 0);
+    let key_packages = alice.claim(&[bob.sender()]).await;
+    let output = alice
+        .group
+        .as_mut()
+        .unwrap()
+        .add_members(&alice.provider, &alice.identity, &[&key_packages[0]])
+        .unwrap();
+    let with = |recipients: Vec<u64>| Commit {
+        commit: output.commit.clone(),
+        welcome: output.welcome.clone(),
+        welcome_recipients: recipients,
+        group_info: Some(output.group_info.clone()),
+    };
+    let (bob_id, carol_id) = (bob.sender().0, carol.sender().0);
+    for (recipients, what) in [
+        (vec![bob_id, 12_345], "a recipient the commit does not add"),
+        (vec![bob_id, bob_id], "a recipient named twice"),
+        (vec![carol_id], "someone else instead"),
+        ((1..=200).collect(), "200 made-up ids"),
+    ] {
+        assert_refused(&alice.request(&with(recipients)).await, ErrorCode::InvalidCommit, what);
+    }
+    still_working(&mut alice, &mut dan).await;
+    let ack: Ack = decode_ok(&alice.request(&with(vec![bob_id])).await);
+    alice.group.as_mut().unwrap().confirm_pending_commit(&alice.provider).unwrap();
+    assert_eq!(bob.join_from_welcome(ROOM).await, ack.log_index);
+    still_working(&mut bob, &mut dan).await;
+    server.stop().await;
+}
+
+/// F3: a commit's GroupInfo used to be stored and served unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commits_group_info_must_be_the_new_epochs_signed_by_the_committer() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut alice = room_with(&server, &mut [&mut bob]).await;
+    let stale = alice.group.as_ref().unwrap().group_info(&alice.provider, &alice.identity).unwrap();
+    let output = alice.group.as_mut().unwrap().self_update(&alice.provider, &alice.identity).unwrap();
+    let with = |group_info: Vec<u8>| Commit {
+        commit: output.commit.clone(),
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: Some(group_info),
+    };
+    for (group_info, what) in [(b"garbage".to_vec(), "garbage"), (stale, "the previous epoch's")] {
+        assert_refused(&alice.request(&with(group_info)).await, ErrorCode::InvalidGroupInfo, what);
+    }
+    still_working(&mut alice, &mut dan).await;
+    let ack: Ack = decode_ok(&alice.request(&with(output.group_info.clone())).await);
+    alice.group.as_mut().unwrap().confirm_pending_commit(&alice.provider).unwrap();
+    let info: GroupInfo = decode_ok(&bob.request(&GroupInfoRequest {}).await);
+    assert_eq!((info.epoch, info.group_info), (ack.epoch, output.group_info));
+    server.stop().await;
+}
+
+/// F2: in an invite-only room (the default) a stranger gets neither the
+/// GroupInfo nor in by external commit, even with a GroupInfo a member leaked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_neither_read_nor_join_an_invite_only_room() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut alice = room_with(&server, &mut [&mut bob]).await;
+    let mut erin = TestClient::connect(&server, "erin", 5).await;
+    erin.room = ROOM;
+    assert_refused(
+        &erin.request(&GroupInfoRequest {}).await,
+        ErrorCode::Forbidden,
+        "stranger reads GroupInfo",
+    );
+
+    let leaked: GroupInfo = decode_ok(&bob.request(&GroupInfoRequest {}).await);
+    let (group, output) = client_core::mls::RoomGroup::join_by_external_commit(
+        &erin.provider,
+        &erin.identity,
+        &leaked.group_info,
+        Some(&leaked.ratchet_tree),
+    )
+    .unwrap();
+    erin.group = Some(group);
+    let mut frame = erin.frame(&ExternalJoin { commit: output.commit, group_info: Some(output.group_info) });
+    frame.header_mut().set_epoch(leaked.epoch);
+    frame.sign(&erin.key);
+    assert_refused(&erin.send_and_wait(&frame).await, ErrorCode::Forbidden, "stranger joins");
+    assert_refused(&erin.send_text("let me in").await, ErrorCode::NotMember, "stranger posts");
+    still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}
+
+/// F6: a room without the server's key as its only external sender could
+/// never be moderated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_must_list_exactly_the_server_key_as_its_external_sender() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut alice = TestClient::connect(&server, "alice", 1).await;
+    alice.room = ROOM;
+    let not_the_server = [7u8; 32];
+    let (group, created) = client_core::mls::RoomGroup::create(
+        &alice.provider,
+        &alice.identity,
+        ROOM.0,
+        &ed25519_dalek::SigningKey::from_bytes(&not_the_server).verifying_key().to_bytes(),
+        now_ms() / 1000,
+    )
+    .unwrap();
+    let create = CreateRoom {
+        group_info: created.group_info,
+        ratchet_tree: created.ratchet_tree,
+        join_rule: Some(JoinRule::Open),
+    };
+    assert_refused(&alice.request(&create).await, ErrorCode::InvalidGroupInfo, "foreign external sender");
+    group.delete(&alice.provider).unwrap();
+    assert_eq!(alice.create_room(ROOM).await.log_index, 0, "the id is still free");
+    still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}
