@@ -22,6 +22,8 @@
 //! - The cursor moves by one for every frame at it; a frame before it was
 //!   applied already (ignored), a frame after it is a gap (an error: the
 //!   server broke the log's order).
+//! - A commit of an epoch before ours is a fork (the server sequenced two
+//!   commits for one epoch) and an error.
 //! - A commit of ours for the pending epoch is merged (`CommitAcked`);
 //!   another commit for that epoch discards ours (`CommitFromOthers`) and
 //!   its intent is kept to be redone; a refusal settles it the same way.
@@ -617,8 +619,17 @@ impl RoomLog {
         .map_err(|e| RoomLogError::Protocol(format!("sequenced commit payload: {e}")))?;
         let frame_epoch = frame.header().epoch();
         if frame_epoch < self.epoch() {
-            // Before we joined, or our own commit merged already.
-            return Ok(None);
+            // The cursor starts after the commit that made us a member and
+            // our own commits merge only from the log, so every commit after
+            // the cursor is of our epoch: an older one means the server
+            // sequenced two commits for one epoch.
+            return Err(RoomLogError::Protocol(format!(
+                "room {}: a commit of epoch {frame_epoch} at log index {}, after epoch {} began \
+                 (two commits for one epoch)",
+                self.room_id(),
+                frame.header().log_index(),
+                self.epoch()
+            )));
         }
         let ours = frame.header().sender_id() == own
             && self.record.pending.as_ref().is_some_and(|p| p.epoch == frame_epoch);
