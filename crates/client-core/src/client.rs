@@ -2,9 +2,11 @@
 //! [`ClientStore`] and driven over one [`Connection`].
 //!
 //! This is the layer apps and the `kalandra` CLI use. It is a driver: the
-//! decisions are made by the pure parts ([`crate::mls::RoomGroup`],
-//! [`crate::sender_keys`], [`crate::state`]); this module adds the
-//! connection, the store and the clock.
+//! decisions are made by the pure parts ([`crate::room_log::RoomLog`], which
+//! applies each room's log on [`crate::mls::RoomGroup`],
+//! [`crate::sender_keys`] and [`crate::state`]); this module adds the
+//! connection, the store and the clock, and persists what the room logs
+//! say.
 //!
 //! # Crash safety
 //!
@@ -37,9 +39,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{
-    self, Ack, Application, Commit, CreateRoom, ExternalJoin, GroupInfo, GroupInfoRequest, JoinRule,
-    KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync, SyncDone,
-    Welcome,
+    self, Ack, Commit, CreateRoom, ExternalJoin, GroupInfo, GroupInfoRequest, JoinRule, KeyPackageClaim,
+    KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync, SyncDone,
 };
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use openmls_memory_storage::MemoryStorage;
@@ -50,13 +51,15 @@ use serde::{Deserialize, Serialize};
 use crate::connection::{client_config_pinned, Connection, ConnectionError};
 use crate::mls::{
     generate_key_packages, generate_last_resort_key_package, CommitError, CreateRoomError, ExportError,
-    HandshakeOutcome, Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError,
-    ProcessError, RoomGroup, SeededCrypto, StorageError,
+    Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError, ProcessError,
+    RoomGroup, SeededCrypto, StorageError,
 };
-use crate::sender_keys::{
-    open_application, seal_application, SealError, SenderKeyState, SenderKeyStateDecodeError,
+use crate::room_log::{
+    is_erased_placeholder, member_of, sender_of, step, CommitRefusal, EntryBody, Intent, LogEntry, RoomLog,
+    RoomLogError, RoomRecord, SentMessage,
 };
-use crate::state::{Action, ClientState, Event, Resume};
+use crate::sender_keys::{SealError, SenderKeyState, SenderKeyStateDecodeError};
+use crate::state::{Action, ClientState, Event};
 use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
 /// File name of the store inside a client's data directory.
@@ -221,6 +224,23 @@ pub enum ClientError {
     SenderKeys(#[from] SenderKeyStateDecodeError),
 }
 
+impl From<RoomLogError> for ClientError {
+    fn from(error: RoomLogError) -> Self {
+        match error {
+            RoomLogError::Protocol(message) => ClientError::Protocol(message),
+            RoomLogError::Internal(message) => ClientError::Internal(message),
+            RoomLogError::NotMember(room_id) => ClientError::NotMember(room_id),
+            RoomLogError::Process(error) => ClientError::Process(error),
+            RoomLogError::PendingCommit(error) => ClientError::PendingCommit(error),
+            RoomLogError::Join(error) => ClientError::Join(error),
+            RoomLogError::Export(error) => ClientError::Export(error),
+            RoomLogError::Storage(error) => ClientError::MlsStorage(error),
+            RoomLogError::Seal(error) => ClientError::Seal(error),
+            RoomLogError::SenderKeys(error) => ClientError::SenderKeys(error),
+        }
+    }
+}
+
 impl ClientError {
     fn refused(frame: &Frame) -> ClientError {
         match frame.decode_payload::<payload::Error>() {
@@ -297,60 +317,6 @@ pub struct RoomSummary {
     pub next_log_index: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-enum Intent {
-    Create,
-    Invite(Vec<u64>),
-    Remove(Vec<u64>),
-    Update,
-    /// Commit the proposals pending in the room (a removal the server
-    /// proposed for a moderator, a member's leave).
-    CoverProposals,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PendingCommitRecord {
-    /// The signed frame as sent.
-    frame: Vec<u8>,
-    /// The epoch the commit was made in.
-    epoch: u64,
-    intent: Intent,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RoomRecord {
-    room_id: [u8; 16],
-    next_log_index: u64,
-    /// Whether the server acknowledged the room's creation.
-    confirmed: bool,
-    pending: Option<PendingCommitRecord>,
-    sender_keys: Option<Vec<u8>>,
-    removed: bool,
-    /// A commit of ours that another commit beat while we were away: redone
-    /// on the next connection.
-    #[serde(default)]
-    redo: Option<Intent>,
-    /// A proposal we can commit is pending (not our own removal): commit it.
-    #[serde(default)]
-    cover_proposals: bool,
-}
-
-impl RoomRecord {
-    /// A room just joined (by Welcome or external commit), read from `next_log_index` on.
-    fn joined(room_id: RoomId, next_log_index: u64) -> Self {
-        RoomRecord {
-            room_id: room_id.0,
-            next_log_index,
-            confirmed: true,
-            pending: None,
-            sender_keys: None,
-            removed: false,
-            redo: None,
-            cover_proposals: false,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OutboxRecord {
     id: u64,
@@ -361,35 +327,6 @@ struct OutboxRecord {
     frame: Vec<u8>,
     attempts: u32,
     next_attempt_ms: u64,
-}
-
-struct RoomEntry {
-    record: RoomRecord,
-    group: Option<RoomGroup>,
-    sender_keys: Option<SenderKeyState>,
-    /// The room's state machine ([`crate::state`]): every change of
-    /// membership, epoch and pending commit goes through it, and an event it
-    /// calls illegal is reported as [`ClientError::Internal`].
-    state: ClientState,
-}
-
-/// Moves a room's state machine.
-fn step(state: &mut ClientState, event: Event) -> Result<Vec<Action>, ClientError> {
-    let (next, actions) = state.apply(event).map_err(|illegal| ClientError::Internal(illegal.to_string()))?;
-    *state = next;
-    Ok(actions)
-}
-
-/// The state a room is in when the device starts (not connected).
-fn initial_state(record: &RoomRecord, group: Option<&RoomGroup>) -> ClientState {
-    let resume = match (group, &record.pending) {
-        (None, _) => Resume::Join,
-        (Some(group), Some(pending)) if pending.intent != Intent::Create => {
-            Resume::PendingCommit { target_epoch: group.epoch() + 1 }
-        }
-        (Some(group), _) => Resume::Synchronized { epoch: group.epoch() },
-    };
-    ClientState::Disconnected { resume }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -415,7 +352,7 @@ pub struct Client {
     provider: MlsProvider,
     identity: Identity,
     signing_key: SigningKey,
-    rooms: BTreeMap<RoomId, RoomEntry>,
+    rooms: BTreeMap<RoomId, RoomLog>,
     outbox: BTreeMap<u64, OutboxRecord>,
     welcomes: BTreeMap<RoomId, Frame>,
     persisted_mls: HashMap<Vec<u8>, Vec<u8>>,
@@ -514,16 +451,8 @@ impl Client {
             match record.namespace {
                 Namespace::Room => {
                     let record: RoomRecord = decode(&record.value, "room")?;
-                    let room_id = RoomId(record.room_id);
-                    let group = if record.removed {
-                        None
-                    } else {
-                        RoomGroup::load(&client.provider, record.room_id)?
-                    };
-                    let sender_keys =
-                        record.sender_keys.as_deref().map(SenderKeyState::from_bytes).transpose()?;
-                    let state = initial_state(&record, group.as_ref());
-                    client.rooms.insert(room_id, RoomEntry { record, group, sender_keys, state });
+                    let room = RoomLog::restore(&client.provider, record)?;
+                    client.rooms.insert(room.room_id(), room);
                 }
                 Namespace::Outbox => {
                     let entry: OutboxRecord = decode(&record.value, "outbox")?;
@@ -628,12 +557,9 @@ impl Client {
         )
         .await?;
         self.connection = Some(connection);
-        for entry in self.rooms.values_mut() {
-            if entry.state.is_connected() {
-                // The previous connection died without a word.
-                step(&mut entry.state, Event::ConnectionLost)?;
-            }
-            step(&mut entry.state, Event::Connected)?;
+        for room in self.rooms.values_mut() {
+            // The previous connection may have died without a word.
+            room.connected()?;
         }
         self.refill_key_packages().await?;
         self.drain_buffered()?;
@@ -651,10 +577,8 @@ impl Client {
         if let Some(connection) = self.connection.take() {
             connection.close().await;
         }
-        for entry in self.rooms.values_mut() {
-            if entry.state.is_connected() {
-                let _ = step(&mut entry.state, Event::ConnectionLost);
-            }
+        for room in self.rooms.values_mut() {
+            let _ = room.connection_lost();
         }
     }
 
@@ -766,168 +690,49 @@ impl Client {
                 self.checkpoint()?;
                 Ok(None)
             }
-            Opcode::CreateRoom
-            | Opcode::Commit
-            | Opcode::Proposal
-            | Opcode::Application
-            | Opcode::ExternalJoin => self.apply_log_frame(&frame),
-            Opcode::Error if is_erased_placeholder(&frame) => self.apply_log_frame(&frame),
+            _ if crate::room_log::is_log_frame(&frame) => self.apply_log_frame(&frame),
             _ => Ok(None),
         }
     }
 
-    /// Applies a sequenced frame of a room's log at the room's cursor.
+    /// Applies a sequenced frame of a room's log at the room's cursor
+    /// ([`RoomLog::apply`]) and stages the history entry it makes, with the
+    /// outbox entry it settles.
     fn apply_log_frame(&mut self, frame: &Frame) -> Result<Option<Message>, ClientError> {
         if frame.opcode() != Opcode::Application {
             self.mls_clean = false;
         }
-        let header = frame.header();
-        let room_id = header.room_id();
-        let log_index = header.log_index();
-        let own = header.sender_id() == self.sender_id();
-        let Some(entry) = self.rooms.get_mut(&room_id) else { return Ok(None) };
-        if log_index < entry.record.next_log_index {
+        let room_id = frame.header().room_id();
+        let own = self.sender_id();
+        let Some(room) = self.rooms.get_mut(&room_id) else { return Ok(None) };
+        let sent = self.outbox.values().filter(|o| o.room_id == room_id.0).map(|o| SentMessage {
+            id: o.id,
+            epoch: o.epoch,
+            generation: o.generation,
+        });
+        let Some(LogEntry { log_index, sender, server_time_ms, body }) =
+            room.apply(&self.provider, own, frame, sent)?
+        else {
             return Ok(None);
-        }
-        if log_index > entry.record.next_log_index {
-            return Err(ClientError::Protocol(format!(
-                "room {room_id}: log index {log_index} after {} (a gap)",
-                entry.record.next_log_index
-            )));
-        }
-        entry.record.next_log_index = log_index + 1;
-        let Some(group) = entry.group.as_mut() else { return Ok(None) };
-        let frame_epoch = header.epoch();
-        let server_time_ms = header.server_timestamp_ms();
-        let message = |body| Message {
-            room_id: room_id.0,
-            log_index,
-            sender: header.sender_id().0,
-            server_time_ms,
-            body,
         };
-        let result = match frame.opcode() {
-            Opcode::Commit | Opcode::ExternalJoin => {
-                let commit_bytes = match frame.opcode() {
-                    Opcode::Commit => frame.decode_payload::<Commit>().map(|c| c.commit),
-                    _ => frame.decode_payload::<ExternalJoin>().map(|c| c.commit),
-                }
-                .map_err(|e| ClientError::Protocol(format!("sequenced commit payload: {e}")))?;
-                if frame_epoch < group.epoch() {
-                    // Before we joined, or our own commit merged already.
-                    return Ok(None);
-                }
-                let ours = own && entry.record.pending.as_ref().is_some_and(|p| p.epoch == frame_epoch);
-                let applied = if ours {
-                    entry.record.pending = None;
-                    let applied = group.confirm_pending_commit(&self.provider)?;
-                    step(&mut entry.state, Event::CommitAcked { epoch: applied.epoch })?;
-                    applied
-                } else {
-                    let applied = match group.process_handshake(&self.provider, &commit_bytes)? {
-                        HandshakeOutcome::CommitApplied(applied) => applied,
-                        HandshakeOutcome::ProposalStored { .. } => {
-                            return Err(ClientError::Protocol("a Commit frame held a proposal".into()))
-                        }
-                    };
-                    let event = if applied.self_removed {
-                        Event::Removed
-                    } else {
-                        Event::CommitFromOthers { epoch: applied.epoch }
-                    };
-                    let actions = step(&mut entry.state, event)?;
-                    if actions.contains(&Action::ReapplyIntent) != applied.own_commit_discarded {
-                        return Err(ClientError::Internal(
-                            "the state machine and the MLS group disagree about our pending commit".into(),
-                        ));
-                    }
-                    if actions.contains(&Action::ReapplyIntent) {
-                        // Another commit won the epoch: our intent is redone in the new one.
-                        entry.record.redo = entry.record.pending.take().map(|pending| pending.intent);
-                    }
-                    applied
+        let body = match body {
+            EntryBody::Own { outbox_id } => {
+                let Some(sent) = self.outbox.remove(&outbox_id) else {
+                    return Err(ClientError::Internal("a settled outbox entry vanished".into()));
                 };
-                // A commit covers every pending proposal.
-                entry.record.cover_proposals = false;
-                if applied.self_removed {
-                    entry.record.removed = true;
-                    entry.record.pending = None;
-                    entry.sender_keys = None;
-                    entry.record.sender_keys = None;
-                } else {
-                    entry.sender_keys = Some(SenderKeyState::from_group(&self.provider, group)?);
-                }
-                Some(message(MessageBody::Membership {
-                    epoch: applied.epoch,
-                    added: applied.added.iter().filter_map(|m| sender_of(&m.identity)).map(|s| s.0).collect(),
-                    removed: applied
-                        .removed
-                        .iter()
-                        .filter_map(|m| sender_of(&m.identity))
-                        .map(|s| s.0)
-                        .collect(),
-                }))
+                self.pending_batch.delete(Namespace::Outbox, &outbox_id.to_be_bytes());
+                MessageBody::Text(sent.plaintext)
             }
-            Opcode::Proposal => {
-                if frame_epoch == group.epoch() {
-                    let proposal = frame
-                        .decode_payload::<payload::Proposal>()
-                        .map_err(|e| ClientError::Protocol(format!("sequenced proposal payload: {e}")))?;
-                    let outcome = group.process_handshake(&self.provider, &proposal.proposal)?;
-                    if let HandshakeOutcome::ProposalStored { removes, .. } = outcome {
-                        // Nobody commits their own removal; every other member may.
-                        if removes != Some(group.own_leaf_index()) {
-                            entry.record.cover_proposals = true;
-                        }
-                    }
-                }
-                None
+            EntryBody::Text(text) => MessageBody::Text(text),
+            EntryBody::Membership { epoch, added, removed } => {
+                MessageBody::Membership { epoch, added, removed }
             }
-            // An erased entry: the log index stays, the content is gone.
-            Opcode::Error => Some(message(MessageBody::Redacted)),
-            Opcode::Application => {
-                if own {
-                    let generation = frame.decode_payload::<Application>().map(|a| a.generation).ok();
-                    let sent = self
-                        .outbox
-                        .values()
-                        .find(|o| {
-                            o.room_id == room_id.0
-                                && o.epoch == frame_epoch
-                                && Some(o.generation) == generation
-                        })
-                        .map(|o| o.id);
-                    match sent {
-                        Some(id) => {
-                            let entry = self.outbox.remove(&id).expect("found above");
-                            self.pending_batch.delete(Namespace::Outbox, &id.to_be_bytes());
-                            Some(message(MessageBody::Text(entry.plaintext)))
-                        }
-                        // Recorded when it was acknowledged.
-                        None => None,
-                    }
-                } else {
-                    let body = match (&mut entry.sender_keys, member_of(group, header.sender_id())) {
-                        (Some(keys), Some((leaf, identity_key))) if keys.epoch() == frame_epoch => {
-                            match open_application(keys, frame, leaf, &identity_key) {
-                                Ok(plaintext) => MessageBody::Text(plaintext),
-                                Err(error) => MessageBody::Unreadable(error.to_string()),
-                            }
-                        }
-                        (_, None) => MessageBody::Unreadable("sender is not a member".into()),
-                        _ => MessageBody::Unreadable(format!(
-                            "sent in epoch {frame_epoch}, before this device joined"
-                        )),
-                    };
-                    Some(message(body))
-                }
-            }
-            _ => None,
+            EntryBody::Unreadable(why) => MessageBody::Unreadable(why),
+            EntryBody::Redacted => MessageBody::Redacted,
         };
-        if let Some(message) = &result {
-            self.pending_batch.message(room_id, log_index, encode(message));
-        }
-        Ok(result)
+        let message = Message { room_id: room_id.0, log_index, sender: sender.0, server_time_ms, body };
+        self.pending_batch.message(room_id, log_index, encode(&message));
+        Ok(Some(message))
     }
 
     /// Writes everything changed since the last checkpoint in one transaction.
@@ -949,9 +754,8 @@ impl Client {
             }
             Some(current)
         };
-        for (room_id, entry) in &mut self.rooms {
-            entry.record.sender_keys = entry.sender_keys.as_ref().map(SenderKeyState::to_bytes);
-            batch.put(Namespace::Room, &room_id.0, encode(&entry.record));
+        for (room_id, room) in &mut self.rooms {
+            batch.put(Namespace::Room, &room_id.0, encode(room.checkpoint_record()));
         }
         if let Err(error) = self.store.write(&batch) {
             // Nothing was written: keep the changes for the next attempt.
@@ -1006,17 +810,8 @@ impl Client {
     /// The room is no longer ours: its keys go, its history stays.
     fn mark_removed(&mut self, room_id: RoomId) -> Result<(), ClientError> {
         self.mls_clean = false;
-        if let Some(entry) = self.rooms.get_mut(&room_id) {
-            if entry.state.is_connected() && entry.state.member_epoch().is_some() {
-                step(&mut entry.state, Event::Removed)?;
-            }
-            entry.record.removed = true;
-            entry.record.pending = None;
-            entry.record.redo = None;
-            entry.sender_keys = None;
-            if let Some(group) = entry.group.take() {
-                group.delete(&self.provider)?;
-            }
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.mark_removed(&self.provider)?;
         }
         self.checkpoint()?;
         Ok(())
@@ -1026,7 +821,7 @@ impl Client {
         self.rooms.get(&room_id).and_then(|e| e.group.as_ref()).map_or(0, RoomGroup::epoch)
     }
 
-    fn member_group(&mut self, room_id: RoomId) -> Result<&mut RoomEntry, ClientError> {
+    fn member_group(&mut self, room_id: RoomId) -> Result<&mut RoomLog, ClientError> {
         member_entry(&mut self.rooms, room_id)
     }
 
@@ -1063,7 +858,7 @@ impl Client {
     /// committed). Every online member does this; the first commit wins and
     /// the others find nothing left to cover.
     async fn cover_pending_proposals(&mut self, room_id: RoomId) -> Result<(), ClientError> {
-        let waiting = self.rooms.get(&room_id).is_some_and(|e| e.record.cover_proposals && !e.record.removed);
+        let waiting = self.rooms.get(&room_id).is_some_and(RoomLog::proposals_to_cover);
         if waiting {
             self.commit_intent(room_id, Intent::CoverProposals).await?;
         }
@@ -1071,8 +866,8 @@ impl Client {
     }
 
     fn redo_later(&mut self, room_id: RoomId, intent: Intent) {
-        if let Some(entry) = self.rooms.get_mut(&room_id) {
-            entry.record.redo = Some(intent);
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.redo_later(intent);
         }
     }
 
@@ -1089,9 +884,7 @@ impl Client {
             }
             _ => return Err(ClientError::refused(&reply)),
         }
-        entry.record.confirmed = true;
-        entry.record.pending = None;
-        entry.record.next_log_index = entry.record.next_log_index.max(1);
+        entry.creation_confirmed();
         self.checkpoint()?;
         Ok(())
     }
@@ -1111,7 +904,6 @@ impl Client {
         let room_id = RoomId(id);
         let (group, created) =
             RoomGroup::create(&self.provider, &self.identity, id, &server_key, now_ms() / 1000)?;
-        let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
         let frame = self.frame(
             room_id,
             0,
@@ -1121,24 +913,8 @@ impl Client {
                 join_rule: Some(join_rule),
             },
         )?;
-        let record = RoomRecord {
-            room_id: id,
-            next_log_index: 0,
-            confirmed: false,
-            pending: Some(PendingCommitRecord {
-                frame: frame.to_bytes().to_vec(),
-                epoch: 0,
-                intent: Intent::Create,
-            }),
-            sender_keys: None,
-            removed: false,
-            redo: None,
-            cover_proposals: false,
-        };
-        // Creation is not a commit: the creator is a member at epoch 0 at once.
-        let state = ClientState::Synchronized { epoch: 0 };
-        self.rooms
-            .insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state });
+        let room = RoomLog::created(&self.provider, group, frame.to_bytes().to_vec())?;
+        self.rooms.insert(room_id, room);
         self.checkpoint()?;
         self.confirm_creation(room_id).await?;
         Ok(room_id)
@@ -1296,10 +1072,8 @@ impl Client {
                 group_info: Some(output.group_info),
             };
             let frame = self.frame(room_id, epoch, &commit)?;
-            let entry = self.rooms.get_mut(&room_id).expect("member");
-            entry.record.pending =
-                Some(PendingCommitRecord { frame: frame.to_bytes().to_vec(), epoch, intent: intent.clone() });
-            step(&mut entry.state, Event::CommitSent { target_epoch: epoch + 1 })?;
+            let room = self.rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
+            room.commit_sent(frame.to_bytes().to_vec(), epoch, intent.clone())?;
             self.checkpoint()?;
             if self.settle_commit(room_id, &frame).await? {
                 return Ok(self.epoch_of(room_id));
@@ -1348,28 +1122,17 @@ impl Client {
             Opcode::Error => {
                 let error = ClientError::refused(&reply);
                 let details = reply.decode_payload::<payload::Error>().ok();
-                let entry = self.rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
-                let event = match details {
-                    Some(payload::Error { code, current_epoch: Some(current_epoch), log_index, .. })
-                        if code == ErrorCode::WrongEpoch.to_u16() =>
-                    {
-                        Event::WrongEpoch { current_epoch, log_index: log_index.unwrap_or(0) }
-                    }
-                    _ => Event::CommitRefused,
-                };
-                step(&mut entry.state, event)?;
-                if let Some(group) = entry.group.as_mut() {
-                    if group.has_pending_commit() {
-                        group.discard_pending_commit(&self.provider)?;
-                    }
-                }
-                entry.record.pending = None;
+                let room = self.rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
+                let refusal = room.commit_refused(&self.provider, details.as_ref())?;
                 self.checkpoint()?;
-                if error.code() == Some(ErrorCode::WrongEpoch.to_u16()) {
-                    self.sync(room_id).await?;
-                    return Ok(false);
+                match refusal {
+                    // The caller redoes the intent once caught up.
+                    CommitRefusal::Retry { .. } => {
+                        self.sync(room_id).await?;
+                        Ok(false)
+                    }
+                    CommitRefusal::Final => Err(error),
                 }
-                Err(error)
             }
             other => Err(ClientError::Protocol(format!("{other:?} answering a commit"))),
         }
@@ -1404,20 +1167,9 @@ impl Client {
                 waited_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
             });
         };
-        let welcome: Welcome =
-            frame.decode_payload().map_err(|e| ClientError::Protocol(format!("Welcome payload: {e}")))?;
         self.mls_clean = false;
-        let group =
-            RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref())?;
-        if group.room_id() != room_id.0 {
-            return Err(ClientError::Protocol("a Welcome for another room was routed to this one".into()));
-        }
-        let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
-        let record = RoomRecord::joined(room_id, frame.header().log_index() + 1);
-        let mut state = ClientState::PendingWelcome;
-        step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
-        self.rooms
-            .insert(room_id, RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state });
+        let room = RoomLog::join_from_welcome(&self.provider, room_id, &frame)?;
+        self.rooms.insert(room_id, room);
         self.welcomes.remove(&room_id);
         self.pending_batch.delete(Namespace::Welcome, &room_id.0);
         self.checkpoint()?;
@@ -1452,7 +1204,7 @@ impl Client {
                     let record = RoomRecord::joined(room_id, ack.log_index + 1);
                     self.rooms.insert(
                         room_id,
-                        RoomEntry { record, group: Some(group), sender_keys: Some(sender_keys), state },
+                        RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state },
                     );
                     self.checkpoint()?;
                     return Ok(ack.epoch);
@@ -1519,17 +1271,14 @@ impl Client {
         plaintext: Vec<u8>,
         attempts: u32,
     ) -> Result<OutboxRecord, ClientError> {
-        let entry = member_entry(&mut self.rooms, room_id)?;
-        let keys = entry.sender_keys.as_mut().ok_or(ClientError::NotMember(room_id))?;
-        let frame = seal_application(keys, &plaintext, &self.signing_key)?;
-        let generation = frame.decode_payload::<Application>().map(|a| a.generation).unwrap_or(0);
+        let sealed = member_entry(&mut self.rooms, room_id)?.seal(&plaintext, &self.signing_key)?;
         let record = OutboxRecord {
             id,
             room_id: room_id.0,
             plaintext,
-            epoch: keys.epoch(),
-            generation,
-            frame: frame.to_bytes().to_vec(),
+            epoch: sealed.epoch,
+            generation: sealed.generation,
+            frame: sealed.frame.to_bytes().to_vec(),
             attempts,
             next_attempt_ms: 0,
         };
@@ -1693,35 +1442,12 @@ fn expect<P: Payload>(frame: &Frame) -> Result<P, ClientError> {
     frame.decode_payload().map_err(|e| ClientError::Protocol(format!("{:?} payload: {e}", P::OPCODE)))
 }
 
-/// The history placeholder of an erased entry: an unsolicited `Error`
-/// `Redacted` frame carrying the entry's log index.
-fn is_erased_placeholder(frame: &Frame) -> bool {
-    frame.opcode() == Opcode::Error
-        && frame.header().request_id() == 0
-        && frame.decode_payload::<payload::Error>().is_ok_and(|e| e.code == ErrorCode::Redacted.to_u16())
-}
-
-fn member_entry(
-    rooms: &mut BTreeMap<RoomId, RoomEntry>,
-    room_id: RoomId,
-) -> Result<&mut RoomEntry, ClientError> {
+fn member_entry(rooms: &mut BTreeMap<RoomId, RoomLog>, room_id: RoomId) -> Result<&mut RoomLog, ClientError> {
     let entry = rooms.get_mut(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
     if entry.group.is_none() || entry.record.removed {
         return Err(ClientError::NotMember(room_id));
     }
     Ok(entry)
-}
-
-fn sender_of(identity: &[u8]) -> Option<SenderId> {
-    let key: [u8; 32] = identity.try_into().ok()?;
-    Some(SenderId::from_identity_key(&key))
-}
-
-fn member_of(group: &RoomGroup, sender: SenderId) -> Option<(u32, [u8; 32])> {
-    group.members().into_iter().find_map(|member| {
-        let key: [u8; 32] = member.identity.as_slice().try_into().ok()?;
-        (SenderId::from_identity_key(&key) == sender).then_some((member.leaf_index, key))
-    })
 }
 
 #[cfg(test)]

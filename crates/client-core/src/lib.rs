@@ -7,6 +7,9 @@
 //! - [`push`]: push-notification keys (PCEK), the key cache a Notification
 //!   Service Extension reads, and `decrypt_push`, which needs no MLS state.
 //! - [`state`]: the client's connection and membership state machine (pure).
+//! - [`room_log`]: one room's log as the device applies it — cursor, commit
+//!   settlement, outbox settlement, sender keys, state machine (pure; both
+//!   the client and the simulation run it).
 //! - [`store`]: the device's embedded store (redb), encrypted at rest under
 //!   a key the application supplies.
 //! - [`client`]: a device — identity, rooms, outbox, history — persisted in
@@ -19,6 +22,7 @@ pub mod connection;
 pub mod mls;
 pub mod moderation;
 pub mod push;
+pub mod room_log;
 pub mod sender_keys;
 pub mod state;
 pub mod store;

@@ -1,39 +1,43 @@
-//! The simulated client: client-core's real MLS [`RoomGroup`] (seeded
-//! provider), [`SenderKeyState`] and the [`ClientState`] machine, behind a
+//! The simulated client: client-core's [`RoomLog`] — the same code
+//! `client_core::client::Client` runs to apply a room's log (cursor, commit
+//! settlement, outbox settlement by epoch and generation, sender keys, the
+//! state machine) on the real MLS group with a seeded provider — behind a
 //! turmoil TCP shell that replaces the QUIC `connection.rs`: it
-//! authenticates, subscribes from the last applied index, applies the log in
-//! order, keeps a volatile outbox, and resends after reconnecting.
+//! authenticates, subscribes from the room's cursor, feeds every frame of
+//! the log (and our own frames, stamped from their acknowledgement) to the
+//! room log, keeps a volatile outbox, and sends again what the log did not
+//! settle.
 //!
 //! # Crash model
 //!
 //! A crash loses the connection and everything volatile: the outbox
-//! (messages not yet acknowledged), intents not yet committed, sender-key
-//! chains. What the client persisted survives, written at the points a
-//! real client would write it before going on:
+//! (messages not yet acknowledged) and intents not yet committed. What the
+//! client persisted survives, written at the points a real client writes
+//! it before going on (after every frame handled and every step of work,
+//! before anything that step sends leaves):
 //! - the identity secret;
 //! - the OpenMLS storage (group state, key-package private keys, our
-//!   pending commit) together with the last applied log index, after every
-//!   applied frame, every join and every commit created (before it is sent);
-//! - the commit frame awaiting an answer, so that it can be resent;
+//!   pending commit) together with the room log's checkpoint record
+//!   ([`RoomRecord`]: cursor, sender-key chains, the pending commit frame
+//!   and its intent, an intent to redo), as `Client` writes them in one
+//!   transaction;
 //! - counters (key packages uploaded, next message number).
 //!
-//! Sender-key chains are derived again from the MLS exporter after a restart;
-//! because the sending chain would restart at generation 0 and reuse message
-//! keys, a restarted client commits a fresh epoch before it sends any
-//! application message.
+//! A message is sealed (its sending chain advanced) and the chain persisted
+//! before the frame is sent, so a restarted client never reuses a
+//! generation.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use client_core::mls::{
-    generate_key_packages, generate_last_resort_key_package, HandshakeOutcome, Identity, MlsProvider,
-    RoomGroup, SeededCrypto,
+    generate_key_packages, generate_last_resort_key_package, Identity, MlsProvider, RoomGroup, SeededCrypto,
 };
-use client_core::sender_keys::{open_application, seal_application, SenderKeyState};
-use client_core::state::{Action, ClientState, CommitKind, Event, Resume};
+use client_core::room_log::{CommitRefusal, EntryBody, Intent, RoomLog, RoomRecord, SentMessage};
+use client_core::state::{Action, ClientState, CommitKind};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{self, AnyPayload};
 use kalandra_proto::sign::sign_auth_challenge;
@@ -83,13 +87,9 @@ pub const ROOM: RoomId = RoomId(*b"simulation-room!");
 pub struct Persisted {
     identity_secret: Option<[u8; 32]>,
     mls: HashMap<Vec<u8>, Vec<u8>>,
-    member: bool,
-    last_applied: Option<u64>,
-    /// The encoded commit frame (unstamped) awaiting the server's answer,
-    /// with the epoch it creates.
-    pending_commit: Option<(Bytes, u64)>,
+    /// The room log's checkpoint, written with `mls`.
+    room: Option<RoomRecord>,
     uploaded: bool,
-    created: bool,
     next_message: u64,
     updates_asked: u64,
 }
@@ -180,8 +180,16 @@ enum Request {
     Upload,
     Create(Frame),
     Claim,
-    Commit { superseded: bool },
-    Application { message: u64, frame: Frame },
+    /// Our pending commit; `superseded` once the log settled it otherwise
+    /// (another commit won the epoch) before the answer came.
+    Commit {
+        superseded: bool,
+    },
+    Application {
+        message: u64,
+        frame: Frame,
+        sent: SentMessage,
+    },
 }
 
 struct Message {
@@ -189,6 +197,9 @@ struct Message {
     text: String,
     /// The epoch the server said the room is at when it refused the last try.
     wait_for_epoch: u64,
+    /// The latest sealing sent: the room log settles the message when this
+    /// epoch and generation of ours reaches it.
+    sealed: Option<SentMessage>,
 }
 
 struct Client {
@@ -197,14 +208,13 @@ struct Client {
     identity: Identity,
     key: SigningKey,
     sender: SenderId,
-    group: Option<RoomGroup>,
-    state: ClientState,
-    keys: Option<SenderKeyState>,
-    leaves: BTreeMap<SenderId, (u32, [u8; 32])>,
+    /// The room, once created or joined: its log applied by client-core.
+    room: Option<RoomLog>,
+    /// The epoch last added to the transcript.
+    transcript_epoch: Option<u64>,
     outbox: VecDeque<Message>,
     intents: u64,
     in_flight: Option<(u32, Request)>,
-    fresh_epoch_needed: bool,
     rng: ChaCha8Rng,
     next_request_id: u32,
     live: bool,
@@ -246,12 +256,7 @@ impl Client {
         };
         let key = SigningKey::from_bytes(&identity.secret_bytes());
         let sender = SenderId::from_identity_key(identity.public_key());
-        let group = if persisted.member { RoomGroup::load(&provider, ROOM.0)? } else { None };
-        let resume = match (&group, &persisted.pending_commit) {
-            (None, _) => Resume::Join,
-            (Some(_), Some((_, target_epoch))) => Resume::PendingCommit { target_epoch: *target_epoch },
-            (Some(group), None) => Resume::Synchronized { epoch: group.epoch() },
-        };
+        let room = persisted.room.map(|record| RoomLog::restore(&provider, record)).transpose()?;
         let rng = ChaCha8Rng::from_seed(crate::derive_seed(shared.seed, b"driver", u64::from(boot)));
         let mut client = Client {
             shared,
@@ -259,51 +264,45 @@ impl Client {
             identity,
             key,
             sender,
-            group,
-            state: ClientState::Disconnected { resume },
-            keys: None,
-            leaves: BTreeMap::new(),
+            room,
+            transcript_epoch: None,
             outbox: VecDeque::new(),
             intents: 0,
             in_flight: None,
-            fresh_epoch_needed: boot > 1,
             rng,
             next_request_id: 0,
             live: false,
             tx: None,
             server_key: None,
         };
-        if client.group.is_some() {
-            client.enter_epoch();
-        }
+        client.note_epoch();
         client.persist();
         Ok(client)
     }
 
-    fn persist(&self) {
+    /// Writes what a real client checkpoints: the MLS storage and the room
+    /// log's record together.
+    fn persist(&mut self) {
         let mut persisted = self.shared.persisted.borrow_mut();
         persisted.identity_secret = Some(self.identity.secret_bytes());
         persisted.mls = self.provider.storage().values.read().expect("storage lock").clone();
-        persisted.member = self.group.is_some();
+        persisted.room = self.room.as_mut().map(|room| room.checkpoint_record().clone());
         let mut record = self.shared.record.borrow_mut();
-        record.epoch_and_tree = self.group.as_ref().map(|g| (g.epoch(), g.tree_hash()));
+        let room = self.room.as_ref();
+        record.epoch_and_tree = room.and_then(RoomLog::group).map(|g| (g.epoch(), g.tree_hash()));
         record.work_left = self.outbox.len()
             + usize::try_from(self.intents).unwrap_or(usize::MAX)
-            + usize::from(persisted.pending_commit.is_some());
+            + room.map_or(0, |r| usize::from(r.pending_commit().is_some()) + usize::from(r.redo().is_some()));
         record.live = self.live;
-        record.last_applied = persisted.last_applied;
+        record.last_applied = room.and_then(|r| r.next_log_index().checked_sub(1));
     }
 
     fn violation(&self, text: impl Into<String>) {
         self.shared.violation(text.into());
     }
 
-    fn last_applied(&self) -> Option<u64> {
-        self.shared.persisted.borrow().last_applied
-    }
-
     fn next_index(&self) -> u64 {
-        self.last_applied().map_or(0, |last| last + 1)
+        self.room.as_ref().map_or(0, RoomLog::next_log_index)
     }
 
     fn send_frame(&mut self, frame: &Frame) {
@@ -334,19 +333,6 @@ impl Client {
         self.send_frame(&frame);
     }
 
-    fn transition(&mut self, event: Event) -> Vec<Action> {
-        match self.state.apply(event) {
-            Ok((next, actions)) => {
-                self.state = next;
-                actions
-            }
-            Err(illegal) => {
-                self.violation(format!("client {}: {illegal}", self.shared.index));
-                Vec::new()
-            }
-        }
-    }
-
     /// One connection, until it fails.
     async fn session(&mut self) -> String {
         let stream =
@@ -363,7 +349,6 @@ impl Client {
             return error;
         }
         self.shared.record.borrow_mut().sessions += 1;
-        self.transition(Event::Connected);
         self.on_connected();
         let mut last_heard = now_ms();
         let mut last_ping = now_ms();
@@ -435,22 +420,36 @@ impl Client {
         self.tx = None;
         self.live = false;
         self.in_flight = None;
-        if self.state.is_connected() {
-            let actions = self.transition(Event::ConnectionLost);
-            debug_assert!(actions.is_empty(), "a member's state survives a lost connection");
+        if let Some(room) = self.room.as_mut() {
+            if let Err(error) = room.connection_lost() {
+                let text = format!("client {}: {error}", self.shared.index);
+                self.violation(text);
+            }
         }
         self.persist();
     }
 
     fn on_connected(&mut self) {
-        if self.group.is_some() {
-            self.subscribe();
-        } else if self.shared.index == 0 {
-            if !self.shared.persisted.borrow().created {
+        let Some(room) = self.room.as_mut() else {
+            if self.shared.index == 0 {
                 self.create_room();
+            } else if !self.shared.persisted.borrow().uploaded {
+                self.upload_key_packages();
             }
-        } else if !self.shared.persisted.borrow().uploaded {
-            self.upload_key_packages();
+            return;
+        };
+        let actions = match room.connected() {
+            Ok(actions) => actions,
+            Err(error) => {
+                self.violation(format!("client {}: {error}", self.shared.index));
+                return;
+            }
+        };
+        if !room.is_confirmed() {
+            // Created before a crash, its fate unknown: ask again.
+            self.resend_creation();
+        } else if actions.contains(&Action::Subscribe) {
+            self.subscribe();
         }
     }
 
@@ -471,15 +470,34 @@ impl Client {
                     return;
                 }
             };
-        self.group = Some(group);
         let payload = payload::CreateRoom {
             group_info: created.group_info,
             ratchet_tree: created.ratchet_tree,
             join_rule: None,
         };
         let (id, frame) = self.frame(&payload, 0);
+        match RoomLog::created(&self.provider, group, frame.to_bytes().to_vec()) {
+            Ok(room) => self.room = Some(room),
+            Err(error) => {
+                self.violation(format!("create room: {error}"));
+                return;
+            }
+        }
+        self.note_epoch();
+        self.persist();
         self.in_flight = Some((id, Request::Create(frame.clone())));
         self.send_frame(&frame);
+    }
+
+    fn resend_creation(&mut self) {
+        let Some(pending) = self.room.as_ref().and_then(RoomLog::pending_commit) else { return };
+        match Frame::decode(&Bytes::copy_from_slice(pending.frame())) {
+            Ok(frame) => {
+                self.in_flight = Some((frame.header().request_id(), Request::Create(frame.clone())));
+                self.send_frame(&frame);
+            }
+            Err(error) => self.violation(format!("stored CreateRoom: {error}")),
+        }
     }
 
     fn upload_key_packages(&mut self) {
@@ -509,114 +527,153 @@ impl Client {
 
     /// Starts the next piece of work if nothing is in flight.
     fn drive(&mut self) {
-        if self.in_flight.is_some() || !self.live || self.group.is_none() {
+        if self.in_flight.is_some() || !self.live {
             return;
         }
-        let members = self.group.as_ref().map_or(0, |g| g.members().len());
-        match self.state {
-            ClientState::PendingCommit { kind: CommitKind::Member, .. } => {
-                // Our commit's fate is unknown and the log did not settle it: send it again.
-                let pending = self.shared.persisted.borrow().pending_commit.clone();
-                if let Some((bytes, _)) = pending {
-                    if let Ok(frame) = Frame::decode(&bytes) {
-                        self.in_flight =
-                            Some((frame.header().request_id(), Request::Commit { superseded: false }));
-                        self.send_frame(&frame);
-                    }
-                }
-            }
+        let Some(room) = self.room.as_ref() else { return };
+        if !room.is_confirmed() {
+            return;
+        }
+        let members = room.group().map_or(0, |g| g.members().len());
+        match room.state() {
+            ClientState::PendingCommit { kind: CommitKind::Member, .. } => self.resend_commit(),
             ClientState::Synchronized { epoch } => {
                 if self.shared.index == 0 && members == 1 {
-                    if !self.shared.others.borrow().is_empty() {
-                        let others: Vec<u64> = self.shared.others.borrow().iter().map(|s| s.0).collect();
-                        self.request(&payload::KeyPackageClaim { sender_ids: others }, 0, Request::Claim);
-                    }
+                    self.claim_key_packages();
                     return;
                 }
-                let wants_to_send = !self.outbox.is_empty();
-                if self.intents > 0 || (self.fresh_epoch_needed && wants_to_send) {
-                    self.commit_update(epoch);
+                if let Some(intent) = self.room.as_mut().and_then(RoomLog::take_redo) {
+                    // Another commit won the epoch of ours: redo it in this one.
+                    self.commit_intent(epoch, intent);
                     return;
                 }
-                if let Some(message) = self.outbox.front() {
-                    if message.wait_for_epoch > epoch {
-                        return;
-                    }
-                    let (number, text) = (message.number, message.text.clone());
-                    let Some(keys) = self.keys.as_mut() else { return };
-                    match seal_application(keys, text.as_bytes(), &self.key) {
-                        Ok(mut frame) => {
-                            self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
-                            frame.header_mut().set_request_id(self.next_request_id);
-                            frame.sign(&self.key);
-                            self.in_flight = Some((
-                                self.next_request_id,
-                                Request::Application { message: number, frame: frame.clone() },
-                            ));
-                            self.send_frame(&frame);
-                        }
-                        Err(error) => self.violation(format!("seal: {error}")),
-                    }
+                if self.intents > 0 {
+                    self.intents -= 1;
+                    self.commit_intent(epoch, Intent::Update);
                     return;
                 }
-                if self.shared.workload.get() && self.rng.gen_bool(self.shared.work_rate.get()) {
-                    let mut persisted = self.shared.persisted.borrow_mut();
-                    if self.rng.gen_bool(self.shared.update_share.get()) {
-                        if persisted.updates_asked < UPDATES_PER_CLIENT_MAX {
-                            persisted.updates_asked += 1;
-                            self.intents += 1;
-                        }
-                    } else if persisted.next_message < MESSAGES_PER_CLIENT_MAX {
-                        let number = persisted.next_message;
-                        persisted.next_message += 1;
-                        let text = format!("client {} message {number}", self.shared.index);
-                        self.outbox.push_back(Message { number, text, wait_for_epoch: 0 });
-                    }
+                if self.outbox.front().is_some_and(|message| message.wait_for_epoch <= epoch) {
+                    self.send_message();
+                    return;
                 }
+                self.new_work();
             }
             _ => {}
         }
     }
 
-    fn commit_update(&mut self, epoch: u64) {
-        let Some(group) = self.group.as_mut() else { return };
-        let output = match group.self_update(&self.provider, &self.identity) {
-            Ok(output) => output,
-            Err(error) => {
-                self.violation(format!("self update: {error}"));
+    /// Our commit's fate is unknown and the log (read to its head) did not
+    /// settle it: send it again.
+    fn resend_commit(&mut self) {
+        let Some(bytes) = self.room.as_ref().and_then(RoomLog::commit_to_resend) else { return };
+        match Frame::decode(&Bytes::copy_from_slice(bytes)) {
+            Ok(frame) => {
+                self.in_flight = Some((frame.header().request_id(), Request::Commit { superseded: false }));
+                self.send_frame(&frame);
+            }
+            Err(error) => self.violation(format!("stored commit: {error}")),
+        }
+    }
+
+    fn claim_key_packages(&mut self) {
+        if !self.shared.others.borrow().is_empty() {
+            let others: Vec<u64> = self.shared.others.borrow().iter().map(|s| s.0).collect();
+            self.request(&payload::KeyPackageClaim { sender_ids: others }, 0, Request::Claim);
+        }
+    }
+
+    /// Seals the outbox's first message with the room's sender keys (the
+    /// chain position is persisted before the frame leaves) and sends it.
+    fn send_message(&mut self) {
+        let Some(message) = self.outbox.front_mut() else { return };
+        let (number, text) = (message.number, message.text.clone());
+        let Some(room) = self.room.as_mut() else { return };
+        match room.seal(text.as_bytes(), &self.key) {
+            Ok(sealed) => {
+                let mut frame = sealed.frame;
+                self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+                frame.header_mut().set_request_id(self.next_request_id);
+                frame.sign(&self.key);
+                let sent = SentMessage { id: number, epoch: sealed.epoch, generation: sealed.generation };
+                // Only the latest attempt can be in the log unseen: an earlier
+                // one was refused, or read back from the log before this one.
+                message.sealed = Some(sent);
+                self.in_flight = Some((
+                    self.next_request_id,
+                    Request::Application { message: number, frame: frame.clone(), sent },
+                ));
+                self.persist();
+                self.send_frame(&frame);
+            }
+            Err(error) => self.violation(format!("seal: {error}")),
+        }
+    }
+
+    fn new_work(&mut self) {
+        if !self.shared.workload.get() || !self.rng.gen_bool(self.shared.work_rate.get()) {
+            return;
+        }
+        let mut persisted = self.shared.persisted.borrow_mut();
+        if self.rng.gen_bool(self.shared.update_share.get()) {
+            if persisted.updates_asked < UPDATES_PER_CLIENT_MAX {
+                persisted.updates_asked += 1;
+                self.intents += 1;
+            }
+        } else if persisted.next_message < MESSAGES_PER_CLIENT_MAX {
+            let number = persisted.next_message;
+            persisted.next_message += 1;
+            let text = format!("client {} message {number}", self.shared.index);
+            self.outbox.push_back(Message { number, text, wait_for_epoch: 0, sealed: None });
+        }
+    }
+
+    /// Makes the commit for `intent` in `epoch` and sends it.
+    fn commit_intent(&mut self, epoch: u64, intent: Intent) {
+        let output = match &intent {
+            Intent::Update => {
+                let Some(group) = self.room.as_mut().and_then(RoomLog::group_mut) else { return };
+                group.self_update(&self.provider, &self.identity)
+            }
+            // The adds are made from freshly claimed key packages.
+            Intent::Invite(_) => return self.claim_key_packages(),
+            other => {
+                self.violation(format!("intent {other:?}, which the workload never has"));
                 return;
             }
         };
-        let commit = payload::Commit {
-            commit: output.commit,
-            welcome: None,
-            welcome_recipients: vec![],
-            group_info: Some(output.group_info),
-        };
-        self.send_commit(&commit, epoch, output.new_epoch);
+        match output {
+            Ok(output) => {
+                let commit = payload::Commit {
+                    commit: output.commit,
+                    welcome: None,
+                    welcome_recipients: vec![],
+                    group_info: Some(output.group_info),
+                };
+                self.send_commit(&commit, epoch, intent);
+            }
+            Err(error) => self.violation(format!("self update: {error}")),
+        }
     }
 
-    fn send_commit(&mut self, commit: &payload::Commit, epoch: u64, new_epoch: u64) {
+    fn send_commit(&mut self, commit: &payload::Commit, epoch: u64, intent: Intent) {
         let (id, frame) = self.frame(commit, epoch);
-        self.shared.persisted.borrow_mut().pending_commit = Some((frame.to_bytes(), new_epoch));
-        self.transition(Event::CommitSent { target_epoch: new_epoch });
+        let Some(room) = self.room.as_mut() else { return };
+        if let Err(error) = room.commit_sent(frame.to_bytes().to_vec(), epoch, intent) {
+            self.violation(format!("client {}: {error}", self.shared.index));
+            return;
+        }
         self.persist();
         self.in_flight = Some((id, Request::Commit { superseded: false }));
         self.send_frame(&frame);
     }
 
-    fn enter_epoch(&mut self) {
-        let Some(group) = self.group.as_ref() else { return };
-        match SenderKeyState::from_group(&self.provider, group) {
-            Ok(keys) => self.keys = Some(keys),
-            Err(error) => self.violation(format!("sender keys: {error}")),
+    /// Adds a new epoch (and its exporter secret) to the transcript.
+    fn note_epoch(&mut self) {
+        let Some(group) = self.room.as_ref().and_then(RoomLog::group) else { return };
+        if self.transcript_epoch == Some(group.epoch()) {
+            return;
         }
-        self.leaves.clear();
-        for member in group.members() {
-            if let Ok(key) = <[u8; 32]>::try_from(member.identity.as_slice()) {
-                self.leaves.insert(SenderId::from_identity_key(&key), (member.leaf_index, key));
-            }
-        }
+        self.transcript_epoch = Some(group.epoch());
         if let Ok(secret) = group.export_secret(&self.provider, TRANSCRIPT_EXPORTER_LABEL, &[], 32) {
             let mut transcript = self.shared.transcript.borrow_mut();
             transcript.add(b"epoch", &group.epoch().to_be_bytes());
@@ -624,51 +681,12 @@ impl Client {
         }
     }
 
-    fn apply_actions(&mut self, actions: Vec<Action>) {
-        for action in actions {
-            match action {
-                Action::MergePendingCommit => {
-                    if let Some(group) = self.group.as_mut() {
-                        if let Err(error) = group.confirm_pending_commit(&self.provider) {
-                            self.violation(format!("confirm commit: {error}"));
-                        }
-                    }
-                    self.shared.persisted.borrow_mut().pending_commit = None;
-                }
-                Action::DiscardPendingCommit => {
-                    if let Some(group) = self.group.as_mut() {
-                        if group.has_pending_commit() {
-                            if let Err(error) = group.discard_pending_commit(&self.provider) {
-                                self.violation(format!("discard commit: {error}"));
-                            }
-                        }
-                    }
-                    self.shared.persisted.borrow_mut().pending_commit = None;
-                }
-                Action::EnterEpoch { .. } => {
-                    self.enter_epoch();
-                    self.fresh_epoch_needed = false;
-                }
-                Action::Subscribe => self.subscribe(),
-                // Live subscription already delivers everything from our index on.
-                Action::SyncFrom { .. } => {}
-                Action::ReapplyIntent => {}
-                Action::DeleteGroup => {
-                    self.violation("removed from the room, which the workload never does");
-                }
-            }
-        }
-    }
-
     fn record_delivered(&mut self, log_index: u64, frame_digest: [u8; 32], acknowledged: bool) {
-        {
-            let mut record = self.shared.record.borrow_mut();
-            record.delivered.push((log_index, frame_digest));
-            if acknowledged {
-                record.acknowledged.push((log_index, frame_digest));
-            }
+        let mut record = self.shared.record.borrow_mut();
+        record.delivered.push((log_index, frame_digest));
+        if acknowledged {
+            record.acknowledged.push((log_index, frame_digest));
         }
-        self.shared.persisted.borrow_mut().last_applied = Some(log_index);
     }
 
     fn handle(&mut self, frame: Frame) -> Result<(), String> {
@@ -683,21 +701,9 @@ impl Client {
         let result = match payload {
             AnyPayload::Ack(ack) => self.on_ack(request_id, &ack),
             AnyPayload::Error(error) => self.on_error(request_id, &error),
-            AnyPayload::SyncDone(done) => {
-                if done.next_log_index != self.next_index() {
-                    self.violation(format!(
-                        "client {}: history ended at {} but {} was applied last",
-                        self.shared.index,
-                        done.next_log_index,
-                        self.next_index()
-                    ));
-                    return Err("history gap".into());
-                }
-                self.live = true;
-                Ok(())
-            }
-            AnyPayload::Welcome(welcome) => {
-                self.on_welcome(&welcome, frame.header().log_index());
+            AnyPayload::SyncDone(done) => self.on_history_done(done.next_log_index),
+            AnyPayload::Welcome(_) => {
+                self.on_welcome(&frame);
                 Ok(())
             }
             AnyPayload::KeyPackageStatus(_) => {
@@ -715,11 +721,30 @@ impl Client {
             | AnyPayload::Commit(_)
             | AnyPayload::CreateRoom(_)
             | AnyPayload::Proposal(_)
-            | AnyPayload::ExternalJoin(_) => self.apply_log_frame(&frame),
+            | AnyPayload::ExternalJoin(_) => self.on_log_frame(&frame),
             _ => Ok(()),
         };
+        self.note_epoch();
         self.persist();
         result
+    }
+
+    fn on_history_done(&mut self, next_log_index: u64) -> Result<(), String> {
+        let checked = self.room.as_ref().map(|room| room.history_ended(next_log_index));
+        if let Some(Err(error)) = checked {
+            self.violation(format!("client {}: {error}", self.shared.index));
+            return Err("history gap".into());
+        }
+        if next_log_index != self.next_index() {
+            self.violation(format!(
+                "client {}: history ended at {next_log_index} but {} was applied last",
+                self.shared.index,
+                self.next_index()
+            ));
+            return Err("history gap".into());
+        }
+        self.live = true;
+        Ok(())
     }
 
     fn on_ack(&mut self, request_id: u32, ack: &payload::Ack) -> Result<(), String> {
@@ -746,40 +771,48 @@ impl Client {
         let stamp = |frame: &Frame| {
             let mut stamped = frame.clone();
             stamped.header_mut().set_log_index(ack.log_index).set_server_timestamp_ms(ack.server_time_ms);
-            digest(&stamped.to_bytes())
+            stamped
         };
         match request {
             Request::Create(frame) => {
-                self.shared.persisted.borrow_mut().created = true;
-                self.record_delivered(ack.log_index, stamp(&frame), true);
-                self.state = ClientState::Synchronized { epoch: 0 };
-                self.enter_epoch();
-                self.persist();
-                self.subscribe();
+                self.record_delivered(ack.log_index, digest(&stamp(&frame).to_bytes()), true);
+                self.creation_confirmed();
             }
-            Request::Application { message, frame } => {
-                self.record_delivered(ack.log_index, stamp(&frame), true);
-                if self.outbox.front().is_some_and(|m| m.number == message) {
-                    self.outbox.pop_front();
-                }
+            Request::Application { frame, sent, .. } => {
+                // The sender gets the acknowledgement instead of its frame:
+                // the frame as sequenced goes through the room log like any other.
+                self.apply_own(&stamp(&frame), Some(sent))?;
             }
-            Request::Commit { .. } => {
-                let pending = self.shared.persisted.borrow().pending_commit.clone();
-                let Some((bytes, _)) = pending else {
+            Request::Commit { superseded } => {
+                let pending =
+                    self.room.as_ref().and_then(RoomLog::pending_commit).map(|p| p.frame().to_vec());
+                let Some(bytes) = pending.filter(|_| !superseded) else {
                     self.violation("commit acknowledged with none pending");
                     return Ok(());
                 };
-                let frame = Frame::decode(&bytes).map_err(|e| e.to_string())?;
-                self.record_delivered(ack.log_index, stamp(&frame), true);
-                let actions = self.transition(Event::CommitAcked { epoch: ack.epoch });
-                self.apply_actions(actions);
-                self.intents = self.intents.saturating_sub(1);
+                let frame = Frame::decode(&Bytes::from(bytes)).map_err(|e| e.to_string())?;
+                self.apply_own(&stamp(&frame), None)?;
             }
             Request::Upload | Request::Claim => {
                 self.violation("acknowledgement for a directory request");
             }
         }
         Ok(())
+    }
+
+    /// Our own frame, sequenced at the acknowledgement's index.
+    fn apply_own(&mut self, stamped: &Frame, sent: Option<SentMessage>) -> Result<(), String> {
+        let frame_digest = digest(&stamped.to_bytes());
+        self.record_delivered(stamped.header().log_index(), frame_digest, true);
+        self.apply(stamped, sent)
+    }
+
+    fn creation_confirmed(&mut self) {
+        if let Some(room) = self.room.as_mut() {
+            room.creation_confirmed();
+        }
+        self.persist();
+        self.subscribe();
     }
 
     fn on_error(&mut self, request_id: u32, error: &payload::Error) -> Result<(), String> {
@@ -820,14 +853,11 @@ impl Client {
             }
             (Request::Application { .. }, Some(ErrorCode::StorageUnavailable | ErrorCode::RateLimited)) => {}
             (Request::Commit { superseded: true }, _) => {}
-            (Request::Commit { .. }, Some(ErrorCode::WrongEpoch)) => {
-                let current_epoch = error.current_epoch.unwrap_or(0);
-                let log_index = error.log_index.unwrap_or(0);
-                let actions = self.transition(Event::WrongEpoch { current_epoch, log_index });
-                self.apply_actions(actions);
-            }
+            (Request::Commit { .. }, Some(ErrorCode::WrongEpoch)) => self.commit_refused(error),
             // Fate unknown (the write may be durable): the log settles it after reconnecting.
             (Request::Commit { .. }, Some(ErrorCode::StorageUnavailable)) => {}
+            // Sequenced before a crash: the log holds it.
+            (Request::Create(_), Some(ErrorCode::RoomExists)) => self.creation_confirmed(),
             (Request::Upload | Request::Claim, _) => {}
             (request, code) => {
                 self.violation(format!(
@@ -842,19 +872,27 @@ impl Client {
         Ok(())
     }
 
-    fn on_welcome(&mut self, welcome: &payload::Welcome, commit_log_index: u64) {
-        if self.group.is_some() {
+    /// Another commit won our commit's epoch: the room log discards ours
+    /// and keeps its intent, which [`Client::drive`] redoes.
+    fn commit_refused(&mut self, error: &payload::Error) {
+        let Some(room) = self.room.as_mut() else { return };
+        match room.commit_refused(&self.provider, Some(error)) {
+            Ok(CommitRefusal::Retry { intent, .. }) => room.redo_later(intent),
+            Ok(CommitRefusal::Final) => self.violation("a WrongEpoch refusal settled as final"),
+            Err(error) => self.violation(format!("client {}: {error}", self.shared.index)),
+        }
+    }
+
+    fn on_welcome(&mut self, frame: &Frame) {
+        if self.room.is_some() {
             return;
         }
-        match RoomGroup::join_from_welcome(&self.provider, &welcome.welcome, welcome.ratchet_tree.as_deref())
-        {
-            Ok(group) => {
-                let epoch = group.epoch();
-                self.group = Some(group);
-                self.shared.persisted.borrow_mut().last_applied = Some(commit_log_index);
-                let actions = self.transition(Event::WelcomeReceived { epoch });
+        match RoomLog::join_from_welcome(&self.provider, ROOM, frame) {
+            Ok(room) => {
+                self.room = Some(room);
+                self.note_epoch();
                 self.persist();
-                self.apply_actions(actions);
+                self.subscribe();
             }
             Err(error) => self.violation(format!("client {}: join from Welcome: {error}", self.shared.index)),
         }
@@ -870,23 +908,24 @@ impl Client {
         let Some(packages) = packages else { return };
         let others: Vec<u64> = self.shared.others.borrow().iter().map(|s| s.0).collect();
         let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
-        let Some(group) = self.group.as_mut() else { return };
+        let Some(group) = self.room.as_mut().and_then(RoomLog::group_mut) else { return };
         let epoch = group.epoch();
         match group.add_members(&self.provider, &self.identity, &refs) {
             Ok(output) => {
                 let commit = payload::Commit {
                     commit: output.commit,
                     welcome: output.welcome,
-                    welcome_recipients: others,
+                    welcome_recipients: others.clone(),
                     group_info: Some(output.group_info),
                 };
-                self.send_commit(&commit, epoch, output.new_epoch);
+                self.send_commit(&commit, epoch, Intent::Invite(others));
             }
             Err(error) => self.violation(format!("add members: {error}")),
         }
     }
 
-    fn apply_log_frame(&mut self, frame: &Frame) -> Result<(), String> {
+    /// A frame of the log from the server (history or live).
+    fn on_log_frame(&mut self, frame: &Frame) -> Result<(), String> {
         let log_index = frame.header().log_index();
         let expected = self.next_index();
         if log_index < expected {
@@ -903,113 +942,81 @@ impl Client {
             ));
             return Err("gap".into());
         }
-        let frame_digest = digest(&frame.to_bytes());
         let own = frame.header().sender_id() == self.sender;
-        match frame.opcode() {
-            Opcode::Application => {
-                if own {
-                    // Ours, sequenced though its acknowledgement never came.
-                    let ciphertext =
-                        frame.decode_payload::<payload::Application>().map(|p| p.ciphertext).ok();
-                    if let Some((_, Request::Application { frame: sent, message })) = &self.in_flight {
-                        let sent_ct =
-                            sent.decode_payload::<payload::Application>().map(|p| p.ciphertext).ok();
-                        if sent_ct == ciphertext {
-                            let message = *message;
-                            self.in_flight = None;
-                            if self.outbox.front().is_some_and(|m| m.number == message) {
-                                self.outbox.pop_front();
-                            }
-                        }
-                    }
-                    self.record_delivered(log_index, frame_digest, false);
-                    return Ok(());
-                }
-                let Some(&(leaf, identity_key)) = self.leaves.get(&frame.header().sender_id()) else {
-                    self.violation(format!(
-                        "client {}: message at {log_index} from a non-member",
-                        self.shared.index
-                    ));
-                    self.record_delivered(log_index, frame_digest, false);
-                    return Ok(());
-                };
-                let Some(keys) = self.keys.as_mut() else { return Err("no keys".into()) };
-                match open_application(keys, frame, leaf, &identity_key) {
-                    Ok(plaintext) => {
-                        let text = String::from_utf8_lossy(&plaintext).into_owned();
-                        self.shared.record.borrow_mut().plaintexts.push(text);
-                    }
-                    Err(error) => self.violation(format!(
-                        "client {}: open message at {log_index}: {error}",
-                        self.shared.index
-                    )),
-                }
-                self.record_delivered(log_index, frame_digest, false);
+        let expected_opcode = matches!(frame.opcode(), Opcode::Application | Opcode::Commit)
+            || (frame.opcode() == Opcode::CreateRoom && own);
+        if !expected_opcode {
+            self.violation(format!(
+                "client {}: unexpected {:?} in the log at {log_index}",
+                self.shared.index,
+                frame.opcode()
+            ));
+        }
+        self.record_delivered(log_index, digest(&frame.to_bytes()), false);
+        let sent = self.outbox.front().and_then(|message| message.sealed);
+        self.apply(frame, sent)
+    }
+
+    /// Feeds one sequenced frame to the room log and acts on what it says.
+    fn apply(&mut self, frame: &Frame, sent: Option<SentMessage>) -> Result<(), String> {
+        let log_index = frame.header().log_index();
+        let Some(room) = self.room.as_mut() else { return Err("a log frame before joining".into()) };
+        let had_pending = room.pending_commit().is_some();
+        let applied = room.apply(&self.provider, self.sender, frame, sent);
+        let settled = had_pending && room.pending_commit().is_none();
+        let member = room.is_member();
+        let entry = match applied {
+            Ok(entry) => entry,
+            Err(error) => {
+                self.violation(format!(
+                    "client {}: sequenced {:?} at {log_index} does not apply: {error}",
+                    self.shared.index,
+                    frame.opcode()
+                ));
+                return Ok(());
             }
-            Opcode::Commit => {
-                let commit: payload::Commit = frame.decode_payload().map_err(|e| e.to_string())?;
-                if own {
-                    let pending = self.shared.persisted.borrow().pending_commit.clone();
-                    let ours = pending
-                        .as_ref()
-                        .and_then(|(bytes, _)| Frame::decode(bytes).ok())
-                        .and_then(|f| f.decode_payload::<payload::Commit>().ok())
-                        .is_some_and(|p| p.commit == commit.commit);
-                    if !ours {
-                        self.violation(format!(
-                            "client {}: own commit at {log_index} is not the pending one",
-                            self.shared.index
-                        ));
-                        self.record_delivered(log_index, frame_digest, false);
-                        return Ok(());
-                    }
+        };
+        if settled && frame.opcode() == Opcode::Commit {
+            self.commit_settled(frame.header().sender_id() == self.sender);
+        }
+        if !member {
+            self.violation(format!(
+                "client {}: removed from the room, which the workload never does",
+                self.shared.index
+            ));
+        }
+        match entry.map(|entry| entry.body) {
+            Some(EntryBody::Text(plaintext)) => {
+                let text = String::from_utf8_lossy(&plaintext).into_owned();
+                self.shared.record.borrow_mut().plaintexts.push(text);
+            }
+            Some(EntryBody::Own { outbox_id }) => {
+                // Ours, sequenced (acknowledged, or the acknowledgement never came).
+                if matches!(self.in_flight, Some((_, Request::Application { message, .. })) if message == outbox_id)
+                {
                     self.in_flight = None;
-                    let epoch = frame.header().epoch() + 1;
-                    self.record_delivered(log_index, frame_digest, false);
-                    let actions = self.transition(Event::CommitAcked { epoch });
-                    self.apply_actions(actions);
-                    self.intents = self.intents.saturating_sub(1);
-                    return Ok(());
                 }
-                let Some(group) = self.group.as_mut() else { return Err("no group".into()) };
-                match group.process_handshake(&self.provider, &commit.commit) {
-                    Ok(HandshakeOutcome::CommitApplied(applied)) => {
-                        if applied.own_commit_discarded {
-                            self.shared.persisted.borrow_mut().pending_commit = None;
-                            if let Some((_, Request::Commit { superseded })) = self.in_flight.as_mut() {
-                                *superseded = true;
-                            }
-                        }
-                        self.record_delivered(log_index, frame_digest, false);
-                        let actions = self.transition(Event::CommitFromOthers { epoch: applied.epoch });
-                        self.apply_actions(actions);
-                    }
-                    Ok(other) => {
-                        self.violation(format!(
-                            "client {}: commit at {log_index} processed as {other:?}",
-                            self.shared.index
-                        ));
-                        self.record_delivered(log_index, frame_digest, false);
-                    }
-                    Err(error) => {
-                        self.violation(format!(
-                            "client {}: sequenced commit at {log_index} does not apply: {error}",
-                            self.shared.index
-                        ));
-                        self.record_delivered(log_index, frame_digest, false);
-                    }
+                if self.outbox.front().is_some_and(|m| m.number == outbox_id) {
+                    self.outbox.pop_front();
                 }
             }
-            other => {
-                if !(other == Opcode::CreateRoom && own) {
-                    self.violation(format!(
-                        "client {}: unexpected {other:?} in the log at {log_index}",
-                        self.shared.index
-                    ));
-                }
-                self.record_delivered(log_index, frame_digest, false);
+            Some(EntryBody::Unreadable(why)) => {
+                self.violation(format!("client {}: open message at {log_index}: {why}", self.shared.index));
             }
+            Some(EntryBody::Membership { .. } | EntryBody::Redacted) | None => {}
         }
         Ok(())
+    }
+
+    /// The log settled our pending commit: merged (`ours`) or beaten by
+    /// another commit (its intent is kept to be redone).
+    fn commit_settled(&mut self, ours: bool) {
+        if let Some((_, Request::Commit { superseded })) = self.in_flight.as_mut() {
+            if ours {
+                self.in_flight = None;
+            } else {
+                *superseded = true;
+            }
+        }
     }
 }
