@@ -63,6 +63,9 @@ struct Args {
     /// Inject in the shard: panic on a resubscription.
     #[arg(long)]
     bug_panic_on_resubscribe: bool,
+    /// Probability per tick that a client takes on new work.
+    #[arg(long, default_value_t = 0.05)]
+    work_rate: f64,
     /// Print every run's counters.
     #[arg(long)]
     verbose: bool,
@@ -80,6 +83,7 @@ impl Args {
             crashes: !self.no_crashes,
             partitions: !self.no_partitions,
             disk_faults: !self.no_disk_faults,
+            work_rate: self.work_rate,
             bugs: Bugs {
                 ack_before_durable: self.bug_ack_before_durable,
                 double_commit: self.bug_double_commit,
@@ -95,8 +99,8 @@ impl Args {
     /// The command line that replays `seed` with these options.
     fn replay_command(&self, seed: u64) -> String {
         let mut command = format!(
-            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {}",
-            self.clients, self.loss_max, self.latency_max_ms, self.fault_phase_ms, self.heal_bound_ms
+            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {}",
+            self.clients, self.loss_max, self.latency_max_ms, self.fault_phase_ms, self.heal_bound_ms, self.work_rate
         );
         for (set, flag) in [
             (self.no_crashes, "--no-crashes"),

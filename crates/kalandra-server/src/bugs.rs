@@ -17,7 +17,7 @@ pub struct InjectedBugs {
     /// after the last time it stamped.
     pub stamp_without_clock_floor: bool,
     /// The shard panics when a connection subscribes from past the start
-    /// of a room's log (every reconnection does).
+    /// of a room's log (a joiner and every reconnection do).
     pub panic_on_resubscribe: bool,
 }
 
