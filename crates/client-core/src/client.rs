@@ -30,7 +30,6 @@
 //! Failed sends are retried with exponential backoff ([`backoff_ms`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -46,7 +45,7 @@ use openmls_traits::OpenMlsProvider as _;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{client_config_pinned, Connection, ConnectionError};
+use crate::connection::{Connection, ConnectionError};
 use crate::mls::{
     generate_key_packages, generate_last_resort_key_package, CommitError, CreateRoomError, ExportError,
     HandshakeOutcome, Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError,
@@ -94,16 +93,8 @@ pub fn backoff_ms(attempts: u32) -> u64 {
     BACKOFF_INITIAL_MS.saturating_mul(1u64 << shift).min(BACKOFF_MAX_MS)
 }
 
-/// Where the server is and how to recognise it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerTarget {
-    /// UDP address of its QUIC listener.
-    pub address: SocketAddr,
-    /// TLS server name.
-    pub server_name: String,
-    /// SHA-256 of its certificate (pinned).
-    pub fingerprint: [u8; 32],
-}
+pub use crate::target::{ServerAddress, ServerTarget};
+pub use crate::tls::ServerTrust;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -616,16 +607,7 @@ impl Client {
     /// sends what waits in the outbox.
     pub async fn connect(&mut self) -> Result<(), ClientError> {
         let server = self.server.clone().ok_or(ClientError::NotConnected)?;
-        let config = client_config_pinned(server.fingerprint)
-            .map_err(|e| ClientError::Connection(ConnectionError::Tls(e.to_string())))?;
-        let connection = Connection::connect(
-            server.address,
-            &server.server_name,
-            config,
-            &self.signing_key,
-            self.request_timeout,
-        )
-        .await?;
+        let connection = server.connect(&self.signing_key, self.request_timeout).await?;
         self.connection = Some(connection);
         for entry in self.rooms.values_mut() {
             if entry.state.is_connected() {

@@ -11,7 +11,8 @@
 //!   a key the application supplies.
 //! - [`client`]: a device — identity, rooms, outbox, history — persisted in
 //!   the store and driven over one connection (what apps and the CLI use).
-//! - [`connection`], [`tls`]: the QUIC driver and its client TLS.
+//! - [`connection`], [`tls`], [`target`]: the QUIC driver, its client TLS
+//!   (pinned fingerprint, CA file or system roots) and the server's address.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -22,4 +23,5 @@ pub mod push;
 pub mod sender_keys;
 pub mod state;
 pub mod store;
+pub mod target;
 pub mod tls;

@@ -5,19 +5,21 @@
 //! and exits; `tail` stays connected and prints messages as they are
 //! sequenced. Exit codes: 0 success, 1 other failure, 2 usage, 3 server
 //! unreachable or connection lost, 4 refused by the server, 5 not found
-//! here (unknown room, no invitation, not initialised).
+//! here (unknown room, no invitation, not initialised), 6 the server's
+//! certificate refused (fingerprint mismatch, untrusted chain or name).
 
 mod admin;
 
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use client_core::client::{Client, ClientError, Message, MessageBody, ServerTarget};
+use client_core::client::{
+    Client, ClientError, Message, MessageBody, ServerAddress, ServerTarget, ServerTrust,
+};
 use client_core::connection::{parse_fingerprint, ConnectionError};
 use client_core::store::{StoreKey, STORE_KEY_BYTES};
 use client_core::tls::fingerprint_of_pem_file;
@@ -52,19 +54,27 @@ enum Command {
     /// Operator commands over the server's admin API (rooms, roles, kick, ban, audit).
     Admin(admin::AdminArgs),
     /// Create this device: an identity and an encrypted store, and remember the server.
+    #[command(group(clap::ArgGroup::new("trust").required(true).args(["fingerprint", "server_cert", "ca_file", "system_roots"])))]
     Init {
-        /// The server's QUIC address.
+        /// The server's QUIC address: a host name or IP address, and a port
+        /// (default port 4433). Host names are resolved at every connect.
         #[arg(long, default_value = "127.0.0.1:4433")]
-        server: SocketAddr,
-        /// The server certificate's SHA-256 fingerprint (the server prints it at start).
-        #[arg(long, conflicts_with = "server_cert")]
+        server: String,
+        /// Pin the server certificate's SHA-256 fingerprint (the server prints it at start).
+        #[arg(long)]
         fingerprint: Option<String>,
-        /// The server's certificate file instead (e.g. kalandra-data/tls/cert.pem).
+        /// Pin the certificate in this file instead (e.g. kalandra-data/tls/cert.pem).
         #[arg(long)]
         server_cert: Option<PathBuf>,
-        /// TLS server name.
-        #[arg(long, default_value = "localhost")]
-        server_name: String,
+        /// Trust certificates issued by the roots in this PEM file (checks the chain and the server name).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Trust the system's root certificates (checks the chain and the server name).
+        #[arg(long)]
+        system_roots: bool,
+        /// TLS server name the certificate must be valid for (default: the host of --server).
+        #[arg(long)]
+        server_name: Option<String>,
     },
     /// Print this device's sender id (others invite you with it).
     Whoami,
@@ -253,6 +263,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             | ClientError::UnknownMember(_)
             | ClientError::NotInitialised { .. },
         ) => 5,
+        Some(ClientError::Connection(ConnectionError::Certificate(_))) => 6,
         _ => 1,
     }
 }
@@ -389,34 +400,104 @@ async fn tail(
     Ok(())
 }
 
+/// The trust `init` was given (exactly one, clap's group ensures it).
+fn init_trust(
+    fingerprint: Option<&str>,
+    server_cert: Option<&Path>,
+    ca_file: Option<&Path>,
+    system_roots: bool,
+) -> anyhow::Result<ServerTrust> {
+    Ok(match (fingerprint, server_cert, ca_file) {
+        (Some(text), _, _) => ServerTrust::Fingerprint(
+            parse_fingerprint(text).ok_or_else(|| anyhow::anyhow!("--fingerprint must be 64 hex digits"))?,
+        ),
+        (None, Some(path), _) => ServerTrust::Fingerprint(fingerprint_of_pem_file(path)?),
+        (None, None, Some(path)) => {
+            let absolute =
+                std::fs::canonicalize(path).with_context(|| format!("--ca-file {}", path.display()))?;
+            // Fails now on a file without certificates rather than at the first connect.
+            client_core::tls::client_tls(&ServerTrust::CaFile(absolute.clone()))?;
+            ServerTrust::CaFile(absolute)
+        }
+        (None, None, None) if system_roots => ServerTrust::SystemRoots,
+        (None, None, None) => anyhow::bail!("give --fingerprint, --server-cert, --ca-file or --system-roots"),
+    })
+}
+
+/// Creates the device and publishes its key packages. When the server's
+/// certificate is refused, the device is removed again: a device pinned to
+/// the wrong server is of no use.
+async fn init(cli: &Cli, out: &mut impl std::io::Write, target: ServerTarget) -> anyhow::Result<()> {
+    let created = DeviceFiles::before_init(&cli.dir);
+    let key = store_key(&cli.dir, true)?;
+    let mut client = Client::init(&cli.dir, &key)?;
+    client.set_server(target)?;
+    client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
+    // Publish key packages so that others can invite this device at once.
+    let connected = client.connect().await;
+    client.disconnect().await;
+    match connected {
+        Ok(()) => {}
+        Err(error @ ClientError::Connection(ConnectionError::Certificate(_) | ConnectionError::Tls(_))) => {
+            drop(client);
+            created.remove();
+            return Err(anyhow::Error::new(error).context("no device was created"));
+        }
+        Err(error) => {
+            writeln!(out, "{}", client.sender_id())?;
+            return Err(anyhow::Error::new(error).context(
+                "the device was created, but its key packages are not published yet \
+                 (any later command that reaches the server publishes them)",
+            ));
+        }
+    }
+    writeln!(out, "{}", client.sender_id())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// What `init` may create, to remove it again if `init` fails.
+struct DeviceFiles {
+    dir: PathBuf,
+    dir_existed: bool,
+    key_file_existed: bool,
+}
+
+impl DeviceFiles {
+    fn before_init(dir: &Path) -> DeviceFiles {
+        DeviceFiles {
+            dir: dir.to_owned(),
+            dir_existed: dir.exists(),
+            key_file_existed: dir.join(KEY_FILE_NAME).exists(),
+        }
+    }
+
+    fn remove(self) {
+        if !self.dir_existed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return;
+        }
+        let _ = std::fs::remove_file(self.dir.join(client_core::client::STORE_FILE_NAME));
+        if !self.key_file_existed {
+            let _ = std::fs::remove_file(self.dir.join(KEY_FILE_NAME));
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match &cli.command {
         Command::Admin(args) => admin::run(args, Duration::from_secs(cli.timeout_secs)).await?,
-        Command::Init { server, fingerprint, server_cert, server_name } => {
-            let fingerprint = match (fingerprint, server_cert) {
-                (Some(text), _) => parse_fingerprint(text)
-                    .ok_or_else(|| anyhow::anyhow!("--fingerprint must be 64 hex digits"))?,
-                (None, Some(path)) => fingerprint_of_pem_file(path)?,
-                (None, None) => anyhow::bail!("give --fingerprint or --server-cert to pin the server"),
-            };
-            let key = store_key(&cli.dir, true)?;
-            let mut client = Client::init(&cli.dir, &key)?;
-            client.set_server(ServerTarget {
-                address: *server,
-                server_name: server_name.clone(),
-                fingerprint,
-            })?;
-            client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
-            writeln!(out, "{}", client.sender_id())?;
-            out.flush()?;
-            // Publish key packages so that others can invite this device at once.
-            let connected = client.connect().await;
-            client.disconnect().await;
-            connected.context(
-                "the device was created, but its key packages are not published yet \
-                 (any later command that reaches the server publishes them)",
+        Command::Init { server, fingerprint, server_cert, ca_file, system_roots, server_name } => {
+            let trust = init_trust(
+                fingerprint.as_deref(),
+                server_cert.as_deref(),
+                ca_file.as_deref(),
+                *system_roots,
             )?;
+            let address = ServerAddress::parse(server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+            let server_name = server_name.clone().unwrap_or_else(|| address.host.clone());
+            init(&cli, &mut out, ServerTarget { address, server_name, trust }).await?;
         }
         Command::Whoami => {
             let key = store_key(&cli.dir, false)?;
