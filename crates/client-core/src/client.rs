@@ -1537,6 +1537,13 @@ impl Client {
                         body: MessageBody::Text(entry.plaintext),
                     };
                     self.pending_batch.message(room_id, ack.log_index, encode(&message));
+                    if let Some(room) = self.rooms.get_mut(&room_id) {
+                        // A subscribed connection is not sent its own frame back (the
+                        // Ack stands for it): step over it when it is next in the log.
+                        if room.record.next_log_index == ack.log_index {
+                            room.record.next_log_index = ack.log_index + 1;
+                        }
+                    }
                     self.checkpoint()?;
                     return Ok(ack.log_index);
                 }
