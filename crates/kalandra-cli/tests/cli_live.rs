@@ -186,3 +186,74 @@ async fn tail_stops_cleanly_on_sigint_and_a_killed_one_leaves_the_device_usable(
     assert!(ok(alice, &["history", "--room", &room]).await.contains("\tafter the kill"));
     server.stop().await;
 }
+
+/// `tmux -L <socket> <args>`, on a tmux server of this test's own.
+fn tmux(socket: &str, args: &[&str]) -> String {
+    let output = Command::new("tmux").arg("-L").arg(socket).args(args).output().expect("tmux is installed");
+    assert!(output.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn wait_for_pane(socket: &str, text: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let pane = tmux(socket, &["capture-pane", "-p", "-t", "chat"]);
+        if pane.contains(text) {
+            return pane;
+        }
+        assert!(started.elapsed() < WAIT, "{text:?} not on the screen:\n{pane}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_works_in_a_terminal_under_tmux_and_ctrl_c_leaves() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (alice, bob) = (alice.path(), bob.path());
+    let room = two_in_a_room(&server, alice, bob).await;
+    let tmux_socket = format!("kalandra-test-{}", std::process::id());
+    let command =
+        format!("exec {} --dir {} chat --room {room}", env!("CARGO_BIN_EXE_kalandra"), bob.display());
+    tmux(
+        &tmux_socket,
+        &["-f", "/dev/null", "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", &command],
+    );
+    let _tmux_server = TmuxServer(tmux_socket.clone());
+    tmux(&tmux_socket, &["set-option", "-t", "chat", "remain-on-exit", "on"]);
+    wait_for_socket(bob).await;
+
+    ok(alice, &["send", "--room", &room, "hello from alice"]).await;
+    // The pane shows tabs as spaces.
+    wait_for_pane(&tmux_socket, "hello from alice").await;
+    tmux(&tmux_socket, &["send-keys", "-t", "chat", "typed in tmux", "Enter"]);
+    let started = Instant::now();
+    while !ok(alice, &["history", "--room", &room]).await.contains("\ttyped in tmux") {
+        assert!(started.elapsed() < WAIT, "the typed line did not reach Alice");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tmux(&tmux_socket, &["send-keys", "-t", "chat", "C-c"]);
+    let started = Instant::now();
+    loop {
+        let state =
+            tmux(&tmux_socket, &["display-message", "-p", "-t", "chat", "#{pane_dead} #{pane_dead_status}"]);
+        if state.trim() == "1 0" {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "chat did not exit cleanly on Ctrl-C: {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!socket(bob).exists());
+    server.stop().await;
+}
+
+/// Stops the test's tmux server (and what runs in it), also when the test fails.
+struct TmuxServer(String);
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").arg("-L").arg(&self.0).arg("kill-server").output();
+    }
+}
