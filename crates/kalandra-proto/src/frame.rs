@@ -12,7 +12,7 @@ use crate::ErrorCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     /// The payload exceeds the opcode's limit.
-    #[error("payload of {len_bytes} bytes exceeds {max_bytes} for {opcode:?}")]
+    #[error("payload of {len_bytes} bytes exceeds {max_bytes} for {}", opcode.name())]
     PayloadTooLarge {
         /// The frame's opcode.
         opcode: Opcode,
@@ -22,7 +22,7 @@ pub enum FrameError {
         max_bytes: u32,
     },
     /// The payload type belongs to another opcode.
-    #[error("payload for {expected:?} given to a {found:?} header")]
+    #[error("payload for {} given to a {} header", expected.name(), found.name())]
     OpcodeMismatch {
         /// Opcode of the payload type.
         expected: Opcode,

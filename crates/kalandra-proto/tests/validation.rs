@@ -384,3 +384,24 @@ fn large_byte_strings_decode() {
         assert_eq!(Commit::decode(&commit.encode()).unwrap(), commit, "{len}");
     }
 }
+
+/// Error messages reach peers in `Error` frames: plain words, never Rust
+/// debug text such as `Io(Error { kind: UnexpectedEof, .. })`.
+#[test]
+fn payload_errors_are_plain_text() {
+    let hello: Vec<u8> =
+        Hello { versions: vec![1], identity_key: [7; 32], client_name: "plain".into() }.encode().to_vec();
+    let cases: Vec<(&str, String)> = vec![
+        ("truncated", Hello::decode(&hello[..hello.len() - 3]).unwrap_err().to_string()),
+        ("not a map", Hello::decode(&[0x01]).unwrap_err().to_string()),
+        ("bad syntax", Hello::decode(&[0xff, 0x00]).unwrap_err().to_string()),
+        ("trailing", Hello::decode(&[&hello[..], &[0u8][..]].concat()).unwrap_err().to_string()),
+        ("value", Sync::decode(&Sync { from_log_index: 0, count_max: 0 }.encode()).unwrap_err().to_string()),
+    ];
+    for (name, message) in cases {
+        for debug_marker in ["Error {", "kind:", "Io(", "Semantic(", "Syntax("] {
+            assert!(!message.contains(debug_marker), "{name}: {message}");
+        }
+        assert!(!message.is_empty(), "{name}");
+    }
+}
