@@ -231,6 +231,22 @@ impl FrameDecoder {
         }
     }
 
+    /// After a header error: the refused frame's request id, when its magic
+    /// and version were valid (so bytes 12..16 are a request id in this
+    /// layout); `None` otherwise, and while the decoder has not failed.
+    pub fn failed_request_id(&self) -> Option<u32> {
+        if !matches!(self.state, DecodeState::Poisoned) {
+            return None;
+        }
+        let field =
+            |range: std::ops::Range<usize>| -> Option<[u8; 4]> { self.scratch.get(range)?.try_into().ok() };
+        let magic = u32::from_be_bytes(field(0..4)?);
+        let version = self.scratch[4];
+        (magic == crate::header::MAGIC && version == crate::header::PROTOCOL_VERSION)
+            .then(|| field(12..16).map(u32::from_be_bytes))
+            .flatten()
+    }
+
     /// Whether the decoder is between frames (no partial frame buffered).
     pub fn is_idle(&self) -> bool {
         matches!(self.state, DecodeState::Header { filled: 0 })
