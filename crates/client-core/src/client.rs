@@ -32,7 +32,6 @@
 //! Failed sends are retried with exponential backoff ([`backoff_ms`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -48,7 +47,7 @@ use openmls_traits::OpenMlsProvider as _;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{client_config_pinned, Connection, ConnectionError};
+use crate::connection::{Connection, ConnectionError};
 use crate::mls::{
     generate_key_packages, generate_last_resort_key_package, CommitError, CreateRoomError, ExportError,
     Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError, ProcessError,
@@ -98,16 +97,8 @@ pub fn backoff_ms(attempts: u32) -> u64 {
     BACKOFF_INITIAL_MS.saturating_mul(1u64 << shift).min(BACKOFF_MAX_MS)
 }
 
-/// Where the server is and how to recognise it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerTarget {
-    /// UDP address of its QUIC listener.
-    pub address: SocketAddr,
-    /// TLS server name.
-    pub server_name: String,
-    /// SHA-256 of its certificate (pinned).
-    pub fingerprint: [u8; 32],
-}
+pub use crate::target::{ServerAddress, ServerTarget};
+pub use crate::tls::ServerTrust;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -546,16 +537,7 @@ impl Client {
     /// sends what waits in the outbox.
     pub async fn connect(&mut self) -> Result<(), ClientError> {
         let server = self.server.clone().ok_or(ClientError::NotConnected)?;
-        let config = client_config_pinned(server.fingerprint)
-            .map_err(|e| ClientError::Connection(ConnectionError::Tls(e.to_string())))?;
-        let connection = Connection::connect(
-            server.address,
-            &server.server_name,
-            config,
-            &self.signing_key,
-            self.request_timeout,
-        )
-        .await?;
+        let connection = server.connect(&self.signing_key, self.request_timeout).await?;
         self.connection = Some(connection);
         for room in self.rooms.values_mut() {
             // The previous connection may have died without a word.
@@ -1315,6 +1297,13 @@ impl Client {
                         body: MessageBody::Text(entry.plaintext),
                     };
                     self.pending_batch.message(room_id, ack.log_index, encode(&message));
+                    if let Some(room) = self.rooms.get_mut(&room_id) {
+                        // A subscribed connection is not sent its own frame back (the
+                        // Ack stands for it): step over it when it is next in the log.
+                        if room.record.next_log_index == ack.log_index {
+                            room.record.next_log_index = ack.log_index + 1;
+                        }
+                    }
                     self.checkpoint()?;
                     return Ok(ack.log_index);
                 }

@@ -7,6 +7,7 @@
 //! configuration is [`crate::tls`].
 
 pub use crate::tls::{client_config_pinned, parse_fingerprint};
+use crate::tls::{CertificateRefusal, ClientTls};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -33,6 +34,10 @@ pub enum ConnectionError {
     /// The server could not be reached.
     #[error("cannot reach the server: {0}")]
     Unreachable(String),
+    /// The server's certificate was refused (a wrong pin, an untrusted
+    /// chain, a name the certificate is not valid for).
+    #[error(transparent)]
+    Certificate(#[from] CertificateRefusal),
     /// The connection was lost.
     #[error("connection lost: {0}")]
     Lost(String),
@@ -84,10 +89,7 @@ impl Connection {
         identity: &SigningKey,
         timeout: Duration,
     ) -> Result<Connection, ConnectionError> {
-        let bind: SocketAddr =
-            if address.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard address");
-        let endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
+        let endpoint = client_endpoint(address)?;
         Connection::connect_on(endpoint, address, server_name, config, identity, timeout).await
     }
 
@@ -110,6 +112,60 @@ impl Connection {
             .await
             .map_err(|_| ConnectionError::Unreachable(format!("no answer from {address} in {timeout:?}")))?
             .map_err(|e| ConnectionError::Unreachable(e.to_string()))?;
+        Connection::authenticated(endpoint, connection, identity, timeout).await
+    }
+
+    /// Connects to the first of `addresses` (those of one host name) whose
+    /// handshake completes, trying them at once, then authenticates.
+    /// A certificate refusal is reported as [`ConnectionError::Certificate`].
+    pub async fn connect_any(
+        addresses: &[SocketAddr],
+        server_name: &str,
+        tls: ClientTls,
+        identity: &SigningKey,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectionError> {
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut last_error = ConnectionError::Unreachable("no address to try".into());
+        for address in addresses.iter().take(crate::target::RESOLVED_ADDRESSES_TRIED_MAX) {
+            match client_endpoint(*address)
+                .and_then(|endpoint| handshake(endpoint, *address, server_name, tls.config.clone()))
+            {
+                Ok(attempt) => {
+                    attempts.spawn(tokio::time::timeout(timeout, attempt));
+                }
+                Err(error) => last_error = error,
+            }
+        }
+        while let Some(joined) = attempts.join_next().await {
+            match joined {
+                Ok(Ok(Ok((endpoint, connection)))) => {
+                    attempts.abort_all();
+                    return Connection::authenticated(endpoint, connection, identity, timeout).await;
+                }
+                Ok(Ok(Err(error))) => {
+                    if let Some(refusal) = tls.verdict.refusal() {
+                        // The host presented a certificate we do not trust: say so now.
+                        attempts.abort_all();
+                        return Err(ConnectionError::Certificate(refusal));
+                    }
+                    last_error = error;
+                }
+                Ok(Err(_elapsed)) => {
+                    last_error = ConnectionError::Unreachable(format!("no answer in {timeout:?}"));
+                }
+                Err(join_error) => last_error = ConnectionError::Unreachable(join_error.to_string()),
+            }
+        }
+        Err(tls.verdict.refusal().map_or(last_error, ConnectionError::Certificate))
+    }
+
+    async fn authenticated(
+        endpoint: quinn::Endpoint,
+        connection: quinn::Connection,
+        identity: &SigningKey,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectionError> {
         let (send, recv) = connection.open_bi().await.map_err(|e| ConnectionError::Lost(e.to_string()))?;
         let mut this = Connection {
             endpoint,
@@ -277,6 +333,33 @@ impl Connection {
         self.connection.close(quinn::VarInt::from_u32(0), b"bye");
         self.endpoint.wait_idle().await;
     }
+}
+
+fn client_endpoint(address: SocketAddr) -> Result<quinn::Endpoint, ConnectionError> {
+    let bind: SocketAddr =
+        if address.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid wildcard address");
+    quinn::Endpoint::client(bind).map_err(|e| ConnectionError::Unreachable(e.to_string()))
+}
+
+/// Starts the QUIC handshake; the future completes with the endpoint and
+/// the established connection.
+fn handshake(
+    endpoint: quinn::Endpoint,
+    address: SocketAddr,
+    server_name: &str,
+    config: quinn::ClientConfig,
+) -> Result<
+    impl std::future::Future<Output = Result<(quinn::Endpoint, quinn::Connection), ConnectionError>>,
+    ConnectionError,
+> {
+    let connecting = endpoint
+        .connect_with(config, address, server_name)
+        .map_err(|e| ConnectionError::Unreachable(format!("{address}: {e}")))?;
+    Ok(async move {
+        let connection =
+            connecting.await.map_err(|e| ConnectionError::Unreachable(format!("{address}: {e}")))?;
+        Ok((endpoint, connection))
+    })
 }
 
 fn is_reply(frame: &Frame, request_id: u32) -> bool {

@@ -14,7 +14,8 @@
 //!   a key the application supplies.
 //! - [`client`]: a device — identity, rooms, outbox, history — persisted in
 //!   the store and driven over one connection (what apps and the CLI use).
-//! - [`connection`], [`tls`]: the QUIC driver and its client TLS.
+//! - [`connection`], [`tls`], [`target`]: the QUIC driver, its client TLS
+//!   (pinned fingerprint, CA file or system roots) and the server's address.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -26,4 +27,5 @@ pub mod room_log;
 pub mod sender_keys;
 pub mod state;
 pub mod store;
+pub mod target;
 pub mod tls;

@@ -158,6 +158,9 @@ pub enum StoreError {
         /// The limit.
         max_bytes: usize,
     },
+    /// Another process has the store open (one process at a time).
+    #[error("the store is open in another process")]
+    InUse,
     /// The file system or redb failed.
     #[error("storage failure during {operation}: {detail}")]
     Io {
@@ -252,7 +255,10 @@ impl ClientStore {
         let cipher = XChaCha20Poly1305::new(&value_key.into());
         value_key = [0u8; 32];
         std::hint::black_box(&value_key);
-        let database = Database::create(path).map_err(io("open"))?;
+        let database = Database::create(path).map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            other => StoreError::Io { operation: "open", detail: other.to_string() },
+        })?;
         let store = ClientStore { database, cipher, name_key };
         store.check_key()?;
         Ok(store)

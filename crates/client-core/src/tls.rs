@@ -1,9 +1,15 @@
 //! Client-side TLS for QUIC: trust the server by certificate fingerprint
-//! (what a zero-configuration server prints on first start) or by a root
-//! certificate file, TLS 1.3 only, ALPN `kalandra/1`.
+//! (what a zero-configuration server prints on first start), by a root
+//! certificate file, or by the system's roots; TLS 1.3 only, ALPN
+//! `kalandra/1`.
+//!
+//! [`client_tls`] also returns a [`CertificateVerdict`]: after a failed
+//! handshake it says whether (and why) the server's certificate was refused,
+//! so that a wrong pin is reported as a fingerprint mismatch rather than as
+//! a generic TLS alert.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,6 +38,190 @@ pub enum ClientTlsError {
     /// rustls or quinn refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(String),
+    /// The system has no usable root certificates.
+    #[error("no system root certificates found ({0})")]
+    NoSystemRoots(String),
+}
+
+/// How a client recognises its server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTrust {
+    /// Exactly the certificate whose DER has this SHA-256 (names, issuer and
+    /// validity are not checked).
+    Fingerprint([u8; 32]),
+    /// A chain to one of the roots in this PEM file, valid for the server name.
+    CaFile(PathBuf),
+    /// A chain to one of the system's roots (as `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` or the platform store give them), valid for the server name.
+    SystemRoots,
+}
+
+/// Why the server's certificate was refused during a handshake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertificateRefusal {
+    /// A pinned fingerprint and the certificate presented differ.
+    #[error(
+        "server certificate fingerprint mismatch: expected {expected}, the server presented {presented}"
+    )]
+    FingerprintMismatch {
+        /// The pinned fingerprint (hex).
+        expected: String,
+        /// The presented certificate's fingerprint (hex).
+        presented: String,
+    },
+    /// The chain or the name did not verify against the roots.
+    #[error("server certificate not trusted: {0}")]
+    Untrusted(String),
+}
+
+/// The certificate check's refusal, if it refused (shared with the verifier
+/// inside a [`ClientTls`]'s configuration).
+#[derive(Debug, Clone, Default)]
+pub struct CertificateVerdict(Arc<Mutex<Option<CertificateRefusal>>>);
+
+impl CertificateVerdict {
+    /// The refusal recorded by the last failed certificate check.
+    pub fn refusal(&self) -> Option<CertificateRefusal> {
+        self.0.lock().map_or(None, |slot| slot.clone())
+    }
+
+    fn record(&self, refusal: CertificateRefusal) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(refusal);
+        }
+    }
+}
+
+/// A client configuration and the verdict its certificate check reports to.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// The QUIC client configuration.
+    pub config: quinn::ClientConfig,
+    /// Filled in when the server's certificate is refused.
+    pub verdict: CertificateVerdict,
+}
+
+/// The client configuration for `trust`.
+pub fn client_tls(trust: &ServerTrust) -> Result<ClientTls, ClientTlsError> {
+    let verdict = CertificateVerdict::default();
+    let provider = provider();
+    let algorithms = provider.signature_verification_algorithms;
+    let verifier: Arc<dyn ServerCertVerifier> = match trust {
+        ServerTrust::Fingerprint(fingerprint_sha256) => Arc::new(PinnedServerCertVerifier {
+            fingerprint_sha256: *fingerprint_sha256,
+            algorithms,
+            verdict: Some(verdict.clone()),
+        }),
+        ServerTrust::CaFile(path) => {
+            Arc::new(RootsVerifier::new(roots_from_file(path)?, &provider, verdict.clone())?)
+        }
+        ServerTrust::SystemRoots => {
+            Arc::new(RootsVerifier::new(system_roots()?, &provider, verdict.clone())?)
+        }
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientTlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(ClientTls { config: quic_config(tls)?, verdict })
+}
+
+fn roots_from_file(ca_pem_path: &Path) -> Result<rustls::RootCertStore, ClientTlsError> {
+    let roots_error =
+        |detail: String| ClientTlsError::Roots { path: ca_pem_path.display().to_string(), detail };
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca_pem_path).map_err(|e| roots_error(e.to_string()))? {
+        let certificate = certificate.map_err(|e| roots_error(e.to_string()))?;
+        roots.add(certificate).map_err(|e| roots_error(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(roots_error("no certificate in the file".into()));
+    }
+    Ok(roots)
+}
+
+fn system_roots() -> Result<rustls::RootCertStore, ClientTlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (_added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let detail = found.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        return Err(ClientTlsError::NoSystemRoots(if detail.is_empty() {
+            "none installed".into()
+        } else {
+            detail
+        }));
+    }
+    Ok(roots)
+}
+
+/// Standard chain and name verification that records why it refused.
+#[derive(Debug)]
+struct RootsVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    verdict: CertificateVerdict,
+}
+
+impl RootsVerifier {
+    fn new(
+        roots: rustls::RootCertStore,
+        provider: &Arc<CryptoProvider>,
+        verdict: CertificateVerdict,
+    ) -> Result<RootsVerifier, ClientTlsError> {
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| ClientTlsError::Config(e.to_string()))?;
+        Ok(RootsVerifier { inner, verdict })
+    }
+}
+
+impl ServerCertVerifier for RootsVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result =
+            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        if let Err(error) = &result {
+            let name = server_name.to_str();
+            self.verdict.record(CertificateRefusal::Untrusted(format!("{error} (server name {name})")));
+        }
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Lower-case hex of a fingerprint.
+pub fn fingerprint_hex(fingerprint: &[u8; 32]) -> String {
+    fingerprint.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// SHA-256 of a certificate's DER encoding.
@@ -91,6 +281,7 @@ pub fn client_config_pinned(fingerprint_sha256: [u8; 32]) -> Result<quinn::Clien
     let verifier = PinnedServerCertVerifier {
         fingerprint_sha256,
         algorithms: provider.signature_verification_algorithms,
+        verdict: None,
     };
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -104,16 +295,7 @@ pub fn client_config_pinned(fingerprint_sha256: [u8; 32]) -> Result<quinn::Clien
 /// A configuration that verifies the server's chain and name against the
 /// root certificates in the PEM file `ca_pem_path`.
 pub fn client_config_with_roots(ca_pem_path: &Path) -> Result<quinn::ClientConfig, ClientTlsError> {
-    let roots_error =
-        |detail: String| ClientTlsError::Roots { path: ca_pem_path.display().to_string(), detail };
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca_pem_path).map_err(|e| roots_error(e.to_string()))? {
-        let certificate = certificate.map_err(|e| roots_error(e.to_string()))?;
-        roots.add(certificate).map_err(|e| roots_error(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(roots_error("no certificate in the file".into()));
-    }
+    let roots = roots_from_file(ca_pem_path)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientTlsError::Config(e.to_string()))?
@@ -127,6 +309,7 @@ pub fn client_config_with_roots(ca_pem_path: &Path) -> Result<quinn::ClientConfi
 struct PinnedServerCertVerifier {
     fingerprint_sha256: [u8; 32],
     algorithms: WebPkiSupportedAlgorithms,
+    verdict: Option<CertificateVerdict>,
 }
 
 impl ServerCertVerifier for PinnedServerCertVerifier {
@@ -138,9 +321,16 @@ impl ServerCertVerifier for PinnedServerCertVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint_sha256(end_entity) == self.fingerprint_sha256 {
+        let presented = fingerprint_sha256(end_entity);
+        if presented == self.fingerprint_sha256 {
             Ok(ServerCertVerified::assertion())
         } else {
+            if let Some(verdict) = &self.verdict {
+                verdict.record(CertificateRefusal::FingerprintMismatch {
+                    expected: fingerprint_hex(&self.fingerprint_sha256),
+                    presented: fingerprint_hex(&presented),
+                });
+            }
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }

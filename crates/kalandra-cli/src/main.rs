@@ -3,26 +3,34 @@
 //! Each invocation opens the device in `--dir` (an encrypted client-core
 //! store), connects to the server it was initialised with, does one thing
 //! and exits; `tail` stays connected and prints messages as they are
-//! sequenced. Exit codes: 0 success, 1 other failure, 2 usage, 3 server
+//! sequenced, and `chat` also sends the lines typed. While `tail` or `chat`
+//! runs, `send`, `history`, `whoami` and `room list` on the same device are
+//! handed to it over a Unix socket ([`device_socket`]). Exit codes: 0 success, 1 other failure, 2 usage, 3 server
 //! unreachable or connection lost, 4 refused by the server, 5 not found
-//! here (unknown room, no invitation, not initialised).
+//! here (unknown room, no invitation, not initialised), 6 the server's
+//! certificate refused (fingerprint mismatch, untrusted chain or name).
 
 mod admin;
+mod device_socket;
+mod live;
 
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use client_core::client::{Client, ClientError, Message, MessageBody, ServerTarget};
+use client_core::client::{
+    Client, ClientError, Message, MessageBody, ServerAddress, ServerTarget, ServerTrust,
+};
 use client_core::connection::{parse_fingerprint, ConnectionError};
-use client_core::store::{StoreKey, STORE_KEY_BYTES};
+use client_core::store::{StoreError, StoreKey, STORE_KEY_BYTES};
 use client_core::tls::fingerprint_of_pem_file;
+use device_socket::{Answer, DeviceSocket, ForwardError, Request};
 use kalandra_proto::payload::JoinRule;
 use kalandra_proto::{RoomId, SenderId};
+use live::LiveOptions;
 
 /// File holding the store key when `KALANDRA_STORE_KEY` is not set.
 const KEY_FILE_NAME: &str = "store.key";
@@ -30,6 +38,22 @@ const KEY_FILE_NAME: &str = "store.key";
 const JOIN_WAIT_MS_DEFAULT: u64 = 10_000;
 /// Default number of history entries shown.
 const HISTORY_LIMIT_DEFAULT: usize = 100;
+/// How long a command waits for another short command to release the device.
+const DEVICE_BUSY_WAIT_MS: u64 = 3_000;
+/// Pause between attempts to open a busy device.
+const DEVICE_BUSY_RETRY_MS: u64 = 100;
+
+const _: () = assert!(DEVICE_BUSY_RETRY_MS < DEVICE_BUSY_WAIT_MS);
+
+/// The device is open in another process that does not serve it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the device in {dir} is in use by another kalandra command: while `tail` or `chat` runs, \
+     `send`, `history`, `whoami` and `room list` go through it; other commands wait until it exits"
+)]
+struct DeviceBusy {
+    dir: PathBuf,
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,19 +77,27 @@ enum Command {
     /// Operator commands over the server's admin API (rooms, roles, kick, ban, audit).
     Admin(admin::AdminArgs),
     /// Create this device: an identity and an encrypted store, and remember the server.
+    #[command(group(clap::ArgGroup::new("trust").required(true).args(["fingerprint", "server_cert", "ca_file", "system_roots"])))]
     Init {
-        /// The server's QUIC address.
+        /// The server's QUIC address: a host name or IP address, and a port
+        /// (default port 4433). Host names are resolved at every connect.
         #[arg(long, default_value = "127.0.0.1:4433")]
-        server: SocketAddr,
-        /// The server certificate's SHA-256 fingerprint (the server prints it at start).
-        #[arg(long, conflicts_with = "server_cert")]
+        server: String,
+        /// Pin the server certificate's SHA-256 fingerprint (the server prints it at start).
+        #[arg(long)]
         fingerprint: Option<String>,
-        /// The server's certificate file instead (e.g. kalandra-data/tls/cert.pem).
+        /// Pin the certificate in this file instead (e.g. kalandra-data/tls/cert.pem).
         #[arg(long)]
         server_cert: Option<PathBuf>,
-        /// TLS server name.
-        #[arg(long, default_value = "localhost")]
-        server_name: String,
+        /// Trust certificates issued by the roots in this PEM file (checks the chain and the server name).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Trust the system's root certificates (checks the chain and the server name).
+        #[arg(long)]
+        system_roots: bool,
+        /// TLS server name the certificate must be valid for (default: the host of --server).
+        #[arg(long)]
+        server_name: Option<String>,
     },
     /// Print this device's sender id (others invite you with it).
     Whoami,
@@ -195,6 +227,13 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Chat in a room: print messages as they arrive and send each line
+    /// typed (Ctrl-D or Ctrl-C to leave).
+    Chat {
+        /// The room.
+        #[arg(long)]
+        room: String,
+    },
     /// Print a room's history on this device (after catching up with the server).
     History {
         /// The room.
@@ -243,6 +282,9 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     if let Some(error) = error.downcast_ref::<admin::AdminError>() {
         return error.exit_code();
     }
+    if let Some(error) = error.downcast_ref::<device_socket::ForwardError>() {
+        return error.exit_code();
+    }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connection(
             ConnectionError::Unreachable(_)
@@ -258,6 +300,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             | ClientError::UnknownMember(_)
             | ClientError::NotInitialised { .. },
         ) => 5,
+        Some(ClientError::Connection(ConnectionError::Certificate(_))) => 6,
         _ => 1,
     }
 }
@@ -353,8 +396,7 @@ fn print_message(out: &mut impl std::io::Write, message: &Message) -> std::io::R
 /// every path: a connection dropped without a close looks alive to the
 /// server until its idle timeout.
 async fn open_connected(cli: &Cli) -> anyhow::Result<Client> {
-    let key = store_key(&cli.dir, false)?;
-    let mut client = Client::open(&cli.dir, &key)?;
+    let mut client = open_device(cli).await?;
     client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
     if let Err(error) = client.connect().await {
         client.disconnect().await;
@@ -363,69 +405,231 @@ async fn open_connected(cli: &Cli) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-async fn tail(
-    client: &mut Client,
-    out: &mut impl std::io::Write,
-    room: RoomId,
-    for_ms: Option<u64>,
-    count: Option<usize>,
-) -> anyhow::Result<()> {
-    for message in client.sync(room).await? {
-        print_message(out, &message)?;
+/// Opens the device, waiting up to [`DEVICE_BUSY_WAIT_MS`] for another
+/// short command to release it.
+async fn open_device(cli: &Cli) -> anyhow::Result<Client> {
+    let key = store_key(&cli.dir, false)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(DEVICE_BUSY_WAIT_MS);
+    loop {
+        match Client::open(&cli.dir, &key) {
+            Err(ClientError::Store(StoreError::InUse)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(DEVICE_BUSY_RETRY_MS)).await;
+            }
+            Err(ClientError::Store(StoreError::InUse)) => {
+                return Err(DeviceBusy { dir: cli.dir.clone() }.into())
+            }
+            result => return Ok(result?),
+        }
     }
+}
+
+/// Hands `request` to the `tail` or `chat` serving this device, if one
+/// runs, and prints its answer. `false`: nobody serves the device.
+async fn forwarded(cli: &Cli, request: &Request, out: &mut impl std::io::Write) -> anyhow::Result<bool> {
+    let Some(answer) = device_socket::forward(&cli.dir, request).await? else { return Ok(false) };
+    out.write_all(answer.stdout.as_bytes())?;
     out.flush()?;
-    client.subscribe(room).await?;
-    let deadline = for_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let mut printed = 0usize;
-    while count.is_none_or(|count| printed < count) {
-        let wait = match deadline {
-            Some(deadline) => deadline.saturating_duration_since(tokio::time::Instant::now()),
-            None => Duration::from_secs(3600),
-        };
-        if wait.is_zero() {
-            break;
-        }
-        if let Some(message) = client.next_message(wait).await? {
-            print_message(out, &message)?;
-            out.flush()?;
-            printed += 1;
-        }
+    match answer.error {
+        None => Ok(true),
+        Some(message) => Err(ForwardError::Failed { message, exit_code: answer.exit_code }.into()),
+    }
+}
+
+/// Answers a request forwarded by another invocation (see [`device_socket`]).
+pub(crate) async fn serve_request(client: &mut Client, request: Request) -> Answer {
+    let mut stdout = Vec::new();
+    let result = match request {
+        Request::Send { room, text } => match parse_room(&room) {
+            Ok(room) => send(client, room, &text, &mut stdout).await,
+            Err(error) => Err(error),
+        },
+        Request::History { room, limit, offline } => match parse_room(&room) {
+            Ok(room) => history(client, room, limit, offline, &mut stdout).await,
+            Err(error) => Err(error),
+        },
+        Request::Whoami => writeln!(stdout, "{}", client.sender_id()).map_err(Into::into),
+        Request::RoomList => room_list(client, &mut stdout),
+    };
+    let stdout = String::from_utf8_lossy(&stdout).into_owned();
+    match result {
+        Ok(()) => Answer { stdout, error: None, exit_code: 0 },
+        Err(error) => Answer { stdout, error: Some(format!("{error:#}")), exit_code: exit_code(&error) },
+    }
+}
+
+async fn send(
+    client: &mut Client,
+    room: RoomId,
+    text: &str,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let log_index = client.send(room, text.as_bytes()).await?;
+    writeln!(out, "{log_index}")?;
+    Ok(())
+}
+
+async fn history(
+    client: &mut Client,
+    room: RoomId,
+    limit: usize,
+    offline: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    if !offline {
+        client.sync(room).await?;
+    }
+    let all = client.history(room, 0, client_core::store::MESSAGES_PER_READ_MAX)?;
+    for message in &all[all.len().saturating_sub(limit)..] {
+        print_message(out, message)?;
     }
     Ok(())
+}
+
+fn room_list(client: &Client, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    for room in client.rooms() {
+        writeln!(out, "{}\tepoch {}\t{} members", room.room_id, room.epoch, room.members.len())?;
+    }
+    Ok(())
+}
+
+/// `tail` and `chat`: open the device, serve it to other invocations,
+/// connect, and run until told to stop.
+async fn live(cli: &Cli, out: &mut impl std::io::Write, options: LiveOptions) -> anyhow::Result<()> {
+    let mut client = open_device(cli).await?;
+    let (socket, requests) = match DeviceSocket::bind(&cli.dir) {
+        Ok((socket, requests)) => (Some(socket), Some(requests)),
+        Err(error) => {
+            eprintln!(
+                "kalandra: other commands cannot use this device while this one runs \
+                 (no socket {}: {error})",
+                cli.dir.join(device_socket::SOCKET_FILE_NAME).display()
+            );
+            (None, None)
+        }
+    };
+    client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
+    // Connecting catches up: what it reads is printed too.
+    let from_log_index = live::cursor(&client, options.room);
+    if let Err(error) = client.connect().await {
+        client.disconnect().await;
+        return Err(error.into());
+    }
+    if options.chat {
+        eprintln!(
+            "kalandra: chatting in {} as {}; Ctrl-D or Ctrl-C to leave",
+            options.room,
+            client.sender_id()
+        );
+    }
+    let result = live::run(&mut client, out, &options, from_log_index, requests).await;
+    drop(socket);
+    client.disconnect().await;
+    result
+}
+
+/// The trust `init` was given (exactly one, clap's group ensures it).
+fn init_trust(
+    fingerprint: Option<&str>,
+    server_cert: Option<&Path>,
+    ca_file: Option<&Path>,
+    system_roots: bool,
+) -> anyhow::Result<ServerTrust> {
+    Ok(match (fingerprint, server_cert, ca_file) {
+        (Some(text), _, _) => ServerTrust::Fingerprint(
+            parse_fingerprint(text).ok_or_else(|| anyhow::anyhow!("--fingerprint must be 64 hex digits"))?,
+        ),
+        (None, Some(path), _) => ServerTrust::Fingerprint(fingerprint_of_pem_file(path)?),
+        (None, None, Some(path)) => {
+            let absolute =
+                std::fs::canonicalize(path).with_context(|| format!("--ca-file {}", path.display()))?;
+            // Fails now on a file without certificates rather than at the first connect.
+            client_core::tls::client_tls(&ServerTrust::CaFile(absolute.clone()))?;
+            ServerTrust::CaFile(absolute)
+        }
+        (None, None, None) if system_roots => ServerTrust::SystemRoots,
+        (None, None, None) => anyhow::bail!("give --fingerprint, --server-cert, --ca-file or --system-roots"),
+    })
+}
+
+/// Creates the device and publishes its key packages. When the server's
+/// certificate is refused, the device is removed again: a device pinned to
+/// the wrong server is of no use.
+async fn init(cli: &Cli, out: &mut impl std::io::Write, target: ServerTarget) -> anyhow::Result<()> {
+    let created = DeviceFiles::before_init(&cli.dir);
+    let key = store_key(&cli.dir, true)?;
+    let mut client = Client::init(&cli.dir, &key)?;
+    client.set_server(target)?;
+    client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
+    // Publish key packages so that others can invite this device at once.
+    let connected = client.connect().await;
+    client.disconnect().await;
+    match connected {
+        Ok(()) => {}
+        Err(error @ ClientError::Connection(ConnectionError::Certificate(_) | ConnectionError::Tls(_))) => {
+            drop(client);
+            created.remove();
+            return Err(anyhow::Error::new(error).context("no device was created"));
+        }
+        Err(error) => {
+            writeln!(out, "{}", client.sender_id())?;
+            return Err(anyhow::Error::new(error).context(
+                "the device was created, but its key packages are not published yet \
+                 (any later command that reaches the server publishes them)",
+            ));
+        }
+    }
+    writeln!(out, "{}", client.sender_id())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// What `init` may create, to remove it again if `init` fails.
+struct DeviceFiles {
+    dir: PathBuf,
+    dir_existed: bool,
+    key_file_existed: bool,
+}
+
+impl DeviceFiles {
+    fn before_init(dir: &Path) -> DeviceFiles {
+        DeviceFiles {
+            dir: dir.to_owned(),
+            dir_existed: dir.exists(),
+            key_file_existed: dir.join(KEY_FILE_NAME).exists(),
+        }
+    }
+
+    fn remove(self) {
+        if !self.dir_existed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return;
+        }
+        let _ = std::fs::remove_file(self.dir.join(client_core::client::STORE_FILE_NAME));
+        if !self.key_file_existed {
+            let _ = std::fs::remove_file(self.dir.join(KEY_FILE_NAME));
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match &cli.command {
         Command::Admin(args) => admin::run(args, Duration::from_secs(cli.timeout_secs)).await?,
-        Command::Init { server, fingerprint, server_cert, server_name } => {
-            let fingerprint = match (fingerprint, server_cert) {
-                (Some(text), _) => parse_fingerprint(text)
-                    .ok_or_else(|| anyhow::anyhow!("--fingerprint must be 64 hex digits"))?,
-                (None, Some(path)) => fingerprint_of_pem_file(path)?,
-                (None, None) => anyhow::bail!("give --fingerprint or --server-cert to pin the server"),
-            };
-            let key = store_key(&cli.dir, true)?;
-            let mut client = Client::init(&cli.dir, &key)?;
-            client.set_server(ServerTarget {
-                address: *server,
-                server_name: server_name.clone(),
-                fingerprint,
-            })?;
-            client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
-            writeln!(out, "{}", client.sender_id())?;
-            out.flush()?;
-            // Publish key packages so that others can invite this device at once.
-            let connected = client.connect().await;
-            client.disconnect().await;
-            connected.context(
-                "the device was created, but its key packages are not published yet \
-                 (any later command that reaches the server publishes them)",
+        Command::Init { server, fingerprint, server_cert, ca_file, system_roots, server_name } => {
+            let trust = init_trust(
+                fingerprint.as_deref(),
+                server_cert.as_deref(),
+                ca_file.as_deref(),
+                *system_roots,
             )?;
+            let address = ServerAddress::parse(server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+            let server_name = server_name.clone().unwrap_or_else(|| address.host.clone());
+            init(&cli, &mut out, ServerTarget { address, server_name, trust }).await?;
         }
         Command::Whoami => {
-            let key = store_key(&cli.dir, false)?;
-            writeln!(out, "{}", Client::open(&cli.dir, &key)?.sender_id())?;
+            if !forwarded(&cli, &Request::Whoami, &mut out).await? {
+                writeln!(out, "{}", open_device(&cli).await?.sender_id())?;
+            }
         }
         Command::Room { command: RoomCommand::Create { open } } => {
             let mut client = open_connected(&cli).await?;
@@ -435,9 +639,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(out, "{}", result?)?;
         }
         Command::Room { command: RoomCommand::List } => {
-            let key = store_key(&cli.dir, false)?;
-            for room in Client::open(&cli.dir, &key)?.rooms() {
-                writeln!(out, "{}\tepoch {}\t{} members", room.room_id, room.epoch, room.members.len())?;
+            if !forwarded(&cli, &Request::RoomList, &mut out).await? {
+                room_list(&open_device(&cli).await?, &mut out)?;
             }
         }
         Command::Invite { room, members } => {
@@ -523,7 +726,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(out, "joined {room} at epoch {}", result?)?;
         }
         Command::Send { room, text } => {
-            let room = parse_room(room)?;
+            let room_id = parse_room(room)?;
             let text = if text == "-" {
                 let mut buffer = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut buffer)?;
@@ -531,33 +734,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 text.clone()
             };
-            let mut client = open_connected(&cli).await?;
-            let result = client.send(room, text.as_bytes()).await;
-            client.disconnect().await;
-            writeln!(out, "{}", result?)?;
-        }
-        Command::Tail { room, for_ms, count } => {
-            let room = parse_room(room)?;
-            let mut client = open_connected(&cli).await?;
-            let result = tail(&mut client, &mut out, room, *for_ms, *count).await;
-            client.disconnect().await;
-            result?;
-        }
-        Command::History { room, limit, offline } => {
-            let room = parse_room(room)?;
-            let client = if *offline {
-                let key = store_key(&cli.dir, false)?;
-                Client::open(&cli.dir, &key)?
-            } else {
+            let request = Request::Send { room: room.clone(), text };
+            if !forwarded(&cli, &request, &mut out).await? {
+                let Request::Send { text, .. } = request else { unreachable!("built above") };
                 let mut client = open_connected(&cli).await?;
-                let result = client.sync(room).await;
+                let result = send(&mut client, room_id, &text, &mut out).await;
                 client.disconnect().await;
                 result?;
-                client
-            };
-            let all = client.history(room, 0, client_core::store::MESSAGES_PER_READ_MAX)?;
-            for message in &all[all.len().saturating_sub(*limit)..] {
-                print_message(&mut out, message)?;
+            }
+        }
+        Command::Tail { room, for_ms, count } => {
+            let options =
+                LiveOptions { room: parse_room(room)?, for_ms: *for_ms, count: *count, chat: false };
+            live(&cli, &mut out, options).await?;
+        }
+        Command::Chat { room } => {
+            let options = LiveOptions { room: parse_room(room)?, for_ms: None, count: None, chat: true };
+            live(&cli, &mut out, options).await?;
+        }
+        Command::History { room, limit, offline } => {
+            let room_id = parse_room(room)?;
+            let request = Request::History { room: room.clone(), limit: *limit, offline: *offline };
+            if !forwarded(&cli, &request, &mut out).await? {
+                let mut client =
+                    if *offline { open_device(&cli).await? } else { open_connected(&cli).await? };
+                let result = history(&mut client, room_id, *limit, *offline, &mut out).await;
+                client.disconnect().await;
+                result?;
             }
         }
     }

@@ -12,7 +12,7 @@ use crate::ErrorCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     /// The payload exceeds the opcode's limit.
-    #[error("payload of {len_bytes} bytes exceeds {max_bytes} for {opcode:?}")]
+    #[error("payload of {len_bytes} bytes exceeds {max_bytes} for {}", opcode.name())]
     PayloadTooLarge {
         /// The frame's opcode.
         opcode: Opcode,
@@ -22,7 +22,7 @@ pub enum FrameError {
         max_bytes: u32,
     },
     /// The payload type belongs to another opcode.
-    #[error("payload for {expected:?} given to a {found:?} header")]
+    #[error("payload for {} given to a {} header", expected.name(), found.name())]
     OpcodeMismatch {
         /// Opcode of the payload type.
         expected: Opcode,
@@ -236,6 +236,22 @@ impl FrameDecoder {
     /// authenticates.
     pub fn set_payload_bytes_max(&mut self, payload_bytes_max: u32) {
         self.payload_bytes_max = payload_bytes_max.min(PAYLOAD_BYTES_MAX);
+    }
+
+    /// After a header error: the refused frame's request id, when its magic
+    /// and version were valid (so bytes 12..16 are a request id in this
+    /// layout); `None` otherwise, and while the decoder has not failed.
+    pub fn failed_request_id(&self) -> Option<u32> {
+        if !matches!(self.state, DecodeState::Poisoned) {
+            return None;
+        }
+        let field =
+            |range: std::ops::Range<usize>| -> Option<[u8; 4]> { self.scratch.get(range)?.try_into().ok() };
+        let magic = u32::from_be_bytes(field(0..4)?);
+        let version = self.scratch[4];
+        (magic == crate::header::MAGIC && version == crate::header::PROTOCOL_VERSION)
+            .then(|| field(12..16).map(u32::from_be_bytes))
+            .flatten()
     }
 
     /// Whether the decoder is between frames (no partial frame buffered).

@@ -17,11 +17,25 @@ use crate::limits::{
 };
 use crate::opcode::Opcode;
 
+/// A CBOR decoding error as plain words. ciborium's `Display` is its
+/// `Debug` (`Io(Error { kind: UnexpectedEof, … })`), which would otherwise
+/// reach peers in `Error` frames.
+fn cbor_error_text(error: &ciborium::de::Error<std::io::Error>) -> String {
+    match error {
+        // Reading from a byte slice fails only when the slice ends.
+        ciborium::de::Error::Io(_) => "the CBOR item ends before its last byte".to_owned(),
+        ciborium::de::Error::Syntax(offset) => format!("CBOR syntax error at byte {offset}"),
+        ciborium::de::Error::Semantic(Some(offset), message) => format!("{message} (at byte {offset})"),
+        ciborium::de::Error::Semantic(None, message) => message.clone(),
+        ciborium::de::Error::RecursionLimitExceeded => "CBOR nesting too deep".to_owned(),
+    }
+}
+
 /// Why a payload could not be decoded or is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
     /// The bytes are not a CBOR encoding of the opcode's payload type.
-    #[error("malformed {opcode:?} payload: {detail}")]
+    #[error("malformed {} payload: {detail}", opcode.name())]
     Malformed {
         /// Opcode whose payload was expected.
         opcode: Opcode,
@@ -29,7 +43,7 @@ pub enum PayloadError {
         detail: String,
     },
     /// Bytes follow the payload's CBOR item.
-    #[error("{trailing_bytes} trailing bytes after {opcode:?} payload")]
+    #[error("{trailing_bytes} trailing bytes after {} payload", opcode.name())]
     TrailingBytes {
         /// Opcode of the payload.
         opcode: Opcode,
@@ -65,7 +79,7 @@ pub enum PayloadError {
         detail: &'static str,
     },
     /// The payload type does not belong to the frame's opcode.
-    #[error("payload for {expected:?} given to a {found:?} frame")]
+    #[error("payload for {} given to a {} frame", expected.name(), found.name())]
     OpcodeMismatch {
         /// Opcode the payload type belongs to.
         expected: Opcode,
@@ -87,8 +101,9 @@ pub trait Payload: Serialize + DeserializeOwned + Sized {
     /// Decodes and validates a payload from exactly `bytes`.
     fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
         let mut reader = bytes;
-        let value: Self = ciborium::de::from_reader(&mut reader)
-            .map_err(|error| PayloadError::Malformed { opcode: Self::OPCODE, detail: error.to_string() })?;
+        let value: Self = ciborium::de::from_reader(&mut reader).map_err(|error| {
+            PayloadError::Malformed { opcode: Self::OPCODE, detail: cbor_error_text(&error) }
+        })?;
         if !reader.is_empty() {
             return Err(PayloadError::TrailingBytes { opcode: Self::OPCODE, trailing_bytes: reader.len() });
         }

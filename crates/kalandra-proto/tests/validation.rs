@@ -384,3 +384,57 @@ fn large_byte_strings_decode() {
         assert_eq!(Commit::decode(&commit.encode()).unwrap(), commit, "{len}");
     }
 }
+
+/// Error messages reach peers in `Error` frames: plain words, never Rust
+/// debug text such as `Io(Error { kind: UnexpectedEof, .. })`.
+#[test]
+fn payload_errors_are_plain_text() {
+    let hello: Vec<u8> =
+        Hello { versions: vec![1], identity_key: [7; 32], client_name: "plain".into() }.encode().to_vec();
+    let cases: Vec<(&str, String)> = vec![
+        ("truncated", Hello::decode(&hello[..hello.len() - 3]).unwrap_err().to_string()),
+        ("not a map", Hello::decode(&[0x01]).unwrap_err().to_string()),
+        ("bad syntax", Hello::decode(&[0xff, 0x00]).unwrap_err().to_string()),
+        ("trailing", Hello::decode(&[&hello[..], &[0u8][..]].concat()).unwrap_err().to_string()),
+        ("value", Sync::decode(&Sync { from_log_index: 0, count_max: 0 }.encode()).unwrap_err().to_string()),
+    ];
+    for (name, message) in cases {
+        for debug_marker in ["Error {", "kind:", "Io(", "Semantic(", "Syntax("] {
+            assert!(!message.contains(debug_marker), "{name}: {message}");
+        }
+        assert!(!message.is_empty(), "{name}");
+    }
+}
+
+/// After a header error the decoder tells the refused frame's request id,
+/// for the `Error` that answers it, when the header's layout is known.
+#[test]
+fn a_failed_decoder_reports_the_request_id_only_of_a_readable_header() {
+    let mut good = FrameHeaderBuf::new(Opcode::Ping);
+    good.set_request_id(77);
+    let valid = *good.as_bytes();
+    let decode = |bytes: [u8; HEADER_BYTES]| {
+        let mut decoder = FrameDecoder::new();
+        let mut input = &bytes[..];
+        let result = decoder.decode(&mut input);
+        (result.is_err(), decoder.failed_request_id())
+    };
+    let mut reserved_flag = valid;
+    reserved_flag[5] = 0x80;
+    assert_eq!(decode(reserved_flag), (true, Some(77)));
+    let mut unknown_opcode = valid;
+    unknown_opcode[6..8].copy_from_slice(&[0x09, 0x99]);
+    assert_eq!(decode(unknown_opcode), (true, Some(77)));
+    let mut bad_magic = valid;
+    bad_magic[0] = b'X';
+    assert_eq!(decode(bad_magic), (true, None));
+    let mut version_two = valid;
+    version_two[4] = 2;
+    assert_eq!(decode(version_two), (true, None));
+    // A decoder that has not failed has no refused frame.
+    let mut decoder = FrameDecoder::new();
+    assert_eq!(decoder.failed_request_id(), None);
+    let mut input = &valid[..];
+    assert!(decoder.decode(&mut input).is_ok());
+    assert_eq!(decoder.failed_request_id(), None);
+}

@@ -239,9 +239,11 @@ impl Listener {
                 }
                 if let Some(error) = decode_error {
                     self.metrics.rejected(error.error_code());
-                    state
-                        .write(error_frame(RoomId::default(), 0, error.error_code(), &error.to_string()))
-                        .await;
+                    // The Error answers the refused frame when its request id is readable.
+                    let request_id = decoder.failed_request_id().unwrap_or(0);
+                    let error =
+                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string());
+                    state.write(error).await;
                     break 'read;
                 }
                 if !open {

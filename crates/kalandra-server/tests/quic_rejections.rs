@@ -618,7 +618,7 @@ struct Violation {
     what: &'static str,
     bytes: Vec<u8>,
     code: ErrorCode,
-    /// The request id the `Error` carries: the frame's own, or 0 when its header is not trusted.
+    /// The request id the `Error` carries: the frame's own, or 0 when its magic or version is wrong.
     request_id: u32,
 }
 
@@ -709,13 +709,13 @@ async fn framing_violations_close_the_connection_and_keep_what_was_accepted() {
             what: "reserved flag bit",
             bytes: patched(5, &[0x80]),
             code: ErrorCode::MalformedHeader,
-            request_id: 0,
+            request_id: 11,
         },
         Violation {
             what: "ephemeral flag on Ping",
             bytes: patched(5, &[0x04]),
             code: ErrorCode::MalformedHeader,
-            request_id: 0,
+            request_id: 11,
         },
         Violation {
             what: "header version 2",
@@ -727,37 +727,37 @@ async fn framing_violations_close_the_connection_and_keep_what_was_accepted() {
             what: "undefined opcode 0x0999",
             bytes: patched(6, &[0x09, 0x99]),
             code: ErrorCode::UnknownOpcode,
-            request_id: 0,
+            request_id: 11,
         },
         Violation {
             what: "federation opcode 0x1000",
             bytes: patched(6, &[0x10, 0x00]),
             code: ErrorCode::UnknownOpcode,
-            request_id: 0,
+            request_id: 11,
         },
         Violation {
             what: "authority-handover opcode 0x2fff",
             bytes: patched(6, &[0x2f, 0xff]),
             code: ErrorCode::UnknownOpcode,
-            request_id: 0,
+            request_id: 11,
         },
         Violation {
             what: "Ping header announcing 16 KiB + 1 (header only)",
             bytes: header_only(Opcode::Ping, 16_385),
             code: ErrorCode::PayloadTooLarge,
-            request_id: 0,
+            request_id: 12,
         },
         Violation {
             what: "Application header announcing 256 KiB + 1 (header only)",
             bytes: header_only(Opcode::Application, 262_145),
             code: ErrorCode::PayloadTooLarge,
-            request_id: 0,
+            request_id: 12,
         },
         Violation {
             what: "Commit header above the endpoint's limit (header only)",
             bytes: header_only(Opcode::Commit, ENDPOINT_PAYLOAD_MAX + 1),
             code: ErrorCode::PayloadTooLarge,
-            request_id: 0,
+            request_id: 12,
         },
         Violation {
             what: "payload that is not CBOR",

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use client_core::client::{Client, ServerTarget};
+use client_core::client::{Client, ServerAddress, ServerTarget, ServerTrust};
 use client_core::connection::parse_fingerprint;
 use client_core::store::StoreKey;
 use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
@@ -139,9 +139,9 @@ impl Server {
     /// Where a device finds this server.
     pub fn target(&self) -> ServerTarget {
         ServerTarget {
-            address: self.address,
+            address: ServerAddress::parse(&self.address.to_string()).unwrap(),
             server_name: "localhost".into(),
-            fingerprint: parse_fingerprint(&self.fingerprint_hex).unwrap(),
+            trust: ServerTrust::Fingerprint(parse_fingerprint(&self.fingerprint_hex).unwrap()),
         }
     }
 }
