@@ -103,13 +103,33 @@ pub fn recover_room_state<G: PersistentGroup>(
     for (user, ban) in &moderation.bans {
         sequencer.ban(SenderId(*user), ban.until_ms).map_err(|e| corrupt(format!("bans: {e}")))?;
     }
-    let mut room_recent = VecDeque::new();
-    let mut from = through + 1;
+    let room_recent = replay_after(store, &mut sequencer, through + 1, next_log_index)?;
+    if sequencer.next_log_index() != next_log_index {
+        let replayed = sequencer.next_log_index();
+        return Err(corrupt(format!("replay reached {replayed}, head says {next_log_index}")));
+    }
+    let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
+    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
+}
+
+/// Replays the stored entries `[from, next_log_index)` into `sequencer`;
+/// returns the most recent of them (at most [`RECENT_FRAMES_PER_ROOM_MAX`]).
+fn replay_after<G: PersistentGroup>(
+    store: &dyn Store,
+    sequencer: &mut RoomSequencer<G>,
+    mut from: u64,
+    next_log_index: u64,
+) -> Result<VecDeque<(u64, Bytes)>, RecoveryError> {
+    let room_id = sequencer.room_id();
+    let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
+    let mut recent = VecDeque::new();
     let mut reads = 0u64;
     while from < next_log_index {
         reads += 1;
         assert!(reads <= next_log_index, "replay makes progress on every read");
-        let entries = store.read_range(room_id, from, HISTORY_READ_FRAMES_MAX).map_err(|e| storage(&e))?;
+        let entries = store
+            .read_range(room_id, from, HISTORY_READ_FRAMES_MAX)
+            .map_err(|e| RecoveryError::Storage(e.to_string()))?;
         if entries.is_empty() {
             return Err(corrupt(format!("log ends at {from}, head says {next_log_index}")));
         }
@@ -129,19 +149,14 @@ pub fn recover_room_state<G: PersistentGroup>(
             let frame =
                 Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
             sequencer.replay(&frame).map_err(|e| corrupt(e.to_string()))?;
-            if room_recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
-                room_recent.pop_front();
+            if recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
+                recent.pop_front();
             }
-            room_recent.push_back((entry.log_index, bytes));
+            recent.push_back((entry.log_index, bytes));
             from = entry.log_index + 1;
         }
     }
-    if sequencer.next_log_index() != next_log_index {
-        let replayed = sequencer.next_log_index();
-        return Err(corrupt(format!("replay reached {replayed}, head says {next_log_index}")));
-    }
-    let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
-    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
+    Ok(recent)
 }
 
 /// The time stamped into the room's last stored entry: the sequencer never
