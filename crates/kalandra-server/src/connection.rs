@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::directory;
 use crate::node::{error_frame, server_frame, Command, Node, Outbox, Outgoing};
-use crate::rate_limit::{KeyedLimiter, TokenBucket};
+use crate::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket};
 use crate::room::{moderation_reply, moderation_request, OtherRoute, RoomRequest, Routed};
 use crate::session::{Route, Session, Step};
 use crate::store::Store;
@@ -31,6 +31,27 @@ pub use crate::config::Limits as ConnectionLimits;
 pub const USER_RATE_BUCKETS_MAX: usize = 1_000_000;
 /// Bytes read from a stream at a time.
 pub const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// Bits of an IPv6 address that the per-address connection cap counts: a
+/// host usually holds a whole /64, so counting exact addresses would leave
+/// it unlimited.
+pub const IPV6_CONNECTION_PREFIX_BITS: u32 = 64;
+
+/// What the per-address connection cap counts for `address`: an IPv4
+/// address (IPv4-mapped IPv6 included) as is, an IPv6 address by its
+/// [`IPV6_CONNECTION_PREFIX_BITS`] prefix.
+pub fn connection_limit_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mask = u128::MAX << (128 - IPV6_CONNECTION_PREFIX_BITS);
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
 
 /// Largest payload read before the connection authenticates: the handshake
 /// is control frames only, so a stranger cannot make the server buffer a
@@ -104,7 +125,7 @@ impl Listener {
     }
 
     async fn connection(self: Arc<Self>, incoming: quinn::Incoming, stop: watch::Receiver<ShutdownPhase>) {
-        let address = incoming.remote_address().ip();
+        let address = connection_limit_key(incoming.remote_address().ip());
         let admitted = {
             let mut per_address = self.per_address.lock().expect("per-address lock");
             let count = per_address.entry(address).or_insert(0);
@@ -284,7 +305,7 @@ impl Listener {
             let now_ms = (self.clock)();
             self.metrics.frame_in(frame.opcode());
             if let (Some(outbox), Some(sender)) = (state.outbox.clone(), state.session.sender()) {
-                if let Err(retry_after_ms) = self.admit(sender, &mut state.bucket, now_ms) {
+                if let Err(retry_after_ms) = self.admit(sender, &mut state.bucket, &frame, now_ms) {
                     self.metrics.rejected(ErrorCode::RateLimited);
                     let error = kalandra_proto::payload::Error {
                         code: ErrorCode::RateLimited.to_u16(),
@@ -349,9 +370,19 @@ impl Listener {
         }
     }
 
-    fn admit(&self, sender: SenderId, connection_bucket: &mut TokenBucket, now_ms: u64) -> Result<(), u64> {
-        connection_bucket.try_take(now_ms, 1.0).map_err(|retry| retry.0)?;
-        self.per_user.lock().expect("per-user lock").try_take(sender, now_ms, 1.0).map_err(|retry| retry.0)
+    /// Charges the frame to the connection's and the user's buckets (MLS
+    /// validation by the payload's size, see [`frame_cost_tokens`]).
+    fn admit(
+        &self,
+        sender: SenderId,
+        connection_bucket: &mut TokenBucket,
+        frame: &Frame,
+        now_ms: u64,
+    ) -> Result<(), u64> {
+        let burst = f64::from(self.limits.frames_burst_per_connection.min(self.limits.frames_burst_per_user));
+        let tokens = frame_cost_tokens(frame.opcode(), frame.header().payload_len(), burst);
+        connection_bucket.try_take(now_ms, tokens).map_err(|retry| retry.0)?;
+        self.per_user.lock().expect("per-user lock").try_take(sender, now_ms, tokens).map_err(|retry| retry.0)
     }
 
     async fn route(&self, outbox: &Arc<Outbox>, route: Route) {
@@ -512,4 +543,22 @@ async fn write_loop(
     }
     let _ = send.finish();
     let _ = tokio::time::timeout(WRITER_DRAIN_TIMEOUT, send.stopped()).await;
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_counts_an_ipv6_slash_64_as_one_address() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(connection_limit_key(a), connection_limit_key(b));
+        assert_ne!(connection_limit_key(a), connection_limit_key(other));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(connection_limit_key(v4), v4);
+        assert_eq!(connection_limit_key("::ffff:192.0.2.7".parse().unwrap()), v4);
+        assert_ne!(connection_limit_key("192.0.2.8".parse().unwrap()), v4);
+    }
 }

@@ -212,6 +212,32 @@ impl<K: Eq + Hash + Clone> KeyedLimiter<K> {
     }
 }
 
+/// Payload bytes of a frame the server validates with MLS (`CreateRoom`,
+/// `Commit`, `ExternalJoin`, `Proposal`) charged as one more rate-limit
+/// token: validation costs grow with the commit (tens of milliseconds at
+/// 10,000 members), a Ping's do not.
+pub const VALIDATED_BYTES_PER_TOKEN: u32 = 64 * 1024;
+
+/// Most tokens one frame costs (so that every frame fits a bucket's burst).
+pub const FRAME_TOKENS_MAX: u32 = 16;
+
+// The cap binds below the payload limit: the largest frames all cost the most.
+const _: () = assert!(
+    FRAME_TOKENS_MAX as u64 * VALIDATED_BYTES_PER_TOKEN as u64
+        <= kalandra_proto::limits::PAYLOAD_BYTES_MAX as u64
+);
+
+/// The tokens a frame costs: one, plus one per [`VALIDATED_BYTES_PER_TOKEN`]
+/// of an MLS-validated payload, at most [`FRAME_TOKENS_MAX`] and at most
+/// `burst` (a frame that costs more than the bucket holds could never pass).
+pub fn frame_cost_tokens(opcode: kalandra_proto::Opcode, payload_len: u32, burst: f64) -> f64 {
+    use kalandra_proto::Opcode;
+    let validated =
+        matches!(opcode, Opcode::CreateRoom | Opcode::Commit | Opcode::ExternalJoin | Opcode::Proposal);
+    let extra = if validated { payload_len / VALIDATED_BYTES_PER_TOKEN } else { 0 };
+    f64::from((1 + extra).min(FRAME_TOKENS_MAX)).min(burst.max(1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +455,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn validated_frames_cost_by_size_and_others_one_token() {
+        use kalandra_proto::Opcode;
+        assert_eq!(frame_cost_tokens(Opcode::Ping, 8 * 1024 * 1024, 100.0), 1.0);
+        assert_eq!(frame_cost_tokens(Opcode::Commit, 1_000, 100.0), 1.0);
+        assert_eq!(frame_cost_tokens(Opcode::Commit, 821 * 1024, 100.0), 13.0);
+        assert_eq!(
+            frame_cost_tokens(Opcode::ExternalJoin, 8 * 1024 * 1024, 100.0),
+            f64::from(FRAME_TOKENS_MAX)
+        );
+        assert_eq!(frame_cost_tokens(Opcode::Commit, 8 * 1024 * 1024, 4.0), 4.0, "never above the burst");
     }
 }
