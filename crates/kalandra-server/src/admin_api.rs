@@ -51,6 +51,11 @@ pub const ADMIN_TOKEN_CHARS_MAX: usize = 256;
 const _: () = assert!(AUDIT_EXPORT_RECORDS_MAX >= AUDIT_PAGE_RECORDS_MAX);
 const _: () = assert!(ADMIN_TOKEN_CHARS_MIN < ADMIN_TOKEN_CHARS_MAX);
 
+/// `WWW-Authenticate` of a 401 without a bearer token (RFC 6750 §3: no error code).
+pub const CHALLENGE_NO_TOKEN: &str = "Bearer realm=\"kalandra-admin\"";
+/// `WWW-Authenticate` of a 401 with a token that is not valid.
+pub const CHALLENGE_INVALID_TOKEN: &str = "Bearer realm=\"kalandra-admin\", error=\"invalid_token\"";
+
 /// The OpenAPI 3 document describing every route.
 pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
 
@@ -112,21 +117,20 @@ impl AdminApi {
     }
 
     /// The scope of the request's bearer token, or the error to answer.
+    /// The scheme name is case-insensitive (RFC 9110 §11.1).
     fn authorize(&self, headers: &HeaderMap, needed: Scope) -> Result<(), ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required")
-            })?;
-        let presented: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+            .and_then(bearer_token)
+            .ok_or_else(|| ApiError::unauthorized(CHALLENGE_NO_TOKEN, "a bearer token is required"))?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let scope = if same(&presented, &self.operator_token_hash) {
             Scope::Operator
         } else if self.read_token_hash.is_some_and(|hash| same(&presented, &hash)) {
             Scope::Read
         } else {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the token is not valid"));
+            return Err(ApiError::unauthorized(CHALLENGE_INVALID_TOKEN, "the token is not valid"));
         };
         if needed == Scope::Operator && scope != Scope::Operator {
             return Err(ApiError::new(
@@ -137,6 +141,13 @@ impl AdminApi {
         }
         Ok(())
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value, any case of `Bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Compares two digests in time independent of where they differ.
@@ -150,6 +161,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The `WWW-Authenticate` value of a 401 (RFC 6750 §3).
+    challenge: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -160,7 +173,15 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), challenge: None }
+    }
+
+    /// A 401 with the `WWW-Authenticate` `challenge`.
+    fn unauthorized(challenge: &'static str, message: &str) -> ApiError {
+        ApiError {
+            challenge: Some(challenge),
+            ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        }
     }
 
     fn malformed(message: impl Into<String>) -> ApiError {
@@ -176,7 +197,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_string(&ErrorBody { code: self.code, message: &self.message })
             .unwrap_or_else(|_| String::from("{\"code\":\"internal\",\"message\":\"\"}"));
-        (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(challenge) = self.challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
+        }
+        response
     }
 }
 

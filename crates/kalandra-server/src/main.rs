@@ -203,7 +203,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         Some(url) => {
             let sink = kalandra_server::push::WebhookSink::new(url).context("push webhook")?;
             tracing::info!(%url, "forwarding push payloads to the webhook");
-            Some(kalandra_server::push::PushQueue::start(Arc::new(sink)))
+            Some(kalandra_server::push::PushQueue::start_counted(Arc::new(sink), Some(metrics.clone())))
         }
         None => None,
     };
@@ -248,6 +248,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
         server_public_key,
     );
     let serving = tokio::spawn(Arc::clone(&listener).serve(endpoint, stopped.clone()));
+    let gauges = tokio::spawn(kalandra_server::admin::gauge_loop(node.clone(), metrics.clone(), database));
     let retention = tokio::spawn(kalandra_server::erasure::retention_loop(
         node.clone(),
         kalandra_server::erasure::limits::RETENTION_INTERVAL_MS_DEFAULT,
@@ -263,6 +264,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<ExitCode> {
     // queue its acknowledgements; then let connections say goodbye.
     let _ = stop.send(ShutdownPhase::Draining);
     retention.abort();
+    gauges.abort();
     node.shutdown().await;
     let _ = stop.send(ShutdownPhase::Drained);
     let drain = Duration::from_millis(config.limits.drain_timeout_ms);

@@ -260,7 +260,7 @@ impl<G: PersistentGroup> Shard<G> {
         let now_ms = (self.clock)();
         let Ok(slot) = self.moderation_writer.clone().try_reserve_owned() else {
             tracing::warn!("moderation writer queue full");
-            self.metrics.rejected(ErrorCode::RateLimited);
+            self.metrics.moderation_refused(&request.actor, ErrorCode::RateLimited);
             let _ = reply.send(Err(ModerationFailure::Busy));
             return;
         };
@@ -286,7 +286,7 @@ impl<G: PersistentGroup> Shard<G> {
                 });
             }
             Err(failure) => {
-                self.metrics.rejected(failure.error_code());
+                self.metrics.moderation_refused(&request.actor, failure.error_code());
                 let _ = reply.send(Err(failure));
             }
         }
