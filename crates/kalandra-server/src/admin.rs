@@ -154,7 +154,7 @@ async fn count_and_log(State(state): State<AdminState>, request: Request, next: 
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
         target: "kalandra_server::access",
-        %method, %path, route = route_name, status, duration_ms, "admin request"
+        %method, %path, route = %route_name, status, duration_ms, "admin request"
     );
     response
 }
