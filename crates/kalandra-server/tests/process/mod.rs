@@ -57,6 +57,7 @@ impl ServerProcess {
                 Ok(line) => line,
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     let stderr = std::fs::read_to_string(stderr_path).unwrap_or_default();
                     panic!("server did not start; stdout {seen:?}, stderr:\n{stderr}");
                 }
@@ -122,6 +123,7 @@ pub fn wait_with_timeout(child: &mut Child) -> ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("process did not exit in time");
         }
         std::thread::sleep(Duration::from_millis(20));
