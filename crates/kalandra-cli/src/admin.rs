@@ -36,21 +36,22 @@ enum AdminCommand {
     /// List rooms.
     Rooms {
         /// Show one room in detail instead.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: Option<String>,
     },
     /// List a room's members with their roles.
     Members {
         /// The room (32 hex digits).
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
     },
     /// Grant a role (moderator).
     Grant {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         /// The user (16 hex digits).
+        #[arg(value_parser = user_id)]
         user: String,
         /// The role.
         #[arg(long, default_value = "moderator")]
@@ -62,9 +63,10 @@ enum AdminCommand {
     /// Revoke a role.
     Revoke {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         /// The user.
+        #[arg(value_parser = user_id)]
         user: String,
         /// The role.
         #[arg(long, default_value = "moderator")]
@@ -73,9 +75,10 @@ enum AdminCommand {
     /// Kick a member (a server Remove proposal; the room waits for a commit).
     Kick {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         /// The member.
+        #[arg(value_parser = user_id)]
         user: String,
         /// Why, for the audit log.
         #[arg(long)]
@@ -84,9 +87,10 @@ enum AdminCommand {
     /// Ban a user (kicking them if a member).
     Ban {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         /// The user.
+        #[arg(value_parser = user_id)]
         user: String,
         /// Why, for the audit log.
         #[arg(long)]
@@ -98,16 +102,17 @@ enum AdminCommand {
     /// Lift a ban.
     Unban {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         /// The user.
+        #[arg(value_parser = user_id)]
         user: String,
     },
     /// Erase the content of a log entry (its data key is destroyed; the
     /// index stays, history carries a placeholder).
     Redact {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         /// The entry's log index.
         log_index: u64,
@@ -119,7 +124,7 @@ enum AdminCommand {
     /// erased by the server's retention passes.
     Retention {
         /// The room.
-        #[arg(long)]
+        #[arg(long, value_parser = room_id)]
         room: String,
         #[command(subcommand)]
         command: RetentionCommand,
@@ -150,6 +155,25 @@ enum AuditCommand {
     Export,
     /// Verify the server's audit chain; exit 1 if it is broken.
     Verify,
+}
+
+/// A room id as the API takes it: 32 hex digits, sent in lower case.
+fn room_id(text: &str) -> Result<String, String> {
+    hex_id(text, 32, "a room id")
+}
+
+/// A user id as the API takes it: 16 hex digits, sent in lower case.
+fn user_id(text: &str) -> Result<String, String> {
+    hex_id(text, 16, "a user id")
+}
+
+fn hex_id(text: &str, digits: usize, what: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.len() == digits && text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!("{what} is {digits} hex digits, not {text:?}"))
+    }
 }
 
 /// A failed admin request, with the exit code it maps to.
@@ -365,6 +389,14 @@ mod tests {
         assert!(AdminClient::new("http://127.0.0.1:9090/", "t", Duration::from_secs(1)).is_ok());
         assert!(AdminClient::new("https://127.0.0.1:9090", "t", Duration::from_secs(1)).is_err());
         assert!(AdminClient::new("http://127.0.0.1:9090/v1", "t", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn ids_are_checked_and_sent_in_lower_case() {
+        assert_eq!(user_id(" 3F2A9C0E11D4B7A2 ").unwrap(), "3f2a9c0e11d4b7a2");
+        assert_eq!(room_id(&"AB".repeat(16)).unwrap(), "ab".repeat(16));
+        assert!(user_id("3f2a").is_err() && user_id("3f2a9c0e11d4b7zz").is_err());
+        assert!(room_id("3f2a9c0e11d4b7a2").is_err());
     }
 
     #[test]

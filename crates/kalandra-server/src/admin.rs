@@ -11,14 +11,23 @@
 //!
 //! Health, readiness, metrics and the OpenAPI document have no
 //! authentication: bind the listener to loopback or a private network.
+//!
+//! Every request is counted in `kalandra_admin_requests_total` by method,
+//! route (the template of [`ROUTES`], never the ids in it) and status, and
+//! gets one access-log line (target `kalandra_server::access`: method, path,
+//! route, status, duration; never a header, so never a token). A 401 also
+//! counts as a failed authentication.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
@@ -26,6 +35,7 @@ use axum::Router;
 use crate::admin_api::{self, AdminApi, ADMIN_BODY_BYTES_MAX, ROUTES};
 
 use crate::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
+use crate::node::{Node, ROOMS_LIST_MAX};
 
 /// Liveness path.
 pub const HEALTHZ_PATH: &str = "/healthz";
@@ -98,7 +108,55 @@ pub fn admin_router(state: AdminState) -> Router {
             router = router.route(path, method_router);
         }
     }
-    router.fallback(not_found).layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX)).with_state(state)
+    router
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_and_log))
+        .with_state(state)
+}
+
+/// Index into [`ROUTES`] of the route `method` and `path` match: a
+/// `{name}` segment matches any one non-empty segment.
+pub fn route_index(method: &str, path: &str) -> Option<usize> {
+    ROUTES.iter().position(|(route_method, template)| {
+        *route_method == method && {
+            let mut template = template.split('/');
+            let mut actual = path.split('/');
+            loop {
+                match (template.next(), actual.next()) {
+                    (None, None) => break true,
+                    (Some(expected), Some(segment)) if expected.starts_with('{') => {
+                        if segment.is_empty() {
+                            break false;
+                        }
+                    }
+                    (Some(expected), Some(segment)) if expected == segment => {}
+                    _ => break false,
+                }
+            }
+        }
+    })
+}
+
+/// Counts the request and writes its access-log line.
+async fn count_and_log(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
+    let route = route_index(&method, &path);
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    state.metrics.admin_request(route, status);
+    if status == StatusCode::UNAUTHORIZED.as_u16() {
+        state.metrics.admin_auth_failed();
+    }
+    let route_name = route.map_or(crate::metrics::UNMATCHED_ROUTE, |index| ROUTES[index].1);
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::info!(
+        target: "kalandra_server::access",
+        %method, %path, route = %route_name, status, duration_ms, "admin request"
+    );
+    response
 }
 
 async fn not_found() -> Response {
@@ -138,11 +196,45 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// How often [`gauge_loop`] refreshes the room, membership and database gauges.
+pub const GAUGE_REFRESH_INTERVAL_MS: u64 = 10_000;
+/// Most pages of [`ROOMS_LIST_MAX`] rooms one refresh reads; beyond, the
+/// room gauges stop at that many rooms.
+pub const GAUGE_ROOM_PAGES_MAX: usize = 1_000;
+
+/// Sets the room, membership and database-size gauges from `node` and the
+/// database file at `database`.
+pub async fn refresh_gauges(node: &Node, metrics: &Metrics, database: &Path) {
+    let (mut rooms, mut members, mut after) = (0u64, 0u64, None);
+    for _ in 0..GAUGE_ROOM_PAGES_MAX {
+        let page = node.list_rooms(after, ROOMS_LIST_MAX).await;
+        rooms += u64::try_from(page.len()).unwrap_or(u64::MAX);
+        members += page.iter().map(|room| u64::try_from(room.members).unwrap_or(u64::MAX)).sum::<u64>();
+        match page.last() {
+            Some(last) if page.len() == ROOMS_LIST_MAX => after = Some(last.room_id),
+            _ => break,
+        }
+    }
+    metrics.set_rooms(rooms, members);
+    if let Ok(file) = tokio::fs::metadata(database).await {
+        metrics.set_database_size(file.len());
+    }
+}
+
+/// Refreshes the gauges every [`GAUGE_REFRESH_INTERVAL_MS`], the first time at once.
+pub async fn gauge_loop(node: Node, metrics: Metrics, database: PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_millis(GAUGE_REFRESH_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        refresh_gauges(&node, &metrics, &database).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::SocketAddr;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     const TIMEOUT: Duration = Duration::from_secs(10);

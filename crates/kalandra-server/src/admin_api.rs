@@ -48,8 +48,18 @@ pub const ADMIN_TOKEN_CHARS_MIN: usize = 16;
 /// Longest accepted token.
 pub const ADMIN_TOKEN_CHARS_MAX: usize = 256;
 
+/// Longest reason, in characters (the schema's `maxLength`): any such
+/// text fits the audit record's byte limit.
+pub const REASON_CHARS_MAX: usize = 256;
+
 const _: () = assert!(AUDIT_EXPORT_RECORDS_MAX >= AUDIT_PAGE_RECORDS_MAX);
+const _: () = assert!(REASON_CHARS_MAX * 4 <= kalandra_proto::limits::TEXT_BYTES_MAX);
 const _: () = assert!(ADMIN_TOKEN_CHARS_MIN < ADMIN_TOKEN_CHARS_MAX);
+
+/// `WWW-Authenticate` of a 401 without a bearer token (RFC 6750 §3: no error code).
+pub const CHALLENGE_NO_TOKEN: &str = "Bearer realm=\"kalandra-admin\"";
+/// `WWW-Authenticate` of a 401 with a token that is not valid.
+pub const CHALLENGE_INVALID_TOKEN: &str = "Bearer realm=\"kalandra-admin\", error=\"invalid_token\"";
 
 /// The OpenAPI 3 document describing every route.
 pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
@@ -112,21 +122,20 @@ impl AdminApi {
     }
 
     /// The scope of the request's bearer token, or the error to answer.
+    /// The scheme name is case-insensitive (RFC 9110 §11.1).
     fn authorize(&self, headers: &HeaderMap, needed: Scope) -> Result<(), ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required")
-            })?;
-        let presented: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+            .and_then(bearer_token)
+            .ok_or_else(|| ApiError::unauthorized(CHALLENGE_NO_TOKEN, "a bearer token is required"))?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let scope = if same(&presented, &self.operator_token_hash) {
             Scope::Operator
         } else if self.read_token_hash.is_some_and(|hash| same(&presented, &hash)) {
             Scope::Read
         } else {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the token is not valid"));
+            return Err(ApiError::unauthorized(CHALLENGE_INVALID_TOKEN, "the token is not valid"));
         };
         if needed == Scope::Operator && scope != Scope::Operator {
             return Err(ApiError::new(
@@ -137,6 +146,13 @@ impl AdminApi {
         }
         Ok(())
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value, any case of `Bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Compares two digests in time independent of where they differ.
@@ -150,6 +166,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The `WWW-Authenticate` value of a 401 (RFC 6750 §3).
+    challenge: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -160,7 +178,15 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), challenge: None }
+    }
+
+    /// A 401 with the `WWW-Authenticate` `challenge`.
+    fn unauthorized(challenge: &'static str, message: &str) -> ApiError {
+        ApiError {
+            challenge: Some(challenge),
+            ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        }
     }
 
     fn malformed(message: impl Into<String>) -> ApiError {
@@ -176,7 +202,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_string(&ErrorBody { code: self.code, message: &self.message })
             .unwrap_or_else(|_| String::from("{\"code\":\"internal\",\"message\":\"\"}"));
-        (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(challenge) = self.challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
+        }
+        response
     }
 }
 
@@ -254,15 +286,24 @@ fn json<T: Serialize>(value: &T) -> Response {
     }
 }
 
+/// Whether `text` is `digits` lowercase hex digits (the only spelling the
+/// API accepts, as its schema says).
+fn is_lower_hex(text: &str, digits: usize) -> bool {
+    text.len() == digits && text.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+}
+
 fn parse_room(text: &str) -> Result<RoomId, ApiError> {
+    if !is_lower_hex(text, 32) {
+        return Err(ApiError::malformed("a room id is 32 lowercase hex digits"));
+    }
     let bytes = hex::decode(text).map_err(|_| ApiError::malformed("a room id is 32 hex digits"))?;
     let bytes: [u8; 16] = bytes.try_into().map_err(|_| ApiError::malformed("a room id is 32 hex digits"))?;
     Ok(RoomId(bytes))
 }
 
 fn parse_user(text: &str) -> Result<SenderId, ApiError> {
-    if text.len() != 16 || !text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-        return Err(ApiError::malformed("a user id is 16 hex digits"));
+    if !is_lower_hex(text, 16) {
+        return Err(ApiError::malformed("a user id is 16 lowercase hex digits"));
     }
     u64::from_str_radix(text, 16).map(SenderId).map_err(|_| ApiError::malformed("a user id is 16 hex digits"))
 }
@@ -273,11 +314,8 @@ fn parse_role(text: &str) -> Result<Role, ApiError> {
 
 fn parse_reason(reason: Option<String>) -> Result<String, ApiError> {
     let reason = reason.unwrap_or_default();
-    if reason.len() > kalandra_proto::limits::TEXT_BYTES_MAX {
-        return Err(ApiError::malformed(format!(
-            "reason is longer than {} bytes",
-            kalandra_proto::limits::TEXT_BYTES_MAX
-        )));
+    if reason.chars().count() > REASON_CHARS_MAX {
+        return Err(ApiError::malformed(format!("reason is longer than {REASON_CHARS_MAX} characters")));
     }
     Ok(reason)
 }
@@ -312,6 +350,9 @@ fn query_number(
 ) -> Result<u64, ApiError> {
     match values.get(key) {
         None => Ok(default),
+        Some(text) if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) => {
+            Err(ApiError::malformed(format!("{key} must be a number from 0 to {max}")))
+        }
         Some(text) => match text.parse::<u64>() {
             Ok(value) if value <= max => Ok(value),
             _ => Err(ApiError::malformed(format!("{key} must be a number from 0 to {max}"))),
@@ -1034,6 +1075,19 @@ mod tests {
         assert!(parse_room("ab").is_err() && parse_room(&"zz".repeat(16)).is_err());
         assert_eq!(parse_user("00000000000000ff").unwrap(), SenderId(255));
         assert!(parse_user("ff").is_err() && parse_user("+000000000000000").is_err());
+        assert!(parse_user("00000000000000FF").is_err() && parse_room(&"AB".repeat(16)).is_err());
+        assert_eq!(
+            parse_reason(Some("é".repeat(REASON_CHARS_MAX))).unwrap().chars().count(),
+            REASON_CHARS_MAX
+        );
+        assert!(parse_reason(Some("a".repeat(REASON_CHARS_MAX + 1))).is_err());
+        let query = parse_query(Some("limit=+5&from=07")).unwrap();
+        assert!(query_number(&query, "limit", 0, 10).is_err());
+        assert_eq!(query_number(&query, "from", 0, 10).unwrap(), 7);
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
         assert_eq!(parse_role("moderator").unwrap(), Role::Moderator);
         assert!(parse_role("Moderator").is_err());
         assert!(same(&[1; 32], &[1; 32]) && !same(&[1; 32], &[2; 32]));

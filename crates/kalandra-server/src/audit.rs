@@ -106,13 +106,15 @@ pub struct AuditRecord {
     pub time_ms: u64,
     /// Who acted.
     pub actor_kind: ActorKind,
-    /// The acting member's sender id.
+    /// The acting member's sender id (16 hex digits in JSON, see [`user_id_text`]).
+    #[serde(default, with = "user_id_text")]
     pub actor_id: Option<u64>,
     /// What was done.
     pub action: AuditAction,
     /// The room (32 hex digits).
     pub room: Option<String>,
-    /// The user acted upon.
+    /// The user acted upon (16 hex digits in JSON).
+    #[serde(default, with = "user_id_text")]
     pub target: Option<u64>,
     /// The role granted or revoked.
     pub role: Option<String>,
@@ -126,6 +128,50 @@ pub struct AuditRecord {
     /// so records written before the field existed hash as they did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_ms: Option<u64>,
+}
+
+/// User ids in records: 16 lowercase hex digits in human-readable formats
+/// (JSON: a 64-bit number would be rounded by JavaScript and `jq`), the
+/// integer in CBOR, so that the hashed encoding is what it always was.
+pub mod user_id_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes `id`.
+    pub fn serialize<S: Serializer>(id: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) if serializer.is_human_readable() => serializer.serialize_some(&format!("{id:016x}")),
+            Some(id) => serializer.serialize_some(id),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    /// An id as JSON carries it: text, or a number in exports written
+    /// before ids became text (which still verify).
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Number(u64),
+    }
+
+    /// Deserializes an id written by [`serialize`] (or an older number).
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        if !deserializer.is_human_readable() {
+            return Option::<u64>::deserialize(deserializer);
+        }
+        match Option::<Written>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(Written::Number(id)) => Ok(Some(id)),
+            Some(Written::Text(text))
+                if text.len() == 16 && text.bytes().all(|byte| byte.is_ascii_hexdigit()) =>
+            {
+                u64::from_str_radix(&text, 16).map(Some).map_err(serde::de::Error::custom)
+            }
+            Some(Written::Text(text)) => {
+                Err(serde::de::Error::custom(format!("a user id is 16 hex digits, not {text:?}")))
+            }
+        }
+    }
 }
 
 /// The chain's end: the last record's sequence number and hash.
@@ -398,6 +444,62 @@ mod tests {
         let decoded = AuditRecord::decode(&record.encode().unwrap()).unwrap();
         assert_eq!(decoded.retention_ms, Some(86_400_000));
         assert_eq!(decoded, record);
+    }
+
+    /// JSON carries user ids as 16 hex digits; the hashed CBOR encoding
+    /// keeps the integers it always had.
+    #[test]
+    fn user_ids_are_text_in_json_and_integers_in_cbor() {
+        #[derive(Serialize)]
+        struct Plain<'a> {
+            seq: u64,
+            prev_hash: &'a str,
+            time_ms: u64,
+            actor_kind: ActorKind,
+            actor_id: Option<u64>,
+            action: AuditAction,
+            room: &'a Option<String>,
+            target: Option<u64>,
+            role: &'a Option<String>,
+            reason: &'a Option<String>,
+            until_ms: Option<u64>,
+            log_index: Option<u64>,
+        }
+        let mut large = event(1);
+        large.actor_id = Some(u64::MAX - 100);
+        large.target = Some(u64::MAX);
+        let record = AuditRecord::seal(&large, 7, &GENESIS_HASH);
+        let plain = Plain {
+            seq: record.seq,
+            prev_hash: &record.prev_hash,
+            time_ms: record.time_ms,
+            actor_kind: record.actor_kind,
+            actor_id: record.actor_id,
+            action: record.action,
+            room: &record.room,
+            target: record.target,
+            role: &record.role,
+            reason: &record.reason,
+            until_ms: record.until_ms,
+            log_index: record.log_index,
+        };
+        let mut expected = Vec::new();
+        ciborium::into_writer(&plain, &mut expected).unwrap();
+        assert_eq!(record.encode().unwrap(), expected);
+
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["actor_id"], serde_json::json!(format!("{:016x}", u64::MAX - 100)));
+        assert_eq!(json["target"], serde_json::json!("ffffffffffffffff"));
+        let back: AuditRecord = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, record);
+        // An export written when ids were numbers still reads the same.
+        let mut number = json.clone();
+        number["actor_id"] = serde_json::json!(u64::MAX - 100);
+        number["target"] = serde_json::json!(u64::MAX);
+        assert_eq!(serde_json::from_value::<AuditRecord>(number).unwrap(), record);
+        let mut bad = json;
+        bad["target"] = serde_json::json!("12");
+        assert!(serde_json::from_value::<AuditRecord>(bad).is_err(), "short text is refused");
     }
 
     fn chain(count: u64) -> (Vec<AuditRecord>, Option<AuditHead>) {

@@ -14,7 +14,7 @@ use kalandra_proto::limits::{CONTROL_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX};
 
 use crate::admin_api::{ADMIN_TOKEN_CHARS_MAX, ADMIN_TOKEN_CHARS_MIN};
 use serde::Deserialize;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 
 /// Default data directory (database and self-signed TLS identity).
 pub const DATA_DIR_DEFAULT: &str = "./kalandra-data";
@@ -31,7 +31,7 @@ pub const ADMIN_LISTEN_DEFAULT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, ADMIN_LISTEN_PORT_DEFAULT));
 /// Default log format.
 pub const LOG_FORMAT_DEFAULT: LogFormat = LogFormat::Text;
-/// Default log filter (`tracing-subscriber` `EnvFilter` syntax).
+/// Default log filter (`target=level` directives, comma-separated, see [`parse_log_filter`]).
 pub const LOG_FILTER_DEFAULT: &str = "info";
 
 /// Default sustained frames per second one connection may send.
@@ -389,8 +389,10 @@ impl ServerConfig {
             }
             _ => {}
         }
-        if let Err(error) = EnvFilter::try_new(&self.log_filter) {
-            return Err(invalid("log_filter", error.to_string()));
+        parse_log_filter(&self.log_filter)?;
+        if let Some(url) = &self.push_webhook_url {
+            crate::push::WebhookSink::new(url)
+                .map_err(|error| invalid("push_webhook_url", error.to_string()))?;
         }
         for (field, token) in
             [("admin_token", &self.admin_token), ("admin_read_token", &self.admin_read_token)]
@@ -522,14 +524,28 @@ pub fn example_toml() -> &'static str {
     include_str!("../../../deploy/kalandra.example.toml")
 }
 
+/// Parses a log filter: comma-separated directives, each a level (`info`:
+/// the default for every target) or `target=level`
+/// (`kalandra_server=debug,quinn=warn,info`); levels are `trace`, `debug`,
+/// `info`, `warn`, `error` and `off`.
+pub fn parse_log_filter(filter: &str) -> Result<Targets, ConfigError> {
+    filter.parse::<Targets>().map_err(|error| invalid("log_filter", format!("{filter:?}: {error}")))
+}
+
 /// Installs the global log subscriber: `format` lines on standard error,
-/// filtered by `filter` (`EnvFilter` syntax). Fails if one is installed already.
+/// filtered by `filter` ([`parse_log_filter`]), with colours only when
+/// standard error is a terminal. Fails if one is installed already.
 pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), ConfigError> {
-    let filter = EnvFilter::try_new(filter).map_err(|error| invalid("log_filter", error.to_string()))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let targets = parse_log_filter(filter)?;
+    let ansi = std::io::stderr().is_terminal();
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(targets);
     let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry.with(layer).try_init(),
+        LogFormat::Json => registry.with(layer.json()).try_init(),
     };
     installed.map_err(|error| ConfigError::Logging { reason: error.to_string() })
 }
@@ -698,7 +714,9 @@ rooms_per_user_max = 7
             ("[limits]\npayload_bytes_max = 100", "limits.payload_bytes_max"),
             ("tls_cert_path = \"cert.pem\"", "tls_key_path"),
             ("tls_key_path = \"key.pem\"", "tls_cert_path"),
-            ("log_filter = \"info,[[\"", "log_filter"),
+            ("log_filter = \"info,kalandra_server=loud\"", "log_filter"),
+            ("push_webhook_url = \"ftp://push.example/hook\"", "push_webhook_url"),
+            ("push_webhook_url = \"http:///no-host\"", "push_webhook_url"),
             ("data_dir = \"\"", "data_dir"),
         ];
         for (text, field) in cases {

@@ -494,7 +494,9 @@ impl<G: PersistentGroup> ShardTask<G> {
             }
             Command::Moderate { request, reply } => match self.moderation.admit(reply) {
                 Some(token) => self.shard.handle_moderate(request, token, now_ms),
-                None => self.metrics.rejected(kalandra_proto::ErrorCode::RateLimited),
+                None => {
+                    self.metrics.moderation_refused(&request.actor, kalandra_proto::ErrorCode::RateLimited)
+                }
             },
             Command::ModeratesRoom { room_id, member, reply } => {
                 let _ = reply.send(self.shard.moderates_room(room_id, member, now_ms));
@@ -523,6 +525,9 @@ impl<G: PersistentGroup> ShardTask<G> {
         }
         for code in counters.rejections {
             self.metrics.rejected(code);
+        }
+        for (actor, code) in counters.moderation_refusals {
+            self.metrics.moderation_refused(&actor, code);
         }
     }
 

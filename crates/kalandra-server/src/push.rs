@@ -16,6 +16,8 @@ use bytes::Bytes;
 use kalandra_proto::{RoomId, SenderId};
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
+
 /// Notifications waiting for the sink.
 pub const PUSH_QUEUE_NOTIFICATIONS_MAX: usize = 16_384;
 /// Notifications a [`MemoryPushSink`] keeps.
@@ -164,26 +166,41 @@ impl PushSink for WebhookSink {
 #[derive(Clone)]
 pub struct PushQueue {
     sender: mpsc::Sender<PushNotification>,
+    metrics: Option<Metrics>,
 }
 
 impl PushQueue {
     /// Starts the worker that hands queued notifications to `sink`.
     pub fn start(sink: Arc<dyn PushSink>) -> PushQueue {
+        PushQueue::start_counted(sink, None)
+    }
+
+    /// Like [`PushQueue::start`], counting deliveries and drops in `metrics`.
+    pub fn start_counted(sink: Arc<dyn PushSink>, metrics: Option<Metrics>) -> PushQueue {
         let (sender, mut receiver) = mpsc::channel::<PushNotification>(PUSH_QUEUE_NOTIFICATIONS_MAX);
+        let counted = metrics.clone();
         tokio::spawn(async move {
             while let Some(notification) = receiver.recv().await {
                 let recipient = notification.recipient;
-                if let Err(error) = sink.deliver(notification).await {
-                    tracing::warn!(recipient = recipient.0, %error, "push not delivered");
+                match sink.deliver(notification).await {
+                    Ok(()) => counted.iter().for_each(Metrics::push_delivered),
+                    Err(error) => {
+                        counted.iter().for_each(|metrics| metrics.push_dropped(false));
+                        tracing::warn!(recipient = recipient.0, %error, "push not delivered");
+                    }
                 }
             }
         });
-        PushQueue { sender }
+        PushQueue { sender, metrics }
     }
 
     /// Queues a notification; `false` if the queue is full (it is dropped).
     pub fn offer(&self, notification: PushNotification) -> bool {
-        self.sender.try_send(notification).is_ok()
+        let queued = self.sender.try_send(notification).is_ok();
+        if !queued {
+            self.metrics.iter().for_each(|metrics| metrics.push_dropped(true));
+        }
+        queued
     }
 }
 

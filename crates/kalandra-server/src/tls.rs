@@ -388,6 +388,13 @@ pub fn quinn_server_endpoint(
     config: quinn::ServerConfig,
     address: std::net::SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {
+    quinn_server_endpoint_on(config, bind_quic_socket(address)?)
+}
+
+/// Binds the UDP socket of the QUIC listener, with enlarged buffers; the
+/// server binds it first, so that a port in use is reported before anything
+/// is created.
+pub fn bind_quic_socket(address: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(address)?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     if let Err(error) = state.set_recv_buffer_size((&socket).into(), UDP_RECEIVE_BUFFER_BYTES) {
@@ -396,6 +403,14 @@ pub fn quinn_server_endpoint(
     if let Err(error) = state.set_send_buffer_size((&socket).into(), UDP_SEND_BUFFER_BYTES) {
         tracing::warn!(%error, "could not enlarge the UDP send buffer");
     }
+    Ok(socket)
+}
+
+/// A QUIC server endpoint on a socket from [`bind_quic_socket`].
+pub fn quinn_server_endpoint_on(
+    config: quinn::ServerConfig,
+    socket: std::net::UdpSocket,
+) -> std::io::Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
 }

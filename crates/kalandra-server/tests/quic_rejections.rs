@@ -97,7 +97,8 @@ impl Server {
         client.connection = Some(connection);
     }
 
-    /// `kalandra_rejections_total` by `code` label.
+    /// `kalandra_rejections_total` by `code` label, the codes counted at
+    /// least once (every code's series exists from the start, at zero).
     fn rejections(&self) -> (BTreeMap<String, f64>, String) {
         let text = self.inner.metrics.render().unwrap();
         let counts = text
@@ -108,6 +109,7 @@ impl Server {
                 let code = labels.split(',').find_map(|label| label.strip_prefix("code=\""))?;
                 Some((code.trim_end_matches('"').to_string(), value.trim().parse::<f64>().ok()?))
             })
+            .filter(|(_, count)| *count != 0.0)
             .collect();
         (counts, text)
     }

@@ -160,7 +160,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 });
             }
             Err(failure) => {
-                self.counters.rejections.push(failure.error_code());
+                self.counters.moderation_refusals.push((request.actor, failure.error_code()));
                 self.outputs.push_back(Output::ModerationRefused { token, failure });
             }
         }

@@ -280,6 +280,8 @@ pub struct ShardCounters {
     pub acks: u64,
     /// Requests refused, by code.
     pub rejections: Vec<ErrorCode>,
+    /// Moderation acts refused, by who asked and code.
+    pub moderation_refusals: Vec<(crate::moderation::Actor, ErrorCode)>,
 }
 
 /// A shard of rooms. See the module documentation.

@@ -132,6 +132,36 @@ fn failed<E: Into<::redb::Error>>(operation: &'static str) -> impl FnOnce(E) -> 
     move |error| StorageFailure::new(operation, error.into())
 }
 
+/// Runs `work`, turning a panic into `Err` without the panic hook's message
+/// for panics on this thread (other threads' panics are reported as usual).
+fn quietly_catch_unwind<T>(work: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let this_thread = std::thread::current().id();
+    let previous: std::sync::Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        std::sync::Arc::from(std::panic::take_hook());
+    let report_others = std::sync::Arc::clone(&previous);
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != this_thread {
+            report_others(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
+}
+
+/// Classifies a failure to open or check the file.
+fn open_failed(error: ::redb::DatabaseError) -> OpenError {
+    match error {
+        ::redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse,
+        ::redb::DatabaseError::Storage(::redb::StorageError::Corrupted(detail)) => {
+            OpenError::Damaged { detail }
+        }
+        ::redb::DatabaseError::RepairAborted => OpenError::Damaged { detail: "repair aborted".to_owned() },
+        other => OpenError::Storage(StorageFailure::new("open", ::redb::Error::from(other))),
+    }
+}
+
 /// Error opening a [`RedbStore`].
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -146,6 +176,16 @@ pub enum OpenError {
         /// Version this build reads and writes.
         expected: u64,
     },
+    /// The file is damaged: its checksums do not verify, or redb could not
+    /// read its structure. Restore it from a backup.
+    #[error("the database is damaged ({detail}); restore it from a backup")]
+    Damaged {
+        /// What redb reported.
+        detail: String,
+    },
+    /// Another process (or another store in this one) has the file open.
+    #[error("the database is in use by another process")]
+    InUse,
 }
 
 /// Tunables of [`RedbStore::open_with`].
@@ -224,9 +264,32 @@ impl RedbStore {
     }
 
     /// Opens the database at `path`, creating it (and its tables) if absent.
+    ///
+    /// Every open verifies the whole file's checksums (redb's integrity
+    /// check, which also finishes the repair of a file that was not closed
+    /// cleanly), so that damage is an [`OpenError::Damaged`] here rather
+    /// than a failure, or a panic inside redb, on some later read.
     pub fn open_with(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self, OpenError> {
-        let db =
-            Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(failed("open"))?;
+        let path = path.as_ref();
+        let open = || -> Result<Database, OpenError> {
+            let mut db =
+                Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(open_failed)?;
+            if !db.check_integrity().map_err(open_failed)? {
+                tracing::warn!(path = %path.display(), "the database was not closed cleanly and was repaired");
+            }
+            Ok(db)
+        };
+        // redb trusts the structure of a file whose checksums it has not
+        // checked yet and may panic on a damaged one: a panic here is
+        // damage, reported as such (and not also by the panic hook).
+        let db = quietly_catch_unwind(open).map_err(|panic| {
+            let detail = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "redb panicked".to_owned());
+            OpenError::Damaged { detail }
+        })??;
         let rng = match options.key_seed {
             Some(seed) => ChaCha20Rng::from_seed(seed),
             None => ChaCha20Rng::from_rng(rand::rngs::OsRng).map_err(failed_rng)?,
@@ -1454,7 +1517,46 @@ mod tests {
         let (_dir, path) = temp_path();
         let _first = RedbStore::open(&path).unwrap();
         let error = RedbStore::open(&path).unwrap_err();
-        assert!(matches!(error, OpenError::Storage(_)), "{error}");
+        assert!(matches!(error, OpenError::InUse), "{error}");
+    }
+
+    /// Damage anywhere in the file is found when it is opened: a typed
+    /// error, never a panic, and never a store that fails later.
+    #[test]
+    fn a_damaged_file_is_refused_when_opened() {
+        let (_dir, path) = temp_path();
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let a = room(7);
+            for chunk in 0..20u64 {
+                let batch: Vec<_> = (chunk * 50..(chunk + 1) * 50).map(|index| entry(a, index)).collect();
+                store.append_batch(&batch).unwrap();
+            }
+        }
+        let expected = RedbStore::open(&path).unwrap().read_range(room(7), 0, 1_000).unwrap();
+        let pristine = std::fs::read(&path).unwrap();
+        const PAGE_BYTES: usize = 4096;
+        let mut damaged = 0;
+        for page in 1..pristine.len() / PAGE_BYTES {
+            let mut bytes = pristine.clone();
+            for byte in &mut bytes[page * PAGE_BYTES + 100..page * PAGE_BYTES + 164] {
+                *byte ^= 0xa5;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            match RedbStore::open(&path) {
+                Err(OpenError::Damaged { .. }) => damaged += 1,
+                // A page that holds no live data may change without harm.
+                Ok(store) => {
+                    let read = store.read_range(room(7), 0, 1_000);
+                    assert!(
+                        read.is_ok_and(|entries| entries == expected),
+                        "page {page}: opened, then failed"
+                    );
+                }
+                Err(other) => panic!("page {page}: {other}"),
+            }
+        }
+        assert!(damaged > 0, "flipping bytes on every page never damaged live data");
     }
 
     /// A gap made behind the store's back is reported by the read-side
