@@ -52,11 +52,15 @@ use crate::mls::{
     HandshakeOutcome, Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError,
     ProcessError, RoomGroup, SeededCrypto, StorageError,
 };
+use crate::push::SealPushError;
 use crate::sender_keys::{
-    open_application, seal_application, SealError, SenderKeyState, SenderKeyStateDecodeError,
+    open_application, seal_application_with_push, SealError, SenderKeyState, SenderKeyStateDecodeError,
 };
 use crate::state::{Action, ClientState, Event, Resume};
 use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
+
+mod key_cache;
+pub use key_cache::KEY_CACHE_FILE_NAME;
 
 /// File name of the store inside a client's data directory.
 pub const STORE_FILE_NAME: &str = "client.redb";
@@ -218,6 +222,9 @@ pub enum ClientError {
     /// Stored sender keys.
     #[error(transparent)]
     SenderKeys(#[from] SenderKeyStateDecodeError),
+    /// Sealing a push notification.
+    #[error(transparent)]
+    SealPush(#[from] SealPushError),
 }
 
 impl ClientError {
@@ -360,6 +367,9 @@ struct OutboxRecord {
     frame: Vec<u8>,
     attempts: u32,
     next_attempt_ms: u64,
+    /// The push notification sent along (resealed with the message).
+    #[serde(default)]
+    push: Option<Vec<u8>>,
 }
 
 struct RoomEntry {
@@ -426,6 +436,7 @@ pub struct Client {
     connection: Option<Connection>,
     server: Option<ServerTarget>,
     request_timeout: Duration,
+    push_keys: key_cache::PushKeys,
 }
 
 impl std::fmt::Debug for Client {
@@ -508,6 +519,7 @@ impl Client {
             connection: None,
             server: None,
             request_timeout: Duration::from_secs(10),
+            push_keys: key_cache::PushKeys::load(directory.join(KEY_CACHE_FILE_NAME)),
         };
         for record in records {
             match record.namespace {
@@ -541,6 +553,7 @@ impl Client {
                 Namespace::Mls | Namespace::Identity => {}
             }
         }
+        client.refresh_key_cache()?;
         Ok(client)
     }
 
@@ -961,7 +974,7 @@ impl Client {
             self.persisted_mls = current;
         }
         self.mls_clean = true;
-        Ok(())
+        self.refresh_key_cache()
     }
 
     /// Catches `room_id` up with the server's log (and settles a pending
@@ -1475,6 +1488,31 @@ impl Client {
     /// connection fails it stays there and is sent by the next
     /// [`Client::connect`] or [`Client::flush_outbox`].
     pub async fn send(&mut self, room_id: RoomId, text: &[u8]) -> Result<u64, ClientError> {
+        self.send_message(room_id, text, None).await
+    }
+
+    /// [`Client::send`] with a push notification (`push`, at most
+    /// [`crate::push::PUSH_PLAINTEXT_BYTES_MAX`] bytes, e.g. a sender name and
+    /// a preview) sealed with the room's push key, which the server forwards
+    /// to members who are not connected.
+    pub async fn send_with_push(
+        &mut self,
+        room_id: RoomId,
+        text: &[u8],
+        push: &[u8],
+    ) -> Result<u64, ClientError> {
+        if push.len() > crate::push::PUSH_PLAINTEXT_BYTES_MAX {
+            return Err(SealPushError::PlaintextTooLarge { len_bytes: push.len() }.into());
+        }
+        self.send_message(room_id, text, Some(push.to_vec())).await
+    }
+
+    async fn send_message(
+        &mut self,
+        room_id: RoomId,
+        text: &[u8],
+        push: Option<Vec<u8>>,
+    ) -> Result<u64, ClientError> {
         if text.len() > MESSAGE_BYTES_MAX {
             return Err(ClientError::MessageTooLarge { len_bytes: text.len() });
         }
@@ -1494,7 +1532,7 @@ impl Client {
             }
         }
         let id = self.outbox.last_key_value().map_or(1, |(id, _)| id + 1);
-        let entry = self.seal_entry(room_id, id, text.to_vec(), 0)?;
+        let entry = self.seal_entry(room_id, id, text.to_vec(), push, 0)?;
         self.outbox.insert(id, entry);
         self.checkpoint()?;
         synced?;
@@ -1506,11 +1544,16 @@ impl Client {
         room_id: RoomId,
         id: u64,
         plaintext: Vec<u8>,
+        push: Option<Vec<u8>>,
         attempts: u32,
     ) -> Result<OutboxRecord, ClientError> {
         let entry = member_entry(&mut self.rooms, room_id)?;
+        let sealed_push = push
+            .as_deref()
+            .map(|push| key_cache::seal_notification(&self.provider, entry, push))
+            .transpose()?;
         let keys = entry.sender_keys.as_mut().ok_or(ClientError::NotMember(room_id))?;
-        let frame = seal_application(keys, &plaintext, &self.signing_key)?;
+        let frame = seal_application_with_push(keys, &plaintext, sealed_push, &self.signing_key)?;
         let generation = frame.decode_payload::<Application>().map(|a| a.generation).unwrap_or(0);
         let record = OutboxRecord {
             id,
@@ -1521,6 +1564,7 @@ impl Client {
             frame: frame.to_bytes().to_vec(),
             attempts,
             next_attempt_ms: 0,
+            push,
         };
         self.pending_batch.put(Namespace::Outbox, &id.to_be_bytes(), encode(&record));
         Ok(record)
@@ -1568,8 +1612,13 @@ impl Client {
                             // removal): catch up, commit what waits, reseal.
                             self.sync(room_id).await?;
                             self.cover_pending_proposals(room_id).await?;
-                            let resealed =
-                                self.seal_entry(room_id, id, entry.plaintext, entry.attempts + 1)?;
+                            let resealed = self.seal_entry(
+                                room_id,
+                                id,
+                                entry.plaintext,
+                                entry.push,
+                                entry.attempts + 1,
+                            )?;
                             self.outbox.insert(id, resealed);
                             self.checkpoint()?;
                         }
@@ -1620,7 +1669,7 @@ impl Client {
             }
             if self.outbox.get(&id).is_some_and(|e| e.epoch != self.epoch_of(room_id)) {
                 let entry = self.outbox.get(&id).cloned().expect("present");
-                let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.attempts)?;
+                let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.push, entry.attempts)?;
                 self.outbox.insert(id, resealed);
                 self.checkpoint()?;
             }

@@ -154,6 +154,16 @@ impl NotificationKeys {
         self.keys.range((room_id, 0)..=(room_id, u64::MAX)).map(|((_, epoch), _)| *epoch)
     }
 
+    /// The rooms that have keys, in order.
+    pub fn rooms(&self) -> impl Iterator<Item = RoomId> + '_ {
+        let mut previous = None;
+        self.keys.keys().filter_map(move |(room_id, _)| {
+            let first = previous != Some(*room_id);
+            previous = Some(*room_id);
+            first.then_some(*room_id)
+        })
+    }
+
     /// The number of keys.
     pub fn len(&self) -> usize {
         self.keys.len()
