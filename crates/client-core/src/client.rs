@@ -59,7 +59,9 @@ use crate::sender_keys::{
 use crate::state::{Action, ClientState, Event, Resume};
 use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
+mod background;
 mod key_cache;
+pub use background::BackgroundReport;
 pub use key_cache::KEY_CACHE_FILE_NAME;
 
 /// File name of the store inside a client's data directory.
@@ -628,6 +630,18 @@ impl Client {
     /// stocked, stores any Welcome that waits, settles pending commits and
     /// sends what waits in the outbox.
     pub async fn connect(&mut self) -> Result<(), ClientError> {
+        self.open_connection().await?;
+        let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
+        for room_id in rooms {
+            self.resume_room(room_id).await?;
+        }
+        self.flush_outbox().await?;
+        Ok(())
+    }
+
+    /// Connects and authenticates, keeps key packages stocked and stores any
+    /// Welcome that waits; reads no room.
+    async fn open_connection(&mut self) -> Result<(), ClientError> {
         let server = self.server.clone().ok_or(ClientError::NotConnected)?;
         let config = client_config_pinned(server.fingerprint)
             .map_err(|e| ClientError::Connection(ConnectionError::Tls(e.to_string())))?;
@@ -650,11 +664,6 @@ impl Client {
         self.refill_key_packages().await?;
         self.drain_buffered()?;
         self.checkpoint()?;
-        let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
-        for room_id in rooms {
-            self.resume_room(room_id).await?;
-        }
-        self.flush_outbox().await?;
         Ok(())
     }
 

@@ -94,3 +94,45 @@ async fn a_push_to_an_offline_member_opens_from_its_key_cache_file_across_epochs
     assert!(alice.send_with_push(room, b"x", &too_long).await.is_err());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_sync_settles_rooms_within_its_budget_and_reports_the_rest() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let (alice_dir, bob_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut alice = device(alice_dir.path(), 1, &server).await;
+    let mut bob = device(bob_dir.path(), 2, &server).await;
+    let quiet = alice.create_room().await.unwrap();
+    let busy = alice.create_room().await.unwrap();
+    for room in [quiet, busy] {
+        alice.invite(room, &[bob.sender_id()]).await.unwrap();
+        bob.join(room, Duration::from_secs(10)).await.unwrap();
+    }
+    drop(bob);
+    alice.send(busy, b"while bob was away").await.unwrap();
+    alice.self_update(busy).await.unwrap();
+
+    let mut bob = Client::open(bob_dir.path(), &key(2)).unwrap();
+    bob.set_server(server.target()).unwrap();
+    // No budget: connected, nothing read, everything reported as left.
+    let nothing = bob.background_sync(Duration::ZERO).await.unwrap();
+    assert!(nothing.rooms_synced.is_empty() && nothing.budget_exhausted);
+    let mut left = nothing.rooms_left.clone();
+    left.sort();
+    let mut both = vec![quiet, busy];
+    both.sort();
+    assert_eq!(left, both);
+    assert_eq!(epochs(bob.key_cache_path()), [1, 1], "no room was read");
+
+    let done = bob.background_sync(Duration::from_secs(30)).await.unwrap();
+    assert!(done.is_complete() && !done.budget_exhausted, "{done:?}");
+    assert_eq!(done.rooms_synced.len(), 2);
+    let summary = bob.rooms().into_iter().find(|room| room.room_id == busy).unwrap();
+    assert_eq!(summary.epoch, 2, "the commit was applied");
+    let mut cached = epochs(bob.key_cache_path());
+    cached.sort();
+    assert_eq!(cached, [1, 1, 2], "and the key cache follows (busy keeps epoch 1 too)");
+    let texts: Vec<_> = bob.history(busy, 0, 100).unwrap().into_iter().map(|m| m.body).collect();
+    assert!(texts.contains(&client_core::client::MessageBody::Text(b"while bob was away".to_vec())));
+    server.stop().await;
+}

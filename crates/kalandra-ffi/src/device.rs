@@ -122,6 +122,34 @@ fn messages(list: Vec<client_core::client::Message>) -> Vec<Message> {
     list.into_iter().map(Message::from).collect()
 }
 
+/// What [`Device::background_sync`] did and left.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct BackgroundReport {
+    /// Rooms caught up, in the order handled (rooms waiting on a commit first).
+    pub rooms_synced: Vec<Vec<u8>>,
+    /// Rooms left for the next call.
+    pub rooms_left: Vec<Vec<u8>>,
+    /// Outbox messages sent.
+    pub outbox_sent: u64,
+    /// Messages still in the outbox.
+    pub outbox_left: u64,
+    /// Whether the budget ran out before everything was done.
+    pub budget_exhausted: bool,
+}
+
+impl From<client_core::client::BackgroundReport> for BackgroundReport {
+    fn from(report: client_core::client::BackgroundReport) -> Self {
+        let ids = |rooms: Vec<RoomId>| rooms.into_iter().map(|room| room.0.to_vec()).collect();
+        BackgroundReport {
+            rooms_synced: ids(report.rooms_synced),
+            rooms_left: ids(report.rooms_left),
+            outbox_sent: u64::try_from(report.outbox_sent).unwrap_or(u64::MAX),
+            outbox_left: u64::try_from(report.outbox_left).unwrap_or(u64::MAX),
+            budget_exhausted: report.budget_exhausted,
+        }
+    }
+}
+
 /// A device: its identity, rooms, outbox and history, in an encrypted store
 /// in one directory.
 #[derive(uniffi::Object)]
@@ -293,6 +321,14 @@ impl Device {
     /// Messages waiting in the outbox.
     pub async fn outbox_len(&self) -> u64 {
         u64::try_from(self.client.lock().await.outbox_len()).unwrap_or(u64::MAX)
+    }
+
+    /// A bounded catch-up for a background slot (Android foreground service
+    /// or job, iOS background task): within `budget_ms`, rooms waiting on a
+    /// commit or proposal first, then the other rooms, then the outbox;
+    /// returns what was done and what is left.
+    pub async fn background_sync(&self, budget_ms: u64) -> Result<BackgroundReport, KalandraError> {
+        Ok(self.client.lock().await.background_sync(wait(budget_ms)?).await?.into())
     }
 
     /// Sends the outbox entries that are due; returns how many were sent.

@@ -12,6 +12,6 @@ pub mod device;
 pub mod error;
 pub mod nse;
 
-pub use device::{Body, Device, Message, RoomSummary};
+pub use device::{BackgroundReport, Body, Device, Message, RoomSummary};
 pub use error::{KalandraError, NseError};
 pub use nse::{decrypt_push, decrypt_push_file, PushMessage};

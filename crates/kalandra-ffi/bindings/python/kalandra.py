@@ -529,6 +529,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file() != 21704:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() != 16515:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_ban() != 38201:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_connect() != 49200:
@@ -626,6 +628,9 @@ _UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push.restype = ctypes.c_uin
 _UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file.restype = ctypes.c_uint16
+_UniffiLib.uniffi_kalandra_ffi_checksum_method_device_background_sync.argtypes = (
+)
+_UniffiLib.uniffi_kalandra_ffi_checksum_method_device_background_sync.restype = ctypes.c_uint16
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_ban.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_ban.restype = ctypes.c_uint16
@@ -731,6 +736,11 @@ _UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push_file.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push_file.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_kalandra_ffi_fn_method_device_background_sync.argtypes = (
+    ctypes.c_uint64,
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_kalandra_ffi_fn_method_device_background_sync.restype = ctypes.c_uint64
 _UniffiLib.uniffi_kalandra_ffi_fn_method_device_ban.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -1233,6 +1243,29 @@ class _UniffiFfiConverterBytes(_UniffiConverterRustBuffer):
         buf.write_i32(len(value))
         buf.write(value)
 
+class _UniffiFfiConverterSequenceBytes(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterBytes.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterBytes.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterBytes.read(buf) for i in range(count)
+        ]
+
 class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     CLASS_NAME = "u64"
     VALUE_MIN = 0
@@ -1245,6 +1278,84 @@ class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     @staticmethod
     def write(value, buf):
         buf.write_u64(value)
+
+class _UniffiFfiConverterBoolean:
+    @classmethod
+    def check_lower(cls, value):
+        return not not value
+
+    @classmethod
+    def lower(cls, value):
+        return 1 if value else 0
+
+    @staticmethod
+    def lift(value):
+        return value != 0
+
+    @classmethod
+    def read(cls, buf):
+        return cls.lift(buf.read_u8())
+
+    @classmethod
+    def write(cls, value, buf):
+        buf.write_u8(value)
+
+@dataclass
+class BackgroundReport:
+    """
+    What [`Device::background_sync`] did and left.
+"""
+    def __init__(self, *, rooms_synced:typing.List[bytes], rooms_left:typing.List[bytes], outbox_sent:int, outbox_left:int, budget_exhausted:bool):
+        self.rooms_synced = rooms_synced
+        self.rooms_left = rooms_left
+        self.outbox_sent = outbox_sent
+        self.outbox_left = outbox_left
+        self.budget_exhausted = budget_exhausted
+        
+        
+
+    
+    def __str__(self):
+        return "BackgroundReport(rooms_synced={}, rooms_left={}, outbox_sent={}, outbox_left={}, budget_exhausted={})".format(self.rooms_synced, self.rooms_left, self.outbox_sent, self.outbox_left, self.budget_exhausted)
+    def __eq__(self, other):
+        if self.rooms_synced != other.rooms_synced:
+            return False
+        if self.rooms_left != other.rooms_left:
+            return False
+        if self.outbox_sent != other.outbox_sent:
+            return False
+        if self.outbox_left != other.outbox_left:
+            return False
+        if self.budget_exhausted != other.budget_exhausted:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeBackgroundReport(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return BackgroundReport(
+            rooms_synced=_UniffiFfiConverterSequenceBytes.read(buf),
+            rooms_left=_UniffiFfiConverterSequenceBytes.read(buf),
+            outbox_sent=_UniffiFfiConverterUInt64.read(buf),
+            outbox_left=_UniffiFfiConverterUInt64.read(buf),
+            budget_exhausted=_UniffiFfiConverterBoolean.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterSequenceBytes.check_lower(value.rooms_synced)
+        _UniffiFfiConverterSequenceBytes.check_lower(value.rooms_left)
+        _UniffiFfiConverterUInt64.check_lower(value.outbox_sent)
+        _UniffiFfiConverterUInt64.check_lower(value.outbox_left)
+        _UniffiFfiConverterBoolean.check_lower(value.budget_exhausted)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterSequenceBytes.write(value.rooms_synced, buf)
+        _UniffiFfiConverterSequenceBytes.write(value.rooms_left, buf)
+        _UniffiFfiConverterUInt64.write(value.outbox_sent, buf)
+        _UniffiFfiConverterUInt64.write(value.outbox_left, buf)
+        _UniffiFfiConverterBoolean.write(value.budget_exhausted, buf)
 
 class _UniffiFfiConverterSequenceUInt64(_UniffiConverterRustBuffer):
     @classmethod
@@ -2202,27 +2313,6 @@ class _UniffiFfiConverterSequenceTypeRoomSummary(_UniffiConverterRustBuffer):
             _UniffiFfiConverterTypeRoomSummary.read(buf) for i in range(count)
         ]
 
-class _UniffiFfiConverterBoolean:
-    @classmethod
-    def check_lower(cls, value):
-        return not not value
-
-    @classmethod
-    def lower(cls, value):
-        return 1 if value else 0
-
-    @staticmethod
-    def lift(value):
-        return value != 0
-
-    @classmethod
-    def read(cls, buf):
-        return cls.lift(buf.read_u8())
-
-    @classmethod
-    def write(cls, value, buf):
-        buf.write_u8(value)
-
 
 class DeviceProtocol(typing.Protocol):
     """
@@ -2230,6 +2320,14 @@ class DeviceProtocol(typing.Protocol):
     in one directory.
 """
     
+    async def background_sync(self, budget_ms: int) -> BackgroundReport:
+        """
+        A bounded catch-up for a background slot (Android foreground service
+        or job, iOS background task): within `budget_ms`, rooms waiting on a
+        commit or proposal first, then the other rooms, then the outbox;
+        returns what was done and what is left.
+"""
+        raise NotImplementedError
     async def ban(self, room_id: bytes,user: int,reason: str,duration_ms: typing.Optional[int]) -> int:
         """
         Moderation: bans `user` from the room, for `duration_ms` or for good.
@@ -2454,6 +2552,29 @@ class Device(DeviceProtocol):
         inst = cls.__new__(cls)
         inst._handle = handle
         return inst
+    async def background_sync(self, budget_ms: int) -> BackgroundReport:
+        """
+        A bounded catch-up for a background slot (Android foreground service
+        or job, iOS background task): within `budget_ms`, rooms waiting on a
+        commit or proposal first, then the other rooms, then the outbox;
+        returns what was done and what is left.
+"""
+        
+        _UniffiFfiConverterUInt64.check_lower(budget_ms)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterUInt64.lower(budget_ms),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeBackgroundReport.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeKalandraError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_kalandra_ffi_fn_method_device_background_sync(*_uniffi_lowered_args),
+            _UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def ban(self, room_id: bytes,user: int,reason: str,duration_ms: typing.Optional[int]) -> int:
         """
         Moderation: bans `user` from the room, for `duration_ms` or for good.
@@ -3150,6 +3271,7 @@ __all__ = [
     "Body",
     "KalandraError",
     "NseError",
+    "BackgroundReport",
     "Message",
     "PushMessage",
     "RoomSummary",

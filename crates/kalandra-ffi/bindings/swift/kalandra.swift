@@ -608,6 +608,14 @@ fileprivate struct FfiConverterData: FfiConverterRustBuffer {
 public protocol DeviceProtocol: AnyObject, Sendable {
     
     /**
+     * A bounded catch-up for a background slot (Android foreground service
+     * or job, iOS background task): within `budget_ms`, rooms waiting on a
+     * commit or proposal first, then the other rooms, then the outbox;
+     * returns what was done and what is left.
+     */
+    func backgroundSync(budgetMs: UInt64) async throws  -> BackgroundReport
+    
+    /**
      * Moderation: bans `user` from the room, for `duration_ms` or for good.
      */
     func ban(roomId: Data, user: UInt64, reason: String, durationMs: UInt64?) async throws  -> UInt64
@@ -843,6 +851,28 @@ public static func `open`(directory: String, storeKey: Data)throws  -> Device  {
 }
     
 
+    
+    /**
+     * A bounded catch-up for a background slot (Android foreground service
+     * or job, iOS background task): within `budget_ms`, rooms waiting on a
+     * commit or proposal first, then the other rooms, then the outbox;
+     * returns what was done and what is left.
+     */
+open func backgroundSync(budgetMs: UInt64)async throws  -> BackgroundReport  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_kalandra_ffi_fn_method_device_background_sync(
+                        self.uniffiCloneHandle(),FfiConverterUInt64.lower(budgetMs)
+                )
+            },
+            pollFunc: ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_kalandra_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeBackgroundReport_lift,
+            errorHandler: FfiConverterTypeKalandraError_lift
+        )
+}
     
     /**
      * Moderation: bans `user` from the room, for `duration_ms` or for good.
@@ -1439,6 +1469,105 @@ public func FfiConverterTypeDevice_lower(_ value: Device) -> UInt64 {
 }
 
 
+
+
+/**
+ * What [`Device::background_sync`] did and left.
+ */
+public struct BackgroundReport: Equatable, Hashable {
+    /**
+     * Rooms caught up, in the order handled (rooms waiting on a commit first).
+     */
+    public var roomsSynced: [Data]
+    /**
+     * Rooms left for the next call.
+     */
+    public var roomsLeft: [Data]
+    /**
+     * Outbox messages sent.
+     */
+    public var outboxSent: UInt64
+    /**
+     * Messages still in the outbox.
+     */
+    public var outboxLeft: UInt64
+    /**
+     * Whether the budget ran out before everything was done.
+     */
+    public var budgetExhausted: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Rooms caught up, in the order handled (rooms waiting on a commit first).
+         */roomsSynced: [Data], 
+        /**
+         * Rooms left for the next call.
+         */roomsLeft: [Data], 
+        /**
+         * Outbox messages sent.
+         */outboxSent: UInt64, 
+        /**
+         * Messages still in the outbox.
+         */outboxLeft: UInt64, 
+        /**
+         * Whether the budget ran out before everything was done.
+         */budgetExhausted: Bool) {
+        self.roomsSynced = roomsSynced
+        self.roomsLeft = roomsLeft
+        self.outboxSent = outboxSent
+        self.outboxLeft = outboxLeft
+        self.budgetExhausted = budgetExhausted
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension BackgroundReport: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBackgroundReport: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BackgroundReport {
+        return
+            try BackgroundReport(
+                roomsSynced: FfiConverterSequenceData.read(from: &buf), 
+                roomsLeft: FfiConverterSequenceData.read(from: &buf), 
+                outboxSent: FfiConverterUInt64.read(from: &buf), 
+                outboxLeft: FfiConverterUInt64.read(from: &buf), 
+                budgetExhausted: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: BackgroundReport, into buf: inout [UInt8]) {
+        FfiConverterSequenceData.write(value.roomsSynced, into: &buf)
+        FfiConverterSequenceData.write(value.roomsLeft, into: &buf)
+        FfiConverterUInt64.write(value.outboxSent, into: &buf)
+        FfiConverterUInt64.write(value.outboxLeft, into: &buf)
+        FfiConverterBool.write(value.budgetExhausted, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBackgroundReport_lift(_ buf: RustBuffer) throws -> BackgroundReport {
+    return try FfiConverterTypeBackgroundReport.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBackgroundReport_lower(_ value: BackgroundReport) -> RustBuffer {
+    return FfiConverterTypeBackgroundReport.lower(value)
+}
 
 
 /**
@@ -2259,6 +2388,31 @@ fileprivate struct FfiConverterSequenceUInt64: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceData: FfiConverterRustBuffer {
+    typealias SwiftType = [Data]
+
+    public static func write(_ value: [Data], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterData.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [Data] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [Data]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterData.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeMessage: FfiConverterRustBuffer {
     typealias SwiftType = [Message]
 
@@ -2399,6 +2553,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_func_decrypt_push_file() != 21704) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_kalandra_ffi_checksum_method_device_background_sync() != 16515) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_ban() != 38201) {

@@ -263,6 +263,11 @@ uint64_t uniffi_kalandra_ffi_fn_constructor_device_init(RustBuffer directory, Ru
 uint64_t uniffi_kalandra_ffi_fn_constructor_device_open(RustBuffer directory, RustBuffer store_key, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_BACKGROUND_SYNC
+#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_BACKGROUND_SYNC
+uint64_t uniffi_kalandra_ffi_fn_method_device_background_sync(uint64_t ptr, uint64_t budget_ms
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_BAN
 #define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_BAN
 uint64_t uniffi_kalandra_ffi_fn_method_device_ban(uint64_t ptr, RustBuffer room_id, uint64_t user, RustBuffer reason, RustBuffer duration_ms
@@ -687,6 +692,12 @@ uint16_t uniffi_kalandra_ffi_checksum_func_decrypt_push(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_FUNC_DECRYPT_PUSH_FILE
 #define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_FUNC_DECRYPT_PUSH_FILE
 uint16_t uniffi_kalandra_ffi_checksum_func_decrypt_push_file(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_BACKGROUND_SYNC
+#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_BACKGROUND_SYNC
+uint16_t uniffi_kalandra_ffi_checksum_method_device_background_sync(void
     
 );
 #endif

@@ -163,8 +163,10 @@ async def conversation(tmp_path, server, webhook):
         await alice.set_role(room, bob.sender_id(), "no-such-role", True)
     assert refused.value.code > 0 and refused.value.name != "Unknown"
 
-    await bob.connect()
-    assert b"are you there?" in texts(await bob.sync(room)) + texts(await bob.history(room, 0, 100))
+    # Bob's background slot: a bounded catch-up, then the message is there.
+    report = await bob.background_sync(30_000)
+    assert report.rooms_synced == [room] and report.rooms_left == [] and not report.budget_exhausted
+    assert texts(await bob.history(room, 0, 100))[-1] == b"are you there?"
     await alice.disconnect()
     await bob.disconnect()
 

@@ -686,6 +686,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_kalandra_ffi_checksum_func_decrypt_push_file(
     ): Int
+    external fun uniffi_kalandra_ffi_checksum_method_device_background_sync(
+    ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_ban(
     ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_connect(
@@ -775,6 +777,8 @@ internal object UniffiLib {
     external fun uniffi_kalandra_ffi_fn_constructor_device_init(`directory`: RustBuffer.ByValue,`storeKey`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_kalandra_ffi_fn_constructor_device_open(`directory`: RustBuffer.ByValue,`storeKey`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_kalandra_ffi_fn_method_device_background_sync(`ptr`: Long,`budgetMs`: Long,
     ): Long
     external fun uniffi_kalandra_ffi_fn_method_device_ban(`ptr`: Long,`roomId`: RustBuffer.ByValue,`user`: Long,`reason`: RustBuffer.ByValue,`durationMs`: RustBuffer.ByValue,
     ): Long
@@ -961,6 +965,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file() and 0xFFFF) != 21704) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() and 0xFFFF) != 16515) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_ban() and 0xFFFF) != 38201) {
@@ -1528,6 +1535,14 @@ public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
 public interface DeviceInterface {
     
     /**
+     * A bounded catch-up for a background slot (Android foreground service
+     * or job, iOS background task): within `budget_ms`, rooms waiting on a
+     * commit or proposal first, then the other rooms, then the outbox;
+     * returns what was done and what is left.
+     */
+    suspend fun `backgroundSync`(`budgetMs`: kotlin.ULong): BackgroundReport
+    
+    /**
      * Moderation: bans `user` from the room, for `duration_ms` or for good.
      */
     suspend fun `ban`(`roomId`: kotlin.ByteArray, `user`: kotlin.ULong, `reason`: kotlin.String, `durationMs`: kotlin.ULong?): kotlin.ULong
@@ -1785,6 +1800,34 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
         return uniffiRustCall() { status ->
             UniffiLib.uniffi_kalandra_ffi_fn_clone_device(handle, status)
         }
+    }
+
+    
+    /**
+     * A bounded catch-up for a background slot (Android foreground service
+     * or job, iOS background task): within `budget_ms`, rooms waiting on a
+     * commit or proposal first, then the other rooms, then the outbox;
+     * returns what was done and what is left.
+     */
+    @Throws(KalandraException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `backgroundSync`(`budgetMs`: kotlin.ULong) : BackgroundReport {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_kalandra_ffi_fn_method_device_background_sync(
+                uniffiHandle,
+                
+        FfiConverterULong.lower(`budgetMs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeBackgroundReport.lift(it) },
+        // Error FFI converter
+        KalandraException.ErrorHandler,
+    )
     }
 
     
@@ -2587,6 +2630,77 @@ public object FfiConverterTypeDevice: FfiConverter<Device, Long> {
 
     override fun write(value: Device, buf: ByteBuffer) {
         buf.putLong(lower(value))
+    }
+}
+
+
+
+/**
+ * What [`Device::background_sync`] did and left.
+ */
+data class BackgroundReport (
+    /**
+     * Rooms caught up, in the order handled (rooms waiting on a commit first).
+     */
+    var `roomsSynced`: List<kotlin.ByteArray>
+    , 
+    /**
+     * Rooms left for the next call.
+     */
+    var `roomsLeft`: List<kotlin.ByteArray>
+    , 
+    /**
+     * Outbox messages sent.
+     */
+    var `outboxSent`: kotlin.ULong
+    , 
+    /**
+     * Messages still in the outbox.
+     */
+    var `outboxLeft`: kotlin.ULong
+    , 
+    /**
+     * Whether the budget ran out before everything was done.
+     */
+    var `budgetExhausted`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBackgroundReport: FfiConverterRustBuffer<BackgroundReport> {
+    override fun read(buf: ByteBuffer): BackgroundReport {
+        return BackgroundReport(
+            FfiConverterSequenceByteArray.read(buf),
+            FfiConverterSequenceByteArray.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: BackgroundReport) = (
+            FfiConverterSequenceByteArray.allocationSize(value.`roomsSynced`) +
+            FfiConverterSequenceByteArray.allocationSize(value.`roomsLeft`) +
+            FfiConverterULong.allocationSize(value.`outboxSent`) +
+            FfiConverterULong.allocationSize(value.`outboxLeft`) +
+            FfiConverterBoolean.allocationSize(value.`budgetExhausted`)
+    )
+
+    override fun write(value: BackgroundReport, buf: ByteBuffer) {
+            FfiConverterSequenceByteArray.write(value.`roomsSynced`, buf)
+            FfiConverterSequenceByteArray.write(value.`roomsLeft`, buf)
+            FfiConverterULong.write(value.`outboxSent`, buf)
+            FfiConverterULong.write(value.`outboxLeft`, buf)
+            FfiConverterBoolean.write(value.`budgetExhausted`, buf)
     }
 }
 
@@ -3477,6 +3591,34 @@ public object FfiConverterSequenceULong: FfiConverterRustBuffer<List<kotlin.ULon
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterULong.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceByteArray: FfiConverterRustBuffer<List<kotlin.ByteArray>> {
+    override fun read(buf: ByteBuffer): List<kotlin.ByteArray> {
+        val len = buf.getInt()
+        return List<kotlin.ByteArray>(len) {
+            FfiConverterByteArray.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<kotlin.ByteArray>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterByteArray.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<kotlin.ByteArray>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterByteArray.write(it, buf)
         }
     }
 }
