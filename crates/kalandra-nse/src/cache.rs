@@ -94,7 +94,7 @@ pub fn export_notification_keys(keys: &[NotificationKey]) -> Result<KeyCache, Ca
 /// The notification keys an app keeps: the [`EPOCHS_PER_ROOM_MAX`] newest
 /// epochs of each room, at most [`CACHE_ENTRIES_MAX`] keys in all.
 ///
-/// Insert the key of every epoch the app enters ([`NotificationKey::from_group`]
+/// Insert the key of every epoch the app enters (client-core's `NotificationKeyFromGroup::from_group`
 /// after creating or joining a room and after every commit), remove a room
 /// the app leaves, and rewrite the cache with [`NotificationKeys::export`]
 /// after each change.
