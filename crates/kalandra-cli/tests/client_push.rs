@@ -90,6 +90,20 @@ async fn a_push_to_an_offline_member_opens_from_its_key_cache_file_across_epochs
     std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
     bob.set_key_cache_path(&moved).unwrap();
     assert_eq!(epochs(&moved), [1, 2]);
+    assert!(!bob_cache.exists(), "the old file is removed");
+    // After a restart the device reads its default path (now empty), so the
+    // host sets the path again: the previous epoch's key comes back from there.
+    drop(bob);
+    let mut bob = Client::open(bob_dir.path(), &key(2)).unwrap();
+    bob.set_key_cache_path(&moved).unwrap();
+    assert_eq!(epochs(&moved), [1, 2], "epoch 1 survived in the moved file");
+    assert_eq!(decrypt_push_file(&moved, &delivered[0].payload).unwrap().epoch, 1);
+    // The room moves on: the cache keeps its two newest epochs.
+    bob.set_server(server.target()).unwrap();
+    bob.connect().await.unwrap();
+    alice.self_update(room).await.unwrap();
+    bob.sync(room).await.unwrap();
+    assert_eq!(epochs(&moved), [2, 3]);
     let too_long = vec![0u8; client_core::push::PUSH_PLAINTEXT_BYTES_MAX + 1];
     assert!(alice.send_with_push(room, b"x", &too_long).await.is_err());
     server.stop().await;

@@ -135,6 +135,11 @@ impl NotificationKeys {
         Ok(())
     }
 
+    /// Removes the key of `room_id` at `epoch`; returns whether it was kept.
+    pub fn remove(&mut self, room_id: RoomId, epoch: u64) -> bool {
+        self.keys.remove(&(room_id, epoch)).is_some()
+    }
+
     /// Removes the keys of `room_id`; returns how many there were.
     pub fn remove_room(&mut self, room_id: RoomId) -> usize {
         let epochs: Vec<u64> = self.epochs(room_id).collect();

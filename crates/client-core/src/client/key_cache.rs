@@ -59,7 +59,15 @@ impl PushKeys {
         for (room_id, entry) in rooms {
             let Some(group) = entry.group.as_ref().filter(|_| !entry.record.removed) else { continue };
             kept.insert(*room_id);
-            if self.keys.get(*room_id, group.epoch()).is_some() {
+            let epoch = group.epoch();
+            // Only the current and the previous epoch: an older key (from a
+            // file written long ago) would open pushes MLS has moved past.
+            let older: Vec<u64> =
+                self.keys.epochs(*room_id).filter(|e| e.saturating_add(1) < epoch).collect();
+            for old in older {
+                changed |= self.keys.remove(*room_id, old);
+            }
+            if self.keys.get(*room_id, epoch).is_some() {
                 continue;
             }
             let key = NotificationKey::from_group(provider, group)
@@ -116,11 +124,36 @@ impl Client {
     /// group container an iOS Notification Service Extension can read), and
     /// writes it there at once. The path is not stored: set it after every
     /// [`Client::open`].
+    /// Keys already in a cache file at `path` (written there by an earlier
+    /// run) are kept where they are still the current or previous epoch of a
+    /// room; the file at the old path is removed.
     pub fn set_key_cache_path(&mut self, path: &Path) -> Result<(), ClientError> {
-        self.push_keys.path = path.to_owned();
+        if path == self.push_keys.path {
+            return Ok(());
+        }
+        if let Some(earlier) =
+            read_key_cache_file(path).ok().and_then(|b| NotificationKeys::from_cache(&b).ok())
+        {
+            for room_id in earlier.rooms().collect::<Vec<_>>() {
+                for epoch in earlier.epochs(room_id).collect::<Vec<_>>() {
+                    if let Some(key) = earlier.get(room_id, epoch) {
+                        // Full cache: the key is dropped, as at any refresh.
+                        let _ = self.push_keys.keys.insert(key);
+                    }
+                }
+            }
+        }
+        let old = std::mem::replace(&mut self.push_keys.path, path.to_owned());
         self.push_keys.stale = true;
         self.refresh_key_cache()?;
-        Ok(())
+        match std::fs::remove_file(&old) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                operation: "removing the old key cache",
+                detail: format!("{}: {error}", old.display()),
+            }
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     /// The key cache as it is written to the file: the push keys of the
