@@ -53,6 +53,7 @@ use crate::mls::{
     Identity, IdentityError, JoinError, KeyPackageError, MlsProvider, PendingCommitError, ProcessError,
     RoomGroup, SeededCrypto, StorageError,
 };
+use crate::push::SealPushError;
 use crate::room_log::{
     is_erased_placeholder, member_of, sender_of, step, CommitRefusal, EntryBody, Intent, LogEntry, RoomLog,
     RoomLogError, RoomRecord, SentMessage,
@@ -60,6 +61,11 @@ use crate::room_log::{
 use crate::sender_keys::{SealError, SenderKeyState, SenderKeyStateDecodeError};
 use crate::state::{Action, ClientState, Event};
 use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
+
+mod background;
+mod key_cache;
+pub use background::BackgroundReport;
+pub use key_cache::KEY_CACHE_FILE_NAME;
 
 /// File name of the store inside a client's data directory.
 pub const STORE_FILE_NAME: &str = "client.redb";
@@ -213,6 +219,9 @@ pub enum ClientError {
     /// Stored sender keys.
     #[error(transparent)]
     SenderKeys(#[from] SenderKeyStateDecodeError),
+    /// Sealing a push notification.
+    #[error(transparent)]
+    SealPush(#[from] SealPushError),
 }
 
 impl From<RoomLogError> for ClientError {
@@ -318,6 +327,9 @@ struct OutboxRecord {
     frame: Vec<u8>,
     attempts: u32,
     next_attempt_ms: u64,
+    /// The push notification sent along (resealed with the message).
+    #[serde(default)]
+    push: Option<Vec<u8>>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -355,6 +367,7 @@ pub struct Client {
     connection: Option<Connection>,
     server: Option<ServerTarget>,
     request_timeout: Duration,
+    push_keys: key_cache::PushKeys,
 }
 
 impl std::fmt::Debug for Client {
@@ -437,6 +450,7 @@ impl Client {
             connection: None,
             server: None,
             request_timeout: Duration::from_secs(10),
+            push_keys: key_cache::PushKeys::load(directory.join(KEY_CACHE_FILE_NAME)),
         };
         for record in records {
             match record.namespace {
@@ -462,6 +476,7 @@ impl Client {
                 Namespace::Mls | Namespace::Identity => {}
             }
         }
+        client.refresh_key_cache()?;
         Ok(client)
     }
 
@@ -536,6 +551,18 @@ impl Client {
     /// stocked, stores any Welcome that waits, settles pending commits and
     /// sends what waits in the outbox.
     pub async fn connect(&mut self) -> Result<(), ClientError> {
+        self.open_connection().await?;
+        let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
+        for room_id in rooms {
+            self.resume_room(room_id).await?;
+        }
+        self.flush_outbox().await?;
+        Ok(())
+    }
+
+    /// Connects and authenticates, keeps key packages stocked and stores any
+    /// Welcome that waits; reads no room.
+    async fn open_connection(&mut self) -> Result<(), ClientError> {
         let server = self.server.clone().ok_or(ClientError::NotConnected)?;
         let connection = server.connect(&self.signing_key, self.request_timeout).await?;
         self.connection = Some(connection);
@@ -546,11 +573,6 @@ impl Client {
         self.refill_key_packages().await?;
         self.drain_buffered()?;
         self.checkpoint()?;
-        let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
-        for room_id in rooms {
-            self.resume_room(room_id).await?;
-        }
-        self.flush_outbox().await?;
         Ok(())
     }
 
@@ -748,7 +770,7 @@ impl Client {
             self.persisted_mls = current;
         }
         self.mls_clean = true;
-        Ok(())
+        self.refresh_key_cache()
     }
 
     /// Catches `room_id` up with the server's log (and settles a pending
@@ -1220,6 +1242,31 @@ impl Client {
     /// connection fails it stays there and is sent by the next
     /// [`Client::connect`] or [`Client::flush_outbox`].
     pub async fn send(&mut self, room_id: RoomId, text: &[u8]) -> Result<u64, ClientError> {
+        self.send_message(room_id, text, None).await
+    }
+
+    /// [`Client::send`] with a push notification (`push`, at most
+    /// [`crate::push::PUSH_PLAINTEXT_BYTES_MAX`] bytes, e.g. a sender name and
+    /// a preview) sealed with the room's push key, which the server forwards
+    /// to members who are not connected.
+    pub async fn send_with_push(
+        &mut self,
+        room_id: RoomId,
+        text: &[u8],
+        push: &[u8],
+    ) -> Result<u64, ClientError> {
+        if push.len() > crate::push::PUSH_PLAINTEXT_BYTES_MAX {
+            return Err(SealPushError::PlaintextTooLarge { len_bytes: push.len() }.into());
+        }
+        self.send_message(room_id, text, Some(push.to_vec())).await
+    }
+
+    async fn send_message(
+        &mut self,
+        room_id: RoomId,
+        text: &[u8],
+        push: Option<Vec<u8>>,
+    ) -> Result<u64, ClientError> {
         if text.len() > MESSAGE_BYTES_MAX {
             return Err(ClientError::MessageTooLarge { len_bytes: text.len() });
         }
@@ -1239,7 +1286,7 @@ impl Client {
             }
         }
         let id = self.outbox.last_key_value().map_or(1, |(id, _)| id + 1);
-        let entry = self.seal_entry(room_id, id, text.to_vec(), 0)?;
+        let entry = self.seal_entry(room_id, id, text.to_vec(), push, 0)?;
         self.outbox.insert(id, entry);
         self.checkpoint()?;
         synced?;
@@ -1251,9 +1298,15 @@ impl Client {
         room_id: RoomId,
         id: u64,
         plaintext: Vec<u8>,
+        push: Option<Vec<u8>>,
         attempts: u32,
     ) -> Result<OutboxRecord, ClientError> {
-        let sealed = member_entry(&mut self.rooms, room_id)?.seal(&plaintext, &self.signing_key)?;
+        let room = member_entry(&mut self.rooms, room_id)?;
+        let sealed_push = push
+            .as_deref()
+            .map(|push| key_cache::seal_notification(&self.provider, room, push))
+            .transpose()?;
+        let sealed = room.seal_with_push(&plaintext, sealed_push, &self.signing_key)?;
         let record = OutboxRecord {
             id,
             room_id: room_id.0,
@@ -1263,6 +1316,7 @@ impl Client {
             frame: sealed.frame.to_bytes().to_vec(),
             attempts,
             next_attempt_ms: 0,
+            push,
         };
         self.pending_batch.put(Namespace::Outbox, &id.to_be_bytes(), encode(&record));
         Ok(record)
@@ -1317,8 +1371,13 @@ impl Client {
                             // removal): catch up, commit what waits, reseal.
                             self.sync(room_id).await?;
                             self.cover_pending_proposals(room_id).await?;
-                            let resealed =
-                                self.seal_entry(room_id, id, entry.plaintext, entry.attempts + 1)?;
+                            let resealed = self.seal_entry(
+                                room_id,
+                                id,
+                                entry.plaintext,
+                                entry.push,
+                                entry.attempts + 1,
+                            )?;
                             self.outbox.insert(id, resealed);
                             self.checkpoint()?;
                         }
@@ -1369,7 +1428,7 @@ impl Client {
             }
             if self.outbox.get(&id).is_some_and(|e| e.epoch != self.epoch_of(room_id)) {
                 let entry = self.outbox.get(&id).cloned().expect("present");
-                let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.attempts)?;
+                let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.push, entry.attempts)?;
                 self.outbox.insert(id, resealed);
                 self.checkpoint()?;
             }

@@ -4,8 +4,10 @@
 //!   identity, key packages, room groups.
 //! - [`sender_keys`]: per-sender key chains from the epoch's exporter secret
 //!   that encrypt `Application` messages (pure).
-//! - [`push`]: push-notification keys (PCEK), the key cache a Notification
-//!   Service Extension reads, and `decrypt_push`, which needs no MLS state.
+//! - [`push`]: push-notification keys (PCEK): the MLS-free part lives in
+//!   [`kalandra_nse`] (the key cache a Notification Service Extension reads,
+//!   and `decrypt_push`) and is re-exported; this module adds the derivation
+//!   from an MLS group.
 //! - [`state`]: the client's connection and membership state machine (pure).
 //! - [`room_log`]: one room's log as the device applies it — cursor, commit
 //!   settlement, outbox settlement, sender keys, state machine (pure; both

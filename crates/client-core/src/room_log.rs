@@ -42,7 +42,7 @@ use crate::mls::{
     StorageError,
 };
 use crate::sender_keys::{
-    open_application, seal_application, SealError, SenderKeyState, SenderKeyStateDecodeError,
+    open_application, seal_application_with_push, SealError, SenderKeyState, SenderKeyStateDecodeError,
 };
 use crate::state::{Action, ClientState, Event, Resume};
 
@@ -462,12 +462,23 @@ impl RoomLog {
         plaintext: &[u8],
         signing_key: &ed25519_dalek::SigningKey,
     ) -> Result<Sealed, RoomLogError> {
+        self.seal_with_push(plaintext, None, signing_key)
+    }
+
+    /// [`RoomLog::seal`] with a push payload already sealed for the room's
+    /// current epoch, carried in the frame for members who are offline.
+    pub fn seal_with_push(
+        &mut self,
+        plaintext: &[u8],
+        push: Option<bytes::Bytes>,
+        signing_key: &ed25519_dalek::SigningKey,
+    ) -> Result<Sealed, RoomLogError> {
         let room_id = self.room_id();
         if self.record.removed {
             return Err(RoomLogError::NotMember(room_id));
         }
         let keys = self.sender_keys.as_mut().ok_or(RoomLogError::NotMember(room_id))?;
-        let frame = seal_application(keys, plaintext, signing_key)?;
+        let frame = seal_application_with_push(keys, plaintext, push, signing_key)?;
         let generation = frame
             .decode_payload::<Application>()
             .map_err(|e| RoomLogError::Internal(format!("a sealed frame does not decode: {e}")))?

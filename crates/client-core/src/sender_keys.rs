@@ -859,12 +859,24 @@ pub fn seal_application(
     plaintext: &[u8],
     signing_key: &SigningKey,
 ) -> Result<Frame, SealError> {
+    seal_application_with_push(state, plaintext, None, signing_key)
+}
+
+/// [`seal_application`] with a push payload (sealed with the epoch's push
+/// key, see [`crate::push`]) that the server forwards to members who are not
+/// connected. The signature covers it.
+pub fn seal_application_with_push(
+    state: &mut SenderKeyState,
+    plaintext: &[u8],
+    push: Option<Bytes>,
+    signing_key: &SigningKey,
+) -> Result<Frame, SealError> {
     let sender_id = SenderId::from_identity_key(signing_key.verifying_key().as_bytes());
     let sealed = state.encrypt(sender_id, plaintext)?;
     let mut header = FrameHeaderBuf::new(Opcode::Application);
     header.set_room_id(state.room_id()).set_sender_id(sender_id).set_epoch(state.epoch());
     let payload =
-        Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext), push: None };
+        Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext), push };
     let mut frame = Frame::with_payload(header, &payload)?;
     frame.sign(signing_key);
     Ok(frame)

@@ -8,10 +8,10 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
 use client_core::push::{
     cache_bytes, decrypt_push, export_notification_keys, seal_push, CacheDefect, CacheWriteError,
-    KeyCacheView, NotificationKey, NotificationKeys, PushError, PushFormat, PushMessage, SealPushError,
-    CACHE_BUDGET_BYTES, CACHE_BYTES_MAX, CACHE_ENTRIES_MAX, CACHE_HEADER_BYTES, EPOCHS_PER_ROOM_MAX,
-    PCEK_BYTES, PUSH_EXPORTER_LABEL, PUSH_HEADER_BYTES, PUSH_PAYLOAD_BYTES_MAX, PUSH_PAYLOAD_BYTES_MIN,
-    PUSH_PLAINTEXT_BYTES_MAX,
+    KeyCacheView, NotificationKey, NotificationKeyFromGroup as _, NotificationKeys, PushError, PushFormat,
+    PushMessage, SealPushError, CACHE_BUDGET_BYTES, CACHE_BYTES_MAX, CACHE_ENTRIES_MAX, CACHE_HEADER_BYTES,
+    EPOCHS_PER_ROOM_MAX, PCEK_BYTES, PUSH_EXPORTER_LABEL, PUSH_HEADER_BYTES, PUSH_PAYLOAD_BYTES_MAX,
+    PUSH_PAYLOAD_BYTES_MIN, PUSH_PLAINTEXT_BYTES_MAX,
 };
 use kalandra_proto::RoomId;
 use proptest::prelude::*;

@@ -605,6 +605,8 @@ impl DeviceFiles {
             return;
         }
         let _ = std::fs::remove_file(self.dir.join(client_core::client::STORE_FILE_NAME));
+        // The device writes its push-key cache as it opens.
+        let _ = std::fs::remove_file(self.dir.join(client_core::client::KEY_CACHE_FILE_NAME));
         if !self.key_file_existed {
             let _ = std::fs::remove_file(self.dir.join(KEY_FILE_NAME));
         }

@@ -432,7 +432,9 @@ async fn a_welcome_waits_for_an_offline_recipient_and_external_joins_use_the_pub
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_who_are_not_connected_get_the_push_payload_and_decrypt_it_with_their_key_cache() {
-    use client_core::push::{decrypt_push, export_notification_keys, seal_push, NotificationKey};
+    use client_core::push::{
+        decrypt_push, export_notification_keys, seal_push, NotificationKey, NotificationKeyFromGroup as _,
+    };
     let server = TestServer::start(default_limits()).await;
     let (mut alice, bob, mut carol) = three_member_room(&server).await;
     // Carol keeps the room's push key in her cache, then goes offline.

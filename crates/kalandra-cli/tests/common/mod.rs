@@ -37,6 +37,15 @@ pub struct Server {
 
 impl Server {
     pub async fn start(data_dir: &Path) -> Server {
+        Self::start_with_push(data_dir, None).await
+    }
+
+    /// A server that hands push notifications of members without a
+    /// connection to `push`.
+    pub async fn start_with_push(
+        data_dir: &Path,
+        push: Option<Arc<dyn kalandra_server::push::PushSink>>,
+    ) -> Server {
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(data_dir.join("kalandra.redb")).unwrap());
         let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
         let identity = load_or_create_server_identity(data_dir, None, None).unwrap();
@@ -52,7 +61,7 @@ impl Server {
             metrics.clone(),
             NodeLimits {
                 rooms_per_user_max: limits.rooms_per_user_max,
-                push: None,
+                push: push.map(kalandra_server::push::PushQueue::start),
                 server_signer: Arc::new(kalandra_server::mls_state::ServerSigner::new(server_key.clone())),
             },
         )

@@ -1,5 +1,9 @@
-//! Push-notification keys (PCEK): encrypted pushes a Notification Service
-//! Extension (NSE) decrypts without MLS state.
+//! Push-notification keys (PCEK) without MLS: what a Notification Service
+//! Extension (NSE) needs to decrypt a push, and nothing more. This crate
+//! depends on no MLS library, no async runtime and no network code (CI checks
+//! its dependency tree with `scripts/check-nse-deps.sh`); client-core
+//! derives the keys from MLS and re-exports everything here as
+//! `client_core::push`.
 //!
 //! Every member of a room derives, per epoch, the same *notification key*
 //! from the MLS exporter. A sender seals a short notification (for example a
@@ -23,8 +27,8 @@
 //!    ```
 //!
 //!    with the label [`PUSH_EXPORTER_LABEL`] and the 16-byte room id as
-//!    context. [`NotificationKey::from_group`] does this; it is the only part
-//!    of this module that touches MLS.
+//!    context. client-core's `NotificationKeyFromGroup::from_group` does
+//!    this; it is the only part of the scheme that touches MLS.
 //! 2. **Push key** (32 bytes), the XChaCha20-Poly1305 key of the epoch, with
 //!    the PCEK as HKDF pseudorandom key ([`NotificationKey::from_pcek`]):
 //!
@@ -90,6 +94,21 @@
 //!
 //! The cache holds secret keys: store it where only the app and its NSE can
 //! read it, under the platform's data protection.
+//!
+//! ## Key cache file
+//!
+//! The app writes the cache to a file with [`write_key_cache_file`] (client-core
+//! does so after every change of a room's epoch): the bytes go to a temporary
+//! file in the same directory (`<name>.tmp`), which is flushed to disk
+//! (`fsync`), then renamed over the file, and the directory is synced. A
+//! reader therefore sees either the old cache or the new one, never a mix. The
+//! NSE reads it with [`read_key_cache_file`] (at most [`CACHE_BYTES_MAX`]
+//! bytes are read; a longer file is [`PushError::TooLarge`]) or decrypts
+//! straight from it with [`decrypt_push_file`].
+//!
+//! An NSE that read the cache just before the app moved a room to a new
+//! epoch still opens pushes of the old epoch, and after the rewrite it opens
+//! pushes of both: the app keeps the previous epoch's key for exactly that.
 //!
 //! # Decrypting a push
 //!
@@ -163,7 +182,7 @@
 //!   their secret bytes when dropped.
 
 mod cache;
-mod group;
+mod file;
 mod payload;
 
 use hkdf::Hkdf;
@@ -171,6 +190,7 @@ use kalandra_proto::RoomId;
 use sha2::Sha256;
 
 pub use cache::{export_notification_keys, KeyCache, KeyCacheView, NotificationKeys};
+pub use file::{decrypt_push_file, read_key_cache_file, write_key_cache_file, KeyCacheFileError};
 pub use payload::{decrypt_push, seal_push, PushMessage};
 
 /// MLS exporter label of the PCEK.

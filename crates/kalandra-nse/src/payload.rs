@@ -5,7 +5,7 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
 use kalandra_proto::RoomId;
 
-use super::{
+use crate::{
     entry_id, KeyCacheView, NotificationKey, PushError, PushFormat, SealPushError, EPOCH_BYTES,
     PUSH_ASSOCIATED_DATA_BYTES, PUSH_HEADER_BYTES, PUSH_KEY_BYTES, PUSH_NONCE_BYTES, PUSH_PAYLOAD_BYTES_MAX,
     PUSH_PAYLOAD_BYTES_MIN, PUSH_PLAINTEXT_BYTES_MAX, PUSH_TAG_BYTES, PUSH_VERSION, ROOM_ID_BYTES,
@@ -23,7 +23,7 @@ pub struct PushMessage {
 }
 
 /// The push payload of `plaintext` under `key` (see the
-/// [module documentation](super#push-payload)). `nonce` must be 24 fresh
+/// [module documentation](crate#push-payload)). `nonce` must be 24 fresh
 /// uniformly random bytes: every member of the epoch seals with this key.
 pub fn seal_push(
     key: &NotificationKey,
@@ -59,7 +59,7 @@ struct PayloadView<'a> {
     tag: &'a [u8],
 }
 
-/// Steps 1 and 2 of the [decryption](super#decrypting-a-push).
+/// Steps 1 and 2 of the [decryption](crate#decrypting-a-push).
 fn parse_payload(payload: &[u8]) -> Result<PayloadView<'_>, PushError> {
     if payload.len() > PUSH_PAYLOAD_BYTES_MAX {
         return Err(PushError::TooLarge {
@@ -89,7 +89,7 @@ fn parse_payload(payload: &[u8]) -> Result<PayloadView<'_>, PushError> {
 /// Decrypts a push `payload` with the key `cache` alone: the entry point of
 /// a Notification Service Extension. Checks the payload, then the whole
 /// cache, then finds the key of the payload's room and epoch and decrypts
-/// (see the [module documentation](super#decrypting-a-push) for the order of
+/// (see the [module documentation](crate#decrypting-a-push) for the order of
 /// the checks). Allocates only the plaintext; touches no MLS state.
 pub fn decrypt_push(cache: &[u8], payload: &[u8]) -> Result<PushMessage, PushError> {
     let push = parse_payload(payload)?;

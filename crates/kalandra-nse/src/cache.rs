@@ -4,13 +4,13 @@ use std::collections::BTreeMap;
 
 use kalandra_proto::RoomId;
 
-use super::{
+use crate::{
     entry_id, wipe, CacheDefect, CacheWriteError, NotificationKey, PushError, PushFormat, Secret,
     CACHE_BYTES_MAX, CACHE_ENTRIES_MAX, CACHE_ENTRY_BYTES, CACHE_HEADER_BYTES, CACHE_MAGIC, CACHE_VERSION,
     ENTRY_ID_BYTES, EPOCHS_PER_ROOM_MAX, EPOCH_BYTES, PUSH_KEY_BYTES, ROOM_ID_BYTES,
 };
 
-/// An encoded key cache (see the [module documentation](super#key-cache)),
+/// An encoded key cache (see the [module documentation](crate#key-cache)),
 /// overwritten when dropped.
 pub struct KeyCache {
     bytes: Vec<u8>,
@@ -58,7 +58,7 @@ fn write_cache<'a>(
     assert!(count <= CACHE_ENTRIES_MAX, "the callers bound the entries");
     let count_field = u16::try_from(count).expect("CACHE_ENTRIES_MAX fits a u16");
     // Exactly sized, so that no reallocation leaves a copy of the keys behind.
-    let mut bytes = Vec::with_capacity(super::cache_bytes(count));
+    let mut bytes = Vec::with_capacity(crate::cache_bytes(count));
     bytes.extend_from_slice(&CACHE_MAGIC);
     bytes.push(CACHE_VERSION);
     bytes.extend_from_slice(&count_field.to_be_bytes());
@@ -66,7 +66,7 @@ fn write_cache<'a>(
         bytes.extend_from_slice(&id);
         bytes.extend_from_slice(key);
     }
-    assert_eq!(bytes.len(), super::cache_bytes(count), "the iterator yields `count` entries");
+    assert_eq!(bytes.len(), crate::cache_bytes(count), "the iterator yields `count` entries");
     KeyCache { bytes }
 }
 
@@ -94,7 +94,7 @@ pub fn export_notification_keys(keys: &[NotificationKey]) -> Result<KeyCache, Ca
 /// The notification keys an app keeps: the [`EPOCHS_PER_ROOM_MAX`] newest
 /// epochs of each room, at most [`CACHE_ENTRIES_MAX`] keys in all.
 ///
-/// Insert the key of every epoch the app enters ([`NotificationKey::from_group`]
+/// Insert the key of every epoch the app enters (client-core's `NotificationKeyFromGroup::from_group`
 /// after creating or joining a room and after every commit), remove a room
 /// the app leaves, and rewrite the cache with [`NotificationKeys::export`]
 /// after each change.
@@ -135,6 +135,11 @@ impl NotificationKeys {
         Ok(())
     }
 
+    /// Removes the key of `room_id` at `epoch`; returns whether it was kept.
+    pub fn remove(&mut self, room_id: RoomId, epoch: u64) -> bool {
+        self.keys.remove(&(room_id, epoch)).is_some()
+    }
+
     /// Removes the keys of `room_id`; returns how many there were.
     pub fn remove_room(&mut self, room_id: RoomId) -> usize {
         let epochs: Vec<u64> = self.epochs(room_id).collect();
@@ -154,6 +159,16 @@ impl NotificationKeys {
         self.keys.range((room_id, 0)..=(room_id, u64::MAX)).map(|((_, epoch), _)| *epoch)
     }
 
+    /// The rooms that have keys, in order.
+    pub fn rooms(&self) -> impl Iterator<Item = RoomId> + '_ {
+        let mut previous = None;
+        self.keys.keys().filter_map(move |(room_id, _)| {
+            let first = previous != Some(*room_id);
+            previous = Some(*room_id);
+            first.then_some(*room_id)
+        })
+    }
+
     /// The number of keys.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -162,6 +177,21 @@ impl NotificationKeys {
     /// Whether there are no keys.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// The keys of a key cache written before (for example by an earlier run
+    /// of the app), after checking it whole ([`KeyCacheView::parse`]).
+    pub fn from_cache(cache: &[u8]) -> Result<NotificationKeys, PushError> {
+        let view = KeyCacheView::parse(cache)?;
+        let mut keys = BTreeMap::new();
+        for entry in view.entries.chunks_exact(CACHE_ENTRY_BYTES) {
+            let (id, key) = entry.split_at(ENTRY_ID_BYTES);
+            let room_id = RoomId(id[..ROOM_ID_BYTES].try_into().expect("16 bytes"));
+            let epoch = u64::from_be_bytes(id[ROOM_ID_BYTES..].try_into().expect("8 bytes"));
+            keys.insert((room_id, epoch), Secret(key.try_into().expect("32 bytes")));
+        }
+        // The parse bounds the entries and the epochs per room.
+        Ok(NotificationKeys { keys })
     }
 
     /// The key cache of all kept keys.
@@ -194,7 +224,7 @@ impl std::fmt::Debug for KeyCacheView<'_> {
 
 impl<'a> KeyCacheView<'a> {
     /// Checks the whole of `cache` (steps 3 and 4 of the
-    /// [decryption](super#decrypting-a-push)).
+    /// [decryption](crate#decrypting-a-push)).
     pub fn parse(cache: &'a [u8]) -> Result<Self, PushError> {
         if cache.len() > CACHE_BYTES_MAX {
             return Err(PushError::TooLarge {
@@ -266,7 +296,7 @@ impl<'a> KeyCacheView<'a> {
     }
 
     /// The push key of the entry whose first 24 bytes are `id`.
-    pub(super) fn key_for(&self, id: &[u8; ENTRY_ID_BYTES]) -> Option<&'a [u8; PUSH_KEY_BYTES]> {
+    pub(crate) fn key_for(&self, id: &[u8; ENTRY_ID_BYTES]) -> Option<&'a [u8; PUSH_KEY_BYTES]> {
         self.entries
             .chunks_exact(CACHE_ENTRY_BYTES)
             .find(|entry| entry[..ENTRY_ID_BYTES] == id[..])
