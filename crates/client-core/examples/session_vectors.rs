@@ -1,0 +1,135 @@
+//! Writes `docs/session-vectors.json`: an authentication transcript and the
+//! sender-key derivation and encryption of §6.1 with every intermediate
+//! value, from fixed inputs. `tests/session_vectors.rs` recomputes them from
+//! the spec's formulas and checks client-core against them.
+//!
+//! `cargo run -p client-core --example session_vectors > docs/session-vectors.json`
+#![allow(missing_docs)]
+
+use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload as AeadPayload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use client_core::sender_keys::{associated_data, seal_application, SenderKeyState};
+use ed25519_dalek::SigningKey;
+use hkdf::Hkdf;
+use kalandra_proto::payload::{AuthChallenge, AuthOk, AuthResponse, Hello};
+use kalandra_proto::sign::sign_auth_challenge;
+use kalandra_proto::{Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+const CLIENT_SEED: [u8; 32] = [0x11; 32];
+const SERVER_KEY_SEED: [u8; 32] = [0x22; 32];
+const NONCE: [u8; 32] = [0x33; 32];
+const SERVER_TIME_MS: u64 = 1_767_225_600_000;
+const ROOM: [u8; 16] = *b"kalandra-room-01";
+const EPOCH: u64 = 3;
+const EPOCH_SECRET: [u8; 32] = [0x44; 32];
+const SENDER_LEAF: u32 = 1;
+const RECEIVER_LEAF: u32 = 0;
+const PLAINTEXTS: [&str; 2] = ["hello, Bob", "second message"];
+
+fn frame<P: Payload>(request_id: u32, sender: SenderId, payload: &P) -> Frame {
+    let mut header = FrameHeaderBuf::new(P::OPCODE);
+    header.set_request_id(request_id).set_sender_id(sender);
+    Frame::with_payload(header, payload).expect("fits")
+}
+
+fn auth() -> Value {
+    let client = SigningKey::from_bytes(&CLIENT_SEED);
+    let server = SigningKey::from_bytes(&SERVER_KEY_SEED);
+    let identity_key = client.verifying_key().to_bytes();
+    let sender = SenderId::from_identity_key(&identity_key);
+    let hello = Hello { versions: vec![1], identity_key, client_name: "vectors/1".into() };
+    let challenge = AuthChallenge { nonce: NONCE, version: 1, server_time_ms: SERVER_TIME_MS };
+    let signature = sign_auth_challenge(&client, &NONCE);
+    let response = AuthResponse { signature };
+    let ok = AuthOk {
+        sender_id: sender.0,
+        server_time_ms: SERVER_TIME_MS + 1,
+        server_key: server.verifying_key().to_bytes(),
+    };
+    let signed_message = [b"kalandra-auth-v1".as_slice(), &NONCE, &identity_key].concat();
+    json!({
+        "client_signing_key_seed_hex": hex::encode(CLIENT_SEED),
+        "client_identity_key_hex": hex::encode(identity_key),
+        "sender_id_hash_input_hex": hex::encode([b"kalandra-sender-id-v1".as_slice(), &identity_key].concat()),
+        "sender_id": format!("{:016x}", sender.0),
+        "server_key_hex": hex::encode(server.verifying_key().to_bytes()),
+        "challenge_signing_input_hex": hex::encode(signed_message),
+        "challenge_signature_hex": hex::encode(signature),
+        "frames": [
+            {"direction": "client->server", "opcode_name": "Hello", "hex": hex::encode(frame(1, SenderId(0), &hello).to_bytes())},
+            {"direction": "server->client", "opcode_name": "AuthChallenge", "hex": hex::encode(frame(0, SenderId(0), &challenge).to_bytes())},
+            {"direction": "client->server", "opcode_name": "AuthResponse", "hex": hex::encode(frame(2, SenderId(0), &response).to_bytes())},
+            {"direction": "server->client", "opcode_name": "AuthOk", "hex": hex::encode(frame(2, SenderId(0), &ok).to_bytes())},
+        ],
+    })
+}
+
+fn expand<const N: usize>(prk: &[u8], info: &[u8]) -> [u8; N] {
+    let hkdf = Hkdf::<Sha256>::from_prk(prk).expect("32-byte PRK");
+    let mut out = [0u8; N];
+    hkdf.expand(info, &mut out).expect("length fits HKDF");
+    out
+}
+
+fn sender_keys() -> Value {
+    let signing_key = SigningKey::from_bytes(&CLIENT_SEED);
+    let sender = SenderId::from_identity_key(signing_key.verifying_key().as_bytes());
+    let room = RoomId(ROOM);
+    let (root, _) = Hkdf::<Sha256>::extract(Some(&[0u8; 32]), &EPOCH_SECRET);
+    let chain_info = [b"kalandraSenderV1".as_slice(), &SENDER_LEAF.to_be_bytes()].concat();
+    let mut chain_key: [u8; 32] = expand(&root, &chain_info);
+    let chain_key_0 = chain_key;
+    let mut state =
+        SenderKeyState::new(room, EPOCH, &EPOCH_SECRET, SENDER_LEAF, [RECEIVER_LEAF, SENDER_LEAF]);
+    let mut messages = Vec::new();
+    for (generation, plaintext) in (0u32..).zip(PLAINTEXTS) {
+        let step_info = [b"kalandraStepV1".as_slice(), &generation.to_be_bytes()].concat();
+        let okm: [u8; 88] = expand(&chain_key, &step_info);
+        let (message_key, nonce, next_chain_key) = (&okm[0..32], &okm[32..56], &okm[56..88]);
+        let aad = associated_data(room, sender, EPOCH, generation);
+        let cipher = XChaCha20Poly1305::new_from_slice(message_key).expect("32-byte key");
+        let ciphertext = cipher
+            .encrypt(XNonce::from_slice(nonce), AeadPayload { msg: plaintext.as_bytes(), aad: &aad })
+            .expect("encrypts");
+        let frame = seal_application(&mut state, plaintext.as_bytes(), &signing_key).expect("seals");
+        messages.push(json!({
+            "generation": generation,
+            "chain_key_hex": hex::encode(chain_key),
+            "step_info_hex": hex::encode(&step_info),
+            "okm_hex": hex::encode(okm),
+            "message_key_hex": hex::encode(message_key),
+            "nonce_hex": hex::encode(nonce),
+            "next_chain_key_hex": hex::encode(next_chain_key),
+            "plaintext_utf8": plaintext,
+            "aad_hex": hex::encode(aad),
+            "ciphertext_hex": hex::encode(&ciphertext),
+            "application_frame_hex": hex::encode(frame.to_bytes()),
+        }));
+        chain_key = next_chain_key.try_into().expect("32 bytes");
+    }
+    json!({
+        "room_id_hex": hex::encode(ROOM),
+        "epoch": EPOCH,
+        "epoch_secret_hex": hex::encode(EPOCH_SECRET),
+        "exporter_label": "kalandra sender keys v1",
+        "sender_signing_key_seed_hex": hex::encode(CLIENT_SEED),
+        "sender_id": format!("{sender}"),
+        "sender_leaf": SENDER_LEAF,
+        "receiver_leaf": RECEIVER_LEAF,
+        "root_hex": hex::encode(root),
+        "chain_info_hex": hex::encode(&chain_info),
+        "chain_key_0_hex": hex::encode(chain_key_0),
+        "messages": messages,
+    })
+}
+
+fn main() {
+    let document = json!({
+        "description": "Kalandra session test vectors (docs/wire-protocol.md §5, §6.1). auth: the four frames of an authentication with fixed keys and nonce (request ids 1 and 2), the challenge's signing input and signature, the sender-id hash input. sender_keys: from epoch_secret (what the MLS exporter gives, taken as input here), the HKDF-Extract root, the sender's chain start, and per generation the HKDF-Expand output split into message key, nonce and next chain key, the AAD, the XChaCha20-Poly1305 ciphertext with tag, and the signed Application frame (header epoch, room and sender set; request id 0).",
+        "auth": auth(),
+        "sender_keys": sender_keys(),
+    });
+    println!("{}", serde_json::to_string_pretty(&document).expect("JSON"));
+}
