@@ -940,9 +940,12 @@ impl Client {
             return Err("gap".into());
         }
         let own = frame.header().sender_id() == self.sender;
-        if !matches!(frame.opcode(), Opcode::Application | Opcode::Commit)
-            && !(frame.opcode() == Opcode::CreateRoom && own)
-        {
+        let expected_opcode = match frame.opcode() {
+            Opcode::Application | Opcode::Commit => true,
+            Opcode::CreateRoom => own,
+            _ => false,
+        };
+        if !expected_opcode {
             self.violation(format!(
                 "client {}: unexpected {:?} in the log at {log_index}",
                 self.shared.index,
