@@ -943,8 +943,11 @@ impl Client {
             return Err("gap".into());
         }
         let own = frame.header().sender_id() == self.sender;
-        let expected_opcode = matches!(frame.opcode(), Opcode::Application | Opcode::Commit)
-            || (frame.opcode() == Opcode::CreateRoom && own);
+        let expected_opcode = match frame.opcode() {
+            Opcode::Application | Opcode::Commit => true,
+            Opcode::CreateRoom => own,
+            _ => false,
+        };
         if !expected_opcode {
             self.violation(format!(
                 "client {}: unexpected {:?} in the log at {log_index}",

@@ -1,0 +1,175 @@
+//! `RoomLog`, the pure application of a room's log, on real MLS groups.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
+use client_core::room_log::{CommitRefusal, EntryBody, Intent, RoomLog, RoomLogError, SentMessage};
+use client_core::state::ClientState;
+use ed25519_dalek::SigningKey;
+use kalandra_proto::payload::{self, Commit, CreateRoom, Welcome};
+use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
+
+const ROOM: RoomId = RoomId(*b"room-log-tests!!");
+
+struct Device {
+    provider: MlsProvider,
+    identity: Identity,
+    key: SigningKey,
+}
+
+impl Device {
+    fn new(seed: u8) -> Device {
+        let provider = MlsProvider::from_seed([seed; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let key = SigningKey::from_bytes(&identity.secret_bytes());
+        Device { provider, identity, key }
+    }
+
+    fn sender(&self) -> SenderId {
+        SenderId::from_identity_key(self.identity.public_key())
+    }
+
+    /// A frame of ours as the server sequences it at `log_index`.
+    fn sequenced<P: Payload>(&self, payload: &P, epoch: u64, log_index: u64) -> Frame {
+        let mut header = FrameHeaderBuf::new(P::OPCODE);
+        header.set_room_id(ROOM).set_sender_id(self.sender()).set_epoch(epoch);
+        let mut frame = Frame::with_payload(header, payload).unwrap();
+        frame.sign(&self.key);
+        stamp(frame, log_index)
+    }
+}
+
+fn stamp(mut frame: Frame, log_index: u64) -> Frame {
+    frame.header_mut().set_log_index(log_index).set_server_timestamp_ms(1_000 + log_index);
+    frame
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Alice creates the room (log index 0) and adds Bob (index 1); both are
+/// at epoch 1 with their cursors at 2.
+fn two_members() -> ((Device, RoomLog), (Device, RoomLog)) {
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let server_key = SigningKey::from_bytes(&[42u8; 32]).verifying_key().to_bytes();
+    let (group, created) =
+        RoomGroup::create(&alice.provider, &alice.identity, ROOM.0, &server_key, now_s()).unwrap();
+    let create = alice.sequenced(
+        &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree },
+        0,
+        0,
+    );
+    let mut alice_log = RoomLog::created(&alice.provider, group, create.to_bytes().to_vec()).unwrap();
+    alice_log.creation_confirmed();
+    assert_eq!(alice_log.next_log_index(), 1);
+
+    let package = generate_key_packages(&bob.provider, &bob.identity, 1, now_s()).unwrap().remove(0).message;
+    let output =
+        alice_log.group_mut().unwrap().add_members(&alice.provider, &alice.identity, &[&package]).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: output.welcome.clone(),
+        welcome_recipients: vec![bob.sender().0],
+        group_info: Some(output.group_info),
+    };
+    let frame = alice.sequenced(&commit, 0, 1);
+    alice_log.commit_sent(frame.to_bytes().to_vec(), 0, Intent::Invite(vec![bob.sender().0])).unwrap();
+    let entry = alice_log.apply(&alice.provider, alice.sender(), &frame, []).unwrap().unwrap();
+    assert!(matches!(entry.body, EntryBody::Membership { epoch: 1, .. }), "{entry:?}");
+    assert_eq!(alice_log.state(), ClientState::Synchronized { epoch: 1 });
+    assert!(alice_log.pending_commit().is_none());
+
+    let welcome = Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree) };
+    let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
+    header.set_room_id(ROOM).set_log_index(1);
+    let welcome = Frame::with_payload(header, &welcome).unwrap();
+    let bob_log = RoomLog::join_from_welcome(&bob.provider, ROOM, &welcome).unwrap();
+    assert_eq!((bob_log.next_log_index(), bob_log.epoch()), (2, 1));
+    ((alice, alice_log), (bob, bob_log))
+}
+
+#[test]
+fn messages_are_read_by_others_and_settle_our_outbox_by_epoch_and_generation() {
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    let sealed = alice_log.seal(b"hello", &alice.key).unwrap();
+    let frame = stamp(sealed.frame.clone(), 2);
+    let read = bob_log.apply(&bob.provider, bob.sender(), &frame, []).unwrap().unwrap();
+    assert_eq!(read.body, EntryBody::Text(b"hello".to_vec()));
+    assert_eq!((read.log_index, read.sender), (2, alice.sender()));
+
+    let other = SentMessage { id: 6, epoch: 1, generation: sealed.generation + 1 };
+    let ours = SentMessage { id: 7, epoch: sealed.epoch, generation: sealed.generation };
+    let settled = alice_log.apply(&alice.provider, alice.sender(), &frame, [other, ours]).unwrap().unwrap();
+    assert_eq!(settled.body, EntryBody::Own { outbox_id: 7 });
+    // Applied already: the cursor ignores it.
+    assert!(alice_log.apply(&alice.provider, alice.sender(), &frame, [ours]).unwrap().is_none());
+    assert_eq!(alice_log.next_log_index(), 3);
+}
+
+#[test]
+fn a_gap_in_the_log_is_a_protocol_error() {
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    let sealed = alice_log.seal(b"late", &alice.key).unwrap();
+    let error = bob_log.apply(&bob.provider, bob.sender(), &stamp(sealed.frame, 5), []).unwrap_err();
+    assert!(matches!(&error, RoomLogError::Protocol(m) if m.contains("a gap")), "{error:?}");
+    assert_eq!(bob_log.next_log_index(), 2);
+}
+
+#[test]
+fn another_commit_for_our_epoch_discards_ours_and_keeps_the_intent_and_an_older_commit_is_a_fork() {
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    let update = |device: &Device, log: &mut RoomLog, log_index| {
+        let output = log.group_mut().unwrap().self_update(&device.provider, &device.identity).unwrap();
+        let commit =
+            Commit { commit: output.commit, welcome: None, welcome_recipients: vec![], group_info: None };
+        let frame = device.sequenced(&commit, 1, log_index);
+        log.commit_sent(frame.to_bytes().to_vec(), 1, Intent::Update).unwrap();
+        frame
+    };
+    let alices = update(&alice, &mut alice_log, 3);
+    let bobs = update(&bob, &mut bob_log, 2);
+    // Bob's commit wins the epoch at index 2.
+    bob_log.apply(&bob.provider, bob.sender(), &bobs, []).unwrap();
+    let entry = alice_log.apply(&alice.provider, alice.sender(), &bobs, []).unwrap().unwrap();
+    assert!(matches!(entry.body, EntryBody::Membership { epoch: 2, .. }), "{entry:?}");
+    assert_eq!(alice_log.state(), ClientState::Synchronized { epoch: 2 });
+    assert!(alice_log.pending_commit().is_none());
+    assert_eq!(alice_log.take_redo(), Some(Intent::Update));
+    assert_eq!(bob_log.state(), ClientState::Synchronized { epoch: 2 });
+    // A server that sequenced Alice's commit of epoch 1 too forked the room.
+    let error = bob_log.apply(&bob.provider, bob.sender(), &alices, []).unwrap_err();
+    assert!(
+        matches!(&error, RoomLogError::Protocol(m) if m.contains("two commits for one epoch")),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_wrong_epoch_refusal_discards_our_commit_and_retries_its_intent_other_refusals_are_final() {
+    let ((alice, mut alice_log), _) = two_members();
+    let refuse = |log: &mut RoomLog, code: ErrorCode| {
+        let output = log.group_mut().unwrap().self_update(&alice.provider, &alice.identity).unwrap();
+        let commit =
+            Commit { commit: output.commit, welcome: None, welcome_recipients: vec![], group_info: None };
+        log.commit_sent(alice.sequenced(&commit, 1, 0).to_bytes().to_vec(), 1, Intent::Update).unwrap();
+        let error = payload::Error {
+            code: code.to_u16(),
+            message: String::new(),
+            current_epoch: Some(2),
+            log_index: Some(2),
+            retry_after_ms: None,
+        };
+        let refusal = log.commit_refused(&alice.provider, Some(&error)).unwrap();
+        assert!(!log.group().unwrap().has_pending_commit());
+        assert_eq!(log.state(), ClientState::Synchronized { epoch: 1 });
+        refusal
+    };
+    assert_eq!(
+        refuse(&mut alice_log, ErrorCode::WrongEpoch),
+        CommitRefusal::Retry { intent: Intent::Update, sync_from: 2 }
+    );
+    assert_eq!(refuse(&mut alice_log, ErrorCode::Forbidden), CommitRefusal::Final);
+    // No commit pending: an answer to one is a bug the state machine names.
+    assert!(matches!(alice_log.commit_refused(&alice.provider, None), Err(RoomLogError::Internal(_))));
+}
