@@ -56,7 +56,7 @@ fn two_members() -> ((Device, RoomLog), (Device, RoomLog)) {
     let (group, created) =
         RoomGroup::create(&alice.provider, &alice.identity, ROOM.0, &server_key, now_s()).unwrap();
     let create = alice.sequenced(
-        &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree },
+        &CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree, join_rule: None },
         0,
         0,
     );
