@@ -200,6 +200,8 @@ pub(super) struct Subscriber<P> {
     subscription: u64,
     /// Set when the subscription ends: its history reader stops sending.
     cancelled: Arc<AtomicBool>,
+    /// The `Subscribe` request's id, which its `SyncDone` answers.
+    request_id: u32,
 }
 
 /// Removes the subscribers `remove` picks and stops their history readers.
@@ -549,6 +551,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             live: false,
             subscription,
             cancelled: Arc::new(AtomicBool::new(false)),
+            request_id,
         });
         self.handle_caught_up(room_id, subscription, from_log_index);
     }
@@ -591,7 +594,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 peer: subscriber.peer.clone(),
                 from: next_log_index,
                 through: durable_next,
-                request_id: 0,
+                request_id: subscriber.request_id,
                 subscription,
                 cancelled: Arc::clone(&subscriber.cancelled),
             }));
@@ -608,8 +611,11 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         if delivered {
             subscriber.next_log_index = durable_next;
             subscriber.live = true;
-            let done =
-                server_frame(room_id, 0, &payload::SyncDone { next_log_index: durable_next, live: true });
+            let done = server_frame(
+                room_id,
+                subscriber.request_id,
+                &payload::SyncDone { next_log_index: durable_next, live: true },
+            );
             Self::reply(&subscriber.peer, done);
         } else {
             lagged(room_id, subscriber);
