@@ -240,7 +240,12 @@ impl Metrics {
 
     /// An acknowledgement was sent.
     pub fn ack(&self) {
-        self.inner.acks.fetch_add(1, Ordering::Relaxed);
+        self.acks(1);
+    }
+
+    /// `count` frames were acknowledged.
+    pub fn acks(&self, count: u64) {
+        self.inner.acks.fetch_add(count, Ordering::Relaxed);
     }
 
     /// A wire-protocol request was rejected with `code` (an

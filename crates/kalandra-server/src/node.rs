@@ -520,8 +520,8 @@ impl<G: PersistentGroup> ShardTask<G> {
 
     fn record_counters(&mut self) {
         let counters = self.shard.take_counters();
-        for _ in 0..counters.acks {
-            self.metrics.ack();
+        if counters.acks > 0 {
+            self.metrics.acks(counters.acks);
         }
         for code in counters.rejections {
             self.metrics.rejected(code);
