@@ -66,8 +66,9 @@ pub async fn run(
     options: &LiveOptions,
     from_log_index: u64,
     mut requests: Option<mpsc::Receiver<Pending>>,
+    signals: StopSignals,
 ) -> anyhow::Result<()> {
-    let mut inputs = spawn_inputs(options.chat);
+    let mut inputs = spawn_inputs(signals, options.chat);
     let room = options.room;
     let mut printer = Printer { next_log_index: from_log_index, printed: 0 };
     client.sync(room).await?;
@@ -171,26 +172,52 @@ impl Printer {
     }
 }
 
-/// Signals (always) and standard input's lines (for `chat`), as inputs.
-fn spawn_inputs(read_stdin: bool) -> mpsc::Receiver<Input> {
-    let (sender, inputs) = mpsc::channel(INPUT_LINES_QUEUED_MAX);
-    let signals = sender.clone();
-    tokio::spawn(async move {
+/// SIGINT and SIGTERM, registered with the operating system when this is
+/// made: a signal that arrives at any point after it (while connecting, or
+/// before the input task first runs) is kept until it is read, instead of
+/// killing the process.
+pub struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Registers the handlers; call inside the runtime, before anything
+    /// that should end cleanly on Ctrl-C.
+    pub fn install() -> std::io::Result<StopSignals> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            if let Ok(mut terminate) = signal(SignalKind::terminate()) {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            } else {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            Ok(StopSignals {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Waits for the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-        let _ = signals.send(Input::Interrupt).await;
+    }
+}
+
+/// Signals (always) and standard input's lines (for `chat`), as inputs.
+fn spawn_inputs(mut signals: StopSignals, read_stdin: bool) -> mpsc::Receiver<Input> {
+    let (sender, inputs) = mpsc::channel(INPUT_LINES_QUEUED_MAX);
+    let interrupts = sender.clone();
+    tokio::spawn(async move {
+        signals.recv().await;
+        let _ = interrupts.send(Input::Interrupt).await;
     });
     if read_stdin {
         // A thread, not a blocking task: the runtime does not wait for it at exit.

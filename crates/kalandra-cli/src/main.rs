@@ -495,6 +495,8 @@ fn room_list(client: &Client, out: &mut impl std::io::Write) -> anyhow::Result<(
 /// `tail` and `chat`: open the device, serve it to other invocations,
 /// connect, and run until told to stop.
 async fn live(cli: &Cli, out: &mut impl std::io::Write, options: LiveOptions) -> anyhow::Result<()> {
+    // First: from here on Ctrl-C ends the command cleanly, also while it connects.
+    let mut signals = live::StopSignals::install()?;
     let mut client = open_device(cli).await?;
     let (socket, requests) = match DeviceSocket::bind(&cli.dir) {
         Ok((socket, requests)) => (Some(socket), Some(requests)),
@@ -510,9 +512,22 @@ async fn live(cli: &Cli, out: &mut impl std::io::Write, options: LiveOptions) ->
     client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
     // Connecting catches up: what it reads is printed too.
     let from_log_index = live::cursor(&client, options.room);
-    if let Err(error) = client.connect().await {
-        client.disconnect().await;
-        return Err(error.into());
+    let connected = tokio::select! {
+        biased;
+        () = signals.recv() => None,
+        connected = client.connect() => Some(connected),
+    };
+    match connected {
+        None => {
+            drop(socket);
+            client.disconnect().await;
+            return Ok(());
+        }
+        Some(Err(error)) => {
+            client.disconnect().await;
+            return Err(error.into());
+        }
+        Some(Ok(())) => {}
     }
     if options.chat {
         eprintln!(
@@ -521,7 +536,7 @@ async fn live(cli: &Cli, out: &mut impl std::io::Write, options: LiveOptions) ->
             client.sender_id()
         );
     }
-    let result = live::run(&mut client, out, &options, from_log_index, requests).await;
+    let result = live::run(&mut client, out, &options, from_log_index, requests, signals).await;
     drop(socket);
     client.disconnect().await;
     result

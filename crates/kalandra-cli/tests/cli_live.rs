@@ -214,11 +214,36 @@ async fn chat_works_in_a_terminal_under_tmux_and_ctrl_c_leaves() {
     let (alice, bob) = (alice.path(), bob.path());
     let room = two_in_a_room(&server, alice, bob).await;
     let tmux_socket = format!("kalandra-test-{}", std::process::id());
-    let command =
-        format!("exec {} --dir {} chat --room {room}", env!("CARGO_BIN_EXE_kalandra"), bob.display());
+    // A shell runs the chat in the foreground and records how it ended: its
+    // standard error and exit status (130 would be death by SIGINT, 134 an
+    // abort), so that a failure says what happened. `trap : INT` keeps the
+    // shell alive through the Ctrl-C without changing what the chat inherits.
+    let (stderr_path, status_path) =
+        (server_dir.path().join("chat.err"), server_dir.path().join("chat.status"));
+    let command = format!(
+        "trap : INT; {} --dir {} chat --room {room} 2>{}; echo \"exit $?\" >{}",
+        env!("CARGO_BIN_EXE_kalandra"),
+        bob.display(),
+        stderr_path.display(),
+        status_path.display()
+    );
     tmux(
         &tmux_socket,
-        &["-f", "/dev/null", "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", &command],
+        &[
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "chat",
+            "-x",
+            "200",
+            "-y",
+            "50",
+            "sh",
+            "-c",
+            &command,
+        ],
     );
     let _tmux_server = TmuxServer(tmux_socket.clone());
     tmux(&tmux_socket, &["set-option", "-t", "chat", "remain-on-exit", "on"]);
@@ -236,15 +261,17 @@ async fn chat_works_in_a_terminal_under_tmux_and_ctrl_c_leaves() {
 
     tmux(&tmux_socket, &["send-keys", "-t", "chat", "C-c"]);
     let started = Instant::now();
-    loop {
-        let state =
-            tmux(&tmux_socket, &["display-message", "-p", "-t", "chat", "#{pane_dead} #{pane_dead_status}"]);
-        if state.trim() == "1 0" {
-            break;
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            break status;
         }
-        assert!(started.elapsed() < WAIT, "chat did not exit cleanly on Ctrl-C: {state}");
+        let pane = tmux(&tmux_socket, &["capture-pane", "-p", "-t", "chat"]);
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        assert!(started.elapsed() < WAIT, "chat did not end on Ctrl-C; screen:\n{pane}\nstderr:\n{stderr}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert_eq!(status.trim(), "exit 0", "chat did not exit cleanly on Ctrl-C; stderr:\n{stderr}");
     assert!(!socket(bob).exists());
     server.stop().await;
 }
