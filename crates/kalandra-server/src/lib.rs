@@ -3,25 +3,18 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod admin_api;
-pub mod audit;
 #[cfg(feature = "injected-bugs")]
 pub mod bugs;
 pub mod config;
-pub mod connection;
-pub mod directory;
-pub mod erasure;
-pub mod metrics;
-pub mod mls_state;
-pub mod moderation;
 pub mod node;
-pub mod outbox;
-pub mod push;
-pub mod rate_limit;
+pub mod protocol;
 pub mod room;
-pub mod room_group;
-pub mod sequencer;
 pub mod server_key;
-pub mod session;
 pub mod store;
-pub mod tls;
+pub mod transport;
+
+pub use admin::{api as admin_api, metrics};
+pub use node::{erasure, push};
+pub use protocol::session;
+pub use room::{audit, mls_state, roles as moderation, room_group, sequencer};
+pub use transport::{connection, directory, outbox, rate_limit, tls};

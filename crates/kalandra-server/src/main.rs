@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kalandra_server::admin::{serve_admin, AdminState};
+use kalandra_server::admin::http::{serve_admin, AdminState};
 use kalandra_server::admin_api::{export_audit, verify_store, AdminApi, AUDIT_EXPORT_RECORDS_MAX};
 use kalandra_server::audit::{self, AuditExport};
 use kalandra_server::config::{
@@ -307,7 +307,8 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
         server_public_key,
     );
     let serving = tokio::spawn(Arc::clone(&listener).serve(endpoint.clone(), stopped.clone()));
-    let gauges = tokio::spawn(kalandra_server::admin::gauge_loop(node.clone(), metrics.clone(), database));
+    let gauges =
+        tokio::spawn(kalandra_server::admin::http::gauge_loop(node.clone(), metrics.clone(), database));
     let retention = tokio::spawn(kalandra_server::erasure::retention_loop(
         node.clone(),
         kalandra_server::erasure::limits::RETENTION_INTERVAL_MS_DEFAULT,

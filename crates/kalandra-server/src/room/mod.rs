@@ -5,9 +5,14 @@
 //! Nothing here imports tokio.
 
 mod acts;
+pub mod audit;
 mod frames;
+pub mod mls_state;
 mod moderation;
 mod request;
+pub mod roles;
+pub mod room_group;
+pub mod sequencer;
 mod shard;
 mod snapshot;
 

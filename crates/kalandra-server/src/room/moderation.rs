@@ -12,10 +12,10 @@ use super::acts::{
 };
 use super::frames::error_frame_with;
 use super::shard::{Output, Peer, Room, Shard};
-use crate::audit::{ActorKind, AuditAction, AuditEvent};
-use crate::mls_state::ServerSigner;
-use crate::moderation::{Act, Actor, ModerationError, Role};
-use crate::sequencer::{GroupError, PersistentGroup, SubmitError, SERVER_SENDER_ID};
+use crate::room::audit::{ActorKind, AuditAction, AuditEvent};
+use crate::room::mls_state::ServerSigner;
+use crate::room::roles::{Act, Actor, ModerationError, Role};
+use crate::room::sequencer::{GroupError, PersistentGroup, SubmitError, SERVER_SENDER_ID};
 use crate::store::{ModerationChange, StoredBan};
 
 /// The moderation act a `Kick`, `Ban`, `Unban` or `SetRole` frame from

@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use kalandra_proto::SenderId;
 
-use crate::mls_state::{
+use crate::room::mls_state::{
     MemberRef, MlsValidationError, ProposalKind, ProposalSender, ProposalSummary, RoomGroupState,
     ServerSigner, StagedRoomCommit,
 };
-use crate::sequencer::{
+use crate::room::sequencer::{
     CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
     RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
 };
@@ -148,7 +148,7 @@ impl MlsRoomGroup {
     /// when the commit carries a Welcome.
     fn check_merged(
         &self,
-        summary: &crate::mls_state::CommitSummary,
+        summary: &crate::room::mls_state::CommitSummary,
         rules: &CommitRules<'_>,
     ) -> Result<Bytes, GroupError> {
         if let Some(group_info) = rules.group_info {
@@ -341,7 +341,7 @@ impl PersistentGroup for MlsRoomGroup {
             .map(|m| m.leaf_index)
             .ok_or_else(|| GroupError::Invalid(format!("{member} is not a member")))?;
         self.state.remove_proposal_message(signer, leaf_index).map_err(|error| match error {
-            crate::mls_state::IssueProposalError::Internal(_) => GroupError::Internal(describe(&error)),
+            crate::room::mls_state::IssueProposalError::Internal(_) => GroupError::Internal(describe(&error)),
             other => GroupError::Invalid(describe(&other)),
         })
     }

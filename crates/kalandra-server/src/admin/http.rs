@@ -7,7 +7,7 @@
 //! | `GET /metrics` | 200, the metrics in the Prometheus text format |
 //!
 //! | `GET /openapi.json` | 200, the OpenAPI 3 document of every route |
-//! | `/v1/…` | the operator's admin API ([`crate::admin_api`]), bearer-token authenticated |
+//! | `/v1/…` | the operator's admin API ([`crate::admin::api`]), bearer-token authenticated |
 //!
 //! Health, readiness, metrics and the OpenAPI document have no
 //! authentication: bind the listener to loopback or a private network.
@@ -32,9 +32,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
 
-use crate::admin_api::{self, AdminApi, ADMIN_BODY_BYTES_MAX, ROUTES};
+use crate::admin::api::{self as admin_api, AdminApi, ADMIN_BODY_BYTES_MAX, ROUTES};
 
-use crate::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
+use crate::admin::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
 use crate::node::{Node, ROOMS_LIST_MAX};
 
 /// Liveness path.
@@ -150,7 +150,7 @@ async fn count_and_log(State(state): State<AdminState>, request: Request, next: 
     if status == StatusCode::UNAUTHORIZED.as_u16() {
         state.metrics.admin_auth_failed();
     }
-    let route_name = route.map_or(crate::metrics::UNMATCHED_ROUTE, |index| ROUTES[index].1);
+    let route_name = route.map_or(crate::admin::metrics::UNMATCHED_ROUTE, |index| ROUTES[index].1);
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
         target: "kalandra_server::access",

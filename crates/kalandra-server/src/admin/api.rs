@@ -30,12 +30,14 @@ use kalandra_proto::{RoomId, SenderId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::admin::AdminState;
-use crate::audit::{self, AuditExport, AuditRecord, AuditVerifier, ExportedHead, AUDIT_PAGE_RECORDS_MAX};
-use crate::erasure::{RedactAuthority, RedactError};
-use crate::moderation::{Act, Actor, ModerationError, Role};
+use crate::admin::http::AdminState;
+use crate::node::erasure::{RedactAuthority, RedactError};
 use crate::node::{ModerationFailure, ModerationRequest, Node, RoomInfo, ROOMS_LIST_MAX};
-use crate::sequencer::SubmitError;
+use crate::room::audit::{
+    self, AuditExport, AuditRecord, AuditVerifier, ExportedHead, AUDIT_PAGE_RECORDS_MAX,
+};
+use crate::room::roles::{Act, Actor, ModerationError, Role};
+use crate::room::sequencer::SubmitError;
 use crate::store::{RedactOutcome, RetentionError, Store};
 
 /// Largest request body the admin API reads.
@@ -62,7 +64,7 @@ pub const CHALLENGE_NO_TOKEN: &str = "Bearer realm=\"kalandra-admin\"";
 pub const CHALLENGE_INVALID_TOKEN: &str = "Bearer realm=\"kalandra-admin\", error=\"invalid_token\"";
 
 /// The OpenAPI 3 document describing every route.
-pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+pub const OPENAPI_JSON: &str = include_str!("../../../../docs/openapi.json");
 
 /// Every route of the admin listener, as (method, path); the router is
 /// built from this table and the OpenAPI document lists exactly these.
@@ -365,7 +367,7 @@ fn api(state: &AdminState) -> Result<&AdminApi, ApiError> {
 }
 
 /// The router for the `/v1/` routes and `/openapi.json` (the others are
-/// added by [`crate::admin::admin_router`]).
+/// added by [`crate::admin::http::admin_router`]).
 pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
     let filter = match method {
         "GET" => MethodFilter::GET,

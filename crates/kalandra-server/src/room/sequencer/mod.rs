@@ -10,7 +10,7 @@
 //! the room must be rebuilt from storage.
 //!
 //! MLS validation is behind the [`GroupState`] trait; the server's
-//! implementation is OpenMLS's `PublicGroup` (`crate::mls_state`).
+//! implementation is OpenMLS's `PublicGroup` (`crate::room::mls_state`).
 
 mod group;
 

@@ -35,8 +35,8 @@ use kalandra_proto::header::offset;
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
 use tokio::sync::oneshot;
 
-use crate::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::node::{Command, Node};
+use crate::room::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::store::retention::{erasable_opcode, expired};
 use crate::store::sealing::routing_u64;
 use crate::store::{
