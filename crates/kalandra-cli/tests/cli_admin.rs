@@ -11,7 +11,7 @@ use std::process::Output;
 use std::sync::Arc;
 
 use common::{ok, Server};
-use kalandra_server::admin::http::{serve_admin, AdminState};
+use kalandra_server::admin::{api::AdminState, http::serve_admin};
 use kalandra_server::admin_api::AdminApi;
 use kalandra_server::metrics::Metrics;
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kalandra_server::admin::http::{serve_admin, AdminState};
+use kalandra_server::admin::{api::AdminState, http::serve_admin};
 use kalandra_server::admin_api::{export_audit, verify_store, AdminApi, AUDIT_EXPORT_RECORDS_MAX};
 use kalandra_server::audit::{self, AuditExport};
 use kalandra_server::config::{

@@ -19,6 +19,7 @@
 //! | 503 | `not_ready`, `storage_unavailable`, `shutting_down` | the server cannot act now |
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -30,7 +31,8 @@ use kalandra_proto::{RoomId, SenderId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::admin::http::AdminState;
+use crate::admin::metrics::Metrics;
+pub use crate::admin::routes::ROUTES;
 use crate::node::erasure::{RedactAuthority, RedactError};
 use crate::node::{ModerationFailure, ModerationRequest, Node, RoomInfo, ROOMS_LIST_MAX};
 use crate::room::audit::{
@@ -66,28 +68,44 @@ pub const CHALLENGE_INVALID_TOKEN: &str = "Bearer realm=\"kalandra-admin\", erro
 /// The OpenAPI 3 document describing every route.
 pub const OPENAPI_JSON: &str = include_str!("../../../../docs/openapi.json");
 
-/// Every route of the admin listener, as (method, path); the router is
-/// built from this table and the OpenAPI document lists exactly these.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/openapi.json"),
-    ("GET", "/v1/rooms"),
-    ("GET", "/v1/rooms/{room_id}"),
-    ("GET", "/v1/rooms/{room_id}/members"),
-    ("POST", "/v1/rooms/{room_id}/roles"),
-    ("DELETE", "/v1/rooms/{room_id}/roles/{user_id}/{role}"),
-    ("POST", "/v1/rooms/{room_id}/kick"),
-    ("POST", "/v1/rooms/{room_id}/bans"),
-    ("DELETE", "/v1/rooms/{room_id}/bans/{user_id}"),
-    ("POST", "/v1/rooms/{room_id}/redact"),
-    ("GET", "/v1/rooms/{room_id}/retention"),
-    ("PUT", "/v1/rooms/{room_id}/retention"),
-    ("DELETE", "/v1/rooms/{room_id}/retention"),
-    ("GET", "/v1/audit/export"),
-    ("GET", "/v1/audit/verify"),
-];
+/// What the admin endpoints read: the metrics and the readiness flag.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub(super) metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    api: Arc<std::sync::OnceLock<AdminApi>>,
+}
+
+impl AdminState {
+    /// State over `metrics` and a shared readiness flag, which the server sets
+    /// once storage is recovered and the QUIC listener is up, and clears when
+    /// it starts draining.
+    pub fn new(metrics: Metrics, ready: Arc<AtomicBool>) -> AdminState {
+        AdminState { metrics, ready, api: Arc::new(std::sync::OnceLock::new()) }
+    }
+
+    /// Serves the admin API too, from now on (before, `/v1/` answers 503
+    /// `not_ready`: the server starts the listener before it has recovered
+    /// its rooms). A second call changes nothing.
+    pub fn set_api(&self, api: AdminApi) {
+        let _ = self.api.set(api);
+    }
+
+    /// The admin API, if served.
+    pub fn api(&self) -> Option<&AdminApi> {
+        self.api.get()
+    }
+
+    /// Sets or clears the readiness flag.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Whether the server is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,7 +385,7 @@ fn api(state: &AdminState) -> Result<&AdminApi, ApiError> {
 }
 
 /// The router for the `/v1/` routes and `/openapi.json` (the others are
-/// added by [`crate::admin::http::admin_router`]).
+/// added by `admin_router` of the admin listener, which calls this).
 pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
     let filter = match method {
         "GET" => MethodFilter::GET,

@@ -168,11 +168,6 @@ pub struct RetentionPassError {
 
 pub use crate::room::erased_placeholder;
 
-/// Whether the erasure policy allows erasing a frame of this opcode value.
-pub fn erasable(opcode: Option<u16>) -> bool {
-    erasable_opcode(opcode)
-}
-
 fn read_failed(error: &ReadError) -> RedactError {
     match error {
         ReadError::Storage(failure) => RedactError::Storage(failure.to_string()),
@@ -240,7 +235,7 @@ impl Node {
         }
         let opcode = kalandra_proto::header::offset::OPCODE;
         let opcode = crate::store::sealing::routing_u16(routing, opcode);
-        if !erasable(opcode) {
+        if !erasable_opcode(opcode) {
             return Err(RedactError::NotErasable { log_index, opcode: opcode.unwrap_or(0) });
         }
         let cause = match authority {

@@ -138,7 +138,9 @@ fn replay_after<G: PersistentGroup>(
             // frames are ever erased, and replay needs nothing of them but
             // their index and timestamp.
             let bytes = match &entry.content {
-                EntryContent::Erased(erasure) if crate::node::erasure::erasable(erasure.opcode()) => {
+                EntryContent::Erased(erasure)
+                    if crate::store::retention::erasable_opcode(erasure.opcode()) =>
+                {
                     crate::room::erased_placeholder(room_id, entry.log_index, erasure)
                 }
                 EntryContent::Erased(_) => {

@@ -141,7 +141,7 @@ impl TestServer {
 
     /// Serves the admin listener (with the admin API) on a loopback port.
     pub async fn start_admin(&self, operator_token: &str, read_token: Option<&str>) -> SocketAddr {
-        use kalandra_server::admin::http::{serve_admin, AdminState};
+        use kalandra_server::admin::{api::AdminState, http::serve_admin};
         use kalandra_server::admin_api::AdminApi;
         let state = AdminState::new(self.metrics.clone(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
         state.set_api(AdminApi::new(self.node.clone(), operator_token, read_token));
