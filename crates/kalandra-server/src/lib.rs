@@ -9,9 +9,14 @@ pub mod config;
 pub mod node;
 pub mod protocol;
 pub mod room;
+mod server;
 pub mod server_key;
 pub mod store;
 pub mod transport;
+
+pub use server::{
+    RunningServer, Server, ShutdownError, StartError, StartOptions, Stopped, DATABASE_FILE_NAME,
+};
 
 pub use admin::{api as admin_api, metrics};
 pub use node::{erasure, push};
