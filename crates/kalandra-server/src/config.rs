@@ -3,8 +3,8 @@
 //!
 //! Precedence, highest first: command-line flag, environment variable,
 //! configuration file, default. Every default is a named constant below; the
-//! documented example file (`deploy/kalandra.example.toml`,
-//! [`example_toml`]) spells them all out. Relative paths are relative to the
+//! documented example file (`deploy/kalandra.example.toml`, which the
+//! tests parse) spells them all out. Relative paths are relative to the
 //! working directory of the process.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -520,6 +520,7 @@ fn invalid(field: &'static str, reason: String) -> ConfigError {
 
 /// The documented example configuration (`deploy/kalandra.example.toml`);
 /// it parses to the defaults.
+#[cfg(test)]
 pub fn example_toml() -> &'static str {
     include_str!("../../../deploy/kalandra.example.toml")
 }

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kalandra_server::admin_api::{export_audit, verify_store, AUDIT_EXPORT_RECORDS_MAX};
 use kalandra_server::audit::{self, AuditExport};
-use kalandra_server::config::{init_logging, AuditCommand, CliArgs, ServerCommand, ServerConfig};
 use kalandra_server::store::redb::{CompactError, OpenError};
 use kalandra_server::store::RedbStore;
-use kalandra_server::{RunningServer, Server, DATABASE_FILE_NAME};
+use kalandra_server::{
+    export_audit, init_logging, verify_store, AuditCommand, CliArgs, RunningServer, Server, ServerCommand,
+    ServerConfig, AUDIT_EXPORT_RECORDS_MAX, DATABASE_FILE_NAME,
+};
 
 /// How often the process checks the room core's health.
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(100);

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use common::*;
 use kalandra_proto::payload::{Ack, Kick, Proposal};
 use kalandra_proto::{ErrorCode, Opcode, RoomId};
-use kalandra_server::admin_api::{OPENAPI_JSON, ROUTES};
 use kalandra_server::audit::{self, AuditExport, AuditRecord, AuditVerifyError};
 use kalandra_server::store::redb::AUDIT_TABLE_NAME;
 use kalandra_server::store::RedbStore;
+use kalandra_server::{OPENAPI_JSON, ROUTES};
 
 const ROOM: RoomId = RoomId(*b"admin-api-room-1");
 const TOKEN: &str = ADMIN_TOKEN;
@@ -363,7 +363,7 @@ fn rewrite_records(path: &std::path::Path, records: &[(u64, Vec<u8>)]) {
 
 fn verify_database(path: &std::path::Path) -> Result<u64, AuditVerifyError> {
     let store = RedbStore::open(path).unwrap();
-    kalandra_server::admin_api::verify_store(&store).unwrap().map(|verified| verified.records)
+    kalandra_server::verify_store(&store).unwrap().map(|verified| verified.records)
 }
 
 /// Runs `kalandra-server audit verify` and returns its exit code.

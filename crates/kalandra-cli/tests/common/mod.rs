@@ -11,9 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use client_core::client::{Client, ServerAddress, ServerTarget, ServerTrust};
 use client_core::connection::parse_fingerprint;
 use client_core::store::StoreKey;
-use kalandra_server::config::{Secret, ServerConfig};
-use kalandra_server::node::Node;
+use kalandra_server::Node;
 use kalandra_server::{RunningServer, Server as ServerCore, StartOptions};
+use kalandra_server::{Secret, ServerConfig};
 
 pub fn now_ms() -> u64 {
     u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
@@ -38,7 +38,7 @@ impl Server {
     /// connection to `push`.
     pub async fn start_with_push(
         data_dir: &Path,
-        push: Option<Arc<dyn kalandra_server::push::PushSink>>,
+        push: Option<Arc<dyn kalandra_server::PushSink>>,
     ) -> Server {
         let config = ServerConfig {
             data_dir: data_dir.to_owned(),

@@ -1,7 +1,7 @@
 //! The operator's admin API (HTTP, JSON) on the admin listener: rooms,
 //! members, roles, kick, ban, unban, redaction of a log entry, a room's
 //! retention period, and the audit log's export and verification. Described by an OpenAPI 3 document at `/openapi.json`
-//! (`docs/openapi.json`), which lists exactly the routes of [`ROUTES`].
+//! (`docs/openapi.json`), which lists exactly the routes of [`ROUTES`](crate::admin::routes::ROUTES).
 //!
 //! Every request under `/v1/` carries `Authorization: Bearer <token>`. The
 //! operator token may do everything; the optional read-only token may only
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use kalandra_proto::{RoomId, SenderId};
@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::admin::metrics::Metrics;
-pub use crate::admin::routes::ROUTES;
 use crate::node::erasure::{RedactAuthority, RedactError};
 use crate::node::{ModerationFailure, ModerationRequest, Node, RoomInfo, ROOMS_LIST_MAX};
 use crate::room::audit::{
@@ -97,6 +96,7 @@ impl AdminState {
     }
 
     /// Sets or clears the readiness flag.
+    #[cfg(test)]
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
@@ -413,11 +413,6 @@ pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         _ => return None,
     };
     Some(router)
-}
-
-/// The method names of [`ROUTES`] as axum methods (for tests and tooling).
-pub fn method_of(name: &str) -> Option<Method> {
-    Method::from_bytes(name.as_bytes()).ok()
 }
 
 async fn openapi() -> Response {

@@ -20,7 +20,7 @@
 //! - erasure is idempotent: erasing an erased entry reports
 //!   [`RedactOutcome::AlreadyErased`];
 //! - the log index stays: history carries a placeholder in its place (an
-//!   `Error` frame with code `Redacted`, see [`erased_placeholder`]).
+//!   `Error` frame with code `Redacted`, see [`erased_placeholder`](crate::room::erased_placeholder)).
 //!
 //! Order of an erasure: the shard first replaces the entry in its in-memory
 //! recent frames (so no subscriber catching up from memory gets it), then
@@ -165,8 +165,6 @@ pub struct RetentionPassError {
     /// What failed.
     pub detail: String,
 }
-
-pub use crate::room::erased_placeholder;
 
 fn read_failed(error: &ReadError) -> RedactError {
     match error {

@@ -16,13 +16,13 @@ use kalandra_proto::payload::{
     KeyPackageStatus, KeyPackageUpload, Subscribe, SyncDone, Welcome,
 };
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
-use kalandra_server::config::{Secret, ServerConfig};
-use kalandra_server::connection::ConnectionLimits;
-use kalandra_server::metrics::Metrics;
-use kalandra_server::node::{Clock, Node};
-use kalandra_server::push::MemoryPushSink;
 use kalandra_server::store::Store;
+use kalandra_server::ConnectionLimits;
+use kalandra_server::MemoryPushSink;
+use kalandra_server::Metrics;
+use kalandra_server::{Clock, Node};
 use kalandra_server::{RunningServer, Server, StartOptions};
+use kalandra_server::{Secret, ServerConfig};
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -51,6 +51,8 @@ pub const ADMIN_READ_TOKEN: &str = "read-only-token-for-tests-0001";
 pub struct TestServer {
     pub address: SocketAddr,
     pub fingerprint: [u8; 32],
+    /// The server's Ed25519 signing key (rooms list it as external sender).
+    pub server_key: [u8; 32],
     pub node: Node,
     pub metrics: Metrics,
     /// Push notifications the server forwarded.
@@ -90,12 +92,13 @@ impl TestServer {
         let options = StartOptions {
             shard_count: Some(2),
             clock: Some(clock),
-            push_sink: Some(Arc::clone(&push_sink) as Arc<dyn kalandra_server::push::PushSink>),
+            push_sink: Some(Arc::clone(&push_sink) as Arc<dyn kalandra_server::PushSink>),
         };
         let running = Server::start_with(config, options).await.unwrap();
         TestServer {
             address: running.quic_address(),
             fingerprint: parse_fingerprint(running.fingerprint_hex()).unwrap(),
+            server_key: running.server_public_key(),
             node: running.node().clone(),
             metrics: running.metrics().clone(),
             push_sink,
