@@ -18,7 +18,7 @@ use std::fmt;
 
 use openmls::group::StagedCommit;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, ExternalProposal, GroupEpoch, GroupId, LeafNode, LeafNodeIndex,
+    BasicCredential, ContentType, Credential, ExternalProposal, GroupEpoch, GroupId, LeafNodeIndex,
     MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProcessedMessageContent, Proposal,
     ProposalOrRefType, ProposalStore, ProtocolMessage, PublicGroup, PublicProcessMessageError, RatchetTreeIn,
     Sender, SenderExtensionIndex, SignaturePublicKey, SignatureScheme, StageCommitError, ValidationError,
@@ -28,9 +28,8 @@ use openmls_rust_crypto::{MemoryStorage, OpenMlsRustCrypto, RustCrypto};
 use openmls_traits::signatures::{Signer, SignerError};
 use tls_codec::{Deserialize as _, Serialize as _};
 
-/// The ciphersuite Kalandra rooms use (0x0001).
-pub const CIPHERSUITE: openmls::prelude::Ciphersuite =
-    openmls::prelude::Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+use kalandra_mls::credential_matches_key;
+pub use kalandra_mls::CIPHERSUITE;
 
 /// An underlying error kept as the source of a typed variant.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -452,15 +451,6 @@ fn identity_of(credential: &Credential) -> Vec<u8> {
     match BasicCredential::try_from(credential.clone()) {
         Ok(basic) => basic.identity().to_vec(),
         Err(_) => credential.serialized_content().to_vec(),
-    }
-}
-
-/// Kalandra's credential policy: a BasicCredential whose identity is the
-/// leaf's Ed25519 signature key.
-fn credential_matches_key(leaf: &LeafNode) -> bool {
-    match BasicCredential::try_from(leaf.credential().clone()) {
-        Ok(basic) => basic.identity() == leaf.signature_key().as_slice(),
-        Err(_) => false,
     }
 }
 

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use kalandra_mls::sender_of;
 use kalandra_proto::SenderId;
 
 use crate::room::mls_state::{
@@ -24,11 +25,6 @@ pub struct MlsRoomGroup {
     state: RoomGroupState,
     /// Leaves per sender id (a sender id may, in principle, hold several leaves).
     members: HashMap<SenderId, u32>,
-}
-
-fn sender_of(identity: &[u8]) -> Option<SenderId> {
-    let key: &[u8; 32] = identity.try_into().ok()?;
-    Some(SenderId::from_identity_key(key))
 }
 
 fn group_error(error: MlsValidationError) -> GroupError {
