@@ -214,27 +214,24 @@ impl Session {
         frame: Frame,
         payload: AnyPayload,
     ) -> Step {
-        if let Err(refusal) = check_signed_by(sender, identity, &frame) {
+        if let Some(refusal) = refusal_of(sender, identity, &frame) {
             return refusal;
         }
-        match route_of(frame, payload) {
-            Ok(route) => Step::Route(sender, route),
-            Err(answer) => answer,
-        }
+        route_of(sender, frame, payload)
     }
 }
 
-/// Where an authenticated, checked frame goes; `Err` is answered at once
-/// (a pong, a close, nothing).
-fn route_of(frame: Frame, payload: AnyPayload) -> Result<Route, Step> {
+/// Where an authenticated, checked frame of `sender` goes, or the answer
+/// given at once (a pong, a close, nothing).
+fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
     let header = frame.header();
     let (room_id, request_id) = (header.room_id(), header.request_id());
     let route = match payload {
         AnyPayload::Ping(ping) => {
-            return Err(Step::Reply(server_frame(room_id, request_id, &payload::Pong { nonce: ping.nonce })));
+            return Step::Reply(server_frame(room_id, request_id, &payload::Pong { nonce: ping.nonce }));
         }
-        AnyPayload::Pong(_) | AnyPayload::Error(_) => return Err(Step::Ignore),
-        AnyPayload::Goodbye(_) => return Err(Step::Goodbye),
+        AnyPayload::Pong(_) | AnyPayload::Error(_) => return Step::Ignore,
+        AnyPayload::Goodbye(_) => return Step::Goodbye,
         AnyPayload::Subscribe(subscribe) => {
             Route::Subscribe { room_id, from_log_index: subscribe.from_log_index, request_id }
         }
@@ -260,7 +257,7 @@ fn route_of(frame: Frame, payload: AnyPayload) -> Result<Route, Step> {
         | AnyPayload::Unban(_)
         | AnyPayload::SetRole(_) => Route::Moderation(frame),
         AnyPayload::Hello(_) | AnyPayload::AuthResponse(_) => {
-            return Err(close(room_id, request_id, ErrorCode::UnexpectedFrame, "already authenticated"));
+            return close(room_id, request_id, ErrorCode::UnexpectedFrame, "already authenticated");
         }
         AnyPayload::AuthChallenge(_)
         | AnyPayload::AuthOk(_)
@@ -271,19 +268,19 @@ fn route_of(frame: Frame, payload: AnyPayload) -> Result<Route, Step> {
         | AnyPayload::KeyPackageClaimed(_)
         | AnyPayload::GroupInfo(_) => {
             let message = format!("{} is sent by servers only", frame.opcode().name());
-            return Err(close(room_id, request_id, ErrorCode::UnexpectedFrame, &message));
+            return close(room_id, request_id, ErrorCode::UnexpectedFrame, &message);
         }
     };
-    Ok(route)
+    Step::Route(sender, route)
 }
 
 /// Checks that an authenticated connection's frame names its sender and,
-/// where it must be, is signed by it; `Err` closes the connection.
-fn check_signed_by(sender: SenderId, identity: &VerifyingKey, frame: &Frame) -> Result<(), Step> {
+/// where it must be, is signed by it; `Some` closes the connection.
+fn refusal_of(sender: SenderId, identity: &VerifyingKey, frame: &Frame) -> Option<Step> {
     let header = frame.header();
     let (room_id, request_id) = (header.room_id(), header.request_id());
     if header.sender_id() != sender {
-        return Err(close(
+        return Some(close(
             room_id,
             request_id,
             ErrorCode::SenderMismatch,
@@ -293,7 +290,7 @@ fn check_signed_by(sender: SenderId, identity: &VerifyingKey, frame: &Frame) -> 
     let class = frame.opcode().class();
     if matches!(class, OpcodeClass::Sequenced | OpcodeClass::Moderation) {
         if !header.flags().contains(Flags::SIGNED) {
-            return Err(close(
+            return Some(close(
                 room_id,
                 request_id,
                 ErrorCode::BadSignature,
@@ -303,10 +300,10 @@ fn check_signed_by(sender: SenderId, identity: &VerifyingKey, frame: &Frame) -> 
         // Application frames are verified by the members who decrypt them
         // (see docs/wire-protocol.md §4); every other signed frame here.
         if frame.opcode() != Opcode::Application && frame.verify(identity).is_err() {
-            return Err(close(room_id, request_id, ErrorCode::BadSignature, "signature does not verify"));
+            return Some(close(room_id, request_id, ErrorCode::BadSignature, "signature does not verify"));
         }
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]

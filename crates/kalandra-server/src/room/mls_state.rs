@@ -454,12 +454,15 @@ fn identity_of(credential: &Credential) -> Vec<u8> {
     }
 }
 
+/// The signature key and identity of each leaf a commit adds.
+type AddedKeys = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The credential policy for every leaf a staged commit introduces (its
 /// path, Updates, Adds); the signature keys and identities of the added.
 fn check_introduced_credentials(
     staged: &StagedCommit,
     committer: Option<&MemberRef>,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MlsValidationError> {
+) -> Result<AddedKeys, MlsValidationError> {
     if let Some(path_leaf) = staged.update_path_leaf_node() {
         if !credential_matches_key(path_leaf) {
             return Err(MlsValidationError::CredentialMismatch {
