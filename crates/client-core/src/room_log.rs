@@ -271,11 +271,7 @@ fn initial_state(record: &RoomRecord, group: Option<&RoomGroup>) -> ClientState 
     ClientState::Disconnected { resume }
 }
 
-/// The sender id of an MLS credential's identity key.
-pub(crate) fn sender_of(identity: &[u8]) -> Option<SenderId> {
-    let key: [u8; 32] = identity.try_into().ok()?;
-    Some(SenderId::from_identity_key(&key))
-}
+pub(crate) use kalandra_mls::sender_of;
 
 /// The leaf and identity key of member `sender`.
 pub(crate) fn member_of(group: &RoomGroup, sender: SenderId) -> Option<(u32, [u8; 32])> {

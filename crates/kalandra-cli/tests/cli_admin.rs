@@ -8,14 +8,10 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
-use std::sync::Arc;
 
 use common::{ok, Server};
-use kalandra_server::admin::{serve_admin, AdminState};
-use kalandra_server::admin_api::AdminApi;
-use kalandra_server::metrics::Metrics;
 
-const TOKEN: &str = "cli-operator-token-000001";
+const TOKEN: &str = common::ADMIN_TOKEN;
 
 /// Runs `kalandra admin --url <admin> --token-file <file> <args>`.
 async fn admin(admin: SocketAddr, token_file: &Path, args: &[&str]) -> Output {
@@ -47,11 +43,7 @@ async fn admin_ok(address: SocketAddr, token_file: &Path, args: &[&str]) -> serd
 async fn the_operator_moderates_with_kalandra_admin() {
     let server_dir = tempfile::tempdir().unwrap();
     let server = Server::start(server_dir.path()).await;
-    let state = AdminState::new(Metrics::new().unwrap(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
-    state.set_api(AdminApi::new(server.node().clone(), TOKEN, None));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(serve_admin(listener, state, std::future::pending()));
+    let address = server.admin_address();
     let token_file = server_dir.path().join("admin-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
 

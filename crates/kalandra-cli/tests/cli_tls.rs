@@ -42,7 +42,7 @@ async fn host_names_ca_files_and_system_roots_verify_the_server() {
     let by_name = format!("localhost:{}", server.address.port());
     // Another server's certificate: roots that do not vouch for this one.
     let other_dir = tempfile::tempdir().unwrap();
-    kalandra_server::tls::load_or_create_server_identity(other_dir.path(), None, None).unwrap();
+    kalandra_server::load_or_create_server_identity(other_dir.path(), None, None).unwrap();
     let other_cert = other_dir.path().join("tls").join("cert.pem");
 
     // A CA file and a host name: the chain and the name verify.

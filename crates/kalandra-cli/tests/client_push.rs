@@ -11,7 +11,7 @@ use std::time::Duration;
 use client_core::client::{Client, KEY_CACHE_FILE_NAME};
 use client_core::push::{decrypt_push_file, read_key_cache_file, KeyCacheFileError, KeyCacheView, PushError};
 use common::{device, key, Server};
-use kalandra_server::push::{MemoryPushSink, PushNotification};
+use kalandra_server::{MemoryPushSink, PushNotification};
 
 fn epochs(path: &std::path::Path) -> Vec<u64> {
     let bytes = read_key_cache_file(path).unwrap();

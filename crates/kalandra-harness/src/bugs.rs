@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use kalandra_proto::SenderId;
-use kalandra_server::mls_state::ServerSigner;
-use kalandra_server::sequencer::{
+use kalandra_server::sim::ServerSigner;
+use kalandra_server::sim::{
     CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef, RoomPolicy,
 };
 

@@ -26,17 +26,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use kalandra_proto::payload;
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
-use kalandra_server::directory;
-use kalandra_server::mls_state::ServerSigner;
-use kalandra_server::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
-use kalandra_server::outbox::{Outbox, OutboxReceiver, Outgoing};
-use kalandra_server::room::{
+use kalandra_server::sim::directory;
+use kalandra_server::sim::MlsRoomGroup;
+use kalandra_server::sim::PersistentGroup;
+use kalandra_server::sim::ServerSigner;
+use kalandra_server::sim::{
     error_frame, moderation_reply, moderation_request, server_frame, AppendBatch, ConnectionId, HistoryRead,
     ModerationDone, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig,
 };
-use kalandra_server::room_group::MlsRoomGroup;
-use kalandra_server::sequencer::PersistentGroup;
-use kalandra_server::session::{Session, Step};
+use kalandra_server::sim::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
+use kalandra_server::sim::{Outbox, OutboxReceiver, Outgoing};
+use kalandra_server::sim::{Session, Step};
 use kalandra_server::store::group_commit::write_parts;
 use kalandra_server::store::Store;
 use rand::{RngCore, SeedableRng};
@@ -332,7 +332,7 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
     let signing_key =
         ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(shared.seed, b"server-key", 0));
     let config = ShardConfig {
-        rooms_per_user_max: kalandra_server::config::ROOMS_PER_USER_MAX_DEFAULT,
+        rooms_per_user_max: kalandra_server::sim::ROOMS_PER_USER_MAX_DEFAULT,
         server_signer: Arc::new(ServerSigner::new(signing_key)),
     };
     let flush = Rc::new(Notify::new());
@@ -497,7 +497,7 @@ fn write_batch(disk: &SimDisk, batch: &AppendBatch) -> Result<(), String> {
 /// ended bans).
 async fn ticker<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
     loop {
-        tokio::time::sleep(Duration::from_millis(kalandra_server::room::MODERATION_TICK_MS)).await;
+        tokio::time::sleep(Duration::from_millis(kalandra_server::sim::MODERATION_TICK_MS)).await;
         {
             let mut core = core.borrow_mut();
             if core.shared.failed.get() || !core.shard.wants_ticks() {
@@ -584,7 +584,7 @@ impl<G: ServerGroup> Core<G> {
         }
     }
 
-    fn route(&mut self, conn: u64, sender: SenderId, route: kalandra_server::session::Route) {
+    fn route(&mut self, conn: u64, sender: SenderId, route: kalandra_server::sim::Route) {
         let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
         match RoomRequest::from_route(route) {
             Routed::Room(request) => {
@@ -668,7 +668,7 @@ impl<G: ServerGroup> Core<G> {
                                 audit,
                             })
                             .map_err(|error| {
-                                kalandra_server::room::ModerationFailure::Storage(error.to_string())
+                                kalandra_server::sim::ModerationFailure::Storage(error.to_string())
                             });
                         self.answer_act(completion.token, &outcome);
                     }
@@ -689,7 +689,7 @@ impl<G: ServerGroup> Core<G> {
     fn answer_act(
         &mut self,
         token: u64,
-        outcome: &Result<ModerationDone, kalandra_server::room::ModerationFailure>,
+        outcome: &Result<ModerationDone, kalandra_server::sim::ModerationFailure>,
     ) {
         if let Some(act) = self.acts.remove(&token) {
             self.reply(act.conn, moderation_reply(act.room_id, act.request_id, outcome));

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Duration;
 
-use kalandra_server::room_group::MlsRoomGroup;
+use kalandra_server::sim::MlsRoomGroup;
 
 use crate::bugs::{Bugs, StaleEpochGroup};
 use crate::check;

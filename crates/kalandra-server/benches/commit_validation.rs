@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use criterion::{criterion_main, BenchmarkId, Criterion, SamplingMode};
-use kalandra_server::mls_state::RoomGroupState;
+use kalandra_server::sim::RoomGroupState;
 
 const ROOM: [u8; 16] = *b"bench-room-00001";
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kalandra_proto::payload::{Application, CreateRoom};
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
-use kalandra_server::sequencer::{
+use kalandra_server::sim::{
     CommitRules, CommitSummary, GroupError, GroupState, ProposalRef, RoomPolicy, RoomSequencer,
 };
 

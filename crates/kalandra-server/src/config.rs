@@ -3,8 +3,8 @@
 //!
 //! Precedence, highest first: command-line flag, environment variable,
 //! configuration file, default. Every default is a named constant below; the
-//! documented example file (`deploy/kalandra.example.toml`,
-//! [`example_toml`]) spells them all out. Relative paths are relative to the
+//! documented example file (`deploy/kalandra.example.toml`, which the
+//! tests parse) spells them all out. Relative paths are relative to the
 //! working directory of the process.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use kalandra_proto::limits::{CONTROL_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX};
 
-use crate::admin_api::{ADMIN_TOKEN_CHARS_MAX, ADMIN_TOKEN_CHARS_MIN};
+use crate::admin::api::{ADMIN_TOKEN_CHARS_MAX, ADMIN_TOKEN_CHARS_MIN};
 use serde::Deserialize;
 use tracing_subscriber::filter::Targets;
 
@@ -58,8 +58,8 @@ pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 
 /// Smallest accepted idle timeout: clients send keep-alives every
-/// [`crate::tls::CLIENT_KEEP_ALIVE_INTERVAL_MS`], and at least two must fit.
-pub const IDLE_TIMEOUT_MS_MIN: u64 = 2 * crate::tls::CLIENT_KEEP_ALIVE_INTERVAL_MS;
+/// [`crate::transport::tls::CLIENT_KEEP_ALIVE_INTERVAL_MS`], and at least two must fit.
+pub const IDLE_TIMEOUT_MS_MIN: u64 = 2 * crate::transport::tls::CLIENT_KEEP_ALIVE_INTERVAL_MS;
 /// Largest accepted idle timeout (one hour).
 pub const IDLE_TIMEOUT_MS_MAX: u64 = 3_600_000;
 /// Largest accepted handshake or drain timeout (ten minutes).
@@ -391,7 +391,7 @@ impl ServerConfig {
         }
         parse_log_filter(&self.log_filter)?;
         if let Some(url) = &self.push_webhook_url {
-            crate::push::WebhookSink::new(url)
+            crate::node::push::WebhookSink::new(url)
                 .map_err(|error| invalid("push_webhook_url", error.to_string()))?;
         }
         for (field, token) in
@@ -520,6 +520,7 @@ fn invalid(field: &'static str, reason: String) -> ConfigError {
 
 /// The documented example configuration (`deploy/kalandra.example.toml`);
 /// it parses to the defaults.
+#[cfg(test)]
 pub fn example_toml() -> &'static str {
     include_str!("../../../deploy/kalandra.example.toml")
 }

@@ -1,27 +1,64 @@
 //! Kalandra server: the per-room sequencer and the shells that drive it
 //! (storage, transport, admin HTTP, metrics).
+//!
+//! The modules are private. What the binary, the tests and the command
+//! line's tests need is re-exported here: [`Server::start`] and what it
+//! returns, the configuration, the room core's handle ([`Node`]) and the
+//! audit log. [`store`] is public as a whole: its `Store` trait is the seam
+//! the simulation puts a simulated disk behind. [`sim`] names the internals
+//! the deterministic simulation and the benchmarks drive directly.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod admin_api;
-pub mod audit;
+mod admin;
 #[cfg(feature = "injected-bugs")]
 pub mod bugs;
-pub mod config;
-pub mod connection;
-pub mod directory;
-pub mod erasure;
-pub mod metrics;
-pub mod mls_state;
-pub mod moderation;
-pub mod node;
-pub mod outbox;
-pub mod push;
-pub mod rate_limit;
-pub mod room;
-pub mod room_group;
-pub mod sequencer;
-pub mod server_key;
-pub mod session;
+mod config;
+mod node;
+mod protocol;
+mod room;
+mod server;
+mod server_key;
 pub mod store;
-pub mod tls;
+mod transport;
+
+pub use crate::admin::api::{export_audit, verify_store, AUDIT_EXPORT_RECORDS_MAX, OPENAPI_JSON};
+pub use crate::admin::metrics::Metrics;
+pub use crate::admin::routes::ROUTES;
+pub use crate::config::{
+    init_logging, AuditCommand, CliArgs, ConfigError, Limits as ConnectionLimits, LogFormat, Secret,
+    ServerCommand, ServerConfig, ADMIN_LISTEN_DEFAULT,
+};
+pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};
+pub use crate::node::push::{MemoryPushSink, PushNotification, PushSink};
+pub use crate::node::{Clock, Node, NodeHealth};
+pub use crate::room::audit;
+pub use crate::room::roles::Role;
+pub use crate::server::{
+    RunningServer, Server, ShutdownError, StartError, StartOptions, Stopped, DATABASE_FILE_NAME,
+};
+pub use crate::transport::tls::load_or_create_server_identity;
+
+/// The core's internals, for the deterministic simulation
+/// (`kalandra-harness`), which drives the production room core, session,
+/// outbox, history reader, Welcome storage and recovery without the tokio
+/// node and the QUIC listener around them, and for the benchmarks.
+pub mod sim {
+    pub use crate::config::ROOMS_PER_USER_MAX_DEFAULT;
+    pub use crate::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
+    pub use crate::protocol::session::{Route, Session, Step};
+    pub use crate::room::limits::COMMITS_PER_SNAPSHOT;
+    pub use crate::room::mls_state::{RoomGroupState, ServerSigner};
+    pub use crate::room::room_group::MlsRoomGroup;
+    pub use crate::room::sequencer::{
+        CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef, RoomPolicy,
+        RoomSequencer, SERVER_PROPOSAL_REANNOUNCE_MS, SERVER_SENDER_ID,
+    };
+    pub use crate::room::{
+        error_frame, moderation_reply, moderation_request, server_frame, AppendBatch, ConnectionId,
+        HistoryRead, ModerationDone, ModerationFailure, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest,
+        Routed, Shard, ShardConfig, MODERATION_TICK_MS,
+    };
+    pub use crate::store::group_commit::write_parts;
+    pub use crate::transport::directory;
+    pub use crate::transport::outbox::{Outbox, OutboxReceiver, Outgoing};
+}

@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use common::*;
 use kalandra_proto::payload::{Ack, Kick, Proposal};
 use kalandra_proto::{ErrorCode, Opcode, RoomId};
-use kalandra_server::admin_api::{OPENAPI_JSON, ROUTES};
 use kalandra_server::audit::{self, AuditExport, AuditRecord, AuditVerifyError};
 use kalandra_server::store::redb::AUDIT_TABLE_NAME;
 use kalandra_server::store::RedbStore;
+use kalandra_server::{OPENAPI_JSON, ROUTES};
 
 const ROOM: RoomId = RoomId(*b"admin-api-room-1");
-const TOKEN: &str = "operator-token-for-tests-0001";
-const READ_TOKEN: &str = "read-only-token-for-tests-0001";
+const TOKEN: &str = ADMIN_TOKEN;
+const READ_TOKEN: &str = ADMIN_READ_TOKEN;
 const JSON: &str = "application/json";
 
 async fn two_member_room(server: &TestServer) -> (TestClient, TestClient) {
@@ -85,7 +85,7 @@ async fn every_route_is_served_and_documented_and_nothing_else() {
     // Every route answers through its handler, not the router's fallback.
     let server = TestServer::start(default_limits()).await;
     let (alice, bob) = two_member_room(&server).await;
-    let admin = server.start_admin(TOKEN, None).await;
+    let admin = server.admin_address();
     for (method, path) in ROUTES {
         let concrete = path
             .replace("{room_id}", &ROOM.to_string())
@@ -109,7 +109,7 @@ async fn every_route_is_served_and_documented_and_nothing_else() {
 async fn the_operator_manages_a_room_through_the_api() {
     let server = TestServer::start(default_limits()).await;
     let (mut alice, mut bob) = two_member_room(&server).await;
-    let admin = server.start_admin(TOKEN, Some(READ_TOKEN)).await;
+    let admin = server.admin_address();
     let room = ROOM.to_string();
     let (alice_id, bob_id) = (alice.sender().to_string(), bob.sender().to_string());
 
@@ -226,7 +226,7 @@ async fn the_operator_manages_a_room_through_the_api() {
 async fn every_error_path_answers_its_status_and_code() {
     let server = TestServer::start(default_limits()).await;
     let (_alice, bob) = two_member_room(&server).await;
-    let admin = server.start_admin(TOKEN, Some(READ_TOKEN)).await;
+    let admin = server.admin_address();
     let room = ROOM.to_string();
     let bob_id = bob.sender().to_string();
     let kick_bob = format!(r#"{{"user_id":"{bob_id}"}}"#);
@@ -363,7 +363,7 @@ fn rewrite_records(path: &std::path::Path, records: &[(u64, Vec<u8>)]) {
 
 fn verify_database(path: &std::path::Path) -> Result<u64, AuditVerifyError> {
     let store = RedbStore::open(path).unwrap();
-    kalandra_server::admin_api::verify_store(&store).unwrap().map(|verified| verified.records)
+    kalandra_server::verify_store(&store).unwrap().map(|verified| verified.records)
 }
 
 /// Runs `kalandra-server audit verify` and returns its exit code.
@@ -383,7 +383,7 @@ async fn edited_removed_and_reordered_audit_records_are_detected() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_in(dir.path(), default_limits()).await;
     let (_alice, bob) = two_member_room(&server).await;
-    let admin = server.start_admin(TOKEN, None).await;
+    let admin = server.admin_address();
     let room = ROOM.to_string();
     let bob_id = bob.sender().to_string();
     for _ in 0..2 {
@@ -468,7 +468,7 @@ async fn put(admin: SocketAddr, path: &str, body: &str) -> HttpAnswer {
 async fn the_operator_redacts_entries_and_sets_retention_through_the_api() {
     let server = TestServer::start(default_limits()).await;
     let (mut alice, mut bob) = two_member_room(&server).await;
-    let admin = server.start_admin(TOKEN, Some(READ_TOKEN)).await;
+    let admin = server.admin_address();
     let room = ROOM.to_string();
     let sent: Ack = decode_ok(&bob.send_text("something to take back").await);
     let redact_path = format!("/v1/rooms/{room}/redact");
@@ -539,7 +539,7 @@ async fn the_operator_redacts_entries_and_sets_retention_through_the_api() {
 async fn redaction_and_retention_errors_answer_their_status_and_code() {
     let server = TestServer::start(default_limits()).await;
     let (_alice, mut bob) = two_member_room(&server).await;
-    let admin = server.start_admin(TOKEN, Some(READ_TOKEN)).await;
+    let admin = server.admin_address();
     let room = ROOM.to_string();
     let sent: Ack = decode_ok(&bob.send_text("stays").await);
     let redact_path = format!("/v1/rooms/{room}/redact");

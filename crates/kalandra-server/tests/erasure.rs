@@ -12,8 +12,8 @@ use std::path::Path;
 use common::*;
 use kalandra_proto::payload::{Ack, Application, Error, Redact, Sync, SyncDone};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId};
-use kalandra_server::erasure::{RedactAuthority, RetentionSweeper};
 use kalandra_server::store::{DataKey, RedactOutcome, RedbStore, Store};
+use kalandra_server::{RedactAuthority, RetentionSweeper};
 use rand::{RngCore, SeedableRng};
 
 const ROOM: RoomId = RoomId(*b"room-for-erasure");

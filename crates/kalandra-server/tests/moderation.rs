@@ -16,8 +16,8 @@ use kalandra_proto::payload::{
     Proposal, Redact, SetRole, Sync, SyncDone, Unban,
 };
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
-use kalandra_server::moderation::Role;
-use kalandra_server::sequencer::{SERVER_PROPOSAL_REANNOUNCE_MS, SERVER_SENDER_ID};
+use kalandra_server::sim::{SERVER_PROPOSAL_REANNOUNCE_MS, SERVER_SENDER_ID};
+use kalandra_server::Role;
 
 const ROOM: RoomId = RoomId(*b"moderated-room-1");
 

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::Parser as _;
-use kalandra_server::config::{CliArgs, LogFormat, ServerConfig, ADMIN_LISTEN_DEFAULT};
+use kalandra_server::{CliArgs, LogFormat, ServerConfig, ADMIN_LISTEN_DEFAULT};
 
 #[test]
 fn flags_beat_environment_beats_file_beats_defaults() {

@@ -2,7 +2,7 @@
 //!
 //! This binary holds a single test because the subscriber is process-wide.
 
-use kalandra_server::config::{init_logging, ConfigError, LogFormat};
+use kalandra_server::{init_logging, ConfigError, LogFormat};
 
 #[test]
 fn logging_installs_once_and_rejects_bad_filters() {

@@ -33,7 +33,7 @@ use kalandra_proto::sign::sign_auth_challenge;
 use kalandra_proto::{
     ErrorCode, Frame, FrameDecoder, FrameHeaderBuf, Opcode, OpcodeClass, Payload, RoomId, SenderId,
 };
-use kalandra_server::connection::ConnectionLimits;
+use kalandra_server::ConnectionLimits;
 
 const ROOM: RoomId = RoomId(*b"rejections-room!");
 const OTHER_ROOM: RoomId = RoomId(*b"second-room-id!!");
@@ -61,12 +61,8 @@ struct Server {
 impl Server {
     async fn start(limits: ConnectionLimits) -> Server {
         let inner = TestServer::start(limits).await;
-        let data_dir = inner.data_dir.as_ref().expect("a temporary data directory").path();
-        // The key the server created on start; the seed is not used again.
-        let (server_key, created) = kalandra_server::server_key::load_or_create(data_dir, [0; 32]).unwrap();
-        assert!(!created);
-        let (address, fingerprint) = (inner.address, inner.fingerprint);
-        Server { inner, server_key: server_key.verifying_key().to_bytes(), address, fingerprint }
+        let (server_key, address, fingerprint) = (inner.server_key, inner.address, inner.fingerprint);
+        Server { inner, server_key, address, fingerprint }
     }
 
     async fn connect(&self, key: &SigningKey) -> Result<Connection, ConnectionError> {

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use kalandra_proto::payload::{Ack, Application, Commit, JoinRule};
 use kalandra_proto::{ErrorCode, Opcode, RoomId};
-use kalandra_server::connection::ConnectionLimits;
+use kalandra_server::ConnectionLimits;
 
 const ROOM: RoomId = RoomId(*b"room-for-testing");
 
@@ -294,7 +294,7 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
     // With the add, exactly the snapshot interval of commits: the last one
     // triggers a snapshot, and only messages follow it in the log (the
     // crash-recovery test covers commits replayed after a snapshot).
-    let commits = kalandra_server::node::limits::COMMITS_PER_SNAPSHOT - 1;
+    let commits = kalandra_server::sim::COMMITS_PER_SNAPSHOT - 1;
     let mut last_commit_index = 0;
     for round in 0..commits {
         let (committer, others) = if round % 2 == 0 {

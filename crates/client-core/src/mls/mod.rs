@@ -31,10 +31,9 @@ pub use key_package::{generate_key_packages, generate_last_resort_key_package, G
 pub use policy::PolicyViolation;
 pub use provider::{MlsProvider, RandError, SeededCrypto, SEED_LEN};
 
-use openmls::prelude::{Capabilities, Ciphersuite, CredentialType, ExtensionType, Lifetime, ProtocolVersion};
+use openmls::prelude::{Capabilities, CredentialType, ExtensionType, Lifetime, ProtocolVersion};
 
-/// The only ciphersuite Kalandra uses: MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001).
-pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+pub use kalandra_mls::CIPHERSUITE;
 
 /// Length of a room id, which is also the MLS group id.
 pub const ROOM_ID_LEN: usize = 16;

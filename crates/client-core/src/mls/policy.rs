@@ -8,8 +8,9 @@
 //! own earlier leaf; no proposal type Kalandra rooms refuse
 //! (`GroupContextExtensions`, `PreSharedKey`, `ReInit`, custom types).
 
+use kalandra_mls::{credential_matches_key, proposal_type_allowed};
 use openmls::group::{MlsGroup, StagedCommit};
-use openmls::prelude::{BasicCredential, LeafNode, Proposal};
+use openmls::prelude::Proposal;
 
 /// Why a member refuses a sequenced commit or proposal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,13 +26,6 @@ pub enum PolicyViolation {
     ProposalType,
 }
 
-/// Kalandra's credential policy: a BasicCredential whose identity is the
-/// leaf's Ed25519 signature key.
-pub(crate) fn credential_matches_key(leaf: &LeafNode) -> bool {
-    BasicCredential::try_from(leaf.credential().clone())
-        .is_ok_and(|basic| basic.identity() == leaf.signature_key().as_slice())
-}
-
 /// The checks on one proposal's content.
 pub(crate) fn check_proposal(proposal: &Proposal) -> Result<(), PolicyViolation> {
     match proposal {
@@ -41,7 +35,7 @@ pub(crate) fn check_proposal(proposal: &Proposal) -> Result<(), PolicyViolation>
         Proposal::Update(update) if !credential_matches_key(update.leaf_node()) => {
             Err(PolicyViolation::CredentialMismatch)
         }
-        Proposal::Add(_) | Proposal::Update(_) | Proposal::Remove(_) | Proposal::ExternalInit(_) => Ok(()),
+        _ if proposal_type_allowed(proposal.proposal_type()) => Ok(()),
         _ => Err(PolicyViolation::ProposalType),
     }
 }
@@ -76,7 +70,7 @@ pub(crate) fn check_commit(
 
 #[cfg(test)]
 mod tests {
-    use openmls::prelude::{CredentialWithKey, KeyPackage};
+    use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage};
 
     use super::*;
     use crate::mls::{leaf_capabilities, Identity, MlsProvider, CIPHERSUITE};

@@ -11,28 +11,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use client_core::client::{Client, ServerAddress, ServerTarget, ServerTrust};
 use client_core::connection::parse_fingerprint;
 use client_core::store::StoreKey;
-use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
-use kalandra_server::metrics::Metrics;
-use kalandra_server::node::{Clock, Node, NodeLimits};
-use kalandra_server::room_group::MlsRoomGroup;
-use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
-use kalandra_server::store::{RedbStore, Store};
-use kalandra_server::tls::{load_or_create_server_identity, quinn_server_config};
-use tokio::sync::watch;
+use kalandra_server::Node;
+use kalandra_server::{RunningServer, Server as ServerCore, StartOptions};
+use kalandra_server::{Secret, ServerConfig};
 
 pub fn now_ms() -> u64 {
     u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
 }
 
+/// The admin API's operator token of every test server.
+pub const ADMIN_TOKEN: &str = "cli-operator-token-000001";
+
 pub struct Server {
     pub address: SocketAddr,
     pub fingerprint_hex: String,
     pub data_dir: PathBuf,
-    store: Arc<dyn Store>,
-    node: Node,
-    stop: watch::Sender<ShutdownPhase>,
-    serving: tokio::task::JoinHandle<()>,
-    group_commit: GroupCommit,
+    running: RunningServer,
 }
 
 impl Server {
@@ -44,73 +38,42 @@ impl Server {
     /// connection to `push`.
     pub async fn start_with_push(
         data_dir: &Path,
-        push: Option<Arc<dyn kalandra_server::push::PushSink>>,
+        push: Option<Arc<dyn kalandra_server::PushSink>>,
     ) -> Server {
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(data_dir.join("kalandra.redb")).unwrap());
-        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
-        let identity = load_or_create_server_identity(data_dir, None, None).unwrap();
-        let (server_key, _) = kalandra_server::server_key::load_or_create(data_dir, [42; 32]).unwrap();
-        let clock: Clock = Arc::new(now_ms);
-        let metrics = Metrics::new().unwrap();
-        let limits = ConnectionLimits::default();
-        let node = Node::start::<MlsRoomGroup>(
-            Arc::clone(&store),
-            group_commit.clone(),
-            2,
-            Arc::clone(&clock),
-            metrics.clone(),
-            NodeLimits {
-                rooms_per_user_max: limits.rooms_per_user_max,
-                push: push.map(kalandra_server::push::PushQueue::start),
-                server_signer: Arc::new(kalandra_server::mls_state::ServerSigner::new(server_key.clone())),
-            },
-        )
-        .await
-        .unwrap();
-        let endpoint = quinn::Endpoint::server(
-            quinn_server_config(&identity, 30_000).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let address = endpoint.local_addr().unwrap();
-        let listener = Listener::new(
-            node.clone(),
-            Arc::clone(&store),
-            limits,
-            clock,
-            metrics,
-            server_key.verifying_key().to_bytes(),
-        );
-        let (stop, stopped) = watch::channel(ShutdownPhase::Running);
-        let serving = tokio::spawn(listener.serve(endpoint, stopped));
-        Server {
-            address,
-            fingerprint_hex: identity.fingerprint_sha256_hex(),
+        let config = ServerConfig {
             data_dir: data_dir.to_owned(),
-            store,
-            node,
-            stop,
-            serving,
-            group_commit,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: Some(Secret(ADMIN_TOKEN.to_owned())),
+            ..ServerConfig::default()
+        };
+        let options = StartOptions { shard_count: Some(2), clock: None, push_sink: push };
+        let running = ServerCore::start_with(config, options).await.unwrap();
+        Server {
+            address: running.quic_address(),
+            fingerprint_hex: running.fingerprint_hex().to_owned(),
+            data_dir: data_dir.to_owned(),
+            running,
         }
     }
 
     /// The room core (the admin API acts on it).
     pub fn node(&self) -> &Node {
-        &self.node
+        self.running.node()
+    }
+
+    /// The admin listener (its API takes [`ADMIN_TOKEN`]).
+    pub fn admin_address(&self) -> SocketAddr {
+        self.running.admin_address()
     }
 
     /// How many Welcomes wait for `recipient` in the server's store.
     pub fn pending_welcomes(&self, recipient: kalandra_proto::SenderId) -> usize {
-        self.store.pending_welcomes(recipient.0).unwrap().len()
+        self.running.store().pending_welcomes(recipient.0).unwrap().len()
     }
 
     pub async fn stop(self) {
-        let _ = self.stop.send(ShutdownPhase::Draining);
-        self.node.shutdown().await;
-        let _ = self.stop.send(ShutdownPhase::Drained);
-        let _ = self.serving.await;
-        self.group_commit.shutdown().await.unwrap();
+        self.running.shutdown().await.unwrap();
     }
 }
 

@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use kalandra_proto::{payload, ErrorCode, RoomId};
 
-use crate::outbox::Outbox;
 use crate::room::limits::HISTORY_READ_FRAMES_MAX;
 use crate::room::{error_frame, server_frame, HistoryRead, Peer};
 use crate::store::{EntryContent, StoredEntry};
+use crate::transport::outbox::Outbox;
 
 /// What history sends for a stored entry: its frame, or for an erased
 /// entry a typed placeholder at its index.

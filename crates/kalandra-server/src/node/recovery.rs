@@ -7,10 +7,10 @@ use bytes::Bytes;
 use kalandra_proto::payload::CreateRoom;
 use kalandra_proto::{Frame, RoomId, SenderId};
 
-use crate::moderation::RoomRoles;
 use crate::room::limits::{HISTORY_READ_FRAMES_MAX, RECENT_FRAMES_PER_ROOM_MAX};
+use crate::room::roles::RoomRoles;
+use crate::room::sequencer::{PendingServerProposals, PersistentGroup, RecoveryPoint, RoomSequencer};
 use crate::room::{RecoveredRoom, RoomSnapshot};
-use crate::sequencer::{PendingServerProposals, PersistentGroup, RecoveryPoint, RoomSequencer};
 use crate::store::{EntryContent, Store};
 
 /// Why the room core could not start.
@@ -65,7 +65,7 @@ pub fn recover_room_state<G: PersistentGroup>(
     let create_frame = Frame::decode(create_bytes).map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let create: CreateRoom = create_frame.decode_payload().map_err(|e| corrupt(format!("entry 0: {e}")))?;
     let creator = create_frame.header().sender_id();
-    let policy = crate::moderation::RoomPolicy::new(creator, create.join_rule());
+    let policy = crate::room::roles::RoomPolicy::new(creator, create.join_rule());
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
@@ -138,7 +138,9 @@ fn replay_after<G: PersistentGroup>(
             // frames are ever erased, and replay needs nothing of them but
             // their index and timestamp.
             let bytes = match &entry.content {
-                EntryContent::Erased(erasure) if crate::erasure::erasable(erasure.opcode()) => {
+                EntryContent::Erased(erasure)
+                    if crate::store::retention::erasable_opcode(erasure.opcode()) =>
+                {
                     crate::room::erased_placeholder(room_id, entry.log_index, erasure)
                 }
                 EntryContent::Erased(_) => {

@@ -3,9 +3,9 @@
 
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
 
-use crate::audit::{AuditEvent, AuditRecord};
-use crate::moderation::{Act, Actor, ModerationError, Role};
-use crate::sequencer::SubmitError;
+use crate::room::audit::{AuditEvent, AuditRecord};
+use crate::room::roles::{Act, Actor, ModerationError, Role};
+use crate::room::sequencer::SubmitError;
 use crate::store::ModerationChange;
 
 /// Moderation writes queued for the writer before acts are refused as busy.
@@ -18,7 +18,7 @@ pub const ROOMS_LIST_MAX: usize = 1_000;
 // A moderation act needs one writer slot; a full queue is refused, never waited on.
 const _: () = assert!(MODERATION_WRITES_QUEUED_MAX > 0);
 // Re-announcing is checked on the tick, so the bound must span several ticks.
-const _: () = assert!(crate::sequencer::SERVER_PROPOSAL_REANNOUNCE_MS >= 10 * MODERATION_TICK_MS);
+const _: () = assert!(crate::room::sequencer::SERVER_PROPOSAL_REANNOUNCE_MS >= 10 * MODERATION_TICK_MS);
 
 /// A moderation act asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]

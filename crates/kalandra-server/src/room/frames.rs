@@ -6,7 +6,7 @@ use kalandra_proto::header::offset;
 use kalandra_proto::payload;
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 
-use crate::sequencer::SubmitError;
+use crate::room::sequencer::SubmitError;
 use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
 use crate::store::Erasure;
 
@@ -49,7 +49,7 @@ pub fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) ->
     };
     let retry_after_ms = match error {
         SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => {
-            Some(crate::sequencer::IN_FLIGHT_RETRY_AFTER_MS)
+            Some(crate::room::sequencer::IN_FLIGHT_RETRY_AFTER_MS)
         }
         _ => None,
     };

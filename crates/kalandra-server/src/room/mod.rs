@@ -5,24 +5,27 @@
 //! Nothing here imports tokio.
 
 mod acts;
+pub mod audit;
 mod frames;
+pub mod mls_state;
 mod moderation;
 mod request;
+pub mod roles;
+pub mod room_group;
+pub mod sequencer;
 mod shard;
 mod snapshot;
 
 pub use self::acts::{
-    Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
+    ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
     MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
-pub use self::frames::{
-    erased_placeholder, error_frame, rejection_frame, server_frame, welcome_frame, WelcomeTooLarge,
-};
+pub use self::frames::{erased_placeholder, error_frame, server_frame};
 pub use self::moderation::{moderation_reply, moderation_request};
 pub use self::request::{OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
-    ShardCounters, WelcomeToStore,
+    WelcomeToStore,
 };
 pub(crate) use self::snapshot::RoomSnapshot;
 

@@ -12,10 +12,10 @@ use super::acts::{
 };
 use super::frames::error_frame_with;
 use super::shard::{Output, Peer, Room, Shard};
-use crate::audit::{ActorKind, AuditAction, AuditEvent};
-use crate::mls_state::ServerSigner;
-use crate::moderation::{Act, Actor, ModerationError, Role};
-use crate::sequencer::{GroupError, PersistentGroup, SubmitError, SERVER_SENDER_ID};
+use crate::room::audit::{ActorKind, AuditAction, AuditEvent};
+use crate::room::mls_state::ServerSigner;
+use crate::room::roles::{Act, Actor, ModerationError, Role};
+use crate::room::sequencer::{GroupError, PersistentGroup, SubmitError, SERVER_SENDER_ID};
 use crate::store::{ModerationChange, StoredBan};
 
 /// The moderation act a `Kick`, `Ban`, `Unban` or `SetRole` frame from
@@ -192,39 +192,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 let log_index = self.propose_removal(room_id, target, now_ms)?;
                 Ok(Decision::AfterProposal(ModerationChange::None, log_index))
             }
-            Act::Ban { until_ms } => {
-                let removal_pending = room
-                    .sequencer
-                    .group()
-                    .pending_server_removals()
-                    .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
-                    .contains(&target);
-                let removal_needed = room.sequencer.is_member(target) && !removal_pending;
-                let previous = room.sequencer.ban_of(target);
-                room.sequencer.ban(target, *until_ms).map_err(ModerationFailure::Sequencer)?;
-                let change = ModerationChange::SetBan {
-                    room_id,
-                    user_id: target.0,
-                    ban: Some(StoredBan { until_ms: *until_ms }),
-                };
-                self.watched.insert(room_id);
-                if !removal_needed {
-                    return Ok(Decision::Write(change));
-                }
-                match self.propose_removal(room_id, target, now_ms) {
-                    Ok(log_index) => Ok(Decision::AfterProposal(change, log_index)),
-                    Err(failure) => {
-                        let room = self.rooms.get_mut(&room_id).expect("room exists");
-                        match previous {
-                            Some(until_ms) => room.sequencer.ban(target, until_ms).expect("was banned"),
-                            None => {
-                                room.sequencer.unban(target);
-                            }
-                        }
-                        Err(failure)
-                    }
-                }
-            }
+            Act::Ban { until_ms } => self.decide_ban(room_id, target, *until_ms, now_ms),
             Act::Unban => {
                 if !room.sequencer.unban(target) {
                     return Err(ModerationFailure::NotBanned(target));
@@ -242,6 +210,47 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             Act::Revoke(_) => {
                 room.roles.apply(target, &request.act);
                 Ok(Decision::Write(ModerationChange::SetRole { room_id, user_id: target.0, role: None }))
+            }
+        }
+    }
+
+    /// A ban: recorded in the room's sequencer at once; a member still in
+    /// the group is removed by a server proposal first (the ban is undone
+    /// if that proposal cannot be sequenced).
+    fn decide_ban(
+        &mut self,
+        room_id: RoomId,
+        target: SenderId,
+        until_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Decision, ModerationFailure> {
+        let room = self.rooms.get_mut(&room_id).ok_or(ModerationFailure::UnknownRoom)?;
+        let removal_pending = room
+            .sequencer
+            .group()
+            .pending_server_removals()
+            .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
+            .contains(&target);
+        let removal_needed = room.sequencer.is_member(target) && !removal_pending;
+        let previous = room.sequencer.ban_of(target);
+        room.sequencer.ban(target, until_ms).map_err(ModerationFailure::Sequencer)?;
+        let change =
+            ModerationChange::SetBan { room_id, user_id: target.0, ban: Some(StoredBan { until_ms }) };
+        self.watched.insert(room_id);
+        if !removal_needed {
+            return Ok(Decision::Write(change));
+        }
+        match self.propose_removal(room_id, target, now_ms) {
+            Ok(log_index) => Ok(Decision::AfterProposal(change, log_index)),
+            Err(failure) => {
+                let room = self.rooms.get_mut(&room_id).expect("room exists");
+                match previous {
+                    Some(until_ms) => room.sequencer.ban(target, until_ms).expect("was banned"),
+                    None => {
+                        room.sequencer.unban(target);
+                    }
+                }
+                Err(failure)
             }
         }
     }

@@ -3,8 +3,8 @@
 use kalandra_proto::{payload, Frame, RoomId};
 
 use super::shard::{Peer, Shard};
-use crate::sequencer::PersistentGroup;
-use crate::session::Route;
+use crate::protocol::session::Route;
+use crate::room::sequencer::PersistentGroup;
 
 /// A request from an authenticated connection to the shard of its room.
 #[derive(Debug)]

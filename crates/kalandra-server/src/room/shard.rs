@@ -24,9 +24,11 @@ use super::acts::{ActAwaitingProposal, ModerationFailure, ModerationWrite};
 use super::frames::{error_frame, error_frame_with, rejection_frame, server_frame, welcome_frame};
 use super::limits::*;
 use super::snapshot::RoomSnapshot;
-use crate::mls_state::ServerSigner;
-use crate::moderation::RoomRoles;
-use crate::sequencer::{Effect, PersistentGroup, RoomSequencer, Sequenced, SubmitError, SERVER_SENDER_ID};
+use crate::room::mls_state::ServerSigner;
+use crate::room::roles::RoomRoles;
+use crate::room::sequencer::{
+    Effect, PersistentGroup, RoomSequencer, Sequenced, SubmitError, SERVER_SENDER_ID,
+};
 use crate::store::{LogEntry, RoomMetadata};
 
 /// Identifies one client connection for the life of the process.
@@ -283,7 +285,7 @@ pub struct ShardCounters {
     /// Requests refused, by code.
     pub rejections: Vec<ErrorCode>,
     /// Moderation acts refused, by who asked and code.
-    pub moderation_refusals: Vec<(crate::moderation::Actor, ErrorCode)>,
+    pub moderation_refusals: Vec<(crate::room::roles::Actor, ErrorCode)>,
 }
 
 /// A shard of rooms. See the module documentation.

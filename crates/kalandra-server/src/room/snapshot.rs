@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::sequencer::{PendingServerProposals, ProposalRef};
+use crate::room::sequencer::{PendingServerProposals, ProposalRef};
 
 /// What a room snapshot holds besides the log: the MLS group state, the
 /// GroupInfo current with it, where the current epoch began, and the
@@ -24,7 +24,7 @@ pub(crate) struct RoomSnapshot<'a> {
 
 const ROOM_SNAPSHOT_MAGIC: &[u8; 4] = b"KRS2";
 // The snapshot counts pending server proposals in a u16.
-const _: () = assert!(crate::sequencer::SERVER_PROPOSALS_PENDING_MAX <= u16::MAX as usize);
+const _: () = assert!(crate::room::sequencer::SERVER_PROPOSALS_PENDING_MAX <= u16::MAX as usize);
 
 impl<'a> RoomSnapshot<'a> {
     pub(crate) fn encode(&self) -> Bytes {

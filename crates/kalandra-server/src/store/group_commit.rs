@@ -726,8 +726,8 @@ mod tests {
         fn record_moderation(
             &self,
             change: &crate::store::ModerationChange,
-            event: &crate::audit::AuditEvent,
-        ) -> Result<crate::audit::AuditRecord, crate::store::ModerationStoreError> {
+            event: &crate::room::audit::AuditEvent,
+        ) -> Result<crate::room::audit::AuditRecord, crate::store::ModerationStoreError> {
             self.inner.record_moderation(change, event)
         }
         fn room_moderation(
@@ -743,7 +743,9 @@ mod tests {
         ) -> Result<Vec<(u64, Bytes)>, crate::store::ModerationStoreError> {
             self.inner.audit_records(from_seq, count_max)
         }
-        fn audit_head(&self) -> Result<Option<crate::audit::AuditHead>, crate::store::ModerationStoreError> {
+        fn audit_head(
+            &self,
+        ) -> Result<Option<crate::room::audit::AuditHead>, crate::store::ModerationStoreError> {
             self.inner.audit_head()
         }
         fn redact(
@@ -759,16 +761,16 @@ mod tests {
             room_id: RoomId,
             log_indices: &[LogIndex],
             redaction: &Redaction,
-            event: &crate::audit::AuditEvent,
-        ) -> Result<(Vec<RedactOutcome>, Option<crate::audit::AuditRecord>), RedactError> {
+            event: &crate::room::audit::AuditEvent,
+        ) -> Result<(Vec<RedactOutcome>, Option<crate::room::audit::AuditRecord>), RedactError> {
             self.inner.redact_audited(room_id, log_indices, redaction, event)
         }
         fn set_retention_audited(
             &self,
             room_id: RoomId,
             retention_ms: Option<u64>,
-            event: &crate::audit::AuditEvent,
-        ) -> Result<crate::audit::AuditRecord, RetentionError> {
+            event: &crate::room::audit::AuditEvent,
+        ) -> Result<crate::room::audit::AuditRecord, RetentionError> {
             self.inner.set_retention_audited(room_id, retention_ms, event)
         }
         fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {

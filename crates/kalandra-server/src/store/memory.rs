@@ -24,9 +24,9 @@ use super::{
     RoomRetention, Store, StoredEntry, UserId, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
-use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
-use crate::moderation::{Role, ROLES_PER_ROOM_MAX};
-use crate::sequencer::BANS_PER_ROOM_MAX;
+use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
+use crate::room::roles::{Role, ROLES_PER_ROOM_MAX};
+use crate::room::sequencer::BANS_PER_ROOM_MAX;
 
 struct State {
     /// Sealed records and tombstones.

@@ -24,8 +24,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::audit::{AuditEvent, AuditHead, AuditRecord, GENESIS_HASH};
-use crate::moderation::Role;
+use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, GENESIS_HASH};
+use crate::room::roles::Role;
 
 pub mod group_commit;
 pub mod memory;
@@ -736,8 +736,8 @@ pub struct RoomModeration {
 /// Error of the moderation and audit operations.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ModerationStoreError {
-    /// Limit: the room has [`ROLES_PER_ROOM_MAX`](crate::moderation::ROLES_PER_ROOM_MAX)
-    /// roles or [`BANS_PER_ROOM_MAX`](crate::sequencer::BANS_PER_ROOM_MAX)
+    /// Limit: the room has [`ROLES_PER_ROOM_MAX`](crate::room::roles::ROLES_PER_ROOM_MAX)
+    /// roles or [`BANS_PER_ROOM_MAX`](crate::room::sequencer::BANS_PER_ROOM_MAX)
     /// bans. Nothing was written.
     #[error("room {room_id}: too many {what}")]
     TooMany {
@@ -975,7 +975,7 @@ pub trait Store: Send + Sync + 'static {
     fn room_moderation(&self, room_id: RoomId) -> Result<RoomModeration, ModerationStoreError>;
 
     /// Stored audit records (their exact bytes) from key `from_seq`, at most
-    /// `count_max` (capped at [`AUDIT_PAGE_RECORDS_MAX`](crate::audit::AUDIT_PAGE_RECORDS_MAX)), in key order.
+    /// `count_max` (capped at [`AUDIT_PAGE_RECORDS_MAX`](crate::room::audit::AUDIT_PAGE_RECORDS_MAX)), in key order.
     fn audit_records(
         &self,
         from_seq: u64,

@@ -63,9 +63,9 @@ use super::{
     KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
-use crate::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
-use crate::moderation::{Role, ROLES_PER_ROOM_MAX};
-use crate::sequencer::BANS_PER_ROOM_MAX;
+use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
+use crate::room::roles::{Role, ROLES_PER_ROOM_MAX};
+use crate::room::sequencer::BANS_PER_ROOM_MAX;
 
 /// Name of the audit log's table (integration tests open it to check tamper detection).
 pub const AUDIT_TABLE_NAME: &str = "audit_v1";
@@ -1397,7 +1397,7 @@ mod tests {
     /// the audit chain with its head verify the same afterwards.
     #[test]
     fn compaction_keeps_roles_bans_and_the_audit_chain() {
-        use crate::audit::{ActorKind, AuditAction};
+        use crate::room::audit::{ActorKind, AuditAction};
         let (_dir, path) = temp_path();
         let a = room(1);
         let event = |action| AuditEvent {
@@ -1428,7 +1428,7 @@ mod tests {
         let store = RedbStore::open(&path).unwrap();
         assert_eq!(store.audit_head().unwrap(), head);
         assert_eq!(store.audit_records(0, 10).unwrap(), records);
-        assert_eq!(crate::admin_api::verify_store(&store).unwrap().unwrap().records, 3);
+        assert_eq!(crate::admin::api::verify_store(&store).unwrap().unwrap().records, 3);
         let moderation = store.room_moderation(a).unwrap();
         assert_eq!(moderation.roles, vec![(7, Role::Moderator)]);
         assert_eq!(moderation.bans, vec![(8, StoredBan { until_ms: None })]);

@@ -707,8 +707,8 @@ macro_rules! store_suite {
 }
 
 pub(crate) fn moderation_state_and_audit_chain<S: Store>(store: &S) {
-    use crate::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
-    use crate::moderation::Role;
+    use crate::room::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
+    use crate::room::roles::Role;
     let event = |action, target| AuditEvent {
         time_ms: 5,
         actor_kind: ActorKind::Operator,
@@ -767,7 +767,7 @@ pub(crate) fn moderation_state_and_audit_chain<S: Store>(store: &S) {
 }
 
 pub(crate) fn audited_redaction_and_retention_extend_the_chain<S: Store>(store: &S) {
-    use crate::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
+    use crate::room::audit::{self, ActorKind, AuditAction, AuditEvent, AuditRecord};
     let event = |action, log_index, retention_ms| AuditEvent {
         time_ms: 9,
         actor_kind: ActorKind::Operator,

@@ -16,16 +16,13 @@ use kalandra_proto::payload::{
     KeyPackageStatus, KeyPackageUpload, Subscribe, SyncDone, Welcome,
 };
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
-use kalandra_server::connection::{ConnectionLimits, Listener, ShutdownPhase};
-use kalandra_server::metrics::Metrics;
-use kalandra_server::mls_state::ServerSigner;
-use kalandra_server::node::{Clock, Node, NodeLimits};
-use kalandra_server::push::{MemoryPushSink, PushQueue};
-use kalandra_server::room_group::MlsRoomGroup;
-use kalandra_server::store::group_commit::{GroupCommit, GroupCommitConfig};
-use kalandra_server::store::{RedbStore, Store};
-use kalandra_server::tls::{load_or_create_server_identity, quinn_server_config};
-use tokio::sync::watch;
+use kalandra_server::store::Store;
+use kalandra_server::ConnectionLimits;
+use kalandra_server::MemoryPushSink;
+use kalandra_server::Metrics;
+use kalandra_server::{Clock, Node};
+use kalandra_server::{RunningServer, Server, StartOptions};
+use kalandra_server::{Secret, ServerConfig};
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -46,9 +43,16 @@ pub fn default_limits() -> ConnectionLimits {
     }
 }
 
+/// The admin API's operator token of every test server.
+pub const ADMIN_TOKEN: &str = "operator-token-for-tests-0001";
+/// The admin API's read-only token of every test server.
+pub const ADMIN_READ_TOKEN: &str = "read-only-token-for-tests-0001";
+
 pub struct TestServer {
     pub address: SocketAddr,
     pub fingerprint: [u8; 32],
+    /// The server's Ed25519 signing key (rooms list it as external sender).
+    pub server_key: [u8; 32],
     pub node: Node,
     pub metrics: Metrics,
     /// Push notifications the server forwarded.
@@ -58,9 +62,7 @@ pub struct TestServer {
     pub clock_offset_ms: Arc<std::sync::atomic::AtomicU64>,
     /// The server's store (for checks the protocol cannot make).
     pub store: Arc<dyn Store>,
-    stop: watch::Sender<ShutdownPhase>,
-    serving: tokio::task::JoinHandle<()>,
-    group_commit: GroupCommit,
+    running: RunningServer,
 }
 
 impl TestServer {
@@ -71,60 +73,39 @@ impl TestServer {
         server
     }
 
+    /// The server the binary runs (`Server::start`), on loopback ports,
+    /// with two shards, a clock tests move and an in-memory push sink.
     pub async fn start_in(path: &std::path::Path, limits: ConnectionLimits) -> TestServer {
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(path.join("kalandra.redb")).unwrap());
-        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
-        let identity = load_or_create_server_identity(path, None, None).unwrap();
-        let fingerprint = parse_fingerprint(&identity.fingerprint_sha256_hex()).unwrap();
-        let (server_key, _) = kalandra_server::server_key::load_or_create(path, [42; 32]).unwrap();
         let clock_offset_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let offset = Arc::clone(&clock_offset_ms);
         let clock: Clock = Arc::new(move || now_ms() + offset.load(std::sync::atomic::Ordering::Relaxed));
-        let metrics = Metrics::new().unwrap();
         let push_sink = Arc::new(MemoryPushSink::default());
-        let push = PushQueue::start(Arc::clone(&push_sink) as Arc<dyn kalandra_server::push::PushSink>);
-        let node = Node::start::<MlsRoomGroup>(
-            Arc::clone(&store),
-            group_commit.clone(),
-            2,
-            Arc::clone(&clock),
-            metrics.clone(),
-            NodeLimits {
-                rooms_per_user_max: limits.rooms_per_user_max,
-                push: Some(push),
-                server_signer: Arc::new(ServerSigner::new(server_key.clone())),
-            },
-        )
-        .await
-        .unwrap();
-        let endpoint = quinn::Endpoint::server(
-            quinn_server_config(&identity, 30_000).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let address = endpoint.local_addr().unwrap();
-        let listener = Listener::new(
-            node.clone(),
-            Arc::clone(&store),
+        let config = ServerConfig {
+            data_dir: path.to_owned(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: Some(Secret(ADMIN_TOKEN.to_owned())),
+            admin_read_token: Some(Secret(ADMIN_READ_TOKEN.to_owned())),
             limits,
-            clock,
-            metrics.clone(),
-            server_key.verifying_key().to_bytes(),
-        );
-        let (stop, stopped) = watch::channel(ShutdownPhase::Running);
-        let serving = tokio::spawn(listener.serve(endpoint, stopped));
+            ..ServerConfig::default()
+        };
+        let options = StartOptions {
+            shard_count: Some(2),
+            clock: Some(clock),
+            push_sink: Some(Arc::clone(&push_sink) as Arc<dyn kalandra_server::PushSink>),
+        };
+        let running = Server::start_with(config, options).await.unwrap();
         TestServer {
-            address,
-            fingerprint,
-            node,
-            metrics,
+            address: running.quic_address(),
+            fingerprint: parse_fingerprint(running.fingerprint_hex()).unwrap(),
+            server_key: running.server_public_key(),
+            node: running.node().clone(),
+            metrics: running.metrics().clone(),
             push_sink,
             data_dir: None,
             clock_offset_ms,
-            store,
-            stop,
-            serving,
-            group_commit,
+            store: Arc::clone(running.store()),
+            running,
         }
     }
 
@@ -139,19 +120,9 @@ impl TestServer {
         .await
     }
 
-    /// Serves the admin listener (with the admin API) on a loopback port.
-    pub async fn start_admin(&self, operator_token: &str, read_token: Option<&str>) -> SocketAddr {
-        use kalandra_server::admin::{serve_admin, AdminState};
-        use kalandra_server::admin_api::AdminApi;
-        let state = AdminState::new(self.metrics.clone(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
-        state.set_api(AdminApi::new(self.node.clone(), operator_token, read_token));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let mut stopped = self.stop.subscribe();
-        tokio::spawn(serve_admin(listener, state, async move {
-            kalandra_server::connection::reached(&mut stopped, ShutdownPhase::Drained).await
-        }));
-        address
+    /// The admin listener (its API takes [`ADMIN_TOKEN`] and [`ADMIN_READ_TOKEN`]).
+    pub fn admin_address(&self) -> SocketAddr {
+        self.running.admin_address()
     }
 
     /// Moves the server's clock forward.
@@ -160,11 +131,7 @@ impl TestServer {
     }
 
     pub async fn stop(self) -> Option<tempfile::TempDir> {
-        let _ = self.stop.send(ShutdownPhase::Draining);
-        self.node.shutdown().await;
-        let _ = self.stop.send(ShutdownPhase::Drained);
-        let _ = self.serving.await;
-        self.group_commit.shutdown().await.unwrap();
+        self.running.shutdown().await.unwrap();
         self.data_dir
     }
 }

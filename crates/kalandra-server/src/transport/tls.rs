@@ -381,16 +381,6 @@ pub fn quinn_server_config(
     Ok(config)
 }
 
-/// A QUIC server endpoint on `address` whose UDP socket asks for
-/// [`UDP_RECEIVE_BUFFER_BYTES`] and [`UDP_SEND_BUFFER_BYTES`] of kernel
-/// buffers (the kernel may grant less; a refusal is logged, not fatal).
-pub fn quinn_server_endpoint(
-    config: quinn::ServerConfig,
-    address: std::net::SocketAddr,
-) -> std::io::Result<quinn::Endpoint> {
-    quinn_server_endpoint_on(config, bind_quic_socket(address)?)
-}
-
 /// Binds the UDP socket of the QUIC listener, with enlarged buffers; the
 /// server binds it first, so that a port in use is reported before anything
 /// is created.

@@ -8,13 +8,14 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use kalandra_mls::sender_of;
 use kalandra_proto::SenderId;
 
-use crate::mls_state::{
+use crate::room::mls_state::{
     MemberRef, MlsValidationError, ProposalKind, ProposalSender, ProposalSummary, RoomGroupState,
     ServerSigner, StagedRoomCommit,
 };
-use crate::sequencer::{
+use crate::room::sequencer::{
     CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
     RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
 };
@@ -24,11 +25,6 @@ pub struct MlsRoomGroup {
     state: RoomGroupState,
     /// Leaves per sender id (a sender id may, in principle, hold several leaves).
     members: HashMap<SenderId, u32>,
-}
-
-fn sender_of(identity: &[u8]) -> Option<SenderId> {
-    let key: &[u8; 32] = identity.try_into().ok()?;
-    Some(SenderId::from_identity_key(key))
 }
 
 fn group_error(error: MlsValidationError) -> GroupError {
@@ -148,7 +144,7 @@ impl MlsRoomGroup {
     /// when the commit carries a Welcome.
     fn check_merged(
         &self,
-        summary: &crate::mls_state::CommitSummary,
+        summary: &crate::room::mls_state::CommitSummary,
         rules: &CommitRules<'_>,
     ) -> Result<Bytes, GroupError> {
         if let Some(group_info) = rules.group_info {
@@ -341,7 +337,7 @@ impl PersistentGroup for MlsRoomGroup {
             .map(|m| m.leaf_index)
             .ok_or_else(|| GroupError::Invalid(format!("{member} is not a member")))?;
         self.state.remove_proposal_message(signer, leaf_index).map_err(|error| match error {
-            crate::mls_state::IssueProposalError::Internal(_) => GroupError::Internal(describe(&error)),
+            crate::room::mls_state::IssueProposalError::Internal(_) => GroupError::Internal(describe(&error)),
             other => GroupError::Invalid(describe(&other)),
         })
     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use kalandra_proto::{RoomId, SenderId};
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use crate::admin::metrics::Metrics;
 
 /// Notifications waiting for the sink.
 pub const PUSH_QUEUE_NOTIFICATIONS_MAX: usize = 16_384;

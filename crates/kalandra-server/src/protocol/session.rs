@@ -214,79 +214,96 @@ impl Session {
         frame: Frame,
         payload: AnyPayload,
     ) -> Step {
-        let header = frame.header();
-        let (room_id, request_id) = (header.room_id(), header.request_id());
-        if header.sender_id() != sender {
-            return close(
-                room_id,
-                request_id,
-                ErrorCode::SenderMismatch,
-                "sender id is not the authenticated identity's",
-            );
+        if let Some(refusal) = refusal_of(sender, identity, &frame) {
+            return refusal;
         }
-        let class = frame.opcode().class();
-        if matches!(class, OpcodeClass::Sequenced | OpcodeClass::Moderation) {
-            if !header.flags().contains(Flags::SIGNED) {
-                return close(
-                    room_id,
-                    request_id,
-                    ErrorCode::BadSignature,
-                    "sequenced and moderation frames must be signed",
-                );
-            }
-            // Application frames are verified by the members who decrypt them
-            // (see docs/wire-protocol.md §4); every other signed frame here.
-            if frame.opcode() != Opcode::Application && frame.verify(identity).is_err() {
-                return close(room_id, request_id, ErrorCode::BadSignature, "signature does not verify");
-            }
-        }
-        let route = match payload {
-            AnyPayload::Ping(ping) => {
-                return Step::Reply(server_frame(room_id, request_id, &payload::Pong { nonce: ping.nonce }));
-            }
-            AnyPayload::Pong(_) | AnyPayload::Error(_) => return Step::Ignore,
-            AnyPayload::Goodbye(_) => return Step::Goodbye,
-            AnyPayload::Subscribe(subscribe) => {
-                Route::Subscribe { room_id, from_log_index: subscribe.from_log_index, request_id }
-            }
-            AnyPayload::Sync(sync) => Route::Sync {
-                room_id,
-                from_log_index: sync.from_log_index,
-                count_max: sync.count_max,
-                request_id,
-            },
-            AnyPayload::Unsubscribe(_) => Route::Unsubscribe { room_id },
-            AnyPayload::GroupInfoRequest(_) => Route::GroupInfo { room_id, request_id },
-            AnyPayload::KeyPackageUpload(upload) => Route::KeyPackageUpload { request_id, upload },
-            AnyPayload::KeyPackageClaim(claim) => Route::KeyPackageClaim { request_id, claim },
-            AnyPayload::CreateRoom(_)
-            | AnyPayload::Commit(_)
-            | AnyPayload::Proposal(_)
-            | AnyPayload::Application(_)
-            | AnyPayload::ExternalJoin(_) => Route::Sequence(frame),
-            AnyPayload::Typing(_) | AnyPayload::Presence(_) => Route::Ephemeral(frame),
-            AnyPayload::Kick(_)
-            | AnyPayload::Ban(_)
-            | AnyPayload::Redact(_)
-            | AnyPayload::Unban(_)
-            | AnyPayload::SetRole(_) => Route::Moderation(frame),
-            AnyPayload::Hello(_) | AnyPayload::AuthResponse(_) => {
-                return close(room_id, request_id, ErrorCode::UnexpectedFrame, "already authenticated");
-            }
-            AnyPayload::AuthChallenge(_)
-            | AnyPayload::AuthOk(_)
-            | AnyPayload::SyncDone(_)
-            | AnyPayload::Welcome(_)
-            | AnyPayload::Ack(_)
-            | AnyPayload::KeyPackageStatus(_)
-            | AnyPayload::KeyPackageClaimed(_)
-            | AnyPayload::GroupInfo(_) => {
-                let message = format!("{} is sent by servers only", frame.opcode().name());
-                return close(room_id, request_id, ErrorCode::UnexpectedFrame, &message);
-            }
-        };
-        Step::Route(sender, route)
+        route_of(sender, frame, payload)
     }
+}
+
+/// Where an authenticated, checked frame of `sender` goes, or the answer
+/// given at once (a pong, a close, nothing).
+fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
+    let header = frame.header();
+    let (room_id, request_id) = (header.room_id(), header.request_id());
+    let route = match payload {
+        AnyPayload::Ping(ping) => {
+            return Step::Reply(server_frame(room_id, request_id, &payload::Pong { nonce: ping.nonce }));
+        }
+        AnyPayload::Pong(_) | AnyPayload::Error(_) => return Step::Ignore,
+        AnyPayload::Goodbye(_) => return Step::Goodbye,
+        AnyPayload::Subscribe(subscribe) => {
+            Route::Subscribe { room_id, from_log_index: subscribe.from_log_index, request_id }
+        }
+        AnyPayload::Sync(sync) => Route::Sync {
+            room_id,
+            from_log_index: sync.from_log_index,
+            count_max: sync.count_max,
+            request_id,
+        },
+        AnyPayload::Unsubscribe(_) => Route::Unsubscribe { room_id },
+        AnyPayload::GroupInfoRequest(_) => Route::GroupInfo { room_id, request_id },
+        AnyPayload::KeyPackageUpload(upload) => Route::KeyPackageUpload { request_id, upload },
+        AnyPayload::KeyPackageClaim(claim) => Route::KeyPackageClaim { request_id, claim },
+        AnyPayload::CreateRoom(_)
+        | AnyPayload::Commit(_)
+        | AnyPayload::Proposal(_)
+        | AnyPayload::Application(_)
+        | AnyPayload::ExternalJoin(_) => Route::Sequence(frame),
+        AnyPayload::Typing(_) | AnyPayload::Presence(_) => Route::Ephemeral(frame),
+        AnyPayload::Kick(_)
+        | AnyPayload::Ban(_)
+        | AnyPayload::Redact(_)
+        | AnyPayload::Unban(_)
+        | AnyPayload::SetRole(_) => Route::Moderation(frame),
+        AnyPayload::Hello(_) | AnyPayload::AuthResponse(_) => {
+            return close(room_id, request_id, ErrorCode::UnexpectedFrame, "already authenticated");
+        }
+        AnyPayload::AuthChallenge(_)
+        | AnyPayload::AuthOk(_)
+        | AnyPayload::SyncDone(_)
+        | AnyPayload::Welcome(_)
+        | AnyPayload::Ack(_)
+        | AnyPayload::KeyPackageStatus(_)
+        | AnyPayload::KeyPackageClaimed(_)
+        | AnyPayload::GroupInfo(_) => {
+            let message = format!("{} is sent by servers only", frame.opcode().name());
+            return close(room_id, request_id, ErrorCode::UnexpectedFrame, &message);
+        }
+    };
+    Step::Route(sender, route)
+}
+
+/// Checks that an authenticated connection's frame names its sender and,
+/// where it must be, is signed by it; `Some` closes the connection.
+fn refusal_of(sender: SenderId, identity: &VerifyingKey, frame: &Frame) -> Option<Step> {
+    let header = frame.header();
+    let (room_id, request_id) = (header.room_id(), header.request_id());
+    if header.sender_id() != sender {
+        return Some(close(
+            room_id,
+            request_id,
+            ErrorCode::SenderMismatch,
+            "sender id is not the authenticated identity's",
+        ));
+    }
+    let class = frame.opcode().class();
+    if matches!(class, OpcodeClass::Sequenced | OpcodeClass::Moderation) {
+        if !header.flags().contains(Flags::SIGNED) {
+            return Some(close(
+                room_id,
+                request_id,
+                ErrorCode::BadSignature,
+                "sequenced and moderation frames must be signed",
+            ));
+        }
+        // Application frames are verified by the members who decrypt them
+        // (see docs/wire-protocol.md §4); every other signed frame here.
+        if frame.opcode() != Opcode::Application && frame.verify(identity).is_err() {
+            return Some(close(room_id, request_id, ErrorCode::BadSignature, "signature does not verify"));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

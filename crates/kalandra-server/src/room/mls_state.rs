@@ -18,7 +18,7 @@ use std::fmt;
 
 use openmls::group::StagedCommit;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, ExternalProposal, GroupEpoch, GroupId, LeafNode, LeafNodeIndex,
+    BasicCredential, ContentType, Credential, ExternalProposal, GroupEpoch, GroupId, LeafNodeIndex,
     MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProcessedMessageContent, Proposal,
     ProposalOrRefType, ProposalStore, ProtocolMessage, PublicGroup, PublicProcessMessageError, RatchetTreeIn,
     Sender, SenderExtensionIndex, SignaturePublicKey, SignatureScheme, StageCommitError, ValidationError,
@@ -28,9 +28,8 @@ use openmls_rust_crypto::{MemoryStorage, OpenMlsRustCrypto, RustCrypto};
 use openmls_traits::signatures::{Signer, SignerError};
 use tls_codec::{Deserialize as _, Serialize as _};
 
-/// The ciphersuite Kalandra rooms use (0x0001).
-pub const CIPHERSUITE: openmls::prelude::Ciphersuite =
-    openmls::prelude::Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+use kalandra_mls::credential_matches_key;
+pub use kalandra_mls::CIPHERSUITE;
 
 /// An underlying error kept as the source of a typed variant.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -455,13 +454,40 @@ fn identity_of(credential: &Credential) -> Vec<u8> {
     }
 }
 
-/// Kalandra's credential policy: a BasicCredential whose identity is the
-/// leaf's Ed25519 signature key.
-fn credential_matches_key(leaf: &LeafNode) -> bool {
-    match BasicCredential::try_from(leaf.credential().clone()) {
-        Ok(basic) => basic.identity() == leaf.signature_key().as_slice(),
-        Err(_) => false,
+/// The signature key and identity of each leaf a commit adds.
+type AddedKeys = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The credential policy for every leaf a staged commit introduces (its
+/// path, Updates, Adds); the signature keys and identities of the added.
+fn check_introduced_credentials(
+    staged: &StagedCommit,
+    committer: Option<&MemberRef>,
+) -> Result<AddedKeys, MlsValidationError> {
+    if let Some(path_leaf) = staged.update_path_leaf_node() {
+        if !credential_matches_key(path_leaf) {
+            return Err(MlsValidationError::CredentialMismatch {
+                leaf_index: committer.map_or(u32::MAX, |c| c.leaf_index),
+            });
+        }
     }
+    for update in staged.update_proposals() {
+        if !credential_matches_key(update.update_proposal().leaf_node()) {
+            let leaf_index = match update.sender() {
+                Sender::Member(leaf) => leaf.u32(),
+                _ => u32::MAX,
+            };
+            return Err(MlsValidationError::CredentialMismatch { leaf_index });
+        }
+    }
+    let mut added_keys = Vec::new();
+    for add in staged.add_proposals() {
+        let leaf = add.add_proposal().key_package().leaf_node();
+        if !credential_matches_key(leaf) {
+            return Err(MlsValidationError::CredentialMismatch { leaf_index: u32::MAX });
+        }
+        added_keys.push((leaf.signature_key().as_slice().to_vec(), identity_of(leaf.credential())));
+    }
+    Ok(added_keys)
 }
 
 fn to_u32(value: usize) -> u32 {
@@ -600,59 +626,9 @@ impl RoomGroupState {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(MlsValidationError::NotACommit);
         };
-        let committer = match sender {
-            Sender::Member(leaf) => Some(MemberRef {
-                leaf_index: leaf.u32(),
-                identity: self
-                    .group
-                    .leaf(leaf)
-                    .map(|node| identity_of(node.credential()))
-                    .ok_or(MlsValidationError::UnknownSender)?,
-            }),
-            Sender::NewMemberCommit => None,
-            Sender::External(_) | Sender::NewMemberProposal => return Err(MlsValidationError::UnknownSender),
-        };
-
-        // Credential policy for every leaf the commit introduces.
-        if let Some(path_leaf) = staged.update_path_leaf_node() {
-            if !credential_matches_key(path_leaf) {
-                return Err(MlsValidationError::CredentialMismatch {
-                    leaf_index: committer.as_ref().map_or(u32::MAX, |c| c.leaf_index),
-                });
-            }
-        }
-        for update in staged.update_proposals() {
-            if !credential_matches_key(update.update_proposal().leaf_node()) {
-                let leaf_index = match update.sender() {
-                    Sender::Member(leaf) => leaf.u32(),
-                    _ => u32::MAX,
-                };
-                return Err(MlsValidationError::CredentialMismatch { leaf_index });
-            }
-        }
-        let mut added_keys = Vec::new();
-        for add in staged.add_proposals() {
-            let leaf = add.add_proposal().key_package().leaf_node();
-            if !credential_matches_key(leaf) {
-                return Err(MlsValidationError::CredentialMismatch { leaf_index: u32::MAX });
-            }
-            added_keys.push((leaf.signature_key().as_slice().to_vec(), identity_of(leaf.credential())));
-        }
-
-        let removed = staged
-            .remove_proposals()
-            .map(|remove| {
-                let leaf = remove.remove_proposal().removed();
-                MemberRef {
-                    leaf_index: leaf.u32(),
-                    identity: self
-                        .group
-                        .leaf(leaf)
-                        .map(|node| identity_of(node.credential()))
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
+        let committer = self.committer_of(sender)?;
+        let added_keys = check_introduced_credentials(&staged, committer.as_ref())?;
+        let removed = self.removed_members(&staged);
         let covered_proposal_refs = staged
             .queued_proposals()
             .filter(|queued| queued.proposal_or_ref_type() == ProposalOrRefType::Reference)
@@ -663,16 +639,7 @@ impl RoomGroupState {
             .queued_proposals()
             .map(|queued| Ok((proposal_sender(queued.sender())?, proposal_kind(queued.proposal()))))
             .collect::<Result<Vec<_>, MlsValidationError>>()?;
-        let mut changed: Vec<MemberRef> = staged
-            .update_proposals()
-            .filter_map(|update| match update.sender() {
-                Sender::Member(leaf) => self.member_at(leaf.u32()),
-                _ => None,
-            })
-            .collect();
-        if has_path {
-            changed.extend(committer.clone());
-        }
+        let changed = self.changed_members(&staged, has_path.then_some(committer.as_ref()).flatten());
         Ok(StagedRoomCommit {
             staged: *staged,
             base_epoch: self.epoch(),
@@ -685,6 +652,96 @@ impl RoomGroupState {
             has_path,
             proposals,
         })
+    }
+
+    /// The committer of a staged commit: a member by leaf, or `None` for
+    /// an external commit's joiner.
+    fn committer_of(&self, sender: Sender) -> Result<Option<MemberRef>, MlsValidationError> {
+        match sender {
+            Sender::Member(leaf) => Ok(Some(MemberRef {
+                leaf_index: leaf.u32(),
+                identity: self
+                    .group
+                    .leaf(leaf)
+                    .map(|node| identity_of(node.credential()))
+                    .ok_or(MlsValidationError::UnknownSender)?,
+            })),
+            Sender::NewMemberCommit => Ok(None),
+            Sender::External(_) | Sender::NewMemberProposal => Err(MlsValidationError::UnknownSender),
+        }
+    }
+
+    /// The members a staged commit removes, by leaf, with their identities
+    /// before it.
+    fn removed_members(&self, staged: &StagedCommit) -> Vec<MemberRef> {
+        staged
+            .remove_proposals()
+            .map(|remove| {
+                let leaf = remove.remove_proposal().removed();
+                MemberRef {
+                    leaf_index: leaf.u32(),
+                    identity: self
+                        .group
+                        .leaf(leaf)
+                        .map(|node| identity_of(node.credential()))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The members whose leaf a staged commit replaces (their Update
+    /// proposals, and the committer's own leaf if it has a path), as they
+    /// are before it.
+    fn changed_members(&self, staged: &StagedCommit, path_committer: Option<&MemberRef>) -> Vec<MemberRef> {
+        let mut changed: Vec<MemberRef> = staged
+            .update_proposals()
+            .filter_map(|update| match update.sender() {
+                Sender::Member(leaf) => self.member_at(leaf.u32()),
+                _ => None,
+            })
+            .collect();
+        changed.extend(path_committer.cloned());
+        changed
+    }
+
+    /// Keeps the identity index in step with the tree after a merge.
+    fn reindex(&mut self, removed: &[MemberRef], changed: &[MemberRef]) {
+        for removed in removed {
+            if self.members_by_identity.get(&removed.identity) == Some(&removed.leaf_index) {
+                self.members_by_identity.remove(&removed.identity);
+            }
+        }
+        for before in changed {
+            if let Some(now) = self.member_at(before.leaf_index) {
+                if now.identity != before.identity {
+                    if self.members_by_identity.get(&before.identity) == Some(&before.leaf_index) {
+                        self.members_by_identity.remove(&before.identity);
+                    }
+                    self.members_by_identity.insert(now.identity, now.leaf_index);
+                }
+            }
+        }
+    }
+
+    /// The leaves the merged commit added, found by signature key, entered
+    /// in the identity index.
+    fn index_added(&mut self, added_keys: &[(Vec<u8>, Vec<u8>)]) -> Vec<MemberRef> {
+        let mut added = Vec::with_capacity(added_keys.len());
+        if added_keys.is_empty() {
+            return added;
+        }
+        for (index, leaf) in self.group.treesync().full_leaves() {
+            if let Some((_, identity)) =
+                added_keys.iter().find(|(key, _)| key.as_slice() == leaf.signature_key().as_slice())
+            {
+                added.push(MemberRef { leaf_index: index.u32(), identity: identity.clone() });
+            }
+        }
+        for member in &added {
+            self.members_by_identity.insert(member.identity.clone(), member.leaf_index);
+        }
+        added
     }
 
     /// Applies a commit staged by [`RoomGroupState::stage_commit`] in the
@@ -711,23 +768,7 @@ impl RoomGroupState {
         self.group
             .merge_commit(&self.storage, staged.staged)
             .map_err(|e| MlsValidationError::Internal(boxed(e)))?;
-
-        // Keep the identity index in step with the tree.
-        for removed in &staged.removed {
-            if self.members_by_identity.get(&removed.identity) == Some(&removed.leaf_index) {
-                self.members_by_identity.remove(&removed.identity);
-            }
-        }
-        for before in &staged.changed {
-            if let Some(now) = self.member_at(before.leaf_index) {
-                if now.identity != before.identity {
-                    if self.members_by_identity.get(&before.identity) == Some(&before.leaf_index) {
-                        self.members_by_identity.remove(&before.identity);
-                    }
-                    self.members_by_identity.insert(now.identity, now.leaf_index);
-                }
-            }
-        }
+        self.reindex(&staged.removed, &staged.changed);
         let committer = match (committer_before, external_leaf) {
             (Some(before), _) => self.member_at(before.leaf_index).unwrap_or(before),
             (None, Some(leaf_index)) => {
@@ -737,21 +778,7 @@ impl RoomGroupState {
             }
             (None, None) => return Err(MlsValidationError::Internal("no committer".into())),
         };
-        let mut added = Vec::with_capacity(staged.added_keys.len());
-        if !staged.added_keys.is_empty() {
-            for (index, leaf) in self.group.treesync().full_leaves() {
-                if let Some((_, identity)) = staged
-                    .added_keys
-                    .iter()
-                    .find(|(key, _)| key.as_slice() == leaf.signature_key().as_slice())
-                {
-                    added.push(MemberRef { leaf_index: index.u32(), identity: identity.clone() });
-                }
-            }
-            for member in &added {
-                self.members_by_identity.insert(member.identity.clone(), member.leaf_index);
-            }
-        }
+        let added = self.index_added(&staged.added_keys);
         Ok(CommitSummary {
             epoch: self.epoch(),
             committer,

@@ -7,7 +7,7 @@
 //! | `GET /metrics` | 200, the metrics in the Prometheus text format |
 //!
 //! | `GET /openapi.json` | 200, the OpenAPI 3 document of every route |
-//! | `/v1/…` | the operator's admin API ([`crate::admin_api`]), bearer-token authenticated |
+//! | `/v1/…` | the operator's admin API ([`crate::admin::api`]), bearer-token authenticated |
 //!
 //! Health, readiness, metrics and the OpenAPI document have no
 //! authentication: bind the listener to loopback or a private network.
@@ -20,8 +20,6 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
@@ -32,9 +30,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
 
-use crate::admin_api::{self, AdminApi, ADMIN_BODY_BYTES_MAX, ROUTES};
+use crate::admin::api::{self as admin_api, AdminState, ADMIN_BODY_BYTES_MAX};
+use crate::admin::routes::ROUTES;
 
-use crate::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
+use crate::admin::metrics::{Metrics, PROMETHEUS_TEXT_CONTENT_TYPE};
 use crate::node::{Node, ROOMS_LIST_MAX};
 
 /// Liveness path.
@@ -43,45 +42,6 @@ pub const HEALTHZ_PATH: &str = "/healthz";
 pub const READYZ_PATH: &str = "/readyz";
 /// Metrics path.
 pub const METRICS_PATH: &str = "/metrics";
-
-/// What the admin endpoints read: the metrics and the readiness flag.
-#[derive(Debug, Clone)]
-pub struct AdminState {
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
-    api: Arc<std::sync::OnceLock<AdminApi>>,
-}
-
-impl AdminState {
-    /// State over `metrics` and a shared readiness flag, which the server sets
-    /// once storage is recovered and the QUIC listener is up, and clears when
-    /// it starts draining.
-    pub fn new(metrics: Metrics, ready: Arc<AtomicBool>) -> AdminState {
-        AdminState { metrics, ready, api: Arc::new(std::sync::OnceLock::new()) }
-    }
-
-    /// Serves the admin API too, from now on (before, `/v1/` answers 503
-    /// `not_ready`: the server starts the listener before it has recovered
-    /// its rooms). A second call changes nothing.
-    pub fn set_api(&self, api: AdminApi) {
-        let _ = self.api.set(api);
-    }
-
-    /// The admin API, if served.
-    pub fn api(&self) -> Option<&AdminApi> {
-        self.api.get()
-    }
-
-    /// Sets or clears the readiness flag.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
-    }
-
-    /// Whether the server is ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-}
 
 /// The admin routes over `state`.
 ///
@@ -150,7 +110,7 @@ async fn count_and_log(State(state): State<AdminState>, request: Request, next: 
     if status == StatusCode::UNAUTHORIZED.as_u16() {
         state.metrics.admin_auth_failed();
     }
-    let route_name = route.map_or(crate::metrics::UNMATCHED_ROUTE, |index| ROUTES[index].1);
+    let route_name = route.map_or(crate::admin::metrics::UNMATCHED_ROUTE, |index| ROUTES[index].1);
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
         target: "kalandra_server::access",
@@ -235,6 +195,8 @@ pub async fn gauge_loop(node: Node, metrics: Metrics, database: PathBuf) {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     const TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,7 +10,7 @@
 //! the room must be rebuilt from storage.
 //!
 //! MLS validation is behind the [`GroupState`] trait; the server's
-//! implementation is OpenMLS's `PublicGroup` (`crate::mls_state`).
+//! implementation is OpenMLS's `PublicGroup` (`crate::room::mls_state`).
 
 mod group;
 
@@ -631,78 +631,7 @@ impl<G: GroupState> RoomSequencer<G> {
             return Err(SubmitError::Overloaded { in_flight: self.in_flight.len() });
         }
         let request_id = frame.header().request_id();
-        let mut commit_follow_up = None;
-        match frame.opcode() {
-            Opcode::Application => {
-                self.check_member(sender)?;
-                self.check_epoch(&frame)?;
-                if !self.server_proposals_pending.is_empty() {
-                    return Err(SubmitError::PendingProposals {
-                        pending: self.server_proposals_pending.len(),
-                    });
-                }
-            }
-            Opcode::Proposal => {
-                self.check_member(sender)?;
-                self.check_epoch(&frame)?;
-                let payload: Proposal = frame.decode_payload()?;
-                self.group
-                    .apply_proposal(&payload.proposal, Some(&self.policy))
-                    .map_err(SubmitError::InvalidProposal)?;
-            }
-            Opcode::Commit => {
-                self.check_member(sender)?;
-                self.check_epoch(&frame)?;
-                let payload: Commit = frame.decode_payload()?;
-                let recipients: Vec<SenderId> =
-                    payload.welcome_recipients.iter().copied().map(SenderId).collect();
-                let bans = &self.bans;
-                let rules = CommitRules {
-                    committer: sender,
-                    must_cover: &self.server_proposals_pending,
-                    barred: &|user| banned(bans, user, now_ms),
-                    policy: Some(&self.policy),
-                    welcome: payload.welcome.as_ref().map(|welcome| (welcome.len(), recipients.as_slice())),
-                    group_info: payload.group_info.as_deref(),
-                };
-                let summary = self
-                    .group
-                    .apply_commit(&payload.commit, &rules)
-                    .map_err(|error| self.commit_error(error))?;
-                let welcome = payload.welcome.map(|welcome| (Bytes::from(welcome), recipients));
-                commit_follow_up = Some(self.after_commit(summary, welcome, payload.group_info));
-            }
-            Opcode::ExternalJoin => {
-                if self.is_banned(sender, now_ms) {
-                    return Err(SubmitError::Banned(sender));
-                }
-                self.policy
-                    .may_join_externally(self.group.is_member(sender))
-                    .map_err(SubmitError::Forbidden)?;
-                self.check_epoch(&frame)?;
-                if !self.server_proposals_pending.is_empty() {
-                    return Err(SubmitError::PendingProposals {
-                        pending: self.server_proposals_pending.len(),
-                    });
-                }
-                let payload: ExternalJoin = frame.decode_payload()?;
-                let bans = &self.bans;
-                let rules = CommitRules {
-                    committer: sender,
-                    must_cover: &[],
-                    barred: &|user| banned(bans, user, now_ms),
-                    policy: Some(&self.policy),
-                    welcome: None,
-                    group_info: payload.group_info.as_deref(),
-                };
-                let summary = self
-                    .group
-                    .apply_commit(&payload.commit, &rules)
-                    .map_err(|error| self.commit_error(error))?;
-                commit_follow_up = Some(self.after_commit(summary, None, payload.group_info));
-            }
-            other => return Err(SubmitError::NotSequenced(other)),
-        }
+        let commit_follow_up = self.admit(sender, &frame, now_ms)?;
         let log_index = self.stamp(&mut frame, now_ms);
         if commit_follow_up.is_some() {
             self.begin_epoch(log_index);
@@ -716,6 +645,100 @@ impl<G: GroupState> RoomSequencer<G> {
             commit: commit_follow_up,
         });
         Ok(Sequenced { log_index, frame })
+    }
+
+    /// Checks `frame` against the room's state and applies its MLS content;
+    /// a commit's follow-up for when it is durable.
+    fn admit(
+        &mut self,
+        sender: SenderId,
+        frame: &Frame,
+        now_ms: u64,
+    ) -> Result<Option<Box<CommitFollowUp>>, SubmitError> {
+        match frame.opcode() {
+            Opcode::Application => {
+                self.check_member(sender)?;
+                self.check_epoch(frame)?;
+                self.check_no_pending_proposals()?;
+                Ok(None)
+            }
+            Opcode::Proposal => {
+                self.check_member(sender)?;
+                self.check_epoch(frame)?;
+                let payload: Proposal = frame.decode_payload()?;
+                self.group
+                    .apply_proposal(&payload.proposal, Some(&self.policy))
+                    .map_err(SubmitError::InvalidProposal)?;
+                Ok(None)
+            }
+            Opcode::Commit => self.admit_commit(sender, frame, now_ms).map(Some),
+            Opcode::ExternalJoin => self.admit_external_join(sender, frame, now_ms).map(Some),
+            other => Err(SubmitError::NotSequenced(other)),
+        }
+    }
+
+    /// Refuses while server proposals wait for a commit to cover them.
+    fn check_no_pending_proposals(&self) -> Result<(), SubmitError> {
+        if self.server_proposals_pending.is_empty() {
+            Ok(())
+        } else {
+            Err(SubmitError::PendingProposals { pending: self.server_proposals_pending.len() })
+        }
+    }
+
+    /// A member's commit: validated against the room's rules and applied.
+    fn admit_commit(
+        &mut self,
+        sender: SenderId,
+        frame: &Frame,
+        now_ms: u64,
+    ) -> Result<Box<CommitFollowUp>, SubmitError> {
+        self.check_member(sender)?;
+        self.check_epoch(frame)?;
+        let payload: Commit = frame.decode_payload()?;
+        let recipients: Vec<SenderId> = payload.welcome_recipients.iter().copied().map(SenderId).collect();
+        let bans = &self.bans;
+        let rules = CommitRules {
+            committer: sender,
+            must_cover: &self.server_proposals_pending,
+            barred: &|user| banned(bans, user, now_ms),
+            policy: Some(&self.policy),
+            welcome: payload.welcome.as_ref().map(|welcome| (welcome.len(), recipients.as_slice())),
+            group_info: payload.group_info.as_deref(),
+        };
+        let summary =
+            self.group.apply_commit(&payload.commit, &rules).map_err(|error| self.commit_error(error))?;
+        let welcome = payload.welcome.map(|welcome| (Bytes::from(welcome), recipients));
+        Ok(self.after_commit(summary, welcome, payload.group_info))
+    }
+
+    /// An external commit: the join rule and bans decide, then it is
+    /// validated and applied like a commit.
+    fn admit_external_join(
+        &mut self,
+        sender: SenderId,
+        frame: &Frame,
+        now_ms: u64,
+    ) -> Result<Box<CommitFollowUp>, SubmitError> {
+        if self.is_banned(sender, now_ms) {
+            return Err(SubmitError::Banned(sender));
+        }
+        self.policy.may_join_externally(self.group.is_member(sender)).map_err(SubmitError::Forbidden)?;
+        self.check_epoch(frame)?;
+        self.check_no_pending_proposals()?;
+        let payload: ExternalJoin = frame.decode_payload()?;
+        let bans = &self.bans;
+        let rules = CommitRules {
+            committer: sender,
+            must_cover: &[],
+            barred: &|user| banned(bans, user, now_ms),
+            policy: Some(&self.policy),
+            welcome: None,
+            group_info: payload.group_info.as_deref(),
+        };
+        let summary =
+            self.group.apply_commit(&payload.commit, &rules).map_err(|error| self.commit_error(error))?;
+        Ok(self.after_commit(summary, None, payload.group_info))
     }
 
     /// Sequences a proposal the server issues as the group's external sender

@@ -16,12 +16,12 @@ use bytes::Bytes;
 use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
-use crate::directory;
 use crate::node::{error_frame, server_frame, Command, Node, Outbox, Outgoing};
-use crate::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket};
+use crate::protocol::session::{Route, Session, Step};
 use crate::room::{moderation_reply, moderation_request, OtherRoute, RoomRequest, Routed};
-use crate::session::{Route, Session, Step};
 use crate::store::Store;
+use crate::transport::directory;
+use crate::transport::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket};
 
 /// Limits applied per connection, per user and per address: the
 /// operator's `[limits]` configuration.
@@ -71,7 +71,7 @@ pub struct Listener {
     next_connection_id: AtomicU64,
     per_address: Mutex<HashMap<IpAddr, u32>>,
     per_user: Mutex<KeyedLimiter<SenderId>>,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::admin::metrics::Metrics,
     server_key: [u8; 32],
 }
 
@@ -82,7 +82,7 @@ impl Listener {
         store: Arc<dyn Store>,
         limits: ConnectionLimits,
         clock: crate::node::Clock,
-        metrics: crate::metrics::Metrics,
+        metrics: crate::admin::metrics::Metrics,
         server_key: [u8; 32],
     ) -> Arc<Listener> {
         let per_user = KeyedLimiter::new(
@@ -526,7 +526,7 @@ async fn refuse(connection: &quinn::Connection, code: ErrorCode, message: &str) 
 async fn write_loop(
     mut send: quinn::SendStream,
     mut receiver: crate::node::OutboxReceiver,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::admin::metrics::Metrics,
 ) {
     let mut batch = std::collections::VecDeque::new();
     loop {
@@ -536,7 +536,7 @@ async fn write_loop(
             break;
         }
         metrics.frames_out(count);
-        crate::outbox::recycle_batch(&mut batch);
+        crate::transport::outbox::recycle_batch(&mut batch);
         if next == Outgoing::Close {
             break;
         }

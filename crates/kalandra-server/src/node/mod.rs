@@ -14,8 +14,10 @@
 //! rejected, the node reports itself failed, and the process exits so that
 //! recovery from durable state (snapshot plus log replay) happens on restart.
 
+pub mod erasure;
 mod history;
 mod moderation;
+pub mod push;
 mod recovery;
 
 use std::collections::{HashMap, VecDeque};
@@ -26,27 +28,25 @@ use bytes::Bytes;
 use kalandra_proto::{Frame, RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::history::{history_bytes, send_history};
+pub use self::history::send_history;
 use self::moderation::ModerationDesk;
 pub use self::moderation::ModerationReply;
 pub use self::recovery::{recover_room_state, RecoveryError};
-use crate::metrics::Metrics;
-use crate::mls_state::ServerSigner;
-pub use crate::outbox::{Outbox, OutboxReceiver, Outgoing};
-use crate::push::{PushNotification, PushQueue};
-pub use crate::room::limits;
+use crate::admin::metrics::Metrics;
+use crate::node::push::{PushNotification, PushQueue};
 use crate::room::limits::*;
+use crate::room::mls_state::ServerSigner;
+use crate::room::sequencer::PersistentGroup;
 pub use crate::room::{
-    error_frame, rejection_frame, server_frame, welcome_frame, ConnectionId, ModerationDone,
-    ModerationFailure, ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, MODERATION_TICK_MS,
-    MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
+    error_frame, server_frame, ConnectionId, ModerationDone, ModerationFailure, ModerationRequest,
+    RecoveredRoom, RoomInfo, RoomSummary, MODERATION_TICK_MS, ROOMS_LIST_MAX,
 };
 use crate::room::{
     AppendBatch, HistoryRead, Memberships, Output, RoomRequest, Shard, ShardConfig, WelcomeToStore,
 };
-use crate::sequencer::PersistentGroup;
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{Store, WelcomeId};
+pub use crate::transport::outbox::{Outbox, OutboxReceiver, Outgoing};
 
 /// A request to a room shard.
 pub enum Command {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use kalandra_proto::{ErrorCode, Opcode};
 
-use crate::moderation::Actor;
+use crate::room::roles::Actor;
 
 /// Content type of [`Metrics::render`]'s output.
 pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -198,7 +198,7 @@ impl Metrics {
     /// Fresh series, every one at zero. Never fails today; the `Result`
     /// keeps callers ready for series that need setting up.
     pub fn new() -> Result<Metrics, MetricsError> {
-        let admin_routes = crate::admin_api::ROUTES.to_vec();
+        let admin_routes = crate::admin::routes::ROUTES.to_vec();
         let admin_series = (admin_routes.len() + 1) * (ADMIN_STATUSES.len() + 1);
         let inner = Inner {
             frames_in: Family::new(Opcode::ALL.len()),
@@ -272,7 +272,7 @@ impl Metrics {
     }
 
     /// An admin HTTP request for route `route_index` (into
-    /// [`crate::admin_api::ROUTES`]; `None`: no route matched) was answered with `status`.
+    /// [`crate::admin::routes::ROUTES`]; `None`: no route matched) was answered with `status`.
     pub fn admin_request(&self, route_index: Option<usize>, status: u16) {
         let routes = self.inner.admin_routes.len();
         let route = route_index.filter(|index| *index < routes).unwrap_or(routes);
@@ -566,7 +566,7 @@ mod tests {
         metrics.storage_batch(300, 0.02);
 
         let text = metrics.render().expect("render");
-        let route = crate::admin_api::ROUTES[4];
+        let route = crate::admin::routes::ROUTES[4];
         let admin = |status: &str| {
             format!(
                 "{ADMIN_REQUESTS_TOTAL}{{method=\"{}\",route=\"{}\",status=\"{status}\"}}",
@@ -650,7 +650,7 @@ mod tests {
             let series = format!("{REJECTIONS_TOTAL}{{code=\"{}\"}}", code.name());
             assert_eq!(sample(&text, &series), Some(0.0), "{series}");
         }
-        for (method, route) in crate::admin_api::ROUTES {
+        for (method, route) in crate::admin::routes::ROUTES {
             let series =
                 format!("{ADMIN_REQUESTS_TOTAL}{{method=\"{method}\",route=\"{route}\",status=\"200\"}}");
             assert_eq!(sample(&text, &series), Some(0.0), "{series}");

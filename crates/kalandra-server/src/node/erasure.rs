@@ -20,7 +20,7 @@
 //! - erasure is idempotent: erasing an erased entry reports
 //!   [`RedactOutcome::AlreadyErased`];
 //! - the log index stays: history carries a placeholder in its place (an
-//!   `Error` frame with code `Redacted`, see [`erased_placeholder`]).
+//!   `Error` frame with code `Redacted`, see [`erased_placeholder`](crate::room::erased_placeholder)).
 //!
 //! Order of an erasure: the shard first replaces the entry in its in-memory
 //! recent frames (so no subscriber catching up from memory gets it), then
@@ -35,8 +35,8 @@ use kalandra_proto::header::offset;
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
 use tokio::sync::oneshot;
 
-use crate::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::node::{Command, Node};
+use crate::room::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::store::retention::{erasable_opcode, expired};
 use crate::store::sealing::routing_u64;
 use crate::store::{
@@ -166,13 +166,6 @@ pub struct RetentionPassError {
     pub detail: String,
 }
 
-pub use crate::room::erased_placeholder;
-
-/// Whether the erasure policy allows erasing a frame of this opcode value.
-pub fn erasable(opcode: Option<u16>) -> bool {
-    erasable_opcode(opcode)
-}
-
 fn read_failed(error: &ReadError) -> RedactError {
     match error {
         ReadError::Storage(failure) => RedactError::Storage(failure.to_string()),
@@ -240,7 +233,7 @@ impl Node {
         }
         let opcode = kalandra_proto::header::offset::OPCODE;
         let opcode = crate::store::sealing::routing_u16(routing, opcode);
-        if !erasable(opcode) {
+        if !erasable_opcode(opcode) {
             return Err(RedactError::NotErasable { log_index, opcode: opcode.unwrap_or(0) });
         }
         let cause = match authority {

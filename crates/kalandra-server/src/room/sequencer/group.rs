@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use kalandra_proto::{Opcode, SenderId};
 
-pub use crate::moderation::{PolicyError, Proposer, RoomPolicy};
+pub use crate::room::roles::{PolicyError, Proposer, RoomPolicy};
 
 /// A reference to a proposal (the MLS `ProposalRef` bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -164,7 +164,7 @@ pub trait PersistentGroup: GroupState + Sized + Send + 'static {
     fn remove_proposal(
         &self,
         member: SenderId,
-        signer: &crate::mls_state::ServerSigner,
+        signer: &crate::room::mls_state::ServerSigner,
     ) -> Result<Vec<u8>, GroupError>;
     /// Members whose removal the server proposed and no commit covered yet.
     fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError>;

@@ -22,9 +22,6 @@ const MS_PER_SECOND: u64 = 1_000;
 // A rate of one token per second must refill a whole number of micro-tokens per millisecond.
 const _: () = assert!(MICRO_TOKENS_PER_TOKEN.is_multiple_of(MS_PER_SECOND));
 
-/// A default bound on the keys a [`KeyedLimiter`] tracks, for callers without a better figure.
-pub const KEYED_LIMITER_KEYS_MAX_DEFAULT: usize = 100_000;
-
 /// A request was refused; it may succeed after this many milliseconds.
 ///
 /// `u64::MAX` means never: the request is larger than the burst, or the
@@ -102,6 +99,7 @@ impl TokenBucket {
 
     /// Whether the bucket is full at `now_ms` (taking nothing): a full bucket
     /// is indistinguishable from a new one.
+    #[cfg(test)]
     pub fn is_full(&self, now_ms: u64) -> bool {
         let mut probe = self.clone();
         probe.refill(now_ms);
@@ -109,6 +107,7 @@ impl TokenBucket {
     }
 
     /// Tokens available at `now_ms`, without taking any.
+    #[cfg(test)]
     pub fn available(&self, now_ms: u64) -> f64 {
         let mut probe = self.clone();
         probe.refill(now_ms);
@@ -185,6 +184,7 @@ impl<K: Eq + Hash + Clone> KeyedLimiter<K> {
 
     /// Forgets `key`'s bucket (for example when its last connection closes
     /// and its bucket is full).
+    #[cfg(test)]
     pub fn remove(&mut self, key: &K) {
         if let Some((_, last_use)) = self.buckets.remove(key) {
             self.by_use.remove(&last_use);
@@ -192,21 +192,19 @@ impl<K: Eq + Hash + Clone> KeyedLimiter<K> {
     }
 
     /// Whether `key` has a bucket.
+    #[cfg(test)]
     pub fn contains(&self, key: &K) -> bool {
         self.buckets.contains_key(key)
     }
 
     /// Number of keys tracked.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buckets.len()
     }
 
-    /// Whether no key is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
-    }
-
     /// The most keys tracked at once.
+    #[cfg(test)]
     pub fn keys_max(&self) -> usize {
         self.keys_max
     }

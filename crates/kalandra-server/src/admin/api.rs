@@ -1,7 +1,7 @@
 //! The operator's admin API (HTTP, JSON) on the admin listener: rooms,
 //! members, roles, kick, ban, unban, redaction of a log entry, a room's
 //! retention period, and the audit log's export and verification. Described by an OpenAPI 3 document at `/openapi.json`
-//! (`docs/openapi.json`), which lists exactly the routes of [`ROUTES`].
+//! (`docs/openapi.json`), which lists exactly the routes of [`ROUTES`](crate::admin::routes::ROUTES).
 //!
 //! Every request under `/v1/` carries `Authorization: Bearer <token>`. The
 //! operator token may do everything; the optional read-only token may only
@@ -19,23 +19,26 @@
 //! | 503 | `not_ready`, `storage_unavailable`, `shutting_down` | the server cannot act now |
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use kalandra_proto::{RoomId, SenderId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::admin::AdminState;
-use crate::audit::{self, AuditExport, AuditRecord, AuditVerifier, ExportedHead, AUDIT_PAGE_RECORDS_MAX};
-use crate::erasure::{RedactAuthority, RedactError};
-use crate::moderation::{Act, Actor, ModerationError, Role};
+use crate::admin::metrics::Metrics;
+use crate::node::erasure::{RedactAuthority, RedactError};
 use crate::node::{ModerationFailure, ModerationRequest, Node, RoomInfo, ROOMS_LIST_MAX};
-use crate::sequencer::SubmitError;
+use crate::room::audit::{
+    self, AuditExport, AuditRecord, AuditVerifier, ExportedHead, AUDIT_PAGE_RECORDS_MAX,
+};
+use crate::room::roles::{Act, Actor, ModerationError, Role};
+use crate::room::sequencer::SubmitError;
 use crate::store::{RedactOutcome, RetentionError, Store};
 
 /// Largest request body the admin API reads.
@@ -62,30 +65,47 @@ pub const CHALLENGE_NO_TOKEN: &str = "Bearer realm=\"kalandra-admin\"";
 pub const CHALLENGE_INVALID_TOKEN: &str = "Bearer realm=\"kalandra-admin\", error=\"invalid_token\"";
 
 /// The OpenAPI 3 document describing every route.
-pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+pub const OPENAPI_JSON: &str = include_str!("../../../../docs/openapi.json");
 
-/// Every route of the admin listener, as (method, path); the router is
-/// built from this table and the OpenAPI document lists exactly these.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/openapi.json"),
-    ("GET", "/v1/rooms"),
-    ("GET", "/v1/rooms/{room_id}"),
-    ("GET", "/v1/rooms/{room_id}/members"),
-    ("POST", "/v1/rooms/{room_id}/roles"),
-    ("DELETE", "/v1/rooms/{room_id}/roles/{user_id}/{role}"),
-    ("POST", "/v1/rooms/{room_id}/kick"),
-    ("POST", "/v1/rooms/{room_id}/bans"),
-    ("DELETE", "/v1/rooms/{room_id}/bans/{user_id}"),
-    ("POST", "/v1/rooms/{room_id}/redact"),
-    ("GET", "/v1/rooms/{room_id}/retention"),
-    ("PUT", "/v1/rooms/{room_id}/retention"),
-    ("DELETE", "/v1/rooms/{room_id}/retention"),
-    ("GET", "/v1/audit/export"),
-    ("GET", "/v1/audit/verify"),
-];
+/// What the admin endpoints read: the metrics and the readiness flag.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub(super) metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    api: Arc<std::sync::OnceLock<AdminApi>>,
+}
+
+impl AdminState {
+    /// State over `metrics` and a shared readiness flag, which the server sets
+    /// once storage is recovered and the QUIC listener is up, and clears when
+    /// it starts draining.
+    pub fn new(metrics: Metrics, ready: Arc<AtomicBool>) -> AdminState {
+        AdminState { metrics, ready, api: Arc::new(std::sync::OnceLock::new()) }
+    }
+
+    /// Serves the admin API too, from now on (before, `/v1/` answers 503
+    /// `not_ready`: the server starts the listener before it has recovered
+    /// its rooms). A second call changes nothing.
+    pub fn set_api(&self, api: AdminApi) {
+        let _ = self.api.set(api);
+    }
+
+    /// The admin API, if served.
+    pub fn api(&self) -> Option<&AdminApi> {
+        self.api.get()
+    }
+
+    /// Sets or clears the readiness flag.
+    #[cfg(test)]
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Whether the server is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,7 +385,7 @@ fn api(state: &AdminState) -> Result<&AdminApi, ApiError> {
 }
 
 /// The router for the `/v1/` routes and `/openapi.json` (the others are
-/// added by [`crate::admin::admin_router`]).
+/// added by `admin_router` of the admin listener, which calls this).
 pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
     let filter = match method {
         "GET" => MethodFilter::GET,
@@ -393,11 +413,6 @@ pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         _ => return None,
     };
     Some(router)
-}
-
-/// The method names of [`ROUTES`] as axum methods (for tests and tooling).
-pub fn method_of(name: &str) -> Option<Method> {
-    Method::from_bytes(name.as_bytes()).ok()
 }
 
 async fn openapi() -> Response {

@@ -1,0 +1,3 @@
+//! The protocol a connection speaks (pure).
+
+pub mod session;

@@ -1,0 +1,499 @@
+//! The composition root: [`Server::start`] assembles a running server from
+//! a [`ServerConfig`] — the listeners bound first (so a configuration the
+//! machine refuses creates nothing), then the store, recovery, the room
+//! core, group commit, the admin HTTP and the QUIC listener — and
+//! [`RunningServer`] drains it again. The binary, the in-process test
+//! servers and the command-line tests all start the server through here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::api::{AdminApi, AdminState};
+use crate::admin::http::{gauge_loop, serve_admin};
+use crate::admin::metrics::{Metrics, MetricsError};
+use crate::config::{load_or_create_admin_token, ConfigError, ServerConfig};
+use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
+use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
+use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError};
+use crate::room::mls_state::ServerSigner;
+use crate::room::room_group::MlsRoomGroup;
+use crate::server_key::ServerKeyError;
+use crate::store::group_commit::{self, GroupCommit, GroupCommitConfig, GroupCommitError};
+use crate::store::redb::OpenError;
+use crate::store::{RedbStore, Store};
+use crate::transport::connection::{reached, Listener, ShutdownPhase};
+use crate::transport::tls::{
+    bind_quic_socket, load_or_create_server_identity, quinn_server_config, quinn_server_endpoint_on,
+    ServerTlsIdentity, TlsError,
+};
+
+/// Name of the database file inside the data directory.
+pub const DATABASE_FILE_NAME: &str = "kalandra.redb";
+
+/// Why a server did not start. Nothing is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The admin HTTP address cannot be bound (in use, not local).
+    #[error("binding admin HTTP on {address}")]
+    AdminBind {
+        /// The configured address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The QUIC address cannot be bound.
+    #[error("binding QUIC on {address}")]
+    QuicBind {
+        /// The configured address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key does not load.
+    #[error("loading the TLS certificate")]
+    Tls(#[source] TlsError),
+    /// The data directory cannot be created.
+    #[error("creating data directory {}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database does not open (damaged, in use, another schema).
+    #[error("opening database {}", path.display())]
+    OpenDatabase {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: OpenError,
+    },
+    /// The group-commit writer does not start.
+    #[error("starting the storage writer")]
+    StorageWriter(#[source] group_commit::StartError),
+    /// The server's signing key does not load.
+    #[error("loading the server signing key")]
+    ServerKey(#[source] ServerKeyError),
+    /// The admin API token does not load.
+    #[error("loading the admin API token")]
+    AdminToken(#[source] ConfigError),
+    /// The metrics registry cannot be built.
+    #[error("setting up metrics")]
+    Metrics(#[source] MetricsError),
+    /// The push webhook is not usable.
+    #[error("push webhook")]
+    PushWebhook(#[source] PushError),
+    /// Rooms cannot be recovered from storage.
+    #[error("recovering rooms from storage")]
+    Recovery(#[source] RecoveryError),
+    /// The QUIC configuration cannot be built from the certificate.
+    #[error("QUIC configuration")]
+    QuicConfig(#[source] TlsError),
+    /// The QUIC endpoint does not start.
+    #[error("starting QUIC on {address}")]
+    Quic {
+        /// The configured address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An address the operating system gave cannot be read back.
+    #[error("reading the bound address")]
+    LocalAddress(#[source] std::io::Error),
+}
+
+impl StartError {
+    /// Whether the configuration was refused (an address in use, a
+    /// certificate or database that cannot be used as configured) before
+    /// anything was changed.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            StartError::AdminBind { .. } | StartError::QuicBind { .. } | StartError::Tls(_) => true,
+            StartError::OpenDatabase { source, .. } => {
+                matches!(source, OpenError::InUse | OpenError::SchemaVersion { .. })
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the database is damaged (restore it from a backup).
+    pub fn is_damaged_database(&self) -> bool {
+        matches!(self, StartError::OpenDatabase { source: OpenError::Damaged { .. }, .. })
+    }
+}
+
+/// Why a drained server did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    /// Flushing storage failed: what was acknowledged is durable, what
+    /// was not may be lost.
+    #[error("flushing storage")]
+    Flush(#[source] GroupCommitError),
+}
+
+/// What may differ from the defaults of [`Server::start`]; production uses
+/// [`StartOptions::default`].
+#[derive(Default)]
+pub struct StartOptions {
+    /// Shards the rooms are spread over; default: one per available core.
+    pub shard_count: Option<usize>,
+    /// The clock the room core reads (ms since the Unix epoch); default:
+    /// the wall clock.
+    pub clock: Option<Clock>,
+    /// Where push payloads of members without a connection go; default:
+    /// the configured webhook, if any.
+    pub push_sink: Option<Arc<dyn PushSink>>,
+}
+
+/// Starts servers.
+pub struct Server;
+
+impl Server {
+    /// Starts a server as configured, with default [`StartOptions`].
+    pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+        Server::start_with(config, StartOptions::default()).await
+    }
+
+    /// Starts a server as configured. Everything that can be refused
+    /// (the listen addresses, a configured certificate) is checked before
+    /// anything is created.
+    pub async fn start_with(
+        config: ServerConfig,
+        options: StartOptions,
+    ) -> Result<RunningServer, StartError> {
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::AdminBind { address: config.admin_listen, source })?;
+        let quic_socket = bind_quic_socket(config.listen)
+            .map_err(|source| StartError::QuicBind { address: config.listen, source })?;
+        if config.tls_cert_path.is_some() {
+            load_identity(&config).map_err(StartError::Tls)?;
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let database = config.data_dir.join(DATABASE_FILE_NAME);
+        let store: Arc<dyn Store> = Arc::new(
+            RedbStore::open(&database)
+                .map_err(|source| StartError::OpenDatabase { path: database.clone(), source })?,
+        );
+        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default())
+            .map_err(StartError::StorageWriter)?;
+        let listeners = Listeners { admin: admin_listener, quic: quic_socket };
+        match assemble(config, options, store, group_commit.clone(), database, listeners).await {
+            Ok(running) => Ok(running),
+            Err(error) => {
+                let _ = group_commit.shutdown().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The sockets bound before anything was created.
+struct Listeners {
+    admin: tokio::net::TcpListener,
+    quic: std::net::UdpSocket,
+}
+
+/// Loads the keys, serves the admin HTTP (health at once, the API once the
+/// rooms are recovered), recovers the rooms and starts the QUIC listener.
+async fn assemble(
+    config: ServerConfig,
+    options: StartOptions,
+    store: Arc<dyn Store>,
+    group_commit: GroupCommit,
+    database: PathBuf,
+    listeners: Listeners,
+) -> Result<RunningServer, StartError> {
+    let keys = Keys::load(&config)?;
+    let metrics = Metrics::new().map_err(StartError::Metrics)?;
+    let admin_address = listeners.admin.local_addr().map_err(StartError::LocalAddress)?;
+    let (stop, stopped) = watch::channel(ShutdownPhase::Running);
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_state = AdminState::new(metrics.clone(), Arc::clone(&ready));
+    let admin_stop = {
+        let mut stopped = stopped.clone();
+        async move { reached(&mut stopped, ShutdownPhase::Drained).await }
+    };
+    let admin = tokio::spawn(serve_admin(listeners.admin, admin_state.clone(), admin_stop));
+
+    let push = push_queue(&config, options.push_sink, &metrics)?;
+    let clock = options.clock.unwrap_or_else(wall_clock);
+    let shard_count =
+        options.shard_count.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let recovering = std::time::Instant::now();
+    let node = Node::start::<MlsRoomGroup>(
+        Arc::clone(&store),
+        group_commit.clone(),
+        shard_count,
+        Arc::clone(&clock),
+        metrics.clone(),
+        NodeLimits {
+            rooms_per_user_max: config.limits.rooms_per_user_max,
+            push,
+            server_signer: Arc::new(ServerSigner::new(keys.server_key.clone())),
+        },
+    )
+    .await
+    .map_err(StartError::Recovery)?;
+    tracing::info!(
+        elapsed_ms = u64::try_from(recovering.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "rooms recovered"
+    );
+    let admin_read_token = config.admin_read_token.as_ref().map(|token| token.0.as_str());
+    admin_state.set_api(AdminApi::new(node.clone(), &keys.admin_token, admin_read_token));
+
+    let (endpoint, quic_address) = match quic_endpoint(&config, &keys.identity, listeners.quic) {
+        Ok(started) => started,
+        Err(error) => {
+            node.shutdown().await;
+            return Err(error);
+        }
+    };
+    let server_public_key = keys.server_key.verifying_key().to_bytes();
+    let listener = Listener::new(
+        node.clone(),
+        Arc::clone(&store),
+        config.limits.clone(),
+        clock,
+        metrics.clone(),
+        server_public_key,
+    );
+    let serving = tokio::spawn(listener.serve(endpoint.clone(), stopped));
+    let gauges = tokio::spawn(gauge_loop(node.clone(), metrics.clone(), database));
+    let retention = tokio::spawn(retention_loop(node.clone(), RETENTION_INTERVAL_MS_DEFAULT));
+    ready.store(true, Ordering::Release);
+    tracing::info!(%quic_address, %admin_address, data_dir = %config.data_dir.display(), "ready");
+    Ok(RunningServer {
+        fingerprint_hex: keys.identity.fingerprint_sha256_hex(),
+        certificate_created: keys.identity.was_created(),
+        server_public_key,
+        server_key_created: keys.server_key_created,
+        admin_token_file: keys.admin_token_file,
+        quic_address,
+        admin_address,
+        config,
+        store,
+        group_commit,
+        node,
+        metrics,
+        ready,
+        endpoint,
+        stop,
+        serving,
+        admin,
+        background: [gauges, retention],
+    })
+}
+
+/// The push queue: to the sink given, else to the configured webhook.
+fn push_queue(
+    config: &ServerConfig,
+    sink: Option<Arc<dyn PushSink>>,
+    metrics: &Metrics,
+) -> Result<Option<PushQueue>, StartError> {
+    let sink: Arc<dyn PushSink> = match (sink, &config.push_webhook_url) {
+        (Some(sink), _) => sink,
+        (None, Some(url)) => {
+            let sink = WebhookSink::new(url).map_err(StartError::PushWebhook)?;
+            tracing::info!(%url, "forwarding push payloads to the webhook");
+            Arc::new(sink)
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(PushQueue::start_counted(sink, Some(metrics.clone()))))
+}
+
+/// The QUIC endpoint on the bound socket, and its address.
+fn quic_endpoint(
+    config: &ServerConfig,
+    identity: &ServerTlsIdentity,
+    socket: std::net::UdpSocket,
+) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
+    let server_config =
+        quinn_server_config(identity, config.limits.idle_timeout_ms).map_err(StartError::QuicConfig)?;
+    let endpoint = quinn_server_endpoint_on(server_config, socket)
+        .map_err(|source| StartError::Quic { address: config.listen, source })?;
+    let address = endpoint.local_addr().map_err(StartError::LocalAddress)?;
+    Ok((endpoint, address))
+}
+
+/// The TLS identity, the server's signing key and the admin token.
+struct Keys {
+    identity: ServerTlsIdentity,
+    server_key: ed25519_dalek::SigningKey,
+    server_key_created: bool,
+    admin_token: String,
+    admin_token_file: Option<PathBuf>,
+}
+
+impl Keys {
+    fn load(config: &ServerConfig) -> Result<Keys, StartError> {
+        let identity = load_identity(config).map_err(StartError::Tls)?;
+        let fingerprint = identity.fingerprint_sha256_hex();
+        tracing::info!(%fingerprint, "TLS certificate loaded");
+        let (server_key, server_key_created) =
+            crate::server_key::load_or_create(&config.data_dir, rand::random())
+                .map_err(StartError::ServerKey)?;
+        let (admin_token, admin_token_file) =
+            load_or_create_admin_token(&config.data_dir, config.admin_token.as_ref(), rand::random())
+                .map_err(StartError::AdminToken)?;
+        Ok(Keys { identity, server_key, server_key_created, admin_token: admin_token.0, admin_token_file })
+    }
+}
+
+/// A server that serves until [`RunningServer::shutdown`].
+pub struct RunningServer {
+    fingerprint_hex: String,
+    certificate_created: bool,
+    server_public_key: [u8; 32],
+    server_key_created: bool,
+    admin_token_file: Option<PathBuf>,
+    quic_address: SocketAddr,
+    admin_address: SocketAddr,
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    group_commit: GroupCommit,
+    node: Node,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    endpoint: quinn::Endpoint,
+    stop: watch::Sender<ShutdownPhase>,
+    serving: JoinHandle<()>,
+    admin: JoinHandle<std::io::Result<()>>,
+    background: [JoinHandle<()>; 2],
+}
+
+/// How a server stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Storage failed while serving: restart to recover from durable state.
+    pub storage_failed: bool,
+}
+
+impl RunningServer {
+    /// The QUIC address it listens on.
+    pub fn quic_address(&self) -> SocketAddr {
+        self.quic_address
+    }
+
+    /// The admin HTTP address it listens on.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
+    }
+
+    /// SHA-256 fingerprint of the certificate it serves, lowercase hex.
+    pub fn fingerprint_hex(&self) -> &str {
+        &self.fingerprint_hex
+    }
+
+    /// Whether the self-signed certificate was created at this start.
+    pub fn certificate_created(&self) -> bool {
+        self.certificate_created
+    }
+
+    /// The server's Ed25519 signing key (public half).
+    pub fn server_public_key(&self) -> [u8; 32] {
+        self.server_public_key
+    }
+
+    /// Whether the signing key was created at this start.
+    pub fn server_key_created(&self) -> bool {
+        self.server_key_created
+    }
+
+    /// The file the admin token was read from or created in (`None`: it
+    /// was configured).
+    pub fn admin_token_file(&self) -> Option<&std::path::Path> {
+        self.admin_token_file.as_deref()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The room core.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether the room core is healthy (storage has not failed).
+    pub fn health(&self) -> &Arc<NodeHealth> {
+        self.node.health()
+    }
+
+    /// Re-reads the certificate and key: new connections get them, open
+    /// ones keep theirs. On error the old certificate stays in use.
+    /// Returns the new fingerprint.
+    pub fn reload_tls(&self) -> Result<String, TlsError> {
+        let identity = load_identity(&self.config)?;
+        let server_config = quinn_server_config(&identity, self.config.limits.idle_timeout_ms)?;
+        self.endpoint.set_server_config(Some(server_config));
+        Ok(identity.fingerprint_sha256_hex())
+    }
+
+    /// Drains and stops: stops accepting and reading, makes everything
+    /// accepted durable and queues its acknowledgements, lets connections
+    /// say goodbye (within the drain timeout), flushes storage.
+    pub async fn shutdown(self) -> Result<Stopped, ShutdownError> {
+        self.ready.store(false, Ordering::Release);
+        let _ = self.stop.send(ShutdownPhase::Draining);
+        for task in &self.background {
+            task.abort();
+        }
+        for task in self.background {
+            // Cancelled: what it held (the room core, the store) is released.
+            let _ = task.await;
+        }
+        self.node.shutdown().await;
+        let _ = self.stop.send(ShutdownPhase::Drained);
+        let drain = Duration::from_millis(self.config.limits.drain_timeout_ms);
+        if tokio::time::timeout(drain, self.serving).await.is_err() {
+            tracing::warn!("connections did not close within the drain timeout");
+        }
+        self.group_commit.shutdown().await.map_err(ShutdownError::Flush)?;
+        let _ = tokio::time::timeout(drain, self.admin).await;
+        Ok(Stopped { storage_failed: self.node.health().has_failed() })
+    }
+}
+
+/// The TLS identity the configuration names (created in the data directory
+/// on first run when it names none).
+fn load_identity(config: &ServerConfig) -> Result<ServerTlsIdentity, TlsError> {
+    load_or_create_server_identity(
+        &config.data_dir,
+        config.tls_cert_path.as_deref(),
+        config.tls_key_path.as_deref(),
+    )
+}
+
+/// The wall clock, ms since the Unix epoch.
+fn wall_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
+}
