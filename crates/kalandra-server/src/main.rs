@@ -218,6 +218,10 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    if let Some(dir) = &config.backup_dir {
+        kalandra_server::store::backup::prepare_backup_dir(dir)
+            .config_error(format!("creating backup directory {}", dir.display()))?;
+    }
     let database = config.data_dir.join(DATABASE_FILE_NAME);
     let store: Arc<dyn Store> = Arc::new(open_database(&database)?);
     let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default())
@@ -290,7 +294,8 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
         node.clone(),
         &admin_token.0,
         config.admin_read_token.as_ref().map(|token| token.0.as_str()),
-    );
+    )
+    .with_backup_dir(config.backup_dir.clone());
     admin_state.set_api(api);
 
     let server_config =
