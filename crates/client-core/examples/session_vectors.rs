@@ -1,17 +1,21 @@
-//! Writes `docs/session-vectors.json`: an authentication transcript and the
+//! Writes `docs/session-vectors.json`: an authentication transcript, the
 //! sender-key derivation and encryption of §6.1 with every intermediate
-//! value, from fixed inputs. `tests/session_vectors.rs` recomputes them from
-//! the spec's formulas and checks client-core against them.
+//! value, and a room's first steps (`CreateRoom`, then a `Commit` adding a
+//! member, each as sent, as sequenced and acknowledged, and the `Welcome`
+//! the new member receives), from fixed inputs. `tests/session_vectors.rs`
+//! recomputes them from the spec's formulas and checks client-core against
+//! them.
 //!
 //! `cargo run -p client-core --example session_vectors > docs/session-vectors.json`
 #![allow(missing_docs)]
 
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload as AeadPayload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use client_core::sender_keys::{associated_data, seal_application, SenderKeyState};
 use ed25519_dalek::SigningKey;
 use hkdf::Hkdf;
-use kalandra_proto::payload::{AuthChallenge, AuthOk, AuthResponse, Hello};
+use kalandra_proto::payload::{Ack, AuthChallenge, AuthOk, AuthResponse, Commit, CreateRoom, Hello, Welcome};
 use kalandra_proto::sign::sign_auth_challenge;
 use kalandra_proto::{Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
 use serde_json::{json, Value};
@@ -27,6 +31,17 @@ const EPOCH_SECRET: [u8; 32] = [0x44; 32];
 const SENDER_LEAF: u32 = 1;
 const RECEIVER_LEAF: u32 = 0;
 const PLAINTEXTS: [&str; 2] = ["hello, Bob", "second message"];
+/// Seed of the creator's MLS randomness (HPKE and init keys, secrets).
+const CREATOR_MLS_SEED: [u8; 32] = [0x55; 32];
+/// The joiner's identity key seed and MLS randomness seed.
+const JOINER_SEED: [u8; 32] = [0x66; 32];
+const JOINER_MLS_SEED: [u8; 32] = [0x77; 32];
+/// Request ids of the creator's `CreateRoom` and `Commit`.
+const CREATE_REQUEST_ID: u32 = 3;
+const COMMIT_REQUEST_ID: u32 = 5;
+/// After the room's start, ms at which the server sequences the two frames.
+const CREATE_SEQUENCED_AFTER_MS: u64 = 10;
+const COMMIT_SEQUENCED_AFTER_MS: u64 = 20;
 
 fn frame<P: Payload>(request_id: u32, sender: SenderId, payload: &P) -> Frame {
     let mut header = FrameHeaderBuf::new(P::OPCODE);
@@ -125,11 +140,98 @@ fn sender_keys() -> Value {
     })
 }
 
+/// A signed frame from `key`'s sender about `room`, as a client sends it.
+fn signed<P: Payload>(request_id: u32, room: RoomId, epoch: u64, key: &SigningKey, payload: &P) -> Frame {
+    let sender = SenderId::from_identity_key(key.verifying_key().as_bytes());
+    let mut header = FrameHeaderBuf::new(P::OPCODE);
+    header.set_request_id(request_id).set_room_id(room).set_sender_id(sender).set_epoch(epoch);
+    let mut frame = Frame::with_payload(header, payload).expect("fits");
+    frame.sign(key);
+    frame
+}
+
+/// `sent` as the sequencer stamps it (§4: only `log_index` and
+/// `server_timestamp_ms` change), and the `Ack` the sender gets.
+fn sequence(sent: &Frame, log_index: u64, server_time_ms: u64, epoch_after: u64) -> Value {
+    let mut sequenced = sent.clone();
+    sequenced.header_mut().set_log_index(log_index).set_server_timestamp_ms(server_time_ms);
+    let ack = Ack { log_index, epoch: epoch_after, server_time_ms };
+    let mut header = FrameHeaderBuf::new(Ack::OPCODE);
+    header.set_request_id(sent.header().request_id()).set_room_id(sent.header().room_id());
+    let ack_frame = Frame::with_payload(header, &ack).expect("fits");
+    json!({
+        "sent_hex": hex::encode(sent.to_bytes()),
+        "sequenced_hex": hex::encode(sequenced.to_bytes()),
+        "ack": { "log_index": log_index, "epoch": epoch_after, "server_time_ms": server_time_ms },
+        "ack_hex": hex::encode(ack_frame.to_bytes()),
+    })
+}
+
+/// The room's steps at `now_secs`: the time the file is written, as MLS
+/// implementations check key package lifetimes against their clock (a
+/// commit adding a key package made at a fixed past time would be refused).
+fn room(now_secs: u64) -> Value {
+    let room = RoomId(ROOM);
+    let server_key = SigningKey::from_bytes(&SERVER_KEY_SEED).verifying_key().to_bytes();
+    let creator = Identity::from_secret_bytes(&CLIENT_SEED).expect("identity");
+    let creator_key = SigningKey::from_bytes(&CLIENT_SEED);
+    let creator_mls = MlsProvider::from_seed(CREATOR_MLS_SEED);
+    let joiner = Identity::from_secret_bytes(&JOINER_SEED).expect("identity");
+    let joiner_mls = MlsProvider::from_seed(JOINER_MLS_SEED);
+    let joiner_sender = SenderId::from_identity_key(joiner.public_key());
+    let key_package = generate_key_packages(&joiner_mls, &joiner, 1, now_secs).expect("key package");
+    let key_package: Vec<u8> = key_package.into_iter().next().expect("one").message;
+
+    let (mut group, created) =
+        RoomGroup::create(&creator_mls, &creator, ROOM, &server_key, now_secs).expect("the room's group");
+    let create =
+        CreateRoom { group_info: created.group_info, ratchet_tree: created.ratchet_tree, join_rule: None };
+    let create_frame = signed(CREATE_REQUEST_ID, room, 0, &creator_key, &create);
+    let output = group.add_members(&creator_mls, &creator, &[&key_package]).expect("add commit");
+    let commit = Commit {
+        commit: output.commit,
+        welcome: output.welcome.clone(),
+        welcome_recipients: vec![joiner_sender.0],
+        group_info: Some(output.group_info),
+    };
+    let commit_frame = signed(COMMIT_REQUEST_ID, room, 0, &creator_key, &commit);
+    group.confirm_pending_commit(&creator_mls).expect("the server acknowledged it");
+    // The server hands the Welcome to the joiner with the new epoch's tree,
+    // its header naming the commit's index.
+    let welcome = Welcome {
+        welcome: output.welcome.expect("an add makes a Welcome"),
+        ratchet_tree: Some(group.ratchet_tree().expect("tree")),
+    };
+    let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
+    header.set_room_id(room).set_log_index(1);
+    let welcome_frame = Frame::with_payload(header, &welcome).expect("fits");
+    json!({
+        "room_id_hex": hex::encode(ROOM),
+        "now_unix_secs": now_secs,
+        "server_key_seed_hex": hex::encode(SERVER_KEY_SEED),
+        "creator_signing_key_seed_hex": hex::encode(CLIENT_SEED),
+        "creator_mls_seed_hex": hex::encode(CREATOR_MLS_SEED),
+        "joiner_signing_key_seed_hex": hex::encode(JOINER_SEED),
+        "joiner_mls_seed_hex": hex::encode(JOINER_MLS_SEED),
+        "joiner_sender_id": format!("{joiner_sender}"),
+        "joiner_key_package_hex": hex::encode(&key_package),
+        "create_room": sequence(&create_frame, 0, now_secs * 1000 + CREATE_SEQUENCED_AFTER_MS, 0),
+        "commit": sequence(&commit_frame, 1, now_secs * 1000 + COMMIT_SEQUENCED_AFTER_MS, 1),
+        "welcome_hex": hex::encode(welcome_frame.to_bytes()),
+        "epoch_1_tree_hash_hex": hex::encode(group.tree_hash()),
+    })
+}
+
 fn main() {
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs();
     let document = json!({
-        "description": "Kalandra session test vectors (docs/wire-protocol.md §5, §6.1). auth: the four frames of an authentication with fixed keys and nonce (request ids 1 and 2), the challenge's signing input and signature, the sender-id hash input. sender_keys: from epoch_secret (what the MLS exporter gives, taken as input here), the HKDF-Extract root, the sender's chain start, and per generation the HKDF-Expand output split into message key, nonce and next chain key, the AAD, the XChaCha20-Poly1305 ciphertext with tag, and the signed Application frame (header epoch, room and sender set; request id 0).",
+        "description": "Kalandra session test vectors (docs/wire-protocol.md §5, §6.1). auth: the four frames of an authentication with fixed keys and nonce (request ids 1 and 2), the challenge's signing input and signature, the sender-id hash input. sender_keys: from epoch_secret (what the MLS exporter gives, taken as input here), the HKDF-Extract root, the sender's chain start, and per generation the HKDF-Expand output split into message key, nonce and next chain key, the AAD, the XChaCha20-Poly1305 ciphertext with tag, and the signed Application frame (header epoch, room and sender set; request id 0). room (§2, §4, §6): the auth client creates a room and adds a joiner at now_unix_secs (the time the file was written: key package lifetimes are checked against the clock when a commit adds one), MLS made deterministic by seeded randomness (client-core's MlsProvider::from_seed; the MLS bytes are what client-core makes from these seeds, another MLS implementation makes its own): the joiner's key package; the CreateRoom and the Commit each as sent (signed, epoch 0, log_index and server_timestamp_ms 0), as sequenced (only log_index and server_timestamp_ms set, so the signature still verifies) and the Ack the sender gets (header: request id and room only; payload: log_index, the room's epoch after the frame, server_time_ms equal to the sequenced frame's timestamp); the Welcome frame the joiner gets (header log_index: the commit's; payload: the Welcome and the epoch-1 ratchet tree), and the epoch-1 tree hash both members reach.",
         "auth": auth(),
         "sender_keys": sender_keys(),
+        "room": room(now_secs),
     });
     println!("{}", serde_json::to_string_pretty(&document).expect("JSON"));
 }

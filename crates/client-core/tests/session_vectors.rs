@@ -1,14 +1,19 @@
 //! Checks `docs/session-vectors.json` (written by `examples/session_vectors.rs`):
 //! every value is recomputed here from the formulas of docs/wire-protocol.md
-//! §5 and §6.1, and client-core's own sealing and opening agree with them.
+//! §5 and §6.1, and client-core's own sealing and opening agree with them;
+//! the room's frames follow §2, §4 and §6 (what the sequencer may change,
+//! what an `Ack` and a `Welcome` carry), client-core makes the same
+//! `CreateRoom` and key package from the same seeds, and the joiner reaches
+//! the epoch-1 tree from the `Welcome`.
 
 use bytes::Bytes;
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload as AeadPayload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use client_core::sender_keys::{open_application, seal_application, SenderKeyState};
 use ed25519_dalek::{Signature, SigningKey, Verifier as _};
 use hkdf::Hkdf;
-use kalandra_proto::payload::{AnyPayload, Application};
+use kalandra_proto::payload::{Ack, AnyPayload, Application, Commit, CreateRoom, Welcome};
 use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -151,4 +156,121 @@ fn sender_keys_follow_section_6_1_step_by_step() {
         assert_eq!(opened, plaintext);
         chain_key = okm[56..88].try_into().unwrap();
     }
+}
+
+fn frame_of(value: &Value) -> Frame {
+    Frame::decode(&Bytes::from(bytes(value))).expect("frame decodes")
+}
+
+/// One sequenced step: the frame as sent is signed by `key` with the
+/// client's header; the sequenced one differs in `log_index` and
+/// `server_timestamp_ms` alone and still verifies; the `Ack` answers the
+/// request with the index, the epoch after the frame and the frame's time.
+fn check_step(
+    step: &Value,
+    key: &SigningKey,
+    room: RoomId,
+    opcode: Opcode,
+    log_index: u64,
+    epoch_after: u64,
+) -> Frame {
+    let sender = SenderId::from_identity_key(key.verifying_key().as_bytes());
+    let sent = frame_of(&step["sent_hex"]);
+    assert_eq!(sent.opcode(), opcode);
+    let header = sent.header();
+    assert_eq!((header.room_id(), header.sender_id(), header.epoch()), (room, sender, 0));
+    assert_eq!((header.log_index(), header.server_timestamp_ms()), (0, 0), "a client leaves them zero");
+    assert_eq!(header.flags().bits(), 0x01, "SIGNED");
+    sent.verify(&key.verifying_key()).expect("signed by the sender");
+
+    let (sent_bytes, sequenced_bytes) = (bytes(&step["sent_hex"]), bytes(&step["sequenced_hex"]));
+    assert_eq!(sent_bytes.len(), sequenced_bytes.len());
+    for (offset, (a, b)) in sent_bytes.iter().zip(&sequenced_bytes).enumerate() {
+        if a != b {
+            assert!((40..48).contains(&offset) || (56..64).contains(&offset), "byte {offset} changed");
+        }
+    }
+    let sequenced = frame_of(&step["sequenced_hex"]);
+    assert_eq!(sequenced.header().log_index(), log_index);
+    sequenced.verify(&key.verifying_key()).expect("the sequencer's fields are outside the signature");
+    let time = sequenced.header().server_timestamp_ms();
+
+    let ack_frame = frame_of(&step["ack_hex"]);
+    assert_eq!(ack_frame.opcode(), Opcode::Ack);
+    let ack_header = ack_frame.header();
+    assert_eq!((ack_header.request_id(), ack_header.room_id()), (header.request_id(), room));
+    assert_eq!(
+        (ack_header.sender_id().0, ack_header.epoch(), ack_header.log_index(), ack_header.flags().bits()),
+        (0, 0, 0, 0),
+        "a server frame: unsigned, no sender; the payload carries index and epoch"
+    );
+    let ack: Ack = ack_frame.decode_payload().expect("an Ack");
+    assert_eq!((ack.log_index, ack.epoch, ack.server_time_ms), (log_index, epoch_after, time));
+    assert_eq!(
+        (
+            step["ack"]["log_index"].as_u64(),
+            step["ack"]["epoch"].as_u64(),
+            step["ack"]["server_time_ms"].as_u64()
+        ),
+        (Some(ack.log_index), Some(ack.epoch), Some(ack.server_time_ms))
+    );
+    sent
+}
+
+#[test]
+fn a_room_is_created_and_a_member_added_as_sections_2_4_and_6_say() {
+    let vectors = &document()["room"];
+    let room = RoomId(array(&vectors["room_id_hex"]));
+    let now_secs = vectors["now_unix_secs"].as_u64().unwrap();
+    let creator_key = SigningKey::from_bytes(&array(&vectors["creator_signing_key_seed_hex"]));
+    let server_key =
+        SigningKey::from_bytes(&array(&vectors["server_key_seed_hex"])).verifying_key().to_bytes();
+
+    let create = check_step(&vectors["create_room"], &creator_key, room, Opcode::CreateRoom, 0, 0);
+    let commit = check_step(&vectors["commit"], &creator_key, room, Opcode::Commit, 1, 1);
+    assert!(create.header().request_id() != commit.header().request_id(), "each request has its id");
+
+    // client-core makes the same CreateRoom from the same seeds.
+    let creator = Identity::from_secret_bytes(&creator_key.to_bytes()).unwrap();
+    let creator_mls = MlsProvider::from_seed(array(&vectors["creator_mls_seed_hex"]));
+    let (_group, created) = RoomGroup::create(&creator_mls, &creator, room.0, &server_key, now_secs).unwrap();
+    let create_room: CreateRoom = create.decode_payload().expect("a CreateRoom");
+    assert_eq!(
+        (create_room.group_info, create_room.ratchet_tree),
+        (created.group_info, created.ratchet_tree)
+    );
+    assert_eq!(create_room.join_rule, None, "invite only");
+
+    // The joiner: its key package, its sender id in the commit, and the Welcome.
+    let joiner = Identity::from_secret_bytes(&bytes(&vectors["joiner_signing_key_seed_hex"])).unwrap();
+    let joiner_sender = SenderId::from_identity_key(joiner.public_key());
+    assert_eq!(vectors["joiner_sender_id"], joiner_sender.to_string());
+    let joiner_mls = MlsProvider::from_seed(array(&vectors["joiner_mls_seed_hex"]));
+    let key_package = generate_key_packages(&joiner_mls, &joiner, 1, now_secs).unwrap().remove(0).message;
+    assert_eq!(
+        bytes(&vectors["joiner_key_package_hex"]),
+        key_package,
+        "the same key package from the same seeds"
+    );
+    let commit_payload: Commit = commit.decode_payload().expect("a Commit");
+    assert_eq!(commit_payload.welcome_recipients, [joiner_sender.0]);
+    assert!(commit_payload.group_info.is_some(), "the new epoch's GroupInfo");
+
+    let welcome_frame = frame_of(&vectors["welcome_hex"]);
+    assert_eq!(welcome_frame.opcode(), Opcode::Welcome);
+    let header = welcome_frame.header();
+    assert_eq!((header.room_id(), header.log_index()), (room, 1), "the commit's index");
+    assert_eq!(
+        (header.request_id(), header.sender_id().0, header.flags().bits()),
+        (0, 0, 0),
+        "a server push"
+    );
+    let welcome: Welcome = welcome_frame.decode_payload().expect("a Welcome");
+    assert_eq!(Some(&welcome.welcome), commit_payload.welcome.as_ref(), "the commit's Welcome, forwarded");
+    let joined = RoomGroup::join_from_welcome(&joiner_mls, &welcome.welcome, welcome.ratchet_tree.as_deref())
+        .expect("the joiner joins from the Welcome");
+    assert_eq!((joined.room_id(), joined.epoch()), (room.0, 1), "the epoch the commit's Ack names");
+    assert_eq!(bytes(&vectors["epoch_1_tree_hash_hex"]), joined.tree_hash());
+    let members: Vec<Vec<u8>> = joined.members().into_iter().map(|member| member.identity).collect();
+    assert_eq!(members, [creator.public_key().to_vec(), joiner.public_key().to_vec()]);
 }

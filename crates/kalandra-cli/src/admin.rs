@@ -134,6 +134,39 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Write a consistent copy of the server's database, while it runs,
+    /// into its configured backup directory (operator token only).
+    Backup {
+        /// File name in the server's backup directory (letters, digits,
+        /// `.`, `_`, `-`; no path), e.g. `kalandra-20250101T0300Z.redb`.
+        #[arg(value_parser = backup_name)]
+        name: String,
+        /// Seconds to wait for the copy to be written.
+        #[arg(long, default_value_t = BACKUP_WAIT_SECS_DEFAULT)]
+        wait_secs: u64,
+    },
+}
+
+/// Default wait for `admin backup`: a large database takes minutes.
+const BACKUP_WAIT_SECS_DEFAULT: u64 = 3_600;
+/// Longest backup file name the server accepts.
+const BACKUP_NAME_CHARS_MAX: usize = 128;
+
+/// A backup file name as the server takes it: 1 to 128 characters of
+/// `A-Za-z0-9._-`, the first a letter or digit (so never a path).
+fn backup_name(text: &str) -> Result<String, String> {
+    let allowed = |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-');
+    let valid = text.len() <= BACKUP_NAME_CHARS_MAX
+        && text.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && text.bytes().all(allowed);
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "a backup name is 1 to {BACKUP_NAME_CHARS_MAX} of A-Z a-z 0-9 . _ - starting with a letter or \
+             digit (a file name in the server's backup directory, not a path), not {text:?}"
+        ))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +349,10 @@ fn token(args: &AdminArgs) -> anyhow::Result<String> {
 
 /// Runs one `kalandra admin` command, printing the answer.
 pub async fn run(args: &AdminArgs, timeout: Duration) -> anyhow::Result<()> {
+    let timeout = match &args.command {
+        AdminCommand::Backup { wait_secs, .. } => Duration::from_secs(*wait_secs),
+        _ => timeout,
+    };
     let client = AdminClient::new(&args.url, &token(args)?, timeout)?;
     let body = |value: serde_json::Value| Some(value);
     let (method, path, payload) = match &args.command {
@@ -359,6 +396,9 @@ pub async fn run(args: &AdminArgs, timeout: Duration) -> anyhow::Result<()> {
         }
         AdminCommand::Audit { command: AuditCommand::Export } => ("GET", "/v1/audit/export".to_owned(), None),
         AdminCommand::Audit { command: AuditCommand::Verify } => ("GET", "/v1/audit/verify".to_owned(), None),
+        AdminCommand::Backup { name, .. } => {
+            ("POST", "/v1/backup".to_owned(), body(serde_json::json!({ "name": name })))
+        }
     };
     let answer = client.request(method, &path, payload.as_ref()).await?;
     println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -397,6 +437,15 @@ mod tests {
         assert_eq!(room_id(&"AB".repeat(16)).unwrap(), "ab".repeat(16));
         assert!(user_id("3f2a").is_err() && user_id("3f2a9c0e11d4b7zz").is_err());
         assert!(room_id("3f2a9c0e11d4b7a2").is_err());
+    }
+
+    #[test]
+    fn backup_names_are_file_names_not_paths() {
+        assert_eq!(backup_name("kalandra-20250101T0300Z.redb").unwrap(), "kalandra-20250101T0300Z.redb");
+        assert!(backup_name(&"a".repeat(BACKUP_NAME_CHARS_MAX)).is_ok());
+        for name in ["", ".", "..", "../x", "a/b", "/tmp/x", ".hidden", "-x", "a b", &"a".repeat(129)] {
+            assert!(backup_name(name).is_err(), "{name:?}");
+        }
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct CliArgs {
     /// Read-only token of the admin API.
     #[arg(long, env = "KALANDRA_ADMIN_READ_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub admin_read_token: Option<String>,
+    /// Directory `POST /v1/backup` writes database copies into.
+    #[arg(long, env = "KALANDRA_BACKUP_DIR", value_name = "DIR")]
+    pub backup_dir: Option<PathBuf>,
     /// Rewrite the database into a fresh file that holds only live data
     /// (dropping what erased entries left in freed pages), then exit. The
     /// server must not be running on the same data directory.
@@ -204,6 +207,10 @@ pub struct ServerConfig {
     pub admin_token: Option<Secret>,
     /// Read-only token of the admin API (rooms, members, audit); default none.
     pub admin_read_token: Option<Secret>,
+    /// Directory the admin API's `POST /v1/backup` writes database copies
+    /// into (created with mode 0700 if missing); default none: online
+    /// backups are off.
+    pub backup_dir: Option<PathBuf>,
     /// The `[limits]` table.
     pub limits: Limits,
 }
@@ -253,6 +260,7 @@ impl Default for ServerConfig {
             push_webhook_url: None,
             admin_token: None,
             admin_read_token: None,
+            backup_dir: None,
             limits: Limits::default(),
         }
     }
@@ -367,12 +375,18 @@ impl ServerConfig {
         if let Some(token) = &cli.admin_read_token {
             self.admin_read_token = Some(Secret(token.clone()));
         }
+        if let Some(dir) = &cli.backup_dir {
+            self.backup_dir = Some(dir.clone());
+        }
     }
 
     /// Checks every value and the relations between them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty".to_owned()));
+        }
+        if self.backup_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
+            return Err(invalid("backup_dir", "must not be empty".to_owned()));
         }
         match (&self.tls_cert_path, &self.tls_key_path) {
             (Some(_), None) => {
@@ -601,6 +615,7 @@ mod tests {
             "log_filter",
             "admin_token",
             "admin_read_token",
+            "backup_dir",
             "[limits]",
         ];
         for key in top.iter().chain(limits.iter()) {
@@ -649,6 +664,7 @@ rooms_per_user_max = 7
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
             admin_token: Some("flag-operator-token-01".to_owned()),
             admin_read_token: Some("flag-read-only-token-01".to_owned()),
+            backup_dir: Some(PathBuf::from("/tmp/backups")),
             compact: false,
             command: None,
         };
@@ -657,6 +673,7 @@ rooms_per_user_max = 7
         assert_eq!(overridden.admin_read_token, Some(Secret("flag-read-only-token-01".to_owned())));
         assert_eq!(overridden.push_webhook_url.as_deref(), Some("http://127.0.0.1:6002/push"));
         assert_eq!(overridden.data_dir, PathBuf::from("/tmp/elsewhere"));
+        assert_eq!(overridden.backup_dir, Some(PathBuf::from("/tmp/backups")));
         assert_eq!(overridden.listen.to_string(), "127.0.0.1:6000");
         assert_eq!(overridden.admin_listen.to_string(), "127.0.0.1:6001");
         assert_eq!(overridden.log_format, LogFormat::Text);
@@ -719,6 +736,7 @@ rooms_per_user_max = 7
             ("push_webhook_url = \"ftp://push.example/hook\"", "push_webhook_url"),
             ("push_webhook_url = \"http:///no-host\"", "push_webhook_url"),
             ("data_dir = \"\"", "data_dir"),
+            ("backup_dir = \"\"", "backup_dir"),
         ];
         for (text, field) in cases {
             let parsed = ServerConfig::from_toml_str(text, Path::new("test.toml")).expect(text);

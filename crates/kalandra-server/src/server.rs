@@ -69,6 +69,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The configured backup directory cannot be created.
+    #[error("creating backup directory {}", path.display())]
+    BackupDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database does not open (damaged, in use, another schema).
     #[error("opening database {}", path.display())]
     OpenDatabase {
@@ -119,7 +128,10 @@ impl StartError {
     /// anything was changed.
     pub fn is_configuration(&self) -> bool {
         match self {
-            StartError::AdminBind { .. } | StartError::QuicBind { .. } | StartError::Tls(_) => true,
+            StartError::AdminBind { .. }
+            | StartError::QuicBind { .. }
+            | StartError::Tls(_)
+            | StartError::BackupDir { .. } => true,
             StartError::OpenDatabase { source, .. } => {
                 matches!(source, OpenError::InUse | OpenError::SchemaVersion { .. })
             }
@@ -182,6 +194,10 @@ impl Server {
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        if let Some(dir) = &config.backup_dir {
+            crate::store::backup::prepare_backup_dir(dir)
+                .map_err(|source| StartError::BackupDir { path: dir.clone(), source })?;
+        }
         let database = config.data_dir.join(DATABASE_FILE_NAME);
         let store: Arc<dyn Store> = Arc::new(
             RedbStore::open(&database)
@@ -252,7 +268,9 @@ async fn assemble(
         "rooms recovered"
     );
     let admin_read_token = config.admin_read_token.as_ref().map(|token| token.0.as_str());
-    admin_state.set_api(AdminApi::new(node.clone(), &keys.admin_token, admin_read_token));
+    admin_state.set_api(
+        AdminApi::new(node.clone(), &keys.admin_token, admin_read_token).with_backup_dir(config.backup_dir.clone()),
+    );
 
     let (endpoint, quic_address) = match quic_endpoint(&config, &keys.identity, listeners.quic) {
         Ok(started) => started,

@@ -1,7 +1,8 @@
 //! Crash recovery of the real server binary: acknowledged frames survive a
 //! SIGKILL in the middle of a pipelined load, the log stays dense, the room's
 //! MLS state is rebuilt (a member can still commit), and SIGTERM drains and
-//! exits 0.
+//! exits 0. An online backup taken under load restores, on a new server,
+//! every frame acknowledged before it began.
 //!
 //! Every test starts `kalandra-server` as a child process on loopback with a
 //! fresh data directory and talks to it with real OpenMLS clients over QUIC.
@@ -93,6 +94,8 @@ impl Drop for ChildGuard {
 struct ServerProcess {
     guard: ChildGuard,
     address: SocketAddr,
+    /// The admin HTTP listener.
+    admin: SocketAddr,
     fingerprint: [u8; 32],
     /// From spawning the process to its "listening" line (includes recovery).
     startup: Duration,
@@ -101,14 +104,19 @@ struct ServerProcess {
 /// Raises the rate limits so that the load is limited by the server's
 /// sequencing and storage, not by its token buckets.
 fn write_config(dir: &Path) -> PathBuf {
+    write_config_with(dir, "")
+}
+
+/// [`write_config`] with `top` (top-level keys) before the limits.
+fn write_config_with(dir: &Path, top: &str) -> PathBuf {
     let path = dir.join("kalandra.toml");
-    let text = "[limits]\n\
+    let limits = "[limits]\n\
         frames_per_second_per_connection = 1000000\n\
         frames_burst_per_connection = 1000000\n\
         frames_per_second_per_user = 1000000\n\
         frames_burst_per_user = 1000000\n\
         drain_timeout_ms = 5000\n";
-    std::fs::write(&path, text).expect("write the config file");
+    std::fs::write(&path, format!("{top}{limits}")).expect("write the config file");
     path
 }
 
@@ -116,6 +124,11 @@ impl ServerProcess {
     /// Starts the binary on `dir` (run number `run` names its log file) and
     /// waits until it listens. Blocking.
     fn start_blocking(dir: &Path, run: u32) -> ServerProcess {
+        ServerProcess::start_blocking_on(dir, &dir.join("data"), run)
+    }
+
+    /// [`Self::start_blocking`] with the data directory `data_dir`.
+    fn start_blocking_on(dir: &Path, data_dir: &Path, run: u32) -> ServerProcess {
         let log_path = dir.join(format!("server-{run}.log"));
         let log = std::fs::File::create(&log_path).expect("create the log file");
         let started = Instant::now();
@@ -124,7 +137,7 @@ impl ServerProcess {
             .arg("--config")
             .arg(dir.join("kalandra.toml"))
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(data_dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--admin-listen")
@@ -176,9 +189,11 @@ impl ServerProcess {
             if let Some(hex) = line.strip_prefix("certificate fingerprint (sha256): ") {
                 fingerprint = Some(parse_fingerprint(hex.trim()).expect("a valid fingerprint"));
             } else if let Some(rest) = line.strip_prefix("listening on quic://") {
-                let address = rest.split(' ').next().expect("an address").parse().expect("a socket address");
+                let (address, admin) = rest.split_once(" (admin http://").expect("both addresses");
+                let address = address.parse().expect("a socket address");
+                let admin = admin.trim_end_matches(')').parse().expect("an admin address");
                 let fingerprint = fingerprint.expect("the fingerprint is printed before the address");
-                return ServerProcess { guard, address, fingerprint, startup: started.elapsed() };
+                return ServerProcess { guard, address, admin, fingerprint, startup: started.elapsed() };
             }
         }
     }
@@ -516,6 +531,8 @@ struct Acked {
     log_index: u64,
     seq: u64,
     epoch: u64,
+    /// Received before the load's mark was set (a backup began after it).
+    before_mark: bool,
 }
 
 struct LoadReport {
@@ -540,6 +557,17 @@ struct LoadClient {
 /// [`PIPELINE_DEPTH`] in flight), recording every acknowledgement, until the
 /// connection dies or, once `killed` is set, until it falls quiet.
 async fn run_load(client: LoadClient, acks: Arc<AtomicU64>, killed: Arc<AtomicBool>) -> LoadReport {
+    run_load_marked(client, acks, killed, Arc::new(AtomicBool::new(false))).await
+}
+
+/// [`run_load`], noting for each acknowledgement whether `mark` was set
+/// when it arrived.
+async fn run_load_marked(
+    client: LoadClient,
+    acks: Arc<AtomicU64>,
+    killed: Arc<AtomicBool>,
+    mark: Arc<AtomicBool>,
+) -> LoadReport {
     let LoadClient { name, key, mut connection, epoch } = client;
     let sender = connection.sender_id();
     let mut report = LoadReport {
@@ -594,7 +622,8 @@ async fn run_load(client: LoadClient, acks: Arc<AtomicU64>, killed: Arc<AtomicBo
         match (frame.opcode(), in_flight.remove(&request_id)) {
             (Opcode::Ack, Some(seq)) => {
                 let ack: Ack = decode_ok(&frame);
-                report.acked.push(Acked { log_index: ack.log_index, seq, epoch: ack.epoch });
+                let before_mark = !mark.load(Ordering::SeqCst);
+                report.acked.push(Acked { log_index: ack.log_index, seq, epoch: ack.epoch, before_mark });
                 acks.fetch_add(1, Ordering::AcqRel);
             }
             (Opcode::Error, _) => {
@@ -892,5 +921,258 @@ async fn sigterm_drains_and_exits_zero() {
         acked.len(),
         log.len(),
         millis(server.startup),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Online backup.
+
+const OPERATOR_TOKEN: &str = "backup-test-operator-token-01";
+const READ_TOKEN: &str = "backup-test-read-only-token-01";
+/// Acknowledgements before the backup is asked for.
+const ACKS_BEFORE_BACKUP: u64 = 1_500;
+/// Acknowledgements after the backup's answer before the kill: more than
+/// the requests the load keeps in flight, so some of them were sequenced
+/// after the snapshot.
+const ACKS_AFTER_BACKUP: u64 = 500;
+const _: () = assert!(ACKS_AFTER_BACKUP > 3 * PIPELINE_DEPTH as u64);
+/// Longest wait for one admin API answer (a backup included).
+const ADMIN_BOUND: Duration = Duration::from_secs(60);
+
+/// One admin API `POST` with a JSON body: the status and the JSON answer.
+async fn admin_post(
+    admin: SocketAddr,
+    token: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = body.to_string();
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.expect("connect to the admin listener");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("send the request");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("read the answer");
+        raw
+    };
+    let raw = tokio::time::timeout(ADMIN_BOUND, exchange).await.expect("the admin API answers in time");
+    let text = String::from_utf8(raw).expect("UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "a sized body: {head}");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
+}
+
+/// A room of three members whose MLS state has been through
+/// [`SETUP_COMMITS`] self-updates (so its snapshot is taken and replayed).
+async fn room_of_three(server: &ServerProcess) -> [Member; 3] {
+    let mut members = [Member::new("alice", 1), Member::new("bob", 2), Member::new("carol", 3)];
+    for member in &mut members {
+        member.connect(server).await;
+    }
+    for member in &mut members[1..] {
+        assert_eq!(member.upload_key_packages(2).await.available, 2);
+    }
+    assert_eq!(members[0].create_room().await.log_index, 0);
+    let invited = [members[1].sender(), members[2].sender()];
+    assert_eq!(members[0].add(&invited).await.log_index, 1);
+    for member in &mut members[1..] {
+        member.join_from_welcome().await;
+    }
+    for round in 0..SETUP_COMMITS {
+        let committer = usize::try_from(round % 3).expect("small");
+        let log_index = members[committer].self_update().await.log_index;
+        for other in (0..members.len()).filter(|m| *m != committer) {
+            let (frames, _) = members[other].sync_page(log_index, 1).await;
+            members[other].apply(&frames[0]);
+        }
+    }
+    assert_converged(&members);
+    members
+}
+
+/// A data directory holding `database` as its database and the TLS
+/// identity and server signing key of `data_dir`: what an operator restores.
+fn restore_dir(data_dir: &Path, database: &Path, restored: &Path) {
+    std::fs::create_dir_all(restored.join("tls")).expect("create the restored data directory");
+    std::fs::copy(database, restored.join("kalandra.redb")).expect("copy the backup");
+    for file in ["tls/cert.pem", "tls/key.pem", "server-signing.key"] {
+        std::fs::copy(data_dir.join(file), restored.join(file))
+            .unwrap_or_else(|e| panic!("copy {file}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_load_restores_every_frame_acknowledged_before_it() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let backups = dir.path().join("backups");
+    let top = format!(
+        "admin_token = \"{OPERATOR_TOKEN}\"\nadmin_read_token = \"{READ_TOKEN}\"\nbackup_dir = \"{}\"\n",
+        backups.display()
+    );
+    write_config_with(dir.path(), &top);
+    let mut server = ServerProcess::start(dir.path(), 1).await;
+    let mut members = room_of_three(&server).await;
+    let epoch = members[0].epoch();
+    let first_application = SETUP_COMMITS + 2;
+    let grant = serde_json::json!({ "user_id": members[1].sender().to_string(), "role": "moderator" });
+    let (status, granted) =
+        admin_post(server.admin, OPERATOR_TOKEN, &format!("/v1/rooms/{ROOM}/roles"), &grant).await;
+    assert_eq!(status, 200, "{granted}");
+
+    // Refusals: the read-only token, and names that are paths.
+    let backup = |name: &str| serde_json::json!({ "name": name });
+    let (status, refused) = admin_post(server.admin, READ_TOKEN, "/v1/backup", &backup("read.redb")).await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("insufficient_scope")), "{refused}");
+    for name in ["../escaped.redb", "/tmp/escaped.redb", "..", ".hidden", "a/b.redb"] {
+        let (status, refused) = admin_post(server.admin, OPERATOR_TOKEN, "/v1/backup", &backup(name)).await;
+        assert_eq!(
+            (status, refused["code"].as_str()),
+            (400, Some("invalid_backup_name")),
+            "{name}: {refused}"
+        );
+    }
+    assert!(!dir.path().join("escaped.redb").exists() && !backups.join("a").exists());
+    assert_eq!(std::fs::read_dir(&backups).expect("the backup directory").count(), 0, "nothing written");
+
+    // Load from all three members; the backup is taken in the middle of it.
+    let (acks, killed, mark) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let mut tasks = Vec::new();
+    for member in &mut members {
+        let client = LoadClient {
+            name: member.name,
+            key: member.key.clone(),
+            connection: member.connection.take().expect("connected"),
+            epoch,
+        };
+        let (acks, killed, mark) = (Arc::clone(&acks), Arc::clone(&killed), Arc::clone(&mark));
+        tasks.push(tokio::spawn(run_load_marked(client, acks, killed, mark)));
+    }
+    let wait_for_acks = |count: u64| {
+        let (acks, started) = (Arc::clone(&acks), Instant::now());
+        async move {
+            while acks.load(Ordering::Acquire) < count && started.elapsed() < LOAD_BOUND {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    wait_for_acks(ACKS_BEFORE_BACKUP).await;
+    mark.store(true, Ordering::SeqCst);
+    let acks_at_backup = acks.load(Ordering::Acquire);
+    let (status, done) =
+        admin_post(server.admin, OPERATOR_TOKEN, "/v1/backup", &backup("under-load.redb")).await;
+    assert_eq!(status, 200, "{done}");
+    let acks_at_answer = acks.load(Ordering::Acquire);
+    wait_for_acks(acks_at_answer + ACKS_AFTER_BACKUP).await;
+    let (status, refused) =
+        admin_post(server.admin, OPERATOR_TOKEN, "/v1/backup", &backup("under-load.redb")).await;
+    assert_eq!((status, refused["code"].as_str()), (409, Some("backup_exists")), "{refused}");
+    assert!(tasks.iter().all(|task| !task.is_finished()), "the load ran until the kill");
+    server.kill();
+    killed.store(true, Ordering::Release);
+    let mut reports = Vec::new();
+    for task in tasks {
+        reports.push(tokio::time::timeout(LOAD_TASK_BOUND, task).await.expect("ends").expect("no panic"));
+    }
+    let acked_before: usize = reports.iter().map(|r| r.acked.iter().filter(|a| a.before_mark).count()).sum();
+    assert!(acked_before > 0, "frames were acknowledged before the backup");
+
+    // The backup verifies offline, and its audit head is the one it reported.
+    let backup_file = backups.join("under-load.redb");
+    assert_eq!(done["path"], backup_file.display().to_string());
+    let restored = dir.path().join("restored");
+    restore_dir(&dir.path().join("data"), &backup_file, &restored);
+    let verify = Command::new(env!("CARGO_BIN_EXE_kalandra-server"))
+        .arg("--data-dir")
+        .arg(&restored)
+        .args(["audit", "verify"])
+        .env_remove("KALANDRA_CONFIG")
+        .env_remove("KALANDRA_DATA_DIR")
+        .output()
+        .expect("run audit verify");
+    let verified = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(verify.status.success(), "audit verify: {verified} {}", String::from_utf8_lossy(&verify.stderr));
+    let head = &done["audit_head"];
+    let expected =
+        format!("audit log intact: 1 records, head {} {}", head["seq"], head["hash"].as_str().unwrap());
+    assert_eq!(verified.trim(), expected);
+
+    // A new server on the backup: the log is dense and holds every frame
+    // acknowledged before the backup began, at its index.
+    let server = tokio::task::spawn_blocking({
+        let (dir, restored) = (dir.path().to_owned(), restored.clone());
+        move || ServerProcess::start_blocking_on(&dir, &restored, 2)
+    })
+    .await
+    .expect("the start task");
+    members[0].connect(&server).await;
+    let log = members[0].sync_all().await;
+    for (position, frame) in log.iter().enumerate() {
+        assert_eq!(frame.header().log_index(), u64::try_from(position).expect("fits"), "dense log");
+    }
+    assert_eq!(done["log_entries"], log.len(), "the backup's report counts the log");
+    let start = usize::try_from(first_application).expect("fits");
+    assert_eq!(log[0].opcode(), Opcode::CreateRoom);
+    assert!(log[1..start].iter().all(|frame| frame.opcode() == Opcode::Commit));
+    let senders: HashMap<SenderId, (&str, VerifyingKey)> =
+        members.iter().map(|m| (m.sender(), (m.name, m.key.verifying_key()))).collect();
+    let mut seen = HashSet::new();
+    for frame in &log[start..] {
+        let (name, key) = senders[&frame.header().sender_id()];
+        frame.verify(&key).expect("signed by its sender");
+        let (sent_by, seq) =
+            parse_message(&decode_ok::<Application>(frame).ciphertext).expect("a load message");
+        assert_eq!(sent_by, name);
+        assert!(seen.insert((sent_by, seq)), "{name} #{seq} is in the log once");
+    }
+    let mut latest_acked = 0;
+    for report in &reports {
+        for acked in &report.acked {
+            latest_acked = latest_acked.max(acked.log_index);
+            if !acked.before_mark {
+                continue;
+            }
+            let frame = log.get(usize::try_from(acked.log_index).expect("fits")).unwrap_or_else(|| {
+                panic!(
+                    "{} #{} acknowledged at {} before the backup is not in it",
+                    report.name, acked.seq, acked.log_index
+                )
+            });
+            assert_eq!(frame.header().sender_id(), report.sender, "index {}", acked.log_index);
+            let payload: Application = decode_ok(frame);
+            assert_eq!(payload.ciphertext, message(report.name, acked.seq), "index {}", acked.log_index);
+        }
+    }
+    // A point in time: frames acknowledged well after it are not in it.
+    assert!(latest_acked >= u64::try_from(log.len()).expect("fits"), "the copy stops at its snapshot");
+
+    // The room's MLS state is rebuilt from the copy: a commit is accepted
+    // and every member follows it.
+    let next = u64::try_from(log.len()).expect("fits");
+    let ack = members[0].send_text("after the restore").await;
+    assert_eq!((ack.log_index, ack.epoch), (next, epoch));
+    let ack = members[0].self_update().await;
+    assert_eq!((ack.log_index, ack.epoch), (next + 1, epoch + 1), "a commit on the restored server");
+    for member in &mut members[1..] {
+        member.connect(&server).await;
+        let (frames, done) = member.sync_page(next, SYNC_PAGE).await;
+        assert_eq!(done.next_log_index, next + 2);
+        for frame in &frames {
+            member.apply(frame);
+        }
+    }
+    assert_converged(&members);
+    let info: GroupInfo = decode_ok(&members[1].request(&GroupInfoRequest {}).await);
+    assert_eq!(info.epoch, epoch + 1, "the server's epoch");
+    println!(
+        "backup under load: {} ms, {} bytes, {} log entries, {} rows; {acks_at_backup} acks when asked, \
+         {acks_at_answer} when answered; {acked_before} acknowledged before it, all restored; latest ack {latest_acked}",
+        done["duration_ms"], done["bytes"], done["log_entries"], done["rows"],
     );
 }

@@ -39,6 +39,7 @@ use crate::room::audit::{
 };
 use crate::room::roles::{Act, Actor, ModerationError, Role};
 use crate::room::sequencer::SubmitError;
+use crate::store::backup::{check_backup_name, write_backup, BackupError};
 use crate::store::{RedactOutcome, RetentionError, Store};
 
 /// Largest request body the admin API reads.
@@ -122,6 +123,8 @@ pub struct AdminApi {
     node: Node,
     operator_token_hash: [u8; 32],
     read_token_hash: Option<[u8; 32]>,
+    /// Where `POST /v1/backup` writes, if the operator configured it.
+    backup: Option<BackupTarget>,
 }
 
 impl std::fmt::Debug for AdminApi {
@@ -138,7 +141,15 @@ impl AdminApi {
             node,
             operator_token_hash: Sha256::digest(operator_token.as_bytes()).into(),
             read_token_hash: read_token.map(|token| Sha256::digest(token.as_bytes()).into()),
+            backup: None,
         }
+    }
+
+    /// Serves `POST /v1/backup` into `dir` (an existing directory); without
+    /// one (`None`), the route answers 409 `backup_not_configured`.
+    pub fn with_backup_dir(mut self, dir: Option<std::path::PathBuf>) -> AdminApi {
+        self.backup = dir.map(|dir| BackupTarget { dir, running: Arc::default() });
+        self
     }
 
     /// The scope of the request's bearer token, or the error to answer.
@@ -410,6 +421,7 @@ pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         ("DELETE", "/v1/rooms/{room_id}/retention") => on(filter, clear_retention),
         ("GET", "/v1/audit/export") => on(filter, audit_export),
         ("GET", "/v1/audit/verify") => on(filter, audit_verify),
+        ("POST", "/v1/backup") => on(filter, backup),
         _ => return None,
     };
     Some(router)
@@ -1017,6 +1029,123 @@ async fn audit_verify(State(state): State<AdminState>, headers: HeaderMap) -> Re
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// The backup directory, and whether a backup is being written into it.
+#[derive(Debug, Clone)]
+struct BackupTarget {
+    dir: std::path::PathBuf,
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Marks a backup as running until dropped.
+struct BackupRunning(Arc<std::sync::atomic::AtomicBool>);
+
+impl BackupTarget {
+    /// Claims the directory for one backup, or answers 409 `backup_in_progress`.
+    fn claim(&self) -> Result<BackupRunning, ApiError> {
+        use std::sync::atomic::Ordering;
+        self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).map_err(|_| {
+            ApiError::new(StatusCode::CONFLICT, "backup_in_progress", "another backup is being written")
+        })?;
+        Ok(BackupRunning(Arc::clone(&self.running)))
+    }
+}
+
+impl Drop for BackupRunning {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl From<BackupError> for ApiError {
+    fn from(error: BackupError) -> ApiError {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            BackupError::InvalidName { .. } => (StatusCode::BAD_REQUEST, "invalid_backup_name"),
+            BackupError::Exists { .. } => (StatusCode::CONFLICT, "backup_exists"),
+            BackupError::Unsupported => (StatusCode::CONFLICT, "backup_not_configured"),
+            BackupError::Storage(_) | BackupError::NotVerified { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "backup_failed")
+            }
+            BackupError::UnknownTable { .. } | BackupError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+/// Body of `POST /v1/backup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupBody {
+    /// File name of the copy in the backup directory (no path).
+    pub name: String,
+}
+
+/// The answer to `POST /v1/backup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupDone {
+    /// The file name.
+    pub name: String,
+    /// The file, in the backup directory.
+    pub path: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Rows copied over every table.
+    pub rows: u64,
+    /// Rooms in the copy.
+    pub rooms: u64,
+    /// Log entries in the copy.
+    pub log_entries: u64,
+    /// The audit log's head in the copy.
+    pub audit_head: Option<ExportedHead>,
+    /// Time taken, ms.
+    pub duration_ms: u64,
+}
+
+/// `POST /v1/backup`: a consistent copy of the database, written while the
+/// server runs ([`crate::store::backup`]). Operator only.
+async fn backup(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        let api = api(&state)?;
+        api.authorize(&headers, Scope::Operator)?;
+        let BackupBody { name } = parse_body(&headers, &body)?;
+        check_backup_name(&name)?;
+        let target = api.backup.as_ref().ok_or_else(|| {
+            ApiError::new(StatusCode::CONFLICT, "backup_not_configured", "the server has no backup_dir")
+        })?;
+        let running = target.claim()?;
+        let (store, dir, file_name) = (Arc::clone(api.node.store()), target.dir.clone(), name.clone());
+        // The claim moves into the task: a client that hangs up does not
+        // let a second backup start while this one is still writing.
+        let report = tokio::task::spawn_blocking(move || {
+            let _running = running;
+            write_backup(store.as_ref(), &dir, &file_name)
+        })
+        .await
+        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string()))??;
+        tracing::info!(
+            path = %report.path.display(),
+            bytes = report.bytes,
+            log_entries = report.copy.log_entries,
+            duration_ms = report.duration_ms,
+            "backup written"
+        );
+        Ok::<_, ApiError>(json(&BackupDone {
+            name,
+            path: report.path.display().to_string(),
+            bytes: report.bytes,
+            rows: report.copy.rows,
+            rooms: report.copy.rooms,
+            log_entries: report.copy.log_entries,
+            audit_head: report.copy.audit_head.map(ExportedHead::from),
+            duration_ms: report.duration_ms,
+        }))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1082,6 +1211,33 @@ mod tests {
             assert_eq!((error.status.as_u16(), error.code), (status, code), "{error:?}");
             assert!(codes.as_array().unwrap().iter().any(|c| c == code), "{code} is documented");
         }
+    }
+
+    #[test]
+    fn every_backup_failure_has_a_status_and_a_documented_code() {
+        let failure = crate::store::StorageFailure::new("backup", std::io::Error::other("disk full"));
+        let cases = [
+            (BackupError::InvalidName { name: "../x".into() }, 400, "invalid_backup_name"),
+            (BackupError::Exists { path: "/b/x".into() }, 409, "backup_exists"),
+            (BackupError::Unsupported, 409, "backup_not_configured"),
+            (BackupError::Storage(failure), 500, "backup_failed"),
+            (BackupError::NotVerified { path: "/b/.x.partial".into() }, 500, "backup_failed"),
+            (BackupError::UnknownTable { name: "t".into() }, 500, "internal"),
+        ];
+        let documented: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        let codes = documented["components"]["schemas"]["Error"]["properties"]["code"]["enum"].clone();
+        let responses = &documented["paths"]["/v1/backup"]["post"]["responses"];
+        for (error, status, code) in cases {
+            let error = ApiError::from(error);
+            assert_eq!((error.status.as_u16(), error.code), (status, code), "{error:?}");
+            assert!(codes.as_array().unwrap().iter().any(|c| c == code), "{code} is documented");
+            assert!(responses[status.to_string()]["description"].as_str().unwrap().contains(code));
+        }
+        let in_progress = BackupTarget { dir: "/b".into(), running: Arc::default() };
+        let claim = in_progress.claim().unwrap();
+        assert_eq!(in_progress.claim().err().map(|error| error.code), Some("backup_in_progress"));
+        drop(claim);
+        assert!(in_progress.claim().is_ok(), "the claim ends with the backup");
     }
 
     #[test]

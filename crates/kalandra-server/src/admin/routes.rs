@@ -22,4 +22,5 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/rooms/{room_id}/retention"),
     ("GET", "/v1/audit/export"),
     ("GET", "/v1/audit/verify"),
+    ("POST", "/v1/backup"),
 ];

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, GENESIS_HASH};
 use crate::room::roles::Role;
 
+pub mod backup;
 pub mod group_commit;
 pub mod memory;
 pub mod redb;
@@ -984,6 +985,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The audit log's head: the last record's sequence number and hash.
     fn audit_head(&self) -> Result<Option<AuditHead>, ModerationStoreError>;
+
+    /// Writes a consistent copy of the whole store, as of one moment that
+    /// follows every completed write, into `file` (empty, opened for
+    /// reading and writing), durably. Writers are not blocked meanwhile.
+    /// Stores that are not a database file answer
+    /// [`BackupError::Unsupported`]; see [`backup`].
+    fn write_snapshot(&self, file: std::fs::File) -> Result<backup::SnapshotCopy, backup::BackupError> {
+        drop(file);
+        Err(backup::BackupError::Unsupported)
+    }
 }
 
 /// Checks a batch against the stored heads before anything is written and
