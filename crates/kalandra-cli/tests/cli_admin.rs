@@ -8,52 +8,26 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
-use std::sync::Arc;
 
-use common::{ok, Server};
-use kalandra_server::admin::{serve_admin, AdminState};
-use kalandra_server::admin_api::AdminApi;
-use kalandra_server::metrics::Metrics;
+use common::{ok, start_admin, Server};
 
 const TOKEN: &str = "cli-operator-token-000001";
 
 /// Runs `kalandra admin --url <admin> --token-file <file> <args>`.
 async fn admin(admin: SocketAddr, token_file: &Path, args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kalandra"));
-    command
-        .arg("admin")
-        .arg("--url")
-        .arg(format!("http://{admin}"))
-        .arg("--token-file")
-        .arg(token_file)
-        .args(args)
-        .env_remove("KALANDRA_ADMIN_TOKEN")
-        .env_remove("KALANDRA_ADMIN_URL");
-    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+    common::admin_at(admin, token_file, args).await
 }
 
 async fn admin_ok(address: SocketAddr, token_file: &Path, args: &[&str]) -> serde_json::Value {
-    let output = admin(address, token_file, args).await;
-    assert!(
-        output.status.success(),
-        "kalandra admin {args:?} failed ({:?}): {}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    common::admin_ok_at(address, token_file, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_moderates_with_kalandra_admin() {
     let server_dir = tempfile::tempdir().unwrap();
     let server = Server::start(server_dir.path()).await;
-    let state = AdminState::new(Metrics::new().unwrap(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
-    state.set_api(AdminApi::new(server.node().clone(), TOKEN, None));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(serve_admin(listener, state, std::future::pending()));
-    let token_file = server_dir.path().join("admin-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let operator = start_admin(&server, TOKEN, server_dir.path()).await;
+    let (address, token_file) = (operator.address, operator.token_file.clone());
 
     // Alice creates a room and invites Bob and Carol with the client commands.
     let (alice, bob, carol) =
