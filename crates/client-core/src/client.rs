@@ -30,6 +30,15 @@
 //!   again).
 //!
 //! Failed sends are retried with exponential backoff ([`backoff_ms`]).
+//!
+//! # One room's trouble stays in that room
+//!
+//! Calls that go over every room ([`Client::connect`], the outbox,
+//! [`Client::background_sync`]) handle each room on its own: a room that
+//! fails is reported as a [`RoomFailure`] and the others go on. Only what
+//! concerns the whole device stops them: the connection and the store.
+//! A frame that fails to apply is not read past ([`RoomLog::apply`]), so a
+//! failed room is tried again from where it stopped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -64,7 +73,7 @@ use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
 mod background;
 mod key_cache;
-pub use background::BackgroundReport;
+pub use background::{BackgroundReport, BackgroundStep, CONTROL_FRAMES_PER_REQUEST, CONTROL_ROUNDS_MAX};
 pub use key_cache::KEY_CACHE_FILE_NAME;
 
 /// File name of the store inside a client's data directory.
@@ -130,6 +139,19 @@ pub enum ClientError {
     /// This device is not (or no longer) a member of the room.
     #[error("not a member of room {0}")]
     NotMember(RoomId),
+    /// This device's removal from the room is proposed (a kick, its leave):
+    /// it can neither commit nor send there any more.
+    #[error("this device's removal from room {0} is pending: it can no longer commit or send there")]
+    RemovalPending(RoomId),
+    /// Outbox messages for a room this device has left, or is being removed
+    /// from, were dropped: they can never be sent.
+    #[error("{messages} unsent messages for room {room} were dropped: this device is removed from the room")]
+    Undelivered {
+        /// The room.
+        room: RoomId,
+        /// How many messages.
+        messages: usize,
+    },
     /// The server refused the request.
     #[error("the server refused: {name} ({code}): {message}")]
     Refused {
@@ -259,6 +281,12 @@ impl ClientError {
         matches!(self, ClientError::NotConnected | ClientError::Connection(_))
     }
 
+    /// Whether the failure is the whole device's (its connection or its
+    /// store), not one room's: calls over every room stop at it.
+    pub fn is_device_wide(&self) -> bool {
+        self.is_transient() || matches!(self, ClientError::Store(_))
+    }
+
     /// The server's error code, if the server refused.
     pub fn code(&self) -> Option<u16> {
         match self {
@@ -266,6 +294,25 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// A room that failed while a call went over every room (the other rooms
+/// went on).
+#[derive(Debug)]
+pub struct RoomFailure {
+    /// The room.
+    pub room_id: RoomId,
+    /// Why it failed.
+    pub error: ClientError,
+}
+
+/// `error` of `room_id` as a [`RoomFailure`], or as the call's error when
+/// it is the whole device's.
+fn room_failure(room_id: RoomId, error: ClientError) -> Result<RoomFailure, ClientError> {
+    if error.is_device_wide() {
+        return Err(error);
+    }
+    Ok(RoomFailure { room_id, error })
 }
 
 /// What a history entry holds.
@@ -315,6 +362,8 @@ pub struct RoomSummary {
     pub members: Vec<SenderId>,
     /// The next log index this device will read.
     pub next_log_index: u64,
+    /// Whether this device's removal is proposed (it can no longer send).
+    pub removal_pending: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -368,6 +417,9 @@ pub struct Client {
     server: Option<ServerTarget>,
     request_timeout: Duration,
     push_keys: key_cache::PushKeys,
+    /// Rooms that failed while applying frames another operation read (one
+    /// entry per room, the latest), reported by the next call over every room.
+    deferred_failures: BTreeMap<RoomId, ClientError>,
 }
 
 impl std::fmt::Debug for Client {
@@ -451,6 +503,7 @@ impl Client {
             server: None,
             request_timeout: Duration::from_secs(10),
             push_keys: key_cache::PushKeys::load(directory.join(KEY_CACHE_FILE_NAME)),
+            deferred_failures: BTreeMap::new(),
         };
         for record in records {
             match record.namespace {
@@ -525,9 +578,17 @@ impl Client {
                     epoch: group.epoch(),
                     members: group.members().iter().filter_map(|m| sender_of(&m.identity)).collect(),
                     next_log_index: entry.record.next_log_index,
+                    removal_pending: entry.own_removal_pending(),
                 })
             })
             .collect()
+    }
+
+    /// The rooms this device has left (removed by a commit, by a removal
+    /// nobody is left to commit, or by the server's `NotMember`); their
+    /// history stays on the device.
+    pub fn left_rooms(&self) -> Vec<RoomId> {
+        self.rooms.iter().filter(|(_, entry)| entry.record.removed).map(|(room_id, _)| *room_id).collect()
     }
 
     /// The room's history on this device, from `from_log_index`, at most `count_max` entries.
@@ -548,16 +609,33 @@ impl Client {
     }
 
     /// Connects to the remembered server, authenticates, keeps key packages
-    /// stocked, stores any Welcome that waits, settles pending commits and
-    /// sends what waits in the outbox.
-    pub async fn connect(&mut self) -> Result<(), ClientError> {
+    /// stocked, stores any Welcome that waits, catches every room up,
+    /// settles pending commits and sends what waits in the outbox. A room
+    /// that fails does not stop the others: it is returned as a
+    /// [`RoomFailure`]. The call fails only for the whole device (the
+    /// connection, the store).
+    pub async fn connect(&mut self) -> Result<Vec<RoomFailure>, ClientError> {
         self.open_connection().await?;
+        let mut failures = Vec::new();
         let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
         for room_id in rooms {
-            self.resume_room(room_id).await?;
+            if let Err(error) = self.resume_room(room_id).await {
+                failures.push(room_failure(room_id, error)?);
+            }
         }
-        self.flush_outbox().await?;
-        Ok(())
+        self.flush_outbox_into(&mut failures).await?;
+        self.take_deferred_failures(&mut failures);
+        Ok(failures)
+    }
+
+    /// Adds the failures of rooms met while reading others, unless the room
+    /// is reported already.
+    fn take_deferred_failures(&mut self, failures: &mut Vec<RoomFailure>) {
+        for (room_id, error) in std::mem::take(&mut self.deferred_failures) {
+            if !failures.iter().any(|failure| failure.room_id == room_id) {
+                failures.push(RoomFailure { room_id, error });
+            }
+        }
     }
 
     /// Connects and authenticates, keeps key packages stocked and stores any
@@ -571,7 +649,7 @@ impl Client {
             room.connected()?;
         }
         self.refill_key_packages().await?;
-        self.drain_buffered()?;
+        self.drain_buffered(None)?;
         self.checkpoint()?;
         Ok(())
     }
@@ -666,17 +744,42 @@ impl Client {
         expect::<KeyPackageStatus>(&reply)
     }
 
-    /// Stores Welcomes that arrived and applies other buffered frames.
-    fn drain_buffered(&mut self) -> Result<Vec<Message>, ClientError> {
-        let mut messages = Vec::new();
+    /// Stores Welcomes that arrived and applies other buffered frames. A
+    /// frame of another room than `focus` that fails is that room's failure
+    /// (kept for the next call over every room); the first failure of
+    /// `focus` is returned once every frame was handled.
+    fn drain_buffered(&mut self, focus: Option<RoomId>) -> Result<Vec<Message>, ClientError> {
         let frames = match self.connection.as_mut() {
             Some(connection) => connection.take_buffered(),
-            None => return Ok(messages),
+            None => return Ok(Vec::new()),
         };
+        self.handle_frames(frames, focus)
+    }
+
+    fn handle_frames(
+        &mut self,
+        frames: Vec<Frame>,
+        focus: Option<RoomId>,
+    ) -> Result<Vec<Message>, ClientError> {
+        let mut messages = Vec::new();
+        let mut focus_error = None;
         for frame in frames {
-            messages.extend(self.handle_incoming(frame)?);
+            let room_id = frame.header().room_id();
+            match self.handle_incoming(frame) {
+                Ok(message) => messages.extend(message),
+                Err(error) if error.is_device_wide() => return Err(error),
+                Err(error) if Some(room_id) == focus => {
+                    focus_error.get_or_insert(error);
+                }
+                Err(error) => {
+                    self.deferred_failures.entry(room_id).or_insert(error);
+                }
+            }
         }
-        Ok(messages)
+        match focus_error {
+            Some(error) => Err(error),
+            None => Ok(messages),
+        }
     }
 
     /// Handles one frame from the server that is not a reply.
@@ -792,8 +895,10 @@ impl Client {
                 return Err(ClientError::NotMember(room_id));
             }
             let done: SyncDone = expect(&reply)?;
-            messages.extend(self.drain_buffered()?);
+            let drained = self.drain_buffered(Some(room_id));
+            // What applied before a failure is kept.
             self.checkpoint()?;
+            messages.extend(drained?);
             let next = self.rooms.get(&room_id).map_or(from, |entry| entry.record.next_log_index);
             if next < done.next_log_index {
                 return Err(ClientError::Protocol(format!(
@@ -843,6 +948,30 @@ impl Client {
             Err(ClientError::NotMember(_)) => return Ok(()),
             other => other?,
         };
+        self.settle_room(room_id).await
+    }
+
+    /// Our own removal is pending: nothing of ours is committed, and when
+    /// nobody is left to commit it the room is left. Returns whether it is
+    /// pending (or the room left).
+    fn settle_own_removal(&mut self, room_id: RoomId) -> Result<bool, ClientError> {
+        let Some(room) = self.rooms.get_mut(&room_id) else { return Ok(false) };
+        if !room.own_removal_pending() {
+            return Ok(room.record.removed);
+        }
+        self.mls_clean = false;
+        room.settle_own_removal(&self.provider)?;
+        self.checkpoint()?;
+        Ok(true)
+    }
+
+    /// With the room's log read to its end: resend or settle our pending
+    /// commit, redo an intent whose commit lost, and cover proposals that
+    /// wait for a commit.
+    async fn settle_room(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        if self.settle_own_removal(room_id)? {
+            return Ok(());
+        }
         let pending = self.rooms.get(&room_id).and_then(|e| e.record.pending.clone());
         if let Some(pending) = pending {
             let frame = self.fresh_request(&pending.frame, "pending commit")?;
@@ -1037,6 +1166,15 @@ impl Client {
         self.member_group(room_id)?;
         self.sync(room_id).await?;
         for _ in 0..COMMIT_ATTEMPTS_MAX {
+            if self.settle_own_removal(room_id)? {
+                // Any commit would have to cover our own removal, which we
+                // cannot commit: nothing of ours is left to cover.
+                if intent == Intent::CoverProposals {
+                    return Ok(self.epoch_of(room_id));
+                }
+                self.member_group(room_id)?;
+                return Err(ClientError::RemovalPending(room_id));
+            }
             self.mls_clean = false;
             let epoch = self.epoch_of(room_id);
             let packages = match &intent {
@@ -1148,7 +1286,7 @@ impl Client {
         if self.rooms.get(&room_id).is_some_and(|e| e.group.is_some() && !e.record.removed) {
             return Ok(self.epoch_of(room_id));
         }
-        self.drain_buffered()?;
+        self.drain_buffered(Some(room_id))?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut frames_read = 0usize;
         while !self.welcomes.contains_key(&room_id) {
@@ -1285,6 +1423,12 @@ impl Client {
                 return Err(synced.unwrap_err());
             }
         }
+        if self.settle_own_removal(room_id)? {
+            // The server takes no message until the removal is committed,
+            // and then we are no longer a member.
+            self.member_group(room_id)?;
+            return Err(ClientError::RemovalPending(room_id));
+        }
         let id = self.outbox.last_key_value().map_or(1, |(id, _)| id + 1);
         let entry = self.seal_entry(room_id, id, text.to_vec(), push, 0)?;
         self.outbox.insert(id, entry);
@@ -1371,6 +1515,12 @@ impl Client {
                             // removal): catch up, commit what waits, reseal.
                             self.sync(room_id).await?;
                             self.cover_pending_proposals(room_id).await?;
+                            if self.settle_own_removal(room_id)? {
+                                // The removal waiting is ours: this message, and any
+                                // other for the room, can never be sent.
+                                self.drop_undeliverable(room_id)?;
+                                return Err(ClientError::RemovalPending(room_id));
+                            }
                             let resealed = self.seal_entry(
                                 room_id,
                                 id,
@@ -1414,28 +1564,75 @@ impl Client {
 
     /// Sends every outbox entry whose retry time has come (entries the log
     /// shows as sequenced were resolved by the catch-up before). Returns how
-    /// many were sent.
+    /// many were sent. A room that fails does not keep the other rooms'
+    /// messages back: they are sent, and the first room's failure is
+    /// returned after them.
     pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
+        let mut failures = Vec::new();
+        let sent = self.flush_outbox_into(&mut failures).await?;
+        match failures.into_iter().next() {
+            Some(failure) => Err(failure.error),
+            None => Ok(sent),
+        }
+    }
+
+    /// [`Client::flush_outbox`], adding each failed room to `failures` (and
+    /// skipping rooms already there); fails only for the whole device.
+    async fn flush_outbox_into(&mut self, failures: &mut Vec<RoomFailure>) -> Result<usize, ClientError> {
         let now = now_ms();
         let due: Vec<u64> = self.outbox.values().filter(|e| e.next_attempt_ms <= now).map(|e| e.id).collect();
         let mut sent = 0;
         for id in due {
             let Some(entry) = self.outbox.get(&id) else { continue };
             let room_id = RoomId(entry.room_id);
-            self.sync(room_id).await?;
-            if !self.outbox.contains_key(&id) {
+            if failures.iter().any(|failure| failure.room_id == room_id) {
                 continue;
             }
-            if self.outbox.get(&id).is_some_and(|e| e.epoch != self.epoch_of(room_id)) {
-                let entry = self.outbox.get(&id).cloned().expect("present");
-                let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.push, entry.attempts)?;
-                self.outbox.insert(id, resealed);
-                self.checkpoint()?;
+            match self.flush_entry(id, room_id).await {
+                Ok(delivered) => sent += usize::from(delivered),
+                Err(error) => failures.push(room_failure(room_id, error)?),
             }
-            self.deliver(id).await?;
-            sent += 1;
         }
         Ok(sent)
+    }
+
+    /// Catches the entry's room up and sends the entry (resealed if the
+    /// epoch moved on). `false`: the log showed it sequenced already.
+    async fn flush_entry(&mut self, id: u64, room_id: RoomId) -> Result<bool, ClientError> {
+        if !self.rooms.get(&room_id).is_some_and(RoomLog::is_member) {
+            self.drop_undeliverable(room_id)?;
+            return Ok(false);
+        }
+        self.sync(room_id).await?;
+        if !self.outbox.contains_key(&id) {
+            return Ok(false);
+        }
+        if self.settle_own_removal(room_id)? {
+            self.drop_undeliverable(room_id)?;
+            return Ok(false);
+        }
+        if let Some(entry) = self.outbox.get(&id).filter(|e| e.epoch != self.epoch_of(room_id)).cloned() {
+            let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.push, entry.attempts)?;
+            self.outbox.insert(id, resealed);
+            self.checkpoint()?;
+        }
+        self.deliver(id).await?;
+        Ok(true)
+    }
+
+    /// Drops the outbox entries of a room this device has left or is being
+    /// removed from, and reports them as [`ClientError::Undelivered`].
+    fn drop_undeliverable(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        let ids: Vec<u64> = self.outbox.values().filter(|e| e.room_id == room_id.0).map(|e| e.id).collect();
+        for id in &ids {
+            self.outbox.remove(id);
+            self.pending_batch.delete(Namespace::Outbox, &id.to_be_bytes());
+        }
+        self.checkpoint()?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        Err(ClientError::Undelivered { room: room_id, messages: ids.len() })
     }
 
     /// Subscribes to `room_id` from the first entry not yet read; then

@@ -15,8 +15,9 @@ use crate::mls::{CommitError, CommitOutput, HandshakeOutcome, Identity, Proposal
 pub enum ServerProposalResponse {
     /// Send this commit: it covers every pending proposal, the server's included.
     Commit(Box<CommitOutput>),
-    /// The server proposed removing us: we cannot commit it (nobody commits
-    /// their own removal) and will be removed by another member's commit.
+    /// The server (or we, leaving) proposed removing us: we cannot commit
+    /// it, nor any commit covering it (nobody commits their own removal),
+    /// and will be removed by another member's commit.
     WeAreRemoved,
     /// Not a server proposal: nothing to do.
     NotAServerProposal,
@@ -40,7 +41,10 @@ where
     else {
         return Ok(ServerProposalResponse::NotAServerProposal);
     };
-    if *removes == Some(group.own_leaf_index()) {
+    // Our removal proposed by this frame or an earlier one: every commit
+    // covers all pending proposals, and nobody commits their own removal.
+    let own = group.own_leaf_index();
+    if *removes == Some(own) || group.pending_removals().contains(&own) {
         return Ok(ServerProposalResponse::WeAreRemoved);
     }
     let output = group.commit_pending_proposals(provider, identity)?;

@@ -21,7 +21,8 @@
 //!
 //! - The cursor moves by one for every frame at it; a frame before it was
 //!   applied already (ignored), a frame after it is a gap (an error: the
-//!   server broke the log's order).
+//!   server broke the log's order). A frame that fails to apply leaves the
+//!   cursor at it, so a failed room is read again from there, never past it.
 //! - A commit of an epoch before ours is a fork (the server sequenced two
 //!   commits for one epoch) and an error.
 //! - A commit of ours for the pending epoch is merged (`CommitAcked`);
@@ -29,6 +30,12 @@
 //!   its intent is kept to be redone; a refusal settles it the same way.
 //! - An application frame of ours settles the outbox entry sealed at that
 //!   epoch and generation (sequenced, not to be resent).
+//! - While our own removal is proposed (a kick, our leave) we commit
+//!   nothing in the room: any commit would have to cover that proposal, and
+//!   a member cannot commit its own removal. Our pending commit of that
+//!   epoch can never be sequenced and is dropped with its intent. When the
+//!   removal of every member is pending, nobody can ever commit it: the
+//!   room is left at once, as a commit removing us would leave it.
 //! - Every change of membership, epoch or pending commit goes through the
 //!   state machine; a transition it refuses, or a disagreement between it
 //!   and the MLS group, is [`RoomLogError::Internal`].
@@ -44,7 +51,7 @@ use crate::mls::{
 use crate::sender_keys::{
     open_application, seal_application_with_push, SealError, SenderKeyState, SenderKeyStateDecodeError,
 };
-use crate::state::{Action, ClientState, Event, Resume};
+use crate::state::{Action, ClientState, CommitKind, Event, Resume};
 
 /// Why a room's log could not be applied or settled.
 #[derive(Debug, thiserror::Error)]
@@ -397,9 +404,16 @@ impl RoomLog {
         self.record.confirmed
     }
 
-    /// Whether a proposal waits for our commit.
+    /// Whether a proposal waits for our commit (never while our own
+    /// removal is proposed: we cannot commit that).
     pub fn proposals_to_cover(&self) -> bool {
-        self.record.cover_proposals && !self.record.removed
+        self.record.cover_proposals && !self.record.removed && !self.own_removal_pending()
+    }
+
+    /// Whether our own removal is proposed and not yet committed.
+    pub fn own_removal_pending(&self) -> bool {
+        !self.record.removed
+            && self.group.as_ref().is_some_and(|g| g.pending_removals().contains(&g.own_leaf_index()))
     }
 
     /// An intent whose commit another commit beat: the driver redoes it.
@@ -503,7 +517,8 @@ impl RoomLog {
     }
 
     /// The server refused our pending commit with `error`: the commit is
-    /// discarded; a `WrongEpoch` means its intent is redone after catching up.
+    /// discarded; a `WrongEpoch`, or `PendingProposals` (a proposal it does
+    /// not cover came first), means its intent is redone after catching up.
     pub fn commit_refused(
         &mut self,
         provider: &MlsProvider,
@@ -524,12 +539,13 @@ impl RoomLog {
             }
         }
         let pending = self.record.pending.take();
-        let wrong_epoch = error.is_some_and(|e| e.code == ErrorCode::WrongEpoch.to_u16());
+        let retry = [ErrorCode::WrongEpoch, ErrorCode::PendingProposals].map(ErrorCode::to_u16);
+        let redo = error.is_some_and(|e| retry.contains(&e.code));
         let sync_from = actions.iter().find_map(|action| match action {
             Action::SyncFrom { log_index } => Some(*log_index),
             _ => None,
         });
-        match (wrong_epoch, pending) {
+        match (redo, pending) {
             (true, Some(pending)) => Ok(CommitRefusal::Retry {
                 intent: pending.intent,
                 sync_from: sync_from.unwrap_or(self.record.next_log_index),
@@ -592,11 +608,8 @@ impl RoomLog {
                 self.record.next_log_index
             )));
         }
-        self.record.next_log_index = log_index + 1;
-        if self.group.is_none() {
-            return Ok(None);
-        }
         let body = match frame.opcode() {
+            _ if self.group.is_none() => None,
             Opcode::Commit | Opcode::ExternalJoin => self.apply_commit(provider, own, frame)?,
             Opcode::Proposal => self.apply_proposal(provider, frame)?,
             // An erased entry: the log index stays, the content is gone.
@@ -605,6 +618,8 @@ impl RoomLog {
             Opcode::Application => Some(self.open(frame)),
             _ => None,
         };
+        // Only now: a frame that failed to apply is read again.
+        self.record.next_log_index = log_index + 1;
         Ok(body.map(|body| LogEntry {
             log_index,
             sender: header.sender_id(),
@@ -723,13 +738,38 @@ impl RoomLog {
             .decode_payload::<payload::Proposal>()
             .map_err(|e| RoomLogError::Protocol(format!("sequenced proposal payload: {e}")))?;
         let outcome = group.process_handshake(provider, &proposal.proposal)?;
-        if let HandshakeOutcome::ProposalStored { removes, .. } = outcome {
-            // Nobody commits their own removal; every other member may.
-            if removes != Some(group.own_leaf_index()) {
-                self.record.cover_proposals = true;
-            }
+        if let HandshakeOutcome::ProposalStored { .. } = outcome {
+            // Covered by our commit, unless it is our own removal
+            // (`proposals_to_cover`).
+            self.record.cover_proposals = true;
         }
+        self.settle_own_removal(provider)?;
         Ok(None)
+    }
+
+    /// Our own removal is proposed: our pending commit of this epoch (which
+    /// cannot cover it) and any intent to redo are dropped, and when every
+    /// member's removal is pending the room is left ([`RoomLog::mark_removed`]).
+    /// Returns whether the room was left. Also called after a catch-up, for
+    /// a removal read before this rule existed.
+    pub fn settle_own_removal(&mut self, provider: &MlsProvider) -> Result<bool, RoomLogError> {
+        if !self.own_removal_pending() {
+            return Ok(false);
+        }
+        let Some(group) = self.group.as_ref() else { return Ok(false) };
+        let removals = group.pending_removals();
+        let everyone = group.members().iter().all(|member| removals.contains(&member.leaf_index));
+        let epoch = group.epoch();
+        self.record.redo = None;
+        let stale_commit =
+            self.record.pending.as_ref().is_some_and(|p| p.intent != Intent::Create && p.epoch == epoch);
+        if stale_commit && matches!(self.state, ClientState::PendingCommit { kind: CommitKind::Member, .. }) {
+            self.commit_refused(provider, None)?;
+        }
+        if everyone {
+            self.mark_removed(provider)?;
+        }
+        Ok(everyone)
     }
 
     /// Opens another member's message.

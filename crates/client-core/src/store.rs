@@ -30,11 +30,23 @@
 //! is what lets the client checkpoint its MLS state together with the log
 //! index it has reached.
 //!
+//! # A damaged file
+//!
+//! redb trusts the file it opens and may panic inside its B-trees on one
+//! altered behind its back. So [`ClientStore::open`] has redb check the
+//! whole file as it opens it (the checksum of every page of the committed
+//! trees; one read of the file, which is small for a device) and turns what
+//! fails into [`StoreError::Damaged`], as it does a panic inside redb while
+//! opening (caught, never passed on); a file that cannot be read at all is
+//! [`StoreError::Unreadable`]. A record that opens but fails authentication
+//! is [`StoreError::Corrupt`].
+//!
 //! Nonces are 24 random bytes from the operating system (this module is a
 //! driver); with XChaCha20's 192-bit nonces random nonces do not collide in
 //! practice.
 
-use std::path::Path;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{Aead, Payload as AeadPayload};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
@@ -161,6 +173,23 @@ pub enum StoreError {
     /// Another process has the store open (one process at a time).
     #[error("the store is open in another process")]
     InUse,
+    /// The store file is damaged (altered or cut short since it was
+    /// written, or not a store at all): it does not open.
+    #[error("the device store {} is damaged: {reason}", path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What redb found.
+        reason: String,
+    },
+    /// The store file exists but cannot be read (permissions, I/O error).
+    #[error("the device store {} cannot be read: {reason}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        reason: String,
+    },
     /// The file system or redb failed.
     #[error("storage failure during {operation}: {detail}")]
     Io {
@@ -169,6 +198,55 @@ pub enum StoreError {
         /// The underlying error.
         detail: String,
     },
+}
+
+fn damaged(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Damaged { path: path.to_owned(), reason: reason.into() }
+}
+
+fn panic_reason(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    format!("the storage engine failed on it ({message})")
+}
+
+/// Opens (or creates) the redb file with a full integrity check, turning
+/// damage, and a panic of redb's on it, into [`StoreError::Damaged`].
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    let opened = std::panic::catch_unwind(AssertUnwindSafe(|| builder.create(path)));
+    match opened {
+        Ok(Ok(database)) => Ok(database),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch)) => {
+            Err(StoreError::InUse)
+        }
+        // redb reports a file that is not one of its own as invalid data,
+        // and one cut inside its header as an early end of file.
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(error))))
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Err(damaged(path, error.to_string()))
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(error)))) => {
+            Err(StoreError::Unreadable { path: path.to_owned(), reason: error.to_string() })
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason)))) => {
+            Err(damaged(path, reason))
+        }
+        Ok(Err(redb::DatabaseError::RepairAborted)) => Err(damaged(path, "it needs a repair that failed")),
+        Ok(Err(redb::DatabaseError::UpgradeRequired(version))) => {
+            Err(damaged(path, format!("file format {version} is not one this version reads")))
+        }
+        Ok(Err(other)) => Err(StoreError::Io { operation: "open", detail: other.to_string() }),
+        Err(panic) => Err(damaged(path, panic_reason(panic.as_ref()))),
+    }
 }
 
 fn io<E: std::fmt::Display>(operation: &'static str) -> impl Fn(E) -> StoreError {
@@ -232,6 +310,7 @@ pub struct Record {
 
 /// The encrypted store of one device.
 pub struct ClientStore {
+    path: PathBuf,
     database: Database,
     cipher: XChaCha20Poly1305,
     name_key: [u8; 32],
@@ -255,12 +334,12 @@ impl ClientStore {
         let cipher = XChaCha20Poly1305::new(&value_key.into());
         value_key = [0u8; 32];
         std::hint::black_box(&value_key);
-        let database = Database::create(path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
-            other => StoreError::Io { operation: "open", detail: other.to_string() },
-        })?;
-        let store = ClientStore { database, cipher, name_key };
-        store.check_key()?;
+        let database = open_database(path)?;
+        let store = ClientStore { path: path.to_owned(), database, cipher, name_key };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| store.check_key())) {
+            Ok(checked) => checked?,
+            Err(panic) => return Err(damaged(path, panic_reason(panic.as_ref()))),
+        }
         Ok(store)
     }
 
@@ -389,8 +468,14 @@ impl ClientStore {
         txn.commit().map_err(io("write"))
     }
 
-    /// Every record, decrypted and checked (at most [`RECORDS_MAX`]).
+    /// Every record, decrypted and checked (at most [`RECORDS_MAX`]). A
+    /// panic of redb's while reading is [`StoreError::Damaged`].
     pub fn load_records(&self) -> Result<Vec<Record>, StoreError> {
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.read_records()))
+            .unwrap_or_else(|panic| Err(damaged(&self.path, panic_reason(panic.as_ref()))))
+    }
+
+    fn read_records(&self) -> Result<Vec<Record>, StoreError> {
         let txn = self.database.begin_read().map_err(io("load"))?;
         let records = txn.open_table(RECORDS).map_err(io("load"))?;
         let mut out = Vec::new();
@@ -512,5 +597,107 @@ mod tests {
         batch.put(Namespace::Config, &vec![0u8; RECORD_NAME_BYTES_MAX + 1], b"v".to_vec());
         assert!(matches!(store.write(&batch), Err(StoreError::TooLarge { what: "record name", .. })));
         assert!(store.load_records().unwrap().is_empty());
+    }
+
+    const PAGE_BYTES: usize = 4096;
+
+    /// A store with enough records and messages to span many pages.
+    fn filled_store(path: &Path, key: &StoreKey, rounds: u64) {
+        let store = ClientStore::open(path, key).unwrap();
+        for round in 0..rounds {
+            let mut batch = WriteBatch::new();
+            for i in 0..64u64 {
+                batch.put(Namespace::Mls, format!("entry-{round}-{i}").as_bytes(), vec![7u8; 300]);
+                batch.message(ROOM, round * 64 + i, vec![9u8; 200]);
+            }
+            store.write(&batch).unwrap();
+        }
+    }
+
+    fn garbage(page: &mut [u8]) {
+        for (byte, i) in page.iter_mut().zip((0..=u8::MAX).cycle()) {
+            *byte = i.wrapping_mul(31).wrapping_add(7);
+        }
+    }
+
+    /// Opens the store at `path` and reads everything in it.
+    fn open_and_read(path: &Path, key: &StoreKey) -> Result<(), StoreError> {
+        let store = ClientStore::open(path, key)?;
+        store.load_records()?;
+        store.messages(ROOM, 0, MESSAGES_PER_READ_MAX)?;
+        Ok(())
+    }
+
+    /// A filled store damaged by `damage`: what opening and reading it says.
+    fn opened_after(damage: impl FnOnce(&mut Vec<u8>)) -> Result<(), StoreError> {
+        let (_dir, path) = temp_path("client.redb");
+        let key = StoreKey::from_bytes([3u8; 32]);
+        filled_store(&path, &key, 4);
+        let mut bytes = std::fs::read(&path).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        open_and_read(&path, &key)
+    }
+
+    #[test]
+    fn a_truncated_file_a_garbage_page_and_a_zeroed_header_are_damage() {
+        let truncated = opened_after(|bytes| bytes.truncate(bytes.len() / 2));
+        // Garbage over a page in the file's first half that holds data (the
+        // file grows by regions, so the pages past the data are free).
+        let middle = (1..8)
+            .map(|eighth| {
+                opened_after(|bytes| {
+                    let start = (bytes.len() / PAGE_BYTES) * eighth / 16 * PAGE_BYTES;
+                    garbage(&mut bytes[start..start + PAGE_BYTES]);
+                })
+            })
+            .find(Result::is_err)
+            .expect("one of the pages holds data");
+        let header = opened_after(|bytes| bytes[..PAGE_BYTES].fill(0));
+        let cut_in_header = opened_after(|bytes| bytes.truncate(100));
+        for (what, result) in [
+            ("truncated", truncated),
+            ("garbage page", middle),
+            ("zeroed header", header),
+            ("cut inside the header", cut_in_header),
+        ] {
+            match &result {
+                Err(StoreError::Damaged { path, reason }) => {
+                    assert!(path.ends_with("client.redb"), "{what}: {result:?}");
+                    assert!(
+                        !reason.starts_with("the storage engine failed"),
+                        "{what}: redb panicked: {reason}"
+                    );
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    /// Garbage over each page of the file in turn: every open either works
+    /// (a page no committed tree uses) or says the file is damaged, and the
+    /// integrity check, not a caught panic, is what finds it.
+    #[test]
+    fn garbage_over_any_page_is_found_by_the_integrity_check_not_a_panic() {
+        let (_dir, path) = temp_path("client.redb");
+        let key = StoreKey::from_bytes([4u8; 32]);
+        filled_store(&path, &key, 2);
+        let pristine = std::fs::read(&path).unwrap();
+        let mut found = 0;
+        for page in (0..pristine.len() / PAGE_BYTES).step_by(2) {
+            let mut bytes = pristine.clone();
+            garbage(&mut bytes[page * PAGE_BYTES..(page + 1) * PAGE_BYTES]);
+            std::fs::write(&path, &bytes).unwrap();
+            match open_and_read(&path, &key) {
+                Ok(()) => {}
+                Err(StoreError::Damaged { reason, .. }) => {
+                    assert!(!reason.starts_with("the storage engine failed"), "page {page}: {reason}");
+                    found += 1;
+                }
+                Err(StoreError::Corrupt { .. }) => found += 1,
+                Err(other) => panic!("page {page}: {other:?}"),
+            }
+        }
+        assert!(found > 0, "no damaged page was noticed");
     }
 }

@@ -7,8 +7,13 @@
 //! runs, `send`, `history`, `whoami` and `room list` on the same device are
 //! handed to it over a Unix socket ([`device_socket`]). Exit codes: 0 success, 1 other failure, 2 usage, 3 server
 //! unreachable or connection lost, 4 refused by the server, 5 not found
-//! here (unknown room, no invitation, not initialised), 6 the server's
-//! certificate refused (fingerprint mismatch, untrusted chain or name).
+//! here (unknown room, no invitation, not initialised, not or no longer a
+//! member), 6 the server's certificate refused (fingerprint mismatch,
+//! untrusted chain or name), 7 the device's store damaged or unreadable.
+//!
+//! A command about one room is not stopped by trouble in another: when
+//! connecting catches every room up, a room that fails is named on
+//! standard error (`kalandra: room ROOM: …`) and the command goes on.
 
 mod admin;
 mod device_socket;
@@ -22,7 +27,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use client_core::client::{
-    Client, ClientError, Message, MessageBody, ServerAddress, ServerTarget, ServerTrust,
+    Client, ClientError, Message, MessageBody, RoomFailure, ServerAddress, ServerTarget, ServerTrust,
 };
 use client_core::connection::{parse_fingerprint, ConnectionError};
 use client_core::store::{StoreError, StoreKey, STORE_KEY_BYTES};
@@ -296,12 +301,31 @@ fn exit_code(error: &anyhow::Error) -> u8 {
         Some(
             ClientError::UnknownRoom(_)
             | ClientError::NotMember(_)
+            | ClientError::RemovalPending(_)
+            | ClientError::Undelivered { .. }
             | ClientError::NoWelcome { .. }
             | ClientError::UnknownMember(_)
             | ClientError::NotInitialised { .. },
         ) => 5,
         Some(ClientError::Connection(ConnectionError::Certificate(_))) => 6,
+        Some(
+            ClientError::Store(
+                StoreError::Damaged { .. } | StoreError::Unreadable { .. } | StoreError::Corrupt { .. },
+            )
+            | ClientError::Corrupt(_),
+        ) => EXIT_STORE_DAMAGED,
         _ => 1,
+    }
+}
+
+/// Exit code of a device whose store is damaged or cannot be read.
+const EXIT_STORE_DAMAGED: u8 = 7;
+
+/// Names each room that failed while connecting; the command goes on (it
+/// concerns another room, or fails by itself on its own room).
+fn report_room_failures(failures: &[RoomFailure]) {
+    for failure in failures {
+        eprintln!("kalandra: room {}: {}", failure.room_id, failure.error);
     }
 }
 
@@ -398,9 +422,12 @@ fn print_message(out: &mut impl std::io::Write, message: &Message) -> std::io::R
 async fn open_connected(cli: &Cli) -> anyhow::Result<Client> {
     let mut client = open_device(cli).await?;
     client.set_request_timeout(Duration::from_secs(cli.timeout_secs));
-    if let Err(error) = client.connect().await {
-        client.disconnect().await;
-        return Err(error.into());
+    match client.connect().await {
+        Ok(failures) => report_room_failures(&failures),
+        Err(error) => {
+            client.disconnect().await;
+            return Err(error.into());
+        }
     }
     Ok(client)
 }
@@ -487,7 +514,11 @@ async fn history(
 
 fn room_list(client: &Client, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     for room in client.rooms() {
-        writeln!(out, "{}\tepoch {}\t{} members", room.room_id, room.epoch, room.members.len())?;
+        let pending = if room.removal_pending { "\tremoval pending" } else { "" };
+        writeln!(out, "{}\tepoch {}\t{} members{pending}", room.room_id, room.epoch, room.members.len())?;
+    }
+    for room_id in client.left_rooms() {
+        writeln!(out, "{room_id}\tleft")?;
     }
     Ok(())
 }
@@ -527,7 +558,7 @@ async fn live(cli: &Cli, out: &mut impl std::io::Write, options: LiveOptions) ->
             client.disconnect().await;
             return Err(error.into());
         }
-        Some(Ok(())) => {}
+        Some(Ok(failures)) => report_room_failures(&failures),
     }
     if options.chat {
         eprintln!(
@@ -579,7 +610,7 @@ async fn init(cli: &Cli, out: &mut impl std::io::Write, target: ServerTarget) ->
     let connected = client.connect().await;
     client.disconnect().await;
     match connected {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(error @ ClientError::Connection(ConnectionError::Certificate(_) | ConnectionError::Tls(_))) => {
             drop(client);
             created.remove();

@@ -9,43 +9,25 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
 
-use common::{ok, Server};
+use common::{ok, start_admin, Server};
 
 const TOKEN: &str = common::ADMIN_TOKEN;
 
 /// Runs `kalandra admin --url <admin> --token-file <file> <args>`.
 async fn admin(admin: SocketAddr, token_file: &Path, args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kalandra"));
-    command
-        .arg("admin")
-        .arg("--url")
-        .arg(format!("http://{admin}"))
-        .arg("--token-file")
-        .arg(token_file)
-        .args(args)
-        .env_remove("KALANDRA_ADMIN_TOKEN")
-        .env_remove("KALANDRA_ADMIN_URL");
-    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+    common::admin_at(admin, token_file, args).await
 }
 
 async fn admin_ok(address: SocketAddr, token_file: &Path, args: &[&str]) -> serde_json::Value {
-    let output = admin(address, token_file, args).await;
-    assert!(
-        output.status.success(),
-        "kalandra admin {args:?} failed ({:?}): {}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    common::admin_ok_at(address, token_file, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_moderates_with_kalandra_admin() {
     let server_dir = tempfile::tempdir().unwrap();
     let server = Server::start(server_dir.path()).await;
-    let address = server.admin_address();
-    let token_file = server_dir.path().join("admin-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let operator = start_admin(&server, TOKEN, server_dir.path()).await;
+    let (address, token_file) = (operator.address, operator.token_file.clone());
 
     // Alice creates a room and invites Bob and Carol with the client commands.
     let (alice, bob, carol) =

@@ -90,6 +90,34 @@ pub struct RoomSummary {
     pub members: Vec<u64>,
     /// The next log index this device will read.
     pub next_log_index: u64,
+    /// Whether this device's removal is proposed (it can no longer send).
+    pub removal_pending: bool,
+}
+
+/// A room that failed while a call went over every room; the other rooms
+/// went on.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct RoomFailure {
+    /// The room (16 bytes).
+    pub room_id: Vec<u8>,
+    /// The server's error code, when the server refused.
+    pub code: Option<u16>,
+    /// What failed, as the error raised for it would say.
+    pub detail: String,
+}
+
+impl From<client_core::client::RoomFailure> for RoomFailure {
+    fn from(failure: client_core::client::RoomFailure) -> Self {
+        RoomFailure {
+            room_id: failure.room_id.0.to_vec(),
+            code: failure.error.code(),
+            detail: KalandraError::from(failure.error).to_string(),
+        }
+    }
+}
+
+fn failures(list: Vec<client_core::client::RoomFailure>) -> Vec<RoomFailure> {
+    list.into_iter().map(RoomFailure::from).collect()
 }
 
 fn room(room_id: &[u8]) -> Result<RoomId, KalandraError> {
@@ -124,10 +152,14 @@ fn messages(list: Vec<client_core::client::Message>) -> Vec<Message> {
 /// What [`Device::background_sync`] did and left.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct BackgroundReport {
+    /// Rooms brought to their current epoch, commits settled (first pass).
+    pub rooms_settled: Vec<Vec<u8>>,
     /// Rooms caught up, in the order handled (rooms waiting on a commit first).
     pub rooms_synced: Vec<Vec<u8>>,
     /// Rooms left for the next call.
     pub rooms_left: Vec<Vec<u8>>,
+    /// Rooms that failed; the others went on.
+    pub rooms_failed: Vec<RoomFailure>,
     /// Outbox messages sent.
     pub outbox_sent: u64,
     /// Messages still in the outbox.
@@ -140,8 +172,10 @@ impl From<client_core::client::BackgroundReport> for BackgroundReport {
     fn from(report: client_core::client::BackgroundReport) -> Self {
         let ids = |rooms: Vec<RoomId>| rooms.into_iter().map(|room| room.0.to_vec()).collect();
         BackgroundReport {
+            rooms_settled: ids(report.rooms_settled),
             rooms_synced: ids(report.rooms_synced),
             rooms_left: ids(report.rooms_left),
+            rooms_failed: failures(report.rooms_failed),
             outbox_sent: u64::try_from(report.outbox_sent).unwrap_or(u64::MAX),
             outbox_left: u64::try_from(report.outbox_left).unwrap_or(u64::MAX),
             budget_exhausted: report.budget_exhausted,
@@ -213,9 +247,11 @@ impl Device {
         Ok(())
     }
 
-    /// Connects, authenticates, catches every room up and sends the outbox.
-    pub async fn connect(&self) -> Result<(), KalandraError> {
-        Ok(self.client.lock().await.connect().await?)
+    /// Connects, authenticates, catches every room up and sends the
+    /// outbox; returns the rooms that failed (the others went on). Raises
+    /// only for the whole device (the connection, the store).
+    pub async fn connect(&self) -> Result<Vec<RoomFailure>, KalandraError> {
+        Ok(failures(self.client.lock().await.connect().await?))
     }
 
     /// Closes the connection.
@@ -313,8 +349,14 @@ impl Device {
                 epoch: summary.epoch,
                 members: summary.members.iter().map(|member| member.0).collect(),
                 next_log_index: summary.next_log_index,
+                removal_pending: summary.removal_pending,
             })
             .collect()
+    }
+
+    /// The rooms this device has left (removed); their history stays.
+    pub async fn left_rooms(&self) -> Vec<Vec<u8>> {
+        self.client.lock().await.left_rooms().into_iter().map(|room| room.0.to_vec()).collect()
     }
 
     /// Messages waiting in the outbox.
@@ -323,9 +365,10 @@ impl Device {
     }
 
     /// A bounded catch-up for a background slot (Android foreground service
-    /// or job, iOS background task): within `budget_ms`, rooms waiting on a
-    /// commit or proposal first, then the other rooms, then the outbox;
-    /// returns what was done and what is left.
+    /// or job, iOS background task): within `budget_ms`, every room's
+    /// commits and proposals first (its epoch brought up to date, removals
+    /// committed), then every room's messages, then the outbox; returns what
+    /// was done, what is left and which rooms failed.
     pub async fn background_sync(&self, budget_ms: u64) -> Result<BackgroundReport, KalandraError> {
         Ok(self.client.lock().await.background_sync(wait(budget_ms)?).await?.into())
     }

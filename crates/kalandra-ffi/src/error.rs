@@ -79,6 +79,8 @@ impl From<ClientError> for KalandraError {
             | ClientError::AlreadyInitialised { .. }
             | ClientError::UnknownRoom(_)
             | ClientError::NotMember(_)
+            | ClientError::RemovalPending(_)
+            | ClientError::Undelivered { .. }
             | ClientError::UnknownMember(_)
             | ClientError::NoKeyPackage(_)
             | ClientError::OutboxFull

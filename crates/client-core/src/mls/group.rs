@@ -636,6 +636,17 @@ impl RoomGroup {
         self.group.public_group().group_context().tree_hash().to_vec()
     }
 
+    /// The leaves whose removal is proposed and not yet committed.
+    pub fn pending_removals(&self) -> Vec<u32> {
+        self.group
+            .pending_proposals()
+            .filter_map(|queued| match queued.proposal() {
+                Proposal::Remove(remove) => Some(remove.removed().u32()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Our leaf index.
     pub fn own_leaf_index(&self) -> u32 {
         self.group.own_leaf_index().u32()

@@ -130,3 +130,63 @@ pub async fn device(dir: &Path, byte: u8, server: &Server) -> Client {
     client.connect().await.unwrap();
     client
 }
+
+/// The server's admin API on loopback, and the file holding its token.
+pub struct Admin {
+    pub address: SocketAddr,
+    pub token_file: PathBuf,
+}
+
+/// Serves `server`'s admin API with operator token `token` (written to a
+/// file in `dir`).
+pub async fn start_admin(server: &Server, token: &str, dir: &Path) -> Admin {
+    assert_eq!(token, ADMIN_TOKEN, "the test server's admin API takes ADMIN_TOKEN");
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    Admin { address: server.admin_address(), token_file }
+}
+
+/// Runs `kalandra admin --url <admin> --token-file <file> <args>`.
+pub async fn admin_at(address: SocketAddr, token_file: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kalandra"));
+    command
+        .arg("admin")
+        .arg("--url")
+        .arg(format!("http://{address}"))
+        .arg("--token-file")
+        .arg(token_file)
+        .args(args)
+        .env_remove("KALANDRA_ADMIN_TOKEN")
+        .env_remove("KALANDRA_ADMIN_URL");
+    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+}
+
+/// `kalandra admin <args>` that must succeed; its JSON answer.
+pub async fn admin_ok_at(address: SocketAddr, token_file: &Path, args: &[&str]) -> serde_json::Value {
+    let output = admin_at(address, token_file, args).await;
+    assert!(
+        output.status.success(),
+        "kalandra admin {args:?} failed ({:?}): {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+impl Admin {
+    /// `kalandra admin <args>`.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        admin_at(self.address, &self.token_file, args).await
+    }
+
+    /// `kalandra admin <args>` that must succeed; its JSON answer.
+    pub async fn ok(&self, args: &[&str]) -> serde_json::Value {
+        admin_ok_at(self.address, &self.token_file, args).await
+    }
+}
+
+/// Creates a device with `kalandra init` against `server`; its sender id.
+pub async fn init_device(dir: &Path, server: &Server) -> String {
+    let address = server.address.to_string();
+    ok(dir, &["init", "--server", &address, "--fingerprint", &server.fingerprint_hex]).await.trim().to_owned()
+}

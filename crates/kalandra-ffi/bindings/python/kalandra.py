@@ -529,11 +529,11 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file() != 21704:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() != 16515:
+    if lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() != 32604:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_ban() != 38201:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_kalandra_ffi_checksum_method_device_connect() != 49200:
+    if lib.uniffi_kalandra_ffi_checksum_method_device_connect() != 50291:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_create_room() != 20518:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -556,6 +556,8 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_kalandra_ffi_checksum_method_device_kick() != 55628:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_leave() != 6801:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_kalandra_ffi_checksum_method_device_left_rooms() != 10859:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_next_message() != 34778:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -670,6 +672,9 @@ _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_kick.restype = ctypes.c_ui
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_leave.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_leave.restype = ctypes.c_uint16
+_UniffiLib.uniffi_kalandra_ffi_checksum_method_device_left_rooms.argtypes = (
+)
+_UniffiLib.uniffi_kalandra_ffi_checksum_method_device_left_rooms.restype = ctypes.c_uint16
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_next_message.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_next_message.restype = ctypes.c_uint16
@@ -809,6 +814,10 @@ _UniffiLib.uniffi_kalandra_ffi_fn_method_device_leave.argtypes = (
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_kalandra_ffi_fn_method_device_leave.restype = ctypes.c_uint64
+_UniffiLib.uniffi_kalandra_ffi_fn_method_device_left_rooms.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_kalandra_ffi_fn_method_device_left_rooms.restype = ctypes.c_uint64
 _UniffiLib.uniffi_kalandra_ffi_fn_method_device_next_message.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint64,
@@ -1266,6 +1275,145 @@ class _UniffiFfiConverterSequenceBytes(_UniffiConverterRustBuffer):
             _UniffiFfiConverterBytes.read(buf) for i in range(count)
         ]
 
+class _UniffiFfiConverterUInt16(_UniffiConverterPrimitiveInt):
+    CLASS_NAME = "u16"
+    VALUE_MIN = 0
+    VALUE_MAX = 2**16
+
+    @staticmethod
+    def read(buf):
+        return buf.read_u16()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_u16(value)
+
+class _UniffiFfiConverterOptionalUInt16(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterUInt16.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterUInt16.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterUInt16.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
+class _UniffiFfiConverterString:
+    @staticmethod
+    def check_lower(value):
+        if not isinstance(value, str):
+            raise TypeError("argument must be str, not {}".format(type(value).__name__))
+        return value
+
+    @staticmethod
+    def read(buf):
+        size = buf.read_i32()
+        if size < 0:
+            raise InternalError("Unexpected negative string length")
+        utf8_bytes = buf.read(size)
+        return utf8_bytes.decode("utf-8")
+
+    @staticmethod
+    def write(value, buf):
+        utf8_bytes = value.encode("utf-8")
+        buf.write_i32(len(utf8_bytes))
+        buf.write(utf8_bytes)
+
+    @staticmethod
+    def lift(buf):
+        with buf.consume_with_stream() as stream:
+            return stream.read(stream.remaining()).decode("utf-8")
+
+    @staticmethod
+    def lower(value):
+        with _UniffiRustBuffer.alloc_with_builder() as builder:
+            builder.write(value.encode("utf-8"))
+            return builder.finalize()
+
+@dataclass
+class RoomFailure:
+    """
+    A room that failed while a call went over every room; the other rooms
+    went on.
+"""
+    def __init__(self, *, room_id:bytes, code:typing.Optional[int], detail:str):
+        self.room_id = room_id
+        self.code = code
+        self.detail = detail
+        
+        
+
+    
+    def __str__(self):
+        return "RoomFailure(room_id={}, code={}, detail={})".format(self.room_id, self.code, self.detail)
+    def __eq__(self, other):
+        if self.room_id != other.room_id:
+            return False
+        if self.code != other.code:
+            return False
+        if self.detail != other.detail:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeRoomFailure(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return RoomFailure(
+            room_id=_UniffiFfiConverterBytes.read(buf),
+            code=_UniffiFfiConverterOptionalUInt16.read(buf),
+            detail=_UniffiFfiConverterString.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterBytes.check_lower(value.room_id)
+        _UniffiFfiConverterOptionalUInt16.check_lower(value.code)
+        _UniffiFfiConverterString.check_lower(value.detail)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterBytes.write(value.room_id, buf)
+        _UniffiFfiConverterOptionalUInt16.write(value.code, buf)
+        _UniffiFfiConverterString.write(value.detail, buf)
+
+class _UniffiFfiConverterSequenceTypeRoomFailure(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypeRoomFailure.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypeRoomFailure.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypeRoomFailure.read(buf) for i in range(count)
+        ]
+
 class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     CLASS_NAME = "u64"
     VALUE_MIN = 0
@@ -1305,9 +1453,11 @@ class BackgroundReport:
     """
     What [`Device::background_sync`] did and left.
 """
-    def __init__(self, *, rooms_synced:typing.List[bytes], rooms_left:typing.List[bytes], outbox_sent:int, outbox_left:int, budget_exhausted:bool):
+    def __init__(self, *, rooms_settled:typing.List[bytes], rooms_synced:typing.List[bytes], rooms_left:typing.List[bytes], rooms_failed:typing.List[RoomFailure], outbox_sent:int, outbox_left:int, budget_exhausted:bool):
+        self.rooms_settled = rooms_settled
         self.rooms_synced = rooms_synced
         self.rooms_left = rooms_left
+        self.rooms_failed = rooms_failed
         self.outbox_sent = outbox_sent
         self.outbox_left = outbox_left
         self.budget_exhausted = budget_exhausted
@@ -1316,11 +1466,15 @@ class BackgroundReport:
 
     
     def __str__(self):
-        return "BackgroundReport(rooms_synced={}, rooms_left={}, outbox_sent={}, outbox_left={}, budget_exhausted={})".format(self.rooms_synced, self.rooms_left, self.outbox_sent, self.outbox_left, self.budget_exhausted)
+        return "BackgroundReport(rooms_settled={}, rooms_synced={}, rooms_left={}, rooms_failed={}, outbox_sent={}, outbox_left={}, budget_exhausted={})".format(self.rooms_settled, self.rooms_synced, self.rooms_left, self.rooms_failed, self.outbox_sent, self.outbox_left, self.budget_exhausted)
     def __eq__(self, other):
+        if self.rooms_settled != other.rooms_settled:
+            return False
         if self.rooms_synced != other.rooms_synced:
             return False
         if self.rooms_left != other.rooms_left:
+            return False
+        if self.rooms_failed != other.rooms_failed:
             return False
         if self.outbox_sent != other.outbox_sent:
             return False
@@ -1334,8 +1488,10 @@ class _UniffiFfiConverterTypeBackgroundReport(_UniffiConverterRustBuffer):
     @staticmethod
     def read(buf):
         return BackgroundReport(
+            rooms_settled=_UniffiFfiConverterSequenceBytes.read(buf),
             rooms_synced=_UniffiFfiConverterSequenceBytes.read(buf),
             rooms_left=_UniffiFfiConverterSequenceBytes.read(buf),
+            rooms_failed=_UniffiFfiConverterSequenceTypeRoomFailure.read(buf),
             outbox_sent=_UniffiFfiConverterUInt64.read(buf),
             outbox_left=_UniffiFfiConverterUInt64.read(buf),
             budget_exhausted=_UniffiFfiConverterBoolean.read(buf),
@@ -1343,16 +1499,20 @@ class _UniffiFfiConverterTypeBackgroundReport(_UniffiConverterRustBuffer):
 
     @staticmethod
     def check_lower(value):
+        _UniffiFfiConverterSequenceBytes.check_lower(value.rooms_settled)
         _UniffiFfiConverterSequenceBytes.check_lower(value.rooms_synced)
         _UniffiFfiConverterSequenceBytes.check_lower(value.rooms_left)
+        _UniffiFfiConverterSequenceTypeRoomFailure.check_lower(value.rooms_failed)
         _UniffiFfiConverterUInt64.check_lower(value.outbox_sent)
         _UniffiFfiConverterUInt64.check_lower(value.outbox_left)
         _UniffiFfiConverterBoolean.check_lower(value.budget_exhausted)
 
     @staticmethod
     def write(value, buf):
+        _UniffiFfiConverterSequenceBytes.write(value.rooms_settled, buf)
         _UniffiFfiConverterSequenceBytes.write(value.rooms_synced, buf)
         _UniffiFfiConverterSequenceBytes.write(value.rooms_left, buf)
+        _UniffiFfiConverterSequenceTypeRoomFailure.write(value.rooms_failed, buf)
         _UniffiFfiConverterUInt64.write(value.outbox_sent, buf)
         _UniffiFfiConverterUInt64.write(value.outbox_left, buf)
         _UniffiFfiConverterBoolean.write(value.budget_exhausted, buf)
@@ -1379,38 +1539,6 @@ class _UniffiFfiConverterSequenceUInt64(_UniffiConverterRustBuffer):
         return [
             _UniffiFfiConverterUInt64.read(buf) for i in range(count)
         ]
-
-class _UniffiFfiConverterString:
-    @staticmethod
-    def check_lower(value):
-        if not isinstance(value, str):
-            raise TypeError("argument must be str, not {}".format(type(value).__name__))
-        return value
-
-    @staticmethod
-    def read(buf):
-        size = buf.read_i32()
-        if size < 0:
-            raise InternalError("Unexpected negative string length")
-        utf8_bytes = buf.read(size)
-        return utf8_bytes.decode("utf-8")
-
-    @staticmethod
-    def write(value, buf):
-        utf8_bytes = value.encode("utf-8")
-        buf.write_i32(len(utf8_bytes))
-        buf.write(utf8_bytes)
-
-    @staticmethod
-    def lift(buf):
-        with buf.consume_with_stream() as stream:
-            return stream.read(stream.remaining()).decode("utf-8")
-
-    @staticmethod
-    def lower(value):
-        with _UniffiRustBuffer.alloc_with_builder() as builder:
-            builder.write(value.encode("utf-8"))
-            return builder.finalize()
 
 
 
@@ -1751,17 +1879,18 @@ class RoomSummary:
     """
     A room as this device sees it.
 """
-    def __init__(self, *, room_id:bytes, epoch:int, members:typing.List[int], next_log_index:int):
+    def __init__(self, *, room_id:bytes, epoch:int, members:typing.List[int], next_log_index:int, removal_pending:bool):
         self.room_id = room_id
         self.epoch = epoch
         self.members = members
         self.next_log_index = next_log_index
+        self.removal_pending = removal_pending
         
         
 
     
     def __str__(self):
-        return "RoomSummary(room_id={}, epoch={}, members={}, next_log_index={})".format(self.room_id, self.epoch, self.members, self.next_log_index)
+        return "RoomSummary(room_id={}, epoch={}, members={}, next_log_index={}, removal_pending={})".format(self.room_id, self.epoch, self.members, self.next_log_index, self.removal_pending)
     def __eq__(self, other):
         if self.room_id != other.room_id:
             return False
@@ -1770,6 +1899,8 @@ class RoomSummary:
         if self.members != other.members:
             return False
         if self.next_log_index != other.next_log_index:
+            return False
+        if self.removal_pending != other.removal_pending:
             return False
         return True
 
@@ -1781,6 +1912,7 @@ class _UniffiFfiConverterTypeRoomSummary(_UniffiConverterRustBuffer):
             epoch=_UniffiFfiConverterUInt64.read(buf),
             members=_UniffiFfiConverterSequenceUInt64.read(buf),
             next_log_index=_UniffiFfiConverterUInt64.read(buf),
+            removal_pending=_UniffiFfiConverterBoolean.read(buf),
         )
 
     @staticmethod
@@ -1789,6 +1921,7 @@ class _UniffiFfiConverterTypeRoomSummary(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt64.check_lower(value.epoch)
         _UniffiFfiConverterSequenceUInt64.check_lower(value.members)
         _UniffiFfiConverterUInt64.check_lower(value.next_log_index)
+        _UniffiFfiConverterBoolean.check_lower(value.removal_pending)
 
     @staticmethod
     def write(value, buf):
@@ -1796,19 +1929,7 @@ class _UniffiFfiConverterTypeRoomSummary(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt64.write(value.epoch, buf)
         _UniffiFfiConverterSequenceUInt64.write(value.members, buf)
         _UniffiFfiConverterUInt64.write(value.next_log_index, buf)
-
-class _UniffiFfiConverterUInt16(_UniffiConverterPrimitiveInt):
-    CLASS_NAME = "u16"
-    VALUE_MIN = 0
-    VALUE_MAX = 2**16
-
-    @staticmethod
-    def read(buf):
-        return buf.read_u16()
-
-    @staticmethod
-    def write(value, buf):
-        buf.write_u16(value)
+        _UniffiFfiConverterBoolean.write(value.removal_pending, buf)
 
 
 
@@ -2323,9 +2444,10 @@ class DeviceProtocol(typing.Protocol):
     async def background_sync(self, budget_ms: int) -> BackgroundReport:
         """
         A bounded catch-up for a background slot (Android foreground service
-        or job, iOS background task): within `budget_ms`, rooms waiting on a
-        commit or proposal first, then the other rooms, then the outbox;
-        returns what was done and what is left.
+        or job, iOS background task): within `budget_ms`, every room's
+        commits and proposals first (its epoch brought up to date, removals
+        committed), then every room's messages, then the outbox; returns what
+        was done, what is left and which rooms failed.
 """
         raise NotImplementedError
     async def ban(self, room_id: bytes,user: int,reason: str,duration_ms: typing.Optional[int]) -> int:
@@ -2333,9 +2455,11 @@ class DeviceProtocol(typing.Protocol):
         Moderation: bans `user` from the room, for `duration_ms` or for good.
 """
         raise NotImplementedError
-    async def connect(self, ) -> None:
+    async def connect(self, ) -> typing.List[RoomFailure]:
         """
-        Connects, authenticates, catches every room up and sends the outbox.
+        Connects, authenticates, catches every room up and sends the
+        outbox; returns the rooms that failed (the others went on). Raises
+        only for the whole device (the connection, the store).
 """
         raise NotImplementedError
     async def create_room(self, ) -> bytes:
@@ -2394,6 +2518,11 @@ class DeviceProtocol(typing.Protocol):
     async def leave(self, room_id: bytes) -> int:
         """
         Leaves the room.
+"""
+        raise NotImplementedError
+    async def left_rooms(self, ) -> typing.List[bytes]:
+        """
+        The rooms this device has left (removed); their history stays.
 """
         raise NotImplementedError
     async def next_message(self, wait_ms: int) -> typing.Optional[Message]:
@@ -2555,9 +2684,10 @@ class Device(DeviceProtocol):
     async def background_sync(self, budget_ms: int) -> BackgroundReport:
         """
         A bounded catch-up for a background slot (Android foreground service
-        or job, iOS background task): within `budget_ms`, rooms waiting on a
-        commit or proposal first, then the other rooms, then the outbox;
-        returns what was done and what is left.
+        or job, iOS background task): within `budget_ms`, every room's
+        commits and proposals first (its epoch brought up to date, removals
+        committed), then every room's messages, then the outbox; returns what
+        was done, what is left and which rooms failed.
 """
         
         _UniffiFfiConverterUInt64.check_lower(budget_ms)
@@ -2604,20 +2734,22 @@ class Device(DeviceProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
-    async def connect(self, ) -> None:
+    async def connect(self, ) -> typing.List[RoomFailure]:
         """
-        Connects, authenticates, catches every room up and sends the outbox.
+        Connects, authenticates, catches every room up and sends the
+        outbox; returns the rooms that failed (the others went on). Raises
+        only for the whole device (the connection, the store).
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
         )
-        _uniffi_lift_return = lambda val: None
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypeRoomFailure.lift
         _uniffi_error_converter = _UniffiFfiConverterTypeKalandraError
         return await _uniffi_rust_call_async(
             _UniffiLib.uniffi_kalandra_ffi_fn_method_device_connect(*_uniffi_lowered_args),
-            _UniffiLib.ffi_kalandra_ffi_rust_future_poll_void,
-            _UniffiLib.ffi_kalandra_ffi_rust_future_complete_void,
-            _UniffiLib.ffi_kalandra_ffi_rust_future_free_void,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer,
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
@@ -2839,6 +2971,23 @@ class Device(DeviceProtocol):
             _UniffiLib.ffi_kalandra_ffi_rust_future_poll_u64,
             _UniffiLib.ffi_kalandra_ffi_rust_future_complete_u64,
             _UniffiLib.ffi_kalandra_ffi_rust_future_free_u64,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
+    async def left_rooms(self, ) -> typing.List[bytes]:
+        """
+        The rooms this device has left (removed); their history stays.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceBytes.lift
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_kalandra_ffi_fn_method_device_left_rooms(*_uniffi_lowered_args),
+            _UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer,
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
@@ -3271,6 +3420,7 @@ __all__ = [
     "Body",
     "KalandraError",
     "NseError",
+    "RoomFailure",
     "BackgroundReport",
     "Message",
     "PushMessage",

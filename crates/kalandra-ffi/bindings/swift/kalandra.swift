@@ -609,9 +609,10 @@ public protocol DeviceProtocol: AnyObject, Sendable {
     
     /**
      * A bounded catch-up for a background slot (Android foreground service
-     * or job, iOS background task): within `budget_ms`, rooms waiting on a
-     * commit or proposal first, then the other rooms, then the outbox;
-     * returns what was done and what is left.
+     * or job, iOS background task): within `budget_ms`, every room's
+     * commits and proposals first (its epoch brought up to date, removals
+     * committed), then every room's messages, then the outbox; returns what
+     * was done, what is left and which rooms failed.
      */
     func backgroundSync(budgetMs: UInt64) async throws  -> BackgroundReport
     
@@ -621,9 +622,11 @@ public protocol DeviceProtocol: AnyObject, Sendable {
     func ban(roomId: Data, user: UInt64, reason: String, durationMs: UInt64?) async throws  -> UInt64
     
     /**
-     * Connects, authenticates, catches every room up and sends the outbox.
+     * Connects, authenticates, catches every room up and sends the
+     * outbox; returns the rooms that failed (the others went on). Raises
+     * only for the whole device (the connection, the store).
      */
-    func connect() async throws 
+    func connect() async throws  -> [RoomFailure]
     
     /**
      * Creates a room; returns its 16-byte id.
@@ -682,6 +685,11 @@ public protocol DeviceProtocol: AnyObject, Sendable {
      * Leaves the room.
      */
     func leave(roomId: Data) async throws  -> UInt64
+    
+    /**
+     * The rooms this device has left (removed); their history stays.
+     */
+    func leftRooms() async  -> [Data]
     
     /**
      * The next new entry of a subscribed room, waiting up to `wait_ms`;
@@ -854,9 +862,10 @@ public static func `open`(directory: String, storeKey: Data)throws  -> Device  {
     
     /**
      * A bounded catch-up for a background slot (Android foreground service
-     * or job, iOS background task): within `budget_ms`, rooms waiting on a
-     * commit or proposal first, then the other rooms, then the outbox;
-     * returns what was done and what is left.
+     * or job, iOS background task): within `budget_ms`, every room's
+     * commits and proposals first (its epoch brought up to date, removals
+     * committed), then every room's messages, then the outbox; returns what
+     * was done, what is left and which rooms failed.
      */
 open func backgroundSync(budgetMs: UInt64)async throws  -> BackgroundReport  {
     return
@@ -894,9 +903,11 @@ open func ban(roomId: Data, user: UInt64, reason: String, durationMs: UInt64?)as
 }
     
     /**
-     * Connects, authenticates, catches every room up and sends the outbox.
+     * Connects, authenticates, catches every room up and sends the
+     * outbox; returns the rooms that failed (the others went on). Raises
+     * only for the whole device (the connection, the store).
      */
-open func connect()async throws   {
+open func connect()async throws  -> [RoomFailure]  {
     return
         try  await uniffiRustCallAsync(
             rustFutureFunc: {
@@ -904,10 +915,10 @@ open func connect()async throws   {
                         self.uniffiCloneHandle()
                 )
             },
-            pollFunc: ffi_kalandra_ffi_rust_future_poll_void,
-            completeFunc: ffi_kalandra_ffi_rust_future_complete_void,
-            freeFunc: ffi_kalandra_ffi_rust_future_free_void,
-            liftFunc: { $0 },
+            pollFunc: ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_kalandra_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypeRoomFailure.lift,
             errorHandler: FfiConverterTypeKalandraError_lift
         )
 }
@@ -1117,6 +1128,26 @@ open func leave(roomId: Data)async throws  -> UInt64  {
             freeFunc: ffi_kalandra_ffi_rust_future_free_u64,
             liftFunc: FfiConverterUInt64.lift,
             errorHandler: FfiConverterTypeKalandraError_lift
+        )
+}
+    
+    /**
+     * The rooms this device has left (removed); their history stays.
+     */
+open func leftRooms()async  -> [Data]  {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_kalandra_ffi_fn_method_device_left_rooms(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_kalandra_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceData.lift,
+            errorHandler: nil
+            
         )
 }
     
@@ -1476,6 +1507,10 @@ public func FfiConverterTypeDevice_lower(_ value: Device) -> UInt64 {
  */
 public struct BackgroundReport: Equatable, Hashable {
     /**
+     * Rooms brought to their current epoch, commits settled (first pass).
+     */
+    public var roomsSettled: [Data]
+    /**
      * Rooms caught up, in the order handled (rooms waiting on a commit first).
      */
     public var roomsSynced: [Data]
@@ -1483,6 +1518,10 @@ public struct BackgroundReport: Equatable, Hashable {
      * Rooms left for the next call.
      */
     public var roomsLeft: [Data]
+    /**
+     * Rooms that failed; the others went on.
+     */
+    public var roomsFailed: [RoomFailure]
     /**
      * Outbox messages sent.
      */
@@ -1500,11 +1539,17 @@ public struct BackgroundReport: Equatable, Hashable {
     // declare one manually.
     public init(
         /**
+         * Rooms brought to their current epoch, commits settled (first pass).
+         */roomsSettled: [Data], 
+        /**
          * Rooms caught up, in the order handled (rooms waiting on a commit first).
          */roomsSynced: [Data], 
         /**
          * Rooms left for the next call.
          */roomsLeft: [Data], 
+        /**
+         * Rooms that failed; the others went on.
+         */roomsFailed: [RoomFailure], 
         /**
          * Outbox messages sent.
          */outboxSent: UInt64, 
@@ -1514,8 +1559,10 @@ public struct BackgroundReport: Equatable, Hashable {
         /**
          * Whether the budget ran out before everything was done.
          */budgetExhausted: Bool) {
+        self.roomsSettled = roomsSettled
         self.roomsSynced = roomsSynced
         self.roomsLeft = roomsLeft
+        self.roomsFailed = roomsFailed
         self.outboxSent = outboxSent
         self.outboxLeft = outboxLeft
         self.budgetExhausted = budgetExhausted
@@ -1537,8 +1584,10 @@ public struct FfiConverterTypeBackgroundReport: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BackgroundReport {
         return
             try BackgroundReport(
+                roomsSettled: FfiConverterSequenceData.read(from: &buf), 
                 roomsSynced: FfiConverterSequenceData.read(from: &buf), 
                 roomsLeft: FfiConverterSequenceData.read(from: &buf), 
+                roomsFailed: FfiConverterSequenceTypeRoomFailure.read(from: &buf), 
                 outboxSent: FfiConverterUInt64.read(from: &buf), 
                 outboxLeft: FfiConverterUInt64.read(from: &buf), 
                 budgetExhausted: FfiConverterBool.read(from: &buf)
@@ -1546,8 +1595,10 @@ public struct FfiConverterTypeBackgroundReport: FfiConverterRustBuffer {
     }
 
     public static func write(_ value: BackgroundReport, into buf: inout [UInt8]) {
+        FfiConverterSequenceData.write(value.roomsSettled, into: &buf)
         FfiConverterSequenceData.write(value.roomsSynced, into: &buf)
         FfiConverterSequenceData.write(value.roomsLeft, into: &buf)
+        FfiConverterSequenceTypeRoomFailure.write(value.roomsFailed, into: &buf)
         FfiConverterUInt64.write(value.outboxSent, into: &buf)
         FfiConverterUInt64.write(value.outboxLeft, into: &buf)
         FfiConverterBool.write(value.budgetExhausted, into: &buf)
@@ -1749,6 +1800,86 @@ public func FfiConverterTypePushMessage_lower(_ value: PushMessage) -> RustBuffe
 
 
 /**
+ * A room that failed while a call went over every room; the other rooms
+ * went on.
+ */
+public struct RoomFailure: Equatable, Hashable {
+    /**
+     * The room (16 bytes).
+     */
+    public var roomId: Data
+    /**
+     * The server's error code, when the server refused.
+     */
+    public var code: UInt16?
+    /**
+     * What failed, as the error raised for it would say.
+     */
+    public var detail: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The room (16 bytes).
+         */roomId: Data, 
+        /**
+         * The server's error code, when the server refused.
+         */code: UInt16?, 
+        /**
+         * What failed, as the error raised for it would say.
+         */detail: String) {
+        self.roomId = roomId
+        self.code = code
+        self.detail = detail
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RoomFailure: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRoomFailure: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RoomFailure {
+        return
+            try RoomFailure(
+                roomId: FfiConverterData.read(from: &buf), 
+                code: FfiConverterOptionUInt16.read(from: &buf), 
+                detail: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RoomFailure, into buf: inout [UInt8]) {
+        FfiConverterData.write(value.roomId, into: &buf)
+        FfiConverterOptionUInt16.write(value.code, into: &buf)
+        FfiConverterString.write(value.detail, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRoomFailure_lift(_ buf: RustBuffer) throws -> RoomFailure {
+    return try FfiConverterTypeRoomFailure.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRoomFailure_lower(_ value: RoomFailure) -> RustBuffer {
+    return FfiConverterTypeRoomFailure.lower(value)
+}
+
+
+/**
  * A room as this device sees it.
  */
 public struct RoomSummary: Equatable, Hashable {
@@ -1768,6 +1899,10 @@ public struct RoomSummary: Equatable, Hashable {
      * The next log index this device will read.
      */
     public var nextLogIndex: UInt64
+    /**
+     * Whether this device's removal is proposed (it can no longer send).
+     */
+    public var removalPending: Bool
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1783,11 +1918,15 @@ public struct RoomSummary: Equatable, Hashable {
          */members: [UInt64], 
         /**
          * The next log index this device will read.
-         */nextLogIndex: UInt64) {
+         */nextLogIndex: UInt64, 
+        /**
+         * Whether this device's removal is proposed (it can no longer send).
+         */removalPending: Bool) {
         self.roomId = roomId
         self.epoch = epoch
         self.members = members
         self.nextLogIndex = nextLogIndex
+        self.removalPending = removalPending
     }
 
     
@@ -1809,7 +1948,8 @@ public struct FfiConverterTypeRoomSummary: FfiConverterRustBuffer {
                 roomId: FfiConverterData.read(from: &buf), 
                 epoch: FfiConverterUInt64.read(from: &buf), 
                 members: FfiConverterSequenceUInt64.read(from: &buf), 
-                nextLogIndex: FfiConverterUInt64.read(from: &buf)
+                nextLogIndex: FfiConverterUInt64.read(from: &buf), 
+                removalPending: FfiConverterBool.read(from: &buf)
         )
     }
 
@@ -1818,6 +1958,7 @@ public struct FfiConverterTypeRoomSummary: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.epoch, into: &buf)
         FfiConverterSequenceUInt64.write(value.members, into: &buf)
         FfiConverterUInt64.write(value.nextLogIndex, into: &buf)
+        FfiConverterBool.write(value.removalPending, into: &buf)
     }
 }
 
@@ -2315,6 +2456,30 @@ public func FfiConverterTypeNseError_lower(_ value: NseError) -> RustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionUInt16: FfiConverterRustBuffer {
+    typealias SwiftType = UInt16?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterUInt16.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterUInt16.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionUInt64: FfiConverterRustBuffer {
     typealias SwiftType = UInt64?
 
@@ -2430,6 +2595,31 @@ fileprivate struct FfiConverterSequenceTypeMessage: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeMessage.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeRoomFailure: FfiConverterRustBuffer {
+    typealias SwiftType = [RoomFailure]
+
+    public static func write(_ value: [RoomFailure], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeRoomFailure.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [RoomFailure] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [RoomFailure]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeRoomFailure.read(from: &buf))
         }
         return seq
     }
@@ -2555,13 +2745,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_kalandra_ffi_checksum_func_decrypt_push_file() != 21704) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_kalandra_ffi_checksum_method_device_background_sync() != 16515) {
+    if (uniffi_kalandra_ffi_checksum_method_device_background_sync() != 32604) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_ban() != 38201) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_kalandra_ffi_checksum_method_device_connect() != 49200) {
+    if (uniffi_kalandra_ffi_checksum_method_device_connect() != 50291) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_create_room() != 20518) {
@@ -2595,6 +2785,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_leave() != 6801) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_kalandra_ffi_checksum_method_device_left_rooms() != 10859) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_next_message() != 34778) {

@@ -333,6 +333,11 @@ uint64_t uniffi_kalandra_ffi_fn_method_device_kick(uint64_t ptr, RustBuffer room
 uint64_t uniffi_kalandra_ffi_fn_method_device_leave(uint64_t ptr, RustBuffer room_id
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_LEFT_ROOMS
+#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_LEFT_ROOMS
+uint64_t uniffi_kalandra_ffi_fn_method_device_left_rooms(uint64_t ptr
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_NEXT_MESSAGE
 #define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_NEXT_MESSAGE
 uint64_t uniffi_kalandra_ffi_fn_method_device_next_message(uint64_t ptr, uint64_t wait_ms
@@ -776,6 +781,12 @@ uint16_t uniffi_kalandra_ffi_checksum_method_device_kick(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_LEAVE
 #define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_LEAVE
 uint16_t uniffi_kalandra_ffi_checksum_method_device_leave(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_LEFT_ROOMS
+#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_LEFT_ROOMS
+uint16_t uniffi_kalandra_ffi_checksum_method_device_left_rooms(void
     
 );
 #endif

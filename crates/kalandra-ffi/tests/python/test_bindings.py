@@ -109,7 +109,7 @@ def store_key(byte):
 async def device(directory, byte, server):
     dev = kalandra.Device.init(str(directory), store_key(byte))
     await dev.set_server(server["address"], "localhost", server["fingerprint"])
-    await dev.connect()
+    assert await dev.connect() == []
     return dev
 
 
@@ -125,6 +125,8 @@ async def conversation(tmp_path, server, webhook):
     assert await alice.invite(room, [bob.sender_id()]) == 1
     assert await bob.join(room, 10_000) == 1
     assert {r.room_id for r in await bob.rooms()} == {room}
+    assert not any(r.removal_pending for r in await bob.rooms())
+    assert await bob.left_rooms() == []
 
     first = await alice.send(room, b"hello bob")
     await bob.sync(room)
@@ -166,6 +168,7 @@ async def conversation(tmp_path, server, webhook):
     # Bob's background slot: a bounded catch-up, then the message is there.
     report = await bob.background_sync(30_000)
     assert report.rooms_synced == [room] and report.rooms_left == [] and not report.budget_exhausted
+    assert report.rooms_settled == [room] and report.rooms_failed == []
     assert texts(await bob.history(room, 0, 100))[-1] == b"are you there?"
     await alice.disconnect()
     await bob.disconnect()

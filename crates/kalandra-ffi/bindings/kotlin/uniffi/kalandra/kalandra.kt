@@ -714,6 +714,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_leave(
     ): Int
+    external fun uniffi_kalandra_ffi_checksum_method_device_left_rooms(
+    ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_next_message(
     ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_outbox_len(
@@ -805,6 +807,8 @@ internal object UniffiLib {
     external fun uniffi_kalandra_ffi_fn_method_device_kick(`ptr`: Long,`roomId`: RustBuffer.ByValue,`member`: Long,`reason`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_kalandra_ffi_fn_method_device_leave(`ptr`: Long,`roomId`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_kalandra_ffi_fn_method_device_left_rooms(`ptr`: Long,
     ): Long
     external fun uniffi_kalandra_ffi_fn_method_device_next_message(`ptr`: Long,`waitMs`: Long,
     ): Long
@@ -967,13 +971,13 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file() and 0xFFFF) != 21704) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() and 0xFFFF) != 16515) {
+    if ((lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() and 0xFFFF) != 32604) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_ban() and 0xFFFF) != 38201) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_kalandra_ffi_checksum_method_device_connect() and 0xFFFF) != 49200) {
+    if ((lib.uniffi_kalandra_ffi_checksum_method_device_connect() and 0xFFFF) != 50291) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_create_room() and 0xFFFF) != 20518) {
@@ -1007,6 +1011,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_leave() and 0xFFFF) != 6801) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_kalandra_ffi_checksum_method_device_left_rooms() and 0xFFFF) != 10859) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_next_message() and 0xFFFF) != 34778) {
@@ -1536,9 +1543,10 @@ public interface DeviceInterface {
     
     /**
      * A bounded catch-up for a background slot (Android foreground service
-     * or job, iOS background task): within `budget_ms`, rooms waiting on a
-     * commit or proposal first, then the other rooms, then the outbox;
-     * returns what was done and what is left.
+     * or job, iOS background task): within `budget_ms`, every room's
+     * commits and proposals first (its epoch brought up to date, removals
+     * committed), then every room's messages, then the outbox; returns what
+     * was done, what is left and which rooms failed.
      */
     suspend fun `backgroundSync`(`budgetMs`: kotlin.ULong): BackgroundReport
     
@@ -1548,9 +1556,11 @@ public interface DeviceInterface {
     suspend fun `ban`(`roomId`: kotlin.ByteArray, `user`: kotlin.ULong, `reason`: kotlin.String, `durationMs`: kotlin.ULong?): kotlin.ULong
     
     /**
-     * Connects, authenticates, catches every room up and sends the outbox.
+     * Connects, authenticates, catches every room up and sends the
+     * outbox; returns the rooms that failed (the others went on). Raises
+     * only for the whole device (the connection, the store).
      */
-    suspend fun `connect`()
+    suspend fun `connect`(): List<RoomFailure>
     
     /**
      * Creates a room; returns its 16-byte id.
@@ -1609,6 +1619,11 @@ public interface DeviceInterface {
      * Leaves the room.
      */
     suspend fun `leave`(`roomId`: kotlin.ByteArray): kotlin.ULong
+    
+    /**
+     * The rooms this device has left (removed); their history stays.
+     */
+    suspend fun `leftRooms`(): List<kotlin.ByteArray>
     
     /**
      * The next new entry of a subscribed room, waiting up to `wait_ms`;
@@ -1805,9 +1820,10 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
     
     /**
      * A bounded catch-up for a background slot (Android foreground service
-     * or job, iOS background task): within `budget_ms`, rooms waiting on a
-     * commit or proposal first, then the other rooms, then the outbox;
-     * returns what was done and what is left.
+     * or job, iOS background task): within `budget_ms`, every room's
+     * commits and proposals first (its epoch brought up to date, removals
+     * committed), then every room's messages, then the outbox; returns what
+     * was done, what is left and which rooms failed.
      */
     @Throws(KalandraException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
@@ -1860,11 +1876,13 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
 
     
     /**
-     * Connects, authenticates, catches every room up and sends the outbox.
+     * Connects, authenticates, catches every room up and sends the
+     * outbox; returns the rooms that failed (the others went on). Raises
+     * only for the whole device (the connection, the store).
      */
     @Throws(KalandraException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
-    override suspend fun `connect`() {
+    override suspend fun `connect`() : List<RoomFailure> {
         return uniffiRustCallAsync(
         callWithHandle { uniffiHandle ->
             UniffiLib.uniffi_kalandra_ffi_fn_method_device_connect(
@@ -1872,12 +1890,11 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
                 
             )
         },
-        { future, callback, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_poll_void(future, callback, continuation) },
-        { future, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_complete_void(future, continuation) },
-        { future -> UniffiLib.ffi_kalandra_ffi_rust_future_free_void(future) },
+        { future, callback, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer(future) },
         // lift function
-        { },
-        
+        { FfiConverterSequenceTypeRoomFailure.lift(it) },
         // Error FFI converter
         KalandraException.ErrorHandler,
     )
@@ -2148,6 +2165,29 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
         { FfiConverterULong.lift(it) },
         // Error FFI converter
         KalandraException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * The rooms this device has left (removed); their history stays.
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `leftRooms`() : List<kotlin.ByteArray> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_kalandra_ffi_fn_method_device_left_rooms(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceByteArray.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
     )
     }
 
@@ -2640,6 +2680,11 @@ public object FfiConverterTypeDevice: FfiConverter<Device, Long> {
  */
 data class BackgroundReport (
     /**
+     * Rooms brought to their current epoch, commits settled (first pass).
+     */
+    var `roomsSettled`: List<kotlin.ByteArray>
+    , 
+    /**
      * Rooms caught up, in the order handled (rooms waiting on a commit first).
      */
     var `roomsSynced`: List<kotlin.ByteArray>
@@ -2648,6 +2693,11 @@ data class BackgroundReport (
      * Rooms left for the next call.
      */
     var `roomsLeft`: List<kotlin.ByteArray>
+    , 
+    /**
+     * Rooms that failed; the others went on.
+     */
+    var `roomsFailed`: List<RoomFailure>
     , 
     /**
      * Outbox messages sent.
@@ -2681,6 +2731,8 @@ public object FfiConverterTypeBackgroundReport: FfiConverterRustBuffer<Backgroun
         return BackgroundReport(
             FfiConverterSequenceByteArray.read(buf),
             FfiConverterSequenceByteArray.read(buf),
+            FfiConverterSequenceByteArray.read(buf),
+            FfiConverterSequenceTypeRoomFailure.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterBoolean.read(buf),
@@ -2688,16 +2740,20 @@ public object FfiConverterTypeBackgroundReport: FfiConverterRustBuffer<Backgroun
     }
 
     override fun allocationSize(value: BackgroundReport) = (
+            FfiConverterSequenceByteArray.allocationSize(value.`roomsSettled`) +
             FfiConverterSequenceByteArray.allocationSize(value.`roomsSynced`) +
             FfiConverterSequenceByteArray.allocationSize(value.`roomsLeft`) +
+            FfiConverterSequenceTypeRoomFailure.allocationSize(value.`roomsFailed`) +
             FfiConverterULong.allocationSize(value.`outboxSent`) +
             FfiConverterULong.allocationSize(value.`outboxLeft`) +
             FfiConverterBoolean.allocationSize(value.`budgetExhausted`)
     )
 
     override fun write(value: BackgroundReport, buf: ByteBuffer) {
+            FfiConverterSequenceByteArray.write(value.`roomsSettled`, buf)
             FfiConverterSequenceByteArray.write(value.`roomsSynced`, buf)
             FfiConverterSequenceByteArray.write(value.`roomsLeft`, buf)
+            FfiConverterSequenceTypeRoomFailure.write(value.`roomsFailed`, buf)
             FfiConverterULong.write(value.`outboxSent`, buf)
             FfiConverterULong.write(value.`outboxLeft`, buf)
             FfiConverterBoolean.write(value.`budgetExhausted`, buf)
@@ -2833,6 +2889,62 @@ public object FfiConverterTypePushMessage: FfiConverterRustBuffer<PushMessage> {
 
 
 /**
+ * A room that failed while a call went over every room; the other rooms
+ * went on.
+ */
+data class RoomFailure (
+    /**
+     * The room (16 bytes).
+     */
+    var `roomId`: kotlin.ByteArray
+    , 
+    /**
+     * The server's error code, when the server refused.
+     */
+    var `code`: kotlin.UShort?
+    , 
+    /**
+     * What failed, as the error raised for it would say.
+     */
+    var `detail`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRoomFailure: FfiConverterRustBuffer<RoomFailure> {
+    override fun read(buf: ByteBuffer): RoomFailure {
+        return RoomFailure(
+            FfiConverterByteArray.read(buf),
+            FfiConverterOptionalUShort.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RoomFailure) = (
+            FfiConverterByteArray.allocationSize(value.`roomId`) +
+            FfiConverterOptionalUShort.allocationSize(value.`code`) +
+            FfiConverterString.allocationSize(value.`detail`)
+    )
+
+    override fun write(value: RoomFailure, buf: ByteBuffer) {
+            FfiConverterByteArray.write(value.`roomId`, buf)
+            FfiConverterOptionalUShort.write(value.`code`, buf)
+            FfiConverterString.write(value.`detail`, buf)
+    }
+}
+
+
+
+/**
  * A room as this device sees it.
  */
 data class RoomSummary (
@@ -2855,6 +2967,11 @@ data class RoomSummary (
      * The next log index this device will read.
      */
     var `nextLogIndex`: kotlin.ULong
+    , 
+    /**
+     * Whether this device's removal is proposed (it can no longer send).
+     */
+    var `removalPending`: kotlin.Boolean
     
 ){
     
@@ -2875,6 +2992,7 @@ public object FfiConverterTypeRoomSummary: FfiConverterRustBuffer<RoomSummary> {
             FfiConverterULong.read(buf),
             FfiConverterSequenceULong.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterBoolean.read(buf),
         )
     }
 
@@ -2882,7 +3000,8 @@ public object FfiConverterTypeRoomSummary: FfiConverterRustBuffer<RoomSummary> {
             FfiConverterByteArray.allocationSize(value.`roomId`) +
             FfiConverterULong.allocationSize(value.`epoch`) +
             FfiConverterSequenceULong.allocationSize(value.`members`) +
-            FfiConverterULong.allocationSize(value.`nextLogIndex`)
+            FfiConverterULong.allocationSize(value.`nextLogIndex`) +
+            FfiConverterBoolean.allocationSize(value.`removalPending`)
     )
 
     override fun write(value: RoomSummary, buf: ByteBuffer) {
@@ -2890,6 +3009,7 @@ public object FfiConverterTypeRoomSummary: FfiConverterRustBuffer<RoomSummary> {
             FfiConverterULong.write(value.`epoch`, buf)
             FfiConverterSequenceULong.write(value.`members`, buf)
             FfiConverterULong.write(value.`nextLogIndex`, buf)
+            FfiConverterBoolean.write(value.`removalPending`, buf)
     }
 }
 
@@ -3509,6 +3629,38 @@ public object FfiConverterTypeNseError : FfiConverterRustBuffer<NseException> {
 /**
  * @suppress
  */
+public object FfiConverterOptionalUShort: FfiConverterRustBuffer<kotlin.UShort?> {
+    override fun read(buf: ByteBuffer): kotlin.UShort? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterUShort.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.UShort?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterUShort.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.UShort?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterUShort.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
     override fun read(buf: ByteBuffer): kotlin.ULong? {
         if (buf.get().toInt() == 0) {
@@ -3647,6 +3799,34 @@ public object FfiConverterSequenceTypeMessage: FfiConverterRustBuffer<List<Messa
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeMessage.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeRoomFailure: FfiConverterRustBuffer<List<RoomFailure>> {
+    override fun read(buf: ByteBuffer): List<RoomFailure> {
+        val len = buf.getInt()
+        return List<RoomFailure>(len) {
+            FfiConverterTypeRoomFailure.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<RoomFailure>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeRoomFailure.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<RoomFailure>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeRoomFailure.write(it, buf)
         }
     }
 }
