@@ -31,7 +31,7 @@ use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
 use kalandra_server::outbox::{Outbox, OutboxReceiver, Outgoing};
 use kalandra_server::room::{
-    error_frame, moderation_reply, moderation_request, server_frame, AppendBatch, ConnectionId, HistoryRead,
+    error_frame, moderation_reply, moderation_request, reply_frame, AppendBatch, ConnectionId, HistoryRead,
     ModerationDone, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig,
 };
 use kalandra_server::room_group::MlsRoomGroup;
@@ -596,7 +596,7 @@ impl<G: ServerGroup> Core<G> {
             }
             Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload }) => {
                 let reply = match directory::upload(self.shared.disk.as_ref(), sender, &upload) {
-                    Ok(status) => server_frame(RoomId::default(), request_id, &status),
+                    Ok(status) => reply_frame(RoomId::default(), request_id, &status),
                     Err(error) => {
                         error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
                     }
@@ -605,7 +605,7 @@ impl<G: ServerGroup> Core<G> {
             }
             Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim }) => {
                 let reply = match directory::claim(self.shared.disk.as_ref(), &claim) {
-                    Ok(claimed) => server_frame(RoomId::default(), request_id, &claimed),
+                    Ok(claimed) => reply_frame(RoomId::default(), request_id, &claimed),
                     Err(error) => {
                         error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
                     }

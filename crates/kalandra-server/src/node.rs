@@ -37,7 +37,7 @@ use crate::push::{PushNotification, PushQueue};
 pub use crate::room::limits;
 use crate::room::limits::*;
 pub use crate::room::{
-    error_frame, rejection_frame, server_frame, welcome_frame, ConnectionId, ModerationDone,
+    error_frame, rejection_frame, reply_frame, server_frame, welcome_frame, ConnectionId, ModerationDone,
     ModerationFailure, ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, MODERATION_TICK_MS,
     MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };

@@ -15,8 +15,8 @@ use crate::mls_state::{
     ServerSigner, StagedRoomCommit,
 };
 use crate::sequencer::{
-    CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
-    RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
+    check_group_info_fits, CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError,
+    ProposalRef, Proposer, RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
 };
 
 /// A room's public MLS state with a sender-id index.
@@ -144,13 +144,19 @@ impl MlsRoomGroup {
         Ok(())
     }
 
-    /// Everything decided on the merged state; returns the new ratchet tree
-    /// when the commit carries a Welcome.
+    /// Everything decided on the merged state: the GroupInfo (the new
+    /// epoch's, signed by the committer, servable with the new tree) and
+    /// the Welcome's size with the tree. Returns the new ratchet tree when
+    /// the commit carries a Welcome.
     fn check_merged(
         &self,
         summary: &crate::mls_state::CommitSummary,
         rules: &CommitRules<'_>,
     ) -> Result<Bytes, GroupError> {
+        if rules.group_info.is_none() && rules.welcome.is_none() {
+            return Ok(Bytes::new());
+        }
+        let tree = self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?;
         if let Some(group_info) = rules.group_info {
             let signer = self
                 .state
@@ -159,9 +165,9 @@ impl MlsRoomGroup {
             if signer != summary.committer.leaf_index {
                 return Err(GroupError::InvalidGroupInfo("GroupInfo is not signed by the committer".into()));
             }
+            check_group_info_fits(summary.epoch, group_info.len(), tree.len())?;
         }
         let Some((welcome_bytes, _)) = rules.welcome else { return Ok(Bytes::new()) };
-        let tree = self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?;
         let bytes = kalandra_proto::payload::Welcome::encoded_len(welcome_bytes, tree.len());
         if bytes > WELCOME_PAYLOAD_BYTES_MAX {
             return Err(GroupError::WelcomeTooLarge { bytes, max_bytes: WELCOME_PAYLOAD_BYTES_MAX });

@@ -10,7 +10,10 @@ use kalandra_proto::payload::{
     Ack, Commit, CreateRoom, Error as ErrorPayload, ExternalJoin, GroupInfo, GroupInfoRequest, JoinRule,
     Proposal,
 };
-use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId};
+use kalandra_proto::{ErrorCode, Frame, Opcode, Payload, RoomId};
+use openmls::prelude::OpenMlsProvider as _;
+use openmls::prelude::{Extension, GroupId, MlsGroup, MlsMessageOut, UnknownExtension};
+use tls_codec::Serialize as _;
 
 const ROOM: RoomId = RoomId(*b"room-for-testing");
 /// Shares the first eight bytes (which choose the shard) with [`ROOM`]:
@@ -46,6 +49,23 @@ async fn room_with(server: &TestServer, others: &mut [&mut TestClient]) -> TestC
         other.join_from_welcome(ROOM).await;
     }
     alice
+}
+
+/// The client's OpenMLS group as stored by its provider: `RoomGroup` builds
+/// only well-formed messages, these tests build hostile ones from it.
+fn mls_group(client: &TestClient) -> MlsGroup {
+    MlsGroup::load(client.provider.storage(), &GroupId::from_slice(&client.room.0)).unwrap().unwrap()
+}
+
+/// Drops a crafted commit the server refused and reloads the client's
+/// `RoomGroup` from storage.
+fn forget_crafted_commit(client: &mut TestClient, mut group: MlsGroup) {
+    group.clear_pending_commit(client.provider.storage()).unwrap();
+    client.group = Some(client_core::mls::RoomGroup::load(&client.provider, client.room.0).unwrap().unwrap());
+}
+
+fn encode(message: &MlsMessageOut) -> Vec<u8> {
+    message.tls_serialize_detached().unwrap()
 }
 
 async fn client_with_key_packages(server: &TestServer, name: &'static str, seed: u8) -> TestClient {
@@ -284,6 +304,88 @@ async fn a_room_must_list_exactly_the_server_key_as_its_external_sender() {
     assert_refused(&alice.request(&create).await, ErrorCode::InvalidGroupInfo, "foreign external sender");
     group.delete(&alice.provider).unwrap();
     assert_eq!(alice.create_room(ROOM).await.log_index, 0, "the id is still free");
+    still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}
+
+/// A self-update commit whose GroupInfo carries an unknown extension of
+/// `padding_bytes`: (commit, GroupInfo, ratchet tree of the new epoch).
+fn padded_group_info_commit(
+    client: &TestClient,
+    padding_bytes: usize,
+) -> (MlsGroup, Vec<u8>, Vec<u8>, usize) {
+    let mut group = mls_group(client);
+    let padding = Extension::Unknown(0xff00, UnknownExtension(vec![0x5a; padding_bytes]));
+    let provider = &client.provider;
+    let bundle = group
+        .commit_builder()
+        .force_self_update(true)
+        .load_psks(provider.storage())
+        .unwrap()
+        .create_group_info_with_extensions([padding])
+        .unwrap()
+        .build(provider.rand(), provider.crypto(), client.identity.signer(), |_| true)
+        .unwrap()
+        .stage_commit(provider)
+        .unwrap();
+    let (commit, _, group_info) = bundle.into_messages();
+    let staged = group.pending_commit().unwrap();
+    let tree = staged.export_ratchet_tree(provider.crypto(), group.export_ratchet_tree()).unwrap().unwrap();
+    let tree_bytes = tree.tls_serialize_detached().unwrap().len();
+    (group, encode(&commit), encode(&group_info.unwrap()), tree_bytes)
+}
+
+/// A GroupInfo that fits the Commit frame but not, with the room's ratchet
+/// tree, the GroupInfo reply used to be sequenced; every later GroupInfo
+/// request then panicked the shard. Now the commit is refused before it
+/// gets a log index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_info_that_could_not_be_served_with_the_tree_is_refused_before_sequencing() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut members = Vec::new();
+    for (name, seed) in
+        [("bob", 2), ("carol", 3), ("frank", 6), ("gina", 7), ("hal", 8), ("ian", 9), ("jo", 10)]
+    {
+        members.push(client_with_key_packages(&server, name, seed).await);
+    }
+    let mut refs: Vec<&mut TestClient> = members.iter_mut().collect();
+    let mut alice = room_with(&server, &mut refs).await;
+    let bob = &mut members[0];
+
+    // Fill the Commit frame exactly: the commit and its GroupInfo fit it.
+    let payload = |commit: Vec<u8>, group_info: Vec<u8>| Commit {
+        commit,
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: Some(group_info),
+    };
+    let mut padding = 1024;
+    let (group, oversize, group_info, tree_bytes) = loop {
+        let (mut group, commit, group_info, tree_bytes) = padded_group_info_commit(&alice, padding);
+        let commit = payload(commit, group_info.clone());
+        let len = commit.encode().len();
+        if len == PAYLOAD_BYTES_MAX as usize {
+            break (group, commit, group_info, tree_bytes);
+        }
+        group.clear_pending_commit(alice.provider.storage()).unwrap();
+        // Length fields grow with the padding: converge in a few rounds.
+        padding = (padding + PAYLOAD_BYTES_MAX as usize).checked_sub(len).unwrap();
+    };
+    let reply_bytes = GroupInfo::encoded_len(2, group_info.len(), tree_bytes);
+    assert!(reply_bytes > Opcode::GroupInfo.payload_bytes_max() as usize, "but the reply would not fit");
+
+    let reply = alice.request(&oversize).await;
+    assert_refused(&reply, ErrorCode::InvalidGroupInfo, "a GroupInfo the server could not serve");
+    forget_crafted_commit(&mut alice, group);
+    // The room still serves its GroupInfo, and it and its shard keep working.
+    let info: GroupInfo = decode_ok(&bob.request(&GroupInfoRequest {}).await);
+    assert_eq!(info.epoch, 1);
+    still_working(&mut alice, &mut dan).await;
+    let ack: Ack = decode_ok(&alice.self_update().await);
+    assert_eq!(ack.epoch, 2);
+    let info: GroupInfo = decode_ok(&bob.request(&GroupInfoRequest {}).await);
+    assert_eq!(info.epoch, 2);
     still_working(&mut alice, &mut dan).await;
     server.stop().await;
 }

@@ -15,8 +15,10 @@ pub use self::acts::{
     Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
     MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
+pub(crate) use self::frames::error_frame_with;
 pub use self::frames::{
-    erased_placeholder, error_frame, rejection_frame, server_frame, welcome_frame, WelcomeTooLarge,
+    erased_placeholder, error_frame, rejection_frame, reply_frame, server_frame, welcome_frame,
+    ReplyTooLarge, WelcomeTooLarge,
 };
 pub use self::moderation::{moderation_reply, moderation_request};
 pub use self::request::{OtherRoute, RoomRequest, Routed};

@@ -71,7 +71,7 @@ pub fn moderation_reply(
         Ok(done) => {
             let log_index = done.log_index.unwrap_or(u64::MAX);
             let ack = payload::Ack { log_index, epoch: done.epoch, server_time_ms: done.time_ms };
-            super::frames::server_frame(room_id, request_id, &ack)
+            super::frames::reply_frame(room_id, request_id, &ack)
         }
         Err(failure) => {
             super::frames::error_frame(room_id, request_id, failure.error_code(), &failure.to_string())

@@ -21,7 +21,9 @@ use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 
 use super::acts::{ActAwaitingProposal, ModerationFailure, ModerationWrite};
-use super::frames::{error_frame, error_frame_with, rejection_frame, server_frame, welcome_frame};
+use super::frames::{
+    error_frame, error_frame_with, rejection_frame, reply_frame, server_frame, welcome_frame,
+};
 use super::limits::*;
 use super::snapshot::RoomSnapshot;
 use crate::mls_state::ServerSigner;
@@ -611,7 +613,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         if delivered {
             subscriber.next_log_index = durable_next;
             subscriber.live = true;
-            let done = server_frame(
+            let done = reply_frame(
                 room_id,
                 subscriber.request_id,
                 &payload::SyncDone { next_log_index: durable_next, live: true },
@@ -640,7 +642,19 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                     group_info: group_info.to_vec(),
                     ratchet_tree: room.sequencer.group().ratchet_tree().to_vec(),
                 };
-                Self::reply(peer, server_frame(room_id, request_id, &payload));
+                match server_frame(room_id, request_id, &payload) {
+                    Ok(reply) => Self::reply(peer, reply),
+                    // Commits are refused when their GroupInfo would not fit
+                    // with the tree; a log written before that check may
+                    // still hold one: refused until the next commit.
+                    Err(error) => self.refuse(
+                        peer,
+                        room_id,
+                        request_id,
+                        ErrorCode::InvalidGroupInfo,
+                        &error.to_string(),
+                    ),
+                }
             }
             _ => self.refuse(
                 peer,
@@ -712,7 +726,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                         Some((log_index, waiting.peer.as_ref().map(P::connection), waiting.encoded));
                     if let Some(peer) = waiting.peer {
                         let ack = payload::Ack { log_index, epoch, server_time_ms };
-                        Self::reply(&peer, server_frame(room_id, request_id, &ack));
+                        Self::reply(&peer, reply_frame(room_id, request_id, &ack));
                     }
                     self.counters.acks += 1;
                 }
@@ -759,16 +773,20 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
         };
         let group_info = room.sequencer.group_info().cloned().unwrap_or_default();
+        let snapshot = RoomSnapshot {
+            group: &group,
+            epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
+            group_info,
+            server_proposals: room.sequencer.pending_server_proposals(),
+        };
+        let Some(mls_snapshot) = snapshot.encode() else {
+            tracing::warn!(%room_id, "MLS state too large for a snapshot; the room recovers from its log");
+            return;
+        };
         let metadata = RoomMetadata {
             creator_user_id: room.creator.0,
             created_at_ms: room.created_at_ms,
-            mls_snapshot: RoomSnapshot {
-                group: &group,
-                epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
-                group_info,
-                server_proposals: room.sequencer.pending_server_proposals(),
-            }
-            .encode(),
+            mls_snapshot,
             mls_snapshot_log_index: room.sequencer.next_log_index(),
         };
         self.outputs.push_back(Output::Snapshot { room_id, metadata });
