@@ -77,9 +77,10 @@ impl AdminState {
         self.ready.store(ready, Ordering::Release);
     }
 
-    /// Whether the server is ready.
+    /// Whether the server is ready: the flag is set and the room core has
+    /// not failed (storage failure, a shard task that panicked).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.api.get().is_some_and(AdminApi::node_failed)
     }
 }
 

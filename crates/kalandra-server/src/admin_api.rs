@@ -111,6 +111,11 @@ impl std::fmt::Debug for AdminApi {
 }
 
 impl AdminApi {
+    /// Whether the room core has failed (the process is stopping).
+    pub fn node_failed(&self) -> bool {
+        self.node.health().has_failed()
+    }
+
     /// The API over `node`, accepting `operator_token` for everything and
     /// `read_token` (if any) for reading.
     pub fn new(node: Node, operator_token: &str, read_token: Option<&str>) -> AdminApi {

@@ -333,7 +333,11 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
     group_commit.shutdown().await.map_err(|error| anyhow::anyhow!("flushing storage: {error}"))?;
     let _ = tokio::time::timeout(drain, admin).await;
     if failed || node.health().has_failed() {
-        tracing::error!("stopped after a storage failure; restart to recover from durable state");
+        let cause = if node.health().shard_panicked() { "a shard task panicked" } else { "storage failed" };
+        tracing::error!(
+            cause,
+            "stopped after a failure of the room core; restart to recover from durable state"
+        );
         return Ok(ExitCode::FAILURE);
     }
     tracing::info!("stopped cleanly");
@@ -383,7 +387,8 @@ fn reload_tls(config: &ServerConfig, endpoint: &quinn::Endpoint) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT (`false`) or a storage failure (`true`);
+/// Waits for SIGTERM or SIGINT (`false`) or a failure of the room core
+/// (`true`: storage failed or a shard task panicked);
 /// calls `reload` on each SIGHUP.
 async fn wait_for_stop(node: &Node, signals: &mut Signals, reload: impl Fn()) -> bool {
     let mut poll = tokio::time::interval(HEALTH_POLL_INTERVAL);

@@ -120,6 +120,9 @@ pub enum Command {
         /// Replies once everything accepted is durable and acknowledged.
         done: oneshot::Sender<()>,
     },
+    /// Panics the shard task (tests of the watchdog).
+    #[cfg(test)]
+    Panic,
 }
 
 /// Limits and options of the room core.
@@ -140,16 +143,43 @@ pub struct NodeLimits {
 #[derive(Debug, Default)]
 pub struct NodeHealth {
     failed: AtomicBool,
+    /// A shard task panicked (besides `failed`, which it sets too).
+    shard_panicked: AtomicBool,
 }
 
 impl NodeHealth {
-    /// Whether storage failed: the process must exit and recover on restart.
+    /// Whether the room core failed (storage failed, or a shard task
+    /// panicked and its rooms are gone): the process must exit non-zero and
+    /// recover on restart, and is not ready meanwhile.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// Whether the failure is a shard task that panicked.
+    pub fn shard_panicked(&self) -> bool {
+        self.shard_panicked.load(Ordering::Acquire)
+    }
+
     fn fail(&self) {
         self.failed.store(true, Ordering::Release);
+    }
+
+    fn fail_shard(&self) {
+        self.shard_panicked.store(true, Ordering::Release);
+        self.fail();
+    }
+}
+
+/// Waits for shard `index`'s task: should it panic, its rooms stop
+/// answering while the process would look healthy, so the node is marked
+/// failed (the process exits non-zero, as after a storage failure, and
+/// recovers every room from storage on restart).
+async fn watch_shard(index: usize, task: tokio::task::JoinHandle<()>, health: Arc<NodeHealth>) {
+    if let Err(error) = task.await {
+        if error.is_panic() {
+            tracing::error!(shard = index, "a shard task panicked; the node stops and recovers on restart");
+            health.fail_shard();
+        }
     }
 }
 
@@ -200,7 +230,7 @@ impl Node {
         let (moderation_writer, writer_task) =
             moderation::start_writer(Arc::clone(&store), Arc::clone(&health));
         let mut shards = Vec::with_capacity(shard_count);
-        for rooms in per_shard {
+        for (index, rooms) in per_shard.into_iter().enumerate() {
             let (sender, receiver) = mpsc::channel(SHARD_INBOX_COMMANDS_MAX);
             let task = ShardTask {
                 shard: Shard::new(config.clone(), Arc::clone(&memberships), rooms),
@@ -216,7 +246,8 @@ impl Node {
                 metrics: metrics.clone(),
                 background: tokio::task::JoinSet::new(),
             };
-            tokio::spawn(task.run(receiver));
+            let running = tokio::spawn(task.run(receiver));
+            tokio::spawn(watch_shard(index, running, Arc::clone(&health)));
             shards.push(sender);
         }
         drop(moderation_writer);
@@ -512,6 +543,8 @@ impl<G: PersistentGroup> ShardTask<G> {
                 let _ = done.send(());
             }
             Command::Shutdown { done } => *shutdown = Some(done),
+            #[cfg(test)]
+            Command::Panic => panic!("a panic planted by a test"),
         }
         // Counted before the next command: a connection that has its reply
         // already sees the count.
@@ -646,5 +679,58 @@ async fn wait_oldest(tickets: &mut VecDeque<Ticket>) -> Result<(), String> {
     match &mut tickets.front_mut().expect("guarded").ticket {
         Ok(ticket) => ticket.await.map_err(|error| error.to_string()),
         Err(error) => Err(error.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::admin::AdminState;
+    use crate::admin_api::AdminApi;
+    use crate::room_group::MlsRoomGroup;
+    use crate::store::group_commit::GroupCommitConfig;
+    use crate::store::MemoryStore;
+
+    /// A shard task that panics used to leave its rooms unanswered while
+    /// the process looked healthy; now the node is marked failed, which
+    /// turns `/readyz` unready and makes the process exit non-zero (the
+    /// path a storage failure takes, `main.rs`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_that_panics_marks_the_node_failed_and_unready() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let limits = NodeLimits {
+            rooms_per_user_max: 10,
+            push: None,
+            server_signer: Arc::new(ServerSigner::new(ed25519_dalek::SigningKey::from_bytes(&[7; 32]))),
+        };
+        let clock: Clock = Arc::new(|| 1_000);
+        let node =
+            Node::start::<MlsRoomGroup>(store, group_commit.clone(), 2, clock, metrics.clone(), limits)
+                .await
+                .unwrap();
+        let admin = AdminState::new(metrics, Arc::new(AtomicBool::new(true)));
+        admin.set_api(AdminApi::new(node.clone(), "operator-token", None));
+        assert!(admin.is_ready() && !node.health().has_failed());
+
+        let (room, neighbour) = (RoomId([0; 16]), RoomId([1; 16]));
+        assert_ne!(shard_of(room, 2), shard_of(neighbour, 2));
+        assert!(node.send(room, Command::Panic).await);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !node.health().has_failed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the watchdog reports the panic");
+        assert!(node.health().shard_panicked());
+        assert!(!admin.is_ready(), "/readyz turns unready");
+        // The other shard still answers while the process stops.
+        assert!(node.room_info(neighbour).await.is_none());
+        tokio::time::timeout(Duration::from_secs(10), node.shutdown()).await.expect("shutdown completes");
+        group_commit.shutdown().await.unwrap();
     }
 }
