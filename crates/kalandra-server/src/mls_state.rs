@@ -65,6 +65,10 @@ pub struct CommitSummary {
     pub covered_proposal_refs: Vec<Vec<u8>>,
     /// Whether the commit carried an update path.
     pub has_path: bool,
+    /// Whether every leaf the commit replaced kept its identity (only a
+    /// commit replayed from a log written before the room's policy refused
+    /// identity changes can have changed one).
+    pub identities_kept: bool,
 }
 
 impl CommitSummary {
@@ -103,7 +107,12 @@ pub enum ProposalKind {
         leaf_index: u32,
     },
     /// The sender replaces its own leaf.
-    Update,
+    Update {
+        /// Whether the new leaf keeps the sender's identity: the same
+        /// signature key and credential (the room's policy refuses an
+        /// Update that changes them).
+        keeps_identity: bool,
+    },
     /// An external commit's `ExternalInit`.
     ExternalInit,
     /// A change of the group context's extensions (external senders among them).
@@ -112,14 +121,20 @@ pub enum ProposalKind {
     Other(u16),
 }
 
-/// What a proposal asks for, without the credential checks.
-fn proposal_kind(proposal: &Proposal) -> ProposalKind {
+/// What a proposal from `sender` asks for, without the credential checks;
+/// `group` is the state the proposal applies to.
+fn proposal_kind(group: &PublicGroup, sender: &Sender, proposal: &Proposal) -> ProposalKind {
     match proposal {
         Proposal::Add(add) => {
             ProposalKind::Add { identity: identity_of(add.key_package().leaf_node().credential()) }
         }
         Proposal::Remove(remove) => ProposalKind::Remove { leaf_index: remove.removed().u32() },
-        Proposal::Update(_) => ProposalKind::Update,
+        Proposal::Update(update) => ProposalKind::Update {
+            keeps_identity: match sender {
+                Sender::Member(leaf) => keeps_identity(group, *leaf, update.leaf_node()),
+                _ => false,
+            },
+        },
         Proposal::ExternalInit(_) => ProposalKind::ExternalInit,
         Proposal::GroupContextExtensions(_) => ProposalKind::GroupContextExtensions,
         other => ProposalKind::Other(u16::from(other.proposal_type())),
@@ -375,6 +390,10 @@ pub struct StagedRoomCommit {
     added_keys: Vec<(Vec<u8>, Vec<u8>)>,
     covered_proposal_refs: Vec<Vec<u8>>,
     has_path: bool,
+    /// Whether the committer's new leaf (its update path) keeps its
+    /// signature key and credential; `true` without a path and for
+    /// external commits (the joiner's leaf is new).
+    path_keeps_identity: bool,
     proposals: Vec<(ProposalSender, ProposalKind)>,
 }
 
@@ -383,6 +402,12 @@ impl StagedRoomCommit {
     /// who proposed it.
     pub fn proposals(&self) -> &[(ProposalSender, ProposalKind)] {
         &self.proposals
+    }
+
+    /// Whether the committer's update path keeps its leaf's signature key
+    /// and credential (`true` without a path and for external commits).
+    pub fn path_keeps_identity(&self) -> bool {
+        self.path_keeps_identity
     }
 
     /// The epoch the commit moves the room into.
@@ -462,6 +487,15 @@ fn credential_matches_key(leaf: &LeafNode) -> bool {
         Ok(basic) => basic.identity() == leaf.signature_key().as_slice(),
         Err(_) => false,
     }
+}
+
+/// Whether `new` keeps the identity of the member at `leaf`: the same
+/// signature key and the same credential. A member's sender id derives from
+/// its signature key, so a leaf that changed it would be another user.
+fn keeps_identity(group: &PublicGroup, leaf: LeafNodeIndex, new: &LeafNode) -> bool {
+    group
+        .leaf(leaf)
+        .is_some_and(|old| old.signature_key() == new.signature_key() && old.credential() == new.credential())
 }
 
 fn to_u32(value: usize) -> u32 {
@@ -659,9 +693,18 @@ impl RoomGroupState {
             .map(|queued| queued.proposal_reference_ref().as_slice().to_vec())
             .collect();
         let has_path = staged.update_path_leaf_node().is_some();
+        let path_keeps_identity = match (&committer, staged.update_path_leaf_node()) {
+            (Some(committer), Some(path_leaf)) => {
+                keeps_identity(&self.group, LeafNodeIndex::new(committer.leaf_index), path_leaf)
+            }
+            _ => true,
+        };
         let proposals = staged
             .queued_proposals()
-            .map(|queued| Ok((proposal_sender(queued.sender())?, proposal_kind(queued.proposal()))))
+            .map(|queued| {
+                let kind = proposal_kind(&self.group, queued.sender(), queued.proposal());
+                Ok((proposal_sender(queued.sender())?, kind))
+            })
             .collect::<Result<Vec<_>, MlsValidationError>>()?;
         let mut changed: Vec<MemberRef> = staged
             .update_proposals()
@@ -683,6 +726,7 @@ impl RoomGroupState {
             added_keys,
             covered_proposal_refs,
             has_path,
+            path_keeps_identity,
             proposals,
         })
     }
@@ -718,9 +762,11 @@ impl RoomGroupState {
                 self.members_by_identity.remove(&removed.identity);
             }
         }
+        let mut identities_kept = true;
         for before in &staged.changed {
             if let Some(now) = self.member_at(before.leaf_index) {
                 if now.identity != before.identity {
+                    identities_kept = false;
                     if self.members_by_identity.get(&before.identity) == Some(&before.leaf_index) {
                         self.members_by_identity.remove(&before.identity);
                     }
@@ -760,6 +806,7 @@ impl RoomGroupState {
             removed: staged.removed,
             covered_proposal_refs: staged.covered_proposal_refs,
             has_path: staged.has_path,
+            identities_kept,
         })
     }
 
@@ -821,7 +868,7 @@ impl RoomGroupState {
                 return Err(MlsValidationError::CredentialMismatch { leaf_index });
             }
         }
-        let kind = proposal_kind(queued.proposal());
+        let kind = proposal_kind(&self.group, queued.sender(), queued.proposal());
         let proposal_ref = queued.proposal_reference_ref().as_slice().to_vec();
         if self.pending_proposal_refs()?.contains(&proposal_ref) {
             return Err(MlsValidationError::DuplicateProposal);

@@ -84,7 +84,8 @@ fn check_proposal(
                 None => Ok(()),
             }
         }
-        ProposalKind::Update => Ok(()),
+        ProposalKind::Update { keeps_identity: true } => Ok(()),
+        ProposalKind::Update { keeps_identity: false } => Err(PolicyError::IdentityChange),
         ProposalKind::ExternalInit => match proposer {
             Proposer::Joiner(_) => Ok(()),
             _ => Err(PolicyError::ProposalType("ExternalInit outside an external commit")),
@@ -106,6 +107,9 @@ impl MlsRoomGroup {
             return Err(GroupError::CommitterMismatch);
         }
         let committer = rules.committer;
+        if rules.policy.is_some() && !staged.path_keeps_identity() {
+            return Err(GroupError::Forbidden(PolicyError::IdentityChange));
+        }
         if staged.is_external() && (rules.barred)(committer) {
             return Err(GroupError::Banned { member: committer });
         }
@@ -254,10 +258,10 @@ impl GroupState for MlsRoomGroup {
         if summary.external {
             self.add_member(&summary.committer);
         }
-        // Updates can change a leaf's identity only to the same key (the
-        // credential is the signature key), so the index stays exact; a
-        // full rebuild guards the rare multi-leaf case.
-        if self.members.values().any(|count| *count > 1) {
+        // Updates cannot change a leaf's identity (the policy refuses it), so
+        // the index stays exact; a full rebuild covers commits replayed from
+        // logs written before that rule, and the rare multi-leaf case.
+        if !summary.identities_kept || self.members.values().any(|count| *count > 1) {
             self.reindex();
         }
         let mut added: Vec<SenderId> = summary.added.iter().filter_map(|m| sender_of(&m.identity)).collect();

@@ -12,7 +12,9 @@ use kalandra_proto::payload::{
 };
 use kalandra_proto::{ErrorCode, Frame, Opcode, Payload, RoomId};
 use openmls::prelude::OpenMlsProvider as _;
-use openmls::prelude::{Extension, GroupId, MlsGroup, MlsMessageOut, UnknownExtension};
+use openmls::prelude::{
+    Extension, GroupId, LeafNodeParameters, MlsGroup, MlsMessageOut, NewSignerBundle, UnknownExtension,
+};
 use tls_codec::Serialize as _;
 
 const ROOM: RoomId = RoomId(*b"room-for-testing");
@@ -387,5 +389,57 @@ async fn a_group_info_that_could_not_be_served_with_the_tree_is_refused_before_s
     let info: GroupInfo = decode_ok(&bob.request(&GroupInfoRequest {}).await);
     assert_eq!(info.epoch, 2);
     still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}
+
+/// A member's sender id derives from its signature key: an Update proposal
+/// or a commit's update path that installed another key in its leaf used
+/// to be accepted, and the server's member index never learned of the new
+/// identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_that_change_a_members_identity_are_refused() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut alice = room_with(&server, &mut [&mut bob]).await;
+    let other = client_core::mls::Identity::generate(&bob.provider).unwrap();
+    let new_signer =
+        || NewSignerBundle { signer: other.signer(), credential_with_key: other.credential_with_key() };
+
+    let mut group = mls_group(&bob);
+    let (proposal, _) = group
+        .propose_self_update_with_new_signer(
+            &bob.provider,
+            bob.identity.signer(),
+            new_signer(),
+            LeafNodeParameters::default(),
+        )
+        .unwrap();
+    let reply = bob.request(&Proposal { proposal: encode(&proposal) }).await;
+    assert_refused(&reply, ErrorCode::Forbidden, "an Update proposal with another key");
+    group.clear_pending_proposals(bob.provider.storage()).unwrap();
+
+    let (commit, _, group_info) = group
+        .self_update_with_new_signer(
+            &bob.provider,
+            bob.identity.signer(),
+            new_signer(),
+            LeafNodeParameters::default(),
+        )
+        .unwrap()
+        .into_messages();
+    let commit = Commit {
+        commit: encode(&commit),
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: group_info.as_ref().map(encode),
+    };
+    assert_refused(&bob.request(&commit).await, ErrorCode::Forbidden, "an update path with another key");
+    forget_crafted_commit(&mut bob, group);
+    still_working(&mut alice, &mut dan).await;
+
+    // Bob's own updates still go through, under his identity.
+    assert_eq!(decode_ok::<Ack>(&bob.self_update().await).epoch, 2);
+    still_working(&mut bob, &mut dan).await;
     server.stop().await;
 }
