@@ -565,14 +565,18 @@ impl<G: ServerGroup> Core<G> {
     /// stored until it reads the room, as the node keeps them.
     fn deliver_pending_welcomes(&mut self, conn: u64) {
         let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
-        let Ok(pending) = self.shared.disk.pending_welcomes(peer.sender().0) else { return };
-        if pending.is_empty() {
-            return;
-        }
-        peer.outbox.mark_welcomes_delivered();
-        for welcome in pending {
-            if !peer.try_send(welcome.welcome) {
+        let mut after = None;
+        loop {
+            let Ok(page) = self.shared.disk.pending_welcomes(peer.sender().0, after) else { return };
+            if page.is_empty() {
                 return;
+            }
+            peer.outbox.mark_welcomes_delivered();
+            for welcome in page {
+                after = Some(welcome.welcome_id);
+                if !peer.try_send(welcome.welcome) {
+                    return;
+                }
             }
         }
     }

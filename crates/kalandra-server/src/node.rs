@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kalandra_proto::{Frame, RoomId, SenderId};
+use kalandra_proto::{RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::history::{history_bytes, send_history};
@@ -46,7 +46,7 @@ use crate::room::{
 };
 use crate::sequencer::PersistentGroup;
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::{Store, WelcomeId};
+use crate::store::Store;
 
 /// A request to a room shard.
 pub enum Command {
@@ -367,25 +367,35 @@ fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
     usize::try_from(u64::from_be_bytes(prefix) % shard_count as u64).expect("shard index fits usize")
 }
 
-/// Hands the recipient's pending Welcomes to its connection. They stay
-/// stored: a connection can die before the client keeps them (it looks alive
-/// to the server until its idle timeout), so a Welcome is deleted only once
-/// its recipient reads the room it joins (see [`forget_used_welcomes`]) and
-/// is delivered again on every authentication until then. Clients ignore a
-/// Welcome for a room they are in.
+/// Hands the recipient's pending Welcomes to its connection, a page at a
+/// time (each read once its predecessor is queued, so a login holds at
+/// most one page, [`WELCOMES_PAGE_BYTES_MAX`](crate::store::limits::WELCOMES_PAGE_BYTES_MAX),
+/// in memory). They stay stored: a connection can die before the client
+/// keeps them (it looks alive to the server until its idle timeout), so a
+/// Welcome is deleted only once its recipient reads the room it joins (see
+/// [`forget_used_welcomes`]) and is delivered again on every authentication
+/// until then. Clients ignore a Welcome for a room they are in.
 async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
     let recipient = outbox.sender().0;
-    let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || store.pending_welcomes(recipient)).await else {
-        tracing::warn!(recipient, "could not read pending welcomes");
-        return;
-    };
-    if pending.is_empty() {
-        return;
-    }
-    outbox.mark_welcomes_delivered();
-    for welcome in pending {
-        if !outbox.send(welcome.welcome).await {
+    let mut after = None;
+    // At most WELCOMES_PER_RECIPIENT_MAX are pending: the pages end.
+    loop {
+        let reading = Arc::clone(&store);
+        let Ok(Ok(page)) =
+            tokio::task::spawn_blocking(move || reading.pending_welcomes(recipient, after)).await
+        else {
+            tracing::warn!(recipient, "could not read pending welcomes");
             return;
+        };
+        if page.is_empty() {
+            return;
+        }
+        outbox.mark_welcomes_delivered();
+        for welcome in page {
+            after = Some(welcome.welcome_id);
+            if !outbox.send(welcome.welcome).await {
+                return;
+            }
         }
     }
 }
@@ -396,46 +406,37 @@ fn forget_used_welcomes(store: Arc<dyn Store>, recipient: SenderId, room_id: Roo
     tokio::task::spawn_blocking(move || forget_welcomes_for_room(store.as_ref(), recipient, room_id));
 }
 
-/// Deletes the recipient's stored Welcomes for `room_id` (blocks on storage).
+/// Deletes the recipient's stored Welcomes for `room_id` (blocks on
+/// storage; reads the pending list, not the Welcomes).
 pub fn forget_welcomes_for_room(store: &dyn Store, recipient: SenderId, room_id: RoomId) {
-    let Ok(pending) = store.pending_welcomes(recipient.0) else { return };
-    let used: Vec<WelcomeId> = pending
-        .iter()
-        .filter(|welcome| {
-            Frame::decode(&welcome.welcome).is_ok_and(|frame| frame.header().room_id() == room_id)
-        })
-        .map(|welcome| welcome.welcome_id)
-        .collect();
-    if !used.is_empty() {
-        if let Err(error) = store.delete_welcomes(recipient.0, &used) {
-            tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
-        }
+    if let Err(error) = store.delete_welcomes_for_room(recipient.0, room_id) {
+        tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
     }
 }
 
-/// Stores a commit's Welcome for every recipient in one durable
-/// transaction. A recipient whose queue is full (a flooded mailbox) does not
-/// cost the others theirs: they are then stored one by one, and the full one
-/// skipped.
+/// Stores a commit's Welcome once for all its recipients, in one durable
+/// transaction. A recipient whose queue is full (a flooded mailbox) does
+/// not cost the others theirs: it is left out, and logged. Only a storage
+/// failure is an error (the node then stops); a Welcome the store refuses
+/// as too large (the shard checks its size before sequencing the commit)
+/// is logged and dropped, never fatal.
 pub fn store_welcome(store: &dyn Store, welcome: &WelcomeToStore) -> Result<(), String> {
     let ids: Vec<u64> = welcome.recipients.iter().map(|r| r.0).collect();
-    match store.put_welcomes(&ids, welcome.frame.clone()) {
-        Err(crate::store::WelcomeError::TooMany { .. }) => {
-            for id in ids {
-                match store.put_welcome(id, welcome.frame.clone()) {
-                    Ok(_) => {}
-                    Err(crate::store::WelcomeError::TooMany { .. }) => {
-                        tracing::warn!(
-                            recipient = id,
-                            "Welcome queue full; the Welcome is dropped for this recipient"
-                        );
-                    }
-                    Err(error) => return Err(error.to_string()),
-                }
+    match store.put_welcomes(welcome.room_id, &ids, welcome.frame.clone()) {
+        Ok(stored) => {
+            for recipient in stored.full {
+                tracing::warn!(recipient, room_id = %welcome.room_id, "Welcome queue full; the Welcome is not stored for this recipient");
             }
             Ok(())
         }
-        other => other.map(|_| ()).map_err(|error| error.to_string()),
+        Err(
+            error
+            @ (crate::store::WelcomeError::TooLarge { .. } | crate::store::WelcomeError::TooMany { .. }),
+        ) => {
+            tracing::error!(room_id = %welcome.room_id, %error, "a Welcome was not stored");
+            Ok(())
+        }
+        Err(error) => Err(error.to_string()),
     }
 }
 

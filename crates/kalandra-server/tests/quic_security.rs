@@ -443,3 +443,39 @@ async fn updates_that_change_a_members_identity_are_refused() {
     still_working(&mut bob, &mut dan).await;
     server.stop().await;
 }
+
+/// A commit's Welcome used to be stored once per recipient (a 1 MiB
+/// Welcome to 50 members cost 50 MiB); now once, with a row per
+/// recipient, and the bytes go when the last recipient has used it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commits_welcome_is_stored_once_for_all_its_recipients() {
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut members = Vec::new();
+    for (name, seed) in [("bob", 2), ("carol", 3), ("frank", 6)] {
+        members.push(client_with_key_packages(&server, name, seed).await);
+    }
+    let mut alice = TestClient::connect(&server, "alice", 1).await;
+    assert_eq!(alice.create_room(ROOM).await.log_index, 0);
+    let ids: Vec<_> = members.iter().map(TestClient::sender).collect();
+    let ack: Ack = decode_ok(&alice.add(&ids).await);
+    let counts = server.store.welcome_counts().unwrap();
+    assert_eq!((counts.welcomes, counts.pending), (1, 3), "one copy, three recipients");
+    for (done, member) in members.iter_mut().enumerate() {
+        assert_eq!(member.join_from_welcome(ROOM).await, ack.log_index);
+        // Reading the room shows the Welcome was used.
+        member.subscribe(ack.log_index + 1).await;
+        member.next_of(Opcode::SyncDone).await;
+        let left = 3 - done as u64 - 1;
+        for _ in 0..200 {
+            if server.store.welcome_counts().unwrap().pending == left {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let counts = server.store.welcome_counts().unwrap();
+        assert_eq!((counts.welcomes, counts.pending), (u64::from(left > 0), left));
+    }
+    still_working(&mut members[0], &mut dan).await;
+    server.stop().await;
+}
