@@ -288,6 +288,9 @@ impl Peer for SimPeer {
     fn free_capacity(&self) -> usize {
         self.outbox.free_capacity()
     }
+    fn sync_readers(&self) -> &Arc<std::sync::atomic::AtomicUsize> {
+        Peer::sync_readers(&self.outbox)
+    }
 }
 
 struct Conn {

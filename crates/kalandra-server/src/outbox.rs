@@ -10,7 +10,7 @@
 //! to its own requests still fit.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -59,6 +59,8 @@ pub struct Outbox {
     /// Pending Welcomes were handed to this connection: the first time the
     /// recipient reads a room, its Welcomes for that room are deleted.
     welcomes_delivered: AtomicBool,
+    /// One-shot history readers running for this connection.
+    sync_readers: std::sync::Arc<AtomicUsize>,
 }
 
 /// The queued frames and notices of one connection.
@@ -105,6 +107,7 @@ impl Outbox {
             room: Notify::new(),
             closing: AtomicBool::new(false),
             welcomes_delivered: AtomicBool::new(false),
+            sync_readers: std::sync::Arc::new(AtomicUsize::new(0)),
         });
         (std::sync::Arc::clone(&outbox), OutboxReceiver { outbox })
     }
@@ -294,6 +297,9 @@ impl crate::room::Peer for std::sync::Arc<Outbox> {
     }
     fn free_capacity(&self) -> usize {
         Outbox::free_capacity(self)
+    }
+    fn sync_readers(&self) -> &std::sync::Arc<AtomicUsize> {
+        &self.sync_readers
     }
 }
 

@@ -479,3 +479,58 @@ async fn a_commits_welcome_is_stored_once_for_all_its_recipients() {
     still_working(&mut members[0], &mut dan).await;
     server.stop().await;
 }
+
+/// Each one-shot Sync used to start a history reader with no bound per
+/// connection: a member could hold the server to any number of them. Now a
+/// connection runs at most `SYNC_READERS_PER_CONNECTION_MAX`; another Sync
+/// is refused with `RateLimited` and a retry delay, and works once a reader
+/// is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_readers_per_connection_are_bounded() {
+    use kalandra_proto::payload::{Sync, SyncDone};
+    use kalandra_server::room::limits::SYNC_READERS_PER_CONNECTION_MAX;
+    let limits =
+        kalandra_server::connection::ConnectionLimits { send_queue_frames_max: 4, ..default_limits() };
+    let server = TestServer::start(limits).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut alice = room_with(&server, &mut [&mut bob]).await;
+    // More history than the outbox and the QUIC stream window hold: a
+    // reader waits for Bob to read.
+    let big = "x".repeat(100 * 1024);
+    for _ in 0..40 {
+        decode_ok::<Ack>(&alice.send_text(&big).await);
+    }
+    let mut request_ids = Vec::new();
+    for _ in 0..=SYNC_READERS_PER_CONNECTION_MAX {
+        let frame = bob.frame(&Sync { from_log_index: 0, count_max: 100 });
+        request_ids.push(frame.header().request_id());
+        bob.conn().send(&frame).await.unwrap();
+    }
+    let refused = *request_ids.last().unwrap();
+    let (mut done, mut refusals) = (Vec::new(), Vec::new());
+    while done.len() < SYNC_READERS_PER_CONNECTION_MAX || refusals.is_empty() {
+        let frame = tokio::time::timeout(TIMEOUT, bob.conn().recv())
+            .await
+            .unwrap_or_else(|_| panic!("no refusal; {} syncs done", done.len()))
+            .unwrap();
+        match frame.opcode() {
+            Opcode::SyncDone => done.push(frame.header().request_id()),
+            Opcode::Error => {
+                let error: ErrorPayload = frame.decode_payload().unwrap();
+                assert_eq!(error.code, ErrorCode::RateLimited as u16, "{}", error.message);
+                assert!(error.retry_after_ms.is_some());
+                refusals.push(frame.header().request_id());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(refusals, vec![refused], "the reader beyond the bound is refused");
+    done.sort_unstable();
+    assert_eq!(done, request_ids[..SYNC_READERS_PER_CONNECTION_MAX].to_vec());
+    // Readers done, a Sync works again; the room and its shard work on.
+    let reply = bob.request(&Sync { from_log_index: 0, count_max: 1 }).await;
+    assert_eq!(decode_ok::<SyncDone>(&reply).next_log_index, 1);
+    still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}

@@ -23,8 +23,8 @@ pub use self::frames::{
 pub use self::moderation::{moderation_reply, moderation_request};
 pub use self::request::{OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
-    AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
-    ShardCounters, WelcomeToStore,
+    AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, ReaderSlot, RecoveredRoom, Shard,
+    ShardConfig, ShardCounters, WelcomeToStore,
 };
 pub(crate) use self::snapshot::RoomSnapshot;
 
@@ -45,6 +45,12 @@ pub mod limits {
     pub const COMMITS_PER_SNAPSHOT: u32 = 16;
     /// Tickets (storage batches) a shard waits on at once.
     pub const TICKETS_IN_FLIGHT_MAX: usize = 64;
+    /// One-shot `Sync` history readers one connection runs at once (over
+    /// all rooms and shards); another `Sync` is refused with `RateLimited`.
+    pub const SYNC_READERS_PER_CONNECTION_MAX: usize = 4;
+    /// Delay suggested to a connection refused for its number of `Sync`
+    /// readers.
+    pub const SYNC_READER_RETRY_AFTER_MS: u64 = 100;
 
     const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
     const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);

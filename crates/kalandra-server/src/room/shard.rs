@@ -13,7 +13,7 @@
 //! same code.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -51,6 +51,31 @@ pub trait Peer: Clone {
     fn notice(&self, frame: Bytes);
     /// Fan-out or history frames the queue takes right now.
     fn free_capacity(&self) -> usize;
+    /// The connection's count of one-shot history readers running (shared
+    /// by every shard), for [`ReaderSlot`].
+    fn sync_readers(&self) -> &Arc<AtomicUsize>;
+}
+
+/// One of a connection's [`SYNC_READERS_PER_CONNECTION_MAX`] one-shot
+/// history readers; the slot is free again when this is dropped (the
+/// reader finished or was abandoned).
+#[derive(Debug)]
+pub struct ReaderSlot(Arc<AtomicUsize>);
+
+impl ReaderSlot {
+    /// A slot of `readers` if fewer than `max` are taken.
+    pub fn try_take(readers: &Arc<AtomicUsize>, max: usize) -> Option<ReaderSlot> {
+        readers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| (taken < max).then_some(taken + 1))
+            .ok()
+            .map(|_| ReaderSlot(Arc::clone(readers)))
+    }
+}
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How many rooms each user is a member of, shared by the shards of a node
@@ -143,6 +168,9 @@ pub struct HistoryRead<P> {
     pub subscription: u64,
     /// Set when the subscription ends: stop sending.
     pub cancelled: Arc<AtomicBool>,
+    /// For a one-shot range, the connection's reader slot it holds until
+    /// it is dropped.
+    pub slot: Option<ReaderSlot>,
 }
 
 /// What the shard asks its driver to do, in order.
@@ -527,6 +555,23 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             "injected bug: panic on resubscribe"
         );
         if !live {
+            let Some(slot) = ReaderSlot::try_take(peer.sync_readers(), SYNC_READERS_PER_CONNECTION_MAX)
+            else {
+                let message =
+                    format!("{SYNC_READERS_PER_CONNECTION_MAX} syncs of this connection are running");
+                self.counters.rejections.push(ErrorCode::RateLimited);
+                let error = error_frame_with(
+                    room_id,
+                    request_id,
+                    ErrorCode::RateLimited,
+                    &message,
+                    None,
+                    None,
+                    Some(SYNC_READER_RETRY_AFTER_MS),
+                );
+                Self::reply(peer, error);
+                return;
+            };
             let through = durable_next.min(from_log_index.saturating_add(count_max));
             self.outputs.push_back(Output::ReadHistory(HistoryRead {
                 room_id,
@@ -536,6 +581,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 request_id,
                 subscription: 0,
                 cancelled: Arc::new(AtomicBool::new(false)),
+                slot: Some(slot),
             }));
             return;
         }
@@ -599,6 +645,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 request_id: subscriber.request_id,
                 subscription,
                 cancelled: Arc::clone(&subscriber.cancelled),
+                slot: None,
             }));
             return;
         }
