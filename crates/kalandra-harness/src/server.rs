@@ -29,6 +29,7 @@ use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 use kalandra_server::directory;
 use kalandra_server::mls_state::ServerSigner;
 use kalandra_server::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
+use kalandra_server::outbox::limits::OUTBOX_BYTES_MAX_DEFAULT;
 use kalandra_server::outbox::{Outbox, OutboxReceiver, Outgoing};
 use kalandra_server::room::{
     error_frame, moderation_reply, moderation_request, reply_frame, AppendBatch, ConnectionId, HistoryRead,
@@ -287,6 +288,9 @@ impl Peer for SimPeer {
     }
     fn free_capacity(&self) -> usize {
         self.outbox.free_capacity()
+    }
+    fn free_bytes(&self) -> usize {
+        self.outbox.free_bytes()
     }
     fn sync_readers(&self) -> &Arc<std::sync::atomic::AtomicUsize> {
         Peer::sync_readers(&self.outbox)
@@ -558,7 +562,7 @@ impl<G: ServerGroup> Core<G> {
             self.closed(conn);
             return;
         }
-        let (outbox, receiver) = Outbox::new(conn, sender, OUTBOX_FRAMES_MAX);
+        let (outbox, receiver) = Outbox::new(conn, sender, OUTBOX_FRAMES_MAX, OUTBOX_BYTES_MAX_DEFAULT);
         tokio::task::spawn_local(pump(receiver, tx));
         entry.peer = Some(SimPeer { outbox, shared: Rc::clone(&self.shared) });
         self.deliver_pending_welcomes(conn);

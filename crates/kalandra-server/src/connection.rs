@@ -326,7 +326,12 @@ impl Listener {
                 Step::Reply(reply) => state.write(reply).await,
                 Step::Authenticated { sender, reply } => {
                     state.write(reply).await;
-                    let (outbox, receiver) = Outbox::new(state.id, sender, self.limits.send_queue_frames_max);
+                    let (outbox, receiver) = Outbox::new(
+                        state.id,
+                        sender,
+                        self.limits.send_queue_frames_max,
+                        self.limits.send_queue_bytes_max,
+                    );
                     let send = state.send.take().expect("the stream is ours until authentication");
                     state.writer = Some(tokio::spawn(write_loop(send, receiver, self.metrics.clone())));
                     self.node.connection_authenticated(&outbox).await;

@@ -51,6 +51,8 @@ pub trait Peer: Clone {
     fn notice(&self, frame: Bytes);
     /// Fan-out or history frames the queue takes right now.
     fn free_capacity(&self) -> usize;
+    /// Bytes of fan-out or history the queue takes right now.
+    fn free_bytes(&self) -> usize;
     /// The connection's count of one-shot history readers running (shared
     /// by every shard), for [`ReaderSlot`].
     fn sync_readers(&self) -> &Arc<AtomicUsize>;
@@ -635,7 +637,14 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             return;
         };
         let backlog = durable_next.saturating_sub(next_log_index);
-        let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.peer.free_capacity());
+        let backlog_bytes: usize = room
+            .recent
+            .iter()
+            .filter(|(index, _)| *index >= next_log_index)
+            .map(|(_, bytes)| bytes.len())
+            .sum();
+        let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.peer.free_capacity())
+            && backlog_bytes <= subscriber.peer.free_bytes();
         if next_log_index < oldest_recent || !fits {
             self.outputs.push_back(Output::ReadHistory(HistoryRead {
                 room_id,
