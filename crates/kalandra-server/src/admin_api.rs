@@ -258,8 +258,11 @@ impl From<RedactError> for ApiError {
             RedactError::UnknownRoom { .. } => (StatusCode::NOT_FOUND, "unknown_room"),
             RedactError::UnknownLogIndex { .. } => (StatusCode::NOT_FOUND, "unknown_log_index"),
             RedactError::NotErasable { .. } => (StatusCode::CONFLICT, "not_erasable"),
-            // The operator's authority covers every sender: not reached.
-            RedactError::NotSender { .. } => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            // The operator's authority covers every sender and is no
+            // member's: not reached.
+            RedactError::NotSender { .. } | RedactError::NotMember { .. } | RedactError::Banned { .. } => {
+                (StatusCode::FORBIDDEN, "insufficient_scope")
+            }
             RedactError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             RedactError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

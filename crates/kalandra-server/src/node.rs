@@ -38,7 +38,7 @@ pub use crate::room::limits;
 use crate::room::limits::*;
 pub use crate::room::{
     error_frame, rejection_frame, reply_frame, server_frame, welcome_frame, ConnectionId, ModerationDone,
-    ModerationFailure, ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, MODERATION_TICK_MS,
+    ModerationFailure, ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, Standing, MODERATION_TICK_MS,
     MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
 use crate::room::{
@@ -94,15 +94,16 @@ pub enum Command {
         /// The answer.
         reply: oneshot::Sender<Vec<RoomSummary>>,
     },
-    /// Whether `member` moderates the room now: a current member (not
-    /// banned, no removal pending) holding the admin or moderator role.
-    ModeratesRoom {
+    /// On what standing `member` may redact in the room now: a moderator
+    /// (a current member, not banned, no removal pending, holding the admin
+    /// or moderator role), a member, or neither.
+    RedactStanding {
         /// The room.
         room_id: RoomId,
         /// The member asking.
         member: SenderId,
         /// The answer (`None`: no such room).
-        reply: oneshot::Sender<Option<bool>>,
+        reply: oneshot::Sender<Option<Standing>>,
     },
     /// Entries of the room are being erased: replace them in the in-memory
     /// recent frames by their placeholders before the store destroys them,
@@ -530,8 +531,8 @@ impl<G: PersistentGroup> ShardTask<G> {
                     self.metrics.moderation_refused(&request.actor, kalandra_proto::ErrorCode::RateLimited)
                 }
             },
-            Command::ModeratesRoom { room_id, member, reply } => {
-                let _ = reply.send(self.shard.moderates_room(room_id, member, now_ms));
+            Command::RedactStanding { room_id, member, reply } => {
+                let _ = reply.send(self.shard.redact_standing(room_id, member, now_ms));
             }
             Command::RoomInfo { room_id, reply } => {
                 let _ = reply.send(self.shard.room_info(room_id));

@@ -534,3 +534,93 @@ async fn sync_readers_per_connection_are_bounded() {
     still_working(&mut alice, &mut dan).await;
     server.stop().await;
 }
+
+/// A kicked member (its removal pending, not yet committed) or a banned one
+/// could still subscribe, sync, read the GroupInfo, send and receive
+/// ephemeral frames, and redact; now it gets nothing of the room. A live
+/// subscription it already had carries the handshakes up to the commit that
+/// removes it (so its device learns it is out), no ephemeral frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_being_removed_or_banned_gets_nothing_of_the_room() {
+    use kalandra_proto::payload::{Ban, Kick, Redact, Subscribe, Sync, Typing};
+    let server = TestServer::start(default_limits()).await;
+    let mut dan = neighbour(&server).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut carol = client_with_key_packages(&server, "carol", 3).await;
+    let mut alice = room_with(&server, &mut [&mut bob, &mut carol]).await;
+    for member in [&mut alice, &mut bob, &mut carol] {
+        member.subscribe(2).await;
+        member.next_of(Opcode::SyncDone).await;
+    }
+    let bobs = decode_ok::<Ack>(&bob.send_text("bob's").await).log_index;
+    let carols = decode_ok::<Ack>(&carol.send_text("carol's").await).log_index;
+
+    decode_ok::<Ack>(&alice.request(&Kick { target: bob.sender().0, reason: "spam".into() }).await);
+    let redact = |log_index| Redact { log_index, reason: "mine".into() };
+    assert_refused(
+        &bob.request(&Sync { from_log_index: 0, count_max: 10 }).await,
+        ErrorCode::NotMember,
+        "sync",
+    );
+    assert_refused(&bob.request(&Subscribe { from_log_index: 0 }).await, ErrorCode::NotMember, "subscribe");
+    assert_refused(&bob.request(&GroupInfoRequest {}).await, ErrorCode::NotMember, "GroupInfo");
+    assert_refused(&bob.request(&Typing { active: true }).await, ErrorCode::NotMember, "typing");
+    assert_refused(&bob.request(&redact(bobs)).await, ErrorCode::NotMember, "redacting his own");
+    // Carol types: Alice sees it, Bob (still subscribed) does not.
+    let typing = carol.frame(&Typing { active: true });
+    carol.conn().send(&typing).await.unwrap();
+    let mut proposals = Vec::new();
+    loop {
+        let frame = alice.conn().recv().await.unwrap();
+        match frame.opcode() {
+            Opcode::Proposal => proposals.push(frame),
+            Opcode::Typing => break assert_eq!(frame.header().sender_id(), carol.sender()),
+            _ => {}
+        }
+    }
+
+    // Banned, Carol may not read nor redact her own messages either.
+    decode_ok::<Ack>(
+        &alice.request(&Ban { target: carol.sender().0, reason: "spam".into(), duration_ms: None }).await,
+    );
+    assert_refused(
+        &carol.request(&Sync { from_log_index: 0, count_max: 10 }).await,
+        ErrorCode::Banned,
+        "sync",
+    );
+    assert_refused(&carol.request(&GroupInfoRequest {}).await, ErrorCode::Banned, "GroupInfo");
+    assert_refused(&carol.request(&redact(carols)).await, ErrorCode::Banned, "redacting her own");
+    assert!(server.store.data_key(ROOM, carols).unwrap().is_some(), "nothing erased");
+
+    // Alice commits both removals.
+    while proposals.len() < 2 {
+        proposals.push(alice.next_of(Opcode::Proposal).await);
+    }
+    for frame in proposals {
+        let proposal: Proposal = frame.decode_payload().unwrap();
+        alice.group.as_mut().unwrap().process_handshake(&alice.provider, &proposal.proposal).unwrap();
+    }
+    let output =
+        alice.group.as_mut().unwrap().commit_pending_proposals(&alice.provider, &alice.identity).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: Some(output.group_info),
+    };
+    let reply = alice.request(&commit).await;
+    alice.settle_commit(&reply);
+    let removed_at = decode_ok::<Ack>(&reply).log_index;
+    // Bob's subscription carried the handshakes up to his removal, no typing.
+    loop {
+        let frame = bob.conn().recv().await.unwrap();
+        assert_ne!(frame.opcode(), Opcode::Typing, "an ephemeral frame reached a member being removed");
+        if frame.opcode() == Opcode::Commit {
+            assert_eq!(frame.header().log_index(), removed_at);
+            break;
+        }
+    }
+    assert_refused(&bob.request(&redact(bobs)).await, ErrorCode::NotMember, "redacting after removal");
+    still_working(&mut alice, &mut dan).await;
+    server.stop().await;
+}

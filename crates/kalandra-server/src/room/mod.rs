@@ -20,7 +20,7 @@ pub use self::frames::{
     erased_placeholder, error_frame, rejection_frame, reply_frame, server_frame, welcome_frame,
     ReplyTooLarge, WelcomeTooLarge,
 };
-pub use self::moderation::{moderation_reply, moderation_request};
+pub use self::moderation::{moderation_reply, moderation_request, Standing};
 pub use self::request::{OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, ReaderSlot, RecoveredRoom, Shard,

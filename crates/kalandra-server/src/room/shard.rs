@@ -25,6 +25,7 @@ use super::frames::{
     error_frame, error_frame_with, rejection_frame, reply_frame, server_frame, welcome_frame,
 };
 use super::limits::*;
+use super::moderation::{room_standing, Standing};
 use super::snapshot::RoomSnapshot;
 use crate::mls_state::ServerSigner;
 use crate::moderation::RoomRoles;
@@ -505,20 +506,22 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         Ok(sequenced)
     }
 
-    /// An ephemeral frame: fan it out to the room's live subscribers now.
-    pub fn handle_ephemeral(&mut self, peer: &P, frame: Frame) {
+    /// An ephemeral frame: fan it out to the room's live subscribers now
+    /// (not to members being removed).
+    pub fn handle_ephemeral(&mut self, peer: &P, frame: Frame, now_ms: u64) {
         let room_id = frame.header().room_id();
         let request_id = frame.header().request_id();
         let Some(room) = self.rooms.get(&room_id) else {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        if !room.sequencer.is_member(peer.sender()) {
-            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, "not a member");
+        if let Err((code, message)) = may_read(room, peer.sender(), now_ms) {
+            self.refuse(peer, room_id, request_id, code, message);
             return;
         }
         let bytes = frame.to_bytes();
-        for subscriber in room.subscribers.iter().filter(|s| s.live) {
+        let removals = removals_pending(room);
+        for subscriber in room.subscribers.iter().filter(|s| s.live && !removals.contains(&s.peer.sender())) {
             if subscriber.peer.connection() != peer.connection() {
                 // Ephemeral frames may be dropped for a slow reader; they are never owed.
                 let _ = subscriber.peer.try_send(bytes.clone());
@@ -528,6 +531,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
 
     /// Stream history from `from_log_index`, then live frames (`live`), or
     /// a bounded range once (at most `count_max` frames).
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_subscribe(
         &mut self,
         peer: &P,
@@ -536,13 +540,14 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         request_id: u32,
         live: bool,
         count_max: u64,
+        now_ms: u64,
     ) {
         let Some(room) = self.rooms.get(&room_id) else {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        if !room.sequencer.is_member(peer.sender()) {
-            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, "not a member");
+        if let Err((code, message)) = may_read(room, peer.sender(), now_ms) {
+            self.refuse(peer, room_id, request_id, code, message);
             return;
         }
         let durable_next = room.durable_next();
@@ -687,6 +692,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
+        if room_standing(room, peer.sender(), now_ms) == Standing::NotMember
+            && room.sequencer.is_member(peer.sender())
+        {
+            let message = "your removal from the room is pending";
+            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, message);
+            return;
+        }
         match room.sequencer.group_info_for(peer.sender(), now_ms) {
             Err(error) => {
                 let (code, message) = (error.error_code(), error.to_string());
@@ -907,6 +919,32 @@ fn offer_push<G: PersistentGroup, P>(
         members: room.sequencer.group().members(),
         payload,
     });
+}
+
+/// Whether `user` may read the room (subscribe, sync, send and receive
+/// ephemeral frames): a current member, neither banned nor being removed.
+fn may_read<G: PersistentGroup, P>(
+    room: &Room<G, P>,
+    user: SenderId,
+    now_ms: u64,
+) -> Result<(), (ErrorCode, &'static str)> {
+    match room_standing(room, user, now_ms) {
+        Standing::Member | Standing::Moderator => Ok(()),
+        Standing::Banned => Err((ErrorCode::Banned, "banned from the room")),
+        Standing::NotMember if room.sequencer.is_member(user) => {
+            Err((ErrorCode::NotMember, "your removal from the room is pending"))
+        }
+        Standing::NotMember => Err((ErrorCode::NotMember, "not a member")),
+    }
+}
+
+/// Members whose removal by the server is pending (none when no server
+/// proposal is).
+fn removals_pending<G: PersistentGroup, P>(room: &Room<G, P>) -> Vec<SenderId> {
+    if room.sequencer.server_proposals_pending().is_empty() {
+        return Vec::new();
+    }
+    room.sequencer.group().pending_server_removals().unwrap_or_default()
 }
 
 /// Tells a subscriber it fell behind and where to resubscribe from.
