@@ -3,13 +3,15 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use client_core::mls::PolicyViolation;
 use client_core::mls::{
     generate_key_packages, generate_last_resort_key_package, CommitError, CommitOutput, HandshakeOutcome,
     Identity, JoinError, MlsProvider, PendingCommitError, ProcessError, ProposalSender, RoomGroup,
 };
 use openmls::prelude::{
-    ExternalProposal, GroupEpoch, GroupId, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
-    SenderExtensionIndex, SignatureScheme,
+    ExternalProposal, GroupEpoch, GroupId, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsMessageBodyIn,
+    MlsMessageIn, NewSignerBundle, OpenMlsProvider as _, ProtocolVersion, SenderExtensionIndex,
+    SignatureScheme,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -51,6 +53,10 @@ impl Client {
             .expect("in room")
             .export_secret(&self.provider, LABEL, b"ctx", 32)
             .expect("export")
+    }
+
+    fn try_process(&mut self, message: &[u8]) -> Result<HandshakeOutcome, ProcessError> {
+        self.group.as_mut().expect("in room").process_handshake(&self.provider, message)
     }
 
     fn process(&mut self, message: &[u8]) -> HandshakeOutcome {
@@ -389,6 +395,67 @@ fn tampered_and_misrouted_messages_are_rejected() {
     // The untampered commit still applies.
     assert!(group.process_handshake(provider, &output.commit).is_ok());
     assert_eq!(group.epoch(), 2);
+}
+
+/// The policy violation a refused handshake carries.
+fn violation(error: &ProcessError) -> Option<PolicyViolation> {
+    match error {
+        ProcessError::Invalid(source) => source.downcast_ref::<PolicyViolation>().cloned(),
+        _ => None,
+    }
+}
+
+/// A member's identity is its signature key: an Update proposal or an
+/// update path that installs another key (and credential) in its leaf
+/// would make it someone else, and is refused before merging.
+#[test]
+fn updates_that_change_a_members_identity_are_refused() {
+    let now = now_unix_secs();
+    let (mut alice, bob, _carol) = three_member_room(now);
+    let other = Identity::generate(&bob.provider).expect("identity");
+    let new_signer =
+        || NewSignerBundle { signer: other.signer(), credential_with_key: other.credential_with_key() };
+    let mut bob_mls = MlsGroup::load(bob.provider.storage(), &GroupId::from_slice(&ROOM)).unwrap().unwrap();
+
+    let (proposal, _) = bob_mls
+        .propose_self_update_with_new_signer(
+            &bob.provider,
+            bob.identity.signer(),
+            new_signer(),
+            LeafNodeParameters::default(),
+        )
+        .expect("proposal");
+    let refused = alice.try_process(&proposal.tls_serialize_detached().unwrap());
+    assert_eq!(
+        violation(&refused.expect_err("identity-changing Update")),
+        Some(PolicyViolation::IdentityChange)
+    );
+    bob_mls.clear_pending_proposals(bob.provider.storage()).unwrap();
+
+    let bundle = bob_mls
+        .self_update_with_new_signer(
+            &bob.provider,
+            bob.identity.signer(),
+            new_signer(),
+            LeafNodeParameters::default(),
+        )
+        .expect("commit");
+    let (commit, _, _) = bundle.into_messages();
+    let refused = alice.try_process(&commit.tls_serialize_detached().unwrap());
+    assert_eq!(
+        violation(&refused.expect_err("identity-changing path")),
+        Some(PolicyViolation::IdentityChange)
+    );
+    assert_eq!(alice.group().epoch(), 1, "nothing was merged");
+
+    // An update that keeps the key applies.
+    let mut bob = bob;
+    bob.group = RoomGroup::load(&bob.provider, ROOM).unwrap();
+    bob.group.as_mut().unwrap().discard_pending_commit(&bob.provider).unwrap();
+    let Client { provider, identity, group } = &mut bob;
+    let output = group.as_mut().unwrap().self_update(provider, identity).expect("self update");
+    alice.process(&output.commit);
+    assert_eq!(alice.group().epoch(), 2);
 }
 
 #[test]

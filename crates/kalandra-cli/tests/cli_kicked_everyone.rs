@@ -13,7 +13,7 @@ use std::process::Output;
 
 use common::{init_device, kalandra, ok, start_admin, Server};
 
-const TOKEN: &str = "kick-everyone-operator-token";
+const TOKEN: &str = common::ADMIN_TOKEN;
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()

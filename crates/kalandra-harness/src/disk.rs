@@ -20,7 +20,7 @@ use kalandra_server::store::{
     KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
     ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError,
     RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration, RoomRetention, StorageFailure, Store,
-    StoredEntry, UserId, WelcomeError, WelcomeId,
+    StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError, WelcomeId,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -188,8 +188,14 @@ impl SimDisk {
         }
         let users: Vec<UserId> = self.users.lock().expect("users lock").iter().copied().collect();
         for user in users {
-            for welcome in old.pending_welcomes(user).expect("memory store reads") {
-                fresh.put_welcome(user, welcome.welcome).expect("memory store writes");
+            let mut after = None;
+            loop {
+                let page = old.pending_welcomes(user, after).expect("memory store reads");
+                let Some(last) = page.last() else { break };
+                after = Some(last.welcome_id);
+                for welcome in page {
+                    fresh.put_welcome(user, welcome.room_id, welcome.welcome).expect("memory store writes");
+                }
             }
             let mut packages = Vec::new();
             let mut last_resort = None;
@@ -381,24 +387,38 @@ impl Store for SimDisk {
         self.store().group_info(room_id)
     }
 
-    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
-        self.note_user(recipient_user_id);
-        self.write("put_welcome", || self.store().put_welcome(recipient_user_id, welcome))
-    }
-
     fn put_welcomes(
         &self,
+        room_id: RoomId,
         recipient_user_ids: &[UserId],
         welcome: Bytes,
-    ) -> Result<Vec<WelcomeId>, WelcomeError> {
+    ) -> Result<StoredWelcome, WelcomeError> {
         for user in recipient_user_ids {
             self.note_user(*user);
         }
-        self.write("put_welcomes", || self.store().put_welcomes(recipient_user_ids, welcome))
+        self.write("put_welcomes", || self.store().put_welcomes(room_id, recipient_user_ids, welcome))
     }
 
-    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
-        self.store().pending_welcomes(recipient_user_id)
+    fn pending_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        after: Option<WelcomeId>,
+    ) -> Result<Vec<PendingWelcome>, WelcomeError> {
+        self.store().pending_welcomes(recipient_user_id, after)
+    }
+
+    fn delete_welcomes_for_room(
+        &self,
+        recipient_user_id: UserId,
+        room_id: RoomId,
+    ) -> Result<usize, WelcomeError> {
+        self.write("delete_welcomes_for_room", || {
+            self.store().delete_welcomes_for_room(recipient_user_id, room_id)
+        })
+    }
+
+    fn welcome_counts(&self) -> Result<WelcomeCounts, WelcomeError> {
+        self.store().welcome_counts()
     }
 
     fn delete_welcomes(

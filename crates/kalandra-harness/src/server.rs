@@ -30,8 +30,9 @@ use kalandra_server::sim::directory;
 use kalandra_server::sim::MlsRoomGroup;
 use kalandra_server::sim::PersistentGroup;
 use kalandra_server::sim::ServerSigner;
+use kalandra_server::sim::OUTBOX_BYTES_MAX_DEFAULT;
 use kalandra_server::sim::{
-    error_frame, moderation_reply, moderation_request, server_frame, AppendBatch, ConnectionId, HistoryRead,
+    error_frame, moderation_reply, moderation_request, reply_frame, AppendBatch, ConnectionId, HistoryRead,
     ModerationDone, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig,
 };
 use kalandra_server::sim::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
@@ -287,6 +288,12 @@ impl Peer for SimPeer {
     }
     fn free_capacity(&self) -> usize {
         self.outbox.free_capacity()
+    }
+    fn free_bytes(&self) -> usize {
+        self.outbox.free_bytes()
+    }
+    fn sync_readers(&self) -> &Arc<std::sync::atomic::AtomicUsize> {
+        Peer::sync_readers(&self.outbox)
     }
 }
 
@@ -555,7 +562,7 @@ impl<G: ServerGroup> Core<G> {
             self.closed(conn);
             return;
         }
-        let (outbox, receiver) = Outbox::new(conn, sender, OUTBOX_FRAMES_MAX);
+        let (outbox, receiver) = Outbox::new(conn, sender, OUTBOX_FRAMES_MAX, OUTBOX_BYTES_MAX_DEFAULT);
         tokio::task::spawn_local(pump(receiver, tx));
         entry.peer = Some(SimPeer { outbox, shared: Rc::clone(&self.shared) });
         self.deliver_pending_welcomes(conn);
@@ -565,14 +572,18 @@ impl<G: ServerGroup> Core<G> {
     /// stored until it reads the room, as the node keeps them.
     fn deliver_pending_welcomes(&mut self, conn: u64) {
         let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
-        let Ok(pending) = self.shared.disk.pending_welcomes(peer.sender().0) else { return };
-        if pending.is_empty() {
-            return;
-        }
-        peer.outbox.mark_welcomes_delivered();
-        for welcome in pending {
-            if !peer.try_send(welcome.welcome) {
+        let mut after = None;
+        loop {
+            let Ok(page) = self.shared.disk.pending_welcomes(peer.sender().0, after) else { return };
+            if page.is_empty() {
                 return;
+            }
+            peer.outbox.mark_welcomes_delivered();
+            for welcome in page {
+                after = Some(welcome.welcome_id);
+                if !peer.try_send(welcome.welcome) {
+                    return;
+                }
             }
         }
     }
@@ -596,7 +607,7 @@ impl<G: ServerGroup> Core<G> {
             }
             Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload }) => {
                 let reply = match directory::upload(self.shared.disk.as_ref(), sender, &upload) {
-                    Ok(status) => server_frame(RoomId::default(), request_id, &status),
+                    Ok(status) => reply_frame(RoomId::default(), request_id, &status),
                     Err(error) => {
                         error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
                     }
@@ -605,7 +616,7 @@ impl<G: ServerGroup> Core<G> {
             }
             Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim }) => {
                 let reply = match directory::claim(self.shared.disk.as_ref(), &claim) {
-                    Ok(claimed) => server_frame(RoomId::default(), request_id, &claimed),
+                    Ok(claimed) => reply_frame(RoomId::default(), request_id, &claimed),
                     Err(error) => {
                         error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
                     }

@@ -135,6 +135,11 @@ pub enum PolicyError {
     /// The proposal type is not allowed in Kalandra rooms.
     #[error("proposal type {0} is not allowed in this room")]
     ProposalType(&'static str),
+    /// An Update proposal or a commit's update path gives a member's leaf
+    /// another signature key or credential: another identity (sender ids
+    /// derive from the key), which an update may not do.
+    #[error("an update may not change a member's signature key or credential")]
+    IdentityChange,
 }
 
 impl RoomPolicy {

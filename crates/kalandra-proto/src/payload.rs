@@ -588,6 +588,21 @@ impl Payload for ExternalJoin {
     }
 }
 
+/// Length of a CBOR unsigned integer's encoding.
+const fn cbor_uint_len(value: u64) -> usize {
+    if value < 24 {
+        1
+    } else if value < 0x100 {
+        2
+    } else if value < 0x1_0000 {
+        3
+    } else if value < 0x1_0000_0000 {
+        5
+    } else {
+        9
+    }
+}
+
 /// Length of the CBOR head of a byte string of `len` bytes.
 const fn cbor_bytes_head_len(len: usize) -> usize {
     if len < 24 {
@@ -755,6 +770,21 @@ payload!(
         pub ratchet_tree: Vec<u8>,
     }
 );
+impl GroupInfo {
+    /// The encoded length of a `GroupInfo` payload for `epoch` with a
+    /// `group_info` of `group_info_bytes` and a ratchet tree of
+    /// `ratchet_tree_bytes`, without building it: what a server checks
+    /// before it accepts the commit that publishes the GroupInfo.
+    pub const fn encoded_len(epoch: u64, group_info_bytes: usize, ratchet_tree_bytes: usize) -> usize {
+        // A map head, then "epoch" and its integer, "group_info" and its
+        // bytes, "ratchet_tree" and its bytes.
+        let epoch_len = 1 + 5 + cbor_uint_len(epoch);
+        let group_info = 1 + 10 + cbor_bytes_head_len(group_info_bytes) + group_info_bytes;
+        let tree = 1 + 12 + cbor_bytes_head_len(ratchet_tree_bytes) + ratchet_tree_bytes;
+        1 + epoch_len + group_info + tree
+    }
+}
+
 impl Payload for GroupInfo {
     const OPCODE: Opcode = Opcode::GroupInfo;
     fn validate(&self) -> Result<(), PayloadError> {
@@ -967,6 +997,23 @@ mod welcome_len_tests {
                     payload.encode().len(),
                     Welcome::encoded_len(welcome_bytes, tree_bytes),
                     "welcome {welcome_bytes} B, tree {tree_bytes} B"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn group_info_encoded_len_is_the_length_of_the_encoding() {
+        for epoch in [0u64, 23, 24, 255, 256, 65_535, 65_536, u64::from(u32::MAX), u64::MAX] {
+            for (info_bytes, tree_bytes) in
+                [(1usize, 1usize), (23, 24), (255, 256), (65_536, 65_535), (300_000, 7)]
+            {
+                let payload =
+                    GroupInfo { epoch, group_info: vec![7; info_bytes], ratchet_tree: vec![9; tree_bytes] };
+                assert_eq!(
+                    payload.encode().len(),
+                    GroupInfo::encoded_len(epoch, info_bytes, tree_bytes),
+                    "epoch {epoch}, GroupInfo {info_bytes} B, tree {tree_bytes} B"
                 );
             }
         }

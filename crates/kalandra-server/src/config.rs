@@ -50,6 +50,9 @@ pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: u32 = 64;
 pub const PAYLOAD_BYTES_MAX_DEFAULT: u32 = PAYLOAD_BYTES_MAX;
 /// Default number of frames queued towards one connection.
 pub const SEND_QUEUE_FRAMES_MAX_DEFAULT: usize = 1_024;
+/// Default bytes queued towards one connection (the outbox's
+/// `outbox_bytes_max`).
+pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = crate::transport::outbox::limits::OUTBOX_BYTES_MAX_DEFAULT;
 /// Default time a client has to authenticate after connecting.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Default QUIC idle timeout.
@@ -238,6 +241,11 @@ pub struct Limits {
     /// Frames queued towards one connection, at most
     /// [`SEND_QUEUE_FRAMES_MAX_LIMIT`]; default [`SEND_QUEUE_FRAMES_MAX_DEFAULT`].
     pub send_queue_frames_max: usize,
+    /// Bytes queued towards one connection, between
+    /// [`OUTBOX_BYTES_MAX_MIN`](crate::transport::outbox::limits::OUTBOX_BYTES_MAX_MIN)
+    /// and [`OUTBOX_BYTES_MAX_LIMIT`](crate::transport::outbox::limits::OUTBOX_BYTES_MAX_LIMIT);
+    /// default [`SEND_QUEUE_BYTES_MAX_DEFAULT`].
+    pub send_queue_bytes_max: usize,
     /// Time to authenticate after connecting; default [`HANDSHAKE_TIMEOUT_MS_DEFAULT`].
     pub handshake_timeout_ms: u64,
     /// QUIC idle timeout, between [`IDLE_TIMEOUT_MS_MIN`] and
@@ -277,6 +285,7 @@ impl Default for Limits {
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX_DEFAULT,
             payload_bytes_max: PAYLOAD_BYTES_MAX_DEFAULT,
             send_queue_frames_max: SEND_QUEUE_FRAMES_MAX_DEFAULT,
+            send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
             idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
             drain_timeout_ms: DRAIN_TIMEOUT_MS_DEFAULT,
@@ -458,6 +467,16 @@ impl Limits {
                 format!("{} is above {SEND_QUEUE_FRAMES_MAX_LIMIT}", self.send_queue_frames_max),
             ));
         }
+        use crate::transport::outbox::limits::{OUTBOX_BYTES_MAX_LIMIT, OUTBOX_BYTES_MAX_MIN};
+        if !(OUTBOX_BYTES_MAX_MIN..=OUTBOX_BYTES_MAX_LIMIT).contains(&self.send_queue_bytes_max) {
+            return Err(invalid(
+                "limits.send_queue_bytes_max",
+                format!(
+                    "{} is outside {OUTBOX_BYTES_MAX_MIN}..={OUTBOX_BYTES_MAX_LIMIT} (at least twice the largest frame)",
+                    self.send_queue_bytes_max
+                ),
+            ));
+        }
         if !(IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX).contains(&self.idle_timeout_ms) {
             return Err(invalid(
                 "limits.idle_timeout_ms",
@@ -601,6 +620,7 @@ mod tests {
             "connections_per_address_max",
             "payload_bytes_max",
             "send_queue_frames_max",
+            "send_queue_bytes_max",
             "handshake_timeout_ms",
             "idle_timeout_ms",
             "drain_timeout_ms",
@@ -724,6 +744,8 @@ rooms_per_user_max = 7
             ("[limits]\nconnections_per_address_max = 0", "limits.connections_per_address_max"),
             ("[limits]\nsend_queue_frames_max = 0", "limits.send_queue_frames_max"),
             ("[limits]\nsend_queue_frames_max = 1000000", "limits.send_queue_frames_max"),
+            ("[limits]\nsend_queue_bytes_max = 1048576", "limits.send_queue_bytes_max"),
+            ("[limits]\nsend_queue_bytes_max = 2147483648", "limits.send_queue_bytes_max"),
             ("[limits]\ndrain_timeout_ms = 0", "limits.drain_timeout_ms"),
             ("[limits]\nhandshake_timeout_ms = 600001", "limits.handshake_timeout_ms"),
             ("[limits]\nidle_timeout_ms = 10", "limits.idle_timeout_ms"),

@@ -46,7 +46,7 @@ pub mod sim {
     pub use crate::config::ROOMS_PER_USER_MAX_DEFAULT;
     pub use crate::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
     pub use crate::protocol::session::{Route, Session, Step};
-    pub use crate::room::limits::COMMITS_PER_SNAPSHOT;
+    pub use crate::room::limits::{COMMITS_PER_SNAPSHOT, SYNC_READERS_PER_CONNECTION_MAX};
     pub use crate::room::mls_state::{RoomGroupState, ServerSigner};
     pub use crate::room::room_group::MlsRoomGroup;
     pub use crate::room::sequencer::{
@@ -54,11 +54,12 @@ pub mod sim {
         RoomSequencer, SERVER_PROPOSAL_REANNOUNCE_MS, SERVER_SENDER_ID,
     };
     pub use crate::room::{
-        error_frame, moderation_reply, moderation_request, server_frame, AppendBatch, ConnectionId,
-        HistoryRead, ModerationDone, ModerationFailure, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest,
-        Routed, Shard, ShardConfig, MODERATION_TICK_MS,
+        error_frame, moderation_reply, moderation_request, reply_frame, server_frame, AppendBatch,
+        ConnectionId, HistoryRead, ModerationDone, ModerationFailure, OtherRoute, Output, Peer,
+        RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig, MODERATION_TICK_MS,
     };
     pub use crate::store::group_commit::write_parts;
     pub use crate::transport::directory;
+    pub use crate::transport::outbox::limits::{OUTBOX_BYTES_MAX_DEFAULT, OUTBOX_BYTES_MAX_MIN};
     pub use crate::transport::outbox::{Outbox, OutboxReceiver, Outgoing};
 }

@@ -208,8 +208,12 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
     let failed = wait_for_stop(&server, &mut signals).await;
     tracing::info!(failed, "draining");
     let stopped = server.shutdown().await.map_err(anyhow::Error::from)?;
-    if failed || stopped.storage_failed {
-        tracing::error!("stopped after a storage failure; restart to recover from durable state");
+    if failed || stopped.core_failed {
+        let cause = if stopped.shard_panicked { "a shard task panicked" } else { "storage failed" };
+        tracing::error!(
+            cause,
+            "stopped after a failure of the room core; restart to recover from durable state"
+        );
         return Ok(ExitCode::FAILURE);
     }
     tracing::info!("stopped cleanly");
@@ -244,8 +248,9 @@ fn reload_tls(server: &RunningServer) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT (`false`) or a storage failure (`true`);
-/// reloads the certificate on each SIGHUP.
+/// Waits for SIGTERM or SIGINT (`false`) or a failure of the room core
+/// (`true`: storage failed or a shard task panicked); reloads the
+/// certificate on each SIGHUP.
 async fn wait_for_stop(server: &RunningServer, signals: &mut Signals) -> bool {
     let mut poll = tokio::time::interval(HEALTH_POLL_INTERVAL);
     loop {

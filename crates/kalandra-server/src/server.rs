@@ -269,7 +269,8 @@ async fn assemble(
     );
     let admin_read_token = config.admin_read_token.as_ref().map(|token| token.0.as_str());
     admin_state.set_api(
-        AdminApi::new(node.clone(), &keys.admin_token, admin_read_token).with_backup_dir(config.backup_dir.clone()),
+        AdminApi::new(node.clone(), &keys.admin_token, admin_read_token)
+            .with_backup_dir(config.backup_dir.clone()),
     );
 
     let (endpoint, quic_address) = match quic_endpoint(&config, &keys.identity, listeners.quic) {
@@ -396,8 +397,11 @@ pub struct RunningServer {
 /// How a server stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped {
-    /// Storage failed while serving: restart to recover from durable state.
-    pub storage_failed: bool,
+    /// The room core failed while serving (storage failed or a shard task
+    /// panicked): restart to recover from durable state.
+    pub core_failed: bool,
+    /// Of those, a shard task panicked.
+    pub shard_panicked: bool,
 }
 
 impl RunningServer {
@@ -493,7 +497,8 @@ impl RunningServer {
         }
         self.group_commit.shutdown().await.map_err(ShutdownError::Flush)?;
         let _ = tokio::time::timeout(drain, self.admin).await;
-        Ok(Stopped { storage_failed: self.node.health().has_failed() })
+        let health = self.node.health();
+        Ok(Stopped { core_failed: health.has_failed(), shard_panicked: health.shard_panicked() })
     }
 }
 

@@ -134,7 +134,7 @@ async fn a_redacted_message_is_gone_from_every_file_after_compaction() {
     // Only the sender may redact, only application frames, only stored indices.
     mallory.room = ROOM;
     let refused = mallory.request(&Redact { log_index: erased, reason: "not mine".into() }).await;
-    assert_eq!(error_code(&refused), ErrorCode::Forbidden.to_u16());
+    assert_eq!(error_code(&refused), ErrorCode::NotMember.to_u16());
     let refused = alice.request(&Redact { log_index: 0, reason: "the room itself".into() }).await;
     assert_eq!(error_code(&refused), ErrorCode::Forbidden.to_u16());
     let refused = alice.request(&Redact { log_index: 99, reason: "not yet".into() }).await;

@@ -238,8 +238,12 @@ async fn a_kicked_member_cannot_decrypt_anything_sequenced_after_the_kick() {
         }
     }
     assert_eq!((applications, handshakes), (8, 2));
-    // And the server no longer lets him read or post.
+    // The server lets him read his removal (the proposal and the commit
+    // that covers it) and nothing after it.
     let sync = bob.frame(&Sync { from_log_index: kick_index, count_max: 10 });
+    let done = bob.send_and_wait(&sync).await;
+    assert_eq!(decode_ok::<SyncDone>(&done).next_log_index, kick_index + 2, "read through his removal");
+    let sync = bob.frame(&Sync { from_log_index: kick_index + 2, count_max: 10 });
     assert_eq!(code(&bob.send_and_wait(&sync).await), ErrorCode::NotMember);
     server.stop().await;
 }

@@ -225,21 +225,48 @@ async fn an_offline_member_catches_up_without_gaps_or_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_falls_behind_is_told_to_resync_and_loses_nothing() {
     let limits = ConnectionLimits { send_queue_frames_max: 4, ..default_limits() };
+    falls_behind_then_resyncs(limits, 100 * 1024, 80).await;
+}
+
+/// The outbox is bounded in bytes as well as frames: with room for many
+/// frames, a reader that stops reading large ones is told to resync once
+/// its share of the bytes is queued, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_behind_by_bytes_is_told_to_resync_and_loses_nothing() {
+    use kalandra_server::sim::OUTBOX_BYTES_MAX_MIN;
+    let limits = ConnectionLimits {
+        send_queue_frames_max: 65_536,
+        send_queue_bytes_max: OUTBOX_BYTES_MAX_MIN,
+        ..default_limits()
+    };
+    // More bytes than the fan-out share and the QUIC send window, far fewer
+    // frames than the frame bound.
+    let count = OUTBOX_BYTES_MAX_MIN / (200 * 1024) + 40;
+    falls_behind_then_resyncs(limits, 200 * 1024, count).await;
+}
+
+/// Bob stops reading while Alice sends `count` messages of `bytes`; he is
+/// told where to resume, resubscribes from there, and has every message
+/// once, in order.
+async fn falls_behind_then_resyncs(limits: ConnectionLimits, bytes: usize, count: usize) {
     let server = TestServer::start(limits).await;
     let (mut alice, mut bob, _carol) = three_member_room(&server).await;
 
     // Bob stops reading while Alice sends far more than his queue and the
     // QUIC stream window hold.
-    let big = "x".repeat(100 * 1024);
+    let big = "x".repeat(bytes);
     let mut sent = Vec::new();
-    for _ in 0..80 {
+    for _ in 0..count {
         sent.push(decode_ok::<Ack>(&alice.send_text(&big).await).log_index);
     }
 
     // Bob reads: live frames, then a resync notice naming where to resume.
     let mut received = Vec::new();
     let resume_from = loop {
-        let frame = bob.conn().recv().await.unwrap();
+        let frame = tokio::time::timeout(TIMEOUT, bob.conn().recv())
+            .await
+            .unwrap_or_else(|_| panic!("no resync notice after {} frames", received.len()))
+            .unwrap();
         match frame.opcode() {
             Opcode::Application => received.push(frame.header().log_index()),
             Opcode::Error => {
@@ -250,6 +277,7 @@ async fn a_reader_that_falls_behind_is_told_to_resync_and_loses_nothing() {
             other => panic!("unexpected {other:?}"),
         }
     };
+    assert!(received.len() < sent.len(), "Bob fell behind");
     assert_eq!(received, sent[..received.len()].to_vec(), "what arrived before the notice is in order");
     assert_eq!(resume_from, sent[0] + received.len() as u64, "resume exactly after the last frame received");
 

@@ -130,7 +130,7 @@ pub enum HandshakeOutcome {
 /// One member's view of a room's MLS group.
 #[derive(Debug)]
 pub struct RoomGroup {
-    group: MlsGroup,
+    pub(super) group: MlsGroup,
     room_id: [u8; ROOM_ID_LEN],
 }
 
@@ -572,7 +572,7 @@ impl RoomGroup {
                         return Err(ProcessError::Unsupported)
                     }
                 };
-                super::policy::check_proposal(queued.proposal())
+                super::policy::check_proposal(&self.group, queued.sender(), queued.proposal())
                     .map_err(|e| ProcessError::Invalid(boxed(e)))?;
                 let removes = match queued.proposal() {
                     Proposal::Remove(remove) => Some(remove.removed().u32()),
@@ -596,7 +596,8 @@ impl RoomGroup {
                 let joiner_key =
                     staged.update_path_leaf_node().map(|leaf| leaf.signature_key().as_slice().to_vec());
                 let external_joiner = if external { joiner_key.as_deref().or(Some(&[][..])) } else { None };
-                super::policy::check_commit(&self.group, &staged, external_joiner)
+                let committer = committer_leaf.map(LeafNodeIndex::new);
+                super::policy::check_commit(&self.group, &staged, committer, external_joiner)
                     .map_err(|e| ProcessError::Invalid(boxed(e)))?;
                 self.group
                     .merge_staged_commit(provider, *staged)

@@ -69,7 +69,7 @@ impl Server {
 
     /// How many Welcomes wait for `recipient` in the server's store.
     pub fn pending_welcomes(&self, recipient: kalandra_proto::SenderId) -> usize {
-        self.running.store().pending_welcomes(recipient.0).unwrap().len()
+        self.running.store().pending_welcomes(recipient.0, None).unwrap().len()
     }
 
     pub async fn stop(self) {

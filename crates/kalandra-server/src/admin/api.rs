@@ -102,9 +102,10 @@ impl AdminState {
         self.ready.store(ready, Ordering::Release);
     }
 
-    /// Whether the server is ready.
+    /// Whether the server is ready: the flag is set and the room core has
+    /// not failed (storage failure, a shard task that panicked).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.api.get().is_some_and(AdminApi::node_failed)
     }
 }
 
@@ -134,6 +135,11 @@ impl std::fmt::Debug for AdminApi {
 }
 
 impl AdminApi {
+    /// Whether the room core has failed (the process is stopping).
+    pub fn node_failed(&self) -> bool {
+        self.node.health().has_failed()
+    }
+
     /// The API over `node`, accepting `operator_token` for everything and
     /// `read_token` (if any) for reading.
     pub fn new(node: Node, operator_token: &str, read_token: Option<&str>) -> AdminApi {
@@ -284,8 +290,11 @@ impl From<RedactError> for ApiError {
             RedactError::UnknownRoom { .. } => (StatusCode::NOT_FOUND, "unknown_room"),
             RedactError::UnknownLogIndex { .. } => (StatusCode::NOT_FOUND, "unknown_log_index"),
             RedactError::NotErasable { .. } => (StatusCode::CONFLICT, "not_erasable"),
-            // The operator's authority covers every sender: not reached.
-            RedactError::NotSender { .. } => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            // The operator's authority covers every sender and is no
+            // member's: not reached.
+            RedactError::NotSender { .. } | RedactError::NotMember { .. } | RedactError::Banned { .. } => {
+                (StatusCode::FORBIDDEN, "insufficient_scope")
+            }
             RedactError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             RedactError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

@@ -35,7 +35,7 @@ use kalandra_proto::header::offset;
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
 use tokio::sync::oneshot;
 
-use crate::node::{Command, Node};
+use crate::node::{Command, Node, Standing};
 use crate::room::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
 use crate::store::retention::{erasable_opcode, expired};
 use crate::store::sealing::routing_u64;
@@ -110,6 +110,20 @@ pub enum RedactError {
         /// The room's next durable index.
         next_log_index: u64,
     },
+    /// Over the wire, only current members redact: not someone who left
+    /// or was removed, nor one whose removal is pending.
+    #[error("{member} is not a member of the room")]
+    NotMember {
+        /// The requester.
+        member: SenderId,
+    },
+    /// A banned user redacts nothing of the room, its own messages
+    /// included (the room policy, `docs/MODERATION.md`).
+    #[error("{member} is banned from the room")]
+    Banned {
+        /// The requester.
+        member: SenderId,
+    },
     /// A sender may redact only their own frames.
     #[error("log index {log_index} was not sent by the requester")]
     NotSender {
@@ -138,6 +152,8 @@ impl RedactError {
         match self {
             Self::UnknownRoom { .. } => ErrorCode::UnknownRoom,
             Self::UnknownLogIndex { .. } => ErrorCode::UnknownLogIndex,
+            Self::NotMember { .. } => ErrorCode::NotMember,
+            Self::Banned { .. } => ErrorCode::Banned,
             Self::NotSender { .. } | Self::NotErasable { .. } => ErrorCode::Forbidden,
             Self::Storage(_) => ErrorCode::StorageUnavailable,
             Self::Internal(_) => ErrorCode::Internal,
@@ -276,7 +292,9 @@ impl Node {
 
     /// A member's `Redact` over the wire: on the authority of a moderator
     /// when `member` currently holds the room's admin or moderator role
-    /// (checked by the room's shard), otherwise as the frame's sender.
+    /// (checked by the room's shard), otherwise as the frame's sender; a
+    /// requester who is not a current member (left, removed, removal
+    /// pending) or is banned redacts nothing.
     pub async fn member_redact(
         &self,
         room_id: RoomId,
@@ -285,15 +303,16 @@ impl Node {
         reason: &str,
     ) -> Result<RedactReport, RedactError> {
         let (reply, answer) = oneshot::channel();
-        if !self.send(room_id, Command::ModeratesRoom { room_id, member, reply }).await {
+        if !self.send(room_id, Command::RedactStanding { room_id, member, reply }).await {
             return Err(RedactError::Internal("the room core has stopped".into()));
         }
-        let moderates =
-            answer.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))?;
-        let authority = match moderates {
+        let standing = answer.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))?;
+        let authority = match standing {
             None => return Err(RedactError::UnknownRoom { room_id }),
-            Some(true) => RedactAuthority::Moderator,
-            Some(false) => RedactAuthority::Sender,
+            Some(Standing::Moderator) => RedactAuthority::Moderator,
+            Some(Standing::Member) => RedactAuthority::Sender,
+            Some(Standing::NotMember) => return Err(RedactError::NotMember { member }),
+            Some(Standing::Banned) => return Err(RedactError::Banned { member }),
         };
         self.redact_with_reason(room_id, log_index, member, authority, reason).await
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use kalandra_proto::{payload, ErrorCode, RoomId};
 
 use crate::room::limits::HISTORY_READ_FRAMES_MAX;
-use crate::room::{error_frame, server_frame, HistoryRead, Peer};
+use crate::room::{error_frame, reply_frame, HistoryRead, Peer};
 use crate::store::{EntryContent, StoredEntry};
 use crate::transport::outbox::Outbox;
 
@@ -64,7 +64,7 @@ where
         return Some(next);
     }
     let done =
-        server_frame(read.room_id, read.request_id, &payload::SyncDone { next_log_index: next, live: false });
+        reply_frame(read.room_id, read.request_id, &payload::SyncDone { next_log_index: next, live: false });
     let _ = outbox.send(done).await;
     None
 }

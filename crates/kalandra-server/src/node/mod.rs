@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kalandra_proto::{Frame, RoomId, SenderId};
+use kalandra_proto::{RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::history::send_history;
@@ -38,14 +38,14 @@ use crate::room::limits::*;
 use crate::room::mls_state::ServerSigner;
 use crate::room::sequencer::PersistentGroup;
 pub use crate::room::{
-    error_frame, server_frame, ConnectionId, ModerationDone, ModerationFailure, ModerationRequest,
-    RecoveredRoom, RoomInfo, RoomSummary, MODERATION_TICK_MS, ROOMS_LIST_MAX,
+    error_frame, reply_frame, server_frame, ConnectionId, ModerationDone, ModerationFailure,
+    ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, Standing, MODERATION_TICK_MS, ROOMS_LIST_MAX,
 };
 use crate::room::{
     AppendBatch, HistoryRead, Memberships, Output, RoomRequest, Shard, ShardConfig, WelcomeToStore,
 };
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::{Store, WelcomeId};
+use crate::store::Store;
 pub use crate::transport::outbox::{Outbox, OutboxReceiver, Outgoing};
 
 /// A request to a room shard.
@@ -94,15 +94,16 @@ pub enum Command {
         /// The answer.
         reply: oneshot::Sender<Vec<RoomSummary>>,
     },
-    /// Whether `member` moderates the room now: a current member (not
-    /// banned, no removal pending) holding the admin or moderator role.
-    ModeratesRoom {
+    /// On what standing `member` may redact in the room now: a moderator
+    /// (a current member, not banned, no removal pending, holding the admin
+    /// or moderator role), a member, or neither.
+    RedactStanding {
         /// The room.
         room_id: RoomId,
         /// The member asking.
         member: SenderId,
         /// The answer (`None`: no such room).
-        reply: oneshot::Sender<Option<bool>>,
+        reply: oneshot::Sender<Option<Standing>>,
     },
     /// Entries of the room are being erased: replace them in the in-memory
     /// recent frames by their placeholders before the store destroys them,
@@ -120,6 +121,9 @@ pub enum Command {
         /// Replies once everything accepted is durable and acknowledged.
         done: oneshot::Sender<()>,
     },
+    /// Panics the shard task (tests of the watchdog).
+    #[cfg(test)]
+    Panic,
 }
 
 /// Limits and options of the room core.
@@ -140,16 +144,43 @@ pub struct NodeLimits {
 #[derive(Debug, Default)]
 pub struct NodeHealth {
     failed: AtomicBool,
+    /// A shard task panicked (besides `failed`, which it sets too).
+    shard_panicked: AtomicBool,
 }
 
 impl NodeHealth {
-    /// Whether storage failed: the process must exit and recover on restart.
+    /// Whether the room core failed (storage failed, or a shard task
+    /// panicked and its rooms are gone): the process must exit non-zero and
+    /// recover on restart, and is not ready meanwhile.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// Whether the failure is a shard task that panicked.
+    pub fn shard_panicked(&self) -> bool {
+        self.shard_panicked.load(Ordering::Acquire)
+    }
+
     fn fail(&self) {
         self.failed.store(true, Ordering::Release);
+    }
+
+    fn fail_shard(&self) {
+        self.shard_panicked.store(true, Ordering::Release);
+        self.fail();
+    }
+}
+
+/// Waits for shard `index`'s task: should it panic, its rooms stop
+/// answering while the process would look healthy, so the node is marked
+/// failed (the process exits non-zero, as after a storage failure, and
+/// recovers every room from storage on restart).
+async fn watch_shard(index: usize, task: tokio::task::JoinHandle<()>, health: Arc<NodeHealth>) {
+    if let Err(error) = task.await {
+        if error.is_panic() {
+            tracing::error!(shard = index, "a shard task panicked; the node stops and recovers on restart");
+            health.fail_shard();
+        }
     }
 }
 
@@ -200,7 +231,7 @@ impl Node {
         let (moderation_writer, writer_task) =
             moderation::start_writer(Arc::clone(&store), Arc::clone(&health));
         let mut shards = Vec::with_capacity(shard_count);
-        for rooms in per_shard {
+        for (index, rooms) in per_shard.into_iter().enumerate() {
             let (sender, receiver) = mpsc::channel(SHARD_INBOX_COMMANDS_MAX);
             let task = ShardTask {
                 shard: Shard::new(config.clone(), Arc::clone(&memberships), rooms),
@@ -216,7 +247,8 @@ impl Node {
                 metrics: metrics.clone(),
                 background: tokio::task::JoinSet::new(),
             };
-            tokio::spawn(task.run(receiver));
+            let running = tokio::spawn(task.run(receiver));
+            tokio::spawn(watch_shard(index, running, Arc::clone(&health)));
             shards.push(sender);
         }
         drop(moderation_writer);
@@ -336,25 +368,35 @@ fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
     usize::try_from(u64::from_be_bytes(prefix) % shard_count as u64).expect("shard index fits usize")
 }
 
-/// Hands the recipient's pending Welcomes to its connection. They stay
-/// stored: a connection can die before the client keeps them (it looks alive
-/// to the server until its idle timeout), so a Welcome is deleted only once
-/// its recipient reads the room it joins (see [`forget_used_welcomes`]) and
-/// is delivered again on every authentication until then. Clients ignore a
-/// Welcome for a room they are in.
+/// Hands the recipient's pending Welcomes to its connection, a page at a
+/// time (each read once its predecessor is queued, so a login holds at
+/// most one page, [`WELCOMES_PAGE_BYTES_MAX`](crate::store::limits::WELCOMES_PAGE_BYTES_MAX),
+/// in memory). They stay stored: a connection can die before the client
+/// keeps them (it looks alive to the server until its idle timeout), so a
+/// Welcome is deleted only once its recipient reads the room it joins (see
+/// [`forget_used_welcomes`]) and is delivered again on every authentication
+/// until then. Clients ignore a Welcome for a room they are in.
 async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
     let recipient = outbox.sender().0;
-    let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || store.pending_welcomes(recipient)).await else {
-        tracing::warn!(recipient, "could not read pending welcomes");
-        return;
-    };
-    if pending.is_empty() {
-        return;
-    }
-    outbox.mark_welcomes_delivered();
-    for welcome in pending {
-        if !outbox.send(welcome.welcome).await {
+    let mut after = None;
+    // At most WELCOMES_PER_RECIPIENT_MAX are pending: the pages end.
+    loop {
+        let reading = Arc::clone(&store);
+        let Ok(Ok(page)) =
+            tokio::task::spawn_blocking(move || reading.pending_welcomes(recipient, after)).await
+        else {
+            tracing::warn!(recipient, "could not read pending welcomes");
             return;
+        };
+        if page.is_empty() {
+            return;
+        }
+        outbox.mark_welcomes_delivered();
+        for welcome in page {
+            after = Some(welcome.welcome_id);
+            if !outbox.send(welcome.welcome).await {
+                return;
+            }
         }
     }
 }
@@ -365,46 +407,37 @@ fn forget_used_welcomes(store: Arc<dyn Store>, recipient: SenderId, room_id: Roo
     tokio::task::spawn_blocking(move || forget_welcomes_for_room(store.as_ref(), recipient, room_id));
 }
 
-/// Deletes the recipient's stored Welcomes for `room_id` (blocks on storage).
+/// Deletes the recipient's stored Welcomes for `room_id` (blocks on
+/// storage; reads the pending list, not the Welcomes).
 pub fn forget_welcomes_for_room(store: &dyn Store, recipient: SenderId, room_id: RoomId) {
-    let Ok(pending) = store.pending_welcomes(recipient.0) else { return };
-    let used: Vec<WelcomeId> = pending
-        .iter()
-        .filter(|welcome| {
-            Frame::decode(&welcome.welcome).is_ok_and(|frame| frame.header().room_id() == room_id)
-        })
-        .map(|welcome| welcome.welcome_id)
-        .collect();
-    if !used.is_empty() {
-        if let Err(error) = store.delete_welcomes(recipient.0, &used) {
-            tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
-        }
+    if let Err(error) = store.delete_welcomes_for_room(recipient.0, room_id) {
+        tracing::warn!(%recipient, %room_id, %error, "could not delete used welcomes");
     }
 }
 
-/// Stores a commit's Welcome for every recipient in one durable
-/// transaction. A recipient whose queue is full (a flooded mailbox) does not
-/// cost the others theirs: they are then stored one by one, and the full one
-/// skipped.
+/// Stores a commit's Welcome once for all its recipients, in one durable
+/// transaction. A recipient whose queue is full (a flooded mailbox) does
+/// not cost the others theirs: it is left out, and logged. Only a storage
+/// failure is an error (the node then stops); a Welcome the store refuses
+/// as too large (the shard checks its size before sequencing the commit)
+/// is logged and dropped, never fatal.
 pub fn store_welcome(store: &dyn Store, welcome: &WelcomeToStore) -> Result<(), String> {
     let ids: Vec<u64> = welcome.recipients.iter().map(|r| r.0).collect();
-    match store.put_welcomes(&ids, welcome.frame.clone()) {
-        Err(crate::store::WelcomeError::TooMany { .. }) => {
-            for id in ids {
-                match store.put_welcome(id, welcome.frame.clone()) {
-                    Ok(_) => {}
-                    Err(crate::store::WelcomeError::TooMany { .. }) => {
-                        tracing::warn!(
-                            recipient = id,
-                            "Welcome queue full; the Welcome is dropped for this recipient"
-                        );
-                    }
-                    Err(error) => return Err(error.to_string()),
-                }
+    match store.put_welcomes(welcome.room_id, &ids, welcome.frame.clone()) {
+        Ok(stored) => {
+            for recipient in stored.full {
+                tracing::warn!(recipient, room_id = %welcome.room_id, "Welcome queue full; the Welcome is not stored for this recipient");
             }
             Ok(())
         }
-        other => other.map(|_| ()).map_err(|error| error.to_string()),
+        Err(
+            error
+            @ (crate::store::WelcomeError::TooLarge { .. } | crate::store::WelcomeError::TooMany { .. }),
+        ) => {
+            tracing::error!(room_id = %welcome.room_id, %error, "a Welcome was not stored");
+            Ok(())
+        }
+        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -498,8 +531,8 @@ impl<G: PersistentGroup> ShardTask<G> {
                     self.metrics.moderation_refused(&request.actor, kalandra_proto::ErrorCode::RateLimited)
                 }
             },
-            Command::ModeratesRoom { room_id, member, reply } => {
-                let _ = reply.send(self.shard.moderates_room(room_id, member, now_ms));
+            Command::RedactStanding { room_id, member, reply } => {
+                let _ = reply.send(self.shard.redact_standing(room_id, member, now_ms));
             }
             Command::RoomInfo { room_id, reply } => {
                 let _ = reply.send(self.shard.room_info(room_id));
@@ -512,6 +545,8 @@ impl<G: PersistentGroup> ShardTask<G> {
                 let _ = done.send(());
             }
             Command::Shutdown { done } => *shutdown = Some(done),
+            #[cfg(test)]
+            Command::Panic => panic!("a panic planted by a test"),
         }
         // Counted before the next command: a connection that has its reply
         // already sees the count.
@@ -646,5 +681,58 @@ async fn wait_oldest(tickets: &mut VecDeque<Ticket>) -> Result<(), String> {
     match &mut tickets.front_mut().expect("guarded").ticket {
         Ok(ticket) => ticket.await.map_err(|error| error.to_string()),
         Err(error) => Err(error.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::admin::api::AdminApi;
+    use crate::admin::api::AdminState;
+    use crate::room::room_group::MlsRoomGroup;
+    use crate::store::group_commit::GroupCommitConfig;
+    use crate::store::MemoryStore;
+
+    /// A shard task that panics used to leave its rooms unanswered while
+    /// the process looked healthy; now the node is marked failed, which
+    /// turns `/readyz` unready and makes the process exit non-zero (the
+    /// path a storage failure takes, `main.rs`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_that_panics_marks_the_node_failed_and_unready() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default()).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let limits = NodeLimits {
+            rooms_per_user_max: 10,
+            push: None,
+            server_signer: Arc::new(ServerSigner::new(ed25519_dalek::SigningKey::from_bytes(&[7; 32]))),
+        };
+        let clock: Clock = Arc::new(|| 1_000);
+        let node =
+            Node::start::<MlsRoomGroup>(store, group_commit.clone(), 2, clock, metrics.clone(), limits)
+                .await
+                .unwrap();
+        let admin = AdminState::new(metrics, Arc::new(AtomicBool::new(true)));
+        admin.set_api(AdminApi::new(node.clone(), "operator-token", None));
+        assert!(admin.is_ready() && !node.health().has_failed());
+
+        let (room, neighbour) = (RoomId([0; 16]), RoomId([1; 16]));
+        assert_ne!(shard_of(room, 2), shard_of(neighbour, 2));
+        assert!(node.send(room, Command::Panic).await);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !node.health().has_failed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the watchdog reports the panic");
+        assert!(node.health().shard_panicked());
+        assert!(!admin.is_ready(), "/readyz turns unready");
+        // The other shard still answers while the process stops.
+        assert!(node.room_info(neighbour).await.is_none());
+        tokio::time::timeout(Duration::from_secs(10), node.shutdown()).await.expect("shutdown completes");
+        group_commit.shutdown().await.unwrap();
     }
 }

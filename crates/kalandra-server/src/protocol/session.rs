@@ -12,7 +12,7 @@ use kalandra_proto::payload::{self, AnyPayload};
 use kalandra_proto::sign::{parse_identity_key, verify_auth_response};
 use kalandra_proto::{ErrorCode, Flags, Frame, Opcode, OpcodeClass, RoomId, SenderId, PROTOCOL_VERSION};
 
-use crate::room::{error_frame, server_frame};
+use crate::room::{error_frame, reply_frame};
 
 /// Where an authenticated connection is.
 #[derive(Debug, Clone)]
@@ -149,7 +149,7 @@ impl Session {
                     Ok(()) => {
                         let sender = SenderId::from_identity_key(identity.as_bytes());
                         self.state = State::Authenticated { sender, identity };
-                        let reply = server_frame(
+                        let reply = reply_frame(
                             RoomId::default(),
                             request_id,
                             &payload::AuthOk {
@@ -200,7 +200,7 @@ impl Session {
             );
         };
         self.state = State::AwaitResponse { identity };
-        Step::Reply(server_frame(
+        Step::Reply(reply_frame(
             RoomId::default(),
             0,
             &payload::AuthChallenge { nonce: self.nonce, version: PROTOCOL_VERSION, server_time_ms: now_ms },
@@ -228,7 +228,7 @@ fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
     let (room_id, request_id) = (header.room_id(), header.request_id());
     let route = match payload {
         AnyPayload::Ping(ping) => {
-            return Step::Reply(server_frame(room_id, request_id, &payload::Pong { nonce: ping.nonce }));
+            return Step::Reply(reply_frame(room_id, request_id, &payload::Pong { nonce: ping.nonce }));
         }
         AnyPayload::Pong(_) | AnyPayload::Error(_) => return Step::Ignore,
         AnyPayload::Goodbye(_) => return Step::Goodbye,

@@ -10,11 +10,47 @@ use crate::room::sequencer::SubmitError;
 use crate::store::sealing::{routing_u64, ROUTING_PREFIX_BYTES};
 use crate::store::Erasure;
 
-/// Builds an unsigned server frame carrying `payload`.
-pub fn server_frame<P: Payload>(room_id: RoomId, request_id: u32, payload: &P) -> Bytes {
+/// A frame the server built does not fit its opcode's payload limit: the
+/// request that asked for it gets a typed error instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the server's {opcode:?} payload would be {len_bytes} bytes, the limit is {max_bytes}")]
+pub struct ReplyTooLarge {
+    /// The reply's opcode.
+    pub opcode: Opcode,
+    /// Its encoded payload size.
+    pub len_bytes: usize,
+    /// The opcode's payload limit.
+    pub max_bytes: u32,
+}
+
+/// Builds an unsigned server frame carrying `payload`; an error when the
+/// payload does not fit its opcode (payloads that carry what peers sent,
+/// such as a GroupInfo and the ratchet tree, can be that large).
+pub fn server_frame<P: Payload>(
+    room_id: RoomId,
+    request_id: u32,
+    payload: &P,
+) -> Result<Bytes, ReplyTooLarge> {
     let mut header = FrameHeaderBuf::new(P::OPCODE);
     header.set_room_id(room_id).set_request_id(request_id);
-    Frame::with_payload(header, payload).expect("server payloads fit their opcode").to_bytes()
+    let encoded = payload.encode();
+    let len_bytes = encoded.len();
+    Frame::new(header, encoded).map(|frame| frame.to_bytes()).map_err(|_| ReplyTooLarge {
+        opcode: P::OPCODE,
+        len_bytes,
+        max_bytes: P::OPCODE.payload_bytes_max(),
+    })
+}
+
+/// [`server_frame`] for a reply of a size the server bounds (an
+/// acknowledgement, a sync marker, a pong); should it not fit all the same,
+/// the request is answered with an `Internal` error and the bug logged,
+/// never a panic.
+pub fn reply_frame<P: Payload>(room_id: RoomId, request_id: u32, payload: &P) -> Bytes {
+    server_frame(room_id, request_id, payload).unwrap_or_else(|error| {
+        tracing::error!(%room_id, request_id, %error, "a server reply did not fit its frame");
+        error_frame(room_id, request_id, ErrorCode::Internal, "the reply did not fit its frame")
+    })
 }
 
 /// Builds an `Error` frame.
@@ -33,12 +69,18 @@ pub(crate) fn error_frame_with(
     retry_after_ms: Option<u64>,
 ) -> Bytes {
     let message: String = message.chars().take(kalandra_proto::limits::TEXT_BYTES_MAX / 4).collect();
-    server_frame(
-        room_id,
-        request_id,
-        &payload::Error { code: code.to_u16(), message, current_epoch, log_index, retry_after_ms },
-    )
+    let mut header = FrameHeaderBuf::new(Opcode::Error);
+    header.set_room_id(room_id).set_request_id(request_id);
+    let error = payload::Error { code: code.to_u16(), message, current_epoch, log_index, retry_after_ms };
+    // The message is cut to TEXT_BYTES_MAX bytes (at most 4 per char) and the
+    // rest is fixed-size: it fits (asserted below), whatever a peer sent.
+    Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
 }
+
+// An `Error` payload with a message of `TEXT_BYTES_MAX` bytes and every
+// optional field set stays below the `Error` opcode's limit.
+const _: () =
+    assert!(kalandra_proto::limits::TEXT_BYTES_MAX + 128 <= Opcode::Error.payload_bytes_max() as usize);
 
 /// Builds the `Error` frame that refuses a submission (with the room's
 /// epoch and index for `WrongEpoch`, a retry delay for overload).

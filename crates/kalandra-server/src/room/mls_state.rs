@@ -18,7 +18,7 @@ use std::fmt;
 
 use openmls::group::StagedCommit;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, ExternalProposal, GroupEpoch, GroupId, LeafNodeIndex,
+    BasicCredential, ContentType, Credential, ExternalProposal, GroupEpoch, GroupId, LeafNode, LeafNodeIndex,
     MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProcessedMessageContent, Proposal,
     ProposalOrRefType, ProposalStore, ProtocolMessage, PublicGroup, PublicProcessMessageError, RatchetTreeIn,
     Sender, SenderExtensionIndex, SignaturePublicKey, SignatureScheme, StageCommitError, ValidationError,
@@ -64,6 +64,10 @@ pub struct CommitSummary {
     pub covered_proposal_refs: Vec<Vec<u8>>,
     /// Whether the commit carried an update path.
     pub has_path: bool,
+    /// Whether every leaf the commit replaced kept its identity (only a
+    /// commit replayed from a log written before the room's policy refused
+    /// identity changes can have changed one).
+    pub identities_kept: bool,
 }
 
 impl CommitSummary {
@@ -102,7 +106,12 @@ pub enum ProposalKind {
         leaf_index: u32,
     },
     /// The sender replaces its own leaf.
-    Update,
+    Update {
+        /// Whether the new leaf keeps the sender's identity: the same
+        /// signature key and credential (the room's policy refuses an
+        /// Update that changes them).
+        keeps_identity: bool,
+    },
     /// An external commit's `ExternalInit`.
     ExternalInit,
     /// A change of the group context's extensions (external senders among them).
@@ -111,14 +120,20 @@ pub enum ProposalKind {
     Other(u16),
 }
 
-/// What a proposal asks for, without the credential checks.
-fn proposal_kind(proposal: &Proposal) -> ProposalKind {
+/// What a proposal from `sender` asks for, without the credential checks;
+/// `group` is the state the proposal applies to.
+fn proposal_kind(group: &PublicGroup, sender: &Sender, proposal: &Proposal) -> ProposalKind {
     match proposal {
         Proposal::Add(add) => {
             ProposalKind::Add { identity: identity_of(add.key_package().leaf_node().credential()) }
         }
         Proposal::Remove(remove) => ProposalKind::Remove { leaf_index: remove.removed().u32() },
-        Proposal::Update(_) => ProposalKind::Update,
+        Proposal::Update(update) => ProposalKind::Update {
+            keeps_identity: match sender {
+                Sender::Member(leaf) => keeps_identity(group, *leaf, update.leaf_node()),
+                _ => false,
+            },
+        },
         Proposal::ExternalInit(_) => ProposalKind::ExternalInit,
         Proposal::GroupContextExtensions(_) => ProposalKind::GroupContextExtensions,
         other => ProposalKind::Other(u16::from(other.proposal_type())),
@@ -374,6 +389,10 @@ pub struct StagedRoomCommit {
     added_keys: Vec<(Vec<u8>, Vec<u8>)>,
     covered_proposal_refs: Vec<Vec<u8>>,
     has_path: bool,
+    /// Whether the committer's new leaf (its update path) keeps its
+    /// signature key and credential; `true` without a path and for
+    /// external commits (the joiner's leaf is new).
+    path_keeps_identity: bool,
     proposals: Vec<(ProposalSender, ProposalKind)>,
 }
 
@@ -382,6 +401,12 @@ impl StagedRoomCommit {
     /// who proposed it.
     pub fn proposals(&self) -> &[(ProposalSender, ProposalKind)] {
         &self.proposals
+    }
+
+    /// Whether the committer's update path keeps its leaf's signature key
+    /// and credential (`true` without a path and for external commits).
+    pub fn path_keeps_identity(&self) -> bool {
+        self.path_keeps_identity
     }
 
     /// The epoch the commit moves the room into.
@@ -488,6 +513,15 @@ fn check_introduced_credentials(
         added_keys.push((leaf.signature_key().as_slice().to_vec(), identity_of(leaf.credential())));
     }
     Ok(added_keys)
+}
+
+/// Whether `new` keeps the identity of the member at `leaf`: the same
+/// signature key and the same credential. A member's sender id derives from
+/// its signature key, so a leaf that changed it would be another user.
+fn keeps_identity(group: &PublicGroup, leaf: LeafNodeIndex, new: &LeafNode) -> bool {
+    group
+        .leaf(leaf)
+        .is_some_and(|old| old.signature_key() == new.signature_key() && old.credential() == new.credential())
 }
 
 fn to_u32(value: usize) -> u32 {
@@ -635,9 +669,18 @@ impl RoomGroupState {
             .map(|queued| queued.proposal_reference_ref().as_slice().to_vec())
             .collect();
         let has_path = staged.update_path_leaf_node().is_some();
+        let path_keeps_identity = match (&committer, staged.update_path_leaf_node()) {
+            (Some(committer), Some(path_leaf)) => {
+                keeps_identity(&self.group, LeafNodeIndex::new(committer.leaf_index), path_leaf)
+            }
+            _ => true,
+        };
         let proposals = staged
             .queued_proposals()
-            .map(|queued| Ok((proposal_sender(queued.sender())?, proposal_kind(queued.proposal()))))
+            .map(|queued| {
+                let kind = proposal_kind(&self.group, queued.sender(), queued.proposal());
+                Ok((proposal_sender(queued.sender())?, kind))
+            })
             .collect::<Result<Vec<_>, MlsValidationError>>()?;
         let changed = self.changed_members(&staged, has_path.then_some(committer.as_ref()).flatten());
         Ok(StagedRoomCommit {
@@ -650,6 +693,7 @@ impl RoomGroupState {
             added_keys,
             covered_proposal_refs,
             has_path,
+            path_keeps_identity,
             proposals,
         })
     }
@@ -706,15 +750,19 @@ impl RoomGroupState {
     }
 
     /// Keeps the identity index in step with the tree after a merge.
-    fn reindex(&mut self, removed: &[MemberRef], changed: &[MemberRef]) {
+    /// Keeps the identity index in step with the tree; false when a changed
+    /// leaf now has another identity.
+    fn reindex(&mut self, removed: &[MemberRef], changed: &[MemberRef]) -> bool {
         for removed in removed {
             if self.members_by_identity.get(&removed.identity) == Some(&removed.leaf_index) {
                 self.members_by_identity.remove(&removed.identity);
             }
         }
+        let mut identities_kept = true;
         for before in changed {
             if let Some(now) = self.member_at(before.leaf_index) {
                 if now.identity != before.identity {
+                    identities_kept = false;
                     if self.members_by_identity.get(&before.identity) == Some(&before.leaf_index) {
                         self.members_by_identity.remove(&before.identity);
                     }
@@ -722,6 +770,7 @@ impl RoomGroupState {
                 }
             }
         }
+        identities_kept
     }
 
     /// The leaves the merged commit added, found by signature key, entered
@@ -768,7 +817,7 @@ impl RoomGroupState {
         self.group
             .merge_commit(&self.storage, staged.staged)
             .map_err(|e| MlsValidationError::Internal(boxed(e)))?;
-        self.reindex(&staged.removed, &staged.changed);
+        let identities_kept = self.reindex(&staged.removed, &staged.changed);
         let committer = match (committer_before, external_leaf) {
             (Some(before), _) => self.member_at(before.leaf_index).unwrap_or(before),
             (None, Some(leaf_index)) => {
@@ -787,6 +836,7 @@ impl RoomGroupState {
             removed: staged.removed,
             covered_proposal_refs: staged.covered_proposal_refs,
             has_path: staged.has_path,
+            identities_kept,
         })
     }
 
@@ -848,7 +898,7 @@ impl RoomGroupState {
                 return Err(MlsValidationError::CredentialMismatch { leaf_index });
             }
         }
-        let kind = proposal_kind(queued.proposal());
+        let kind = proposal_kind(&self.group, queued.sender(), queued.proposal());
         let proposal_ref = queued.proposal_reference_ref().as_slice().to_vec();
         if self.pending_proposal_refs()?.contains(&proposal_ref) {
             return Err(MlsValidationError::DuplicateProposal);

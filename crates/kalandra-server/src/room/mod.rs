@@ -20,8 +20,9 @@ pub use self::acts::{
     ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
     MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
-pub use self::frames::{erased_placeholder, error_frame, server_frame};
-pub use self::moderation::{moderation_reply, moderation_request};
+pub(crate) use self::frames::error_frame_with;
+pub use self::frames::{erased_placeholder, error_frame, reply_frame, server_frame};
+pub use self::moderation::{moderation_reply, moderation_request, Standing};
 pub use self::request::{OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
@@ -46,6 +47,16 @@ pub mod limits {
     pub const COMMITS_PER_SNAPSHOT: u32 = 16;
     /// Tickets (storage batches) a shard waits on at once.
     pub const TICKETS_IN_FLIGHT_MAX: usize = 64;
+    /// One-shot `Sync` history readers one connection runs at once (over
+    /// all rooms and shards); another `Sync` is refused with `RateLimited`.
+    pub const SYNC_READERS_PER_CONNECTION_MAX: usize = 4;
+    /// Delay suggested to a connection refused for its number of `Sync`
+    /// readers.
+    pub const SYNC_READER_RETRY_AFTER_MS: u64 = 100;
+    /// Members being removed, or just removed, whose read bound a room
+    /// remembers (so that their devices can read their own removal); the
+    /// oldest bound is forgotten first, and that member is then refused.
+    pub const DEPARTING_READERS_PER_ROOM_MAX: usize = 1024;
 
     const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
     const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);

@@ -71,7 +71,7 @@ pub fn moderation_reply(
         Ok(done) => {
             let log_index = done.log_index.unwrap_or(u64::MAX);
             let ack = payload::Ack { log_index, epoch: done.epoch, server_time_ms: done.time_ms };
-            super::frames::server_frame(room_id, request_id, &ack)
+            super::frames::reply_frame(room_id, request_id, &ack)
         }
         Err(failure) => {
             super::frames::error_frame(room_id, request_id, failure.error_code(), &failure.to_string())
@@ -166,12 +166,18 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         }
     }
 
-    /// Whether `member` moderates `room_id` now: a current member holding
-    /// the admin or moderator role (`None`: no such room).
-    pub fn moderates_room(&self, room_id: RoomId, member: SenderId, now_ms: u64) -> Option<bool> {
+    /// On what standing `member` may redact in `room_id` now (`None`: no
+    /// such room): a current member holding the admin or moderator role
+    /// redacts any erasable frame, another current member its own; someone
+    /// banned, being removed or not a member, nothing.
+    pub fn redact_standing(&self, room_id: RoomId, member: SenderId, now_ms: u64) -> Option<Standing> {
         let room = self.rooms.get(&room_id)?;
+        let standing = room_standing(room, member, now_ms);
         let holds_role = matches!(room.roles.role_of(member), Some(Role::Admin | Role::Moderator));
-        Some(holds_role && current_member(room, member, now_ms).unwrap_or(false))
+        Some(match standing {
+            Standing::Member if holds_role => Standing::Moderator,
+            other => other,
+        })
     }
 
     fn decide(&mut self, request: &ModerationRequest, now_ms: u64) -> Result<Decision, ModerationFailure> {
@@ -276,6 +282,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             room.sequencer.submit_server_proposal(frame, now_ms).map_err(ModerationFailure::Sequencer)?;
         self.watched.insert(room_id);
         let log_index = sequenced.log_index;
+        room.server_proposal_sequenced(target, log_index);
         self.sequenced(room_id, None, sequenced);
         Ok(log_index)
     }
@@ -408,6 +415,43 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         rooms.sort_by_key(|room| room.room_id.0);
         rooms.truncate(count_max.min(ROOMS_LIST_MAX));
         rooms
+    }
+}
+
+/// Where a user stands in a room, for reading it and redacting in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// A current member holding the admin or moderator role.
+    Moderator,
+    /// A current member.
+    Member,
+    /// Not a member, or a member whose removal by the server is pending.
+    NotMember,
+    /// Banned from the room.
+    Banned,
+}
+
+/// Where `user` stands in `room` at `now_ms` (roles aside: `Member` for
+/// every current member). The pending removals are read only when the
+/// room has server proposals pending.
+pub(super) fn room_standing<G: PersistentGroup, P>(
+    room: &Room<G, P>,
+    user: SenderId,
+    now_ms: u64,
+) -> Standing {
+    if room.sequencer.is_banned(user, now_ms) {
+        return Standing::Banned;
+    }
+    if !room.sequencer.is_member(user) {
+        return Standing::NotMember;
+    }
+    if room.sequencer.server_proposals_pending().is_empty() {
+        return Standing::Member;
+    }
+    match room.sequencer.group().pending_server_removals() {
+        Ok(removals) if !removals.contains(&user) => Standing::Member,
+        // Being removed, or unknown: refused (safe side).
+        _ => Standing::NotMember,
     }
 }
 

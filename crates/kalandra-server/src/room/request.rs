@@ -132,12 +132,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     pub fn handle_request(&mut self, peer: &P, request: RoomRequest, now_ms: u64) {
         match request {
             RoomRequest::Submit(frame) => self.handle_submit(peer, frame, now_ms),
-            RoomRequest::Ephemeral(frame) => self.handle_ephemeral(peer, frame),
+            RoomRequest::Ephemeral(frame) => self.handle_ephemeral(peer, frame, now_ms),
             RoomRequest::Subscribe { room_id, from_log_index, request_id } => {
-                self.handle_subscribe(peer, room_id, from_log_index, request_id, true, 0)
+                self.handle_subscribe(peer, room_id, from_log_index, request_id, true, 0, now_ms)
             }
             RoomRequest::Sync { room_id, from_log_index, count_max, request_id } => {
-                self.handle_subscribe(peer, room_id, from_log_index, request_id, false, u64::from(count_max))
+                let count_max = u64::from(count_max);
+                self.handle_subscribe(peer, room_id, from_log_index, request_id, false, count_max, now_ms)
             }
             RoomRequest::Unsubscribe { room_id } => self.handle_unsubscribe(peer.connection(), room_id),
             RoomRequest::GroupInfo { room_id, request_id } => {

@@ -16,8 +16,8 @@ use crate::room::mls_state::{
     ServerSigner, StagedRoomCommit,
 };
 use crate::room::sequencer::{
-    CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
-    RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
+    check_group_info_fits, CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError,
+    ProposalRef, Proposer, RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
 };
 
 /// A room's public MLS state with a sender-id index.
@@ -80,7 +80,8 @@ fn check_proposal(
                 None => Ok(()),
             }
         }
-        ProposalKind::Update => Ok(()),
+        ProposalKind::Update { keeps_identity: true } => Ok(()),
+        ProposalKind::Update { keeps_identity: false } => Err(PolicyError::IdentityChange),
         ProposalKind::ExternalInit => match proposer {
             Proposer::Joiner(_) => Ok(()),
             _ => Err(PolicyError::ProposalType("ExternalInit outside an external commit")),
@@ -102,6 +103,9 @@ impl MlsRoomGroup {
             return Err(GroupError::CommitterMismatch);
         }
         let committer = rules.committer;
+        if rules.policy.is_some() && !staged.path_keeps_identity() {
+            return Err(GroupError::Forbidden(PolicyError::IdentityChange));
+        }
         if staged.is_external() && (rules.barred)(committer) {
             return Err(GroupError::Banned { member: committer });
         }
@@ -140,13 +144,19 @@ impl MlsRoomGroup {
         Ok(())
     }
 
-    /// Everything decided on the merged state; returns the new ratchet tree
-    /// when the commit carries a Welcome.
+    /// Everything decided on the merged state: the GroupInfo (the new
+    /// epoch's, signed by the committer, servable with the new tree) and
+    /// the Welcome's size with the tree. Returns the new ratchet tree when
+    /// the commit carries a Welcome.
     fn check_merged(
         &self,
         summary: &crate::room::mls_state::CommitSummary,
         rules: &CommitRules<'_>,
     ) -> Result<Bytes, GroupError> {
+        if rules.group_info.is_none() && rules.welcome.is_none() {
+            return Ok(Bytes::new());
+        }
+        let tree = self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?;
         if let Some(group_info) = rules.group_info {
             let signer = self
                 .state
@@ -155,9 +165,9 @@ impl MlsRoomGroup {
             if signer != summary.committer.leaf_index {
                 return Err(GroupError::InvalidGroupInfo("GroupInfo is not signed by the committer".into()));
             }
+            check_group_info_fits(summary.epoch, group_info.len(), tree.len())?;
         }
         let Some((welcome_bytes, _)) = rules.welcome else { return Ok(Bytes::new()) };
-        let tree = self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?;
         let bytes = kalandra_proto::payload::Welcome::encoded_len(welcome_bytes, tree.len());
         if bytes > WELCOME_PAYLOAD_BYTES_MAX {
             return Err(GroupError::WelcomeTooLarge { bytes, max_bytes: WELCOME_PAYLOAD_BYTES_MAX });
@@ -244,10 +254,10 @@ impl GroupState for MlsRoomGroup {
         if summary.external {
             self.add_member(&summary.committer);
         }
-        // Updates can change a leaf's identity only to the same key (the
-        // credential is the signature key), so the index stays exact; a
-        // full rebuild guards the rare multi-leaf case.
-        if self.members.values().any(|count| *count > 1) {
+        // Updates cannot change a leaf's identity (the policy refuses it), so
+        // the index stays exact; a full rebuild covers commits replayed from
+        // logs written before that rule, and the rare multi-leaf case.
+        if !summary.identities_kept || self.members.values().any(|count| *count > 1) {
             self.reindex();
         }
         let mut added: Vec<SenderId> = summary.added.iter().filter_map(|m| sender_of(&m.identity)).collect();

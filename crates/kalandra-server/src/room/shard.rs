@@ -13,7 +13,7 @@
 //! same code.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -21,8 +21,11 @@ use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 
 use super::acts::{ActAwaitingProposal, ModerationFailure, ModerationWrite};
-use super::frames::{error_frame, error_frame_with, rejection_frame, server_frame, welcome_frame};
+use super::frames::{
+    error_frame, error_frame_with, rejection_frame, reply_frame, server_frame, welcome_frame,
+};
 use super::limits::*;
+use super::moderation::{room_standing, Standing};
 use super::snapshot::RoomSnapshot;
 use crate::room::mls_state::ServerSigner;
 use crate::room::roles::RoomRoles;
@@ -51,6 +54,33 @@ pub trait Peer: Clone {
     fn notice(&self, frame: Bytes);
     /// Fan-out or history frames the queue takes right now.
     fn free_capacity(&self) -> usize;
+    /// Bytes of fan-out or history the queue takes right now.
+    fn free_bytes(&self) -> usize;
+    /// The connection's count of one-shot history readers running (shared
+    /// by every shard), for [`ReaderSlot`].
+    fn sync_readers(&self) -> &Arc<AtomicUsize>;
+}
+
+/// One of a connection's [`SYNC_READERS_PER_CONNECTION_MAX`] one-shot
+/// history readers; the slot is free again when this is dropped (the
+/// reader finished or was abandoned).
+#[derive(Debug)]
+pub struct ReaderSlot(Arc<AtomicUsize>);
+
+impl ReaderSlot {
+    /// A slot of `readers` if fewer than `max` are taken.
+    pub fn try_take(readers: &Arc<AtomicUsize>, max: usize) -> Option<ReaderSlot> {
+        readers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| (taken < max).then_some(taken + 1))
+            .ok()
+            .map(|_| ReaderSlot(Arc::clone(readers)))
+    }
+}
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How many rooms each user is a member of, shared by the shards of a node
@@ -143,6 +173,9 @@ pub struct HistoryRead<P> {
     pub subscription: u64,
     /// Set when the subscription ends: stop sending.
     pub cancelled: Arc<AtomicBool>,
+    /// For a one-shot range, the connection's reader slot it holds until
+    /// it is dropped.
+    pub slot: Option<ReaderSlot>,
 }
 
 /// What the shard asks its driver to do, in order.
@@ -244,6 +277,12 @@ pub(super) struct Room<G: PersistentGroup, P> {
     pub(super) roles: RoomRoles,
     /// Kicks and bans waiting for their Remove proposal to be durable.
     pub(super) acts_awaiting_proposal: VecDeque<ActAwaitingProposal>,
+    /// How far members being removed (or just removed) may still read:
+    /// the first index after the latest server proposal while their
+    /// removal is pending, after the commit that removed them once it is.
+    /// Bounded by [`DEPARTING_READERS_PER_ROOM_MAX`]; not persisted (after
+    /// a restart such a member is refused outright).
+    pub(super) departing: BTreeMap<SenderId, u64>,
 }
 
 impl<G: PersistentGroup, P> Room<G, P> {
@@ -259,7 +298,30 @@ impl<G: PersistentGroup, P> Room<G, P> {
             snapshot_due: false,
             roles: RoomRoles::new(creator, []),
             acts_awaiting_proposal: VecDeque::new(),
+            departing: BTreeMap::new(),
         }
+    }
+
+    /// `user` may read the room below `read_next` (and no further).
+    pub(super) fn note_departing(&mut self, user: SenderId, read_next: u64) {
+        if self.departing.len() >= DEPARTING_READERS_PER_ROOM_MAX && !self.departing.contains_key(&user) {
+            let oldest = self.departing.iter().min_by_key(|(_, next)| **next).map(|(user, _)| *user);
+            if let Some(oldest) = oldest {
+                self.departing.remove(&oldest);
+            }
+        }
+        self.departing.insert(user, read_next);
+    }
+
+    /// A server proposal was sequenced at `log_index`: members whose removal
+    /// is pending may read it (and every pending proposal before it).
+    pub(super) fn server_proposal_sequenced(&mut self, target: SenderId, log_index: u64) {
+        let pending: Vec<SenderId> =
+            self.departing.keys().copied().filter(|user| self.sequencer.is_member(*user)).collect();
+        for user in pending {
+            self.departing.insert(user, log_index + 1);
+        }
+        self.note_departing(target, log_index + 1);
     }
 
     /// First index not yet durable.
@@ -475,20 +537,22 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         Ok(sequenced)
     }
 
-    /// An ephemeral frame: fan it out to the room's live subscribers now.
-    pub fn handle_ephemeral(&mut self, peer: &P, frame: Frame) {
+    /// An ephemeral frame: fan it out to the room's live subscribers now
+    /// (not to members being removed).
+    pub fn handle_ephemeral(&mut self, peer: &P, frame: Frame, now_ms: u64) {
         let room_id = frame.header().room_id();
         let request_id = frame.header().request_id();
         let Some(room) = self.rooms.get(&room_id) else {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        if !room.sequencer.is_member(peer.sender()) {
-            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, "not a member");
+        if let Err((code, message)) = may_read(room, peer.sender(), now_ms) {
+            self.refuse(peer, room_id, request_id, code, message);
             return;
         }
         let bytes = frame.to_bytes();
-        for subscriber in room.subscribers.iter().filter(|s| s.live) {
+        let removals = removals_pending(room);
+        for subscriber in room.subscribers.iter().filter(|s| s.live && !removals.contains(&s.peer.sender())) {
             if subscriber.peer.connection() != peer.connection() {
                 // Ephemeral frames may be dropped for a slow reader; they are never owed.
                 let _ = subscriber.peer.try_send(bytes.clone());
@@ -498,6 +562,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
 
     /// Stream history from `from_log_index`, then live frames (`live`), or
     /// a bounded range once (at most `count_max` frames).
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_subscribe(
         &mut self,
         peer: &P,
@@ -506,15 +571,19 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         request_id: u32,
         live: bool,
         count_max: u64,
+        now_ms: u64,
     ) {
         let Some(room) = self.rooms.get(&room_id) else {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        if !room.sequencer.is_member(peer.sender()) {
-            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, "not a member");
-            return;
-        }
+        let read_next = match read_bound(room, peer.sender(), live, now_ms) {
+            Ok(read_next) => read_next,
+            Err((code, message)) => {
+                self.refuse(peer, room_id, request_id, code, message);
+                return;
+            }
+        };
         let durable_next = room.durable_next();
         if from_log_index > durable_next {
             let message = format!("log index {from_log_index} is beyond the room's head {durable_next}");
@@ -527,7 +596,37 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             "injected bug: panic on resubscribe"
         );
         if !live {
-            let through = durable_next.min(from_log_index.saturating_add(count_max));
+            let Some(slot) = ReaderSlot::try_take(peer.sync_readers(), SYNC_READERS_PER_CONNECTION_MAX)
+            else {
+                let message =
+                    format!("{SYNC_READERS_PER_CONNECTION_MAX} syncs of this connection are running");
+                self.counters.rejections.push(ErrorCode::RateLimited);
+                let error = error_frame_with(
+                    room_id,
+                    request_id,
+                    ErrorCode::RateLimited,
+                    &message,
+                    None,
+                    None,
+                    Some(SYNC_READER_RETRY_AFTER_MS),
+                );
+                Self::reply(peer, error);
+                return;
+            };
+            let through = durable_next.min(from_log_index.saturating_add(count_max)).min(read_next);
+            if read_next <= from_log_index {
+                // A departing member has read all it may.
+                let done = payload::SyncDone { next_log_index: from_log_index, live: false };
+                if room.sequencer.is_banned(peer.sender(), now_ms) {
+                    self.refuse(peer, room_id, request_id, ErrorCode::Banned, "banned from the room");
+                } else if room.sequencer.is_member(peer.sender()) {
+                    Self::reply(peer, reply_frame(room_id, request_id, &done));
+                } else {
+                    let message = "not a member: your removal has been read";
+                    self.refuse(peer, room_id, request_id, ErrorCode::NotMember, message);
+                }
+                return;
+            }
             self.outputs.push_back(Output::ReadHistory(HistoryRead {
                 room_id,
                 peer: peer.clone(),
@@ -536,6 +635,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 request_id,
                 subscription: 0,
                 cancelled: Arc::new(AtomicBool::new(false)),
+                slot: Some(slot),
             }));
             return;
         }
@@ -589,7 +689,14 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             return;
         };
         let backlog = durable_next.saturating_sub(next_log_index);
-        let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.peer.free_capacity());
+        let backlog_bytes: usize = room
+            .recent
+            .iter()
+            .filter(|(index, _)| *index >= next_log_index)
+            .map(|(_, bytes)| bytes.len())
+            .sum();
+        let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.peer.free_capacity())
+            && backlog_bytes <= subscriber.peer.free_bytes();
         if next_log_index < oldest_recent || !fits {
             self.outputs.push_back(Output::ReadHistory(HistoryRead {
                 room_id,
@@ -599,6 +706,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 request_id: subscriber.request_id,
                 subscription,
                 cancelled: Arc::clone(&subscriber.cancelled),
+                slot: None,
             }));
             return;
         }
@@ -613,7 +721,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         if delivered {
             subscriber.next_log_index = durable_next;
             subscriber.live = true;
-            let done = server_frame(
+            let done = reply_frame(
                 room_id,
                 subscriber.request_id,
                 &payload::SyncDone { next_log_index: durable_next, live: true },
@@ -631,6 +739,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
+        if room_standing(room, peer.sender(), now_ms) == Standing::NotMember
+            && room.sequencer.is_member(peer.sender())
+        {
+            let message = "your removal from the room is pending";
+            self.refuse(peer, room_id, request_id, ErrorCode::NotMember, message);
+            return;
+        }
         match room.sequencer.group_info_for(peer.sender(), now_ms) {
             Err(error) => {
                 let (code, message) = (error.error_code(), error.to_string());
@@ -642,7 +757,19 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                     group_info: group_info.to_vec(),
                     ratchet_tree: room.sequencer.group().ratchet_tree().to_vec(),
                 };
-                Self::reply(peer, server_frame(room_id, request_id, &payload));
+                match server_frame(room_id, request_id, &payload) {
+                    Ok(reply) => Self::reply(peer, reply),
+                    // Commits are refused when their GroupInfo would not fit
+                    // with the tree; a log written before that check may
+                    // still hold one: refused until the next commit.
+                    Err(error) => self.refuse(
+                        peer,
+                        room_id,
+                        request_id,
+                        ErrorCode::InvalidGroupInfo,
+                        &error.to_string(),
+                    ),
+                }
             }
             _ => self.refuse(
                 peer,
@@ -706,6 +833,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         // submitting connection gets the acknowledgement instead of an echo,
         // and the fan-out reuses the encoding made for storage.
         let mut acknowledged: Option<(u64, Option<ConnectionId>, Bytes)> = None;
+        let mut fanned_out = None;
         for effect in effects.drain(..) {
             match effect {
                 Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
@@ -714,12 +842,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                         Some((log_index, waiting.peer.as_ref().map(P::connection), waiting.encoded));
                     if let Some(peer) = waiting.peer {
                         let ack = payload::Ack { log_index, epoch, server_time_ms };
-                        Self::reply(&peer, server_frame(room_id, request_id, &ack));
+                        Self::reply(&peer, reply_frame(room_id, request_id, &ack));
                     }
                     self.counters.acks += 1;
                 }
                 Effect::FanOut { frame, .. } => {
                     let log_index = frame.header().log_index();
+                    fanned_out = Some(log_index);
                     let (submitter, bytes) = match acknowledged.take() {
                         Some((acked, connection, encoded)) if acked == log_index => (connection, encoded),
                         // The server's own proposals are not acknowledged.
@@ -736,6 +865,15 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 Effect::MembershipChanged { added, removed } => {
                     count_memberships(&self.memberships, &added, &removed);
                     drop_subscribers(&mut room.subscribers, |s| removed.contains(&s.peer.sender()));
+                    // The commit (fanned out just before) is the last frame
+                    // the removed may read; the added read everything again.
+                    let commit_next = fanned_out.map_or(room.durable_next(), |index| index + 1);
+                    for user in removed {
+                        room.note_departing(user, commit_next);
+                    }
+                    for user in &added {
+                        room.departing.remove(user);
+                    }
                 }
                 Effect::DeliverWelcome { recipients, .. } => {
                     // Stored with the batch; hand them to recipients online now.
@@ -761,16 +899,20 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
         };
         let group_info = room.sequencer.group_info().cloned().unwrap_or_default();
+        let snapshot = RoomSnapshot {
+            group: &group,
+            epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
+            group_info,
+            server_proposals: room.sequencer.pending_server_proposals(),
+        };
+        let Some(mls_snapshot) = snapshot.encode() else {
+            tracing::warn!(%room_id, "MLS state too large for a snapshot; the room recovers from its log");
+            return;
+        };
         let metadata = RoomMetadata {
             creator_user_id: room.creator.0,
             created_at_ms: room.created_at_ms,
-            mls_snapshot: RoomSnapshot {
-                group: &group,
-                epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
-                group_info,
-                server_proposals: room.sequencer.pending_server_proposals(),
-            }
-            .encode(),
+            mls_snapshot,
             mls_snapshot_log_index: room.sequencer.next_log_index(),
         };
         self.outputs.push_back(Output::Snapshot { room_id, metadata });
@@ -835,6 +977,52 @@ fn offer_push<G: PersistentGroup, P>(
         members: room.sequencer.group().members(),
         payload,
     });
+}
+
+/// Whether `user` may read the room (subscribe, sync, send and receive
+/// ephemeral frames): a current member, neither banned nor being removed.
+fn may_read<G: PersistentGroup, P>(
+    room: &Room<G, P>,
+    user: SenderId,
+    now_ms: u64,
+) -> Result<(), (ErrorCode, &'static str)> {
+    match room_standing(room, user, now_ms) {
+        Standing::Member | Standing::Moderator => Ok(()),
+        Standing::Banned => Err((ErrorCode::Banned, "banned from the room")),
+        Standing::NotMember if room.sequencer.is_member(user) => {
+            Err((ErrorCode::NotMember, "your removal from the room is pending"))
+        }
+        Standing::NotMember => Err((ErrorCode::NotMember, "not a member")),
+    }
+}
+
+/// How far `user` may read the room: to its head (`u64::MAX`) for a
+/// current member; for a one-shot read (`live` false) by a member being
+/// removed (kicked or banned), or just removed, up to its bound in
+/// [`Room::departing`], so that its device reads its own removal and
+/// nothing after it. Once that is read: `NotMember`, or `Banned`.
+fn read_bound<G: PersistentGroup, P>(
+    room: &Room<G, P>,
+    user: SenderId,
+    live: bool,
+    now_ms: u64,
+) -> Result<u64, (ErrorCode, &'static str)> {
+    match may_read(room, user, now_ms) {
+        Ok(()) => Ok(u64::MAX),
+        Err((ErrorCode::NotMember | ErrorCode::Banned, _)) if !live && room.departing.contains_key(&user) => {
+            Ok(room.departing.get(&user).copied().unwrap_or(0))
+        }
+        Err(refusal) => Err(refusal),
+    }
+}
+
+/// Members whose removal by the server is pending (none when no server
+/// proposal is).
+fn removals_pending<G: PersistentGroup, P>(room: &Room<G, P>) -> Vec<SenderId> {
+    if room.sequencer.server_proposals_pending().is_empty() {
+        return Vec::new();
+    }
+    room.sequencer.group().pending_server_removals().unwrap_or_default()
 }
 
 /// Tells a subscriber it fell behind and where to resubscribe from.

@@ -27,7 +27,10 @@ const ROOM_SNAPSHOT_MAGIC: &[u8; 4] = b"KRS2";
 const _: () = assert!(crate::room::sequencer::SERVER_PROPOSALS_PENDING_MAX <= u16::MAX as usize);
 
 impl<'a> RoomSnapshot<'a> {
-    pub(crate) fn encode(&self) -> Bytes {
+    /// The encoded snapshot; `None` when a part does not fit its length
+    /// field (a group state of 4 GiB, a reference longer than 255 bytes):
+    /// the room is then not snapshotted and recovers from its log.
+    pub(crate) fn encode(&self) -> Option<Bytes> {
         let refs = &self.server_proposals.refs;
         let mut out = Vec::with_capacity(
             4 + 4
@@ -39,15 +42,13 @@ impl<'a> RoomSnapshot<'a> {
                 + self.group_info.1.len(),
         );
         out.extend_from_slice(ROOM_SNAPSHOT_MAGIC);
-        out.extend_from_slice(
-            &u32::try_from(self.group.len()).expect("snapshots are far below 4 GiB").to_be_bytes(),
-        );
+        out.extend_from_slice(&u32::try_from(self.group.len()).ok()?.to_be_bytes());
         out.extend_from_slice(self.group);
         out.extend_from_slice(&self.epoch_started_at_log_index.to_be_bytes());
-        let count = u16::try_from(refs.len()).expect("server proposals pending are bounded below 65,536");
+        let count = u16::try_from(refs.len()).ok()?;
         out.extend_from_slice(&count.to_be_bytes());
         for reference in refs {
-            out.push(u8::try_from(reference.0.len()).expect("a proposal reference is a hash"));
+            out.push(u8::try_from(reference.0.len()).ok()?);
             out.extend_from_slice(&reference.0);
         }
         let (since_log_index, since_ms) = self.server_proposals.since.unwrap_or((u64::MAX, u64::MAX));
@@ -55,7 +56,7 @@ impl<'a> RoomSnapshot<'a> {
         out.extend_from_slice(&since_ms.to_be_bytes());
         out.extend_from_slice(&self.group_info.0.to_be_bytes());
         out.extend_from_slice(&self.group_info.1);
-        Bytes::from(out)
+        Some(Bytes::from(out))
     }
 
     /// The parts of an encoded snapshot, or `None` if it is malformed.
@@ -116,7 +117,7 @@ mod tests {
                 since: Some((9, 1_234)),
             },
         };
-        let encoded = snapshot.encode();
+        let encoded = snapshot.encode().unwrap();
         assert_eq!(RoomSnapshot::decode(&encoded), Some(snapshot));
         let none = RoomSnapshot {
             group: b"g",
@@ -124,7 +125,7 @@ mod tests {
             group_info: (0, Bytes::new()),
             server_proposals: PendingServerProposals::default(),
         };
-        assert_eq!(RoomSnapshot::decode(&none.encode()), Some(none));
+        assert_eq!(RoomSnapshot::decode(&none.encode().unwrap()), Some(none));
         for cut in [5, 20, encoded.len() - 20] {
             let truncated = &encoded[..cut];
             assert!(RoomSnapshot::decode(truncated).is_none_or(|decoded| decoded.group_info.1.len() < 10));

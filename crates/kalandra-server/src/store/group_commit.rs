@@ -686,18 +686,30 @@ mod tests {
         fn group_info(&self, room_id: RoomId) -> Result<Option<GroupInfoRecord>, GroupInfoError> {
             self.inner.group_info(room_id)
         }
-        fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
-            self.inner.put_welcome(recipient_user_id, welcome)
-        }
         fn put_welcomes(
             &self,
+            room_id: RoomId,
             recipients: &[UserId],
             welcome: Bytes,
-        ) -> Result<Vec<WelcomeId>, WelcomeError> {
-            self.inner.put_welcomes(recipients, welcome)
+        ) -> Result<StoredWelcome, WelcomeError> {
+            self.inner.put_welcomes(room_id, recipients, welcome)
         }
-        fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
-            self.inner.pending_welcomes(recipient_user_id)
+        fn pending_welcomes(
+            &self,
+            recipient_user_id: UserId,
+            after: Option<WelcomeId>,
+        ) -> Result<Vec<PendingWelcome>, WelcomeError> {
+            self.inner.pending_welcomes(recipient_user_id, after)
+        }
+        fn delete_welcomes_for_room(
+            &self,
+            recipient_user_id: UserId,
+            room_id: RoomId,
+        ) -> Result<usize, WelcomeError> {
+            self.inner.delete_welcomes_for_room(recipient_user_id, room_id)
+        }
+        fn welcome_counts(&self) -> Result<WelcomeCounts, WelcomeError> {
+            self.inner.welcome_counts()
         }
         fn delete_welcomes(
             &self,

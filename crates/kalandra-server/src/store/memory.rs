@@ -15,13 +15,14 @@ use super::limits::{
 };
 use super::sealing::{self, DataKey, Record};
 use super::{
-    check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
-    validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
+    check_read_dense, distinct_recipients, key_package_key, key_package_key_bounds, read_bytes_allow,
+    read_count_cap, validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
     validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
-    AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation,
-    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
-    RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
-    RoomRetention, Store, StoredEntry, UserId, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    welcome_page_allows, AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord,
+    InvariantViolation, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex,
+    PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId,
+    RoomMetadata, RoomMetadataError, RoomRetention, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts,
+    WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
@@ -40,7 +41,10 @@ struct State {
     key_packages: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], Bytes>,
     last_resort: BTreeMap<UserId, Bytes>,
     group_info: BTreeMap<RoomId, GroupInfoRecord>,
-    welcomes: BTreeMap<(UserId, WelcomeId), Bytes>,
+    /// Each Welcome once, with the number of recipients that still have it.
+    welcome_bodies: BTreeMap<WelcomeId, (u64, Bytes)>,
+    /// Pending Welcomes per recipient, with the room each joins.
+    welcome_recipients: BTreeMap<(UserId, WelcomeId), RoomId>,
     welcome_id_next: WelcomeId,
     room_metadata: BTreeMap<RoomId, RoomMetadata>,
     roles: BTreeMap<[u8; 24], Role>,
@@ -88,7 +92,8 @@ impl MemoryStore {
                 key_packages: BTreeMap::new(),
                 last_resort: BTreeMap::new(),
                 group_info: BTreeMap::new(),
-                welcomes: BTreeMap::new(),
+                welcome_bodies: BTreeMap::new(),
+                welcome_recipients: BTreeMap::new(),
                 welcome_id_next: 0,
                 room_metadata: BTreeMap::new(),
                 roles: BTreeMap::new(),
@@ -200,6 +205,34 @@ impl MemoryStore {
 }
 
 impl State {
+    /// The recipient's pending Welcomes (ids).
+    fn pending_of(&self, recipient_user_id: UserId) -> impl Iterator<Item = WelcomeId> + '_ {
+        self.welcome_recipients
+            .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
+            .map(|(&(_, welcome_id), _)| welcome_id)
+    }
+
+    /// Removes one pending Welcome of a recipient, and the Welcome's bytes
+    /// with its last recipient; whether it was pending.
+    fn remove_pending_welcome(
+        &mut self,
+        recipient_user_id: UserId,
+        welcome_id: WelcomeId,
+    ) -> Result<bool, WelcomeError> {
+        if self.welcome_recipients.remove(&(recipient_user_id, welcome_id)).is_none() {
+            return Ok(false);
+        }
+        let (refs, _) = self
+            .welcome_bodies
+            .get_mut(&welcome_id)
+            .ok_or_else(|| InvariantViolation(format!("pending welcome {welcome_id} has no stored bytes")))?;
+        *refs = refs.saturating_sub(1);
+        if *refs == 0 {
+            self.welcome_bodies.remove(&welcome_id);
+        }
+        Ok(true)
+    }
+
     fn head(&self, room_id: RoomId) -> LogIndex {
         self.heads.get(&room_id).copied().unwrap_or(0)
     }
@@ -424,52 +457,82 @@ impl Store for MemoryStore {
         Ok(self.lock()?.group_info.get(&room_id).cloned())
     }
 
-    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
-        let ids = self.put_welcomes(&[recipient_user_id], welcome)?;
-        Ok(ids[0])
-    }
-
     fn put_welcomes(
         &self,
+        room_id: RoomId,
         recipient_user_ids: &[UserId],
         welcome: Bytes,
-    ) -> Result<Vec<WelcomeId>, WelcomeError> {
+    ) -> Result<StoredWelcome, WelcomeError> {
         validate_welcome(&welcome)?;
         let mut state = self.lock()?;
-        for &recipient_user_id in recipient_user_ids {
-            let pending = state
-                .welcomes
-                .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
-                .take(WELCOMES_PER_RECIPIENT_MAX)
-                .count();
-            let repeated = recipient_user_ids.iter().filter(|r| **r == recipient_user_id).count();
-            if pending + repeated > WELCOMES_PER_RECIPIENT_MAX {
-                return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
+        let (mut room, mut full) = (Vec::new(), Vec::new());
+        for recipient_user_id in distinct_recipients(recipient_user_ids) {
+            if state.pending_of(recipient_user_id).count() >= WELCOMES_PER_RECIPIENT_MAX {
+                full.push(recipient_user_id);
+            } else {
+                room.push(recipient_user_id);
             }
         }
-        let mut ids = Vec::with_capacity(recipient_user_ids.len());
-        for &recipient_user_id in recipient_user_ids {
-            let welcome_id = state.welcome_id_next;
-            state.welcome_id_next = welcome_id
-                .checked_add(1)
-                .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
-            state.welcomes.insert((recipient_user_id, welcome_id), welcome.clone());
-            ids.push(welcome_id);
+        if room.is_empty() {
+            return Ok(StoredWelcome { welcome_id: None, full });
         }
-        Ok(ids)
+        let welcome_id = state.welcome_id_next;
+        state.welcome_id_next = welcome_id
+            .checked_add(1)
+            .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+        for &recipient_user_id in &room {
+            state.welcome_recipients.insert((recipient_user_id, welcome_id), room_id);
+        }
+        let refs = u64::try_from(room.len()).map_err(|_| InvariantViolation("recipient count".to_owned()))?;
+        state.welcome_bodies.insert(welcome_id, (refs, welcome));
+        Ok(StoredWelcome { welcome_id: Some(welcome_id), full })
     }
 
-    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
+    fn pending_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        after: Option<WelcomeId>,
+    ) -> Result<Vec<PendingWelcome>, WelcomeError> {
+        let Some(first) = after.map_or(Some(0), |after| after.checked_add(1)) else { return Ok(Vec::new()) };
         let state = self.lock()?;
-        Ok(state
-            .welcomes
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for (&(_, welcome_id), &room_id) in
+            state.welcome_recipients.range((recipient_user_id, first)..=(recipient_user_id, WelcomeId::MAX))
+        {
+            let (_, welcome) = state.welcome_bodies.get(&welcome_id).ok_or_else(|| {
+                InvariantViolation(format!("pending welcome {welcome_id} has no stored bytes"))
+            })?;
+            if !welcome_page_allows(out.len(), bytes, welcome.len()) {
+                break;
+            }
+            bytes += welcome.len();
+            out.push(PendingWelcome { welcome_id, room_id, welcome: welcome.clone() });
+        }
+        Ok(out)
+    }
+
+    fn delete_welcomes_for_room(
+        &self,
+        recipient_user_id: UserId,
+        room_id: RoomId,
+    ) -> Result<usize, WelcomeError> {
+        let used: Vec<WelcomeId> = self
+            .lock()?
+            .welcome_recipients
             .range((recipient_user_id, 0)..=(recipient_user_id, WelcomeId::MAX))
-            .take(WELCOMES_PER_RECIPIENT_MAX)
-            .map(|((_, welcome_id), welcome)| PendingWelcome {
-                welcome_id: *welcome_id,
-                welcome: welcome.clone(),
-            })
-            .collect())
+            .filter(|(_, room)| **room == room_id)
+            .map(|(&(_, welcome_id), _)| welcome_id)
+            .collect();
+        self.delete_welcomes(recipient_user_id, &used)
+    }
+
+    fn welcome_counts(&self) -> Result<WelcomeCounts, WelcomeError> {
+        let state = self.lock()?;
+        let count = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
+        Ok(WelcomeCounts {
+            welcomes: count(state.welcome_bodies.len()),
+            pending: count(state.welcome_recipients.len()),
+        })
     }
 
     fn delete_welcomes(
@@ -478,11 +541,12 @@ impl Store for MemoryStore {
         welcome_ids: &[WelcomeId],
     ) -> Result<usize, WelcomeError> {
         let mut state = self.lock()?;
-        let removed = welcome_ids
-            .iter()
-            .take(WELCOMES_PER_RECIPIENT_MAX)
-            .filter(|&&welcome_id| state.welcomes.remove(&(recipient_user_id, welcome_id)).is_some())
-            .count();
+        let mut removed = 0;
+        for &welcome_id in welcome_ids.iter().take(WELCOMES_PER_RECIPIENT_MAX) {
+            if state.remove_pending_welcome(recipient_user_id, welcome_id)? {
+                removed += 1;
+            }
+        }
         Ok(removed)
     }
 
@@ -492,16 +556,16 @@ impl Store for MemoryStore {
         through_welcome_id: WelcomeId,
     ) -> Result<usize, WelcomeError> {
         let mut state = self.lock()?;
-        let keys: Vec<(UserId, WelcomeId)> = state
-            .welcomes
+        let ids: Vec<WelcomeId> = state
+            .welcome_recipients
             .range((recipient_user_id, 0)..=(recipient_user_id, through_welcome_id))
             .take(WELCOMES_PER_RECIPIENT_MAX)
-            .map(|(key, _)| *key)
+            .map(|(&(_, welcome_id), _)| welcome_id)
             .collect();
-        for key in &keys {
-            state.welcomes.remove(key);
+        for &welcome_id in &ids {
+            state.remove_pending_welcome(recipient_user_id, welcome_id)?;
         }
-        Ok(keys.len())
+        Ok(ids.len())
     }
 
     fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError> {
@@ -614,7 +678,10 @@ mod tests {
         assert_eq!(error.kind(), ErrorKind::Internal);
         assert_eq!(store.read_range(room(1), 0, 1).unwrap_err().kind(), ErrorKind::Internal);
         assert_eq!(store.claim_key_package(1).unwrap_err().kind(), ErrorKind::Internal);
-        assert_eq!(store.put_welcome(1, Bytes::new()).unwrap_err().kind(), ErrorKind::Internal);
+        assert_eq!(
+            store.put_welcome(1, RoomId::default(), Bytes::new()).unwrap_err().kind(),
+            ErrorKind::Internal
+        );
         assert_eq!(store.group_info(room(1)).unwrap_err().kind(), ErrorKind::Internal);
         assert_eq!(store.room_metadata(room(1)).unwrap_err().kind(), ErrorKind::Internal);
     }

@@ -67,10 +67,18 @@ pub mod limits {
     /// Largest GroupInfo (it may carry the ratchet tree: about 1.8 MB at
     /// 10,000 members).
     pub const GROUP_INFO_BYTES_MAX: usize = 8 * 1024 * 1024;
-    /// Most Welcomes pending for one recipient.
+    /// Most Welcomes pending for one recipient. A commit's Welcome is not
+    /// stored for a recipient who has this many (the commit stands; the
+    /// other recipients get theirs): see `docs/SECURITY.md`.
     pub const WELCOMES_PER_RECIPIENT_MAX: usize = 128;
-    /// Largest Welcome.
-    pub const WELCOME_BYTES_MAX: usize = 8 * 1024 * 1024;
+    /// Largest Welcome: a whole `Welcome` frame (header and payload).
+    pub const WELCOME_BYTES_MAX: usize = kalandra_proto::limits::FRAME_BYTES_MAX;
+    /// Most Welcomes one [`pending_welcomes`](super::Store::pending_welcomes)
+    /// page returns.
+    pub const WELCOMES_PAGE_ENTRIES_MAX: usize = 16;
+    /// Byte budget of one pending-Welcome page: Welcomes are returned while
+    /// the total stays within it, and the first is always returned.
+    pub const WELCOMES_PAGE_BYTES_MAX: usize = WELCOME_BYTES_MAX;
     /// Largest MLS public-state snapshot kept in a room's metadata.
     pub const MLS_SNAPSHOT_BYTES_MAX: usize = 32 * 1024 * 1024;
 
@@ -116,6 +124,15 @@ pub mod limits {
         assert!(LOG_ENTRY_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(GROUP_INFO_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(WELCOME_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
+        // Every Welcome frame the server builds can be stored, and a page
+        // holds at least one.
+        assert!(
+            WELCOME_BYTES_MAX
+                >= kalandra_proto::limits::HEADER_BYTES
+                    + kalandra_proto::Opcode::Welcome.payload_bytes_max() as usize
+        );
+        assert!(WELCOMES_PAGE_BYTES_MAX >= WELCOME_BYTES_MAX && WELCOMES_PAGE_ENTRIES_MAX > 0);
+        assert!(WELCOMES_PAGE_ENTRIES_MAX <= WELCOMES_PER_RECIPIENT_MAX);
         assert!(MLS_SNAPSHOT_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(KEY_PACKAGE_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(REDACT_ENTRIES_PER_CALL_MAX > 0 && RETENTION_ROOMS_PAGE_MAX > 0);
@@ -276,10 +293,32 @@ pub struct GroupInfoRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingWelcome {
     /// Identifier to acknowledge delivery with
-    /// [`Store::delete_welcomes_through`].
+    /// [`Store::delete_welcomes_through`]; every recipient of one stored
+    /// Welcome sees the same id.
     pub welcome_id: WelcomeId,
+    /// The room the Welcome joins.
+    pub room_id: RoomId,
     /// The encoded Welcome, opaque to storage.
     pub welcome: Bytes,
+}
+
+/// A Welcome stored by [`Store::put_welcomes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredWelcome {
+    /// Its id (`None` when no recipient had room for it: nothing stored).
+    pub welcome_id: Option<WelcomeId>,
+    /// Recipients it was not stored for: they already had
+    /// [`WELCOMES_PER_RECIPIENT_MAX`] pending Welcomes.
+    pub full: Vec<UserId>,
+}
+
+/// How much the pending Welcomes take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WelcomeCounts {
+    /// Welcomes stored (each once, whatever its number of recipients).
+    pub welcomes: u64,
+    /// (recipient, Welcome) pairs pending.
+    pub pending: u64,
 }
 
 /// Small per-room record kept beside the log.
@@ -919,24 +958,60 @@ pub trait Store: Send + Sync + 'static {
     /// The room's current GroupInfo, if any.
     fn group_info(&self, room_id: RoomId) -> Result<Option<GroupInfoRecord>, GroupInfoError>;
 
-    /// Queues a Welcome for `recipient_user_id`, durably, and returns its id.
-    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError>;
+    /// Queues a Welcome to `room_id` for `recipient_user_id`, durably, and
+    /// returns its id; `TooMany` when the recipient's queue is full.
+    fn put_welcome(
+        &self,
+        recipient_user_id: UserId,
+        room_id: RoomId,
+        welcome: Bytes,
+    ) -> Result<WelcomeId, WelcomeError> {
+        match self.put_welcomes(room_id, &[recipient_user_id], welcome)? {
+            StoredWelcome { welcome_id: Some(welcome_id), .. } => Ok(welcome_id),
+            StoredWelcome { .. } => {
+                Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX })
+            }
+        }
+    }
 
-    /// Queues one Welcome for each of `recipient_user_ids` in one durable
-    /// transaction, all or nothing (a recipient whose queue is full refuses
-    /// the whole call with `TooMany`); returns the ids in recipient order.
+    /// Stores a Welcome to `room_id` once, for every one of
+    /// `recipient_user_ids` (a repeated id counts once), in one durable
+    /// transaction: one copy of the bytes and one small index row per
+    /// recipient. A recipient whose queue is full
+    /// ([`WELCOMES_PER_RECIPIENT_MAX`]) is left out and reported; the others
+    /// get it. The bytes go once the last recipient's row is deleted.
     fn put_welcomes(
         &self,
+        room_id: RoomId,
         recipient_user_ids: &[UserId],
         welcome: Bytes,
-    ) -> Result<Vec<WelcomeId>, WelcomeError>;
+    ) -> Result<StoredWelcome, WelcomeError>;
 
-    /// The Welcomes pending for `recipient_user_id`, oldest first (at most
-    /// [`WELCOMES_PER_RECIPIENT_MAX`]). Nothing is removed: after the
-    /// recipient has them, call [`Store::delete_welcomes_through`]. A crash
-    /// between the two redelivers them (at-least-once), never loses one;
-    /// clients ignore a Welcome for a group they already joined.
-    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError>;
+    /// One page of the Welcomes pending for `recipient_user_id` with an id
+    /// above `after` (all when `None`), oldest first: at most
+    /// [`WELCOMES_PAGE_ENTRIES_MAX`], within [`WELCOMES_PAGE_BYTES_MAX`]
+    /// (the first always). Nothing is removed: after the recipient has them,
+    /// call [`Store::delete_welcomes_through`] or
+    /// [`Store::delete_welcomes_for_room`]. A crash between the two
+    /// redelivers them (at-least-once), never loses one; clients ignore a
+    /// Welcome for a group they already joined.
+    fn pending_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        after: Option<WelcomeId>,
+    ) -> Result<Vec<PendingWelcome>, WelcomeError>;
+
+    /// Removes `recipient_user_id`'s pending Welcomes to `room_id` (the
+    /// recipient reads the room: it has used them), reading no Welcome's
+    /// bytes. Returns how many were removed.
+    fn delete_welcomes_for_room(
+        &self,
+        recipient_user_id: UserId,
+        room_id: RoomId,
+    ) -> Result<usize, WelcomeError>;
+
+    /// How many Welcomes are stored and pending.
+    fn welcome_counts(&self) -> Result<WelcomeCounts, WelcomeError>;
 
     /// Removes the listed pending Welcomes of `recipient_user_id` (those the
     /// recipient has shown it used); ids that are not pending are skipped.
@@ -1062,6 +1137,20 @@ pub(crate) fn read_count_cap(count_max: usize) -> usize {
 /// entries) may add an entry of `entry_bytes`.
 pub(crate) fn read_bytes_allow(entries_so_far: usize, bytes_so_far: usize, entry_bytes: usize) -> bool {
     entries_so_far == 0 || bytes_so_far.saturating_add(entry_bytes) <= READ_RANGE_BYTES_MAX
+}
+
+/// Whether a pending-Welcome page with `entries_so_far` Welcomes of
+/// `bytes_so_far` bytes takes one more of `entry_bytes`.
+pub(crate) fn welcome_page_allows(entries_so_far: usize, bytes_so_far: usize, entry_bytes: usize) -> bool {
+    entries_so_far == 0
+        || (entries_so_far < WELCOMES_PAGE_ENTRIES_MAX
+            && bytes_so_far.saturating_add(entry_bytes) <= WELCOMES_PAGE_BYTES_MAX)
+}
+
+/// Recipients of one Welcome, each once, in the order first named.
+pub(crate) fn distinct_recipients(recipient_user_ids: &[UserId]) -> Vec<UserId> {
+    let mut seen = std::collections::HashSet::with_capacity(recipient_user_ids.len());
+    recipient_user_ids.iter().copied().filter(|id| seen.insert(*id)).collect()
 }
 
 /// Checks a redaction request against the room's head before anything is

@@ -18,7 +18,13 @@
 //!   zero-padded to 64 → key package;
 //! - `last_resort_key_packages_v1`: user id → key package;
 //! - `group_info_v1`: room id → (epoch, GroupInfo);
-//! - `welcomes_v1`: recipient user id (8, BE) ‖ welcome id (8, BE) → Welcome;
+//! - `welcome_bodies_v1`: welcome id → Welcome (stored once, whatever the
+//!   number of its recipients);
+//! - `welcome_refs_v1`: welcome id → recipients that still have it pending
+//!   (the body goes with the last);
+//! - `welcome_recipients_v1`: recipient user id (8, BE) ‖ welcome id (8, BE)
+//!   → room id (pending Welcomes are listed and forgotten by room without
+//!   reading their bytes);
 //! - `room_metadata_v1`: room id → (creator, created at, snapshot log index,
 //!   snapshot);
 //! - `meta_v1`: name → u64 (schema version, next welcome id);
@@ -41,7 +47,7 @@ use std::sync::Mutex;
 
 use ::redb::{
     Database, Durability, Key, MultimapTableHandle as _, ReadTransaction, ReadableDatabase, ReadableTable,
-    TableDefinition, TableHandle as _, Value, WriteTransaction,
+    ReadableTableMetadata, TableDefinition, TableHandle as _, Value, WriteTransaction,
 };
 use bytes::Bytes;
 use rand::SeedableRng;
@@ -54,14 +60,14 @@ use super::limits::{
 };
 use super::sealing::{self, DataKey, KeyRun, Record};
 use super::{
-    check_read_dense, key_package_key, key_package_key_bounds, read_bytes_allow, read_count_cap,
-    validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
+    check_read_dense, distinct_recipients, key_package_key, key_package_key_bounds, read_bytes_allow,
+    read_count_cap, validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
     validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
-    AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation,
-    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PendingWelcome, ReadError,
-    RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError,
-    RoomRetention, StorageFailure, Store, StoredEntry, UserId, WelcomeError, WelcomeId,
-    KEY_PACKAGE_KEY_BYTES,
+    welcome_page_allows, AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord,
+    InvariantViolation, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex,
+    PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId,
+    RoomMetadata, RoomMetadataError, RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome,
+    UserId, WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
@@ -89,7 +95,10 @@ const ROOM_HEADS: TableDefinition<&[u8; 16], u64> = TableDefinition::new("room_h
 const KEY_PACKAGES: TableDefinition<&KeyPackageKey, &[u8]> = TableDefinition::new("key_packages_v1");
 const LAST_RESORT: TableDefinition<u64, &[u8]> = TableDefinition::new("last_resort_key_packages_v1");
 const GROUP_INFO: TableDefinition<&[u8; 16], (u64, &[u8])> = TableDefinition::new("group_info_v1");
-const WELCOMES: TableDefinition<&WelcomeKey, &[u8]> = TableDefinition::new("welcomes_v1");
+const WELCOME_BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("welcome_bodies_v1");
+const WELCOME_REFS: TableDefinition<u64, u64> = TableDefinition::new("welcome_refs_v1");
+const WELCOME_RECIPIENTS: TableDefinition<&WelcomeKey, &[u8; 16]> =
+    TableDefinition::new("welcome_recipients_v1");
 const ROOM_METADATA: TableDefinition<&[u8; 16], (u64, u64, u64, &[u8])> =
     TableDefinition::new("room_metadata_v1");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
@@ -99,8 +108,9 @@ const META_SCHEMA_VERSION: &str = "schema_version";
 /// `meta_v1` key of the next welcome id.
 const META_WELCOME_ID_NEXT: &str = "welcome_id_next";
 /// Version of the table layout above (2: log entries sealed at rest; 3:
-/// data keys stored in runs).
-const SCHEMA_VERSION: u64 = 3;
+/// data keys stored in runs; 4: a Welcome stored once for all its
+/// recipients).
+const SCHEMA_VERSION: u64 = 4;
 
 fn log_key(room_id: RoomId, log_index: LogIndex) -> LogKey {
     let mut key = [0u8; 24];
@@ -311,7 +321,9 @@ impl RedbStore {
             txn.open_table(KEY_PACKAGES).map_err(failed("open"))?;
             txn.open_table(LAST_RESORT).map_err(failed("open"))?;
             txn.open_table(GROUP_INFO).map_err(failed("open"))?;
-            txn.open_table(WELCOMES).map_err(failed("open"))?;
+            txn.open_table(WELCOME_BODIES).map_err(failed("open"))?;
+            txn.open_table(WELCOME_REFS).map_err(failed("open"))?;
+            txn.open_table(WELCOME_RECIPIENTS).map_err(failed("open"))?;
             txn.open_table(ROOM_METADATA).map_err(failed("open"))?;
             txn.open_table(ROLES).map_err(failed("open"))?;
             txn.open_table(BANS).map_err(failed("open"))?;
@@ -372,7 +384,9 @@ impl RedbStore {
             rows += copy_table(&read, &write, KEY_PACKAGES)?;
             rows += copy_table(&read, &write, LAST_RESORT)?;
             rows += copy_table(&read, &write, GROUP_INFO)?;
-            rows += copy_table(&read, &write, WELCOMES)?;
+            rows += copy_table(&read, &write, WELCOME_BODIES)?;
+            rows += copy_table(&read, &write, WELCOME_REFS)?;
+            rows += copy_table(&read, &write, WELCOME_RECIPIENTS)?;
             rows += copy_table(&read, &write, ROOM_METADATA)?;
             rows += copy_table(&read, &write, META)?;
             rows += copy_table(&read, &write, ROLES)?;
@@ -411,7 +425,9 @@ impl RedbStore {
             KEY_PACKAGES.name(),
             LAST_RESORT.name(),
             GROUP_INFO.name(),
-            WELCOMES.name(),
+            WELCOME_BODIES.name(),
+            WELCOME_REFS.name(),
+            WELCOME_RECIPIENTS.name(),
             ROOM_METADATA.name(),
             META.name(),
             ROLES.name(),
@@ -444,7 +460,9 @@ impl RedbStore {
         rows += copy_table(&read, &write, KEY_PACKAGES)?;
         rows += copy_table(&read, &write, LAST_RESORT)?;
         rows += copy_table(&read, &write, GROUP_INFO)?;
-        rows += copy_table(&read, &write, WELCOMES)?;
+        rows += copy_table(&read, &write, WELCOME_BODIES)?;
+        rows += copy_table(&read, &write, WELCOME_REFS)?;
+        rows += copy_table(&read, &write, WELCOME_RECIPIENTS)?;
         rows += copy_table(&read, &write, ROOM_METADATA)?;
         rows += copy_table(&read, &write, META)?;
         rows += copy_table(&read, &write, ROLES)?;
@@ -456,6 +474,53 @@ impl RedbStore {
         // A new file is allocated generously; shrink it (its own pages only).
         while fresh.compact().map_err(failed(OP))? {}
         Ok(SnapshotCopy { rows, tables: copied.len(), rooms, log_entries, audit_head })
+    }
+
+    /// Removes pending-Welcome rows (`keys`, absent ones skipped) in one
+    /// durable transaction; each removed row drops a reference to its
+    /// Welcome, whose bytes go with the last. Returns how many were removed.
+    fn remove_pending_welcomes(&self, op: &'static str, keys: &[WelcomeKey]) -> Result<usize, WelcomeError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.begin_write(op)?;
+        let outcome = (|| -> Result<usize, WelcomeError> {
+            let mut index = txn.open_table(WELCOME_RECIPIENTS).map_err(failed(op))?;
+            let mut refs = txn.open_table(WELCOME_REFS).map_err(failed(op))?;
+            let mut bodies = txn.open_table(WELCOME_BODIES).map_err(failed(op))?;
+            let mut removed = 0;
+            for key in keys {
+                if index.remove(key).map_err(failed(op))?.is_none() {
+                    continue;
+                }
+                removed += 1;
+                let welcome_id = welcome_key_id(key);
+                let left = refs.get(welcome_id).map_err(failed(op))?.map(|guard| guard.value()).ok_or_else(
+                    || InvariantViolation(format!("pending welcome {welcome_id} has no reference count")),
+                )?;
+                if left <= 1 {
+                    refs.remove(welcome_id).map_err(failed(op))?;
+                    bodies.remove(welcome_id).map_err(failed(op))?;
+                } else {
+                    refs.insert(welcome_id, left - 1).map_err(failed(op))?;
+                }
+            }
+            Ok(removed)
+        })();
+        match outcome {
+            Ok(0) => {
+                abort(txn, op)?;
+                Ok(0)
+            }
+            Ok(removed) => {
+                txn.commit().map_err(failed(op))?;
+                Ok(removed)
+            }
+            Err(error) => {
+                let _ = abort(txn, op);
+                Err(error)
+            }
+        }
     }
 
     /// [`Store::redact`], appending `event` to the audit log in the same
@@ -1133,54 +1198,64 @@ impl Store for RedbStore {
         }))
     }
 
-    fn put_welcome(&self, recipient_user_id: UserId, welcome: Bytes) -> Result<WelcomeId, WelcomeError> {
-        let ids = self.put_welcomes(&[recipient_user_id], welcome)?;
-        Ok(ids[0])
-    }
-
     fn put_welcomes(
         &self,
+        room_id: RoomId,
         recipient_user_ids: &[UserId],
         welcome: Bytes,
-    ) -> Result<Vec<WelcomeId>, WelcomeError> {
+    ) -> Result<StoredWelcome, WelcomeError> {
         const OP: &str = "put_welcomes";
         validate_welcome(&welcome)?;
+        let recipients = distinct_recipients(recipient_user_ids);
         let txn = self.begin_write(OP)?;
-        let outcome = (|| -> Result<Vec<WelcomeId>, WelcomeError> {
-            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
-            for &recipient_user_id in recipient_user_ids {
-                let low = welcome_key(recipient_user_id, 0);
-                let high = welcome_key(recipient_user_id, WelcomeId::MAX);
-                let pending = table
-                    .range::<&WelcomeKey>(&low..=&high)
+        let outcome = (|| -> Result<StoredWelcome, WelcomeError> {
+            let mut index = txn.open_table(WELCOME_RECIPIENTS).map_err(failed(OP))?;
+            let mut room = Vec::with_capacity(recipients.len());
+            let mut full = Vec::new();
+            for recipient_user_id in recipients {
+                let pending = index
+                    .range::<&WelcomeKey>(
+                        &welcome_key(recipient_user_id, 0)..=&welcome_key(recipient_user_id, WelcomeId::MAX),
+                    )
                     .map_err(failed(OP))?
                     .take(WELCOMES_PER_RECIPIENT_MAX)
                     .count();
-                let repeated = recipient_user_ids.iter().filter(|r| **r == recipient_user_id).count();
-                if pending + repeated > WELCOMES_PER_RECIPIENT_MAX {
-                    return Err(WelcomeError::TooMany { recipient_user_id, max: WELCOMES_PER_RECIPIENT_MAX });
+                if pending >= WELCOMES_PER_RECIPIENT_MAX {
+                    full.push(recipient_user_id);
+                } else {
+                    room.push(recipient_user_id);
                 }
             }
-            let mut meta = txn.open_table(META).map_err(failed(OP))?;
-            let mut welcome_id =
-                meta.get(META_WELCOME_ID_NEXT).map_err(failed(OP))?.map_or(0, |guard| guard.value());
-            let mut ids = Vec::with_capacity(recipient_user_ids.len());
-            for &recipient_user_id in recipient_user_ids {
-                table
-                    .insert(&welcome_key(recipient_user_id, welcome_id), welcome.as_ref())
-                    .map_err(failed(OP))?;
-                ids.push(welcome_id);
-                welcome_id = welcome_id
-                    .checked_add(1)
-                    .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+            if room.is_empty() {
+                return Ok(StoredWelcome { welcome_id: None, full });
             }
-            meta.insert(META_WELCOME_ID_NEXT, welcome_id).map_err(failed(OP))?;
-            Ok(ids)
+            let mut meta = txn.open_table(META).map_err(failed(OP))?;
+            let welcome_id =
+                meta.get(META_WELCOME_ID_NEXT).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+            let next = welcome_id
+                .checked_add(1)
+                .ok_or_else(|| InvariantViolation("welcome id space exhausted".to_owned()))?;
+            meta.insert(META_WELCOME_ID_NEXT, next).map_err(failed(OP))?;
+            for &recipient_user_id in &room {
+                index.insert(&welcome_key(recipient_user_id, welcome_id), &room_id.0).map_err(failed(OP))?;
+            }
+            let refs =
+                u64::try_from(room.len()).map_err(|_| InvariantViolation("recipient count".to_owned()))?;
+            txn.open_table(WELCOME_REFS).map_err(failed(OP))?.insert(welcome_id, refs).map_err(failed(OP))?;
+            txn.open_table(WELCOME_BODIES)
+                .map_err(failed(OP))?
+                .insert(welcome_id, welcome.as_ref())
+                .map_err(failed(OP))?;
+            Ok(StoredWelcome { welcome_id: Some(welcome_id), full })
         })();
         match outcome {
-            Ok(ids) => {
+            Ok(stored) if stored.welcome_id.is_none() => {
+                abort(txn, OP)?;
+                Ok(stored)
+            }
+            Ok(stored) => {
                 txn.commit().map_err(failed(OP))?;
-                Ok(ids)
+                Ok(stored)
             }
             Err(error) => {
                 let _ = abort(txn, OP);
@@ -1189,23 +1264,70 @@ impl Store for RedbStore {
         }
     }
 
-    fn pending_welcomes(&self, recipient_user_id: UserId) -> Result<Vec<PendingWelcome>, WelcomeError> {
+    fn pending_welcomes(
+        &self,
+        recipient_user_id: UserId,
+        after: Option<WelcomeId>,
+    ) -> Result<Vec<PendingWelcome>, WelcomeError> {
         const OP: &str = "pending_welcomes";
+        let Some(first) = after.map_or(Some(0), |after| after.checked_add(1)) else { return Ok(Vec::new()) };
         let txn = self.begin_read(OP)?;
-        let table = txn.open_table(WELCOMES).map_err(failed(OP))?;
-        let low = welcome_key(recipient_user_id, 0);
+        let index = txn.open_table(WELCOME_RECIPIENTS).map_err(failed(OP))?;
+        let bodies = txn.open_table(WELCOME_BODIES).map_err(failed(OP))?;
+        let low = welcome_key(recipient_user_id, first);
         let high = welcome_key(recipient_user_id, WelcomeId::MAX);
-        let mut out = Vec::new();
-        for item in
-            table.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))?.take(WELCOMES_PER_RECIPIENT_MAX)
-        {
-            let (key, value) = item.map_err(failed(OP))?;
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for item in index.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))? {
+            let (key, room) = item.map_err(failed(OP))?;
+            let welcome_id = welcome_key_id(key.value());
+            let body = bodies.get(welcome_id).map_err(failed(OP))?.ok_or_else(|| {
+                InvariantViolation(format!("pending welcome {welcome_id} has no stored bytes"))
+            })?;
+            let body = body.value();
+            if !welcome_page_allows(out.len(), bytes, body.len()) {
+                break;
+            }
+            bytes += body.len();
             out.push(PendingWelcome {
-                welcome_id: welcome_key_id(key.value()),
-                welcome: Bytes::copy_from_slice(value.value()),
+                welcome_id,
+                room_id: RoomId(*room.value()),
+                welcome: Bytes::copy_from_slice(body),
             });
         }
         Ok(out)
+    }
+
+    fn delete_welcomes_for_room(
+        &self,
+        recipient_user_id: UserId,
+        room_id: RoomId,
+    ) -> Result<usize, WelcomeError> {
+        const OP: &str = "delete_welcomes_for_room";
+        let used: Vec<WelcomeId> = {
+            let txn = self.begin_read(OP)?;
+            let index = txn.open_table(WELCOME_RECIPIENTS).map_err(failed(OP))?;
+            let low = welcome_key(recipient_user_id, 0);
+            let high = welcome_key(recipient_user_id, WelcomeId::MAX);
+            let mut used = Vec::new();
+            for item in
+                index.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))?.take(WELCOMES_PER_RECIPIENT_MAX)
+            {
+                let (key, room) = item.map_err(failed(OP))?;
+                if *room.value() == room_id.0 {
+                    used.push(welcome_key_id(key.value()));
+                }
+            }
+            used
+        };
+        self.delete_welcomes(recipient_user_id, &used)
+    }
+
+    fn welcome_counts(&self) -> Result<WelcomeCounts, WelcomeError> {
+        const OP: &str = "welcome_counts";
+        let txn = self.begin_read(OP)?;
+        let welcomes = txn.open_table(WELCOME_BODIES).map_err(failed(OP))?.len().map_err(failed(OP))?;
+        let pending = txn.open_table(WELCOME_RECIPIENTS).map_err(failed(OP))?.len().map_err(failed(OP))?;
+        Ok(WelcomeCounts { welcomes, pending })
     }
 
     fn delete_welcomes(
@@ -1217,27 +1339,12 @@ impl Store for RedbStore {
         if welcome_ids.is_empty() {
             return Ok(0);
         }
-        let txn = self.begin_write(OP)?;
-        let outcome = (|| -> Result<usize, WelcomeError> {
-            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
-            let mut removed = 0;
-            for &welcome_id in welcome_ids.iter().take(WELCOMES_PER_RECIPIENT_MAX) {
-                if table.remove(&welcome_key(recipient_user_id, welcome_id)).map_err(failed(OP))?.is_some() {
-                    removed += 1;
-                }
-            }
-            Ok(removed)
-        })();
-        match outcome {
-            Ok(removed) => {
-                txn.commit().map_err(failed(OP))?;
-                Ok(removed)
-            }
-            Err(error) => {
-                let _ = abort(txn, OP);
-                Err(error)
-            }
-        }
+        let keys: Vec<WelcomeKey> = welcome_ids
+            .iter()
+            .take(WELCOMES_PER_RECIPIENT_MAX)
+            .map(|&welcome_id| welcome_key(recipient_user_id, welcome_id))
+            .collect();
+        self.remove_pending_welcomes(OP, &keys)
     }
 
     fn delete_welcomes_through(
@@ -1246,37 +1353,20 @@ impl Store for RedbStore {
         through_welcome_id: WelcomeId,
     ) -> Result<usize, WelcomeError> {
         const OP: &str = "delete_welcomes_through";
-        let txn = self.begin_write(OP)?;
-        let outcome = (|| -> Result<usize, WelcomeError> {
-            let mut table = txn.open_table(WELCOMES).map_err(failed(OP))?;
+        let keys = {
+            let txn = self.begin_read(OP)?;
+            let index = txn.open_table(WELCOME_RECIPIENTS).map_err(failed(OP))?;
             let low = welcome_key(recipient_user_id, 0);
             let high = welcome_key(recipient_user_id, through_welcome_id);
             let mut keys = Vec::new();
             for item in
-                table.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))?.take(WELCOMES_PER_RECIPIENT_MAX)
+                index.range::<&WelcomeKey>(&low..=&high).map_err(failed(OP))?.take(WELCOMES_PER_RECIPIENT_MAX)
             {
-                let (key, _) = item.map_err(failed(OP))?;
-                keys.push(*key.value());
+                keys.push(*item.map_err(failed(OP))?.0.value());
             }
-            for key in &keys {
-                table.remove(key).map_err(failed(OP))?;
-            }
-            Ok(keys.len())
-        })();
-        match outcome {
-            Ok(0) => {
-                abort(txn, OP)?;
-                Ok(0)
-            }
-            Ok(removed) => {
-                txn.commit().map_err(failed(OP))?;
-                Ok(removed)
-            }
-            Err(error) => {
-                let _ = abort(txn, OP);
-                Err(error)
-            }
-        }
+            keys
+        };
+        self.remove_pending_welcomes(OP, &keys)
     }
 
     fn put_room_metadata(&self, room_id: RoomId, metadata: &RoomMetadata) -> Result<(), RoomMetadataError> {
@@ -1564,7 +1654,7 @@ mod tests {
                 )
                 .unwrap();
             store.put_group_info(a, &group_info).unwrap();
-            welcome_id = store.put_welcome(5, Bytes::from_static(b"w")).unwrap();
+            welcome_id = store.put_welcome(5, a, Bytes::from_static(b"w")).unwrap();
             store.put_room_metadata(a, &metadata).unwrap();
         }
         let store = RedbStore::open(&path).unwrap();
@@ -1576,12 +1666,12 @@ mod tests {
         );
         assert_eq!(store.group_info(a).unwrap(), Some(group_info));
         assert_eq!(
-            store.pending_welcomes(5).unwrap(),
-            vec![PendingWelcome { welcome_id, welcome: Bytes::from_static(b"w") }]
+            store.pending_welcomes(5, None).unwrap(),
+            vec![PendingWelcome { welcome_id, room_id: a, welcome: Bytes::from_static(b"w") }]
         );
         assert_eq!(store.room_metadata(a).unwrap(), Some(metadata));
         // Welcome ids keep increasing across restarts.
-        assert!(store.put_welcome(5, Bytes::from_static(b"w2")).unwrap() > welcome_id);
+        assert!(store.put_welcome(5, a, Bytes::from_static(b"w2")).unwrap() > welcome_id);
         // A claim is durable: the package is gone after reopening.
         assert!(!store.claim_key_package(4).unwrap().unwrap().is_last_resort);
         drop(store);

@@ -63,7 +63,8 @@ pub(crate) fn empty_store<S: Store>(store: &S) {
     assert_eq!(store.count_key_packages(1).unwrap(), KeyPackageCount::default());
     assert!(store.claim_key_package(1).unwrap().is_none());
     assert!(store.group_info(room(1)).unwrap().is_none());
-    assert!(store.pending_welcomes(1).unwrap().is_empty());
+    assert!(store.pending_welcomes(1, None).unwrap().is_empty());
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts::default());
     assert!(store.room_metadata(room(1)).unwrap().is_none());
     store.append_batch(&[]).unwrap();
     assert!(store.room_heads(None, 10).unwrap().is_empty());
@@ -370,32 +371,31 @@ pub(crate) fn group_info_put_get<S: Store>(store: &S) {
 
 pub(crate) fn welcomes_two_step<S: Store>(store: &S) {
     let (alice, bob) = (5u64, 6u64);
-    let w1 = store.put_welcome(alice, Bytes::from_static(b"w1")).unwrap();
-    let wb = store.put_welcome(bob, Bytes::from_static(b"wb")).unwrap();
-    let w2 = store.put_welcome(alice, Bytes::from_static(b"w2")).unwrap();
+    let (r1, r2) = (room(1), room(2));
+    let pending = |welcome_id, room_id, bytes: &'static [u8]| PendingWelcome {
+        welcome_id,
+        room_id,
+        welcome: Bytes::from_static(bytes),
+    };
+    let w1 = store.put_welcome(alice, r1, Bytes::from_static(b"w1")).unwrap();
+    let wb = store.put_welcome(bob, r1, Bytes::from_static(b"wb")).unwrap();
+    let w2 = store.put_welcome(alice, r2, Bytes::from_static(b"w2")).unwrap();
     assert!(w1 < wb && wb < w2, "ids increase in storing order");
-    let pending = store.pending_welcomes(alice).unwrap();
-    assert_eq!(
-        pending,
-        vec![
-            PendingWelcome { welcome_id: w1, welcome: Bytes::from_static(b"w1") },
-            PendingWelcome { welcome_id: w2, welcome: Bytes::from_static(b"w2") },
-        ]
-    );
-    // Listing does not remove.
-    assert_eq!(store.pending_welcomes(alice).unwrap().len(), 2);
+    let listed = store.pending_welcomes(alice, None).unwrap();
+    assert_eq!(listed, vec![pending(w1, r1, b"w1"), pending(w2, r2, b"w2")]);
+    // Listing does not remove; a page starts after the id given.
+    assert_eq!(store.pending_welcomes(alice, None).unwrap().len(), 2);
+    assert_eq!(store.pending_welcomes(alice, Some(w1)).unwrap(), vec![pending(w2, r2, b"w2")]);
+    assert!(store.pending_welcomes(alice, Some(WelcomeId::MAX)).unwrap().is_empty());
     // A Welcome stored after the listing survives the acknowledgement.
-    let w3 = store.put_welcome(alice, Bytes::from_static(b"w3")).unwrap();
-    assert_eq!(store.delete_welcomes_through(alice, pending[1].welcome_id).unwrap(), 2);
-    assert_eq!(
-        store.pending_welcomes(alice).unwrap(),
-        vec![PendingWelcome { welcome_id: w3, welcome: Bytes::from_static(b"w3") }]
-    );
+    let w3 = store.put_welcome(alice, r1, Bytes::from_static(b"w3")).unwrap();
+    assert_eq!(store.delete_welcomes_through(alice, listed[1].welcome_id).unwrap(), 2);
+    assert_eq!(store.pending_welcomes(alice, None).unwrap(), vec![pending(w3, r1, b"w3")]);
     assert_eq!(store.delete_welcomes_through(alice, w2).unwrap(), 0);
     assert_eq!(store.delete_welcomes_through(alice, w3).unwrap(), 1);
-    assert!(store.pending_welcomes(alice).unwrap().is_empty());
+    assert!(store.pending_welcomes(alice, None).unwrap().is_empty());
     // Ids are never reused, even once a recipient's queue is empty.
-    let w4 = store.put_welcome(alice, Bytes::from_static(b"w4")).unwrap();
+    let w4 = store.put_welcome(alice, r1, Bytes::from_static(b"w4")).unwrap();
     assert!(w4 > w3);
     assert_eq!(
         store.delete_welcomes_through(alice, w3).unwrap(),
@@ -403,65 +403,140 @@ pub(crate) fn welcomes_two_step<S: Store>(store: &S) {
         "an old acknowledgement removes nothing new"
     );
     // Deleting by id removes exactly the listed pending ones.
-    let w5 = store.put_welcome(alice, Bytes::from_static(b"w5")).unwrap();
+    let w5 = store.put_welcome(alice, r1, Bytes::from_static(b"w5")).unwrap();
     assert_eq!(store.delete_welcomes(alice, &[w4, w3, w4 + 1_000]).unwrap(), 1);
-    assert_eq!(
-        store.pending_welcomes(alice).unwrap(),
-        vec![PendingWelcome { welcome_id: w5, welcome: Bytes::from_static(b"w5") }]
-    );
+    assert_eq!(store.pending_welcomes(alice, None).unwrap(), vec![pending(w5, r1, b"w5")]);
     assert_eq!(store.delete_welcomes(alice, &[w5]).unwrap(), 1);
     assert_eq!(store.delete_welcomes(alice, &[]).unwrap(), 0);
     // Bob untouched throughout.
-    assert_eq!(
-        store.pending_welcomes(bob).unwrap(),
-        vec![PendingWelcome { welcome_id: wb, welcome: Bytes::from_static(b"wb") }]
-    );
+    assert_eq!(store.pending_welcomes(bob, None).unwrap(), vec![pending(wb, r1, b"wb")]);
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts { welcomes: 1, pending: 1 });
 }
 
-pub(crate) fn welcomes_for_many_recipients_all_or_nothing<S: Store>(store: &S) {
+pub(crate) fn welcomes_are_stored_once_for_all_recipients<S: Store>(store: &S) {
     let (alice, bob, carol) = (11, 12, 13);
-    let ids = store.put_welcomes(&[alice, bob], Bytes::from_static(b"w")).unwrap();
-    assert_eq!(ids.len(), 2);
-    assert!(ids[0] < ids[1], "ids increase in recipient order");
-    assert_eq!(store.pending_welcomes(alice).unwrap().len(), 1);
-    assert_eq!(store.pending_welcomes(bob).unwrap()[0].welcome_id, ids[1]);
-    // Fill Carol's queue; a call that includes her stores nothing for anyone.
-    for _ in 0..WELCOMES_PER_RECIPIENT_MAX {
-        store.put_welcome(carol, Bytes::from_static(b"c")).unwrap();
+    let (r1, r2) = (room(1), room(2));
+    let welcome = Bytes::from(vec![0x77; 4096]);
+    // A repeated recipient counts once.
+    let stored = store.put_welcomes(r1, &[alice, bob, carol, alice], welcome.clone()).unwrap();
+    let id = stored.welcome_id.expect("stored");
+    assert!(stored.full.is_empty());
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts { welcomes: 1, pending: 3 }, "one copy");
+    for recipient in [alice, bob, carol] {
+        let pending = store.pending_welcomes(recipient, None).unwrap();
+        assert_eq!(pending, vec![PendingWelcome { welcome_id: id, room_id: r1, welcome: welcome.clone() }]);
     }
-    let error = store.put_welcomes(&[alice, carol], Bytes::from_static(b"x")).unwrap_err();
-    assert!(matches!(error, WelcomeError::TooMany { recipient_user_id, .. } if recipient_user_id == carol));
-    assert_eq!(store.pending_welcomes(alice).unwrap().len(), 1, "nothing stored for alice either");
-    // Ids stay unique across both calls.
-    let later = store.put_welcome(bob, Bytes::from_static(b"later")).unwrap();
-    assert!(later > ids[1]);
-    assert!(store.put_welcomes(&[], Bytes::from_static(b"none")).unwrap().is_empty());
+    let other = store.put_welcome(alice, r2, Bytes::from_static(b"other room")).unwrap();
+    // The bytes stay while any recipient has them pending.
+    assert_eq!(store.delete_welcomes_for_room(alice, r1).unwrap(), 1);
+    assert_eq!(store.delete_welcomes_for_room(alice, r1).unwrap(), 0);
+    assert_eq!(store.pending_welcomes(alice, None).unwrap()[0].welcome_id, other, "the other room's stays");
+    assert_eq!(store.delete_welcomes(bob, &[id]).unwrap(), 1);
+    assert_eq!(store.pending_welcomes(carol, None).unwrap()[0].welcome, welcome);
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts { welcomes: 2, pending: 2 });
+    // And go with the last.
+    assert_eq!(store.delete_welcomes_through(carol, id).unwrap(), 1);
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts { welcomes: 1, pending: 1 });
+    assert_eq!(store.delete_welcomes(alice, &[other]).unwrap(), 1);
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts::default());
+    // Nobody to store it for: nothing stored.
+    assert_eq!(
+        store.put_welcomes(r1, &[], welcome).unwrap(),
+        StoredWelcome { welcome_id: None, full: vec![] }
+    );
+    assert_eq!(store.welcome_counts().unwrap(), WelcomeCounts::default());
+}
+
+pub(crate) fn welcomes_skip_recipients_whose_queue_is_full<S: Store>(store: &S) {
+    let (alice, bob, carol) = (21, 22, 23);
+    for _ in 0..WELCOMES_PER_RECIPIENT_MAX {
+        store.put_welcome(carol, room(1), Bytes::from_static(b"c")).unwrap();
+    }
+    let before = store.welcome_counts().unwrap();
+    let stored = store.put_welcomes(room(2), &[alice, carol, bob], Bytes::from_static(b"x")).unwrap();
+    assert_eq!(stored.full, vec![carol]);
+    let id = stored.welcome_id.expect("stored for the others");
+    assert_eq!(store.pending_welcomes(alice, None).unwrap()[0].welcome_id, id);
+    assert_eq!(store.pending_welcomes(bob, None).unwrap()[0].welcome_id, id);
+    let carol_pending = store.pending_welcome_count(carol);
+    assert_eq!(carol_pending, WELCOMES_PER_RECIPIENT_MAX, "nothing more for carol");
+    assert_eq!(
+        store.welcome_counts().unwrap(),
+        WelcomeCounts { welcomes: before.welcomes + 1, pending: before.pending + 2 }
+    );
+    // Only full recipients: nothing stored, and the id is not used up.
+    let stored = store.put_welcomes(room(2), &[carol], Bytes::from_static(b"y")).unwrap();
+    assert_eq!(stored, StoredWelcome { welcome_id: None, full: vec![carol] });
+    assert!(store.put_welcome(alice, room(3), Bytes::from_static(b"z")).unwrap() > id);
+}
+
+pub(crate) fn welcomes_are_read_a_page_at_a_time<S: Store>(store: &S) {
+    let alice = 31;
+    let count = 2 * WELCOMES_PAGE_ENTRIES_MAX + 3;
+    let ids: Vec<WelcomeId> = (0..count)
+        .map(|i| store.put_welcome(alice, room(1), Bytes::from(format!("w{i}"))).unwrap())
+        .collect();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.pending_welcomes(alice, after).unwrap();
+        assert!(page.len() <= WELCOMES_PAGE_ENTRIES_MAX);
+        let Some(last) = page.last() else { break };
+        after = Some(last.welcome_id);
+        seen.extend(page.iter().map(|welcome| welcome.welcome_id));
+    }
+    assert_eq!(seen, ids, "every Welcome once, in order");
+    // The byte budget: the largest Welcome frame is stored, and a page holds
+    // at least one Welcome and never more than its budget after the first.
+    let bob = 32;
+    let largest = Bytes::from(vec![5u8; WELCOME_BYTES_MAX]);
+    let first = store.put_welcome(bob, room(1), largest.clone()).unwrap();
+    store.put_welcome(bob, room(1), Bytes::from(vec![6u8; WELCOMES_PAGE_BYTES_MAX / 2])).unwrap();
+    let page = store.pending_welcomes(bob, None).unwrap();
+    assert_eq!(page.len(), 1, "the budget ends the page");
+    assert_eq!((page[0].welcome_id, page[0].welcome.len()), (first, WELCOME_BYTES_MAX));
+    assert_eq!(store.pending_welcomes(bob, Some(first)).unwrap().len(), 1);
 }
 
 pub(crate) fn welcomes_refused<S: Store>(store: &S) {
     let carol = 11u64;
     for i in 0..WELCOMES_PER_RECIPIENT_MAX {
-        store.put_welcome(carol, Bytes::from(format!("w{i}"))).unwrap();
+        store.put_welcome(carol, room(1), Bytes::from(format!("w{i}"))).unwrap();
     }
-    let error = store.put_welcome(carol, Bytes::from_static(b"one too many")).unwrap_err();
+    let error = store.put_welcome(carol, room(1), Bytes::from_static(b"one too many")).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::CallerMisuse);
     assert!(
         matches!(error, WelcomeError::TooMany { recipient_user_id: 11, max } if max == WELCOMES_PER_RECIPIENT_MAX)
     );
-    let pending = store.pending_welcomes(carol).unwrap();
-    assert_eq!(pending.len(), WELCOMES_PER_RECIPIENT_MAX);
-    assert_eq!(pending.last().unwrap().welcome, Bytes::from(format!("w{}", WELCOMES_PER_RECIPIENT_MAX - 1)));
+    assert_eq!(store.pending_welcome_count(carol), WELCOMES_PER_RECIPIENT_MAX);
     // Others are not affected by carol's full queue.
-    store.put_welcome(carol + 1, Bytes::from_static(b"ok")).unwrap();
-    let error = store.put_welcome(carol + 1, Bytes::from(vec![0u8; WELCOME_BYTES_MAX + 1])).unwrap_err();
+    store.put_welcome(carol + 1, room(1), Bytes::from_static(b"ok")).unwrap();
+    let error =
+        store.put_welcome(carol + 1, room(1), Bytes::from(vec![0u8; WELCOME_BYTES_MAX + 1])).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::CallerMisuse);
     assert!(matches!(error, WelcomeError::TooLarge { bytes, bytes_max }
         if bytes == WELCOME_BYTES_MAX + 1 && bytes_max == WELCOME_BYTES_MAX));
-    assert_eq!(store.pending_welcomes(carol + 1).unwrap().len(), 1);
+    assert_eq!(store.pending_welcomes(carol + 1, None).unwrap().len(), 1);
     // After delivery, there is room again.
-    let last = pending.last().unwrap().welcome_id;
-    assert_eq!(store.delete_welcomes_through(carol, last).unwrap(), WELCOMES_PER_RECIPIENT_MAX);
-    store.put_welcome(carol, Bytes::from_static(b"again")).unwrap();
+    assert_eq!(store.delete_welcomes_through(carol, WelcomeId::MAX).unwrap(), WELCOMES_PER_RECIPIENT_MAX);
+    store.put_welcome(carol, room(1), Bytes::from_static(b"again")).unwrap();
+}
+
+/// Helper for the suite: how many Welcomes `recipient` has pending (all pages).
+trait PendingWelcomeCount {
+    fn pending_welcome_count(&self, recipient: UserId) -> usize;
+}
+
+impl<S: Store> PendingWelcomeCount for S {
+    fn pending_welcome_count(&self, recipient: UserId) -> usize {
+        let (mut count, mut after) = (0, None);
+        loop {
+            let page = self.pending_welcomes(recipient, after).unwrap();
+            let Some(last) = page.last() else { return count };
+            after = Some(last.welcome_id);
+            count += page.len();
+        }
+    }
 }
 
 pub(crate) fn room_metadata_put_get<S: Store>(store: &S) {
@@ -694,7 +769,9 @@ macro_rules! store_suite {
             case!(group_info_put_get);
             case!(welcomes_two_step);
             case!(welcomes_refused);
-            case!(welcomes_for_many_recipients_all_or_nothing);
+            case!(welcomes_are_stored_once_for_all_recipients);
+            case!(welcomes_skip_recipients_whose_queue_is_full);
+            case!(welcomes_are_read_a_page_at_a_time);
             case!(room_metadata_put_get);
             case!(randomized_interleaving);
             case!(moderation_state_and_audit_chain);

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
-use crate::node::{error_frame, server_frame, Command, Node, Outbox, Outgoing};
+use crate::node::{error_frame, reply_frame, server_frame, Command, Node, Outbox, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
 use crate::room::{moderation_reply, moderation_request, OtherRoute, RoomRequest, Routed};
 use crate::store::Store;
@@ -307,15 +307,17 @@ impl Listener {
             if let (Some(outbox), Some(sender)) = (state.outbox.clone(), state.session.sender()) {
                 if let Err(retry_after_ms) = self.admit(sender, &mut state.bucket, &frame, now_ms) {
                     self.metrics.rejected(ErrorCode::RateLimited);
-                    let error = kalandra_proto::payload::Error {
-                        code: ErrorCode::RateLimited.to_u16(),
-                        message: "rate limit exceeded".into(),
-                        current_epoch: None,
-                        log_index: None,
-                        retry_after_ms: Some(retry_after_ms),
-                    };
                     let header = frame.header();
-                    let _ = outbox.send(server_frame(header.room_id(), header.request_id(), &error)).await;
+                    let error = crate::room::error_frame_with(
+                        header.room_id(),
+                        header.request_id(),
+                        ErrorCode::RateLimited,
+                        "rate limit exceeded",
+                        None,
+                        None,
+                        Some(retry_after_ms),
+                    );
+                    let _ = outbox.send(error).await;
                     continue;
                 }
             }
@@ -324,7 +326,12 @@ impl Listener {
                 Step::Reply(reply) => state.write(reply).await,
                 Step::Authenticated { sender, reply } => {
                     state.write(reply).await;
-                    let (outbox, receiver) = Outbox::new(state.id, sender, self.limits.send_queue_frames_max);
+                    let (outbox, receiver) = Outbox::new(
+                        state.id,
+                        sender,
+                        self.limits.send_queue_frames_max,
+                        self.limits.send_queue_bytes_max,
+                    );
                     let send = state.send.take().expect("the stream is ours until authentication");
                     state.writer = Some(tokio::spawn(write_loop(send, receiver, self.metrics.clone())));
                     self.node.connection_authenticated(&outbox).await;
@@ -358,7 +365,10 @@ impl Listener {
         result: Result<Result<P, directory::DirectoryError>, tokio::task::JoinError>,
     ) -> Bytes {
         match result {
-            Ok(Ok(answer)) => server_frame(RoomId::default(), request_id, &answer),
+            Ok(Ok(answer)) => server_frame(RoomId::default(), request_id, &answer).unwrap_or_else(|error| {
+                self.metrics.rejected(ErrorCode::Internal);
+                error_frame(RoomId::default(), request_id, ErrorCode::Internal, &error.to_string())
+            }),
             Ok(Err(error)) => {
                 self.metrics.rejected(error.error_code());
                 error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
@@ -450,7 +460,7 @@ impl Listener {
                     epoch: report.epoch,
                     server_time_ms: report.erased_at_ms,
                 };
-                server_frame(room_id, request_id, &ack)
+                reply_frame(room_id, request_id, &ack)
             }
             Err(error) => {
                 self.metrics.rejected(error.error_code());

@@ -43,7 +43,8 @@ pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 1024 * 1024;
 pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 2 * STREAM_RECEIVE_WINDOW_BYTES;
 /// Bytes written towards one client and not yet acknowledged by it, at
 /// most: with the connection's outbox (`limits.send_queue_frames_max`
-/// frames) this bounds the memory a slow reader holds. One megabyte keeps a
+/// frames, `limits.send_queue_bytes_max` bytes) this bounds the memory a
+/// slow reader holds. One megabyte keeps a
 /// loopback or LAN link busy (quinn's default, ten, is sized for bulk
 /// transfers over long paths).
 pub const SEND_WINDOW_BYTES: u64 = 1024 * 1024;

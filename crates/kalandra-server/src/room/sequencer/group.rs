@@ -40,7 +40,8 @@ pub struct CommitRules<'a> {
     /// new ratchet tree must fit [`WELCOME_PAYLOAD_BYTES_MAX`].
     pub welcome: Option<(usize, &'a [SenderId])>,
     /// The GroupInfo the commit publishes, which must be the new epoch's,
-    /// signed by the committer.
+    /// signed by the committer, and fit [`GROUP_INFO_PAYLOAD_BYTES_MAX`]
+    /// with the new ratchet tree.
     pub group_info: Option<&'a [u8]>,
 }
 
@@ -61,6 +62,25 @@ impl CommitRules<'_> {
 
 /// The largest `Welcome` payload (client Welcome plus the server's ratchet tree).
 pub const WELCOME_PAYLOAD_BYTES_MAX: usize = Opcode::Welcome.payload_bytes_max() as usize;
+
+/// The largest `GroupInfo` reply payload (a committer's GroupInfo plus the
+/// server's ratchet tree): a commit whose GroupInfo would not fit it with
+/// the new tree is refused, so every GroupInfo request can be answered.
+pub const GROUP_INFO_PAYLOAD_BYTES_MAX: usize = Opcode::GroupInfo.payload_bytes_max() as usize;
+
+/// Whether the GroupInfo of `epoch` and the ratchet tree fit one GroupInfo
+/// reply (what a member or joiner asking for them gets).
+pub fn check_group_info_fits(
+    epoch: u64,
+    group_info_bytes: usize,
+    tree_bytes: usize,
+) -> Result<(), GroupError> {
+    let bytes = kalandra_proto::payload::GroupInfo::encoded_len(epoch, group_info_bytes, tree_bytes);
+    if bytes > GROUP_INFO_PAYLOAD_BYTES_MAX {
+        return Err(GroupError::GroupInfoTooLarge { bytes, max_bytes: GROUP_INFO_PAYLOAD_BYTES_MAX });
+    }
+    Ok(())
+}
 
 /// Why the MLS state refused a commit or proposal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +125,14 @@ pub enum GroupError {
     /// The GroupInfo is not the new epoch's, signed by the committer.
     #[error("invalid GroupInfo: {0}")]
     InvalidGroupInfo(String),
+    /// The GroupInfo with the ratchet tree would not fit a GroupInfo reply.
+    #[error("the GroupInfo with the ratchet tree would be {bytes} bytes, the limit is {max_bytes}")]
+    GroupInfoTooLarge {
+        /// Encoded size of the GroupInfo reply payload.
+        bytes: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
     /// The commit leaves server-issued proposals uncovered.
     #[error("commit leaves {missing} server-issued proposals uncovered")]
     UncoveredProposals {

@@ -21,8 +21,8 @@ use kalandra_proto::payload::{Commit, CreateRoom, ExternalJoin, Proposal};
 use kalandra_proto::{ErrorCode, Frame, Opcode, PayloadError, RoomId, SenderId};
 
 pub use group::{
-    CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError, ProposalRef, Proposer,
-    RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
+    check_group_info_fits, CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError,
+    ProposalRef, Proposer, RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
 };
 
 /// Sender id the server uses for frames it originates (server-issued proposals).
@@ -152,9 +152,10 @@ impl SubmitError {
             | SubmitError::InvalidProposal(GroupError::Forbidden(_))
             | SubmitError::Forbidden(_) => ErrorCode::Forbidden,
             SubmitError::InvalidCommit(GroupError::WelcomeTooLarge { .. }) => ErrorCode::WelcomeTooLarge,
-            SubmitError::InvalidCommit(GroupError::InvalidGroupInfo(_)) | SubmitError::ExternalSenders => {
-                ErrorCode::InvalidGroupInfo
-            }
+            SubmitError::InvalidCommit(
+                GroupError::InvalidGroupInfo(_) | GroupError::GroupInfoTooLarge { .. },
+            )
+            | SubmitError::ExternalSenders => ErrorCode::InvalidGroupInfo,
             SubmitError::InvalidCommit(_) => ErrorCode::InvalidCommit,
             SubmitError::InvalidProposal(_) => ErrorCode::InvalidProposal,
             SubmitError::PendingProposals { .. } => ErrorCode::PendingProposals,
@@ -362,6 +363,8 @@ impl<G: GroupState> RoomSequencer<G> {
             return Err(SubmitError::ExternalSenders);
         }
         let create: CreateRoom = frame.decode_payload()?;
+        check_group_info_fits(group.epoch(), create.group_info.len(), group.ratchet_tree().len())
+            .map_err(SubmitError::InvalidGroupInfo)?;
         let policy = RoomPolicy::new(creator, create.join_rule());
         let mut room = RoomSequencer {
             room_id,
