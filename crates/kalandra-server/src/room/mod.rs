@@ -10,6 +10,7 @@ mod moderation;
 mod request;
 mod shard;
 mod snapshot;
+mod void;
 
 pub use self::acts::{
     Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
