@@ -64,8 +64,10 @@ use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
 mod background;
 mod key_cache;
+mod recovery;
 pub use background::BackgroundReport;
 pub use key_cache::KEY_CACHE_FILE_NAME;
+pub use recovery::COMMIT_REPORT_AGAIN_AFTER_MS;
 
 /// File name of the store inside a client's data directory.
 pub const STORE_FILE_NAME: &str = "client.redb";
@@ -222,6 +224,11 @@ pub enum ClientError {
     /// Sealing a push notification.
     #[error(transparent)]
     SealPush(#[from] SealPushError),
+    /// The room's latest commit cannot be processed by this device: it
+    /// waits for the server to void it or rejoins (`docs/RECOVERY.md`).
+    /// Messages wait in the outbox meanwhile.
+    #[error("room {0} is recovering from a commit this device cannot process")]
+    Recovering(RoomId),
 }
 
 impl From<RoomLogError> for ClientError {
@@ -256,7 +263,7 @@ impl ClientError {
     /// Whether the failure is the connection's (the operation can be retried
     /// once connected again), not the request's.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ClientError::NotConnected | ClientError::Connection(_))
+        matches!(self, ClientError::NotConnected | ClientError::Connection(_) | ClientError::Recovering(_))
     }
 
     /// The server's error code, if the server refused.
@@ -368,6 +375,8 @@ pub struct Client {
     server: Option<ServerTarget>,
     request_timeout: Duration,
     push_keys: key_cache::PushKeys,
+    /// Stuck rooms whose report was acknowledged, and when to report again.
+    recovery_reports: BTreeMap<RoomId, tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Client {
@@ -451,6 +460,7 @@ impl Client {
             server: None,
             request_timeout: Duration::from_secs(10),
             push_keys: key_cache::PushKeys::load(directory.join(KEY_CACHE_FILE_NAME)),
+            recovery_reports: BTreeMap::new(),
         };
         for record in records {
             match record.namespace {
@@ -706,6 +716,10 @@ impl Client {
         if frame.opcode() != Opcode::Application {
             self.mls_clean = false;
         }
+        if frame.opcode() == Opcode::CommitVoided {
+            // The history the void rewrites must be in the store first.
+            self.checkpoint()?;
+        }
         let room_id = frame.header().room_id();
         let own = self.sender_id();
         let Some(room) = self.rooms.get_mut(&room_id) else { return Ok(None) };
@@ -733,6 +747,10 @@ impl Client {
             }
             EntryBody::Unreadable(why) => MessageBody::Unreadable(why),
             EntryBody::Redacted => MessageBody::Redacted,
+            EntryBody::CommitVoided { voided_log_index, epoch, added, removed } => {
+                self.commit_voided(room_id, voided_log_index, log_index)?;
+                MessageBody::Membership { epoch, added, removed }
+            }
         };
         let message = Message { room_id: room_id.0, log_index, sender: sender.0, server_time_ms, body };
         self.pending_batch.message(room_id, log_index, encode(&message));
@@ -802,6 +820,7 @@ impl Client {
                 )));
             }
             if done.next_log_index.saturating_sub(from) < u64::from(SYNC_FRAMES_PER_REQUEST) {
+                self.drive_recovery(room_id).await?;
                 return Ok(messages);
             }
         }
@@ -1037,6 +1056,10 @@ impl Client {
         self.member_group(room_id)?;
         self.sync(room_id).await?;
         for _ in 0..COMMIT_ATTEMPTS_MAX {
+            if self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
+                self.redo_later(room_id, intent);
+                return Err(ClientError::Recovering(room_id));
+            }
             self.mls_clean = false;
             let epoch = self.epoch_of(room_id);
             let packages = match &intent {
@@ -1206,10 +1229,10 @@ impl Client {
                     step(&mut state, Event::CommitAcked { epoch: ack.epoch })?;
                     let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
                     let record = RoomRecord::joined(room_id, ack.log_index + 1);
-                    self.rooms.insert(
-                        room_id,
-                        RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state },
-                    );
+                    let mut room =
+                        RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state };
+                    room.joined_externally(ack.log_index, ack.server_time_ms);
+                    self.rooms.insert(room_id, room);
                     self.checkpoint()?;
                     return Ok(ack.epoch);
                 }
@@ -1279,6 +1302,9 @@ impl Client {
         let mut synced = self.sync(room_id).await;
         if synced.is_ok() {
             synced = self.cover_pending_proposals(room_id).await.map(|()| Vec::new());
+        }
+        if synced.is_ok() && self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
+            synced = Err(ClientError::Recovering(room_id));
         }
         if let Err(error) = &synced {
             if !error.is_transient() {
@@ -1423,7 +1449,9 @@ impl Client {
             let Some(entry) = self.outbox.get(&id) else { continue };
             let room_id = RoomId(entry.room_id);
             self.sync(room_id).await?;
-            if !self.outbox.contains_key(&id) {
+            if !self.outbox.contains_key(&id)
+                || self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some()
+            {
                 continue;
             }
             if self.outbox.get(&id).is_some_and(|e| e.epoch != self.epoch_of(room_id)) {
@@ -1453,10 +1481,16 @@ impl Client {
     pub async fn next_message(&mut self, wait: Duration) -> Result<Option<Message>, ClientError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            let wake = self.recovery_wake(deadline);
             let connection = self.connection()?;
-            let frame = match tokio::time::timeout_at(deadline, connection.recv()).await {
+            let frame = match tokio::time::timeout_at(wake, connection.recv()).await {
                 Ok(Ok(frame)) => frame,
-                Ok(Err(ConnectionError::TimedOut)) | Err(_) => return Ok(None),
+                Ok(Err(ConnectionError::TimedOut)) | Err(_) => {
+                    if self.report_overdue().await? && tokio::time::Instant::now() < deadline {
+                        continue;
+                    }
+                    return Ok(None);
+                }
                 Ok(Err(error)) => return Err(error.into()),
             };
             let room_id = frame.header().room_id();
@@ -1472,6 +1506,7 @@ impl Client {
             }
             let message = self.handle_incoming(frame)?;
             self.checkpoint()?;
+            self.drive_recovery(room_id).await?;
             self.cover_pending_proposals(room_id).await?;
             if message.is_some() {
                 return Ok(message);
