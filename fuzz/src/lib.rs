@@ -555,6 +555,7 @@ pub mod seeds {
                 ratchet_tree: bytes(16, 0x40),
                 join_rule: None,
             }),
+            AnyPayload::CommitReport(CommitReport { log_index: 41, epoch: 3, reason: 2 }),
             AnyPayload::Commit(Commit {
                 commit: bytes(20, 0x01),
                 welcome: Some(bytes(12, 0x80)),
@@ -569,6 +570,7 @@ pub mod seeds {
             }),
             AnyPayload::ExternalJoin(ExternalJoin { commit: bytes(20, 0x05), group_info: None }),
             AnyPayload::Welcome(Welcome { welcome: bytes(16, 0x60), ratchet_tree: Some(bytes(8, 0x70)) }),
+            AnyPayload::CommitVoided(CommitVoided { log_index: 41, epoch: 3, reporters: vec![5, 6] }),
             AnyPayload::Ack(Ack { log_index: 12, epoch: 3, server_time_ms: 1_700_000_000_456 }),
             AnyPayload::KeyPackageUpload(KeyPackageUpload {
                 key_packages: vec![bytes(8, 0x11).into(), bytes(8, 0x22).into()],

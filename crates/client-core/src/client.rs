@@ -73,8 +73,10 @@ use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
 mod background;
 mod key_cache;
+mod recovery;
 pub use background::{BackgroundReport, BackgroundStep, CONTROL_FRAMES_PER_REQUEST, CONTROL_ROUNDS_MAX};
 pub use key_cache::KEY_CACHE_FILE_NAME;
+pub use recovery::COMMIT_REPORT_AGAIN_AFTER_MS;
 
 /// File name of the store inside a client's data directory.
 pub const STORE_FILE_NAME: &str = "client.redb";
@@ -244,6 +246,11 @@ pub enum ClientError {
     /// Sealing a push notification.
     #[error(transparent)]
     SealPush(#[from] SealPushError),
+    /// The room's latest commit cannot be processed by this device: it
+    /// waits for the server to void it or rejoins (`docs/RECOVERY.md`).
+    /// Messages wait in the outbox meanwhile.
+    #[error("room {0} is recovering from a commit this device cannot process")]
+    Recovering(RoomId),
 }
 
 impl From<RoomLogError> for ClientError {
@@ -278,7 +285,7 @@ impl ClientError {
     /// Whether the failure is the connection's (the operation can be retried
     /// once connected again), not the request's.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ClientError::NotConnected | ClientError::Connection(_))
+        matches!(self, ClientError::NotConnected | ClientError::Connection(_) | ClientError::Recovering(_))
     }
 
     /// Whether the failure is the whole device's (its connection or its
@@ -420,6 +427,8 @@ pub struct Client {
     /// Rooms that failed while applying frames another operation read (one
     /// entry per room, the latest), reported by the next call over every room.
     deferred_failures: BTreeMap<RoomId, ClientError>,
+    /// Stuck rooms whose report was acknowledged, and when to report again.
+    recovery_reports: BTreeMap<RoomId, tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Client {
@@ -504,6 +513,7 @@ impl Client {
             request_timeout: Duration::from_secs(10),
             push_keys: key_cache::PushKeys::load(directory.join(KEY_CACHE_FILE_NAME)),
             deferred_failures: BTreeMap::new(),
+            recovery_reports: BTreeMap::new(),
         };
         for record in records {
             match record.namespace {
@@ -809,6 +819,10 @@ impl Client {
         if frame.opcode() != Opcode::Application {
             self.mls_clean = false;
         }
+        if frame.opcode() == Opcode::CommitVoided {
+            // The history the void rewrites must be in the store first.
+            self.checkpoint()?;
+        }
         let room_id = frame.header().room_id();
         let own = self.sender_id();
         let Some(room) = self.rooms.get_mut(&room_id) else { return Ok(None) };
@@ -836,6 +850,10 @@ impl Client {
             }
             EntryBody::Unreadable(why) => MessageBody::Unreadable(why),
             EntryBody::Redacted => MessageBody::Redacted,
+            EntryBody::CommitVoided { voided_log_index, epoch, added, removed } => {
+                self.commit_voided(room_id, voided_log_index, log_index)?;
+                MessageBody::Membership { epoch, added, removed }
+            }
         };
         let message = Message { room_id: room_id.0, log_index, sender: sender.0, server_time_ms, body };
         self.pending_batch.message(room_id, log_index, encode(&message));
@@ -907,6 +925,7 @@ impl Client {
                 )));
             }
             if done.next_log_index.saturating_sub(from) < u64::from(SYNC_FRAMES_PER_REQUEST) {
+                self.drive_recovery(room_id).await?;
                 return Ok(messages);
             }
         }
@@ -1166,6 +1185,10 @@ impl Client {
         self.member_group(room_id)?;
         self.sync(room_id).await?;
         for _ in 0..COMMIT_ATTEMPTS_MAX {
+            if self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
+                self.redo_later(room_id, intent);
+                return Err(ClientError::Recovering(room_id));
+            }
             if self.settle_own_removal(room_id)? {
                 // Any commit would have to cover our own removal, which we
                 // cannot commit: nothing of ours is left to cover.
@@ -1344,10 +1367,10 @@ impl Client {
                     step(&mut state, Event::CommitAcked { epoch: ack.epoch })?;
                     let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
                     let record = RoomRecord::joined(room_id, ack.log_index + 1);
-                    self.rooms.insert(
-                        room_id,
-                        RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state },
-                    );
+                    let mut room =
+                        RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state };
+                    room.joined_externally(ack.log_index, ack.server_time_ms);
+                    self.rooms.insert(room_id, room);
                     self.checkpoint()?;
                     return Ok(ack.epoch);
                 }
@@ -1417,6 +1440,9 @@ impl Client {
         let mut synced = self.sync(room_id).await;
         if synced.is_ok() {
             synced = self.cover_pending_proposals(room_id).await.map(|()| Vec::new());
+        }
+        if synced.is_ok() && self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
+            synced = Err(ClientError::Recovering(room_id));
         }
         if let Err(error) = &synced {
             if !error.is_transient() {
@@ -1604,7 +1630,7 @@ impl Client {
             return Ok(false);
         }
         self.sync(room_id).await?;
-        if !self.outbox.contains_key(&id) {
+        if !self.outbox.contains_key(&id) || self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
             return Ok(false);
         }
         if self.settle_own_removal(room_id)? {
@@ -1650,10 +1676,16 @@ impl Client {
     pub async fn next_message(&mut self, wait: Duration) -> Result<Option<Message>, ClientError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            let wake = self.recovery_wake(deadline);
             let connection = self.connection()?;
-            let frame = match tokio::time::timeout_at(deadline, connection.recv()).await {
+            let frame = match tokio::time::timeout_at(wake, connection.recv()).await {
                 Ok(Ok(frame)) => frame,
-                Ok(Err(ConnectionError::TimedOut)) | Err(_) => return Ok(None),
+                Ok(Err(ConnectionError::TimedOut)) | Err(_) => {
+                    if self.report_overdue().await? && tokio::time::Instant::now() < deadline {
+                        continue;
+                    }
+                    return Ok(None);
+                }
                 Ok(Err(error)) => return Err(error.into()),
             };
             let room_id = frame.header().room_id();
@@ -1669,6 +1701,7 @@ impl Client {
             }
             let message = self.handle_incoming(frame)?;
             self.checkpoint()?;
+            self.drive_recovery(room_id).await?;
             self.cover_pending_proposals(room_id).await?;
             if message.is_some() {
                 return Ok(message);

@@ -39,6 +39,13 @@
 //! - Every change of membership, epoch or pending commit goes through the
 //!   state machine; a transition it refuses, or a disagreement between it
 //!   and the MLS group, is [`RoomLogError::Internal`].
+//! - A commit this device cannot process makes the room stuck, not failed;
+//!   a commit it applied can be voided by the server until it settles
+//!   (`recovery`, `docs/RECOVERY.md`).
+
+mod recovery;
+
+pub use recovery::test_support;
 
 use kalandra_proto::payload::{self, Application, Commit, ExternalJoin};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
@@ -151,6 +158,9 @@ pub struct RoomRecord {
     /// A proposal we can commit is pending (not our own removal): commit it.
     #[serde(default)]
     pub(crate) cover_proposals: bool,
+    /// What recovering from an unprocessable or voided commit needs.
+    #[serde(default)]
+    pub(crate) recovery: recovery::Recovery,
 }
 
 impl RoomRecord {
@@ -165,6 +175,7 @@ impl RoomRecord {
             removed: false,
             redo: None,
             cover_proposals: false,
+            recovery: recovery::Recovery::default(),
         }
     }
 }
@@ -216,6 +227,19 @@ pub enum EntryBody {
     Unreadable(String),
     /// Erased on the server before this device read it.
     Redacted,
+    /// The server voided the commit at `voided_log_index` and every frame
+    /// after it up to this one (`docs/RECOVERY.md`): the room is back at
+    /// `epoch`, with these membership changes undone.
+    CommitVoided {
+        /// The voided commit's log index.
+        voided_log_index: u64,
+        /// The epoch the room is back at.
+        epoch: u64,
+        /// Who is a member again (the voided commit had removed them).
+        added: Vec<u64>,
+        /// Who is no longer a member (the voided commit had added them).
+        removed: Vec<u64>,
+    },
 }
 
 /// A history entry made by applying a frame.
@@ -268,6 +292,9 @@ pub(crate) fn step(state: &mut ClientState, event: Event) -> Result<Vec<Action>,
 
 /// The state a room is in when the device starts (not connected).
 fn initial_state(record: &RoomRecord, group: Option<&RoomGroup>) -> ClientState {
+    if let (Some(group), Some(log_index)) = (group, record.recovery.stuck_log_index()) {
+        return ClientState::Disconnected { resume: Resume::Stuck { epoch: group.epoch(), log_index } };
+    }
     let resume = match (group, &record.pending) {
         (None, _) => Resume::Join,
         (Some(group), Some(pending)) if pending.intent != Intent::Create => {
@@ -301,7 +328,12 @@ pub fn is_erased_placeholder(frame: &Frame) -> bool {
 pub fn is_log_frame(frame: &Frame) -> bool {
     matches!(
         frame.opcode(),
-        Opcode::CreateRoom | Opcode::Commit | Opcode::Proposal | Opcode::Application | Opcode::ExternalJoin
+        Opcode::CreateRoom
+            | Opcode::Commit
+            | Opcode::Proposal
+            | Opcode::Application
+            | Opcode::ExternalJoin
+            | Opcode::CommitVoided
     ) || is_erased_placeholder(frame)
 }
 
@@ -332,6 +364,7 @@ impl RoomLog {
             removed: false,
             redo: None,
             cover_proposals: false,
+            recovery: recovery::Recovery::default(),
         };
         // Creation is not a commit: the creator is a member at epoch 0 at once.
         let state = ClientState::Synchronized { epoch: 0 };
@@ -356,7 +389,9 @@ impl RoomLog {
         let record = RoomRecord::joined(room_id, frame.header().log_index() + 1);
         let mut state = ClientState::PendingWelcome;
         step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
-        Ok(RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state })
+        let mut room = RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state };
+        room.joined_by_welcome(frame.header().log_index());
+        Ok(room)
     }
 
     /// The room.
@@ -444,7 +479,9 @@ impl RoomLog {
         if self.state.is_connected() {
             step(&mut self.state, Event::ConnectionLost)?;
         }
-        step(&mut self.state, Event::Connected)
+        let actions = step(&mut self.state, Event::Connected)?;
+        self.note_actions(&actions);
+        Ok(actions)
     }
 
     /// The connection is gone.
@@ -525,8 +562,10 @@ impl RoomLog {
         error: Option<&payload::Error>,
     ) -> Result<CommitRefusal, RoomLogError> {
         let event = match error {
+            // The room is behind our epoch only after a void of the epoch we
+            // committed in: catch up (the void rolls us back) and redo.
             Some(payload::Error { code, current_epoch: Some(current_epoch), log_index, .. })
-                if *code == ErrorCode::WrongEpoch.to_u16() =>
+                if *code == ErrorCode::WrongEpoch.to_u16() && *current_epoch > self.epoch() =>
             {
                 Event::WrongEpoch { current_epoch: *current_epoch, log_index: log_index.unwrap_or(0) }
             }
@@ -608,6 +647,18 @@ impl RoomLog {
                 self.record.next_log_index
             )));
         }
+        let entry = |body| LogEntry {
+            log_index,
+            sender: header.sender_id(),
+            server_time_ms: header.server_timestamp_ms(),
+            body,
+        };
+        if self.group.is_some() {
+            if let Some(handled) = self.recovery_first(provider, frame)? {
+                self.record.next_log_index = log_index + 1;
+                return Ok(handled.map(entry));
+            }
+        }
         let body = match frame.opcode() {
             _ if self.group.is_none() => None,
             Opcode::Commit | Opcode::ExternalJoin => self.apply_commit(provider, own, frame)?,
@@ -620,12 +671,7 @@ impl RoomLog {
         };
         // Only now: a frame that failed to apply is read again.
         self.record.next_log_index = log_index + 1;
-        Ok(body.map(|body| LogEntry {
-            log_index,
-            sender: header.sender_id(),
-            server_time_ms: header.server_timestamp_ms(),
-            body,
-        }))
+        Ok(body.map(entry))
     }
 
     fn apply_commit(
@@ -655,10 +701,20 @@ impl RoomLog {
         }
         let ours = frame.header().sender_id() == own
             && self.record.pending.as_ref().is_some_and(|p| p.epoch == frame_epoch);
+        let before = self.before_merge(provider)?;
+        let sender_keys_before = self.sender_keys.as_ref().map(SenderKeyState::to_bytes);
+        let cover_proposals_before = self.record.cover_proposals;
+        let own_intent = self.record.pending.as_ref().filter(|_| ours).map(|pending| pending.intent.clone());
         let applied = if ours {
             self.merge_own_commit(provider)?
         } else {
-            self.process_commit(provider, &commit_bytes)?
+            match self.process_commit(provider, &commit_bytes) {
+                Ok(applied) => applied,
+                Err(RoomLogError::Process(error)) if recovery::unprocessable(&error) => {
+                    return self.commit_unprocessable(provider, frame, &error);
+                }
+                Err(error) => return Err(error),
+            }
         };
         // A commit covers every pending proposal.
         self.record.cover_proposals = false;
@@ -670,6 +726,7 @@ impl RoomLog {
         } else {
             let group = self.group.as_ref().ok_or(RoomLogError::NotMember(self.room_id()))?;
             self.sender_keys = Some(SenderKeyState::from_group(provider, group)?);
+            self.keep_undo(provider, frame, before, sender_keys_before, cover_proposals_before, own_intent)?;
         }
         let senders = |members: &[crate::mls::MemberInfo]| {
             members.iter().filter_map(|m| sender_of(&m.identity)).map(|s| s.0).collect()

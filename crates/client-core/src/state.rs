@@ -16,6 +16,10 @@
 //! - [`ClientState::PendingCommit`]: a commit of ours (or our external join)
 //!   that moves the room to `target_epoch` awaits the server's answer. For a
 //!   member's commit the confirmed epoch is still `target_epoch - 1`.
+//! - [`ClientState::Stuck`]: a member at `epoch` that cannot process the
+//!   sequenced commit at `log_index`: it reports it and waits for the server
+//!   to void it (`CommitVoided`) or for it to settle (then it rejoins). See
+//!   `docs/RECOVERY.md`.
 //!
 //! # Transitions
 //!
@@ -24,6 +28,7 @@
 //! | Disconnected(Join) | Connected | PendingWelcome | — |
 //! | Disconnected(Synchronized e) | Connected | Synchronized e | Subscribe |
 //! | Disconnected(PendingCommit t) | Connected | PendingCommit t (member) | Subscribe |
+//! | Disconnected(Stuck e L) | Connected | Stuck e L | Subscribe, ReportCommit L |
 //! | PendingWelcome | WelcomeReceived e (e ≥ 1) | Synchronized e | EnterEpoch e, Subscribe |
 //! | PendingWelcome | JoinedByExternalCommit e (e ≥ 1) | PendingCommit e (join) | — |
 //! | PendingWelcome | ConnectionLost | Disconnected(Join) | — |
@@ -31,16 +36,24 @@
 //! | Synchronized e | CommitFromOthers e+1 | Synchronized e+1 | EnterEpoch e+1 |
 //! | Synchronized e | Removed | PendingWelcome | DeleteGroup |
 //! | Synchronized e | ConnectionLost | Disconnected(Synchronized e) | — |
+//! | Synchronized e | CommitUnprocessable e+1 at L | Stuck e L | ReportCommit L |
+//! | Synchronized e | CommitVoided e-1 | Synchronized e-1 | RollBack, EnterEpoch e-1 |
 //! | PendingCommit t (member) | CommitAcked t | Synchronized t | MergePendingCommit, EnterEpoch t |
 //! | PendingCommit t (member) | WrongEpoch c > t-1 | Synchronized t-1 | DiscardPendingCommit, SyncFrom, ReapplyIntent |
 //! | PendingCommit t (member) | CommitFromOthers t | Synchronized t | EnterEpoch t, ReapplyIntent |
 //! | PendingCommit t (member) | CommitRefused | Synchronized t-1 | DiscardPendingCommit |
 //! | PendingCommit t (member) | Removed | PendingWelcome | DeleteGroup |
 //! | PendingCommit t (member) | ConnectionLost | Disconnected(PendingCommit t) | — |
+//! | PendingCommit t (member) | CommitUnprocessable t at L | Stuck t-1 L | DiscardPendingCommit, ReportCommit L, ReapplyIntent |
+//! | PendingCommit t (member) | CommitVoided t-2 | Synchronized t-2 | DiscardPendingCommit, RollBack, EnterEpoch t-2, ReapplyIntent |
 //! | PendingCommit t (join) | CommitAcked t | Synchronized t | EnterEpoch t, Subscribe |
 //! | PendingCommit t (join) | WrongEpoch c > t-1 | PendingWelcome | DeleteGroup, ReapplyIntent |
 //! | PendingCommit t (join) | CommitRefused | PendingWelcome | DeleteGroup |
 //! | PendingCommit t (join) | ConnectionLost | Disconnected(Join) | DeleteGroup, ReapplyIntent |
+//! | Stuck e L | CommitVoided e | Synchronized e | — |
+//! | Stuck e L | StuckCommitSettled | PendingWelcome | DeleteGroup, Rejoin |
+//! | Stuck e L | Removed | PendingWelcome | DeleteGroup |
+//! | Stuck e L | ConnectionLost | Disconnected(Stuck e L) | — |
 //!
 //! Every other pair is illegal. A member's pending commit survives a lost
 //! connection: after reconnecting, the log replay settles it (our commit in
@@ -48,6 +61,10 @@
 //! epoch as `CommitFromOthers`; if neither appears the driver sends it
 //! again). An external join does not: its fate is unknown, so the joiner
 //! drops the group and joins again.
+//!
+//! A member's epoch never goes backwards except by `CommitVoided`, which
+//! takes a member that had entered the voided commit's epoch back by
+//! exactly one (and a stuck member nowhere: it never left).
 
 /// What a pending commit is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +90,13 @@ pub enum Resume {
         /// The epoch the commit moves the room to.
         target_epoch: u64,
     },
+    /// A member at `epoch` stuck on the commit at `log_index`.
+    Stuck {
+        /// The confirmed epoch.
+        epoch: u64,
+        /// The commit it cannot process.
+        log_index: u64,
+    },
 }
 
 /// The client's state for one room.
@@ -96,6 +120,15 @@ pub enum ClientState {
         target_epoch: u64,
         /// A member's commit or our external join.
         kind: CommitKind,
+    },
+    /// A member at `epoch` that cannot process the sequenced commit at
+    /// `log_index`: it reported it and reads on until the commit is voided
+    /// or settles.
+    Stuck {
+        /// The confirmed epoch (the one the commit left).
+        epoch: u64,
+        /// The commit it cannot process.
+        log_index: u64,
     },
 }
 
@@ -148,6 +181,22 @@ pub enum Event {
     },
     /// A commit (or moderation) removed us from the room.
     Removed,
+    /// A sequenced commit that would move the room to `epoch` cannot be
+    /// processed (its tags or its path do not check out for us).
+    CommitUnprocessable {
+        /// The epoch the commit creates.
+        epoch: u64,
+        /// Its log index.
+        log_index: u64,
+    },
+    /// The server voided a commit: the room is back at `epoch`.
+    CommitVoided {
+        /// The epoch the room returns to.
+        epoch: u64,
+    },
+    /// The commit we are stuck on settled without a void (its window ended,
+    /// or a later commit was sequenced).
+    StuckCommitSettled,
 }
 
 /// What the driver must do after a transition, in order.
@@ -174,6 +223,16 @@ pub enum Action {
     /// Put the intent of the refused or lost commit (or join) back in the
     /// outbox, to be redone in the current epoch.
     ReapplyIntent,
+    /// Report the commit at `log_index` to the server (`CommitReport`).
+    ReportCommit {
+        /// The commit's log index.
+        log_index: u64,
+    },
+    /// Return the MLS group and the sender keys to the epoch before the voided commit.
+    RollBack,
+    /// Join the room again by external commit (we are still a member on
+    /// the server, with a leaf we cannot use).
+    Rejoin,
 }
 
 /// The rule an illegal event breaks.
@@ -219,6 +278,15 @@ pub enum Violation {
     /// The epoch cannot advance past `u64::MAX`.
     #[error("epoch overflow")]
     EpochOverflow,
+    /// A void with no epoch before ours to return to.
+    #[error("no epoch to return to")]
+    NothingToVoid,
+    /// A member stuck on a commit neither commits nor applies later commits.
+    #[error("stuck on an unprocessable commit")]
+    Stuck,
+    /// A settlement of a stuck commit while not stuck.
+    #[error("not stuck on a commit")]
+    NotStuck,
 }
 
 /// An event that is not allowed in a state.
@@ -255,7 +323,10 @@ impl ClientState {
     pub fn member_epoch(&self) -> Option<u64> {
         match *self {
             ClientState::Synchronized { epoch }
-            | ClientState::Disconnected { resume: Resume::Synchronized { epoch } } => Some(epoch),
+            | ClientState::Stuck { epoch, .. }
+            | ClientState::Disconnected {
+                resume: Resume::Synchronized { epoch } | Resume::Stuck { epoch, .. },
+            } => Some(epoch),
             ClientState::PendingCommit { target_epoch, kind: CommitKind::Member }
             | ClientState::Disconnected { resume: Resume::PendingCommit { target_epoch } } => {
                 Some(target_epoch.saturating_sub(1))
@@ -283,6 +354,10 @@ impl ClientState {
                         ClientState::PendingCommit { target_epoch, kind: CommitKind::Member },
                         vec![Action::Subscribe],
                     ),
+                    Resume::Stuck { epoch, log_index } => (
+                        ClientState::Stuck { epoch, log_index },
+                        vec![Action::Subscribe, Action::ReportCommit { log_index }],
+                    ),
                 }),
                 _ => Err(Violation::NotConnected),
             },
@@ -294,6 +369,7 @@ impl ClientState {
             ClientState::PendingCommit { target_epoch, kind: CommitKind::ExternalJoin } => {
                 Self::pending_external_join(target_epoch, event)
             }
+            ClientState::Stuck { epoch, log_index } => Self::stuck(epoch, log_index, event),
         }
     }
 
@@ -315,9 +391,12 @@ impl ClientState {
             Event::CommitAcked { .. } | Event::WrongEpoch { .. } | Event::CommitRefused => {
                 Err(Violation::NoCommitPending)
             }
-            Event::CommitSent { .. } | Event::CommitFromOthers { .. } | Event::Removed => {
-                Err(Violation::NotMember)
-            }
+            Event::CommitSent { .. }
+            | Event::CommitFromOthers { .. }
+            | Event::Removed
+            | Event::CommitUnprocessable { .. }
+            | Event::CommitVoided { .. } => Err(Violation::NotMember),
+            Event::StuckCommitSettled => Err(Violation::NotStuck),
         }
     }
 
@@ -349,6 +428,24 @@ impl ClientState {
                 Ok((ClientState::Synchronized { epoch: found }, vec![Action::EnterEpoch { epoch: found }]))
             }
             Event::Removed => Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup])),
+            Event::CommitUnprocessable { epoch: found, log_index } => {
+                let expected = next_epoch()?;
+                if found != expected {
+                    return Err(Violation::UnexpectedEpoch { expected, found });
+                }
+                Ok((ClientState::Stuck { epoch, log_index }, vec![Action::ReportCommit { log_index }]))
+            }
+            Event::CommitVoided { epoch: found } => {
+                let expected = epoch.checked_sub(1).ok_or(Violation::NothingToVoid)?;
+                if found != expected {
+                    return Err(Violation::UnexpectedEpoch { expected, found });
+                }
+                Ok((
+                    ClientState::Synchronized { epoch: found },
+                    vec![Action::RollBack, Action::EnterEpoch { epoch: found }],
+                ))
+            }
+            Event::StuckCommitSettled => Err(Violation::NotStuck),
         }
     }
 
@@ -398,6 +495,36 @@ impl ClientState {
                 ))
             }
             Event::Removed => Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup])),
+            Event::CommitUnprocessable { epoch: found, log_index } => {
+                if found != target_epoch {
+                    return Err(Violation::UnexpectedEpoch { expected: target_epoch, found });
+                }
+                // Another commit won the epoch, and we cannot process it.
+                Ok((
+                    ClientState::Stuck { epoch, log_index },
+                    vec![
+                        Action::DiscardPendingCommit,
+                        Action::ReportCommit { log_index },
+                        Action::ReapplyIntent,
+                    ],
+                ))
+            }
+            Event::CommitVoided { epoch: found } => {
+                let expected = epoch.checked_sub(1).ok_or(Violation::NothingToVoid)?;
+                if found != expected {
+                    return Err(Violation::UnexpectedEpoch { expected, found });
+                }
+                Ok((
+                    ClientState::Synchronized { epoch: found },
+                    vec![
+                        Action::DiscardPendingCommit,
+                        Action::RollBack,
+                        Action::EnterEpoch { epoch: found },
+                        Action::ReapplyIntent,
+                    ],
+                ))
+            }
+            Event::StuckCommitSettled => Err(Violation::NotStuck),
         }
     }
 
@@ -431,7 +558,39 @@ impl ClientState {
                 Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup, Action::ReapplyIntent]))
             }
             Event::CommitRefused => Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup])),
-            Event::CommitFromOthers { .. } | Event::Removed => Err(Violation::NotMember),
+            Event::CommitFromOthers { .. }
+            | Event::Removed
+            | Event::CommitUnprocessable { .. }
+            | Event::CommitVoided { .. } => Err(Violation::NotMember),
+            Event::StuckCommitSettled => Err(Violation::NotStuck),
+        }
+    }
+
+    fn stuck(epoch: u64, log_index: u64, event: Event) -> Result<(ClientState, Vec<Action>), Violation> {
+        match event {
+            Event::Connected => Err(Violation::AlreadyConnected),
+            Event::ConnectionLost => {
+                Ok((ClientState::Disconnected { resume: Resume::Stuck { epoch, log_index } }, vec![]))
+            }
+            Event::WelcomeReceived { .. } | Event::JoinedByExternalCommit { .. } => {
+                Err(Violation::AlreadyMember)
+            }
+            Event::CommitAcked { .. } | Event::WrongEpoch { .. } | Event::CommitRefused => {
+                Err(Violation::NoCommitPending)
+            }
+            Event::CommitSent { .. } | Event::CommitFromOthers { .. } | Event::CommitUnprocessable { .. } => {
+                Err(Violation::Stuck)
+            }
+            Event::CommitVoided { epoch: found } => {
+                if found != epoch {
+                    return Err(Violation::UnexpectedEpoch { expected: epoch, found });
+                }
+                Ok((ClientState::Synchronized { epoch }, vec![]))
+            }
+            Event::StuckCommitSettled => {
+                Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup, Action::Rejoin]))
+            }
+            Event::Removed => Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup])),
         }
     }
 }
@@ -450,10 +609,13 @@ mod tests {
     const SYNC: ClientState = ClientState::Synchronized { epoch: 5 };
     const COMMIT: ClientState = ClientState::PendingCommit { target_epoch: 6, kind: CommitKind::Member };
     const JOIN: ClientState = ClientState::PendingCommit { target_epoch: 6, kind: CommitKind::ExternalJoin };
+    const D_STUCK: ClientState =
+        ClientState::Disconnected { resume: Resume::Stuck { epoch: 5, log_index: 40 } };
+    const STUCK: ClientState = ClientState::Stuck { epoch: 5, log_index: 40 };
 
-    const STATES: [ClientState; 7] = [D_JOIN, D_SYNC, D_COMMIT, WELCOME, SYNC, COMMIT, JOIN];
+    const STATES: [ClientState; 9] = [D_JOIN, D_SYNC, D_COMMIT, WELCOME, SYNC, COMMIT, JOIN, D_STUCK, STUCK];
 
-    const EVENTS: [Event; 18] = [
+    const EVENTS: [Event; 23] = [
         Event::Connected,
         Event::ConnectionLost,
         Event::WelcomeReceived { epoch: 6 },
@@ -472,6 +634,11 @@ mod tests {
         Event::CommitFromOthers { epoch: 5 },
         Event::Removed,
         Event::CommitRefused,
+        Event::CommitUnprocessable { epoch: 6, log_index: 40 },
+        Event::CommitUnprocessable { epoch: 7, log_index: 40 },
+        Event::CommitVoided { epoch: 5 },
+        Event::CommitVoided { epoch: 4 },
+        Event::StuckCommitSettled,
     ];
 
     type Expected = Result<(ClientState, &'static [Action]), Violation>;
@@ -483,6 +650,8 @@ mod tests {
     const NP: Expected = Err(Violation::NoCommitPending);
     const CP: Expected = Err(Violation::CommitPending);
     const Z: Expected = Err(Violation::JoinAtEpochZero);
+    const ST: Expected = Err(Violation::Stuck);
+    const NS: Expected = Err(Violation::NotStuck);
     const fn unexpected(expected: u64, found: u64) -> Expected {
         Err(Violation::UnexpectedEpoch { expected, found })
     }
@@ -493,13 +662,13 @@ mod tests {
     /// The expected outcome of every state (rows, as in `STATES`) and event
     /// (columns, as in `EVENTS`).
     #[rustfmt::skip]
-    const TABLE: [[Expected; 18]; 7] = [
+    const TABLE: [[Expected; 23]; 9] = [
         // D_JOIN
-        [Ok((WELCOME, &[])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
+        [Ok((WELCOME, &[])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // D_SYNC
-        [Ok((SYNC, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
+        [Ok((SYNC, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // D_COMMIT
-        [Ok((COMMIT, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
+        [Ok((COMMIT, &[Action::Subscribe])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // WELCOME
         [
             AC,
@@ -514,6 +683,7 @@ mod tests {
             NM, NM, NM,
             NM,
             NP,
+            NM, NM, NM, NM, NS,
         ],
         // SYNC (epoch 5)
         [
@@ -529,6 +699,11 @@ mod tests {
             unexpected(6, 5),
             Ok((WELCOME, &[Action::DeleteGroup])),
             NP,
+            Ok((STUCK, &[Action::ReportCommit { log_index: 40 }])),
+            unexpected(6, 7),
+            unexpected(4, 5),
+            Ok((ClientState::Synchronized { epoch: 4 }, &[Action::RollBack, Action::EnterEpoch { epoch: 4 }])),
+            NS,
         ],
         // COMMIT (member, target 6)
         [
@@ -555,6 +730,22 @@ mod tests {
             unexpected(6, 5),
             Ok((WELCOME, &[Action::DeleteGroup])),
             Ok((SYNC, &[Action::DiscardPendingCommit])),
+            Ok((
+                STUCK,
+                &[Action::DiscardPendingCommit, Action::ReportCommit { log_index: 40 }, Action::ReapplyIntent],
+            )),
+            unexpected(6, 7),
+            unexpected(4, 5),
+            Ok((
+                ClientState::Synchronized { epoch: 4 },
+                &[
+                    Action::DiscardPendingCommit,
+                    Action::RollBack,
+                    Action::EnterEpoch { epoch: 4 },
+                    Action::ReapplyIntent,
+                ],
+            )),
+            NS,
         ],
         // JOIN (external, target 6)
         [
@@ -570,6 +761,28 @@ mod tests {
             NM, NM, NM,
             NM,
             Ok((WELCOME, &[Action::DeleteGroup])),
+            NM, NM, NM, NM, NS,
+        ],
+        // D_STUCK
+        [
+            Ok((STUCK, &[Action::Subscribe, Action::ReportCommit { log_index: 40 }])),
+            NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC,
+        ],
+        // STUCK (epoch 5, on log index 40)
+        [
+            AC,
+            Ok((D_STUCK, &[])),
+            AM, AM, AM, AM,
+            ST, ST,
+            NP, NP,
+            NP, NP, NP,
+            ST, ST, ST,
+            Ok((WELCOME, &[Action::DeleteGroup])),
+            NP,
+            ST, ST,
+            Ok((SYNC, &[])),
+            unexpected(5, 4),
+            Ok((WELCOME, &[Action::DeleteGroup, Action::Rejoin])),
         ],
     ];
 
@@ -594,7 +807,7 @@ mod tests {
             }
         }
         // One per row of the transition table in the module documentation.
-        assert_eq!(legal, 20);
+        assert_eq!(legal, 29);
     }
 
     #[test]
@@ -604,9 +817,10 @@ mod tests {
         for state in STATES {
             match state {
                 ClientState::Disconnected { resume: Resume::Join | Resume::Synchronized { .. } }
-                | ClientState::Disconnected { resume: Resume::PendingCommit { .. } }
+                | ClientState::Disconnected { resume: Resume::PendingCommit { .. } | Resume::Stuck { .. } }
                 | ClientState::PendingWelcome
                 | ClientState::Synchronized { .. }
+                | ClientState::Stuck { .. }
                 | ClientState::PendingCommit {
                     kind: CommitKind::Member | CommitKind::ExternalJoin, ..
                 } => {}
@@ -623,7 +837,10 @@ mod tests {
                 | Event::WrongEpoch { .. }
                 | Event::CommitFromOthers { .. }
                 | Event::CommitRefused
-                | Event::Removed => {}
+                | Event::Removed
+                | Event::CommitUnprocessable { .. }
+                | Event::CommitVoided { .. }
+                | Event::StuckCommitSettled => {}
             }
         }
         let distinct_states: std::collections::HashSet<_> = STATES.iter().collect();
@@ -695,6 +912,38 @@ mod tests {
         assert_eq!(state.member_epoch(), Some(6));
     }
 
+    #[test]
+    fn a_stuck_member_resumes_on_a_void_or_rejoins_once_the_commit_settles() {
+        let steps = [
+            (Event::Connected, ClientState::Synchronized { epoch: 5 }),
+            (Event::CommitUnprocessable { epoch: 6, log_index: 40 }, STUCK),
+            (Event::ConnectionLost, D_STUCK),
+            (Event::Connected, STUCK),
+            (Event::CommitVoided { epoch: 5 }, ClientState::Synchronized { epoch: 5 }),
+            (Event::CommitFromOthers { epoch: 6 }, ClientState::Synchronized { epoch: 6 }),
+            (Event::CommitVoided { epoch: 5 }, ClientState::Synchronized { epoch: 5 }),
+            (
+                Event::CommitUnprocessable { epoch: 6, log_index: 44 },
+                ClientState::Stuck { epoch: 5, log_index: 44 },
+            ),
+            (Event::StuckCommitSettled, ClientState::PendingWelcome),
+            (
+                Event::JoinedByExternalCommit { epoch: 8 },
+                ClientState::PendingCommit { target_epoch: 8, kind: CommitKind::ExternalJoin },
+            ),
+            (Event::CommitAcked { epoch: 8 }, ClientState::Synchronized { epoch: 8 }),
+        ];
+        let mut state = D_SYNC;
+        for (event, expected) in steps {
+            state = state.apply(event).expect("legal").0;
+            assert_eq!(state, expected, "after {event:?}");
+        }
+        assert_eq!(STUCK.member_epoch(), Some(5));
+        assert_eq!(D_STUCK.member_epoch(), Some(5));
+        let nothing_before = ClientState::Synchronized { epoch: 0 }.apply(Event::CommitVoided { epoch: 0 });
+        assert_eq!(nothing_before.unwrap_err().violation, Violation::NothingToVoid);
+    }
+
     fn any_event() -> impl Strategy<Value = Event> {
         let epoch = 0u64..8;
         prop_oneof![
@@ -706,20 +955,35 @@ mod tests {
             epoch.clone().prop_map(|epoch| Event::CommitAcked { epoch }),
             (epoch.clone(), 0u64..1000)
                 .prop_map(|(current_epoch, log_index)| Event::WrongEpoch { current_epoch, log_index }),
-            epoch.prop_map(|epoch| Event::CommitFromOthers { epoch }),
+            epoch.clone().prop_map(|epoch| Event::CommitFromOthers { epoch }),
             Just(Event::Removed),
             Just(Event::CommitRefused),
+            (epoch.clone(), 0u64..1000)
+                .prop_map(|(epoch, log_index)| Event::CommitUnprocessable { epoch, log_index }),
+            epoch.prop_map(|epoch| Event::CommitVoided { epoch }),
+            Just(Event::StuckCommitSettled),
         ]
     }
 
     proptest! {
         #[test]
-        fn a_member_epoch_never_goes_backwards(events in proptest::collection::vec(any_event(), 0..64)) {
+        fn a_member_epoch_goes_backwards_only_by_a_void_and_by_one(
+            events in proptest::collection::vec(any_event(), 0..64)
+        ) {
             let mut state = ClientState::new();
             for event in events {
                 let Ok((next, actions)) = state.apply(event) else { continue };
                 if let (Some(before), Some(after)) = (state.member_epoch(), next.member_epoch()) {
-                    prop_assert!(after >= before, "{state:?} + {event:?} -> {next:?}");
+                    match event {
+                        Event::CommitVoided { .. } => {
+                            prop_assert!(after + 1 >= before, "{state:?} + {event:?} -> {next:?}")
+                        }
+                        _ => prop_assert!(after >= before, "{state:?} + {event:?} -> {next:?}"),
+                    }
+                }
+                if actions.contains(&Action::RollBack) {
+                    let voided = matches!(event, Event::CommitVoided { .. });
+                    prop_assert!(voided, "a rollback without a void: {:?}", event);
                 }
                 for action in &actions {
                     if let Action::EnterEpoch { epoch } = action {

@@ -721,7 +721,8 @@ impl Client {
             | AnyPayload::Commit(_)
             | AnyPayload::CreateRoom(_)
             | AnyPayload::Proposal(_)
-            | AnyPayload::ExternalJoin(_) => self.on_log_frame(&frame),
+            | AnyPayload::ExternalJoin(_)
+            | AnyPayload::CommitVoided(_) => self.on_log_frame(&frame),
             _ => Ok(()),
         };
         self.note_epoch();
@@ -1006,7 +1007,8 @@ impl Client {
             Some(EntryBody::Unreadable(why)) => {
                 self.violation(format!("client {}: open message at {log_index}: {why}", self.shared.index));
             }
-            Some(EntryBody::Membership { .. } | EntryBody::Redacted) | None => {}
+            Some(EntryBody::Membership { .. } | EntryBody::Redacted | EntryBody::CommitVoided { .. })
+            | None => {}
         }
         Ok(())
     }

@@ -99,6 +99,24 @@ fn main() {
             }),
             true,
         ),
+        (
+            "commit_report",
+            AnyPayload::CommitReport(CommitReport {
+                log_index: 40,
+                epoch: 3,
+                reason: CommitReportReason::ConfirmationTag.to_u8(),
+            }),
+            false,
+        ),
+        (
+            "commit_voided",
+            AnyPayload::CommitVoided(CommitVoided {
+                log_index: 40,
+                epoch: 3,
+                reporters: vec![0x0102_0304_0506_0708, 0x1112_1314_1516_1718],
+            }),
+            true,
+        ),
     ];
 
     let mut valid = Vec::new();

@@ -113,6 +113,10 @@ error_codes! {
     UnknownLogIndex = 2011, Request;
     /// The key-package upload is invalid.
     InvalidKeyPackage = 2012, Request;
+    /// A `CommitReport` names no commit that can be reported (beyond the head, not a commit, or another epoch).
+    NoSuchCommit = 2013, Request;
+    /// A `CommitReport` names a settled commit (its report window is over, or a later commit was sequenced): rejoin.
+    CommitSettled = 2014, Request;
 
     /// Too many frames: the token bucket is empty.
     RateLimited = 3000, Limit;

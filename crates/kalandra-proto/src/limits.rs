@@ -44,6 +44,16 @@ pub const SYNC_FRAMES_PER_REQUEST_MAX: u32 = 4096;
 /// Most Welcome recipients one commit may name.
 pub const WELCOME_RECIPIENTS_MAX: usize = 10_000;
 
+/// How long after a commit's server timestamp the server may still void it
+/// when members report that they cannot process it (`CommitReport`), ms.
+/// A frame stamped at or after `commit time + COMMIT_VOID_WINDOW_MS`, or a
+/// later commit, settles the commit: no `CommitVoided` for it can follow.
+pub const COMMIT_VOID_WINDOW_MS: u64 = 5_000;
+
+/// Most reporters a `CommitVoided` names: the reports that made its
+/// quorum, in the order they came (a larger quorum lists its first ones).
+pub const COMMIT_VOID_REPORTERS_MAX: usize = 16_384;
+
 /// Longest human-readable text (error messages, reasons, client names), bytes.
 pub const TEXT_BYTES_MAX: usize = 1024;
 
@@ -65,5 +75,8 @@ const _: () = assert!(EPHEMERAL_PAYLOAD_BYTES_MAX <= APPLICATION_PAYLOAD_BYTES_M
 const _: () = assert!(CONTROL_PAYLOAD_BYTES_MAX <= PAYLOAD_BYTES_MAX);
 const _: () = assert!(PUSH_PAYLOAD_BYTES_MAX < APPLICATION_PAYLOAD_BYTES_MAX as usize / 16);
 const _: () = assert!(CONTROL_PAYLOAD_BYTES_MAX as usize > 4 * TEXT_BYTES_MAX);
+// A `CommitVoided` naming the most reporters (a map head, three keys, and
+// at most 9 bytes per reporter id) fits its opcode's limit.
+const _: () = assert!(64 + 9 * COMMIT_VOID_REPORTERS_MAX < APPLICATION_PAYLOAD_BYTES_MAX as usize);
 // A maximal frame must be addressable by the 32-bit length field.
 const _: () = assert!((FRAME_BYTES_MAX as u64) < u32::MAX as u64);

@@ -108,6 +108,8 @@ opcodes! {
     SyncDone = 0x0103, Control, CONTROL_PAYLOAD_BYTES_MAX;
     /// Client → server: create a room from the creator's GroupInfo and ratchet tree.
     CreateRoom = 0x0104, Sequenced, PAYLOAD_BYTES_MAX;
+    /// Member → server: a sequenced commit this member cannot process (see `docs/RECOVERY.md`).
+    CommitReport = 0x0105, Control, CONTROL_PAYLOAD_BYTES_MAX;
     /// Sequenced: an MLS commit (PublicMessage) with optional Welcome and GroupInfo.
     Commit = 0x0110, Sequenced, PAYLOAD_BYTES_MAX;
     /// Sequenced: an MLS proposal (PublicMessage), by reference.
@@ -118,6 +120,8 @@ opcodes! {
     ExternalJoin = 0x0113, Sequenced, PAYLOAD_BYTES_MAX;
     /// Server → client: a Welcome addressed to this client.
     Welcome = 0x0114, Control, PAYLOAD_BYTES_MAX;
+    /// Sequenced by the server: a reported commit is void; the room is back in its epoch.
+    CommitVoided = 0x0115, Sequenced, APPLICATION_PAYLOAD_BYTES_MAX;
     /// Server → client: acknowledgement of a sequenced frame or a request.
     Ack = 0x0120, Control, CONTROL_PAYLOAD_BYTES_MAX;
 

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    AUTH_NONCE_BYTES, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX, PUBLIC_KEY_BYTES,
-    PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
+    AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX,
+    PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
     VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
 };
 use crate::opcode::Opcode;
@@ -491,6 +491,81 @@ impl Payload for CreateRoom {
     }
 }
 
+/// Why a member cannot process a sequenced commit ([`CommitReport::reason`]).
+/// Receivers treat an unknown value as [`CommitReportReason::DoesNotApply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CommitReportReason {
+    /// The membership tag does not verify.
+    MembershipTag = 1,
+    /// The confirmation tag does not match the epoch the commit creates.
+    ConfirmationTag = 2,
+    /// The update path does not apply (a path secret does not decrypt, or
+    /// does not derive the public keys the path names).
+    UpdatePath = 3,
+    /// Anything else that makes the commit not apply to the member's state.
+    DoesNotApply = 4,
+}
+
+impl CommitReportReason {
+    /// The reason for a wire value (unknown values read as `DoesNotApply`).
+    pub const fn from_u8(value: u8) -> CommitReportReason {
+        match value {
+            1 => CommitReportReason::MembershipTag,
+            2 => CommitReportReason::ConfirmationTag,
+            3 => CommitReportReason::UpdatePath,
+            _ => CommitReportReason::DoesNotApply,
+        }
+    }
+
+    /// The wire value.
+    pub const fn to_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+payload!(
+    /// `CommitReport` (0x0105): the sender, a member of the epoch the
+    /// reported commit left, cannot process the commit at `log_index`.
+    /// Answered with `Ack` (the report counts, or counted already) or an
+    /// `Error`; see `docs/RECOVERY.md`.
+    CommitReport => CommitReport {
+        /// Log index of the commit.
+        pub log_index: u64,
+        /// The epoch the commit was made in (its header's epoch).
+        pub epoch: u64,
+        /// A [`CommitReportReason`] value.
+        pub reason: u8,
+    }
+);
+impl Payload for CommitReport {
+    const OPCODE: Opcode = Opcode::CommitReport;
+}
+
+payload!(
+    /// `CommitVoided` (0x0115, sequenced by the server): the commit at
+    /// `log_index`, which left `epoch`, is void, and so is every frame after
+    /// it up to this one. The room is at `epoch` again.
+    CommitVoided => CommitVoided {
+        /// Log index of the voided commit.
+        pub log_index: u64,
+        /// The epoch the room returns to (the voided commit's header epoch).
+        pub epoch: u64,
+        /// Sender ids whose reports voided the commit, in the order they came.
+        pub reporters: Vec<u64>,
+    }
+);
+impl Payload for CommitVoided {
+    const OPCODE: Opcode = Opcode::CommitVoided;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("reporters", self.reporters.len(), COMMIT_VOID_REPORTERS_MAX)?;
+        if self.reporters.is_empty() {
+            return Err(PayloadError::InvalidValue { field: "reporters", detail: "must not be empty" });
+        }
+        Ok(())
+    }
+}
+
 payload!(
     /// `Commit` (0x0110): an MLS commit as a PublicMessage.
     Commit => Commit {
@@ -960,11 +1035,13 @@ any_payload!(
     Sync,
     SyncDone,
     CreateRoom,
+    CommitReport,
     Commit,
     Proposal,
     Application,
     ExternalJoin,
     Welcome,
+    CommitVoided,
     Ack,
     KeyPackageUpload,
     KeyPackageStatus,

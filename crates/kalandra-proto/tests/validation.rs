@@ -60,7 +60,7 @@ fn header_reserved_flags() {
 
 #[test]
 fn header_unknown_and_reserved_opcodes() {
-    for value in [0x0000u16, 0x0009, 0x00FF, 0x0105, 0x0500, 0x3000, 0xFFFF] {
+    for value in [0x0000u16, 0x0009, 0x00FF, 0x0106, 0x0500, 0x3000, 0xFFFF] {
         let bytes = with(valid_header(Opcode::Ping), offset::OPCODE, &value.to_be_bytes());
         assert_eq!(FrameHeader::parse(&bytes).unwrap_err(), HeaderError::UnknownOpcode { found: value });
     }

@@ -337,6 +337,19 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
         }
     }
     assert_converged(&[&alice, &bob, &carol]);
+    // No snapshot while the last commit can still be voided
+    // (docs/RECOVERY.md): once its window is over, the next tick takes it.
+    server.advance_clock(kalandra_proto::limits::COMMIT_VOID_WINDOW_MS);
+    let snapshot_at = |server: &TestServer| {
+        server.store.room_metadata(ROOM).unwrap().map_or(0, |metadata| metadata.mls_snapshot_log_index)
+    };
+    for _ in 0..200 {
+        if snapshot_at(&server) == last_commit_index + 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(snapshot_at(&server), last_commit_index + 1, "the snapshot once the commit settled");
     for i in 0..3 {
         decode_ok::<Ack>(&alice.send_text(&format!("after the snapshot {i}")).await);
     }

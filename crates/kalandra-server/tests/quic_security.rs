@@ -557,7 +557,8 @@ async fn a_member_being_removed_or_banned_gets_nothing_of_the_room() {
     let bobs = decode_ok::<Ack>(&bob.send_text("bob's").await).log_index;
     let carols = decode_ok::<Ack>(&carol.send_text("carol's").await).log_index;
 
-    let kick = decode_ok::<Ack>(&alice.request(&Kick { target: bob.sender().0, reason: "spam".into() }).await);
+    let kick =
+        decode_ok::<Ack>(&alice.request(&Kick { target: bob.sender().0, reason: "spam".into() }).await);
     let redact = |log_index| Redact { log_index, reason: "mine".into() };
     // A one-shot Sync reads up to his removal proposal, so that his device
     // learns it; nothing sequenced after it.

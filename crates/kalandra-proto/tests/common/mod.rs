@@ -85,6 +85,12 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(log_index, epoch, server_time_ms)| {
             AnyPayload::Ack(Ack { log_index, epoch, server_time_ms })
         }),
+        (any::<u64>(), any::<u64>(), any::<u8>()).prop_map(|(log_index, epoch, reason)| {
+            AnyPayload::CommitReport(CommitReport { log_index, epoch, reason })
+        }),
+        (any::<u64>(), any::<u64>(), vec(any::<u64>(), 1..32)).prop_map(|(log_index, epoch, reporters)| {
+            AnyPayload::CommitVoided(CommitVoided { log_index, epoch, reporters })
+        }),
     ];
     let directory = prop_oneof![
         (vec(blob(), 1..5), proptest::option::of(blob())).prop_map(|(packages, last_resort)| {

@@ -55,6 +55,15 @@ pub enum Route {
         /// The room.
         room_id: RoomId,
     },
+    /// A member cannot process a sequenced commit of a room (`docs/RECOVERY.md`).
+    CommitReport {
+        /// The room.
+        room_id: RoomId,
+        /// Request id.
+        request_id: u32,
+        /// The report.
+        report: payload::CommitReport,
+    },
     /// A room's GroupInfo for an external join.
     GroupInfo {
         /// The room.
@@ -243,6 +252,7 @@ fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
         },
         AnyPayload::Unsubscribe(_) => Route::Unsubscribe { room_id },
         AnyPayload::GroupInfoRequest(_) => Route::GroupInfo { room_id, request_id },
+        AnyPayload::CommitReport(report) => Route::CommitReport { room_id, request_id, report },
         AnyPayload::KeyPackageUpload(upload) => Route::KeyPackageUpload { request_id, upload },
         AnyPayload::KeyPackageClaim(claim) => Route::KeyPackageClaim { request_id, claim },
         AnyPayload::CreateRoom(_)
@@ -263,6 +273,7 @@ fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
         | AnyPayload::AuthOk(_)
         | AnyPayload::SyncDone(_)
         | AnyPayload::Welcome(_)
+        | AnyPayload::CommitVoided(_)
         | AnyPayload::Ack(_)
         | AnyPayload::KeyPackageStatus(_)
         | AnyPayload::KeyPackageClaimed(_)

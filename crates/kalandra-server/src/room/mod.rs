@@ -15,6 +15,7 @@ pub mod room_group;
 pub mod sequencer;
 mod shard;
 mod snapshot;
+mod void;
 
 pub use self::acts::{
     ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,

@@ -262,7 +262,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     }
 
     /// Sequences a server Remove proposal for `target`; returns its log index.
-    fn propose_removal(
+    pub(super) fn propose_removal(
         &mut self,
         room_id: RoomId,
         target: SenderId,
@@ -317,6 +317,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     pub fn handle_tick(&mut self, now_ms: u64) {
         let watched: Vec<RoomId> = self.watched.iter().copied().collect();
         for room_id in watched {
+            let unsettled = self.tick_unsettled_commit(room_id, now_ms);
             let Some(room) = self.rooms.get_mut(&room_id) else {
                 self.watched.remove(&room_id);
                 continue;
@@ -345,8 +346,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 }
             }
             let ended = room.sequencer.expire_bans(now_ms);
-            let keep =
-                !room.sequencer.server_proposals_pending().is_empty() || room.sequencer.has_timed_bans();
+            let keep = unsettled
+                || !room.sequencer.server_proposals_pending().is_empty()
+                || room.sequencer.has_timed_bans();
             for user in ended {
                 let event = AuditEvent {
                     time_ms: now_ms,

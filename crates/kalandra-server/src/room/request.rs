@@ -46,6 +46,15 @@ pub enum RoomRequest {
         /// The request's id.
         request_id: u32,
     },
+    /// The sender cannot process a sequenced commit (`docs/RECOVERY.md`).
+    CommitReport {
+        /// The room.
+        room_id: RoomId,
+        /// The request's id.
+        request_id: u32,
+        /// The report.
+        report: payload::CommitReport,
+    },
 }
 
 /// A route that is not a room request: key packages and moderation acts.
@@ -92,6 +101,9 @@ impl RoomRequest {
             }
             Route::Unsubscribe { room_id } => RoomRequest::Unsubscribe { room_id },
             Route::GroupInfo { room_id, request_id } => RoomRequest::GroupInfo { room_id, request_id },
+            Route::CommitReport { room_id, request_id, report } => {
+                RoomRequest::CommitReport { room_id, request_id, report }
+            }
             Route::KeyPackageUpload { request_id, upload } => {
                 return Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload })
             }
@@ -109,7 +121,8 @@ impl RoomRequest {
             RoomRequest::Subscribe { room_id, .. }
             | RoomRequest::Sync { room_id, .. }
             | RoomRequest::Unsubscribe { room_id }
-            | RoomRequest::GroupInfo { room_id, .. } => *room_id,
+            | RoomRequest::GroupInfo { room_id, .. }
+            | RoomRequest::CommitReport { room_id, .. } => *room_id,
         }
     }
 
@@ -143,6 +156,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             RoomRequest::Unsubscribe { room_id } => self.handle_unsubscribe(peer.connection(), room_id),
             RoomRequest::GroupInfo { room_id, request_id } => {
                 self.handle_group_info(peer, room_id, request_id, now_ms)
+            }
+            RoomRequest::CommitReport { room_id, request_id, report } => {
+                self.handle_commit_report(peer, room_id, request_id, &report, now_ms)
             }
         }
     }

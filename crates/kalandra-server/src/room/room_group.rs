@@ -12,7 +12,7 @@ use kalandra_mls::sender_of;
 use kalandra_proto::SenderId;
 
 use crate::room::mls_state::{
-    MemberRef, MlsValidationError, ProposalKind, ProposalSender, ProposalSummary, RoomGroupState,
+    Checkpoint, MemberRef, MlsValidationError, ProposalKind, ProposalSender, ProposalSummary, RoomGroupState,
     ServerSigner, StagedRoomCommit,
 };
 use crate::room::sequencer::{
@@ -25,6 +25,8 @@ pub struct MlsRoomGroup {
     state: RoomGroupState,
     /// Leaves per sender id (a sender id may, in principle, hold several leaves).
     members: HashMap<SenderId, u32>,
+    /// The state before the latest commit, until it settles (a void goes back to it).
+    before_latest_commit: Option<Checkpoint>,
 }
 
 fn group_error(error: MlsValidationError) -> GroupError {
@@ -153,6 +155,14 @@ impl MlsRoomGroup {
         summary: &crate::room::mls_state::CommitSummary,
         rules: &CommitRules<'_>,
     ) -> Result<Bytes, GroupError> {
+        // A member that cannot process a commit rejoins from the GroupInfo
+        // of the epoch it creates, so every live commit publishes one
+        // (`docs/RECOVERY.md`); stored commits are replayed without one.
+        if rules.group_info.is_none() && rules.policy.is_some() {
+            return Err(GroupError::InvalidGroupInfo(
+                "a commit must publish the GroupInfo of the epoch it creates".into(),
+            ));
+        }
         if rules.group_info.is_none() && rules.welcome.is_none() {
             return Ok(Bytes::new());
         }
@@ -176,7 +186,7 @@ impl MlsRoomGroup {
     }
 
     fn from_state(state: RoomGroupState) -> MlsRoomGroup {
-        let mut group = MlsRoomGroup { state, members: HashMap::new() };
+        let mut group = MlsRoomGroup { state, members: HashMap::new(), before_latest_commit: None };
         group.reindex();
         group
     }
@@ -230,21 +240,18 @@ impl GroupState for MlsRoomGroup {
         let staged = self.state.stage_commit(commit).map_err(group_error)?;
         self.check_staged(&staged, rules)?;
         // Checks on the merged state (the Welcome's size with the new tree,
-        // the new GroupInfo) undo the merge when they fail.
-        let checkpoint = match rules.welcome.is_some() || rules.group_info.is_some() {
-            true => Some(self.state.checkpoint().map_err(|e| GroupError::Internal(e.to_string()))?),
-            false => None,
-        };
+        // the new GroupInfo) undo the merge when they fail; a merged commit
+        // keeps the checkpoint until it settles, so that a void can undo it.
+        let checkpoint = self.state.checkpoint().map_err(|e| GroupError::Internal(e.to_string()))?;
         let summary = self.state.merge_staged_commit(staged).map_err(group_error)?;
         let ratchet_tree = match self.check_merged(&summary, rules) {
             Ok(tree) => tree,
             Err(error) => {
-                if let Some(checkpoint) = checkpoint {
-                    self.state.rollback(checkpoint).map_err(|e| GroupError::Internal(describe(&e)))?;
-                }
+                self.state.rollback(checkpoint).map_err(|e| GroupError::Internal(describe(&e)))?;
                 return Err(error);
             }
         };
+        self.before_latest_commit = Some(checkpoint);
         for member in &summary.removed {
             self.remove_member(member);
         }
@@ -311,6 +318,20 @@ impl GroupState for MlsRoomGroup {
 
     fn ratchet_tree(&self) -> Bytes {
         self.state.ratchet_tree().map(Bytes::from).unwrap_or_default()
+    }
+
+    fn undo_latest_commit(&mut self) -> Result<(), GroupError> {
+        let checkpoint = self
+            .before_latest_commit
+            .take()
+            .ok_or_else(|| GroupError::Internal("no commit to undo: the latest one settled".into()))?;
+        self.state.rollback(checkpoint).map_err(|e| GroupError::Internal(describe(&e)))?;
+        self.reindex();
+        Ok(())
+    }
+
+    fn settle_latest_commit(&mut self) {
+        self.before_latest_commit = None;
     }
 }
 

@@ -390,7 +390,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             let mut room = Room::new(recovered.sequencer, recovered.creator, recovered.created_at_ms);
             room.recent = recovered.recent;
             room.roles = recovered.roles;
-            if !room.sequencer.server_proposals_pending().is_empty() || room.sequencer.has_timed_bans() {
+            if !room.sequencer.server_proposals_pending().is_empty()
+                || room.sequencer.has_timed_bans()
+                || room.sequencer.commit_unsettled()
+            {
                 shard.watched.insert(room_id);
             }
             shard.rooms.insert(room_id, room);
@@ -442,14 +445,21 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     /// Sends a reply (acknowledgement, error, sync marker). Replies are never
     /// dropped: with the frame queue full they wait as notices, written after
     /// the queued frames; if those overflow too, the connection is closed.
-    fn reply(peer: &P, frame: Bytes) {
+    pub(super) fn reply(peer: &P, frame: Bytes) {
         if !peer.try_reply(frame.clone()) {
             peer.notice(frame);
         }
     }
 
     /// Answers a request with an `Error` frame and counts the rejection.
-    fn refuse(&mut self, peer: &P, room_id: RoomId, request_id: u32, code: ErrorCode, message: &str) {
+    pub(super) fn refuse(
+        &mut self,
+        peer: &P,
+        room_id: RoomId,
+        request_id: u32,
+        code: ErrorCode,
+        message: &str,
+    ) {
         self.counters.rejections.push(code);
         Self::reply(peer, error_frame(room_id, request_id, code, message));
     }
@@ -505,6 +515,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         }
         if peer.is_some() {
             room.waiting.push_back(Waiting { log_index, peer, encoded: encoded.clone() });
+        }
+        if room.sequencer.commit_unsettled() {
+            // Ticks settle the commit when its report window ends.
+            self.watched.insert(room_id);
         }
         self.pending.entries.push(LogEntry { room_id, log_index, frame: encoded });
         match self.pending.rooms.iter_mut().find(|(room, _)| *room == room_id) {
@@ -883,10 +897,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         }
     }
 
-    fn maybe_snapshot(&mut self, room_id: RoomId) {
+    pub(super) fn maybe_snapshot(&mut self, room_id: RoomId) {
         let Some(room) = self.rooms.get_mut(&room_id) else { return };
         let due = room.commits_since_snapshot >= COMMITS_PER_SNAPSHOT || room.snapshot_due;
-        if !due || room.sequencer.in_flight() > 0 {
+        // Not while the latest commit can be voided: a snapshot holds no
+        // state to undo it with (`docs/RECOVERY.md`).
+        if !due || room.sequencer.in_flight() > 0 || room.sequencer.commit_unsettled() {
             return;
         }
         room.commits_since_snapshot = 0;

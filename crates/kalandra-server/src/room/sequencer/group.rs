@@ -173,6 +173,15 @@ pub trait GroupState {
     fn only_external_sender_is(&self, server_key: &[u8; 32]) -> bool;
     /// The current ratchet tree (TLS encoding), for Welcome recipients and joiners.
     fn ratchet_tree(&self) -> Bytes;
+    /// Returns to the state before the latest commit [`GroupState::apply_commit`]
+    /// merged (dropping the proposals stored since), which a state that can
+    /// void commits keeps until [`GroupState::settle_latest_commit`]. A state
+    /// that keeps nothing cannot void: the default refuses.
+    fn undo_latest_commit(&mut self) -> Result<(), GroupError> {
+        Err(GroupError::Internal("this group state keeps no state to undo a commit".into()))
+    }
+    /// The latest commit can no longer be voided: drop what undoing it needed.
+    fn settle_latest_commit(&mut self) {}
 }
 
 /// A [`GroupState`] that can be created from a room's `CreateRoom` payload

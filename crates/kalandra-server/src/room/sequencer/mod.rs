@@ -13,6 +13,7 @@
 //! implementation is OpenMLS's `PublicGroup` (`crate::room::mls_state`).
 
 mod group;
+mod void;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -24,6 +25,7 @@ pub use group::{
     check_group_info_fits, CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, PolicyError,
     ProposalRef, Proposer, RoomPolicy, WELCOME_PAYLOAD_BYTES_MAX,
 };
+pub use void::{ReportError, ReportOutcome, VoidDecision};
 
 /// Sender id the server uses for frames it originates (server-issued proposals).
 pub const SERVER_SENDER_ID: SenderId = SenderId(0);
@@ -338,6 +340,8 @@ pub struct RoomSequencer<G: GroupState> {
     recovering: bool,
     group_info: Option<(u64, Bytes)>,
     policy: RoomPolicy,
+    /// The latest commit while it can be voided (`void.rs`).
+    void: void::VoidState,
 }
 
 impl<G: GroupState> RoomSequencer<G> {
@@ -381,6 +385,7 @@ impl<G: GroupState> RoomSequencer<G> {
             group_info: Some((group.epoch(), Bytes::from(create.group_info))),
             policy,
             group,
+            void: void::VoidState::default(),
         };
         let epoch = room.group.epoch();
         let sequenced = room.stamp(&mut frame, now_ms);
@@ -418,6 +423,7 @@ impl<G: GroupState> RoomSequencer<G> {
             group_info: Some(point.group_info),
             policy: point.policy,
             group,
+            void: void::VoidState::default(),
         }
     }
 
@@ -440,15 +446,31 @@ impl<G: GroupState> RoomSequencer<G> {
                 let payload: Commit = frame.decode_payload().map_err(malformed)?;
                 let rules = CommitRules::replay(header.sender_id(), &self.server_proposals_pending);
                 let summary = self.group.apply_commit(&payload.commit, &rules).map_err(does_not_apply)?;
+                self.capture_epoch_restore();
                 self.begin_epoch(log_index);
                 self.replayed_group_info(summary.epoch, header.sender_id(), payload.group_info);
+                self.open_void_window(
+                    log_index,
+                    header.epoch(),
+                    header.sender_id(),
+                    header.server_timestamp_ms(),
+                    &summary,
+                );
             }
             Opcode::ExternalJoin => {
                 let payload: ExternalJoin = frame.decode_payload().map_err(malformed)?;
                 let rules = CommitRules::replay(header.sender_id(), &[]);
                 let summary = self.group.apply_commit(&payload.commit, &rules).map_err(does_not_apply)?;
+                self.capture_epoch_restore();
                 self.begin_epoch(log_index);
                 self.replayed_group_info(summary.epoch, header.sender_id(), payload.group_info);
+                self.open_void_window(
+                    log_index,
+                    header.epoch(),
+                    header.sender_id(),
+                    header.server_timestamp_ms(),
+                    &summary,
+                );
             }
             Opcode::Proposal => {
                 let payload: Proposal = frame.decode_payload().map_err(malformed)?;
@@ -457,6 +479,7 @@ impl<G: GroupState> RoomSequencer<G> {
                     self.note_server_proposal(reference, log_index, header.server_timestamp_ms());
                 }
             }
+            Opcode::CommitVoided => self.replay_void(frame)?,
             _ => {}
         }
         self.next_log_index = log_index + 1;
@@ -636,8 +659,10 @@ impl<G: GroupState> RoomSequencer<G> {
         let request_id = frame.header().request_id();
         let commit_follow_up = self.admit(sender, &frame, now_ms)?;
         let log_index = self.stamp(&mut frame, now_ms);
-        if commit_follow_up.is_some() {
+        if let Some(follow_up) = &commit_follow_up {
             self.begin_epoch(log_index);
+            let (epoch, at_ms) = (frame.header().epoch(), frame.header().server_timestamp_ms());
+            self.open_void_window(log_index, epoch, sender, at_ms, &follow_up.summary);
         }
         self.in_flight.push_back(InFlight {
             log_index,
@@ -892,6 +917,7 @@ impl<G: GroupState> RoomSequencer<G> {
         welcome: Option<(Bytes, Vec<SenderId>)>,
         group_info: Option<Vec<u8>>,
     ) -> Box<CommitFollowUp> {
+        self.capture_epoch_restore();
         if let Some(group_info) = group_info {
             self.group_info = Some((summary.epoch, Bytes::from(group_info)));
         }
