@@ -702,7 +702,8 @@ impl RoomLog {
         };
         let actions = step(&mut self.state, event)?;
         let reapply = actions.contains(&Action::ReapplyIntent);
-        if reapply != applied.own_commit_discarded {
+        // Removed, our pending commit is discarded with the group, not redone.
+        if !applied.self_removed && reapply != applied.own_commit_discarded {
             return Err(RoomLogError::Internal(
                 "the state machine and the MLS group disagree about our pending commit".into(),
             ));
