@@ -356,6 +356,28 @@ impl RoomLog {
         Ok(RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state })
     }
 
+    /// Joined `room_id` by our external commit, which the server sequenced
+    /// at `log_index`, moving the room to `epoch` (its acknowledgement said
+    /// so): `group` is the group the commit made; the log is read from the
+    /// next entry.
+    pub fn joined_by_external_commit(
+        provider: &MlsProvider,
+        room_id: RoomId,
+        group: RoomGroup,
+        log_index: u64,
+        epoch: u64,
+    ) -> Result<RoomLog, RoomLogError> {
+        if group.room_id() != room_id.0 {
+            return Err(RoomLogError::Protocol("the GroupInfo joined is another room's".into()));
+        }
+        let mut state = ClientState::PendingWelcome;
+        step(&mut state, Event::JoinedByExternalCommit { epoch: group.epoch() })?;
+        step(&mut state, Event::CommitAcked { epoch })?;
+        let sender_keys = SenderKeyState::from_group(provider, &group)?;
+        let record = RoomRecord::joined(room_id, log_index + 1);
+        Ok(RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state })
+    }
+
     /// The room.
     pub fn room_id(&self) -> RoomId {
         RoomId(self.record.room_id)
@@ -757,6 +779,10 @@ impl RoomLog {
 /// Our own message in the log settles the outbox entry sealed at its epoch
 /// and generation; without one it was recorded when it was acknowledged.
 fn settle_own(frame: &Frame, sent: impl IntoIterator<Item = SentMessage>) -> Option<EntryBody> {
+    #[cfg(feature = "injected-bugs")]
+    if crate::bugs::planted().own_message_unsettled_by_log {
+        return None;
+    }
     let generation = frame.decode_payload::<Application>().ok()?.generation;
     let epoch = frame.header().epoch();
     sent.into_iter()
