@@ -8,7 +8,7 @@ use bytes::Bytes;
 use kalandra_proto::payload::{
     ClaimedKeyPackage, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload,
 };
-use kalandra_proto::{ErrorCode, SenderId};
+use kalandra_proto::{ErrorCode, RoomId, SenderId};
 use openmls::prelude::{BasicCredential, KeyPackage, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
 use openmls_rust_crypto::RustCrypto;
 use tls_codec::Deserialize as _;
@@ -151,4 +151,57 @@ pub fn claim(store: &dyn Store, claim: &KeyPackageClaim) -> Result<KeyPackageCla
             .push(ClaimedKeyPackage { sender_id, key_package: claimed.map(|c| c.key_package.to_vec()) });
     }
     Ok(KeyPackageClaimed { key_packages })
+}
+
+/// A key-package request of an authenticated connection.
+#[derive(Debug)]
+pub enum DirectoryRequest {
+    /// Store key packages for the sender.
+    Upload {
+        /// Request id.
+        request_id: u32,
+        /// The upload.
+        upload: KeyPackageUpload,
+    },
+    /// Claim key packages of other identities.
+    Claim {
+        /// Request id.
+        request_id: u32,
+        /// The claim.
+        claim: KeyPackageClaim,
+    },
+}
+
+/// The frame answering a [`DirectoryRequest`], and the error code when it
+/// was refused (for the driver's metrics).
+#[derive(Debug)]
+pub struct DirectoryReply {
+    /// The reply: `KeyPackageStatus`, `KeyPackageClaimed` or `Error`.
+    pub frame: Bytes,
+    /// Why it was refused, if it was.
+    pub refused: Option<ErrorCode>,
+}
+
+/// Carries out `sender`'s request and builds the reply (blocks on storage).
+pub fn answer(store: &dyn Store, sender: SenderId, request: &DirectoryRequest) -> DirectoryReply {
+    let (request_id, result) = match request {
+        DirectoryRequest::Upload { request_id, upload: payload } => {
+            (*request_id, upload(store, sender, payload).map(|status| reply_frame(*request_id, &status)))
+        }
+        DirectoryRequest::Claim { request_id, claim: payload } => {
+            (*request_id, claim(store, payload).map(|claimed| reply_frame(*request_id, &claimed)))
+        }
+    };
+    match result {
+        Ok(frame) => DirectoryReply { frame, refused: None },
+        Err(error) => {
+            let code = error.error_code();
+            let frame = crate::room::error_frame(RoomId::default(), request_id, code, &error.to_string());
+            DirectoryReply { frame, refused: Some(code) }
+        }
+    }
+}
+
+fn reply_frame<P: kalandra_proto::Payload>(request_id: u32, payload: &P) -> Bytes {
+    crate::room::server_frame(RoomId::default(), request_id, payload)
 }

@@ -227,7 +227,7 @@ impl Node {
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
     pub async fn send(&self, room_id: RoomId, command: Command) -> bool {
         if let Command::Room { outbox, request } = &command {
-            if request.reads_room() && outbox.welcomes_delivered() {
+            if let Some(room_id) = welcomes_used_by(request, outbox) {
                 forget_used_welcomes(Arc::clone(&self.store), outbox.sender(), room_id);
             }
         }
@@ -336,17 +336,37 @@ fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
     usize::try_from(u64::from_be_bytes(prefix) % shard_count as u64).expect("shard index fits usize")
 }
 
-/// Hands the recipient's pending Welcomes to its connection. They stay
-/// stored: a connection can die before the client keeps them (it looks alive
-/// to the server until its idle timeout), so a Welcome is deleted only once
-/// its recipient reads the room it joins (see [`forget_used_welcomes`]) and
-/// is delivered again on every authentication until then. Clients ignore a
-/// Welcome for a room they are in.
+/// Hands the recipient's pending Welcomes to its connection (see
+/// [`deliver_pending_welcomes_with`]), reading them on a blocking thread.
 async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
+    deliver_pending_welcomes_with(&outbox, |recipient| async move {
+        tokio::task::spawn_blocking(move || store.pending_welcomes(recipient))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())
+    })
+    .await;
+}
+
+/// Hands the recipient's pending Welcomes, read with
+/// `read_pending(recipient)`, to its connection, waiting for room in its
+/// queue. They stay stored: a connection can die before the client keeps
+/// them (it looks alive to the server until its idle timeout), so a Welcome
+/// is deleted only once its recipient reads the room it joins (see
+/// [`welcomes_used_by`]) and is delivered again on every authentication
+/// until then. Clients ignore a Welcome for a room they are in.
+pub async fn deliver_pending_welcomes_with<F, Fut>(outbox: &Outbox, read_pending: F)
+where
+    F: FnOnce(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<crate::store::PendingWelcome>, String>>,
+{
     let recipient = outbox.sender().0;
-    let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || store.pending_welcomes(recipient)).await else {
-        tracing::warn!(recipient, "could not read pending welcomes");
-        return;
+    let pending = match read_pending(recipient).await {
+        Ok(pending) => pending,
+        Err(error) => {
+            tracing::warn!(recipient, %error, "could not read pending welcomes");
+            return;
+        }
     };
     if pending.is_empty() {
         return;
@@ -359,8 +379,14 @@ async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
     }
 }
 
-/// The recipient reads `room_id` (subscribe or sync): it has used its
-/// Welcome for the room, which can go.
+/// The room whose stored Welcomes `request` lets go: a recipient that was
+/// handed its Welcomes and now reads a room (subscribe or sync) has used
+/// its Welcome for it.
+pub fn welcomes_used_by(request: &RoomRequest, outbox: &Outbox) -> Option<RoomId> {
+    (request.reads_room() && outbox.welcomes_delivered()).then(|| request.room_id())
+}
+
+/// The recipient reads `room_id`: delete its Welcomes for the room.
 fn forget_used_welcomes(store: Arc<dyn Store>, recipient: SenderId, room_id: RoomId) {
     tokio::task::spawn_blocking(move || forget_welcomes_for_room(store.as_ref(), recipient, room_id));
 }

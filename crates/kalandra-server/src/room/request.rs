@@ -1,8 +1,9 @@
 //! What a connection asks of a room.
 
-use kalandra_proto::{payload, Frame, RoomId};
+use kalandra_proto::{Frame, RoomId};
 
 use super::shard::{Peer, Shard};
+use crate::directory::DirectoryRequest;
 use crate::sequencer::PersistentGroup;
 use crate::session::Route;
 
@@ -48,24 +49,15 @@ pub enum RoomRequest {
     },
 }
 
-/// A route that is not a room request: key packages and moderation acts.
+/// A route that is not a room request: key packages, redaction and
+/// moderation acts.
 #[derive(Debug)]
 pub enum OtherRoute {
-    /// Store key packages for the sender.
-    KeyPackageUpload {
-        /// Request id.
-        request_id: u32,
-        /// The upload.
-        upload: payload::KeyPackageUpload,
-    },
-    /// Claim key packages of other identities.
-    KeyPackageClaim {
-        /// Request id.
-        request_id: u32,
-        /// The claim.
-        claim: payload::KeyPackageClaim,
-    },
-    /// A moderation request (kick, ban, unban, role change, redaction).
+    /// Upload or claim key packages (the directory answers).
+    Directory(DirectoryRequest),
+    /// A member's `Redact` (see [`crate::erasure::redact_request`]).
+    Redact(Frame),
+    /// A moderation request (kick, ban, unban, role change).
     Moderation(Frame),
 }
 
@@ -93,10 +85,13 @@ impl RoomRequest {
             Route::Unsubscribe { room_id } => RoomRequest::Unsubscribe { room_id },
             Route::GroupInfo { room_id, request_id } => RoomRequest::GroupInfo { room_id, request_id },
             Route::KeyPackageUpload { request_id, upload } => {
-                return Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload })
+                return Routed::Other(OtherRoute::Directory(DirectoryRequest::Upload { request_id, upload }))
             }
             Route::KeyPackageClaim { request_id, claim } => {
-                return Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim })
+                return Routed::Other(OtherRoute::Directory(DirectoryRequest::Claim { request_id, claim }))
+            }
+            Route::Moderation(frame) if frame.opcode() == kalandra_proto::Opcode::Redact => {
+                return Routed::Other(OtherRoute::Redact(frame))
             }
             Route::Moderation(frame) => return Routed::Other(OtherRoute::Moderation(frame)),
         })

@@ -650,6 +650,13 @@ impl<G: GroupState> RoomSequencer<G> {
                     .apply_proposal(&payload.proposal, Some(&self.policy))
                     .map_err(SubmitError::InvalidProposal)?;
             }
+            // Injected bug: a commit for the epoch before the current one
+            // (once a commit moved it past the first) is sequenced unapplied.
+            #[cfg(feature = "injected-bugs")]
+            Opcode::Commit
+                if crate::bugs::planted().sequence_stale_commit
+                    && self.group.epoch() >= 2
+                    && frame.header().epoch().checked_add(1) == Some(self.group.epoch()) => {}
             Opcode::Commit => {
                 self.check_member(sender)?;
                 self.check_epoch(&frame)?;
