@@ -21,9 +21,12 @@ struct Args {
     /// Replay exactly this seed (overrides --seeds).
     #[arg(long)]
     seed: Option<u64>,
-    /// Clients in the room.
-    #[arg(long, default_value_t = 3)]
+    /// Clients.
+    #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Rooms (odd ones open to external joins).
+    #[arg(long, default_value_t = 2)]
+    rooms: usize,
     /// Highest per-host loss probability drawn.
     #[arg(long, default_value_t = 0.5)]
     loss_max: f64,
@@ -63,9 +66,15 @@ struct Args {
     /// Inject in the shard: panic on a resubscription.
     #[arg(long)]
     bug_panic_on_resubscribe: bool,
+    /// Inject in client-core's room log: our message read back from the log does not settle it.
+    #[arg(long)]
+    bug_resend_sequenced_message: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
+    /// Share of new work that changes membership (or redacts).
+    #[arg(long, default_value_t = 0.08)]
+    membership_share: f64,
     /// Print every run's counters.
     #[arg(long)]
     verbose: bool,
@@ -76,6 +85,8 @@ impl Args {
         SimConfig {
             seed,
             clients: self.clients,
+            rooms: self.rooms,
+            membership_share: self.membership_share,
             loss_max: self.loss_max,
             latency_max_ms: self.latency_max_ms,
             fault_phase_ms: self.fault_phase_ms,
@@ -91,6 +102,7 @@ impl Args {
                 release_one_past_durable: self.bug_release_one_past_durable,
                 stamp_without_clock_floor: self.bug_stamp_without_clock_floor,
                 panic_on_resubscribe: self.bug_panic_on_resubscribe,
+                resend_sequenced_message: self.bug_resend_sequenced_message,
             },
             ..SimConfig::default()
         }
@@ -99,8 +111,15 @@ impl Args {
     /// The command line that replays `seed` with these options.
     fn replay_command(&self, seed: u64) -> String {
         let mut command = format!(
-            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {}",
-            self.clients, self.loss_max, self.latency_max_ms, self.fault_phase_ms, self.heal_bound_ms, self.work_rate
+            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --rooms {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {} --membership-share {}",
+            self.clients,
+            self.rooms,
+            self.loss_max,
+            self.latency_max_ms,
+            self.fault_phase_ms,
+            self.heal_bound_ms,
+            self.work_rate,
+            self.membership_share
         );
         for (set, flag) in [
             (self.no_crashes, "--no-crashes"),
@@ -112,6 +131,7 @@ impl Args {
             (self.bug_release_one_past_durable, "--bug-release-one-past-durable"),
             (self.bug_stamp_without_clock_floor, "--bug-stamp-without-clock-floor"),
             (self.bug_panic_on_resubscribe, "--bug-panic-on-resubscribe"),
+            (self.bug_resend_sequenced_message, "--bug-resend-sequenced-message"),
         ] {
             if set {
                 command.push(' ');
