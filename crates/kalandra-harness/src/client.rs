@@ -316,6 +316,9 @@ struct Persisted {
     opened: BTreeMap<RoomId, BTreeSet<(u64, u64, u32)>>,
     /// Rooms whose setup invitations the creator queued.
     setup_queued: BTreeSet<RoomId>,
+    /// Where our leaving of each room stands (our leave proposal is in the
+    /// MLS storage: a restarted client must finish leaving).
+    leaves: BTreeMap<RoomId, Leave>,
     uploaded: bool,
     counters: Counters,
 }
@@ -515,7 +518,7 @@ impl Client {
                 subscribed: false,
                 live: false,
                 work: VecDeque::new(),
-                leave: None,
+                leave: persisted.leaves.get(&plan.room_id).copied(),
                 last_frame_ms: 0,
                 joining,
                 join_found: None,
@@ -552,9 +555,13 @@ impl Client {
             let mut persisted = self.shared.persisted.borrow_mut();
             persisted.identity_secret = Some(self.identity.secret_bytes());
             persisted.mls = self.provider.storage().values.read().expect("storage lock").clone();
+            persisted.leaves.clear();
             for (room_id, room) in &mut self.rooms {
                 if let Some(log) = room.log.as_mut() {
                     persisted.rooms.insert(*room_id, log.checkpoint_record().clone());
+                }
+                if let Some(leave) = room.leave {
+                    persisted.leaves.insert(*room_id, leave);
                 }
             }
         }

@@ -151,6 +151,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut sequenced = 0u64;
+    let mut work = kalandra_harness::world::RunStats::default();
     let mut on_redb = 0u64;
     let (mut server_restarts, mut client_restarts, mut partitions, mut storage_failures, mut disk_faults) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -158,6 +159,15 @@ fn main() -> ExitCode {
         let run_started = Instant::now();
         let outcome = run(&args.config(seed));
         sequenced += outcome.stats.sequenced;
+        work.commits += outcome.stats.commits;
+        work.external_joins += outcome.stats.external_joins;
+        work.server_proposals += outcome.stats.server_proposals;
+        work.redacted += outcome.stats.redacted;
+        work.plaintexts += outcome.stats.plaintexts;
+        work.opened_late += outcome.stats.opened_late;
+        for (kind, count) in &outcome.stats.intents {
+            *work.intents.entry(kind.clone()).or_default() += count;
+        }
         on_redb += u64::from(outcome.stats.on_redb);
         server_restarts += u64::from(outcome.stats.server_boots.saturating_sub(1));
         client_restarts += u64::from(outcome.stats.client_boots).saturating_sub(args.clients as u64);
@@ -194,6 +204,16 @@ fn main() -> ExitCode {
     println!(
         "faults: {server_restarts} server restarts, {client_restarts} client restarts, {partitions} partitions, \
          {disk_faults} disk faults ({storage_failures} storage failures)"
+    );
+    println!(
+        "work: {} commits ({} external joins), {} server proposals, {} entries erased, {} messages read ({} out of order), intents {:?}",
+        work.commits,
+        work.external_joins,
+        work.server_proposals,
+        work.redacted,
+        work.plaintexts,
+        work.opened_late,
+        work.intents
     );
     println!("{passed} passed, {failed} failed");
     if failed == 0 {

@@ -136,8 +136,9 @@ pub struct ServerStats {
     pub moderation_acts: u64,
     /// Redactions that erased an entry.
     pub redactions: u64,
-    /// Welcomes of batches whose write failed (never stored, though the
-    /// write may have become durable).
+    /// Welcomes never stored because their batch's write failed (it may
+    /// have become durable all the same) or storing them failed (after the
+    /// batch was durable).
     pub welcomes_of_failed_batches: u64,
 }
 
@@ -527,7 +528,14 @@ async fn group_commit_writer<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
                 .collect();
             written.sort_by_key(|w| w.batch.id);
             let mut core = core.borrow_mut();
-            core.shared.stats.borrow_mut().transactions += 1;
+            let mut stats = core.shared.stats.borrow_mut();
+            stats.transactions += 1;
+            stats.welcomes_of_failed_batches += written
+                .iter()
+                .filter(|w| w.result.is_err())
+                .map(|w| w.batch.welcomes.len() as u64)
+                .sum::<u64>();
+            drop(stats);
             core.written.extend(written);
             core.durable_wake.notify_one();
         }
@@ -549,10 +557,6 @@ async fn durability_reporter<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
                 let Some(written) = core.written.pop_front() else { break };
                 (written, core.shared.disk_latency_ms.get(), Arc::clone(&core.shared.disk))
             };
-            if result.is_err() {
-                core.borrow().shared.stats.borrow_mut().welcomes_of_failed_batches +=
-                    batch.welcomes.len() as u64;
-            }
             if result.is_ok() && !batch.welcomes.is_empty() {
                 tokio::time::sleep(Duration::from_millis(latency_ms)).await;
                 if core.borrow().shared.failed.get() {
@@ -563,6 +567,11 @@ async fn durability_reporter<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
                     .iter()
                     .try_for_each(|welcome| store_welcome(disk.as_ref(), welcome))
                     .map_err(|error| format!("storing Welcomes: {error}"));
+                if result.is_err() {
+                    // The batch is durable; its Welcomes are not.
+                    core.borrow().shared.stats.borrow_mut().welcomes_of_failed_batches +=
+                        batch.welcomes.len() as u64;
+                }
             }
             {
                 let mut core = core.borrow_mut();

@@ -11,9 +11,9 @@ use kalandra_harness::{run, SimConfig};
 const SEEDS: std::ops::Range<u64> = 0..24;
 
 /// Seeds of [`SEEDS`] that fail on an open finding, documented in
-/// `docs/TESTING.md` ("Welcomes of a batch whose write failed are never
-/// stored"): a failed sync left a commit that adds a member durable while
-/// its Welcome was dropped, so the member can never join.
+/// `docs/TESTING.md` ("Welcomes of a batch whose storage failed are never
+/// stored"): a commit that adds a member is durable while its Welcome was
+/// never stored, so the member can never join.
 const OPEN_FINDING_SEEDS: [u64; 1] = [11];
 
 #[test]
@@ -79,5 +79,19 @@ fn three_rooms_of_five_clients_converge() {
         let config = SimConfig { seed, rooms: 3, clients: 5, ..SimConfig::default() };
         let outcome = run(&config);
         assert!(outcome.passed(), "seed {seed}: {:#?}", outcome.failures);
+    }
+}
+
+/// The open finding still shows where it did: when the Welcome storage is
+/// fixed, this fails, and the seed joins the others.
+#[test]
+fn the_open_finding_fails_its_seeds_for_its_reason() {
+    for seed in OPEN_FINDING_SEEDS {
+        let outcome = run(&SimConfig { seed, ..SimConfig::default() });
+        assert!(
+            outcome.failures.iter().any(|f| f.contains("Welcomes of failed batches not stored")),
+            "seed {seed}: {:#?}",
+            outcome.failures
+        );
     }
 }

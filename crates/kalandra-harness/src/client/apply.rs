@@ -12,6 +12,16 @@ impl Client {
     /// A frame of a room's log from the server (history or live).
     pub(super) fn on_log_frame(&mut self, frame: &Frame) -> Result<(), String> {
         let room_id = frame.header().room_id();
+        self.debug(|| {
+            let header = frame.header();
+            format!(
+                "<- log {:?} room {room_id} idx {} from {} epoch {}",
+                frame.opcode(),
+                header.log_index(),
+                header.sender_id(),
+                header.epoch()
+            )
+        });
         let Some(room) = self.room(room_id) else {
             self.violation(format!("a log frame of unknown room {room_id}"));
             return Ok(());

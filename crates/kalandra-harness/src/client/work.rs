@@ -240,6 +240,9 @@ impl Client {
     /// Makes the commit for `intent` in `epoch` and sends it.
     fn commit_intent(&mut self, room_id: RoomId, epoch: u64, intent: Intent, label: String) {
         if intent != Intent::CoverProposals && self.removal_pending(room_id) {
+            self.debug(|| {
+                format!("room {room_id}: {intent:?} waits: a proposal we cannot commit is pending")
+            });
             if let Some(work) = Self::work_of(&intent, label) {
                 self.later(room_id, work);
             }
