@@ -67,7 +67,7 @@ use crate::room_log::{
     is_erased_placeholder, member_of, sender_of, step, CommitRefusal, EntryBody, Intent, LogEntry, RoomLog,
     RoomLogError, RoomRecord, SentMessage,
 };
-use crate::sender_keys::{SealError, SenderKeyState, SenderKeyStateDecodeError};
+use crate::sender_keys::{SealError, SenderKeyStateDecodeError};
 use crate::state::{Action, ClientState, Event};
 use crate::store::{ClientStore, Namespace, StoreError, StoreKey, WriteBatch};
 
@@ -1364,12 +1364,14 @@ impl Client {
             match reply.opcode() {
                 Opcode::Ack => {
                     let ack: Ack = expect(&reply)?;
-                    step(&mut state, Event::CommitAcked { epoch: ack.epoch })?;
-                    let sender_keys = SenderKeyState::from_group(&self.provider, &group)?;
-                    let record = RoomRecord::joined(room_id, ack.log_index + 1);
-                    let mut room =
-                        RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state };
-                    room.joined_externally(ack.log_index, ack.server_time_ms);
+                    let room = RoomLog::joined_by_external_commit(
+                        &self.provider,
+                        room_id,
+                        group,
+                        ack.log_index,
+                        ack.epoch,
+                        Some(ack.server_time_ms),
+                    )?;
                     self.rooms.insert(room_id, room);
                     self.checkpoint()?;
                     return Ok(ack.epoch);

@@ -20,6 +20,8 @@
 //!   (pinned fingerprint, CA file or system roots) and the server's address.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "injected-bugs")]
+pub mod bugs;
 pub mod client;
 pub mod connection;
 pub mod mls;

@@ -770,7 +770,8 @@ impl RoomLog {
         };
         let actions = step(&mut self.state, event)?;
         let reapply = actions.contains(&Action::ReapplyIntent);
-        if reapply != applied.own_commit_discarded {
+        // Removed, our pending commit is discarded with the group, not redone.
+        if !applied.self_removed && reapply != applied.own_commit_discarded {
             return Err(RoomLogError::Internal(
                 "the state machine and the MLS group disagree about our pending commit".into(),
             ));
@@ -849,6 +850,10 @@ impl RoomLog {
 /// Our own message in the log settles the outbox entry sealed at its epoch
 /// and generation; without one it was recorded when it was acknowledged.
 fn settle_own(frame: &Frame, sent: impl IntoIterator<Item = SentMessage>) -> Option<EntryBody> {
+    #[cfg(feature = "injected-bugs")]
+    if crate::bugs::planted().own_message_unsettled_by_log {
+        return None;
+    }
     let generation = frame.decode_payload::<Application>().ok()?.generation;
     let epoch = frame.header().epoch();
     sent.into_iter()

@@ -173,3 +173,39 @@ fn a_wrong_epoch_refusal_discards_our_commit_and_retries_its_intent_other_refusa
     // No commit pending: an answer to one is a bug the state machine names.
     assert!(matches!(alice_log.commit_refused(&alice.provider, None), Err(RoomLogError::Internal(_))));
 }
+
+/// Found by the simulation: a member removed by a commit while a commit of
+/// its own waits was refused by the room log as a disagreement between the
+/// state machine and the MLS group. Removal discards the pending commit;
+/// nothing is redone.
+#[test]
+fn a_removal_while_our_commit_is_pending_discards_it_and_redoes_nothing() {
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    let output = bob_log.group_mut().unwrap().self_update(&bob.provider, &bob.identity).unwrap();
+    let commit =
+        Commit { commit: output.commit, welcome: None, welcome_recipients: vec![], group_info: None };
+    let bobs = bob.sequenced(&commit, 1, 3);
+    bob_log.commit_sent(bobs.to_bytes().to_vec(), 1, Intent::Update).unwrap();
+    let bob_leaf = alice_log
+        .group()
+        .unwrap()
+        .members()
+        .into_iter()
+        .find(|m| m.identity.as_slice() == bob.identity.public_key().as_slice())
+        .unwrap()
+        .leaf_index;
+    let output =
+        alice_log.group_mut().unwrap().remove_members(&alice.provider, &alice.identity, &[bob_leaf]).unwrap();
+    let commit =
+        Commit { commit: output.commit, welcome: None, welcome_recipients: vec![], group_info: None };
+    let removal = alice.sequenced(&commit, 1, 2);
+    alice_log.commit_sent(removal.to_bytes().to_vec(), 1, Intent::Remove(vec![bob.sender().0])).unwrap();
+    alice_log.apply(&alice.provider, alice.sender(), &removal, []).unwrap();
+
+    let entry = bob_log.apply(&bob.provider, bob.sender(), &removal, []).unwrap().unwrap();
+    assert!(matches!(entry.body, EntryBody::Membership { epoch: 2, .. }), "{entry:?}");
+    assert!(!bob_log.is_member());
+    assert!(bob_log.pending_commit().is_none());
+    assert_eq!(bob_log.take_redo(), None);
+    assert_eq!(bob_log.state(), ClientState::PendingWelcome);
+}

@@ -134,6 +134,9 @@ async fn a_removed_member_reads_nothing_after_its_removal_and_a_leave_is_applied
     carol.leave(room).await.unwrap();
     assert_eq!(alice.self_update(room).await.unwrap(), 3);
     assert_eq!(alice.rooms()[0].members, vec![alice.sender_id()]);
+    // Carol's device reads the commit that removed her, nothing after it.
+    let read = carol.sync(room).await;
+    assert!(matches!(read, Ok(_) | Err(ClientError::NotMember(_))), "{read:?}");
     assert!(matches!(carol.sync(room).await, Err(ClientError::NotMember(_))));
     assert!(carol.rooms().is_empty(), "Carol's device knows it is out");
     let error = alice.remove(room, &[carol.sender_id()]).await.unwrap_err();

@@ -1,153 +1,330 @@
-//! The checkers run after every simulation.
+//! The checkers run after every simulation (one of them, early release,
+//! as frames are queued).
 //!
-//! - Nothing is released before it is durable: no acknowledgement,
-//!   fan-out or Welcome reaches a connection's queue for an index the disk
-//!   does not hold yet (checked as each frame is queued, not after the run).
-//! - Server timestamps never decrease within a room's log.
-//! - Every room has one total order: each client's delivered entries are a
-//!   contiguous run of the server's durable log (same index, same bytes),
-//!   so all clients saw the same frames in the same order, each once.
+//! (a) Nothing is released before it is durable: no acknowledgement,
+//!     fan-out or Welcome reaches a connection's queue for an index the
+//!     disk does not hold yet (checked as each frame is queued).
+//! (b) Every message and intent lands exactly once, end to end: every
+//!     message a client wrote (its plaintext is its id, `c{client}-m{n}`)
+//!     and did not give up appears at exactly one index of its room's log;
+//!     every member that read that index read the same plaintext from the
+//!     same sender (or the placeholder of its erasure); nothing appears that
+//!     no client wrote; a second copy of one sealing is only ever refused as
+//!     a replay; every commit in a log was made by a client for an intent,
+//!     and no intent took effect twice.
+//! (c) Server timestamps never decrease within a room's log.
+//! (d) No task panicked (recorded by the world).
+//! - Every room has one total order: each client's delivered entries are,
+//!   membership by membership, contiguous runs of the server's durable log
+//!   (same index, same bytes, or the frame an erased entry held).
 //! - Nothing acknowledged is lost: every acknowledged frame is in the
 //!   durable log at its index, byte for byte, across server restarts.
-//! - All clients converge to the server's epoch and tree hash, and every
-//!   client reached the log's head.
+//! - Convergence (checked by the world): every member at the server's
+//!   epoch, tree hash and head, nobody else holding a room's group.
 //! - No client saw a broken rule (gaps, duplicates, commits that do not
 //!   apply, messages that do not decrypt, illegal state transitions).
 //! - The run did something: frames were sequenced, acknowledged and
 //!   delivered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
-use sha2::{Digest, Sha256};
+use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
 
-use crate::client::{ClientShared, ROOM};
+use crate::client::{Cast, ClientShared, RoomTrace, Seen};
+use crate::disk::DurableEntry;
+use crate::ledger::{digest, Ledger};
 use crate::server::ServerShared;
 
+/// Findings reported per kind, at most.
+const FINDINGS_PER_KIND_MAX: usize = 5;
+
 /// The checkers' findings; empty when the run is correct.
-pub fn check(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String> {
+pub fn check(server: &ServerShared, cast: &Cast, clients: &[Rc<ClientShared>]) -> Vec<String> {
     let mut failures = Vec::new();
-    let log: Vec<[u8; 32]> =
-        server.disk.log(ROOM).iter().map(|entry| Sha256::digest(&entry.frame).into()).collect();
     let stats = *server.stats.borrow();
-    if stats.sequenced == 0 || stats.acknowledged == 0 || log.is_empty() {
+    let logs: BTreeMap<RoomId, Vec<DurableEntry>> =
+        cast.rooms.iter().map(|plan| (plan.room_id, server.disk.log(plan.room_id))).collect();
+    let entries: usize = logs.values().map(Vec::len).sum();
+    let delivered: usize = clients
+        .iter()
+        .map(|c| c.record.borrow().rooms.values().map(|t| t.delivered.len()).sum::<usize>())
+        .sum();
+    if stats.sequenced == 0 || stats.acknowledged == 0 || entries == 0 || delivered == 0 {
         failures.push(format!(
-            "nothing ran: {} sequenced, {} acknowledged, log of {}",
-            stats.sequenced,
-            stats.acknowledged,
-            log.len()
+            "nothing ran: {} sequenced, {} acknowledged, logs of {entries}",
+            stats.sequenced, stats.acknowledged
         ));
     }
-    failures.extend(check_timestamps(server));
+    failures.extend(check_timestamps(&logs));
     let early = server.early_releases.borrow();
     if let Some(first) = early.first() {
         failures.push(format!(
-            "released before durable: {} of index {} while the disk held {} entries ({} such releases)",
+            "released before durable: {} of room {} index {} while the disk held {} entries ({} such releases)",
             first.what,
+            first.room_id,
             first.log_index,
             first.durable_next,
             early.len()
         ));
     }
-    let views = server.rooms.borrow();
-    let view = views.get(&ROOM);
-    let mut states = BTreeMap::new();
     for client in clients {
-        let index = client.index;
         let record = client.record.borrow();
-        for violation in record.violations.iter().take(5) {
-            failures.push(format!("client {index}: {violation}"));
+        failures.extend(record.violations.iter().take(FINDINGS_PER_KIND_MAX).cloned());
+        for (room_id, trace) in &record.rooms {
+            let log = logs.get(room_id).map_or(&[][..], Vec::as_slice);
+            failures.extend(check_order(client.index, *room_id, trace, log));
         }
-        if record.delivered.is_empty() {
-            failures.push(format!("client {index}: nothing delivered"));
+    }
+    let ledger = cast.ledger.borrow();
+    let senders = cast.senders.borrow();
+    for (room_id, log) in &logs {
+        failures.extend(check_messages(*room_id, log, &ledger, &senders, clients));
+    }
+    failures.extend(check_written(&ledger, clients));
+    failures.extend(check_intents(&logs, &ledger));
+    failures
+}
+
+/// Each client's delivered entries, membership by membership, are
+/// contiguous runs of the durable log; what was acknowledged is in it.
+fn check_order(client: usize, room_id: RoomId, trace: &RoomTrace, log: &[DurableEntry]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let matches = |index: u64, frame_digest: &[u8; 32]| {
+        let entry = usize::try_from(index).ok().and_then(|i| log.get(i));
+        entry.map(|entry| {
+            digest(&entry.bytes) == *frame_digest || entry.appended_digest == Some(*frame_digest)
+        })
+    };
+    let mut stint_starts: BTreeSet<usize> = trace.stints.iter().copied().collect();
+    stint_starts.insert(0);
+    for (position, pair) in trace.delivered.windows(2).enumerate() {
+        let (previous, next) = (pair[0].0, pair[1].0);
+        let new_stint = stint_starts.contains(&(position + 1));
+        if (!new_stint && next != previous + 1) || (new_stint && next <= previous) {
+            failures.push(format!("client {client} room {room_id}: delivered {next} after {previous}"));
+            break;
         }
-        for pair in record.delivered.windows(2) {
-            if pair[1].0 != pair[0].0 + 1 {
-                failures.push(format!("client {index}: delivered {} after {}", pair[1].0, pair[0].0));
+    }
+    for (index, frame_digest) in &trace.delivered {
+        match matches(*index, frame_digest) {
+            Some(true) => {}
+            Some(false) => {
+                failures.push(format!(
+                    "client {client} room {room_id}: delivered a frame at {index} that the log holds differently"
+                ));
+                break;
+            }
+            None => {
+                failures.push(format!(
+                    "client {client} room {room_id}: delivered index {index} beyond the durable log ({})",
+                    log.len()
+                ));
                 break;
             }
         }
-        for (log_index, frame_digest) in &record.delivered {
-            match log.get(usize::try_from(*log_index).unwrap_or(usize::MAX)) {
-                Some(stored) if stored == frame_digest => {}
-                Some(_) => {
-                    failures.push(format!(
-                        "client {index}: delivered a frame at {log_index} that the log holds differently"
-                    ));
-                    break;
-                }
-                None => {
-                    failures.push(format!(
-                        "client {index}: delivered index {log_index} beyond the durable log ({})",
-                        log.len()
-                    ));
-                    break;
-                }
-            }
-        }
-        for (log_index, frame_digest) in &record.acknowledged {
-            match log.get(usize::try_from(*log_index).unwrap_or(usize::MAX)) {
-                Some(stored) if stored == frame_digest => {}
-                _ => {
-                    failures.push(format!(
-                        "client {index}: acknowledged frame at {log_index} lost from the durable log"
-                    ));
-                    break;
-                }
-            }
-        }
-        if let Some(last) = record.last_applied {
-            if last + 1 != log.len() as u64 {
-                failures.push(format!("client {index}: applied through {last}, log holds {}", log.len()));
-            }
-        }
-        states.insert(index, record.epoch_and_tree.clone());
     }
-    let distinct: std::collections::BTreeSet<_> = states.values().collect();
-    if distinct.len() > 1 {
-        let epochs: Vec<String> =
-            states.iter().map(|(i, s)| format!("{i}: epoch {:?}", s.as_ref().map(|(e, _)| *e))).collect();
-        failures.push(format!("clients did not converge: {}", epochs.join(", ")));
-    } else if let (Some(Some((epoch, tree))), Some(view)) = (distinct.iter().next(), view) {
-        if *epoch != view.epoch || *tree != view.tree_hash {
-            failures.push(format!("clients at epoch {epoch}, server at {}", view.epoch));
+    for (index, frame_digest) in &trace.acknowledged {
+        if matches(*index, frame_digest) != Some(true) {
+            failures.push(format!(
+                "client {client} room {room_id}: acknowledged frame at {index} lost from the durable log"
+            ));
+            break;
         }
     }
     failures
 }
 
-/// Where each client is, for a convergence failure.
-pub fn describe_progress(server: &ServerShared, clients: &[Rc<ClientShared>]) -> String {
-    let views = server.rooms.borrow();
-    let mut parts = vec![format!(
-        "server {}",
-        views.get(&ROOM).map_or("without the room".to_owned(), |v| format!(
-            "epoch {} head {}",
-            v.epoch, v.next_log_index
-        ))
-    )];
+/// Checker (b) over one room: at every index, every reader read the same
+/// message from its writer; a message appears at one index at most;
+/// placeholders only where the log erased the entry.
+fn check_messages(
+    room_id: RoomId,
+    log: &[DurableEntry],
+    ledger: &Ledger,
+    senders: &[SenderId],
+    clients: &[Rc<ClientShared>],
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut at_index: BTreeMap<u64, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
+    let mut indices_of: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
     for client in clients {
         let record = client.record.borrow();
+        let Some(trace) = record.rooms.get(&room_id) else { continue };
+        let mut seen_here: BTreeMap<&str, u64> = BTreeMap::new();
+        for (index, sender, seen) in &trace.entries {
+            let id = match seen {
+                Seen::Text(id) | Seen::Own(id) => id,
+                Seen::Redacted => {
+                    let erased =
+                        usize::try_from(*index).ok().and_then(|i| log.get(i)).is_some_and(|e| e.erased);
+                    if !erased {
+                        failures.push(format!(
+                            "room {room_id}: client {} read index {index} as erased; the log holds it",
+                            client.index
+                        ));
+                    }
+                    continue;
+                }
+                Seen::Replay => continue,
+            };
+            if let Some(first) = seen_here.insert(id, *index) {
+                failures.push(format!(
+                    "room {room_id}: client {} read message {id} twice, at {first} and {index}",
+                    client.index
+                ));
+            }
+            match ledger.messages.get(id) {
+                Some(written) if written.room == room_id && senders.get(written.client) == Some(sender) => {}
+                _ => failures.push(format!(
+                    "room {room_id}: client {} read {id:?} at {index} from {sender}, which no client wrote there",
+                    client.index
+                )),
+            }
+            at_index.entry(*index).or_default().entry(id.clone()).or_default().push(client.index);
+            indices_of.entry(id.clone()).or_default().insert(*index);
+        }
+    }
+    for (index, ids) in &at_index {
+        if ids.len() > 1 {
+            failures
+                .push(format!("room {room_id}: members read different messages at index {index}: {ids:?}"));
+        }
+    }
+    for (id, indices) in &indices_of {
+        if indices.len() > 1 {
+            failures.push(format!(
+                "room {room_id}: message {id} appears {} times, at {indices:?}",
+                indices.len()
+            ));
+        }
+    }
+    failures.truncate(FINDINGS_PER_KIND_MAX);
+    failures
+}
+
+/// Every message a client wrote and did not give up was sequenced: its
+/// writer holds it at one index.
+fn check_written(ledger: &Ledger, clients: &[Rc<ClientShared>]) -> Vec<String> {
+    let mut landed: BTreeMap<&str, usize> = BTreeMap::new();
+    let records: Vec<_> = clients.iter().map(|c| c.record.borrow()).collect();
+    for record in &records {
+        for trace in record.rooms.values() {
+            for (_, _, seen) in &trace.entries {
+                if let Seen::Own(id) = seen {
+                    *landed.entry(id.as_str()).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut failures: Vec<String> = ledger
+        .messages
+        .iter()
+        .filter(|(id, written)| !written.abandoned && landed.get(id.as_str()).copied().unwrap_or(0) == 0)
+        .map(|(id, written)| {
+            format!("message {id} of client {} never landed in room {}", written.client, written.room)
+        })
+        .collect();
+    failures.extend(
+        landed
+            .iter()
+            .filter(|(_, count)| **count > 1)
+            .map(|(id, count)| format!("message {id} settled {count} times at its writer")),
+    );
+    failures.truncate(FINDINGS_PER_KIND_MAX);
+    failures
+}
+
+/// Every commit in a log is one a client made for an intent; no intent
+/// took effect twice.
+fn check_intents(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut applied: BTreeMap<&str, Vec<(RoomId, u64)>> = BTreeMap::new();
+    for (room_id, log) in logs {
+        for entry in log {
+            let Ok(frame) = Frame::decode(&entry.bytes) else { continue };
+            let commit = match frame.opcode() {
+                Opcode::Commit => frame.decode_payload::<kalandra_proto::payload::Commit>().map(|c| c.commit),
+                Opcode::ExternalJoin => {
+                    frame.decode_payload::<kalandra_proto::payload::ExternalJoin>().map(|c| c.commit)
+                }
+                _ => continue,
+            };
+            let Ok(commit) = commit else {
+                failures.push(format!("room {room_id}: commit at {} does not decode", entry.log_index));
+                continue;
+            };
+            match ledger.commits.get(&digest(&commit)) {
+                Some(label) => applied.entry(label.as_str()).or_default().push((*room_id, entry.log_index)),
+                None => failures
+                    .push(format!("room {room_id}: a commit at {} that no client made", entry.log_index)),
+            }
+        }
+    }
+    for (label, places) in applied {
+        if places.len() > 1 {
+            let what = ledger.intents.get(label).map_or("?", |intent| intent.what.as_str());
+            failures.push(format!("intent {label} ({what}) took effect {} times: {places:?}", places.len()));
+        }
+    }
+    failures.truncate(FINDINGS_PER_KIND_MAX);
+    failures
+}
+
+/// Where the server and each client are, for a convergence failure.
+pub fn describe_progress(server: &ServerShared, cast: &Cast, clients: &[Rc<ClientShared>]) -> String {
+    let views = server.rooms.borrow();
+    let senders = cast.senders.borrow();
+    let mut parts = Vec::new();
+    let stats = server.stats.borrow();
+    if stats.welcomes_of_failed_batches > 0 {
         parts.push(format!(
-            "client {} epoch {:?} applied {:?} live {} work {}",
-            client.index,
-            record.epoch_and_tree.as_ref().map(|(e, _)| *e),
-            record.last_applied,
-            record.live,
-            record.work_left
+            "{} Welcomes stored ahead of failed batches ({} forgotten as orphans)",
+            stats.welcomes_of_failed_batches, stats.welcomes_orphaned
         ));
     }
-    parts.join("; ")
+    drop(stats);
+    for plan in &cast.rooms {
+        let Some(view) = views.get(&plan.room_id) else {
+            parts.push(format!("room {}: not on the server", plan.room_id));
+            continue;
+        };
+        let members: Vec<usize> =
+            (0..senders.len()).filter(|c| view.members.contains(&senders[*c])).collect();
+        parts.push(format!(
+            "room {}: server epoch {} head {} members {members:?} proposals {}",
+            plan.room_id, view.epoch, view.next_log_index, view.proposals_pending
+        ));
+    }
+    for client in clients {
+        let record = client.record.borrow();
+        let rooms: Vec<String> = record
+            .status
+            .iter()
+            .map(|(room, s)| {
+                format!(
+                    "{room}: member {} live {} next {} epoch {:?} joining {}",
+                    s.member,
+                    s.live,
+                    s.next_log_index,
+                    s.epoch_and_tree.as_ref().map(|(e, _)| *e),
+                    s.joining
+                )
+            })
+            .collect();
+        parts.push(format!("client {} work {:?} [{}]", client.index, record.work, rooms.join("; ")));
+    }
+    parts.join(" | ")
 }
 
 /// Server timestamps never decrease within a room's log, across restarts
 /// and clock steps.
-fn check_timestamps(server: &ServerShared) -> Vec<String> {
+fn check_timestamps(logs: &BTreeMap<RoomId, Vec<DurableEntry>>) -> Vec<String> {
     let mut failures = Vec::new();
-    for room_id in server.disk.rooms() {
+    for (room_id, log) in logs {
         let mut last: Option<(u64, u64)> = None;
-        for entry in server.disk.log(room_id) {
-            let Ok(frame) = kalandra_proto::Frame::decode(&entry.frame) else { continue };
+        for entry in log {
+            let Ok(frame) = Frame::decode(&entry.bytes) else { continue };
             let stamped = frame.header().server_timestamp_ms();
             if let Some((index, previous)) = last.filter(|(_, previous)| stamped < *previous) {
                 failures.push(format!(

@@ -1,54 +1,59 @@
-//! The simulated client: client-core's [`RoomLog`] — the same code
-//! `client_core::client::Client` runs to apply a room's log (cursor, commit
-//! settlement, outbox settlement by epoch and generation, sender keys, the
-//! state machine) on the real MLS group with a seeded provider — behind a
-//! turmoil TCP shell that replaces the QUIC `connection.rs`: it
-//! authenticates, subscribes from the room's cursor, feeds every frame of
-//! the log (and our own frames, stamped from their acknowledgement) to the
-//! room log, keeps a volatile outbox, and sends again what the log did not
-//! settle.
+//! The simulated client: client-core's [`RoomLog`] for every room it is in
+//! — the same code `client_core::client::Client` runs to apply a room's log
+//! (cursor, commit settlement, outbox settlement by epoch and generation,
+//! sender keys, the state machine) on the real MLS group with a seeded
+//! provider — behind a turmoil TCP shell that replaces the QUIC
+//! `connection.rs`. The shell authenticates, subscribes to each room from
+//! its cursor, feeds every frame of each log (and our own frames, stamped
+//! from their acknowledgement) to the room's log, keeps a persistent
+//! outbox, and acts for a workload: messages (several in flight per room,
+//! sent out of sealing order), self-updates, adds (key-package claim and
+//! Welcome), removals, leaves, external joins of open rooms, kicks and bans
+//! through the server's moderation acts, commits covering what they
+//! propose, and redaction of its own messages.
 //!
 //! # Crash model
 //!
-//! A crash loses the connection and everything volatile: the outbox
-//! (messages not yet acknowledged) and intents not yet committed. What the
-//! client persisted survives, written at the points a real client writes
-//! it before going on (after every frame handled and every step of work,
-//! before anything that step sends leaves):
+//! A crash loses the connection and everything volatile: intents not yet
+//! committed and requests in flight. What the client persisted survives,
+//! written at the points a real client writes it before going on (after
+//! every frame handled and every step of work, before anything that step
+//! sends leaves):
 //! - the identity secret;
-//! - the OpenMLS storage (group state, key-package private keys, our
-//!   pending commit) together with the room log's checkpoint record
-//!   ([`RoomRecord`]: cursor, sender-key chains, the pending commit frame
-//!   and its intent, an intent to redo), as `Client` writes them in one
-//!   transaction;
-//! - counters (key packages uploaded, next message number).
-//!
-//! A message is sealed (its sending chain advanced) and the chain persisted
-//! before the frame is sent, so a restarted client never reuses a
-//! generation.
+//! - the OpenMLS storage (groups, key-package private keys, pending
+//!   commits, a pending external join's group) together with each room
+//!   log's checkpoint record ([`client_core::room_log::RoomRecord`]), as
+//!   `Client` writes them in one transaction;
+//! - the outbox: each message with its latest sealing (frame, epoch,
+//!   generation), sealed and persisted before the frame leaves, so a
+//!   restarted client never reuses a generation and resolves the entry by
+//!   the log;
+//! - the latest Welcome of each room, an external join whose answer was
+//!   lost, and counters.
+
+mod answers;
+mod apply;
+mod work;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use client_core::mls::{
-    generate_key_packages, generate_last_resort_key_package, Identity, MlsProvider, RoomGroup, SeededCrypto,
-};
-use client_core::room_log::{CommitRefusal, EntryBody, Intent, RoomLog, RoomRecord, SentMessage};
-use client_core::state::{Action, ClientState, CommitKind};
+use client_core::mls::{Identity, MlsProvider, RoomGroup, SeededCrypto};
+use client_core::room_log::{is_log_frame, RoomLog, RoomRecord, SentMessage};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::payload::{self, AnyPayload};
 use kalandra_proto::sign::sign_auth_challenge;
-use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
+use kalandra_proto::{Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
 use openmls_memory_storage::MemoryStorage;
 use openmls_traits::OpenMlsProvider as _;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::ledger::Ledger;
 use crate::net::{self, spawn_writer, FrameReader, Loss};
 use crate::server::now_ms;
 use crate::Transcript;
@@ -67,98 +72,181 @@ pub const TICK_MS: u64 = 20;
 pub const RECONNECT_BACKOFF_MIN_MS: u64 = 50;
 /// See [`RECONNECT_BACKOFF_MIN_MS`].
 pub const RECONNECT_BACKOFF_MAX_MS: u64 = 400;
-/// Key packages uploaded by each joining client.
-pub const KEY_PACKAGES_UPLOADED: usize = 2;
+/// Key packages uploaded by each client (besides its last-resort one).
+pub const KEY_PACKAGES_UPLOADED: usize = 3;
 /// Application messages one client writes in a run, at most.
 pub const MESSAGES_PER_CLIENT_MAX: u64 = 40;
 /// Self-updates one client asks for in a run, at most.
 pub const UPDATES_PER_CLIENT_MAX: u64 = 6;
+/// Membership acts (add, remove, kick, ban, leave, external join) one
+/// client starts in a run, at most.
+pub const MEMBERSHIP_ACTS_PER_CLIENT_MAX: u64 = 4;
+/// Redactions one client asks for in a run, at most.
+pub const REDACTIONS_PER_CLIENT_MAX: u64 = 2;
+/// Messages of one room in flight at once (sealed and sent, unanswered).
+pub const MESSAGES_IN_FLIGHT_PER_ROOM_MAX: usize = 4;
+/// Shortest and longest ban a client's moderator act asks for.
+pub const BAN_MS_MIN: u64 = 500;
+/// See [`BAN_MS_MIN`].
+pub const BAN_MS_MAX: u64 = 3_000;
+/// Frames one search of a room's log for our external join reads.
+pub const JOIN_SEARCH_FRAMES_MAX: u32 = 4_096;
+/// Pause before asking again after a refusal that may pass later (a
+/// GroupInfo not yet published, an external join not yet durable).
+pub const RETRY_PAUSE_MS: u64 = 200;
 /// Label of the exporter secret added to the transcript at each epoch.
 pub const TRANSCRIPT_EXPORTER_LABEL: &str = "kalandra simulation transcript";
 
 const _: () = assert!(PING_INTERVAL_MS * 4 <= SILENCE_TIMEOUT_MS);
 const _: () = assert!(RECONNECT_BACKOFF_MIN_MS <= RECONNECT_BACKOFF_MAX_MS);
+const _: () = assert!(BAN_MS_MIN <= BAN_MS_MAX);
+const _: () = assert!(MESSAGES_IN_FLIGHT_PER_ROOM_MAX >= 2, "pipelining sends out of order");
 
-/// The room every simulated client uses.
-pub const ROOM: RoomId = RoomId(*b"simulation-room!");
+/// How a simulated client behaves. Every client is honest today; hostile
+/// behaviours (frames forged or replayed, commits that members refuse)
+/// are variants to add, each driving the same shell differently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Follows the protocol.
+    #[default]
+    Honest,
+}
 
-/// What a client persisted.
-#[derive(Default, Clone)]
-pub struct Persisted {
-    identity_secret: Option<[u8; 32]>,
-    mls: HashMap<Vec<u8>, Vec<u8>>,
-    /// The room log's checkpoint, written with `mls`.
-    room: Option<RoomRecord>,
-    uploaded: bool,
-    next_message: u64,
-    updates_asked: u64,
+/// A room of the world, as every client knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPlan {
+    /// The room.
+    pub room_id: RoomId,
+    /// The client that creates it (its admin).
+    pub creator: usize,
+    /// Open to external joins.
+    pub open: bool,
+    /// The clients the creator adds at setup (itself excluded).
+    pub initial: Vec<usize>,
+}
+
+/// What the clients of a world share: the rooms, every client's sender id,
+/// the ledger the checkers read, and the transcript.
+#[derive(Debug, Default)]
+pub struct Cast {
+    /// The rooms.
+    pub rooms: Vec<RoomPlan>,
+    /// Every client's sender id, by position.
+    pub senders: RefCell<Vec<SenderId>>,
+    /// What the clients wrote and meant.
+    pub ledger: RefCell<Ledger>,
+    /// Every frame written and every epoch secret, in order.
+    pub transcript: RefCell<Transcript>,
+}
+
+/// How a client read one application entry of a room's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Another member's message, decrypted (its id is its plaintext).
+    Text(String),
+    /// Our own message, sequenced here (acknowledged, or read back).
+    Own(String),
+    /// Erased before we read it.
+    Redacted,
+    /// A second copy of a frame already read (the same sealing sequenced
+    /// twice), refused by sender keys as a replay.
+    Replay,
+}
+
+/// What the harness observes of a client in one room (kept across crashes).
+#[derive(Debug, Default, Clone)]
+pub struct RoomTrace {
+    /// Every log entry applied, in order: (index, SHA-256 of the bytes).
+    pub delivered: Vec<(u64, [u8; 32])>,
+    /// Positions in `delivered` where a membership (creation, join) began.
+    pub stints: Vec<usize>,
+    /// Entries acknowledged to this client: (index, SHA-256 of the stamped frame).
+    pub acknowledged: Vec<(u64, [u8; 32])>,
+    /// Application entries read: (index, sender, how).
+    pub entries: Vec<(u64, SenderId, Seen)>,
+}
+
+/// Where a client stands in a room, for the convergence check.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoomStatus {
+    /// A member (holds the room's group).
+    pub member: bool,
+    /// Following the live log.
+    pub live: bool,
+    /// The next index to apply.
+    pub next_log_index: u64,
+    /// Epoch and tree hash, while a member.
+    pub epoch_and_tree: Option<(u64, Vec<u8>)>,
+    /// An external join (or a Welcome) is still being resolved.
+    pub joining: bool,
 }
 
 /// What the harness observes of a client (kept across its crashes).
 #[derive(Debug, Default, Clone)]
 pub struct ClientRecord {
-    /// Every log entry applied, in order: (index, SHA-256 of the stamped frame).
-    pub delivered: Vec<(u64, [u8; 32])>,
-    /// Entries acknowledged to this client: (index, SHA-256 of the stamped frame).
-    pub acknowledged: Vec<(u64, [u8; 32])>,
-    /// Application plaintexts read from others, in order.
-    pub plaintexts: Vec<String>,
+    /// Per room.
+    pub rooms: BTreeMap<RoomId, RoomTrace>,
+    /// Per room, now.
+    pub status: BTreeMap<RoomId, RoomStatus>,
     /// Broken rules: anything here fails the run.
     pub violations: Vec<String>,
-    /// Current epoch and tree hash, once a member.
-    pub epoch_and_tree: Option<(u64, Vec<u8>)>,
     /// Connection attempts.
     pub connections: u64,
     /// Connections that authenticated.
     pub sessions: u64,
     /// Frames written.
     pub frames_sent: u64,
-    /// Live on a subscription right now.
-    pub live: bool,
-    /// Messages and intents not yet done, and whether a commit is pending.
+    /// Other members' messages decrypted.
+    pub plaintexts: u64,
+    /// Messages opened with a key kept for a late message (out of order).
+    pub opened_late: u64,
+    /// Messages, intents and commits not yet done.
     pub work_left: usize,
+    /// What they are, for a convergence failure.
+    pub work: Vec<String>,
     /// Times the client started.
     pub boots: u32,
-    /// The last log index applied (for a joiner, at first the commit that added it).
-    pub last_applied: Option<u64>,
 }
 
 /// State of one client host that outlives its crashes.
 pub struct ClientShared {
-    /// Position among the clients; client 0 creates the room.
+    /// Position among the clients.
     pub index: usize,
     /// Seed of this client's randomness.
     pub seed: u64,
+    /// How it behaves.
+    pub behaviour: Behaviour,
     /// Loss on this client's outgoing stream.
     pub loss: Rc<Cell<Loss>>,
-    /// Whether the client writes new messages and asks for updates.
+    /// Whether the client takes on new work.
     pub workload: Cell<bool>,
     /// Probability per tick of new work while the workload runs.
     pub work_rate: Cell<f64>,
     /// Share of new work that is a self-update rather than a message.
     pub update_share: Cell<f64>,
-    /// Other clients' sender ids (the creator adds them).
-    pub others: RefCell<Vec<SenderId>>,
+    /// Share of new work that changes membership (or redacts).
+    pub membership_share: Cell<f64>,
+    /// The world.
+    pub cast: Rc<Cast>,
     /// Observations.
     pub record: RefCell<ClientRecord>,
-    /// Every frame written and every epoch secret, in order.
-    pub transcript: Rc<RefCell<Transcript>>,
     persisted: RefCell<Persisted>,
 }
 
 impl ClientShared {
     /// A client whose randomness comes from `seed`.
-    pub fn new(index: usize, seed: u64, transcript: Rc<RefCell<Transcript>>) -> ClientShared {
+    pub fn new(index: usize, seed: u64, cast: Rc<Cast>) -> ClientShared {
         ClientShared {
             index,
             seed,
+            behaviour: Behaviour::Honest,
             loss: Rc::new(Cell::new(Loss::default())),
             workload: Cell::new(false),
             work_rate: Cell::new(0.05),
             update_share: Cell::new(0.15),
-            others: RefCell::new(Vec::new()),
+            membership_share: Cell::new(0.1),
+            cast,
             record: RefCell::new(ClientRecord::default()),
-            transcript,
             persisted: RefCell::new(Persisted::default()),
         }
     }
@@ -171,35 +259,200 @@ impl ClientShared {
     }
 
     fn violation(&self, text: String) {
-        self.record.borrow_mut().violations.push(text);
+        self.record.borrow_mut().violations.push(format!("client {}: {text}", self.index));
     }
 }
 
+/// A message in the outbox, as persisted.
+#[derive(Debug, Clone)]
+struct OutboxEntry {
+    room: RoomId,
+    text: String,
+    /// The latest sealing, sent or about to be: resent as is while its
+    /// epoch holds, resealed after.
+    sealed: Option<SealedEntry>,
+    /// Do not send before the room reaches this epoch (the server said the
+    /// room moved on, or waits for a commit).
+    wait_for_epoch: u64,
+}
+
+#[derive(Debug, Clone)]
+struct SealedEntry {
+    frame: Vec<u8>,
+    sent: SentMessage,
+}
+
+/// An external join sent and not answered: its fate is read from the log.
+#[derive(Debug, Clone)]
+struct PendingJoin {
+    /// SHA-256 of the MLS commit sent.
+    commit: [u8; 32],
+}
+
+/// Counters of work taken on (limits of the workload).
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    messages: u64,
+    updates: u64,
+    acts: u64,
+    redactions: u64,
+    labels: u64,
+}
+
+/// What a client persisted.
+#[derive(Default, Clone)]
+struct Persisted {
+    identity_secret: Option<[u8; 32]>,
+    mls: HashMap<Vec<u8>, Vec<u8>>,
+    /// Each room log's checkpoint, written with `mls`.
+    rooms: BTreeMap<RoomId, RoomRecord>,
+    outbox: BTreeMap<u64, OutboxEntry>,
+    /// The latest Welcome of each room, until used.
+    welcomes: BTreeMap<RoomId, Vec<u8>>,
+    joins: BTreeMap<RoomId, PendingJoin>,
+    /// The intent of each room's pending or redone commit.
+    commit_labels: BTreeMap<RoomId, String>,
+    /// Sealings of others opened, per room: (sender, epoch, generation).
+    opened: BTreeMap<RoomId, BTreeSet<(u64, u64, u32)>>,
+    /// Rooms whose setup invitations the creator queued.
+    setup_queued: BTreeSet<RoomId>,
+    /// Where our leaving of each room stands (our leave proposal is in the
+    /// MLS storage: a restarted client must finish leaving).
+    leaves: BTreeMap<RoomId, Leave>,
+    uploaded: bool,
+    counters: Counters,
+}
+
+/// An intent of ours, not yet done (volatile: a crash loses it).
+#[derive(Debug, Clone)]
+struct Work {
+    label: String,
+    kind: WorkKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WorkKind {
+    Update,
+    Invite(Vec<u64>),
+    Remove(u64),
+    Leave,
+    Kick(u64),
+    Ban { target: u64, duration_ms: u64 },
+    Redact(u64),
+    ExternalJoin,
+}
+
+/// A request in flight, by request id.
 #[derive(Debug, Clone)]
 enum Request {
     Upload,
-    Create(Frame),
-    Claim,
-    /// Our pending commit; `superseded` once the log settled it otherwise
-    /// (another commit won the epoch) before the answer came.
-    Commit {
-        superseded: bool,
+    Claim {
+        room: RoomId,
+        work: Work,
     },
-    Application {
-        message: u64,
+    Create {
+        room: RoomId,
         frame: Frame,
-        sent: SentMessage,
+    },
+    /// `settled` once the log settled it before the answer came.
+    Commit {
+        room: RoomId,
+        settled: bool,
+        frame: Frame,
+    },
+    Message {
+        room: RoomId,
+        id: u64,
+        frame: Frame,
+    },
+    Leave {
+        room: RoomId,
+        epoch: u64,
+        frame: Frame,
+    },
+    Moderation {
+        room: RoomId,
+    },
+    Redact {
+        room: RoomId,
+        log_index: u64,
+    },
+    GroupInfo {
+        room: RoomId,
+        label: String,
+    },
+    ExternalJoin {
+        room: RoomId,
+        label: String,
+        frame: Frame,
+    },
+    Subscribe {
+        room: RoomId,
+    },
+    JoinSearch {
+        room: RoomId,
     },
 }
 
-struct Message {
-    number: u64,
-    text: String,
-    /// The epoch the server said the room is at when it refused the last try.
-    wait_for_epoch: u64,
-    /// The latest sealing sent: the room log settles the message when this
-    /// epoch and generation of ours reaches it.
-    sealed: Option<SentMessage>,
+impl Request {
+    fn room(&self) -> Option<RoomId> {
+        match self {
+            Request::Upload => None,
+            Request::Claim { room, .. }
+            | Request::Create { room, .. }
+            | Request::Commit { room, .. }
+            | Request::Message { room, .. }
+            | Request::Leave { room, .. }
+            | Request::Moderation { room }
+            | Request::Redact { room, .. }
+            | Request::GroupInfo { room, .. }
+            | Request::ExternalJoin { room, .. }
+            | Request::Subscribe { room }
+            | Request::JoinSearch { room } => Some(*room),
+        }
+    }
+}
+
+/// One room as this life of the client drives it.
+struct Room {
+    plan: RoomPlan,
+    /// The room's log, once created or joined (kept after a removal, for
+    /// its cursor).
+    log: Option<RoomLog>,
+    /// A Subscribe was sent on this connection.
+    subscribed: bool,
+    /// Its history is read: frames are live.
+    live: bool,
+    work: VecDeque<Work>,
+    /// Where our leaving stands.
+    leave: Option<Leave>,
+    /// When the subscription last carried a frame (or was asked for).
+    last_frame_ms: u64,
+    /// The group our external commit made, its fate pending.
+    joining: Option<RoomGroup>,
+    /// Where a search of the log found our external join.
+    join_found: Option<u64>,
+    /// Nothing that may pass later is asked before this time.
+    retry_at_ms: u64,
+    /// The epoch last added to the transcript.
+    transcript_epoch: Option<u64>,
+}
+
+/// Where a member's leaving stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// Propose our removal.
+    Want,
+    /// Proposed in `epoch`, not yet read back from the log.
+    Sent { epoch: u64 },
+    /// Our proposal is in the log in `epoch`: a member's commit removes us.
+    Proposed { epoch: u64 },
+}
+
+impl Room {
+    fn member(&self) -> bool {
+        self.log.as_ref().is_some_and(RoomLog::is_member)
+    }
 }
 
 struct Client {
@@ -208,22 +461,18 @@ struct Client {
     identity: Identity,
     key: SigningKey,
     sender: SenderId,
-    /// The room, once created or joined: its log applied by client-core.
-    room: Option<RoomLog>,
-    /// The epoch last added to the transcript.
-    transcript_epoch: Option<u64>,
-    outbox: VecDeque<Message>,
-    intents: u64,
-    in_flight: Option<(u32, Request)>,
+    rooms: BTreeMap<RoomId, Room>,
+    in_flight: BTreeMap<u32, Request>,
     rng: ChaCha8Rng,
     next_request_id: u32,
-    live: bool,
     tx: Option<mpsc::Sender<Bytes>>,
     server_key: Option<[u8; 32]>,
+    /// Why the connection must be started over, if it must.
+    reconnect: Option<String>,
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+    crate::ledger::digest(bytes)
 }
 
 /// Runs one life of a client (until the harness crashes it).
@@ -243,7 +492,7 @@ impl Client {
         let boot = {
             let mut record = shared.record.borrow_mut();
             record.boots += 1;
-            record.live = false;
+            record.status.values_mut().for_each(|status| status.live = false);
             record.boots
         };
         let persisted = shared.persisted.borrow().clone();
@@ -256,7 +505,28 @@ impl Client {
         };
         let key = SigningKey::from_bytes(&identity.secret_bytes());
         let sender = SenderId::from_identity_key(identity.public_key());
-        let room = persisted.room.map(|record| RoomLog::restore(&provider, record)).transpose()?;
+        let mut rooms = BTreeMap::new();
+        for plan in &shared.cast.rooms {
+            let log = persisted.rooms.get(&plan.room_id).cloned().map(|r| RoomLog::restore(&provider, r));
+            let joining = match persisted.joins.contains_key(&plan.room_id) {
+                true => RoomGroup::load(&provider, plan.room_id.0)?,
+                false => None,
+            };
+            let room = Room {
+                plan: plan.clone(),
+                log: log.transpose()?,
+                subscribed: false,
+                live: false,
+                work: VecDeque::new(),
+                leave: persisted.leaves.get(&plan.room_id).copied(),
+                last_frame_ms: 0,
+                joining,
+                join_found: None,
+                retry_at_ms: 0,
+                transcript_epoch: None,
+            };
+            rooms.insert(plan.room_id, room);
+        }
         let rng = ChaCha8Rng::from_seed(crate::derive_seed(shared.seed, b"driver", u64::from(boot)));
         let mut client = Client {
             shared,
@@ -264,73 +534,137 @@ impl Client {
             identity,
             key,
             sender,
-            room,
-            transcript_epoch: None,
-            outbox: VecDeque::new(),
-            intents: 0,
-            in_flight: None,
+            rooms,
+            in_flight: BTreeMap::new(),
             rng,
             next_request_id: 0,
-            live: false,
             tx: None,
             server_key: None,
+            reconnect: None,
         };
-        client.note_epoch();
+        client.note_epochs();
         client.persist();
         Ok(client)
     }
 
-    /// Writes what a real client checkpoints: the MLS storage and the room
-    /// log's record together.
+    /// Writes what a real client checkpoints: the MLS storage and every
+    /// room log's record together (the outbox and the other persisted
+    /// parts are written where they change), then publishes the status.
     fn persist(&mut self) {
-        let mut persisted = self.shared.persisted.borrow_mut();
-        persisted.identity_secret = Some(self.identity.secret_bytes());
-        persisted.mls = self.provider.storage().values.read().expect("storage lock").clone();
-        persisted.room = self.room.as_mut().map(|room| room.checkpoint_record().clone());
+        {
+            let mut persisted = self.shared.persisted.borrow_mut();
+            persisted.identity_secret = Some(self.identity.secret_bytes());
+            persisted.mls = self.provider.storage().values.read().expect("storage lock").clone();
+            persisted.leaves.clear();
+            for (room_id, room) in &mut self.rooms {
+                if let Some(log) = room.log.as_mut() {
+                    persisted.rooms.insert(*room_id, log.checkpoint_record().clone());
+                }
+                if let Some(leave) = room.leave {
+                    persisted.leaves.insert(*room_id, leave);
+                }
+            }
+        }
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let persisted = self.shared.persisted.borrow();
+        let mut work: Vec<String> =
+            persisted.outbox.values().map(|e| format!("{} in {}", e.text, e.room)).collect();
+        work.extend(persisted.joins.keys().map(|room| format!("join of {room}")));
+        let mut status = BTreeMap::new();
+        for (room_id, room) in &self.rooms {
+            let log = room.log.as_ref();
+            work.extend(room.work.iter().map(|w| format!("{:?} in {room_id}", w.kind)));
+            work.extend(room.leave.iter().map(|l| format!("{l:?} in {room_id}")));
+            work.extend(
+                log.and_then(RoomLog::pending_commit)
+                    .map(|p| format!("commit {:?} in {room_id}", p.intent())),
+            );
+            work.extend(log.and_then(RoomLog::redo).map(|i| format!("redo {i:?} in {room_id}")));
+            let member = room.member();
+            status.insert(
+                *room_id,
+                RoomStatus {
+                    member,
+                    live: room.live,
+                    next_log_index: log.map_or(0, RoomLog::next_log_index),
+                    epoch_and_tree: log
+                        .filter(|_| member)
+                        .and_then(RoomLog::group)
+                        .map(|g| (g.epoch(), g.tree_hash())),
+                    joining: room.joining.is_some() || persisted.joins.contains_key(room_id),
+                },
+            );
+        }
         let mut record = self.shared.record.borrow_mut();
-        let room = self.room.as_ref();
-        record.epoch_and_tree = room.and_then(RoomLog::group).map(|g| (g.epoch(), g.tree_hash()));
-        record.work_left = self.outbox.len()
-            + usize::try_from(self.intents).unwrap_or(usize::MAX)
-            + room.map_or(0, |r| usize::from(r.pending_commit().is_some()) + usize::from(r.redo().is_some()));
-        record.live = self.live;
-        record.last_applied = room.and_then(|r| r.next_log_index().checked_sub(1));
+        record.status = status;
+        record.work_left = work.len();
+        record.work = work;
     }
 
     fn violation(&self, text: impl Into<String>) {
         self.shared.violation(text.into());
     }
 
-    fn next_index(&self) -> u64 {
-        self.room.as_ref().map_or(0, RoomLog::next_log_index)
+    /// With `SIM_DEBUG` set, prints what the client asks and is answered
+    /// (for replaying a failing seed).
+    fn debug(&self, text: impl FnOnce() -> String) {
+        if std::env::var_os("SIM_DEBUG").is_some() {
+            eprintln!("{} c{}: {}", now_ms() % 100_000, self.shared.index, text());
+        }
+    }
+
+    fn trace(&self) -> std::cell::RefMut<'_, ClientRecord> {
+        self.shared.record.borrow_mut()
     }
 
     fn send_frame(&mut self, frame: &Frame) {
         let bytes = frame.to_bytes();
-        self.shared.transcript.borrow_mut().add(b"frame", &bytes);
+        self.shared.cast.transcript.borrow_mut().add(b"frame", &bytes);
         self.shared.record.borrow_mut().frames_sent += 1;
         if let Some(tx) = &self.tx {
             let _ = tx.try_send(bytes);
         }
     }
 
-    fn frame<P: Payload>(&mut self, payload: &P, epoch: u64) -> (u32, Frame) {
+    fn next_request(&mut self) -> u32 {
         self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
-        let mut header = FrameHeaderBuf::new(P::OPCODE);
-        header
-            .set_room_id(ROOM)
-            .set_sender_id(self.sender)
-            .set_epoch(epoch)
-            .set_request_id(self.next_request_id);
-        let mut frame = Frame::with_payload(header, payload).expect("client payloads fit");
-        frame.sign(&self.key);
-        (self.next_request_id, frame)
+        self.next_request_id
     }
 
-    fn request<P: Payload>(&mut self, payload: &P, epoch: u64, request: Request) {
-        let (id, frame) = self.frame(payload, epoch);
-        self.in_flight = Some((id, request));
+    fn frame<P: Payload>(&mut self, room: RoomId, payload: &P, epoch: u64) -> (u32, Frame) {
+        let request_id = self.next_request();
+        let mut header = FrameHeaderBuf::new(P::OPCODE);
+        header.set_room_id(room).set_sender_id(self.sender).set_epoch(epoch).set_request_id(request_id);
+        let mut frame = Frame::with_payload(header, payload).expect("client payloads fit");
+        frame.sign(&self.key);
+        (request_id, frame)
+    }
+
+    fn request<P: Payload>(&mut self, room: RoomId, payload: &P, epoch: u64, request: Request) -> Frame {
+        let (id, frame) = self.frame(room, payload, epoch);
+        self.debug(|| format!("-> {id} {request:?}").chars().take(200).collect());
+        self.in_flight.insert(id, request);
         self.send_frame(&frame);
+        frame
+    }
+
+    /// A stored signed frame under a fresh request id (signed again), as
+    /// `Client` resends it.
+    fn fresh_request(&mut self, stored: &[u8]) -> Option<(u32, Frame)> {
+        let mut frame = match Frame::decode(&Bytes::copy_from_slice(stored)) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.violation(format!("a stored frame does not decode: {error}"));
+                return None;
+            }
+        };
+        let request_id = self.next_request();
+        frame.header_mut().set_request_id(request_id);
+        frame.sign(&self.key);
+        Some((request_id, frame))
     }
 
     /// One connection, until it fails.
@@ -350,6 +684,7 @@ impl Client {
         }
         self.shared.record.borrow_mut().sessions += 1;
         self.on_connected();
+        self.persist();
         let mut last_heard = now_ms();
         let mut last_ping = now_ms();
         loop {
@@ -360,8 +695,14 @@ impl Client {
                 frame = reader.next() => match frame {
                     Ok(frame) => {
                         last_heard = now_ms();
-                        if let Err(error) = self.handle(frame) {
+                        let handled = self.handle(frame);
+                        self.note_epochs();
+                        self.persist();
+                        if let Err(error) = handled {
                             return error;
+                        }
+                        if let Some(why) = self.reconnect.take() {
+                            return why;
                         }
                     }
                     Err(error) => return format!("read: {error}"),
@@ -373,11 +714,15 @@ impl Client {
                     }
                     if now.saturating_sub(last_ping) >= PING_INTERVAL_MS {
                         last_ping = now;
-                        let (_, ping) = self.frame(&payload::Ping { nonce: now }, 0);
+                        let (_, ping) = self.frame(RoomId::default(), &payload::Ping { nonce: now }, 0);
                         self.send_frame(&ping);
                     }
                     self.drive();
+                    self.note_epochs();
                     self.persist();
+                    if let Some(why) = self.reconnect.take() {
+                        return why;
+                    }
                 }
             }
         }
@@ -390,7 +735,7 @@ impl Client {
             identity_key: *self.identity.public_key(),
             client_name: "simulated client".into(),
         };
-        let (_, frame) = self.frame(&hello, 0);
+        let (_, frame) = self.frame(RoomId::default(), &hello, 0);
         self.send_frame(&frame);
         let challenge = match tokio::time::timeout(step, reader.next()).await {
             Ok(Ok(frame)) => {
@@ -400,7 +745,7 @@ impl Client {
             Err(_) => return Err("handshake timed out".into()),
         };
         let response = payload::AuthResponse { signature: sign_auth_challenge(&self.key, &challenge.nonce) };
-        let (_, frame) = self.frame(&response, 0);
+        let (_, frame) = self.frame(RoomId::default(), &response, 0);
         self.send_frame(&frame);
         match tokio::time::timeout(step, reader.next()).await {
             Ok(Ok(frame)) => {
@@ -418,278 +763,36 @@ impl Client {
 
     fn connection_lost(&mut self, _why: String) {
         self.tx = None;
-        self.live = false;
-        self.in_flight = None;
-        if let Some(room) = self.room.as_mut() {
-            if let Err(error) = room.connection_lost() {
-                let text = format!("client {}: {error}", self.shared.index);
-                self.violation(text);
+        self.in_flight.clear();
+        for room in self.rooms.values_mut() {
+            room.subscribed = false;
+            room.live = false;
+            if let Some(log) = room.log.as_mut() {
+                if let Err(error) = log.connection_lost() {
+                    let text = format!("room {}: {error}", room.plan.room_id);
+                    self.shared.violation(text);
+                }
             }
         }
         self.persist();
     }
 
     fn on_connected(&mut self) {
-        let Some(room) = self.room.as_mut() else {
-            if self.shared.index == 0 {
-                self.create_room();
-            } else if !self.shared.persisted.borrow().uploaded {
-                self.upload_key_packages();
-            }
-            return;
-        };
-        let actions = match room.connected() {
-            Ok(actions) => actions,
-            Err(error) => {
-                self.violation(format!("client {}: {error}", self.shared.index));
-                return;
-            }
-        };
-        if !room.is_confirmed() {
-            // Created before a crash, its fate unknown: ask again.
-            self.resend_creation();
-        } else if actions.contains(&Action::Subscribe) {
-            self.subscribe();
-        }
-    }
-
-    fn subscribe(&mut self) {
-        self.live = false;
-        let from_log_index = self.next_index();
-        let (_, frame) = self.frame(&payload::Subscribe { from_log_index }, 0);
-        self.send_frame(&frame);
-    }
-
-    fn create_room(&mut self) {
-        let Some(server_key) = self.server_key else { return };
-        let (group, created) =
-            match RoomGroup::create(&self.provider, &self.identity, ROOM.0, &server_key, now_ms() / 1000) {
-                Ok(created) => created,
-                Err(error) => {
-                    self.violation(format!("create room: {error}"));
-                    return;
+        for room in self.rooms.values_mut() {
+            if let Some(log) = room.log.as_mut() {
+                if let Err(error) = log.connected() {
+                    let text = format!("room {}: {error}", room.plan.room_id);
+                    self.shared.violation(text);
                 }
-            };
-        let payload = payload::CreateRoom {
-            group_info: created.group_info,
-            ratchet_tree: created.ratchet_tree,
-            join_rule: None,
-        };
-        let (id, frame) = self.frame(&payload, 0);
-        match RoomLog::created(&self.provider, group, frame.to_bytes().to_vec()) {
-            Ok(room) => self.room = Some(room),
-            Err(error) => {
-                self.violation(format!("create room: {error}"));
-                return;
             }
         }
-        self.note_epoch();
-        self.persist();
-        self.in_flight = Some((id, Request::Create(frame.clone())));
-        self.send_frame(&frame);
     }
 
-    fn resend_creation(&mut self) {
-        let Some(pending) = self.room.as_ref().and_then(RoomLog::pending_commit) else { return };
-        match Frame::decode(&Bytes::copy_from_slice(pending.frame())) {
-            Ok(frame) => {
-                self.in_flight = Some((frame.header().request_id(), Request::Create(frame.clone())));
-                self.send_frame(&frame);
-            }
-            Err(error) => self.violation(format!("stored CreateRoom: {error}")),
-        }
-    }
-
-    fn upload_key_packages(&mut self) {
-        let now = now_ms() / 1000;
-        let packages = match generate_key_packages(&self.provider, &self.identity, KEY_PACKAGES_UPLOADED, now)
-        {
-            Ok(packages) => packages,
-            Err(error) => {
-                self.violation(format!("key packages: {error}"));
-                return;
-            }
-        };
-        let last_resort = match generate_last_resort_key_package(&self.provider, &self.identity, now) {
-            Ok(package) => package,
-            Err(error) => {
-                self.violation(format!("last-resort key package: {error}"));
-                return;
-            }
-        };
-        self.persist();
-        let upload = payload::KeyPackageUpload {
-            key_packages: packages.into_iter().map(|p| p.message.into()).collect(),
-            last_resort: Some(last_resort.message),
-        };
-        self.request(&upload, 0, Request::Upload);
-    }
-
-    /// Starts the next piece of work if nothing is in flight.
-    fn drive(&mut self) {
-        if self.in_flight.is_some() || !self.live {
-            return;
-        }
-        let Some(room) = self.room.as_ref() else { return };
-        if !room.is_confirmed() {
-            return;
-        }
-        let members = room.group().map_or(0, |g| g.members().len());
-        match room.state() {
-            ClientState::PendingCommit { kind: CommitKind::Member, .. } => self.resend_commit(),
-            ClientState::Synchronized { epoch } => {
-                if self.shared.index == 0 && members == 1 {
-                    self.claim_key_packages();
-                    return;
-                }
-                if let Some(intent) = self.room.as_mut().and_then(RoomLog::take_redo) {
-                    // Another commit won the epoch of ours: redo it in this one.
-                    self.commit_intent(epoch, intent);
-                    return;
-                }
-                if self.intents > 0 {
-                    self.intents -= 1;
-                    self.commit_intent(epoch, Intent::Update);
-                    return;
-                }
-                if self.outbox.front().is_some_and(|message| message.wait_for_epoch <= epoch) {
-                    self.send_message();
-                    return;
-                }
-                self.new_work();
-            }
-            _ => {}
-        }
-    }
-
-    /// Our commit's fate is unknown and the log (read to its head) did not
-    /// settle it: send it again.
-    fn resend_commit(&mut self) {
-        let Some(bytes) = self.room.as_ref().and_then(RoomLog::commit_to_resend) else { return };
-        match Frame::decode(&Bytes::copy_from_slice(bytes)) {
-            Ok(frame) => {
-                self.in_flight = Some((frame.header().request_id(), Request::Commit { superseded: false }));
-                self.send_frame(&frame);
-            }
-            Err(error) => self.violation(format!("stored commit: {error}")),
-        }
-    }
-
-    fn claim_key_packages(&mut self) {
-        if !self.shared.others.borrow().is_empty() {
-            let others: Vec<u64> = self.shared.others.borrow().iter().map(|s| s.0).collect();
-            self.request(&payload::KeyPackageClaim { sender_ids: others }, 0, Request::Claim);
-        }
-    }
-
-    /// Seals the outbox's first message with the room's sender keys (the
-    /// chain position is persisted before the frame leaves) and sends it.
-    fn send_message(&mut self) {
-        let Some(message) = self.outbox.front_mut() else { return };
-        let (number, text) = (message.number, message.text.clone());
-        let Some(room) = self.room.as_mut() else { return };
-        match room.seal(text.as_bytes(), &self.key) {
-            Ok(sealed) => {
-                let mut frame = sealed.frame;
-                self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
-                frame.header_mut().set_request_id(self.next_request_id);
-                frame.sign(&self.key);
-                let sent = SentMessage { id: number, epoch: sealed.epoch, generation: sealed.generation };
-                // Only the latest attempt can be in the log unseen: an earlier
-                // one was refused, or read back from the log before this one.
-                message.sealed = Some(sent);
-                self.in_flight = Some((
-                    self.next_request_id,
-                    Request::Application { message: number, frame: frame.clone(), sent },
-                ));
-                self.persist();
-                self.send_frame(&frame);
-            }
-            Err(error) => self.violation(format!("seal: {error}")),
-        }
-    }
-
-    fn new_work(&mut self) {
-        if !self.shared.workload.get() || !self.rng.gen_bool(self.shared.work_rate.get()) {
-            return;
-        }
-        let mut persisted = self.shared.persisted.borrow_mut();
-        if self.rng.gen_bool(self.shared.update_share.get()) {
-            if persisted.updates_asked < UPDATES_PER_CLIENT_MAX {
-                persisted.updates_asked += 1;
-                self.intents += 1;
-            }
-        } else if persisted.next_message < MESSAGES_PER_CLIENT_MAX {
-            let number = persisted.next_message;
-            persisted.next_message += 1;
-            let text = format!("client {} message {number}", self.shared.index);
-            self.outbox.push_back(Message { number, text, wait_for_epoch: 0, sealed: None });
-        }
-    }
-
-    /// Makes the commit for `intent` in `epoch` and sends it.
-    fn commit_intent(&mut self, epoch: u64, intent: Intent) {
-        let output = match &intent {
-            Intent::Update => {
-                let Some(group) = self.room.as_mut().and_then(RoomLog::group_mut) else { return };
-                group.self_update(&self.provider, &self.identity)
-            }
-            // The adds are made from freshly claimed key packages.
-            Intent::Invite(_) => return self.claim_key_packages(),
-            other => {
-                self.violation(format!("intent {other:?}, which the workload never has"));
-                return;
-            }
-        };
-        match output {
-            Ok(output) => {
-                let commit = payload::Commit {
-                    commit: output.commit,
-                    welcome: None,
-                    welcome_recipients: vec![],
-                    group_info: Some(output.group_info),
-                };
-                self.send_commit(&commit, epoch, intent);
-            }
-            Err(error) => self.violation(format!("self update: {error}")),
-        }
-    }
-
-    fn send_commit(&mut self, commit: &payload::Commit, epoch: u64, intent: Intent) {
-        let (id, frame) = self.frame(commit, epoch);
-        let Some(room) = self.room.as_mut() else { return };
-        if let Err(error) = room.commit_sent(frame.to_bytes().to_vec(), epoch, intent) {
-            self.violation(format!("client {}: {error}", self.shared.index));
-            return;
-        }
-        self.persist();
-        self.in_flight = Some((id, Request::Commit { superseded: false }));
-        self.send_frame(&frame);
-    }
-
-    /// Adds a new epoch (and its exporter secret) to the transcript.
-    fn note_epoch(&mut self) {
-        let Some(group) = self.room.as_ref().and_then(RoomLog::group) else { return };
-        if self.transcript_epoch == Some(group.epoch()) {
-            return;
-        }
-        self.transcript_epoch = Some(group.epoch());
-        if let Ok(secret) = group.export_secret(&self.provider, TRANSCRIPT_EXPORTER_LABEL, &[], 32) {
-            let mut transcript = self.shared.transcript.borrow_mut();
-            transcript.add(b"epoch", &group.epoch().to_be_bytes());
-            transcript.add(b"exporter", &secret);
-        }
-    }
-
-    fn record_delivered(&mut self, log_index: u64, frame_digest: [u8; 32], acknowledged: bool) {
-        let mut record = self.shared.record.borrow_mut();
-        record.delivered.push((log_index, frame_digest));
-        if acknowledged {
-            record.acknowledged.push((log_index, frame_digest));
-        }
-    }
-
+    /// Handles one frame from the server.
     fn handle(&mut self, frame: Frame) -> Result<(), String> {
+        if is_log_frame(&frame) {
+            return self.on_log_frame(&frame);
+        }
         let payload = match AnyPayload::decode(frame.opcode(), frame.payload()) {
             Ok(payload) => payload,
             Err(error) => {
@@ -698,17 +801,24 @@ impl Client {
             }
         };
         let request_id = frame.header().request_id();
-        let result = match payload {
+        self.debug(|| {
+            format!(
+                "<- {:?} req {request_id} room {} idx {}",
+                frame.opcode(),
+                frame.header().room_id(),
+                frame.header().log_index()
+            )
+        });
+        match payload {
             AnyPayload::Ack(ack) => self.on_ack(request_id, &ack),
-            AnyPayload::Error(error) => self.on_error(request_id, &error),
-            AnyPayload::SyncDone(done) => self.on_history_done(done.next_log_index),
+            AnyPayload::Error(error) => self.on_error(&frame, &error),
+            AnyPayload::SyncDone(done) => self.on_sync_done(request_id, &done),
             AnyPayload::Welcome(_) => {
                 self.on_welcome(&frame);
                 Ok(())
             }
             AnyPayload::KeyPackageStatus(_) => {
-                if matches!(self.in_flight, Some((id, Request::Upload)) if id == request_id) {
-                    self.in_flight = None;
+                if matches!(self.in_flight.remove(&request_id), Some(Request::Upload)) {
                     self.shared.persisted.borrow_mut().uploaded = true;
                 }
                 Ok(())
@@ -717,311 +827,50 @@ impl Client {
                 self.on_claimed(request_id, claimed);
                 Ok(())
             }
-            AnyPayload::Application(_)
-            | AnyPayload::Commit(_)
-            | AnyPayload::CreateRoom(_)
-            | AnyPayload::Proposal(_)
-            | AnyPayload::ExternalJoin(_)
-            | AnyPayload::CommitVoided(_) => self.on_log_frame(&frame),
+            AnyPayload::GroupInfo(info) => {
+                self.on_group_info(request_id, info);
+                Ok(())
+            }
             _ => Ok(()),
-        };
-        self.note_epoch();
-        self.persist();
-        result
+        }
     }
 
-    fn on_history_done(&mut self, next_log_index: u64) -> Result<(), String> {
-        let checked = self.room.as_ref().map(|room| room.history_ended(next_log_index));
-        if let Some(Err(error)) = checked {
-            self.violation(format!("client {}: {error}", self.shared.index));
-            return Err("history gap".into());
-        }
-        if next_log_index != self.next_index() {
-            self.violation(format!(
-                "client {}: history ended at {next_log_index} but {} was applied last",
-                self.shared.index,
-                self.next_index()
-            ));
-            return Err("history gap".into());
-        }
-        self.live = true;
-        Ok(())
-    }
-
-    fn on_ack(&mut self, request_id: u32, ack: &payload::Ack) -> Result<(), String> {
-        let Some((id, request)) = self.in_flight.take() else {
-            self.violation(format!("client {}: acknowledgement with nothing in flight", self.shared.index));
-            return Ok(());
-        };
-        if id != request_id {
-            self.violation(format!(
-                "client {}: acknowledgement for request {request_id}, {id} in flight",
-                self.shared.index
-            ));
-            return Ok(());
-        }
-        if ack.log_index != self.next_index() && !matches!(request, Request::Create(_)) {
-            self.violation(format!(
-                "client {}: acknowledged at {} but next index is {}",
-                self.shared.index,
-                ack.log_index,
-                self.next_index()
-            ));
-            return Err("acknowledgement out of order".into());
-        }
-        let stamp = |frame: &Frame| {
-            let mut stamped = frame.clone();
-            stamped.header_mut().set_log_index(ack.log_index).set_server_timestamp_ms(ack.server_time_ms);
-            stamped
-        };
-        match request {
-            Request::Create(frame) => {
-                self.record_delivered(ack.log_index, digest(&stamp(&frame).to_bytes()), true);
-                self.creation_confirmed();
-            }
-            Request::Application { frame, sent, .. } => {
-                // The sender gets the acknowledgement instead of its frame:
-                // the frame as sequenced goes through the room log like any other.
-                self.apply_own(&stamp(&frame), Some(sent))?;
-            }
-            Request::Commit { superseded } => {
-                let pending =
-                    self.room.as_ref().and_then(RoomLog::pending_commit).map(|p| p.frame().to_vec());
-                let Some(bytes) = pending.filter(|_| !superseded) else {
-                    self.violation("commit acknowledged with none pending");
-                    return Ok(());
-                };
-                let frame = Frame::decode(&Bytes::from(bytes)).map_err(|e| e.to_string())?;
-                self.apply_own(&stamp(&frame), None)?;
-            }
-            Request::Upload | Request::Claim => {
-                self.violation("acknowledgement for a directory request");
-            }
-        }
-        Ok(())
-    }
-
-    /// Our own frame, sequenced at the acknowledgement's index.
-    fn apply_own(&mut self, stamped: &Frame, sent: Option<SentMessage>) -> Result<(), String> {
-        let frame_digest = digest(&stamped.to_bytes());
-        self.record_delivered(stamped.header().log_index(), frame_digest, true);
-        self.apply(stamped, sent)
-    }
-
-    fn creation_confirmed(&mut self) {
-        if let Some(room) = self.room.as_mut() {
-            room.creation_confirmed();
-        }
-        self.persist();
-        self.subscribe();
-    }
-
-    fn on_error(&mut self, request_id: u32, error: &payload::Error) -> Result<(), String> {
-        let code = ErrorCode::from_u16(error.code);
-        let Some((id, request)) = self.in_flight.clone() else {
-            return match code {
-                Some(ErrorCode::ResyncRequired) => Err("resync".into()),
-                _ => {
-                    self.violation(format!(
-                        "client {}: unsolicited error {:?}: {}",
-                        self.shared.index, code, error.message
-                    ));
-                    Ok(())
-                }
+    /// Adds each room's new epoch (and its exporter secret) to the transcript.
+    fn note_epochs(&mut self) {
+        for room in self.rooms.values_mut() {
+            let Some(group) = room.log.as_ref().filter(|l| l.is_member()).and_then(RoomLog::group) else {
+                continue;
             };
-        };
-        if id != request_id {
-            self.violation(format!(
-                "client {}: error {:?} for request {request_id}: {}",
-                self.shared.index, code, error.message
-            ));
-            return Ok(());
-        }
-        self.in_flight = None;
-        match (request, code) {
-            (Request::Application { frame, .. }, Some(ErrorCode::WrongEpoch)) => {
-                let current = error.current_epoch.unwrap_or(0);
-                let ours = frame.header().epoch();
-                if current <= ours {
-                    self.violation(format!(
-                        "client {}: server says epoch {current} for a message at our epoch {ours}",
-                        self.shared.index
-                    ));
-                }
-                if let Some(message) = self.outbox.front_mut() {
-                    message.wait_for_epoch = current;
-                }
+            if room.transcript_epoch == Some(group.epoch()) {
+                continue;
             }
-            (Request::Application { .. }, Some(ErrorCode::StorageUnavailable | ErrorCode::RateLimited)) => {}
-            (Request::Commit { superseded: true }, _) => {}
-            (Request::Commit { .. }, Some(ErrorCode::WrongEpoch)) => self.commit_refused(error),
-            // Fate unknown (the write may be durable): the log settles it after reconnecting.
-            (Request::Commit { .. }, Some(ErrorCode::StorageUnavailable)) => {}
-            // Sequenced before a crash: the log holds it.
-            (Request::Create(_), Some(ErrorCode::RoomExists)) => self.creation_confirmed(),
-            (Request::Upload | Request::Claim, _) => {}
-            (request, code) => {
-                self.violation(format!(
-                    "client {}: {:?} refused with {:?}: {}",
-                    self.shared.index,
-                    std::mem::discriminant(&request),
-                    code,
-                    error.message
-                ));
+            room.transcript_epoch = Some(group.epoch());
+            if let Ok(secret) = group.export_secret(&self.provider, TRANSCRIPT_EXPORTER_LABEL, &[], 32) {
+                let mut transcript = self.shared.cast.transcript.borrow_mut();
+                transcript.add(b"room", &room.plan.room_id.0);
+                transcript.add(b"epoch", &group.epoch().to_be_bytes());
+                transcript.add(b"exporter", &secret);
             }
-        }
-        Ok(())
-    }
-
-    /// Another commit won our commit's epoch: the room log discards ours
-    /// and keeps its intent, which [`Client::drive`] redoes.
-    fn commit_refused(&mut self, error: &payload::Error) {
-        let Some(room) = self.room.as_mut() else { return };
-        match room.commit_refused(&self.provider, Some(error)) {
-            Ok(CommitRefusal::Retry { intent, .. }) => room.redo_later(intent),
-            Ok(CommitRefusal::Final) => self.violation("a WrongEpoch refusal settled as final"),
-            Err(error) => self.violation(format!("client {}: {error}", self.shared.index)),
         }
     }
 
-    fn on_welcome(&mut self, frame: &Frame) {
-        if self.room.is_some() {
-            return;
-        }
-        match RoomLog::join_from_welcome(&self.provider, ROOM, frame) {
-            Ok(room) => {
-                self.room = Some(room);
-                self.note_epoch();
-                self.persist();
-                self.subscribe();
-            }
-            Err(error) => self.violation(format!("client {}: join from Welcome: {error}", self.shared.index)),
-        }
+    /// A fresh intent label of this client.
+    fn label(&mut self, kind: &str) -> String {
+        let mut persisted = self.shared.persisted.borrow_mut();
+        persisted.counters.labels += 1;
+        format!("c{}-{kind}{}", self.shared.index, persisted.counters.labels)
     }
 
-    fn on_claimed(&mut self, request_id: u32, claimed: payload::KeyPackageClaimed) {
-        if !matches!(self.in_flight, Some((id, Request::Claim)) if id == request_id) {
-            return;
-        }
-        self.in_flight = None;
-        let packages: Option<Vec<Vec<u8>>> =
-            claimed.key_packages.into_iter().map(|entry| entry.key_package).collect();
-        let Some(packages) = packages else { return };
-        let others: Vec<u64> = self.shared.others.borrow().iter().map(|s| s.0).collect();
-        let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
-        let Some(group) = self.room.as_mut().and_then(RoomLog::group_mut) else { return };
-        let epoch = group.epoch();
-        match group.add_members(&self.provider, &self.identity, &refs) {
-            Ok(output) => {
-                let commit = payload::Commit {
-                    commit: output.commit,
-                    welcome: output.welcome,
-                    welcome_recipients: others.clone(),
-                    group_info: Some(output.group_info),
-                };
-                self.send_commit(&commit, epoch, Intent::Invite(others));
-            }
-            Err(error) => self.violation(format!("add members: {error}")),
-        }
+    fn room(&self, room: RoomId) -> Option<&Room> {
+        self.rooms.get(&room)
     }
 
-    /// A frame of the log from the server (history or live).
-    fn on_log_frame(&mut self, frame: &Frame) -> Result<(), String> {
-        let log_index = frame.header().log_index();
-        let expected = self.next_index();
-        if log_index < expected {
-            self.violation(format!(
-                "client {}: log index {log_index} delivered again (next is {expected})",
-                self.shared.index
-            ));
-            return Ok(());
-        }
-        if log_index > expected {
-            self.violation(format!(
-                "client {}: log index {log_index} delivered, {expected} missing",
-                self.shared.index
-            ));
-            return Err("gap".into());
-        }
-        let own = frame.header().sender_id() == self.sender;
-        let expected_opcode = match frame.opcode() {
-            Opcode::Application | Opcode::Commit => true,
-            Opcode::CreateRoom => own,
-            _ => false,
-        };
-        if !expected_opcode {
-            self.violation(format!(
-                "client {}: unexpected {:?} in the log at {log_index}",
-                self.shared.index,
-                frame.opcode()
-            ));
-        }
-        self.record_delivered(log_index, digest(&frame.to_bytes()), false);
-        let sent = self.outbox.front().and_then(|message| message.sealed);
-        self.apply(frame, sent)
+    fn room_mut(&mut self, room: RoomId) -> Option<&mut Room> {
+        self.rooms.get_mut(&room)
     }
 
-    /// Feeds one sequenced frame to the room log and acts on what it says.
-    fn apply(&mut self, frame: &Frame, sent: Option<SentMessage>) -> Result<(), String> {
-        let log_index = frame.header().log_index();
-        let Some(room) = self.room.as_mut() else { return Err("a log frame before joining".into()) };
-        let had_pending = room.pending_commit().is_some();
-        let applied = room.apply(&self.provider, self.sender, frame, sent);
-        let settled = had_pending && room.pending_commit().is_none();
-        let member = room.is_member();
-        let entry = match applied {
-            Ok(entry) => entry,
-            Err(error) => {
-                self.violation(format!(
-                    "client {}: sequenced {:?} at {log_index} does not apply: {error}",
-                    self.shared.index,
-                    frame.opcode()
-                ));
-                return Ok(());
-            }
-        };
-        if settled && frame.opcode() == Opcode::Commit {
-            self.commit_settled(frame.header().sender_id() == self.sender);
-        }
-        if !member {
-            self.violation(format!(
-                "client {}: removed from the room, which the workload never does",
-                self.shared.index
-            ));
-        }
-        match entry.map(|entry| entry.body) {
-            Some(EntryBody::Text(plaintext)) => {
-                let text = String::from_utf8_lossy(&plaintext).into_owned();
-                self.shared.record.borrow_mut().plaintexts.push(text);
-            }
-            Some(EntryBody::Own { outbox_id }) => {
-                // Ours, sequenced (acknowledged, or the acknowledgement never came).
-                if matches!(self.in_flight, Some((_, Request::Application { message, .. })) if message == outbox_id)
-                {
-                    self.in_flight = None;
-                }
-                if self.outbox.front().is_some_and(|m| m.number == outbox_id) {
-                    self.outbox.pop_front();
-                }
-            }
-            Some(EntryBody::Unreadable(why)) => {
-                self.violation(format!("client {}: open message at {log_index}: {why}", self.shared.index));
-            }
-            Some(EntryBody::Membership { .. } | EntryBody::Redacted | EntryBody::CommitVoided { .. })
-            | None => {}
-        }
-        Ok(())
-    }
-
-    /// The log settled our pending commit: merged (`ours`) or beaten by
-    /// another commit (its intent is kept to be redone).
-    fn commit_settled(&mut self, ours: bool) {
-        if let Some((_, Request::Commit { superseded })) = self.in_flight.as_mut() {
-            if ours {
-                self.in_flight = None;
-            } else {
-                *superseded = true;
-            }
-        }
+    /// Whether a request of this kind for `room` is in flight.
+    fn asking(&self, room: RoomId, matches: impl Fn(&Request) -> bool) -> bool {
+        self.in_flight.values().any(|request| request.room() == Some(room) && matches(request))
     }
 }

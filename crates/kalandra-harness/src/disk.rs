@@ -83,6 +83,23 @@ pub struct SimDisk {
     /// Users the disk has stored something for (to copy the store when the
     /// injected "drop a frame on restart" bug rewrites it).
     users: Mutex<std::collections::BTreeSet<UserId>>,
+    /// SHA-256 of every frame appended durably, by room and index: what an
+    /// erased entry held, for the checkers.
+    appended: Mutex<std::collections::BTreeMap<(RoomId, LogIndex), [u8; 32]>>,
+}
+
+/// A durable entry of a room's log, as the checkers see it.
+#[derive(Debug, Clone)]
+pub struct DurableEntry {
+    /// Its index.
+    pub log_index: LogIndex,
+    /// What history carries at this index: the frame, or the placeholder of
+    /// an erased entry.
+    pub bytes: Bytes,
+    /// Whether the entry was erased.
+    pub erased: bool,
+    /// SHA-256 of the frame as appended.
+    pub appended_digest: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for SimDisk {
@@ -127,6 +144,7 @@ impl SimDisk {
             durable: std::sync::RwLock::new(store),
             _directory: directory,
             users: Mutex::new(std::collections::BTreeSet::new()),
+            appended: Mutex::new(std::collections::BTreeMap::new()),
             injector: Mutex::new(Injector {
                 rng: ChaCha8Rng::seed_from_u64(seed),
                 faults: DiskFaults::default(),
@@ -150,8 +168,17 @@ impl SimDisk {
     }
 
     /// Every durable entry of a room's log, in order.
-    pub fn log(&self, room_id: RoomId) -> Vec<LogEntry> {
+    pub fn log(&self, room_id: RoomId) -> Vec<DurableEntry> {
+        let appended = self.appended.lock().expect("appended lock");
         read_log(self.store().as_ref(), room_id)
+            .into_iter()
+            .map(|entry| DurableEntry {
+                log_index: entry.log_index,
+                erased: matches!(entry.content, EntryContent::Erased(_)),
+                appended_digest: appended.get(&(room_id, entry.log_index)).copied(),
+                bytes: kalandra_server::sim::history_bytes(room_id, entry),
+            })
+            .collect()
     }
 
     /// Every room with a log.
@@ -171,9 +198,17 @@ impl SimDisk {
         let fresh = MemoryStore::new();
         let mut dropped = 0;
         for room_id in self.rooms() {
-            let mut log = read_log(old.as_ref(), room_id);
+            let mut log: Vec<LogEntry> = read_log(old.as_ref(), room_id)
+                .into_iter()
+                .map(|entry| LogEntry {
+                    room_id,
+                    log_index: entry.log_index,
+                    frame: kalandra_server::sim::history_bytes(room_id, entry),
+                })
+                .collect();
             if log.len() > 1 {
-                log.pop();
+                let last = log.pop().expect("more than one entry");
+                self.appended.lock().expect("appended lock").remove(&(room_id, last.log_index));
                 dropped += 1;
             }
             fresh.append_batch(&log).expect("a dense log appends");
@@ -258,7 +293,7 @@ impl SimDisk {
     }
 }
 
-fn read_log(store: &dyn Store, room_id: RoomId) -> Vec<LogEntry> {
+fn read_log(store: &dyn Store, room_id: RoomId) -> Vec<StoredEntry> {
     let mut entries = Vec::new();
     let mut from = 0;
     loop {
@@ -267,13 +302,7 @@ fn read_log(store: &dyn Store, room_id: RoomId) -> Vec<LogEntry> {
             .expect("the simulated disk reads");
         let Some(last) = page.last() else { break };
         from = last.log_index + 1;
-        entries.extend(page.into_iter().map(|entry| match entry.content {
-            EntryContent::Frame(frame) => {
-                LogEntry { room_id: entry.room_id, log_index: entry.log_index, frame }
-            }
-            // The simulated clients never redact and the world sets no retention.
-            EntryContent::Erased(_) => panic!("an entry of room {room_id} was erased in the simulation"),
-        }));
+        entries.extend(page);
     }
     entries
 }
@@ -281,7 +310,13 @@ fn read_log(store: &dyn Store, room_id: RoomId) -> Vec<LogEntry> {
 impl Store for SimDisk {
     fn append_batch(&self, entries: &[LogEntry]) -> Result<(), AppendError> {
         let count = entries.len() as u64;
-        self.write("append_batch", || self.store().append_batch(entries))?;
+        let note = || {
+            let mut appended = self.appended.lock().expect("appended lock");
+            for entry in entries {
+                appended.insert((entry.room_id, entry.log_index), sha2::Sha256::digest(&entry.frame).into());
+            }
+        };
+        self.write("append_batch", || self.store().append_batch(entries).inspect(|()| note()))?;
         self.lock().stats.entries_appended += count;
         Ok(())
     }

@@ -1,8 +1,8 @@
-//! Deterministic simulation of Kalandra: one server and several clients
-//! running the real sequencer, MLS validation, session and client-core code
-//! over turmoil's simulated network and a simulated disk, under a fault plan
-//! drawn from one seed, with checkers of the ordering and durability
-//! promises. See `docs/TESTING.md`.
+//! Deterministic simulation of Kalandra: one server and several clients in
+//! several rooms, running the real room core, MLS validation, session and
+//! client-core code over turmoil's simulated network and a simulated disk,
+//! under a fault plan drawn from one seed, with checkers of the ordering,
+//! durability and end-to-end delivery promises. See `docs/TESTING.md`.
 #![forbid(unsafe_code)]
 
 pub mod bugs;
@@ -10,6 +10,7 @@ pub mod check;
 pub mod client;
 pub mod disk;
 pub mod faults;
+pub mod ledger;
 pub mod net;
 pub mod server;
 pub mod world;

@@ -21,9 +21,12 @@ struct Args {
     /// Replay exactly this seed (overrides --seeds).
     #[arg(long)]
     seed: Option<u64>,
-    /// Clients in the room.
-    #[arg(long, default_value_t = 3)]
+    /// Clients.
+    #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Rooms (odd ones open to external joins).
+    #[arg(long, default_value_t = 2)]
+    rooms: usize,
     /// Highest per-host loss probability drawn.
     #[arg(long, default_value_t = 0.5)]
     loss_max: f64,
@@ -63,9 +66,15 @@ struct Args {
     /// Inject in the shard: panic on a resubscription.
     #[arg(long)]
     bug_panic_on_resubscribe: bool,
+    /// Inject in client-core's room log: our message read back from the log does not settle it.
+    #[arg(long)]
+    bug_resend_sequenced_message: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
+    /// Share of new work that changes membership (or redacts).
+    #[arg(long, default_value_t = 0.08)]
+    membership_share: f64,
     /// Print every run's counters.
     #[arg(long)]
     verbose: bool,
@@ -76,6 +85,8 @@ impl Args {
         SimConfig {
             seed,
             clients: self.clients,
+            rooms: self.rooms,
+            membership_share: self.membership_share,
             loss_max: self.loss_max,
             latency_max_ms: self.latency_max_ms,
             fault_phase_ms: self.fault_phase_ms,
@@ -91,6 +102,7 @@ impl Args {
                 release_one_past_durable: self.bug_release_one_past_durable,
                 stamp_without_clock_floor: self.bug_stamp_without_clock_floor,
                 panic_on_resubscribe: self.bug_panic_on_resubscribe,
+                resend_sequenced_message: self.bug_resend_sequenced_message,
             },
             ..SimConfig::default()
         }
@@ -99,8 +111,15 @@ impl Args {
     /// The command line that replays `seed` with these options.
     fn replay_command(&self, seed: u64) -> String {
         let mut command = format!(
-            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {}",
-            self.clients, self.loss_max, self.latency_max_ms, self.fault_phase_ms, self.heal_bound_ms, self.work_rate
+            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --rooms {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {} --membership-share {}",
+            self.clients,
+            self.rooms,
+            self.loss_max,
+            self.latency_max_ms,
+            self.fault_phase_ms,
+            self.heal_bound_ms,
+            self.work_rate,
+            self.membership_share
         );
         for (set, flag) in [
             (self.no_crashes, "--no-crashes"),
@@ -112,6 +131,7 @@ impl Args {
             (self.bug_release_one_past_durable, "--bug-release-one-past-durable"),
             (self.bug_stamp_without_clock_floor, "--bug-stamp-without-clock-floor"),
             (self.bug_panic_on_resubscribe, "--bug-panic-on-resubscribe"),
+            (self.bug_resend_sequenced_message, "--bug-resend-sequenced-message"),
         ] {
             if set {
                 command.push(' ');
@@ -131,6 +151,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut sequenced = 0u64;
+    let mut work = kalandra_harness::world::RunStats::default();
     let mut on_redb = 0u64;
     let (mut server_restarts, mut client_restarts, mut partitions, mut storage_failures, mut disk_faults) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -138,6 +159,15 @@ fn main() -> ExitCode {
         let run_started = Instant::now();
         let outcome = run(&args.config(seed));
         sequenced += outcome.stats.sequenced;
+        work.commits += outcome.stats.commits;
+        work.external_joins += outcome.stats.external_joins;
+        work.server_proposals += outcome.stats.server_proposals;
+        work.redacted += outcome.stats.redacted;
+        work.plaintexts += outcome.stats.plaintexts;
+        work.opened_late += outcome.stats.opened_late;
+        for (kind, count) in &outcome.stats.intents {
+            *work.intents.entry(kind.clone()).or_default() += count;
+        }
         on_redb += u64::from(outcome.stats.on_redb);
         server_restarts += u64::from(outcome.stats.server_boots.saturating_sub(1));
         client_restarts += u64::from(outcome.stats.client_boots).saturating_sub(args.clients as u64);
@@ -174,6 +204,16 @@ fn main() -> ExitCode {
     println!(
         "faults: {server_restarts} server restarts, {client_restarts} client restarts, {partitions} partitions, \
          {disk_faults} disk faults ({storage_failures} storage failures)"
+    );
+    println!(
+        "work: {} commits ({} external joins), {} server proposals, {} entries erased, {} messages read ({} out of order), intents {:?}",
+        work.commits,
+        work.external_joins,
+        work.server_proposals,
+        work.redacted,
+        work.plaintexts,
+        work.opened_late,
+        work.intents
     );
     println!("{passed} passed, {failed} failed");
     if failed == 0 {

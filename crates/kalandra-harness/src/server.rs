@@ -1,21 +1,33 @@
 //! The simulated server: a thin turmoil shell around the server's real room
 //! core. Every decision is made by production code: [`Session`] for each
-//! connection, the pure [`Shard`] (sequencers over real MLS state, the
-//! history-to-live handover, Welcome routing, snapshots, moderation),
-//! the real [`Outbox`] of every connection, the history reader
-//! ([`send_history`]), Welcome storage ([`store_welcome`]), the key-package
-//! [`directory`] and recovery ([`recover_room_state`]), over a simulated
-//! disk. The shell only moves bytes, waits for the disk and carries out the
-//! shard's outputs, as the tokio node does.
+//! connection and [`RoomRequest::from_route`] for where its requests go,
+//! the pure [`Shard`] (sequencers over real MLS state, the history-to-live
+//! handover, Welcome routing, snapshots, moderation), the real [`Outbox`]
+//! of every connection, the history reader ([`send_history`]), Welcome
+//! storage, delivery and forgetting ([`store_welcome`],
+//! [`deliver_pending_welcomes_with`], [`welcomes_used_by`]), the key-package
+//! [`directory`], redaction ([`plan_redaction`]), the answer to a
+//! moderation act ([`Completion::outcome`]), group commit's write step
+//! ([`write_parts`]) and recovery ([`recover_room_state`]), over a
+//! simulated disk. The shell only moves bytes, waits for the disk and
+//! carries out the shard's outputs, as the tokio node does.
+//!
+//! Storage is driven as the node drives group commit: after every input
+//! the shard's new entries are taken as a batch (up to
+//! [`TICKETS_IN_FLIGHT_MAX`] batches in flight); one writer takes every
+//! batch waiting, spends the disk's latency and writes them in one
+//! transaction; each batch's Welcomes are stored when the batch is taken,
+//! before it is written, and batches are reported durable in the order
+//! they were taken.
 //!
 //! Every frame the shard releases to a connection passes a probe that
 //! compares it with the disk: an acknowledgement, fan-out or Welcome of an
 //! index that is not durable yet is recorded as an [`EarlyRelease`].
 //!
 //! Differences from the tokio node, all in I/O: one task owns every room
-//! (one shard; the simulation is single-threaded), one storage batch is in
-//! flight at a time, and storage calls are made directly (the disk's latency
-//! is spent before each write) instead of on blocking threads.
+//! (one shard; the simulation is single-threaded), and storage calls are
+//! made directly (the disk's latency is spent before each write) instead
+//! of on blocking threads.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -25,21 +37,27 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kalandra_proto::payload;
-use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
+use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
 use kalandra_server::sim::directory;
-use kalandra_server::sim::MlsRoomGroup;
-use kalandra_server::sim::PersistentGroup;
-use kalandra_server::sim::ServerSigner;
-use kalandra_server::sim::OUTBOX_BYTES_MAX_DEFAULT;
 use kalandra_server::sim::{
-    error_frame, moderation_reply, moderation_request, reply_frame, AppendBatch, ConnectionId, HistoryRead,
-    ModerationDone, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig,
+    deliver_pending_welcomes_with, forget_welcomes_for_room, recover_room_state, send_history, store_welcome,
+    welcomes_used_by, WelcomeSource,
 };
-use kalandra_server::sim::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
+use kalandra_server::sim::{
+    error_frame, moderation_reply, moderation_request, AppendBatch, Completion, ConnectionId, HistoryRead,
+    ModerationDone, ModerationFailure, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard,
+    ShardConfig, TICKETS_IN_FLIGHT_MAX,
+};
+use kalandra_server::sim::{
+    member_authority, plan_redaction, redact_reply, redact_request, store_redact_error, RedactAsk,
+    RedactError, RedactPlan, RedactReport,
+};
+use kalandra_server::sim::{MlsRoomGroup, PersistentGroup, ServerSigner, OUTBOX_BYTES_MAX_DEFAULT};
 use kalandra_server::sim::{Outbox, OutboxReceiver, Outgoing};
 use kalandra_server::sim::{Session, Step};
 use kalandra_server::store::group_commit::write_parts;
-use kalandra_server::store::Store;
+use kalandra_server::store::limits::GROUP_COMMIT_BATCH_ENTRIES_MAX;
+use kalandra_server::store::{PendingWelcome, Store, StoredEntry};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, Notify};
@@ -93,16 +111,6 @@ impl ServerGroup for MlsRoomGroup {
 /// earlier than one it stamped before.
 pub const CLOCK_STEP_BACK_MAX_MS: u64 = 5_000;
 
-/// Injected server bugs that live in the shell (see `bugs.rs` for the one
-/// that wraps the group state).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ShellBugs {
-    /// Acknowledge and fan out a batch before writing it.
-    pub ack_before_durable: bool,
-    /// Drop the last durable frame of every room when restarting.
-    pub drop_frame_on_restart: bool,
-}
-
 /// Counters of what the server did (across restarts).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServerStats {
@@ -118,6 +126,20 @@ pub struct ServerStats {
     pub storage_failures: u64,
     /// Connections accepted.
     pub connections: u64,
+    /// Storage transactions of log entries (each holding one batch or more).
+    pub transactions: u64,
+    /// Most batches in flight at once.
+    pub batches_in_flight_max: u64,
+    /// Moderation acts answered (done or refused).
+    pub moderation_acts: u64,
+    /// Redactions that erased an entry.
+    pub redactions: u64,
+    /// Welcomes stored ahead of a batch whose write then failed (it may
+    /// have become durable all the same: then they are delivered, else
+    /// forgotten as orphans).
+    pub welcomes_of_failed_batches: u64,
+    /// Stored Welcomes forgotten because their index holds another frame.
+    pub welcomes_orphaned: u64,
 }
 
 /// A frame handed to a connection before it was durable: what checker (a)
@@ -143,6 +165,10 @@ pub struct RoomView {
     pub tree_hash: Vec<u8>,
     /// Next log index.
     pub next_log_index: u64,
+    /// Members, by sender id, in id order.
+    pub members: Vec<SenderId>,
+    /// Server proposals waiting for a covering commit.
+    pub proposals_pending: usize,
 }
 
 /// State of the server host that outlives its crashes: the disk, switches
@@ -170,8 +196,8 @@ pub struct ServerShared {
     pub server_key: [u8; 32],
     /// Seed of the server's randomness (nonces, loss draws).
     pub seed: u64,
-    /// Injected bugs.
-    pub bugs: ShellBugs,
+    /// The disk loses each room's last entry at every restart (injected bug).
+    pub drop_frame_on_restart: bool,
     /// Frames released before they were durable (should stay empty).
     pub early_releases: RefCell<Vec<EarlyRelease>>,
     /// How far this life's clock runs behind simulated time.
@@ -192,7 +218,7 @@ pub const REDB_EVERY_SEEDS: u64 = 8;
 
 impl ServerShared {
     /// A server whose disk and randomness come from `seed`.
-    pub fn new(seed: u64, bugs: ShellBugs) -> ServerShared {
+    pub fn new(seed: u64, drop_frame_on_restart: bool) -> ServerShared {
         let medium = if seed.is_multiple_of(REDB_EVERY_SEEDS) { Medium::Redb } else { Medium::Memory };
         let server_key = ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(seed, b"server-key", 0))
             .verifying_key()
@@ -217,29 +243,20 @@ impl ServerShared {
             recovery_error: RefCell::new(None),
             server_key,
             seed,
-            bugs,
+            drop_frame_on_restart,
             early_releases: RefCell::new(Vec::new()),
             clock_behind_ms: Cell::new(0),
         }
     }
-}
 
-/// A connection as the shard sees it: its real outbox, behind the
-/// durability probe.
-#[derive(Clone)]
-pub struct SimPeer {
-    outbox: Arc<Outbox>,
-    shared: Rc<ServerShared>,
-}
-
-impl SimPeer {
     /// Records `frame` if it releases an index the disk does not hold yet.
     fn probe(&self, frame: &Bytes) {
         let Ok(frame) = Frame::decode(frame) else { return };
         let header = frame.header();
         let (what, log_index) = match frame.opcode() {
             Opcode::Ack => match frame.decode_payload::<payload::Ack>() {
-                // A moderation act that sequenced nothing names no index.
+                // A moderation act that sequenced nothing names no index;
+                // a redaction's names an entry already durable.
                 Ok(ack) if ack.log_index != u64::MAX => ("acknowledgement", ack.log_index),
                 _ => return,
             },
@@ -252,15 +269,23 @@ impl SimPeer {
             _ => return,
         };
         if what == "acknowledgement" {
-            self.shared.stats.borrow_mut().acknowledged += 1;
+            self.stats.borrow_mut().acknowledged += 1;
         }
         let room_id = header.room_id();
-        let durable_next = self.shared.disk.next_log_index(room_id).unwrap_or(0);
+        let durable_next = self.disk.next_log_index(room_id).unwrap_or(0);
         if log_index >= durable_next {
             let release = EarlyRelease { room_id, what, log_index, durable_next };
-            self.shared.early_releases.borrow_mut().push(release);
+            self.early_releases.borrow_mut().push(release);
         }
     }
+}
+
+/// A connection as the shard sees it: its real outbox, behind the
+/// durability probe.
+#[derive(Clone)]
+pub struct SimPeer {
+    outbox: Arc<Outbox>,
+    shared: Rc<ServerShared>,
 }
 
 impl Peer for SimPeer {
@@ -271,7 +296,7 @@ impl Peer for SimPeer {
         self.outbox.sender()
     }
     fn try_send(&self, frame: Bytes) -> bool {
-        self.probe(&frame);
+        self.shared.probe(&frame);
         let sent = self.outbox.try_send(frame);
         if sent {
             self.shared.stats.borrow_mut().fanned_out += 1;
@@ -279,11 +304,11 @@ impl Peer for SimPeer {
         sent
     }
     fn try_reply(&self, frame: Bytes) -> bool {
-        self.probe(&frame);
+        self.shared.probe(&frame);
         self.outbox.try_reply(frame)
     }
     fn notice(&self, frame: Bytes) {
-        self.probe(&frame);
+        self.shared.probe(&frame);
         self.outbox.notice(frame)
     }
     fn free_capacity(&self) -> usize {
@@ -311,13 +336,30 @@ struct PendingAct {
     request_id: u32,
 }
 
+/// A batch's fate from the writer, for the shard side to report in order.
+struct Written {
+    batch: AppendBatch,
+    result: Result<(), String>,
+}
+
 struct Core<G: ServerGroup> {
     shared: Rc<ServerShared>,
     shard: Shard<G, SimPeer>,
     conns: BTreeMap<u64, Conn>,
     acts: BTreeMap<u64, PendingAct>,
     next_token: u64,
-    flush: Rc<Notify>,
+    /// Batches taken and not yet reported durable.
+    tickets: usize,
+    /// Batches handed to the writer and not yet taken by it, with the
+    /// outcome of storing their Welcomes (a batch whose Welcomes could not
+    /// be stored is failed, never written).
+    to_write: VecDeque<(AppendBatch, Result<(), String>)>,
+    /// Batches written (or failed), oldest first, to report.
+    written: VecDeque<Written>,
+    writer_wake: Rc<Notify>,
+    durable_wake: Rc<Notify>,
+    /// Tasks to start once the core is released.
+    tasks: Vec<Task>,
 }
 
 /// Runs one life of the server (until the harness crashes it).
@@ -325,7 +367,7 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
     let boot = shared.boots.get() + 1;
     shared.boots.set(boot);
     shared.failed.set(false);
-    if boot > 1 && shared.bugs.drop_frame_on_restart {
+    if boot > 1 && shared.drop_frame_on_restart {
         shared.disk.drop_last_entries();
     }
     let mut clock_rng =
@@ -342,17 +384,22 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
         rooms_per_user_max: kalandra_server::sim::ROOMS_PER_USER_MAX_DEFAULT,
         server_signer: Arc::new(ServerSigner::new(signing_key)),
     };
-    let flush = Rc::new(Notify::new());
     let core = Rc::new(RefCell::new(Core {
         shared: Rc::clone(&shared),
         shard: Shard::new(config, Arc::new(Mutex::new(HashMap::new())), rooms),
         conns: BTreeMap::new(),
         acts: BTreeMap::new(),
         next_token: 0,
-        flush: Rc::clone(&flush),
+        tickets: 0,
+        to_write: VecDeque::new(),
+        written: VecDeque::new(),
+        writer_wake: Rc::new(Notify::new()),
+        durable_wake: Rc::new(Notify::new()),
+        tasks: Vec::new(),
     }));
     core.borrow().publish();
-    tokio::task::spawn_local(flusher(Rc::clone(&core), flush));
+    tokio::task::spawn_local(group_commit_writer(Rc::clone(&core)));
+    tokio::task::spawn_local(durability_reporter(Rc::clone(&core)));
     tokio::task::spawn_local(ticker(Rc::clone(&core)));
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", SERVER_PORT)).await?;
     let mut rng = ChaCha8Rng::from_seed(crate::derive_seed(shared.seed, b"server-boot", u64::from(boot)));
@@ -452,52 +499,85 @@ async fn pump(mut receiver: OutboxReceiver, tx: mpsc::Sender<Bytes>) {
     }
 }
 
-async fn flusher<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, flush: Rc<Notify>) {
+/// Group commit's writer: takes every batch waiting (up to one
+/// transaction's entries), spends the disk's latency (a crash meanwhile
+/// loses them all), writes them with [`write_parts`] in one transaction and
+/// hands their fates to the reporter.
+async fn group_commit_writer<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
+    let wake = Rc::clone(&core.borrow().writer_wake);
     loop {
-        flush.notified().await;
+        wake.notified().await;
         loop {
-            let (batch, latency_ms, early_ack, disk) = {
+            let (parts, unwritten, latency_ms, disk) = {
                 let mut core = core.borrow_mut();
-                if core.shared.failed.get() {
+                if core.shared.failed.get() || core.to_write.is_empty() {
                     break;
                 }
-                let Some(batch) = core.shard.take_batch() else { break };
-                let shared = &core.shared;
-                shared.stats.borrow_mut().sequenced += batch.entries.len() as u64;
-                (
-                    batch,
-                    shared.disk_latency_ms.get(),
-                    shared.bugs.ack_before_durable,
-                    Arc::clone(&shared.disk),
-                )
-            };
-            if early_ack {
-                // Injected bug: report the batch durable first, write it later.
-                core.borrow_mut().shard.handle_durable(batch.id, Ok(()));
-                drive(&core);
-                tokio::time::sleep(Duration::from_millis(latency_ms)).await;
-                if write_batch(&disk, &batch).is_err() {
-                    core.borrow_mut().storage_failed();
+                let mut parts = Vec::new();
+                let mut unwritten = Vec::new();
+                let mut entries = 0;
+                while let Some((batch, _)) = core.to_write.front() {
+                    if !parts.is_empty() && entries + batch.entries.len() > GROUP_COMMIT_BATCH_ENTRIES_MAX {
+                        break;
+                    }
+                    entries += batch.entries.len();
+                    match core.to_write.pop_front().expect("front exists") {
+                        (batch, Ok(())) => parts.push(batch),
+                        (batch, Err(error)) => unwritten.push(Written { batch, result: Err(error) }),
+                    }
                 }
-            } else {
-                // The write and its sync take this long; a crash meanwhile loses the batch.
-                tokio::time::sleep(Duration::from_millis(latency_ms)).await;
-                let result = write_batch(&disk, &batch);
-                core.borrow_mut().shard.handle_durable(batch.id, result);
+                (parts, unwritten, core.shared.disk_latency_ms.get(), Arc::clone(&core.shared.disk))
+            };
+            tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+            if core.borrow().shared.failed.get() {
+                break;
             }
-            drive(&core);
+            let report = write_parts(disk.as_ref(), parts, |batch| &batch.entries);
+            let mut written: Vec<Written> = report
+                .outcomes
+                .into_iter()
+                .map(|(batch, outcome)| Written { batch, result: outcome.map_err(|error| error.to_string()) })
+                .chain(unwritten)
+                .collect();
+            written.sort_by_key(|w| w.batch.id);
+            let mut core = core.borrow_mut();
+            let mut stats = core.shared.stats.borrow_mut();
+            stats.transactions += 1;
+            stats.welcomes_of_failed_batches += written
+                .iter()
+                .filter(|w| w.result.is_err())
+                .map(|w| w.batch.welcomes.len() as u64)
+                .sum::<u64>();
+            drop(stats);
+            core.written.extend(written);
+            core.durable_wake.notify_one();
         }
     }
 }
 
-/// Appends a batch with group commit's write step, then stores its
-/// Welcomes, as the node does.
-fn write_batch(disk: &SimDisk, batch: &AppendBatch) -> Result<(), String> {
-    let report = write_parts(disk, vec![batch], |batch| &batch.entries);
-    for (_, outcome) in report.outcomes {
-        outcome.map_err(|error| error.to_string())?;
+/// The node's side of a finished ticket, oldest first: report the batch
+/// to the shard (its Welcomes were stored before it was written).
+async fn durability_reporter<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
+    let wake = Rc::clone(&core.borrow().durable_wake);
+    loop {
+        wake.notified().await;
+        loop {
+            let Written { batch, result } = {
+                let mut core = core.borrow_mut();
+                if core.shared.failed.get() {
+                    break;
+                }
+                let Some(written) = core.written.pop_front() else { break };
+                written
+            };
+            {
+                let mut core = core.borrow_mut();
+                core.tickets -= 1;
+                core.shard.handle_durable(batch.id, result);
+            }
+            drive(&core);
+        }
     }
-    batch.welcomes.iter().try_for_each(|welcome| store_welcome(disk, welcome))
 }
 
 /// The shard's periodic work (reminders of uncovered server proposals,
@@ -517,12 +597,31 @@ async fn ticker<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
     }
 }
 
-/// Carries out the shard's outputs and starts the history readers it asks for.
+/// Carries out the shard's outputs, starts the history readers and Welcome
+/// deliveries they need, and hands new entries to storage.
 fn drive<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>) {
-    let reads = core.borrow_mut().carry_out();
-    for read in reads {
-        tokio::task::spawn_local(read_history(Rc::clone(core), read));
+    let tasks = {
+        let mut core = core.borrow_mut();
+        core.carry_out();
+        core.flush();
+        std::mem::take(&mut core.tasks)
+    };
+    for task in tasks {
+        match task {
+            Task::History(read) => tokio::task::spawn_local(read_history(Rc::clone(core), read)),
+            Task::Welcomes(peer) => tokio::task::spawn_local(deliver_welcomes(Rc::clone(core), peer)),
+            Task::Redact { conn, sender, frame } => {
+                tokio::task::spawn_local(redact(Rc::clone(core), conn, sender, frame))
+            }
+        };
     }
+}
+
+/// Work the shell starts as its own task, as the node does.
+enum Task {
+    History(HistoryRead<SimPeer>),
+    Welcomes(SimPeer),
+    Redact { conn: u64, sender: SenderId, frame: Frame },
 }
 
 /// The production history reader over the simulated disk.
@@ -539,6 +638,91 @@ async fn read_history<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, read: HistoryR
         core.borrow_mut().shard.handle_caught_up(room_id, read.subscription, next_log_index);
         drive(&core);
     }
+}
+
+/// The node's Welcome delivery over the simulated disk; every Welcome read
+/// passes the durability probe.
+async fn deliver_welcomes<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, peer: SimPeer) {
+    let shared = Rc::clone(&core.borrow().shared);
+    deliver_pending_welcomes_with(&peer.outbox, &mut DiskWelcomes(shared)).await;
+}
+
+/// The node's Welcome reading over the simulated disk; every Welcome handed
+/// over passes the durability probe.
+struct DiskWelcomes(Rc<ServerShared>);
+
+impl WelcomeSource for DiskWelcomes {
+    async fn page(&mut self, recipient: u64, after: Option<u64>) -> Result<Vec<PendingWelcome>, String> {
+        self.0.disk.pending_welcomes(recipient, after).map_err(|error| error.to_string())
+    }
+
+    async fn entry(&mut self, room_id: RoomId, log_index: u64) -> Result<Option<StoredEntry>, String> {
+        let entries = self.0.disk.read_range(room_id, log_index, 1).map_err(|error| error.to_string())?;
+        Ok(entries.into_iter().next())
+    }
+
+    async fn forget(&mut self, recipient: u64, welcome_id: u64) {
+        let _ = self.0.disk.delete_welcomes(recipient, &[welcome_id]);
+        self.0.stats.borrow_mut().welcomes_orphaned += 1;
+    }
+
+    fn delivering(&mut self, welcome: &Bytes) {
+        self.0.probe(welcome);
+    }
+}
+
+/// A member's `Redact`, as the node answers it: the shard says whether the
+/// member moderates the room, [`plan_redaction`] decides over the stored
+/// entry, the shard hides it from its recent frames, and the store erases it
+/// with its audit record (a durable write).
+async fn redact<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, conn: u64, sender: SenderId, frame: Frame) {
+    let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
+    let redact = match redact_request(&frame) {
+        Ok(redact) => redact,
+        Err(reply) => return core.borrow_mut().reply(conn, reply),
+    };
+    let result = redact_entry(&core, room_id, redact.log_index, sender, &redact.reason).await;
+    if result.as_ref().is_ok_and(|report| report.audit.is_some()) {
+        core.borrow().shared.stats.borrow_mut().redactions += 1;
+    }
+    if matches!(result, Err(RedactError::Storage(_))) {
+        core.borrow_mut().storage_failed();
+    }
+    core.borrow_mut().reply(conn, redact_reply(room_id, request_id, &result));
+    drive(&core);
+}
+
+async fn redact_entry<G: ServerGroup>(
+    core: &Rc<RefCell<Core<G>>>,
+    room_id: RoomId,
+    log_index: u64,
+    member: SenderId,
+    reason: &str,
+) -> Result<RedactReport, RedactError> {
+    let (disk, latency_ms, now_ms, standing) = {
+        let core = core.borrow();
+        let now_ms = core.shared.now_ms();
+        let standing = core.shard.redact_standing(room_id, member, now_ms);
+        (Arc::clone(&core.shared.disk), core.shared.disk_latency_ms.get(), now_ms, standing)
+    };
+    let authority = member_authority(room_id, member, standing)?;
+    let storage = |error: &dyn std::fmt::Display| RedactError::Storage(error.to_string());
+    let entry = disk.read_range(room_id, log_index, 1).map_err(|e| storage(&e))?.into_iter().next();
+    let next_log_index = disk.next_log_index(room_id).map_err(|e| storage(&e))?;
+    let ask = RedactAsk { room_id, log_index, actor: member, authority, reason };
+    let erasure = match plan_redaction(&ask, entry, next_log_index, now_ms)? {
+        RedactPlan::AlreadyErased(report) => return Ok(report),
+        RedactPlan::Erase(erasure) => erasure,
+    };
+    core.borrow_mut().shard.handle_erased(room_id, &[log_index]);
+    tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+    if core.borrow().shared.failed.get() {
+        return Err(RedactError::Internal("the server stopped".into()));
+    }
+    let (outcomes, audit) = disk
+        .redact_audited(room_id, &[log_index], &erasure.redaction, &erasure.event)
+        .map_err(store_redact_error)?;
+    erasure.report(&outcomes, audit)
 }
 
 impl<G: ServerGroup> Core<G> {
@@ -564,28 +748,9 @@ impl<G: ServerGroup> Core<G> {
         }
         let (outbox, receiver) = Outbox::new(conn, sender, OUTBOX_FRAMES_MAX, OUTBOX_BYTES_MAX_DEFAULT);
         tokio::task::spawn_local(pump(receiver, tx));
-        entry.peer = Some(SimPeer { outbox, shared: Rc::clone(&self.shared) });
-        self.deliver_pending_welcomes(conn);
-    }
-
-    /// Hands the recipient's stored Welcomes to its connection; they stay
-    /// stored until it reads the room, as the node keeps them.
-    fn deliver_pending_welcomes(&mut self, conn: u64) {
-        let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
-        let mut after = None;
-        loop {
-            let Ok(page) = self.shared.disk.pending_welcomes(peer.sender().0, after) else { return };
-            if page.is_empty() {
-                return;
-            }
-            peer.outbox.mark_welcomes_delivered();
-            for welcome in page {
-                after = Some(welcome.welcome_id);
-                if !peer.try_send(welcome.welcome) {
-                    return;
-                }
-            }
-        }
+        let peer = SimPeer { outbox, shared: Rc::clone(&self.shared) };
+        entry.peer = Some(peer.clone());
+        self.tasks.push(Task::Welcomes(peer));
     }
 
     fn closed(&mut self, conn: u64) {
@@ -599,69 +764,67 @@ impl<G: ServerGroup> Core<G> {
         let Some(peer) = self.conns.get(&conn).and_then(|c| c.peer.clone()) else { return };
         match RoomRequest::from_route(route) {
             Routed::Room(request) => {
-                if request.reads_room() && peer.outbox.welcomes_delivered() {
-                    forget_welcomes_for_room(self.shared.disk.as_ref(), sender, request.room_id());
+                if let Some(room_id) = welcomes_used_by(&request, &peer.outbox) {
+                    forget_welcomes_for_room(self.shared.disk.as_ref(), sender, room_id);
                 }
                 self.shard.handle_request(&peer, request, self.shared.now_ms());
-                self.flush.notify_one();
             }
-            Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload }) => {
-                let reply = match directory::upload(self.shared.disk.as_ref(), sender, &upload) {
-                    Ok(status) => reply_frame(RoomId::default(), request_id, &status),
-                    Err(error) => {
-                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
-                    }
-                };
-                self.reply(conn, reply);
+            Routed::Other(OtherRoute::Directory(request)) => {
+                let reply = directory::answer(self.shared.disk.as_ref(), sender, &request);
+                self.reply(conn, reply.frame);
             }
-            Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim }) => {
-                let reply = match directory::claim(self.shared.disk.as_ref(), &claim) {
-                    Ok(claimed) => reply_frame(RoomId::default(), request_id, &claimed),
-                    Err(error) => {
-                        error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
-                    }
-                };
-                self.reply(conn, reply);
-            }
+            Routed::Other(OtherRoute::Redact(frame)) => self.tasks.push(Task::Redact { conn, sender, frame }),
             Routed::Other(OtherRoute::Moderation(frame)) => self.moderate(conn, sender, &frame),
         }
     }
 
     fn moderate(&mut self, conn: u64, sender: SenderId, frame: &Frame) {
         let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
-        if frame.opcode() == Opcode::Redact {
-            let message = "not offered by this server";
-            self.reply(conn, error_frame(room_id, request_id, ErrorCode::UnexpectedFrame, message));
-            return;
-        }
         match moderation_request(frame, sender, self.shared.now_ms()) {
             Err((code, message)) => self.reply(conn, error_frame(room_id, request_id, code, &message)),
             Ok(request) => {
                 self.next_token += 1;
                 self.acts.insert(self.next_token, PendingAct { conn, room_id, request_id });
                 self.shard.handle_moderate(request, self.next_token, self.shared.now_ms());
-                self.flush.notify_one();
             }
         }
     }
 
-    /// Carries out the shard's outputs; returns the history reads to start.
-    fn carry_out(&mut self) -> Vec<HistoryRead<SimPeer>> {
-        let mut reads = Vec::new();
+    /// Hands the shard's new entries to storage as a batch, as the node
+    /// does after every command, while fewer than
+    /// [`TICKETS_IN_FLIGHT_MAX`] batches are in flight.
+    fn flush(&mut self) {
+        if self.shared.failed.get() || self.tickets >= TICKETS_IN_FLIGHT_MAX {
+            return;
+        }
+        let Some(batch) = self.shard.take_batch() else { return };
+        self.tickets += 1;
+        // As the node: a batch's Welcomes are stored before the batch.
+        let welcomes_stored = batch
+            .welcomes
+            .iter()
+            .try_for_each(|welcome| store_welcome(self.shared.disk.as_ref(), welcome))
+            .map_err(|error| format!("storing Welcomes: {error}"));
+        let mut stats = self.shared.stats.borrow_mut();
+        stats.sequenced += batch.entries.len() as u64;
+        stats.batches_in_flight_max = stats.batches_in_flight_max.max(self.tickets as u64);
+        drop(stats);
+        self.to_write.push_back((batch, welcomes_stored));
+        self.writer_wake.notify_one();
+    }
+
+    /// Carries out the shard's outputs (the tasks to start go to `tasks`).
+    fn carry_out(&mut self) {
         while let Some(output) = self.shard.poll_output() {
             match output {
-                Output::ReadHistory(read) => reads.push(read),
-                Output::DeliverWelcomes { recipients } => {
-                    let online: Vec<u64> = self
-                        .conns
-                        .iter()
-                        .filter(|(_, c)| c.peer.as_ref().is_some_and(|p| recipients.contains(&p.sender())))
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for conn in online {
-                        self.deliver_pending_welcomes(conn);
-                    }
-                }
+                Output::ReadHistory(read) => self.tasks.push(Task::History(read)),
+                Output::DeliverWelcomes { recipients } => self.tasks.extend(
+                    self.conns
+                        .values()
+                        .filter_map(|c| c.peer.clone())
+                        .filter(|peer| recipients.contains(&peer.sender()))
+                        .map(Task::Welcomes),
+                ),
                 Output::Snapshot { room_id, metadata } => {
                     // Best effort, as in the node: a failed snapshot only means a longer replay.
                     let _ = self.shared.disk.put_room_metadata(room_id, &metadata);
@@ -671,38 +834,34 @@ impl<G: ServerGroup> Core<G> {
                     let result = self.shared.disk.record_moderation(&write.change, &write.event);
                     let failed = result.is_err();
                     if let Some(completion) = write.completion {
-                        let outcome = result
-                            .map(|audit| ModerationDone {
-                                log_index: completion.log_index,
-                                epoch: completion.epoch,
-                                time_ms: audit.time_ms,
-                                audit,
-                            })
-                            .map_err(|error| {
-                                kalandra_server::sim::ModerationFailure::Storage(error.to_string())
-                            });
-                        self.answer_act(completion.token, &outcome);
+                        let written = result.map_err(|error| error.to_string());
+                        self.answer_act(&completion, written);
                     }
                     if failed {
                         self.storage_failed();
                     }
                 }
-                Output::ModerationRefused { token, failure } => self.answer_act(token, &Err(failure)),
+                Output::ModerationRefused { token, failure } => self.answer(token, &Err(failure)),
                 Output::StorageFailed { .. } => self.storage_failed(),
             }
         }
         let counters = self.shard.take_counters();
         self.shared.stats.borrow_mut().rejected += counters.rejections.len() as u64;
         self.publish();
-        reads
     }
 
     fn answer_act(
         &mut self,
-        token: u64,
-        outcome: &Result<ModerationDone, kalandra_server::sim::ModerationFailure>,
+        completion: &Completion,
+        written: Result<kalandra_server::audit::AuditRecord, String>,
     ) {
+        let outcome = completion.outcome(written);
+        self.answer(completion.token, &outcome);
+    }
+
+    fn answer(&mut self, token: u64, outcome: &Result<ModerationDone, ModerationFailure>) {
         if let Some(act) = self.acts.remove(&token) {
+            self.shared.stats.borrow_mut().moderation_acts += 1;
             self.reply(act.conn, moderation_reply(act.room_id, act.request_id, outcome));
         }
     }
@@ -710,12 +869,16 @@ impl<G: ServerGroup> Core<G> {
     fn publish(&self) {
         let mut views = self.shared.rooms.borrow_mut();
         for sequencer in self.shard.sequencers() {
+            let mut members = sequencer.group().members();
+            members.sort_by_key(|member| member.0);
             views.insert(
                 sequencer.room_id(),
                 RoomView {
                     epoch: sequencer.epoch(),
                     tree_hash: sequencer.group().tree_hash(),
                     next_log_index: sequencer.durable_through().map_or(0, |t| t + 1),
+                    members,
+                    proposals_pending: sequencer.server_proposals_pending().len(),
                 },
             );
         }

@@ -1,34 +1,44 @@
-//! One run: builds the world, drives it through setup, the fault phase and
-//! the heal phase, and checks it.
+//! One run: builds the world (rooms with overlapping members, the server,
+//! the clients), drives it through setup, the fault phase and the heal
+//! phase, and checks it.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Duration;
 
+use kalandra_proto::RoomId;
 use kalandra_server::sim::MlsRoomGroup;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-use crate::bugs::{Bugs, StaleEpochGroup};
+use crate::bugs::Bugs;
 use crate::check;
-use crate::client::{self, ClientShared, ROOM};
+use crate::client::{self, Cast, ClientShared, RoomPlan};
 use crate::disk::DiskFaults;
 use crate::faults::{Change, FaultPlan, Host};
 use crate::net::Loss;
-use crate::server::{self, ServerShared, ShellBugs};
-use crate::Transcript;
+use crate::server::{self, ServerShared};
 
 /// Time a failed server takes to be restarted (its supervisor's delay).
 pub const SERVER_RESTART_DELAY_MS: u64 = 200;
 /// Simulated time one step advances.
 pub const TICK_MS: u64 = 1;
+/// Most rooms a world holds.
+pub const ROOMS_MAX: usize = 8;
+/// Chance that a client other than the creator is among a room's first members.
+pub const INITIAL_MEMBER_SHARE: f64 = 0.6;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     /// The seed everything is drawn from.
     pub seed: u64,
-    /// Clients (client 0 creates the room and adds the others).
+    /// Clients.
     pub clients: usize,
+    /// Rooms (room `r` is created by client `r mod clients`; odd rooms are
+    /// open to external joins).
+    pub rooms: usize,
     /// Highest loss probability drawn for a host's outgoing frames.
     pub loss_max: f64,
     /// Highest one-way latency drawn.
@@ -53,6 +63,8 @@ pub struct SimConfig {
     pub work_rate: f64,
     /// Share of new work that is a self-update commit.
     pub update_share: f64,
+    /// Share of new work that changes membership or redacts.
+    pub membership_share: f64,
     /// Injected bugs.
     pub bugs: Bugs,
 }
@@ -61,7 +73,8 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             seed: 0,
-            clients: 3,
+            clients: 4,
+            rooms: 2,
             loss_max: 0.5,
             latency_max_ms: 50,
             disk_latency_max_ms: 10,
@@ -73,7 +86,8 @@ impl Default for SimConfig {
             partitions: true,
             disk_faults: true,
             work_rate: 0.05,
-            update_share: 0.15,
+            update_share: 0.12,
+            membership_share: 0.08,
             bugs: Bugs::default(),
         }
     }
@@ -92,10 +106,26 @@ pub struct RunStats {
     pub delivered: u64,
     /// Messages decrypted by clients, summed.
     pub plaintexts: u64,
-    /// Length of the room's durable log at the end.
+    /// Messages opened after a later one of the same sender (out of order).
+    pub opened_late: u64,
+    /// Entries in the rooms' durable logs at the end.
     pub log_len: u64,
-    /// Final epoch.
+    /// Commits (and external joins) in the logs.
+    pub commits: u64,
+    /// External joins in the logs.
+    pub external_joins: u64,
+    /// Server proposals (kicks, bans) in the logs.
+    pub server_proposals: u64,
+    /// Entries erased.
+    pub redacted: u64,
+    /// Moderation acts answered.
+    pub moderation_acts: u64,
+    /// Highest final epoch of a room.
     pub epoch: u64,
+    /// Storage transactions of log entries.
+    pub transactions: u64,
+    /// Most storage batches in flight at once.
+    pub batches_in_flight_max: u64,
     /// Server starts.
     pub server_boots: u32,
     /// Client starts, summed.
@@ -114,6 +144,9 @@ pub struct RunStats {
     pub on_redb: bool,
     /// Simulated time from healing to convergence.
     pub converged_after_heal_ms: Option<u64>,
+    /// Intents the clients acted on, by kind (Update, Invite, Remove,
+    /// Kick, Ban, Leave, CoverProposals, join).
+    pub intents: std::collections::BTreeMap<String, u64>,
 }
 
 /// The result of one run.
@@ -141,6 +174,7 @@ impl Outcome {
 struct World<'a> {
     sim: turmoil::Sim<'a>,
     server: Rc<ServerShared>,
+    cast: Rc<Cast>,
     clients: Vec<Rc<ClientShared>>,
     down: BTreeSet<Host>,
     restart_server_at: Option<u64>,
@@ -202,18 +236,39 @@ impl World<'_> {
         }
     }
 
-    fn converged(&self) -> bool {
+    /// Every room is settled: the server holds no uncovered proposal;
+    /// every member (as the server's group has them) reads the room live at
+    /// its head, epoch and tree hash; nobody else holds its group; no client
+    /// has work left. At setup, the first members are in too.
+    fn converged(&self, setup: bool) -> bool {
         if !self.down.is_empty() || self.server.failed.get() {
             return false;
         }
+        let senders = self.cast.senders.borrow();
+        if self.clients.iter().any(|client| client.record.borrow().work_left > 0) {
+            return false;
+        }
         let views = self.server.rooms.borrow();
-        let Some(view) = views.get(&ROOM) else { return false };
-        self.clients.iter().all(|client| {
-            let record = client.record.borrow();
-            record.live
-                && record.work_left == 0
-                && record.last_applied.map(|index| index + 1) == Some(view.next_log_index)
-                && record.epoch_and_tree.as_ref() == Some(&(view.epoch, view.tree_hash.clone()))
+        self.cast.rooms.iter().all(|plan| {
+            let Some(view) = views.get(&plan.room_id) else { return false };
+            let first = plan.initial.iter().chain([&plan.creator]);
+            if view.proposals_pending > 0
+                || (setup && !first.into_iter().all(|c| view.members.contains(&senders[*c])))
+            {
+                return false;
+            }
+            self.clients.iter().all(|client| {
+                let record = client.record.borrow();
+                let status = record.status.get(&plan.room_id).cloned().unwrap_or_default();
+                if view.members.contains(&senders[client.index]) {
+                    status.member
+                        && status.live
+                        && status.next_log_index == view.next_log_index
+                        && status.epoch_and_tree == Some((view.epoch, view.tree_hash.clone()))
+                } else {
+                    !status.member && !status.joining
+                }
+            })
         })
     }
 }
@@ -236,13 +291,29 @@ fn record_panics() {
     });
 }
 
-/// Runs one seed.
-pub fn run(config: &SimConfig) -> Outcome {
-    record_panics();
-    PANICS.with(|panics| panics.borrow_mut().clear());
-    kalandra_server::bugs::plant(crate::bugs::planted(&config.bugs));
-    let plan = FaultPlan::draw(config);
-    let transcript = Rc::new(RefCell::new(Transcript::default()));
+/// The rooms of a world: room `r` is created by client `r mod clients`,
+/// odd rooms are open to external joins, and each other client is among
+/// its first members with [`INITIAL_MEMBER_SHARE`] (at least one is).
+pub fn plan_rooms(config: &SimConfig) -> Vec<RoomPlan> {
+    let clients = config.clients.max(1);
+    let mut rng = ChaCha8Rng::from_seed(crate::derive_seed(config.seed, b"rooms", 0));
+    (0..config.rooms.clamp(1, ROOMS_MAX))
+        .map(|r| {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&crate::derive_seed(config.seed, b"room-id", r as u64)[..16]);
+            let creator = r % clients;
+            let others: Vec<usize> = (0..clients).filter(|c| *c != creator).collect();
+            let mut initial: Vec<usize> =
+                others.iter().copied().filter(|_| rng.gen_bool(INITIAL_MEMBER_SHARE)).collect();
+            if initial.is_empty() && !others.is_empty() {
+                initial.push(others[rng.gen_range(0..others.len())]);
+            }
+            RoomPlan { room_id: RoomId(id), creator, open: r % 2 == 1, initial }
+        })
+        .collect()
+}
+
+fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
     let sim = turmoil::Builder::new()
         .rng_seed(config.seed)
         .simulation_duration(Duration::from_secs(24 * 3600))
@@ -250,143 +321,78 @@ pub fn run(config: &SimConfig) -> Outcome {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(plan.latency_max_ms.max(1)))
         .build();
-    let shell_bugs = ShellBugs {
-        ack_before_durable: config.bugs.ack_before_durable,
-        drop_frame_on_restart: config.bugs.drop_frame_on_restart,
-    };
-    let server = Rc::new(ServerShared::new(config.seed, shell_bugs));
+    let server = Rc::new(ServerShared::new(config.seed, config.bugs.drop_frame_on_restart));
     server.disk_latency_ms.set(plan.disk_latency_ms);
+    let cast = Rc::new(Cast { rooms: plan_rooms(config), ..Cast::default() });
     let mut world = World {
         sim,
         server: Rc::clone(&server),
+        cast: Rc::clone(&cast),
         clients: Vec::new(),
         down: BTreeSet::new(),
         restart_server_at: None,
         failures: Vec::new(),
         stats: RunStats::default(),
     };
-    {
-        let shared = Rc::clone(&server);
-        if config.bugs.double_commit {
-            world
-                .sim
-                .host("server", move || server::run::<StaleEpochGroup<MlsRoomGroup>>(Rc::clone(&shared)));
-        } else {
-            world.sim.host("server", move || server::run::<MlsRoomGroup>(Rc::clone(&shared)));
-        }
-    }
+    world.sim.host("server", move || server::run::<MlsRoomGroup>(Rc::clone(&server)));
     for index in 0..config.clients.max(1) {
         let seed = u64::from_be_bytes(
             crate::derive_seed(config.seed, b"client", index as u64)[..8].try_into().expect("8 bytes"),
         );
-        let shared = Rc::new(ClientShared::new(index, seed, Rc::clone(&transcript)));
+        let shared = Rc::new(ClientShared::new(index, seed, Rc::clone(&cast)));
         shared.work_rate.set(config.work_rate);
         shared.update_share.set(config.update_share);
+        shared.membership_share.set(config.membership_share);
         let host = Rc::clone(&shared);
         world.sim.host(Host::Client(index).name(), move || client::run(Rc::clone(&host)));
         world.clients.push(shared);
     }
-    let others = world.clients[1..].iter().map(|c| c.sender_id()).collect();
-    *world.clients[0].others.borrow_mut() = others;
+    *cast.senders.borrow_mut() = world.clients.iter().map(|c| c.sender_id()).collect();
+    world
+}
 
-    // Setup, without faults: the room exists and every client is a member.
+/// Runs one seed.
+pub fn run(config: &SimConfig) -> Outcome {
+    record_panics();
+    PANICS.with(|panics| panics.borrow_mut().clear());
+    kalandra_server::bugs::plant(crate::bugs::planted(&config.bugs));
+    client_core::bugs::plant(crate::bugs::planted_in_client(&config.bugs));
+    let plan = FaultPlan::draw(config);
+    let mut world = build(config, &plan);
+
+    // Setup, without faults: the rooms exist with their first members.
     let setup_deadline = config.setup_bound_ms;
-    while !world.converged() {
+    while !world.converged(true) {
         if world.now_ms() > setup_deadline || !world.step() {
-            world.failures.push(format!("setup did not complete within {setup_deadline} ms"));
+            world.failures.push(format!(
+                "setup did not complete within {setup_deadline} ms: {}",
+                check::describe_progress(&world.server, &world.cast, &world.clients)
+            ));
             break;
         }
     }
-    let members_ready = world.failures.is_empty();
-
-    // Fault phase.
-    if members_ready {
-        for (client, loss) in world.clients.iter().zip(plan.loss.iter().skip(1)) {
-            client.loss.set(Loss { rate: *loss });
-            client.workload.set(true);
-        }
-        server.loss.set(Loss { rate: plan.loss[0] });
-        let start = world.now_ms();
-        let mut next_change = 0;
-        while world.now_ms() < start + config.fault_phase_ms {
-            while next_change < plan.changes.len() && start + plan.changes[next_change].0 <= world.now_ms() {
-                let change = plan.changes[next_change].1.clone();
-                world.apply(&change);
-                next_change += 1;
-            }
-            if !world.step() {
-                break;
-            }
-        }
-
-        // Heal: every fault ends, the workload stops, and the world must converge.
-        for client in &world.clients {
-            client.workload.set(false);
-            client.loss.set(Loss::default());
-        }
-        server.loss.set(Loss::default());
-        server.disk.set_faults(DiskFaults::default());
-        for index in 0..world.clients.len() {
-            world.sim.repair("server", Host::Client(index).name());
-        }
-        let down: Vec<Host> = world.down.iter().copied().collect();
-        for host in down {
-            world.restart(host);
-        }
-        let healed = world.now_ms();
-        let deadline = healed + config.heal_bound_ms;
-        let mut converged = false;
-        while world.failures.is_empty() {
-            if world.converged() {
-                converged = true;
-                break;
-            }
-            if world.now_ms() > deadline || !world.step() {
-                break;
-            }
-        }
-        if converged {
-            world.stats.converged_after_heal_ms = Some(world.now_ms() - healed);
-        } else if world.failures.is_empty() {
-            world.failures.push(format!(
-                "not converged within {} ms after healing: {}",
-                config.heal_bound_ms,
-                check::describe_progress(&world.server, &world.clients)
-            ));
-        }
+    if world.failures.is_empty() {
+        fault_phase(&mut world, config, &plan);
+        heal(&mut world, config);
     }
 
-    let mut failures = world.failures;
+    let mut failures = std::mem::take(&mut world.failures);
     failures.extend(PANICS.with(|panics| {
         panics.borrow().iter().take(3).map(|p| format!("a task panicked: {p}")).collect::<Vec<_>>()
     }));
-    failures.extend(check::check(&world.server, &world.clients));
-    let mut stats = world.stats;
-    {
-        let server_stats = *server.stats.borrow();
-        stats.sequenced = server_stats.sequenced;
-        stats.acknowledged = server_stats.acknowledged;
-        stats.fanned_out = server_stats.fanned_out;
-        stats.storage_failures = server_stats.storage_failures;
-        stats.server_boots = server.boots.get();
-        stats.on_redb = server.medium == crate::disk::Medium::Redb;
-        let disk = server.disk.stats();
-        stats.disk_faults = disk.io_errors + disk.failed_syncs;
-        stats.log_len = server.disk.log(ROOM).len() as u64;
-        stats.epoch = server.rooms.borrow().get(&ROOM).map_or(0, |view| view.epoch);
-        for client in &world.clients {
-            let record = client.record.borrow();
-            stats.delivered += record.delivered.len() as u64;
-            stats.plaintexts += record.plaintexts.len() as u64;
-            stats.client_boots += record.boots;
-            stats.sessions += record.sessions;
+    if let Some(error) = world.server.recovery_error.borrow().as_ref() {
+        failures.push(format!("recovery failed: {error}"));
+    }
+    failures.extend(check::check(&world.server, &world.cast, &world.clients));
+    let stats = collect_stats(&world);
+    let mut transcript = world.cast.transcript.borrow().clone();
+    for plan in &world.cast.rooms {
+        for entry in world.server.disk.log(plan.room_id) {
+            transcript.add(b"log", &entry.bytes);
         }
-        stats.sim_ms = u64::try_from(world.sim.elapsed().as_millis()).unwrap_or(u64::MAX);
     }
-    let mut transcript = transcript.borrow().clone();
-    for entry in server.disk.log(ROOM) {
-        transcript.add(b"log", &entry.frame);
-    }
+    kalandra_server::bugs::plant(Default::default());
+    client_core::bugs::plant(Default::default());
     Outcome {
         seed: config.seed,
         failures,
@@ -394,4 +400,113 @@ pub fn run(config: &SimConfig) -> Outcome {
         transcript_entries: transcript.entries(),
         stats,
     }
+}
+
+/// The workload runs under the fault plan.
+fn fault_phase(world: &mut World<'_>, config: &SimConfig, plan: &FaultPlan) {
+    for (client, loss) in world.clients.iter().zip(plan.loss.iter().skip(1)) {
+        client.loss.set(Loss { rate: *loss });
+        client.workload.set(true);
+    }
+    world.server.loss.set(Loss { rate: plan.loss[0] });
+    let start = world.now_ms();
+    let mut next_change = 0;
+    while world.now_ms() < start + config.fault_phase_ms {
+        while next_change < plan.changes.len() && start + plan.changes[next_change].0 <= world.now_ms() {
+            let change = plan.changes[next_change].1.clone();
+            world.apply(&change);
+            next_change += 1;
+        }
+        if !world.step() {
+            break;
+        }
+    }
+}
+
+/// Every fault ends, the workload stops, and the world must converge.
+fn heal(world: &mut World<'_>, config: &SimConfig) {
+    for client in &world.clients {
+        client.workload.set(false);
+        client.loss.set(Loss::default());
+    }
+    world.server.loss.set(Loss::default());
+    world.server.disk.set_faults(DiskFaults::default());
+    for index in 0..world.clients.len() {
+        world.sim.repair("server", Host::Client(index).name());
+    }
+    let down: Vec<Host> = world.down.iter().copied().collect();
+    for host in down {
+        world.restart(host);
+    }
+    let healed = world.now_ms();
+    let deadline = healed + config.heal_bound_ms;
+    while world.failures.is_empty() {
+        if world.converged(false) {
+            world.stats.converged_after_heal_ms = Some(world.now_ms() - healed);
+            return;
+        }
+        if world.now_ms() > deadline || !world.step() {
+            break;
+        }
+    }
+    if world.failures.is_empty() {
+        world.failures.push(format!(
+            "not converged within {} ms after healing: {}",
+            config.heal_bound_ms,
+            check::describe_progress(&world.server, &world.cast, &world.clients)
+        ));
+    }
+}
+
+fn collect_stats(world: &World<'_>) -> RunStats {
+    let server = &world.server;
+    let mut stats = world.stats.clone();
+    let server_stats = *server.stats.borrow();
+    stats.sequenced = server_stats.sequenced;
+    stats.acknowledged = server_stats.acknowledged;
+    stats.fanned_out = server_stats.fanned_out;
+    stats.storage_failures = server_stats.storage_failures;
+    stats.transactions = server_stats.transactions;
+    stats.batches_in_flight_max = server_stats.batches_in_flight_max;
+    stats.moderation_acts = server_stats.moderation_acts;
+    stats.server_boots = server.boots.get();
+    stats.on_redb = server.medium == crate::disk::Medium::Redb;
+    let disk = server.disk.stats();
+    stats.disk_faults = disk.io_errors + disk.failed_syncs;
+    for plan in &world.cast.rooms {
+        let log = server.disk.log(plan.room_id);
+        stats.log_len += log.len() as u64;
+        stats.redacted += log.iter().filter(|entry| entry.erased).count() as u64;
+        for entry in &log {
+            let Ok(frame) = kalandra_proto::Frame::decode(&entry.bytes) else { continue };
+            match frame.opcode() {
+                kalandra_proto::Opcode::Commit => stats.commits += 1,
+                kalandra_proto::Opcode::ExternalJoin => {
+                    stats.commits += 1;
+                    stats.external_joins += 1;
+                }
+                kalandra_proto::Opcode::Proposal
+                    if frame.header().sender_id() == kalandra_server::sim::SERVER_SENDER_ID =>
+                {
+                    stats.server_proposals += 1
+                }
+                _ => {}
+            }
+        }
+    }
+    for intent in world.cast.ledger.borrow().intents.values() {
+        let kind: String = intent.what.chars().take_while(|c| c.is_alphanumeric()).collect();
+        *stats.intents.entry(kind).or_default() += 1;
+    }
+    stats.epoch = server.rooms.borrow().values().map(|view| view.epoch).max().unwrap_or(0);
+    for client in &world.clients {
+        let record = client.record.borrow();
+        stats.delivered += record.rooms.values().map(|t| t.delivered.len() as u64).sum::<u64>();
+        stats.plaintexts += record.plaintexts;
+        stats.opened_late += record.opened_late;
+        stats.client_boots += record.boots;
+        stats.sessions += record.sessions;
+    }
+    stats.sim_ms = u64::try_from(world.sim.elapsed().as_millis()).unwrap_or(u64::MAX);
+    stats
 }

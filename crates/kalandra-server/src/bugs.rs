@@ -19,6 +19,12 @@ pub struct InjectedBugs {
     /// The shard panics when a connection subscribes from past the start
     /// of a room's log (a joiner and every reconnection do).
     pub panic_on_resubscribe: bool,
+    /// The shard releases a batch (acknowledgements, fan-out) when the
+    /// driver takes it for storage, before it is written.
+    pub release_batch_when_taken: bool,
+    /// The sequencer sequences a commit made for the epoch before the
+    /// current one without applying it: two commits for one epoch.
+    pub sequence_stale_commit: bool,
 }
 
 thread_local! {
@@ -26,6 +32,8 @@ thread_local! {
         release_one_past_durable: false,
         stamp_without_clock_floor: false,
         panic_on_resubscribe: false,
+        release_batch_when_taken: false,
+        sequence_stale_commit: false,
     }) };
 }
 

@@ -44,9 +44,18 @@ pub use crate::transport::tls::load_or_create_server_identity;
 /// node and the QUIC listener around them, and for the benchmarks.
 pub mod sim {
     pub use crate::config::ROOMS_PER_USER_MAX_DEFAULT;
-    pub use crate::node::{forget_welcomes_for_room, recover_room_state, send_history, store_welcome};
+    pub use crate::node::erasure::{
+        member_authority, plan_redaction, redact_reply, redact_request, store_redact_error, RedactAsk,
+        RedactError, RedactPlan, RedactReport,
+    };
+    pub use crate::node::{
+        deliver_pending_welcomes_with, forget_welcomes_for_room, history_bytes, recover_room_state,
+        send_history, store_welcome, welcomes_used_by, WelcomeSource,
+    };
     pub use crate::protocol::session::{Route, Session, Step};
-    pub use crate::room::limits::{COMMITS_PER_SNAPSHOT, SYNC_READERS_PER_CONNECTION_MAX};
+    pub use crate::room::limits::{
+        COMMITS_PER_SNAPSHOT, SYNC_READERS_PER_CONNECTION_MAX, TICKETS_IN_FLIGHT_MAX,
+    };
     pub use crate::room::mls_state::{RoomGroupState, ServerSigner};
     pub use crate::room::room_group::MlsRoomGroup;
     pub use crate::room::sequencer::{
@@ -55,7 +64,7 @@ pub mod sim {
     };
     pub use crate::room::{
         error_frame, moderation_reply, moderation_request, reply_frame, server_frame, AppendBatch,
-        ConnectionId, HistoryRead, ModerationDone, ModerationFailure, OtherRoute, Output, Peer,
+        Completion, ConnectionId, HistoryRead, ModerationDone, ModerationFailure, OtherRoute, Output, Peer,
         RecoveredRoom, RoomRequest, Routed, Shard, ShardConfig, MODERATION_TICK_MS,
     };
     pub use crate::store::group_commit::write_parts;

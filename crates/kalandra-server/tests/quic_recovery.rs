@@ -335,8 +335,15 @@ async fn members_stuck_past_the_window_rejoin_by_external_commit() {
     let join = ExternalJoin { commit: output.commit, group_info: Some(output.group_info) };
     let ack: Ack = decode_ok(&bob.request(&join, info.epoch).await);
     bob.log = Some(
-        RoomLog::joined_by_external_commit(&bob.client.provider, group, ack.log_index, ack.server_time_ms)
-            .unwrap(),
+        RoomLog::joined_by_external_commit(
+            &bob.client.provider,
+            ROOM,
+            group,
+            ack.log_index,
+            ack.epoch,
+            Some(ack.server_time_ms),
+        )
+        .unwrap(),
     );
     bob.subscribe().await;
 
@@ -354,8 +361,15 @@ async fn members_stuck_past_the_window_rejoin_by_external_commit() {
     let join = ExternalJoin { commit: output.commit, group_info: Some(output.group_info) };
     let ack: Ack = decode_ok(&alice.request(&join, info.epoch).await);
     alice.log = Some(
-        RoomLog::joined_by_external_commit(&alice.client.provider, group, ack.log_index, ack.server_time_ms)
-            .unwrap(),
+        RoomLog::joined_by_external_commit(
+            &alice.client.provider,
+            ROOM,
+            group,
+            ack.log_index,
+            ack.epoch,
+            Some(ack.server_time_ms),
+        )
+        .unwrap(),
     );
     alice.subscribe().await;
     bob.read_through(ack.log_index).await;

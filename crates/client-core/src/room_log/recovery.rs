@@ -448,22 +448,28 @@ impl RoomLog {
     }
 
     /// A room this device just joined by its external commit, which the
-    /// server sequenced at `log_index`, stamped `at_ms` (connected, a
-    /// member at the group's epoch, the log read from the next index).
+    /// server sequenced at `log_index` in `epoch` (connected, a member at
+    /// the group's epoch, the log read from the next index); `at_ms` is the
+    /// commit's timestamp when known (else the next frame's is taken). Used
+    /// by [`crate::client::Client`] and by the simulation alike.
     pub fn joined_by_external_commit(
         provider: &MlsProvider,
+        room_id: RoomId,
         group: RoomGroup,
         log_index: u64,
-        at_ms: u64,
+        epoch: u64,
+        at_ms: Option<u64>,
     ) -> Result<RoomLog, RoomLogError> {
-        let room_id = RoomId(group.room_id());
+        if group.room_id() != room_id.0 {
+            return Err(RoomLogError::Protocol("the GroupInfo joined is another room's".into()));
+        }
         let sender_keys = SenderKeyState::from_group(provider, &group)?;
         let mut state = crate::state::ClientState::PendingWelcome;
         step(&mut state, Event::JoinedByExternalCommit { epoch: group.epoch() })?;
-        step(&mut state, Event::CommitAcked { epoch: group.epoch() })?;
+        step(&mut state, Event::CommitAcked { epoch })?;
         let record = super::RoomRecord::joined(room_id, log_index + 1);
         let mut room = RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state };
-        room.joined_externally(log_index, at_ms);
+        room.record.recovery.joined = Some(JoinedAt { log_index, at_ms, external: true });
         Ok(room)
     }
 

@@ -31,12 +31,14 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use kalandra_proto::header::offset;
-use kalandra_proto::{ErrorCode, RoomId, SenderId};
+use kalandra_proto::{payload, ErrorCode, Frame, RoomId, SenderId};
 use tokio::sync::oneshot;
 
 use crate::node::{Command, Node, Standing};
 use crate::room::audit::{ActorKind, AuditAction, AuditEvent, AuditRecord};
+use crate::room::{error_frame, reply_frame};
 use crate::store::retention::{erasable_opcode, expired};
 use crate::store::sealing::routing_u64;
 use crate::store::{
@@ -229,65 +231,16 @@ impl Node {
             }
             read_failed(&error)
         })?;
-        let Some(entry) = entry.filter(|entry| entry.log_index == log_index) else {
-            return Err(if next_log_index == 0 {
-                RedactError::UnknownRoom { room_id }
-            } else {
-                RedactError::UnknownLogIndex { log_index, next_log_index }
-            });
-        };
-        let routing = entry.routing();
-        let epoch = routing_u64(routing, offset::EPOCH).unwrap_or(0);
-        if let EntryContent::Erased(erasure) = &entry.content {
-            return Ok(RedactReport {
-                log_index,
-                epoch,
-                erased_at_ms: erasure.redaction.erased_at_ms,
-                outcome: RedactOutcome::AlreadyErased,
-                audit: None,
-            });
-        }
-        let opcode = kalandra_proto::header::offset::OPCODE;
-        let opcode = crate::store::sealing::routing_u16(routing, opcode);
-        if !erasable_opcode(opcode) {
-            return Err(RedactError::NotErasable { log_index, opcode: opcode.unwrap_or(0) });
-        }
-        let cause = match authority {
-            RedactAuthority::Sender => {
-                if routing_u64(routing, offset::SENDER_ID) != Some(actor.0) {
-                    return Err(RedactError::NotSender { log_index });
-                }
-                ErasureCause::Sender { actor: actor.0 }
-            }
-            // A moderator erasing their own frame does so as its sender.
-            RedactAuthority::Moderator if routing_u64(routing, offset::SENDER_ID) == Some(actor.0) => {
-                ErasureCause::Sender { actor: actor.0 }
-            }
-            RedactAuthority::Moderator => ErasureCause::Moderator { actor: actor.0 },
-            RedactAuthority::Operator => ErasureCause::Operator,
+        let asked = RedactAsk { room_id, log_index, actor, authority, reason };
+        let erasure = match plan_redaction(&asked, entry, next_log_index, (self.clock)())? {
+            RedactPlan::AlreadyErased(report) => return Ok(report),
+            RedactPlan::Erase(erasure) => erasure,
         };
         self.hide_in_shard(room_id, vec![log_index]).await?;
-        let redaction = Redaction { erased_at_ms: (self.clock)(), cause };
-        let (actor_kind, actor_id) = match authority {
-            RedactAuthority::Operator => (ActorKind::Operator, None),
-            RedactAuthority::Sender | RedactAuthority::Moderator => (ActorKind::Member, Some(actor.0)),
-        };
-        let event = AuditEvent {
-            time_ms: redaction.erased_at_ms,
-            actor_kind,
-            actor_id,
-            action: AuditAction::Redact,
-            room: Some(room_id.to_string()),
-            target: routing_u64(routing, offset::SENDER_ID),
-            role: None,
-            reason: (!reason.is_empty()).then(|| reason.to_owned()),
-            until_ms: None,
-            log_index: Some(log_index),
-            retention_ms: None,
-        };
-        let (outcomes, audit) = self.erase_in_store(room_id, vec![log_index], redaction, Some(event)).await?;
-        let outcome = outcomes.first().copied().ok_or_else(|| RedactError::Internal("no outcome".into()))?;
-        Ok(RedactReport { log_index, epoch, erased_at_ms: redaction.erased_at_ms, outcome, audit })
+        let (outcomes, audit) = self
+            .erase_in_store(room_id, vec![log_index], erasure.redaction, Some(erasure.event.clone()))
+            .await?;
+        erasure.report(&outcomes, audit)
     }
 
     /// A member's `Redact` over the wire: on the authority of a moderator
@@ -307,13 +260,7 @@ impl Node {
             return Err(RedactError::Internal("the room core has stopped".into()));
         }
         let standing = answer.await.map_err(|_| RedactError::Internal("the room core has stopped".into()))?;
-        let authority = match standing {
-            None => return Err(RedactError::UnknownRoom { room_id }),
-            Some(Standing::Moderator) => RedactAuthority::Moderator,
-            Some(Standing::Member) => RedactAuthority::Sender,
-            Some(Standing::NotMember) => return Err(RedactError::NotMember { member }),
-            Some(Standing::Banned) => return Err(RedactError::Banned { member }),
-        };
+        let authority = member_authority(room_id, member, standing)?;
         self.redact_with_reason(room_id, log_index, member, authority, reason).await
     }
 
@@ -393,18 +340,191 @@ impl Node {
         })
         .await
         .map_err(|error| RedactError::Internal(error.to_string()))?;
-        result.map_err(|error| match error {
-            crate::store::RedactError::UnknownRoom { room_id } => RedactError::UnknownRoom { room_id },
-            crate::store::RedactError::IndexOutOfRange { log_index, next_log_index, .. } => {
-                RedactError::UnknownLogIndex { log_index, next_log_index }
-            }
-            crate::store::RedactError::Storage(failure) => {
-                tracing::error!(%room_id, %failure, "storage failed erasing entries; the node stops and recovers on restart");
+        result.map_err(|error| {
+            if matches!(error, crate::store::RedactError::Storage(_)) {
+                tracing::error!(%room_id, %error, "storage failed erasing entries; the node stops and recovers on restart");
                 self.storage_failed();
-                RedactError::Storage(failure.to_string())
             }
-            other => RedactError::Internal(other.to_string()),
+            store_redact_error(error)
         })
+    }
+}
+
+/// A redaction as asked: which entry, by whom, on what authority, why.
+#[derive(Clone, Copy, Debug)]
+pub struct RedactAsk<'a> {
+    /// The room.
+    pub room_id: RoomId,
+    /// The entry.
+    pub log_index: u64,
+    /// Who asks (ignored for the operator).
+    pub actor: SenderId,
+    /// On whose authority.
+    pub authority: RedactAuthority,
+    /// The reason, for the audit record.
+    pub reason: &'a str,
+}
+
+/// What a redaction comes to, decided before anything is erased.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedactPlan {
+    /// The entry was erased before: nothing is done, nothing recorded.
+    AlreadyErased(RedactReport),
+    /// Hide the entry in the room's shard, then erase it in the store with
+    /// its audit record (`Store::redact_audited`).
+    Erase(PlannedErasure),
+}
+
+/// An erasure decided by [`plan_redaction`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedErasure {
+    /// The entry.
+    pub log_index: u64,
+    /// The entry's MLS epoch.
+    pub epoch: u64,
+    /// The tombstone to store.
+    pub redaction: Redaction,
+    /// The audit record to store with it.
+    pub event: AuditEvent,
+}
+
+impl PlannedErasure {
+    /// The report once the store erased it (`outcomes` and `audit` from
+    /// `Store::redact_audited`).
+    pub fn report(
+        &self,
+        outcomes: &[RedactOutcome],
+        audit: Option<AuditRecord>,
+    ) -> Result<RedactReport, RedactError> {
+        let outcome = outcomes.first().copied().ok_or_else(|| RedactError::Internal("no outcome".into()))?;
+        Ok(RedactReport {
+            log_index: self.log_index,
+            epoch: self.epoch,
+            erased_at_ms: self.redaction.erased_at_ms,
+            outcome,
+            audit,
+        })
+    }
+}
+
+/// Decides a redaction (the policy of this module, without I/O): `entry`
+/// is what the store holds at `ask.log_index` (if anything) and
+/// `next_log_index` the room's durable head, both read just before;
+/// `now_ms` is the erasure's time.
+pub fn plan_redaction(
+    ask: &RedactAsk<'_>,
+    entry: Option<StoredEntry>,
+    next_log_index: u64,
+    now_ms: u64,
+) -> Result<RedactPlan, RedactError> {
+    let RedactAsk { room_id, log_index, actor, authority, reason } = *ask;
+    let Some(entry) = entry.filter(|entry| entry.log_index == log_index) else {
+        return Err(if next_log_index == 0 {
+            RedactError::UnknownRoom { room_id }
+        } else {
+            RedactError::UnknownLogIndex { log_index, next_log_index }
+        });
+    };
+    let routing = entry.routing();
+    let epoch = routing_u64(routing, offset::EPOCH).unwrap_or(0);
+    if let EntryContent::Erased(erasure) = &entry.content {
+        return Ok(RedactPlan::AlreadyErased(RedactReport {
+            log_index,
+            epoch,
+            erased_at_ms: erasure.redaction.erased_at_ms,
+            outcome: RedactOutcome::AlreadyErased,
+            audit: None,
+        }));
+    }
+    let opcode = crate::store::sealing::routing_u16(routing, offset::OPCODE);
+    if !erasable_opcode(opcode) {
+        return Err(RedactError::NotErasable { log_index, opcode: opcode.unwrap_or(0) });
+    }
+    let sender = routing_u64(routing, offset::SENDER_ID);
+    let cause = match authority {
+        RedactAuthority::Sender if sender != Some(actor.0) => {
+            return Err(RedactError::NotSender { log_index })
+        }
+        // A moderator erasing their own frame does so as its sender.
+        RedactAuthority::Sender | RedactAuthority::Moderator if sender == Some(actor.0) => {
+            ErasureCause::Sender { actor: actor.0 }
+        }
+        RedactAuthority::Sender | RedactAuthority::Moderator => ErasureCause::Moderator { actor: actor.0 },
+        RedactAuthority::Operator => ErasureCause::Operator,
+    };
+    let redaction = Redaction { erased_at_ms: now_ms, cause };
+    let (actor_kind, actor_id) = match authority {
+        RedactAuthority::Operator => (ActorKind::Operator, None),
+        RedactAuthority::Sender | RedactAuthority::Moderator => (ActorKind::Member, Some(actor.0)),
+    };
+    let event = AuditEvent {
+        time_ms: now_ms,
+        actor_kind,
+        actor_id,
+        action: AuditAction::Redact,
+        room: Some(room_id.to_string()),
+        target: sender,
+        role: None,
+        reason: (!reason.is_empty()).then(|| reason.to_owned()),
+        until_ms: None,
+        log_index: Some(log_index),
+        retention_ms: None,
+    };
+    Ok(RedactPlan::Erase(PlannedErasure { log_index, epoch, redaction, event }))
+}
+
+/// The authority a member's `Redact` carries, from where the member stands
+/// in the room now (`standing`, as the room's shard answers
+/// [`crate::room::Shard::redact_standing`]; `None`: no such room): a
+/// moderator's, a sender's, or none (not a current member, or banned).
+pub fn member_authority(
+    room_id: RoomId,
+    member: SenderId,
+    standing: Option<Standing>,
+) -> Result<RedactAuthority, RedactError> {
+    match standing {
+        None => Err(RedactError::UnknownRoom { room_id }),
+        Some(Standing::Moderator) => Ok(RedactAuthority::Moderator),
+        Some(Standing::Member) => Ok(RedactAuthority::Sender),
+        Some(Standing::NotMember) => Err(RedactError::NotMember { member }),
+        Some(Standing::Banned) => Err(RedactError::Banned { member }),
+    }
+}
+
+/// A store's refusal of an erasure, as the requester is told.
+pub fn store_redact_error(error: crate::store::RedactError) -> RedactError {
+    match error {
+        crate::store::RedactError::UnknownRoom { room_id } => RedactError::UnknownRoom { room_id },
+        crate::store::RedactError::IndexOutOfRange { log_index, next_log_index, .. } => {
+            RedactError::UnknownLogIndex { log_index, next_log_index }
+        }
+        crate::store::RedactError::Storage(failure) => RedactError::Storage(failure.to_string()),
+        other => RedactError::Internal(other.to_string()),
+    }
+}
+
+/// The `Redact` payload of a member's frame, or the `Error` frame that
+/// answers a malformed one.
+pub fn redact_request(frame: &Frame) -> Result<payload::Redact, Bytes> {
+    let header = frame.header();
+    frame.decode_payload().map_err(|error| {
+        error_frame(header.room_id(), header.request_id(), ErrorCode::MalformedPayload, &error.to_string())
+    })
+}
+
+/// The reply to a member's `Redact`: an `Ack` naming the erased index
+/// (with its epoch and the erasure's time), or an `Error`.
+pub fn redact_reply(room_id: RoomId, request_id: u32, result: &Result<RedactReport, RedactError>) -> Bytes {
+    match result {
+        Ok(report) => {
+            let ack = payload::Ack {
+                log_index: report.log_index,
+                epoch: report.epoch,
+                server_time_ms: report.erased_at_ms,
+            };
+            reply_frame(room_id, request_id, &ack)
+        }
+        Err(error) => error_frame(room_id, request_id, error.error_code(), &error.to_string()),
     }
 }
 

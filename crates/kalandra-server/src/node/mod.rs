@@ -2,10 +2,10 @@
 //! feeds its pure [`Shard`] and carries out what it asks for.
 //!
 //! Rooms are spread over the shards by room id. Each task takes commands
-//! from connections and hands them to its shard with the time; hands each
-//! batch the shard sequenced to the group-commit writer; when a batch is
-//! durable, stores its Welcomes, then reports it (the shard acknowledges and
-//! fans out); and runs the shard's other outputs — history readers,
+//! from connections and hands them to its shard with the time; stores each
+//! batch's Welcomes, then hands the batch the shard sequenced to the
+//! group-commit writer; when a batch is durable, reports it (the shard
+//! acknowledges and fans out); and runs the shard's other outputs — history readers,
 //! Welcome delivery, snapshots, pushes, moderation writes. Tickets complete
 //! in submission order (one writer thread), so a task waits only on the
 //! oldest.
@@ -19,6 +19,7 @@ mod history;
 mod moderation;
 pub mod push;
 mod recovery;
+mod welcomes;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,24 +29,25 @@ use bytes::Bytes;
 use kalandra_proto::{RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::history::send_history;
+pub use self::history::{history_bytes, send_history};
 use self::moderation::ModerationDesk;
 pub use self::moderation::ModerationReply;
 pub use self::recovery::{recover_room_state, RecoveryError};
+pub use self::welcomes::{deliver_pending_welcomes_with, WelcomeSource};
 use crate::admin::metrics::Metrics;
 use crate::node::push::{PushNotification, PushQueue};
 use crate::room::limits::*;
 use crate::room::mls_state::ServerSigner;
 use crate::room::sequencer::PersistentGroup;
 pub use crate::room::{
-    error_frame, reply_frame, server_frame, ConnectionId, ModerationDone, ModerationFailure,
-    ModerationRequest, RecoveredRoom, RoomInfo, RoomSummary, Standing, MODERATION_TICK_MS, ROOMS_LIST_MAX,
+    error_frame, ConnectionId, ModerationDone, ModerationFailure, ModerationRequest, RecoveredRoom, RoomInfo,
+    RoomSummary, Standing, MODERATION_TICK_MS, ROOMS_LIST_MAX,
 };
 use crate::room::{
     AppendBatch, HistoryRead, Memberships, Output, RoomRequest, Shard, ShardConfig, WelcomeToStore,
 };
 use crate::store::group_commit::{AppendTicket, GroupCommit};
-use crate::store::Store;
+use crate::store::{PendingWelcome, Store, StoredEntry};
 pub use crate::transport::outbox::{Outbox, OutboxReceiver, Outgoing};
 
 /// A request to a room shard.
@@ -259,7 +261,7 @@ impl Node {
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
     pub async fn send(&self, room_id: RoomId, command: Command) -> bool {
         if let Command::Room { outbox, request } = &command {
-            if request.reads_room() && outbox.welcomes_delivered() {
+            if let Some(room_id) = welcomes_used_by(request, outbox) {
                 forget_used_welcomes(Arc::clone(&self.store), outbox.sender(), room_id);
             }
         }
@@ -368,41 +370,52 @@ fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
     usize::try_from(u64::from_be_bytes(prefix) % shard_count as u64).expect("shard index fits usize")
 }
 
-/// Hands the recipient's pending Welcomes to its connection, a page at a
-/// time (each read once its predecessor is queued, so a login holds at
-/// most one page, [`WELCOMES_PAGE_BYTES_MAX`](crate::store::limits::WELCOMES_PAGE_BYTES_MAX),
-/// in memory). They stay stored: a connection can die before the client
-/// keeps them (it looks alive to the server until its idle timeout), so a
-/// Welcome is deleted only once its recipient reads the room it joins (see
-/// [`forget_used_welcomes`]) and is delivered again on every authentication
-/// until then. Clients ignore a Welcome for a room they are in.
+/// Hands the recipient's pending Welcomes to its connection (see
+/// [`deliver_pending_welcomes_with`]), reading the store on blocking
+/// threads.
 async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
-    let recipient = outbox.sender().0;
-    let mut after = None;
-    // At most WELCOMES_PER_RECIPIENT_MAX are pending: the pages end.
-    loop {
-        let reading = Arc::clone(&store);
-        let Ok(Ok(page)) =
-            tokio::task::spawn_blocking(move || reading.pending_welcomes(recipient, after)).await
-        else {
-            tracing::warn!(recipient, "could not read pending welcomes");
-            return;
-        };
-        if page.is_empty() {
-            return;
-        }
-        outbox.mark_welcomes_delivered();
-        for welcome in page {
-            after = Some(welcome.welcome_id);
-            if !outbox.send(welcome.welcome).await {
-                return;
-            }
+    deliver_pending_welcomes_with(&outbox, &mut StoreWelcomes(store)).await;
+}
+
+/// The node's [`WelcomeSource`]: the store, on blocking threads.
+struct StoreWelcomes(Arc<dyn Store>);
+
+impl WelcomeSource for StoreWelcomes {
+    async fn page(&mut self, recipient: u64, after: Option<u64>) -> Result<Vec<PendingWelcome>, String> {
+        let store = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || store.pending_welcomes(recipient, after))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())
+    }
+
+    async fn entry(&mut self, room_id: RoomId, log_index: u64) -> Result<Option<StoredEntry>, String> {
+        let store = Arc::clone(&self.0);
+        let entries = tokio::task::spawn_blocking(move || store.read_range(room_id, log_index, 1))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
+        Ok(entries.into_iter().next())
+    }
+
+    async fn forget(&mut self, recipient: u64, welcome_id: u64) {
+        let store = Arc::clone(&self.0);
+        let deleted =
+            tokio::task::spawn_blocking(move || store.delete_welcomes(recipient, &[welcome_id])).await;
+        if !matches!(deleted, Ok(Ok(_))) {
+            tracing::warn!(recipient, welcome_id, "could not forget an orphaned welcome");
         }
     }
 }
 
-/// The recipient reads `room_id` (subscribe or sync): it has used its
-/// Welcome for the room, which can go.
+/// The room whose stored Welcomes `request` lets go: a recipient that was
+/// handed its Welcomes and now reads a room (subscribe or sync) has used
+/// its Welcome for it.
+pub fn welcomes_used_by(request: &RoomRequest, outbox: &Outbox) -> Option<RoomId> {
+    (request.reads_room() && outbox.welcomes_delivered()).then(|| request.room_id())
+}
+
+/// The recipient reads `room_id`: delete its Welcomes for the room.
 fn forget_used_welcomes(store: Arc<dyn Store>, recipient: SenderId, room_id: RoomId) {
     tokio::task::spawn_blocking(move || forget_welcomes_for_room(store.as_ref(), recipient, room_id));
 }
@@ -441,12 +454,24 @@ pub fn store_welcome(store: &dyn Store, welcome: &WelcomeToStore) -> Result<(), 
     }
 }
 
+/// Stores a batch's Welcomes (on a blocking thread).
+async fn store_welcomes(store: Arc<dyn Store>, welcomes: Vec<WelcomeToStore>) -> Result<(), String> {
+    if welcomes.is_empty() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || {
+        welcomes.iter().try_for_each(|welcome| store_welcome(store.as_ref(), welcome))
+    })
+    .await
+    .unwrap_or_else(|error| Err(error.to_string()))
+    .map_err(|error| format!("storing Welcomes: {error}"))
+}
+
 /// A storage request in flight.
 struct Ticket {
     batch_id: u64,
     /// The group-commit ticket, or why the batch could not be submitted.
     ticket: Result<AppendTicket, String>,
-    welcomes: Vec<WelcomeToStore>,
     entries: usize,
     submitted: std::time::Instant,
 }
@@ -566,29 +591,25 @@ impl<G: PersistentGroup> ShardTask<G> {
         }
     }
 
-    /// Hands what the shard sequenced to the group-commit writer as one request.
+    /// Hands what the shard sequenced to the group-commit writer as one
+    /// request, its Welcomes stored first: were they stored after it, a
+    /// write that fails with an unknown outcome could leave the commit
+    /// durable and its Welcome lost. A Welcome stored ahead of its commit
+    /// is delivered only once the commit is durable ([`welcomes`]).
     async fn flush(&mut self) {
         let Some(AppendBatch { id, entries, welcomes }) = self.shard.take_batch() else { return };
         let count = entries.len();
         let submitted = std::time::Instant::now();
-        let ticket = self.group_commit.submit(entries).await.map_err(|error| error.to_string());
-        self.tickets.push_back(Ticket { batch_id: id, ticket, welcomes, entries: count, submitted });
+        let ticket = match store_welcomes(Arc::clone(&self.store), welcomes).await {
+            Ok(()) => self.group_commit.submit(entries).await.map_err(|error| error.to_string()),
+            Err(error) => Err(error),
+        };
+        self.tickets.push_back(Ticket { batch_id: id, ticket, entries: count, submitted });
     }
 
-    /// The oldest batch finished: store its Welcomes (before anything of it
-    /// is acknowledged), then report it to the shard.
-    async fn durable(&mut self, ticket: Ticket, mut result: Result<(), String>) {
+    /// The oldest batch finished: report it to the shard.
+    async fn durable(&mut self, ticket: Ticket, result: Result<(), String>) {
         self.metrics.storage_batch(ticket.entries, ticket.submitted.elapsed().as_secs_f64());
-        if result.is_ok() && !ticket.welcomes.is_empty() {
-            let store = Arc::clone(&self.store);
-            let welcomes = ticket.welcomes;
-            result = tokio::task::spawn_blocking(move || {
-                welcomes.iter().try_for_each(|welcome| store_welcome(store.as_ref(), welcome))
-            })
-            .await
-            .unwrap_or_else(|error| Err(error.to_string()))
-            .map_err(|error| format!("storing Welcomes: {error}"));
-        }
         self.shard.handle_durable(ticket.batch_id, result);
     }
 

@@ -40,15 +40,7 @@ pub(super) fn start_writer(
                 health.failed.store(true, Ordering::Release);
             }
             if let (Some(reply), Some(completion)) = (reply, completion) {
-                let outcome = result
-                    .map(|audit| ModerationDone {
-                        log_index: completion.log_index,
-                        epoch: completion.epoch,
-                        time_ms: audit.time_ms,
-                        audit,
-                    })
-                    .map_err(ModerationFailure::Storage);
-                let _ = reply.send(outcome);
+                let _ = reply.send(completion.outcome(result));
             }
         }
     });

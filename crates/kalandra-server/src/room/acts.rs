@@ -164,6 +164,21 @@ pub struct Completion {
     pub epoch: u64,
 }
 
+impl Completion {
+    /// What the act's asker is told once its write finished: `written` is
+    /// the audit record the store chained, or why the write failed.
+    pub fn outcome(&self, written: Result<AuditRecord, String>) -> Result<ModerationDone, ModerationFailure> {
+        written
+            .map(|audit| ModerationDone {
+                log_index: self.log_index,
+                epoch: self.epoch,
+                time_ms: audit.time_ms,
+                audit,
+            })
+            .map_err(ModerationFailure::Storage)
+    }
+}
+
 /// An act waiting for its Remove proposal to become durable.
 pub(super) struct ActAwaitingProposal {
     pub(super) log_index: u64,

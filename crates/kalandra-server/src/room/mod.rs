@@ -6,7 +6,7 @@
 
 mod acts;
 pub mod audit;
-mod frames;
+pub(crate) mod frames;
 pub mod mls_state;
 mod moderation;
 mod request;
@@ -18,13 +18,13 @@ mod snapshot;
 mod void;
 
 pub use self::acts::{
-    ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
+    Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
     MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
 pub(crate) use self::frames::error_frame_with;
 pub use self::frames::{erased_placeholder, error_frame, reply_frame, server_frame};
 pub use self::moderation::{moderation_reply, moderation_request, Standing};
-pub use self::request::{OtherRoute, RoomRequest, Routed};
+pub use self::request::{DirectoryRequest, OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
     WelcomeToStore,

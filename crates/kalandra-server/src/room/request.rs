@@ -57,24 +57,15 @@ pub enum RoomRequest {
     },
 }
 
-/// A route that is not a room request: key packages and moderation acts.
+/// A route that is not a room request: key packages, redaction and
+/// moderation acts.
 #[derive(Debug)]
 pub enum OtherRoute {
-    /// Store key packages for the sender.
-    KeyPackageUpload {
-        /// Request id.
-        request_id: u32,
-        /// The upload.
-        upload: payload::KeyPackageUpload,
-    },
-    /// Claim key packages of other identities.
-    KeyPackageClaim {
-        /// Request id.
-        request_id: u32,
-        /// The claim.
-        claim: payload::KeyPackageClaim,
-    },
-    /// A moderation request (kick, ban, unban, role change, redaction).
+    /// Upload or claim key packages (the directory answers).
+    Directory(DirectoryRequest),
+    /// A member's `Redact` (see [`crate::erasure::redact_request`]).
+    Redact(Frame),
+    /// A moderation request (kick, ban, unban, role change).
     Moderation(Frame),
 }
 
@@ -105,10 +96,13 @@ impl RoomRequest {
                 RoomRequest::CommitReport { room_id, request_id, report }
             }
             Route::KeyPackageUpload { request_id, upload } => {
-                return Routed::Other(OtherRoute::KeyPackageUpload { request_id, upload })
+                return Routed::Other(OtherRoute::Directory(DirectoryRequest::Upload { request_id, upload }))
             }
             Route::KeyPackageClaim { request_id, claim } => {
-                return Routed::Other(OtherRoute::KeyPackageClaim { request_id, claim })
+                return Routed::Other(OtherRoute::Directory(DirectoryRequest::Claim { request_id, claim }))
+            }
+            Route::Moderation(frame) if frame.opcode() == kalandra_proto::Opcode::Redact => {
+                return Routed::Other(OtherRoute::Redact(frame))
             }
             Route::Moderation(frame) => return Routed::Other(OtherRoute::Moderation(frame)),
         })
@@ -162,4 +156,23 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
         }
     }
+}
+
+/// A key-package request of an authenticated connection.
+#[derive(Debug)]
+pub enum DirectoryRequest {
+    /// Store key packages for the sender.
+    Upload {
+        /// Request id.
+        request_id: u32,
+        /// The upload.
+        upload: payload::KeyPackageUpload,
+    },
+    /// Claim key packages of other identities.
+    Claim {
+        /// Request id.
+        request_id: u32,
+        /// The claim.
+        claim: payload::KeyPackageClaim,
+    },
 }

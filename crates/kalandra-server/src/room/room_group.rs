@@ -155,18 +155,10 @@ impl MlsRoomGroup {
         summary: &crate::room::mls_state::CommitSummary,
         rules: &CommitRules<'_>,
     ) -> Result<Bytes, GroupError> {
-        // A member that cannot process a commit rejoins from the GroupInfo
-        // of the epoch it creates, so every live commit publishes one
-        // (`docs/RECOVERY.md`); stored commits are replayed without one.
-        if rules.group_info.is_none() && rules.policy.is_some() {
-            return Err(GroupError::InvalidGroupInfo(
-                "a commit must publish the GroupInfo of the epoch it creates".into(),
-            ));
-        }
-        if rules.group_info.is_none() && rules.welcome.is_none() {
-            return Ok(Bytes::new());
-        }
-        let tree = self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?;
+        let tree = match (rules.group_info, rules.welcome) {
+            (None, None) => Bytes::new(),
+            _ => Bytes::from(self.state.ratchet_tree().map_err(|e| GroupError::Internal(e.to_string()))?),
+        };
         if let Some(group_info) = rules.group_info {
             let signer = self
                 .state
@@ -177,12 +169,21 @@ impl MlsRoomGroup {
             }
             check_group_info_fits(summary.epoch, group_info.len(), tree.len())?;
         }
-        let Some((welcome_bytes, _)) = rules.welcome else { return Ok(Bytes::new()) };
-        let bytes = kalandra_proto::payload::Welcome::encoded_len(welcome_bytes, tree.len());
-        if bytes > WELCOME_PAYLOAD_BYTES_MAX {
-            return Err(GroupError::WelcomeTooLarge { bytes, max_bytes: WELCOME_PAYLOAD_BYTES_MAX });
+        if let Some((welcome_bytes, _)) = rules.welcome {
+            let bytes = kalandra_proto::payload::Welcome::encoded_len(welcome_bytes, tree.len());
+            if bytes > WELCOME_PAYLOAD_BYTES_MAX {
+                return Err(GroupError::WelcomeTooLarge { bytes, max_bytes: WELCOME_PAYLOAD_BYTES_MAX });
+            }
         }
-        Ok(Bytes::from(tree))
+        // A member that cannot process a commit rejoins from the GroupInfo
+        // of the epoch it creates, so every live commit publishes one
+        // (`docs/RECOVERY.md`); stored commits are replayed without one.
+        if rules.group_info.is_none() && rules.policy.is_some() {
+            return Err(GroupError::InvalidGroupInfo(
+                "a commit must publish the GroupInfo of the epoch it creates".into(),
+            ));
+        }
+        Ok(if rules.welcome.is_some() { tree } else { Bytes::new() })
     }
 
     fn from_state(state: RoomGroupState) -> MlsRoomGroup {

@@ -413,8 +413,29 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         }
         let pending = std::mem::take(&mut self.pending);
         self.next_batch += 1;
+        #[cfg(feature = "injected-bugs")]
+        if crate::bugs::planted().release_batch_when_taken {
+            self.release_before_durable(&pending.rooms);
+        }
         self.batches_in_flight.push_back((self.next_batch, pending.rooms));
         Some(AppendBatch { id: self.next_batch, entries: pending.entries, welcomes: pending.welcomes })
+    }
+
+    /// Injected bug: the batch's frames are acknowledged and fanned out as
+    /// it is handed to storage (reporting it durable later changes nothing).
+    #[cfg(feature = "injected-bugs")]
+    fn release_before_durable(&mut self, rooms: &[(RoomId, u64)]) {
+        let mut effects = std::mem::take(&mut self.effects);
+        for &(room_id, through) in rooms {
+            let Some(room) = self.rooms.get_mut(&room_id) else { continue };
+            if room.sequencer.is_recovering() {
+                continue;
+            }
+            effects.clear();
+            room.sequencer.durable(through, &mut effects);
+            self.apply_effects(room_id, &mut effects);
+        }
+        self.effects = effects;
     }
 
     /// Storage requests taken and not yet reported.
@@ -821,6 +842,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             #[cfg(feature = "injected-bugs")]
             let through = if crate::bugs::planted().release_one_past_durable {
                 through.saturating_add(1).min(room.sequencer.next_log_index().saturating_sub(1))
+            } else {
+                through
+            };
+            #[cfg(feature = "injected-bugs")]
+            let through = if crate::bugs::planted().release_batch_when_taken {
+                // Released when taken: a later batch may have been released already.
+                through.max(room.sequencer.durable_through().unwrap_or(0))
             } else {
                 through
             };

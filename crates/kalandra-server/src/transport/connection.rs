@@ -16,11 +16,12 @@ use bytes::Bytes;
 use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
-use crate::node::{error_frame, reply_frame, server_frame, Command, Node, Outbox, Outgoing};
+use crate::node::erasure::{redact_reply, redact_request};
+use crate::node::{error_frame, Command, Node, Outbox, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
 use crate::room::{moderation_reply, moderation_request, OtherRoute, RoomRequest, Routed};
 use crate::store::Store;
-use crate::transport::directory;
+use crate::transport::directory::{self, DirectoryReply, DirectoryRequest};
 use crate::transport::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket};
 
 /// Limits applied per connection, per user and per address: the
@@ -359,19 +360,17 @@ impl Listener {
     }
 
     /// The answer to a directory request run on a blocking thread.
-    fn directory_reply<P: kalandra_proto::Payload>(
+    fn directory_reply(
         &self,
         request_id: u32,
-        result: Result<Result<P, directory::DirectoryError>, tokio::task::JoinError>,
+        result: Result<DirectoryReply, tokio::task::JoinError>,
     ) -> Bytes {
         match result {
-            Ok(Ok(answer)) => server_frame(RoomId::default(), request_id, &answer).unwrap_or_else(|error| {
-                self.metrics.rejected(ErrorCode::Internal);
-                error_frame(RoomId::default(), request_id, ErrorCode::Internal, &error.to_string())
-            }),
-            Ok(Err(error)) => {
-                self.metrics.rejected(error.error_code());
-                error_frame(RoomId::default(), request_id, error.error_code(), &error.to_string())
+            Ok(DirectoryReply { frame, refused }) => {
+                if let Some(code) = refused {
+                    self.metrics.rejected(code);
+                }
+                frame
             }
             Err(_) => {
                 self.metrics.rejected(ErrorCode::Internal);
@@ -405,20 +404,18 @@ impl Listener {
             Routed::Other(other) => other,
         };
         match route {
-            OtherRoute::KeyPackageUpload { request_id, upload } => {
+            OtherRoute::Directory(request) => {
+                let request_id = match &request {
+                    DirectoryRequest::Upload { request_id, .. }
+                    | DirectoryRequest::Claim { request_id, .. } => *request_id,
+                };
                 let (store, sender) = (Arc::clone(&self.store), outbox.sender());
                 let result =
-                    tokio::task::spawn_blocking(move || directory::upload(store.as_ref(), sender, &upload))
+                    tokio::task::spawn_blocking(move || directory::answer(store.as_ref(), sender, &request))
                         .await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
-            OtherRoute::KeyPackageClaim { request_id, claim } => {
-                let store = Arc::clone(&self.store);
-                let result =
-                    tokio::task::spawn_blocking(move || directory::claim(store.as_ref(), &claim)).await;
-                let _ = outbox.send(self.directory_reply(request_id, result)).await;
-            }
-            OtherRoute::Moderation(frame) if frame.opcode() == Opcode::Redact => {
+            OtherRoute::Redact(frame) => {
                 let reply = self.redact(outbox.sender(), &frame).await;
                 let _ = outbox.send(reply).await;
             }
@@ -446,27 +443,18 @@ impl Listener {
     async fn redact(&self, sender: SenderId, frame: &Frame) -> Bytes {
         let header = frame.header();
         let (room_id, request_id) = (header.room_id(), header.request_id());
-        let redact: kalandra_proto::payload::Redact = match frame.decode_payload() {
+        let redact = match redact_request(frame) {
             Ok(redact) => redact,
-            Err(error) => {
+            Err(reply) => {
                 self.metrics.rejected(ErrorCode::MalformedPayload);
-                return error_frame(room_id, request_id, ErrorCode::MalformedPayload, &error.to_string());
+                return reply;
             }
         };
-        match self.node.member_redact(room_id, redact.log_index, sender, &redact.reason).await {
-            Ok(report) => {
-                let ack = kalandra_proto::payload::Ack {
-                    log_index: report.log_index,
-                    epoch: report.epoch,
-                    server_time_ms: report.erased_at_ms,
-                };
-                reply_frame(room_id, request_id, &ack)
-            }
-            Err(error) => {
-                self.metrics.rejected(error.error_code());
-                error_frame(room_id, request_id, error.error_code(), &error.to_string())
-            }
+        let result = self.node.member_redact(room_id, redact.log_index, sender, &redact.reason).await;
+        if let Err(error) = &result {
+            self.metrics.rejected(error.error_code());
         }
+        redact_reply(room_id, request_id, &result)
     }
 }
 

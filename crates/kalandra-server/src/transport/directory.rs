@@ -8,11 +8,12 @@ use bytes::Bytes;
 use kalandra_proto::payload::{
     ClaimedKeyPackage, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload,
 };
-use kalandra_proto::{ErrorCode, SenderId};
+use kalandra_proto::{ErrorCode, RoomId, SenderId};
 use openmls::prelude::{BasicCredential, KeyPackage, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
 use openmls_rust_crypto::RustCrypto;
 use tls_codec::Deserialize as _;
 
+pub use crate::room::DirectoryRequest;
 use crate::store::{self, KeyPackageError, Store};
 
 /// Why a directory request failed.
@@ -151,4 +152,42 @@ pub fn claim(store: &dyn Store, claim: &KeyPackageClaim) -> Result<KeyPackageCla
             .push(ClaimedKeyPackage { sender_id, key_package: claimed.map(|c| c.key_package.to_vec()) });
     }
     Ok(KeyPackageClaimed { key_packages })
+}
+
+/// The frame answering a [`DirectoryRequest`], and the error code when it
+/// was refused (for the driver's metrics).
+#[derive(Debug)]
+pub struct DirectoryReply {
+    /// The reply: `KeyPackageStatus`, `KeyPackageClaimed` or `Error`.
+    pub frame: Bytes,
+    /// Why it was refused, if it was.
+    pub refused: Option<ErrorCode>,
+}
+
+/// Carries out `sender`'s request and builds the reply (blocks on storage).
+pub fn answer(store: &dyn Store, sender: SenderId, request: &DirectoryRequest) -> DirectoryReply {
+    let refusal = |error: DirectoryError| (error.error_code(), error.to_string());
+    let (request_id, encoded) = match request {
+        DirectoryRequest::Upload { request_id, upload: payload } => (
+            *request_id,
+            upload(store, sender, payload).map_err(refusal).and_then(|status| encode(*request_id, &status)),
+        ),
+        DirectoryRequest::Claim { request_id, claim: payload } => (
+            *request_id,
+            claim(store, payload).map_err(refusal).and_then(|claimed| encode(*request_id, &claimed)),
+        ),
+    };
+    match encoded {
+        Ok(frame) => DirectoryReply { frame, refused: None },
+        Err((code, message)) => {
+            let frame = crate::room::error_frame(RoomId::default(), request_id, code, &message);
+            DirectoryReply { frame, refused: Some(code) }
+        }
+    }
+}
+
+/// The reply frame, or `Internal` when it cannot be built (too large).
+fn encode<P: kalandra_proto::Payload>(request_id: u32, payload: &P) -> Result<Bytes, (ErrorCode, String)> {
+    crate::room::server_frame(RoomId::default(), request_id, payload)
+        .map_err(|error| (ErrorCode::Internal, error.to_string()))
 }

@@ -699,6 +699,16 @@ impl<G: GroupState> RoomSequencer<G> {
                     .map_err(SubmitError::InvalidProposal)?;
                 Ok(None)
             }
+            // Injected bug: a commit for the epoch before the current one
+            // (once a commit moved it past the first) is sequenced unapplied.
+            #[cfg(feature = "injected-bugs")]
+            Opcode::Commit
+                if crate::bugs::planted().sequence_stale_commit
+                    && self.group.epoch() >= 2
+                    && frame.header().epoch().checked_add(1) == Some(self.group.epoch()) =>
+            {
+                Ok(None)
+            }
             Opcode::Commit => self.admit_commit(sender, frame, now_ms).map(Some),
             Opcode::ExternalJoin => self.admit_external_join(sender, frame, now_ms).map(Some),
             other => Err(SubmitError::NotSequenced(other)),
