@@ -24,8 +24,8 @@ if ! python3 -c 'import pytest' >/dev/null 2>&1; then
 fi
 module="$work/bindings/python"
 case "$(uname -s)" in
-    Darwin) cp "$target/debug/libkalandra_ffi.dylib" "$module/" ;;
-    *) cp "$target/debug/libkalandra_ffi.so" "$module/" ;;
+    Darwin) cp "$target/debug/libkalandra_ffi.dylib" "$target/debug/libkalandra_nse_ffi.dylib" "$module/" ;;
+    *) cp "$target/debug/libkalandra_ffi.so" "$target/debug/libkalandra_nse_ffi.so" "$module/" ;;
 esac
 status=0
 KALANDRA_BINDINGS_DIR="$module" KALANDRA_SERVER_BIN="$target/debug/kalandra-server" \

@@ -7,7 +7,7 @@ The cache and the pushes come from `cargo run -p kalandra-ffi --example
 nse_fixture -- FIXTURE_DIR` (docs/MOBILE.md).
 
 Usage:
-  KALANDRA_BINDINGS_DIR=<dir with kalandra.py and the library> \
+  KALANDRA_BINDINGS_DIR=<dir with kalandra_nse.py and libkalandra_nse_ffi> \
   python3 nse_memory.py FIXTURE_DIR
 """
 
@@ -33,7 +33,7 @@ def main():
     import platform, struct, threading, traceback, typing  # noqa: E401,F401
 
     hwm_python = status_kib("VmHWM:")
-    import kalandra  # noqa: E402  (loads the library)
+    import kalandra_nse as kalandra  # noqa: E402  (loads the NSE's library only)
 
     hwm_loaded = status_kib("VmHWM:")
     cache_path = os.path.join(fixture, "cache.klpc")

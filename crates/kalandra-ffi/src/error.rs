@@ -1,9 +1,8 @@
-//! The errors the bindings raise: one exception type per side (device, NSE),
-//! with a variant per failure class, carrying the server's error code and
+//! The error the bindings raise: one exception type for the device, with a
+//! variant per failure class, carrying the server's error code and
 //! name when the server refused.
 
 use client_core::client::ClientError;
-use client_core::push::{KeyCacheFileError, PushError};
 
 /// Why a device call failed (raised as `KalandraException` in Kotlin,
 /// `KalandraError` in Swift and Python).
@@ -92,78 +91,6 @@ impl From<ClientError> for KalandraError {
             ClientError::Protocol(_) | ClientError::Process(_) => KalandraError::Protocol { detail },
             ClientError::Internal(_) => KalandraError::Internal { detail },
             _ => KalandraError::Failed { detail },
-        }
-    }
-}
-
-/// Why a push could not be decrypted (raised as `NseException` in Kotlin,
-/// `NseError` in Swift and Python). The NSE shows a generic notification
-/// for any of them.
-#[derive(Debug, thiserror::Error, uniffi::Error)]
-pub enum NseError {
-    /// The key cache is not well formed (or not a key cache).
-    #[error("malformed key cache: {detail}")]
-    MalformedCache {
-        /// What is wrong.
-        detail: String,
-    },
-    /// The payload is not a push payload.
-    #[error("malformed push payload: {detail}")]
-    MalformedPayload {
-        /// What is wrong.
-        detail: String,
-    },
-    /// The cache has no key for the push's room and epoch (the app has not
-    /// seen that epoch yet, or the push is older than the previous epoch).
-    #[error("no key for room {room_id_hex} epoch {epoch}")]
-    UnknownRoomOrEpoch {
-        /// The push's room, hex.
-        room_id_hex: String,
-        /// The push's epoch.
-        epoch: u64,
-    },
-    /// The push does not authenticate under its room's key.
-    #[error("push for room {room_id_hex} epoch {epoch} failed authentication")]
-    Authentication {
-        /// The push's room, hex.
-        room_id_hex: String,
-        /// The push's epoch.
-        epoch: u64,
-    },
-    /// The key cache file could not be read.
-    #[error("key cache file: {detail}")]
-    Io {
-        /// What failed.
-        detail: String,
-    },
-}
-
-impl From<PushError> for NseError {
-    fn from(error: PushError) -> Self {
-        let detail = error.to_string();
-        match error {
-            PushError::MalformedCache(_) => NseError::MalformedCache { detail },
-            PushError::UnknownRoomOrEpoch { room_id, epoch } => {
-                NseError::UnknownRoomOrEpoch { room_id_hex: room_id.to_string(), epoch }
-            }
-            PushError::Authentication { room_id, epoch } => {
-                NseError::Authentication { room_id_hex: room_id.to_string(), epoch }
-            }
-            PushError::UnsupportedVersion { format, .. } | PushError::TooLarge { format, .. } => match format
-            {
-                client_core::push::PushFormat::KeyCache => NseError::MalformedCache { detail },
-                client_core::push::PushFormat::Payload => NseError::MalformedPayload { detail },
-            },
-            PushError::MalformedPayload { .. } => NseError::MalformedPayload { detail },
-        }
-    }
-}
-
-impl From<KeyCacheFileError> for NseError {
-    fn from(error: KeyCacheFileError) -> Self {
-        match error {
-            KeyCacheFileError::Push(error) => error.into(),
-            io @ KeyCacheFileError::Io { .. } => NseError::Io { detail: io.to_string() },
         }
     }
 }

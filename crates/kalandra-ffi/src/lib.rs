@@ -1,6 +1,7 @@
 //! Bindings for Kotlin, Swift and Python (uniffi, proc-macro style: no UDL)
-//! of client-core's device API ([`device::Device`]) and of kalandra-nse's
-//! push decryption ([`nse::decrypt_push`], [`nse::decrypt_push_file`]).
+//! of client-core's device API ([`device::Device`]), for the app. The
+//! Notification Service Extension's push decryption is a library of its
+//! own, without MLS: `kalandra-nse-ffi`.
 //!
 //! The library is built as a cdylib (`libkalandra_ffi.so`, `.dylib`,
 //! `.dll`); `scripts/generate-bindings.sh` generates the foreign code from
@@ -10,8 +11,6 @@ uniffi::setup_scaffolding!("kalandra");
 
 pub mod device;
 pub mod error;
-pub mod nse;
 
 pub use device::{BackgroundReport, Body, Device, Message, RoomSummary};
-pub use error::{KalandraError, NseError};
-pub use nse::{decrypt_push, decrypt_push_file, PushMessage};
+pub use error::KalandraError;

@@ -432,6 +432,12 @@ struct Room {
     joining: Option<RoomGroup>,
     /// Where a search of the log found our external join.
     join_found: Option<u64>,
+    /// Where the next search for our external join reads from: the end of
+    /// the last search that found nothing (a former member may read only up
+    /// to its removal, so a search from 0 would end there again and again).
+    join_search_from: u64,
+    /// A search saw another commit for our join's epoch or a later one.
+    join_passed_over: bool,
     /// Nothing that may pass later is asked before this time.
     retry_at_ms: u64,
     /// The epoch last added to the transcript.
@@ -522,6 +528,8 @@ impl Client {
                 last_frame_ms: 0,
                 joining,
                 join_found: None,
+                join_search_from: 0,
+                join_passed_over: false,
                 retry_at_ms: 0,
                 transcript_epoch: None,
             };

@@ -525,10 +525,6 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
-    if lib.uniffi_kalandra_ffi_checksum_func_decrypt_push() != 23165:
-        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file() != 21704:
-        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() != 32604:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_ban() != 38201:
@@ -624,12 +620,6 @@ _UniffiLib.ffi_kalandra_ffi_rustbuffer_reserve.restype = _UniffiRustBuffer
 _UniffiLib.ffi_kalandra_ffi_uniffi_contract_version.argtypes = (
 )
 _UniffiLib.ffi_kalandra_ffi_uniffi_contract_version.restype = ctypes.c_uint32
-_UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push.argtypes = (
-)
-_UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push.restype = ctypes.c_uint16
-_UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file.argtypes = (
-)
-_UniffiLib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file.restype = ctypes.c_uint16
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_background_sync.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_background_sync.restype = ctypes.c_uint16
@@ -729,18 +719,6 @@ _UniffiLib.uniffi_kalandra_ffi_checksum_constructor_device_init.restype = ctypes
 _UniffiLib.uniffi_kalandra_ffi_checksum_constructor_device_open.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_constructor_device_open.restype = ctypes.c_uint16
-_UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push.argtypes = (
-    _UniffiRustBuffer,
-    _UniffiRustBuffer,
-    ctypes.POINTER(_UniffiRustCallStatus),
-)
-_UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push.restype = _UniffiRustBuffer
-_UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push_file.argtypes = (
-    _UniffiRustBuffer,
-    _UniffiRustBuffer,
-    ctypes.POINTER(_UniffiRustCallStatus),
-)
-_UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push_file.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_kalandra_ffi_fn_method_device_background_sync.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint64,
@@ -1830,51 +1808,6 @@ class _UniffiFfiConverterTypeMessage(_UniffiConverterRustBuffer):
         _UniffiFfiConverterTypeBody.write(value.body, buf)
 
 @dataclass
-class PushMessage:
-    """
-    A decrypted push.
-"""
-    def __init__(self, *, room_id:bytes, epoch:int, plaintext:bytes):
-        self.room_id = room_id
-        self.epoch = epoch
-        self.plaintext = plaintext
-        
-        
-
-    
-    def __str__(self):
-        return "PushMessage(room_id={}, epoch={}, plaintext={})".format(self.room_id, self.epoch, self.plaintext)
-    def __eq__(self, other):
-        if self.room_id != other.room_id:
-            return False
-        if self.epoch != other.epoch:
-            return False
-        if self.plaintext != other.plaintext:
-            return False
-        return True
-
-class _UniffiFfiConverterTypePushMessage(_UniffiConverterRustBuffer):
-    @staticmethod
-    def read(buf):
-        return PushMessage(
-            room_id=_UniffiFfiConverterBytes.read(buf),
-            epoch=_UniffiFfiConverterUInt64.read(buf),
-            plaintext=_UniffiFfiConverterBytes.read(buf),
-        )
-
-    @staticmethod
-    def check_lower(value):
-        _UniffiFfiConverterBytes.check_lower(value.room_id)
-        _UniffiFfiConverterUInt64.check_lower(value.epoch)
-        _UniffiFfiConverterBytes.check_lower(value.plaintext)
-
-    @staticmethod
-    def write(value, buf):
-        _UniffiFfiConverterBytes.write(value.room_id, buf)
-        _UniffiFfiConverterUInt64.write(value.epoch, buf)
-        _UniffiFfiConverterBytes.write(value.plaintext, buf)
-
-@dataclass
 class RoomSummary:
     """
     A room as this device sees it.
@@ -2150,179 +2083,6 @@ class _UniffiFfiConverterTypeKalandraError(_UniffiConverterRustBuffer):
             _UniffiFfiConverterString.write(value.detail, buf)
         if isinstance(value, KalandraError.Internal):
             buf.write_i32(7)
-            _UniffiFfiConverterString.write(value.detail, buf)
-
-
-
-# NseError
-# We want to define each variant as a nested class that's also a subclass,
-# which is tricky in Python.  To accomplish this we're going to create each
-# class separately, then manually add the child classes to the base class's
-# __dict__.  All of this happens in dummy class to avoid polluting the module
-# namespace.
-class NseError(Exception):
-    """
-    Why a push could not be decrypted (raised as `NseException` in Kotlin,
-    `NseError` in Swift and Python). The NSE shows a generic notification
-    for any of them.
-"""
-    pass
-
-_UniffiTempNseError = NseError
-
-class NseError:  # type: ignore
-    """
-    Why a push could not be decrypted (raised as `NseException` in Kotlin,
-    `NseError` in Swift and Python). The NSE shows a generic notification
-    for any of them.
-"""
-    
-    class MalformedCache(_UniffiTempNseError):
-        """
-        The key cache is not well formed (or not a key cache).
-"""
-        
-        def __init__(self, detail):
-            super().__init__(", ".join([
-                "detail={!r}".format(detail),
-            ]))
-            self.detail = detail
-
-        def __repr__(self):
-            return "NseError.MalformedCache({})".format(str(self))
-    _UniffiTempNseError.MalformedCache = MalformedCache # type: ignore
-    class MalformedPayload(_UniffiTempNseError):
-        """
-        The payload is not a push payload.
-"""
-        
-        def __init__(self, detail):
-            super().__init__(", ".join([
-                "detail={!r}".format(detail),
-            ]))
-            self.detail = detail
-
-        def __repr__(self):
-            return "NseError.MalformedPayload({})".format(str(self))
-    _UniffiTempNseError.MalformedPayload = MalformedPayload # type: ignore
-    class UnknownRoomOrEpoch(_UniffiTempNseError):
-        """
-        The cache has no key for the push's room and epoch (the app has not
-        seen that epoch yet, or the push is older than the previous epoch).
-"""
-        
-        def __init__(self, room_id_hex, epoch):
-            super().__init__(", ".join([
-                "room_id_hex={!r}".format(room_id_hex),
-                "epoch={!r}".format(epoch),
-            ]))
-            self.room_id_hex = room_id_hex
-            self.epoch = epoch
-
-        def __repr__(self):
-            return "NseError.UnknownRoomOrEpoch({})".format(str(self))
-    _UniffiTempNseError.UnknownRoomOrEpoch = UnknownRoomOrEpoch # type: ignore
-    class Authentication(_UniffiTempNseError):
-        """
-        The push does not authenticate under its room's key.
-"""
-        
-        def __init__(self, room_id_hex, epoch):
-            super().__init__(", ".join([
-                "room_id_hex={!r}".format(room_id_hex),
-                "epoch={!r}".format(epoch),
-            ]))
-            self.room_id_hex = room_id_hex
-            self.epoch = epoch
-
-        def __repr__(self):
-            return "NseError.Authentication({})".format(str(self))
-    _UniffiTempNseError.Authentication = Authentication # type: ignore
-    class Io(_UniffiTempNseError):
-        """
-        The key cache file could not be read.
-"""
-        
-        def __init__(self, detail):
-            super().__init__(", ".join([
-                "detail={!r}".format(detail),
-            ]))
-            self.detail = detail
-
-        def __repr__(self):
-            return "NseError.Io({})".format(str(self))
-    _UniffiTempNseError.Io = Io # type: ignore
-
-NseError = _UniffiTempNseError # type: ignore
-del _UniffiTempNseError
-
-
-class _UniffiFfiConverterTypeNseError(_UniffiConverterRustBuffer):
-    @staticmethod
-    def read(buf):
-        variant = buf.read_i32()
-        if variant == 1:
-            return NseError.MalformedCache(
-                _UniffiFfiConverterString.read(buf),
-            )
-        if variant == 2:
-            return NseError.MalformedPayload(
-                _UniffiFfiConverterString.read(buf),
-            )
-        if variant == 3:
-            return NseError.UnknownRoomOrEpoch(
-                _UniffiFfiConverterString.read(buf),
-                _UniffiFfiConverterUInt64.read(buf),
-            )
-        if variant == 4:
-            return NseError.Authentication(
-                _UniffiFfiConverterString.read(buf),
-                _UniffiFfiConverterUInt64.read(buf),
-            )
-        if variant == 5:
-            return NseError.Io(
-                _UniffiFfiConverterString.read(buf),
-            )
-        raise InternalError("Raw enum value doesn't match any cases")
-
-    @staticmethod
-    def check_lower(value):
-        if isinstance(value, NseError.MalformedCache):
-            _UniffiFfiConverterString.check_lower(value.detail)
-            return
-        if isinstance(value, NseError.MalformedPayload):
-            _UniffiFfiConverterString.check_lower(value.detail)
-            return
-        if isinstance(value, NseError.UnknownRoomOrEpoch):
-            _UniffiFfiConverterString.check_lower(value.room_id_hex)
-            _UniffiFfiConverterUInt64.check_lower(value.epoch)
-            return
-        if isinstance(value, NseError.Authentication):
-            _UniffiFfiConverterString.check_lower(value.room_id_hex)
-            _UniffiFfiConverterUInt64.check_lower(value.epoch)
-            return
-        if isinstance(value, NseError.Io):
-            _UniffiFfiConverterString.check_lower(value.detail)
-            return
-
-    @staticmethod
-    def write(value, buf):
-        if isinstance(value, NseError.MalformedCache):
-            buf.write_i32(1)
-            _UniffiFfiConverterString.write(value.detail, buf)
-        if isinstance(value, NseError.MalformedPayload):
-            buf.write_i32(2)
-            _UniffiFfiConverterString.write(value.detail, buf)
-        if isinstance(value, NseError.UnknownRoomOrEpoch):
-            buf.write_i32(3)
-            _UniffiFfiConverterString.write(value.room_id_hex, buf)
-            _UniffiFfiConverterUInt64.write(value.epoch, buf)
-        if isinstance(value, NseError.Authentication):
-            buf.write_i32(4)
-            _UniffiFfiConverterString.write(value.room_id_hex, buf)
-            _UniffiFfiConverterUInt64.write(value.epoch, buf)
-        if isinstance(value, NseError.Io):
-            buf.write_i32(5)
             _UniffiFfiConverterString.write(value.detail, buf)
 
 class _UniffiFfiConverterOptionalUInt64(_UniffiConverterRustBuffer):
@@ -3372,61 +3132,15 @@ class _UniffiFfiConverterTypeDevice:
     @classmethod
     def write(cls, value: Device, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
-def decrypt_push(cache: bytes,payload: bytes) -> PushMessage:
-    """
-    Decrypts a push `payload` (as the server forwarded it) with the key
-    `cache` bytes.
-"""
-    
-    _UniffiFfiConverterBytes.check_lower(cache)
-
-    _UniffiFfiConverterBytes.check_lower(payload)
-    _uniffi_lowered_args = (
-        _UniffiFfiConverterBytes.lower(cache),
-        _UniffiFfiConverterBytes.lower(payload),
-    )
-    _uniffi_lift_return = _UniffiFfiConverterTypePushMessage.lift
-    _uniffi_error_converter = _UniffiFfiConverterTypeNseError
-    _uniffi_ffi_result = _uniffi_rust_call_with_error(
-        _uniffi_error_converter,
-        _UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push,
-        *_uniffi_lowered_args,
-    )
-    return _uniffi_lift_return(_uniffi_ffi_result)
-def decrypt_push_file(path: str,payload: bytes) -> PushMessage:
-    """
-    Decrypts a push `payload` with the key cache file at `path` (the file the
-    app's device writes; see `Device::key_cache_path`).
-"""
-    
-    _UniffiFfiConverterString.check_lower(path)
-
-    _UniffiFfiConverterBytes.check_lower(payload)
-    _uniffi_lowered_args = (
-        _UniffiFfiConverterString.lower(path),
-        _UniffiFfiConverterBytes.lower(payload),
-    )
-    _uniffi_lift_return = _UniffiFfiConverterTypePushMessage.lift
-    _uniffi_error_converter = _UniffiFfiConverterTypeNseError
-    _uniffi_ffi_result = _uniffi_rust_call_with_error(
-        _uniffi_error_converter,
-        _UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push_file,
-        *_uniffi_lowered_args,
-    )
-    return _uniffi_lift_return(_uniffi_ffi_result)
 
 __all__ = [
     "InternalError",
     "Body",
     "KalandraError",
-    "NseError",
     "RoomFailure",
     "BackgroundReport",
     "Message",
-    "PushMessage",
     "RoomSummary",
-    "decrypt_push",
-    "decrypt_push_file",
     "Device",
     "DeviceProtocol",
 ]

@@ -418,16 +418,6 @@ uint64_t uniffi_kalandra_ffi_fn_method_device_sync(uint64_t ptr, RustBuffer room
 uint64_t uniffi_kalandra_ffi_fn_method_device_unban(uint64_t ptr, RustBuffer room_id, uint64_t user, RustBuffer reason
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_FUNC_DECRYPT_PUSH
-#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_FUNC_DECRYPT_PUSH
-RustBuffer uniffi_kalandra_ffi_fn_func_decrypt_push(RustBuffer cache, RustBuffer payload, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_FUNC_DECRYPT_PUSH_FILE
-#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_FUNC_DECRYPT_PUSH_FILE
-RustBuffer uniffi_kalandra_ffi_fn_func_decrypt_push_file(RustBuffer path, RustBuffer payload, RustCallStatus *_Nonnull out_status
-);
-#endif
 #ifndef UNIFFI_FFIDEF_FFI_KALANDRA_FFI_RUSTBUFFER_ALLOC
 #define UNIFFI_FFIDEF_FFI_KALANDRA_FFI_RUSTBUFFER_ALLOC
 RustBuffer ffi_kalandra_ffi_rustbuffer_alloc(uint64_t size, RustCallStatus *_Nonnull out_status
@@ -686,18 +676,6 @@ void ffi_kalandra_ffi_rust_future_free_void(uint64_t handle
 #ifndef UNIFFI_FFIDEF_FFI_KALANDRA_FFI_RUST_FUTURE_COMPLETE_VOID
 #define UNIFFI_FFIDEF_FFI_KALANDRA_FFI_RUST_FUTURE_COMPLETE_VOID
 void ffi_kalandra_ffi_rust_future_complete_void(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_FUNC_DECRYPT_PUSH
-#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_FUNC_DECRYPT_PUSH
-uint16_t uniffi_kalandra_ffi_checksum_func_decrypt_push(void
-    
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_FUNC_DECRYPT_PUSH_FILE
-#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_FUNC_DECRYPT_PUSH_FILE
-uint16_t uniffi_kalandra_ffi_checksum_func_decrypt_push_file(void
-    
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_BACKGROUND_SYNC

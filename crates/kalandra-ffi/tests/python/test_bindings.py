@@ -23,7 +23,8 @@ import threading
 import pytest
 
 sys.path.insert(0, os.environ["KALANDRA_BINDINGS_DIR"])
-import kalandra  # noqa: E402  (the generated module)
+import kalandra  # noqa: E402  (the generated module of the app's library)
+import kalandra_nse  # noqa: E402  (the notification extension's library)
 
 STARTUP_LINES_MAX = 200
 PUSH_WAIT_S = 10
@@ -147,18 +148,18 @@ async def conversation(tmp_path, server, webhook):
     push = webhook.next()
     assert push["recipient"] == "%016x" % bob.sender_id()
     payload = bytes.fromhex(push["payload"])
-    opened = kalandra.decrypt_push_file(bob_cache, payload)
+    opened = kalandra_nse.decrypt_push_file(bob_cache, payload)
     assert (opened.room_id, opened.epoch, opened.plaintext) == (room, 1, b"alice: are you there?")
     exported = await bob.export_key_cache()
-    assert kalandra.decrypt_push(exported, payload).plaintext == b"alice: are you there?"
+    assert kalandra_nse.decrypt_push(exported, payload).plaintext == b"alice: are you there?"
 
     # Typed errors: the NSE's, and the server's code and name.
     tampered = payload[:-1] + bytes([payload[-1] ^ 1])
-    with pytest.raises(kalandra.NseError.Authentication) as caught:
-        kalandra.decrypt_push(exported, tampered)
+    with pytest.raises(kalandra_nse.NseError.Authentication) as caught:
+        kalandra_nse.decrypt_push(exported, tampered)
     assert caught.value.epoch == 1
-    with pytest.raises(kalandra.NseError.MalformedCache):
-        kalandra.decrypt_push(exported[:-1], payload)
+    with pytest.raises(kalandra_nse.NseError.MalformedCache):
+        kalandra_nse.decrypt_push(exported[:-1], payload)
     with pytest.raises(kalandra.KalandraError.InvalidCall):
         await alice.send(room[:15], b"short id")
     with pytest.raises(kalandra.KalandraError.Refused) as refused:

@@ -227,7 +227,19 @@ impl Client {
 
     /// A frame of a search of the log for our external join.
     fn search_frame(&mut self, room_id: RoomId, frame: &Frame) {
-        if frame.opcode() != Opcode::ExternalJoin || frame.header().sender_id() != self.sender {
+        let commit = matches!(frame.opcode(), Opcode::Commit | Opcode::ExternalJoin);
+        if commit && frame.header().sender_id() != self.sender {
+            // Another commit for the epoch our join was made for (or a
+            // later one): our join can no longer be sequenced.
+            if let Some(room) = self.room_mut(room_id) {
+                let join_epoch = room.joining.as_ref().map(|g| g.epoch().saturating_sub(1));
+                if join_epoch.is_some_and(|epoch| frame.header().epoch() >= epoch) {
+                    room.join_passed_over = true;
+                }
+            }
+            return;
+        }
+        if frame.opcode() != Opcode::ExternalJoin {
             return;
         }
         let Ok(join) = frame.decode_payload::<payload::ExternalJoin>() else { return };
@@ -245,7 +257,7 @@ impl Client {
         match self.in_flight.remove(&request_id) {
             Some(Request::Subscribe { room }) => self.caught_up(room, done.next_log_index),
             Some(Request::JoinSearch { room }) => {
-                self.search_ended(room);
+                self.search_ended(room, done.next_log_index);
                 Ok(())
             }
             other => {
@@ -275,17 +287,31 @@ impl Client {
         Ok(())
     }
 
-    /// A search for our external join ended: joined where it was found,
-    /// else asked again later.
-    fn search_ended(&mut self, room_id: RoomId) {
+    /// A search for our external join ended at `next_log_index`: joined
+    /// where it was found, else asked again later from where it ended.
+    fn search_ended(&mut self, room_id: RoomId, next_log_index: u64) {
         let Some(room) = self.room_mut(room_id) else { return };
         match room.join_found.take() {
             Some(log_index) => {
+                room.join_search_from = 0;
+                room.join_passed_over = false;
                 let epoch = room.joining.as_ref().map_or(0, client_core::mls::RoomGroup::epoch);
                 self.joined_by_commit(room_id, log_index, epoch);
             }
-            // A member (the server let us read) whose join is not durable yet.
-            None => room.retry_at_ms = now_ms() + super::RETRY_PAUSE_MS,
+            // The log moved past the epoch our join was made for without
+            // it (we may have been added meanwhile): it is given up.
+            None if room.join_passed_over => {
+                room.join_passed_over = false;
+                room.join_search_from = 0;
+                self.drop_join(room_id);
+            }
+            // A member whose join is not durable yet, or a former member
+            // that read up to its removal (the server lets it read no
+            // further; from there it is refused as not a member).
+            None => {
+                room.join_search_from = room.join_search_from.max(next_log_index);
+                room.retry_at_ms = now_ms() + super::RETRY_PAUSE_MS;
+            }
         }
     }
 

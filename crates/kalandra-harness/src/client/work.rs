@@ -115,10 +115,10 @@ impl Client {
     /// Asks for the room's log, to find out whether our external join
     /// (its answer lost) was sequenced: the server lets only members read it.
     fn search_for_join(&mut self, room_id: RoomId) {
-        if let Some(room) = self.room_mut(room_id) {
-            room.join_found = None;
-        }
-        let sync = payload::Sync { from_log_index: 0, count_max: JOIN_SEARCH_FRAMES_MAX };
+        let Some(room) = self.room_mut(room_id) else { return };
+        room.join_found = None;
+        let from_log_index = room.join_search_from;
+        let sync = payload::Sync { from_log_index, count_max: JOIN_SEARCH_FRAMES_MAX };
         self.request(room_id, &sync, 0, Request::JoinSearch { room: room_id });
     }
 

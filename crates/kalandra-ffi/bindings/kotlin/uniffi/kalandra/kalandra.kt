@@ -682,10 +682,6 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
-    external fun uniffi_kalandra_ffi_checksum_func_decrypt_push(
-    ): Int
-    external fun uniffi_kalandra_ffi_checksum_func_decrypt_push_file(
-    ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_background_sync(
     ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_ban(
@@ -842,10 +838,6 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_kalandra_ffi_fn_method_device_unban(`ptr`: Long,`roomId`: RustBuffer.ByValue,`user`: Long,`reason`: RustBuffer.ByValue,
     ): Long
-    external fun uniffi_kalandra_ffi_fn_func_decrypt_push(`cache`: RustBuffer.ByValue,`payload`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBuffer.ByValue
-    external fun uniffi_kalandra_ffi_fn_func_decrypt_push_file(`path`: RustBuffer.ByValue,`payload`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBuffer.ByValue
     external fun ffi_kalandra_ffi_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_kalandra_ffi_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -965,12 +957,6 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
-    if ((lib.uniffi_kalandra_ffi_checksum_func_decrypt_push() and 0xFFFF) != 23165) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_kalandra_ffi_checksum_func_decrypt_push_file() and 0xFFFF) != 21704) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_background_sync() and 0xFFFF) != 32604) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -2834,61 +2820,6 @@ public object FfiConverterTypeMessage: FfiConverterRustBuffer<Message> {
 
 
 /**
- * A decrypted push.
- */
-data class PushMessage (
-    /**
-     * The room (16 bytes).
-     */
-    var `roomId`: kotlin.ByteArray
-    , 
-    /**
-     * The epoch whose key sealed it.
-     */
-    var `epoch`: kotlin.ULong
-    , 
-    /**
-     * The sender's notification content.
-     */
-    var `plaintext`: kotlin.ByteArray
-    
-){
-    
-
-    
-
-    
-    companion object
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypePushMessage: FfiConverterRustBuffer<PushMessage> {
-    override fun read(buf: ByteBuffer): PushMessage {
-        return PushMessage(
-            FfiConverterByteArray.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterByteArray.read(buf),
-        )
-    }
-
-    override fun allocationSize(value: PushMessage) = (
-            FfiConverterByteArray.allocationSize(value.`roomId`) +
-            FfiConverterULong.allocationSize(value.`epoch`) +
-            FfiConverterByteArray.allocationSize(value.`plaintext`)
-    )
-
-    override fun write(value: PushMessage, buf: ByteBuffer) {
-            FfiConverterByteArray.write(value.`roomId`, buf)
-            FfiConverterULong.write(value.`epoch`, buf)
-            FfiConverterByteArray.write(value.`plaintext`, buf)
-    }
-}
-
-
-
-/**
  * A room that failed while a call went over every room; the other rooms
  * went on.
  */
@@ -3428,204 +3359,6 @@ public object FfiConverterTypeKalandraError : FfiConverterRustBuffer<KalandraExc
 
 
 
-
-/**
- * Why a push could not be decrypted (raised as `NseException` in Kotlin,
- * `NseError` in Swift and Python). The NSE shows a generic notification
- * for any of them.
- */
-sealed class NseException: kotlin.Exception() {
-    
-    /**
-     * The key cache is not well formed (or not a key cache).
-     */
-    class MalformedCache(
-        
-        /**
-         * What is wrong.
-         */
-        val `detail`: kotlin.String
-        ) : NseException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-    /**
-     * The payload is not a push payload.
-     */
-    class MalformedPayload(
-        
-        /**
-         * What is wrong.
-         */
-        val `detail`: kotlin.String
-        ) : NseException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-    /**
-     * The cache has no key for the push's room and epoch (the app has not
-     * seen that epoch yet, or the push is older than the previous epoch).
-     */
-    class UnknownRoomOrEpoch(
-        
-        /**
-         * The push's room, hex.
-         */
-        val `roomIdHex`: kotlin.String, 
-        
-        /**
-         * The push's epoch.
-         */
-        val `epoch`: kotlin.ULong
-        ) : NseException() {
-        override val message
-            get() = "roomIdHex=${ `roomIdHex` }, epoch=${ `epoch` }"
-    }
-    
-    /**
-     * The push does not authenticate under its room's key.
-     */
-    class Authentication(
-        
-        /**
-         * The push's room, hex.
-         */
-        val `roomIdHex`: kotlin.String, 
-        
-        /**
-         * The push's epoch.
-         */
-        val `epoch`: kotlin.ULong
-        ) : NseException() {
-        override val message
-            get() = "roomIdHex=${ `roomIdHex` }, epoch=${ `epoch` }"
-    }
-    
-    /**
-     * The key cache file could not be read.
-     */
-    class Io(
-        
-        /**
-         * What failed.
-         */
-        val `detail`: kotlin.String
-        ) : NseException() {
-        override val message
-            get() = "detail=${ `detail` }"
-    }
-    
-
-    
-
-
-    companion object ErrorHandler : UniffiRustCallStatusErrorHandler<NseException> {
-        override fun lift(error_buf: RustBuffer.ByValue): NseException = FfiConverterTypeNseError.lift(error_buf)
-    }
-
-    
-}
-
-/**
- * @suppress
- */
-public object FfiConverterTypeNseError : FfiConverterRustBuffer<NseException> {
-    override fun read(buf: ByteBuffer): NseException {
-        
-
-        return when(buf.getInt()) {
-            1 -> NseException.MalformedCache(
-                FfiConverterString.read(buf),
-                )
-            2 -> NseException.MalformedPayload(
-                FfiConverterString.read(buf),
-                )
-            3 -> NseException.UnknownRoomOrEpoch(
-                FfiConverterString.read(buf),
-                FfiConverterULong.read(buf),
-                )
-            4 -> NseException.Authentication(
-                FfiConverterString.read(buf),
-                FfiConverterULong.read(buf),
-                )
-            5 -> NseException.Io(
-                FfiConverterString.read(buf),
-                )
-            else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
-        }
-    }
-
-    override fun allocationSize(value: NseException): ULong {
-        return when(value) {
-            is NseException.MalformedCache -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is NseException.MalformedPayload -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-            is NseException.UnknownRoomOrEpoch -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`roomIdHex`)
-                + FfiConverterULong.allocationSize(value.`epoch`)
-            )
-            is NseException.Authentication -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`roomIdHex`)
-                + FfiConverterULong.allocationSize(value.`epoch`)
-            )
-            is NseException.Io -> (
-                // Add the size for the Int that specifies the variant plus the size needed for all fields
-                4UL
-                + FfiConverterString.allocationSize(value.`detail`)
-            )
-        }
-    }
-
-    override fun write(value: NseException, buf: ByteBuffer) {
-        when(value) {
-            is NseException.MalformedCache -> {
-                buf.putInt(1)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is NseException.MalformedPayload -> {
-                buf.putInt(2)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-            is NseException.UnknownRoomOrEpoch -> {
-                buf.putInt(3)
-                FfiConverterString.write(value.`roomIdHex`, buf)
-                FfiConverterULong.write(value.`epoch`, buf)
-                Unit
-            }
-            is NseException.Authentication -> {
-                buf.putInt(4)
-                FfiConverterString.write(value.`roomIdHex`, buf)
-                FfiConverterULong.write(value.`epoch`, buf)
-                Unit
-            }
-            is NseException.Io -> {
-                buf.putInt(5)
-                FfiConverterString.write(value.`detail`, buf)
-                Unit
-            }
-        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
-    }
-
-}
-
-
-
-
 /**
  * @suppress
  */
@@ -3865,39 +3598,5 @@ public object FfiConverterSequenceTypeRoomSummary: FfiConverterRustBuffer<List<R
 
 
 
-
-        /**
-         * Decrypts a push `payload` (as the server forwarded it) with the key
-         * `cache` bytes.
-         */
-    @Throws(NseException::class) fun `decryptPush`(`cache`: kotlin.ByteArray, `payload`: kotlin.ByteArray): PushMessage {
-            return FfiConverterTypePushMessage.lift(
-    uniffiRustCallWithError(NseException) { _status ->
-    UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push(
-    
-        
-        FfiConverterByteArray.lower(`cache`),
-        FfiConverterByteArray.lower(`payload`),_status)
-}
-    )
-    }
-    
-
-        /**
-         * Decrypts a push `payload` with the key cache file at `path` (the file the
-         * app's device writes; see `Device::key_cache_path`).
-         */
-    @Throws(NseException::class) fun `decryptPushFile`(`path`: kotlin.String, `payload`: kotlin.ByteArray): PushMessage {
-            return FfiConverterTypePushMessage.lift(
-    uniffiRustCallWithError(NseException) { _status ->
-    UniffiLib.uniffi_kalandra_ffi_fn_func_decrypt_push_file(
-    
-        
-        FfiConverterString.lower(`path`),
-        FfiConverterByteArray.lower(`payload`),_status)
-}
-    )
-    }
-    
 
 
