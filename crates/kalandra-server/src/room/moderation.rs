@@ -11,7 +11,7 @@ use super::acts::{
     RoomInfo, RoomSummary, ROOMS_LIST_MAX,
 };
 use super::frames::error_frame_with;
-use super::shard::{Output, Peer, Room, Shard};
+use super::shard::{room_standing, Output, Peer, Room, Shard, Standing};
 use crate::room::audit::{ActorKind, AuditAction, AuditEvent};
 use crate::room::mls_state::ServerSigner;
 use crate::room::roles::{Act, Actor, ModerationError, Role};
@@ -417,43 +417,6 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         rooms.sort_by_key(|room| room.room_id.0);
         rooms.truncate(count_max.min(ROOMS_LIST_MAX));
         rooms
-    }
-}
-
-/// Where a user stands in a room, for reading it and redacting in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
-    /// A current member holding the admin or moderator role.
-    Moderator,
-    /// A current member.
-    Member,
-    /// Not a member, or a member whose removal by the server is pending.
-    NotMember,
-    /// Banned from the room.
-    Banned,
-}
-
-/// Where `user` stands in `room` at `now_ms` (roles aside: `Member` for
-/// every current member). The pending removals are read only when the
-/// room has server proposals pending.
-pub(super) fn room_standing<G: PersistentGroup, P>(
-    room: &Room<G, P>,
-    user: SenderId,
-    now_ms: u64,
-) -> Standing {
-    if room.sequencer.is_banned(user, now_ms) {
-        return Standing::Banned;
-    }
-    if !room.sequencer.is_member(user) {
-        return Standing::NotMember;
-    }
-    if room.sequencer.server_proposals_pending().is_empty() {
-        return Standing::Member;
-    }
-    match room.sequencer.group().pending_server_removals() {
-        Ok(removals) if !removals.contains(&user) => Standing::Member,
-        // Being removed, or unknown: refused (safe side).
-        _ => Standing::NotMember,
     }
 }
 

@@ -25,7 +25,6 @@ use super::frames::{
     error_frame, error_frame_with, rejection_frame, reply_frame, server_frame, welcome_frame,
 };
 use super::limits::*;
-use super::moderation::{room_standing, Standing};
 use super::snapshot::RoomSnapshot;
 use crate::room::mls_state::ServerSigner;
 use crate::room::roles::RoomRoles;
@@ -1089,4 +1088,41 @@ fn pop_waiting<G: PersistentGroup, P>(room: &mut Room<G, P>, log_index: u64) -> 
     let waiting = room.waiting.pop_front().expect("every durable frame was waiting");
     assert_eq!(waiting.log_index, log_index, "durability follows log order");
     waiting
+}
+
+/// Where a user stands in a room, for reading it and redacting in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// A current member holding the admin or moderator role.
+    Moderator,
+    /// A current member.
+    Member,
+    /// Not a member, or a member whose removal by the server is pending.
+    NotMember,
+    /// Banned from the room.
+    Banned,
+}
+
+/// Where `user` stands in `room` at `now_ms` (roles aside: `Member` for
+/// every current member). The pending removals are read only when the
+/// room has server proposals pending.
+pub(super) fn room_standing<G: PersistentGroup, P>(
+    room: &Room<G, P>,
+    user: SenderId,
+    now_ms: u64,
+) -> Standing {
+    if room.sequencer.is_banned(user, now_ms) {
+        return Standing::Banned;
+    }
+    if !room.sequencer.is_member(user) {
+        return Standing::NotMember;
+    }
+    if room.sequencer.server_proposals_pending().is_empty() {
+        return Standing::Member;
+    }
+    match room.sequencer.group().pending_server_removals() {
+        Ok(removals) if !removals.contains(&user) => Standing::Member,
+        // Being removed, or unknown: refused (safe side).
+        _ => Standing::NotMember,
+    }
 }

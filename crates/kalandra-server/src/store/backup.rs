@@ -184,10 +184,25 @@ fn write_partial(store: &dyn Store, partial: &Path) -> Result<SnapshotCopy, Back
         .map_err(io_failed(OP))?;
     let check = file.try_clone().map_err(io_failed(OP))?;
     let copy = store.write_snapshot(file)?;
-    if !super::redb::verify_file(check)? {
+    if !verify_file(check)? {
         return Err(BackupError::NotVerified { path: partial.to_owned() });
     }
     Ok(copy)
+}
+
+/// Opens the redb database in `file` and checks its checksums: `false` if
+/// it needed repair, or does not verify.
+fn verify_file(file: File) -> Result<bool, StorageFailure> {
+    const OP: &str = "backup";
+    let failed = |error: ::redb::Error| StorageFailure::new(OP, error);
+    let backend = ::redb::backends::FileBackend::new(file).map_err(|error| failed(error.into()))?;
+    let mut db =
+        ::redb::Database::builder().create_with_backend(backend).map_err(|error| failed(error.into()))?;
+    match db.check_integrity() {
+        Ok(intact) => Ok(intact),
+        Err(::redb::DatabaseError::Storage(::redb::StorageError::Corrupted(_))) => Ok(false),
+        Err(error) => Err(failed(error.into())),
+    }
 }
 
 /// Gives `from` the name `to`, failing if `to` exists (a hard link, which

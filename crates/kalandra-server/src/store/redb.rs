@@ -701,19 +701,6 @@ fn failed_io(operation: &'static str) -> impl FnOnce(std::io::Error) -> StorageF
     move |error| StorageFailure::new(operation, error)
 }
 
-/// Opens the database in `file` and checks its checksums: `false` if it
-/// needed repair, or does not verify.
-pub(super) fn verify_file(file: std::fs::File) -> Result<bool, StorageFailure> {
-    const OP: &str = "backup";
-    let backend = ::redb::backends::FileBackend::new(file).map_err(failed(OP))?;
-    let mut db = Database::builder().create_with_backend(backend).map_err(failed(OP))?;
-    match db.check_integrity() {
-        Ok(intact) => Ok(intact),
-        Err(::redb::DatabaseError::Storage(::redb::StorageError::Corrupted(_))) => Ok(false),
-        Err(error) => Err(failed(OP)(error)),
-    }
-}
-
 fn failed_rng(error: rand::Error) -> OpenError {
     OpenError::Storage(StorageFailure::new("open", std::io::Error::other(error.to_string())))
 }
