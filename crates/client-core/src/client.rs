@@ -303,6 +303,18 @@ impl ClientError {
     }
 }
 
+/// Whether `reply` is the server's refusal to let this device read the
+/// room any more: it is not a member (removed), or it is banned (removed,
+/// and the server no longer remembers how far it may read). Either way the
+/// room is left on this device.
+pub(crate) fn refused_membership(reply: &Frame) -> bool {
+    if reply.opcode() != Opcode::Error {
+        return false;
+    }
+    let code = ClientError::refused(reply).code();
+    code == Some(ErrorCode::NotMember.to_u16()) || code == Some(ErrorCode::Banned.to_u16())
+}
+
 /// A room that failed while a call went over every room (the other rooms
 /// went on).
 #[derive(Debug)]
@@ -905,10 +917,9 @@ impl Client {
             let sync = Sync { from_log_index: from, count_max: SYNC_FRAMES_PER_REQUEST };
             let frame = self.frame(room_id, epoch, &sync)?;
             let reply = self.request(&frame).await?;
-            if reply.opcode() == Opcode::Error
-                && ClientError::refused(&reply).code() == Some(ErrorCode::NotMember.to_u16())
-            {
-                // Removed while away: the server no longer lets us read the room.
+            if refused_membership(&reply) {
+                // Removed (or banned) while away: the server no longer lets
+                // us read the room.
                 self.mark_removed(room_id)?;
                 return Err(ClientError::NotMember(room_id));
             }

@@ -209,3 +209,51 @@ fn a_removal_while_our_commit_is_pending_discards_it_and_redoes_nothing() {
     assert_eq!(bob_log.take_redo(), None);
     assert_eq!(bob_log.state(), ClientState::PendingWelcome);
 }
+
+/// Alice adds Carol to `two_members`' room (log index 2, epoch 2).
+fn three_members() -> ((Device, RoomLog), (Device, RoomLog), (Device, RoomLog)) {
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    let carol = Device::new(3);
+    let package =
+        generate_key_packages(&carol.provider, &carol.identity, 1, now_s()).unwrap().remove(0).message;
+    let output =
+        alice_log.group_mut().unwrap().add_members(&alice.provider, &alice.identity, &[&package]).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: output.welcome.clone(),
+        welcome_recipients: vec![carol.sender().0],
+        group_info: Some(output.group_info),
+    };
+    let frame = alice.sequenced(&commit, 1, 2);
+    alice_log.commit_sent(frame.to_bytes().to_vec(), 1, Intent::Invite(vec![carol.sender().0])).unwrap();
+    alice_log.apply(&alice.provider, alice.sender(), &frame, []).unwrap();
+    bob_log.apply(&bob.provider, bob.sender(), &frame, []).unwrap();
+    let welcome = Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree) };
+    let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
+    header.set_room_id(ROOM).set_log_index(2);
+    let welcome = Frame::with_payload(header, &welcome).unwrap();
+    let carol_log = RoomLog::join_from_welcome(&carol.provider, ROOM, &welcome).unwrap();
+    assert_eq!([alice_log.epoch(), bob_log.epoch(), carol_log.epoch()], [2, 2, 2]);
+    ((alice, alice_log), (bob, bob_log), (carol, carol_log))
+}
+
+#[test]
+fn a_member_whose_removal_is_proposed_never_covers_proposals_even_beside_others() {
+    let ((alice, mut alice_log), (bob, mut bob_log), (carol, mut carol_log)) = three_members();
+    // Bob leaves, then Carol: two pending Remove proposals.
+    let mut index = 3;
+    for leaver in [&bob, &carol] {
+        let log = if std::ptr::eq(leaver, &bob) { &mut bob_log } else { &mut carol_log };
+        let output = log.group_mut().unwrap().leave(&leaver.provider, &leaver.identity).unwrap();
+        let frame = leaver.sequenced(&payload::Proposal { proposal: output.proposal }, 2, index);
+        for (device, log) in [(&alice, &mut alice_log), (&bob, &mut bob_log), (&carol, &mut carol_log)] {
+            log.apply(&device.provider, device.sender(), &frame, []).unwrap();
+        }
+        index += 1;
+    }
+    assert!(alice_log.proposals_to_cover(), "Alice commits both removals");
+    for log in [&bob_log, &carol_log] {
+        assert!(log.own_removal_pending());
+        assert!(!log.proposals_to_cover(), "a commit of ours would carry our own removal");
+    }
+}

@@ -11,8 +11,27 @@ use client_core::store::StoreKey;
 use common::{ok, Server};
 
 /// Delays after which a `send` is killed: from before it opened its store
-/// to after it finished.
-const KILL_AFTER_MS: [u64; 16] = [0, 30, 60, 80, 100, 110, 120, 130, 140, 150, 160, 180, 200, 230, 260, 400];
+/// to after it finished. `None`: the send is left to finish, so that at
+/// least one completes however slow the machine is.
+const KILL_AFTER_MS: [Option<u64>; 17] = [
+    Some(0),
+    Some(30),
+    Some(60),
+    Some(80),
+    Some(100),
+    Some(110),
+    Some(120),
+    Some(130),
+    Some(140),
+    Some(150),
+    Some(160),
+    Some(180),
+    Some(200),
+    Some(230),
+    Some(260),
+    Some(400),
+    None,
+];
 
 fn texts(dir: &std::path::Path, room: kalandra_proto::RoomId) -> Vec<String> {
     let key = std::fs::read_to_string(dir.join("store.key")).unwrap();
@@ -55,8 +74,10 @@ async fn killing_send_at_any_point_loses_nothing_accepted_and_duplicates_nothing
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
-        let _ = child.kill();
+        if let Some(delay_ms) = delay_ms {
+            tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+            let _ = child.kill();
+        }
         let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
         if status.success() {
             completed.push(format!("m{i}"));
@@ -75,7 +96,67 @@ async fn killing_send_at_any_point_loses_nothing_accepted_and_duplicates_nothing
         assert!(alice_texts.contains(text), "{text} was acknowledged but is missing: {alice_texts:?}");
     }
     eprintln!("acknowledged before the kill: {completed:?}; in the log: {alice_texts:?}");
-    assert!(!completed.is_empty(), "the longest delays let some sends finish");
+    assert!(
+        completed.contains(&format!("m{}", KILL_AFTER_MS.len() - 1)),
+        "the send left to finish succeeded"
+    );
     assert!(completed.len() < KILL_AFTER_MS.len(), "some sends were killed");
+    server.stop().await;
+}
+
+/// Delays after which a `join --external` is killed.
+const JOIN_KILL_AFTER_MS: [u64; 10] = [0, 40, 80, 120, 160, 200, 240, 280, 320, 400];
+
+/// A device whose external join was killed at any point (its commit
+/// sequenced or not, its answer lost) joins again: the new external commit
+/// removes the leaf the lost one left, so the room holds the device once,
+/// and messages flow both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_external_join_at_any_point_lets_the_device_join_again_once() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let address = server.address.to_string();
+    for dir in [&alice, &bob] {
+        ok(dir.path(), &["init", "--server", &address, "--fingerprint", &server.fingerprint_hex]).await;
+    }
+    let bob_id = ok(bob.path(), &["whoami"]).await.trim().to_owned();
+    let room_hex = ok(alice.path(), &["room", "create", "--open"]).await.trim().to_owned();
+
+    let mut joined = false;
+    for delay_ms in JOIN_KILL_AFTER_MS {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kalandra"))
+            .arg("--dir")
+            .arg(bob.path())
+            .args(["join", "--room", &room_hex, "--external"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let _ = child.kill();
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+        if status.success() {
+            joined = true;
+            break;
+        }
+    }
+    if !joined {
+        ok(bob.path(), &["join", "--room", &room_hex, "--external"]).await;
+    }
+    ok(alice.path(), &["send", "--room", &room_hex, "from alice"]).await;
+    ok(bob.path(), &["send", "--room", &room_hex, "from bob"]).await;
+    let alice_view = ok(alice.path(), &["history", "--room", &room_hex]).await;
+    let bob_view = ok(bob.path(), &["history", "--room", &room_hex]).await;
+    assert!(alice_view.contains("from bob"), "{alice_view}");
+    assert!(bob_view.contains("from alice"), "{bob_view}");
+
+    let key = std::fs::read_to_string(alice.path().join("store.key")).unwrap();
+    let key: [u8; 32] = hex::decode(key.trim()).unwrap().try_into().unwrap();
+    let alice_client = Client::open(alice.path(), &StoreKey::from_bytes(key)).unwrap();
+    let room = kalandra_proto::RoomId(hex::decode(&room_hex).unwrap().try_into().unwrap());
+    let members = alice_client.rooms().into_iter().find(|r| r.room_id == room).unwrap().members;
+    let bob_leaves = members.iter().filter(|m| m.to_string() == bob_id).count();
+    assert_eq!(bob_leaves, 1, "Bob holds one leaf: {members:?}");
     server.stop().await;
 }

@@ -108,3 +108,44 @@ async fn moderation_with_the_kalandra_command() {
     assert_eq!(output.status.code(), Some(5), "{output:?}");
     server.stop().await;
 }
+
+/// A device banned while away, from a server that has since restarted (and
+/// so no longer remembers how far it may read), is refused with `Banned`:
+/// the device marks the room as left, and its other rooms carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_banned_while_away_leaves_the_room_and_keeps_its_other_rooms() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = Server::start(server_dir.path()).await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut alice = device(dirs[0].path(), 1, &server).await;
+    let mut bob = device(dirs[1].path(), 2, &server).await;
+    let (banned_from, other) = (alice.create_room().await.unwrap(), alice.create_room().await.unwrap());
+    for room in [banned_from, other] {
+        alice.invite(room, &[bob.sender_id()]).await.unwrap();
+        bob.join(room, Duration::from_secs(10)).await.unwrap();
+    }
+    let bob_id = bob.sender_id();
+    drop(bob); // away: nothing but its store survives
+
+    assert_ne!(alice.ban(banned_from, bob_id, "spam", None).await.unwrap(), u64::MAX);
+    // Alice's next message first commits the pending removal.
+    alice.send(banned_from, b"without bob").await.unwrap();
+    let members = alice.rooms().into_iter().find(|r| r.room_id == banned_from).unwrap().members;
+    assert!(!members.contains(&bob_id), "Alice committed the removal");
+    server.stop().await;
+
+    let server = Server::start(server_dir.path()).await;
+    alice.set_server(server.target()).unwrap();
+    alice.connect().await.unwrap();
+    let mut bob = Client::open(dirs[1].path(), &common::key(2)).unwrap();
+    bob.set_server(server.target()).unwrap();
+    let failures = bob.connect().await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(bob.left_rooms(), vec![banned_from], "the banned room is left on the device");
+    assert!(matches!(bob.sync(banned_from).await, Err(ClientError::NotMember(_))));
+    let index = bob.send(other, b"still here").await.unwrap();
+    alice.sync(other).await.unwrap();
+    let alice_view = bodies(&alice, other);
+    assert!(alice_view.contains(&(index, MessageBody::Text(b"still here".to_vec()))), "{alice_view:?}");
+    server.stop().await;
+}

@@ -36,9 +36,9 @@
 use std::time::{Duration, Instant};
 
 use kalandra_proto::payload::{Sync, SyncDone};
-use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId};
+use kalandra_proto::{Frame, Opcode, RoomId};
 
-use super::{expect, room_failure, Client, ClientError, RoomFailure};
+use super::{expect, refused_membership, room_failure, Client, ClientError, RoomFailure};
 
 /// Frames asked for per `Sync` request in the control-plane pass (the
 /// messages after a batch's last handshake frame are read again later).
@@ -203,9 +203,7 @@ impl Client {
             let sync = Sync { from_log_index: from, count_max: CONTROL_FRAMES_PER_REQUEST };
             let frame = self.frame(room_id, epoch, &sync)?;
             let reply = self.request(&frame).await?;
-            if reply.opcode() == Opcode::Error
-                && ClientError::refused(&reply).code() == Some(ErrorCode::NotMember.to_u16())
-            {
+            if refused_membership(&reply) {
                 self.mark_removed(room_id)?;
                 return Err(ClientError::NotMember(room_id));
             }
