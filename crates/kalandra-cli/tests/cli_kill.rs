@@ -148,6 +148,7 @@ async fn killing_an_external_join_at_any_point_lets_the_device_join_again_once()
     ok(bob.path(), &["send", "--room", &room_hex, "from bob"]).await;
     let alice_view = ok(alice.path(), &["history", "--room", &room_hex]).await;
     let bob_view = ok(bob.path(), &["history", "--room", &room_hex]).await;
+    eprintln!("Alice's view after the killed joins:\n{alice_view}");
     assert!(alice_view.contains("from bob"), "{alice_view}");
     assert!(bob_view.contains("from alice"), "{bob_view}");
 
