@@ -241,15 +241,13 @@ fn three_members() -> ((Device, RoomLog), (Device, RoomLog), (Device, RoomLog)) 
 fn a_member_whose_removal_is_proposed_never_covers_proposals_even_beside_others() {
     let ((alice, mut alice_log), (bob, mut bob_log), (carol, mut carol_log)) = three_members();
     // Bob leaves, then Carol: two pending Remove proposals.
-    let mut index = 3;
-    for leaver in [&bob, &carol] {
+    for (index, leaver) in (3..).zip([&bob, &carol]) {
         let log = if std::ptr::eq(leaver, &bob) { &mut bob_log } else { &mut carol_log };
         let output = log.group_mut().unwrap().leave(&leaver.provider, &leaver.identity).unwrap();
         let frame = leaver.sequenced(&payload::Proposal { proposal: output.proposal }, 2, index);
         for (device, log) in [(&alice, &mut alice_log), (&bob, &mut bob_log), (&carol, &mut carol_log)] {
             log.apply(&device.provider, device.sender(), &frame, []).unwrap();
         }
-        index += 1;
     }
     assert!(alice_log.proposals_to_cover(), "Alice commits both removals");
     for log in [&bob_log, &carol_log] {

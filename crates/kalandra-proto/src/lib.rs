@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error_code;
+pub mod federation;
 pub mod frame;
 pub mod header;
 pub mod ids;

@@ -128,7 +128,7 @@ pub trait Payload: Serialize + DeserializeOwned + Sized {
 /// Strict byte-string decoding: a CBOR byte string (major type 2) only.
 /// `serde_bytes` and `bytes` would also accept an array of integers, which the
 /// specification forbids.
-mod strict_bytes {
+pub(crate) mod strict_bytes {
     use std::marker::PhantomData;
 
     use bytes::Bytes;
