@@ -218,7 +218,7 @@ pub enum EntryBody {
     Membership {
         /// The epoch after the commit.
         epoch: u64,
-        /// Who joined.
+        /// Who joined (by Welcome, or by external commit: its committer).
         added: Vec<u64>,
         /// Who left or was removed.
         removed: Vec<u64>,
@@ -731,11 +731,12 @@ impl RoomLog {
         let senders = |members: &[crate::mls::MemberInfo]| {
             members.iter().filter_map(|m| sender_of(&m.identity)).map(|s| s.0).collect()
         };
-        Ok(Some(EntryBody::Membership {
-            epoch: applied.epoch,
-            added: senders(&applied.added),
-            removed: senders(&applied.removed),
-        }))
+        let mut added: Vec<u64> = senders(&applied.added);
+        if applied.external {
+            // An external commit adds its committer, the joiner.
+            added.extend(senders(std::slice::from_ref(&applied.committer)));
+        }
+        Ok(Some(EntryBody::Membership { epoch: applied.epoch, added, removed: senders(&applied.removed) }))
     }
 
     /// Our pending commit is in the log: merge it.

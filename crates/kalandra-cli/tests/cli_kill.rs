@@ -150,6 +150,7 @@ async fn killing_an_external_join_at_any_point_lets_the_device_join_again_once()
     let bob_view = ok(bob.path(), &["history", "--room", &room_hex]).await;
     eprintln!("Alice's view after the killed joins:\n{alice_view}");
     assert!(alice_view.contains("from bob"), "{alice_view}");
+    assert!(alice_view.contains(&format!("added [{bob_id}]")), "the joiner is shown joining: {alice_view}");
     assert!(bob_view.contains("from alice"), "{bob_view}");
 
     let key = std::fs::read_to_string(alice.path().join("store.key")).unwrap();
