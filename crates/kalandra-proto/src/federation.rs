@@ -133,22 +133,28 @@ impl<'de> Deserialize<'de> for DomainName {
     }
 }
 
-/// Why a peer, a link proof, a home certificate or a relayed frame was
-/// refused. Every variant but [`FederationError::TooManyKeys`] is the
-/// peer's doing.
+/// Why a peer's keys are not acceptable (the operator's configuration).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FederationError {
-    /// The configuration lists no key, or more than [`PEER_KEYS_MAX`], for a peer.
+pub enum PeerKeysError {
+    /// No key, or more than [`PEER_KEYS_MAX`], for a peer.
     #[error("peer {domain}: {count} keys, expected 1 to {PEER_KEYS_MAX}")]
-    TooManyKeys {
+    KeyCount {
         /// The peer.
         domain: DomainName,
         /// Keys given.
         count: usize,
     },
-    /// A key is not a valid Ed25519 key (or a weak one).
-    #[error("invalid Ed25519 key")]
-    BadKey,
+    /// A weak (small-order) Ed25519 key.
+    #[error("peer {domain}: weak Ed25519 key")]
+    WeakKey {
+        /// The peer.
+        domain: DomainName,
+    },
+}
+
+/// Why a peer's link proof was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
     /// The peer claims a domain other than the one expected.
     #[error("expected domain {expected}, the peer says {claimed}")]
     WrongDomain {
@@ -163,25 +169,47 @@ pub enum FederationError {
         /// The peer.
         domain: DomainName,
     },
-    /// A link proof does not verify.
+    /// The proof does not verify.
     #[error("link proof of {domain} does not verify")]
     BadLinkProof {
         /// The peer.
         domain: DomainName,
     },
-    /// A home certificate does not verify under its domain's keys.
-    #[error("home certificate does not verify under {domain}'s keys")]
-    BadHomeCertificate {
-        /// Its domain.
-        domain: DomainName,
+}
+
+/// Why a home certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HomeCertificateError {
+    /// Checked against another domain's keys than its own.
+    #[error("certificate of {claimed}, checked as {expected}'s")]
+    WrongDomain {
+        /// The domain whose keys were given.
+        expected: DomainName,
+        /// The certificate's domain.
+        claimed: DomainName,
     },
-    /// A home certificate past its end.
+    /// Past its end.
     #[error("home certificate expired at {not_after_ms} ms")]
-    HomeCertificateExpired {
+    Expired {
         /// Its end.
         not_after_ms: u64,
     },
-    /// A relayed frame comes from a domain other than the link's peer.
+    /// The certified identity key is not a valid Ed25519 key.
+    #[error("certified identity key is not a valid Ed25519 key")]
+    BadIdentityKey,
+    /// The signature does not verify under the domain's keys.
+    #[error("home certificate does not verify under {domain}'s keys")]
+    BadSignature {
+        /// Its domain.
+        domain: DomainName,
+    },
+}
+
+/// Why a relayed frame was refused. Each is the relaying domain's doing
+/// (or its client's, for [`RelayError::ClientSignature`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    /// The frame comes from a domain other than the link's peer.
     #[error("frame relayed over the link from {link} claims origin {claimed}")]
     OriginMismatch {
         /// The link's authenticated peer.
@@ -189,14 +217,14 @@ pub enum FederationError {
         /// The origin claimed.
         claimed: DomainName,
     },
-    /// A relayed frame for another domain.
+    /// The frame is for another domain.
     #[error("frame relayed for {destination}, not for this domain")]
     WrongDestination {
         /// The destination named.
         destination: DomainName,
     },
-    /// A relayed frame at or below the last relay sequence number accepted
-    /// from its origin: a replay, or reordered.
+    /// At or below the last relay sequence number accepted from its
+    /// origin: a replay, or reordered.
     #[error("relay sequence {sequence} not above the last accepted, {last}")]
     Replayed {
         /// The frame's relay sequence number.
@@ -207,7 +235,7 @@ pub enum FederationError {
     /// The relayed bytes are not one frame.
     #[error("relayed bytes are not a frame: {0}")]
     MalformedFrame(String),
-    /// The relayed frame lacks the `COUNTERSIGNED` flag.
+    /// The frame lacks the `COUNTERSIGNED` flag.
     #[error("relayed frame is not flagged countersigned")]
     NotCountersigned,
     /// The countersignature does not verify under the origin's keys.
@@ -225,6 +253,9 @@ pub enum FederationError {
         /// The user's home, by its certificate.
         home: DomainName,
     },
+    /// The sender's home certificate is not valid.
+    #[error("the sender's home certificate: {0}")]
+    HomeCertificate(HomeCertificateError),
     /// The frame's sender id is not the certified identity key's.
     #[error("sender {header} is not the certified key's sender {certified}")]
     SenderMismatch {
@@ -259,12 +290,12 @@ pub struct PeerKeys {
 
 impl PeerKeys {
     /// The keys for `domain`: 1 to [`PEER_KEYS_MAX`].
-    pub fn new(domain: DomainName, keys: Vec<PeerKey>) -> Result<PeerKeys, FederationError> {
+    pub fn new(domain: DomainName, keys: Vec<PeerKey>) -> Result<PeerKeys, PeerKeysError> {
         if keys.is_empty() || keys.len() > PEER_KEYS_MAX {
-            return Err(FederationError::TooManyKeys { domain, count: keys.len() });
+            return Err(PeerKeysError::KeyCount { domain, count: keys.len() });
         }
         if keys.iter().any(|k| k.key.is_weak()) {
-            return Err(FederationError::BadKey);
+            return Err(PeerKeysError::WeakKey { domain });
         }
         Ok(PeerKeys { domain, keys })
     }
@@ -280,11 +311,8 @@ impl PeerKeys {
     }
 
     /// `key` if it is accepted at `now_ms`.
-    pub fn accept(&self, key: &[u8; PUBLIC_KEY_BYTES], now_ms: u64) -> Result<VerifyingKey, FederationError> {
-        self.accepted(now_ms)
-            .find(|accepted| accepted.as_bytes() == key)
-            .copied()
-            .ok_or_else(|| FederationError::KeyNotAccepted { domain: self.domain.clone() })
+    pub fn accept(&self, key: &[u8; PUBLIC_KEY_BYTES], now_ms: u64) -> Option<VerifyingKey> {
+        self.accepted(now_ms).find(|accepted| accepted.as_bytes() == key).copied()
     }
 
     /// Whether `signature` over `input` verifies under a key accepted at `now_ms`.
@@ -363,21 +391,23 @@ pub fn verify_link_proof(
     peer_role: LinkRole,
     signature: &[u8; SIGNATURE_BYTES],
     now_ms: u64,
-) -> Result<VerifyingKey, FederationError> {
+) -> Result<VerifyingKey, LinkError> {
     let peer = match peer_role {
         LinkRole::Initiator => initiator,
         LinkRole::Responder => responder,
     };
     if peer.domain != expected.domain {
-        return Err(FederationError::WrongDomain {
+        return Err(LinkError::WrongDomain {
             expected: expected.domain.clone(),
             claimed: peer.domain.clone(),
         });
     }
-    let key = expected.accept(&peer.federation_key, now_ms)?;
+    let key = expected
+        .accept(&peer.federation_key, now_ms)
+        .ok_or_else(|| LinkError::KeyNotAccepted { domain: expected.domain.clone() })?;
     let input = link_proof_input(initiator, responder, tls_binding, peer_role);
     key.verify_strict(&input, &Signature::from_bytes(signature))
-        .map_err(|_| FederationError::BadLinkProof { domain: expected.domain.clone() })?;
+        .map_err(|_| LinkError::BadLinkProof { domain: expected.domain.clone() })?;
     Ok(key)
 }
 
@@ -425,20 +455,20 @@ impl HomeCertificate {
 
     /// Checks the certificate against its domain's keys at `now_ms`; returns
     /// the certified user's sender id.
-    pub fn verify(&self, home: &PeerKeys, now_ms: u64) -> Result<SenderId, FederationError> {
+    pub fn verify(&self, home: &PeerKeys, now_ms: u64) -> Result<SenderId, HomeCertificateError> {
         if self.domain != *home.domain() {
-            return Err(FederationError::WrongDomain {
+            return Err(HomeCertificateError::WrongDomain {
                 expected: home.domain().clone(),
                 claimed: self.domain.clone(),
             });
         }
         if now_ms >= self.not_after_ms {
-            return Err(FederationError::HomeCertificateExpired { not_after_ms: self.not_after_ms });
+            return Err(HomeCertificateError::Expired { not_after_ms: self.not_after_ms });
         }
-        parse_identity_key(&self.identity_key).map_err(|_| FederationError::BadKey)?;
+        parse_identity_key(&self.identity_key).map_err(|_| HomeCertificateError::BadIdentityKey)?;
         let input = Self::signing_input(&self.domain, &self.identity_key, self.not_after_ms);
         if !home.verifies(&input, &self.signature, now_ms) {
-            return Err(FederationError::BadHomeCertificate { domain: self.domain.clone() });
+            return Err(HomeCertificateError::BadSignature { domain: self.domain.clone() });
         }
         Ok(SenderId::from_identity_key(&self.identity_key))
     }
@@ -523,18 +553,18 @@ impl RelayEnvelope {
         us: &DomainName,
         last_sequence: Option<u64>,
         now_ms: u64,
-    ) -> Result<Frame, FederationError> {
+    ) -> Result<Frame, RelayError> {
         if self.origin != *link_peer.domain() {
-            return Err(FederationError::OriginMismatch {
+            return Err(RelayError::OriginMismatch {
                 link: link_peer.domain().clone(),
                 claimed: self.origin.clone(),
             });
         }
         if self.destination != *us {
-            return Err(FederationError::WrongDestination { destination: self.destination.clone() });
+            return Err(RelayError::WrongDestination { destination: self.destination.clone() });
         }
         if let Some(last) = last_sequence.filter(|last| self.relay_sequence <= *last) {
-            return Err(FederationError::Replayed { sequence: self.relay_sequence, last });
+            return Err(RelayError::Replayed { sequence: self.relay_sequence, last });
         }
         let frame = self.frame_checked()?;
         let input = countersignature_input(
@@ -545,41 +575,42 @@ impl RelayEnvelope {
             &self.frame,
         );
         if !link_peer.verifies(&input, &self.countersignature, now_ms) {
-            return Err(FederationError::BadCountersignature { origin: self.origin.clone() });
+            return Err(RelayError::BadCountersignature { origin: self.origin.clone() });
         }
         self.check_sender(&frame, link_peer, now_ms)?;
         Ok(frame)
     }
 
-    fn frame_checked(&self) -> Result<Frame, FederationError> {
+    fn frame_checked(&self) -> Result<Frame, RelayError> {
         if self.frame.len() > FRAME_BYTES_MAX {
-            return Err(FederationError::MalformedFrame(format!("{} bytes", self.frame.len())));
+            return Err(RelayError::MalformedFrame(format!("{} bytes", self.frame.len())));
         }
         let bytes = Bytes::copy_from_slice(&self.frame);
-        let frame = Frame::decode(&bytes).map_err(|e| FederationError::MalformedFrame(e.to_string()))?;
+        let frame = Frame::decode(&bytes).map_err(|e| RelayError::MalformedFrame(e.to_string()))?;
         if frame.encoded_len() != self.frame.len() {
-            return Err(FederationError::MalformedFrame("bytes follow the frame".into()));
+            return Err(RelayError::MalformedFrame("bytes follow the frame".into()));
         }
         if !frame.header().flags().contains(Flags::COUNTERSIGNED) {
-            return Err(FederationError::NotCountersigned);
+            return Err(RelayError::NotCountersigned);
         }
         Ok(frame)
     }
 
-    fn check_sender(&self, frame: &Frame, origin: &PeerKeys, now_ms: u64) -> Result<(), FederationError> {
+    fn check_sender(&self, frame: &Frame, origin: &PeerKeys, now_ms: u64) -> Result<(), RelayError> {
         let certificate = &self.home_certificate;
         if certificate.domain != self.origin {
-            return Err(FederationError::ForeignUser {
+            return Err(RelayError::ForeignUser {
                 origin: self.origin.clone(),
                 home: certificate.domain.clone(),
             });
         }
-        let certified = certificate.verify(origin, now_ms)?;
+        let certified = certificate.verify(origin, now_ms).map_err(RelayError::HomeCertificate)?;
         let header = frame.header().sender_id();
         if header != certified {
-            return Err(FederationError::SenderMismatch { header, certified });
+            return Err(RelayError::SenderMismatch { header, certified });
         }
-        let key = parse_identity_key(&certificate.identity_key).map_err(|_| FederationError::BadKey)?;
-        frame.verify(&key).map_err(FederationError::ClientSignature)
+        let key = parse_identity_key(&certificate.identity_key)
+            .map_err(|_| RelayError::HomeCertificate(HomeCertificateError::BadIdentityKey))?;
+        frame.verify(&key).map_err(RelayError::ClientSignature)
     }
 }
