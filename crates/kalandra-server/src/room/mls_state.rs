@@ -845,8 +845,7 @@ impl RoomGroupState {
     pub fn validate_commit(&mut self, message: &[u8]) -> Result<CommitSummary, MlsValidationError> {
         let staged = self.stage_commit(message)?;
         let required = self.pending_server_proposal_refs()?;
-        let missing: Vec<Vec<u8>> =
-            required.into_iter().filter(|r| !staged.covered_proposal_refs.contains(r)).collect();
+        let missing = self.uncovered_server_proposals(&staged, &required)?;
         if !missing.is_empty() {
             return Err(MlsValidationError::UncoveredServerProposals { missing });
         }
@@ -998,6 +997,36 @@ impl RoomGroupState {
             .into_iter()
             .filter(|(_, external)| *external)
             .map(|(proposal_ref, _)| proposal_ref)
+            .collect())
+    }
+
+    /// Those of `required` (server proposals) that `staged` leaves
+    /// uncovered: neither covered by reference, nor a Remove of a member the
+    /// commit removes anyway. A commit carries one Remove per leaf (RFC 9420
+    /// §12.2), so when a kick and the member's own leave name one leaf, a
+    /// commit covers only one of them, and the member is out either way.
+    pub fn uncovered_server_proposals<R: AsRef<[u8]>>(
+        &self,
+        staged: &StagedRoomCommit,
+        required: &[R],
+    ) -> Result<Vec<Vec<u8>>, MlsValidationError> {
+        let queued =
+            self.group.queued_proposals(&self.storage).map_err(|e| MlsValidationError::Internal(boxed(e)))?;
+        let removes_anyway = |proposal_ref: &[u8]| {
+            queued.iter().any(|(queued_ref, proposal)| {
+                queued_ref.as_slice() == proposal_ref
+                    && matches!(proposal.sender(), Sender::External(_))
+                    && matches!(proposal.proposal(), Proposal::Remove(remove)
+                        if staged.removed.iter().any(|m| m.leaf_index == remove.removed().u32()))
+            })
+        };
+        Ok(required
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|r| {
+                !staged.covered_proposal_refs.iter().any(|c| c.as_slice() == *r) && !removes_anyway(r)
+            })
+            .map(<[u8]>::to_vec)
             .collect())
     }
 
@@ -1488,6 +1517,32 @@ mod tests {
         let error = server.validate_commit(&output.commit).expect_err("policy");
         assert!(matches!(error, MlsValidationError::CredentialMismatch { .. }), "{error:?}");
         assert_eq!(server.epoch(), 1);
+    }
+
+    /// A kick and the member's own leave remove the same leaf: a commit
+    /// can carry only one Remove per leaf (RFC 9420 §12.2), so the server's
+    /// proposal counts as covered when the commit removes its member.
+    #[test]
+    fn a_kick_and_the_members_own_leave_are_covered_by_one_removal() {
+        let (mut server, mut alice, mut bob, mut carol) = room_of_three();
+        let carol_leaf = carol.room().own_leaf_index();
+        let leave = {
+            let group = carol.group.as_mut().expect("in room");
+            group.leave(&carol.provider, &carol.identity).expect("leave").proposal
+        };
+        let issued = server.issue_remove_proposal(&server_signer(), carol_leaf).expect("kick");
+        server.add_proposal(&leave).expect("leave proposal");
+        for client in [&mut alice, &mut bob] {
+            client.process(&issued.message);
+            client.process(&leave);
+        }
+        let commit = bob.commit_with(|g, p, i| g.commit_pending_proposals(p, i));
+        let summary = server.validate_commit(&commit.commit).expect("one removal covers both");
+        assert_eq!(summary.removed, vec![MemberRef { leaf_index: carol_leaf, identity: carol.id() }]);
+        assert!(server.pending_server_proposal_refs().expect("refs").is_empty());
+        bob.confirm();
+        alice.process(&commit.commit);
+        assert_in_step(&server, &[&alice, &bob]);
     }
 
     #[test]

@@ -128,10 +128,9 @@ impl MlsRoomGroup {
             }
         }
         let required: Vec<&[u8]> = rules.must_cover.iter().map(|r| r.0.as_slice()).collect();
-        if !staged.covers_all(&required) {
-            let missing =
-                required.iter().filter(|r| !staged.covered_proposal_refs().iter().any(|c| c == *r)).count();
-            return Err(GroupError::UncoveredProposals { missing });
+        let missing = self.state.uncovered_server_proposals(staged, &required).map_err(group_error)?;
+        if !missing.is_empty() {
+            return Err(GroupError::UncoveredProposals { missing: missing.len() });
         }
         if let Some((_, recipients)) = rules.welcome {
             let mut expected: Vec<SenderId> = added.iter().flatten().copied().collect();
