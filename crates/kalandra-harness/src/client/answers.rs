@@ -65,6 +65,13 @@ impl Client {
                     .push((ack.log_index, stamped_digest));
                 self.joined_by_commit(room, ack.log_index, ack.epoch);
             }
+            Request::Report { room, report } => self.report_acked(room, &report, ack),
+            Request::Hostile { room, act, frame } => {
+                self.hostile_answered(act, None);
+                if act == super::HostileAct::ForgedApplication {
+                    return self.own_acked(room, &Some(frame), ack);
+                }
+            }
             other => self.violation(format!("an acknowledgement answering {other:?}")),
         }
         Ok(())
@@ -224,6 +231,11 @@ impl Client {
                     self.pause(room);
                 }
                 !matches!(code, Some(ErrorCode::NotMember | ErrorCode::Banned)) && !transient(code)
+            }
+            Request::Report { room, .. } => self.report_refused(room, error),
+            Request::Hostile { act, .. } => {
+                self.hostile_answered(act, code);
+                false
             }
         };
         if unexpected {
@@ -478,6 +490,6 @@ impl Client {
 }
 
 /// Refusals that say "not now": the request is made again.
-fn transient(code: Option<ErrorCode>) -> bool {
+pub(super) fn transient(code: Option<ErrorCode>) -> bool {
     matches!(code, Some(ErrorCode::StorageUnavailable | ErrorCode::RateLimited | ErrorCode::ShuttingDown))
 }
