@@ -623,7 +623,9 @@ impl Client {
                     .map(|p| format!("commit {:?} in {room_id}", p.intent())),
             );
             work.extend(log.and_then(RoomLog::redo).map(|i| format!("redo {i:?} in {room_id}")));
-            work.extend(log.and_then(RoomLog::stuck_on).map(|l| format!("stuck on {l} in {room_id}")));
+            // A device removed meanwhile has nothing left to recover.
+            let stuck_on = log.filter(|_| room.member()).and_then(RoomLog::stuck_on);
+            work.extend(stuck_on.map(|l| format!("stuck on {l} in {room_id}")));
             work.extend(log.filter(|l| l.rejoin_needed()).map(|_| format!("rejoin of {room_id}")));
             let member = room.member();
             status.insert(

@@ -129,3 +129,17 @@ fn a_message_resent_after_the_log_showed_it_is_caught() {
         "{caught:#?}"
     );
 }
+
+/// The recovery checker at a seam of the real shard: a commit the room's
+/// admin reported (the admin's report alone meets the rule) is counted and
+/// never voided; the seed fails although the stuck members heal by
+/// rejoining once the commit settles.
+#[test]
+fn a_server_that_never_voids_a_bad_commit_is_caught() {
+    let caught = failures_with(Bugs { never_void: true, ..Bugs::default() }, SEEDS, plain);
+    assert!(caught.len() >= 2, "seeds caught: {caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("never voided the commit"))),
+        "{caught:#?}"
+    );
+}

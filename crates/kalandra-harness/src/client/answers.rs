@@ -277,13 +277,19 @@ impl Client {
         error: &payload::Error,
     ) -> bool {
         let ours = frame.header().epoch();
+        // A commit we applied and that may still be voided: the room may
+        // have gone back below the epoch we sealed in.
+        let log = self.room(room_id).and_then(|r| r.log.as_ref());
+        let current_here = log.map_or(0, RoomLog::epoch);
+        let voidable = log.and_then(RoomLog::unsettled_commit).is_some();
         let mut persisted = self.shared.persisted.borrow_mut();
         let Some(entry) = persisted.outbox.get_mut(&id) else { return false };
         match code {
             Some(ErrorCode::WrongEpoch) => {
                 let current = error.current_epoch.unwrap_or(0);
                 entry.wait_for_epoch = current;
-                if current <= ours {
+                // Not a broken rule once a void took us back to `current`.
+                if current <= ours && !voidable && current_here > current {
                     drop(persisted);
                     self.violation(format!(
                         "room {room_id}: server says epoch {current} for a message at our epoch {ours}"
@@ -334,6 +340,8 @@ impl Client {
             }
             // An add of a banned user; a commit of ours after we were removed.
             (CommitRefusal::Final, Some(ErrorCode::Banned | ErrorCode::NotMember)) => false,
+            // A hostile commit the server could tell apart after all.
+            (CommitRefusal::Final, code) if self.damaged_commit_refused(room_id, code) => false,
             (CommitRefusal::Final, _) => true,
         }
     }

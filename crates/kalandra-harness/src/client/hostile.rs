@@ -103,7 +103,9 @@ impl HostileAct {
             HostileAct::ForgedSignature | HostileAct::MissingSignature => &[ErrorCode::BadSignature],
             HostileAct::ReplayOther => &[ErrorCode::SenderMismatch],
             HostileAct::NotMember => &[ErrorCode::NotMember, ErrorCode::Banned, ErrorCode::UnknownRoom],
-            HostileAct::StaleEpoch | HostileAct::ReplayOwn => &[ErrorCode::WrongEpoch],
+            HostileAct::StaleEpoch | HostileAct::ReplayOwn => {
+                &[ErrorCode::WrongEpoch, ErrorCode::NotMember, ErrorCode::Banned]
+            }
             HostileAct::WrongWelcomeRecipients => &[
                 ErrorCode::InvalidCommit,
                 ErrorCode::WrongEpoch,
@@ -380,6 +382,17 @@ impl Client {
         frame.sign(&self.key);
         self.send_hostile(room_id, HostileAct::FalseReport, id, frame, 0);
         true
+    }
+
+    /// Whether our refused commit was a damaged one (counted as the
+    /// server's answer to it).
+    pub(super) fn damaged_commit_refused(&mut self, room_id: RoomId, code: Option<ErrorCode>) -> bool {
+        let damaged = self.shared.persisted.borrow().commit_labels.get(&room_id).is_some_and(|l| l.contains("-bad"));
+        if damaged {
+            let outcome = code.map_or("unknown refusal", ErrorCode::name);
+            self.shared.cast.ledger.borrow_mut().hostile_outcome("damaged commit refused", outcome);
+        }
+        damaged
     }
 
     /// Keeps a sequenced frame to replay later (hostile clients only).

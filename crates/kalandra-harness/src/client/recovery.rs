@@ -94,6 +94,11 @@ impl Client {
         for entry in persisted.outbox.values_mut().filter(|entry| entry.room == room_id) {
             // A refusal in the dead epoch said to wait for it: it is gone.
             entry.wait_for_epoch = entry.wait_for_epoch.min(epoch);
+            // A sealing of the dead epoch is sealed again: the next epoch of
+            // that number will have other keys.
+            if entry.sealed.as_ref().is_some_and(|sealed| sealed.sent.epoch > epoch) {
+                entry.sealed = None;
+            }
         }
         for text in own_dead {
             let Some(id) = message_number(&text) else { continue };
