@@ -50,6 +50,11 @@ pub struct Ledger {
     /// SHA-256 of each sequenced frame's payload a hostile client forged
     /// (members refuse to open it).
     pub forged_payloads: BTreeSet<[u8; 32]>,
+    /// SHA-256 of the payload of each message sealed in an epoch that a
+    /// void then undid: if it is still sequenced (the room reached an
+    /// epoch of that number again), members cannot open it, and its writer
+    /// sends it again.
+    pub dead_sealings: BTreeSet<[u8; 32]>,
     /// Reports by a room's admin that the server counted without voiding:
     /// (room, log index of the reported commit). The admin's report alone
     /// meets the rule, so each such commit must be voided in the log.

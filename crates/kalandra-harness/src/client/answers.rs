@@ -133,7 +133,10 @@ impl Client {
     ) -> Result<(), String> {
         let stamped = stamp(frame, ack);
         let stamped_digest = digest(&stamped.to_bytes());
-        let entry = self.shared.persisted.borrow_mut().outbox.remove(&id);
+        // Sealed in an epoch a void undid: members cannot open this copy;
+        // the entry stays in the outbox, sealed again.
+        let dead = self.dead_sealing(frame);
+        let entry = if dead { None } else { self.shared.persisted.borrow_mut().outbox.remove(&id) };
         let sender = self.sender;
         {
             let mut record = self.trace();

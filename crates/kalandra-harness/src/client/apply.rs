@@ -145,6 +145,8 @@ impl Client {
             {
                 return Ok(())
             }
+            // Sealed in an epoch a void undid, sequenced in a later epoch of that number.
+            EntryBody::Unreadable(_) if self.dead_sealing(frame) => return Ok(()),
             EntryBody::Unreadable(why) => {
                 self.violation(format!("room {room_id}: open message at {log_index}: {why}"));
                 return Ok(());

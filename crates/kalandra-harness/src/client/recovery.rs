@@ -90,6 +90,7 @@ impl Client {
                 .collect()
         };
         let epoch = self.room(room_id).and_then(|room| room.log.as_ref()).map_or(0, RoomLog::epoch);
+        self.note_dead_sealings(room_id, epoch);
         let mut persisted = self.shared.persisted.borrow_mut();
         for entry in persisted.outbox.values_mut().filter(|entry| entry.room == room_id) {
             // A refusal in the dead epoch said to wait for it: it is gone.
@@ -105,6 +106,36 @@ impl Client {
             let entry = OutboxEntry { room: room_id, text, sealed: None, wait_for_epoch: 0 };
             persisted.outbox.insert(id, entry);
         }
+    }
+}
+
+impl Client {
+    /// Messages of the room sealed in an epoch after `epoch` (the voided
+    /// one), in flight or kept to resend: noted as dead sealings.
+    fn note_dead_sealings(&mut self, room_id: RoomId, epoch: u64) {
+        let mut dead: Vec<[u8; 32]> = self
+            .in_flight
+            .values()
+            .filter_map(|request| match request {
+                Request::Message { room, frame, .. } if *room == room_id && frame.header().epoch() > epoch => {
+                    Some(digest(frame.payload()))
+                }
+                _ => None,
+            })
+            .collect();
+        let persisted = self.shared.persisted.borrow();
+        for entry in persisted.outbox.values().filter(|entry| entry.room == room_id) {
+            let Some(sealed) = entry.sealed.as_ref().filter(|sealed| sealed.sent.epoch > epoch) else { continue };
+            if let Ok(frame) = Frame::decode(&Bytes::copy_from_slice(&sealed.frame)) {
+                dead.push(digest(frame.payload()));
+            }
+        }
+        self.shared.cast.ledger.borrow_mut().dead_sealings.extend(dead);
+    }
+
+    /// Whether `frame` is a message sealed in an epoch a void undid.
+    pub(super) fn dead_sealing(&self, frame: &Frame) -> bool {
+        self.shared.cast.ledger.borrow().dead_sealings.contains(&digest(frame.payload()))
     }
 }
 
