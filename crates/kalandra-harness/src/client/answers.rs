@@ -184,10 +184,14 @@ impl Client {
             ));
             return Ok(());
         };
+        let answering: String = format!("{request:?}").chars().take(60).collect();
         let unexpected = match request {
             Request::Message { room, id, frame } => self.message_refused(room, id, &frame, code, error),
             Request::Commit { settled: true, .. } => false,
-            Request::Commit { room, settled: false, .. } => self.commit_refused(room, code, error),
+            Request::Commit { room, settled: false, frame } => {
+                let damaged = self.damaged_commit_refused(&frame, code);
+                self.commit_refused(room, code, error) && !damaged
+            }
             Request::Create { room, .. } => match code {
                 Some(ErrorCode::RoomExists) => {
                     self.creation_confirmed(room);
@@ -242,7 +246,7 @@ impl Client {
             }
         };
         if unexpected {
-            self.violation(format!("room {room_id}: refused with {code:?}: {}", error.message));
+            self.violation(format!("room {room_id}: {answering} refused with {code:?}: {}", error.message));
         }
         Ok(())
     }
@@ -343,8 +347,6 @@ impl Client {
             }
             // An add of a banned user; a commit of ours after we were removed.
             (CommitRefusal::Final, Some(ErrorCode::Banned | ErrorCode::NotMember)) => false,
-            // A hostile commit the server could tell apart after all.
-            (CommitRefusal::Final, code) if self.damaged_commit_refused(room_id, code) => false,
             (CommitRefusal::Final, _) => true,
         }
     }

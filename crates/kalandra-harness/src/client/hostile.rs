@@ -160,6 +160,14 @@ impl Client {
         }
     }
 
+    /// [`Client::synchronized_epoch`], once the latest commit we applied
+    /// has settled: a void can no longer take the room below it (so what
+    /// is stale for us is stale for the server).
+    fn settled_epoch(&self, room_id: RoomId) -> Option<u64> {
+        let log = self.room(room_id)?.log.as_ref()?;
+        log.unsettled_commit().is_none().then(|| self.synchronized_epoch(room_id)).flatten()
+    }
+
     /// A valid self-update commit of the room, its pending state discarded
     /// at once (it is only ever sent damaged or refused).
     fn throwaway_commit(&mut self, room_id: RoomId) -> Option<(u64, CommitOutput)> {
@@ -270,7 +278,7 @@ impl Client {
     }
 
     fn stale_epoch(&mut self, room_id: RoomId) -> bool {
-        let Some(epoch) = self.synchronized_epoch(room_id).filter(|epoch| *epoch > 0) else { return false };
+        let Some(epoch) = self.settled_epoch(room_id).filter(|epoch| *epoch > 0) else { return false };
         let application = self.made_up_application();
         let Some((id, mut frame)) = self.unsigned_frame(room_id, &application, epoch - 1) else {
             return false;
@@ -283,8 +291,13 @@ impl Client {
     /// Sends again one of our sequenced commits the room has moved past
     /// (`own`), or another member's sequenced frame as it is.
     fn replay(&mut self, room_id: RoomId, own: bool) -> bool {
-        let Some(epoch) = self.synchronized_epoch(room_id) else { return false };
+        let Some(epoch) = self.settled_epoch(room_id) else { return false };
         let sender = self.sender;
+        let ledger = Rc::clone(&self.shared.cast);
+        let damaged = |frame: &Frame| {
+            let commit = frame.decode_payload::<payload::Commit>().map(|commit| digest(&commit.commit));
+            commit.is_ok_and(|commit| ledger.ledger.borrow().bad_commits.contains(&commit))
+        };
         let candidates: Vec<Frame> = self
             .replayable
             .iter()
@@ -292,7 +305,8 @@ impl Client {
                 let header = frame.header();
                 *room == room_id
                     && match own {
-                        true => header.sender_id() == sender && header.epoch() < epoch,
+                        // Not a damaged commit of ours: voided, it would be valid again.
+                        true => header.sender_id() == sender && header.epoch() < epoch && !damaged(frame),
                         false => header.sender_id() != sender && header.sender_id() != SenderId(0),
                     }
             })
@@ -386,13 +400,20 @@ impl Client {
 
     /// Whether our refused commit was a damaged one (counted as the
     /// server's answer to it).
-    pub(super) fn damaged_commit_refused(&mut self, room_id: RoomId, code: Option<ErrorCode>) -> bool {
-        let damaged = self.shared.persisted.borrow().commit_labels.get(&room_id).is_some_and(|l| l.contains("-bad"));
-        if damaged {
-            let outcome = code.map_or("unknown refusal", ErrorCode::name);
-            self.shared.cast.ledger.borrow_mut().hostile_outcome("damaged commit refused", outcome);
-        }
-        damaged
+    pub(super) fn damaged_commit_refused(&mut self, frame: &Frame, code: Option<ErrorCode>) -> bool {
+        let commit = frame.decode_payload::<payload::Commit>().map(|commit| digest(&commit.commit));
+        let damaged = commit.is_ok_and(|commit| self.shared.cast.ledger.borrow().bad_commits.contains(&commit));
+        // After our commit with a damaged confirmation tag the server's
+        // transcript hash is not ours: it refuses our next commit's GroupInfo.
+        let poisoned = self.shared.behaviour == Behaviour::Hostile && code == Some(ErrorCode::InvalidGroupInfo);
+        let outcome = code.map_or("unknown refusal", ErrorCode::name);
+        let what = match (damaged, poisoned) {
+            (true, _) => "damaged commit refused",
+            (false, true) => "commit after a damaged one refused",
+            (false, false) => return false,
+        };
+        self.shared.cast.ledger.borrow_mut().hostile_outcome(what, outcome);
+        true
     }
 
     /// Keeps a sequenced frame to replay later (hostile clients only).
