@@ -114,7 +114,9 @@ fn commit_of(entry: &DurableEntry) -> Option<Result<Vec<u8>, String>> {
     let frame = Frame::decode(&entry.bytes).ok()?;
     let commit = match frame.opcode() {
         Opcode::Commit => frame.decode_payload::<kalandra_proto::payload::Commit>().map(|c| c.commit),
-        Opcode::ExternalJoin => frame.decode_payload::<kalandra_proto::payload::ExternalJoin>().map(|c| c.commit),
+        Opcode::ExternalJoin => {
+            frame.decode_payload::<kalandra_proto::payload::ExternalJoin>().map(|c| c.commit)
+        }
         _ => return None,
     };
     Some(commit.map_err(|error| error.to_string()))
@@ -129,7 +131,10 @@ fn check_voids(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) -> V
         let voids = voids_of(log);
         for (voided, void_index) in &voids {
             let entry = usize::try_from(*voided).ok().and_then(|i| log.get(i));
-            let bad = entry.and_then(commit_of).and_then(Result::ok).is_some_and(|c| ledger.bad_commits.contains(&digest(&c)));
+            let bad = entry
+                .and_then(commit_of)
+                .and_then(Result::ok)
+                .is_some_and(|c| ledger.bad_commits.contains(&digest(&c)));
             if !bad {
                 failures.push(format!(
                     "room {room_id}: the CommitVoided at {void_index} voids the commit at {voided}, which members could process"

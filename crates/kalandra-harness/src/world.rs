@@ -539,7 +539,12 @@ fn collect_stats(world: &World<'_>) -> RunStats {
                 kalandra_proto::Opcode::Commit => {
                     stats.commits += 1;
                     let bad = frame.decode_payload::<kalandra_proto::payload::Commit>().is_ok_and(|commit| {
-                        world.cast.ledger.borrow().bad_commits.contains(&crate::ledger::digest(&commit.commit))
+                        world
+                            .cast
+                            .ledger
+                            .borrow()
+                            .bad_commits
+                            .contains(&crate::ledger::digest(&commit.commit))
                     });
                     stats.bad_commits += u64::from(bad);
                 }

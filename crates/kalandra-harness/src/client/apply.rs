@@ -207,7 +207,9 @@ impl Client {
     fn after_void(&mut self, room_id: RoomId, frame: &Frame) {
         match frame.decode_payload::<payload::CommitVoided>() {
             Ok(void) => self.commit_voided(room_id, void.log_index),
-            Err(error) => self.violation(format!("room {room_id}: a CommitVoided that does not decode: {error}")),
+            Err(error) => {
+                self.violation(format!("room {room_id}: a CommitVoided that does not decode: {error}"))
+            }
         }
         let Some(room) = self.room(room_id) else { return };
         if !room.member() && !room.log.as_ref().is_some_and(RoomLog::rejoin_needed) {

@@ -200,7 +200,11 @@ impl Client {
     fn made_up_application(&mut self) -> payload::Application {
         let mut ciphertext = vec![0u8; MADE_UP_BYTES];
         self.rng.fill(&mut ciphertext[..]);
-        payload::Application { generation: self.rng.gen_range(0..8), ciphertext: ciphertext.into(), push: None }
+        payload::Application {
+            generation: self.rng.gen_range(0..8),
+            ciphertext: ciphertext.into(),
+            push: None,
+        }
     }
 
     /// Sends a hostile frame; `copies_allowed` is how many times its
@@ -359,7 +363,12 @@ impl Client {
             return false;
         };
         self.shared.cast.ledger.borrow_mut().bad_commits.insert(digest(&commit));
-        let commit = payload::Commit { commit, welcome: None, welcome_recipients: vec![], group_info: Some(group_info) };
+        let commit = payload::Commit {
+            commit,
+            welcome: None,
+            welcome_recipients: vec![],
+            group_info: Some(group_info),
+        };
         let label = self.label("bad");
         self.send_commit(room_id, &commit, epoch, Intent::Update, label);
         true
@@ -402,10 +411,12 @@ impl Client {
     /// server's answer to it).
     pub(super) fn damaged_commit_refused(&mut self, frame: &Frame, code: Option<ErrorCode>) -> bool {
         let commit = frame.decode_payload::<payload::Commit>().map(|commit| digest(&commit.commit));
-        let damaged = commit.is_ok_and(|commit| self.shared.cast.ledger.borrow().bad_commits.contains(&commit));
+        let damaged =
+            commit.is_ok_and(|commit| self.shared.cast.ledger.borrow().bad_commits.contains(&commit));
         // After our commit with a damaged confirmation tag the server's
         // transcript hash is not ours: it refuses our next commit's GroupInfo.
-        let poisoned = self.shared.behaviour == Behaviour::Hostile && code == Some(ErrorCode::InvalidGroupInfo);
+        let poisoned =
+            self.shared.behaviour == Behaviour::Hostile && code == Some(ErrorCode::InvalidGroupInfo);
         let outcome = code.map_or("unknown refusal", ErrorCode::name);
         let what = match (damaged, poisoned) {
             (true, _) => "damaged commit refused",

@@ -79,8 +79,9 @@ impl Client {
         let own_dead: Vec<String> = {
             let mut record = self.trace();
             let Some(trace) = record.rooms.get_mut(&room_id) else { return };
-            let (dead, live): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut trace.entries).into_iter().partition(|(index, _, _)| *index >= voided_log_index);
+            let (dead, live): (Vec<_>, Vec<_>) = std::mem::take(&mut trace.entries)
+                .into_iter()
+                .partition(|(index, _, _)| *index >= voided_log_index);
             trace.entries = live;
             dead.into_iter()
                 .filter_map(|(_, _, seen)| match seen {
@@ -117,7 +118,9 @@ impl Client {
             .in_flight
             .values()
             .filter_map(|request| match request {
-                Request::Message { room, frame, .. } if *room == room_id && frame.header().epoch() > epoch => {
+                Request::Message { room, frame, .. }
+                    if *room == room_id && frame.header().epoch() > epoch =>
+                {
                     Some(digest(frame.payload()))
                 }
                 _ => None,
@@ -125,7 +128,9 @@ impl Client {
             .collect();
         let persisted = self.shared.persisted.borrow();
         for entry in persisted.outbox.values().filter(|entry| entry.room == room_id) {
-            let Some(sealed) = entry.sealed.as_ref().filter(|sealed| sealed.sent.epoch > epoch) else { continue };
+            let Some(sealed) = entry.sealed.as_ref().filter(|sealed| sealed.sent.epoch > epoch) else {
+                continue;
+            };
             if let Ok(frame) = Frame::decode(&Bytes::copy_from_slice(&sealed.frame)) {
                 dead.push(digest(frame.payload()));
             }

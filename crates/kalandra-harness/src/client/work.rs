@@ -472,7 +472,9 @@ impl Client {
         let Some(log) = self.rooms.get_mut(&room_id).and_then(|r| r.log.as_mut()) else { return };
         match log.seal(text.as_bytes(), &self.key) {
             Ok(sealed) => {
-                self.debug(|| format!("seal {id} in {room_id} epoch {} gen {}", sealed.epoch, sealed.generation));
+                self.debug(|| {
+                    format!("seal {id} in {room_id} epoch {} gen {}", sealed.epoch, sealed.generation)
+                });
                 let sent = SentMessage { id, epoch: sealed.epoch, generation: sealed.generation };
                 let mut persisted = self.shared.persisted.borrow_mut();
                 if let Some(entry) = persisted.outbox.get_mut(&id) {
