@@ -179,7 +179,7 @@ fn check_refused(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) ->
 
 /// Every message written after convergence was read by every other
 /// honest member of its room (a member at the end).
-fn check_probes(ledger: &Ledger, clients: &[Rc<ClientShared>]) -> Vec<String> {
+pub fn check_probes(ledger: &Ledger, clients: &[Rc<ClientShared>]) -> Vec<String> {
     let mut failures = Vec::new();
     for (room_id, id) in &ledger.probes {
         let writer = ledger.messages.get(id).map(|written| written.client);

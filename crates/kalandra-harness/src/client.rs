@@ -613,6 +613,11 @@ impl Client {
         let mut work: Vec<String> =
             persisted.outbox.values().map(|e| format!("{} in {}", e.text, e.room)).collect();
         work.extend(persisted.joins.keys().map(|room| format!("join of {room}")));
+        // A join asked for (its GroupInfo on the way) is work too.
+        work.extend(self.in_flight.values().filter_map(|request| match request {
+            Request::GroupInfo { room, label } => Some(format!("{label} in {room}")),
+            _ => None,
+        }));
         let mut status = BTreeMap::new();
         for (room_id, room) in &self.rooms {
             let log = room.log.as_ref();

@@ -501,7 +501,10 @@ fn probe(world: &mut World<'_>) {
     let deadline = world.now_ms() + PROBE_BOUND_MS;
     loop {
         let written = world.clients.iter().all(|client| !client.probe.get());
-        if written && world.converged(false) {
+        if written
+            && world.converged(false)
+            && check::check_probes(&world.cast.ledger.borrow(), &world.clients).is_empty()
+        {
             return;
         }
         if world.now_ms() > deadline || !world.step() {
