@@ -211,7 +211,11 @@ impl Client {
                 self.violation(format!("room {room_id}: a CommitVoided that does not decode: {error}"))
             }
         }
-        let Some(room) = self.room(room_id) else { return };
+        let Some(room) = self.room_mut(room_id) else { return };
+        if matches!(room.leave, Some(Leave::Sent { .. } | Leave::Proposed { .. })) {
+            // Our leave proposal may have died with the voided epoch.
+            room.leave = Some(Leave::Want);
+        }
         if !room.member() && !room.log.as_ref().is_some_and(RoomLog::rejoin_needed) {
             self.removed(room_id);
         }
