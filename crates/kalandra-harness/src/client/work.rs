@@ -373,6 +373,7 @@ impl Client {
         }
         self.shared.persisted.borrow_mut().commit_labels.insert(room_id, label);
         self.persist();
+        self.debug(|| format!("-> {id} commit {intent:?} in {room_id} epoch {epoch}"));
         self.in_flight.insert(id, Request::Commit { room: room_id, settled: false, frame: frame.clone() });
         self.send_frame(&frame);
     }
