@@ -295,7 +295,13 @@ impl Client {
     /// Sends again one of our sequenced commits the room has moved past
     /// (`own`), or another member's sequenced frame as it is.
     fn replay(&mut self, room_id: RoomId, own: bool) -> bool {
-        let Some(epoch) = self.settled_epoch(room_id) else { return false };
+        // Another's frame is refused whatever the epoch; our own commit is
+        // stale for the server only once a void can no longer undo ours.
+        let epoch = match own {
+            true => self.settled_epoch(room_id),
+            false => self.synchronized_epoch(room_id),
+        };
+        let Some(epoch) = epoch else { return false };
         let sender = self.sender;
         let ledger = Rc::clone(&self.shared.cast);
         let damaged = |frame: &Frame| {
@@ -432,7 +438,9 @@ impl Client {
         if self.shared.behaviour != Behaviour::Hostile {
             return;
         }
-        let worth = matches!(frame.opcode(), Opcode::Commit | Opcode::Proposal | Opcode::Application);
+        // Commits and proposals only: messages are many and would push our
+        // own commits out before the room moved past them.
+        let worth = matches!(frame.opcode(), Opcode::Commit | Opcode::Proposal);
         if worth {
             if self.replayable.len() >= REPLAY_CANDIDATES_MAX {
                 self.replayable.pop_front();

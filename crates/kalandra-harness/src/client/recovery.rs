@@ -74,7 +74,9 @@ impl Client {
     /// The server voided the commit at `voided_log_index`: every entry
     /// from it on is dead (the void is the entry being applied).
     pub(super) fn commit_voided(&mut self, room_id: RoomId, voided_log_index: u64) {
-        self.replayable.retain(|(room, _)| *room != room_id);
+        // What the void made dead is no longer a replay of history.
+        self.replayable
+            .retain(|(room, frame)| *room != room_id || frame.header().log_index() < voided_log_index);
         self.last_commit.remove(&room_id);
         let own_dead: Vec<String> = {
             let mut record = self.trace();
