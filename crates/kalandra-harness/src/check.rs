@@ -182,6 +182,10 @@ fn check_refused(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) ->
 pub fn check_probes(ledger: &Ledger, clients: &[Rc<ClientShared>]) -> Vec<String> {
     let mut failures = Vec::new();
     for (room_id, id) in &ledger.probes {
+        // A writer removed before its message was sequenced gave it up.
+        if ledger.messages.get(id).is_some_and(|written| written.abandoned) {
+            continue;
+        }
         let writer = ledger.messages.get(id).map(|written| written.client);
         for client in clients.iter().filter(|c| c.behaviour == Behaviour::Honest && Some(c.index) != writer) {
             let record = client.record.borrow();
