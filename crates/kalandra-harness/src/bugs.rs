@@ -1,5 +1,5 @@
 //! Known bugs the harness can inject, to show that its checkers catch them.
-//! Five are planted in the server's production room core (its
+//! Six are planted in the server's production room core (its
 //! `injected-bugs` switches, [`kalandra_server::bugs`]), one in
 //! client-core's room log (its `injected-bugs` switch,
 //! [`client_core::bugs`]), and one in the simulated disk (a store that
@@ -27,6 +27,9 @@ pub struct Bugs {
     /// (its acknowledgement lost) does not settle its outbox entry, so it is
     /// sent again.
     pub resend_sequenced_message: bool,
+    /// In the shard: a commit members reported is never voided (the rule
+    /// is met, the report acknowledged, no `CommitVoided` sequenced).
+    pub never_void: bool,
 }
 
 impl Bugs {
@@ -44,6 +47,7 @@ pub fn planted(bugs: &Bugs) -> kalandra_server::bugs::InjectedBugs {
         panic_on_resubscribe: bugs.panic_on_resubscribe,
         release_batch_when_taken: bugs.ack_before_durable,
         sequence_stale_commit: bugs.double_commit,
+        never_void_commit: bugs.never_void,
     }
 }
 

@@ -23,6 +23,15 @@
 //!   epoch, tree hash and head, nobody else holding a room's group.
 //! - No client saw a broken rule (gaps, duplicates, commits that do not
 //!   apply, messages that do not decrypt, illegal state transitions).
+//! - Hostile clients: nothing the server must refuse is in a log (beyond
+//!   a replay's original); every void names a commit a hostile client
+//!   damaged (a false report never voids a valid commit); a commit whose
+//!   report by the room's admin was counted — the admin alone meets the
+//!   rule — is voided in the log; the hostile client's refusals are of the
+//!   kinds each act expects (checked as they arrive).
+//! - Honest members keep exchanging messages: after convergence each
+//!   writes one message per room, and every other honest member of the
+//!   room reads it.
 //! - The run did something: frames were sequenced, acknowledged and
 //!   delivered.
 
@@ -31,7 +40,7 @@ use std::rc::Rc;
 
 use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
 
-use crate::client::{Cast, ClientShared, RoomTrace, Seen};
+use crate::client::{Behaviour, Cast, ClientShared, RoomTrace, Seen};
 use crate::disk::DurableEntry;
 use crate::ledger::{digest, Ledger};
 use crate::server::ServerShared;
@@ -83,6 +92,118 @@ pub fn check(server: &ServerShared, cast: &Cast, clients: &[Rc<ClientShared>]) -
     }
     failures.extend(check_written(&ledger, clients));
     failures.extend(check_intents(&logs, &ledger));
+    failures.extend(check_voids(&logs, &ledger));
+    failures.extend(check_refused(&logs, &ledger));
+    failures.extend(check_probes(&ledger, clients));
+    failures
+}
+
+/// Each `CommitVoided` of a log: (the voided commit's index, the void's).
+fn voids_of(log: &[DurableEntry]) -> Vec<(u64, u64)> {
+    log.iter()
+        .filter_map(|entry| {
+            let frame = Frame::decode(&entry.bytes).ok()?;
+            let void = frame.decode_payload::<kalandra_proto::payload::CommitVoided>().ok()?;
+            (frame.opcode() == Opcode::CommitVoided).then_some((void.log_index, entry.log_index))
+        })
+        .collect()
+}
+
+/// The MLS commit of a log entry, if it is a commit or external join.
+fn commit_of(entry: &DurableEntry) -> Option<Result<Vec<u8>, String>> {
+    let frame = Frame::decode(&entry.bytes).ok()?;
+    let commit = match frame.opcode() {
+        Opcode::Commit => frame.decode_payload::<kalandra_proto::payload::Commit>().map(|c| c.commit),
+        Opcode::ExternalJoin => {
+            frame.decode_payload::<kalandra_proto::payload::ExternalJoin>().map(|c| c.commit)
+        }
+        _ => return None,
+    };
+    Some(commit.map_err(|error| error.to_string()))
+}
+
+/// Every void names a commit a hostile client damaged; every commit the
+/// room's admin reported and the server counted without voiding at once
+/// is voided in the log.
+fn check_voids(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (room_id, log) in logs {
+        let voids = voids_of(log);
+        for (voided, void_index) in &voids {
+            let entry = usize::try_from(*voided).ok().and_then(|i| log.get(i));
+            let bad = entry
+                .and_then(commit_of)
+                .and_then(Result::ok)
+                .is_some_and(|c| ledger.bad_commits.contains(&digest(&c)));
+            if !bad {
+                failures.push(format!(
+                    "room {room_id}: the CommitVoided at {void_index} voids the commit at {voided}, which members could process"
+                ));
+            }
+        }
+        for (_, reported) in ledger.admin_reports_unvoided.iter().filter(|(room, _)| room == room_id) {
+            if !voids.iter().any(|(voided, _)| voided == reported) {
+                failures.push(format!(
+                    "room {room_id}: the admin reported the commit at {reported}, the server counted the report \
+                     (the rule is met) and never voided the commit"
+                ));
+            }
+        }
+    }
+    failures.truncate(FINDINGS_PER_KIND_MAX);
+    failures
+}
+
+/// Nothing a hostile client sent that the server must refuse holds a log
+/// index (a replay's original holds one).
+fn check_refused(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) -> Vec<String> {
+    let mut copies: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    for entry in logs.values().flatten() {
+        if let Ok(frame) = Frame::decode(&entry.bytes) {
+            *copies.entry(digest(frame.payload())).or_default() += 1;
+        }
+    }
+    let mut failures: Vec<String> = ledger
+        .refused_payloads
+        .iter()
+        .filter_map(|(payload, allowed)| {
+            let found = copies.get(payload).copied().unwrap_or(0);
+            (found > *allowed).then(|| {
+                format!("a hostile frame the server must refuse was sequenced ({found} copies, {allowed} allowed)")
+            })
+        })
+        .collect();
+    failures.truncate(FINDINGS_PER_KIND_MAX);
+    failures
+}
+
+/// Every message written after convergence was read by every other
+/// honest member of its room (a member at the end).
+pub fn check_probes(ledger: &Ledger, clients: &[Rc<ClientShared>]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (room_id, id) in &ledger.probes {
+        // A writer removed before its message was sequenced gave it up.
+        if ledger.messages.get(id).is_some_and(|written| written.abandoned) {
+            continue;
+        }
+        let writer = ledger.messages.get(id).map(|written| written.client);
+        for client in clients.iter().filter(|c| c.behaviour == Behaviour::Honest && Some(c.index) != writer) {
+            let record = client.record.borrow();
+            if !record.status.get(room_id).is_some_and(|status| status.member) {
+                continue;
+            }
+            let read = record.rooms.get(room_id).is_some_and(|trace| {
+                trace.entries.iter().any(|(_, _, seen)| matches!(seen, Seen::Text(text) if text == id))
+            });
+            if !read {
+                failures.push(format!(
+                    "room {room_id}: honest member {} did not read {id}, written after convergence",
+                    client.index
+                ));
+            }
+        }
+    }
+    failures.truncate(FINDINGS_PER_KIND_MAX);
     failures
 }
 
@@ -241,15 +362,13 @@ fn check_intents(logs: &BTreeMap<RoomId, Vec<DurableEntry>>, ledger: &Ledger) ->
     let mut failures = Vec::new();
     let mut applied: BTreeMap<&str, Vec<(RoomId, u64)>> = BTreeMap::new();
     for (room_id, log) in logs {
+        // A voided commit and everything up to its void never took effect.
+        let dead = voids_of(log);
         for entry in log {
-            let Ok(frame) = Frame::decode(&entry.bytes) else { continue };
-            let commit = match frame.opcode() {
-                Opcode::Commit => frame.decode_payload::<kalandra_proto::payload::Commit>().map(|c| c.commit),
-                Opcode::ExternalJoin => {
-                    frame.decode_payload::<kalandra_proto::payload::ExternalJoin>().map(|c| c.commit)
-                }
-                _ => continue,
-            };
+            if dead.iter().any(|(voided, void)| (*voided..*void).contains(&entry.log_index)) {
+                continue;
+            }
+            let Some(commit) = commit_of(entry) else { continue };
             let Ok(commit) = commit else {
                 failures.push(format!("room {room_id}: commit at {} does not decode", entry.log_index));
                 continue;

@@ -33,7 +33,11 @@
 
 mod answers;
 mod apply;
+mod hostile;
+mod recovery;
 mod work;
+
+pub use hostile::HostileAct;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -102,14 +106,16 @@ const _: () = assert!(RECONNECT_BACKOFF_MIN_MS <= RECONNECT_BACKOFF_MAX_MS);
 const _: () = assert!(BAN_MS_MIN <= BAN_MS_MAX);
 const _: () = assert!(MESSAGES_IN_FLIGHT_PER_ROOM_MAX >= 2, "pipelining sends out of order");
 
-/// How a simulated client behaves. Every client is honest today; hostile
-/// behaviours (frames forged or replayed, commits that members refuse)
-/// are variants to add, each driving the same shell differently.
+/// How a simulated client behaves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Behaviour {
     /// Follows the protocol.
     #[default]
     Honest,
+    /// Follows the protocol, and mixes hostile acts ([`HostileAct`]) into
+    /// its work: forged, unsigned, replayed and misdirected frames, commits
+    /// members cannot process, false reports.
+    Hostile,
 }
 
 /// A room of the world, as every client knows it.
@@ -220,6 +226,9 @@ pub struct ClientShared {
     pub loss: Rc<Cell<Loss>>,
     /// Whether the client takes on new work.
     pub workload: Cell<bool>,
+    /// Write one message in every room we are a member of (once), to show
+    /// that members still exchange messages.
+    pub probe: Cell<bool>,
     /// Probability per tick of new work while the workload runs.
     pub work_rate: Cell<f64>,
     /// Share of new work that is a self-update rather than a message.
@@ -242,6 +251,7 @@ impl ClientShared {
             behaviour: Behaviour::Honest,
             loss: Rc::new(Cell::new(Loss::default())),
             workload: Cell::new(false),
+            probe: Cell::new(false),
             work_rate: Cell::new(0.05),
             update_share: Cell::new(0.15),
             membership_share: Cell::new(0.1),
@@ -392,6 +402,17 @@ enum Request {
     JoinSearch {
         room: RoomId,
     },
+    /// Our report of a commit we cannot process.
+    Report {
+        room: RoomId,
+        report: payload::CommitReport,
+    },
+    /// A hostile act's frame.
+    Hostile {
+        room: RoomId,
+        act: HostileAct,
+        frame: Frame,
+    },
 }
 
 impl Request {
@@ -408,7 +429,9 @@ impl Request {
             | Request::GroupInfo { room, .. }
             | Request::ExternalJoin { room, .. }
             | Request::Subscribe { room }
-            | Request::JoinSearch { room } => Some(*room),
+            | Request::JoinSearch { room }
+            | Request::Report { room, .. }
+            | Request::Hostile { room, .. } => Some(*room),
         }
     }
 }
@@ -442,6 +465,8 @@ struct Room {
     retry_at_ms: u64,
     /// The epoch last added to the transcript.
     transcript_epoch: Option<u64>,
+    /// When to report again the commit the room is stuck on.
+    report_again_at_ms: Option<u64>,
 }
 
 /// Where a member's leaving stands.
@@ -475,6 +500,10 @@ struct Client {
     server_key: Option<[u8; 32]>,
     /// Why the connection must be started over, if it must.
     reconnect: Option<String>,
+    /// Sequenced frames a hostile client may replay.
+    replayable: VecDeque<(RoomId, Frame)>,
+    /// The latest commit applied in each room: (log index, its epoch).
+    last_commit: BTreeMap<RoomId, (u64, u64)>,
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -532,6 +561,7 @@ impl Client {
                 join_passed_over: false,
                 retry_at_ms: 0,
                 transcript_epoch: None,
+                report_again_at_ms: None,
             };
             rooms.insert(plan.room_id, room);
         }
@@ -549,6 +579,8 @@ impl Client {
             tx: None,
             server_key: None,
             reconnect: None,
+            replayable: VecDeque::new(),
+            last_commit: BTreeMap::new(),
         };
         client.note_epochs();
         client.persist();
@@ -581,6 +613,11 @@ impl Client {
         let mut work: Vec<String> =
             persisted.outbox.values().map(|e| format!("{} in {}", e.text, e.room)).collect();
         work.extend(persisted.joins.keys().map(|room| format!("join of {room}")));
+        // A join asked for (its GroupInfo on the way) is work too.
+        work.extend(self.in_flight.values().filter_map(|request| match request {
+            Request::GroupInfo { room, label } => Some(format!("{label} in {room}")),
+            _ => None,
+        }));
         let mut status = BTreeMap::new();
         for (room_id, room) in &self.rooms {
             let log = room.log.as_ref();
@@ -591,6 +628,10 @@ impl Client {
                     .map(|p| format!("commit {:?} in {room_id}", p.intent())),
             );
             work.extend(log.and_then(RoomLog::redo).map(|i| format!("redo {i:?} in {room_id}")));
+            // A device removed meanwhile has nothing left to recover.
+            let stuck_on = log.filter(|_| room.member()).and_then(RoomLog::stuck_on);
+            work.extend(stuck_on.map(|l| format!("stuck on {l} in {room_id}")));
+            work.extend(log.filter(|l| l.rejoin_needed()).map(|_| format!("rejoin of {room_id}")));
             let member = room.member();
             status.insert(
                 *room_id,
@@ -642,6 +683,7 @@ impl Client {
         self.next_request_id
     }
 
+    /// A frame of ours, signed.
     fn frame<P: Payload>(&mut self, room: RoomId, payload: &P, epoch: u64) -> (u32, Frame) {
         let request_id = self.next_request();
         let mut header = FrameHeaderBuf::new(P::OPCODE);

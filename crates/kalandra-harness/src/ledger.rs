@@ -41,6 +41,29 @@ pub struct Ledger {
     pub commits: HashMap<[u8; 32], String>,
     /// Entries whose redaction the server acknowledged.
     pub redactions: BTreeSet<(RoomId, u64)>,
+    /// SHA-256 of each MLS commit a hostile client damaged so that members
+    /// cannot process it: the only commits a void may name.
+    pub bad_commits: BTreeSet<[u8; 32]>,
+    /// SHA-256 of the payload of each hostile frame the server must refuse,
+    /// with the copies the log may hold (a replay's original: one).
+    pub refused_payloads: BTreeMap<[u8; 32], usize>,
+    /// SHA-256 of each sequenced frame's payload a hostile client forged
+    /// (members refuse to open it).
+    pub forged_payloads: BTreeSet<[u8; 32]>,
+    /// SHA-256 of the payload of each message sealed in an epoch that a
+    /// void then undid: if it is still sequenced (the room reached an
+    /// epoch of that number again), members cannot open it, and its writer
+    /// sends it again.
+    pub dead_sealings: BTreeSet<[u8; 32]>,
+    /// Reports by a room's admin that the server counted without voiding:
+    /// (room, log index of the reported commit). The admin's report alone
+    /// meets the rule, so each such commit must be voided in the log.
+    pub admin_reports_unvoided: BTreeSet<(RoomId, u64)>,
+    /// Hostile acts by kind and outcome, with counts.
+    pub hostile: BTreeMap<(String, String), u64>,
+    /// Messages written after convergence to show that honest members
+    /// still exchange messages: (room, id).
+    pub probes: Vec<(RoomId, String)>,
 }
 
 impl Ledger {
@@ -53,6 +76,11 @@ impl Ledger {
     /// Records an intent acted on.
     pub fn intent(&mut self, label: &str, client: usize, room: RoomId, what: String) {
         self.intents.entry(label.to_owned()).or_insert(IntentRecord { client, room, what });
+    }
+
+    /// Counts one outcome of a hostile act.
+    pub fn hostile_outcome(&mut self, act: &str, outcome: &str) {
+        *self.hostile.entry((act.to_owned(), outcome.to_owned())).or_default() += 1;
     }
 
     /// Records that `commit` (its MLS bytes) was made for intent `label`.

@@ -69,6 +69,12 @@ struct Args {
     /// Inject in client-core's room log: our message read back from the log does not settle it.
     #[arg(long)]
     bug_resend_sequenced_message: bool,
+    /// Inject in the shard: never void a commit members reported.
+    #[arg(long)]
+    bug_never_void: bool,
+    /// Hostile clients (taken among those that create no room, last first).
+    #[arg(long, default_value_t = 1)]
+    hostile: usize,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
@@ -95,6 +101,7 @@ impl Args {
             partitions: !self.no_partitions,
             disk_faults: !self.no_disk_faults,
             work_rate: self.work_rate,
+            hostile: self.hostile,
             bugs: Bugs {
                 ack_before_durable: self.bug_ack_before_durable,
                 double_commit: self.bug_double_commit,
@@ -103,6 +110,7 @@ impl Args {
                 stamp_without_clock_floor: self.bug_stamp_without_clock_floor,
                 panic_on_resubscribe: self.bug_panic_on_resubscribe,
                 resend_sequenced_message: self.bug_resend_sequenced_message,
+                never_void: self.bug_never_void,
             },
             ..SimConfig::default()
         }
@@ -111,7 +119,7 @@ impl Args {
     /// The command line that replays `seed` with these options.
     fn replay_command(&self, seed: u64) -> String {
         let mut command = format!(
-            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --rooms {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {} --membership-share {}",
+            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --rooms {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {} --membership-share {} --hostile {}",
             self.clients,
             self.rooms,
             self.loss_max,
@@ -119,7 +127,8 @@ impl Args {
             self.fault_phase_ms,
             self.heal_bound_ms,
             self.work_rate,
-            self.membership_share
+            self.membership_share,
+            self.hostile
         );
         for (set, flag) in [
             (self.no_crashes, "--no-crashes"),
@@ -132,6 +141,7 @@ impl Args {
             (self.bug_stamp_without_clock_floor, "--bug-stamp-without-clock-floor"),
             (self.bug_panic_on_resubscribe, "--bug-panic-on-resubscribe"),
             (self.bug_resend_sequenced_message, "--bug-resend-sequenced-message"),
+            (self.bug_never_void, "--bug-never-void"),
         ] {
             if set {
                 command.push(' ');
@@ -168,6 +178,11 @@ fn main() -> ExitCode {
         for (kind, count) in &outcome.stats.intents {
             *work.intents.entry(kind.clone()).or_default() += count;
         }
+        for (act, count) in &outcome.stats.hostile {
+            *work.hostile.entry(act.clone()).or_default() += count;
+        }
+        work.voids += outcome.stats.voids;
+        work.rejoins += outcome.stats.rejoins;
         on_redb += u64::from(outcome.stats.on_redb);
         server_restarts += u64::from(outcome.stats.server_boots.saturating_sub(1));
         client_restarts += u64::from(outcome.stats.client_boots).saturating_sub(args.clients as u64);
@@ -215,6 +230,8 @@ fn main() -> ExitCode {
         work.opened_late,
         work.intents
     );
+    println!("recovery: {} commits voided, {} rejoins after a settled commit", work.voids, work.rejoins);
+    println!("hostile acts (act, outcome): {:?}", work.hostile);
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS

@@ -28,6 +28,10 @@ pub const TICK_MS: u64 = 1;
 pub const ROOMS_MAX: usize = 8;
 /// Chance that a client other than the creator is among a room's first members.
 pub const INITIAL_MEMBER_SHARE: f64 = 0.6;
+/// Simulated time within which, after convergence, a message each honest
+/// member writes in each of its rooms must be read by every other honest
+/// member of the room.
+pub const PROBE_BOUND_MS: u64 = 10_000;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -65,6 +69,9 @@ pub struct SimConfig {
     pub update_share: f64,
     /// Share of new work that changes membership or redacts.
     pub membership_share: f64,
+    /// Hostile clients, taken among the clients that create no room (the
+    /// last first; fewer if there are not enough).
+    pub hostile: usize,
     /// Injected bugs.
     pub bugs: Bugs,
 }
@@ -88,6 +95,7 @@ impl Default for SimConfig {
             work_rate: 0.05,
             update_share: 0.12,
             membership_share: 0.08,
+            hostile: 1,
             bugs: Bugs::default(),
         }
     }
@@ -147,6 +155,14 @@ pub struct RunStats {
     /// Intents the clients acted on, by kind (Update, Invite, Remove,
     /// Kick, Ban, Leave, CoverProposals, join).
     pub intents: std::collections::BTreeMap<String, u64>,
+    /// Hostile acts, as "act: outcome" ("sent", or the server's answer).
+    pub hostile: std::collections::BTreeMap<String, u64>,
+    /// Commits members could not process, sequenced.
+    pub bad_commits: u64,
+    /// `CommitVoided` entries in the logs.
+    pub voids: u64,
+    /// External joins again after being stuck past a commit's window.
+    pub rejoins: u64,
 }
 
 /// The result of one run.
@@ -313,6 +329,14 @@ pub fn plan_rooms(config: &SimConfig) -> Vec<RoomPlan> {
         .collect()
 }
 
+/// The hostile clients: up to `config.hostile` of those that create no
+/// room (a room's creator is its admin, whose report alone voids a commit),
+/// the last first.
+pub fn hostile_clients(config: &SimConfig, rooms: &[RoomPlan]) -> BTreeSet<usize> {
+    let creators: BTreeSet<usize> = rooms.iter().map(|room| room.creator).collect();
+    (0..config.clients.max(1)).rev().filter(|c| !creators.contains(c)).take(config.hostile).collect()
+}
+
 fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
     let sim = turmoil::Builder::new()
         .rng_seed(config.seed)
@@ -335,11 +359,16 @@ fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
         stats: RunStats::default(),
     };
     world.sim.host("server", move || server::run::<MlsRoomGroup>(Rc::clone(&server)));
+    let hostile = hostile_clients(config, &cast.rooms);
     for index in 0..config.clients.max(1) {
         let seed = u64::from_be_bytes(
             crate::derive_seed(config.seed, b"client", index as u64)[..8].try_into().expect("8 bytes"),
         );
-        let shared = Rc::new(ClientShared::new(index, seed, Rc::clone(&cast)));
+        let mut shared = ClientShared::new(index, seed, Rc::clone(&cast));
+        if hostile.contains(&index) {
+            shared.behaviour = client::Behaviour::Hostile;
+        }
+        let shared = Rc::new(shared);
         shared.work_rate.set(config.work_rate);
         shared.update_share.set(config.update_share);
         shared.membership_share.set(config.membership_share);
@@ -374,6 +403,9 @@ pub fn run(config: &SimConfig) -> Outcome {
     if world.failures.is_empty() {
         fault_phase(&mut world, config, &plan);
         heal(&mut world, config);
+    }
+    if world.failures.is_empty() {
+        probe(&mut world);
     }
 
     let mut failures = std::mem::take(&mut world.failures);
@@ -458,6 +490,33 @@ fn heal(world: &mut World<'_>, config: &SimConfig) {
     }
 }
 
+/// After convergence, every honest client writes one message in each room
+/// it is a member of; the world must converge again within
+/// [`PROBE_BOUND_MS`] (the checker then wants each read by every other
+/// honest member).
+fn probe(world: &mut World<'_>) {
+    for client in world.clients.iter().filter(|c| c.behaviour == client::Behaviour::Honest) {
+        client.probe.set(true);
+    }
+    let deadline = world.now_ms() + PROBE_BOUND_MS;
+    loop {
+        let written = world.clients.iter().all(|client| !client.probe.get());
+        if written
+            && world.converged(false)
+            && check::check_probes(&world.cast.ledger.borrow(), &world.clients).is_empty()
+        {
+            return;
+        }
+        if world.now_ms() > deadline || !world.step() {
+            break;
+        }
+    }
+    world.failures.push(format!(
+        "messages written after convergence not delivered within {PROBE_BOUND_MS} ms: {}",
+        check::describe_progress(&world.server, &world.cast, &world.clients)
+    ));
+}
+
 fn collect_stats(world: &World<'_>) -> RunStats {
     let server = &world.server;
     let mut stats = world.stats.clone();
@@ -480,7 +539,19 @@ fn collect_stats(world: &World<'_>) -> RunStats {
         for entry in &log {
             let Ok(frame) = kalandra_proto::Frame::decode(&entry.bytes) else { continue };
             match frame.opcode() {
-                kalandra_proto::Opcode::Commit => stats.commits += 1,
+                kalandra_proto::Opcode::Commit => {
+                    stats.commits += 1;
+                    let bad = frame.decode_payload::<kalandra_proto::payload::Commit>().is_ok_and(|commit| {
+                        world
+                            .cast
+                            .ledger
+                            .borrow()
+                            .bad_commits
+                            .contains(&crate::ledger::digest(&commit.commit))
+                    });
+                    stats.bad_commits += u64::from(bad);
+                }
+                kalandra_proto::Opcode::CommitVoided => stats.voids += 1,
                 kalandra_proto::Opcode::ExternalJoin => {
                     stats.commits += 1;
                     stats.external_joins += 1;
@@ -494,10 +565,16 @@ fn collect_stats(world: &World<'_>) -> RunStats {
             }
         }
     }
-    for intent in world.cast.ledger.borrow().intents.values() {
+    let ledger = world.cast.ledger.borrow();
+    for intent in ledger.intents.values() {
         let kind: String = intent.what.chars().take_while(|c| c.is_alphanumeric()).collect();
         *stats.intents.entry(kind).or_default() += 1;
     }
+    stats.rejoins = ledger.intents.keys().filter(|label| label.contains("-rejoin")).count() as u64;
+    for ((act, outcome), count) in &ledger.hostile {
+        *stats.hostile.entry(format!("{act}: {outcome}")).or_default() += count;
+    }
+    drop(ledger);
     stats.epoch = server.rooms.borrow().values().map(|view| view.epoch).max().unwrap_or(0);
     for client in &world.clients {
         let record = client.record.borrow();

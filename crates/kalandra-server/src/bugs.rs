@@ -25,6 +25,9 @@ pub struct InjectedBugs {
     /// The sequencer sequences a commit made for the epoch before the
     /// current one without applying it: two commits for one epoch.
     pub sequence_stale_commit: bool,
+    /// The shard never voids a commit members reported: the rule is met,
+    /// the report is acknowledged, and no `CommitVoided` is sequenced.
+    pub never_void_commit: bool,
 }
 
 thread_local! {
@@ -34,6 +37,7 @@ thread_local! {
         panic_on_resubscribe: false,
         release_batch_when_taken: false,
         sequence_stale_commit: false,
+        never_void_commit: false,
     }) };
 }
 

@@ -39,6 +39,23 @@ fn fixed_seeds_pass_every_checker_under_faults() {
         totals.redacted += stats.redacted;
         totals.opened_late += stats.opened_late;
         totals.batches_in_flight_max = totals.batches_in_flight_max.max(stats.batches_in_flight_max);
+        totals.bad_commits += stats.bad_commits;
+        totals.voids += stats.voids;
+        for (act, count) in &stats.hostile {
+            *totals.hostile.entry(act.clone()).or_default() += count;
+        }
+    }
+    // The hostile client acted: commits members cannot process were
+    // sequenced and voided, and the server refused what it can detect.
+    assert!(totals.bad_commits > 0 && totals.voids > 0, "{totals:?}");
+    for refused in [
+        "missing signature: BadSignature",
+        "not a member: NotMember",
+        "stale epoch: WrongEpoch",
+        "wrong Welcome recipients: InvalidCommit",
+        "forged application: acknowledged",
+    ] {
+        assert!(totals.hostile.get(refused).is_some_and(|n| *n > 0), "no {refused:?}: {totals:?}");
     }
     // The faults happened, and so did every kind of work.
     assert!(

@@ -65,6 +65,13 @@ impl Client {
                     .push((ack.log_index, stamped_digest));
                 self.joined_by_commit(room, ack.log_index, ack.epoch);
             }
+            Request::Report { room, report } => self.report_acked(room, &report, ack),
+            Request::Hostile { room, act, frame } => {
+                self.hostile_answered(act, None);
+                if act == super::HostileAct::ForgedApplication {
+                    return self.own_acked(room, &Some(frame), ack);
+                }
+            }
             other => self.violation(format!("an acknowledgement answering {other:?}")),
         }
         Ok(())
@@ -126,7 +133,10 @@ impl Client {
     ) -> Result<(), String> {
         let stamped = stamp(frame, ack);
         let stamped_digest = digest(&stamped.to_bytes());
-        let entry = self.shared.persisted.borrow_mut().outbox.remove(&id);
+        // Sealed in an epoch a void undid: members cannot open this copy;
+        // the entry stays in the outbox, sealed again.
+        let dead = self.dead_sealing(frame);
+        let entry = if dead { None } else { self.shared.persisted.borrow_mut().outbox.remove(&id) };
         let sender = self.sender;
         {
             let mut record = self.trace();
@@ -174,10 +184,14 @@ impl Client {
             ));
             return Ok(());
         };
+        let answering: String = format!("{request:?}").chars().take(60).collect();
         let unexpected = match request {
             Request::Message { room, id, frame } => self.message_refused(room, id, &frame, code, error),
             Request::Commit { settled: true, .. } => false,
-            Request::Commit { room, settled: false, .. } => self.commit_refused(room, code, error),
+            Request::Commit { room, settled: false, frame } => {
+                let damaged = self.damaged_commit_refused(&frame, code);
+                self.commit_refused(room, code, error) && !damaged
+            }
             Request::Create { room, .. } => match code {
                 Some(ErrorCode::RoomExists) => {
                     self.creation_confirmed(room);
@@ -225,9 +239,14 @@ impl Client {
                 }
                 !matches!(code, Some(ErrorCode::NotMember | ErrorCode::Banned)) && !transient(code)
             }
+            Request::Report { room, .. } => self.report_refused(room, error),
+            Request::Hostile { act, .. } => {
+                self.hostile_answered(act, code);
+                false
+            }
         };
         if unexpected {
-            self.violation(format!("room {room_id}: refused with {code:?}: {}", error.message));
+            self.violation(format!("room {room_id}: {answering} refused with {code:?}: {}", error.message));
         }
         Ok(())
     }
@@ -265,13 +284,19 @@ impl Client {
         error: &payload::Error,
     ) -> bool {
         let ours = frame.header().epoch();
+        // A commit we applied and that may still be voided: the room may
+        // have gone back below the epoch we sealed in.
+        let log = self.room(room_id).and_then(|r| r.log.as_ref());
+        let current_here = log.map_or(0, RoomLog::epoch);
+        let voidable = log.and_then(RoomLog::unsettled_commit).is_some();
         let mut persisted = self.shared.persisted.borrow_mut();
         let Some(entry) = persisted.outbox.get_mut(&id) else { return false };
         match code {
             Some(ErrorCode::WrongEpoch) => {
                 let current = error.current_epoch.unwrap_or(0);
                 entry.wait_for_epoch = current;
-                if current <= ours {
+                // Not a broken rule once a void took us back to `current`.
+                if current <= ours && !voidable && current_here > current {
                     drop(persisted);
                     self.violation(format!(
                         "room {room_id}: server says epoch {current} for a message at our epoch {ours}"
@@ -478,6 +503,6 @@ impl Client {
 }
 
 /// Refusals that say "not now": the request is made again.
-fn transient(code: Option<ErrorCode>) -> bool {
+pub(super) fn transient(code: Option<ErrorCode>) -> bool {
     matches!(code, Some(ErrorCode::StorageUnavailable | ErrorCode::RateLimited | ErrorCode::ShuttingDown))
 }

@@ -103,8 +103,13 @@ impl Client {
                 return Ok(());
             }
         };
+        self.keep_for_replay(room_id, frame);
         match frame.opcode() {
-            Opcode::Commit | Opcode::ExternalJoin => self.after_commit(room_id, settled),
+            Opcode::Commit | Opcode::ExternalJoin => {
+                self.note_commit(room_id, frame);
+                self.after_commit(room_id, settled);
+            }
+            Opcode::CommitVoided => self.after_void(room_id, frame),
             Opcode::Proposal if frame.header().sender_id() == sender => {
                 if let Some(room) = self.room_mut(room_id) {
                     if matches!(room.leave, Some(Leave::Sent { .. } | Leave::Want)) {
@@ -131,10 +136,17 @@ impl Client {
                 Seen::Own(entry.text)
             }
             EntryBody::Redacted => Seen::Redacted,
-            EntryBody::Unreadable(why) if self.opened_before(room_id, frame) => {
-                let _ = why;
-                Seen::Replay
+            EntryBody::Unreadable(_) if self.opened_before(room_id, frame) => Seen::Replay,
+            // The commit we are stuck on, and frames of its epoch.
+            EntryBody::Unreadable(_) if self.stuck(room_id) => return Ok(()),
+            // A hostile client's forgery, refused as it must be.
+            EntryBody::Unreadable(_)
+                if self.shared.cast.ledger.borrow().forged_payloads.contains(&digest(frame.payload())) =>
+            {
+                return Ok(())
             }
+            // Sealed in an epoch a void undid, sequenced in a later epoch of that number.
+            EntryBody::Unreadable(_) if self.dead_sealing(frame) => return Ok(()),
             EntryBody::Unreadable(why) => {
                 self.violation(format!("room {room_id}: open message at {log_index}: {why}"));
                 return Ok(());
@@ -159,7 +171,10 @@ impl Client {
         }
         let Some(room) = self.room_mut(room_id) else { return };
         if !room.member() {
-            self.removed(room_id);
+            // Stuck past the window: the room is joined again, not left.
+            if !room.log.as_ref().is_some_and(RoomLog::rejoin_needed) {
+                self.removed(room_id);
+            }
             return;
         }
         let epoch = room.log.as_ref().map_or(0, RoomLog::epoch);
@@ -168,6 +183,41 @@ impl Client {
                 // Our proposal was not in the commit that ended its epoch.
                 room.leave = Some(Leave::Want);
             }
+        }
+    }
+
+    /// Whether the room is stuck on a commit it cannot process.
+    fn stuck(&self, room_id: RoomId) -> bool {
+        self.room(room_id).and_then(|room| room.log.as_ref()).and_then(RoomLog::stuck_on).is_some()
+    }
+
+    /// A commit applied (or the room got stuck on it): the latest one a
+    /// hostile client may falsely report, when it processed it.
+    fn note_commit(&mut self, room_id: RoomId, frame: &Frame) {
+        if self.stuck(room_id) {
+            self.last_commit.remove(&room_id);
+        } else {
+            let header = frame.header();
+            self.last_commit.insert(room_id, (header.log_index(), header.epoch()));
+        }
+    }
+
+    /// A `CommitVoided` applied: the dead entries go; a membership the
+    /// voided commit gave us is gone (we rejoin if it was our external join).
+    fn after_void(&mut self, room_id: RoomId, frame: &Frame) {
+        match frame.decode_payload::<payload::CommitVoided>() {
+            Ok(void) => self.commit_voided(room_id, void.log_index),
+            Err(error) => {
+                self.violation(format!("room {room_id}: a CommitVoided that does not decode: {error}"))
+            }
+        }
+        let Some(room) = self.room_mut(room_id) else { return };
+        if matches!(room.leave, Some(Leave::Sent { .. } | Leave::Proposed { .. })) {
+            // Our leave proposal may have died with the voided epoch.
+            room.leave = Some(Leave::Want);
+        }
+        if !room.member() && !room.log.as_ref().is_some_and(RoomLog::rejoin_needed) {
+            self.removed(room_id);
         }
     }
 

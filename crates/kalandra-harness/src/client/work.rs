@@ -34,8 +34,16 @@ impl Client {
         for room in rooms {
             self.drive_room(room);
         }
+        if self.shared.probe.take() {
+            self.write_probes();
+        }
         if self.shared.workload.get() && self.rng.gen_bool(self.shared.work_rate.get()) {
-            self.new_work();
+            let hostile = self.shared.behaviour == Behaviour::Hostile;
+            if hostile && self.rng.gen_bool(super::hostile::HOSTILE_ACT_SHARE) {
+                self.hostile_act();
+            } else {
+                self.new_work();
+            }
         }
     }
 
@@ -73,6 +81,7 @@ impl Client {
                 self.next_step(room_id, epoch, now);
                 self.send_messages(room_id, epoch);
             }
+            ClientState::Stuck { .. } => self.drive_stuck(room_id, now),
             _ => {}
         }
     }
@@ -101,9 +110,19 @@ impl Client {
             return;
         }
         let asking = self.asking(room_id, |r| matches!(r, Request::GroupInfo { .. }));
+        // Stuck on a commit that settled: joined again by external commit,
+        // open room or not (the server lets a member replace its own leaf).
+        let rejoin = room.log.as_ref().is_some_and(RoomLog::rejoin_needed);
+        let label = match rejoin && room.work.is_empty() {
+            true => Some(self.label("rejoin")),
+            false => None,
+        };
         let Some(room) = self.room_mut(room_id) else { return };
         room.work.retain(|work| work.kind == WorkKind::ExternalJoin);
-        if asking || now < room.retry_at_ms || !room.plan.open {
+        if let Some(label) = label {
+            room.work.push_back(Work { label, kind: WorkKind::ExternalJoin });
+        }
+        if asking || now < room.retry_at_ms || !(room.plan.open || rejoin) {
             return;
         }
         if let Some(work) = room.work.pop_front() {
@@ -333,7 +352,7 @@ impl Client {
         }
     }
 
-    fn send_commit(
+    pub(super) fn send_commit(
         &mut self,
         room_id: RoomId,
         commit: &payload::Commit,
@@ -354,6 +373,7 @@ impl Client {
         }
         self.shared.persisted.borrow_mut().commit_labels.insert(room_id, label);
         self.persist();
+        self.debug(|| format!("-> {id} commit {intent:?} in {room_id} epoch {epoch}"));
         self.in_flight.insert(id, Request::Commit { room: room_id, settled: false, frame: frame.clone() });
         self.send_frame(&frame);
     }
@@ -453,6 +473,9 @@ impl Client {
         let Some(log) = self.rooms.get_mut(&room_id).and_then(|r| r.log.as_mut()) else { return };
         match log.seal(text.as_bytes(), &self.key) {
             Ok(sealed) => {
+                self.debug(|| {
+                    format!("seal {id} in {room_id} epoch {} gen {}", sealed.epoch, sealed.generation)
+                });
                 let sent = SentMessage { id, epoch: sealed.epoch, generation: sealed.generation };
                 let mut persisted = self.shared.persisted.borrow_mut();
                 if let Some(entry) = persisted.outbox.get_mut(&id) {
@@ -575,19 +598,36 @@ impl Client {
     }
 
     fn new_message(&mut self, room_id: RoomId) {
+        if self.shared.persisted.borrow().counters.messages >= MESSAGES_PER_CLIENT_MAX {
+            return;
+        }
+        self.write_message(room_id);
+    }
+
+    /// Writes one message into the room's outbox; its id.
+    fn write_message(&mut self, room_id: RoomId) -> String {
         let index = self.shared.index;
         let number = {
             let mut persisted = self.shared.persisted.borrow_mut();
-            if persisted.counters.messages >= MESSAGES_PER_CLIENT_MAX {
-                return;
-            }
             persisted.counters.messages += 1;
             persisted.counters.messages
         };
         let text = format!("c{index}-m{number}");
         self.shared.cast.ledger.borrow_mut().wrote(&text, index, room_id);
-        let entry = OutboxEntry { room: room_id, text, sealed: None, wait_for_epoch: 0 };
+        let entry = OutboxEntry { room: room_id, text: text.clone(), sealed: None, wait_for_epoch: 0 };
         self.shared.persisted.borrow_mut().outbox.insert(number, entry);
+        text
+    }
+
+    /// One message in every room we are a member of, beyond the workload's
+    /// limit: the checker wants every other honest member to read it.
+    fn write_probes(&mut self) {
+        let rooms: Vec<RoomId> =
+            self.rooms.iter().filter(|(_, room)| room.member()).map(|(room_id, _)| *room_id).collect();
+        for room_id in rooms {
+            let text = self.write_message(room_id);
+            self.shared.cast.ledger.borrow_mut().probes.push((room_id, text));
+        }
     }
 
     fn new_update(&mut self, room_id: RoomId) {

@@ -58,6 +58,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         decision: &VoidDecision,
         now_ms: u64,
     ) -> Result<(), ReportError> {
+        #[cfg(feature = "injected-bugs")]
+        if crate::bugs::planted().never_void_commit {
+            return Ok(());
+        }
         let room = self.rooms.get_mut(&room_id).ok_or(ReportError::Recovering)?;
         // Kicks and bans issued after the voided commit: their proposals die
         // with its epoch, their removals must not.
