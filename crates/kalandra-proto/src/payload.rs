@@ -15,6 +15,7 @@ use crate::limits::{
     PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
     VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
 };
+use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
 use crate::opcode::Opcode;
 
 /// A CBOR decoding error as plain words. ciborium's `Display` is its
@@ -212,6 +213,14 @@ mod strict_bytes {
     }
 }
 
+/// Decodes a fixed-length byte array from a CBOR byte string only (for
+/// types outside this module, such as [`crate::chain::SignedLogHead`]).
+pub(crate) fn strict_byte_array<'de, D: serde::Deserializer<'de>, const N: usize>(
+    deserializer: D,
+) -> Result<[u8; N], D::Error> {
+    strict_bytes::required(deserializer)
+}
+
 /// A byte string inside a list (CBOR major type 2, decoded strictly).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ByteString(
@@ -347,6 +356,11 @@ payload!(
         /// For rate limits: when to retry.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub retry_after_ms: Option<u64>,
+        /// For `Redacted` placeholders: the SHA-256 digest of the erased
+        /// frame as sequenced, so that readers can extend the log's hash
+        /// chain over it ([`crate::chain`]).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub frame_digest: Option<[u8; LOG_HEAD_BYTES]>,
     }
 );
 impl Payload for Error {
@@ -442,6 +456,10 @@ payload!(
         pub next_log_index: u64,
         /// Whether live frames follow (subscribe) or not (sync).
         pub live: bool,
+        /// The server's signed head at `next_log_index - 1`, when the
+        /// history sent ends at the room's durable head.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub log_head: Option<SignedLogHead>,
     }
 );
 impl Payload for SyncDone {
@@ -719,6 +737,10 @@ payload!(
         /// The room's ratchet tree at the Welcome's epoch (TLS encoding).
         #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
         pub ratchet_tree: Option<Vec<u8>>,
+        /// The log's head at the commit that made the Welcome (the header's
+        /// log index): where the joiner's hash chain starts.
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub log_head: Option<[u8; LOG_HEAD_BYTES]>,
     }
 );
 impl Payload for Welcome {
@@ -737,6 +759,13 @@ payload!(
         pub epoch: u64,
         /// Server time of sequencing, ms since the Unix epoch.
         pub server_time_ms: u64,
+        /// The log's head at `log_index` (sequenced frames).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub log_head: Option<[u8; LOG_HEAD_BYTES]>,
+        /// The server's signed head at an index at or after `log_index`:
+        /// the last frame of the room made durable with this one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub signed_head: Option<SignedLogHead>,
     }
 );
 impl Payload for Ack {
@@ -1069,6 +1098,7 @@ mod welcome_len_tests {
                 let payload = Welcome {
                     welcome: vec![7; welcome_bytes],
                     ratchet_tree: (tree_bytes > 0).then(|| vec![9; tree_bytes]),
+                    log_head: None,
                 };
                 assert_eq!(
                     payload.encode().len(),
