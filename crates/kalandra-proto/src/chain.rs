@@ -21,7 +21,11 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error_code::ErrorCode;
+use crate::frame::Frame;
 use crate::ids::RoomId;
+use crate::opcode::Opcode;
+use crate::payload;
 use crate::sign::SignatureError;
 
 /// Length of a frame digest and of a log head (SHA-256).
@@ -52,6 +56,30 @@ const _: () = assert!(LOG_HEAD_CONTEXT.len() != SIGNED_LOG_HEAD_CONTEXT.len());
 /// SHA-256 of a frame's encoding exactly as sequenced.
 pub fn frame_digest(frame_bytes: &[u8]) -> FrameDigest {
     Sha256::digest(frame_bytes).into()
+}
+
+/// SHA-256 of a decoded frame's encoding (header, then payload), without
+/// re-encoding it.
+pub fn sequenced_frame_digest(frame: &Frame) -> FrameDigest {
+    let mut hasher = Sha256::new();
+    hasher.update(frame.header().as_bytes());
+    hasher.update(frame.payload());
+    hasher.finalize().into()
+}
+
+/// The digest a log entry contributes to its room's chain: the frame's own
+/// ([`sequenced_frame_digest`]), except for the placeholder of an erased
+/// entry (an unsolicited `Error` frame with code `Redacted`) that carries
+/// the erased frame's digest, which stands in for it.
+pub fn log_entry_digest(frame: &Frame) -> FrameDigest {
+    if frame.opcode() == Opcode::Error && frame.header().request_id() == 0 {
+        if let Ok(error) = frame.decode_payload::<payload::Error>() {
+            if let (true, Some(digest)) = (error.code == ErrorCode::Redacted.to_u16(), error.frame_digest) {
+                return digest;
+            }
+        }
+    }
+    sequenced_frame_digest(frame)
 }
 
 /// The head after appending the frame with digest `frame_digest` at

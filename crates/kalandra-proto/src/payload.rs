@@ -714,17 +714,20 @@ const fn cbor_bytes_head_len(len: usize) -> usize {
 impl Welcome {
     /// The encoded length of a `Welcome` payload with a `welcome` of
     /// `welcome_bytes` and a ratchet tree of `ratchet_tree_bytes` (none when
-    /// 0), without building it: what a server checks before it accepts the
-    /// commit the Welcome belongs to.
+    /// 0) and a `log_head`, without building it: what a server checks
+    /// before it accepts the commit the Welcome belongs to (the server's
+    /// Welcomes always carry the head).
     pub const fn encoded_len(welcome_bytes: usize, ratchet_tree_bytes: usize) -> usize {
-        // A map head, then "welcome" and its bytes, then "ratchet_tree" and its bytes.
+        // A map head, then "welcome" and its bytes, then "ratchet_tree" and
+        // its bytes, then "log_head" and its 32 bytes.
         let welcome = 1 + 7 + cbor_bytes_head_len(welcome_bytes) + welcome_bytes;
         let tree = if ratchet_tree_bytes == 0 {
             0
         } else {
             1 + 12 + cbor_bytes_head_len(ratchet_tree_bytes) + ratchet_tree_bytes
         };
-        1 + welcome + tree
+        let log_head = 1 + 8 + cbor_bytes_head_len(LOG_HEAD_BYTES) + LOG_HEAD_BYTES;
+        1 + welcome + tree + log_head
     }
 }
 
@@ -1098,7 +1101,7 @@ mod welcome_len_tests {
                 let payload = Welcome {
                     welcome: vec![7; welcome_bytes],
                     ratchet_tree: (tree_bytes > 0).then(|| vec![9; tree_bytes]),
-                    log_head: None,
+                    log_head: Some([3; LOG_HEAD_BYTES]),
                 };
                 assert_eq!(
                     payload.encode().len(),

@@ -25,6 +25,13 @@ pub struct InjectedBugs {
     /// The sequencer sequences a commit made for the epoch before the
     /// current one without applying it: two commits for one epoch.
     pub sequence_stale_commit: bool,
+    /// The sequencer extends the log's hash chain with the frame as
+    /// submitted (log index and server timestamp zero) instead of as
+    /// sequenced: every head it states differs from the one members compute.
+    pub chain_before_stamping: bool,
+    /// The shard signs a wrong head for odd log indices (in
+    /// acknowledgements and `SyncDone`s).
+    pub sign_wrong_head_for_odd_indices: bool,
 }
 
 thread_local! {
@@ -34,6 +41,8 @@ thread_local! {
         panic_on_resubscribe: false,
         release_batch_when_taken: false,
         sequence_stale_commit: false,
+        chain_before_stamping: false,
+        sign_wrong_head_for_odd_indices: false,
     }) };
 }
 
