@@ -570,9 +570,19 @@ pub mod seeds {
                 push: None,
             }),
             AnyPayload::ExternalJoin(ExternalJoin { commit: bytes(20, 0x05), group_info: None }),
-            AnyPayload::Welcome(Welcome { welcome: bytes(16, 0x60), ratchet_tree: Some(bytes(8, 0x70)), log_head: None }),
+            AnyPayload::Welcome(Welcome {
+                welcome: bytes(16, 0x60),
+                ratchet_tree: Some(bytes(8, 0x70)),
+                log_head: None,
+            }),
             AnyPayload::CommitVoided(CommitVoided { log_index: 41, epoch: 3, reporters: vec![5, 6] }),
-            AnyPayload::Ack(Ack { log_index: 12, epoch: 3, server_time_ms: 1_700_000_000_456, log_head: None, signed_head: None }),
+            AnyPayload::Ack(Ack {
+                log_index: 12,
+                epoch: 3,
+                server_time_ms: 1_700_000_000_456,
+                log_head: None,
+                signed_head: None,
+            }),
             AnyPayload::KeyPackageUpload(KeyPackageUpload {
                 key_packages: vec![bytes(8, 0x11).into(), bytes(8, 0x22).into()],
                 last_resort: Some(bytes(8, 0x99)),

@@ -1555,7 +1555,10 @@ impl Client {
                         // A subscribed connection is not sent its own frame back (the
                         // Ack stands for it): step over it when it is next in the log.
                         let mut stamped = frame.clone();
-                        stamped.header_mut().set_log_index(ack.log_index).set_server_timestamp_ms(ack.server_time_ms);
+                        stamped
+                            .header_mut()
+                            .set_log_index(ack.log_index)
+                            .set_server_timestamp_ms(ack.server_time_ms);
                         room.step_over_own(&stamped);
                         head_checked = room.acknowledged(&ack);
                     }

@@ -80,7 +80,8 @@ fn two_members() -> ((Device, RoomLog), (Device, RoomLog)) {
     assert_eq!(alice_log.state(), ClientState::Synchronized { epoch: 1 });
     assert!(alice_log.pending_commit().is_none());
 
-    let welcome = Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree), log_head: None };
+    let welcome =
+        Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree), log_head: None };
     let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
     header.set_room_id(ROOM).set_log_index(1);
     let welcome = Frame::with_payload(header, &welcome).unwrap();

@@ -69,6 +69,12 @@ struct Args {
     /// Inject in client-core's room log: our message read back from the log does not settle it.
     #[arg(long)]
     bug_resend_sequenced_message: bool,
+    /// Inject in the shard: sign a wrong log head for odd indices.
+    #[arg(long)]
+    bug_wrong_signed_head: bool,
+    /// Inject in the sequencer: chain frames as submitted, not as sequenced.
+    #[arg(long)]
+    bug_chain_unstamped_frames: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
@@ -103,6 +109,8 @@ impl Args {
                 stamp_without_clock_floor: self.bug_stamp_without_clock_floor,
                 panic_on_resubscribe: self.bug_panic_on_resubscribe,
                 resend_sequenced_message: self.bug_resend_sequenced_message,
+                wrong_signed_head: self.bug_wrong_signed_head,
+                chain_unstamped_frames: self.bug_chain_unstamped_frames,
             },
             ..SimConfig::default()
         }
@@ -132,6 +140,8 @@ impl Args {
             (self.bug_stamp_without_clock_floor, "--bug-stamp-without-clock-floor"),
             (self.bug_panic_on_resubscribe, "--bug-panic-on-resubscribe"),
             (self.bug_resend_sequenced_message, "--bug-resend-sequenced-message"),
+            (self.bug_wrong_signed_head, "--bug-wrong-signed-head"),
+            (self.bug_chain_unstamped_frames, "--bug-chain-unstamped-frames"),
         ] {
             if set {
                 command.push(' ');

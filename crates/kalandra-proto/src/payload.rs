@@ -10,12 +10,12 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
 use crate::limits::{
     AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX,
     PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
     VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
 };
-use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
 use crate::opcode::Opcode;
 
 /// A CBOR decoding error as plain words. ciborium's `Display` is its

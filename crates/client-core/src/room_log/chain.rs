@@ -109,7 +109,8 @@ impl ChainRecord {
     /// signed head waiting for this index becomes it.
     pub(crate) fn applied(&mut self, room_id: RoomId, frame: &Frame) -> Result<(), ChainViolation> {
         let log_index = frame.header().log_index();
-        let due: Vec<SignedLogHead> = self.pending.iter().filter(|s| s.log_index == log_index).copied().collect();
+        let due: Vec<SignedLogHead> =
+            self.pending.iter().filter(|s| s.log_index == log_index).copied().collect();
         self.pending.retain(|s| s.log_index > log_index);
         match self.chain.as_mut() {
             Some(chain) if chain.next_log_index == log_index => {
@@ -130,8 +131,14 @@ impl ChainRecord {
 
     /// Takes a signed head whose signature was verified; `next_log_index`
     /// is the device's cursor.
-    pub(crate) fn signed(&mut self, signed: SignedLogHead, next_log_index: u64) -> Result<(), ChainViolation> {
-        if let Some(first) = self.checked.iter().chain(&self.pending).find(|s| s.log_index == signed.log_index) {
+    pub(crate) fn signed(
+        &mut self,
+        signed: SignedLogHead,
+        next_log_index: u64,
+    ) -> Result<(), ChainViolation> {
+        if let Some(first) =
+            self.checked.iter().chain(&self.pending).find(|s| s.log_index == signed.log_index)
+        {
             if first.head != signed.head {
                 return self.violated(ChainViolation::Equivocation { first: *first, second: signed });
             }

@@ -176,7 +176,8 @@ fn chain_through(store: &dyn Store, room_id: RoomId, through: u64) -> Result<Log
     while chain.next_log_index <= through {
         let from = chain.next_log_index;
         let count = usize::try_from(through - from + 1).unwrap_or(usize::MAX).min(HISTORY_READ_FRAMES_MAX);
-        let entries = store.read_range(room_id, from, count).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+        let entries =
+            store.read_range(room_id, from, count).map_err(|e| RecoveryError::Storage(e.to_string()))?;
         if entries.is_empty() {
             return Err(corrupt(format!("log ends at {from}, a snapshot says {through}")));
         }

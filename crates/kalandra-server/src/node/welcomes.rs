@@ -166,7 +166,8 @@ mod tests {
     #[test]
     fn a_welcome_is_delivered_only_when_its_own_commit_is_durable_at_its_index() {
         let welcome =
-            welcome_frame(RoomId::default(), &Bytes::from_static(b"mls welcome"), &Bytes::new(), 7, &[0; 32]).unwrap();
+            welcome_frame(RoomId::default(), &Bytes::from_static(b"mls welcome"), &Bytes::new(), 7, &[0; 32])
+                .unwrap();
         assert_eq!(welcome_standing(&welcome, None), WelcomeStanding::NotYetDurable);
         let ours = commit_entry(7, Some(b"mls welcome"));
         assert_eq!(welcome_standing(&welcome, Some(&ours)), WelcomeStanding::Deliver);

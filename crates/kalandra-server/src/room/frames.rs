@@ -72,7 +72,14 @@ pub(crate) fn error_frame_with(
     let message: String = message.chars().take(kalandra_proto::limits::TEXT_BYTES_MAX / 4).collect();
     let mut header = FrameHeaderBuf::new(Opcode::Error);
     header.set_room_id(room_id).set_request_id(request_id);
-    let error = payload::Error { code: code.to_u16(), message, current_epoch, log_index, retry_after_ms, frame_digest: None };
+    let error = payload::Error {
+        code: code.to_u16(),
+        message,
+        current_epoch,
+        log_index,
+        retry_after_ms,
+        frame_digest: None,
+    };
     // The message is cut to TEXT_BYTES_MAX bytes (at most 4 per char) and the
     // rest is fixed-size: it fits (asserted below), whatever a peer sent.
     Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
@@ -146,7 +153,12 @@ pub fn erased_placeholder(room_id: RoomId, log_index: u64, erasure: &Erasure) ->
 /// The placeholder for a frame about to be erased (see
 /// [`erased_placeholder`]).
 pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Bytes) -> Bytes {
-    placeholder(room_id, log_index, &frame[..frame.len().min(ROUTING_PREFIX_BYTES)], Some(frame_digest(frame)))
+    placeholder(
+        room_id,
+        log_index,
+        &frame[..frame.len().min(ROUTING_PREFIX_BYTES)],
+        Some(frame_digest(frame)),
+    )
 }
 
 /// A placeholder carries the erased frame's digest (when the tombstone
@@ -179,9 +191,14 @@ mod tests {
     #[test]
     fn welcome_frames_carry_the_log_index_of_their_commit() {
         let room_id = RoomId([3; 16]);
-        let bytes =
-            welcome_frame(room_id, &Bytes::from_static(b"welcome"), &Bytes::from_static(b"tree"), 7, &[4; 32])
-                .unwrap();
+        let bytes = welcome_frame(
+            room_id,
+            &Bytes::from_static(b"welcome"),
+            &Bytes::from_static(b"tree"),
+            7,
+            &[4; 32],
+        )
+        .unwrap();
         let frame = Frame::decode(&bytes).unwrap();
         assert_eq!(frame.opcode(), Opcode::Welcome);
         assert_eq!(frame.header().room_id(), room_id);

@@ -335,7 +335,12 @@ impl<G: PersistentGroup, P> Room<G, P> {
 
     /// The durable end's head signed by `signer`, if the log ends right
     /// before `next_log_index`.
-    fn signed_head_before(&self, room_id: RoomId, next_log_index: u64, signer: &ServerSigner) -> Option<SignedLogHead> {
+    fn signed_head_before(
+        &self,
+        room_id: RoomId,
+        next_log_index: u64,
+        signer: &ServerSigner,
+    ) -> Option<SignedLogHead> {
         let (last, head) = self.sequencer.durable_log_head()?;
         (last.checked_add(1) == Some(next_log_index)).then(|| sign_head(room_id, last, head, signer))
     }
@@ -785,7 +790,8 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             subscriber.next_log_index = durable_next;
             subscriber.live = true;
             let (last, head) = room.sequencer.durable_log_head().unwrap_or_default();
-            let log_head = (durable_next > 0).then(|| sign_head(room_id, last, head, &self.config.server_signer));
+            let log_head =
+                (durable_next > 0).then(|| sign_head(room_id, last, head, &self.config.server_signer));
             let done = reply_frame(
                 room_id,
                 subscriber.request_id,

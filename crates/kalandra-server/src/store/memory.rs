@@ -132,10 +132,10 @@ impl MemoryStore {
                             "room {room_id} index {log_index}: sealed record without its data key"
                         ))
                     })?;
-                    let tombstone = sealing::erase_sealed(key, room_id, log_index, routing, sealed, redaction)
-                        .map_err(|error| {
-                            InvariantViolation(format!("room {room_id} index {log_index}: {error}"))
-                        })?;
+                    let tombstone =
+                        sealing::erase_sealed(key, room_id, log_index, routing, sealed, redaction).map_err(
+                            |error| InvariantViolation(format!("room {room_id} index {log_index}: {error}")),
+                        )?;
                     Some(tombstone)
                 }
                 Err(error) => {

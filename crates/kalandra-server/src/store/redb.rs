@@ -559,9 +559,10 @@ impl RedbStore {
                             let data_key = run
                                 .key(run_slot(first, log_index))
                                 .ok_or_else(|| corrupt(sealing::OpenError::KeyMissing))?;
-                            let tombstone =
-                                sealing::erase_sealed(&data_key, room_id, log_index, routing, sealed, redaction)
-                                    .map_err(corrupt)?;
+                            let tombstone = sealing::erase_sealed(
+                                &data_key, room_id, log_index, routing, sealed, redaction,
+                            )
+                            .map_err(corrupt)?;
                             Some(tombstone)
                         }
                         Err(error) => {

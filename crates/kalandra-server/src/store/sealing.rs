@@ -681,8 +681,11 @@ mod tests {
         assert!(matches!(decode(&[TAG_SEALED, 65]), Err(OpenError::Malformed(_))));
         assert!(matches!(decode(&[TAG_SEALED, 0, 1, 2]), Err(OpenError::Malformed(_))));
         assert!(matches!(decode(&[9, 0]), Err(OpenError::Malformed(_))));
-        let mut erased =
-            erased_record(&frame(10), &[0; 32], &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention });
+        let mut erased = erased_record(
+            &frame(10),
+            &[0; 32],
+            &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention },
+        );
         erased[2 + 10 + LOG_HEAD_BYTES + 8] = 77;
         assert!(matches!(decode(&erased), Err(OpenError::Malformed(_))));
     }

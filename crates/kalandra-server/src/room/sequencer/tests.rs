@@ -598,7 +598,8 @@ fn acknowledged_heads_chain_the_frames_as_sequenced_and_replay_rebuilds_them() {
     use kalandra_proto::chain::{frame_digest, LogChain};
     let create = create_frame();
     let (mut room, created) =
-        RoomSequencer::create(ROOM, TestGroup::with_members(&[1, 2]), ALICE, create, 1_000, &[0; 32]).unwrap();
+        RoomSequencer::create(ROOM, TestGroup::with_members(&[1, 2]), ALICE, create, 1_000, &[0; 32])
+            .unwrap();
     let mut sequenced = vec![created.frame];
     for request_id in 1..=4 {
         sequenced.push(room.submit(BOB, application(BOB, 0, request_id), 2_000).unwrap().frame);
