@@ -124,7 +124,7 @@ pub enum ClientError {
     /// log it cannot stand behind (the proof is kept in the room's record,
     /// see [`Client::chain_violation`]).
     #[error(transparent)]
-    LogHead(#[from] crate::room_log::LogHeadError),
+    LogHead(Box<crate::room_log::LogHeadError>),
     /// There is no client in the directory.
     #[error("no client in {path}: run `init` first")]
     NotInitialised {
@@ -272,6 +272,12 @@ impl From<RoomLogError> for ClientError {
             RoomLogError::Seal(error) => ClientError::Seal(error),
             RoomLogError::SenderKeys(error) => ClientError::SenderKeys(error),
         }
+    }
+}
+
+impl From<crate::room_log::LogHeadError> for ClientError {
+    fn from(error: crate::room_log::LogHeadError) -> Self {
+        ClientError::LogHead(Box::new(error))
     }
 }
 

@@ -262,7 +262,7 @@ fn signed_heads_are_checked_against_the_frames_applied() {
     let expected = ChainViolation::Equivocation { first: signed_2, second: other_2 };
     assert_eq!(
         bob_log.check_signed_head(&other_2),
-        Err(LogHeadError::Violation { room_id: ROOM, violation: expected })
+        Err(LogHeadError::Violation { room_id: ROOM, violation: Box::new(expected) })
     );
     assert_eq!(bob_log.chain_violation(), Some(expected));
 

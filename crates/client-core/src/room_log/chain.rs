@@ -81,7 +81,7 @@ pub enum LogHeadError {
         /// The room.
         room_id: RoomId,
         /// The proof.
-        violation: ChainViolation,
+        violation: Box<ChainViolation>,
     },
 }
 
@@ -107,7 +107,7 @@ impl ChainRecord {
     /// Extends the chain with the frame applied at its next index; checks
     /// the signed heads that were waiting for it. Without an anchor, a
     /// signed head waiting for this index becomes it.
-    pub(crate) fn applied(&mut self, room_id: RoomId, frame: &Frame) -> Result<(), ChainViolation> {
+    pub(crate) fn applied(&mut self, room_id: RoomId, frame: &Frame) -> Result<(), Box<ChainViolation>> {
         let log_index = frame.header().log_index();
         let due: Vec<SignedLogHead> =
             self.pending.iter().filter(|s| s.log_index == log_index).copied().collect();
@@ -135,7 +135,7 @@ impl ChainRecord {
         &mut self,
         signed: SignedLogHead,
         next_log_index: u64,
-    ) -> Result<(), ChainViolation> {
+    ) -> Result<(), Box<ChainViolation>> {
         if let Some(first) =
             self.checked.iter().chain(&self.pending).find(|s| s.log_index == signed.log_index)
         {
@@ -172,7 +172,7 @@ impl ChainRecord {
         }
     }
 
-    fn compare(&mut self, signed: SignedLogHead) -> Result<(), ChainViolation> {
+    fn compare(&mut self, signed: SignedLogHead) -> Result<(), Box<ChainViolation>> {
         let applied = self.chain.map(|chain| chain.head);
         match applied {
             Some(applied) if applied != signed.head => {
@@ -192,9 +192,9 @@ impl ChainRecord {
         self.checked.push(signed);
     }
 
-    fn violated(&mut self, violation: ChainViolation) -> Result<(), ChainViolation> {
+    fn violated(&mut self, violation: ChainViolation) -> Result<(), Box<ChainViolation>> {
         self.violation.get_or_insert(violation);
-        Err(violation)
+        Err(Box::new(violation))
     }
 
     /// The latest signed head that matched the frames applied.
