@@ -122,12 +122,15 @@ pub struct WelcomeTooLarge(pub String);
 /// Builds the `Welcome` frame stored for, and sent to, a commit's
 /// recipients. Its header carries the log index of the commit that made
 /// it, so that the joiner subscribes from the next index: nothing before
-/// it belongs to the epoch it joins, and nothing after it is skipped.
+/// it belongs to the epoch it joins, and nothing after it is skipped; and
+/// the commit's server timestamp, which tells the Welcome of this commit
+/// from one made for an earlier attempt at the same index (a failed
+/// batch), whose `log_head` would be that attempt's.
 pub fn welcome_frame(
     room_id: RoomId,
     welcome: &Bytes,
     ratchet_tree: &Bytes,
-    log_index: u64,
+    (log_index, commit_timestamp_ms): (u64, u64),
     log_head: &LogHead,
 ) -> Result<Bytes, WelcomeTooLarge> {
     let payload = payload::Welcome {
@@ -136,7 +139,7 @@ pub fn welcome_frame(
         log_head: Some(*log_head),
     };
     let mut header = FrameHeaderBuf::new(payload::Welcome::OPCODE);
-    header.set_room_id(room_id).set_log_index(log_index);
+    header.set_room_id(room_id).set_log_index(log_index).set_server_timestamp_ms(commit_timestamp_ms);
     Frame::with_payload(header, &payload)
         .map(|frame| frame.to_bytes())
         .map_err(|error| WelcomeTooLarge(error.to_string()))
@@ -195,7 +198,7 @@ mod tests {
             room_id,
             &Bytes::from_static(b"welcome"),
             &Bytes::from_static(b"tree"),
-            7,
+            (7, 1_234),
             &[4; 32],
         )
         .unwrap();
@@ -203,6 +206,7 @@ mod tests {
         assert_eq!(frame.opcode(), Opcode::Welcome);
         assert_eq!(frame.header().room_id(), room_id);
         assert_eq!(frame.header().log_index(), 7);
+        assert_eq!(frame.header().server_timestamp_ms(), 1_234);
         let payload: payload::Welcome = frame.decode_payload().unwrap();
         assert_eq!(payload.welcome, b"welcome");
         assert_eq!(payload.ratchet_tree.as_deref(), Some(&b"tree"[..]));
@@ -214,6 +218,6 @@ mod tests {
     fn an_oversized_welcome_is_an_error() {
         let room_id = RoomId([3; 16]);
         let huge = Bytes::from(vec![0u8; Opcode::Welcome.payload_bytes_max() as usize]);
-        assert!(welcome_frame(room_id, &huge, &huge, 1, &[0; 32]).is_err());
+        assert!(welcome_frame(room_id, &huge, &huge, (1, 1), &[0; 32]).is_err());
     }
 }

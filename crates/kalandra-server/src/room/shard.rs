@@ -555,7 +555,8 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         let log_index = sequenced.log_index;
         let encoded = sequenced.frame.to_bytes();
         if let Some((recipients, welcome, ratchet_tree, log_head)) = room.sequencer.welcome_of(log_index) {
-            match welcome_frame(room_id, welcome, ratchet_tree, log_index, &log_head) {
+            let stamped_ms = sequenced.frame.header().server_timestamp_ms();
+            match welcome_frame(room_id, welcome, ratchet_tree, (log_index, stamped_ms), &log_head) {
                 Ok(frame) => self.pending.welcomes.push(WelcomeToStore {
                     room_id,
                     recipients: recipients.to_vec(),
