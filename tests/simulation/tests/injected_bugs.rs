@@ -144,8 +144,8 @@ fn a_wrongly_signed_log_head_is_caught_by_the_members_check() {
 }
 
 /// A sequencer whose chain hashes frames before stamping them states heads
-/// no member computes: members' checks refuse them, and joiners anchored
-/// on such a head disagree with the members who computed theirs.
+/// no member computes: every member's check of the signed heads refuses
+/// them.
 #[test]
 fn a_chain_over_unstamped_frames_is_caught() {
     let caught = failures_with(Bugs { chain_unstamped_frames: true, ..Bugs::default() }, SEEDS, plain);
