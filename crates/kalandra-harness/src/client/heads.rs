@@ -24,6 +24,7 @@ impl Client {
         let chain = log.applied_chain();
         let violation = log.chain_violation();
         if let Some(Err(error)) = checked {
+            self.trace().rooms.entry(room_id).or_default().chain_violated = violation.is_some();
             self.violation(format!("log head: {error}"));
         } else if let Some(violation) = violation {
             let mut record = self.trace();
