@@ -542,6 +542,7 @@ pub mod seeds {
                 current_epoch: Some(5),
                 log_index: Some(42),
                 retry_after_ms: None,
+                frame_digest: None,
             }),
             AnyPayload::Ping(Ping { nonce: 11 }),
             AnyPayload::Pong(Pong { nonce: 11 }),
@@ -549,7 +550,7 @@ pub mod seeds {
             AnyPayload::Subscribe(Subscribe { from_log_index: 0 }),
             AnyPayload::Unsubscribe(Unsubscribe {}),
             AnyPayload::Sync(Sync { from_log_index: 10, count_max: 100 }),
-            AnyPayload::SyncDone(SyncDone { next_log_index: 110, live: true }),
+            AnyPayload::SyncDone(SyncDone { next_log_index: 110, live: true, log_head: None }),
             AnyPayload::CreateRoom(CreateRoom {
                 group_info: bytes(24, 0x10),
                 ratchet_tree: bytes(16, 0x40),
@@ -569,9 +570,19 @@ pub mod seeds {
                 push: None,
             }),
             AnyPayload::ExternalJoin(ExternalJoin { commit: bytes(20, 0x05), group_info: None }),
-            AnyPayload::Welcome(Welcome { welcome: bytes(16, 0x60), ratchet_tree: Some(bytes(8, 0x70)) }),
+            AnyPayload::Welcome(Welcome {
+                welcome: bytes(16, 0x60),
+                ratchet_tree: Some(bytes(8, 0x70)),
+                log_head: None,
+            }),
             AnyPayload::CommitVoided(CommitVoided { log_index: 41, epoch: 3, reporters: vec![5, 6] }),
-            AnyPayload::Ack(Ack { log_index: 12, epoch: 3, server_time_ms: 1_700_000_000_456 }),
+            AnyPayload::Ack(Ack {
+                log_index: 12,
+                epoch: 3,
+                server_time_ms: 1_700_000_000_456,
+                log_head: None,
+                signed_head: None,
+            }),
             AnyPayload::KeyPackageUpload(KeyPackageUpload {
                 key_packages: vec![bytes(8, 0x11).into(), bytes(8, 0x22).into()],
                 last_resort: Some(bytes(8, 0x99)),

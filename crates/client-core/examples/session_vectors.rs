@@ -155,7 +155,7 @@ fn signed<P: Payload>(request_id: u32, room: RoomId, epoch: u64, key: &SigningKe
 fn sequence(sent: &Frame, log_index: u64, server_time_ms: u64, epoch_after: u64) -> Value {
     let mut sequenced = sent.clone();
     sequenced.header_mut().set_log_index(log_index).set_server_timestamp_ms(server_time_ms);
-    let ack = Ack { log_index, epoch: epoch_after, server_time_ms };
+    let ack = Ack { log_index, epoch: epoch_after, server_time_ms, log_head: None, signed_head: None };
     let mut header = FrameHeaderBuf::new(Ack::OPCODE);
     header.set_request_id(sent.header().request_id()).set_room_id(sent.header().room_id());
     let ack_frame = Frame::with_payload(header, &ack).expect("fits");
@@ -201,6 +201,7 @@ fn room(now_secs: u64) -> Value {
     let welcome = Welcome {
         welcome: output.welcome.expect("an add makes a Welcome"),
         ratchet_tree: Some(group.ratchet_tree().expect("tree")),
+        log_head: None,
     };
     let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
     header.set_room_id(room).set_log_index(1);

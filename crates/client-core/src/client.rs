@@ -120,6 +120,11 @@ pub use crate::tls::ServerTrust;
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The server's signed log head does not hold: it showed this device a
+    /// log it cannot stand behind (the proof is kept in the room's record,
+    /// see [`Client::chain_violation`]).
+    #[error(transparent)]
+    LogHead(Box<crate::room_log::LogHeadError>),
     /// There is no client in the directory.
     #[error("no client in {path}: run `init` first")]
     NotInitialised {
@@ -267,6 +272,12 @@ impl From<RoomLogError> for ClientError {
             RoomLogError::Seal(error) => ClientError::Seal(error),
             RoomLogError::SenderKeys(error) => ClientError::SenderKeys(error),
         }
+    }
+}
+
+impl From<crate::room_log::LogHeadError> for ClientError {
+    fn from(error: crate::room_log::LogHeadError) -> Self {
+        ClientError::LogHead(Box::new(error))
     }
 }
 
@@ -906,6 +917,19 @@ impl Client {
         self.refresh_key_cache()
     }
 
+    /// The latest head of `room_id`'s log that the server signed and that
+    /// matched the frames this device applied: (index, head, signature), to
+    /// compare with other members out of band. `None` before the first.
+    pub fn log_head(&self, room_id: RoomId) -> Option<kalandra_proto::chain::SignedLogHead> {
+        self.rooms.get(&room_id).and_then(RoomLog::log_head)
+    }
+
+    /// The proof, if one was found, that the server showed this device a
+    /// log of `room_id` it cannot stand behind.
+    pub fn chain_violation(&self, room_id: RoomId) -> Option<crate::room_log::ChainViolation> {
+        self.rooms.get(&room_id).and_then(RoomLog::chain_violation)
+    }
+
     /// Catches `room_id` up with the server's log (and settles a pending
     /// commit of ours that the log decides). Returns the new entries.
     pub async fn sync(&mut self, room_id: RoomId) -> Result<Vec<Message>, ClientError> {
@@ -925,9 +949,14 @@ impl Client {
             }
             let done: SyncDone = expect(&reply)?;
             let drained = self.drain_buffered(Some(room_id));
+            let head_checked = match self.rooms.get_mut(&room_id) {
+                Some(room) => room.sync_done(&done),
+                None => Ok(()),
+            };
             // What applied before a failure is kept.
             self.checkpoint()?;
             messages.extend(drained?);
+            head_checked?;
             let next = self.rooms.get(&room_id).map_or(from, |entry| entry.record.next_log_index);
             if next < done.next_log_index {
                 return Err(ClientError::Protocol(format!(
@@ -1040,15 +1069,19 @@ impl Client {
         let frame = self.fresh_request(&pending.frame, "pending room creation")?;
         let reply = self.request(&frame).await?;
         let entry = self.rooms.get_mut(&room_id).expect("checked by the caller");
-        match reply.opcode() {
-            Opcode::Ack => {}
+        let ack = match reply.opcode() {
+            Opcode::Ack => Some(expect::<Ack>(&reply)?),
             Opcode::Error if ClientError::refused(&reply).code() == Some(ErrorCode::RoomExists.to_u16()) => {
                 // Sent before a crash and sequenced then: the log decides below.
+                None
             }
             _ => return Err(ClientError::refused(&reply)),
-        }
+        };
         entry.creation_confirmed();
+        // The creation's head anchors the room's chain.
+        let head_checked = ack.map_or(Ok(()), |ack| entry.acknowledged(&ack));
         self.checkpoint()?;
+        head_checked?;
         Ok(())
     }
 
@@ -1534,14 +1567,20 @@ impl Client {
                         body: MessageBody::Text(entry.plaintext),
                     };
                     self.pending_batch.message(room_id, ack.log_index, encode(&message));
+                    let mut head_checked = Ok(());
                     if let Some(room) = self.rooms.get_mut(&room_id) {
                         // A subscribed connection is not sent its own frame back (the
                         // Ack stands for it): step over it when it is next in the log.
-                        if room.record.next_log_index == ack.log_index {
-                            room.record.next_log_index = ack.log_index + 1;
-                        }
+                        let mut stamped = frame.clone();
+                        stamped
+                            .header_mut()
+                            .set_log_index(ack.log_index)
+                            .set_server_timestamp_ms(ack.server_time_ms);
+                        room.step_over_own(&stamped);
+                        head_checked = room.acknowledged(&ack);
                     }
                     self.checkpoint()?;
+                    head_checked?;
                     return Ok(ack.log_index);
                 }
                 _ => {

@@ -43,10 +43,13 @@
 //!   a commit it applied can be voided by the server until it settles
 //!   (`recovery`, `docs/RECOVERY.md`).
 
+mod chain;
 mod recovery;
 
+pub use chain::{ChainViolation, LogHeadError, SIGNED_HEADS_KEPT_MAX, SIGNED_HEADS_PENDING_MAX};
 pub use recovery::test_support;
 
+use kalandra_proto::chain::{LogChain, SignedLogHead};
 use kalandra_proto::payload::{self, Application, Commit, ExternalJoin};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 use serde::{Deserialize, Serialize};
@@ -161,6 +164,9 @@ pub struct RoomRecord {
     /// What recovering from an unprocessable or voided commit needs.
     #[serde(default)]
     pub(crate) recovery: recovery::Recovery,
+    /// The log's hash chain as applied, and the server's signed heads.
+    #[serde(default)]
+    pub(crate) chain: chain::ChainRecord,
 }
 
 impl RoomRecord {
@@ -176,6 +182,7 @@ impl RoomRecord {
             redo: None,
             cover_proposals: false,
             recovery: recovery::Recovery::default(),
+            chain: chain::ChainRecord::default(),
         }
     }
 }
@@ -365,6 +372,8 @@ impl RoomLog {
             redo: None,
             cover_proposals: false,
             recovery: recovery::Recovery::default(),
+            // Anchored by the acknowledgement of the creation.
+            chain: chain::ChainRecord::default(),
         };
         // Creation is not a commit: the creator is a member at epoch 0 at once.
         let state = ClientState::Synchronized { epoch: 0 };
@@ -386,7 +395,8 @@ impl RoomLog {
             return Err(RoomLogError::Protocol("a Welcome for another room was routed to this one".into()));
         }
         let sender_keys = SenderKeyState::from_group(provider, &group)?;
-        let record = RoomRecord::joined(room_id, frame.header().log_index() + 1);
+        let mut record = RoomRecord::joined(room_id, frame.header().log_index() + 1);
+        record.chain = chain::ChainRecord::anchored(frame.header().log_index(), welcome.log_head);
         let mut state = ClientState::PendingWelcome;
         step(&mut state, Event::WelcomeReceived { epoch: group.epoch() })?;
         let mut room = RoomLog { record, group: Some(group), sender_keys: Some(sender_keys), state };
@@ -609,6 +619,67 @@ impl RoomLog {
         Ok(())
     }
 
+    /// Checks a head the server signed against the chain of the frames this
+    /// device applied (now, or once it has applied that far). A violation is
+    /// also kept in the room's record ([`RoomLog::chain_violation`]). A
+    /// device that holds no group for the room (removed, or deleted its group
+    /// to rejoin after a commit it could not process) has no server key to
+    /// check with: the head is passed over, and the heads after its
+    /// (re)joining are checked.
+    pub fn check_signed_head(&mut self, signed: &SignedLogHead) -> Result<(), LogHeadError> {
+        let room_id = self.room_id();
+        let Some(group) = self.group.as_ref() else { return Ok(()) };
+        let key = group
+            .server_key()
+            .and_then(|key| ed25519_dalek::VerifyingKey::from_bytes(&key).ok())
+            .ok_or(LogHeadError::NoServerKey(room_id))?;
+        signed.verify(room_id, &key).map_err(|_| LogHeadError::BadSignature { room_id })?;
+        self.record
+            .chain
+            .signed(*signed, self.record.next_log_index)
+            .map_err(|violation| LogHeadError::Violation { room_id, violation })
+    }
+
+    /// An acknowledgement of one of our frames (applied or stepped over
+    /// first): its head anchors a chain not yet anchored, and its signed
+    /// head is checked.
+    pub fn acknowledged(&mut self, ack: &payload::Ack) -> Result<(), LogHeadError> {
+        if let Some(head) = ack.log_head {
+            self.record.chain.anchor_if_unknown(ack.log_index, head, self.record.next_log_index);
+        }
+        match &ack.signed_head {
+            Some(signed) => self.check_signed_head(signed),
+            None => Ok(()),
+        }
+    }
+
+    /// The end of a history read: its signed head is checked.
+    pub fn sync_done(&mut self, done: &payload::SyncDone) -> Result<(), LogHeadError> {
+        match &done.log_head {
+            Some(signed) => self.check_signed_head(signed),
+            None => Ok(()),
+        }
+    }
+
+    /// The latest head the server signed that matched the frames this
+    /// device applied: what members compare out of band (same index, same
+    /// head, or one of them holds a different log, with the server's
+    /// signature to show).
+    pub fn log_head(&self) -> Option<SignedLogHead> {
+        self.record.chain.latest_checked()
+    }
+
+    /// The chain of the frames this device applied (`None` until anchored).
+    pub fn applied_chain(&self) -> Option<LogChain> {
+        self.record.chain.chain
+    }
+
+    /// The first proof found that the server showed this device a log it
+    /// cannot stand behind.
+    pub fn chain_violation(&self) -> Option<ChainViolation> {
+        self.record.chain.violation
+    }
+
     /// Checks the end of a history read: the server said its frames run to
     /// `next_log_index`, so the cursor must be there at least.
     pub fn history_ended(&self, next_log_index: u64) -> Result<(), RoomLogError> {
@@ -656,6 +727,7 @@ impl RoomLog {
         if self.group.is_some() {
             if let Some(handled) = self.recovery_first(provider, frame)? {
                 self.record.next_log_index = log_index + 1;
+                self.chain_applied(frame);
                 return Ok(handled.map(entry));
             }
         }
@@ -671,7 +743,26 @@ impl RoomLog {
         };
         // Only now: a frame that failed to apply is read again.
         self.record.next_log_index = log_index + 1;
+        self.chain_applied(frame);
         Ok(body.map(entry))
+    }
+
+    /// Our own frame, acknowledged and not echoed to us (`stamped` with the
+    /// acknowledgement's index and time, as the log holds it): the cursor
+    /// steps over it when it is next, and the chain takes it.
+    pub fn step_over_own(&mut self, stamped: &Frame) {
+        if stamped.header().log_index() == self.record.next_log_index {
+            self.record.next_log_index += 1;
+            self.chain_applied(stamped);
+        }
+    }
+
+    /// The chain takes an applied frame. A violation found here (a signed
+    /// head that waited for this index) is kept in the record, where
+    /// [`RoomLog::chain_violation`] reports it: the frame itself applied.
+    fn chain_applied(&mut self, frame: &Frame) {
+        let room_id = self.room_id();
+        let _kept_in_the_record = self.record.chain.applied(room_id, frame);
     }
 
     fn apply_commit(

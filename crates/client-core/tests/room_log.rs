@@ -80,7 +80,8 @@ fn two_members() -> ((Device, RoomLog), (Device, RoomLog)) {
     assert_eq!(alice_log.state(), ClientState::Synchronized { epoch: 1 });
     assert!(alice_log.pending_commit().is_none());
 
-    let welcome = Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree) };
+    let welcome =
+        Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree), log_head: None };
     let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
     header.set_room_id(ROOM).set_log_index(1);
     let welcome = Frame::with_payload(header, &welcome).unwrap();
@@ -159,6 +160,7 @@ fn a_wrong_epoch_refusal_discards_our_commit_and_retries_its_intent_other_refusa
             current_epoch: Some(2),
             log_index: Some(2),
             retry_after_ms: None,
+            frame_digest: None,
         };
         let refusal = log.commit_refused(&alice.provider, Some(&error)).unwrap();
         assert!(!log.group().unwrap().has_pending_commit());
@@ -228,7 +230,8 @@ fn three_members() -> ((Device, RoomLog), (Device, RoomLog), (Device, RoomLog)) 
     alice_log.commit_sent(frame.to_bytes().to_vec(), 1, Intent::Invite(vec![carol.sender().0])).unwrap();
     alice_log.apply(&alice.provider, alice.sender(), &frame, []).unwrap();
     bob_log.apply(&bob.provider, bob.sender(), &frame, []).unwrap();
-    let welcome = Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree) };
+    let welcome =
+        Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree), log_head: None };
     let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
     header.set_room_id(ROOM).set_log_index(2);
     let welcome = Frame::with_payload(header, &welcome).unwrap();
@@ -254,4 +257,100 @@ fn a_member_whose_removal_is_proposed_never_covers_proposals_even_beside_others(
         assert!(log.own_removal_pending());
         assert!(!log.proposals_to_cover(), "a commit of ours would carry our own removal");
     }
+}
+
+/// The server's key in [`two_members`]: the room's external sender.
+fn server_signing_key() -> SigningKey {
+    SigningKey::from_bytes(&[42u8; 32])
+}
+
+/// Both members anchor their chains on the head the server states where
+/// they stand, extend it with every frame they apply, and take a signed
+/// head only when it is the head of what they applied: a second head for
+/// one index, or a head that does not match the frames, is a violation
+/// carrying the server's signature(s), kept in the room's record.
+#[test]
+fn signed_heads_are_checked_against_the_frames_applied() {
+    use client_core::room_log::{ChainViolation, LogHeadError};
+    use kalandra_proto::chain::{frame_digest, next_log_head, SignedLogHead};
+    let server = server_signing_key();
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    let head_1 = [1u8; 32];
+    let ack_1 = payload::Ack {
+        log_index: 1,
+        epoch: 1,
+        server_time_ms: 1_001,
+        log_head: Some(head_1),
+        signed_head: None,
+    };
+    alice_log.acknowledged(&ack_1).unwrap();
+    bob_log.check_signed_head(&SignedLogHead::sign(ROOM, 1, head_1, &server)).unwrap();
+
+    let message = stamp(alice_log.seal(b"hello", &alice.key).unwrap().frame, 2);
+    let head_2 = next_log_head(ROOM, 2, &head_1, &frame_digest(&message.to_bytes()));
+    // Bob hears of index 2's head before he applies it: checked once he has.
+    let signed_2 = SignedLogHead::sign(ROOM, 2, head_2, &server);
+    bob_log.check_signed_head(&signed_2).unwrap();
+    assert_eq!(bob_log.log_head().map(|s| s.log_index), Some(1));
+    bob_log.apply(&bob.provider, bob.sender(), &message, []).unwrap();
+    alice_log.step_over_own(&message);
+    alice_log.check_signed_head(&signed_2).unwrap();
+    for log in [&alice_log, &bob_log] {
+        assert_eq!(log.applied_chain().map(|c| (c.next_log_index, c.head)), Some((3, head_2)));
+        assert_eq!(log.log_head(), Some(signed_2));
+        assert_eq!(log.chain_violation(), None);
+    }
+
+    // A forged signature is refused and changes nothing.
+    let forged = SignedLogHead { signature: [7; 64], ..SignedLogHead::sign(ROOM, 2, [9; 32], &server) };
+    assert_eq!(bob_log.check_signed_head(&forged), Err(LogHeadError::BadSignature { room_id: ROOM }));
+    // Two signed heads for index 2: the proof is both signatures.
+    let other_2 = SignedLogHead::sign(ROOM, 2, [9; 32], &server);
+    let expected = ChainViolation::Equivocation { first: signed_2, second: other_2 };
+    assert_eq!(
+        bob_log.check_signed_head(&other_2),
+        Err(LogHeadError::Violation { room_id: ROOM, violation: Box::new(expected) })
+    );
+    assert_eq!(bob_log.chain_violation(), Some(expected));
+
+    // A head for index 3 that the frame then applied there does not produce.
+    let lie_3 = SignedLogHead::sign(ROOM, 3, [3; 32], &server);
+    alice_log.check_signed_head(&lie_3).unwrap();
+    let next = stamp(bob_log.seal(b"again", &bob.key).unwrap().frame, 3);
+    alice_log.apply(&alice.provider, alice.sender(), &next, []).unwrap();
+    let applied = next_log_head(ROOM, 3, &head_2, &frame_digest(&next.to_bytes()));
+    assert_eq!(alice_log.chain_violation(), Some(ChainViolation::Mismatch { signed: lie_3, applied }));
+    // The record keeps the proof across a checkpoint.
+    let record = alice_log.checkpoint_record().clone();
+    let restored = RoomLog::restore(&alice.provider, record).unwrap();
+    assert_eq!(restored.chain_violation(), alice_log.chain_violation());
+}
+
+/// An erased entry's placeholder carries the erased frame's digest: a
+/// device that reads the placeholder reaches the same head as one that
+/// read the frame.
+#[test]
+fn a_placeholder_extends_the_chain_with_the_erased_frames_digest() {
+    use kalandra_proto::chain::{frame_digest, SignedLogHead};
+    let server = server_signing_key();
+    let ((alice, mut alice_log), (bob, mut bob_log)) = two_members();
+    for log in [&mut alice_log, &mut bob_log] {
+        log.check_signed_head(&SignedLogHead::sign(ROOM, 1, [1; 32], &server)).unwrap();
+    }
+    let message = stamp(alice_log.seal(b"to be erased", &alice.key).unwrap().frame, 2);
+    alice_log.step_over_own(&message);
+    let error = payload::Error {
+        code: ErrorCode::Redacted.to_u16(),
+        message: "content erased".into(),
+        current_epoch: None,
+        log_index: Some(2),
+        retry_after_ms: None,
+        frame_digest: Some(frame_digest(&message.to_bytes())),
+    };
+    let mut header = FrameHeaderBuf::new(payload::Error::OPCODE);
+    header.set_room_id(ROOM).set_log_index(2).set_sender_id(alice.sender());
+    let placeholder = Frame::with_payload(header, &error).unwrap();
+    bob_log.apply(&bob.provider, bob.sender(), &placeholder, []).unwrap();
+    assert_eq!(bob_log.applied_chain(), alice_log.applied_chain());
+    assert_eq!(bob_log.applied_chain().map(|c| c.next_log_index), Some(3));
 }

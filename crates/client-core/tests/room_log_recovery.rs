@@ -130,7 +130,8 @@ fn three_members() -> (Device, Device, Device) {
     let frame = alice.sequenced(&commit, 0, 1, AT - 9_000);
     alice.log().commit_sent(frame.to_bytes().to_vec(), 0, Intent::Invite(ids)).unwrap();
     alice.apply(&frame).unwrap();
-    let welcome = Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree) };
+    let welcome =
+        Welcome { welcome: output.welcome.unwrap(), ratchet_tree: Some(output.ratchet_tree), log_head: None };
     let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
     header.set_room_id(ROOM).set_log_index(1);
     let welcome = Frame::with_payload(header, &welcome).unwrap();
@@ -339,6 +340,7 @@ fn a_member_stuck_past_the_window_drops_its_group_and_rejoins() {
         current_epoch: None,
         log_index: None,
         retry_after_ms: None,
+        frame_digest: None,
     };
     let log = bob.log.as_mut().unwrap();
     log.report_refused(&bob.provider, &settled).unwrap();

@@ -88,7 +88,9 @@ impl From<ClientError> for KalandraError {
             ClientError::Store(_) | ClientError::Corrupt(_) | ClientError::MlsStorage(_) => {
                 KalandraError::Storage { detail }
             }
-            ClientError::Protocol(_) | ClientError::Process(_) => KalandraError::Protocol { detail },
+            ClientError::Protocol(_) | ClientError::Process(_) | ClientError::LogHead(_) => {
+                KalandraError::Protocol { detail }
+            }
             ClientError::Internal(_) => KalandraError::Internal { detail },
             _ => KalandraError::Failed { detail },
         }

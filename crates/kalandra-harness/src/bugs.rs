@@ -1,5 +1,5 @@
 //! Known bugs the harness can inject, to show that its checkers catch them.
-//! Six are planted in the server's production room core (its
+//! Eight are planted in the server's production room core (its
 //! `injected-bugs` switches, [`kalandra_server::bugs`]), one in
 //! client-core's room log (its `injected-bugs` switch,
 //! [`client_core::bugs`]), and one in the simulated disk (a store that
@@ -30,6 +30,11 @@ pub struct Bugs {
     /// In the shard: a commit members reported is never voided (the rule
     /// is met, the report acknowledged, no `CommitVoided` sequenced).
     pub never_void: bool,
+    /// In the shard: the head signed for odd log indices is not the log's.
+    pub wrong_signed_head: bool,
+    /// In the sequencer: the hash chain takes frames as submitted, not as
+    /// sequenced (log index and timestamp zero).
+    pub chain_unstamped_frames: bool,
 }
 
 impl Bugs {
@@ -48,6 +53,8 @@ pub fn planted(bugs: &Bugs) -> kalandra_server::bugs::InjectedBugs {
         release_batch_when_taken: bugs.ack_before_durable,
         sequence_stale_commit: bugs.double_commit,
         never_void_commit: bugs.never_void,
+        chain_before_stamping: bugs.chain_unstamped_frames,
+        sign_wrong_head_for_odd_indices: bugs.wrong_signed_head,
     }
 }
 

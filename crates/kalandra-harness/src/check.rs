@@ -21,6 +21,9 @@
 //!   durable log at its index, byte for byte, across server restarts.
 //! - Convergence (checked by the world): every member at the server's
 //!   epoch, tree hash and head, nobody else holding a room's group.
+//! - Members agree on the log's hash chain: every two clients that reached
+//!   a room's index hold the same head there, and no client found a head
+//!   signed by the server that its frames do not produce.
 //! - No client saw a broken rule (gaps, duplicates, commits that do not
 //!   apply, messages that do not decrypt, illegal state transitions).
 //! - Hostile clients: nothing the server must refuse is in a log (beyond
@@ -91,6 +94,11 @@ pub fn check(server: &ServerShared, cast: &Cast, clients: &[Rc<ClientShared>]) -
         failures.extend(check_messages(*room_id, log, &ledger, &senders, clients));
     }
     failures.extend(check_written(&ledger, clients));
+    let traces: Vec<(usize, std::cell::Ref<'_, crate::client::ClientRecord>)> =
+        clients.iter().map(|client| (client.index, client.record.borrow())).collect();
+    failures.extend(check_heads_agree(traces.iter().flat_map(|(client, record)| {
+        record.rooms.iter().map(move |(room_id, trace)| (*client, *room_id, trace))
+    })));
     failures.extend(check_intents(&logs, &ledger));
     failures.extend(check_voids(&logs, &ledger));
     failures.extend(check_refused(&logs, &ledger));
@@ -204,6 +212,26 @@ pub fn check_probes(ledger: &Ledger, clients: &[Rc<ClientShared>]) -> Vec<String
         }
     }
     failures.truncate(FINDINGS_PER_KIND_MAX);
+    failures
+}
+
+/// Every two clients that reached an index of a room hold the same head
+/// there: the server showed them the same log up to it.
+pub fn check_heads_agree<'a>(
+    traces: impl IntoIterator<Item = (usize, RoomId, &'a RoomTrace)>,
+) -> Vec<String> {
+    let mut first_seen: BTreeMap<(RoomId, u64), ([u8; 32], usize)> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (client, room_id, trace) in traces {
+        for (index, head) in &trace.heads {
+            let (seen, by) = *first_seen.entry((room_id, *index)).or_insert((*head, client));
+            if seen != *head && failures.len() < FINDINGS_PER_KIND_MAX {
+                failures.push(format!(
+                    "room {room_id}: clients {by} and {client} hold different log heads at index {index}"
+                ));
+            }
+        }
+    }
     failures
 }
 
@@ -456,4 +484,31 @@ fn check_timestamps(logs: &BTreeMap<RoomId, Vec<DurableEntry>>) -> Vec<String> {
         }
     }
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(heads: &[(u64, u8)]) -> RoomTrace {
+        RoomTrace {
+            heads: heads.iter().map(|(index, byte)| (*index, [*byte; 32])).collect(),
+            ..RoomTrace::default()
+        }
+    }
+
+    /// Heads that agree where clients overlap pass; one client holding a
+    /// different head at an index another reached is caught, in any room.
+    #[test]
+    fn clients_holding_different_heads_at_one_index_are_caught() {
+        let room = RoomId([1; 16]);
+        let (alice, bob, carol) =
+            (trace(&[(0, 1), (1, 2), (2, 3)]), trace(&[(1, 2), (2, 3), (3, 4)]), trace(&[(2, 9)]));
+        assert!(check_heads_agree([(0, room, &alice), (1, room, &bob)]).is_empty());
+        let failures = check_heads_agree([(0, room, &alice), (1, room, &bob), (2, room, &carol)]);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].contains("clients 0 and 2 hold different log heads at index 2"), "{failures:?}");
+        // The same index in another room is another log.
+        assert!(check_heads_agree([(0, room, &alice), (2, RoomId([2; 16]), &carol)]).is_empty());
+    }
 }

@@ -33,6 +33,7 @@
 
 mod answers;
 mod apply;
+mod heads;
 mod hostile;
 mod recovery;
 mod work;
@@ -170,6 +171,10 @@ pub struct RoomTrace {
     pub acknowledged: Vec<(u64, [u8; 32])>,
     /// Application entries read: (index, sender, how).
     pub entries: Vec<(u64, SenderId, Seen)>,
+    /// The log's hash-chain head after each index applied: (index, head).
+    pub heads: Vec<(u64, [u8; 32])>,
+    /// Client-core found the server's signed head violated (reported once).
+    pub chain_violated: bool,
 }
 
 /// Where a client stands in a room, for the convergence check.
@@ -840,6 +845,14 @@ impl Client {
 
     /// Handles one frame from the server.
     fn handle(&mut self, frame: Frame) -> Result<(), String> {
+        let room_id = frame.header().room_id();
+        let header = frame.clone();
+        let handled = self.handle_frame(frame);
+        self.after_frame(room_id, &header);
+        handled
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<(), String> {
         if is_log_frame(&frame) {
             return self.on_log_frame(&frame);
         }

@@ -75,6 +75,12 @@ struct Args {
     /// Hostile clients (taken among those that create no room, last first).
     #[arg(long, default_value_t = 1)]
     hostile: usize,
+    /// Inject in the shard: sign a wrong log head for odd indices.
+    #[arg(long)]
+    bug_wrong_signed_head: bool,
+    /// Inject in the sequencer: chain frames as submitted, not as sequenced.
+    #[arg(long)]
+    bug_chain_unstamped_frames: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
@@ -111,6 +117,8 @@ impl Args {
                 panic_on_resubscribe: self.bug_panic_on_resubscribe,
                 resend_sequenced_message: self.bug_resend_sequenced_message,
                 never_void: self.bug_never_void,
+                wrong_signed_head: self.bug_wrong_signed_head,
+                chain_unstamped_frames: self.bug_chain_unstamped_frames,
             },
             ..SimConfig::default()
         }
@@ -142,6 +150,8 @@ impl Args {
             (self.bug_panic_on_resubscribe, "--bug-panic-on-resubscribe"),
             (self.bug_resend_sequenced_message, "--bug-resend-sequenced-message"),
             (self.bug_never_void, "--bug-never-void"),
+            (self.bug_wrong_signed_head, "--bug-wrong-signed-head"),
+            (self.bug_chain_unstamped_frames, "--bug-chain-unstamped-frames"),
         ] {
             if set {
                 command.push(' ');

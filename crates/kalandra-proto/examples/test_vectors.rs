@@ -56,7 +56,17 @@ fn main() {
             }),
             false,
         ),
-        ("ack", AnyPayload::Ack(Ack { log_index: 41, epoch: 3, server_time_ms: 1_795_000_000_123 }), false),
+        (
+            "ack",
+            AnyPayload::Ack(Ack {
+                log_index: 41,
+                epoch: 3,
+                server_time_ms: 1_795_000_000_123,
+                log_head: None,
+                signed_head: None,
+            }),
+            false,
+        ),
         (
             "error_wrong_epoch",
             AnyPayload::Error(Error {
@@ -65,6 +75,7 @@ fn main() {
                 current_epoch: Some(3),
                 log_index: Some(41),
                 retry_after_ms: None,
+                frame_digest: None,
             }),
             false,
         ),

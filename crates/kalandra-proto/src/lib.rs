@@ -10,6 +10,7 @@
 //! The normative description is `docs/wire-protocol.md`.
 #![forbid(unsafe_code)]
 
+pub mod chain;
 pub mod error_code;
 pub mod federation;
 pub mod frame;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
 use crate::limits::{
     AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX,
     PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
@@ -212,6 +213,14 @@ pub(crate) mod strict_bytes {
     }
 }
 
+/// Decodes a fixed-length byte array from a CBOR byte string only (for
+/// types outside this module, such as [`crate::chain::SignedLogHead`]).
+pub(crate) fn strict_byte_array<'de, D: serde::Deserializer<'de>, const N: usize>(
+    deserializer: D,
+) -> Result<[u8; N], D::Error> {
+    strict_bytes::required(deserializer)
+}
+
 /// A byte string inside a list (CBOR major type 2, decoded strictly).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ByteString(
@@ -347,6 +356,11 @@ payload!(
         /// For rate limits: when to retry.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub retry_after_ms: Option<u64>,
+        /// For `Redacted` placeholders: the SHA-256 digest of the erased
+        /// frame as sequenced, so that readers can extend the log's hash
+        /// chain over it ([`crate::chain`]).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub frame_digest: Option<[u8; LOG_HEAD_BYTES]>,
     }
 );
 impl Payload for Error {
@@ -442,6 +456,10 @@ payload!(
         pub next_log_index: u64,
         /// Whether live frames follow (subscribe) or not (sync).
         pub live: bool,
+        /// The server's signed head at `next_log_index - 1`, when the
+        /// history sent ends at the room's durable head.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub log_head: Option<SignedLogHead>,
     }
 );
 impl Payload for SyncDone {
@@ -696,17 +714,20 @@ const fn cbor_bytes_head_len(len: usize) -> usize {
 impl Welcome {
     /// The encoded length of a `Welcome` payload with a `welcome` of
     /// `welcome_bytes` and a ratchet tree of `ratchet_tree_bytes` (none when
-    /// 0), without building it: what a server checks before it accepts the
-    /// commit the Welcome belongs to.
+    /// 0) and a `log_head`, without building it: what a server checks
+    /// before it accepts the commit the Welcome belongs to (the server's
+    /// Welcomes always carry the head).
     pub const fn encoded_len(welcome_bytes: usize, ratchet_tree_bytes: usize) -> usize {
-        // A map head, then "welcome" and its bytes, then "ratchet_tree" and its bytes.
+        // A map head, then "welcome" and its bytes, then "ratchet_tree" and
+        // its bytes, then "log_head" and its 32 bytes.
         let welcome = 1 + 7 + cbor_bytes_head_len(welcome_bytes) + welcome_bytes;
         let tree = if ratchet_tree_bytes == 0 {
             0
         } else {
             1 + 12 + cbor_bytes_head_len(ratchet_tree_bytes) + ratchet_tree_bytes
         };
-        1 + welcome + tree
+        let log_head = 1 + 8 + cbor_bytes_head_len(LOG_HEAD_BYTES) + LOG_HEAD_BYTES;
+        1 + welcome + tree + log_head
     }
 }
 
@@ -719,6 +740,10 @@ payload!(
         /// The room's ratchet tree at the Welcome's epoch (TLS encoding).
         #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
         pub ratchet_tree: Option<Vec<u8>>,
+        /// The log's head at the commit that made the Welcome (the header's
+        /// log index): where the joiner's hash chain starts.
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub log_head: Option<[u8; LOG_HEAD_BYTES]>,
     }
 );
 impl Payload for Welcome {
@@ -737,6 +762,13 @@ payload!(
         pub epoch: u64,
         /// Server time of sequencing, ms since the Unix epoch.
         pub server_time_ms: u64,
+        /// The log's head at `log_index` (sequenced frames).
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub log_head: Option<[u8; LOG_HEAD_BYTES]>,
+        /// The server's signed head at an index at or after `log_index`:
+        /// the last frame of the room made durable with this one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub signed_head: Option<SignedLogHead>,
     }
 );
 impl Payload for Ack {
@@ -1069,6 +1101,7 @@ mod welcome_len_tests {
                 let payload = Welcome {
                     welcome: vec![7; welcome_bytes],
                     ratchet_tree: (tree_bytes > 0).then(|| vec![9; tree_bytes]),
+                    log_head: Some([3; LOG_HEAD_BYTES]),
                 };
                 assert_eq!(
                     payload.encode().len(),

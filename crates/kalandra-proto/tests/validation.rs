@@ -230,6 +230,7 @@ fn payload_field_too_long() {
         current_epoch: None,
         log_index: None,
         retry_after_ms: None,
+        frame_digest: None,
     };
     assert_eq!(
         Error::decode(&error.encode()).unwrap_err(),

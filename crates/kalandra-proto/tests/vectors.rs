@@ -84,3 +84,47 @@ fn invalid_payloads_fail_with_their_exact_error() {
         }
     }
 }
+
+/// The log-chain vectors of `docs/wire-protocol.md` §4.1: frame digests,
+/// heads and the server's signature over a head.
+#[test]
+fn log_chain_vectors_match_the_specification() {
+    use kalandra_proto::chain::{frame_digest, log_head_signing_input, next_log_head, SignedLogHead};
+    use kalandra_proto::RoomId;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/wire-protocol.md");
+    let text = std::fs::read_to_string(path).expect("docs/wire-protocol.md exists");
+    let block = text
+        .split("<!-- log-chain-vectors -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- /log-chain-vectors -->").next())
+        .expect("the log-chain vectors block");
+    let field = |name: &str| -> Vec<u8> {
+        let line = block
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{name} in the vectors"));
+        hex::decode(line.trim()).unwrap()
+    };
+    let fixed = |name: &str| -> [u8; 32] { field(name).try_into().unwrap() };
+    let document = vectors();
+    let frame = |name: &str| {
+        let vector = document["valid"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap();
+        bytes_of(&vector["hex"])
+    };
+    let room_id = RoomId(field("room_id").try_into().unwrap());
+    let mut head = fixed("head_45");
+    for (index, name) in [(46u64, "commit_with_welcome"), (47, "application")] {
+        let digest = frame_digest(&frame(name));
+        assert_eq!(digest, fixed(&format!("frame_digest_{index}")), "{name}");
+        head = next_log_head(room_id, index, &head, &digest);
+        assert_eq!(head, fixed(&format!("head_{index}")), "{name}");
+    }
+    assert_eq!(log_head_signing_input(room_id, 47, &head).to_vec(), field("signing_input_47"));
+    let seed: [u8; 32] = bytes_of(&document["signing_key_seed_hex"]).try_into().unwrap();
+    let key = SigningKey::from_bytes(&seed);
+    assert_eq!(key.verifying_key().to_bytes().to_vec(), field("server_key"));
+    let signed = SignedLogHead::sign(room_id, 47, head, &key);
+    assert_eq!(signed.signature.to_vec(), field("signature_47"));
+    let server_key = VerifyingKey::from_bytes(&fixed("server_key")).unwrap();
+    assert_eq!(signed.verify(room_id, &server_key), Ok(()));
+}

@@ -10,6 +10,8 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ed25519_dalek::SigningKey;
+use kalandra_proto::chain::{log_entry_digest, LogChain, SignedLogHead};
 use kalandra_proto::payload::{Application, CreateRoom};
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, RoomId, SenderId};
 use kalandra_server::sim::{
@@ -97,6 +99,24 @@ fn bench(c: &mut Criterion) {
             room.durable(room.next_log_index() - 1, &mut effects);
             black_box(effects.len())
         })
+    });
+    // The hash chain alone, as the sequencer runs it per frame: the digest
+    // of the stamped 1 KiB frame and the next head.
+    let mut chain = LogChain::genesis();
+    group.bench_function("log_chain_1KiB_digest_and_head_1024", |b| {
+        b.iter(|| {
+            for i in 0..BATCH_FRAMES {
+                let index = usize::try_from(i).unwrap() % frames.len();
+                black_box(chain.extend(ROOM, &log_entry_digest(&frames[index])));
+            }
+            black_box(chain.head)
+        })
+    });
+    // The server's signature over a head: one per room and durable batch.
+    let signer = SigningKey::from_bytes(&[7; 32]);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("log_head_signature", |b| {
+        b.iter(|| black_box(SignedLogHead::sign(ROOM, chain.next_log_index, chain.head, &signer)))
     });
     group.finish();
 }

@@ -28,6 +28,13 @@ pub struct InjectedBugs {
     /// The shard never voids a commit members reported: the rule is met,
     /// the report is acknowledged, and no `CommitVoided` is sequenced.
     pub never_void_commit: bool,
+    /// The sequencer extends the log's hash chain with the frame as
+    /// submitted (log index and server timestamp zero) instead of as
+    /// sequenced: every head it states differs from the one members compute.
+    pub chain_before_stamping: bool,
+    /// The shard signs a wrong head for odd log indices (in
+    /// acknowledgements and `SyncDone`s).
+    pub sign_wrong_head_for_odd_indices: bool,
 }
 
 thread_local! {
@@ -38,6 +45,8 @@ thread_local! {
         release_batch_when_taken: false,
         sequence_stale_commit: false,
         never_void_commit: false,
+        chain_before_stamping: false,
+        sign_wrong_head_for_odd_indices: false,
     }) };
 }
 

@@ -806,6 +806,17 @@ async fn acknowledged_frames_survive_sigkill() {
             member.apply(frame);
         }
     }
+    // Recovery rebuilt the log's hash chain: the head the server signs after
+    // the restart is the chain over the log it recovered and the frames since.
+    let (since, done) = members[1].sync_page(next, SYNC_PAGE).await;
+    let mut chain = kalandra_proto::chain::LogChain::genesis();
+    for frame in log.iter().chain(&since) {
+        chain.extend(ROOM, &kalandra_proto::chain::log_entry_digest(frame));
+    }
+    let signed = done.log_head.expect("a sync that reaches the end carries the signed head");
+    assert_eq!((signed.log_index, signed.head), (next + 1, chain.head), "the recovered chain");
+    let server_key = members[1].group.as_ref().and_then(|group| group.server_key()).expect("a server key");
+    signed.verify(ROOM, &VerifyingKey::from_bytes(&server_key).expect("a valid key")).expect("signed by it");
     assert_converged(&members);
     let info: GroupInfo = decode_ok(&members[1].request(&GroupInfoRequest {}).await);
     assert_eq!(info.epoch, epoch + 1, "the server's epoch");

@@ -692,7 +692,7 @@ async fn framing_violations_close_the_connection_and_keep_what_was_accepted() {
         identity_key: key.verifying_key().to_bytes(),
         client_name: "again".into(),
     };
-    let ack = Ack { log_index: 0, epoch: 0, server_time_ms: 0 };
+    let ack = Ack { log_index: 0, epoch: 0, server_time_ms: 0, log_head: None, signed_head: None };
     let group_info = GroupInfo { epoch: 0, group_info: vec![1], ratchet_tree: vec![1] };
     let kick = Kick { target: stranger.0, reason: "unsigned".into() };
 

@@ -144,3 +144,29 @@ fn a_server_that_never_voids_a_bad_commit_is_caught() {
         "{caught:#?}"
     );
 }
+
+/// A server that signs a head its log does not have is caught by
+/// client-core's own check: the signed head does not match the frames the
+/// member applied (or contradicts another signed head for the index).
+#[test]
+fn a_wrongly_signed_log_head_is_caught_by_the_members_check() {
+    let caught = failures_with(Bugs { wrong_signed_head: true, ..Bugs::default() }, SEEDS, plain);
+    assert_eq!(caught.len(), SEEDS.count(), "{caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("log head"))),
+        "{caught:#?}"
+    );
+}
+
+/// A sequencer whose chain hashes frames before stamping them states heads
+/// no member computes: every member's check of the signed heads refuses
+/// them.
+#[test]
+fn a_chain_over_unstamped_frames_is_caught() {
+    let caught = failures_with(Bugs { chain_unstamped_frames: true, ..Bugs::default() }, SEEDS, plain);
+    assert_eq!(caught.len(), SEEDS.count(), "{caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("log head"))),
+        "{caught:#?}"
+    );
+}

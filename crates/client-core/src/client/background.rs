@@ -208,6 +208,10 @@ impl Client {
                 return Err(ClientError::NotMember(room_id));
             }
             let done: SyncDone = expect(&reply)?;
+            if let Some(room) = self.rooms.get_mut(&room_id) {
+                // Beyond the cursor until the frames below are applied: checked then.
+                room.sync_done(&done)?;
+            }
             let frames = self.connection()?.take_buffered();
             let last_handshake = frames
                 .iter()

@@ -631,6 +631,20 @@ impl RoomGroup {
         self.group.epoch().as_u64()
     }
 
+    /// The Ed25519 key of the group's single external sender: the server
+    /// (whose key also signs the room log's heads). `None` if the group
+    /// does not list exactly one sender with a 32-byte key.
+    pub fn server_key(&self) -> Option<[u8; IDENTITY_LEN]> {
+        use tls_codec::Serialize as _;
+        let [sender] = self.group.extensions().external_senders()?.as_slice() else { return None };
+        // TLS encoding: the signature key as `opaque<V>` (a one-byte length
+        // for 32 bytes), then the credential.
+        let encoded = sender.tls_serialize_detached().ok()?;
+        let (&len, rest) = encoded.split_first()?;
+        (usize::from(len) == IDENTITY_LEN).then_some(())?;
+        rest.get(..IDENTITY_LEN)?.try_into().ok()
+    }
+
     /// The current tree hash (RFC 9420 §7.8), equal for every member and the
     /// server in the same epoch.
     pub fn tree_hash(&self) -> Vec<u8> {

@@ -40,7 +40,14 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
         ),
         (any::<u16>(), text(), any::<Option<u64>>(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(
             |(code, message, current_epoch, log_index, retry_after_ms)| {
-                AnyPayload::Error(Error { code, message, current_epoch, log_index, retry_after_ms })
+                AnyPayload::Error(Error {
+                    code,
+                    message,
+                    current_epoch,
+                    log_index,
+                    retry_after_ms,
+                    frame_digest: None,
+                })
             }
         ),
         any::<u64>().prop_map(|nonce| AnyPayload::Ping(Ping { nonce })),
@@ -52,8 +59,11 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
         Just(AnyPayload::Unsubscribe(Unsubscribe {})),
         (any::<u64>(), 1u32..=4096)
             .prop_map(|(from_log_index, count_max)| AnyPayload::Sync(Sync { from_log_index, count_max })),
-        (any::<u64>(), any::<bool>())
-            .prop_map(|(next_log_index, live)| AnyPayload::SyncDone(SyncDone { next_log_index, live })),
+        (any::<u64>(), any::<bool>()).prop_map(|(next_log_index, live)| AnyPayload::SyncDone(SyncDone {
+            next_log_index,
+            live,
+            log_head: None
+        })),
         (blob(), blob(), proptest::option::of(prop_oneof![Just(JoinRule::InviteOnly), Just(JoinRule::Open)]))
             .prop_map(|(group_info, ratchet_tree, join_rule)| AnyPayload::CreateRoom(CreateRoom {
                 group_info,
@@ -80,10 +90,11 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
         ),
         (blob(), proptest::option::of(blob()))
             .prop_map(|(commit, group_info)| AnyPayload::ExternalJoin(ExternalJoin { commit, group_info })),
-        (blob(), proptest::option::of(blob()))
-            .prop_map(|(welcome, ratchet_tree)| AnyPayload::Welcome(Welcome { welcome, ratchet_tree })),
+        (blob(), proptest::option::of(blob())).prop_map(|(welcome, ratchet_tree)| AnyPayload::Welcome(
+            Welcome { welcome, ratchet_tree, log_head: None }
+        )),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(log_index, epoch, server_time_ms)| {
-            AnyPayload::Ack(Ack { log_index, epoch, server_time_ms })
+            AnyPayload::Ack(Ack { log_index, epoch, server_time_ms, log_head: None, signed_head: None })
         }),
         (any::<u64>(), any::<u64>(), any::<u8>()).prop_map(|(log_index, epoch, reason)| {
             AnyPayload::CommitReport(CommitReport { log_index, epoch, reason })

@@ -521,6 +521,8 @@ pub fn redact_reply(room_id: RoomId, request_id: u32, result: &Result<RedactRepo
                 log_index: report.log_index,
                 epoch: report.epoch,
                 server_time_ms: report.erased_at_ms,
+                log_head: None,
+                signed_head: None,
             };
             reply_frame(room_id, request_id, &ack)
         }

@@ -63,8 +63,13 @@ where
     if read.subscription != 0 {
         return Some(next);
     }
-    let done =
-        reply_frame(read.room_id, read.request_id, &payload::SyncDone { next_log_index: next, live: false });
+    // The signed head is the durable end's: only a read that got there carries it.
+    let log_head = read.end_head.filter(|head| head.log_index.checked_add(1) == Some(next));
+    let done = reply_frame(
+        read.room_id,
+        read.request_id,
+        &payload::SyncDone { next_log_index: next, live: false, log_head },
+    );
     let _ = outbox.send(done).await;
     None
 }

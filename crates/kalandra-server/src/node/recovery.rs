@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use kalandra_proto::chain::{frame_digest, log_entry_digest, FrameDigest, LogChain, LogHead};
 use kalandra_proto::payload::CreateRoom;
 use kalandra_proto::{Frame, RoomId, SenderId};
 
@@ -11,7 +12,7 @@ use crate::room::limits::{HISTORY_READ_FRAMES_MAX, RECENT_FRAMES_PER_ROOM_MAX};
 use crate::room::roles::RoomRoles;
 use crate::room::sequencer::{PendingServerProposals, PersistentGroup, RecoveryPoint, RoomSequencer};
 use crate::room::{RecoveredRoom, RoomSnapshot};
-use crate::store::{EntryContent, Store};
+use crate::store::{EntryContent, Store, StoredEntry};
 
 /// Why the room core could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +70,7 @@ pub fn recover_room_state<G: PersistentGroup>(
     let metadata = store.room_metadata(room_id).map_err(|e| storage(&e))?;
     let created_at_ms =
         metadata.as_ref().map_or(create_frame.header().server_timestamp_ms(), |m| m.created_at_ms);
-    let (group, through, group_info, epoch_started_at_log_index, server_proposals) =
+    let (group, through, group_info, epoch_started_at_log_index, server_proposals, snapshot_head) =
         match metadata.filter(|m| m.mls_snapshot_log_index > 0 && !m.mls_snapshot.is_empty()) {
             Some(metadata) => {
                 let snapshot = RoomSnapshot::decode(&metadata.mls_snapshot)
@@ -82,12 +83,13 @@ pub fn recover_room_state<G: PersistentGroup>(
                     snapshot.group_info,
                     snapshot.epoch_started_at_log_index,
                     snapshot.server_proposals,
+                    snapshot.log_head,
                 )
             }
             None => {
                 let group = G::from_create_room(&create.group_info, &create.ratchet_tree)
                     .map_err(|e| corrupt(format!("entry 0 group: {e}")))?;
-                (group, 0, (0, Bytes::from(create.group_info)), 0, PendingServerProposals::default())
+                (group, 0, (0, Bytes::from(create.group_info)), 0, PendingServerProposals::default(), None)
             }
         };
     let point = RecoveryPoint {
@@ -97,6 +99,10 @@ pub fn recover_room_state<G: PersistentGroup>(
         epoch_started_at_log_index,
         server_proposals,
         policy,
+        log_head: match snapshot_head {
+            Some(head) => head,
+            None => chain_through(store, room_id, through)?,
+        },
     };
     let mut sequencer = RoomSequencer::recover(room_id, group, point);
     let moderation = store.room_moderation(room_id).map_err(|e| storage(&e))?;
@@ -159,6 +165,38 @@ fn replay_after<G: PersistentGroup>(
         }
     }
     Ok(recent)
+}
+
+/// The log's head at `through`, computed from the stored entries
+/// `[0, through]` (a room recovered from its `CreateRoom` frame, or from a
+/// snapshot written before the chain).
+fn chain_through(store: &dyn Store, room_id: RoomId, through: u64) -> Result<LogHead, RecoveryError> {
+    let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
+    let mut chain = LogChain::genesis();
+    while chain.next_log_index <= through {
+        let from = chain.next_log_index;
+        let count = usize::try_from(through - from + 1).unwrap_or(usize::MAX).min(HISTORY_READ_FRAMES_MAX);
+        let entries =
+            store.read_range(room_id, from, count).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+        if entries.is_empty() {
+            return Err(corrupt(format!("log ends at {from}, a snapshot says {through}")));
+        }
+        for entry in entries.into_iter().take_while(|entry| entry.log_index <= through) {
+            assert_eq!(entry.log_index, chain.next_log_index, "a range read is dense");
+            chain.extend(room_id, &entry_digest(room_id, &entry).map_err(corrupt)?);
+        }
+    }
+    Ok(chain.head)
+}
+
+/// The digest an entry contributes to its room's chain.
+fn entry_digest(room_id: RoomId, entry: &StoredEntry) -> Result<FrameDigest, String> {
+    let bytes = match &entry.content {
+        EntryContent::Frame(frame) => return Ok(frame_digest(frame)),
+        EntryContent::Erased(erasure) => crate::room::erased_placeholder(room_id, entry.log_index, erasure),
+    };
+    let frame = Frame::decode(&bytes).map_err(|e| format!("entry {}: {e}", entry.log_index))?;
+    Ok(log_entry_digest(&frame))
 }
 
 /// The time stamped into the room's last stored entry: the sequencer never

@@ -42,11 +42,17 @@ pub fn welcome_standing(welcome: &Bytes, entry: Option<&StoredEntry>) -> Welcome
     };
     // Commits are never erased; anything else at the index is not ours.
     let EntryContent::Frame(bytes) = &entry.content else { return WelcomeStanding::Orphaned };
-    let carried = Frame::decode(bytes)
-        .ok()
-        .filter(|commit| commit.opcode() == Opcode::Commit)
-        .and_then(|commit| commit.decode_payload::<Commit>().ok())
-        .and_then(|commit| commit.welcome);
+    let Some(commit) = Frame::decode(bytes).ok().filter(|commit| commit.opcode() == Opcode::Commit) else {
+        return WelcomeStanding::Orphaned;
+    };
+    // The same commit sequenced again at the same index after a failed
+    // batch has another timestamp: the Welcome made for the first attempt
+    // states that attempt's log head, so it is not this commit's.
+    let stamped_ms = frame.header().server_timestamp_ms();
+    if stamped_ms != 0 && stamped_ms != commit.header().server_timestamp_ms() {
+        return WelcomeStanding::Orphaned;
+    }
+    let carried = commit.decode_payload::<Commit>().ok().and_then(|commit| commit.welcome);
     if carried.as_deref() == Some(payload.welcome.as_slice()) {
         WelcomeStanding::Deliver
     } else {
@@ -151,6 +157,10 @@ mod tests {
     use kalandra_proto::{FrameHeaderBuf, Payload};
 
     fn commit_entry(log_index: u64, welcome: Option<&[u8]>) -> StoredEntry {
+        commit_entry_at(log_index, welcome, 1_000)
+    }
+
+    fn commit_entry_at(log_index: u64, welcome: Option<&[u8]>, stamped_ms: u64) -> StoredEntry {
         let payload = Commit {
             commit: vec![1, 2, 3],
             welcome: welcome.map(<[u8]>::to_vec),
@@ -158,15 +168,21 @@ mod tests {
             group_info: None,
         };
         let mut header = FrameHeaderBuf::new(Commit::OPCODE);
-        header.set_log_index(log_index);
+        header.set_log_index(log_index).set_server_timestamp_ms(stamped_ms);
         let frame = Frame::with_payload(header, &payload).unwrap();
         StoredEntry { room_id: RoomId::default(), log_index, content: EntryContent::Frame(frame.to_bytes()) }
     }
 
     #[test]
     fn a_welcome_is_delivered_only_when_its_own_commit_is_durable_at_its_index() {
-        let welcome =
-            welcome_frame(RoomId::default(), &Bytes::from_static(b"mls welcome"), &Bytes::new(), 7).unwrap();
+        let welcome = welcome_frame(
+            RoomId::default(),
+            &Bytes::from_static(b"mls welcome"),
+            &Bytes::new(),
+            (7, 1_000),
+            &[0; 32],
+        )
+        .unwrap();
         assert_eq!(welcome_standing(&welcome, None), WelcomeStanding::NotYetDurable);
         let ours = commit_entry(7, Some(b"mls welcome"));
         assert_eq!(welcome_standing(&welcome, Some(&ours)), WelcomeStanding::Deliver);
@@ -179,5 +195,9 @@ mod tests {
             welcome_standing(&welcome, Some(&commit_entry(6, Some(b"mls welcome")))),
             WelcomeStanding::NotYetDurable
         );
+        // The same commit sequenced again at 7 after a failed batch: the
+        // Welcome of the first attempt (its head) is not this one's.
+        let again = commit_entry_at(7, Some(b"mls welcome"), 2_000);
+        assert_eq!(welcome_standing(&welcome, Some(&again)), WelcomeStanding::Orphaned);
     }
 }

@@ -426,7 +426,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let (mut session, sender) = authenticated(&key);
-        let ack = frame(sender, &payload::Ack { log_index: 0, epoch: 0, server_time_ms: 0 });
+        let ack = frame(
+            sender,
+            &payload::Ack { log_index: 0, epoch: 0, server_time_ms: 0, log_head: None, signed_head: None },
+        );
         match session.on_frame(ack, 3) {
             Step::Close(error) => assert_eq!(error_code(&error), ErrorCode::UnexpectedFrame),
             other => panic!("{other:?}"),

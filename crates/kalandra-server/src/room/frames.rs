@@ -2,6 +2,7 @@
 //! placeholders of erased entries.
 
 use bytes::Bytes;
+use kalandra_proto::chain::{frame_digest, FrameDigest, LogHead};
 use kalandra_proto::header::offset;
 use kalandra_proto::payload;
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
@@ -71,7 +72,14 @@ pub(crate) fn error_frame_with(
     let message: String = message.chars().take(kalandra_proto::limits::TEXT_BYTES_MAX / 4).collect();
     let mut header = FrameHeaderBuf::new(Opcode::Error);
     header.set_room_id(room_id).set_request_id(request_id);
-    let error = payload::Error { code: code.to_u16(), message, current_epoch, log_index, retry_after_ms };
+    let error = payload::Error {
+        code: code.to_u16(),
+        message,
+        current_epoch,
+        log_index,
+        retry_after_ms,
+        frame_digest: None,
+    };
     // The message is cut to TEXT_BYTES_MAX bytes (at most 4 per char) and the
     // rest is fixed-size: it fits (asserted below), whatever a peer sent.
     Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
@@ -114,19 +122,24 @@ pub struct WelcomeTooLarge(pub String);
 /// Builds the `Welcome` frame stored for, and sent to, a commit's
 /// recipients. Its header carries the log index of the commit that made
 /// it, so that the joiner subscribes from the next index: nothing before
-/// it belongs to the epoch it joins, and nothing after it is skipped.
+/// it belongs to the epoch it joins, and nothing after it is skipped; and
+/// the commit's server timestamp, which tells the Welcome of this commit
+/// from one made for an earlier attempt at the same index (a failed
+/// batch), whose `log_head` would be that attempt's.
 pub fn welcome_frame(
     room_id: RoomId,
     welcome: &Bytes,
     ratchet_tree: &Bytes,
-    log_index: u64,
+    (log_index, commit_timestamp_ms): (u64, u64),
+    log_head: &LogHead,
 ) -> Result<Bytes, WelcomeTooLarge> {
     let payload = payload::Welcome {
         welcome: welcome.to_vec(),
         ratchet_tree: (!ratchet_tree.is_empty()).then(|| ratchet_tree.to_vec()),
+        log_head: Some(*log_head),
     };
     let mut header = FrameHeaderBuf::new(payload::Welcome::OPCODE);
-    header.set_room_id(room_id).set_log_index(log_index);
+    header.set_room_id(room_id).set_log_index(log_index).set_server_timestamp_ms(commit_timestamp_ms);
     Frame::with_payload(header, &payload)
         .map(|frame| frame.to_bytes())
         .map_err(|error| WelcomeTooLarge(error.to_string()))
@@ -137,16 +150,23 @@ pub fn welcome_frame(
 /// sender, log index, epoch and server timestamp, and whose payload names
 /// the index.
 pub fn erased_placeholder(room_id: RoomId, log_index: u64, erasure: &Erasure) -> Bytes {
-    placeholder(room_id, log_index, &erasure.routing)
+    placeholder(room_id, log_index, &erasure.routing, erasure.frame_digest)
 }
 
 /// The placeholder for a frame about to be erased (see
 /// [`erased_placeholder`]).
 pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Bytes) -> Bytes {
-    placeholder(room_id, log_index, &frame[..frame.len().min(ROUTING_PREFIX_BYTES)])
+    placeholder(
+        room_id,
+        log_index,
+        &frame[..frame.len().min(ROUTING_PREFIX_BYTES)],
+        Some(frame_digest(frame)),
+    )
 }
 
-fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8]) -> Bytes {
+/// A placeholder carries the erased frame's digest (when the tombstone
+/// kept it), so that readers extend the log's hash chain over it.
+fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8], digest: Option<FrameDigest>) -> Bytes {
     let mut header = FrameHeaderBuf::new(Opcode::Error);
     header
         .set_room_id(room_id)
@@ -160,6 +180,7 @@ fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8]) -> Bytes {
         current_epoch: None,
         log_index: Some(log_index),
         retry_after_ms: None,
+        frame_digest: digest,
     };
     Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
 }
@@ -173,15 +194,23 @@ mod tests {
     #[test]
     fn welcome_frames_carry_the_log_index_of_their_commit() {
         let room_id = RoomId([3; 16]);
-        let bytes =
-            welcome_frame(room_id, &Bytes::from_static(b"welcome"), &Bytes::from_static(b"tree"), 7).unwrap();
+        let bytes = welcome_frame(
+            room_id,
+            &Bytes::from_static(b"welcome"),
+            &Bytes::from_static(b"tree"),
+            (7, 1_234),
+            &[4; 32],
+        )
+        .unwrap();
         let frame = Frame::decode(&bytes).unwrap();
         assert_eq!(frame.opcode(), Opcode::Welcome);
         assert_eq!(frame.header().room_id(), room_id);
         assert_eq!(frame.header().log_index(), 7);
+        assert_eq!(frame.header().server_timestamp_ms(), 1_234);
         let payload: payload::Welcome = frame.decode_payload().unwrap();
         assert_eq!(payload.welcome, b"welcome");
         assert_eq!(payload.ratchet_tree.as_deref(), Some(&b"tree"[..]));
+        assert_eq!(payload.log_head, Some([4; 32]));
     }
 
     /// A Welcome too large for its frame is an error, not a panic.
@@ -189,6 +218,6 @@ mod tests {
     fn an_oversized_welcome_is_an_error() {
         let room_id = RoomId([3; 16]);
         let huge = Bytes::from(vec![0u8; Opcode::Welcome.payload_bytes_max() as usize]);
-        assert!(welcome_frame(room_id, &huge, &huge, 1).is_err());
+        assert!(welcome_frame(room_id, &huge, &huge, (1, 1), &[0; 32]).is_err());
     }
 }

@@ -70,7 +70,13 @@ pub fn moderation_reply(
     match outcome {
         Ok(done) => {
             let log_index = done.log_index.unwrap_or(u64::MAX);
-            let ack = payload::Ack { log_index, epoch: done.epoch, server_time_ms: done.time_ms };
+            let ack = payload::Ack {
+                log_index,
+                epoch: done.epoch,
+                server_time_ms: done.time_ms,
+                log_head: None,
+                signed_head: None,
+            };
             super::frames::reply_frame(room_id, request_id, &ack)
         }
         Err(failure) => {

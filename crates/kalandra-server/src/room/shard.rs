@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use kalandra_proto::chain::{LogHead, SignedLogHead};
 use kalandra_proto::payload::{self, CreateRoom};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 
@@ -175,6 +176,10 @@ pub struct HistoryRead<P> {
     /// For a one-shot range, the connection's reader slot it holds until
     /// it is dropped.
     pub slot: Option<ReaderSlot>,
+    /// The server's signed head at `through - 1`, when `through` is the
+    /// room's durable end: the `SyncDone` of a one-shot range that gets
+    /// there carries it.
+    pub end_head: Option<SignedLogHead>,
 }
 
 /// What the shard asks its driver to do, in order.
@@ -327,6 +332,32 @@ impl<G: PersistentGroup, P> Room<G, P> {
     fn durable_next(&self) -> u64 {
         self.sequencer.durable_through().map_or(0, |through| through + 1)
     }
+
+    /// The durable end's head signed by `signer`, if the log ends right
+    /// before `next_log_index`.
+    fn signed_head_before(
+        &self,
+        room_id: RoomId,
+        next_log_index: u64,
+        signer: &ServerSigner,
+    ) -> Option<SignedLogHead> {
+        let (last, head) = self.sequencer.durable_log_head()?;
+        (last.checked_add(1) == Some(next_log_index)).then(|| sign_head(room_id, last, head, signer))
+    }
+}
+
+/// The server's signed statement of `room_id`'s head at `log_index`.
+fn sign_head(room_id: RoomId, log_index: u64, head: LogHead, signer: &ServerSigner) -> SignedLogHead {
+    #[cfg(feature = "injected-bugs")]
+    let head = if crate::bugs::planted().sign_wrong_head_for_odd_indices && log_index % 2 == 1 {
+        // Injected bug: the head stated for odd indices is not the log's.
+        let mut wrong = head;
+        wrong[0] ^= 1;
+        wrong
+    } else {
+        head
+    };
+    SignedLogHead::sign(room_id, log_index, head, signer.signing_key())
 }
 
 /// Entries accumulated for the next batch.
@@ -523,8 +554,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         let room = self.rooms.get_mut(&room_id).expect("room exists after sequencing");
         let log_index = sequenced.log_index;
         let encoded = sequenced.frame.to_bytes();
-        if let Some((recipients, welcome, ratchet_tree)) = room.sequencer.welcome_of(log_index) {
-            match welcome_frame(room_id, welcome, ratchet_tree, log_index) {
+        if let Some((recipients, welcome, ratchet_tree, log_head)) = room.sequencer.welcome_of(log_index) {
+            let stamped_ms = sequenced.frame.header().server_timestamp_ms();
+            match welcome_frame(room_id, welcome, ratchet_tree, (log_index, stamped_ms), &log_head) {
                 Ok(frame) => self.pending.welcomes.push(WelcomeToStore {
                     room_id,
                     recipients: recipients.to_vec(),
@@ -650,7 +682,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             let through = durable_next.min(from_log_index.saturating_add(count_max)).min(read_next);
             if read_next <= from_log_index {
                 // A departing member has read all it may.
-                let done = payload::SyncDone { next_log_index: from_log_index, live: false };
+                let done = payload::SyncDone { next_log_index: from_log_index, live: false, log_head: None };
                 if room.sequencer.is_banned(peer.sender(), now_ms) {
                     self.refuse(peer, room_id, request_id, ErrorCode::Banned, "banned from the room");
                 } else if room.sequencer.is_member(peer.sender()) {
@@ -661,6 +693,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 }
                 return;
             }
+            let end_head = room.signed_head_before(room_id, through, &self.config.server_signer);
             self.outputs.push_back(Output::ReadHistory(HistoryRead {
                 room_id,
                 peer: peer.clone(),
@@ -670,6 +703,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 subscription: 0,
                 cancelled: Arc::new(AtomicBool::new(false)),
                 slot: Some(slot),
+                end_head,
             }));
             return;
         }
@@ -741,6 +775,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 subscription,
                 cancelled: Arc::clone(&subscriber.cancelled),
                 slot: None,
+                end_head: None,
             }));
             return;
         }
@@ -755,10 +790,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         if delivered {
             subscriber.next_log_index = durable_next;
             subscriber.live = true;
+            let (last, head) = room.sequencer.durable_log_head().unwrap_or_default();
+            let log_head =
+                (durable_next > 0).then(|| sign_head(room_id, last, head, &self.config.server_signer));
             let done = reply_frame(
                 room_id,
                 subscriber.request_id,
-                &payload::SyncDone { next_log_index: durable_next, live: true },
+                &payload::SyncDone { next_log_index: durable_next, live: true, log_head },
             );
             Self::reply(&subscriber.peer, done);
         } else {
@@ -870,6 +908,14 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
 
     fn apply_effects(&mut self, room_id: RoomId, effects: &mut Vec<Effect>) {
         let room = self.rooms.get_mut(&room_id).expect("effects of an existing room");
+        // One signature per room and durable run: every acknowledgement of
+        // the run carries the head at its end.
+        let run_head = effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Acknowledge { .. }))
+            .then(|| room.sequencer.durable_log_head())
+            .flatten()
+            .map(|(last, head)| sign_head(room_id, last, head, &self.config.server_signer));
         // The sequencer acknowledges a frame right before fanning it out; the
         // submitting connection gets the acknowledgement instead of an echo,
         // and the fan-out reuses the encoding made for storage.
@@ -877,12 +923,18 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         let mut fanned_out = None;
         for effect in effects.drain(..) {
             match effect {
-                Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, .. } => {
+                Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, log_head, .. } => {
                     let waiting = pop_waiting(room, log_index);
                     acknowledged =
                         Some((log_index, waiting.peer.as_ref().map(P::connection), waiting.encoded));
                     if let Some(peer) = waiting.peer {
-                        let ack = payload::Ack { log_index, epoch, server_time_ms };
+                        let ack = payload::Ack {
+                            log_index,
+                            epoch,
+                            server_time_ms,
+                            log_head: Some(log_head),
+                            signed_head: run_head,
+                        };
                         Self::reply(&peer, reply_frame(room_id, request_id, &ack));
                     }
                     self.counters.acks += 1;
@@ -947,6 +999,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             epoch_started_at_log_index: room.sequencer.epoch_started_at_log_index(),
             group_info,
             server_proposals: room.sequencer.pending_server_proposals(),
+            log_head: room.sequencer.durable_log_head().map(|(_, head)| head),
         };
         let Some(mls_snapshot) = snapshot.encode() else {
             tracing::warn!(%room_id, "MLS state too large for a snapshot; the room recovers from its log");

@@ -1,6 +1,7 @@
 //! Room snapshots: what a restart needs besides the log.
 
 use bytes::Bytes;
+use kalandra_proto::chain::{LogHead, LOG_HEAD_BYTES};
 
 use crate::room::sequencer::{PendingServerProposals, ProposalRef};
 
@@ -8,21 +9,27 @@ use crate::room::sequencer::{PendingServerProposals, ProposalRef};
 /// GroupInfo current with it, where the current epoch began, and the
 /// server-issued proposals pending at that point.
 ///
-/// Layout: `"KRS2" | group_len: u32 BE | group | epoch_started_at_log_index:
+/// Layout: `"KRS3" | log_head (32) | group_len: u32 BE | group | epoch_started_at_log_index:
 /// u64 BE | pending_count: u16 BE | (ref_len: u8 | ref) * pending_count |
 /// pending_since_log_index: u64 BE | pending_since_ms: u64 BE |
-/// group_info_epoch: u64 BE | group_info`. Snapshots written before
-/// pending proposals were kept lack the magic and the pending part (and
-/// hold none).
+/// group_info_epoch: u64 BE | group_info`, where `log_head` is the log's
+/// hash-chain head at the snapshot's last index. Snapshots written before
+/// the chain have the magic `"KRS2"` and no head (recovery recomputes it
+/// from the log); before pending proposals were kept they lack the magic
+/// and the pending part (and hold none).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct RoomSnapshot<'a> {
     pub(crate) group: &'a [u8],
     pub(crate) epoch_started_at_log_index: u64,
     pub(crate) group_info: (u64, Bytes),
     pub(crate) server_proposals: PendingServerProposals,
+    /// The log's head at the snapshot's last index (`None` in snapshots
+    /// written before the chain).
+    pub(crate) log_head: Option<LogHead>,
 }
 
-const ROOM_SNAPSHOT_MAGIC: &[u8; 4] = b"KRS2";
+const ROOM_SNAPSHOT_MAGIC: &[u8; 4] = b"KRS3";
+const ROOM_SNAPSHOT_MAGIC_UNCHAINED: &[u8; 4] = b"KRS2";
 // The snapshot counts pending server proposals in a u16.
 const _: () = assert!(crate::room::sequencer::SERVER_PROPOSALS_PENDING_MAX <= u16::MAX as usize);
 
@@ -39,9 +46,11 @@ impl<'a> RoomSnapshot<'a> {
                 + 2
                 + refs.iter().map(|r| 1 + r.0.len()).sum::<usize>()
                 + 32
+                + LOG_HEAD_BYTES
                 + self.group_info.1.len(),
         );
         out.extend_from_slice(ROOM_SNAPSHOT_MAGIC);
+        out.extend_from_slice(&self.log_head?);
         out.extend_from_slice(&u32::try_from(self.group.len()).ok()?.to_be_bytes());
         out.extend_from_slice(self.group);
         out.extend_from_slice(&self.epoch_started_at_log_index.to_be_bytes());
@@ -61,9 +70,13 @@ impl<'a> RoomSnapshot<'a> {
 
     /// The parts of an encoded snapshot, or `None` if it is malformed.
     pub(crate) fn decode(snapshot: &'a [u8]) -> Option<RoomSnapshot<'a>> {
-        let (current, snapshot) = match snapshot.strip_prefix(ROOM_SNAPSHOT_MAGIC) {
-            Some(rest) => (true, rest),
-            None => (false, snapshot),
+        let (current, log_head, snapshot) = if let Some(rest) = snapshot.strip_prefix(ROOM_SNAPSHOT_MAGIC) {
+            let (head, rest) = rest.split_first_chunk::<LOG_HEAD_BYTES>()?;
+            (true, Some(*head), rest)
+        } else if let Some(rest) = snapshot.strip_prefix(ROOM_SNAPSHOT_MAGIC_UNCHAINED) {
+            (true, None, rest)
+        } else {
+            (false, None, snapshot)
         };
         let (len, rest) = snapshot.split_first_chunk::<4>()?;
         let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
@@ -98,6 +111,7 @@ impl<'a> RoomSnapshot<'a> {
             epoch_started_at_log_index: u64::from_be_bytes(*epoch_started),
             group_info: (u64::from_be_bytes(*epoch), Bytes::copy_from_slice(group_info)),
             server_proposals,
+            log_head,
         })
     }
 }
@@ -116,6 +130,7 @@ mod tests {
                 refs: vec![ProposalRef(vec![1; 32]), ProposalRef(vec![2; 32])],
                 since: Some((9, 1_234)),
             },
+            log_head: Some([6; 32]),
         };
         let encoded = snapshot.encode().unwrap();
         assert_eq!(RoomSnapshot::decode(&encoded), Some(snapshot));
@@ -124,6 +139,7 @@ mod tests {
             epoch_started_at_log_index: 0,
             group_info: (0, Bytes::new()),
             server_proposals: PendingServerProposals::default(),
+            log_head: Some([0; 32]),
         };
         assert_eq!(RoomSnapshot::decode(&none.encode().unwrap()), Some(none));
         for cut in [5, 20, encoded.len() - 20] {
@@ -146,5 +162,24 @@ mod tests {
         assert_eq!(decoded.epoch_started_at_log_index, 4);
         assert_eq!(decoded.group_info, (2, Bytes::from_static(b"info")));
         assert_eq!(decoded.server_proposals, PendingServerProposals::default());
+        assert_eq!(decoded.log_head, None);
+    }
+
+    /// A snapshot written before the chain (`KRS2`) decodes without a head.
+    #[test]
+    fn snapshots_before_the_chain_decode_without_a_head() {
+        let snapshot = RoomSnapshot {
+            group: b"group state",
+            epoch_started_at_log_index: 7,
+            group_info: (3, Bytes::from_static(b"group info")),
+            server_proposals: PendingServerProposals::default(),
+            log_head: Some([6; 32]),
+        };
+        let encoded = snapshot.encode().unwrap();
+        let mut unchained = b"KRS2".to_vec();
+        unchained.extend_from_slice(&encoded[4 + LOG_HEAD_BYTES..]);
+        let decoded = RoomSnapshot::decode(&unchained).unwrap();
+        assert_eq!(decoded.log_head, None);
+        assert_eq!(RoomSnapshot { log_head: None, ..decoded }, RoomSnapshot { log_head: None, ..snapshot });
     }
 }

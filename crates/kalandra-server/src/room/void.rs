@@ -46,7 +46,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             Ok(ReportOutcome::Duplicate | ReportOutcome::AlreadyVoided) => {}
         }
         let epoch = self.rooms.get(&room_id).map_or(0, |room| room.sequencer.epoch());
-        let ack = payload::Ack { log_index: report.log_index, epoch, server_time_ms: now_ms };
+        let ack = payload::Ack {
+            log_index: report.log_index,
+            epoch,
+            server_time_ms: now_ms,
+            log_head: None,
+            signed_head: None,
+        };
         Self::reply(peer, reply_frame(room_id, request_id, &ack));
     }
 

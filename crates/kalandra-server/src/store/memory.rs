@@ -126,14 +126,17 @@ impl MemoryStore {
             })?;
             let tombstone = match sealing::decode(record) {
                 Ok(Record::Erased(_)) => None,
-                Ok(Record::Sealed { routing, .. }) => {
-                    if !state.keys.contains_key(&(room_id, log_index)) {
-                        return Err(InvariantViolation(format!(
+                Ok(Record::Sealed { routing, sealed }) => {
+                    let key = state.keys.get(&(room_id, log_index)).ok_or_else(|| {
+                        InvariantViolation(format!(
                             "room {room_id} index {log_index}: sealed record without its data key"
                         ))
-                        .into());
-                    }
-                    Some(sealing::erased_record(routing, redaction))
+                    })?;
+                    let tombstone =
+                        sealing::erase_sealed(key, room_id, log_index, routing, sealed, redaction).map_err(
+                            |error| InvariantViolation(format!("room {room_id} index {log_index}: {error}")),
+                        )?;
+                    Some(tombstone)
                 }
                 Err(error) => {
                     return Err(

@@ -550,8 +550,20 @@ impl RedbStore {
                     let record = record.value();
                     match sealing::decode(record) {
                         Ok(Record::Erased(_)) => None,
-                        Ok(Record::Sealed { routing, .. }) => {
-                            Some(sealing::erased_record(routing, redaction))
+                        Ok(Record::Sealed { routing, sealed }) => {
+                            let corrupt = |error: sealing::OpenError| {
+                                InvariantViolation(format!("room {room_id} index {log_index}: {error}"))
+                            };
+                            let (first, run) = key_run_at::<RedactError>(&keys, room_id, log_index, OP)?
+                                .ok_or_else(|| corrupt(sealing::OpenError::KeyMissing))?;
+                            let data_key = run
+                                .key(run_slot(first, log_index))
+                                .ok_or_else(|| corrupt(sealing::OpenError::KeyMissing))?;
+                            let tombstone = sealing::erase_sealed(
+                                &data_key, room_id, log_index, routing, sealed, redaction,
+                            )
+                            .map_err(corrupt)?;
+                            Some(tombstone)
                         }
                         Err(error) => {
                             return Err(InvariantViolation(format!(

@@ -84,6 +84,7 @@ mod tests {
             content: EntryContent::Erased(Erasure {
                 routing: frame.slice(..64),
                 redaction: Redaction { erased_at_ms: 1, cause: ErasureCause::Sender { actor: 1 } },
+                frame_digest: None,
             }),
         }
     }

@@ -19,14 +19,19 @@
 //!
 //! Record layout (value of a log-table row):
 //! - sealed: `0x01 | prefix_len: u8 | prefix | nonce (12) | ciphertext | tag (16)`;
-//! - erased: `0x02 | prefix_len: u8 | prefix | erased_at_ms: u64 BE |
-//!   cause: u8 | actor: u64 BE`.
+//! - erased: `0x03 | prefix_len: u8 | prefix | frame_digest (32) |
+//!   erased_at_ms: u64 BE | cause: u8 | actor: u64 BE`, where
+//!   `frame_digest` is the SHA-256 of the frame as appended, kept so that
+//!   the room log's hash chain (`kalandra_proto::chain`) still runs through
+//!   the erased entry. Tombstones written before the chain existed have tag
+//!   `0x02` and no digest.
 //!
 //! The associated data binds a sealed record to its position: room id,
 //! log index (big-endian) and the clear prefix, so a record moved to
 //! another row, or a prefix altered, fails authentication.
 
 use bytes::Bytes;
+use kalandra_proto::chain::{frame_digest, FrameDigest, LOG_HEAD_BYTES};
 use kalandra_proto::header::offset;
 use rand::{CryptoRng, RngCore};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
@@ -44,7 +49,9 @@ pub const NONCE_BYTES: usize = 12;
 pub const TAG_BYTES: usize = 16;
 
 const TAG_SEALED: u8 = 0x01;
-const TAG_ERASED: u8 = 0x02;
+/// A tombstone without the frame's digest (written before the log's hash chain).
+const TAG_ERASED_UNCHAINED: u8 = 0x02;
+const TAG_ERASED: u8 = 0x03;
 /// Length of the erasure details after the prefix: time, cause, actor.
 const ERASURE_BYTES: usize = 8 + 1 + 8;
 
@@ -225,6 +232,9 @@ pub struct Erasure {
     pub routing: Bytes,
     /// When and why the content was destroyed.
     pub redaction: Redaction,
+    /// SHA-256 of the frame as appended (`None` for tombstones written
+    /// before the log's hash chain).
+    pub frame_digest: Option<FrameDigest>,
 }
 
 impl Erasure {
@@ -388,13 +398,14 @@ fn seal_with_into(
     record.extend_from_slice(tag.as_ref());
 }
 
-/// The tombstone record of an erased entry.
-pub fn erased_record(routing: &[u8], redaction: &Redaction) -> Vec<u8> {
+/// The tombstone record of an erased entry whose frame had digest `frame_digest`.
+pub fn erased_record(routing: &[u8], frame_digest: &FrameDigest, redaction: &Redaction) -> Vec<u8> {
     let prefix = &routing[..routing.len().min(ROUTING_PREFIX_BYTES)];
-    let mut record = Vec::with_capacity(2 + prefix.len() + ERASURE_BYTES);
+    let mut record = Vec::with_capacity(2 + prefix.len() + LOG_HEAD_BYTES + ERASURE_BYTES);
     record.push(TAG_ERASED);
     record.push(prefix_len(prefix));
     record.extend_from_slice(prefix);
+    record.extend_from_slice(frame_digest);
     let (cause, actor) = redaction.cause.encode();
     record.extend_from_slice(&redaction.erased_at_ms.to_be_bytes());
     record.push(cause);
@@ -406,7 +417,8 @@ pub fn erased_record(routing: &[u8], redaction: &Redaction) -> Vec<u8> {
 /// frame's length for a sealed record, the prefix's for a tombstone.
 pub fn content_len(record: &[u8]) -> usize {
     match record.first() {
-        Some(&TAG_ERASED) => record.len().saturating_sub(2 + ERASURE_BYTES),
+        Some(&TAG_ERASED_UNCHAINED) => record.len().saturating_sub(2 + ERASURE_BYTES),
+        Some(&TAG_ERASED) => record.len().saturating_sub(2 + LOG_HEAD_BYTES + ERASURE_BYTES),
         _ => record.len().saturating_sub(2 + NONCE_BYTES + TAG_BYTES),
     }
 }
@@ -427,7 +439,14 @@ pub fn decode(record: &[u8]) -> Result<Record<'_>, OpenError> {
             }
             Ok(Record::Sealed { routing, sealed: rest })
         }
-        TAG_ERASED => {
+        TAG_ERASED_UNCHAINED | TAG_ERASED => {
+            let (frame_digest, rest) = if tag == TAG_ERASED {
+                let (digest, rest) =
+                    rest.split_first_chunk::<LOG_HEAD_BYTES>().ok_or(OpenError::Malformed("frame digest"))?;
+                (Some(*digest), rest)
+            } else {
+                (None, rest)
+            };
             if rest.len() != ERASURE_BYTES {
                 return Err(OpenError::Malformed("erasure record length"));
             }
@@ -437,10 +456,25 @@ pub fn decode(record: &[u8]) -> Result<Record<'_>, OpenError> {
             Ok(Record::Erased(Erasure {
                 routing: Bytes::copy_from_slice(routing),
                 redaction: Redaction { erased_at_ms, cause },
+                frame_digest,
             }))
         }
         _ => Err(OpenError::Malformed("unknown record tag")),
     }
+}
+
+/// The tombstone of a sealed record: opened with its key to keep the
+/// digest of the frame it held.
+pub fn erase_sealed(
+    key: &DataKey,
+    room_id: RoomId,
+    log_index: LogIndex,
+    routing: &[u8],
+    sealed: &[u8],
+    redaction: &Redaction,
+) -> Result<Vec<u8>, OpenError> {
+    let frame = open(key, room_id, log_index, routing, sealed)?;
+    Ok(erased_record(routing, &frame_digest(&frame), redaction))
 }
 
 /// Opens a sealed record's parts with its key: the frame as appended.
@@ -563,17 +597,38 @@ mod tests {
             ErasureCause::Operator,
         ] {
             let redaction = Redaction { erased_at_ms: 1234, cause };
-            let record = erased_record(&plain, &redaction);
-            assert_eq!(record.len(), 2 + ROUTING_PREFIX_BYTES + ERASURE_BYTES);
+            let record = erased_record(&plain, &[5; 32], &redaction);
+            assert_eq!(record.len(), 2 + ROUTING_PREFIX_BYTES + LOG_HEAD_BYTES + ERASURE_BYTES);
             match decode(&record).unwrap() {
                 Record::Erased(erasure) => {
                     assert_eq!(erasure.routing.as_ref(), &plain[..ROUTING_PREFIX_BYTES]);
                     assert_eq!(erasure.redaction, redaction);
+                    assert_eq!(erasure.frame_digest, Some([5; 32]));
                 }
                 other => panic!("{other:?}"),
             }
             assert_eq!(routing_of(&record).unwrap(), &plain[..ROUTING_PREFIX_BYTES]);
         }
+    }
+
+    /// Erasing a sealed record keeps the digest of the frame it held, so
+    /// the log's hash chain runs through the erased entry; tombstones of
+    /// the earlier layout still decode, without a digest.
+    #[test]
+    fn erasing_a_sealed_record_keeps_its_frame_digest() {
+        let mut rng = ChaCha20Rng::from_seed([11; 32]);
+        let plain = frame(300);
+        let (key, record) = seal(&mut rng, RoomId([1; 16]), 4, &plain);
+        let Record::Sealed { routing, sealed } = decode(&record).unwrap() else { panic!("sealed") };
+        let redaction = Redaction { erased_at_ms: 9, cause: ErasureCause::Retention };
+        let tombstone = erase_sealed(&key, RoomId([1; 16]), 4, routing, sealed, &redaction).unwrap();
+        let Record::Erased(erasure) = decode(&tombstone).unwrap() else { panic!("erased") };
+        assert_eq!(erasure.frame_digest, Some(frame_digest(&plain)));
+        let mut unchained = vec![TAG_ERASED_UNCHAINED, 10];
+        unchained.extend_from_slice(&plain[..10]);
+        unchained.extend_from_slice(&tombstone[tombstone.len() - ERASURE_BYTES..]);
+        let Record::Erased(old) = decode(&unchained).unwrap() else { panic!("erased") };
+        assert_eq!((old.frame_digest, old.redaction), (None, redaction));
     }
 
     #[test]
@@ -626,9 +681,12 @@ mod tests {
         assert!(matches!(decode(&[TAG_SEALED, 65]), Err(OpenError::Malformed(_))));
         assert!(matches!(decode(&[TAG_SEALED, 0, 1, 2]), Err(OpenError::Malformed(_))));
         assert!(matches!(decode(&[9, 0]), Err(OpenError::Malformed(_))));
-        let mut erased =
-            erased_record(&frame(10), &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention });
-        erased[2 + 10 + 8] = 77;
+        let mut erased = erased_record(
+            &frame(10),
+            &[0; 32],
+            &Redaction { erased_at_ms: 1, cause: ErasureCause::Retention },
+        );
+        erased[2 + 10 + LOG_HEAD_BYTES + 8] = 77;
         assert!(matches!(decode(&erased), Err(OpenError::Malformed(_))));
     }
 }

@@ -658,6 +658,8 @@ pub(crate) fn redact_erases_content_and_keeps_the_index<S: Store>(store: &S) {
             let original = long_entry(a, 2).frame;
             assert_eq!(erasure.routing.as_ref(), &original[..sealing::ROUTING_PREFIX_BYTES]);
             assert_eq!(erasure.redaction, redaction(7));
+            // The digest of the erased frame stays: the log's hash chain runs through it.
+            assert_eq!(erasure.frame_digest, Some(kalandra_proto::chain::frame_digest(&original)));
             assert_eq!(stored.frame(), None);
         } else {
             assert_eq!(*stored, long_entry(a, i as u64));

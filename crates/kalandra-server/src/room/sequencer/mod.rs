@@ -18,6 +18,7 @@ mod void;
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
+use kalandra_proto::chain::{log_entry_digest, LogChain, LogHead};
 use kalandra_proto::payload::{Commit, CreateRoom, ExternalJoin, Proposal};
 use kalandra_proto::{ErrorCode, Frame, Opcode, PayloadError, RoomId, SenderId};
 
@@ -218,6 +219,9 @@ pub struct RecoveryPoint {
     pub server_proposals: PendingServerProposals,
     /// The room's policy (from its `CreateRoom` frame).
     pub policy: RoomPolicy,
+    /// The log's hash-chain head at `through_log_index`
+    /// ([`kalandra_proto::chain`]).
+    pub log_head: LogHead,
 }
 
 /// Server-issued proposals that the next commit must cover.
@@ -265,6 +269,8 @@ pub enum Effect {
         epoch: u64,
         /// Server timestamp stamped into the frame.
         server_time_ms: u64,
+        /// The log's head at `log_index`.
+        log_head: LogHead,
     },
     /// Send the frame to every subscribed member except `sender`, who gets
     /// the acknowledgement instead of an echo.
@@ -284,6 +290,8 @@ pub enum Effect {
         ratchet_tree: Bytes,
         /// Log index of the commit that made the Welcome.
         log_index: u64,
+        /// The log's head at that index.
+        log_head: LogHead,
     },
     /// The room's membership changed: update who may read.
     MembershipChanged {
@@ -314,6 +322,8 @@ struct CommitFollowUp {
 #[derive(Debug, Clone)]
 struct InFlight {
     log_index: u64,
+    /// The log's head at `log_index`.
+    log_head: LogHead,
     sender: SenderId,
     request_id: u32,
     epoch_after: u64,
@@ -337,6 +347,10 @@ pub struct RoomSequencer<G: GroupState> {
     bans: HashMap<SenderId, Option<u64>>,
     in_flight: VecDeque<InFlight>,
     durable_through: Option<u64>,
+    /// The hash chain through the last stamped frame.
+    chain: LogChain,
+    /// The head at `durable_through`.
+    durable_log_head: LogHead,
     recovering: bool,
     group_info: Option<(u64, Bytes)>,
     policy: RoomPolicy,
@@ -381,6 +395,8 @@ impl<G: GroupState> RoomSequencer<G> {
             bans: HashMap::new(),
             in_flight: VecDeque::new(),
             durable_through: None,
+            chain: LogChain::genesis(),
+            durable_log_head: kalandra_proto::chain::GENESIS_LOG_HEAD,
             recovering: false,
             group_info: Some((group.epoch(), Bytes::from(create.group_info))),
             policy,
@@ -391,6 +407,7 @@ impl<G: GroupState> RoomSequencer<G> {
         let sequenced = room.stamp(&mut frame, now_ms);
         room.in_flight.push_back(InFlight {
             log_index: sequenced,
+            log_head: room.chain.head,
             sender: creator,
             request_id: frame.header().request_id(),
             epoch_after: epoch,
@@ -419,6 +436,8 @@ impl<G: GroupState> RoomSequencer<G> {
             bans: HashMap::new(),
             in_flight: VecDeque::new(),
             durable_through: Some(point.through_log_index),
+            chain: LogChain::anchored(point.through_log_index, point.log_head),
+            durable_log_head: point.log_head,
             recovering: false,
             group_info: Some(point.group_info),
             policy: point.policy,
@@ -485,16 +504,30 @@ impl<G: GroupState> RoomSequencer<G> {
         self.next_log_index = log_index + 1;
         self.last_timestamp_ms = self.last_timestamp_ms.max(header.server_timestamp_ms());
         self.durable_through = Some(log_index);
+        self.durable_log_head = self.chain.extend(self.room_id, &log_entry_digest(frame));
+        assert_eq!(self.chain.next_log_index, self.next_log_index, "the chain follows the log");
         Ok(())
     }
 
     /// The Welcome of the in-flight commit at `log_index`, if it carries
-    /// one: its recipients, the Welcome and the ratchet tree it joins.
-    pub fn welcome_of(&self, log_index: u64) -> Option<(&[SenderId], &Bytes, &Bytes)> {
+    /// one: its recipients, the Welcome, the ratchet tree it joins and the
+    /// log's head at the commit.
+    pub fn welcome_of(&self, log_index: u64) -> Option<(&[SenderId], &Bytes, &Bytes, LogHead)> {
         let entry = self.in_flight.iter().rev().find(|entry| entry.log_index == log_index)?;
         let commit = entry.commit.as_ref()?;
         let (welcome, recipients) = commit.welcome.as_ref()?;
-        Some((recipients.as_slice(), welcome, &commit.ratchet_tree))
+        Some((recipients.as_slice(), welcome, &commit.ratchet_tree, entry.log_head))
+    }
+
+    /// The durable end of the log: its last index and the head there
+    /// (`None` before the first frame is durable).
+    pub fn durable_log_head(&self) -> Option<(u64, LogHead)> {
+        self.durable_through.map(|through| (through, self.durable_log_head))
+    }
+
+    /// The hash chain through the last stamped frame (durable or not).
+    pub fn chain(&self) -> LogChain {
+        self.chain
     }
 
     /// A replayed commit's GroupInfo is kept only if it is the epoch's,
@@ -666,6 +699,7 @@ impl<G: GroupState> RoomSequencer<G> {
         }
         self.in_flight.push_back(InFlight {
             log_index,
+            log_head: self.chain.head,
             sender,
             request_id,
             epoch_after: self.group.epoch(),
@@ -809,6 +843,7 @@ impl<G: GroupState> RoomSequencer<G> {
         self.note_server_proposal(reference, log_index, frame.header().server_timestamp_ms());
         self.in_flight.push_back(InFlight {
             log_index,
+            log_head: self.chain.head,
             sender: SERVER_SENDER_ID,
             request_id: frame.header().request_id(),
             epoch_after: self.group.epoch(),
@@ -840,6 +875,7 @@ impl<G: GroupState> RoomSequencer<G> {
                 assert_eq!(next.log_index, entry.log_index + 1, "in-flight indices are dense");
             }
             let server_time_ms = entry.frame.header().server_timestamp_ms();
+            self.durable_log_head = entry.log_head;
             if entry.sender != SERVER_SENDER_ID {
                 effects.push(Effect::Acknowledge {
                     sender: entry.sender,
@@ -847,6 +883,7 @@ impl<G: GroupState> RoomSequencer<G> {
                     log_index: entry.log_index,
                     epoch: entry.epoch_after,
                     server_time_ms,
+                    log_head: entry.log_head,
                 });
             }
             effects.push(Effect::FanOut { sender: entry.sender, frame: entry.frame });
@@ -862,6 +899,7 @@ impl<G: GroupState> RoomSequencer<G> {
                         welcome,
                         ratchet_tree,
                         log_index: entry.log_index,
+                        log_head: entry.log_head,
                     });
                 }
             }
@@ -961,6 +999,19 @@ impl<G: GroupState> RoomSequencer<G> {
         let timestamp_ms =
             if crate::bugs::planted().stamp_without_clock_floor { now_ms } else { timestamp_ms };
         frame.header_mut().set_log_index(log_index).set_server_timestamp_ms(timestamp_ms);
+        #[cfg(feature = "injected-bugs")]
+        let digest = if crate::bugs::planted().chain_before_stamping {
+            // Injected bug: the chain hashes the frame as submitted, not as sequenced.
+            let mut unstamped = frame.clone();
+            unstamped.header_mut().set_log_index(0).set_server_timestamp_ms(0);
+            log_entry_digest(&unstamped)
+        } else {
+            log_entry_digest(frame)
+        };
+        #[cfg(not(feature = "injected-bugs"))]
+        let digest = log_entry_digest(frame);
+        assert_eq!(self.chain.next_log_index, log_index, "the chain follows the log");
+        self.chain.extend(self.room_id, &digest);
         self.last_timestamp_ms = timestamp_ms;
         self.next_log_index = log_index.checked_add(1).expect("log index space exhausted");
         if let Some(last) = self.in_flight.back() {

@@ -148,6 +148,7 @@ fn recovery_point(last_timestamp_ms: u64) -> RecoveryPoint {
         epoch_started_at_log_index: 0,
         server_proposals: PendingServerProposals::default(),
         policy: RoomPolicy::new(ALICE, JoinRule::Open),
+        log_head: [0; 32],
     }
 }
 
@@ -538,6 +539,7 @@ fn a_recovery_point_carries_pending_server_proposals() {
         epoch_started_at_log_index: 0,
         server_proposals: pending.clone(),
         policy: RoomPolicy::new(ALICE, JoinRule::Open),
+        log_head: [0; 32],
     };
     let mut rebuilt = RoomSequencer::recover(ROOM, group, point);
     assert_eq!(rebuilt.pending_server_proposals(), pending);
@@ -586,4 +588,48 @@ fn a_room_must_list_exactly_the_server_key_as_external_sender() {
     wrong.external_sender_ok = false;
     let result = RoomSequencer::create(ROOM, wrong, ALICE, create_frame(), 0, &[0; 32]);
     assert!(matches!(result, Err(SubmitError::ExternalSenders)));
+}
+
+/// Each acknowledgement carries the log's head at its index, which is the
+/// chain over the frames exactly as sequenced (what a member computes),
+/// and a room rebuilt by replaying those frames reaches the same head.
+#[test]
+fn acknowledged_heads_chain_the_frames_as_sequenced_and_replay_rebuilds_them() {
+    use kalandra_proto::chain::{frame_digest, LogChain};
+    let create = create_frame();
+    let (mut room, created) =
+        RoomSequencer::create(ROOM, TestGroup::with_members(&[1, 2]), ALICE, create, 1_000, &[0; 32])
+            .unwrap();
+    let mut sequenced = vec![created.frame];
+    for request_id in 1..=4 {
+        sequenced.push(room.submit(BOB, application(BOB, 0, request_id), 2_000).unwrap().frame);
+    }
+    let mut effects = Vec::new();
+    room.durable(4, &mut effects);
+    let mut chain = LogChain::genesis();
+    let expected: Vec<_> =
+        sequenced.iter().map(|frame| chain.extend(ROOM, &frame_digest(&frame.to_bytes()))).collect();
+    let acked: Vec<_> = effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Acknowledge { log_index, log_head, .. } => Some((*log_index, *log_head)),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<_> = (0..=4u64).map(|i| (i, expected[usize::try_from(i).unwrap()])).collect();
+    assert_eq!(acked, want);
+    assert_eq!(room.durable_log_head(), Some((4, expected[4])));
+
+    let point = RecoveryPoint { log_head: expected[0], ..recovery_point(1_000) };
+    let mut rebuilt = RoomSequencer::recover(ROOM, TestGroup::with_members(&[1, 2]), point);
+    for frame in &sequenced[1..] {
+        rebuilt.replay(frame).unwrap();
+    }
+    assert_eq!(rebuilt.durable_log_head(), Some((4, expected[4])));
+    // A different order of the same frames is a different head.
+    let mut swapped = LogChain::anchored(0, expected[0]);
+    for frame in [&sequenced[2], &sequenced[1]] {
+        swapped.extend(ROOM, &frame_digest(&frame.to_bytes()));
+    }
+    assert_ne!(swapped.head, expected[2]);
 }

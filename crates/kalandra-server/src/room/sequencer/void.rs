@@ -344,6 +344,7 @@ impl<G: GroupState> RoomSequencer<G> {
         let follow_up = self.restore_epoch(*unsettled);
         self.in_flight.push_back(InFlight {
             log_index,
+            log_head: self.chain.head,
             sender: SERVER_SENDER_ID,
             request_id: frame.header().request_id(),
             epoch_after,

@@ -348,6 +348,7 @@ fn replay_keeps_the_latest_commit_voidable_and_reproduces_a_stored_void() {
             epoch_started_at_log_index: 0,
             server_proposals: PendingServerProposals::default(),
             policy: RoomPolicy::new(ADMIN, JoinRule::InviteOnly),
+            log_head: [0; 32],
         };
         let mut replayed = RoomSequencer::recover(ROOM, group, point);
         for frame in log {
