@@ -825,7 +825,7 @@ impl RoomLog {
         let mut added: Vec<u64> = senders(&applied.added);
         if applied.external {
             // An external commit adds its committer, the joiner.
-            added.extend(senders(std::slice::from_ref(&applied.committer)));
+            added.extend(sender_of(&applied.committer.identity).map(|s| s.0));
         }
         Ok(Some(EntryBody::Membership { epoch: applied.epoch, added, removed: senders(&applied.removed) }))
     }

@@ -49,6 +49,24 @@ fn texts(dir: &std::path::Path, room: kalandra_proto::RoomId) -> Vec<String> {
         .collect()
 }
 
+/// Runs `kalandra --dir dir args…`, killed after `kill_after_ms` if given;
+/// returns whether it exited successfully.
+async fn run_killed_after(dir: &std::path::Path, args: &[&str], kill_after_ms: Option<u64>) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kalandra"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    if let Some(delay_ms) = kill_after_ms {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let _ = child.kill();
+    }
+    tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap().success()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_send_at_any_point_loses_nothing_accepted_and_duplicates_nothing() {
     let server_dir = tempfile::tempdir().unwrap();
@@ -66,20 +84,7 @@ async fn killing_send_at_any_point_loses_nothing_accepted_and_duplicates_nothing
 
     let mut completed = Vec::new();
     for (i, delay_ms) in KILL_AFTER_MS.iter().enumerate() {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kalandra"))
-            .arg("--dir")
-            .arg(alice.path())
-            .args(["send", "--room", &room_hex, &format!("m{i}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        if let Some(delay_ms) = delay_ms {
-            tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
-            let _ = child.kill();
-        }
-        let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-        if status.success() {
+        if run_killed_after(alice.path(), &["send", "--room", &room_hex, &format!("m{i}")], *delay_ms).await {
             completed.push(format!("m{i}"));
         }
     }
@@ -125,18 +130,7 @@ async fn killing_an_external_join_at_any_point_lets_the_device_join_again_once()
 
     let mut joined = false;
     for delay_ms in JOIN_KILL_AFTER_MS {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kalandra"))
-            .arg("--dir")
-            .arg(bob.path())
-            .args(["join", "--room", &room_hex, "--external"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        let _ = child.kill();
-        let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-        if status.success() {
+        if run_killed_after(bob.path(), &["join", "--room", &room_hex, "--external"], Some(delay_ms)).await {
             joined = true;
             break;
         }

@@ -354,7 +354,9 @@ pub fn link_proof_input(
     tls_binding: &[u8; LINK_TLS_BINDING_BYTES],
     prover: LinkRole,
 ) -> Vec<u8> {
-    let mut input = Vec::with_capacity(LINK_PROOF_CONTEXT.len() + 2 * 320 + LINK_TLS_BINDING_BYTES + 1);
+    let hello_bytes_max = 1 + DOMAIN_NAME_BYTES_MAX + PUBLIC_KEY_BYTES + LINK_NONCE_BYTES;
+    let mut input =
+        Vec::with_capacity(LINK_PROOF_CONTEXT.len() + 1 + 2 * hello_bytes_max + LINK_TLS_BINDING_BYTES);
     input.extend_from_slice(LINK_PROOF_CONTEXT);
     input.push(match prover {
         LinkRole::Initiator => 0,
@@ -434,7 +436,9 @@ impl HomeCertificate {
         identity_key: &[u8; PUBLIC_KEY_BYTES],
         not_after_ms: u64,
     ) -> Vec<u8> {
-        let mut input = Vec::with_capacity(HOME_CERTIFICATE_CONTEXT.len() + 1 + DOMAIN_NAME_BYTES_MAX + 40);
+        let mut input = Vec::with_capacity(
+            HOME_CERTIFICATE_CONTEXT.len() + 1 + DOMAIN_NAME_BYTES_MAX + PUBLIC_KEY_BYTES + 8,
+        );
         input.extend_from_slice(HOME_CERTIFICATE_CONTEXT);
         domain.put_prefixed(&mut input);
         input.extend_from_slice(identity_key);
@@ -502,7 +506,8 @@ fn countersignature_input(
     certificate: &HomeCertificate,
     frame: &[u8],
 ) -> Vec<u8> {
-    let mut input = Vec::with_capacity(COUNTERSIGNATURE_CONTEXT.len() + 2 * 254 + 8 + 96 + frame.len());
+    let fixed_bytes = 2 * (1 + DOMAIN_NAME_BYTES_MAX) + 8 + PUBLIC_KEY_BYTES + SIGNATURE_BYTES;
+    let mut input = Vec::with_capacity(COUNTERSIGNATURE_CONTEXT.len() + fixed_bytes + frame.len());
     input.extend_from_slice(COUNTERSIGNATURE_CONTEXT);
     origin.put_prefixed(&mut input);
     destination.put_prefixed(&mut input);

@@ -1010,6 +1010,14 @@ impl RoomGroupState {
         staged: &StagedRoomCommit,
         required: &[R],
     ) -> Result<Vec<Vec<u8>>, MlsValidationError> {
+        let by_reference: Vec<&[u8]> = required
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|r| !staged.covered_proposal_refs.iter().any(|c| c.as_slice() == *r))
+            .collect();
+        if by_reference.is_empty() {
+            return Ok(Vec::new());
+        }
         let queued =
             self.group.queued_proposals(&self.storage).map_err(|e| MlsValidationError::Internal(boxed(e)))?;
         let removes_anyway = |proposal_ref: &[u8]| {
@@ -1020,14 +1028,7 @@ impl RoomGroupState {
                         if staged.removed.iter().any(|m| m.leaf_index == remove.removed().u32()))
             })
         };
-        Ok(required
-            .iter()
-            .map(AsRef::as_ref)
-            .filter(|r| {
-                !staged.covered_proposal_refs.iter().any(|c| c.as_slice() == *r) && !removes_anyway(r)
-            })
-            .map(<[u8]>::to_vec)
-            .collect())
+        Ok(by_reference.into_iter().filter(|r| !removes_anyway(r)).map(<[u8]>::to_vec).collect())
     }
 
     /// Members whose removal the server proposed and no commit covered yet.
