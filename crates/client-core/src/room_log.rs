@@ -300,7 +300,10 @@ pub(crate) fn step(state: &mut ClientState, event: Event) -> Result<Vec<Action>,
 /// The state a room is in when the device starts (not connected).
 fn initial_state(record: &RoomRecord, group: Option<&RoomGroup>) -> ClientState {
     if let (Some(group), Some(log_index)) = (group, record.recovery.stuck_log_index()) {
-        return ClientState::Disconnected { resume: Resume::Stuck { epoch: group.epoch(), log_index } };
+        let pending_commit = record.pending.as_ref().is_some_and(|pending| pending.intent != Intent::Create);
+        return ClientState::Disconnected {
+            resume: Resume::Stuck { epoch: group.epoch(), log_index, pending_commit },
+        };
     }
     let resume = match (group, &record.pending) {
         (None, _) => Resume::Join,

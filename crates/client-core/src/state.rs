@@ -28,7 +28,7 @@
 //! | Disconnected(Join) | Connected | PendingWelcome | — |
 //! | Disconnected(Synchronized e) | Connected | Synchronized e | Subscribe |
 //! | Disconnected(PendingCommit t) | Connected | PendingCommit t (member) | Subscribe |
-//! | Disconnected(Stuck e L) | Connected | Stuck e L | Subscribe, ReportCommit L |
+//! | Disconnected(Stuck e L p) | Connected | Stuck e L p | Subscribe, ReportCommit L |
 //! | PendingWelcome | WelcomeReceived e (e ≥ 1) | Synchronized e | EnterEpoch e, Subscribe |
 //! | PendingWelcome | JoinedByExternalCommit e (e ≥ 1) | PendingCommit e (join) | — |
 //! | PendingWelcome | ConnectionLost | Disconnected(Join) | — |
@@ -44,7 +44,7 @@
 //! | PendingCommit t (member) | CommitRefused | Synchronized t-1 | DiscardPendingCommit |
 //! | PendingCommit t (member) | Removed | PendingWelcome | DeleteGroup |
 //! | PendingCommit t (member) | ConnectionLost | Disconnected(PendingCommit t) | — |
-//! | PendingCommit t (member) | CommitUnprocessable t at L | Stuck t-1 L | DiscardPendingCommit, ReportCommit L, ReapplyIntent |
+//! | PendingCommit t (member) | CommitUnprocessable t at L | Stuck t-1 L (pending) | ReportCommit L |
 //! | PendingCommit t (member) | CommitVoided t-2 | Synchronized t-2 | DiscardPendingCommit, RollBack, EnterEpoch t-2, ReapplyIntent |
 //! | PendingCommit t (join) | CommitAcked t | Synchronized t | EnterEpoch t, Subscribe |
 //! | PendingCommit t (join) | WrongEpoch c > t-1 | PendingWelcome | DeleteGroup, ReapplyIntent |
@@ -52,10 +52,18 @@
 //! | PendingCommit t (join) | ConnectionLost | Disconnected(Join) | DeleteGroup, ReapplyIntent |
 //! | Stuck e L | CommitVoided e | Synchronized e | — |
 //! | Stuck e L | StuckCommitSettled | PendingWelcome | DeleteGroup, Rejoin |
-//! | Stuck e L | Removed | PendingWelcome | DeleteGroup |
-//! | Stuck e L | ConnectionLost | Disconnected(Stuck e L) | — |
+//! | Stuck e L (pending) | CommitVoided e | PendingCommit e+1 (member) | — |
+//! | Stuck e L (pending) | WrongEpoch c > e | Stuck e L | DiscardPendingCommit, ReapplyIntent |
+//! | Stuck e L (pending) | CommitRefused | Stuck e L | DiscardPendingCommit |
+//! | Stuck e L (pending) | StuckCommitSettled | PendingWelcome | DeleteGroup, Rejoin, ReapplyIntent |
+//! | Stuck e L p | Removed | PendingWelcome | DeleteGroup |
+//! | Stuck e L p | ConnectionLost | Disconnected(Stuck e L p) | — |
 //!
-//! Every other pair is illegal. A member's pending commit survives a lost
+//! Every other pair is illegal. "(pending)" is a stuck member whose own
+//! commit for the epoch the stuck commit took was still unanswered: it
+//! keeps that commit until the stuck commit is voided or settles, because
+//! after a void the server may still sequence it (it is valid in the epoch
+//! the room returns to), and only its author can merge it. A member's pending commit survives a lost
 //! connection: after reconnecting, the log replay settles it (our commit in
 //! the log is reported as `CommitAcked`, another member's commit for the
 //! epoch as `CommitFromOthers`; if neither appears the driver sends it
@@ -96,6 +104,8 @@ pub enum Resume {
         epoch: u64,
         /// The commit it cannot process.
         log_index: u64,
+        /// Our own commit to `epoch + 1` is kept, unanswered.
+        pending_commit: bool,
     },
 }
 
@@ -129,6 +139,10 @@ pub enum ClientState {
         epoch: u64,
         /// The commit it cannot process.
         log_index: u64,
+        /// Our own commit to `epoch + 1`, sent before the commit at
+        /// `log_index` was sequenced, is kept unanswered: a void of that
+        /// commit may still let the server sequence ours.
+        pending_commit: bool,
     },
 }
 
@@ -354,8 +368,8 @@ impl ClientState {
                         ClientState::PendingCommit { target_epoch, kind: CommitKind::Member },
                         vec![Action::Subscribe],
                     ),
-                    Resume::Stuck { epoch, log_index } => (
-                        ClientState::Stuck { epoch, log_index },
+                    Resume::Stuck { epoch, log_index, pending_commit } => (
+                        ClientState::Stuck { epoch, log_index, pending_commit },
                         vec![Action::Subscribe, Action::ReportCommit { log_index }],
                     ),
                 }),
@@ -369,7 +383,12 @@ impl ClientState {
             ClientState::PendingCommit { target_epoch, kind: CommitKind::ExternalJoin } => {
                 Self::pending_external_join(target_epoch, event)
             }
-            ClientState::Stuck { epoch, log_index } => Self::stuck(epoch, log_index, event),
+            ClientState::Stuck { epoch, log_index, pending_commit: false } => {
+                Self::stuck(epoch, log_index, event)
+            }
+            ClientState::Stuck { epoch, log_index, pending_commit: true } => {
+                Self::stuck_with_pending_commit(epoch, log_index, event)
+            }
         }
     }
 
@@ -433,7 +452,10 @@ impl ClientState {
                 if found != expected {
                     return Err(Violation::UnexpectedEpoch { expected, found });
                 }
-                Ok((ClientState::Stuck { epoch, log_index }, vec![Action::ReportCommit { log_index }]))
+                Ok((
+                    ClientState::Stuck { epoch, log_index, pending_commit: false },
+                    vec![Action::ReportCommit { log_index }],
+                ))
             }
             Event::CommitVoided { epoch: found } => {
                 let expected = epoch.checked_sub(1).ok_or(Violation::NothingToVoid)?;
@@ -499,14 +521,12 @@ impl ClientState {
                 if found != target_epoch {
                     return Err(Violation::UnexpectedEpoch { expected: target_epoch, found });
                 }
-                // Another commit won the epoch, and we cannot process it.
+                // Another commit took the epoch, and we cannot process it.
+                // Ours stays pending: if that commit is voided, the server
+                // may still sequence ours.
                 Ok((
-                    ClientState::Stuck { epoch, log_index },
-                    vec![
-                        Action::DiscardPendingCommit,
-                        Action::ReportCommit { log_index },
-                        Action::ReapplyIntent,
-                    ],
+                    ClientState::Stuck { epoch, log_index, pending_commit: true },
+                    vec![Action::ReportCommit { log_index }],
                 ))
             }
             Event::CommitVoided { epoch: found } => {
@@ -569,9 +589,12 @@ impl ClientState {
     fn stuck(epoch: u64, log_index: u64, event: Event) -> Result<(ClientState, Vec<Action>), Violation> {
         match event {
             Event::Connected => Err(Violation::AlreadyConnected),
-            Event::ConnectionLost => {
-                Ok((ClientState::Disconnected { resume: Resume::Stuck { epoch, log_index } }, vec![]))
-            }
+            Event::ConnectionLost => Ok((
+                ClientState::Disconnected {
+                    resume: Resume::Stuck { epoch, log_index, pending_commit: false },
+                },
+                vec![],
+            )),
             Event::WelcomeReceived { .. } | Event::JoinedByExternalCommit { .. } => {
                 Err(Violation::AlreadyMember)
             }
@@ -593,6 +616,45 @@ impl ClientState {
             Event::Removed => Ok((ClientState::PendingWelcome, vec![Action::DeleteGroup])),
         }
     }
+
+    /// Stuck, with our own commit for the stuck commit's epoch unanswered.
+    fn stuck_with_pending_commit(
+        epoch: u64,
+        log_index: u64,
+        event: Event,
+    ) -> Result<(ClientState, Vec<Action>), Violation> {
+        let without_commit = ClientState::Stuck { epoch, log_index, pending_commit: false };
+        match event {
+            Event::ConnectionLost => Ok((
+                ClientState::Disconnected {
+                    resume: Resume::Stuck { epoch, log_index, pending_commit: true },
+                },
+                vec![],
+            )),
+            Event::CommitSent { .. } => Err(Violation::CommitPending),
+            // Ours can be sequenced only after the void, which unsticks us first.
+            Event::CommitAcked { .. } => Err(Violation::Stuck),
+            Event::WrongEpoch { current_epoch, .. } => {
+                if current_epoch <= epoch {
+                    return Err(Violation::EpochNotAhead { epoch, current_epoch });
+                }
+                Ok((without_commit, vec![Action::DiscardPendingCommit, Action::ReapplyIntent]))
+            }
+            Event::CommitRefused => Ok((without_commit, vec![Action::DiscardPendingCommit])),
+            Event::CommitVoided { epoch: found } => {
+                if found != epoch {
+                    return Err(Violation::UnexpectedEpoch { expected: epoch, found });
+                }
+                let target_epoch = epoch.checked_add(1).ok_or(Violation::EpochOverflow)?;
+                Ok((ClientState::PendingCommit { target_epoch, kind: CommitKind::Member }, vec![]))
+            }
+            Event::StuckCommitSettled => Ok((
+                ClientState::PendingWelcome,
+                vec![Action::DeleteGroup, Action::Rejoin, Action::ReapplyIntent],
+            )),
+            _ => Self::stuck(epoch, log_index, event),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -609,11 +671,16 @@ mod tests {
     const SYNC: ClientState = ClientState::Synchronized { epoch: 5 };
     const COMMIT: ClientState = ClientState::PendingCommit { target_epoch: 6, kind: CommitKind::Member };
     const JOIN: ClientState = ClientState::PendingCommit { target_epoch: 6, kind: CommitKind::ExternalJoin };
-    const D_STUCK: ClientState =
-        ClientState::Disconnected { resume: Resume::Stuck { epoch: 5, log_index: 40 } };
-    const STUCK: ClientState = ClientState::Stuck { epoch: 5, log_index: 40 };
+    const D_STUCK: ClientState = ClientState::Disconnected {
+        resume: Resume::Stuck { epoch: 5, log_index: 40, pending_commit: false },
+    };
+    const STUCK: ClientState = ClientState::Stuck { epoch: 5, log_index: 40, pending_commit: false };
+    const D_STUCK_P: ClientState =
+        ClientState::Disconnected { resume: Resume::Stuck { epoch: 5, log_index: 40, pending_commit: true } };
+    const STUCK_P: ClientState = ClientState::Stuck { epoch: 5, log_index: 40, pending_commit: true };
 
-    const STATES: [ClientState; 9] = [D_JOIN, D_SYNC, D_COMMIT, WELCOME, SYNC, COMMIT, JOIN, D_STUCK, STUCK];
+    const STATES: [ClientState; 11] =
+        [D_JOIN, D_SYNC, D_COMMIT, WELCOME, SYNC, COMMIT, JOIN, D_STUCK, STUCK, D_STUCK_P, STUCK_P];
 
     const EVENTS: [Event; 23] = [
         Event::Connected,
@@ -662,7 +729,7 @@ mod tests {
     /// The expected outcome of every state (rows, as in `STATES`) and event
     /// (columns, as in `EVENTS`).
     #[rustfmt::skip]
-    const TABLE: [[Expected; 23]; 9] = [
+    const TABLE: [[Expected; 23]; 11] = [
         // D_JOIN
         [Ok((WELCOME, &[])), NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC],
         // D_SYNC
@@ -730,10 +797,7 @@ mod tests {
             unexpected(6, 5),
             Ok((WELCOME, &[Action::DeleteGroup])),
             Ok((SYNC, &[Action::DiscardPendingCommit])),
-            Ok((
-                STUCK,
-                &[Action::DiscardPendingCommit, Action::ReportCommit { log_index: 40 }, Action::ReapplyIntent],
-            )),
+            Ok((STUCK_P, &[Action::ReportCommit { log_index: 40 }])),
             unexpected(6, 7),
             unexpected(4, 5),
             Ok((
@@ -784,6 +848,29 @@ mod tests {
             unexpected(5, 4),
             Ok((WELCOME, &[Action::DeleteGroup, Action::Rejoin])),
         ],
+        // D_STUCK_P
+        [
+            Ok((STUCK_P, &[Action::Subscribe, Action::ReportCommit { log_index: 40 }])),
+            NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC, NC,
+        ],
+        // STUCK_P (epoch 5, on log index 40, our commit to 6 unanswered)
+        [
+            AC,
+            Ok((D_STUCK_P, &[])),
+            AM, AM, AM, AM,
+            CP, CP,
+            ST, ST,
+            Ok((STUCK, &[Action::DiscardPendingCommit, Action::ReapplyIntent])),
+            not_ahead(5, 5),
+            not_ahead(5, 4),
+            ST, ST, ST,
+            Ok((WELCOME, &[Action::DeleteGroup])),
+            Ok((STUCK, &[Action::DiscardPendingCommit])),
+            ST, ST,
+            Ok((COMMIT, &[])),
+            unexpected(5, 4),
+            Ok((WELCOME, &[Action::DeleteGroup, Action::Rejoin, Action::ReapplyIntent])),
+        ],
     ];
 
     #[test]
@@ -806,8 +893,10 @@ mod tests {
                 }
             }
         }
-        // One per row of the transition table in the module documentation.
-        assert_eq!(legal, 29);
+        // One per row of the transition table in the module documentation,
+        // two for a row whose stuck state reads "p" (with or without a
+        // pending commit).
+        assert_eq!(legal, 36);
     }
 
     #[test]
@@ -924,7 +1013,7 @@ mod tests {
             (Event::CommitVoided { epoch: 5 }, ClientState::Synchronized { epoch: 5 }),
             (
                 Event::CommitUnprocessable { epoch: 6, log_index: 44 },
-                ClientState::Stuck { epoch: 5, log_index: 44 },
+                ClientState::Stuck { epoch: 5, log_index: 44, pending_commit: false },
             ),
             (Event::StuckCommitSettled, ClientState::PendingWelcome),
             (
@@ -942,6 +1031,31 @@ mod tests {
         assert_eq!(D_STUCK.member_epoch(), Some(5));
         let nothing_before = ClientState::Synchronized { epoch: 0 }.apply(Event::CommitVoided { epoch: 0 });
         assert_eq!(nothing_before.unwrap_err().violation, Violation::NothingToVoid);
+    }
+
+    #[test]
+    fn a_commit_pending_when_the_room_got_stuck_is_kept_until_the_stuck_commit_is_voided_or_settles() {
+        // Voided: ours may still be sequenced in the epoch the room returns to.
+        let voided = [
+            (Event::CommitUnprocessable { epoch: 6, log_index: 40 }, STUCK_P),
+            (Event::ConnectionLost, D_STUCK_P),
+            (Event::Connected, STUCK_P),
+            (Event::CommitVoided { epoch: 5 }, COMMIT),
+            (Event::CommitAcked { epoch: 6 }, ClientState::Synchronized { epoch: 6 }),
+        ];
+        let mut state = COMMIT;
+        for (event, expected) in voided {
+            state = state.apply(event).expect("legal").0;
+            assert_eq!(state, expected, "after {event:?}");
+        }
+        // Refused while stuck: the intent is redone once the room moves on.
+        let (state, actions) = STUCK_P.apply(Event::WrongEpoch { current_epoch: 6, log_index: 40 }).unwrap();
+        assert_eq!((state, actions), (STUCK, vec![Action::DiscardPendingCommit, Action::ReapplyIntent]));
+        // Settled: the group goes, and the intent with the rejoin.
+        let (_, actions) = STUCK_P.apply(Event::StuckCommitSettled).unwrap();
+        assert!(actions.contains(&Action::Rejoin) && actions.contains(&Action::ReapplyIntent));
+        assert_eq!(STUCK_P.member_epoch(), Some(5));
+        assert_eq!(D_STUCK_P.member_epoch(), Some(5));
     }
 
     fn any_event() -> impl Strategy<Value = Event> {

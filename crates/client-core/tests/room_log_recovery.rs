@@ -166,7 +166,10 @@ fn an_altered_confirmation_tag_makes_members_stuck_they_report_and_read_on() {
             matches!(body, Some(EntryBody::Unreadable(ref why)) if why.contains("cannot process")),
             "{body:?}"
         );
-        assert_eq!(device.log().state(), ClientState::Stuck { epoch: 1, log_index: 3 });
+        assert_eq!(
+            device.log().state(),
+            ClientState::Stuck { epoch: 1, log_index: 3, pending_commit: false }
+        );
         assert_eq!(device.log().stuck_on(), Some(3));
         let report = device.log().take_report().expect("a report is due");
         assert_eq!((report.log_index, report.epoch), (3, 1));
@@ -196,7 +199,9 @@ fn an_altered_confirmation_tag_makes_members_stuck_they_report_and_read_on() {
     let mut restored = RoomLog::restore(&alice.provider, record).unwrap();
     assert_eq!(
         restored.state(),
-        ClientState::Disconnected { resume: client_core::state::Resume::Stuck { epoch: 1, log_index: 3 } }
+        ClientState::Disconnected {
+            resume: client_core::state::Resume::Stuck { epoch: 1, log_index: 3, pending_commit: false }
+        }
     );
     restored.connected().unwrap();
     assert_eq!(restored.take_report().map(|r| r.log_index), Some(3));
@@ -348,6 +353,88 @@ fn a_member_stuck_past_the_window_drops_its_group_and_rejoins() {
     assert_eq!(bob.log().state(), ClientState::PendingWelcome);
     // Rejoining: the old group is gone from storage, so a new one can take its place.
     assert!(RoomGroup::load(&bob.provider, ROOM.0).unwrap().is_none());
+}
+
+#[test]
+fn a_commit_pending_when_the_room_got_stuck_is_merged_if_the_server_sequences_it_after_the_void() {
+    // Bob's update for epoch 1 is on its way when Carol's damaged commit
+    // for epoch 1 is sequenced; the void makes the room take Bob's after all.
+    let (mut alice, mut bob, mut carol) = three_members();
+    let (bobs, _) = bob.update(5, AT + 30);
+    let bad = bad_update(&mut carol);
+    for device in [&mut alice, &mut bob, &mut carol] {
+        device.apply(&bad).unwrap();
+    }
+    assert_eq!(bob.log().state(), ClientState::Stuck { epoch: 1, log_index: 3, pending_commit: true });
+    assert!(bob.log().pending_commit().is_some(), "kept while stuck");
+    // It survives a restart, stuck and pending.
+    let record: RoomRecord = roundtrip(bob.log().checkpoint_record());
+    let restored = RoomLog::restore(&bob.provider, record).unwrap();
+    assert_eq!(
+        restored.state(),
+        ClientState::Disconnected {
+            resume: client_core::state::Resume::Stuck { epoch: 1, log_index: 3, pending_commit: true }
+        }
+    );
+    let voided = void(3, 1, 4, AT + 20);
+    for device in [&mut alice, &mut bob, &mut carol] {
+        device.apply(&voided).unwrap();
+    }
+    assert_eq!(
+        bob.log().state(),
+        ClientState::PendingCommit { target_epoch: 2, kind: client_core::state::CommitKind::Member }
+    );
+    for device in [&mut alice, &mut bob, &mut carol] {
+        let body = device.apply(&bobs).unwrap();
+        assert!(matches!(body, Some(EntryBody::Membership { epoch: 2, .. })), "{body:?}");
+        assert_eq!(device.log().state(), ClientState::Synchronized { epoch: 2 });
+    }
+    assert!(bob.log().pending_commit().is_none());
+    assert_eq!(bob.log().take_redo(), None, "merged, nothing to redo");
+    assert_eq!(carol.log().take_redo(), Some(Intent::Update), "the voided committer redoes");
+    assert!(alice.tree_hash() == bob.tree_hash() && bob.tree_hash() == carol.tree_hash());
+    let sealed = bob.seal(b"after all");
+    let message = stamp(sealed.frame, 6, AT + 40);
+    for device in [&mut alice, &mut carol] {
+        assert_eq!(device.apply(&message).unwrap(), Some(EntryBody::Text(b"after all".to_vec())));
+    }
+}
+
+#[test]
+fn a_commit_pending_when_the_room_got_stuck_is_redone_once_refused_or_once_the_stuck_commit_settles() {
+    let refusal = |code: ErrorCode, current_epoch| payload::Error {
+        code: code.to_u16(),
+        message: String::new(),
+        current_epoch,
+        log_index: Some(3),
+        retry_after_ms: None,
+        frame_digest: None,
+    };
+    // Refused while stuck (the room was at epoch 2 when it arrived).
+    let (_, mut bob, mut carol) = three_members();
+    bob.update(4, AT + 30);
+    let bad = bad_update(&mut carol);
+    bob.apply(&bad).unwrap();
+    let log = bob.log.as_mut().unwrap();
+    let refused = log.commit_refused(&bob.provider, Some(&refusal(ErrorCode::WrongEpoch, Some(2)))).unwrap();
+    assert!(matches!(refused, client_core::room_log::CommitRefusal::Retry { intent: Intent::Update, .. }));
+    assert_eq!(bob.log().state(), ClientState::Stuck { epoch: 1, log_index: 3, pending_commit: false });
+    assert!(bob.log().pending_commit().is_none());
+    assert!(!bob.log().group().unwrap().has_pending_commit());
+
+    // Never answered, and the stuck commit settles: rejoin, and redo the intent.
+    let (_, mut bob, mut carol) = three_members();
+    bob.update(4, AT + 30);
+    let bad = bad_update(&mut carol);
+    bob.apply(&bad).unwrap();
+    carol.apply(&bad).unwrap();
+    let sealed = carol.seal(b"later");
+    let late = stamp(sealed.frame, 4, AT + COMMIT_VOID_WINDOW_MS);
+    bob.apply(&late).unwrap();
+    assert_eq!(bob.log().state(), ClientState::PendingWelcome);
+    assert!(bob.log().rejoin_needed());
+    assert!(bob.log().pending_commit().is_none());
+    assert_eq!(bob.log().take_redo(), Some(Intent::Update));
 }
 
 #[test]

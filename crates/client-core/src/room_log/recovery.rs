@@ -300,6 +300,10 @@ impl RoomLog {
     /// no use; rejoin.
     fn stuck_commit_settled(&mut self, provider: &MlsProvider) -> Result<(), RoomLogError> {
         let actions = step(&mut self.state, Event::StuckCommitSettled)?;
+        if actions.contains(&Action::ReapplyIntent) {
+            // Our commit kept while stuck can no longer be sequenced.
+            self.record.redo = self.record.pending.take().map(|pending| pending.intent);
+        }
         self.record.recovery.stuck = None;
         self.record.recovery.report_due = false;
         self.record.recovery.rejoin = actions.contains(&Action::Rejoin);
