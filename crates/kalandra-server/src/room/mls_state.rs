@@ -1240,7 +1240,7 @@ impl<'a> SnapshotReader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     use client_core::mls::{
@@ -1260,24 +1260,24 @@ mod tests {
         ServerSigner::new(ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]))
     }
 
-    struct Client {
-        provider: MlsProvider,
-        identity: Identity,
-        group: Option<RoomGroup>,
+    pub(crate) struct Client {
+        pub(crate) provider: MlsProvider,
+        pub(crate) identity: Identity,
+        pub(crate) group: Option<RoomGroup>,
     }
 
     impl Client {
-        fn new(seed_byte: u8) -> Self {
+        pub(crate) fn new(seed_byte: u8) -> Self {
             let provider = MlsProvider::from_seed([seed_byte; 32]);
             let identity = Identity::generate(&provider).expect("identity");
             Self { provider, identity, group: None }
         }
 
-        fn id(&self) -> Vec<u8> {
+        pub(crate) fn id(&self) -> Vec<u8> {
             self.identity.public_key().to_vec()
         }
 
-        fn room(&self) -> &RoomGroup {
+        pub(crate) fn room(&self) -> &RoomGroup {
             self.group.as_ref().expect("in room")
         }
 
@@ -1346,7 +1346,7 @@ mod tests {
 
     /// Alice creates the room, the server starts tracking it, Alice adds Bob
     /// and Carol; the server validates the commit before anyone applies it.
-    fn room_of_three() -> (RoomGroupState, Client, Client, Client) {
+    pub(crate) fn room_of_three() -> (RoomGroupState, Client, Client, Client) {
         let mut alice = Client::new(1);
         let mut bob = Client::new(2);
         let mut carol = Client::new(3);

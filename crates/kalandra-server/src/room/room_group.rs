@@ -252,6 +252,14 @@ impl GroupState for MlsRoomGroup {
             }
         };
         self.before_latest_commit = Some(checkpoint);
+        // Added: who was not a member before. A member replacing its own
+        // earlier leaf (an external rejoin) is neither added nor removed:
+        // it was a member of the epoch the commit left and still is.
+        let mut added: Vec<SenderId> = summary.added.iter().filter_map(|m| sender_of(&m.identity)).collect();
+        if summary.external {
+            added.extend(sender_of(&summary.committer.identity));
+        }
+        added.retain(|sender| !self.members.contains_key(sender));
         for member in &summary.removed {
             self.remove_member(member);
         }
@@ -267,10 +275,7 @@ impl GroupState for MlsRoomGroup {
         if !summary.identities_kept || self.members.values().any(|count| *count > 1) {
             self.reindex();
         }
-        let mut added: Vec<SenderId> = summary.added.iter().filter_map(|m| sender_of(&m.identity)).collect();
-        if summary.external {
-            added.extend(sender_of(&summary.committer.identity));
-        }
+
         let removed = summary
             .removed
             .iter()
@@ -371,5 +376,41 @@ impl PersistentGroup for MlsRoomGroup {
             crate::room::mls_state::IssueProposalError::Internal(_) => GroupError::Internal(describe(&error)),
             other => GroupError::Invalid(describe(&other)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use client_core::mls::RoomGroup;
+
+    use super::*;
+    use crate::room::mls_state::tests::{room_of_three, Client};
+
+    #[test]
+    fn a_member_rejoining_by_external_commit_is_neither_added_nor_removed() {
+        let (state, alice, mut bob, _carol) = room_of_three();
+        let mut server = MlsRoomGroup::from_state(state);
+        let bob_sender = sender_of(&bob.id()).unwrap();
+        let group_info = alice.room().group_info(&alice.provider, &alice.identity).unwrap();
+        let tree = server.ratchet_tree();
+        let fresh = Client::new(2);
+        let (group, output) =
+            RoomGroup::join_by_external_commit(&fresh.provider, &fresh.identity, &group_info, Some(&tree))
+                .unwrap();
+        let summary = server.apply_commit(&output.commit, &CommitRules::replay(bob_sender, &[])).unwrap();
+        assert_eq!((summary.added, summary.removed), (vec![], vec![]), "a rejoin");
+        assert!(server.is_member(bob_sender));
+        bob.group = Some(group);
+
+        // A newcomer is added.
+        let dave = Client::new(4);
+        let group_info = bob.room().group_info(&bob.provider, &bob.identity).unwrap();
+        let tree = server.ratchet_tree();
+        let (_, output) =
+            RoomGroup::join_by_external_commit(&dave.provider, &dave.identity, &group_info, Some(&tree))
+                .unwrap();
+        let dave_sender = sender_of(&dave.id()).unwrap();
+        let summary = server.apply_commit(&output.commit, &CommitRules::replay(dave_sender, &[])).unwrap();
+        assert_eq!(summary.added, vec![dave_sender]);
     }
 }
