@@ -874,7 +874,7 @@ impl Client {
             EntryBody::Unreadable(why) => MessageBody::Unreadable(why),
             EntryBody::Redacted => MessageBody::Redacted,
             EntryBody::CommitVoided { voided_log_index, epoch, added, removed } => {
-                self.commit_voided(room_id, voided_log_index, log_index)?;
+                self.commit_voided(room_id, voided_log_index, log_index, epoch)?;
                 MessageBody::Membership { epoch, added, removed }
             }
         };

@@ -387,7 +387,9 @@ mod devices {
 
     use std::time::Duration;
 
-    use client_core::client::{Client, Message, MessageBody, ServerAddress, ServerTarget, ServerTrust};
+    use client_core::client::{
+        Client, ClientError, Message, MessageBody, ServerAddress, ServerTarget, ServerTrust,
+    };
     use client_core::store::StoreKey;
 
     use super::*;
@@ -424,14 +426,15 @@ mod devices {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn devices_report_roll_back_and_send_again_by_themselves() {
-        let server = TestServer::start(default_limits()).await;
-        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut alice = device(&server, dirs.0.path(), 21).await;
-        let mut bob = device(&server, dirs.1.path(), 22).await;
-        // Carol, on a bare RoomLog, creates the room (she is its admin) and invites the devices.
-        let mut carol = Member::connect(&server, "carol", 3).await;
+    /// Alice and Bob on `Client` devices in `dirs`; Carol, on a bare
+    /// `RoomLog`, creates the room (she is its admin) and invites them.
+    async fn room_of_devices(
+        server: &TestServer,
+        dirs: (&std::path::Path, &std::path::Path),
+    ) -> (Client, Client, Member) {
+        let mut alice = device(server, dirs.0, 21).await;
+        let mut bob = device(server, dirs.1, 22).await;
+        let mut carol = Member::connect(server, "carol", 3).await;
         let server_key = carol.client.conn().server_key();
         let (group, created) = RoomGroup::create(
             &carol.client.provider,
@@ -475,6 +478,14 @@ mod devices {
             device.subscribe(ROOM).await.unwrap();
         }
 
+        (alice, bob, carol)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn devices_report_roll_back_and_send_again_by_themselves() {
+        let server = TestServer::start(default_limits()).await;
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut alice, mut bob, mut carol) = room_of_devices(&server, (dirs.0.path(), dirs.1.path())).await;
         // Bob's valid commit, and a message in its epoch; Alice and Carol apply both.
         assert_eq!(bob.self_update(ROOM).await.unwrap(), 2);
         let dead = bob.send(ROOM, b"said in epoch 2").await.unwrap();
@@ -514,6 +525,34 @@ mod devices {
         let said = alice.send(ROOM, b"carried on").await.unwrap();
         let read = next_where(&mut bob, |m| text(m).is_some()).await;
         assert_eq!((read.log_index, text(&read)), (said, Some(&b"carried on"[..])));
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_waiting_sealed_in_a_voided_epoch_is_sealed_again_before_it_is_sent() {
+        let server = TestServer::start(default_limits()).await;
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut alice, mut bob, mut carol) = room_of_devices(&server, (dirs.0.path(), dirs.1.path())).await;
+        // Bob's commit to epoch 2; Alice applies it, then writes while offline.
+        assert_eq!(bob.self_update(ROOM).await.unwrap(), 2);
+        next_where(&mut alice, |m| matches!(m.body, MessageBody::Membership { epoch: 2, .. })).await;
+        alice.disconnect().await;
+        let offline = alice.send(ROOM, b"written in the epoch that dies").await;
+        assert!(offline.as_ref().is_err_and(ClientError::is_transient), "{offline:?}");
+        assert_eq!(alice.outbox_len(), 1);
+        // The admin voids Bob's commit; Bob commits again: the room is at an epoch 2 with other keys.
+        carol.read_through(2).await;
+        let report = CommitReport { log_index: 2, epoch: 1, reason: 4 };
+        decode_ok::<Ack>(&carol.request(&report, 1).await);
+        next_where(&mut bob, |m| matches!(m.body, MessageBody::Membership { epoch: 1, .. })).await;
+        let again = bob.self_update(ROOM).await.unwrap();
+        assert_eq!(again, 2, "the same epoch number again");
+        // Alice reconnects: the void, the new commit, then her message, sealed again.
+        alice.connect().await.unwrap();
+        alice.subscribe(ROOM).await.unwrap();
+        let read = next_where(&mut bob, |m| m.sender == alice.sender_id().0).await;
+        assert_eq!(text(&read), Some(&b"written in the epoch that dies"[..]), "{read:?}");
+        assert_eq!(alice.outbox_len(), 0);
         server.stop().await;
     }
 }

@@ -8,7 +8,8 @@
 //! - A `CommitVoided` makes every history entry from the voided commit up
 //!   to it unreadable (those frames are dead), and our own messages among
 //!   them go back into the outbox, sealed again in the epoch the room
-//!   returned to.
+//!   returned to; so do messages waiting in the outbox sealed in the
+//!   voided epoch.
 
 use std::time::Duration;
 
@@ -81,13 +82,18 @@ impl Client {
     }
 
     /// The server voided the commit at `voided` with the `CommitVoided` at
-    /// `void_index`: the history between them is dead, and our messages in
-    /// it are sealed again into the outbox. Staged with the void's checkpoint.
+    /// `void_index`, and the room is back at `epoch`: the history between
+    /// them is dead, and our messages in it are sealed again into the
+    /// outbox, as are those waiting there sealed in the voided epoch (the
+    /// next epoch of that number has other keys, so they would be
+    /// sequenced and nobody could open them). Staged with the void's
+    /// checkpoint.
     pub(super) fn commit_voided(
         &mut self,
         room_id: RoomId,
         voided: u64,
         void_index: u64,
+        epoch: u64,
     ) -> Result<(), ClientError> {
         let mut from = voided;
         let mut resend = Vec::new();
@@ -110,6 +116,17 @@ impl Client {
         }
         if self.rooms.get(&room_id).is_none_or(|room| !room.is_member()) {
             return Ok(());
+        }
+        let dead_sealings: Vec<u64> = self
+            .outbox
+            .values()
+            .filter(|entry| entry.room_id == room_id.0 && entry.epoch > epoch)
+            .map(|entry| entry.id)
+            .collect();
+        for id in dead_sealings {
+            let Some(entry) = self.outbox.remove(&id) else { continue };
+            let resealed = self.seal_entry(room_id, id, entry.plaintext, entry.push, entry.attempts)?;
+            self.outbox.insert(id, resealed);
         }
         for text in resend {
             if self.outbox.len() >= OUTBOX_ENTRIES_MAX {
