@@ -717,6 +717,11 @@ impl<G: GroupState> RoomSequencer<G> {
         frame: &Frame,
         now_ms: u64,
     ) -> Result<Option<Box<CommitFollowUp>>, SubmitError> {
+        // A banned member stays in the group until a commit covers its
+        // removal; meanwhile it may send nothing, and is told so first.
+        if self.is_banned(sender, now_ms) {
+            return Err(SubmitError::Banned(sender));
+        }
         match frame.opcode() {
             Opcode::Application => {
                 self.check_member(sender)?;
@@ -792,9 +797,6 @@ impl<G: GroupState> RoomSequencer<G> {
         frame: &Frame,
         now_ms: u64,
     ) -> Result<Box<CommitFollowUp>, SubmitError> {
-        if self.is_banned(sender, now_ms) {
-            return Err(SubmitError::Banned(sender));
-        }
         self.policy.may_join_externally(self.group.is_member(sender)).map_err(SubmitError::Forbidden)?;
         self.check_epoch(frame)?;
         self.check_no_pending_proposals()?;

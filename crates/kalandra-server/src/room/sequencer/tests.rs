@@ -580,6 +580,14 @@ fn an_invite_only_room_refuses_external_joins_and_its_group_info_to_strangers() 
     assert!(room.group_info_for(BOB, 2_000).unwrap().is_some(), "members read it");
     room.ban(BOB, None).unwrap();
     assert_eq!(room.group_info_for(BOB, 2_000), Err(SubmitError::Banned(BOB)));
+    // Still in the group until a commit removes it, it may send nothing:
+    // whatever the frame's epoch, the answer is the ban.
+    for epoch in [0, 1] {
+        let refused = room.submit(BOB, application(BOB, epoch, 4), 2_000).unwrap_err();
+        assert_eq!(refused, SubmitError::Banned(BOB));
+        assert_eq!(refused.error_code(), ErrorCode::Banned);
+    }
+    assert_eq!(room.next_log_index(), 1, "nothing sequenced");
 }
 
 #[test]
