@@ -99,6 +99,13 @@ pub const JOIN_SEARCH_FRAMES_MAX: u32 = 4_096;
 /// Pause before asking again after a refusal that may pass later (a
 /// GroupInfo not yet published, an external join not yet durable).
 pub const RETRY_PAUSE_MS: u64 = 200;
+/// Searches for our external join that read to the room's durable head
+/// without finding it before the join is given up and made again (as
+/// client-core's `Client` does at once): the server had that long, in
+/// [`RETRY_PAUSE_MS`] steps, to make it durable. A join given up that lands
+/// after all is removed by the next one (an external commit removes the
+/// joiner's earlier leaf).
+pub const JOIN_SEARCHES_AT_HEAD_MAX: u32 = 10;
 /// Label of the exporter secret added to the transcript at each epoch.
 pub const TRANSCRIPT_EXPORTER_LABEL: &str = "kalandra simulation transcript";
 
@@ -400,6 +407,8 @@ enum Request {
         room: RoomId,
         label: String,
         frame: Frame,
+        /// SHA-256 of the GroupInfo the join was built on.
+        group_info: [u8; 32],
     },
     Subscribe {
         room: RoomId,
@@ -466,6 +475,13 @@ struct Room {
     join_search_from: u64,
     /// A search saw another commit for our join's epoch or a later one.
     join_passed_over: bool,
+    /// Searches that read to the durable head without finding our join.
+    join_searches_at_head: u32,
+    /// The GroupInfo (SHA-256) an external join of ours was built on and
+    /// refused `InvalidCommit` for: acceptable only if the room's GroupInfo
+    /// is another one now (the first was of an epoch a void undid, whose
+    /// number the room reached again with other keys).
+    join_refused_on: Option<[u8; 32]>,
     /// Nothing that may pass later is asked before this time.
     retry_at_ms: u64,
     /// The epoch last added to the transcript.
@@ -564,6 +580,8 @@ impl Client {
                 join_found: None,
                 join_search_from: 0,
                 join_passed_over: false,
+                join_searches_at_head: 0,
+                join_refused_on: None,
                 retry_at_ms: 0,
                 transcript_epoch: None,
                 report_again_at_ms: None,

@@ -228,7 +228,9 @@ impl Client {
                 !matches!(code, Some(ErrorCode::Banned | ErrorCode::NotMember | ErrorCode::InvalidGroupInfo))
                     && !transient(code)
             }
-            Request::ExternalJoin { room, label, .. } => self.join_refused(room, label, code),
+            Request::ExternalJoin { room, label, group_info, .. } => {
+                self.join_refused(room, label, group_info, code)
+            }
             Request::Subscribe { room } => self.subscribe_refused(room, code),
             Request::JoinSearch { room } => {
                 if matches!(code, Some(ErrorCode::NotMember | ErrorCode::Banned)) {
@@ -383,10 +385,28 @@ impl Client {
         }
     }
 
-    /// Our external join was refused: its group goes; a join that lost its
-    /// epoch is tried again. Returns whether the refusal breaks a rule.
-    fn join_refused(&mut self, room_id: RoomId, label: String, code: Option<ErrorCode>) -> bool {
+    /// Our external join, built on the GroupInfo `group_info` (SHA-256),
+    /// was refused: its group goes; a join that lost its epoch is tried
+    /// again, and so is one refused as invalid, once the room's GroupInfo
+    /// is another (see `join_refused_on`). Returns whether the refusal
+    /// breaks a rule.
+    fn join_refused(
+        &mut self,
+        room_id: RoomId,
+        label: String,
+        group_info: [u8; 32],
+        code: Option<ErrorCode>,
+    ) -> bool {
         match code {
+            Some(ErrorCode::InvalidCommit) => {
+                self.drop_join(room_id);
+                if let Some(room) = self.room_mut(room_id) {
+                    room.join_refused_on = Some(group_info);
+                    room.work.push_front(Work { label, kind: WorkKind::ExternalJoin });
+                }
+                self.pause(room_id);
+                false
+            }
             // Fate unknown: the log says whether it was sequenced.
             Some(ErrorCode::StorageUnavailable) => false,
             Some(ErrorCode::WrongEpoch | ErrorCode::PendingProposals | ErrorCode::RateLimited) => {
@@ -470,6 +490,12 @@ impl Client {
         if self.room(room).is_none_or(|r| r.member() || r.joining.is_some()) {
             return;
         }
+        let refused_on = self.room_mut(room).and_then(|r| r.join_refused_on.take());
+        if refused_on == Some(digest(&info.group_info)) {
+            self.violation(format!(
+                "room {room}: an external join built on the room's current GroupInfo was refused InvalidCommit"
+            ));
+        }
         let joined = RoomGroup::join_by_external_commit(
             &self.provider,
             &self.identity,
@@ -497,7 +523,8 @@ impl Client {
         // The join's group and its record are persisted before the commit leaves.
         self.persist();
         let (id, frame) = self.frame(room, &payload, info.epoch);
-        self.in_flight.insert(id, Request::ExternalJoin { room, label, frame: frame.clone() });
+        let group_info = digest(&info.group_info);
+        self.in_flight.insert(id, Request::ExternalJoin { room, label, frame: frame.clone(), group_info });
         self.send_frame(&frame);
     }
 }

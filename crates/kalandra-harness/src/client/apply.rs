@@ -307,7 +307,7 @@ impl Client {
         match self.in_flight.remove(&request_id) {
             Some(Request::Subscribe { room }) => self.caught_up(room, done.next_log_index),
             Some(Request::JoinSearch { room }) => {
-                self.search_ended(room, done.next_log_index);
+                self.search_ended(room, done.next_log_index, done.log_head.is_some());
                 Ok(())
             }
             other => {
@@ -337,22 +337,30 @@ impl Client {
         Ok(())
     }
 
-    /// A search for our external join ended at `next_log_index`: joined
-    /// where it was found, else asked again later from where it ended.
-    fn search_ended(&mut self, room_id: RoomId, next_log_index: u64) {
+    /// A search for our external join ended at `next_log_index` (at the
+    /// room's durable head if `at_head`): joined where it was found, else
+    /// asked again later from where it ended, or given up.
+    fn search_ended(&mut self, room_id: RoomId, next_log_index: u64, at_head: bool) {
         let Some(room) = self.room_mut(room_id) else { return };
+        if at_head && room.join_found.is_none() {
+            room.join_searches_at_head += 1;
+        }
+        let quiet_too_long = room.join_searches_at_head >= super::JOIN_SEARCHES_AT_HEAD_MAX;
         match room.join_found.take() {
             Some(log_index) => {
                 room.join_search_from = 0;
                 room.join_passed_over = false;
+                room.join_searches_at_head = 0;
                 let epoch = room.joining.as_ref().map_or(0, client_core::mls::RoomGroup::epoch);
                 self.joined_by_commit(room_id, log_index, epoch);
             }
             // The log moved past the epoch our join was made for without
-            // it (we may have been added meanwhile): it is given up.
-            None if room.join_passed_over => {
+            // it (we may have been added meanwhile), or a quiet room's head
+            // has not held it for long: it is given up.
+            None if room.join_passed_over || quiet_too_long => {
                 room.join_passed_over = false;
                 room.join_search_from = 0;
+                room.join_searches_at_head = 0;
                 self.drop_join(room_id);
             }
             // A member whose join is not durable yet, or a former member
