@@ -1387,13 +1387,22 @@ impl Client {
     }
 
     /// Joins `room_id` by external commit from its published GroupInfo
-    /// (no invitation needed). Retries when another commit wins the epoch.
+    /// (no invitation needed). Retries when another commit wins the epoch,
+    /// and when the commit is refused as invalid but the room's GroupInfo
+    /// has changed meanwhile: the one it was built on was of an epoch a
+    /// void undid, whose number the room has reached again with other keys.
     pub async fn join_external(&mut self, room_id: RoomId) -> Result<u64, ClientError> {
+        let mut refused_as_invalid: Option<(Vec<u8>, ClientError)> = None;
         for _ in 0..COMMIT_ATTEMPTS_MAX {
             self.mls_clean = false;
             let request = self.frame(room_id, 0, &GroupInfoRequest {})?;
             let reply = self.request(&request).await?;
             let info: GroupInfo = expect(&reply)?;
+            if let Some((group_info, error)) = refused_as_invalid.take() {
+                if group_info == info.group_info {
+                    return Err(error);
+                }
+            }
             let (group, output) = RoomGroup::join_by_external_commit(
                 &self.provider,
                 &self.identity,
@@ -1431,11 +1440,14 @@ impl Client {
                         Some((current_epoch, log_index)) => Event::WrongEpoch { current_epoch, log_index },
                         None => Event::CommitRefused,
                     };
+                    let invalid = error.code() == Some(ErrorCode::InvalidCommit.to_u16());
                     let actions = step(&mut state, event)?;
                     if actions.contains(&Action::DeleteGroup) {
                         group.delete(&self.provider)?;
                     }
-                    if !actions.contains(&Action::ReapplyIntent) {
+                    if invalid {
+                        refused_as_invalid = Some((info.group_info, error));
+                    } else if !actions.contains(&Action::ReapplyIntent) {
                         return Err(error);
                     }
                 }
