@@ -33,6 +33,7 @@ pub use crate::config::{
 pub use crate::federation::handshake::{LinkHandshakeError, LINK_FAILURE_CODES};
 pub use crate::federation::limits::S2S_ALPN;
 pub use crate::federation::links::{FederationLinks, FederationView, LinkFailure, PeerLinkView};
+pub use crate::federation::quic::client_config as federation_client_config;
 pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};
 pub use crate::node::push::{MemoryPushSink, PushNotification, PushSink};
 pub use crate::node::{Clock, Node, NodeHealth};

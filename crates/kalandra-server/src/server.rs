@@ -641,9 +641,14 @@ impl RunningServer {
     pub async fn shutdown(self) -> Result<Stopped, ShutdownError> {
         self.ready.store(false, Ordering::Release);
         let _ = self.stop.send(ShutdownPhase::Draining);
+        let drain = Duration::from_millis(self.config.limits.drain_timeout_ms);
         if let Some(federation) = self.federation {
             federation.tasks.stop().await;
             federation.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+            // Peers learn that the links closed (a connection still in its
+            // handshake may take longer to drain: it is not waited for).
+            let close_wait = Duration::from_millis(crate::federation::limits::CLOSE_WAIT_MS);
+            let _ = tokio::time::timeout(close_wait, federation.endpoint.wait_idle()).await;
         }
         for task in &self.background {
             task.abort();
@@ -654,7 +659,6 @@ impl RunningServer {
         }
         self.node.shutdown().await;
         let _ = self.stop.send(ShutdownPhase::Drained);
-        let drain = Duration::from_millis(self.config.limits.drain_timeout_ms);
         if tokio::time::timeout(drain, self.serving).await.is_err() {
             tracing::warn!("connections did not close within the drain timeout");
         }

@@ -31,6 +31,8 @@ pub mod limits {
     pub const BACKOFF_INITIAL_MS: u64 = 250;
     /// Longest wait of the dialer between attempts.
     pub const BACKOFF_MAX_MS: u64 = 30_000;
+    /// Longest wait on shutdown for peers to learn that the links closed.
+    pub const CLOSE_WAIT_MS: u64 = 1_000;
     /// Bytes a peer may send on a link's stream ahead of it being read.
     pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 64 * 1024;
 
