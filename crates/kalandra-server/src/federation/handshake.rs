@@ -119,7 +119,7 @@ pub const LINK_FAILURE_CODES: [&str; 14] = [
     "transport",
 ];
 
-/// Why a link handshake failed.
+/// Why a link handshake failed, or an established link was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkHandshakeError {
     /// The peer names a domain that is not configured as a peer.
@@ -259,9 +259,15 @@ pub fn body_len(prefix: [u8; LINK_LENGTH_PREFIX_BYTES]) -> Result<usize, LinkHan
     Ok(len_bytes)
 }
 
-/// Decodes a message body (what follows the prefix).
+/// Decodes a message body (what follows the prefix): exactly one message.
 pub fn decode(body: &[u8]) -> Result<LinkMessage, LinkHandshakeError> {
-    ciborium::from_reader(body).map_err(|error| LinkHandshakeError::Malformed(error.to_string()))
+    let mut reader = std::io::Cursor::new(body);
+    let message = ciborium::from_reader(&mut reader)
+        .map_err(|error| LinkHandshakeError::Malformed(error.to_string()))?;
+    if usize::try_from(reader.position()).ok() != Some(body.len()) {
+        return Err(LinkHandshakeError::Malformed("bytes follow the message".to_owned()));
+    }
+    Ok(message)
 }
 
 /// What a handshake step asks of its driver.
@@ -623,6 +629,9 @@ mod tests {
         assert_eq!(body_len([0xff, 0xff]).unwrap_err().code(), "message_too_large");
         assert_eq!(body_len([0, 0]).unwrap_err().code(), "malformed");
         assert_eq!(decode(b"\xff\x00garbage").unwrap_err().code(), "malformed");
+        let mut trailing = encode(&LinkMessage::Accepted)[LINK_LENGTH_PREFIX_BYTES..].to_vec();
+        trailing.push(0);
+        assert_eq!(decode(&trailing).unwrap_err().code(), "malformed");
         let every = [
             LinkHandshakeError::UnknownDomain { domain: domain("x.test") },
             LinkHandshakeError::Timeout { timeout_ms: 1 },
