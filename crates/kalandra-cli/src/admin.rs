@@ -134,6 +134,9 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// This server's domain and federation key (what peer domains
+    /// configure), and the link state of each configured peer domain.
+    Federation,
     /// Write a consistent copy of the server's database, while it runs,
     /// into its configured backup directory (operator token only).
     Backup {
@@ -399,6 +402,7 @@ pub async fn run(args: &AdminArgs, timeout: Duration) -> anyhow::Result<()> {
         AdminCommand::Backup { name, .. } => {
             ("POST", "/v1/backup".to_owned(), body(serde_json::json!({ "name": name })))
         }
+        AdminCommand::Federation => ("GET", "/v1/federation".to_owned(), None),
     };
     let answer = client.request(method, &path, payload.as_ref()).await?;
     println!("{}", serde_json::to_string_pretty(&answer)?);

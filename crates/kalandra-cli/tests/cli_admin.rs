@@ -1,7 +1,7 @@
 //! `kalandra admin …` against a real server and its admin API: the operator
 //! lists rooms and members, grants and revokes a role, kicks and bans a
-//! member, redacts an entry and sets a room's retention, and exports and
-//! verifies the audit log; refusals exit with the documented codes.
+//! member, redacts an entry and sets a room's retention, exports and
+//! verifies the audit log, and shows the federation identity; refusals exit with the documented codes.
 
 mod common;
 
@@ -48,6 +48,11 @@ async fn the_operator_moderates_with_kalandra_admin() {
     let room = ok(alice.path(), &["room", "create"]).await.trim().to_owned();
     ok(alice.path(), &["invite", "--room", &room, &bob_id, &carol_id]).await;
     ok(bob.path(), &["join", "--room", &room]).await;
+
+    let federation = admin_ok(address, &token_file, &["federation"]).await;
+    assert_eq!(federation["domain"], "localhost");
+    assert_eq!(federation["public_key"].as_str().map(str::len), Some(64));
+    assert_eq!(federation["peers"], serde_json::json!([]));
 
     let rooms = admin_ok(address, &token_file, &["rooms"]).await;
     assert_eq!(rooms["rooms"][0]["room_id"], room.as_str());

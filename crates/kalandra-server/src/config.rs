@@ -10,6 +10,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
+use kalandra_proto::federation::{DomainName, PeerKey, PeerKeys};
 use kalandra_proto::limits::{CONTROL_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX};
 
 use crate::admin::api::{ADMIN_TOKEN_CHARS_MAX, ADMIN_TOKEN_CHARS_MIN};
@@ -33,6 +34,13 @@ pub const ADMIN_LISTEN_DEFAULT: SocketAddr =
 pub const LOG_FORMAT_DEFAULT: LogFormat = LogFormat::Text;
 /// Default log filter (`target=level` directives, comma-separated, see [`parse_log_filter`]).
 pub const LOG_FILTER_DEFAULT: &str = "info";
+
+/// Default domain name of the server (its federation identity).
+pub const DOMAIN_DEFAULT: &str = "localhost";
+/// Default time a peer domain has to complete the link handshake.
+pub const FEDERATION_HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Most peer domains one server may be configured with.
+pub const FEDERATION_PEERS_MAX: usize = 256;
 
 /// Default sustained frames per second one connection may send.
 pub const FRAMES_PER_SECOND_PER_CONNECTION_DEFAULT: u32 = 200;
@@ -84,6 +92,7 @@ const _: () = assert!(IDLE_TIMEOUT_MS_DEFAULT <= IDLE_TIMEOUT_MS_MAX);
 const _: () = assert!(HANDSHAKE_TIMEOUT_MS_DEFAULT <= IDLE_TIMEOUT_MS_DEFAULT);
 const _: () = assert!(DRAIN_TIMEOUT_MS_DEFAULT <= TIMEOUT_MS_MAX);
 const _: () = assert!(SEND_QUEUE_FRAMES_MAX_DEFAULT <= SEND_QUEUE_FRAMES_MAX_LIMIT);
+const _: () = assert!(FEDERATION_HANDSHAKE_TIMEOUT_MS_DEFAULT <= TIMEOUT_MS_MAX);
 
 /// How log lines are written (to standard error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -115,6 +124,9 @@ pub struct CliArgs {
     /// Admin HTTP listen address (health, readiness, metrics, admin API).
     #[arg(long, env = "KALANDRA_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    /// The server's domain name (its federation identity).
+    #[arg(long, env = "KALANDRA_DOMAIN", value_name = "NAME", value_parser = parse_domain)]
+    pub domain: Option<DomainName>,
     /// Log format.
     #[arg(long, env = "KALANDRA_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -153,6 +165,12 @@ pub enum ServerCommand {
         #[command(subcommand)]
         action: AuditCommand,
     },
+    /// The federation identity.
+    Federation {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: FederationCommand,
+    },
 }
 
 /// What to do with the audit log.
@@ -168,6 +186,15 @@ pub enum AuditCommand {
     },
     /// Write the audit log with its head as JSON to standard output.
     Export,
+}
+
+/// Offline tasks on the federation identity.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum FederationCommand {
+    /// Print the domain name and the federation public key (64 hex
+    /// digits), creating the key in the data directory if there is none:
+    /// what the operators of peer domains configure for this one.
+    Key,
 }
 
 /// A secret that never appears in `Debug` output.
@@ -191,6 +218,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Admin HTTP listen address; default [`ADMIN_LISTEN_DEFAULT`].
     pub admin_listen: SocketAddr,
+    /// The server's domain name; default [`DOMAIN_DEFAULT`].
+    pub domain: DomainName,
     /// PEM certificate chain; with [`Self::tls_key_path`] or neither. Default:
     /// none, and a self-signed certificate in `<data_dir>/tls/` is used.
     pub tls_cert_path: Option<PathBuf>,
@@ -216,6 +245,78 @@ pub struct ServerConfig {
     pub backup_dir: Option<PathBuf>,
     /// The `[limits]` table.
     pub limits: Limits,
+    /// The `[federation]` table.
+    pub federation: FederationConfig,
+}
+
+/// Server-to-server links (the `[federation]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// QUIC address of the server-to-server listener (ALPN
+    /// `kalandra-s2s/1`); default none: no link is served or dialed.
+    pub listen: Option<SocketAddr>,
+    /// Time a peer has to complete the link handshake; default
+    /// [`FEDERATION_HANDSHAKE_TIMEOUT_MS_DEFAULT`].
+    pub handshake_timeout_ms: u64,
+    /// The peer domains, at most [`FEDERATION_PEERS_MAX`]; default none.
+    pub peers: Vec<PeerConfig>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> FederationConfig {
+        FederationConfig {
+            listen: None,
+            handshake_timeout_ms: FEDERATION_HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// A peer domain (one `[[federation.peers]]` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its domain name.
+    pub domain: DomainName,
+    /// `host:port` of its server-to-server listener; without one this
+    /// server does not dial it, and only accepts its links.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The federation keys accepted for it (1 to 4).
+    pub keys: Vec<PeerKeyConfig>,
+}
+
+/// A federation key accepted for a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerKeyConfig {
+    /// The Ed25519 public key, 64 hex digits.
+    pub key: String,
+    /// End of its acceptance (exclusive), ms since the Unix epoch; default
+    /// none: accepted until removed.
+    #[serde(default)]
+    pub valid_until_ms: Option<u64>,
+}
+
+impl PeerConfig {
+    /// The keys accepted for the peer, checked.
+    pub fn peer_keys(&self) -> Result<PeerKeys, String> {
+        let keys = self
+            .keys
+            .iter()
+            .map(|configured| {
+                let bytes: [u8; 32] = hex::decode(&configured.key)
+                    .ok()
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .ok_or_else(|| format!("key {:?} is not 64 hex digits", configured.key))?;
+                let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                    .map_err(|_| format!("key {} is not an Ed25519 public key", configured.key))?;
+                Ok(PeerKey { key, valid_until_ms: configured.valid_until_ms })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        PeerKeys::new(self.domain.clone(), keys).map_err(|error| error.to_string())
+    }
 }
 
 /// Limits on what clients may do (the `[limits]` table). All must be above 0.
@@ -261,6 +362,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from(DATA_DIR_DEFAULT),
             listen: LISTEN_DEFAULT,
             admin_listen: ADMIN_LISTEN_DEFAULT,
+            domain: default_domain(),
             tls_cert_path: None,
             tls_key_path: None,
             log_format: LOG_FORMAT_DEFAULT,
@@ -270,8 +372,20 @@ impl Default for ServerConfig {
             admin_read_token: None,
             backup_dir: None,
             limits: Limits::default(),
+            federation: FederationConfig::default(),
         }
     }
+}
+
+/// A domain name given as a flag.
+fn parse_domain(name: &str) -> Result<DomainName, String> {
+    DomainName::parse(name).map_err(|error| error.to_string())
+}
+
+/// [`DOMAIN_DEFAULT`] as a domain name.
+fn default_domain() -> DomainName {
+    // A constant, checked by the tests.
+    DomainName::parse(DOMAIN_DEFAULT).expect("the default domain name is valid")
 }
 
 impl Default for Limits {
@@ -369,6 +483,9 @@ impl ServerConfig {
         if let Some(admin_listen) = cli.admin_listen {
             self.admin_listen = admin_listen;
         }
+        if let Some(domain) = &cli.domain {
+            self.domain = domain.clone();
+        }
         if let Some(log_format) = cli.log_format {
             self.log_format = log_format;
         }
@@ -427,7 +544,58 @@ impl ServerConfig {
         if self.admin_token.is_some() && self.admin_token == self.admin_read_token {
             return Err(invalid("admin_read_token", "must differ from admin_token".to_owned()));
         }
-        self.limits.validate()
+        self.limits.validate()?;
+        self.federation.validate(&self.domain)
+    }
+}
+
+impl FederationConfig {
+    /// Checks the table: peers need a listener, each peer once, not this
+    /// domain itself, with usable keys and address.
+    pub fn validate(&self, us: &DomainName) -> Result<(), ConfigError> {
+        if !(1..=TIMEOUT_MS_MAX).contains(&self.handshake_timeout_ms) {
+            return Err(invalid(
+                "federation.handshake_timeout_ms",
+                format!("{} is outside 1..={TIMEOUT_MS_MAX}", self.handshake_timeout_ms),
+            ));
+        }
+        if !self.peers.is_empty() && self.listen.is_none() {
+            return Err(invalid("federation.listen", "peers are configured, so it must be set".to_owned()));
+        }
+        if self.peers.len() > FEDERATION_PEERS_MAX {
+            return Err(invalid(
+                "federation.peers",
+                format!("{} peers, at most {FEDERATION_PEERS_MAX}", self.peers.len()),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            if peer.domain == *us {
+                return Err(invalid("federation.peers", format!("{} is this server's own domain", us)));
+            }
+            if !seen.insert(&peer.domain) {
+                return Err(invalid("federation.peers", format!("{} is listed twice", peer.domain)));
+            }
+            peer.peer_keys().map_err(|reason| invalid("federation.peers.keys", reason))?;
+            if let Some(address) = &peer.address {
+                check_peer_address(address).map_err(|reason| {
+                    invalid("federation.peers.address", format!("{address:?}: {reason}"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a peer's `host:port` (the host is resolved when dialing).
+fn check_peer_address(address: &str) -> Result<(), String> {
+    let (host, port) = address.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("no host".to_owned());
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(()),
+        _ => Err("the port must be 1 to 65535".to_owned()),
     }
 }
 
@@ -636,7 +804,11 @@ mod tests {
             "admin_token",
             "admin_read_token",
             "backup_dir",
+            "domain",
             "[limits]",
+            "[federation]",
+            "[[federation.peers]]",
+            "valid_until_ms",
         ];
         for key in top.iter().chain(limits.iter()) {
             assert!(example_toml().contains(key), "{key} is not in the example");
@@ -679,6 +851,7 @@ rooms_per_user_max = 7
             data_dir: Some(PathBuf::from("/tmp/elsewhere")),
             listen: Some("127.0.0.1:6000".parse().expect("address")),
             admin_listen: Some("127.0.0.1:6001".parse().expect("address")),
+            domain: Some(DomainName::parse("b.example.org").expect("domain")),
             log_format: Some(LogFormat::Text),
             log_filter: Some("debug".to_owned()),
             push_webhook_url: Some("http://127.0.0.1:6002/push".to_owned()),
@@ -699,6 +872,7 @@ rooms_per_user_max = 7
         assert_eq!(overridden.log_format, LogFormat::Text);
         assert_eq!(overridden.log_filter, "debug");
         assert_eq!(overridden.limits.rooms_per_user_max, 7);
+        assert_eq!(overridden.domain.as_str(), "b.example.org");
     }
 
     #[test]
@@ -760,11 +934,69 @@ rooms_per_user_max = 7
             ("data_dir = \"\"", "data_dir"),
             ("backup_dir = \"\"", "backup_dir"),
         ];
-        for (text, field) in cases {
+        let federation_cases = [
+            ("[federation]\nhandshake_timeout_ms = 0".to_owned(), "federation.handshake_timeout_ms"),
+            (peer_entry("b.example", "b.example:4434", &key_hex(1)), "federation.listen"),
+            (with_listen(&peer_entry("localhost", "a:1", &key_hex(1))), "federation.peers"),
+            (
+                with_listen(
+                    &(peer_entry("b.example", "b:1", &key_hex(1))
+                        + &peer_entry("b.example", "b:2", &key_hex(2))),
+                ),
+                "federation.peers",
+            ),
+            (with_listen(&peer_entry("b.example", "b:1", "abcd")), "federation.peers.keys"),
+            (with_listen(&peer_entry("b.example", "no-port", &key_hex(1))), "federation.peers.address"),
+            (with_listen(&peer_entry("b.example", "b:0", &key_hex(1))), "federation.peers.address"),
+            (
+                with_listen("[[federation.peers]]\ndomain = \"b.example\"\nkeys = []\n"),
+                "federation.peers.keys",
+            ),
+        ];
+        let federation_cases = federation_cases.iter().map(|(text, field)| (text.as_str(), *field));
+        for (text, field) in cases.into_iter().chain(federation_cases) {
             let parsed = ServerConfig::from_toml_str(text, Path::new("test.toml")).expect(text);
             let result = parsed.validate().map(|()| parsed);
             assert_eq!(invalid_field(result), field, "{text}");
         }
+    }
+
+    fn key_hex(seed: u8) -> String {
+        hex::encode(ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key().to_bytes())
+    }
+
+    fn peer_entry(domain: &str, address: &str, key: &str) -> String {
+        format!("[[federation.peers]]\ndomain = \"{domain}\"\naddress = \"{address}\"\nkeys = [{{ key = \"{key}\" }}]\n")
+    }
+
+    fn with_listen(peers: &str) -> String {
+        format!("[federation]\nlisten = \"127.0.0.1:4434\"\n{peers}")
+    }
+
+    #[test]
+    fn federation_peers_map_onto_the_keys_they_accept() {
+        let text = format!(
+            "domain = \"a.example\"\n[federation]\nlisten = \"127.0.0.1:4434\"\n[[federation.peers]]\ndomain = \"b.example\"\naddress = \"b.example:4434\"\nkeys = [{{ key = \"{}\", valid_until_ms = 1000 }}, {{ key = \"{}\" }}]\n[[federation.peers]]\ndomain = \"c.example\"\nkeys = [{{ key = \"{}\" }}]\n",
+            key_hex(1),
+            key_hex(2),
+            key_hex(3)
+        );
+        let config = ServerConfig::from_toml_str(&text, Path::new("test.toml")).expect("parses");
+        config.validate().expect("valid");
+        assert_eq!(config.domain.as_str(), "a.example");
+        let b = config.federation.peers[0].peer_keys().expect("keys");
+        assert_eq!(b.domain().as_str(), "b.example");
+        assert_eq!(b.accepted(999).count(), 2, "the old key until the end of the overlap");
+        assert_eq!(b.accepted(1000).count(), 1, "then the new one only");
+        assert_eq!(config.federation.peers[1].address, None);
+        for bad in [
+            "domain = \"Upper.Case\"",
+            "domain = \"\"",
+            "[federation]\npeers = [{ domain = \"-x\", keys = [] }]",
+        ] {
+            assert!(ServerConfig::from_toml_str(bad, Path::new("t.toml")).is_err(), "{bad}");
+        }
+        assert_eq!(default_domain().as_str(), DOMAIN_DEFAULT);
     }
 
     #[test]
@@ -812,6 +1044,10 @@ rooms_per_user_max = 7
             })
         );
         assert!(CliArgs::try_parse_from(["kalandra-server", "audit", "rewrite"]).is_err());
+        let key = CliArgs::try_parse_from(["kalandra-server", "--domain", "a.example", "federation", "key"])
+            .expect("federation key parses");
+        assert_eq!(key.command, Some(ServerCommand::Federation { action: FederationCommand::Key }));
+        assert!(CliArgs::try_parse_from(["kalandra-server", "--domain", "A.example"]).is_err());
     }
 
     #[test]

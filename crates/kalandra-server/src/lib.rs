@@ -13,6 +13,7 @@ mod admin;
 #[cfg(feature = "injected-bugs")]
 pub mod bugs;
 mod config;
+mod federation;
 mod node;
 mod protocol;
 mod room;
@@ -25,9 +26,14 @@ pub use crate::admin::api::{export_audit, verify_store, AUDIT_EXPORT_RECORDS_MAX
 pub use crate::admin::metrics::Metrics;
 pub use crate::admin::routes::ROUTES;
 pub use crate::config::{
-    init_logging, AuditCommand, CliArgs, ConfigError, Limits as ConnectionLimits, LogFormat, Secret,
-    ServerCommand, ServerConfig, ADMIN_LISTEN_DEFAULT,
+    init_logging, AuditCommand, CliArgs, ConfigError, FederationCommand, FederationConfig,
+    Limits as ConnectionLimits, LogFormat, PeerConfig, PeerKeyConfig, Secret, ServerCommand, ServerConfig,
+    ADMIN_LISTEN_DEFAULT,
 };
+pub use crate::federation::handshake::{LinkHandshakeError, LINK_FAILURE_CODES};
+pub use crate::federation::limits::S2S_ALPN;
+pub use crate::federation::links::{FederationLinks, FederationView, LinkFailure, PeerLinkView};
+pub use crate::federation::quic::client_config as federation_client_config;
 pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};
 pub use crate::node::push::{MemoryPushSink, PushNotification, PushSink};
 pub use crate::node::{Clock, Node, NodeHealth};
@@ -36,6 +42,7 @@ pub use crate::room::roles::Role;
 pub use crate::server::{
     RunningServer, Server, ShutdownError, StartError, StartOptions, Stopped, DATABASE_FILE_NAME,
 };
+pub use crate::server_key::{load_or_create_federation_key, FEDERATION_KEY_FILE_NAME};
 pub use crate::transport::tls::load_or_create_server_identity;
 
 /// The core's internals, for the deterministic simulation

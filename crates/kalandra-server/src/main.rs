@@ -14,8 +14,9 @@ use kalandra_server::audit::{self, AuditExport};
 use kalandra_server::store::redb::{CompactError, OpenError};
 use kalandra_server::store::RedbStore;
 use kalandra_server::{
-    export_audit, init_logging, verify_store, AuditCommand, CliArgs, RunningServer, Server, ServerCommand,
-    ServerConfig, AUDIT_EXPORT_RECORDS_MAX, DATABASE_FILE_NAME,
+    export_audit, init_logging, load_or_create_federation_key, verify_store, AuditCommand, CliArgs,
+    FederationCommand, RunningServer, Server, ServerCommand, ServerConfig, AUDIT_EXPORT_RECORDS_MAX,
+    DATABASE_FILE_NAME,
 };
 
 /// How often the process checks the room core's health.
@@ -30,8 +31,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(ServerCommand::Audit { action }) = &cli.command {
-        return audit_command(&config, action);
+    match &cli.command {
+        Some(ServerCommand::Audit { action }) => return audit_command(&config, action),
+        Some(ServerCommand::Federation { action: FederationCommand::Key }) => return federation_key(&config),
+        None => {}
     }
     if let Err(error) = init_logging(config.log_format, &config.log_filter) {
         eprintln!("kalandra-server: {error}");
@@ -104,6 +107,31 @@ fn open_database(database: &std::path::Path) -> Result<RedbStore, Fatal> {
             exit_code,
         }
     })
+}
+
+/// `kalandra-server federation key`: the domain and the federation public
+/// key, the key created in the data directory if there is none.
+fn federation_key(config: &ServerConfig) -> ExitCode {
+    let loaded = std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))
+        .and_then(|()| {
+            load_or_create_federation_key(&config.data_dir, rand::random())
+                .context("loading the federation key")
+        });
+    match loaded {
+        Ok((key, created)) => {
+            if created {
+                eprintln!("created the federation key in {}", config.data_dir.display());
+            }
+            println!("domain: {}", config.domain);
+            println!("federation key: {}", hex::encode(key.verifying_key().to_bytes()));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kalandra-server: {error:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 /// `kalandra-server audit verify|export`: offline, on an export or on the
@@ -200,6 +228,17 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
         println!("created the server signing key in {}", data_dir.display());
     }
     println!("server signing key: {}", hex::encode(server.server_public_key()));
+    if server.federation_key_created() {
+        println!("created the federation key in {}", data_dir.display());
+    }
+    println!(
+        "domain {}, federation key: {}",
+        server.config().domain,
+        hex::encode(server.federation_public_key())
+    );
+    if let Some(address) = server.federation_address() {
+        println!("federation links on quic://{address} (ALPN kalandra-s2s/1)");
+    }
     if let Some(path) = server.admin_token_file() {
         println!("admin API token in {}", path.display());
     }

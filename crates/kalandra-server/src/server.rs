@@ -18,6 +18,9 @@ use crate::admin::api::{AdminApi, AdminState};
 use crate::admin::http::{gauge_loop, serve_admin};
 use crate::admin::metrics::{Metrics, MetricsError};
 use crate::config::{load_or_create_admin_token, ConfigError, ServerConfig};
+use crate::federation::handshake::PeerTable;
+use crate::federation::links::FederationLinks;
+use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
 use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
 use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError};
@@ -120,6 +123,29 @@ pub enum StartError {
     /// An address the operating system gave cannot be read back.
     #[error("reading the bound address")]
     LocalAddress(#[source] std::io::Error),
+    /// The server-to-server QUIC address cannot be bound.
+    #[error("binding the federation listener on {address}")]
+    FederationBind {
+        /// The configured address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The federation key does not load.
+    #[error("loading the federation key")]
+    FederationKey(#[source] ServerKeyError),
+    /// A configured peer's keys are not usable.
+    #[error("federation peer {domain}: {reason}")]
+    FederationPeer {
+        /// The peer.
+        domain: String,
+        /// Why.
+        reason: String,
+    },
+    /// The federation listener does not start.
+    #[error("starting the federation listener")]
+    Federation(#[source] TlsError),
 }
 
 impl StartError {
@@ -130,6 +156,8 @@ impl StartError {
         match self {
             StartError::AdminBind { .. }
             | StartError::QuicBind { .. }
+            | StartError::FederationBind { .. }
+            | StartError::FederationPeer { .. }
             | StartError::Tls(_)
             | StartError::BackupDir { .. } => true,
             StartError::OpenDatabase { source, .. } => {
@@ -189,6 +217,13 @@ impl Server {
             .map_err(|source| StartError::AdminBind { address: config.admin_listen, source })?;
         let quic_socket = bind_quic_socket(config.listen)
             .map_err(|source| StartError::QuicBind { address: config.listen, source })?;
+        let federation_socket = match config.federation.listen {
+            Some(address) => Some(
+                bind_quic_socket(address).map_err(|source| StartError::FederationBind { address, source })?,
+            ),
+            None => None,
+        };
+        peer_table(&config)?;
         if config.tls_cert_path.is_some() {
             load_identity(&config).map_err(StartError::Tls)?;
         }
@@ -205,7 +240,7 @@ impl Server {
         );
         let group_commit = GroupCommit::start(Arc::clone(&store), GroupCommitConfig::default())
             .map_err(StartError::StorageWriter)?;
-        let listeners = Listeners { admin: admin_listener, quic: quic_socket };
+        let listeners = Listeners { admin: admin_listener, quic: quic_socket, federation: federation_socket };
         match assemble(config, options, store, group_commit.clone(), database, listeners).await {
             Ok(running) => Ok(running),
             Err(error) => {
@@ -220,6 +255,22 @@ impl Server {
 struct Listeners {
     admin: tokio::net::TcpListener,
     quic: std::net::UdpSocket,
+    federation: Option<std::net::UdpSocket>,
+}
+
+/// The configured peers and the keys accepted for each.
+fn peer_table(config: &ServerConfig) -> Result<PeerTable, StartError> {
+    config
+        .federation
+        .peers
+        .iter()
+        .map(|peer| {
+            let keys = peer
+                .peer_keys()
+                .map_err(|reason| StartError::FederationPeer { domain: peer.domain.to_string(), reason })?;
+            Ok((peer.domain.clone(), keys))
+        })
+        .collect()
 }
 
 /// Loads the keys, serves the admin HTTP (health at once, the API once the
@@ -233,6 +284,7 @@ async fn assemble(
     listeners: Listeners,
 ) -> Result<RunningServer, StartError> {
     let keys = Keys::load(&config)?;
+    let peers = peer_table(&config)?;
     let metrics = Metrics::new().map_err(StartError::Metrics)?;
     let admin_address = listeners.admin.local_addr().map_err(StartError::LocalAddress)?;
     let (stop, stopped) = watch::channel(ShutdownPhase::Running);
@@ -267,10 +319,18 @@ async fn assemble(
         elapsed_ms = u64::try_from(recovering.elapsed().as_millis()).unwrap_or(u64::MAX),
         "rooms recovered"
     );
+    let federation_links = FederationLinks::new(
+        config.domain.clone(),
+        keys.federation_key.verifying_key().to_bytes(),
+        config.federation.peers.iter().map(|peer| (peer.domain.clone(), peer.address.clone())),
+        metrics.clone(),
+        clock(),
+    );
     let admin_read_token = config.admin_read_token.as_ref().map(|token| token.0.as_str());
     admin_state.set_api(
         AdminApi::new(node.clone(), &keys.admin_token, admin_read_token)
-            .with_backup_dir(config.backup_dir.clone()),
+            .with_backup_dir(config.backup_dir.clone())
+            .with_federation(federation_links.clone()),
     );
 
     let (endpoint, quic_address) = match quic_endpoint(&config, &keys.identity, listeners.quic) {
@@ -285,20 +345,42 @@ async fn assemble(
         node.clone(),
         Arc::clone(&store),
         config.limits.clone(),
-        clock,
+        Arc::clone(&clock),
         metrics.clone(),
         server_public_key,
     );
+    let link_context = LinkContext {
+        domain: config.domain.clone(),
+        key: keys.federation_key.clone(),
+        peers,
+        links: federation_links.clone(),
+        clock: Arc::clone(&clock),
+        handshake_timeout_ms: config.federation.handshake_timeout_ms,
+    };
+    let federation = match start_federation(&config, &keys.identity, listeners.federation, link_context) {
+        Ok(federation) => federation,
+        Err(error) => {
+            endpoint.close(quinn::VarInt::from_u32(0), b"");
+            node.shutdown().await;
+            return Err(error);
+        }
+    };
     let serving = tokio::spawn(listener.serve(endpoint.clone(), stopped));
     let gauges = tokio::spawn(gauge_loop(node.clone(), metrics.clone(), database));
     let retention = tokio::spawn(retention_loop(node.clone(), RETENTION_INTERVAL_MS_DEFAULT));
     ready.store(true, Ordering::Release);
+    let federation_address = federation.as_ref().map(|running| running.address);
     tracing::info!(%quic_address, %admin_address, data_dir = %config.data_dir.display(), "ready");
     Ok(RunningServer {
         fingerprint_hex: keys.identity.fingerprint_sha256_hex(),
         certificate_created: keys.identity.was_created(),
         server_public_key,
         server_key_created: keys.server_key_created,
+        federation_public_key: keys.federation_key.verifying_key().to_bytes(),
+        federation_key_created: keys.federation_key_created,
+        federation_links,
+        federation_address,
+        federation,
         admin_token_file: keys.admin_token_file,
         quic_address,
         admin_address,
@@ -348,11 +430,47 @@ fn quic_endpoint(
     Ok((endpoint, address))
 }
 
-/// The TLS identity, the server's signing key and the admin token.
+/// The federation listener with its dialers.
+struct RunningFederation {
+    endpoint: quinn::Endpoint,
+    address: SocketAddr,
+    tasks: FederationTasks,
+}
+
+/// Serves server-to-server links on `socket` (if federation is on) and
+/// dials the peers with an address.
+fn start_federation(
+    config: &ServerConfig,
+    identity: &ServerTlsIdentity,
+    socket: Option<std::net::UdpSocket>,
+    context: LinkContext,
+) -> Result<Option<RunningFederation>, StartError> {
+    let Some(socket) = socket else { return Ok(None) };
+    let bound = config.federation.listen.unwrap_or(config.listen);
+    let server_config = crate::federation::quic::server_config(identity).map_err(StartError::Federation)?;
+    let endpoint = quinn_server_endpoint_on(server_config, socket)
+        .map_err(|source| StartError::FederationBind { address: bound, source })?;
+    let address = endpoint.local_addr().map_err(StartError::LocalAddress)?;
+    context.links.set_listen(address);
+    let dial = config
+        .federation
+        .peers
+        .iter()
+        .filter_map(|peer| Some((peer.domain.clone(), peer.address.clone()?)))
+        .collect();
+    let tasks =
+        crate::federation::quic::start(context, endpoint.clone(), dial).map_err(StartError::Federation)?;
+    tracing::info!(%address, domain = %config.domain, "federation listener up");
+    Ok(Some(RunningFederation { endpoint, address, tasks }))
+}
+
+/// The TLS identity, the server's signing and federation keys and the admin token.
 struct Keys {
     identity: ServerTlsIdentity,
     server_key: ed25519_dalek::SigningKey,
     server_key_created: bool,
+    federation_key: ed25519_dalek::SigningKey,
+    federation_key_created: bool,
     admin_token: String,
     admin_token_file: Option<PathBuf>,
 }
@@ -365,10 +483,26 @@ impl Keys {
         let (server_key, server_key_created) =
             crate::server_key::load_or_create(&config.data_dir, rand::random())
                 .map_err(StartError::ServerKey)?;
+        let (federation_key, federation_key_created) =
+            crate::server_key::load_or_create_federation_key(&config.data_dir, rand::random())
+                .map_err(StartError::FederationKey)?;
+        tracing::info!(
+            domain = %config.domain,
+            federation_key = %hex::encode(federation_key.verifying_key().to_bytes()),
+            "federation identity loaded"
+        );
         let (admin_token, admin_token_file) =
             load_or_create_admin_token(&config.data_dir, config.admin_token.as_ref(), rand::random())
                 .map_err(StartError::AdminToken)?;
-        Ok(Keys { identity, server_key, server_key_created, admin_token: admin_token.0, admin_token_file })
+        Ok(Keys {
+            identity,
+            server_key,
+            server_key_created,
+            federation_key,
+            federation_key_created,
+            admin_token: admin_token.0,
+            admin_token_file,
+        })
     }
 }
 
@@ -378,6 +512,11 @@ pub struct RunningServer {
     certificate_created: bool,
     server_public_key: [u8; 32],
     server_key_created: bool,
+    federation_public_key: [u8; 32],
+    federation_key_created: bool,
+    federation_links: FederationLinks,
+    federation_address: Option<SocketAddr>,
+    federation: Option<RunningFederation>,
     admin_token_file: Option<PathBuf>,
     quic_address: SocketAddr,
     admin_address: SocketAddr,
@@ -435,6 +574,26 @@ impl RunningServer {
         self.server_key_created
     }
 
+    /// The federation key (public half): what peer domains configure for this one.
+    pub fn federation_public_key(&self) -> [u8; 32] {
+        self.federation_public_key
+    }
+
+    /// Whether the federation key was created at this start.
+    pub fn federation_key_created(&self) -> bool {
+        self.federation_key_created
+    }
+
+    /// The server-to-server address it listens on, if federation is on.
+    pub fn federation_address(&self) -> Option<SocketAddr> {
+        self.federation_address
+    }
+
+    /// The per-peer link state.
+    pub fn federation_links(&self) -> &FederationLinks {
+        &self.federation_links
+    }
+
     /// The file the admin token was read from or created in (`None`: it
     /// was configured).
     pub fn admin_token_file(&self) -> Option<&std::path::Path> {
@@ -482,6 +641,15 @@ impl RunningServer {
     pub async fn shutdown(self) -> Result<Stopped, ShutdownError> {
         self.ready.store(false, Ordering::Release);
         let _ = self.stop.send(ShutdownPhase::Draining);
+        let drain = Duration::from_millis(self.config.limits.drain_timeout_ms);
+        if let Some(federation) = self.federation {
+            federation.tasks.stop().await;
+            federation.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+            // Peers learn that the links closed (a connection still in its
+            // handshake may take longer to drain: it is not waited for).
+            let close_wait = Duration::from_millis(crate::federation::limits::CLOSE_WAIT_MS);
+            let _ = tokio::time::timeout(close_wait, federation.endpoint.wait_idle()).await;
+        }
         for task in &self.background {
             task.abort();
         }
@@ -491,7 +659,6 @@ impl RunningServer {
         }
         self.node.shutdown().await;
         let _ = self.stop.send(ShutdownPhase::Drained);
-        let drain = Duration::from_millis(self.config.limits.drain_timeout_ms);
         if tokio::time::timeout(drain, self.serving).await.is_err() {
             tracing::warn!("connections did not close within the drain timeout");
         }

@@ -1,6 +1,9 @@
-//! The server's long-term Ed25519 signing key: listed in every room's MLS
+//! The server's long-term Ed25519 keys, each created on first run in the
+//! data directory: the signing key listed in every room's MLS
 //! `external_senders` (so the server can issue Remove proposals) and sent to
-//! clients in `AuthOk`. Created on first run in the data directory.
+//! clients in `AuthOk`, and the federation key its domain proves to peer
+//! domains (`docs/FEDERATION.md`). They are separate keys, and separate from
+//! the TLS key.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,6 +12,9 @@ use ed25519_dalek::SigningKey;
 
 /// File name of the key inside the data directory (32 raw bytes, mode 0600).
 pub const SERVER_KEY_FILE_NAME: &str = "server-signing.key";
+/// File name of the federation key inside the data directory (32 raw
+/// bytes, mode 0600).
+pub const FEDERATION_KEY_FILE_NAME: &str = "federation-signing.key";
 
 /// Why the key could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +41,23 @@ pub enum ServerKeyError {
 /// randomness in production) when there is none. Returns the key and
 /// whether it was created.
 pub fn load_or_create(data_dir: &Path, seed_if_new: [u8; 32]) -> Result<(SigningKey, bool), ServerKeyError> {
-    let path = data_dir.join(SERVER_KEY_FILE_NAME);
+    load_or_create_file(data_dir, SERVER_KEY_FILE_NAME, seed_if_new)
+}
+
+/// The federation key, as [`load_or_create`] does the signing key.
+pub fn load_or_create_federation_key(
+    data_dir: &Path,
+    seed_if_new: [u8; 32],
+) -> Result<(SigningKey, bool), ServerKeyError> {
+    load_or_create_file(data_dir, FEDERATION_KEY_FILE_NAME, seed_if_new)
+}
+
+fn load_or_create_file(
+    data_dir: &Path,
+    file_name: &str,
+    seed_if_new: [u8; 32],
+) -> Result<(SigningKey, bool), ServerKeyError> {
+    let path = data_dir.join(file_name);
     let io = |source| ServerKeyError::Io { path: path.clone(), source };
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -76,5 +98,20 @@ mod tests {
             load_or_create(dir.path(), [9; 32]),
             Err(ServerKeyError::Malformed { len_bytes: 5, .. })
         ));
+    }
+
+    #[test]
+    fn the_federation_key_is_a_separate_owner_only_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (signing, _) = load_or_create(dir.path(), [7; 32]).unwrap();
+        let (federation, created) = load_or_create_federation_key(dir.path(), [8; 32]).unwrap();
+        assert!(created);
+        assert_ne!(signing.to_bytes(), federation.to_bytes());
+        let (again, created) = load_or_create_federation_key(dir.path(), [9; 32]).unwrap();
+        assert!(!created);
+        assert_eq!(again.to_bytes(), federation.to_bytes());
+        let mode = std::fs::metadata(dir.path().join(FEDERATION_KEY_FILE_NAME)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::admin::metrics::Metrics;
+use crate::federation::links::FederationLinks;
 use crate::node::erasure::{RedactAuthority, RedactError};
 use crate::node::{ModerationFailure, ModerationRequest, Node, RoomInfo, ROOMS_LIST_MAX};
 use crate::room::audit::{
@@ -126,6 +127,8 @@ pub struct AdminApi {
     read_token_hash: Option<[u8; 32]>,
     /// Where `POST /v1/backup` writes, if the operator configured it.
     backup: Option<BackupTarget>,
+    /// The federation identity and per-peer link state.
+    federation: Option<FederationLinks>,
 }
 
 impl std::fmt::Debug for AdminApi {
@@ -148,7 +151,14 @@ impl AdminApi {
             operator_token_hash: Sha256::digest(operator_token.as_bytes()).into(),
             read_token_hash: read_token.map(|token| Sha256::digest(token.as_bytes()).into()),
             backup: None,
+            federation: None,
         }
+    }
+
+    /// Serves `GET /v1/federation` from `links`.
+    pub fn with_federation(mut self, links: FederationLinks) -> AdminApi {
+        self.federation = Some(links);
+        self
     }
 
     /// Serves `POST /v1/backup` into `dir` (an existing directory); without
@@ -431,9 +441,24 @@ pub fn handler(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         ("GET", "/v1/audit/export") => on(filter, audit_export),
         ("GET", "/v1/audit/verify") => on(filter, audit_verify),
         ("POST", "/v1/backup") => on(filter, backup),
+        ("GET", "/v1/federation") => on(filter, federation),
         _ => return None,
     };
     Some(router)
+}
+
+/// `GET /v1/federation`: this server's domain and federation key, and the
+/// link state of each configured peer.
+async fn federation(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let result = (|| {
+        let api = api(&state)?;
+        api.authorize(&headers, Scope::Read)?;
+        api.federation.as_ref().map(FederationLinks::view).ok_or_else(ApiError::unavailable)
+    })();
+    match result {
+        Ok(view) => json(&view),
+        Err(error) => error.into_response(),
+    }
 }
 
 async fn openapi() -> Response {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use kalandra_proto::{ErrorCode, Opcode};
 
+use crate::federation::handshake::LINK_FAILURE_CODES;
 use crate::room::roles::Actor;
 
 /// Content type of [`Metrics::render`]'s output.
@@ -55,6 +56,11 @@ pub const ROOMS: &str = "kalandra_rooms";
 pub const ROOM_MEMBERS: &str = "kalandra_room_members";
 /// Size of the database file, bytes (gauge).
 pub const DATABASE_SIZE_BYTES: &str = "kalandra_database_size_bytes";
+/// Whether at least one authenticated link with a peer domain is up, by
+/// `peer` (gauge, 0 or 1).
+pub const FEDERATION_LINK_UP: &str = "kalandra_federation_link_up";
+/// Failed server-to-server link handshakes, by `code` (counter).
+pub const FEDERATION_HANDSHAKE_FAILURES_TOTAL: &str = "kalandra_federation_handshake_failures_total";
 
 /// Attribute carrying an opcode's specification name.
 pub const OPCODE_ATTRIBUTE: &str = "opcode";
@@ -186,6 +192,9 @@ struct Inner {
     rooms: AtomicU64,
     room_members: AtomicU64,
     database_size_bytes: AtomicU64,
+    /// Each configured peer domain with its link gauge, set once at start.
+    federation_peers: std::sync::OnceLock<Vec<(String, AtomicU64)>>,
+    federation_failures: Family,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -217,6 +226,8 @@ impl Metrics {
             rooms: AtomicU64::new(0),
             room_members: AtomicU64::new(0),
             database_size_bytes: AtomicU64::new(0),
+            federation_peers: std::sync::OnceLock::new(),
+            federation_failures: Family::new(LINK_FAILURE_CODES.len()),
             admin_routes,
         };
         Ok(Metrics { inner: Arc::new(inner) })
@@ -323,6 +334,29 @@ impl Metrics {
         self.inner.database_size_bytes.store(bytes, Ordering::Relaxed);
     }
 
+    /// The peer domains the link gauge has a series for (the first call counts).
+    pub fn set_federation_peers(&self, peers: Vec<String>) {
+        let _ = self
+            .inner
+            .federation_peers
+            .set(peers.into_iter().map(|peer| (peer, AtomicU64::new(0))).collect());
+    }
+
+    /// Whether a link with `peer` is up.
+    pub fn federation_link_up(&self, peer: &str, up: bool) {
+        if let Some((_, gauge)) =
+            self.inner.federation_peers.get().and_then(|peers| peers.iter().find(|(name, _)| name == peer))
+        {
+            gauge.store(u64::from(up), Ordering::Relaxed);
+        }
+    }
+
+    /// A link handshake failed with `code` (one of [`LINK_FAILURE_CODES`]).
+    pub fn federation_handshake_failed(&self, code: &str) {
+        let index = LINK_FAILURE_CODES.iter().position(|known| *known == code).unwrap_or(usize::MAX);
+        self.inner.federation_failures.add(index, 1);
+    }
+
     /// Every metric in the Prometheus text format
     /// ([`PROMETHEUS_TEXT_CONTENT_TYPE`]).
     pub fn render(&self) -> Result<String, MetricsError> {
@@ -381,7 +415,16 @@ impl Metrics {
         let help = "Push notifications the push sink accepted.";
         scalar(out, PUSH_DELIVERED_TOTAL, help, "counter", load(&inner.push_delivered))?;
         let help = "Push notifications dropped, by reason.";
-        labelled(out, PUSH_DROPPED_TOTAL, help, "reason", &PUSH_DROP_REASONS, &inner.push_dropped)
+        labelled(out, PUSH_DROPPED_TOTAL, help, "reason", &PUSH_DROP_REASONS, &inner.push_dropped)?;
+        let help = "Failed server-to-server link handshakes, by code.";
+        labelled(
+            out,
+            FEDERATION_HANDSHAKE_FAILURES_TOTAL,
+            help,
+            "code",
+            &LINK_FAILURE_CODES,
+            &inner.federation_failures,
+        )
     }
 
     fn render_gauges(&self, out: &mut String) -> std::fmt::Result {
@@ -395,7 +438,13 @@ impl Metrics {
         let help = "Room memberships (the sum of every room's member count).";
         scalar(out, ROOM_MEMBERS, help, "gauge", load(&inner.room_members))?;
         let help = "Size of the database file, bytes.";
-        scalar(out, DATABASE_SIZE_BYTES, help, "gauge", load(&inner.database_size_bytes))
+        scalar(out, DATABASE_SIZE_BYTES, help, "gauge", load(&inner.database_size_bytes))?;
+        let help = "Whether an authenticated link with the peer domain is up (1) or not (0).";
+        header(out, FEDERATION_LINK_UP, help, "gauge")?;
+        for (peer, up) in inner.federation_peers.get().map_or(&[][..], Vec::as_slice) {
+            writeln!(out, "{FEDERATION_LINK_UP}{{peer=\"{peer}\"}} {}", load(up))?;
+        }
+        Ok(())
     }
 }
 

@@ -23,4 +23,5 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/audit/export"),
     ("GET", "/v1/audit/verify"),
     ("POST", "/v1/backup"),
+    ("GET", "/v1/federation"),
 ];
