@@ -247,8 +247,9 @@ impl TestClient {
     }
 
     pub async fn claim(&mut self, members: &[SenderId]) -> Vec<Vec<u8>> {
-        let reply =
-            self.request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect() }).await;
+        let reply = self
+            .request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect(), domain: None })
+            .await;
         let claimed: KeyPackageClaimed = decode_ok(&reply);
         claimed.key_packages.into_iter().map(|entry| entry.key_package.expect("a key package")).collect()
     }
