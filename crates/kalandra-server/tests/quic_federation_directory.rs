@@ -169,3 +169,166 @@ async fn federation_claim_refusals_are_typed_and_the_claim_works_once_the_peer_i
     assert_ne!(answer.key_packages[0].key_package.as_ref(), Some(&first), "then the last-resort one");
     drop(b);
 }
+
+/// What the fake b.test answers to the n-th claim.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// carol's package, certified by c.test with c's own key.
+    ForeignUser,
+    /// carol's package, certified as b.test's with another key than b's.
+    Forged,
+    /// carol's package, certified by b.test, expired.
+    Expired,
+    /// carol's package, certified by b.test: what b may say.
+    Honest,
+}
+
+/// A server that speaks for b.test (it holds b's federation key) and
+/// answers claims as `answers` say, one after the other.
+async fn fake_b(dir: &Path, listen: SocketAddr, carol: (Vec<u8>, [u8; 32]), answers: Vec<Answer>) {
+    use kalandra_server::federation_link as link;
+
+    let identity = kalandra_server::load_or_create_server_identity(dir, None, None).unwrap();
+    let endpoint = quinn::Endpoint::server(link::server_config(&identity).unwrap(), listen).unwrap();
+    let mut answers = answers.into_iter();
+    // An attempt of a's may time out before this end is up: serve the next.
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(connection) = incoming.await else { continue };
+        let _ = fake_link(&connection, &carol, &mut answers).await;
+    }
+}
+
+/// One link of the fake b.test, until it fails.
+async fn fake_link(
+    connection: &quinn::Connection,
+    carol: &(Vec<u8>, [u8; 32]),
+    answers: &mut impl Iterator<Item = Answer>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use kalandra_proto::federation::{HomeCertificate, PeerKey, PeerKeys, LINK_TLS_EXPORTER_LABEL};
+    use kalandra_server::federation_link as link;
+
+    let (mut send, mut recv) = connection.accept_bi().await?;
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, LINK_TLS_EXPORTER_LABEL, b"")
+        .map_err(|_| "no exporter")?;
+    let b_key = SigningKey::from_bytes(&[SEED_B; 32]);
+    let a_domain = DomainName::parse("a.test").unwrap();
+    let a_keys = PeerKey { key: SigningKey::from_bytes(&[SEED_A; 32]).verifying_key(), valid_until_ms: None };
+    let peers: link::PeerTable =
+        [(a_domain.clone(), PeerKeys::new(a_domain, vec![a_keys]).unwrap())].into_iter().collect();
+    let b_domain = DomainName::parse("b.test").unwrap();
+    let mut handshake =
+        link::LinkHandshake::responder(b_key.clone(), b_domain.clone(), rand::random(), binding);
+    loop {
+        let mut prefix = [0u8; link::LINK_LENGTH_PREFIX_BYTES];
+        recv.read_exact(&mut prefix).await?;
+        let mut body = vec![0u8; link::body_len(prefix)?];
+        recv.read_exact(&mut body).await?;
+        let now_ms = common::now_ms();
+        match handshake.receive(link::decode(&body)?, &peers, now_ms)? {
+            link::Step::Send(messages) => {
+                for message in messages {
+                    send.write_all(&link::encode(&message)).await?;
+                }
+            }
+            link::Step::Established(established) => {
+                for message in established.send {
+                    send.write_all(&link::encode(&message)).await?;
+                }
+                break;
+            }
+        }
+    }
+    let (package, carol_key) = (&carol.0, carol.1);
+    loop {
+        let mut prefix = [0u8; link::LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];
+        recv.read_exact(&mut prefix).await?;
+        let mut body = vec![0u8; link::established_body_len(prefix)?];
+        recv.read_exact(&mut body).await?;
+        let reply = match link::decode_established(&body)? {
+            link::LinkMessage::Ping { sequence } => link::LinkMessage::Pong { sequence },
+            link::LinkMessage::Request {
+                id,
+                request: link::LinkRequest::ClaimKeyPackages { sender_ids },
+            } => {
+                let now_ms = common::now_ms();
+                let valid_ms = now_ms + 3_600_000;
+                let certificate = match answers.next().unwrap() {
+                    Answer::ForeignUser => HomeCertificate::issue(
+                        &SigningKey::from_bytes(&[0xc3; 32]),
+                        DomainName::parse("c.test").unwrap(),
+                        carol_key,
+                        valid_ms,
+                    ),
+                    Answer::Forged => HomeCertificate::issue(
+                        &SigningKey::from_bytes(&[0xee; 32]),
+                        b_domain.clone(),
+                        carol_key,
+                        valid_ms,
+                    ),
+                    Answer::Expired => {
+                        HomeCertificate::issue(&b_key, b_domain.clone(), carol_key, now_ms - 1)
+                    }
+                    Answer::Honest => HomeCertificate::issue(&b_key, b_domain.clone(), carol_key, valid_ms),
+                };
+                let entry = link::RemoteKeyPackage {
+                    sender_id: sender_ids[0],
+                    key_package: Some(package.clone()),
+                    home_certificate: Some(certificate),
+                };
+                link::LinkMessage::Response {
+                    id,
+                    response: link::LinkResponse::Claimed { key_packages: vec![entry] },
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        send.write_all(&link::encode_established(&reply).unwrap()).await?;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_answers_for_another_domains_user_or_with_bad_certificates_are_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let b_federation = free_address();
+    let a = start(
+        &dir.path().join("a"),
+        "a.test",
+        SEED_A,
+        free_address(),
+        vec![peer("b.test", b_federation, SEED_B)],
+    )
+    .await;
+    // carol: a user whose package the fake b presents.
+    let provider = client_core::mls::MlsProvider::from_seed([3; 32]);
+    let identity = client_core::mls::Identity::generate(&provider).unwrap();
+    let package = client_core::mls::generate_key_packages(&provider, &identity, 1, common::now_ms() / 1000)
+        .unwrap()
+        .remove(0)
+        .message;
+    let carol_key = *identity.public_key();
+    let carol = SenderId::from_identity_key(&carol_key);
+    let answers = vec![Answer::ForeignUser, Answer::Forged, Answer::Expired, Answer::Honest];
+    let fake_dir = dir.path().join("fake-b");
+    std::fs::create_dir_all(&fake_dir).unwrap();
+    let fake =
+        tokio::spawn(async move { fake_b(&fake_dir, b_federation, (package, carol_key), answers).await });
+    linked(&a, "b.test").await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+
+    for (what, code) in [
+        ("a user certified by another domain", "foreign_user"),
+        ("a certificate not signed by b", "bad_home_certificate"),
+        ("an expired certificate", "bad_home_certificate"),
+    ] {
+        let before = refusals(&a, code);
+        let reply = claim_at(&mut alice, "b.test", &[carol]).await;
+        assert_eq!(error_code(&reply), ErrorCode::FederationRefused.to_u16(), "{what}");
+        assert_eq!(refusals(&a, code), before + 1, "{what} is counted");
+    }
+    let reply = claim_at(&mut alice, "b.test", &[carol]).await;
+    let answer: KeyPackageClaimed = decode_ok(&reply);
+    assert!(answer.key_packages[0].key_package.is_some(), "the link still serves b's honest answers");
+    fake.abort();
+}
