@@ -221,6 +221,11 @@ mod tests {
     }
 
     #[test]
+    fn federation_established_message_bound_is_the_documented_one() {
+        assert_eq!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX, 4_226_880, "docs/wire-protocol.md §10");
+    }
+
+    #[test]
     fn federation_refusal_message_is_cut_on_a_character_boundary() {
         let long = "é".repeat(REFUSAL_MESSAGE_BYTES_MAX);
         let LinkResponse::Refused { message, .. } = refusal(RefusalCode::BadRequest, &long) else {
