@@ -3,7 +3,10 @@
 //! a claims key packages of a user of b through a's server, claim-once as
 //! locally; a claim naming an unknown domain, or a domain whose server is
 //! down, is refused with its typed error and counted, and works again once
-//! the peer is back, with nothing already claimed lost or given twice.
+//! the peer is back, with nothing already claimed lost or given twice; a
+//! peer presenting another domain's user, a forged or an expired home
+//! certificate, or not answering in time, is refused with its typed error
+//! and counted, and its link goes on serving honest answers.
 
 mod common;
 
@@ -181,6 +184,8 @@ enum Answer {
     Expired,
     /// carol's package, certified by b.test: what b may say.
     Honest,
+    /// No answer at all.
+    Silent,
 }
 
 /// A server that speaks for b.test (it holds b's federation key) and
@@ -254,7 +259,12 @@ async fn fake_link(
             } => {
                 let now_ms = common::now_ms();
                 let valid_ms = now_ms + 3_600_000;
-                let certificate = match answers.next().unwrap() {
+                let answer = answers.next().unwrap();
+                if matches!(answer, Answer::Silent) {
+                    continue;
+                }
+                let certificate = match answer {
+                    Answer::Silent => unreachable!("not answered"),
                     Answer::ForeignUser => HomeCertificate::issue(
                         &SigningKey::from_bytes(&[0xc3; 32]),
                         DomainName::parse("c.test").unwrap(),
@@ -309,7 +319,7 @@ async fn federation_answers_for_another_domains_user_or_with_bad_certificates_ar
         .message;
     let carol_key = *identity.public_key();
     let carol = SenderId::from_identity_key(&carol_key);
-    let answers = vec![Answer::ForeignUser, Answer::Forged, Answer::Expired, Answer::Honest];
+    let answers = vec![Answer::ForeignUser, Answer::Forged, Answer::Expired, Answer::Silent, Answer::Honest];
     let fake_dir = dir.path().join("fake-b");
     std::fs::create_dir_all(&fake_dir).unwrap();
     let fake =
@@ -327,6 +337,8 @@ async fn federation_answers_for_another_domains_user_or_with_bad_certificates_ar
         assert_eq!(error_code(&reply), ErrorCode::FederationRefused.to_u16(), "{what}");
         assert_eq!(refusals(&a, code), before + 1, "{what} is counted");
     }
+    let reply = claim_at(&mut alice, "b.test", &[carol]).await;
+    assert_eq!(error_code(&reply), ErrorCode::DomainUnreachable.to_u16(), "no answer in time: retry");
     let reply = claim_at(&mut alice, "b.test", &[carol]).await;
     let answer: KeyPackageClaimed = decode_ok(&reply);
     assert!(answer.key_packages[0].key_package.is_some(), "the link still serves b's honest answers");

@@ -403,6 +403,8 @@ impl Link<'_> {
             error = self.connection.closed() => connection_error(error),
         };
         registry.remove(self.peer, link_id);
+        // Dropping the waiters tells each request at once that the link is down.
+        drop(lock_pending(&pending).abandon());
         reason
     }
 

@@ -178,6 +178,11 @@ impl<W> PendingRequests<W> {
     pub fn finish(&mut self, id: u64) -> Option<W> {
         self.waiting.remove(&id)
     }
+
+    /// Every waiter, removed: the link went down and none will be answered.
+    pub fn abandon(&mut self) -> Vec<W> {
+        std::mem::take(&mut self.waiting).into_values().collect()
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +201,13 @@ mod tests {
         let next = pending.begin(7).unwrap();
         assert!(!ids.contains(&next), "ids are not reused while others wait");
         assert_eq!(pending.begin(8), None, "the bound holds again");
+        assert_eq!(
+            pending.abandon().len(),
+            LINK_REQUESTS_IN_FLIGHT_MAX,
+            "a link down gives up every request"
+        );
+        assert_eq!(pending.finish(next), None);
+        assert!(pending.begin(9).is_some());
     }
 
     #[test]
