@@ -7,7 +7,9 @@
 //! the initiator checks that proof and sends its own; the responder checks
 //! it and answers `Accepted`. Proofs are `kalandra_proto::federation` link
 //! proofs, bound to both hellos, the prover's role and the TLS exporter of
-//! the connection. Afterwards the stream carries `Ping`/`Pong` only.
+//! the connection. Afterwards messages have a 4-byte length, and the stream
+//! carries `Ping`/`Pong` and `Request`/`Response`
+//! ([`super::requests`]) only.
 
 use std::collections::BTreeMap;
 
@@ -291,18 +293,16 @@ pub fn decode(body: &[u8]) -> Result<LinkMessage, LinkHandshakeError> {
 }
 
 /// `message` with the 4-byte length prefix of an established link, or
-/// `None` when it exceeds [`LINK_ESTABLISHED_MESSAGE_BYTES_MAX`].
-pub fn encode_established(message: &LinkMessage) -> Option<Vec<u8>> {
+/// its length when that exceeds [`LINK_ESTABLISHED_MESSAGE_BYTES_MAX`].
+pub fn encode_established(message: &LinkMessage) -> Result<Vec<u8>, usize> {
     let mut out = vec![0u8; LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];
     // Writing CBOR into a Vec fails only on allocation failure.
     let _ = ciborium::into_writer(message, &mut out);
     let len_bytes = out.len() - LINK_ESTABLISHED_LENGTH_PREFIX_BYTES;
-    if len_bytes > LINK_ESTABLISHED_MESSAGE_BYTES_MAX {
-        return None;
-    }
-    let len = u32::try_from(len_bytes).ok()?;
+    let len = u32::try_from(len_bytes).ok().filter(|_| len_bytes <= LINK_ESTABLISHED_MESSAGE_BYTES_MAX);
+    let len = len.ok_or(len_bytes)?;
     out[..LINK_ESTABLISHED_LENGTH_PREFIX_BYTES].copy_from_slice(&len.to_be_bytes());
-    Some(out)
+    Ok(out)
 }
 
 /// The body length an established link's prefix announces, if within

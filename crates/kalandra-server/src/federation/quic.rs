@@ -1,9 +1,10 @@
 //! The link driver over quinn: the server-to-server listener (its own
 //! socket and ALPN [`S2S_ALPN`]) and one dialer per peer with an address.
 //! Each runs the pure [`LinkHandshake`] over one bidirectional stream, with
-//! the connection's TLS exporter as the proofs' binding, then keeps the
-//! link alive with pings. Decisions live in [`super::handshake`] and
-//! [`super::links`]; this module only moves bytes and keeps time.
+//! the connection's TLS exporter as the proofs' binding, then serves the
+//! link: pings, and requests both ways ([`super::requests`]). Decisions
+//! live in [`super::handshake`], [`super::requests`], [`super::directory`]
+//! and [`super::links`]; this module only moves bytes and keeps time.
 //!
 //! TLS here does not authenticate: a dialer accepts any certificate (its
 //! handshake signature is still checked), and the listener asks for none.
@@ -467,8 +468,8 @@ impl Link<'_> {
                 .unwrap_or_else(|error| refusal(RefusalCode::Unavailable, &error.to_string()));
             let message = LinkMessage::Response { id, response };
             let message = match encode_established(&message) {
-                Some(_) => message,
-                None => {
+                Ok(_) => message,
+                Err(_) => {
                     let response = refusal(RefusalCode::Unavailable, "answer too large for a link message");
                     LinkMessage::Response { id, response }
                 }
@@ -481,7 +482,7 @@ impl Link<'_> {
 
 /// Queues `message` for the link's writer (dropped if the link is gone).
 async fn queue(outgoing: &mpsc::Sender<Vec<u8>>, message: &LinkMessage) {
-    if let Some(bytes) = encode_established(message) {
+    if let Ok(bytes) = encode_established(message) {
         // A closed queue means the link is going down: nothing to do.
         let _ = outgoing.send(bytes).await;
     }

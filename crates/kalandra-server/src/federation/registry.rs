@@ -88,9 +88,8 @@ impl LinkRegistry {
             error
         };
         let message = LinkMessage::Request { id, request };
-        let Some(bytes) = encode_established(&message) else {
-            return Err(give_up(LinkRequestError::TooLarge { len_bytes: usize::MAX }));
-        };
+        let bytes = encode_established(&message)
+            .map_err(|len_bytes| give_up(LinkRequestError::TooLarge { len_bytes }))?;
         if handle.outgoing.send(bytes).await.is_err() {
             return Err(give_up(down()));
         }

@@ -233,6 +233,33 @@ mod tests {
     }
 
     #[test]
+    fn federation_established_link_refuses_oversize_empty_and_handshake_messages() {
+        use crate::federation::handshake::{encode, established_body_len, LinkHandshakeError};
+        let over = u32::try_from(LINK_ESTABLISHED_MESSAGE_BYTES_MAX + 1).unwrap().to_be_bytes();
+        assert!(matches!(established_body_len(over), Err(LinkHandshakeError::MessageTooLarge { .. })));
+        assert!(matches!(established_body_len([0; 4]), Err(LinkHandshakeError::Malformed(_))));
+        let at = u32::try_from(LINK_ESTABLISHED_MESSAGE_BYTES_MAX).unwrap().to_be_bytes();
+        assert_eq!(established_body_len(at), Ok(LINK_ESTABLISHED_MESSAGE_BYTES_MAX));
+        let accepted = encode(&LinkMessage::Accepted);
+        let error = decode_established(&accepted[crate::federation::handshake::LINK_LENGTH_PREFIX_BYTES..]);
+        assert_eq!(error, Err(LinkHandshakeError::UnexpectedMessage { message: "accepted" }));
+        let huge = LinkMessage::Response {
+            id: 1,
+            response: LinkResponse::Claimed {
+                key_packages: vec![
+                    RemoteKeyPackage {
+                        sender_id: 1,
+                        key_package: Some(vec![0; KEY_PACKAGE_BYTES_MAX * 2]),
+                        home_certificate: None,
+                    };
+                    KEY_PACKAGES_PER_CLAIM_MAX as usize
+                ],
+            },
+        };
+        assert!(encode_established(&huge).is_err(), "an answer over the bound is not sent");
+    }
+
+    #[test]
     fn federation_established_message_bound_is_the_documented_one() {
         assert_eq!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX, 4_226_880, "docs/wire-protocol.md §10");
     }
