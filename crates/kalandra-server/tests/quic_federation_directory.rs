@@ -164,7 +164,18 @@ async fn federation_claim_refusals_are_typed_and_the_claim_works_once_the_peer_i
 
     let b = Domains::start_b(dir.path(), b_federation, a_federation).await;
     linked(&a, "b.test").await;
-    let reply = claim_at(&mut alice, "b.test", &[bob.sender()]).await;
+    // The link state may show b's old link until a notices it is gone:
+    // DomainUnreachable is retryable, so retry as a client would.
+    let deadline = Instant::now() + TIMEOUT;
+    let reply = loop {
+        let reply = claim_at(&mut alice, "b.test", &[bob.sender()]).await;
+        let unreachable = reply.opcode() == kalandra_proto::Opcode::Error
+            && error_code(&reply) == ErrorCode::DomainUnreachable.to_u16();
+        if !unreachable || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let answer: KeyPackageClaimed = decode_ok(&reply);
     let first = answer.key_packages[0].key_package.clone().expect("bob's package, kept by b");
     let reply = claim_at(&mut alice, "b.test", &[bob.sender()]).await;

@@ -430,14 +430,14 @@ impl Link<'_> {
             match message {
                 LinkMessage::Ping { sequence } => {
                     self.context.links.keepalive(self.peer);
-                    queue(outgoing, &LinkMessage::Pong { sequence }).await;
+                    queue_now(outgoing, &LinkMessage::Pong { sequence });
                 }
                 LinkMessage::Pong { .. } => self.context.links.keepalive(self.peer),
                 LinkMessage::Request { id, request } => match Arc::clone(&answering).try_acquire_owned() {
                     Ok(permit) => self.answer(id, request, outgoing.clone(), permit),
                     Err(_) => {
                         let response = refusal(RefusalCode::TooManyRequests, "too many requests in progress");
-                        queue(outgoing, &LinkMessage::Response { id, response }).await;
+                        queue_now(outgoing, &LinkMessage::Response { id, response });
                     }
                 },
                 LinkMessage::Response { id, response } => match lock_pending(pending).finish(id) {
@@ -485,6 +485,18 @@ async fn queue(outgoing: &mpsc::Sender<Vec<u8>>, message: &LinkMessage) {
     if let Ok(bytes) = encode_established(message) {
         // A closed queue means the link is going down: nothing to do.
         let _ = outgoing.send(bytes).await;
+    }
+}
+
+/// Queues `message` without waiting: the reader never blocks on the
+/// writer (which may wait for the peer to read). A full queue drops it;
+/// a dropped pong lets the link fall silent, a dropped refusal leaves the
+/// peer's request to its timeout.
+fn queue_now(outgoing: &mpsc::Sender<Vec<u8>>, message: &LinkMessage) {
+    if let Ok(bytes) = encode_established(message) {
+        if outgoing.try_send(bytes).is_err() {
+            tracing::debug!(message = message.name(), "link queue full; message dropped");
+        }
     }
 }
 
