@@ -588,7 +588,7 @@ pub mod seeds {
                 last_resort: Some(bytes(8, 0x99)),
             }),
             AnyPayload::KeyPackageStatus(KeyPackageStatus { available: 17, last_resort: true }),
-            AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![1, 2, 3] }),
+            AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![1, 2, 3], domain: None }),
             AnyPayload::KeyPackageClaimed(KeyPackageClaimed {
                 key_packages: vec![
                     ClaimedKeyPackage { sender_id: 1, key_package: Some(bytes(8, 0x44)) },

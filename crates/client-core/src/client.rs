@@ -1297,7 +1297,7 @@ impl Client {
         epoch: u64,
         members: &[u64],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let claim = KeyPackageClaim { sender_ids: members.to_vec() };
+        let claim = KeyPackageClaim { sender_ids: members.to_vec(), domain: None };
         let frame = self.frame(room_id, epoch, &claim)?;
         let reply = self.request(&frame).await?;
         let claimed: KeyPackageClaimed = expect(&reply)?;

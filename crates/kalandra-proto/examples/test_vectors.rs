@@ -99,7 +99,11 @@ fn main() {
             }),
             true,
         ),
-        ("key_package_claim", AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![1, 2] }), true),
+        (
+            "key_package_claim",
+            AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![1, 2], domain: None }),
+            true,
+        ),
         ("typing", AnyPayload::Typing(Typing { active: true }), true),
         (
             "application_with_push",

@@ -117,6 +117,10 @@ error_codes! {
     NoSuchCommit = 2013, Request;
     /// A `CommitReport` names a settled commit (its report window is over, or a later commit was sequenced): rejoin.
     CommitSettled = 2014, Request;
+    /// The request names a domain that is not a configured peer domain.
+    UnknownDomain = 2015, Request;
+    /// The peer domain refused the request, or answered with what does not verify (a user it does not speak for).
+    FederationRefused = 2016, Request;
 
     /// Too many frames: the token bucket is empty.
     RateLimited = 3000, Limit;
@@ -137,6 +141,8 @@ error_codes! {
     StorageUnavailable = 5001, Server;
     /// The server is shutting down.
     ShuttingDown = 5002, Server;
+    /// The peer domain cannot be reached now (no link up, or no answer in time); retry later.
+    DomainUnreachable = 5003, Server;
 }
 
 impl ErrorCode {

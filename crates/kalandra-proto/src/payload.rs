@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
+use crate::federation::DomainName;
 use crate::limits::{
     AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX,
     PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
@@ -814,6 +815,10 @@ payload!(
     KeyPackageClaim => KeyPackageClaim {
         /// Sender ids whose key packages are wanted.
         pub sender_ids: Vec<u64>,
+        /// The users' home domain when it is not the server's own: the
+        /// server claims through that peer domain (absent: its own users).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub domain: Option<DomainName>,
     }
 );
 impl Payload for KeyPackageClaim {

@@ -323,7 +323,7 @@ fn payload_invalid_values() {
             AnyPayload::KeyPackageUpload(KeyPackageUpload { key_packages: vec![], last_resort: None }),
             "key_packages",
         ),
-        (AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![] }), "sender_ids"),
+        (AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids: vec![], domain: None }), "sender_ids"),
     ];
     for (payload, expected_field) in cases {
         match AnyPayload::decode(payload.opcode(), &payload.encode()) {

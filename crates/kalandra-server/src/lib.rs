@@ -34,6 +34,18 @@ pub use crate::federation::handshake::{LinkHandshakeError, LINK_FAILURE_CODES};
 pub use crate::federation::limits::S2S_ALPN;
 pub use crate::federation::links::{FederationLinks, FederationView, LinkFailure, PeerLinkView};
 pub use crate::federation::quic::client_config as federation_client_config;
+
+/// The server-to-server link protocol, for tests that play a peer domain.
+pub mod federation_link {
+    pub use crate::federation::handshake::{
+        body_len, decode, decode_established, encode, encode_established, established_body_len,
+        LinkHandshake, LinkMessage, PeerTable, Step, LINK_LENGTH_PREFIX_BYTES,
+    };
+    pub use crate::federation::quic::server_config;
+    pub use crate::federation::requests::{
+        LinkRequest, LinkResponse, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
+    };
+}
 pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};
 pub use crate::node::push::{MemoryPushSink, PushNotification, PushSink};
 pub use crate::node::{Clock, Node, NodeHealth};

@@ -18,9 +18,11 @@ use crate::admin::api::{AdminApi, AdminState};
 use crate::admin::http::{gauge_loop, serve_admin};
 use crate::admin::metrics::{Metrics, MetricsError};
 use crate::config::{load_or_create_admin_token, ConfigError, ServerConfig};
+use crate::federation::directory::HomeDirectory;
 use crate::federation::handshake::PeerTable;
 use crate::federation::links::FederationLinks;
 use crate::federation::quic::{FederationTasks, LinkContext};
+use crate::federation::registry::{LinkRegistry, RemoteDirectory};
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
 use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
 use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError};
@@ -341,6 +343,14 @@ async fn assemble(
         }
     };
     let server_public_key = keys.server_key.verifying_key().to_bytes();
+    let registry = Arc::new(LinkRegistry::default());
+    let remote_directory = Arc::new(RemoteDirectory {
+        domain: config.domain.clone(),
+        peers: peers.clone(),
+        registry: Arc::clone(&registry),
+        clock: Arc::clone(&clock),
+        metrics: metrics.clone(),
+    });
     let listener = Listener::new(
         node.clone(),
         Arc::clone(&store),
@@ -348,7 +358,14 @@ async fn assemble(
         Arc::clone(&clock),
         metrics.clone(),
         server_public_key,
+        remote_directory,
     );
+    let home = Arc::new(HomeDirectory {
+        store: Arc::clone(&store),
+        domain: config.domain.clone(),
+        key: keys.federation_key.clone(),
+        clock: Arc::clone(&clock),
+    });
     let link_context = LinkContext {
         domain: config.domain.clone(),
         key: keys.federation_key.clone(),
@@ -356,6 +373,8 @@ async fn assemble(
         links: federation_links.clone(),
         clock: Arc::clone(&clock),
         handshake_timeout_ms: config.federation.handshake_timeout_ms,
+        registry,
+        home,
     };
     let federation = match start_federation(&config, &keys.identity, listeners.federation, link_context) {
         Ok(federation) => federation,

@@ -359,8 +359,9 @@ impl Member {
     }
 
     async fn add(&mut self, members: &[SenderId]) -> Ack {
-        let reply =
-            self.request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect() }).await;
+        let reply = self
+            .request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect(), domain: None })
+            .await;
         let claimed: KeyPackageClaimed = decode_ok(&reply);
         let key_packages: Vec<Vec<u8>> =
             claimed.key_packages.into_iter().map(|entry| entry.key_package.expect("a key package")).collect();

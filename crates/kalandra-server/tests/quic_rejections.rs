@@ -434,7 +434,9 @@ async fn upload(client: &mut TestClient, ordinary: &[&[u8]], last_resort: Option
 }
 
 async fn claim(client: &mut TestClient, owners: &[SenderId]) -> Vec<Option<Vec<u8>>> {
-    let reply = client.request(&KeyPackageClaim { sender_ids: owners.iter().map(|s| s.0).collect() }).await;
+    let reply = client
+        .request(&KeyPackageClaim { sender_ids: owners.iter().map(|s| s.0).collect(), domain: None })
+        .await;
     let claimed: KeyPackageClaimed = decode_ok(&reply);
     assert_eq!(claimed.key_packages.len(), owners.len());
     for (entry, owner) in claimed.key_packages.iter().zip(owners) {
@@ -1435,7 +1437,7 @@ async fn a_user_over_its_rate_is_refused_on_every_connection() {
     let mut alice = server.client("alice", ALICE).await;
     let mut second = server.client("alice's second device", ALICE).await;
     let mut bob = server.client("bob", BOB).await;
-    let nobody = KeyPackageClaim { sender_ids: vec![42] };
+    let nobody = KeyPackageClaim { sender_ids: vec![42], domain: None };
 
     async fn pipelined(client: &mut TestClient, payload: &KeyPackageClaim, count: usize) -> Vec<Frame> {
         let frames: Vec<Frame> = (0..count).map(|_| client.frame(payload)).collect();

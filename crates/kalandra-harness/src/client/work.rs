@@ -195,7 +195,7 @@ impl Client {
             WorkKind::Invite(targets) => {
                 let targets: Vec<u64> = targets.into_iter().filter(|t| !members.contains(t)).collect();
                 if !targets.is_empty() {
-                    let claim = payload::KeyPackageClaim { sender_ids: targets.clone() };
+                    let claim = payload::KeyPackageClaim { sender_ids: targets.clone(), domain: None };
                     let work = Work { label: work.label, kind: WorkKind::Invite(targets) };
                     self.request(room_id, &claim, epoch, Request::Claim { room: room_id, work });
                 }

@@ -114,7 +114,7 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
             KeyPackageStatus { available, last_resort }
         )),
         vec(any::<u64>(), 1..64)
-            .prop_map(|sender_ids| AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids })),
+            .prop_map(|sender_ids| AnyPayload::KeyPackageClaim(KeyPackageClaim { sender_ids, domain: None })),
         vec((any::<u64>(), proptest::option::of(blob())), 0..8).prop_map(|entries| {
             AnyPayload::KeyPackageClaimed(KeyPackageClaimed {
                 key_packages: entries

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use kalandra_proto::{ErrorCode, Opcode};
 
+use crate::federation::directory::FEDERATION_REFUSAL_CODES;
 use crate::federation::handshake::LINK_FAILURE_CODES;
 use crate::room::roles::Actor;
 
@@ -61,6 +62,8 @@ pub const DATABASE_SIZE_BYTES: &str = "kalandra_database_size_bytes";
 pub const FEDERATION_LINK_UP: &str = "kalandra_federation_link_up";
 /// Failed server-to-server link handshakes, by `code` (counter).
 pub const FEDERATION_HANDSHAKE_FAILURES_TOTAL: &str = "kalandra_federation_handshake_failures_total";
+/// Counter, by `code`: peers' answers refused, and requests naming an unknown domain.
+pub const FEDERATION_REFUSALS_TOTAL: &str = "kalandra_federation_refusals_total";
 
 /// Attribute carrying an opcode's specification name.
 pub const OPCODE_ATTRIBUTE: &str = "opcode";
@@ -195,6 +198,7 @@ struct Inner {
     /// Each configured peer domain with its link gauge, set once at start.
     federation_peers: std::sync::OnceLock<Vec<(String, AtomicU64)>>,
     federation_failures: Family,
+    federation_refusals: Family,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -228,6 +232,7 @@ impl Metrics {
             database_size_bytes: AtomicU64::new(0),
             federation_peers: std::sync::OnceLock::new(),
             federation_failures: Family::new(LINK_FAILURE_CODES.len()),
+            federation_refusals: Family::new(FEDERATION_REFUSAL_CODES.len()),
             admin_routes,
         };
         Ok(Metrics { inner: Arc::new(inner) })
@@ -357,6 +362,13 @@ impl Metrics {
         self.inner.federation_failures.add(index, 1);
     }
 
+    /// Counts a refusal of a peer's answer (or of a request naming an
+    /// unknown domain) under `code`, one of [`FEDERATION_REFUSAL_CODES`].
+    pub fn federation_refused(&self, code: &str) {
+        let index = FEDERATION_REFUSAL_CODES.iter().position(|known| *known == code).unwrap_or(usize::MAX);
+        self.inner.federation_refusals.add(index, 1);
+    }
+
     /// Every metric in the Prometheus text format
     /// ([`PROMETHEUS_TEXT_CONTENT_TYPE`]).
     pub fn render(&self) -> Result<String, MetricsError> {
@@ -424,6 +436,15 @@ impl Metrics {
             "code",
             &LINK_FAILURE_CODES,
             &inner.federation_failures,
+        )?;
+        let help = "Refused answers of peer domains, and requests naming an unknown domain, by code.";
+        labelled(
+            out,
+            FEDERATION_REFUSALS_TOTAL,
+            help,
+            "code",
+            &FEDERATION_REFUSAL_CODES,
+            &inner.federation_refusals,
         )
     }
 

@@ -7,7 +7,9 @@
 //! the initiator checks that proof and sends its own; the responder checks
 //! it and answers `Accepted`. Proofs are `kalandra_proto::federation` link
 //! proofs, bound to both hellos, the prover's role and the TLS exporter of
-//! the connection. Afterwards the stream carries `Ping`/`Pong` only.
+//! the connection. Afterwards messages have a 4-byte length, and the stream
+//! carries `Ping`/`Pong` and `Request`/`Response`
+//! ([`super::requests`]) only.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +20,10 @@ use kalandra_proto::federation::{
 };
 use kalandra_proto::limits::{PUBLIC_KEY_BYTES, SIGNATURE_BYTES};
 use serde::{Deserialize, Serialize};
+
+use crate::federation::requests::{
+    LinkRequest, LinkResponse, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_ESTABLISHED_MESSAGE_BYTES_MAX,
+};
 
 /// Largest link message, bytes (without its length prefix).
 pub const LINK_MESSAGE_BYTES_MAX: usize = 1024;
@@ -86,6 +92,20 @@ pub enum LinkMessage {
         /// The `Ping`'s.
         sequence: u64,
     },
+    /// A request on an established link, from either end.
+    Request {
+        /// Chosen by the sender, repeated in the `Response`.
+        id: u64,
+        /// What is asked.
+        request: LinkRequest,
+    },
+    /// The answer to the `Request` with the same id.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        response: LinkResponse,
+    },
 }
 
 impl LinkMessage {
@@ -97,6 +117,8 @@ impl LinkMessage {
             LinkMessage::Accepted => "accepted",
             LinkMessage::Ping { .. } => "ping",
             LinkMessage::Pong { .. } => "pong",
+            LinkMessage::Request { .. } => "request",
+            LinkMessage::Response { .. } => "response",
         }
     }
 }
@@ -168,8 +190,8 @@ pub enum LinkHandshakeError {
     /// Bytes that are not a link message.
     #[error("malformed link message: {0}")]
     Malformed(String),
-    /// A length prefix above [`LINK_MESSAGE_BYTES_MAX`].
-    #[error("link message of {len_bytes} bytes, limit {LINK_MESSAGE_BYTES_MAX}")]
+    /// A length prefix above the limit ([`LINK_MESSAGE_BYTES_MAX`] in the handshake).
+    #[error("link message of {len_bytes} bytes, over the limit")]
     MessageTooLarge {
         /// The announced length.
         len_bytes: usize,
@@ -268,6 +290,46 @@ pub fn decode(body: &[u8]) -> Result<LinkMessage, LinkHandshakeError> {
         return Err(LinkHandshakeError::Malformed("bytes follow the message".to_owned()));
     }
     Ok(message)
+}
+
+/// `message` with the 4-byte length prefix of an established link, or
+/// its length when that exceeds [`LINK_ESTABLISHED_MESSAGE_BYTES_MAX`].
+pub fn encode_established(message: &LinkMessage) -> Result<Vec<u8>, usize> {
+    let mut out = vec![0u8; LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];
+    // Writing CBOR into a Vec fails only on allocation failure.
+    let _ = ciborium::into_writer(message, &mut out);
+    let len_bytes = out.len() - LINK_ESTABLISHED_LENGTH_PREFIX_BYTES;
+    let len = u32::try_from(len_bytes).ok().filter(|_| len_bytes <= LINK_ESTABLISHED_MESSAGE_BYTES_MAX);
+    let len = len.ok_or(len_bytes)?;
+    out[..LINK_ESTABLISHED_LENGTH_PREFIX_BYTES].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
+/// The body length an established link's prefix announces, if within
+/// [`LINK_ESTABLISHED_MESSAGE_BYTES_MAX`].
+pub fn established_body_len(
+    prefix: [u8; LINK_ESTABLISHED_LENGTH_PREFIX_BYTES],
+) -> Result<usize, LinkHandshakeError> {
+    let len_bytes = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
+    if len_bytes > LINK_ESTABLISHED_MESSAGE_BYTES_MAX {
+        return Err(LinkHandshakeError::MessageTooLarge { len_bytes });
+    }
+    if len_bytes == 0 {
+        return Err(LinkHandshakeError::Malformed("empty message".to_owned()));
+    }
+    Ok(len_bytes)
+}
+
+/// Decodes a message body of an established link: exactly one message,
+/// and none of the handshake's.
+pub fn decode_established(body: &[u8]) -> Result<LinkMessage, LinkHandshakeError> {
+    let message = decode(body)?;
+    match message {
+        LinkMessage::Hello { .. } | LinkMessage::Proof { .. } | LinkMessage::Accepted => {
+            Err(LinkHandshakeError::UnexpectedMessage { message: message.name() })
+        }
+        _ => Ok(message),
+    }
 }
 
 /// What a handshake step asks of its driver.

@@ -1,16 +1,23 @@
-//! Federation, as far as it is built: the server's domain identity and the
+//! Federation, as far as it is built: the server's domain identity, the
 //! authenticated server-to-server QUIC links to the peer domains the
-//! operator configured (`docs/FEDERATION.md`). A link carries keepalives
-//! only; nothing is relayed over it yet.
+//! operator configured (`docs/FEDERATION.md`), requests over those links,
+//! and the key-package directory across domains with home certificates.
+//! No frame is relayed between domains yet.
 //!
-//! [`handshake`] is the pure state machine of the link handshake, [`links`]
-//! the per-peer state the admin API and metrics show, and [`quic`] the
-//! thin driver that runs both over quinn: the listener and one dialer per
-//! peer with an address.
+//! [`handshake`] is the pure state machine of the link handshake and the
+//! link messages, [`requests`] the pure request/response layer, [`links`]
+//! the per-peer state the admin API and metrics show, [`directory`] the
+//! remote claim (the home side's answer and the pure check of an answer),
+//! [`registry`] the links that are up and the remote directory on them,
+//! and [`quic`] the thin driver that runs it all over quinn: the listener
+//! and one dialer per peer with an address.
 
+pub mod directory;
 pub mod handshake;
 pub mod links;
 pub mod quic;
+pub mod registry;
+pub mod requests;
 
 /// Named limits of the server-to-server links.
 pub mod limits {

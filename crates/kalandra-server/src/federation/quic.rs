@@ -1,9 +1,10 @@
 //! The link driver over quinn: the server-to-server listener (its own
 //! socket and ALPN [`S2S_ALPN`]) and one dialer per peer with an address.
 //! Each runs the pure [`LinkHandshake`] over one bidirectional stream, with
-//! the connection's TLS exporter as the proofs' binding, then keeps the
-//! link alive with pings. Decisions live in [`super::handshake`] and
-//! [`super::links`]; this module only moves bytes and keeps time.
+//! the connection's TLS exporter as the proofs' binding, then serves the
+//! link: pings, and requests both ways ([`super::requests`]). Decisions
+//! live in [`super::handshake`], [`super::requests`], [`super::directory`]
+//! and [`super::links`]; this module only moves bytes and keeps time.
 //!
 //! TLS here does not authenticate: a dialer accepts any certificate (its
 //! handshake signature is still checked), and the listener asks for none.
@@ -19,13 +20,14 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use crate::federation::directory::HomeDirectory;
 use crate::federation::handshake::{
-    body_len, decode, encode, Established, LinkHandshake, LinkHandshakeError, LinkMessage, PeerTable, Step,
-    LINK_LENGTH_PREFIX_BYTES,
+    body_len, decode, decode_established, encode, encode_established, established_body_len, Established,
+    LinkHandshake, LinkHandshakeError, LinkMessage, PeerTable, Step, LINK_LENGTH_PREFIX_BYTES,
 };
 use crate::federation::limits::{
     BACKOFF_INITIAL_MS, HANDSHAKES_IN_FLIGHT_MAX, IDLE_TIMEOUT_MS, LINK_SILENCE_MS_MAX, PING_INTERVAL_MS,
@@ -33,6 +35,10 @@ use crate::federation::limits::{
 };
 use crate::federation::links::FederationLinks;
 use crate::federation::next_backoff_ms;
+use crate::federation::registry::{lock_pending, LinkRegistry, Pending, LINK_OUTGOING_MESSAGES_MAX};
+use crate::federation::requests::{
+    refusal, PendingRequests, RefusalCode, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_REQUESTS_IN_FLIGHT_MAX,
+};
 use crate::node::Clock;
 use crate::transport::tls::{ServerTlsIdentity, TlsError};
 
@@ -54,6 +60,10 @@ pub struct LinkContext {
     pub clock: Clock,
     /// Time a handshake may take.
     pub handshake_timeout_ms: u64,
+    /// The links that are up, for requests.
+    pub registry: Arc<LinkRegistry>,
+    /// Answers the peers' requests.
+    pub home: Arc<HomeDirectory>,
 }
 
 impl LinkContext {
@@ -231,7 +241,8 @@ async fn accept(context: Arc<LinkContext>, incoming: quinn::Incoming, permit: Ow
     drop(permit);
     match result {
         Ok((peer, send, recv)) => {
-            let reason = answer_pings(&context, &peer, send, recv).await;
+            let link = Link { context: &context, connection: &connection, peer: &peer };
+            let reason = link.serve(send, recv, false).await;
             context.links.inbound_closed(&peer, &reason, context.now_ms());
             close(&connection, &reason);
         }
@@ -271,29 +282,6 @@ async fn respond(
     Ok((established.peer, send, recv))
 }
 
-/// The responder's side of a link: a pong for each ping, until silence or failure.
-async fn answer_pings(
-    context: &LinkContext,
-    peer: &DomainName,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> LinkHandshakeError {
-    loop {
-        let message = match timeout(Duration::from_millis(LINK_SILENCE_MS_MAX), read(&mut recv)).await {
-            Err(_) => return LinkHandshakeError::Timeout { timeout_ms: LINK_SILENCE_MS_MAX },
-            Ok(Err(error)) => return error,
-            Ok(Ok(message)) => message,
-        };
-        let LinkMessage::Ping { sequence } = message else {
-            return LinkHandshakeError::UnexpectedMessage { message: message.name() };
-        };
-        if let Err(error) = write(&mut send, &[LinkMessage::Pong { sequence }]).await {
-            return error;
-        }
-        context.links.keepalive(peer);
-    }
-}
-
 /// One peer's dialer.
 struct Dialer {
     context: Arc<LinkContext>,
@@ -312,7 +300,8 @@ impl Dialer {
                     self.context.links.dialed_up(&peer, established.key, now_ms);
                     tracing::info!(%peer, "federation link up");
                     backoff_ms = BACKOFF_INITIAL_MS;
-                    let reason = self.ping(&connection, &peer, send, recv).await;
+                    let link = Link { context: &self.context, connection: &connection, peer: &peer };
+                    let reason = link.serve(send, recv, true).await;
                     close(&connection, &reason);
                     tracing::warn!(%peer, %reason, "federation link down");
                     self.context.links.dialed_down(&peer, &reason, self.context.now_ms());
@@ -384,34 +373,156 @@ impl Dialer {
         let established = exchange(context, &mut handshake, &mut send, &mut recv, &[hello]).await?;
         Ok((established, send, recv))
     }
+}
 
-    /// The initiator's side of a link: a ping each interval, its pong in time.
-    async fn ping(
+/// An authenticated link being served.
+struct Link<'a> {
+    context: &'a LinkContext,
+    connection: &'a quinn::Connection,
+    peer: &'a DomainName,
+}
+
+impl Link<'_> {
+    /// Serves the link until it fails: writes what is queued, reads and
+    /// dispatches the peer's messages, and (`pings`: the initiator) pings
+    /// every interval. A link silent for [`LINK_SILENCE_MS_MAX`] is dropped.
+    /// Requests can be sent over it meanwhile ([`LinkRegistry::request`]).
+    async fn serve(
         &self,
-        connection: &quinn::Connection,
-        peer: &DomainName,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        pings: bool,
     ) -> LinkHandshakeError {
-        for sequence in 1u64.. {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(PING_INTERVAL_MS)) => {}
-                error = connection.closed() => return connection_error(error),
-            }
-            if let Err(error) = write(&mut send, &[LinkMessage::Ping { sequence }]).await {
-                return error;
-            }
-            match timeout(Duration::from_millis(LINK_SILENCE_MS_MAX), read(&mut recv)).await {
+        let (outgoing, queued) = mpsc::channel(LINK_OUTGOING_MESSAGES_MAX);
+        let pending: Pending = Arc::new(std::sync::Mutex::new(PendingRequests::default()));
+        let registry = &self.context.registry;
+        let link_id = registry.add(self.peer, outgoing.clone(), Arc::clone(&pending));
+        let reason = tokio::select! {
+            reason = write_queued(send, queued) => reason,
+            reason = self.read_loop(recv, &outgoing, &pending) => reason,
+            reason = ping_loop(&outgoing, pings) => reason,
+            error = self.connection.closed() => connection_error(error),
+        };
+        registry.remove(self.peer, link_id);
+        // Dropping the waiters tells each request at once that the link is down.
+        drop(lock_pending(&pending).abandon());
+        reason
+    }
+
+    async fn read_loop(
+        &self,
+        mut recv: quinn::RecvStream,
+        outgoing: &mpsc::Sender<Vec<u8>>,
+        pending: &Pending,
+    ) -> LinkHandshakeError {
+        let answering = Arc::new(Semaphore::new(LINK_REQUESTS_IN_FLIGHT_MAX));
+        loop {
+            let message = match timeout(
+                Duration::from_millis(LINK_SILENCE_MS_MAX),
+                read_established(&mut recv),
+            )
+            .await
+            {
                 Err(_) => return LinkHandshakeError::Timeout { timeout_ms: LINK_SILENCE_MS_MAX },
                 Ok(Err(error)) => return error,
-                Ok(Ok(LinkMessage::Pong { sequence: answered })) if answered == sequence => {
-                    self.context.links.keepalive(peer);
+                Ok(Ok(message)) => message,
+            };
+            match message {
+                LinkMessage::Ping { sequence } => {
+                    self.context.links.keepalive(self.peer);
+                    queue_now(outgoing, &LinkMessage::Pong { sequence });
                 }
-                Ok(Ok(message)) => return LinkHandshakeError::UnexpectedMessage { message: message.name() },
+                LinkMessage::Pong { .. } => self.context.links.keepalive(self.peer),
+                LinkMessage::Request { id, request } => match Arc::clone(&answering).try_acquire_owned() {
+                    Ok(permit) => self.answer(id, request, outgoing.clone(), permit),
+                    Err(_) => {
+                        let response = refusal(RefusalCode::TooManyRequests, "too many requests in progress");
+                        queue_now(outgoing, &LinkMessage::Response { id, response });
+                    }
+                },
+                LinkMessage::Response { id, response } => match lock_pending(pending).finish(id) {
+                    Some(waiter) => {
+                        // The requester may have given up meanwhile.
+                        let _ = waiter.send(response);
+                    }
+                    None => tracing::debug!(peer = %self.peer, id, "late or unknown link response dropped"),
+                },
+                other => return LinkHandshakeError::UnexpectedMessage { message: other.name() },
             }
         }
-        LinkHandshakeError::Transport("ping sequence exhausted".to_owned())
     }
+
+    /// Answers the peer's request on a blocking thread; the answer is queued
+    /// when ready, holding `permit` until then.
+    fn answer(
+        &self,
+        id: u64,
+        request: crate::federation::requests::LinkRequest,
+        outgoing: mpsc::Sender<Vec<u8>>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let (home, peer) = (Arc::clone(&self.context.home), self.peer.clone());
+        tokio::spawn(async move {
+            let response = tokio::task::spawn_blocking(move || home.answer(&peer, request))
+                .await
+                .unwrap_or_else(|error| refusal(RefusalCode::Unavailable, &error.to_string()));
+            let message = LinkMessage::Response { id, response };
+            let message = match encode_established(&message) {
+                Ok(_) => message,
+                Err(_) => {
+                    let response = refusal(RefusalCode::Unavailable, "answer too large for a link message");
+                    LinkMessage::Response { id, response }
+                }
+            };
+            queue(&outgoing, &message).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Queues `message` for the link's writer (dropped if the link is gone).
+async fn queue(outgoing: &mpsc::Sender<Vec<u8>>, message: &LinkMessage) {
+    if let Ok(bytes) = encode_established(message) {
+        // A closed queue means the link is going down: nothing to do.
+        let _ = outgoing.send(bytes).await;
+    }
+}
+
+/// Queues `message` without waiting: the reader never blocks on the
+/// writer (which may wait for the peer to read). A full queue drops it;
+/// a dropped pong lets the link fall silent, a dropped refusal leaves the
+/// peer's request to its timeout.
+fn queue_now(outgoing: &mpsc::Sender<Vec<u8>>, message: &LinkMessage) {
+    if let Ok(bytes) = encode_established(message) {
+        if outgoing.try_send(bytes).is_err() {
+            tracing::debug!(message = message.name(), "link queue full; message dropped");
+        }
+    }
+}
+
+/// Writes the link's queued messages in order.
+async fn write_queued(
+    mut send: quinn::SendStream,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+) -> LinkHandshakeError {
+    while let Some(bytes) = queued.recv().await {
+        if let Err(error) = send.write_all(&bytes).await {
+            return write_error(error);
+        }
+    }
+    LinkHandshakeError::Transport("link queue closed".to_owned())
+}
+
+/// The initiator's keepalive: a ping each interval (the responder: none).
+async fn ping_loop(outgoing: &mpsc::Sender<Vec<u8>>, pings: bool) -> LinkHandshakeError {
+    if !pings {
+        return std::future::pending().await;
+    }
+    for sequence in 1u64.. {
+        tokio::time::sleep(Duration::from_millis(PING_INTERVAL_MS)).await;
+        queue(outgoing, &LinkMessage::Ping { sequence }).await;
+    }
+    LinkHandshakeError::Transport("ping sequence exhausted".to_owned())
 }
 
 /// Sends `first`, then feeds the peer's messages to `handshake` until the link is up.
@@ -449,14 +560,27 @@ async fn read(recv: &mut quinn::RecvStream) -> Result<LinkMessage, LinkHandshake
     decode(&body)
 }
 
+/// One message of an established link (a 4-byte length prefix).
+async fn read_established(recv: &mut quinn::RecvStream) -> Result<LinkMessage, LinkHandshakeError> {
+    let mut prefix = [0u8; LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];
+    recv.read_exact(&mut prefix).await.map_err(read_error)?;
+    let mut body = vec![0u8; established_body_len(prefix)?];
+    recv.read_exact(&mut body).await.map_err(read_error)?;
+    decode_established(&body)
+}
+
 async fn write(send: &mut quinn::SendStream, messages: &[LinkMessage]) -> Result<(), LinkHandshakeError> {
     for message in messages {
-        send.write_all(&encode(message)).await.map_err(|error| match error {
-            quinn::WriteError::ConnectionLost(lost) => connection_error(lost),
-            other => LinkHandshakeError::Transport(other.to_string()),
-        })?;
+        send.write_all(&encode(message)).await.map_err(write_error)?;
     }
     Ok(())
+}
+
+fn write_error(error: quinn::WriteError) -> LinkHandshakeError {
+    match error {
+        quinn::WriteError::ConnectionLost(lost) => connection_error(lost),
+        other => LinkHandshakeError::Transport(other.to_string()),
+    }
 }
 
 fn read_error(error: quinn::ReadExactError) -> LinkHandshakeError {

@@ -13,13 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use kalandra_proto::payload::KeyPackageClaim;
 use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
+use crate::federation::registry::RemoteDirectory;
 use crate::node::erasure::{redact_reply, redact_request};
 use crate::node::{error_frame, Command, Node, Outbox, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
-use crate::room::{moderation_reply, moderation_request, OtherRoute, RoomRequest, Routed};
+use crate::room::{moderation_reply, moderation_request, server_frame, OtherRoute, RoomRequest, Routed};
 use crate::store::Store;
 use crate::transport::directory::{self, DirectoryReply, DirectoryRequest};
 use crate::transport::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket};
@@ -74,6 +76,7 @@ pub struct Listener {
     per_user: Mutex<KeyedLimiter<SenderId>>,
     metrics: crate::admin::metrics::Metrics,
     server_key: [u8; 32],
+    remote_directory: Arc<RemoteDirectory>,
 }
 
 impl Listener {
@@ -85,6 +88,7 @@ impl Listener {
         clock: crate::node::Clock,
         metrics: crate::admin::metrics::Metrics,
         server_key: [u8; 32],
+        remote_directory: Arc<RemoteDirectory>,
     ) -> Arc<Listener> {
         let per_user = KeyedLimiter::new(
             f64::from(limits.frames_per_second_per_user),
@@ -101,6 +105,7 @@ impl Listener {
             per_user: Mutex::new(per_user),
             metrics,
             server_key,
+            remote_directory,
         })
     }
 
@@ -404,6 +409,12 @@ impl Listener {
             Routed::Other(other) => other,
         };
         match route {
+            OtherRoute::Directory(DirectoryRequest::Claim { request_id, claim })
+                if claim.domain.as_ref().is_some_and(|domain| *domain != self.remote_directory.domain) =>
+            {
+                let reply = self.claim_remote(request_id, &claim).await;
+                let _ = outbox.send(reply).await;
+            }
             OtherRoute::Directory(request) => {
                 let request_id = match &request {
                     DirectoryRequest::Upload { request_id, .. }
@@ -436,6 +447,29 @@ impl Listener {
 }
 
 impl Listener {
+    /// Answers a client's claim of another domain's users: through that
+    /// domain ([`RemoteDirectory::claim`]), its answer checked.
+    async fn claim_remote(&self, request_id: u32, claim: &KeyPackageClaim) -> Bytes {
+        let Some(domain) = &claim.domain else {
+            return error_frame(
+                RoomId::default(),
+                request_id,
+                ErrorCode::Internal,
+                "no domain to claim through",
+            );
+        };
+        match self.remote_directory.claim(domain, &claim.sender_ids).await {
+            Ok(claimed) => server_frame(RoomId::default(), request_id, &claimed).unwrap_or_else(|error| {
+                error_frame(RoomId::default(), request_id, ErrorCode::Internal, &error.to_string())
+            }),
+            Err(error) => {
+                let code = error.error_code();
+                self.metrics.rejected(code);
+                error_frame(RoomId::default(), request_id, code, &error.to_string())
+            }
+        }
+    }
+
     /// Answers a client's `Redact`: the sender of a frame may erase it, and
     /// a current member holding the room's admin or moderator role may erase
     /// any erasable frame of the room ([`Node::member_redact`]). The reply

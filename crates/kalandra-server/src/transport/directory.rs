@@ -64,6 +64,7 @@ impl DirectoryError {
 /// A verified key package: its reference, owner and last-resort marking.
 struct Inspected {
     key_package_ref: Vec<u8>,
+    identity_key: [u8; 32],
     owner: SenderId,
     last_resort: bool,
 }
@@ -91,9 +92,16 @@ fn inspect(index: usize, bytes: &[u8]) -> Result<Inspected, DirectoryError> {
     }
     Ok(Inspected {
         key_package_ref: key_package_ref.as_slice().to_vec(),
+        identity_key: identity,
         owner: SenderId::from_identity_key(&identity),
         last_resort: key_package.last_resort(),
     })
+}
+
+/// The identity key of a key package (an MLSMessage) that verifies and
+/// whose credential identity is its signature key.
+pub fn key_package_identity(bytes: &[u8]) -> Result<[u8; 32], DirectoryError> {
+    inspect(0, bytes).map(|inspected| inspected.identity_key)
 }
 
 /// Verifies and stores `uploader`'s key packages; returns the new stock.

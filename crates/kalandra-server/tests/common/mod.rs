@@ -76,6 +76,16 @@ impl TestServer {
     /// The server the binary runs (`Server::start`), on loopback ports,
     /// with two shards, a clock tests move and an in-memory push sink.
     pub async fn start_in(path: &std::path::Path, limits: ConnectionLimits) -> TestServer {
+        TestServer::start_configured(path, limits, |_| {}).await
+    }
+
+    /// As [`TestServer::start_in`], the configuration changed by `adjust`
+    /// first (a domain, federation peers).
+    pub async fn start_configured(
+        path: &std::path::Path,
+        limits: ConnectionLimits,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
         let clock_offset_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let offset = Arc::clone(&clock_offset_ms);
         let clock: Clock = Arc::new(move || now_ms() + offset.load(std::sync::atomic::Ordering::Relaxed));
@@ -89,6 +99,8 @@ impl TestServer {
             limits,
             ..ServerConfig::default()
         };
+        let mut config = config;
+        adjust(&mut config);
         let options = StartOptions {
             shard_count: Some(2),
             clock: Some(clock),
@@ -128,6 +140,11 @@ impl TestServer {
     /// Moves the server's clock forward.
     pub fn advance_clock(&self, by_ms: u64) {
         self.clock_offset_ms.fetch_add(by_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The running server (federation state, metrics).
+    pub fn running(&self) -> &RunningServer {
+        &self.running
     }
 
     pub async fn stop(self) -> Option<tempfile::TempDir> {
@@ -247,8 +264,9 @@ impl TestClient {
     }
 
     pub async fn claim(&mut self, members: &[SenderId]) -> Vec<Vec<u8>> {
-        let reply =
-            self.request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect() }).await;
+        let reply = self
+            .request(&KeyPackageClaim { sender_ids: members.iter().map(|s| s.0).collect(), domain: None })
+            .await;
         let claimed: KeyPackageClaimed = decode_ok(&reply);
         claimed.key_packages.into_iter().map(|entry| entry.key_package.expect("a key package")).collect()
     }

@@ -1,0 +1,375 @@
+//! The key-package directory across domains.
+//!
+//! The home side ([`HomeDirectory`]) answers a peer's claim with its usual
+//! claim-once take and a home certificate for each claimed package's
+//! identity key, signed with this domain's federation key. The claiming
+//! side checks the answer ([`check_claimed`], pure): one entry per sender
+//! id asked, in order; each package with a certificate of the peer's own
+//! domain that verifies under the peer's configured keys, for the sender
+//! id asked; and the package's credential identity being the certified
+//! key. A domain thus cannot present another domain's users.
+
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use kalandra_proto::federation::{DomainName, HomeCertificate, HomeCertificateError, PeerKeys};
+use kalandra_proto::limits::KEY_PACKAGES_PER_CLAIM_MAX;
+use kalandra_proto::payload::{ClaimedKeyPackage, KeyPackageClaimed};
+use kalandra_proto::{ErrorCode, SenderId};
+
+use crate::federation::requests::{
+    refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, RemoteKeyPackage,
+};
+use crate::node::Clock;
+use crate::store::Store;
+use crate::transport::directory::key_package_identity;
+
+/// How long a home certificate issued with a claimed key package is valid.
+pub const HOME_CERTIFICATE_VALIDITY_MS: u64 = 24 * 60 * 60 * 1000;
+
+const _: () = assert!(
+    HOME_CERTIFICATE_VALIDITY_MS > 60 * 1000,
+    "a certificate outlives the claim and the commit that uses it"
+);
+
+/// Every [`ClaimAnswerError::code`] and `unknown_domain` (a client's
+/// request naming a domain that is not a peer), for the refusal counter's
+/// labels.
+pub const FEDERATION_REFUSAL_CODES: [&str; 7] = [
+    "unknown_domain",
+    "wrong_answer",
+    "missing_certificate",
+    "foreign_user",
+    "bad_home_certificate",
+    "certificate_sender_mismatch",
+    "identity_mismatch",
+];
+
+/// Why a peer's answer to a claim was refused: each is the peer's doing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimAnswerError {
+    /// Not one entry per sender id asked, in order.
+    #[error("the answer does not list the sender ids asked, in order")]
+    WrongAnswer,
+    /// A key package without a home certificate.
+    #[error("key package of {sender_id} without a home certificate")]
+    MissingCertificate {
+        /// The entry's sender id.
+        sender_id: u64,
+    },
+    /// A certificate of another domain than the answering peer's: a domain
+    /// presenting another domain's user.
+    #[error("{peer} presents a user homed at {home}")]
+    ForeignUser {
+        /// The answering peer.
+        peer: DomainName,
+        /// The certificate's domain.
+        home: DomainName,
+    },
+    /// The certificate does not verify (forged, expired, bad key).
+    #[error("home certificate: {0}")]
+    HomeCertificate(HomeCertificateError),
+    /// The certificate is for another user than the sender id asked.
+    #[error("certificate of {certified} for the entry of {requested}")]
+    CertificateSenderMismatch {
+        /// The sender id asked.
+        requested: SenderId,
+        /// The certified key's.
+        certified: SenderId,
+    },
+    /// The key package does not verify, or its credential identity is not
+    /// the certified key.
+    #[error("key package of {sender_id} is not the certified user's: {detail}")]
+    IdentityMismatch {
+        /// The entry's sender id.
+        sender_id: u64,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl ClaimAnswerError {
+    /// A stable snake_case name, one of [`FEDERATION_REFUSAL_CODES`].
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClaimAnswerError::WrongAnswer => "wrong_answer",
+            ClaimAnswerError::MissingCertificate { .. } => "missing_certificate",
+            ClaimAnswerError::ForeignUser { .. } => "foreign_user",
+            ClaimAnswerError::HomeCertificate(_) => "bad_home_certificate",
+            ClaimAnswerError::CertificateSenderMismatch { .. } => "certificate_sender_mismatch",
+            ClaimAnswerError::IdentityMismatch { .. } => "identity_mismatch",
+        }
+    }
+}
+
+/// Checks `peer`'s answer to a claim of `requested` at `now_ms`; returns
+/// the answer for the client (key packages only, in request order).
+pub fn check_claimed(
+    peer: &PeerKeys,
+    requested: &[u64],
+    answer: Vec<RemoteKeyPackage>,
+    now_ms: u64,
+) -> Result<KeyPackageClaimed, ClaimAnswerError> {
+    if answer.len() != requested.len()
+        || answer.iter().zip(requested).any(|(entry, asked)| entry.sender_id != *asked)
+    {
+        return Err(ClaimAnswerError::WrongAnswer);
+    }
+    let mut key_packages = Vec::with_capacity(answer.len());
+    for entry in answer {
+        if let Some(key_package) = &entry.key_package {
+            check_entry(peer, entry.sender_id, key_package, entry.home_certificate.as_ref(), now_ms)?;
+        }
+        key_packages.push(ClaimedKeyPackage { sender_id: entry.sender_id, key_package: entry.key_package });
+    }
+    Ok(KeyPackageClaimed { key_packages })
+}
+
+fn check_entry(
+    peer: &PeerKeys,
+    sender_id: u64,
+    key_package: &[u8],
+    certificate: Option<&HomeCertificate>,
+    now_ms: u64,
+) -> Result<(), ClaimAnswerError> {
+    let certificate = certificate.ok_or(ClaimAnswerError::MissingCertificate { sender_id })?;
+    if certificate.domain != *peer.domain() {
+        return Err(ClaimAnswerError::ForeignUser {
+            peer: peer.domain().clone(),
+            home: certificate.domain.clone(),
+        });
+    }
+    let certified = certificate.verify(peer, now_ms).map_err(ClaimAnswerError::HomeCertificate)?;
+    if certified != SenderId(sender_id) {
+        return Err(ClaimAnswerError::CertificateSenderMismatch {
+            requested: SenderId(sender_id),
+            certified,
+        });
+    }
+    let identity = key_package_identity(key_package)
+        .map_err(|error| ClaimAnswerError::IdentityMismatch { sender_id, detail: error.to_string() })?;
+    if identity != certificate.identity_key {
+        return Err(ClaimAnswerError::IdentityMismatch {
+            sender_id,
+            detail: "credential identity is not the certified key".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Why a client's claim of another domain's users failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteClaimError {
+    /// The domain is not a configured peer (caller misuse).
+    #[error("{domain} is not a peer domain")]
+    UnknownDomain {
+        /// The domain named.
+        domain: DomainName,
+    },
+    /// The peer cannot be reached now (retryable).
+    #[error(transparent)]
+    Unreachable(#[from] LinkRequestError),
+    /// The peer refused the claim.
+    #[error("{domain} refused: {}: {message}", code.as_str())]
+    Refused {
+        /// The peer.
+        domain: DomainName,
+        /// Its code.
+        code: RefusalCode,
+        /// Its message.
+        message: String,
+    },
+    /// The peer's answer does not verify (peer misbehaviour).
+    #[error("{domain}'s answer refused: {error}")]
+    BadAnswer {
+        /// The peer.
+        domain: DomainName,
+        /// What is wrong.
+        error: ClaimAnswerError,
+    },
+    /// A task failed (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl RemoteClaimError {
+    /// The wire error code for the client.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            RemoteClaimError::UnknownDomain { .. } => ErrorCode::UnknownDomain,
+            RemoteClaimError::Unreachable(LinkRequestError::TooLarge { .. }) => ErrorCode::Internal,
+            RemoteClaimError::Unreachable(_) => ErrorCode::DomainUnreachable,
+            RemoteClaimError::Refused { code: RefusalCode::BadRequest, .. } => ErrorCode::FederationRefused,
+            RemoteClaimError::Refused { .. } => ErrorCode::DomainUnreachable,
+            RemoteClaimError::BadAnswer { .. } => ErrorCode::FederationRefused,
+            RemoteClaimError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The home side: answers peers' requests (blocking: storage).
+pub struct HomeDirectory {
+    /// This server's store.
+    pub store: Arc<dyn Store>,
+    /// This server's domain.
+    pub domain: DomainName,
+    /// Its federation key, which signs home certificates.
+    pub key: SigningKey,
+    /// ms since the Unix epoch.
+    pub clock: Clock,
+}
+
+impl HomeDirectory {
+    /// The answer to `peer`'s `request`.
+    pub fn answer(&self, peer: &DomainName, request: LinkRequest) -> LinkResponse {
+        match request {
+            LinkRequest::ClaimKeyPackages { sender_ids } => {
+                tracing::debug!(%peer, count = sender_ids.len(), "key-package claim from a peer");
+                self.claim(&sender_ids)
+            }
+        }
+    }
+
+    /// Claims one package of each of `sender_ids` exactly as a local claim
+    /// does, each with a fresh home certificate.
+    fn claim(&self, sender_ids: &[u64]) -> LinkResponse {
+        if sender_ids.is_empty() || sender_ids.len() > KEY_PACKAGES_PER_CLAIM_MAX as usize {
+            let message =
+                format!("{} sender ids, expected 1 to {KEY_PACKAGES_PER_CLAIM_MAX}", sender_ids.len());
+            return refusal(RefusalCode::BadRequest, &message);
+        }
+        let not_after_ms = (self.clock)().saturating_add(HOME_CERTIFICATE_VALIDITY_MS);
+        let mut key_packages = Vec::with_capacity(sender_ids.len());
+        for &sender_id in sender_ids {
+            let claimed = match self.store.claim_key_package(sender_id) {
+                Ok(claimed) => claimed,
+                Err(error) => return refusal(RefusalCode::Unavailable, &error.to_string()),
+            };
+            let Some(claimed) = claimed else {
+                key_packages.push(RemoteKeyPackage { sender_id, key_package: None, home_certificate: None });
+                continue;
+            };
+            // Stored packages were verified on upload, as their uploader's.
+            let identity = match key_package_identity(&claimed.key_package) {
+                Ok(identity) => identity,
+                Err(error) => return refusal(RefusalCode::Unavailable, &error.to_string()),
+            };
+            let certificate = HomeCertificate::issue(&self.key, self.domain.clone(), identity, not_after_ms);
+            key_packages.push(RemoteKeyPackage {
+                sender_id,
+                key_package: Some(claimed.key_package.to_vec()),
+                home_certificate: Some(certificate),
+            });
+        }
+        LinkResponse::Claimed { key_packages }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use client_core::mls::{generate_key_packages, Identity, MlsProvider};
+    use kalandra_proto::federation::PeerKey;
+
+    use super::*;
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn domain(name: &str) -> DomainName {
+        DomainName::parse(name).unwrap()
+    }
+
+    fn federation_key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn peer_keys(name: &str, seed: u8) -> PeerKeys {
+        let key = PeerKey { key: federation_key(seed).verifying_key(), valid_until_ms: None };
+        PeerKeys::new(domain(name), vec![key]).unwrap()
+    }
+
+    /// A user's key package and identity key.
+    fn user(seed: u8) -> (Vec<u8>, [u8; 32]) {
+        let provider = MlsProvider::from_seed([seed; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let package = generate_key_packages(&provider, &identity, 1, now_secs).unwrap().remove(0).message;
+        let key = *identity.public_key();
+        (package, key)
+    }
+
+    fn entry(package: &[u8], certificate: HomeCertificate) -> RemoteKeyPackage {
+        RemoteKeyPackage {
+            sender_id: SenderId::from_identity_key(&certificate.identity_key).0,
+            key_package: Some(package.to_vec()),
+            home_certificate: Some(certificate),
+        }
+    }
+
+    fn certify(seed: u8, name: &str, key: [u8; 32], not_after_ms: u64) -> HomeCertificate {
+        HomeCertificate::issue(&federation_key(seed), domain(name), key, not_after_ms)
+    }
+
+    #[test]
+    fn federation_claim_answer_with_the_home_certificate_is_accepted() {
+        let (package, key) = user(1);
+        let good = entry(&package, certify(2, "b.test", key, NOW_MS + 1));
+        let asked = [good.sender_id];
+        let claimed = check_claimed(&peer_keys("b.test", 2), &asked, vec![good], NOW_MS).unwrap();
+        assert_eq!(claimed.key_packages[0].key_package.as_deref(), Some(package.as_slice()));
+        let none = RemoteKeyPackage { sender_id: 9, key_package: None, home_certificate: None };
+        let claimed = check_claimed(&peer_keys("b.test", 2), &[9], vec![none], NOW_MS).unwrap();
+        assert_eq!(claimed.key_packages[0].key_package, None, "a user without packages, as locally");
+    }
+
+    #[test]
+    fn federation_claim_answer_for_another_domains_user_is_refused() {
+        let (package, key) = user(1);
+        // b presents a user certified by c (with c's key, which it cannot have, or its own).
+        let foreign = entry(&package, certify(3, "c.test", key, NOW_MS + 1));
+        let asked = [foreign.sender_id];
+        let error = check_claimed(&peer_keys("b.test", 2), &asked, vec![foreign], NOW_MS).unwrap_err();
+        assert_eq!(error.code(), "foreign_user");
+    }
+
+    #[test]
+    fn federation_claim_answer_with_a_forged_or_expired_certificate_is_refused() {
+        let (package, key) = user(1);
+        let peer = peer_keys("b.test", 2);
+        let forged = entry(&package, certify(4, "b.test", key, NOW_MS + 1));
+        let asked = [forged.sender_id];
+        let error = check_claimed(&peer, &asked, vec![forged], NOW_MS).unwrap_err();
+        assert!(matches!(
+            error,
+            ClaimAnswerError::HomeCertificate(HomeCertificateError::BadSignature { .. })
+        ));
+        let expired = entry(&package, certify(2, "b.test", key, NOW_MS));
+        let error = check_claimed(&peer, &asked, vec![expired], NOW_MS).unwrap_err();
+        assert!(matches!(error, ClaimAnswerError::HomeCertificate(HomeCertificateError::Expired { .. })));
+        let mut missing = entry(&package, certify(2, "b.test", key, NOW_MS + 1));
+        missing.home_certificate = None;
+        let error = check_claimed(&peer, &asked, vec![missing], NOW_MS).unwrap_err();
+        assert_eq!(error.code(), "missing_certificate");
+    }
+
+    #[test]
+    fn federation_claim_answer_with_another_users_key_package_is_refused() {
+        let (package, key) = user(1);
+        let (other_package, _) = user(5);
+        let peer = peer_keys("b.test", 2);
+        let swapped = entry(&other_package, certify(2, "b.test", key, NOW_MS + 1));
+        let asked = [swapped.sender_id];
+        let error = check_claimed(&peer, &asked, vec![swapped], NOW_MS).unwrap_err();
+        assert_eq!(error.code(), "identity_mismatch");
+        let good = entry(&package, certify(2, "b.test", key, NOW_MS + 1));
+        let error = check_claimed(&peer, &[asked[0] ^ 1], vec![good.clone()], NOW_MS).unwrap_err();
+        assert_eq!(error, ClaimAnswerError::WrongAnswer, "an entry for another sender id than asked");
+        let mut relabelled = good;
+        relabelled.sender_id ^= 1;
+        let error = check_claimed(&peer, &[relabelled.sender_id], vec![relabelled], NOW_MS).unwrap_err();
+        assert_eq!(error.code(), "certificate_sender_mismatch");
+        let error = check_claimed(&peer, &[1, 2], Vec::new(), NOW_MS).unwrap_err();
+        assert_eq!(error, ClaimAnswerError::WrongAnswer, "entries missing");
+    }
+}

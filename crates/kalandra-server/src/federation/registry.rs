@@ -1,0 +1,156 @@
+//! The links that are up, for sending requests over them, and the remote
+//! directory built on them: a client's claim of another domain's users is
+//! sent over a link to that domain and its answer checked
+//! ([`super::directory::check_claimed`]) before the client sees it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kalandra_proto::federation::DomainName;
+use kalandra_proto::payload::KeyPackageClaimed;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::admin::metrics::Metrics;
+use crate::federation::directory::{check_claimed, RemoteClaimError};
+use crate::federation::handshake::{encode_established, LinkMessage, PeerTable};
+use crate::federation::requests::{
+    LinkRequest, LinkRequestError, LinkResponse, PendingRequests, LINK_REQUESTS_IN_FLIGHT_MAX,
+    LINK_REQUEST_TIMEOUT_MS,
+};
+use crate::node::Clock;
+
+/// Messages queued for one link's writer: every request in flight, as
+/// many answers and a few pings and pongs.
+pub const LINK_OUTGOING_MESSAGES_MAX: usize = 2 * LINK_REQUESTS_IN_FLIGHT_MAX + 4;
+
+const _: () = assert!(LINK_OUTGOING_MESSAGES_MAX > 2 * LINK_REQUESTS_IN_FLIGHT_MAX);
+
+/// The requests a link awaits answers to.
+pub type Pending = Arc<Mutex<PendingRequests<oneshot::Sender<LinkResponse>>>>;
+
+/// What a request needs of one link that is up.
+#[derive(Clone)]
+pub struct LinkHandle {
+    link_id: u64,
+    outgoing: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+}
+
+/// The links that are up, by peer.
+#[derive(Default)]
+pub struct LinkRegistry {
+    links: Mutex<BTreeMap<DomainName, Vec<LinkHandle>>>,
+    next_link_id: AtomicU64,
+}
+
+impl LinkRegistry {
+    /// Registers a link with `peer` that is up; returns its id (for
+    /// [`LinkRegistry::remove`]).
+    pub fn add(&self, peer: &DomainName, outgoing: mpsc::Sender<Vec<u8>>, pending: Pending) -> u64 {
+        let link_id = self.next_link_id.fetch_add(1, Ordering::Relaxed);
+        let handle = LinkHandle { link_id, outgoing, pending };
+        self.lock().entry(peer.clone()).or_default().push(handle);
+        link_id
+    }
+
+    /// Forgets a link that went down; its waiting requests see it down.
+    pub fn remove(&self, peer: &DomainName, link_id: u64) {
+        let mut links = self.lock();
+        if let Some(handles) = links.get_mut(peer) {
+            handles.retain(|handle| handle.link_id != link_id);
+            if handles.is_empty() {
+                links.remove(peer);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DomainName, Vec<LinkHandle>>> {
+        self.links.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `request` over the newest link with `peer` that is up and
+    /// waits for its answer, at most [`LINK_REQUEST_TIMEOUT_MS`].
+    pub async fn request(
+        &self,
+        peer: &DomainName,
+        request: LinkRequest,
+    ) -> Result<LinkResponse, LinkRequestError> {
+        let down = || LinkRequestError::LinkDown { domain: peer.to_string() };
+        let handle = self.lock().get(peer).and_then(|handles| handles.last().cloned()).ok_or_else(down)?;
+        let (answer, answered) = oneshot::channel();
+        let id = lock_pending(&handle.pending)
+            .begin(answer)
+            .ok_or_else(|| LinkRequestError::TooManyInFlight { domain: peer.to_string() })?;
+        let give_up = |error: LinkRequestError| {
+            lock_pending(&handle.pending).finish(id);
+            error
+        };
+        let message = LinkMessage::Request { id, request };
+        let bytes = encode_established(&message)
+            .map_err(|len_bytes| give_up(LinkRequestError::TooLarge { len_bytes }))?;
+        if handle.outgoing.send(bytes).await.is_err() {
+            return Err(give_up(down()));
+        }
+        match tokio::time::timeout(Duration::from_millis(LINK_REQUEST_TIMEOUT_MS), answered).await {
+            Ok(Ok(response)) => Ok(response),
+            // The link went down and dropped the waiter.
+            Ok(Err(_)) => Err(down()),
+            Err(_) => Err(give_up(LinkRequestError::Timeout { domain: peer.to_string() })),
+        }
+    }
+}
+
+/// The pending table, also after a panic elsewhere (its entries stay whole).
+pub fn lock_pending(
+    pending: &Pending,
+) -> std::sync::MutexGuard<'_, PendingRequests<oneshot::Sender<LinkResponse>>> {
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Claims key packages of other domains' users for this server's clients.
+pub struct RemoteDirectory {
+    /// This server's domain.
+    pub domain: DomainName,
+    /// The peers and the keys accepted for them.
+    pub peers: PeerTable,
+    /// The links that are up.
+    pub registry: Arc<LinkRegistry>,
+    /// ms since the Unix epoch (certificate validity).
+    pub clock: Clock,
+    /// Counts refused answers.
+    pub metrics: Metrics,
+}
+
+impl RemoteDirectory {
+    /// Claims one key package of each of `sender_ids`, users of `domain`,
+    /// through that domain; the answer is checked before it is returned.
+    pub async fn claim(
+        &self,
+        domain: &DomainName,
+        sender_ids: &[u64],
+    ) -> Result<KeyPackageClaimed, RemoteClaimError> {
+        let Some(peer) = self.peers.get(domain).cloned() else {
+            self.metrics.federation_refused("unknown_domain");
+            return Err(RemoteClaimError::UnknownDomain { domain: domain.clone() });
+        };
+        let request = LinkRequest::ClaimKeyPackages { sender_ids: sender_ids.to_vec() };
+        let key_packages = match self.registry.request(domain, request).await? {
+            LinkResponse::Claimed { key_packages } => key_packages,
+            LinkResponse::Refused { code, message } => {
+                return Err(RemoteClaimError::Refused { domain: domain.clone(), code, message });
+            }
+        };
+        let (requested, now_ms) = (sender_ids.to_vec(), (self.clock)());
+        let checked =
+            tokio::task::spawn_blocking(move || check_claimed(&peer, &requested, key_packages, now_ms))
+                .await
+                .map_err(|error| RemoteClaimError::Internal(error.to_string()))?;
+        checked.map_err(|error| {
+            tracing::warn!(peer = %domain, %error, "a peer's key-package answer refused");
+            self.metrics.federation_refused(error.code());
+            RemoteClaimError::BadAnswer { domain: domain.clone(), error }
+        })
+    }
+}
