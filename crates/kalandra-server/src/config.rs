@@ -283,8 +283,14 @@ pub struct PeerConfig {
     /// server does not dial it, and only accepts its links.
     #[serde(default)]
     pub address: Option<String>,
-    /// The federation keys accepted for it (1 to 4).
+    /// The federation keys accepted for it (1 to 4); a refused peer may
+    /// list none.
+    #[serde(default)]
     pub keys: Vec<PeerKeyConfig>,
+    /// Defederation: the domain is refused (never dialed, its links
+    /// refused, its users' key packages never claimed); default false.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 /// A federation key accepted for a peer.
@@ -576,7 +582,9 @@ impl FederationConfig {
             if !seen.insert(&peer.domain) {
                 return Err(invalid("federation.peers", format!("{} is listed twice", peer.domain)));
             }
-            peer.peer_keys().map_err(|reason| invalid("federation.peers.keys", reason))?;
+            if !peer.refused {
+                peer.peer_keys().map_err(|reason| invalid("federation.peers.keys", reason))?;
+            }
             if let Some(address) = &peer.address {
                 check_peer_address(address).map_err(|reason| {
                     invalid("federation.peers.address", format!("{address:?}: {reason}"))
@@ -997,6 +1005,22 @@ rooms_per_user_max = 7
             assert!(ServerConfig::from_toml_str(bad, Path::new("t.toml")).is_err(), "{bad}");
         }
         assert_eq!(default_domain().as_str(), DOMAIN_DEFAULT);
+    }
+
+    #[test]
+    fn federation_peer_refused_needs_no_keys_and_defaults_to_false() {
+        let text = format!(
+            "domain = \"a.example\"\n[federation]\nlisten = \"127.0.0.1:4434\"\n[[federation.peers]]\ndomain = \"b.example\"\nrefused = true\n[[federation.peers]]\ndomain = \"c.example\"\nkeys = [{{ key = \"{}\" }}]\n",
+            key_hex(1)
+        );
+        let config = ServerConfig::from_toml_str(&text, Path::new("test.toml")).expect("parses");
+        config.validate().expect("a refused peer needs no keys");
+        assert!(config.federation.peers[0].refused);
+        assert!(!config.federation.peers[1].refused, "default false");
+        let keyless = with_listen("[[federation.peers]]\ndomain = \"b.example\"\nrefused = false\n");
+        let config = ServerConfig::from_toml_str(&keyless, Path::new("t.toml")).expect("parses");
+        let error = config.validate().expect_err("a peer that is not refused needs keys");
+        assert!(matches!(error, ConfigError::Invalid { field: "federation.peers.keys", .. }), "{error}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::admin::http::{gauge_loop, serve_admin};
 use crate::admin::metrics::{Metrics, MetricsError};
 use crate::config::{load_or_create_admin_token, ConfigError, ServerConfig};
 use crate::federation::directory::HomeDirectory;
-use crate::federation::handshake::PeerTable;
+use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::links::FederationLinks;
 use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::federation::registry::{LinkRegistry, RemoteDirectory};
@@ -260,12 +260,13 @@ struct Listeners {
     federation: Option<std::net::UdpSocket>,
 }
 
-/// The configured peers and the keys accepted for each.
+/// The configured peers that are not refused and the keys accepted for each.
 fn peer_table(config: &ServerConfig) -> Result<PeerTable, StartError> {
     config
         .federation
         .peers
         .iter()
+        .filter(|peer| !peer.refused)
         .map(|peer| {
             let keys = peer
                 .peer_keys()
@@ -273,6 +274,11 @@ fn peer_table(config: &ServerConfig) -> Result<PeerTable, StartError> {
             Ok((peer.domain.clone(), keys))
         })
         .collect()
+}
+
+/// The peer domains the operator refuses.
+fn refused_domains(config: &ServerConfig) -> RefusedDomains {
+    config.federation.peers.iter().filter(|peer| peer.refused).map(|peer| peer.domain.clone()).collect()
 }
 
 /// Loads the keys, serves the admin HTTP (health at once, the API once the
@@ -287,6 +293,7 @@ async fn assemble(
 ) -> Result<RunningServer, StartError> {
     let keys = Keys::load(&config)?;
     let peers = peer_table(&config)?;
+    let refused = refused_domains(&config);
     let metrics = Metrics::new().map_err(StartError::Metrics)?;
     let admin_address = listeners.admin.local_addr().map_err(StartError::LocalAddress)?;
     let (stop, stopped) = watch::channel(ShutdownPhase::Running);
@@ -324,10 +331,16 @@ async fn assemble(
     let federation_links = FederationLinks::new(
         config.domain.clone(),
         keys.federation_key.verifying_key().to_bytes(),
-        config.federation.peers.iter().map(|peer| (peer.domain.clone(), peer.address.clone())),
+        config
+            .federation
+            .peers
+            .iter()
+            .filter(|peer| !peer.refused)
+            .map(|peer| (peer.domain.clone(), peer.address.clone())),
         metrics.clone(),
         clock(),
     );
+    federation_links.set_refused(refused.iter().cloned(), clock());
     let admin_read_token = config.admin_read_token.as_ref().map(|token| token.0.as_str());
     admin_state.set_api(
         AdminApi::new(node.clone(), &keys.admin_token, admin_read_token)
@@ -347,6 +360,7 @@ async fn assemble(
     let remote_directory = Arc::new(RemoteDirectory {
         domain: config.domain.clone(),
         peers: peers.clone(),
+        refused: refused.clone(),
         registry: Arc::clone(&registry),
         clock: Arc::clone(&clock),
         metrics: metrics.clone(),
@@ -370,6 +384,7 @@ async fn assemble(
         domain: config.domain.clone(),
         key: keys.federation_key.clone(),
         peers,
+        refused,
         links: federation_links.clone(),
         clock: Arc::clone(&clock),
         handshake_timeout_ms: config.federation.handshake_timeout_ms,
@@ -475,6 +490,7 @@ fn start_federation(
         .federation
         .peers
         .iter()
+        .filter(|peer| !peer.refused)
         .filter_map(|peer| Some((peer.domain.clone(), peer.address.clone()?)))
         .collect();
     let tasks =

@@ -44,6 +44,7 @@ fn peer(domain: &str, address: Option<SocketAddr>, keys: &[(u8, Option<u64>)]) -
                 valid_until_ms: *valid_until_ms,
             })
             .collect(),
+        refused: false,
     }
 }
 

@@ -36,6 +36,7 @@ fn peer(domain: &str, address: SocketAddr, seed: u8) -> PeerConfig {
         domain: DomainName::parse(domain).unwrap(),
         address: Some(address.to_string()),
         keys: vec![PeerKeyConfig { key, valid_until_ms: None }],
+        refused: false,
     }
 }
 

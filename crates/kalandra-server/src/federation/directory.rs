@@ -17,6 +17,7 @@ use kalandra_proto::limits::KEY_PACKAGES_PER_CLAIM_MAX;
 use kalandra_proto::payload::{ClaimedKeyPackage, KeyPackageClaimed};
 use kalandra_proto::{ErrorCode, SenderId};
 
+use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::requests::{
     refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, RemoteKeyPackage,
 };
@@ -32,10 +33,11 @@ const _: () = assert!(
     "a certificate outlives the claim and the commit that uses it"
 );
 
-/// Every [`ClaimAnswerError::code`] and `unknown_domain` (a client's
-/// request naming a domain that is not a peer), for the refusal counter's
-/// labels.
-pub const FEDERATION_REFUSAL_CODES: [&str; 7] = [
+/// Every [`ClaimAnswerError::code`], `unknown_domain` (a client's
+/// request naming a domain that is not a peer) and `refused_domain` (one
+/// naming a domain the operator refuses), for the refusal counter's labels.
+pub const FEDERATION_REFUSAL_CODES: [&str; 8] = [
+    "refused_domain",
     "unknown_domain",
     "wrong_answer",
     "missing_certificate",
@@ -157,12 +159,32 @@ fn check_entry(
     Ok(())
 }
 
+/// The peer to claim `domain`'s users through: refused if the operator
+/// refuses the domain (whether or not it has keys), unknown if it is not
+/// a peer.
+pub fn claim_peer<'a>(
+    domain: &DomainName,
+    peers: &'a PeerTable,
+    refused: &RefusedDomains,
+) -> Result<&'a PeerKeys, RemoteClaimError> {
+    if refused.contains(domain) {
+        return Err(RemoteClaimError::RefusedDomain { domain: domain.clone() });
+    }
+    peers.get(domain).ok_or_else(|| RemoteClaimError::UnknownDomain { domain: domain.clone() })
+}
+
 /// Why a client's claim of another domain's users failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoteClaimError {
     /// The domain is not a configured peer (caller misuse).
     #[error("{domain} is not a peer domain")]
     UnknownDomain {
+        /// The domain named.
+        domain: DomainName,
+    },
+    /// The operator refuses the domain (final, not retryable).
+    #[error("{domain} is refused by this server's operator")]
+    RefusedDomain {
         /// The domain named.
         domain: DomainName,
     },
@@ -197,6 +219,7 @@ impl RemoteClaimError {
     pub fn error_code(&self) -> ErrorCode {
         match self {
             RemoteClaimError::UnknownDomain { .. } => ErrorCode::UnknownDomain,
+            RemoteClaimError::RefusedDomain { .. } => ErrorCode::FederationRefused,
             RemoteClaimError::Unreachable(LinkRequestError::TooLarge { .. }) => ErrorCode::Internal,
             RemoteClaimError::Unreachable(_) => ErrorCode::DomainUnreachable,
             RemoteClaimError::Refused { code: RefusalCode::BadRequest, .. } => ErrorCode::FederationRefused,
@@ -309,6 +332,22 @@ mod tests {
 
     fn certify(seed: u8, name: &str, key: [u8; 32], not_after_ms: u64) -> HomeCertificate {
         HomeCertificate::issue(&federation_key(seed), domain(name), key, not_after_ms)
+    }
+
+    #[test]
+    fn federation_claim_towards_a_refused_domain_is_refused_finally() {
+        let peers = PeerTable::from([(domain("b.test"), peer_keys("b.test", 2))]);
+        let refused = RefusedDomains::from([domain("b.test"), domain("r.test")]);
+        for name in ["b.test", "r.test"] {
+            let error = claim_peer(&domain(name), &peers, &refused).unwrap_err();
+            assert_eq!(error, RemoteClaimError::RefusedDomain { domain: domain(name) });
+            assert_eq!(error.error_code(), ErrorCode::FederationRefused, "final, not DomainUnreachable");
+        }
+        assert!(FEDERATION_REFUSAL_CODES.contains(&"refused_domain"));
+        let none = RefusedDomains::new();
+        assert!(claim_peer(&domain("b.test"), &peers, &none).is_ok());
+        let unknown = claim_peer(&domain("c.test"), &peers, &none).unwrap_err();
+        assert_eq!(unknown.error_code(), ErrorCode::UnknownDomain);
     }
 
     #[test]

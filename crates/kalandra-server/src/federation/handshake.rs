@@ -11,7 +11,7 @@
 //! carries `Ping`/`Pong` and `Request`/`Response`
 //! ([`super::requests`]) only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{
@@ -41,6 +41,10 @@ const _: () = assert!(
 
 /// The peers a server accepts links from: each domain with its keys.
 pub type PeerTable = BTreeMap<DomainName, PeerKeys>;
+
+/// The domains an operator refuses (`refused = true`): never linked,
+/// never dialed, their users' key packages never claimed.
+pub type RefusedDomains = BTreeSet<DomainName>;
 
 /// A role as link messages carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,8 +128,9 @@ impl LinkMessage {
 }
 
 /// Every [`LinkHandshakeError::code`], for the failure counter's labels.
-pub const LINK_FAILURE_CODES: [&str; 14] = [
+pub const LINK_FAILURE_CODES: [&str; 15] = [
     "unknown_domain",
+    "refused_domain",
     "wrong_domain",
     "key_not_accepted",
     "reflected",
@@ -147,6 +152,12 @@ pub enum LinkHandshakeError {
     /// The peer names a domain that is not configured as a peer.
     #[error("{domain} is not a configured peer")]
     UnknownDomain {
+        /// The domain it names.
+        domain: DomainName,
+    },
+    /// The peer names a domain this server's operator refuses.
+    #[error("{domain} is refused by this server's operator")]
+    RefusedDomain {
         /// The domain it names.
         domain: DomainName,
     },
@@ -229,6 +240,7 @@ impl LinkHandshakeError {
     pub fn code(&self) -> &'static str {
         match self {
             LinkHandshakeError::UnknownDomain { .. } => "unknown_domain",
+            LinkHandshakeError::RefusedDomain { .. } => "refused_domain",
             LinkHandshakeError::WrongDomain { .. } => "wrong_domain",
             LinkHandshakeError::KeyNotAccepted { .. } => "key_not_accepted",
             LinkHandshakeError::Reflected => "reflected",
@@ -249,6 +261,7 @@ impl LinkHandshakeError {
     pub fn peer(&self) -> Option<&DomainName> {
         match self {
             LinkHandshakeError::WrongDomain { expected: domain, .. }
+            | LinkHandshakeError::RefusedDomain { domain }
             | LinkHandshakeError::KeyNotAccepted { domain }
             | LinkHandshakeError::BadSignature { domain }
             | LinkHandshakeError::TooManyLinks { domain, .. } => Some(domain),
@@ -367,6 +380,8 @@ pub struct LinkHandshake {
     tls_binding: [u8; LINK_TLS_BINDING_BYTES],
     /// The initiator's: the domain it dialed.
     dialed: Option<DomainName>,
+    /// Domains refused whatever their keys.
+    refused: RefusedDomains,
     state: State,
 }
 
@@ -404,7 +419,13 @@ impl LinkHandshake {
         dialed: Option<DomainName>,
     ) -> LinkHandshake {
         let ours = LinkHello { domain, federation_key: key.verifying_key().to_bytes(), nonce };
-        LinkHandshake { role, key, ours, tls_binding, dialed, state: State::AwaitHello }
+        let refused = RefusedDomains::new();
+        LinkHandshake { role, key, ours, tls_binding, dialed, refused, state: State::AwaitHello }
+    }
+
+    /// Refuses a peer naming any of `refused`, before its keys are looked at.
+    pub fn refusing(&mut self, refused: &RefusedDomains) {
+        self.refused.clone_from(refused);
     }
 
     fn peer_role(&self) -> WireRole {
@@ -449,6 +470,9 @@ impl LinkHandshake {
         }
         if let Some(dialed) = self.dialed.as_ref().filter(|dialed| **dialed != hello.domain) {
             return Err(LinkHandshakeError::WrongDomain { expected: dialed.clone(), claimed: hello.domain });
+        }
+        if self.refused.contains(&hello.domain) {
+            return Err(LinkHandshakeError::RefusedDomain { domain: hello.domain });
         }
         let peer = peers
             .get(&hello.domain)
@@ -607,6 +631,37 @@ mod tests {
     }
 
     #[test]
+    fn federation_handshake_refuses_a_refused_domain_whatever_its_keys() {
+        let hello = |seed: u8, name: &str| LinkMessage::Hello {
+            role: WireRole::Initiator,
+            hello: LinkHello {
+                domain: domain(name),
+                federation_key: key(seed).verifying_key().to_bytes(),
+                nonce: [seed; 32],
+            },
+        };
+        let refused = RefusedDomains::from([domain("a.test")]);
+        let mut peers = table("a.test", &[(1, None)]);
+        peers.extend(table("c.test", &[(3, None)]));
+        // Refused even though its key would be accepted.
+        let mut b = LinkHandshake::responder(key(2), domain("b.test"), [2; 32], BINDING);
+        b.refusing(&refused);
+        let error = b.receive(hello(1, "a.test"), &peers, NOW_MS).unwrap_err();
+        assert_eq!(error, LinkHandshakeError::RefusedDomain { domain: domain("a.test") });
+        assert_eq!(error.code(), "refused_domain");
+        assert!(LINK_FAILURE_CODES.contains(&error.code()));
+        // Refused with keys unknown too: the refusal comes first.
+        let mut b = LinkHandshake::responder(key(2), domain("b.test"), [2; 32], BINDING);
+        b.refusing(&refused);
+        let error = b.receive(hello(1, "a.test"), &PeerTable::new(), NOW_MS).unwrap_err();
+        assert_eq!(error.code(), "refused_domain");
+        // Another domain is unaffected.
+        let mut b = LinkHandshake::responder(key(2), domain("b.test"), [2; 32], BINDING);
+        b.refusing(&refused);
+        assert_eq!(send(b.receive(hello(3, "c.test"), &peers, NOW_MS).unwrap()).len(), 2);
+    }
+
+    #[test]
     fn federation_handshake_refuses_another_domain_than_the_one_dialed() {
         let (mut a, _) =
             LinkHandshake::initiator(key(1), domain("a.test"), [1; 32], BINDING, domain("b.test"));
@@ -696,6 +751,7 @@ mod tests {
         assert_eq!(decode(&trailing).unwrap_err().code(), "malformed");
         let every = [
             LinkHandshakeError::UnknownDomain { domain: domain("x.test") },
+            LinkHandshakeError::RefusedDomain { domain: domain("x.test") },
             LinkHandshakeError::Timeout { timeout_ms: 1 },
             LinkHandshakeError::Transport(String::new()),
         ];

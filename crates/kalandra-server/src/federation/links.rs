@@ -45,6 +45,10 @@ pub struct PeerLinkView {
     pub keepalives: u64,
     /// The last failure of a link or handshake with it.
     pub last_error: Option<LinkFailure>,
+    /// Whether the operator refuses the domain (`refused = true`): never
+    /// dialed, its links refused, its users' key packages never claimed.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 /// `GET /v1/federation`.
@@ -69,6 +73,7 @@ struct PeerLink {
     proven_key: Option<[u8; 32]>,
     keepalives: u64,
     last_error: Option<LinkFailure>,
+    refused: bool,
 }
 
 impl PeerLink {
@@ -113,6 +118,7 @@ impl FederationLinks {
                     proven_key: None,
                     keepalives: 0,
                     last_error: None,
+                    refused: false,
                 };
                 (domain, link)
             })
@@ -120,6 +126,25 @@ impl FederationLinks {
         metrics.set_federation_peers(peers.keys().map(DomainName::to_string).collect());
         let registry = Registry { domain, public_key, listen: None, peers };
         FederationLinks { registry: Arc::new(Mutex::new(registry)), metrics }
+    }
+
+    /// Lists `refused` as refused peers, at `now_ms`: shown, never linked.
+    pub fn set_refused(&self, refused: impl IntoIterator<Item = DomainName>, now_ms: u64) {
+        self.with(|registry| {
+            for domain in refused {
+                let link = PeerLink {
+                    address: None,
+                    dialed_up: false,
+                    inbound: 0,
+                    since_ms: now_ms,
+                    proven_key: None,
+                    keepalives: 0,
+                    last_error: None,
+                    refused: true,
+                };
+                registry.peers.insert(domain, link);
+            }
+        });
     }
 
     /// Records the listener's address.
@@ -234,6 +259,7 @@ impl FederationLinks {
                     proven_key: link.proven_key.map(hex::encode),
                     keepalives: link.keepalives,
                     last_error: link.last_error.clone(),
+                    refused: link.refused,
                 })
                 .collect(),
         })

@@ -27,7 +27,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 use crate::federation::directory::HomeDirectory;
 use crate::federation::handshake::{
     body_len, decode, decode_established, encode, encode_established, established_body_len, Established,
-    LinkHandshake, LinkHandshakeError, LinkMessage, PeerTable, Step, LINK_LENGTH_PREFIX_BYTES,
+    LinkHandshake, LinkHandshakeError, LinkMessage, PeerTable, RefusedDomains, Step,
+    LINK_LENGTH_PREFIX_BYTES,
 };
 use crate::federation::limits::{
     BACKOFF_INITIAL_MS, HANDSHAKES_IN_FLIGHT_MAX, IDLE_TIMEOUT_MS, LINK_SILENCE_MS_MAX, PING_INTERVAL_MS,
@@ -54,6 +55,8 @@ pub struct LinkContext {
     pub key: SigningKey,
     /// The peers and the keys accepted for them.
     pub peers: PeerTable,
+    /// The domains the operator refuses: their links are refused.
+    pub refused: RefusedDomains,
     /// The per-peer state.
     pub links: FederationLinks,
     /// ms since the Unix epoch (key acceptance, state times).
@@ -271,6 +274,7 @@ async fn respond(
     let (mut send, mut recv): Streams = connection.accept_bi().await.map_err(connection_error)?;
     let mut handshake =
         LinkHandshake::responder(context.key.clone(), context.domain.clone(), rand::random(), binding);
+    handshake.refusing(&context.refused);
     let established = exchange(context, &mut handshake, &mut send, &mut recv, &[]).await?;
     let now_ms = context.now_ms();
     context.links.inbound_opened(&established.peer, established.key, now_ms)?;
@@ -370,6 +374,7 @@ impl Dialer {
             binding,
             peer.clone(),
         );
+        handshake.refusing(&context.refused);
         let established = exchange(context, &mut handshake, &mut send, &mut recv, &[hello]).await?;
         Ok((established, send, recv))
     }

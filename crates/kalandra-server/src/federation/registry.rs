@@ -13,8 +13,8 @@ use kalandra_proto::payload::KeyPackageClaimed;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admin::metrics::Metrics;
-use crate::federation::directory::{check_claimed, RemoteClaimError};
-use crate::federation::handshake::{encode_established, LinkMessage, PeerTable};
+use crate::federation::directory::{check_claimed, claim_peer, RemoteClaimError};
+use crate::federation::handshake::{encode_established, LinkMessage, PeerTable, RefusedDomains};
 use crate::federation::requests::{
     LinkRequest, LinkRequestError, LinkResponse, PendingRequests, LINK_REQUESTS_IN_FLIGHT_MAX,
     LINK_REQUEST_TIMEOUT_MS,
@@ -115,6 +115,8 @@ pub struct RemoteDirectory {
     pub domain: DomainName,
     /// The peers and the keys accepted for them.
     pub peers: PeerTable,
+    /// The domains the operator refuses: never claimed through.
+    pub refused: RefusedDomains,
     /// The links that are up.
     pub registry: Arc<LinkRegistry>,
     /// ms since the Unix epoch (certificate validity).
@@ -131,9 +133,16 @@ impl RemoteDirectory {
         domain: &DomainName,
         sender_ids: &[u64],
     ) -> Result<KeyPackageClaimed, RemoteClaimError> {
-        let Some(peer) = self.peers.get(domain).cloned() else {
-            self.metrics.federation_refused("unknown_domain");
-            return Err(RemoteClaimError::UnknownDomain { domain: domain.clone() });
+        let peer = match claim_peer(domain, &self.peers, &self.refused) {
+            Ok(peer) => peer.clone(),
+            Err(error) => {
+                let code = match error {
+                    RemoteClaimError::RefusedDomain { .. } => "refused_domain",
+                    _ => "unknown_domain",
+                };
+                self.metrics.federation_refused(code);
+                return Err(error);
+            }
         };
         let request = LinkRequest::ClaimKeyPackages { sender_ids: sender_ids.to_vec() };
         let key_packages = match self.registry.request(domain, request).await? {
