@@ -18,6 +18,7 @@ pub mod links;
 pub mod quic;
 pub mod registry;
 pub mod requests;
+pub mod rooms;
 
 /// Named limits of the server-to-server links.
 pub mod limits {
