@@ -10,7 +10,7 @@ use kalandra_proto::federation::{
     HomeCertificateError, LinkError, LinkHello, LinkRole, PeerKey, PeerKeys, PeerKeysError, RelayEnvelope,
     RelayError,
 };
-use kalandra_proto::payload::Application;
+use kalandra_proto::payload::{Application, Subscribe};
 use kalandra_proto::{Flags, Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
 use serde_json::{json, Value};
 
@@ -250,12 +250,36 @@ fn forged_missing_or_foreign_signatures_are_refused_by_type() {
         Err(RelayError::SenderMismatch { .. })
     ));
 
-    // B makes up U's frame: the client's signature does not verify.
-    let mut made_up = client_frame(&key(9), b"hi");
+    // B makes up U's signed frame: the client's signature does not verify.
+    let mut header = FrameHeaderBuf::new(Subscribe::OPCODE);
+    header
+        .set_room_id(RoomId(*b"federation-room!"))
+        .set_sender_id(SenderId::from_identity_key(key(9).verifying_key().as_bytes()));
+    let mut made_up = Frame::with_payload(header, &Subscribe { from_log_index: 0 }).unwrap();
     made_up.sign(&key(8));
-    let made_up =
-        RelayEnvelope::countersign(&key(2), domain("b.example"), a_name.clone(), 1, b_certificate, made_up);
+    let made_up = RelayEnvelope::countersign(
+        &key(2),
+        domain("b.example"),
+        a_name.clone(),
+        1,
+        b_certificate.clone(),
+        made_up,
+    );
     assert!(matches!(made_up.verify(&b_keys, &a_name, None, NOW_MS), Err(RelayError::ClientSignature(_))));
+
+    // An Application frame's signature is its readers' to check, as for a
+    // local connection (wire-protocol.md §4): only the countersignature is.
+    let mut application = client_frame(&key(9), b"hi");
+    application.sign(&key(8));
+    let application = RelayEnvelope::countersign(
+        &key(2),
+        domain("b.example"),
+        a_name.clone(),
+        1,
+        b_certificate,
+        application,
+    );
+    assert!(application.verify(&b_keys, &a_name, None, NOW_MS).is_ok());
 }
 
 fn vector_document() -> Value {

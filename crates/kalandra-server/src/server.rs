@@ -23,6 +23,8 @@ use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::links::FederationLinks;
 use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::federation::registry::{LinkRegistry, RemoteDirectory};
+use crate::federation::relay::{RelayAuthority, RelayHome};
+use crate::federation::rooms::RemoteRooms;
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
 use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
 use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError};
@@ -365,6 +367,15 @@ async fn assemble(
         clock: Arc::clone(&clock),
         metrics: metrics.clone(),
     });
+    let remote_rooms = Arc::new(RemoteRooms::default());
+    let relay_home = Arc::new(RelayHome::new(
+        config.domain.clone(),
+        keys.federation_key.clone(),
+        Arc::clone(&registry),
+        Arc::clone(&remote_rooms),
+        Arc::clone(&clock),
+        metrics.clone(),
+    ));
     let listener = Listener::new(
         node.clone(),
         Arc::clone(&store),
@@ -373,7 +384,16 @@ async fn assemble(
         metrics.clone(),
         server_public_key,
         remote_directory,
+        Arc::clone(&relay_home),
     );
+    let relay_authority = Arc::new(RelayAuthority::new(
+        config.domain.clone(),
+        peers.clone(),
+        refused.clone(),
+        Arc::clone(&listener),
+        Arc::clone(&clock),
+        metrics.clone(),
+    ));
     let home = Arc::new(HomeDirectory {
         store: Arc::clone(&store),
         domain: config.domain.clone(),
@@ -390,6 +410,8 @@ async fn assemble(
         handshake_timeout_ms: config.federation.handshake_timeout_ms,
         registry,
         home,
+        relay_home,
+        relay_authority,
     };
     let federation = match start_federation(&config, &keys.identity, listeners.federation, link_context) {
         Ok(federation) => federation,

@@ -18,6 +18,7 @@ use kalandra_proto::{ErrorCode, Opcode};
 
 use crate::federation::directory::FEDERATION_REFUSAL_CODES;
 use crate::federation::handshake::LINK_FAILURE_CODES;
+use crate::federation::relay::{RELAY_DIRECTIONS, RELAY_REFUSAL_CODES};
 use crate::room::roles::Actor;
 
 /// Content type of [`Metrics::render`]'s output.
@@ -64,6 +65,10 @@ pub const FEDERATION_LINK_UP: &str = "kalandra_federation_link_up";
 pub const FEDERATION_HANDSHAKE_FAILURES_TOTAL: &str = "kalandra_federation_handshake_failures_total";
 /// Counter, by `code`: peers' answers refused, and requests naming an unknown domain.
 pub const FEDERATION_REFUSALS_TOTAL: &str = "kalandra_federation_refusals_total";
+/// Counter, by `code`: frames relayed between domains that were refused.
+pub const FEDERATION_RELAY_REFUSALS_TOTAL: &str = "kalandra_federation_relay_refusals_total";
+/// Counter, by `direction`: client frames relayed to (`out`) and from (`in`) other domains.
+pub const FEDERATION_RELAYED_FRAMES_TOTAL: &str = "kalandra_federation_relayed_frames_total";
 
 /// Attribute carrying an opcode's specification name.
 pub const OPCODE_ATTRIBUTE: &str = "opcode";
@@ -199,6 +204,8 @@ struct Inner {
     federation_peers: std::sync::OnceLock<Vec<(String, AtomicU64)>>,
     federation_failures: Family,
     federation_refusals: Family,
+    federation_relay_refusals: Family,
+    federation_relayed: Family,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -233,6 +240,8 @@ impl Metrics {
             federation_peers: std::sync::OnceLock::new(),
             federation_failures: Family::new(LINK_FAILURE_CODES.len()),
             federation_refusals: Family::new(FEDERATION_REFUSAL_CODES.len()),
+            federation_relay_refusals: Family::new(RELAY_REFUSAL_CODES.len()),
+            federation_relayed: Family::new(RELAY_DIRECTIONS.len()),
             admin_routes,
         };
         Ok(Metrics { inner: Arc::new(inner) })
@@ -369,6 +378,18 @@ impl Metrics {
         self.inner.federation_refusals.add(index, 1);
     }
 
+    /// A relayed frame was refused under `code`, one of [`RELAY_REFUSAL_CODES`].
+    pub fn relay_refused(&self, code: &str) {
+        let index = RELAY_REFUSAL_CODES.iter().position(|known| *known == code).unwrap_or(usize::MAX);
+        self.inner.federation_relay_refusals.add(index, 1);
+    }
+
+    /// A client frame was relayed to (`out`) or accepted from (`in`) another domain.
+    pub fn relayed(&self, direction: &str) {
+        let index = RELAY_DIRECTIONS.iter().position(|known| *known == direction).unwrap_or(usize::MAX);
+        self.inner.federation_relayed.add(index, 1);
+    }
+
     /// Every metric in the Prometheus text format
     /// ([`PROMETHEUS_TEXT_CONTENT_TYPE`]).
     pub fn render(&self) -> Result<String, MetricsError> {
@@ -445,6 +466,24 @@ impl Metrics {
             "code",
             &FEDERATION_REFUSAL_CODES,
             &inner.federation_refusals,
+        )?;
+        let help = "Frames relayed between domains that were refused, by code.";
+        labelled(
+            out,
+            FEDERATION_RELAY_REFUSALS_TOTAL,
+            help,
+            "code",
+            &RELAY_REFUSAL_CODES,
+            &inner.federation_relay_refusals,
+        )?;
+        let help = "Client frames relayed to (out) and accepted from (in) other domains.";
+        labelled(
+            out,
+            FEDERATION_RELAYED_FRAMES_TOTAL,
+            help,
+            "direction",
+            &RELAY_DIRECTIONS,
+            &inner.federation_relayed,
         )
     }
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{
-    sign_link_proof, verify_link_proof, DomainName, LinkError, LinkHello, LinkRole, PeerKeys,
+    sign_link_proof, verify_link_proof, DomainName, LinkError, LinkHello, LinkRole, PeerKeys, RelayEnvelope,
     DOMAIN_NAME_BYTES_MAX, LINK_NONCE_BYTES, LINK_TLS_BINDING_BYTES,
 };
 use kalandra_proto::limits::{PUBLIC_KEY_BYTES, SIGNATURE_BYTES};
@@ -110,6 +110,33 @@ pub enum LinkMessage {
         /// The answer.
         response: LinkResponse,
     },
+    /// A client's frame, relayed by its home server (the sender of this
+    /// message) to the room's authority ([`super::relay`]).
+    Relay {
+        /// The client's connection at its home server.
+        connection: u64,
+        /// The countersigned frame.
+        envelope: RelayEnvelope,
+    },
+    /// Frames for a relayed connection, authority to home, in order:
+    /// answers, fan-out, history, notices.
+    Deliver {
+        /// The client's connection at its home server.
+        connection: u64,
+        /// Whole frames.
+        frames: Vec<serde_bytes::ByteBuf>,
+    },
+    /// A relayed connection's client left (home to authority).
+    RelayClosed {
+        /// The client's connection at its home server.
+        connection: u64,
+    },
+    /// The authority ended a relayed connection (authority to home): the
+    /// client must read again.
+    RelayDropped {
+        /// The client's connection at its home server.
+        connection: u64,
+    },
 }
 
 impl LinkMessage {
@@ -123,6 +150,10 @@ impl LinkMessage {
             LinkMessage::Pong { .. } => "pong",
             LinkMessage::Request { .. } => "request",
             LinkMessage::Response { .. } => "response",
+            LinkMessage::Relay { .. } => "relay",
+            LinkMessage::Deliver { .. } => "deliver",
+            LinkMessage::RelayClosed { .. } => "relay_closed",
+            LinkMessage::RelayDropped { .. } => "relay_dropped",
         }
     }
 }

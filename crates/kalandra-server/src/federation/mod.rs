@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod links;
 pub mod quic;
 pub mod registry;
+pub mod relay;
 pub mod requests;
 pub mod rooms;
 

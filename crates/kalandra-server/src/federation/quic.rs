@@ -37,6 +37,7 @@ use crate::federation::limits::{
 use crate::federation::links::FederationLinks;
 use crate::federation::next_backoff_ms;
 use crate::federation::registry::{lock_pending, LinkRegistry, Pending, LINK_OUTGOING_MESSAGES_MAX};
+use crate::federation::relay::{RelayAuthority, RelayHome};
 use crate::federation::requests::{
     refusal, PendingRequests, RefusalCode, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_REQUESTS_IN_FLIGHT_MAX,
 };
@@ -67,6 +68,10 @@ pub struct LinkContext {
     pub registry: Arc<LinkRegistry>,
     /// Answers the peers' requests.
     pub home: Arc<HomeDirectory>,
+    /// Relays this domain's clients to the rooms of peers.
+    pub relay_home: Arc<RelayHome>,
+    /// Serves the peers' clients relayed to this domain's rooms.
+    pub relay_authority: Arc<RelayAuthority>,
 }
 
 impl LinkContext {
@@ -409,6 +414,9 @@ impl Link<'_> {
             error = self.connection.closed() => connection_error(error),
         };
         registry.remove(self.peer, link_id);
+        // Relayed connections on this link end with it; their clients read again.
+        self.context.relay_authority.link_down(self.peer);
+        self.context.relay_home.dropped_by(self.peer, None);
         // Dropping the waiters tells each request at once that the link is down.
         drop(lock_pending(&pending).abandon());
         reason
@@ -452,6 +460,18 @@ impl Link<'_> {
                     }
                     None => tracing::debug!(peer = %self.peer, id, "late or unknown link response dropped"),
                 },
+                LinkMessage::Relay { connection, envelope } => {
+                    self.context.relay_authority.relayed(self.peer, connection, envelope, outgoing)
+                }
+                LinkMessage::Deliver { connection, frames } => {
+                    self.context.relay_home.deliver(self.peer, connection, frames)
+                }
+                LinkMessage::RelayClosed { connection } => {
+                    self.context.relay_authority.closed(self.peer, connection)
+                }
+                LinkMessage::RelayDropped { connection } => {
+                    self.context.relay_home.dropped_by(self.peer, Some(connection))
+                }
                 other => return LinkHandshakeError::UnexpectedMessage { message: other.name() },
             }
         }

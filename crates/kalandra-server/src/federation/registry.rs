@@ -66,6 +66,18 @@ impl LinkRegistry {
         }
     }
 
+    /// Queues an encoded message on the newest link with `peer` that is up,
+    /// without waiting: `Err(LinkDown)` when there is none, `Err(Busy)`
+    /// when its queue is full.
+    pub fn try_send(&self, peer: &DomainName, message: Vec<u8>) -> Result<(), LinkRequestError> {
+        let down = || LinkRequestError::LinkDown { domain: peer.to_string() };
+        let handle = self.lock().get(peer).and_then(|handles| handles.last().cloned()).ok_or_else(down)?;
+        handle.outgoing.try_send(message).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => LinkRequestError::Busy { domain: peer.to_string() },
+            mpsc::error::TrySendError::Closed(_) => down(),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DomainName, Vec<LinkHandle>>> {
         self.links.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use kalandra_proto::federation::{HomeCertificate, DOMAIN_NAME_BYTES_MAX};
-use kalandra_proto::limits::{KEY_PACKAGES_PER_CLAIM_MAX, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, TEXT_BYTES_MAX};
+use kalandra_proto::limits::{
+    FRAME_BYTES_MAX, KEY_PACKAGES_PER_CLAIM_MAX, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, TEXT_BYTES_MAX,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::federation::handshake::LINK_MESSAGE_BYTES_MAX;
@@ -21,10 +23,22 @@ pub const LINK_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// CBOR framing and a home certificate, per claimed key package.
 const CLAIMED_ENTRY_OVERHEAD_BYTES_MAX: usize =
     128 + DOMAIN_NAME_BYTES_MAX + PUBLIC_KEY_BYTES + SIGNATURE_BYTES + 16;
-/// Largest message on an established link, bytes (without its length
-/// prefix): an answer to the largest claim fits.
-pub const LINK_ESTABLISHED_MESSAGE_BYTES_MAX: usize =
+/// Largest answer to a claim, bytes.
+const CLAIM_ANSWER_BYTES_MAX: usize =
     KEY_PACKAGES_PER_CLAIM_MAX as usize * (KEY_PACKAGE_BYTES_MAX + CLAIMED_ENTRY_OVERHEAD_BYTES_MAX) + 1024;
+/// CBOR framing, domains, a home certificate and a countersignature around
+/// one relayed frame, bytes.
+pub const RELAYED_FRAME_OVERHEAD_BYTES_MAX: usize = 4096;
+/// Largest message carrying one whole frame, bytes.
+const FRAME_MESSAGE_BYTES_MAX: usize = FRAME_BYTES_MAX + RELAYED_FRAME_OVERHEAD_BYTES_MAX;
+/// Largest message on an established link, bytes (without its length
+/// prefix): an answer to the largest claim fits, and so does the largest
+/// frame with what a relay wraps it in.
+pub const LINK_ESTABLISHED_MESSAGE_BYTES_MAX: usize = if CLAIM_ANSWER_BYTES_MAX > FRAME_MESSAGE_BYTES_MAX {
+    CLAIM_ANSWER_BYTES_MAX
+} else {
+    FRAME_MESSAGE_BYTES_MAX
+};
 /// Bytes of the big-endian length before each message on an established link.
 pub const LINK_ESTABLISHED_LENGTH_PREFIX_BYTES: usize = 4;
 /// Longest refusal message carried in a response, bytes.
@@ -33,7 +47,7 @@ pub const REFUSAL_MESSAGE_BYTES_MAX: usize = TEXT_BYTES_MAX;
 const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX >= LINK_MESSAGE_BYTES_MAX);
 const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX <= u32::MAX as usize, "the prefix is four bytes");
 const _: () = assert!(
-    LINK_REQUESTS_IN_FLIGHT_MAX * LINK_ESTABLISHED_MESSAGE_BYTES_MAX <= 256 * 1024 * 1024,
+    LINK_REQUESTS_IN_FLIGHT_MAX * CLAIM_ANSWER_BYTES_MAX <= 256 * 1024 * 1024,
     "a link's answers in flight stay within 256 MiB"
 );
 const _: () = assert!(
@@ -135,6 +149,12 @@ pub enum LinkRequestError {
     /// No answer within [`LINK_REQUEST_TIMEOUT_MS`] (retryable).
     #[error("{domain} did not answer within {LINK_REQUEST_TIMEOUT_MS} ms")]
     Timeout {
+        /// The peer.
+        domain: String,
+    },
+    /// The link's outgoing queue is full (retryable).
+    #[error("the link to {domain} is busy")]
+    Busy {
         /// The peer.
         domain: String,
     },
@@ -249,7 +269,7 @@ mod tests {
                 key_packages: vec![
                     RemoteKeyPackage {
                         sender_id: 1,
-                        key_package: Some(vec![0; KEY_PACKAGE_BYTES_MAX * 2]),
+                        key_package: Some(vec![0; KEY_PACKAGE_BYTES_MAX * 3]),
                         home_certificate: None,
                     };
                     KEY_PACKAGES_PER_CLAIM_MAX as usize
@@ -261,7 +281,7 @@ mod tests {
 
     #[test]
     fn federation_established_message_bound_is_the_documented_one() {
-        assert_eq!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX, 4_226_880, "docs/wire-protocol.md §10");
+        assert_eq!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX, 8_392_832, "docs/wire-protocol.md §10");
     }
 
     #[test]

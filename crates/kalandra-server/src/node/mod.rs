@@ -268,6 +268,14 @@ impl Node {
         self.shards[shard_of(room_id, self.shards.len())].send(command).await.is_ok()
     }
 
+    /// The connection reads `room_id`, a room of another domain: its
+    /// Welcomes for the room are used, as when it reads a room here.
+    pub(crate) fn room_read_remotely(&self, outbox: &Outbox, room_id: RoomId) {
+        if outbox.welcomes_delivered() {
+            forget_used_welcomes(Arc::clone(&self.store), outbox.sender(), room_id);
+        }
+    }
+
     /// Tells every shard a connection closed.
     pub async fn connection_closed(&self, outbox: &Arc<Outbox>) {
         {

@@ -130,6 +130,22 @@ impl Session {
         Session { state: State::AwaitHello, nonce, server_key }
     }
 
+    /// A session of a client of another domain, authenticated by its home
+    /// domain (its home certificate, checked with the relay's
+    /// countersignature) rather than by a challenge here.
+    pub fn relayed(identity: VerifyingKey, server_key: [u8; PUBLIC_KEY_BYTES]) -> Session {
+        let sender = SenderId::from_identity_key(identity.as_bytes());
+        Session { state: State::Authenticated { sender, identity }, nonce: [0; AUTH_NONCE_BYTES], server_key }
+    }
+
+    /// The authenticated identity key, once there is one.
+    pub fn identity_key(&self) -> Option<[u8; PUBLIC_KEY_BYTES]> {
+        match &self.state {
+            State::Authenticated { identity, .. } => Some(identity.to_bytes()),
+            _ => None,
+        }
+    }
+
     /// The authenticated identity, once there is one.
     pub fn sender(&self) -> Option<SenderId> {
         match self.state {

@@ -18,6 +18,7 @@ use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
 use crate::federation::registry::RemoteDirectory;
+use crate::federation::relay::RelayHome;
 use crate::node::erasure::{redact_reply, redact_request};
 use crate::node::{error_frame, Command, Node, Outbox, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
@@ -29,6 +30,8 @@ use crate::transport::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket}
 /// Limits applied per connection, per user and per address: the
 /// operator's `[limits]` configuration.
 pub use crate::config::Limits as ConnectionLimits;
+
+mod relayed;
 
 /// Most users whose rate buckets are tracked at once.
 pub const USER_RATE_BUCKETS_MAX: usize = 1_000_000;
@@ -77,6 +80,7 @@ pub struct Listener {
     metrics: crate::admin::metrics::Metrics,
     server_key: [u8; 32],
     remote_directory: Arc<RemoteDirectory>,
+    relay_home: Arc<RelayHome>,
 }
 
 impl Listener {
@@ -89,6 +93,7 @@ impl Listener {
         metrics: crate::admin::metrics::Metrics,
         server_key: [u8; 32],
         remote_directory: Arc<RemoteDirectory>,
+        relay_home: Arc<RelayHome>,
     ) -> Arc<Listener> {
         let per_user = KeyedLimiter::new(
             f64::from(limits.frames_per_second_per_user),
@@ -106,6 +111,7 @@ impl Listener {
             metrics,
             server_key,
             remote_directory,
+            relay_home,
         })
     }
 
@@ -162,6 +168,7 @@ impl Listener {
         let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         let outbox = self.run_connection(id, &connection, stop).await;
         if let Some(outbox) = outbox {
+            self.relay_home.connection_closed(outbox.connection());
             self.node.connection_closed(&outbox).await;
         }
         self.metrics.connection_closed();
@@ -327,6 +334,8 @@ impl Listener {
                     continue;
                 }
             }
+            // Kept whole for a relay: the client's signature covers it.
+            let original = frame.clone();
             match state.session.on_frame(frame, now_ms) {
                 Step::Ignore => {}
                 Step::Reply(reply) => state.write(reply).await,
@@ -345,7 +354,10 @@ impl Listener {
                 }
                 Step::Route(_, route) => {
                     let Some(outbox) = state.outbox.clone() else { return false };
-                    self.route(&outbox, route).await;
+                    match self.relayed_to(&route, &original) {
+                        Some(authority) => self.relay(&outbox, &state.session, original, &authority).await,
+                        None => self.route(&outbox, route).await,
+                    }
                 }
                 Step::Close(error) => {
                     if let Ok(frame) = Frame::decode(&error) {

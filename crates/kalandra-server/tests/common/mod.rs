@@ -24,6 +24,8 @@ use kalandra_server::{Clock, Node};
 use kalandra_server::{RunningServer, Server, StartOptions};
 use kalandra_server::{Secret, ServerConfig};
 
+pub mod federation;
+
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn now_ms() -> u64 {

@@ -1,0 +1,516 @@
+//! The relay of a client's room traffic between its home domain and the
+//! domain that orders the room (its authority), over their link.
+//!
+//! Home side ([`RelayHome`]): a frame of a local client for a room
+//! recorded in [`RemoteRooms`] is countersigned with the home's federation
+//! key (with the client's home certificate, `wire-protocol.md` §10) and
+//! sent as [`LinkMessage::Relay`], tagged with the client's connection id.
+//! What the authority sends back for that connection
+//! ([`LinkMessage::Deliver`]: acknowledgements, errors, fan-out, history)
+//! goes to the client's queue, and only frames of rooms that authority
+//! orders.
+//!
+//! Authority side ([`RelayAuthority`]): each envelope is verified
+//! ([`RelayEnvelope::verify`]: origin, destination, sequence,
+//! countersignature, home certificate, sender, client signature), then
+//! handed to a *remote connection*: an [`Outbox`] and a session
+//! authenticated as the certified user, one per (home domain, client
+//! connection), which the room core serves exactly as a local connection
+//! (membership, roles, bans, rate limits). Its queue is pumped back over
+//! the link. A remote connection ends when its client leaves, the link goes
+//! down, or its queue closes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use kalandra_proto::federation::{DomainName, HomeCertificate, RelayEnvelope, RelayError};
+use kalandra_proto::limits::PUBLIC_KEY_BYTES;
+use kalandra_proto::{ErrorCode, Frame, RoomId};
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
+
+use crate::admin::metrics::Metrics;
+use crate::federation::directory::HOME_CERTIFICATE_VALIDITY_MS;
+use crate::federation::handshake::{encode_established, LinkMessage, PeerTable, RefusedDomains};
+use crate::federation::registry::LinkRegistry;
+use crate::federation::requests::{LinkRequestError, LINK_ESTABLISHED_MESSAGE_BYTES_MAX};
+use crate::federation::rooms::RemoteRooms;
+use crate::node::{error_frame, Clock, Outbox};
+use crate::room::error_frame_with;
+use crate::transport::connection::Listener;
+
+/// Remote connections one peer domain may have open at this authority.
+pub const RELAYED_CONNECTIONS_PER_PEER_MAX: usize = 10_000;
+/// Relayed frames of one remote connection waiting to be handled; more
+/// are refused `RateLimited`.
+pub const RELAYED_INBOX_FRAMES_MAX: usize = 64;
+/// Bytes of frames one `Deliver` message gathers (one larger frame goes alone).
+pub const DELIVER_BYTES_TARGET: usize = 256 * 1024;
+/// Relay sequence numbers per ms of the clock: a home starts each run at
+/// the clock's ms times this, so numbers keep rising across restarts.
+pub const RELAY_SEQUENCE_PER_MS: u64 = 1 << 20;
+/// A home certificate is issued again when it has less than this left.
+pub const HOME_CERTIFICATE_RENEW_BEFORE_MS: u64 = 60 * 60 * 1000;
+/// Wait suggested to a client whose frame could not be relayed now.
+pub const RELAY_RETRY_AFTER_MS: u64 = 1_000;
+
+const _: () = assert!(DELIVER_BYTES_TARGET < LINK_ESTABLISHED_MESSAGE_BYTES_MAX);
+const _: () = assert!(HOME_CERTIFICATE_RENEW_BEFORE_MS < HOME_CERTIFICATE_VALIDITY_MS / 2);
+const _: () = assert!(u64::MAX / RELAY_SEQUENCE_PER_MS > 4_102_444_800_000, "sequences last past 2100");
+
+/// Every code of refused relay traffic, for the refusal counter's labels.
+pub const RELAY_REFUSAL_CODES: [&str; 14] = [
+    "origin_mismatch",
+    "wrong_destination",
+    "replayed",
+    "malformed_frame",
+    "not_countersigned",
+    "bad_countersignature",
+    "foreign_user",
+    "bad_home_certificate",
+    "sender_mismatch",
+    "client_signature",
+    "refused_domain",
+    "not_relayed_here",
+    "too_many_connections",
+    "foreign_room",
+];
+
+/// Directions of the relayed-frames counter.
+pub const RELAY_DIRECTIONS: [&str; 2] = ["out", "in"];
+
+/// The counter label of a refused envelope.
+pub fn relay_error_code(error: &RelayError) -> &'static str {
+    match error {
+        RelayError::OriginMismatch { .. } => "origin_mismatch",
+        RelayError::WrongDestination { .. } => "wrong_destination",
+        RelayError::Replayed { .. } => "replayed",
+        RelayError::MalformedFrame(_) => "malformed_frame",
+        RelayError::NotCountersigned => "not_countersigned",
+        RelayError::BadCountersignature { .. } => "bad_countersignature",
+        RelayError::ForeignUser { .. } => "foreign_user",
+        RelayError::HomeCertificate(_) => "bad_home_certificate",
+        RelayError::SenderMismatch { .. } => "sender_mismatch",
+        RelayError::ClientSignature(_) => "client_signature",
+    }
+}
+
+/// The error code a client's frame is refused with for `error`.
+fn relay_error_to_client(error: &RelayError) -> ErrorCode {
+    match error {
+        RelayError::SenderMismatch { .. } => ErrorCode::SenderMismatch,
+        RelayError::ClientSignature(_) => ErrorCode::BadSignature,
+        _ => ErrorCode::FederationRefused,
+    }
+}
+
+/// Why a client's frame was not relayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayForwardError {
+    /// No link with the authority is up, or its queue is full (retryable).
+    #[error("the room's domain {0}")]
+    Unreachable(LinkRequestError),
+    /// The frame with its envelope would not fit in a link message (caller misuse).
+    #[error("relayed frame of {len_bytes} bytes does not fit a link message")]
+    TooLarge {
+        /// The encoded message's length.
+        len_bytes: usize,
+    },
+}
+
+/// A local client with frames relayed to other domains.
+struct RelayedClient {
+    outbox: Arc<Outbox>,
+    certificate: HomeCertificate,
+    authorities: BTreeSet<DomainName>,
+}
+
+/// The home side: relays local clients' frames to the rooms' authorities
+/// and hands back what they send.
+pub struct RelayHome {
+    domain: DomainName,
+    key: SigningKey,
+    registry: Arc<LinkRegistry>,
+    rooms: Arc<RemoteRooms>,
+    clock: Clock,
+    metrics: Metrics,
+    /// The last relay sequence number used (held while a message is queued,
+    /// so numbers reach each link in order).
+    sequence: Mutex<u64>,
+    clients: Mutex<HashMap<u64, RelayedClient>>,
+}
+
+impl RelayHome {
+    /// The home side of `domain`, countersigning with `key`.
+    pub fn new(
+        domain: DomainName,
+        key: SigningKey,
+        registry: Arc<LinkRegistry>,
+        rooms: Arc<RemoteRooms>,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> RelayHome {
+        let start = clock().saturating_mul(RELAY_SEQUENCE_PER_MS);
+        RelayHome {
+            domain,
+            key,
+            registry,
+            rooms,
+            clock,
+            metrics,
+            sequence: Mutex::new(start),
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The domain ordering `room_id`, when it is another domain's room.
+    pub fn authority_of(&self, room_id: RoomId) -> Option<DomainName> {
+        if room_id == RoomId::default() {
+            return None;
+        }
+        self.rooms.authority_of(room_id).filter(|authority| *authority != self.domain)
+    }
+
+    /// Relays `frame` of the client on `outbox` (whose identity key is
+    /// `identity_key`; its signature was checked) to `authority`.
+    pub fn forward(
+        &self,
+        outbox: &Arc<Outbox>,
+        identity_key: [u8; PUBLIC_KEY_BYTES],
+        frame: Frame,
+        authority: &DomainName,
+    ) -> Result<(), RelayForwardError> {
+        let certificate = self.certificate_for(outbox, identity_key, authority);
+        let mut sequence = lock(&self.sequence);
+        let next = sequence.saturating_add(1).max((self.clock)().saturating_mul(RELAY_SEQUENCE_PER_MS));
+        let envelope = RelayEnvelope::countersign(
+            &self.key,
+            self.domain.clone(),
+            authority.clone(),
+            next,
+            certificate,
+            frame,
+        );
+        let message = LinkMessage::Relay { connection: outbox.connection(), envelope };
+        let bytes =
+            encode_established(&message).map_err(|len_bytes| RelayForwardError::TooLarge { len_bytes })?;
+        self.registry.try_send(authority, bytes).map_err(RelayForwardError::Unreachable)?;
+        *sequence = next;
+        drop(sequence);
+        self.metrics.relayed("out");
+        Ok(())
+    }
+
+    /// The client's home certificate, issued again when it nears its end;
+    /// notes that the client relays to `authority`.
+    fn certificate_for(
+        &self,
+        outbox: &Arc<Outbox>,
+        identity_key: [u8; PUBLIC_KEY_BYTES],
+        authority: &DomainName,
+    ) -> HomeCertificate {
+        let now_ms = (self.clock)();
+        let mut clients = lock(&self.clients);
+        let client = clients.entry(outbox.connection()).or_insert_with(|| RelayedClient {
+            outbox: Arc::clone(outbox),
+            certificate: self.issue(identity_key, now_ms),
+            authorities: BTreeSet::new(),
+        });
+        if client.certificate.not_after_ms.saturating_sub(now_ms) < HOME_CERTIFICATE_RENEW_BEFORE_MS {
+            client.certificate = self.issue(identity_key, now_ms);
+        }
+        client.authorities.insert(authority.clone());
+        client.certificate.clone()
+    }
+
+    fn issue(&self, identity_key: [u8; PUBLIC_KEY_BYTES], now_ms: u64) -> HomeCertificate {
+        let not_after_ms = now_ms.saturating_add(HOME_CERTIFICATE_VALIDITY_MS);
+        HomeCertificate::issue(&self.key, self.domain.clone(), identity_key, not_after_ms)
+    }
+
+    /// Frames `peer` sends back for the client connection `connection`.
+    /// Frames of a room `peer` does not order are dropped and counted; a
+    /// client whose queue cannot take them is closed (it reconnects and
+    /// reads again).
+    pub fn deliver(&self, peer: &DomainName, connection: u64, frames: Vec<ByteBuf>) {
+        let Some(outbox) = lock(&self.clients).get(&connection).map(|client| Arc::clone(&client.outbox))
+        else {
+            return;
+        };
+        for frame in frames {
+            let frame = Bytes::from(frame.into_vec());
+            let room_id = match Frame::decode(&frame) {
+                Ok(decoded) => decoded.header().room_id(),
+                Err(_) => {
+                    self.metrics.relay_refused("malformed_frame");
+                    continue;
+                }
+            };
+            if room_id != RoomId::default() && self.authority_of(room_id).as_ref() != Some(peer) {
+                tracing::warn!(%peer, %room_id, "a peer sent a frame of a room it does not order");
+                self.metrics.relay_refused("foreign_room");
+                continue;
+            }
+            if !outbox.try_send(frame) {
+                let notice = error_frame(
+                    RoomId::default(),
+                    0,
+                    ErrorCode::ResyncRequired,
+                    "too slow for a room of another domain; reconnect and read again",
+                );
+                outbox.notice(notice);
+                outbox.close();
+                return;
+            }
+        }
+    }
+
+    /// The authority dropped the relayed connection (or its link went
+    /// down): the client is closed so that it reconnects and reads again.
+    pub fn dropped_by(&self, peer: &DomainName, connection: Option<u64>) {
+        let clients = lock(&self.clients);
+        for (id, client) in clients.iter() {
+            if connection.is_some_and(|connection| connection != *id) || !client.authorities.contains(peer) {
+                continue;
+            }
+            let message = format!("the link to {peer} was lost; reconnect and read again");
+            client.outbox.notice(error_frame_with(
+                RoomId::default(),
+                0,
+                ErrorCode::DomainUnreachable,
+                &message,
+                None,
+                None,
+                Some(RELAY_RETRY_AFTER_MS),
+            ));
+            client.outbox.close();
+        }
+    }
+
+    /// The client connection closed: each authority it relayed to is told.
+    pub fn connection_closed(&self, connection: u64) {
+        let Some(client) = lock(&self.clients).remove(&connection) else { return };
+        for authority in client.authorities {
+            if let Ok(bytes) = encode_established(&LinkMessage::RelayClosed { connection }) {
+                // A link that is down has dropped the remote connection already.
+                let _ = self.registry.try_send(&authority, bytes);
+            }
+        }
+    }
+}
+
+/// A client connection of another domain, served here.
+struct RemoteConnection {
+    inbox: mpsc::Sender<Frame>,
+    outbox: Arc<Outbox>,
+}
+
+/// The authority side: verifies relayed frames and serves them on remote
+/// connections.
+pub struct RelayAuthority {
+    domain: DomainName,
+    peers: PeerTable,
+    refused: RefusedDomains,
+    listener: Arc<Listener>,
+    clock: Clock,
+    metrics: Metrics,
+    /// The last relay sequence number accepted from each peer.
+    last_sequence: Mutex<HashMap<DomainName, u64>>,
+    connections: Mutex<HashMap<(DomainName, u64), RemoteConnection>>,
+    next_connection_id: AtomicU64,
+}
+
+impl RelayAuthority {
+    /// The authority side of `domain`, serving remote connections through `listener`.
+    pub fn new(
+        domain: DomainName,
+        peers: PeerTable,
+        refused: RefusedDomains,
+        listener: Arc<Listener>,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> RelayAuthority {
+        RelayAuthority {
+            domain,
+            peers,
+            refused,
+            listener,
+            clock,
+            metrics,
+            last_sequence: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            // Above every id the local listener hands out.
+            next_connection_id: AtomicU64::new(1 << 62),
+        }
+    }
+
+    /// An envelope `peer` relayed for its client connection `connection`;
+    /// answers go out on `outgoing` (the link's queue).
+    pub fn relayed(
+        &self,
+        peer: &DomainName,
+        connection: u64,
+        envelope: RelayEnvelope,
+        outgoing: &mpsc::Sender<Vec<u8>>,
+    ) {
+        let frame = match self.verify(peer, &envelope) {
+            Ok(frame) => frame,
+            Err((code, client_code, message)) => {
+                self.metrics.relay_refused(code);
+                tracing::info!(%peer, connection, code, %message, "relayed frame refused");
+                if let Some((room_id, request_id)) = request_of(&envelope.frame) {
+                    let error = error_frame(room_id, request_id, client_code, &message);
+                    deliver_now(outgoing, connection, vec![error]);
+                }
+                return;
+            }
+        };
+        self.metrics.relayed("in");
+        let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
+        let Some(inbox) = self.connection(peer, connection, &envelope.home_certificate, outgoing) else {
+            self.metrics.relay_refused("too_many_connections");
+            let message = format!("{RELAYED_CONNECTIONS_PER_PEER_MAX} connections of {peer} are open");
+            let error = error_frame(room_id, request_id, ErrorCode::TooManyConnections, &message);
+            deliver_now(outgoing, connection, vec![error]);
+            return;
+        };
+        let inbox_frame = match inbox.try_send(frame) {
+            Err(mpsc::error::TrySendError::Closed(frame)) => {
+                // The remote connection ended on its own (its queue closed): open it again.
+                lock(&self.connections).remove(&(peer.clone(), connection));
+                match self.connection(peer, connection, &envelope.home_certificate, outgoing) {
+                    Some(inbox) => inbox.try_send(frame).map_err(|_| ()),
+                    None => Err(()),
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(()),
+            Ok(()) => Ok(()),
+        };
+        if inbox_frame.is_err() {
+            let error = error_frame_with(
+                room_id,
+                request_id,
+                ErrorCode::RateLimited,
+                "too many relayed frames waiting",
+                None,
+                None,
+                Some(RELAY_RETRY_AFTER_MS),
+            );
+            deliver_now(outgoing, connection, vec![error]);
+        }
+    }
+
+    /// Checks the envelope; on refusal: the counter's code, the client's
+    /// error code and a message.
+    fn verify(
+        &self,
+        peer: &DomainName,
+        envelope: &RelayEnvelope,
+    ) -> Result<Frame, (&'static str, ErrorCode, String)> {
+        if self.refused.contains(peer) {
+            return Err(("refused_domain", ErrorCode::FederationRefused, format!("{peer} is refused here")));
+        }
+        let Some(keys) = self.peers.get(peer) else {
+            return Err(("refused_domain", ErrorCode::UnknownDomain, format!("{peer} is not a peer")));
+        };
+        let mut last_sequence = lock(&self.last_sequence);
+        let last = last_sequence.get(peer).copied();
+        let frame = envelope
+            .verify(keys, &self.domain, last, (self.clock)())
+            .map_err(|error| (relay_error_code(&error), relay_error_to_client(&error), error.to_string()))?;
+        last_sequence.insert(peer.clone(), envelope.relay_sequence);
+        Ok(frame)
+    }
+
+    /// The remote connection for (`peer`, `connection`), opened on first use.
+    fn connection(
+        &self,
+        peer: &DomainName,
+        connection: u64,
+        certificate: &HomeCertificate,
+        outgoing: &mpsc::Sender<Vec<u8>>,
+    ) -> Option<mpsc::Sender<Frame>> {
+        let mut connections = lock(&self.connections);
+        let key = (peer.clone(), connection);
+        if let Some(open) = connections.get(&key) {
+            return Some(open.inbox.clone());
+        }
+        let of_peer = connections.keys().filter(|(domain, _)| domain == peer).count();
+        if of_peer >= RELAYED_CONNECTIONS_PER_PEER_MAX {
+            return None;
+        }
+        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let (inbox, frames) = mpsc::channel(RELAYED_INBOX_FRAMES_MAX);
+        let (outbox, handled) = Listener::open_relayed(
+            &self.listener,
+            id,
+            certificate.identity_key,
+            frames,
+            outgoing.clone(),
+            connection,
+        )?;
+        connections.insert(key, RemoteConnection { inbox: inbox.clone(), outbox });
+        drop(connections);
+        tokio::spawn(handled);
+        Some(inbox)
+    }
+
+    /// The client of `peer`'s connection `connection` left.
+    pub fn closed(&self, peer: &DomainName, connection: u64) {
+        if let Some(open) = lock(&self.connections).remove(&(peer.clone(), connection)) {
+            open.outbox.close();
+        }
+    }
+
+    /// The link with `peer` went down: its remote connections end.
+    pub fn link_down(&self, peer: &DomainName) {
+        lock(&self.connections).retain(|(domain, _), open| {
+            let keep = domain != peer;
+            if !keep {
+                open.outbox.close();
+            }
+            keep
+        });
+    }
+}
+
+/// The room and request id of a relayed frame, if its header is readable.
+fn request_of(frame: &[u8]) -> Option<(RoomId, u32)> {
+    let frame = Frame::decode(&Bytes::copy_from_slice(frame)).ok()?;
+    Some((frame.header().room_id(), frame.header().request_id()))
+}
+
+/// Queues a `Deliver` of `frames` for `connection` on the link without
+/// waiting (dropped when the link's queue is full: errors are best effort).
+fn deliver_now(outgoing: &mpsc::Sender<Vec<u8>>, connection: u64, frames: Vec<Bytes>) {
+    let frames = frames.into_iter().map(|frame| ByteBuf::from(frame.to_vec())).collect();
+    if let Ok(bytes) = encode_established(&LinkMessage::Deliver { connection, frames }) {
+        let _ = outgoing.try_send(bytes);
+    }
+}
+
+/// Splits `batch` into `Deliver` messages of about [`DELIVER_BYTES_TARGET`].
+pub fn deliver_messages(connection: u64, batch: impl IntoIterator<Item = Bytes>) -> Vec<Vec<u8>> {
+    let mut messages = Vec::new();
+    let (mut frames, mut bytes) = (Vec::new(), 0usize);
+    for frame in batch {
+        if !frames.is_empty() && bytes + frame.len() > DELIVER_BYTES_TARGET {
+            let full = std::mem::take(&mut frames);
+            messages.extend(encode_established(&LinkMessage::Deliver { connection, frames: full }).ok());
+            bytes = 0;
+        }
+        bytes += frame.len();
+        frames.push(ByteBuf::from(frame.to_vec()));
+    }
+    if !frames.is_empty() {
+        messages.extend(encode_established(&LinkMessage::Deliver { connection, frames }).ok());
+    }
+    messages
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

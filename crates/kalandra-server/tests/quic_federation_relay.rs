@@ -1,0 +1,434 @@
+//! The relay between domains over real QUIC on loopback: a user of b.test
+//! is invited to a room of a.test, gets the Welcome from its own server,
+//! and reads and writes the room through b.test, which countersigns its
+//! frames to a.test; a.test's answers and fan-out come back the same way.
+//! A fake b.test sends what a dishonest or broken domain could (forged or
+//! foreign countersignatures and certificates, replays, frames of other
+//! users, frames for other destinations): each is refused with its typed
+//! error, counted, and the room goes on with nothing accepted lost.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::federation::{
+    claim_at, counter, free_address, linked, peer, start_domain, Domains, FEDERATION_TIMEOUT, SEED_A, SEED_B,
+};
+use common::{decode_ok, error_code, header, TestClient};
+use ed25519_dalek::SigningKey;
+use kalandra_proto::federation::{DomainName, HomeCertificate, RelayEnvelope};
+use kalandra_proto::payload::{Ack, Application, Commit, KeyPackageClaimed, Subscribe, SyncDone};
+use kalandra_proto::{ErrorCode, Frame, Opcode, Payload, RoomId, SenderId};
+use tokio::sync::mpsc;
+
+const RELAYED: &str = "kalandra_federation_relayed_frames_total";
+const RELAY_REFUSALS: &str = "kalandra_federation_relay_refusals_total";
+
+/// Reads frames until the `SyncDone` of a subscription; returns it and the
+/// log frames before it.
+async fn read_to_sync_done(client: &mut TestClient) -> (SyncDone, Vec<Frame>) {
+    let mut frames = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(FEDERATION_TIMEOUT, client.conn().recv()).await.unwrap().unwrap();
+        match frame.opcode() {
+            Opcode::SyncDone => return (decode_ok(&frame), frames),
+            Opcode::Error => panic!("{}: error {} while reading", client.name, error_code(&frame)),
+            _ => frames.push(frame),
+        }
+    }
+}
+
+/// alice (a.test) makes a room and invites bob (b.test), claimed through a.
+async fn invite_bob(alice: &mut TestClient, bob: &TestClient, room: RoomId) {
+    alice.create_room(room).await;
+    let claimed: KeyPackageClaimed = decode_ok(&claim_at(alice, "b.test", &[bob.sender()]).await);
+    let package = claimed.key_packages[0].key_package.clone().expect("bob's key package");
+    let group = alice.group.as_mut().unwrap();
+    let output = group.add_members(&alice.provider, &alice.identity, &[package.as_slice()]).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: output.welcome,
+        welcome_recipients: vec![bob.sender().0],
+        group_info: Some(output.group_info),
+    };
+    let reply = alice.request(&commit).await;
+    assert_eq!(reply.opcode(), Opcode::Ack, "alice adds bob: {}", error_code(&reply));
+    alice.settle_commit(&reply);
+}
+
+fn text_of(frame: &Frame) -> Vec<u8> {
+    let application: Application = frame.decode_payload().unwrap();
+    application.ciphertext.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_users_of_two_domains_talk_in_one_room_each_through_its_own_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let domains = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&domains.b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&domains.a, "alice", 1).await;
+    let room = RoomId([0x51; 16]);
+    invite_bob(&mut alice, &bob, room).await;
+
+    // The Welcome reaches bob from b.test; bob reads the room through b.test.
+    let welcome_index = tokio::time::timeout(FEDERATION_TIMEOUT, bob.join_from_welcome(room)).await.unwrap();
+    assert_eq!(welcome_index, 1);
+    bob.subscribe(0).await;
+    let (done, history) = read_to_sync_done(&mut bob).await;
+    assert_eq!(done.next_log_index, 2);
+    assert!(done.live);
+    let indices: Vec<u64> = history.iter().map(|frame| frame.header().log_index()).collect();
+    assert_eq!(indices, vec![0, 1], "bob reads the room's history from a.test through b.test");
+    alice.subscribe(2).await;
+    read_to_sync_done(&mut alice).await;
+
+    // bob writes through b.test: a.test sequences and acknowledges it.
+    let reply = bob.send_text("hello from b").await;
+    let ack: Ack = decode_ok(&reply);
+    assert_eq!(ack.log_index, 2);
+    assert!(ack.signed_head.is_some(), "the authority's signed head comes back with the ack");
+    let seen = alice.next_of(Opcode::Application).await;
+    assert_eq!((seen.header().log_index(), seen.header().sender_id()), (2, bob.sender()));
+    assert_eq!(text_of(&seen), b"hello from b");
+
+    // alice's message reaches bob through b.test.
+    let ack: Ack = decode_ok(&alice.send_text("hello from a").await);
+    assert_eq!(ack.log_index, 3);
+    let seen = bob.next_of(Opcode::Application).await;
+    assert_eq!((seen.header().log_index(), seen.header().sender_id()), (3, alice.sender()));
+    assert_eq!(text_of(&seen), b"hello from a");
+
+    assert!(counter(&domains.b, RELAYED, "direction", "out") >= 2, "subscribe and message relayed");
+    assert!(counter(&domains.a, RELAYED, "direction", "in") >= 2);
+    assert_eq!(counter(&domains.a, RELAY_REFUSALS, "code", "bad_countersignature"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_a_remote_member_gets_a_retryable_error_while_the_rooms_domain_is_down_and_nothing_acknowledged_is_lost(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let Domains { a, b, a_federation, b_federation } = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+    let room = RoomId([0x52; 16]);
+    invite_bob(&mut alice, &bob, room).await;
+    tokio::time::timeout(FEDERATION_TIMEOUT, bob.join_from_welcome(room)).await.unwrap();
+    let ack: Ack = decode_ok(&bob.send_text("before").await);
+    assert_eq!(ack.log_index, 2);
+
+    alice.disconnect().await;
+    assert!(a.stop().await.is_none(), "a's data stays in the test's directory");
+    // b notices the link is gone; until then a send may still be queued on it.
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    loop {
+        if bob.connection.is_none() {
+            bob.reconnect(&b).await;
+        }
+        let frame = bob.frame(&Application {
+            generation: 0,
+            ciphertext: bytes::Bytes::from_static(b"while down"),
+            push: None,
+        });
+        let reply = match bob.conn().request(&frame).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                bob.connection = None;
+                continue;
+            }
+        };
+        if reply.opcode() == Opcode::Error && error_code(&reply) == ErrorCode::DomainUnreachable.to_u16() {
+            let error: kalandra_proto::payload::Error = reply.decode_payload().unwrap();
+            assert!(error.retry_after_ms.is_some(), "a retryable error says when to retry");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no DomainUnreachable while a is down: {:?}", reply.opcode());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let a = Domains::start_a(dir.path(), a_federation, b_federation).await;
+    linked(&a, "b.test").await;
+    linked(&b, "a.test").await;
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    let ack = loop {
+        if bob.connection.is_none() {
+            bob.reconnect(&b).await;
+        }
+        let frame = bob.frame(&Application {
+            generation: 0,
+            ciphertext: bytes::Bytes::from_static(b"after"),
+            push: None,
+        });
+        match bob.conn().request(&frame).await {
+            Ok(reply) if reply.opcode() == Opcode::Ack => break decode_ok::<Ack>(&reply),
+            Ok(_) => {}
+            Err(_) => bob.connection = None,
+        }
+        assert!(Instant::now() < deadline, "bob cannot send after a came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ack.log_index, 3, "the frame acknowledged before the outage kept its place");
+    if bob.connection.is_none() {
+        bob.reconnect(&b).await;
+    }
+    bob.subscribe(0).await;
+    let (done, history) = read_to_sync_done(&mut bob).await;
+    assert_eq!(done.next_log_index, 4);
+    let texts: Vec<Vec<u8>> =
+        history.iter().filter(|frame| frame.opcode() == Opcode::Application).map(text_of).collect();
+    assert_eq!(texts, vec![b"before".to_vec(), b"after".to_vec()]);
+}
+
+/// What the fake b.test's link gets from a.test: `Deliver`ed frames.
+type Delivered = mpsc::Receiver<(u64, Frame)>;
+
+/// A server that speaks for b.test (it holds b's federation key): it
+/// accepts a.test's link, then sends the envelopes it is given and passes
+/// on the frames a.test delivers.
+async fn fake_b(dir: &Path, listen: SocketAddr) -> (mpsc::Sender<(u64, RelayEnvelope)>, Delivered) {
+    use kalandra_server::federation_link as link;
+
+    let identity = kalandra_server::load_or_create_server_identity(dir, None, None).unwrap();
+    let endpoint = quinn::Endpoint::server(link::server_config(&identity).unwrap(), listen).unwrap();
+    let (envelopes, mut to_send) = mpsc::channel::<(u64, RelayEnvelope)>(64);
+    let (delivered, received) = mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(connection) = incoming.await else { continue };
+            let Ok((mut send, mut recv)) = fake_handshake(&connection).await else { continue };
+            let delivered = delivered.clone();
+            let reader = tokio::spawn(async move {
+                loop {
+                    let mut prefix = [0u8; link::LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];
+                    if recv.read_exact(&mut prefix).await.is_err() {
+                        return;
+                    }
+                    let mut body = vec![0u8; link::established_body_len(prefix).unwrap()];
+                    recv.read_exact(&mut body).await.unwrap();
+                    if let link::LinkMessage::Deliver { connection, frames } =
+                        link::decode_established(&body).unwrap()
+                    {
+                        for frame in frames {
+                            let frame = Frame::decode(&bytes::Bytes::from(frame.into_vec())).unwrap();
+                            let _ = delivered.send((connection, frame)).await;
+                        }
+                    }
+                }
+            });
+            while let Some((connection, envelope)) = to_send.recv().await {
+                let message = link::LinkMessage::Relay { connection, envelope };
+                send.write_all(&link::encode_established(&message).unwrap()).await.unwrap();
+            }
+            reader.abort();
+            return;
+        }
+    });
+    (envelopes, received)
+}
+
+/// The responder's side of the link handshake, as b.test.
+async fn fake_handshake(
+    connection: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error>> {
+    use kalandra_proto::federation::{PeerKey, PeerKeys, LINK_TLS_EXPORTER_LABEL};
+    use kalandra_server::federation_link as link;
+
+    let (mut send, mut recv) = connection.accept_bi().await?;
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, LINK_TLS_EXPORTER_LABEL, b"")
+        .map_err(|_| "no exporter")?;
+    let a_domain = DomainName::parse("a.test").unwrap();
+    let a_key = PeerKey { key: SigningKey::from_bytes(&[SEED_A; 32]).verifying_key(), valid_until_ms: None };
+    let peers: link::PeerTable =
+        [(a_domain.clone(), PeerKeys::new(a_domain, vec![a_key]).unwrap())].into_iter().collect();
+    let b_key = SigningKey::from_bytes(&[SEED_B; 32]);
+    let mut handshake =
+        link::LinkHandshake::responder(b_key, DomainName::parse("b.test").unwrap(), rand::random(), binding);
+    loop {
+        let mut prefix = [0u8; link::LINK_LENGTH_PREFIX_BYTES];
+        recv.read_exact(&mut prefix).await?;
+        let mut body = vec![0u8; link::body_len(prefix)?];
+        recv.read_exact(&mut body).await?;
+        match handshake.receive(link::decode(&body)?, &peers, common::now_ms())? {
+            link::Step::Send(messages) => {
+                for message in messages {
+                    send.write_all(&link::encode(&message)).await?;
+                }
+            }
+            link::Step::Established(established) => {
+                for message in established.send {
+                    send.write_all(&link::encode(&message)).await?;
+                }
+                return Ok((send, recv));
+            }
+        }
+    }
+}
+
+/// carol's subscription to `room`, signed by `signer`, with `request_id`.
+fn subscribe_frame(carol: &SigningKey, signer: &SigningKey, room: RoomId, request_id: u32) -> Frame {
+    let sender = SenderId::from_identity_key(carol.verifying_key().as_bytes());
+    let mut frame = Frame::with_payload(
+        header(Subscribe::OPCODE, room, sender, 0, request_id),
+        &Subscribe { from_log_index: 0 },
+    )
+    .unwrap();
+    frame.sign(signer);
+    frame
+}
+
+fn certificate(issuer: u8, domain: &str, user: &SigningKey) -> HomeCertificate {
+    let not_after_ms = common::now_ms() + 3_600_000;
+    HomeCertificate::issue(
+        &SigningKey::from_bytes(&[issuer; 32]),
+        DomainName::parse(domain).unwrap(),
+        user.verifying_key().to_bytes(),
+        not_after_ms,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let b_federation = free_address();
+    let a = start_domain(
+        &dir.path().join("a"),
+        "a.test",
+        SEED_A,
+        free_address(),
+        vec![peer("b.test", b_federation, SEED_B)],
+    )
+    .await;
+    let fake_dir = dir.path().join("fake-b");
+    std::fs::create_dir_all(&fake_dir).unwrap();
+    let (envelopes, mut delivered) = fake_b(&fake_dir, b_federation).await;
+    linked(&a, "b.test").await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+    let room = RoomId([0x53; 16]);
+    alice.create_room(room).await;
+    alice.subscribe(0).await;
+    read_to_sync_done(&mut alice).await;
+
+    let (carol, dave) = (SigningKey::from_bytes(&[0xc1; 32]), SigningKey::from_bytes(&[0xd1; 32]));
+    let (a_name, b_name, c_name) = (
+        DomainName::parse("a.test").unwrap(),
+        DomainName::parse("b.test").unwrap(),
+        DomainName::parse("c.test").unwrap(),
+    );
+    let b_key = SigningKey::from_bytes(&[SEED_B; 32]);
+    let envelope =
+        |key: &SigningKey, destination: &DomainName, sequence: u64, cert: HomeCertificate, frame: Frame| {
+            RelayEnvelope::countersign(key, b_name.clone(), destination.clone(), sequence, cert, frame)
+        };
+    let honest = envelope(
+        &b_key,
+        &a_name,
+        10,
+        certificate(SEED_B, "b.test", &carol),
+        subscribe_frame(&carol, &carol, room, 1),
+    );
+    let cases: Vec<(&str, RelayEnvelope, u32, Option<&str>, ErrorCode)> = vec![
+        ("a stranger of b reads an invite-only room", honest.clone(), 1, None, ErrorCode::NotMember),
+        ("the same envelope again", honest, 1, Some("replayed"), ErrorCode::FederationRefused),
+        (
+            "a countersignature not by b",
+            envelope(
+                &SigningKey::from_bytes(&[0xee; 32]),
+                &a_name,
+                11,
+                certificate(SEED_B, "b.test", &carol),
+                subscribe_frame(&carol, &carol, room, 2),
+            ),
+            2,
+            Some("bad_countersignature"),
+            ErrorCode::FederationRefused,
+        ),
+        (
+            "b speaks for a user of c",
+            envelope(
+                &b_key,
+                &a_name,
+                12,
+                certificate(0xc3, "c.test", &carol),
+                subscribe_frame(&carol, &carol, room, 3),
+            ),
+            3,
+            Some("foreign_user"),
+            ErrorCode::FederationRefused,
+        ),
+        (
+            "a frame of dave with carol's certificate",
+            envelope(
+                &b_key,
+                &a_name,
+                13,
+                certificate(SEED_B, "b.test", &carol),
+                subscribe_frame(&dave, &dave, room, 4),
+            ),
+            4,
+            Some("sender_mismatch"),
+            ErrorCode::SenderMismatch,
+        ),
+        (
+            "carol's frame signed by someone else",
+            envelope(
+                &b_key,
+                &a_name,
+                14,
+                certificate(SEED_B, "b.test", &carol),
+                subscribe_frame(&carol, &dave, room, 5),
+            ),
+            5,
+            Some("client_signature"),
+            ErrorCode::BadSignature,
+        ),
+        (
+            "a frame for another domain",
+            envelope(
+                &b_key,
+                &c_name,
+                15,
+                certificate(SEED_B, "b.test", &carol),
+                subscribe_frame(&carol, &carol, room, 6),
+            ),
+            6,
+            Some("wrong_destination"),
+            ErrorCode::FederationRefused,
+        ),
+        (
+            "a room a.test does not order",
+            envelope(
+                &b_key,
+                &a_name,
+                16,
+                certificate(SEED_B, "b.test", &carol),
+                subscribe_frame(&carol, &carol, RoomId([0x99; 16]), 7),
+            ),
+            7,
+            None,
+            ErrorCode::UnknownRoom,
+        ),
+    ];
+    for (what, envelope, request_id, counted, code) in cases {
+        let before = counted.map(|code| counter(&a, RELAY_REFUSALS, "code", code));
+        envelopes.send((77, envelope)).await.unwrap();
+        let (connection, frame) =
+            tokio::time::timeout(FEDERATION_TIMEOUT, delivered.recv()).await.unwrap().unwrap();
+        assert_eq!(connection, 77, "{what}: answered for the relayed connection");
+        assert_eq!(frame.opcode(), Opcode::Error, "{what}");
+        assert_eq!(frame.header().request_id(), request_id, "{what}: the client's request id");
+        assert_eq!(error_code(&frame), code.to_u16(), "{what}");
+        if let (Some(counted), Some(before)) = (counted, before) {
+            assert_eq!(counter(&a, RELAY_REFUSALS, "code", counted), before + 1, "{what} is counted");
+        }
+    }
+
+    // The room goes on, and the link with b stays up.
+    let ack: Ack = decode_ok(&alice.send_text("still here").await);
+    assert_eq!(ack.log_index, 1);
+    linked(&a, "b.test").await;
+}
