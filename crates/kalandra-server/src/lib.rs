@@ -43,7 +43,7 @@ pub mod federation_link {
     };
     pub use crate::federation::quic::server_config;
     pub use crate::federation::requests::{
-        LinkRequest, LinkResponse, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
+        LinkRequest, LinkResponse, RefusalCode, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
     };
 }
 pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};

@@ -18,6 +18,7 @@ use kalandra_proto::{ErrorCode, Opcode};
 
 use crate::federation::directory::FEDERATION_REFUSAL_CODES;
 use crate::federation::handshake::LINK_FAILURE_CODES;
+use crate::federation::welcomes::FEDERATION_WELCOME_OUTCOMES;
 use crate::room::roles::Actor;
 
 /// Content type of [`Metrics::render`]'s output.
@@ -64,6 +65,9 @@ pub const FEDERATION_LINK_UP: &str = "kalandra_federation_link_up";
 pub const FEDERATION_HANDSHAKE_FAILURES_TOTAL: &str = "kalandra_federation_handshake_failures_total";
 /// Counter, by `code`: peers' answers refused, and requests naming an unknown domain.
 pub const FEDERATION_REFUSALS_TOTAL: &str = "kalandra_federation_refusals_total";
+/// Counter, by `outcome`: Welcomes for other domains' users forwarded to
+/// their home domain, put off, or dropped, and peers' Welcomes stored here.
+pub const FEDERATION_WELCOMES_TOTAL: &str = "kalandra_federation_welcomes_total";
 
 /// Attribute carrying an opcode's specification name.
 pub const OPCODE_ATTRIBUTE: &str = "opcode";
@@ -199,6 +203,7 @@ struct Inner {
     federation_peers: std::sync::OnceLock<Vec<(String, AtomicU64)>>,
     federation_failures: Family,
     federation_refusals: Family,
+    federation_welcomes: Family,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -233,6 +238,7 @@ impl Metrics {
             federation_peers: std::sync::OnceLock::new(),
             federation_failures: Family::new(LINK_FAILURE_CODES.len()),
             federation_refusals: Family::new(FEDERATION_REFUSAL_CODES.len()),
+            federation_welcomes: Family::new(FEDERATION_WELCOME_OUTCOMES.len()),
             admin_routes,
         };
         Ok(Metrics { inner: Arc::new(inner) })
@@ -369,6 +375,14 @@ impl Metrics {
         self.inner.federation_refusals.add(index, 1);
     }
 
+    /// Counts a Welcome routed between domains under `outcome`, one of
+    /// [`FEDERATION_WELCOME_OUTCOMES`].
+    pub fn federation_welcome(&self, outcome: &str) {
+        let index =
+            FEDERATION_WELCOME_OUTCOMES.iter().position(|known| *known == outcome).unwrap_or(usize::MAX);
+        self.inner.federation_welcomes.add(index, 1);
+    }
+
     /// Every metric in the Prometheus text format
     /// ([`PROMETHEUS_TEXT_CONTENT_TYPE`]).
     pub fn render(&self) -> Result<String, MetricsError> {
@@ -445,6 +459,15 @@ impl Metrics {
             "code",
             &FEDERATION_REFUSAL_CODES,
             &inner.federation_refusals,
+        )?;
+        let help = "Welcomes routed between domains, by outcome.";
+        labelled(
+            out,
+            FEDERATION_WELCOMES_TOTAL,
+            help,
+            "outcome",
+            &FEDERATION_WELCOME_OUTCOMES,
+            &inner.federation_welcomes,
         )
     }
 
