@@ -226,8 +226,12 @@ async fn federation_welcome_of_a_commit_made_while_the_link_is_down_arrives_once
 
     let b = Domains::start_b(dir.path(), b_federation, a_federation).await;
     linked(&a, "b.test").await;
+    let back = Instant::now();
     bob.reconnect(&b).await;
     assert_eq!(joins(&mut bob, room).await, ack.log_index, "routed once the link is back");
+    // Sent when the link came up, not left to the periodic retry.
+    let retry = Duration::from_millis(kalandra_server::WELCOME_RETRY_INTERVAL_MS);
+    assert!(back.elapsed() < retry / 2, "routed {:?} after the link came back", back.elapsed());
     eventually("a deletes its copy", || pending(&a, bob.sender()) == 0).await;
     assert_eq!(welcomes(&a, "dropped"), 0);
 }
