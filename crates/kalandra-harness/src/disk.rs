@@ -14,13 +14,15 @@
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use kalandra_proto::federation::DomainName;
 use kalandra_server::audit::{AuditEvent, AuditHead, AuditRecord};
 use kalandra_server::store::{
     AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, KeyPackageCount,
     KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
-    ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError,
-    RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration, RoomRetention, StorageFailure, Store,
-    StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError, WelcomeId,
+    ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction,
+    RemoteRecordError, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration,
+    RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError,
+    WelcomeId,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -480,6 +482,30 @@ impl Store for SimDisk {
 
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
         self.store().room_metadata(room_id)
+    }
+
+    fn record_remote_user(&self, user_id: UserId, home: &DomainName) -> Result<(), RemoteRecordError> {
+        self.write("record_remote_user", || self.store().record_remote_user(user_id, home))
+    }
+
+    fn remote_user_home(&self, user_id: UserId) -> Result<Option<DomainName>, RemoteRecordError> {
+        self.store().remote_user_home(user_id)
+    }
+
+    fn remote_users(
+        &self,
+        after: Option<UserId>,
+        count_max: usize,
+    ) -> Result<Vec<(UserId, DomainName)>, RemoteRecordError> {
+        self.store().remote_users(after, count_max)
+    }
+
+    fn record_remote_room(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRecordError> {
+        self.write("record_remote_room", || self.store().record_remote_room(room_id, authority))
+    }
+
+    fn remote_rooms(&self) -> Result<Vec<(RoomId, DomainName)>, RemoteRecordError> {
+        self.store().remote_rooms()
     }
 
     fn record_moderation(

@@ -34,6 +34,7 @@ pub use crate::federation::handshake::{LinkHandshakeError, LINK_FAILURE_CODES};
 pub use crate::federation::limits::S2S_ALPN;
 pub use crate::federation::links::{FederationLinks, FederationView, LinkFailure, PeerLinkView};
 pub use crate::federation::quic::client_config as federation_client_config;
+pub use crate::federation::welcomes::WELCOME_RETRY_INTERVAL_MS;
 
 /// The server-to-server link protocol, for tests that play a peer domain.
 pub mod federation_link {
@@ -43,7 +44,7 @@ pub mod federation_link {
     };
     pub use crate::federation::quic::server_config;
     pub use crate::federation::requests::{
-        LinkRequest, LinkResponse, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
+        LinkRequest, LinkResponse, RefusalCode, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
     };
 }
 pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};

@@ -25,6 +25,7 @@ use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::federation::registry::{LinkRegistry, RemoteDirectory};
 use crate::federation::relay::{RelayAuthority, RelayHome};
 use crate::federation::rooms::RemoteRooms;
+use crate::federation::welcomes::{WelcomeInbox, WelcomeRouter, WelcomesArrived, WELCOME_ROUTING_QUEUE_MAX};
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
 use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
 use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError};
@@ -311,6 +312,8 @@ async fn assemble(
     let clock = options.clock.unwrap_or_else(wall_clock);
     let shard_count =
         options.shard_count.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let remote_rooms = load_remote_rooms(&store).await?;
+    let (welcome_routing, routed) = tokio::sync::mpsc::channel(WELCOME_ROUTING_QUEUE_MAX);
     let recovering = std::time::Instant::now();
     let node = Node::start::<MlsRoomGroup>(
         Arc::clone(&store),
@@ -322,6 +325,8 @@ async fn assemble(
             rooms_per_user_max: config.limits.rooms_per_user_max,
             push,
             server_signer: Arc::new(ServerSigner::new(keys.server_key.clone())),
+            remote_rooms: Arc::clone(&remote_rooms),
+            welcome_routing: Some(welcome_routing),
         },
     )
     .await
@@ -366,8 +371,8 @@ async fn assemble(
         registry: Arc::clone(&registry),
         clock: Arc::clone(&clock),
         metrics: metrics.clone(),
+        store: Arc::clone(&store),
     });
-    let remote_rooms = Arc::new(RemoteRooms::default());
     let relay_home = Arc::new(RelayHome::new(
         config.domain.clone(),
         keys.federation_key.clone(),
@@ -399,7 +404,20 @@ async fn assemble(
         domain: config.domain.clone(),
         key: keys.federation_key.clone(),
         clock: Arc::clone(&clock),
+        welcomes: WelcomeInbox {
+            store: Arc::clone(&store),
+            rooms: Arc::clone(&remote_rooms),
+            metrics: metrics.clone(),
+            arrived: welcomes_arrived(&node),
+        },
     });
+    let router = WelcomeRouter {
+        store: Arc::clone(&store),
+        registry: Arc::clone(&registry),
+        rooms: Arc::clone(&remote_rooms),
+        metrics: metrics.clone(),
+    }
+    .start(routed);
     let link_context = LinkContext {
         domain: config.domain.clone(),
         key: keys.federation_key.clone(),
@@ -450,7 +468,28 @@ async fn assemble(
         stop,
         serving,
         admin,
-        background: [gauges, retention],
+        background: [gauges, retention, router],
+        remote_rooms,
+    })
+}
+
+/// The rooms other domains order, as the store records them.
+async fn load_remote_rooms(store: &Arc<dyn Store>) -> Result<Arc<RemoteRooms>, StartError> {
+    let loading = Arc::clone(store);
+    let loaded = tokio::task::spawn_blocking(move || RemoteRooms::load(loading.as_ref()))
+        .await
+        .map_err(|error| StartError::Recovery(RecoveryError::Storage(error.to_string())))?;
+    let rooms = loaded.map_err(|error| StartError::Recovery(RecoveryError::Storage(error.to_string())))?;
+    Ok(Arc::new(rooms))
+}
+
+/// Hands peers' Welcomes just stored to their connected recipients (called
+/// on a blocking thread: the delivery runs on the runtime).
+fn welcomes_arrived(node: &Node) -> WelcomesArrived {
+    let (node, runtime) = (node.clone(), tokio::runtime::Handle::current());
+    Arc::new(move |recipients| {
+        let node = node.clone();
+        runtime.spawn(async move { node.deliver_welcomes_to(&recipients).await });
     })
 }
 
@@ -587,7 +626,9 @@ pub struct RunningServer {
     stop: watch::Sender<ShutdownPhase>,
     serving: JoinHandle<()>,
     admin: JoinHandle<std::io::Result<()>>,
-    background: [JoinHandle<()>; 2],
+    background: [JoinHandle<()>; 3],
+    /// The rooms other domains order.
+    remote_rooms: Arc<RemoteRooms>,
 }
 
 /// How a server stopped.
@@ -649,6 +690,15 @@ impl RunningServer {
     /// The per-peer link state.
     pub fn federation_links(&self) -> &FederationLinks {
         &self.federation_links
+    }
+
+    /// The domain recorded as ordering `room_id`, if it is another
+    /// domain's room this server's users were welcomed to.
+    pub fn remote_room_authority(
+        &self,
+        room_id: kalandra_proto::RoomId,
+    ) -> Option<kalandra_proto::federation::DomainName> {
+        self.remote_rooms.authority_of(room_id)
     }
 
     /// The file the admin token was read from or created in (`None`: it

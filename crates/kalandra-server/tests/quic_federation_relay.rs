@@ -122,6 +122,12 @@ async fn federation_a_remote_member_gets_a_retryable_error_while_the_rooms_domai
 
     alice.disconnect().await;
     assert!(a.stop().await.is_none(), "a's data stays in the test's directory");
+    // The stopped server's links drain for a moment before its socket is free.
+    let started = Instant::now();
+    while std::net::UdpSocket::bind(a_federation).is_err() {
+        assert!(started.elapsed() < FEDERATION_TIMEOUT, "a's federation socket stays bound");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // b notices the link is gone; until then a send may still be queued on it.
     let deadline = Instant::now() + FEDERATION_TIMEOUT;
     loop {

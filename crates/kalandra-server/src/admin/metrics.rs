@@ -19,6 +19,7 @@ use kalandra_proto::{ErrorCode, Opcode};
 use crate::federation::directory::FEDERATION_REFUSAL_CODES;
 use crate::federation::handshake::LINK_FAILURE_CODES;
 use crate::federation::relay::{RELAY_DIRECTIONS, RELAY_REFUSAL_CODES};
+use crate::federation::welcomes::FEDERATION_WELCOME_OUTCOMES;
 use crate::room::roles::Actor;
 
 /// Content type of [`Metrics::render`]'s output.
@@ -69,6 +70,9 @@ pub const FEDERATION_REFUSALS_TOTAL: &str = "kalandra_federation_refusals_total"
 pub const FEDERATION_RELAY_REFUSALS_TOTAL: &str = "kalandra_federation_relay_refusals_total";
 /// Counter, by `direction`: client frames relayed to (`out`) and from (`in`) other domains.
 pub const FEDERATION_RELAYED_FRAMES_TOTAL: &str = "kalandra_federation_relayed_frames_total";
+/// Counter, by `outcome`: Welcomes for other domains' users forwarded to
+/// their home domain, put off, or dropped, and peers' Welcomes stored here.
+pub const FEDERATION_WELCOMES_TOTAL: &str = "kalandra_federation_welcomes_total";
 
 /// Attribute carrying an opcode's specification name.
 pub const OPCODE_ATTRIBUTE: &str = "opcode";
@@ -206,6 +210,7 @@ struct Inner {
     federation_refusals: Family,
     federation_relay_refusals: Family,
     federation_relayed: Family,
+    federation_welcomes: Family,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -242,6 +247,7 @@ impl Metrics {
             federation_refusals: Family::new(FEDERATION_REFUSAL_CODES.len()),
             federation_relay_refusals: Family::new(RELAY_REFUSAL_CODES.len()),
             federation_relayed: Family::new(RELAY_DIRECTIONS.len()),
+            federation_welcomes: Family::new(FEDERATION_WELCOME_OUTCOMES.len()),
             admin_routes,
         };
         Ok(Metrics { inner: Arc::new(inner) })
@@ -390,6 +396,14 @@ impl Metrics {
         self.inner.federation_relayed.add(index, 1);
     }
 
+    /// Counts a Welcome routed between domains under `outcome`, one of
+    /// [`FEDERATION_WELCOME_OUTCOMES`].
+    pub fn federation_welcome(&self, outcome: &str) {
+        let index =
+            FEDERATION_WELCOME_OUTCOMES.iter().position(|known| *known == outcome).unwrap_or(usize::MAX);
+        self.inner.federation_welcomes.add(index, 1);
+    }
+
     /// Every metric in the Prometheus text format
     /// ([`PROMETHEUS_TEXT_CONTENT_TYPE`]).
     pub fn render(&self) -> Result<String, MetricsError> {
@@ -484,6 +498,15 @@ impl Metrics {
             "direction",
             &RELAY_DIRECTIONS,
             &inner.federation_relayed,
+        )?;
+        let help = "Welcomes routed between domains, by outcome.";
+        labelled(
+            out,
+            FEDERATION_WELCOMES_TOTAL,
+            help,
+            "outcome",
+            &FEDERATION_WELCOME_OUTCOMES,
+            &inner.federation_welcomes,
         )
     }
 

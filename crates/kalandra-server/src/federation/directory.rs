@@ -15,12 +15,13 @@ use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{DomainName, HomeCertificate, HomeCertificateError, PeerKeys};
 use kalandra_proto::limits::KEY_PACKAGES_PER_CLAIM_MAX;
 use kalandra_proto::payload::{ClaimedKeyPackage, KeyPackageClaimed};
-use kalandra_proto::{ErrorCode, SenderId};
+use kalandra_proto::{ErrorCode, RoomId, SenderId};
 
 use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::requests::{
     refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, RemoteKeyPackage,
 };
+use crate::federation::welcomes::WelcomeInbox;
 use crate::node::Clock;
 use crate::store::Store;
 use crate::transport::directory::key_package_identity;
@@ -34,9 +35,11 @@ const _: () = assert!(
 );
 
 /// Every [`ClaimAnswerError::code`], `unknown_domain` (a client's
-/// request naming a domain that is not a peer) and `refused_domain` (one
-/// naming a domain the operator refuses), for the refusal counter's labels.
-pub const FEDERATION_REFUSAL_CODES: [&str; 8] = [
+/// request naming a domain that is not a peer), `refused_domain` (one
+/// naming a domain the operator refuses) and every
+/// [`WelcomeRefusal::code`](super::welcomes::WelcomeRefusal::code) (a
+/// peer's Welcome refused), for the refusal counter's labels.
+pub const FEDERATION_REFUSAL_CODES: [&str; 11] = [
     "refused_domain",
     "unknown_domain",
     "wrong_answer",
@@ -45,6 +48,9 @@ pub const FEDERATION_REFUSAL_CODES: [&str; 8] = [
     "bad_home_certificate",
     "certificate_sender_mismatch",
     "identity_mismatch",
+    "local_room",
+    "other_authority",
+    "bad_welcome",
 ];
 
 /// Why a peer's answer to a claim was refused: each is the peer's doing.
@@ -230,7 +236,8 @@ impl RemoteClaimError {
     }
 }
 
-/// The home side: answers peers' requests (blocking: storage).
+/// The home side: answers peers' requests (blocking: storage): claims of
+/// this server's users' key packages, and Welcomes for them.
 pub struct HomeDirectory {
     /// This server's store.
     pub store: Arc<dyn Store>,
@@ -240,6 +247,8 @@ pub struct HomeDirectory {
     pub key: SigningKey,
     /// ms since the Unix epoch.
     pub clock: Clock,
+    /// Stores peers' Welcomes for this server's users.
+    pub welcomes: WelcomeInbox,
 }
 
 impl HomeDirectory {
@@ -249,6 +258,9 @@ impl HomeDirectory {
             LinkRequest::ClaimKeyPackages { sender_ids } => {
                 tracing::debug!(%peer, count = sender_ids.len(), "key-package claim from a peer");
                 self.claim(&sender_ids)
+            }
+            LinkRequest::DeliverWelcome { room_id, recipients, welcome } => {
+                self.welcomes.accept(peer, RoomId(room_id), recipients, welcome)
             }
         }
     }

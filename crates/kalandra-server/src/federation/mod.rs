@@ -9,6 +9,8 @@
 //! the per-peer state the admin API and metrics show, [`directory`] the
 //! remote claim (the home side's answer and the pure check of an answer),
 //! [`registry`] the links that are up and the remote directory on them,
+//! [`rooms`] the rooms other domains order, [`welcomes`] the routing of
+//! Welcomes (the room's side) and their storage at the home (the home's),
 //! and [`quic`] the thin driver that runs it all over quinn: the listener
 //! and one dialer per peer with an address.
 
@@ -20,6 +22,7 @@ pub mod registry;
 pub mod relay;
 pub mod requests;
 pub mod rooms;
+pub mod welcomes;
 
 /// Named limits of the server-to-server links.
 pub mod limits {

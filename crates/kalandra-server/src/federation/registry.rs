@@ -10,16 +10,18 @@ use std::time::Duration;
 
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::payload::KeyPackageClaimed;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::admin::metrics::Metrics;
-use crate::federation::directory::{check_claimed, claim_peer, RemoteClaimError};
+use crate::federation::directory::{check_claimed, claim_peer, ClaimAnswerError, RemoteClaimError};
 use crate::federation::handshake::{encode_established, LinkMessage, PeerTable, RefusedDomains};
 use crate::federation::requests::{
     LinkRequest, LinkRequestError, LinkResponse, PendingRequests, LINK_REQUESTS_IN_FLIGHT_MAX,
     LINK_REQUEST_TIMEOUT_MS,
 };
+use crate::federation::welcomes::record_remote_users;
 use crate::node::Clock;
+use crate::store::Store;
 
 /// Messages queued for one link's writer: every request in flight, as
 /// many answers and a few pings and pongs.
@@ -38,11 +40,23 @@ pub struct LinkHandle {
     pending: Pending,
 }
 
+/// Links coming up that a slow subscriber may lag behind by; it then
+/// sees them as one lag (and acts as for every peer).
+pub const LINK_UP_EVENTS_MAX: usize = 64;
+
 /// The links that are up, by peer.
-#[derive(Default)]
 pub struct LinkRegistry {
     links: Mutex<BTreeMap<DomainName, Vec<LinkHandle>>>,
     next_link_id: AtomicU64,
+    /// The peer of each link that comes up.
+    up: broadcast::Sender<DomainName>,
+}
+
+impl Default for LinkRegistry {
+    fn default() -> Self {
+        let (up, _) = broadcast::channel(LINK_UP_EVENTS_MAX);
+        LinkRegistry { links: Mutex::default(), next_link_id: AtomicU64::new(0), up }
+    }
 }
 
 impl LinkRegistry {
@@ -52,7 +66,14 @@ impl LinkRegistry {
         let link_id = self.next_link_id.fetch_add(1, Ordering::Relaxed);
         let handle = LinkHandle { link_id, outgoing, pending };
         self.lock().entry(peer.clone()).or_default().push(handle);
+        // Nobody may be listening: nothing to tell then.
+        let _ = self.up.send(peer.clone());
         link_id
+    }
+
+    /// The peers of links as they come up, from now on.
+    pub fn subscribe_links_up(&self) -> broadcast::Receiver<DomainName> {
+        self.up.subscribe()
     }
 
     /// Forgets a link that went down; its waiting requests see it down.
@@ -135,11 +156,14 @@ pub struct RemoteDirectory {
     pub clock: Clock,
     /// Counts refused answers.
     pub metrics: Metrics,
+    /// Records the users claimed as the peer's (their Welcomes go there).
+    pub store: Arc<dyn Store>,
 }
 
 impl RemoteDirectory {
     /// Claims one key package of each of `sender_ids`, users of `domain`,
-    /// through that domain; the answer is checked before it is returned.
+    /// through that domain; the answer is checked before it is returned,
+    /// and the users with a package are recorded as `domain`'s.
     pub async fn claim(
         &self,
         domain: &DomainName,
@@ -162,16 +186,24 @@ impl RemoteDirectory {
             LinkResponse::Refused { code, message } => {
                 return Err(RemoteClaimError::Refused { domain: domain.clone(), code, message });
             }
+            LinkResponse::WelcomeStored {} => {
+                self.metrics.federation_refused(ClaimAnswerError::WrongAnswer.code());
+                let error = ClaimAnswerError::WrongAnswer;
+                return Err(RemoteClaimError::BadAnswer { domain: domain.clone(), error });
+            }
         };
         let (requested, now_ms) = (sender_ids.to_vec(), (self.clock)());
         let checked =
             tokio::task::spawn_blocking(move || check_claimed(&peer, &requested, key_packages, now_ms))
                 .await
                 .map_err(|error| RemoteClaimError::Internal(error.to_string()))?;
-        checked.map_err(|error| {
+        let claimed = checked.map_err(|error| {
             tracing::warn!(peer = %domain, %error, "a peer's key-package answer refused");
             self.metrics.federation_refused(error.code());
             RemoteClaimError::BadAnswer { domain: domain.clone(), error }
-        })
+        })?;
+        let certified = claimed.key_packages.iter().filter(|entry| entry.key_package.is_some());
+        record_remote_users(&self.store, domain, certified.map(|entry| entry.sender_id).collect()).await;
+        Ok(claimed)
     }
 }

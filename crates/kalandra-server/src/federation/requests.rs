@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use kalandra_proto::federation::{HomeCertificate, DOMAIN_NAME_BYTES_MAX};
 use kalandra_proto::limits::{
     FRAME_BYTES_MAX, KEY_PACKAGES_PER_CLAIM_MAX, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, TEXT_BYTES_MAX,
+    WELCOME_RECIPIENTS_MAX,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::federation::handshake::LINK_MESSAGE_BYTES_MAX;
-use crate::store::limits::KEY_PACKAGE_BYTES_MAX;
+use crate::store::limits::{KEY_PACKAGE_BYTES_MAX, WELCOME_BYTES_MAX};
 
 /// Requests one end may have sent on one link and not had answered; more
 /// are refused at once. The same bound holds for the requests a link's
@@ -43,6 +44,19 @@ pub const LINK_ESTABLISHED_MESSAGE_BYTES_MAX: usize = if CLAIM_ANSWER_BYTES_MAX 
 pub const LINK_ESTABLISHED_LENGTH_PREFIX_BYTES: usize = 4;
 /// Longest refusal message carried in a response, bytes.
 pub const REFUSAL_MESSAGE_BYTES_MAX: usize = TEXT_BYTES_MAX;
+/// Recipients one `DeliverWelcome` names at most: as many as one commit's
+/// Welcome may have.
+pub const DELIVER_WELCOME_RECIPIENTS_MAX: usize = WELCOME_RECIPIENTS_MAX;
+/// CBOR of one recipient (a uint) at most, bytes.
+const RECIPIENT_CBOR_BYTES_MAX: usize = 9;
+/// CBOR framing of a `DeliverWelcome` besides its recipients and Welcome.
+const DELIVER_WELCOME_OVERHEAD_BYTES_MAX: usize = 1024;
+/// Largest Welcome frame sent to a peer, bytes: a `DeliverWelcome` with it
+/// and the most recipients fits one link message. A larger Welcome (a very
+/// large group's ratchet tree) is not routed to other domains.
+pub const FORWARDED_WELCOME_BYTES_MAX: usize = LINK_ESTABLISHED_MESSAGE_BYTES_MAX
+    - DELIVER_WELCOME_RECIPIENTS_MAX * RECIPIENT_CBOR_BYTES_MAX
+    - DELIVER_WELCOME_OVERHEAD_BYTES_MAX;
 
 const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX >= LINK_MESSAGE_BYTES_MAX);
 const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX <= u32::MAX as usize, "the prefix is four bytes");
@@ -50,6 +64,8 @@ const _: () = assert!(
     LINK_REQUESTS_IN_FLIGHT_MAX * CLAIM_ANSWER_BYTES_MAX <= 256 * 1024 * 1024,
     "a link's answers in flight stay within 256 MiB"
 );
+const _: () = assert!(FORWARDED_WELCOME_BYTES_MAX <= WELCOME_BYTES_MAX, "a forwarded Welcome can be stored");
+const _: () = assert!(FORWARDED_WELCOME_BYTES_MAX >= 4_000_000, "Welcomes of groups of thousands are routed");
 const _: () = assert!(
     LINK_REQUEST_TIMEOUT_MS > crate::federation::limits::PING_INTERVAL_MS,
     "a slow answer is not mistaken for a dead link"
@@ -64,6 +80,19 @@ pub enum LinkRequest {
     ClaimKeyPackages {
         /// 1 to `KEY_PACKAGES_PER_CLAIM_MAX` sender ids.
         sender_ids: Vec<u64>,
+    },
+    /// Store a Welcome of a room the sender orders for these users of the
+    /// peer, and hold it until they read the room, as a local Welcome.
+    DeliverWelcome {
+        /// The room the Welcome joins.
+        #[serde(with = "serde_bytes")]
+        room_id: [u8; 16],
+        /// 1 to [`DELIVER_WELCOME_RECIPIENTS_MAX`] sender ids.
+        recipients: Vec<u64>,
+        /// The Welcome frame, exactly as a local recipient gets it; at most
+        /// [`FORWARDED_WELCOME_BYTES_MAX`] bytes.
+        #[serde(with = "serde_bytes")]
+        welcome: Vec<u8>,
     },
 }
 
@@ -90,6 +119,9 @@ pub enum LinkResponse {
         /// The entries.
         key_packages: Vec<RemoteKeyPackage>,
     },
+    /// The answer to `DeliverWelcome`: the Welcome is stored for the
+    /// recipients (those whose queue had room) and held until read.
+    WelcomeStored {},
     /// The peer refused the request.
     Refused {
         /// A stable code ([`RefusalCode`]).
@@ -245,7 +277,16 @@ mod tests {
             },
         };
         let refused = LinkMessage::Response { id: 8, response: refusal(RefusalCode::Unavailable, "disk") };
-        for message in [request, response, refused] {
+        let welcome = LinkMessage::Request {
+            id: 9,
+            request: LinkRequest::DeliverWelcome {
+                room_id: [3; 16],
+                recipients: vec![4, u64::MAX],
+                welcome: vec![5; 300],
+            },
+        };
+        let stored = LinkMessage::Response { id: 9, response: LinkResponse::WelcomeStored {} };
+        for message in [request, response, refused, welcome, stored] {
             let bytes = encode_established(&message).unwrap();
             let body = &bytes[LINK_ESTABLISHED_LENGTH_PREFIX_BYTES..];
             assert_eq!(decode_established(body).unwrap(), message);
@@ -277,6 +318,28 @@ mod tests {
             },
         };
         assert!(encode_established(&huge).is_err(), "an answer over the bound is not sent");
+    }
+
+    #[test]
+    fn federation_largest_welcome_delivery_fits_one_link_message() {
+        let request = LinkMessage::Request {
+            id: u64::MAX,
+            request: LinkRequest::DeliverWelcome {
+                room_id: [0xff; 16],
+                recipients: vec![u64::MAX; DELIVER_WELCOME_RECIPIENTS_MAX],
+                welcome: vec![0xff; FORWARDED_WELCOME_BYTES_MAX],
+            },
+        };
+        assert!(encode_established(&request).is_ok());
+        let over = LinkMessage::Request {
+            id: 1,
+            request: LinkRequest::DeliverWelcome {
+                room_id: [0; 16],
+                recipients: vec![1],
+                welcome: vec![0; LINK_ESTABLISHED_MESSAGE_BYTES_MAX],
+            },
+        };
+        assert!(encode_established(&over).is_err(), "a Welcome over the bound is not sent");
     }
 
     #[test]

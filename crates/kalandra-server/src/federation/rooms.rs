@@ -2,6 +2,10 @@
 //! each, the domain whose sequencer orders it (its authority). A client's
 //! frames for such a room are relayed there; the authority's answers and
 //! fan-out come back over the link.
+//!
+//! The table is kept in the store too ([`RemoteRooms::load`],
+//! [`RemoteRooms::record_durably`]): a room learnt from a peer's Welcome
+//! stays known across restarts.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -9,8 +13,11 @@ use std::sync::{Mutex, PoisonError};
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::RoomId;
 
-/// Remote rooms one server keeps track of at most.
-pub const REMOTE_ROOMS_MAX: usize = 1 << 20;
+use crate::store::{RemoteRecordError, Store};
+
+/// Remote rooms one server keeps track of at most (as many as its store
+/// records).
+pub const REMOTE_ROOMS_MAX: usize = crate::store::limits::REMOTE_ROOMS_MAX;
 
 /// Why a room could not be recorded as another domain's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +33,17 @@ pub enum RemoteRoomError {
     /// [`REMOTE_ROOMS_MAX`] rooms are recorded already.
     #[error("{REMOTE_ROOMS_MAX} remote rooms are recorded already")]
     Full,
+}
+
+/// Why a room could not be recorded durably.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecordRoomError {
+    /// The table refuses it.
+    #[error(transparent)]
+    Room(#[from] RemoteRoomError),
+    /// The store failed or refused it; nothing was recorded.
+    #[error("storing the remote room: {0}")]
+    Store(#[from] RemoteRecordError),
 }
 
 /// The remote rooms and their authorities.
@@ -59,6 +77,29 @@ impl RemoteRooms {
         }
     }
 
+    /// The remote rooms the store records (blocks on storage).
+    pub fn load(store: &dyn Store) -> Result<RemoteRooms, RemoteRecordError> {
+        Ok(RemoteRooms::new(store.remote_rooms()?))
+    }
+
+    /// Records `room_id` as ordered by `authority` in the store, then in
+    /// the table (blocks on storage). A room known under another authority
+    /// is refused without a write.
+    pub fn record_durably(
+        &self,
+        store: &dyn Store,
+        room_id: RoomId,
+        authority: &DomainName,
+    ) -> Result<(), RecordRoomError> {
+        match self.authority_of(room_id) {
+            Some(known) if known == *authority => return Ok(()),
+            Some(known) => return Err(RemoteRoomError::OtherAuthority { room_id, authority: known }.into()),
+            None => {}
+        }
+        store.record_remote_room(room_id, authority)?;
+        Ok(self.record(room_id, authority)?)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<RoomId, DomainName>> {
         self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -81,5 +122,19 @@ mod tests {
             Err(RemoteRoomError::OtherAuthority { room_id, authority: a.clone() })
         );
         assert_eq!(rooms.authority_of(room_id), Some(a));
+    }
+
+    #[test]
+    fn a_remote_room_recorded_durably_is_loaded_again() {
+        let (a, b) = (DomainName::parse("a.example").unwrap(), DomainName::parse("b.example").unwrap());
+        let store = crate::store::MemoryStore::new();
+        let rooms = RemoteRooms::default();
+        let room_id = RoomId([9; 16]);
+        rooms.record_durably(&store, room_id, &a).unwrap();
+        let refused = rooms.record_durably(&store, room_id, &b).unwrap_err();
+        assert!(matches!(refused, RecordRoomError::Room(RemoteRoomError::OtherAuthority { .. })));
+        let loaded = RemoteRooms::load(&store).unwrap();
+        assert_eq!(loaded.authority_of(room_id), Some(a));
+        assert_eq!(loaded.authority_of(RoomId([1; 16])), None);
     }
 }

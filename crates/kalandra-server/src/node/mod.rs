@@ -33,8 +33,9 @@ pub use self::history::{history_bytes, send_history};
 use self::moderation::ModerationDesk;
 pub use self::moderation::ModerationReply;
 pub use self::recovery::{recover_room_state, RecoveryError};
-pub use self::welcomes::{deliver_pending_welcomes_with, WelcomeSource};
+pub use self::welcomes::{deliver_pending_welcomes_with, welcome_standing, WelcomeSource, WelcomeStanding};
 use crate::admin::metrics::Metrics;
+use crate::federation::rooms::RemoteRooms;
 use crate::node::push::{PushNotification, PushQueue};
 use crate::room::limits::*;
 use crate::room::mls_state::ServerSigner;
@@ -140,6 +141,12 @@ pub struct NodeLimits {
     /// The server's key, listed in every room's `external_senders`: it
     /// signs the Remove proposals of kicks and bans.
     pub server_signer: Arc<ServerSigner>,
+    /// The rooms other domains order: their stored Welcomes are delivered
+    /// at once (their commits are in the authority's log, not here).
+    pub remote_rooms: Arc<RemoteRooms>,
+    /// Where the recipients of each durable commit's Welcome are sent to be
+    /// routed to other domains; `None` routes none.
+    pub welcome_routing: Option<mpsc::Sender<Vec<SenderId>>>,
 }
 
 /// Reports from the room core to the process.
@@ -202,6 +209,7 @@ pub struct Node {
     /// The moderation writer; it ends once every shard has stopped.
     writer_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     pub(crate) clock: Clock,
+    remote_rooms: Arc<RemoteRooms>,
 }
 
 impl Node {
@@ -248,6 +256,8 @@ impl Node {
                 clock: Arc::clone(&clock),
                 metrics: metrics.clone(),
                 background: tokio::task::JoinSet::new(),
+                remote_rooms: Arc::clone(&limits.remote_rooms),
+                welcome_routing: limits.welcome_routing.clone(),
             };
             let running = tokio::spawn(task.run(receiver));
             tokio::spawn(watch_shard(index, running, Arc::clone(&health)));
@@ -255,7 +265,8 @@ impl Node {
         }
         drop(moderation_writer);
         let writer_task = Arc::new(Mutex::new(Some(writer_task)));
-        Ok(Node { shards: Arc::new(shards), online, store, health, writer_task, clock })
+        let remote_rooms = limits.remote_rooms;
+        Ok(Node { shards: Arc::new(shards), online, store, health, writer_task, clock, remote_rooms })
     }
 
     /// Sends a command to the shard that owns `room_id`. `false` if the node stopped.
@@ -296,7 +307,18 @@ impl Node {
     /// it the Welcomes waiting for it.
     pub async fn connection_authenticated(&self, outbox: &Arc<Outbox>) {
         self.online.lock().expect("online lock").entry(outbox.sender()).or_default().push(Arc::clone(outbox));
-        deliver_pending_welcomes(Arc::clone(&self.store), Arc::clone(outbox)).await;
+        let source = StoreWelcomes(Arc::clone(&self.store), Arc::clone(&self.remote_rooms));
+        deliver_pending_welcomes(source, Arc::clone(outbox)).await;
+    }
+
+    /// Hands their pending Welcomes to those of `recipients` who are
+    /// connected (Welcomes of a remote room just stored for them).
+    pub async fn deliver_welcomes_to(&self, recipients: &[SenderId]) {
+        let online = online_of(&self.online, recipients);
+        for outbox in online {
+            let source = StoreWelcomes(Arc::clone(&self.store), Arc::clone(&self.remote_rooms));
+            deliver_pending_welcomes(source, outbox).await;
+        }
     }
 
     /// Marks the node failed after a storage failure outside the shards: the
@@ -381,12 +403,19 @@ fn shard_of(room_id: RoomId, shard_count: usize) -> usize {
 /// Hands the recipient's pending Welcomes to its connection (see
 /// [`deliver_pending_welcomes_with`]), reading the store on blocking
 /// threads.
-async fn deliver_pending_welcomes(store: Arc<dyn Store>, outbox: Arc<Outbox>) {
-    deliver_pending_welcomes_with(&outbox, &mut StoreWelcomes(store)).await;
+async fn deliver_pending_welcomes(mut source: StoreWelcomes, outbox: Arc<Outbox>) {
+    deliver_pending_welcomes_with(&outbox, &mut source).await;
 }
 
-/// The node's [`WelcomeSource`]: the store, on blocking threads.
-struct StoreWelcomes(Arc<dyn Store>);
+/// The connections of those of `recipients` who are connected.
+fn online_of(online: &Online, recipients: &[SenderId]) -> Vec<Arc<Outbox>> {
+    let online = online.lock().expect("online lock");
+    recipients.iter().filter_map(|r| online.get(r)).flatten().cloned().collect()
+}
+
+/// The node's [`WelcomeSource`]: the store, on blocking threads, and the
+/// rooms other domains order.
+struct StoreWelcomes(Arc<dyn Store>, Arc<RemoteRooms>);
 
 impl WelcomeSource for StoreWelcomes {
     async fn page(&mut self, recipient: u64, after: Option<u64>) -> Result<Vec<PendingWelcome>, String> {
@@ -404,6 +433,10 @@ impl WelcomeSource for StoreWelcomes {
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
         Ok(entries.into_iter().next())
+    }
+
+    fn remote_room(&self, room_id: RoomId) -> bool {
+        self.1.authority_of(room_id).is_some()
     }
 
     async fn forget(&mut self, recipient: u64, welcome_id: u64) {
@@ -502,6 +535,8 @@ struct ShardTask<G: PersistentGroup> {
     /// Store writes and Welcome deliveries running in the background;
     /// shutdown waits for them.
     background: tokio::task::JoinSet<()>,
+    remote_rooms: Arc<RemoteRooms>,
+    welcome_routing: Option<mpsc::Sender<Vec<SenderId>>>,
 }
 
 impl<G: PersistentGroup> ShardTask<G> {
@@ -668,15 +703,21 @@ impl<G: PersistentGroup> ShardTask<G> {
         });
     }
 
+    /// Delivers a durable commit's Welcome to its connected recipients and
+    /// hands the recipients to the router (those of other domains are
+    /// routed to their home; a full queue leaves them to its retry).
     fn deliver_welcomes(&mut self, recipients: &[SenderId]) {
-        let online: Vec<Arc<Outbox>> = {
-            let online = self.online.lock().expect("online lock");
-            recipients.iter().filter_map(|r| online.get(r)).flatten().cloned().collect()
-        };
-        let store = Arc::clone(&self.store);
+        if let Some(routing) = &self.welcome_routing {
+            if routing.try_send(recipients.to_vec()).is_err() {
+                tracing::debug!("Welcome routing queue full; the periodic retry routes them");
+            }
+        }
+        let online = online_of(&self.online, recipients);
+        let (store, rooms) = (Arc::clone(&self.store), Arc::clone(&self.remote_rooms));
         self.background.spawn(async move {
             for outbox in online {
-                deliver_pending_welcomes(Arc::clone(&store), outbox).await;
+                let source = StoreWelcomes(Arc::clone(&store), Arc::clone(&rooms));
+                deliver_pending_welcomes(source, outbox).await;
             }
         });
     }
@@ -737,6 +778,8 @@ mod tests {
             rooms_per_user_max: 10,
             push: None,
             server_signer: Arc::new(ServerSigner::new(ed25519_dalek::SigningKey::from_bytes(&[7; 32]))),
+            remote_rooms: Arc::default(),
+            welcome_routing: None,
         };
         let clock: Clock = Arc::new(|| 1_000);
         let node =

@@ -75,6 +75,13 @@ pub trait WelcomeSource {
         room_id: RoomId,
         log_index: u64,
     ) -> impl Future<Output = Result<Option<StoredEntry>, String>>;
+    /// Whether `room_id` is ordered by another domain: its commits are in
+    /// the authority's log, which forwarded the Welcome only once its commit
+    /// was durable, so its Welcomes are delivered at once (and never
+    /// forgotten as orphaned).
+    fn remote_room(&self, _room_id: RoomId) -> bool {
+        false
+    }
     /// Forgets one of `recipient`'s Welcomes that can never be used.
     fn forget(&mut self, recipient: u64, welcome_id: u64) -> impl Future<Output = ()>;
     /// Called with each Welcome just before it is handed over.
@@ -124,6 +131,9 @@ async fn deliver_one(
     recipient: u64,
     welcome: PendingWelcome,
 ) -> bool {
+    if source.remote_room(welcome.room_id) {
+        return hand_over(outbox, source, welcome.welcome).await;
+    }
     let log_index = match Frame::decode(&welcome.welcome) {
         Ok(frame) => frame.header().log_index(),
         Err(_) => u64::MAX,
@@ -136,11 +146,7 @@ async fn deliver_one(
         }
     };
     match welcome_standing(&welcome.welcome, entry.as_ref()) {
-        WelcomeStanding::Deliver => {
-            outbox.mark_welcomes_delivered();
-            source.delivering(&welcome.welcome);
-            outbox.send(welcome.welcome).await
-        }
+        WelcomeStanding::Deliver => hand_over(outbox, source, welcome.welcome).await,
         WelcomeStanding::NotYetDurable => true,
         WelcomeStanding::Orphaned => {
             tracing::warn!(recipient, room_id = %welcome.room_id, log_index, "forgetting a Welcome whose commit is not in the log");
@@ -148,6 +154,13 @@ async fn deliver_one(
             true
         }
     }
+}
+
+/// Hands one Welcome to the connection; false when it is gone.
+async fn hand_over(outbox: &Outbox, source: &mut impl WelcomeSource, welcome: Bytes) -> bool {
+    outbox.mark_welcomes_delivered();
+    source.delivering(&welcome);
+    outbox.send(welcome).await
 }
 
 #[cfg(test)]

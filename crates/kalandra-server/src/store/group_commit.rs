@@ -735,6 +735,40 @@ mod tests {
         fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
             self.inner.room_metadata(room_id)
         }
+        fn record_remote_user(
+            &self,
+            user_id: UserId,
+            home: &kalandra_proto::federation::DomainName,
+        ) -> Result<(), crate::store::RemoteRecordError> {
+            self.inner.record_remote_user(user_id, home)
+        }
+        fn remote_user_home(
+            &self,
+            user_id: UserId,
+        ) -> Result<Option<kalandra_proto::federation::DomainName>, crate::store::RemoteRecordError> {
+            self.inner.remote_user_home(user_id)
+        }
+        fn remote_users(
+            &self,
+            after: Option<UserId>,
+            count_max: usize,
+        ) -> Result<Vec<(UserId, kalandra_proto::federation::DomainName)>, crate::store::RemoteRecordError>
+        {
+            self.inner.remote_users(after, count_max)
+        }
+        fn record_remote_room(
+            &self,
+            room_id: RoomId,
+            authority: &kalandra_proto::federation::DomainName,
+        ) -> Result<(), crate::store::RemoteRecordError> {
+            self.inner.record_remote_room(room_id, authority)
+        }
+        fn remote_rooms(
+            &self,
+        ) -> Result<Vec<(RoomId, kalandra_proto::federation::DomainName)>, crate::store::RemoteRecordError>
+        {
+            self.inner.remote_rooms()
+        }
         fn record_moderation(
             &self,
             change: &crate::store::ModerationChange,

@@ -7,13 +7,16 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
+use kalandra_proto::federation::DomainName;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::limits::{
-    KEY_PACKAGES_PER_USER_MAX, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
+    KEY_PACKAGES_PER_USER_MAX, REMOTE_ROOMS_MAX, REMOTE_USERS_MAX, REMOTE_USERS_PAGE_MAX,
+    RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
 };
 use super::sealing::{self, DataKey, Record};
+use super::RemoteRecordError;
 use super::{
     check_read_dense, distinct_recipients, key_package_key, key_package_key_bounds, read_bytes_allow,
     read_count_cap, validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
@@ -51,6 +54,10 @@ struct State {
     bans: BTreeMap<[u8; 24], StoredBan>,
     audit: BTreeMap<u64, Bytes>,
     audit_head: Option<AuditHead>,
+    /// Other domains' users and their home domains.
+    remote_users: BTreeMap<UserId, DomainName>,
+    /// Other domains' rooms and their authorities.
+    remote_rooms: BTreeMap<RoomId, DomainName>,
 }
 
 /// In-memory store behind one mutex.
@@ -100,6 +107,8 @@ impl MemoryStore {
                 bans: BTreeMap::new(),
                 audit: BTreeMap::new(),
                 audit_head: None,
+                remote_users: BTreeMap::new(),
+                remote_rooms: BTreeMap::new(),
             }),
         }
     }
@@ -580,6 +589,54 @@ impl Store for MemoryStore {
 
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError> {
         Ok(self.lock()?.room_metadata.get(&room_id).cloned())
+    }
+
+    fn record_remote_user(&self, user_id: UserId, home: &DomainName) -> Result<(), RemoteRecordError> {
+        let mut state = self.lock()?;
+        if !state.remote_users.contains_key(&user_id) && state.remote_users.len() >= REMOTE_USERS_MAX {
+            return Err(RemoteRecordError::Full { what: "users", max: REMOTE_USERS_MAX });
+        }
+        state.remote_users.insert(user_id, home.clone());
+        Ok(())
+    }
+
+    fn remote_user_home(&self, user_id: UserId) -> Result<Option<DomainName>, RemoteRecordError> {
+        Ok(self.lock()?.remote_users.get(&user_id).cloned())
+    }
+
+    fn remote_users(
+        &self,
+        after: Option<UserId>,
+        count_max: usize,
+    ) -> Result<Vec<(UserId, DomainName)>, RemoteRecordError> {
+        let state = self.lock()?;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let page = state.remote_users.range((from, Bound::Unbounded));
+        Ok(page
+            .take(count_max.min(REMOTE_USERS_PAGE_MAX))
+            .map(|(user, home)| (*user, home.clone()))
+            .collect())
+    }
+
+    fn record_remote_room(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRecordError> {
+        let mut state = self.lock()?;
+        match state.remote_rooms.get(&room_id) {
+            Some(known) if known == authority => Ok(()),
+            Some(known) => {
+                Err(InvariantViolation(format!("room {room_id} is recorded under {known}")).into())
+            }
+            None if state.remote_rooms.len() >= REMOTE_ROOMS_MAX => {
+                Err(RemoteRecordError::Full { what: "rooms", max: REMOTE_ROOMS_MAX })
+            }
+            None => {
+                state.remote_rooms.insert(room_id, authority.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn remote_rooms(&self) -> Result<Vec<(RoomId, DomainName)>, RemoteRecordError> {
+        Ok(self.lock()?.remote_rooms.iter().map(|(room, authority)| (*room, authority.clone())).collect())
     }
 
     fn record_moderation(

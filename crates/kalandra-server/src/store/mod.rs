@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kalandra_proto::federation::DomainName;
 
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, GENESIS_HASH};
 use crate::room::roles::Role;
@@ -103,6 +104,16 @@ pub mod limits {
     /// redb page-cache size used by [`RedbStore::open`](super::RedbStore::open).
     pub const REDB_CACHE_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 
+    /// Users of other domains whose home domain is recorded at most (the
+    /// users this server's clients claimed key packages of, or whose frames
+    /// were relayed); more are not recorded.
+    pub const REMOTE_USERS_MAX: usize = 1 << 20;
+    /// Remote users one [`Store::remote_users`](super::Store::remote_users)
+    /// page returns at most.
+    pub const REMOTE_USERS_PAGE_MAX: usize = 1024;
+    /// Rooms of other domains whose authority is recorded at most.
+    pub const REMOTE_ROOMS_MAX: usize = 1 << 20;
+
     /// Largest value redb stores (its limit is just under 4 GiB).
     const REDB_VALUE_BYTES_MAX: usize = 3 * 1024 * 1024 * 1024;
 
@@ -136,6 +147,7 @@ pub mod limits {
         assert!(MLS_SNAPSHOT_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(KEY_PACKAGE_BYTES_MAX <= REDB_VALUE_BYTES_MAX);
         assert!(REDACT_ENTRIES_PER_CALL_MAX > 0 && RETENTION_ROOMS_PAGE_MAX > 0);
+        assert!(REMOTE_USERS_PAGE_MAX > 0 && REMOTE_USERS_PAGE_MAX <= REMOTE_USERS_MAX);
         // A sealed entry (tag, prefix length, nonce, tag) still fits one value.
         assert!(LOG_ENTRY_BYTES_MAX + 64 <= REDB_VALUE_BYTES_MAX);
     };
@@ -689,6 +701,44 @@ impl WelcomeError {
     }
 }
 
+/// Error of the records of other domains' users and rooms.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RemoteRecordError {
+    /// [`REMOTE_USERS_MAX`] users or [`REMOTE_ROOMS_MAX`] rooms are
+    /// recorded already. Nothing was written.
+    #[error("{max} remote {what} are recorded already")]
+    Full {
+        /// `users` or `rooms`.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// The storage medium failed.
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    /// An internal invariant does not hold (a stored domain that does not
+    /// parse, a room recorded under another authority).
+    #[error(transparent)]
+    Internal(#[from] InvariantViolation),
+}
+
+impl RemoteRecordError {
+    /// Who is at fault.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Full { .. } => ErrorKind::CallerMisuse,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A stored domain name, parsed again.
+pub(crate) fn stored_domain(stored: &str) -> Result<DomainName, InvariantViolation> {
+    DomainName::parse(stored)
+        .map_err(|error| InvariantViolation(format!("stored domain {stored:?}: {error}")))
+}
+
 /// Error of the room-metadata operations.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum RoomMetadataError {
@@ -1038,6 +1088,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// The room's metadata, if any.
     fn room_metadata(&self, room_id: RoomId) -> Result<Option<RoomMetadata>, RoomMetadataError>;
+
+    /// Records, durably, that `user_id` is a user of the other domain
+    /// `home` (replacing an earlier record). `Full` when
+    /// [`REMOTE_USERS_MAX`] other users are recorded.
+    fn record_remote_user(&self, user_id: UserId, home: &DomainName) -> Result<(), RemoteRecordError>;
+
+    /// The home domain recorded for `user_id`, if it is another domain's user.
+    fn remote_user_home(&self, user_id: UserId) -> Result<Option<DomainName>, RemoteRecordError>;
+
+    /// The recorded remote users with an id above `after` (all when
+    /// `None`), in id order, at most `count_max` (capped at
+    /// [`REMOTE_USERS_PAGE_MAX`]).
+    fn remote_users(
+        &self,
+        after: Option<UserId>,
+        count_max: usize,
+    ) -> Result<Vec<(UserId, DomainName)>, RemoteRecordError>;
+
+    /// Records, durably, that `room_id` is ordered by the other domain
+    /// `authority` (again, if it is already). A room recorded under another
+    /// authority is an `Internal` error and stays as it was; `Full` when
+    /// [`REMOTE_ROOMS_MAX`] rooms are recorded.
+    fn record_remote_room(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRecordError>;
+
+    /// Every recorded remote room with its authority, in room id order (at
+    /// most [`REMOTE_ROOMS_MAX`]).
+    fn remote_rooms(&self) -> Result<Vec<(RoomId, DomainName)>, RemoteRecordError>;
 
     /// Applies `change` and appends `event` to the audit log, chained to the
     /// current head, in one durable transaction; returns the sealed record.

@@ -50,13 +50,14 @@ use ::redb::{
     ReadableTableMetadata, TableDefinition, TableHandle as _, Value, WriteTransaction,
 };
 use bytes::Bytes;
+use kalandra_proto::federation::DomainName;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::backup::{BackupError, SnapshotCopy};
 use super::limits::{
-    KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX,
-    WELCOMES_PER_RECIPIENT_MAX,
+    KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, REMOTE_ROOMS_MAX, REMOTE_USERS_MAX,
+    REMOTE_USERS_PAGE_MAX, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
 };
 use super::sealing::{self, DataKey, KeyRun, Record};
 use super::{
@@ -70,6 +71,7 @@ use super::{
     UserId, WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
+use super::{stored_domain, RemoteRecordError};
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
 use crate::room::roles::{Role, ROLES_PER_ROOM_MAX};
 use crate::room::sequencer::BANS_PER_ROOM_MAX;
@@ -102,6 +104,10 @@ const WELCOME_RECIPIENTS: TableDefinition<&WelcomeKey, &[u8; 16]> =
 const ROOM_METADATA: TableDefinition<&[u8; 16], (u64, u64, u64, &[u8])> =
     TableDefinition::new("room_metadata_v1");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
+/// Other domains' users (sender id) and their home domains.
+const REMOTE_USERS: TableDefinition<u64, &str> = TableDefinition::new("remote_users_v1");
+/// Other domains' rooms and their authorities.
+const REMOTE_ROOMS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("remote_rooms_v1");
 
 /// `meta_v1` key of the schema version.
 const META_SCHEMA_VERSION: &str = "schema_version";
@@ -329,6 +335,8 @@ impl RedbStore {
             txn.open_table(BANS).map_err(failed("open"))?;
             txn.open_table(AUDIT).map_err(failed("open"))?;
             txn.open_table(AUDIT_HEAD).map_err(failed("open"))?;
+            txn.open_table(REMOTE_USERS).map_err(failed("open"))?;
+            txn.open_table(REMOTE_ROOMS).map_err(failed("open"))?;
             let mut meta = txn.open_table(META).map_err(failed("open"))?;
             let found = meta.get(META_SCHEMA_VERSION).map_err(failed("open"))?.map(|guard| guard.value());
             match found {
@@ -393,6 +401,8 @@ impl RedbStore {
             rows += copy_table(&read, &write, BANS)?;
             rows += copy_table(&read, &write, AUDIT)?;
             rows += copy_table(&read, &write, AUDIT_HEAD)?;
+            rows += copy_table(&read, &write, REMOTE_USERS)?;
+            rows += copy_table(&read, &write, REMOTE_ROOMS)?;
             write.commit().map_err(failed(OP))?;
             drop(read);
             // A new file is allocated generously; shrink it. Every page it
@@ -434,6 +444,8 @@ impl RedbStore {
             BANS.name(),
             AUDIT.name(),
             AUDIT_HEAD.name(),
+            REMOTE_USERS.name(),
+            REMOTE_ROOMS.name(),
         ];
         let tables = read.list_tables().map_err(failed(OP))?.map(|table| table.name().to_owned());
         let multimap = read.list_multimap_tables().map_err(failed(OP))?.map(|table| table.name().to_owned());
@@ -469,6 +481,8 @@ impl RedbStore {
         rows += copy_table(&read, &write, BANS)?;
         rows += copy_table(&read, &write, AUDIT)?;
         rows += copy_table(&read, &write, AUDIT_HEAD)?;
+        rows += copy_table(&read, &write, REMOTE_USERS)?;
+        rows += copy_table(&read, &write, REMOTE_ROOMS)?;
         drop(read);
         write.commit().map_err(failed(OP))?;
         // A new file is allocated generously; shrink it (its own pages only).
@@ -1415,6 +1429,82 @@ impl Store for RedbStore {
                 mls_snapshot_log_index,
             }
         }))
+    }
+
+    fn record_remote_user(&self, user_id: UserId, home: &DomainName) -> Result<(), RemoteRecordError> {
+        const OP: &str = "record_remote_user";
+        let txn = self.begin_write(OP)?;
+        {
+            let mut table = txn.open_table(REMOTE_USERS).map_err(failed(OP))?;
+            let known = table.get(user_id).map_err(failed(OP))?.is_some();
+            if !known && table.len().map_err(failed(OP))? >= REMOTE_USERS_MAX as u64 {
+                return Err(RemoteRecordError::Full { what: "users", max: REMOTE_USERS_MAX });
+            }
+            table.insert(user_id, home.as_str()).map_err(failed(OP))?;
+        }
+        txn.commit().map_err(failed(OP))?;
+        Ok(())
+    }
+
+    fn remote_user_home(&self, user_id: UserId) -> Result<Option<DomainName>, RemoteRecordError> {
+        const OP: &str = "remote_user_home";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(REMOTE_USERS).map_err(failed(OP))?;
+        let found = table.get(user_id).map_err(failed(OP))?;
+        Ok(found.map(|guard| stored_domain(guard.value())).transpose()?)
+    }
+
+    fn remote_users(
+        &self,
+        after: Option<UserId>,
+        count_max: usize,
+    ) -> Result<Vec<(UserId, DomainName)>, RemoteRecordError> {
+        const OP: &str = "remote_users";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(REMOTE_USERS).map_err(failed(OP))?;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = table.range::<u64>((lower, Bound::Unbounded)).map_err(failed(OP))?;
+        let mut out = Vec::new();
+        for item in range.take(count_max.min(REMOTE_USERS_PAGE_MAX)) {
+            let (user, home) = item.map_err(failed(OP))?;
+            out.push((user.value(), stored_domain(home.value())?));
+        }
+        Ok(out)
+    }
+
+    fn record_remote_room(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRecordError> {
+        const OP: &str = "record_remote_room";
+        let txn = self.begin_write(OP)?;
+        {
+            let mut table = txn.open_table(REMOTE_ROOMS).map_err(failed(OP))?;
+            let known = table.get(&room_id.0).map_err(failed(OP))?.map(|guard| guard.value().to_owned());
+            match known {
+                Some(known) if known == authority.as_str() => return Ok(()),
+                Some(known) => {
+                    return Err(InvariantViolation(format!("room {room_id} is recorded under {known}")).into())
+                }
+                None if table.len().map_err(failed(OP))? >= REMOTE_ROOMS_MAX as u64 => {
+                    return Err(RemoteRecordError::Full { what: "rooms", max: REMOTE_ROOMS_MAX });
+                }
+                None => {
+                    table.insert(&room_id.0, authority.as_str()).map_err(failed(OP))?;
+                }
+            }
+        }
+        txn.commit().map_err(failed(OP))?;
+        Ok(())
+    }
+
+    fn remote_rooms(&self) -> Result<Vec<(RoomId, DomainName)>, RemoteRecordError> {
+        const OP: &str = "remote_rooms";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(REMOTE_ROOMS).map_err(failed(OP))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(failed(OP))?.take(REMOTE_ROOMS_MAX) {
+            let (room, authority) = item.map_err(failed(OP))?;
+            out.push((RoomId(*room.value()), stored_domain(authority.value())?));
+        }
+        Ok(out)
     }
 
     fn record_moderation(

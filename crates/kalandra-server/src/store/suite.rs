@@ -8,6 +8,8 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use kalandra_proto::federation::DomainName;
+
 use super::limits::*;
 use super::*;
 
@@ -781,6 +783,7 @@ macro_rules! store_suite {
             case!(redact_refuses_without_erasing_anything);
             case!(retention_settings);
             case!(audited_redaction_and_retention_extend_the_chain);
+            case!(remote_users_and_rooms_are_recorded_and_paged);
         }
     };
 }
@@ -908,6 +911,30 @@ pub(crate) fn audited_redaction_and_retention_extend_the_chain<S: Store>(store: 
         .collect();
     assert_eq!(records[0], first);
     assert_eq!(audit::verify(&records, store.audit_head().unwrap()).unwrap().records, 4);
+}
+
+fn remote_users_and_rooms_are_recorded_and_paged<S: Store>(store: &S) {
+    let (b, c) = (DomainName::parse("b.test").unwrap(), DomainName::parse("c.test").unwrap());
+    assert_eq!(store.remote_user_home(7).unwrap(), None);
+    store.record_remote_user(7, &b).unwrap();
+    store.record_remote_user(3, &b).unwrap();
+    store.record_remote_user(9, &c).unwrap();
+    store.record_remote_user(9, &b).unwrap();
+    assert_eq!(store.remote_user_home(7).unwrap(), Some(b.clone()));
+    assert_eq!(store.remote_user_home(9).unwrap(), Some(b.clone()), "a later record replaces");
+    let users: Vec<UserId> = store.remote_users(None, 10).unwrap().into_iter().map(|(u, _)| u).collect();
+    assert_eq!(users, vec![3, 7, 9], "in id order");
+    let page = store.remote_users(Some(3), 1).unwrap();
+    assert_eq!(page, vec![(7, b.clone())], "after 3, at most one");
+    assert!(store.remote_users(Some(9), 10).unwrap().is_empty());
+
+    assert!(store.remote_rooms().unwrap().is_empty());
+    store.record_remote_room(room(2), &b).unwrap();
+    store.record_remote_room(room(2), &b).unwrap();
+    store.record_remote_room(room(1), &c).unwrap();
+    let error = store.record_remote_room(room(2), &c).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Internal, "a room keeps its authority");
+    assert_eq!(store.remote_rooms().unwrap(), vec![(room(1), c), (room(2), b)]);
 }
 
 store_suite!(memory_store, (MemoryStore::new(), ()));
