@@ -24,6 +24,7 @@ use crate::federation::links::FederationLinks;
 use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::federation::registry::{LinkRegistry, RemoteDirectory};
 use crate::federation::relay::{RelayAuthority, RelayHome};
+use crate::federation::replica::{ReplicaFeeds, ReplicaFollower};
 use crate::federation::rooms::RemoteRooms;
 use crate::federation::welcomes::{WelcomeInbox, WelcomeRouter, WelcomesArrived, WELCOME_ROUTING_QUEUE_MAX};
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
@@ -35,7 +36,7 @@ use crate::server_key::ServerKeyError;
 use crate::store::group_commit::{self, GroupCommit, GroupCommitConfig, GroupCommitError};
 use crate::store::redb::OpenError;
 use crate::store::{RedbStore, Store};
-use crate::transport::connection::{reached, Listener, ShutdownPhase};
+use crate::transport::connection::{reached, Listener, ListenerFederation, ShutdownPhase};
 use crate::transport::tls::{
     bind_quic_socket, load_or_create_server_identity, quinn_server_config, quinn_server_endpoint_on,
     ServerTlsIdentity, TlsError,
@@ -381,6 +382,18 @@ async fn assemble(
         Arc::clone(&clock),
         metrics.clone(),
     ));
+    let replica_follower = Arc::new(ReplicaFollower::new(
+        node.clone(),
+        Arc::clone(&remote_rooms),
+        Arc::clone(&registry),
+        metrics.clone(),
+    ));
+    let replica_feeds = Arc::new(ReplicaFeeds::new(
+        node.clone(),
+        Arc::clone(&store),
+        Arc::clone(&remote_rooms),
+        metrics.clone(),
+    ));
     let listener = Listener::new(
         node.clone(),
         Arc::clone(&store),
@@ -388,14 +401,18 @@ async fn assemble(
         Arc::clone(&clock),
         metrics.clone(),
         server_public_key,
-        remote_directory,
-        Arc::clone(&relay_home),
+        ListenerFederation {
+            directory: remote_directory,
+            relay_home: Arc::clone(&relay_home),
+            replicas: Arc::clone(&replica_follower),
+        },
     );
     let relay_authority = Arc::new(RelayAuthority::new(
         config.domain.clone(),
         peers.clone(),
         refused.clone(),
         Arc::clone(&listener),
+        Arc::clone(&store),
         Arc::clone(&clock),
         metrics.clone(),
     ));
@@ -430,7 +447,11 @@ async fn assemble(
         home,
         relay_home,
         relay_authority,
+        replica_feeds,
+        replica_follower: Arc::clone(&replica_follower),
     };
+    let holding = Arc::clone(&replica_follower);
+    tokio::spawn(async move { holding.load_held().await });
     let federation = match start_federation(&config, &keys.identity, listeners.federation, link_context) {
         Ok(federation) => federation,
         Err(error) => {

@@ -126,6 +126,20 @@ pub enum LinkMessage {
         /// Whole frames.
         frames: Vec<serde_bytes::ByteBuf>,
     },
+    /// Home to authority: send the frames of this room from this index on,
+    /// then live, once for all of the home's members ([`super::replica`]).
+    Follow {
+        /// The room.
+        room_id: [u8; 16],
+        /// First index wanted.
+        from_log_index: u64,
+    },
+    /// Authority to home: frames of followed rooms, in each room's order,
+    /// and the notices of the follow (`SyncDone`, `Error`).
+    Replicate {
+        /// Whole frames.
+        frames: Vec<serde_bytes::ByteBuf>,
+    },
     /// A relayed connection's client left (home to authority).
     RelayClosed {
         /// The client's connection at its home server.
@@ -152,6 +166,8 @@ impl LinkMessage {
             LinkMessage::Response { .. } => "response",
             LinkMessage::Relay { .. } => "relay",
             LinkMessage::Deliver { .. } => "deliver",
+            LinkMessage::Follow { .. } => "follow",
+            LinkMessage::Replicate { .. } => "replicate",
             LinkMessage::RelayClosed { .. } => "relay_closed",
             LinkMessage::RelayDropped { .. } => "relay_dropped",
         }

@@ -20,6 +20,7 @@ pub mod links;
 pub mod quic;
 pub mod registry;
 pub mod relay;
+pub mod replica;
 pub mod requests;
 pub mod rooms;
 pub mod welcomes;

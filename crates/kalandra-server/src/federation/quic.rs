@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{DomainName, LINK_TLS_BINDING_BYTES, LINK_TLS_EXPORTER_LABEL};
+use kalandra_proto::RoomId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -38,6 +39,7 @@ use crate::federation::links::FederationLinks;
 use crate::federation::next_backoff_ms;
 use crate::federation::registry::{lock_pending, LinkRegistry, Pending, LINK_OUTGOING_MESSAGES_MAX};
 use crate::federation::relay::{RelayAuthority, RelayHome};
+use crate::federation::replica::{ReplicaFeeds, ReplicaFollower};
 use crate::federation::requests::{
     refusal, PendingRequests, RefusalCode, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_REQUESTS_IN_FLIGHT_MAX,
 };
@@ -72,6 +74,10 @@ pub struct LinkContext {
     pub relay_home: Arc<RelayHome>,
     /// Serves the peers' clients relayed to this domain's rooms.
     pub relay_authority: Arc<RelayAuthority>,
+    /// Feeds the peers' replicas of this domain's rooms.
+    pub replica_feeds: Arc<ReplicaFeeds>,
+    /// Keeps this domain's replicas of the peers' rooms.
+    pub replica_follower: Arc<ReplicaFollower>,
 }
 
 impl LinkContext {
@@ -407,6 +413,7 @@ impl Link<'_> {
         let pending: Pending = Arc::new(std::sync::Mutex::new(PendingRequests::default()));
         let registry = &self.context.registry;
         let link_id = registry.add(self.peer, outgoing.clone(), Arc::clone(&pending));
+        self.context.replica_follower.link_up(self.peer);
         let reason = tokio::select! {
             reason = write_queued(send, queued) => reason,
             reason = self.read_loop(recv, &outgoing, &pending) => reason,
@@ -417,6 +424,8 @@ impl Link<'_> {
         // Relayed connections on this link end with it; their clients read again.
         self.context.relay_authority.link_down(self.peer);
         self.context.relay_home.dropped_by(self.peer, None);
+        self.context.replica_feeds.link_down(self.peer);
+        self.context.replica_follower.link_down(self.peer);
         // Dropping the waiters tells each request at once that the link is down.
         drop(lock_pending(&pending).abandon());
         reason
@@ -465,6 +474,12 @@ impl Link<'_> {
                 }
                 LinkMessage::Deliver { connection, frames } => {
                     self.context.relay_home.deliver(self.peer, connection, frames)
+                }
+                LinkMessage::Follow { room_id, from_log_index } => {
+                    self.context.replica_feeds.follow(self.peer, RoomId(room_id), from_log_index, outgoing)
+                }
+                LinkMessage::Replicate { frames } => {
+                    self.context.replica_follower.replicated(self.peer, frames).await
                 }
                 LinkMessage::RelayClosed { connection } => {
                     self.context.relay_authority.closed(self.peer, connection)

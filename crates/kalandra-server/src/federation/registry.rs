@@ -87,6 +87,11 @@ impl LinkRegistry {
         }
     }
 
+    /// Whether a link with `peer` is up.
+    pub fn is_up(&self, peer: &DomainName) -> bool {
+        self.lock().get(peer).is_some_and(|handles| !handles.is_empty())
+    }
+
     /// Queues an encoded message on the newest link with `peer` that is up,
     /// without waiting: `Err(LinkDown)` when there is none, `Err(Busy)`
     /// when its queue is full.

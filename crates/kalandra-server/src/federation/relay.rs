@@ -40,6 +40,7 @@ use crate::federation::requests::{LinkRequestError, LINK_ESTABLISHED_MESSAGE_BYT
 use crate::federation::rooms::RemoteRooms;
 use crate::node::{error_frame, Clock, Outbox};
 use crate::room::error_frame_with;
+use crate::store::Store;
 use crate::transport::connection::Listener;
 
 /// Remote connections one peer domain may have open at this authority.
@@ -62,7 +63,7 @@ const _: () = assert!(HOME_CERTIFICATE_RENEW_BEFORE_MS < HOME_CERTIFICATE_VALIDI
 const _: () = assert!(u64::MAX / RELAY_SEQUENCE_PER_MS > 4_102_444_800_000, "sequences last past 2100");
 
 /// Every code of refused relay traffic, for the refusal counter's labels.
-pub const RELAY_REFUSAL_CODES: [&str; 14] = [
+pub const RELAY_REFUSAL_CODES: [&str; 17] = [
     "origin_mismatch",
     "wrong_destination",
     "replayed",
@@ -77,6 +78,9 @@ pub const RELAY_REFUSAL_CODES: [&str; 14] = [
     "not_relayed_here",
     "too_many_connections",
     "foreign_room",
+    "not_followed_here",
+    "replica_diverged",
+    "malformed_link_message",
 ];
 
 /// Directions of the relayed-frames counter.
@@ -315,6 +319,7 @@ pub struct RelayAuthority {
     peers: PeerTable,
     refused: RefusedDomains,
     listener: Arc<Listener>,
+    store: Arc<dyn Store>,
     clock: Clock,
     metrics: Metrics,
     /// The last relay sequence number accepted from each peer.
@@ -330,6 +335,7 @@ impl RelayAuthority {
         peers: PeerTable,
         refused: RefusedDomains,
         listener: Arc<Listener>,
+        store: Arc<dyn Store>,
         clock: Clock,
         metrics: Metrics,
     ) -> RelayAuthority {
@@ -338,6 +344,7 @@ impl RelayAuthority {
             peers,
             refused,
             listener,
+            store,
             clock,
             metrics,
             last_sequence: Mutex::new(HashMap::new()),
@@ -455,6 +462,15 @@ impl RelayAuthority {
         connections.insert(key, RemoteConnection { inbox: inbox.clone(), outbox });
         drop(connections);
         tokio::spawn(handled);
+        // The certificate proves the user's home: its domain may follow the
+        // rooms the user is a member of.
+        let (store, user, home) = (Arc::clone(&self.store), certificate.identity_key, peer.clone());
+        tokio::task::spawn_blocking(move || {
+            let user = kalandra_proto::SenderId::from_identity_key(&user);
+            if let Err(error) = store.record_remote_user(user.0, &home) {
+                tracing::warn!(%user, %home, %error, "could not record a remote user's home");
+            }
+        });
         Some(inbox)
     }
 
@@ -494,19 +510,27 @@ fn deliver_now(outgoing: &mpsc::Sender<Vec<u8>>, connection: u64, frames: Vec<By
 
 /// Splits `batch` into `Deliver` messages of about [`DELIVER_BYTES_TARGET`].
 pub fn deliver_messages(connection: u64, batch: impl IntoIterator<Item = Bytes>) -> Vec<Vec<u8>> {
+    frame_messages(batch, |frames| LinkMessage::Deliver { connection, frames })
+}
+
+/// Splits `batch` into messages of about [`DELIVER_BYTES_TARGET`] made by
+/// `message` (a frame larger than that goes alone).
+pub fn frame_messages(
+    batch: impl IntoIterator<Item = Bytes>,
+    message: impl Fn(Vec<ByteBuf>) -> LinkMessage,
+) -> Vec<Vec<u8>> {
     let mut messages = Vec::new();
     let (mut frames, mut bytes) = (Vec::new(), 0usize);
     for frame in batch {
         if !frames.is_empty() && bytes + frame.len() > DELIVER_BYTES_TARGET {
-            let full = std::mem::take(&mut frames);
-            messages.extend(encode_established(&LinkMessage::Deliver { connection, frames: full }).ok());
+            messages.extend(encode_established(&message(std::mem::take(&mut frames))).ok());
             bytes = 0;
         }
         bytes += frame.len();
         frames.push(ByteBuf::from(frame.to_vec()));
     }
     if !frames.is_empty() {
-        messages.extend(encode_established(&LinkMessage::Deliver { connection, frames }).ok());
+        messages.extend(encode_established(&message(frames)).ok());
     }
     messages
 }

@@ -63,6 +63,16 @@ impl RemoteRooms {
         self.lock().get(&room_id).cloned()
     }
 
+    /// The rooms `authority` orders, in id order.
+    pub fn ordered_by(&self, authority: &DomainName) -> Vec<RoomId> {
+        self.lock().iter().filter(|(_, known)| *known == authority).map(|(room_id, _)| *room_id).collect()
+    }
+
+    /// Every remote room, in id order.
+    pub fn all(&self) -> Vec<RoomId> {
+        self.lock().keys().copied().collect()
+    }
+
     /// Records `room_id` as ordered by `authority` (again, if it is already).
     pub fn record(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRoomError> {
         let mut rooms = self.lock();

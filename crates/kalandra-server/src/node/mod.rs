@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kalandra_proto::{RoomId, SenderId};
+use kalandra_proto::{Frame, RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::history::{history_bytes, send_history};
@@ -45,7 +45,8 @@ pub use crate::room::{
     RoomSummary, Standing, MODERATION_TICK_MS, ROOMS_LIST_MAX,
 };
 use crate::room::{
-    AppendBatch, HistoryRead, Memberships, Output, RoomRequest, Shard, ShardConfig, WelcomeToStore,
+    AppendBatch, HistoryRead, Memberships, Output, ReplicaError, RoomRequest, Shard, ShardConfig,
+    WelcomeToStore,
 };
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{PendingWelcome, Store, StoredEntry};
@@ -118,6 +119,21 @@ pub enum Command {
         log_indices: Vec<u64>,
         /// Replies once the recent frames no longer hold them.
         done: oneshot::Sender<()>,
+    },
+    /// Frames of a room another domain orders, as it sequenced them, for
+    /// its replica here.
+    Replicated {
+        /// The frames, of one room, in order.
+        frames: Vec<Frame>,
+        /// Whether the replica took them (it may hold some already).
+        reply: oneshot::Sender<Result<(), ReplicaError>>,
+    },
+    /// The next index the replica of a room expects (`None`: no replica).
+    ReplicaNext {
+        /// The room.
+        room_id: RoomId,
+        /// The answer.
+        reply: oneshot::Sender<Option<u64>>,
     },
     /// Stop: flush, wait for storage, reply.
     Shutdown {
@@ -356,6 +372,24 @@ impl Node {
     pub async fn room_info(&self, room_id: RoomId) -> Option<RoomInfo> {
         let (reply, answer) = oneshot::channel();
         if !self.send(room_id, Command::RoomInfo { room_id, reply }).await {
+            return None;
+        }
+        answer.await.ok().flatten()
+    }
+
+    /// Takes frames `room_id`'s authority sequenced into its replica here.
+    pub async fn replicate(&self, room_id: RoomId, frames: Vec<Frame>) -> Result<(), ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send(room_id, Command::Replicated { frames, reply }).await {
+            return Err(ReplicaError::Stopped);
+        }
+        answer.await.unwrap_or(Err(ReplicaError::Stopped))
+    }
+
+    /// The next index the replica of `room_id` expects: 0 when there is none yet.
+    pub async fn replica_next_log_index(&self, room_id: RoomId) -> Option<u64> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send(room_id, Command::ReplicaNext { room_id, reply }).await {
             return None;
         }
         answer.await.ok().flatten()
@@ -604,6 +638,13 @@ impl<G: PersistentGroup> ShardTask<G> {
             }
             Command::RoomInfo { room_id, reply } => {
                 let _ = reply.send(self.shard.room_info(room_id));
+            }
+            Command::Replicated { frames, reply } => {
+                let taken = frames.into_iter().try_for_each(|frame| self.shard.handle_replicated(frame));
+                let _ = reply.send(taken);
+            }
+            Command::ReplicaNext { room_id, reply } => {
+                let _ = reply.send(self.shard.replica_next_log_index(room_id));
             }
             Command::ListRooms { after, count_max, reply } => {
                 let _ = reply.send(self.shard.list_rooms(after, count_max));

@@ -36,6 +36,9 @@ pub(super) fn recover_rooms<G: PersistentGroup>(
     store: &dyn Store,
 ) -> Result<Vec<RecoveredRoom<G>>, RecoveryError> {
     let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
+    // Rooms other domains order: their logs here are replicas.
+    let replicas: std::collections::BTreeSet<RoomId> =
+        store.remote_rooms().map_err(|e| storage(&e))?.into_iter().map(|(room_id, _)| room_id).collect();
     let mut rooms = Vec::new();
     let mut after = None;
     loop {
@@ -44,7 +47,9 @@ pub(super) fn recover_rooms<G: PersistentGroup>(
         let Some(last) = heads.last() else { break };
         after = Some(last.room_id);
         for head in heads {
-            rooms.push(recover_room_state::<G>(store, head.room_id, head.next_log_index)?);
+            let mut room = recover_room_state::<G>(store, head.room_id, head.next_log_index)?;
+            room.replica = replicas.contains(&head.room_id);
+            rooms.push(room);
         }
     }
     Ok(rooms)
@@ -115,7 +120,7 @@ pub fn recover_room_state<G: PersistentGroup>(
         return Err(corrupt(format!("replay reached {replayed}, head says {next_log_index}")));
     }
     let roles = RoomRoles::new(creator, moderation.roles.iter().map(|(user, role)| (SenderId(*user), *role)));
-    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles })
+    Ok(RecoveredRoom { sequencer, creator, created_at_ms, recent: room_recent, roles, replica: false })
 }
 
 /// Replays the stored entries `[from, next_log_index)` into `sequencer`;

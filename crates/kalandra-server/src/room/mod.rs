@@ -9,6 +9,7 @@ pub mod audit;
 pub(crate) mod frames;
 pub mod mls_state;
 mod moderation;
+mod replica;
 mod request;
 pub mod roles;
 pub mod room_group;
@@ -24,6 +25,7 @@ pub use self::acts::{
 pub(crate) use self::frames::error_frame_with;
 pub use self::frames::{erased_placeholder, error_frame, reply_frame, server_frame};
 pub use self::moderation::{moderation_reply, moderation_request};
+pub use self::replica::ReplicaError;
 pub use self::request::{DirectoryRequest, OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,
@@ -58,6 +60,10 @@ pub mod limits {
     /// remembers (so that their devices can read their own removal); the
     /// oldest bound is forgotten first, and that member is then refused.
     pub const DEPARTING_READERS_PER_ROOM_MAX: usize = 1024;
+    /// How far past a replica's head a reader may subscribe there (it then
+    /// waits for the replica): the replica lags its authority by at most a
+    /// few batches.
+    pub const REPLICA_LAG_FRAMES_MAX: u64 = 4096;
 
     const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
     const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);

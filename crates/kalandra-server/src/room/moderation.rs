@@ -190,6 +190,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         let room_id = request.room_id;
         let target = request.target;
         let room = self.rooms.get_mut(&room_id).ok_or(ModerationFailure::UnknownRoom)?;
+        if room.replica {
+            return Err(ModerationError::Forbidden(
+                "the room is ordered by another domain; moderate it there",
+            )
+            .into());
+        }
         if let Actor::Member(member) = request.actor {
             if !current_member(room, member, now_ms)? {
                 return Err(ModerationError::Forbidden("only current members of the room moderate it").into());

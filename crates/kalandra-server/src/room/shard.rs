@@ -34,6 +34,9 @@ use crate::room::sequencer::{
 };
 use crate::store::{LogEntry, RoomMetadata};
 
+/// Why a replica refuses what only its authority may do.
+pub(super) const REPLICA_REFUSAL: &str = "the room is ordered by another domain; its frames go there";
+
 /// Identifies one client connection for the life of the process.
 pub type ConnectionId = u64;
 
@@ -59,6 +62,11 @@ pub trait Peer: Clone {
     /// The connection's count of one-shot history readers running (shared
     /// by every shard), for [`ReaderSlot`].
     fn sync_readers(&self) -> &Arc<AtomicUsize>;
+    /// A peer domain's feed for its replicas: it reads whole rooms (its
+    /// server enforces each of its members' reads), never as a member.
+    fn reads_everything(&self) -> bool {
+        false
+    }
 }
 
 /// One of a connection's [`SYNC_READERS_PER_CONNECTION_MAX`] one-shot
@@ -127,6 +135,8 @@ pub struct RecoveredRoom<G: PersistentGroup> {
     pub recent: VecDeque<(u64, Bytes)>,
     /// Who holds a role in the room (the creator is its admin).
     pub roles: RoomRoles,
+    /// A replica of a room another domain orders.
+    pub replica: bool,
 }
 
 /// Entries to make durable in one storage request, then report with
@@ -231,16 +241,18 @@ pub enum Output<P> {
 pub(super) struct Subscriber<P> {
     pub(super) peer: P,
     /// First index this subscriber has not been sent.
-    next_log_index: u64,
+    pub(super) next_log_index: u64,
     /// Receiving live fan-out (history is complete).
     pub(super) live: bool,
     /// Identifies this subscription, so that a history reader of an earlier
     /// subscription of the same connection cannot report for this one.
-    subscription: u64,
+    pub(super) subscription: u64,
     /// Set when the subscription ends: its history reader stops sending.
     cancelled: Arc<AtomicBool>,
     /// The `Subscribe` request's id, which its `SyncDone` answers.
     request_id: u32,
+    /// Of a replica: waits for the replica to reach `next_log_index`.
+    pub(super) awaiting_replica: bool,
 }
 
 /// Removes the subscribers `remove` picks and stops their history readers.
@@ -287,11 +299,15 @@ pub(super) struct Room<G: PersistentGroup, P> {
     /// Bounded by [`DEPARTING_READERS_PER_ROOM_MAX`]; not persisted (after
     /// a restart such a member is refused outright).
     pub(super) departing: BTreeMap<SenderId, u64>,
+    /// A replica of a room another domain orders: frames come from that
+    /// domain (`replica.rs`), none is sequenced here.
+    pub(super) replica: bool,
 }
 
 impl<G: PersistentGroup, P> Room<G, P> {
-    fn new(sequencer: RoomSequencer<G>, creator: SenderId, created_at_ms: u64) -> Room<G, P> {
+    pub(super) fn new(sequencer: RoomSequencer<G>, creator: SenderId, created_at_ms: u64) -> Room<G, P> {
         Room {
+            replica: false,
             sequencer,
             creator,
             created_at_ms,
@@ -420,10 +436,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             let mut room = Room::new(recovered.sequencer, recovered.creator, recovered.created_at_ms);
             room.recent = recovered.recent;
             room.roles = recovered.roles;
-            if !room.sequencer.server_proposals_pending().is_empty()
+            room.replica = recovered.replica;
+            let watch = !room.sequencer.server_proposals_pending().is_empty()
                 || room.sequencer.has_timed_bans()
-                || room.sequencer.commit_unsettled()
-            {
+                || room.sequencer.commit_unsettled();
+            // A replica's authority settles, voids and reminds.
+            if watch && !room.replica {
                 shard.watched.insert(room_id);
             }
             shard.rooms.insert(room_id, room);
@@ -528,6 +546,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
                 return;
             };
+            if room.replica {
+                self.refuse(peer, room_id, request_id, ErrorCode::Forbidden, REPLICA_REFUSAL);
+                return;
+            }
             match rooms {
                 // An external join while at the limit (joins in flight are not yet counted).
                 Some(rooms)
@@ -568,7 +590,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         if peer.is_some() {
             room.waiting.push_back(Waiting { log_index, peer, encoded: encoded.clone() });
         }
-        if room.sequencer.commit_unsettled() {
+        if room.sequencer.commit_unsettled() && !room.replica {
             // Ticks settle the commit when its report window ends.
             self.watched.insert(room_id);
         }
@@ -612,6 +634,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
+        if room.replica {
+            self.refuse(peer, room_id, request_id, ErrorCode::Forbidden, REPLICA_REFUSAL);
+            return;
+        }
         if let Err((code, message)) = may_read(room, peer.sender(), now_ms) {
             self.refuse(peer, room_id, request_id, code, message);
             return;
@@ -643,7 +669,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownRoom, "no such room");
             return;
         };
-        let read_next = match read_bound(room, peer.sender(), live, now_ms) {
+        let bound = if peer.reads_everything() {
+            Ok(u64::MAX)
+        } else {
+            read_bound(room, peer.sender(), live, now_ms)
+        };
+        let read_next = match bound {
             Ok(read_next) => read_next,
             Err((code, message)) => {
                 self.refuse(peer, room_id, request_id, code, message);
@@ -651,7 +682,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
         };
         let durable_next = room.durable_next();
-        if from_log_index > durable_next {
+        // A replica may lag its authority: a reader there waits for it.
+        let beyond_replica = room.replica && live && from_log_index <= durable_next + REPLICA_LAG_FRAMES_MAX;
+        if from_log_index > durable_next && !beyond_replica {
             let message = format!("log index {from_log_index} is beyond the room's head {durable_next}");
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownLogIndex, &message);
             return;
@@ -722,8 +755,11 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             subscription,
             cancelled: Arc::new(AtomicBool::new(false)),
             request_id,
+            awaiting_replica: from_log_index > durable_next,
         });
-        self.handle_caught_up(room_id, subscription, from_log_index);
+        if from_log_index <= durable_next {
+            self.handle_caught_up(room_id, subscription, from_log_index);
+        }
     }
 
     /// Stop streaming a room to a connection.
@@ -899,6 +935,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 Ok(()) => {
                     self.maybe_snapshot(room_id);
                     self.proposals_durable(room_id, through);
+                    if self.rooms.get(&room_id).is_some_and(|room| room.replica) {
+                        self.wake_replica_readers(room_id);
+                    }
                 }
                 Err(reason) => self.proposals_failed(room_id, reason),
             }

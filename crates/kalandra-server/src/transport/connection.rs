@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::federation::registry::RemoteDirectory;
 use crate::federation::relay::RelayHome;
+use crate::federation::replica::ReplicaFollower;
 use crate::node::erasure::{redact_reply, redact_request};
 use crate::node::{error_frame, Command, Node, Outbox, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
@@ -81,6 +82,18 @@ pub struct Listener {
     server_key: [u8; 32],
     remote_directory: Arc<RemoteDirectory>,
     relay_home: Arc<RelayHome>,
+    replicas: Arc<ReplicaFollower>,
+}
+
+/// What the listener asks of the other domains: their users' key packages,
+/// the relay of frames for their rooms, and the replicas of those rooms.
+pub struct ListenerFederation {
+    /// Claims other domains' users' key packages.
+    pub directory: Arc<RemoteDirectory>,
+    /// Relays frames to the rooms' authorities.
+    pub relay_home: Arc<RelayHome>,
+    /// The replicas of other domains' rooms.
+    pub replicas: Arc<ReplicaFollower>,
 }
 
 impl Listener {
@@ -92,8 +105,7 @@ impl Listener {
         clock: crate::node::Clock,
         metrics: crate::admin::metrics::Metrics,
         server_key: [u8; 32],
-        remote_directory: Arc<RemoteDirectory>,
-        relay_home: Arc<RelayHome>,
+        federation: ListenerFederation,
     ) -> Arc<Listener> {
         let per_user = KeyedLimiter::new(
             f64::from(limits.frames_per_second_per_user),
@@ -110,8 +122,9 @@ impl Listener {
             per_user: Mutex::new(per_user),
             metrics,
             server_key,
-            remote_directory,
-            relay_home,
+            remote_directory: federation.directory,
+            relay_home: federation.relay_home,
+            replicas: federation.replicas,
         })
     }
 
@@ -355,7 +368,13 @@ impl Listener {
                 Step::Route(_, route) => {
                     let Some(outbox) = state.outbox.clone() else { return false };
                     match self.relayed_to(&route, &original) {
-                        Some(authority) => self.relay(&outbox, &state.session, original, &authority).await,
+                        Some(authority) => {
+                            if matches!(route, Route::Unsubscribe { .. }) {
+                                // Its subscription may be here, at the replica.
+                                self.route(&outbox, route).await;
+                            }
+                            self.relay(&outbox, &state.session, original, &authority).await
+                        }
                         None => self.route(&outbox, route).await,
                     }
                 }

@@ -85,6 +85,8 @@ pub struct Outbox {
     welcomes_delivered: AtomicBool,
     /// One-shot history readers running for this connection.
     sync_readers: std::sync::Arc<AtomicUsize>,
+    /// A peer domain's feed for its replicas ([`crate::room::Peer::reads_everything`]).
+    replica_feed: bool,
 }
 
 /// The queued frames and notices of one connection.
@@ -126,6 +128,16 @@ impl Outbox {
         frames_max: usize,
         bytes_max: usize,
     ) -> (std::sync::Arc<Outbox>, OutboxReceiver) {
+        Outbox::build(connection, sender, frames_max, bytes_max, false)
+    }
+
+    fn build(
+        connection: ConnectionId,
+        sender: SenderId,
+        frames_max: usize,
+        bytes_max: usize,
+        replica_feed: bool,
+    ) -> (std::sync::Arc<Outbox>, OutboxReceiver) {
         let frames_max = frames_max.max(1);
         let bulk_frames_max = (frames_max - frames_max / REPLY_RESERVE_DIVISOR).max(1);
         let bytes_max = bytes_max.max(OUTBOX_BYTES_MAX_MIN);
@@ -142,8 +154,20 @@ impl Outbox {
             closing: AtomicBool::new(false),
             welcomes_delivered: AtomicBool::new(false),
             sync_readers: std::sync::Arc::new(AtomicUsize::new(0)),
+            replica_feed,
         });
         (std::sync::Arc::clone(&outbox), OutboxReceiver { outbox })
+    }
+
+    /// The outbox of a peer domain's feed for its replicas: it reads whole
+    /// rooms, as `sender` (the server's own id, never a member).
+    pub fn replica_feed(
+        connection: ConnectionId,
+        sender: SenderId,
+        frames_max: usize,
+        bytes_max: usize,
+    ) -> (std::sync::Arc<Outbox>, OutboxReceiver) {
+        Outbox::build(connection, sender, frames_max, bytes_max, true)
     }
     /// The connection's id.
     pub fn connection(&self) -> ConnectionId {
@@ -370,6 +394,9 @@ impl crate::room::Peer for std::sync::Arc<Outbox> {
     }
     fn sync_readers(&self) -> &std::sync::Arc<AtomicUsize> {
         &self.sync_readers
+    }
+    fn reads_everything(&self) -> bool {
+        self.replica_feed
     }
 }
 

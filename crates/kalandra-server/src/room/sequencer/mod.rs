@@ -13,6 +13,7 @@
 //! implementation is OpenMLS's `PublicGroup` (`crate::room::mls_state`).
 
 mod group;
+mod replica;
 mod void;
 
 use std::collections::{HashMap, VecDeque};
@@ -453,11 +454,23 @@ impl<G: GroupState> RoomSequencer<G> {
 
     /// Applies one stored, durable frame during recovery.
     pub fn replay(&mut self, frame: &Frame) -> Result<(), ReplayError> {
+        let log_index = frame.header().log_index();
+        self.apply_ordered(frame)?;
+        self.durable_through = Some(log_index);
+        self.durable_log_head = self.chain.head;
+        Ok(())
+    }
+
+    /// Applies a frame the room's order already holds (stored here, or
+    /// sequenced by the room's authority): its MLS content and its place in
+    /// the log and the chain. Returns the summary of a commit it applied.
+    fn apply_ordered(&mut self, frame: &Frame) -> Result<Option<CommitSummary>, ReplayError> {
         let header = frame.header();
         let log_index = header.log_index();
         if log_index != self.next_log_index {
             return Err(ReplayError::NotDense { expected: self.next_log_index, found: log_index });
         }
+        let mut applied = None;
         let malformed = |error| ReplayError::Malformed { log_index, error };
         let does_not_apply = |error| ReplayError::DoesNotApply { log_index, error };
         match frame.opcode() {
@@ -475,6 +488,7 @@ impl<G: GroupState> RoomSequencer<G> {
                     header.server_timestamp_ms(),
                     &summary,
                 );
+                applied = Some(summary);
             }
             Opcode::ExternalJoin => {
                 let payload: ExternalJoin = frame.decode_payload().map_err(malformed)?;
@@ -490,6 +504,7 @@ impl<G: GroupState> RoomSequencer<G> {
                     header.server_timestamp_ms(),
                     &summary,
                 );
+                applied = Some(summary);
             }
             Opcode::Proposal => {
                 let payload: Proposal = frame.decode_payload().map_err(malformed)?;
@@ -503,10 +518,9 @@ impl<G: GroupState> RoomSequencer<G> {
         }
         self.next_log_index = log_index + 1;
         self.last_timestamp_ms = self.last_timestamp_ms.max(header.server_timestamp_ms());
-        self.durable_through = Some(log_index);
-        self.durable_log_head = self.chain.extend(self.room_id, &log_entry_digest(frame));
+        self.chain.extend(self.room_id, &log_entry_digest(frame));
         assert_eq!(self.chain.next_log_index, self.next_log_index, "the chain follows the log");
-        Ok(())
+        Ok(applied)
     }
 
     /// The Welcome of the in-flight commit at `log_index`, if it carries

@@ -25,10 +25,21 @@ use crate::transport::rate_limit::TokenBucket;
 impl Listener {
     /// The other domain ordering the room `route` addresses, if it is one.
     /// Key packages are always this server's business.
+    /// Reads of a room this server holds a live replica of (or any replica
+    /// of, while its authority is unreachable) are served here.
     pub(super) fn relayed_to(&self, route: &Route, frame: &Frame) -> Option<DomainName> {
+        let room_id = frame.header().room_id();
         match route {
             Route::KeyPackageUpload { .. } | Route::KeyPackageClaim { .. } => None,
-            _ => self.relay_home.authority_of(frame.header().room_id()),
+            Route::Subscribe { .. } | Route::Sync { .. } | Route::GroupInfo { .. } => {
+                let authority = self.relay_home.authority_of(room_id)?;
+                if self.replicas.reads_here(room_id, &authority) {
+                    return None;
+                }
+                self.replicas.follow_if_idle(room_id);
+                Some(authority)
+            }
+            _ => self.relay_home.authority_of(room_id),
         }
     }
 

@@ -1,0 +1,344 @@
+//! Replicas of rooms between domains: the domain that orders a room (its
+//! authority) sends each frame it sequences once per peer domain with
+//! members in it, not once per member; each such domain keeps the room's
+//! log as a replica ([`crate::room::Shard::handle_replicated`]) and serves
+//! its own members' reads from it, also while the authority is
+//! unreachable. Writes still go to the authority ([`super::relay`]).
+//!
+//! Authority side ([`ReplicaFeeds`]): a peer's `Follow` of a room is
+//! served if the room is ordered here and a current member is a user of
+//! that peer (its home recorded from a verified home certificate); the
+//! peer then reads the room like a subscriber through one feed per peer:
+//! history from the index asked, then live frames, each sent once, in
+//! `Replicate` messages. A feed that falls behind gets the usual
+//! `ResyncRequired` notice and is followed again from where it stopped.
+//!
+//! Home side ([`ReplicaFollower`]): follows the remote rooms of a peer
+//! when its link comes up and when a member reads a room it holds no live
+//! replica of; takes `Replicate` frames into the replica, in order, only
+//! for rooms that peer orders.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use kalandra_proto::federation::DomainName;
+use kalandra_proto::{payload, ErrorCode, Frame, Opcode, RoomId};
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
+
+use crate::admin::metrics::Metrics;
+use crate::federation::handshake::{encode_established, LinkMessage};
+use crate::federation::registry::LinkRegistry;
+use crate::federation::relay::frame_messages;
+use crate::federation::rooms::RemoteRooms;
+use crate::node::{error_frame, Command, Node, Outbox, OutboxReceiver, Outgoing};
+use crate::room::sequencer::SERVER_SENDER_ID;
+use crate::room::RoomRequest;
+use crate::store::Store;
+
+/// Frames a peer's feed queues before it is told to follow again.
+pub const REPLICA_FEED_FRAMES_MAX: usize = 8192;
+/// Bytes a peer's feed queues before it is told to follow again.
+pub const REPLICA_FEED_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+const _: () = assert!(REPLICA_FEED_BYTES_MAX >= 2 * kalandra_proto::limits::FRAME_BYTES_MAX);
+
+/// The authority side: one feed per peer domain.
+pub struct ReplicaFeeds {
+    node: Node,
+    store: Arc<dyn Store>,
+    rooms: Arc<RemoteRooms>,
+    metrics: Metrics,
+    feeds: Mutex<HashMap<DomainName, Arc<Outbox>>>,
+    next_connection_id: AtomicU64,
+}
+
+impl ReplicaFeeds {
+    /// Feeds of this server's rooms; `rooms` are the rooms other domains order.
+    pub fn new(node: Node, store: Arc<dyn Store>, rooms: Arc<RemoteRooms>, metrics: Metrics) -> ReplicaFeeds {
+        ReplicaFeeds {
+            node,
+            store,
+            rooms,
+            metrics,
+            feeds: Mutex::new(HashMap::new()),
+            // Apart from local connections and relayed ones.
+            next_connection_id: AtomicU64::new(1 << 61),
+        }
+    }
+
+    /// `peer` follows `room_id` from `from_log_index`; frames go out on
+    /// `outgoing` (the link's queue). Refusals are sent as `Error` frames.
+    pub fn follow(
+        self: &Arc<Self>,
+        peer: &DomainName,
+        room_id: RoomId,
+        from_log_index: u64,
+        outgoing: &mpsc::Sender<Vec<u8>>,
+    ) {
+        let (feeds, peer, outgoing) = (Arc::clone(self), peer.clone(), outgoing.clone());
+        tokio::spawn(async move {
+            if let Err((code, message)) = feeds.authorize(&peer, room_id).await {
+                feeds.metrics.relay_refused("not_followed_here");
+                tracing::info!(%peer, %room_id, %message, "a follow was refused");
+                let refusal = error_frame(room_id, 0, code, &message);
+                if let Ok(bytes) = encode_established(&LinkMessage::Replicate {
+                    frames: vec![ByteBuf::from(refusal.to_vec())],
+                }) {
+                    let _ = outgoing.try_send(bytes);
+                }
+                return;
+            }
+            let outbox = feeds.feed(&peer, &outgoing);
+            let request = RoomRequest::Subscribe { room_id, from_log_index, request_id: 0 };
+            feeds.node.send(room_id, Command::Room { outbox, request }).await;
+        });
+    }
+
+    /// A peer may follow a room this server orders in which a current
+    /// member is one of its users.
+    async fn authorize(&self, peer: &DomainName, room_id: RoomId) -> Result<(), (ErrorCode, String)> {
+        if self.rooms.authority_of(room_id).is_some() {
+            return Err((ErrorCode::Forbidden, format!("room {room_id} is not ordered here")));
+        }
+        let info = self
+            .node
+            .room_info(room_id)
+            .await
+            .ok_or_else(|| (ErrorCode::UnknownRoom, format!("no room {room_id}")))?;
+        let (store, home) = (Arc::clone(&self.store), peer.clone());
+        let homed = tokio::task::spawn_blocking(move || {
+            info.members
+                .iter()
+                .any(|member| store.remote_user_home(member.0).ok().flatten().as_ref() == Some(&home))
+        })
+        .await
+        .unwrap_or(false);
+        if homed {
+            Ok(())
+        } else {
+            Err((ErrorCode::NotMember, format!("no user of {peer} is a member of room {room_id}")))
+        }
+    }
+
+    /// The feed of `peer`, opened on first use with a pump over `outgoing`.
+    fn feed(&self, peer: &DomainName, outgoing: &mpsc::Sender<Vec<u8>>) -> Arc<Outbox> {
+        let mut feeds = lock(&self.feeds);
+        if let Some(feed) = feeds.get(peer).filter(|feed| !feed.is_closing()) {
+            return Arc::clone(feed);
+        }
+        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let (outbox, receiver) =
+            Outbox::replica_feed(id, SERVER_SENDER_ID, REPLICA_FEED_FRAMES_MAX, REPLICA_FEED_BYTES_MAX);
+        feeds.insert(peer.clone(), Arc::clone(&outbox));
+        let (node, feed, outgoing) = (self.node.clone(), Arc::clone(&outbox), outgoing.clone());
+        tokio::spawn(async move {
+            pump(receiver, outgoing).await;
+            feed.close();
+            node.connection_closed(&feed).await;
+        });
+        outbox
+    }
+
+    /// The link with `peer` went down: its feed ends (it follows again).
+    pub fn link_down(&self, peer: &DomainName) {
+        if let Some(feed) = lock(&self.feeds).remove(peer) {
+            feed.close();
+        }
+    }
+}
+
+/// Sends what a feed gathers as `Replicate` messages until it closes or
+/// the link is gone.
+async fn pump(mut receiver: OutboxReceiver, outgoing: mpsc::Sender<Vec<u8>>) {
+    let mut batch = std::collections::VecDeque::new();
+    loop {
+        let next = receiver.next_batch(&mut batch).await;
+        for message in frame_messages(batch.drain(..), |frames| LinkMessage::Replicate { frames }) {
+            if outgoing.send(message).await.is_err() {
+                return;
+            }
+        }
+        if next == Outgoing::Close {
+            return;
+        }
+    }
+}
+
+/// How far a replica here is with its authority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Following {
+    /// Asked to follow; catching up.
+    CatchingUp,
+    /// Caught up once and receiving live frames.
+    Live,
+    /// The authority refused the follow (until its link comes up again).
+    Refused,
+}
+
+/// The home side: this server's replicas of other domains' rooms.
+pub struct ReplicaFollower {
+    node: Node,
+    rooms: Arc<RemoteRooms>,
+    registry: Arc<LinkRegistry>,
+    metrics: Metrics,
+    following: Mutex<BTreeMap<RoomId, Following>>,
+    /// Rooms with a replica here.
+    held: Mutex<std::collections::BTreeSet<RoomId>>,
+}
+
+impl ReplicaFollower {
+    /// Replicas of the rooms in `rooms`, followed over `registry`'s links.
+    pub fn new(
+        node: Node,
+        rooms: Arc<RemoteRooms>,
+        registry: Arc<LinkRegistry>,
+        metrics: Metrics,
+    ) -> ReplicaFollower {
+        ReplicaFollower {
+            node,
+            rooms,
+            registry,
+            metrics,
+            following: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    /// Notes the replicas recovered at start (read while their authority
+    /// is unreachable, before it is followed again).
+    pub async fn load_held(&self) {
+        for room_id in self.rooms.all() {
+            if self.node.replica_next_log_index(room_id).await.is_some() {
+                lock(&self.held).insert(room_id);
+            }
+        }
+    }
+
+    /// Whether this server's members read `room_id` here: a replica that
+    /// is live, or any replica while its authority is unreachable.
+    pub fn reads_here(&self, room_id: RoomId, authority: &DomainName) -> bool {
+        match lock(&self.following).get(&room_id) {
+            Some(Following::Live) => true,
+            _ => !self.registry.is_up(authority) && self.holds(room_id),
+        }
+    }
+
+    fn holds(&self, room_id: RoomId) -> bool {
+        lock(&self.held).contains(&room_id)
+    }
+
+    /// Follows `room_id` from the replica's head, unless that is under way.
+    pub fn follow_if_idle(self: &Arc<Self>, room_id: RoomId) {
+        if lock(&self.following).contains_key(&room_id) {
+            return;
+        }
+        let follower = Arc::clone(self);
+        tokio::spawn(async move { follower.follow(room_id).await });
+    }
+
+    /// Asks the room's authority for its frames from the replica's head.
+    pub async fn follow(&self, room_id: RoomId) {
+        let Some(authority) = self.rooms.authority_of(room_id) else { return };
+        let next = self.node.replica_next_log_index(room_id).await;
+        if next.is_some() {
+            lock(&self.held).insert(room_id);
+        }
+        let from_log_index = next.unwrap_or(0);
+        lock(&self.following).insert(room_id, Following::CatchingUp);
+        let message = LinkMessage::Follow { room_id: room_id.0, from_log_index };
+        let sent = encode_established(&message).map(|bytes| self.registry.try_send(&authority, bytes));
+        if !matches!(sent, Ok(Ok(()))) {
+            // Followed again when the link comes up.
+            lock(&self.following).remove(&room_id);
+        }
+    }
+
+    /// The link with `peer` is up: every room it orders is followed.
+    pub fn link_up(self: &Arc<Self>, peer: &DomainName) {
+        let follower = Arc::clone(self);
+        let rooms = self.rooms.ordered_by(peer);
+        tokio::spawn(async move {
+            for room_id in rooms {
+                follower.follow(room_id).await;
+            }
+        });
+    }
+
+    /// The link with `peer` went down: its rooms are no longer live.
+    pub fn link_down(&self, peer: &DomainName) {
+        let rooms = self.rooms.ordered_by(peer);
+        // A refusal is asked again on the next link.
+        let mut following = lock(&self.following);
+        for room_id in rooms {
+            following.remove(&room_id);
+        }
+    }
+
+    /// Frames `peer` sent for the replicas: each room's log frames go to
+    /// its replica in order; a frame of a room `peer` does not order is
+    /// dropped and counted.
+    pub async fn replicated(&self, peer: &DomainName, frames: Vec<ByteBuf>) {
+        let mut batch: Vec<Frame> = Vec::new();
+        for bytes in frames {
+            let Ok(frame) = Frame::decode(&Bytes::from(bytes.into_vec())) else {
+                self.metrics.relay_refused("malformed_frame");
+                continue;
+            };
+            let room_id = frame.header().room_id();
+            if self.rooms.authority_of(room_id).as_ref() != Some(peer) {
+                self.metrics.relay_refused("foreign_room");
+                continue;
+            }
+            if batch.first().is_some_and(|first| first.header().room_id() != room_id) || is_notice(&frame) {
+                self.take(std::mem::take(&mut batch)).await;
+            }
+            match frame.opcode() {
+                Opcode::SyncDone => self.caught_up(room_id, &frame),
+                Opcode::Error => self.refused(room_id, &frame).await,
+                _ => batch.push(frame),
+            }
+        }
+        self.take(batch).await;
+    }
+
+    async fn take(&self, frames: Vec<Frame>) {
+        let Some(room_id) = frames.first().map(|frame| frame.header().room_id()) else { return };
+        match self.node.replicate(room_id, frames).await {
+            Ok(()) => {
+                lock(&self.held).insert(room_id);
+            }
+            Err(error) => {
+                tracing::warn!(%room_id, %error, "frames from the room's authority not taken; following again");
+                self.metrics.relay_refused("replica_diverged");
+                self.follow(room_id).await;
+            }
+        }
+    }
+
+    fn caught_up(&self, room_id: RoomId, frame: &Frame) {
+        if frame.decode_payload::<payload::SyncDone>().is_ok_and(|done| done.live) {
+            lock(&self.following).insert(room_id, Following::Live);
+        }
+    }
+
+    async fn refused(&self, room_id: RoomId, frame: &Frame) {
+        let Ok(error) = frame.decode_payload::<payload::Error>() else { return };
+        if error.code == ErrorCode::ResyncRequired.to_u16() {
+            self.follow(room_id).await;
+        } else {
+            tracing::info!(%room_id, code = error.code, message = %error.message, "the room's authority refused to feed its replica");
+            lock(&self.following).insert(room_id, Following::Refused);
+        }
+    }
+}
+
+fn is_notice(frame: &Frame) -> bool {
+    matches!(frame.opcode(), Opcode::SyncDone | Opcode::Error)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
