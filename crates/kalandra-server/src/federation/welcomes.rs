@@ -214,7 +214,8 @@ impl WelcomeInbox {
             tracing::warn!(recipient, %room_id, "Welcome queue full; a peer's Welcome is not stored for this recipient");
         }
         let full: BTreeSet<u64> = stored.full.into_iter().collect();
-        Ok(recipients.iter().filter(|r| !full.contains(r)).map(|r| SenderId(*r)).collect())
+        let stored_for: BTreeSet<u64> = recipients.iter().copied().filter(|r| !full.contains(r)).collect();
+        Ok(stored_for.into_iter().map(SenderId).collect())
     }
 
     /// Whether this server orders `room_id`: it has a log or metadata for it.
