@@ -29,7 +29,7 @@ use crate::federation::rooms::RemoteRooms;
 use crate::federation::welcomes::{WelcomeInbox, WelcomeRouter, WelcomesArrived, WELCOME_ROUTING_QUEUE_MAX};
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
 use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
-use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError};
+use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError, RemoteRoomSet};
 use crate::room::mls_state::ServerSigner;
 use crate::room::room_group::MlsRoomGroup;
 use crate::server_key::ServerKeyError;
@@ -326,7 +326,7 @@ async fn assemble(
             rooms_per_user_max: config.limits.rooms_per_user_max,
             push,
             server_signer: Arc::new(ServerSigner::new(keys.server_key.clone())),
-            remote_rooms: Arc::clone(&remote_rooms),
+            remote_rooms: Arc::clone(&remote_rooms) as Arc<dyn RemoteRoomSet>,
             welcome_routing: Some(welcome_routing),
         },
     )

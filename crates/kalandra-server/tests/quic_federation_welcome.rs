@@ -371,3 +371,25 @@ async fn federation_welcome_for_a_local_room_or_another_domains_room_is_refused_
     fake_a.endpoint.close(quinn::VarInt::from_u32(0), b"");
     fake_c.endpoint.close(quinn::VarInt::from_u32(0), b"");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_welcome_refused_for_good_by_the_home_is_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let Domains { a, b, .. } = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    // The same room id on both sides: b orders its own room of that id.
+    let room = RoomId([0x99; 16]);
+    bob.create_room(room).await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+    let packages = claim_remote(&mut alice, &[bob.sender()]).await;
+    alice.create_room(room).await;
+    add_remote(&mut alice, &[bob.sender()], &packages).await;
+
+    eventually("a drops the Welcome b refused for good", || welcomes(&a, "dropped") == 1).await;
+    assert_eq!(refusals(&b, "local_room"), 1);
+    eventually("a's copy is deleted", || pending(&a, bob.sender()) == 0).await;
+    assert_eq!(pending(&b, bob.sender()), 0, "b stored nothing");
+    assert_eq!(welcomes(&a, "forwarded"), 0);
+    assert_eq!(b.running().remote_room_authority(room), None);
+}

@@ -13,6 +13,7 @@ use std::sync::{Mutex, PoisonError};
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::RoomId;
 
+use crate::node::RemoteRoomSet;
 use crate::store::{RemoteRecordError, Store};
 
 /// Remote rooms one server keeps track of at most (as many as its store
@@ -112,6 +113,12 @@ impl RemoteRooms {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<RoomId, DomainName>> {
         self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl RemoteRoomSet for RemoteRooms {
+    fn is_remote(&self, room_id: RoomId) -> bool {
+        self.authority_of(room_id).is_some()
     }
 }
 

@@ -41,7 +41,7 @@ use crate::federation::requests::{
 use crate::federation::rooms::{RecordRoomError, RemoteRoomError, RemoteRooms};
 use crate::node::{welcome_standing, WelcomeStanding};
 use crate::store::limits::{REMOTE_USERS_PAGE_MAX, WELCOMES_PAGE_ENTRIES_MAX};
-use crate::store::{RemoteRecordError, Store, UserId, WelcomeId};
+use crate::store::{PendingWelcome, RemoteRecordError, Store, UserId, WelcomeId};
 
 /// Outcomes counted by `kalandra_federation_welcomes_total{outcome}`:
 /// `forwarded` (stored at the recipients' home, this server's copy
@@ -214,7 +214,8 @@ impl WelcomeInbox {
             tracing::warn!(recipient, %room_id, "Welcome queue full; a peer's Welcome is not stored for this recipient");
         }
         let full: BTreeSet<u64> = stored.full.into_iter().collect();
-        Ok(recipients.iter().filter(|r| !full.contains(r)).map(|r| SenderId(*r)).collect())
+        let stored_for: BTreeSet<u64> = recipients.iter().copied().filter(|r| !full.contains(r)).collect();
+        Ok(stored_for.into_iter().map(SenderId).collect())
     }
 
     /// Whether this server orders `room_id`: it has a log or metadata for it.
@@ -472,10 +473,7 @@ fn collect(
             if rooms.authority_of(pending.room_id).is_some() {
                 continue;
             }
-            let log_index =
-                Frame::decode(&pending.welcome).map_or(u64::MAX, |frame| frame.header().log_index());
-            let entry = store.read_range(pending.room_id, log_index, 1).map_err(|error| error.to_string())?;
-            match welcome_standing(&pending.welcome, entry.first()) {
+            match standing(store, &pending)? {
                 WelcomeStanding::Deliver => {}
                 WelcomeStanding::NotYetDurable => continue,
                 WelcomeStanding::Orphaned => {
@@ -500,6 +498,15 @@ fn collect(
         forward.recipients.truncate(DELIVER_WELCOME_RECIPIENTS_MAX);
     }
     Ok(forwards)
+}
+
+/// Where a stored Welcome of this server's room stands against its log
+/// (blocks on storage).
+fn standing(store: &dyn Store, pending: &PendingWelcome) -> Result<WelcomeStanding, String> {
+    let Ok(frame) = Frame::decode(&pending.welcome) else { return Ok(WelcomeStanding::Orphaned) };
+    let log_index = frame.header().log_index();
+    let entry = store.read_range(pending.room_id, log_index, 1).map_err(|error| error.to_string())?;
+    Ok(welcome_standing(&pending.welcome, entry.first()))
 }
 
 #[cfg(test)]

@@ -35,7 +35,6 @@ pub use self::moderation::ModerationReply;
 pub use self::recovery::{recover_room_state, RecoveryError};
 pub use self::welcomes::{deliver_pending_welcomes_with, welcome_standing, WelcomeSource, WelcomeStanding};
 use crate::admin::metrics::Metrics;
-use crate::federation::rooms::RemoteRooms;
 use crate::node::push::{PushNotification, PushQueue};
 use crate::room::limits::*;
 use crate::room::mls_state::ServerSigner;
@@ -145,6 +144,13 @@ pub enum Command {
     Panic,
 }
 
+/// The rooms other domains order, as far as the node needs them: their
+/// Welcomes are held here for this server's users, and delivered at once.
+pub trait RemoteRoomSet: Send + Sync {
+    /// Whether another domain orders `room_id`.
+    fn is_remote(&self, room_id: RoomId) -> bool;
+}
+
 /// Limits and options of the room core.
 #[derive(Clone)]
 pub struct NodeLimits {
@@ -159,7 +165,7 @@ pub struct NodeLimits {
     pub server_signer: Arc<ServerSigner>,
     /// The rooms other domains order: their stored Welcomes are delivered
     /// at once (their commits are in the authority's log, not here).
-    pub remote_rooms: Arc<RemoteRooms>,
+    pub remote_rooms: Arc<dyn RemoteRoomSet>,
     /// Where the recipients of each durable commit's Welcome are sent to be
     /// routed to other domains; `None` routes none.
     pub welcome_routing: Option<mpsc::Sender<Vec<SenderId>>>,
@@ -225,7 +231,7 @@ pub struct Node {
     /// The moderation writer; it ends once every shard has stopped.
     writer_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     pub(crate) clock: Clock,
-    remote_rooms: Arc<RemoteRooms>,
+    remote_rooms: Arc<dyn RemoteRoomSet>,
 }
 
 impl Node {
@@ -449,7 +455,7 @@ fn online_of(online: &Online, recipients: &[SenderId]) -> Vec<Arc<Outbox>> {
 
 /// The node's [`WelcomeSource`]: the store, on blocking threads, and the
 /// rooms other domains order.
-struct StoreWelcomes(Arc<dyn Store>, Arc<RemoteRooms>);
+struct StoreWelcomes(Arc<dyn Store>, Arc<dyn RemoteRoomSet>);
 
 impl WelcomeSource for StoreWelcomes {
     async fn page(&mut self, recipient: u64, after: Option<u64>) -> Result<Vec<PendingWelcome>, String> {
@@ -470,7 +476,7 @@ impl WelcomeSource for StoreWelcomes {
     }
 
     fn remote_room(&self, room_id: RoomId) -> bool {
-        self.1.authority_of(room_id).is_some()
+        self.1.is_remote(room_id)
     }
 
     async fn forget(&mut self, recipient: u64, welcome_id: u64) {
@@ -569,7 +575,7 @@ struct ShardTask<G: PersistentGroup> {
     /// Store writes and Welcome deliveries running in the background;
     /// shutdown waits for them.
     background: tokio::task::JoinSet<()>,
-    remote_rooms: Arc<RemoteRooms>,
+    remote_rooms: Arc<dyn RemoteRoomSet>,
     welcome_routing: Option<mpsc::Sender<Vec<SenderId>>>,
 }
 
@@ -819,7 +825,7 @@ mod tests {
             rooms_per_user_max: 10,
             push: None,
             server_signer: Arc::new(ServerSigner::new(ed25519_dalek::SigningKey::from_bytes(&[7; 32]))),
-            remote_rooms: Arc::default(),
+            remote_rooms: Arc::new(crate::federation::rooms::RemoteRooms::default()),
             welcome_routing: None,
         };
         let clock: Clock = Arc::new(|| 1_000);
