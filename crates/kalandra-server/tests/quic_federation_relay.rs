@@ -558,3 +558,67 @@ async fn federation_a_domain_keeps_a_replica_equal_to_the_authoritys_log_and_its
     let reply = bob.send_text("while a is down").await;
     assert_eq!(error_code(&reply), ErrorCode::DomainUnreachable.to_u16(), "writes wait for a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_the_rooms_admin_kicks_a_member_of_another_domain_who_then_reads_nothing_more() {
+    use kalandra_proto::payload::{Kick, Proposal, Sync};
+    let dir = tempfile::tempdir().unwrap();
+    let domains = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&domains.b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&domains.a, "alice", 1).await;
+    let room = RoomId([0x55; 16]);
+    invite_bob(&mut alice, &bob, room).await;
+    tokio::time::timeout(FEDERATION_TIMEOUT, bob.join_from_welcome(room)).await.unwrap();
+    bob.subscribe(0).await;
+    read_to_sync_done(&mut bob).await;
+    alice.subscribe(2).await;
+    read_to_sync_done(&mut alice).await;
+    replica_equal(&domains, room).await;
+
+    // The admin on a kicks bob of b: the server proposes his removal, the
+    // admin commits it, and then writes on.
+    let kick =
+        decode_ok::<Ack>(&alice.request(&Kick { target: bob.sender().0, reason: "spam".into() }).await);
+    let proposal = alice.next_of(Opcode::Proposal).await;
+    assert_eq!(proposal.header().log_index(), kick.log_index);
+    let proposal: Proposal = proposal.decode_payload().unwrap();
+    let group = alice.group.as_mut().unwrap();
+    group.process_handshake(&alice.provider, &proposal.proposal).unwrap();
+    let output = group.commit_pending_proposals(&alice.provider, &alice.identity).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: None,
+        welcome_recipients: vec![],
+        group_info: Some(output.group_info),
+    };
+    let reply = alice.request(&commit).await;
+    alice.settle_commit(&reply);
+    let removed_at = decode_ok::<Ack>(&reply).log_index;
+    let after = decode_ok::<Ack>(&alice.send_text("after bob").await).log_index;
+    replica_equal(&domains, room).await;
+
+    // bob's subscription carried his removal and nothing after it.
+    loop {
+        let frame = tokio::time::timeout(FEDERATION_TIMEOUT, bob.conn().recv()).await.unwrap().unwrap();
+        assert!(
+            frame.header().log_index() <= removed_at || frame.opcode() == Opcode::Error,
+            "{:?}",
+            frame.opcode()
+        );
+        if frame.opcode() == Opcode::Commit {
+            assert_eq!(frame.header().log_index(), removed_at);
+            break;
+        }
+    }
+    // Through b, he reads up to his removal and no further: b's replica and
+    // a agree.
+    let reply = bob.request(&Sync { from_log_index: removed_at, count_max: 10 }).await;
+    assert_eq!(decode_ok::<SyncDone>(&reply).next_log_index, removed_at + 1, "he reads his removal");
+    let reply = bob.request(&Sync { from_log_index: after, count_max: 10 }).await;
+    assert_eq!(error_code(&reply), ErrorCode::NotMember.to_u16(), "nothing after it");
+    let reply = bob.request(&Subscribe { from_log_index: 0 }).await;
+    assert_eq!(error_code(&reply), ErrorCode::NotMember.to_u16());
+    let reply = bob.send_text("still here?").await;
+    assert_eq!(error_code(&reply), ErrorCode::NotMember.to_u16(), "nor writes");
+}
