@@ -19,10 +19,11 @@ use crate::admin::http::{gauge_loop, serve_admin};
 use crate::admin::metrics::{Metrics, MetricsError};
 use crate::config::{load_or_create_admin_token, ConfigError, ServerConfig};
 use crate::federation::directory::HomeDirectory;
+use crate::federation::directory::RemoteDirectory;
 use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::links::FederationLinks;
 use crate::federation::quic::{FederationTasks, LinkContext};
-use crate::federation::registry::{LinkRegistry, RemoteDirectory};
+use crate::federation::registry::LinkRegistry;
 use crate::federation::relay::{RelayAuthority, RelayHome};
 use crate::federation::replica::{ReplicaFeeds, ReplicaFollower};
 use crate::federation::rooms::RemoteRooms;
@@ -36,7 +37,7 @@ use crate::server_key::ServerKeyError;
 use crate::store::group_commit::{self, GroupCommit, GroupCommitConfig, GroupCommitError};
 use crate::store::redb::OpenError;
 use crate::store::{RedbStore, Store};
-use crate::transport::connection::{reached, Listener, ListenerFederation, ShutdownPhase};
+use crate::transport::connection::{reached, Listener, ListenerFederation, ListenerHost, ShutdownPhase};
 use crate::transport::tls::{
     bind_quic_socket, load_or_create_server_identity, quinn_server_config, quinn_server_endpoint_on,
     ServerTlsIdentity, TlsError,
@@ -411,7 +412,7 @@ async fn assemble(
         config.domain.clone(),
         peers.clone(),
         refused.clone(),
-        Arc::clone(&listener),
+        Arc::new(ListenerHost(Arc::clone(&listener))),
         Arc::clone(&store),
         Arc::clone(&clock),
         metrics.clone(),

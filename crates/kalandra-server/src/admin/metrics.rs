@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use kalandra_proto::{ErrorCode, Opcode};
 
-use crate::federation::directory::FEDERATION_REFUSAL_CODES;
-use crate::federation::handshake::LINK_FAILURE_CODES;
-use crate::federation::relay::{RELAY_DIRECTIONS, RELAY_REFUSAL_CODES};
-use crate::federation::welcomes::FEDERATION_WELCOME_OUTCOMES;
+use crate::federation::codes::{
+    FEDERATION_REFUSAL_CODES, FEDERATION_WELCOME_OUTCOMES, LINK_FAILURE_CODES, RELAY_DIRECTIONS,
+    RELAY_REFUSAL_CODES,
+};
 use crate::room::roles::Actor;
 
 /// Content type of [`Metrics::render`]'s output.

@@ -17,11 +17,13 @@ use kalandra_proto::limits::KEY_PACKAGES_PER_CLAIM_MAX;
 use kalandra_proto::payload::{ClaimedKeyPackage, KeyPackageClaimed};
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
 
+use crate::admin::metrics::Metrics;
 use crate::federation::handshake::{PeerTable, RefusedDomains};
+use crate::federation::registry::LinkRegistry;
 use crate::federation::requests::{
     refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, RemoteKeyPackage,
 };
-use crate::federation::welcomes::WelcomeInbox;
+use crate::federation::welcomes::{record_remote_users, WelcomeInbox};
 use crate::node::Clock;
 use crate::store::Store;
 use crate::transport::directory::key_package_identity;
@@ -33,25 +35,6 @@ const _: () = assert!(
     HOME_CERTIFICATE_VALIDITY_MS > 60 * 1000,
     "a certificate outlives the claim and the commit that uses it"
 );
-
-/// Every [`ClaimAnswerError::code`], `unknown_domain` (a client's
-/// request naming a domain that is not a peer), `refused_domain` (one
-/// naming a domain the operator refuses) and every
-/// [`WelcomeRefusal::code`](super::welcomes::WelcomeRefusal::code) (a
-/// peer's Welcome refused), for the refusal counter's labels.
-pub const FEDERATION_REFUSAL_CODES: [&str; 11] = [
-    "refused_domain",
-    "unknown_domain",
-    "wrong_answer",
-    "missing_certificate",
-    "foreign_user",
-    "bad_home_certificate",
-    "certificate_sender_mismatch",
-    "identity_mismatch",
-    "local_room",
-    "other_authority",
-    "bad_welcome",
-];
 
 /// Why a peer's answer to a claim was refused: each is the peer's doing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +80,7 @@ pub enum ClaimAnswerError {
 }
 
 impl ClaimAnswerError {
-    /// A stable snake_case name, one of [`FEDERATION_REFUSAL_CODES`].
+    /// A stable snake_case name, one of [`FEDERATION_REFUSAL_CODES`](super::codes::FEDERATION_REFUSAL_CODES).
     pub fn code(&self) -> &'static str {
         match self {
             ClaimAnswerError::WrongAnswer => "wrong_answer",
@@ -300,6 +283,72 @@ impl HomeDirectory {
     }
 }
 
+/// Claims key packages of other domains' users for this server's clients.
+pub struct RemoteDirectory {
+    /// This server's domain.
+    pub domain: DomainName,
+    /// The peers and the keys accepted for them.
+    pub peers: PeerTable,
+    /// The domains the operator refuses: never claimed through.
+    pub refused: RefusedDomains,
+    /// The links that are up.
+    pub registry: Arc<LinkRegistry>,
+    /// ms since the Unix epoch (certificate validity).
+    pub clock: Clock,
+    /// Counts refused answers.
+    pub metrics: Metrics,
+    /// Records the users claimed as the peer's (their Welcomes go there).
+    pub store: Arc<dyn Store>,
+}
+
+impl RemoteDirectory {
+    /// Claims one key package of each of `sender_ids`, users of `domain`,
+    /// through that domain; the answer is checked before it is returned,
+    /// and the users with a package are recorded as `domain`'s.
+    pub async fn claim(
+        &self,
+        domain: &DomainName,
+        sender_ids: &[u64],
+    ) -> Result<KeyPackageClaimed, RemoteClaimError> {
+        let peer = match claim_peer(domain, &self.peers, &self.refused) {
+            Ok(peer) => peer.clone(),
+            Err(error) => {
+                let code = match error {
+                    RemoteClaimError::RefusedDomain { .. } => "refused_domain",
+                    _ => "unknown_domain",
+                };
+                self.metrics.federation_refused(code);
+                return Err(error);
+            }
+        };
+        let request = LinkRequest::ClaimKeyPackages { sender_ids: sender_ids.to_vec() };
+        let key_packages = match self.registry.request(domain, request).await? {
+            LinkResponse::Claimed { key_packages } => key_packages,
+            LinkResponse::Refused { code, message } => {
+                return Err(RemoteClaimError::Refused { domain: domain.clone(), code, message });
+            }
+            LinkResponse::WelcomeStored {} => {
+                self.metrics.federation_refused(ClaimAnswerError::WrongAnswer.code());
+                let error = ClaimAnswerError::WrongAnswer;
+                return Err(RemoteClaimError::BadAnswer { domain: domain.clone(), error });
+            }
+        };
+        let (requested, now_ms) = (sender_ids.to_vec(), (self.clock)());
+        let checked =
+            tokio::task::spawn_blocking(move || check_claimed(&peer, &requested, key_packages, now_ms))
+                .await
+                .map_err(|error| RemoteClaimError::Internal(error.to_string()))?;
+        let claimed = checked.map_err(|error| {
+            tracing::warn!(peer = %domain, %error, "a peer's key-package answer refused");
+            self.metrics.federation_refused(error.code());
+            RemoteClaimError::BadAnswer { domain: domain.clone(), error }
+        })?;
+        let certified = claimed.key_packages.iter().filter(|entry| entry.key_package.is_some());
+        record_remote_users(&self.store, domain, certified.map(|entry| entry.sender_id).collect()).await;
+        Ok(claimed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
@@ -308,6 +357,7 @@ mod tests {
     use kalandra_proto::federation::PeerKey;
 
     use super::*;
+    use crate::federation::codes::FEDERATION_REFUSAL_CODES;
 
     const NOW_MS: u64 = 1_800_000_000_000;
 

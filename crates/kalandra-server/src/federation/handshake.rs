@@ -11,6 +11,7 @@
 //! carries `Ping`/`Pong` and `Request`/`Response`
 //! ([`super::requests`]) only.
 
+pub use crate::federation::codes::LINK_FAILURE_CODES;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::SigningKey;
@@ -111,7 +112,7 @@ pub enum LinkMessage {
         response: LinkResponse,
     },
     /// A client's frame, relayed by its home server (the sender of this
-    /// message) to the room's authority ([`super::relay`]).
+    /// message) to the room's authority (see the relay module).
     Relay {
         /// The client's connection at its home server.
         connection: u64,
@@ -127,7 +128,7 @@ pub enum LinkMessage {
         frames: Vec<serde_bytes::ByteBuf>,
     },
     /// Home to authority: send the frames of this room from this index on,
-    /// then live, once for all of the home's members ([`super::replica`]).
+    /// then live, once for all of the home's members (see the replica module).
     Follow {
         /// The room.
         room_id: [u8; 16],
@@ -173,25 +174,6 @@ impl LinkMessage {
         }
     }
 }
-
-/// Every [`LinkHandshakeError::code`], for the failure counter's labels.
-pub const LINK_FAILURE_CODES: [&str; 15] = [
-    "unknown_domain",
-    "refused_domain",
-    "wrong_domain",
-    "key_not_accepted",
-    "reflected",
-    "wrong_role",
-    "bad_signature",
-    "unexpected_message",
-    "malformed",
-    "message_too_large",
-    "timeout",
-    "too_many_links",
-    "too_many_handshakes",
-    "refused_by_peer",
-    "transport",
-];
 
 /// Why a link handshake failed, or an established link was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

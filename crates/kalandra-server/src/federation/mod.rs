@@ -14,6 +14,7 @@
 //! and [`quic`] the thin driver that runs it all over quinn: the listener
 //! and one dialer per peer with an address.
 
+pub mod codes;
 pub mod directory;
 pub mod handshake;
 pub mod links;

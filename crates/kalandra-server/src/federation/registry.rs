@@ -1,7 +1,6 @@
-//! The links that are up, for sending requests over them, and the remote
-//! directory built on them: a client's claim of another domain's users is
-//! sent over a link to that domain and its answer checked
-//! ([`super::directory::check_claimed`]) before the client sees it.
+//! The links that are up, by peer: requests sent over the newest one and
+//! their answers awaited with a timeout, messages queued without waiting,
+//! and the news of each link that comes up.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,19 +8,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kalandra_proto::federation::DomainName;
-use kalandra_proto::payload::KeyPackageClaimed;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::admin::metrics::Metrics;
-use crate::federation::directory::{check_claimed, claim_peer, ClaimAnswerError, RemoteClaimError};
-use crate::federation::handshake::{encode_established, LinkMessage, PeerTable, RefusedDomains};
+use crate::federation::handshake::{encode_established, LinkMessage};
 use crate::federation::requests::{
     LinkRequest, LinkRequestError, LinkResponse, PendingRequests, LINK_REQUESTS_IN_FLIGHT_MAX,
     LINK_REQUEST_TIMEOUT_MS,
 };
-use crate::federation::welcomes::record_remote_users;
-use crate::node::Clock;
-use crate::store::Store;
 
 /// Messages queued for one link's writer: every request in flight, as
 /// many answers and a few pings and pongs.
@@ -145,70 +138,4 @@ pub fn lock_pending(
     pending: &Pending,
 ) -> std::sync::MutexGuard<'_, PendingRequests<oneshot::Sender<LinkResponse>>> {
     pending.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Claims key packages of other domains' users for this server's clients.
-pub struct RemoteDirectory {
-    /// This server's domain.
-    pub domain: DomainName,
-    /// The peers and the keys accepted for them.
-    pub peers: PeerTable,
-    /// The domains the operator refuses: never claimed through.
-    pub refused: RefusedDomains,
-    /// The links that are up.
-    pub registry: Arc<LinkRegistry>,
-    /// ms since the Unix epoch (certificate validity).
-    pub clock: Clock,
-    /// Counts refused answers.
-    pub metrics: Metrics,
-    /// Records the users claimed as the peer's (their Welcomes go there).
-    pub store: Arc<dyn Store>,
-}
-
-impl RemoteDirectory {
-    /// Claims one key package of each of `sender_ids`, users of `domain`,
-    /// through that domain; the answer is checked before it is returned,
-    /// and the users with a package are recorded as `domain`'s.
-    pub async fn claim(
-        &self,
-        domain: &DomainName,
-        sender_ids: &[u64],
-    ) -> Result<KeyPackageClaimed, RemoteClaimError> {
-        let peer = match claim_peer(domain, &self.peers, &self.refused) {
-            Ok(peer) => peer.clone(),
-            Err(error) => {
-                let code = match error {
-                    RemoteClaimError::RefusedDomain { .. } => "refused_domain",
-                    _ => "unknown_domain",
-                };
-                self.metrics.federation_refused(code);
-                return Err(error);
-            }
-        };
-        let request = LinkRequest::ClaimKeyPackages { sender_ids: sender_ids.to_vec() };
-        let key_packages = match self.registry.request(domain, request).await? {
-            LinkResponse::Claimed { key_packages } => key_packages,
-            LinkResponse::Refused { code, message } => {
-                return Err(RemoteClaimError::Refused { domain: domain.clone(), code, message });
-            }
-            LinkResponse::WelcomeStored {} => {
-                self.metrics.federation_refused(ClaimAnswerError::WrongAnswer.code());
-                let error = ClaimAnswerError::WrongAnswer;
-                return Err(RemoteClaimError::BadAnswer { domain: domain.clone(), error });
-            }
-        };
-        let (requested, now_ms) = (sender_ids.to_vec(), (self.clock)());
-        let checked =
-            tokio::task::spawn_blocking(move || check_claimed(&peer, &requested, key_packages, now_ms))
-                .await
-                .map_err(|error| RemoteClaimError::Internal(error.to_string()))?;
-        let claimed = checked.map_err(|error| {
-            tracing::warn!(peer = %domain, %error, "a peer's key-package answer refused");
-            self.metrics.federation_refused(error.code());
-            RemoteClaimError::BadAnswer { domain: domain.clone(), error }
-        })?;
-        let certified = claimed.key_packages.iter().filter(|entry| entry.key_package.is_some());
-        record_remote_users(&self.store, domain, certified.map(|entry| entry.sender_id).collect()).await;
-        Ok(claimed)
-    }
 }

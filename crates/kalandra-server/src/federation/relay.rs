@@ -41,7 +41,6 @@ use crate::federation::rooms::RemoteRooms;
 use crate::node::{error_frame, Clock, Outbox};
 use crate::room::error_frame_with;
 use crate::store::Store;
-use crate::transport::connection::Listener;
 
 /// Remote connections one peer domain may have open at this authority.
 pub const RELAYED_CONNECTIONS_PER_PEER_MAX: usize = 10_000;
@@ -61,30 +60,6 @@ pub const RELAY_RETRY_AFTER_MS: u64 = 1_000;
 const _: () = assert!(DELIVER_BYTES_TARGET < LINK_ESTABLISHED_MESSAGE_BYTES_MAX);
 const _: () = assert!(HOME_CERTIFICATE_RENEW_BEFORE_MS < HOME_CERTIFICATE_VALIDITY_MS / 2);
 const _: () = assert!(u64::MAX / RELAY_SEQUENCE_PER_MS > 4_102_444_800_000, "sequences last past 2100");
-
-/// Every code of refused relay traffic, for the refusal counter's labels.
-pub const RELAY_REFUSAL_CODES: [&str; 17] = [
-    "origin_mismatch",
-    "wrong_destination",
-    "replayed",
-    "malformed_frame",
-    "not_countersigned",
-    "bad_countersignature",
-    "foreign_user",
-    "bad_home_certificate",
-    "sender_mismatch",
-    "client_signature",
-    "refused_domain",
-    "not_relayed_here",
-    "too_many_connections",
-    "foreign_room",
-    "not_followed_here",
-    "replica_diverged",
-    "malformed_link_message",
-];
-
-/// Directions of the relayed-frames counter.
-pub const RELAY_DIRECTIONS: [&str; 2] = ["out", "in"];
 
 /// The counter label of a refused envelope.
 pub fn relay_error_code(error: &RelayError) -> &'static str {
@@ -306,6 +281,25 @@ impl RelayHome {
     }
 }
 
+/// Serves remote connections as local ones (the listener): opens one for
+/// the user with `identity_key` whose client is `connection` at its home,
+/// taking its frames from `frames` and delivering its queue over
+/// `outgoing`; returns its queue and the task that serves it.
+pub trait RemoteConnectionHost: Send + Sync {
+    /// Opens remote connection `id`; `None` if the identity key is not a key.
+    fn open_remote(
+        &self,
+        id: u64,
+        identity_key: [u8; PUBLIC_KEY_BYTES],
+        frames: mpsc::Receiver<Frame>,
+        outgoing: mpsc::Sender<Vec<u8>>,
+        connection: u64,
+    ) -> Option<(Arc<Outbox>, RemoteConnectionTask)>;
+}
+
+/// The task serving one remote connection.
+pub type RemoteConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// A client connection of another domain, served here.
 struct RemoteConnection {
     inbox: mpsc::Sender<Frame>,
@@ -318,7 +312,7 @@ pub struct RelayAuthority {
     domain: DomainName,
     peers: PeerTable,
     refused: RefusedDomains,
-    listener: Arc<Listener>,
+    host: Arc<dyn RemoteConnectionHost>,
     store: Arc<dyn Store>,
     clock: Clock,
     metrics: Metrics,
@@ -329,12 +323,12 @@ pub struct RelayAuthority {
 }
 
 impl RelayAuthority {
-    /// The authority side of `domain`, serving remote connections through `listener`.
+    /// The authority side of `domain`, serving remote connections through `host`.
     pub fn new(
         domain: DomainName,
         peers: PeerTable,
         refused: RefusedDomains,
-        listener: Arc<Listener>,
+        host: Arc<dyn RemoteConnectionHost>,
         store: Arc<dyn Store>,
         clock: Clock,
         metrics: Metrics,
@@ -343,7 +337,7 @@ impl RelayAuthority {
             domain,
             peers,
             refused,
-            listener,
+            host,
             store,
             clock,
             metrics,
@@ -451,14 +445,8 @@ impl RelayAuthority {
         }
         let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         let (inbox, frames) = mpsc::channel(RELAYED_INBOX_FRAMES_MAX);
-        let (outbox, handled) = Listener::open_relayed(
-            &self.listener,
-            id,
-            certificate.identity_key,
-            frames,
-            outgoing.clone(),
-            connection,
-        )?;
+        let (outbox, handled) =
+            self.host.open_remote(id, certificate.identity_key, frames, outgoing.clone(), connection)?;
         connections.insert(key, RemoteConnection { inbox: inbox.clone(), outbox });
         drop(connections);
         tokio::spawn(handled);

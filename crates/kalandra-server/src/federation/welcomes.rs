@@ -43,12 +43,6 @@ use crate::node::{welcome_standing, WelcomeStanding};
 use crate::store::limits::{REMOTE_USERS_PAGE_MAX, WELCOMES_PAGE_ENTRIES_MAX};
 use crate::store::{PendingWelcome, RemoteRecordError, Store, UserId, WelcomeId};
 
-/// Outcomes counted by `kalandra_federation_welcomes_total{outcome}`:
-/// `forwarded` (stored at the recipients' home, this server's copy
-/// deleted), `deferred` (not taken yet, sent again later), `dropped`
-/// (refused by the home for good, or too large to send: deleted here),
-/// `received` (a peer's Welcome stored here).
-pub const FEDERATION_WELCOME_OUTCOMES: [&str; 4] = ["forwarded", "deferred", "dropped", "received"];
 /// Batches of Welcome recipients queued for the router; when it is full a
 /// batch waits for the periodic retry.
 pub const WELCOME_ROUTING_QUEUE_MAX: usize = 256;
@@ -96,7 +90,7 @@ pub enum WelcomeRefusal {
 
 impl WelcomeRefusal {
     /// A stable snake_case name, one of
-    /// [`FEDERATION_REFUSAL_CODES`](super::directory::FEDERATION_REFUSAL_CODES).
+    /// [`FEDERATION_REFUSAL_CODES`](super::codes::FEDERATION_REFUSAL_CODES).
     pub fn code(&self) -> &'static str {
         match self {
             WelcomeRefusal::LocalRoom { .. } => "local_room",

@@ -17,7 +17,7 @@ use kalandra_proto::payload::KeyPackageClaim;
 use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
-use crate::federation::registry::RemoteDirectory;
+use crate::federation::directory::RemoteDirectory;
 use crate::federation::relay::RelayHome;
 use crate::federation::replica::ReplicaFollower;
 use crate::node::erasure::{redact_reply, redact_request};
@@ -33,6 +33,8 @@ use crate::transport::rate_limit::{frame_cost_tokens, KeyedLimiter, TokenBucket}
 pub use crate::config::Limits as ConnectionLimits;
 
 mod relayed;
+
+pub use self::relayed::ListenerHost;
 
 /// Most users whose rate buckets are tracked at once.
 pub const USER_RATE_BUCKETS_MAX: usize = 1_000_000;

@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 
 use super::Listener;
 use crate::federation::handshake::{encode_established, LinkMessage};
-use crate::federation::relay::{deliver_messages, RelayForwardError, RELAY_RETRY_AFTER_MS};
+use crate::federation::relay::{
+    deliver_messages, RelayForwardError, RemoteConnectionHost, RemoteConnectionTask, RELAY_RETRY_AFTER_MS,
+};
 use crate::node::{error_frame, Outbox, OutboxReceiver, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
 use crate::room::error_frame_with;
@@ -78,7 +80,7 @@ impl Listener {
     /// `connection` at its home. Returns its queue and the task serving it:
     /// frames from `frames` are handled in order as a local connection's,
     /// and what the queue gathers is delivered over `outgoing`.
-    pub(crate) fn open_relayed(
+    fn open_relayed(
         listener: &Arc<Listener>,
         id: u64,
         identity_key: [u8; PUBLIC_KEY_BYTES],
@@ -166,6 +168,24 @@ impl Listener {
             }
             Step::Goodbye => false,
         }
+    }
+}
+
+/// The listener serves remote connections (through an `Arc` of itself,
+/// which their tasks hold).
+pub struct ListenerHost(pub Arc<Listener>);
+
+impl RemoteConnectionHost for ListenerHost {
+    fn open_remote(
+        &self,
+        id: u64,
+        identity_key: [u8; PUBLIC_KEY_BYTES],
+        frames: mpsc::Receiver<Frame>,
+        outgoing: mpsc::Sender<Vec<u8>>,
+        connection: u64,
+    ) -> Option<(Arc<Outbox>, RemoteConnectionTask)> {
+        let (outbox, task) = Listener::open_relayed(&self.0, id, identity_key, frames, outgoing, connection)?;
+        Some((outbox, Box::pin(task)))
     }
 }
 
