@@ -85,6 +85,7 @@ pub struct Listener {
 
 impl Listener {
     /// A listener feeding `node`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: Node,
         store: Arc<dyn Store>,
