@@ -1575,8 +1575,10 @@ impl Client {
         if synced.is_ok() && self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
             synced = Err(ClientError::Recovering(room_id));
         }
+        // The room's domain unreachable now (a room of another domain) is
+        // like no connection: the message waits in the outbox.
         if let Err(error) = &synced {
-            if !error.is_transient() {
+            if !error.is_retryable() {
                 return Err(synced.unwrap_err());
             }
         }
@@ -1693,6 +1695,13 @@ impl Client {
                             )?;
                             self.outbox.insert(id, resealed);
                             self.checkpoint()?;
+                        }
+                        Some(ErrorCode::DomainUnreachable) => {
+                            // The room's domain cannot be reached now: the
+                            // message stays in the outbox, as when the
+                            // connection fails.
+                            self.note_failed_attempt(id)?;
+                            return Err(error);
                         }
                         Some(ErrorCode::RateLimited) => {
                             let attempts = self.note_failed_attempt(id)?;

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,23 +21,16 @@ const SEED_B: u8 = 0xb2;
 struct Domains {
     a: Server,
     b: Server,
+    a_federation: SocketAddr,
+    b_federation: SocketAddr,
 }
 
 impl Domains {
     async fn start(dir: &Path) -> Domains {
-        let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
-        let (a_key, b_key) = (federation_key(&a_dir, SEED_A), federation_key(&b_dir, SEED_B));
         let (a_federation, b_federation) = (free_address(), free_address());
-        let mut refused = peer("c.test", None, &a_key);
-        refused.keys.clear();
-        refused.refused = true;
-        let a = Server::start_federated(
-            &a_dir,
-            "a.test",
-            a_federation,
-            vec![peer("b.test", Some(b_federation), &b_key), refused],
-        )
-        .await;
+        let a = Domains::start_a(dir, a_federation, b_federation).await;
+        let b_dir = dir.join("b");
+        let a_key = federation_key(&dir.join("a"), SEED_A);
         let b = Server::start_federated(
             &b_dir,
             "b.test",
@@ -46,7 +40,22 @@ impl Domains {
         .await;
         a.linked("b.test").await;
         b.linked("a.test").await;
-        Domains { a, b }
+        Domains { a, b, a_federation, b_federation }
+    }
+
+    /// a.test, in `dir`/a.
+    async fn start_a(dir: &Path, a_federation: SocketAddr, b_federation: SocketAddr) -> Server {
+        let b_key = federation_key(&dir.join("b"), SEED_B);
+        let mut refused = peer("c.test", None, &b_key);
+        refused.keys.clear();
+        refused.refused = true;
+        Server::start_federated(
+            &dir.join("a"),
+            "a.test",
+            a_federation,
+            vec![peer("b.test", Some(b_federation), &b_key), refused],
+        )
+        .await
     }
 }
 
@@ -63,7 +72,7 @@ fn texts(history: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_users_of_two_domains_chat_in_one_room_each_through_its_own_server() {
     let dir = tempfile::tempdir().unwrap();
-    let Domains { a, b } = Domains::start(dir.path()).await;
+    let Domains { a, b, .. } = Domains::start(dir.path()).await;
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     let alice_id = init(&alice, &a).await;
     let bob_id = init(&bob, &b).await;
@@ -104,7 +113,7 @@ async fn cli_users_of_two_domains_chat_in_one_room_each_through_its_own_server()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_invite_remote_adds_a_user_of_another_domain_and_says_which_claims_cannot_go_through() {
     let dir = tempfile::tempdir().unwrap();
-    let Domains { a, b } = Domains::start(dir.path()).await;
+    let Domains { a, b, .. } = Domains::start(dir.path()).await;
     let mut bob = device(&dir.path().join("bob"), 2, &b).await;
     let mut carol = device(&dir.path().join("carol"), 3, &b).await;
     let mut alice = device(&dir.path().join("alice"), 1, &a).await;
@@ -156,4 +165,68 @@ async fn client_invite_remote_adds_a_user_of_another_domain_and_says_which_claim
     assert_eq!(alice.rooms().iter().find(|r| r.room_id == room).map(|r| r.epoch), Some(1));
     alice.disconnect().await;
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_members_message_waits_in_the_outbox_while_the_rooms_domain_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let Domains { a, b, a_federation, b_federation } = Domains::start(dir.path()).await;
+    let mut bob = device(&dir.path().join("bob"), 2, &b).await;
+    let mut alice = device(&dir.path().join("alice"), 1, &a).await;
+    let room = alice.create_room().await.unwrap();
+    alice.invite_remote(room, &DomainName::parse("b.test").unwrap(), &[bob.sender_id()]).await.unwrap();
+    bob.join(room, FEDERATION_TIMEOUT).await.unwrap();
+    bob.send(room, b"before").await.unwrap();
+
+    alice.disconnect().await;
+    a.stop().await;
+    b.unlinked("a.test").await;
+    // b.test may end bob's connection as its link goes: the message waits
+    // in the outbox as for any lost connection.
+    let error = bob.send(room, b"while a.test is down").await.unwrap_err();
+    assert!(error.is_retryable(), "{error:?}");
+    if error.is_transient() {
+        let failures = bob.connect().await.unwrap();
+        assert!(
+            failures.iter().all(|f| matches!(f.error, ClientError::DomainUnreachable { .. })),
+            "{failures:?}"
+        );
+    }
+    // Connected to b.test, a.test down: the room's domain is unreachable,
+    // and the message waits in the outbox too.
+    let error = bob.send(room, b"still down").await.unwrap_err();
+    assert!(matches!(error, ClientError::DomainUnreachable { .. }), "{error:?}");
+    assert!(error.is_retryable() && !error.is_transient());
+
+    // The stopped server's links drain for a moment before its socket is free.
+    let started = Instant::now();
+    while std::net::UdpSocket::bind(a_federation).is_err() {
+        assert!(started.elapsed() < FEDERATION_TIMEOUT, "a's federation socket stays bound");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = Domains::start_a(dir.path(), a_federation, b_federation).await;
+    a.linked("b.test").await;
+    b.linked("a.test").await;
+    assert_eq!(bob.flush_outbox().await.unwrap(), 2, "both messages waited in the outbox");
+
+    // a.test came back on new client ports.
+    alice.set_server(a.target()).unwrap();
+    alice.connect().await.unwrap();
+    alice.sync(room).await.unwrap();
+    let texts: Vec<Vec<u8>> = alice
+        .history(room, 0, 100)
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m.body {
+            client_core::client::MessageBody::Text(text) => Some(text),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<Vec<u8>> =
+        [&b"before"[..], b"while a.test is down", b"still down"].iter().map(|t| t.to_vec()).collect();
+    assert_eq!(texts, expected);
+    alice.disconnect().await;
+    bob.disconnect().await;
+    a.stop().await;
+    b.stop().await;
 }

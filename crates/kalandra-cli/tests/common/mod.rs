@@ -140,13 +140,22 @@ impl Server {
 
     /// Waits until this server has a link with `peer` up.
     pub async fn linked(&self, peer: &str) {
+        self.link_is(peer, true).await;
+    }
+
+    /// Waits until this server has no link with `peer` up.
+    pub async fn unlinked(&self, peer: &str) {
+        self.link_is(peer, false).await;
+    }
+
+    async fn link_is(&self, peer: &str, connected: bool) {
         let deadline = std::time::Instant::now() + FEDERATION_TIMEOUT;
         loop {
             let view = self.running.federation_links().view();
-            if view.peers.iter().any(|view| view.domain == peer && view.connected) {
+            if view.peers.iter().any(|view| view.domain == peer && view.connected == connected) {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "no link with {peer}: {view:#?}");
+            assert!(std::time::Instant::now() < deadline, "link with {peer} not {connected}: {view:#?}");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
