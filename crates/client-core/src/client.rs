@@ -116,6 +116,8 @@ pub fn backoff_ms(attempts: u32) -> u64 {
 
 pub use crate::target::{ServerAddress, ServerTarget};
 pub use crate::tls::ServerTrust;
+/// A federation domain's name, as [`Client::invite_remote`] takes it.
+pub use kalandra_proto::federation::DomainName;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +170,30 @@ pub enum ClientError {
         name: &'static str,
         /// The server's message.
         message: String,
+    },
+    /// The request named a domain that is not a peer of this device's
+    /// server (`UnknownDomain`): final, the domain is not federated with.
+    #[error("unknown domain: {message}")]
+    UnknownDomain {
+        /// The server's message.
+        message: String,
+    },
+    /// The peer domain refused the request, is refused by this device's
+    /// server, or answered with what does not verify (`FederationRefused`):
+    /// final.
+    #[error("federation refused: {message}")]
+    FederationRefused {
+        /// The server's message.
+        message: String,
+    },
+    /// The peer domain cannot be reached now (`DomainUnreachable`): the
+    /// request may be retried later (see [`ClientError::is_retryable`]).
+    #[error("domain unreachable (retry later): {message}")]
+    DomainUnreachable {
+        /// The server's message.
+        message: String,
+        /// When to retry, if the server said.
+        retry_after_ms: Option<u64>,
     },
     /// The user is not a member of the room.
     #[error("{0} is not a member of the room")]
@@ -284,10 +310,20 @@ impl From<crate::room_log::LogHeadError> for ClientError {
 impl ClientError {
     fn refused(frame: &Frame) -> ClientError {
         match frame.decode_payload::<payload::Error>() {
-            Ok(error) => ClientError::Refused {
-                code: error.code,
-                name: ErrorCode::from_u16(error.code).map_or("Unknown", ErrorCode::name),
-                message: error.message,
+            Ok(error) => match ErrorCode::from_u16(error.code) {
+                Some(ErrorCode::UnknownDomain) => ClientError::UnknownDomain { message: error.message },
+                Some(ErrorCode::FederationRefused) => {
+                    ClientError::FederationRefused { message: error.message }
+                }
+                Some(ErrorCode::DomainUnreachable) => ClientError::DomainUnreachable {
+                    message: error.message,
+                    retry_after_ms: error.retry_after_ms,
+                },
+                known => ClientError::Refused {
+                    code: error.code,
+                    name: known.map_or("Unknown", ErrorCode::name),
+                    message: error.message,
+                },
             },
             Err(error) => ClientError::Protocol(format!("undecodable Error frame: {error}")),
         }
@@ -297,6 +333,14 @@ impl ClientError {
     /// once connected again), not the request's.
     pub fn is_transient(&self) -> bool {
         matches!(self, ClientError::NotConnected | ClientError::Connection(_) | ClientError::Recovering(_))
+    }
+
+    /// Whether the same request may succeed later without anything changed
+    /// on this device: the connection's failures ([`Self::is_transient`])
+    /// and a peer domain that cannot be reached now
+    /// ([`ClientError::DomainUnreachable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.is_transient() || matches!(self, ClientError::DomainUnreachable { .. })
     }
 
     /// Whether the failure is the whole device's (its connection or its
@@ -309,6 +353,9 @@ impl ClientError {
     pub fn code(&self) -> Option<u16> {
         match self {
             ClientError::Refused { code, .. } => Some(*code),
+            ClientError::UnknownDomain { .. } => Some(ErrorCode::UnknownDomain.to_u16()),
+            ClientError::FederationRefused { .. } => Some(ErrorCode::FederationRefused.to_u16()),
+            ClientError::DomainUnreachable { .. } => Some(ErrorCode::DomainUnreachable.to_u16()),
             _ => None,
         }
     }
@@ -1123,6 +1170,28 @@ impl Client {
         self.commit_intent(room_id, Intent::Invite(members.iter().map(|s| s.0).collect())).await
     }
 
+    /// Adds `members` of another domain, `domain`, to the room: their key
+    /// packages are claimed through this device's server from `domain`'s
+    /// server (one claim), and the Welcome reaches them through their home
+    /// server; once joined they read and write the room through it. For
+    /// users of several domains, call once per domain. `domain` may also be
+    /// this server's own domain (the same as [`Client::invite`]).
+    ///
+    /// Besides [`Client::invite`]'s errors: [`ClientError::UnknownDomain`]
+    /// when `domain` is not a peer of this server,
+    /// [`ClientError::FederationRefused`] when the peer or this server
+    /// refuses, [`ClientError::DomainUnreachable`] when `domain` cannot be
+    /// reached now (retry later). Returns the room's new epoch.
+    pub async fn invite_remote(
+        &mut self,
+        room_id: RoomId,
+        domain: &DomainName,
+        members: &[SenderId],
+    ) -> Result<u64, ClientError> {
+        let members = members.iter().map(|s| s.0).collect();
+        self.commit_intent(room_id, Intent::InviteAt { domain: domain.clone(), members }).await
+    }
+
     /// Removes `members` (by sender id) from the room with a commit; they
     /// cannot read what follows. Returns the room's new epoch.
     pub async fn remove(&mut self, room_id: RoomId, members: &[SenderId]) -> Result<u64, ClientError> {
@@ -1245,13 +1314,16 @@ impl Client {
             self.mls_clean = false;
             let epoch = self.epoch_of(room_id);
             let packages = match &intent {
-                Intent::Invite(members) => self.claim_key_packages(room_id, epoch, members).await?,
+                Intent::Invite(members) => self.claim_key_packages(room_id, epoch, None, members).await?,
+                Intent::InviteAt { domain, members } => {
+                    self.claim_key_packages(room_id, epoch, Some(domain.clone()), members).await?
+                }
                 _ => Vec::new(),
             };
             let entry = member_entry(&mut self.rooms, room_id)?;
             let group = entry.group.as_mut().expect("member_entry checked");
             let (output, recipients) = match &intent {
-                Intent::Invite(members) => {
+                Intent::Invite(members) | Intent::InviteAt { members, .. } => {
                     let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
                     (group.add_members(&self.provider, &self.identity, &refs)?, members.clone())
                 }
@@ -1295,9 +1367,10 @@ impl Client {
         &mut self,
         room_id: RoomId,
         epoch: u64,
+        domain: Option<DomainName>,
         members: &[u64],
     ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let claim = KeyPackageClaim { sender_ids: members.to_vec(), domain: None };
+        let claim = KeyPackageClaim { sender_ids: members.to_vec(), domain };
         let frame = self.frame(room_id, epoch, &claim)?;
         let reply = self.request(&frame).await?;
         let claimed: KeyPackageClaimed = expect(&reply)?;
@@ -1502,8 +1575,10 @@ impl Client {
         if synced.is_ok() && self.rooms.get(&room_id).and_then(RoomLog::stuck_on).is_some() {
             synced = Err(ClientError::Recovering(room_id));
         }
+        // The room's domain unreachable now (a room of another domain) is
+        // like no connection: the message waits in the outbox.
         if let Err(error) = &synced {
-            if !error.is_transient() {
+            if !error.is_retryable() {
                 return Err(synced.unwrap_err());
             }
         }
@@ -1620,6 +1695,13 @@ impl Client {
                             )?;
                             self.outbox.insert(id, resealed);
                             self.checkpoint()?;
+                        }
+                        Some(ErrorCode::DomainUnreachable) => {
+                            // The room's domain cannot be reached now: the
+                            // message stays in the outbox, as when the
+                            // connection fails.
+                            self.note_failed_attempt(id)?;
+                            return Err(error);
                         }
                         Some(ErrorCode::RateLimited) => {
                             let attempts = self.note_failed_attempt(id)?;

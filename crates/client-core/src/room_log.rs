@@ -50,6 +50,7 @@ pub use chain::{ChainViolation, LogHeadError, SIGNED_HEADS_KEPT_MAX, SIGNED_HEAD
 pub use recovery::test_support;
 
 use kalandra_proto::chain::{LogChain, SignedLogHead};
+use kalandra_proto::federation::DomainName;
 use kalandra_proto::payload::{self, Application, Commit, ExternalJoin};
 use kalandra_proto::{ErrorCode, Frame, Opcode, RoomId, SenderId};
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,14 @@ pub enum Intent {
     Create,
     /// Adding these sender ids.
     Invite(Vec<u64>),
+    /// Adding these sender ids of another domain (their key packages are
+    /// claimed through this device's server from that domain).
+    InviteAt {
+        /// The users' home domain.
+        domain: DomainName,
+        /// Their sender ids.
+        members: Vec<u64>,
+    },
     /// Removing these sender ids.
     Remove(Vec<u64>),
     /// A fresh leaf key and path.

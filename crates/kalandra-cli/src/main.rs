@@ -6,7 +6,9 @@
 //! sequenced, and `chat` also sends the lines typed. While `tail` or `chat`
 //! runs, `send`, `history`, `whoami` and `room list` on the same device are
 //! handed to it over a Unix socket ([`device_socket`]). Exit codes: 0 success, 1 other failure, 2 usage, 3 server
-//! unreachable or connection lost, 4 refused by the server, 5 not found
+//! unreachable or connection lost, or the other domain of a federated
+//! request unreachable now (retry later), 4 refused by the server (also an
+//! unknown or refused federation domain), 5 not found
 //! here (unknown room, no invitation, not initialised, not or no longer a
 //! member), 6 the server's certificate refused (fingerprint mismatch,
 //! untrusted chain or name), 7 the device's store damaged or unreadable.
@@ -27,7 +29,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use client_core::client::{
-    Client, ClientError, Message, MessageBody, RoomFailure, ServerAddress, ServerTarget, ServerTrust,
+    Client, ClientError, DomainName, Message, MessageBody, RoomFailure, ServerAddress, ServerTarget,
+    ServerTrust,
 };
 use client_core::connection::{parse_fingerprint, ConnectionError};
 use client_core::store::{StoreError, StoreKey, STORE_KEY_BYTES};
@@ -111,11 +114,22 @@ enum Command {
         #[command(subcommand)]
         command: RoomCommand,
     },
-    /// Add users to a room by sender id.
+    /// Add users to a room by sender id; with --domain, users of another domain.
+    ///
+    /// Users of another domain are invited through this device's server:
+    /// `kalandra invite --room ROOM --domain b.example SENDER...` claims
+    /// their key packages from b.example (a federation peer of this
+    /// device's server) and sends them the Welcome through it; they join
+    /// with `kalandra join` on their own server. Users of several domains:
+    /// one `invite` per domain.
     Invite {
         /// The room.
         #[arg(long)]
         room: String,
+        /// The users' home domain, when it is not this device's server's
+        /// (e.g. b.example; it must be a federation peer of this server).
+        #[arg(long)]
+        domain: Option<String>,
         /// Sender ids (16 hex digits each) of the users to add.
         #[arg(required = true)]
         members: Vec<String>,
@@ -297,7 +311,13 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             | ConnectionError::Closed
             | ConnectionError::TimedOut,
         )) => 3,
-        Some(ClientError::Refused { .. } | ClientError::NoKeyPackage(_)) => 4,
+        Some(ClientError::DomainUnreachable { .. }) => 3,
+        Some(
+            ClientError::Refused { .. }
+            | ClientError::NoKeyPackage(_)
+            | ClientError::UnknownDomain { .. }
+            | ClientError::FederationRefused { .. },
+        ) => 4,
         Some(
             ClientError::UnknownRoom(_)
             | ClientError::NotMember(_)
@@ -691,11 +711,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 room_list(&open_device(&cli).await?, &mut out)?;
             }
         }
-        Command::Invite { room, members } => {
+        Command::Invite { room, domain, members } => {
             let room = parse_room(room)?;
+            let domain = domain
+                .as_deref()
+                .map(|text| DomainName::parse(text).map_err(|e| anyhow::anyhow!("--domain {text:?}: {e}")))
+                .transpose()?;
             let members = members.iter().map(|m| parse_sender(m)).collect::<anyhow::Result<Vec<_>>>()?;
             let mut client = open_connected(&cli).await?;
-            let result = client.invite(room, &members).await;
+            let result = match &domain {
+                Some(domain) => client.invite_remote(room, domain, &members).await,
+                None => client.invite(room, &members).await,
+            };
             client.disconnect().await;
             writeln!(out, "epoch {}", result?)?;
         }

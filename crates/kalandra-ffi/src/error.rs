@@ -3,6 +3,7 @@
 //! name when the server refused.
 
 use client_core::client::ClientError;
+use kalandra_proto::ErrorCode;
 
 /// Why a device call failed (raised as `KalandraException` in Kotlin,
 /// `KalandraError` in Swift and Python).
@@ -69,9 +70,20 @@ impl KalandraError {
 impl From<ClientError> for KalandraError {
     fn from(error: ClientError) -> Self {
         let detail = error.to_string();
+        let code = error.code();
         match error {
             ClientError::Refused { code, name, message } => {
                 KalandraError::Refused { code, name: name.to_owned(), detail: message }
+            }
+            ClientError::UnknownDomain { message }
+            | ClientError::FederationRefused { message }
+            | ClientError::DomainUnreachable { message, .. } => {
+                let name = code.and_then(ErrorCode::from_u16).map_or("Unknown", ErrorCode::name);
+                KalandraError::Refused {
+                    code: code.unwrap_or_default(),
+                    name: name.to_owned(),
+                    detail: message,
+                }
             }
             ClientError::NotConnected | ClientError::Connection(_) => KalandraError::Connection { detail },
             ClientError::NotInitialised { .. }

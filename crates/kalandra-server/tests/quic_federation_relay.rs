@@ -93,6 +93,11 @@ async fn federation_users_of_two_domains_talk_in_one_room_each_through_its_own_s
     let seen = alice.next_of(Opcode::Application).await;
     assert_eq!((seen.header().log_index(), seen.header().sender_id()), (2, bob.sender()));
     assert_eq!(text_of(&seen), b"hello from b");
+    assert!(
+        !seen.header().flags().contains(kalandra_proto::Flags::COUNTERSIGNED),
+        "sequenced as its client sent it: the relay's flag is not part of the log"
+    );
+    assert!(seen.verify(&bob.key.verifying_key()).is_ok(), "bob's own signature still verifies");
 
     // alice's message reaches bob through b.test.
     let ack: Ack = decode_ok(&alice.send_text("hello from a").await);

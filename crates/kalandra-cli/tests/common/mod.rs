@@ -77,6 +77,90 @@ impl Server {
     }
 }
 
+/// Time a federation link or a cross-domain delivery may take in tests.
+pub const FEDERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A loopback UDP address free right now.
+pub fn free_address() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+    socket.local_addr().unwrap()
+}
+
+/// The federation public key (64 hex digits) of the server in
+/// `data_dir`, its key file created from `seed` if there is none.
+pub fn federation_key(data_dir: &Path, seed: u8) -> String {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let (key, _) = kalandra_server::load_or_create_federation_key(data_dir, [seed; 32]).unwrap();
+    hex::encode(key.verifying_key().to_bytes())
+}
+
+/// The peer `domain` at `address` (none: it only dials us), with
+/// federation public key `key` (hex).
+pub fn peer(domain: &str, address: Option<SocketAddr>, key: &str) -> kalandra_server::PeerConfig {
+    kalandra_server::PeerConfig {
+        domain: kalandra_proto::federation::DomainName::parse(domain).unwrap(),
+        address: address.map(|address| address.to_string()),
+        keys: vec![kalandra_server::PeerKeyConfig { key: key.to_owned(), valid_until_ms: None }],
+        refused: false,
+    }
+}
+
+impl Server {
+    /// The server of `domain`, linking on `federation` with `peers` (its
+    /// federation key: the file in `data_dir`, see [`federation_key`]).
+    pub async fn start_federated(
+        data_dir: &Path,
+        domain: &str,
+        federation: SocketAddr,
+        peers: Vec<kalandra_server::PeerConfig>,
+    ) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let config = ServerConfig {
+            data_dir: data_dir.to_owned(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: Some(Secret(ADMIN_TOKEN.to_owned())),
+            domain: kalandra_proto::federation::DomainName::parse(domain).unwrap(),
+            federation: kalandra_server::FederationConfig {
+                listen: Some(federation),
+                handshake_timeout_ms: 1_000,
+                peers,
+            },
+            ..ServerConfig::default()
+        };
+        let options = StartOptions { shard_count: Some(2), clock: None, push_sink: None };
+        let running = ServerCore::start_with(config, options).await.unwrap();
+        Server {
+            address: running.quic_address(),
+            fingerprint_hex: running.fingerprint_hex().to_owned(),
+            data_dir: data_dir.to_owned(),
+            running,
+        }
+    }
+
+    /// Waits until this server has a link with `peer` up.
+    pub async fn linked(&self, peer: &str) {
+        self.link_is(peer, true).await;
+    }
+
+    /// Waits until this server has no link with `peer` up.
+    pub async fn unlinked(&self, peer: &str) {
+        self.link_is(peer, false).await;
+    }
+
+    async fn link_is(&self, peer: &str, connected: bool) {
+        let deadline = std::time::Instant::now() + FEDERATION_TIMEOUT;
+        loop {
+            let view = self.running.federation_links().view();
+            if view.peers.iter().any(|view| view.domain == peer && view.connected == connected) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "link with {peer} not {connected}: {view:#?}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Runs `kalandra --dir <dir> <args>` to completion (off the async runtime).
 pub async fn kalandra(dir: &Path, args: &[&str]) -> Output {
     let dir = dir.to_owned();

@@ -364,7 +364,8 @@ impl Client {
                 Some(member) => WorkKind::Remove(*member),
                 None => return,
             },
-            Intent::CoverProposals | Intent::Create => return,
+            // The simulation has one domain: it never invites across domains.
+            Intent::InviteAt { .. } | Intent::CoverProposals | Intent::Create => return,
         };
         if let Some(room) = self.room_mut(room_id) {
             room.work.push_front(Work { label, kind });

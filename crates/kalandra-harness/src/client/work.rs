@@ -251,7 +251,8 @@ impl Client {
             Intent::Update => WorkKind::Update,
             Intent::Invite(members) => WorkKind::Invite(members.clone()),
             Intent::Remove(members) => WorkKind::Remove(*members.first()?),
-            Intent::CoverProposals | Intent::Create => return None,
+            // The simulation has one domain: it never invites across domains.
+            Intent::InviteAt { .. } | Intent::CoverProposals | Intent::Create => return None,
         };
         Some(Work { label, kind })
     }
@@ -293,6 +294,10 @@ impl Client {
             }
             Intent::Create => {
                 self.violation(format!("room {room_id}: a creation to redo"));
+                return;
+            }
+            Intent::InviteAt { .. } => {
+                self.violation(format!("room {room_id}: an invitation of another domain to redo"));
                 return;
             }
         };

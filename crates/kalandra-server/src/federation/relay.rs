@@ -28,7 +28,7 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{DomainName, HomeCertificate, RelayEnvelope, RelayError};
 use kalandra_proto::limits::PUBLIC_KEY_BYTES;
-use kalandra_proto::{ErrorCode, Frame, RoomId};
+use kalandra_proto::{ErrorCode, Flags, Frame, RoomId};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
@@ -419,10 +419,16 @@ impl RelayAuthority {
         };
         let mut last_sequence = lock(&self.last_sequence);
         let last = last_sequence.get(peer).copied();
-        let frame = envelope
+        let mut frame = envelope
             .verify(keys, &self.domain, last, (self.clock)())
             .map_err(|error| (relay_error_code(&error), relay_error_to_client(&error), error.to_string()))?;
         last_sequence.insert(peer.clone(), envelope.relay_sequence);
+        // The flag belongs to the envelope, checked above: the frame is
+        // sequenced as its client sent it (wire-protocol §4: only the log
+        // index and the timestamp change), or the sender's own record of
+        // it, and so its hash chain, would differ from every other member's.
+        let signed = frame.header().flags().contains(Flags::SIGNED);
+        frame.header_mut().set_signature_flags(signed, false);
         Ok(frame)
     }
 
