@@ -43,7 +43,14 @@ pub const REPLICA_FEED_FRAMES_MAX: usize = 8192;
 /// Bytes a peer's feed queues before it is told to follow again.
 pub const REPLICA_FEED_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// Checks, `REPLICA_LIVE_WAIT_MS` apart, that a caught-up replica is durable
+/// before its members read it (then its reads stay relayed until the next follow).
+pub const REPLICA_LIVE_WAITS_MAX: u32 = 1_000;
+/// Wait between two of those checks.
+pub const REPLICA_LIVE_WAIT_MS: u64 = 5;
+
 const _: () = assert!(REPLICA_FEED_BYTES_MAX >= 2 * kalandra_proto::limits::FRAME_BYTES_MAX);
+const _: () = assert!(REPLICA_LIVE_WAITS_MAX as u64 * REPLICA_LIVE_WAIT_MS <= 10_000, "at most 10 s");
 
 /// The authority side: one feed per peer domain.
 pub struct ReplicaFeeds {
@@ -211,7 +218,7 @@ impl ReplicaFollower {
     /// is unreachable, before it is followed again).
     pub async fn load_held(&self) {
         for room_id in self.rooms.all() {
-            if self.node.replica_next_log_index(room_id).await.is_some() {
+            if self.node.replica_position(room_id).await.is_some() {
                 lock(&self.held).insert(room_id);
             }
         }
@@ -242,7 +249,7 @@ impl ReplicaFollower {
     /// Asks the room's authority for its frames from the replica's head.
     pub async fn follow(&self, room_id: RoomId) {
         let Some(authority) = self.rooms.authority_of(room_id) else { return };
-        let next = self.node.replica_next_log_index(room_id).await;
+        let next = self.node.replica_position(room_id).await.map(|(next, _)| next);
         if next.is_some() {
             lock(&self.held).insert(room_id);
         }
@@ -280,7 +287,7 @@ impl ReplicaFollower {
     /// Frames `peer` sent for the replicas: each room's log frames go to
     /// its replica in order; a frame of a room `peer` does not order is
     /// dropped and counted.
-    pub async fn replicated(&self, peer: &DomainName, frames: Vec<ByteBuf>) {
+    pub async fn replicated(self: &Arc<Self>, peer: &DomainName, frames: Vec<ByteBuf>) {
         let mut batch: Vec<Frame> = Vec::new();
         for bytes in frames {
             let Ok(frame) = Frame::decode(&Bytes::from(bytes.into_vec())) else {
@@ -318,10 +325,33 @@ impl ReplicaFollower {
         }
     }
 
-    fn caught_up(&self, room_id: RoomId, frame: &Frame) {
-        if frame.decode_payload::<payload::SyncDone>().is_ok_and(|done| done.live) {
-            lock(&self.following).insert(room_id, Following::Live);
+    /// The follow caught up: the replica is live once it holds, durably,
+    /// everything before the `SyncDone`, so that a member reading it then
+    /// sees what the authority had.
+    fn caught_up(self: &Arc<Self>, room_id: RoomId, frame: &Frame) {
+        let Ok(done) = frame.decode_payload::<payload::SyncDone>() else { return };
+        if !done.live {
+            return;
         }
+        let follower = Arc::clone(self);
+        tokio::spawn(async move {
+            for _ in 0..REPLICA_LIVE_WAITS_MAX {
+                match follower.node.replica_position(room_id).await {
+                    Some((_, durable_next)) if durable_next >= done.next_log_index => {
+                        let mut following = lock(&follower.following);
+                        if following.get(&room_id) == Some(&Following::CatchingUp) {
+                            following.insert(room_id, Following::Live);
+                        }
+                        return;
+                    }
+                    None => return,
+                    Some(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(REPLICA_LIVE_WAIT_MS)).await
+                    }
+                }
+            }
+            tracing::warn!(%room_id, "the replica did not become durable in time; reads stay relayed");
+        });
     }
 
     async fn refused(&self, room_id: RoomId, frame: &Frame) {

@@ -127,12 +127,13 @@ pub enum Command {
         /// Whether the replica took them (it may hold some already).
         reply: oneshot::Sender<Result<(), ReplicaError>>,
     },
-    /// The next index the replica of a room expects (`None`: no replica).
+    /// The next index the replica of a room expects, and the first not
+    /// yet durable there (`None`: no replica).
     ReplicaNext {
         /// The room.
         room_id: RoomId,
         /// The answer.
-        reply: oneshot::Sender<Option<u64>>,
+        reply: oneshot::Sender<Option<(u64, u64)>>,
     },
     /// Stop: flush, wait for storage, reply.
     Shutdown {
@@ -392,8 +393,9 @@ impl Node {
         answer.await.unwrap_or(Err(ReplicaError::Stopped))
     }
 
-    /// The next index the replica of `room_id` expects: 0 when there is none yet.
-    pub async fn replica_next_log_index(&self, room_id: RoomId) -> Option<u64> {
+    /// The next index the replica of `room_id` expects, and the first not
+    /// yet durable there (`None`: no replica of it here).
+    pub async fn replica_position(&self, room_id: RoomId) -> Option<(u64, u64)> {
         let (reply, answer) = oneshot::channel();
         if !self.send(room_id, Command::ReplicaNext { room_id, reply }).await {
             return None;
@@ -650,7 +652,9 @@ impl<G: PersistentGroup> ShardTask<G> {
                 let _ = reply.send(taken);
             }
             Command::ReplicaNext { room_id, reply } => {
-                let _ = reply.send(self.shard.replica_next_log_index(room_id));
+                let next = self.shard.replica_next_log_index(room_id);
+                let durable = self.shard.replica_durable_next(room_id);
+                let _ = reply.send(next.zip(durable));
             }
             Command::ListRooms { after, count_max, reply } => {
                 let _ = reply.send(self.shard.list_rooms(after, count_max));

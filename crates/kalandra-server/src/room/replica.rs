@@ -80,6 +80,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         self.rooms.get(&room_id).filter(|room| room.replica).map(|room| room.sequencer.next_log_index())
     }
 
+    /// The first index not yet durable in the replica of `room_id` (`None`:
+    /// no replica of it here).
+    pub fn replica_durable_next(&self, room_id: RoomId) -> Option<u64> {
+        let room = self.rooms.get(&room_id).filter(|room| room.replica)?;
+        Some(room.sequencer.durable_through().map_or(0, |through| through + 1))
+    }
+
     /// Readers of the replica that waited for it to reach their index go
     /// on once it is durable there.
     pub(super) fn wake_replica_readers(&mut self, room_id: RoomId) {

@@ -357,6 +357,10 @@ impl<G: PersistentGroup, P> Room<G, P> {
         next_log_index: u64,
         signer: &ServerSigner,
     ) -> Option<SignedLogHead> {
+        // A replica's heads are its authority's to sign.
+        if self.replica {
+            return None;
+        }
         let (last, head) = self.sequencer.durable_log_head()?;
         (last.checked_add(1) == Some(next_log_index)).then(|| sign_head(room_id, last, head, signer))
     }
@@ -683,7 +687,13 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         };
         let durable_next = room.durable_next();
         // A replica may lag its authority: a reader there waits for it.
-        let beyond_replica = room.replica && live && from_log_index <= durable_next + REPLICA_LAG_FRAMES_MAX;
+        let beyond_replica = room.replica && from_log_index <= durable_next + REPLICA_LAG_FRAMES_MAX;
+        if from_log_index > durable_next && beyond_replica && !live {
+            // The replica has nothing from there yet: nothing to read now.
+            let done = payload::SyncDone { next_log_index: from_log_index, live: false, log_head: None };
+            Self::reply(peer, reply_frame(room_id, request_id, &done));
+            return;
+        }
         if from_log_index > durable_next && !beyond_replica {
             let message = format!("log index {from_log_index} is beyond the room's head {durable_next}");
             self.refuse(peer, room_id, request_id, ErrorCode::UnknownLogIndex, &message);
@@ -827,8 +837,8 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             subscriber.next_log_index = durable_next;
             subscriber.live = true;
             let (last, head) = room.sequencer.durable_log_head().unwrap_or_default();
-            let log_head =
-                (durable_next > 0).then(|| sign_head(room_id, last, head, &self.config.server_signer));
+            let log_head = (durable_next > 0 && !room.replica)
+                .then(|| sign_head(room_id, last, head, &self.config.server_signer));
             let done = reply_frame(
                 room_id,
                 subscriber.request_id,
