@@ -48,6 +48,8 @@ pub const LINK_TIMEOUT_MS: u64 = 30_000;
 /// most this many relayed frames of one remote connection (more are
 /// refused `RateLimited`).
 pub const RELAYED_WINDOW_MAX: usize = 64;
+/// Rounds of the federation scenario's lag part at most.
+pub const LAG_ROUNDS_MAX: usize = 100;
 /// Receivers (or senders) of one kind in a federation room at most (they are set up one by one).
 pub const ROOM_RECEIVERS_MAX: usize = 256;
 /// Histogram range: the highest latency recorded, in microseconds (larger values are clamped).

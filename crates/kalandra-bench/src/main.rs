@@ -147,9 +147,12 @@ enum Scenario {
         /// Frames per second of the lag part's sender.
         #[arg(long, default_value_t = 200)]
         rate: u64,
-        /// Seconds of load of the lag part, per room.
-        #[arg(long, default_value_t = 10)]
+        /// Seconds of load of the lag part, per room and round.
+        #[arg(long, default_value_t = 5)]
         duration_s: u64,
+        /// Rounds of the lag part, each a local room and a room across, alternating which goes first.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
         /// Unacknowledged frames of the lag part's sender at most.
         #[arg(long, default_value_t = 64)]
         window: usize,
@@ -251,6 +254,7 @@ async fn run_federation(cli: Cli) -> Result<(), BenchError> {
         b_receivers,
         rate,
         duration_s,
+        rounds,
         window,
         message_bytes,
         senders,
@@ -279,6 +283,7 @@ async fn run_federation(cli: Cli) -> Result<(), BenchError> {
                 b_receivers,
                 rate,
                 duration_seconds: duration_s,
+                rounds,
                 window,
                 message_bytes,
                 senders,

@@ -132,6 +132,8 @@ fn a_tiny_federation_run_measures_every_delivery_across_two_linked_servers() {
         "50",
         "--duration-s",
         "1",
+        "--rounds",
+        "2",
         "--senders",
         "2",
         "--frames-per-sender",
@@ -142,10 +144,12 @@ fn a_tiny_federation_run_measures_every_delivery_across_two_linked_servers() {
     assert_eq!(reports.len(), 2);
     let lag = &reports[0];
     assert_eq!(lag["scenario"], "federation-lag");
-    // The local room has as many receivers as the room across: 2 × 50 frames.
-    assert_eq!(figure(lag, "local_to_receivers_samples"), 100.0);
-    assert_eq!(figure(lag, "across_to_a_samples"), 50.0, "the sender on b reaches the receiver on a");
-    assert_eq!(figure(lag, "across_to_b_samples"), 50.0, "and the receiver on b, through both servers");
+    // Two rounds of 50 frames; the local room has as many receivers as the
+    // room across (2).
+    assert_eq!(figure(lag, "frames_per_room"), 100.0);
+    assert_eq!(figure(lag, "local_to_receivers_samples"), 200.0);
+    assert_eq!(figure(lag, "across_to_a_samples"), 100.0, "the sender on b reaches the receiver on a");
+    assert_eq!(figure(lag, "across_to_b_samples"), 100.0, "and the receiver on b, through both servers");
     assert_eq!(figure(lag, "local_missing_deliveries"), 0.0);
     assert_eq!(figure(lag, "across_missing_deliveries"), 0.0);
     assert_eq!(figure(lag, "refused_frames"), 0.0);

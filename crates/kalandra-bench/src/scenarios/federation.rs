@@ -35,8 +35,8 @@ use super::{
     check_range, pipelined_sender, receive_loop, report_rejections, wait_for_count, Common, Deliveries,
 };
 use crate::limits::{
-    DURATION_SECONDS_MAX, FRAMES_PER_RUN_MAX, LINK_TIMEOUT_MS, MESSAGE_BYTES_MAX, MESSAGE_BYTES_MIN,
-    RATE_FRAMES_PER_SECOND_MAX, RELAYED_WINDOW_MAX, ROOM_RECEIVERS_MAX, WINDOW_MAX,
+    DURATION_SECONDS_MAX, FRAMES_PER_RUN_MAX, LAG_ROUNDS_MAX, LINK_TIMEOUT_MS, MESSAGE_BYTES_MAX,
+    MESSAGE_BYTES_MIN, RATE_FRAMES_PER_SECOND_MAX, RELAYED_WINDOW_MAX, ROOM_RECEIVERS_MAX, WINDOW_MAX,
 };
 use crate::members::{
     connect_all, member_seed, now_unix_secs, request, room_id, seal_all, setup_timeout, subscribe, Clients,
@@ -63,8 +63,10 @@ pub struct FederationParams {
     pub b_receivers: usize,
     /// Frames per second of the lag part's sender.
     pub rate: u64,
-    /// Seconds of load of the lag part, for each room.
+    /// Seconds of load of the lag part, for each room and round.
     pub duration_seconds: u64,
+    /// Rounds of the lag part, each a local room and a room across.
+    pub rounds: usize,
     /// Unacknowledged frames of the lag part's sender at most.
     pub window: usize,
     /// Plaintext bytes per message.
@@ -83,6 +85,7 @@ impl FederationParams {
         check_range("b-receivers", self.b_receivers as u64, 1, ROOM_RECEIVERS_MAX as u64)?;
         check_range("rate", self.rate, 1, RATE_FRAMES_PER_SECOND_MAX)?;
         check_range("duration-s", self.duration_seconds, 1, DURATION_SECONDS_MAX)?;
+        check_range("rounds", self.rounds as u64, 1, LAG_ROUNDS_MAX as u64)?;
         check_range("window", self.window as u64, 1, RELAYED_WINDOW_MAX as u64)?;
         check_range(
             "message-bytes",
@@ -438,26 +441,45 @@ impl CpuSamples {
         }
     }
 
-    /// Cores used since the start by a, b and the generator, as figures named `{prefix}_…`.
-    fn finish(self, report: &mut Report, prefix: &str) {
+    /// Adds the CPU seconds used since the start by a, b and the generator to `totals`.
+    fn finish(self, totals: &mut CpuTotals) {
         let seconds = self.started.elapsed().as_secs_f64();
-        for (name, pid, before) in [("server_a", self.a_pid, self.a), ("server_b", self.b_pid, self.b)] {
-            if let (Some(pid), Some(before)) = (pid, before) {
-                if let Ok(after) = procfs::sample(pid) {
-                    report.figure(
-                        &format!("{prefix}_{name}_cpu_cores"),
-                        procfs::cores_used(before, after, seconds),
-                        "cores",
-                    );
+        totals.seconds += seconds;
+        for (slot, pid, before) in [(0, self.a_pid, self.a), (1, self.b_pid, self.b)] {
+            if let (Some(pid), Some(before), Some(total)) = (pid, before, totals.core_seconds[slot].as_mut())
+            {
+                match procfs::sample(pid) {
+                    Ok(after) => *total += procfs::cores_used(before, after, seconds) * seconds,
+                    Err(_) => totals.core_seconds[slot] = None,
                 }
             }
         }
-        if let (Some(before), Ok(after)) = (self.generator, procfs::sample_self()) {
-            report.figure(
-                &format!("{prefix}_generator_cpu_cores"),
-                procfs::cores_used(before, after, seconds),
-                "cores",
-            );
+        if let (Some(before), Some(total)) = (self.generator, totals.core_seconds[2].as_mut()) {
+            match procfs::sample_self() {
+                Ok(after) => *total += procfs::cores_used(before, after, seconds) * seconds,
+                Err(_) => totals.core_seconds[2] = None,
+            }
+        }
+    }
+}
+
+/// CPU seconds of a, b and the generator over several timed parts.
+struct CpuTotals {
+    core_seconds: [Option<f64>; 3],
+    seconds: f64,
+}
+
+impl CpuTotals {
+    fn new() -> CpuTotals {
+        CpuTotals { core_seconds: [Some(0.0); 3], seconds: 0.0 }
+    }
+
+    /// Mean cores used by each, as figures named `{prefix}_…`.
+    fn report(&self, report: &mut Report, prefix: &str) {
+        for (slot, name) in ["server_a", "server_b", "generator"].into_iter().enumerate() {
+            if let Some(total) = self.core_seconds[slot] {
+                report.figure(&format!("{prefix}_{name}_cpu_cores"), total / self.seconds.max(1e-9), "cores");
+            }
         }
     }
 }
@@ -469,15 +491,35 @@ enum Home {
     B,
 }
 
-/// What one paced run measured.
+/// What paced runs measured.
+#[derive(Default)]
 struct LagOutcome {
     to_a: Latencies,
     to_b: Latencies,
     acks: Latencies,
-    achieved_rate: f64,
+    frames: u64,
+    send_seconds: f64,
     missing: u64,
     refused: u64,
     resyncs: u64,
+}
+
+impl LagOutcome {
+    fn merge(&mut self, other: &LagOutcome) {
+        self.to_a.merge(&other.to_a);
+        self.to_b.merge(&other.to_b);
+        self.acks.merge(&other.acks);
+        self.frames += other.frames;
+        self.send_seconds += other.send_seconds;
+        self.missing += other.missing;
+        self.refused += other.refused;
+        self.resyncs += other.resyncs;
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn achieved_rate(&self) -> f64 {
+        self.frames as f64 / self.send_seconds.max(1e-9)
+    }
 }
 
 /// The lag part: the local room, then the room across domains.
@@ -493,62 +535,44 @@ async fn lag(
         .parameter("b_receivers", params.b_receivers)
         .parameter("rate_frames_per_second", params.rate)
         .parameter("duration_seconds", params.duration_seconds)
+        .parameter("rounds", params.rounds)
         .parameter("window", params.window)
         .parameter("message_bytes", params.message_bytes);
-    let setup = Instant::now();
-    // Baseline: the sender and every receiver on a.
-    let local = build_across(
-        a,
-        b,
-        &PlanAcross {
-            seed: (common.nonce, "federation-lag-local", 0),
-            on_a: 2 + params.a_receivers + params.b_receivers - 1,
-            on_b: 0,
-            a_joiners: 1,
-            b_joiners: 0,
-        },
-    )
-    .await?;
-    // The same traffic from a sender on b, to receivers on a and on b.
-    let across = build_across(
-        a,
-        b,
-        &PlanAcross {
-            seed: (common.nonce, "federation-lag-across", 0),
-            on_a: params.a_receivers,
-            on_b: 1 + params.b_receivers,
-            a_joiners: 0,
-            b_joiners: 1,
-        },
-    )
-    .await?;
-    report.figure("setup_seconds", setup.elapsed().as_secs_f64(), "s");
-
-    // Local room: the creator and members 2.. receive, member 1 sends.
-    let RoomAcross { room_id: local_room, next_log_index: local_next, on_a: mut local_a, .. } = local;
-    let local_sender = local_a.remove(1);
-    let local_receivers: Vec<(Home, Connection)> = local_a.into_iter().map(|(_, c)| (Home::A, c)).collect();
-    let cpu = CpuSamples::start(a.target.pid, b.target.pid);
-    let base =
-        paced_run(local_sender, local_room, local_next, local_receivers, params, common, "local").await?;
-    cpu.finish(&mut report, "local");
-
-    let RoomAcross { room_id, next_log_index, on_a, mut on_b } = across;
-    let sender = on_b.remove(0);
-    let receivers: Vec<(Home, Connection)> = on_a
-        .into_iter()
-        .map(|(_, c)| (Home::A, c))
-        .chain(on_b.into_iter().map(|(_, c)| (Home::B, c)))
-        .collect();
-    let cpu = CpuSamples::start(a.target.pid, b.target.pid);
-    let fed = paced_run(sender, room_id, next_log_index, receivers, params, common, "across").await?;
-    cpu.finish(&mut report, "across");
+    let (mut base, mut fed) = (LagOutcome::default(), LagOutcome::default());
+    let (mut base_cpu, mut fed_cpu) = (CpuTotals::new(), CpuTotals::new());
+    let mut setup_seconds = 0.0;
+    // Rounds alternate which room goes first, so that a drift of the
+    // machine (other load, the disk) weighs on both alike.
+    for round in 0..params.rounds {
+        for across in [round % 2 == 1, round % 2 == 0] {
+            let setup = Instant::now();
+            let (room, sender, receivers) = if across {
+                lag_room_across(a, b, common, params, round).await?
+            } else {
+                lag_room_local(a, b, common, params, round).await?
+            };
+            setup_seconds += setup.elapsed().as_secs_f64();
+            let cpu = CpuSamples::start(a.target.pid, b.target.pid);
+            let label = if across { "across" } else { "local" };
+            let outcome = paced_run(sender, room.0, room.1, receivers, params, common, label).await?;
+            if across {
+                cpu.finish(&mut fed_cpu);
+                fed.merge(&outcome);
+            } else {
+                cpu.finish(&mut base_cpu);
+                base.merge(&outcome);
+            }
+        }
+    }
+    report.figure("setup_seconds", setup_seconds, "s");
+    base_cpu.report(&mut report, "local");
+    fed_cpu.report(&mut report, "across");
 
     #[allow(clippy::cast_precision_loss)]
     {
-        report.figure("frames_per_room", params.lag_frames() as f64, "frames");
-        report.figure("local_achieved_rate", base.achieved_rate, "frames/s");
-        report.figure("across_achieved_rate", fed.achieved_rate, "frames/s");
+        report.figure("frames_per_room", base.frames as f64, "frames");
+        report.figure("local_achieved_rate", base.achieved_rate(), "frames/s");
+        report.figure("across_achieved_rate", fed.achieved_rate(), "frames/s");
         report.figure("local_to_receivers_samples", base.to_a.count() as f64, "deliveries");
         report.figure("local_to_receivers_p50_ms", base.to_a.quantile_ms(0.50), "ms");
         report.figure("local_to_receivers_p99_ms", base.to_a.quantile_ms(0.99), "ms");
@@ -586,9 +610,59 @@ async fn lag(
     let added_b_p50 = fed.to_b.quantile_ms(0.50) - base.to_a.quantile_ms(0.50);
     report.goal("relay lag to b's receivers, p50 added over local", added_b_p50, 1.0, "ms", false);
     report.goal("relay lag to b's receivers, p99 (roadmap)", fed.to_b.quantile_ms(0.99), 50.0, "ms", false);
-    report.note("lag = from the sender's write to the QUIC stream until a receiver decoded the frame; local: sender and receivers on a; across: sender on b, receivers on a and on b (each through its home server); the local room runs first, then the room across, on the same two servers");
+    report.note("lag = from the sender's write to the QUIC stream until a receiver decoded the frame; local: sender and receivers on a; across: sender on b, receivers on a and on b (each through its home server); on the same two servers, in rounds that alternate which room runs first; each round builds both rooms afresh");
     report.note("b relays each of its users separately: a's fan-out to b's receivers crosses the link once per receiving connection");
     Ok(report)
+}
+
+/// A room, its first load index, its sender and its receivers.
+type LagRoom = ((RoomId, u64), (Member, Connection), Vec<(Home, Connection)>);
+
+/// The baseline room of `round`: the sender and every receiver on a.
+async fn lag_room_local(
+    a: &Arc<Clients>,
+    b: &Arc<Clients>,
+    common: Common,
+    params: &FederationParams,
+    round: usize,
+) -> Result<LagRoom, BenchError> {
+    let plan = PlanAcross {
+        seed: (common.nonce, "federation-lag-local", round as u64),
+        on_a: 2 + params.a_receivers + params.b_receivers - 1,
+        on_b: 0,
+        a_joiners: 1,
+        b_joiners: 0,
+    };
+    let RoomAcross { room_id, next_log_index, mut on_a, .. } = build_across(a, b, &plan).await?;
+    // The creator and members 2.. receive, member 1 sends.
+    let sender = on_a.remove(1);
+    let receivers = on_a.into_iter().map(|(_, c)| (Home::A, c)).collect();
+    Ok(((room_id, next_log_index), sender, receivers))
+}
+
+/// The room across of `round`: the sender on b, receivers on a and on b.
+async fn lag_room_across(
+    a: &Arc<Clients>,
+    b: &Arc<Clients>,
+    common: Common,
+    params: &FederationParams,
+    round: usize,
+) -> Result<LagRoom, BenchError> {
+    let plan = PlanAcross {
+        seed: (common.nonce, "federation-lag-across", round as u64),
+        on_a: params.a_receivers,
+        on_b: 1 + params.b_receivers,
+        a_joiners: 0,
+        b_joiners: 1,
+    };
+    let RoomAcross { room_id, next_log_index, on_a, mut on_b } = build_across(a, b, &plan).await?;
+    let sender = on_b.remove(0);
+    let receivers = on_a
+        .into_iter()
+        .map(|(_, c)| (Home::A, c))
+        .chain(on_b.into_iter().map(|(_, c)| (Home::B, c)))
+        .collect();
+    Ok(((room_id, next_log_index), sender, receivers))
 }
 
 /// Sends `params.rate` frames per second for `params.duration_seconds`
@@ -679,13 +753,12 @@ async fn paced_run(
             }
         }
     }
-    #[allow(clippy::cast_precision_loss)]
-    let achieved_rate = total as f64 / send_seconds;
     Ok(LagOutcome {
         to_a,
         to_b,
         acks,
-        achieved_rate,
+        frames: total as u64,
+        send_seconds,
         missing,
         refused,
         resyncs: deliveries.resyncs.load(Ordering::Relaxed),
@@ -744,13 +817,16 @@ async fn throughput(
 
     let RoomAcross { room_id: local_room, on_a: mut local_a, .. } = local;
     let local_senders = local_a.split_off(1);
+    let (mut base_cpu, mut fed_cpu) = (CpuTotals::new(), CpuTotals::new());
     let cpu = CpuSamples::start(a.target.pid, b.target.pid);
     let base = pipelined_run(local_senders, local_room, local_a, params, common, "local").await?;
-    cpu.finish(&mut report, "local");
+    cpu.finish(&mut base_cpu);
+    base_cpu.report(&mut report, "local");
     let RoomAcross { room_id, on_a, on_b, .. } = across;
     let cpu = CpuSamples::start(a.target.pid, b.target.pid);
     let fed = pipelined_run(on_b, room_id, on_a, params, common, "across").await?;
-    cpu.finish(&mut report, "across");
+    cpu.finish(&mut fed_cpu);
+    fed_cpu.report(&mut report, "across");
 
     let mut rejected = base.rejected.clone();
     for (code, count) in &fed.rejected {
