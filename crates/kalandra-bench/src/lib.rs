@@ -9,7 +9,10 @@
 //! - [`scenarios::latency`]: send-to-received-by-all latency at a fixed rate;
 //! - [`scenarios::fanout`]: deliveries per second into one large room;
 //! - [`scenarios::commit`]: commit submitted → acknowledged in large rooms;
-//! - [`scenarios::connections`]: server memory per idle connection.
+//! - [`scenarios::connections`]: server memory per idle connection;
+//! - [`scenarios::federation`]: two linked domains; relay lag and
+//!   throughput of senders on one domain in a room of the other, against a
+//!   local room in the same run.
 //!
 //! [`jetstream`] runs the same load discipline against NATS JetStream as a
 //! baseline. Frames are sealed (encrypted and signed) before the timed part

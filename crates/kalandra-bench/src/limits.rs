@@ -42,6 +42,16 @@ pub const SERVER_STARTUP_TIMEOUT_MS: u64 = 60_000;
 pub const SERVER_STOP_TIMEOUT_MS: u64 = 15_000;
 /// Time idle connections get to settle before the server's memory is read.
 pub const CONNECTIONS_SETTLE_MS: u64 = 2_000;
+/// Longest the federation scenario waits for the link between its two servers.
+pub const LINK_TIMEOUT_MS: u64 = 30_000;
+/// Unacknowledged frames per sender on b at most: the authority queues at
+/// most this many relayed frames of one remote connection (more are
+/// refused `RateLimited`).
+pub const RELAYED_WINDOW_MAX: usize = 64;
+/// Rounds of the federation scenario's lag part at most.
+pub const LAG_ROUNDS_MAX: usize = 100;
+/// Receivers (or senders) of one kind in a federation room at most (they are set up one by one).
+pub const ROOM_RECEIVERS_MAX: usize = 256;
 /// Histogram range: the highest latency recorded, in microseconds (larger values are clamped).
 pub const LATENCY_US_MAX: u64 = 600_000_000;
 

@@ -135,6 +135,40 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
     },
+    /// Two linked domains (servers a and b, started by the tool): relay lag
+    /// and throughput of senders on b in rooms of a, against local rooms.
+    Federation {
+        /// Receivers on a in the lag part (the room's creator included).
+        #[arg(long, default_value_t = 2)]
+        a_receivers: usize,
+        /// Receivers on b in the lag part.
+        #[arg(long, default_value_t = 2)]
+        b_receivers: usize,
+        /// Frames per second of the lag part's sender.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds of load of the lag part, per room and round.
+        #[arg(long, default_value_t = 5)]
+        duration_s: u64,
+        /// Rounds of the lag part, each a local room and a room across, alternating which goes first.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// Unacknowledged frames of the lag part's sender at most.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// Plaintext bytes per message.
+        #[arg(long, default_value_t = 256)]
+        message_bytes: usize,
+        /// Pipelined senders of the throughput part (on b; as many on a for the baseline).
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        /// Frames per throughput sender.
+        #[arg(long, default_value_t = 5_000)]
+        frames_per_sender: usize,
+        /// Unacknowledged frames per throughput sender at most.
+        #[arg(long, default_value_t = 16)]
+        throughput_window: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -156,6 +190,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), BenchError> {
+    if matches!(cli.scenario, Scenario::Federation { .. }) {
+        return run_federation(cli).await;
+    }
     let (target, process) = match cli.server {
         Some(address) => {
             let text = cli.fingerprint.as_deref().ok_or_else(|| {
@@ -166,10 +203,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             (ServerTarget { address, fingerprint, pid: cli.server_pid }, None)
         }
         None => {
-            let binary = cli.server_bin.clone().or_else(default_server_binary).ok_or_else(|| BenchError::ServerStart {
-                path: PathBuf::from("kalandra-server"),
-                detail: "not found next to kalandra-bench; build it (cargo build --release -p kalandra-server) or pass --server-bin".into(),
-            })?;
+            let binary = server_binary(&cli)?;
             let data_dir = cli.data_dir.clone();
             let process =
                 tokio::task::spawn_blocking(move || ServerProcess::start(&binary, data_dir.as_deref()))
@@ -193,17 +227,89 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             eprintln!("kalandra-bench: {error}");
         }
     }
-    let reports = result?;
-    if cli.json {
-        let text = serde_json::to_string_pretty(&reports)
+    print_reports(&result?, cli.json)
+}
+
+fn print_reports(reports: &[Report], json: bool) -> Result<(), BenchError> {
+    if json {
+        let text = serde_json::to_string_pretty(reports)
             .map_err(|e| BenchError::Io { what: "writing JSON", detail: e.to_string() })?;
         println!("{text}");
     } else {
-        for report in &reports {
+        for report in reports {
             println!("{}", report.to_table());
         }
     }
     Ok(())
+}
+
+/// The federation scenario: starts servers a and b itself, linked.
+async fn run_federation(cli: Cli) -> Result<(), BenchError> {
+    if cli.server.is_some() {
+        return Err(BenchError::Usage("federation starts its own two servers; --server is not used".into()));
+    }
+    let binary = server_binary(&cli)?;
+    let Scenario::Federation {
+        a_receivers,
+        b_receivers,
+        rate,
+        duration_s,
+        rounds,
+        window,
+        message_bytes,
+        senders,
+        frames_per_sender,
+        throughput_window,
+    } = cli.scenario
+    else {
+        return Err(BenchError::Usage("not the federation scenario".into()));
+    };
+    let common = Common { nonce: run_nonce(), quiet: cli.quiet || cli.json };
+    let data_dir = cli.data_dir.clone();
+    let nonce = common.nonce;
+    let pair = tokio::task::spawn_blocking(move || {
+        scenarios::federation::ServerPair::start(&binary, data_dir.as_deref(), nonce)
+    })
+    .await
+    .map_err(|e| BenchError::client("server start task", e))??;
+    let timeout = Duration::from_millis(cli.connect_timeout_ms);
+    let clients = Clients::new(pair.a.target.clone(), cli.endpoints, timeout)
+        .and_then(|a| Ok((a, Clients::new(pair.b.target.clone(), cli.endpoints, timeout)?)));
+    let result = match clients {
+        Ok((a, b)) => {
+            let (a, b) = (Arc::new(a), Arc::new(b));
+            let params = scenarios::federation::FederationParams {
+                a_receivers,
+                b_receivers,
+                rate,
+                duration_seconds: duration_s,
+                rounds,
+                window,
+                message_bytes,
+                senders,
+                frames_per_sender,
+                throughput_window,
+            };
+            let result = scenarios::federation::run(&a, &b, common, &params).await;
+            a.close();
+            b.close();
+            result
+        }
+        Err(error) => Err(error),
+    };
+    let stopped = tokio::task::spawn_blocking(move || pair.stop()).await;
+    if let Ok(Err(error)) = stopped {
+        eprintln!("kalandra-bench: {error}");
+    }
+    print_reports(&result?, cli.json)
+}
+
+/// The server binary to start: `--server-bin`, or the one next to this executable.
+fn server_binary(cli: &Cli) -> Result<PathBuf, BenchError> {
+    cli.server_bin.clone().or_else(default_server_binary).ok_or_else(|| BenchError::ServerStart {
+        path: PathBuf::from("kalandra-server"),
+        detail: "not found next to kalandra-bench; build it (cargo build --release -p kalandra-server) or pass --server-bin".into(),
+    })
 }
 
 async fn run_scenario(
@@ -258,6 +364,9 @@ async fn run_scenario(
         Scenario::Connections { count } => {
             let params = scenarios::connections::ConnectionsParams { count };
             Ok(vec![scenarios::connections::run(clients, common, &params).await?])
+        }
+        Scenario::Federation { .. } => {
+            Err(BenchError::Usage("federation starts its own servers and runs on its own".into()))
         }
     }
 }

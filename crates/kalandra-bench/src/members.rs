@@ -374,7 +374,7 @@ async fn make_members(
 
 /// Subscribes from `from_log_index` and waits for the end of history; a
 /// member that `joins` also waits for its Welcome and joins the group.
-async fn subscribe(
+pub async fn subscribe(
     connection: &mut Connection,
     room_id: RoomId,
     from_log_index: u64,

@@ -56,6 +56,20 @@ pub struct ServerProcess {
     /// Keeps the temporary data directory (unless one was given).
     _data_dir: Option<tempfile::TempDir>,
     log_path: PathBuf,
+    /// The server-to-server listener's address, when federation is configured.
+    pub federation_address: Option<SocketAddr>,
+}
+
+/// What a started server is configured with beyond [`BENCH_SERVER_CONFIG`].
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// The server's domain (top-level `domain`); the server's default when absent.
+    pub domain: Option<String>,
+    /// TOML tables appended after [`BENCH_SERVER_CONFIG`] (`[federation]` and its peers).
+    pub extra_config: String,
+    /// The federation key's seed, written to `federation-signing.key` in the
+    /// data directory before the start (peers are configured with its public key).
+    pub federation_key_seed: Option<[u8; 32]>,
 }
 
 /// The server binary next to this executable (`kalandra-server` in the
@@ -74,6 +88,17 @@ impl ServerProcess {
     /// `data_dir` (or a fresh temporary directory), and waits until it
     /// prints its address. Blocking.
     pub fn start(binary: &Path, data_dir: Option<&Path>) -> Result<ServerProcess, BenchError> {
+        ServerProcess::start_with(binary, data_dir, &ServerOptions::default())
+    }
+
+    /// [`ServerProcess::start`] with `options` (domain, federation tables
+    /// and key). A server with a federation listener reports its address in
+    /// [`ServerProcess::federation_address`]. Blocking.
+    pub fn start_with(
+        binary: &Path,
+        data_dir: Option<&Path>,
+        options: &ServerOptions,
+    ) -> Result<ServerProcess, BenchError> {
         let fail = |detail: String| BenchError::ServerStart { path: binary.to_owned(), detail };
         let (temp, dir) = match data_dir {
             Some(dir) => (None, dir.to_owned()),
@@ -88,7 +113,17 @@ impl ServerProcess {
         };
         std::fs::create_dir_all(&dir).map_err(|e| fail(format!("data directory {}: {e}", dir.display())))?;
         let config = dir.join("kalandra-bench.toml");
-        std::fs::write(&config, BENCH_SERVER_CONFIG).map_err(|e| fail(format!("writing the config: {e}")))?;
+        // Top-level keys come before the first table.
+        let text = match &options.domain {
+            Some(domain) => format!("domain = \"{domain}\"\n{BENCH_SERVER_CONFIG}{}", options.extra_config),
+            None => format!("{BENCH_SERVER_CONFIG}{}", options.extra_config),
+        };
+        std::fs::write(&config, text).map_err(|e| fail(format!("writing the config: {e}")))?;
+        let server_data = dir.join("data");
+        if let Some(seed) = options.federation_key_seed {
+            write_key_file(&server_data, &seed)
+                .map_err(|e| fail(format!("writing the federation key: {e}")))?;
+        }
         let log_path = dir.join("server.log");
         let log = std::fs::File::create(&log_path).map_err(|e| fail(format!("log file: {e}")))?;
         let mut command = Command::new(binary);
@@ -96,7 +131,7 @@ impl ServerProcess {
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(&server_data)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--admin-listen")
@@ -131,6 +166,7 @@ impl ServerProcess {
             },
             _data_dir: temp,
             log_path,
+            federation_address: None,
         };
         let deadline = Instant::now() + Duration::from_millis(SERVER_STARTUP_TIMEOUT_MS);
         let mut fingerprint = None;
@@ -151,6 +187,8 @@ impl ServerProcess {
             };
             if let Some(hex) = line.strip_prefix("certificate fingerprint (sha256): ") {
                 fingerprint = client_core::connection::parse_fingerprint(hex.trim());
+            } else if let Some(rest) = line.strip_prefix("federation links on quic://") {
+                process.federation_address = rest.split(' ').next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("listening on quic://") {
                 let address = rest
                     .split(' ')
@@ -198,6 +236,22 @@ impl ServerProcess {
         })
     }
 }
+
+/// Writes `seed` as the server's federation key file (owner-only, as the server creates it).
+fn write_key_file(data_dir: &Path, seed: &[u8; 32]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(data_dir)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(data_dir.join(FEDERATION_KEY_FILE_NAME))?;
+    file.write_all(seed)?;
+    file.sync_all()
+}
+
+/// The federation key's file name in a server's data directory.
+pub const FEDERATION_KEY_FILE_NAME: &str = "federation-signing.key";
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {

@@ -121,6 +121,51 @@ fn tiny_latency_fanout_commit_and_connections_runs_complete() {
 }
 
 #[test]
+fn a_tiny_federation_run_measures_every_delivery_across_two_linked_servers() {
+    let reports = reports(&bench(&[
+        "federation",
+        "--a-receivers",
+        "1",
+        "--b-receivers",
+        "1",
+        "--rate",
+        "50",
+        "--duration-s",
+        "1",
+        "--rounds",
+        "2",
+        "--senders",
+        "2",
+        "--frames-per-sender",
+        "20",
+        "--throughput-window",
+        "4",
+    ]));
+    assert_eq!(reports.len(), 2);
+    let lag = &reports[0];
+    assert_eq!(lag["scenario"], "federation-lag");
+    // Two rounds of 50 frames; the local room has as many receivers as the
+    // room across (2).
+    assert_eq!(figure(lag, "frames_per_room"), 100.0);
+    assert_eq!(figure(lag, "local_to_receivers_samples"), 200.0);
+    assert_eq!(figure(lag, "across_to_a_samples"), 100.0, "the sender on b reaches the receiver on a");
+    assert_eq!(figure(lag, "across_to_b_samples"), 100.0, "and the receiver on b, through both servers");
+    assert_eq!(figure(lag, "local_missing_deliveries"), 0.0);
+    assert_eq!(figure(lag, "across_missing_deliveries"), 0.0);
+    assert_eq!(figure(lag, "refused_frames"), 0.0);
+    assert!(figure(lag, "across_to_b_p99_ms") >= figure(lag, "across_to_b_p50_ms"));
+    assert!(figure(lag, "across_server_b_cpu_cores") >= 0.0, "both servers' CPU time is read");
+
+    let throughput = &reports[1];
+    assert_eq!(throughput["scenario"], "federation-throughput");
+    assert_eq!(figure(throughput, "local_acked_frames"), 40.0, "2 senders × 20 frames");
+    assert_eq!(figure(throughput, "across_acked_frames"), 40.0);
+    assert_eq!(figure(throughput, "across_receiver_deliveries"), 40.0, "the creator on a gets them all");
+    assert_eq!(figure(throughput, "refused_frames"), 0.0);
+    assert!(figure(throughput, "across_acked_frames_per_second") > 0.0);
+}
+
+#[test]
 fn an_unreachable_server_is_a_clear_error_with_its_own_exit_code() {
     // A loopback UDP port that nothing listens on: bound, noted, released.
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -42,7 +42,7 @@ pub struct LatencyParams {
 
 /// Per frame of the run, indexed by log index minus the first: when it
 /// was sent, when the last member got it, and how many did.
-struct Timeline {
+pub(super) struct Timeline {
     first_log_index: u64,
     sent_ns: Vec<AtomicU64>,
     last_received_ns: Vec<AtomicU64>,
@@ -50,7 +50,23 @@ struct Timeline {
 }
 
 impl Timeline {
-    fn slot(&self, log_index: u64) -> Option<usize> {
+    /// A timeline of `total` frames from `first_log_index`, nothing sent yet.
+    pub(super) fn new(first_log_index: u64, total: usize) -> Timeline {
+        Timeline {
+            first_log_index,
+            sent_ns: (0..total).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            last_received_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
+            received: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// When the frame of `slot` was sent (ns since the run's start), once acknowledged.
+    pub(super) fn sent_ns(&self, slot: usize) -> Option<u64> {
+        let sent = self.sent_ns.get(slot)?.load(Ordering::Relaxed);
+        (sent != u64::MAX).then_some(sent)
+    }
+
+    pub(super) fn slot(&self, log_index: u64) -> Option<usize> {
         let offset = usize::try_from(log_index.checked_sub(self.first_log_index)?).ok()?;
         (offset < self.sent_ns.len()).then_some(offset)
     }
@@ -105,12 +121,7 @@ pub async fn run(
     let total = per_sender * params.senders;
     report.figure("frame_bytes", sealed[0][0].len() as f64, "bytes");
 
-    let timeline = Arc::new(Timeline {
-        first_log_index: room.next_log_index,
-        sent_ns: (0..total).map(|_| AtomicU64::new(u64::MAX)).collect(),
-        last_received_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
-        received: (0..total).map(|_| AtomicU64::new(0)).collect(),
-    });
+    let timeline = Arc::new(Timeline::new(room.next_log_index, total));
     let stop = Arc::new(AtomicBool::new(false));
     let deliveries = Arc::new(Deliveries::default());
     let started = Instant::now();
@@ -243,7 +254,7 @@ pub async fn run(
 /// Sends frame k at `load_started + k / rate` (later if the window is full),
 /// and records send instants and acknowledgements.
 #[allow(clippy::too_many_arguments)]
-async fn paced_sender(
+pub(super) async fn paced_sender(
     mut connection: Connection,
     frames: Vec<Bytes>,
     rate: f64,

@@ -3,6 +3,7 @@
 pub mod commit;
 pub mod connections;
 pub mod fanout;
+pub mod federation;
 pub mod latency;
 pub mod throughput;
 
