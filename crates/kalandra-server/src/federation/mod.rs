@@ -1,18 +1,21 @@
-//! Federation, as far as it is built: the server's domain identity, the
-//! authenticated server-to-server QUIC links to the peer domains the
-//! operator configured (`docs/FEDERATION.md`), requests over those links,
-//! and the key-package directory across domains with home certificates.
-//! No frame is relayed between domains yet.
+//! Federation: the server's domain identity, the authenticated
+//! server-to-server QUIC links to the peer domains the operator configured
+//! (`docs/FEDERATION.md`), requests over those links, the key-package
+//! directory across domains with home certificates, Welcomes routed to
+//! remote users' homes, the relay of clients' frames to the rooms'
+//! authorities, and replicas of other domains' rooms.
 //!
 //! [`handshake`] is the pure state machine of the link handshake and the
 //! link messages, [`requests`] the pure request/response layer, [`links`]
 //! the per-peer state the admin API and metrics show, [`directory`] the
-//! remote claim (the home side's answer and the pure check of an answer),
-//! [`registry`] the links that are up and the remote directory on them,
-//! [`rooms`] the rooms other domains order, [`welcomes`] the routing of
-//! Welcomes (the room's side) and their storage at the home (the home's),
-//! and [`quic`] the thin driver that runs it all over quinn: the listener
-//! and one dialer per peer with an address.
+//! remote claim (the home side's answer, the pure check of an answer, and
+//! the claiming side), [`registry`] the links that are up, [`rooms`] the
+//! rooms other domains order, [`welcomes`] the routing of Welcomes (the
+//! room's side) and their storage at the home (the home's), [`relay`] the
+//! countersigned relay of clients' frames, [`replica`] the feeds and
+//! follows of replicas, [`codes`] the metrics' labels, and [`quic`] the
+//! thin driver that runs it all over quinn: the listener and one dialer
+//! per peer with an address.
 
 pub mod codes;
 pub mod directory;
