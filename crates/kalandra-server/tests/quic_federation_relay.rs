@@ -516,6 +516,14 @@ async fn federation_a_domain_keeps_a_replica_equal_to_the_authoritys_log_and_its
     let (done, history) = read_to_sync_done(&mut bob).await;
     assert_eq!((done.next_log_index, history.len()), (5, 5));
     assert_eq!(counter(&domains.b, RELAYED, "direction", "out"), relayed_before, "read from b's replica");
+    // b checked the head a signed when the follow caught up against its own chain.
+    const HEADS: &str = "kalandra_federation_replica_heads_total";
+    let checked = counter(&domains.b, HEADS, "outcome", "matched")
+        + counter(&domains.b, HEADS, "outcome", "not_comparable");
+    assert!(checked >= 1, "the authority's head was checked");
+    for outcome in ["equivocation", "bad_signature", "no_authority_key"] {
+        assert_eq!(counter(&domains.b, HEADS, "outcome", outcome), 0, "{outcome}");
+    }
     let ack: Ack = decode_ok(&alice.send_text("four").await);
     let seen = bob.next_of(Opcode::Application).await;
     assert_eq!((seen.header().log_index(), text_of(&seen)), (ack.log_index, b"four".to_vec()));

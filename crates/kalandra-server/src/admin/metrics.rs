@@ -18,7 +18,7 @@ use kalandra_proto::{ErrorCode, Opcode};
 
 use crate::federation::codes::{
     FEDERATION_REFUSAL_CODES, FEDERATION_WELCOME_OUTCOMES, LINK_FAILURE_CODES, RELAY_DIRECTIONS,
-    RELAY_REFUSAL_CODES,
+    RELAY_REFUSAL_CODES, REPLICA_HEAD_OUTCOMES,
 };
 use crate::room::roles::Actor;
 
@@ -70,6 +70,8 @@ pub const FEDERATION_REFUSALS_TOTAL: &str = "kalandra_federation_refusals_total"
 pub const FEDERATION_RELAY_REFUSALS_TOTAL: &str = "kalandra_federation_relay_refusals_total";
 /// Counter, by `direction`: client frames relayed to (`out`) and from (`in`) other domains.
 pub const FEDERATION_RELAYED_FRAMES_TOTAL: &str = "kalandra_federation_relayed_frames_total";
+/// Counter, by `outcome`: heads an authority signed that a replica checked.
+pub const FEDERATION_REPLICA_HEADS_TOTAL: &str = "kalandra_federation_replica_heads_total";
 /// Counter, by `outcome`: Welcomes for other domains' users forwarded to
 /// their home domain, put off, or dropped, and peers' Welcomes stored here.
 pub const FEDERATION_WELCOMES_TOTAL: &str = "kalandra_federation_welcomes_total";
@@ -210,6 +212,7 @@ struct Inner {
     federation_refusals: Family,
     federation_relay_refusals: Family,
     federation_relayed: Family,
+    federation_replica_heads: Family,
     federation_welcomes: Family,
 }
 
@@ -247,6 +250,7 @@ impl Metrics {
             federation_refusals: Family::new(FEDERATION_REFUSAL_CODES.len()),
             federation_relay_refusals: Family::new(RELAY_REFUSAL_CODES.len()),
             federation_relayed: Family::new(RELAY_DIRECTIONS.len()),
+            federation_replica_heads: Family::new(REPLICA_HEAD_OUTCOMES.len()),
             federation_welcomes: Family::new(FEDERATION_WELCOME_OUTCOMES.len()),
             admin_routes,
         };
@@ -396,6 +400,13 @@ impl Metrics {
         self.inner.federation_relayed.add(index, 1);
     }
 
+    /// A replica checked its authority's signed head: `outcome` is one of
+    /// [`REPLICA_HEAD_OUTCOMES`].
+    pub fn replica_head(&self, outcome: &str) {
+        let index = REPLICA_HEAD_OUTCOMES.iter().position(|known| *known == outcome).unwrap_or(usize::MAX);
+        self.inner.federation_replica_heads.add(index, 1);
+    }
+
     /// Counts a Welcome routed between domains under `outcome`, one of
     /// [`FEDERATION_WELCOME_OUTCOMES`].
     pub fn federation_welcome(&self, outcome: &str) {
@@ -498,6 +509,15 @@ impl Metrics {
             "direction",
             &RELAY_DIRECTIONS,
             &inner.federation_relayed,
+        )?;
+        let help = "Heads the authority of a room signed that its replica here checked, by outcome.";
+        labelled(
+            out,
+            FEDERATION_REPLICA_HEADS_TOTAL,
+            help,
+            "outcome",
+            &REPLICA_HEAD_OUTCOMES,
+            &inner.federation_replica_heads,
         )?;
         let help = "Welcomes routed between domains, by outcome.";
         labelled(

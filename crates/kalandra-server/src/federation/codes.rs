@@ -71,3 +71,7 @@ pub const RELAY_DIRECTIONS: [&str; 2] = ["out", "in"];
 /// (refused by the home for good, or too large to send: deleted here),
 /// `received` (a peer's Welcome stored here).
 pub const FEDERATION_WELCOME_OUTCOMES: [&str; 4] = ["forwarded", "deferred", "dropped", "received"];
+
+/// Outcomes of a replica's check of its authority's signed head.
+pub const REPLICA_HEAD_OUTCOMES: [&str; 5] =
+    ["matched", "not_comparable", "equivocation", "bad_signature", "no_authority_key"];

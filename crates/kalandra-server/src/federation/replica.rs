@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
+use kalandra_proto::chain::SignedLogHead;
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::{payload, ErrorCode, Frame, Opcode, RoomId};
 use serde_bytes::ByteBuf;
@@ -35,7 +36,7 @@ use crate::federation::relay::frame_messages;
 use crate::federation::rooms::RemoteRooms;
 use crate::node::{error_frame, Command, Node, Outbox, OutboxReceiver, Outgoing};
 use crate::room::sequencer::SERVER_SENDER_ID;
-use crate::room::RoomRequest;
+use crate::room::{HeadCheck, HeadCheckError, RoomRequest};
 use crate::store::Store;
 
 /// Frames a peer's feed queues before it is told to follow again.
@@ -338,6 +339,11 @@ impl ReplicaFollower {
             for _ in 0..REPLICA_LIVE_WAITS_MAX {
                 match follower.node.replica_position(room_id).await {
                     Some((_, durable_next)) if durable_next >= done.next_log_index => {
+                        if let Some(signed) = done.log_head {
+                            if !follower.head_holds(room_id, signed).await {
+                                return;
+                            }
+                        }
                         let mut following = lock(&follower.following);
                         if following.get(&room_id) == Some(&Following::CatchingUp) {
                             following.insert(room_id, Following::Live);
@@ -352,6 +358,30 @@ impl ReplicaFollower {
             }
             tracing::warn!(%room_id, "the replica did not become durable in time; reads stay relayed");
         });
+    }
+
+    /// Checks a head the authority signed against the replica; a head that
+    /// does not hold stops the replica from serving reads (logged with the
+    /// signed head, the proof of the authority's other order).
+    async fn head_holds(&self, room_id: RoomId, signed: SignedLogHead) -> bool {
+        let outcome = match self.node.check_replica_head(room_id, signed).await {
+            None => return false,
+            Some(Ok(HeadCheck::Matched)) => "matched",
+            Some(Ok(HeadCheck::NotComparable)) => "not_comparable",
+            Some(Err(error)) => {
+                let outcome = match error {
+                    HeadCheckError::Equivocation { .. } => "equivocation",
+                    HeadCheckError::BadSignature { .. } => "bad_signature",
+                    HeadCheckError::NoAuthorityKey => "no_authority_key",
+                };
+                self.metrics.replica_head(outcome);
+                tracing::error!(%room_id, %error, ?signed, "the room's authority does not stand by its replica here");
+                lock(&self.following).insert(room_id, Following::Refused);
+                return false;
+            }
+        };
+        self.metrics.replica_head(outcome);
+        true
     }
 
     async fn refused(&self, room_id: RoomId, frame: &Frame) {

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use kalandra_proto::chain::SignedLogHead;
 use kalandra_proto::{Frame, RoomId, SenderId};
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,8 +45,8 @@ pub use crate::room::{
     RoomSummary, Standing, MODERATION_TICK_MS, ROOMS_LIST_MAX,
 };
 use crate::room::{
-    AppendBatch, HistoryRead, Memberships, Output, ReplicaError, RoomRequest, Shard, ShardConfig,
-    WelcomeToStore,
+    AppendBatch, HeadCheck, HeadCheckError, HistoryRead, Memberships, Output, ReplicaError, RoomRequest,
+    Shard, ShardConfig, WelcomeToStore,
 };
 use crate::store::group_commit::{AppendTicket, GroupCommit};
 use crate::store::{PendingWelcome, Store, StoredEntry};
@@ -134,6 +135,15 @@ pub enum Command {
         room_id: RoomId,
         /// The answer.
         reply: oneshot::Sender<Option<(u64, u64)>>,
+    },
+    /// Check a head the authority of a room signed against its replica here.
+    CheckReplicaHead {
+        /// The room.
+        room_id: RoomId,
+        /// The head.
+        signed: SignedLogHead,
+        /// The outcome (`None`: no replica of it here).
+        reply: oneshot::Sender<Option<Result<HeadCheck, HeadCheckError>>>,
     },
     /// Stop: flush, wait for storage, reply.
     Shutdown {
@@ -393,6 +403,19 @@ impl Node {
         answer.await.unwrap_or(Err(ReplicaError::Stopped))
     }
 
+    /// Checks a head `room_id`'s authority signed against the replica here.
+    pub async fn check_replica_head(
+        &self,
+        room_id: RoomId,
+        signed: SignedLogHead,
+    ) -> Option<Result<HeadCheck, HeadCheckError>> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send(room_id, Command::CheckReplicaHead { room_id, signed, reply }).await {
+            return None;
+        }
+        answer.await.ok().flatten()
+    }
+
     /// The next index the replica of `room_id` expects, and the first not
     /// yet durable there (`None`: no replica of it here).
     pub async fn replica_position(&self, room_id: RoomId) -> Option<(u64, u64)> {
@@ -650,6 +673,9 @@ impl<G: PersistentGroup> ShardTask<G> {
             Command::Replicated { frames, reply } => {
                 let taken = frames.into_iter().try_for_each(|frame| self.shard.handle_replicated(frame));
                 let _ = reply.send(taken);
+            }
+            Command::CheckReplicaHead { room_id, signed, reply } => {
+                let _ = reply.send(self.shard.check_replica_head(room_id, &signed));
             }
             Command::ReplicaNext { room_id, reply } => {
                 let next = self.shard.replica_next_log_index(room_id);

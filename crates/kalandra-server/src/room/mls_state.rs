@@ -972,6 +972,18 @@ impl RoomGroupState {
         self.group.group_context().extensions().external_senders().map_or(0, |senders| senders.len())
     }
 
+    /// The signature key of the room's first external sender (the server
+    /// of the domain that orders it), if it is an Ed25519 key.
+    pub fn first_external_sender_key(&self) -> Option<[u8; 32]> {
+        let senders = self.group.group_context().extensions().external_senders()?;
+        let encoded = senders.first()?.tls_serialize_detached().ok()?;
+        // The key comes first, as a length-prefixed byte string.
+        match encoded.split_first() {
+            Some((32, rest)) if rest.len() >= 32 => rest[..32].try_into().ok(),
+            _ => None,
+        }
+    }
+
     /// Position of `signature_key` among the room's external senders.
     pub fn external_sender_index(&self, signature_key: &[u8]) -> Option<u32> {
         let prefix = SignaturePublicKey::from(signature_key.to_vec()).tls_serialize_detached().ok()?;

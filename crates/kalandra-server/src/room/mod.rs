@@ -25,7 +25,7 @@ pub use self::acts::{
 pub(crate) use self::frames::error_frame_with;
 pub use self::frames::{erased_placeholder, error_frame, reply_frame, server_frame};
 pub use self::moderation::{moderation_reply, moderation_request};
-pub use self::replica::ReplicaError;
+pub use self::replica::{HeadCheck, HeadCheckError, ReplicaError};
 pub use self::request::{DirectoryRequest, OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
     AppendBatch, ConnectionId, HistoryRead, Memberships, Output, Peer, RecoveredRoom, Shard, ShardConfig,

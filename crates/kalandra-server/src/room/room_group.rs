@@ -321,6 +321,10 @@ impl GroupState for MlsRoomGroup {
         self.state.external_sender_count() == 1 && self.state.external_sender_index(server_key) == Some(0)
     }
 
+    fn authority_key(&self) -> Option<[u8; 32]> {
+        (self.state.external_sender_count() == 1).then(|| self.state.first_external_sender_key()).flatten()
+    }
+
     fn ratchet_tree(&self) -> Bytes {
         self.state.ratchet_tree().map(Bytes::from).unwrap_or_default()
     }

@@ -171,6 +171,11 @@ pub trait GroupState {
     fn group_info_valid(&self, group_info: &[u8], signer: SenderId) -> bool;
     /// Whether exactly `server_key` is the room's external sender.
     fn only_external_sender_is(&self, server_key: &[u8; 32]) -> bool;
+    /// The key of the room's external sender (the server of its
+    /// authority), which signs its log heads; `None` if unknown.
+    fn authority_key(&self) -> Option<[u8; 32]> {
+        None
+    }
     /// The current ratchet tree (TLS encoding), for Welcome recipients and joiners.
     fn ratchet_tree(&self) -> Bytes;
     /// Returns to the state before the latest commit [`GroupState::apply_commit`]
