@@ -203,18 +203,25 @@ async fn federation_a_remote_member_gets_a_retryable_error_while_the_rooms_domai
     assert_eq!(texts, vec![b"before".to_vec(), b"after".to_vec()]);
 }
 
-/// What the fake b.test's link gets from a.test: `Deliver`ed frames.
+/// The connection the fake b.test files `Replicate`d frames under.
+const REPLICATED: u64 = u64::MAX;
+
+/// What the fake b.test's link gets from a.test: `Deliver`ed frames (by
+/// connection) and `Replicate`d ones (under [`REPLICATED`]).
 type Delivered = mpsc::Receiver<(u64, Frame)>;
 
 /// A server that speaks for b.test (it holds b's federation key): it
 /// accepts a.test's link, then sends the envelopes it is given and passes
 /// on the frames a.test delivers.
-async fn fake_b(dir: &Path, listen: SocketAddr) -> (mpsc::Sender<(u64, RelayEnvelope)>, Delivered) {
+async fn fake_b(
+    dir: &Path,
+    listen: SocketAddr,
+) -> (mpsc::Sender<kalandra_server::federation_link::LinkMessage>, Delivered) {
     use kalandra_server::federation_link as link;
 
     let identity = kalandra_server::load_or_create_server_identity(dir, None, None).unwrap();
     let endpoint = quinn::Endpoint::server(link::server_config(&identity).unwrap(), listen).unwrap();
-    let (envelopes, mut to_send) = mpsc::channel::<(u64, RelayEnvelope)>(64);
+    let (envelopes, mut to_send) = mpsc::channel::<link::LinkMessage>(64);
     let (delivered, received) = mpsc::channel(256);
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
@@ -229,18 +236,18 @@ async fn fake_b(dir: &Path, listen: SocketAddr) -> (mpsc::Sender<(u64, RelayEnve
                     }
                     let mut body = vec![0u8; link::established_body_len(prefix).unwrap()];
                     recv.read_exact(&mut body).await.unwrap();
-                    if let link::LinkMessage::Deliver { connection, frames } =
-                        link::decode_established(&body).unwrap()
-                    {
-                        for frame in frames {
-                            let frame = Frame::decode(&bytes::Bytes::from(frame.into_vec())).unwrap();
-                            let _ = delivered.send((connection, frame)).await;
-                        }
+                    let (connection, frames) = match link::decode_established(&body).unwrap() {
+                        link::LinkMessage::Deliver { connection, frames } => (connection, frames),
+                        link::LinkMessage::Replicate { frames } => (REPLICATED, frames),
+                        _ => continue,
+                    };
+                    for frame in frames {
+                        let frame = Frame::decode(&bytes::Bytes::from(frame.into_vec())).unwrap();
+                        let _ = delivered.send((connection, frame)).await;
                     }
                 }
             });
-            while let Some((connection, envelope)) = to_send.recv().await {
-                let message = link::LinkMessage::Relay { connection, envelope };
+            while let Some(message) = to_send.recv().await {
                 send.write_all(&link::encode_established(&message).unwrap()).await.unwrap();
             }
             reader.abort();
@@ -436,7 +443,8 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
     ];
     for (what, envelope, request_id, counted, code) in cases {
         let before = counted.map(|code| counter(&a, RELAY_REFUSALS, "code", code));
-        envelopes.send((77, envelope)).await.unwrap();
+        let message = kalandra_server::federation_link::LinkMessage::Relay { connection: 77, envelope };
+        envelopes.send(message).await.unwrap();
         let (connection, frame) =
             tokio::time::timeout(FEDERATION_TIMEOUT, delivered.recv()).await.unwrap().unwrap();
         assert_eq!(connection, 77, "{what}: answered for the relayed connection");
@@ -447,6 +455,16 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
             assert_eq!(counter(&a, RELAY_REFUSALS, "code", counted), before + 1, "{what} is counted");
         }
     }
+
+    // b follows a room none of its users is in: refused, nothing of the room sent.
+    let before = counter(&a, RELAY_REFUSALS, "code", "not_followed_here");
+    let follow = kalandra_server::federation_link::LinkMessage::Follow { room_id: room.0, from_log_index: 0 };
+    envelopes.send(follow).await.unwrap();
+    let (connection, frame) =
+        tokio::time::timeout(FEDERATION_TIMEOUT, delivered.recv()).await.unwrap().unwrap();
+    assert_eq!((connection, frame.opcode()), (REPLICATED, Opcode::Error), "no frame of the room");
+    assert_eq!(error_code(&frame), ErrorCode::NotMember.to_u16());
+    assert_eq!(counter(&a, RELAY_REFUSALS, "code", "not_followed_here"), before + 1);
 
     // The room goes on, and the link with b stays up.
     let ack: Ack = decode_ok(&alice.send_text("still here").await);
@@ -634,4 +652,119 @@ async fn federation_the_rooms_admin_kicks_a_member_of_another_domain_who_then_re
     assert_eq!(error_code(&reply), ErrorCode::NotMember.to_u16());
     let reply = bob.send_text("still here?").await;
     assert_eq!(error_code(&reply), ErrorCode::NotMember.to_u16(), "nor writes");
+}
+
+/// The frames of `room` on `authority` and on each of `replicas` are the
+/// same bytes at every index (waits for the replicas to catch up).
+async fn replicas_equal(
+    authority: &common::TestServer,
+    replicas: &[&common::TestServer],
+    room: RoomId,
+) -> usize {
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    loop {
+        let log = stored_frames(authority, room);
+        if replicas.iter().all(|replica| stored_frames(replica, room) == log) {
+            return log.len();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a replica differs from the authority's log of {} frames",
+            log.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_users_of_three_domains_share_one_room_and_each_domain_keeps_an_equal_replica() {
+    use common::federation::{start_domain, SEED_A, SEED_B};
+    const SEED_C: u8 = 0xc3;
+    let dir = tempfile::tempdir().unwrap();
+    let (fa, fb, fc) = (free_address(), free_address(), free_address());
+    let a = start_domain(
+        &dir.path().join("a"),
+        "a.test",
+        SEED_A,
+        fa,
+        vec![peer("b.test", fb, SEED_B), peer("c.test", fc, SEED_C)],
+    )
+    .await;
+    let b = start_domain(
+        &dir.path().join("b"),
+        "b.test",
+        SEED_B,
+        fb,
+        vec![peer("a.test", fa, SEED_A), peer("c.test", fc, SEED_C)],
+    )
+    .await;
+    let c = start_domain(
+        &dir.path().join("c"),
+        "c.test",
+        SEED_C,
+        fc,
+        vec![peer("a.test", fa, SEED_A), peer("b.test", fb, SEED_B)],
+    )
+    .await;
+    for (server, peers) in
+        [(&a, ["b.test", "c.test"]), (&b, ["a.test", "c.test"]), (&c, ["a.test", "b.test"])]
+    {
+        for peer in peers {
+            linked(server, peer).await;
+        }
+    }
+    let mut bob = TestClient::connect(&b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut carol = TestClient::connect(&c, "carol", 3).await;
+    carol.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+    let room = RoomId([0x56; 16]);
+    alice.create_room(room).await;
+    let mut packages = Vec::new();
+    for (domain, user) in [("b.test", bob.sender()), ("c.test", carol.sender())] {
+        let claimed: KeyPackageClaimed = decode_ok(&claim_at(&mut alice, domain, &[user]).await);
+        packages.push(claimed.key_packages[0].key_package.clone().expect("a key package"));
+    }
+    let refs: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
+    let group = alice.group.as_mut().unwrap();
+    let output = group.add_members(&alice.provider, &alice.identity, &refs).unwrap();
+    let commit = Commit {
+        commit: output.commit,
+        welcome: output.welcome,
+        welcome_recipients: vec![bob.sender().0, carol.sender().0],
+        group_info: Some(output.group_info),
+    };
+    let reply = alice.request(&commit).await;
+    assert_eq!(reply.opcode(), Opcode::Ack, "alice adds bob of b and carol of c");
+    alice.settle_commit(&reply);
+
+    for member in [&mut bob, &mut carol] {
+        tokio::time::timeout(FEDERATION_TIMEOUT, member.join_from_welcome(room)).await.unwrap();
+        member.subscribe(0).await;
+        read_to_sync_done(member).await;
+    }
+    alice.subscribe(2).await;
+    read_to_sync_done(&mut alice).await;
+
+    // Each writes through its own server; every other member reads it.
+    let mut sent = Vec::new();
+    for writer in 0..3 {
+        let (name, ack) = match writer {
+            0 => ("alice", decode_ok::<Ack>(&alice.send_text("from a").await)),
+            1 => ("bob", decode_ok::<Ack>(&bob.send_text("from b").await)),
+            _ => ("carol", decode_ok::<Ack>(&carol.send_text("from c").await)),
+        };
+        sent.push((name, ack.log_index));
+    }
+    let indices: Vec<u64> = sent.iter().map(|(_, index)| *index).collect();
+    assert_eq!(indices, vec![2, 3, 4], "one order for the three domains");
+    for (reader, writers) in [(&mut alice, [3, 4]), (&mut bob, [2, 4]), (&mut carol, [2, 3])] {
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let frame = reader.next_of(Opcode::Application).await;
+            seen.push(frame.header().log_index());
+        }
+        assert_eq!(seen, writers.to_vec(), "{} reads the others' messages in the room's order", reader.name);
+    }
+    assert_eq!(replicas_equal(&a, &[&b, &c], room).await, 5, "b's and c's replicas are a's log");
 }
