@@ -162,6 +162,8 @@ async fn federation_claim_refusals_are_typed_and_the_claim_works_once_the_peer_i
     assert!(b_data.is_none(), "b's data stays in the test's directory");
     let reply = claim_at(&mut alice, "b.test", &[bob.sender()]).await;
     assert_eq!(error_code(&reply), ErrorCode::DomainUnreachable.to_u16(), "b is down: retry later");
+    let error: kalandra_proto::payload::Error = reply.decode_payload().unwrap();
+    assert!(error.retry_after_ms.is_some(), "and when: {error:?}");
 
     let b = Domains::start_b(dir.path(), b_federation, a_federation).await;
     linked(&a, "b.test").await;

@@ -498,7 +498,19 @@ impl Listener {
             Err(error) => {
                 let code = error.error_code();
                 self.metrics.rejected(code);
-                error_frame(RoomId::default(), request_id, code, &error.to_string())
+                // An unreachable domain is worth trying again: say when.
+                let retry_after_ms = (code == ErrorCode::DomainUnreachable)
+                    .then_some(crate::federation::relay::RELAY_RETRY_AFTER_MS);
+                let message = error.to_string();
+                crate::room::error_frame_with(
+                    RoomId::default(),
+                    request_id,
+                    code,
+                    &message,
+                    None,
+                    None,
+                    retry_after_ms,
+                )
             }
         }
     }
