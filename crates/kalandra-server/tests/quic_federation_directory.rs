@@ -10,106 +10,24 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{decode_ok, default_limits, error_code, TestClient, TestServer};
+use common::federation::{
+    accept_link_as_b, claim_at, counter, free_address, linked, peer, start_domain as start, Domains,
+    FEDERATION_TIMEOUT, SEED_A, SEED_B,
+};
+use common::{decode_ok, error_code, TestClient, TestServer};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::DomainName;
-use kalandra_proto::payload::{KeyPackageClaim, KeyPackageClaimed};
+use kalandra_proto::payload::KeyPackageClaimed;
 use kalandra_proto::{ErrorCode, SenderId};
-use kalandra_server::{FederationConfig, PeerConfig, PeerKeyConfig, FEDERATION_KEY_FILE_NAME};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
-const SEED_A: u8 = 0xa1;
-const SEED_B: u8 = 0xb2;
-
-fn free_address() -> SocketAddr {
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    socket.local_addr().unwrap()
-}
-
-fn peer(domain: &str, address: SocketAddr, seed: u8) -> PeerConfig {
-    let key = hex::encode(SigningKey::from_bytes(&[seed; 32]).verifying_key().to_bytes());
-    PeerConfig {
-        domain: DomainName::parse(domain).unwrap(),
-        address: Some(address.to_string()),
-        keys: vec![PeerKeyConfig { key, valid_until_ms: None }],
-        refused: false,
-    }
-}
-
-/// The server of `domain` in `data_dir`, with the federation key of
-/// `seed`, linking on `federation` with `peers`.
-async fn start(
-    data_dir: &Path,
-    domain: &str,
-    seed: u8,
-    federation: SocketAddr,
-    peers: Vec<PeerConfig>,
-) -> TestServer {
-    std::fs::create_dir_all(data_dir).unwrap();
-    std::fs::write(data_dir.join(FEDERATION_KEY_FILE_NAME), [seed; 32]).unwrap();
-    TestServer::start_configured(data_dir, default_limits(), |config| {
-        config.domain = DomainName::parse(domain).unwrap();
-        config.federation = FederationConfig { listen: Some(federation), handshake_timeout_ms: 1_000, peers };
-    })
-    .await
-}
-
-/// Waits until `server` has a link with `peer` up.
-async fn linked(server: &TestServer, peer: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let view = server.running().federation_links().view();
-        if view.peers.iter().any(|view| view.domain == peer && view.connected) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no link with {peer}: {view:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+const TIMEOUT: Duration = FEDERATION_TIMEOUT;
 
 fn refusals(server: &TestServer, code: &str) -> u64 {
-    let page = server.metrics.render().unwrap();
-    let series = format!("kalandra_federation_refusals_total{{code=\"{code}\"}} ");
-    page.lines().find_map(|line| line.strip_prefix(series.as_str())).unwrap().parse().unwrap()
-}
-
-async fn claim_at(client: &mut TestClient, domain: &str, users: &[SenderId]) -> kalandra_proto::Frame {
-    let claim = KeyPackageClaim {
-        sender_ids: users.iter().map(|user| user.0).collect(),
-        domain: Some(DomainName::parse(domain).unwrap()),
-    };
-    client.request(&claim).await
-}
-
-/// Two linked domains: a (`alice`) and b (`bob`, with two key packages and
-/// a last-resort one), their data in `dir`.
-struct Domains {
-    a: TestServer,
-    b: TestServer,
-    b_federation: SocketAddr,
-    a_federation: SocketAddr,
-}
-
-impl Domains {
-    async fn start(dir: &Path) -> Domains {
-        let (a_federation, b_federation) = (free_address(), free_address());
-        let a =
-            start(&dir.join("a"), "a.test", SEED_A, a_federation, vec![peer("b.test", b_federation, SEED_B)])
-                .await;
-        let b = Domains::start_b(dir, b_federation, a_federation).await;
-        linked(&a, "b.test").await;
-        linked(&b, "a.test").await;
-        Domains { a, b, b_federation, a_federation }
-    }
-
-    async fn start_b(dir: &Path, b_federation: SocketAddr, a_federation: SocketAddr) -> TestServer {
-        start(&dir.join("b"), "b.test", SEED_B, b_federation, vec![peer("a.test", a_federation, SEED_A)])
-            .await
-    }
+    counter(server, "kalandra_federation_refusals_total", "code", code)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,42 +141,12 @@ async fn fake_link(
     carol: &(Vec<u8>, [u8; 32]),
     answers: &mut impl Iterator<Item = Answer>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use kalandra_proto::federation::{HomeCertificate, PeerKey, PeerKeys, LINK_TLS_EXPORTER_LABEL};
+    use kalandra_proto::federation::HomeCertificate;
     use kalandra_server::federation_link as link;
 
-    let (mut send, mut recv) = connection.accept_bi().await?;
-    let mut binding = [0u8; 32];
-    connection
-        .export_keying_material(&mut binding, LINK_TLS_EXPORTER_LABEL, b"")
-        .map_err(|_| "no exporter")?;
+    let (mut send, mut recv) = accept_link_as_b(connection).await?;
     let b_key = SigningKey::from_bytes(&[SEED_B; 32]);
-    let a_domain = DomainName::parse("a.test").unwrap();
-    let a_keys = PeerKey { key: SigningKey::from_bytes(&[SEED_A; 32]).verifying_key(), valid_until_ms: None };
-    let peers: link::PeerTable =
-        [(a_domain.clone(), PeerKeys::new(a_domain, vec![a_keys]).unwrap())].into_iter().collect();
     let b_domain = DomainName::parse("b.test").unwrap();
-    let mut handshake =
-        link::LinkHandshake::responder(b_key.clone(), b_domain.clone(), rand::random(), binding);
-    loop {
-        let mut prefix = [0u8; link::LINK_LENGTH_PREFIX_BYTES];
-        recv.read_exact(&mut prefix).await?;
-        let mut body = vec![0u8; link::body_len(prefix)?];
-        recv.read_exact(&mut body).await?;
-        let now_ms = common::now_ms();
-        match handshake.receive(link::decode(&body)?, &peers, now_ms)? {
-            link::Step::Send(messages) => {
-                for message in messages {
-                    send.write_all(&link::encode(&message)).await?;
-                }
-            }
-            link::Step::Established(established) => {
-                for message in established.send {
-                    send.write_all(&link::encode(&message)).await?;
-                }
-                break;
-            }
-        }
-    }
     let (package, carol_key) = (&carol.0, carol.1);
     loop {
         let mut prefix = [0u8; link::LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];

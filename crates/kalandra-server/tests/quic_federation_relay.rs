@@ -14,7 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::federation::{
-    claim_at, counter, free_address, linked, peer, start_domain, Domains, FEDERATION_TIMEOUT, SEED_A, SEED_B,
+    accept_link_as_b, claim_at, counter, free_address, linked, peer, start_domain, Domains,
+    FEDERATION_TIMEOUT, SEED_A, SEED_B,
 };
 use common::{decode_ok, error_code, header, TestClient};
 use ed25519_dalek::SigningKey;
@@ -226,7 +227,7 @@ async fn fake_b(
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             let Ok(connection) = incoming.await else { continue };
-            let Ok((mut send, mut recv)) = fake_handshake(&connection).await else { continue };
+            let Ok((mut send, mut recv)) = accept_link_as_b(&connection).await else { continue };
             let delivered = delivered.clone();
             let reader = tokio::spawn(async move {
                 loop {
@@ -255,46 +256,6 @@ async fn fake_b(
         }
     });
     (envelopes, received)
-}
-
-/// The responder's side of the link handshake, as b.test.
-async fn fake_handshake(
-    connection: &quinn::Connection,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error>> {
-    use kalandra_proto::federation::{PeerKey, PeerKeys, LINK_TLS_EXPORTER_LABEL};
-    use kalandra_server::federation_link as link;
-
-    let (mut send, mut recv) = connection.accept_bi().await?;
-    let mut binding = [0u8; 32];
-    connection
-        .export_keying_material(&mut binding, LINK_TLS_EXPORTER_LABEL, b"")
-        .map_err(|_| "no exporter")?;
-    let a_domain = DomainName::parse("a.test").unwrap();
-    let a_key = PeerKey { key: SigningKey::from_bytes(&[SEED_A; 32]).verifying_key(), valid_until_ms: None };
-    let peers: link::PeerTable =
-        [(a_domain.clone(), PeerKeys::new(a_domain, vec![a_key]).unwrap())].into_iter().collect();
-    let b_key = SigningKey::from_bytes(&[SEED_B; 32]);
-    let mut handshake =
-        link::LinkHandshake::responder(b_key, DomainName::parse("b.test").unwrap(), rand::random(), binding);
-    loop {
-        let mut prefix = [0u8; link::LINK_LENGTH_PREFIX_BYTES];
-        recv.read_exact(&mut prefix).await?;
-        let mut body = vec![0u8; link::body_len(prefix)?];
-        recv.read_exact(&mut body).await?;
-        match handshake.receive(link::decode(&body)?, &peers, common::now_ms())? {
-            link::Step::Send(messages) => {
-                for message in messages {
-                    send.write_all(&link::encode(&message)).await?;
-                }
-            }
-            link::Step::Established(established) => {
-                for message in established.send {
-                    send.write_all(&link::encode(&message)).await?;
-                }
-                return Ok((send, recv));
-            }
-        }
-    }
 }
 
 /// carol's subscription to `room`, signed by `signer`, with `request_id`.

@@ -126,3 +126,44 @@ impl Domains {
         .await
     }
 }
+
+/// The responder's side of a link handshake as b.test (holding b's key)
+/// with a.test: the streams of the established link.
+pub async fn accept_link_as_b(
+    connection: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error>> {
+    use kalandra_proto::federation::{PeerKey, PeerKeys, LINK_TLS_EXPORTER_LABEL};
+    use kalandra_server::federation_link as link;
+
+    let (mut send, mut recv) = connection.accept_bi().await?;
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, LINK_TLS_EXPORTER_LABEL, b"")
+        .map_err(|_| "no exporter")?;
+    let a_domain = DomainName::parse("a.test").unwrap();
+    let a_key = PeerKey { key: SigningKey::from_bytes(&[SEED_A; 32]).verifying_key(), valid_until_ms: None };
+    let peers: link::PeerTable =
+        [(a_domain.clone(), PeerKeys::new(a_domain, vec![a_key]).unwrap())].into_iter().collect();
+    let b_key = SigningKey::from_bytes(&[SEED_B; 32]);
+    let mut handshake =
+        link::LinkHandshake::responder(b_key, DomainName::parse("b.test").unwrap(), rand::random(), binding);
+    loop {
+        let mut prefix = [0u8; link::LINK_LENGTH_PREFIX_BYTES];
+        recv.read_exact(&mut prefix).await?;
+        let mut body = vec![0u8; link::body_len(prefix)?];
+        recv.read_exact(&mut body).await?;
+        match handshake.receive(link::decode(&body)?, &peers, super::now_ms())? {
+            link::Step::Send(messages) => {
+                for message in messages {
+                    send.write_all(&link::encode(&message)).await?;
+                }
+            }
+            link::Step::Established(established) => {
+                for message in established.send {
+                    send.write_all(&link::encode(&message)).await?;
+                }
+                return Ok((send, recv));
+            }
+        }
+    }
+}
