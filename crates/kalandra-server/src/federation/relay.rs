@@ -456,12 +456,18 @@ impl RelayAuthority {
         connections.insert(key, RemoteConnection { inbox: inbox.clone(), outbox });
         drop(connections);
         tokio::spawn(handled);
-        // The certificate proves the user's home: its domain may follow the
-        // rooms the user is a member of.
+        // The certificate names the user's home: its domain may follow the
+        // rooms the user is a member of. Only a user with no home recorded
+        // yet: a domain's word about a key never replaces the home a claim
+        // through that user's own domain recorded (Welcomes are routed there).
         let (store, user, home) = (Arc::clone(&self.store), certificate.identity_key, peer.clone());
         tokio::task::spawn_blocking(move || {
             let user = kalandra_proto::SenderId::from_identity_key(&user);
-            if let Err(error) = store.record_remote_user(user.0, &home) {
+            let recorded = store.remote_user_home(user.0).map(|known| known.is_some());
+            if let Err(error) = recorded.and_then(|known| match known {
+                true => Ok(()),
+                false => store.record_remote_user(user.0, &home),
+            }) {
                 tracing::warn!(%user, %home, %error, "could not record a remote user's home");
             }
         });
