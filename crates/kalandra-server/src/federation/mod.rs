@@ -13,12 +13,13 @@
 //! rooms other domains order, [`welcomes`] the routing of Welcomes (the
 //! room's side) and their storage at the home (the home's), [`relay`] the
 //! countersigned relay of clients' frames, [`replica`] the feeds and
-//! follows of replicas, [`codes`] the metrics' labels, and [`quic`] the
+//! follows of replicas (over [`follow`], the pure state of a home's follows), [`codes`] the metrics' labels, and [`quic`] the
 //! thin driver that runs it all over quinn: the listener and one dialer
 //! per peer with an address.
 
 pub mod codes;
 pub mod directory;
+pub mod follow;
 pub mod handshake;
 pub mod links;
 pub mod quic;

@@ -18,25 +18,25 @@
 //! replica of; takes `Replicate` frames into the replica, in order, only
 //! for rooms that peer orders.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
 use kalandra_proto::chain::SignedLogHead;
 use kalandra_proto::federation::DomainName;
-use kalandra_proto::{payload, ErrorCode, Frame, Opcode, RoomId};
+use kalandra_proto::{ErrorCode, RoomId};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
 use crate::admin::metrics::Metrics;
+use crate::federation::follow::{FeedItem, FollowState, LiveStep};
 use crate::federation::handshake::{encode_established, LinkMessage};
 use crate::federation::registry::LinkRegistry;
 use crate::federation::relay::frame_messages;
 use crate::federation::rooms::RemoteRooms;
 use crate::node::{error_frame, Command, Node, Outbox, OutboxReceiver, Outgoing};
 use crate::room::sequencer::SERVER_SENDER_ID;
-use crate::room::{HeadCheck, HeadCheckError, RoomRequest};
+use crate::room::RoomRequest;
 use crate::store::Store;
 
 /// Frames a peer's feed queues before it is told to follow again.
@@ -175,26 +175,14 @@ async fn pump(mut receiver: OutboxReceiver, outgoing: mpsc::Sender<Vec<u8>>) {
     }
 }
 
-/// How far a replica here is with its authority.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Following {
-    /// Asked to follow; catching up.
-    CatchingUp,
-    /// Caught up once and receiving live frames.
-    Live,
-    /// The authority refused the follow (until its link comes up again).
-    Refused,
-}
-
-/// The home side: this server's replicas of other domains' rooms.
+/// The home side: this server's replicas of other domains' rooms, a
+/// [`FollowState`] driven over the links and the node.
 pub struct ReplicaFollower {
     node: Node,
     rooms: Arc<RemoteRooms>,
     registry: Arc<LinkRegistry>,
     metrics: Metrics,
-    following: Mutex<BTreeMap<RoomId, Following>>,
-    /// Rooms with a replica here.
-    held: Mutex<std::collections::BTreeSet<RoomId>>,
+    state: Mutex<FollowState>,
 }
 
 impl ReplicaFollower {
@@ -205,14 +193,7 @@ impl ReplicaFollower {
         registry: Arc<LinkRegistry>,
         metrics: Metrics,
     ) -> ReplicaFollower {
-        ReplicaFollower {
-            node,
-            rooms,
-            registry,
-            metrics,
-            following: Mutex::new(BTreeMap::new()),
-            held: Mutex::new(std::collections::BTreeSet::new()),
-        }
+        ReplicaFollower { node, rooms, registry, metrics, state: Mutex::new(FollowState::new()) }
     }
 
     /// Notes the replicas recovered at start (read while their authority
@@ -220,7 +201,7 @@ impl ReplicaFollower {
     pub async fn load_held(&self) {
         for room_id in self.rooms.all() {
             if self.node.replica_position(room_id).await.is_some() {
-                lock(&self.held).insert(room_id);
+                lock(&self.state).note_held(room_id);
             }
         }
     }
@@ -228,19 +209,12 @@ impl ReplicaFollower {
     /// Whether this server's members read `room_id` here: a replica that
     /// is live, or any replica while its authority is unreachable.
     pub fn reads_here(&self, room_id: RoomId, authority: &DomainName) -> bool {
-        match lock(&self.following).get(&room_id) {
-            Some(Following::Live) => true,
-            _ => !self.registry.is_up(authority) && self.holds(room_id),
-        }
-    }
-
-    fn holds(&self, room_id: RoomId) -> bool {
-        lock(&self.held).contains(&room_id)
+        lock(&self.state).reads_here(room_id, self.registry.is_up(authority))
     }
 
     /// Follows `room_id` from the replica's head, unless that is under way.
     pub fn follow_if_idle(self: &Arc<Self>, room_id: RoomId) {
-        if lock(&self.following).contains_key(&room_id) {
+        if lock(&self.state).following(room_id).is_some() {
             return;
         }
         let follower = Arc::clone(self);
@@ -251,16 +225,10 @@ impl ReplicaFollower {
     pub async fn follow(&self, room_id: RoomId) {
         let Some(authority) = self.rooms.authority_of(room_id) else { return };
         let next = self.node.replica_position(room_id).await.map(|(next, _)| next);
-        if next.is_some() {
-            lock(&self.held).insert(room_id);
-        }
-        let from_log_index = next.unwrap_or(0);
-        lock(&self.following).insert(room_id, Following::CatchingUp);
-        let message = LinkMessage::Follow { room_id: room_id.0, from_log_index };
+        let message = lock(&self.state).start(room_id, next);
         let sent = encode_established(&message).map(|bytes| self.registry.try_send(&authority, bytes));
         if !matches!(sent, Ok(Ok(()))) {
-            // Followed again when the link comes up.
-            lock(&self.following).remove(&room_id);
+            lock(&self.state).not_sent(room_id);
         }
     }
 
@@ -277,126 +245,70 @@ impl ReplicaFollower {
 
     /// The link with `peer` went down: its rooms are no longer live.
     pub fn link_down(&self, peer: &DomainName) {
-        let rooms = self.rooms.ordered_by(peer);
-        // A refusal is asked again on the next link.
-        let mut following = lock(&self.following);
-        for room_id in rooms {
-            following.remove(&room_id);
-        }
+        lock(&self.state).link_down(self.rooms.ordered_by(peer));
     }
 
     /// Frames `peer` sent for the replicas: each room's log frames go to
     /// its replica in order; a frame of a room `peer` does not order is
     /// dropped and counted.
     pub async fn replicated(self: &Arc<Self>, peer: &DomainName, frames: Vec<ByteBuf>) {
-        let mut batch: Vec<Frame> = Vec::new();
-        for bytes in frames {
-            let Ok(frame) = Frame::decode(&Bytes::from(bytes.into_vec())) else {
-                self.metrics.relay_refused("malformed_frame");
-                continue;
-            };
-            let room_id = frame.header().room_id();
-            if self.rooms.authority_of(room_id).as_ref() != Some(peer) {
-                self.metrics.relay_refused("foreign_room");
-                continue;
-            }
-            if batch.first().is_some_and(|first| first.header().room_id() != room_id) || is_notice(&frame) {
-                self.take(std::mem::take(&mut batch)).await;
-            }
-            match frame.opcode() {
-                Opcode::SyncDone => self.caught_up(room_id, &frame),
-                Opcode::Error => self.refused(room_id, &frame).await,
-                _ => batch.push(frame),
-            }
-        }
-        self.take(batch).await;
-    }
-
-    async fn take(&self, frames: Vec<Frame>) {
-        let Some(room_id) = frames.first().map(|frame| frame.header().room_id()) else { return };
-        match self.node.replicate(room_id, frames).await {
-            Ok(()) => {
-                lock(&self.held).insert(room_id);
-            }
-            Err(error) => {
-                tracing::warn!(%room_id, %error, "frames from the room's authority not taken; following again");
-                self.metrics.relay_refused("replica_diverged");
-                self.follow(room_id).await;
-            }
-        }
-    }
-
-    /// The follow caught up: the replica is live once it holds, durably,
-    /// everything before the `SyncDone`, so that a member reading it then
-    /// sees what the authority had.
-    fn caught_up(self: &Arc<Self>, room_id: RoomId, frame: &Frame) {
-        let Ok(done) = frame.decode_payload::<payload::SyncDone>() else { return };
-        if !done.live {
-            return;
-        }
-        let follower = Arc::clone(self);
-        tokio::spawn(async move {
-            for _ in 0..REPLICA_LIVE_WAITS_MAX {
-                match follower.node.replica_position(room_id).await {
-                    Some((_, durable_next)) if durable_next >= done.next_log_index => {
-                        if let Some(signed) = done.log_head {
-                            if !follower.head_holds(room_id, signed).await {
-                                return;
-                            }
-                        }
-                        let mut following = lock(&follower.following);
-                        if following.get(&room_id) == Some(&Following::CatchingUp) {
-                            following.insert(room_id, Following::Live);
-                        }
-                        return;
-                    }
-                    None => return,
-                    Some(_) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(REPLICA_LIVE_WAIT_MS)).await
+        let ordered_by_peer = |room_id| self.rooms.authority_of(room_id).as_ref() == Some(peer);
+        for item in FollowState::sort_feed(frames, ordered_by_peer) {
+            match item {
+                FeedItem::Frames(room_id, frames) => {
+                    let taken = self.node.replicate(room_id, frames).await;
+                    lock(&self.state).taken(room_id, taken.is_ok());
+                    if let Err(error) = taken {
+                        tracing::warn!(%room_id, %error, "frames from the room's authority not taken; following again");
+                        self.metrics.relay_refused("replica_diverged");
+                        self.follow(room_id).await;
                     }
                 }
+                FeedItem::CaughtUp { room_id, next_log_index, log_head } => {
+                    lock(&self.state).caught_up(room_id, next_log_index, log_head);
+                    let follower = Arc::clone(self);
+                    tokio::spawn(async move { follower.go_live(room_id).await });
+                }
+                FeedItem::FollowAgain(room_id) => self.follow(room_id).await,
+                FeedItem::Refused { room_id, code, message } => {
+                    tracing::info!(%room_id, code, %message, "the room's authority refused to feed its replica");
+                    lock(&self.state).refused(room_id);
+                }
+                FeedItem::Dropped(label) => self.metrics.relay_refused(label),
             }
-            tracing::warn!(%room_id, "the replica did not become durable in time; reads stay relayed");
-        });
+        }
+    }
+
+    /// A caught-up follow goes live once the replica is durable through
+    /// the caught-up index and the authority's signed head there holds.
+    async fn go_live(&self, room_id: RoomId) {
+        for _ in 0..REPLICA_LIVE_WAITS_MAX {
+            let durable_next = self.node.replica_position(room_id).await.map(|(_, durable)| durable);
+            let step = lock(&self.state).durable(room_id, durable_next);
+            match step {
+                LiveStep::NotDurable => {
+                    tokio::time::sleep(std::time::Duration::from_millis(REPLICA_LIVE_WAIT_MS)).await
+                }
+                LiveStep::CheckHead(signed) => return self.check_head(room_id, signed).await,
+                LiveStep::Idle | LiveStep::Live => return,
+            }
+        }
+        tracing::warn!(%room_id, "the replica did not become durable in time; reads stay relayed");
     }
 
     /// Checks a head the authority signed against the replica; a head that
     /// does not hold stops the replica from serving reads (logged with the
     /// signed head, the proof of the authority's other order).
-    async fn head_holds(&self, room_id: RoomId, signed: SignedLogHead) -> bool {
-        let outcome = match self.node.check_replica_head(room_id, signed).await {
-            None => return false,
-            Some(Ok(HeadCheck::Matched)) => "matched",
-            Some(Ok(HeadCheck::NotComparable)) => "not_comparable",
-            Some(Err(error)) => {
-                let outcome = match error {
-                    HeadCheckError::Equivocation { .. } => "equivocation",
-                    HeadCheckError::BadSignature { .. } => "bad_signature",
-                    HeadCheckError::NoAuthorityKey => "no_authority_key",
-                };
-                self.metrics.replica_head(outcome);
-                tracing::error!(%room_id, %error, ?signed, "the room's authority does not stand by its replica here");
-                lock(&self.following).insert(room_id, Following::Refused);
-                return false;
-            }
-        };
-        self.metrics.replica_head(outcome);
-        true
-    }
-
-    async fn refused(&self, room_id: RoomId, frame: &Frame) {
-        let Ok(error) = frame.decode_payload::<payload::Error>() else { return };
-        if error.code == ErrorCode::ResyncRequired.to_u16() {
-            self.follow(room_id).await;
-        } else {
-            tracing::info!(%room_id, code = error.code, message = %error.message, "the room's authority refused to feed its replica");
-            lock(&self.following).insert(room_id, Following::Refused);
+    async fn check_head(&self, room_id: RoomId, signed: SignedLogHead) {
+        let outcome = self.node.check_replica_head(room_id, signed).await;
+        if let Some(Err(error)) = &outcome {
+            tracing::error!(%room_id, %error, ?signed, "the room's authority does not stand by its replica here");
+        }
+        let (label, _) = lock(&self.state).head_checked(room_id, outcome);
+        if let Some(label) = label {
+            self.metrics.replica_head(label);
         }
     }
-}
-
-fn is_notice(frame: &Frame) -> bool {
-    matches!(frame.opcode(), Opcode::SyncDone | Opcode::Error)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::history::{history_bytes, send_history};
 use self::moderation::ModerationDesk;
 pub use self::moderation::ModerationReply;
-pub use self::recovery::{recover_room_state, RecoveryError};
+pub use self::recovery::{recover_room_state, recover_rooms, RecoveryError};
 pub use self::welcomes::{deliver_pending_welcomes_with, welcome_standing, WelcomeSource, WelcomeStanding};
 use crate::admin::metrics::Metrics;
 use crate::node::push::{PushNotification, PushQueue};

@@ -32,9 +32,7 @@ pub enum RecoveryError {
 
 /// Rebuilds every stored room: MLS state from its snapshot (or its
 /// `CreateRoom` frame), then replay of every later entry.
-pub(super) fn recover_rooms<G: PersistentGroup>(
-    store: &dyn Store,
-) -> Result<Vec<RecoveredRoom<G>>, RecoveryError> {
+pub fn recover_rooms<G: PersistentGroup>(store: &dyn Store) -> Result<Vec<RecoveredRoom<G>>, RecoveryError> {
     let storage = |error: &dyn std::fmt::Display| RecoveryError::Storage(error.to_string());
     // Rooms other domains order: their logs here are replicas.
     let replicas: std::collections::BTreeSet<RoomId> =
