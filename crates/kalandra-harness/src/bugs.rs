@@ -35,6 +35,12 @@ pub struct Bugs {
     /// In the sequencer: the hash chain takes frames as submitted, not as
     /// sequenced (log index and timestamp zero).
     pub chain_unstamped_frames: bool,
+    /// In the second domain's disk: each replica's last entry is lost when
+    /// its server restarts.
+    pub replica_drops_frame_on_restart: bool,
+    /// On the authority's replica feed: some application frames reach the
+    /// other domain altered (an authority that shows two domains two logs).
+    pub equivocating_authority: bool,
 }
 
 impl Bugs {

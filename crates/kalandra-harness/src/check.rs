@@ -37,6 +37,14 @@
 //!   room reads it.
 //! - The run did something: frames were sequenced, acknowledged and
 //!   delivered.
+//! - Across domains ([`check_replica`]; with the second domain): each
+//!   room's replica is the authority's durable log, frame for frame (same
+//!   SHA-256 as appended at every index, or, for an entry erased before
+//!   the replica read it, its placeholder; same length); the replica never
+//!   found a signed head of the authority its frames do not produce; the
+//!   authority never refused or mangled its feed; and (checked by the
+//!   world as it runs) the replica never holds less of a room than it held
+//!   durably before, across its crashes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -484,6 +492,46 @@ fn check_timestamps(logs: &BTreeMap<RoomId, Vec<DurableEntry>>) -> Vec<String> {
         }
     }
     failures
+}
+
+/// The second domain's replicas against the authority's logs (see the
+/// module's list); also returns how many entries erased at the authority
+/// the replica still holds (erasure does not reach replicas yet).
+pub fn check_replica(authority: &ServerShared, replica: &ServerShared, cast: &Cast) -> (Vec<String>, u64) {
+    let mut failures = Vec::new();
+    let mut holds_erased = 0;
+    for plan in &cast.rooms {
+        let ordered = authority.disk.log(plan.room_id);
+        let replicated = replica.disk.log(plan.room_id);
+        if ordered.len() != replicated.len() {
+            failures.push(format!(
+                "the replica of room {} holds {} entries, the authority {}",
+                plan.room_id,
+                replicated.len(),
+                ordered.len()
+            ));
+        }
+        for (kept, copy) in ordered.iter().zip(&replicated) {
+            let copied = kept.appended_digest == copy.appended_digest;
+            // An entry erased before the replica read it arrives as its placeholder.
+            let placeholder = kept.erased && copy.bytes == kept.bytes;
+            if !copied && !placeholder {
+                failures.push(format!(
+                    "the replica of room {} holds another frame than the authority at index {}",
+                    plan.room_id, kept.log_index
+                ));
+                break;
+            }
+            holds_erased += u64::from(kept.erased && copied);
+        }
+    }
+    for equivocation in replica.equivocations.borrow().iter().take(3) {
+        failures.push(format!("the replica caught its authority equivocating: {equivocation}"));
+    }
+    for refusal in replica.feed_refusals.borrow().iter().take(3) {
+        failures.push(format!("the authority's feed: {refusal}"));
+    }
+    (failures, holds_erased)
 }
 
 #[cfg(test)]

@@ -223,6 +223,9 @@ impl SimDisk {
                 }
             }
         }
+        for (room_id, authority) in old.remote_rooms().expect("the simulated disk reads") {
+            fresh.record_remote_room(room_id, &authority).expect("memory store writes");
+        }
         let users: Vec<UserId> = self.users.lock().expect("users lock").iter().copied().collect();
         for user in users {
             let mut after = None;

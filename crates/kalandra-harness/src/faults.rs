@@ -13,6 +13,8 @@ pub enum Host {
     Server,
     /// A client, by position.
     Client(usize),
+    /// The server of the second domain, keeping replicas.
+    Replica,
 }
 
 impl Host {
@@ -21,6 +23,7 @@ impl Host {
         match self {
             Host::Server => "server".to_owned(),
             Host::Client(index) => format!("client-{index}"),
+            Host::Replica => crate::domains::REPLICA_HOST.to_owned(),
         }
     }
 }
@@ -38,6 +41,10 @@ pub enum Change {
     Repair(usize),
     /// Set the disk's fault rates.
     DiskFaults(DiskFaults),
+    /// Drop every segment between the two domains' servers.
+    PartitionDomains,
+    /// End that partition.
+    RepairDomains,
 }
 
 /// Everything that goes wrong in one run.
@@ -52,6 +59,8 @@ pub struct FaultPlan {
     pub disk_latency_ms: u64,
     /// Changes, by time from the start of the fault phase, in time order.
     pub changes: Vec<(u64, Change)>,
+    /// Loss probability of the replica's outgoing frames.
+    pub replica_loss: f64,
 }
 
 /// Fewest and most server crashes in a plan with crashes.
@@ -66,6 +75,15 @@ pub const DISK_FAULT_WINDOWS_MAX: u64 = 2;
 pub const DOWN_MS_MAX: u64 = 1_500;
 /// Longest partition.
 pub const PARTITION_MS_MAX: u64 = 2_500;
+/// Most crashes of the replica's server in a plan with crashes.
+pub const REPLICA_CRASHES_MAX: u64 = 2;
+/// Most partitions between the domains in a plan with partitions.
+pub const DOMAIN_PARTITIONS_MAX: u64 = 2;
+/// Longest partition between the domains (longer than a link's idle
+/// timeout, so that both ends see the link end).
+pub const DOMAIN_PARTITION_MS_MAX: u64 = 4_000;
+
+const _: () = assert!(DOMAIN_PARTITION_MS_MAX > crate::domains::LINK_IDLE_MS);
 
 impl FaultPlan {
     /// The plan for `config`, drawn from its seed.
@@ -114,7 +132,27 @@ impl FaultPlan {
                 changes.push((at + length, Change::DiskFaults(DiskFaults::default())));
             }
         }
+        // Drawn last, so that the plan of one domain is the same as before.
+        let replica_loss = rng.gen_range(0.0..=config.loss_max.max(0.0));
+        if config.replica && config.crashes {
+            let crashes = rng
+                .gen_range(config.replica_crashes_min..=REPLICA_CRASHES_MAX.max(config.replica_crashes_min));
+            for _ in 0..crashes {
+                let at = rng.gen_range(0..phase);
+                let down = rng.gen_range(50..=DOWN_MS_MAX);
+                changes.push((at, Change::Crash(Host::Replica)));
+                changes.push((at + down, Change::Restart(Host::Replica)));
+            }
+        }
+        if config.replica && config.partitions {
+            for _ in 0..rng.gen_range(0..=DOMAIN_PARTITIONS_MAX) {
+                let at = rng.gen_range(0..phase);
+                let length = rng.gen_range(100..=DOMAIN_PARTITION_MS_MAX);
+                changes.push((at, Change::PartitionDomains));
+                changes.push((at + length, Change::RepairDomains));
+            }
+        }
         changes.sort_by_key(|(at, _)| *at);
-        FaultPlan { loss, latency_max_ms, disk_latency_ms, changes }
+        FaultPlan { loss, latency_max_ms, disk_latency_ms, changes, replica_loss }
     }
 }

@@ -81,6 +81,15 @@ struct Args {
     /// Inject in the sequencer: chain frames as submitted, not as sequenced.
     #[arg(long)]
     bug_chain_unstamped_frames: bool,
+    /// No second domain keeping replicas.
+    #[arg(long)]
+    no_replica: bool,
+    /// Inject in the second domain's disk: drop each replica's last entry on restart.
+    #[arg(long)]
+    bug_replica_drops_frame_on_restart: bool,
+    /// Inject on the authority's replica feed: alter some application frames.
+    #[arg(long)]
+    bug_equivocating_authority: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
@@ -108,6 +117,7 @@ impl Args {
             disk_faults: !self.no_disk_faults,
             work_rate: self.work_rate,
             hostile: self.hostile,
+            replica: !self.no_replica,
             bugs: Bugs {
                 ack_before_durable: self.bug_ack_before_durable,
                 double_commit: self.bug_double_commit,
@@ -119,6 +129,8 @@ impl Args {
                 never_void: self.bug_never_void,
                 wrong_signed_head: self.bug_wrong_signed_head,
                 chain_unstamped_frames: self.bug_chain_unstamped_frames,
+                replica_drops_frame_on_restart: self.bug_replica_drops_frame_on_restart,
+                equivocating_authority: self.bug_equivocating_authority,
             },
             ..SimConfig::default()
         }
@@ -142,6 +154,9 @@ impl Args {
             (self.no_crashes, "--no-crashes"),
             (self.no_partitions, "--no-partitions"),
             (self.no_disk_faults, "--no-disk-faults"),
+            (self.no_replica, "--no-replica"),
+            (self.bug_replica_drops_frame_on_restart, "--bug-replica-drops-frame-on-restart"),
+            (self.bug_equivocating_authority, "--bug-equivocating-authority"),
             (self.bug_ack_before_durable, "--bug-ack-before-durable"),
             (self.bug_double_commit, "--bug-double-commit"),
             (self.bug_drop_frame_on_restart, "--bug-drop-frame-on-restart"),
@@ -199,6 +214,16 @@ fn main() -> ExitCode {
         partitions += outcome.stats.partitions;
         storage_failures += outcome.stats.storage_failures;
         disk_faults += outcome.stats.disk_faults;
+        work.replica_log_len += outcome.stats.replica_log_len;
+        work.replica_boots += outcome.stats.replica_boots.saturating_sub(1);
+        work.domain_links += outcome.stats.domain_links;
+        work.follows += outcome.stats.follows;
+        work.domain_partitions += outcome.stats.domain_partitions;
+        work.replica_refusals += outcome.stats.replica_refusals;
+        work.replica_holds_erased += outcome.stats.replica_holds_erased;
+        for (outcome_label, count) in &outcome.stats.head_checks {
+            *work.head_checks.entry(outcome_label.clone()).or_default() += count;
+        }
         if args.verbose || args.seed.is_some() {
             println!(
                 "seed {seed}: {} in {:.2?} (transcript {}), {:?}",
@@ -242,6 +267,18 @@ fn main() -> ExitCode {
     );
     println!("recovery: {} commits voided, {} rejoins after a settled commit", work.voids, work.rejoins);
     println!("hostile acts (act, outcome): {:?}", work.hostile);
+    println!(
+        "second domain: {} replicated entries, {} replica restarts, {} domain partitions, {} links, {} follows, \
+         {} batches refused and followed again, signed heads checked {:?}, {} erased entries still held by the replica",
+        work.replica_log_len,
+        work.replica_boots,
+        work.domain_partitions,
+        work.domain_links,
+        work.follows,
+        work.replica_refusals,
+        work.head_checks,
+        work.replica_holds_erased
+    );
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS

@@ -8,7 +8,7 @@
 //! [`deliver_pending_welcomes_with`], [`welcomes_used_by`]), the key-package
 //! [`directory`], redaction ([`plan_redaction`]), the answer to a
 //! moderation act ([`Completion::outcome`]), group commit's write step
-//! ([`write_parts`]) and recovery ([`recover_room_state`]), over a
+//! ([`write_parts`]) and recovery ([`recover_rooms`]), over a
 //! simulated disk. The shell only moves bytes, waits for the disk and
 //! carries out the shard's outputs, as the tokio node does.
 //!
@@ -40,8 +40,8 @@ use kalandra_proto::payload;
 use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
 use kalandra_server::sim::directory;
 use kalandra_server::sim::{
-    deliver_pending_welcomes_with, forget_welcomes_for_room, recover_room_state, send_history, store_welcome,
-    welcomes_used_by, WelcomeSource,
+    deliver_pending_welcomes_with, forget_welcomes_for_room, send_history, store_welcome, welcomes_used_by,
+    WelcomeSource,
 };
 use kalandra_server::sim::{
     error_frame, moderation_reply, moderation_request, AppendBatch, Completion, ConnectionId, HistoryRead,
@@ -52,7 +52,9 @@ use kalandra_server::sim::{
     member_authority, plan_redaction, redact_reply, redact_request, store_redact_error, RedactAsk,
     RedactError, RedactPlan, RedactReport,
 };
-use kalandra_server::sim::{MlsRoomGroup, PersistentGroup, ServerSigner, OUTBOX_BYTES_MAX_DEFAULT};
+use kalandra_server::sim::{
+    recover_rooms, FollowState, MlsRoomGroup, PersistentGroup, ServerSigner, OUTBOX_BYTES_MAX_DEFAULT,
+};
 use kalandra_server::sim::{Outbox, OutboxReceiver, Outgoing};
 use kalandra_server::sim::{Session, Step};
 use kalandra_server::store::group_commit::write_parts;
@@ -140,6 +142,22 @@ pub struct ServerStats {
     pub welcomes_of_failed_batches: u64,
     /// Stored Welcomes forgotten because their index holds another frame.
     pub welcomes_orphaned: u64,
+    /// Of a replica: inter-domain links that came up.
+    pub links: u64,
+    /// Of a replica: follows asked.
+    pub follows: u64,
+    /// Of a replica: batches of the authority's frames that did not apply
+    /// (a gap after a feed fell behind; followed again).
+    pub replica_refusals: u64,
+}
+
+/// What a simulated server is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Orders every room; clients connect to it.
+    Authority,
+    /// Another domain: keeps a replica of every room (`crate::domains`).
+    Replica,
 }
 
 /// A frame handed to a connection before it was durable: what checker (a)
@@ -202,6 +220,19 @@ pub struct ServerShared {
     pub early_releases: RefCell<Vec<EarlyRelease>>,
     /// How far this life's clock runs behind simulated time.
     pub clock_behind_ms: Cell<u64>,
+    /// What this server is.
+    pub role: Role,
+    /// Of an authority: its replica feeds alter frames (injected bug).
+    pub tamper_feed: bool,
+    /// Of a replica: the rooms whose follow is live.
+    pub live_replicas: RefCell<std::collections::BTreeSet<RoomId>>,
+    /// Of a replica: outcomes of checking the authority's signed heads.
+    pub head_checks: RefCell<BTreeMap<&'static str, u64>>,
+    /// Of a replica: signed heads that did not hold (should stay empty).
+    pub equivocations: RefCell<Vec<String>>,
+    /// Of a replica: refusals and dropped frames from the authority's feed
+    /// (should stay empty).
+    pub feed_refusals: RefCell<Vec<String>>,
 }
 
 impl ServerShared {
@@ -246,7 +277,19 @@ impl ServerShared {
             drop_frame_on_restart,
             early_releases: RefCell::new(Vec::new()),
             clock_behind_ms: Cell::new(0),
+            role: Role::Authority,
+            tamper_feed: false,
+            live_replicas: RefCell::new(std::collections::BTreeSet::new()),
+            head_checks: RefCell::new(BTreeMap::new()),
+            equivocations: RefCell::new(Vec::new()),
+            feed_refusals: RefCell::new(Vec::new()),
         }
+    }
+
+    /// The server of another domain, keeping a replica of each room its
+    /// disk records as ordered by another domain.
+    pub fn replica(seed: u64, drop_frame_on_restart: bool) -> ServerShared {
+        ServerShared { role: Role::Replica, ..ServerShared::new(seed, drop_frame_on_restart) }
     }
 
     /// Records `frame` if it releases an index the disk does not hold yet.
@@ -288,6 +331,18 @@ pub struct SimPeer {
     shared: Rc<ServerShared>,
 }
 
+impl SimPeer {
+    /// `outbox` behind `shared`'s durability probe.
+    pub fn new(outbox: Arc<Outbox>, shared: Rc<ServerShared>) -> SimPeer {
+        SimPeer { outbox, shared }
+    }
+
+    /// The connection's outbox.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+}
+
 impl Peer for SimPeer {
     fn connection(&self) -> ConnectionId {
         self.outbox.connection()
@@ -320,6 +375,9 @@ impl Peer for SimPeer {
     fn sync_readers(&self) -> &Arc<std::sync::atomic::AtomicUsize> {
         Peer::sync_readers(&self.outbox)
     }
+    fn reads_everything(&self) -> bool {
+        self.outbox.reads_everything()
+    }
 }
 
 struct Conn {
@@ -342,9 +400,9 @@ struct Written {
     result: Result<(), String>,
 }
 
-struct Core<G: ServerGroup> {
-    shared: Rc<ServerShared>,
-    shard: Shard<G, SimPeer>,
+pub(crate) struct Core<G: ServerGroup> {
+    pub(crate) shared: Rc<ServerShared>,
+    pub(crate) shard: Shard<G, SimPeer>,
     conns: BTreeMap<u64, Conn>,
     acts: BTreeMap<u64, PendingAct>,
     next_token: u64,
@@ -360,6 +418,12 @@ struct Core<G: ServerGroup> {
     durable_wake: Rc<Notify>,
     /// Tasks to start once the core is released.
     tasks: Vec<Task>,
+    /// Of an authority: replica feeds opened in this life.
+    pub(crate) feeds_opened: u64,
+    /// Of a replica: the rooms it keeps (recorded on its disk).
+    pub(crate) remote_rooms: Vec<RoomId>,
+    /// Of a replica: its follows (the production state machine).
+    pub(crate) follows: FollowState,
 }
 
 /// Runs one life of the server (until the harness crashes it).
@@ -378,6 +442,17 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
         shared.clock_behind_ms.set(behind);
     }
     let rooms = recover::<G>(&shared)?;
+    let remote_rooms: Vec<RoomId> =
+        shared.disk.remote_rooms()?.into_iter().map(|(room_id, _)| room_id).collect();
+    let mut follows = FollowState::new();
+    for room in rooms.iter().filter(|room| room.replica) {
+        follows.note_held(room.sequencer.room_id());
+    }
+    if shared.role == Role::Replica {
+        // What this life recovered, not what the last one published.
+        shared.rooms.borrow_mut().clear();
+        shared.live_replicas.borrow_mut().clear();
+    }
     let signing_key =
         ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(shared.seed, b"server-key", 0));
     let config = ShardConfig {
@@ -396,11 +471,19 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
         writer_wake: Rc::new(Notify::new()),
         durable_wake: Rc::new(Notify::new()),
         tasks: Vec::new(),
+        feeds_opened: 0,
+        remote_rooms,
+        follows,
     }));
     core.borrow().publish();
     tokio::task::spawn_local(group_commit_writer(Rc::clone(&core)));
     tokio::task::spawn_local(durability_reporter(Rc::clone(&core)));
     tokio::task::spawn_local(ticker(Rc::clone(&core)));
+    if shared.role == Role::Replica {
+        crate::domains::follow_authority(core).await?;
+        return Ok(());
+    }
+    tokio::task::spawn_local(crate::domains::serve_links(Rc::clone(&core)));
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", SERVER_PORT)).await?;
     let mut rng = ChaCha8Rng::from_seed(crate::derive_seed(shared.seed, b"server-boot", u64::from(boot)));
     let mut next_conn = 0u64;
@@ -418,22 +501,15 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
     }
 }
 
-/// Every stored room, rebuilt by the production recovery.
+/// Every stored room, rebuilt by the production recovery (rooms recorded
+/// as ordered by another domain come back as replicas).
 fn recover<G: ServerGroup>(
     shared: &ServerShared,
 ) -> Result<Vec<RecoveredRoom<G>>, Box<dyn std::error::Error>> {
-    let mut rooms = Vec::new();
-    for room_id in shared.disk.rooms() {
-        let head = shared.disk.next_log_index(room_id)?;
-        match recover_room_state::<G>(shared.disk.as_ref(), room_id, head) {
-            Ok(recovered) => rooms.push(recovered),
-            Err(error) => {
-                *shared.recovery_error.borrow_mut() = Some(format!("room {room_id}: {error}"));
-                return Err(format!("recovery failed: room {room_id}: {error}").into());
-            }
-        }
-    }
-    Ok(rooms)
+    recover_rooms::<G>(shared.disk.as_ref()).map_err(|error| {
+        *shared.recovery_error.borrow_mut() = Some(error.to_string());
+        format!("recovery failed: {error}").into()
+    })
 }
 
 async fn connection<G: ServerGroup>(
@@ -574,6 +650,9 @@ async fn durability_reporter<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
                 let mut core = core.borrow_mut();
                 core.tickets -= 1;
                 core.shard.handle_durable(batch.id, result);
+                if core.shared.role == Role::Replica {
+                    core.go_live_all();
+                }
             }
             drive(&core);
         }
@@ -599,7 +678,7 @@ async fn ticker<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
 
 /// Carries out the shard's outputs, starts the history readers and Welcome
 /// deliveries they need, and hands new entries to storage.
-fn drive<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>) {
+pub(crate) fn drive<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>) {
     let tasks = {
         let mut core = core.borrow_mut();
         core.carry_out();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kalandra_proto::RoomId;
 use kalandra_server::sim::MlsRoomGroup;
+use kalandra_server::store::Store;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -19,6 +20,9 @@ use crate::disk::DiskFaults;
 use crate::faults::{Change, FaultPlan, Host};
 use crate::net::Loss;
 use crate::server::{self, ServerShared};
+
+/// The domain that orders every room of the simulation.
+pub const AUTHORITY_DOMAIN: &str = "a.test";
 
 /// Time a failed server takes to be restarted (its supervisor's delay).
 pub const SERVER_RESTART_DELAY_MS: u64 = 200;
@@ -72,6 +76,11 @@ pub struct SimConfig {
     /// Hostile clients, taken among the clients that create no room (the
     /// last first; fewer if there are not enough).
     pub hostile: usize,
+    /// A second domain keeps a replica of every room (`crate::domains`),
+    /// with crashes of its server and partitions between the domains.
+    pub replica: bool,
+    /// At least this many crashes of the replica's server when crashing.
+    pub replica_crashes_min: u64,
     /// Injected bugs.
     pub bugs: Bugs,
 }
@@ -96,6 +105,8 @@ impl Default for SimConfig {
             update_share: 0.12,
             membership_share: 0.08,
             hostile: 1,
+            replica: true,
+            replica_crashes_min: 0,
             bugs: Bugs::default(),
         }
     }
@@ -163,6 +174,23 @@ pub struct RunStats {
     pub voids: u64,
     /// External joins again after being stuck past a commit's window.
     pub rejoins: u64,
+    /// Entries in the replicas' durable logs at the end.
+    pub replica_log_len: u64,
+    /// Starts of the replica's server.
+    pub replica_boots: u32,
+    /// Inter-domain links that came up.
+    pub domain_links: u64,
+    /// Follows the replica asked.
+    pub follows: u64,
+    /// Partitions between the domains.
+    pub domain_partitions: u64,
+    /// Batches of the authority's frames the replica refused (then followed again).
+    pub replica_refusals: u64,
+    /// Signed heads the replica checked, by outcome.
+    pub head_checks: std::collections::BTreeMap<String, u64>,
+    /// Entries erased at the authority whose frame the replica still holds
+    /// (erasure does not reach replicas yet: `docs/TESTING.md`).
+    pub replica_holds_erased: u64,
 }
 
 /// The result of one run.
@@ -190,6 +218,13 @@ impl Outcome {
 struct World<'a> {
     sim: turmoil::Sim<'a>,
     server: Rc<ServerShared>,
+    /// The second domain's server, keeping replicas.
+    replica: Option<Rc<ServerShared>>,
+    restart_replica_at: Option<u64>,
+    /// Rooms recorded on the replica's disk as ordered by the authority.
+    replicas_recorded: BTreeSet<RoomId>,
+    /// The most of each room the replica held durably so far.
+    replica_durable: std::collections::BTreeMap<RoomId, u64>,
     cast: Rc<Cast>,
     clients: Vec<Rc<ClientShared>>,
     down: BTreeSet<Host>,
@@ -220,7 +255,37 @@ impl World<'_> {
                 self.restart(Host::Server);
             }
         }
+        self.step_replica();
         true
+    }
+
+    /// The replica's server is restarted after a storage failure like the
+    /// authority's; and it must never hold less of a room than it held
+    /// durably before (checker (b) for the second domain).
+    fn step_replica(&mut self) {
+        let Some(replica) = self.replica.clone() else { return };
+        self.record_new_rooms(&replica);
+        if replica.failed.get() && !self.down.contains(&Host::Replica) {
+            self.sim.crash(Host::Replica.name());
+            self.down.insert(Host::Replica);
+            self.restart_replica_at = Some(self.now_ms() + SERVER_RESTART_DELAY_MS);
+        }
+        if self.restart_replica_at.is_some_and(|at| self.now_ms() >= at) {
+            self.restart(Host::Replica);
+        }
+        if self.down.contains(&Host::Replica) {
+            return;
+        }
+        for (room_id, view) in replica.rooms.borrow().iter() {
+            let held = self.replica_durable.entry(*room_id).or_default();
+            if view.next_log_index < *held {
+                self.failures.push(format!(
+                    "the replica of room {room_id} lost durable entries: it held {held}, now {}",
+                    view.next_log_index
+                ));
+            }
+            *held = (*held).max(view.next_log_index);
+        }
     }
 
     fn restart(&mut self, host: Host) {
@@ -229,6 +294,9 @@ impl World<'_> {
         }
         if host == Host::Server {
             self.restart_server_at = None;
+        }
+        if host == Host::Replica {
+            self.restart_replica_at = None;
         }
     }
 
@@ -240,6 +308,9 @@ impl World<'_> {
                     if *host == Host::Server {
                         self.restart_server_at = None;
                     }
+                    if *host == Host::Replica {
+                        self.restart_replica_at = None;
+                    }
                 }
             }
             Change::Restart(host) => self.restart(*host),
@@ -249,6 +320,11 @@ impl World<'_> {
             }
             Change::Repair(client) => self.sim.repair("server", Host::Client(*client).name()),
             Change::DiskFaults(faults) => self.server.disk.set_faults(*faults),
+            Change::PartitionDomains => {
+                self.stats.domain_partitions += 1;
+                self.sim.partition("server", Host::Replica.name());
+            }
+            Change::RepairDomains => self.sim.repair("server", Host::Replica.name()),
         }
     }
 
@@ -265,6 +341,9 @@ impl World<'_> {
             return false;
         }
         let views = self.server.rooms.borrow();
+        if !self.replicas_converged(&views) {
+            return false;
+        }
         self.cast.rooms.iter().all(|plan| {
             let Some(view) = views.get(&plan.room_id) else { return false };
             let first = plan.initial.iter().chain([&plan.creator]);
@@ -285,6 +364,42 @@ impl World<'_> {
                     !status.member && !status.joining
                 }
             })
+        })
+    }
+}
+
+impl World<'_> {
+    /// A room the authority holds is recorded on the replica's disk as
+    /// ordered by the authority, as a Welcome of one of its members would
+    /// record it; the replica then follows it.
+    fn record_new_rooms(&mut self, replica: &ServerShared) {
+        let authority =
+            kalandra_proto::federation::DomainName::parse(AUTHORITY_DOMAIN).expect("a domain name");
+        let created: Vec<RoomId> = self.server.rooms.borrow().keys().copied().collect();
+        for room_id in created {
+            if !self.replicas_recorded.contains(&room_id)
+                && replica.disk.record_remote_room(room_id, &authority).is_ok()
+            {
+                self.replicas_recorded.insert(room_id);
+            }
+        }
+    }
+
+    /// The replica of every room is live at the authority's durable head.
+    fn replicas_converged(
+        &self,
+        views: &std::collections::BTreeMap<RoomId, crate::server::RoomView>,
+    ) -> bool {
+        let Some(replica) = &self.replica else { return true };
+        if replica.failed.get() {
+            return false;
+        }
+        let replicated = replica.rooms.borrow();
+        let live = replica.live_replicas.borrow();
+        self.cast.rooms.iter().all(|plan| {
+            live.contains(&plan.room_id)
+                && replicated.get(&plan.room_id).map(|view| view.next_log_index)
+                    == views.get(&plan.room_id).map(|view| view.next_log_index)
         })
     }
 }
@@ -345,12 +460,27 @@ fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(plan.latency_max_ms.max(1)))
         .build();
-    let server = Rc::new(ServerShared::new(config.seed, config.bugs.drop_frame_on_restart));
+    let server = Rc::new(ServerShared {
+        tamper_feed: config.bugs.equivocating_authority,
+        ..ServerShared::new(config.seed, config.bugs.drop_frame_on_restart)
+    });
     server.disk_latency_ms.set(plan.disk_latency_ms);
     let cast = Rc::new(Cast { rooms: plan_rooms(config), ..Cast::default() });
+    let replica = config.replica.then(|| {
+        let seed = u64::from_be_bytes(
+            crate::derive_seed(config.seed, b"replica", 0)[..8].try_into().expect("8 bytes"),
+        );
+        let replica = ServerShared::replica(seed, config.bugs.replica_drops_frame_on_restart);
+        replica.disk_latency_ms.set(plan.disk_latency_ms);
+        Rc::new(replica)
+    });
     let mut world = World {
         sim,
         server: Rc::clone(&server),
+        replica: replica.clone(),
+        restart_replica_at: None,
+        replicas_recorded: BTreeSet::new(),
+        replica_durable: std::collections::BTreeMap::new(),
         cast: Rc::clone(&cast),
         clients: Vec::new(),
         down: BTreeSet::new(),
@@ -359,6 +489,9 @@ fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
         stats: RunStats::default(),
     };
     world.sim.host("server", move || server::run::<MlsRoomGroup>(Rc::clone(&server)));
+    if let Some(replica) = replica {
+        world.sim.host(Host::Replica.name(), move || server::run::<MlsRoomGroup>(Rc::clone(&replica)));
+    }
     let hostile = hostile_clients(config, &cast.rooms);
     for index in 0..config.clients.max(1) {
         let seed = u64::from_be_bytes(
@@ -416,11 +549,22 @@ pub fn run(config: &SimConfig) -> Outcome {
         failures.push(format!("recovery failed: {error}"));
     }
     failures.extend(check::check(&world.server, &world.cast, &world.clients));
+    if let Some(replica) = &world.replica {
+        if let Some(error) = replica.recovery_error.borrow().as_ref() {
+            failures.push(format!("the replica's recovery failed: {error}"));
+        }
+        let (replica_failures, holds_erased) = check::check_replica(&world.server, replica, &world.cast);
+        failures.extend(replica_failures);
+        world.stats.replica_holds_erased = holds_erased;
+    }
     let stats = collect_stats(&world);
     let mut transcript = world.cast.transcript.borrow().clone();
     for plan in &world.cast.rooms {
         for entry in world.server.disk.log(plan.room_id) {
             transcript.add(b"log", &entry.bytes);
+        }
+        for entry in world.replica.iter().flat_map(|replica| replica.disk.log(plan.room_id)) {
+            transcript.add(b"replica", &entry.bytes);
         }
     }
     kalandra_server::bugs::plant(Default::default());
@@ -441,6 +585,9 @@ fn fault_phase(world: &mut World<'_>, config: &SimConfig, plan: &FaultPlan) {
         client.workload.set(true);
     }
     world.server.loss.set(Loss { rate: plan.loss[0] });
+    if let Some(replica) = &world.replica {
+        replica.loss.set(Loss { rate: plan.replica_loss });
+    }
     let start = world.now_ms();
     let mut next_change = 0;
     while world.now_ms() < start + config.fault_phase_ms {
@@ -465,6 +612,11 @@ fn heal(world: &mut World<'_>, config: &SimConfig) {
     world.server.disk.set_faults(DiskFaults::default());
     for index in 0..world.clients.len() {
         world.sim.repair("server", Host::Client(index).name());
+    }
+    if let Some(replica) = &world.replica {
+        replica.loss.set(Loss::default());
+        replica.disk.set_faults(DiskFaults::default());
+        world.sim.repair("server", Host::Replica.name());
     }
     let down: Vec<Host> = world.down.iter().copied().collect();
     for host in down {
@@ -585,5 +737,16 @@ fn collect_stats(world: &World<'_>) -> RunStats {
         stats.sessions += record.sessions;
     }
     stats.sim_ms = u64::try_from(world.sim.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if let Some(replica) = &world.replica {
+        let replica_stats = *replica.stats.borrow();
+        stats.replica_boots = replica.boots.get();
+        stats.domain_links = replica_stats.links;
+        stats.follows = replica_stats.follows;
+        stats.replica_refusals = replica_stats.replica_refusals;
+        stats.head_checks =
+            replica.head_checks.borrow().iter().map(|(label, count)| ((*label).to_owned(), *count)).collect();
+        stats.replica_log_len =
+            world.cast.rooms.iter().map(|plan| replica.disk.log(plan.room_id).len() as u64).sum();
+    }
     stats
 }

@@ -170,3 +170,39 @@ fn a_chain_over_unstamped_frames_is_caught() {
         "{caught:#?}"
     );
 }
+
+/// Checker (b) across domains: a second domain whose disk loses each
+/// replica's last entry at a restart holds less of a room than it held
+/// durably before; the world sees it as the replica's server comes back.
+#[test]
+fn a_replica_that_loses_durable_entries_at_restart_is_caught() {
+    let caught =
+        failures_with(Bugs { replica_drops_frame_on_restart: true, ..Bugs::default() }, SEEDS, |seed| {
+            SimConfig { seed, replica_crashes_min: 2, ..SimConfig::default() }
+        });
+    assert_eq!(caught.len(), SEEDS.count(), "{caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("lost durable entries"))),
+        "{caught:#?}"
+    );
+}
+
+/// The order checker across domains, and the replica's own head check: an
+/// authority whose feed shows the other domain altered frames leaves a
+/// replica that is not its log, and the head it signs does not match the
+/// frames it sent.
+#[test]
+fn an_authority_that_shows_the_other_domain_another_log_is_caught() {
+    let caught = failures_with(Bugs { equivocating_authority: true, ..Bugs::default() }, SEEDS, plain);
+    assert_eq!(caught.len(), SEEDS.count(), "{caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures
+            .iter()
+            .any(|f| f.contains("holds another frame than the authority"))),
+        "{caught:#?}"
+    );
+    assert!(
+        caught.iter().flat_map(|(_, f)| f).any(|f| f.contains("caught its authority equivocating")),
+        "{caught:#?}"
+    );
+}

@@ -44,7 +44,20 @@ fn fixed_seeds_pass_every_checker_under_faults() {
         for (act, count) in &stats.hostile {
             *totals.hostile.entry(act.clone()).or_default() += count;
         }
+        // The second domain kept every room and checked its heads.
+        assert!(stats.replica_log_len >= stats.log_len, "seed {seed}: {stats:?}");
+        totals.replica_boots += stats.replica_boots - 1;
+        totals.domain_partitions += stats.domain_partitions;
+        totals.domain_links += stats.domain_links;
+        for (outcome, count) in &stats.head_checks {
+            *totals.head_checks.entry(outcome.clone()).or_default() += count;
+        }
     }
+    // Across domains: the replica's server crashed, the domains were
+    // partitioned, links came up again, and signed heads were compared.
+    assert!(totals.replica_boots > 0 && totals.domain_partitions > 0, "{totals:?}");
+    assert!(totals.domain_links > SEEDS.count() as u64, "{totals:?}");
+    assert!(totals.head_checks.get("matched").is_some_and(|n| *n > 0), "{totals:?}");
     // The hostile client acted: commits members cannot process were
     // sequenced and voided, and the server refused what it can detect.
     assert!(totals.bad_commits > 0 && totals.voids > 0, "{totals:?}");

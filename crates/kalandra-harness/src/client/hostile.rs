@@ -102,7 +102,11 @@ impl HostileAct {
         match self {
             HostileAct::ForgedSignature | HostileAct::MissingSignature => &[ErrorCode::BadSignature],
             HostileAct::ReplayOther => &[ErrorCode::SenderMismatch],
-            HostileAct::NotMember => &[ErrorCode::NotMember, ErrorCode::Banned, ErrorCode::UnknownRoom],
+            // Or we were added and our Welcome has not arrived yet: the
+            // server counts us a member, and the frame's epoch 0 is stale.
+            HostileAct::NotMember => {
+                &[ErrorCode::NotMember, ErrorCode::Banned, ErrorCode::UnknownRoom, ErrorCode::WrongEpoch]
+            }
             HostileAct::StaleEpoch | HostileAct::ReplayOwn => {
                 &[ErrorCode::WrongEpoch, ErrorCode::NotMember, ErrorCode::Banned]
             }

@@ -1,0 +1,353 @@
+//! Two domains: the server (host `server`) orders every room; a second
+//! server (host `replica`, another domain) keeps a replica of each room and
+//! follows it over an inter-domain link that has faults of its own (loss,
+//! partitions between the two servers, crashes of either).
+//!
+//! Both ends run production code. The authority serves a follow as the
+//! node does: a replica-feed [`Outbox`] subscribed to the room in the real
+//! shard (so the durability probe sees every frame it releases to the
+//! other domain), its batches cut into `Replicate` link messages by
+//! [`frame_messages`]. The replica's follows are the production
+//! [`FollowState`]; what it is sent goes through the real shard's
+//! `handle_replicated`, group commit, head check and, after a crash,
+//! recovery. The shell adds only I/O: the link is a turmoil TCP stream
+//! carrying the production link messages (length-prefixed CBOR,
+//! [`encode_established`] / [`decode_established`]) with pings, without
+//! the QUIC handshake.
+//!
+//! Not simulated: the relay of clients' frames through their home domain
+//! (every client of the simulation connects to the authority), remote
+//! Welcomes, and the follow's authorization (the authority serves any
+//! follow of a room it orders); the QUIC tests cover those.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kalandra_proto::{Frame, Opcode, RoomId};
+use kalandra_server::sim::{
+    decode_established, encode_established, frame_messages, FeedItem, FollowState, Following, LinkMessage,
+    LiveStep, Outbox, OutboxReceiver, Outgoing, RoomRequest, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
+    LINK_ESTABLISHED_MESSAGE_BYTES_MAX, REPLICA_FEED_BYTES_MAX, REPLICA_FEED_FRAMES_MAX, SERVER_SENDER_ID,
+};
+use serde_bytes::ByteBuf;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use turmoil::net::tcp::OwnedReadHalf;
+
+use kalandra_server::store::Store;
+
+use crate::net::spawn_writer;
+use crate::server::{drive, Core, ServerGroup, SimPeer};
+
+/// The port of the authority's inter-domain link.
+pub const FEDERATION_PORT: u16 = 7100;
+/// The turmoil host of the replica's domain.
+pub const REPLICA_HOST: &str = "replica";
+/// A link that carries nothing for this long is closed (either side).
+pub const LINK_IDLE_MS: u64 = 3_000;
+/// The replica pings the authority this often.
+pub const LINK_PING_MS: u64 = 500;
+/// Wait before the replica dials again after a link ended.
+pub const RECONNECT_MS: u64 = 250;
+/// Connection ids of the authority's feeds start here (apart from clients').
+pub const FEED_CONNECTION_BASE: u64 = 1 << 61;
+/// In the injected "equivocating authority" bug, application frames at
+/// log indices with this remainder modulo 7 are altered on the feed.
+pub const TAMPERED_INDEX_REMAINDER: u64 = 3;
+
+const _: () = assert!(LINK_PING_MS * 3 <= LINK_IDLE_MS, "three pings fit in the idle timeout");
+
+/// Reads length-prefixed link messages from a stream.
+struct MessageReader {
+    half: OwnedReadHalf,
+}
+
+impl MessageReader {
+    async fn next(&mut self) -> Result<LinkMessage, String> {
+        let mut prefix = [0u8; LINK_ESTABLISHED_LENGTH_PREFIX_BYTES];
+        self.half.read_exact(&mut prefix).await.map_err(|error| error.to_string())?;
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > LINK_ESTABLISHED_MESSAGE_BYTES_MAX {
+            return Err(format!("a link message of {len} bytes"));
+        }
+        let mut body = vec![0u8; len];
+        self.half.read_exact(&mut body).await.map_err(|error| error.to_string())?;
+        decode_established(&body).map_err(|error| error.to_string())
+    }
+
+    /// The next message, or `None` when the link ended or stayed idle.
+    async fn next_within_idle(&mut self) -> Option<LinkMessage> {
+        tokio::time::timeout(Duration::from_millis(LINK_IDLE_MS), self.next()).await.ok()?.ok()
+    }
+}
+
+fn send(tx: &mpsc::Sender<Bytes>, message: &LinkMessage) -> bool {
+    encode_established(message).is_ok_and(|bytes| tx.try_send(Bytes::from(bytes)).is_ok())
+}
+
+/// The authority's side: accepts the replica's links for as long as the
+/// server lives.
+pub(crate) async fn serve_links<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) -> std::io::Result<()> {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", FEDERATION_PORT)).await?;
+    let mut links = 0u64;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        if core.borrow().shared.failed.get() {
+            continue;
+        }
+        links += 1;
+        tokio::task::spawn_local(serve_link(Rc::clone(&core), stream, links));
+    }
+}
+
+async fn serve_link<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, stream: turmoil::net::TcpStream, link: u64) {
+    let shared = Rc::clone(&core.borrow().shared);
+    let (read, write) = stream.into_split();
+    let seed = u64::from_be_bytes(
+        crate::derive_seed(shared.seed, b"link-writer", link)[..8].try_into().unwrap_or_default(),
+    );
+    let tx = spawn_writer(write, Rc::clone(&shared.loss), seed);
+    let mut reader = MessageReader { half: read };
+    let mut feed: Option<SimPeer> = None;
+    while let Some(message) = reader.next_within_idle().await {
+        if shared.failed.get() {
+            break;
+        }
+        match message {
+            LinkMessage::Ping { sequence } => {
+                send(&tx, &LinkMessage::Pong { sequence });
+            }
+            LinkMessage::Follow { room_id, from_log_index } => {
+                let peer = match feed.as_ref().filter(|peer| !peer.outbox().is_closing()) {
+                    Some(peer) => peer.clone(),
+                    None => open_feed(&core, &tx),
+                };
+                feed = Some(peer.clone());
+                let request =
+                    RoomRequest::Subscribe { room_id: RoomId(room_id), from_log_index, request_id: 0 };
+                {
+                    let mut core = core.borrow_mut();
+                    let now_ms = core.shared.now_ms();
+                    core.shard.handle_request(&peer, request, now_ms);
+                }
+                drive(&core);
+            }
+            // Nothing else travels on this link.
+            _ => {}
+        }
+    }
+    if let Some(peer) = feed {
+        peer.outbox().close();
+        core.borrow_mut().shard.handle_connection_closed(peer.outbox().connection());
+        drive(&core);
+    }
+}
+
+/// A feed for the link's replicas: reads whole rooms, as the server.
+fn open_feed<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>, tx: &mpsc::Sender<Bytes>) -> SimPeer {
+    let mut borrowed = core.borrow_mut();
+    borrowed.feeds_opened += 1;
+    let id = FEED_CONNECTION_BASE + borrowed.feeds_opened;
+    let (outbox, receiver) =
+        Outbox::replica_feed(id, SERVER_SENDER_ID, REPLICA_FEED_FRAMES_MAX, REPLICA_FEED_BYTES_MAX);
+    let peer = SimPeer::new(outbox, Rc::clone(&borrowed.shared));
+    let tamper = borrowed.shared.tamper_feed;
+    drop(borrowed);
+    tokio::task::spawn_local(pump_feed(Rc::clone(core), peer.clone(), receiver, tx.clone(), tamper));
+    peer
+}
+
+/// Sends what a feed gathers as `Replicate` messages, as the node's pump
+/// does; when the feed closes (it fell behind, or the link ended) the shard
+/// forgets it.
+async fn pump_feed<G: ServerGroup>(
+    core: Rc<RefCell<Core<G>>>,
+    peer: SimPeer,
+    mut receiver: OutboxReceiver,
+    tx: mpsc::Sender<Bytes>,
+    tamper: bool,
+) {
+    let mut batch = VecDeque::new();
+    loop {
+        let next = receiver.next_batch(&mut batch).await;
+        let frames = batch.drain(..).map(|frame| if tamper { tampered(frame) } else { frame });
+        let mut sent = true;
+        for message in frame_messages(frames, |frames| LinkMessage::Replicate { frames }) {
+            if tx.send(Bytes::from(message)).await.is_err() {
+                sent = false;
+                break;
+            }
+        }
+        if !sent || next == Outgoing::Close {
+            break;
+        }
+    }
+    peer.outbox().close();
+    core.borrow_mut().shard.handle_connection_closed(peer.outbox().connection());
+    drive(&core);
+}
+
+/// The injected "equivocating authority": some application frames reach
+/// the other domain with their last byte altered.
+fn tampered(frame: Bytes) -> Bytes {
+    let Ok(decoded) = Frame::decode(&frame) else { return frame };
+    if decoded.opcode() != Opcode::Application || decoded.header().log_index() % 7 != TAMPERED_INDEX_REMAINDER
+    {
+        return frame;
+    }
+    let mut bytes = frame.to_vec();
+    if let Some(last) = bytes.last_mut() {
+        *last ^= 0x01;
+    }
+    Bytes::from(bytes)
+}
+
+/// The replica's side: dials the authority, follows every room it orders,
+/// takes what it sends; dials again whenever the link ends.
+pub(crate) async fn follow_authority<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) -> std::io::Result<()> {
+    let shared = Rc::clone(&core.borrow().shared);
+    let mut links = 0u64;
+    loop {
+        let dial = turmoil::net::TcpStream::connect(("server", FEDERATION_PORT));
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(LINK_IDLE_MS), dial).await {
+            if !shared.failed.get() {
+                links += 1;
+                shared.stats.borrow_mut().links += 1;
+                run_link(&core, stream, links).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(RECONNECT_MS)).await;
+    }
+}
+
+async fn run_link<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>, stream: turmoil::net::TcpStream, link: u64) {
+    let shared = Rc::clone(&core.borrow().shared);
+    let (read, write) = stream.into_split();
+    let seed = u64::from_be_bytes(
+        crate::derive_seed(shared.seed, b"link-writer", link)[..8].try_into().unwrap_or_default(),
+    );
+    let tx = spawn_writer(write, Rc::clone(&shared.loss), seed);
+    let rooms = core.borrow().remote_rooms.clone();
+    for room_id in &rooms {
+        core.borrow_mut().follow_room(*room_id, &tx);
+    }
+    let pinger = tokio::task::spawn_local(ping(Rc::clone(core), tx.clone()));
+    let mut reader = MessageReader { half: read };
+    while let Some(message) = reader.next_within_idle().await {
+        if shared.failed.get() {
+            break;
+        }
+        if let LinkMessage::Replicate { frames } = message {
+            core.borrow_mut().replicated(frames, &tx);
+            drive(core);
+        }
+    }
+    pinger.abort();
+    let mut core = core.borrow_mut();
+    let rooms = core.remote_rooms.clone();
+    core.follows.link_down(rooms);
+    core.publish_follows();
+}
+
+/// Pings the authority, and follows the rooms recorded since the link came
+/// up (a member's Welcome records a room, and its first read follows it).
+async fn ping<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, tx: mpsc::Sender<Bytes>) {
+    for sequence in 0u64.. {
+        if !send(&tx, &LinkMessage::Ping { sequence }) && tx.is_closed() {
+            return;
+        }
+        core.borrow_mut().follow_recorded_rooms(&tx);
+        tokio::time::sleep(Duration::from_millis(LINK_PING_MS)).await;
+    }
+}
+
+impl<G: ServerGroup> Core<G> {
+    /// Follows every room recorded on the disk since the last look.
+    fn follow_recorded_rooms(&mut self, tx: &mpsc::Sender<Bytes>) {
+        let Ok(recorded) = self.shared.disk.remote_rooms() else { return };
+        for (room_id, _) in recorded {
+            if !self.remote_rooms.contains(&room_id) {
+                self.remote_rooms.push(room_id);
+                self.follow_room(room_id, tx);
+            }
+        }
+    }
+
+    /// Follows `room_id` from the replica's head.
+    fn follow_room(&mut self, room_id: RoomId, tx: &mpsc::Sender<Bytes>) {
+        let message = self.follows.start(room_id, self.shard.replica_next_log_index(room_id));
+        self.shared.stats.borrow_mut().follows += 1;
+        if !send(tx, &message) {
+            self.follows.not_sent(room_id);
+        }
+        self.publish_follows();
+    }
+
+    /// One `Replicate` message from the authority, as the node's follower
+    /// takes it.
+    fn replicated(&mut self, frames: Vec<ByteBuf>, tx: &mpsc::Sender<Bytes>) {
+        let remote = self.remote_rooms.clone();
+        for item in FollowState::sort_feed(frames, |room_id| remote.contains(&room_id)) {
+            match item {
+                FeedItem::Frames(room_id, frames) => {
+                    let taken = frames.into_iter().try_for_each(|frame| self.shard.handle_replicated(frame));
+                    self.follows.taken(room_id, taken.is_ok());
+                    if taken.is_err() {
+                        self.shared.stats.borrow_mut().replica_refusals += 1;
+                        self.follow_room(room_id, tx);
+                    }
+                }
+                FeedItem::CaughtUp { room_id, next_log_index, log_head } => {
+                    self.follows.caught_up(room_id, next_log_index, log_head);
+                    self.go_live(room_id);
+                }
+                FeedItem::FollowAgain(room_id) => self.follow_room(room_id, tx),
+                FeedItem::Refused { room_id, code, message } => {
+                    self.follows.refused(room_id);
+                    self.shared.feed_refusals.borrow_mut().push(format!("room {room_id}: {code} {message}"));
+                }
+                FeedItem::Dropped(label) => {
+                    self.shared.feed_refusals.borrow_mut().push(format!("a frame dropped: {label}"))
+                }
+            }
+        }
+        self.publish_follows();
+    }
+
+    /// Every follow that caught up goes live once the replica is durable
+    /// there and the authority's signed head holds.
+    pub(crate) fn go_live_all(&mut self) {
+        for room_id in self.follows.going_live() {
+            self.go_live(room_id);
+        }
+        self.publish_follows();
+    }
+
+    fn go_live(&mut self, room_id: RoomId) {
+        let durable_next = self.shard.replica_durable_next(room_id);
+        if let LiveStep::CheckHead(signed) = self.follows.durable(room_id, durable_next) {
+            let outcome = self.shard.check_replica_head(room_id, &signed);
+            if let Some(Err(error)) = &outcome {
+                self.shared.equivocations.borrow_mut().push(format!("room {room_id}: {error}"));
+            }
+            let (label, _) = self.follows.head_checked(room_id, outcome);
+            if let Some(label) = label {
+                *self.shared.head_checks.borrow_mut().entry(label).or_default() += 1;
+            }
+        }
+    }
+
+    /// Publishes which replicas are live, for the convergence check.
+    pub(crate) fn publish_follows(&self) {
+        let live = self
+            .remote_rooms
+            .iter()
+            .copied()
+            .filter(|room_id| self.follows.following(*room_id) == Some(Following::Live))
+            .collect();
+        *self.shared.live_replicas.borrow_mut() = live;
+    }
+}
