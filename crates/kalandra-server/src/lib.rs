@@ -32,7 +32,9 @@ pub use crate::config::{
 };
 pub use crate::federation::handshake::{LinkHandshakeError, LINK_FAILURE_CODES};
 pub use crate::federation::limits::S2S_ALPN;
-pub use crate::federation::links::{FederationLinks, FederationView, LinkFailure, PeerLinkView};
+pub use crate::federation::links::{
+    FederationLinks, FederationView, LinkFailure, PeerLinkView, PeerRoomsView,
+};
 pub use crate::federation::quic::client_config as federation_client_config;
 pub use crate::federation::welcomes::WELCOME_RETRY_INTERVAL_MS;
 

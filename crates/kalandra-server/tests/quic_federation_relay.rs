@@ -427,6 +427,18 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
     assert_eq!(error_code(&frame), ErrorCode::NotMember.to_u16());
     assert_eq!(counter(&a, RELAY_REFUSALS, "code", "not_followed_here"), before + 1);
 
+    // The operator of a sees each refusal under b, in the admin view and the per-peer series.
+    let view = a.running().federation_links().view();
+    let shown = &view.peers.iter().find(|peer| peer.domain == "b.test").unwrap().rooms.refusals;
+    for code in ["replayed", "bad_countersignature", "foreign_user", "sender_mismatch", "not_followed_here"] {
+        assert!(shown.get(code).is_some_and(|count| *count >= 1), "{code} under b.test: {shown:?}");
+        let series = format!("kalandra_federation_peer_refusals_total{{peer=\"b.test\",code=\"{code}\"}} ");
+        let page = a.metrics.render().unwrap();
+        let value: u64 =
+            page.lines().find_map(|line| line.strip_prefix(series.as_str())).unwrap().parse().unwrap();
+        assert_eq!(value, shown[code], "{code}");
+    }
+
     // The room goes on, and the link with b stays up.
     let ack: Ack = decode_ok(&alice.send_text("still here").await);
     assert_eq!(ack.log_index, 1);
@@ -503,6 +515,13 @@ async fn federation_a_domain_keeps_a_replica_equal_to_the_authoritys_log_and_its
     for outcome in ["equivocation", "bad_signature", "no_authority_key"] {
         assert_eq!(counter(&domains.b, HEADS, "outcome", outcome), 0, "{outcome}");
     }
+    // b's operator sees one live replica of a's rooms, fed with no refusals.
+    let view = domains.b.running().federation_links().view();
+    let shared = &view.peers.iter().find(|peer| peer.domain == "a.test").unwrap().rooms;
+    assert_eq!((shared.replicas_live, shared.replicas_catching_up, shared.replicas_refused), (1, 0, 0));
+    assert!(shared.refusals.is_empty(), "{shared:?}");
+    let page = domains.b.metrics.render().unwrap();
+    assert!(page.contains("kalandra_federation_peer_replicas{peer=\"a.test\",state=\"live\"} 1\n"), "{page}");
     let ack: Ack = decode_ok(&alice.send_text("four").await);
     let seen = bob.next_of(Opcode::Application).await;
     assert_eq!((seen.header().log_index(), text_of(&seen)), (ack.log_index, b"four".to_vec()));

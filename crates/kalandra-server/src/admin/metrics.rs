@@ -72,6 +72,19 @@ pub const FEDERATION_RELAY_REFUSALS_TOTAL: &str = "kalandra_federation_relay_ref
 pub const FEDERATION_RELAYED_FRAMES_TOTAL: &str = "kalandra_federation_relayed_frames_total";
 /// Counter, by `outcome`: heads an authority signed that a replica checked.
 pub const FEDERATION_REPLICA_HEADS_TOTAL: &str = "kalandra_federation_replica_heads_total";
+/// Gauge, by `peer`: frames this server (the rooms' authority) holds for
+/// the peer's replica feed and has not sent yet, as of its last batch.
+pub const FEDERATION_PEER_FEED_QUEUED_FRAMES: &str = "kalandra_federation_peer_feed_queued_frames";
+/// Gauge, by `peer`: age (local clock minus the authority's timestamp) of
+/// the newest frame this server's replicas took from the peer, as it was
+/// taken, ms.
+pub const FEDERATION_PEER_REPLICA_LAG_MS: &str = "kalandra_federation_peer_replica_lag_ms";
+/// Gauge, by `peer` and `state` (`catching_up`, `live`, `refused`): this
+/// server's replicas of rooms the peer orders.
+pub const FEDERATION_PEER_REPLICAS: &str = "kalandra_federation_peer_replicas";
+/// Counter, by `peer` and `code`: relayed and replicated frames of (or for)
+/// the peer that were refused or dropped.
+pub const FEDERATION_PEER_REFUSALS_TOTAL: &str = "kalandra_federation_peer_refusals_total";
 /// Counter, by `outcome`: Welcomes for other domains' users forwarded to
 /// their home domain, put off, or dropped, and peers' Welcomes stored here.
 pub const FEDERATION_WELCOMES_TOTAL: &str = "kalandra_federation_welcomes_total";
@@ -182,6 +195,32 @@ const AUTH_SURFACES: [&str; 2] = ["wire", "admin"];
 /// Why a push was dropped.
 const PUSH_DROP_REASONS: [&str; 2] = ["queue_full", "sink_failed"];
 
+/// The states a replica's follow is in, as the per-peer gauge names them.
+pub const REPLICA_STATES: [&str; 3] = ["catching_up", "live", "refused"];
+
+/// One configured peer's series.
+struct PeerSeries {
+    name: String,
+    link_up: AtomicU64,
+    feed_queued_frames: AtomicU64,
+    replica_lag_ms: AtomicU64,
+    replicas: [AtomicU64; REPLICA_STATES.len()],
+    refusals: Family,
+}
+
+/// A peer's numbers, as the admin API shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerNumbers {
+    /// Frames held for the peer's replica feed, not sent yet.
+    pub feed_queued_frames: u64,
+    /// Age of the newest frame taken from the peer, as it was taken, ms.
+    pub replica_lag_ms: u64,
+    /// Replicas of the peer's rooms here: catching up, live, refused.
+    pub replicas: [u64; REPLICA_STATES.len()],
+    /// Refusals by code (only codes counted at least once).
+    pub refusals: Vec<(&'static str, u64)>,
+}
+
 /// The server's metrics; cheap to clone (all clones record into the same series).
 #[derive(Clone)]
 pub struct Metrics {
@@ -206,8 +245,8 @@ struct Inner {
     rooms: AtomicU64,
     room_members: AtomicU64,
     database_size_bytes: AtomicU64,
-    /// Each configured peer domain with its link gauge, set once at start.
-    federation_peers: std::sync::OnceLock<Vec<(String, AtomicU64)>>,
+    /// Each configured peer domain with its series, set once at start.
+    federation_peers: std::sync::OnceLock<Vec<PeerSeries>>,
     federation_failures: Family,
     federation_refusals: Family,
     federation_relay_refusals: Family,
@@ -358,21 +397,70 @@ impl Metrics {
         self.inner.database_size_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// The peer domains the link gauge has a series for (the first call counts).
+    /// The peer domains the per-peer series exist for (the first call counts).
     pub fn set_federation_peers(&self, peers: Vec<String>) {
-        let _ = self
-            .inner
-            .federation_peers
-            .set(peers.into_iter().map(|peer| (peer, AtomicU64::new(0))).collect());
+        let series = peers
+            .into_iter()
+            .map(|name| PeerSeries {
+                name,
+                link_up: AtomicU64::new(0),
+                feed_queued_frames: AtomicU64::new(0),
+                replica_lag_ms: AtomicU64::new(0),
+                replicas: std::array::from_fn(|_| AtomicU64::new(0)),
+                refusals: Family::new(RELAY_REFUSAL_CODES.len()),
+            })
+            .collect();
+        let _ = self.inner.federation_peers.set(series);
+    }
+
+    fn peer(&self, peer: &str) -> Option<&PeerSeries> {
+        self.inner.federation_peers.get()?.iter().find(|series| series.name == peer)
     }
 
     /// Whether a link with `peer` is up.
     pub fn federation_link_up(&self, peer: &str, up: bool) {
-        if let Some((_, gauge)) =
-            self.inner.federation_peers.get().and_then(|peers| peers.iter().find(|(name, _)| name == peer))
-        {
-            gauge.store(u64::from(up), Ordering::Relaxed);
+        if let Some(series) = self.peer(peer) {
+            series.link_up.store(u64::from(up), Ordering::Relaxed);
         }
+    }
+
+    /// Frames held for `peer`'s replica feed and not sent yet.
+    pub fn federation_feed_queued(&self, peer: &str, frames: u64) {
+        if let Some(series) = self.peer(peer) {
+            series.feed_queued_frames.store(frames, Ordering::Relaxed);
+        }
+    }
+
+    /// Age of the newest frame just taken from `peer`'s feed, ms.
+    pub fn federation_replica_lag(&self, peer: &str, lag_ms: u64) {
+        if let Some(series) = self.peer(peer) {
+            series.replica_lag_ms.store(lag_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Replicas of `peer`'s rooms here, by [`REPLICA_STATES`].
+    pub fn federation_replicas(&self, peer: &str, counts: [u64; REPLICA_STATES.len()]) {
+        if let Some(series) = self.peer(peer) {
+            for (gauge, count) in series.replicas.iter().zip(counts) {
+                gauge.store(count, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `peer`'s numbers (`None`: not a configured peer).
+    pub fn peer_numbers(&self, peer: &str) -> Option<PeerNumbers> {
+        let series = self.peer(peer)?;
+        Some(PeerNumbers {
+            feed_queued_frames: load(&series.feed_queued_frames),
+            replica_lag_ms: load(&series.replica_lag_ms),
+            replicas: std::array::from_fn(|index| load(&series.replicas[index])),
+            refusals: RELAY_REFUSAL_CODES
+                .iter()
+                .enumerate()
+                .map(|(index, code)| (*code, series.refusals.get(index)))
+                .filter(|(_, count)| *count > 0)
+                .collect(),
+        })
     }
 
     /// A link handshake failed with `code` (one of [`LINK_FAILURE_CODES`]).
@@ -388,10 +476,14 @@ impl Metrics {
         self.inner.federation_refusals.add(index, 1);
     }
 
-    /// A relayed frame was refused under `code`, one of [`RELAY_REFUSAL_CODES`].
-    pub fn relay_refused(&self, code: &str) {
+    /// A frame relayed or replicated between this server and `peer` was
+    /// refused or dropped under `code`, one of [`RELAY_REFUSAL_CODES`].
+    pub fn relay_refused(&self, peer: &str, code: &str) {
         let index = RELAY_REFUSAL_CODES.iter().position(|known| *known == code).unwrap_or(usize::MAX);
         self.inner.federation_relay_refusals.add(index, 1);
+        if let Some(series) = self.peer(peer) {
+            series.refusals.add(index, 1);
+        }
     }
 
     /// A client frame was relayed to (`out`) or accepted from (`in`) another domain.
@@ -544,11 +636,45 @@ impl Metrics {
         scalar(out, DATABASE_SIZE_BYTES, help, "gauge", load(&inner.database_size_bytes))?;
         let help = "Whether an authenticated link with the peer domain is up (1) or not (0).";
         header(out, FEDERATION_LINK_UP, help, "gauge")?;
-        for (peer, up) in inner.federation_peers.get().map_or(&[][..], Vec::as_slice) {
-            writeln!(out, "{FEDERATION_LINK_UP}{{peer=\"{peer}\"}} {}", load(up))?;
+        let peers = inner.federation_peers.get().map_or(&[][..], Vec::as_slice);
+        for series in peers {
+            writeln!(out, "{FEDERATION_LINK_UP}{{peer=\"{}\"}} {}", series.name, load(&series.link_up))?;
         }
-        Ok(())
+        render_peers(out, peers)
     }
+}
+
+/// The per-peer federation series.
+fn render_peers(out: &mut String, peers: &[PeerSeries]) -> std::fmt::Result {
+    let help = "Frames held for the peer's replica feed and not sent yet, as of its last batch.";
+    header(out, FEDERATION_PEER_FEED_QUEUED_FRAMES, help, "gauge")?;
+    for series in peers {
+        let value = load(&series.feed_queued_frames);
+        writeln!(out, "{FEDERATION_PEER_FEED_QUEUED_FRAMES}{{peer=\"{}\"}} {value}", series.name)?;
+    }
+    let help = "Age of the newest frame the replicas here took from the peer, as it was taken, ms.";
+    header(out, FEDERATION_PEER_REPLICA_LAG_MS, help, "gauge")?;
+    for series in peers {
+        let value = load(&series.replica_lag_ms);
+        writeln!(out, "{FEDERATION_PEER_REPLICA_LAG_MS}{{peer=\"{}\"}} {value}", series.name)?;
+    }
+    let help = "Replicas here of rooms the peer orders, by state.";
+    header(out, FEDERATION_PEER_REPLICAS, help, "gauge")?;
+    for series in peers {
+        for (state, gauge) in REPLICA_STATES.iter().zip(&series.replicas) {
+            let (name, value) = (&series.name, load(gauge));
+            writeln!(out, "{FEDERATION_PEER_REPLICAS}{{peer=\"{name}\",state=\"{state}\"}} {value}")?;
+        }
+    }
+    let help = "Frames relayed or replicated between this server and the peer that were refused or dropped, by code.";
+    header(out, FEDERATION_PEER_REFUSALS_TOTAL, help, "counter")?;
+    for series in peers {
+        for (index, code) in RELAY_REFUSAL_CODES.iter().enumerate() {
+            let (name, value) = (&series.name, series.refusals.get(index));
+            writeln!(out, "{FEDERATION_PEER_REFUSALS_TOTAL}{{peer=\"{name}\",code=\"{code}\"}} {value}")?;
+        }
+    }
+    Ok(())
 }
 
 fn code_index(code: ErrorCode) -> usize {

@@ -201,6 +201,22 @@ impl FollowState {
         self.going_live.remove(&room_id);
     }
 
+    /// How many of `rooms` are followed catching up, live, and refused
+    /// (the order of [`crate::admin::metrics::REPLICA_STATES`]).
+    pub fn counts(&self, rooms: impl IntoIterator<Item = RoomId>) -> [u64; 3] {
+        let mut counts = [0u64; 3];
+        for room_id in rooms {
+            let slot = match self.following.get(&room_id) {
+                Some(Following::CatchingUp) => 0,
+                Some(Following::Live) => 1,
+                Some(Following::Refused) => 2,
+                None => continue,
+            };
+            counts[slot] += 1;
+        }
+        counts
+    }
+
     /// Rooms whose follow caught up and waits for the replica to be durable.
     pub fn going_live(&self) -> Vec<RoomId> {
         self.going_live.keys().copied().collect()
@@ -397,6 +413,7 @@ mod tests {
         assert_eq!(state.head_checked(ROOM, Some(Ok(HeadCheck::Matched))), (Some("matched"), LiveStep::Live));
         assert!(state.reads_here(ROOM, true));
         assert_eq!(state.durable(ROOM, Some(10)), LiveStep::Idle, "nothing waits any more");
+        assert_eq!(state.counts([ROOM, OTHER]), [0, 1, 0]);
     }
 
     #[test]

@@ -49,6 +49,29 @@ pub struct PeerLinkView {
     /// dialed, its links refused, its users' key packages never claimed.
     #[serde(default)]
     pub refused: bool,
+    /// Rooms shared with the peer: replica feeds and replicas.
+    #[serde(default)]
+    pub rooms: PeerRoomsView,
+}
+
+/// What flows between this server and one peer for shared rooms.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRoomsView {
+    /// Frames this server (the rooms' authority) holds for the peer's
+    /// replica feed and has not sent yet, as of the feed's last batch.
+    pub feed_queued_frames: u64,
+    /// Age of the newest frame this server's replicas took from the peer
+    /// (local clock minus the peer's timestamp), as it was taken, ms.
+    pub replica_lag_ms: u64,
+    /// Replicas here of rooms the peer orders that are catching up.
+    pub replicas_catching_up: u64,
+    /// Replicas that are live (this server's members read them).
+    pub replicas_live: u64,
+    /// Replicas the peer refused to feed, or whose signed head did not hold.
+    pub replicas_refused: u64,
+    /// Relayed and replicated frames of or for the peer refused or
+    /// dropped, by code (codes never counted are left out).
+    pub refusals: BTreeMap<String, u64>,
 }
 
 /// `GET /v1/federation`.
@@ -260,9 +283,23 @@ impl FederationLinks {
                     keepalives: link.keepalives,
                     last_error: link.last_error.clone(),
                     refused: link.refused,
+                    rooms: self.rooms_view(domain),
                 })
                 .collect(),
         })
+    }
+
+    fn rooms_view(&self, peer: &DomainName) -> PeerRoomsView {
+        let Some(numbers) = self.metrics.peer_numbers(peer.as_str()) else { return PeerRoomsView::default() };
+        let [replicas_catching_up, replicas_live, replicas_refused] = numbers.replicas;
+        PeerRoomsView {
+            feed_queued_frames: numbers.feed_queued_frames,
+            replica_lag_ms: numbers.replica_lag_ms,
+            replicas_catching_up,
+            replicas_live,
+            replicas_refused,
+            refusals: numbers.refusals.into_iter().map(|(code, count)| (code.to_owned(), count)).collect(),
+        }
     }
 }
 

@@ -224,13 +224,13 @@ impl RelayHome {
             let room_id = match Frame::decode(&frame) {
                 Ok(decoded) => decoded.header().room_id(),
                 Err(_) => {
-                    self.metrics.relay_refused("malformed_frame");
+                    self.metrics.relay_refused(peer.as_str(), "malformed_frame");
                     continue;
                 }
             };
             if room_id != RoomId::default() && self.authority_of(room_id).as_ref() != Some(peer) {
                 tracing::warn!(%peer, %room_id, "a peer sent a frame of a room it does not order");
-                self.metrics.relay_refused("foreign_room");
+                self.metrics.relay_refused(peer.as_str(), "foreign_room");
                 continue;
             }
             if !outbox.try_send(frame) {
@@ -360,7 +360,7 @@ impl RelayAuthority {
         let frame = match self.verify(peer, &envelope) {
             Ok(frame) => frame,
             Err((code, client_code, message)) => {
-                self.metrics.relay_refused(code);
+                self.metrics.relay_refused(peer.as_str(), code);
                 tracing::info!(%peer, connection, code, %message, "relayed frame refused");
                 if let Some((room_id, request_id)) = request_of(&envelope.frame) {
                     let error = error_frame(room_id, request_id, client_code, &message);
@@ -372,7 +372,7 @@ impl RelayAuthority {
         self.metrics.relayed("in");
         let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
         let Some(inbox) = self.connection(peer, connection, &envelope.home_certificate, outgoing) else {
-            self.metrics.relay_refused("too_many_connections");
+            self.metrics.relay_refused(peer.as_str(), "too_many_connections");
             let message = format!("{RELAYED_CONNECTIONS_PER_PEER_MAX} connections of {peer} are open");
             let error = error_frame(room_id, request_id, ErrorCode::TooManyConnections, &message);
             deliver_now(outgoing, connection, vec![error]);

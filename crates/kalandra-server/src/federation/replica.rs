@@ -89,7 +89,7 @@ impl ReplicaFeeds {
         let (feeds, peer, outgoing) = (Arc::clone(self), peer.clone(), outgoing.clone());
         tokio::spawn(async move {
             if let Err((code, message)) = feeds.authorize(&peer, room_id).await {
-                feeds.metrics.relay_refused("not_followed_here");
+                feeds.metrics.relay_refused(peer.as_str(), "not_followed_here");
                 tracing::info!(%peer, %room_id, %message, "a follow was refused");
                 let refusal = error_frame(room_id, 0, code, &message);
                 if let Ok(bytes) = encode_established(&LinkMessage::Replicate {
@@ -142,8 +142,9 @@ impl ReplicaFeeds {
             Outbox::replica_feed(id, SERVER_SENDER_ID, REPLICA_FEED_FRAMES_MAX, REPLICA_FEED_BYTES_MAX);
         feeds.insert(peer.clone(), Arc::clone(&outbox));
         let (node, feed, outgoing) = (self.node.clone(), Arc::clone(&outbox), outgoing.clone());
+        let (metrics, peer) = (self.metrics.clone(), peer.clone());
         tokio::spawn(async move {
-            pump(receiver, outgoing).await;
+            pump(receiver, outgoing, &feed, &metrics, &peer).await;
             feed.close();
             node.connection_closed(&feed).await;
         });
@@ -159,16 +160,26 @@ impl ReplicaFeeds {
 }
 
 /// Sends what a feed gathers as `Replicate` messages until it closes or
-/// the link is gone.
-async fn pump(mut receiver: OutboxReceiver, outgoing: mpsc::Sender<Vec<u8>>) {
+/// the link is gone; the frames still queued for the peer after each batch
+/// are its feed's gauge.
+async fn pump(
+    mut receiver: OutboxReceiver,
+    outgoing: mpsc::Sender<Vec<u8>>,
+    feed: &Outbox,
+    metrics: &Metrics,
+    peer: &DomainName,
+) {
     let mut batch = std::collections::VecDeque::new();
+    let queued = |taken: usize| (taken + feed.bulk_frames_max().saturating_sub(feed.free_capacity())) as u64;
     loop {
         let next = receiver.next_batch(&mut batch).await;
+        metrics.federation_feed_queued(peer.as_str(), queued(batch.len()));
         for message in frame_messages(batch.drain(..), |frames| LinkMessage::Replicate { frames }) {
             if outgoing.send(message).await.is_err() {
                 return;
             }
         }
+        metrics.federation_feed_queued(peer.as_str(), queued(0));
         if next == Outgoing::Close {
             return;
         }
@@ -230,6 +241,13 @@ impl ReplicaFollower {
         if !matches!(sent, Ok(Ok(()))) {
             lock(&self.state).not_sent(room_id);
         }
+        self.publish(&authority);
+    }
+
+    /// Publishes how many replicas of `peer`'s rooms are in each state.
+    fn publish(&self, peer: &DomainName) {
+        let counts = lock(&self.state).counts(self.rooms.ordered_by(peer));
+        self.metrics.federation_replicas(peer.as_str(), counts);
     }
 
     /// The link with `peer` is up: every room it orders is followed.
@@ -246,6 +264,7 @@ impl ReplicaFollower {
     /// The link with `peer` went down: its rooms are no longer live.
     pub fn link_down(&self, peer: &DomainName) {
         lock(&self.state).link_down(self.rooms.ordered_by(peer));
+        self.publish(peer);
     }
 
     /// Frames `peer` sent for the replicas: each room's log frames go to
@@ -256,11 +275,18 @@ impl ReplicaFollower {
         for item in FollowState::sort_feed(frames, ordered_by_peer) {
             match item {
                 FeedItem::Frames(room_id, frames) => {
+                    let newest_ms = frames.last().map_or(0, |frame| frame.header().server_timestamp_ms());
                     let taken = self.node.replicate(room_id, frames).await;
                     lock(&self.state).taken(room_id, taken.is_ok());
+                    if taken.is_ok() {
+                        self.metrics.federation_replica_lag(
+                            peer.as_str(),
+                            self.node.now_ms().saturating_sub(newest_ms),
+                        );
+                    }
                     if let Err(error) = taken {
                         tracing::warn!(%room_id, %error, "frames from the room's authority not taken; following again");
-                        self.metrics.relay_refused("replica_diverged");
+                        self.metrics.relay_refused(peer.as_str(), "replica_diverged");
                         self.follow(room_id).await;
                     }
                 }
@@ -274,9 +300,10 @@ impl ReplicaFollower {
                     tracing::info!(%room_id, code, %message, "the room's authority refused to feed its replica");
                     lock(&self.state).refused(room_id);
                 }
-                FeedItem::Dropped(label) => self.metrics.relay_refused(label),
+                FeedItem::Dropped(label) => self.metrics.relay_refused(peer.as_str(), label),
             }
         }
+        self.publish(peer);
     }
 
     /// A caught-up follow goes live once the replica is durable through
@@ -290,7 +317,13 @@ impl ReplicaFollower {
                     tokio::time::sleep(std::time::Duration::from_millis(REPLICA_LIVE_WAIT_MS)).await
                 }
                 LiveStep::CheckHead(signed) => return self.check_head(room_id, signed).await,
-                LiveStep::Idle | LiveStep::Live => return,
+                LiveStep::Live => {
+                    if let Some(peer) = self.rooms.authority_of(room_id) {
+                        self.publish(&peer);
+                    }
+                    return;
+                }
+                LiveStep::Idle => return,
             }
         }
         tracing::warn!(%room_id, "the replica did not become durable in time; reads stay relayed");
@@ -307,6 +340,9 @@ impl ReplicaFollower {
         let (label, _) = lock(&self.state).head_checked(room_id, outcome);
         if let Some(label) = label {
             self.metrics.replica_head(label);
+        }
+        if let Some(peer) = self.rooms.authority_of(room_id) {
+            self.publish(&peer);
         }
     }
 }
