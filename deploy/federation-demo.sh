@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# Two federated domains on one machine: starts two kalandra-server
-# processes on loopback (a.test and b.test, each with its own temporary
-# data directory and configuration naming the other as its peer), waits
-# for their link, then with the `kalandra` command: alice of a.test creates
-# a room and invites bob of b.test, bob joins through b.test, each sends a
-# message, and each reads the other's in the room's history. Exits 0 when
-# all of it worked; otherwise 1 with what failed. Stops exactly the servers
-# it started and removes its temporary directory on every exit.
+# Two (or three) federated domains on one machine: starts a kalandra-server
+# process per domain on loopback (a.test, b.test and with --domains 3
+# c.test, each with its own temporary data directory and configuration;
+# a.test names the others as its peers, each of them a.test), waits for
+# their links, then with the `kalandra` command: alice of a.test creates a
+# room and invites bob of b.test (and carol of c.test), each joins through
+# its own server, each sends a message, and each reads everyone's in the
+# room's history, in one order. Exits 0 when all of it worked; otherwise 1
+# with what failed. Stops exactly the servers it started and removes its
+# temporary directory on every exit.
 #
-# Usage: deploy/federation-demo.sh
+# Usage: deploy/federation-demo.sh [--domains 2|3]
 #   KALANDRA_BIN_DIR=DIR  use kalandra-server and kalandra from DIR (no build)
 #   CARGO_TARGET_DIR      where cargo builds them otherwise (default: target)
 #   KALANDRA_DEMO_KEEP=1  keep the temporary directory (servers' logs, devices)
 #
 # Every listener is on 127.0.0.1 with port 0: the kernel picks free ports
-# and the script reads them from each server's start-up lines. b.test dials
-# a.test's federation listener; a.test, started first, accepts b.test's
-# links (its peer entry has no address), and both ends use the one link.
+# and the script reads them from each server's start-up lines. b.test (and
+# c.test) dial a.test's federation listener; a.test, started first, accepts
+# their links (its peer entries have no address), and both ends use the one
+# link.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+domains=2
+if [ "${1:-}" = "--domains" ]; then
+    domains=${2:-}
+fi
+case "$domains" in
+    2 | 3) ;;
+    *) echo "usage: $0 [--domains 2|3]" >&2; exit 2 ;;
+esac
 
 # Seconds to wait for a server to start, and for the link to come up.
 START_TIMEOUT_SECS=60
@@ -82,10 +94,12 @@ federation_key() {
         | sed -n 's/^federation key: \([0-9a-f]\{64\}\)$/\1/p'
 }
 
-# Writes the configuration of domain $1 in $scratch/$1, peer $2 with key $3
-# at address $4 (empty: the peer dials this server).
+# Writes the configuration of domain $1 in $scratch/$1, then its peers:
+# each as three words, domain, key and address ("-": the peer dials this
+# server).
 write_config() {
-    local domain=$1 peer=$2 peer_key=$3 peer_address=$4
+    local domain=$1
+    shift
     {
         echo "domain = \"$domain\""
         echo "data_dir = \"$scratch/$domain\""
@@ -96,13 +110,16 @@ write_config() {
         echo
         echo '[federation]'
         echo 'listen = "127.0.0.1:0"'
-        echo
-        echo '[[federation.peers]]'
-        echo "domain = \"$peer\""
-        if [ -n "$peer_address" ]; then
-            echo "address = \"$peer_address\""
-        fi
-        echo "keys = [{ key = \"$peer_key\" }]"
+        while [ "$#" -ge 3 ]; do
+            echo
+            echo '[[federation.peers]]'
+            echo "domain = \"$1\""
+            if [ "$3" != - ]; then
+                echo "address = \"$3\""
+            fi
+            echo "keys = [{ key = \"$2\" }]"
+            shift 3
+        done
     } > "$scratch/$domain.toml"
 }
 
@@ -129,31 +146,44 @@ start_server() {
     step "$domain: pid ${pids[-1]}, clients quic://$quic_address, federation quic://$federation_address, admin http://$admin_address"
 }
 
-mkdir -p "$scratch/a.test" "$scratch/b.test"
+mkdir -p "$scratch/a.test" "$scratch/b.test" "$scratch/c.test"
 key_a=$(federation_key "$scratch/a.test")
 key_b=$(federation_key "$scratch/b.test")
-[ -n "$key_a" ] && [ -n "$key_b" ] || fail "kalandra-server federation key printed no key"
-step "federation keys: a.test $key_a, b.test $key_b"
-
-write_config a.test b.test "$key_b" ""
+key_c=$(federation_key "$scratch/c.test")
+[ -n "$key_a" ] && [ -n "$key_b" ] && [ -n "$key_c" ] || fail "kalandra-server federation key printed no key"
+if [ "$domains" = 3 ]; then
+    step "federation keys: a.test $key_a, b.test $key_b, c.test $key_c"
+    write_config a.test b.test "$key_b" - c.test "$key_c" -
+else
+    step "federation keys: a.test $key_a, b.test $key_b"
+    write_config a.test b.test "$key_b" -
+fi
 start_server a.test
 a_quic=$quic_address a_admin=$admin_address a_federation=$federation_address
 write_config b.test a.test "$key_a" "$a_federation"
 start_server b.test
 b_quic=$quic_address b_admin=$admin_address
+if [ "$domains" = 3 ]; then
+    write_config c.test a.test "$key_a" "$a_federation"
+    start_server c.test
+    c_quic=$quic_address c_admin=$admin_address
+fi
 
 admin() { # admin API $1, command $2...
     local url=$1
     shift
     "$cli_bin" admin --url "http://$url" --token-file "$scratch/admin-token" "$@"
 }
+connected() { # admin API $1: how many peers it is linked with
+    admin "$1" federation 2>/dev/null | grep -c '"connected": *true' || true
+}
 deadline=$((SECONDS + LINK_TIMEOUT_SECS))
-until admin "$a_admin" federation 2>/dev/null | grep -q '"connected": *true' \
-    && admin "$b_admin" federation 2>/dev/null | grep -q '"connected": *true'; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "a.test and b.test did not link in ${LINK_TIMEOUT_SECS}s (see $scratch/*.log)"
+until [ "$(connected "$a_admin")" -eq $((domains - 1)) ] && [ "$(connected "$b_admin")" -eq 1 ] \
+    && { [ "$domains" = 2 ] || [ "$(connected "$c_admin")" -eq 1 ]; }; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "the domains did not link in ${LINK_TIMEOUT_SECS}s (see $scratch/*.log)"
     sleep 0.2
 done
-step "a.test and b.test are linked (kalandra admin federation: connected)"
+step "a.test is linked with its $((domains - 1)) peer(s) (kalandra admin federation: connected)"
 
 kalandra() { # device $1, command $2...
     local device=$1
@@ -165,6 +195,11 @@ alice=$(kalandra alice init --server "$a_quic" --server-cert "$scratch/a.test/tl
 bob=$(kalandra bob init --server "$b_quic" --server-cert "$scratch/b.test/tls/cert.pem") \
     || fail "bob's init on b.test"
 step "alice is $alice on a.test, bob is $bob on b.test"
+if [ "$domains" = 3 ]; then
+    carol=$(kalandra carol init --server "$c_quic" --server-cert "$scratch/c.test/tls/cert.pem") \
+        || fail "carol's init on c.test"
+    step "carol is $carol on c.test"
+fi
 
 room=$(kalandra alice room create) || fail "alice's room create"
 step "alice created room $room"
@@ -172,8 +207,18 @@ invited=$(kalandra alice invite --room "$room" --domain b.test "$bob") || fail "
 step "alice invited bob of b.test: $invited"
 joined=$(kalandra bob join --room "$room" --wait-ms 30000) || fail "bob's join through b.test"
 step "bob: $joined"
+if [ "$domains" = 3 ]; then
+    invited=$(kalandra alice invite --room "$room" --domain c.test "$carol") \
+        || fail "alice's invite of carol of c.test"
+    step "alice invited carol of c.test: $invited"
+    joined=$(kalandra carol join --room "$room" --wait-ms 30000) || fail "carol's join through c.test"
+    step "carol: $joined"
+fi
 kalandra alice send --room "$room" "hello bob, from a.test" > /dev/null || fail "alice's send"
 kalandra bob send --room "$room" "hello alice, from b.test" > /dev/null || fail "bob's send"
+if [ "$domains" = 3 ]; then
+    kalandra carol send --room "$room" "hello both, from c.test" > /dev/null || fail "carol's send"
+fi
 
 alice_history=$(kalandra alice history --room "$room") || fail "alice's history"
 bob_history=$(kalandra bob history --room "$room") || fail "bob's history"
@@ -190,4 +235,19 @@ printf '%s\n' "$bob_history" | grep -q "	$alice	hello bob, from a.test\$" \
 messages() { printf '%s\n' "$1" | grep -v '	\* ' || true; }
 [ "$(messages "$alice_history")" = "$(messages "$bob_history")" ] \
     || fail "alice and bob read different messages or orders"
-step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server"
+if [ "$domains" = 2 ]; then
+    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server"
+    exit 0
+fi
+carol_history=$(kalandra carol history --room "$room") || fail "carol's history"
+step "carol's history:"
+printf '%s\n' "$carol_history" | sed 's/^/    /'
+printf '%s\n' "$alice_history" | grep -q "	$carol	hello both, from c.test\$" \
+    || fail "alice does not read carol's message"
+printf '%s\n' "$carol_history" | grep -q "	$bob	hello alice, from b.test\$" \
+    || fail "carol does not read bob's message"
+# carol joined before anyone wrote: all three read the same messages in
+# the same order.
+[ "$(messages "$alice_history")" = "$(messages "$carol_history")" ] \
+    || fail "alice and carol read different messages or orders"
+step "OK: alice (a.test), bob (b.test) and carol (c.test) read each other's messages in one order, each through its own server"
