@@ -301,8 +301,9 @@ impl<G: ServerGroup> Core<G> {
                     }
                 }
                 FeedItem::CaughtUp { room_id, next_log_index, log_head } => {
-                    self.follows.caught_up(room_id, next_log_index, log_head);
-                    self.go_live(room_id);
+                    if self.follows.caught_up(room_id, next_log_index, log_head) {
+                        self.go_live(room_id);
+                    }
                 }
                 FeedItem::FollowAgain(room_id) => self.follow_room(room_id, tx),
                 FeedItem::Refused { room_id, code, message } => {

@@ -526,6 +526,12 @@ async fn federation_a_domain_keeps_a_replica_equal_to_the_authoritys_log_and_its
     let seen = bob.next_of(Opcode::Application).await;
     assert_eq!((seen.header().log_index(), text_of(&seen)), (ack.log_index, b"four".to_vec()));
     replica_equal(&domains, room).await;
+    // The live frame came with a's signed head after it (a checkpoint), which b checks too.
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    while counter(&domains.b, HEADS, "outcome", "matched") <= checked {
+        assert!(Instant::now() < deadline, "b checked no head after the live frame");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // a goes down: bob still reads the room's whole history from b.
     let Domains { a, b, .. } = domains;

@@ -9,8 +9,10 @@
 //! A follow starts `CatchingUp` from the replica's head; it becomes `Live`
 //! only once the replica holds durably everything before the authority's
 //! `SyncDone` and the head the authority signed there matches the
-//! replica's own chain; a refusal or a head that does not hold makes it
-//! `Refused` until the link comes up again. Members read a live replica,
+//! replica's own chain; a live follow checks each later checkpoint (a
+//! `SyncDone` the authority sends after each durable run) the same way; a
+//! refusal or a head that does not hold makes it `Refused` until the link
+//! comes up again. Members read a live replica,
 //! and any replica while its authority is unreachable.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -188,11 +190,22 @@ impl FollowState {
         }
     }
 
-    /// The follow of `room_id` caught up at `next_log_index`.
-    pub fn caught_up(&mut self, room_id: RoomId, next_log_index: u64, log_head: Option<SignedLogHead>) {
-        if self.following.get(&room_id) == Some(&Following::CatchingUp) {
-            self.going_live.insert(room_id, (next_log_index, log_head));
+    /// The follow of `room_id` caught up at `next_log_index` (or, live,
+    /// the authority sent a checkpoint: its signed head after a durable
+    /// run). Returns whether a check must start: none was waiting for the
+    /// room (one waiting takes the newest head instead).
+    pub fn caught_up(
+        &mut self,
+        room_id: RoomId,
+        next_log_index: u64,
+        log_head: Option<SignedLogHead>,
+    ) -> bool {
+        match self.following.get(&room_id) {
+            Some(Following::CatchingUp) => {}
+            Some(Following::Live) if log_head.is_some() => {}
+            _ => return false,
         }
+        self.going_live.insert(room_id, (next_log_index, log_head)).is_none()
     }
 
     /// The authority refused to feed `room_id`.
@@ -217,7 +230,8 @@ impl FollowState {
         counts
     }
 
-    /// Rooms whose follow caught up and waits for the replica to be durable.
+    /// Rooms whose follow caught up (or got a checkpoint) and waits for
+    /// the replica to be durable there.
     pub fn going_live(&self) -> Vec<RoomId> {
         self.going_live.keys().copied().collect()
     }
@@ -407,7 +421,7 @@ mod tests {
         assert!(!state.reads_here(ROOM, true), "catching up: reads go to the authority");
         assert!(state.reads_here(ROOM, false), "the authority unreachable: the replica is read");
         let head = signed(9, [5; 32]);
-        state.caught_up(ROOM, 10, Some(head));
+        assert!(state.caught_up(ROOM, 10, Some(head)));
         assert_eq!(state.durable(ROOM, Some(9)), LiveStep::NotDurable);
         assert_eq!(state.durable(ROOM, Some(10)), LiveStep::CheckHead(head));
         assert_eq!(state.head_checked(ROOM, Some(Ok(HeadCheck::Matched))), (Some("matched"), LiveStep::Live));
@@ -420,7 +434,7 @@ mod tests {
     fn a_head_that_does_not_hold_refuses_the_replica_until_followed_again() {
         let mut state = FollowState::new();
         let _ = state.start(ROOM, Some(10));
-        state.caught_up(ROOM, 10, Some(signed(9, [5; 32])));
+        assert!(state.caught_up(ROOM, 10, Some(signed(9, [5; 32]))));
         let equivocation = HeadCheckError::Equivocation { log_index: 9, signed: [5; 32], replica: [6; 32] };
         assert_eq!(state.head_checked(ROOM, Some(Err(equivocation))), (Some("equivocation"), LiveStep::Idle));
         assert_eq!(state.following(ROOM), Some(Following::Refused));
@@ -430,17 +444,38 @@ mod tests {
     }
 
     #[test]
+    fn a_live_follow_checks_each_checkpoint_and_one_that_does_not_hold_refuses_it() {
+        let mut state = FollowState::new();
+        let _ = state.start(ROOM, Some(10));
+        assert!(state.caught_up(ROOM, 10, None), "caught up: a check starts");
+        assert_eq!(state.durable(ROOM, Some(10)), LiveStep::Live);
+        let first = signed(11, [5; 32]);
+        assert!(state.caught_up(ROOM, 12, Some(first)), "a live checkpoint starts a check");
+        let newer = signed(13, [6; 32]);
+        assert!(!state.caught_up(ROOM, 14, Some(newer)), "the waiting check takes the newest head");
+        assert_eq!(state.durable(ROOM, Some(14)), LiveStep::CheckHead(newer));
+        assert_eq!(state.head_checked(ROOM, Some(Ok(HeadCheck::Matched))), (Some("matched"), LiveStep::Idle));
+        assert_eq!(state.following(ROOM), Some(Following::Live), "still live");
+        assert!(!state.caught_up(ROOM, 15, None), "a live notice without a head checks nothing");
+        assert!(state.caught_up(ROOM, 16, Some(signed(15, [7; 32]))));
+        let equivocation = HeadCheckError::Equivocation { log_index: 15, signed: [7; 32], replica: [8; 32] };
+        assert_eq!(state.head_checked(ROOM, Some(Err(equivocation))), (Some("equivocation"), LiveStep::Idle));
+        assert_eq!(state.following(ROOM), Some(Following::Refused));
+        assert!(!state.reads_here(ROOM, true), "members no longer read it");
+    }
+
+    #[test]
     fn a_link_lost_while_catching_up_never_goes_live_on_the_old_follow() {
         let mut state = FollowState::new();
         let message = state.start(ROOM, None);
         assert!(matches!(message, LinkMessage::Follow { from_log_index: 0, .. }));
         assert!(!state.holds(ROOM));
-        state.caught_up(ROOM, 4, None);
+        assert!(state.caught_up(ROOM, 4, None));
         state.link_down([ROOM]);
         assert_eq!(state.durable(ROOM, Some(4)), LiveStep::Idle);
         assert_eq!(state.following(ROOM), None);
         // A caught-up notice of a follow not asked is ignored.
-        state.caught_up(ROOM, 4, None);
+        assert!(!state.caught_up(ROOM, 4, None));
         assert!(state.going_live().is_empty());
     }
 }

@@ -291,9 +291,10 @@ impl ReplicaFollower {
                     }
                 }
                 FeedItem::CaughtUp { room_id, next_log_index, log_head } => {
-                    lock(&self.state).caught_up(room_id, next_log_index, log_head);
-                    let follower = Arc::clone(self);
-                    tokio::spawn(async move { follower.go_live(room_id).await });
+                    if lock(&self.state).caught_up(room_id, next_log_index, log_head) {
+                        let follower = Arc::clone(self);
+                        tokio::spawn(async move { follower.go_live(room_id).await });
+                    }
                 }
                 FeedItem::FollowAgain(room_id) => self.follow(room_id).await,
                 FeedItem::Refused { room_id, code, message } => {

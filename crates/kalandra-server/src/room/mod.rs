@@ -64,6 +64,11 @@ pub mod limits {
     /// waits for the replica): the replica lags its authority by at most a
     /// few batches.
     pub const REPLICA_LAG_FRAMES_MAX: u64 = 4096;
+    /// Chain heads a replica keeps of the latest frames it took, to check
+    /// the signed heads its authority sends between frames (a checkpoint
+    /// follows the frames it covers, so it is checked a few frames late at
+    /// most).
+    pub const REPLICA_HEADS_KEPT_MAX: usize = 64;
 
     const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
     const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);

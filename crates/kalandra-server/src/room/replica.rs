@@ -98,7 +98,8 @@ pub fn check_authority_head(
 
 impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     /// Checks a head the authority of `room_id` signed against the
-    /// replica's durable chain (`None`: no replica of it here).
+    /// replica's chain at that index, among the latest frames it took or at
+    /// its durable end (`None`: no replica of it here).
     pub fn check_replica_head(
         &self,
         room_id: RoomId,
@@ -106,7 +107,8 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     ) -> Option<Result<HeadCheck, HeadCheckError>> {
         let room = self.rooms.get(&room_id).filter(|room| room.replica)?;
         let key = room.sequencer.group().authority_key();
-        Some(check_authority_head(room_id, room.sequencer.durable_log_head(), signed, key))
+        let at_index = room.sequencer.head_at(signed.log_index).map(|head| (signed.log_index, head));
+        Some(check_authority_head(room_id, at_index.or(room.sequencer.durable_log_head()), signed, key))
     }
 
     /// A frame the room's authority sequenced, in its order. Frames the

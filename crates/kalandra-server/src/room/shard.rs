@@ -1023,6 +1023,9 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 }
             }
         }
+        if let Some(last) = fanned_out {
+            checkpoint_replica_feeds(room_id, room, last + 1, run_head, &self.config.server_signer);
+        }
     }
 
     pub(super) fn maybe_snapshot(&mut self, room_id: RoomId) {
@@ -1098,6 +1101,33 @@ fn fan_out<G: PersistentGroup, P: Peer>(
     }
     if !lagging.is_empty() {
         drop_subscribers(&mut room.subscribers, |s| lagging.contains(&s.subscription));
+    }
+}
+
+/// After a durable run, each live replica feed of the room (another
+/// domain's follow) gets the authority's signed head at the run's end, as
+/// a `SyncDone` (`live`), so that replicas check the log's order as frames
+/// keep coming, not only when a follow catches up. `run_head` is reused
+/// when it is that head. A feed too full to take it misses this one.
+fn checkpoint_replica_feeds<G: PersistentGroup, P: Peer>(
+    room_id: RoomId,
+    room: &Room<G, P>,
+    next_log_index: u64,
+    run_head: Option<SignedLogHead>,
+    signer: &ServerSigner,
+) {
+    let feeds = || room.subscribers.iter().filter(|s| s.live && s.peer.reads_everything());
+    if feeds().next().is_none() {
+        return;
+    }
+    let signed = run_head
+        .filter(|head| head.log_index.checked_add(1) == Some(next_log_index))
+        .or_else(|| room.signed_head_before(room_id, next_log_index, signer));
+    let Some(signed) = signed else { return };
+    let done = payload::SyncDone { next_log_index, live: true, log_head: Some(signed) };
+    let frame = reply_frame(room_id, 0, &done);
+    for feed in feeds() {
+        let _ = feed.peer.try_send(frame.clone());
     }
 }
 

@@ -357,6 +357,10 @@ pub struct RoomSequencer<G: GroupState> {
     policy: RoomPolicy,
     /// The latest commit while it can be voided (`void.rs`).
     void: void::VoidState,
+    /// Of a replica: the chain's head after each of the latest frames taken
+    /// (at most [`REPLICA_HEADS_KEPT_MAX`]), to check the authority's signed
+    /// heads against while frames keep coming.
+    replica_heads: VecDeque<(u64, LogHead)>,
 }
 
 impl<G: GroupState> RoomSequencer<G> {
@@ -403,6 +407,7 @@ impl<G: GroupState> RoomSequencer<G> {
             policy,
             group,
             void: void::VoidState::default(),
+            replica_heads: VecDeque::new(),
         };
         let epoch = room.group.epoch();
         let sequenced = room.stamp(&mut frame, now_ms);
@@ -444,6 +449,7 @@ impl<G: GroupState> RoomSequencer<G> {
             policy: point.policy,
             group,
             void: void::VoidState::default(),
+            replica_heads: VecDeque::new(),
         }
     }
 

@@ -6,11 +6,12 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use kalandra_proto::chain::{LogChain, GENESIS_LOG_HEAD};
+use kalandra_proto::chain::{LogChain, LogHead, GENESIS_LOG_HEAD};
 use kalandra_proto::payload::CreateRoom;
 use kalandra_proto::{Frame, Opcode, RoomId};
 
 use super::{CommitFollowUp, GroupState, InFlight, ReplayError, RoomSequencer, Sequenced, SERVER_SENDER_ID};
+use crate::room::limits::REPLICA_HEADS_KEPT_MAX;
 use crate::room::roles::RoomPolicy;
 
 impl<G: GroupState> RoomSequencer<G> {
@@ -46,6 +47,7 @@ impl<G: GroupState> RoomSequencer<G> {
             policy,
             group,
             void: super::void::VoidState::default(),
+            replica_heads: VecDeque::new(),
         };
         let sequenced = replica.replicate(frame)?;
         Ok((replica, sequenced))
@@ -57,6 +59,10 @@ impl<G: GroupState> RoomSequencer<G> {
     pub fn replicate(&mut self, frame: Frame) -> Result<Sequenced, ReplayError> {
         let summary = self.apply_ordered(&frame)?;
         let log_index = frame.header().log_index();
+        if self.replica_heads.len() == REPLICA_HEADS_KEPT_MAX {
+            self.replica_heads.pop_front();
+        }
+        self.replica_heads.push_back((log_index, self.chain.head));
         let ratchet_tree = bytes::Bytes::new();
         self.in_flight.push_back(InFlight {
             log_index,
@@ -69,5 +75,13 @@ impl<G: GroupState> RoomSequencer<G> {
             commit: summary.map(|summary| Box::new(CommitFollowUp { summary, welcome: None, ratchet_tree })),
         });
         Ok(Sequenced { log_index, frame })
+    }
+
+    /// The chain's head after the frame at `log_index`, if it is among the
+    /// latest the replica took, or is its durable end.
+    pub fn head_at(&self, log_index: u64) -> Option<LogHead> {
+        let kept = self.replica_heads.iter().rev().find(|(index, _)| *index == log_index);
+        let durable = self.durable_log_head().filter(|(last, _)| *last == log_index);
+        kept.or(durable.as_ref()).map(|(_, head)| *head)
     }
 }
