@@ -267,7 +267,7 @@ async fn run_federation(cli: Cli) -> Result<(), BenchError> {
     let common = Common { nonce: run_nonce(), quiet: cli.quiet || cli.json };
     let data_dir = cli.data_dir.clone();
     let nonce = common.nonce;
-    let pair = tokio::task::spawn_blocking(move || {
+    let mut pair = tokio::task::spawn_blocking(move || {
         scenarios::federation::ServerPair::start(&binary, data_dir.as_deref(), nonce)
     })
     .await
@@ -290,7 +290,13 @@ async fn run_federation(cli: Cli) -> Result<(), BenchError> {
                 frames_per_sender,
                 throughput_window,
             };
-            let result = scenarios::federation::run(&a, &b, common, &params).await;
+            let mut result = scenarios::federation::run(&a, &b, common, &params).await;
+            if let Ok(reports) = &mut result {
+                match scenarios::federation::catch_up(&a, &b, &mut pair, common, &params).await {
+                    Ok(report) => reports.push(report),
+                    Err(error) => result = Err(error),
+                }
+            }
             a.close();
             b.close();
             result

@@ -58,6 +58,10 @@ pub struct ServerProcess {
     log_path: PathBuf,
     /// The server-to-server listener's address, when federation is configured.
     pub federation_address: Option<SocketAddr>,
+    /// The admin HTTP listener's address (health, metrics).
+    pub admin_address: Option<SocketAddr>,
+    /// The directory holding its configuration, data and log.
+    dir: PathBuf,
 }
 
 /// What a started server is configured with beyond [`BENCH_SERVER_CONFIG`].
@@ -119,43 +123,11 @@ impl ServerProcess {
             None => format!("{BENCH_SERVER_CONFIG}{}", options.extra_config),
         };
         std::fs::write(&config, text).map_err(|e| fail(format!("writing the config: {e}")))?;
-        let server_data = dir.join("data");
         if let Some(seed) = options.federation_key_seed {
-            write_key_file(&server_data, &seed)
+            write_key_file(&dir.join("data"), &seed)
                 .map_err(|e| fail(format!("writing the federation key: {e}")))?;
         }
-        let log_path = dir.join("server.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| fail(format!("log file: {e}")))?;
-        let mut command = Command::new(binary);
-        command
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&server_data)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--admin-listen")
-            .arg("127.0.0.1:0")
-            .arg("--log-format")
-            .arg("text")
-            .arg("--log-filter")
-            .arg("warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log));
-        for variable in SERVER_ENVIRONMENT {
-            command.env_remove(variable);
-        }
-        let mut child = command.spawn().map_err(|e| fail(e.to_string()))?;
-        let stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
-        let (lines_in, lines) = mpsc::channel::<String>();
-        // Drains stdout for the life of the process.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = lines_in.send(line);
-            }
-        });
+        let (child, lines, log_path) = spawn(binary, &dir)?;
         let mut process = ServerProcess {
             child,
             binary: binary.to_owned(),
@@ -165,9 +137,30 @@ impl ServerProcess {
                 pid: None,
             },
             _data_dir: temp,
+            dir,
             log_path,
             federation_address: None,
+            admin_address: None,
         };
+        process.wait_listening(&lines)?;
+        Ok(process)
+    }
+
+    /// Stops the server and keeps its data directory for [`ServerProcess::start_again`]. Blocking.
+    pub fn pause(&mut self) -> Result<(), BenchError> {
+        self.terminate()
+    }
+
+    /// Starts a server stopped by [`ServerProcess::pause`] again. Blocking.
+    pub fn start_again(&mut self) -> Result<(), BenchError> {
+        let (child, lines, log_path) = spawn(&self.binary, &self.dir)?;
+        (self.child, self.log_path) = (child, log_path);
+        self.wait_listening(&lines)
+    }
+
+    /// Reads the server's first lines until it prints its address.
+    fn wait_listening(&mut self, lines: &mpsc::Receiver<String>) -> Result<(), BenchError> {
+        let fail = |detail: String| BenchError::ServerStart { path: self.binary.clone(), detail };
         let deadline = Instant::now() + Duration::from_millis(SERVER_STARTUP_TIMEOUT_MS);
         let mut fingerprint = None;
         loop {
@@ -178,27 +171,28 @@ impl ServerProcess {
                     return Err(fail(format!("it did not listen within {SERVER_STARTUP_TIMEOUT_MS} ms")))
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = process.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                    return Err(fail(format!(
-                        "it exited before listening ({status}): {}",
-                        process.log_tail()
-                    )));
+                    let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    return Err(fail(format!("it exited before listening ({status}): {}", self.log_tail())));
                 }
             };
             if let Some(hex) = line.strip_prefix("certificate fingerprint (sha256): ") {
                 fingerprint = client_core::connection::parse_fingerprint(hex.trim());
             } else if let Some(rest) = line.strip_prefix("federation links on quic://") {
-                process.federation_address = rest.split(' ').next().and_then(|a| a.parse().ok());
+                self.federation_address = rest.split(' ').next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("listening on quic://") {
                 let address = rest
                     .split(' ')
                     .next()
                     .and_then(|a| a.parse().ok())
                     .ok_or_else(|| fail(format!("unreadable address line: {line}")))?;
+                self.admin_address = rest
+                    .split("(admin http://")
+                    .nth(1)
+                    .and_then(|tail| tail.trim_end_matches(')').parse().ok());
                 let fingerprint =
                     fingerprint.ok_or_else(|| fail("no fingerprint printed before the address".into()))?;
-                process.target = ServerTarget { address, fingerprint, pid: Some(process.child.id()) };
-                return Ok(process);
+                self.target = ServerTarget { address, fingerprint, pid: Some(self.child.id()) };
+                return Ok(());
             }
         }
     }
@@ -235,6 +229,49 @@ impl ServerProcess {
             detail: format!("it did not stop within {SERVER_STOP_TIMEOUT_MS} ms of SIGTERM and was killed"),
         })
     }
+}
+
+/// Starts the server whose configuration is in `dir` (data in `dir/data`,
+/// log in `dir/server.log`); its stdout lines come on the receiver.
+fn spawn(binary: &Path, dir: &Path) -> Result<(Child, mpsc::Receiver<String>, PathBuf), BenchError> {
+    let fail = |detail: String| BenchError::ServerStart { path: binary.to_owned(), detail };
+    let log_path = dir.join("server.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| fail(format!("log file: {e}")))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(dir.join("kalandra-bench.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--admin-listen")
+        .arg("127.0.0.1:0")
+        .arg("--log-format")
+        .arg("text")
+        .arg("--log-filter")
+        .arg("warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    for variable in SERVER_ENVIRONMENT {
+        command.env_remove(variable);
+    }
+    let mut child = command.spawn().map_err(|e| fail(e.to_string()))?;
+    let stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
+    let (lines_in, lines) = mpsc::channel::<String>();
+    // Drains stdout for the life of the process.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = lines_in.send(line);
+        }
+    });
+    Ok((child, lines, log_path))
 }
 
 /// Writes `seed` as the server's federation key file (owner-only, as the server creates it).

@@ -13,6 +13,11 @@
 //!   in a room of a whose members are all a's (the sender too).
 //! - cross-domain throughput: several pipelined senders on b in one room
 //!   of a, against as many senders on a in another room of a.
+//! - replica catch-up ([`catch_up`]): b's replica of a room of a, live,
+//!   falls behind while b is stopped and the senders on a write; b starts
+//!   again and follows the room from its replica's head. Measured from b's
+//!   link with a up to b's replica live again (durable through a's head,
+//!   a's signed head checked), read off b's metrics.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -892,15 +897,12 @@ async fn pipelined_run(
             |_, _| {},
         ));
     }
-    let progress = Progress::start(
-        if label == "local" {
-            "federation throughput, local senders: acknowledged"
-        } else {
-            "federation throughput, senders on b: acknowledged"
-        },
-        total as u64,
-        common.quiet,
-    );
+    let title = match label {
+        "local" => "federation throughput, local senders: acknowledged",
+        "catch-up" => "federation catch-up, senders on a while b is down: acknowledged",
+        _ => "federation throughput, senders on b: acknowledged",
+    };
+    let progress = Progress::start(title, total as u64, common.quiet);
     let counter = progress.counter();
     let timed = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -941,6 +943,114 @@ async fn pipelined_run(
         receiver_deliveries: deliveries.received.load(Ordering::Relaxed),
         receiver_deliveries_expected: expected,
     })
+}
+
+/// Interval between two reads of b's metrics in the catch-up part.
+const CATCH_UP_POLL_MS: u64 = 5;
+/// Longest the catch-up part waits for b's link or replica.
+const CATCH_UP_TIMEOUT_MS: u64 = 300_000;
+
+/// The catch-up part (see the module's list). Stops and starts b itself.
+pub async fn catch_up(
+    a: &Arc<Clients>,
+    b: &Arc<Clients>,
+    pair: &mut ServerPair,
+    common: Common,
+    params: &FederationParams,
+) -> Result<Report, BenchError> {
+    let mut report = Report::new("federation-catch-up");
+    report
+        .parameter("senders", params.senders)
+        .parameter("frames_per_sender", params.frames_per_sender)
+        .parameter("window", params.throughput_window)
+        .parameter("message_bytes", params.message_bytes);
+    let plan = PlanAcross {
+        seed: (common.nonce, "federation-catch-up", 0),
+        on_a: 1 + params.senders,
+        on_b: 1,
+        a_joiners: params.senders,
+        b_joiners: 0,
+    };
+    let RoomAcross { room_id, mut on_a, on_b, next_log_index, .. } = build_across(a, b, &plan).await?;
+    let live = format!("kalandra_federation_peer_replicas{{peer=\"{DOMAIN_A}\",state=\"live\"}} ");
+    let catching_up =
+        format!("kalandra_federation_peer_replicas{{peer=\"{DOMAIN_A}\",state=\"catching_up\"}} ");
+    let link = format!("kalandra_federation_link_up{{peer=\"{DOMAIN_A}\"}} ");
+    // b keeps replicas of the earlier parts' rooms too: all of them live.
+    let admin = admin_of(&pair.b)?;
+    let settled = |page: &str| metric(page, &live) >= Some(1) && metric(page, &catching_up) == Some(0);
+    wait_for_page(admin, "b's replicas live", settled).await?;
+    let replicas = read_page(admin).await.and_then(|page| metric(&page, &live)).unwrap_or(1);
+    drop(on_b);
+    tokio::task::block_in_place(|| pair.b.pause())?;
+    let senders = on_a.split_off(1);
+    let written = pipelined_run(senders, room_id, on_a, params, common, "catch-up").await?;
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| pair.b.start_again())?;
+    let admin = admin_of(&pair.b)?;
+    let linked = wait_for_page(admin, "b's link with a", |page| metric(page, &link) == Some(1)).await?;
+    let all_live = |page: &str| metric(page, &live) >= Some(replicas);
+    let caught_up = wait_for_page(admin, "b's replicas live again", all_live).await?;
+    let seconds = caught_up.duration_since(linked).as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    {
+        let behind = written.acked as f64;
+        report.figure("replica_behind_frames", behind, "frames");
+        report.figure("replica_head_before_frames", next_log_index as f64, "frames");
+        let from_restart = caught_up.duration_since(restarted).as_secs_f64();
+        report.figure("restart_to_link_seconds", linked.duration_since(restarted).as_secs_f64(), "s");
+        report.figure("catch_up_seconds", seconds, "s");
+        report.figure("catch_up_frames_per_second", behind / seconds.max(f64::EPSILON), "frames/s");
+        report.figure("restart_to_live_seconds", from_restart, "s");
+        report.figure(
+            "catch_up_with_restart_frames_per_second",
+            behind / from_restart.max(f64::EPSILON),
+            "frames/s",
+        );
+    }
+    report.note("b's replica of a room of a is live (with b's replicas of the earlier parts' rooms); b stops (SIGTERM), the senders on a write; b starts again on the same data and follows every room from its replica's head; catch-up runs from b's link with a up to all of b's replicas live again (durable through a's head and a's signed head checked), read off b's metrics every 5 ms (so a catch-up shorter than a few polls is not resolved); with_restart counts from b's start, process start and link handshake included");
+    Ok(report)
+}
+
+fn admin_of(server: &ServerProcess) -> Result<std::net::SocketAddr, BenchError> {
+    server.admin_address.ok_or_else(|| BenchError::Unexpected {
+        request: "server start",
+        detail: "b did not print its admin address".into(),
+    })
+}
+
+/// Reads the metrics page at `admin` until `ready` holds of it; the
+/// moment it was read so.
+async fn wait_for_page(
+    admin: std::net::SocketAddr,
+    what: &'static str,
+    ready: impl Fn(&str) -> bool,
+) -> Result<Instant, BenchError> {
+    let deadline = Instant::now() + Duration::from_millis(CATCH_UP_TIMEOUT_MS);
+    loop {
+        if read_page(admin).await.is_some_and(|page| ready(&page)) {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::TimedOut { what, timeout_ms: CATCH_UP_TIMEOUT_MS });
+        }
+        tokio::time::sleep(Duration::from_millis(CATCH_UP_POLL_MS)).await;
+    }
+}
+
+/// The server's metrics page, over plain HTTP/1.0; `None` if unreadable.
+async fn read_page(admin: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+    let mut page = Vec::new();
+    stream.read_to_end(&mut page).await.ok()?;
+    Some(String::from_utf8_lossy(&page).into_owned())
+}
+
+/// The value of `series` (its name and labels, then a space) on `page`.
+fn metric(page: &str, series: &str) -> Option<u64> {
+    page.lines().find_map(|line| line.strip_prefix(series)).and_then(|value| value.trim().parse().ok())
 }
 
 #[cfg(test)]
