@@ -445,6 +445,45 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
     linked(&a, "b.test").await;
 }
 
+/// A live replica checks a's signed head every
+/// `REPLICA_CHECKPOINT_FRAMES` frames (a checkpoint on the feed), not only
+/// when its follow catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_a_live_replica_checks_the_authoritys_signed_head_as_frames_keep_coming() {
+    const HEADS: &str = "kalandra_federation_replica_heads_total";
+    let dir = tempfile::tempdir().unwrap();
+    let domains = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&domains.b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&domains.a, "alice", 1).await;
+    let room = RoomId([0x5c; 16]);
+    invite_bob(&mut alice, &bob, room).await;
+    tokio::time::timeout(FEDERATION_TIMEOUT, bob.join_from_welcome(room)).await.unwrap();
+    bob.subscribe(0).await;
+    read_to_sync_done(&mut bob).await;
+    let checked = |outcome| counter(&domains.b, HEADS, "outcome", outcome);
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    while checked("matched") + checked("not_comparable") == 0 {
+        assert!(Instant::now() < deadline, "b's follow never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after_catch_up = checked("matched");
+    // One frame at a time, past the next multiple of 32: a checkpoint, checked live.
+    for n in 0..33 {
+        let ack: Ack = decode_ok(&alice.send_text(&format!("m{n}")).await);
+        assert_eq!(bob.next_of(Opcode::Application).await.header().log_index(), ack.log_index);
+    }
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    while checked("matched") <= after_catch_up {
+        assert!(Instant::now() < deadline, "b checked no head while live");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for outcome in ["equivocation", "bad_signature", "no_authority_key"] {
+        assert_eq!(checked(outcome), 0, "{outcome}");
+    }
+    replica_equal(&domains, room).await;
+}
+
 /// The frames of `room` a server stores, in log order.
 fn stored_frames(server: &common::TestServer, room: RoomId) -> Vec<bytes::Bytes> {
     let entries = server.store.read_range(room, 0, 10_000).unwrap();
@@ -526,12 +565,6 @@ async fn federation_a_domain_keeps_a_replica_equal_to_the_authoritys_log_and_its
     let seen = bob.next_of(Opcode::Application).await;
     assert_eq!((seen.header().log_index(), text_of(&seen)), (ack.log_index, b"four".to_vec()));
     replica_equal(&domains, room).await;
-    // The live frame came with a's signed head after it (a checkpoint), which b checks too.
-    let deadline = Instant::now() + FEDERATION_TIMEOUT;
-    while counter(&domains.b, HEADS, "outcome", "matched") <= checked {
-        assert!(Instant::now() < deadline, "b checked no head after the live frame");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     // a goes down: bob still reads the room's whole history from b.
     let Domains { a, b, .. } = domains;

@@ -29,7 +29,7 @@ use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
 use crate::admin::metrics::Metrics;
-use crate::federation::follow::{FeedItem, FollowState, LiveStep};
+use crate::federation::follow::{FeedItem, FollowState, Following, LiveStep};
 use crate::federation::handshake::{encode_established, LinkMessage};
 use crate::federation::registry::LinkRegistry;
 use crate::federation::relay::frame_messages;
@@ -250,10 +250,17 @@ impl ReplicaFollower {
         self.metrics.federation_replicas(peer.as_str(), counts);
     }
 
-    /// The link with `peer` is up: every room it orders is followed.
+    /// A link with `peer` is up: every room it orders that is not followed
+    /// yet (or was refused) is followed. A second link with the same peer
+    /// leaves follows under way or live alone.
     pub fn link_up(self: &Arc<Self>, peer: &DomainName) {
         let follower = Arc::clone(self);
-        let rooms = self.rooms.ordered_by(peer);
+        let rooms: Vec<RoomId> = {
+            let state = lock(&self.state);
+            let idle =
+                |room_id: &RoomId| matches!(state.following(*room_id), None | Some(Following::Refused));
+            self.rooms.ordered_by(peer).into_iter().filter(idle).collect()
+        };
         tokio::spawn(async move {
             for room_id in rooms {
                 follower.follow(room_id).await;

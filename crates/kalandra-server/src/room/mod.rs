@@ -69,8 +69,16 @@ pub mod limits {
     /// follows the frames it covers, so it is checked a few frames late at
     /// most).
     pub const REPLICA_HEADS_KEPT_MAX: usize = 64;
+    /// A room's live replica feeds get the authority's signed head (a
+    /// checkpoint) after each durable run that reaches a multiple of this
+    /// many frames: one signature check per this many frames at a replica.
+    pub const REPLICA_CHECKPOINT_FRAMES: u64 = 32;
 
     const _: () = assert!(SHARD_COMMANDS_PER_BATCH_MAX <= SHARD_INBOX_COMMANDS_MAX);
+    const _: () = assert!(
+        REPLICA_HEADS_KEPT_MAX as u64 >= 2 * REPLICA_CHECKPOINT_FRAMES,
+        "a checkpoint reached a little late still finds its head"
+    );
     const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);
     const _: () = assert!(
         HISTORY_READ_FRAMES_MAX <= crate::store::limits::READ_RANGE_ENTRIES_MAX,

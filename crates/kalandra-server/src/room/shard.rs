@@ -970,6 +970,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         // and the fan-out reuses the encoding made for storage.
         let mut acknowledged: Option<(u64, Option<ConnectionId>, Bytes)> = None;
         let mut fanned_out = None;
+        let mut first_fanned_out = None;
         for effect in effects.drain(..) {
             match effect {
                 Effect::Acknowledge { log_index, epoch, server_time_ms, request_id, log_head, .. } => {
@@ -991,6 +992,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 Effect::FanOut { frame, .. } => {
                     let log_index = frame.header().log_index();
                     fanned_out = Some(log_index);
+                    first_fanned_out.get_or_insert(log_index);
                     let (submitter, bytes) = match acknowledged.take() {
                         Some((acked, connection, encoded)) if acked == log_index => (connection, encoded),
                         // The server's own proposals are not acknowledged.
@@ -1023,8 +1025,11 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 }
             }
         }
-        if let Some(last) = fanned_out {
-            checkpoint_replica_feeds(room_id, room, last + 1, run_head, &self.config.server_signer);
+        if let (Some(first), Some(last)) = (first_fanned_out, fanned_out) {
+            // Every REPLICA_CHECKPOINT_FRAMES frames: the run holds a checkpoint index.
+            if (last + 1) / REPLICA_CHECKPOINT_FRAMES > first / REPLICA_CHECKPOINT_FRAMES {
+                checkpoint_replica_feeds(room_id, room, last + 1, run_head, &self.config.server_signer);
+            }
         }
     }
 
@@ -1104,10 +1109,11 @@ fn fan_out<G: PersistentGroup, P: Peer>(
     }
 }
 
-/// After a durable run, each live replica feed of the room (another
-/// domain's follow) gets the authority's signed head at the run's end, as
-/// a `SyncDone` (`live`), so that replicas check the log's order as frames
-/// keep coming, not only when a follow catches up. `run_head` is reused
+/// After a durable run that reaches a multiple of
+/// [`REPLICA_CHECKPOINT_FRAMES`] frames, each live replica feed of the room
+/// (another domain's follow) gets the authority's signed head at the run's
+/// end, as a `SyncDone` (`live`), so that replicas check the log's order as
+/// frames keep coming, not only when a follow catches up. `run_head` is reused
 /// when it is that head. A feed too full to take it misses this one.
 fn checkpoint_replica_feeds<G: PersistentGroup, P: Peer>(
     room_id: RoomId,
