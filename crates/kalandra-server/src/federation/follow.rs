@@ -3,7 +3,7 @@
 //! room's authority sends. Events go in (the link came up or went down,
 //! frames arrived, the replica became durable, a signed head was
 //! checked); messages to send and frames to take come out as data.
-//! [`super::replica::ReplicaFollower`] drives it over the QUIC links and
+//! `ReplicaFollower` (in `replica.rs`) drives it over the QUIC links and
 //! the node; the simulation drives the same code over its own links.
 //!
 //! A follow starts `CatchingUp` from the replica's head; it becomes `Live`
