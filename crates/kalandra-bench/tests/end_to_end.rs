@@ -141,7 +141,7 @@ fn a_tiny_federation_run_measures_every_delivery_across_two_linked_servers() {
         "--throughput-window",
         "4",
     ]));
-    assert_eq!(reports.len(), 2);
+    assert_eq!(reports.len(), 3);
     let lag = &reports[0];
     assert_eq!(lag["scenario"], "federation-lag");
     // Two rounds of 50 frames; the local room has as many receivers as the
@@ -163,6 +163,12 @@ fn a_tiny_federation_run_measures_every_delivery_across_two_linked_servers() {
     assert_eq!(figure(throughput, "across_receiver_deliveries"), 40.0, "the creator on a gets them all");
     assert_eq!(figure(throughput, "refused_frames"), 0.0);
     assert!(figure(throughput, "across_acked_frames_per_second") > 0.0);
+
+    let catch_up = &reports[2];
+    assert_eq!(catch_up["scenario"], "federation-catch-up");
+    assert_eq!(figure(catch_up, "replica_behind_frames"), 40.0, "written on a while b was down");
+    assert!(figure(catch_up, "catch_up_frames_per_second") > 0.0);
+    assert!(figure(catch_up, "restart_to_live_seconds") >= figure(catch_up, "catch_up_seconds"));
 }
 
 #[test]
