@@ -307,11 +307,11 @@ impl ReplicaFollower {
                 FeedItem::Refused { room_id, code, message } => {
                     tracing::info!(%room_id, code, %message, "the room's authority refused to feed its replica");
                     lock(&self.state).refused(room_id);
+                    self.publish(peer);
                 }
                 FeedItem::Dropped(label) => self.metrics.relay_refused(peer.as_str(), label),
             }
         }
-        self.publish(peer);
     }
 
     /// A caught-up follow goes live once the replica is durable through
