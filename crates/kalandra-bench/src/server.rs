@@ -55,7 +55,6 @@ pub struct ServerProcess {
     pub target: ServerTarget,
     /// Keeps the temporary data directory (unless one was given).
     _data_dir: Option<tempfile::TempDir>,
-    log_path: PathBuf,
     /// The server-to-server listener's address, when federation is configured.
     pub federation_address: Option<SocketAddr>,
     /// The admin HTTP listener's address (health, metrics).
@@ -127,7 +126,7 @@ impl ServerProcess {
             write_key_file(&dir.join("data"), &seed)
                 .map_err(|e| fail(format!("writing the federation key: {e}")))?;
         }
-        let (child, lines, log_path) = spawn(binary, &dir)?;
+        let (child, lines) = spawn(binary, &dir)?;
         let mut process = ServerProcess {
             child,
             binary: binary.to_owned(),
@@ -138,7 +137,6 @@ impl ServerProcess {
             },
             _data_dir: temp,
             dir,
-            log_path,
             federation_address: None,
             admin_address: None,
         };
@@ -153,8 +151,8 @@ impl ServerProcess {
 
     /// Starts a server stopped by [`ServerProcess::pause`] again. Blocking.
     pub fn start_again(&mut self) -> Result<(), BenchError> {
-        let (child, lines, log_path) = spawn(&self.binary, &self.dir)?;
-        (self.child, self.log_path) = (child, log_path);
+        let (child, lines) = spawn(&self.binary, &self.dir)?;
+        self.child = child;
         self.wait_listening(&lines)
     }
 
@@ -199,7 +197,7 @@ impl ServerProcess {
 
     /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let log = std::fs::read_to_string(self.dir.join(SERVER_LOG_FILE)).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
@@ -231,11 +229,14 @@ impl ServerProcess {
     }
 }
 
+/// The server's log, in its directory (appended to across restarts).
+const SERVER_LOG_FILE: &str = "server.log";
+
 /// Starts the server whose configuration is in `dir` (data in `dir/data`,
-/// log in `dir/server.log`); its stdout lines come on the receiver.
-fn spawn(binary: &Path, dir: &Path) -> Result<(Child, mpsc::Receiver<String>, PathBuf), BenchError> {
+/// log in [`SERVER_LOG_FILE`]); its stdout lines come on the receiver.
+fn spawn(binary: &Path, dir: &Path) -> Result<(Child, mpsc::Receiver<String>), BenchError> {
     let fail = |detail: String| BenchError::ServerStart { path: binary.to_owned(), detail };
-    let log_path = dir.join("server.log");
+    let log_path = dir.join(SERVER_LOG_FILE);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -271,7 +272,7 @@ fn spawn(binary: &Path, dir: &Path) -> Result<(Child, mpsc::Receiver<String>, Pa
             let _ = lines_in.send(line);
         }
     });
-    Ok((child, lines, log_path))
+    Ok((child, lines))
 }
 
 /// Writes `seed` as the server's federation key file (owner-only, as the server creates it).

@@ -787,12 +787,7 @@ async fn throughput(
     common: Common,
     params: &FederationParams,
 ) -> Result<Report, BenchError> {
-    let mut report = Report::new("federation-throughput");
-    report
-        .parameter("senders", params.senders)
-        .parameter("frames_per_sender", params.frames_per_sender)
-        .parameter("window", params.throughput_window)
-        .parameter("message_bytes", params.message_bytes);
+    let mut report = pipelined_report("federation-throughput", params);
     let setup = Instant::now();
     let local = build_across(
         a,
@@ -868,6 +863,17 @@ async fn throughput(
     report.figure("refused_frames", refused as f64, "frames");
     report.note("local: the senders and the receiving creator on a; across: the senders on b (each relayed by b as its own connection), the receiving creator on a; one room each, every sender's window refilled as acknowledgements arrive; local first, then across, on the same two servers");
     Ok(report)
+}
+
+/// A report of a part whose senders write pipelined, with their parameters.
+fn pipelined_report(scenario: &str, params: &FederationParams) -> Report {
+    let mut report = Report::new(scenario);
+    report
+        .parameter("senders", params.senders)
+        .parameter("frames_per_sender", params.frames_per_sender)
+        .parameter("window", params.throughput_window)
+        .parameter("message_bytes", params.message_bytes);
+    report
 }
 
 /// Sends every sender's frames pipelined; the receivers (on a) count deliveries.
@@ -958,12 +964,7 @@ pub async fn catch_up(
     common: Common,
     params: &FederationParams,
 ) -> Result<Report, BenchError> {
-    let mut report = Report::new("federation-catch-up");
-    report
-        .parameter("senders", params.senders)
-        .parameter("frames_per_sender", params.frames_per_sender)
-        .parameter("window", params.throughput_window)
-        .parameter("message_bytes", params.message_bytes);
+    let mut report = pipelined_report("federation-catch-up", params);
     let plan = PlanAcross {
         seed: (common.nonce, "federation-catch-up", 0),
         on_a: 1 + params.senders,
