@@ -373,13 +373,21 @@ impl World<'_> {
     /// ordered by the authority, as a Welcome of one of its members would
     /// record it; the replica then follows it.
     fn record_new_rooms(&mut self, replica: &ServerShared) {
+        let created: Vec<RoomId> = self
+            .server
+            .rooms
+            .borrow()
+            .keys()
+            .filter(|room_id| !self.replicas_recorded.contains(room_id))
+            .copied()
+            .collect();
+        if created.is_empty() {
+            return;
+        }
         let authority =
             kalandra_proto::federation::DomainName::parse(AUTHORITY_DOMAIN).expect("a domain name");
-        let created: Vec<RoomId> = self.server.rooms.borrow().keys().copied().collect();
         for room_id in created {
-            if !self.replicas_recorded.contains(&room_id)
-                && replica.disk.record_remote_room(room_id, &authority).is_ok()
-            {
+            if replica.disk.record_remote_room(room_id, &authority).is_ok() {
                 self.replicas_recorded.insert(room_id);
             }
         }
