@@ -17,8 +17,8 @@ use bytes::Bytes;
 use kalandra_proto::federation::DomainName;
 use kalandra_server::audit::{AuditEvent, AuditHead, AuditRecord};
 use kalandra_server::store::{
-    AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, KeyPackageCount,
-    KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
+    AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, JournaledErasure,
+    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
     ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction,
     RemoteRecordError, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration,
     RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError,
@@ -362,6 +362,31 @@ impl Store for SimDisk {
     ) -> Result<AuditRecord, RetentionError> {
         self.write("set_retention_audited", || {
             self.store().set_retention_audited(room_id, retention_ms, event)
+        })
+    }
+
+    fn erasures_after(
+        &self,
+        room_id: RoomId,
+        after_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<JournaledErasure>, ReadError> {
+        self.store().erasures_after(room_id, after_seq, count_max)
+    }
+
+    fn replica_erasure_cursor(&self, room_id: RoomId) -> Result<u64, ReadError> {
+        self.store().replica_erasure_cursor(room_id)
+    }
+
+    fn redact_replicated(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        cursor: u64,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        self.write("redact_replicated", || {
+            self.store().redact_replicated(room_id, log_indices, redaction, cursor)
         })
     }
 

@@ -802,6 +802,26 @@ mod tests {
         ) -> Result<Vec<RedactOutcome>, RedactError> {
             self.inner.redact(room_id, log_indices, redaction)
         }
+        fn erasures_after(
+            &self,
+            room_id: RoomId,
+            after_seq: u64,
+            count_max: usize,
+        ) -> Result<Vec<crate::store::JournaledErasure>, ReadError> {
+            self.inner.erasures_after(room_id, after_seq, count_max)
+        }
+        fn replica_erasure_cursor(&self, room_id: RoomId) -> Result<u64, ReadError> {
+            self.inner.replica_erasure_cursor(room_id)
+        }
+        fn redact_replicated(
+            &self,
+            room_id: RoomId,
+            log_indices: &[LogIndex],
+            redaction: &Redaction,
+            cursor: u64,
+        ) -> Result<Vec<RedactOutcome>, RedactError> {
+            self.inner.redact_replicated(room_id, log_indices, redaction, cursor)
+        }
         fn redact_audited(
             &self,
             room_id: RoomId,

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::limits::{
-    KEY_PACKAGES_PER_USER_MAX, REMOTE_ROOMS_MAX, REMOTE_USERS_MAX, REMOTE_USERS_PAGE_MAX,
+    ERASURES_PAGE_MAX, KEY_PACKAGES_PER_USER_MAX, REMOTE_ROOMS_MAX, REMOTE_USERS_MAX, REMOTE_USERS_PAGE_MAX,
     RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
 };
 use super::sealing::{self, DataKey, Record};
@@ -22,10 +22,10 @@ use super::{
     read_count_cap, validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
     validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
     welcome_page_allows, AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord,
-    InvariantViolation, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex,
-    PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId,
-    RoomMetadata, RoomMetadataError, RoomRetention, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts,
-    WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    InvariantViolation, JournaledErasure, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry,
+    LogIndex, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead,
+    RoomId, RoomMetadata, RoomMetadataError, RoomRetention, Store, StoredEntry, StoredWelcome, UserId,
+    WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
@@ -58,6 +58,10 @@ struct State {
     remote_users: BTreeMap<UserId, DomainName>,
     /// Other domains' rooms and their authorities.
     remote_rooms: BTreeMap<RoomId, DomainName>,
+    /// Each room's erasure journal.
+    erasures: BTreeMap<(RoomId, u64), Vec<LogIndex>>,
+    /// How far each replica here applied its authority's erasure journal.
+    replica_erasure_cursors: BTreeMap<RoomId, u64>,
 }
 
 /// In-memory store behind one mutex.
@@ -109,18 +113,22 @@ impl MemoryStore {
                 audit_head: None,
                 remote_users: BTreeMap::new(),
                 remote_rooms: BTreeMap::new(),
+                erasures: BTreeMap::new(),
+                replica_erasure_cursors: BTreeMap::new(),
             }),
         }
     }
 
     /// [`Store::redact`], appending `event` to the audit log when
-    /// something was erased; all or nothing.
+    /// something was erased and moving a replica's erasure cursor to
+    /// `cursor`; all or nothing.
     fn redact_in(
         &self,
         room_id: RoomId,
         log_indices: &[LogIndex],
         redaction: &Redaction,
         event: Option<&AuditEvent>,
+        cursor: Option<u64>,
     ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
         let mut state = self.lock()?;
         validate_redaction(room_id, log_indices, state.head(room_id))?;
@@ -164,6 +172,18 @@ impl MemoryStore {
                     outcomes.push(RedactOutcome::Erased);
                 }
                 _ => outcomes.push(RedactOutcome::AlreadyErased),
+            }
+        }
+        let erased = super::erased_indices(log_indices, &outcomes);
+        if !erased.is_empty() {
+            let seq =
+                state.erasures.range((room_id, 0)..=(room_id, u64::MAX)).next_back().map_or(0, |(k, _)| k.1);
+            state.erasures.insert((room_id, seq + 1), erased);
+        }
+        if let Some(cursor) = cursor {
+            let stored = state.replica_erasure_cursors.entry(room_id).or_insert(0);
+            if stored.checked_add(1) == Some(cursor) {
+                *stored = cursor;
             }
         }
         let record = match sealed {
@@ -316,7 +336,37 @@ impl Store for MemoryStore {
         log_indices: &[LogIndex],
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError> {
-        self.redact_in(room_id, log_indices, redaction, None).map(|(outcomes, _)| outcomes)
+        self.redact_in(room_id, log_indices, redaction, None, None).map(|(outcomes, _)| outcomes)
+    }
+
+    fn erasures_after(
+        &self,
+        room_id: RoomId,
+        after_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<JournaledErasure>, ReadError> {
+        let state = self.lock()?;
+        let from = (room_id, after_seq.saturating_add(1));
+        Ok(state
+            .erasures
+            .range(from..=(room_id, u64::MAX))
+            .take(count_max.min(ERASURES_PAGE_MAX))
+            .map(|(&(_, seq), log_indices)| JournaledErasure { seq, log_indices: log_indices.clone() })
+            .collect())
+    }
+
+    fn replica_erasure_cursor(&self, room_id: RoomId) -> Result<u64, ReadError> {
+        Ok(self.lock()?.replica_erasure_cursors.get(&room_id).copied().unwrap_or(0))
+    }
+
+    fn redact_replicated(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        cursor: u64,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        self.redact_in(room_id, log_indices, redaction, None, Some(cursor)).map(|(outcomes, _)| outcomes)
     }
 
     fn redact_audited(
@@ -326,7 +376,7 @@ impl Store for MemoryStore {
         redaction: &Redaction,
         event: &AuditEvent,
     ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
-        self.redact_in(room_id, log_indices, redaction, Some(event))
+        self.redact_in(room_id, log_indices, redaction, Some(event), None)
     }
 
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {

@@ -95,6 +95,9 @@ pub mod limits {
 
     /// Most log indices one [`redact`](super::Store::redact) call erases.
     pub const REDACT_ENTRIES_PER_CALL_MAX: usize = 1024;
+    /// Most journaled erasures one
+    /// [`erasures_after`](super::Store::erasures_after) page returns.
+    pub const ERASURES_PAGE_MAX: usize = 64;
     /// Shortest retention period a room may have, milliseconds.
     pub const RETENTION_MS_MIN: u64 = 1_000;
     /// Most rooms one [`retention_rooms`](super::Store::retention_rooms)
@@ -251,6 +254,16 @@ pub struct RoomRetention {
     /// Entries below this index have been swept (erased or kept for good:
     /// see [`retention`]); the next sweep starts here.
     pub swept_next_log_index: LogIndex,
+}
+
+/// One call's erasures in a room's erasure journal: what the room's
+/// replicas at other domains erase in turn ([`Store::erasures_after`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournaledErasure {
+    /// The journal's position: 1 for the room's first erasure, one more for each.
+    pub seq: u64,
+    /// The entries that call erased, in the order asked.
+    pub log_indices: Vec<LogIndex>,
 }
 
 /// A room and the index its next log entry will get.
@@ -935,6 +948,35 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError>;
 
+    /// The erasures of `room_id` journaled after position `after_seq`, in
+    /// order, at most `count_max` capped at [`ERASURES_PAGE_MAX`]. Every
+    /// call of [`Store::redact`] (or its variants) that erases something
+    /// appends one record to the room's journal, in the same transaction.
+    fn erasures_after(
+        &self,
+        room_id: RoomId,
+        after_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<JournaledErasure>, ReadError>;
+
+    /// How far this server's replica of `room_id` has applied the erasure
+    /// journal of the room's authority (0: nothing yet).
+    fn replica_erasure_cursor(&self, room_id: RoomId) -> Result<u64, ReadError>;
+
+    /// [`Store::redact`] of a replica applying its authority's journal
+    /// record `cursor`: also moves the replica's erasure cursor there, in
+    /// the same durable transaction (even when every entry was erased
+    /// already), if it is the record right after the cursor; otherwise the
+    /// cursor stays (records are applied in journal order, so that the
+    /// cursor never passes one that was not).
+    fn redact_replicated(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        cursor: u64,
+    ) -> Result<Vec<RedactOutcome>, RedactError>;
+
     /// The data key of an entry, `None` once erased (or if absent). Meant
     /// for verifying erasure (tests, audits); the server never needs it.
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError>;
@@ -1247,6 +1289,17 @@ pub(crate) fn validate_redaction(
         return Err(RedactError::IndexOutOfRange { room_id, log_index, next_log_index });
     }
     Ok(())
+}
+
+/// The indices a redaction erased (not those erased already), in the
+/// order asked: what the room's erasure journal records of it.
+pub(crate) fn erased_indices(log_indices: &[LogIndex], outcomes: &[RedactOutcome]) -> Vec<LogIndex> {
+    log_indices
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| **outcome == RedactOutcome::Erased)
+        .map(|(log_index, _)| *log_index)
+        .collect()
 }
 
 /// Checks a retention period.

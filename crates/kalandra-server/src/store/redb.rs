@@ -56,8 +56,9 @@ use rand_chacha::ChaCha20Rng;
 
 use super::backup::{BackupError, SnapshotCopy};
 use super::limits::{
-    KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, REMOTE_ROOMS_MAX, REMOTE_USERS_MAX,
-    REMOTE_USERS_PAGE_MAX, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX, WELCOMES_PER_RECIPIENT_MAX,
+    ERASURES_PAGE_MAX, KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT, REMOTE_ROOMS_MAX,
+    REMOTE_USERS_MAX, REMOTE_USERS_PAGE_MAX, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX,
+    WELCOMES_PER_RECIPIENT_MAX,
 };
 use super::sealing::{self, DataKey, KeyRun, Record};
 use super::{
@@ -65,10 +66,10 @@ use super::{
     read_count_cap, validate_batch, validate_group_info, validate_key_package_upload, validate_redaction,
     validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
     welcome_page_allows, AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord,
-    InvariantViolation, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex,
-    PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId,
-    RoomMetadata, RoomMetadataError, RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome,
-    UserId, WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    InvariantViolation, JournaledErasure, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry,
+    LogIndex, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead,
+    RoomId, RoomMetadata, RoomMetadataError, RoomRetention, StorageFailure, Store, StoredEntry,
+    StoredWelcome, UserId, WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use super::{stored_domain, RemoteRecordError};
@@ -108,6 +109,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
 const REMOTE_USERS: TableDefinition<u64, &str> = TableDefinition::new("remote_users_v1");
 /// Other domains' rooms and their authorities.
 const REMOTE_ROOMS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("remote_rooms_v1");
+/// Each room's erasure journal: room ‖ seq (big-endian) → the erased
+/// indices, 8 bytes big-endian each.
+const ERASURES: TableDefinition<&[u8; 24], &[u8]> = TableDefinition::new("erasures_v1");
+/// How far each replica here applied its authority's erasure journal.
+const REPLICA_ERASURES: TableDefinition<&[u8; 16], u64> = TableDefinition::new("replica_erasures_v1");
 
 /// `meta_v1` key of the schema version.
 const META_SCHEMA_VERSION: &str = "schema_version";
@@ -337,6 +343,8 @@ impl RedbStore {
             txn.open_table(AUDIT_HEAD).map_err(failed("open"))?;
             txn.open_table(REMOTE_USERS).map_err(failed("open"))?;
             txn.open_table(REMOTE_ROOMS).map_err(failed("open"))?;
+            txn.open_table(ERASURES).map_err(failed("open"))?;
+            txn.open_table(REPLICA_ERASURES).map_err(failed("open"))?;
             let mut meta = txn.open_table(META).map_err(failed("open"))?;
             let found = meta.get(META_SCHEMA_VERSION).map_err(failed("open"))?.map(|guard| guard.value());
             match found {
@@ -403,6 +411,10 @@ impl RedbStore {
             rows += copy_table(&read, &write, AUDIT_HEAD)?;
             rows += copy_table(&read, &write, REMOTE_USERS)?;
             rows += copy_table(&read, &write, REMOTE_ROOMS)?;
+            rows += copy_table(&read, &write, ERASURES)?;
+            rows += copy_table(&read, &write, REPLICA_ERASURES)?;
+            rows += copy_table(&read, &write, ERASURES)?;
+            rows += copy_table(&read, &write, REPLICA_ERASURES)?;
             write.commit().map_err(failed(OP))?;
             drop(read);
             // A new file is allocated generously; shrink it. Every page it
@@ -446,6 +458,8 @@ impl RedbStore {
             AUDIT_HEAD.name(),
             REMOTE_USERS.name(),
             REMOTE_ROOMS.name(),
+            ERASURES.name(),
+            REPLICA_ERASURES.name(),
         ];
         let tables = read.list_tables().map_err(failed(OP))?.map(|table| table.name().to_owned());
         let multimap = read.list_multimap_tables().map_err(failed(OP))?.map(|table| table.name().to_owned());
@@ -538,13 +552,15 @@ impl RedbStore {
     }
 
     /// [`Store::redact`], appending `event` to the audit log in the same
-    /// transaction when something was erased.
+    /// transaction when something was erased, and moving a replica's
+    /// erasure cursor to `cursor`.
     fn redact_in(
         &self,
         room_id: RoomId,
         log_indices: &[LogIndex],
         redaction: &Redaction,
         event: Option<&AuditEvent>,
+        cursor: Option<u64>,
     ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
         const OP: &str = "redact";
         let txn = self.begin_write(OP)?;
@@ -616,10 +632,18 @@ impl RedbStore {
                 }
                 _ => None,
             };
+            journal_erasure(&txn, room_id, &super::erased_indices(log_indices, &outcomes))?;
+            if let Some(cursor) = cursor {
+                let mut cursors = txn.open_table(REPLICA_ERASURES).map_err(failed(OP))?;
+                let stored = cursors.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+                if stored.checked_add(1) == Some(cursor) {
+                    cursors.insert(&room_id.0, cursor).map_err(failed(OP))?;
+                }
+            }
             Ok((outcomes, record))
         })();
         match outcome {
-            Ok((outcomes, record)) if outcomes.contains(&RedactOutcome::Erased) => {
+            Ok((outcomes, record)) if outcomes.contains(&RedactOutcome::Erased) || cursor.is_some() => {
                 txn.commit().map_err(failed(OP))?;
                 Ok((outcomes, record))
             }
@@ -732,6 +756,38 @@ fn failed_rng(error: rand::Error) -> OpenError {
 }
 
 /// Copies every row of `table` from `read` to `write`; returns the count.
+/// The key of a room's erasure-journal record.
+fn erasure_key(room_id: RoomId, seq: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&room_id.0);
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Appends the indices one redaction erased (if any) to the room's
+/// erasure journal, in the redaction's transaction.
+fn journal_erasure(txn: &WriteTransaction, room_id: RoomId, erased: &[LogIndex]) -> Result<(), RedactError> {
+    const OP: &str = "redact";
+    if erased.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(ERASURES).map_err(failed(OP))?;
+    let last = {
+        let (from, through) = (erasure_key(room_id, 0), erasure_key(room_id, u64::MAX));
+        let mut range = table.range::<&[u8; 24]>(&from..=&through).map_err(failed(OP))?;
+        match range.next_back() {
+            Some(item) => {
+                let (key, _) = item.map_err(failed(OP))?;
+                u64::from_be_bytes(key.value()[16..].try_into().unwrap_or_default())
+            }
+            None => 0,
+        }
+    };
+    let bytes: Vec<u8> = erased.iter().flat_map(|index| index.to_be_bytes()).collect();
+    table.insert(&erasure_key(room_id, last + 1), bytes.as_slice()).map_err(failed(OP))?;
+    Ok(())
+}
+
 fn copy_table<K: Key + 'static, V: Value + 'static>(
     read: &ReadTransaction,
     write: &WriteTransaction,
@@ -962,7 +1018,61 @@ impl Store for RedbStore {
         log_indices: &[LogIndex],
         redaction: &Redaction,
     ) -> Result<Vec<RedactOutcome>, RedactError> {
-        self.redact_in(room_id, log_indices, redaction, None).map(|(outcomes, _)| outcomes)
+        self.redact_in(room_id, log_indices, redaction, None, None).map(|(outcomes, _)| outcomes)
+    }
+
+    fn erasures_after(
+        &self,
+        room_id: RoomId,
+        after_seq: u64,
+        count_max: usize,
+    ) -> Result<Vec<JournaledErasure>, ReadError> {
+        const OP: &str = "erasures_after";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(ERASURES).map_err(failed(OP))?;
+        let (from, through) =
+            (erasure_key(room_id, after_seq.saturating_add(1)), erasure_key(room_id, u64::MAX));
+        let mut out = Vec::new();
+        for item in table
+            .range::<&[u8; 24]>(&from..=&through)
+            .map_err(failed(OP))?
+            .take(count_max.min(ERASURES_PAGE_MAX))
+        {
+            let (key, value) = item.map_err(failed(OP))?;
+            let seq = u64::from_be_bytes(key.value()[16..].try_into().unwrap_or_default());
+            let bytes = value.value();
+            if bytes.len() % 8 != 0 {
+                return Err(InvariantViolation(format!(
+                    "room {room_id}: erasure {seq} has {} bytes",
+                    bytes.len()
+                ))
+                .into());
+            }
+            let log_indices = bytes
+                .chunks_exact(8)
+                .map(|chunk| u64::from_be_bytes(chunk.try_into().unwrap_or_default()))
+                .collect();
+            out.push(JournaledErasure { seq, log_indices });
+        }
+        Ok(out)
+    }
+
+    fn replica_erasure_cursor(&self, room_id: RoomId) -> Result<u64, ReadError> {
+        const OP: &str = "replica_erasure_cursor";
+        let txn = self.begin_read(OP)?;
+        let table = txn.open_table(REPLICA_ERASURES).map_err(failed(OP))?;
+        let cursor = table.get(&room_id.0).map_err(failed(OP))?.map_or(0, |guard| guard.value());
+        Ok(cursor)
+    }
+
+    fn redact_replicated(
+        &self,
+        room_id: RoomId,
+        log_indices: &[LogIndex],
+        redaction: &Redaction,
+        cursor: u64,
+    ) -> Result<Vec<RedactOutcome>, RedactError> {
+        self.redact_in(room_id, log_indices, redaction, None, Some(cursor)).map(|(outcomes, _)| outcomes)
     }
 
     fn redact_audited(
@@ -972,7 +1082,7 @@ impl Store for RedbStore {
         redaction: &Redaction,
         event: &AuditEvent,
     ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
-        self.redact_in(room_id, log_indices, redaction, Some(event))
+        self.redact_in(room_id, log_indices, redaction, Some(event), None)
     }
 
     fn data_key(&self, room_id: RoomId, log_index: LogIndex) -> Result<Option<DataKey>, ReadError> {

@@ -191,6 +191,9 @@ pub enum ErasureCause {
     Retention,
     /// The operator erased it through the admin API.
     Operator,
+    /// The room's authority, another domain, erased it, and this server
+    /// erased its replica's copy in turn.
+    Authority,
 }
 
 impl ErasureCause {
@@ -200,6 +203,7 @@ impl ErasureCause {
             ErasureCause::Moderator { actor } => (2, actor),
             ErasureCause::Retention => (3, 0),
             ErasureCause::Operator => (4, 0),
+            ErasureCause::Authority => (5, 0),
         }
     }
 
@@ -209,6 +213,7 @@ impl ErasureCause {
             2 => Some(ErasureCause::Moderator { actor }),
             3 => Some(ErasureCause::Retention),
             4 => Some(ErasureCause::Operator),
+            5 => Some(ErasureCause::Authority),
             _ => None,
         }
     }

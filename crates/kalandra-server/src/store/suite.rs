@@ -690,6 +690,54 @@ pub(crate) fn redact_erases_content_and_keeps_the_index<S: Store>(store: &S) {
     assert_eq!(distinct.len(), 5);
 }
 
+pub(crate) fn erasures_are_journaled_per_room_and_a_replica_keeps_its_cursor<S: Store>(store: &S) {
+    let (a, b) = (room(1), room(2));
+    store.append_batch(&long_entries(a, 0..6)).unwrap();
+    store.append_batch(&long_entries(b, 0..3)).unwrap();
+    assert_eq!(store.erasures_after(a, 0, 10).unwrap(), vec![]);
+    store.redact(a, &[1, 1, 4], &redaction(1)).unwrap();
+    // Erasing nothing new journals nothing.
+    store.redact(a, &[4], &redaction(2)).unwrap();
+    store.redact(b, &[2], &redaction(3)).unwrap();
+    store.redact(a, &[0], &redaction(4)).unwrap();
+    let journal = |room_id, after| store.erasures_after(room_id, after, 10).unwrap();
+    assert_eq!(
+        journal(a, 0),
+        vec![
+            JournaledErasure { seq: 1, log_indices: vec![1, 4] },
+            JournaledErasure { seq: 2, log_indices: vec![0] },
+        ]
+    );
+    assert_eq!(journal(a, 1), vec![JournaledErasure { seq: 2, log_indices: vec![0] }]);
+    assert_eq!(journal(a, 2), vec![]);
+    assert_eq!(journal(b, 0), vec![JournaledErasure { seq: 1, log_indices: vec![2] }]);
+    assert_eq!(store.erasures_after(a, 0, 1).unwrap().len(), 1, "the page is capped");
+
+    // A replica's cursor moves record by record with its erasures, also
+    // when there is nothing left to erase; never past a record not applied.
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 0);
+    let authority = Redaction { erased_at_ms: 9, cause: ErasureCause::Authority };
+    assert_eq!(store.redact_replicated(b, &[1], &authority, 2).unwrap(), vec![RedactOutcome::Erased]);
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 0, "record 1 is not applied yet");
+    assert_eq!(store.redact_replicated(b, &[0], &authority, 1).unwrap(), vec![RedactOutcome::Erased]);
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 1);
+    assert_eq!(store.redact_replicated(b, &[1], &authority, 2).unwrap(), vec![RedactOutcome::AlreadyErased]);
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 2);
+    store.redact_replicated(b, &[], &authority, 3).unwrap();
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 3);
+    store.redact_replicated(b, &[], &authority, 3).unwrap();
+    store.redact_replicated(b, &[], &authority, 1).unwrap();
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 3, "never backwards");
+    let EntryContent::Erased(erasure) = &store.read_range(b, 0, 1).unwrap()[0].content else {
+        panic!("not erased")
+    };
+    assert_eq!(erasure.redaction, authority);
+    // A refused redaction moves nothing.
+    assert!(store.redact_replicated(b, &[3], &authority, 4).is_err());
+    assert_eq!(store.replica_erasure_cursor(b).unwrap(), 3);
+    assert_eq!(store.replica_erasure_cursor(a).unwrap(), 0);
+}
+
 pub(crate) fn redact_refuses_without_erasing_anything<S: Store>(store: &S) {
     let a = room(1);
     let missing = store.redact(a, &[0], &redaction(1)).unwrap_err();
@@ -781,6 +829,7 @@ macro_rules! store_suite {
             case!(moderation_state_and_audit_chain);
             case!(redact_erases_content_and_keeps_the_index);
             case!(redact_refuses_without_erasing_anything);
+            case!(erasures_are_journaled_per_room_and_a_replica_keeps_its_cursor);
             case!(retention_settings);
             case!(audited_redaction_and_retention_extend_the_chain);
             case!(remote_users_and_rooms_are_recorded_and_paged);
