@@ -41,6 +41,9 @@ pub struct Bugs {
     /// On the authority's replica feed: some application frames reach the
     /// other domain altered (an authority that shows two domains two logs).
     pub equivocating_authority: bool,
+    /// In the second domain: the replica ignores its authority's erasures
+    /// (notices and journal).
+    pub replica_ignores_erasures: bool,
 }
 
 impl Bugs {

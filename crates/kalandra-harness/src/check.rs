@@ -496,7 +496,7 @@ fn check_timestamps(logs: &BTreeMap<RoomId, Vec<DurableEntry>>) -> Vec<String> {
 
 /// The second domain's replicas against the authority's logs (see the
 /// module's list); also returns how many entries erased at the authority
-/// the replica still holds (erasure does not reach replicas yet).
+/// the replica still holds (each also a failure).
 pub fn check_replica(authority: &ServerShared, replica: &ServerShared, cast: &Cast) -> (Vec<String>, u64) {
     let mut failures = Vec::new();
     let mut holds_erased = 0;
@@ -522,7 +522,15 @@ pub fn check_replica(authority: &ServerShared, replica: &ServerShared, cast: &Ca
                 ));
                 break;
             }
-            holds_erased += u64::from(kept.erased && copied);
+            if kept.erased && copied && !copy.erased {
+                holds_erased += 1;
+                if holds_erased <= 3 {
+                    failures.push(format!(
+                        "the replica of room {} still holds index {}, erased at the authority",
+                        plan.room_id, kept.log_index
+                    ));
+                }
+            }
         }
     }
     for equivocation in replica.equivocations.borrow().iter().take(3) {

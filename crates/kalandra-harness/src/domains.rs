@@ -23,15 +23,19 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use kalandra_proto::{Frame, Opcode, RoomId};
 use kalandra_server::sim::{
-    decode_established, encode_established, frame_messages, FeedItem, FollowState, Following, LinkMessage,
-    LiveStep, Outbox, OutboxReceiver, Outgoing, RoomRequest, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
-    LINK_ESTABLISHED_MESSAGE_BYTES_MAX, REPLICA_FEED_BYTES_MAX, REPLICA_FEED_FRAMES_MAX, SERVER_SENDER_ID,
+    decode_established, encode_established, frame_messages, plan_replica_erasure, ErasureRecord, FeedItem,
+    FollowState, Following, LinkMessage, LiveStep, Outbox, OutboxReceiver, Outgoing, RoomRequest,
+    ERASURE_PAGES_PER_FOLLOW_MAX, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_ESTABLISHED_MESSAGE_BYTES_MAX,
+    REPLICA_ERASURE_TASKS_MAX, REPLICA_FEED_BYTES_MAX, REPLICA_FEED_FRAMES_MAX, SERVER_SENDER_ID,
 };
+use kalandra_server::store::limits::ERASURES_PAGE_MAX;
+use kalandra_server::store::{ErasureCause, Redaction};
 use serde_bytes::ByteBuf;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -120,7 +124,9 @@ async fn serve_link<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, stream: turmoil:
             LinkMessage::Ping { sequence } => {
                 send(&tx, &LinkMessage::Pong { sequence });
             }
-            LinkMessage::Follow { room_id, from_log_index } => {
+            LinkMessage::Follow { room_id, from_log_index, erasures_after } => {
+                // The journal goes first, read before the history is, as the node's feeds send it.
+                send_erasures(&shared, RoomId(room_id), (from_log_index, erasures_after), &tx);
                 let peer = match feed.as_ref().filter(|peer| !peer.outbox().is_closing()) {
                     Some(peer) => peer.clone(),
                     None => open_feed(&core, &tx),
@@ -143,6 +149,28 @@ async fn serve_link<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, stream: turmoil:
         peer.outbox().close();
         core.borrow_mut().shard.handle_connection_closed(peer.outbox().connection());
         drive(&core);
+    }
+}
+
+/// The room's erasure journal after `after`, page by page, as the node's
+/// replica feeds send it.
+fn send_erasures(
+    shared: &crate::server::ServerShared,
+    room_id: RoomId,
+    (from_log_index, mut after): (u64, u64),
+    tx: &mpsc::Sender<Bytes>,
+) {
+    for _ in 0..ERASURE_PAGES_PER_FOLLOW_MAX {
+        let Ok(page) = shared.disk.erasures_after(room_id, after, ERASURES_PAGE_MAX) else { return };
+        let Some(last) = page.last().map(|record| record.seq) else { return };
+        let erasures = page
+            .into_iter()
+            .map(|record| ErasureRecord { seq: record.seq, log_indices: record.log_indices })
+            .collect();
+        if !send(tx, &LinkMessage::Erasures { room_id: room_id.0, from_log_index, erasures }) {
+            return;
+        }
+        after = last;
     }
 }
 
@@ -188,6 +216,16 @@ async fn pump_feed<G: ServerGroup>(
     peer.outbox().close();
     core.borrow_mut().shard.handle_connection_closed(peer.outbox().connection());
     drive(&core);
+}
+
+/// An erasure of the authority's, waiting for its entries to be durable in
+/// the replica.
+#[derive(Debug)]
+pub(crate) struct PendingErasure {
+    room_id: RoomId,
+    log_indices: Vec<u64>,
+    /// The journal record's position, for an erasure from the journal.
+    cursor: Option<u64>,
 }
 
 /// The injected "equivocating authority": some application frames reach
@@ -240,9 +278,20 @@ async fn run_link<G: ServerGroup>(core: &Rc<RefCell<Core<G>>>, stream: turmoil::
         if shared.failed.get() {
             break;
         }
-        if let LinkMessage::Replicate { frames } = message {
-            core.borrow_mut().replicated(frames, &tx);
-            drive(core);
+        match message {
+            LinkMessage::Replicate { frames } => {
+                core.borrow_mut().replicated(frames, &tx);
+                drive(core);
+            }
+            LinkMessage::Erasures { room_id, from_log_index, erasures } => {
+                let mut core = core.borrow_mut();
+                for record in erasures {
+                    let log_indices = record.log_indices.into_iter().filter(|index| *index < from_log_index);
+                    core.erase_when_held(RoomId(room_id), log_indices.collect(), Some(record.seq), None);
+                }
+                core.apply_erasures();
+            }
+            _ => {}
         }
     }
     pinger.abort();
@@ -278,7 +327,8 @@ impl<G: ServerGroup> Core<G> {
 
     /// Follows `room_id` from the replica's head.
     fn follow_room(&mut self, room_id: RoomId, tx: &mpsc::Sender<Bytes>) {
-        let message = self.follows.start(room_id, self.shard.replica_next_log_index(room_id));
+        let erasures_after = self.shared.disk.replica_erasure_cursor(room_id).unwrap_or(0);
+        let message = self.follows.start(room_id, self.shard.replica_next_log_index(room_id), erasures_after);
         self.shared.stats.borrow_mut().follows += 1;
         if !send(tx, &message) {
             self.follows.not_sent(room_id);
@@ -306,6 +356,9 @@ impl<G: ServerGroup> Core<G> {
                     }
                 }
                 FeedItem::FollowAgain(room_id) => self.follow_room(room_id, tx),
+                FeedItem::Erased { room_id, log_index } => {
+                    self.erase_when_held(room_id, vec![log_index], None, Some(tx))
+                }
                 FeedItem::Refused { room_id, code, message } => {
                     self.follows.refused(room_id);
                     self.shared.feed_refusals.borrow_mut().push(format!("room {room_id}: {code} {message}"));
@@ -315,7 +368,80 @@ impl<G: ServerGroup> Core<G> {
                 }
             }
         }
+        self.apply_erasures();
         self.publish_follows();
+    }
+
+    /// Queues an erasure of the authority's for when its entries are
+    /// durable here (at most [`REPLICA_ERASURE_TASKS_MAX`] wait, as in the
+    /// node's follower; beyond, a notice makes the room be followed again).
+    pub(crate) fn erase_when_held(
+        &mut self,
+        room_id: RoomId,
+        log_indices: Vec<u64>,
+        cursor: Option<u64>,
+        notice_link: Option<&mpsc::Sender<Bytes>>,
+    ) {
+        if self.shared.ignore_erasures {
+            return;
+        }
+        if self.erasures.len() >= REPLICA_ERASURE_TASKS_MAX {
+            if let Some(tx) = notice_link {
+                self.follow_room(room_id, tx);
+            }
+            return;
+        }
+        self.erasures.push_back(PendingErasure { room_id, log_indices, cursor });
+    }
+
+    /// Applies, in order, the queued erasures whose entries are durable
+    /// here (one not yet durable holds back the later ones of its room), as
+    /// the node's follower does: [`plan_replica_erasure`] over the stored
+    /// entries, the shard hides them, the store erases them (moving the
+    /// journal cursor).
+    pub(crate) fn apply_erasures(&mut self) {
+        let mut waiting = VecDeque::new();
+        let mut held_back: Vec<RoomId> = Vec::new();
+        while let Some(pending) = self.erasures.pop_front() {
+            if self.shared.failed.get() {
+                return;
+            }
+            let needed = pending.log_indices.iter().max().map_or(0, |last| last + 1);
+            let durable_next = self.shard.replica_durable_next(pending.room_id);
+            if held_back.contains(&pending.room_id) || durable_next.is_some_and(|durable| durable < needed) {
+                held_back.push(pending.room_id);
+                waiting.push_back(pending);
+                continue;
+            }
+            if durable_next.is_some() {
+                self.erase_in_replica(&pending);
+            }
+        }
+        self.erasures = waiting;
+    }
+
+    fn erase_in_replica(&mut self, pending: &PendingErasure) {
+        let disk = Arc::clone(&self.shared.disk);
+        let mut entries = Vec::with_capacity(pending.log_indices.len());
+        for &log_index in &pending.log_indices {
+            match disk.read_range(pending.room_id, log_index, 1) {
+                Ok(read) => entries.extend(read.into_iter().take(1)),
+                Err(_) => return,
+            }
+        }
+        let plan = plan_replica_erasure(&entries);
+        if !plan.erase.is_empty() {
+            self.shard.handle_erased(pending.room_id, &plan.erase);
+        }
+        let redaction = Redaction { erased_at_ms: self.shared.now_ms(), cause: ErasureCause::Authority };
+        let erased = match pending.cursor {
+            Some(cursor) => disk.redact_replicated(pending.room_id, &plan.erase, &redaction, cursor).is_ok(),
+            None if plan.erase.is_empty() => false,
+            None => disk.redact(pending.room_id, &plan.erase, &redaction).is_ok(),
+        };
+        if erased {
+            self.shared.stats.borrow_mut().replica_erased += plan.erase.len() as u64;
+        }
     }
 
     /// Every follow that caught up goes live once the replica is durable

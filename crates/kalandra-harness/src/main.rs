@@ -90,6 +90,9 @@ struct Args {
     /// Inject on the authority's replica feed: alter some application frames.
     #[arg(long)]
     bug_equivocating_authority: bool,
+    /// Inject in the second domain: the replica ignores its authority's erasures.
+    #[arg(long)]
+    bug_replica_ignores_erasures: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
@@ -131,6 +134,7 @@ impl Args {
                 chain_unstamped_frames: self.bug_chain_unstamped_frames,
                 replica_drops_frame_on_restart: self.bug_replica_drops_frame_on_restart,
                 equivocating_authority: self.bug_equivocating_authority,
+                replica_ignores_erasures: self.bug_replica_ignores_erasures,
             },
             ..SimConfig::default()
         }
@@ -157,6 +161,7 @@ impl Args {
             (self.no_replica, "--no-replica"),
             (self.bug_replica_drops_frame_on_restart, "--bug-replica-drops-frame-on-restart"),
             (self.bug_equivocating_authority, "--bug-equivocating-authority"),
+            (self.bug_replica_ignores_erasures, "--bug-replica-ignores-erasures"),
             (self.bug_ack_before_durable, "--bug-ack-before-durable"),
             (self.bug_double_commit, "--bug-double-commit"),
             (self.bug_drop_frame_on_restart, "--bug-drop-frame-on-restart"),
@@ -221,6 +226,7 @@ fn main() -> ExitCode {
         work.domain_partitions += outcome.stats.domain_partitions;
         work.replica_refusals += outcome.stats.replica_refusals;
         work.replica_holds_erased += outcome.stats.replica_holds_erased;
+        work.replica_erased += outcome.stats.replica_erased;
         for (outcome_label, count) in &outcome.stats.head_checks {
             *work.head_checks.entry(outcome_label.clone()).or_default() += count;
         }
@@ -269,7 +275,8 @@ fn main() -> ExitCode {
     println!("hostile acts (act, outcome): {:?}", work.hostile);
     println!(
         "second domain: {} replicated entries, {} replica restarts, {} domain partitions, {} links, {} follows, \
-         {} batches refused and followed again, signed heads checked {:?}, {} erased entries still held by the replica",
+         {} batches refused and followed again, signed heads checked {:?}, {} entries erased after the authority, \
+         {} erased entries still held by the replica",
         work.replica_log_len,
         work.replica_boots,
         work.domain_partitions,
@@ -277,6 +284,7 @@ fn main() -> ExitCode {
         work.follows,
         work.replica_refusals,
         work.head_checks,
+        work.replica_erased,
         work.replica_holds_erased
     );
     println!("{passed} passed, {failed} failed");

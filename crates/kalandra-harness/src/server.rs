@@ -149,6 +149,8 @@ pub struct ServerStats {
     /// Of a replica: batches of the authority's frames that did not apply
     /// (a gap after a feed fell behind; followed again).
     pub replica_refusals: u64,
+    /// Of a replica: entries it erased after its authority did.
+    pub replica_erased: u64,
 }
 
 /// What a simulated server is.
@@ -224,6 +226,8 @@ pub struct ServerShared {
     pub role: Role,
     /// Of an authority: its replica feeds alter frames (injected bug).
     pub tamper_feed: bool,
+    /// Of a replica: it ignores its authority's erasures (injected bug).
+    pub ignore_erasures: bool,
     /// Of a replica: the rooms whose follow is live.
     pub live_replicas: RefCell<std::collections::BTreeSet<RoomId>>,
     /// Of a replica: outcomes of checking the authority's signed heads.
@@ -279,6 +283,7 @@ impl ServerShared {
             clock_behind_ms: Cell::new(0),
             role: Role::Authority,
             tamper_feed: false,
+            ignore_erasures: false,
             live_replicas: RefCell::new(std::collections::BTreeSet::new()),
             head_checks: RefCell::new(BTreeMap::new()),
             equivocations: RefCell::new(Vec::new()),
@@ -424,6 +429,9 @@ pub(crate) struct Core<G: ServerGroup> {
     pub(crate) remote_rooms: Vec<RoomId>,
     /// Of a replica: its follows (the production state machine).
     pub(crate) follows: FollowState,
+    /// Of a replica: its authority's erasures waiting for their entries
+    /// to be durable here, in order.
+    pub(crate) erasures: VecDeque<crate::domains::PendingErasure>,
 }
 
 /// Runs one life of the server (until the harness crashes it).
@@ -474,6 +482,7 @@ pub async fn run<G: ServerGroup>(shared: Rc<ServerShared>) -> turmoil::Result {
         feeds_opened: 0,
         remote_rooms,
         follows,
+        erasures: VecDeque::new(),
     }));
     core.borrow().publish();
     tokio::task::spawn_local(group_commit_writer(Rc::clone(&core)));
@@ -652,6 +661,7 @@ async fn durability_reporter<G: ServerGroup>(core: Rc<RefCell<Core<G>>>) {
                 core.shard.handle_durable(batch.id, result);
                 if core.shared.role == Role::Replica {
                     core.go_live_all();
+                    core.apply_erasures();
                 }
             }
             drive(&core);

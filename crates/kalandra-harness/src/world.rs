@@ -189,8 +189,10 @@ pub struct RunStats {
     /// Signed heads the replica checked, by outcome.
     pub head_checks: std::collections::BTreeMap<String, u64>,
     /// Entries erased at the authority whose frame the replica still holds
-    /// (erasure does not reach replicas yet: `docs/TESTING.md`).
+    /// (each one also a failure).
     pub replica_holds_erased: u64,
+    /// Entries the replica erased after its authority did.
+    pub replica_erased: u64,
 }
 
 /// The result of one run.
@@ -478,7 +480,10 @@ fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
         let seed = u64::from_be_bytes(
             crate::derive_seed(config.seed, b"replica", 0)[..8].try_into().expect("8 bytes"),
         );
-        let replica = ServerShared::replica(seed, config.bugs.replica_drops_frame_on_restart);
+        let replica = ServerShared {
+            ignore_erasures: config.bugs.replica_ignores_erasures,
+            ..ServerShared::replica(seed, config.bugs.replica_drops_frame_on_restart)
+        };
         replica.disk_latency_ms.set(plan.disk_latency_ms);
         Rc::new(replica)
     });
@@ -751,6 +756,7 @@ fn collect_stats(world: &World<'_>) -> RunStats {
         stats.domain_links = replica_stats.links;
         stats.follows = replica_stats.follows;
         stats.replica_refusals = replica_stats.replica_refusals;
+        stats.replica_erased = replica_stats.replica_erased;
         stats.head_checks =
             replica.head_checks.borrow().iter().map(|(label, count)| ((*label).to_owned(), *count)).collect();
         stats.replica_log_len =

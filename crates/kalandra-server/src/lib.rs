@@ -67,15 +67,20 @@ pub use crate::transport::tls::load_or_create_server_identity;
 pub mod sim {
     pub use crate::config::ROOMS_PER_USER_MAX_DEFAULT;
     pub use crate::federation::follow::{FeedItem, FollowState, Following, LiveStep};
-    pub use crate::federation::handshake::{decode_established, encode_established, LinkMessage};
+    pub use crate::federation::handshake::{
+        decode_established, encode_established, ErasureRecord, LinkMessage,
+    };
     pub use crate::federation::relay::frame_messages;
-    pub use crate::federation::replica::{REPLICA_FEED_BYTES_MAX, REPLICA_FEED_FRAMES_MAX};
+    pub use crate::federation::replica::{
+        ERASURE_PAGES_PER_FOLLOW_MAX, REPLICA_ERASURE_TASKS_MAX, REPLICA_FEED_BYTES_MAX,
+        REPLICA_FEED_FRAMES_MAX,
+    };
     pub use crate::federation::requests::{
         LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_ESTABLISHED_MESSAGE_BYTES_MAX,
     };
     pub use crate::node::erasure::{
-        member_authority, plan_redaction, redact_reply, redact_request, store_redact_error, RedactAsk,
-        RedactError, RedactPlan, RedactReport,
+        member_authority, plan_redaction, plan_replica_erasure, redact_reply, redact_request,
+        store_redact_error, RedactAsk, RedactError, RedactPlan, RedactReport, ReplicaErasurePlan,
     };
     pub use crate::node::{
         deliver_pending_welcomes_with, forget_welcomes_for_room, history_bytes, recover_room_state,

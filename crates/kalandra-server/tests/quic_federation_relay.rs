@@ -28,13 +28,14 @@ const RELAYED: &str = "kalandra_federation_relayed_frames_total";
 const RELAY_REFUSALS: &str = "kalandra_federation_relay_refusals_total";
 
 /// Reads frames until the `SyncDone` of a subscription; returns it and the
-/// log frames before it.
+/// log frames before it (an erased entry's placeholder among them).
 async fn read_to_sync_done(client: &mut TestClient) -> (SyncDone, Vec<Frame>) {
     let mut frames = Vec::new();
     loop {
         let frame = tokio::time::timeout(FEDERATION_TIMEOUT, client.conn().recv()).await.unwrap().unwrap();
         match frame.opcode() {
             Opcode::SyncDone => return (decode_ok(&frame), frames),
+            Opcode::Error if error_code(&frame) == ErrorCode::Redacted.to_u16() => frames.push(frame),
             Opcode::Error => panic!("{}: error {} while reading", client.name, error_code(&frame)),
             _ => frames.push(frame),
         }
@@ -419,7 +420,11 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
 
     // b follows a room none of its users is in: refused, nothing of the room sent.
     let before = counter(&a, RELAY_REFUSALS, "code", "not_followed_here");
-    let follow = kalandra_server::federation_link::LinkMessage::Follow { room_id: room.0, from_log_index: 0 };
+    let follow = kalandra_server::federation_link::LinkMessage::Follow {
+        room_id: room.0,
+        from_log_index: 0,
+        erasures_after: 0,
+    };
     envelopes.send(follow).await.unwrap();
     let (connection, frame) =
         tokio::time::timeout(FEDERATION_TIMEOUT, delivered.recv()).await.unwrap().unwrap();
@@ -786,4 +791,84 @@ async fn federation_users_of_three_domains_share_one_room_and_each_domain_keeps_
         assert_eq!(seen, writers.to_vec(), "{} reads the others' messages in the room's order", reader.name);
     }
     assert_eq!(replicas_equal(&a, &[&b, &c], room).await, 5, "b's and c's replicas are a's log");
+}
+
+/// Waits until `server`'s copy of `room` holds `log_index` erased.
+async fn erased_at(server: &common::TestServer, room: RoomId, log_index: u64) {
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    loop {
+        let entry = server.store.read_range(room, log_index, 1).unwrap().into_iter().next();
+        if matches!(entry.map(|entry| entry.content), Some(kalandra_server::store::EntryContent::Erased(_))) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "index {log_index} of room {room} is not erased");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_an_entry_erased_at_the_authority_is_erased_in_the_replica_live_and_after_the_replicas_domain_was_down(
+) {
+    use kalandra_server::store::{EntryContent, ErasureCause};
+    use kalandra_server::RedactAuthority;
+    const ERASURES: &str = "kalandra_federation_replica_erasures_total";
+
+    let dir = tempfile::tempdir().unwrap();
+    let domains = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&domains.b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&domains.a, "alice", 1).await;
+    let room = RoomId([0x57; 16]);
+    invite_bob(&mut alice, &bob, room).await;
+    tokio::time::timeout(FEDERATION_TIMEOUT, bob.join_from_welcome(room)).await.unwrap();
+    bob.subscribe(0).await;
+    read_to_sync_done(&mut bob).await;
+    let mut acked = Vec::new();
+    for text in ["one", "two", "three"] {
+        let ack: Ack = decode_ok(&alice.send_text(text).await);
+        bob.next_of(Opcode::Application).await;
+        acked.push(ack.log_index);
+    }
+    replica_equal(&domains, room).await;
+    assert!(domains.b.store.data_key(room, acked[0]).unwrap().is_some(), "b holds the content");
+
+    // Live: the authority's notice follows the frames b was sent.
+    domains.a.node.redact(room, acked[0], alice.sender(), RedactAuthority::Sender).await.unwrap();
+    erased_at(&domains.b, room, acked[0]).await;
+    assert_eq!(domains.b.store.data_key(room, acked[0]).unwrap(), None, "b destroyed its key too");
+    let entry = domains.b.store.read_range(room, acked[0], 1).unwrap().remove(0);
+    let EntryContent::Erased(erasure) = entry.content else { panic!("not erased") };
+    assert_eq!(erasure.redaction.cause, ErasureCause::Authority);
+    assert_eq!(counter(&domains.b, ERASURES, "outcome", "erased"), 1);
+    // The notice is no refusal: b's replica stays live, and the rest is intact.
+    let view = domains.b.running().federation_links().view();
+    let shared = &view.peers.iter().find(|peer| peer.domain == "a.test").unwrap().rooms;
+    assert_eq!((shared.replicas_live, shared.replicas_refused), (1, 0), "{shared:?}");
+    assert!(domains.b.store.data_key(room, acked[1]).unwrap().is_some());
+    // bob reads the placeholder from his own server.
+    bob.disconnect().await;
+    bob.reconnect(&domains.b).await;
+    bob.subscribe(0).await;
+    let (_, history) = read_to_sync_done(&mut bob).await;
+    let at_erased = history.iter().find(|frame| frame.header().log_index() == acked[0]).unwrap();
+    assert_eq!(error_code(at_erased), ErrorCode::Redacted.to_u16());
+
+    // b down while a erases: b learns it from a's journal when it follows again.
+    let Domains { a, b, a_federation, b_federation } = domains;
+    bob.disconnect().await;
+    assert!(b.stop().await.is_none());
+    a.node.redact(room, acked[1], alice.sender(), RedactAuthority::Sender).await.unwrap();
+    let b = Domains::start_b(dir.path(), b_federation, a_federation).await;
+    linked(&b, "a.test").await;
+    erased_at(&b, room, acked[1]).await;
+    assert_eq!(b.store.data_key(room, acked[1]).unwrap(), None);
+    let deadline = Instant::now() + FEDERATION_TIMEOUT;
+    while b.store.replica_erasure_cursor(room).unwrap() < 2 {
+        assert!(Instant::now() < deadline, "b's cursor of a's erasure journal stays behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.store.erasures_after(room, 0, 10).unwrap().len(), 2, "a journaled both erasures");
+    assert!(b.store.data_key(room, acked[2]).unwrap().is_some(), "what a did not erase stays");
+    let _ = a.stop().await;
+    let _ = b.stop().await;
 }

@@ -206,3 +206,17 @@ fn an_authority_that_shows_the_other_domain_another_log_is_caught() {
         "{caught:#?}"
     );
 }
+
+/// The replica checker against erasure: a replica that ignores its
+/// authority's erasure notices and journal still holds, after healing,
+/// entries the authority erased (seeds where an entry was erased after the
+/// replica took it; about two in three at this work rate).
+#[test]
+fn a_replica_that_keeps_what_its_authority_erased_is_caught() {
+    let caught = failures_with(Bugs { replica_ignores_erasures: true, ..Bugs::default() }, 0..20, busy);
+    assert!(caught.len() >= 5, "{caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("erased at the authority"))),
+        "{caught:#?}"
+    );
+}

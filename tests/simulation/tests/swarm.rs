@@ -49,6 +49,7 @@ fn fixed_seeds_pass_every_checker_under_faults() {
         totals.replica_boots += stats.replica_boots - 1;
         totals.domain_partitions += stats.domain_partitions;
         totals.domain_links += stats.domain_links;
+        totals.replica_erased += stats.replica_erased;
         for (outcome, count) in &stats.head_checks {
             *totals.head_checks.entry(outcome.clone()).or_default() += count;
         }
@@ -58,6 +59,8 @@ fn fixed_seeds_pass_every_checker_under_faults() {
     assert!(totals.replica_boots > 0 && totals.domain_partitions > 0, "{totals:?}");
     assert!(totals.domain_links > SEEDS.count() as u64, "{totals:?}");
     assert!(totals.head_checks.get("matched").is_some_and(|n| *n > 0), "{totals:?}");
+    // Entries erased after the replica took them were erased there too.
+    assert!(totals.replica_erased > 0, "{totals:?}");
     // The hostile client acted: commits members cannot process were
     // sequenced and voided, and the server refused what it can detect.
     assert!(totals.bad_commits > 0 && totals.voids > 0, "{totals:?}");

@@ -18,7 +18,7 @@ use kalandra_proto::{ErrorCode, Opcode};
 
 use crate::federation::codes::{
     FEDERATION_REFUSAL_CODES, FEDERATION_WELCOME_OUTCOMES, LINK_FAILURE_CODES, RELAY_DIRECTIONS,
-    RELAY_REFUSAL_CODES, REPLICA_HEAD_OUTCOMES,
+    RELAY_REFUSAL_CODES, REPLICA_ERASURE_OUTCOMES, REPLICA_HEAD_OUTCOMES,
 };
 use crate::room::roles::Actor;
 
@@ -72,6 +72,9 @@ pub const FEDERATION_RELAY_REFUSALS_TOTAL: &str = "kalandra_federation_relay_ref
 pub const FEDERATION_RELAYED_FRAMES_TOTAL: &str = "kalandra_federation_relayed_frames_total";
 /// Counter, by `outcome`: heads an authority signed that a replica checked.
 pub const FEDERATION_REPLICA_HEADS_TOTAL: &str = "kalandra_federation_replica_heads_total";
+/// Counter, by `outcome`: entries of replicas here that their authority
+/// erased, and erasures this server could not apply.
+pub const FEDERATION_REPLICA_ERASURES_TOTAL: &str = "kalandra_federation_replica_erasures_total";
 /// Gauge, by `peer`: frames this server (the rooms' authority) holds for
 /// the peer's replica feed and has not sent yet, as of its last batch.
 pub const FEDERATION_PEER_FEED_QUEUED_FRAMES: &str = "kalandra_federation_peer_feed_queued_frames";
@@ -252,6 +255,7 @@ struct Inner {
     federation_relay_refusals: Family,
     federation_relayed: Family,
     federation_replica_heads: Family,
+    federation_replica_erasures: Family,
     federation_welcomes: Family,
 }
 
@@ -290,6 +294,7 @@ impl Metrics {
             federation_relay_refusals: Family::new(RELAY_REFUSAL_CODES.len()),
             federation_relayed: Family::new(RELAY_DIRECTIONS.len()),
             federation_replica_heads: Family::new(REPLICA_HEAD_OUTCOMES.len()),
+            federation_replica_erasures: Family::new(REPLICA_ERASURE_OUTCOMES.len()),
             federation_welcomes: Family::new(FEDERATION_WELCOME_OUTCOMES.len()),
             admin_routes,
         };
@@ -499,6 +504,13 @@ impl Metrics {
         self.inner.federation_replica_heads.add(index, 1);
     }
 
+    /// Counts `count` under `outcome` of a replica's erasures, one of
+    /// [`REPLICA_ERASURE_OUTCOMES`].
+    pub fn replica_erasures(&self, outcome: &str, count: u64) {
+        let index = REPLICA_ERASURE_OUTCOMES.iter().position(|known| *known == outcome).unwrap_or(usize::MAX);
+        self.inner.federation_replica_erasures.add(index, count);
+    }
+
     /// Counts a Welcome routed between domains under `outcome`, one of
     /// [`FEDERATION_WELCOME_OUTCOMES`].
     pub fn federation_welcome(&self, outcome: &str) {
@@ -610,6 +622,16 @@ impl Metrics {
             "outcome",
             &REPLICA_HEAD_OUTCOMES,
             &inner.federation_replica_heads,
+        )?;
+        let help =
+            "Entries of replicas here that their authority erased, and erasures not applied, by outcome.";
+        labelled(
+            out,
+            FEDERATION_REPLICA_ERASURES_TOTAL,
+            help,
+            "outcome",
+            &REPLICA_ERASURE_OUTCOMES,
+            &inner.federation_replica_erasures,
         )?;
         let help = "Welcomes routed between domains, by outcome.";
         labelled(

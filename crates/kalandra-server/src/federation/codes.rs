@@ -72,6 +72,12 @@ pub const RELAY_DIRECTIONS: [&str; 2] = ["out", "in"];
 /// `received` (a peer's Welcome stored here).
 pub const FEDERATION_WELCOME_OUTCOMES: [&str; 4] = ["forwarded", "deferred", "dropped", "received"];
 
+/// Outcomes of a replica's part in its authority's erasures, per entry
+/// (`erased`, `refused`: not content the authority may erase) or per
+/// notice or journal record (`not_held`: not durable here in time;
+/// `dropped`: too many erasures under way, the room is followed again).
+pub const REPLICA_ERASURE_OUTCOMES: [&str; 4] = ["erased", "refused", "not_held", "dropped"];
+
 /// Outcomes of a replica's check of its authority's signed head.
 pub const REPLICA_HEAD_OUTCOMES: [&str; 5] =
     ["matched", "not_comparable", "equivocation", "bad_signature", "no_authority_key"];

@@ -53,6 +53,14 @@ pub enum FeedItem {
     },
     /// The feed fell behind: follow the room again from the replica's head.
     FollowAgain(RoomId),
+    /// The authority erased an entry of the room: the replica erases its
+    /// copy once it holds it durably.
+    Erased {
+        /// The room.
+        room_id: RoomId,
+        /// The erased entry.
+        log_index: u64,
+    },
     /// The authority refused to feed the room.
     Refused {
         /// The room.
@@ -122,14 +130,15 @@ impl FollowState {
     }
 
     /// Starts following `room_id` from `replica_next` (the replica's next
-    /// index; `None`: no replica yet): the message to send its authority.
-    pub fn start(&mut self, room_id: RoomId, replica_next: Option<u64>) -> LinkMessage {
+    /// index; `None`: no replica yet), with the replica's cursor of the
+    /// authority's erasure journal: the message to send its authority.
+    pub fn start(&mut self, room_id: RoomId, replica_next: Option<u64>, erasures_after: u64) -> LinkMessage {
         if replica_next.is_some() {
             self.held.insert(room_id);
         }
         self.following.insert(room_id, Following::CatchingUp);
         self.going_live.remove(&room_id);
-        LinkMessage::Follow { room_id: room_id.0, from_log_index: replica_next.unwrap_or(0) }
+        LinkMessage::Follow { room_id: room_id.0, from_log_index: replica_next.unwrap_or(0), erasures_after }
     }
 
     /// The follow message of `room_id` could not be sent: it is asked
@@ -323,6 +332,9 @@ fn refusal(room_id: RoomId, frame: &Frame) -> Option<FeedItem> {
     let error = frame.decode_payload::<payload::Error>().ok()?;
     Some(if error.code == ErrorCode::ResyncRequired.to_u16() {
         FeedItem::FollowAgain(room_id)
+    } else if let (true, Some(log_index)) = (error.code == ErrorCode::Redacted.to_u16(), error.log_index) {
+        // Not the entry's placeholder (that names its own index): a notice.
+        FeedItem::Erased { room_id, log_index }
     } else {
         FeedItem::Refused { room_id, code: error.code, message: error.message }
     })
@@ -378,6 +390,7 @@ mod tests {
                 FeedItem::Frames(room_id, frames) => format!("frames {} {}", room_id.0[0], frames.len()),
                 FeedItem::CaughtUp { next_log_index, .. } => format!("caught up {next_log_index}"),
                 FeedItem::FollowAgain(_) => "again".to_owned(),
+                FeedItem::Erased { log_index, .. } => format!("erased {log_index}"),
                 FeedItem::Refused { code, .. } => format!("refused {code}"),
                 FeedItem::Dropped(label) => format!("dropped {label}"),
             })
@@ -414,9 +427,16 @@ mod tests {
     }
 
     #[test]
+    fn an_erasure_notice_is_neither_an_entry_nor_a_refusal() {
+        let notice = crate::room::erasure_notice(ROOM, 5);
+        let items = FollowState::sort_feed(vec![bytes(notice)], |_| true);
+        assert!(matches!(items.as_slice(), [FeedItem::Erased { room_id: ROOM, log_index: 5 }]), "{items:?}");
+    }
+
+    #[test]
     fn a_follow_goes_live_only_once_durable_through_the_caught_up_index_and_its_head_holds() {
         let mut state = FollowState::new();
-        let _ = state.start(ROOM, Some(3));
+        let _ = state.start(ROOM, Some(3), 0);
         assert!(state.holds(ROOM));
         assert!(!state.reads_here(ROOM, true), "catching up: reads go to the authority");
         assert!(state.reads_here(ROOM, false), "the authority unreachable: the replica is read");
@@ -433,7 +453,7 @@ mod tests {
     #[test]
     fn a_head_that_does_not_hold_refuses_the_replica_until_followed_again() {
         let mut state = FollowState::new();
-        let _ = state.start(ROOM, Some(10));
+        let _ = state.start(ROOM, Some(10), 0);
         assert!(state.caught_up(ROOM, 10, Some(signed(9, [5; 32]))));
         let equivocation = HeadCheckError::Equivocation { log_index: 9, signed: [5; 32], replica: [6; 32] };
         assert_eq!(state.head_checked(ROOM, Some(Err(equivocation))), (Some("equivocation"), LiveStep::Idle));
@@ -446,7 +466,7 @@ mod tests {
     #[test]
     fn a_live_follow_checks_each_checkpoint_and_one_that_does_not_hold_refuses_it() {
         let mut state = FollowState::new();
-        let _ = state.start(ROOM, Some(10));
+        let _ = state.start(ROOM, Some(10), 0);
         assert!(state.caught_up(ROOM, 10, None), "caught up: a check starts");
         assert_eq!(state.durable(ROOM, Some(10)), LiveStep::Live);
         let first = signed(11, [5; 32]);
@@ -467,7 +487,7 @@ mod tests {
     #[test]
     fn a_link_lost_while_catching_up_never_goes_live_on_the_old_follow() {
         let mut state = FollowState::new();
-        let message = state.start(ROOM, None);
+        let message = state.start(ROOM, None, 0);
         assert!(matches!(message, LinkMessage::Follow { from_log_index: 0, .. }));
         assert!(!state.holds(ROOM));
         assert!(state.caught_up(ROOM, 4, None));

@@ -66,6 +66,15 @@ impl std::fmt::Display for WireRole {
     }
 }
 
+/// One record of a room's erasure journal, as a link carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureRecord {
+    /// Its position in the journal (1 for the room's first erasure).
+    pub seq: u64,
+    /// The entries erased.
+    pub log_indices: Vec<u64>,
+}
+
 /// What travels on a link's stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,6 +143,23 @@ pub enum LinkMessage {
         room_id: [u8; 16],
         /// First index wanted.
         from_log_index: u64,
+        /// How far the home applied the room's erasure journal: the
+        /// authority answers with the erasures after it (`Erasures`).
+        #[serde(default)]
+        erasures_after: u64,
+    },
+    /// Authority to home, answering a `Follow` before its frames: one page
+    /// of the room's erasure journal after the follow's `erasures_after`,
+    /// so that the home's replica erases what was erased while it did not
+    /// follow.
+    Erasures {
+        /// The room.
+        room_id: [u8; 16],
+        /// The follow's first index: entries from there on come with the
+        /// follow, erased ones as their placeholders.
+        from_log_index: u64,
+        /// Journal records, in order.
+        erasures: Vec<ErasureRecord>,
     },
     /// Authority to home: frames of followed rooms, in each room's order,
     /// and the notices of the follow (`SyncDone`, `Error`).
@@ -168,6 +194,7 @@ impl LinkMessage {
             LinkMessage::Relay { .. } => "relay",
             LinkMessage::Deliver { .. } => "deliver",
             LinkMessage::Follow { .. } => "follow",
+            LinkMessage::Erasures { .. } => "erasures",
             LinkMessage::Replicate { .. } => "replicate",
             LinkMessage::RelayClosed { .. } => "relay_closed",
             LinkMessage::RelayDropped { .. } => "relay_dropped",

@@ -475,9 +475,14 @@ impl Link<'_> {
                 LinkMessage::Deliver { connection, frames } => {
                     self.context.relay_home.deliver(self.peer, connection, frames)
                 }
-                LinkMessage::Follow { room_id, from_log_index } => {
-                    self.context.replica_feeds.follow(self.peer, RoomId(room_id), from_log_index, outgoing)
-                }
+                LinkMessage::Follow { room_id, from_log_index, erasures_after } => self
+                    .context
+                    .replica_feeds
+                    .follow(self.peer, RoomId(room_id), (from_log_index, erasures_after), outgoing),
+                LinkMessage::Erasures { room_id, from_log_index, erasures } => self
+                    .context
+                    .replica_follower
+                    .erasures(self.peer, RoomId(room_id), from_log_index, erasures),
                 LinkMessage::Replicate { frames } => {
                     self.context.replica_follower.replicated(self.peer, frames).await
                 }

@@ -18,8 +18,8 @@
 //! replica of; takes `Replicate` frames into the replica, in order, only
 //! for rooms that peer orders.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kalandra_proto::chain::SignedLogHead;
@@ -30,13 +30,15 @@ use tokio::sync::mpsc;
 
 use crate::admin::metrics::Metrics;
 use crate::federation::follow::{FeedItem, FollowState, Following, LiveStep};
-use crate::federation::handshake::{encode_established, LinkMessage};
+use crate::federation::handshake::{encode_established, ErasureRecord, LinkMessage};
 use crate::federation::registry::LinkRegistry;
 use crate::federation::relay::frame_messages;
+use crate::federation::requests::LINK_ESTABLISHED_MESSAGE_BYTES_MAX;
 use crate::federation::rooms::RemoteRooms;
 use crate::node::{error_frame, Command, Node, Outbox, OutboxReceiver, Outgoing};
 use crate::room::sequencer::SERVER_SENDER_ID;
 use crate::room::RoomRequest;
+use crate::store::limits::{ERASURES_PAGE_MAX, REDACT_ENTRIES_PER_CALL_MAX};
 use crate::store::Store;
 
 /// Frames a peer's feed queues before it is told to follow again.
@@ -50,7 +52,23 @@ pub const REPLICA_LIVE_WAITS_MAX: u32 = 1_000;
 /// Wait between two of those checks.
 pub const REPLICA_LIVE_WAIT_MS: u64 = 5;
 
+/// Journal pages (of [`ERASURES_PAGE_MAX`] records) sent in answer to one
+/// follow at most; a home further behind gets the rest when it follows again.
+pub const ERASURE_PAGES_PER_FOLLOW_MAX: usize = 64;
+/// Erasures a home applies at once (each waits for its entries to be
+/// durable in the replica); a notice beyond it makes the home follow the
+/// room again, which brings the journal.
+pub const REPLICA_ERASURE_TASKS_MAX: usize = 64;
+
+/// CBOR of one journaled index at most, bytes.
+const ERASED_INDEX_CBOR_BYTES_MAX: usize = 9;
+
 const _: () = assert!(REPLICA_FEED_BYTES_MAX >= 2 * kalandra_proto::limits::FRAME_BYTES_MAX);
+const _: () = assert!(
+    ERASURES_PAGE_MAX * (REDACT_ENTRIES_PER_CALL_MAX * ERASED_INDEX_CBOR_BYTES_MAX + 32) + 1024
+        <= LINK_ESTABLISHED_MESSAGE_BYTES_MAX,
+    "a page of the erasure journal fits in one link message"
+);
 const _: () = assert!(REPLICA_LIVE_WAITS_MAX as u64 * REPLICA_LIVE_WAIT_MS <= 10_000, "at most 10 s");
 
 /// The authority side: one feed per peer domain.
@@ -77,13 +95,15 @@ impl ReplicaFeeds {
         }
     }
 
-    /// `peer` follows `room_id` from `from_log_index`; frames go out on
-    /// `outgoing` (the link's queue). Refusals are sent as `Error` frames.
+    /// `peer` follows `room_id` from `from_log_index`, having applied the
+    /// room's erasure journal through `erasures_after`: the journal after
+    /// it goes first, then the frames, on `outgoing` (the link's queue).
+    /// Refusals are sent as `Error` frames.
     pub fn follow(
         self: &Arc<Self>,
         peer: &DomainName,
         room_id: RoomId,
-        from_log_index: u64,
+        (from_log_index, erasures_after): (u64, u64),
         outgoing: &mpsc::Sender<Vec<u8>>,
     ) {
         let (feeds, peer, outgoing) = (Arc::clone(self), peer.clone(), outgoing.clone());
@@ -99,10 +119,42 @@ impl ReplicaFeeds {
                 }
                 return;
             }
+            // Read before the history is: an entry erased by then travels as its placeholder.
+            feeds.send_erasures(room_id, (from_log_index, erasures_after), &outgoing).await;
             let outbox = feeds.feed(&peer, &outgoing);
             let request = RoomRequest::Subscribe { room_id, from_log_index, request_id: 0 };
             feeds.node.send(room_id, Command::Room { outbox, request }).await;
         });
+    }
+
+    /// Sends the room's erasure journal after `after`, page by page, at
+    /// most [`ERASURE_PAGES_PER_FOLLOW_MAX`] pages.
+    async fn send_erasures(
+        &self,
+        room_id: RoomId,
+        (from_log_index, mut after): (u64, u64),
+        outgoing: &mpsc::Sender<Vec<u8>>,
+    ) {
+        for _ in 0..ERASURE_PAGES_PER_FOLLOW_MAX {
+            let page = match self.node.erasures_after(room_id, after).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%room_id, %error, "reading the erasure journal failed");
+                    return;
+                }
+            };
+            let Some(last) = page.last().map(|record| record.seq) else { return };
+            let erasures = page
+                .into_iter()
+                .map(|record| ErasureRecord { seq: record.seq, log_indices: record.log_indices })
+                .collect();
+            let message = LinkMessage::Erasures { room_id: room_id.0, from_log_index, erasures };
+            let Ok(bytes) = encode_established(&message) else { return };
+            if outgoing.send(bytes).await.is_err() {
+                return;
+            }
+            after = last;
+        }
     }
 
     /// A peer may follow a room this server orders in which a current
@@ -194,6 +246,8 @@ pub struct ReplicaFollower {
     registry: Arc<LinkRegistry>,
     metrics: Metrics,
     state: Mutex<FollowState>,
+    /// Erasures under way (at most [`REPLICA_ERASURE_TASKS_MAX`]).
+    erasing: Arc<AtomicUsize>,
 }
 
 impl ReplicaFollower {
@@ -204,7 +258,8 @@ impl ReplicaFollower {
         registry: Arc<LinkRegistry>,
         metrics: Metrics,
     ) -> ReplicaFollower {
-        ReplicaFollower { node, rooms, registry, metrics, state: Mutex::new(FollowState::new()) }
+        let erasing = Arc::new(AtomicUsize::new(0));
+        ReplicaFollower { node, rooms, registry, metrics, state: Mutex::new(FollowState::new()), erasing }
     }
 
     /// Notes the replicas recovered at start (read while their authority
@@ -236,7 +291,8 @@ impl ReplicaFollower {
     pub async fn follow(&self, room_id: RoomId) {
         let Some(authority) = self.rooms.authority_of(room_id) else { return };
         let next = self.node.replica_position(room_id).await.map(|(next, _)| next);
-        let message = lock(&self.state).start(room_id, next);
+        let erasures_after = self.node.replica_erasure_cursor(room_id).await.unwrap_or(0);
+        let message = lock(&self.state).start(room_id, next, erasures_after);
         let sent = encode_established(&message).map(|bytes| self.registry.try_send(&authority, bytes));
         if !matches!(sent, Ok(Ok(()))) {
             lock(&self.state).not_sent(room_id);
@@ -279,6 +335,7 @@ impl ReplicaFollower {
     /// dropped and counted.
     pub async fn replicated(self: &Arc<Self>, peer: &DomainName, frames: Vec<ByteBuf>) {
         let ordered_by_peer = |room_id| self.rooms.authority_of(room_id).as_ref() == Some(peer);
+        let mut erased: BTreeMap<RoomId, Vec<u64>> = BTreeMap::new();
         for item in FollowState::sort_feed(frames, ordered_by_peer) {
             match item {
                 FeedItem::Frames(room_id, frames) => {
@@ -304,6 +361,7 @@ impl ReplicaFollower {
                     }
                 }
                 FeedItem::FollowAgain(room_id) => self.follow(room_id).await,
+                FeedItem::Erased { room_id, log_index } => erased.entry(room_id).or_default().push(log_index),
                 FeedItem::Refused { room_id, code, message } => {
                     tracing::info!(%room_id, code, %message, "the room's authority refused to feed its replica");
                     lock(&self.state).refused(room_id);
@@ -312,6 +370,96 @@ impl ReplicaFollower {
                 FeedItem::Dropped(label) => self.metrics.relay_refused(peer.as_str(), label),
             }
         }
+        for (room_id, log_indices) in erased {
+            for chunk in log_indices.chunks(REDACT_ENTRIES_PER_CALL_MAX) {
+                self.erase_later(room_id, chunk.to_vec());
+            }
+        }
+    }
+
+    /// A page of the erasure journal of `room_id`, answering this server's
+    /// follow from `from_log_index`: applied in order, each record moving
+    /// the replica's cursor once its entries before `from_log_index` are
+    /// erased here (those from there on come with the follow).
+    pub fn erasures(
+        self: &Arc<Self>,
+        peer: &DomainName,
+        room_id: RoomId,
+        from_log_index: u64,
+        records: Vec<ErasureRecord>,
+    ) {
+        if self.rooms.authority_of(room_id).as_ref() != Some(peer) {
+            self.metrics.relay_refused(peer.as_str(), "foreign_room");
+            return;
+        }
+        // An authority sends at most a page, of records one redaction could write.
+        let oversized = |record: &ErasureRecord| record.log_indices.len() > REDACT_ENTRIES_PER_CALL_MAX;
+        if records.len() > ERASURES_PAGE_MAX || records.iter().any(oversized) {
+            self.metrics.replica_erasures("refused", 1);
+            return;
+        }
+        let follower = Arc::clone(self);
+        let Some(slot) = ErasureSlot::take(&self.erasing) else {
+            self.metrics.replica_erasures("dropped", 1);
+            return;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            for record in records {
+                let wanted = record.log_indices.into_iter().filter(|index| *index < from_log_index).collect();
+                if !follower.erase_when_held(room_id, wanted, Some(record.seq)).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Erases entries of the replica of `room_id` the authority's notices
+    /// named, once they are durable here, in a task of its own (at most
+    /// [`REPLICA_ERASURE_TASKS_MAX`] run; beyond, the room is followed
+    /// again, which brings the journal).
+    fn erase_later(self: &Arc<Self>, room_id: RoomId, log_indices: Vec<u64>) {
+        let follower = Arc::clone(self);
+        let Some(slot) = ErasureSlot::take(&self.erasing) else {
+            self.metrics.replica_erasures("dropped", 1);
+            tokio::spawn(async move { follower.follow(room_id).await });
+            return;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            follower.erase_when_held(room_id, log_indices, None).await;
+        });
+    }
+
+    /// Waits (at most [`REPLICA_LIVE_WAITS_MAX`] times
+    /// [`REPLICA_LIVE_WAIT_MS`]) for the replica to hold `log_indices`
+    /// durably, then erases them (moving the journal cursor to `cursor`);
+    /// whether it did.
+    async fn erase_when_held(&self, room_id: RoomId, log_indices: Vec<u64>, cursor: Option<u64>) -> bool {
+        let needed = log_indices.iter().max().map_or(0, |last| last.saturating_add(1));
+        for _ in 0..REPLICA_LIVE_WAITS_MAX {
+            let Some((_, durable_next)) = self.node.replica_position(room_id).await else { return false };
+            if durable_next < needed {
+                tokio::time::sleep(std::time::Duration::from_millis(REPLICA_LIVE_WAIT_MS)).await;
+                continue;
+            }
+            return match self.node.erase_in_replica(room_id, log_indices, cursor).await {
+                Ok(plan) => {
+                    self.metrics.replica_erasures("erased", plan.erase.len() as u64);
+                    if !plan.refused.is_empty() {
+                        tracing::warn!(%room_id, refused = ?plan.refused, "the room's authority asked to erase entries without content");
+                        self.metrics.replica_erasures("refused", plan.refused.len() as u64);
+                    }
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(%room_id, %error, "erasing the replica's copies failed");
+                    false
+                }
+            };
+        }
+        self.metrics.replica_erasures("not_held", 1);
+        false
     }
 
     /// A caught-up follow goes live once the replica is durable through
@@ -352,6 +500,27 @@ impl ReplicaFollower {
         if let Some(peer) = self.rooms.authority_of(room_id) {
             self.publish(&peer);
         }
+    }
+}
+
+/// One of the follower's [`REPLICA_ERASURE_TASKS_MAX`] erasure tasks,
+/// free again when dropped.
+struct ErasureSlot(Arc<AtomicUsize>);
+
+impl ErasureSlot {
+    fn take(erasing: &Arc<AtomicUsize>) -> Option<ErasureSlot> {
+        erasing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < REPLICA_ERASURE_TASKS_MAX).then_some(taken + 1)
+            })
+            .ok()
+            .map(|_| ErasureSlot(Arc::clone(erasing)))
+    }
+}
+
+impl Drop for ErasureSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

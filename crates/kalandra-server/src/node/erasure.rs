@@ -315,6 +315,75 @@ impl Node {
             .map_err(|error| RetentionError::Internal(crate::store::InvariantViolation(error.to_string())))?
     }
 
+    /// Erases this replica's copies of entries the room's authority erased
+    /// (`log_indices`, all durable here), moving the replica's cursor of
+    /// the authority's erasure journal to `cursor` if given, in the same
+    /// transaction. Entries held without content need nothing; handshake
+    /// frames are not erased (returned in the plan's `refused`).
+    pub async fn erase_in_replica(
+        &self,
+        room_id: RoomId,
+        log_indices: Vec<u64>,
+        cursor: Option<u64>,
+    ) -> Result<ReplicaErasurePlan, RedactError> {
+        let store = Arc::clone(&self.store);
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<StoredEntry>, ReadError> {
+            let mut entries = Vec::with_capacity(log_indices.len());
+            for log_index in log_indices {
+                entries.extend(store.read_range(room_id, log_index, 1)?.into_iter().take(1));
+            }
+            Ok(entries)
+        })
+        .await
+        .map_err(|error| RedactError::Internal(error.to_string()))?;
+        let entries = read.map_err(|error| read_failed(&error))?;
+        let plan = plan_replica_erasure(&entries);
+        if !plan.erase.is_empty() {
+            self.hide_in_shard(room_id, plan.erase.clone()).await?;
+        }
+        let redaction = Redaction { erased_at_ms: (self.clock)(), cause: ErasureCause::Authority };
+        let (store, erase) = (Arc::clone(&self.store), plan.erase.clone());
+        let result = tokio::task::spawn_blocking(move || match cursor {
+            Some(cursor) => store.redact_replicated(room_id, &erase, &redaction, cursor).map(|_| ()),
+            None if erase.is_empty() => Ok(()),
+            None => store.redact(room_id, &erase, &redaction).map(|_| ()),
+        })
+        .await
+        .map_err(|error| RedactError::Internal(error.to_string()))?;
+        result.map_err(|error| {
+            if matches!(error, crate::store::RedactError::Storage(_)) {
+                self.storage_failed();
+            }
+            store_redact_error(error)
+        })?;
+        Ok(plan)
+    }
+
+    /// How far this server's replica of `room_id` applied its authority's
+    /// erasure journal (0: nothing yet, or no replica).
+    pub async fn replica_erasure_cursor(&self, room_id: RoomId) -> Result<u64, RedactError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.replica_erasure_cursor(room_id))
+            .await
+            .map_err(|error| RedactError::Internal(error.to_string()))?
+            .map_err(|error| read_failed(&error))
+    }
+
+    /// The erasures journaled for `room_id` after `after_seq`: one page.
+    pub async fn erasures_after(
+        &self,
+        room_id: RoomId,
+        after_seq: u64,
+    ) -> Result<Vec<crate::store::JournaledErasure>, RedactError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            store.erasures_after(room_id, after_seq, crate::store::limits::ERASURES_PAGE_MAX)
+        })
+        .await
+        .map_err(|error| RedactError::Internal(error.to_string()))?
+        .map_err(|error| read_failed(&error))
+    }
+
     /// Tells the room's shard to drop the entries from its recent frames.
     async fn hide_in_shard(&self, room_id: RoomId, log_indices: Vec<u64>) -> Result<(), RedactError> {
         let (done, hidden) = oneshot::channel();
@@ -348,6 +417,37 @@ impl Node {
             store_redact_error(error)
         })
     }
+}
+
+/// What a replica does with its authority's erasure of some entries it
+/// holds, decided over what it stores there ([`plan_replica_erasure`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaErasurePlan {
+    /// Application frames held with their content: erase them.
+    pub erase: Vec<u64>,
+    /// Entries that hold no application content (a handshake frame):
+    /// the authority asked what no erasure may do; nothing is erased.
+    pub refused: Vec<u64>,
+}
+
+/// Decides a replica's part of its authority's erasure: `entries` are what
+/// the replica stores at the erased indices. An entry erased already, or
+/// held as its placeholder (the authority had erased it before the
+/// replica read it), needs nothing; an application frame is erased; any
+/// other frame is refused (it carries no content to erase, and recovery
+/// replays it).
+pub fn plan_replica_erasure(entries: &[StoredEntry]) -> ReplicaErasurePlan {
+    let mut plan = ReplicaErasurePlan::default();
+    for entry in entries {
+        let EntryContent::Frame(frame) = &entry.content else { continue };
+        let opcode = crate::store::sealing::routing_u16(frame, offset::OPCODE);
+        if erasable_opcode(opcode) {
+            plan.erase.push(entry.log_index);
+        } else if opcode != Some(kalandra_proto::Opcode::Error.to_u16()) {
+            plan.refused.push(entry.log_index);
+        }
+    }
+    plan
 }
 
 /// A redaction as asked: which entry, by whom, on what authority, why.
@@ -646,5 +746,43 @@ pub async fn retention_loop(node: Node, interval_ms: u64) {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "retention pass failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kalandra_proto::{FrameHeaderBuf, Opcode};
+
+    use super::*;
+    use crate::store::{Erasure, ErasureCause};
+
+    const ROOM: RoomId = RoomId([4; 16]);
+
+    fn held(log_index: u64, opcode: Opcode) -> StoredEntry {
+        let mut header = FrameHeaderBuf::new(opcode);
+        header.set_room_id(ROOM).set_log_index(log_index);
+        let frame = Bytes::copy_from_slice(header.as_bytes());
+        StoredEntry { room_id: ROOM, log_index, content: EntryContent::Frame(frame) }
+    }
+
+    #[test]
+    fn a_replica_erases_only_application_content_its_authority_erased() {
+        let tombstone = Erasure {
+            routing: Bytes::new(),
+            redaction: Redaction { erased_at_ms: 1, cause: ErasureCause::Authority },
+            frame_digest: None,
+        };
+        let entries = [
+            held(1, Opcode::Commit),
+            held(2, Opcode::Application),
+            StoredEntry { room_id: ROOM, log_index: 3, content: EntryContent::Erased(tombstone) },
+            // The placeholder the replica was sent for an entry erased before it read it.
+            held(4, Opcode::Error),
+            held(5, Opcode::Application),
+            held(0, Opcode::CreateRoom),
+        ];
+        let plan = plan_replica_erasure(&entries);
+        assert_eq!(plan, ReplicaErasurePlan { erase: vec![2, 5], refused: vec![1, 0] });
+        assert_eq!(plan_replica_erasure(&[]), ReplicaErasurePlan::default());
     }
 }

@@ -164,6 +164,25 @@ pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Byt
     )
 }
 
+/// The notice a replica feed gets when an entry it was sent is erased: an
+/// `Error` frame with code `Redacted` whose payload names the erased index
+/// and whose header names only the room (its `log_index` is 0, never an
+/// erasable entry's, so the notice cannot be taken for the entry's
+/// placeholder).
+pub fn erasure_notice(room_id: RoomId, log_index: u64) -> Bytes {
+    let mut header = FrameHeaderBuf::new(Opcode::Error);
+    header.set_room_id(room_id);
+    let error = payload::Error {
+        code: ErrorCode::Redacted.to_u16(),
+        message: "erased at the room's authority".to_owned(),
+        current_epoch: None,
+        log_index: Some(log_index),
+        retry_after_ms: None,
+        frame_digest: None,
+    };
+    Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
+}
+
 /// A placeholder carries the erased frame's digest (when the tombstone
 /// kept it), so that readers extend the log's hash chain over it.
 fn placeholder(room_id: RoomId, log_index: u64, routing: &[u8], digest: Option<FrameDigest>) -> Bytes {

@@ -22,6 +22,8 @@ pub use self::acts::{
     Completion, ModerationDone, ModerationFailure, ModerationRequest, ModerationWrite, RoomInfo, RoomSummary,
     MODERATION_TICK_MS, MODERATION_WRITES_QUEUED_MAX, ROOMS_LIST_MAX,
 };
+#[cfg(test)]
+pub(crate) use self::frames::erasure_notice;
 pub(crate) use self::frames::error_frame_with;
 pub use self::frames::{erased_placeholder, error_frame, reply_frame, server_frame};
 pub use self::moderation::{moderation_reply, moderation_request};

@@ -901,12 +901,31 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
 
     /// Entries of the room are being erased: replace them in the recent
     /// frames by their placeholders before the store destroys them, so no
-    /// subscriber catching up from memory gets the content.
+    /// subscriber catching up from memory gets the content; and tell each
+    /// peer domain's feed of the room, after what it was sent already, so
+    /// that its replica erases them too (a feed that cannot take the notice
+    /// is told it fell behind, as by fan-out; its replica follows again and
+    /// is sent the room's erasure journal).
     pub fn handle_erased(&mut self, room_id: RoomId, log_indices: &[u64]) {
-        if let Some(room) = self.rooms.get_mut(&room_id) {
-            for (index, bytes) in room.recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
-                *bytes = super::frames::placeholder_for_frame(room_id, *index, bytes);
+        let Some(room) = self.rooms.get_mut(&room_id) else { return };
+        for (index, bytes) in room.recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
+            *bytes = super::frames::placeholder_for_frame(room_id, *index, bytes);
+        }
+        if room.replica {
+            return;
+        }
+        let mut lagging = Vec::new();
+        for feed in room.subscribers.iter().filter(|s| s.peer.reads_everything()) {
+            let told = log_indices
+                .iter()
+                .all(|&log_index| feed.peer.try_send(super::frames::erasure_notice(room_id, log_index)));
+            if !told {
+                lagged(room_id, feed);
+                lagging.push(feed.subscription);
             }
+        }
+        if !lagging.is_empty() {
+            drop_subscribers(&mut room.subscribers, |s| lagging.contains(&s.subscription));
         }
     }
 
