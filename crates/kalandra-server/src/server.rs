@@ -434,6 +434,7 @@ async fn assemble(
         registry: Arc::clone(&registry),
         rooms: Arc::clone(&remote_rooms),
         metrics: metrics.clone(),
+        refused: refused.clone(),
     }
     .start(routed);
     let link_context = LinkContext {

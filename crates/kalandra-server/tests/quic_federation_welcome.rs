@@ -236,6 +236,34 @@ async fn federation_welcome_of_a_commit_made_while_the_link_is_down_arrives_once
     assert_eq!(welcomes(&a, "dropped"), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_welcome_for_a_user_of_a_domain_the_operator_then_refuses_is_dropped_not_kept_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let Domains { a, b, a_federation, b_federation } = Domains::start(dir.path()).await;
+    let mut bob = TestClient::connect(&b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+    let room = RoomId([0x56; 16]);
+    let packages = claim_remote(&mut alice, &[bob.sender()]).await;
+    bob.disconnect().await;
+    assert!(b.stop().await.is_none());
+    alice.create_room(room).await;
+    add_remote(&mut alice, &[bob.sender()], &packages).await;
+    eventually("the Welcome could not be routed", || welcomes(&a, "deferred") >= 1).await;
+    assert_eq!(pending(&a, bob.sender()), 1, "a keeps it while b is away");
+
+    // a's operator refuses b: the Welcome can never be taken, and goes.
+    alice.disconnect().await;
+    assert!(a.stop().await.is_none());
+    let refused_b = PeerConfig { refused: true, ..peer("b.test", Some(b_federation), SEED_B) };
+    // (b is down: a listens elsewhere, its old socket may linger a moment.)
+    let _ = a_federation;
+    let a = start(&dir.path().join("a"), "a.test", SEED_A, free_address(), vec![refused_b]).await;
+    eventually("a drops the Welcome for b's user", || pending(&a, bob.sender()) == 0).await;
+    assert_eq!(welcomes(&a, "dropped"), 1);
+    assert_eq!(welcomes(&a, "forwarded"), 0);
+}
+
 /// A Welcome frame of `room` (what a peer's server would forward).
 fn welcome_frame(room: RoomId) -> Vec<u8> {
     let payload = Welcome { welcome: vec![1, 2, 3], ratchet_tree: None, log_head: None };

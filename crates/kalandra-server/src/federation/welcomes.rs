@@ -12,7 +12,8 @@
 //! storage failed) stays and is sent again when a link to the domain comes
 //! up and on a periodic retry. One the home refuses as a bad request (the
 //! room is its own, another domain orders it, the frame is not a Welcome
-//! of the room) can never be taken: it is dropped, logged and counted.
+//! of the room) can never be taken: it is dropped, logged and counted; so
+//! is one for users of a domain the operator refuses.
 //!
 //! The home's side ([`WelcomeInbox`]): a peer's Welcome is checked (a
 //! Welcome frame of the room it names, within the size bound; the room not
@@ -33,6 +34,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::admin::metrics::Metrics;
+use crate::federation::handshake::RefusedDomains;
 use crate::federation::registry::LinkRegistry;
 use crate::federation::requests::{
     refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, DELIVER_WELCOME_RECIPIENTS_MAX,
@@ -275,6 +277,9 @@ pub struct WelcomeRouter {
     pub rooms: Arc<RemoteRooms>,
     /// Counts what became of each Welcome.
     pub metrics: Metrics,
+    /// Domains the operator refuses: their users' Welcomes can never be
+    /// taken, and are dropped instead of being sent again for ever.
+    pub refused: RefusedDomains,
 }
 
 impl WelcomeRouter {
@@ -403,6 +408,10 @@ impl WelcomeRouter {
     /// Sends one Welcome to its recipients' home.
     async fn send(&self, forward: &Forward) -> Sent {
         let (home, room_id) = (&forward.home, forward.room_id);
+        if self.refused.contains(home) {
+            tracing::info!(%home, %room_id, "a Welcome for users of a refused domain is dropped");
+            return Sent::Dropped;
+        }
         if forward.welcome.len() > FORWARDED_WELCOME_BYTES_MAX {
             tracing::error!(%home, %room_id, bytes = forward.welcome.len(), "a Welcome too large to route is dropped");
             return Sent::Dropped;
