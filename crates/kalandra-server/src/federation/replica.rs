@@ -416,8 +416,9 @@ impl ReplicaFollower {
 
     /// Erases entries of the replica of `room_id` the authority's notices
     /// named, once they are durable here, in a task of its own (at most
-    /// [`REPLICA_ERASURE_TASKS_MAX`] run; beyond, the room is followed
-    /// again, which brings the journal).
+    /// [`REPLICA_ERASURE_TASKS_MAX`] run). When that cannot be done (no
+    /// task free, the entries not durable in time, the store failed), the
+    /// room is followed again, which brings the journal.
     fn erase_later(self: &Arc<Self>, room_id: RoomId, log_indices: Vec<u64>) {
         let follower = Arc::clone(self);
         let Some(slot) = ErasureSlot::take(&self.erasing) else {
@@ -426,8 +427,11 @@ impl ReplicaFollower {
             return;
         };
         tokio::spawn(async move {
-            let _slot = slot;
-            follower.erase_when_held(room_id, log_indices, None).await;
+            let erased = follower.erase_when_held(room_id, log_indices, None).await;
+            drop(slot);
+            if !erased {
+                follower.follow(room_id).await;
+            }
         });
     }
 
