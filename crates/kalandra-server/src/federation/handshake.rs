@@ -28,6 +28,8 @@ use crate::federation::requests::{
 
 /// Largest link message, bytes (without its length prefix).
 pub const LINK_MESSAGE_BYTES_MAX: usize = 1024;
+
+const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX >= LINK_MESSAGE_BYTES_MAX);
 /// Bytes of the big-endian length before each link message.
 pub const LINK_LENGTH_PREFIX_BYTES: usize = 2;
 /// CBOR framing allowed around a hello's fields (map, keys, headers).

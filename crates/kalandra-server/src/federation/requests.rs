@@ -12,7 +12,6 @@ use kalandra_proto::limits::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::federation::handshake::LINK_MESSAGE_BYTES_MAX;
 use crate::store::limits::{KEY_PACKAGE_BYTES_MAX, WELCOME_BYTES_MAX};
 
 /// Requests one end may have sent on one link and not had answered; more
@@ -58,7 +57,6 @@ pub const FORWARDED_WELCOME_BYTES_MAX: usize = LINK_ESTABLISHED_MESSAGE_BYTES_MA
     - DELIVER_WELCOME_RECIPIENTS_MAX * RECIPIENT_CBOR_BYTES_MAX
     - DELIVER_WELCOME_OVERHEAD_BYTES_MAX;
 
-const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX >= LINK_MESSAGE_BYTES_MAX);
 const _: () = assert!(LINK_ESTABLISHED_MESSAGE_BYTES_MAX <= u32::MAX as usize, "the prefix is four bytes");
 const _: () = assert!(
     LINK_REQUESTS_IN_FLIGHT_MAX * CLAIM_ANSWER_BYTES_MAX <= 256 * 1024 * 1024,
