@@ -442,7 +442,8 @@ impl ReplicaFollower {
     async fn erase_when_held(&self, room_id: RoomId, log_indices: Vec<u64>, cursor: Option<u64>) -> bool {
         let needed = log_indices.iter().max().map_or(0, |last| last.saturating_add(1));
         for _ in 0..REPLICA_LIVE_WAITS_MAX {
-            let Some((_, durable_next)) = self.node.replica_position(room_id).await else { return false };
+            // No replica yet: its first frames may be on their way.
+            let durable_next = self.node.replica_position(room_id).await.map_or(0, |(_, durable)| durable);
             if durable_next < needed {
                 tokio::time::sleep(std::time::Duration::from_millis(REPLICA_LIVE_WAIT_MS)).await;
                 continue;
