@@ -212,9 +212,14 @@ impl Client {
             }
         }
         let Some(room) = self.room_mut(room_id) else { return };
-        if matches!(room.leave, Some(Leave::Sent { .. } | Leave::Proposed { .. })) {
-            // Our leave proposal may have died with the voided epoch.
-            room.leave = Some(Leave::Want);
+        let epoch = room.log.as_ref().map_or(0, RoomLog::epoch);
+        if let Some(Leave::Sent { epoch: ours } | Leave::Proposed { epoch: ours }) = room.leave {
+            // A leave proposed in an epoch the void took back died with it; one
+            // of the epoch the room is back in is still pending (proposing it
+            // again would be refused as a duplicate).
+            if ours > epoch {
+                room.leave = Some(Leave::Want);
+            }
         }
         if !room.member() && !room.log.as_ref().is_some_and(RoomLog::rejoin_needed) {
             self.removed(room_id);
