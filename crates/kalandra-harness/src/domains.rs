@@ -125,8 +125,6 @@ async fn serve_link<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, stream: turmoil:
                 send(&tx, &LinkMessage::Pong { sequence });
             }
             LinkMessage::Follow { room_id, from_log_index, erasures_after } => {
-                // The journal goes first, read before the history is, as the node's feeds send it.
-                send_erasures(&shared, RoomId(room_id), (from_log_index, erasures_after), &tx);
                 let peer = match feed.as_ref().filter(|peer| !peer.outbox().is_closing()) {
                     Some(peer) => peer.clone(),
                     None => open_feed(&core, &tx),
@@ -139,6 +137,8 @@ async fn serve_link<G: ServerGroup>(core: Rc<RefCell<Core<G>>>, stream: turmoil:
                     let now_ms = core.shared.now_ms();
                     core.shard.handle_request(&peer, request, now_ms);
                 }
+                // Read once the feed subscribed, as the node's feeds read it.
+                send_erasures(&shared, RoomId(room_id), (from_log_index, erasures_after), &tx);
                 drive(&core);
             }
             // Nothing else travels on this link.

@@ -811,6 +811,10 @@ async fn redact_entry<G: ServerGroup>(
     let (outcomes, audit) = disk
         .redact_audited(room_id, &[log_index], &erasure.redaction, &erasure.event)
         .map_err(store_redact_error)?;
+    if outcomes.contains(&kalandra_server::store::RedactOutcome::Erased) {
+        core.borrow_mut().shard.handle_erasure_durable(room_id, &[log_index]);
+        drive(core);
+    }
     erasure.report(&outcomes, audit)
 }
 

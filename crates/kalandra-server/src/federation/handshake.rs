@@ -150,7 +150,7 @@ pub enum LinkMessage {
         #[serde(default)]
         erasures_after: u64,
     },
-    /// Authority to home, answering a `Follow` before its frames: one page
+    /// Authority to home, answering a `Follow` (read once its feed subscribed): one page
     /// of the room's erasure journal after the follow's `erasures_after`,
     /// so that the home's replica erases what was erased while it did not
     /// follow.

@@ -96,9 +96,9 @@ impl ReplicaFeeds {
     }
 
     /// `peer` follows `room_id` from `from_log_index`, having applied the
-    /// room's erasure journal through `erasures_after`: the journal after
-    /// it goes first, then the frames, on `outgoing` (the link's queue).
-    /// Refusals are sent as `Error` frames.
+    /// room's erasure journal through `erasures_after`: the frames, and the
+    /// journal after it, go out on `outgoing` (the link's queue). Refusals
+    /// are sent as `Error` frames.
     pub fn follow(
         self: &Arc<Self>,
         peer: &DomainName,
@@ -119,11 +119,12 @@ impl ReplicaFeeds {
                 }
                 return;
             }
-            // Read before the history is: an entry erased by then travels as its placeholder.
-            feeds.send_erasures(room_id, (from_log_index, erasures_after), &outgoing).await;
             let outbox = feeds.feed(&peer, &outgoing);
             let request = RoomRequest::Subscribe { room_id, from_log_index, request_id: 0 };
             feeds.node.send(room_id, Command::Room { outbox, request }).await;
+            // Read once the subscription is queued in the shard: an erasure
+            // durable later is told to the feed (`handle_erasure_durable`).
+            feeds.send_erasures(room_id, (from_log_index, erasures_after), &outgoing).await;
         });
     }
 

@@ -394,7 +394,8 @@ impl Node {
     }
 
     /// Erases the entries, with `event` in the audit log if given (and
-    /// something was erased), in one durable transaction.
+    /// something was erased), in one durable transaction; then tells the
+    /// room's shard, which tells the room's replica feeds.
     async fn erase_in_store(
         &self,
         room_id: RoomId,
@@ -402,20 +403,25 @@ impl Node {
         redaction: Redaction,
         event: Option<AuditEvent>,
     ) -> Result<(Vec<RedactOutcome>, Option<AuditRecord>), RedactError> {
-        let store = Arc::clone(&self.store);
+        let (store, asked) = (Arc::clone(&self.store), log_indices.clone());
         let result = tokio::task::spawn_blocking(move || match &event {
             Some(event) => store.redact_audited(room_id, &log_indices, &redaction, event),
             None => store.redact(room_id, &log_indices, &redaction).map(|outcomes| (outcomes, None)),
         })
         .await
         .map_err(|error| RedactError::Internal(error.to_string()))?;
-        result.map_err(|error| {
+        let (outcomes, audit) = result.map_err(|error| {
             if matches!(error, crate::store::RedactError::Storage(_)) {
                 tracing::error!(%room_id, %error, "storage failed erasing entries; the node stops and recovers on restart");
                 self.storage_failed();
             }
             store_redact_error(error)
-        })
+        })?;
+        let erased = crate::store::erased_indices(&asked, &outcomes);
+        if !erased.is_empty() {
+            self.send(room_id, Command::ErasureDurable { room_id, log_indices: erased }).await;
+        }
+        Ok((outcomes, audit))
     }
 }
 

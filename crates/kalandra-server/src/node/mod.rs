@@ -120,6 +120,14 @@ pub enum Command {
         /// Replies once the recent frames no longer hold them.
         done: oneshot::Sender<()>,
     },
+    /// Entries of the room this server orders were erased durably (and
+    /// journaled): its replica feeds are told.
+    ErasureDurable {
+        /// The room.
+        room_id: RoomId,
+        /// The entries erased.
+        log_indices: Vec<u64>,
+    },
     /// Frames of a room another domain orders, as it sequenced them, for
     /// its replica here.
     Replicated {
@@ -688,6 +696,9 @@ impl<G: PersistentGroup> ShardTask<G> {
             Command::Erased { room_id, log_indices, done } => {
                 self.shard.handle_erased(room_id, &log_indices);
                 let _ = done.send(());
+            }
+            Command::ErasureDurable { room_id, log_indices } => {
+                self.shard.handle_erasure_durable(room_id, &log_indices);
             }
             Command::Shutdown { done } => *shutdown = Some(done),
             #[cfg(test)]

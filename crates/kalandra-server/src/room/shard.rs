@@ -901,19 +901,23 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
 
     /// Entries of the room are being erased: replace them in the recent
     /// frames by their placeholders before the store destroys them, so no
-    /// subscriber catching up from memory gets the content; and tell each
-    /// peer domain's feed of the room, after what it was sent already, so
-    /// that its replica erases them too (a feed that cannot take the notice
-    /// is told it fell behind, as by fan-out; its replica follows again and
-    /// is sent the room's erasure journal).
+    /// subscriber catching up from memory gets the content.
     pub fn handle_erased(&mut self, room_id: RoomId, log_indices: &[u64]) {
         let Some(room) = self.rooms.get_mut(&room_id) else { return };
         for (index, bytes) in room.recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
             *bytes = super::frames::placeholder_for_frame(room_id, *index, bytes);
         }
-        if room.replica {
-            return;
-        }
+    }
+
+    /// Entries of a room ordered here were erased durably, and journaled:
+    /// each peer domain's feed of the room is told, after what it was sent
+    /// already, so that its replica erases them too. A feed that cannot
+    /// take the notice is told it fell behind, as by fan-out; its replica
+    /// follows again and is sent the room's erasure journal. (A follow reads
+    /// the journal after its feed subscribed, so an erasure is either in
+    /// what it reads or told to its feed.)
+    pub fn handle_erasure_durable(&mut self, room_id: RoomId, log_indices: &[u64]) {
+        let Some(room) = self.rooms.get_mut(&room_id).filter(|room| !room.replica) else { return };
         let mut lagging = Vec::new();
         for feed in room.subscribers.iter().filter(|s| s.peer.reads_everything()) {
             let told = log_indices
