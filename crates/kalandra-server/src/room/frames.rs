@@ -170,17 +170,8 @@ pub(crate) fn placeholder_for_frame(room_id: RoomId, log_index: u64, frame: &Byt
 /// erasable entry's, so the notice cannot be taken for the entry's
 /// placeholder).
 pub fn erasure_notice(room_id: RoomId, log_index: u64) -> Bytes {
-    let mut header = FrameHeaderBuf::new(Opcode::Error);
-    header.set_room_id(room_id);
-    let error = payload::Error {
-        code: ErrorCode::Redacted.to_u16(),
-        message: "erased at the room's authority".to_owned(),
-        current_epoch: None,
-        log_index: Some(log_index),
-        retry_after_ms: None,
-        frame_digest: None,
-    };
-    Frame::with_payload(header, &error).expect("an Error payload fits its opcode").to_bytes()
+    let message = "erased at the room's authority";
+    error_frame_with(room_id, 0, ErrorCode::Redacted, message, None, Some(log_index), None)
 }
 
 /// A placeholder carries the erased frame's digest (when the tombstone
