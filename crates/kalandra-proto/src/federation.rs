@@ -9,6 +9,9 @@
 //! fields (`docs/wire-protocol.md` §10), verified strictly. Nothing here
 //! reads a clock: callers pass `now_ms`.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
 use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -318,8 +321,18 @@ impl PeerKeys {
 
     /// Whether `signature` over `input` verifies under a key accepted at `now_ms`.
     fn verifies(&self, input: &[u8], signature: &[u8; SIGNATURE_BYTES], now_ms: u64) -> bool {
+        self.verifying_key(input, signature, now_ms).is_some()
+    }
+
+    /// The key accepted at `now_ms` under which `signature` over `input` verifies.
+    fn verifying_key(
+        &self,
+        input: &[u8],
+        signature: &[u8; SIGNATURE_BYTES],
+        now_ms: u64,
+    ) -> Option<&VerifyingKey> {
         let signature = Signature::from_bytes(signature);
-        self.accepted(now_ms).any(|key| key.verify_strict(input, &signature).is_ok())
+        self.accepted(now_ms).find(|key| key.verify_strict(input, &signature).is_ok())
     }
 }
 
@@ -461,6 +474,46 @@ impl HomeCertificate {
     /// Checks the certificate against its domain's keys at `now_ms`; returns
     /// the certified user's sender id.
     pub fn verify(&self, home: &PeerKeys, now_ms: u64) -> Result<SenderId, HomeCertificateError> {
+        self.verify_once(home, now_ms, None)
+    }
+
+    /// As [`HomeCertificate::verify`], but a certificate `verified` holds
+    /// (checked before under a key `home` still accepts at `now_ms`) is not
+    /// verified again, and one that verifies is added to it.
+    pub fn verify_once(
+        &self,
+        home: &PeerKeys,
+        now_ms: u64,
+        verified: Option<&Mutex<VerifiedCertificates>>,
+    ) -> Result<SenderId, HomeCertificateError> {
+        self.check_fields(home, now_ms)?;
+        let sender = SenderId::from_identity_key(&self.identity_key);
+        let Some(verified) = verified else {
+            return self.check_signature(home, now_ms).map(|_| sender);
+        };
+        // The lock is not held while verifying: concurrent checks of one
+        // peer's frames verify in parallel.
+        if lock_set(verified).holds(self, home, now_ms) {
+            return Ok(sender);
+        }
+        let key = self.check_signature(home, now_ms)?;
+        lock_set(verified).insert(self, key, now_ms);
+        Ok(sender)
+    }
+
+    fn check_signature(
+        &self,
+        home: &PeerKeys,
+        now_ms: u64,
+    ) -> Result<[u8; PUBLIC_KEY_BYTES], HomeCertificateError> {
+        let input = Self::signing_input(&self.domain, &self.identity_key, self.not_after_ms);
+        match home.verifying_key(&input, &self.signature, now_ms) {
+            Some(key) => Ok(key.to_bytes()),
+            None => Err(HomeCertificateError::BadSignature { domain: self.domain.clone() }),
+        }
+    }
+
+    fn check_fields(&self, home: &PeerKeys, now_ms: u64) -> Result<(), HomeCertificateError> {
         if self.domain != *home.domain() {
             return Err(HomeCertificateError::WrongDomain {
                 expected: home.domain().clone(),
@@ -471,11 +524,86 @@ impl HomeCertificate {
             return Err(HomeCertificateError::Expired { not_after_ms: self.not_after_ms });
         }
         parse_identity_key(&self.identity_key).map_err(|_| HomeCertificateError::BadIdentityKey)?;
-        let input = Self::signing_input(&self.domain, &self.identity_key, self.not_after_ms);
-        if !home.verifies(&input, &self.signature, now_ms) {
-            return Err(HomeCertificateError::BadSignature { domain: self.domain.clone() });
+        Ok(())
+    }
+}
+
+/// Home certificates of one peer domain already verified, so that the
+/// authority of a room checks a user's certificate once, not once per
+/// frame that user sends. An entry counts only for the very same
+/// certificate, before its end of validity, and while the peer key it
+/// verified under is still accepted (a rotation that ends a key ends its
+/// entries). At most [`VERIFIED_CERTIFICATES_MAX`] entries: when full,
+/// expired entries go, and if none had, all go (the next frames are
+/// verified again; a peer cannot grow it).
+#[derive(Debug, Default)]
+pub struct VerifiedCertificates {
+    /// Certificate signature → what it was verified for.
+    entries: HashMap<[u8; SIGNATURE_BYTES], VerifiedCertificate>,
+}
+
+#[derive(Debug)]
+struct VerifiedCertificate {
+    identity_key: [u8; PUBLIC_KEY_BYTES],
+    not_after_ms: u64,
+    peer_key: [u8; PUBLIC_KEY_BYTES],
+}
+
+fn lock_set(set: &Mutex<VerifiedCertificates>) -> std::sync::MutexGuard<'_, VerifiedCertificates> {
+    // Every update leaves the set consistent: a panic elsewhere cannot break it.
+    set.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Entries of one [`VerifiedCertificates`].
+pub const VERIFIED_CERTIFICATES_MAX: usize = 16_384;
+/// Bytes of one entry's fields (the map adds its own overhead).
+pub const VERIFIED_CERTIFICATE_BYTES: usize = SIGNATURE_BYTES + 2 * PUBLIC_KEY_BYTES + 8;
+
+const _: () = assert!(
+    VERIFIED_CERTIFICATES_MAX * VERIFIED_CERTIFICATE_BYTES <= 4 * 1024 * 1024,
+    "a peer's verified certificates take at most a few MiB"
+);
+
+impl VerifiedCertificates {
+    /// An empty set.
+    pub fn new() -> VerifiedCertificates {
+        VerifiedCertificates::default()
+    }
+
+    /// Certificates held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether `certificate` (its domain and validity already checked) was
+    /// verified under a key `home` still accepts at `now_ms`.
+    fn holds(&self, certificate: &HomeCertificate, home: &PeerKeys, now_ms: u64) -> bool {
+        self.entries.get(&certificate.signature).is_some_and(|entry| {
+            entry.identity_key == certificate.identity_key
+                && entry.not_after_ms == certificate.not_after_ms
+                && home.accept(&entry.peer_key, now_ms).is_some()
+        })
+    }
+
+    fn insert(&mut self, certificate: &HomeCertificate, peer_key: [u8; PUBLIC_KEY_BYTES], now_ms: u64) {
+        if self.entries.len() >= VERIFIED_CERTIFICATES_MAX {
+            self.entries.retain(|_, entry| now_ms < entry.not_after_ms);
+            if self.entries.len() >= VERIFIED_CERTIFICATES_MAX {
+                self.entries.clear();
+            }
         }
-        Ok(SenderId::from_identity_key(&self.identity_key))
+        let entry = VerifiedCertificate {
+            identity_key: certificate.identity_key,
+            not_after_ms: certificate.not_after_ms,
+            peer_key,
+        };
+        self.entries.insert(certificate.signature, entry);
+        assert!(self.entries.len() <= VERIFIED_CERTIFICATES_MAX, "verified certificates stay bounded");
     }
 }
 
@@ -560,6 +688,19 @@ impl RelayEnvelope {
         last_sequence: Option<u64>,
         now_ms: u64,
     ) -> Result<Frame, RelayError> {
+        self.verify_with(link_peer, us, last_sequence, now_ms, None)
+    }
+
+    /// As [`RelayEnvelope::verify`], with the origin's certificates already
+    /// verified (see [`HomeCertificate::verify_once`]).
+    pub fn verify_with(
+        &self,
+        link_peer: &PeerKeys,
+        us: &DomainName,
+        last_sequence: Option<u64>,
+        now_ms: u64,
+        verified: Option<&Mutex<VerifiedCertificates>>,
+    ) -> Result<Frame, RelayError> {
         if self.origin != *link_peer.domain() {
             return Err(RelayError::OriginMismatch {
                 link: link_peer.domain().clone(),
@@ -583,7 +724,7 @@ impl RelayEnvelope {
         if !link_peer.verifies(&input, &self.countersignature, now_ms) {
             return Err(RelayError::BadCountersignature { origin: self.origin.clone() });
         }
-        self.check_sender(&frame, link_peer, now_ms)?;
+        self.check_sender(&frame, link_peer, now_ms, verified)?;
         Ok(frame)
     }
 
@@ -602,7 +743,13 @@ impl RelayEnvelope {
         Ok(frame)
     }
 
-    fn check_sender(&self, frame: &Frame, origin: &PeerKeys, now_ms: u64) -> Result<(), RelayError> {
+    fn check_sender(
+        &self,
+        frame: &Frame,
+        origin: &PeerKeys,
+        now_ms: u64,
+        verified: Option<&Mutex<VerifiedCertificates>>,
+    ) -> Result<(), RelayError> {
         let certificate = &self.home_certificate;
         if certificate.domain != self.origin {
             return Err(RelayError::ForeignUser {
@@ -610,7 +757,8 @@ impl RelayEnvelope {
                 home: certificate.domain.clone(),
             });
         }
-        let certified = certificate.verify(origin, now_ms).map_err(RelayError::HomeCertificate)?;
+        let certified =
+            certificate.verify_once(origin, now_ms, verified).map_err(RelayError::HomeCertificate)?;
         let header = frame.header().sender_id();
         if header != certified {
             return Err(RelayError::SenderMismatch { header, certified });

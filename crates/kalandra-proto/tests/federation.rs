@@ -8,7 +8,7 @@ use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{
     link_proof_input, sign_link_proof, verify_link_proof, DomainName, DomainNameError, HomeCertificate,
     HomeCertificateError, LinkError, LinkHello, LinkRole, PeerKey, PeerKeys, PeerKeysError, RelayEnvelope,
-    RelayError,
+    RelayError, VerifiedCertificates,
 };
 use kalandra_proto::payload::{Application, Subscribe};
 use kalandra_proto::{Flags, Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
@@ -167,6 +167,55 @@ fn a_home_certificate_binds_a_user_to_the_domain_that_issued_it() {
     let mut later = certificate.clone();
     later.not_after_ms += DAY_MS;
     assert!(later.verify(&peer("b.example", &b), NOW_MS).is_err(), "the end is signed");
+}
+
+#[test]
+fn a_verified_certificate_counts_again_only_unchanged_unexpired_and_under_a_key_still_accepted() {
+    let (b, user) = (key(2), key(9));
+    let certificate =
+        HomeCertificate::issue(&b, domain("b.example"), user.verifying_key().to_bytes(), NOW_MS + DAY_MS);
+    let sender = SenderId::from_identity_key(user.verifying_key().as_bytes());
+    let b_keys = peer("b.example", &b);
+    let verified = std::sync::Mutex::new(VerifiedCertificates::new());
+    assert_eq!(certificate.verify_once(&b_keys, NOW_MS, Some(&verified)), Ok(sender));
+    assert_eq!(certificate.verify_once(&b_keys, NOW_MS + 1, Some(&verified)), Ok(sender));
+    assert_eq!(verified.lock().unwrap().len(), 1, "verified once, held once");
+
+    // The same signature over other fields is not the certificate verified.
+    let mut other_user = certificate.clone();
+    other_user.identity_key = key(8).verifying_key().to_bytes();
+    let mut later = certificate.clone();
+    later.not_after_ms += DAY_MS;
+    for forged in [other_user, later] {
+        assert_eq!(
+            forged.verify_once(&b_keys, NOW_MS, Some(&verified)),
+            Err(HomeCertificateError::BadSignature { domain: domain("b.example") })
+        );
+    }
+    // Its end of validity still ends it.
+    assert_eq!(
+        certificate.verify_once(&b_keys, NOW_MS + DAY_MS, Some(&verified)),
+        Err(HomeCertificateError::Expired { not_after_ms: NOW_MS + DAY_MS })
+    );
+    // A rotation that ends b's old key ends what it verified.
+    let rotated = PeerKeys::new(
+        domain("b.example"),
+        vec![
+            PeerKey { key: b.verifying_key(), valid_until_ms: Some(NOW_MS + 10) },
+            PeerKey { key: key(4).verifying_key(), valid_until_ms: None },
+        ],
+    )
+    .unwrap();
+    assert_eq!(certificate.verify_once(&rotated, NOW_MS + 9, Some(&verified)), Ok(sender));
+    assert_eq!(
+        certificate.verify_once(&rotated, NOW_MS + 10, Some(&verified)),
+        Err(HomeCertificateError::BadSignature { domain: domain("b.example") })
+    );
+    // Another domain's keys never match b's entries.
+    assert!(matches!(
+        certificate.verify_once(&peer("c.example", &key(3)), NOW_MS, Some(&verified)),
+        Err(HomeCertificateError::WrongDomain { .. })
+    ));
 }
 
 #[test]

@@ -38,7 +38,7 @@ use crate::federation::limits::{
 use crate::federation::links::FederationLinks;
 use crate::federation::next_backoff_ms;
 use crate::federation::registry::{lock_pending, LinkRegistry, Pending, LINK_OUTGOING_MESSAGES_MAX};
-use crate::federation::relay::{RelayAuthority, RelayHome};
+use crate::federation::relay::{Intake, RelayAuthority, RelayHome, RELAY_CHECKS_IN_FLIGHT_MAX};
 use crate::federation::replica::{ReplicaFeeds, ReplicaFollower};
 use crate::federation::requests::{
     refusal, PendingRequests, RefusalCode, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_REQUESTS_IN_FLIGHT_MAX,
@@ -398,6 +398,10 @@ struct Link<'a> {
     peer: &'a DomainName,
 }
 
+fn intake_ended() -> LinkHandshakeError {
+    LinkHandshakeError::Transport("the link's relay intake ended".into())
+}
+
 impl Link<'_> {
     /// Serves the link until it fails: writes what is queued, reads and
     /// dispatches the peer's messages, and (`pings`: the initiator) pings
@@ -414,9 +418,13 @@ impl Link<'_> {
         let registry = &self.context.registry;
         let link_id = registry.add(self.peer, outgoing.clone(), Arc::clone(&pending));
         self.context.replica_follower.link_up(self.peer);
+        let (intake, mut admissions) = mpsc::channel(RELAY_CHECKS_IN_FLIGHT_MAX);
+        let authority = &self.context.relay_authority;
         let reason = tokio::select! {
             reason = write_queued(send, queued) => reason,
-            reason = self.read_loop(recv, &outgoing, &pending) => reason,
+            reason = self.read_loop(recv, &outgoing, &pending, &intake) => reason,
+            // Never first: `intake` lives as long as this select.
+            () = authority.admit_in_order(self.peer, &mut admissions, &outgoing) => intake_ended(),
             reason = ping_loop(&outgoing, pings) => reason,
             error = self.connection.closed() => connection_error(error),
         };
@@ -436,6 +444,7 @@ impl Link<'_> {
         mut recv: quinn::RecvStream,
         outgoing: &mpsc::Sender<Vec<u8>>,
         pending: &Pending,
+        intake: &mpsc::Sender<Intake>,
     ) -> LinkHandshakeError {
         let answering = Arc::new(Semaphore::new(LINK_REQUESTS_IN_FLIGHT_MAX));
         loop {
@@ -470,7 +479,10 @@ impl Link<'_> {
                     None => tracing::debug!(peer = %self.peer, id, "late or unknown link response dropped"),
                 },
                 LinkMessage::Relay { connection, envelope } => {
-                    self.context.relay_authority.relayed(self.peer, connection, envelope, outgoing)
+                    let check = self.context.relay_authority.start_check(self.peer, connection, envelope);
+                    if intake.send(check).await.is_err() {
+                        return intake_ended();
+                    }
                 }
                 LinkMessage::Deliver { connection, frames } => {
                     self.context.relay_home.deliver(self.peer, connection, frames)
@@ -487,7 +499,9 @@ impl Link<'_> {
                     self.context.replica_follower.replicated(self.peer, frames).await
                 }
                 LinkMessage::RelayClosed { connection } => {
-                    self.context.relay_authority.closed(self.peer, connection)
+                    if intake.send(Intake::Closed { connection }).await.is_err() {
+                        return intake_ended();
+                    }
                 }
                 LinkMessage::RelayDropped { connection } => {
                     self.context.relay_home.dropped_by(self.peer, Some(connection))

@@ -11,9 +11,12 @@
 //! orders.
 //!
 //! Authority side ([`RelayAuthority`]): each envelope is verified
-//! ([`RelayEnvelope::verify`]: origin, destination, sequence,
-//! countersignature, home certificate, sender, client signature), then
-//! handed to a *remote connection*: an [`Outbox`] and a session
+//! ([`RelayEnvelope::verify_with`]: origin, destination, countersignature,
+//! home certificate (once per certificate, [`VerifiedCertificates`]),
+//! sender, client signature; up to [`RELAY_CHECKS_IN_FLIGHT_MAX`] of a
+//! link's envelopes at once, on the runtime's threads), then, in the
+//! link's order, its relay sequence is checked and it is handed to a
+//! *remote connection*: an [`Outbox`] and a session
 //! authenticated as the certified user, one per (home domain, client
 //! connection), which the room core serves exactly as a local connection
 //! (membership, roles, bans, rate limits). Its queue is pumped back over
@@ -26,7 +29,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use kalandra_proto::federation::{DomainName, HomeCertificate, RelayEnvelope, RelayError};
+use kalandra_proto::federation::{
+    DomainName, HomeCertificate, RelayEnvelope, RelayError, VerifiedCertificates,
+};
 use kalandra_proto::limits::PUBLIC_KEY_BYTES;
 use kalandra_proto::{ErrorCode, Flags, Frame, RoomId};
 use serde_bytes::ByteBuf;
@@ -306,6 +311,58 @@ struct RemoteConnection {
     outbox: Arc<Outbox>,
 }
 
+/// What the authority checks one peer's next envelope against.
+#[derive(Default)]
+struct FromPeer {
+    /// The last relay sequence number accepted.
+    last_sequence: Option<u64>,
+    /// Home certificates of the peer's users already verified.
+    verified: Arc<Mutex<VerifiedCertificates>>,
+}
+
+/// Relayed envelopes of one link being checked at once, at most; the
+/// link's read loop waits for the oldest beyond that.
+pub const RELAY_CHECKS_IN_FLIGHT_MAX: usize = 32;
+
+const _: () = assert!(RELAY_CHECKS_IN_FLIGHT_MAX <= RELAYED_INBOX_FRAMES_MAX);
+
+/// What a link's read loop hands to [`RelayAuthority::admit_in_order`].
+pub enum Intake {
+    /// An envelope for `connection`, being checked.
+    Relayed {
+        /// The home's client connection.
+        connection: u64,
+        /// The check: the envelope and what [`RelayAuthority::check`] found.
+        check: tokio::task::JoinHandle<(RelayEnvelope, Result<Frame, RelayRefusal>)>,
+    },
+    /// The home's client of `connection` left.
+    Closed {
+        /// The home's client connection.
+        connection: u64,
+    },
+}
+
+/// Why the authority refuses a relayed envelope.
+#[derive(Debug)]
+pub struct RelayRefusal {
+    /// The label of `kalandra_federation_relay_refused_total`.
+    pub code: &'static str,
+    /// The error code the client gets.
+    pub client: ErrorCode,
+    /// What the client and the log are told.
+    pub message: String,
+}
+
+impl RelayRefusal {
+    fn of(error: &RelayError) -> RelayRefusal {
+        RelayRefusal {
+            code: relay_error_code(error),
+            client: relay_error_to_client(error),
+            message: error.to_string(),
+        }
+    }
+}
+
 /// The authority side: verifies relayed frames and serves them on remote
 /// connections.
 pub struct RelayAuthority {
@@ -316,8 +373,8 @@ pub struct RelayAuthority {
     store: Arc<dyn Store>,
     clock: Clock,
     metrics: Metrics,
-    /// The last relay sequence number accepted from each peer.
-    last_sequence: Mutex<HashMap<DomainName, u64>>,
+    /// What each peer's envelopes are checked against.
+    from_peers: Mutex<HashMap<DomainName, FromPeer>>,
     connections: Mutex<HashMap<(DomainName, u64), RemoteConnection>>,
     next_connection_id: AtomicU64,
 }
@@ -341,29 +398,62 @@ impl RelayAuthority {
             store,
             clock,
             metrics,
-            last_sequence: Mutex::new(HashMap::new()),
+            from_peers: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             // Above every id the local listener hands out.
             next_connection_id: AtomicU64::new(1 << 62),
         }
     }
 
-    /// An envelope `peer` relayed for its client connection `connection`;
-    /// answers go out on `outgoing` (the link's queue).
-    pub fn relayed(
+    /// Everything about an envelope but its place in the link's order
+    /// (origin, destination, countersignature, home certificate, sender,
+    /// client signature): the costly part, which may run for several
+    /// envelopes of a link at once, on any thread.
+    pub fn check(&self, peer: &DomainName, envelope: &RelayEnvelope) -> Result<Frame, RelayRefusal> {
+        if self.refused.contains(peer) {
+            let message = format!("{peer} is refused here");
+            return Err(RelayRefusal {
+                code: "refused_domain",
+                client: ErrorCode::FederationRefused,
+                message,
+            });
+        }
+        let Some(keys) = self.peers.get(peer) else {
+            let message = format!("{peer} is not a peer");
+            return Err(RelayRefusal { code: "refused_domain", client: ErrorCode::UnknownDomain, message });
+        };
+        let verified = Arc::clone(&lock(&self.from_peers).entry(peer.clone()).or_default().verified);
+        // The sequence is checked in the link's order, by `admit`.
+        let mut frame = envelope
+            .verify_with(keys, &self.domain, None, (self.clock)(), Some(&verified))
+            .map_err(|error| RelayRefusal::of(&error))?;
+        // The flag belongs to the envelope, checked above: the frame is
+        // sequenced as its client sent it (wire-protocol §4: only the log
+        // index and the timestamp change), or the sender's own record of
+        // it, and so its hash chain, would differ from every other member's.
+        let signed = frame.header().flags().contains(Flags::SIGNED);
+        frame.header_mut().set_signature_flags(signed, false);
+        Ok(frame)
+    }
+
+    /// In the link's order, an envelope [`RelayAuthority::check`]ed: its
+    /// relay sequence must rise, then its frame goes to the remote
+    /// connection; a refusal goes back to the client.
+    pub fn admit(
         &self,
         peer: &DomainName,
         connection: u64,
         envelope: RelayEnvelope,
+        checked: Result<Frame, RelayRefusal>,
         outgoing: &mpsc::Sender<Vec<u8>>,
     ) {
-        let frame = match self.verify(peer, &envelope) {
+        let frame = match checked.and_then(|frame| self.in_sequence(peer, &envelope).map(|()| frame)) {
             Ok(frame) => frame,
-            Err((code, client_code, message)) => {
-                self.metrics.relay_refused(peer.as_str(), code);
-                tracing::info!(%peer, connection, code, %message, "relayed frame refused");
+            Err(refusal) => {
+                self.metrics.relay_refused(peer.as_str(), refusal.code);
+                tracing::info!(%peer, connection, code = refusal.code, message = %refusal.message, "relayed frame refused");
                 if let Some((room_id, request_id)) = request_of(&envelope.frame) {
-                    let error = error_frame(room_id, request_id, client_code, &message);
+                    let error = error_frame(room_id, request_id, refusal.client, &refusal.message);
                     deliver_now(outgoing, connection, vec![error]);
                 }
                 return;
@@ -404,32 +494,58 @@ impl RelayAuthority {
         }
     }
 
-    /// Checks the envelope; on refusal: the counter's code, the client's
-    /// error code and a message.
-    fn verify(
+    /// Starts [`RelayAuthority::check`]ing `envelope` on the runtime (beside
+    /// the link's other envelopes); [`RelayAuthority::admit_in_order`]
+    /// admits it when its turn comes.
+    pub fn start_check(
+        self: &Arc<Self>,
+        peer: &DomainName,
+        connection: u64,
+        envelope: RelayEnvelope,
+    ) -> Intake {
+        let (authority, peer) = (Arc::clone(self), peer.clone());
+        let check = tokio::spawn(async move {
+            let checked = authority.check(&peer, &envelope);
+            (envelope, checked)
+        });
+        Intake::Relayed { connection, check }
+    }
+
+    /// Admits what a link's read loop queued (checked envelopes, closed
+    /// connections) in the order it read them, until the queue ends: a
+    /// client's frames reach its remote connection in the order it sent
+    /// them, and none after its `RelayClosed`.
+    pub async fn admit_in_order(
         &self,
         peer: &DomainName,
-        envelope: &RelayEnvelope,
-    ) -> Result<Frame, (&'static str, ErrorCode, String)> {
-        if self.refused.contains(peer) {
-            return Err(("refused_domain", ErrorCode::FederationRefused, format!("{peer} is refused here")));
+        intake: &mut mpsc::Receiver<Intake>,
+        outgoing: &mpsc::Sender<Vec<u8>>,
+    ) {
+        while let Some(next) = intake.recv().await {
+            match next {
+                Intake::Closed { connection } => self.closed(peer, connection),
+                Intake::Relayed { connection, check } => match check.await {
+                    Ok((envelope, checked)) => self.admit(peer, connection, envelope, checked, outgoing),
+                    // A panic in a check is a bug here; the client's request times out.
+                    Err(error) => {
+                        tracing::error!(%peer, connection, %error, "a relayed frame's check failed")
+                    }
+                },
+            }
         }
-        let Some(keys) = self.peers.get(peer) else {
-            return Err(("refused_domain", ErrorCode::UnknownDomain, format!("{peer} is not a peer")));
-        };
-        let mut last_sequence = lock(&self.last_sequence);
-        let last = last_sequence.get(peer).copied();
-        let mut frame = envelope
-            .verify(keys, &self.domain, last, (self.clock)())
-            .map_err(|error| (relay_error_code(&error), relay_error_to_client(&error), error.to_string()))?;
-        last_sequence.insert(peer.clone(), envelope.relay_sequence);
-        // The flag belongs to the envelope, checked above: the frame is
-        // sequenced as its client sent it (wire-protocol §4: only the log
-        // index and the timestamp change), or the sender's own record of
-        // it, and so its hash chain, would differ from every other member's.
-        let signed = frame.header().flags().contains(Flags::SIGNED);
-        frame.header_mut().set_signature_flags(signed, false);
-        Ok(frame)
+    }
+
+    /// Accepts `envelope`'s relay sequence if it is above the last one
+    /// accepted from `peer` (a replayed or reordered envelope is refused).
+    fn in_sequence(&self, peer: &DomainName, envelope: &RelayEnvelope) -> Result<(), RelayRefusal> {
+        let mut from_peers = lock(&self.from_peers);
+        let from = from_peers.entry(peer.clone()).or_default();
+        let sequence = envelope.relay_sequence;
+        if let Some(last) = from.last_sequence.filter(|last| sequence <= *last) {
+            return Err(RelayRefusal::of(&RelayError::Replayed { sequence, last }));
+        }
+        from.last_sequence = Some(sequence);
+        Ok(())
     }
 
     /// The remote connection for (`peer`, `connection`), opened on first use.
