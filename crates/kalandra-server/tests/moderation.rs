@@ -267,6 +267,73 @@ async fn a_commit_that_leaves_the_removal_out_is_refused() {
     server.stop().await;
 }
 
+/// Builds `client`'s external join of the room from `info` (not sent).
+fn external_join_frame(client: &mut TestClient, info: &GroupInfo) -> (RoomGroup, Frame) {
+    let (group, output) = RoomGroup::join_by_external_commit(
+        &client.provider,
+        &client.identity,
+        &info.group_info,
+        Some(&info.ratchet_tree),
+    )
+    .unwrap();
+    let mut frame =
+        client.frame(&ExternalJoin { commit: output.commit, group_info: Some(output.group_info) });
+    frame.header_mut().set_epoch(info.epoch);
+    frame.sign(&client.key);
+    (group, frame)
+}
+
+/// A member stuck on a commit it cannot process comes back only by an
+/// external join. If that were refused while a removal waits, a room whose
+/// only member willing to commit the removal is that member would stay
+/// closed for good. The rejoin is sequenced, the removal is issued again in
+/// the epoch it begins (before anything else), and the room stays closed
+/// until the rejoined member covers it; the removal's target still may not
+/// join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_rejoins_while_a_removal_waits_and_the_removal_is_issued_again() {
+    let server = TestServer::start(default_limits()).await;
+    let (mut alice, mut bob, mut carol) = three_member_room(&server).await;
+    let kick: Ack = decode_ok(&alice.request(&Kick { target: bob.sender().0, reason: String::new() }).await);
+    let info: GroupInfo = decode_ok(&carol.request(&GroupInfoRequest {}).await);
+
+    // Bob, the target, may not come back by the same door.
+    let (_, bob_join) = external_join_frame(&mut bob, &info);
+    assert_eq!(code(&bob.send_and_wait(&bob_join).await), ErrorCode::PendingProposals);
+
+    // Carol replaces her own leaf.
+    let (group, carol_join) = external_join_frame(&mut carol, &info);
+    let joined: Ack = decode_ok(&carol.send_and_wait(&carol_join).await);
+    assert_eq!(joined.log_index, kick.log_index + 1);
+    carol.group = Some(group);
+
+    let log = log_from(&server, &alice.key, joined.log_index).await;
+    assert_eq!(log.len(), 2, "the join and the removal issued again, nothing else");
+    assert_eq!(log[0].opcode(), Opcode::ExternalJoin);
+    let reissued = &log[1];
+    assert_eq!((reissued.opcode(), reissued.header().sender_id()), (Opcode::Proposal, SERVER_SENDER_ID));
+    assert_eq!(reissued.header().epoch(), carol.epoch(), "issued in the epoch the join began");
+
+    // Closed again at once: no message, and Bob still cannot join.
+    assert_eq!(code(&carol.send_text("too early").await), ErrorCode::PendingProposals);
+    let info: GroupInfo = decode_ok(&carol.request(&GroupInfoRequest {}).await);
+    let (_, bob_join) = external_join_frame(&mut bob, &info);
+    assert_eq!(code(&bob.send_and_wait(&bob_join).await), ErrorCode::PendingProposals);
+
+    // Carol covers it: Bob is out, the room open again.
+    let reply = answer_server_proposal(&mut carol, reissued).await.unwrap();
+    decode_ok::<Ack>(&reply);
+    assert!(carol
+        .group
+        .as_ref()
+        .unwrap()
+        .members()
+        .iter()
+        .all(|m| m.identity != bob.key.verifying_key().to_bytes()));
+    decode_ok::<Ack>(&carol.send_text("open again").await);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncovered_removals_are_reannounced_to_members_after_the_bound() {
     let server = TestServer::start(default_limits()).await;

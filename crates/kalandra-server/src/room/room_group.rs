@@ -232,6 +232,11 @@ impl GroupState for MlsRoomGroup {
         self.members.contains_key(&sender)
     }
 
+    fn server_removal_pending(&self, member: SenderId) -> bool {
+        // A state that cannot list them answers yes.
+        PersistentGroup::pending_server_removals(self).map_or(true, |removals| removals.contains(&member))
+    }
+
     fn members(&self) -> Vec<SenderId> {
         self.members.keys().copied().collect()
     }

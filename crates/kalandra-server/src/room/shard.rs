@@ -542,6 +542,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     pub fn handle_submit(&mut self, peer: &P, frame: Frame, now_ms: u64) {
         let room_id = frame.header().room_id();
         let request_id = frame.header().request_id();
+        let removals_to_reissue = self.removals_a_rejoin_ends(room_id, peer.sender(), &frame);
         let result = if frame.opcode() == Opcode::CreateRoom {
             self.create_room(peer, frame, now_ms)
         } else {
@@ -565,12 +566,30 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
         };
         match result {
-            Ok(sequenced) => self.sequenced(room_id, Some(peer.clone()), sequenced),
+            Ok(sequenced) => {
+                self.sequenced(room_id, Some(peer.clone()), sequenced);
+                self.reissue_removals(room_id, &removals_to_reissue, now_ms);
+            }
             Err(error) => {
                 self.counters.rejections.push(error.error_code());
                 Self::reply(peer, rejection_frame(room_id, request_id, &error));
             }
         }
+    }
+
+    /// The server removals an external join of `sender` would end: those
+    /// waiting when it is a member's rejoin
+    /// ([`RoomSequencer::is_rejoin_while_closed`]), issued again as soon as
+    /// the join is sequenced.
+    fn removals_a_rejoin_ends(&self, room_id: RoomId, sender: SenderId, frame: &Frame) -> Vec<SenderId> {
+        if frame.opcode() != Opcode::ExternalJoin {
+            return Vec::new();
+        }
+        let Some(room) = self.rooms.get(&room_id).filter(|room| !room.replica) else { return Vec::new() };
+        if !room.sequencer.is_rejoin_while_closed(sender) {
+            return Vec::new();
+        }
+        room.sequencer.group().pending_server_removals().unwrap_or_default()
     }
 
     /// Queues a frame the room's sequencer accepted for the next batch;

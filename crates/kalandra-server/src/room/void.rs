@@ -87,7 +87,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
 
     /// Issues a Remove proposal again for each of `targets` that is a member
     /// of the epoch the room returned to and has none pending there.
-    fn reissue_removals(&mut self, room_id: RoomId, targets: &[SenderId], now_ms: u64) {
+    pub(super) fn reissue_removals(&mut self, room_id: RoomId, targets: &[SenderId], now_ms: u64) {
         for target in targets {
             let Some(room) = self.rooms.get(&room_id) else { return };
             let pending = room.sequencer.group().pending_server_removals().unwrap_or_default();

@@ -178,6 +178,12 @@ pub trait GroupState {
     }
     /// The current ratchet tree (TLS encoding), for Welcome recipients and joiners.
     fn ratchet_tree(&self) -> Bytes;
+    /// Whether the server proposed `member`'s removal and no commit
+    /// covered it yet. A state that cannot tell says yes (the default),
+    /// which keeps a room closed by server proposals closed to every joiner.
+    fn server_removal_pending(&self, _member: SenderId) -> bool {
+        true
+    }
     /// Returns to the state before the latest commit [`GroupState::apply_commit`]
     /// merged (dropping the proposals stored since), which a state that can
     /// void commits keeps until [`GroupState::settle_latest_commit`]. A state

@@ -774,6 +774,21 @@ impl<G: GroupState> RoomSequencer<G> {
         }
     }
 
+    /// Whether `sender`'s external join is a member's rejoin (replacing its
+    /// own leaf) while server proposals wait, none of them its removal.
+    /// Such a join is admitted: a member stuck on a commit it cannot
+    /// process can come back only this way, and when it is the only one
+    /// left who would commit the removals (the others being their targets
+    /// or unwilling), refusing it would close the room for good. The
+    /// caller ([`crate::room::Shard`]) issues the removals again in the
+    /// epoch the join begins, before anything else is sequenced, so the
+    /// room is closed again at once and the targets read no message of it.
+    pub fn is_rejoin_while_closed(&self, sender: SenderId) -> bool {
+        !self.server_proposals_pending.is_empty()
+            && self.group.is_member(sender)
+            && !self.group.server_removal_pending(sender)
+    }
+
     /// Refuses while server proposals wait for a commit to cover them.
     fn check_no_pending_proposals(&self) -> Result<(), SubmitError> {
         if self.server_proposals_pending.is_empty() {
@@ -819,7 +834,16 @@ impl<G: GroupState> RoomSequencer<G> {
     ) -> Result<Box<CommitFollowUp>, SubmitError> {
         self.policy.may_join_externally(self.group.is_member(sender)).map_err(SubmitError::Forbidden)?;
         self.check_epoch(frame)?;
-        self.check_no_pending_proposals()?;
+        if self.is_rejoin_while_closed(sender) {
+            // The pending removals die with this epoch; the shard issues
+            // them again at once, so they need room in flight after it.
+            let in_flight = self.in_flight.len() + 1 + self.server_proposals_pending.len();
+            if in_flight > IN_FLIGHT_FRAMES_PER_ROOM_MAX {
+                return Err(SubmitError::Overloaded { in_flight: self.in_flight.len() });
+            }
+        } else {
+            self.check_no_pending_proposals()?;
+        }
         let payload: ExternalJoin = frame.decode_payload()?;
         let bans = &self.bans;
         let rules = CommitRules {
