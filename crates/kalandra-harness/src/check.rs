@@ -37,7 +37,7 @@
 //!   room reads it.
 //! - The run did something: frames were sequenced, acknowledged and
 //!   delivered.
-//! - Across domains ([`check_replica`]; with the second domain): each
+//! - Across domains ([`check_replica`], for each other domain): each
 //!   room's replica is the authority's durable log, frame for frame (same
 //!   SHA-256 as appended at every index, or, for an entry erased before
 //!   the replica read it, its placeholder; same length); the replica never

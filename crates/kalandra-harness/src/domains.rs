@@ -1,7 +1,8 @@
-//! Two domains: the server (host `server`) orders every room; a second
-//! server (host `replica`, another domain) keeps a replica of each room and
-//! follows it over an inter-domain link that has faults of its own (loss,
-//! partitions between the two servers, crashes of either).
+//! Several domains: the server (host `server`) orders every room; the
+//! server of each other domain (hosts `replica-0`, `replica-1`, …) keeps a
+//! replica of each room and follows it over its own inter-domain link,
+//! with faults of its own (loss, partitions between it and the authority,
+//! crashes of either), independently of the other replicas.
 //!
 //! Both ends run production code. The authority serves a follow as the
 //! node does: a replica-feed [`Outbox`] subscribed to the room in the real
@@ -48,8 +49,10 @@ use crate::server::{drive, Core, ServerGroup, SimPeer};
 
 /// The port of the authority's inter-domain link.
 pub const FEDERATION_PORT: u16 = 7100;
-/// The turmoil host of the replica's domain.
-pub const REPLICA_HOST: &str = "replica";
+/// The turmoil host of the server of replica domain `index`.
+pub fn replica_host(index: usize) -> String {
+    format!("replica-{index}")
+}
 /// A link that carries nothing for this long is closed (either side).
 pub const LINK_IDLE_MS: u64 = 3_000;
 /// The replica pings the authority this often.

@@ -13,8 +13,8 @@ pub enum Host {
     Server,
     /// A client, by position.
     Client(usize),
-    /// The server of the second domain, keeping replicas.
-    Replica,
+    /// The server of another domain, keeping replicas, by position.
+    Replica(usize),
 }
 
 impl Host {
@@ -23,7 +23,7 @@ impl Host {
         match self {
             Host::Server => "server".to_owned(),
             Host::Client(index) => format!("client-{index}"),
-            Host::Replica => crate::domains::REPLICA_HOST.to_owned(),
+            Host::Replica(index) => crate::domains::replica_host(*index),
         }
     }
 }
@@ -41,10 +41,10 @@ pub enum Change {
     Repair(usize),
     /// Set the disk's fault rates.
     DiskFaults(DiskFaults),
-    /// Drop every segment between the two domains' servers.
-    PartitionDomains,
+    /// Drop every segment between the authority and a replica's server.
+    PartitionDomains(usize),
     /// End that partition.
-    RepairDomains,
+    RepairDomains(usize),
 }
 
 /// Everything that goes wrong in one run.
@@ -59,8 +59,8 @@ pub struct FaultPlan {
     pub disk_latency_ms: u64,
     /// Changes, by time from the start of the fault phase, in time order.
     pub changes: Vec<(u64, Change)>,
-    /// Loss probability of the replica's outgoing frames.
-    pub replica_loss: f64,
+    /// Loss probability of each replica's outgoing frames.
+    pub replica_loss: Vec<f64>,
 }
 
 /// Fewest and most server crashes in a plan with crashes.
@@ -75,9 +75,10 @@ pub const DISK_FAULT_WINDOWS_MAX: u64 = 2;
 pub const DOWN_MS_MAX: u64 = 1_500;
 /// Longest partition.
 pub const PARTITION_MS_MAX: u64 = 2_500;
-/// Most crashes of the replica's server in a plan with crashes.
+/// Most crashes of each replica's server in a plan with crashes.
 pub const REPLICA_CRASHES_MAX: u64 = 2;
-/// Most partitions between the domains in a plan with partitions.
+/// Most partitions between the authority and each replica's domain in a
+/// plan with partitions.
 pub const DOMAIN_PARTITIONS_MAX: u64 = 2;
 /// Longest partition between the domains (longer than a link's idle
 /// timeout, so that both ends see the link end).
@@ -133,23 +134,27 @@ impl FaultPlan {
             }
         }
         // Drawn last, so that the plan of one domain is the same as before.
-        let replica_loss = rng.gen_range(0.0..=config.loss_max.max(0.0));
-        if config.replica && config.crashes {
-            let crashes = rng
-                .gen_range(config.replica_crashes_min..=REPLICA_CRASHES_MAX.max(config.replica_crashes_min));
-            for _ in 0..crashes {
-                let at = rng.gen_range(0..phase);
-                let down = rng.gen_range(50..=DOWN_MS_MAX);
-                changes.push((at, Change::Crash(Host::Replica)));
-                changes.push((at + down, Change::Restart(Host::Replica)));
+        let replica_loss =
+            (0..config.replica_domains).map(|_| rng.gen_range(0.0..=config.loss_max.max(0.0))).collect();
+        for replica in 0..config.replica_domains {
+            if config.crashes {
+                let crashes = rng.gen_range(
+                    config.replica_crashes_min..=REPLICA_CRASHES_MAX.max(config.replica_crashes_min),
+                );
+                for _ in 0..crashes {
+                    let at = rng.gen_range(0..phase);
+                    let down = rng.gen_range(50..=DOWN_MS_MAX);
+                    changes.push((at, Change::Crash(Host::Replica(replica))));
+                    changes.push((at + down, Change::Restart(Host::Replica(replica))));
+                }
             }
-        }
-        if config.replica && config.partitions {
-            for _ in 0..rng.gen_range(0..=DOMAIN_PARTITIONS_MAX) {
-                let at = rng.gen_range(0..phase);
-                let length = rng.gen_range(100..=DOMAIN_PARTITION_MS_MAX);
-                changes.push((at, Change::PartitionDomains));
-                changes.push((at + length, Change::RepairDomains));
+            if config.partitions {
+                for _ in 0..rng.gen_range(0..=DOMAIN_PARTITIONS_MAX) {
+                    let at = rng.gen_range(0..phase);
+                    let length = rng.gen_range(100..=DOMAIN_PARTITION_MS_MAX);
+                    changes.push((at, Change::PartitionDomains(replica)));
+                    changes.push((at + length, Change::RepairDomains(replica)));
+                }
             }
         }
         changes.sort_by_key(|(at, _)| *at);

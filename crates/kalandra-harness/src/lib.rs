@@ -1,6 +1,6 @@
 //! Deterministic simulation of Kalandra: one server and several clients in
-//! several rooms, and a second domain's server keeping a replica of every
-//! room over a faulty inter-domain link, running the real room core, MLS validation, session and
+//! several rooms, and two other domains' servers each keeping a replica of
+//! every room over its own faulty inter-domain link, running the real room core, MLS validation, session and
 //! client-core code over turmoil's simulated network and a simulated disk,
 //! under a fault plan drawn from one seed, with checkers of the ordering,
 //! durability and end-to-end delivery promises. See `docs/TESTING.md`.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use kalandra_harness::world::{REPLICA_DOMAINS_DEFAULT, REPLICA_DOMAINS_MAX};
 use kalandra_harness::{run, Bugs, SimConfig};
 
 #[derive(Parser, Debug)]
@@ -81,7 +82,10 @@ struct Args {
     /// Inject in the sequencer: chain frames as submitted, not as sequenced.
     #[arg(long)]
     bug_chain_unstamped_frames: bool,
-    /// No second domain keeping replicas.
+    /// Domains besides the authority's, each keeping a replica of every room.
+    #[arg(long, default_value_t = REPLICA_DOMAINS_DEFAULT)]
+    replica_domains: usize,
+    /// No other domain keeping replicas (`--replica-domains 0`).
     #[arg(long)]
     no_replica: bool,
     /// Inject in the second domain's disk: drop each replica's last entry on restart.
@@ -120,7 +124,7 @@ impl Args {
             disk_faults: !self.no_disk_faults,
             work_rate: self.work_rate,
             hostile: self.hostile,
-            replica: !self.no_replica,
+            replica_domains: if self.no_replica { 0 } else { self.replica_domains },
             bugs: Bugs {
                 ack_before_durable: self.bug_ack_before_durable,
                 double_commit: self.bug_double_commit,
@@ -143,7 +147,7 @@ impl Args {
     /// The command line that replays `seed` with these options.
     fn replay_command(&self, seed: u64) -> String {
         let mut command = format!(
-            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --rooms {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {} --membership-share {} --hostile {}",
+            "cargo run -p kalandra-harness --release -- --seed {seed} --clients {} --rooms {} --loss-max {} --latency-max-ms {} --fault-phase-ms {} --heal-bound-ms {} --work-rate {} --membership-share {} --hostile {} --replica-domains {}",
             self.clients,
             self.rooms,
             self.loss_max,
@@ -152,7 +156,8 @@ impl Args {
             self.heal_bound_ms,
             self.work_rate,
             self.membership_share,
-            self.hostile
+            self.hostile,
+            self.replica_domains
         );
         for (set, flag) in [
             (self.no_crashes, "--no-crashes"),
@@ -220,7 +225,9 @@ fn main() -> ExitCode {
         storage_failures += outcome.stats.storage_failures;
         disk_faults += outcome.stats.disk_faults;
         work.replica_log_len += outcome.stats.replica_log_len;
-        work.replica_boots += outcome.stats.replica_boots.saturating_sub(1);
+        let replicas = if args.no_replica { 0 } else { args.replica_domains.min(REPLICA_DOMAINS_MAX) };
+        work.replica_boots +=
+            outcome.stats.replica_boots.saturating_sub(u32::try_from(replicas).unwrap_or(u32::MAX));
         work.domain_links += outcome.stats.domain_links;
         work.follows += outcome.stats.follows;
         work.domain_partitions += outcome.stats.domain_partitions;
@@ -274,9 +281,10 @@ fn main() -> ExitCode {
     println!("recovery: {} commits voided, {} rejoins after a settled commit", work.voids, work.rejoins);
     println!("hostile acts (act, outcome): {:?}", work.hostile);
     println!(
-        "second domain: {} replicated entries, {} replica restarts, {} domain partitions, {} links, {} follows, \
+        "other domains ({} keeping replicas): {} replicated entries, {} replica restarts, {} domain partitions, {} links, {} follows, \
          {} batches refused and followed again, signed heads checked {:?}, {} entries erased after the authority, \
-         {} erased entries still held by the replica",
+         {} erased entries still held by a replica",
+        if args.no_replica { 0 } else { args.replica_domains.min(REPLICA_DOMAINS_MAX) },
         work.replica_log_len,
         work.replica_boots,
         work.domain_partitions,

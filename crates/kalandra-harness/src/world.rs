@@ -30,6 +30,13 @@ pub const SERVER_RESTART_DELAY_MS: u64 = 200;
 pub const TICK_MS: u64 = 1;
 /// Most rooms a world holds.
 pub const ROOMS_MAX: usize = 8;
+/// Domains keeping replicas in a default run: with the authority's, three
+/// domains.
+pub const REPLICA_DOMAINS_DEFAULT: usize = 2;
+/// Most domains keeping replicas in one run.
+pub const REPLICA_DOMAINS_MAX: usize = 4;
+
+const _: () = assert!(REPLICA_DOMAINS_DEFAULT <= REPLICA_DOMAINS_MAX);
 /// Chance that a client other than the creator is among a room's first members.
 pub const INITIAL_MEMBER_SHARE: f64 = 0.6;
 /// Simulated time within which, after convergence, a message each honest
@@ -76,10 +83,11 @@ pub struct SimConfig {
     /// Hostile clients, taken among the clients that create no room (the
     /// last first; fewer if there are not enough).
     pub hostile: usize,
-    /// A second domain keeps a replica of every room (`crate::domains`),
-    /// with crashes of its server and partitions between the domains.
-    pub replica: bool,
-    /// At least this many crashes of the replica's server when crashing.
+    /// Domains besides the authority's, each keeping a replica of every
+    /// room (`crate::domains`), with crashes of its server and partitions
+    /// between it and the authority.
+    pub replica_domains: usize,
+    /// At least this many crashes of each replica's server when crashing.
     pub replica_crashes_min: u64,
     /// Injected bugs.
     pub bugs: Bugs,
@@ -105,7 +113,7 @@ impl Default for SimConfig {
             update_share: 0.12,
             membership_share: 0.08,
             hostile: 1,
-            replica: true,
+            replica_domains: REPLICA_DOMAINS_DEFAULT,
             replica_crashes_min: 0,
             bugs: Bugs::default(),
         }
@@ -174,24 +182,24 @@ pub struct RunStats {
     pub voids: u64,
     /// External joins again after being stuck past a commit's window.
     pub rejoins: u64,
-    /// Entries in the replicas' durable logs at the end.
+    /// Entries in the replicas' durable logs at the end (all replicas).
     pub replica_log_len: u64,
-    /// Starts of the replica's server.
+    /// Starts of the replicas' servers.
     pub replica_boots: u32,
     /// Inter-domain links that came up.
     pub domain_links: u64,
-    /// Follows the replica asked.
+    /// Follows the replicas asked.
     pub follows: u64,
-    /// Partitions between the domains.
+    /// Partitions between the authority and a replica's domain.
     pub domain_partitions: u64,
-    /// Batches of the authority's frames the replica refused (then followed again).
+    /// Batches of the authority's frames a replica refused (then followed again).
     pub replica_refusals: u64,
-    /// Signed heads the replica checked, by outcome.
+    /// Signed heads the replicas checked, by outcome.
     pub head_checks: std::collections::BTreeMap<String, u64>,
-    /// Entries erased at the authority whose frame the replica still holds
+    /// Entries erased at the authority whose frame a replica still holds
     /// (each one also a failure).
     pub replica_holds_erased: u64,
-    /// Entries the replica erased after its authority did.
+    /// Entries the replicas erased after their authority did.
     pub replica_erased: u64,
 }
 
@@ -220,19 +228,24 @@ impl Outcome {
 struct World<'a> {
     sim: turmoil::Sim<'a>,
     server: Rc<ServerShared>,
-    /// The second domain's server, keeping replicas.
-    replica: Option<Rc<ServerShared>>,
-    restart_replica_at: Option<u64>,
-    /// Rooms recorded on the replica's disk as ordered by the authority.
-    replicas_recorded: BTreeSet<RoomId>,
-    /// The most of each room the replica held durably so far.
-    replica_durable: std::collections::BTreeMap<RoomId, u64>,
+    /// The other domains' servers, keeping replicas.
+    replicas: Vec<ReplicaDomain>,
     cast: Rc<Cast>,
     clients: Vec<Rc<ClientShared>>,
     down: BTreeSet<Host>,
     restart_server_at: Option<u64>,
     failures: Vec<String>,
     stats: RunStats,
+}
+
+/// The server of a domain that keeps replicas, as the world tracks it.
+struct ReplicaDomain {
+    shared: Rc<ServerShared>,
+    restart_at: Option<u64>,
+    /// Rooms recorded on its disk as ordered by the authority.
+    recorded: BTreeSet<RoomId>,
+    /// The most of each room it held durably so far.
+    durable: std::collections::BTreeMap<RoomId, u64>,
 }
 
 impl World<'_> {
@@ -257,32 +270,37 @@ impl World<'_> {
                 self.restart(Host::Server);
             }
         }
-        self.step_replica();
+        for index in 0..self.replicas.len() {
+            self.step_replica(index);
+        }
         true
     }
 
-    /// The replica's server is restarted after a storage failure like the
+    /// A replica's server is restarted after a storage failure like the
     /// authority's; and it must never hold less of a room than it held
-    /// durably before (checker (b) for the second domain).
-    fn step_replica(&mut self) {
-        let Some(replica) = self.replica.clone() else { return };
-        self.record_new_rooms(&replica);
-        if replica.failed.get() && !self.down.contains(&Host::Replica) {
-            self.sim.crash(Host::Replica.name());
-            self.down.insert(Host::Replica);
-            self.restart_replica_at = Some(self.now_ms() + SERVER_RESTART_DELAY_MS);
+    /// durably before (checker (b) for the other domains).
+    fn step_replica(&mut self, index: usize) {
+        let host = Host::Replica(index);
+        let shared = Rc::clone(&self.replicas[index].shared);
+        self.record_new_rooms(index);
+        if shared.failed.get() && !self.down.contains(&host) {
+            self.sim.crash(host.name());
+            self.down.insert(host);
+            self.replicas[index].restart_at = Some(self.now_ms() + SERVER_RESTART_DELAY_MS);
         }
-        if self.restart_replica_at.is_some_and(|at| self.now_ms() >= at) {
-            self.restart(Host::Replica);
+        if self.replicas[index].restart_at.is_some_and(|at| self.now_ms() >= at) {
+            self.restart(host);
         }
-        if self.down.contains(&Host::Replica) {
+        if self.down.contains(&host) {
             return;
         }
-        for (room_id, view) in replica.rooms.borrow().iter() {
-            let held = self.replica_durable.entry(*room_id).or_default();
+        let durable = &mut self.replicas[index].durable;
+        for (room_id, view) in shared.rooms.borrow().iter() {
+            let held = durable.entry(*room_id).or_default();
             if view.next_log_index < *held {
                 self.failures.push(format!(
-                    "the replica of room {room_id} lost durable entries: it held {held}, now {}",
+                    "{}: the replica of room {room_id} lost durable entries: it held {held}, now {}",
+                    host.name(),
                     view.next_log_index
                 ));
             }
@@ -294,11 +312,14 @@ impl World<'_> {
         if self.down.remove(&host) {
             self.sim.bounce(host.name());
         }
-        if host == Host::Server {
-            self.restart_server_at = None;
-        }
-        if host == Host::Replica {
-            self.restart_replica_at = None;
+        self.cancel_restart(host);
+    }
+
+    fn cancel_restart(&mut self, host: Host) {
+        match host {
+            Host::Server => self.restart_server_at = None,
+            Host::Replica(index) => self.replicas[index].restart_at = None,
+            Host::Client(_) => {}
         }
     }
 
@@ -307,12 +328,7 @@ impl World<'_> {
             Change::Crash(host) => {
                 if self.down.insert(*host) {
                     self.sim.crash(host.name());
-                    if *host == Host::Server {
-                        self.restart_server_at = None;
-                    }
-                    if *host == Host::Replica {
-                        self.restart_replica_at = None;
-                    }
+                    self.cancel_restart(*host);
                 }
             }
             Change::Restart(host) => self.restart(*host),
@@ -322,11 +338,11 @@ impl World<'_> {
             }
             Change::Repair(client) => self.sim.repair("server", Host::Client(*client).name()),
             Change::DiskFaults(faults) => self.server.disk.set_faults(*faults),
-            Change::PartitionDomains => {
+            Change::PartitionDomains(replica) => {
                 self.stats.domain_partitions += 1;
-                self.sim.partition("server", Host::Replica.name());
+                self.sim.partition("server", Host::Replica(*replica).name());
             }
-            Change::RepairDomains => self.sim.repair("server", Host::Replica.name()),
+            Change::RepairDomains(replica) => self.sim.repair("server", Host::Replica(*replica).name()),
         }
     }
 
@@ -371,16 +387,17 @@ impl World<'_> {
 }
 
 impl World<'_> {
-    /// A room the authority holds is recorded on the replica's disk as
+    /// A room the authority holds is recorded on each replica's disk as
     /// ordered by the authority, as a Welcome of one of its members would
     /// record it; the replica then follows it.
-    fn record_new_rooms(&mut self, replica: &ServerShared) {
+    fn record_new_rooms(&mut self, index: usize) {
+        let replica = &mut self.replicas[index];
         let created: Vec<RoomId> = self
             .server
             .rooms
             .borrow()
             .keys()
-            .filter(|room_id| !self.replicas_recorded.contains(room_id))
+            .filter(|room_id| !replica.recorded.contains(room_id))
             .copied()
             .collect();
         if created.is_empty() {
@@ -389,27 +406,28 @@ impl World<'_> {
         let authority =
             kalandra_proto::federation::DomainName::parse(AUTHORITY_DOMAIN).expect("a domain name");
         for room_id in created {
-            if replica.disk.record_remote_room(room_id, &authority).is_ok() {
-                self.replicas_recorded.insert(room_id);
+            if replica.shared.disk.record_remote_room(room_id, &authority).is_ok() {
+                replica.recorded.insert(room_id);
             }
         }
     }
 
-    /// The replica of every room is live at the authority's durable head.
+    /// Every replica of every room is live at the authority's durable head.
     fn replicas_converged(
         &self,
         views: &std::collections::BTreeMap<RoomId, crate::server::RoomView>,
     ) -> bool {
-        let Some(replica) = &self.replica else { return true };
-        if replica.failed.get() {
-            return false;
-        }
-        let replicated = replica.rooms.borrow();
-        let live = replica.live_replicas.borrow();
-        self.cast.rooms.iter().all(|plan| {
-            live.contains(&plan.room_id)
-                && replicated.get(&plan.room_id).map(|view| view.next_log_index)
-                    == views.get(&plan.room_id).map(|view| view.next_log_index)
+        self.replicas.iter().all(|replica| {
+            if replica.shared.failed.get() {
+                return false;
+            }
+            let replicated = replica.shared.rooms.borrow();
+            let live = replica.shared.live_replicas.borrow();
+            self.cast.rooms.iter().all(|plan| {
+                live.contains(&plan.room_id)
+                    && replicated.get(&plan.room_id).map(|view| view.next_log_index)
+                        == views.get(&plan.room_id).map(|view| view.next_log_index)
+            })
         })
     }
 }
@@ -476,24 +494,28 @@ fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
     });
     server.disk_latency_ms.set(plan.disk_latency_ms);
     let cast = Rc::new(Cast { rooms: plan_rooms(config), ..Cast::default() });
-    let replica = config.replica.then(|| {
-        let seed = u64::from_be_bytes(
-            crate::derive_seed(config.seed, b"replica", 0)[..8].try_into().expect("8 bytes"),
-        );
-        let replica = ServerShared {
-            ignore_erasures: config.bugs.replica_ignores_erasures,
-            ..ServerShared::replica(seed, config.bugs.replica_drops_frame_on_restart)
-        };
-        replica.disk_latency_ms.set(plan.disk_latency_ms);
-        Rc::new(replica)
-    });
+    let replicas: Vec<ReplicaDomain> = (0..config.replica_domains.min(REPLICA_DOMAINS_MAX))
+        .map(|index| {
+            let seed = u64::from_be_bytes(
+                crate::derive_seed(config.seed, b"replica", index as u64)[..8].try_into().expect("8 bytes"),
+            );
+            let shared = ServerShared {
+                ignore_erasures: config.bugs.replica_ignores_erasures,
+                ..ServerShared::replica(seed, config.bugs.replica_drops_frame_on_restart)
+            };
+            shared.disk_latency_ms.set(plan.disk_latency_ms);
+            ReplicaDomain {
+                shared: Rc::new(shared),
+                restart_at: None,
+                recorded: BTreeSet::new(),
+                durable: std::collections::BTreeMap::new(),
+            }
+        })
+        .collect();
     let mut world = World {
         sim,
         server: Rc::clone(&server),
-        replica: replica.clone(),
-        restart_replica_at: None,
-        replicas_recorded: BTreeSet::new(),
-        replica_durable: std::collections::BTreeMap::new(),
+        replicas: Vec::new(),
         cast: Rc::clone(&cast),
         clients: Vec::new(),
         down: BTreeSet::new(),
@@ -502,9 +524,11 @@ fn build(config: &SimConfig, plan: &FaultPlan) -> World<'static> {
         stats: RunStats::default(),
     };
     world.sim.host("server", move || server::run::<MlsRoomGroup>(Rc::clone(&server)));
-    if let Some(replica) = replica {
-        world.sim.host(Host::Replica.name(), move || server::run::<MlsRoomGroup>(Rc::clone(&replica)));
+    for (index, replica) in replicas.iter().enumerate() {
+        let shared = Rc::clone(&replica.shared);
+        world.sim.host(Host::Replica(index).name(), move || server::run::<MlsRoomGroup>(Rc::clone(&shared)));
     }
+    world.replicas = replicas;
     let hostile = hostile_clients(config, &cast.rooms);
     for index in 0..config.clients.max(1) {
         let seed = u64::from_be_bytes(
@@ -562,13 +586,15 @@ pub fn run(config: &SimConfig) -> Outcome {
         failures.push(format!("recovery failed: {error}"));
     }
     failures.extend(check::check(&world.server, &world.cast, &world.clients));
-    if let Some(replica) = &world.replica {
-        if let Some(error) = replica.recovery_error.borrow().as_ref() {
-            failures.push(format!("the replica's recovery failed: {error}"));
+    for (index, replica) in world.replicas.iter().enumerate() {
+        let host = Host::Replica(index).name();
+        if let Some(error) = replica.shared.recovery_error.borrow().as_ref() {
+            failures.push(format!("{host}: the replica's recovery failed: {error}"));
         }
-        let (replica_failures, holds_erased) = check::check_replica(&world.server, replica, &world.cast);
-        failures.extend(replica_failures);
-        world.stats.replica_holds_erased = holds_erased;
+        let (replica_failures, holds_erased) =
+            check::check_replica(&world.server, &replica.shared, &world.cast);
+        failures.extend(replica_failures.into_iter().map(|failure| format!("{host}: {failure}")));
+        world.stats.replica_holds_erased += holds_erased;
     }
     let stats = collect_stats(&world);
     let mut transcript = world.cast.transcript.borrow().clone();
@@ -576,7 +602,7 @@ pub fn run(config: &SimConfig) -> Outcome {
         for entry in world.server.disk.log(plan.room_id) {
             transcript.add(b"log", &entry.bytes);
         }
-        for entry in world.replica.iter().flat_map(|replica| replica.disk.log(plan.room_id)) {
+        for entry in world.replicas.iter().flat_map(|replica| replica.shared.disk.log(plan.room_id)) {
             transcript.add(b"replica", &entry.bytes);
         }
     }
@@ -598,8 +624,8 @@ fn fault_phase(world: &mut World<'_>, config: &SimConfig, plan: &FaultPlan) {
         client.workload.set(true);
     }
     world.server.loss.set(Loss { rate: plan.loss[0] });
-    if let Some(replica) = &world.replica {
-        replica.loss.set(Loss { rate: plan.replica_loss });
+    for (replica, loss) in world.replicas.iter().zip(&plan.replica_loss) {
+        replica.shared.loss.set(Loss { rate: *loss });
     }
     let start = world.now_ms();
     let mut next_change = 0;
@@ -626,10 +652,10 @@ fn heal(world: &mut World<'_>, config: &SimConfig) {
     for index in 0..world.clients.len() {
         world.sim.repair("server", Host::Client(index).name());
     }
-    if let Some(replica) = &world.replica {
-        replica.loss.set(Loss::default());
-        replica.disk.set_faults(DiskFaults::default());
-        world.sim.repair("server", Host::Replica.name());
+    for (index, replica) in world.replicas.iter().enumerate() {
+        replica.shared.loss.set(Loss::default());
+        replica.shared.disk.set_faults(DiskFaults::default());
+        world.sim.repair("server", Host::Replica(index).name());
     }
     let down: Vec<Host> = world.down.iter().copied().collect();
     for host in down {
@@ -750,17 +776,18 @@ fn collect_stats(world: &World<'_>) -> RunStats {
         stats.sessions += record.sessions;
     }
     stats.sim_ms = u64::try_from(world.sim.elapsed().as_millis()).unwrap_or(u64::MAX);
-    if let Some(replica) = &world.replica {
+    for replica in world.replicas.iter().map(|replica| &replica.shared) {
         let replica_stats = *replica.stats.borrow();
-        stats.replica_boots = replica.boots.get();
-        stats.domain_links = replica_stats.links;
-        stats.follows = replica_stats.follows;
-        stats.replica_refusals = replica_stats.replica_refusals;
-        stats.replica_erased = replica_stats.replica_erased;
-        stats.head_checks =
-            replica.head_checks.borrow().iter().map(|(label, count)| ((*label).to_owned(), *count)).collect();
-        stats.replica_log_len =
-            world.cast.rooms.iter().map(|plan| replica.disk.log(plan.room_id).len() as u64).sum();
+        stats.replica_boots += replica.boots.get();
+        stats.domain_links += replica_stats.links;
+        stats.follows += replica_stats.follows;
+        stats.replica_refusals += replica_stats.replica_refusals;
+        stats.replica_erased += replica_stats.replica_erased;
+        for (label, count) in replica.head_checks.borrow().iter() {
+            *stats.head_checks.entry((*label).to_owned()).or_default() += count;
+        }
+        stats.replica_log_len +=
+            world.cast.rooms.iter().map(|plan| replica.disk.log(plan.room_id).len() as u64).sum::<u64>();
     }
     stats
 }
