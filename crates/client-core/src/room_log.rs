@@ -360,7 +360,11 @@ impl RoomLog {
     /// The room as checkpointed: its group loaded from the provider's
     /// storage, disconnected.
     pub fn restore(provider: &MlsProvider, record: RoomRecord) -> Result<RoomLog, RoomLogError> {
-        let group = if record.removed { None } else { RoomGroup::load(provider, record.room_id)? };
+        // A room to be joined again dropped its group: a group stored under
+        // the room's id now is another one (the rejoin's own, built before
+        // its answer), never this log's.
+        let dropped = record.removed || record.recovery.rejoin_needed();
+        let group = if dropped { None } else { RoomGroup::load(provider, record.room_id)? };
         let sender_keys = record.sender_keys.as_deref().map(SenderKeyState::from_bytes).transpose()?;
         let state = initial_state(&record, group.as_ref());
         Ok(RoomLog { record, group, sender_keys, state })

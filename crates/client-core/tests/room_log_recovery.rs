@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use client_core::room_log::{test_support, EntryBody, Intent, RoomLog, RoomLogError, RoomRecord};
-use client_core::state::ClientState;
+use client_core::state::{ClientState, Resume};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::limits::COMMIT_VOID_WINDOW_MS;
 use kalandra_proto::payload::{self, Commit, CommitReportReason, CommitVoided, CreateRoom, Welcome};
@@ -353,6 +353,32 @@ fn a_member_stuck_past_the_window_drops_its_group_and_rejoins() {
     assert_eq!(bob.log().state(), ClientState::PendingWelcome);
     // Rejoining: the old group is gone from storage, so a new one can take its place.
     assert!(RoomGroup::load(&bob.provider, ROOM.0).unwrap().is_none());
+}
+
+/// A rejoin builds its group under the room's id before the server has
+/// answered; the device may stop (or checkpoint) in between. The log that
+/// dropped its group must not take that group for its own when restored:
+/// it would read the room at the join's epoch from its old cursor.
+#[test]
+fn a_log_to_be_rejoined_is_restored_without_a_group_stored_under_the_room_since() {
+    let (mut alice, mut bob, mut carol) = three_members();
+    let bad = bad_update(&mut carol);
+    alice.apply(&bad).unwrap();
+    bob.apply(&bad).unwrap();
+    let sealed = bob.seal(b"later");
+    alice.apply(&stamp(sealed.frame, 4, AT + COMMIT_VOID_WINDOW_MS)).unwrap();
+    assert!(alice.log().rejoin_needed() && alice.log().group().is_none());
+    // Another group under the room's id (in the device, a rejoin's own).
+    let server_key = SigningKey::from_bytes(&[42u8; 32]).verifying_key().to_bytes();
+    RoomGroup::create(&alice.provider, &alice.identity, ROOM.0, &server_key, now_s()).unwrap();
+    assert!(RoomGroup::load(&alice.provider, ROOM.0).unwrap().is_some());
+
+    let record: RoomRecord = roundtrip(alice.log().checkpoint_record());
+    let restored = RoomLog::restore(&alice.provider, record).unwrap();
+    assert!(restored.group().is_none(), "the stored group is not this log's");
+    assert!(restored.rejoin_needed() && !restored.is_member());
+    assert_eq!(restored.state(), ClientState::Disconnected { resume: Resume::Join });
+    assert_eq!(restored.next_log_index(), 5);
 }
 
 #[test]

@@ -121,3 +121,19 @@ fn welcomes_stored_ahead_of_a_failed_batch_are_not_lost() {
     let outcome = run(&SimConfig { seed: 11, ..SimConfig::default() });
     assert!(outcome.passed(), "seed 11: {:#?}", outcome.failures);
 }
+
+/// Seeds that once failed with three domains (two keeping replicas), kept
+/// as regressions: 534, a client restarted during its rejoin read the log
+/// with its join's group in place of the one it had dropped (client-core's
+/// `RoomLog::restore`);
+/// 502, a member stuck on a commit could not rejoin while a removal waited
+/// that only it would commit (the room stayed closed; the server now lets
+/// a member's rejoin through and issues the removal again).
+#[test]
+fn seeds_once_failing_with_three_domains_pass() {
+    for seed in [502, 534] {
+        let outcome = run(&SimConfig { seed, ..SimConfig::default() });
+        assert!(outcome.passed(), "seed {seed} failed: {:#?}", outcome.failures);
+        assert!(outcome.stats.rejoins >= 1, "seed {seed} rejoined: {:?}", outcome.stats);
+    }
+}

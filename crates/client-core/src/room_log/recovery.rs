@@ -63,6 +63,11 @@ pub(crate) struct Recovery {
 }
 
 impl Recovery {
+    /// Whether the room must be joined again (its group was dropped).
+    pub(crate) fn rejoin_needed(&self) -> bool {
+        self.rejoin
+    }
+
     /// The commit the room is stuck on, if any.
     pub(crate) fn stuck_log_index(&self) -> Option<u64> {
         self.stuck.map(|stuck| stuck.log_index)
