@@ -250,6 +250,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
             .contains(&target);
         let removal_needed = room.sequencer.is_member(target) && !removal_pending;
+        // The end was reckoned on the server's clock; bans are judged on the
+        // room's, which a clock stepped back at a restart runs behind.
+        let lag_ms = room.sequencer.room_time_ms(now_ms).saturating_sub(now_ms);
+        let until_ms = until_ms.map(|until_ms| until_ms.saturating_add(lag_ms));
         let previous = room.sequencer.ban_of(target);
         room.sequencer.ban(target, until_ms).map_err(ModerationFailure::Sequencer)?;
         let change =

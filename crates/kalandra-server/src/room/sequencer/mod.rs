@@ -647,12 +647,20 @@ impl<G: GroupState> RoomSequencer<G> {
     pub fn unban(&mut self, user: SenderId) -> bool {
         self.bans.remove(&user).is_some()
     }
-    /// Whether `user` is banned at `now_ms`.
-    pub fn is_banned(&self, user: SenderId, now_ms: u64) -> bool {
-        banned(&self.bans, user, now_ms)
+    /// The room's time at `now_ms`: never before the last frame's stamp. A
+    /// ban's end is judged on it, so a clock that steps back (at a restart)
+    /// never brings back a ban that had ended, after its user came back.
+    pub fn room_time_ms(&self, now_ms: u64) -> u64 {
+        now_ms.max(self.last_timestamp_ms)
     }
-    /// Forgets bans that ended before `now_ms`; returns the users whose ban ended.
+    /// Whether `user` is banned at `now_ms` (on the room's time).
+    pub fn is_banned(&self, user: SenderId, now_ms: u64) -> bool {
+        banned(&self.bans, user, self.room_time_ms(now_ms))
+    }
+    /// Forgets bans that ended before `now_ms` (on the room's time);
+    /// returns the users whose ban ended.
     pub fn expire_bans(&mut self, now_ms: u64) -> Vec<SenderId> {
+        let now_ms = self.room_time_ms(now_ms);
         let ended: Vec<SenderId> = self
             .bans
             .iter()
@@ -809,7 +817,7 @@ impl<G: GroupState> RoomSequencer<G> {
         self.check_epoch(frame)?;
         let payload: Commit = frame.decode_payload()?;
         let recipients: Vec<SenderId> = payload.welcome_recipients.iter().copied().map(SenderId).collect();
-        let bans = &self.bans;
+        let (bans, now_ms) = (&self.bans, self.room_time_ms(now_ms));
         let rules = CommitRules {
             committer: sender,
             must_cover: &self.server_proposals_pending,
@@ -845,7 +853,7 @@ impl<G: GroupState> RoomSequencer<G> {
             self.check_no_pending_proposals()?;
         }
         let payload: ExternalJoin = frame.decode_payload()?;
-        let bans = &self.bans;
+        let (bans, now_ms) = (&self.bans, self.room_time_ms(now_ms));
         let rules = CommitRules {
             committer: sender,
             must_cover: &[],

@@ -458,7 +458,7 @@ fn payload_helper_round_trips() {
 fn a_ban_refuses_adding_the_user_and_their_external_join_until_lifted_or_expired() {
     let mut room = new_room(&[1, 2]);
     room.ban(SenderId(77), None).unwrap();
-    room.ban(SenderId(78), Some(1_000)).unwrap();
+    room.ban(SenderId(78), Some(1_500)).unwrap();
     let error = room.submit(ALICE, commit(ALICE, 0, true, &[77], 1), 10).unwrap_err();
     assert_eq!(error, SubmitError::InvalidCommit(GroupError::Banned { member: SenderId(77) }));
     assert_eq!(error.error_code(), ErrorCode::Banned);
@@ -475,14 +475,31 @@ fn a_ban_refuses_adding_the_user_and_their_external_join_until_lifted_or_expired
     assert_eq!((room.epoch(), room.next_log_index()), (0, 1), "nothing was sequenced");
 
     // The timed ban has ended at its end time; the permanent one holds until lifted.
-    assert!(!room.is_banned(SenderId(78), 1_000));
-    room.submit(SenderId(78), join(78, 0), 1_000).unwrap();
-    assert_eq!(room.expire_bans(1_000), vec![SenderId(78)]);
+    assert!(!room.is_banned(SenderId(78), 1_500));
+    room.submit(SenderId(78), join(78, 0), 1_500).unwrap();
+    assert_eq!(room.expire_bans(1_500), vec![SenderId(78)]);
     assert!(room.is_banned(SenderId(77), u64::MAX));
     assert!(room.unban(SenderId(77)));
     assert!(!room.unban(SenderId(77)), "nothing left to lift");
-    room.submit(ALICE, commit(ALICE, 1, true, &[77], 4), 1_001).unwrap();
+    room.submit(ALICE, commit(ALICE, 1, true, &[77], 4), 1_501).unwrap();
     assert!(room.is_member(SenderId(77)));
+}
+
+/// A restarted server's clock may step back. Bans are judged on the
+/// room's time (never before the last stamp): a ban that ended, whose user
+/// then came back, does not come back with the clock.
+#[test]
+fn a_ban_that_ended_stays_ended_when_the_clock_steps_back() {
+    let mut room = new_room(&[1, 2]);
+    room.ban(SenderId(78), Some(2_000)).unwrap();
+    assert!(room.is_banned(SenderId(78), 1_999));
+    room.submit(ALICE, application(ALICE, 0, 1), 5_000).unwrap();
+    assert!(!room.is_banned(SenderId(78), 1_000), "the room's time is 5,000");
+    assert_eq!(room.room_time_ms(1_000), 5_000);
+    assert_eq!(room.expire_bans(1_000), vec![SenderId(78)]);
+    // A ban still running is still judged on the room's time.
+    room.ban(SenderId(79), Some(6_000)).unwrap();
+    assert!(room.is_banned(SenderId(79), 1_000) && !room.is_banned(SenderId(79), 6_000));
 }
 
 #[test]
