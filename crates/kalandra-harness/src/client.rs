@@ -391,6 +391,8 @@ enum Request {
         room: RoomId,
         epoch: u64,
         frame: Frame,
+        /// The room's `voids_applied` when it was sent.
+        voids_applied: u64,
     },
     Moderation {
         room: RoomId,
@@ -488,6 +490,8 @@ struct Room {
     transcript_epoch: Option<u64>,
     /// When to report again the commit the room is stuck on.
     report_again_at_ms: Option<u64>,
+    /// `CommitVoided` entries applied (in this life).
+    voids_applied: u64,
 }
 
 /// Where a member's leaving stands.
@@ -585,6 +589,7 @@ impl Client {
                 retry_at_ms: 0,
                 transcript_epoch: None,
                 report_again_at_ms: None,
+                voids_applied: 0,
             };
             rooms.insert(plan.room_id, room);
         }

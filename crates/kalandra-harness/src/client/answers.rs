@@ -40,7 +40,7 @@ impl Client {
                 return self.own_acked(room, &Some(frame), ack)
             }
             Request::Commit { settled: true, .. } | Request::Moderation { .. } => {}
-            Request::Leave { room, epoch, frame } => {
+            Request::Leave { room, epoch, frame, .. } => {
                 if let Some(room) = self.room_mut(room).filter(|room| room.member()) {
                     room.leave = Some(Leave::Sent { epoch });
                 }
@@ -199,12 +199,17 @@ impl Client {
                 }
                 _ => !transient(code),
             },
-            Request::Leave { room, .. } => {
+            Request::Leave { room, voids_applied, .. } => {
+                let voided_since = self.room(room).is_some_and(|r| r.voids_applied > voids_applied);
                 if let Some(room) = self.room_mut(room).filter(|room| room.member()) {
                     room.leave = Some(Leave::Want);
                 }
+                // A proposal made in an epoch a void undid, whose number the
+                // room reached again with other keys, does not verify there.
+                let stale = voided_since && code == Some(ErrorCode::InvalidProposal);
                 !matches!(code, Some(ErrorCode::WrongEpoch | ErrorCode::NotMember | ErrorCode::Banned))
                     && !transient(code)
+                    && !stale
             }
             Request::Moderation { .. } => {
                 !matches!(

@@ -212,6 +212,7 @@ impl Client {
             }
         }
         let Some(room) = self.room_mut(room_id) else { return };
+        room.voids_applied += 1;
         let epoch = room.log.as_ref().map_or(0, RoomLog::epoch);
         if let Some(Leave::Sent { epoch: ours } | Leave::Proposed { epoch: ours }) = room.leave {
             // A leave proposed in an epoch the void took back died with it; one

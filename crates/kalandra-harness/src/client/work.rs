@@ -408,13 +408,16 @@ impl Client {
                 return;
             }
         };
+        let mut voids_applied = 0;
         if let Some(room) = self.room_mut(room_id) {
             room.leave = Some(Leave::Sent { epoch });
+            voids_applied = room.voids_applied;
         }
         self.persist();
         let proposal = payload::Proposal { proposal: output.proposal };
         let (id, frame) = self.frame(room_id, &proposal, epoch);
-        self.in_flight.insert(id, Request::Leave { room: room_id, epoch, frame: frame.clone() });
+        let request = Request::Leave { room: room_id, epoch, frame: frame.clone(), voids_applied };
+        self.in_flight.insert(id, request);
         self.send_frame(&frame);
     }
 
