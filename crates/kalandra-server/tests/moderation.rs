@@ -289,7 +289,8 @@ fn external_join_frame(client: &mut TestClient, info: &GroupInfo) -> (RoomGroup,
 /// closed for good. The rejoin is sequenced, the removal is issued again in
 /// the epoch it begins (before anything else), and the room stays closed
 /// until the rejoined member covers it; the removal's target still may not
-/// join.
+/// join, nor may the same member rejoin a second time before a commit
+/// covers the removal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_rejoins_while_a_removal_waits_and_the_removal_is_issued_again() {
     let server = TestServer::start(default_limits()).await;
@@ -319,6 +320,13 @@ async fn a_member_rejoins_while_a_removal_waits_and_the_removal_is_issued_again(
     let info: GroupInfo = decode_ok(&carol.request(&GroupInfoRequest {}).await);
     let (_, bob_join) = external_join_frame(&mut bob, &info);
     assert_eq!(code(&bob.send_and_wait(&bob_join).await), ErrorCode::PendingProposals);
+
+    // Once is enough: a member rejoining again and again would end every
+    // epoch before anyone's covering commit lands.
+    let mut carol_again = TestClient::connect(&server, "carol again", 3).await;
+    carol_again.room = ROOM;
+    let (_, again) = external_join_frame(&mut carol_again, &info);
+    assert_eq!(code(&carol_again.send_and_wait(&again).await), ErrorCode::PendingProposals);
 
     // Carol covers it: Bob is out, the room open again.
     let reply = answer_server_proposal(&mut carol, reissued).await.unwrap();

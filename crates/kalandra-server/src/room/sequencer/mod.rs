@@ -340,6 +340,10 @@ pub struct RoomSequencer<G: GroupState> {
     epoch_started_at_log_index: u64,
     last_timestamp_ms: u64,
     server_proposals_pending: Vec<ProposalRef>,
+    /// Members that rejoined while server proposals waited, since a commit
+    /// last covered them: each may do so once (see
+    /// [`RoomSequencer::is_rejoin_while_closed`]).
+    rejoined_while_closed: Vec<SenderId>,
     /// Log index and server time of the first pending server proposal.
     server_proposals_since: Option<(u64, u64)>,
     /// When to remind members of uncovered server proposals next.
@@ -395,6 +399,7 @@ impl<G: GroupState> RoomSequencer<G> {
             epoch_started_at_log_index: 0,
             last_timestamp_ms: 0,
             server_proposals_pending: Vec::new(),
+            rejoined_while_closed: Vec::new(),
             server_proposals_since: None,
             reannounce_at_ms: 0,
             bans: HashMap::new(),
@@ -438,6 +443,7 @@ impl<G: GroupState> RoomSequencer<G> {
                 .since
                 .map_or(0, |(_, at_ms)| at_ms.saturating_add(SERVER_PROPOSAL_REANNOUNCE_MS)),
             server_proposals_pending: point.server_proposals.refs,
+            rejoined_while_closed: Vec::new(),
             server_proposals_since: point.server_proposals.since,
             bans: HashMap::new(),
             in_flight: VecDeque::new(),
@@ -791,10 +797,16 @@ impl<G: GroupState> RoomSequencer<G> {
     /// caller ([`crate::room::Shard`]) issues the removals again in the
     /// epoch the join begins, before anything else is sequenced, so the
     /// room is closed again at once and the targets read no message of it.
+    ///
+    /// Each member may do so once until a commit covers the removals: a
+    /// member rejoining again and again would otherwise end each epoch
+    /// before the others' covering commit lands, and so keep the removal
+    /// from ever being committed.
     pub fn is_rejoin_while_closed(&self, sender: SenderId) -> bool {
         !self.server_proposals_pending.is_empty()
             && self.group.is_member(sender)
             && !self.group.server_removal_pending(sender)
+            && !self.rejoined_while_closed.contains(&sender)
     }
 
     /// Refuses while server proposals wait for a commit to cover them.
@@ -829,6 +841,8 @@ impl<G: GroupState> RoomSequencer<G> {
         let summary =
             self.group.apply_commit(&payload.commit, &rules).map_err(|error| self.commit_error(error))?;
         let welcome = payload.welcome.map(|welcome| (Bytes::from(welcome), recipients));
+        // It covered every pending server proposal: rejoins count afresh.
+        self.rejoined_while_closed.clear();
         Ok(self.after_commit(summary, welcome, payload.group_info))
     }
 
@@ -842,7 +856,8 @@ impl<G: GroupState> RoomSequencer<G> {
     ) -> Result<Box<CommitFollowUp>, SubmitError> {
         self.policy.may_join_externally(self.group.is_member(sender)).map_err(SubmitError::Forbidden)?;
         self.check_epoch(frame)?;
-        if self.is_rejoin_while_closed(sender) {
+        let rejoin = self.is_rejoin_while_closed(sender);
+        if rejoin {
             // The pending removals die with this epoch; the shard issues
             // them again at once, so they need room in flight after it.
             let in_flight = self.in_flight.len() + 1 + self.server_proposals_pending.len();
@@ -864,6 +879,9 @@ impl<G: GroupState> RoomSequencer<G> {
         };
         let summary =
             self.group.apply_commit(&payload.commit, &rules).map_err(|error| self.commit_error(error))?;
+        if rejoin {
+            self.rejoined_while_closed.push(sender);
+        }
         Ok(self.after_commit(summary, None, payload.group_info))
     }
 

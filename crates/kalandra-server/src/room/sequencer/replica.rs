@@ -35,6 +35,7 @@ impl<G: GroupState> RoomSequencer<G> {
             epoch_started_at_log_index: 0,
             last_timestamp_ms: 0,
             server_proposals_pending: Vec::new(),
+            rejoined_while_closed: Vec::new(),
             server_proposals_since: None,
             reannounce_at_ms: 0,
             bans: HashMap::new(),
