@@ -710,9 +710,7 @@ impl RelayEnvelope {
         if self.destination != *us {
             return Err(RelayError::WrongDestination { destination: self.destination.clone() });
         }
-        if let Some(last) = last_sequence.filter(|last| self.relay_sequence <= *last) {
-            return Err(RelayError::Replayed { sequence: self.relay_sequence, last });
-        }
+        self.check_sequence(last_sequence)?;
         let frame = self.frame_checked()?;
         let input = countersignature_input(
             &self.origin,
@@ -726,6 +724,15 @@ impl RelayEnvelope {
         }
         self.check_sender(&frame, link_peer, now_ms, verified)?;
         Ok(frame)
+    }
+
+    /// The relay sequence must be above `last_sequence`, the last one
+    /// accepted from the origin: a replayed or reordered envelope is refused.
+    pub fn check_sequence(&self, last_sequence: Option<u64>) -> Result<(), RelayError> {
+        match last_sequence.filter(|last| self.relay_sequence <= *last) {
+            Some(last) => Err(RelayError::Replayed { sequence: self.relay_sequence, last }),
+            None => Ok(()),
+        }
     }
 
     fn frame_checked(&self) -> Result<Frame, RelayError> {

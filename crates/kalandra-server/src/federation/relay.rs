@@ -422,7 +422,7 @@ impl RelayAuthority {
             let message = format!("{peer} is not a peer");
             return Err(RelayRefusal { code: "refused_domain", client: ErrorCode::UnknownDomain, message });
         };
-        let verified = Arc::clone(&lock(&self.from_peers).entry(peer.clone()).or_default().verified);
+        let verified = self.with_peer_state(peer, |from| Arc::clone(&from.verified));
         // The sequence is checked in the link's order, by `admit`.
         let mut frame = envelope
             .verify_with(keys, &self.domain, None, (self.clock)(), Some(&verified))
@@ -538,14 +538,21 @@ impl RelayAuthority {
     /// Accepts `envelope`'s relay sequence if it is above the last one
     /// accepted from `peer` (a replayed or reordered envelope is refused).
     fn in_sequence(&self, peer: &DomainName, envelope: &RelayEnvelope) -> Result<(), RelayRefusal> {
+        self.with_peer_state(peer, |from| {
+            envelope.check_sequence(from.last_sequence).map_err(|error| RelayRefusal::of(&error))?;
+            from.last_sequence = Some(envelope.relay_sequence);
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on what `peer`'s envelopes are checked against (its name is
+    /// copied only the first time, not for every frame).
+    fn with_peer_state<R>(&self, peer: &DomainName, f: impl FnOnce(&mut FromPeer) -> R) -> R {
         let mut from_peers = lock(&self.from_peers);
-        let from = from_peers.entry(peer.clone()).or_default();
-        let sequence = envelope.relay_sequence;
-        if let Some(last) = from.last_sequence.filter(|last| sequence <= *last) {
-            return Err(RelayRefusal::of(&RelayError::Replayed { sequence, last }));
+        match from_peers.get_mut(peer) {
+            Some(from) => f(from),
+            None => f(from_peers.entry(peer.clone()).or_default()),
         }
-        from.last_sequence = Some(sequence);
-        Ok(())
     }
 
     /// The remote connection for (`peer`, `connection`), opened on first use.
