@@ -873,7 +873,7 @@ impl<G: ServerGroup> Core<G> {
 
     fn moderate(&mut self, conn: u64, sender: SenderId, frame: &Frame) {
         let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
-        match moderation_request(frame, sender, self.shared.now_ms()) {
+        match moderation_request(frame, sender) {
             Err((code, message)) => self.reply(conn, error_frame(room_id, request_id, code, &message)),
             Ok(request) => {
                 self.next_token += 1;

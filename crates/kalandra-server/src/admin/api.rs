@@ -774,9 +774,7 @@ async fn ban(
         api.authorize(&headers, Scope::Operator)?;
         let body: BanBody = parse_body(&headers, &body)?;
         let (target, reason) = (parse_user(&body.user_id)?, parse_reason(body.reason)?);
-        let now_ms = api.node.now_ms();
-        let until_ms = body.duration_ms.map(|duration_ms| now_ms.saturating_add(duration_ms));
-        act(api, &room, target, Act::Ban { until_ms }, reason).await
+        act(api, &room, target, Act::Ban { duration_ms: body.duration_ms }, reason).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)

@@ -23,7 +23,6 @@ use crate::store::{ModerationChange, StoredBan};
 pub fn moderation_request(
     frame: &kalandra_proto::Frame,
     sender: SenderId,
-    now_ms: u64,
 ) -> Result<ModerationRequest, (ErrorCode, String)> {
     let malformed = |error: kalandra_proto::PayloadError| (ErrorCode::MalformedPayload, error.to_string());
     let room_id = frame.header().room_id();
@@ -41,8 +40,7 @@ pub fn moderation_request(
         }
         Opcode::Ban => {
             let ban: payload::Ban = frame.decode_payload().map_err(malformed)?;
-            let until_ms = ban.duration_ms.map(|duration_ms| now_ms.saturating_add(duration_ms));
-            Ok(request(ban.target, Act::Ban { until_ms }, ban.reason))
+            Ok(request(ban.target, Act::Ban { duration_ms: ban.duration_ms }, ban.reason))
         }
         Opcode::Unban => {
             let unban: payload::Unban = frame.decode_payload().map_err(malformed)?;
@@ -85,14 +83,21 @@ pub fn moderation_reply(
     }
 }
 
-fn audit_event(request: &ModerationRequest, now_ms: u64) -> AuditEvent {
+/// The audit record of `request`, decided as `change` (a ban's end as stored).
+fn audit_event(request: &ModerationRequest, change: &ModerationChange, now_ms: u64) -> AuditEvent {
     let (actor_kind, actor_id) = match request.actor {
         Actor::Operator => (ActorKind::Operator, None),
         Actor::Member(member) => (ActorKind::Member, Some(member.0)),
     };
     let (action, role, until_ms) = match &request.act {
         Act::Kick => (AuditAction::Kick, None, None),
-        Act::Ban { until_ms } => (AuditAction::Ban, None, *until_ms),
+        Act::Ban { .. } => {
+            let until_ms = match change {
+                ModerationChange::SetBan { ban: Some(ban), .. } => ban.until_ms,
+                _ => None,
+            };
+            (AuditAction::Ban, None, until_ms)
+        }
         Act::Unban => (AuditAction::Unban, None, None),
         Act::Grant(role) => (AuditAction::GrantRole, Some(role.as_str().to_owned()), None),
         Act::Revoke(role) => (AuditAction::RevokeRole, Some(role.as_str().to_owned()), None),
@@ -144,7 +149,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         match self.decide(&request, now_ms) {
             Ok(Decision::Write(change)) => {
                 let epoch = self.rooms.get(&request.room_id).map_or(0, |room| room.sequencer.epoch());
-                let event = audit_event(&request, now_ms);
+                let event = audit_event(&request, &change, now_ms);
                 let completion = Some(Completion { token, log_index: None, epoch });
                 self.outputs.push_back(Output::RecordModeration(ModerationWrite {
                     change,
@@ -154,7 +159,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             }
             Ok(Decision::AfterProposal(change, log_index)) => {
                 let room = self.rooms.get_mut(&request.room_id).expect("decided on an existing room");
-                let mut event = audit_event(&request, now_ms);
+                let mut event = audit_event(&request, &change, now_ms);
                 event.log_index = Some(log_index);
                 let epoch = room.sequencer.epoch();
                 room.acts_awaiting_proposal.push_back(ActAwaitingProposal {
@@ -210,7 +215,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 let log_index = self.propose_removal(room_id, target, now_ms)?;
                 Ok(Decision::AfterProposal(ModerationChange::None, log_index))
             }
-            Act::Ban { until_ms } => self.decide_ban(room_id, target, *until_ms, now_ms),
+            Act::Ban { duration_ms } => self.decide_ban(room_id, target, *duration_ms, now_ms),
             Act::Unban => {
                 if !room.sequencer.unban(target) {
                     return Err(ModerationFailure::NotBanned(target));
@@ -239,7 +244,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         &mut self,
         room_id: RoomId,
         target: SenderId,
-        until_ms: Option<u64>,
+        duration_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Decision, ModerationFailure> {
         let room = self.rooms.get_mut(&room_id).ok_or(ModerationFailure::UnknownRoom)?;
@@ -250,10 +255,10 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             .map_err(|error| ModerationFailure::Sequencer(SubmitError::InvalidProposal(error)))?
             .contains(&target);
         let removal_needed = room.sequencer.is_member(target) && !removal_pending;
-        // The end was reckoned on the server's clock; bans are judged on the
-        // room's, which a clock stepped back at a restart runs behind.
-        let lag_ms = room.sequencer.room_time_ms(now_ms).saturating_sub(now_ms);
-        let until_ms = until_ms.map(|until_ms| until_ms.saturating_add(lag_ms));
+        // Bans are judged on the room's time, which a server clock stepped
+        // back at a restart runs behind: the end is reckoned on it too.
+        let room_time_ms = room.sequencer.room_time_ms(now_ms);
+        let until_ms = duration_ms.map(|duration_ms| room_time_ms.saturating_add(duration_ms));
         let previous = room.sequencer.ban_of(target);
         room.sequencer.ban(target, until_ms).map_err(ModerationFailure::Sequencer)?;
         let change =

@@ -29,10 +29,11 @@ pub enum Actor {
 pub enum Act {
     /// Remove a member.
     Kick,
-    /// Remove (if a member) and refuse their return until `until_ms` (`None`: until lifted).
+    /// Remove (if a member) and refuse their return for `duration_ms`
+    /// (`None`: until lifted).
     Ban {
-        /// When the ban ends, ms since the Unix epoch.
-        until_ms: Option<u64>,
+        /// How long the ban lasts, from the room's time when it is decided.
+        duration_ms: Option<u64>,
     },
     /// Lift a ban.
     Unban,
@@ -228,7 +229,7 @@ mod tests {
         let mut two = roles.clone();
         two.apply(OTHER, &Act::Grant(Role::Moderator));
         assert!(matches!(
-            two.authorize(Actor::Member(MODERATOR), OTHER, &Act::Ban { until_ms: None }),
+            two.authorize(Actor::Member(MODERATOR), OTHER, &Act::Ban { duration_ms: None }),
             Err(ModerationError::Forbidden(_))
         ));
         assert_eq!(kick(Actor::Member(MODERATOR), MODERATOR), Err(ModerationError::SelfTarget));

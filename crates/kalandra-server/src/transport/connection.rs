@@ -466,7 +466,7 @@ impl Listener {
             OtherRoute::Moderation(frame) => {
                 let header = frame.header();
                 let (room_id, request_id) = (header.room_id(), header.request_id());
-                let reply = match moderation_request(&frame, outbox.sender(), (self.clock)()) {
+                let reply = match moderation_request(&frame, outbox.sender()) {
                     Err((code, message)) => {
                         self.metrics.rejected(code);
                         error_frame(room_id, request_id, code, &message)
