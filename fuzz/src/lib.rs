@@ -568,6 +568,7 @@ pub mod seeds {
                 generation: 7,
                 ciphertext: Bytes::from(bytes(40, 0xa0)),
                 push: None,
+                epoch_tag: Some([0xe7; 8]),
             }),
             AnyPayload::ExternalJoin(ExternalJoin { commit: bytes(20, 0x05), group_info: None }),
             AnyPayload::Welcome(Welcome {

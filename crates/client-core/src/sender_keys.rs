@@ -93,7 +93,7 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
 use ed25519_dalek::SigningKey;
 use hkdf::Hkdf;
-use kalandra_proto::limits::{APPLICATION_PAYLOAD_BYTES_MAX, PUBLIC_KEY_BYTES};
+use kalandra_proto::limits::{APPLICATION_PAYLOAD_BYTES_MAX, EPOCH_TAG_BYTES, PUBLIC_KEY_BYTES};
 use kalandra_proto::payload::Application;
 use kalandra_proto::sign::parse_identity_key;
 use kalandra_proto::{
@@ -137,7 +137,8 @@ pub const SKIPPED_KEYS_PER_SENDER_MAX: usize = 1024;
 pub const SKIPPED_KEYS_PER_EPOCH_MAX: usize = 8192;
 /// Upper bound of the CBOR encoding of an `Application` payload around its
 /// ciphertext: map header (1), key `generation` (11), a `u32` (at most 5),
-/// key `ciphertext` (11), byte-string header (at most 5) — 33 bytes, rounded up.
+/// key `ciphertext` (11), byte-string header (at most 5), key `epoch_tag`
+/// (10) with its 8-byte string (9) — 52 bytes, rounded up.
 pub const APPLICATION_ENCODING_OVERHEAD_BYTES_MAX: usize = 64;
 /// Largest plaintext that fits an `Application` frame.
 pub const PLAINTEXT_BYTES_MAX: usize =
@@ -158,7 +159,8 @@ const STEP_BLOCK_INPUT_BYTES: usize = HASH_BYTES + STEP_LABEL.len() + 4 + 1;
 // (2 for the HMAC key, 2 per output block).
 const _: () = assert!(STEP_BLOCK_INPUT_BYTES <= SHA256_ONE_BLOCK_BYTES_MAX);
 const _: () = assert!(ASSOCIATED_DATA_BYTES == 38);
-const _: () = assert!(1 + 11 + 5 + 11 + 5 <= APPLICATION_ENCODING_OVERHEAD_BYTES_MAX);
+const _: () =
+    assert!(1 + 11 + 5 + 11 + 5 + 10 + 1 + EPOCH_TAG_BYTES <= APPLICATION_ENCODING_OVERHEAD_BYTES_MAX);
 const _: () = assert!(PLAINTEXT_BYTES_MAX > 0);
 const _: () =
     assert!((GENERATION_JUMP_MAX as usize) <= SKIPPED_KEYS_PER_SENDER_MAX, "one jump fits the store");
@@ -453,6 +455,10 @@ pub struct SenderKeyState {
     /// The same keys by insertion order.
     skipped_order: BTreeMap<u64, (u32, u32)>,
     next_order: u64,
+    /// The epoch instance's tag our messages carry
+    /// ([`kalandra_proto::epoch_tag`]); `None` for a state made from a bare
+    /// secret ([`SenderKeyState::new`]).
+    epoch_tag: Option<[u8; EPOCH_TAG_BYTES]>,
 }
 
 impl std::fmt::Debug for SenderKeyState {
@@ -493,6 +499,7 @@ impl SenderKeyState {
             skipped: BTreeMap::new(),
             skipped_order: BTreeMap::new(),
             next_order: 0,
+            epoch_tag: None,
         }
     }
 
@@ -509,7 +516,19 @@ impl SenderKeyState {
         };
         let secret = Secret(secret);
         let members = group.members().into_iter().map(|member| member.leaf_index);
-        Ok(Self::new(RoomId(room_id), group.epoch(), &secret.0, group.own_leaf_index(), members))
+        let mut state = Self::new(RoomId(room_id), group.epoch(), &secret.0, group.own_leaf_index(), members);
+        state.epoch_tag = Some(kalandra_proto::epoch_tag(
+            RoomId(room_id),
+            group.epoch(),
+            group.confirmed_transcript_hash(),
+        ));
+        Ok(state)
+    }
+
+    /// The tag of the epoch instance this state belongs to, which our
+    /// `Application` payloads carry; `None` when made with [`Self::new`].
+    pub fn epoch_tag(&self) -> Option<[u8; EPOCH_TAG_BYTES]> {
+        self.epoch_tag
     }
 
     /// The room.
@@ -656,8 +675,11 @@ impl SenderKeyState {
     }
 }
 
-/// Format version of [`SenderKeyState::to_bytes`].
-pub const SENDER_KEY_STATE_FORMAT_VERSION: u8 = 1;
+/// Format version of [`SenderKeyState::to_bytes`]: version 1 followed by
+/// the epoch tag (a byte 0, or 1 and the tag's 8 bytes).
+pub const SENDER_KEY_STATE_FORMAT_VERSION: u8 = 2;
+/// The format before the epoch tag, still read (as a state without one).
+const SENDER_KEY_STATE_FORMAT_UNTAGGED: u8 = 1;
 /// Most member leaves a serialized state may list (the MLS tree's bound).
 pub const SERIALIZED_MEMBERS_MAX: usize = 1 << 20;
 
@@ -759,6 +781,13 @@ impl SenderKeyState {
             out.extend_from_slice(&stored.key.nonce.0);
         }
         out.extend_from_slice(&self.next_order.to_be_bytes());
+        match self.epoch_tag {
+            Some(tag) => {
+                out.push(1);
+                out.extend_from_slice(&tag);
+            }
+            None => out.push(0),
+        }
         out
     }
 
@@ -767,7 +796,7 @@ impl SenderKeyState {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SenderKeyStateDecodeError> {
         let mut reader = StateReader { bytes };
         let version = reader.array::<1>()?[0];
-        if version != SENDER_KEY_STATE_FORMAT_VERSION {
+        if version != SENDER_KEY_STATE_FORMAT_VERSION && version != SENDER_KEY_STATE_FORMAT_UNTAGGED {
             return Err(SenderKeyStateDecodeError::UnknownVersion { version });
         }
         let room_id = RoomId(reader.array()?);
@@ -819,6 +848,14 @@ impl SenderKeyState {
         if skipped_order.last_key_value().is_some_and(|(&order, _)| order >= next_order) {
             return Err(SenderKeyStateDecodeError::Invalid { detail: "skipped key order" });
         }
+        let epoch_tag = match version {
+            SENDER_KEY_STATE_FORMAT_UNTAGGED => None,
+            _ => match reader.array::<1>()?[0] {
+                0 => None,
+                1 => Some(reader.array()?),
+                _ => return Err(SenderKeyStateDecodeError::Invalid { detail: "epoch tag marker" }),
+            },
+        };
         if !reader.bytes.is_empty() {
             return Err(SenderKeyStateDecodeError::TrailingBytes { extra_bytes: reader.bytes.len() });
         }
@@ -833,6 +870,7 @@ impl SenderKeyState {
             skipped,
             skipped_order,
             next_order,
+            epoch_tag,
         })
     }
 }
@@ -875,8 +913,12 @@ pub fn seal_application_with_push(
     let sealed = state.encrypt(sender_id, plaintext)?;
     let mut header = FrameHeaderBuf::new(Opcode::Application);
     header.set_room_id(state.room_id()).set_sender_id(sender_id).set_epoch(state.epoch());
-    let payload =
-        Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext), push };
+    let payload = Application {
+        generation: sealed.generation,
+        ciphertext: Bytes::from(sealed.ciphertext),
+        push,
+        epoch_tag: state.epoch_tag(),
+    };
     let mut frame = Frame::with_payload(header, &payload)?;
     frame.sign(signing_key);
     Ok(frame)
@@ -990,6 +1032,28 @@ mod tests {
         // Alice restarts and never reuses a generation.
         let mut alice = SenderKeyState::from_bytes(&alice.to_bytes()).unwrap();
         assert_eq!(alice.encrypt(SenderId(10), b"m4").unwrap().generation, 4);
+    }
+
+    #[test]
+    fn a_restored_state_keeps_its_epoch_tag_and_the_untagged_format_is_still_read() {
+        let mut tagged = SenderKeyState::new(ROOM, 3, &SECRET, 0, [0, 1]);
+        tagged.epoch_tag = Some([0x5A; EPOCH_TAG_BYTES]);
+        let bytes = tagged.to_bytes();
+        assert_eq!(bytes[0], SENDER_KEY_STATE_FORMAT_VERSION);
+        assert_eq!(SenderKeyState::from_bytes(&bytes).unwrap().epoch_tag(), Some([0x5A; EPOCH_TAG_BYTES]));
+        let untagged = SenderKeyState::new(ROOM, 3, &SECRET, 0, [0, 1]).to_bytes();
+        assert_eq!(untagged.last(), Some(&0));
+        assert_eq!(SenderKeyState::from_bytes(&untagged).unwrap().epoch_tag(), None);
+        // Written before the tag: version 1, no marker.
+        let mut version_one = untagged[..untagged.len() - 1].to_vec();
+        version_one[0] = SENDER_KEY_STATE_FORMAT_UNTAGGED;
+        assert_eq!(SenderKeyState::from_bytes(&version_one).unwrap().epoch_tag(), None);
+        let mut bad_marker = untagged;
+        *bad_marker.last_mut().unwrap() = 2;
+        assert_eq!(
+            SenderKeyState::from_bytes(&bad_marker).unwrap_err(),
+            SenderKeyStateDecodeError::Invalid { detail: "epoch tag marker" }
+        );
     }
 
     #[test]

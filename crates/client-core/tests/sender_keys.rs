@@ -436,7 +436,7 @@ fn changed_routing_fields_fail_even_when_re_signed_by_the_sender() {
     header.set_signature_flags(false, false);
     let mut shifted = Frame::with_payload(
         header,
-        &Application { generation: 1, ciphertext: payload.ciphertext.clone(), push: None },
+        &Application { generation: 1, ciphertext: payload.ciphertext.clone(), push: None, epoch_tag: None },
     )
     .expect("frame");
     shifted.sign(&signing_key(ALICE));
@@ -456,8 +456,12 @@ fn a_member_cannot_pass_off_a_frame_as_another_members() {
     let sealed = forger.encrypt(sender_id(BOB), b"from bob, really").expect("encrypt");
     let mut header = FrameHeaderBuf::new(Opcode::Application);
     header.set_room_id(ROOM).set_sender_id(sender_id(BOB)).set_epoch(EPOCH);
-    let payload =
-        Application { generation: sealed.generation, ciphertext: Bytes::from(sealed.ciphertext), push: None };
+    let payload = Application {
+        generation: sealed.generation,
+        ciphertext: Bytes::from(sealed.ciphertext),
+        push: None,
+        epoch_tag: None,
+    };
     let mut forged = Frame::with_payload(header, &payload).expect("frame");
     forged.sign(&signing_key(ALICE));
 
@@ -571,6 +575,12 @@ fn two_real_groups_derive_the_same_sender_keys() {
         open_application(&mut bob, &frame, alice_member.leaf_index, &alice_identity_key).as_deref(),
         Ok(&b"over real MLS"[..])
     );
+    // The payload names the epoch's instance, as the server computes it
+    // from the group's public state.
+    let sealed: Application = frame.decode_payload().expect("payload");
+    let tag = kalandra_proto::epoch_tag(RoomId(room), 1, alice_group.confirmed_transcript_hash());
+    assert_eq!(sealed.epoch_tag, Some(tag));
+    assert_eq!(bob.epoch_tag(), Some(tag));
     let reply = seal_application(&mut bob, b"reply", &bob_key).expect("seal");
     assert_eq!(
         open_application(&mut alice, &reply, bob_group.own_leaf_index(), bob_identity.public_key())

@@ -517,6 +517,7 @@ pub fn seal_frames(
             generation: sealed.generation,
             ciphertext: Bytes::from(sealed.ciphertext),
             push: None,
+            epoch_tag: None,
         };
         let mut frame = Frame::with_payload(header, &payload).map_err(|e| BenchError::client("seal", e))?;
         frame.sign(&member.key);

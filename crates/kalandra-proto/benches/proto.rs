@@ -15,8 +15,12 @@ use kalandra_proto::{Frame, FrameDecoder, FrameHeader, FrameHeaderBuf, Opcode, P
 const CIPHERTEXT_BYTES: usize = 1024;
 
 fn application_frame(signing_key: &SigningKey, sequence: u64) -> Frame {
-    let payload =
-        Application { generation: 7, ciphertext: Bytes::from(vec![0xA5; CIPHERTEXT_BYTES]), push: None };
+    let payload = Application {
+        generation: 7,
+        ciphertext: Bytes::from(vec![0xA5; CIPHERTEXT_BYTES]),
+        push: None,
+        epoch_tag: None,
+    };
     let mut header = FrameHeaderBuf::new(Opcode::Application);
     header
         .set_request_id(42)
@@ -51,8 +55,12 @@ fn benches(c: &mut Criterion) {
     group.bench_function("application_decode_1KiB", |b| {
         b.iter(|| Application::decode(black_box(&payload_bytes)).expect("valid"))
     });
-    let application =
-        Application { generation: 7, ciphertext: Bytes::from(vec![0xA5; CIPHERTEXT_BYTES]), push: None };
+    let application = Application {
+        generation: 7,
+        ciphertext: Bytes::from(vec![0xA5; CIPHERTEXT_BYTES]),
+        push: None,
+        epoch_tag: None,
+    };
     let mut scratch = Vec::with_capacity(2048);
     group.bench_function("application_encode_1KiB", |b| {
         b.iter(|| {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+mod epoch_tag;
 pub mod error_code;
 pub mod federation;
 pub mod frame;
@@ -21,6 +22,7 @@ pub mod opcode;
 pub mod payload;
 pub mod sign;
 
+pub use epoch_tag::epoch_tag;
 pub use error_code::{ErrorClass, ErrorCode};
 pub use frame::{DecodeError, Frame, FrameDecoder, FrameError};
 pub use header::{Flags, FrameHeader, FrameHeaderBuf, HeaderError, MAGIC, PROTOCOL_VERSION};

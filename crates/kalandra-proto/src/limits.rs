@@ -32,6 +32,9 @@ pub const FRAME_BYTES_MAX: usize = HEADER_BYTES + PAYLOAD_BYTES_MAX as usize;
 /// it must fit an APNs payload once base64-encoded).
 pub const PUSH_PAYLOAD_BYTES_MAX: usize = 2113;
 
+/// Bytes of an `Application` payload's `epoch_tag` ([`crate::epoch_tag`]).
+pub const EPOCH_TAG_BYTES: usize = 8;
+
 /// Most key packages one upload may carry.
 pub const KEY_PACKAGES_PER_UPLOAD_MAX: usize = 256;
 

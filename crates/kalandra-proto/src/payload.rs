@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
 use crate::federation::DomainName;
 use crate::limits::{
-    AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX,
-    PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX,
-    VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
+    AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, EPOCH_TAG_BYTES, KEY_PACKAGES_PER_CLAIM_MAX,
+    KEY_PACKAGES_PER_UPLOAD_MAX, PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES,
+    SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX, VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
 };
 use crate::opcode::Opcode;
 
@@ -644,8 +644,105 @@ payload!(
         /// the server forwards to members who are not connected.
         #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "strict_bytes::option")]
         pub push: Option<Bytes>,
+        /// The instance of the header's epoch the message was sealed in
+        /// ([`crate::epoch_tag`]). An epoch a `CommitVoided` undid and a
+        /// later epoch of the same number have different tags; the server
+        /// refuses a tag that is not the room's with `WrongEpoch`, so a
+        /// message no member could open is never sequenced. Absent: not
+        /// checked.
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::option")]
+        pub epoch_tag: Option<[u8; EPOCH_TAG_BYTES]>,
     }
 );
+
+/// The head of the CBOR item at the start of `bytes` (major type and
+/// argument), consumed; `None` for an indefinite length or reserved value.
+fn cbor_head(bytes: &mut &[u8]) -> Option<(u8, u64)> {
+    let (&first, rest) = bytes.split_first()?;
+    let (major, info) = (first >> 5, first & 0x1f);
+    let (argument, rest) = match info {
+        0..=23 => (u64::from(info), rest),
+        24 => rest.split_first().map(|(byte, rest)| (u64::from(*byte), rest))?,
+        25 => rest.split_first_chunk::<2>().map(|(b, rest)| (u64::from(u16::from_be_bytes(*b)), rest))?,
+        26 => rest.split_first_chunk::<4>().map(|(b, rest)| (u64::from(u32::from_be_bytes(*b)), rest))?,
+        27 => rest.split_first_chunk::<8>().map(|(b, rest)| (u64::from_be_bytes(*b), rest))?,
+        _ => return None,
+    };
+    *bytes = rest;
+    Some((major, argument))
+}
+
+/// `len` bytes from the start of `bytes`, consumed.
+fn cbor_take<'a>(bytes: &mut &'a [u8], len: u64) -> Option<&'a [u8]> {
+    let len = usize::try_from(len).ok()?;
+    let (taken, rest) = bytes.split_at_checked(len)?;
+    *bytes = rest;
+    Some(taken)
+}
+
+/// The `epoch_tag` of an `Application` payload that is one map of text
+/// keys to unsigned integers and byte or text strings, all of definite
+/// length, each key once, and nothing after it; `None` for any other
+/// shape (left to the full decoder, which refuses or reads it).
+fn scan_epoch_tag(mut bytes: &[u8]) -> Option<Option<[u8; EPOCH_TAG_BYTES]>> {
+    const UINT: u8 = 0;
+    const BYTES: u8 = 2;
+    const TEXT: u8 = 3;
+    const MAP: u8 = 5;
+    let (major, entries) = cbor_head(&mut bytes)?;
+    if major != MAP || entries > 8 {
+        return None;
+    }
+    let mut keys: [&[u8]; 8] = [&[]; 8];
+    let mut tag = None;
+    for entry in 0..usize::try_from(entries).ok()? {
+        let (key_major, key_len) = cbor_head(&mut bytes)?;
+        let key = if key_major == TEXT { cbor_take(&mut bytes, key_len)? } else { return None };
+        if keys[..entry].contains(&key) {
+            return None;
+        }
+        keys[entry] = key;
+        let (value_major, argument) = cbor_head(&mut bytes)?;
+        let value = match value_major {
+            UINT => None,
+            BYTES | TEXT => Some(cbor_take(&mut bytes, argument)?),
+            _ => return None,
+        };
+        if key == b"epoch_tag" {
+            match (value_major, value) {
+                (BYTES, Some(value)) => tag = Some(<[u8; EPOCH_TAG_BYTES]>::try_from(value).ok()?),
+                _ => return None,
+            }
+        }
+    }
+    bytes.is_empty().then_some(tag)
+}
+
+/// The `epoch_tag` of an `Application` payload, read without copying its
+/// ciphertext (the sequencer's check). Other fields are not validated.
+#[derive(Deserialize)]
+struct ApplicationEpochTag {
+    #[serde(default, deserialize_with = "strict_bytes::option")]
+    epoch_tag: Option<[u8; EPOCH_TAG_BYTES]>,
+}
+
+impl Application {
+    /// The `epoch_tag` of the `Application` payload `bytes`, or why it
+    /// cannot be read. A payload of plain definite-length items (as every
+    /// encoder here writes them) is walked without decoding; anything else
+    /// goes through the full decoder.
+    pub fn epoch_tag_of(bytes: &[u8]) -> Result<Option<[u8; EPOCH_TAG_BYTES]>, PayloadError> {
+        if let Some(tag) = scan_epoch_tag(bytes) {
+            return Ok(tag);
+        }
+        let mut reader = bytes;
+        let tag: ApplicationEpochTag = ciborium::de::from_reader(&mut reader).map_err(|error| {
+            PayloadError::Malformed { opcode: Opcode::Application, detail: cbor_error_text(&error) }
+        })?;
+        Ok(tag.epoch_tag)
+    }
+}
+
 impl Payload for Application {
     const OPCODE: Opcode = Opcode::Application;
     fn validate(&self) -> Result<(), PayloadError> {
@@ -1143,5 +1240,50 @@ mod welcome_len_tests {
         create.join_rule = Some(JoinRule::Open);
         let decoded = CreateRoom::decode(&create.encode()).unwrap();
         assert_eq!(decoded.join_rule(), JoinRule::Open);
+    }
+
+    #[test]
+    fn the_epoch_tag_walk_reads_what_the_decoder_reads_and_leaves_odd_shapes_to_it() {
+        let tag = [0xA7; EPOCH_TAG_BYTES];
+        for (ciphertext_bytes, push, epoch_tag) in [
+            (1, None, None),
+            (23, None, Some(tag)),
+            (300, Some(Bytes::from(vec![9; 2000])), Some(tag)),
+            (70_000, None, Some(tag)),
+            (70_000, Some(Bytes::from(vec![9; 10])), None),
+        ] {
+            let payload = Application {
+                generation: 70_000,
+                ciphertext: Bytes::from(vec![5; ciphertext_bytes]),
+                push,
+                epoch_tag,
+            };
+            let bytes = payload.encode();
+            assert_eq!(scan_epoch_tag(&bytes), Some(epoch_tag), "{ciphertext_bytes} bytes of ciphertext");
+            assert_eq!(
+                Application::epoch_tag_of(&bytes).unwrap(),
+                Application::decode(&bytes).unwrap().epoch_tag
+            );
+        }
+        let plain = Application {
+            generation: 1,
+            ciphertext: Bytes::from_static(b"c"),
+            push: None,
+            epoch_tag: Some(tag),
+        }
+        .encode();
+        // An indefinite-length map, a key twice, trailing bytes: not walked.
+        let mut indefinite = plain.to_vec();
+        indefinite[0] = 0xBF;
+        indefinite.push(0xFF);
+        assert_eq!(scan_epoch_tag(&indefinite), None);
+        let mut twice = plain.to_vec();
+        twice[0] += 1;
+        twice.extend_from_slice(&plain[plain.len() - 19..]);
+        assert_eq!(scan_epoch_tag(&twice), None);
+        assert!(Application::epoch_tag_of(&twice).is_err(), "the decoder refuses a key twice");
+        let mut trailing = plain.to_vec();
+        trailing.push(0);
+        assert_eq!(scan_epoch_tag(&trailing), None);
     }
 }

@@ -43,7 +43,7 @@ fn client_frame(user: &SigningKey, text: &[u8]) -> Frame {
         .set_request_id(7);
     let mut frame = Frame::with_payload(
         header,
-        &Application { generation: 0, ciphertext: text.to_vec().into(), push: None },
+        &Application { generation: 0, ciphertext: text.to_vec().into(), push: None, epoch_tag: None },
     )
     .unwrap();
     frame.sign(user);

@@ -118,6 +118,7 @@ fn payload_tampering_breaks_the_signature() {
         generation: 1,
         ciphertext: Bytes::from_static(b"abc"),
         push: None,
+        epoch_tag: None,
     };
     let mut frame = Frame::with_payload(header, &payload).unwrap();
     frame.sign(&key);
@@ -125,6 +126,7 @@ fn payload_tampering_breaks_the_signature() {
         generation: 1,
         ciphertext: Bytes::from_static(b"abd"),
         push: None,
+        epoch_tag: None,
     };
     let swapped = Frame::new(frame.header().to_buf(), kalandra_proto::Payload::encode(&other)).unwrap();
     assert_eq!(swapped.verify(&key.verifying_key()), Err(kalandra_proto::SignatureError::Invalid));

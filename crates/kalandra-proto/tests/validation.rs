@@ -202,7 +202,7 @@ fn payload_malformed_cbor() {
     as_array[len - 3] = 0x42;
     assert_eq!(
         Application::decode(&as_array).unwrap(),
-        Application { generation: 1, ciphertext: Bytes::from_static(&[1, 2]), push: None }
+        Application { generation: 1, ciphertext: Bytes::from_static(&[1, 2]), push: None, epoch_tag: None }
     );
     // A fixed-size byte string of the wrong length.
     let mut short_signature = vec![0xA1, 0x69];
@@ -249,12 +249,14 @@ fn push_payload_too_long() {
         generation: 0,
         ciphertext: Bytes::from_static(b"c"),
         push: Some(Bytes::from(vec![1u8; max])),
+        epoch_tag: None,
     };
     assert_eq!(Application::decode(&at_max.encode()).unwrap(), at_max);
     let over = Application {
         generation: 0,
         ciphertext: Bytes::from_static(b"c"),
         push: Some(Bytes::from(vec![1u8; max + 1])),
+        epoch_tag: None,
     };
     assert_eq!(
         Application::decode(&over.encode()).unwrap_err(),
@@ -316,7 +318,12 @@ fn payload_invalid_values() {
             "commit",
         ),
         (
-            AnyPayload::Application(Application { generation: 0, ciphertext: Bytes::new(), push: None }),
+            AnyPayload::Application(Application {
+                generation: 0,
+                ciphertext: Bytes::new(),
+                push: None,
+                epoch_tag: None,
+            }),
             "ciphertext",
         ),
         (
@@ -374,7 +381,12 @@ fn auth_challenge_signature() {
 #[test]
 fn large_byte_strings_decode() {
     for len in [4095usize, 4096, 4097, 65_536, 200_000] {
-        let payload = Application { generation: 1, ciphertext: Bytes::from(vec![7u8; len]), push: None };
+        let payload = Application {
+            generation: 1,
+            ciphertext: Bytes::from(vec![7u8; len]),
+            push: None,
+            epoch_tag: None,
+        };
         assert_eq!(Application::decode(&payload.encode()).unwrap(), payload, "{len}");
         let commit = Commit {
             commit: vec![1u8; len],
@@ -438,4 +450,45 @@ fn a_failed_decoder_reports_the_request_id_only_of_a_readable_header() {
     let mut input = &valid[..];
     assert!(decoder.decode(&mut input).is_ok());
     assert_eq!(decoder.failed_request_id(), None);
+}
+
+#[test]
+fn an_epoch_tag_is_eight_bytes_and_read_without_the_rest() {
+    let tagged = Application {
+        generation: 3,
+        ciphertext: Bytes::from(vec![9u8; 5000]),
+        push: None,
+        epoch_tag: Some([0xE7; 8]),
+    };
+    let bytes = tagged.encode();
+    assert_eq!(Application::decode(&bytes).unwrap(), tagged);
+    assert_eq!(Application::epoch_tag_of(&bytes).unwrap(), Some([0xE7; 8]));
+    let untagged = Application { epoch_tag: None, ..tagged.clone() };
+    assert_eq!(Application::epoch_tag_of(&untagged.encode()).unwrap(), None);
+    // Seven bytes, or the tag as an array of integers: refused by both.
+    let mut short = Vec::new();
+    ciborium::ser::into_writer(
+        &ciborium::Value::Map(vec![
+            (ciborium::Value::Text("generation".into()), ciborium::Value::Integer(1.into())),
+            (ciborium::Value::Text("ciphertext".into()), ciborium::Value::Bytes(vec![1])),
+            (ciborium::Value::Text("epoch_tag".into()), ciborium::Value::Bytes(vec![0; 7])),
+        ]),
+        &mut short,
+    )
+    .unwrap();
+    assert!(matches!(Application::decode(&short), Err(PayloadError::Malformed { .. })));
+    assert!(matches!(Application::epoch_tag_of(&short), Err(PayloadError::Malformed { .. })));
+    let mut as_array = Vec::new();
+    let eight = (0..8).map(|_| ciborium::Value::Integer(0.into())).collect();
+    ciborium::ser::into_writer(
+        &ciborium::Value::Map(vec![
+            (ciborium::Value::Text("generation".into()), ciborium::Value::Integer(1.into())),
+            (ciborium::Value::Text("ciphertext".into()), ciborium::Value::Bytes(vec![1])),
+            (ciborium::Value::Text("epoch_tag".into()), ciborium::Value::Array(eight)),
+        ]),
+        &mut as_array,
+    )
+    .unwrap();
+    assert!(matches!(Application::decode(&as_array), Err(PayloadError::Malformed { .. })));
+    assert!(matches!(Application::epoch_tag_of(&as_array), Err(PayloadError::Malformed { .. })));
 }

@@ -93,7 +93,7 @@ pub mod sim {
     pub use crate::room::mls_state::{RoomGroupState, ServerSigner};
     pub use crate::room::room_group::MlsRoomGroup;
     pub use crate::room::sequencer::{
-        CommitRules, CommitSummary, GroupError, GroupState, PersistentGroup, ProposalRef, RoomPolicy,
+        CommitRules, CommitSummary, Effect, GroupError, GroupState, PersistentGroup, ProposalRef, RoomPolicy,
         RoomSequencer, SERVER_PROPOSAL_REANNOUNCE_MS, SERVER_SENDER_ID,
     };
     pub use crate::room::{

@@ -445,8 +445,12 @@ impl Member {
     }
 
     async fn send_text(&mut self, text: &str) -> Ack {
-        let payload =
-            Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()), push: None };
+        let payload = Application {
+            generation: 0,
+            ciphertext: Bytes::copy_from_slice(text.as_bytes()),
+            push: None,
+            epoch_tag: None,
+        };
         decode_ok(&self.request(&payload).await)
     }
 
@@ -591,7 +595,8 @@ async fn run_load_marked(
         while !stopping && in_flight.len() < PIPELINE_DEPTH {
             let seq = report.attempted;
             let request_id = connection.next_request_id();
-            let payload = Application { generation: 0, ciphertext: message(name, seq), push: None };
+            let payload =
+                Application { generation: 0, ciphertext: message(name, seq), push: None, epoch_tag: None };
             let mut frame =
                 Frame::with_payload(header(Opcode::Application, ROOM, sender, epoch, request_id), &payload)
                     .expect("a valid frame");
@@ -859,8 +864,12 @@ async fn sigterm_drains_and_exits_zero() {
     // More messages in flight, then SIGTERM without waiting for their answers.
     let mut in_flight = HashMap::new();
     for seq in ACKED_FIRST..ACKED_FIRST + PIPELINED {
-        let frame =
-            alice.frame(&Application { generation: 0, ciphertext: message("alice", seq), push: None });
+        let frame = alice.frame(&Application {
+            generation: 0,
+            ciphertext: message("alice", seq),
+            push: None,
+            epoch_tag: None,
+        });
         in_flight.insert(frame.header().request_id(), seq);
         alice.conn().send(&frame).await.expect("send");
     }

@@ -55,8 +55,12 @@ fn found_in(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
 }
 
 async fn send_marker(client: &mut TestClient, marker: &[u8; 64]) -> u64 {
-    let payload =
-        Application { generation: 0, ciphertext: bytes::Bytes::copy_from_slice(marker), push: None };
+    let payload = Application {
+        generation: 0,
+        ciphertext: bytes::Bytes::copy_from_slice(marker),
+        push: None,
+        epoch_tag: None,
+    };
     let reply = client.request(&payload).await;
     decode_ok::<Ack>(&reply).log_index
 }

@@ -145,6 +145,7 @@ async fn federation_a_remote_member_gets_a_retryable_error_while_the_rooms_domai
             generation: 0,
             ciphertext: bytes::Bytes::from_static(b"while down"),
             push: None,
+            epoch_tag: None,
         });
         let reply = match bob.conn().request(&frame).await {
             Ok(reply) => reply,
@@ -174,6 +175,7 @@ async fn federation_a_remote_member_gets_a_retryable_error_while_the_rooms_domai
             generation: 0,
             ciphertext: bytes::Bytes::from_static(b"after"),
             push: None,
+            epoch_tag: None,
         });
         match bob.conn().request(&frame).await {
             Ok(reply) if reply.opcode() == Opcode::Ack => break decode_ok::<Ack>(&reply),

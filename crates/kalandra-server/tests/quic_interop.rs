@@ -173,7 +173,12 @@ fn join_frame(stranger: &mut TestClient, join: &ExternalJoin, epoch: u64) -> Fra
 
 /// A message from a client without OpenMLS state: header epoch `epoch`.
 async fn post(client: &mut TestClient, text: &str, epoch: u64) -> Frame {
-    let payload = Application { generation: 0, ciphertext: text.as_bytes().to_vec().into(), push: None };
+    let payload = Application {
+        generation: 0,
+        ciphertext: text.as_bytes().to_vec().into(),
+        push: None,
+        epoch_tag: None,
+    };
     let mut frame = client.frame(&payload);
     frame.header_mut().set_epoch(epoch);
     frame.sign(&client.key);

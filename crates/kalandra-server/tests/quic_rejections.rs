@@ -255,7 +255,12 @@ fn hello(identity_key: [u8; 32], versions: Vec<u8>) -> Bytes {
 }
 
 fn text(body: &str) -> Application {
-    Application { generation: 0, ciphertext: Bytes::copy_from_slice(body.as_bytes()), push: None }
+    Application {
+        generation: 0,
+        ciphertext: Bytes::copy_from_slice(body.as_bytes()),
+        push: None,
+        epoch_tag: None,
+    }
 }
 
 fn garbage_commit() -> Commit {

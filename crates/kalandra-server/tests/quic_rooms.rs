@@ -377,6 +377,7 @@ async fn after_a_restart_the_server_rebuilds_the_same_mls_state_from_snapshot_an
         generation: 0,
         ciphertext: bytes::Bytes::from_static(b"stale"),
         push: None,
+        epoch_tag: None,
     });
     stale.header_mut().set_epoch(epoch_before - 1);
     stale.sign(&alice.key);
@@ -489,6 +490,7 @@ async fn members_who_are_not_connected_get_the_push_payload_and_decrypt_it_with_
         generation: 0,
         ciphertext: bytes::Bytes::from_static(b"the message itself"),
         push: Some(bytes::Bytes::from(sealed.clone())),
+        epoch_tag: None,
     };
     let ack: Ack = decode_ok(&alice.request(&with_push).await);
     // A message without a push payload produces no notification.

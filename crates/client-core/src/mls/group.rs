@@ -631,6 +631,11 @@ impl RoomGroup {
         self.group.epoch().as_u64()
     }
 
+    /// The current epoch's confirmed transcript hash (RFC 9420 §8.2).
+    pub fn confirmed_transcript_hash(&self) -> &[u8] {
+        self.group.public_group().group_context().confirmed_transcript_hash()
+    }
+
     /// The Ed25519 key of the group's single external sender: the server
     /// (whose key also signs the room log's heads). `None` if the group
     /// does not list exactly one sender with a 32-byte key.

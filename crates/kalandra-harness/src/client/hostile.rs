@@ -208,6 +208,7 @@ impl Client {
             generation: self.rng.gen_range(0..8),
             ciphertext: ciphertext.into(),
             push: None,
+            epoch_tag: None,
         }
     }
 

@@ -79,15 +79,20 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
                 AnyPayload::Commit(Commit { commit, welcome, welcome_recipients, group_info })
             }),
         blob().prop_map(|proposal| AnyPayload::Proposal(Proposal { proposal })),
-        (any::<u32>(), blob(), proptest::option::of(vec(any::<u8>(), 1..2113))).prop_map(
-            |(generation, ciphertext, push)| {
+        (
+            any::<u32>(),
+            blob(),
+            proptest::option::of(vec(any::<u8>(), 1..2113)),
+            proptest::option::of(any::<[u8; 8]>())
+        )
+            .prop_map(|(generation, ciphertext, push, epoch_tag)| {
                 AnyPayload::Application(Application {
                     generation,
                     ciphertext: Bytes::from(ciphertext),
                     push: push.map(Bytes::from),
+                    epoch_tag,
                 })
-            }
-        ),
+            }),
         (blob(), proptest::option::of(blob()))
             .prop_map(|(commit, group_info)| AnyPayload::ExternalJoin(ExternalJoin { commit, group_info })),
         (blob(), proptest::option::of(blob())).prop_map(|(welcome, ratchet_tree)| AnyPayload::Welcome(

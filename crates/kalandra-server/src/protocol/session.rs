@@ -435,8 +435,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let (mut session, sender) = authenticated(&key);
-        let unsigned =
-            frame(sender, &Application { generation: 0, ciphertext: Bytes::from_static(b"x"), push: None });
+        let unsigned = frame(
+            sender,
+            &Application { generation: 0, ciphertext: Bytes::from_static(b"x"), push: None, epoch_tag: None },
+        );
         match session.on_frame(unsigned, 3) {
             Step::Close(error) => assert_eq!(error_code(&error), ErrorCode::BadSignature),
             other => panic!("{other:?}"),
@@ -471,8 +473,10 @@ mod tests {
         let key = SigningKey::from_bytes(&[1; 32]);
         let (mut session, sender) = authenticated(&key);
         assert!(matches!(session.on_frame(frame(sender, &Ping { nonce: 4 }), 3), Step::Reply(_)));
-        let mut signed =
-            frame(sender, &Application { generation: 0, ciphertext: Bytes::from_static(b"x"), push: None });
+        let mut signed = frame(
+            sender,
+            &Application { generation: 0, ciphertext: Bytes::from_static(b"x"), push: None, epoch_tag: None },
+        );
         signed.sign(&key);
         assert!(matches!(session.on_frame(signed, 3), Step::Route(s, Route::Sequence(_)) if s == sender));
         let subscribe = frame(sender, &payload::Subscribe { from_log_index: 4 });

@@ -94,7 +94,10 @@ const _: () =
 /// epoch and index for `WrongEpoch`, a retry delay for overload).
 pub fn rejection_frame(room_id: RoomId, request_id: u32, error: &SubmitError) -> Bytes {
     let (current_epoch, log_index) = match error {
-        SubmitError::WrongEpoch { current_epoch, log_index, .. } => (Some(*current_epoch), Some(*log_index)),
+        SubmitError::WrongEpoch { current_epoch, log_index, .. }
+        | SubmitError::UndoneEpoch { epoch: current_epoch, log_index } => {
+            (Some(*current_epoch), Some(*log_index))
+        }
         _ => (None, None),
     };
     let retry_after_ms = match error {

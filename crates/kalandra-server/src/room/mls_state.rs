@@ -1150,6 +1150,12 @@ impl RoomGroupState {
         self.group.group_context().epoch().as_u64()
     }
 
+    /// The current epoch's confirmed transcript hash (RFC 9420 §8.2): two
+    /// epochs of one number that different commits began differ in it.
+    pub fn confirmed_transcript_hash(&self) -> &[u8] {
+        self.group.group_context().confirmed_transcript_hash()
+    }
+
     /// The current tree hash.
     pub fn tree_hash(&self) -> &[u8] {
         self.group.group_context().tree_hash()

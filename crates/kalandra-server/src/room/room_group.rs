@@ -232,6 +232,10 @@ impl GroupState for MlsRoomGroup {
         self.members.contains_key(&sender)
     }
 
+    fn confirmed_transcript_hash(&self) -> Option<&[u8]> {
+        Some(self.state.confirmed_transcript_hash())
+    }
+
     fn server_removal_pending(&self, member: SenderId) -> bool {
         // A state that cannot list them answers yes.
         PersistentGroup::pending_server_removals(self).map_or(true, |removals| removals.contains(&member))

@@ -335,8 +335,12 @@ impl TestClient {
     pub async fn send_text(&mut self, text: &str) -> Frame {
         // Application content is opaque to the server; these tests do not need
         // sender-key encryption, only its framing.
-        let payload =
-            Application { generation: 0, ciphertext: Bytes::copy_from_slice(text.as_bytes()), push: None };
+        let payload = Application {
+            generation: 0,
+            ciphertext: Bytes::copy_from_slice(text.as_bytes()),
+            push: None,
+            epoch_tag: None,
+        };
         self.request(&payload).await
     }
 

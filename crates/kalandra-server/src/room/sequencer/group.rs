@@ -178,6 +178,13 @@ pub trait GroupState {
     }
     /// The current ratchet tree (TLS encoding), for Welcome recipients and joiners.
     fn ratchet_tree(&self) -> Bytes;
+    /// The current epoch's confirmed transcript hash, which tells apart
+    /// epochs of one number that different commits began (after a void);
+    /// `None` from a state that does not know it, which then checks no
+    /// `Application`'s `epoch_tag`.
+    fn confirmed_transcript_hash(&self) -> Option<&[u8]> {
+        None
+    }
     /// Whether the server proposed `member`'s removal and no commit
     /// covered it yet. A state that cannot tell says yes (the default),
     /// which keeps a room closed by server proposals closed to every joiner.

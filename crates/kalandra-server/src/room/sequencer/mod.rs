@@ -20,7 +20,8 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use kalandra_proto::chain::{log_entry_digest, LogChain, LogHead};
-use kalandra_proto::payload::{Commit, CreateRoom, ExternalJoin, Proposal};
+use kalandra_proto::limits::EPOCH_TAG_BYTES;
+use kalandra_proto::payload::{Application, Commit, CreateRoom, ExternalJoin, Proposal};
 use kalandra_proto::{ErrorCode, Frame, Opcode, PayloadError, RoomId, SenderId};
 
 pub use group::{
@@ -81,6 +82,16 @@ pub enum SubmitError {
         /// The room's epoch.
         current_epoch: u64,
         /// Log index of the frame that began the current epoch.
+        log_index: u64,
+    },
+    /// An `Application` names the room's epoch but was sealed in an
+    /// instance of it a void undid (its `epoch_tag` is another's): no
+    /// member could open it. Answered as `WrongEpoch`.
+    #[error("message sealed in an epoch {epoch} a void undid; the room's epoch {epoch} began at log index {log_index}")]
+    UndoneEpoch {
+        /// The epoch (the frame's and the room's).
+        epoch: u64,
+        /// Log index of the frame that began the room's instance of it.
         log_index: u64,
     },
     /// The MLS commit was refused.
@@ -146,7 +157,7 @@ impl SubmitError {
             SubmitError::NotSequenced(_) => ErrorCode::UnexpectedFrame,
             SubmitError::MalformedPayload(_) => ErrorCode::MalformedPayload,
             SubmitError::NotMember(_) => ErrorCode::NotMember,
-            SubmitError::WrongEpoch { .. } => ErrorCode::WrongEpoch,
+            SubmitError::WrongEpoch { .. } | SubmitError::UndoneEpoch { .. } => ErrorCode::WrongEpoch,
             SubmitError::InvalidCommit(GroupError::UncoveredProposals { .. }) => ErrorCode::PendingProposals,
             SubmitError::InvalidCommit(GroupError::WrongEpoch { .. }) => ErrorCode::WrongEpoch,
             SubmitError::InvalidCommit(GroupError::Banned { .. }) | SubmitError::Banned(_) => {
@@ -338,6 +349,10 @@ pub struct RoomSequencer<G: GroupState> {
     group: G,
     next_log_index: u64,
     epoch_started_at_log_index: u64,
+    /// The tag of the last epoch instance a message was checked against,
+    /// with the epoch and transcript hash it was computed from (computed
+    /// again only when the group's differ).
+    epoch_tag_cache: Option<(u64, Vec<u8>, [u8; EPOCH_TAG_BYTES])>,
     last_timestamp_ms: u64,
     server_proposals_pending: Vec<ProposalRef>,
     /// Members that rejoined while server proposals waited, since a commit
@@ -397,6 +412,7 @@ impl<G: GroupState> RoomSequencer<G> {
             room_id,
             next_log_index: 0,
             epoch_started_at_log_index: 0,
+            epoch_tag_cache: None,
             last_timestamp_ms: 0,
             server_proposals_pending: Vec::new(),
             rejoined_while_closed: Vec::new(),
@@ -437,6 +453,7 @@ impl<G: GroupState> RoomSequencer<G> {
             room_id,
             next_log_index: point.through_log_index + 1,
             epoch_started_at_log_index: point.epoch_started_at_log_index,
+            epoch_tag_cache: None,
             last_timestamp_ms: point.last_timestamp_ms,
             reannounce_at_ms: point
                 .server_proposals
@@ -760,6 +777,7 @@ impl<G: GroupState> RoomSequencer<G> {
             Opcode::Application => {
                 self.check_member(sender)?;
                 self.check_epoch(frame)?;
+                self.check_epoch_tag(frame)?;
                 self.check_no_pending_proposals()?;
                 Ok(None)
             }
@@ -1017,6 +1035,32 @@ impl<G: GroupState> RoomSequencer<G> {
             });
         }
         Ok(())
+    }
+
+    /// An `Application` sealed in another instance of the room's epoch
+    /// (one a void undid) could be opened by no member: refused like a
+    /// frame of another epoch, so that its sender catches up and seals it
+    /// again. A payload without a tag is not checked.
+    fn check_epoch_tag(&mut self, frame: &Frame) -> Result<(), SubmitError> {
+        let Some(transcript_hash) = self.group.confirmed_transcript_hash() else {
+            return Ok(());
+        };
+        let Some(tag) = Application::epoch_tag_of(frame.payload())? else {
+            return Ok(());
+        };
+        let current_epoch = self.group.epoch();
+        let current_tag = match &self.epoch_tag_cache {
+            Some((epoch, hash, tag)) if *epoch == current_epoch && hash.as_slice() == transcript_hash => *tag,
+            _ => {
+                let tag = kalandra_proto::epoch_tag(self.room_id, current_epoch, transcript_hash);
+                self.epoch_tag_cache = Some((current_epoch, transcript_hash.to_vec(), tag));
+                tag
+            }
+        };
+        if tag == current_tag {
+            return Ok(());
+        }
+        Err(SubmitError::UndoneEpoch { epoch: current_epoch, log_index: self.epoch_started_at_log_index })
     }
 
     /// A refused commit; an MLS epoch mismatch reports where the room is.

@@ -33,6 +33,7 @@ impl<G: GroupState> RoomSequencer<G> {
             room_id,
             next_log_index: 0,
             epoch_started_at_log_index: 0,
+            epoch_tag_cache: None,
             last_timestamp_ms: 0,
             server_proposals_pending: Vec::new(),
             rejoined_while_closed: Vec::new(),

@@ -98,8 +98,12 @@ fn header(opcode: Opcode, sender: SenderId, epoch: u64, request_id: u32) -> Fram
 }
 
 fn application(sender: SenderId, epoch: u64, request_id: u32) -> Frame {
-    let payload =
-        Application { generation: request_id, ciphertext: Bytes::from_static(b"ciphertext"), push: None };
+    let payload = Application {
+        generation: request_id,
+        ciphertext: Bytes::from_static(b"ciphertext"),
+        push: None,
+        epoch_tag: None,
+    };
     Frame::with_payload(header(Opcode::Application, sender, epoch, request_id), &payload).unwrap()
 }
 

@@ -21,6 +21,9 @@ struct UndoGroup {
     members: BTreeSet<SenderId>,
     proposals: Vec<ProposalRef>,
     before: Option<Box<UndoGroup>>,
+    /// Stands for the confirmed transcript hash: the bytes of every commit
+    /// merged, so epochs begun by different commits differ.
+    transcript: Vec<u8>,
 }
 
 impl GroupState for UndoGroup {
@@ -64,6 +67,7 @@ impl GroupState for UndoGroup {
         self.epoch += 1;
         self.proposals.clear();
         self.before = Some(Box::new(before));
+        self.transcript.extend_from_slice(commit);
         Ok(CommitSummary {
             epoch: self.epoch,
             added: added.to_vec(),
@@ -88,6 +92,9 @@ impl GroupState for UndoGroup {
     }
     fn ratchet_tree(&self) -> Bytes {
         Bytes::new()
+    }
+    fn confirmed_transcript_hash(&self) -> Option<&[u8]> {
+        Some(&self.transcript)
     }
     fn undo_latest_commit(&mut self) -> Result<(), GroupError> {
         let before = self.before.take().ok_or_else(|| GroupError::Internal("nothing to undo".into()))?;
@@ -128,7 +135,11 @@ fn commit(sender: SenderId, epoch: u64, added: &[SenderId], removed: &[SenderId]
 }
 
 fn text(sender: SenderId, epoch: u64) -> Frame {
-    frame(sender, epoch, &Application { generation: 0, ciphertext: Bytes::from_static(b"c"), push: None })
+    frame(
+        sender,
+        epoch,
+        &Application { generation: 0, ciphertext: Bytes::from_static(b"c"), push: None, epoch_tag: None },
+    )
 }
 
 fn report(log_index: u64, epoch: u64) -> CommitReport {
@@ -310,6 +321,37 @@ fn a_void_drops_the_voided_epoch_and_the_next_commit_of_the_old_epoch_wins() {
     let next = room.submit(C, commit(C, 0, &[], &[]), AT + 7).unwrap();
     assert_eq!(next.log_index, void.log_index + 1);
     assert_eq!((room.epoch(), room.epoch_started_at_log_index()), (1, next.log_index));
+}
+
+fn tagged_text(sender: SenderId, epoch: u64, epoch_tag: [u8; 8]) -> Frame {
+    let payload = Application {
+        generation: 0,
+        ciphertext: Bytes::from_static(b"c"),
+        push: None,
+        epoch_tag: Some(epoch_tag),
+    };
+    frame(sender, epoch, &payload)
+}
+
+#[test]
+fn a_message_sealed_in_an_epoch_a_void_undid_is_refused_in_the_next_epoch_of_its_number() {
+    let mut room = room_of(&[ADMIN, B, C]);
+    let l = room.submit(B, commit(B, 0, &[], &[]), AT).unwrap().log_index;
+    let undone = kalandra_proto::epoch_tag(ROOM, 1, &room.group().transcript);
+    room.submit(B, tagged_text(B, 1, undone), AT + 1).expect("sealed in the room's epoch 1");
+    let decision = voided(room.report_commit(ADMIN, &report(l, 0), AT + 2));
+    room.sequence_void(void_frame(&decision), AT + 2).unwrap();
+    // C begins another epoch 1; B, cut off, still seals in the undone one.
+    let next = room.submit(C, commit(C, 0, &[D], &[]), AT + 3).unwrap();
+    let current = kalandra_proto::epoch_tag(ROOM, 1, &room.group().transcript);
+    assert_ne!(current, undone);
+    let refused = room.submit(B, tagged_text(B, 1, undone), AT + 4).unwrap_err();
+    assert_eq!(refused, SubmitError::UndoneEpoch { epoch: 1, log_index: next.log_index });
+    assert_eq!(refused.error_code(), ErrorCode::WrongEpoch, "its sender catches up and seals again");
+    let head = room.next_log_index();
+    room.submit(B, tagged_text(B, 1, current), AT + 5).expect("sealed in the room's epoch 1");
+    room.submit(B, text(B, 1), AT + 6).expect("a message without a tag is not checked");
+    assert_eq!(room.next_log_index(), head + 2, "the refused message took no index");
 }
 
 #[test]
