@@ -34,6 +34,17 @@ pub use kalandra_mls::CIPHERSUITE;
 /// An underlying error kept as the source of a typed variant.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// Most proposals members may have pending in one epoch of a room, all
+/// members together (server-issued ones are bounded apart, so members can
+/// never crowd out a removal). Each proposal is kept until a commit, and
+/// each new one is checked against all those pending.
+pub const MEMBER_PROPOSALS_PENDING_MAX: usize = 512;
+/// Most proposals one member may have pending in one epoch: a member needs
+/// a few (its update, its leave), and one hostile member cannot take the
+/// room's whole allowance.
+pub const MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX: usize = 16;
+const _: () = assert!(MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX * 8 <= MEMBER_PROPOSALS_PENDING_MAX);
+
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMLS";
 const SNAPSHOT_VERSION: u8 = 1;
 
@@ -138,6 +149,34 @@ fn proposal_kind(group: &PublicGroup, sender: &Sender, proposal: &Proposal) -> P
         Proposal::GroupContextExtensions(_) => ProposalKind::GroupContextExtensions,
         other => ProposalKind::Other(u16::from(other.proposal_type())),
     }
+}
+
+/// A pending proposal as the bounds and the cover rule see it.
+struct Queued {
+    proposal_ref: Vec<u8>,
+    /// The proposing member's leaf, for a member's proposal.
+    member_leaf: Option<u32>,
+    /// Whether the server (an external sender) issued it.
+    external: bool,
+}
+
+/// Whether the member at `leaf` may add a proposal to `pending`.
+fn check_member_proposals_bound(pending: &[Queued], leaf: u32) -> Result<(), MlsValidationError> {
+    let members = pending.iter().filter(|queued| queued.member_leaf.is_some()).count();
+    if members >= MEMBER_PROPOSALS_PENDING_MAX {
+        return Err(MlsValidationError::TooManyProposals {
+            pending: members,
+            max_pending: MEMBER_PROPOSALS_PENDING_MAX,
+        });
+    }
+    let own = pending.iter().filter(|queued| queued.member_leaf == Some(leaf)).count();
+    if own >= MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX {
+        return Err(MlsValidationError::TooManyProposals {
+            pending: own,
+            max_pending: MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX,
+        });
+    }
+    Ok(())
 }
 
 fn proposal_sender(sender: &Sender) -> Result<ProposalSender, MlsValidationError> {
@@ -259,6 +298,16 @@ pub enum MlsValidationError {
     /// The proposal is already pending.
     #[error("proposal already pending")]
     DuplicateProposal,
+    /// Members' proposals pending in this epoch are at their bound (the
+    /// room's, [`MEMBER_PROPOSALS_PENDING_MAX`], or the sender's,
+    /// [`MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX`]); a commit clears them.
+    #[error("{pending} proposals pending, at most {max_pending}: commit them first")]
+    TooManyProposals {
+        /// Pending proposals that count against the bound hit.
+        pending: usize,
+        /// The bound.
+        max_pending: usize,
+    },
     /// The commit leaves server-issued proposals uncovered.
     #[error("commit does not cover {} pending server proposal(s)", missing.len())]
     UncoveredServerProposals {
@@ -899,8 +948,12 @@ impl RoomGroupState {
         }
         let kind = proposal_kind(&self.group, queued.sender(), queued.proposal());
         let proposal_ref = queued.proposal_reference_ref().as_slice().to_vec();
-        if self.pending_proposal_refs()?.contains(&proposal_ref) {
+        let pending = self.queued()?;
+        if pending.iter().any(|queued| queued.proposal_ref == proposal_ref) {
             return Err(MlsValidationError::DuplicateProposal);
+        }
+        if let ProposalSender::Member(leaf) = sender {
+            check_member_proposals_bound(&pending, leaf)?;
         }
         let summary = ProposalSummary { proposal_ref, sender, kind };
         check(self, &summary)?;
@@ -998,7 +1051,7 @@ impl RoomGroupState {
 
     /// References of all pending proposals, in arrival order.
     pub fn pending_proposal_refs(&self) -> Result<Vec<Vec<u8>>, MlsValidationError> {
-        Ok(self.queued()?.into_iter().map(|(proposal_ref, _)| proposal_ref).collect())
+        Ok(self.queued()?.into_iter().map(|queued| queued.proposal_ref).collect())
     }
 
     /// References of the pending proposals the server issued; the next
@@ -1007,8 +1060,8 @@ impl RoomGroupState {
         Ok(self
             .queued()?
             .into_iter()
-            .filter(|(_, external)| *external)
-            .map(|(proposal_ref, _)| proposal_ref)
+            .filter(|queued| queued.external)
+            .map(|queued| queued.proposal_ref)
             .collect())
     }
 
@@ -1057,13 +1110,18 @@ impl RoomGroupState {
             .collect())
     }
 
-    fn queued(&self) -> Result<Vec<(Vec<u8>, bool)>, MlsValidationError> {
+    fn queued(&self) -> Result<Vec<Queued>, MlsValidationError> {
         let queued =
             self.group.queued_proposals(&self.storage).map_err(|e| MlsValidationError::Internal(boxed(e)))?;
         Ok(queued
             .into_iter()
-            .map(|(proposal_ref, proposal)| {
-                (proposal_ref.as_slice().to_vec(), matches!(proposal.sender(), Sender::External(_)))
+            .map(|(proposal_ref, proposal)| Queued {
+                proposal_ref: proposal_ref.as_slice().to_vec(),
+                member_leaf: match proposal.sender() {
+                    Sender::Member(leaf) => Some(leaf.u32()),
+                    _ => None,
+                },
+                external: matches!(proposal.sender(), Sender::External(_)),
             })
             .collect())
     }
@@ -1616,6 +1674,70 @@ pub(crate) mod tests {
         assert!(applied.self_removed);
         assert_in_step(&server, &[&alice, &bob]);
         assert_eq!(server.is_member(&carol.id()), None);
+    }
+
+    #[test]
+    fn members_proposals_are_bounded_per_sender_and_per_room_and_server_ones_do_not_count() {
+        let member = |leaf: u32, n: usize| Queued {
+            proposal_ref: n.to_be_bytes().to_vec(),
+            member_leaf: Some(leaf),
+            external: false,
+        };
+        let server =
+            |n: usize| Queued { proposal_ref: n.to_be_bytes().to_vec(), member_leaf: None, external: true };
+        let own_full: Vec<Queued> =
+            (0..MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX).map(|n| member(1, n)).collect();
+        assert!(matches!(
+            check_member_proposals_bound(&own_full, 1),
+            Err(MlsValidationError::TooManyProposals { pending, max_pending })
+                if pending == MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX
+                    && max_pending == MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX
+        ));
+        assert!(check_member_proposals_bound(&own_full, 2).is_ok(), "another member may still propose");
+        assert!(check_member_proposals_bound(&own_full[1..], 1).is_ok(), "one below the sender's bound");
+        // Many members, each below its own bound, fill the room's allowance.
+        let per_leaf = MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX - 1;
+        let mut room_full: Vec<Queued> = (0..MEMBER_PROPOSALS_PENDING_MAX)
+            .map(|n| member(u32::try_from(n / per_leaf).unwrap() + 10, n))
+            .collect();
+        room_full.extend((0..crate::room::sequencer::SERVER_PROPOSALS_PENDING_MAX).map(server));
+        assert!(matches!(
+            check_member_proposals_bound(&room_full, 9_999),
+            Err(MlsValidationError::TooManyProposals { max_pending, .. }) if max_pending == MEMBER_PROPOSALS_PENDING_MAX
+        ));
+        room_full.remove(0);
+        assert!(check_member_proposals_bound(&room_full, 9_999).is_ok(), "server proposals do not count");
+    }
+
+    #[test]
+    fn a_members_proposals_beyond_its_bound_are_refused_and_another_member_may_still_propose() {
+        use openmls::prelude::{GroupId, LeafNodeParameters, MlsGroup, OpenMlsProvider as _};
+        let (mut server, _alice, mut bob, carol) = room_of_three();
+        // Carol's group as OpenMLS keeps it, to make distinct self-update proposals.
+        let mut mls = MlsGroup::load(carol.provider.storage(), &GroupId::from_slice(&ROOM))
+            .expect("storage")
+            .expect("carol's group");
+        for proposed in 0..=MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX {
+            let (message, _) = mls
+                .propose_self_update(&carol.provider, carol.identity.signer(), LeafNodeParameters::default())
+                .expect("proposal");
+            let added = server.add_proposal(&message.tls_serialize_detached().expect("encode"));
+            if proposed < MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX {
+                added.expect("within the sender's bound");
+            } else {
+                assert!(matches!(
+                    added,
+                    Err(MlsValidationError::TooManyProposals { pending, max_pending })
+                        if pending == max_pending && max_pending == MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX
+                ));
+            }
+        }
+        assert_eq!(
+            server.pending_proposal_refs().expect("refs").len(),
+            MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX
+        );
+        let left = bob.group.as_mut().expect("in room").leave(&bob.provider, &bob.identity).expect("leave");
+        server.add_proposal(&left.proposal).expect("another member's proposal");
     }
 
     #[test]

@@ -37,6 +37,9 @@ fn group_error(error: MlsValidationError) -> GroupError {
         MlsValidationError::UncoveredServerProposals { missing } => {
             GroupError::UncoveredProposals { missing: missing.len() }
         }
+        MlsValidationError::TooManyProposals { pending, max_pending } => {
+            GroupError::TooManyProposals { pending, max_pending }
+        }
         MlsValidationError::Internal(error) => GroupError::Internal(error.to_string()),
         MlsValidationError::Forbidden(reason) => GroupError::Invalid(format!("forbidden: {reason}")),
         other => GroupError::Invalid(describe(&other)),

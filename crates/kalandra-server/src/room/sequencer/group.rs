@@ -139,6 +139,15 @@ pub enum GroupError {
         /// How many are left out.
         missing: usize,
     },
+    /// Members' proposals pending in this epoch are at their bound (the
+    /// room's or the sender's); a commit clears them.
+    #[error("{pending} proposals pending, at most {max_pending}: commit them first")]
+    TooManyProposals {
+        /// Pending proposals that count against the bound hit.
+        pending: usize,
+        /// The bound.
+        max_pending: usize,
+    },
     /// The state itself failed (a bug, not the peer's fault).
     #[error("internal MLS state error: {0}")]
     Internal(String),

@@ -172,6 +172,7 @@ impl SubmitError {
             )
             | SubmitError::ExternalSenders => ErrorCode::InvalidGroupInfo,
             SubmitError::InvalidCommit(_) => ErrorCode::InvalidCommit,
+            SubmitError::InvalidProposal(GroupError::TooManyProposals { .. }) => ErrorCode::QuotaExceeded,
             SubmitError::InvalidProposal(_) => ErrorCode::InvalidProposal,
             SubmitError::PendingProposals { .. } => ErrorCode::PendingProposals,
             SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => ErrorCode::RateLimited,

@@ -674,3 +674,11 @@ fn acknowledged_heads_chain_the_frames_as_sequenced_and_replay_rebuilds_them() {
     }
     assert_ne!(swapped.head, expected[2]);
 }
+
+#[test]
+fn proposals_beyond_their_bound_are_a_quota_not_an_invalid_proposal() {
+    let full = SubmitError::InvalidProposal(GroupError::TooManyProposals { pending: 16, max_pending: 16 });
+    assert_eq!(full.error_code(), ErrorCode::QuotaExceeded);
+    let invalid = SubmitError::InvalidProposal(GroupError::Invalid("bad".into()));
+    assert_eq!(invalid.error_code(), ErrorCode::InvalidProposal);
+}
