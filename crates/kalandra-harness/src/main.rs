@@ -124,7 +124,7 @@ impl Args {
             disk_faults: !self.no_disk_faults,
             work_rate: self.work_rate,
             hostile: self.hostile,
-            replica_domains: if self.no_replica { 0 } else { self.replica_domains },
+            replica_domains: self.replicas(),
             bugs: Bugs {
                 ack_before_durable: self.bug_ack_before_durable,
                 double_commit: self.bug_double_commit,
@@ -144,6 +144,15 @@ impl Args {
         }
     }
 
+    /// The domains keeping replicas in each run, as the world builds them.
+    fn replicas(&self) -> usize {
+        if self.no_replica {
+            0
+        } else {
+            self.replica_domains.min(REPLICA_DOMAINS_MAX)
+        }
+    }
+
     /// The command line that replays `seed` with these options.
     fn replay_command(&self, seed: u64) -> String {
         let mut command = format!(
@@ -157,7 +166,7 @@ impl Args {
             self.work_rate,
             self.membership_share,
             self.hostile,
-            self.replica_domains
+            self.replicas()
         );
         for (set, flag) in [
             (self.no_crashes, "--no-crashes"),
@@ -225,7 +234,7 @@ fn main() -> ExitCode {
         storage_failures += outcome.stats.storage_failures;
         disk_faults += outcome.stats.disk_faults;
         work.replica_log_len += outcome.stats.replica_log_len;
-        let replicas = if args.no_replica { 0 } else { args.replica_domains.min(REPLICA_DOMAINS_MAX) };
+        let replicas = args.replicas();
         work.replica_boots +=
             outcome.stats.replica_boots.saturating_sub(u32::try_from(replicas).unwrap_or(u32::MAX));
         work.domain_links += outcome.stats.domain_links;
@@ -284,7 +293,7 @@ fn main() -> ExitCode {
         "other domains ({} keeping replicas): {} replicated entries, {} replica restarts, {} domain partitions, {} links, {} follows, \
          {} batches refused and followed again, signed heads checked {:?}, {} entries erased after the authority, \
          {} erased entries still held by a replica",
-        if args.no_replica { 0 } else { args.replica_domains.min(REPLICA_DOMAINS_MAX) },
+        args.replicas(),
         work.replica_log_len,
         work.replica_boots,
         work.domain_partitions,
