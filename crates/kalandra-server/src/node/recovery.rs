@@ -1,16 +1,15 @@
 //! Recovery at start: every stored room rebuilt from its snapshot (or its
 //! `CreateRoom` frame) and the log after it. Blocks on storage.
 
-use std::collections::VecDeque;
-
 use bytes::Bytes;
 use kalandra_proto::chain::{frame_digest, log_entry_digest, FrameDigest, LogChain, LogHead};
 use kalandra_proto::payload::CreateRoom;
 use kalandra_proto::{Frame, RoomId, SenderId};
 
-use crate::room::limits::{HISTORY_READ_FRAMES_MAX, RECENT_FRAMES_PER_ROOM_MAX};
+use crate::room::limits::HISTORY_READ_FRAMES_MAX;
 use crate::room::roles::RoomRoles;
 use crate::room::sequencer::{PendingServerProposals, PersistentGroup, RecoveryPoint, RoomSequencer};
+use crate::room::RecentFrames;
 use crate::room::{RecoveredRoom, RoomSnapshot};
 use crate::store::{EntryContent, Store, StoredEntry};
 
@@ -122,16 +121,16 @@ pub fn recover_room_state<G: PersistentGroup>(
 }
 
 /// Replays the stored entries `[from, next_log_index)` into `sequencer`;
-/// returns the most recent of them (at most [`RECENT_FRAMES_PER_ROOM_MAX`]).
+/// returns the most recent of them ([`RecentFrames`]' bounds).
 fn replay_after<G: PersistentGroup>(
     store: &dyn Store,
     sequencer: &mut RoomSequencer<G>,
     mut from: u64,
     next_log_index: u64,
-) -> Result<VecDeque<(u64, Bytes)>, RecoveryError> {
+) -> Result<RecentFrames, RecoveryError> {
     let room_id = sequencer.room_id();
     let corrupt = |detail: String| RecoveryError::Corrupt { room_id, detail };
-    let mut recent = VecDeque::new();
+    let mut recent = RecentFrames::default();
     let mut reads = 0u64;
     while from < next_log_index {
         reads += 1;
@@ -160,10 +159,7 @@ fn replay_after<G: PersistentGroup>(
             let frame =
                 Frame::decode(&bytes).map_err(|e| corrupt(format!("entry {}: {e}", entry.log_index)))?;
             sequencer.replay(&frame).map_err(|e| corrupt(e.to_string()))?;
-            if recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
-                recent.pop_front();
-            }
-            recent.push_back((entry.log_index, bytes));
+            recent.push(entry.log_index, bytes);
             from = entry.log_index + 1;
         }
     }

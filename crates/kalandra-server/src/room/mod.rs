@@ -9,6 +9,7 @@ pub mod audit;
 pub(crate) mod frames;
 pub mod mls_state;
 mod moderation;
+mod recent;
 mod replica;
 mod request;
 pub mod roles;
@@ -27,6 +28,7 @@ pub(crate) use self::frames::erasure_notice;
 pub(crate) use self::frames::error_frame_with;
 pub use self::frames::{erased_placeholder, error_frame, reply_frame, server_frame};
 pub use self::moderation::{moderation_reply, moderation_request};
+pub use self::recent::RecentFrames;
 pub use self::replica::{HeadCheck, HeadCheckError, ReplicaError};
 pub use self::request::{DirectoryRequest, OtherRoute, RoomRequest, Routed};
 pub use self::shard::{
@@ -44,6 +46,10 @@ pub mod limits {
     /// Durable frames a room keeps in memory to hand subscribers over from
     /// history to live without a gap.
     pub const RECENT_FRAMES_PER_ROOM_MAX: usize = 1024;
+    /// Bytes of those frames a room keeps at most (the newest frame is
+    /// kept whatever its size): without it, 1,024 messages of 256 KiB held
+    /// 256 MiB per room.
+    pub const RECENT_BYTES_PER_ROOM_MAX: usize = 4 * 1024 * 1024;
     /// Connections subscribed to one room.
     pub const SUBSCRIBERS_PER_ROOM_MAX: usize = 100_000;
     /// Frames read from storage per history read.
@@ -82,6 +88,10 @@ pub mod limits {
         "a checkpoint reached a little late still finds its head"
     );
     const _: () = assert!(HISTORY_READ_FRAMES_MAX <= RECENT_FRAMES_PER_ROOM_MAX);
+    const _: () = assert!(
+        RECENT_BYTES_PER_ROOM_MAX >= 16 * kalandra_proto::limits::APPLICATION_PAYLOAD_BYTES_MAX as usize,
+        "the largest messages still hand a subscriber over from memory"
+    );
     const _: () = assert!(
         HISTORY_READ_FRAMES_MAX <= crate::store::limits::READ_RANGE_ENTRIES_MAX,
         "one history read is one store read"

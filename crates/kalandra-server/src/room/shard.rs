@@ -132,7 +132,7 @@ pub struct RecoveredRoom<G: PersistentGroup> {
     pub created_at_ms: u64,
     /// The most recent stored frames (at most [`RECENT_FRAMES_PER_ROOM_MAX`]):
     /// (log index, encoded frame).
-    pub recent: VecDeque<(u64, Bytes)>,
+    pub recent: super::RecentFrames,
     /// Who holds a role in the room (the creator is its admin).
     pub roles: RoomRoles,
     /// A replica of a room another domain orders.
@@ -284,7 +284,7 @@ pub(super) struct Room<G: PersistentGroup, P> {
     waiting: VecDeque<Waiting<P>>,
     pub(super) subscribers: Vec<Subscriber<P>>,
     /// The most recent durable frames: (log index, encoded frame).
-    recent: VecDeque<(u64, Bytes)>,
+    recent: super::RecentFrames,
     commits_since_snapshot: u32,
     /// A server proposal became durable: snapshot soon, so that a restart
     /// finds the pending proposal in the snapshot too.
@@ -313,7 +313,7 @@ impl<G: PersistentGroup, P> Room<G, P> {
             created_at_ms,
             waiting: VecDeque::new(),
             subscribers: Vec::new(),
-            recent: VecDeque::new(),
+            recent: super::RecentFrames::default(),
             commits_since_snapshot: 0,
             snapshot_due: false,
             roles: RoomRoles::new(creator, []),
@@ -817,17 +817,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     pub fn handle_caught_up(&mut self, room_id: RoomId, subscription: u64, next_log_index: u64) {
         let Some(room) = self.rooms.get_mut(&room_id) else { return };
         let durable_next = room.durable_next();
-        let oldest_recent = room.recent.front().map_or(durable_next, |(index, _)| *index);
+        let oldest_recent = room.recent.oldest_log_index().unwrap_or(durable_next);
         let Some(subscriber) = room.subscribers.iter_mut().find(|s| s.subscription == subscription) else {
             return;
         };
         let backlog = durable_next.saturating_sub(next_log_index);
-        let backlog_bytes: usize = room
-            .recent
-            .iter()
-            .filter(|(index, _)| *index >= next_log_index)
-            .map(|(_, bytes)| bytes.len())
-            .sum();
+        let backlog_bytes: usize = room.recent.from(next_log_index).map(|(_, bytes)| bytes.len()).sum();
         let fits = usize::try_from(backlog).is_ok_and(|backlog| backlog <= subscriber.peer.free_capacity())
             && backlog_bytes <= subscriber.peer.free_bytes();
         if next_log_index < oldest_recent || !fits {
@@ -845,7 +840,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             return;
         }
         let mut delivered = true;
-        for (index, bytes) in room.recent.iter().filter(|(index, _)| *index >= next_log_index) {
+        for (index, bytes) in room.recent.from(next_log_index) {
             if !subscriber.peer.try_send(bytes.clone()) {
                 delivered = false;
                 subscriber.next_log_index = *index;
@@ -923,9 +918,8 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     /// subscriber catching up from memory gets the content.
     pub fn handle_erased(&mut self, room_id: RoomId, log_indices: &[u64]) {
         let Some(room) = self.rooms.get_mut(&room_id) else { return };
-        for (index, bytes) in room.recent.iter_mut().filter(|(index, _)| log_indices.contains(index)) {
-            *bytes = super::frames::placeholder_for_frame(room_id, *index, bytes);
-        }
+        room.recent
+            .replace(log_indices, |index, bytes| super::frames::placeholder_for_frame(room_id, index, bytes));
     }
 
     /// Entries of a room ordered here were erased durably, and journaled:
@@ -1132,10 +1126,7 @@ fn fan_out<G: PersistentGroup, P: Peer>(
         room.snapshot_due = true;
     }
     offer_push(room_id, room, frame, outputs);
-    if room.recent.len() == RECENT_FRAMES_PER_ROOM_MAX {
-        room.recent.pop_front();
-    }
-    room.recent.push_back((log_index, bytes.clone()));
+    room.recent.push(log_index, bytes.clone());
     let mut lagging = Vec::new();
     for subscriber in room.subscribers.iter_mut().filter(|s| s.live) {
         assert_eq!(subscriber.next_log_index, log_index, "live subscribers see every index");
