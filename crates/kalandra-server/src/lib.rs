@@ -45,6 +45,7 @@ pub mod federation_link {
         LinkHandshake, LinkMessage, PeerTable, Step, LINK_LENGTH_PREFIX_BYTES,
     };
     pub use crate::federation::quic::server_config;
+    pub use crate::federation::replica::FOLLOWS_IN_FLIGHT_PER_LINK_MAX;
     pub use crate::federation::requests::{
         LinkRequest, LinkResponse, RefusalCode, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
     };

@@ -434,6 +434,25 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
     assert_eq!(error_code(&frame), ErrorCode::NotMember.to_u16());
     assert_eq!(counter(&a, RELAY_REFUSALS, "code", "not_followed_here"), before + 1);
 
+    // Follows in a burst, more than a link serves at once: each is served
+    // in its turn (a follow's permit goes back when it ends), none is lost.
+    let burst = 3 * kalandra_server::federation_link::FOLLOWS_IN_FLIGHT_PER_LINK_MAX;
+    for _ in 0..burst {
+        let follow = kalandra_server::federation_link::LinkMessage::Follow {
+            room_id: room.0,
+            from_log_index: 0,
+            erasures_after: 0,
+        };
+        envelopes.send(follow).await.unwrap();
+    }
+    for _ in 0..burst {
+        let (connection, frame) =
+            tokio::time::timeout(FEDERATION_TIMEOUT, delivered.recv()).await.unwrap().unwrap();
+        assert_eq!((connection, error_code(&frame)), (REPLICATED, ErrorCode::NotMember.to_u16()));
+    }
+    let refused = before + 1 + burst as u64;
+    assert_eq!(counter(&a, RELAY_REFUSALS, "code", "not_followed_here"), refused);
+
     // The operator of a sees each refusal under b, in the admin view and the per-peer series.
     let view = a.running().federation_links().view();
     let shown = &view.peers.iter().find(|peer| peer.domain == "b.test").unwrap().rooms.refusals;

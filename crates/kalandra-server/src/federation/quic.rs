@@ -39,7 +39,7 @@ use crate::federation::links::FederationLinks;
 use crate::federation::next_backoff_ms;
 use crate::federation::registry::{lock_pending, LinkRegistry, Pending, LINK_OUTGOING_MESSAGES_MAX};
 use crate::federation::relay::{Intake, RelayAuthority, RelayHome, RELAY_CHECKS_IN_FLIGHT_MAX};
-use crate::federation::replica::{ReplicaFeeds, ReplicaFollower};
+use crate::federation::replica::{ReplicaFeeds, ReplicaFollower, FOLLOWS_IN_FLIGHT_PER_LINK_MAX};
 use crate::federation::requests::{
     refusal, PendingRequests, RefusalCode, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES, LINK_REQUESTS_IN_FLIGHT_MAX,
 };
@@ -447,6 +447,7 @@ impl Link<'_> {
         intake: &mpsc::Sender<Intake>,
     ) -> LinkHandshakeError {
         let answering = Arc::new(Semaphore::new(LINK_REQUESTS_IN_FLIGHT_MAX));
+        let following = Arc::new(Semaphore::new(FOLLOWS_IN_FLIGHT_PER_LINK_MAX));
         loop {
             let message = match timeout(
                 Duration::from_millis(LINK_SILENCE_MS_MAX),
@@ -487,10 +488,14 @@ impl Link<'_> {
                 LinkMessage::Deliver { connection, frames } => {
                     self.context.relay_home.deliver(self.peer, connection, frames)
                 }
-                LinkMessage::Follow { room_id, from_log_index, erasures_after } => self
-                    .context
-                    .replica_feeds
-                    .follow(self.peer, RoomId(room_id), (from_log_index, erasures_after), outgoing),
+                LinkMessage::Follow { room_id, from_log_index, erasures_after } => {
+                    // Waits while the link's follows in flight are at their bound.
+                    let Ok(permit) = Arc::clone(&following).acquire_owned().await else {
+                        return LinkHandshakeError::Transport("the link's follow limit closed".into());
+                    };
+                    let from = (from_log_index, erasures_after);
+                    self.context.replica_feeds.follow(self.peer, RoomId(room_id), from, outgoing, permit)
+                }
                 LinkMessage::Erasures { room_id, from_log_index, erasures } => self
                     .context
                     .replica_follower

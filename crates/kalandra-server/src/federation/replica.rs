@@ -26,7 +26,7 @@ use kalandra_proto::chain::SignedLogHead;
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::{ErrorCode, RoomId};
 use serde_bytes::ByteBuf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::admin::metrics::Metrics;
 use crate::federation::follow::{FeedItem, FollowState, Following, LiveStep};
@@ -55,6 +55,11 @@ pub const REPLICA_LIVE_WAIT_MS: u64 = 5;
 /// Journal pages (of [`ERASURES_PAGE_MAX`] records) sent in answer to one
 /// follow at most; a home further behind gets the rest when it follows again.
 pub const ERASURE_PAGES_PER_FOLLOW_MAX: usize = 64;
+/// Follows of one link served at once; the link's read loop waits for one
+/// to end before it takes another (each follow reads the store and asks
+/// the room's shard, so a peer sending follows in a loop would otherwise
+/// start tasks without end).
+pub const FOLLOWS_IN_FLIGHT_PER_LINK_MAX: usize = 32;
 /// Erasures a home applies at once (each waits for its entries to be
 /// durable in the replica); a notice beyond it makes the home follow the
 /// room again, which brings the journal.
@@ -98,16 +103,19 @@ impl ReplicaFeeds {
     /// `peer` follows `room_id` from `from_log_index`, having applied the
     /// room's erasure journal through `erasures_after`: the frames, and the
     /// journal after it, go out on `outgoing` (the link's queue). Refusals
-    /// are sent as `Error` frames.
+    /// are sent as `Error` frames. The follow holds `permit` (one of the
+    /// link's [`FOLLOWS_IN_FLIGHT_PER_LINK_MAX`]) until it is served.
     pub fn follow(
         self: &Arc<Self>,
         peer: &DomainName,
         room_id: RoomId,
         (from_log_index, erasures_after): (u64, u64),
         outgoing: &mpsc::Sender<Vec<u8>>,
+        permit: OwnedSemaphorePermit,
     ) {
         let (feeds, peer, outgoing) = (Arc::clone(self), peer.clone(), outgoing.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err((code, message)) = feeds.authorize(&peer, room_id).await {
                 feeds.metrics.relay_refused(peer.as_str(), "not_followed_here");
                 tracing::info!(%peer, %room_id, %message, "a follow was refused");
