@@ -1332,7 +1332,7 @@ pub(crate) mod tests {
         SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
     }
 
-    fn server_signer() -> ServerSigner {
+    pub(crate) fn server_signer() -> ServerSigner {
         ServerSigner::new(ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]))
     }
 
@@ -1365,7 +1365,7 @@ pub(crate) mod tests {
         }
 
         /// Runs a commit-producing operation on this client's group.
-        fn commit_with(
+        pub(crate) fn commit_with(
             &mut self,
             op: impl FnOnce(
                 &mut RoomGroup,
@@ -1387,7 +1387,7 @@ pub(crate) mod tests {
             group.discard_pending_commit(&self.provider).expect("discard");
         }
 
-        fn process(&mut self, message: &[u8]) -> HandshakeOutcome {
+        pub(crate) fn process(&mut self, message: &[u8]) -> HandshakeOutcome {
             let group = self.group.as_mut().expect("in room");
             group.process_handshake(&self.provider, message).expect("process")
         }

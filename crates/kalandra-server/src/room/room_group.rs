@@ -27,6 +27,11 @@ pub struct MlsRoomGroup {
     members: HashMap<SenderId, u32>,
     /// The state before the latest commit, until it settles (a void goes back to it).
     before_latest_commit: Option<Checkpoint>,
+    /// The members whose removal the server proposed and no commit covered,
+    /// as last worked out (reading them decodes every pending proposal, and
+    /// the shard asks for each frame while a removal waits); emptied by
+    /// every change of the state.
+    removals_pending: std::sync::OnceLock<Vec<SenderId>>,
 }
 
 fn group_error(error: MlsValidationError) -> GroupError {
@@ -189,7 +194,12 @@ impl MlsRoomGroup {
     }
 
     fn from_state(state: RoomGroupState) -> MlsRoomGroup {
-        let mut group = MlsRoomGroup { state, members: HashMap::new(), before_latest_commit: None };
+        let mut group = MlsRoomGroup {
+            state,
+            members: HashMap::new(),
+            before_latest_commit: None,
+            removals_pending: std::sync::OnceLock::new(),
+        };
         group.reindex();
         group
     }
@@ -249,6 +259,7 @@ impl GroupState for MlsRoomGroup {
     }
 
     fn apply_commit(&mut self, commit: &[u8], rules: &CommitRules<'_>) -> Result<CommitSummary, GroupError> {
+        self.removals_pending = std::sync::OnceLock::new();
         let staged = self.state.stage_commit(commit).map_err(group_error)?;
         self.check_staged(&staged, rules)?;
         // Checks on the merged state (the Welcome's size with the new tree,
@@ -302,6 +313,7 @@ impl GroupState for MlsRoomGroup {
         proposal: &[u8],
         policy: Option<&RoomPolicy>,
     ) -> Result<ProposalRef, GroupError> {
+        self.removals_pending = std::sync::OnceLock::new();
         let refused = std::cell::Cell::new(None);
         let check = |state: &RoomGroupState, summary: &ProposalSummary| {
             let Some(policy) = policy else { return Ok(()) };
@@ -346,6 +358,7 @@ impl GroupState for MlsRoomGroup {
             .before_latest_commit
             .take()
             .ok_or_else(|| GroupError::Internal("no commit to undo: the latest one settled".into()))?;
+        self.removals_pending = std::sync::OnceLock::new();
         self.state.rollback(checkpoint).map_err(|e| GroupError::Internal(describe(&e)))?;
         self.reindex();
         Ok(())
@@ -374,10 +387,15 @@ impl PersistentGroup for MlsRoomGroup {
     }
 
     fn pending_server_removals(&self) -> Result<Vec<SenderId>, GroupError> {
-        self.state
+        if let Some(removals) = self.removals_pending.get() {
+            return Ok(removals.clone());
+        }
+        let removals: Vec<SenderId> = self
+            .state
             .pending_server_removals()
             .map(|members| members.iter().filter_map(|m| sender_of(&m.identity)).collect())
-            .map_err(group_error)
+            .map_err(group_error)?;
+        Ok(self.removals_pending.get_or_init(|| removals).clone())
     }
 
     fn remove_proposal(&self, member: SenderId, signer: &ServerSigner) -> Result<Vec<u8>, GroupError> {
@@ -400,7 +418,27 @@ mod tests {
     use client_core::mls::RoomGroup;
 
     use super::*;
-    use crate::room::mls_state::tests::{room_of_three, Client};
+    use crate::room::mls_state::tests::{room_of_three, server_signer, Client};
+
+    #[test]
+    fn pending_removals_follow_every_change_of_the_state() {
+        let (state, _alice, mut bob, carol) = room_of_three();
+        let mut server = MlsRoomGroup::from_state(state);
+        let (bob_sender, carol_sender) = (sender_of(&bob.id()).unwrap(), sender_of(&carol.id()).unwrap());
+        assert_eq!(server.pending_server_removals(), Ok(vec![]));
+        let kick = server.remove_proposal(carol_sender, &server_signer()).unwrap();
+        let kick_ref = server.apply_proposal(&kick, None).unwrap();
+        for _ in 0..2 {
+            assert_eq!(server.pending_server_removals(), Ok(vec![carol_sender]), "worked out, then kept");
+        }
+        bob.process(&kick);
+        let commit = bob.commit_with(|g, p, i| g.commit_pending_proposals(p, i));
+        let must_cover = [kick_ref];
+        server.apply_commit(&commit.commit, &CommitRules::replay(bob_sender, &must_cover)).unwrap();
+        assert_eq!(server.pending_server_removals(), Ok(vec![]), "the commit covered it");
+        server.undo_latest_commit().unwrap();
+        assert_eq!(server.pending_server_removals(), Ok(vec![carol_sender]), "a void brings it back");
+    }
 
     #[test]
     fn a_member_rejoining_by_external_commit_is_neither_added_nor_removed() {

@@ -666,7 +666,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             return;
         }
         let bytes = frame.to_bytes();
-        let removals = removals_pending(room);
+        let removals: std::collections::HashSet<SenderId> = removals_pending(room).into_iter().collect();
         for subscriber in room.subscribers.iter().filter(|s| s.live && !removals.contains(&s.peer.sender())) {
             if subscriber.peer.connection() != peer.connection() {
                 // Ephemeral frames may be dropped for a slow reader; they are never owed.
