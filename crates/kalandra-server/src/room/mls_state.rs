@@ -26,7 +26,7 @@ use openmls::prelude::{
 };
 use openmls_rust_crypto::{MemoryStorage, OpenMlsRustCrypto, RustCrypto};
 use openmls_traits::signatures::{Signer, SignerError};
-use tls_codec::{Deserialize as _, Serialize as _};
+use tls_codec::{Deserialize as _, Serialize as _, Size as _};
 
 use kalandra_mls::credential_matches_key;
 pub use kalandra_mls::CIPHERSUITE;
@@ -44,6 +44,15 @@ pub const MEMBER_PROPOSALS_PENDING_MAX: usize = 512;
 /// room's whole allowance.
 pub const MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX: usize = 16;
 const _: () = assert!(MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX * 8 <= MEMBER_PROPOSALS_PENDING_MAX);
+/// Bytes of members' pending proposals (their TLS encoding) in one epoch
+/// of a room: a proposal may be as large as a frame (8 MiB), and the count
+/// alone let 512 of them hold 4 GiB.
+pub const MEMBER_PROPOSALS_PENDING_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Bytes of one member's pending proposals in one epoch (an update or a
+/// leave is about a kilobyte; an add carries a key package).
+pub const MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX: usize = 256 * 1024;
+const _: () =
+    assert!(MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX * 8 <= MEMBER_PROPOSALS_PENDING_BYTES_MAX);
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMLS";
 const SNAPSHOT_VERSION: u8 = 1;
@@ -154,14 +163,20 @@ fn proposal_kind(group: &PublicGroup, sender: &Sender, proposal: &Proposal) -> P
 /// A pending proposal as the bounds and the cover rule see it.
 struct Queued {
     proposal_ref: Vec<u8>,
+    /// Bytes of the proposal (its TLS encoding).
+    bytes: usize,
     /// The proposing member's leaf, for a member's proposal.
     member_leaf: Option<u32>,
     /// Whether the server (an external sender) issued it.
     external: bool,
 }
 
-/// Whether the member at `leaf` may add a proposal to `pending`.
-fn check_member_proposals_bound(pending: &[Queued], leaf: u32) -> Result<(), MlsValidationError> {
+/// Whether the member at `leaf` may add a proposal of `bytes` to `pending`.
+fn check_member_proposals_bound(
+    pending: &[Queued],
+    leaf: u32,
+    bytes: usize,
+) -> Result<(), MlsValidationError> {
     let members = pending.iter().filter(|queued| queued.member_leaf.is_some()).count();
     if members >= MEMBER_PROPOSALS_PENDING_MAX {
         return Err(MlsValidationError::TooManyProposals {
@@ -175,6 +190,17 @@ fn check_member_proposals_bound(pending: &[Queued], leaf: u32) -> Result<(), Mls
             pending: own,
             max_pending: MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX,
         });
+    }
+    let bytes_of = |keep: &dyn Fn(&Queued) -> bool| -> usize {
+        pending.iter().filter(|queued| keep(queued)).map(|queued| queued.bytes).sum::<usize>() + bytes
+    };
+    for (pending_bytes, max_bytes) in [
+        (bytes_of(&|queued| queued.member_leaf == Some(leaf)), MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX),
+        (bytes_of(&|queued| queued.member_leaf.is_some()), MEMBER_PROPOSALS_PENDING_BYTES_MAX),
+    ] {
+        if pending_bytes > max_bytes {
+            return Err(MlsValidationError::ProposalBytes { pending_bytes, max_bytes });
+        }
     }
     Ok(())
 }
@@ -307,6 +333,16 @@ pub enum MlsValidationError {
         pending: usize,
         /// The bound.
         max_pending: usize,
+    },
+    /// Members' proposals pending in this epoch would be larger than their
+    /// bound (the room's, [`MEMBER_PROPOSALS_PENDING_BYTES_MAX`], or the
+    /// sender's, [`MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX`]).
+    #[error("{pending_bytes} bytes of proposals would be pending, at most {max_bytes}: commit them first")]
+    ProposalBytes {
+        /// Bytes pending with the new proposal, against the bound hit.
+        pending_bytes: usize,
+        /// The bound.
+        max_bytes: usize,
     },
     /// The commit leaves server-issued proposals uncovered.
     #[error("commit does not cover {} pending server proposal(s)", missing.len())]
@@ -953,7 +989,8 @@ impl RoomGroupState {
             return Err(MlsValidationError::DuplicateProposal);
         }
         if let ProposalSender::Member(leaf) = sender {
-            check_member_proposals_bound(&pending, leaf)?;
+            let bytes = queued.proposal().tls_serialized_len();
+            check_member_proposals_bound(&pending, leaf, bytes)?;
         }
         let summary = ProposalSummary { proposal_ref, sender, kind };
         check(self, &summary)?;
@@ -1117,6 +1154,7 @@ impl RoomGroupState {
             .into_iter()
             .map(|(proposal_ref, proposal)| Queued {
                 proposal_ref: proposal_ref.as_slice().to_vec(),
+                bytes: proposal.proposal().tls_serialized_len(),
                 member_leaf: match proposal.sender() {
                     Sender::Member(leaf) => Some(leaf.u32()),
                     _ => None,
@@ -1680,21 +1718,26 @@ pub(crate) mod tests {
     fn members_proposals_are_bounded_per_sender_and_per_room_and_server_ones_do_not_count() {
         let member = |leaf: u32, n: usize| Queued {
             proposal_ref: n.to_be_bytes().to_vec(),
+            bytes: 100,
             member_leaf: Some(leaf),
             external: false,
         };
-        let server =
-            |n: usize| Queued { proposal_ref: n.to_be_bytes().to_vec(), member_leaf: None, external: true };
+        let server = |n: usize| Queued {
+            proposal_ref: n.to_be_bytes().to_vec(),
+            bytes: 100_000,
+            member_leaf: None,
+            external: true,
+        };
         let own_full: Vec<Queued> =
             (0..MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX).map(|n| member(1, n)).collect();
         assert!(matches!(
-            check_member_proposals_bound(&own_full, 1),
+            check_member_proposals_bound(&own_full, 1, 100),
             Err(MlsValidationError::TooManyProposals { pending, max_pending })
                 if pending == MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX
                     && max_pending == MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX
         ));
-        assert!(check_member_proposals_bound(&own_full, 2).is_ok(), "another member may still propose");
-        assert!(check_member_proposals_bound(&own_full[1..], 1).is_ok(), "one below the sender's bound");
+        assert!(check_member_proposals_bound(&own_full, 2, 100).is_ok(), "another member may still propose");
+        assert!(check_member_proposals_bound(&own_full[1..], 1, 100).is_ok(), "one below the sender's bound");
         // Many members, each below its own bound, fill the room's allowance.
         let per_leaf = MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX - 1;
         let mut room_full: Vec<Queued> = (0..MEMBER_PROPOSALS_PENDING_MAX)
@@ -1702,11 +1745,37 @@ pub(crate) mod tests {
             .collect();
         room_full.extend((0..crate::room::sequencer::SERVER_PROPOSALS_PENDING_MAX).map(server));
         assert!(matches!(
-            check_member_proposals_bound(&room_full, 9_999),
+            check_member_proposals_bound(&room_full, 9_999, 100),
             Err(MlsValidationError::TooManyProposals { max_pending, .. }) if max_pending == MEMBER_PROPOSALS_PENDING_MAX
         ));
         room_full.remove(0);
-        assert!(check_member_proposals_bound(&room_full, 9_999).is_ok(), "server proposals do not count");
+        assert!(
+            check_member_proposals_bound(&room_full, 9_999, 100).is_ok(),
+            "server proposals do not count"
+        );
+
+        // Bytes: one large proposal, or a few, reach the sender's bound first.
+        let per_sender = MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX;
+        assert!(check_member_proposals_bound(&[], 1, per_sender).is_ok());
+        assert!(matches!(
+            check_member_proposals_bound(&[], 1, per_sender + 1),
+            Err(MlsValidationError::ProposalBytes { pending_bytes, max_bytes })
+                if pending_bytes == per_sender + 1 && max_bytes == per_sender
+        ));
+        let half = Queued { bytes: per_sender / 2 + 1, ..member(1, 0) };
+        assert!(matches!(
+            check_member_proposals_bound(std::slice::from_ref(&half), 1, per_sender / 2),
+            Err(MlsValidationError::ProposalBytes { max_bytes, .. }) if max_bytes == per_sender
+        ));
+        assert!(check_member_proposals_bound(std::slice::from_ref(&half), 2, per_sender / 2).is_ok());
+        // ... and many members together reach the room's.
+        let large: Vec<Queued> = (0..MEMBER_PROPOSALS_PENDING_BYTES_MAX / per_sender)
+            .map(|n| Queued { bytes: per_sender, ..member(u32::try_from(n).unwrap() + 10, n) })
+            .collect();
+        assert!(matches!(
+            check_member_proposals_bound(&large, 9_999, 1),
+            Err(MlsValidationError::ProposalBytes { max_bytes, .. }) if max_bytes == MEMBER_PROPOSALS_PENDING_BYTES_MAX
+        ));
     }
 
     #[test]

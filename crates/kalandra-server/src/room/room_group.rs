@@ -45,6 +45,9 @@ fn group_error(error: MlsValidationError) -> GroupError {
         MlsValidationError::TooManyProposals { pending, max_pending } => {
             GroupError::TooManyProposals { pending, max_pending }
         }
+        MlsValidationError::ProposalBytes { pending_bytes, max_bytes } => {
+            GroupError::ProposalBytes { pending_bytes, max_bytes }
+        }
         MlsValidationError::Internal(error) => GroupError::Internal(error.to_string()),
         MlsValidationError::Forbidden(reason) => GroupError::Invalid(format!("forbidden: {reason}")),
         other => GroupError::Invalid(describe(&other)),

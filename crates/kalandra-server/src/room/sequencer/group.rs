@@ -148,6 +148,15 @@ pub enum GroupError {
         /// The bound.
         max_pending: usize,
     },
+    /// Members' proposals pending in this epoch would be larger than their
+    /// bound (the room's or the sender's); a commit clears them.
+    #[error("{pending_bytes} bytes of proposals would be pending, at most {max_bytes}: commit them first")]
+    ProposalBytes {
+        /// Bytes pending with the new proposal, against the bound hit.
+        pending_bytes: usize,
+        /// The bound.
+        max_bytes: usize,
+    },
     /// The state itself failed (a bug, not the peer's fault).
     #[error("internal MLS state error: {0}")]
     Internal(String),

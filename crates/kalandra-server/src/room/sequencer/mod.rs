@@ -172,7 +172,9 @@ impl SubmitError {
             )
             | SubmitError::ExternalSenders => ErrorCode::InvalidGroupInfo,
             SubmitError::InvalidCommit(_) => ErrorCode::InvalidCommit,
-            SubmitError::InvalidProposal(GroupError::TooManyProposals { .. }) => ErrorCode::QuotaExceeded,
+            SubmitError::InvalidProposal(
+                GroupError::TooManyProposals { .. } | GroupError::ProposalBytes { .. },
+            ) => ErrorCode::QuotaExceeded,
             SubmitError::InvalidProposal(_) => ErrorCode::InvalidProposal,
             SubmitError::PendingProposals { .. } => ErrorCode::PendingProposals,
             SubmitError::Overloaded { .. } | SubmitError::TooManyServerProposals => ErrorCode::RateLimited,
