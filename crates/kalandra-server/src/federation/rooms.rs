@@ -7,7 +7,7 @@
 //! [`RemoteRooms::record_durably`]): a room learnt from a peer's Welcome
 //! stays known across restarts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
 use kalandra_proto::federation::DomainName;
@@ -50,39 +50,53 @@ pub enum RecordRoomError {
 /// The remote rooms and their authorities.
 #[derive(Debug, Default)]
 pub struct RemoteRooms {
-    rooms: Mutex<BTreeMap<RoomId, DomainName>>,
+    table: Mutex<Table>,
+}
+
+/// The rooms by id, and the same by authority (so that a peer's rooms are
+/// found without a scan of every room: a link coming up follows each).
+#[derive(Debug, Default)]
+struct Table {
+    rooms: BTreeMap<RoomId, DomainName>,
+    by_authority: BTreeMap<DomainName, BTreeSet<RoomId>>,
 }
 
 impl RemoteRooms {
     /// The known remote rooms.
     pub fn new(rooms: impl IntoIterator<Item = (RoomId, DomainName)>) -> RemoteRooms {
-        RemoteRooms { rooms: Mutex::new(rooms.into_iter().collect()) }
+        let mut table = Table::default();
+        for (room_id, authority) in rooms {
+            table.by_authority.entry(authority.clone()).or_default().insert(room_id);
+            table.rooms.insert(room_id, authority);
+        }
+        RemoteRooms { table: Mutex::new(table) }
     }
 
     /// The domain ordering `room_id`, if it is a known remote room.
     pub fn authority_of(&self, room_id: RoomId) -> Option<DomainName> {
-        self.lock().get(&room_id).cloned()
+        self.lock().rooms.get(&room_id).cloned()
     }
 
     /// The rooms `authority` orders, in id order.
     pub fn ordered_by(&self, authority: &DomainName) -> Vec<RoomId> {
-        self.lock().iter().filter(|(_, known)| *known == authority).map(|(room_id, _)| *room_id).collect()
+        self.lock().by_authority.get(authority).map_or_else(Vec::new, |rooms| rooms.iter().copied().collect())
     }
 
     /// Every remote room, in id order.
     pub fn all(&self) -> Vec<RoomId> {
-        self.lock().keys().copied().collect()
+        self.lock().rooms.keys().copied().collect()
     }
 
     /// Records `room_id` as ordered by `authority` (again, if it is already).
     pub fn record(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRoomError> {
-        let mut rooms = self.lock();
-        match rooms.get(&room_id) {
+        let mut table = self.lock();
+        match table.rooms.get(&room_id) {
             Some(known) if known == authority => Ok(()),
             Some(known) => Err(RemoteRoomError::OtherAuthority { room_id, authority: known.clone() }),
-            None if rooms.len() >= REMOTE_ROOMS_MAX => Err(RemoteRoomError::Full),
+            None if table.rooms.len() >= REMOTE_ROOMS_MAX => Err(RemoteRoomError::Full),
             None => {
-                rooms.insert(room_id, authority.clone());
+                table.rooms.insert(room_id, authority.clone());
+                table.by_authority.entry(authority.clone()).or_default().insert(room_id);
                 Ok(())
             }
         }
@@ -111,8 +125,8 @@ impl RemoteRooms {
         Ok(self.record(room_id, authority)?)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<RoomId, DomainName>> {
-        self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -134,6 +148,10 @@ mod tests {
         assert_eq!(rooms.authority_of(room_id), None);
         rooms.record(room_id, &a).unwrap();
         rooms.record(room_id, &a).unwrap();
+        rooms.record(RoomId([8; 16]), &b).unwrap();
+        assert_eq!(rooms.ordered_by(&a), vec![room_id]);
+        assert_eq!(rooms.ordered_by(&b), vec![RoomId([8; 16])]);
+        assert_eq!(rooms.ordered_by(&DomainName::parse("c.example").unwrap()), vec![]);
         assert_eq!(
             rooms.record(room_id, &b),
             Err(RemoteRoomError::OtherAuthority { room_id, authority: a.clone() })
@@ -151,7 +169,8 @@ mod tests {
         let refused = rooms.record_durably(&store, room_id, &b).unwrap_err();
         assert!(matches!(refused, RecordRoomError::Room(RemoteRoomError::OtherAuthority { .. })));
         let loaded = RemoteRooms::load(&store).unwrap();
-        assert_eq!(loaded.authority_of(room_id), Some(a));
+        assert_eq!(loaded.authority_of(room_id), Some(a.clone()));
+        assert_eq!(loaded.ordered_by(&a), vec![room_id], "the index is rebuilt on load");
         assert_eq!(loaded.authority_of(RoomId([1; 16])), None);
     }
 }
