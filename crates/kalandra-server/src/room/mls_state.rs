@@ -177,26 +177,25 @@ fn check_member_proposals_bound(
     leaf: u32,
     bytes: usize,
 ) -> Result<(), MlsValidationError> {
-    let members = pending.iter().filter(|queued| queued.member_leaf.is_some()).count();
-    if members >= MEMBER_PROPOSALS_PENDING_MAX {
-        return Err(MlsValidationError::TooManyProposals {
-            pending: members,
-            max_pending: MEMBER_PROPOSALS_PENDING_MAX,
-        });
+    // (count, bytes) of all members' pending proposals, and of the sender's.
+    let (mut members, mut own) = ((0, bytes), (0, bytes));
+    for queued in pending {
+        let Some(member) = queued.member_leaf else { continue };
+        members = (members.0 + 1, members.1 + queued.bytes);
+        if member == leaf {
+            own = (own.0 + 1, own.1 + queued.bytes);
+        }
     }
-    let own = pending.iter().filter(|queued| queued.member_leaf == Some(leaf)).count();
-    if own >= MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX {
-        return Err(MlsValidationError::TooManyProposals {
-            pending: own,
-            max_pending: MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX,
-        });
+    for (pending, max_pending) in
+        [(members.0, MEMBER_PROPOSALS_PENDING_MAX), (own.0, MEMBER_PROPOSALS_PENDING_PER_SENDER_MAX)]
+    {
+        if pending >= max_pending {
+            return Err(MlsValidationError::TooManyProposals { pending, max_pending });
+        }
     }
-    let bytes_of = |keep: &dyn Fn(&Queued) -> bool| -> usize {
-        pending.iter().filter(|queued| keep(queued)).map(|queued| queued.bytes).sum::<usize>() + bytes
-    };
     for (pending_bytes, max_bytes) in [
-        (bytes_of(&|queued| queued.member_leaf == Some(leaf)), MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX),
-        (bytes_of(&|queued| queued.member_leaf.is_some()), MEMBER_PROPOSALS_PENDING_BYTES_MAX),
+        (own.1, MEMBER_PROPOSALS_PENDING_BYTES_PER_SENDER_MAX),
+        (members.1, MEMBER_PROPOSALS_PENDING_BYTES_MAX),
     ] {
         if pending_bytes > max_bytes {
             return Err(MlsValidationError::ProposalBytes { pending_bytes, max_bytes });

@@ -130,8 +130,7 @@ pub struct RecoveredRoom<G: PersistentGroup> {
     pub creator: SenderId,
     /// When (server clock, ms).
     pub created_at_ms: u64,
-    /// The most recent stored frames (at most [`RECENT_FRAMES_PER_ROOM_MAX`]):
-    /// (log index, encoded frame).
+    /// The most recent stored frames, within [`super::RecentFrames`]' bounds.
     pub recent: super::RecentFrames,
     /// Who holds a role in the room (the creator is its admin).
     pub roles: RoomRoles,
