@@ -19,7 +19,7 @@ use kalandra_server::audit::{AuditEvent, AuditHead, AuditRecord};
 use kalandra_server::store::{
     AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, JournaledErasure,
     KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
-    ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction,
+    ModerationStoreError, PeerClaim, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction,
     RemoteRecordError, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration,
     RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError,
     WelcomeId,
@@ -438,6 +438,19 @@ impl Store for SimDisk {
 
     fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
         self.write("claim_key_package", || self.store().claim_key_package(user_id))
+    }
+
+    fn record_peer_claim(
+        &self,
+        user_id: UserId,
+        key_package_ref: &[u8],
+        now_ms: u64,
+    ) -> Result<(), KeyPackageError> {
+        self.write("record_peer_claim", || self.store().record_peer_claim(user_id, key_package_ref, now_ms))
+    }
+
+    fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
+        self.store().peer_claims(user_id)
     }
 
     fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {

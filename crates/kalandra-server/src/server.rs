@@ -427,6 +427,7 @@ async fn assemble(
             rooms: Arc::clone(&remote_rooms),
             metrics: metrics.clone(),
             arrived: welcomes_arrived(&node),
+            clock: Arc::clone(&clock),
         },
     });
     let router = WelcomeRouter {

@@ -6,8 +6,9 @@
 //! connected, gets it at once, carol when she connects, and again after b
 //! restarts. A Welcome whose commit is made while b is down reaches b once
 //! the link is back. A peer's Welcome for a room b orders itself, for a
-//! room recorded under another domain, or that is not a Welcome of the
-//! room, is refused and counted.
+//! room recorded under another domain, that is not a Welcome of the room,
+//! or whose recipients' key packages it names were not claimed through b,
+//! is refused and counted.
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use client_core::mls::{Identity, MlsProvider, RoomGroup};
 use common::{decode_ok, default_limits, TestClient, TestServer};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::DomainName;
@@ -264,7 +266,7 @@ async fn federation_welcome_for_a_user_of_a_domain_the_operator_then_refuses_is_
     assert_eq!(welcomes(&a, "forwarded"), 0);
 }
 
-/// A Welcome frame of `room` (what a peer's server would forward).
+/// A Welcome frame of `room` whose payload is no MLS Welcome.
 fn welcome_frame(room: RoomId) -> Vec<u8> {
     let payload = Welcome { welcome: vec![1, 2, 3], ratchet_tree: None, log_head: None };
     let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
@@ -327,17 +329,15 @@ impl FakePeer {
         FakePeer { endpoint, send, recv, next_id: 1 }
     }
 
-    /// Sends `DeliverWelcome` and returns b's answer.
-    async fn deliver(&mut self, room: RoomId, recipients: &[SenderId], welcome: Vec<u8>) -> String {
+    /// Sends `request` over the link and returns b's answer.
+    async fn request(
+        &mut self,
+        request: kalandra_server::federation_link::LinkRequest,
+    ) -> kalandra_server::federation_link::LinkResponse {
         use kalandra_server::federation_link as link;
 
         let id = self.next_id;
         self.next_id += 1;
-        let request = link::LinkRequest::DeliverWelcome {
-            room_id: room.0,
-            recipients: recipients.iter().map(|user| user.0).collect(),
-            welcome,
-        };
         let message = link::LinkMessage::Request { id, request };
         self.send.write_all(&link::encode_established(&message).unwrap()).await.unwrap();
         loop {
@@ -346,17 +346,57 @@ impl FakePeer {
             let mut body = vec![0u8; link::established_body_len(prefix).unwrap()];
             self.recv.read_exact(&mut body).await.unwrap();
             match link::decode_established(&body).unwrap() {
-                link::LinkMessage::Response { id: answered, response } if answered == id => {
-                    return match response {
-                        link::LinkResponse::WelcomeStored {} => "stored".to_owned(),
-                        link::LinkResponse::Refused { code, .. } => code.as_str().to_owned(),
-                        other => format!("{other:?}"),
-                    };
-                }
+                link::LinkMessage::Response { id: answered, response } if answered == id => return response,
                 _ => continue,
             }
         }
     }
+
+    /// Claims one key package of each of `users` of b; the packages.
+    async fn claim(&mut self, users: &[SenderId]) -> Vec<Vec<u8>> {
+        use kalandra_server::federation_link as link;
+
+        let request =
+            link::LinkRequest::ClaimKeyPackages { sender_ids: users.iter().map(|user| user.0).collect() };
+        match self.request(request).await {
+            link::LinkResponse::Claimed { key_packages } => {
+                key_packages.into_iter().map(|entry| entry.key_package.expect("a key package")).collect()
+            }
+            other => panic!("claim answered {other:?}"),
+        }
+    }
+
+    /// Sends `DeliverWelcome` and returns b's answer.
+    async fn deliver(&mut self, room: RoomId, recipients: &[SenderId], welcome: Vec<u8>) -> String {
+        use kalandra_server::federation_link as link;
+
+        let request = link::LinkRequest::DeliverWelcome {
+            room_id: room.0,
+            recipients: recipients.iter().map(|user| user.0).collect(),
+            welcome,
+        };
+        match self.request(request).await {
+            link::LinkResponse::WelcomeStored {} => "stored".to_owned(),
+            link::LinkResponse::Refused { code, .. } => code.as_str().to_owned(),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// A real Welcome frame of `room` adding the owners of `packages`, made by
+/// a client of the test's own.
+fn mls_welcome(room: RoomId, packages: &[Vec<u8>]) -> Vec<u8> {
+    let provider = MlsProvider::from_seed([0xee; 32]);
+    let identity = Identity::generate(&provider).unwrap();
+    let server_key = SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
+    let (mut group, _) =
+        RoomGroup::create(&provider, &identity, room.0, &server_key, common::now_ms() / 1000).unwrap();
+    let packages: Vec<&[u8]> = packages.iter().map(Vec::as_slice).collect();
+    let welcome = group.add_members(&provider, &identity, &packages).unwrap().welcome.unwrap();
+    let payload = Welcome { welcome, ratchet_tree: None, log_head: None };
+    let mut header = FrameHeaderBuf::new(Welcome::OPCODE);
+    header.set_room_id(room).set_log_index(1).set_server_timestamp_ms(common::now_ms());
+    Frame::with_payload(header, &payload).unwrap().to_bytes().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,31 +407,53 @@ async fn federation_welcome_for_a_local_room_or_another_domains_room_is_refused_
     let b_peers = vec![peer("a.test", None, SEED_A), peer("c.test", None, SEED_C)];
     let b = start(&dir.path().join("b"), "b.test", SEED_B, b_federation, b_peers).await;
     let mut bob = TestClient::connect(&b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
     let own = RoomId([0x0b; 16]);
     bob.create_room(own).await;
+    let mut carol = TestClient::connect(&b, "carol", 3).await;
+    carol.upload_key_packages(1).await;
+    carol.disconnect().await;
+    let carol = carol.sender();
     let mut fake_a = FakePeer::dial(b_federation, "a.test", SEED_A).await;
     let mut fake_c = FakePeer::dial(b_federation, "c.test", SEED_C).await;
-    let carol = SenderId(0xca201);
+    let carols = fake_c.claim(&[carol]).await;
 
-    assert_eq!(fake_a.deliver(own, &[carol], welcome_frame(own)).await, "bad_request", "b orders it");
+    let to_carol = mls_welcome(own, &carols);
+    assert_eq!(fake_a.deliver(own, &[carol], to_carol).await, "bad_request", "b orders it");
     assert_eq!(refusals(&b, "local_room"), 1);
 
     let c_room = RoomId([0x0c; 16]);
-    assert_eq!(fake_c.deliver(c_room, &[carol], welcome_frame(c_room)).await, "stored");
-    assert_eq!(fake_a.deliver(c_room, &[carol], welcome_frame(c_room)).await, "bad_request", "c orders it");
+    assert_eq!(fake_c.deliver(c_room, &[carol], mls_welcome(c_room, &carols)).await, "stored");
+    assert_eq!(
+        fake_a.deliver(c_room, &[carol], mls_welcome(c_room, &carols)).await,
+        "bad_request",
+        "c orders it"
+    );
     assert_eq!(refusals(&b, "other_authority"), 1);
     let authority = b.running().remote_room_authority(c_room).map(|d| d.to_string());
     assert_eq!(authority.as_deref(), Some("c.test"), "the first authority stays");
 
     let a_room = RoomId([0x0a; 16]);
-    let wrong = fake_a.deliver(a_room, &[carol], welcome_frame(c_room)).await;
+    let wrong = fake_a.deliver(a_room, &[carol], mls_welcome(c_room, &carols)).await;
     assert_eq!(wrong, "bad_request", "a Welcome of another room");
-    assert_eq!(refusals(&b, "bad_welcome"), 1);
+    let not_mls = fake_a.deliver(a_room, &[bob.sender()], welcome_frame(a_room)).await;
+    assert_eq!(not_mls, "bad_request", "a Welcome frame without an MLS Welcome");
+    assert_eq!(refusals(&b, "bad_welcome"), 2);
+    // Recipients whose key packages the Welcome does not name, or were
+    // never handed out: nothing stored, no room recorded.
+    let made_up = SenderId(0xca201);
+    let unclaimed = fake_a.deliver(a_room, &[made_up], mls_welcome(a_room, &carols)).await;
+    assert_eq!(unclaimed, "bad_request", "a made-up recipient");
+    let not_named = fake_a.deliver(a_room, &[bob.sender()], mls_welcome(a_room, &carols)).await;
+    assert_eq!(not_named, "bad_request", "bob named on a Welcome to carol's package");
+    assert_eq!(refusals(&b, "unclaimed_recipient"), 2);
     assert_eq!(b.running().remote_room_authority(a_room), None, "nothing recorded for a refusal");
     assert_eq!(pending(&b, carol), 1, "only c's Welcome is held for carol");
+    assert_eq!(pending(&b, made_up), 0);
 
     // A peer's Welcome for a connected user is handed over at once.
-    let sent = welcome_frame(a_room);
+    let bobs = fake_a.claim(&[bob.sender()]).await;
+    let sent = mls_welcome(a_room, &bobs);
     assert_eq!(fake_a.deliver(a_room, &[bob.sender()], sent.clone()).await, "stored");
     let frame = tokio::time::timeout(TIMEOUT, bob.next_of(Opcode::Welcome)).await.expect("bob is welcomed");
     assert_eq!(frame.to_bytes().to_vec(), sent, "the frame exactly as the room's server sent it");

@@ -26,8 +26,9 @@ pub const LINK_FAILURE_CODES: [&str; 15] = [
 /// request naming a domain that is not a peer), `refused_domain` (one
 /// naming a domain the operator refuses) and every
 /// `WelcomeRefusal::code` (a
-/// peer's Welcome refused), for the refusal counter's labels.
-pub const FEDERATION_REFUSAL_CODES: [&str; 11] = [
+/// peer's Welcome refused, or recipients left out of one), for the
+/// refusal counter's labels.
+pub const FEDERATION_REFUSAL_CODES: [&str; 12] = [
     "refused_domain",
     "unknown_domain",
     "wrong_answer",
@@ -39,6 +40,7 @@ pub const FEDERATION_REFUSAL_CODES: [&str; 11] = [
     "local_room",
     "other_authority",
     "bad_welcome",
+    "unclaimed_recipient",
 ];
 
 /// Every code of refused relay traffic, for the refusal counter's labels.

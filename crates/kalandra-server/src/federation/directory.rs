@@ -26,7 +26,7 @@ use crate::federation::requests::{
 use crate::federation::welcomes::{record_remote_users, WelcomeInbox};
 use crate::node::Clock;
 use crate::store::Store;
-use crate::transport::directory::key_package_identity;
+use crate::transport::directory::{key_package_identity, key_package_ref_and_identity};
 
 /// How long a home certificate issued with a claimed key package is valid.
 pub const HOME_CERTIFICATE_VALIDITY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -268,10 +268,17 @@ impl HomeDirectory {
                 continue;
             };
             // Stored packages were verified on upload, as their uploader's.
-            let identity = match key_package_identity(&claimed.key_package) {
-                Ok(identity) => identity,
+            let (key_package_ref, identity) = match key_package_ref_and_identity(&claimed.key_package) {
+                Ok(inspected) => inspected,
                 Err(error) => return refusal(RefusalCode::Unavailable, &error.to_string()),
             };
+            // A peer's Welcome for the user must name a package handed out
+            // here (`WelcomeInbox`); a package whose record failed is lost
+            // as one whose answer is lost on the way.
+            let now_ms = (self.clock)();
+            if let Err(error) = self.store.record_peer_claim(sender_id, &key_package_ref, now_ms) {
+                return refusal(RefusalCode::Unavailable, &error.to_string());
+            }
             let certificate = HomeCertificate::issue(&self.key, self.domain.clone(), identity, not_after_ms);
             key_packages.push(RemoteKeyPackage {
                 sender_id,

@@ -16,8 +16,11 @@
 //! is one for users of a domain the operator refuses.
 //!
 //! The home's side ([`WelcomeInbox`]): a peer's Welcome is checked (a
-//! Welcome frame of the room it names, within the size bound; the room not
-//! one this server orders nor one recorded under another authority), the
+//! Welcome frame of the room it names, within the size bound, carrying an
+//! MLS Welcome; the room not one this server orders nor one recorded under
+//! another authority; its recipients only users whose key package the MLS
+//! Welcome is encrypted to was claimed through a link, as recorded by
+//! [`Store::record_peer_claim`]), the
 //! room is recorded as the peer's ([`RemoteRooms`]), and the Welcome is
 //! stored for its recipients and held until they read the room, as a local
 //! one, and handed at once to those connected.
@@ -41,9 +44,10 @@ use crate::federation::requests::{
     FORWARDED_WELCOME_BYTES_MAX,
 };
 use crate::federation::rooms::{RecordRoomError, RemoteRoomError, RemoteRooms};
-use crate::node::{welcome_standing, WelcomeStanding};
-use crate::store::limits::{REMOTE_USERS_PAGE_MAX, WELCOMES_PAGE_ENTRIES_MAX};
+use crate::node::{welcome_standing, Clock, WelcomeStanding};
+use crate::store::limits::{PEER_CLAIM_RECORD_MS, REMOTE_USERS_PAGE_MAX, WELCOMES_PAGE_ENTRIES_MAX};
 use crate::store::{PendingWelcome, RemoteRecordError, Store, UserId, WelcomeId};
+use crate::transport::directory::welcome_key_package_refs;
 
 /// Batches of Welcome recipients queued for the router; when it is full a
 /// batch waits for the periodic retry.
@@ -88,6 +92,15 @@ pub enum WelcomeRefusal {
         /// What is wrong.
         detail: String,
     },
+    /// No recipient's key package named in the Welcome was handed to a
+    /// peer by this server (made-up recipients, or a package of another).
+    #[error("Welcome of room {room_id}: none of its {recipients} recipients has a key package it names claimed through this server")]
+    UnclaimedRecipients {
+        /// The room named.
+        room_id: RoomId,
+        /// How many recipients the request named.
+        recipients: usize,
+    },
 }
 
 impl WelcomeRefusal {
@@ -98,6 +111,7 @@ impl WelcomeRefusal {
             WelcomeRefusal::LocalRoom { .. } => "local_room",
             WelcomeRefusal::OtherAuthority { .. } => "other_authority",
             WelcomeRefusal::BadWelcome { .. } => "bad_welcome",
+            WelcomeRefusal::UnclaimedRecipients { .. } => "unclaimed_recipient",
         }
     }
 }
@@ -113,14 +127,25 @@ enum InboxError {
     Unavailable(String),
 }
 
+/// A peer's Welcome frame as checked, with the `KeyPackageRef`s its MLS
+/// Welcome is encrypted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredWelcome {
+    /// The Welcome frame.
+    pub frame: Bytes,
+    /// One per new member of the commit, in any domain.
+    pub key_package_refs: BTreeSet<Vec<u8>>,
+}
+
 /// Checks a peer's `DeliverWelcome` (pure): 1 to
 /// [`DELIVER_WELCOME_RECIPIENTS_MAX`] recipients, and a Welcome frame of
-/// `room_id` within [`FORWARDED_WELCOME_BYTES_MAX`] whose payload decodes.
+/// `room_id` within [`FORWARDED_WELCOME_BYTES_MAX`] whose payload decodes
+/// and carries an MLS Welcome.
 pub fn check_delivered_welcome(
     room_id: RoomId,
     recipients: &[u64],
     welcome: Vec<u8>,
-) -> Result<Bytes, WelcomeRefusal> {
+) -> Result<DeliveredWelcome, WelcomeRefusal> {
     let bad = |detail: String| WelcomeRefusal::BadWelcome { room_id, detail };
     if recipients.is_empty() || recipients.len() > DELIVER_WELCOME_RECIPIENTS_MAX {
         return Err(bad(format!("{} recipients, 1 to {DELIVER_WELCOME_RECIPIENTS_MAX}", recipients.len())));
@@ -136,8 +161,9 @@ pub fn check_delivered_welcome(
     if frame.header().room_id() != room_id {
         return Err(bad(format!("a Welcome of room {}", frame.header().room_id())));
     }
-    frame.decode_payload::<Welcome>().map_err(|error| bad(error.to_string()))?;
-    Ok(welcome)
+    let payload = frame.decode_payload::<Welcome>().map_err(|error| bad(error.to_string()))?;
+    let key_package_refs = welcome_key_package_refs(&payload.welcome).map_err(bad)?;
+    Ok(DeliveredWelcome { frame: welcome, key_package_refs: key_package_refs.into_iter().collect() })
 }
 
 /// Hands stored Welcomes to those of the recipients who are connected.
@@ -154,6 +180,8 @@ pub struct WelcomeInbox {
     pub metrics: Metrics,
     /// Delivers to connected recipients.
     pub arrived: WelcomesArrived,
+    /// ms since the Unix epoch (the age of claims).
+    pub clock: Clock,
 }
 
 impl WelcomeInbox {
@@ -196,6 +224,7 @@ impl WelcomeInbox {
         if self.is_local(room_id)? {
             return Err(WelcomeRefusal::LocalRoom { room_id }.into());
         }
+        let recipients = self.claimed_recipients(peer, room_id, recipients, &welcome.key_package_refs)?;
         self.rooms.record_durably(self.store.as_ref(), room_id, peer).map_err(|error| match error {
             RecordRoomError::Room(RemoteRoomError::OtherAuthority { room_id, authority }) => {
                 WelcomeRefusal::OtherAuthority { room_id, authority }.into()
@@ -204,7 +233,7 @@ impl WelcomeInbox {
         })?;
         let stored = self
             .store
-            .put_welcomes(room_id, recipients, welcome)
+            .put_welcomes(room_id, &recipients, welcome.frame)
             .map_err(|error| InboxError::Unavailable(error.to_string()))?;
         for recipient in &stored.full {
             tracing::warn!(recipient, %room_id, "Welcome queue full; a peer's Welcome is not stored for this recipient");
@@ -212,6 +241,48 @@ impl WelcomeInbox {
         let full: BTreeSet<u64> = stored.full.into_iter().collect();
         let stored_for: BTreeSet<u64> = recipients.iter().copied().filter(|r| !full.contains(r)).collect();
         Ok(stored_for.into_iter().map(SenderId).collect())
+    }
+
+    /// The recipients for whom a key package the Welcome names was handed
+    /// to a peer domain by this server within [`PEER_CLAIM_RECORD_MS`]: a
+    /// peer holds Welcomes here only for users whose packages were claimed
+    /// through a link (the record does not name the claimant). The others
+    /// are left out and counted; refused when none is left.
+    fn claimed_recipients(
+        &self,
+        peer: &DomainName,
+        room_id: RoomId,
+        recipients: &[u64],
+        key_package_refs: &BTreeSet<Vec<u8>>,
+    ) -> Result<Vec<u64>, InboxError> {
+        let now_ms = (self.clock)();
+        let distinct: BTreeSet<u64> = recipients.iter().copied().collect();
+        let named_count = distinct.len();
+        let mut claimed = Vec::with_capacity(named_count);
+        for recipient in distinct {
+            let claims = self
+                .store
+                .peer_claims(recipient)
+                .map_err(|error| InboxError::Unavailable(error.to_string()))?;
+            let named = claims.iter().any(|claim| {
+                claim.claimed_at_ms.saturating_add(PEER_CLAIM_RECORD_MS) >= now_ms
+                    && key_package_refs.contains(&claim.key_package_ref)
+            });
+            if named {
+                claimed.push(recipient);
+            }
+        }
+        let unclaimed = named_count - claimed.len();
+        if claimed.is_empty() {
+            return Err(WelcomeRefusal::UnclaimedRecipients { room_id, recipients: named_count }.into());
+        }
+        if unclaimed > 0 {
+            tracing::warn!(%peer, %room_id, unclaimed, "a peer's Welcome names recipients whose key packages it did not claim; left out");
+            self.metrics.federation_refused(
+                WelcomeRefusal::UnclaimedRecipients { room_id, recipients: unclaimed }.code(),
+            );
+        }
+        Ok(claimed)
     }
 
     /// Whether this server orders `room_id`: it has a log or metadata for it.
@@ -515,8 +586,10 @@ fn standing(store: &dyn Store, pending: &PendingWelcome) -> Result<WelcomeStandi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::metrics::FEDERATION_REFUSALS_TOTAL;
     use crate::room::frames::welcome_frame;
     use crate::store::{LogEntry, MemoryStore};
+    use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
     use kalandra_proto::payload::Commit;
     use kalandra_proto::{FrameHeaderBuf, Payload};
 
@@ -547,20 +620,121 @@ mod tests {
         LogEntry { room_id, log_index, frame: Frame::with_payload(header, &payload).unwrap().to_bytes() }
     }
 
+    /// ms since the Unix epoch of the inbox tests (key packages are checked
+    /// against the system clock; claims against this one).
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn now_unix_secs() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    /// A user of this server (by seed) with one key package: its id, the
+    /// package and the package's reference.
+    fn user(seed: u8) -> (u64, Vec<u8>, Vec<u8>) {
+        let provider = MlsProvider::from_seed([seed; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let package = generate_key_packages(&provider, &identity, 1, now_unix_secs()).unwrap().remove(0);
+        (SenderId::from_identity_key(identity.public_key()).0, package.message, package.key_package_ref)
+    }
+
+    /// A real Welcome frame of `room_id` adding the members of `packages`.
+    fn mls_welcome(room_id: RoomId, packages: &[&[u8]]) -> Vec<u8> {
+        let provider = MlsProvider::from_seed([0xee; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let server_key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
+        let (mut group, _) =
+            RoomGroup::create(&provider, &identity, room_id.0, &server_key, now_unix_secs()).unwrap();
+        let output = group.add_members(&provider, &identity, packages).unwrap();
+        let mls = Bytes::from(output.welcome.unwrap());
+        welcome_frame(room_id, &mls, &Bytes::new(), (3, 1_000), &[0; 32]).unwrap().to_vec()
+    }
+
     #[test]
     fn federation_delivered_welcome_must_be_a_welcome_frame_of_its_room() {
         let room = RoomId([4; 16]);
-        assert!(check_delivered_welcome(room, &[1], welcome(room, 3).to_vec()).is_ok());
-        let other_room = check_delivered_welcome(room, &[1], welcome(RoomId([5; 16]), 3).to_vec());
+        let (_, package, reference) = user(1);
+        let delivered = check_delivered_welcome(room, &[1], mls_welcome(room, &[&package])).unwrap();
+        assert_eq!(delivered.key_package_refs, BTreeSet::from([reference]), "the package it is encrypted to");
+        let not_mls = check_delivered_welcome(room, &[1], welcome(room, 3).to_vec());
+        assert_eq!(not_mls.unwrap_err().code(), "bad_welcome", "the frame carries no MLS Welcome");
+        let other_room = check_delivered_welcome(room, &[1], mls_welcome(RoomId([5; 16]), &[&package]));
         assert_eq!(other_room.unwrap_err().code(), "bad_welcome");
         let commit_frame = commit(room, 3).frame.to_vec();
         assert_eq!(check_delivered_welcome(room, &[1], commit_frame).unwrap_err().code(), "bad_welcome");
         assert_eq!(check_delivered_welcome(room, &[1], vec![0; 10]).unwrap_err().code(), "bad_welcome");
-        assert!(check_delivered_welcome(room, &[], welcome(room, 3).to_vec()).is_err(), "no recipient");
+        assert!(check_delivered_welcome(room, &[], mls_welcome(room, &[&package])).is_err(), "no recipient");
         let too_many = vec![1; DELIVER_WELCOME_RECIPIENTS_MAX + 1];
-        assert!(check_delivered_welcome(room, &too_many, welcome(room, 3).to_vec()).is_err());
+        assert!(check_delivered_welcome(room, &too_many, mls_welcome(room, &[&package])).is_err());
         let huge = vec![0; FORWARDED_WELCOME_BYTES_MAX + 1];
         assert!(check_delivered_welcome(room, &[1], huge).is_err());
+    }
+
+    fn inbox(store: &Arc<MemoryStore>, now_ms: u64) -> WelcomeInbox {
+        WelcomeInbox {
+            store: Arc::clone(store) as Arc<dyn Store>,
+            rooms: Arc::new(RemoteRooms::default()),
+            metrics: Metrics::new().unwrap(),
+            arrived: Arc::new(|_| {}),
+            clock: Arc::new(move || now_ms),
+        }
+    }
+
+    fn answer_code(response: LinkResponse) -> String {
+        match response {
+            LinkResponse::WelcomeStored {} => "stored".to_owned(),
+            LinkResponse::Refused { code, .. } => code.as_str().to_owned(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn pending(store: &MemoryStore, user_id: u64) -> usize {
+        store.pending_welcomes(user_id, None).unwrap().len()
+    }
+
+    #[test]
+    fn a_peers_welcome_is_held_only_for_recipients_whose_named_package_was_claimed_here() {
+        let store = Arc::new(MemoryStore::new());
+        let home = inbox(&store, NOW_MS);
+        let a = domain("a.test");
+        let (bob, bob_package, bob_ref) = user(2);
+        let (carol, carol_package, carol_ref) = user(3);
+        let made_up = 0xca201;
+        let room = RoomId([6; 16]);
+        let to_bob = mls_welcome(room, &[&bob_package]);
+
+        // Nothing handed out yet: refused, and the room is not recorded.
+        let refused = home.accept(&a, room, vec![bob], to_bob.clone());
+        assert_eq!(answer_code(refused), "bad_request");
+        assert_eq!(home.rooms.authority_of(room), None, "a refused Welcome takes no slot");
+        assert_eq!(pending(&store, bob), 0);
+
+        store.record_peer_claim(bob, &bob_ref, NOW_MS - 1_000).unwrap();
+        store.record_peer_claim(carol, &carol_ref, NOW_MS - 1_000).unwrap();
+        // Made-up recipients, and carol named on a Welcome to bob's package.
+        for recipients in [vec![made_up], vec![carol], vec![made_up, carol]] {
+            let answer = home.accept(&a, room, recipients.clone(), to_bob.clone());
+            assert_eq!(answer_code(answer), "bad_request", "{recipients:?}");
+        }
+        assert_eq!(pending(&store, carol), 0);
+        assert_eq!(pending(&store, made_up), 0);
+
+        // bob's own: stored for bob alone, the others left out.
+        let answer = home.accept(&a, room, vec![made_up, bob, carol], to_bob.clone());
+        assert_eq!(answer_code(answer), "stored");
+        assert_eq!((pending(&store, bob), pending(&store, carol), pending(&store, made_up)), (1, 0, 0));
+        assert_eq!(home.rooms.authority_of(room), Some(a.clone()));
+        let page = home.metrics.render().unwrap();
+        let unclaimed = format!("{FEDERATION_REFUSALS_TOTAL}{{code=\"unclaimed_recipient\"}} 5");
+        assert!(page.contains(&unclaimed), "four refusals and one request with recipients left out:\n{page}");
+
+        // A claim older than the record time no longer admits a Welcome.
+        let late = inbox(&store, NOW_MS + PEER_CLAIM_RECORD_MS + 1_001);
+        let to_carol = mls_welcome(RoomId([7; 16]), &[&carol_package]);
+        assert_eq!(
+            answer_code(late.accept(&a, RoomId([7; 16]), vec![carol], to_carol.clone())),
+            "bad_request"
+        );
+        assert_eq!(answer_code(home.accept(&a, RoomId([7; 16]), vec![carol], to_carol)), "stored");
     }
 
     #[test]

@@ -677,6 +677,17 @@ mod tests {
         fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
             self.inner.claim_key_package(user_id)
         }
+        fn record_peer_claim(
+            &self,
+            user_id: UserId,
+            key_package_ref: &[u8],
+            now_ms: u64,
+        ) -> Result<(), KeyPackageError> {
+            self.inner.record_peer_claim(user_id, key_package_ref, now_ms)
+        }
+        fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
+            self.inner.peer_claims(user_id)
+        }
         fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {
             self.inner.count_key_packages(user_id)
         }

@@ -64,6 +64,15 @@ pub mod limits {
     /// Longest key-package reference (an MLS `KeyPackageRef` is a hash output,
     /// at most 64 bytes for the registered cipher suites).
     pub const KEY_PACKAGE_REF_BYTES_MAX: usize = 64;
+    /// How long a record that a key package was handed to a peer domain is
+    /// kept: a peer's Welcome naming the package is taken within this time
+    /// of the claim (the commit, its durability and the Welcome's routing,
+    /// with the peer's retries while a link is down, fit in it).
+    pub const PEER_CLAIM_RECORD_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+    /// Most records of packages handed to peers kept for one user: enough
+    /// for every ordinary package twice over and the last-resort one; when
+    /// full, the oldest record goes.
+    pub const PEER_CLAIMS_PER_USER_MAX: usize = 2 * KEY_PACKAGES_PER_USER_MAX + 1;
 
     /// Largest GroupInfo (it may carry the ratchet tree: about 1.8 MB at
     /// 10,000 members).
@@ -294,6 +303,15 @@ pub struct ClaimedKeyPackage {
     /// True when the user had no ordinary package left and this is the
     /// reusable last-resort package.
     pub is_last_resort: bool,
+}
+
+/// A key package recorded as handed to a peer domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerClaim {
+    /// The package's MLS `KeyPackageRef`.
+    pub key_package_ref: Vec<u8>,
+    /// When it was last handed out, ms since the Unix epoch.
+    pub claimed_at_ms: u64,
 }
 
 /// How many key packages a user has in the directory.
@@ -1039,6 +1057,22 @@ pub trait Store: Send + Sync + 'static {
     /// when the user has neither.
     fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError>;
 
+    /// Records durably that a package of `user_id` with `key_package_ref`
+    /// was handed to a peer domain at `now_ms` (a Welcome a peer sends for
+    /// the user must name such a package). Records older than
+    /// [`PEER_CLAIM_RECORD_MS`] are dropped, then the oldest while the user
+    /// has [`PEER_CLAIMS_PER_USER_MAX`].
+    fn record_peer_claim(
+        &self,
+        user_id: UserId,
+        key_package_ref: &[u8],
+        now_ms: u64,
+    ) -> Result<(), KeyPackageError>;
+
+    /// The packages of `user_id` recorded as handed to peer domains (at most
+    /// [`PEER_CLAIMS_PER_USER_MAX`]), in reference order.
+    fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError>;
+
     /// How many packages `user_id` has.
     fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError>;
 
@@ -1323,6 +1357,33 @@ pub(crate) fn validate_sweep_position(
     Ok(())
 }
 
+/// Checks a key-package reference's length.
+pub(crate) fn validate_key_package_ref(key_package_ref: &[u8]) -> Result<(), KeyPackageError> {
+    let bytes = key_package_ref.len();
+    if bytes == 0 || bytes > KEY_PACKAGE_REF_BYTES_MAX {
+        return Err(KeyPackageError::RefLength { bytes, bytes_max: KEY_PACKAGE_REF_BYTES_MAX });
+    }
+    Ok(())
+}
+
+/// Which of a user's peer-claim records (key, ms claimed) to delete before
+/// `new_key` is written at `now_ms`: the expired ones, then the oldest
+/// while the rest and the new one would exceed [`PEER_CLAIMS_PER_USER_MAX`].
+pub(crate) fn peer_claims_to_drop(
+    records: &[([u8; KEY_PACKAGE_KEY_BYTES], u64)],
+    new_key: &[u8; KEY_PACKAGE_KEY_BYTES],
+    now_ms: u64,
+) -> Vec<[u8; KEY_PACKAGE_KEY_BYTES]> {
+    let expired = |claimed_ms: u64| claimed_ms.saturating_add(PEER_CLAIM_RECORD_MS) < now_ms;
+    let others = records.iter().filter(|(key, _)| key != new_key);
+    let (mut dropped, mut kept): (Vec<&(_, u64)>, Vec<&(_, u64)>) =
+        others.partition(|(_, claimed_ms)| expired(*claimed_ms));
+    kept.sort_by_key(|(key, claimed_ms)| (*claimed_ms, *key));
+    let excess = (kept.len() + 1).saturating_sub(PEER_CLAIMS_PER_USER_MAX);
+    dropped.extend(kept.into_iter().take(excess));
+    dropped.into_iter().map(|(key, _)| *key).collect()
+}
+
 /// Validates a key-package upload (sizes, reference lengths, duplicates).
 pub(crate) fn validate_key_package_upload(
     user_id: UserId,
@@ -1339,13 +1400,7 @@ pub(crate) fn validate_key_package_upload(
         });
     }
     for package in packages {
-        let ref_bytes = package.key_package_ref.len();
-        if ref_bytes == 0 || ref_bytes > KEY_PACKAGE_REF_BYTES_MAX {
-            return Err(KeyPackageError::RefLength {
-                bytes: ref_bytes,
-                bytes_max: KEY_PACKAGE_REF_BYTES_MAX,
-            });
-        }
+        validate_key_package_ref(&package.key_package_ref)?;
         if package.key_package.len() > KEY_PACKAGE_BYTES_MAX {
             return Err(KeyPackageError::PackageTooLarge {
                 bytes: package.key_package.len(),
@@ -1383,6 +1438,17 @@ pub(crate) fn key_package_key(user_id: UserId, key_package_ref: &[u8]) -> [u8; K
     key[8] = u8::try_from(key_package_ref.len()).unwrap_or(u8::MAX);
     key[9..9 + key_package_ref.len()].copy_from_slice(key_package_ref);
     key
+}
+
+/// The reference a key-package key holds.
+pub(crate) fn key_package_ref_of(key: &[u8; KEY_PACKAGE_KEY_BYTES]) -> Result<Vec<u8>, InvariantViolation> {
+    let length = usize::from(key[8]);
+    if length == 0 || length > KEY_PACKAGE_REF_BYTES_MAX {
+        return Err(InvariantViolation(format!(
+            "a stored key-package key holds a reference of {length} bytes"
+        )));
+    }
+    Ok(key[9..9 + length].to_vec())
 }
 
 /// The lowest and highest possible key-package keys of a user.

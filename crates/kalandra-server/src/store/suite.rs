@@ -833,6 +833,7 @@ macro_rules! store_suite {
             case!(retention_settings);
             case!(audited_redaction_and_retention_extend_the_chain);
             case!(remote_users_and_rooms_are_recorded_and_paged);
+            case!(packages_handed_to_peers_are_recorded_bounded_and_expire);
         }
     };
 }
@@ -984,6 +985,51 @@ fn remote_users_and_rooms_are_recorded_and_paged<S: Store>(store: &S) {
     let error = store.record_remote_room(room(2), &c).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Internal, "a room keeps its authority");
     assert_eq!(store.remote_rooms().unwrap(), vec![(room(1), c), (room(2), b)]);
+}
+
+/// When `user_id`'s package `key_package_ref` was recorded as handed to a peer.
+fn peer_claim<S: Store>(store: &S, user_id: UserId, key_package_ref: &[u8]) -> Option<u64> {
+    let claims = store.peer_claims(user_id).unwrap();
+    assert!(claims.len() <= PEER_CLAIMS_PER_USER_MAX);
+    claims.into_iter().find(|claim| claim.key_package_ref == key_package_ref).map(|claim| claim.claimed_at_ms)
+}
+
+fn packages_handed_to_peers_are_recorded_bounded_and_expire<S: Store>(store: &S) {
+    let start_ms = 1_000_000;
+    assert!(store.peer_claims(7).unwrap().is_empty());
+    store.record_peer_claim(7, b"ref-a", start_ms).unwrap();
+    store.record_peer_claim(8, b"ref-a", start_ms + 1).unwrap();
+    assert_eq!(
+        store.peer_claims(7).unwrap(),
+        vec![PeerClaim { key_package_ref: b"ref-a".to_vec(), claimed_at_ms: start_ms }]
+    );
+    assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1), "by user and reference");
+    assert_eq!(peer_claim(store, 7, b"ref-b"), None);
+    store.record_peer_claim(7, b"ref-a", start_ms + 5).unwrap();
+    assert_eq!(peer_claim(store, 7, b"ref-a"), Some(start_ms + 5), "a claim again renews");
+    assert_eq!(store.peer_claims(7).unwrap().len(), 1);
+    assert!(matches!(store.record_peer_claim(7, b"", start_ms), Err(KeyPackageError::RefLength { .. })));
+    assert!(matches!(store.record_peer_claim(7, &[1; 65], start_ms), Err(KeyPackageError::RefLength { .. })));
+
+    // Full: the oldest record of the user goes, other users' stay.
+    for n in 0..PEER_CLAIMS_PER_USER_MAX as u64 {
+        store.record_peer_claim(7, &n.to_be_bytes(), start_ms + 10 + n).unwrap();
+    }
+    assert_eq!(peer_claim(store, 7, b"ref-a"), None, "the oldest dropped");
+    assert_eq!(peer_claim(store, 7, &0u64.to_be_bytes()), Some(start_ms + 10));
+    store.record_peer_claim(7, b"one-more", start_ms + 10_000).unwrap();
+    assert_eq!(peer_claim(store, 7, &0u64.to_be_bytes()), None);
+    assert_eq!(peer_claim(store, 7, &1u64.to_be_bytes()), Some(start_ms + 11));
+    assert_eq!(store.peer_claims(7).unwrap().len(), PEER_CLAIMS_PER_USER_MAX);
+    assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1));
+
+    // Expired records go at the user's next claim.
+    let later_ms = start_ms + 5_000 + PEER_CLAIM_RECORD_MS;
+    store.record_peer_claim(7, b"late", later_ms).unwrap();
+    assert_eq!(store.peer_claims(7).unwrap().len(), 2, "only those within the record time stay");
+    assert_eq!(peer_claim(store, 7, b"one-more"), Some(start_ms + 10_000));
+    assert_eq!(peer_claim(store, 7, b"late"), Some(later_ms));
+    assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1), "another user's stays until its claim");
 }
 
 store_suite!(memory_store, (MemoryStore::new(), ()));

@@ -104,6 +104,23 @@ pub fn key_package_identity(bytes: &[u8]) -> Result<[u8; 32], DirectoryError> {
     inspect(0, bytes).map(|inspected| inspected.identity_key)
 }
 
+/// The MLS `KeyPackageRef` and the identity key of a key package, as
+/// [`key_package_identity`] checks it.
+pub fn key_package_ref_and_identity(bytes: &[u8]) -> Result<(Vec<u8>, [u8; 32]), DirectoryError> {
+    inspect(0, bytes).map(|inspected| (inspected.key_package_ref, inspected.identity_key))
+}
+
+/// The `KeyPackageRef`s a Welcome (an MLSMessage) is encrypted to, one per
+/// new member; an error when it is not a Welcome.
+pub fn welcome_key_package_refs(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let message =
+        MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("not an MLSMessage: {e}"))?;
+    let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
+        return Err("the MLSMessage is not a Welcome".into());
+    };
+    Ok(welcome.secrets().iter().map(|secrets| secrets.new_member().as_slice().to_vec()).collect())
+}
+
 /// Verifies and stores `uploader`'s key packages; returns the new stock.
 pub fn upload(
     store: &dyn Store,
