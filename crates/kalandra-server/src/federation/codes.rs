@@ -28,7 +28,7 @@ pub const LINK_FAILURE_CODES: [&str; 15] = [
 /// `WelcomeRefusal::code` (a
 /// peer's Welcome refused, or recipients left out of one), for the
 /// refusal counter's labels.
-pub const FEDERATION_REFUSAL_CODES: [&str; 12] = [
+pub const FEDERATION_REFUSAL_CODES: [&str; 13] = [
     "refused_domain",
     "unknown_domain",
     "wrong_answer",
@@ -41,6 +41,7 @@ pub const FEDERATION_REFUSAL_CODES: [&str; 12] = [
     "other_authority",
     "bad_welcome",
     "unclaimed_recipient",
+    "too_many_rooms",
 ];
 
 /// Every code of refused relay traffic, for the refusal counter's labels.

@@ -19,6 +19,11 @@ use crate::store::{RemoteRecordError, Store};
 /// Remote rooms one server keeps track of at most (as many as its store
 /// records).
 pub const REMOTE_ROOMS_MAX: usize = crate::store::limits::REMOTE_ROOMS_MAX;
+/// Remote rooms one authority may have recorded here at most: no peer
+/// domain fills the table the others share.
+pub const REMOTE_ROOMS_PER_AUTHORITY_MAX: usize = REMOTE_ROOMS_MAX / 4;
+
+const _: () = assert!(REMOTE_ROOMS_PER_AUTHORITY_MAX < REMOTE_ROOMS_MAX, "a peer leaves room for the others");
 
 /// Why a room could not be recorded as another domain's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +39,13 @@ pub enum RemoteRoomError {
     /// [`REMOTE_ROOMS_MAX`] rooms are recorded already.
     #[error("{REMOTE_ROOMS_MAX} remote rooms are recorded already")]
     Full,
+    /// [`REMOTE_ROOMS_PER_AUTHORITY_MAX`] rooms of this authority are
+    /// recorded already.
+    #[error("{REMOTE_ROOMS_PER_AUTHORITY_MAX} rooms of {authority} are recorded already")]
+    AuthorityFull {
+        /// The authority.
+        authority: DomainName,
+    },
 }
 
 /// Why a room could not be recorded durably.
@@ -90,16 +102,11 @@ impl RemoteRooms {
     /// Records `room_id` as ordered by `authority` (again, if it is already).
     pub fn record(&self, room_id: RoomId, authority: &DomainName) -> Result<(), RemoteRoomError> {
         let mut table = self.lock();
-        match table.rooms.get(&room_id) {
-            Some(known) if known == authority => Ok(()),
-            Some(known) => Err(RemoteRoomError::OtherAuthority { room_id, authority: known.clone() }),
-            None if table.rooms.len() >= REMOTE_ROOMS_MAX => Err(RemoteRoomError::Full),
-            None => {
-                table.rooms.insert(room_id, authority.clone());
-                table.by_authority.entry(authority.clone()).or_default().insert(room_id);
-                Ok(())
-            }
+        if table.admits(room_id, authority)? {
+            table.rooms.insert(room_id, authority.clone());
+            table.by_authority.entry(authority.clone()).or_default().insert(room_id);
         }
+        Ok(())
     }
 
     /// The remote rooms the store records (blocks on storage).
@@ -116,10 +123,8 @@ impl RemoteRooms {
         room_id: RoomId,
         authority: &DomainName,
     ) -> Result<(), RecordRoomError> {
-        match self.authority_of(room_id) {
-            Some(known) if known == *authority => return Ok(()),
-            Some(known) => return Err(RemoteRoomError::OtherAuthority { room_id, authority: known }.into()),
-            None => {}
+        if !self.lock().admits(room_id, authority)? {
+            return Ok(());
         }
         store.record_remote_room(room_id, authority)?;
         Ok(self.record(room_id, authority)?)
@@ -127,6 +132,24 @@ impl RemoteRooms {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Table {
+    /// Whether `room_id` is new and may be recorded under `authority`
+    /// (`false`: it is recorded under it already).
+    fn admits(&self, room_id: RoomId, authority: &DomainName) -> Result<bool, RemoteRoomError> {
+        match self.rooms.get(&room_id) {
+            Some(known) if known == authority => Ok(false),
+            Some(known) => Err(RemoteRoomError::OtherAuthority { room_id, authority: known.clone() }),
+            None if self.rooms.len() >= REMOTE_ROOMS_MAX => Err(RemoteRoomError::Full),
+            None if self.by_authority.get(authority).map_or(0, BTreeSet::len)
+                >= REMOTE_ROOMS_PER_AUTHORITY_MAX =>
+            {
+                Err(RemoteRoomError::AuthorityFull { authority: authority.clone() })
+            }
+            None => Ok(true),
+        }
     }
 }
 
@@ -157,6 +180,26 @@ mod tests {
             Err(RemoteRoomError::OtherAuthority { room_id, authority: a.clone() })
         );
         assert_eq!(rooms.authority_of(room_id), Some(a));
+    }
+
+    #[test]
+    fn one_authority_fills_at_most_its_share_of_the_table() {
+        let (a, b) = (DomainName::parse("a.example").unwrap(), DomainName::parse("b.example").unwrap());
+        let room = |n: usize| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            RoomId(id)
+        };
+        let rooms = RemoteRooms::new((0..REMOTE_ROOMS_PER_AUTHORITY_MAX).map(|n| (room(n), a.clone())));
+        let store = crate::store::MemoryStore::new();
+        let next = room(REMOTE_ROOMS_PER_AUTHORITY_MAX);
+        assert_eq!(rooms.record(next, &a), Err(RemoteRoomError::AuthorityFull { authority: a.clone() }));
+        let refused = rooms.record_durably(&store, next, &a).unwrap_err();
+        assert!(matches!(refused, RecordRoomError::Room(RemoteRoomError::AuthorityFull { .. })));
+        assert!(store.remote_rooms().unwrap().is_empty(), "refused before the store is written");
+        rooms.record(room(0), &a).unwrap();
+        rooms.record_durably(&store, next, &b).unwrap();
+        assert_eq!(rooms.authority_of(next), Some(b), "another authority still has room");
     }
 
     #[test]

@@ -92,6 +92,14 @@ pub enum WelcomeRefusal {
         /// What is wrong.
         detail: String,
     },
+    /// The peer has as many rooms recorded here as one authority may.
+    #[error("room {room_id}: {authority} has as many rooms recorded here as one domain may")]
+    TooManyRooms {
+        /// The room named.
+        room_id: RoomId,
+        /// The peer.
+        authority: DomainName,
+    },
     /// No recipient's key package named in the Welcome was handed to a
     /// peer by this server (made-up recipients, or a package of another).
     #[error("Welcome of room {room_id}: none of its {recipients} recipients has a key package it names claimed through this server")]
@@ -112,6 +120,7 @@ impl WelcomeRefusal {
             WelcomeRefusal::OtherAuthority { .. } => "other_authority",
             WelcomeRefusal::BadWelcome { .. } => "bad_welcome",
             WelcomeRefusal::UnclaimedRecipients { .. } => "unclaimed_recipient",
+            WelcomeRefusal::TooManyRooms { .. } => "too_many_rooms",
         }
     }
 }
@@ -228,6 +237,9 @@ impl WelcomeInbox {
         self.rooms.record_durably(self.store.as_ref(), room_id, peer).map_err(|error| match error {
             RecordRoomError::Room(RemoteRoomError::OtherAuthority { room_id, authority }) => {
                 WelcomeRefusal::OtherAuthority { room_id, authority }.into()
+            }
+            RecordRoomError::Room(RemoteRoomError::AuthorityFull { authority }) => {
+                WelcomeRefusal::TooManyRooms { room_id, authority }.into()
             }
             other => InboxError::Unavailable(other.to_string()),
         })?;
