@@ -125,6 +125,31 @@ async fn a_welcome_that_would_not_fit_is_refused_before_sequencing_and_the_shard
     server.stop().await;
 }
 
+/// A proposal sent again while the first is pending (its acknowledgement
+/// was lost on the way) gets the first one's acknowledgement, not an error;
+/// the same bytes from another member are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_sent_again_while_pending_is_acknowledged_with_the_first_index() {
+    let server = TestServer::start(default_limits()).await;
+    let mut bob = client_with_key_packages(&server, "bob", 2).await;
+    let mut carol = client_with_key_packages(&server, "carol", 3).await;
+    let _alice = room_with(&server, &mut [&mut bob, &mut carol]).await;
+    let left = bob.group.as_mut().unwrap().leave(&bob.provider, &bob.identity).unwrap();
+    let first: Ack = decode_ok(&bob.request(&Proposal { proposal: left.proposal.clone() }).await);
+    assert!(first.log_head.is_some());
+    let again: Ack = decode_ok(&bob.request(&Proposal { proposal: left.proposal.clone() }).await);
+    assert_eq!(
+        (again.log_index, again.epoch, again.server_time_ms),
+        (first.log_index, first.epoch, first.server_time_ms)
+    );
+    assert_eq!(again.log_head, None, "the head at the first one's index is not kept");
+    let signed = again.signed_head.expect("a signed head");
+    assert!(signed.log_index >= first.log_index, "signed at or after the proposal");
+    let copied = carol.request(&Proposal { proposal: left.proposal.clone() }).await;
+    assert_refused(&copied, ErrorCode::InvalidProposal, "bob's proposal sent by carol");
+    server.stop().await;
+}
+
 /// F1: the admin's leaf used to be removable by any member's commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_cannot_remove_the_admin_or_each_other_but_may_leave() {

@@ -6,6 +6,8 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use kalandra_proto::payload::Proposal;
+use kalandra_proto::{Frame, Opcode, SenderId};
 
 use super::limits::{RECENT_BYTES_PER_ROOM_MAX, RECENT_FRAMES_PER_ROOM_MAX};
 
@@ -58,6 +60,28 @@ impl RecentFrames {
         }
     }
 
+    /// Where `sender`'s `Proposal` frame of `epoch` carrying exactly
+    /// `proposal` (MLS bytes) is kept: its log index and server time. Read
+    /// newest first, down to the first frame of an older epoch (a pending
+    /// proposal is of the room's current epoch).
+    pub fn proposal_of(&self, sender: SenderId, epoch: u64, proposal: &[u8]) -> Option<(u64, u64)> {
+        for (log_index, bytes) in self.frames.iter().rev() {
+            let Ok(frame) = Frame::decode(bytes) else { continue };
+            let header = frame.header();
+            if header.epoch() < epoch {
+                return None;
+            }
+            if frame.opcode() != Opcode::Proposal || header.sender_id() != sender || header.epoch() != epoch {
+                continue;
+            }
+            let Ok(kept) = frame.decode_payload::<Proposal>() else { continue };
+            if kept.proposal == proposal {
+                return Some((*log_index, header.server_timestamp_ms()));
+            }
+        }
+        None
+    }
+
     /// Frames kept.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -73,7 +97,38 @@ impl RecentFrames {
 
 #[cfg(test)]
 mod tests {
+    use kalandra_proto::payload::Application;
+    use kalandra_proto::{FrameHeaderBuf, Payload};
+
     use super::*;
+
+    fn frame<P: Payload>(sender: u64, epoch: u64, log_index: u64, payload: &P) -> Bytes {
+        let mut header = FrameHeaderBuf::new(P::OPCODE);
+        header.set_sender_id(SenderId(sender)).set_epoch(epoch).set_log_index(log_index);
+        header.set_server_timestamp_ms(1_000 + log_index);
+        Frame::with_payload(header, payload).unwrap().to_bytes()
+    }
+
+    #[test]
+    fn a_kept_proposal_is_found_by_sender_epoch_and_bytes() {
+        let proposal = |bytes: &[u8]| Proposal { proposal: bytes.to_vec() };
+        let mut recent = RecentFrames::default();
+        recent.push(0, frame(5, 1, 0, &proposal(b"leave")));
+        recent.push(1, frame(5, 2, 1, &proposal(b"leave")));
+        recent.push(2, frame(6, 2, 2, &proposal(b"update")));
+        let message = Application {
+            generation: 0,
+            ciphertext: Bytes::from_static(b"leave"),
+            push: None,
+            epoch_tag: None,
+        };
+        recent.push(3, frame(5, 2, 3, &message));
+        assert_eq!(recent.proposal_of(SenderId(5), 2, b"leave"), Some((1, 1_001)));
+        assert_eq!(recent.proposal_of(SenderId(5), 1, b"leave"), Some((0, 1_000)), "older epochs too");
+        assert_eq!(recent.proposal_of(SenderId(6), 2, b"leave"), None, "another sender's");
+        assert_eq!(recent.proposal_of(SenderId(5), 2, b"update"), None, "other bytes");
+        assert_eq!(recent.proposal_of(SenderId(5), 3, b"leave"), None, "not of that epoch");
+    }
 
     #[test]
     fn recent_frames_are_bounded_in_bytes_as_well_as_in_count() {

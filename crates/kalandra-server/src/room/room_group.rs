@@ -42,6 +42,7 @@ fn group_error(error: MlsValidationError) -> GroupError {
         MlsValidationError::UncoveredServerProposals { missing } => {
             GroupError::UncoveredProposals { missing: missing.len() }
         }
+        MlsValidationError::DuplicateProposal => GroupError::AlreadyPending,
         MlsValidationError::TooManyProposals { pending, max_pending } => {
             GroupError::TooManyProposals { pending, max_pending }
         }

@@ -30,7 +30,7 @@ use super::snapshot::RoomSnapshot;
 use crate::room::mls_state::ServerSigner;
 use crate::room::roles::RoomRoles;
 use crate::room::sequencer::{
-    Effect, PersistentGroup, RoomSequencer, Sequenced, SubmitError, SERVER_SENDER_ID,
+    Effect, GroupError, PersistentGroup, RoomSequencer, Sequenced, SubmitError, SERVER_SENDER_ID,
 };
 use crate::store::{LogEntry, RoomMetadata};
 
@@ -542,6 +542,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
         let room_id = frame.header().room_id();
         let request_id = frame.header().request_id();
         let removals_to_reissue = self.removals_a_rejoin_ends(room_id, peer.sender(), &frame);
+        let proposal = (frame.opcode() == Opcode::Proposal).then(|| frame.clone());
         let result = if frame.opcode() == Opcode::CreateRoom {
             self.create_room(peer, frame, now_ms)
         } else {
@@ -569,11 +570,37 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 self.sequenced(room_id, Some(peer.clone()), sequenced);
                 self.reissue_removals(room_id, &removals_to_reissue, now_ms);
             }
+            Err(SubmitError::InvalidProposal(GroupError::AlreadyPending))
+                if proposal.as_ref().is_some_and(|sent| self.acknowledge_again(peer, room_id, sent)) => {}
             Err(error) => {
                 self.counters.rejections.push(error.error_code());
                 Self::reply(peer, rejection_frame(room_id, request_id, &error));
             }
         }
+    }
+
+    /// Answers a proposal sent again while the first is pending (its
+    /// acknowledgement was lost) with the first one's acknowledgement, when
+    /// it is still among the recent frames: its index and time, and the
+    /// signed head at the end of the durable log; the head at its index is
+    /// not kept, so `log_head` is left out. `false` when it is not found.
+    fn acknowledge_again(&mut self, peer: &P, room_id: RoomId, sent: &Frame) -> bool {
+        let Some(room) = self.rooms.get(&room_id) else { return false };
+        let Ok(payload) = sent.decode_payload::<payload::Proposal>() else { return false };
+        let epoch = sent.header().epoch();
+        let Some((log_index, server_time_ms)) =
+            room.recent.proposal_of(peer.sender(), epoch, &payload.proposal)
+        else {
+            return false;
+        };
+        let signed_head = room
+            .sequencer
+            .durable_log_head()
+            .map(|(last, head)| sign_head(room_id, last, head, &self.config.server_signer));
+        let ack = payload::Ack { log_index, epoch, server_time_ms, log_head: None, signed_head };
+        Self::reply(peer, reply_frame(room_id, sent.header().request_id(), &ack));
+        self.counters.acks += 1;
+        true
     }
 
     /// The server removals an external join of `sender` would end: those

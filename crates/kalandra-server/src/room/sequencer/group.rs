@@ -139,6 +139,9 @@ pub enum GroupError {
         /// How many are left out.
         missing: usize,
     },
+    /// The same proposal is already pending (a retry of one sequenced).
+    #[error("proposal already pending")]
+    AlreadyPending,
     /// Members' proposals pending in this epoch are at their bound (the
     /// room's or the sender's); a commit clears them.
     #[error("{pending} proposals pending, at most {max_pending}: commit them first")]
