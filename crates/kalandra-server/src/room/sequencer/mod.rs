@@ -12,11 +12,12 @@
 //! MLS validation is behind the [`GroupState`] trait; the server's
 //! implementation is OpenMLS's `PublicGroup` (`crate::room::mls_state`).
 
+mod bans;
 mod group;
 mod replica;
 mod void;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use kalandra_proto::chain::{log_entry_digest, LogChain, LogHead};
@@ -367,7 +368,7 @@ pub struct RoomSequencer<G: GroupState> {
     /// When to remind members of uncovered server proposals next.
     reannounce_at_ms: u64,
     /// Banned users and when their ban ends (`None`: never).
-    bans: HashMap<SenderId, Option<u64>>,
+    bans: bans::Bans,
     in_flight: VecDeque<InFlight>,
     durable_through: Option<u64>,
     /// The hash chain through the last stamped frame.
@@ -421,7 +422,7 @@ impl<G: GroupState> RoomSequencer<G> {
             rejoined_while_closed: Vec::new(),
             server_proposals_since: None,
             reannounce_at_ms: 0,
-            bans: HashMap::new(),
+            bans: bans::Bans::default(),
             in_flight: VecDeque::new(),
             durable_through: None,
             chain: LogChain::genesis(),
@@ -465,7 +466,7 @@ impl<G: GroupState> RoomSequencer<G> {
             server_proposals_pending: point.server_proposals.refs,
             rejoined_while_closed: Vec::new(),
             server_proposals_since: point.server_proposals.since,
-            bans: HashMap::new(),
+            bans: bans::Bans::default(),
             in_flight: VecDeque::new(),
             durable_through: Some(point.through_log_index),
             chain: LogChain::anchored(point.through_log_index, point.log_head),
@@ -648,30 +649,30 @@ impl<G: GroupState> RoomSequencer<G> {
     /// Bans `user` until `until_ms` (`None`: until lifted). A banned user
     /// cannot be added by a commit nor join by external commit.
     pub fn ban(&mut self, user: SenderId, until_ms: Option<u64>) -> Result<(), SubmitError> {
-        if self.bans.len() >= BANS_PER_ROOM_MAX && !self.bans.contains_key(&user) {
+        if self.bans.len() >= BANS_PER_ROOM_MAX && !self.bans.contains(user) {
             return Err(SubmitError::TooManyBans);
         }
         self.bans.insert(user, until_ms);
+        assert!(self.bans.len() <= BANS_PER_ROOM_MAX, "bans beyond their bound");
         Ok(())
     }
     /// `user`'s ban, if banned: `Some(until_ms)`.
     pub fn ban_of(&self, user: SenderId) -> Option<Option<u64>> {
-        self.bans.get(&user).copied()
+        self.bans.get(user)
     }
     /// Every ban (user, end), by user id.
     pub fn bans(&self) -> Vec<(SenderId, Option<u64>)> {
-        let mut bans: Vec<(SenderId, Option<u64>)> =
-            self.bans.iter().map(|(u, until)| (*u, *until)).collect();
+        let mut bans: Vec<(SenderId, Option<u64>)> = self.bans.iter().collect();
         bans.sort_by_key(|(user, _)| user.0);
         bans
     }
     /// Whether a ban with an end is in force (it will need expiring).
     pub fn has_timed_bans(&self) -> bool {
-        self.bans.values().any(Option::is_some)
+        self.bans.has_timed()
     }
     /// Lifts `user`'s ban; whether there was one.
     pub fn unban(&mut self, user: SenderId) -> bool {
-        self.bans.remove(&user).is_some()
+        self.bans.remove(user)
     }
     /// The room's time at `now_ms`: never before the last frame's stamp. A
     /// ban's end is judged on it, so a clock that steps back (at a restart)
@@ -681,22 +682,12 @@ impl<G: GroupState> RoomSequencer<G> {
     }
     /// Whether `user` is banned at `now_ms` (on the room's time).
     pub fn is_banned(&self, user: SenderId, now_ms: u64) -> bool {
-        banned(&self.bans, user, self.room_time_ms(now_ms))
+        self.bans.bans(user, self.room_time_ms(now_ms))
     }
     /// Forgets bans that ended before `now_ms` (on the room's time);
     /// returns the users whose ban ended.
     pub fn expire_bans(&mut self, now_ms: u64) -> Vec<SenderId> {
-        let now_ms = self.room_time_ms(now_ms);
-        let ended: Vec<SenderId> = self
-            .bans
-            .iter()
-            .filter(|(_, until)| until.is_some_and(|until| until <= now_ms))
-            .map(|(user, _)| *user)
-            .collect();
-        for user in &ended {
-            self.bans.remove(user);
-        }
-        ended
+        self.bans.expire(self.room_time_ms(now_ms))
     }
 
     /// Whether server-issued proposals have been pending for
@@ -854,7 +845,7 @@ impl<G: GroupState> RoomSequencer<G> {
         let rules = CommitRules {
             committer: sender,
             must_cover: &self.server_proposals_pending,
-            barred: &|user| banned(bans, user, now_ms),
+            barred: &|user| bans.bans(user, now_ms),
             policy: Some(&self.policy),
             welcome: payload.welcome.as_ref().map(|welcome| (welcome.len(), recipients.as_slice())),
             group_info: payload.group_info.as_deref(),
@@ -893,7 +884,7 @@ impl<G: GroupState> RoomSequencer<G> {
         let rules = CommitRules {
             committer: sender,
             must_cover: &[],
-            barred: &|user| banned(bans, user, now_ms),
+            barred: &|user| bans.bans(user, now_ms),
             policy: Some(&self.policy),
             welcome: None,
             group_info: payload.group_info.as_deref(),
@@ -1142,10 +1133,6 @@ impl<G: GroupState> RoomSequencer<G> {
         }
         log_index
     }
-}
-
-fn banned(bans: &HashMap<SenderId, Option<u64>>, user: SenderId, now_ms: u64) -> bool {
-    bans.get(&user).is_some_and(|until| until.is_none_or(|until| now_ms < until))
 }
 
 fn check_sender(frame: &Frame, authenticated: SenderId) -> Result<(), SubmitError> {

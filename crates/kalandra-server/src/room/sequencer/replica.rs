@@ -4,7 +4,7 @@
 //! fanned out to this server's readers once stored, never acknowledged
 //! (the authority acknowledges). A replica never assigns an index.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use kalandra_proto::chain::{LogChain, LogHead, GENESIS_LOG_HEAD};
 use kalandra_proto::payload::CreateRoom;
@@ -39,7 +39,7 @@ impl<G: GroupState> RoomSequencer<G> {
             rejoined_while_closed: Vec::new(),
             server_proposals_since: None,
             reannounce_at_ms: 0,
-            bans: HashMap::new(),
+            bans: super::bans::Bans::default(),
             in_flight: VecDeque::new(),
             durable_through: None,
             chain: LogChain::genesis(),
