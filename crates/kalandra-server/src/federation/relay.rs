@@ -375,7 +375,9 @@ pub struct RelayAuthority {
     metrics: Metrics,
     /// What each peer's envelopes are checked against.
     from_peers: Mutex<HashMap<DomainName, FromPeer>>,
-    connections: Mutex<HashMap<(DomainName, u64), RemoteConnection>>,
+    /// Open remote connections, by peer and by the client's connection id
+    /// at the peer (a peer's count is read without a scan of the others).
+    connections: Mutex<HashMap<DomainName, HashMap<u64, RemoteConnection>>>,
     next_connection_id: AtomicU64,
 }
 
@@ -471,7 +473,7 @@ impl RelayAuthority {
         let inbox_frame = match inbox.try_send(frame) {
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 // The remote connection ended on its own (its queue closed): open it again.
-                lock(&self.connections).remove(&(peer.clone(), connection));
+                remove_connection(&mut lock(&self.connections), peer, connection);
                 match self.connection(peer, connection, &envelope.home_certificate, outgoing) {
                     Some(inbox) => inbox.try_send(frame).map_err(|_| ()),
                     None => Err(()),
@@ -564,19 +566,23 @@ impl RelayAuthority {
         outgoing: &mpsc::Sender<Vec<u8>>,
     ) -> Option<mpsc::Sender<Frame>> {
         let mut connections = lock(&self.connections);
-        let key = (peer.clone(), connection);
-        if let Some(open) = connections.get(&key) {
+        let of_peer = connections.get(peer);
+        if let Some(open) = of_peer.and_then(|open| open.get(&connection)) {
             return Some(open.inbox.clone());
         }
-        let of_peer = connections.keys().filter(|(domain, _)| domain == peer).count();
-        if of_peer >= RELAYED_CONNECTIONS_PER_PEER_MAX {
+        if of_peer.map_or(0, HashMap::len) >= RELAYED_CONNECTIONS_PER_PEER_MAX {
             return None;
         }
         let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         let (inbox, frames) = mpsc::channel(RELAYED_INBOX_FRAMES_MAX);
         let (outbox, handled) =
             self.host.open_remote(id, certificate.identity_key, frames, outgoing.clone(), connection)?;
-        connections.insert(key, RemoteConnection { inbox: inbox.clone(), outbox });
+        let of_peer = connections.entry(peer.clone()).or_default();
+        of_peer.insert(connection, RemoteConnection { inbox: inbox.clone(), outbox });
+        assert!(
+            of_peer.len() <= RELAYED_CONNECTIONS_PER_PEER_MAX,
+            "a peer's remote connections beyond their bound"
+        );
         drop(connections);
         tokio::spawn(handled);
         // The certificate names the user's home: its domain may follow the
@@ -599,21 +605,33 @@ impl RelayAuthority {
 
     /// The client of `peer`'s connection `connection` left.
     pub fn closed(&self, peer: &DomainName, connection: u64) {
-        if let Some(open) = lock(&self.connections).remove(&(peer.clone(), connection)) {
+        if let Some(open) = remove_connection(&mut lock(&self.connections), peer, connection) {
             open.outbox.close();
         }
     }
 
     /// The link with `peer` went down: its remote connections end.
     pub fn link_down(&self, peer: &DomainName) {
-        lock(&self.connections).retain(|(domain, _), open| {
-            let keep = domain != peer;
-            if !keep {
-                open.outbox.close();
-            }
-            keep
-        });
+        let ended = lock(&self.connections).remove(peer);
+        for open in ended.into_iter().flat_map(HashMap::into_values) {
+            open.outbox.close();
+        }
     }
+}
+
+/// Removes `peer`'s remote connection for its client connection
+/// `connection` (and the peer's entry with its last one).
+fn remove_connection(
+    connections: &mut HashMap<DomainName, HashMap<u64, RemoteConnection>>,
+    peer: &DomainName,
+    connection: u64,
+) -> Option<RemoteConnection> {
+    let of_peer = connections.get_mut(peer)?;
+    let removed = of_peer.remove(&connection);
+    if of_peer.is_empty() {
+        connections.remove(peer);
+    }
+    removed
 }
 
 /// The room and request id of a relayed frame, if its header is readable.
