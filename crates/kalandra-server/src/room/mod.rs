@@ -6,6 +6,7 @@
 
 mod acts;
 pub mod audit;
+mod connections;
 pub(crate) mod frames;
 pub mod mls_state;
 mod moderation;

@@ -321,6 +321,16 @@ impl<G: PersistentGroup, P> Room<G, P> {
         }
     }
 
+    /// Whether `connection` subscribes here or has a frame waiting to be
+    /// acknowledged.
+    fn holds_state_of(&self, connection: ConnectionId) -> bool
+    where
+        P: Peer,
+    {
+        self.subscribers.iter().any(|s| s.peer.connection() == connection)
+            || self.waiting.iter().any(|w| w.peer.as_ref().is_some_and(|p| p.connection() == connection))
+    }
+
     /// `user` may read the room below `read_next` (and no further).
     pub(super) fn note_departing(&mut self, user: SenderId, read_next: u64) {
         if self.departing.len() >= DEPARTING_READERS_PER_ROOM_MAX && !self.departing.contains_key(&user) {
@@ -412,6 +422,8 @@ pub struct Shard<G: PersistentGroup, P: Peer> {
     pub(super) watched: BTreeSet<RoomId>,
     /// Last subscription id handed out.
     next_subscription: u64,
+    /// Where each connection subscribes or awaits an acknowledgement.
+    connection_rooms: super::connections::ConnectionRooms,
     pub(super) outputs: VecDeque<Output<P>>,
     effects: Vec<Effect>,
     pub(super) counters: ShardCounters,
@@ -429,6 +441,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             next_batch: 0,
             watched: BTreeSet::new(),
             next_subscription: 0,
+            connection_rooms: super::connections::ConnectionRooms::default(),
             outputs: VecDeque::new(),
             effects: Vec::new(),
             counters: ShardCounters::default(),
@@ -636,6 +649,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 Err(error) => tracing::error!(%room_id, log_index, %error, "a sequenced Welcome was dropped"),
             }
         }
+        let acknowledged = peer.as_ref().map(P::connection);
         if peer.is_some() {
             room.waiting.push_back(Waiting { log_index, peer, encoded: encoded.clone() });
         }
@@ -648,6 +662,18 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             Some((_, through)) => *through = log_index,
             None => self.pending.rooms.push((room_id, log_index)),
         }
+        if let Some(connection) = acknowledged {
+            self.note_connection(connection, room_id);
+        }
+    }
+
+    /// `connection` holds state (a subscriber, a frame to acknowledge) in
+    /// `room_id`: it is cleaned up there when it closes.
+    fn note_connection(&mut self, connection: ConnectionId, room_id: RoomId) {
+        let rooms = &self.rooms;
+        self.connection_rooms.note(connection, room_id, |noted| {
+            rooms.get(&noted).is_some_and(|room| room.holds_state_of(connection))
+        });
     }
 
     fn create_room(&mut self, peer: &P, frame: Frame, now_ms: u64) -> Result<Sequenced, SubmitError> {
@@ -812,6 +838,7 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
             request_id,
             awaiting_replica: from_log_index > durable_next,
         });
+        self.note_connection(peer.connection(), room_id);
         if from_log_index <= durable_next {
             self.handle_caught_up(room_id, subscription, from_log_index);
         }
@@ -827,7 +854,8 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
     /// The connection is gone: drop its subscriptions and forget it as the
     /// one to acknowledge.
     pub fn handle_connection_closed(&mut self, connection: ConnectionId) {
-        for room in self.rooms.values_mut() {
+        for room_id in self.connection_rooms.take(connection) {
+            let Some(room) = self.rooms.get_mut(&room_id) else { continue };
             drop_subscribers(&mut room.subscribers, |s| s.peer.connection() == connection);
             for waiting in room.waiting.iter_mut() {
                 if waiting.peer.as_ref().is_some_and(|p| p.connection() == connection) {
@@ -835,6 +863,12 @@ impl<G: PersistentGroup, P: Peer> Shard<G, P> {
                 }
             }
         }
+        // Tests and the simulation (debug builds) check that no room was
+        // missed; release builds trust the index.
+        debug_assert!(
+            self.rooms.values().all(|room| !room.holds_state_of(connection)),
+            "a closed connection's state is left in a room not noted for it"
+        );
     }
 
     /// A subscriber has been sent everything below `next_log_index`: hand it
