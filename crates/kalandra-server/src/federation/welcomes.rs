@@ -289,7 +289,7 @@ impl WelcomeInbox {
             return Err(WelcomeRefusal::UnclaimedRecipients { room_id, recipients: named_count }.into());
         }
         if unclaimed > 0 {
-            tracing::warn!(%peer, %room_id, unclaimed, "a peer's Welcome names recipients whose key packages it did not claim; left out");
+            tracing::warn!(%peer, %room_id, unclaimed, "a peer's Welcome names recipients none of whose named key packages was claimed through a link; left out");
             self.metrics.federation_refused(
                 WelcomeRefusal::UnclaimedRecipients { room_id, recipients: unclaimed }.code(),
             );
