@@ -440,13 +440,8 @@ impl Store for SimDisk {
         self.write("claim_key_package", || self.store().claim_key_package(user_id))
     }
 
-    fn record_peer_claim(
-        &self,
-        user_id: UserId,
-        key_package_ref: &[u8],
-        now_ms: u64,
-    ) -> Result<(), KeyPackageError> {
-        self.write("record_peer_claim", || self.store().record_peer_claim(user_id, key_package_ref, now_ms))
+    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError> {
+        self.write("record_peer_claims", || self.store().record_peer_claims(claims, now_ms))
     }
 
     fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {

@@ -258,6 +258,7 @@ impl HomeDirectory {
         }
         let not_after_ms = (self.clock)().saturating_add(HOME_CERTIFICATE_VALIDITY_MS);
         let mut key_packages = Vec::with_capacity(sender_ids.len());
+        let mut handed_out = Vec::with_capacity(sender_ids.len());
         for &sender_id in sender_ids {
             let claimed = match self.store.claim_key_package(sender_id) {
                 Ok(claimed) => claimed,
@@ -272,19 +273,19 @@ impl HomeDirectory {
                 Ok(inspected) => inspected,
                 Err(error) => return refusal(RefusalCode::Unavailable, &error.to_string()),
             };
-            // A peer's Welcome for the user must name a package handed out
-            // here (`WelcomeInbox`); a package whose record failed is lost
-            // as one whose answer is lost on the way.
-            let now_ms = (self.clock)();
-            if let Err(error) = self.store.record_peer_claim(sender_id, &key_package_ref, now_ms) {
-                return refusal(RefusalCode::Unavailable, &error.to_string());
-            }
+            handed_out.push((sender_id, key_package_ref));
             let certificate = HomeCertificate::issue(&self.key, self.domain.clone(), identity, not_after_ms);
             key_packages.push(RemoteKeyPackage {
                 sender_id,
                 key_package: Some(claimed.key_package.to_vec()),
                 home_certificate: Some(certificate),
             });
+        }
+        // A peer's Welcome for a user must name a package handed out here
+        // (`WelcomeInbox`); packages whose record failed are lost, as ones
+        // whose answer is lost on the way.
+        if let Err(error) = self.store.record_peer_claims(&handed_out, (self.clock)()) {
+            return refusal(RefusalCode::Unavailable, &error.to_string());
         }
         LinkResponse::Claimed { key_packages }
     }

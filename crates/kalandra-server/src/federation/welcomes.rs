@@ -20,7 +20,7 @@
 //! MLS Welcome; the room not one this server orders nor one recorded under
 //! another authority; its recipients only users whose key package the MLS
 //! Welcome is encrypted to was claimed through a link, as recorded by
-//! [`Store::record_peer_claim`]), the
+//! [`Store::record_peer_claims`]), the
 //! room is recorded as the peer's ([`RemoteRooms`]), and the Welcome is
 //! stored for its recipients and held until they read the room, as a local
 //! one, and handed at once to those connected.
@@ -720,8 +720,7 @@ mod tests {
         assert_eq!(home.rooms.authority_of(room), None, "a refused Welcome takes no slot");
         assert_eq!(pending(&store, bob), 0);
 
-        store.record_peer_claim(bob, &bob_ref, NOW_MS - 1_000).unwrap();
-        store.record_peer_claim(carol, &carol_ref, NOW_MS - 1_000).unwrap();
+        store.record_peer_claims(&[(bob, bob_ref), (carol, carol_ref)], NOW_MS - 1_000).unwrap();
         // Made-up recipients, and carol named on a Welcome to bob's package.
         for recipients in [vec![made_up], vec![carol], vec![made_up, carol]] {
             let answer = home.accept(&a, room, recipients.clone(), to_bob.clone());

@@ -677,13 +677,12 @@ mod tests {
         fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
             self.inner.claim_key_package(user_id)
         }
-        fn record_peer_claim(
+        fn record_peer_claims(
             &self,
-            user_id: UserId,
-            key_package_ref: &[u8],
+            claims: &[(UserId, Vec<u8>)],
             now_ms: u64,
         ) -> Result<(), KeyPackageError> {
-            self.inner.record_peer_claim(user_id, key_package_ref, now_ms)
+            self.inner.record_peer_claims(claims, now_ms)
         }
         fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
             self.inner.peer_claims(user_id)

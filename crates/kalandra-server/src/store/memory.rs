@@ -505,21 +505,18 @@ impl Store for MemoryStore {
             .map(|key_package| ClaimedKeyPackage { key_package: key_package.clone(), is_last_resort: true }))
     }
 
-    fn record_peer_claim(
-        &self,
-        user_id: UserId,
-        key_package_ref: &[u8],
-        now_ms: u64,
-    ) -> Result<(), KeyPackageError> {
-        validate_key_package_ref(key_package_ref)?;
-        let key = key_package_key(user_id, key_package_ref);
+    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError> {
+        claims.iter().try_for_each(|(_, key_package_ref)| validate_key_package_ref(key_package_ref))?;
         let mut state = self.lock()?;
-        let (low, high) = key_package_key_bounds(user_id);
-        let records: Vec<_> = state.peer_claims.range(low..=high).map(|(key, ms)| (*key, *ms)).collect();
-        for dropped in peer_claims_to_drop(&records, &key, now_ms) {
-            state.peer_claims.remove(&dropped);
+        for (user_id, key_package_ref) in claims {
+            let key = key_package_key(*user_id, key_package_ref);
+            let (low, high) = key_package_key_bounds(*user_id);
+            let records: Vec<_> = state.peer_claims.range(low..=high).map(|(key, ms)| (*key, *ms)).collect();
+            for dropped in peer_claims_to_drop(&records, &key, now_ms) {
+                state.peer_claims.remove(&dropped);
+            }
+            state.peer_claims.insert(key, now_ms);
         }
-        state.peer_claims.insert(key, now_ms);
         Ok(())
     }
 

@@ -1057,17 +1057,13 @@ pub trait Store: Send + Sync + 'static {
     /// when the user has neither.
     fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError>;
 
-    /// Records durably that a package of `user_id` with `key_package_ref`
-    /// was handed to a peer domain at `now_ms` (a Welcome a peer sends for
-    /// the user must name such a package). Records older than
-    /// [`PEER_CLAIM_RECORD_MS`] are dropped, then the oldest while the user
-    /// has [`PEER_CLAIMS_PER_USER_MAX`].
-    fn record_peer_claim(
-        &self,
-        user_id: UserId,
-        key_package_ref: &[u8],
-        now_ms: u64,
-    ) -> Result<(), KeyPackageError>;
+    /// Records durably, in one transaction, that each (user, package
+    /// reference) of `claims` was handed to a peer domain at `now_ms` (a
+    /// Welcome a peer sends for the user must name such a package). A
+    /// user's records older than [`PEER_CLAIM_RECORD_MS`] are dropped, then
+    /// the oldest while it has [`PEER_CLAIMS_PER_USER_MAX`]. A reference of
+    /// the wrong length writes nothing.
+    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError>;
 
     /// The packages of `user_id` recorded as handed to peer domains (at most
     /// [`PEER_CLAIMS_PER_USER_MAX`]), in reference order.

@@ -1284,28 +1284,28 @@ impl Store for RedbStore {
         }
     }
 
-    fn record_peer_claim(
-        &self,
-        user_id: UserId,
-        key_package_ref: &[u8],
-        now_ms: u64,
-    ) -> Result<(), KeyPackageError> {
-        const OP: &str = "record_peer_claim";
-        validate_key_package_ref(key_package_ref)?;
-        let key = key_package_key(user_id, key_package_ref);
+    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError> {
+        const OP: &str = "record_peer_claims";
+        claims.iter().try_for_each(|(_, key_package_ref)| validate_key_package_ref(key_package_ref))?;
+        if claims.is_empty() {
+            return Ok(());
+        }
         let txn = self.begin_write(OP)?;
         let written = (|| -> Result<(), KeyPackageError> {
             let mut table = txn.open_table(PEER_CLAIMS).map_err(failed(OP))?;
-            let (low, high) = key_package_key_bounds(user_id);
-            let mut records = Vec::new();
-            for item in table.range::<&KeyPackageKey>(&low..=&high).map_err(failed(OP))? {
-                let (stored, claimed_ms) = item.map_err(failed(OP))?;
-                records.push((*stored.value(), claimed_ms.value()));
+            for (user_id, key_package_ref) in claims {
+                let key = key_package_key(*user_id, key_package_ref);
+                let (low, high) = key_package_key_bounds(*user_id);
+                let mut records = Vec::new();
+                for item in table.range::<&KeyPackageKey>(&low..=&high).map_err(failed(OP))? {
+                    let (stored, claimed_ms) = item.map_err(failed(OP))?;
+                    records.push((*stored.value(), claimed_ms.value()));
+                }
+                for dropped in peer_claims_to_drop(&records, &key, now_ms) {
+                    table.remove(&dropped).map_err(failed(OP))?;
+                }
+                table.insert(&key, now_ms).map_err(failed(OP))?;
             }
-            for dropped in peer_claims_to_drop(&records, &key, now_ms) {
-                table.remove(&dropped).map_err(failed(OP))?;
-            }
-            table.insert(&key, now_ms).map_err(failed(OP))?;
             Ok(())
         })();
         match written {

@@ -997,27 +997,43 @@ fn peer_claim<S: Store>(store: &S, user_id: UserId, key_package_ref: &[u8]) -> O
 fn packages_handed_to_peers_are_recorded_bounded_and_expire<S: Store>(store: &S) {
     let start_ms = 1_000_000;
     assert!(store.peer_claims(7).unwrap().is_empty());
-    store.record_peer_claim(7, b"ref-a", start_ms).unwrap();
-    store.record_peer_claim(8, b"ref-a", start_ms + 1).unwrap();
+    store.record_peer_claims(&[(7, b"ref-a".to_vec())], start_ms).unwrap();
+    store.record_peer_claims(&[(8, b"ref-a".to_vec())], start_ms + 1).unwrap();
     assert_eq!(
         store.peer_claims(7).unwrap(),
         vec![PeerClaim { key_package_ref: b"ref-a".to_vec(), claimed_at_ms: start_ms }]
     );
     assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1), "by user and reference");
     assert_eq!(peer_claim(store, 7, b"ref-b"), None);
-    store.record_peer_claim(7, b"ref-a", start_ms + 5).unwrap();
+    store.record_peer_claims(&[(7, b"ref-a".to_vec())], start_ms + 5).unwrap();
     assert_eq!(peer_claim(store, 7, b"ref-a"), Some(start_ms + 5), "a claim again renews");
     assert_eq!(store.peer_claims(7).unwrap().len(), 1);
-    assert!(matches!(store.record_peer_claim(7, b"", start_ms), Err(KeyPackageError::RefLength { .. })));
-    assert!(matches!(store.record_peer_claim(7, &[1; 65], start_ms), Err(KeyPackageError::RefLength { .. })));
+    assert!(matches!(
+        store.record_peer_claims(&[(7, b"".to_vec())], start_ms),
+        Err(KeyPackageError::RefLength { .. })
+    ));
+    assert!(matches!(
+        store.record_peer_claims(&[(7, [1; 65].to_vec())], start_ms),
+        Err(KeyPackageError::RefLength { .. })
+    ));
+
+    // Several in one call; a bad reference among them writes nothing.
+    let bad = store.record_peer_claims(&[(9, b"ref-c".to_vec()), (9, Vec::new())], start_ms);
+    assert!(matches!(bad, Err(KeyPackageError::RefLength { .. })));
+    assert!(store.peer_claims(9).unwrap().is_empty(), "nothing written");
+    store.record_peer_claims(&[(9, b"ref-c".to_vec()), (10, b"ref-d".to_vec())], start_ms).unwrap();
+    assert_eq!(
+        (peer_claim(store, 9, b"ref-c"), peer_claim(store, 10, b"ref-d")),
+        (Some(start_ms), Some(start_ms))
+    );
 
     // Full: the oldest record of the user goes, other users' stay.
     for n in 0..PEER_CLAIMS_PER_USER_MAX as u64 {
-        store.record_peer_claim(7, &n.to_be_bytes(), start_ms + 10 + n).unwrap();
+        store.record_peer_claims(&[(7, n.to_be_bytes().to_vec())], start_ms + 10 + n).unwrap();
     }
     assert_eq!(peer_claim(store, 7, b"ref-a"), None, "the oldest dropped");
     assert_eq!(peer_claim(store, 7, &0u64.to_be_bytes()), Some(start_ms + 10));
-    store.record_peer_claim(7, b"one-more", start_ms + 10_000).unwrap();
+    store.record_peer_claims(&[(7, b"one-more".to_vec())], start_ms + 10_000).unwrap();
     assert_eq!(peer_claim(store, 7, &0u64.to_be_bytes()), None);
     assert_eq!(peer_claim(store, 7, &1u64.to_be_bytes()), Some(start_ms + 11));
     assert_eq!(store.peer_claims(7).unwrap().len(), PEER_CLAIMS_PER_USER_MAX);
@@ -1025,7 +1041,7 @@ fn packages_handed_to_peers_are_recorded_bounded_and_expire<S: Store>(store: &S)
 
     // Expired records go at the user's next claim.
     let later_ms = start_ms + 5_000 + PEER_CLAIM_RECORD_MS;
-    store.record_peer_claim(7, b"late", later_ms).unwrap();
+    store.record_peer_claims(&[(7, b"late".to_vec())], later_ms).unwrap();
     assert_eq!(store.peer_claims(7).unwrap().len(), 2, "only those within the record time stay");
     assert_eq!(peer_claim(store, 7, b"one-more"), Some(start_ms + 10_000));
     assert_eq!(peer_claim(store, 7, b"late"), Some(later_ms));
