@@ -17,9 +17,9 @@ use bytes::Bytes;
 use kalandra_proto::federation::DomainName;
 use kalandra_server::audit::{AuditEvent, AuditHead, AuditRecord};
 use kalandra_server::store::{
-    AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, JournaledErasure,
-    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore, ModerationChange,
-    ModerationStoreError, PeerClaim, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction,
+    AppendError, ClaimedKeyPackage, DataKey, EntryContent, GroupInfoError, GroupInfoRecord, HandedOutClaim,
+    JournaledErasure, KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, MemoryStore,
+    ModerationChange, ModerationStoreError, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction,
     RemoteRecordError, RetentionError, RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomModeration,
     RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError,
     WelcomeId,
@@ -440,12 +440,16 @@ impl Store for SimDisk {
         self.write("claim_key_package", || self.store().claim_key_package(user_id))
     }
 
-    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError> {
-        self.write("record_peer_claims", || self.store().record_peer_claims(claims, now_ms))
+    fn record_handed_out_claims(
+        &self,
+        claims: &[(UserId, Vec<u8>)],
+        now_ms: u64,
+    ) -> Result<(), KeyPackageError> {
+        self.write("record_handed_out_claims", || self.store().record_handed_out_claims(claims, now_ms))
     }
 
-    fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
-        self.store().peer_claims(user_id)
+    fn handed_out_claims(&self, user_id: UserId) -> Result<Vec<HandedOutClaim>, KeyPackageError> {
+        self.store().handed_out_claims(user_id)
     }
 
     fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {

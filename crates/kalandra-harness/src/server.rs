@@ -863,7 +863,8 @@ impl<G: ServerGroup> Core<G> {
                 self.shard.handle_request(&peer, request, self.shared.now_ms());
             }
             Routed::Other(OtherRoute::Directory(request)) => {
-                let reply = directory::answer(self.shared.disk.as_ref(), sender, &request);
+                let reply =
+                    directory::answer(self.shared.disk.as_ref(), sender, &request, self.shared.now_ms());
                 self.reply(conn, reply.frame);
             }
             Routed::Other(OtherRoute::Redact(frame)) => self.tasks.push(Task::Redact { conn, sender, frame }),

@@ -328,7 +328,7 @@ async fn assemble(
             push,
             server_signer: Arc::new(ServerSigner::new(keys.server_key.clone())),
             remote_rooms: Arc::clone(&remote_rooms) as Arc<dyn RemoteRoomSet>,
-            welcome_routing: Some(welcome_routing),
+            welcome_routing: Some(welcome_routing.clone()),
         },
     )
     .await
@@ -406,6 +406,7 @@ async fn assemble(
             directory: remote_directory,
             relay_home: Arc::clone(&relay_home),
             replicas: Arc::clone(&replica_follower),
+            welcome_routing: Some(welcome_routing.clone()),
         },
     );
     let relay_authority = Arc::new(RelayAuthority::new(

@@ -407,7 +407,11 @@ async fn federation_relayed_frames_a_domain_could_forge_are_refused_typed_and_co
     ];
     for (what, envelope, request_id, counted, code) in cases {
         let before = counted.map(|code| counter(&a, RELAY_REFUSALS, "code", code));
-        let message = kalandra_server::federation_link::LinkMessage::Relay { connection: 77, envelope };
+        let message = kalandra_server::federation_link::LinkMessage::Relay {
+            connection: 77,
+            envelope,
+            recipient_homes: Vec::new(),
+        };
         envelopes.send(message).await.unwrap();
         let (connection, frame) =
             tokio::time::timeout(FEDERATION_TIMEOUT, delivered.recv()).await.unwrap().unwrap();

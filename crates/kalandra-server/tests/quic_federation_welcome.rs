@@ -209,6 +209,72 @@ async fn federation_welcome_is_held_at_the_recipients_home_until_read() {
     assert_eq!(pending(&b, bob.sender()), 1, "bob's stays: he has not read the room");
 }
 
+/// A member of b.test invites, into a room a.test orders, dave of b
+/// (claimed at b) and erin of c.test (claimed through b): a learns their
+/// homes only from b's relay of the commit, and routes the Welcome to each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_homes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_federation, b_federation, c_federation) = (free_address(), free_address(), free_address());
+    let a_peers =
+        vec![peer("b.test", Some(b_federation), SEED_B), peer("c.test", Some(c_federation), SEED_C)];
+    let a = start(&dir.path().join("a"), "a.test", SEED_A, a_federation, a_peers).await;
+    let b_peers =
+        vec![peer("a.test", Some(a_federation), SEED_A), peer("c.test", Some(c_federation), SEED_C)];
+    let b = start(&dir.path().join("b"), "b.test", SEED_B, b_federation, b_peers).await;
+    let c_peers =
+        vec![peer("a.test", Some(a_federation), SEED_A), peer("b.test", Some(b_federation), SEED_B)];
+    let c = start(&dir.path().join("c"), "c.test", SEED_C, c_federation, c_peers).await;
+    for (server, peers) in
+        [(&a, ["b.test", "c.test"]), (&b, ["a.test", "c.test"]), (&c, ["a.test", "b.test"])]
+    {
+        for peer in peers {
+            linked(server, peer).await;
+        }
+    }
+    let mut bob = TestClient::connect(&b, "bob", 2).await;
+    bob.upload_key_packages(1).await;
+    let mut dave = TestClient::connect(&b, "dave", 4).await;
+    dave.upload_key_packages(1).await;
+    let mut erin = TestClient::connect(&c, "erin", 5).await;
+    erin.upload_key_packages(1).await;
+    let mut alice = TestClient::connect(&a, "alice", 1).await;
+    let room = RoomId([0x3d; 16]);
+    let bobs = claim_remote(&mut alice, &[bob.sender()]).await;
+    alice.create_room(room).await;
+    add_remote(&mut alice, &[bob.sender()], &bobs).await;
+    joins(&mut bob, room).await;
+
+    let mut packages = bob.claim(&[dave.sender()]).await;
+    let claimed: KeyPackageClaimed = decode_ok(&claim_at(&mut bob, "c.test", &[erin.sender()]).await);
+    packages.extend(claimed.key_packages.into_iter().map(|entry| entry.key_package.expect("erin's")));
+    assert_eq!(a.store.remote_user_home(dave.sender().0).unwrap(), None, "a knows nothing of dave");
+    assert_eq!(a.store.remote_user_home(erin.sender().0).unwrap(), None, "nor of erin");
+    let ack = add_remote(&mut bob, &[dave.sender(), erin.sender()], &packages).await;
+
+    assert_eq!(joins(&mut dave, room).await, ack.log_index, "dave is welcomed at his home, b");
+    assert_eq!(joins(&mut erin, room).await, ack.log_index, "erin is welcomed at her home, c");
+    let home = |user: &TestClient| a.store.remote_user_home(user.sender().0).unwrap().map(|d| d.to_string());
+    assert_eq!(home(&dave).as_deref(), Some("b.test"));
+    assert_eq!(home(&erin).as_deref(), Some("c.test"));
+    assert_eq!(home(&alice), None, "a user of a stays a's");
+    eventually("a deletes its copies once the homes stored them", || {
+        pending(&a, dave.sender()) == 0 && pending(&a, erin.sender()) == 0
+    })
+    .await;
+    assert_eq!(welcomes(&b, "received"), 2, "bob's and dave's");
+    assert_eq!(welcomes(&c, "received"), 1);
+}
+
+/// `client` claims one key package of each of `users` of `domain`.
+async fn claim_at(client: &mut TestClient, domain: &str, users: &[SenderId]) -> Frame {
+    let claim = KeyPackageClaim {
+        sender_ids: users.iter().map(|user| user.0).collect(),
+        domain: Some(DomainName::parse(domain).unwrap()),
+    };
+    client.request(&claim).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federation_welcome_of_a_commit_made_while_the_link_is_down_arrives_once_it_is_back() {
     let dir = tempfile::tempdir().unwrap();

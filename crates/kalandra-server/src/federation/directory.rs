@@ -284,7 +284,7 @@ impl HomeDirectory {
         // A peer's Welcome for a user must name a package handed out here
         // (`WelcomeInbox`); packages whose record failed are lost, as ones
         // whose answer is lost on the way.
-        if let Err(error) = self.store.record_peer_claims(&handed_out, (self.clock)()) {
+        if let Err(error) = self.store.record_handed_out_claims(&handed_out, (self.clock)()) {
             return refusal(RefusalCode::Unavailable, &error.to_string());
         }
         LinkResponse::Claimed { key_packages }

@@ -77,7 +77,20 @@ pub struct ErasureRecord {
     pub log_indices: Vec<u64>,
 }
 
+/// Users of one home domain among a relayed commit's Welcome recipients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientHomes {
+    /// Their home.
+    pub home: DomainName,
+    /// Their sender ids.
+    pub users: Vec<u64>,
+}
+
 /// What travels on a link's stream.
+// Each message is decoded, matched and consumed at once; `Relay`, the
+// largest, is also the most frequent, and boxing its envelope would add an
+// allocation to every relayed frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkMessage {
@@ -129,6 +142,13 @@ pub enum LinkMessage {
         connection: u64,
         /// The countersigned frame.
         envelope: RelayEnvelope,
+        /// With a commit whose Welcome goes to users the authority may not
+        /// know: their homes as the relaying domain knows them (its own
+        /// users, and those it claimed through their home). The relaying
+        /// domain's word, noted by the authority only once the commit is
+        /// accepted and only for users whose home it does not know.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        recipient_homes: Vec<RecipientHomes>,
     },
     /// Frames for a relayed connection, authority to home, in order:
     /// answers, fan-out, history, notices.

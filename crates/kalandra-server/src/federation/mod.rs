@@ -11,7 +11,9 @@
 //! remote claim (the home side's answer, the pure check of an answer, and
 //! the claiming side), [`registry`] the links that are up, [`rooms`] the
 //! rooms other domains order, [`welcomes`] the routing of Welcomes (the
-//! room's side) and their storage at the home (the home's), [`relay`] the
+//! room's side) and their storage at the home (the home's),
+//! [`recipient_homes`] how a room's authority learns the homes of users a
+//! member of another domain invites, [`relay`] the
 //! countersigned relay of clients' frames, [`replica`] the feeds and
 //! follows of replicas (over [`follow`], the pure state of a home's follows), [`codes`] the metrics' labels, and [`quic`] the
 //! thin driver that runs it all over quinn: the listener and one dialer
@@ -23,6 +25,7 @@ pub mod follow;
 pub mod handshake;
 pub mod links;
 pub mod quic;
+pub mod recipient_homes;
 pub mod registry;
 pub mod relay;
 pub mod replica;

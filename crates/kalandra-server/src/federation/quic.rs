@@ -479,8 +479,13 @@ impl Link<'_> {
                     }
                     None => tracing::debug!(peer = %self.peer, id, "late or unknown link response dropped"),
                 },
-                LinkMessage::Relay { connection, envelope } => {
-                    let check = self.context.relay_authority.start_check(self.peer, connection, envelope);
+                LinkMessage::Relay { connection, envelope, recipient_homes } => {
+                    let check = self.context.relay_authority.start_check(
+                        self.peer,
+                        connection,
+                        envelope,
+                        recipient_homes,
+                    );
                     if intake.send(check).await.is_err() {
                         return intake_ended();
                     }

@@ -39,7 +39,9 @@ use tokio::sync::mpsc;
 
 use crate::admin::metrics::Metrics;
 use crate::federation::directory::HOME_CERTIFICATE_VALIDITY_MS;
-use crate::federation::handshake::{encode_established, LinkMessage, PeerTable, RefusedDomains};
+use crate::federation::handshake::{
+    encode_established, LinkMessage, PeerTable, RecipientHomes, RefusedDomains,
+};
 use crate::federation::registry::LinkRegistry;
 use crate::federation::requests::{LinkRequestError, LINK_ESTABLISHED_MESSAGE_BYTES_MAX};
 use crate::federation::rooms::RemoteRooms;
@@ -159,13 +161,16 @@ impl RelayHome {
     }
 
     /// Relays `frame` of the client on `outbox` (whose identity key is
-    /// `identity_key`; its signature was checked) to `authority`.
+    /// `identity_key`; its signature was checked) to `authority`, with the
+    /// homes of its Welcome's recipients this server knows (left out when
+    /// they would not fit the message).
     pub fn forward(
         &self,
         outbox: &Arc<Outbox>,
         identity_key: [u8; PUBLIC_KEY_BYTES],
         frame: Frame,
         authority: &DomainName,
+        recipient_homes: Vec<RecipientHomes>,
     ) -> Result<(), RelayForwardError> {
         let certificate = self.certificate_for(outbox, identity_key, authority);
         let mut sequence = lock(&self.sequence);
@@ -178,9 +183,18 @@ impl RelayHome {
             certificate,
             frame,
         );
-        let message = LinkMessage::Relay { connection: outbox.connection(), envelope };
-        let bytes =
-            encode_established(&message).map_err(|len_bytes| RelayForwardError::TooLarge { len_bytes })?;
+        let (connection, with_homes) = (outbox.connection(), !recipient_homes.is_empty());
+        let mut message = LinkMessage::Relay { connection, envelope, recipient_homes };
+        let mut encoded = encode_established(&message);
+        if let (Err(len_bytes), true, LinkMessage::Relay { recipient_homes, .. }) =
+            (&encoded, with_homes, &mut message)
+        {
+            // The frame goes without the homes; its Welcome may then stay at the authority.
+            tracing::warn!(%authority, len_bytes, "recipient homes left out of a relayed commit too large with them");
+            recipient_homes.clear();
+            encoded = encode_established(&message);
+        }
+        let bytes = encoded.map_err(|len_bytes| RelayForwardError::TooLarge { len_bytes })?;
         self.registry.try_send(authority, bytes).map_err(RelayForwardError::Unreachable)?;
         *sequence = next;
         drop(sequence);
@@ -296,10 +310,19 @@ pub trait RemoteConnectionHost: Send + Sync {
         &self,
         id: u64,
         identity_key: [u8; PUBLIC_KEY_BYTES],
-        frames: mpsc::Receiver<Frame>,
+        frames: mpsc::Receiver<RelayedFrame>,
         outgoing: mpsc::Sender<Vec<u8>>,
         connection: u64,
     ) -> Option<(Arc<Outbox>, RemoteConnectionTask)>;
+}
+
+/// A relayed frame handed to its remote connection.
+#[derive(Debug)]
+pub struct RelayedFrame {
+    /// The frame, as its client sent it.
+    pub frame: Frame,
+    /// The homes its relay named for the recipients of its Welcome.
+    pub recipient_homes: Vec<RecipientHomes>,
 }
 
 /// The task serving one remote connection.
@@ -307,7 +330,7 @@ pub type RemoteConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output
 
 /// A client connection of another domain, served here.
 struct RemoteConnection {
-    inbox: mpsc::Sender<Frame>,
+    inbox: mpsc::Sender<RelayedFrame>,
     outbox: Arc<Outbox>,
 }
 
@@ -334,6 +357,8 @@ pub enum Intake {
         connection: u64,
         /// The check: the envelope and what [`RelayAuthority::check`] found.
         check: tokio::task::JoinHandle<(RelayEnvelope, Result<Frame, RelayRefusal>)>,
+        /// The homes the relay named for the frame's Welcome recipients.
+        recipient_homes: Vec<RecipientHomes>,
     },
     /// The home's client of `connection` left.
     Closed {
@@ -447,6 +472,7 @@ impl RelayAuthority {
         connection: u64,
         envelope: RelayEnvelope,
         checked: Result<Frame, RelayRefusal>,
+        recipient_homes: Vec<RecipientHomes>,
         outgoing: &mpsc::Sender<Vec<u8>>,
     ) {
         let frame = match checked.and_then(|frame| self.in_sequence(peer, &envelope).map(|()| frame)) {
@@ -470,7 +496,7 @@ impl RelayAuthority {
             deliver_now(outgoing, connection, vec![error]);
             return;
         };
-        let inbox_frame = match inbox.try_send(frame) {
+        let inbox_frame = match inbox.try_send(RelayedFrame { frame, recipient_homes }) {
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 // The remote connection ended on its own (its queue closed): open it again.
                 remove_connection(&mut lock(&self.connections), peer, connection);
@@ -504,13 +530,14 @@ impl RelayAuthority {
         peer: &DomainName,
         connection: u64,
         envelope: RelayEnvelope,
+        recipient_homes: Vec<RecipientHomes>,
     ) -> Intake {
         let (authority, peer) = (Arc::clone(self), peer.clone());
         let check = tokio::spawn(async move {
             let checked = authority.check(&peer, &envelope);
             (envelope, checked)
         });
-        Intake::Relayed { connection, check }
+        Intake::Relayed { connection, check, recipient_homes }
     }
 
     /// Admits what a link's read loop queued (checked envelopes, closed
@@ -526,8 +553,10 @@ impl RelayAuthority {
         while let Some(next) = intake.recv().await {
             match next {
                 Intake::Closed { connection } => self.closed(peer, connection),
-                Intake::Relayed { connection, check } => match check.await {
-                    Ok((envelope, checked)) => self.admit(peer, connection, envelope, checked, outgoing),
+                Intake::Relayed { connection, check, recipient_homes } => match check.await {
+                    Ok((envelope, checked)) => {
+                        self.admit(peer, connection, envelope, checked, recipient_homes, outgoing)
+                    }
                     // A panic in a check is a bug here; the client's request times out.
                     Err(error) => {
                         tracing::error!(%peer, connection, %error, "a relayed frame's check failed")
@@ -564,7 +593,7 @@ impl RelayAuthority {
         connection: u64,
         certificate: &HomeCertificate,
         outgoing: &mpsc::Sender<Vec<u8>>,
-    ) -> Option<mpsc::Sender<Frame>> {
+    ) -> Option<mpsc::Sender<RelayedFrame>> {
         let mut connections = lock(&self.connections);
         let of_peer = connections.get(peer);
         if let Some(open) = of_peer.and_then(|open| open.get(&connection)) {

@@ -3,7 +3,9 @@
 //! The room's side ([`WelcomeRouter`]): a Welcome is stored with its
 //! commit's batch for every recipient, local or not. For recipients whose
 //! home is another domain (recorded when their key package was claimed
-//! through this server, [`record_remote_users`]), the router sends the
+//! through this server, [`record_remote_users`], or named by the domain
+//! that relayed their inviter's commit, [`super::recipient_homes`]), the
+//! router sends the
 //! Welcome frame to that domain with `DeliverWelcome` once its commit is
 //! durable (the same [`welcome_standing`] check local delivery makes, so a
 //! Welcome of a commit that was refused is never sent), and deletes its
@@ -19,8 +21,8 @@
 //! Welcome frame of the room it names, within the size bound, carrying an
 //! MLS Welcome; the room not one this server orders nor one recorded under
 //! another authority; its recipients only users whose key package the MLS
-//! Welcome is encrypted to was claimed through a link, as recorded by
-//! [`Store::record_peer_claims`]), the
+//! Welcome is encrypted to was handed out here, to a local client or a
+//! peer, as recorded by [`Store::record_handed_out_claims`]), the
 //! room is recorded as the peer's ([`RemoteRooms`]), and the Welcome is
 //! stored for its recipients and held until they read the room, as a local
 //! one, and handed at once to those connected.
@@ -45,7 +47,7 @@ use crate::federation::requests::{
 };
 use crate::federation::rooms::{RecordRoomError, RemoteRoomError, RemoteRooms};
 use crate::node::{welcome_standing, Clock, WelcomeStanding};
-use crate::store::limits::{PEER_CLAIM_RECORD_MS, REMOTE_USERS_PAGE_MAX, WELCOMES_PAGE_ENTRIES_MAX};
+use crate::store::limits::{HANDED_OUT_CLAIM_RECORD_MS, REMOTE_USERS_PAGE_MAX, WELCOMES_PAGE_ENTRIES_MAX};
 use crate::store::{PendingWelcome, RemoteRecordError, Store, UserId, WelcomeId};
 use crate::transport::directory::welcome_key_package_refs;
 
@@ -100,9 +102,9 @@ pub enum WelcomeRefusal {
         /// The peer.
         authority: DomainName,
     },
-    /// No recipient's key package named in the Welcome was handed to a
-    /// peer by this server (made-up recipients, or a package of another).
-    #[error("Welcome of room {room_id}: none of its {recipients} recipients has a key package it names claimed through this server")]
+    /// No recipient's key package named in the Welcome was handed out by
+    /// this server (made-up recipients, or a package of another).
+    #[error("Welcome of room {room_id}: none of its {recipients} recipients has a key package it names claimed at this server")]
     UnclaimedRecipients {
         /// The room named.
         room_id: RoomId,
@@ -256,10 +258,12 @@ impl WelcomeInbox {
     }
 
     /// The recipients for whom a key package the Welcome names was handed
-    /// to a peer domain by this server within [`PEER_CLAIM_RECORD_MS`]: a
-    /// peer holds Welcomes here only for users whose packages were claimed
-    /// through a link (the record does not name the claimant). The others
-    /// are left out and counted; refused when none is left.
+    /// out by this server within [`HANDED_OUT_CLAIM_RECORD_MS`]: a peer
+    /// holds Welcomes here only for users whose packages were claimed here,
+    /// by a local client or through a link (the record does not name the
+    /// claimant: a user of this domain may invite another into a room a
+    /// third domain orders). The others are left out and counted; refused
+    /// when none is left.
     fn claimed_recipients(
         &self,
         peer: &DomainName,
@@ -274,10 +278,10 @@ impl WelcomeInbox {
         for recipient in distinct {
             let claims = self
                 .store
-                .peer_claims(recipient)
+                .handed_out_claims(recipient)
                 .map_err(|error| InboxError::Unavailable(error.to_string()))?;
             let named = claims.iter().any(|claim| {
-                claim.claimed_at_ms.saturating_add(PEER_CLAIM_RECORD_MS) >= now_ms
+                claim.claimed_at_ms.saturating_add(HANDED_OUT_CLAIM_RECORD_MS) >= now_ms
                     && key_package_refs.contains(&claim.key_package_ref)
             });
             if named {
@@ -289,7 +293,7 @@ impl WelcomeInbox {
             return Err(WelcomeRefusal::UnclaimedRecipients { room_id, recipients: named_count }.into());
         }
         if unclaimed > 0 {
-            tracing::warn!(%peer, %room_id, unclaimed, "a peer's Welcome names recipients none of whose named key packages was claimed through a link; left out");
+            tracing::warn!(%peer, %room_id, unclaimed, "a peer's Welcome names recipients none of whose named key packages was claimed here; left out");
             self.metrics.federation_refused(
                 WelcomeRefusal::UnclaimedRecipients { room_id, recipients: unclaimed }.code(),
             );
@@ -720,7 +724,7 @@ mod tests {
         assert_eq!(home.rooms.authority_of(room), None, "a refused Welcome takes no slot");
         assert_eq!(pending(&store, bob), 0);
 
-        store.record_peer_claims(&[(bob, bob_ref), (carol, carol_ref)], NOW_MS - 1_000).unwrap();
+        store.record_handed_out_claims(&[(bob, bob_ref), (carol, carol_ref)], NOW_MS - 1_000).unwrap();
         // Made-up recipients, and carol named on a Welcome to bob's package.
         for recipients in [vec![made_up], vec![carol], vec![made_up, carol]] {
             let answer = home.accept(&a, room, recipients.clone(), to_bob.clone());
@@ -739,7 +743,7 @@ mod tests {
         assert!(page.contains(&unclaimed), "four refusals and one request with recipients left out:\n{page}");
 
         // A claim older than the record time no longer admits a Welcome.
-        let late = inbox(&store, NOW_MS + PEER_CLAIM_RECORD_MS + 1_001);
+        let late = inbox(&store, NOW_MS + HANDED_OUT_CLAIM_RECORD_MS + 1_001);
         let to_carol = mls_welcome(RoomId([7; 16]), &[&carol_package]);
         assert_eq!(
             answer_code(late.accept(&a, RoomId([7; 16]), vec![carol], to_carol.clone())),

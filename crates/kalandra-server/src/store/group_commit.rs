@@ -677,15 +677,15 @@ mod tests {
         fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError> {
             self.inner.claim_key_package(user_id)
         }
-        fn record_peer_claims(
+        fn record_handed_out_claims(
             &self,
             claims: &[(UserId, Vec<u8>)],
             now_ms: u64,
         ) -> Result<(), KeyPackageError> {
-            self.inner.record_peer_claims(claims, now_ms)
+            self.inner.record_handed_out_claims(claims, now_ms)
         }
-        fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
-            self.inner.peer_claims(user_id)
+        fn handed_out_claims(&self, user_id: UserId) -> Result<Vec<HandedOutClaim>, KeyPackageError> {
+            self.inner.handed_out_claims(user_id)
         }
         fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError> {
             self.inner.count_key_packages(user_id)

@@ -18,15 +18,15 @@ use super::limits::{
 use super::sealing::{self, DataKey, Record};
 use super::RemoteRecordError;
 use super::{
-    check_read_dense, distinct_recipients, key_package_key, key_package_key_bounds, key_package_ref_of,
-    peer_claims_to_drop, read_bytes_allow, read_count_cap, validate_batch, validate_group_info,
-    validate_key_package_ref, validate_key_package_upload, validate_redaction, validate_retention_period,
-    validate_room_metadata, validate_sweep_position, validate_welcome, welcome_page_allows, AppendError,
-    ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation, JournaledErasure,
-    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PeerClaim, PendingWelcome,
-    ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata,
-    RoomMetadataError, RoomRetention, Store, StoredEntry, StoredWelcome, UserId, WelcomeCounts, WelcomeError,
-    WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    check_read_dense, distinct_recipients, handed_out_claims_to_drop, key_package_key,
+    key_package_key_bounds, key_package_ref_of, read_bytes_allow, read_count_cap, validate_batch,
+    validate_group_info, validate_key_package_ref, validate_key_package_upload, validate_redaction,
+    validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
+    welcome_page_allows, AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord,
+    HandedOutClaim, InvariantViolation, JournaledErasure, KeyPackageCount, KeyPackageError, KeyPackageUpload,
+    LogEntry, LogIndex, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError,
+    RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomRetention, Store, StoredEntry, StoredWelcome,
+    UserId, WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use crate::room::audit::{AuditEvent, AuditHead, AuditRecord, AUDIT_PAGE_RECORDS_MAX};
@@ -45,7 +45,7 @@ struct State {
     key_packages: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], Bytes>,
     last_resort: BTreeMap<UserId, Bytes>,
     /// Packages handed to peer domains: when (ms), by user and reference.
-    peer_claims: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], u64>,
+    handed_out_claims: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], u64>,
     group_info: BTreeMap<RoomId, GroupInfoRecord>,
     /// Each Welcome once, with the number of recipients that still have it.
     welcome_bodies: BTreeMap<WelcomeId, (u64, Bytes)>,
@@ -105,7 +105,7 @@ impl MemoryStore {
                 heads: BTreeMap::new(),
                 key_packages: BTreeMap::new(),
                 last_resort: BTreeMap::new(),
-                peer_claims: BTreeMap::new(),
+                handed_out_claims: BTreeMap::new(),
                 group_info: BTreeMap::new(),
                 welcome_bodies: BTreeMap::new(),
                 welcome_recipients: BTreeMap::new(),
@@ -505,27 +505,32 @@ impl Store for MemoryStore {
             .map(|key_package| ClaimedKeyPackage { key_package: key_package.clone(), is_last_resort: true }))
     }
 
-    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError> {
+    fn record_handed_out_claims(
+        &self,
+        claims: &[(UserId, Vec<u8>)],
+        now_ms: u64,
+    ) -> Result<(), KeyPackageError> {
         claims.iter().try_for_each(|(_, key_package_ref)| validate_key_package_ref(key_package_ref))?;
         let mut state = self.lock()?;
         for (user_id, key_package_ref) in claims {
             let key = key_package_key(*user_id, key_package_ref);
             let (low, high) = key_package_key_bounds(*user_id);
-            let records: Vec<_> = state.peer_claims.range(low..=high).map(|(key, ms)| (*key, *ms)).collect();
-            for dropped in peer_claims_to_drop(&records, &key, now_ms) {
-                state.peer_claims.remove(&dropped);
+            let records: Vec<_> =
+                state.handed_out_claims.range(low..=high).map(|(key, ms)| (*key, *ms)).collect();
+            for dropped in handed_out_claims_to_drop(&records, &key, now_ms) {
+                state.handed_out_claims.remove(&dropped);
             }
-            state.peer_claims.insert(key, now_ms);
+            state.handed_out_claims.insert(key, now_ms);
         }
         Ok(())
     }
 
-    fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
+    fn handed_out_claims(&self, user_id: UserId) -> Result<Vec<HandedOutClaim>, KeyPackageError> {
         let state = self.lock()?;
         let (low, high) = key_package_key_bounds(user_id);
-        let records = state.peer_claims.range(low..=high);
+        let records = state.handed_out_claims.range(low..=high);
         let claims = records.map(|(key, claimed_at_ms)| {
-            Ok(PeerClaim { key_package_ref: key_package_ref_of(key)?, claimed_at_ms: *claimed_at_ms })
+            Ok(HandedOutClaim { key_package_ref: key_package_ref_of(key)?, claimed_at_ms: *claimed_at_ms })
         });
         claims.collect::<Result<_, InvariantViolation>>().map_err(KeyPackageError::from)
     }

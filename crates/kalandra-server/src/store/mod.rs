@@ -64,15 +64,15 @@ pub mod limits {
     /// Longest key-package reference (an MLS `KeyPackageRef` is a hash output,
     /// at most 64 bytes for the registered cipher suites).
     pub const KEY_PACKAGE_REF_BYTES_MAX: usize = 64;
-    /// How long a record that a key package was handed to a peer domain is
-    /// kept: a peer's Welcome naming the package is taken within this time
-    /// of the claim (the commit, its durability and the Welcome's routing,
+    /// How long a record that a key package was handed out (to a local
+    /// client or a peer domain) is kept: a peer's Welcome naming the package
+    /// is taken within this time of the claim (the commit, its durability and the Welcome's routing,
     /// with the peer's retries while a link is down, fit in it).
-    pub const PEER_CLAIM_RECORD_MS: u64 = 7 * 24 * 60 * 60 * 1000;
-    /// Most records of packages handed to peers kept for one user: enough
+    pub const HANDED_OUT_CLAIM_RECORD_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+    /// Most records of packages handed out kept for one user: enough
     /// for every ordinary package twice over and the last-resort one; when
     /// full, the oldest record goes.
-    pub const PEER_CLAIMS_PER_USER_MAX: usize = 2 * KEY_PACKAGES_PER_USER_MAX + 1;
+    pub const HANDED_OUT_CLAIMS_PER_USER_MAX: usize = 2 * KEY_PACKAGES_PER_USER_MAX + 1;
 
     /// Largest GroupInfo (it may carry the ratchet tree: about 1.8 MB at
     /// 10,000 members).
@@ -305,9 +305,9 @@ pub struct ClaimedKeyPackage {
     pub is_last_resort: bool,
 }
 
-/// A key package recorded as handed to a peer domain.
+/// A key package recorded as handed out (to a local client or a peer domain).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerClaim {
+pub struct HandedOutClaim {
     /// The package's MLS `KeyPackageRef`.
     pub key_package_ref: Vec<u8>,
     /// When it was last handed out, ms since the Unix epoch.
@@ -1058,16 +1058,21 @@ pub trait Store: Send + Sync + 'static {
     fn claim_key_package(&self, user_id: UserId) -> Result<Option<ClaimedKeyPackage>, KeyPackageError>;
 
     /// Records durably, in one transaction, that each (user, package
-    /// reference) of `claims` was handed to a peer domain at `now_ms` (a
-    /// Welcome a peer sends for the user must name such a package). A
-    /// user's records older than [`PEER_CLAIM_RECORD_MS`] are dropped, then
-    /// the oldest while it has [`PEER_CLAIMS_PER_USER_MAX`]. A reference of
+    /// reference) of `claims` was handed out at `now_ms`, to a local client
+    /// or a peer domain (a Welcome a peer sends for the user must name such
+    /// a package, and the user is known as this domain's). A
+    /// user's records older than [`HANDED_OUT_CLAIM_RECORD_MS`] are dropped, then
+    /// the oldest while it has [`HANDED_OUT_CLAIMS_PER_USER_MAX`]. A reference of
     /// the wrong length writes nothing.
-    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError>;
+    fn record_handed_out_claims(
+        &self,
+        claims: &[(UserId, Vec<u8>)],
+        now_ms: u64,
+    ) -> Result<(), KeyPackageError>;
 
-    /// The packages of `user_id` recorded as handed to peer domains (at most
-    /// [`PEER_CLAIMS_PER_USER_MAX`]), in reference order.
-    fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError>;
+    /// The packages of `user_id` recorded as handed out (at most
+    /// [`HANDED_OUT_CLAIMS_PER_USER_MAX`]), in reference order.
+    fn handed_out_claims(&self, user_id: UserId) -> Result<Vec<HandedOutClaim>, KeyPackageError>;
 
     /// How many packages `user_id` has.
     fn count_key_packages(&self, user_id: UserId) -> Result<KeyPackageCount, KeyPackageError>;
@@ -1364,18 +1369,18 @@ pub(crate) fn validate_key_package_ref(key_package_ref: &[u8]) -> Result<(), Key
 
 /// Which of a user's peer-claim records (key, ms claimed) to delete before
 /// `new_key` is written at `now_ms`: the expired ones, then the oldest
-/// while the rest and the new one would exceed [`PEER_CLAIMS_PER_USER_MAX`].
-pub(crate) fn peer_claims_to_drop(
+/// while the rest and the new one would exceed [`HANDED_OUT_CLAIMS_PER_USER_MAX`].
+pub(crate) fn handed_out_claims_to_drop(
     records: &[([u8; KEY_PACKAGE_KEY_BYTES], u64)],
     new_key: &[u8; KEY_PACKAGE_KEY_BYTES],
     now_ms: u64,
 ) -> Vec<[u8; KEY_PACKAGE_KEY_BYTES]> {
-    let expired = |claimed_ms: u64| claimed_ms.saturating_add(PEER_CLAIM_RECORD_MS) < now_ms;
+    let expired = |claimed_ms: u64| claimed_ms.saturating_add(HANDED_OUT_CLAIM_RECORD_MS) < now_ms;
     let others = records.iter().filter(|(key, _)| key != new_key);
     let (mut dropped, mut kept): (Vec<&(_, u64)>, Vec<&(_, u64)>) =
         others.partition(|(_, claimed_ms)| expired(*claimed_ms));
     kept.sort_by_key(|(key, claimed_ms)| (*claimed_ms, *key));
-    let excess = (kept.len() + 1).saturating_sub(PEER_CLAIMS_PER_USER_MAX);
+    let excess = (kept.len() + 1).saturating_sub(HANDED_OUT_CLAIMS_PER_USER_MAX);
     dropped.extend(kept.into_iter().take(excess));
     dropped.into_iter().map(|(key, _)| *key).collect()
 }

@@ -56,21 +56,21 @@ use rand_chacha::ChaCha20Rng;
 
 use super::backup::{BackupError, SnapshotCopy};
 use super::limits::{
-    ERASURES_PAGE_MAX, KEY_PACKAGES_PER_USER_MAX, PEER_CLAIMS_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT,
+    ERASURES_PAGE_MAX, HANDED_OUT_CLAIMS_PER_USER_MAX, KEY_PACKAGES_PER_USER_MAX, REDB_CACHE_BYTES_DEFAULT,
     REMOTE_ROOMS_MAX, REMOTE_USERS_MAX, REMOTE_USERS_PAGE_MAX, RETENTION_ROOMS_PAGE_MAX, ROOM_HEADS_PAGE_MAX,
     WELCOMES_PER_RECIPIENT_MAX,
 };
 use super::sealing::{self, DataKey, KeyRun, Record};
 use super::{
-    check_read_dense, distinct_recipients, key_package_key, key_package_key_bounds, key_package_ref_of,
-    peer_claims_to_drop, read_bytes_allow, read_count_cap, validate_batch, validate_group_info,
-    validate_key_package_ref, validate_key_package_upload, validate_redaction, validate_retention_period,
-    validate_room_metadata, validate_sweep_position, validate_welcome, welcome_page_allows, AppendError,
-    ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord, InvariantViolation, JournaledErasure,
-    KeyPackageCount, KeyPackageError, KeyPackageUpload, LogEntry, LogIndex, PeerClaim, PendingWelcome,
-    ReadError, RedactError, RedactOutcome, Redaction, RetentionError, RoomHead, RoomId, RoomMetadata,
-    RoomMetadataError, RoomRetention, StorageFailure, Store, StoredEntry, StoredWelcome, UserId,
-    WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
+    check_read_dense, distinct_recipients, handed_out_claims_to_drop, key_package_key,
+    key_package_key_bounds, key_package_ref_of, read_bytes_allow, read_count_cap, validate_batch,
+    validate_group_info, validate_key_package_ref, validate_key_package_upload, validate_redaction,
+    validate_retention_period, validate_room_metadata, validate_sweep_position, validate_welcome,
+    welcome_page_allows, AppendError, ClaimedKeyPackage, EntryContent, GroupInfoError, GroupInfoRecord,
+    HandedOutClaim, InvariantViolation, JournaledErasure, KeyPackageCount, KeyPackageError, KeyPackageUpload,
+    LogEntry, LogIndex, PendingWelcome, ReadError, RedactError, RedactOutcome, Redaction, RetentionError,
+    RoomHead, RoomId, RoomMetadata, RoomMetadataError, RoomRetention, StorageFailure, Store, StoredEntry,
+    StoredWelcome, UserId, WelcomeCounts, WelcomeError, WelcomeId, KEY_PACKAGE_KEY_BYTES,
 };
 use super::{moderation_key, seal_audit, ModerationChange, ModerationStoreError, RoomModeration, StoredBan};
 use super::{stored_domain, RemoteRecordError};
@@ -98,8 +98,8 @@ const RETENTION: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("
 const ROOM_HEADS: TableDefinition<&[u8; 16], u64> = TableDefinition::new("room_heads_v1");
 const KEY_PACKAGES: TableDefinition<&KeyPackageKey, &[u8]> = TableDefinition::new("key_packages_v1");
 const LAST_RESORT: TableDefinition<u64, &[u8]> = TableDefinition::new("last_resort_key_packages_v1");
-/// Packages handed to peer domains: ms claimed, by user and reference.
-const PEER_CLAIMS: TableDefinition<&KeyPackageKey, u64> = TableDefinition::new("peer_claims_v1");
+/// Packages handed out (to local clients or peer domains): ms claimed, by user and reference.
+const HANDED_OUT_CLAIMS: TableDefinition<&KeyPackageKey, u64> = TableDefinition::new("handed_out_claims_v1");
 const GROUP_INFO: TableDefinition<&[u8; 16], (u64, &[u8])> = TableDefinition::new("group_info_v1");
 const WELCOME_BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("welcome_bodies_v1");
 const WELCOME_REFS: TableDefinition<u64, u64> = TableDefinition::new("welcome_refs_v1");
@@ -335,7 +335,7 @@ impl RedbStore {
             txn.open_table(ROOM_HEADS).map_err(failed("open"))?;
             txn.open_table(KEY_PACKAGES).map_err(failed("open"))?;
             txn.open_table(LAST_RESORT).map_err(failed("open"))?;
-            txn.open_table(PEER_CLAIMS).map_err(failed("open"))?;
+            txn.open_table(HANDED_OUT_CLAIMS).map_err(failed("open"))?;
             txn.open_table(GROUP_INFO).map_err(failed("open"))?;
             txn.open_table(WELCOME_BODIES).map_err(failed("open"))?;
             txn.open_table(WELCOME_REFS).map_err(failed("open"))?;
@@ -403,7 +403,7 @@ impl RedbStore {
             rows += copy_table(&read, &write, ROOM_HEADS)?;
             rows += copy_table(&read, &write, KEY_PACKAGES)?;
             rows += copy_table(&read, &write, LAST_RESORT)?;
-            rows += copy_table(&read, &write, PEER_CLAIMS)?;
+            rows += copy_table(&read, &write, HANDED_OUT_CLAIMS)?;
             rows += copy_table(&read, &write, GROUP_INFO)?;
             rows += copy_table(&read, &write, WELCOME_BODIES)?;
             rows += copy_table(&read, &write, WELCOME_REFS)?;
@@ -451,7 +451,7 @@ impl RedbStore {
             ROOM_HEADS.name(),
             KEY_PACKAGES.name(),
             LAST_RESORT.name(),
-            PEER_CLAIMS.name(),
+            HANDED_OUT_CLAIMS.name(),
             GROUP_INFO.name(),
             WELCOME_BODIES.name(),
             WELCOME_REFS.name(),
@@ -491,7 +491,7 @@ impl RedbStore {
         rows += copy_table(&read, &write, RETENTION)?;
         rows += copy_table(&read, &write, KEY_PACKAGES)?;
         rows += copy_table(&read, &write, LAST_RESORT)?;
-        rows += copy_table(&read, &write, PEER_CLAIMS)?;
+        rows += copy_table(&read, &write, HANDED_OUT_CLAIMS)?;
         rows += copy_table(&read, &write, GROUP_INFO)?;
         rows += copy_table(&read, &write, WELCOME_BODIES)?;
         rows += copy_table(&read, &write, WELCOME_REFS)?;
@@ -1284,15 +1284,19 @@ impl Store for RedbStore {
         }
     }
 
-    fn record_peer_claims(&self, claims: &[(UserId, Vec<u8>)], now_ms: u64) -> Result<(), KeyPackageError> {
-        const OP: &str = "record_peer_claims";
+    fn record_handed_out_claims(
+        &self,
+        claims: &[(UserId, Vec<u8>)],
+        now_ms: u64,
+    ) -> Result<(), KeyPackageError> {
+        const OP: &str = "record_handed_out_claims";
         claims.iter().try_for_each(|(_, key_package_ref)| validate_key_package_ref(key_package_ref))?;
         if claims.is_empty() {
             return Ok(());
         }
         let txn = self.begin_write(OP)?;
         let written = (|| -> Result<(), KeyPackageError> {
-            let mut table = txn.open_table(PEER_CLAIMS).map_err(failed(OP))?;
+            let mut table = txn.open_table(HANDED_OUT_CLAIMS).map_err(failed(OP))?;
             for (user_id, key_package_ref) in claims {
                 let key = key_package_key(*user_id, key_package_ref);
                 let (low, high) = key_package_key_bounds(*user_id);
@@ -1301,7 +1305,7 @@ impl Store for RedbStore {
                     let (stored, claimed_ms) = item.map_err(failed(OP))?;
                     records.push((*stored.value(), claimed_ms.value()));
                 }
-                for dropped in peer_claims_to_drop(&records, &key, now_ms) {
+                for dropped in handed_out_claims_to_drop(&records, &key, now_ms) {
                     table.remove(&dropped).map_err(failed(OP))?;
                 }
                 table.insert(&key, now_ms).map_err(failed(OP))?;
@@ -1317,19 +1321,19 @@ impl Store for RedbStore {
         }
     }
 
-    fn peer_claims(&self, user_id: UserId) -> Result<Vec<PeerClaim>, KeyPackageError> {
-        const OP: &str = "peer_claims";
+    fn handed_out_claims(&self, user_id: UserId) -> Result<Vec<HandedOutClaim>, KeyPackageError> {
+        const OP: &str = "handed_out_claims";
         let txn = self.begin_read(OP)?;
-        let table = txn.open_table(PEER_CLAIMS).map_err(failed(OP))?;
+        let table = txn.open_table(HANDED_OUT_CLAIMS).map_err(failed(OP))?;
         let (low, high) = key_package_key_bounds(user_id);
         let mut claims = Vec::new();
         for item in table.range::<&KeyPackageKey>(&low..=&high).map_err(failed(OP))? {
             let (key, claimed_at_ms) = item.map_err(failed(OP))?;
             let key_package_ref = key_package_ref_of(key.value())?;
-            claims.push(PeerClaim { key_package_ref, claimed_at_ms: claimed_at_ms.value() });
-            if claims.len() > PEER_CLAIMS_PER_USER_MAX {
+            claims.push(HandedOutClaim { key_package_ref, claimed_at_ms: claimed_at_ms.value() });
+            if claims.len() > HANDED_OUT_CLAIMS_PER_USER_MAX {
                 return Err(InvariantViolation(format!(
-                    "user {user_id} has more than {PEER_CLAIMS_PER_USER_MAX} peer claims recorded"
+                    "user {user_id} has more than {HANDED_OUT_CLAIMS_PER_USER_MAX} claims recorded"
                 ))
                 .into());
             }

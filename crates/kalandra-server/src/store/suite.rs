@@ -833,7 +833,7 @@ macro_rules! store_suite {
             case!(retention_settings);
             case!(audited_redaction_and_retention_extend_the_chain);
             case!(remote_users_and_rooms_are_recorded_and_paged);
-            case!(packages_handed_to_peers_are_recorded_bounded_and_expire);
+            case!(handed_out_packages_are_recorded_bounded_and_expire);
         }
     };
 }
@@ -987,65 +987,69 @@ fn remote_users_and_rooms_are_recorded_and_paged<S: Store>(store: &S) {
     assert_eq!(store.remote_rooms().unwrap(), vec![(room(1), c), (room(2), b)]);
 }
 
-/// When `user_id`'s package `key_package_ref` was recorded as handed to a peer.
-fn peer_claim<S: Store>(store: &S, user_id: UserId, key_package_ref: &[u8]) -> Option<u64> {
-    let claims = store.peer_claims(user_id).unwrap();
-    assert!(claims.len() <= PEER_CLAIMS_PER_USER_MAX);
+/// When `user_id`'s package `key_package_ref` was recorded as handed out.
+fn handed_out_claim<S: Store>(store: &S, user_id: UserId, key_package_ref: &[u8]) -> Option<u64> {
+    let claims = store.handed_out_claims(user_id).unwrap();
+    assert!(claims.len() <= HANDED_OUT_CLAIMS_PER_USER_MAX);
     claims.into_iter().find(|claim| claim.key_package_ref == key_package_ref).map(|claim| claim.claimed_at_ms)
 }
 
-fn packages_handed_to_peers_are_recorded_bounded_and_expire<S: Store>(store: &S) {
+fn handed_out_packages_are_recorded_bounded_and_expire<S: Store>(store: &S) {
     let start_ms = 1_000_000;
-    assert!(store.peer_claims(7).unwrap().is_empty());
-    store.record_peer_claims(&[(7, b"ref-a".to_vec())], start_ms).unwrap();
-    store.record_peer_claims(&[(8, b"ref-a".to_vec())], start_ms + 1).unwrap();
+    assert!(store.handed_out_claims(7).unwrap().is_empty());
+    store.record_handed_out_claims(&[(7, b"ref-a".to_vec())], start_ms).unwrap();
+    store.record_handed_out_claims(&[(8, b"ref-a".to_vec())], start_ms + 1).unwrap();
     assert_eq!(
-        store.peer_claims(7).unwrap(),
-        vec![PeerClaim { key_package_ref: b"ref-a".to_vec(), claimed_at_ms: start_ms }]
+        store.handed_out_claims(7).unwrap(),
+        vec![HandedOutClaim { key_package_ref: b"ref-a".to_vec(), claimed_at_ms: start_ms }]
     );
-    assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1), "by user and reference");
-    assert_eq!(peer_claim(store, 7, b"ref-b"), None);
-    store.record_peer_claims(&[(7, b"ref-a".to_vec())], start_ms + 5).unwrap();
-    assert_eq!(peer_claim(store, 7, b"ref-a"), Some(start_ms + 5), "a claim again renews");
-    assert_eq!(store.peer_claims(7).unwrap().len(), 1);
+    assert_eq!(handed_out_claim(store, 8, b"ref-a"), Some(start_ms + 1), "by user and reference");
+    assert_eq!(handed_out_claim(store, 7, b"ref-b"), None);
+    store.record_handed_out_claims(&[(7, b"ref-a".to_vec())], start_ms + 5).unwrap();
+    assert_eq!(handed_out_claim(store, 7, b"ref-a"), Some(start_ms + 5), "a claim again renews");
+    assert_eq!(store.handed_out_claims(7).unwrap().len(), 1);
     assert!(matches!(
-        store.record_peer_claims(&[(7, b"".to_vec())], start_ms),
+        store.record_handed_out_claims(&[(7, b"".to_vec())], start_ms),
         Err(KeyPackageError::RefLength { .. })
     ));
     assert!(matches!(
-        store.record_peer_claims(&[(7, [1; 65].to_vec())], start_ms),
+        store.record_handed_out_claims(&[(7, [1; 65].to_vec())], start_ms),
         Err(KeyPackageError::RefLength { .. })
     ));
 
     // Several in one call; a bad reference among them writes nothing.
-    let bad = store.record_peer_claims(&[(9, b"ref-c".to_vec()), (9, Vec::new())], start_ms);
+    let bad = store.record_handed_out_claims(&[(9, b"ref-c".to_vec()), (9, Vec::new())], start_ms);
     assert!(matches!(bad, Err(KeyPackageError::RefLength { .. })));
-    assert!(store.peer_claims(9).unwrap().is_empty(), "nothing written");
-    store.record_peer_claims(&[(9, b"ref-c".to_vec()), (10, b"ref-d".to_vec())], start_ms).unwrap();
+    assert!(store.handed_out_claims(9).unwrap().is_empty(), "nothing written");
+    store.record_handed_out_claims(&[(9, b"ref-c".to_vec()), (10, b"ref-d".to_vec())], start_ms).unwrap();
     assert_eq!(
-        (peer_claim(store, 9, b"ref-c"), peer_claim(store, 10, b"ref-d")),
+        (handed_out_claim(store, 9, b"ref-c"), handed_out_claim(store, 10, b"ref-d")),
         (Some(start_ms), Some(start_ms))
     );
 
     // Full: the oldest record of the user goes, other users' stay.
-    for n in 0..PEER_CLAIMS_PER_USER_MAX as u64 {
-        store.record_peer_claims(&[(7, n.to_be_bytes().to_vec())], start_ms + 10 + n).unwrap();
+    for n in 0..HANDED_OUT_CLAIMS_PER_USER_MAX as u64 {
+        store.record_handed_out_claims(&[(7, n.to_be_bytes().to_vec())], start_ms + 10 + n).unwrap();
     }
-    assert_eq!(peer_claim(store, 7, b"ref-a"), None, "the oldest dropped");
-    assert_eq!(peer_claim(store, 7, &0u64.to_be_bytes()), Some(start_ms + 10));
-    store.record_peer_claims(&[(7, b"one-more".to_vec())], start_ms + 10_000).unwrap();
-    assert_eq!(peer_claim(store, 7, &0u64.to_be_bytes()), None);
-    assert_eq!(peer_claim(store, 7, &1u64.to_be_bytes()), Some(start_ms + 11));
-    assert_eq!(store.peer_claims(7).unwrap().len(), PEER_CLAIMS_PER_USER_MAX);
-    assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1));
+    assert_eq!(handed_out_claim(store, 7, b"ref-a"), None, "the oldest dropped");
+    assert_eq!(handed_out_claim(store, 7, &0u64.to_be_bytes()), Some(start_ms + 10));
+    store.record_handed_out_claims(&[(7, b"one-more".to_vec())], start_ms + 10_000).unwrap();
+    assert_eq!(handed_out_claim(store, 7, &0u64.to_be_bytes()), None);
+    assert_eq!(handed_out_claim(store, 7, &1u64.to_be_bytes()), Some(start_ms + 11));
+    assert_eq!(store.handed_out_claims(7).unwrap().len(), HANDED_OUT_CLAIMS_PER_USER_MAX);
+    assert_eq!(handed_out_claim(store, 8, b"ref-a"), Some(start_ms + 1));
 
     // Expired records go at the user's next claim.
-    let later_ms = start_ms + 5_000 + PEER_CLAIM_RECORD_MS;
-    store.record_peer_claims(&[(7, b"late".to_vec())], later_ms).unwrap();
-    assert_eq!(store.peer_claims(7).unwrap().len(), 2, "only those within the record time stay");
-    assert_eq!(peer_claim(store, 7, b"one-more"), Some(start_ms + 10_000));
-    assert_eq!(peer_claim(store, 7, b"late"), Some(later_ms));
-    assert_eq!(peer_claim(store, 8, b"ref-a"), Some(start_ms + 1), "another user's stays until its claim");
+    let later_ms = start_ms + 5_000 + HANDED_OUT_CLAIM_RECORD_MS;
+    store.record_handed_out_claims(&[(7, b"late".to_vec())], later_ms).unwrap();
+    assert_eq!(store.handed_out_claims(7).unwrap().len(), 2, "only those within the record time stay");
+    assert_eq!(handed_out_claim(store, 7, b"one-more"), Some(start_ms + 10_000));
+    assert_eq!(handed_out_claim(store, 7, b"late"), Some(later_ms));
+    assert_eq!(
+        handed_out_claim(store, 8, b"ref-a"),
+        Some(start_ms + 1),
+        "another user's stays until its claim"
+    );
 }
 
 store_suite!(memory_store, (MemoryStore::new(), ()));

@@ -85,6 +85,7 @@ pub struct Listener {
     remote_directory: Arc<RemoteDirectory>,
     relay_home: Arc<RelayHome>,
     replicas: Arc<ReplicaFollower>,
+    welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
 }
 
 /// What the listener asks of the other domains: their users' key packages,
@@ -96,6 +97,8 @@ pub struct ListenerFederation {
     pub relay_home: Arc<RelayHome>,
     /// The replicas of other domains' rooms.
     pub replicas: Arc<ReplicaFollower>,
+    /// Hands users whose home was just learnt to the Welcome router.
+    pub welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
 }
 
 impl Listener {
@@ -127,6 +130,7 @@ impl Listener {
             remote_directory: federation.directory,
             relay_home: federation.relay_home,
             replicas: federation.replicas,
+            welcome_routing: federation.welcome_routing,
         })
     }
 
@@ -453,10 +457,11 @@ impl Listener {
                     DirectoryRequest::Upload { request_id, .. }
                     | DirectoryRequest::Claim { request_id, .. } => *request_id,
                 };
-                let (store, sender) = (Arc::clone(&self.store), outbox.sender());
-                let result =
-                    tokio::task::spawn_blocking(move || directory::answer(store.as_ref(), sender, &request))
-                        .await;
+                let (store, sender, now_ms) = (Arc::clone(&self.store), outbox.sender(), (self.clock)());
+                let result = tokio::task::spawn_blocking(move || {
+                    directory::answer(store.as_ref(), sender, &request, now_ms)
+                })
+                .await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;
             }
             OtherRoute::Redact(frame) => {

@@ -168,14 +168,28 @@ pub fn status(store: &dyn Store, owner: SenderId) -> Result<KeyPackageStatus, Di
     })
 }
 
-/// Claims one key package for each requested identity, in request order.
-pub fn claim(store: &dyn Store, claim: &KeyPackageClaim) -> Result<KeyPackageClaimed, DirectoryError> {
+/// Claims one key package for each requested identity, in request order,
+/// and records at `now_ms` each one handed out
+/// ([`Store::record_handed_out_claims`]): a peer's Welcome for the user
+/// names one of them, and the user is known as this domain's when its
+/// inviter's commit is relayed to another domain's room.
+pub fn claim(
+    store: &dyn Store,
+    claim: &KeyPackageClaim,
+    now_ms: u64,
+) -> Result<KeyPackageClaimed, DirectoryError> {
     let mut key_packages = Vec::with_capacity(claim.sender_ids.len());
+    let mut handed_out = Vec::with_capacity(claim.sender_ids.len());
     for &sender_id in &claim.sender_ids {
         let claimed = store.claim_key_package(sender_id)?;
+        if let Some(claimed) = &claimed {
+            // Stored packages were verified on upload.
+            handed_out.push((sender_id, inspect(0, &claimed.key_package)?.key_package_ref));
+        }
         key_packages
             .push(ClaimedKeyPackage { sender_id, key_package: claimed.map(|c| c.key_package.to_vec()) });
     }
+    store.record_handed_out_claims(&handed_out, now_ms)?;
     Ok(KeyPackageClaimed { key_packages })
 }
 
@@ -189,8 +203,14 @@ pub struct DirectoryReply {
     pub refused: Option<ErrorCode>,
 }
 
-/// Carries out `sender`'s request and builds the reply (blocks on storage).
-pub fn answer(store: &dyn Store, sender: SenderId, request: &DirectoryRequest) -> DirectoryReply {
+/// Carries out `sender`'s request at `now_ms` and builds the reply (blocks
+/// on storage).
+pub fn answer(
+    store: &dyn Store,
+    sender: SenderId,
+    request: &DirectoryRequest,
+    now_ms: u64,
+) -> DirectoryReply {
     let refusal = |error: DirectoryError| (error.error_code(), error.to_string());
     let (request_id, encoded) = match request {
         DirectoryRequest::Upload { request_id, upload: payload } => (
@@ -199,7 +219,7 @@ pub fn answer(store: &dyn Store, sender: SenderId, request: &DirectoryRequest) -
         ),
         DirectoryRequest::Claim { request_id, claim: payload } => (
             *request_id,
-            claim(store, payload).map_err(refusal).and_then(|claimed| encode(*request_id, &claimed)),
+            claim(store, payload, now_ms).map_err(refusal).and_then(|claimed| encode(*request_id, &claimed)),
         ),
     };
     match encoded {
@@ -215,4 +235,45 @@ pub fn answer(store: &dyn Store, sender: SenderId, request: &DirectoryRequest) -
 fn encode<P: kalandra_proto::Payload>(request_id: u32, payload: &P) -> Result<Bytes, (ErrorCode, String)> {
     crate::room::server_frame(RoomId::default(), request_id, payload)
         .map_err(|error| (ErrorCode::Internal, error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use client_core::mls::{generate_key_packages, Identity, MlsProvider};
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_local_claim_records_each_package_it_hands_out() {
+        let store = MemoryStore::new();
+        let provider = MlsProvider::from_seed([7; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let packages = generate_key_packages(&provider, &identity, 2, now_secs)
+            .unwrap()
+            .into_iter()
+            .map(|package| package.message.into())
+            .collect();
+        let owner = SenderId::from_identity_key(identity.public_key());
+        let upload_payload = KeyPackageUpload { key_packages: packages, last_resort: None };
+        upload(&store, owner, &upload_payload).unwrap();
+        let nobody = 0x5eed;
+        let request = KeyPackageClaim { sender_ids: vec![owner.0, nobody], domain: None };
+
+        let claimed = claim(&store, &request, 1_000).unwrap();
+        let handed = claimed.key_packages[0].key_package.as_deref().unwrap();
+        let (handed_ref, _) = key_package_ref_and_identity(handed).unwrap();
+        let records = store.handed_out_claims(owner.0).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].key_package_ref.clone(), records[0].claimed_at_ms), (handed_ref, 1_000));
+        assert!(
+            store.handed_out_claims(nobody).unwrap().is_empty(),
+            "nothing handed out for a user without packages"
+        );
+        claim(&store, &request, 2_000).unwrap();
+        assert_eq!(store.handed_out_claims(owner.0).unwrap().len(), 2, "each package handed out is recorded");
+    }
 }

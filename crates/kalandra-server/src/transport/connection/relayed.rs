@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::limits::PUBLIC_KEY_BYTES;
@@ -15,9 +15,13 @@ use kalandra_proto::{ErrorCode, Frame, RoomId};
 use tokio::sync::mpsc;
 
 use super::Listener;
-use crate::federation::handshake::{encode_established, LinkMessage};
+use crate::federation::handshake::{encode_established, LinkMessage, RecipientHomes};
+use crate::federation::recipient_homes::{
+    named_recipient_homes, note_recipient_homes, recipient_homes_of, welcome_recipients_of, PendingHomes,
+};
 use crate::federation::relay::{
-    deliver_messages, RelayForwardError, RemoteConnectionHost, RemoteConnectionTask, RELAY_RETRY_AFTER_MS,
+    deliver_messages, RelayForwardError, RelayedFrame, RemoteConnectionHost, RemoteConnectionTask,
+    RELAY_RETRY_AFTER_MS,
 };
 use crate::node::{error_frame, Outbox, OutboxReceiver, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
@@ -60,7 +64,9 @@ impl Listener {
         if matches!(frame.opcode(), kalandra_proto::Opcode::Subscribe | kalandra_proto::Opcode::Sync) {
             self.node.room_read_remotely(outbox, room_id);
         }
-        let (code, message) = match self.relay_home.forward(outbox, identity_key, frame, authority) {
+        let recipient_homes = self.recipient_homes(&frame, authority).await;
+        let forwarded = self.relay_home.forward(outbox, identity_key, frame, authority, recipient_homes);
+        let (code, message) = match forwarded {
             Ok(()) => return,
             Err(error @ RelayForwardError::Unreachable(_)) => {
                 (ErrorCode::DomainUnreachable, error.to_string())
@@ -75,6 +81,29 @@ impl Listener {
         let _ = outbox.send(error).await;
     }
 
+    /// The homes this server knows of the recipients of `frame`'s Welcome,
+    /// when it is a commit with one, for its relay to `authority`.
+    async fn recipient_homes(&self, frame: &Frame, authority: &DomainName) -> Vec<RecipientHomes> {
+        let Some(recipients) = welcome_recipients_of(frame) else { return Vec::new() };
+        let (store, own, authority) =
+            (Arc::clone(&self.store), self.remote_directory.domain.clone(), authority.clone());
+        let homes = tokio::task::spawn_blocking(move || {
+            recipient_homes_of(store.as_ref(), &own, &authority, &recipients)
+        })
+        .await;
+        match homes {
+            Ok(Ok(homes)) => homes,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "recipient homes not read; the commit is relayed without them");
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading recipient homes failed");
+                Vec::new()
+            }
+        }
+    }
+
     /// Opens the remote connection `id` of the user with `identity_key`
     /// (certified by its home, the link's peer), whose client is
     /// `connection` at its home. Returns its queue and the task serving it:
@@ -84,7 +113,7 @@ impl Listener {
         listener: &Arc<Listener>,
         id: u64,
         identity_key: [u8; PUBLIC_KEY_BYTES],
-        mut frames: mpsc::Receiver<Frame>,
+        mut frames: mpsc::Receiver<RelayedFrame>,
         outgoing: mpsc::Sender<Vec<u8>>,
         connection: u64,
     ) -> Option<(Arc<Outbox>, impl Future<Output = ()> + Send + 'static)> {
@@ -99,16 +128,18 @@ impl Listener {
             f64::from(limits.frames_burst_per_connection),
         );
         let (listener, served) = (Arc::clone(listener), Arc::clone(&outbox));
+        let pending = Mutex::new(PendingHomes::default());
         let task = async move {
             let handle = async {
-                while let Some(frame) = frames.recv().await {
+                while let Some(RelayedFrame { frame, recipient_homes }) = frames.recv().await {
+                    listener.hold_recipient_homes(&pending, &frame, &recipient_homes);
                     if !listener.handle_relayed(&served, &mut session, &mut bucket, frame).await {
                         break;
                     }
                 }
             };
             tokio::select! {
-                _ = pump(receiver, outgoing.clone(), connection) => {}
+                _ = pump(receiver, outgoing.clone(), connection, &listener, &pending) => {}
                 _ = handle => {}
             }
             served.close();
@@ -171,6 +202,72 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Holds in `pending`, until the commit is answered, the recipient homes
+    /// the relay named for `frame` that concern it.
+    fn hold_recipient_homes(&self, pending: &Mutex<PendingHomes>, frame: &Frame, named: &[RecipientHomes]) {
+        if named.is_empty() {
+            return;
+        }
+        let Some(recipients) = welcome_recipients_of(frame) else { return };
+        let directory = &self.remote_directory;
+        let pairs = named_recipient_homes(
+            named,
+            &recipients,
+            &directory.domain,
+            &directory.peers,
+            &directory.refused,
+        );
+        if !pairs.is_empty() {
+            let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
+            lock(pending).hold(room_id, request_id, pairs);
+        }
+    }
+
+    /// Notes the recipient homes of the commits `batch` acknowledges (on a
+    /// blocking thread) and hands the users noted to the Welcome router.
+    fn note_answered_homes(&self, pending: &Mutex<PendingHomes>, batch: &VecDeque<bytes::Bytes>) {
+        let mut answered = Vec::new();
+        {
+            let mut pending = lock(pending);
+            for bytes in batch {
+                if let Some(pairs) = Frame::decode(bytes).ok().and_then(|frame| pending.answered(&frame)) {
+                    answered.extend(pairs);
+                }
+            }
+        }
+        if answered.is_empty() {
+            return;
+        }
+        let (store, routing) = (Arc::clone(&self.store), self.welcome_routing.clone());
+        tokio::spawn(async move {
+            let noted =
+                tokio::task::spawn_blocking(move || note_recipient_homes(store.as_ref(), &answered)).await;
+            match noted {
+                Ok(Ok(users)) if !users.is_empty() => {
+                    tracing::debug!(
+                        users = users.len(),
+                        "homes of invited users noted from their inviter's relay"
+                    );
+                    if let Some(routing) = routing {
+                        // A full queue leaves them to the router's retry.
+                        let _ = routing.try_send(users);
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "recipient homes not noted; their Welcomes stay here")
+                }
+                Err(error) => tracing::warn!(%error, "noting recipient homes failed"),
+            }
+        });
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The listener serves remote connections (through an `Arc` of itself,
 /// which their tasks hold).
 pub struct ListenerHost(pub Arc<Listener>);
@@ -180,7 +277,7 @@ impl RemoteConnectionHost for ListenerHost {
         &self,
         id: u64,
         identity_key: [u8; PUBLIC_KEY_BYTES],
-        frames: mpsc::Receiver<Frame>,
+        frames: mpsc::Receiver<RelayedFrame>,
         outgoing: mpsc::Sender<Vec<u8>>,
         connection: u64,
     ) -> Option<(Arc<Outbox>, RemoteConnectionTask)> {
@@ -190,11 +287,19 @@ impl RemoteConnectionHost for ListenerHost {
 }
 
 /// Delivers what a remote connection's queue gathers over the link, until
-/// the queue closes or the link is gone.
-async fn pump(mut receiver: OutboxReceiver, outgoing: mpsc::Sender<Vec<u8>>, connection: u64) {
+/// the queue closes or the link is gone; notes the recipient homes of a
+/// commit `pending` holds once the commit is acknowledged.
+async fn pump(
+    mut receiver: OutboxReceiver,
+    outgoing: mpsc::Sender<Vec<u8>>,
+    connection: u64,
+    listener: &Listener,
+    pending: &Mutex<PendingHomes>,
+) {
     let mut batch = VecDeque::new();
     loop {
         let next = receiver.next_batch(&mut batch).await;
+        listener.note_answered_homes(pending, &batch);
         for message in deliver_messages(connection, batch.drain(..)) {
             if outgoing.send(message).await.is_err() {
                 return;
