@@ -5,7 +5,8 @@
 # a.test names the others as its peers, each of them a.test), waits for
 # their links, then with the `kalandra` command: alice of a.test creates a
 # room and invites bob of b.test (and carol of c.test), each joins through
-# its own server, each sends a message, and each reads everyone's in the
+# its own server; bob invites dave, another user of b.test, who joins
+# through b.test; each sends a message, and each reads everyone's in the
 # room's history, in one order. Exits 0 when all of it worked; otherwise 1
 # with what failed. Stops exactly the servers it started and removes its
 # temporary directory on every exit.
@@ -207,6 +208,15 @@ invited=$(kalandra alice invite --room "$room" --domain b.test "$bob") || fail "
 step "alice invited bob of b.test: $invited"
 joined=$(kalandra bob join --room "$room" --wait-ms 30000) || fail "bob's join through b.test"
 step "bob: $joined"
+# bob, a member through b.test, invites another user of b.test: a.test
+# learns dave's home from b.test's relay of the commit and sends the
+# Welcome there.
+dave=$(kalandra dave init --server "$b_quic" --server-cert "$scratch/b.test/tls/cert.pem") \
+    || fail "dave's init on b.test"
+invited=$(kalandra bob invite --room "$room" "$dave") || fail "bob's invite of dave of b.test"
+step "bob invited dave of b.test: $invited"
+joined=$(kalandra dave join --room "$room" --wait-ms 30000) || fail "dave's join through b.test"
+step "dave: $joined"
 if [ "$domains" = 3 ]; then
     invited=$(kalandra alice invite --room "$room" --domain c.test "$carol") \
         || fail "alice's invite of carol of c.test"
@@ -230,13 +240,16 @@ printf '%s\n' "$alice_history" | grep -q "	$bob	hello alice, from b.test\$" \
     || fail "alice does not read bob's message"
 printf '%s\n' "$bob_history" | grep -q "	$alice	hello bob, from a.test\$" \
     || fail "bob does not read alice's message"
+dave_history=$(kalandra dave history --room "$room") || fail "dave's history"
+printf '%s\n' "$dave_history" | grep -q "	$bob	hello alice, from b.test\$" \
+    || fail "dave does not read bob's message"
 # The messages (membership lines, `* …`, left out: bob joined at the commit
 # that added him) are the same, in the same order, for both.
 messages() { printf '%s\n' "$1" | grep -v '	\* ' || true; }
 [ "$(messages "$alice_history")" = "$(messages "$bob_history")" ] \
     || fail "alice and bob read different messages or orders"
 if [ "$domains" = 2 ]; then
-    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server"
+    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server, and dave, invited by bob, reads bob's"
     exit 0
 fi
 carol_history=$(kalandra carol history --room "$room") || fail "carol's history"

@@ -20,7 +20,7 @@ use client_core::mls::{Identity, MlsProvider, RoomGroup};
 use common::{decode_ok, default_limits, TestClient, TestServer};
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::DomainName;
-use kalandra_proto::payload::{Ack, Commit, KeyPackageClaim, KeyPackageClaimed, Welcome};
+use kalandra_proto::payload::{Ack, Commit, KeyPackageClaim, KeyPackageClaimed, Sync, SyncDone, Welcome};
 use kalandra_proto::{Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use kalandra_server::{FederationConfig, PeerConfig, PeerKeyConfig, FEDERATION_KEY_FILE_NAME};
 
@@ -209,9 +209,10 @@ async fn federation_welcome_is_held_at_the_recipients_home_until_read() {
     assert_eq!(pending(&b, bob.sender()), 1, "bob's stays: he has not read the room");
 }
 
-/// A member of b.test invites, into a room a.test orders, dave of b
-/// (claimed at b) and erin of c.test (claimed through b): a learns their
-/// homes only from b's relay of the commit, and routes the Welcome to each.
+/// A member of b.test invites, into a room a.test orders and b replicates,
+/// dave of b (claimed at b) and erin of c.test (claimed through b): a
+/// learns their homes only from b's relay of the commit, and routes the
+/// Welcome to each; b takes it although it holds a log of the room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_homes() {
     let dir = tempfile::tempdir().unwrap();
@@ -244,6 +245,10 @@ async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_home
     alice.create_room(room).await;
     add_remote(&mut alice, &[bob.sender()], &bobs).await;
     joins(&mut bob, room).await;
+    // bob reads the room: b follows it and keeps its replica (so b holds a
+    // log of the room, which is still a's).
+    bob.subscribe(0).await;
+    eventually("b keeps a replica of the room", || b.store.next_log_index(room).unwrap() > 0).await;
 
     let mut packages = bob.claim(&[dave.sender()]).await;
     let claimed: KeyPackageClaimed = decode_ok(&claim_at(&mut bob, "c.test", &[erin.sender()]).await);
@@ -251,6 +256,11 @@ async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_home
     assert_eq!(a.store.remote_user_home(dave.sender().0).unwrap(), None, "a knows nothing of dave");
     assert_eq!(a.store.remote_user_home(erin.sender().0).unwrap(), None, "nor of erin");
     let ack = add_remote(&mut bob, &[dave.sender(), erin.sender()], &packages).await;
+    // Read at once, b serves the room from its replica only once that holds
+    // bob's acknowledged commit.
+    let sync = bob.frame(&Sync { from_log_index: ack.log_index, count_max: 16 });
+    let done: SyncDone = decode_ok(&bob.send_and_wait(&sync).await);
+    assert!(done.next_log_index > ack.log_index, "bob's read reaches his own commit: {done:?}");
 
     assert_eq!(joins(&mut dave, room).await, ack.log_index, "dave is welcomed at his home, b");
     assert_eq!(joins(&mut erin, room).await, ack.log_index, "erin is welcomed at her home, c");

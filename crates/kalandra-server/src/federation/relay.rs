@@ -33,7 +33,8 @@ use kalandra_proto::federation::{
     DomainName, HomeCertificate, RelayEnvelope, RelayError, VerifiedCertificates,
 };
 use kalandra_proto::limits::PUBLIC_KEY_BYTES;
-use kalandra_proto::{ErrorCode, Flags, Frame, RoomId};
+use kalandra_proto::payload::Ack;
+use kalandra_proto::{ErrorCode, Flags, Frame, Opcode, RoomId};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
@@ -63,6 +64,10 @@ pub const RELAY_SEQUENCE_PER_MS: u64 = 1 << 20;
 pub const HOME_CERTIFICATE_RENEW_BEFORE_MS: u64 = 60 * 60 * 1000;
 /// Wait suggested to a client whose frame could not be relayed now.
 pub const RELAY_RETRY_AFTER_MS: u64 = 1_000;
+/// Rooms per relayed client whose acknowledged index the home keeps, so
+/// that the client's reads there reach its own frames; past it, a room's
+/// reads are served by the replica as it stands.
+pub const RELAYED_CLIENT_ACKED_ROOMS_MAX: usize = 1_024;
 
 const _: () = assert!(DELIVER_BYTES_TARGET < LINK_ESTABLISHED_MESSAGE_BYTES_MAX);
 const _: () = assert!(HOME_CERTIFICATE_RENEW_BEFORE_MS < HOME_CERTIFICATE_VALIDITY_MS / 2);
@@ -112,6 +117,10 @@ struct RelayedClient {
     outbox: Arc<Outbox>,
     certificate: HomeCertificate,
     authorities: BTreeSet<DomainName>,
+    /// Per room, one past the highest index an authority acknowledged to
+    /// the client: its reads must reach it (at most
+    /// [`RELAYED_CLIENT_ACKED_ROOMS_MAX`] rooms).
+    acked_next: HashMap<RoomId, u64>,
 }
 
 /// The home side: relays local clients' frames to the rooms' authorities
@@ -216,6 +225,7 @@ impl RelayHome {
             outbox: Arc::clone(outbox),
             certificate: self.issue(identity_key, now_ms),
             authorities: BTreeSet::new(),
+            acked_next: HashMap::new(),
         });
         if client.certificate.not_after_ms.saturating_sub(now_ms) < HOME_CERTIFICATE_RENEW_BEFORE_MS {
             client.certificate = self.issue(identity_key, now_ms);
@@ -238,19 +248,24 @@ impl RelayHome {
         else {
             return;
         };
+        let mut acked = Vec::new();
         for frame in frames {
             let frame = Bytes::from(frame.into_vec());
-            let room_id = match Frame::decode(&frame) {
-                Ok(decoded) => decoded.header().room_id(),
+            let decoded = match Frame::decode(&frame) {
+                Ok(decoded) => decoded,
                 Err(_) => {
                     self.metrics.relay_refused(peer.as_str(), "malformed_frame");
                     continue;
                 }
             };
+            let room_id = decoded.header().room_id();
             if room_id != RoomId::default() && self.authority_of(room_id).as_ref() != Some(peer) {
                 tracing::warn!(%peer, %room_id, "a peer sent a frame of a room it does not order");
                 self.metrics.relay_refused(peer.as_str(), "foreign_room");
                 continue;
+            }
+            if let Some(next) = acknowledged_next(&decoded) {
+                acked.push((room_id, next));
             }
             if !outbox.try_send(frame) {
                 let notice = error_frame(
@@ -264,6 +279,34 @@ impl RelayHome {
                 return;
             }
         }
+        self.note_acknowledged(connection, acked);
+    }
+
+    /// Notes, for the client of `connection`, the indices its reads must
+    /// reach in each room.
+    fn note_acknowledged(&self, connection: u64, acked: Vec<(RoomId, u64)>) {
+        if acked.is_empty() {
+            return;
+        }
+        let mut clients = lock(&self.clients);
+        let Some(client) = clients.get_mut(&connection) else { return };
+        for (room_id, next) in acked {
+            let room_count = client.acked_next.len();
+            match client.acked_next.get_mut(&room_id) {
+                Some(known) => *known = (*known).max(next),
+                None if room_count < RELAYED_CLIENT_ACKED_ROOMS_MAX => {
+                    client.acked_next.insert(room_id, next);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// One past the highest index of `room_id` an authority acknowledged
+    /// to the client of `connection` (0 when none).
+    pub fn acknowledged_next(&self, connection: u64, room_id: RoomId) -> u64 {
+        let clients = lock(&self.clients);
+        clients.get(&connection).and_then(|client| client.acked_next.get(&room_id).copied()).unwrap_or(0)
     }
 
     /// The authority dropped the relayed connection (or its link went
@@ -703,6 +746,15 @@ pub fn frame_messages(
         messages.extend(encode_established(&message(frames)).ok());
     }
     messages
+}
+
+/// One past the log index an `Ack` names.
+fn acknowledged_next(frame: &Frame) -> Option<u64> {
+    if frame.opcode() != Opcode::Ack {
+        return None;
+    }
+    let ack = frame.decode_payload::<Ack>().ok()?;
+    Some(ack.log_index.saturating_add(1))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -232,7 +232,9 @@ impl WelcomeInbox {
         welcome: Vec<u8>,
     ) -> Result<Vec<SenderId>, InboxError> {
         let welcome = check_delivered_welcome(room_id, recipients, welcome)?;
-        if self.is_local(room_id)? {
+        // A room recorded as another domain's has a log here when this
+        // server keeps its replica: it is not local.
+        if self.rooms.authority_of(room_id).is_none() && self.is_local(room_id)? {
             return Err(WelcomeRefusal::LocalRoom { room_id }.into());
         }
         let recipients = self.claimed_recipients(peer, room_id, recipients, &welcome.key_package_refs)?;

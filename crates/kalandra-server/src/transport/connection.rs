@@ -373,7 +373,7 @@ impl Listener {
                 }
                 Step::Route(_, route) => {
                     let Some(outbox) = state.outbox.clone() else { return false };
-                    match self.relayed_to(&route, &original) {
+                    match self.relayed_to(&route, &original, outbox.connection()).await {
                         Some(authority) => {
                             if matches!(route, Route::Unsubscribe { .. }) {
                                 // Its subscription may be here, at the replica.

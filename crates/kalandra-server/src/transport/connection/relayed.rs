@@ -33,13 +33,24 @@ impl Listener {
     /// Key packages are always this server's business.
     /// Reads of a room this server holds a live replica of (or any replica
     /// of, while its authority is unreachable) are served here.
-    pub(super) fn relayed_to(&self, route: &Route, frame: &Frame) -> Option<DomainName> {
+    /// A read is served here only if the replica is durable through every
+    /// frame the authority acknowledged to this client connection (read
+    /// your own writes: a client that syncs after its commit's `Ack` finds
+    /// the commit).
+    pub(super) async fn relayed_to(
+        &self,
+        route: &Route,
+        frame: &Frame,
+        connection: u64,
+    ) -> Option<DomainName> {
         let room_id = frame.header().room_id();
         match route {
             Route::KeyPackageUpload { .. } | Route::KeyPackageClaim { .. } => None,
             Route::Subscribe { .. } | Route::Sync { .. } | Route::GroupInfo { .. } => {
                 let authority = self.relay_home.authority_of(room_id)?;
-                if self.replicas.reads_here(room_id, &authority) {
+                if self.replicas.reads_here(room_id, &authority)
+                    && self.replica_has_acknowledged(connection, room_id).await
+                {
                     return None;
                 }
                 self.replicas.follow_if_idle(room_id);
@@ -47,6 +58,19 @@ impl Listener {
             }
             _ => self.relay_home.authority_of(room_id),
         }
+    }
+
+    /// Whether the replica of `room_id` is durable through the frames its
+    /// authority acknowledged to the client of `connection`.
+    async fn replica_has_acknowledged(&self, connection: u64, room_id: RoomId) -> bool {
+        let acknowledged_next = self.relay_home.acknowledged_next(connection, room_id);
+        if acknowledged_next == 0 {
+            return true;
+        }
+        self.node
+            .replica_position(room_id)
+            .await
+            .is_some_and(|(_, durable_next)| durable_next >= acknowledged_next)
     }
 
     /// Relays the client's `frame` (checked by its session) to `authority`;
