@@ -156,6 +156,11 @@ impl PendingHomes {
         assert!(self.waiting.len() <= RECIPIENT_HOMES_PENDING_PER_CONNECTION_MAX);
     }
 
+    /// Whether no commit's homes are held.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
     /// The pairs to note when `frame` acknowledges a held commit; an error
     /// answering one forgets it.
     pub fn answered(&mut self, frame: &Frame) -> Option<Vec<(UserId, DomainName)>> {

@@ -254,6 +254,9 @@ impl Listener {
         let mut answered = Vec::new();
         {
             let mut pending = lock(pending);
+            if pending.is_empty() {
+                return;
+            }
             for bytes in batch {
                 if let Some(pairs) = Frame::decode(bytes).ok().and_then(|frame| pending.answered(&frame)) {
                     answered.extend(pairs);
