@@ -248,7 +248,6 @@ impl RelayHome {
         else {
             return;
         };
-        let mut acked = Vec::new();
         for frame in frames {
             let frame = Bytes::from(frame.into_vec());
             let decoded = match Frame::decode(&frame) {
@@ -265,7 +264,8 @@ impl RelayHome {
                 continue;
             }
             if let Some(next) = acknowledged_next(&decoded) {
-                acked.push((room_id, next));
+                // Before the client can read the Ack and then the room.
+                self.note_acknowledged(connection, room_id, next);
             }
             if !outbox.try_send(frame) {
                 let notice = error_frame(
@@ -279,26 +279,20 @@ impl RelayHome {
                 return;
             }
         }
-        self.note_acknowledged(connection, acked);
     }
 
-    /// Notes, for the client of `connection`, the indices its reads must
-    /// reach in each room.
-    fn note_acknowledged(&self, connection: u64, acked: Vec<(RoomId, u64)>) {
-        if acked.is_empty() {
-            return;
-        }
+    /// Notes that the client of `connection` must read `room_id` up to
+    /// `next` (exclusive).
+    fn note_acknowledged(&self, connection: u64, room_id: RoomId, next: u64) {
         let mut clients = lock(&self.clients);
         let Some(client) = clients.get_mut(&connection) else { return };
-        for (room_id, next) in acked {
-            let room_count = client.acked_next.len();
-            match client.acked_next.get_mut(&room_id) {
-                Some(known) => *known = (*known).max(next),
-                None if room_count < RELAYED_CLIENT_ACKED_ROOMS_MAX => {
-                    client.acked_next.insert(room_id, next);
-                }
-                None => {}
+        let room_count = client.acked_next.len();
+        match client.acked_next.get_mut(&room_id) {
+            Some(known) => *known = (*known).max(next),
+            None if room_count < RELAYED_CLIENT_ACKED_ROOMS_MAX => {
+                client.acked_next.insert(room_id, next);
             }
+            None => {}
         }
     }
 
