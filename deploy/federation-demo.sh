@@ -7,7 +7,10 @@
 # room and invites bob of b.test (and carol of c.test), each joins through
 # its own server; bob invites dave, another user of b.test, who joins
 # through b.test; each sends a message, and each reads everyone's in the
-# room's history, in one order. Exits 0 when all of it worked; otherwise 1
+# room's history, in one order. With two domains, a.test is then killed
+# (kill -9): bob reads the room from b.test's replica and his message waits
+# in his outbox until a.test, started again on the same ports and data,
+# takes it; alice and bob then read the same messages. Exits 0 when all of it worked; otherwise 1
 # with what failed. Stops exactly the servers it started and removes its
 # temporary directory on every exit.
 #
@@ -17,7 +20,8 @@
 #   KALANDRA_DEMO_KEEP=1  keep the temporary directory (servers' logs, devices)
 #
 # Every listener is on 127.0.0.1 with port 0: the kernel picks free ports
-# and the script reads them from each server's start-up lines. b.test (and
+# and the script reads them from each server's start-up lines (a.test's
+# restart reuses its first ports). b.test (and
 # c.test) dial a.test's federation listener; a.test, started first, accepts
 # their links (its peer entries have no address), and both ends use the one
 # link.
@@ -104,13 +108,13 @@ write_config() {
     {
         echo "domain = \"$domain\""
         echo "data_dir = \"$scratch/$domain\""
-        echo 'listen = "127.0.0.1:0"'
-        echo 'admin_listen = "127.0.0.1:0"'
+        echo "listen = \"${quic_listen:-127.0.0.1:0}\""
+        echo "admin_listen = \"${admin_listen:-127.0.0.1:0}\""
         echo "admin_token = \"$token\""
         echo 'log_filter = "warn"'
         echo
         echo '[federation]'
-        echo 'listen = "127.0.0.1:0"'
+        echo "listen = \"${federation_listen:-127.0.0.1:0}\""
         while [ "$#" -ge 3 ]; do
             echo
             echo '[[federation.peers]]'
@@ -246,10 +250,53 @@ printf '%s\n' "$dave_history" | grep -q "	$bob	hello alice, from b.test\$" \
 # The messages (membership lines, `* …`, left out: bob joined at the commit
 # that added him) are the same, in the same order, for both.
 messages() { printf '%s\n' "$1" | grep -v '	\* ' || true; }
+
+# a.test, the room's authority, is killed (kill -9): bob reads the room
+# from b.test's replica, and his message waits in his outbox; a.test
+# starts again on the same ports and data, the link comes back, and the
+# message goes through: alice and bob then read the same messages.
+authority_outage() {
+    local a_pid=${pids[0]} status
+    kill -9 "$a_pid"
+    wait "$a_pid" 2>/dev/null || true
+    pids=("${pids[@]:1}")
+    step "a.test killed (kill -9 $a_pid)"
+    local offline
+    offline=$(kalandra bob history --room "$room") || fail "bob's history while a.test is down"
+    [ "$(messages "$offline")" = "$(messages "$bob_history")" ] \
+        || fail "bob reads another history from b.test's replica while a.test is down"
+    step "bob reads the room's history from b.test's replica while a.test is down"
+    status=0
+    kalandra bob send --room "$room" "while a.test was down" > /dev/null 2> "$scratch/bob-send.err" \
+        || status=$?
+    [ "$status" -ne 0 ] || fail "bob's send went through with a.test down"
+    step "bob's send while a.test is down: exit $status, $(cat "$scratch/bob-send.err")"
+    quic_listen=$a_quic admin_listen=$a_admin federation_listen=$a_federation \
+        write_config a.test b.test "$key_b" -
+    start_server a.test
+    local deadline=$((SECONDS + LINK_TIMEOUT_SECS))
+    until [ "$(connected "$a_admin")" -eq 1 ] && [ "$(connected "$b_admin")" -eq 1 ]; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "the link did not come back in ${LINK_TIMEOUT_SECS}s"
+        sleep 0.2
+    done
+    step "a.test is back and linked with b.test"
+    kalandra bob send --room "$room" "after a.test came back" > /dev/null || fail "bob's send after a.test came back"
+    alice_history=$(kalandra alice history --room "$room") || fail "alice's history after a.test came back"
+    bob_history=$(kalandra bob history --room "$room") || fail "bob's history after a.test came back"
+    step "alice's history:"
+    printf '%s\n' "$alice_history" | sed 's/^/    /'
+    printf '%s\n' "$alice_history" | grep -q "	$bob	while a.test was down\$" \
+        || fail "bob's message sent while a.test was down is lost"
+    printf '%s\n' "$alice_history" | grep -q "	$bob	after a.test came back\$" \
+        || fail "bob's message sent after a.test came back is lost"
+    [ "$(messages "$alice_history")" = "$(messages "$bob_history")" ] \
+        || fail "alice and bob read different messages or orders after a.test came back"
+}
 [ "$(messages "$alice_history")" = "$(messages "$bob_history")" ] \
     || fail "alice and bob read different messages or orders"
 if [ "$domains" = 2 ]; then
-    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server, and dave, invited by bob, reads bob's"
+    authority_outage
+    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server; dave, invited by bob, reads bob's; nothing bob sent while a.test was down was lost"
     exit 0
 fi
 carol_history=$(kalandra carol history --room "$room") || fail "carol's history"
