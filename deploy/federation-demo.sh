@@ -251,6 +251,25 @@ printf '%s\n' "$dave_history" | grep -q "	$bob	hello alice, from b.test\$" \
 # that added him) are the same, in the same order, for both.
 messages() { printf '%s\n' "$1" | grep -v '	\* ' || true; }
 
+# alice, the room's admin on a.test, kicks dave of b.test: a.test proposes
+# his removal, alice's next commit applies it, and dave's device keeps what
+# he read before and reads nothing sent after.
+remote_kick() {
+    kalandra alice kick --room "$room" --reason demo "$dave" > /dev/null || fail "alice's kick of dave"
+    kalandra alice update --room "$room" > /dev/null || fail "alice's commit of dave's removal"
+    kalandra alice send --room "$room" "after dave's removal" > /dev/null || fail "alice's send after the kick"
+    # dave's device catches up to his removal; the server refuses him after it.
+    kalandra dave history --room "$room" > /dev/null 2>&1 || true
+    local kept
+    kept=$(kalandra dave history --room "$room" --offline) || fail "dave's history on his device"
+    printf '%s\n' "$kept" | grep -q "	$bob	hello alice, from b.test\$" \
+        || fail "dave's device lost what he read before the kick"
+    if printf '%s\n' "$kept" | grep -q "after dave's removal"; then
+        fail "dave reads a message sent after his removal"
+    fi
+    step "alice kicked dave of b.test: his device keeps what he read before and reads nothing after"
+}
+
 # a.test, the room's authority, is killed (kill -9): bob reads the room
 # from b.test's replica, and his message waits in his outbox; a.test
 # starts again on the same ports and data, the link comes back, and the
@@ -296,7 +315,8 @@ authority_outage() {
     || fail "alice and bob read different messages or orders"
 if [ "$domains" = 2 ]; then
     authority_outage
-    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server; dave, invited by bob, reads bob's; nothing bob sent while a.test was down was lost"
+    remote_kick
+    step "OK: alice (a.test) and bob (b.test) read each other's messages, each through its own server; dave, invited by bob, reads bob's; nothing bob sent while a.test was down was lost; dave, kicked, reads nothing after"
     exit 0
 fi
 carol_history=$(kalandra carol history --room "$room") || fail "carol's history"
