@@ -50,13 +50,15 @@ pub mod federation_link {
         LinkRequest, LinkResponse, RefusalCode, RemoteKeyPackage, LINK_ESTABLISHED_LENGTH_PREFIX_BYTES,
     };
 }
+pub use crate::federation::peers::PeerKeysReload;
 pub use crate::node::erasure::{RedactAuthority, RetentionSweeper};
 pub use crate::node::push::{MemoryPushSink, PushNotification, PushSink};
 pub use crate::node::{Clock, Node, NodeHealth};
 pub use crate::room::audit;
 pub use crate::room::roles::Role;
 pub use crate::server::{
-    RunningServer, Server, ShutdownError, StartError, StartOptions, Stopped, DATABASE_FILE_NAME,
+    ReloadKeysError, RunningServer, Server, ShutdownError, StartError, StartOptions, Stopped,
+    DATABASE_FILE_NAME,
 };
 pub use crate::server_key::{load_or_create_federation_key, FEDERATION_KEY_FILE_NAME};
 pub use crate::transport::tls::load_or_create_server_identity;

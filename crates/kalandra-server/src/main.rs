@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     if cli.compact {
         return compact(&config);
     }
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, &cli)) {
         Ok(code) => code,
         // Printed once, to standard error (not also as a log line).
         Err(fatal) => {
@@ -214,7 +214,7 @@ fn compact(config: &ServerConfig) -> ExitCode {
     }
 }
 
-async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
+async fn run(config: ServerConfig, cli: &CliArgs) -> Result<ExitCode, Fatal> {
     // Watched from the start: SIGHUP's default action would end the process.
     let mut signals = Signals::watch().context("watching signals")?;
     // Everything that can be refused is checked before anything is created.
@@ -244,7 +244,7 @@ async fn run(config: ServerConfig) -> Result<ExitCode, Fatal> {
     }
     println!("listening on quic://{} (admin http://{})", server.quic_address(), server.admin_address());
 
-    let failed = wait_for_stop(&server, &mut signals).await;
+    let failed = wait_for_stop(&server, &mut signals, cli).await;
     tracing::info!(failed, "draining");
     let stopped = server.shutdown().await.map_err(anyhow::Error::from)?;
     if failed || stopped.core_failed {
@@ -287,16 +287,44 @@ fn reload_tls(server: &RunningServer) {
     }
 }
 
+/// SIGHUP: re-reads the configuration and takes the peers' federation keys
+/// from it (a peer rotated its key). A configuration that does not load
+/// is logged and the keys in force stay.
+fn reload_federation_keys(server: &RunningServer, cli: &CliArgs) {
+    let config = match ServerConfig::load(cli) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "configuration not reloaded; the peers' keys in force stay");
+            return;
+        }
+    };
+    match server.reload_federation_keys(&config) {
+        Ok(reload) => {
+            for domain in &reload.changed {
+                println!("reloaded the federation keys of {domain}");
+                tracing::info!(%domain, "federation keys reloaded");
+            }
+            for domain in &reload.not_applied {
+                tracing::warn!(%domain, "a peer added, removed, refused or accepted again takes a restart");
+            }
+        }
+        Err(error) => tracing::error!(%error, "federation keys not reloaded; the keys in force stay"),
+    }
+}
+
 /// Waits for SIGTERM or SIGINT (`false`) or a failure of the room core
 /// (`true`: storage failed or a shard task panicked); reloads the
-/// certificate on each SIGHUP.
-async fn wait_for_stop(server: &RunningServer, signals: &mut Signals) -> bool {
+/// certificate and the peers' federation keys on each SIGHUP.
+async fn wait_for_stop(server: &RunningServer, signals: &mut Signals, cli: &CliArgs) -> bool {
     let mut poll = tokio::time::interval(HEALTH_POLL_INTERVAL);
     loop {
         tokio::select! {
             _ = signals.terminate.recv() => return false,
             _ = tokio::signal::ctrl_c() => return false,
-            _ = signals.hangup.recv() => reload_tls(server),
+            _ = signals.hangup.recv() => {
+                reload_tls(server);
+                reload_federation_keys(server, cli);
+            }
             _ = poll.tick() => if server.health().has_failed() { return true },
         }
     }

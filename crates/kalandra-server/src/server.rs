@@ -22,6 +22,7 @@ use crate::federation::directory::HomeDirectory;
 use crate::federation::directory::RemoteDirectory;
 use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::links::FederationLinks;
+use crate::federation::peers::{PeerKeysReload, SharedPeers};
 use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::federation::registry::LinkRegistry;
 use crate::federation::relay::{RelayAuthority, RelayHome};
@@ -267,6 +268,11 @@ struct Listeners {
 
 /// The configured peers that are not refused and the keys accepted for each.
 fn peer_table(config: &ServerConfig) -> Result<PeerTable, StartError> {
+    configured_peers(config)
+        .map_err(|ReloadKeysError::Peer { domain, reason }| StartError::FederationPeer { domain, reason })
+}
+
+fn configured_peers(config: &ServerConfig) -> Result<PeerTable, ReloadKeysError> {
     config
         .federation
         .peers
@@ -275,10 +281,23 @@ fn peer_table(config: &ServerConfig) -> Result<PeerTable, StartError> {
         .map(|peer| {
             let keys = peer
                 .peer_keys()
-                .map_err(|reason| StartError::FederationPeer { domain: peer.domain.to_string(), reason })?;
+                .map_err(|reason| ReloadKeysError::Peer { domain: peer.domain.to_string(), reason })?;
             Ok((peer.domain.clone(), keys))
         })
         .collect()
+}
+
+/// Why the peers' keys were not reloaded (the keys in force stay).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadKeysError {
+    /// A configured peer's keys are not usable (operator misuse).
+    #[error("federation peer {domain}: {reason}")]
+    Peer {
+        /// The peer.
+        domain: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The peer domains the operator refuses.
@@ -297,7 +316,7 @@ async fn assemble(
     listeners: Listeners,
 ) -> Result<RunningServer, StartError> {
     let keys = Keys::load(&config)?;
-    let peers = peer_table(&config)?;
+    let peers = SharedPeers::new(peer_table(&config)?);
     let refused = refused_domains(&config);
     let metrics = Metrics::new().map_err(StartError::Metrics)?;
     let admin_address = listeners.admin.local_addr().map_err(StartError::LocalAddress)?;
@@ -368,7 +387,7 @@ async fn assemble(
     let registry = Arc::new(LinkRegistry::default());
     let remote_directory = Arc::new(RemoteDirectory {
         domain: config.domain.clone(),
-        peers: peers.clone(),
+        peers: Arc::clone(&peers),
         refused: refused.clone(),
         registry: Arc::clone(&registry),
         clock: Arc::clone(&clock),
@@ -411,7 +430,7 @@ async fn assemble(
     );
     let relay_authority = Arc::new(RelayAuthority::new(
         config.domain.clone(),
-        peers.clone(),
+        Arc::clone(&peers),
         refused.clone(),
         Arc::new(ListenerHost(Arc::clone(&listener))),
         Arc::clone(&store),
@@ -442,7 +461,7 @@ async fn assemble(
     let link_context = LinkContext {
         domain: config.domain.clone(),
         key: keys.federation_key.clone(),
-        peers,
+        peers: Arc::clone(&peers),
         refused,
         links: federation_links.clone(),
         clock: Arc::clone(&clock),
@@ -450,7 +469,7 @@ async fn assemble(
         registry,
         home,
         relay_home,
-        relay_authority,
+        relay_authority: Arc::clone(&relay_authority),
         replica_feeds,
         replica_follower: Arc::clone(&replica_follower),
     };
@@ -495,6 +514,8 @@ async fn assemble(
         admin,
         background: [gauges, retention, router],
         remote_rooms,
+        federation_peers: peers,
+        relay_authority,
     })
 }
 
@@ -654,6 +675,8 @@ pub struct RunningServer {
     background: [JoinHandle<()>; 3],
     /// The rooms other domains order.
     remote_rooms: Arc<RemoteRooms>,
+    federation_peers: Arc<SharedPeers>,
+    relay_authority: Arc<RelayAuthority>,
 }
 
 /// How a server stopped.
@@ -765,6 +788,20 @@ impl RunningServer {
         let server_config = quinn_server_config(&identity, self.config.limits.idle_timeout_ms)?;
         self.endpoint.set_server_config(Some(server_config));
         Ok(identity.fingerprint_sha256_hex())
+    }
+
+    /// Takes the peers' keys from `config` again, without a restart (a
+    /// peer rotated its federation key: the operator lists the new one).
+    /// Only the keys of peers already configured change; peers added,
+    /// removed, refused or accepted again are reported and take a restart.
+    /// Links already up stay; each new handshake and relayed envelope is
+    /// checked against the keys now in force.
+    pub fn reload_federation_keys(&self, config: &ServerConfig) -> Result<PeerKeysReload, ReloadKeysError> {
+        let reload = self.federation_peers.replace_keys(&configured_peers(config)?);
+        if !reload.changed.is_empty() {
+            self.relay_authority.peer_keys_replaced();
+        }
+        Ok(reload)
     }
 
     /// Drains and stops: stops accepting and reading, makes everything

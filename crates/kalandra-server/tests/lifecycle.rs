@@ -1,6 +1,7 @@
 //! The server process as an operator runs it: configuration refused before
 //! anything is created, one line per fatal error, exit codes, a damaged
-//! database, and SIGHUP reloading the certificate.
+//! database, and SIGHUP reloading the certificate and the peers'
+//! federation keys.
 
 mod process;
 
@@ -133,4 +134,51 @@ async fn sighup_reloads_the_certificate_and_keeps_serving() {
     server.signal("TERM");
     assert_eq!(server.wait().code(), Some(0), "{}", server.stderr());
     assert!(server.stderr().contains("TLS certificate not reloaded"), "{}", server.stderr());
+}
+
+/// The configuration of a.test with b.test as its peer, accepting the keys
+/// of `seeds`.
+fn federated_config(seeds: &[u8]) -> String {
+    let keys: Vec<String> = seeds
+        .iter()
+        .map(|seed| {
+            let key = hex::encode(SigningKey::from_bytes(&[*seed; 32]).verifying_key().to_bytes());
+            format!("{{ key = \"{key}\" }}")
+        })
+        .collect();
+    format!(
+        "domain = \"a.test\"\n\n[federation]\nlisten = \"127.0.0.1:0\"\n\n[[federation.peers]]\ndomain = \"b.test\"\nkeys = [{}]\n",
+        keys.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn sighup_takes_a_peers_new_federation_key_from_the_configuration() {
+    const RELOADED: &str = "reloaded the federation keys of b.test";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, federated_config(&[2])).expect("config");
+    let mut start = command(&dir.path().join("data"));
+    start.arg("--config").arg(&config);
+    let mut server = ServerProcess::start(start, &dir.path().join("server.log"));
+
+    // A configuration that does not load changes nothing, and stops nothing.
+    std::fs::write(&config, "domain = [").expect("broken config");
+    server.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(server.child.try_wait().expect("try_wait").is_none(), "SIGHUP stopped the server");
+
+    std::fs::write(&config, federated_config(&[2, 12])).expect("config with b's new key");
+    server.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if server.more_stdout(Duration::from_millis(200)).iter().any(|line| line == RELOADED) {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "stdout: {:?}\nstderr:\n{}", server.stdout, server.stderr());
+    server.signal("TERM");
+    assert_eq!(server.wait().code(), Some(0), "{}", server.stderr());
+    assert!(server.stderr().contains("configuration not reloaded"), "{}", server.stderr());
 }

@@ -293,3 +293,41 @@ async fn federation_key_rotation_within_the_overlap_needs_no_restart_of_the_othe
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// b's operator switched b to a key a's configuration does not list yet:
+/// a's operator adds it and reloads (what SIGHUP does), and the link comes
+/// up without a restart of a. A peer the new configuration adds is
+/// reported, not applied; a configuration with an unusable key changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_a_peers_new_key_is_taken_on_reload_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_address = free_address();
+    let a =
+        start(&dir.path().join("a"), "a.test", 1, a_address, vec![peer("b.test", None, &[(2, None)])]).await;
+    let a_peers = vec![peer("a.test", Some(a_address), &[(1, None)])];
+    let b = start(&dir.path().join("b"), "b.test", 12, free_address(), a_peers).await;
+    wait_for(&a, "b's new key refused", |view| {
+        peer_view(view, "b.test").last_error.as_ref().is_some_and(|error| error.code == "key_not_accepted")
+    })
+    .await;
+    assert!(!peer_view(&a.federation_links().view(), "b.test").connected);
+
+    let mut config = a.config().clone();
+    config.federation.peers =
+        vec![peer("b.test", None, &[(2, Some(1)), (12, None)]), peer("n.test", None, &[(13, None)])];
+    let reload = a.reload_federation_keys(&config).unwrap();
+    let domain = |name: &str| DomainName::parse(name).unwrap();
+    assert_eq!((reload.changed, reload.not_applied), (vec![domain("b.test")], vec![domain("n.test")]));
+    let view =
+        wait_for(&a, "linked with b under its new key", |view| peer_view(view, "b.test").connected).await;
+    assert_eq!(peer_view(&view, "b.test").proven_key.as_deref(), Some(key_hex(12).as_str()));
+
+    let mut unusable = peer("b.test", None, &[(12, None)]);
+    unusable.keys[0].key = "not a key".to_owned();
+    config.federation.peers = vec![unusable];
+    assert!(a.reload_federation_keys(&config).is_err(), "an unusable key is refused");
+    let view = a.federation_links().view();
+    assert!(peer_view(&view, "b.test").connected, "the keys in force stay");
+    drop(b);
+}

@@ -19,6 +19,7 @@ use kalandra_proto::{ErrorCode, RoomId, SenderId};
 
 use crate::admin::metrics::Metrics;
 use crate::federation::handshake::{PeerTable, RefusedDomains};
+use crate::federation::peers::SharedPeers;
 use crate::federation::registry::LinkRegistry;
 use crate::federation::requests::{
     refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, RemoteKeyPackage,
@@ -296,7 +297,7 @@ pub struct RemoteDirectory {
     /// This server's domain.
     pub domain: DomainName,
     /// The peers and the keys accepted for them.
-    pub peers: PeerTable,
+    pub peers: Arc<SharedPeers>,
     /// The domains the operator refuses: never claimed through.
     pub refused: RefusedDomains,
     /// The links that are up.
@@ -318,7 +319,7 @@ impl RemoteDirectory {
         domain: &DomainName,
         sender_ids: &[u64],
     ) -> Result<KeyPackageClaimed, RemoteClaimError> {
-        let peer = match claim_peer(domain, &self.peers, &self.refused) {
+        let peer = match claim_peer(domain, &self.peers.current(), &self.refused) {
             Ok(peer) => peer.clone(),
             Err(error) => {
                 let code = match error {

@@ -7,7 +7,8 @@
 //!
 //! [`handshake`] is the pure state machine of the link handshake and the
 //! link messages, [`requests`] the pure request/response layer, [`links`]
-//! the per-peer state the admin API and metrics show, [`directory`] the
+//! the per-peer state the admin API and metrics show, [`peers`] the peers'
+//! accepted keys (reloadable while running), [`directory`] the
 //! remote claim (the home side's answer, the pure check of an answer, and
 //! the claiming side), [`registry`] the links that are up, [`rooms`] the
 //! rooms other domains order, [`welcomes`] the routing of Welcomes (the
@@ -24,6 +25,7 @@ pub mod directory;
 pub mod follow;
 pub mod handshake;
 pub mod links;
+pub mod peers;
 pub mod quic;
 pub mod recipient_homes;
 pub mod registry;

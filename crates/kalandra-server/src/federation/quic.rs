@@ -28,8 +28,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use crate::federation::directory::HomeDirectory;
 use crate::federation::handshake::{
     body_len, decode, decode_established, encode, encode_established, established_body_len, Established,
-    LinkHandshake, LinkHandshakeError, LinkMessage, PeerTable, RefusedDomains, Step,
-    LINK_LENGTH_PREFIX_BYTES,
+    LinkHandshake, LinkHandshakeError, LinkMessage, RefusedDomains, Step, LINK_LENGTH_PREFIX_BYTES,
 };
 use crate::federation::limits::{
     BACKOFF_INITIAL_MS, HANDSHAKES_IN_FLIGHT_MAX, IDLE_TIMEOUT_MS, LINK_SILENCE_MS_MAX, PING_INTERVAL_MS,
@@ -37,6 +36,7 @@ use crate::federation::limits::{
 };
 use crate::federation::links::FederationLinks;
 use crate::federation::next_backoff_ms;
+use crate::federation::peers::SharedPeers;
 use crate::federation::registry::{lock_pending, LinkRegistry, Pending, LINK_OUTGOING_MESSAGES_MAX};
 use crate::federation::relay::{Intake, RelayAuthority, RelayHome, RELAY_CHECKS_IN_FLIGHT_MAX};
 use crate::federation::replica::{ReplicaFeeds, ReplicaFollower, FOLLOWS_IN_FLIGHT_PER_LINK_MAX};
@@ -57,7 +57,7 @@ pub struct LinkContext {
     /// Its federation key.
     pub key: SigningKey,
     /// The peers and the keys accepted for them.
-    pub peers: PeerTable,
+    pub peers: Arc<SharedPeers>,
     /// The domains the operator refuses: their links are refused.
     pub refused: RefusedDomains,
     /// The per-peer state.
@@ -605,7 +605,7 @@ async fn exchange(
     write(send, first).await?;
     loop {
         let message = read(recv).await?;
-        match handshake.receive(message, &context.peers, context.now_ms())? {
+        match handshake.receive(message, &context.peers.current(), context.now_ms())? {
             Step::Send(messages) => write(send, &messages).await?,
             Step::Established(established) => return Ok(established),
         }

@@ -40,9 +40,8 @@ use tokio::sync::mpsc;
 
 use crate::admin::metrics::Metrics;
 use crate::federation::directory::HOME_CERTIFICATE_VALIDITY_MS;
-use crate::federation::handshake::{
-    encode_established, LinkMessage, PeerTable, RecipientHomes, RefusedDomains,
-};
+use crate::federation::handshake::{encode_established, LinkMessage, RecipientHomes, RefusedDomains};
+use crate::federation::peers::SharedPeers;
 use crate::federation::registry::LinkRegistry;
 use crate::federation::requests::{LinkRequestError, LINK_ESTABLISHED_MESSAGE_BYTES_MAX};
 use crate::federation::rooms::RemoteRooms;
@@ -429,7 +428,7 @@ impl RelayRefusal {
 /// connections.
 pub struct RelayAuthority {
     domain: DomainName,
-    peers: PeerTable,
+    peers: Arc<SharedPeers>,
     refused: RefusedDomains,
     host: Arc<dyn RemoteConnectionHost>,
     store: Arc<dyn Store>,
@@ -447,7 +446,7 @@ impl RelayAuthority {
     /// The authority side of `domain`, serving remote connections through `host`.
     pub fn new(
         domain: DomainName,
-        peers: PeerTable,
+        peers: Arc<SharedPeers>,
         refused: RefusedDomains,
         host: Arc<dyn RemoteConnectionHost>,
         store: Arc<dyn Store>,
@@ -469,6 +468,14 @@ impl RelayAuthority {
         }
     }
 
+    /// The peers' keys were reloaded: home certificates are verified again
+    /// (a key's acceptance may have ended sooner than a cached check knew).
+    pub fn peer_keys_replaced(&self) {
+        for from in lock(&self.from_peers).values() {
+            *lock(&from.verified) = VerifiedCertificates::new();
+        }
+    }
+
     /// Everything about an envelope but its place in the link's order
     /// (origin, destination, countersignature, home certificate, sender,
     /// client signature): the costly part, which may run for several
@@ -482,7 +489,8 @@ impl RelayAuthority {
                 message,
             });
         }
-        let Some(keys) = self.peers.get(peer) else {
+        let peers = self.peers.current();
+        let Some(keys) = peers.get(peer) else {
             let message = format!("{peer} is not a peer");
             return Err(RelayRefusal { code: "refused_domain", client: ErrorCode::UnknownDomain, message });
         };

@@ -239,7 +239,7 @@ impl Listener {
             named,
             &recipients,
             &directory.domain,
-            &directory.peers,
+            &directory.peers.current(),
             &directory.refused,
         );
         if !pairs.is_empty() {
