@@ -449,6 +449,8 @@ async fn assemble(
             arrived: welcomes_arrived(&node),
             clock: Arc::clone(&clock),
         },
+        claim_rate: HomeDirectory::claim_rate(),
+        metrics: metrics.clone(),
     });
     let router = WelcomeRouter {
         store: Arc::clone(&store),

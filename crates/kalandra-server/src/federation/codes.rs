@@ -26,9 +26,10 @@ pub const LINK_FAILURE_CODES: [&str; 15] = [
 /// request naming a domain that is not a peer), `refused_domain` (one
 /// naming a domain the operator refuses) and every
 /// `WelcomeRefusal::code` (a
-/// peer's Welcome refused, or recipients left out of one), for the
-/// refusal counter's labels.
-pub const FEDERATION_REFUSAL_CODES: [&str; 13] = [
+/// peer's Welcome refused, or recipients left out of one) and
+/// `claim_rate` (a peer's claim beyond its rate), for the refusal
+/// counter's labels.
+pub const FEDERATION_REFUSAL_CODES: [&str; 14] = [
     "refused_domain",
     "unknown_domain",
     "wrong_answer",
@@ -42,6 +43,7 @@ pub const FEDERATION_REFUSAL_CODES: [&str; 13] = [
     "bad_welcome",
     "unclaimed_recipient",
     "too_many_rooms",
+    "claim_rate",
 ];
 
 /// Every code of refused relay traffic, for the refusal counter's labels.

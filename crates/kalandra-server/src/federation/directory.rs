@@ -9,7 +9,7 @@
 //! id asked; and the package's credential identity being the certified
 //! key. A domain thus cannot present another domain's users.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{DomainName, HomeCertificate, HomeCertificateError, PeerKeys};
@@ -18,6 +18,7 @@ use kalandra_proto::payload::{ClaimedKeyPackage, KeyPackageClaimed};
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
 
 use crate::admin::metrics::Metrics;
+use crate::config::FEDERATION_PEERS_MAX;
 use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::peers::SharedPeers;
 use crate::federation::registry::LinkRegistry;
@@ -28,6 +29,7 @@ use crate::federation::welcomes::{record_remote_users, WelcomeInbox};
 use crate::node::Clock;
 use crate::store::Store;
 use crate::transport::directory::{key_package_identity, key_package_ref_and_identity};
+use crate::transport::rate_limit::{KeyedLimiter, RetryAfterMs};
 
 /// How long a home certificate issued with a claimed key package is valid.
 pub const HOME_CERTIFICATE_VALIDITY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -36,6 +38,19 @@ const _: () = assert!(
     HOME_CERTIFICATE_VALIDITY_MS > 60 * 1000,
     "a certificate outlives the claim and the commit that uses it"
 );
+
+/// Key packages one peer domain may claim here per second, sustained: each
+/// claim takes packages for good and costs a durable write, so a peer
+/// cannot drain this domain's directory or load its storage.
+pub const PEER_CLAIMED_PACKAGES_PER_SECOND: u32 = 100;
+/// Key packages one peer domain may claim here at once (the bucket's size).
+pub const PEER_CLAIMED_PACKAGES_BURST: u32 = 1_000;
+
+const _: () = assert!(
+    PEER_CLAIMED_PACKAGES_BURST >= KEY_PACKAGES_PER_CLAIM_MAX,
+    "the largest claim fits a full bucket"
+);
+const _: () = assert!(PEER_CLAIMED_PACKAGES_PER_SECOND <= PEER_CLAIMED_PACKAGES_BURST);
 
 /// Why a peer's answer to a claim was refused: each is the peer's doing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -233,6 +248,10 @@ pub struct HomeDirectory {
     pub clock: Clock,
     /// Stores peers' Welcomes for this server's users.
     pub welcomes: WelcomeInbox,
+    /// Key packages each peer may still claim ([`HomeDirectory::claim_rate`]).
+    pub claim_rate: Mutex<KeyedLimiter<DomainName>>,
+    /// Counts claims refused for their rate.
+    pub metrics: Metrics,
 }
 
 impl HomeDirectory {
@@ -241,12 +260,38 @@ impl HomeDirectory {
         match request {
             LinkRequest::ClaimKeyPackages { sender_ids } => {
                 tracing::debug!(%peer, count = sender_ids.len(), "key-package claim from a peer");
-                self.claim(&sender_ids)
+                match self.within_claim_rate(peer, sender_ids.len()) {
+                    Ok(()) => self.claim(&sender_ids),
+                    Err(refused) => refused,
+                }
             }
             LinkRequest::DeliverWelcome { room_id, recipients, welcome } => {
                 self.welcomes.accept(peer, RoomId(room_id), recipients, welcome)
             }
         }
+    }
+
+    /// The limiter of peers' claims: [`PEER_CLAIMED_PACKAGES_PER_SECOND`]
+    /// per peer, in bursts of up to [`PEER_CLAIMED_PACKAGES_BURST`].
+    pub fn claim_rate() -> Mutex<KeyedLimiter<DomainName>> {
+        let (rate, burst) =
+            (f64::from(PEER_CLAIMED_PACKAGES_PER_SECOND), f64::from(PEER_CLAIMED_PACKAGES_BURST));
+        Mutex::new(KeyedLimiter::new(rate, burst, FEDERATION_PEERS_MAX))
+    }
+
+    /// Takes `count` packages from `peer`'s allowance, or the refusal
+    /// (`too_many_requests`, retryable: its message says when).
+    fn within_claim_rate(&self, peer: &DomainName, count: usize) -> Result<(), LinkResponse> {
+        let now_ms = (self.clock)();
+        let mut limiter = self.claim_rate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The count is checked against KEY_PACKAGES_PER_CLAIM_MAX by the claim itself.
+        let tokens = f64::from(u32::try_from(count).unwrap_or(u32::MAX).min(KEY_PACKAGES_PER_CLAIM_MAX));
+        limiter.try_take(peer.clone(), now_ms, tokens).map_err(|RetryAfterMs(retry_after_ms)| {
+            self.metrics.federation_refused("claim_rate");
+            tracing::info!(%peer, count, retry_after_ms, "a peer's key-package claim refused for its rate");
+            let message = format!("claim rate exceeded; retry in {retry_after_ms} ms");
+            refusal(RefusalCode::TooManyRequests, &message)
+        })
     }
 
     /// Claims one package of each of `sender_ids` exactly as a local claim
@@ -403,6 +448,57 @@ mod tests {
 
     fn certify(seed: u8, name: &str, key: [u8; 32], not_after_ms: u64) -> HomeCertificate {
         HomeCertificate::issue(&federation_key(seed), domain(name), key, not_after_ms)
+    }
+
+    fn home_directory(clock: Arc<std::sync::atomic::AtomicU64>, metrics: &Metrics) -> HomeDirectory {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::new());
+        let now = move || clock.load(std::sync::atomic::Ordering::Relaxed);
+        let clock: Clock = Arc::new(now);
+        HomeDirectory {
+            store: Arc::clone(&store),
+            domain: domain("a.test"),
+            key: federation_key(1),
+            clock: Arc::clone(&clock),
+            welcomes: WelcomeInbox {
+                store,
+                rooms: Arc::new(crate::federation::rooms::RemoteRooms::default()),
+                metrics: metrics.clone(),
+                arrived: Arc::new(|_| {}),
+                clock,
+            },
+            claim_rate: HomeDirectory::claim_rate(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn claim_of(home: &HomeDirectory, peer: &str) -> Result<usize, RefusalCode> {
+        let request = LinkRequest::ClaimKeyPackages { sender_ids: (1..=64).collect() };
+        match home.answer(&domain(peer), request) {
+            LinkResponse::Claimed { key_packages } => Ok(key_packages.len()),
+            LinkResponse::Refused { code, .. } => Err(code),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_peers_claims_beyond_its_rate_are_refused_retryably_and_counted() {
+        let clock = Arc::new(std::sync::atomic::AtomicU64::new(NOW_MS));
+        let metrics = Metrics::new().unwrap();
+        let home = home_directory(Arc::clone(&clock), &metrics);
+        let burst_claims = PEER_CLAIMED_PACKAGES_BURST / KEY_PACKAGES_PER_CLAIM_MAX;
+        for _ in 0..burst_claims {
+            assert_eq!(claim_of(&home, "b.test"), Ok(64));
+        }
+        assert_eq!(claim_of(&home, "b.test"), Err(RefusalCode::TooManyRequests), "b's burst is spent");
+        assert_eq!(claim_of(&home, "c.test"), Ok(64), "another peer has its own allowance");
+        let page = metrics.render().unwrap();
+        assert!(page.contains("kalandra_federation_refusals_total{code=\"claim_rate\"} 1\n"), "{page}");
+        // The allowance comes back at the sustained rate.
+        let refill_ms =
+            1_000 * u64::from(KEY_PACKAGES_PER_CLAIM_MAX) / u64::from(PEER_CLAIMED_PACKAGES_PER_SECOND);
+        clock.fetch_add(refill_ms, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(claim_of(&home, "b.test"), Ok(64));
+        assert_eq!(claim_of(&home, "b.test"), Err(RefusalCode::TooManyRequests));
     }
 
     #[test]
