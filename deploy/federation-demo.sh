@@ -132,10 +132,14 @@ write_config() {
 # quic_address, admin_address and federation_address.
 start_server() {
     local domain=$1 log=$scratch/$1.log
-    "$server_bin" --config "$scratch/$domain.toml" > "$log" 2>&1 &
+    # Emptied here, not by the child's redirection, which may come after
+    # the first look at the log (a restart would read the last run's lines).
+    : > "$log"
+    "$server_bin" --config "$scratch/$domain.toml" >> "$log" 2>&1 &
     pids+=($!)
     local deadline=$((SECONDS + START_TIMEOUT_SECS))
-    until grep -qs '^listening on quic://' "$log"; do
+    # The whole line (a line being written may be read half).
+    until grep -qs '^listening on quic://.*)$' "$log"; do
         if ! kill -0 "${pids[-1]}" 2>/dev/null; then
             cat "$log" >&2
             fail "the server of $domain exited at start"
@@ -276,7 +280,7 @@ remote_kick() {
 # message goes through: alice and bob then read the same messages.
 authority_outage() {
     local a_pid=${pids[0]} status
-    kill -9 "$a_pid"
+    kill -9 "$a_pid" || fail "a.test (pid $a_pid) is already gone"
     wait "$a_pid" 2>/dev/null || true
     pids=("${pids[@]:1}")
     step "a.test killed (kill -9 $a_pid)"

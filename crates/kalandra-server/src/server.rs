@@ -22,6 +22,7 @@ use crate::federation::directory::HomeDirectory;
 use crate::federation::directory::RemoteDirectory;
 use crate::federation::handshake::{PeerTable, RefusedDomains};
 use crate::federation::links::FederationLinks;
+use crate::federation::named_homes::NamedHomes;
 use crate::federation::peers::{PeerKeysReload, SharedPeers};
 use crate::federation::quic::{FederationTasks, LinkContext};
 use crate::federation::registry::LinkRegistry;
@@ -385,6 +386,7 @@ async fn assemble(
     };
     let server_public_key = keys.server_key.verifying_key().to_bytes();
     let registry = Arc::new(LinkRegistry::default());
+    let named_homes = Arc::new(NamedHomes::default());
     let remote_directory = Arc::new(RemoteDirectory {
         domain: config.domain.clone(),
         peers: Arc::clone(&peers),
@@ -426,6 +428,7 @@ async fn assemble(
             relay_home: Arc::clone(&relay_home),
             replicas: Arc::clone(&replica_follower),
             welcome_routing: Some(welcome_routing.clone()),
+            named_homes: Arc::clone(&named_homes),
         },
     );
     let relay_authority = Arc::new(RelayAuthority::new(
@@ -458,6 +461,7 @@ async fn assemble(
         rooms: Arc::clone(&remote_rooms),
         metrics: metrics.clone(),
         refused: refused.clone(),
+        named: named_homes,
     }
     .start(routed);
     let link_context = LinkContext {

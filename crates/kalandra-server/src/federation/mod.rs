@@ -14,7 +14,8 @@
 //! rooms other domains order, [`welcomes`] the routing of Welcomes (the
 //! room's side) and their storage at the home (the home's),
 //! [`recipient_homes`] how a room's authority learns the homes of users a
-//! member of another domain invites, [`relay`] the
+//! member of another domain invites (kept per room's Welcome in
+//! [`named_homes`]), [`relay`] the
 //! countersigned relay of clients' frames, [`replica`] the feeds and
 //! follows of replicas (over [`follow`], the pure state of a home's follows), [`codes`] the metrics' labels, and [`quic`] the
 //! thin driver that runs it all over quinn: the listener and one dialer
@@ -25,6 +26,7 @@ pub mod directory;
 pub mod follow;
 pub mod handshake;
 pub mod links;
+pub mod named_homes;
 pub mod peers;
 pub mod quic;
 pub mod recipient_homes;

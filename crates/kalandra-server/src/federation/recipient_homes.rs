@@ -10,23 +10,22 @@
 //! claimed through another domain are that domain's. The authority keeps
 //! of them what concerns the commit ([`named_recipient_homes`]: recipients
 //! of its Welcome, homes that are peers), holds them until the commit is
-//! answered ([`PendingHomes`]), and, once it is acknowledged, notes the
-//! homes of users it knows nothing of ([`note_recipient_homes`]): never a
-//! user with a home recorded (a claim through the home replaces any), nor
-//! one of its own (with a key package stocked or handed out here).
+//! answered ([`PendingHomes`]), and, once it is acknowledged, keeps the
+//! homes of users it knows nothing of ([`users_unknown_here`]: no home
+//! recorded, none of its own) for that room's Welcome only
+//! ([`super::named_homes`]).
 //!
-//! The relaying domain's word is not otherwise checked: a domain naming a
-//! wrong home for a user misroutes only a Welcome it relayed itself (which
-//! it could equally have withheld), the home it names refuses a Welcome for
-//! a package it did not hand out, and a later claim through the user's
-//! home corrects the record.
+//! The relaying domain's word is not otherwise checked, and so it is never
+//! recorded as a user's home: a domain naming a wrong home misroutes only
+//! the Welcome of the commit it relayed itself (which it could equally
+//! have withheld).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use kalandra_proto::federation::DomainName;
 use kalandra_proto::limits::WELCOME_RECIPIENTS_MAX;
 use kalandra_proto::payload::Commit;
-use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
+use kalandra_proto::{Frame, Opcode, RoomId};
 
 use crate::federation::handshake::{PeerTable, RecipientHomes, RefusedDomains};
 use crate::store::{Store, UserId};
@@ -103,30 +102,30 @@ pub fn named_recipient_homes(
     pairs
 }
 
-/// Authority side (blocks on storage): records the homes of `pairs` whose
-/// users this server knows nothing of (no home recorded, no key package
-/// stocked or handed out here); returns the users recorded.
-pub fn note_recipient_homes(
+/// Authority side (blocks on storage, reads only): the pairs of `pairs`
+/// whose users this server knows nothing of — no home recorded (a claim
+/// through the user's home), no key package stocked or handed out here
+/// (its own user).
+pub fn users_unknown_here(
     store: &dyn Store,
-    pairs: &[(UserId, DomainName)],
-) -> Result<Vec<SenderId>, String> {
-    let mut noted = Vec::new();
+    pairs: Vec<(UserId, DomainName)>,
+) -> Result<Vec<(UserId, DomainName)>, String> {
+    let mut unknown = Vec::new();
     for (user, home) in pairs {
         let failed = |error: &dyn std::fmt::Display| error.to_string();
-        if store.remote_user_home(*user).map_err(|e| failed(&e))?.is_some() {
+        if store.remote_user_home(user).map_err(|e| failed(&e))?.is_some() {
             continue;
         }
-        let stock = store.count_key_packages(*user).map_err(|e| failed(&e))?;
+        let stock = store.count_key_packages(user).map_err(|e| failed(&e))?;
         if stock.ordinary > 0 || stock.has_last_resort {
             continue;
         }
-        if !store.handed_out_claims(*user).map_err(|e| failed(&e))?.is_empty() {
+        if !store.handed_out_claims(user).map_err(|e| failed(&e))?.is_empty() {
             continue;
         }
-        store.record_remote_user(*user, home).map_err(|e| failed(&e))?;
-        noted.push(SenderId(*user));
+        unknown.push((user, home));
     }
-    Ok(noted)
+    Ok(unknown)
 }
 
 /// One remote connection's commits whose recipient homes wait for the
@@ -142,17 +141,36 @@ pub struct PendingHomes {
 struct HeldHomes {
     room_id: RoomId,
     request_id: u32,
+    named_by: DomainName,
     pairs: Vec<(UserId, DomainName)>,
 }
 
+/// The homes a domain named for an acknowledged commit's recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnsweredHomes {
+    /// The commit's room.
+    pub room_id: RoomId,
+    /// The domain that relayed it and named them.
+    pub named_by: DomainName,
+    /// The recipients and their named homes.
+    pub pairs: Vec<(UserId, DomainName)>,
+}
+
 impl PendingHomes {
-    /// Holds `pairs` until the answer to request `request_id` in `room_id`.
-    pub fn hold(&mut self, room_id: RoomId, request_id: u32, pairs: Vec<(UserId, DomainName)>) {
+    /// Holds `pairs`, named by `named_by`, until the answer to request
+    /// `request_id` in `room_id`.
+    pub fn hold(
+        &mut self,
+        room_id: RoomId,
+        request_id: u32,
+        named_by: DomainName,
+        pairs: Vec<(UserId, DomainName)>,
+    ) {
         self.waiting.retain(|held| (held.room_id, held.request_id) != (room_id, request_id));
         if self.waiting.len() == RECIPIENT_HOMES_PENDING_PER_CONNECTION_MAX {
             self.waiting.pop_front();
         }
-        self.waiting.push_back(HeldHomes { room_id, request_id, pairs });
+        self.waiting.push_back(HeldHomes { room_id, request_id, named_by, pairs });
         assert!(self.waiting.len() <= RECIPIENT_HOMES_PENDING_PER_CONNECTION_MAX);
     }
 
@@ -161,16 +179,17 @@ impl PendingHomes {
         self.waiting.is_empty()
     }
 
-    /// The pairs to note when `frame` acknowledges a held commit; an error
+    /// The homes to keep when `frame` acknowledges a held commit; an error
     /// answering one forgets it.
-    pub fn answered(&mut self, frame: &Frame) -> Option<Vec<(UserId, DomainName)>> {
+    pub fn answered(&mut self, frame: &Frame) -> Option<AnsweredHomes> {
         if self.waiting.is_empty() || !matches!(frame.opcode(), Opcode::Ack | Opcode::Error) {
             return None;
         }
         let key = (frame.header().room_id(), frame.header().request_id());
         let position = self.waiting.iter().position(|held| (held.room_id, held.request_id) == key)?;
         let held = self.waiting.remove(position)?;
-        (frame.opcode() == Opcode::Ack).then_some(held.pairs)
+        let HeldHomes { room_id, named_by, pairs, .. } = held;
+        (frame.opcode() == Opcode::Ack).then_some(AnsweredHomes { room_id, named_by, pairs })
     }
 }
 
@@ -240,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn a_named_home_never_replaces_a_recorded_one_nor_makes_a_local_user_remote() {
+    fn a_named_home_counts_only_for_users_with_no_recorded_home_that_are_not_local() {
         let store = Arc::new(MemoryStore::new());
         let (b, c) = (domain("b.test"), domain("c.test"));
         store.record_remote_user(1, &c).unwrap();
@@ -249,12 +268,11 @@ mod tests {
             KeyPackageUpload { key_package_ref: vec![3; 32], key_package: Bytes::from_static(b"kp") };
         store.put_key_packages(3, &[package], None).unwrap();
         let pairs = [(1, b.clone()), (2, b.clone()), (3, b.clone()), (4, b.clone())];
-        let noted = note_recipient_homes(store.as_ref(), &pairs).unwrap();
-        assert_eq!(noted, vec![SenderId(4)]);
+        let unknown = users_unknown_here(store.as_ref(), pairs.to_vec()).unwrap();
+        // 1 has a recorded home, 2 had a package handed out here, 3 has one stocked.
+        assert_eq!(unknown, vec![(4, b)]);
         assert_eq!(store.remote_user_home(1).unwrap(), Some(c), "a recorded home stays");
-        assert_eq!(store.remote_user_home(2).unwrap(), None, "a package was handed out here");
-        assert_eq!(store.remote_user_home(3).unwrap(), None, "a package is stocked here");
-        assert_eq!(store.remote_user_home(4).unwrap(), Some(b));
+        assert_eq!(store.remote_user_home(4).unwrap(), None, "a naming is never recorded");
     }
 
     fn answer(opcode: Opcode, room_id: RoomId, request_id: u32) -> Frame {
@@ -272,19 +290,20 @@ mod tests {
     #[test]
     fn held_homes_are_released_by_the_commits_ack_and_forgotten_on_its_error() {
         let (room, other) = (RoomId([1; 16]), RoomId([2; 16]));
-        let pairs = vec![(7, domain("b.test"))];
+        let (b, pairs) = (domain("b.test"), vec![(7, domain("b.test"))]);
+        let answered = AnsweredHomes { room_id: room, named_by: b.clone(), pairs: pairs.clone() };
         let mut pending = PendingHomes::default();
-        pending.hold(room, 5, pairs.clone());
-        pending.hold(room, 6, pairs.clone());
+        pending.hold(room, 5, b.clone(), pairs.clone());
+        pending.hold(room, 6, b.clone(), pairs.clone());
         assert_eq!(pending.answered(&answer(Opcode::Ack, other, 5)), None, "another room's request 5");
-        assert_eq!(pending.answered(&answer(Opcode::Ack, room, 5)), Some(pairs.clone()));
+        assert_eq!(pending.answered(&answer(Opcode::Ack, room, 5)), Some(answered.clone()));
         assert_eq!(pending.answered(&answer(Opcode::Ack, room, 5)), None, "released once");
         assert_eq!(pending.answered(&answer(Opcode::Error, room, 6)), None, "refused: forgotten");
         assert_eq!(pending.answered(&answer(Opcode::Ack, room, 6)), None);
         for request_id in 0..=u32::try_from(RECIPIENT_HOMES_PENDING_PER_CONNECTION_MAX).unwrap() {
-            pending.hold(room, 100 + request_id, pairs.clone());
+            pending.hold(room, 100 + request_id, b.clone(), pairs.clone());
         }
         assert_eq!(pending.answered(&answer(Opcode::Ack, room, 100)), None, "the oldest went");
-        assert_eq!(pending.answered(&answer(Opcode::Ack, room, 101)), Some(pairs));
+        assert_eq!(pending.answered(&answer(Opcode::Ack, room, 101)), Some(answered));
     }
 }

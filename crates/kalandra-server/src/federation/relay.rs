@@ -359,6 +359,8 @@ pub struct RelayedFrame {
     pub frame: Frame,
     /// The homes its relay named for the recipients of its Welcome.
     pub recipient_homes: Vec<RecipientHomes>,
+    /// The relaying domain, when it named homes.
+    pub named_by: Option<DomainName>,
 }
 
 /// The task serving one remote connection.
@@ -470,9 +472,11 @@ impl RelayAuthority {
 
     /// The peers' keys were reloaded: home certificates are verified again
     /// (a key's acceptance may have ended sooner than a cached check knew).
+    /// Each peer gets a new, empty cache: a check under way with the old
+    /// keys fills the old one, which is dropped.
     pub fn peer_keys_replaced(&self) {
-        for from in lock(&self.from_peers).values() {
-            *lock(&from.verified) = VerifiedCertificates::new();
+        for from in lock(&self.from_peers).values_mut() {
+            from.verified = Arc::new(Mutex::new(VerifiedCertificates::new()));
         }
     }
 
@@ -489,12 +493,14 @@ impl RelayAuthority {
                 message,
             });
         }
+        // The cache before the keys: a reload replaces the keys, then the
+        // caches, so a check never fills a new cache under old keys.
+        let verified = self.with_peer_state(peer, |from| Arc::clone(&from.verified));
         let peers = self.peers.current();
         let Some(keys) = peers.get(peer) else {
             let message = format!("{peer} is not a peer");
             return Err(RelayRefusal { code: "refused_domain", client: ErrorCode::UnknownDomain, message });
         };
-        let verified = self.with_peer_state(peer, |from| Arc::clone(&from.verified));
         // The sequence is checked in the link's order, by `admit`.
         let mut frame = envelope
             .verify_with(keys, &self.domain, None, (self.clock)(), Some(&verified))
@@ -541,7 +547,8 @@ impl RelayAuthority {
             deliver_now(outgoing, connection, vec![error]);
             return;
         };
-        let inbox_frame = match inbox.try_send(RelayedFrame { frame, recipient_homes }) {
+        let named_by = (!recipient_homes.is_empty()).then(|| peer.clone());
+        let inbox_frame = match inbox.try_send(RelayedFrame { frame, recipient_homes, named_by }) {
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 // The remote connection ended on its own (its queue closed): open it again.
                 remove_connection(&mut lock(&self.connections), peer, connection);
@@ -756,7 +763,8 @@ fn acknowledged_next(frame: &Frame) -> Option<u64> {
         return None;
     }
     let ack = frame.decode_payload::<Ack>().ok()?;
-    Some(ack.log_index.saturating_add(1))
+    // `u64::MAX`: a moderation act that sequenced nothing.
+    (ack.log_index != u64::MAX).then(|| ack.log_index.saturating_add(1))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -3,9 +3,9 @@
 //! The room's side ([`WelcomeRouter`]): a Welcome is stored with its
 //! commit's batch for every recipient, local or not. For recipients whose
 //! home is another domain (recorded when their key package was claimed
-//! through this server, [`record_remote_users`], or named by the domain
-//! that relayed their inviter's commit, [`super::recipient_homes`]), the
-//! router sends the
+//! through this server, [`record_remote_users`]; or, for one room's
+//! Welcome only, named by the domain that relayed their inviter's commit,
+//! [`super::named_homes`]), the router sends the
 //! Welcome frame to that domain with `DeliverWelcome` once its commit is
 //! durable (the same [`welcome_standing`] check local delivery makes, so a
 //! Welcome of a commit that was refused is never sent), and deletes its
@@ -40,6 +40,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::metrics::Metrics;
 use crate::federation::handshake::RefusedDomains;
+use crate::federation::named_homes::{NamedHome, NamedHomes};
 use crate::federation::registry::LinkRegistry;
 use crate::federation::requests::{
     refusal, LinkRequest, LinkRequestError, LinkResponse, RefusalCode, DELIVER_WELCOME_RECIPIENTS_MAX,
@@ -334,6 +335,15 @@ pub async fn record_remote_users(store: &Arc<dyn Store>, home: &DomainName, user
     }
 }
 
+/// A user whose pending Welcomes go to `home`: all of them, or only
+/// those of `room_id` (a home named for that room's Welcome).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    user: UserId,
+    home: DomainName,
+    room_id: Option<RoomId>,
+}
+
 /// One Welcome to send to one domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Forward {
@@ -369,6 +379,8 @@ pub struct WelcomeRouter {
     /// Domains the operator refuses: their users' Welcomes can never be
     /// taken, and are dropped instead of being sent again for ever.
     pub refused: RefusedDomains,
+    /// Homes named for one room's Welcome of users with none recorded.
+    pub named: Arc<NamedHomes>,
 }
 
 impl WelcomeRouter {
@@ -402,12 +414,13 @@ impl WelcomeRouter {
 
     /// Routes the Welcomes pending for those of `recipients` who are remote.
     async fn route_recipients(&self, recipients: Vec<SenderId>) {
-        let store = Arc::clone(&self.store);
+        let (store, named) = (Arc::clone(&self.store), Arc::clone(&self.named));
         let remote = tokio::task::spawn_blocking(move || {
             let mut remote = Vec::new();
-            for recipient in recipients {
-                if let Some(home) = store.remote_user_home(recipient.0)? {
-                    remote.push((recipient.0, home));
+            for SenderId(user) in recipients {
+                match store.remote_user_home(user)? {
+                    Some(home) => remote.push(Target { user, home, room_id: None }),
+                    None => remote.extend(named.of_user(user).into_iter().map(named_target)),
                 }
             }
             Ok::<_, RemoteRecordError>(remote)
@@ -422,11 +435,21 @@ impl WelcomeRouter {
         }
     }
 
-    /// Rounds over every remote user (a link came up).
+    /// Rounds over every remote user (a link came up), then the named homes.
     async fn sweep_all(&self) {
         let mut cursor = self.sweep_round(None).await;
         while cursor.is_some() {
             cursor = self.sweep_round(cursor).await;
+        }
+        let mut after = None;
+        loop {
+            let page = self.named.page(after, WELCOME_ROUND_USERS_MAX);
+            after = page.last().map(|last| (last.user, last.room_id));
+            let full = page.len() == WELCOME_ROUND_USERS_MAX;
+            self.forward_users(page.into_iter().map(named_target).collect()).await;
+            if !full {
+                return;
+            }
         }
     }
 
@@ -450,14 +473,20 @@ impl WelcomeRouter {
         };
         let next =
             (users.len() == WELCOME_ROUND_USERS_MAX).then(|| users.last().map(|(user, _)| *user)).flatten();
-        self.forward_users(users).await;
+        let targets = users.into_iter().map(|(user, home)| Target { user, home, room_id: None });
+        self.forward_users(targets.collect()).await;
+        if after.is_none() {
+            // Once per pass over the recorded users: the named homes' first page.
+            let named = self.named.page(None, WELCOME_ROUND_USERS_MAX);
+            self.forward_users(named.into_iter().map(named_target).collect()).await;
+        }
         next
     }
 
     /// Sends the durable Welcomes pending for `users`, at most
     /// [`WELCOME_ROUND_FORWARDS_MAX`]; a domain that did not take one is
     /// not sent more in this round.
-    async fn forward_users(&self, users: Vec<(UserId, DomainName)>) {
+    async fn forward_users(&self, users: Vec<Target>) {
         if users.is_empty() {
             return;
         }
@@ -535,8 +564,12 @@ impl WelcomeRouter {
         }
     }
 
-    /// Deletes this server's copy of a routed Welcome for its recipients.
+    /// Deletes this server's copy of a routed Welcome for its recipients,
+    /// and the homes named for it.
     async fn forget(&self, forward: Forward) {
+        for recipient in &forward.recipients {
+            self.named.forget(*recipient, forward.room_id);
+        }
         let store = Arc::clone(&self.store);
         let deleted = tokio::task::spawn_blocking(move || {
             forward.recipients.iter().try_for_each(|recipient| {
@@ -554,15 +587,13 @@ impl WelcomeRouter {
 /// first page of pending Welcomes of this server's rooms whose commit is
 /// durable, grouped by Welcome and home; Welcomes whose commit is not in
 /// the log are forgotten as local delivery forgets them.
-fn collect(
-    store: &dyn Store,
-    rooms: &RemoteRooms,
-    users: Vec<(UserId, DomainName)>,
-) -> Result<Vec<Forward>, String> {
+fn collect(store: &dyn Store, rooms: &RemoteRooms, users: Vec<Target>) -> Result<Vec<Forward>, String> {
     let mut forwards: BTreeMap<(WelcomeId, DomainName), Forward> = BTreeMap::new();
-    for (user, home) in users {
+    for Target { user, home, room_id } in users {
         for pending in store.pending_welcomes(user, None).map_err(|error| error.to_string())? {
-            if rooms.authority_of(pending.room_id).is_some() {
+            if rooms.authority_of(pending.room_id).is_some()
+                || room_id.is_some_and(|room_id| room_id != pending.room_id)
+            {
                 continue;
             }
             match standing(store, &pending)? {
@@ -590,6 +621,10 @@ fn collect(
         forward.recipients.truncate(DELIVER_WELCOME_RECIPIENTS_MAX);
     }
     Ok(forwards)
+}
+
+fn named_target(named: NamedHome) -> Target {
+    Target { user: named.user, home: named.home, room_id: Some(named.room_id) }
 }
 
 /// Where a stored Welcome of this server's room stands against its log
@@ -766,13 +801,24 @@ mod tests {
         // A remote room's Welcome (held here for a local user) is never routed.
         store.put_welcomes(remote, &[10], welcome(remote, 0)).unwrap();
         let rooms = RemoteRooms::new([(remote, c.clone())]);
-        let users = vec![(10, b.clone()), (11, b.clone()), (12, c.clone())];
+        let all = |user, home: &DomainName| Target { user, home: home.clone(), room_id: None };
+        let users = vec![all(10, &b), all(11, &b), all(12, &c)];
         let forwards = collect(&store, &rooms, users).unwrap();
         let routed: Vec<(RoomId, DomainName, Vec<u64>)> =
             forwards.iter().map(|f| (f.room_id, f.home.clone(), f.recipients.clone())).collect();
-        assert_eq!(routed, vec![(own, b, vec![10, 11]), (own, c, vec![12])]);
+        assert_eq!(routed, vec![(own, b.clone(), vec![10, 11]), (own, c.clone(), vec![12])]);
         assert_eq!(forwards[0].welcome, welcome(own, 0), "the frame exactly as stored");
         assert_eq!(store.pending_welcomes(10, None).unwrap().len(), 3, "nothing deleted by looking");
+        // A home named for one room's Welcome routes that room's only.
+        let other = RoomId([4; 16]);
+        store.append_batch(&[commit(other, 0)]).unwrap();
+        store.put_welcomes(other, &[13], welcome(other, 0)).unwrap();
+        store.put_welcomes(own, &[13], welcome(own, 0)).unwrap();
+        let named = vec![Target { user: 13, home: c.clone(), room_id: Some(other) }];
+        let forwards = collect(&store, &rooms, named).unwrap();
+        let routed: Vec<(RoomId, DomainName, Vec<u64>)> =
+            forwards.iter().map(|f| (f.room_id, f.home.clone(), f.recipients.clone())).collect();
+        assert_eq!(routed, vec![(other, c, vec![13])]);
     }
 
     #[test]
@@ -787,7 +833,8 @@ mod tests {
         other.frame = Frame::with_payload(header, &payload).unwrap().to_bytes();
         store.append_batch(&[other]).unwrap();
         store.put_welcomes(room, &[10], welcome(room, 0)).unwrap();
-        let forwards = collect(&store, &RemoteRooms::default(), vec![(10, domain("b.test"))]).unwrap();
+        let target = Target { user: 10, home: domain("b.test"), room_id: None };
+        let forwards = collect(&store, &RemoteRooms::default(), vec![target]).unwrap();
         assert!(forwards.is_empty());
         assert!(store.pending_welcomes(10, None).unwrap().is_empty(), "forgotten");
     }

@@ -86,6 +86,7 @@ pub struct Listener {
     relay_home: Arc<RelayHome>,
     replicas: Arc<ReplicaFollower>,
     welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
+    named_homes: Arc<crate::federation::named_homes::NamedHomes>,
 }
 
 /// What the listener asks of the other domains: their users' key packages,
@@ -97,8 +98,10 @@ pub struct ListenerFederation {
     pub relay_home: Arc<RelayHome>,
     /// The replicas of other domains' rooms.
     pub replicas: Arc<ReplicaFollower>,
-    /// Hands users whose home was just learnt to the Welcome router.
+    /// Hands users whose home was just named to the Welcome router.
     pub welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
+    /// Homes relaying domains named for Welcome recipients, per room.
+    pub named_homes: Arc<crate::federation::named_homes::NamedHomes>,
 }
 
 impl Listener {
@@ -131,6 +134,7 @@ impl Listener {
             relay_home: federation.relay_home,
             replicas: federation.replicas,
             welcome_routing: federation.welcome_routing,
+            named_homes: federation.named_homes,
         })
     }
 

@@ -183,13 +183,22 @@ pub fn claim(
     for &sender_id in &claim.sender_ids {
         let claimed = store.claim_key_package(sender_id)?;
         if let Some(claimed) = &claimed {
-            // Stored packages were verified on upload.
-            handed_out.push((sender_id, inspect(0, &claimed.key_package)?.key_package_ref));
+            // Stored packages were verified on upload; one that no longer
+            // verifies (an old last-resort package past its lifetime) is
+            // still handed out, unrecorded.
+            match inspect(0, &claimed.key_package) {
+                Ok(inspected) => handed_out.push((sender_id, inspected.key_package_ref)),
+                Err(error) => tracing::warn!(sender_id, %error, "a handed-out key package not recorded"),
+            }
         }
         key_packages
             .push(ClaimedKeyPackage { sender_id, key_package: claimed.map(|c| c.key_package.to_vec()) });
     }
-    store.record_handed_out_claims(&handed_out, now_ms)?;
+    // The packages are taken: a failed record loses none of them, only a
+    // peer's Welcome naming one would be refused.
+    if let Err(error) = store.record_handed_out_claims(&handed_out, now_ms) {
+        tracing::warn!(%error, "handed-out key packages not recorded");
+    }
     Ok(KeyPackageClaimed { key_packages })
 }
 

@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use super::Listener;
 use crate::federation::handshake::{encode_established, LinkMessage, RecipientHomes};
 use crate::federation::recipient_homes::{
-    named_recipient_homes, note_recipient_homes, recipient_homes_of, welcome_recipients_of, PendingHomes,
+    named_recipient_homes, recipient_homes_of, users_unknown_here, welcome_recipients_of, AnsweredHomes,
+    PendingHomes,
 };
 use crate::federation::relay::{
     deliver_messages, RelayForwardError, RelayedFrame, RemoteConnectionHost, RemoteConnectionTask,
@@ -155,8 +156,10 @@ impl Listener {
         let pending = Mutex::new(PendingHomes::default());
         let task = async move {
             let handle = async {
-                while let Some(RelayedFrame { frame, recipient_homes }) = frames.recv().await {
-                    listener.hold_recipient_homes(&pending, &frame, &recipient_homes);
+                while let Some(RelayedFrame { frame, recipient_homes, named_by }) = frames.recv().await {
+                    if let Some(named_by) = named_by {
+                        listener.hold_recipient_homes(&pending, &frame, named_by, &recipient_homes);
+                    }
                     if !listener.handle_relayed(&served, &mut session, &mut bucket, frame).await {
                         break;
                     }
@@ -229,7 +232,13 @@ impl Listener {
 impl Listener {
     /// Holds in `pending`, until the commit is answered, the recipient homes
     /// the relay named for `frame` that concern it.
-    fn hold_recipient_homes(&self, pending: &Mutex<PendingHomes>, frame: &Frame, named: &[RecipientHomes]) {
+    fn hold_recipient_homes(
+        &self,
+        pending: &Mutex<PendingHomes>,
+        frame: &Frame,
+        named_by: DomainName,
+        named: &[RecipientHomes],
+    ) {
         if named.is_empty() {
             return;
         }
@@ -244,12 +253,13 @@ impl Listener {
         );
         if !pairs.is_empty() {
             let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
-            lock(pending).hold(room_id, request_id, pairs);
+            lock(pending).hold(room_id, request_id, named_by, pairs);
         }
     }
 
-    /// Notes the recipient homes of the commits `batch` acknowledges (on a
-    /// blocking thread) and hands the users noted to the Welcome router.
+    /// Keeps the recipient homes of the commits `batch` acknowledges, for
+    /// users unknown here (read on a blocking thread), and hands them to
+    /// the Welcome router.
     fn note_answered_homes(&self, pending: &Mutex<PendingHomes>, batch: &VecDeque<bytes::Bytes>) {
         let mut answered = Vec::new();
         {
@@ -258,36 +268,30 @@ impl Listener {
                 return;
             }
             for bytes in batch {
-                if let Some(pairs) = Frame::decode(bytes).ok().and_then(|frame| pending.answered(&frame)) {
-                    answered.extend(pairs);
-                }
+                answered.extend(Frame::decode(bytes).ok().and_then(|frame| pending.answered(&frame)));
             }
         }
-        if answered.is_empty() {
-            return;
-        }
-        let (store, routing) = (Arc::clone(&self.store), self.welcome_routing.clone());
-        tokio::spawn(async move {
-            let noted =
-                tokio::task::spawn_blocking(move || note_recipient_homes(store.as_ref(), &answered)).await;
-            match noted {
-                Ok(Ok(users)) if !users.is_empty() => {
-                    tracing::debug!(
-                        users = users.len(),
-                        "homes of invited users noted from their inviter's relay"
-                    );
-                    if let Some(routing) = routing {
-                        // A full queue leaves them to the router's retry.
-                        let _ = routing.try_send(users);
+        for commit in answered {
+            let (store, named_homes) = (Arc::clone(&self.store), Arc::clone(&self.named_homes));
+            let routing = self.welcome_routing.clone();
+            tokio::spawn(async move {
+                let AnsweredHomes { room_id, named_by, pairs } = commit;
+                let unknown = tokio::task::spawn_blocking(move || users_unknown_here(store.as_ref(), pairs));
+                match unknown.await {
+                    Ok(Ok(pairs)) => {
+                        let users = named_homes.name(&named_by, room_id, &pairs);
+                        if let (false, Some(routing)) = (users.is_empty(), routing) {
+                            // A full queue leaves them to the router's retry.
+                            let _ = routing.try_send(users);
+                        }
                     }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "recipient homes not read; their Welcomes stay here")
+                    }
+                    Err(error) => tracing::warn!(%error, "reading recipient homes failed"),
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "recipient homes not noted; their Welcomes stay here")
-                }
-                Err(error) => tracing::warn!(%error, "noting recipient homes failed"),
-            }
-        });
+            });
+        }
     }
 }
 
