@@ -10,7 +10,8 @@
 # room's history, in one order. With two domains, a.test is then killed
 # (kill -9): bob reads the room from b.test's replica and his message waits
 # in his outbox until a.test, started again on the same ports and data,
-# takes it; alice and bob then read the same messages. Exits 0 when all of it worked; otherwise 1
+# takes it; alice and bob then read the same messages; last, alice kicks
+# dave, whose device then holds nothing written after his removal. Exits 0 when all of it worked; otherwise 1
 # with what failed. Stops exactly the servers it started and removes its
 # temporary directory on every exit.
 #
