@@ -727,41 +727,8 @@ async fn replicas_equal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federation_users_of_three_domains_share_one_room_and_each_domain_keeps_an_equal_replica() {
-    use common::federation::{start_domain, SEED_A, SEED_B};
-    const SEED_C: u8 = 0xc3;
     let dir = tempfile::tempdir().unwrap();
-    let (fa, fb, fc) = (free_address(), free_address(), free_address());
-    let a = start_domain(
-        &dir.path().join("a"),
-        "a.test",
-        SEED_A,
-        fa,
-        vec![peer("b.test", fb, SEED_B), peer("c.test", fc, SEED_C)],
-    )
-    .await;
-    let b = start_domain(
-        &dir.path().join("b"),
-        "b.test",
-        SEED_B,
-        fb,
-        vec![peer("a.test", fa, SEED_A), peer("c.test", fc, SEED_C)],
-    )
-    .await;
-    let c = start_domain(
-        &dir.path().join("c"),
-        "c.test",
-        SEED_C,
-        fc,
-        vec![peer("a.test", fa, SEED_A), peer("b.test", fb, SEED_B)],
-    )
-    .await;
-    for (server, peers) in
-        [(&a, ["b.test", "c.test"]), (&b, ["a.test", "c.test"]), (&c, ["a.test", "b.test"])]
-    {
-        for peer in peers {
-            linked(server, peer).await;
-        }
-    }
+    let (a, b, c) = common::federation::start_three_domains(dir.path()).await;
     let mut bob = TestClient::connect(&b, "bob", 2).await;
     bob.upload_key_packages(1).await;
     let mut carol = TestClient::connect(&c, "carol", 3).await;

@@ -216,23 +216,7 @@ async fn federation_welcome_is_held_at_the_recipients_home_until_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_homes() {
     let dir = tempfile::tempdir().unwrap();
-    let (a_federation, b_federation, c_federation) = (free_address(), free_address(), free_address());
-    let a_peers =
-        vec![peer("b.test", Some(b_federation), SEED_B), peer("c.test", Some(c_federation), SEED_C)];
-    let a = start(&dir.path().join("a"), "a.test", SEED_A, a_federation, a_peers).await;
-    let b_peers =
-        vec![peer("a.test", Some(a_federation), SEED_A), peer("c.test", Some(c_federation), SEED_C)];
-    let b = start(&dir.path().join("b"), "b.test", SEED_B, b_federation, b_peers).await;
-    let c_peers =
-        vec![peer("a.test", Some(a_federation), SEED_A), peer("b.test", Some(b_federation), SEED_B)];
-    let c = start(&dir.path().join("c"), "c.test", SEED_C, c_federation, c_peers).await;
-    for (server, peers) in
-        [(&a, ["b.test", "c.test"]), (&b, ["a.test", "c.test"]), (&c, ["a.test", "b.test"])]
-    {
-        for peer in peers {
-            linked(server, peer).await;
-        }
-    }
+    let (a, b, c) = common::federation::start_three_domains(dir.path()).await;
     let mut bob = TestClient::connect(&b, "bob", 2).await;
     bob.upload_key_packages(1).await;
     let mut dave = TestClient::connect(&b, "dave", 4).await;
@@ -251,7 +235,8 @@ async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_home
     eventually("b keeps a replica of the room", || b.store.next_log_index(room).unwrap() > 0).await;
 
     let mut packages = bob.claim(&[dave.sender()]).await;
-    let claimed: KeyPackageClaimed = decode_ok(&claim_at(&mut bob, "c.test", &[erin.sender()]).await);
+    let claimed: KeyPackageClaimed =
+        decode_ok(&common::federation::claim_at(&mut bob, "c.test", &[erin.sender()]).await);
     packages.extend(claimed.key_packages.into_iter().map(|entry| entry.key_package.expect("erin's")));
     assert_eq!(a.store.remote_user_home(dave.sender().0).unwrap(), None, "a knows nothing of dave");
     assert_eq!(a.store.remote_user_home(erin.sender().0).unwrap(), None, "nor of erin");
@@ -274,15 +259,6 @@ async fn federation_welcome_for_users_a_remote_member_invites_reaches_their_home
     .await;
     assert_eq!(welcomes(&b, "received"), 2, "bob's and dave's");
     assert_eq!(welcomes(&c, "received"), 1);
-}
-
-/// `client` claims one key package of each of `users` of `domain`.
-async fn claim_at(client: &mut TestClient, domain: &str, users: &[SenderId]) -> Frame {
-    let claim = KeyPackageClaim {
-        sender_ids: users.iter().map(|user| user.0).collect(),
-        domain: Some(DomainName::parse(domain).unwrap()),
-    };
-    client.request(&claim).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

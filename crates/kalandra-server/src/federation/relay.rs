@@ -357,10 +357,17 @@ pub trait RemoteConnectionHost: Send + Sync {
 pub struct RelayedFrame {
     /// The frame, as its client sent it.
     pub frame: Frame,
-    /// The homes its relay named for the recipients of its Welcome.
-    pub recipient_homes: Vec<RecipientHomes>,
-    /// The relaying domain, when it named homes.
-    pub named_by: Option<DomainName>,
+    /// The homes its relay named for the recipients of its Welcome, if any.
+    pub named: Option<NamedHomesOf>,
+}
+
+/// Recipient homes as one relaying domain named them.
+#[derive(Debug)]
+pub struct NamedHomesOf {
+    /// The relaying domain.
+    pub by: DomainName,
+    /// What it named (not empty).
+    pub homes: Vec<RecipientHomes>,
 }
 
 /// The task serving one remote connection.
@@ -547,8 +554,9 @@ impl RelayAuthority {
             deliver_now(outgoing, connection, vec![error]);
             return;
         };
-        let named_by = (!recipient_homes.is_empty()).then(|| peer.clone());
-        let inbox_frame = match inbox.try_send(RelayedFrame { frame, recipient_homes, named_by }) {
+        let named =
+            (!recipient_homes.is_empty()).then(|| NamedHomesOf { by: peer.clone(), homes: recipient_homes });
+        let inbox_frame = match inbox.try_send(RelayedFrame { frame, named }) {
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 // The remote connection ended on its own (its queue closed): open it again.
                 remove_connection(&mut lock(&self.connections), peer, connection);

@@ -44,7 +44,7 @@ struct State {
     heads: BTreeMap<RoomId, LogIndex>,
     key_packages: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], Bytes>,
     last_resort: BTreeMap<UserId, Bytes>,
-    /// Packages handed to peer domains: when (ms), by user and reference.
+    /// Packages handed out (to local clients or peer domains): when (ms), by user and reference.
     handed_out_claims: BTreeMap<[u8; KEY_PACKAGE_KEY_BYTES], u64>,
     group_info: BTreeMap<RoomId, GroupInfoRecord>,
     /// Each Welcome once, with the number of recipients that still have it.

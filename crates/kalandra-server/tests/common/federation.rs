@@ -18,6 +18,8 @@ pub const FEDERATION_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SEED_A: u8 = 0xa1;
 /// Federation key seed of b.test.
 pub const SEED_B: u8 = 0xb2;
+/// Federation key seed of c.test.
+pub const SEED_C: u8 = 0xc3;
 
 /// A loopback UDP address free right now.
 pub fn free_address() -> SocketAddr {
@@ -125,6 +127,26 @@ impl Domains {
         )
         .await
     }
+}
+
+/// a.test, b.test and c.test, each a peer of the other two (each dials
+/// both), their data under `dir`; returns once every link is up.
+pub async fn start_three_domains(dir: &Path) -> (TestServer, TestServer, TestServer) {
+    let (fa, fb, fc) = (free_address(), free_address(), free_address());
+    let a_peers = vec![peer("b.test", fb, SEED_B), peer("c.test", fc, SEED_C)];
+    let a = start_domain(&dir.join("a"), "a.test", SEED_A, fa, a_peers).await;
+    let b_peers = vec![peer("a.test", fa, SEED_A), peer("c.test", fc, SEED_C)];
+    let b = start_domain(&dir.join("b"), "b.test", SEED_B, fb, b_peers).await;
+    let c_peers = vec![peer("a.test", fa, SEED_A), peer("b.test", fb, SEED_B)];
+    let c = start_domain(&dir.join("c"), "c.test", SEED_C, fc, c_peers).await;
+    for (server, peers) in
+        [(&a, ["b.test", "c.test"]), (&b, ["a.test", "c.test"]), (&c, ["a.test", "b.test"])]
+    {
+        for peer in peers {
+            linked(server, peer).await;
+        }
+    }
+    (a, b, c)
 }
 
 /// The responder's side of a link handshake as b.test (holding b's key)

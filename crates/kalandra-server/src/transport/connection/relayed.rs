@@ -21,8 +21,8 @@ use crate::federation::recipient_homes::{
     PendingHomes,
 };
 use crate::federation::relay::{
-    deliver_messages, RelayForwardError, RelayedFrame, RemoteConnectionHost, RemoteConnectionTask,
-    RELAY_RETRY_AFTER_MS,
+    deliver_messages, NamedHomesOf, RelayForwardError, RelayedFrame, RemoteConnectionHost,
+    RemoteConnectionTask, RELAY_RETRY_AFTER_MS,
 };
 use crate::node::{error_frame, Outbox, OutboxReceiver, Outgoing};
 use crate::protocol::session::{Route, Session, Step};
@@ -156,9 +156,9 @@ impl Listener {
         let pending = Mutex::new(PendingHomes::default());
         let task = async move {
             let handle = async {
-                while let Some(RelayedFrame { frame, recipient_homes, named_by }) = frames.recv().await {
-                    if let Some(named_by) = named_by {
-                        listener.hold_recipient_homes(&pending, &frame, named_by, &recipient_homes);
+                while let Some(RelayedFrame { frame, named }) = frames.recv().await {
+                    if let Some(named) = named {
+                        listener.hold_recipient_homes(&pending, &frame, named);
                     }
                     if !listener.handle_relayed(&served, &mut session, &mut bucket, frame).await {
                         break;
@@ -232,20 +232,11 @@ impl Listener {
 impl Listener {
     /// Holds in `pending`, until the commit is answered, the recipient homes
     /// the relay named for `frame` that concern it.
-    fn hold_recipient_homes(
-        &self,
-        pending: &Mutex<PendingHomes>,
-        frame: &Frame,
-        named_by: DomainName,
-        named: &[RecipientHomes],
-    ) {
-        if named.is_empty() {
-            return;
-        }
+    fn hold_recipient_homes(&self, pending: &Mutex<PendingHomes>, frame: &Frame, named: NamedHomesOf) {
         let Some(recipients) = welcome_recipients_of(frame) else { return };
         let directory = &self.remote_directory;
         let pairs = named_recipient_homes(
-            named,
+            &named.homes,
             &recipients,
             &directory.domain,
             &directory.peers.current(),
@@ -253,7 +244,7 @@ impl Listener {
         );
         if !pairs.is_empty() {
             let (room_id, request_id) = (frame.header().room_id(), frame.header().request_id());
-            lock(pending).hold(room_id, request_id, named_by, pairs);
+            lock(pending).hold(room_id, request_id, named.by, pairs);
         }
     }
 
