@@ -535,6 +535,7 @@ pub mod seeds {
                 sender_id: 0x0102_0304_0506_0708,
                 server_time_ms: 1_700_000_000_123,
                 server_key: [4; 32],
+                home_certificate: None,
             }),
             AnyPayload::Error(Error {
                 code: 3,
@@ -601,6 +602,17 @@ pub mod seeds {
                 epoch: 4,
                 group_info: bytes(24, 0x50),
                 ratchet_tree: bytes(16, 0x58),
+            }),
+            AnyPayload::DomainKeysRequest(DomainKeysRequest {
+                domains: vec![
+                    kalandra_proto::federation::DomainName::parse("b.example.org").expect("a domain")
+                ],
+            }),
+            AnyPayload::DomainKeys(DomainKeys {
+                domains: vec![DomainKeysOf {
+                    domain: kalandra_proto::federation::DomainName::parse("b.example.org").expect("a domain"),
+                    keys: vec![DomainKey { key: [5; 32], valid_until_ms: Some(1_800_000_000_000) }],
+                }],
             }),
             AnyPayload::Kick(Kick { target: 9, reason: "spam".into() }),
             AnyPayload::Ban(Ban { target: 9, reason: "spam".into(), duration_ms: Some(60_000) }),

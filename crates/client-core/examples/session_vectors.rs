@@ -15,6 +15,8 @@ use client_core::mls::{generate_key_packages, Identity, MlsProvider, RoomGroup};
 use client_core::sender_keys::{associated_data, seal_application, SenderKeyState};
 use ed25519_dalek::SigningKey;
 use hkdf::Hkdf;
+use kalandra_proto::federation::{DomainName, HomeCertificate};
+use kalandra_proto::home::MEMBER_HOME_CERTIFICATE_VALIDITY_MS;
 use kalandra_proto::payload::{Ack, AuthChallenge, AuthOk, AuthResponse, Commit, CreateRoom, Hello, Welcome};
 use kalandra_proto::sign::sign_auth_challenge;
 use kalandra_proto::{Frame, FrameHeaderBuf, Payload, RoomId, SenderId};
@@ -24,6 +26,10 @@ use sha2::Sha256;
 const CLIENT_SEED: [u8; 32] = [0x11; 32];
 const SERVER_KEY_SEED: [u8; 32] = [0x22; 32];
 const NONCE: [u8; 32] = [0x33; 32];
+/// The server's domain and the seed of its federation key (which signs
+/// the client's home certificate in `AuthOk`).
+const HOME_DOMAIN: &str = "a.example.org";
+const HOME_DOMAIN_KEY_SEED: [u8; 32] = [0x88; 32];
 const SERVER_TIME_MS: u64 = 1_767_225_600_000;
 const ROOM: [u8; 16] = *b"kalandra-room-01";
 const EPOCH: u64 = 3;
@@ -62,6 +68,12 @@ fn auth() -> Value {
         sender_id: sender.0,
         server_time_ms: SERVER_TIME_MS + 1,
         server_key: server.verifying_key().to_bytes(),
+        home_certificate: Some(HomeCertificate::issue(
+            &SigningKey::from_bytes(&HOME_DOMAIN_KEY_SEED),
+            DomainName::parse(HOME_DOMAIN).expect("a domain name"),
+            identity_key,
+            SERVER_TIME_MS + 1 + MEMBER_HOME_CERTIFICATE_VALIDITY_MS,
+        )),
     };
     let signed_message = [b"kalandra-auth-v1".as_slice(), &NONCE, &identity_key].concat();
     json!({
@@ -70,6 +82,8 @@ fn auth() -> Value {
         "sender_id_hash_input_hex": hex::encode([b"kalandra-sender-id-v1".as_slice(), &identity_key].concat()),
         "sender_id": format!("{:016x}", sender.0),
         "server_key_hex": hex::encode(server.verifying_key().to_bytes()),
+        "home_domain": HOME_DOMAIN,
+        "home_domain_key_seed_hex": hex::encode(HOME_DOMAIN_KEY_SEED),
         "challenge_signing_input_hex": hex::encode(signed_message),
         "challenge_signature_hex": hex::encode(signature),
         "frames": [

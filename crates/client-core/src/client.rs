@@ -46,9 +46,11 @@ use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
+use kalandra_proto::federation::{PeerKey, PeerKeys};
 use kalandra_proto::payload::{
-    self, Ack, Commit, CreateRoom, ExternalJoin, GroupInfo, GroupInfoRequest, JoinRule, KeyPackageClaim,
-    KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync, SyncDone,
+    self, Ack, Commit, CreateRoom, DomainKeys, DomainKeysRequest, ExternalJoin, GroupInfo, GroupInfoRequest,
+    JoinRule, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload, Subscribe, Sync,
+    SyncDone, DOMAINS_PER_KEYS_REQUEST_MAX,
 };
 use kalandra_proto::{ErrorCode, Frame, FrameHeaderBuf, Opcode, Payload, RoomId, SenderId};
 use openmls_memory_storage::MemoryStorage;
@@ -118,6 +120,7 @@ pub use crate::target::{ServerAddress, ServerTarget};
 pub use crate::tls::ServerTrust;
 /// A federation domain's name, as [`Client::invite_remote`] takes it.
 pub use kalandra_proto::federation::DomainName;
+pub use kalandra_proto::home::HomeCheck;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +431,17 @@ pub struct Message {
     pub body: MessageBody,
 }
 
+/// What a member's leaf shows of its home domain ([`Client::member_homes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberHome {
+    /// The member's sender id (`None` if its credential is not a key).
+    pub sender: Option<SenderId>,
+    /// Its leaf index.
+    pub leaf_index: u32,
+    /// What its home certificate shows.
+    pub home: HomeCheck,
+}
+
 /// A room as this device sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomSummary {
@@ -664,6 +678,71 @@ impl Client {
             .collect()
     }
 
+    /// Each member of `room_id` with what its leaf shows of its home
+    /// domain, checked here against the keys this device's server accepts
+    /// for each domain named (one `DomainKeysRequest` per 16 domains):
+    /// certified, expired, uncertified, of a domain unknown to the server,
+    /// or invalid (`docs/wire-protocol.md` §10, "Members' home
+    /// certificates"). The room's own server's word is not needed.
+    pub async fn member_homes(&mut self, room_id: RoomId) -> Result<Vec<MemberHome>, ClientError> {
+        let entry = self.rooms.get(&room_id).ok_or(ClientError::UnknownRoom(room_id))?;
+        let group = entry.group.as_ref().ok_or(ClientError::NotMember(room_id))?;
+        let leaves = group.member_home_certificates();
+        let mut domains: Vec<DomainName> = leaves
+            .iter()
+            .filter_map(|(_, certificate)| certificate.as_ref()?.as_ref().ok().map(|c| c.domain.clone()))
+            .collect();
+        domains.sort();
+        domains.dedup();
+        let keys = self.domain_keys(&domains).await?;
+        let now_ms = now_ms();
+        Ok(leaves
+            .into_iter()
+            .map(|(member, certificate)| {
+                let home = kalandra_proto::home::check_member_home(
+                    certificate,
+                    &member.identity,
+                    |domain| keys.get(domain),
+                    now_ms,
+                );
+                MemberHome { sender: sender_of(&member.identity), leaf_index: member.leaf_index, home }
+            })
+            .collect())
+    }
+
+    /// The keys this device's server accepts for each of `domains` (those
+    /// it gives none for are left out).
+    async fn domain_keys(
+        &mut self,
+        domains: &[DomainName],
+    ) -> Result<std::collections::BTreeMap<DomainName, PeerKeys>, ClientError> {
+        let mut known = std::collections::BTreeMap::new();
+        for chunk in domains.chunks(DOMAINS_PER_KEYS_REQUEST_MAX) {
+            let request = DomainKeysRequest { domains: chunk.to_vec() };
+            let frame = self.frame(RoomId::default(), 0, &request)?;
+            let reply = self.request(&frame).await?;
+            let answer: DomainKeys = expect(&reply)?;
+            if answer.domains.iter().map(|entry| &entry.domain).ne(chunk.iter()) {
+                return Err(ClientError::Protocol("DomainKeys does not answer the domains asked".into()));
+            }
+            for entry in answer.domains.into_iter().filter(|entry| !entry.keys.is_empty()) {
+                let keys = entry
+                    .keys
+                    .iter()
+                    .map(|key| {
+                        let verifying = ed25519_dalek::VerifyingKey::from_bytes(&key.key)
+                            .map_err(|_| ClientError::Protocol("DomainKeys lists an invalid key".into()))?;
+                        Ok(PeerKey { key: verifying, valid_until_ms: key.valid_until_ms })
+                    })
+                    .collect::<Result<Vec<_>, ClientError>>()?;
+                let keys = PeerKeys::new(entry.domain.clone(), keys)
+                    .map_err(|error| ClientError::Protocol(format!("DomainKeys: {error}")))?;
+                known.insert(entry.domain, keys);
+            }
+        }
+        Ok(known)
+    }
+
     /// The rooms this device has left (removed by a commit, by a removal
     /// nobody is left to commit, or by the server's `NotMember`); their
     /// history stays on the device.
@@ -723,6 +802,7 @@ impl Client {
     async fn open_connection(&mut self) -> Result<(), ClientError> {
         let server = self.server.clone().ok_or(ClientError::NotConnected)?;
         let connection = server.connect(&self.signing_key, self.request_timeout).await?;
+        self.identity.set_home_certificate(connection.home_certificate().cloned());
         self.connection = Some(connection);
         for room in self.rooms.values_mut() {
             // The previous connection may have died without a word.

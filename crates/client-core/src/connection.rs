@@ -76,6 +76,7 @@ pub struct Connection {
     received: VecDeque<Frame>,
     sender_id: SenderId,
     server_key: [u8; 32],
+    home_certificate: Option<kalandra_proto::federation::HomeCertificate>,
     next_request_id: u32,
     timeout: Duration,
 }
@@ -176,6 +177,7 @@ impl Connection {
             received: VecDeque::new(),
             sender_id: SenderId::from_identity_key(identity.verifying_key().as_bytes()),
             server_key: [0; 32],
+            home_certificate: None,
             next_request_id: 1,
             timeout,
         };
@@ -198,6 +200,7 @@ impl Connection {
             return Err(ConnectionError::UnexpectedFrame(Opcode::AuthOk));
         }
         self.server_key = ok.server_key;
+        self.home_certificate = ok.home_certificate;
         Ok(())
     }
 
@@ -229,6 +232,11 @@ impl Connection {
     /// The server's Ed25519 signing key (list it in a new room's external senders).
     pub fn server_key(&self) -> [u8; 32] {
         self.server_key
+    }
+
+    /// The home certificate the server issued this client in `AuthOk`, if any.
+    pub fn home_certificate(&self) -> Option<&kalandra_proto::federation::HomeCertificate> {
+        self.home_certificate.as_ref()
     }
 
     /// A fresh request id.
@@ -371,6 +379,7 @@ fn is_reply(frame: &Frame, request_id: u32) -> bool {
                 | Opcode::KeyPackageStatus
                 | Opcode::KeyPackageClaimed
                 | Opcode::GroupInfo
+                | Opcode::DomainKeys
                 | Opcode::Pong
                 | Opcode::SyncDone
         )

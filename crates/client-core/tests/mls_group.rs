@@ -598,3 +598,109 @@ fn room_creation_checks_its_inputs() {
     assert!(create(server_key().public()).is_ok());
     assert!(matches!(create(server_key().public()), Err(CreateRoomError::AlreadyExists)));
 }
+
+mod home_certificates {
+    use super::*;
+    use client_core::mls::LeafHomeCertificate;
+    use kalandra_proto::federation::{DomainName, HomeCertificate, PeerKey, PeerKeys};
+    use kalandra_proto::home::{check_member_home, HomeCheck};
+
+    fn domain(name: &str) -> DomainName {
+        DomainName::parse(name).unwrap()
+    }
+
+    fn domain_key(byte: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[byte; 32])
+    }
+
+    fn certify(client: &mut Client, key: &ed25519_dalek::SigningKey, home: &str, now_ms: u64) {
+        let certificate =
+            HomeCertificate::issue(key, domain(home), *client.identity.public_key(), now_ms + 3_600_000);
+        client.identity.set_home_certificate(Some(certificate));
+    }
+
+    /// What `viewer` finds of each member, by identity, with a.test's and
+    /// b.test's keys known.
+    fn homes(viewer: &Client, now_ms: u64) -> Vec<(Vec<u8>, HomeCheck)> {
+        let a = PeerKeys::new(
+            domain("a.test"),
+            vec![PeerKey { key: domain_key(0xa1).verifying_key(), valid_until_ms: None }],
+        )
+        .unwrap();
+        let b = PeerKeys::new(
+            domain("b.test"),
+            vec![PeerKey { key: domain_key(0xb2).verifying_key(), valid_until_ms: None }],
+        )
+        .unwrap();
+        let leaves: Vec<(client_core::mls::MemberInfo, LeafHomeCertificate)> =
+            viewer.group.as_ref().expect("in room").member_home_certificates();
+        leaves
+            .into_iter()
+            .map(|(member, certificate)| {
+                let keys_of = |name: &DomainName| [&a, &b].into_iter().find(|keys| keys.domain() == name);
+                let check = check_member_home(certificate, &member.identity, keys_of, now_ms);
+                (member.identity, check)
+            })
+            .collect()
+    }
+
+    fn check_of<'h>(homes: &'h [(Vec<u8>, HomeCheck)], client: &Client) -> &'h HomeCheck {
+        &homes.iter().find(|(identity, _)| identity == client.identity.public_key()).expect("a member").1
+    }
+
+    /// Every member sees the same verdict on each leaf: the creator's and a
+    /// joiner's certificates hold; a certificate of b.test signed with
+    /// a.test's key (a domain speaking for another's user), one naming
+    /// another key, and a leaf with none are told apart; a self-update
+    /// renews a member's certificate in its leaf.
+    #[test]
+    fn members_check_each_leafs_home_certificate_themselves() {
+        let now = now_unix_secs();
+        let now_ms = now * 1000;
+        let (mut alice, mut bob, mut mallory, mut trent, eve) =
+            (Client::new(1), Client::new(2), Client::new(3), Client::new(4), Client::new(5));
+        certify(&mut alice, &domain_key(0xa1), "a.test", now_ms);
+        certify(&mut bob, &domain_key(0xb2), "b.test", now_ms);
+        // a.test certifies mallory as b.test's user: not b.test's signature.
+        certify(&mut mallory, &domain_key(0xa1), "b.test", now_ms);
+        let (group, _) =
+            RoomGroup::create(&alice.provider, &alice.identity, ROOM, server_key().public(), now)
+                .expect("create");
+        alice.group = Some(group);
+        let packages = [bob.key_package(now), mallory.key_package(now), eve.key_package(now)];
+        let output = alice.add(&[&packages[0], &packages[1], &packages[2]]);
+        alice.confirm();
+        bob.join(&output);
+
+        for viewer in [&alice, &bob] {
+            let homes = homes(viewer, now_ms);
+            assert_eq!(homes.len(), 4);
+            assert!(
+                matches!(check_of(&homes, &alice), HomeCheck::Certified { domain: d, .. } if d.as_str() == "a.test")
+            );
+            assert!(
+                matches!(check_of(&homes, &bob), HomeCheck::Certified { domain: d, .. } if d.as_str() == "b.test")
+            );
+            assert!(matches!(check_of(&homes, &mallory), HomeCheck::Invalid { .. }), "{homes:?}");
+            assert_eq!(check_of(&homes, &eve), &HomeCheck::Uncertified);
+        }
+        // After its end, a certificate shows as expired, until a self-update renews it.
+        let later_ms = now_ms + 2 * 3_600_000;
+        assert!(matches!(check_of(&homes(&bob, later_ms), &alice), HomeCheck::Expired { .. }));
+        certify(&mut alice, &domain_key(0xa1), "a.test", later_ms);
+        let update = {
+            let Client { provider, identity, group } = &mut alice;
+            group.as_mut().expect("in room").self_update(provider, identity).expect("self-update")
+        };
+        alice.confirm();
+        bob.process(&update.commit);
+        assert!(matches!(check_of(&homes(&bob, later_ms), &alice), HomeCheck::Certified { .. }));
+
+        // A certificate for another key than the leaf's (an identity refuses to carry it).
+        let stolen = bob.identity.home_certificate().cloned().expect("bob is certified");
+        trent.identity.set_home_certificate(Some(stolen.clone()));
+        assert_eq!(trent.identity.home_certificate(), None);
+        let check = check_member_home(Some(Ok(stolen)), trent.identity.public_key(), |_| None, now_ms);
+        assert!(matches!(check, HomeCheck::Invalid { .. }), "{check:?}");
+    }
+}

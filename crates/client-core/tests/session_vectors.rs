@@ -71,6 +71,28 @@ fn the_authentication_transcript_follows_section_5() {
     client.verifying_key().verify(&signing_input, &signature).expect("the challenge signature verifies");
     assert_eq!(ok.sender_id, sender);
     assert_eq!(bytes(&auth["server_key_hex"]), ok.server_key);
+    // The home certificate: the server's domain's signature over the client's key (§10).
+    let certificate = ok.home_certificate.as_ref().expect("a home certificate");
+    let domain =
+        kalandra_proto::federation::DomainName::parse(auth["home_domain"].as_str().unwrap()).unwrap();
+    let domain_key = SigningKey::from_bytes(&array(&auth["home_domain_key_seed_hex"])).verifying_key();
+    let keys = kalandra_proto::federation::PeerKeys::new(
+        domain.clone(),
+        vec![kalandra_proto::federation::PeerKey { key: domain_key, valid_until_ms: None }],
+    )
+    .unwrap();
+    let signing_input = [
+        b"kalandra-home-certificate-v1".as_slice(),
+        &[u8::try_from(domain.as_str().len()).unwrap()],
+        domain.as_str().as_bytes(),
+        &identity_key,
+        &certificate.not_after_ms.to_be_bytes(),
+    ]
+    .concat();
+    domain_key
+        .verify(&signing_input, &Signature::from_bytes(&certificate.signature))
+        .expect("the certificate's signature verifies over §10's input");
+    assert_eq!(certificate.verify(&keys, certificate.not_after_ms - 1), Ok(kalandra_proto::SenderId(sender)));
     // Header fields of frames without a room or sender (§2).
     for frame in &frames {
         let header = frame.header();

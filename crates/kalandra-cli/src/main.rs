@@ -277,6 +277,14 @@ enum RoomCommand {
     },
     /// List the rooms this device is in.
     List,
+    /// List a room's members, each with its home domain as its leaf's home
+    /// certificate shows it, checked here with the keys this device's
+    /// server accepts for that domain.
+    Members {
+        /// Room id (hex).
+        #[arg(long)]
+        room: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -532,6 +540,20 @@ async fn history(
     Ok(())
 }
 
+/// A member's home domain as `room members` prints it.
+fn home_text(home: &client_core::client::HomeCheck) -> String {
+    use client_core::client::HomeCheck;
+    match home {
+        HomeCheck::Certified { domain, not_after_ms } => {
+            format!("{domain}\tcertified until {not_after_ms} ms")
+        }
+        HomeCheck::Expired { domain, not_after_ms } => format!("{domain}\texpired at {not_after_ms} ms"),
+        HomeCheck::Uncertified => "-\tuncertified".to_owned(),
+        HomeCheck::UnknownDomain { domain } => format!("{domain}\tunknown domain"),
+        HomeCheck::Invalid { reason } => format!("-\tinvalid: {reason}"),
+    }
+}
+
 fn room_list(client: &Client, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     for room in client.rooms() {
         let pending = if room.removal_pending { "\tremoval pending" } else { "" };
@@ -709,6 +731,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Room { command: RoomCommand::List } => {
             if !forwarded(&cli, &Request::RoomList, &mut out).await? {
                 room_list(&open_device(&cli).await?, &mut out)?;
+            }
+        }
+        Command::Room { command: RoomCommand::Members { room } } => {
+            let room_id = parse_room(room)?;
+            let mut client = open_connected(&cli).await?;
+            let result = client.member_homes(room_id).await;
+            client.disconnect().await;
+            for member in result? {
+                let sender = member.sender.map_or_else(|| "-".to_owned(), |sender| sender.to_string());
+                writeln!(out, "{sender}\tleaf {}\t{}", member.leaf_index, home_text(&member.home))?;
             }
         }
         Command::Invite { room, domain, members } => {

@@ -88,6 +88,15 @@ async fn cli_users_of_two_domains_chat_in_one_room_each_through_its_own_server()
     let joined = ok(&bob, &["join", "--room", &room, "--wait-ms", "30000"]).await;
     assert!(joined.contains("epoch 1"), "{joined}");
 
+    // Each checks the other's home itself, with its own server's keys.
+    for (device, name) in [(&alice, "alice"), (&bob, "bob")] {
+        let members = ok(device, &["room", "members", "--room", &room]).await;
+        let line =
+            |id: &str| members.lines().find(|line| line.starts_with(id)).unwrap_or_default().to_owned();
+        assert!(line(&alice_id).contains("\ta.test\tcertified until"), "{name}: {members}");
+        assert!(line(&bob_id).contains("\tb.test\tcertified until"), "{name}: {members}");
+    }
+
     ok(&alice, &["send", "--room", &room, "hello from a.test"]).await;
     ok(&bob, &["send", "--room", &room, "hello from b.test"]).await;
     let alice_history = texts(&ok(&alice, &["history", "--room", &room]).await);
@@ -235,6 +244,40 @@ async fn a_remote_members_message_waits_in_the_outbox_while_the_rooms_domain_is_
     assert_eq!(texts, expected);
     alice.disconnect().await;
     bob.disconnect().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Each member checks the other's home domain with its own server's keys:
+/// alice (a.test) and bob (b.test) each find the other certified by its
+/// domain, whatever the room's server says; a member of a domain its
+/// server does not know shows as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_two_domains_each_check_the_others_home_certificate() {
+    use client_core::client::HomeCheck;
+    let dir = tempfile::tempdir().unwrap();
+    let Domains { a, b, .. } = Domains::start(dir.path()).await;
+    let mut bob = device(&dir.path().join("bob"), 2, &b).await;
+    let mut alice = device(&dir.path().join("alice"), 1, &a).await;
+    let room = alice.create_room().await.unwrap();
+    alice.invite_remote(room, &DomainName::parse("b.test").unwrap(), &[bob.sender_id()]).await.unwrap();
+    bob.join(room, FEDERATION_TIMEOUT).await.unwrap();
+
+    let (a_id, b_id) = (alice.sender_id(), bob.sender_id());
+    for (viewer, name) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+        let homes = viewer.member_homes(room).await.unwrap();
+        assert_eq!(homes.len(), 2, "{name}: {homes:?}");
+        let of =
+            |sender: SenderId| homes.iter().find(|home| home.sender == Some(sender)).unwrap().home.clone();
+        assert!(
+            matches!(of(a_id), HomeCheck::Certified { domain, .. } if domain.as_str() == "a.test"),
+            "{name}: {homes:?}"
+        );
+        assert!(
+            matches!(of(b_id), HomeCheck::Certified { domain, .. } if domain.as_str() == "b.test"),
+            "{name}: {homes:?}"
+        );
+    }
     a.stop().await;
     b.stop().await;
 }

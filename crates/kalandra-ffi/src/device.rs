@@ -94,6 +94,60 @@ pub struct RoomSummary {
     pub removal_pending: bool,
 }
 
+/// What a member's leaf shows of its home domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum HomeStatus {
+    /// Certified by its domain under a key this device's server accepts for it.
+    Certified,
+    /// As `Certified`, but past its end (the member has not updated its leaf since).
+    Expired,
+    /// The leaf carries no home certificate.
+    Uncertified,
+    /// Its domain's keys are not known to this device's server.
+    UnknownDomain,
+    /// Not a certificate of that domain for this leaf.
+    Invalid,
+}
+
+/// A member and its home domain as its leaf's home certificate shows it,
+/// checked on this device ([`Device::member_homes`]).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct MemberHome {
+    /// The member's sender id (none if its credential is not a key).
+    pub sender_id: Option<u64>,
+    /// Its leaf index.
+    pub leaf_index: u32,
+    /// What its certificate shows.
+    pub status: HomeStatus,
+    /// The home domain, when certified (or expired) or of an unknown domain.
+    pub domain: Option<String>,
+    /// The certificate's end, ms since the Unix epoch, when certified or expired.
+    pub not_after_ms: Option<u64>,
+    /// Why it is invalid.
+    pub reason: Option<String>,
+}
+
+impl From<client_core::client::MemberHome> for MemberHome {
+    fn from(member: client_core::client::MemberHome) -> MemberHome {
+        use client_core::client::HomeCheck;
+        let (status, domain, not_after_ms, reason) = match member.home {
+            HomeCheck::Certified { domain, not_after_ms } => {
+                (HomeStatus::Certified, Some(domain.to_string()), Some(not_after_ms), None)
+            }
+            HomeCheck::Expired { domain, not_after_ms } => {
+                (HomeStatus::Expired, Some(domain.to_string()), Some(not_after_ms), None)
+            }
+            HomeCheck::Uncertified => (HomeStatus::Uncertified, None, None, None),
+            HomeCheck::UnknownDomain { domain } => {
+                (HomeStatus::UnknownDomain, Some(domain.to_string()), None, None)
+            }
+            HomeCheck::Invalid { reason } => (HomeStatus::Invalid, None, None, Some(reason)),
+        };
+        let sender_id = member.sender.map(|sender| sender.0);
+        MemberHome { sender_id, leaf_index: member.leaf_index, status, domain, not_after_ms, reason }
+    }
+}
+
 /// A room that failed while a call went over every room; the other rooms
 /// went on.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
@@ -352,6 +406,13 @@ impl Device {
                 removal_pending: summary.removal_pending,
             })
             .collect()
+    }
+
+    /// Each member of the room with its home domain, checked on this device
+    /// against the keys its server accepts for that domain.
+    pub async fn member_homes(&self, room_id: Vec<u8>) -> Result<Vec<MemberHome>, KalandraError> {
+        let homes = self.client.lock().await.member_homes(room(&room_id)?).await?;
+        Ok(homes.into_iter().map(MemberHome::from).collect())
     }
 
     /// The rooms this device has left (removed); their history stays.

@@ -829,6 +829,8 @@ impl Client {
             Ok(Ok(frame)) => {
                 let ok = frame.decode_payload::<payload::AuthOk>().map_err(|e| format!("auth: {e}"))?;
                 self.server_key = Some(ok.server_key);
+                // Its leaves from now on carry the home certificate, as client-core's do.
+                self.identity.set_home_certificate(ok.home_certificate);
                 if SenderId(ok.sender_id) != self.sender {
                     self.violation("server bound another sender id");
                 }

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use kalandra_proto::federation::DomainName;
 use kalandra_proto::payload;
 use kalandra_proto::{Frame, Opcode, RoomId, SenderId};
 use kalandra_server::sim::directory;
@@ -43,6 +44,7 @@ use kalandra_server::sim::{
     deliver_pending_welcomes_with, forget_welcomes_for_room, send_history, store_welcome, welcomes_used_by,
     WelcomeSource,
 };
+use kalandra_server::sim::{domain_keys, server_frame, HomeIssuer, Session, Step};
 use kalandra_server::sim::{
     error_frame, moderation_reply, moderation_request, AppendBatch, Completion, ConnectionId, HistoryRead,
     ModerationDone, ModerationFailure, OtherRoute, Output, Peer, RecoveredRoom, RoomRequest, Routed, Shard,
@@ -56,7 +58,6 @@ use kalandra_server::sim::{
     recover_rooms, FollowState, MlsRoomGroup, PersistentGroup, ServerSigner, OUTBOX_BYTES_MAX_DEFAULT,
 };
 use kalandra_server::sim::{Outbox, OutboxReceiver, Outgoing};
-use kalandra_server::sim::{Session, Step};
 use kalandra_server::store::group_commit::write_parts;
 use kalandra_server::store::limits::GROUP_COMMIT_BATCH_ENTRIES_MAX;
 use kalandra_server::store::{PendingWelcome, Store, StoredEntry};
@@ -67,6 +68,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::disk::{Medium, SimDisk};
 use crate::net::{spawn_writer, FrameReader, Loss, SERVER_PORT};
 
+/// The domain of the simulated server that clients connect to.
+pub const SIM_DOMAIN: &str = "authority.sim.test";
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT_MS: u64 = 5_000;
 /// Frames a connection's outbox holds (the production default).
@@ -295,6 +298,14 @@ impl ServerShared {
     /// disk records as ordered by another domain.
     pub fn replica(seed: u64, drop_frame_on_restart: bool) -> ServerShared {
         ServerShared { role: Role::Replica, ..ServerShared::new(seed, drop_frame_on_restart) }
+    }
+
+    /// What certifies this server's clients as users of its domain
+    /// ([`SIM_DOMAIN`], with a federation key of its seed).
+    pub fn home_issuer(&self) -> HomeIssuer {
+        let key = ed25519_dalek::SigningKey::from_bytes(&crate::derive_seed(self.seed, b"federation-key", 0));
+        let domain = DomainName::parse(SIM_DOMAIN).expect("a valid domain name");
+        HomeIssuer { domain, key: Arc::new(key) }
     }
 
     /// Records `frame` if it releases an index the disk does not hold yet.
@@ -533,7 +544,7 @@ async fn connection<G: ServerGroup>(
     let tx = spawn_writer(write, Rc::clone(&shared.loss), writer_seed);
     core.borrow_mut().conns.insert(conn, Conn { tx: Some(tx), peer: None });
     let mut reader = FrameReader::new(read);
-    let mut session = Session::new(nonce, shared.server_key);
+    let mut session = Session::new(nonce, shared.server_key).with_home(shared.home_issuer());
     loop {
         let frame = match tokio::time::timeout(Duration::from_millis(IDLE_TIMEOUT_MS), reader.next()).await {
             Ok(Ok(frame)) => frame,
@@ -869,6 +880,14 @@ impl<G: ServerGroup> Core<G> {
             }
             Routed::Other(OtherRoute::Redact(frame)) => self.tasks.push(Task::Redact { conn, sender, frame }),
             Routed::Other(OtherRoute::Moderation(frame)) => self.moderate(conn, sender, &frame),
+            Routed::Other(OtherRoute::DomainKeys { request_id, request }) => {
+                let home = self.shared.home_issuer();
+                let own = (&home.domain, &home.key.verifying_key());
+                let keys = domain_keys(own, &Default::default(), &Default::default(), &request);
+                let reply = server_frame(RoomId::default(), request_id, &keys)
+                    .expect("a DomainKeys answer for at most 16 domains fits a control frame");
+                self.reply(conn, reply);
+            }
         }
     }
 

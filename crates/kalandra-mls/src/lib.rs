@@ -8,11 +8,44 @@
 //! - [`ALLOWED_PROPOSAL_TYPES`]: the proposal types rooms admit;
 //! - [`Role`] and [`RoomPolicy`]: who may add and remove whom in a commit or
 //!   proposal and who may join by external commit, decided from the room's
-//!   creator and join rule alone.
+//!   creator and join rule alone;
+//! - [`HOME_CERTIFICATE_EXTENSION_TYPE`], [`home_certificate_extension`] and
+//!   [`leaf_home_certificate`]: the member's home certificate in its leaf
+//!   (`docs/wire-protocol.md` §10, "Members' home certificates").
 #![forbid(unsafe_code)]
 
+use kalandra_proto::federation::HomeCertificate;
+use kalandra_proto::home::HomeCertificateDecodeError;
 use kalandra_proto::SenderId;
-use openmls::prelude::{BasicCredential, Ciphersuite, LeafNode, ProposalType};
+use openmls::prelude::{
+    BasicCredential, Ciphersuite, Extension, ExtensionType, LeafNode, ProposalType, UnknownExtension,
+};
+
+/// The leaf-node extension that carries a member's home certificate (a
+/// private-use type, RFC 9420 §17.3).
+pub const HOME_CERTIFICATE_EXTENSION_TYPE: u16 = 0xF0C1;
+
+const _: () = assert!(HOME_CERTIFICATE_EXTENSION_TYPE >= 0xF000, "in the private-use range");
+
+/// The extension type, as the capabilities of a leaf that carries it list it.
+pub fn home_certificate_extension_type() -> ExtensionType {
+    ExtensionType::Unknown(HOME_CERTIFICATE_EXTENSION_TYPE)
+}
+
+/// The leaf-node extension carrying `certificate`.
+pub fn home_certificate_extension(certificate: &HomeCertificate) -> Extension {
+    Extension::Unknown(HOME_CERTIFICATE_EXTENSION_TYPE, UnknownExtension(certificate.to_cbor()))
+}
+
+/// The home certificate `leaf` carries, if it carries one.
+pub fn leaf_home_certificate(leaf: &LeafNode) -> Option<Result<HomeCertificate, HomeCertificateDecodeError>> {
+    leaf.extensions().iter().find_map(|extension| match extension {
+        Extension::Unknown(HOME_CERTIFICATE_EXTENSION_TYPE, UnknownExtension(bytes)) => {
+            Some(HomeCertificate::from_cbor(bytes))
+        }
+        _ => None,
+    })
+}
 
 pub use kalandra_proto::payload::JoinRule;
 

@@ -309,6 +309,11 @@ impl PeerKeys {
         &self.domain
     }
 
+    /// Every key listed, with the end of its acceptance.
+    pub fn keys(&self) -> &[PeerKey] {
+        &self.keys
+    }
+
     /// The keys accepted at `now_ms`.
     pub fn accepted(&self, now_ms: u64) -> impl Iterator<Item = &VerifyingKey> {
         self.keys.iter().filter(move |k| k.valid_until_ms.is_none_or(|end| now_ms < end)).map(|k| &k.key)
@@ -499,6 +504,19 @@ impl HomeCertificate {
         let key = self.check_signature(home, now_ms)?;
         lock_set(verified).insert(self, key, now_ms);
         Ok(sender)
+    }
+
+    /// Checks that the certificate is `home`'s (its domain, a valid
+    /// identity key, a signature under a key `home` accepts at `now_ms`),
+    /// whatever its end of validity: what a member checks of a leaf that
+    /// may have been added long ago ([`crate::home::check_member_home`]).
+    pub fn verify_signature(&self, home: &PeerKeys, now_ms: u64) -> Result<(), HomeCertificateError> {
+        if self.domain != *home.domain() {
+            let (expected, claimed) = (home.domain().clone(), self.domain.clone());
+            return Err(HomeCertificateError::WrongDomain { expected, claimed });
+        }
+        parse_identity_key(&self.identity_key).map_err(|_| HomeCertificateError::BadIdentityKey)?;
+        self.check_signature(home, now_ms).map(|_| ())
     }
 
     fn check_signature(

@@ -16,6 +16,7 @@ pub mod error_code;
 pub mod federation;
 pub mod frame;
 pub mod header;
+pub mod home;
 pub mod ids;
 pub mod limits;
 pub mod opcode;

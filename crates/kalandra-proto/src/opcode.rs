@@ -138,6 +138,10 @@ opcodes! {
     GroupInfoRequest = 0x0204, Directory, CONTROL_PAYLOAD_BYTES_MAX;
     /// Server → client: a room's current GroupInfo and ratchet tree.
     GroupInfo = 0x0205, Directory, PAYLOAD_BYTES_MAX;
+    /// Client → server: the federation keys the server accepts for some domains.
+    DomainKeysRequest = 0x0206, Directory, CONTROL_PAYLOAD_BYTES_MAX;
+    /// Server → client: those keys.
+    DomainKeys = 0x0207, Directory, CONTROL_PAYLOAD_BYTES_MAX;
 
     // 0x0300..0x03FF: moderation.
     /// Moderator → server: remove a member (becomes a server-issued Remove proposal).

@@ -11,11 +11,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{SignedLogHead, LOG_HEAD_BYTES};
-use crate::federation::DomainName;
+use crate::federation::{DomainName, HomeCertificate};
 use crate::limits::{
-    AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, EPOCH_TAG_BYTES, KEY_PACKAGES_PER_CLAIM_MAX,
-    KEY_PACKAGES_PER_UPLOAD_MAX, PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX, SIGNATURE_BYTES,
-    SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX, VERSIONS_OFFERED_MAX, WELCOME_RECIPIENTS_MAX,
+    AUTH_NONCE_BYTES, COMMIT_VOID_REPORTERS_MAX, CONTROL_PAYLOAD_BYTES_MAX, EPOCH_TAG_BYTES,
+    KEY_PACKAGES_PER_CLAIM_MAX, KEY_PACKAGES_PER_UPLOAD_MAX, PUBLIC_KEY_BYTES, PUSH_PAYLOAD_BYTES_MAX,
+    SIGNATURE_BYTES, SYNC_FRAMES_PER_REQUEST_MAX, TEXT_BYTES_MAX, VERSIONS_OFFERED_MAX,
+    WELCOME_RECIPIENTS_MAX,
 };
 use crate::opcode::Opcode;
 
@@ -335,6 +336,10 @@ payload!(
         /// `external_senders` so the server can issue proposals (removals).
         #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
         pub server_key: [u8; PUBLIC_KEY_BYTES],
+        /// The server's domain certifying the client's identity key as its
+        /// user's, for the client's MLS leaves ([`crate::home`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub home_certificate: Option<HomeCertificate>,
     }
 );
 impl Payload for AuthOk {
@@ -967,6 +972,82 @@ impl Payload for GroupInfoRequest {
 }
 
 payload!(
+    /// `DomainKeysRequest` (0x0206): the federation keys the server accepts
+    /// for these domains (its own among them), to check members' home
+    /// certificates ([`crate::home`]).
+    DomainKeysRequest => DomainKeysRequest {
+        /// The domains, 1 to [`DOMAINS_PER_KEYS_REQUEST_MAX`].
+        pub domains: Vec<DomainName>,
+    }
+);
+impl Payload for DomainKeysRequest {
+    const OPCODE: Opcode = Opcode::DomainKeysRequest;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("domains", self.domains.len(), DOMAINS_PER_KEYS_REQUEST_MAX)?;
+        if self.domains.is_empty() {
+            return Err(PayloadError::InvalidValue { field: "domains", detail: "must not be empty" });
+        }
+        Ok(())
+    }
+}
+
+/// One key of [`DomainKeysOf`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainKey {
+    /// The domain's Ed25519 federation key.
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "strict_bytes::required")]
+    pub key: [u8; PUBLIC_KEY_BYTES],
+    /// End of its acceptance (exclusive), ms since the Unix epoch; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until_ms: Option<u64>,
+}
+
+/// One entry of [`DomainKeys`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainKeysOf {
+    /// The domain asked.
+    pub domain: DomainName,
+    /// The keys the server accepts for it: none for a domain it does not
+    /// know or refuses, at most [`crate::federation::PEER_KEYS_MAX`].
+    pub keys: Vec<DomainKey>,
+}
+
+payload!(
+    /// `DomainKeys` (0x0207): the answer to a `DomainKeysRequest`, in request order.
+    DomainKeys => DomainKeys {
+        /// One entry per domain asked.
+        pub domains: Vec<DomainKeysOf>,
+    }
+);
+impl Payload for DomainKeys {
+    const OPCODE: Opcode = Opcode::DomainKeys;
+    fn validate(&self) -> Result<(), PayloadError> {
+        check_count("domains", self.domains.len(), DOMAINS_PER_KEYS_REQUEST_MAX)?;
+        for entry in &self.domains {
+            check_count("keys", entry.keys.len(), crate::federation::PEER_KEYS_MAX)?;
+        }
+        Ok(())
+    }
+}
+
+/// Domains one `DomainKeysRequest` may name.
+pub const DOMAINS_PER_KEYS_REQUEST_MAX: usize = 16;
+
+/// The longest `DomainKeys` answer: each domain with its longest name and
+/// every key with an end (CBOR heads included).
+pub const DOMAIN_KEYS_ENCODED_BYTES_MAX: usize = 1
+    + (1 + 7 + 1)
+    + DOMAINS_PER_KEYS_REQUEST_MAX
+        * (1 + (1 + 6 + 2 + crate::federation::DOMAIN_NAME_BYTES_MAX)
+            + (1 + 4 + 1)
+            + crate::federation::PEER_KEYS_MAX * (1 + (1 + 3 + 2 + PUBLIC_KEY_BYTES) + (1 + 14 + 9)));
+
+const _: () = assert!(
+    DOMAIN_KEYS_ENCODED_BYTES_MAX <= CONTROL_PAYLOAD_BYTES_MAX as usize,
+    "the longest DomainKeys answer fits a control frame"
+);
+
+payload!(
     /// `GroupInfo` (0x0205): a room's current GroupInfo and ratchet tree.
     GroupInfo => GroupInfo {
         /// Epoch of the GroupInfo.
@@ -1183,6 +1264,8 @@ any_payload!(
     KeyPackageClaimed,
     GroupInfoRequest,
     GroupInfo,
+    DomainKeysRequest,
+    DomainKeys,
     Kick,
     Ban,
     Redact,

@@ -73,6 +73,7 @@ pub mod sim {
     pub use crate::federation::handshake::{
         decode_established, encode_established, ErasureRecord, LinkMessage,
     };
+    pub use crate::federation::peers::domain_keys;
     pub use crate::federation::relay::frame_messages;
     pub use crate::federation::replica::{
         ERASURE_PAGES_PER_FOLLOW_MAX, REPLICA_ERASURE_TASKS_MAX, REPLICA_FEED_BYTES_MAX,
@@ -89,7 +90,7 @@ pub mod sim {
         deliver_pending_welcomes_with, forget_welcomes_for_room, history_bytes, recover_room_state,
         recover_rooms, send_history, store_welcome, welcomes_used_by, WelcomeSource,
     };
-    pub use crate::protocol::session::{Route, Session, Step};
+    pub use crate::protocol::session::{HomeIssuer, Route, Session, Step};
     pub use crate::room::limits::{
         COMMITS_PER_SNAPSHOT, SYNC_READERS_PER_CONNECTION_MAX, TICKETS_IN_FLIGHT_MAX,
     };

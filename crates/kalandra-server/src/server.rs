@@ -33,6 +33,7 @@ use crate::federation::welcomes::{WelcomeInbox, WelcomeRouter, WelcomesArrived, 
 use crate::node::erasure::{limits::RETENTION_INTERVAL_MS_DEFAULT, retention_loop};
 use crate::node::push::{PushError, PushQueue, PushSink, WebhookSink};
 use crate::node::{Clock, Node, NodeHealth, NodeLimits, RecoveryError, RemoteRoomSet};
+use crate::protocol::session::HomeIssuer;
 use crate::room::mls_state::ServerSigner;
 use crate::room::room_group::MlsRoomGroup;
 use crate::server_key::ServerKeyError;
@@ -429,6 +430,7 @@ async fn assemble(
             replicas: Arc::clone(&replica_follower),
             welcome_routing: Some(welcome_routing.clone()),
             named_homes: Arc::clone(&named_homes),
+            home: HomeIssuer { domain: config.domain.clone(), key: Arc::new(keys.federation_key.clone()) },
         },
     );
     let relay_authority = Arc::new(RelayAuthority::new(

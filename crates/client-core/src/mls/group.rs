@@ -33,6 +33,11 @@ pub struct MemberInfo {
     pub identity: Vec<u8>,
 }
 
+/// The home certificate a leaf carries: none, or one read (or not) from it.
+pub type LeafHomeCertificate = Option<
+    Result<kalandra_proto::federation::HomeCertificate, kalandra_proto::home::HomeCertificateDecodeError>,
+>;
+
 /// What the server needs to start a room's public state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomCreated {
@@ -195,6 +200,8 @@ impl RoomGroup {
             .with_wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(false)
             .with_capabilities(leaf_capabilities())
+            .with_leaf_node_extensions(identity.leaf_extensions())
+            .map_err(|e| CreateRoomError::Internal(boxed(e)))?
             .lifetime(lifetime_at(now_unix_secs))
             .with_group_context_extensions(extensions)
             .build(provider, identity.signer(), identity.credential_with_key())
@@ -299,7 +306,10 @@ impl RoomGroup {
             .build_group(provider, group_info, identity.credential_with_key())
             .map_err(|e| JoinError::Invalid(boxed(e)))?
             .leaf_node_parameters(
-                LeafNodeParameters::builder().with_capabilities(leaf_capabilities()).build(),
+                LeafNodeParameters::builder()
+                    .with_capabilities(leaf_capabilities())
+                    .with_extensions(identity.leaf_extensions())
+                    .build(),
             )
             .load_psks(provider.storage())
             .map_err(|e| JoinError::Internal(boxed(e)))?
@@ -385,7 +395,18 @@ impl RoomGroup {
         P: OpenMlsProvider,
         P::StorageError: Send + Sync + 'static,
     {
-        self.commit(provider, identity, |builder| builder.force_self_update(true))
+        // A fresh leaf carries the home certificate of this connection
+        // (renewing one near its end), when the server issued one.
+        let parameters = match identity.home_certificate() {
+            Some(_) => LeafNodeParameters::builder()
+                .with_capabilities(leaf_capabilities())
+                .with_extensions(identity.leaf_extensions())
+                .build(),
+            None => LeafNodeParameters::default(),
+        };
+        self.commit(provider, identity, |builder| {
+            builder.force_self_update(true).leaf_node_parameters(parameters)
+        })
     }
 
     /// Commits every pending proposal (for example a removal the server
@@ -684,6 +705,24 @@ impl RoomGroup {
             .map(|member| MemberInfo {
                 leaf_index: member.index.u32(),
                 identity: identity_of(&member.credential),
+            })
+            .collect()
+    }
+
+    /// Each member with the home certificate its leaf carries (`None`: none;
+    /// an `Err`: one that does not decode), by leaf index.
+    pub fn member_home_certificates(&self) -> Vec<(MemberInfo, LeafHomeCertificate)> {
+        self.group
+            .members()
+            .map(|member| {
+                let certificate = self
+                    .group
+                    .public_group()
+                    .leaf(member.index)
+                    .and_then(kalandra_mls::leaf_home_certificate);
+                let info =
+                    MemberInfo { leaf_index: member.index.u32(), identity: identity_of(&member.credential) };
+                (info, certificate)
             })
             .collect()
     }

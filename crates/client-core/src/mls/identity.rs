@@ -1,6 +1,9 @@
 //! A device's long-term Ed25519 signature key and its MLS credential.
 
-use openmls::prelude::{BasicCredential, CredentialWithKey, OpenMlsCrypto, SignatureScheme};
+use kalandra_proto::federation::HomeCertificate;
+use openmls::prelude::{
+    BasicCredential, CredentialWithKey, Extensions, LeafNode, OpenMlsCrypto, SignatureScheme,
+};
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_traits::OpenMlsProvider;
 
@@ -18,6 +21,9 @@ pub struct Identity {
     signing_key: ed25519_dalek::SigningKey,
     keypair: SignatureKeyPair,
     public_key: [u8; IDENTITY_LEN],
+    /// The home domain's certificate of this key, from the last `AuthOk`,
+    /// carried in the leaves made from now on.
+    home_certificate: Option<HomeCertificate>,
 }
 
 impl Identity {
@@ -40,7 +46,7 @@ impl Identity {
         let public_key = signing_key.verifying_key().to_bytes();
         let keypair =
             SignatureKeyPair::from_raw(SignatureScheme::ED25519, secret.to_vec(), public_key.to_vec());
-        Ok(Self { signing_key, keypair, public_key })
+        Ok(Self { signing_key, keypair, public_key, home_certificate: None })
     }
 
     /// The secret to persist (the 32-byte Ed25519 seed). Keep it encrypted
@@ -65,6 +71,34 @@ impl Identity {
     /// The signer OpenMLS uses for this device.
     pub fn signer(&self) -> &SignatureKeyPair {
         &self.keypair
+    }
+
+    /// Takes the home certificate the server issued at authentication; one
+    /// for another key than this identity's is ignored.
+    pub fn set_home_certificate(&mut self, certificate: Option<HomeCertificate>) {
+        if let Some(certificate) = certificate {
+            if certificate.identity_key == self.public_key {
+                self.home_certificate = Some(certificate);
+            }
+        }
+    }
+
+    /// The home certificate carried in new leaves, if the server issued one.
+    pub fn home_certificate(&self) -> Option<&HomeCertificate> {
+        self.home_certificate.as_ref()
+    }
+
+    /// The extensions of a new leaf of this device: its home certificate,
+    /// when it has one.
+    pub fn leaf_extensions(&self) -> Extensions<LeafNode> {
+        match &self.home_certificate {
+            Some(certificate) => {
+                Extensions::from_vec(vec![kalandra_mls::home_certificate_extension(certificate)])
+                    // One extension of a type valid in leaves cannot be refused.
+                    .unwrap_or_else(|_| Extensions::empty())
+            }
+            None => Extensions::empty(),
+        }
     }
 }
 

@@ -49,8 +49,10 @@ fn build<P: OpenMlsProvider>(
     last_resort: bool,
 ) -> Result<GeneratedKeyPackage, KeyPackageError> {
     let lifetime = lifetime_at(now_unix_secs);
-    let mut builder =
-        KeyPackage::builder().key_package_lifetime(lifetime).leaf_node_capabilities(leaf_capabilities());
+    let mut builder = KeyPackage::builder()
+        .key_package_lifetime(lifetime)
+        .leaf_node_capabilities(leaf_capabilities())
+        .leaf_node_extensions(identity.leaf_extensions());
     if last_resort {
         builder = builder.mark_as_last_resort();
     }

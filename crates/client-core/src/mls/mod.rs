@@ -23,8 +23,8 @@ pub use error::{
     PendingCommitError, ProcessError, StorageError,
 };
 pub use group::{
-    CommitApplied, CommitOutput, ExternalJoinOutput, HandshakeOutcome, MemberInfo, ProposalOutput,
-    ProposalSender, RoomCreated, RoomGroup,
+    CommitApplied, CommitOutput, ExternalJoinOutput, HandshakeOutcome, LeafHomeCertificate, MemberInfo,
+    ProposalOutput, ProposalSender, RoomCreated, RoomGroup,
 };
 pub use identity::{Identity, IDENTITY_SECRET_LEN};
 pub use key_package::{generate_key_packages, generate_last_resort_key_package, GeneratedKeyPackage};
@@ -57,13 +57,14 @@ fn lifetime_at(now_unix_secs: u64) -> Lifetime {
 }
 
 /// Capabilities advertised by every Kalandra leaf: protocol 1.0, our
-/// ciphersuite, basic credentials, and the last-resort extension (which must
-/// be listed to appear in a key package).
+/// ciphersuite, basic credentials, the last-resort extension and the home
+/// certificate extension (each must be listed to appear in a leaf or key
+/// package).
 fn leaf_capabilities() -> Capabilities {
     Capabilities::new(
         Some(&[ProtocolVersion::Mls10]),
         Some(&[CIPHERSUITE]),
-        Some(&[ExtensionType::LastResort]),
+        Some(&[ExtensionType::LastResort, kalandra_mls::home_certificate_extension_type()]),
         None,
         Some(&[CredentialType::Basic]),
     )

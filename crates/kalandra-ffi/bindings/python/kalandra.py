@@ -555,6 +555,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_left_rooms() != 10859:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_kalandra_ffi_checksum_method_device_member_homes() != 20204:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_next_message() != 34778:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_kalandra_ffi_checksum_method_device_outbox_len() != 27027:
@@ -665,6 +667,9 @@ _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_leave.restype = ctypes.c_u
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_left_rooms.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_left_rooms.restype = ctypes.c_uint16
+_UniffiLib.uniffi_kalandra_ffi_checksum_method_device_member_homes.argtypes = (
+)
+_UniffiLib.uniffi_kalandra_ffi_checksum_method_device_member_homes.restype = ctypes.c_uint16
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_next_message.argtypes = (
 )
 _UniffiLib.uniffi_kalandra_ffi_checksum_method_device_next_message.restype = ctypes.c_uint16
@@ -796,6 +801,11 @@ _UniffiLib.uniffi_kalandra_ffi_fn_method_device_left_rooms.argtypes = (
     ctypes.c_uint64,
 )
 _UniffiLib.uniffi_kalandra_ffi_fn_method_device_left_rooms.restype = ctypes.c_uint64
+_UniffiLib.uniffi_kalandra_ffi_fn_method_device_member_homes.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_kalandra_ffi_fn_method_device_member_homes.restype = ctypes.c_uint64
 _UniffiLib.uniffi_kalandra_ffi_fn_method_device_next_message.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint64,
@@ -1495,6 +1505,215 @@ class _UniffiFfiConverterTypeBackgroundReport(_UniffiConverterRustBuffer):
         _UniffiFfiConverterUInt64.write(value.outbox_left, buf)
         _UniffiFfiConverterBoolean.write(value.budget_exhausted, buf)
 
+class _UniffiFfiConverterOptionalUInt64(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterUInt64.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterUInt64.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterUInt64.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
+class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
+    CLASS_NAME = "u32"
+    VALUE_MIN = 0
+    VALUE_MAX = 2**32
+
+    @staticmethod
+    def read(buf):
+        return buf.read_u32()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_u32(value)
+
+
+
+
+
+
+class HomeStatus(enum.Enum):
+    """
+    What a member's leaf shows of its home domain.
+"""
+    
+    CERTIFIED = 0
+    """
+    Certified by its domain under a key this device's server accepts for it.
+"""
+    
+    EXPIRED = 1
+    """
+    As `Certified`, but past its end (the member has not updated its leaf since).
+"""
+    
+    UNCERTIFIED = 2
+    """
+    The leaf carries no home certificate.
+"""
+    
+    UNKNOWN_DOMAIN = 3
+    """
+    Its domain's keys are not known to this device's server.
+"""
+    
+    INVALID = 4
+    """
+    Not a certificate of that domain for this leaf.
+"""
+    
+
+
+class _UniffiFfiConverterTypeHomeStatus(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        variant = buf.read_i32()
+        if variant == 1:
+            return HomeStatus.CERTIFIED
+        if variant == 2:
+            return HomeStatus.EXPIRED
+        if variant == 3:
+            return HomeStatus.UNCERTIFIED
+        if variant == 4:
+            return HomeStatus.UNKNOWN_DOMAIN
+        if variant == 5:
+            return HomeStatus.INVALID
+        raise InternalError("Raw enum value doesn't match any cases")
+
+    @staticmethod
+    def check_lower(value):
+        if value == HomeStatus.CERTIFIED:
+            return
+        if value == HomeStatus.EXPIRED:
+            return
+        if value == HomeStatus.UNCERTIFIED:
+            return
+        if value == HomeStatus.UNKNOWN_DOMAIN:
+            return
+        if value == HomeStatus.INVALID:
+            return
+        raise ValueError(value)
+
+    @staticmethod
+    def write(value, buf):
+        if value == HomeStatus.CERTIFIED:
+            buf.write_i32(1)
+        if value == HomeStatus.EXPIRED:
+            buf.write_i32(2)
+        if value == HomeStatus.UNCERTIFIED:
+            buf.write_i32(3)
+        if value == HomeStatus.UNKNOWN_DOMAIN:
+            buf.write_i32(4)
+        if value == HomeStatus.INVALID:
+            buf.write_i32(5)
+
+
+
+class _UniffiFfiConverterOptionalString(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterString.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterString.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterString.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
+@dataclass
+class MemberHome:
+    """
+    A member and its home domain as its leaf's home certificate shows it,
+    checked on this device ([`Device::member_homes`]).
+"""
+    def __init__(self, *, sender_id:typing.Optional[int], leaf_index:int, status:HomeStatus, domain:typing.Optional[str], not_after_ms:typing.Optional[int], reason:typing.Optional[str]):
+        self.sender_id = sender_id
+        self.leaf_index = leaf_index
+        self.status = status
+        self.domain = domain
+        self.not_after_ms = not_after_ms
+        self.reason = reason
+        
+        
+
+    
+    def __str__(self):
+        return "MemberHome(sender_id={}, leaf_index={}, status={}, domain={}, not_after_ms={}, reason={})".format(self.sender_id, self.leaf_index, self.status, self.domain, self.not_after_ms, self.reason)
+    def __eq__(self, other):
+        if self.sender_id != other.sender_id:
+            return False
+        if self.leaf_index != other.leaf_index:
+            return False
+        if self.status != other.status:
+            return False
+        if self.domain != other.domain:
+            return False
+        if self.not_after_ms != other.not_after_ms:
+            return False
+        if self.reason != other.reason:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeMemberHome(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return MemberHome(
+            sender_id=_UniffiFfiConverterOptionalUInt64.read(buf),
+            leaf_index=_UniffiFfiConverterUInt32.read(buf),
+            status=_UniffiFfiConverterTypeHomeStatus.read(buf),
+            domain=_UniffiFfiConverterOptionalString.read(buf),
+            not_after_ms=_UniffiFfiConverterOptionalUInt64.read(buf),
+            reason=_UniffiFfiConverterOptionalString.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterOptionalUInt64.check_lower(value.sender_id)
+        _UniffiFfiConverterUInt32.check_lower(value.leaf_index)
+        _UniffiFfiConverterTypeHomeStatus.check_lower(value.status)
+        _UniffiFfiConverterOptionalString.check_lower(value.domain)
+        _UniffiFfiConverterOptionalUInt64.check_lower(value.not_after_ms)
+        _UniffiFfiConverterOptionalString.check_lower(value.reason)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterOptionalUInt64.write(value.sender_id, buf)
+        _UniffiFfiConverterUInt32.write(value.leaf_index, buf)
+        _UniffiFfiConverterTypeHomeStatus.write(value.status, buf)
+        _UniffiFfiConverterOptionalString.write(value.domain, buf)
+        _UniffiFfiConverterOptionalUInt64.write(value.not_after_ms, buf)
+        _UniffiFfiConverterOptionalString.write(value.reason, buf)
+
 class _UniffiFfiConverterSequenceUInt64(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -2085,44 +2304,6 @@ class _UniffiFfiConverterTypeKalandraError(_UniffiConverterRustBuffer):
             buf.write_i32(7)
             _UniffiFfiConverterString.write(value.detail, buf)
 
-class _UniffiFfiConverterOptionalUInt64(_UniffiConverterRustBuffer):
-    @classmethod
-    def check_lower(cls, value):
-        if value is not None:
-            _UniffiFfiConverterUInt64.check_lower(value)
-
-    @classmethod
-    def write(cls, value, buf):
-        if value is None:
-            buf.write_u8(0)
-            return
-
-        buf.write_u8(1)
-        _UniffiFfiConverterUInt64.write(value, buf)
-
-    @classmethod
-    def read(cls, buf):
-        flag = buf.read_u8()
-        if flag == 0:
-            return None
-        elif flag == 1:
-            return _UniffiFfiConverterUInt64.read(buf)
-        else:
-            raise InternalError("Unexpected flag byte for optional type")
-
-class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
-    CLASS_NAME = "u32"
-    VALUE_MIN = 0
-    VALUE_MAX = 2**32
-
-    @staticmethod
-    def read(buf):
-        return buf.read_u32()
-
-    @staticmethod
-    def write(value, buf):
-        buf.write_u32(value)
-
 class _UniffiFfiConverterSequenceTypeMessage(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -2144,6 +2325,29 @@ class _UniffiFfiConverterSequenceTypeMessage(_UniffiConverterRustBuffer):
 
         return [
             _UniffiFfiConverterTypeMessage.read(buf) for i in range(count)
+        ]
+
+class _UniffiFfiConverterSequenceTypeMemberHome(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypeMemberHome.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypeMemberHome.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypeMemberHome.read(buf) for i in range(count)
         ]
 
 class _UniffiFfiConverterOptionalTypeMessage(_UniffiConverterRustBuffer):
@@ -2283,6 +2487,12 @@ class DeviceProtocol(typing.Protocol):
     async def left_rooms(self, ) -> typing.List[bytes]:
         """
         The rooms this device has left (removed); their history stays.
+"""
+        raise NotImplementedError
+    async def member_homes(self, room_id: bytes) -> typing.List[MemberHome]:
+        """
+        Each member of the room with its home domain, checked on this device
+        against the keys its server accepts for that domain.
 """
         raise NotImplementedError
     async def next_message(self, wait_ms: int) -> typing.Optional[Message]:
@@ -2751,6 +2961,27 @@ class Device(DeviceProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def member_homes(self, room_id: bytes) -> typing.List[MemberHome]:
+        """
+        Each member of the room with its home domain, checked on this device
+        against the keys its server accepts for that domain.
+"""
+        
+        _UniffiFfiConverterBytes.check_lower(room_id)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterBytes.lower(room_id),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypeMemberHome.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeKalandraError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_kalandra_ffi_fn_method_device_member_homes(*_uniffi_lowered_args),
+            _UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def next_message(self, wait_ms: int) -> typing.Optional[Message]:
         """
         The next new entry of a subscribed room, waiting up to `wait_ms`;
@@ -3135,10 +3366,12 @@ class _UniffiFfiConverterTypeDevice:
 
 __all__ = [
     "InternalError",
+    "HomeStatus",
     "Body",
     "KalandraError",
     "RoomFailure",
     "BackgroundReport",
+    "MemberHome",
     "Message",
     "RoomSummary",
     "Device",

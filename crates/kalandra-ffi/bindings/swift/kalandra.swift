@@ -692,6 +692,12 @@ public protocol DeviceProtocol: AnyObject, Sendable {
     func leftRooms() async  -> [Data]
     
     /**
+     * Each member of the room with its home domain, checked on this device
+     * against the keys its server accepts for that domain.
+     */
+    func memberHomes(roomId: Data) async throws  -> [MemberHome]
+    
+    /**
      * The next new entry of a subscribed room, waiting up to `wait_ms`;
      * none if nothing came.
      */
@@ -1148,6 +1154,26 @@ open func leftRooms()async  -> [Data]  {
             liftFunc: FfiConverterSequenceData.lift,
             errorHandler: nil
             
+        )
+}
+    
+    /**
+     * Each member of the room with its home domain, checked on this device
+     * against the keys its server accepts for that domain.
+     */
+open func memberHomes(roomId: Data)async throws  -> [MemberHome]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_kalandra_ffi_fn_method_device_member_homes(
+                        self.uniffiCloneHandle(),FfiConverterData.lower(roomId)
+                )
+            },
+            pollFunc: ffi_kalandra_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_kalandra_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_kalandra_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypeMemberHome.lift,
+            errorHandler: FfiConverterTypeKalandraError_lift
         )
 }
     
@@ -1622,6 +1648,116 @@ public func FfiConverterTypeBackgroundReport_lower(_ value: BackgroundReport) ->
 
 
 /**
+ * A member and its home domain as its leaf's home certificate shows it,
+ * checked on this device ([`Device::member_homes`]).
+ */
+public struct MemberHome: Equatable, Hashable {
+    /**
+     * The member's sender id (none if its credential is not a key).
+     */
+    public var senderId: UInt64?
+    /**
+     * Its leaf index.
+     */
+    public var leafIndex: UInt32
+    /**
+     * What its certificate shows.
+     */
+    public var status: HomeStatus
+    /**
+     * The home domain, when certified (or expired) or of an unknown domain.
+     */
+    public var domain: String?
+    /**
+     * The certificate's end, ms since the Unix epoch, when certified or expired.
+     */
+    public var notAfterMs: UInt64?
+    /**
+     * Why it is invalid.
+     */
+    public var reason: String?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The member's sender id (none if its credential is not a key).
+         */senderId: UInt64?, 
+        /**
+         * Its leaf index.
+         */leafIndex: UInt32, 
+        /**
+         * What its certificate shows.
+         */status: HomeStatus, 
+        /**
+         * The home domain, when certified (or expired) or of an unknown domain.
+         */domain: String?, 
+        /**
+         * The certificate's end, ms since the Unix epoch, when certified or expired.
+         */notAfterMs: UInt64?, 
+        /**
+         * Why it is invalid.
+         */reason: String?) {
+        self.senderId = senderId
+        self.leafIndex = leafIndex
+        self.status = status
+        self.domain = domain
+        self.notAfterMs = notAfterMs
+        self.reason = reason
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension MemberHome: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeMemberHome: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> MemberHome {
+        return
+            try MemberHome(
+                senderId: FfiConverterOptionUInt64.read(from: &buf), 
+                leafIndex: FfiConverterUInt32.read(from: &buf), 
+                status: FfiConverterTypeHomeStatus.read(from: &buf), 
+                domain: FfiConverterOptionString.read(from: &buf), 
+                notAfterMs: FfiConverterOptionUInt64.read(from: &buf), 
+                reason: FfiConverterOptionString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: MemberHome, into buf: inout [UInt8]) {
+        FfiConverterOptionUInt64.write(value.senderId, into: &buf)
+        FfiConverterUInt32.write(value.leafIndex, into: &buf)
+        FfiConverterTypeHomeStatus.write(value.status, into: &buf)
+        FfiConverterOptionString.write(value.domain, into: &buf)
+        FfiConverterOptionUInt64.write(value.notAfterMs, into: &buf)
+        FfiConverterOptionString.write(value.reason, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeMemberHome_lift(_ buf: RustBuffer) throws -> MemberHome {
+    return try FfiConverterTypeMemberHome.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeMemberHome_lower(_ value: MemberHome) -> RustBuffer {
+    return FfiConverterTypeMemberHome.lower(value)
+}
+
+
+/**
  * One entry of a room's history on this device.
  */
 public struct Message: Equatable, Hashable {
@@ -2021,6 +2157,111 @@ public func FfiConverterTypeBody_lower(_ value: Body) -> RustBuffer {
 
 
 /**
+ * What a member's leaf shows of its home domain.
+ */
+
+public enum HomeStatus: Equatable, Hashable {
+    
+    /**
+     * Certified by its domain under a key this device's server accepts for it.
+     */
+    case certified
+    /**
+     * As `Certified`, but past its end (the member has not updated its leaf since).
+     */
+    case expired
+    /**
+     * The leaf carries no home certificate.
+     */
+    case uncertified
+    /**
+     * Its domain's keys are not known to this device's server.
+     */
+    case unknownDomain
+    /**
+     * Not a certificate of that domain for this leaf.
+     */
+    case invalid
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension HomeStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeHomeStatus: FfiConverterRustBuffer {
+    typealias SwiftType = HomeStatus
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> HomeStatus {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .certified
+        
+        case 2: return .expired
+        
+        case 3: return .uncertified
+        
+        case 4: return .unknownDomain
+        
+        case 5: return .invalid
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: HomeStatus, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .certified:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .expired:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .uncertified:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .unknownDomain:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .invalid:
+            writeInt(&buf, Int32(5))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeHomeStatus_lift(_ buf: RustBuffer) throws -> HomeStatus {
+    return try FfiConverterTypeHomeStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeHomeStatus_lower(_ value: HomeStatus) -> RustBuffer {
+    return FfiConverterTypeHomeStatus.lower(value)
+}
+
+
+
+/**
  * Why a device call failed (raised as `KalandraException` in Kotlin,
  * `KalandraError` in Swift and Python).
  */
@@ -2264,6 +2505,30 @@ fileprivate struct FfiConverterOptionUInt64: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
+    typealias SwiftType = String?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterString.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeMessage: FfiConverterRustBuffer {
     typealias SwiftType = Message?
 
@@ -2330,6 +2595,31 @@ fileprivate struct FfiConverterSequenceData: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterData.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeMemberHome: FfiConverterRustBuffer {
+    typealias SwiftType = [MemberHome]
+
+    public static func write(_ value: [MemberHome], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeMemberHome.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [MemberHome] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [MemberHome]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeMemberHome.read(from: &buf))
         }
         return seq
     }
@@ -2516,6 +2806,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_left_rooms() != 10859) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_kalandra_ffi_checksum_method_device_member_homes() != 20204) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_kalandra_ffi_checksum_method_device_next_message() != 34778) {

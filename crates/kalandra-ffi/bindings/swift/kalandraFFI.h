@@ -338,6 +338,11 @@ uint64_t uniffi_kalandra_ffi_fn_method_device_leave(uint64_t ptr, RustBuffer roo
 uint64_t uniffi_kalandra_ffi_fn_method_device_left_rooms(uint64_t ptr
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_MEMBER_HOMES
+#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_MEMBER_HOMES
+uint64_t uniffi_kalandra_ffi_fn_method_device_member_homes(uint64_t ptr, RustBuffer room_id
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_NEXT_MESSAGE
 #define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_FN_METHOD_DEVICE_NEXT_MESSAGE
 uint64_t uniffi_kalandra_ffi_fn_method_device_next_message(uint64_t ptr, uint64_t wait_ms
@@ -765,6 +770,12 @@ uint16_t uniffi_kalandra_ffi_checksum_method_device_leave(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_LEFT_ROOMS
 #define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_LEFT_ROOMS
 uint16_t uniffi_kalandra_ffi_checksum_method_device_left_rooms(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_MEMBER_HOMES
+#define UNIFFI_FFIDEF_UNIFFI_KALANDRA_FFI_CHECKSUM_METHOD_DEVICE_MEMBER_HOMES
+uint16_t uniffi_kalandra_ffi_checksum_method_device_member_homes(void
     
 );
 #endif

@@ -128,6 +128,10 @@ async def conversation(tmp_path, server, webhook):
     assert {r.room_id for r in await bob.rooms()} == {room}
     assert not any(r.removal_pending for r in await bob.rooms())
     assert await bob.left_rooms() == []
+    # Each checks the other's home certificate, carried in its leaf.
+    homes = await bob.member_homes(room)
+    assert {h.sender_id for h in homes} == {alice.sender_id(), bob.sender_id()}
+    assert all(h.status == kalandra.HomeStatus.CERTIFIED and h.domain for h in homes), homes
 
     first = await alice.send(room, b"hello bob")
     await bob.sync(room)

@@ -22,38 +22,37 @@ pub fn blob() -> impl Strategy<Value = Vec<u8>> {
 }
 
 pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
-    let session = prop_oneof![
-        (vec(any::<u8>(), 1..16), any::<[u8; 32]>(), text()).prop_map(
-            |(versions, identity_key, client_name)| {
-                AnyPayload::Hello(Hello { versions, identity_key, client_name })
-            }
-        ),
-        (any::<[u8; 32]>(), any::<u8>(), any::<u64>()).prop_map(|(nonce, version, server_time_ms)| {
-            AnyPayload::AuthChallenge(AuthChallenge { nonce, version, server_time_ms })
-        }),
-        proptest::array::uniform::<_, 64>(any::<u8>())
-            .prop_map(|signature| AnyPayload::AuthResponse(AuthResponse { signature })),
-        (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-            |(sender_id, server_time_ms, server_key)| {
-                AnyPayload::AuthOk(AuthOk { sender_id, server_time_ms, server_key })
-            }
-        ),
-        (any::<u16>(), text(), any::<Option<u64>>(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(
-            |(code, message, current_epoch, log_index, retry_after_ms)| {
-                AnyPayload::Error(Error {
-                    code,
-                    message,
-                    current_epoch,
-                    log_index,
-                    retry_after_ms,
-                    frame_digest: None,
-                })
-            }
-        ),
-        any::<u64>().prop_map(|nonce| AnyPayload::Ping(Ping { nonce })),
-        any::<u64>().prop_map(|nonce| AnyPayload::Pong(Pong { nonce })),
-        (any::<u16>(), text()).prop_map(|(code, reason)| AnyPayload::Goodbye(Goodbye { code, reason })),
-    ];
+    let session =
+        prop_oneof![
+            (vec(any::<u8>(), 1..16), any::<[u8; 32]>(), text()).prop_map(
+                |(versions, identity_key, client_name)| {
+                    AnyPayload::Hello(Hello { versions, identity_key, client_name })
+                }
+            ),
+            (any::<[u8; 32]>(), any::<u8>(), any::<u64>()).prop_map(|(nonce, version, server_time_ms)| {
+                AnyPayload::AuthChallenge(AuthChallenge { nonce, version, server_time_ms })
+            }),
+            proptest::array::uniform::<_, 64>(any::<u8>())
+                .prop_map(|signature| AnyPayload::AuthResponse(AuthResponse { signature })),
+            (any::<u64>(), any::<u64>(), any::<[u8; 32]>(), proptest::option::of(home_certificate()))
+                .prop_map(|(sender_id, server_time_ms, server_key, home_certificate)| {
+                    AnyPayload::AuthOk(AuthOk { sender_id, server_time_ms, server_key, home_certificate })
+                }),
+            (any::<u16>(), text(), any::<Option<u64>>(), any::<Option<u64>>(), any::<Option<u64>>())
+                .prop_map(|(code, message, current_epoch, log_index, retry_after_ms)| {
+                    AnyPayload::Error(Error {
+                        code,
+                        message,
+                        current_epoch,
+                        log_index,
+                        retry_after_ms,
+                        frame_digest: None,
+                    })
+                }),
+            any::<u64>().prop_map(|nonce| AnyPayload::Ping(Ping { nonce })),
+            any::<u64>().prop_map(|nonce| AnyPayload::Pong(Pong { nonce })),
+            (any::<u16>(), text()).prop_map(|(code, reason)| AnyPayload::Goodbye(Goodbye { code, reason })),
+        ];
     let rooms = prop_oneof![
         any::<u64>().prop_map(|from_log_index| AnyPayload::Subscribe(Subscribe { from_log_index })),
         Just(AnyPayload::Unsubscribe(Unsubscribe {})),
@@ -129,6 +128,17 @@ pub fn arb_payload() -> impl Strategy<Value = AnyPayload> {
             })
         }),
         Just(AnyPayload::GroupInfoRequest(GroupInfoRequest {})),
+        vec(domain(), 1..=DOMAINS_PER_KEYS_REQUEST_MAX)
+            .prop_map(|domains| AnyPayload::DomainKeysRequest(DomainKeysRequest { domains })),
+        vec(
+            (domain(), vec((any::<[u8; 32]>(), any::<Option<u64>>()), 0..=4)).prop_map(|(domain, keys)| {
+                let keys =
+                    keys.into_iter().map(|(key, valid_until_ms)| DomainKey { key, valid_until_ms }).collect();
+                DomainKeysOf { domain, keys }
+            }),
+            0..=DOMAINS_PER_KEYS_REQUEST_MAX
+        )
+        .prop_map(|domains| AnyPayload::DomainKeys(DomainKeys { domains })),
         (any::<u64>(), blob(), blob()).prop_map(|(epoch, group_info, ratchet_tree)| {
             AnyPayload::GroupInfo(GroupInfo { epoch, group_info, ratchet_tree })
         }),
@@ -162,4 +172,23 @@ pub fn arb_header(opcode: Opcode) -> impl Strategy<Value = FrameHeaderBuf> {
                 .set_signature_flags(false, countersigned);
             header
         })
+}
+
+/// A valid domain name of one to four labels.
+pub fn domain() -> impl Strategy<Value = kalandra_proto::federation::DomainName> {
+    vec("[a-z][a-z0-9-]{0,10}[a-z0-9]", 1..4).prop_map(|labels| {
+        kalandra_proto::federation::DomainName::parse(&labels.join(".")).expect("a valid domain name")
+    })
+}
+
+/// A home certificate with arbitrary fields (its signature need not verify).
+pub fn home_certificate() -> impl Strategy<Value = kalandra_proto::federation::HomeCertificate> {
+    (domain(), any::<[u8; 32]>(), any::<u64>(), proptest::array::uniform::<_, 64>(any::<u8>())).prop_map(
+        |(domain, identity_key, not_after_ms, signature)| kalandra_proto::federation::HomeCertificate {
+            domain,
+            identity_key,
+            not_after_ms,
+            signature,
+        },
+    )
 }

@@ -5,9 +5,11 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use kalandra_proto::federation::DomainName;
+use ed25519_dalek::VerifyingKey;
+use kalandra_proto::federation::{DomainName, PeerKeys};
+use kalandra_proto::payload::{DomainKey, DomainKeys, DomainKeysOf, DomainKeysRequest};
 
-use crate::federation::handshake::PeerTable;
+use crate::federation::handshake::{PeerTable, RefusedDomains};
 
 /// The accepted keys of each configured peer, as last loaded.
 #[derive(Debug)]
@@ -58,6 +60,37 @@ impl SharedPeers {
     }
 }
 
+/// The answer to a client's `DomainKeysRequest`: for each domain asked,
+/// the keys this server accepts for it now (this server's own key for its
+/// own domain; a peer's configured keys; none for a domain it does not
+/// know or refuses).
+pub fn domain_keys(
+    own: (&DomainName, &VerifyingKey),
+    peers: &PeerTable,
+    refused: &RefusedDomains,
+    request: &DomainKeysRequest,
+) -> DomainKeys {
+    let (own_domain, own_key) = own;
+    let keys_of = |domain: &DomainName| -> Vec<DomainKey> {
+        if domain == own_domain {
+            return vec![DomainKey { key: own_key.to_bytes(), valid_until_ms: None }];
+        }
+        if refused.contains(domain) {
+            return Vec::new();
+        }
+        let keys = peers.get(domain).map(PeerKeys::keys).unwrap_or_default();
+        keys.iter()
+            .map(|key| DomainKey { key: key.key.to_bytes(), valid_until_ms: key.valid_until_ms })
+            .collect()
+    };
+    let domains = request
+        .domains
+        .iter()
+        .map(|domain| DomainKeysOf { domain: domain.clone(), keys: keys_of(domain) })
+        .collect();
+    DomainKeys { domains }
+}
+
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::SigningKey;
@@ -75,6 +108,28 @@ mod tests {
             })
             .collect();
         (domain.clone(), PeerKeys::new(domain, keys).unwrap())
+    }
+
+    #[test]
+    fn domain_keys_answer_own_and_peer_keys_and_none_for_unknown_or_refused_domains() {
+        let own_key = SigningKey::from_bytes(&[9; 32]).verifying_key();
+        let own = DomainName::parse("a.test").unwrap();
+        let (b, mut b_keys) = keys("b.test", &[1, 2]);
+        let mut listed = b_keys.keys().to_vec();
+        listed[0].valid_until_ms = Some(5_000);
+        b_keys = PeerKeys::new(b.clone(), listed).unwrap();
+        let (c, c_keys) = keys("c.test", &[3]);
+        let peers = PeerTable::from([(b.clone(), b_keys), (c.clone(), c_keys)]);
+        let refused = RefusedDomains::from([c.clone()]);
+        let x = DomainName::parse("x.test").unwrap();
+        let request = DomainKeysRequest { domains: vec![x.clone(), own.clone(), b.clone(), c.clone()] };
+        let answer = domain_keys((&own, &own_key), &peers, &refused, &request);
+        let domains: Vec<_> = answer.domains.iter().map(|entry| entry.domain.clone()).collect();
+        assert_eq!(domains, vec![x, own, b, c], "in request order");
+        let counts: Vec<_> = answer.domains.iter().map(|entry| entry.keys.len()).collect();
+        assert_eq!(counts, vec![0, 1, 2, 0], "unknown and refused: none");
+        assert_eq!(answer.domains[1].keys[0].key, own_key.to_bytes());
+        assert_eq!(answer.domains[2].keys[0].valid_until_ms, Some(5_000), "with the end of its acceptance");
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //! and gets back one [`Step`]. The nonce for the challenge comes from the
 //! driver's random source, so the session itself is deterministic.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use kalandra_proto::federation::{DomainName, HomeCertificate};
+use kalandra_proto::home::MEMBER_HOME_CERTIFICATE_VALIDITY_MS;
 use kalandra_proto::limits::{AUTH_NONCE_BYTES, PUBLIC_KEY_BYTES};
 use kalandra_proto::payload::{self, AnyPayload};
 use kalandra_proto::sign::{parse_identity_key, verify_auth_response};
@@ -85,6 +89,13 @@ pub enum Route {
         /// The claim.
         claim: payload::KeyPackageClaim,
     },
+    /// The federation keys this server accepts for some domains.
+    DomainKeys {
+        /// Request id.
+        request_id: u32,
+        /// The domains.
+        request: payload::DomainKeysRequest,
+    },
     /// A moderation request.
     Moderation(Frame),
 }
@@ -117,6 +128,32 @@ pub struct Session {
     state: State,
     nonce: [u8; AUTH_NONCE_BYTES],
     server_key: [u8; PUBLIC_KEY_BYTES],
+    home: Option<HomeIssuer>,
+}
+
+/// What certifies an authenticated client's identity key as a user of
+/// this server's domain, for the client's MLS leaves (`AuthOk`).
+#[derive(Clone)]
+pub struct HomeIssuer {
+    /// This server's domain.
+    pub domain: DomainName,
+    /// Its federation key.
+    pub key: Arc<SigningKey>,
+}
+
+impl std::fmt::Debug for HomeIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HomeIssuer").field("domain", &self.domain).finish_non_exhaustive()
+    }
+}
+
+impl HomeIssuer {
+    /// The certificate of `identity_key`, valid
+    /// [`MEMBER_HOME_CERTIFICATE_VALIDITY_MS`] from `now_ms`.
+    pub fn issue(&self, identity_key: [u8; PUBLIC_KEY_BYTES], now_ms: u64) -> HomeCertificate {
+        let not_after_ms = now_ms.saturating_add(MEMBER_HOME_CERTIFICATE_VALIDITY_MS);
+        HomeCertificate::issue(&self.key, self.domain.clone(), identity_key, not_after_ms)
+    }
 }
 
 fn close(room_id: RoomId, request_id: u32, code: ErrorCode, message: &str) -> Step {
@@ -127,7 +164,13 @@ impl Session {
     /// A session that will challenge the client with `nonce` (fresh random
     /// bytes per connection) and announce the server's signing key `server_key`.
     pub fn new(nonce: [u8; AUTH_NONCE_BYTES], server_key: [u8; PUBLIC_KEY_BYTES]) -> Session {
-        Session { state: State::AwaitHello, nonce, server_key }
+        Session { state: State::AwaitHello, nonce, server_key, home: None }
+    }
+
+    /// The same session, certifying its client as a user of `home`'s domain
+    /// in `AuthOk`.
+    pub fn with_home(self, home: HomeIssuer) -> Session {
+        Session { home: Some(home), ..self }
     }
 
     /// A session of a client of another domain, authenticated by its home
@@ -135,7 +178,8 @@ impl Session {
     /// countersignature) rather than by a challenge here.
     pub fn relayed(identity: VerifyingKey, server_key: [u8; PUBLIC_KEY_BYTES]) -> Session {
         let sender = SenderId::from_identity_key(identity.as_bytes());
-        Session { state: State::Authenticated { sender, identity }, nonce: [0; AUTH_NONCE_BYTES], server_key }
+        let state = State::Authenticated { sender, identity };
+        Session { state, nonce: [0; AUTH_NONCE_BYTES], server_key, home: None }
     }
 
     /// The authenticated identity key, once there is one.
@@ -181,6 +225,10 @@ impl Session {
                                 sender_id: sender.0,
                                 server_time_ms: now_ms,
                                 server_key: self.server_key,
+                                home_certificate: self
+                                    .home
+                                    .as_ref()
+                                    .map(|home| home.issue(identity.to_bytes(), now_ms)),
                             },
                         );
                         return Step::Authenticated { sender, reply };
@@ -271,6 +319,7 @@ fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
         AnyPayload::CommitReport(report) => Route::CommitReport { room_id, request_id, report },
         AnyPayload::KeyPackageUpload(upload) => Route::KeyPackageUpload { request_id, upload },
         AnyPayload::KeyPackageClaim(claim) => Route::KeyPackageClaim { request_id, claim },
+        AnyPayload::DomainKeysRequest(request) => Route::DomainKeys { request_id, request },
         AnyPayload::CreateRoom(_)
         | AnyPayload::Commit(_)
         | AnyPayload::Proposal(_)
@@ -293,7 +342,8 @@ fn route_of(sender: SenderId, frame: Frame, payload: AnyPayload) -> Step {
         | AnyPayload::Ack(_)
         | AnyPayload::KeyPackageStatus(_)
         | AnyPayload::KeyPackageClaimed(_)
-        | AnyPayload::GroupInfo(_) => {
+        | AnyPayload::GroupInfo(_)
+        | AnyPayload::DomainKeys(_) => {
             let message = format!("{} is sent by servers only", frame.opcode().name());
             return close(room_id, request_id, ErrorCode::UnexpectedFrame, &message);
         }
@@ -369,6 +419,49 @@ mod tests {
             Step::Authenticated { sender, .. } => (session, sender),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn auth_ok_carries_the_home_domains_certificate_of_the_clients_key() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let federation_key = SigningKey::from_bytes(&[3; 32]);
+        let domain = DomainName::parse("a.test").unwrap();
+        let home = HomeIssuer { domain: domain.clone(), key: Arc::new(federation_key.clone()) };
+        let mut session = Session::new(NONCE, [8; 32]).with_home(home);
+        let hello = Hello {
+            versions: vec![1],
+            identity_key: key.verifying_key().to_bytes(),
+            client_name: "t".into(),
+        };
+        session.on_frame(frame(SenderId(0), &hello), 1);
+        let response = AuthResponse { signature: sign_auth_challenge(&key, &NONCE) };
+        let Step::Authenticated { reply, .. } = session.on_frame(frame(SenderId(0), &response), 1_000) else {
+            panic!("not authenticated")
+        };
+        let ok: payload::AuthOk = Frame::decode(&reply).unwrap().decode_payload().unwrap();
+        let certificate = ok.home_certificate.expect("a home certificate");
+        assert_eq!(certificate.identity_key, key.verifying_key().to_bytes());
+        assert_eq!(certificate.not_after_ms, 1_000 + MEMBER_HOME_CERTIFICATE_VALIDITY_MS);
+        let keys = kalandra_proto::federation::PeerKeys::new(
+            domain,
+            vec![kalandra_proto::federation::PeerKey {
+                key: federation_key.verifying_key(),
+                valid_until_ms: None,
+            }],
+        )
+        .unwrap();
+        assert_eq!(
+            certificate.verify(&keys, 1_000),
+            Ok(SenderId::from_identity_key(&key.verifying_key().to_bytes()))
+        );
+        // Without an issuer, none.
+        let (mut plain, _) = (Session::new(NONCE, [8; 32]), ());
+        plain.on_frame(frame(SenderId(0), &hello), 1);
+        let Step::Authenticated { reply, .. } = plain.on_frame(frame(SenderId(0), &response), 1) else {
+            panic!()
+        };
+        let ok: payload::AuthOk = Frame::decode(&reply).unwrap().decode_payload().unwrap();
+        assert_eq!(ok.home_certificate, None);
     }
 
     #[test]

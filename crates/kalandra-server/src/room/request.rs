@@ -67,6 +67,14 @@ pub enum OtherRoute {
     Redact(Frame),
     /// A moderation request (kick, ban, unban, role change).
     Moderation(Frame),
+    /// The federation keys this server accepts for some domains
+    /// ([`crate::federation::peers::domain_keys`] answers).
+    DomainKeys {
+        /// Request id.
+        request_id: u32,
+        /// The domains.
+        request: payload::DomainKeysRequest,
+    },
 }
 
 /// A session's route, split by who answers it.
@@ -100,6 +108,9 @@ impl RoomRequest {
             }
             Route::KeyPackageClaim { request_id, claim } => {
                 return Routed::Other(OtherRoute::Directory(DirectoryRequest::Claim { request_id, claim }))
+            }
+            Route::DomainKeys { request_id, request } => {
+                return Routed::Other(OtherRoute::DomainKeys { request_id, request })
             }
             Route::Moderation(frame) if frame.opcode() == kalandra_proto::Opcode::Redact => {
                 return Routed::Other(OtherRoute::Redact(frame))

@@ -18,11 +18,12 @@ use kalandra_proto::{ErrorCode, Frame, FrameDecoder, Opcode, RoomId, SenderId};
 use tokio::sync::watch;
 
 use crate::federation::directory::RemoteDirectory;
+use crate::federation::peers::domain_keys;
 use crate::federation::relay::RelayHome;
 use crate::federation::replica::ReplicaFollower;
 use crate::node::erasure::{redact_reply, redact_request};
 use crate::node::{error_frame, Command, Node, Outbox, Outgoing};
-use crate::protocol::session::{Route, Session, Step};
+use crate::protocol::session::{HomeIssuer, Route, Session, Step};
 use crate::room::{moderation_reply, moderation_request, server_frame, OtherRoute, RoomRequest, Routed};
 use crate::store::Store;
 use crate::transport::directory::{self, DirectoryReply, DirectoryRequest};
@@ -87,6 +88,7 @@ pub struct Listener {
     replicas: Arc<ReplicaFollower>,
     welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
     named_homes: Arc<crate::federation::named_homes::NamedHomes>,
+    home: HomeIssuer,
 }
 
 /// What the listener asks of the other domains: their users' key packages,
@@ -102,6 +104,8 @@ pub struct ListenerFederation {
     pub welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
     /// Homes relaying domains named for Welcome recipients, per room.
     pub named_homes: Arc<crate::federation::named_homes::NamedHomes>,
+    /// Certifies clients as this domain's users, for their MLS leaves.
+    pub home: HomeIssuer,
 }
 
 impl Listener {
@@ -135,6 +139,7 @@ impl Listener {
             replicas: federation.replicas,
             welcome_routing: federation.welcome_routing,
             named_homes: federation.named_homes,
+            home: federation.home,
         })
     }
 
@@ -222,7 +227,7 @@ impl Listener {
         };
         let mut state = ConnectionState {
             id,
-            session: Session::new(rand::random(), self.server_key),
+            session: Session::new(rand::random(), self.server_key).with_home(self.home.clone()),
             send: Some(send),
             outbox: None,
             writer: None,
@@ -482,6 +487,15 @@ impl Listener {
                     }
                     Ok(request) => moderation_reply(room_id, request_id, &self.node.moderate(request).await),
                 };
+                let _ = outbox.send(reply).await;
+            }
+            OtherRoute::DomainKeys { request_id, request } => {
+                let own = (&self.home.domain, &self.home.key.verifying_key());
+                let directory = &self.remote_directory;
+                let keys = domain_keys(own, &directory.peers.current(), &directory.refused, &request);
+                let reply = server_frame(RoomId::default(), request_id, &keys).unwrap_or_else(|error| {
+                    error_frame(RoomId::default(), request_id, ErrorCode::Internal, &error.to_string())
+                });
                 let _ = outbox.send(reply).await;
             }
         }

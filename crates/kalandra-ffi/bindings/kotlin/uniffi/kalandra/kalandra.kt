@@ -712,6 +712,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_left_rooms(
     ): Int
+    external fun uniffi_kalandra_ffi_checksum_method_device_member_homes(
+    ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_next_message(
     ): Int
     external fun uniffi_kalandra_ffi_checksum_method_device_outbox_len(
@@ -805,6 +807,8 @@ internal object UniffiLib {
     external fun uniffi_kalandra_ffi_fn_method_device_leave(`ptr`: Long,`roomId`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_kalandra_ffi_fn_method_device_left_rooms(`ptr`: Long,
+    ): Long
+    external fun uniffi_kalandra_ffi_fn_method_device_member_homes(`ptr`: Long,`roomId`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_kalandra_ffi_fn_method_device_next_message(`ptr`: Long,`waitMs`: Long,
     ): Long
@@ -1000,6 +1004,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_left_rooms() and 0xFFFF) != 10859) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_kalandra_ffi_checksum_method_device_member_homes() and 0xFFFF) != 20204) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_kalandra_ffi_checksum_method_device_next_message() and 0xFFFF) != 34778) {
@@ -1612,6 +1619,12 @@ public interface DeviceInterface {
     suspend fun `leftRooms`(): List<kotlin.ByteArray>
     
     /**
+     * Each member of the room with its home domain, checked on this device
+     * against the keys its server accepts for that domain.
+     */
+    suspend fun `memberHomes`(`roomId`: kotlin.ByteArray): List<MemberHome>
+    
+    /**
      * The next new entry of a subscribed room, waiting up to `wait_ms`;
      * none if nothing came.
      */
@@ -2174,6 +2187,32 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
         { FfiConverterSequenceByteArray.lift(it) },
         // Error FFI converter
         UniffiNullRustCallStatusErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Each member of the room with its home domain, checked on this device
+     * against the keys its server accepts for that domain.
+     */
+    @Throws(KalandraException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `memberHomes`(`roomId`: kotlin.ByteArray) : List<MemberHome> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_kalandra_ffi_fn_method_device_member_homes(
+                uniffiHandle,
+                
+        FfiConverterByteArray.lower(`roomId`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_kalandra_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_kalandra_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceTypeMemberHome.lift(it) },
+        // Error FFI converter
+        KalandraException.ErrorHandler,
     )
     }
 
@@ -2749,6 +2788,86 @@ public object FfiConverterTypeBackgroundReport: FfiConverterRustBuffer<Backgroun
 
 
 /**
+ * A member and its home domain as its leaf's home certificate shows it,
+ * checked on this device ([`Device::member_homes`]).
+ */
+data class MemberHome (
+    /**
+     * The member's sender id (none if its credential is not a key).
+     */
+    var `senderId`: kotlin.ULong?
+    , 
+    /**
+     * Its leaf index.
+     */
+    var `leafIndex`: kotlin.UInt
+    , 
+    /**
+     * What its certificate shows.
+     */
+    var `status`: HomeStatus
+    , 
+    /**
+     * The home domain, when certified (or expired) or of an unknown domain.
+     */
+    var `domain`: kotlin.String?
+    , 
+    /**
+     * The certificate's end, ms since the Unix epoch, when certified or expired.
+     */
+    var `notAfterMs`: kotlin.ULong?
+    , 
+    /**
+     * Why it is invalid.
+     */
+    var `reason`: kotlin.String?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeMemberHome: FfiConverterRustBuffer<MemberHome> {
+    override fun read(buf: ByteBuffer): MemberHome {
+        return MemberHome(
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterTypeHomeStatus.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: MemberHome) = (
+            FfiConverterOptionalULong.allocationSize(value.`senderId`) +
+            FfiConverterUInt.allocationSize(value.`leafIndex`) +
+            FfiConverterTypeHomeStatus.allocationSize(value.`status`) +
+            FfiConverterOptionalString.allocationSize(value.`domain`) +
+            FfiConverterOptionalULong.allocationSize(value.`notAfterMs`) +
+            FfiConverterOptionalString.allocationSize(value.`reason`)
+    )
+
+    override fun write(value: MemberHome, buf: ByteBuffer) {
+            FfiConverterOptionalULong.write(value.`senderId`, buf)
+            FfiConverterUInt.write(value.`leafIndex`, buf)
+            FfiConverterTypeHomeStatus.write(value.`status`, buf)
+            FfiConverterOptionalString.write(value.`domain`, buf)
+            FfiConverterOptionalULong.write(value.`notAfterMs`, buf)
+            FfiConverterOptionalString.write(value.`reason`, buf)
+    }
+}
+
+
+
+/**
  * One entry of a room's history on this device.
  */
 data class Message (
@@ -3105,6 +3224,61 @@ public object FfiConverterTypeBody : FfiConverterRustBuffer<Body>{
 
 
 
+/**
+ * What a member's leaf shows of its home domain.
+ */
+
+enum class HomeStatus {
+    
+    /**
+     * Certified by its domain under a key this device's server accepts for it.
+     */
+    CERTIFIED,
+    /**
+     * As `Certified`, but past its end (the member has not updated its leaf since).
+     */
+    EXPIRED,
+    /**
+     * The leaf carries no home certificate.
+     */
+    UNCERTIFIED,
+    /**
+     * Its domain's keys are not known to this device's server.
+     */
+    UNKNOWN_DOMAIN,
+    /**
+     * Not a certificate of that domain for this leaf.
+     */
+    INVALID;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeHomeStatus: FfiConverterRustBuffer<HomeStatus> {
+    override fun read(buf: ByteBuffer) = try {
+        HomeStatus.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: HomeStatus) = 4UL
+
+    override fun write(value: HomeStatus, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -3426,6 +3600,38 @@ public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
 /**
  * @suppress
  */
+public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
+    override fun read(buf: ByteBuffer): kotlin.String? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterString.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.String?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterString.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.String?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalTypeMessage: FfiConverterRustBuffer<Message?> {
     override fun read(buf: ByteBuffer): Message? {
         if (buf.get().toInt() == 0) {
@@ -3504,6 +3710,34 @@ public object FfiConverterSequenceByteArray: FfiConverterRustBuffer<List<kotlin.
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterByteArray.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeMemberHome: FfiConverterRustBuffer<List<MemberHome>> {
+    override fun read(buf: ByteBuffer): List<MemberHome> {
+        val len = buf.getInt()
+        return List<MemberHome>(len) {
+            FfiConverterTypeMemberHome.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<MemberHome>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeMemberHome.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<MemberHome>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeMemberHome.write(it, buf)
         }
     }
 }
