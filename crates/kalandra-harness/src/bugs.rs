@@ -1,8 +1,8 @@
 //! Known bugs the harness can inject, to show that its checkers catch them.
 //! Eight are planted in the server's production room core (its
-//! `injected-bugs` switches, [`kalandra_server::bugs`]), one in
-//! client-core's room log (its `injected-bugs` switch,
-//! [`client_core::bugs`]), and one in the simulated disk (a store that
+//! `injected-bugs` switches, [`kalandra_server::bugs`]), two in
+//! client-core (its room log and its MLS group; its `injected-bugs`
+//! switches, [`client_core::bugs`]), and one in the simulated disk (a store that
 //! loses durable data is a property of the medium: see
 //! [`crate::disk::SimDisk::drop_last_entries`] and `docs/TESTING.md`).
 
@@ -44,6 +44,9 @@ pub struct Bugs {
     /// In the second domain: the replica ignores its authority's erasures
     /// (notices and journal).
     pub replica_ignores_erasures: bool,
+    /// In client-core's MLS group: a self-update's fresh leaf goes without
+    /// the device's home certificate.
+    pub self_update_drops_home_certificate: bool,
 }
 
 impl Bugs {
@@ -69,5 +72,8 @@ pub fn planted(bugs: &Bugs) -> kalandra_server::bugs::InjectedBugs {
 
 /// The switches to plant in client-core for `bugs`.
 pub fn planted_in_client(bugs: &Bugs) -> client_core::bugs::InjectedBugs {
-    client_core::bugs::InjectedBugs { own_message_unsettled_by_log: bugs.resend_sequenced_message }
+    client_core::bugs::InjectedBugs {
+        own_message_unsettled_by_log: bugs.resend_sequenced_message,
+        self_update_drops_home_certificate: bugs.self_update_drops_home_certificate,
+    }
 }

@@ -197,6 +197,9 @@ pub struct RoomStatus {
     pub epoch_and_tree: Option<(u64, Vec<u8>)>,
     /// An external join (or a Welcome) is still being resolved.
     pub joining: bool,
+    /// While a member: each member's identity and the home certificate its
+    /// leaf carries.
+    pub home_certificates: Vec<(Vec<u8>, client_core::mls::LeafHomeCertificate)>,
 }
 
 /// What the harness observes of a client (kept across its crashes).
@@ -672,6 +675,17 @@ impl Client {
                         .and_then(RoomLog::group)
                         .map(|g| (g.epoch(), g.tree_hash())),
                     joining: room.joining.is_some() || persisted.joins.contains_key(room_id),
+                    home_certificates: log
+                        .filter(|_| member)
+                        .and_then(RoomLog::group)
+                        .map(|group| {
+                            let leaves = group.member_home_certificates();
+                            leaves
+                                .into_iter()
+                                .map(|(member, certificate)| (member.identity, certificate))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 },
             );
         }

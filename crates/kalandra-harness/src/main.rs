@@ -97,6 +97,9 @@ struct Args {
     /// Inject in the second domain: the replica ignores its authority's erasures.
     #[arg(long)]
     bug_replica_ignores_erasures: bool,
+    /// Inject in client-core: a self-update's leaf goes without the home certificate.
+    #[arg(long)]
+    bug_self_update_drops_home_certificate: bool,
     /// Probability per tick that a client takes on new work.
     #[arg(long, default_value_t = 0.05)]
     work_rate: f64,
@@ -139,6 +142,7 @@ impl Args {
                 replica_drops_frame_on_restart: self.bug_replica_drops_frame_on_restart,
                 equivocating_authority: self.bug_equivocating_authority,
                 replica_ignores_erasures: self.bug_replica_ignores_erasures,
+                self_update_drops_home_certificate: self.bug_self_update_drops_home_certificate,
             },
             ..SimConfig::default()
         }
@@ -176,6 +180,7 @@ impl Args {
             (self.bug_replica_drops_frame_on_restart, "--bug-replica-drops-frame-on-restart"),
             (self.bug_equivocating_authority, "--bug-equivocating-authority"),
             (self.bug_replica_ignores_erasures, "--bug-replica-ignores-erasures"),
+            (self.bug_self_update_drops_home_certificate, "--bug-self-update-drops-home-certificate"),
             (self.bug_ack_before_durable, "--bug-ack-before-durable"),
             (self.bug_double_commit, "--bug-double-commit"),
             (self.bug_drop_frame_on_restart, "--bug-drop-frame-on-restart"),

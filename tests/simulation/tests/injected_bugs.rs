@@ -220,3 +220,17 @@ fn a_replica_that_keeps_what_its_authority_erased_is_caught() {
         "{caught:#?}"
     );
 }
+
+/// The members' home check: a client-core whose self-update makes its
+/// fresh leaf without the device's home certificate leaves members that
+/// every other member finds uncertified, however the server orders it.
+#[test]
+fn a_self_update_that_drops_the_home_certificate_is_caught_by_the_members_check() {
+    let caught =
+        failures_with(Bugs { self_update_drops_home_certificate: true, ..Bugs::default() }, SEEDS, plain);
+    assert_eq!(caught.len(), SEEDS.count(), "{caught:#?}");
+    assert!(
+        caught.iter().all(|(_, failures)| failures.iter().any(|f| f.contains("home is Uncertified"))),
+        "{caught:#?}"
+    );
+}

@@ -397,6 +397,16 @@ impl RoomGroup {
     {
         // A fresh leaf carries the home certificate of this connection
         // (renewing one near its end), when the server issued one.
+        #[cfg(feature = "injected-bugs")]
+        if crate::bugs::planted().self_update_drops_home_certificate {
+            let parameters = LeafNodeParameters::builder()
+                .with_capabilities(leaf_capabilities())
+                .with_extensions(openmls::prelude::Extensions::empty())
+                .build();
+            return self.commit(provider, identity, |builder| {
+                builder.force_self_update(true).leaf_node_parameters(parameters)
+            });
+        }
         let parameters = match identity.home_certificate() {
             Some(_) => LeafNodeParameters::builder()
                 .with_capabilities(leaf_capabilities())
