@@ -431,6 +431,10 @@ pub struct Message {
     pub body: MessageBody,
 }
 
+/// Domains whose keys one [`Client::member_homes`] asks the server for
+/// (four `DomainKeysRequest`s).
+pub const MEMBER_HOME_DOMAINS_ASKED_MAX: usize = 4 * DOMAINS_PER_KEYS_REQUEST_MAX;
+
 /// What a member's leaf shows of its home domain ([`Client::member_homes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberHome {
@@ -680,7 +684,9 @@ impl Client {
 
     /// Each member of `room_id` with what its leaf shows of its home
     /// domain, checked here against the keys this device's server accepts
-    /// for each domain named (one `DomainKeysRequest` per 16 domains):
+    /// for each domain named (one `DomainKeysRequest` per 16 domains, at
+    /// most [`MEMBER_HOME_DOMAINS_ASKED_MAX`] domains; members of others
+    /// show as of an unknown domain):
     /// certified, expired, uncertified, of a domain unknown to the server,
     /// or invalid (`docs/wire-protocol.md` §10, "Members' home
     /// certificates"). The room's own server's word is not needed.
@@ -690,21 +696,19 @@ impl Client {
         let leaves = group.member_home_certificates();
         let mut domains: Vec<DomainName> = leaves
             .iter()
-            .filter_map(|(_, certificate)| certificate.as_ref()?.as_ref().ok().map(|c| c.domain.clone()))
+            .filter_map(|(_, leaf)| leaf.certificate.as_ref()?.as_ref().ok().map(|c| c.domain.clone()))
             .collect();
         domains.sort();
         domains.dedup();
+        // A room's members may name many domains; members of those past the
+        // bound show as of an unknown domain.
+        domains.truncate(MEMBER_HOME_DOMAINS_ASKED_MAX);
         let keys = self.domain_keys(&domains).await?;
         let now_ms = now_ms();
         Ok(leaves
             .into_iter()
-            .map(|(member, certificate)| {
-                let home = kalandra_proto::home::check_member_home(
-                    certificate,
-                    &member.identity,
-                    |domain| keys.get(domain),
-                    now_ms,
-                );
+            .map(|(member, leaf)| {
+                let home = leaf.check(|domain| keys.get(domain), now_ms);
                 MemberHome { sender: sender_of(&member.identity), leaf_index: member.leaf_index, home }
             })
             .collect())

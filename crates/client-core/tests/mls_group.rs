@@ -601,9 +601,9 @@ fn room_creation_checks_its_inputs() {
 
 mod home_certificates {
     use super::*;
-    use client_core::mls::LeafHomeCertificate;
+    use client_core::mls::LeafHome;
     use kalandra_proto::federation::{DomainName, HomeCertificate, PeerKey, PeerKeys};
-    use kalandra_proto::home::{check_member_home, HomeCheck};
+    use kalandra_proto::home::HomeCheck;
 
     fn domain(name: &str) -> DomainName {
         DomainName::parse(name).unwrap()
@@ -632,14 +632,13 @@ mod home_certificates {
             vec![PeerKey { key: domain_key(0xb2).verifying_key(), valid_until_ms: None }],
         )
         .unwrap();
-        let leaves: Vec<(client_core::mls::MemberInfo, LeafHomeCertificate)> =
+        let leaves: Vec<(client_core::mls::MemberInfo, LeafHome)> =
             viewer.group.as_ref().expect("in room").member_home_certificates();
         leaves
             .into_iter()
-            .map(|(member, certificate)| {
+            .map(|(member, leaf)| {
                 let keys_of = |name: &DomainName| [&a, &b].into_iter().find(|keys| keys.domain() == name);
-                let check = check_member_home(certificate, &member.identity, keys_of, now_ms);
-                (member.identity, check)
+                (member.identity, leaf.check(keys_of, now_ms))
             })
             .collect()
     }
@@ -700,7 +699,39 @@ mod home_certificates {
         let stolen = bob.identity.home_certificate().cloned().expect("bob is certified");
         trent.identity.set_home_certificate(Some(stolen.clone()));
         assert_eq!(trent.identity.home_certificate(), None);
-        let check = check_member_home(Some(Ok(stolen)), trent.identity.public_key(), |_| None, now_ms);
-        assert!(matches!(check, HomeCheck::Invalid { .. }), "{check:?}");
+        let trent_key = trent.identity.public_key().to_vec();
+        let leaf = |credential_is_key| LeafHome {
+            signature_key: trent_key.clone(),
+            credential_is_key,
+            certificate: Some(Ok(stolen.clone())),
+        };
+        let b_keys = PeerKeys::new(
+            domain("b.test"),
+            vec![PeerKey { key: domain_key(0xb2).verifying_key(), valid_until_ms: None }],
+        )
+        .unwrap();
+        for credential_is_key in [true, false] {
+            let check = leaf(credential_is_key).check(|_| Some(&b_keys), now_ms);
+            assert!(matches!(check, HomeCheck::Invalid { .. }), "{check:?}");
+        }
+        // A leaf whose credential names bob's key, with bob's certificate,
+        // but another signature key: what a member that joined by Welcome
+        // could be shown by a hostile room; invalid, not bob's.
+        let impostor = LeafHome {
+            signature_key: trent_key.clone(),
+            credential_is_key: false,
+            certificate: Some(Ok(stolen.clone())),
+        };
+        let check = impostor.check(|_| Some(&b_keys), now_ms);
+        assert!(
+            matches!(check, HomeCheck::Invalid { ref reason } if reason.contains("credential")),
+            "{check:?}"
+        );
+        let genuine = LeafHome {
+            signature_key: bob.identity.public_key().to_vec(),
+            credential_is_key: true,
+            certificate: Some(Ok(stolen)),
+        };
+        assert!(matches!(genuine.check(|_| Some(&b_keys), now_ms), HomeCheck::Certified { .. }));
     }
 }

@@ -129,13 +129,8 @@ pub fn check_member_homes(server: &ServerShared, clients: &[Rc<ClientShared>]) -
     for client in clients {
         let record = client.record.borrow();
         for (room_id, status) in &record.status {
-            for (identity, certificate) in &status.home_certificates {
-                let check = kalandra_proto::home::check_member_home(
-                    certificate.clone(),
-                    identity,
-                    |domain| (*domain == home.domain).then_some(&keys),
-                    now_ms,
-                );
+            for (identity, leaf) in &status.home_certificates {
+                let check = leaf.clone().check(|domain| (*domain == home.domain).then_some(&keys), now_ms);
                 if !matches!(&check, kalandra_proto::home::HomeCheck::Certified { domain, .. } if *domain == home.domain)
                 {
                     let member = <[u8; 32]>::try_from(identity.as_slice())

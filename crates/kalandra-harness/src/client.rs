@@ -199,7 +199,7 @@ pub struct RoomStatus {
     pub joining: bool,
     /// While a member: each member's identity and the home certificate its
     /// leaf carries.
-    pub home_certificates: Vec<(Vec<u8>, client_core::mls::LeafHomeCertificate)>,
+    pub home_certificates: Vec<(Vec<u8>, client_core::mls::LeafHome)>,
 }
 
 /// What the harness observes of a client (kept across its crashes).

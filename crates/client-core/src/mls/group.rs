@@ -22,6 +22,9 @@ use super::error::{
     StorageError,
 };
 use super::identity::Identity;
+use kalandra_proto::federation::{DomainName, PeerKeys};
+use kalandra_proto::home::{check_member_home, HomeCheck};
+
 use super::{leaf_capabilities, lifetime_at, CIPHERSUITE, IDENTITY_LEN, ROOM_ID_LEN};
 
 /// A member: its leaf index and credential identity (its Ed25519 public key).
@@ -37,6 +40,37 @@ pub struct MemberInfo {
 pub type LeafHomeCertificate = Option<
     Result<kalandra_proto::federation::HomeCertificate, kalandra_proto::home::HomeCertificateDecodeError>,
 >;
+
+/// What a member's leaf shows of its home: its signature key, whether its
+/// credential names that key (Kalandra's credential rule, which a member
+/// that joined by Welcome has not seen checked), and its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafHome {
+    /// The leaf's signature key: the key a certificate must certify.
+    pub signature_key: Vec<u8>,
+    /// Whether the leaf's credential identity is its signature key.
+    pub credential_is_key: bool,
+    /// The certificate the leaf carries.
+    pub certificate: LeafHomeCertificate,
+}
+
+impl LeafHome {
+    /// Checks the leaf's certificate with `keys_of`, the keys the checking
+    /// member's server accepts for a domain, at `now_ms`: a leaf whose
+    /// credential names another key than its signature key is invalid
+    /// whatever it carries.
+    pub fn check<'k>(
+        self,
+        keys_of: impl FnOnce(&DomainName) -> Option<&'k PeerKeys>,
+        now_ms: u64,
+    ) -> HomeCheck {
+        if !self.credential_is_key {
+            let reason = "the leaf's credential names another key than its signature key".to_owned();
+            return HomeCheck::Invalid { reason };
+        }
+        check_member_home(self.certificate, &self.signature_key, keys_of, now_ms)
+    }
+}
 
 /// What the server needs to start a room's public state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -719,20 +753,20 @@ impl RoomGroup {
             .collect()
     }
 
-    /// Each member with the home certificate its leaf carries (`None`: none;
-    /// an `Err`: one that does not decode), by leaf index.
-    pub fn member_home_certificates(&self) -> Vec<(MemberInfo, LeafHomeCertificate)> {
+    /// Each member with what its leaf shows of its home, by leaf index.
+    pub fn member_home_certificates(&self) -> Vec<(MemberInfo, LeafHome)> {
         self.group
             .members()
             .map(|member| {
-                let certificate = self
-                    .group
-                    .public_group()
-                    .leaf(member.index)
-                    .and_then(kalandra_mls::leaf_home_certificate);
+                let leaf = self.group.public_group().leaf(member.index);
+                let home = LeafHome {
+                    signature_key: member.signature_key.clone(),
+                    credential_is_key: leaf.is_some_and(kalandra_mls::credential_matches_key),
+                    certificate: leaf.and_then(kalandra_mls::leaf_home_certificate),
+                };
                 let info =
                     MemberInfo { leaf_index: member.index.u32(), identity: identity_of(&member.credential) };
-                (info, certificate)
+                (info, home)
             })
             .collect()
     }

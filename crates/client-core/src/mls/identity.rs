@@ -73,14 +73,11 @@ impl Identity {
         &self.keypair
     }
 
-    /// Takes the home certificate the server issued at authentication; one
-    /// for another key than this identity's is ignored.
+    /// Takes the home certificate the server issued at this authentication
+    /// in place of any earlier one: none (or one for another key than this
+    /// identity's) leaves new leaves without one.
     pub fn set_home_certificate(&mut self, certificate: Option<HomeCertificate>) {
-        if let Some(certificate) = certificate {
-            if certificate.identity_key == self.public_key {
-                self.home_certificate = Some(certificate);
-            }
-        }
+        self.home_certificate = certificate.filter(|certificate| certificate.identity_key == self.public_key);
     }
 
     /// The home certificate carried in new leaves, if the server issued one.

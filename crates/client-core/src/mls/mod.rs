@@ -23,8 +23,8 @@ pub use error::{
     PendingCommitError, ProcessError, StorageError,
 };
 pub use group::{
-    CommitApplied, CommitOutput, ExternalJoinOutput, HandshakeOutcome, LeafHomeCertificate, MemberInfo,
-    ProposalOutput, ProposalSender, RoomCreated, RoomGroup,
+    CommitApplied, CommitOutput, ExternalJoinOutput, HandshakeOutcome, LeafHome, LeafHomeCertificate,
+    MemberInfo, ProposalOutput, ProposalSender, RoomCreated, RoomGroup,
 };
 pub use identity::{Identity, IDENTITY_SECRET_LEN};
 pub use key_package::{generate_key_packages, generate_last_resort_key_package, GeneratedKeyPackage};
