@@ -435,6 +435,42 @@ pub struct Message {
 /// (four `DomainKeysRequest`s).
 pub const MEMBER_HOME_DOMAINS_ASKED_MAX: usize = 4 * DOMAINS_PER_KEYS_REQUEST_MAX;
 
+/// A last-resort package is made again this long before its lifetime or
+/// its home certificate ends (it is handed out for as long as the server
+/// holds it, so it must stay valid).
+pub const LAST_RESORT_RENEW_BEFORE_SECS: u64 = 7 * 24 * 60 * 60;
+
+/// The record of the last-resort package uploaded: when to make it again
+/// (seconds, big-endian) and whether it carries a home certificate.
+fn last_resort_record(
+    package: &crate::mls::GeneratedKeyPackage,
+    certificate: Option<&kalandra_proto::federation::HomeCertificate>,
+) -> Vec<u8> {
+    let ends_s = certificate
+        .map_or(package.not_after_unix_secs, |c| package.not_after_unix_secs.min(c.not_after_ms / 1000));
+    let renew_at_s = ends_s.saturating_sub(LAST_RESORT_RENEW_BEFORE_SECS);
+    let mut record = renew_at_s.to_be_bytes().to_vec();
+    record.push(u8::from(certificate.is_some()));
+    record
+}
+
+/// Whether the last-resort package `record` describes stays usable at
+/// `now_s`, for a device whose server now certifies it or not.
+fn last_resort_current(record: Option<&[u8]>, now_s: u64, certified_now: bool) -> bool {
+    // An older record ([1]) does not say when the package ends: make a new one.
+    let Some(record) = record.and_then(|value| <[u8; 9]>::try_from(value).ok()) else {
+        return false;
+    };
+    let mut renew_at = [0u8; 8];
+    renew_at.copy_from_slice(&record[..8]);
+    now_s < u64::from_be_bytes(renew_at) && (record[8] == 1 || !certified_now)
+}
+
+const _: () = assert!(
+    LAST_RESORT_RENEW_BEFORE_SECS < crate::mls::KEY_PACKAGE_LIFETIME_SECS / 4,
+    "a last-resort package serves most of its life"
+);
+
 /// What a member's leaf shows of its home domain ([`Client::member_homes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberHome {
@@ -867,17 +903,21 @@ impl Client {
         self.mls_clean = false;
         let now_s = now_ms() / 1000;
         let one = generate_key_packages(&self.provider, &self.identity, 1, now_s)?;
-        let last_resort = if self.persisted_last_resort() {
-            None
+        let (last_resort, record) = if self.last_resort_current(now_s) {
+            (None, None)
         } else {
-            Some(generate_last_resort_key_package(&self.provider, &self.identity, now_s)?.message)
+            let package = generate_last_resort_key_package(&self.provider, &self.identity, now_s)?;
+            let record = last_resort_record(&package, self.identity.home_certificate());
+            (Some(package.message), Some(record))
         };
         let upload = KeyPackageUpload {
             key_packages: one.into_iter().map(|p| p.message.into()).collect(),
             last_resort,
         };
         let status = self.upload(upload).await?;
-        self.pending_batch.put(Namespace::Config, b"last_resort", vec![1]);
+        if let Some(record) = record {
+            self.pending_batch.put(Namespace::Config, b"last_resort", record);
+        }
         if status.available < KEY_PACKAGES_LOW_WATERMARK {
             let count = KEY_PACKAGES_TARGET - status.available;
             let packages = generate_key_packages(&self.provider, &self.identity, count as usize, now_s)?;
@@ -890,13 +930,17 @@ impl Client {
         Ok(())
     }
 
-    fn persisted_last_resort(&self) -> bool {
-        self.store
-            .load_records()
-            .map(|records| {
-                records.iter().any(|r| r.namespace == Namespace::Config && r.name == b"last_resort")
-            })
-            .unwrap_or(false)
+    /// Whether the server holds a last-resort package of this device that
+    /// stays usable a while yet: not near the end of its lifetime or of its
+    /// home certificate, and certified if this connection's server certifies.
+    fn last_resort_current(&self, now_s: u64) -> bool {
+        let record = self.store.load_records().ok().and_then(|records| {
+            records
+                .into_iter()
+                .find(|r| r.namespace == Namespace::Config && r.name == b"last_resort")
+                .map(|r| r.value)
+        });
+        last_resort_current(record.as_deref(), now_s, self.identity.home_certificate().is_some())
     }
 
     async fn upload(&mut self, upload: KeyPackageUpload) -> Result<KeyPackageStatus, ClientError> {
@@ -1961,6 +2005,31 @@ fn member_entry(rooms: &mut BTreeMap<RoomId, RoomLog>, room_id: RoomId) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_last_resort_package_is_made_again_before_it_or_its_certificate_ends() {
+        let provider = crate::mls::MlsProvider::from_seed([3; 32]);
+        let mut identity = crate::mls::Identity::generate(&provider).unwrap();
+        let now_s = 1_800_000_000;
+        let package = generate_last_resort_key_package(&provider, &identity, now_s).unwrap();
+        let plain = last_resort_record(&package, None);
+        let renew_at = package.not_after_unix_secs - LAST_RESORT_RENEW_BEFORE_SECS;
+        assert!(last_resort_current(Some(&plain), now_s, false));
+        assert!(!last_resort_current(Some(&plain), renew_at, false), "near its lifetime's end");
+        assert!(!last_resort_current(Some(&plain), now_s, true), "uncertified while the server certifies");
+        assert!(!last_resort_current(Some(&[1]), now_s, false), "a record that does not say when");
+        assert!(!last_resort_current(None, now_s, false));
+        // A certificate ending before the package: renewed before the certificate ends.
+        let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let domain = DomainName::parse("a.test").unwrap();
+        let ends_ms = (now_s + 10 * 24 * 3600) * 1000;
+        let certificate =
+            kalandra_proto::federation::HomeCertificate::issue(&key, domain, *identity.public_key(), ends_ms);
+        identity.set_home_certificate(Some(certificate.clone()));
+        let certified = last_resort_record(&package, identity.home_certificate());
+        assert!(last_resort_current(Some(&certified), now_s, true));
+        assert!(!last_resort_current(Some(&certified), now_s + 3 * 24 * 3600 + 1, true));
+    }
 
     #[test]
     fn backoff_doubles_from_the_initial_delay_up_to_the_cap() {
