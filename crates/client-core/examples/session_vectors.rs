@@ -68,9 +68,7 @@ fn auth() -> Value {
         sender_id: sender.0,
         server_time_ms: SERVER_TIME_MS + 1,
         server_key: server.verifying_key().to_bytes(),
-        home_certificate: Some(HomeCertificate::issue(
-            &SigningKey::from_bytes(&HOME_DOMAIN_KEY_SEED),
-            DomainName::parse(HOME_DOMAIN).expect("a domain name"),
+        home_certificate: Some(home_certificate(
             identity_key,
             SERVER_TIME_MS + 1 + MEMBER_HOME_CERTIFICATE_VALIDITY_MS,
         )),
@@ -187,10 +185,15 @@ fn sequence(sent: &Frame, log_index: u64, server_time_ms: u64, epoch_after: u64)
 fn room(now_secs: u64) -> Value {
     let room = RoomId(ROOM);
     let server_key = SigningKey::from_bytes(&SERVER_KEY_SEED).verifying_key().to_bytes();
-    let creator = Identity::from_secret_bytes(&CLIENT_SEED).expect("identity");
+    let mut creator = Identity::from_secret_bytes(&CLIENT_SEED).expect("identity");
     let creator_key = SigningKey::from_bytes(&CLIENT_SEED);
     let creator_mls = MlsProvider::from_seed(CREATOR_MLS_SEED);
-    let joiner = Identity::from_secret_bytes(&JOINER_SEED).expect("identity");
+    let mut joiner = Identity::from_secret_bytes(&JOINER_SEED).expect("identity");
+    // Both leaves carry their home certificate (§10), as their server issued it.
+    let certificates_end_ms = now_secs * 1000 + MEMBER_HOME_CERTIFICATE_VALIDITY_MS;
+    for identity in [&mut creator, &mut joiner] {
+        identity.set_home_certificate(Some(home_certificate(*identity.public_key(), certificates_end_ms)));
+    }
     let joiner_mls = MlsProvider::from_seed(JOINER_MLS_SEED);
     let joiner_sender = SenderId::from_identity_key(joiner.public_key());
     let key_package = generate_key_packages(&joiner_mls, &joiner, 1, now_secs).expect("key package");
@@ -229,12 +232,21 @@ fn room(now_secs: u64) -> Value {
         "joiner_signing_key_seed_hex": hex::encode(JOINER_SEED),
         "joiner_mls_seed_hex": hex::encode(JOINER_MLS_SEED),
         "joiner_sender_id": format!("{joiner_sender}"),
+        "home_domain": HOME_DOMAIN,
+        "home_domain_key_seed_hex": hex::encode(HOME_DOMAIN_KEY_SEED),
+        "home_certificates_not_after_ms": certificates_end_ms,
         "joiner_key_package_hex": hex::encode(&key_package),
         "create_room": sequence(&create_frame, 0, now_secs * 1000 + CREATE_SEQUENCED_AFTER_MS, 0),
         "commit": sequence(&commit_frame, 1, now_secs * 1000 + COMMIT_SEQUENCED_AFTER_MS, 1),
         "welcome_hex": hex::encode(welcome_frame.to_bytes()),
         "epoch_1_tree_hash_hex": hex::encode(group.tree_hash()),
     })
+}
+
+/// The home domain's certificate of `identity_key`, ending at `not_after_ms`.
+fn home_certificate(identity_key: [u8; 32], not_after_ms: u64) -> HomeCertificate {
+    let domain = DomainName::parse(HOME_DOMAIN).expect("a domain name");
+    HomeCertificate::issue(&SigningKey::from_bytes(&HOME_DOMAIN_KEY_SEED), domain, identity_key, not_after_ms)
 }
 
 fn main() {

@@ -253,7 +253,22 @@ fn a_room_is_created_and_a_member_added_as_sections_2_4_and_6_say() {
     assert!(create.header().request_id() != commit.header().request_id(), "each request has its id");
 
     // client-core makes the same CreateRoom from the same seeds.
-    let creator = Identity::from_secret_bytes(&creator_key.to_bytes()).unwrap();
+    let mut creator = Identity::from_secret_bytes(&creator_key.to_bytes()).unwrap();
+    // Each leaf carries its home certificate (§10, "Members' home certificates").
+    let domain =
+        kalandra_proto::federation::DomainName::parse(vectors["home_domain"].as_str().unwrap()).unwrap();
+    let domain_key = SigningKey::from_bytes(&array(&vectors["home_domain_key_seed_hex"]));
+    let not_after_ms = vectors["home_certificates_not_after_ms"].as_u64().unwrap();
+    let certify = |identity: &mut Identity| {
+        let certificate = kalandra_proto::federation::HomeCertificate::issue(
+            &domain_key,
+            domain.clone(),
+            *identity.public_key(),
+            not_after_ms,
+        );
+        identity.set_home_certificate(Some(certificate));
+    };
+    certify(&mut creator);
     let creator_mls = MlsProvider::from_seed(array(&vectors["creator_mls_seed_hex"]));
     let (_group, created) = RoomGroup::create(&creator_mls, &creator, room.0, &server_key, now_secs).unwrap();
     let create_room: CreateRoom = create.decode_payload().expect("a CreateRoom");
@@ -264,7 +279,8 @@ fn a_room_is_created_and_a_member_added_as_sections_2_4_and_6_say() {
     assert_eq!(create_room.join_rule, None, "invite only");
 
     // The joiner: its key package, its sender id in the commit, and the Welcome.
-    let joiner = Identity::from_secret_bytes(&bytes(&vectors["joiner_signing_key_seed_hex"])).unwrap();
+    let mut joiner = Identity::from_secret_bytes(&bytes(&vectors["joiner_signing_key_seed_hex"])).unwrap();
+    certify(&mut joiner);
     let joiner_sender = SenderId::from_identity_key(joiner.public_key());
     assert_eq!(vectors["joiner_sender_id"], joiner_sender.to_string());
     let joiner_mls = MlsProvider::from_seed(array(&vectors["joiner_mls_seed_hex"]));
@@ -295,4 +311,17 @@ fn a_room_is_created_and_a_member_added_as_sections_2_4_and_6_say() {
     assert_eq!(bytes(&vectors["epoch_1_tree_hash_hex"]), joined.tree_hash());
     let members: Vec<Vec<u8>> = joined.members().into_iter().map(|member| member.identity).collect();
     assert_eq!(members, [creator.public_key().to_vec(), joiner.public_key().to_vec()]);
+    // The joiner finds both leaves certified by the home domain.
+    let keys = kalandra_proto::federation::PeerKeys::new(
+        domain.clone(),
+        vec![kalandra_proto::federation::PeerKey { key: domain_key.verifying_key(), valid_until_ms: None }],
+    )
+    .unwrap();
+    for (_, leaf) in joined.member_home_certificates() {
+        let check = leaf.check(|_| Some(&keys), not_after_ms - 1);
+        assert!(
+            matches!(&check, kalandra_proto::home::HomeCheck::Certified { domain: d, .. } if *d == domain),
+            "{check:?}"
+        );
+    }
 }
