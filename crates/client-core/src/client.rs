@@ -454,6 +454,40 @@ fn last_resort_record(
     record
 }
 
+/// A device renews the home certificate in its leaf of a room this long
+/// before it ends.
+pub const HOME_CERTIFICATE_RENEW_BEFORE_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+
+const _: () = assert!(
+    HOME_CERTIFICATE_RENEW_BEFORE_MS < kalandra_proto::home::MEMBER_HOME_CERTIFICATE_VALIDITY_MS / 2,
+    "a renewed certificate lasts a while before the next renewal"
+);
+
+/// Whether our leaf, carrying `leaf` (none, or one read or not), needs a
+/// self-update to carry `current`, the certificate of this connection:
+/// it carries none or an unreadable one, one of another domain, or one
+/// ending within [`HOME_CERTIFICATE_RENEW_BEFORE_MS`] of `now_ms`. Never
+/// when this connection's server issued none.
+fn home_certificate_renewal_due(
+    leaf: Option<
+        &Result<
+            kalandra_proto::federation::HomeCertificate,
+            kalandra_proto::home::HomeCertificateDecodeError,
+        >,
+    >,
+    current: Option<&kalandra_proto::federation::HomeCertificate>,
+    now_ms: u64,
+) -> bool {
+    let Some(current) = current else { return false };
+    match leaf {
+        Some(Ok(leaf)) => {
+            leaf.domain != current.domain
+                || leaf.not_after_ms.saturating_sub(now_ms) < HOME_CERTIFICATE_RENEW_BEFORE_MS
+        }
+        Some(Err(_)) | None => true,
+    }
+}
+
 /// Whether the last-resort package `record` describes stays usable at
 /// `now_s`, for a device whose server now certifies it or not.
 fn last_resort_current(record: Option<&[u8]>, now_s: u64, certified_now: bool) -> bool {
@@ -809,7 +843,8 @@ impl Client {
 
     /// Connects to the remembered server, authenticates, keeps key packages
     /// stocked, stores any Welcome that waits, catches every room up,
-    /// settles pending commits and sends what waits in the outbox. A room
+    /// settles pending commits, renews the home certificate in its leaf of
+    /// a room by a self-update when due, and sends what waits in the outbox. A room
     /// that fails does not stop the others: it is returned as a
     /// [`RoomFailure`]. The call fails only for the whole device (the
     /// connection, the store).
@@ -818,7 +853,11 @@ impl Client {
         let mut failures = Vec::new();
         let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
         for room_id in rooms {
-            if let Err(error) = self.resume_room(room_id).await {
+            let resumed = match self.resume_room(room_id).await {
+                Ok(()) => self.renew_home_certificate(room_id).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = resumed {
                 failures.push(room_failure(room_id, error)?);
             }
         }
@@ -1183,6 +1222,29 @@ impl Client {
             other => other?,
         };
         self.settle_room(room_id).await
+    }
+
+    /// Renews the home certificate in our leaf of `room_id` by a
+    /// self-update when it is missing, of another domain, or near its end
+    /// (see [`home_certificate_renewal_due`]), so that members keep finding
+    /// this device certified without the app asking.
+    async fn renew_home_certificate(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+        let Some(entry) = self.rooms.get(&room_id) else { return Ok(()) };
+        if entry.record.removed || entry.own_removal_pending() {
+            return Ok(());
+        }
+        let Some(group) = entry.group.as_ref() else { return Ok(()) };
+        let own = group.own_leaf_index();
+        let leaf = group
+            .member_home_certificates()
+            .into_iter()
+            .find(|(member, _)| member.leaf_index == own)
+            .and_then(|(_, leaf)| leaf.certificate);
+        let current = self.identity.home_certificate();
+        if home_certificate_renewal_due(leaf.as_ref(), current, now_ms()) {
+            self.self_update(room_id).await?;
+        }
+        Ok(())
     }
 
     /// Our own removal is pending: nothing of ours is committed, and when
@@ -2005,6 +2067,27 @@ fn member_entry(rooms: &mut BTreeMap<RoomId, RoomLog>, room_id: RoomId) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leaf_certificate_is_renewed_when_missing_foreign_or_near_its_end() {
+        use kalandra_proto::federation::HomeCertificate;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let issue = |domain: &str, not_after_ms| {
+            HomeCertificate::issue(&key, DomainName::parse(domain).unwrap(), [7; 32], not_after_ms)
+        };
+        let now_ms = 1_800_000_000_000;
+        let current = issue("a.test", now_ms + 90 * 24 * 3600 * 1000);
+        let fresh = Ok(issue("a.test", now_ms + HOME_CERTIFICATE_RENEW_BEFORE_MS + 1));
+        let ending = Ok(issue("a.test", now_ms + HOME_CERTIFICATE_RENEW_BEFORE_MS - 1));
+        let foreign = Ok(issue("b.test", now_ms + 90 * 24 * 3600 * 1000));
+        let unreadable = Err(kalandra_proto::home::HomeCertificateDecodeError::Malformed("x".into()));
+        assert!(!home_certificate_renewal_due(Some(&fresh), Some(&current), now_ms));
+        assert!(home_certificate_renewal_due(Some(&ending), Some(&current), now_ms));
+        assert!(home_certificate_renewal_due(Some(&foreign), Some(&current), now_ms));
+        assert!(home_certificate_renewal_due(Some(&unreadable), Some(&current), now_ms));
+        assert!(home_certificate_renewal_due(None, Some(&current), now_ms));
+        assert!(!home_certificate_renewal_due(None, None, now_ms), "nothing to carry");
+    }
 
     #[test]
     fn a_last_resort_package_is_made_again_before_it_or_its_certificate_ends() {
