@@ -463,28 +463,25 @@ const _: () = assert!(
     "a renewed certificate lasts a while before the next renewal"
 );
 
-/// Whether our leaf, carrying `leaf` (none, or one read or not), needs a
-/// self-update to carry `current`, the certificate of this connection:
-/// it carries none or an unreadable one, one of another domain, or one
-/// ending within [`HOME_CERTIFICATE_RENEW_BEFORE_MS`] of `now_ms`. Never
-/// when this connection's server issued none.
+/// Whether our leaf, which members find `check` (checked with this
+/// device's domain's keys), needs a self-update to carry `current`, the
+/// certificate of this connection: it is not certified by that domain
+/// (none, unreadable, of another domain, under a key no longer listed,
+/// expired), or its certificate ends within
+/// [`HOME_CERTIFICATE_RENEW_BEFORE_MS`] of `now_ms`. Never when this
+/// connection's server issued none.
 fn home_certificate_renewal_due(
-    leaf: Option<
-        &Result<
-            kalandra_proto::federation::HomeCertificate,
-            kalandra_proto::home::HomeCertificateDecodeError,
-        >,
-    >,
+    check: &HomeCheck,
     current: Option<&kalandra_proto::federation::HomeCertificate>,
     now_ms: u64,
 ) -> bool {
     let Some(current) = current else { return false };
-    match leaf {
-        Some(Ok(leaf)) => {
-            leaf.domain != current.domain
-                || leaf.not_after_ms.saturating_sub(now_ms) < HOME_CERTIFICATE_RENEW_BEFORE_MS
+    match check {
+        HomeCheck::Certified { domain, not_after_ms } => {
+            *domain != current.domain
+                || not_after_ms.saturating_sub(now_ms) < HOME_CERTIFICATE_RENEW_BEFORE_MS
         }
-        Some(Err(_)) | None => true,
+        _ => true,
     }
 }
 
@@ -852,9 +849,10 @@ impl Client {
         self.open_connection().await?;
         let mut failures = Vec::new();
         let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
+        let own_keys = self.own_domain_keys().await;
         for room_id in rooms {
             let resumed = match self.resume_room(room_id).await {
-                Ok(()) => self.renew_home_certificate(room_id).await,
+                Ok(()) => self.renew_home_certificate(room_id, own_keys.as_ref()).await,
                 Err(error) => Err(error),
             };
             if let Err(error) = resumed {
@@ -1224,24 +1222,41 @@ impl Client {
         self.settle_room(room_id).await
     }
 
+    /// The keys this connection's server gives for its own domain, when it
+    /// certified this device (none if it did not, or the answer did not
+    /// come: our leaves are then left as they are).
+    async fn own_domain_keys(&mut self) -> Option<PeerKeys> {
+        let domain = self.identity.home_certificate()?.domain.clone();
+        let mut keys = self.domain_keys(std::slice::from_ref(&domain)).await.ok()?;
+        keys.remove(&domain)
+    }
+
     /// Renews the home certificate in our leaf of `room_id` by a
-    /// self-update when it is missing, of another domain, or near its end
-    /// (see [`home_certificate_renewal_due`]), so that members keep finding
-    /// this device certified without the app asking.
-    async fn renew_home_certificate(&mut self, room_id: RoomId) -> Result<(), ClientError> {
+    /// self-update when members would not find it certified by this
+    /// device's domain under `own_keys` (missing, unreadable, of another
+    /// domain, under a key the domain no longer lists, expired) or it ends
+    /// soon (see [`home_certificate_renewal_due`]), so that members keep
+    /// finding this device certified without the app asking.
+    async fn renew_home_certificate(
+        &mut self,
+        room_id: RoomId,
+        own_keys: Option<&PeerKeys>,
+    ) -> Result<(), ClientError> {
+        let Some(own_keys) = own_keys else { return Ok(()) };
         let Some(entry) = self.rooms.get(&room_id) else { return Ok(()) };
         if entry.record.removed || entry.own_removal_pending() {
             return Ok(());
         }
         let Some(group) = entry.group.as_ref() else { return Ok(()) };
         let own = group.own_leaf_index();
-        let leaf = group
-            .member_home_certificates()
-            .into_iter()
-            .find(|(member, _)| member.leaf_index == own)
-            .and_then(|(_, leaf)| leaf.certificate);
-        let current = self.identity.home_certificate();
-        if home_certificate_renewal_due(leaf.as_ref(), current, now_ms()) {
+        let Some((_, leaf)) =
+            group.member_home_certificates().into_iter().find(|(member, _)| member.leaf_index == own)
+        else {
+            return Ok(());
+        };
+        let now_ms = now_ms();
+        let check = leaf.check(|domain| (domain == own_keys.domain()).then_some(own_keys), now_ms);
+        if home_certificate_renewal_due(&check, self.identity.home_certificate(), now_ms) {
             self.self_update(room_id).await?;
         }
         Ok(())
@@ -2069,24 +2084,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_leaf_certificate_is_renewed_when_missing_foreign_or_near_its_end() {
+    fn a_leaf_certificate_is_renewed_unless_certified_by_this_domain_for_a_while_yet() {
         use kalandra_proto::federation::HomeCertificate;
         let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
-        let issue = |domain: &str, not_after_ms| {
-            HomeCertificate::issue(&key, DomainName::parse(domain).unwrap(), [7; 32], not_after_ms)
-        };
+        let a = DomainName::parse("a.test").unwrap();
         let now_ms = 1_800_000_000_000;
-        let current = issue("a.test", now_ms + 90 * 24 * 3600 * 1000);
-        let fresh = Ok(issue("a.test", now_ms + HOME_CERTIFICATE_RENEW_BEFORE_MS + 1));
-        let ending = Ok(issue("a.test", now_ms + HOME_CERTIFICATE_RENEW_BEFORE_MS - 1));
-        let foreign = Ok(issue("b.test", now_ms + 90 * 24 * 3600 * 1000));
-        let unreadable = Err(kalandra_proto::home::HomeCertificateDecodeError::Malformed("x".into()));
-        assert!(!home_certificate_renewal_due(Some(&fresh), Some(&current), now_ms));
-        assert!(home_certificate_renewal_due(Some(&ending), Some(&current), now_ms));
-        assert!(home_certificate_renewal_due(Some(&foreign), Some(&current), now_ms));
-        assert!(home_certificate_renewal_due(Some(&unreadable), Some(&current), now_ms));
-        assert!(home_certificate_renewal_due(None, Some(&current), now_ms));
-        assert!(!home_certificate_renewal_due(None, None, now_ms), "nothing to carry");
+        let current = HomeCertificate::issue(&key, a.clone(), [7; 32], now_ms + 90 * 24 * 3600 * 1000);
+        let certified = |domain: &DomainName, ends_in_ms| HomeCheck::Certified {
+            domain: domain.clone(),
+            not_after_ms: now_ms + ends_in_ms,
+        };
+        let due = |check: &HomeCheck| home_certificate_renewal_due(check, Some(&current), now_ms);
+        assert!(!due(&certified(&a, HOME_CERTIFICATE_RENEW_BEFORE_MS + 1)));
+        assert!(due(&certified(&a, HOME_CERTIFICATE_RENEW_BEFORE_MS - 1)), "ends soon");
+        assert!(
+            due(&certified(&DomainName::parse("b.test").unwrap(), 90 * 24 * 3600 * 1000)),
+            "another domain"
+        );
+        assert!(due(&HomeCheck::Expired { domain: a.clone(), not_after_ms: now_ms - 1 }));
+        assert!(due(&HomeCheck::Uncertified));
+        assert!(due(&HomeCheck::UnknownDomain { domain: a.clone() }));
+        // Under a key the domain no longer lists (after a rotation), or forged.
+        assert!(due(&HomeCheck::Invalid { reason: "does not verify".into() }));
+        assert!(!home_certificate_renewal_due(&HomeCheck::Uncertified, None, now_ms), "nothing to carry");
     }
 
     #[test]

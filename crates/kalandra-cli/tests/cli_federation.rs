@@ -281,3 +281,69 @@ async fn members_of_two_domains_each_check_the_others_home_certificate() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A domain rotates its federation key: while it lists the earlier key
+/// (`previous_keys`), its members' leaves certified under it stay
+/// certified and nothing is renewed; once it lists only the new key, those
+/// leaves no longer verify, and each device renews its leaf's certificate
+/// by a self-update when it connects, so members find it certified again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_key_rotation_devices_renew_their_leaves_certificates_on_connecting() {
+    use client_core::client::{Client, HomeCheck};
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let old_key = federation_key(&a_dir, SEED_A);
+    let a = Server::start_federated(&a_dir, "a.test", free_address(), Vec::new()).await;
+    let mut alice = device(&dir.path().join("alice"), 1, &a).await;
+    let mut bob = device(&dir.path().join("bob"), 2, &a).await;
+    let room = alice.create_room().await.unwrap();
+    alice.invite(room, &[bob.sender_id()]).await.unwrap();
+    assert_eq!(bob.join(room, FEDERATION_TIMEOUT).await.unwrap(), 1);
+
+    async fn homes(client: &mut Client, room: kalandra_proto::RoomId) -> Vec<HomeCheck> {
+        client.member_homes(room).await.unwrap().into_iter().map(|member| member.home).collect()
+    }
+    fn all_certified(homes: &[HomeCheck]) -> bool {
+        homes.len() == 2 && homes.iter().all(|home| matches!(home, HomeCheck::Certified { .. }))
+    }
+    assert!(all_certified(&homes(&mut alice, room).await));
+
+    // The new key, the old one listed until an hour from now.
+    alice.disconnect().await;
+    bob.disconnect().await;
+    a.stop().await;
+    std::fs::remove_file(a_dir.join(kalandra_server::FEDERATION_KEY_FILE_NAME)).unwrap();
+    let new_key = federation_key(&a_dir, 0xa3);
+    assert_ne!(new_key, old_key);
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+    )
+    .unwrap();
+    let previous =
+        vec![kalandra_server::PeerKeyConfig { key: old_key, valid_until_ms: Some(now_ms + 3_600_000) }];
+    let a = Server::start_federated_with(&a_dir, "a.test", free_address(), Vec::new(), previous).await;
+    alice.set_server(a.target()).unwrap();
+    assert!(alice.connect().await.unwrap().is_empty());
+    assert!(all_certified(&homes(&mut alice, room).await), "the earlier key is still listed");
+    assert_eq!(alice.rooms()[0].epoch, 1, "nothing renewed");
+
+    // The overlap over: only the new key.
+    alice.disconnect().await;
+    a.stop().await;
+    let a = Server::start_federated(&a_dir, "a.test", free_address(), Vec::new()).await;
+    alice.set_server(a.target()).unwrap();
+    assert!(alice.connect().await.unwrap().is_empty());
+    assert_eq!(alice.rooms()[0].epoch, 2, "alice renewed her leaf on connecting");
+    let seen = homes(&mut alice, room).await;
+    assert_eq!(seen.iter().filter(|home| matches!(home, HomeCheck::Certified { .. })).count(), 1, "{seen:?}");
+    assert!(
+        seen.iter().any(|home| matches!(home, HomeCheck::Invalid { .. })),
+        "bob's, under the old key: {seen:?}"
+    );
+    bob.set_server(a.target()).unwrap();
+    assert!(bob.connect().await.unwrap().is_empty());
+    assert_eq!(bob.rooms()[0].epoch, 3, "bob renewed his");
+    alice.sync(room).await.unwrap();
+    assert!(all_certified(&homes(&mut alice, room).await));
+    a.stop().await;
+}

@@ -882,8 +882,13 @@ impl<G: ServerGroup> Core<G> {
             Routed::Other(OtherRoute::Moderation(frame)) => self.moderate(conn, sender, &frame),
             Routed::Other(OtherRoute::DomainKeys { request_id, request }) => {
                 let home = self.shared.home_issuer();
-                let own = (&home.domain, &home.key.verifying_key());
-                let keys = domain_keys(own, &Default::default(), &Default::default(), &request);
+                let key = kalandra_proto::federation::PeerKey {
+                    key: home.key.verifying_key(),
+                    valid_until_ms: None,
+                };
+                let own = kalandra_proto::federation::PeerKeys::new(home.domain.clone(), vec![key])
+                    .expect("one strong key is a valid key list");
+                let keys = domain_keys(&own, &Default::default(), &Default::default(), &request);
                 let reply = server_frame(RoomId::default(), request_id, &keys)
                     .expect("a DomainKeys answer for at most 16 domains fits a control frame");
                 self.reply(conn, reply);

@@ -261,6 +261,12 @@ pub struct FederationConfig {
     pub handshake_timeout_ms: u64,
     /// The peer domains, at most [`FEDERATION_PEERS_MAX`]; default none.
     pub peers: Vec<PeerConfig>,
+    /// This domain's earlier federation keys after a rotation, each with
+    /// the end of its acceptance (required), at most `PEER_KEYS_MAX - 1`:
+    /// listed to clients beside the current key, so that members keep
+    /// finding leaves certified under an earlier key certified until then
+    /// (`docs/FEDERATION.md`, "Key rotation"); default none.
+    pub previous_keys: Vec<PeerKeyConfig>,
 }
 
 impl Default for FederationConfig {
@@ -269,6 +275,7 @@ impl Default for FederationConfig {
             listen: None,
             handshake_timeout_ms: FEDERATION_HANDSHAKE_TIMEOUT_MS_DEFAULT,
             peers: Vec::new(),
+            previous_keys: Vec::new(),
         }
     }
 }
@@ -308,20 +315,37 @@ pub struct PeerKeyConfig {
 impl PeerConfig {
     /// The keys accepted for the peer, checked.
     pub fn peer_keys(&self) -> Result<PeerKeys, String> {
-        let keys = self
-            .keys
-            .iter()
-            .map(|configured| {
-                let bytes: [u8; 32] = hex::decode(&configured.key)
-                    .ok()
-                    .and_then(|bytes| bytes.try_into().ok())
-                    .ok_or_else(|| format!("key {:?} is not 64 hex digits", configured.key))?;
-                let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
-                    .map_err(|_| format!("key {} is not an Ed25519 public key", configured.key))?;
-                Ok(PeerKey { key, valid_until_ms: configured.valid_until_ms })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let keys = self.keys.iter().map(PeerKeyConfig::peer_key).collect::<Result<Vec<_>, String>>()?;
         PeerKeys::new(self.domain.clone(), keys).map_err(|error| error.to_string())
+    }
+}
+
+impl PeerKeyConfig {
+    /// The key, checked.
+    pub fn peer_key(&self) -> Result<PeerKey, String> {
+        let bytes: [u8; 32] = hex::decode(&self.key)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| format!("key {:?} is not 64 hex digits", self.key))?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| format!("key {} is not an Ed25519 public key", self.key))?;
+        Ok(PeerKey { key, valid_until_ms: self.valid_until_ms })
+    }
+}
+
+impl FederationConfig {
+    /// The keys this domain lists for itself: `current` and the earlier
+    /// ones configured.
+    pub fn own_keys(
+        &self,
+        us: &DomainName,
+        current: ed25519_dalek::VerifyingKey,
+    ) -> Result<PeerKeys, String> {
+        let mut keys = vec![PeerKey { key: current, valid_until_ms: None }];
+        for configured in &self.previous_keys {
+            keys.push(configured.peer_key()?);
+        }
+        PeerKeys::new(us.clone(), keys).map_err(|error| error.to_string())
     }
 }
 
@@ -574,6 +598,12 @@ impl FederationConfig {
                 format!("{} peers, at most {FEDERATION_PEERS_MAX}", self.peers.len()),
             ));
         }
+        if self.previous_keys.iter().any(|key| key.valid_until_ms.is_none()) {
+            let reason = "each earlier key needs its valid_until_ms".to_owned();
+            return Err(invalid("federation.previous_keys", reason));
+        }
+        let placeholder = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
+        self.own_keys(us, placeholder).map_err(|reason| invalid("federation.previous_keys", reason))?;
         let mut seen = std::collections::BTreeSet::new();
         for peer in &self.peers {
             if peer.domain == *us {
@@ -959,6 +989,24 @@ rooms_per_user_max = 7
             (
                 with_listen("[[federation.peers]]\ndomain = \"b.example\"\nkeys = []\n"),
                 "federation.peers.keys",
+            ),
+            (
+                format!("[federation]\nprevious_keys = [{{ key = \"{}\" }}]", key_hex(1)),
+                "federation.previous_keys",
+            ),
+            (
+                "[federation]\nprevious_keys = [{ key = \"ab\", valid_until_ms = 1 }]".to_owned(),
+                "federation.previous_keys",
+            ),
+            (
+                format!(
+                    "[federation]\nprevious_keys = [{}]",
+                    (1..=4)
+                        .map(|seed| format!("{{ key = \"{}\", valid_until_ms = 1 }}", key_hex(seed)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "federation.previous_keys",
             ),
         ];
         let federation_cases = federation_cases.iter().map(|(text, field)| (text.as_str(), *field));

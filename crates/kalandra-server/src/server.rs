@@ -417,6 +417,10 @@ async fn assemble(
         Arc::clone(&remote_rooms),
         metrics.clone(),
     ));
+    let own_keys = config
+        .federation
+        .own_keys(&config.domain, keys.federation_key.verifying_key())
+        .map_err(|reason| StartError::FederationPeer { domain: config.domain.to_string(), reason })?;
     let listener = Listener::new(
         node.clone(),
         Arc::clone(&store),
@@ -431,6 +435,7 @@ async fn assemble(
             welcome_routing: Some(welcome_routing.clone()),
             named_homes: Arc::clone(&named_homes),
             home: HomeIssuer { domain: config.domain.clone(), key: Arc::new(keys.federation_key.clone()) },
+            own_keys,
         },
     );
     let relay_authority = Arc::new(RelayAuthority::new(

@@ -70,6 +70,7 @@ async fn start(
             listen: Some(federation),
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
             peers,
+            ..Default::default()
         },
         ..ServerConfig::default()
     };

@@ -114,6 +114,18 @@ impl Server {
         federation: SocketAddr,
         peers: Vec<kalandra_server::PeerConfig>,
     ) -> Server {
+        Server::start_federated_with(data_dir, domain, federation, peers, Vec::new()).await
+    }
+
+    /// As [`Server::start_federated`], listing `previous_keys` as the
+    /// domain's earlier federation keys.
+    pub async fn start_federated_with(
+        data_dir: &Path,
+        domain: &str,
+        federation: SocketAddr,
+        peers: Vec<kalandra_server::PeerConfig>,
+        previous_keys: Vec<kalandra_server::PeerKeyConfig>,
+    ) -> Server {
         std::fs::create_dir_all(data_dir).unwrap();
         let config = ServerConfig {
             data_dir: data_dir.to_owned(),
@@ -125,6 +137,7 @@ impl Server {
                 listen: Some(federation),
                 handshake_timeout_ms: 1_000,
                 peers,
+                previous_keys,
             },
             ..ServerConfig::default()
         };

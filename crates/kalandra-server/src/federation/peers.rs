@@ -5,7 +5,6 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use ed25519_dalek::VerifyingKey;
 use kalandra_proto::federation::{DomainName, PeerKeys};
 use kalandra_proto::payload::{DomainKey, DomainKeys, DomainKeysOf, DomainKeysRequest};
 
@@ -61,27 +60,27 @@ impl SharedPeers {
 }
 
 /// The answer to a client's `DomainKeysRequest`: for each domain asked,
-/// the keys this server accepts for it now (this server's own key for its
-/// own domain; a peer's configured keys; none for a domain it does not
-/// know or refuses).
+/// the keys this server accepts for it (`own` for its own domain: its
+/// current key and earlier ones configured; a peer's configured keys; none
+/// for a domain it does not know or refuses), each with its end.
 pub fn domain_keys(
-    own: (&DomainName, &VerifyingKey),
+    own: &PeerKeys,
     peers: &PeerTable,
     refused: &RefusedDomains,
     request: &DomainKeysRequest,
 ) -> DomainKeys {
-    let (own_domain, own_key) = own;
+    let listed = |keys: &PeerKeys| -> Vec<DomainKey> {
+        let keys = keys.keys().iter();
+        keys.map(|key| DomainKey { key: key.key.to_bytes(), valid_until_ms: key.valid_until_ms }).collect()
+    };
     let keys_of = |domain: &DomainName| -> Vec<DomainKey> {
-        if domain == own_domain {
-            return vec![DomainKey { key: own_key.to_bytes(), valid_until_ms: None }];
+        if domain == own.domain() {
+            return listed(own);
         }
         if refused.contains(domain) {
             return Vec::new();
         }
-        let keys = peers.get(domain).map(PeerKeys::keys).unwrap_or_default();
-        keys.iter()
-            .map(|key| DomainKey { key: key.key.to_bytes(), valid_until_ms: key.valid_until_ms })
-            .collect()
+        peers.get(domain).map(listed).unwrap_or_default()
     };
     let domains = request
         .domains
@@ -114,6 +113,11 @@ mod tests {
     fn domain_keys_answer_own_and_peer_keys_and_none_for_unknown_or_refused_domains() {
         let own_key = SigningKey::from_bytes(&[9; 32]).verifying_key();
         let own = DomainName::parse("a.test").unwrap();
+        let retired =
+            PeerKey { key: SigningKey::from_bytes(&[8; 32]).verifying_key(), valid_until_ms: Some(7) };
+        let own_keys =
+            PeerKeys::new(own.clone(), vec![PeerKey { key: own_key, valid_until_ms: None }, retired])
+                .unwrap();
         let (b, mut b_keys) = keys("b.test", &[1, 2]);
         let mut listed = b_keys.keys().to_vec();
         listed[0].valid_until_ms = Some(5_000);
@@ -123,12 +127,13 @@ mod tests {
         let refused = RefusedDomains::from([c.clone()]);
         let x = DomainName::parse("x.test").unwrap();
         let request = DomainKeysRequest { domains: vec![x.clone(), own.clone(), b.clone(), c.clone()] };
-        let answer = domain_keys((&own, &own_key), &peers, &refused, &request);
+        let answer = domain_keys(&own_keys, &peers, &refused, &request);
         let domains: Vec<_> = answer.domains.iter().map(|entry| entry.domain.clone()).collect();
         assert_eq!(domains, vec![x, own, b, c], "in request order");
         let counts: Vec<_> = answer.domains.iter().map(|entry| entry.keys.len()).collect();
-        assert_eq!(counts, vec![0, 1, 2, 0], "unknown and refused: none");
+        assert_eq!(counts, vec![0, 2, 2, 0], "unknown and refused: none");
         assert_eq!(answer.domains[1].keys[0].key, own_key.to_bytes());
+        assert_eq!(answer.domains[1].keys[1].valid_until_ms, Some(7), "an earlier key, with its end");
         assert_eq!(answer.domains[2].keys[0].valid_until_ms, Some(5_000), "with the end of its acceptance");
     }
 

@@ -89,6 +89,7 @@ pub struct Listener {
     welcome_routing: Option<tokio::sync::mpsc::Sender<Vec<SenderId>>>,
     named_homes: Arc<crate::federation::named_homes::NamedHomes>,
     home: HomeIssuer,
+    own_keys: kalandra_proto::federation::PeerKeys,
 }
 
 /// What the listener asks of the other domains: their users' key packages,
@@ -106,6 +107,9 @@ pub struct ListenerFederation {
     pub named_homes: Arc<crate::federation::named_homes::NamedHomes>,
     /// Certifies clients as this domain's users, for their MLS leaves.
     pub home: HomeIssuer,
+    /// This domain's keys as clients are told (its current key and earlier
+    /// ones configured).
+    pub own_keys: kalandra_proto::federation::PeerKeys,
 }
 
 impl Listener {
@@ -140,6 +144,7 @@ impl Listener {
             welcome_routing: federation.welcome_routing,
             named_homes: federation.named_homes,
             home: federation.home,
+            own_keys: federation.own_keys,
         })
     }
 
@@ -490,9 +495,9 @@ impl Listener {
                 let _ = outbox.send(reply).await;
             }
             OtherRoute::DomainKeys { request_id, request } => {
-                let own = (&self.home.domain, &self.home.key.verifying_key());
                 let directory = &self.remote_directory;
-                let keys = domain_keys(own, &directory.peers.current(), &directory.refused, &request);
+                let keys =
+                    domain_keys(&self.own_keys, &directory.peers.current(), &directory.refused, &request);
                 let reply = server_frame(RoomId::default(), request_id, &keys).unwrap_or_else(|error| {
                     error_frame(RoomId::default(), request_id, ErrorCode::Internal, &error.to_string())
                 });

@@ -51,7 +51,12 @@ pub async fn start_domain(
     std::fs::write(data_dir.join(FEDERATION_KEY_FILE_NAME), [seed; 32]).unwrap();
     TestServer::start_configured(data_dir, default_limits(), |config| {
         config.domain = DomainName::parse(domain).unwrap();
-        config.federation = FederationConfig { listen: Some(federation), handshake_timeout_ms: 1_000, peers };
+        config.federation = FederationConfig {
+            listen: Some(federation),
+            handshake_timeout_ms: 1_000,
+            peers,
+            ..Default::default()
+        };
     })
     .await
 }
