@@ -308,6 +308,14 @@ impl ServerShared {
         HomeIssuer { domain, key: Arc::new(key) }
     }
 
+    /// The keys this server lists for its domain (its federation key).
+    pub fn own_keys(&self) -> kalandra_proto::federation::PeerKeys {
+        let home = self.home_issuer();
+        let key = kalandra_proto::federation::PeerKey { key: home.key.verifying_key(), valid_until_ms: None };
+        kalandra_proto::federation::PeerKeys::new(home.domain, vec![key])
+            .expect("one strong key is a valid key list")
+    }
+
     /// Records `frame` if it releases an index the disk does not hold yet.
     fn probe(&self, frame: &Bytes) {
         let Ok(frame) = Frame::decode(frame) else { return };
@@ -874,20 +882,20 @@ impl<G: ServerGroup> Core<G> {
                 self.shard.handle_request(&peer, request, self.shared.now_ms());
             }
             Routed::Other(OtherRoute::Directory(request)) => {
-                let reply =
-                    directory::answer(self.shared.disk.as_ref(), sender, &request, self.shared.now_ms());
+                let own_keys = self.shared.own_keys();
+                let reply = directory::answer(
+                    self.shared.disk.as_ref(),
+                    &own_keys,
+                    sender,
+                    &request,
+                    self.shared.now_ms(),
+                );
                 self.reply(conn, reply.frame);
             }
             Routed::Other(OtherRoute::Redact(frame)) => self.tasks.push(Task::Redact { conn, sender, frame }),
             Routed::Other(OtherRoute::Moderation(frame)) => self.moderate(conn, sender, &frame),
             Routed::Other(OtherRoute::DomainKeys { request_id, request }) => {
-                let home = self.shared.home_issuer();
-                let key = kalandra_proto::federation::PeerKey {
-                    key: home.key.verifying_key(),
-                    valid_until_ms: None,
-                };
-                let own = kalandra_proto::federation::PeerKeys::new(home.domain.clone(), vec![key])
-                    .expect("one strong key is a valid key list");
+                let own = self.shared.own_keys();
                 let keys = domain_keys(&own, &Default::default(), &Default::default(), &request);
                 let reply = server_frame(RoomId::default(), request_id, &keys)
                     .expect("a DomainKeys answer for at most 16 domains fits a control frame");

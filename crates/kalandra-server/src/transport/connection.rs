@@ -472,8 +472,9 @@ impl Listener {
                     | DirectoryRequest::Claim { request_id, .. } => *request_id,
                 };
                 let (store, sender, now_ms) = (Arc::clone(&self.store), outbox.sender(), (self.clock)());
+                let own_keys = self.own_keys.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    directory::answer(store.as_ref(), sender, &request, now_ms)
+                    directory::answer(store.as_ref(), &own_keys, sender, &request, now_ms)
                 })
                 .await;
                 let _ = outbox.send(self.directory_reply(request_id, result)).await;

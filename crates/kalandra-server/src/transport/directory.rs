@@ -5,6 +5,8 @@
 //! them from a blocking thread.
 
 use bytes::Bytes;
+use kalandra_proto::federation::{HomeCertificate, PeerKeys};
+use kalandra_proto::home::HomeCertificateDecodeError;
 use kalandra_proto::payload::{
     ClaimedKeyPackage, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload,
 };
@@ -61,12 +63,14 @@ impl DirectoryError {
     }
 }
 
-/// A verified key package: its reference, owner and last-resort marking.
+/// A verified key package: its reference, owner, last-resort marking and
+/// the home certificate its leaf carries.
 struct Inspected {
     key_package_ref: Vec<u8>,
     identity_key: [u8; 32],
     owner: SenderId,
     last_resort: bool,
+    home_certificate: Option<Result<HomeCertificate, HomeCertificateDecodeError>>,
 }
 
 fn inspect(index: usize, bytes: &[u8]) -> Result<Inspected, DirectoryError> {
@@ -95,7 +99,31 @@ fn inspect(index: usize, bytes: &[u8]) -> Result<Inspected, DirectoryError> {
         identity_key: identity,
         owner: SenderId::from_identity_key(&identity),
         last_resort: key_package.last_resort(),
+        home_certificate: kalandra_mls::leaf_home_certificate(leaf),
     })
+}
+
+/// A package this server's user uploads may carry a home certificate only
+/// if it is this domain's, for the package's key, under a key this domain
+/// lists (`own_keys`), and valid at `now_ms`: members would find anything
+/// else invalid, so it is refused here, with the package's index.
+fn check_own_home(
+    index: usize,
+    inspected: &Inspected,
+    own_keys: &PeerKeys,
+    now_ms: u64,
+) -> Result<(), DirectoryError> {
+    let invalid = |detail: String| DirectoryError::InvalidKeyPackage { index, detail };
+    let certificate = match &inspected.home_certificate {
+        None => return Ok(()),
+        Some(Err(error)) => return Err(invalid(format!("home certificate: {error}"))),
+        Some(Ok(certificate)) => certificate,
+    };
+    if certificate.identity_key != inspected.identity_key {
+        return Err(invalid("its home certificate is for another key".into()));
+    }
+    certificate.verify(own_keys, now_ms).map_err(|error| invalid(format!("home certificate: {error}")))?;
+    Ok(())
 }
 
 /// The identity key of a key package (an MLSMessage) that verifies and
@@ -121,11 +149,15 @@ pub fn welcome_key_package_refs(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(welcome.secrets().iter().map(|secrets| secrets.new_member().as_slice().to_vec()).collect())
 }
 
-/// Verifies and stores `uploader`'s key packages; returns the new stock.
+/// Verifies and stores `uploader`'s key packages (a home certificate in
+/// one must be this domain's, under `own_keys`, valid at `now_ms`); returns
+/// the new stock.
 pub fn upload(
     store: &dyn Store,
+    own_keys: &PeerKeys,
     uploader: SenderId,
     upload: &KeyPackageUpload,
+    now_ms: u64,
 ) -> Result<KeyPackageStatus, DirectoryError> {
     let mut packages = Vec::with_capacity(upload.key_packages.len());
     for (index, bytes) in upload.key_packages.iter().enumerate() {
@@ -133,6 +165,7 @@ pub fn upload(
         if inspected.owner != uploader {
             return Err(DirectoryError::NotOwnKeyPackage { index });
         }
+        check_own_home(index, &inspected, own_keys, now_ms)?;
         if inspected.last_resort {
             return Err(DirectoryError::LastResortMismatch { index });
         }
@@ -151,6 +184,7 @@ pub fn upload(
             if !inspected.last_resort {
                 return Err(DirectoryError::LastResortMismatch { index });
             }
+            check_own_home(index, &inspected, own_keys, now_ms)?;
             Some(Bytes::copy_from_slice(bytes))
         }
         None => None,
@@ -216,6 +250,7 @@ pub struct DirectoryReply {
 /// on storage).
 pub fn answer(
     store: &dyn Store,
+    own_keys: &PeerKeys,
     sender: SenderId,
     request: &DirectoryRequest,
     now_ms: u64,
@@ -224,7 +259,9 @@ pub fn answer(
     let (request_id, encoded) = match request {
         DirectoryRequest::Upload { request_id, upload: payload } => (
             *request_id,
-            upload(store, sender, payload).map_err(refusal).and_then(|status| encode(*request_id, &status)),
+            upload(store, own_keys, sender, payload, now_ms)
+                .map_err(refusal)
+                .and_then(|status| encode(*request_id, &status)),
         ),
         DirectoryRequest::Claim { request_id, claim: payload } => (
             *request_id,
@@ -255,6 +292,58 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
+    fn own_key() -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[0xa1; 32])
+    }
+
+    fn own_keys() -> PeerKeys {
+        let key =
+            kalandra_proto::federation::PeerKey { key: own_key().verifying_key(), valid_until_ms: None };
+        PeerKeys::new(kalandra_proto::federation::DomainName::parse("a.test").unwrap(), vec![key]).unwrap()
+    }
+
+    /// A new identity's upload of one package, carrying the certificate
+    /// `certify` makes for its key (none: no certificate).
+    fn certified_upload(
+        certify: impl FnOnce([u8; 32]) -> Option<HomeCertificate>,
+    ) -> (SenderId, KeyPackageUpload) {
+        let provider = MlsProvider::from_seed([9; 32]);
+        let identity = Identity::generate(&provider).unwrap();
+        let mut identity = identity;
+        identity.set_home_certificate(certify(*identity.public_key()));
+        let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let package = generate_key_packages(&provider, &identity, 1, now_secs).unwrap().remove(0);
+        let owner = SenderId::from_identity_key(identity.public_key());
+        (owner, KeyPackageUpload { key_packages: vec![package.message.into()], last_resort: None })
+    }
+
+    #[test]
+    fn an_upload_carrying_a_home_certificate_not_of_this_domain_is_refused() {
+        let store = MemoryStore::new();
+        let domain = |name: &str| kalandra_proto::federation::DomainName::parse(name).unwrap();
+        let other = ed25519_dalek::SigningKey::from_bytes(&[0xb2; 32]);
+        let issue = |signer: &ed25519_dalek::SigningKey, name: &str, not_after_ms| {
+            let (signer, name) = (signer.clone(), domain(name));
+            move |key| Some(HomeCertificate::issue(&signer, name, key, not_after_ms))
+        };
+        let (owner, payload) = certified_upload(issue(&own_key(), "a.test", 5_000));
+        assert!(upload(&store, &own_keys(), owner, &payload, 2_000).is_ok(), "this domain's");
+        let (owner, payload) = certified_upload(|_| None);
+        assert!(upload(&store, &own_keys(), owner, &payload, 2_000).is_ok(), "none");
+        for (certify, what) in [
+            (issue(&other, "a.test", 5_000), "signed with another key"),
+            (issue(&other, "b.test", 5_000), "another domain's"),
+            (issue(&own_key(), "a.test", 1_000), "expired"),
+        ] {
+            let (owner, payload) = certified_upload(certify);
+            let result = upload(&store, &own_keys(), owner, &payload, 2_000);
+            assert!(
+                matches!(result, Err(DirectoryError::InvalidKeyPackage { index: 0, .. })),
+                "{what}: {result:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_local_claim_records_each_package_it_hands_out() {
         let store = MemoryStore::new();
@@ -268,7 +357,7 @@ mod tests {
             .collect();
         let owner = SenderId::from_identity_key(identity.public_key());
         let upload_payload = KeyPackageUpload { key_packages: packages, last_resort: None };
-        upload(&store, owner, &upload_payload).unwrap();
+        upload(&store, &own_keys(), owner, &upload_payload, 1_000).unwrap();
         let nobody = 0x5eed;
         let request = KeyPackageClaim { sender_ids: vec![owner.0, nobody], domain: None };
 
