@@ -37,8 +37,11 @@ pub fn home_certificate_extension(certificate: &HomeCertificate) -> Extension {
     Extension::Unknown(HOME_CERTIFICATE_EXTENSION_TYPE, UnknownExtension(certificate.to_cbor()))
 }
 
+/// The home certificate a leaf carries: none, or one read (or not) from it.
+pub type LeafHomeCertificate = Option<Result<HomeCertificate, HomeCertificateDecodeError>>;
+
 /// The home certificate `leaf` carries, if it carries one.
-pub fn leaf_home_certificate(leaf: &LeafNode) -> Option<Result<HomeCertificate, HomeCertificateDecodeError>> {
+pub fn leaf_home_certificate(leaf: &LeafNode) -> LeafHomeCertificate {
     leaf.extensions().iter().find_map(|extension| match extension {
         Extension::Unknown(HOME_CERTIFICATE_EXTENSION_TYPE, UnknownExtension(bytes)) => {
             Some(HomeCertificate::from_cbor(bytes))

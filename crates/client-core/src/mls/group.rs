@@ -37,9 +37,7 @@ pub struct MemberInfo {
 }
 
 /// The home certificate a leaf carries: none, or one read (or not) from it.
-pub type LeafHomeCertificate = Option<
-    Result<kalandra_proto::federation::HomeCertificate, kalandra_proto::home::HomeCertificateDecodeError>,
->;
+pub type LeafHomeCertificate = kalandra_mls::LeafHomeCertificate;
 
 /// What a member's leaf shows of its home: its signature key, whether its
 /// credential names that key (Kalandra's credential rule, which a member

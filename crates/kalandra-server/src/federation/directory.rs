@@ -28,7 +28,7 @@ use crate::federation::requests::{
 use crate::federation::welcomes::{record_remote_users, WelcomeInbox};
 use crate::node::Clock;
 use crate::store::Store;
-use crate::transport::directory::{key_package_identity, key_package_ref_and_identity};
+use crate::transport::directory::{key_package_identity_and_home, key_package_ref_and_identity};
 use crate::transport::rate_limit::{KeyedLimiter, RetryAfterMs};
 
 /// How long a home certificate issued with a claimed key package is valid.
@@ -153,7 +153,7 @@ fn check_entry(
             certified,
         });
     }
-    let identity = key_package_identity(key_package)
+    let (identity, leaf_home) = key_package_identity_and_home(key_package)
         .map_err(|error| ClaimAnswerError::IdentityMismatch { sender_id, detail: error.to_string() })?;
     if identity != certificate.identity_key {
         return Err(ClaimAnswerError::IdentityMismatch {
@@ -161,7 +161,37 @@ fn check_entry(
             detail: "credential identity is not the certified key".to_owned(),
         });
     }
-    Ok(())
+    check_leaf_home(peer, sender_id, &identity, leaf_home, now_ms)
+}
+
+/// The home certificate a claimed package's leaf carries, if any, must be
+/// the answering peer's own, for the package's key, and valid: members
+/// check it (`home::check_member_home`), and a peer must not hand out a
+/// leaf that names another domain.
+fn check_leaf_home(
+    peer: &PeerKeys,
+    sender_id: u64,
+    identity: &[u8; 32],
+    leaf_home: kalandra_mls::LeafHomeCertificate,
+    now_ms: u64,
+) -> Result<(), ClaimAnswerError> {
+    let leaf_certificate = match leaf_home {
+        None => return Ok(()),
+        Some(Err(error)) => {
+            let detail = format!("home certificate in its leaf: {error}");
+            return Err(ClaimAnswerError::IdentityMismatch { sender_id, detail });
+        }
+        Some(Ok(certificate)) => certificate,
+    };
+    if leaf_certificate.domain != *peer.domain() {
+        let (peer, home) = (peer.domain().clone(), leaf_certificate.domain);
+        return Err(ClaimAnswerError::ForeignUser { peer, home });
+    }
+    if leaf_certificate.identity_key != *identity {
+        let detail = "the home certificate in its leaf is for another key".to_owned();
+        return Err(ClaimAnswerError::IdentityMismatch { sender_id, detail });
+    }
+    leaf_certificate.verify(peer, now_ms).map(|_| ()).map_err(ClaimAnswerError::HomeCertificate)
 }
 
 /// The peer to claim `domain`'s users through: refused if the operator
@@ -527,6 +557,44 @@ mod tests {
         let none = RemoteKeyPackage { sender_id: 9, key_package: None, home_certificate: None };
         let claimed = check_claimed(&peer_keys("b.test", 2), &[9], vec![none], NOW_MS).unwrap();
         assert_eq!(claimed.key_packages[0].key_package, None, "a user without packages, as locally");
+    }
+
+    /// A package of a new user whose leaf carries `leaf` (made for its key).
+    fn user_with_leaf_certificate(
+        seed: u8,
+        leaf: impl FnOnce([u8; 32]) -> HomeCertificate,
+    ) -> (Vec<u8>, [u8; 32]) {
+        let provider = MlsProvider::from_seed([seed; 32]);
+        let mut identity = Identity::generate(&provider).unwrap();
+        identity.set_home_certificate(Some(leaf(*identity.public_key())));
+        let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let package = generate_key_packages(&provider, &identity, 1, now_secs).unwrap().remove(0).message;
+        (package, *identity.public_key())
+    }
+
+    #[test]
+    fn federation_claim_answer_whose_leaf_names_another_home_is_refused() {
+        let peer = peer_keys("b.test", 2);
+        let check = |leaf: &dyn Fn([u8; 32]) -> HomeCertificate| {
+            let (package, key) = user_with_leaf_certificate(5, leaf);
+            let answer = entry(&package, certify(2, "b.test", key, NOW_MS + 1));
+            check_claimed(&peer, &[answer.sender_id], vec![answer], NOW_MS).map(|_| ())
+        };
+        assert_eq!(check(&|key| certify(2, "b.test", key, NOW_MS + 1)), Ok(()), "b's own, in the leaf too");
+        // b's user whose leaf says c.test (with c's key, or b's).
+        let error = check(&|key| certify(3, "c.test", key, NOW_MS + 1)).unwrap_err();
+        assert_eq!(error.code(), "foreign_user");
+        let error = check(&|key| certify(2, "c.test", key, NOW_MS + 1)).unwrap_err();
+        assert_eq!(error.code(), "foreign_user");
+        // A leaf certificate of b that does not verify, or has ended.
+        assert_eq!(
+            check(&|key| certify(4, "b.test", key, NOW_MS + 1)).unwrap_err().code(),
+            "bad_home_certificate"
+        );
+        assert_eq!(
+            check(&|key| certify(2, "b.test", key, NOW_MS)).unwrap_err().code(),
+            "bad_home_certificate"
+        );
     }
 
     #[test]

@@ -5,8 +5,7 @@
 //! them from a blocking thread.
 
 use bytes::Bytes;
-use kalandra_proto::federation::{HomeCertificate, PeerKeys};
-use kalandra_proto::home::HomeCertificateDecodeError;
+use kalandra_proto::federation::PeerKeys;
 use kalandra_proto::payload::{
     ClaimedKeyPackage, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload,
 };
@@ -70,7 +69,7 @@ struct Inspected {
     identity_key: [u8; 32],
     owner: SenderId,
     last_resort: bool,
-    home_certificate: Option<Result<HomeCertificate, HomeCertificateDecodeError>>,
+    home_certificate: kalandra_mls::LeafHomeCertificate,
 }
 
 fn inspect(index: usize, bytes: &[u8]) -> Result<Inspected, DirectoryError> {
@@ -130,6 +129,14 @@ fn check_own_home(
 /// whose credential identity is its signature key.
 pub fn key_package_identity(bytes: &[u8]) -> Result<[u8; 32], DirectoryError> {
     inspect(0, bytes).map(|inspected| inspected.identity_key)
+}
+
+/// The identity key of a key package, as [`key_package_identity`] checks
+/// it, and the home certificate its leaf carries (none, or one read or not).
+pub fn key_package_identity_and_home(
+    bytes: &[u8],
+) -> Result<([u8; 32], kalandra_mls::LeafHomeCertificate), DirectoryError> {
+    inspect(0, bytes).map(|inspected| (inspected.identity_key, inspected.home_certificate))
 }
 
 /// The MLS `KeyPackageRef` and the identity key of a key package, as
@@ -291,6 +298,7 @@ mod tests {
 
     use super::*;
     use crate::store::MemoryStore;
+    use kalandra_proto::federation::HomeCertificate;
 
     fn own_key() -> ed25519_dalek::SigningKey {
         ed25519_dalek::SigningKey::from_bytes(&[0xa1; 32])
