@@ -441,7 +441,8 @@ pub const MEMBER_HOME_DOMAINS_ASKED_MAX: usize = 4 * DOMAINS_PER_KEYS_REQUEST_MA
 pub const LAST_RESORT_RENEW_BEFORE_SECS: u64 = 7 * 24 * 60 * 60;
 
 /// The record of the last-resort package uploaded: when to make it again
-/// (seconds, big-endian) and whether it carries a home certificate.
+/// (seconds, big-endian), whether it carries a home certificate, and that
+/// certificate (CBOR).
 fn last_resort_record(
     package: &crate::mls::GeneratedKeyPackage,
     certificate: Option<&kalandra_proto::federation::HomeCertificate>,
@@ -451,12 +452,18 @@ fn last_resort_record(
     let renew_at_s = ends_s.saturating_sub(LAST_RESORT_RENEW_BEFORE_SECS);
     let mut record = renew_at_s.to_be_bytes().to_vec();
     record.push(u8::from(certificate.is_some()));
+    record.extend(certificate.map(kalandra_proto::federation::HomeCertificate::to_cbor).unwrap_or_default());
     record
 }
 
 /// A device renews the home certificate in its leaf of a room this long
 /// before it ends.
 pub const HOME_CERTIFICATE_RENEW_BEFORE_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+
+/// Rooms whose leaf one `connect` renews at most (the others at later
+/// connections), so that a rotation does not turn one connect into a
+/// commit in every room.
+pub const HOME_CERTIFICATE_RENEWALS_PER_CONNECT_MAX: usize = 16;
 
 const _: () = assert!(
     HOME_CERTIFICATE_RENEW_BEFORE_MS < kalandra_proto::home::MEMBER_HOME_CERTIFICATE_VALIDITY_MS / 2,
@@ -486,15 +493,29 @@ fn home_certificate_renewal_due(
 }
 
 /// Whether the last-resort package `record` describes stays usable at
-/// `now_s`, for a device whose server now certifies it or not.
-fn last_resort_current(record: Option<&[u8]>, now_s: u64, certified_now: bool) -> bool {
+/// `now_s`, for a device whose server now certifies it or not: and, when
+/// `current_keys` (its domain's current key) are known, whether its
+/// certificate is under them (after a rotation it is made again).
+fn last_resort_current(
+    record: Option<&[u8]>,
+    now_s: u64,
+    certified_now: bool,
+    current_keys: Option<&PeerKeys>,
+) -> bool {
     // An older record ([1]) does not say when the package ends: make a new one.
-    let Some(record) = record.and_then(|value| <[u8; 9]>::try_from(value).ok()) else {
+    let Some((head, certificate)) = record.filter(|value| value.len() >= 9).map(|value| value.split_at(9))
+    else {
         return false;
     };
     let mut renew_at = [0u8; 8];
-    renew_at.copy_from_slice(&record[..8]);
-    now_s < u64::from_be_bytes(renew_at) && (record[8] == 1 || !certified_now)
+    renew_at.copy_from_slice(&head[..8]);
+    let certified = head[8] == 1;
+    let under_current_key = match (certified, current_keys) {
+        (true, Some(keys)) => kalandra_proto::federation::HomeCertificate::from_cbor(certificate)
+            .is_ok_and(|certificate| certificate.verify_signature(keys, now_s.saturating_mul(1000)).is_ok()),
+        _ => true,
+    };
+    now_s < u64::from_be_bytes(renew_at) && (certified || !certified_now) && under_current_key
 }
 
 const _: () = assert!(
@@ -584,6 +605,10 @@ pub struct Client {
     deferred_failures: BTreeMap<RoomId, ClientError>,
     /// Stuck rooms whose report was acknowledged, and when to report again.
     recovery_reports: BTreeMap<RoomId, tokio::time::Instant>,
+    /// The keys this connection's server lists for its own domain with no
+    /// end (its current key), when it certified this device: what our
+    /// leaves and packages are renewed against.
+    current_own_keys: Option<PeerKeys>,
 }
 
 impl std::fmt::Debug for Client {
@@ -668,6 +693,7 @@ impl Client {
             request_timeout: Duration::from_secs(10),
             push_keys: key_cache::PushKeys::load(directory.join(KEY_CACHE_FILE_NAME)),
             deferred_failures: BTreeMap::new(),
+            current_own_keys: None,
             recovery_reports: BTreeMap::new(),
         };
         for record in records {
@@ -849,14 +875,16 @@ impl Client {
         self.open_connection().await?;
         let mut failures = Vec::new();
         let rooms: Vec<RoomId> = self.rooms.keys().copied().collect();
-        let own_keys = self.own_domain_keys().await;
+        let mut renewals_left = HOME_CERTIFICATE_RENEWALS_PER_CONNECT_MAX;
         for room_id in rooms {
-            let resumed = match self.resume_room(room_id).await {
-                Ok(()) => self.renew_home_certificate(room_id, own_keys.as_ref()).await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = resumed {
-                failures.push(room_failure(room_id, error)?);
+            match self.resume_room(room_id).await {
+                Ok(()) if renewals_left > 0 => {
+                    if self.renew_home_certificate(room_id).await {
+                        renewals_left -= 1;
+                    }
+                }
+                Ok(()) => {}
+                Err(error) => failures.push(room_failure(room_id, error)?),
             }
         }
         self.flush_outbox_into(&mut failures).await?;
@@ -885,6 +913,7 @@ impl Client {
             // The previous connection may have died without a word.
             room.connected()?;
         }
+        self.current_own_keys = self.own_domain_keys().await;
         self.refill_key_packages().await?;
         self.drain_buffered(None)?;
         self.checkpoint()?;
@@ -951,8 +980,15 @@ impl Client {
             key_packages: one.into_iter().map(|p| p.message.into()).collect(),
             last_resort,
         };
-        let status = self.upload(upload).await?;
+        let mut status = self.upload(upload).await?;
         if let Some(record) = record {
+            self.pending_batch.put(Namespace::Config, b"last_resort", record);
+        } else if !status.last_resort {
+            // The server lost it, or this is another server: one now.
+            let package = generate_last_resort_key_package(&self.provider, &self.identity, now_s)?;
+            let record = last_resort_record(&package, self.identity.home_certificate());
+            let upload = KeyPackageUpload { key_packages: Vec::new(), last_resort: Some(package.message) };
+            status = self.upload(upload).await?;
             self.pending_batch.put(Namespace::Config, b"last_resort", record);
         }
         if status.available < KEY_PACKAGES_LOW_WATERMARK {
@@ -977,7 +1013,8 @@ impl Client {
                 .find(|r| r.namespace == Namespace::Config && r.name == b"last_resort")
                 .map(|r| r.value)
         });
-        last_resort_current(record.as_deref(), now_s, self.identity.home_certificate().is_some())
+        let certified_now = self.identity.home_certificate().is_some();
+        last_resort_current(record.as_deref(), now_s, certified_now, self.current_own_keys.as_ref())
     }
 
     async fn upload(&mut self, upload: KeyPackageUpload) -> Result<KeyPackageStatus, ClientError> {
@@ -1222,13 +1259,18 @@ impl Client {
         self.settle_room(room_id).await
     }
 
-    /// The keys this connection's server gives for its own domain, when it
-    /// certified this device (none if it did not, or the answer did not
-    /// come: our leaves are then left as they are).
+    /// The keys this connection's server lists with no end for its own
+    /// domain (its current key; not the earlier ones of a rotation's
+    /// overlap), when it certified this device (none if it did not, or the
+    /// answer did not come: our leaves and packages are then left as they
+    /// are).
     async fn own_domain_keys(&mut self) -> Option<PeerKeys> {
         let domain = self.identity.home_certificate()?.domain.clone();
         let mut keys = self.domain_keys(std::slice::from_ref(&domain)).await.ok()?;
-        keys.remove(&domain)
+        let listed = keys.remove(&domain)?;
+        let current: Vec<PeerKey> =
+            listed.keys().iter().filter(|key| key.valid_until_ms.is_none()).cloned().collect();
+        PeerKeys::new(domain, current).ok()
     }
 
     /// Renews the home certificate in our leaf of `room_id` by a
@@ -1237,29 +1279,36 @@ impl Client {
     /// domain, under a key the domain no longer lists, expired) or it ends
     /// soon (see [`home_certificate_renewal_due`]), so that members keep
     /// finding this device certified without the app asking.
-    async fn renew_home_certificate(
-        &mut self,
-        room_id: RoomId,
-        own_keys: Option<&PeerKeys>,
-    ) -> Result<(), ClientError> {
-        let Some(own_keys) = own_keys else { return Ok(()) };
-        let Some(entry) = self.rooms.get(&room_id) else { return Ok(()) };
-        if entry.record.removed || entry.own_removal_pending() {
-            return Ok(());
+    ///
+    /// Best effort: a room that cannot commit now (its own removal pending,
+    /// stuck, a commit or intent of ours under way) is left for a later
+    /// connection, and a renewal that fails leaves the leaf as it is (the
+    /// room itself was caught up). Returns whether a renewal was tried.
+    async fn renew_home_certificate(&mut self, room_id: RoomId) -> bool {
+        let Some(own_keys) = self.current_own_keys.clone() else { return false };
+        let Some(entry) = self.rooms.get(&room_id) else { return false };
+        let busy = entry.stuck_on().is_some()
+            || entry.rejoin_needed()
+            || entry.pending_commit().is_some()
+            || entry.redo().is_some();
+        if entry.record.removed || entry.own_removal_pending() || busy {
+            return false;
         }
-        let Some(group) = entry.group.as_ref() else { return Ok(()) };
+        let Some(group) = entry.group.as_ref() else { return false };
         let own = group.own_leaf_index();
         let Some((_, leaf)) =
             group.member_home_certificates().into_iter().find(|(member, _)| member.leaf_index == own)
         else {
-            return Ok(());
+            return false;
         };
         let now_ms = now_ms();
-        let check = leaf.check(|domain| (domain == own_keys.domain()).then_some(own_keys), now_ms);
-        if home_certificate_renewal_due(&check, self.identity.home_certificate(), now_ms) {
-            self.self_update(room_id).await?;
+        let check = leaf.check(|domain| (domain == own_keys.domain()).then_some(&own_keys), now_ms);
+        if !home_certificate_renewal_due(&check, self.identity.home_certificate(), now_ms) {
+            return false;
         }
-        Ok(())
+        // The next connection tries again; the room is caught up either way.
+        let _ = self.self_update(room_id).await;
+        true
     }
 
     /// Our own removal is pending: nothing of ours is committed, and when
@@ -2117,11 +2166,14 @@ mod tests {
         let package = generate_last_resort_key_package(&provider, &identity, now_s).unwrap();
         let plain = last_resort_record(&package, None);
         let renew_at = package.not_after_unix_secs - LAST_RESORT_RENEW_BEFORE_SECS;
-        assert!(last_resort_current(Some(&plain), now_s, false));
-        assert!(!last_resort_current(Some(&plain), renew_at, false), "near its lifetime's end");
-        assert!(!last_resort_current(Some(&plain), now_s, true), "uncertified while the server certifies");
-        assert!(!last_resort_current(Some(&[1]), now_s, false), "a record that does not say when");
-        assert!(!last_resort_current(None, now_s, false));
+        assert!(last_resort_current(Some(&plain), now_s, false, None));
+        assert!(!last_resort_current(Some(&plain), renew_at, false, None), "near its lifetime's end");
+        assert!(
+            !last_resort_current(Some(&plain), now_s, true, None),
+            "uncertified while the server certifies"
+        );
+        assert!(!last_resort_current(Some(&[1]), now_s, false, None), "a record that does not say when");
+        assert!(!last_resort_current(None, now_s, false, None));
         // A certificate ending before the package: renewed before the certificate ends.
         let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
         let domain = DomainName::parse("a.test").unwrap();
@@ -2130,8 +2182,16 @@ mod tests {
             kalandra_proto::federation::HomeCertificate::issue(&key, domain, *identity.public_key(), ends_ms);
         identity.set_home_certificate(Some(certificate.clone()));
         let certified = last_resort_record(&package, identity.home_certificate());
-        assert!(last_resort_current(Some(&certified), now_s, true));
-        assert!(!last_resort_current(Some(&certified), now_s + 3 * 24 * 3600 + 1, true));
+        assert!(last_resort_current(Some(&certified), now_s, true, None));
+        assert!(!last_resort_current(Some(&certified), now_s + 3 * 24 * 3600 + 1, true, None));
+        // After a rotation: under the domain's current key, or made again.
+        let listed = |key: &ed25519_dalek::SigningKey| {
+            let key = PeerKey { key: key.verifying_key(), valid_until_ms: None };
+            PeerKeys::new(DomainName::parse("a.test").unwrap(), vec![key]).unwrap()
+        };
+        assert!(last_resort_current(Some(&certified), now_s, true, Some(&listed(&key))));
+        let rotated = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        assert!(!last_resort_current(Some(&certified), now_s, true, Some(&listed(&rotated))));
     }
 
     #[test]

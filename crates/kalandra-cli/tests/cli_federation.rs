@@ -283,10 +283,10 @@ async fn members_of_two_domains_each_check_the_others_home_certificate() {
 }
 
 /// A domain rotates its federation key: while it lists the earlier key
-/// (`previous_keys`), its members' leaves certified under it stay
-/// certified and nothing is renewed; once it lists only the new key, those
-/// leaves no longer verify, and each device renews its leaf's certificate
-/// by a self-update when it connects, so members find it certified again.
+/// (`previous_keys`), members' leaves certified under it stay certified,
+/// and a device that connects renews its leaf's certificate under the new
+/// key (a self-update); once the old key is no longer listed, a leaf not
+/// renewed shows as invalid until its device connects and renews it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_key_rotation_devices_renew_their_leaves_certificates_on_connecting() {
     use client_core::client::{Client, HomeCheck};
@@ -324,8 +324,8 @@ async fn after_a_key_rotation_devices_renew_their_leaves_certificates_on_connect
     let a = Server::start_federated_with(&a_dir, "a.test", free_address(), Vec::new(), previous).await;
     alice.set_server(a.target()).unwrap();
     assert!(alice.connect().await.unwrap().is_empty());
-    assert!(all_certified(&homes(&mut alice, room).await), "the earlier key is still listed");
-    assert_eq!(alice.rooms()[0].epoch, 1, "nothing renewed");
+    assert_eq!(alice.rooms()[0].epoch, 2, "alice renewed her leaf under the new key on connecting");
+    assert!(all_certified(&homes(&mut alice, room).await), "bob's under the earlier key, still listed");
 
     // The overlap over: only the new key.
     alice.disconnect().await;
@@ -333,7 +333,7 @@ async fn after_a_key_rotation_devices_renew_their_leaves_certificates_on_connect
     let a = Server::start_federated(&a_dir, "a.test", free_address(), Vec::new()).await;
     alice.set_server(a.target()).unwrap();
     assert!(alice.connect().await.unwrap().is_empty());
-    assert_eq!(alice.rooms()[0].epoch, 2, "alice renewed her leaf on connecting");
+    assert_eq!(alice.rooms()[0].epoch, 2, "nothing more to renew for alice");
     let seen = homes(&mut alice, room).await;
     assert_eq!(seen.iter().filter(|home| matches!(home, HomeCheck::Certified { .. })).count(), 1, "{seen:?}");
     assert!(
@@ -342,7 +342,7 @@ async fn after_a_key_rotation_devices_renew_their_leaves_certificates_on_connect
     );
     bob.set_server(a.target()).unwrap();
     assert!(bob.connect().await.unwrap().is_empty());
-    assert_eq!(bob.rooms()[0].epoch, 3, "bob renewed his");
+    assert_eq!(bob.rooms()[0].epoch, 3, "bob renewed his on connecting");
     alice.sync(room).await.unwrap();
     assert!(all_certified(&homes(&mut alice, room).await));
     a.stop().await;

@@ -335,7 +335,8 @@ impl PeerKeyConfig {
 
 impl FederationConfig {
     /// The keys this domain lists for itself: `current` and the earlier
-    /// ones configured.
+    /// ones configured; each earlier key needs its end, and no key is
+    /// listed twice.
     pub fn own_keys(
         &self,
         us: &DomainName,
@@ -343,7 +344,14 @@ impl FederationConfig {
     ) -> Result<PeerKeys, String> {
         let mut keys = vec![PeerKey { key: current, valid_until_ms: None }];
         for configured in &self.previous_keys {
-            keys.push(configured.peer_key()?);
+            let key = configured.peer_key()?;
+            if key.valid_until_ms.is_none() {
+                return Err(format!("earlier key {} needs its valid_until_ms", configured.key));
+            }
+            if keys.iter().any(|listed| listed.key == key.key) {
+                return Err(format!("key {} is listed twice (or is the current key)", configured.key));
+            }
+            keys.push(key);
         }
         PeerKeys::new(us.clone(), keys).map_err(|error| error.to_string())
     }
@@ -597,10 +605,6 @@ impl FederationConfig {
                 "federation.peers",
                 format!("{} peers, at most {FEDERATION_PEERS_MAX}", self.peers.len()),
             ));
-        }
-        if self.previous_keys.iter().any(|key| key.valid_until_ms.is_none()) {
-            let reason = "each earlier key needs its valid_until_ms".to_owned();
-            return Err(invalid("federation.previous_keys", reason));
         }
         let placeholder = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
         self.own_keys(us, placeholder).map_err(|reason| invalid("federation.previous_keys", reason))?;
@@ -996,6 +1000,13 @@ rooms_per_user_max = 7
             ),
             (
                 "[federation]\nprevious_keys = [{ key = \"ab\", valid_until_ms = 1 }]".to_owned(),
+                "federation.previous_keys",
+            ),
+            (
+                format!(
+                    "[federation]\nprevious_keys = [{{ key = \"{0}\", valid_until_ms = 1 }}, {{ key = \"{0}\", valid_until_ms = 2 }}]",
+                    key_hex(2)
+                ),
                 "federation.previous_keys",
             ),
             (
