@@ -119,19 +119,15 @@ pub fn check(server: &ServerShared, cast: &Cast, clients: &[Rc<ClientShared>]) -
 /// domain, as the client checks it from the home certificate in the leaf
 /// (every simulated client connects to that server, which certifies it).
 pub fn check_member_homes(server: &ServerShared, clients: &[Rc<ClientShared>]) -> Vec<String> {
-    let home = server.home_issuer();
-    let key = kalandra_proto::federation::PeerKey { key: home.key.verifying_key(), valid_until_ms: None };
-    let Ok(keys) = kalandra_proto::federation::PeerKeys::new(home.domain.clone(), vec![key]) else {
-        return vec!["the server's domain key is refused".to_owned()];
-    };
+    let keys = server.own_keys();
     let now_ms = server.now_ms();
     let mut failures = Vec::new();
     for client in clients {
         let record = client.record.borrow();
         for (room_id, status) in &record.status {
             for (identity, leaf) in &status.home_certificates {
-                let check = leaf.clone().check(|domain| (*domain == home.domain).then_some(&keys), now_ms);
-                if !matches!(&check, kalandra_proto::home::HomeCheck::Certified { domain, .. } if *domain == home.domain)
+                let check = leaf.clone().check(|domain| (domain == keys.domain()).then_some(&keys), now_ms);
+                if !matches!(&check, kalandra_proto::home::HomeCheck::Certified { domain, .. } if domain == keys.domain())
                 {
                     let member = <[u8; 32]>::try_from(identity.as_slice())
                         .map_or_else(|_| "?".to_owned(), |key| SenderId::from_identity_key(&key).to_string());

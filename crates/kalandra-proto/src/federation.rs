@@ -491,7 +491,7 @@ impl HomeCertificate {
         now_ms: u64,
         verified: Option<&Mutex<VerifiedCertificates>>,
     ) -> Result<SenderId, HomeCertificateError> {
-        self.check_fields(home, now_ms)?;
+        self.check_fields(home, Some(now_ms))?;
         let sender = SenderId::from_identity_key(&self.identity_key);
         let Some(verified) = verified else {
             return self.check_signature(home, now_ms).map(|_| sender);
@@ -511,11 +511,7 @@ impl HomeCertificate {
     /// whatever its end of validity: what a member checks of a leaf that
     /// may have been added long ago ([`crate::home::check_member_home`]).
     pub fn verify_signature(&self, home: &PeerKeys, now_ms: u64) -> Result<(), HomeCertificateError> {
-        if self.domain != *home.domain() {
-            let (expected, claimed) = (home.domain().clone(), self.domain.clone());
-            return Err(HomeCertificateError::WrongDomain { expected, claimed });
-        }
-        parse_identity_key(&self.identity_key).map_err(|_| HomeCertificateError::BadIdentityKey)?;
+        self.check_fields(home, None)?;
         self.check_signature(home, now_ms).map(|_| ())
     }
 
@@ -531,14 +527,16 @@ impl HomeCertificate {
         }
     }
 
-    fn check_fields(&self, home: &PeerKeys, now_ms: u64) -> Result<(), HomeCertificateError> {
+    /// Its domain is `home`'s, it has not ended at `now_ms` (when given),
+    /// and its identity key is a key.
+    fn check_fields(&self, home: &PeerKeys, now_ms: Option<u64>) -> Result<(), HomeCertificateError> {
         if self.domain != *home.domain() {
             return Err(HomeCertificateError::WrongDomain {
                 expected: home.domain().clone(),
                 claimed: self.domain.clone(),
             });
         }
-        if now_ms >= self.not_after_ms {
+        if now_ms.is_some_and(|now_ms| now_ms >= self.not_after_ms) {
             return Err(HomeCertificateError::Expired { not_after_ms: self.not_after_ms });
         }
         parse_identity_key(&self.identity_key).map_err(|_| HomeCertificateError::BadIdentityKey)?;

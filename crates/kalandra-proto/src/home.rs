@@ -107,14 +107,48 @@ pub enum HomeCheck {
     },
 }
 
-impl HomeCheck {
-    /// The home domain, when the check shows one (certified, even if expired).
-    pub fn domain(&self) -> Option<&DomainName> {
-        match self {
-            HomeCheck::Certified { domain, .. } | HomeCheck::Expired { domain, .. } => Some(domain),
-            _ => None,
-        }
+/// Why a server refuses the home certificate a key package's leaf carries
+/// ([`check_leaf_certificate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeafCertificateError {
+    /// It does not decode.
+    #[error("home certificate in the leaf: {0}")]
+    Unreadable(HomeCertificateDecodeError),
+    /// It certifies another key than the leaf's.
+    #[error("the home certificate in the leaf is for another key")]
+    OtherKey,
+    /// It is another domain's, has ended, or does not verify.
+    #[error("home certificate in the leaf: {0}")]
+    Certificate(HomeCertificateError),
+}
+
+/// What a server checks of the certificate a key package's leaf carries
+/// (`certificate`, `None` when it carries none, which passes): that it is
+/// `home`'s, for the leaf's key `leaf_key`, and valid at `now_ms`. A home
+/// checks its own users' uploads with it, a claiming server a peer's
+/// answer.
+pub fn check_leaf_certificate(
+    certificate: Option<Result<HomeCertificate, HomeCertificateDecodeError>>,
+    leaf_key: &[u8],
+    home: &PeerKeys,
+    now_ms: u64,
+) -> Result<(), LeafCertificateError> {
+    let certificate = match certificate {
+        None => return Ok(()),
+        Some(Err(error)) => return Err(LeafCertificateError::Unreadable(error)),
+        Some(Ok(certificate)) => certificate,
+    };
+    if certificate.domain != *home.domain() {
+        let (expected, claimed) = (home.domain().clone(), certificate.domain);
+        return Err(LeafCertificateError::Certificate(HomeCertificateError::WrongDomain {
+            expected,
+            claimed,
+        }));
     }
+    if certificate.identity_key.as_slice() != leaf_key {
+        return Err(LeafCertificateError::OtherKey);
+    }
+    certificate.verify(home, now_ms).map(|_| ()).map_err(LeafCertificateError::Certificate)
 }
 
 /// Checks the home certificate a leaf carries (`certificate`, `None` when
@@ -219,5 +253,37 @@ mod tests {
         assert_eq!(check_member_home(None, &bob, known, 1), HomeCheck::Uncertified);
         let garbage = Some(HomeCertificate::from_cbor(&[0xff, 0x00]));
         assert!(matches!(check_member_home(garbage, &bob, known, 1), HomeCheck::Invalid { .. }));
+    }
+
+    #[test]
+    fn a_server_refuses_a_leaf_certificate_not_of_the_home_for_the_key_or_no_longer_valid() {
+        let (b_key, c_key) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        let bob = SigningKey::from_bytes(&[3; 32]).verifying_key().to_bytes();
+        let b_keys = keys("b.test", &b_key);
+        let check = |certificate: HomeCertificate, leaf: &[u8]| {
+            check_leaf_certificate(Some(Ok(certificate)), leaf, &b_keys, 999)
+        };
+        let issued = |key: &SigningKey, name: &str, end| HomeCertificate::issue(key, domain(name), bob, end);
+        assert_eq!(check_leaf_certificate(None, &bob, &b_keys, 999), Ok(()));
+        assert_eq!(check(issued(&b_key, "b.test", 1_000), &bob), Ok(()));
+        assert_eq!(check(issued(&b_key, "b.test", 1_000), &[4; 32]), Err(LeafCertificateError::OtherKey));
+        let wrong_domain = check(issued(&c_key, "c.test", 1_000), &bob);
+        assert!(matches!(
+            wrong_domain,
+            Err(LeafCertificateError::Certificate(HomeCertificateError::WrongDomain { .. }))
+        ));
+        let forged = check(issued(&c_key, "b.test", 1_000), &bob);
+        assert!(matches!(
+            forged,
+            Err(LeafCertificateError::Certificate(HomeCertificateError::BadSignature { .. }))
+        ));
+        let ended = check(issued(&b_key, "b.test", 999), &bob);
+        assert!(matches!(
+            ended,
+            Err(LeafCertificateError::Certificate(HomeCertificateError::Expired { .. }))
+        ));
+        let unreadable =
+            check_leaf_certificate(Some(HomeCertificate::from_cbor(&[0xff])), &bob, &b_keys, 999);
+        assert!(matches!(unreadable, Err(LeafCertificateError::Unreadable(_))));
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
 use kalandra_proto::federation::{DomainName, HomeCertificate, HomeCertificateError, PeerKeys};
+use kalandra_proto::home::{check_leaf_certificate, LeafCertificateError};
 use kalandra_proto::limits::KEY_PACKAGES_PER_CLAIM_MAX;
 use kalandra_proto::payload::{ClaimedKeyPackage, KeyPackageClaimed};
 use kalandra_proto::{ErrorCode, RoomId, SenderId};
@@ -175,23 +176,15 @@ fn check_leaf_home(
     leaf_home: kalandra_mls::LeafHomeCertificate,
     now_ms: u64,
 ) -> Result<(), ClaimAnswerError> {
-    let leaf_certificate = match leaf_home {
-        None => return Ok(()),
-        Some(Err(error)) => {
-            let detail = format!("home certificate in its leaf: {error}");
-            return Err(ClaimAnswerError::IdentityMismatch { sender_id, detail });
+    check_leaf_certificate(leaf_home, identity, peer, now_ms).map_err(|error| match error {
+        LeafCertificateError::Certificate(HomeCertificateError::WrongDomain { claimed, .. }) => {
+            ClaimAnswerError::ForeignUser { peer: peer.domain().clone(), home: claimed }
         }
-        Some(Ok(certificate)) => certificate,
-    };
-    if leaf_certificate.domain != *peer.domain() {
-        let (peer, home) = (peer.domain().clone(), leaf_certificate.domain);
-        return Err(ClaimAnswerError::ForeignUser { peer, home });
-    }
-    if leaf_certificate.identity_key != *identity {
-        let detail = "the home certificate in its leaf is for another key".to_owned();
-        return Err(ClaimAnswerError::IdentityMismatch { sender_id, detail });
-    }
-    leaf_certificate.verify(peer, now_ms).map(|_| ()).map_err(ClaimAnswerError::HomeCertificate)
+        LeafCertificateError::Certificate(error) => ClaimAnswerError::HomeCertificate(error),
+        error @ (LeafCertificateError::Unreadable(_) | LeafCertificateError::OtherKey) => {
+            ClaimAnswerError::IdentityMismatch { sender_id, detail: error.to_string() }
+        }
+    })
 }
 
 /// The peer to claim `domain`'s users through: refused if the operator

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use kalandra_proto::federation::PeerKeys;
+use kalandra_proto::home::check_leaf_certificate;
 use kalandra_proto::payload::{
     ClaimedKeyPackage, KeyPackageClaim, KeyPackageClaimed, KeyPackageStatus, KeyPackageUpload,
 };
@@ -112,17 +113,9 @@ fn check_own_home(
     own_keys: &PeerKeys,
     now_ms: u64,
 ) -> Result<(), DirectoryError> {
-    let invalid = |detail: String| DirectoryError::InvalidKeyPackage { index, detail };
-    let certificate = match &inspected.home_certificate {
-        None => return Ok(()),
-        Some(Err(error)) => return Err(invalid(format!("home certificate: {error}"))),
-        Some(Ok(certificate)) => certificate,
-    };
-    if certificate.identity_key != inspected.identity_key {
-        return Err(invalid("its home certificate is for another key".into()));
-    }
-    certificate.verify(own_keys, now_ms).map_err(|error| invalid(format!("home certificate: {error}")))?;
-    Ok(())
+    let certificate = inspected.home_certificate.clone();
+    check_leaf_certificate(certificate, &inspected.identity_key, own_keys, now_ms)
+        .map_err(|error| DirectoryError::InvalidKeyPackage { index, detail: error.to_string() })
 }
 
 /// The identity key of a key package (an MLSMessage) that verifies and
@@ -316,8 +309,7 @@ mod tests {
         certify: impl FnOnce([u8; 32]) -> Option<HomeCertificate>,
     ) -> (SenderId, KeyPackageUpload) {
         let provider = MlsProvider::from_seed([9; 32]);
-        let identity = Identity::generate(&provider).unwrap();
-        let mut identity = identity;
+        let mut identity = Identity::generate(&provider).unwrap();
         identity.set_home_certificate(certify(*identity.public_key()));
         let now_secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         let package = generate_key_packages(&provider, &identity, 1, now_secs).unwrap().remove(0);
